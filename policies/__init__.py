@@ -1,0 +1,268 @@
+"""Prefetch and eviction policies: page numbers in, page numbers out.
+
+A policy never sees the kernel. It is told which virtual page numbers
+(vpn = address >> 12) faulted or became resident and answers with vpns, so any
+policy can be replayed offline against a recorded fault trace (see
+``umgr.policies.replay``).
+
+Hooks are optional no-ops, as in trio's ``Instrument``. The daemon never calls a
+policy directly: it wraps it in ``GuardedPrefetch`` / ``GuardedEviction``, which
+validate the output and, when a hook raises, log once and carry on without it,
+because a buggy policy must never stop faults from being served.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import operator
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "PrefetchPolicy",
+    "EvictionPolicy",
+    "GuardedPrefetch",
+    "GuardedEviction",
+    "load_prefetch",
+    "load_eviction",
+    "ENTRY_POINT_GROUP",
+]
+
+logger = logging.getLogger("umgr.policy")
+
+ENTRY_POINT_GROUP = "umgr.policies"
+
+_EMPTY = np.empty(0, dtype=np.int64)
+_EMPTY.flags.writeable = False
+
+
+class PrefetchPolicy:
+    """Decides which extra pages to bring in on a MISSING fault."""
+
+    name = "base"
+
+    def on_fault(self, vpn: int, region_start: int, region_end: int) -> Sequence[int] | np.ndarray:
+        """A MISSING fault on ``vpn`` (swapped or fresh) inside the mapping
+        ``[region_start, region_end)``. Return extra vpns to bring in with it,
+        most wanted first; the caller drops resident and out-of-region pages."""
+        return ()
+
+    def on_prefetch_hit(self, vpn: int) -> None:
+        """A page this policy asked for was later used (optional feedback)."""
+
+
+class EvictionPolicy:
+    """Orders resident pages for eviction."""
+
+    name = "base"
+
+    def on_resident(self, vpns: np.ndarray) -> None:
+        """These pages became resident, in fault order."""
+
+    def on_removed(self, vpns: np.ndarray) -> None:
+        """These pages left (evicted, unmapped). Lazy policies ignore it and
+        rely on the caller skipping stale candidates."""
+
+    def choose(self, n: int) -> np.ndarray:
+        """Up to ``n`` victim candidates (int64 vpns), possibly stale. An entry
+        is returned at most once unless it is re-added by ``on_resident``."""
+        return _EMPTY
+
+    def __len__(self) -> int:
+        return 0
+
+
+# Built-ins load by name without installation metadata; the entry-point group
+# is for third-party policies. Values are "module:attribute" relative to this
+# package, imported on first use.
+_BUILTIN_PREFETCH = {
+    "none": ".none:NoPrefetch",
+    "readahead": ".readahead:Readahead",
+    "stride": ".stride:Stride",
+}
+_BUILTIN_EVICTION = {
+    "fifo": ".fifo:FifoEviction",
+}
+
+
+def _resolve(spec: str):
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module, __name__), attr)
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load(name: str, options: dict, builtins: dict[str, str], others: dict[str, str], base: type, kind: str):
+    if name in builtins:
+        factory = _resolve(builtins[name])
+    else:
+        # One group holds both kinds (the installed package itself declares its
+        # built-ins there too); a third-party entry is told apart by its class.
+        eps = {n: ep for n, ep in _entry_points().items() if n not in others}
+        if name not in eps:
+            available = sorted(set(builtins) | set(eps))
+            raise ValueError(f"unknown {kind} policy {name!r}; available: {', '.join(available)}")
+        factory = eps[name].load()
+    policy = factory(**options)
+    if not isinstance(policy, base):
+        raise ValueError(f"{name!r} made a {type(policy).__name__}, not a {base.__name__}")
+    return policy
+
+
+def load_prefetch(name: str, **options) -> PrefetchPolicy:
+    """A prefetch policy by name: built-ins first, then the entry-point group."""
+    return _load(name, options, _BUILTIN_PREFETCH, _BUILTIN_EVICTION, PrefetchPolicy, "prefetch")
+
+
+def load_eviction(name: str, **options) -> EvictionPolicy:
+    """An eviction policy by name: built-ins first, then the entry-point group."""
+    return _load(name, options, _BUILTIN_EVICTION, _BUILTIN_PREFETCH, EvictionPolicy, "eviction")
+
+
+def _as_vpns(result) -> np.ndarray:
+    """A policy's answer as a 1-D int64 array; anything but integers is a bug."""
+    if result is None:
+        return _EMPTY
+    arr = np.asarray(result)
+    if arr.size == 0:
+        return _EMPTY
+    if arr.dtype.kind not in "iu":
+        if isinstance(result, np.ndarray):
+            raise TypeError(f"policy returned {arr.dtype} values, expected integer vpns")
+        # A sequence numpy could not type as integers, such as a mix of int32
+        # and uint64 (promoted to float64): check each item is an integer.
+        arr = np.fromiter((operator.index(x) for x in result), dtype=np.int64)
+    return arr.astype(np.int64, copy=False).ravel()
+
+
+def _first_unique(arr: np.ndarray) -> np.ndarray:
+    """Duplicates removed, first occurrence kept, original order."""
+    _, first = np.unique(arr, return_index=True)
+    return arr[np.sort(first)]
+
+
+class GuardedPrefetch:
+    """Runs a prefetch policy so that it can neither stop nor corrupt paging.
+
+    If a hook raises, or returns something other than integers, the policy is
+    disabled (logged once, with the target label) and ``on_fault`` returns an
+    empty array from then on. Output is clipped to the region, stripped of the
+    faulting page and of duplicates, capped at ``max_pages`` keeping the
+    policy's first choices, and returned sorted as int64.
+    """
+
+    def __init__(self, policy: PrefetchPolicy, target: str = "?", max_pages: int = 64):
+        self.policy = policy
+        self.target = target
+        self.max_pages = max_pages
+        self.disabled = False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.policy, "name", type(self.policy).__name__)
+
+    def _disable(self, hook: str) -> None:
+        self.disabled = True
+        logger.exception(
+            "target %s: prefetch policy %r raised in %s; disabled, faults are served without prefetch",
+            self.target, self.name, hook,
+        )
+
+    def on_fault(self, vpn: int, region_start: int, region_end: int) -> np.ndarray:
+        if self.disabled:
+            return _EMPTY
+        vpn, region_start, region_end = int(vpn), int(region_start), int(region_end)
+        try:
+            pages = _as_vpns(self.policy.on_fault(vpn, region_start, region_end))
+        except Exception:
+            self._disable("on_fault")
+            return _EMPTY
+        pages = pages[(pages >= region_start) & (pages < region_end) & (pages != vpn)]
+        if pages.size > 1:
+            pages = _first_unique(pages)[: self.max_pages]
+            pages.sort()
+        return pages
+
+    def on_prefetch_hit(self, vpn: int) -> None:
+        if self.disabled:
+            return
+        try:
+            self.policy.on_prefetch_hit(int(vpn))
+        except Exception:
+            self._disable("on_prefetch_hit")
+
+
+class GuardedEviction:
+    """Runs an eviction policy; if a hook raises, falls back to FIFO.
+
+    The fallback FIFO knows nothing of the pages resident so far, so pass
+    ``resident``: a callable returning the currently resident vpns (from the
+    page table) to seed it. Without it the fallback fills from later faults.
+    ``choose`` output is made int64, de-duplicated and capped at ``n``.
+    """
+
+    def __init__(
+        self,
+        policy: EvictionPolicy,
+        target: str = "?",
+        resident: Callable[[], np.ndarray] | None = None,
+    ):
+        self.policy = policy
+        self.target = target
+        self.resident = resident
+        self.fell_back = False
+
+    @property
+    def name(self) -> str:
+        return getattr(self.policy, "name", type(self.policy).__name__)
+
+    def _fall_back(self, hook: str) -> None:
+        from .fifo import FifoEviction
+
+        logger.exception(
+            "target %s: eviction policy %r raised in %s; falling back to fifo",
+            self.target, self.name, hook,
+        )
+        self.fell_back = True
+        self.policy = FifoEviction()
+        if self.resident is not None:
+            self.policy.on_resident(np.asarray(self.resident(), dtype=np.int64))
+
+    def on_resident(self, vpns: np.ndarray) -> None:
+        vpns = np.asarray(vpns, dtype=np.int64)
+        try:
+            self.policy.on_resident(vpns)
+        except Exception:
+            self._fall_back("on_resident")
+            if self.resident is None:
+                self.policy.on_resident(vpns)
+
+    def on_removed(self, vpns: np.ndarray) -> None:
+        try:
+            self.policy.on_removed(np.asarray(vpns, dtype=np.int64))
+        except Exception:
+            self._fall_back("on_removed")
+
+    def choose(self, n: int) -> np.ndarray:
+        if n <= 0:
+            return _EMPTY
+        try:
+            victims = _as_vpns(self.policy.choose(n))
+        except Exception:
+            self._fall_back("choose")
+            victims = self.policy.choose(n)
+        if victims.size > 1:
+            victims = _first_unique(victims)
+        return victims[:n]
+
+    def __len__(self) -> int:
+        try:
+            return len(self.policy)
+        except Exception:
+            self._fall_back("__len__")
+            return len(self.policy)
