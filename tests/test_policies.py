@@ -1,0 +1,332 @@
+"""Policy plug-ins: pure logic, no kernel."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from umgr.policies import (
+    EvictionPolicy,
+    GuardedEviction,
+    GuardedPrefetch,
+    PrefetchPolicy,
+    load_eviction,
+    load_prefetch,
+)
+from umgr.policies.fifo import FifoEviction
+from umgr.policies.none import NoPrefetch
+from umgr.policies.readahead import Readahead
+from umgr.policies.replay import replay
+from umgr.policies.stride import Stride
+
+REGION = (0, 1 << 20)
+
+
+def drive(policy, vpns, region=REGION):
+    """The pages a policy returns for each fault, through the guard."""
+    guarded = GuardedPrefetch(policy, target="test")
+    return [guarded.on_fault(v, *region) for v in vpns]
+
+
+# --- readahead ---------------------------------------------------------------
+
+def test_readahead_window_doubles_on_sequential_faults_up_to_maximum():
+    ra = Readahead()
+    # A prefetched page that is used does not fault, so a sequential scan
+    # faults on the page just past the previous window.
+    vpn, sizes = 1000, []
+    for _ in range(9):
+        pages = GuardedPrefetch(ra).on_fault(vpn, *REGION)
+        sizes.append(len(pages))
+        if len(pages):
+            assert pages.tolist() == list(range(vpn + 1, vpn + 1 + len(pages)))
+        vpn = vpn + len(pages) + 1
+    assert sizes == [0, 4, 8, 16, 32, 64, 64, 64, 64]
+
+
+def test_readahead_options():
+    out = drive(Readahead(initial=2, maximum=8), [10, 11, 14, 19, 28])
+    assert [len(p) for p in out] == [0, 2, 4, 8, 8]
+    with pytest.raises(ValueError):
+        Readahead(initial=16, maximum=8)
+
+
+def test_readahead_page_by_page_scan_also_grows():
+    # Fresh pages the caller did not prefetch fault one by one inside the window.
+    sizes = [len(p) for p in drive(Readahead(), range(100, 106))]
+    assert sizes == [0, 4, 8, 16, 32, 64]
+
+
+def test_readahead_random_faults_prefetch_nothing():
+    rng = np.random.default_rng(1)
+    trace = rng.choice(1 << 20, size=2000, replace=False) * 3  # never adjacent
+    assert sum(len(p) for p in drive(Readahead(), trace.tolist())) == 0
+
+
+def test_readahead_non_sequential_fault_resets_to_initial():
+    out = drive(Readahead(), [0, 1, 6, 15, 50_000, 50_001, 50_005])
+    assert [len(p) for p in out] == [0, 4, 8, 16, 0, 4, 8]
+
+
+def test_readahead_interleaved_streams_keep_their_windows():
+    ra = GuardedPrefetch(Readahead())
+    a, b = 0, 500_000
+    sizes = []
+    for _ in range(5):
+        pa, pb = ra.on_fault(a, *REGION), ra.on_fault(b, *REGION)
+        sizes.append((len(pa), len(pb)))
+        a, b = a + len(pa) + 1, b + len(pb) + 1
+    assert sizes == [(0, 0), (4, 4), (8, 8), (16, 16), (32, 32)]
+
+
+def test_readahead_backward_scan_prefetches_downward():
+    out = drive(Readahead(), [1000, 999, 994, 985])
+    assert [p.tolist() for p in out[:3]] == [[], list(range(995, 999)), list(range(986, 994))]
+    assert out[3].tolist() == list(range(969, 985))
+
+
+def test_readahead_clamps_to_region():
+    region = (100, 110)
+    out = drive(Readahead(), [104, 105, 106], region)
+    assert out[1].tolist() == [106, 107, 108, 109]
+    assert out[2].tolist() == [107, 108, 109]
+    down = drive(Readahead(), [105, 104, 103], region)
+    assert down[1].tolist() == [100, 101, 102, 103]
+    assert down[2].tolist() == [100, 101, 102]
+
+
+def test_repeated_fault_on_same_page_changes_nothing():
+    out = drive(Readahead(), [7, 8, 8, 13])
+    assert [len(p) for p in out] == [0, 4, 0, 8]
+
+
+# --- stride ------------------------------------------------------------------
+
+def test_stride_locks_after_two_equal_gaps_and_follows():
+    out = drive(Stride(depth=4), [0, 10, 20, 70, 120])
+    assert [p.tolist() for p in out] == [
+        [], [], [30, 40, 50, 60], [80, 90, 100, 110], [130, 140, 150, 160],
+    ]
+    assert [len(p) for p in drive(Stride(), [0, 10, 25, 31])] == [0, 0, 0, 0]
+
+
+# --- guarded wrappers --------------------------------------------------------
+
+class Exploding(PrefetchPolicy):
+    name = "exploding"
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_fault(self, vpn, region_start, region_end):
+        self.calls += 1
+        raise RuntimeError("boom")
+
+
+def test_guard_disables_a_raising_policy_and_logs_once(caplog):
+    policy = Exploding()
+    guarded = GuardedPrefetch(policy, target="pid 42")
+    with caplog.at_level(logging.ERROR, logger="umgr.policy"):
+        for vpn in range(10):
+            out = guarded.on_fault(vpn, *REGION)
+            assert out.dtype == np.int64 and out.size == 0
+    assert policy.calls == 1 and guarded.disabled
+    records = [r for r in caplog.records if r.name == "umgr.policy"]
+    assert len(records) == 1
+    assert "pid 42" in records[0].getMessage() and "exploding" in records[0].getMessage()
+    assert records[0].exc_info is not None
+
+
+class Fixed(PrefetchPolicy):
+    def __init__(self, pages):
+        self.pages = pages
+
+    def on_fault(self, vpn, region_start, region_end):
+        return self.pages
+
+
+def test_guard_validates_output():
+    guarded = GuardedPrefetch(Fixed([5, 9, 9, 3, -1, 50, 10, 20, 7, 49]))
+    out = guarded.on_fault(10, 0, 50)
+    assert out.dtype == np.int64
+    assert out.tolist() == [3, 5, 7, 9, 20, 49]  # sorted; no dup, no 10, in [0, 50)
+
+
+def test_guard_caps_keeping_the_policys_first_choices():
+    descending = np.arange(999, 899, -1)  # a backward window, nearest first
+    out = GuardedPrefetch(Fixed(descending), max_pages=8).on_fault(1000, *REGION)
+    assert out.tolist() == list(range(992, 1000))
+
+
+def test_guard_accepts_empty_and_none_and_numpy_ints():
+    assert GuardedPrefetch(Fixed([])).on_fault(1, *REGION).size == 0
+    assert GuardedPrefetch(Fixed(None)).on_fault(1, *REGION).size == 0
+    pages = [np.int32(2), np.uint64(3)]
+    assert GuardedPrefetch(Fixed(pages)).on_fault(np.int64(1), *REGION).tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("bad", [[1.5, 2.0], ["3"], [object()]])
+def test_guard_disables_a_policy_returning_non_integers(bad, caplog):
+    guarded = GuardedPrefetch(Fixed(bad))
+    with caplog.at_level(logging.ERROR, logger="umgr.policy"):
+        assert guarded.on_fault(1, *REGION).size == 0
+    assert guarded.disabled
+
+
+def test_guard_disables_on_raising_feedback_hook():
+    class BadFeedback(NoPrefetch):
+        def on_prefetch_hit(self, vpn):
+            raise KeyError(vpn)
+
+    guarded = GuardedPrefetch(BadFeedback())
+    guarded.on_prefetch_hit(3)
+    assert guarded.disabled and guarded.on_fault(3, *REGION).size == 0
+
+
+class ExplodingEviction(EvictionPolicy):
+    name = "exploding"
+
+    def on_resident(self, vpns):
+        pass
+
+    def choose(self, n):
+        raise RuntimeError("boom")
+
+
+def test_guarded_eviction_falls_back_to_fifo_seeded_from_page_table(caplog):
+    guarded = GuardedEviction(ExplodingEviction(), target="pid 7", resident=lambda: np.arange(5, 10))
+    guarded.on_resident(np.array([100, 101]))
+    with caplog.at_level(logging.ERROR, logger="umgr.policy"):
+        assert guarded.choose(3).tolist() == [5, 6, 7]
+        assert guarded.choose(10).tolist() == [8, 9]
+    assert guarded.fell_back and isinstance(guarded.policy, FifoEviction)
+    assert len([r for r in caplog.records if r.name == "umgr.policy"]) == 1
+    guarded.on_resident(np.array([11]))
+    assert guarded.choose(5).tolist() == [11]
+
+
+def test_guarded_eviction_validates_choose():
+    class Sloppy(EvictionPolicy):
+        def choose(self, n):
+            return [4, 4, 2, 9, 8]
+
+    assert GuardedEviction(Sloppy()).choose(3).tolist() == [4, 2, 9]
+    assert GuardedEviction(Sloppy()).choose(0).size == 0
+
+
+# --- FIFO --------------------------------------------------------------------
+
+def test_fifo_order():
+    fifo = FifoEviction()
+    fifo.on_resident(np.array([5, 3, 9]))
+    fifo.on_resident(np.array([1]))
+    assert len(fifo) == 4
+    assert fifo.choose(2).tolist() == [5, 3]
+    assert fifo.choose(10).tolist() == [9, 1]
+    assert fifo.choose(1).dtype == np.int64 and len(fifo) == 0
+
+
+def test_fifo_wraparound_and_growth():
+    fifo = FifoEviction(capacity=4)
+    fifo.on_resident(np.arange(3))
+    assert fifo.choose(2).tolist() == [0, 1]
+    fifo.on_resident(np.arange(3, 6))  # wraps: head at 2, tail at 1
+    assert fifo.capacity == 4
+    fifo.on_resident(np.arange(6, 20))  # grows past the wrap
+    assert fifo.capacity >= 18
+    assert fifo.choose(3).tolist() == [2, 3, 4]
+    fifo.on_resident(np.arange(20, 25))
+    assert fifo.choose(100).tolist() == list(range(5, 25))
+
+
+def test_fifo_compaction_keeps_live_in_order_and_bounds_growth():
+    live = np.zeros(1000, dtype=bool)
+    fifo = FifoEviction(capacity=8)
+    fifo.on_resident(np.arange(10))
+    live[[2, 5, 7]] = True
+    assert fifo.compact(lambda v: live[v]) == 7
+    assert fifo.choose(10).tolist() == [2, 5, 7]
+
+    # The same 64 pages fault in again and again (unmapped in between, so
+    # on_removed was never called): with is_live the queue stays small.
+    live[:] = False
+    live[:64] = True
+    fifo = FifoEviction(capacity=128, is_live=lambda v: live[v])
+    for _ in range(100):
+        fifo.on_resident(np.arange(64))
+    assert fifo.capacity <= 2048 and len(fifo) <= 2048
+    fifo.compact()
+    assert fifo.choose(100).tolist() == list(range(64))
+
+
+def test_fifo_compaction_keeps_the_newest_entry_of_a_page():
+    fifo = FifoEviction()
+    fifo.on_resident(np.array([1, 2, 3, 2, 4, 1]))
+    assert fifo.compact() == 2
+    assert fifo.choose(10).tolist() == [3, 2, 4, 1]
+
+
+def test_fifo_holds_millions_of_pages_in_int64():
+    fifo = FifoEviction()
+    fifo.on_resident(np.arange(4_000_000))
+    assert fifo._buf.dtype == np.int64 and fifo._buf.nbytes <= 2 * 8 * 4_000_000
+    assert fifo.choose(3).tolist() == [0, 1, 2]
+
+
+# --- loading -----------------------------------------------------------------
+
+def test_load_builtins_by_name():
+    assert isinstance(load_prefetch("none"), NoPrefetch)
+    ra = load_prefetch("readahead", initial=8, maximum=32)
+    assert isinstance(ra, Readahead) and (ra.initial, ra.maximum) == (8, 32)
+    assert isinstance(load_prefetch("stride", depth=2), Stride)
+    assert isinstance(load_eviction("fifo"), FifoEviction)
+
+
+def test_load_unknown_name_lists_available():
+    with pytest.raises(ValueError, match=r"unknown prefetch policy 'leap'.*none.*readahead"):
+        load_prefetch("leap")
+    with pytest.raises(ValueError, match=r"unknown eviction policy 'clock'.*fifo"):
+        load_eviction("clock")
+    with pytest.raises(ValueError, match="unknown eviction policy 'readahead'"):
+        load_eviction("readahead")
+
+
+def test_load_third_party_entry_point(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import umgr.policies as policies
+
+    eps = [EntryPoint("mine", "umgr.policies.none:NoPrefetch", policies.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(policies.importlib.metadata, "entry_points", lambda group: eps)
+    assert isinstance(load_prefetch("mine"), NoPrefetch)
+    with pytest.raises(ValueError, match="not a EvictionPolicy"):
+        load_eviction("mine")
+
+
+# --- offline replay ----------------------------------------------------------
+
+def test_replay_sequential_readahead_cuts_faults_eightfold():
+    trace = np.arange(10_000, 14_096)
+    base = replay(NoPrefetch(), trace, resident_capacity=256)
+    ra = replay(Readahead(), trace, resident_capacity=256)
+    assert base.faults == 4096 and base.prefetched == 0
+    assert ra.faults * 8 <= base.faults
+    # The region is the trace's span, so every prefetched page gets used.
+    assert ra.faults + ra.prefetched == 4096 and ra.prefetch_used == ra.prefetched
+
+
+def test_replay_random_trace():
+    rng = np.random.default_rng(0)
+    trace = rng.integers(0, 100_000, size=5000)
+    base = replay(NoPrefetch(), trace, resident_capacity=1024)
+    ra = replay(Readahead(), trace, resident_capacity=1024)
+    assert base.faults > 4500
+    assert ra.faults <= base.faults + 10       # readahead does not make it worse
+    assert ra.prefetched <= 0.05 * ra.faults   # and hardly prefetches at all
+
+
+def test_replay_survives_a_raising_policy(caplog):
+    with caplog.at_level(logging.ERROR, logger="umgr.policy"):
+        result = replay(Exploding(), np.arange(100), resident_capacity=10)
+    assert result.faults == 100 and result.prefetched == 0
