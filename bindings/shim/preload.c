@@ -1,0 +1,485 @@
+/* libumgr-preload: the part of umgr that lives inside the target process.
+ *
+ * Loaded with LD_PRELOAD. On load it hands the daemon a userfaultfd for this
+ * process's mm and a socket for the zap agent, then reports large anonymous
+ * private mappings as they are made. Everything else (registration, faults,
+ * eviction) is done by the daemon through the userfaultfd: uffd ioctls act on
+ * the mm that created the uffd, whoever calls them.
+ *
+ * Rule: the shim never breaks or hangs the app. Any failure leaves the app
+ * running unmanaged, with one line on stderr.
+ *
+ * The shim keeps no copy of the uffd once the daemon has it: if the daemon
+ * dies, the kernel releases the uffd context, unregisters every range and
+ * wakes blocked faults, instead of leaving the app hung on a fault nobody
+ * serves.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "protocol.h"
+
+#define EXPORT __attribute__((visibility("default")))
+
+#ifndef SYS_process_madvise
+#define SYS_process_madvise 440
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+#define PIDFD_SELF_PROCESS (-10001) /* 6.15+; older kernels answer EBADF */
+
+/* Descriptors are moved up here so apps that expect low numbers
+ * (shells, daemons closing 0..2) are not surprised. */
+#define HIGH_FD_BASE 700
+#define ACK_TIMEOUT_SECONDS 30
+
+struct shim_state {
+    int active;           /* managed: control connection is up */
+    int ctl_fd;           /* control connection, guarded by ctl_lock */
+    int agent_fd;         /* agent end of the socketpair */
+    int self_pidfd;       /* for process_madvise on ourselves */
+    uint64_t min_region;  /* mappings smaller than this are not reported */
+    pthread_mutex_t ctl_lock;
+    pthread_mutex_t fork_lock; /* serialises fork() so the daemon pairs child and uffd */
+    pthread_t agent;
+};
+
+static struct shim_state shim = {
+    .ctl_fd = -1,
+    .agent_fd = -1,
+    .self_pidfd = -1,
+    .min_region = 1 << 20,
+    .ctl_lock = PTHREAD_MUTEX_INITIALIZER,
+    .fork_lock = PTHREAD_MUTEX_INITIALIZER,
+};
+
+static void say(const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n >= sizeof line)
+        n = sizeof line - 1;
+    ssize_t ignored = write(2, line, n);
+    (void)ignored;
+}
+
+static int move_high(int fd)
+{
+    if (fd < 0)
+        return fd;
+    int high = fcntl(fd, F_DUPFD_CLOEXEC, HIGH_FD_BASE);
+    if (high < 0)
+        return fd;
+    close(fd);
+    return high;
+}
+
+static uint64_t parse_size(const char *text, uint64_t fallback)
+{
+    if (!text || !*text)
+        return fallback;
+    char *end;
+    unsigned long long value = strtoull(text, &end, 10);
+    switch (*end) {
+    case 'k': case 'K': value <<= 10; break;
+    case 'm': case 'M': value <<= 20; break;
+    case 'g': case 'G': value <<= 30; break;
+    case 't': case 'T': value <<= 40; break;
+    default: break;
+    }
+    return value;
+}
+
+static int open_uffd(void)
+{
+    /* No UFFD_USER_MODE_ONLY: the kernel's own accesses (read(2) into a
+     * swapped-out buffer) must fault to the daemon too. */
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0)
+        return fd;
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -1;
+    fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    close(dev);
+    return fd;
+}
+
+static int send_with_fds(int sock, const void *msg, size_t len, const int *fds, int nfds)
+{
+    struct iovec iov = {.iov_base = (void *)msg, .iov_len = len};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 2)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (nfds > 0) {
+        memset(&control, 0, sizeof control);
+        mh.msg_control = control.buf;
+        mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(cm), fds, sizeof(int) * nfds);
+    }
+    ssize_t n;
+    do {
+        n = sendmsg(sock, &mh, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+static ssize_t recv_exact_type(int sock, void *buf, size_t len, uint16_t type)
+{
+    ssize_t n;
+    do {
+        n = recv(sock, buf, len, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < (ssize_t)sizeof(struct umgr_hdr))
+        return -1;
+    struct umgr_hdr *hdr = buf;
+    if (hdr->magic != UMGR_MAGIC || hdr->type != type)
+        return -1;
+    return n;
+}
+
+static void fill_hdr(struct umgr_hdr *hdr, uint16_t type, size_t size)
+{
+    hdr->magic = UMGR_MAGIC;
+    hdr->type = type;
+    hdr->size = (uint16_t)size;
+}
+
+/* A request on the control connection and its ACK status, or -1 if the
+ * daemon is gone. */
+static int control_request(const void *msg, size_t len)
+{
+    struct umgr_ack ack;
+    int status = -1;
+    pthread_mutex_lock(&shim.ctl_lock);
+    if (shim.active && send_with_fds(shim.ctl_fd, msg, len, NULL, 0) == 0 &&
+        recv_exact_type(shim.ctl_fd, &ack, sizeof ack, UMGR_ACK) == sizeof ack)
+        status = ack.status;
+    pthread_mutex_unlock(&shim.ctl_lock);
+    return status;
+}
+
+/* ---- the zap agent ---------------------------------------------------- */
+
+static long zap_ranges(const struct umgr_range *ranges, uint32_t count)
+{
+    struct iovec iov[UMGR_ZAP_MAX_RANGES];
+    for (uint32_t i = 0; i < count; i++) {
+        iov[i].iov_base = (void *)(uintptr_t)ranges[i].start;
+        iov[i].iov_len = ranges[i].length;
+    }
+    /* Each iovec makes the kernel queue one UFFD_EVENT_REMOVE and wait until
+     * the daemon has read it; the daemon sends contiguous runs to keep the
+     * count low. */
+    long done = syscall(SYS_process_madvise, shim.self_pidfd, iov, (size_t)count, MADV_DONTNEED, 0);
+    return done < 0 ? -errno : done;
+}
+
+static void *agent_main(void *unused)
+{
+    (void)unused;
+    static __thread char buf[sizeof(struct umgr_zap) + UMGR_ZAP_MAX_RANGES * sizeof(struct umgr_range)];
+    for (;;) {
+        ssize_t n = recv(shim.agent_fd, buf, sizeof buf, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; /* daemon gone: nothing more to do */
+        struct umgr_zap *zap = (struct umgr_zap *)buf;
+        if (n < (ssize_t)sizeof *zap || zap->hdr.magic != UMGR_MAGIC || zap->hdr.type != UMGR_ZAP ||
+            zap->count > UMGR_ZAP_MAX_RANGES ||
+            (size_t)n != sizeof *zap + zap->count * sizeof(struct umgr_range))
+            break;
+        struct umgr_zap_done done;
+        fill_hdr(&done.hdr, UMGR_ZAP_DONE, sizeof done);
+        done.seq = zap->seq;
+        long result = zap_ranges(zap->ranges, zap->count);
+        done.error = result < 0 ? (int32_t)-result : 0;
+        done.bytes = result < 0 ? 0 : result;
+        if (send_with_fds(shim.agent_fd, &done, sizeof done, NULL, 0) != 0)
+            break;
+    }
+    return NULL;
+}
+
+static int open_self_pidfd(void)
+{
+    struct iovec probe = {0};
+    /* A zero-length vector is a cheap way to ask whether PIDFD_SELF works. */
+    if (syscall(SYS_process_madvise, PIDFD_SELF_PROCESS, &probe, 1, MADV_DONTNEED, 0) >= 0)
+        return PIDFD_SELF_PROCESS;
+    return move_high((int)syscall(SYS_pidfd_open, getpid(), 0));
+}
+
+#define AGENT_STACK_SIZE (256 << 10)
+
+static int start_agent(void)
+{
+    /* The agent's stack (and its TLS, which glibc puts in it) must never be
+     * paged out: if a zap took the page the agent stands on, it would fault
+     * before it could report the zap done, and the daemon serves no fault on a
+     * page whose zap is in flight. A shared mapping is never managed. */
+    void *stack = (void *)syscall(SYS_mmap, NULL, AGENT_STACK_SIZE, PROT_READ | PROT_WRITE,
+                                  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (stack == MAP_FAILED)
+        return errno;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstack(&attr, stack, AGENT_STACK_SIZE);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    sigset_t all, old;
+    sigfillset(&all);
+    /* The agent must never run the app's signal handlers. */
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&shim.agent, &attr, agent_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0)
+        syscall(SYS_munmap, stack, AGENT_STACK_SIZE);
+    return rc;
+}
+
+/* ---- attaching ------------------------------------------------------- */
+
+static int connect_daemon(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    struct timeval timeout = {.tv_sec = ACK_TIMEOUT_SECONDS};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    return move_high(fd);
+}
+
+static void close_all(int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
+/* Connect, hand over the uffd (or, in a forked child, only the agent
+ * socket: the child's uffd reached the daemon through UFFD_EVENT_FORK), and
+ * start the agent. Returns 0 when managed. */
+static int attach(const char *path, int with_uffd)
+{
+    int ctl = -1, uffd = -1, pair[2] = {-1, -1};
+    const char *failed = "connect";
+    ctl = connect_daemon(path);
+    if (ctl < 0)
+        goto fail;
+    failed = "userfaultfd";
+    if (with_uffd && (uffd = open_uffd()) < 0)
+        goto fail;
+    failed = "socketpair";
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0)
+        goto fail;
+    pair[0] = move_high(pair[0]);
+
+    struct umgr_hello hello;
+    memset(&hello, 0, sizeof hello);
+    fill_hdr(&hello.hdr, UMGR_HELLO, sizeof hello);
+    hello.version = UMGR_VERSION;
+    hello.pid = getpid();
+    hello.max_resident = parse_size(getenv("UMGR_MAX_RESIDENT"), 0);
+    hello.min_region = shim.min_region;
+    const char *policy = getenv("UMGR_POLICY");
+    if (policy)
+        strncpy(hello.policy, policy, sizeof hello.policy - 1);
+    int fds[2] = {pair[1], uffd};
+    failed = "hello";
+    if (send_with_fds(ctl, &hello, sizeof hello, fds, with_uffd ? 2 : 1) != 0)
+        goto fail;
+    close(pair[1]);
+    pair[1] = -1;
+    if (uffd >= 0)
+        close(uffd); /* the daemon holds the only reference now */
+    uffd = -1;
+
+    struct umgr_hello_ack ack;
+    failed = "hello acknowledgement";
+    if (recv_exact_type(ctl, &ack, sizeof ack, UMGR_HELLO_ACK) != sizeof ack)
+        goto fail;
+    if (ack.status != 0) {
+        errno = ack.status;
+        failed = "daemon refused";
+        goto fail;
+    }
+    shim.ctl_fd = ctl;
+    shim.agent_fd = pair[0];
+    shim.self_pidfd = open_self_pidfd();
+    failed = "agent thread";
+    if (start_agent() != 0)
+        goto fail_attached;
+    shim.active = 1;
+    return 0;
+
+fail_attached:
+    shim.ctl_fd = shim.agent_fd = -1;
+fail:;
+    int saved = errno;
+    int leftovers[4] = {ctl, uffd, pair[0], pair[1]};
+    close_all(leftovers, 4);
+    say("umgr: %s failed (%s) for %s; running unmanaged\n", failed, strerror(saved), path);
+    return -1;
+}
+
+__attribute__((constructor)) static void umgr_shim_init(void)
+{
+    const char *path = getenv("UMGR_SOCKET");
+    shim.min_region = parse_size(getenv("UMGR_MIN_REGION"), shim.min_region);
+    if (!path || !*path) {
+        say("umgr: UMGR_SOCKET is not set; running unmanaged\n");
+        return;
+    }
+    attach(path, 1);
+}
+
+/* ---- interposed calls ------------------------------------------------ */
+
+static void report_region(void *addr, size_t length)
+{
+    struct umgr_region msg;
+    fill_hdr(&msg.hdr, UMGR_REGION, sizeof msg);
+    msg.start = (uintptr_t)addr;
+    msg.length = length;
+    /* The answer only says whether the daemon manages the range; the app
+     * gets its mapping either way. */
+    control_request(&msg, sizeof msg);
+}
+
+static int is_managed_kind(size_t length, int flags, int fd)
+{
+    return shim.active && fd == -1 && (flags & MAP_ANONYMOUS) && (flags & MAP_PRIVATE) &&
+           !(flags & (MAP_HUGETLB | MAP_LOCKED | MAP_STACK | MAP_GROWSDOWN)) && length >= shim.min_region;
+}
+
+EXPORT void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+{
+    void *p = (void *)syscall(SYS_mmap, addr, length, prot, flags, fd, offset);
+    if (p != MAP_FAILED && is_managed_kind(length, flags, fd)) {
+        int saved = errno;
+        report_region(p, length);
+        errno = saved;
+    }
+    return p;
+}
+
+EXPORT void *mmap64(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+    __attribute__((alias("mmap")));
+
+static void detach_in_child(void)
+{
+    /* The control socket and agent socket belong to the parent; the agent
+     * thread did not survive fork. */
+    if (shim.ctl_fd >= 0)
+        close(shim.ctl_fd);
+    if (shim.agent_fd >= 0)
+        close(shim.agent_fd);
+    if (shim.self_pidfd >= 0)
+        close(shim.self_pidfd);
+    shim.ctl_fd = shim.agent_fd = shim.self_pidfd = -1;
+    shim.active = 0;
+    pthread_mutex_init(&shim.ctl_lock, NULL);
+    pthread_mutex_init(&shim.fork_lock, NULL);
+}
+
+typedef pid_t (*fork_fn)(void);
+
+/* fork() is serialised and the parent reports each child's pid: the kernel
+ * delivers the child's uffd to the daemon (UFFD_EVENT_FORK) before fork()
+ * returns in the parent, so the daemon pairs FORKED messages with fork
+ * events in order. */
+EXPORT pid_t fork(void)
+{
+    static fork_fn real_fork;
+    if (!real_fork)
+        real_fork = (fork_fn)dlsym(RTLD_NEXT, "fork");
+    if (!shim.active)
+        return real_fork();
+    pthread_mutex_lock(&shim.fork_lock);
+    int was_active = shim.active;
+    pid_t pid = real_fork();
+    if (pid == 0) {
+        detach_in_child();
+        const char *path = getenv("UMGR_SOCKET");
+        if (was_active && path)
+            attach(path, 0);
+        return 0;
+    }
+    if (pid > 0 && was_active) {
+        struct umgr_region msg; /* start = child pid */
+        fill_hdr(&msg.hdr, UMGR_FORKED, sizeof msg);
+        msg.start = (uint64_t)pid;
+        msg.length = 0;
+        control_request(&msg, sizeof msg);
+    }
+    pthread_mutex_unlock(&shim.fork_lock);
+    return pid;
+}
+
+/* Application hints; see README "Application hints". Returns 0 or an errno
+ * value; ENOTCONN when the process is not managed. */
+EXPORT int umgr_advise(void *addr, size_t length, int advice)
+{
+    if (!shim.active)
+        return ENOTCONN;
+    struct umgr_advise msg;
+    memset(&msg, 0, sizeof msg);
+    fill_hdr(&msg.hdr, UMGR_ADVISE, sizeof msg);
+    msg.start = (uintptr_t)addr;
+    msg.length = length;
+    msg.advice = (uint32_t)advice;
+    int status = control_request(&msg, sizeof msg);
+    return status < 0 ? ENOTCONN : status;
+}
+
+EXPORT int umgr_is_managed(void)
+{
+    return shim.active;
+}

@@ -1,0 +1,106 @@
+/* umgr control protocol: shim <-> daemon.
+ *
+ * Transport: AF_UNIX SOCK_SEQPACKET, so every message arrives whole or not at
+ * all. Each message starts with struct umgr_hdr; `size` is the whole message.
+ * umgr/protocol.py mirrors these layouts with struct formats: change both.
+ *
+ * Connection 1 (control): the shim connects to UMGR_SOCKET and sends HELLO
+ * with two descriptors (SCM_RIGHTS): its userfaultfd (UFFDIO_API not yet
+ * called: it needs CAP_SYS_PTRACE for EVENT_FORK, so the daemon calls it) and
+ * one end of a socketpair for the zap agent. The daemon answers HELLO_ACK.
+ * Then REGION / ADVISE requests, each answered by an ACK with a status.
+ *
+ * Connection 2 (agent): the socketpair. The daemon sends ZAP (a list of
+ * ranges); the agent thread zaps them with one vectored
+ * process_madvise(MADV_DONTNEED) on its own process and answers ZAP_DONE.
+ */
+#ifndef UMGR_PROTOCOL_H
+#define UMGR_PROTOCOL_H
+
+#include <stdint.h>
+
+#define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
+#define UMGR_VERSION 1
+
+enum umgr_msg_type {
+    UMGR_HELLO = 1,
+    UMGR_HELLO_ACK = 2,
+    UMGR_REGION = 3,
+    UMGR_ACK = 4,
+    UMGR_ADVISE = 5,
+    UMGR_FORKED = 6,
+    UMGR_ZAP = 16,
+    UMGR_ZAP_DONE = 17,
+};
+
+enum umgr_advice {
+    UMGR_ADVISE_COLD = 1,        /* evict soon */
+    UMGR_ADVISE_WILLNEED = 2,    /* bring in now, asynchronously */
+    UMGR_ADVISE_DISCARDABLE = 3, /* may be dropped instead of written out */
+};
+
+struct umgr_hdr {
+    uint32_t magic;
+    uint16_t type;
+    uint16_t size;
+};
+
+struct umgr_hello {
+    struct umgr_hdr hdr;
+    uint32_t version;
+    int32_t pid;
+    uint64_t max_resident; /* bytes; 0 = the daemon's default */
+    uint64_t min_region;   /* bytes; mappings below this are not managed */
+    char policy[32];       /* prefetch policy name, NUL-terminated; "" = default */
+};
+
+struct umgr_hello_ack {
+    struct umgr_hdr hdr;
+    int32_t status; /* 0 or a positive errno */
+    uint32_t zap_mode; /* 1: agent zaps, 2: daemon zaps remotely */
+    uint64_t features;
+};
+
+/* REGION: [start, start+length) is a new anonymous private mapping. */
+struct umgr_region {
+    struct umgr_hdr hdr;
+    uint64_t start;
+    uint64_t length;
+};
+
+struct umgr_advise {
+    struct umgr_hdr hdr;
+    uint64_t start;
+    uint64_t length;
+    uint32_t advice;
+    uint32_t pad;
+};
+
+struct umgr_ack {
+    struct umgr_hdr hdr;
+    int32_t status; /* 0 or a positive errno */
+    uint32_t pad;
+};
+
+struct umgr_range {
+    uint64_t start;
+    uint64_t length;
+};
+
+#define UMGR_ZAP_MAX_RANGES 1024 /* UIO_MAXIOV */
+
+struct umgr_zap {
+    struct umgr_hdr hdr;
+    uint32_t seq;
+    uint32_t count;
+    struct umgr_range ranges[]; /* count entries */
+};
+
+struct umgr_zap_done {
+    struct umgr_hdr hdr;
+    uint32_t seq;
+    int32_t error;  /* 0 or a positive errno */
+    int64_t bytes;  /* bytes zapped, from the start of the list */
+};
+
+#endif

@@ -1,0 +1,5 @@
+import sys
+
+from umgr.cli import main
+
+sys.exit(main())

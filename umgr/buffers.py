@@ -1,0 +1,41 @@
+"""Page-aligned staging buffers.
+
+Anonymous mmap memory is page aligned, as O_DIRECT I/O and UFFDIO_COPY
+sources want, and its address is stable for the buffer's life.
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+PAGE_SIZE = 4096
+
+
+class PageBuffer:
+    def __init__(self, npages: int):
+        self.npages = npages
+        self._map = mmap.mmap(-1, npages * PAGE_SIZE)
+        self.bytes = np.frombuffer(self._map, np.uint8)
+        self.addr = self.bytes.ctypes.data
+
+    def addrs(self, positions: np.ndarray) -> np.ndarray:
+        """Addresses of the pages at these positions."""
+        return (self.addr + np.asarray(positions, np.uint64) * PAGE_SIZE).astype(np.uint64)
+
+    def zero_pages(self, count: int) -> np.ndarray:
+        """Which of the first `count` pages are all zero."""
+        words = self.bytes[: count * PAGE_SIZE].view(np.uint64).reshape(count, PAGE_SIZE // 8)
+        return ~words.any(axis=1)
+
+    def clear(self, positions: np.ndarray) -> None:
+        pages = self.bytes.reshape(self.npages, PAGE_SIZE)
+        pages[positions] = 0
+
+    def page(self, position: int) -> memoryview:
+        start = position * PAGE_SIZE
+        return memoryview(self._map)[start:start + PAGE_SIZE]
+
+    def close(self) -> None:
+        self.bytes = None
+        self._map.close()

@@ -1,0 +1,269 @@
+"""The umgr command line: exec, daemon, status, doctor, bench."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import trio
+
+from umgr import protocol
+from umgr.backends import open_backend
+from umgr.backends.file import DEFAULT_STATE_DIR
+from umgr.daemon import STATUS_REQUEST, Daemon, DaemonConfig
+
+log = logging.getLogger("umgr")
+
+PR_SET_PDEATHSIG = 1
+DEFAULT_SWAP_SIZE = "4G"
+DEFAULT_SOCKET = "/run/umgr/control.sock"
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '4096', '1.5G' -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 2G)") from None
+
+
+def shim_path() -> str:
+    here = os.path.join(os.path.dirname(__file__), "bindings")
+    found = glob.glob(os.path.join(here, "libumgr_preload*.so"))
+    if not found:
+        import umgr.bindings
+        found = glob.glob(os.path.join(os.path.dirname(umgr.bindings.__file__), "libumgr_preload*.so"))
+    if not found:
+        raise SystemExit("umgr: the shim (libumgr_preload*.so) is not built; reinstall umgr")
+    return found[0]
+
+
+def _add_daemon_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-resident", type=parse_size, default=0, metavar="SIZE",
+                   help="memory budget per process, e.g. 256M (default: no limit)")
+    p.add_argument("--backend", default="file", choices=["file"], help="swap store (default: file)")
+    p.add_argument("--swap-size", type=parse_size, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",
+                   help=f"swap capacity (default {DEFAULT_SWAP_SIZE})")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"where the swap file lives ({DEFAULT_STATE_DIR})")
+    p.add_argument("--policy", default="readahead", help="prefetch policy (none, readahead, stride, or a plug-in)")
+    p.add_argument("--eviction", default="fifo", help="eviction policy (default fifo)")
+    p.add_argument("--min-region", type=parse_size, default=1 << 20, metavar="SIZE",
+                   help="smallest anonymous mapping to manage (default 1M)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="umgr", description="userspace memory manager")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("exec", help="run a program under umgr with an embedded daemon")
+    _add_daemon_options(p)
+    p.add_argument("--stats-json", metavar="FILE", help="write the run's figures here as JSON")
+    p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser("daemon", help="run the daemon for processes started with the shim")
+    _add_daemon_options(p)
+    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.add_argument("--group", help="let this group's members connect (socket mode 0660)")
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("status", help="show the targets of a running daemon")
+    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between the two samples for rates")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("doctor", help="probe what this kernel lets umgr do")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("bench", help="micro-benchmarks (fault service, io_uring)")
+    p.add_argument("what", nargs="*", default=["faults", "io"])
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * getattr(args, "verbose", 0),
+                        format="umgr: %(name)s: %(message)s")
+    return args.func(args)
+
+
+# ---- exec ------------------------------------------------------------------------
+def cmd_exec(args) -> int:
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        raise SystemExit("umgr exec: no program given (umgr exec [OPTIONS] -- PROGRAM ARGS...)")
+    if shutil.which(program[0]) is None and not os.path.exists(program[0]):
+        print(f"umgr exec: {program[0]}: command not found", file=sys.stderr)
+        return 127
+    rundir = tempfile.mkdtemp(prefix="umgr-")
+    try:
+        config = _config(args, os.path.join(rundir, "control.sock"))
+        started = time.monotonic()
+        status, totals, backend_stats = trio.run(_exec, config, args, program)
+        wall = time.monotonic() - started
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+    exit_code = 128 - status if status < 0 else status
+    if args.stats_json:
+        figures = {
+            "exit_code": exit_code,
+            "faults": totals.get("faults", 0),
+            "pages_in": totals.get("pages_in", 0),
+            "pages_out": totals.get("pages_out", 0),
+            "prefetched": totals.get("prefetched", 0),
+            "peak_resident_bytes": totals.get("peak_resident_bytes", 0),
+            "swap_bytes_written": backend_stats["pages_written"] * 4096,
+            "swap_bytes_read": backend_stats["pages_read"] * 4096,
+            "wall_seconds": round(wall, 3),
+            **{k: v for k, v in totals.items() if k not in ("faults", "pages_in", "pages_out", "prefetched")},
+            "targets": totals.get("targets", 0),
+        }
+        with open(args.stats_json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return exit_code
+
+
+def _config(args, socket_path: str) -> DaemonConfig:
+    from umgr.probe import zap_mode
+    return DaemonConfig(socket_path=socket_path, max_resident=args.max_resident, min_region=args.min_region,
+                        policy=args.policy, eviction=args.eviction, zap_mode=zap_mode(),
+                        group=getattr(args, "group", None))
+
+
+def _child_setup() -> None:
+    # If umgr dies, its program must not hang on a fault nobody serves.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+async def _exec(config: DaemonConfig, args, program: list[str]):
+    backend = open_backend(args.backend, size=args.swap_size, directory=args.state_dir)
+    daemon = Daemon(config, backend)
+    proc = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.serve)
+            if args.metrics_port is not None:
+                from umgr.metrics import serve_metrics
+                serve_metrics(daemon, args.metrics_port)
+            env = dict(os.environ)
+            env["LD_PRELOAD"] = ":".join(filter(None, [shim_path(), env.get("LD_PRELOAD")]))
+            env["UMGR_SOCKET"] = config.socket_path
+            # Popen on this (the main) thread: PDEATHSIG follows the thread that forked.
+            proc = subprocess.Popen(program, env=env, preexec_fn=_child_setup)
+            nursery.start_soon(_forward_signals, proc)
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            status = proc.wait()
+            # Descendants still running are served until they exit too: their
+            # swapped pages exist only here.
+            await daemon.idle.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        stats = backend.statistics()
+        backend.close()
+    totals = daemon.run_totals()
+    totals["targets"] = daemon.targets_seen
+    return status, totals, stats
+
+
+async def _forward_signals(proc: subprocess.Popen) -> None:
+    # SIGINT from a terminal reaches the whole process group already.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT) as signals:
+        async for signum in signals:
+            if signum != signal.SIGINT and proc.poll() is None:
+                proc.send_signal(signum)
+
+
+# ---- daemon ----------------------------------------------------------------------------
+def cmd_daemon(args) -> int:
+    os.makedirs(os.path.dirname(os.path.abspath(args.socket)), exist_ok=True)
+    config = _config(args, args.socket)
+
+    async def run():
+        backend = open_backend(args.backend, size=args.swap_size, directory=args.state_dir)
+        daemon = Daemon(config, backend)
+        if args.metrics_port is not None:
+            from umgr.metrics import serve_metrics
+            serve_metrics(daemon, args.metrics_port)
+        try:
+            await daemon.serve()
+        finally:
+            backend.close()
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ---- status ------------------------------------------------------------------------------
+def query_status(path: str) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.send(STATUS_REQUEST)
+        return json.loads(s.recv(1 << 20))
+
+
+def cmd_status(args) -> int:
+    try:
+        first = query_status(args.socket)
+        time.sleep(args.interval)
+        second = query_status(args.socket)
+    except OSError as exc:
+        print(f"umgr status: no daemon at {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(second, indent=2))
+        return 0
+    print(format_status(first, second, args.interval))
+    return 0
+
+
+def format_status(first: dict, second: dict, interval: float) -> str:
+    before = {t["pid"]: t for t in first["targets"]}
+    mib = 1 << 20
+    rows = [f"{'PID':>7} {'BUDGET':>9} {'RESIDENT':>9} {'SWAPPED':>9} {'FAULTS/s':>9} {'IN/s':>8} {'OUT/s':>8}  COMMAND"]
+    for t in second["targets"]:
+        old = before.get(t["pid"], t)
+        rate = lambda key: (t[key] - old[key]) / interval
+        budget = f"{t['budget_bytes'] / mib:.0f}M" if t["budget_bytes"] else "-"
+        rows.append(f"{t['pid']:>7} {budget:>9} {t['resident_bytes'] / mib:>8.1f}M {t['swapped_bytes'] / mib:>8.1f}M "
+                    f"{rate('faults'):>9.0f} {rate('pages_in'):>8.0f} {rate('pages_out'):>8.0f}  {t['command'][:40]}")
+    b = second["backend"]
+    rows.append(f"backend {b['backend']}: {b['used_pages'] * 4096 / mib:.1f}M of {b['capacity_pages'] * 4096 / mib:.0f}M used")
+    return "\n".join(rows)
+
+
+# ---- doctor, bench --------------------------------------------------------------------------
+def cmd_doctor(args) -> int:
+    from umgr.probe import doctor
+    return doctor()
+
+
+def cmd_bench(args) -> int:
+    from umgr.bench import main as bench_main
+    return bench_main(args.what)

@@ -1,0 +1,387 @@
+"""The umgr daemon: control socket, targets, and their life cycle.
+
+One trio run. The control server accepts shims on a SOCK_SEQPACKET socket
+(0600, or 0660 with a group), identifies peers with SO_PEERCRED and turns each
+valid HELLO into a Target. A malformed message, a missing or wrong
+descriptor, or a second HELLO drops that connection only, with one log line.
+"""
+from __future__ import annotations
+
+import errno
+import grp
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+
+from umgr import maps, procmem, protocol, uffd as uffdmod
+from umgr.backends import Backend
+from umgr.errors import TargetGone, UmgrError
+from umgr.pagetable import NO_SLOT, PAGE_SHIFT, State
+from umgr.policies import GuardedEviction, GuardedPrefetch, load_eviction, load_prefetch
+from umgr.target import Target, read_cmdline
+from umgr.zap import AgentZapper, RemoteZapper
+
+log = logging.getLogger("umgr.daemon")
+
+API_FEATURES = (uffdmod.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uffdmod.ALL_EVENTS
+                | uffdmod.UFFD_FEATURE_THREAD_ID)
+MSG_MAX = 4096
+STATUS_REQUEST = b"STATUS"
+CHILD_HELLO_WAIT = 10.0
+
+
+@dataclass
+class DaemonConfig:
+    socket_path: str
+    max_resident: int = 0                # bytes per target; 0: no limit
+    min_region: int = 1 << 20
+    policy: str = "readahead"
+    eviction: str = "fifo"
+    scan_interval: float = 0.05          # seconds between /proc/PID/maps scans
+    zap_mode: protocol.ZapMode = protocol.ZapMode.AGENT
+    group: str | None = None
+
+
+SUMMED = ("faults", "faults_missing", "faults_wp", "pages_in", "pages_out", "prefetched",
+          "zero_pages_out", "zap_batches", "zap_ranges", "app_removes", "unmaps", "remaps", "forks")
+
+
+@dataclass
+class Totals:
+    """Figures summed over targets, kept when targets are gone."""
+    counters: dict = field(default_factory=dict)
+
+    def add(self, snapshot: dict) -> None:
+        for key in SUMMED:
+            self.counters[key] = self.counters.get(key, 0) + snapshot[key]
+        peak = max(self.counters.get("peak_resident_bytes", 0), snapshot["peak_resident_bytes"])
+        self.counters["peak_resident_bytes"] = peak
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, backend: Backend):
+        self.config = config
+        self.backend = backend
+        self.targets: dict[int, Target] = {}
+        self.totals = Totals()
+        self.targets_seen = 0
+        self.rejected_connections = 0
+        self._children_waiting: dict[int, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self.idle = trio.Event()       # set whenever no target is left
+        self.idle.set()
+
+    # ---- server ------------------------------------------------------------
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listener = self._listen()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(self._connection, conn)
+            finally:
+                listener.close()
+                nursery.cancel_scope.cancel()
+
+    def _listen(self) -> trio.socket.SocketType:
+        path = self.config.socket_path
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old_umask = os.umask(0o177)
+        try:
+            sock._sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        if self.config.group:
+            os.chown(path, -1, grp.getgrnam(self.config.group).gr_gid)
+            os.chmod(path, 0o660)
+        sock.listen(128)
+        log.info("listening on %s", path)
+        return sock
+
+    async def _connection(self, conn) -> None:
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        fds: list[int] = []
+        target = None
+        try:
+            data, fds = await _recv_with_fds(conn)
+            if data == STATUS_REQUEST:
+                await conn.send(json.dumps(self.status()).encode())
+                return
+            hello = protocol.decode_control(data)
+            if not isinstance(hello, protocol.Hello):
+                raise protocol.ProtocolError(f"first message must be HELLO, got {type(hello).__name__}")
+            if hello.pid != pid:
+                raise protocol.ProtocolError(f"HELLO claims pid {hello.pid}, peer is pid {pid}")
+            target = await self._attach(hello, fds, conn)
+            fds = []
+            await self._control_loop(target, conn)
+        except (protocol.ProtocolError, UmgrError, OSError) as exc:
+            self.rejected_connections += 1
+            log.warning("control: pid %d: %s; dropping connection", pid, exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+    async def _control_loop(self, target: Target, conn) -> None:
+        while not target.gone:
+            data, fds = await _recv_with_fds(conn)
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                return
+            if fds:
+                raise protocol.ProtocolError("unexpected descriptors after HELLO")
+            msg = protocol.decode_control(data)
+            if isinstance(msg, protocol.Hello):
+                raise protocol.ProtocolError("second HELLO on one connection")
+            status = self._request(target, msg)
+            await conn.send(protocol.encode_ack(status))
+
+    def _request(self, target: Target, msg) -> int:
+        if isinstance(msg, protocol.Region):
+            if msg.length >= self.config.min_region and not target.gone:
+                return 0 if target.register(msg.start, msg.length) else errno.EINVAL
+            return 0
+        if isinstance(msg, protocol.Forked):
+            return self._adopt_child(target, msg.child_pid)
+        if isinstance(msg, protocol.Advise):
+            return errno.EOPNOTSUPP
+        return errno.EINVAL
+
+    # ---- targets -------------------------------------------------------------
+    async def _attach(self, hello: protocol.Hello, fds: list[int], conn) -> Target:
+        if len(fds) == 1:
+            return await self._attach_child(hello, fds)
+        if len(fds) != 2:
+            raise protocol.ProtocolError(f"HELLO must carry 2 descriptors (agent socket, uffd), got {len(fds)}")
+        agent_fd, uffd_fd = fds
+        _require_uffd(uffd_fd)
+        _require_socket(agent_fd)
+        uffd = uffdmod.Userfaultfd(uffd_fd)
+        try:
+            features = uffd.api(API_FEATURES)
+        except OSError as exc:
+            uffd.close()
+            raise protocol.ProtocolError(f"UFFDIO_API on the received uffd failed: {exc}") from exc
+        old = self.targets.get(hello.pid)
+        if old is not None:  # the program exec'd and its new shim says hello
+            old.gone = True
+            await self._wait_released(hello.pid)
+        pidfd = procmem.pidfd_open(hello.pid)
+        target = self._new_target(hello.pid, uffd, pidfd, hello.max_resident, hello.policy)
+        target.zapper = self._zapper(target, agent_fd)
+        try:
+            for lo, hi in maps.anonymous_private(hello.pid, self.config.min_region):
+                target.register(lo, hi - lo)
+            await conn.send(protocol.encode_hello_ack(0, self.config.zap_mode, features))
+        except BaseException:
+            target.gone = True
+            raise
+        finally:
+            self._start(target)
+        log.info("%s: attached (%s), budget %s, policy %s", target.label, target.command,
+                 _size(target.budget_pages << PAGE_SHIFT), target.prefetch.name)
+        return target
+
+    def _zapper(self, target: Target, agent_fd: int):
+        agent = socket.socket(fileno=agent_fd)
+        if self.config.zap_mode == protocol.ZapMode.REMOTE:
+            agent.close()
+            return RemoteZapper(target.pidfd)
+        return AgentZapper(agent)
+
+    def _new_target(self, pid: int, uffd, pidfd: int, max_resident: int, policy: str) -> Target:
+        budget = max_resident or self.config.max_resident
+        label = f"pid {pid}"
+        prefetch = GuardedPrefetch(load_prefetch(policy or self.config.policy), target=label)
+        target = Target(pid=pid, uffd=uffd, pidfd=pidfd, budget_pages=budget >> PAGE_SHIFT,
+                        backend=self.backend, prefetch=prefetch, eviction=None, label=label)
+        # FIFO compacts its queue of stale entries with the page table's help.
+        options = {"is_live": target.is_resident} if self.config.eviction == "fifo" else {}
+        policy_obj = load_eviction(self.config.eviction, **options)
+        target.eviction = GuardedEviction(policy_obj, target=label, resident=target.resident_vpns)
+        return target
+
+    def _start(self, target: Target) -> None:
+        self.targets[target.pid] = target
+        self.targets_seen += 1
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        self._nursery.start_soon(self._run_target, target)
+
+    async def _run_target(self, target: Target) -> None:
+        async with trio.open_nursery() as nursery:
+            async def until_gone(fn):
+                try:
+                    await fn()
+                finally:
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(until_gone, target.fault_loop)
+            nursery.start_soon(until_gone, target.evictor)
+            nursery.start_soon(until_gone, lambda: self._watch_exit(target))
+            nursery.start_soon(self._scan_maps, target)
+            nursery.start_soon(self._watch_slots, target)
+        self._release(target)
+
+    async def _watch_exit(self, target: Target) -> None:
+        while not target.gone:
+            with trio.move_on_after(0.5):
+                await trio.lowlevel.wait_readable(target.pidfd)
+                return  # the process exited
+            if target.gone:
+                return
+
+    async def _scan_maps(self, target: Target) -> None:
+        """Register anonymous memory the shim did not report (malloc, brk)."""
+        while not target.gone:
+            await trio.sleep(self.config.scan_interval)
+            try:
+                for lo, hi in maps.anonymous_private(target.pid, self.config.min_region):
+                    target.register(lo, hi - lo)
+            except (OSError, TargetGone):
+                return
+
+    async def _watch_slots(self, target: Target) -> None:
+        """A target paused on a full backend resumes once slots free up."""
+        while not target.gone:
+            await trio.sleep(0.1)
+            if target.eviction_paused and self.backend.slots.free_count > 0:
+                target.resume_eviction()
+
+    def _release(self, target: Target) -> None:
+        snapshot = target.snapshot()
+        target.release_all()
+        self.totals.add(snapshot)
+        os.close(target.pidfd)
+        if self.targets.get(target.pid) is target:
+            del self.targets[target.pid]
+        log.info("%s: released (faults %d, pages in %d, out %d)", target.label, snapshot["faults"],
+                 snapshot["pages_in"], snapshot["pages_out"])
+        if not self.targets:
+            self.idle.set()
+
+    async def _wait_released(self, pid: int) -> None:
+        with trio.move_on_after(5):
+            while pid in self.targets:
+                await trio.sleep(0.01)
+
+    # ---- fork ------------------------------------------------------------------
+    def _adopt_child(self, parent: Target, child_pid: int) -> int:
+        """The parent reports a child: pair it with the oldest fork event."""
+        if not parent.fork_events:
+            log.warning("%s: FORKED %d with no fork event; child unmanaged", parent.label, child_pid)
+            return errno.ENOENT
+        uffd = parent.fork_events.pop(0)
+        try:
+            pidfd = procmem.pidfd_open(child_pid)
+        except OSError as exc:  # the child is already gone
+            uffd.close()
+            return exc.errno or errno.ESRCH
+        child = self._new_target(child_pid, uffd, pidfd, parent.budget_pages << PAGE_SHIFT, parent.prefetch.name)
+        _inherit_pages(parent, child)
+        self._start(child)
+        event = self._children_waiting.pop(child_pid, None)
+        if event:
+            event.set()
+        log.info("%s: forked %s", parent.label, child.label)
+        return 0
+
+    async def _attach_child(self, hello: protocol.Hello, fds: list[int]) -> Target:
+        """A forked child's shim brings its agent socket; its uffd came with
+        the fork event."""
+        _require_socket(fds[0])
+        if hello.pid not in self.targets:
+            event = self._children_waiting.setdefault(hello.pid, trio.Event())
+            with trio.move_on_after(CHILD_HELLO_WAIT):
+                await event.wait()
+        target = self.targets.get(hello.pid)
+        if target is None or target.zapper is not None:
+            raise protocol.ProtocolError("child HELLO without a matching fork")
+        target.zapper = self._zapper(target, fds[0])
+        target.command = read_cmdline(hello.pid)
+        return target
+
+    # ---- status ------------------------------------------------------------------
+    def status(self) -> dict:
+        return {
+            "targets": [t.snapshot() for t in self.targets.values()],
+            "backend": self.backend.statistics(),
+            "targets_seen": self.targets_seen,
+            "rejected_connections": self.rejected_connections,
+        }
+
+    def run_totals(self) -> dict:
+        totals = Totals(dict(self.totals.counters))
+        for target in self.targets.values():
+            totals.add(target.snapshot())
+        return totals.counters
+
+
+def _inherit_pages(parent: Target, child: Target) -> None:
+    """A forked child starts with its parent's pages: swapped pages share the
+    parent's slots (one more reference each); pages in an eviction batch are
+    resident in the child (still present there, or, if the zap came first,
+    swapped in the shared slot)."""
+    child.pt = parent.pt.copy()
+    for region in child.pt.regions:
+        evicting = region.state == State.EVICTING
+        zapping = region.state == State.ZAPPING
+        region.state[evicting] = State.RESIDENT
+        region.state[zapping] = np.where(region.slot[zapping] == NO_SLOT, State.FRESH, State.SWAPPED)
+    child.pt.counts[:] = 0
+    for region in child.pt.regions:
+        child.pt._count_in(region.state)
+    child.backend.slots.incref(child.pt.all_slots())
+    child.eviction.on_resident(child.resident_vpns())
+
+
+async def _recv_with_fds(conn) -> tuple[bytes, list[int]]:
+    data, ancdata, flags, _ = await conn.recvmsg(MSG_MAX, socket.CMSG_SPACE(4 * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise protocol.ProtocolError("message or descriptors truncated")
+    return data, fds
+
+
+def _require_uffd(fd: int) -> None:
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise protocol.ProtocolError(f"bad descriptor: {exc}") from exc
+    if kind != "anon_inode:[userfaultfd]":
+        raise protocol.ProtocolError(f"descriptor is {kind}, not a userfaultfd")
+
+
+def _require_socket(fd: int) -> None:
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise protocol.ProtocolError(f"bad descriptor: {exc}") from exc
+    if not kind.startswith("socket:"):
+        raise protocol.ProtocolError(f"agent descriptor is {kind}, not a socket")
+
+
+def _size(nbytes: int) -> str:
+    if not nbytes:
+        return "unlimited"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return str(nbytes)

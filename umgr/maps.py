@@ -1,0 +1,33 @@
+"""Finding a target's anonymous memory in /proc/PID/maps.
+
+The shim sees the mappings the app makes through mmap(), but not all of
+them: glibc's malloc maps large blocks through an internal alias of mmap,
+the main heap grows with brk, and some mappings predate the shim. The daemon
+registers those itself (uffd ioctls act on the target's mm from any
+process), so it looks for private, writable, anonymous mappings here.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+SKIPPED_NAMES = ("[stack]", "[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]", "[uprobes]")
+
+
+def anonymous_private(pid: int, min_bytes: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each private, read-write, anonymous mapping of at
+    least min_bytes: candidates for registration."""
+    with open(f"/proc/{pid}/maps", "rb") as f:
+        text = f.read().decode("ascii", "replace")
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5:
+            continue
+        span, perms, _offset, _dev, inode = fields[:5]
+        name = fields[5].strip() if len(fields) > 5 else ""
+        if perms[:2] != "rw" or perms[3] != "p" or inode != "0":
+            continue
+        if name and (name in SKIPPED_NAMES or not (name == "[heap]" or name.startswith("[anon:"))):
+            continue
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if hi - lo >= min_bytes:
+            yield lo, hi

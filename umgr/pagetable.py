@@ -1,0 +1,236 @@
+"""Per-target page table: the state and swap slot of every managed page.
+
+Flat numpy arrays per registered region (one state byte and one int32 slot
+per page: 5 bytes a page), never a Python object per page: a target with
+16 GiB of managed memory has four million pages. Pages are named by vpn
+(virtual address >> 12). Every state change goes through this module, which
+keeps the per-state counts the budget and the metrics read.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+NO_SLOT = -1
+
+
+class State:
+    FRESH = 0      # never written, or discarded: reads as zero
+    RESIDENT = 1   # mapped in the target
+    EVICTING = 2   # write-protected, copy on its way to the backend
+    ZAPPING = 3    # copy durable, zap requested: must stay write-protected
+    SWAPPED = 4    # zapped; content in a slot
+    PINNED = 5     # resident and never to be evicted (cannot be read back, mlocked)
+    UNMAPPED = 255  # not in any region (only ever returned, never stored)
+
+
+RESIDENT_STATES = (State.RESIDENT, State.EVICTING, State.ZAPPING, State.PINNED)
+
+
+@dataclass(eq=False)
+class Region:
+    vpn: int          # first page
+    state: np.ndarray  # uint8 per page
+    slot: np.ndarray   # int32 per page
+
+    @property
+    def npages(self) -> int:
+        return len(self.state)
+
+    @property
+    def end(self) -> int:
+        return self.vpn + len(self.state)
+
+    @classmethod
+    def empty(cls, vpn: int, npages: int) -> "Region":
+        return cls(vpn, np.zeros(npages, np.uint8), np.full(npages, NO_SLOT, np.int32))
+
+    def piece(self, lo: int, hi: int) -> "Region":
+        """A copy of pages [lo, hi) (vpns) of this region."""
+        a, b = lo - self.vpn, hi - self.vpn
+        return Region(lo, self.state[a:b].copy(), self.slot[a:b].copy())
+
+
+@dataclass
+class PageTable:
+    regions: list[Region] = field(default_factory=list)  # sorted, disjoint
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
+
+    # ---- queries -----------------------------------------------------
+    @property
+    def resident(self) -> int:
+        return int(sum(self.counts[s] for s in RESIDENT_STATES))
+
+    @property
+    def swapped(self) -> int:
+        return int(self.counts[State.SWAPPED])
+
+    @property
+    def managed(self) -> int:
+        return sum(r.npages for r in self.regions)
+
+    def find(self, vpn: int) -> Region | None:
+        i = bisect.bisect_right(self.regions, vpn, key=lambda r: r.vpn) - 1
+        if i >= 0 and vpn < self.regions[i].end:
+            return self.regions[i]
+        return None
+
+    def covers(self, vpn_lo: int, vpn_hi: int) -> bool:
+        """True when every page of [vpn_lo, vpn_hi) is in some region."""
+        covered = 0
+        for region, lo, hi in self._overlapping(vpn_lo, vpn_hi):
+            covered += hi - lo
+        return covered == vpn_hi - vpn_lo
+
+    def by_region(self, vpns: np.ndarray) -> Iterator[tuple[Region, np.ndarray, np.ndarray]]:
+        """For sorted vpns: (region, positions in vpns, indices in region);
+        vpns outside every region are left out."""
+        i, n = 0, len(vpns)
+        while i < n:
+            region = self.find(int(vpns[i]))
+            if region is None:
+                i += 1
+                continue
+            j = int(np.searchsorted(vpns, region.end, side="left"))
+            positions = np.arange(i, j)
+            yield region, positions, vpns[i:j] - region.vpn
+            i = j
+
+    def states(self, vpns: np.ndarray) -> np.ndarray:
+        out = np.full(len(vpns), State.UNMAPPED, np.uint8)
+        for region, pos, idx in self.by_region(vpns):
+            out[pos] = region.state[idx]
+        return out
+
+    def slots(self, vpns: np.ndarray) -> np.ndarray:
+        out = np.full(len(vpns), NO_SLOT, np.int32)
+        for region, pos, idx in self.by_region(vpns):
+            out[pos] = region.slot[idx]
+        return out
+
+    # ---- transitions -------------------------------------------------
+    def set(self, vpns: np.ndarray, state: int, slots: np.ndarray | int | None = None) -> None:
+        """Set the state (and, if given, the slot) of sorted vpns."""
+        for region, pos, idx in self.by_region(vpns):
+            self._count_out(region.state[idx])
+            region.state[idx] = state
+            self.counts[state] += len(idx)
+            if slots is not None:
+                region.slot[idx] = slots if np.isscalar(slots) else slots[pos]
+
+    def set_one(self, region: Region, index: int, state: int) -> None:
+        self.counts[region.state[index]] -= 1
+        region.state[index] = state
+        self.counts[state] += 1
+
+    def add(self, vpn: int, npages: int, present: np.ndarray | None = None) -> tuple[Region, np.ndarray]:
+        """A new registered range; pages marked present start RESIDENT.
+        Returns the region and the slots freed from whatever it replaced."""
+        freed = self.remove(vpn, vpn + npages)
+        region = Region.empty(vpn, npages)
+        if present is not None:
+            region.state[present] = State.RESIDENT
+        self._count_in(region.state)
+        bisect.insort(self.regions, region, key=lambda r: r.vpn)
+        return region, freed
+
+    def remove(self, vpn_lo: int, vpn_hi: int) -> np.ndarray:
+        """Pages [vpn_lo, vpn_hi) are gone (munmap): drop them, splitting
+        regions as needed. Returns their slots, to be freed."""
+        freed = []
+        for region, lo, hi in list(self._overlapping(vpn_lo, vpn_hi)):
+            a, b = lo - region.vpn, hi - region.vpn
+            self._count_out(region.state[a:b])
+            freed.append(region.slot[a:b][region.slot[a:b] != NO_SLOT])
+            self.regions.remove(region)
+            for keep_lo, keep_hi in ((region.vpn, lo), (hi, region.end)):
+                if keep_hi > keep_lo:
+                    bisect.insort(self.regions, region.piece(keep_lo, keep_hi), key=lambda r: r.vpn)
+        return np.concatenate(freed) if freed else np.empty(0, np.int32)
+
+    def discard(self, vpn_lo: int, vpn_hi: int, keep: tuple[int, ...] = ()) -> np.ndarray:
+        """The app discarded [vpn_lo, vpn_hi) (MADV_DONTNEED/REMOVE): pages read
+        as zero from now on. Pages in a state listed in `keep` are left alone.
+        Returns the slots to free. Idempotent: the kernel may report a range twice."""
+        freed = []
+        for region, lo, hi in self._overlapping(vpn_lo, vpn_hi):
+            a, b = lo - region.vpn, hi - region.vpn
+            states = region.state[a:b]
+            hit = ~np.isin(states, keep) if keep else np.ones(b - a, bool)
+            slots = region.slot[a:b]
+            freed.append(slots[hit & (slots != NO_SLOT)])
+            self._count_out(states[hit])
+            states[hit] = State.FRESH
+            slots[hit] = NO_SLOT
+            self.counts[State.FRESH] += int(hit.sum())
+        return np.concatenate(freed) if freed else np.empty(0, np.int32)
+
+    def move(self, src_vpn: int, dst_vpn: int, npages: int) -> None:
+        """mremap moved [src, src+n) to dst: states and slots follow the pages."""
+        pieces = [(lo, region.piece(lo, hi)) for region, lo, hi in self._overlapping(src_vpn, src_vpn + npages)]
+        for region, lo, hi in list(self._overlapping(src_vpn, src_vpn + npages)):
+            a, b = lo - region.vpn, hi - region.vpn
+            self._count_out(region.state[a:b])
+        self._cut(src_vpn, src_vpn + npages)
+        self.remove(dst_vpn, dst_vpn + npages)
+        for lo, piece in pieces:
+            piece.vpn = dst_vpn + (lo - src_vpn)
+            self._count_in(piece.state)
+            bisect.insort(self.regions, piece, key=lambda r: r.vpn)
+
+    def clear(self) -> np.ndarray:
+        """Everything is gone (exit, exec). Returns all slots to free."""
+        freed = [r.slot[r.slot != NO_SLOT] for r in self.regions]
+        self.regions.clear()
+        self.counts[:] = 0
+        return np.concatenate(freed) if freed else np.empty(0, np.int32)
+
+    def copy(self) -> "PageTable":
+        """A deep copy (a forked child starts with its parent's table)."""
+        regions = [Region(r.vpn, r.state.copy(), r.slot.copy()) for r in self.regions]
+        return PageTable(regions, self.counts.copy())
+
+    def all_slots(self) -> np.ndarray:
+        slots = [r.slot[r.slot != NO_SLOT] for r in self.regions]
+        return np.concatenate(slots) if slots else np.empty(0, np.int32)
+
+    # ---- helpers -----------------------------------------------------
+    def _overlapping(self, vpn_lo: int, vpn_hi: int) -> Iterator[tuple[Region, int, int]]:
+        i = max(0, bisect.bisect_right(self.regions, vpn_lo, key=lambda r: r.vpn) - 1)
+        while i < len(self.regions) and self.regions[i].vpn < vpn_hi:
+            region = self.regions[i]
+            lo, hi = max(vpn_lo, region.vpn), min(vpn_hi, region.end)
+            if lo < hi:
+                yield region, lo, hi
+            i += 1
+
+    def _cut(self, vpn_lo: int, vpn_hi: int) -> None:
+        """Remove pages without counting (the caller has)."""
+        for region, lo, hi in list(self._overlapping(vpn_lo, vpn_hi)):
+            self.regions.remove(region)
+            for keep_lo, keep_hi in ((region.vpn, lo), (hi, region.end)):
+                if keep_hi > keep_lo:
+                    bisect.insort(self.regions, region.piece(keep_lo, keep_hi), key=lambda r: r.vpn)
+
+    def _count_out(self, states: np.ndarray) -> None:
+        if len(states):
+            self.counts -= np.bincount(states, minlength=256)
+
+    def _count_in(self, states: np.ndarray) -> None:
+        if len(states):
+            self.counts += np.bincount(states, minlength=256)
+
+
+def runs(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique vpns as contiguous runs: (first vpns, lengths)."""
+    if len(vpns) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    breaks = np.flatnonzero(np.diff(vpns) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(vpns)]))
+    return vpns[starts].astype(np.int64), (ends - starts).astype(np.int64)

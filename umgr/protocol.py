@@ -1,0 +1,165 @@
+"""The control protocol between the shim and the daemon.
+
+Mirrors bindings/shim/protocol.h (the C side is the reference; change both).
+Every message is one SOCK_SEQPACKET datagram starting with a header
+(magic, type, size). Decoding is strict: anything malformed raises
+ProtocolError, and the caller drops that connection only.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = 0x524D4755
+VERSION = 1
+ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
+
+HEADER = struct.Struct("<IHH")
+HELLO = struct.Struct("<IHH Ii QQ 32s")
+HELLO_ACK = struct.Struct("<IHH iI Q")
+RANGE_MSG = struct.Struct("<IHH QQ")
+ADVISE = struct.Struct("<IHH QQ II")
+ACK = struct.Struct("<IHH iI")
+ZAP_HEAD = struct.Struct("<IHH II")
+ZAP_DONE = struct.Struct("<IHH Iiq")
+ZAP_RANGE_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8")])
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    HELLO_ACK = 2
+    REGION = 3
+    ACK = 4
+    ADVISE = 5
+    FORKED = 6
+    ZAP = 16
+    ZAP_DONE = 17
+
+
+class Advice(enum.IntEnum):
+    COLD = 1
+    WILLNEED = 2
+    DISCARDABLE = 3
+
+
+class ZapMode(enum.IntEnum):
+    AGENT = 1
+    REMOTE = 2
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    pid: int
+    max_resident: int
+    min_region: int
+    policy: str
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    child_pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Advise:
+    start: int
+    length: int
+    advice: Advice
+
+
+@dataclass(frozen=True, slots=True)
+class ZapDone:
+    seq: int
+    error: int
+    bytes: int
+
+
+def _check_header(data: bytes, layout: struct.Struct | None = None) -> int:
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"truncated message ({len(data)} bytes)")
+    magic, msg_type, size = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic:#x}")
+    if size != len(data):
+        raise ProtocolError(f"size field {size} but {len(data)} bytes received")
+    if layout is not None and len(data) != layout.size:
+        raise ProtocolError(f"message type {msg_type} must be {layout.size} bytes, got {len(data)}")
+    return msg_type
+
+
+def decode_control(data: bytes) -> Hello | Region | Forked | Advise:
+    """A message from a shim on the control connection."""
+    msg_type = _check_header(data)
+    if msg_type == MsgType.HELLO:
+        _check_header(data, HELLO)
+        _, _, _, version, pid, max_resident, min_region, policy = HELLO.unpack(data)
+        if version != VERSION:
+            raise ProtocolError(f"protocol version {version}, daemon speaks {VERSION}")
+        try:
+            name = policy.split(b"\0", 1)[0].decode("ascii")
+        except UnicodeDecodeError:
+            raise ProtocolError("policy name is not ASCII") from None
+        return Hello(pid, max_resident, min_region, name)
+    if msg_type in (MsgType.REGION, MsgType.FORKED):
+        _check_header(data, RANGE_MSG)
+        _, _, _, start, length = RANGE_MSG.unpack(data)
+        return Region(start, length) if msg_type == MsgType.REGION else Forked(start)
+    if msg_type == MsgType.ADVISE:
+        _check_header(data, ADVISE)
+        _, _, _, start, length, advice, _ = ADVISE.unpack(data)
+        try:
+            return Advise(start, length, Advice(advice))
+        except ValueError:
+            raise ProtocolError(f"unknown advice {advice}") from None
+    raise ProtocolError(f"unexpected message type {msg_type}")
+
+
+def decode_zap_done(data: bytes) -> ZapDone:
+    msg_type = _check_header(data, ZAP_DONE)
+    if msg_type != MsgType.ZAP_DONE:
+        raise ProtocolError(f"agent sent message type {msg_type}")
+    _, _, _, seq, error, nbytes = ZAP_DONE.unpack(data)
+    return ZapDone(seq, error, nbytes)
+
+
+def encode_hello_ack(status: int, zap_mode: ZapMode, features: int) -> bytes:
+    return HELLO_ACK.pack(MAGIC, MsgType.HELLO_ACK, HELLO_ACK.size, status, zap_mode, features)
+
+
+def encode_ack(status: int) -> bytes:
+    return ACK.pack(MAGIC, MsgType.ACK, ACK.size, status, 0)
+
+
+def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray) -> bytes:
+    count = len(starts)
+    if not 0 < count <= ZAP_MAX_RANGES:
+        raise ValueError(f"a zap carries 1..{ZAP_MAX_RANGES} ranges, not {count}")
+    ranges = np.empty(count, ZAP_RANGE_DTYPE)
+    ranges["start"] = starts
+    ranges["length"] = lengths
+    size = ZAP_HEAD.size + ranges.nbytes
+    return ZAP_HEAD.pack(MAGIC, MsgType.ZAP, size, seq, count) + ranges.tobytes()
+
+
+# Used by tests and tools that speak the shim's side.
+def encode_hello(pid: int, max_resident: int = 0, min_region: int = 0, policy: str = "",
+                 version: int = VERSION) -> bytes:
+    return HELLO.pack(MAGIC, MsgType.HELLO, HELLO.size, version, pid, max_resident, min_region,
+                      policy.encode("ascii"))
+
+
+def encode_region(start: int, length: int, msg_type: MsgType = MsgType.REGION) -> bytes:
+    return RANGE_MSG.pack(MAGIC, msg_type, RANGE_MSG.size, start, length)

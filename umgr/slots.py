@@ -1,0 +1,64 @@
+"""Swap slot allocation with reference counts.
+
+A slot holds one 4 KiB page in a backend. A forked child shares its parent's
+swapped pages, so a slot may be named by several targets: it is freed when
+the last reference goes. Free slots are a stack in a numpy array: alloc and
+free are O(n) in the pages of a batch, never in the size of the store, and
+a fresh store hands out ascending, contiguous slots (so a sequential
+eviction batch becomes a few large writes).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from umgr.errors import BackendFull
+
+
+class SlotAllocator:
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise ValueError("a backend needs at least one slot")
+        self.capacity = capacity
+        # Popped from the end: reversed so slot 0 goes first.
+        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int32)
+        self._nfree = capacity
+        self._refs = np.zeros(capacity, np.uint16)
+
+    @property
+    def used(self) -> int:
+        return self.capacity - self._nfree
+
+    @property
+    def free_count(self) -> int:
+        return self._nfree
+
+    def alloc(self, n: int) -> np.ndarray:
+        """n slots with one reference each; BackendFull when fewer are free
+        (nothing is allocated then)."""
+        if n > self._nfree:
+            raise BackendFull(f"{n} slots wanted, {self._nfree} free of {self.capacity}")
+        slots = self._free[self._nfree - n:self._nfree][::-1].copy()
+        self._nfree -= n
+        self._refs[slots] = 1
+        return slots
+
+    def incref(self, slots: np.ndarray) -> None:
+        slots = np.asarray(slots, np.int32)
+        if len(slots) and (self._refs[slots] == 0).any():
+            raise ValueError("incref of a free slot")
+        np.add.at(self._refs, slots, 1)
+
+    def free(self, slots: np.ndarray) -> None:
+        """Drop one reference of each slot; slots reaching zero become free."""
+        slots = np.asarray(slots, np.int32)
+        if len(slots) == 0:
+            return
+        if (self._refs[slots] == 0).any():
+            raise ValueError("double free of a swap slot")
+        np.subtract.at(self._refs, slots, 1)
+        released = np.unique(slots[self._refs[slots] == 0])
+        self._free[self._nfree:self._nfree + len(released)] = released[::-1]
+        self._nfree += len(released)
+
+    def refs(self, slots: np.ndarray) -> np.ndarray:
+        return self._refs[np.asarray(slots, np.int32)]

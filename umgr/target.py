@@ -1,0 +1,574 @@
+"""One managed process: its uffd, page table, fault service and eviction.
+
+Two trio tasks per target share the page table without locks (trio runs one
+task at a time; state is only changed between awaits):
+- the fault loop reads uffd messages in batches, handles the
+  non-cooperative events (REMOVE, UNMAP, REMAP, FORK) at once, in order, and
+  serves the page faults of the batch;
+- the evictor keeps resident pages under the budget: write-protect victims,
+  read them (process_vm_readv, in a worker thread: on the fault-serving thread
+  it would deadlock on a userfault), store them, zap them.
+
+The kernel facts and race rules behind the code are in shared/DESIGN.md
+("Paging out", "Paging in").
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+
+from umgr import procmem, uffd as uffdmod
+from umgr.buffers import PageBuffer
+from umgr.errors import BackendError, BackendFull, TargetGone
+from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, PageTable, State, runs
+from umgr.uffd import ForkEvent, PageFault, RemapEvent, RemoveEvent, UnmapEvent
+
+log = logging.getLogger("umgr.target")
+
+REGISTER_MODE = uffdmod.UFFDIO_REGISTER_MODE_MISSING | uffdmod.UFFDIO_REGISTER_MODE_WP
+MAX_FILL_PAGES = 256      # pages brought in per fault batch (staging buffer)
+EVICT_BATCH = 512         # pages per eviction batch
+SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
+LATENCY_BUCKETS = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3, 20e-3, 100e-3)
+
+
+@dataclass
+class TargetStats:
+    faults_missing: int = 0
+    faults_wp: int = 0
+    faults_fresh: int = 0
+    faults_swapped: int = 0
+    pages_in: int = 0
+    pages_out: int = 0
+    prefetched: int = 0
+    zero_pages_out: int = 0
+    zap_batches: int = 0
+    zap_ranges: int = 0
+    own_removes: int = 0
+    app_removes: int = 0
+    unmaps: int = 0
+    remaps: int = 0
+    forks: int = 0
+    eviction_cancelled: int = 0
+    backend_errors: int = 0
+    peak_resident: int = 0
+    fault_latency: np.ndarray = field(default_factory=lambda: np.zeros(len(LATENCY_BUCKETS) + 1, np.int64))
+    fault_latency_sum: float = 0.0
+
+
+class Target:
+    def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, budget_pages: int,
+                 backend, prefetch, eviction, label: str, spin: float = SPIN_SECONDS):
+        self.pid = pid
+        self.uffd = uffd
+        self.pidfd = pidfd
+        self.budget_pages = budget_pages
+        self.backend = backend
+        self.prefetch = prefetch
+        self.eviction = eviction
+        self.label = label
+        self.spin = spin
+        self.pt = PageTable()
+        self.stats = TargetStats()
+        self.zapper = None              # set when the agent attaches (or remote zap)
+        self.gone = False
+        self.eviction_paused = ""       # why eviction cannot run now, "" if it can
+        self.command = read_cmdline(pid)
+        self.started = time.monotonic()
+        self._pending: list[PageFault] = []
+        self._own_zaps: list[tuple[int, int]] = []   # byte ranges of the zap in flight
+        self._fill = PageBuffer(MAX_FILL_PAGES)
+        self._zeros = PageBuffer(MAX_FILL_PAGES)
+        self._victims = PageBuffer(EVICT_BATCH)
+        self._evict_wanted = trio.Event()
+        self.fork_events: list[uffdmod.Userfaultfd] = []   # child uffds waiting for their pid
+
+    # ---- budget --------------------------------------------------------
+    @property
+    def high_water(self) -> int:
+        return self.budget_pages - max(self.budget_pages // 16, 16) if self.budget_pages else 0
+
+    @property
+    def low_water(self) -> int:
+        return self.budget_pages - max(self.budget_pages // 8, min(EVICT_BATCH, self.budget_pages // 2)) \
+            if self.budget_pages else 0
+
+    def over_budget(self) -> bool:
+        return bool(self.budget_pages) and self.pt.resident > self.high_water
+
+    def _note_resident(self) -> None:
+        resident = self.pt.resident
+        if resident > self.stats.peak_resident:
+            self.stats.peak_resident = resident
+        if self.over_budget():
+            self._evict_wanted.set()
+
+    def resident_vpns(self) -> np.ndarray:
+        return np.concatenate([r.vpn + np.flatnonzero(r.state == State.RESIDENT) for r in self.pt.regions]
+                              or [np.empty(0, np.int64)]).astype(np.int64)
+
+    def is_resident(self, vpns: np.ndarray) -> np.ndarray:
+        """For the eviction policy's compaction: vpns in any order."""
+        order = np.argsort(vpns, kind="stable")
+        live = np.empty(len(vpns), bool)
+        live[order] = self.pt.states(np.asarray(vpns)[order]) == State.RESIDENT
+        return live
+
+    # ---- regions -------------------------------------------------------
+    def register(self, start: int, length: int) -> bool:
+        """Register [start, start+length) in the target's mm and manage it.
+        Pages already present start RESIDENT (PAGEMAP_SCAN says which)."""
+        start_vpn, npages = start >> PAGE_SHIFT, length >> PAGE_SHIFT
+        if npages <= 0 or self.pt.covers(start_vpn, start_vpn + npages):
+            return True
+        try:
+            self.uffd.register(start, npages << PAGE_SHIFT, REGISTER_MODE)
+        except TargetGone:
+            raise
+        except OSError as exc:
+            log.debug("%s: cannot register %#x+%#x: %s", self.label, start, length, exc)
+            return False
+        present = self._present_pages(start_vpn, npages)
+        region, freed = self.pt.add(start_vpn, npages, present)
+        self.backend.slots.free(freed)
+        resident = np.flatnonzero(present) + start_vpn
+        if len(resident):
+            self.eviction.on_resident(resident.astype(np.int64))
+        self._note_resident()
+        return True
+
+    def _present_pages(self, start_vpn: int, npages: int) -> np.ndarray:
+        present = np.zeros(npages, bool)
+        ranges = procmem.pagemap_scan(self.pid, start_vpn << PAGE_SHIFT, (start_vpn + npages) << PAGE_SHIFT,
+                                      procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED,
+                                      procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED,
+                                      category_anyof=procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED)
+        for lo, hi, _ in ranges:
+            present[(lo >> PAGE_SHIFT) - start_vpn:(hi >> PAGE_SHIFT) - start_vpn] = True
+        return present
+
+    # ---- fault loop ----------------------------------------------------
+    async def fault_loop(self) -> None:
+        try:
+            while True:
+                if not self._drain():
+                    if self._pending:
+                        pass
+                    elif self._spin():
+                        continue
+                    else:
+                        await self.uffd.wait_readable()
+                        continue
+                if self._pending:
+                    await self._serve_pending()
+        except TargetGone:
+            self.gone = True
+
+    def _spin(self) -> bool:
+        """Busy-poll briefly: on a VM the wake-up of a sleeping daemon costs
+        more than serving the fault."""
+        deadline = time.perf_counter() + self.spin
+        while time.perf_counter() < deadline:
+            if self._drain():
+                return True
+        return False
+
+    def _drain(self) -> bool:
+        """Read every queued message: handle events now, queue faults.
+        True when anything was read."""
+        got = False
+        while True:
+            events = self.uffd.read_events(64)
+            if not events:
+                return got
+            got = True
+            for event in events:
+                if type(event) is PageFault:
+                    self._pending.append(event)
+                else:
+                    self._handle_event(event)
+
+    def _handle_event(self, event) -> None:
+        kind = type(event)
+        if kind is RemoveEvent:
+            self._on_remove(event.start, event.end)
+        elif kind is UnmapEvent:
+            self.stats.unmaps += 1
+            self.backend.slots.free(self.pt.remove(event.start >> PAGE_SHIFT, _page_up(event.end)))
+        elif kind is RemapEvent:
+            self._on_remap(event)
+        elif kind is ForkEvent:
+            self.stats.forks += 1
+            self.fork_events.append(uffdmod.Userfaultfd(event.fd))
+
+    def _on_remove(self, start: int, end: int) -> None:
+        if any(lo <= start and end <= hi for lo, hi in self._own_zaps):
+            self.stats.own_removes += 1
+            return
+        self.stats.app_removes += 1
+        # Pages whose zap is in flight stay ours: the zap is about to discard them.
+        freed = self.pt.discard(start >> PAGE_SHIFT, _page_up(end), keep=(State.ZAPPING,))
+        self.backend.slots.free(freed)
+
+    def _on_remap(self, event: RemapEvent) -> None:
+        self.stats.remaps += 1
+        npages = event.length >> PAGE_SHIFT
+        src, dst = event.src >> PAGE_SHIFT, event.dst >> PAGE_SHIFT
+        self.pt.move(src, dst, npages)
+        # An eviction batch in flight names the old addresses: the moved pages
+        # leave it and stay resident (a write to them unprotects them).
+        moved = np.arange(dst, dst + npages, dtype=np.int64)
+        states = self.pt.states(moved)
+        caught = moved[(states == State.EVICTING) | (states == State.ZAPPING)]
+        if len(caught):
+            self.backend.slots.free(self.pt.slots(caught)[self.pt.slots(caught) != NO_SLOT])
+            self.pt.set(caught, State.RESIDENT, NO_SLOT)
+            self.eviction.on_resident(caught)
+
+    async def _serve_pending(self) -> None:
+        started = time.perf_counter()
+        faults, self._pending = self._pending, []
+        missing: dict[int, bool] = {}
+        for fault in faults:
+            vpn = fault.address >> PAGE_SHIFT
+            if fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WP:
+                self.stats.faults_wp += 1
+                self._on_wp_fault(vpn)
+            else:
+                self.stats.faults_missing += 1
+                missing[vpn] = missing.get(vpn, False) or bool(fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WRITE)
+        if missing:
+            await self._serve_missing(missing)
+        elapsed = time.perf_counter() - started
+        self.stats.fault_latency[np.searchsorted(LATENCY_BUCKETS, elapsed)] += len(faults)
+        self.stats.fault_latency_sum += elapsed * len(faults)
+        self._note_resident()
+
+    def _on_wp_fault(self, vpn: int) -> None:
+        region = self.pt.find(vpn)
+        state = region.state[vpn - region.vpn] if region else State.UNMAPPED
+        if state == State.ZAPPING:
+            return  # never unprotect while the zap is in flight; woken after it
+        if state == State.EVICTING:
+            self.stats.eviction_cancelled += 1
+            self.pt.set_one(region, vpn - region.vpn, State.RESIDENT)
+            self.eviction.on_resident(np.array([vpn], np.int64))
+        # The write wins: unprotect (which wakes the writer).
+        self._retry_eagain(lambda: self.uffd.writeprotect(vpn << PAGE_SHIFT, PAGE_SIZE, False))
+
+    def _retry_eagain(self, ioctl) -> int:
+        """Run a range ioctl, reading queued events while it answers EAGAIN."""
+        while True:
+            outcome = ioctl()
+            err = outcome[1] if isinstance(outcome, tuple) else outcome
+            if err != errno.EAGAIN:
+                return err
+            self._drain()
+
+    async def _serve_missing(self, missing: dict[int, bool]) -> None:
+        fill: dict[int, int] = {}          # vpn -> slot (NO_SLOT: zeros)
+        writes = False
+        for vpn, is_write in sorted(missing.items()):
+            region = self.pt.find(vpn)
+            state = region.state[vpn - region.vpn] if region else State.UNMAPPED
+            if state in (State.FRESH, State.SWAPPED):
+                writes |= is_write
+                self._plan_fill(region, vpn, fill)
+            elif state == State.ZAPPING:
+                continue  # woken when its zap completes, then refaults
+            else:
+                # Resident in our books but absent (the kernel reclaimed a
+                # MADV_FREE page), being evicted, or unknown: zeros, as the
+                # kernel would. A COPY onto a present page is a harmless EEXIST.
+                mode = uffdmod.UFFDIO_COPY_MODE_WP if state == State.EVICTING else 0
+                self._retry_eagain(lambda: self.uffd.copy(vpn << PAGE_SHIFT, self._zeros.addr, PAGE_SIZE, mode))
+                self.uffd.wake(vpn << PAGE_SHIFT, PAGE_SIZE)
+        if fill:
+            await self._fill_pages(fill, writes, missing)
+
+    def _plan_fill(self, region, vpn: int, fill: dict[int, int]) -> None:
+        if len(fill) >= MAX_FILL_PAGES:
+            return
+        fill[vpn] = int(region.slot[vpn - region.vpn])
+        if region.state[vpn - region.vpn] == State.SWAPPED:
+            self.stats.faults_swapped += 1
+        else:
+            self.stats.faults_fresh += 1
+        if self.budget_pages and self.pt.resident + len(fill) >= self.budget_pages:
+            return  # no prefetch over budget: it would only be evicted again
+        extra = self.prefetch.on_fault(vpn, region.vpn, region.end)
+        if len(extra) == 0:
+            return
+        extra = extra[(extra >= region.vpn) & (extra < region.end)]
+        states = region.state[extra - region.vpn]
+        extra = extra[(states == State.FRESH) | (states == State.SWAPPED)]
+        for page in extra[: MAX_FILL_PAGES - len(fill)]:
+            page = int(page)
+            if page not in fill:
+                fill[page] = int(region.slot[page - region.vpn])
+                self.stats.prefetched += 1
+
+    async def _fill_pages(self, fill: dict[int, int], writes: bool, faulting: dict[int, bool]) -> None:
+        vpns = np.fromiter(sorted(fill), np.int64, len(fill))
+        slots = np.fromiter((fill[v] for v in vpns.tolist()), np.int32, len(fill))
+        swapped = slots != NO_SLOT
+        positions = np.arange(len(vpns))
+        if swapped.any():
+            await self.backend.read(slots[swapped], self._fill.addrs(positions[swapped]))
+        if not swapped.all():
+            self._fill.clear(positions[~swapped])
+        # Events read while we waited may have changed these pages: fill only
+        # those still as planned.
+        planned = np.where(swapped, State.SWAPPED, State.FRESH)
+        valid = (self.pt.states(vpns) == planned) & (self.pt.slots(vpns) == slots)
+        done = np.zeros(len(vpns), bool)
+        starts, lengths = runs(vpns)
+        offset = 0
+        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
+            seg = slice(offset, offset + run_len)
+            offset += run_len
+            if not valid[seg].all():
+                continue
+            only_zeros = not writes and not swapped[seg].any()
+            done[seg] = self._copy_run(run_vpn, run_len, seg.start, only_zeros)
+        filled = vpns[done]
+        if len(filled):
+            self.backend.slots.free(slots[done & swapped])
+            self.pt.set(filled, State.RESIDENT, NO_SLOT)
+            self.eviction.on_resident(filled)
+            self.stats.pages_in += int((done & swapped).sum())
+        # A faulting page we could not fill goes round again with fresh state.
+        for vpn in set(faulting) - set(filled.tolist()):
+            region = self.pt.find(vpn)
+            if region is not None and region.state[vpn - region.vpn] in (State.FRESH, State.SWAPPED):
+                self._pending.append(PageFault(vpn << PAGE_SHIFT, 0, 0))
+
+    def _copy_run(self, vpn: int, npages: int, position: int, only_zeros: bool) -> np.ndarray:
+        """UFFDIO_COPY (or ZEROPAGE) a run, page by page past EEXIST.
+        Returns which pages of the run are now in place."""
+        done = np.zeros(npages, bool)
+        i = 0
+        while i < npages:
+            dst = (vpn + i) << PAGE_SHIFT
+            length = (npages - i) << PAGE_SHIFT
+            if only_zeros:
+                copied, err = self.uffd.zeropage(dst, length)
+            else:
+                copied, err = self.uffd.copy(dst, self._fill.addr + ((position + i) << PAGE_SHIFT), length)
+            ok = max(copied, 0) >> PAGE_SHIFT
+            done[i:i + ok] = True
+            i += ok
+            if err == 0:
+                break
+            if err == errno.EAGAIN:
+                self._drain()
+                if ok == 0:
+                    continue
+            elif err == errno.EEXIST:
+                done[i] = True  # present already: the page is there, wake its waiters
+                self.uffd.wake((vpn + i) << PAGE_SHIFT, PAGE_SIZE)
+                i += 1
+            else:  # ENOENT: the range went away; its UNMAP event follows
+                self.uffd.wake(dst, length)
+                break
+        return done
+
+    # ---- eviction ------------------------------------------------------
+    async def evictor(self) -> None:
+        try:
+            while True:
+                await self._evict_wanted.wait()
+                self._evict_wanted = trio.Event()
+                while self.over_budget() and self.zapper is not None and not self.eviction_paused:
+                    if not await self.evict_batch():
+                        break
+                    await trio.sleep(0)
+        except TargetGone:
+            self.gone = True
+
+    def _choose_victims(self) -> np.ndarray:
+        want = min(EVICT_BATCH, self.pt.resident - self.low_water)
+        chosen: list[np.ndarray] = []
+        count = 0
+        for _ in range(8):
+            if count >= want or len(self.eviction) == 0:
+                break
+            candidates = np.unique(self.eviction.choose(want - count))
+            candidates = candidates[self.pt.states(candidates) == State.RESIDENT]
+            chosen.append(candidates)
+            count += len(candidates)
+        if not chosen:
+            return np.empty(0, np.int64)
+        return np.unique(np.concatenate(chosen))[:EVICT_BATCH]
+
+    async def evict_batch(self) -> bool:
+        """One batch: WP -> read -> store -> zap. False when nothing could go."""
+        vpns = self._choose_victims()
+        if len(vpns) == 0:
+            return False
+        self.pt.set(vpns, State.EVICTING)
+        starts, lengths = runs(vpns)
+        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
+            err = await self._writeprotect(run_vpn, run_len, True)
+            if err:  # ENOENT: unmapped meanwhile; the UNMAP event drops them
+                self._release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
+        nbytes = await trio.to_thread.run_sync(
+            procmem.process_vm_readv, self.pid, self._victims.addr,
+            (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64))
+        nread = nbytes >> PAGE_SHIFT
+        if nread < len(vpns):
+            # The page at vpns[nread] cannot be read back: never evict it.
+            log.info("%s: page %#x cannot be read; pinned", self.label, int(vpns[nread]) << PAGE_SHIFT)
+            await self._unprotect(vpns[nread:])
+            self.pt.set(vpns[nread:nread + 1], State.PINNED)
+            vpns = vpns[:nread]
+        zero = self._victims.zero_pages(len(vpns))
+        live = self.pt.states(vpns) == State.EVICTING
+        store = live & ~zero
+        try:
+            slots = self.backend.slots.alloc(int(store.sum()))
+        except BackendFull as exc:
+            await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
+            return False
+        try:
+            await self.backend.write(slots, self._victims.addrs(np.flatnonzero(store)))
+        except BackendError as exc:
+            self.backend.slots.free(slots)
+            self.stats.backend_errors += 1
+            await self._abort(vpns, f"backend error ({exc}); pages stay resident")
+            return False
+        page_slots = np.full(len(vpns), NO_SLOT, np.int32)
+        page_slots[store] = slots
+        # Pages that were written to (WP fault), discarded or unmapped while
+        # their copy was in flight have left EVICTING: their copy is dropped.
+        still = self.pt.states(vpns) == State.EVICTING
+        self.backend.slots.free(page_slots[~still & store])
+        vpns, page_slots, zero = vpns[still], page_slots[still], zero[still]
+        if len(vpns) == 0:
+            return True
+        self.pt.set(vpns, State.ZAPPING, page_slots)
+        await self._zap(vpns)
+        self.stats.zero_pages_out += int(zero.sum())
+        return True
+
+    async def _zap(self, vpns: np.ndarray) -> None:
+        starts, lengths = runs(vpns)
+        byte_starts, byte_lengths = starts << PAGE_SHIFT, lengths << PAGE_SHIFT
+        self._own_zaps = list(zip(byte_starts.tolist(), (byte_starts + byte_lengths).tolist()))
+        try:
+            zapped = await self.zapper.zap(byte_starts.astype(np.uint64), byte_lengths.astype(np.uint64))
+        finally:
+            self._own_zaps = []
+        nzapped = zapped >> PAGE_SHIFT
+        done, failed = vpns[:nzapped], vpns[nzapped:]
+        # Only pages still ZAPPING are ours to settle: an UNMAP or REMAP in
+        # between has dealt with the others (and their slots).
+        done = done[self.pt.states(done) == State.ZAPPING]
+        slots = self.pt.slots(done)
+        self.pt.set(done[slots == NO_SLOT], State.FRESH)
+        self.pt.set(done[slots != NO_SLOT], State.SWAPPED)
+        self.stats.pages_out += len(done)
+        self.stats.zap_batches += 1
+        self.stats.zap_ranges += len(starts)
+        if len(failed):
+            log.warning("%s: zap stopped after %d of %d pages", self.label, nzapped, len(vpns))
+            failed = failed[self.pt.states(failed) == State.ZAPPING]
+            self._release(failed, State.ZAPPING)
+            await self._unprotect(failed)
+        # Writers blocked on a WP fault during the zap retry now: a MISSING
+        # fault, served from the copy.
+        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
+            self.uffd.wake(run_vpn << PAGE_SHIFT, run_len << PAGE_SHIFT)
+
+    def _release(self, vpns: np.ndarray, from_state: int) -> None:
+        """Pages leave an eviction batch and are resident again."""
+        vpns = np.asarray(vpns, np.int64)
+        vpns = vpns[self.pt.states(vpns) == from_state]
+        slots = self.pt.slots(vpns)
+        self.backend.slots.free(slots[slots != NO_SLOT])
+        self.pt.set(vpns, State.RESIDENT, NO_SLOT)
+        self.eviction.on_resident(vpns)
+
+    async def _abort(self, vpns: np.ndarray, why: str) -> None:
+        if why != self.eviction_paused:
+            log.warning("%s: %s", self.label, why)
+        self.eviction_paused = why
+        self._release(vpns, State.EVICTING)
+        await self._unprotect(vpns)
+
+    def resume_eviction(self) -> None:
+        """Slots were freed or the backend recovered: try again."""
+        if self.eviction_paused:
+            self.eviction_paused = ""
+            self._note_resident()
+
+    async def _unprotect(self, vpns: np.ndarray) -> None:
+        starts, lengths = runs(np.asarray(vpns, np.int64))
+        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
+            await self._writeprotect(run_vpn, run_len, False)
+
+    async def _writeprotect(self, vpn: int, npages: int, protect: bool) -> int:
+        while True:
+            err = self.uffd.writeprotect(vpn << PAGE_SHIFT, npages << PAGE_SHIFT, protect)
+            if err != errno.EAGAIN:
+                return err
+            # A non-cooperative event is queued: the fault loop reads it.
+            await trio.sleep(0)
+
+    # ---- teardown ------------------------------------------------------
+    def release_all(self) -> None:
+        """The target's mm is gone: free every slot and descriptor."""
+        self.gone = True
+        self.backend.slots.free(self.pt.clear())
+        for child in self.fork_events:
+            child.close()
+        self.fork_events.clear()
+        self.uffd.close()
+        if self.zapper is not None:
+            self.zapper.close()
+        for buf in (self._fill, self._zeros, self._victims):
+            buf.close()
+
+    def snapshot(self) -> dict:
+        s = self.stats
+        return {
+            "pid": self.pid,
+            "command": self.command,
+            "budget_bytes": self.budget_pages * PAGE_SIZE,
+            "resident_bytes": self.pt.resident * PAGE_SIZE,
+            "swapped_bytes": self.pt.swapped * PAGE_SIZE,
+            "managed_bytes": self.pt.managed * PAGE_SIZE,
+            "peak_resident_bytes": s.peak_resident * PAGE_SIZE,
+            "faults": s.faults_missing + s.faults_wp,
+            "faults_missing": s.faults_missing,
+            "faults_wp": s.faults_wp,
+            "pages_in": s.pages_in,
+            "pages_out": s.pages_out,
+            "prefetched": s.prefetched,
+            "zero_pages_out": s.zero_pages_out,
+            "zap_batches": s.zap_batches,
+            "zap_ranges": s.zap_ranges,
+            "app_removes": s.app_removes,
+            "unmaps": s.unmaps,
+            "remaps": s.remaps,
+            "forks": s.forks,
+            "eviction_paused": self.eviction_paused,
+            "uptime_seconds": time.monotonic() - self.started,
+        }
+
+
+def _page_up(addr: int) -> int:
+    return (addr + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+def read_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"

@@ -1,0 +1,77 @@
+"""Zapping evicted pages out of a target.
+
+Upstream kernels refuse process_madvise(MADV_DONTNEED) on another process
+(only WILLNEED, COLD, PAGEOUT, COLLAPSE are allowed remotely), so by default
+the shim's agent thread zaps for the daemon: since 6.13 a process may apply
+any advice to itself. Where `umgr doctor` finds that the kernel accepts the
+remote call (a patched kernel), the daemon zaps directly.
+
+Either way each range of a zap becomes one UFFD_EVENT_REMOVE that the zapping
+thread waits on until the daemon reads it: callers pass contiguous runs.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+
+import numpy as np
+import trio
+
+from umgr import procmem, protocol
+from umgr.errors import TargetGone
+
+MADV_DONTNEED = 4
+
+
+class AgentZapper:
+    """Sends ZAP requests to the shim's agent thread over its socket."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self._seq = 0
+        self._lock = trio.Lock()
+
+    async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
+        """Zap the ranges; returns the bytes zapped from the start of the list
+        (less than the total only if the kernel stopped early)."""
+        done = 0
+        async with self._lock:
+            for i in range(0, len(starts), protocol.ZAP_MAX_RANGES):
+                chunk = slice(i, i + protocol.ZAP_MAX_RANGES)
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                try:
+                    await self.sock.send(protocol.encode_zap(self._seq, starts[chunk], lengths[chunk]))
+                    reply = await self.sock.recv(64)
+                except OSError as exc:
+                    raise TargetGone(f"agent connection lost: {exc}") from exc
+                if not reply:
+                    raise TargetGone("agent connection closed")
+                result = protocol.decode_zap_done(reply)
+                if result.seq != self._seq:
+                    raise protocol.ProtocolError(f"agent answered zap {result.seq}, expected {self._seq}")
+                done += result.bytes
+                if result.error or result.bytes < int(lengths[chunk].sum()):
+                    if result.error == errno.ESRCH:
+                        raise TargetGone("agent: target gone")
+                    break
+        return done
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RemoteZapper:
+    """process_madvise(pidfd, MADV_DONTNEED) from the daemon, on kernels that allow it."""
+
+    def __init__(self, pidfd: int):
+        self.pidfd = pidfd
+
+    async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
+        # Blocks until the daemon has read each REMOVE event: off the trio thread.
+        return await trio.to_thread.run_sync(
+            procmem.process_madvise, self.pidfd, starts.astype(np.uint64), lengths.astype(np.uint64),
+            MADV_DONTNEED)
+
+    def close(self) -> None:
+        pass
