@@ -123,8 +123,8 @@ class Daemon:
             if hello.pid != pid:
                 raise protocol.ProtocolError(f"HELLO claims pid {hello.pid}, peer is pid {pid}")
             target = await self._attach(hello, fds, conn)
-            fds = []
-            await self._control_loop(target, conn)
+            if target is not None:
+                await self._control_loop(target, conn)
         except (protocol.ProtocolError, UmgrError, OSError) as exc:
             self.rejected_connections += 1
             log.warning("control: pid %d: %s; dropping connection", pid, exc)
@@ -162,18 +162,20 @@ class Daemon:
     # ---- targets -------------------------------------------------------------
     async def _attach(self, hello: protocol.Hello, fds: list[int], conn) -> Target:
         if len(fds) == 1:
-            return await self._attach_child(hello, fds)
+            return await self._attach_child(hello, fds, conn)
         if len(fds) != 2:
             raise protocol.ProtocolError(f"HELLO must carry 2 descriptors (agent socket, uffd), got {len(fds)}")
         agent_fd, uffd_fd = fds
         _require_uffd(uffd_fd)
         _require_socket(agent_fd)
         uffd = uffdmod.Userfaultfd(uffd_fd)
+        fds.remove(uffd_fd)  # owned by `uffd` now
         try:
             features = uffd.api(API_FEATURES)
         except OSError as exc:
             uffd.close()
             raise protocol.ProtocolError(f"UFFDIO_API on the received uffd failed: {exc}") from exc
+        fds.remove(agent_fd)
         old = self.targets.get(hello.pid)
         if old is not None:  # the program exec'd and its new shim says hello
             old.gone = True
@@ -279,8 +281,11 @@ class Daemon:
     def _adopt_child(self, parent: Target, child_pid: int) -> int:
         """The parent reports a child: pair it with the oldest fork event."""
         if not parent.fork_events:
-            log.warning("%s: FORKED %d with no fork event; child unmanaged", parent.label, child_pid)
+            # No registered range at fork time: the kernel sends no fork
+            # event, and the child's shim attaches with a uffd of its own.
+            self._fork_reported(child_pid)
             return errno.ENOENT
+        self._fork_reported(child_pid)
         uffd = parent.fork_events.pop(0)
         try:
             pidfd = procmem.pidfd_open(child_pid)
@@ -290,25 +295,28 @@ class Daemon:
         child = self._new_target(child_pid, uffd, pidfd, parent.budget_pages << PAGE_SHIFT, parent.prefetch.name)
         _inherit_pages(parent, child)
         self._start(child)
-        event = self._children_waiting.pop(child_pid, None)
-        if event:
-            event.set()
         log.info("%s: forked %s", parent.label, child.label)
         return 0
 
-    async def _attach_child(self, hello: protocol.Hello, fds: list[int]) -> Target:
+    def _fork_reported(self, child_pid: int) -> None:
+        self._children_waiting.setdefault(child_pid, trio.Event()).set()
+
+    async def _attach_child(self, hello: protocol.Hello, fds: list[int], conn) -> Target | None:
         """A forked child's shim brings its agent socket; its uffd came with
-        the fork event."""
+        the fork event, which its parent reports (FORKED) right after fork.
+        Without one, the child is told to attach with a uffd of its own."""
         _require_socket(fds[0])
-        if hello.pid not in self.targets:
-            event = self._children_waiting.setdefault(hello.pid, trio.Event())
-            with trio.move_on_after(CHILD_HELLO_WAIT):
-                await event.wait()
+        with trio.move_on_after(CHILD_HELLO_WAIT):
+            await self._children_waiting.setdefault(hello.pid, trio.Event()).wait()
+        self._children_waiting.pop(hello.pid, None)
         target = self.targets.get(hello.pid)
         if target is None or target.zapper is not None:
-            raise protocol.ProtocolError("child HELLO without a matching fork")
-        target.zapper = self._zapper(target, fds[0])
+            os.close(fds.pop())
+            await conn.send(protocol.encode_hello_ack(errno.ENOENT, self.config.zap_mode, 0))
+            return None
+        target.zapper = self._zapper(target, fds.pop())
         target.command = read_cmdline(hello.pid)
+        await conn.send(protocol.encode_hello_ack(0, self.config.zap_mode, target.uffd.features))
         return target
 
     # ---- status ------------------------------------------------------------------

@@ -86,6 +86,7 @@ class Target:
         self._zeros = PageBuffer(MAX_FILL_PAGES)
         self._victims = PageBuffer(EVICT_BATCH)
         self._evict_wanted = trio.Event()
+        self._waiting: trio.CancelScope | None = None   # fault loop waiting for eviction
         self.fork_events: list[uffdmod.Userfaultfd] = []   # child uffds waiting for their pid
 
     # ---- budget --------------------------------------------------------
@@ -144,10 +145,10 @@ class Target:
 
     def _present_pages(self, start_vpn: int, npages: int) -> np.ndarray:
         present = np.zeros(npages, bool)
+        # category_mask requires every bit; anyof is "present or (kernel-)swapped".
+        in_memory = procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED
         ranges = procmem.pagemap_scan(self.pid, start_vpn << PAGE_SHIFT, (start_vpn + npages) << PAGE_SHIFT,
-                                      procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED,
-                                      procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED,
-                                      category_anyof=procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED)
+                                      0, in_memory, category_anyof=in_memory)
         for lo, hi, _ in ranges:
             present[(lo >> PAGE_SHIFT) - start_vpn:(hi >> PAGE_SHIFT) - start_vpn] = True
         return present
@@ -211,6 +212,7 @@ class Target:
             self.stats.own_removes += 1
             return
         self.stats.app_removes += 1
+        log.debug("%s: app discarded %#x-%#x", self.label, start, end)
         # Pages whose zap is in flight stay ours: the zap is about to discard them.
         freed = self.pt.discard(start >> PAGE_SHIFT, _page_up(end), keep=(State.ZAPPING,))
         self.backend.slots.free(freed)
@@ -230,7 +232,22 @@ class Target:
             self.pt.set(caught, State.RESIDENT, NO_SLOT)
             self.eviction.on_resident(caught)
 
+    def _must_wait_for_eviction(self) -> bool:
+        return (bool(self.budget_pages) and self.pt.resident >= self.budget_pages
+                and self.zapper is not None and not self.eviction_paused)
+
+    async def _backpressure(self) -> None:
+        """At the budget, new pages wait for the evictor. Events are read
+        meanwhile: the evictor's own zap waits on its REMOVE events."""
+        while self._must_wait_for_eviction():
+            self._evict_wanted.set()
+            with trio.move_on_after(0.005) as self._waiting:
+                await self.uffd.wait_readable()
+            self._waiting = None
+            self._drain()
+
     async def _serve_pending(self) -> None:
+        await self._backpressure()
         started = time.perf_counter()
         faults, self._pending = self._pending, []
         missing: dict[int, bool] = {}
@@ -473,6 +490,8 @@ class Target:
         self.pt.set(done[slots == NO_SLOT], State.FRESH)
         self.pt.set(done[slots != NO_SLOT], State.SWAPPED)
         self.stats.pages_out += len(done)
+        if self._waiting is not None:
+            self._waiting.cancel()
         self.stats.zap_batches += 1
         self.stats.zap_ranges += len(starts)
         if len(failed):

@@ -345,6 +345,13 @@ static int attach(const char *path, int with_uffd)
     failed = "hello acknowledgement";
     if (recv_exact_type(ctl, &ack, sizeof ack, UMGR_HELLO_ACK) != sizeof ack)
         goto fail;
+    if (ack.status == ENOENT && !with_uffd) {
+        /* No fork event for us (the parent had nothing registered): attach
+         * like a new process. */
+        int leftovers[2] = {ctl, pair[0]};
+        close_all(leftovers, 2);
+        return attach(path, 1);
+    }
     if (ack.status != 0) {
         errno = ack.status;
         failed = "daemon refused";

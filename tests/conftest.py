@@ -1,0 +1,110 @@
+"""Shared fixtures: test programs compiled from tests/programs, `umgr exec`
+runs, and a standalone daemon. Everything runs against the real kernel."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+PROGRAMS = HERE / "programs"
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="session")
+def programs(tmp_path_factory) -> dict[str, str]:
+    """Every tests/programs/*.c compiled once: name -> executable path."""
+    out = tmp_path_factory.mktemp("programs")
+    built = {}
+    for source in sorted(PROGRAMS.glob("*.c")):
+        exe = out / source.stem
+        subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", str(exe), str(source)], check=True)
+        built[source.stem] = str(exe)
+    return built
+
+
+@pytest.fixture(scope="session")
+def shim() -> str:
+    from umgr.cli import shim_path
+    return shim_path()
+
+
+@dataclass
+class ExecResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    stats: dict
+
+
+@pytest.fixture
+def umgr_exec(tmp_path):
+    """Run `umgr exec OPTIONS -- PROGRAM...` and return its outcome and figures."""
+    def run(program: list[str], *options: str, max_resident: str = "16M", timeout: float = 240,
+            stdin: bytes | None = None) -> ExecResult:
+        stats_file = tmp_path / f"stats-{time.monotonic_ns()}.json"
+        cmd = [sys.executable, "-m", "umgr", "exec", "--max-resident", max_resident,
+               "--stats-json", str(stats_file), "--swap-size", "1G", *options, "--", *program]
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout)
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        return ExecResult(proc.returncode, proc.stdout.decode(errors="replace"),
+                          proc.stderr.decode(errors="replace"), stats)
+    return run
+
+
+class DaemonProcess:
+    def __init__(self, tmp_path: Path, *options: str):
+        self.socket = str(tmp_path / "umgr.sock")
+        self.log_path = tmp_path / "daemon.log"
+        self._log = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", "umgr", "daemon", "-v", "--socket", self.socket, "--swap-size", "1G", *options]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {self.log()}")
+            time.sleep(0.02)
+
+    def env(self, shim: str, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, LD_PRELOAD=shim, UMGR_SOCKET=self.socket)
+        env.update(extra)
+        return env
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A standalone `umgr daemon` with a 16 MiB budget per target."""
+    d = DaemonProcess(tmp_path, "--max-resident", "16M")
+    yield d
+    d.stop()
+
+
+def vm_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise ValueError("no VmRSS")
