@@ -18,6 +18,7 @@ import numpy as np
 from umgr.slots import SlotAllocator
 
 PAGE_SIZE = 4096
+IO_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 200e-3, 1.0)
 
 
 class Backend:
@@ -28,7 +29,8 @@ class Backend:
         self.pages_written = 0
         self.pages_read = 0
         self.errors = 0
-        self.io_seconds: list[float] = []  # drained by the metrics collector
+        self.io_latency = np.zeros(len(IO_BUCKETS) + 1, np.int64)  # batches per bucket
+        self.io_seconds = 0.0
 
     async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         raise NotImplementedError
@@ -40,8 +42,9 @@ class Backend:
         pass
 
     def _timed(self, started: float) -> None:
-        if len(self.io_seconds) < 100_000:
-            self.io_seconds.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.io_latency[np.searchsorted(IO_BUCKETS, elapsed)] += 1
+        self.io_seconds += elapsed
 
     def statistics(self) -> dict:
         return {
