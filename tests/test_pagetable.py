@@ -1,0 +1,94 @@
+"""Pure logic: the page table and the slot allocator (fast, no kernel)."""
+import numpy as np
+import pytest
+
+from umgr.errors import BackendFull
+from umgr.pagetable import NO_SLOT, PageTable, State, runs
+from umgr.slots import SlotAllocator
+
+
+def table_with(vpn=100, npages=10, present=None):
+    pt = PageTable()
+    pt.add(vpn, npages, present)
+    return pt
+
+
+def test_add_counts_present_pages_resident():
+    present = np.zeros(10, bool)
+    present[[1, 2, 7]] = True
+    pt = table_with(present=present)
+    assert pt.resident == 3 and pt.managed == 10
+    assert list(pt.states(np.arange(100, 103))) == [State.FRESH, State.RESIDENT, State.RESIDENT]
+
+
+def test_set_and_counts_follow_transitions():
+    pt = table_with()
+    vpns = np.arange(102, 106)
+    pt.set(vpns, State.RESIDENT)
+    assert pt.resident == 4
+    pt.set(vpns[:2], State.SWAPPED, np.array([7, 8], np.int32))
+    assert pt.resident == 2 and pt.swapped == 2
+    assert list(pt.slots(vpns)) == [7, 8, NO_SLOT, NO_SLOT]
+
+
+def test_remove_splits_region_and_returns_slots():
+    pt = table_with()
+    pt.set(np.arange(103, 106), State.SWAPPED, np.array([1, 2, 3], np.int32))
+    freed = pt.remove(104, 105)
+    assert list(freed) == [2]
+    assert [(r.vpn, r.npages) for r in pt.regions] == [(100, 4), (105, 5)]
+    assert pt.swapped == 2
+    assert pt.states(np.array([104]))[0] == State.UNMAPPED
+
+
+def test_discard_is_idempotent_and_keeps_zapping_pages():
+    pt = table_with()
+    pt.set(np.array([100, 101]), State.SWAPPED, np.array([5, 6], np.int32))
+    pt.set(np.array([102]), State.ZAPPING, np.array([9], np.int32))
+    assert sorted(pt.discard(100, 110, keep=(State.ZAPPING,))) == [5, 6]
+    assert len(pt.discard(100, 110, keep=(State.ZAPPING,))) == 0
+    assert pt.states(np.array([100, 102])).tolist() == [State.FRESH, State.ZAPPING]
+    assert pt.slots(np.array([102]))[0] == 9
+
+
+def test_move_carries_states_and_slots():
+    pt = table_with()
+    pt.set(np.array([101]), State.SWAPPED, np.array([4], np.int32))
+    pt.set(np.array([102]), State.RESIDENT)
+    pt.move(100, 500, 10)
+    assert pt.states(np.array([101, 501, 502])).tolist() == [State.UNMAPPED, State.SWAPPED, State.RESIDENT]
+    assert pt.slots(np.array([501]))[0] == 4
+    assert pt.resident == 1 and pt.swapped == 1
+
+
+def test_copy_is_independent():
+    pt = table_with()
+    child = pt.copy()
+    child.set(np.array([100]), State.RESIDENT)
+    assert pt.resident == 0 and child.resident == 1
+
+
+def test_runs():
+    starts, lengths = runs(np.array([1, 2, 3, 7, 9, 10]))
+    assert starts.tolist() == [1, 7, 9] and lengths.tolist() == [3, 1, 2]
+
+
+def test_slots_alloc_contiguous_and_refcounted():
+    slots = SlotAllocator(8)
+    a = slots.alloc(3)
+    assert a.tolist() == [0, 1, 2]
+    slots.incref(a[:1])
+    slots.free(a)
+    assert slots.used == 1          # slot 0 still has a reference
+    slots.free(a[:1])
+    assert slots.used == 0
+    with pytest.raises(ValueError):
+        slots.free(a[:1])
+
+
+def test_slots_full_allocates_nothing():
+    slots = SlotAllocator(4)
+    slots.alloc(3)
+    with pytest.raises(BackendFull):
+        slots.alloc(2)
+    assert slots.used == 3
