@@ -95,35 +95,50 @@ def iovec_array(buffers) -> np.ndarray:
     return out
 
 
-def _column(name, value, dtype, n):
-    """A contiguous column of ``n`` rows; integers wrap (offset -1 is 2**64-1)."""
+_U64 = (1 << 64) - 1
+_COLUMNS = (("op", np.uint8), ("fd", np.int32), ("addr", np.uint64),
+            ("length", np.uint32), ("offset", np.uint64), ("buf_index", np.uint16))
+
+
+def _as_column(name, value, dtype, n):
+    """A contiguous copy of ``value`` (scalar broadcast to ``n`` rows) as ``dtype``."""
+    out = np.empty(n, dtype=dtype)
+    if isinstance(value, (int, np.integer)):
+        value = int(value)
+        if dtype is np.uint64:
+            value &= _U64  # offset -1 means the file position: 2**64-1
+        try:
+            out.fill(value)
+        except OverflowError:
+            raise ValueError(f"Batch.{name}: {value} does not fit {np.dtype(dtype)}") from None
+        return out
     a = np.asarray(value)
     if a.dtype.kind not in "iub" and a.size:
         raise TypeError(f"Batch.{name}: integers expected, got dtype {a.dtype}")
-    if a.ndim == 0:
-        out = np.empty(n, dtype=dtype)
-        np.copyto(out, a, casting="unsafe")
-        return out
-    return a.astype(dtype, order="C", casting="unsafe", copy=True)  # never the caller's
+    np.copyto(out, a, casting="unsafe")  # wraps like C: offset -1 -> 2**64-1
+    return out
 
 
 class Batch:
     """Column-oriented I/O requests: one row per SQE.
 
     Each column is a scalar (broadcast to every row) or a 1-d array; all
-    arrays must have the same length.  Offsets are file offsets (uint64; -1
-    means the file position, as for read(2)).  ``keepalive`` holds whatever
-    owns the memory the addresses point into, so that a cancelled caller's
-    buffers stay alive while the kernel may still write them.
+    arrays must have the same length.  The columns are copied, so changing the
+    arrays afterwards does not affect the batch.  Offsets are file offsets
+    (uint64; -1 means the file position, as for read(2)).  ``keepalive``
+    holds whatever owns the memory the addresses point into, so that a
+    cancelled caller's buffers stay alive while the kernel may still write
+    them.
     """
 
     __slots__ = ("op", "fd", "addr", "length", "offset", "buf_index", "keepalive", "_n")
 
     def __init__(self, op, fd, addr, length, offset, buf_index=0, *, keepalive=None):
         cols = (op, fd, addr, length, offset, buf_index)
-        names = ("op", "fd", "addr", "length", "offset", "buf_index")
         n = None
-        for name, c in zip(names, cols):
+        for (name, _), c in zip(_COLUMNS, cols):
+            if isinstance(c, (int, np.integer)):
+                continue
             shape = np.shape(c)
             if len(shape) > 1:
                 raise ValueError(f"Batch.{name}: scalar or 1-d array expected")
@@ -134,15 +149,15 @@ class Batch:
         n = 1 if n is None else n
         if n >= _MAX_ROWS:
             raise ValueError(f"Batch: at most {_MAX_ROWS - 1} rows")
-        ops = _column("op", op, np.int64, n)
-        if n and (ops.min() < 0 or ops.max() >= lib.UMGR_OP_COUNT):
-            raise ValueError("Batch.op: unknown operation")
-        self.op = ops.astype(np.uint8)
-        self.fd = _column("fd", fd, np.int32, n)
-        self.offset = _column("offset", offset, np.uint64, n)
-        self.addr = _column("addr", addr, np.uint64, n)
-        self.length = _column("length", length, np.uint32, n)
-        self.buf_index = _column("buf_index", buf_index, np.uint16, n)
+        if isinstance(op, (int, np.integer)):
+            if not 0 <= op < lib.UMGR_OP_COUNT:
+                raise ValueError(f"Batch.op: unknown operation {op}")
+        else:
+            ops = np.asarray(op)
+            if ops.size and (ops.min() < 0 or ops.max() >= lib.UMGR_OP_COUNT):
+                raise ValueError("Batch.op: unknown operation")
+        for (name, dtype), c in zip(_COLUMNS, cols):
+            setattr(self, name, _as_column(name, c, dtype, n))
         self.keepalive = keepalive
         self._n = n
 
