@@ -30,7 +30,8 @@ Concurrency scheme (one trio run, many tasks, one Ring):
 - A cancelled caller's rows that are already in the kernel stay recorded
   (with the batch, so its buffers stay referenced) until their CQEs arrive;
   their user_data values are never reused before that.  Rows not yet
-  submitted are dropped.
+  submitted are dropped.  Those late CQEs are reaped by the next caller, or
+  by close(), which waits for everything still in the kernel.
 
 The Ring is not thread-safe: use it from one thread (one trio run, or plain
 blocking calls to :meth:`Ring.submit_and_wait_sync`).
@@ -273,6 +274,11 @@ class Ring:
             lib.io_uring_queue_exit(self._ring)
             self._fixed = None
             self._wake()
+
+    def __del__(self):
+        # Without this an unclosed Ring leaks its io_uring fd and pinned buffers.
+        if not getattr(self, "_closed", True):
+            self.close()
 
     def __enter__(self):
         return self
