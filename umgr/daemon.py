@@ -178,7 +178,7 @@ class Daemon:
         fds.remove(agent_fd)
         old = self.targets.get(hello.pid)
         if old is not None:  # the program exec'd and its new shim says hello
-            old.gone = True
+            old.stop()
             await self._wait_released(hello.pid)
         pidfd = procmem.pidfd_open(hello.pid)
         target = self._new_target(hello.pid, uffd, pidfd, hello.max_resident, hello.policy)
@@ -223,6 +223,8 @@ class Daemon:
 
     async def _run_target(self, target: Target) -> None:
         async with trio.open_nursery() as nursery:
+            target.cancel_scope = nursery.cancel_scope
+
             async def until_gone(fn):
                 try:
                     await fn()

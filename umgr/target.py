@@ -88,6 +88,7 @@ class Target:
         self._evict_wanted = trio.Event()
         self._waiting: trio.CancelScope | None = None   # fault loop waiting for eviction
         self.fork_events: list[uffdmod.Userfaultfd] = []   # child uffds waiting for their pid
+        self.cancel_scope: trio.CancelScope | None = None   # set by the daemon while running
 
     # ---- budget --------------------------------------------------------
     @property
@@ -236,35 +237,60 @@ class Target:
         return (bool(self.budget_pages) and self.pt.resident >= self.budget_pages
                 and self.zapper is not None and not self.eviction_paused)
 
-    async def _backpressure(self) -> None:
-        """At the budget, new pages wait for the evictor. Events are read
-        meanwhile: the evictor's own zap waits on its REMOVE events."""
+    async def _backpressure(self, fills: dict[int, bool]) -> None:
+        """At the budget, new pages wait for the evictor. Meanwhile events
+        are read (the evictor's zap waits on its REMOVE events) and every
+        fault that adds no page is served: the evictor's own
+        process_vm_readv may be waiting on one."""
         while self._must_wait_for_eviction():
             self._evict_wanted.set()
             with trio.move_on_after(0.005) as self._waiting:
                 await self.uffd.wait_readable()
             self._waiting = None
             self._drain()
+            faults, self._pending = self._pending, []
+            for vpn, is_write in self._triage(faults).items():
+                fills[vpn] = fills.get(vpn, False) or is_write
 
     async def _serve_pending(self) -> None:
-        await self._backpressure()
         started = time.perf_counter()
         faults, self._pending = self._pending, []
-        missing: dict[int, bool] = {}
+        fills = self._triage(faults)
+        if fills:
+            await self._backpressure(fills)
+            await self._serve_fills(fills)
+        elapsed = time.perf_counter() - started
+        self.stats.fault_latency[np.searchsorted(LATENCY_BUCKETS, elapsed)] += len(faults)
+        self.stats.fault_latency_sum += elapsed * len(faults)
+        self._note_resident()
+
+    def _triage(self, faults: list[PageFault]) -> dict[int, bool]:
+        """Serve at once the faults that bring in no content (WP faults,
+        pages believed resident or being evicted); return the others as
+        {vpn: is_write}, de-duplicated."""
+        fills: dict[int, bool] = {}
         for fault in faults:
             vpn = fault.address >> PAGE_SHIFT
             if fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WP:
                 self.stats.faults_wp += 1
                 self._on_wp_fault(vpn)
-            else:
-                self.stats.faults_missing += 1
-                missing[vpn] = missing.get(vpn, False) or bool(fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WRITE)
-        if missing:
-            await self._serve_missing(missing)
-        elapsed = time.perf_counter() - started
-        self.stats.fault_latency[np.searchsorted(LATENCY_BUCKETS, elapsed)] += len(faults)
-        self.stats.fault_latency_sum += elapsed * len(faults)
-        self._note_resident()
+                continue
+            self.stats.faults_missing += 1
+            region = self.pt.find(vpn)
+            state = region.state[vpn - region.vpn] if region else State.UNMAPPED
+            if state in (State.FRESH, State.SWAPPED):
+                fills[vpn] = fills.get(vpn, False) or bool(fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WRITE)
+            elif state != State.ZAPPING:  # ZAPPING: woken when its zap completes, then refaults
+                self._serve_absent(vpn, state)
+        return fills
+
+    def _serve_absent(self, vpn: int, state: int) -> None:
+        """A page believed resident (the kernel reclaimed a MADV_FREE page),
+        being evicted, or unknown is absent: zeros, as the kernel would give.
+        A COPY onto a page that is present after all is a harmless EEXIST."""
+        mode = uffdmod.UFFDIO_COPY_MODE_WP if state == State.EVICTING else 0
+        self._retry_eagain(lambda: self.uffd.copy(vpn << PAGE_SHIFT, self._zeros.addr, PAGE_SIZE, mode))
+        self.uffd.wake(vpn << PAGE_SHIFT, PAGE_SIZE)
 
     def _on_wp_fault(self, vpn: int) -> None:
         region = self.pt.find(vpn)
@@ -287,26 +313,20 @@ class Target:
                 return err
             self._drain()
 
-    async def _serve_missing(self, missing: dict[int, bool]) -> None:
+    async def _serve_fills(self, fills: dict[int, bool]) -> None:
+        """Bring in the faulting FRESH/SWAPPED pages and what the prefetch
+        policy adds, in one backend read and few UFFDIO_COPYs."""
         fill: dict[int, int] = {}          # vpn -> slot (NO_SLOT: zeros)
         writes = False
-        for vpn, is_write in sorted(missing.items()):
+        for vpn, is_write in sorted(fills.items()):
             region = self.pt.find(vpn)
-            state = region.state[vpn - region.vpn] if region else State.UNMAPPED
-            if state in (State.FRESH, State.SWAPPED):
-                writes |= is_write
-                self._plan_fill(region, vpn, fill)
-            elif state == State.ZAPPING:
-                continue  # woken when its zap completes, then refaults
-            else:
-                # Resident in our books but absent (the kernel reclaimed a
-                # MADV_FREE page), being evicted, or unknown: zeros, as the
-                # kernel would. A COPY onto a present page is a harmless EEXIST.
-                mode = uffdmod.UFFDIO_COPY_MODE_WP if state == State.EVICTING else 0
-                self._retry_eagain(lambda: self.uffd.copy(vpn << PAGE_SHIFT, self._zeros.addr, PAGE_SIZE, mode))
-                self.uffd.wake(vpn << PAGE_SHIFT, PAGE_SIZE)
+            if region is None or region.state[vpn - region.vpn] not in (State.FRESH, State.SWAPPED):
+                self.uffd.wake(vpn << PAGE_SHIFT, PAGE_SIZE)  # moved or unmapped while we waited
+                continue
+            writes |= is_write
+            self._plan_fill(region, vpn, fill)
         if fill:
-            await self._fill_pages(fill, writes, missing)
+            await self._fill_pages(fill, writes, fills)
 
     def _plan_fill(self, region, vpn: int, fill: dict[int, int]) -> None:
         if len(fill) >= MAX_FILL_PAGES:
@@ -540,6 +560,12 @@ class Target:
             await trio.sleep(0)
 
     # ---- teardown ------------------------------------------------------
+    def stop(self) -> None:
+        """The mm is gone (exit, exec): stop serving now."""
+        self.gone = True
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
     def release_all(self) -> None:
         """The target's mm is gone: free every slot and descriptor."""
         self.gone = True
