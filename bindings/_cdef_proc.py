@@ -1,0 +1,246 @@
+"""Another process's memory: process_vm_readv/writev, process_madvise,
+pidfds, madvise, and the PAGEMAP_SCAN ioctl of /proc/PID/pagemap.
+
+Vectored calls take two arrays (remote address, length) and loop in C: the
+kernel takes at most IOV_MAX (1024) iovecs per call and silently caps a
+call's total at MAX_RW_COUNT (2 GiB - 4 KiB), so the loop sends at most
+1024 iovecs and 1 GiB per call and resumes after a short count. Syscalls go
+through syscall(2) with their x86_64 numbers where glibc 2.36 has no wrapper.
+PAGEMAP_SCAN (Linux 6.7) is defined from upstream include/uapi/linux/fs.h.
+Helpers return the result or -errno.
+"""
+
+INCLUDES = """
+#include <errno.h>
+#include <stdint.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <linux/fs.h>
+"""
+
+TYPES = """
+struct page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+};
+
+struct pm_scan_arg {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t start;
+    uint64_t end;
+    uint64_t walk_end;
+    uint64_t vec;
+    uint64_t vec_len;
+    uint64_t max_pages;
+    uint64_t category_inverted;
+    uint64_t category_mask;
+    uint64_t category_anyof_mask;
+    uint64_t return_mask;
+};
+
+#define PAGEMAP_SCAN ...
+#define PM_SCAN_WP_MATCHING ...
+#define PM_SCAN_CHECK_WPASYNC ...
+#define PAGE_IS_WPALLOWED ...
+#define PAGE_IS_WRITTEN ...
+#define PAGE_IS_FILE ...
+#define PAGE_IS_PRESENT ...
+#define PAGE_IS_SWAPPED ...
+#define PAGE_IS_PFNZERO ...
+#define PAGE_IS_HUGE ...
+#define PAGE_IS_SOFT_DIRTY ...
+
+#define UMGR_IOV_MAX ...
+"""
+
+FUNCTIONS = """
+int64_t umgr_process_vm_readv(int pid, uint64_t local, const uint64_t *addrs,
+                              const uint64_t *lens, size_t n);
+int64_t umgr_process_vm_writev(int pid, uint64_t local, const uint64_t *addrs,
+                               const uint64_t *lens, size_t n);
+int64_t umgr_process_madvise(int pidfd, const uint64_t *addrs,
+                             const uint64_t *lens, size_t n, int advice);
+int umgr_madvise(uint64_t addr, uint64_t len, int advice);
+int umgr_pidfd_open(int pid, unsigned int flags);
+int umgr_pidfd_getfd(int pidfd, int fd, unsigned int flags);
+int umgr_pidfd_send_signal(int pidfd, int sig, unsigned int flags);
+int64_t umgr_pagemap_scan(int fd, struct pm_scan_arg *arg);
+"""
+
+CUSTOMIZATIONS = """
+#ifndef SYS_process_madvise
+#define SYS_process_madvise 440
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
+/* Upstream include/uapi/linux/fs.h, Linux 6.7. */
+#ifndef PAGEMAP_SCAN
+#define PAGE_IS_WPALLOWED  (1 << 0)
+#define PAGE_IS_WRITTEN    (1 << 1)
+#define PAGE_IS_FILE       (1 << 2)
+#define PAGE_IS_PRESENT    (1 << 3)
+#define PAGE_IS_SWAPPED    (1 << 4)
+#define PAGE_IS_PFNZERO    (1 << 5)
+#define PAGE_IS_HUGE       (1 << 6)
+#define PAGE_IS_SOFT_DIRTY (1 << 7)
+struct page_region {
+    __u64 start;
+    __u64 end;
+    __u64 categories;
+};
+#define PM_SCAN_WP_MATCHING   (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+struct pm_scan_arg {
+    __u64 size;
+    __u64 flags;
+    __u64 start;
+    __u64 end;
+    __u64 walk_end;
+    __u64 vec;
+    __u64 vec_len;
+    __u64 max_pages;
+    __u64 category_inverted;
+    __u64 category_mask;
+    __u64 category_anyof_mask;
+    __u64 return_mask;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+
+#define UMGR_IOV_MAX 1024
+#define UMGR_CALL_BYTES (1ULL << 30)
+
+enum umgr_iov_op { UMGR_VM_READ, UMGR_VM_WRITE, UMGR_MADVISE };
+
+/* Walks (addrs[i], lens[i]) from entry *i, byte *off of it; fills at most
+   UMGR_IOV_MAX iovecs and UMGR_CALL_BYTES bytes (but at least one entry). */
+static size_t umgr_fill_iov(struct iovec *iov, const uint64_t *addrs,
+                            const uint64_t *lens, size_t n, size_t i,
+                            uint64_t off, uint64_t *bytes)
+{
+    size_t k = 0;
+    uint64_t want = 0;
+    for (; i + k < n && k < UMGR_IOV_MAX; k++) {
+        uint64_t skip = k == 0 ? off : 0;
+        uint64_t len = lens[i + k] - skip;
+        if (k > 0 && want + len > UMGR_CALL_BYTES)
+            break;
+        iov[k].iov_base = (void *)(uintptr_t)(addrs[i + k] + skip);
+        iov[k].iov_len = len;
+        want += len;
+    }
+    *bytes = want;
+    return k;
+}
+
+/* Returns the bytes done, or -errno when nothing was done. A short count
+   is resumed where it stopped: a real failure then shows as an error on the
+   next call, which ends the loop with the count so far. */
+static int64_t umgr_iov_loop(enum umgr_iov_op op, int pid, uint64_t local,
+                             const uint64_t *addrs, const uint64_t *lens,
+                             size_t n, int advice)
+{
+    struct iovec riov[UMGR_IOV_MAX], liov;
+    int64_t total = 0;
+    size_t i = 0;
+    uint64_t off = 0;
+
+    while (i < n) {
+        uint64_t want;
+        size_t k = umgr_fill_iov(riov, addrs, lens, n, i, off, &want);
+        ssize_t r;
+        if (want == 0) {
+            i += k;
+            off = 0;
+            continue;
+        }
+        liov.iov_base = (void *)(uintptr_t)(local + (uint64_t)total);
+        liov.iov_len = want;
+        if (op == UMGR_VM_READ)
+            r = process_vm_readv(pid, &liov, 1, riov, k, 0);
+        else if (op == UMGR_VM_WRITE)
+            r = process_vm_writev(pid, &liov, 1, riov, k, 0);
+        else
+            r = syscall(SYS_process_madvise, pid, riov, k, advice, 0);
+        if (r < 0)
+            return total ? total : -errno;
+        if (r == 0)
+            return total;
+        total += r;
+        for (uint64_t adv = (uint64_t)r; adv > 0 && i < n;) {
+            uint64_t rest = lens[i] - off;
+            if (adv >= rest) {
+                adv -= rest;
+                i++;
+                off = 0;
+            } else {
+                off += adv;
+                adv = 0;
+            }
+        }
+    }
+    return total;
+}
+
+static int64_t umgr_process_vm_readv(int pid, uint64_t local,
+                                     const uint64_t *addrs,
+                                     const uint64_t *lens, size_t n)
+{
+    return umgr_iov_loop(UMGR_VM_READ, pid, local, addrs, lens, n, 0);
+}
+
+static int64_t umgr_process_vm_writev(int pid, uint64_t local,
+                                      const uint64_t *addrs,
+                                      const uint64_t *lens, size_t n)
+{
+    return umgr_iov_loop(UMGR_VM_WRITE, pid, local, addrs, lens, n, 0);
+}
+
+static int64_t umgr_process_madvise(int pidfd, const uint64_t *addrs,
+                                    const uint64_t *lens, size_t n, int advice)
+{
+    return umgr_iov_loop(UMGR_MADVISE, pidfd, 0, addrs, lens, n, advice);
+}
+
+static int umgr_madvise(uint64_t addr, uint64_t len, int advice)
+{
+    return madvise((void *)(uintptr_t)addr, len, advice) < 0 ? -errno : 0;
+}
+
+static int umgr_pidfd_open(int pid, unsigned int flags)
+{
+    long fd = syscall(SYS_pidfd_open, pid, flags);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+static int umgr_pidfd_getfd(int pidfd, int fd, unsigned int flags)
+{
+    long r = syscall(SYS_pidfd_getfd, pidfd, fd, flags);
+    return r < 0 ? -errno : (int)r;
+}
+
+static int umgr_pidfd_send_signal(int pidfd, int sig, unsigned int flags)
+{
+    return syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, flags) < 0
+        ? -errno : 0;
+}
+
+static int64_t umgr_pagemap_scan(int fd, struct pm_scan_arg *arg)
+{
+    long r = ioctl(fd, PAGEMAP_SCAN, arg);
+    return r < 0 ? -errno : r;
+}
+"""

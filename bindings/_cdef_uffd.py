@@ -1,0 +1,314 @@
+"""userfaultfd: creation, the UFFDIO_* ioctls and struct uffd_msg.
+
+The installed headers are Linux 6.1; the kernel is newer. What 6.1 lacks
+(WP_UNPOPULATED, POISON, WP_ASYNC, MOVE) is defined below under #ifndef
+with the upstream values of include/uapi/linux/userfaultfd.h.
+
+Every helper returns 0 or -errno instead of setting errno, so the Python side
+needs no ffi.errno round trip. Range ioctls that can make partial progress
+(COPY, ZEROPAGE, CONTINUE, POISON, MOVE) return one packed int64:
+``(bytes_done << 16) | errno``. The kernel stores either the bytes done or
+-errno in the struct's last field and answers -EAGAIN when it stopped early;
+the helper folds both into that one value so a fault-path call allocates
+nothing.
+"""
+
+INCLUDES = """
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <linux/userfaultfd.h>
+"""
+
+TYPES = """
+struct uffd_msg { uint8_t event; ...; };
+
+#define UFFD_API ...
+#define UFFD_USER_MODE_ONLY ...
+#define USERFAULTFD_IOC_NEW ...
+
+#define UFFD_EVENT_PAGEFAULT ...
+#define UFFD_EVENT_FORK ...
+#define UFFD_EVENT_REMAP ...
+#define UFFD_EVENT_REMOVE ...
+#define UFFD_EVENT_UNMAP ...
+
+#define UFFD_PAGEFAULT_FLAG_WRITE ...
+#define UFFD_PAGEFAULT_FLAG_WP ...
+#define UFFD_PAGEFAULT_FLAG_MINOR ...
+
+#define UFFD_FEATURE_PAGEFAULT_FLAG_WP ...
+#define UFFD_FEATURE_EVENT_FORK ...
+#define UFFD_FEATURE_EVENT_REMAP ...
+#define UFFD_FEATURE_EVENT_REMOVE ...
+#define UFFD_FEATURE_MISSING_HUGETLBFS ...
+#define UFFD_FEATURE_MISSING_SHMEM ...
+#define UFFD_FEATURE_EVENT_UNMAP ...
+#define UFFD_FEATURE_SIGBUS ...
+#define UFFD_FEATURE_THREAD_ID ...
+#define UFFD_FEATURE_MINOR_HUGETLBFS ...
+#define UFFD_FEATURE_MINOR_SHMEM ...
+#define UFFD_FEATURE_EXACT_ADDRESS ...
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM ...
+#define UFFD_FEATURE_WP_UNPOPULATED ...
+#define UFFD_FEATURE_POISON ...
+#define UFFD_FEATURE_WP_ASYNC ...
+#define UFFD_FEATURE_MOVE ...
+
+#define _UFFDIO_REGISTER ...
+#define _UFFDIO_UNREGISTER ...
+#define _UFFDIO_WAKE ...
+#define _UFFDIO_COPY ...
+#define _UFFDIO_ZEROPAGE ...
+#define _UFFDIO_MOVE ...
+#define _UFFDIO_WRITEPROTECT ...
+#define _UFFDIO_CONTINUE ...
+#define _UFFDIO_POISON ...
+#define _UFFDIO_API ...
+
+#define UFFDIO_API ...
+#define UFFDIO_REGISTER ...
+#define UFFDIO_UNREGISTER ...
+#define UFFDIO_WAKE ...
+#define UFFDIO_COPY ...
+#define UFFDIO_ZEROPAGE ...
+#define UFFDIO_MOVE ...
+#define UFFDIO_WRITEPROTECT ...
+#define UFFDIO_CONTINUE ...
+#define UFFDIO_POISON ...
+
+#define UFFDIO_REGISTER_MODE_MISSING ...
+#define UFFDIO_REGISTER_MODE_WP ...
+#define UFFDIO_REGISTER_MODE_MINOR ...
+#define UFFDIO_COPY_MODE_DONTWAKE ...
+#define UFFDIO_COPY_MODE_WP ...
+#define UFFDIO_ZEROPAGE_MODE_DONTWAKE ...
+#define UFFDIO_WRITEPROTECT_MODE_WP ...
+#define UFFDIO_WRITEPROTECT_MODE_DONTWAKE ...
+#define UFFDIO_CONTINUE_MODE_DONTWAKE ...
+#define UFFDIO_CONTINUE_MODE_WP ...
+#define UFFDIO_POISON_MODE_DONTWAKE ...
+#define UFFDIO_MOVE_MODE_DONTWAKE ...
+#define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ...
+
+/* Byte offsets inside struct uffd_msg, checked by umgr.uffd at import. */
+#define UMGR_MSG_SIZE ...
+#define UMGR_MSG_OFF_PF_FLAGS ...
+#define UMGR_MSG_OFF_PF_ADDRESS ...
+#define UMGR_MSG_OFF_PF_PTID ...
+#define UMGR_MSG_OFF_FORK_UFD ...
+#define UMGR_MSG_OFF_REMAP_FROM ...
+#define UMGR_MSG_OFF_REMAP_TO ...
+#define UMGR_MSG_OFF_REMAP_LEN ...
+#define UMGR_MSG_OFF_REMOVE_START ...
+#define UMGR_MSG_OFF_REMOVE_END ...
+"""
+
+FUNCTIONS = """
+int umgr_userfaultfd(int flags);
+int umgr_userfaultfd_dev(int flags);
+int umgr_uffd_read_msgs(int fd, struct uffd_msg *buf, int max);
+
+int umgr_uffd_api(int fd, uint64_t features, uint64_t *out_features,
+                  uint64_t *out_ioctls);
+int umgr_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode,
+                       uint64_t *out_ioctls);
+int umgr_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int umgr_uffd_wake(int fd, uint64_t start, uint64_t len);
+int umgr_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+
+int64_t umgr_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len,
+                       uint64_t mode);
+int64_t umgr_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode);
+int64_t umgr_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t umgr_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int64_t umgr_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len,
+                       uint64_t mode);
+"""
+
+CUSTOMIZATIONS = """
+/* Upstream additions after Linux 6.1 (include/uapi/linux/userfaultfd.h). */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1<<13)
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1<<14)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1<<15)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1<<16)
+#endif
+#ifndef UFFDIO_CONTINUE_MODE_WP
+#define UFFDIO_CONTINUE_MODE_WP ((__u64)1<<1)
+#endif
+
+#ifndef UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;          /* written by the kernel */
+};
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1<<0)
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+
+#ifndef UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+struct uffdio_move {
+    __u64 dst;
+    __u64 src;
+    __u64 len;
+    __u64 mode;
+    __s64 move;             /* written by the kernel */
+};
+#define UFFDIO_MOVE_MODE_DONTWAKE ((__u64)1<<0)
+#define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ((__u64)1<<1)
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#endif
+
+#define UMGR_MSG_SIZE sizeof(struct uffd_msg)
+#define UMGR_MSG_OFF_PF_FLAGS offsetof(struct uffd_msg, arg.pagefault.flags)
+#define UMGR_MSG_OFF_PF_ADDRESS offsetof(struct uffd_msg, arg.pagefault.address)
+#define UMGR_MSG_OFF_PF_PTID offsetof(struct uffd_msg, arg.pagefault.feat.ptid)
+#define UMGR_MSG_OFF_FORK_UFD offsetof(struct uffd_msg, arg.fork.ufd)
+#define UMGR_MSG_OFF_REMAP_FROM offsetof(struct uffd_msg, arg.remap.from)
+#define UMGR_MSG_OFF_REMAP_TO offsetof(struct uffd_msg, arg.remap.to)
+#define UMGR_MSG_OFF_REMAP_LEN offsetof(struct uffd_msg, arg.remap.len)
+#define UMGR_MSG_OFF_REMOVE_START offsetof(struct uffd_msg, arg.remove.start)
+#define UMGR_MSG_OFF_REMOVE_END offsetof(struct uffd_msg, arg.remove.end)
+
+static int umgr_userfaultfd(int flags)
+{
+    long fd = syscall(SYS_userfaultfd, flags);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+/* /dev/userfaultfd hands out uffds to whoever may open it, without the
+   vm.unprivileged_userfaultfd sysctl check of the syscall. */
+static int umgr_userfaultfd_dev(int flags)
+{
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -errno;
+    int fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+    int err = errno;
+    close(dev);
+    return fd < 0 ? -err : fd;
+}
+
+/* One read() returns as many whole messages as fit; the kernel only blocks
+   for the first, and never on an O_NONBLOCK uffd. */
+static int umgr_uffd_read_msgs(int fd, struct uffd_msg *buf, int max)
+{
+    ssize_t n = read(fd, buf, (size_t)max * sizeof(*buf));
+    if (n < 0)
+        return -errno;
+    return (int)(n / (ssize_t)sizeof(*buf));
+}
+
+static int umgr_uffd_api(int fd, uint64_t features, uint64_t *out_features,
+                         uint64_t *out_ioctls)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = features };
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return -errno;
+    *out_features = api.features;
+    *out_ioctls = api.ioctls;
+    return 0;
+}
+
+static int umgr_uffd_register(int fd, uint64_t start, uint64_t len,
+                              uint64_t mode, uint64_t *out_ioctls)
+{
+    struct uffdio_register reg = {
+        .range = { .start = start, .len = len }, .mode = mode };
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+        return -errno;
+    *out_ioctls = reg.ioctls;
+    return 0;
+}
+
+static int umgr_uffd_unregister(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = { .start = start, .len = len };
+    return ioctl(fd, UFFDIO_UNREGISTER, &range) < 0 ? -errno : 0;
+}
+
+static int umgr_uffd_wake(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = { .start = start, .len = len };
+    return ioctl(fd, UFFDIO_WAKE, &range) < 0 ? -errno : 0;
+}
+
+static int umgr_uffd_writeprotect(int fd, uint64_t start, uint64_t len,
+                                  uint64_t mode)
+{
+    struct uffdio_writeprotect wp = {
+        .range = { .start = start, .len = len }, .mode = mode };
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
+}
+
+/* ret: the ioctl's result; done: the kernel's progress field, which it may
+   leave untouched when it fails before starting (ESRCH, EFAULT, ...). */
+static int64_t umgr_pack(int ret, int64_t done, uint64_t len)
+{
+    if (ret == 0)
+        return (int64_t)(len << 16);
+    int err = errno;
+    if (done < 0)
+        done = 0;
+    return (done << 16) | (err & 0xffff);
+}
+
+static int64_t umgr_uffd_copy(int fd, uint64_t dst, uint64_t src,
+                              uint64_t len, uint64_t mode)
+{
+    struct uffdio_copy c = {
+        .dst = dst, .src = src, .len = len, .mode = mode, .copy = 0 };
+    int ret = ioctl(fd, UFFDIO_COPY, &c);
+    return umgr_pack(ret, c.copy, len);
+}
+
+static int64_t umgr_uffd_zeropage(int fd, uint64_t dst, uint64_t len,
+                                  uint64_t mode)
+{
+    struct uffdio_zeropage z = {
+        .range = { .start = dst, .len = len }, .mode = mode, .zeropage = 0 };
+    int ret = ioctl(fd, UFFDIO_ZEROPAGE, &z);
+    return umgr_pack(ret, z.zeropage, len);
+}
+
+static int64_t umgr_uffd_continue(int fd, uint64_t start, uint64_t len,
+                                  uint64_t mode)
+{
+    struct uffdio_continue c = {
+        .range = { .start = start, .len = len }, .mode = mode, .mapped = 0 };
+    int ret = ioctl(fd, UFFDIO_CONTINUE, &c);
+    return umgr_pack(ret, c.mapped, len);
+}
+
+static int64_t umgr_uffd_poison(int fd, uint64_t start, uint64_t len,
+                                uint64_t mode)
+{
+    struct uffdio_poison p = {
+        .range = { .start = start, .len = len }, .mode = mode, .updated = 0 };
+    int ret = ioctl(fd, UFFDIO_POISON, &p);
+    return umgr_pack(ret, p.updated, len);
+}
+
+static int64_t umgr_uffd_move(int fd, uint64_t dst, uint64_t src,
+                              uint64_t len, uint64_t mode)
+{
+    struct uffdio_move m = {
+        .dst = dst, .src = src, .len = len, .mode = mode, .move = 0 };
+    int ret = ioctl(fd, UFFDIO_MOVE, &m);
+    return umgr_pack(ret, m.move, len);
+}
+"""

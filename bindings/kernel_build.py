@@ -1,0 +1,57 @@
+"""cffi (API mode) builder for umgr.bindings._kernel: userfaultfd and
+process-memory syscalls.
+
+One small module per kernel interface (_cdef_uffd.py, _cdef_proc.py), each
+with INCLUDES, TYPES, FUNCTIONS and CUSTOMIZATIONS strings, gathered here.
+
+setup.py uses ``cffi_modules=["bindings/kernel_build.py:ffibuilder"]``. For
+development without installing, ``python bindings/kernel_build.py`` compiles
+in build/cffi and copies the extension next to this file.
+"""
+
+import importlib.util
+import os
+import shutil
+import sys
+
+import cffi
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULES = ["_cdef_uffd", "_cdef_proc"]
+
+
+def _load(name):
+    # cffi's setuptools hook execs this file without putting its directory
+    # on sys.path, so load the siblings by path.
+    spec = importlib.util.spec_from_file_location(
+        f"_umgr_build_{name}", os.path.join(HERE, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_ffi():
+    modules = [_load(name) for name in MODULES]
+    ffi = cffi.FFI()
+    ffi.cdef("\n".join(m.TYPES + m.FUNCTIONS for m in modules))
+    ffi.set_source(
+        "umgr.bindings._kernel",
+        "\n".join([m.INCLUDES for m in modules] + [m.CUSTOMIZATIONS for m in modules]),
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    )
+    return ffi
+
+
+ffibuilder = build_ffi()
+
+
+def compile_in_place():
+    tmpdir = os.path.join(HERE, os.pardir, "build", "cffi")
+    built = ffibuilder.compile(tmpdir=tmpdir)
+    target = os.path.join(HERE, os.path.basename(built))
+    shutil.copyfile(built, target)
+    return target
+
+
+if __name__ == "__main__":
+    print(compile_in_place(), file=sys.stderr)

@@ -1,0 +1,41 @@
+"""umgr's exceptions. Kernel errnos are sorted into these once, at the
+binding boundary (umgr.uffd, umgr.procmem); code above never inspects a raw
+OSError from a target's uffd or memory."""
+
+
+class UmgrError(Exception):
+    """Base class of every umgr error."""
+
+
+class TargetGone(UmgrError):
+    """The target's address space is gone (ESRCH): it exited or exec'd.
+
+    Not a failure of umgr: release what belongs to the target.
+    """
+
+    def __init__(self, message: str = "target's mm is gone", *, pid: int | None = None):
+        super().__init__(message)
+        self.pid = pid
+
+
+class UffdError(UmgrError, OSError):
+    """A userfaultfd ioctl failed in a way that is not a normal outcome.
+
+    ``errno`` and ``strerror`` are those of OSError.
+    """
+
+
+class ClosedError(UmgrError):
+    """A file-descriptor holder was used after close()."""
+
+
+class Unsupported(UmgrError):
+    """The running kernel lacks a facility umgr was asked to use."""
+
+
+class BackendFull(UmgrError):
+    """The swap backend has no free slot: eviction pauses, nothing is lost."""
+
+
+class BackendError(UmgrError):
+    """Backend I/O failed: the pages concerned stay resident."""
