@@ -6,9 +6,10 @@ with INCLUDES, TYPES, FUNCTIONS and CUSTOMIZATIONS strings, gathered here.
 
 setup.py uses ``cffi_modules=["bindings/kernel_build.py:ffibuilder"]``. For
 development without installing, ``python bindings/kernel_build.py`` compiles
-in build/cffi and copies the extension next to this file.
+in build/cffi and installs the extension next to this file.
 """
 
+import glob
 import importlib.util
 import os
 import shutil
@@ -46,10 +47,17 @@ ffibuilder = build_ffi()
 
 
 def compile_in_place():
+    """Build into build/cffi and install as bindings/_kernel.abi3.so, the
+    name `pip install -e .` gives it (cffi compiles for the limited API), so
+    the two ways never leave a stale module shadowing the other: CPython
+    prefers a cpython-3XX suffix over abi3."""
     tmpdir = os.path.join(HERE, os.pardir, "build", "cffi")
     built = ffibuilder.compile(tmpdir=tmpdir)
-    target = os.path.join(HERE, os.path.basename(built))
-    shutil.copyfile(built, target)
+    for stale in glob.glob(os.path.join(HERE, "_kernel.cpython-*.so")):
+        os.unlink(stale)
+    target = os.path.join(HERE, "_kernel.abi3.so")
+    shutil.copyfile(built, target + ".tmp")
+    os.replace(target + ".tmp", target)
     return target
 
 

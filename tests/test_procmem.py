@@ -1,0 +1,286 @@
+"""umgr.procmem against the real kernel: another process's memory, zaps,
+pidfds and PAGEMAP_SCAN."""
+
+import errno
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from helpers import ctouch
+from umgr import procmem as M
+from umgr import uffd as U
+from umgr.errors import TargetGone
+
+P = 4096
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return ctouch.load()
+
+
+@pytest.fixture
+def mapping(ct):
+    ffi, lib = ct
+    made = []
+
+    def make(npages):
+        ptr = lib.h_map(npages * P)
+        assert ptr != ffi.NULL
+        made.append((ptr, npages * P))
+        return int(ffi.cast("uintptr_t", ptr))
+
+    yield make
+    for ptr, length in made:
+        lib.h_unmap(ptr, length)
+
+
+CHILD = textwrap.dedent("""
+    import ctypes, hashlib, sys
+    n = int(sys.argv[1])
+    buf = ctypes.create_string_buffer(bytes((i * 7 + 3) & 0xFF for i in range(n)), n)
+    print(ctypes.addressof(buf), flush=True)
+    for line in sys.stdin:
+        print(hashlib.sha256(buf.raw).hexdigest(), flush=True)
+""")
+
+
+def child_bytes(n):
+    return bytes((i * 7 + 3) & 0xFF for i in range(n))
+
+
+@pytest.fixture
+def child():
+    """A Python child holding a known 64 KiB buffer: (Popen, address, size)."""
+    size = 64 * 1024
+    with subprocess.Popen([sys.executable, "-c", CHILD, str(size)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as proc:
+        addr = int(proc.stdout.readline())
+        yield proc, addr, size
+        proc.kill()
+
+
+def child_digest(proc):
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+def test_process_vm_readv_reads_another_process(child):
+    proc, addr, size = child
+    want = child_bytes(size)
+    offsets = np.array([0, 5000, 9000, 40000, size - 100], dtype=np.uint64)
+    lens = np.array([100, 3000, 1, 8192, 100], dtype=np.uint64)
+    local = np.zeros(int(lens.sum()), dtype=np.uint8)
+    n = M.process_vm_readv(proc.pid, local.ctypes.data, offsets + addr, lens)
+    assert n == lens.sum()
+    expect = b"".join(want[o:o + ln] for o, ln in zip(offsets.tolist(), lens.tolist()))
+    assert local.tobytes() == expect
+
+
+def test_process_vm_writev_writes_another_process(child):
+    import hashlib
+    proc, addr, size = child
+    data = np.frombuffer(os.urandom(2 * 4096), dtype=np.uint8).copy()
+    n = M.process_vm_writev(proc.pid, data.ctypes.data, [addr + 100, addr + 20000], [4096, 4096])
+    assert n == 2 * 4096
+    want = bytearray(child_bytes(size))
+    want[100:100 + 4096] = data[:4096].tobytes()
+    want[20000:20000 + 4096] = data[4096:].tobytes()
+    assert child_digest(proc) == hashlib.sha256(want).hexdigest()
+
+
+def test_process_vm_readv_loops_past_iov_max():
+    src = np.frombuffer(os.urandom(3000 * 64), dtype=np.uint8).copy()
+    starts = np.arange(3000, dtype=np.uint64) * 64 + src.ctypes.data
+    lens = np.full(3000, 16, dtype=np.uint64)
+    local = np.zeros(3000 * 16, dtype=np.uint8)
+    assert M.process_vm_readv(os.getpid(), local.ctypes.data, starts, lens) == 3000 * 16
+    assert np.array_equal(local.reshape(3000, 16), src.reshape(3000, 64)[:, :16])
+
+
+def test_process_vm_readv_stops_at_a_hole(mapping, ct):
+    base = mapping(3)
+    ct[1].h_fill(ct[0].cast("void *", base), 3, 0, 1)
+    M.madvise(base + P, P, M.MADV_DONTNEED)
+    ct[1].h_unmap(ct[0].cast("void *", base + 2 * P), P)
+    local = np.zeros(3 * P, dtype=np.uint8)
+    # An unmapped remote page ends the read: the count says how far it got.
+    assert M.process_vm_readv(os.getpid(), local.ctypes.data, [base], [3 * P]) == 2 * P
+    with pytest.raises(OSError) as info:
+        M.process_vm_readv(os.getpid(), local.ctypes.data, [base + 2 * P], [P])
+    assert info.value.errno == errno.EFAULT
+
+
+def test_process_vm_readv_after_exit_is_target_gone():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    local = np.zeros(16, dtype=np.uint8)
+    with pytest.raises(TargetGone):
+        M.process_vm_readv(proc.pid, local.ctypes.data, [0x10000], [16])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("who", ["PIDFD_SELF_PROCESS", "PIDFD_SELF_THREAD", "own pidfd"])
+def test_process_madvise_on_self_zaps_and_reports_remove(ct, mapping, who):
+    ffi, lib = ct
+    base = mapping(6)
+    src = mapping(6)
+    lib.h_fill(ffi.cast("void *", src), 6, 0, 77)
+    with U.Userfaultfd.create() as u:
+        u.api(U.UFFD_FEATURE_EVENT_REMOVE)
+        u.register(base, 6 * P, U.UFFDIO_REGISTER_MODE_MISSING)
+        assert u.copy(base, src, 6 * P) == (6 * P, 0)
+        pidfd = {"PIDFD_SELF_PROCESS": M.PIDFD_SELF_PROCESS,
+                 "PIDFD_SELF_THREAD": M.PIDFD_SELF_THREAD,
+                 "own pidfd": None}[who]
+        owned = pidfd is None
+        if owned:
+            pidfd = M.pidfd_open(os.getpid())
+        result = []
+        # The zap waits for each REMOVE to be read; the call runs in C with
+        # the GIL released, so this thread can read them.
+        zapper = threading.Thread(target=lambda: result.append(M.process_madvise(
+            pidfd, [base, base + 3 * P], [P, 2 * P], M.MADV_DONTNEED)), daemon=True)
+        zapper.start()
+        events = []
+        poller = select.poll()
+        poller.register(u.fileno(), select.POLLIN)
+        deadline = time.monotonic() + 20
+        while zapper.is_alive():
+            assert time.monotonic() < deadline
+            events += u.read_events()
+            poller.poll(5)
+        events += u.read_events()
+        zapper.join()
+        if owned:
+            os.close(pidfd)
+    assert result == [3 * P]
+    # One REMOVE per iovec, in order.
+    assert events == [U.RemoveEvent(base, base + P), U.RemoveEvent(base + 3 * P, base + 5 * P)]
+    present = M.pagemap_scan(os.getpid(), base, base + 6 * P, M.PAGE_IS_PRESENT, M.PAGE_IS_PRESENT)
+    assert [(s, e) for s, e, _ in present] == [(base + P, base + 3 * P), (base + 5 * P, base + 6 * P)]
+
+
+def page_range(addr, size):
+    lo = addr & ~(P - 1)
+    return lo, (addr + size + P - 1) & ~(P - 1)
+
+
+def test_remote_dontneed_is_einval_but_cold_works(child):
+    """Upstream Linux accepts only WILLNEED, COLD, PAGEOUT and COLLAPSE from
+    another process; this kernel answers EINVAL for DONTNEED."""
+    proc, addr, size = child
+    lo, _ = page_range(addr, size)
+    pidfd = M.pidfd_open(proc.pid)
+    try:
+        with pytest.raises(OSError) as info:
+            M.process_madvise(pidfd, [lo], [P], M.MADV_DONTNEED)
+        assert info.value.errno == errno.EINVAL
+        assert M.process_madvise(pidfd, [lo], [P], M.MADV_COLD) == P
+    finally:
+        os.close(pidfd)
+
+
+def test_process_madvise_after_exit_is_target_gone(child):
+    proc, addr, size = child
+    lo, _ = page_range(addr, size)
+    pidfd = M.pidfd_open(proc.pid)
+    try:
+        proc.kill()
+        proc.wait()
+        with pytest.raises(TargetGone):
+            M.process_madvise(pidfd, [lo], [P], M.MADV_COLD)
+    finally:
+        os.close(pidfd)
+
+
+def test_process_madvise_loops_past_iov_max(ct, mapping):
+    ffi, lib = ct
+    n = 3000
+    base = mapping(2 * n)
+    lib.h_fill(ffi.cast("void *", base), 2 * n, 0, 1)
+    starts = base + np.arange(n, dtype=np.uint64) * (2 * P)
+    done = M.process_madvise(M.PIDFD_SELF_PROCESS, starts, np.full(n, P, dtype=np.uint64),
+                             M.MADV_DONTNEED)
+    assert done == n * P
+    present = M.pagemap_scan(os.getpid(), base, base + 2 * n * P, M.PAGE_IS_PRESENT,
+                             M.PAGE_IS_PRESENT)
+    assert [s for s, _, _ in present] == [base + (2 * i + 1) * P for i in range(n)]
+
+
+def test_pidfd_send_signal_and_getfd(child):
+    proc, _, _ = child
+    pidfd = M.pidfd_open(proc.pid)
+    try:
+        # The child's stdout is the write end of our pipe.
+        fd = M.pidfd_getfd(pidfd, 1)
+        try:
+            assert not os.get_inheritable(fd)
+            os.write(fd, b"hello\n")
+        finally:
+            os.close(fd)
+        assert proc.stdout.readline() == "hello\n"
+        M.pidfd_send_signal(pidfd, signal.SIGTERM)
+        assert proc.wait(10) == -signal.SIGTERM
+    finally:
+        os.close(pidfd)
+    with pytest.raises(TargetGone):
+        M.pidfd_open(proc.pid)
+
+
+def test_pagemap_scan_reports_present_pages(ct, mapping):
+    ffi, lib = ct
+    base = mapping(8)
+    for page in (0, 1, 5):
+        lib.h_write_byte(ffi.cast("char *", base + page * P), 1)
+    scan = lambda **kw: M.pagemap_scan(os.getpid(), base, base + 8 * P, M.PAGE_IS_PRESENT,
+                                       M.PAGE_IS_PRESENT, **kw)
+    expect = [(base, base + 2 * P, M.PAGE_IS_PRESENT), (base + 5 * P, base + 6 * P, M.PAGE_IS_PRESENT)]
+    assert scan() == expect
+    # A one-entry output vector makes the kernel stop early at every run.
+    assert scan(batch=1) == expect
+    assert scan(max_pages=1) == [(base, base + P, M.PAGE_IS_PRESENT)]
+    assert scan(max_pages=3) == expect
+    holes = M.pagemap_scan(os.getpid(), base, base + 8 * P, M.PAGE_IS_PRESENT, M.PAGE_IS_PRESENT,
+                           category_inverted=M.PAGE_IS_PRESENT)
+    assert holes == [(base + 2 * P, base + 5 * P, 0), (base + 6 * P, base + 8 * P, 0)]
+
+
+def test_pagemap_scan_of_another_process(child):
+    proc, addr, size = child
+    lo, hi = page_range(addr, size)
+    fd = M.open_pagemap(proc.pid)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as pagemap:
+            runs = M.pagemap_scan(pagemap, lo, hi, M.PAGE_IS_PRESENT, M.PAGE_IS_ALL)
+    finally:
+        os.close(fd)
+    # The child wrote its whole buffer: the runs cover it without a gap.
+    assert runs[0][0] == lo and runs[-1][1] == hi
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    assert all(c & M.PAGE_IS_PRESENT and not c & M.PAGE_IS_FILE for _, _, c in runs)
+    proc.kill()
+    proc.wait()
+    with pytest.raises(TargetGone):
+        M.pagemap_scan(proc.pid, lo, hi, M.PAGE_IS_PRESENT, M.PAGE_IS_PRESENT)
+
+
+def test_madvise_self(ct, mapping):
+    ffi, lib = ct
+    base = mapping(2)
+    lib.h_fill(ffi.cast("void *", base), 2, 0, 2)
+    M.madvise(base, 2 * P, M.MADV_DONTNEED)
+    assert M.pagemap_scan(os.getpid(), base, base + 2 * P, M.PAGE_IS_PRESENT, M.PAGE_IS_PRESENT) == []
+    assert bytes(ffi.buffer(ffi.cast("char *", base), 2 * P)) == bytes(2 * P)
+    with pytest.raises(OSError) as info:
+        M.madvise(base + 1, P, M.MADV_DONTNEED)
+    assert info.value.errno == errno.EINVAL

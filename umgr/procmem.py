@@ -1,0 +1,196 @@
+"""Another process's memory: vectored reads and writes, zaps, pidfds and
+PAGEMAP_SCAN.
+
+Kernel facts (Linux 6.18):
+- process_vm_readv on a not-present page of a uffd-registered range raises a
+  userfault in the target and waits for it to be served: never call it from
+  the thread that serves that uffd.
+- process_madvise on another process accepts only WILLNEED, COLD, PAGEOUT
+  (and COLLAPSE): MADV_DONTNEED there is EINVAL. A process may apply any
+  advice to itself (PIDFD_SELF_*, or a pidfd of itself) since 6.13.
+- PIDFD_SELF_THREAD / PIDFD_SELF_PROCESS are 6.15's sentinels for "the
+  calling thread / its process" wherever a pidfd is taken.
+- PAGEMAP_SCAN (6.7) stops early when its output vector is full or
+  max_pages is reached and reports where in walk_end.
+
+Ranges are two arrays, addresses and lengths (anything numpy turns into
+contiguous uint64 without a copy is passed as is). ESRCH raises TargetGone;
+other failures raise OSError with the kernel's errno.
+"""
+
+import errno as _errno
+import os
+
+import numpy as np
+
+from umgr.bindings._kernel import ffi as _ffi
+from umgr.bindings._kernel import lib as _lib
+from umgr.errors import TargetGone
+
+PIDFD_SELF_THREAD = -10000
+PIDFD_SELF_PROCESS = -10001
+
+MADV_WILLNEED = 3
+MADV_DONTNEED = 4
+MADV_FREE = 8
+MADV_REMOVE = 9
+MADV_COLD = 20
+MADV_PAGEOUT = 21
+
+PAGE_IS_WPALLOWED = _lib.PAGE_IS_WPALLOWED
+PAGE_IS_WRITTEN = _lib.PAGE_IS_WRITTEN
+PAGE_IS_FILE = _lib.PAGE_IS_FILE
+PAGE_IS_PRESENT = _lib.PAGE_IS_PRESENT
+PAGE_IS_SWAPPED = _lib.PAGE_IS_SWAPPED
+PAGE_IS_PFNZERO = _lib.PAGE_IS_PFNZERO
+PAGE_IS_HUGE = _lib.PAGE_IS_HUGE
+PAGE_IS_SOFT_DIRTY = _lib.PAGE_IS_SOFT_DIRTY
+PAGE_IS_ALL = (PAGE_IS_WPALLOWED | PAGE_IS_WRITTEN | PAGE_IS_FILE | PAGE_IS_PRESENT
+               | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_HUGE | PAGE_IS_SOFT_DIRTY)
+PM_SCAN_WP_MATCHING = _lib.PM_SCAN_WP_MATCHING
+PM_SCAN_CHECK_WPASYNC = _lib.PM_SCAN_CHECK_WPASYNC
+
+IOV_MAX = _lib.UMGR_IOV_MAX
+_PAGE_SIZE = 4096
+
+
+def _fail(err: int, what: str, pid: int | None = None):
+    if err == _errno.ESRCH:
+        raise TargetGone(f"{what}: process {pid} is gone", pid=pid)
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _ranges(addrs, lens):
+    addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
+    lens = np.ascontiguousarray(lens, dtype=np.uint64)
+    if addrs.shape != lens.shape or addrs.ndim != 1:
+        raise ValueError("addrs and lens must be 1-d arrays of the same length")
+    return (_ffi.from_buffer("uint64_t[]", addrs), _ffi.from_buffer("uint64_t[]", lens),
+            len(addrs))
+
+
+def process_vm_readv(pid: int, local_addr: int, addrs, lens) -> int:
+    """Read the remote ranges, back to back, into the local buffer at
+    local_addr. Returns the bytes read (short if a remote range failed
+    part-way)."""
+    a, l, n = _ranges(addrs, lens)
+    r = _lib.umgr_process_vm_readv(pid, local_addr, a, l, n)
+    if r < 0:
+        _fail(-r, "process_vm_readv", pid)
+    return r
+
+
+def process_vm_writev(pid: int, local_addr: int, addrs, lens) -> int:
+    """Write the local buffer at local_addr, back to back, to the remote
+    ranges. Returns the bytes written."""
+    a, l, n = _ranges(addrs, lens)
+    r = _lib.umgr_process_vm_writev(pid, local_addr, a, l, n)
+    if r < 0:
+        _fail(-r, "process_vm_writev", pid)
+    return r
+
+
+def process_madvise(pidfd: int, addrs, lens, advice: int) -> int:
+    """Vectored madvise in the process of pidfd. Returns the bytes advised.
+
+    With uffd EVENT_REMOVE on the range, a DONTNEED blocks until the uffd's
+    reader has read each REMOVE event: do not call it from that reader.
+    """
+    a, l, n = _ranges(addrs, lens)
+    r = _lib.umgr_process_madvise(pidfd, a, l, n, advice)
+    if r < 0:
+        _fail(-r, f"process_madvise(advice={advice})")
+    return r
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    """madvise(2) in this process (the GIL is released during the call)."""
+    r = _lib.umgr_madvise(addr, length, advice)
+    if r < 0:
+        _fail(-r, f"madvise(advice={advice})")
+
+
+def pidfd_open(pid: int, flags: int = 0) -> int:
+    r = _lib.umgr_pidfd_open(pid, flags)
+    if r < 0:
+        _fail(-r, "pidfd_open", pid)
+    return r
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """Duplicate the target's fd into this process (the copy is O_CLOEXEC)."""
+    r = _lib.umgr_pidfd_getfd(pidfd, fd, 0)
+    if r < 0:
+        _fail(-r, "pidfd_getfd")
+    return r
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    r = _lib.umgr_pidfd_send_signal(pidfd, sig, 0)
+    if r < 0:
+        _fail(-r, "pidfd_send_signal")
+
+
+def open_pagemap(pid: int) -> int:
+    """An fd of /proc/PID/pagemap for pagemap_scan (the caller closes it)."""
+    try:
+        return os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetGone(f"/proc/{pid}/pagemap: process {pid} is gone", pid=pid) from None
+
+
+def pagemap_scan(pid_or_file, start: int, end: int, category_mask: int, return_mask: int,
+                 category_inverted: int = 0, category_anyof: int = 0, max_pages: int = 0,
+                 *, flags: int = 0, batch: int = 256) -> list[tuple[int, int, int]]:
+    """PAGEMAP_SCAN over [start, end): (start, end, categories) runs.
+
+    pid_or_file: a pid (its /proc/PID/pagemap is opened for the call), or
+    an object with fileno() on an open pagemap (see open_pagemap). Runs
+    that continue across the kernel's early stops are merged.
+    """
+    if isinstance(pid_or_file, int):
+        fd, owned, pid = open_pagemap(pid_or_file), True, pid_or_file
+    else:
+        fd, owned, pid = pid_or_file.fileno(), False, None
+    try:
+        return _scan(fd, pid, start, end, category_mask, return_mask,
+                     category_inverted, category_anyof, max_pages, flags, batch)
+    finally:
+        if owned:
+            os.close(fd)
+
+
+def _scan(fd, pid, start, end, category_mask, return_mask, category_inverted,
+          category_anyof, max_pages, flags, batch):
+    vec = _ffi.new("struct page_region[]", batch)
+    arg = _ffi.new("struct pm_scan_arg *")
+    arg.size = _ffi.sizeof("struct pm_scan_arg")
+    arg.flags = flags
+    arg.vec = int(_ffi.cast("uintptr_t", vec))
+    arg.vec_len = batch
+    arg.category_inverted = category_inverted
+    arg.category_mask = category_mask
+    arg.category_anyof_mask = category_anyof
+    arg.return_mask = return_mask
+    out: list[tuple[int, int, int]] = []
+    pages_left = max_pages
+    while start < end:
+        arg.start = start
+        arg.end = end
+        arg.max_pages = pages_left
+        n = _lib.umgr_pagemap_scan(fd, arg)
+        if n < 0:
+            _fail(-n, "PAGEMAP_SCAN", pid)
+        for i in range(n):
+            r = vec[i]
+            if out and out[-1][1] == r.start and out[-1][2] == r.categories:
+                out[-1] = (out[-1][0], r.end, r.categories)
+            else:
+                out.append((r.start, r.end, r.categories))
+            if max_pages:
+                pages_left -= (r.end - r.start) // _PAGE_SIZE
+        walk_end = arg.walk_end
+        if walk_end <= start or (max_pages and pages_left <= 0):
+            break
+        start = walk_end
+    return out
