@@ -131,6 +131,7 @@ def cmd_exec(args) -> int:
             "peak_resident_bytes": totals.get("peak_resident_bytes", 0),
             "swap_bytes_written": backend_stats["pages_written"] * 4096,
             "swap_bytes_read": backend_stats["pages_read"] * 4096,
+            "swap_slots_in_use_at_exit": backend_stats["used_pages"],
             "wall_seconds": round(wall, 3),
             **{k: v for k, v in totals.items() if k not in ("faults", "pages_in", "pages_out", "prefetched")},
             "targets": totals.get("targets", 0),

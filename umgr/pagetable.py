@@ -80,12 +80,16 @@ class PageTable:
             return self.regions[i]
         return None
 
-    def covers(self, vpn_lo: int, vpn_hi: int) -> bool:
-        """True when every page of [vpn_lo, vpn_hi) is in some region."""
-        covered = 0
-        for region, lo, hi in self._overlapping(vpn_lo, vpn_hi):
-            covered += hi - lo
-        return covered == vpn_hi - vpn_lo
+    def gaps(self, vpn_lo: int, vpn_hi: int) -> list[tuple[int, int]]:
+        """The parts of [vpn_lo, vpn_hi) that no region covers."""
+        out, at = [], vpn_lo
+        for _, lo, hi in self._overlapping(vpn_lo, vpn_hi):
+            if lo > at:
+                out.append((at, lo))
+            at = hi
+        if at < vpn_hi:
+            out.append((at, vpn_hi))
+        return out
 
     def by_region(self, vpns: np.ndarray) -> Iterator[tuple[Region, np.ndarray, np.ndarray]]:
         """For sorted vpns: (region, positions in vpns, indices in region);

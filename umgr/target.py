@@ -126,21 +126,22 @@ class Target:
         """Register [start, start+length) in the target's mm and manage it.
         Pages already present start RESIDENT (PAGEMAP_SCAN says which)."""
         start_vpn, npages = start >> PAGE_SHIFT, length >> PAGE_SHIFT
-        if npages <= 0 or self.pt.covers(start_vpn, start_vpn + npages):
-            return True
-        try:
-            self.uffd.register(start, npages << PAGE_SHIFT, REGISTER_MODE)
-        except TargetGone:
-            raise
-        except OSError as exc:
-            log.debug("%s: cannot register %#x+%#x: %s", self.label, start, length, exc)
-            return False
-        present = self._present_pages(start_vpn, npages)
-        region, freed = self.pt.add(start_vpn, npages, present)
-        self.backend.slots.free(freed)
-        resident = np.flatnonzero(present) + start_vpn
-        if len(resident):
-            self.eviction.on_resident(resident.astype(np.int64))
+        # Only what no region covers is new: a covered page may be swapped
+        # (e.g. moved here by mremap before a maps scan sees the mapping).
+        gaps = self.pt.gaps(start_vpn, start_vpn + npages) if npages > 0 else []
+        for lo, hi in gaps:
+            try:
+                self.uffd.register(lo << PAGE_SHIFT, (hi - lo) << PAGE_SHIFT, REGISTER_MODE)
+            except TargetGone:
+                raise
+            except OSError as exc:
+                log.debug("%s: cannot register %#x-%#x: %s", self.label, lo << PAGE_SHIFT, hi << PAGE_SHIFT, exc)
+                return False
+            present = self._present_pages(lo, hi - lo)
+            self.pt.add(lo, hi - lo, present)
+            resident = np.flatnonzero(present) + lo
+            if len(resident):
+                self.eviction.on_resident(resident.astype(np.int64))
         self._note_resident()
         return True
 
@@ -201,6 +202,7 @@ class Target:
             self._on_remove(event.start, event.end)
         elif kind is UnmapEvent:
             self.stats.unmaps += 1
+            log.debug("%s: unmap %#x-%#x", self.label, event.start, event.end)
             self.backend.slots.free(self.pt.remove(event.start >> PAGE_SHIFT, _page_up(event.end)))
         elif kind is RemapEvent:
             self._on_remap(event)
@@ -220,6 +222,7 @@ class Target:
 
     def _on_remap(self, event: RemapEvent) -> None:
         self.stats.remaps += 1
+        log.debug("%s: remap %#x -> %#x (%#x bytes)", self.label, event.src, event.dst, event.length)
         npages = event.length >> PAGE_SHIFT
         src, dst = event.src >> PAGE_SHIFT, event.dst >> PAGE_SHIFT
         self.pt.move(src, dst, npages)

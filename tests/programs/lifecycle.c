@@ -1,0 +1,88 @@
+/* Process-lifecycle events on memory that is paged out at the moment of the
+ * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
+ * MODE: fork | munmap | mremap | dontneed | exit. Exit 0 when all is intact. */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PAGE 4096
+#define WORDS (PAGE / 8)
+
+static void fill(uint64_t *m, size_t first, size_t npages, uint64_t salt)
+{
+    for (size_t p = first; p < first + npages; p++)
+        for (size_t w = 0; w < WORDS; w++)
+            m[p * WORDS + w] = (p * WORDS + w) ^ salt;
+}
+
+static int check(const uint64_t *m, size_t first, size_t npages, uint64_t salt, const char *what)
+{
+    for (size_t p = first; p < first + npages; p++)
+        for (size_t w = 0; w < WORDS; w++) {
+            uint64_t want = salt == 0 ? 0 : (p * WORDS + w) ^ salt;
+            if (m[p * WORDS + w] != want) {
+                fprintf(stderr, "%s: page %zu word %zu is %llx, want %llx\n", what, p, w,
+                        (unsigned long long)m[p * WORDS + w], (unsigned long long)want);
+                return 1;
+            }
+        }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3)
+        return 2;
+    const char *mode = argv[1];
+    size_t n = strtoull(argv[2], NULL, 10) << 8; /* pages */
+    uint64_t *m = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        return 2;
+    fill(m, 0, n, 1); /* under a small budget most of it is paged out now */
+
+    if (strcmp(mode, "fork") == 0) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            if (check(m, 0, n, 1, "child sees parent's data"))
+                _exit(3);
+            fill(m, 0, n, 2);
+            _exit(check(m, 0, n, 2, "child's own writes") ? 4 : 0);
+        }
+        int bad = check(m, 0, n, 1, "parent after fork");
+        fill(m, 0, n, 5);
+        int status;
+        waitpid(pid, &status, 0);
+        bad |= check(m, 0, n, 5, "parent's own writes");
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            fprintf(stderr, "child failed: %d\n", status);
+            return 1;
+        }
+        return bad;
+    }
+    if (strcmp(mode, "munmap") == 0) { /* a hole in the middle splits the region */
+        size_t lo = n / 4, len = n / 4;
+        munmap(m + lo * WORDS, len * PAGE);
+        return check(m, 0, lo, 1, "below the hole") | check(m, lo + len, n - lo - len, 1, "above the hole");
+    }
+    if (strcmp(mode, "mremap") == 0) { /* move and grow; the grown part reads as zero */
+        uint64_t *moved = mremap(m, n * PAGE, 2 * n * PAGE, MREMAP_MAYMOVE);
+        if (moved == MAP_FAILED)
+            return 2;
+        int bad = check(moved, 0, n, 1, "moved pages") | check(moved, n, n, 0, "grown part");
+        uint64_t *shrunk = mremap(moved, 2 * n * PAGE, n / 2 * PAGE, 0);
+        return bad | (shrunk == MAP_FAILED) | check(shrunk, 0, n / 2, 1, "after shrink");
+    }
+    if (strcmp(mode, "dontneed") == 0) { /* discarded pages read zero, even paged-out ones */
+        madvise(m + (n / 2) * WORDS, (n / 4) * PAGE, MADV_DONTNEED);
+        return check(m, 0, n / 2, 1, "kept") | check(m, n / 2, n / 4, 0, "discarded") |
+               check(m, 3 * n / 4, n - 3 * n / 4, 1, "kept above");
+    }
+    if (strcmp(mode, "exit") == 0)
+        return 0; /* slots must all be freed when it is gone */
+    return 2;
+}
