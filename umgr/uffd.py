@@ -379,10 +379,13 @@ class Userfaultfd:
             if max_events < 1:
                 raise ValueError("max_events must be at least 1")
             self._grow(max_events)
-        w = self._words
         n = _read_msgs(self._fd, self._msgs, max_events)
+        w = self._words
+        if n == 1 and w[0] & 0xFF == _EVENT_PAGEFAULT:
+            # The common case on the fault path: a single fault.
+            return [_new_fault(w[2], w[1], w[3] & 0xFFFFFFFF)]
         if n <= 0:
-            if n == 0 or n == -_EAGAIN:
+            if n == -_EAGAIN or n == 0:
                 return []
             self._raise(-n, "read")
         events = []
