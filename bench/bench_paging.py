@@ -1,0 +1,464 @@
+"""Paging benchmark: a sequential scan of data several times the budget.
+
+One invocation measures, on the same machine and in the same run:
+
+  plain          the scan with no limit (no paging at all: the reference);
+  kernel swap    the scan in a cgroup v1 memory group limited to the budget,
+                 with a swapfile (set up here and torn down in `finally`);
+  umgr           `umgr exec --max-resident BUDGET` with the readahead and
+                 none prefetch policies;
+  floor          a minimal C userfaultfd handler (bench/programs/floor.c):
+                 the cost of a fault served from userspace with no I/O, one
+                 page and 16 pages per UFFDIO_COPY, under several thread
+                 placements.
+
+The workload is bench/programs/scan.c: first touch (write every word), then
+PASSES sequential read passes that touch every page; it checks its sums and
+reports per-phase times, rusage fault counts and /proc/vmstat pswpin/pswpout
+deltas. Under umgr a userfault shows up as a minor fault in rusage, so the
+per-pass minflt delta is the number of userfaults of that pass.
+
+Needs root (swapon, cgroups, userfaultfd), gcc, mkswap/swapon/swapoff and the
+cgroup v1 memory controller at /sys/fs/cgroup/memory.
+
+    python bench/bench_paging.py [--data-mib 512] [--budget-mib 64] [--passes 2]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROGRAMS = HERE / "programs"
+PAGE = 4096
+MiB = 1 << 20
+
+SWAPFILE = "/var/tmp/umgr-bench.swap"
+CGROUP_ROOT = "/sys/fs/cgroup/memory"
+CGROUP = os.path.join(CGROUP_ROOT, "umgr-bench")
+RUN_TIMEOUT = 900
+
+FLOOR_PLACEMENTS = ("any", "same", "cross", "spin")
+FLOOR_COPIES = (1, 16)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---- building and running the programs ------------------------------------------
+def compile_programs(out_dir: str) -> dict[str, str]:
+    built = {}
+    for name in ("scan", "floor"):
+        exe = os.path.join(out_dir, name)
+        subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", exe, str(PROGRAMS / f"{name}.c")], check=True)
+        built[name] = exe
+    return built
+
+
+def _last_json_line(text: str, what: str) -> dict:
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise BenchError(f"{what}: no JSON line in its output")
+
+
+def _run(cmd: list[str], what: str, **kwargs) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, **kwargs)
+    if proc.returncode != 0:
+        raise BenchError(f"{what} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    result = _last_json_line(proc.stdout, what)
+    if result.get("ok") is False:
+        raise BenchError(f"{what}: data check failed: {proc.stderr.strip()[-2000:]}")
+    result["stderr"] = proc.stderr.strip()[-2000:]
+    return result
+
+
+def run_plain(scan: str, data_mib: int, passes: int) -> dict:
+    return {"scan": _run([scan, str(data_mib), str(passes)], "plain scan")}
+
+
+# ---- kernel swap: swapfile + cgroup v1 memory limit ------------------------------------
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(f"{value}\n")
+
+
+def _read_kv(path: str) -> dict[str, int]:
+    out = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = int(value)
+    return out
+
+
+def _active_swaps() -> list[str]:
+    with open("/proc/swaps") as f:
+        return [line.split()[0] for line in f.readlines()[1:] if line.strip()]
+
+
+def _remove_swapfile() -> None:
+    if SWAPFILE in _active_swaps():
+        subprocess.run(["swapoff", SWAPFILE], check=False, capture_output=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SWAPFILE)
+
+
+def _remove_cgroup() -> None:
+    if not os.path.isdir(CGROUP):
+        return
+    # Anything left in it (a scan killed by Ctrl-C) is killed first.
+    for attempt in range(50):
+        with open(os.path.join(CGROUP, "cgroup.procs")) as f:
+            pids = [int(p) for p in f.read().split()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.rmdir(CGROUP)
+            return
+        except OSError:
+            time.sleep(0.1)
+    print(f"bench: could not remove {CGROUP}", file=sys.stderr)
+
+
+def _teardown_kernel_swap() -> None:
+    try:
+        _remove_cgroup()
+    finally:
+        _remove_swapfile()
+
+
+@contextlib.contextmanager
+def kernel_swap(swap_mib: int, limit_bytes: int):
+    """A swapfile of swap_mib MiB and the cgroup CGROUP limited to
+    limit_bytes; both removed on the way out, whatever happened."""
+    if not os.path.isdir(CGROUP_ROOT):
+        raise BenchError(f"no cgroup v1 memory controller at {CGROUP_ROOT}")
+    _teardown_kernel_swap()  # leftovers of an interrupted run
+    try:
+        fd = os.open(SWAPFILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, swap_mib * MiB)
+        finally:
+            os.close(fd)
+        subprocess.run(["mkswap", SWAPFILE], check=True, capture_output=True)
+        on = subprocess.run(["swapon", SWAPFILE], capture_output=True, text=True)
+        if on.returncode != 0:
+            # A filesystem that refuses fallocated swapfiles ("has holes"): write it.
+            os.unlink(SWAPFILE)
+            subprocess.run(["dd", "if=/dev/zero", f"of={SWAPFILE}", "bs=1M", f"count={swap_mib}", "status=none"],
+                           check=True)
+            os.chmod(SWAPFILE, 0o600)
+            subprocess.run(["mkswap", SWAPFILE], check=True, capture_output=True)
+            subprocess.run(["swapon", SWAPFILE], check=True, capture_output=True)
+        os.mkdir(CGROUP)
+        memsw = os.path.join(CGROUP, "memory.memsw.limit_in_bytes")
+        if os.path.exists(memsw):
+            _write(memsw, -1)
+        _write(os.path.join(CGROUP, "memory.limit_in_bytes"), limit_bytes)
+        yield CGROUP
+    finally:
+        _teardown_kernel_swap()
+
+
+def _enter_cgroup() -> None:
+    # preexec_fn: runs in the child between fork and exec.
+    with open(os.path.join(CGROUP, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def run_kernel_swap(scan: str, data_mib: int, budget_mib: int, passes: int, swap_mib: int) -> dict:
+    with kernel_swap(swap_mib, budget_mib * MiB) as cg:
+        scan_result = _run([scan, str(data_mib), str(passes)], "scan under kernel swap", preexec_fn=_enter_cgroup)
+        stat = _read_kv(os.path.join(cg, "memory.stat"))
+        cgroup = {
+            "pgmajfault": stat.get("total_pgmajfault", stat.get("pgmajfault")),
+            "pgfault": stat.get("total_pgfault", stat.get("pgfault")),
+            "max_usage_bytes": int(open(os.path.join(cg, "memory.max_usage_in_bytes")).read()),
+            "failcnt": int(open(os.path.join(cg, "memory.failcnt")).read()),
+        }
+    return {"scan": scan_result, "cgroup": cgroup, "swap_mib": swap_mib}
+
+
+# ---- umgr ----------------------------------------------------------------------
+def default_umgr_cmd() -> list[str]:
+    """This interpreter's umgr, else the repository's .venv."""
+    import importlib.util
+    venv_python = HERE.parent / ".venv" / "bin" / "python"
+    if importlib.util.find_spec("umgr") is None and venv_python.exists():
+        return [str(venv_python), "-m", "umgr"]
+    return [sys.executable, "-m", "umgr"]
+
+
+def run_umgr(scan: str, data_mib: int, budget_mib: int, passes: int, policy: str, work: str,
+             umgr_cmd: list[str]) -> dict:
+    stats_file = os.path.join(work, f"umgr-{policy}.json")
+    cmd = [*umgr_cmd, "exec", "--max-resident", f"{budget_mib}M", "--policy", policy,
+           "--swap-size", f"{data_mib + 256}M", "--stats-json", stats_file, "--",
+           scan, str(data_mib), str(passes)]
+    scan_result = _run(cmd, f"scan under umgr ({policy})")
+    with open(stats_file) as f:
+        stats = json.load(f)
+    return {"scan": scan_result, "umgr": stats}
+
+
+# ---- the C handler floor ------------------------------------------------------------
+def run_floors(floor: str, mib: int, placements=FLOOR_PLACEMENTS, copies=FLOOR_COPIES) -> dict:
+    out = {}
+    for per_copy in copies:
+        for placement in placements:
+            if placement != "any" and os.cpu_count() < 2:
+                continue
+            out[f"{per_copy}p-{placement}"] = _run([floor, str(mib), str(per_copy), placement],
+                                                    f"floor {per_copy} {placement}")
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------
+def _figures(result: dict, data_mib: int) -> dict:
+    """Derived figures of one scan run: read passes and first touch."""
+    scan = result["scan"]
+    pages = scan["pages"]
+    passes = scan["pass_s"]
+    mean_pass = sum(passes) / len(passes) if passes else float("nan")
+    # Per-pass fault counts: majflt for kernel swap, minflt (= userfaults) for umgr.
+    pass_majflt = sum(scan["majflt"][1:])
+    pass_minflt = sum(scan["minflt"][1:])
+    fig = {
+        "first_touch_s": scan["first_touch_s"],
+        "pass_s": passes,
+        "mean_pass_s": mean_pass,
+        "pages_per_s": pages / mean_pass,
+        "gb_per_s": data_mib * MiB / mean_pass / 1e9,
+        "pass_majflt": pass_majflt,
+        "pass_minflt": pass_minflt,
+        "pass_pswpin": sum(scan["pswpin"][1:]),
+        "pass_pswpout": sum(scan["pswpout"][1:]),
+        "touch_pswpout": scan["pswpout"][0],
+    }
+    return fig
+
+
+def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, floor_mib: int | None = None,
+        umgr_cmd: list[str] | None = None, policies=("readahead", "none"), kernel: bool = True,
+        none_passes: int = 1,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
+    """Measure every configuration; returns raw results, derived figures and ratios.
+
+    Policy none makes one userfault per page and takes minutes per pass at
+    the default size: it runs min(passes, none_passes) passes."""
+    if passes < 1:
+        raise ValueError("passes must be at least 1")
+    if os.geteuid() != 0:
+        raise BenchError("needs root (swapon, cgroups, userfaultfd)")
+    umgr_cmd = umgr_cmd or default_umgr_cmd()
+    floor_mib = floor_mib or min(data_mib, 128)
+    results: dict = {
+        "params": {"data_mib": data_mib, "budget_mib": budget_mib, "passes": passes, "floor_mib": floor_mib,
+                   "none_passes": none_passes},
+        "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+        "configs": {},
+    }
+    configs = results["configs"]
+    with tempfile.TemporaryDirectory(prefix="umgr-bench-") as work:
+        exe = compile_programs(work)
+        log("plain ...")
+        configs["plain"] = run_plain(exe["scan"], data_mib, passes)
+        if kernel:
+            # The kernel frees a swap slot on swap-in when swap is over half
+            # full (vm_swap_full()), so with data + 256 MiB of swap every page
+            # read back is written again when evicted; with room to spare a
+            # clean page keeps its slot and is dropped without I/O.
+            for name, swap_mib in (("kernel-swap", data_mib + 256), ("kernel-swap-roomy", 3 * data_mib + 256)):
+                log(f"{name} (swapfile of {swap_mib} MiB + cgroup v1 limit) ...")
+                configs[name] = run_kernel_swap(exe["scan"], data_mib, budget_mib, passes, swap_mib)
+        for policy in policies:
+            log(f"umgr --policy {policy} ...")
+            n = min(passes, none_passes) if policy == "none" else passes
+            configs[f"umgr-{policy}"] = run_umgr(exe["scan"], data_mib, budget_mib, n, policy, work, umgr_cmd)
+        log("C handler floor ...")
+        results["floor"] = run_floors(exe["floor"], floor_mib)
+    results["env"]["loadavg_after"] = os.getloadavg()
+
+    for name, result in configs.items():
+        result["figures"] = _figures(result, data_mib)
+        read_pages = result["scan"]["pages"] * len(result["scan"]["pass_s"])
+        if "umgr" in result:
+            s = result["umgr"]
+            f = result["figures"]
+            f["faults"] = s["faults"]
+            # Userfaults during the read passes (rusage minflt); ordinary
+            # minor faults there are ~0 (the plain run shows it).
+            f["us_per_fault"] = sum(f["pass_s"]) / f["pass_minflt"] * 1e6 if f["pass_minflt"] else float("nan")
+            f["pages_per_fault"] = read_pages / f["pass_minflt"] if f["pass_minflt"] else 0
+        elif name.startswith("kernel-swap"):
+            f = result["figures"]
+            f["us_per_fault"] = sum(f["pass_s"]) / f["pass_majflt"] * 1e6 if f["pass_majflt"] else float("nan")
+            f["pages_per_fault"] = read_pages / f["pass_majflt"] if f["pass_majflt"] else 0
+    results["ratios"] = _ratios(results)
+    results["eviction"] = _eviction(results)
+    return results
+
+
+def _ratios(results: dict) -> dict:
+    configs = results["configs"]
+    floor = results["floor"]
+    out = {}
+    for name, result in configs.items():
+        if not name.startswith("umgr-"):
+            continue
+        f = result["figures"]
+        r = {}
+        for kname in ("kernel-swap", "kernel-swap-roomy"):
+            if kname in configs:
+                kswap = configs[kname]["figures"]
+                r[f"pass_time_vs_{kname}"] = f["mean_pass_s"] / kswap["mean_pass_s"]
+                r[f"first_touch_vs_{kname}"] = f["first_touch_s"] / kswap["first_touch_s"]
+        for key in ("1p-any", "16p-any"):
+            if key in floor:
+                fl = floor[key]
+                r[f"pass_time_vs_floor_{key}"] = f["mean_pass_s"] / (result["scan"]["pages"] / fl["pages_per_s"])
+        if "1p-any" in floor:
+            r["us_per_fault_vs_floor_1p-any"] = f["us_per_fault"] / floor["1p-any"]["us_per_fault"]
+        out[name] = r
+    return out
+
+
+def _eviction(results: dict) -> dict:
+    """Pages paged out during the first touch (the scan writes data >> budget)."""
+    p = results["params"]
+    data_pages, budget_pages = p["data_mib"] * MiB // PAGE, p["budget_mib"] * MiB // PAGE
+    out = {}
+    for name, result in results["configs"].items():
+        if name == "plain":
+            continue
+        f = result["figures"]
+        e = {"first_touch_s": f["first_touch_s"]}
+        if "umgr" in result:
+            s = result["umgr"]
+            # At least data - budget pages left during the first touch.
+            e["touch_pages_out"] = data_pages - budget_pages
+            e["pages_out_total"] = s["pages_out"]
+            e["pages_out_per_s_total"] = s["pages_out"] / s["wall_seconds"]
+            e["zap_batches"] = s.get("zap_batches")
+            e["pages_per_zap_range"] = s["pages_out"] / s["zap_ranges"] if s.get("zap_ranges") else None
+            e["swap_mib_written"] = s["swap_bytes_written"] / MiB
+        else:
+            e["touch_pages_out"] = f["touch_pswpout"]
+            e["pass_pages_out"] = f["pass_pswpout"]
+            e["swap_mib_written"] = (f["touch_pswpout"] + f["pass_pswpout"]) * PAGE / MiB
+        e["touch_pages_out_per_s"] = e["touch_pages_out"] / f["first_touch_s"]
+        out[name] = e
+    return out
+
+
+# ---- the table --------------------------------------------------------------------------
+def format_report(results: dict) -> str:
+    p = results["params"]
+    lines = [f"sequential scan: {p['data_mib']} MiB of data, budget {p['budget_mib']} MiB "
+             f"({p['data_mib'] / p['budget_mib']:.0f}x), {p['passes']} read passes (policy none: {min(p['passes'], p['none_passes'])}); "
+             f"kernel {results['env']['kernel']}, {results['env']['cpus']} CPUs, "
+             f"loadavg before {results['env']['loadavg_before'][0]:.2f} after {results['env']['loadavg_after'][0]:.2f}",
+             "",
+             f"{'config':<16} {'touch s':>8} {'pass s (each)':>22} {'pages/s':>10} {'GB/s':>6} "
+             f"{'faults/pass':>11} {'pg/fault':>8} {'us/fault':>9}"]
+    for name, result in results["configs"].items():
+        f = result["figures"]
+        each = ", ".join(f"{t:.3f}" for t in f["pass_s"])
+        faults = f.get("us_per_fault")
+        nfaults = (f["pass_minflt"] if "umgr" in result else f["pass_majflt"]) / len(f["pass_s"])
+        lines.append(f"{name:<16} {f['first_touch_s']:>8.3f} {each:>22} {f['pages_per_s']:>10.0f} "
+                     f"{f['gb_per_s']:>6.3f} {nfaults:>11.0f} {f.get('pages_per_fault', 0):>8.1f} "
+                     f"{(f'{faults:.1f}' if faults is not None else '-'):>9}")
+    lines.append("  (faults: umgr = userfaults (rusage minflt) per pass; kernel swap = major faults per pass; "
+                 "us/fault = pass time / faults)")
+    for name, result in results["configs"].items():
+        if "umgr" in result:
+            s = result["umgr"]
+            lines.append(f"  {name}: stats faults={s['faults']} pages_in={s['pages_in']} prefetched={s['prefetched']} "
+                         f"pages_out={s['pages_out']} peak_resident={s['peak_resident_bytes'] / MiB:.1f} MiB "
+                         f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB "
+                         f"wall={s['wall_seconds']}s")
+        elif name.startswith("kernel-swap"):
+            c, f = result["cgroup"], result["figures"]
+            lines.append(f"  {name}: swapfile {result['swap_mib']} MiB, cgroup pgmajfault={c['pgmajfault']} max_usage={c['max_usage_bytes'] / MiB:.1f} MiB; "
+                         f"pswpin in passes={f['pass_pswpin']} pswpout in passes={f['pass_pswpout']}")
+
+    lines += ["", f"C handler floor ({p['floor_mib']} MiB, one read pass, no I/O):",
+              f"{'pages/copy':>10} {'placement':>9} {'faults':>8} {'us/fault':>9} {'pages/s':>10}"]
+    for key, fl in results["floor"].items():
+        lines.append(f"{fl['pages_per_copy']:>10} {fl['mode']:>9} {fl['faults']:>8} {fl['us_per_fault']:>9.1f} "
+                     f"{fl['pages_per_s']:>10.0f}")
+
+    lines += ["", "ratios (>1: umgr slower):"]
+    for name, r in results["ratios"].items():
+        lines.append(f"  {name}:")
+        items = list(r.items())
+        for i in range(0, len(items), 3):
+            lines.append("    " + ", ".join(f"{k}={v:.2f}" for k, v in items[i:i + 3]))
+
+    lines += ["", "eviction during the first touch (data - budget pages at least leave):"]
+    for name, e in results["eviction"].items():
+        extra = ""
+        if "pages_out_total" in e:
+            extra = (f"; all run: {e['pages_out_total']} pages out, {e['pages_out_per_s_total']:.0f}/s of wall, "
+                     f"{e['pages_per_zap_range'] or 0:.0f} pages per zap range, {e['swap_mib_written']:.0f} MiB written")
+        else:
+            extra = f"; read passes: {e['pass_pages_out']} pages out, {e['swap_mib_written']:.0f} MiB written in all"
+        lines.append(f"  {name:<16} {e['touch_pages_out']} pages in {e['first_touch_s']:.3f}s = "
+                     f"{e['touch_pages_out_per_s']:.0f} pages/s{extra}")
+    return "\n".join(lines)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-mib", type=int, default=512)
+    parser.add_argument("--budget-mib", type=int, default=64)
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--floor-mib", type=int, default=None, help="region of the floor runs (default min(data, 128))")
+    parser.add_argument("--policies", default="readahead,none", help="umgr prefetch policies, comma-separated")
+    parser.add_argument("--none-passes", type=int, default=1, help="read passes for policy none (it is slow)")
+    parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
+    parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
+    args = parser.parse_args(argv)
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the swapfile and cgroup go away.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    try:
+        results = run(args.data_mib, args.budget_mib, args.passes, floor_mib=args.floor_mib,
+                      umgr_cmd=args.umgr.split() if args.umgr else None,
+                      policies=[p for p in args.policies.split(",") if p], kernel=not args.no_kernel_swap,
+                      none_passes=args.none_passes)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted (swapfile and cgroup removed)", file=sys.stderr)
+        return 130
+    print(format_report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
