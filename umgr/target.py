@@ -482,6 +482,9 @@ class Target:
             self.stats.backend_errors += 1
             await self._abort(vpns, f"backend error ({exc}); pages stay resident")
             return False
+        except BaseException:  # cancelled (the target is gone): the table does not hold these yet
+            self.backend.slots.free(slots)
+            raise
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
         page_slots[store] = slots
         # Pages that were written to (WP fault), discarded or unmapped while
