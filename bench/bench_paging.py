@@ -204,15 +204,28 @@ def default_umgr_cmd() -> list[str]:
 
 
 def run_umgr(scan: str, data_mib: int, budget_mib: int, passes: int, policy: str, work: str,
-             umgr_cmd: list[str]) -> dict:
+             umgr_cmd: list[str], attempts: int = 3) -> dict:
+    """One scan under `umgr exec`. A failed run (umgr exiting non-zero) is
+    retried, and its error kept in the result's "failures": a benchmark that
+    hid them would hide bugs."""
     stats_file = os.path.join(work, f"umgr-{policy}.json")
     cmd = [*umgr_cmd, "exec", "--max-resident", f"{budget_mib}M", "--policy", policy,
            "--swap-size", f"{data_mib + 256}M", "--stats-json", stats_file, "--",
            scan, str(data_mib), str(passes)]
-    scan_result = _run(cmd, f"scan under umgr ({policy})")
-    with open(stats_file) as f:
-        stats = json.load(f)
-    return {"scan": scan_result, "umgr": stats}
+    failures = []
+    for _ in range(attempts):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stats_file)
+        try:
+            scan_result = _run(cmd, f"scan under umgr ({policy})")
+        except BenchError as exc:
+            lines = [line.strip().lstrip("|+- ") for line in str(exc).splitlines() if line.strip().strip("|+-").strip()]
+            failures.append(lines[-1] if lines else str(exc))
+            continue
+        with open(stats_file) as f:
+            stats = json.load(f)
+        return {"scan": scan_result, "umgr": stats, "failures": failures}
+    raise BenchError(f"umgr --policy {policy} failed {attempts} times: {failures}")
 
 
 # ---- the C handler floor ------------------------------------------------------------
@@ -252,62 +265,81 @@ def _figures(result: dict, data_mib: int) -> dict:
     return fig
 
 
-def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, floor_mib: int | None = None,
-        umgr_cmd: list[str] | None = None, policies=("readahead", "none"), kernel: bool = True,
-        none_passes: int = 1,
+def _derive(name: str, result: dict, data_mib: int) -> dict:
+    f = _figures(result, data_mib)
+    read_pages = result["scan"]["pages"] * len(result["scan"]["pass_s"])
+    if "umgr" in result:
+        # Userfaults during the read passes are the rusage minflt deltas
+        # (ordinary minor faults there are ~0: the plain run shows it).
+        f["faults"] = result["umgr"]["faults"]
+        nfaults = f["pass_minflt"]
+    elif name.startswith("kernel-swap"):
+        nfaults = f["pass_majflt"]
+    else:
+        return f
+    f["us_per_fault"] = sum(f["pass_s"]) / nfaults * 1e6 if nfaults else float("nan")
+    f["pages_per_fault"] = read_pages / nfaults if nfaults else 0
+    return f
+
+
+def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, rounds: int = 2,
+        floor_mib: int | None = None, umgr_cmd: list[str] | None = None, policies=("readahead", "none"),
+        kernel: bool = True, none_passes: int = 1,
         log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """Measure every configuration; returns raw results, derived figures and ratios.
 
-    Policy none makes one userfault per page and takes minutes per pass at
-    the default size: it runs min(passes, none_passes) passes."""
-    if passes < 1:
-        raise ValueError("passes must be at least 1")
+    The VM is shared: the quick configurations (plain, kernel swap, umgr with
+    readahead) run `rounds` times, interleaved, and each is represented by its
+    fastest round (all rounds are kept). Policy none makes one userfault per
+    page and takes a minute per pass at the default size: it runs once, with
+    min(passes, none_passes) passes."""
+    if passes < 1 or rounds < 1:
+        raise ValueError("passes and rounds must be at least 1")
     if os.geteuid() != 0:
         raise BenchError("needs root (swapon, cgroups, userfaultfd)")
     umgr_cmd = umgr_cmd or default_umgr_cmd()
     floor_mib = floor_mib or min(data_mib, 128)
     results: dict = {
-        "params": {"data_mib": data_mib, "budget_mib": budget_mib, "passes": passes, "floor_mib": floor_mib,
-                   "none_passes": none_passes},
+        "params": {"data_mib": data_mib, "budget_mib": budget_mib, "passes": passes, "rounds": rounds,
+                   "floor_mib": floor_mib, "none_passes": none_passes},
         "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
         "configs": {},
     }
-    configs = results["configs"]
+    raw: dict[str, list[dict]] = {}
+    # The kernel frees a swap slot on swap-in when swap is over half full
+    # (vm_swap_full()), so with data + 256 MiB of swap every page read back is
+    # written again when evicted; with room to spare a clean page keeps its
+    # slot and is dropped without I/O.
+    kernel_configs = (("kernel-swap", data_mib + 256), ("kernel-swap-roomy", 3 * data_mib + 256)) if kernel else ()
     with tempfile.TemporaryDirectory(prefix="umgr-bench-") as work:
         exe = compile_programs(work)
-        log("plain ...")
-        configs["plain"] = run_plain(exe["scan"], data_mib, passes)
-        if kernel:
-            # The kernel frees a swap slot on swap-in when swap is over half
-            # full (vm_swap_full()), so with data + 256 MiB of swap every page
-            # read back is written again when evicted; with room to spare a
-            # clean page keeps its slot and is dropped without I/O.
-            for name, swap_mib in (("kernel-swap", data_mib + 256), ("kernel-swap-roomy", 3 * data_mib + 256)):
-                log(f"{name} (swapfile of {swap_mib} MiB + cgroup v1 limit) ...")
-                configs[name] = run_kernel_swap(exe["scan"], data_mib, budget_mib, passes, swap_mib)
-        for policy in policies:
-            log(f"umgr --policy {policy} ...")
-            n = min(passes, none_passes) if policy == "none" else passes
-            configs[f"umgr-{policy}"] = run_umgr(exe["scan"], data_mib, budget_mib, n, policy, work, umgr_cmd)
+        for r in range(rounds):
+            log(f"round {r + 1}/{rounds}: plain ...")
+            raw.setdefault("plain", []).append(run_plain(exe["scan"], data_mib, passes))
+            for name, swap_mib in kernel_configs:
+                log(f"round {r + 1}/{rounds}: {name} (swapfile of {swap_mib} MiB + cgroup v1 limit) ...")
+                raw.setdefault(name, []).append(run_kernel_swap(exe["scan"], data_mib, budget_mib, passes, swap_mib))
+            for policy in policies:
+                if policy == "none":
+                    continue
+                log(f"round {r + 1}/{rounds}: umgr --policy {policy} ...")
+                raw.setdefault(f"umgr-{policy}", []).append(
+                    run_umgr(exe["scan"], data_mib, budget_mib, passes, policy, work, umgr_cmd))
+        if "none" in policies:
+            log("umgr --policy none ...")
+            raw["umgr-none"] = [run_umgr(exe["scan"], data_mib, budget_mib, min(passes, none_passes), "none",
+                                         work, umgr_cmd)]
         log("C handler floor ...")
         results["floor"] = run_floors(exe["floor"], floor_mib)
     results["env"]["loadavg_after"] = os.getloadavg()
 
-    for name, result in configs.items():
-        result["figures"] = _figures(result, data_mib)
-        read_pages = result["scan"]["pages"] * len(result["scan"]["pass_s"])
-        if "umgr" in result:
-            s = result["umgr"]
-            f = result["figures"]
-            f["faults"] = s["faults"]
-            # Userfaults during the read passes (rusage minflt); ordinary
-            # minor faults there are ~0 (the plain run shows it).
-            f["us_per_fault"] = sum(f["pass_s"]) / f["pass_minflt"] * 1e6 if f["pass_minflt"] else float("nan")
-            f["pages_per_fault"] = read_pages / f["pass_minflt"] if f["pass_minflt"] else 0
-        elif name.startswith("kernel-swap"):
-            f = result["figures"]
-            f["us_per_fault"] = sum(f["pass_s"]) / f["pass_majflt"] * 1e6 if f["pass_majflt"] else float("nan")
-            f["pages_per_fault"] = read_pages / f["pass_majflt"] if f["pass_majflt"] else 0
+    for name, runs in raw.items():
+        figures = [_derive(name, result, data_mib) for result in runs]
+        best = min(range(len(runs)), key=lambda i: figures[i]["mean_pass_s"])
+        results["configs"][name] = {**runs[best], "figures": figures[best], "round": best + 1,
+                                    "failures": [f for result in runs for f in result.get("failures", [])],
+                                    "rounds": [{"first_touch_s": f["first_touch_s"], "pass_s": f["pass_s"]}
+                                               for f in figures]}
     results["ratios"] = _ratios(results)
     results["eviction"] = _eviction(results)
     return results
@@ -369,7 +401,8 @@ def _eviction(results: dict) -> dict:
 def format_report(results: dict) -> str:
     p = results["params"]
     lines = [f"sequential scan: {p['data_mib']} MiB of data, budget {p['budget_mib']} MiB "
-             f"({p['data_mib'] / p['budget_mib']:.0f}x), {p['passes']} read passes (policy none: {min(p['passes'], p['none_passes'])}); "
+             f"({p['data_mib'] / p['budget_mib']:.0f}x), {p['passes']} read passes (policy none: {min(p['passes'], p['none_passes'])}), "
+             f"best of {p['rounds']} rounds; "
              f"kernel {results['env']['kernel']}, {results['env']['cpus']} CPUs, "
              f"loadavg before {results['env']['loadavg_before'][0]:.2f} after {results['env']['loadavg_after'][0]:.2f}",
              "",
@@ -383,8 +416,12 @@ def format_report(results: dict) -> str:
         lines.append(f"{name:<16} {f['first_touch_s']:>8.3f} {each:>22} {f['pages_per_s']:>10.0f} "
                      f"{f['gb_per_s']:>6.3f} {nfaults:>11.0f} {f.get('pages_per_fault', 0):>8.1f} "
                      f"{(f'{faults:.1f}' if faults is not None else '-'):>9}")
-    lines.append("  (faults: umgr = userfaults (rusage minflt) per pass; kernel swap = major faults per pass; "
-                 "us/fault = pass time / faults)")
+    lines.append("  (each config: its fastest round. faults: umgr = userfaults (rusage minflt) per pass; "
+                 "kernel swap = major faults per pass; us/fault = pass time / faults)")
+    for name, result in results["configs"].items():
+        if len(result["rounds"]) > 1:
+            lines.append(f"  {name} rounds (touch s / pass s): " + "; ".join(
+                f"{r['first_touch_s']:.3f} / " + ", ".join(f"{t:.3f}" for t in r["pass_s"]) for r in result["rounds"]))
     for name, result in results["configs"].items():
         if "umgr" in result:
             s = result["umgr"]
@@ -396,6 +433,10 @@ def format_report(results: dict) -> str:
             c, f = result["cgroup"], result["figures"]
             lines.append(f"  {name}: swapfile {result['swap_mib']} MiB, cgroup pgmajfault={c['pgmajfault']} max_usage={c['max_usage_bytes'] / MiB:.1f} MiB; "
                          f"pswpin in passes={f['pass_pswpin']} pswpout in passes={f['pass_pswpout']}")
+
+    for name, result in results["configs"].items():
+        if result.get("failures"):
+            lines.append(f"  {name}: {len(result['failures'])} failed umgr run(s), retried: {result['failures'][0]}")
 
     lines += ["", f"C handler floor ({p['floor_mib']} MiB, one read pass, no I/O):",
               f"{'pages/copy':>10} {'placement':>9} {'faults':>8} {'us/fault':>9} {'pages/s':>10}"]
@@ -432,6 +473,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-mib", type=int, default=512)
     parser.add_argument("--budget-mib", type=int, default=64)
     parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the quick configs (best kept)")
     parser.add_argument("--floor-mib", type=int, default=None, help="region of the floor runs (default min(data, 128))")
     parser.add_argument("--policies", default="readahead,none", help="umgr prefetch policies, comma-separated")
     parser.add_argument("--none-passes", type=int, default=1, help="read passes for policy none (it is slow)")
@@ -443,7 +485,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     try:
-        results = run(args.data_mib, args.budget_mib, args.passes, floor_mib=args.floor_mib,
+        results = run(args.data_mib, args.budget_mib, args.passes, rounds=args.rounds, floor_mib=args.floor_mib,
                       umgr_cmd=args.umgr.split() if args.umgr else None,
                       policies=[p for p in args.policies.split(",") if p], kernel=not args.no_kernel_swap,
                       none_passes=args.none_passes)
