@@ -457,15 +457,24 @@ class Target:
             err = await self._writeprotect(run_vpn, run_len, True)
             if err:  # ENOENT: unmapped meanwhile; the UNMAP event drops them
                 self._release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
-        nbytes = await trio.to_thread.run_sync(
-            procmem.process_vm_readv, self.pid, self._victims.addr,
-            (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64))
+        try:
+            nbytes = await trio.to_thread.run_sync(
+                procmem.process_vm_readv, self.pid, self._victims.addr,
+                (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64))
+        except TargetGone:
+            raise
+        except OSError:  # EFAULT on the first range: unmapped meanwhile, or unreadable
+            nbytes = 0
         nread = nbytes >> PAGE_SHIFT
         if nread < len(vpns):
-            # The page at vpns[nread] cannot be read back: never evict it.
-            log.info("%s: page %#x cannot be read; pinned", self.label, int(vpns[nread]) << PAGE_SHIFT)
-            await self._unprotect(vpns[nread:])
-            self.pt.set(vpns[nread:nread + 1], State.PINNED)
+            rest = vpns[nread:]
+            self._release(rest, State.EVICTING)
+            await self._unprotect(rest)
+            # Still mapped yet unreadable (PROT_NONE, ...): never evict it.
+            first = rest[:1]
+            if self.pt.states(first)[0] == State.RESIDENT:
+                log.info("%s: page %#x cannot be read; pinned", self.label, int(first[0]) << PAGE_SHIFT)
+                self.pt.set(first, State.PINNED)
             vpns = vpns[:nread]
         zero = self._victims.zero_pages(len(vpns))
         live = self.pt.states(vpns) == State.EVICTING
