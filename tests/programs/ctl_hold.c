@@ -1,0 +1,49 @@
+/* Fills MIB of anonymous memory with a known pattern, prints "ready", then
+ * waits for stdin to reach EOF before checking every byte. Lets a test look
+ * at a target (umgr status) while it is alive, idle and partly swapped out.
+ * Usage: ctl_hold MIB. Exit 0 and "ok N pages" when all is intact; 1 and a
+ * message at the first wrong word. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PAGE 4096
+
+static uint64_t word_for(size_t page, size_t word)
+{
+    return (page * 0x9E3779B97F4A7C15ull) ^ (word * 0xBF58476D1CE4E5B9ull) ^ 0x5A;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: ctl_hold MIB\n");
+        return 2;
+    }
+    size_t bytes = strtoull(argv[1], NULL, 10) << 20;
+    size_t npages = bytes / PAGE;
+    uint64_t *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+        perror("ctl_hold: mmap");
+        return 2;
+    }
+    for (size_t p = 0; p < npages; p++)
+        for (size_t w = 0; w < PAGE / 8; w++)
+            mem[p * (PAGE / 8) + w] = word_for(p, w);
+    printf("ready\n");
+    fflush(stdout);
+    char buf[64];
+    while (read(0, buf, sizeof buf) > 0)
+        ;
+    for (size_t p = 0; p < npages; p++)
+        for (size_t w = 0; w < PAGE / 8; w++)
+            if (mem[p * (PAGE / 8) + w] != word_for(p, w)) {
+                fprintf(stderr, "ctl_hold: page %zu word %zu: %016llx, want %016llx\n", p, w,
+                        (unsigned long long)mem[p * (PAGE / 8) + w], (unsigned long long)word_for(p, w));
+                return 1;
+            }
+    printf("ok %zu pages\n", npages);
+    return 0;
+}
