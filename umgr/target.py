@@ -34,6 +34,10 @@ REGISTER_MODE = uffdmod.UFFDIO_REGISTER_MODE_MISSING | uffdmod.UFFDIO_REGISTER_M
 MAX_FILL_PAGES = 256      # pages brought in per fault batch (staging buffer)
 EVICT_BATCH = 512         # pages per eviction batch
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
+# Longest a fault waits for eviction at the budget. Past it the page comes in
+# anyway: the evictor may itself be waiting on that fault (a page the zap
+# agent or a process_vm_readv touches), and overshooting beats a deadlock.
+BACKPRESSURE_LIMIT = 0.1
 LATENCY_BUCKETS = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3, 20e-3, 100e-3)
 
 
@@ -245,7 +249,8 @@ class Target:
         are read (the evictor's zap waits on its REMOVE events) and every
         fault that adds no page is served: the evictor's own
         process_vm_readv may be waiting on one."""
-        while self._must_wait_for_eviction():
+        deadline = time.monotonic() + BACKPRESSURE_LIMIT
+        while self._must_wait_for_eviction() and time.monotonic() < deadline:
             self._evict_wanted.set()
             with trio.move_on_after(0.005) as self._waiting:
                 await self.uffd.wait_readable()
@@ -376,6 +381,9 @@ class Target:
                 continue
             only_zeros = not writes and not swapped[seg].any()
             done[seg] = self._copy_run(run_vpn, run_len, seg.start, only_zeros)
+        # An app REMOVE read while copying (EAGAIN) has already settled the
+        # pages it names: FRESH, slot freed. Only the others become ours.
+        done &= (self.pt.states(vpns) == planned) & (self.pt.slots(vpns) == slots)
         filled = vpns[done]
         if len(filled):
             self.backend.slots.free(slots[done & swapped])
@@ -406,10 +414,13 @@ class Target:
             if err == 0:
                 break
             if err == errno.EAGAIN:
+                # Either a queued event (read it: the rest of the run may have
+                # been discarded, so its faults go round again with fresh
+                # state) or a short copy stopped by a present page (go on:
+                # the next attempt answers EEXIST for it).
                 self._drain()
-                if ok == 0:
-                    continue
-            elif err == errno.EEXIST:
+                continue
+            if err == errno.EEXIST:
                 done[i] = True  # present already: the page is there, wake its waiters
                 self.uffd.wake((vpn + i) << PAGE_SHIFT, PAGE_SIZE)
                 i += 1
@@ -458,9 +469,7 @@ class Target:
             if err:  # ENOENT: unmapped meanwhile; the UNMAP event drops them
                 self._release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
         try:
-            nbytes = await trio.to_thread.run_sync(
-                procmem.process_vm_readv, self.pid, self._victims.addr,
-                (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64))
+            nbytes = await self._read_victims(starts, lengths)
         except TargetGone:
             raise
         except OSError:  # EFAULT on the first range: unmapped meanwhile, or unreadable
@@ -507,6 +516,16 @@ class Target:
         await self._zap(vpns)
         self.stats.zero_pages_out += int(zero.sum())
         return True
+
+    async def _read_victims(self, starts: np.ndarray, lengths: np.ndarray) -> int:
+        """process_vm_readv in a worker thread. Abandoned on cancel: a read
+        blocked on a userfault of a target that is going away is woken only
+        when its uffd is closed, after this task has finished. The thread
+        holds the buffer, so it stays mapped until the read returns."""
+        buf, pid = self._victims, self.pid
+        addrs, lens = (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
+        return await trio.to_thread.run_sync(
+            lambda: procmem.process_vm_readv(pid, buf.addr, addrs, lens), abandon_on_cancel=True)
 
     async def _zap(self, vpns: np.ndarray) -> None:
         starts, lengths = runs(vpns)
@@ -591,7 +610,7 @@ class Target:
         self.uffd.close()
         if self.zapper is not None:
             self.zapper.close()
-        for buf in (self._fill, self._zeros, self._victims):
+        for buf in (self._fill, self._zeros):  # _victims: an abandoned readv may still write it
             buf.close()
 
     def snapshot(self) -> dict:

@@ -211,7 +211,10 @@ static long zap_ranges(const struct umgr_range *ranges, uint32_t count)
 static void *agent_main(void *unused)
 {
     (void)unused;
-    static __thread char buf[sizeof(struct umgr_zap) + UMGR_ZAP_MAX_RANGES * sizeof(struct umgr_range)];
+    /* On the agent's own (never managed) stack: a __thread buffer would be
+     * reached through the DTV, which glibc mallocs on the heap, a managed
+     * page the agent could fault on while the daemon waits for its zap. */
+    char buf[sizeof(struct umgr_zap) + UMGR_ZAP_MAX_RANGES * sizeof(struct umgr_range)];
     for (;;) {
         ssize_t n = recv(shim.agent_fd, buf, sizeof buf, 0);
         if (n < 0 && errno == EINTR)
