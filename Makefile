@@ -3,12 +3,13 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := liburing-dev gcc make python3-dev
+# liburing-dev builds umgr; the rest are programs the tests run under umgr.
+APT_PACKAGES := liburing-dev gcc make python3-dev python3 xz-utils time gawk
 
 .PHONY: deps venv build test bench clean
 
 deps:
-	@if ! dpkg -s liburing-dev >/dev/null 2>&1; then \
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	fi
 

@@ -23,9 +23,7 @@ PAGE = 4096
 
 TIME = "/usr/bin/time"  # GNU time, for the plain runs' peak RSS
 
-pytestmark = pytest.mark.skipif(not all(shutil.which(p) for p in ("sort", "awk", "xz")) or
-                                not os.path.exists("/usr/bin/python3") or not os.path.exists(TIME),
-                                reason="needs sort, awk, xz, /usr/bin/python3 and GNU time")
+# sort, awk, xz, /usr/bin/python3 and GNU time are installed by `make test` (Makefile APT_PACKAGES).
 
 
 def plain_run(cmd: list[str], stdout: Path) -> int:

@@ -236,7 +236,8 @@ class Target:
         states = self.pt.states(moved)
         caught = moved[(states == State.EVICTING) | (states == State.ZAPPING)]
         if len(caught):
-            self.backend.slots.free(self.pt.slots(caught)[self.pt.slots(caught) != NO_SLOT])
+            slots = self.pt.slots(caught)
+            self.backend.slots.free(slots[slots != NO_SLOT])
             self.pt.set(caught, State.RESIDENT, NO_SLOT)
             self.eviction.on_resident(caught)
 
