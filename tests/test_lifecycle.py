@@ -1,6 +1,6 @@
 """Process life-cycle events on memory that is paged out when they happen:
 fork (shared, refcounted slots), munmap of a hole, mremap move+grow+shrink,
-the app's own MADV_DONTNEED, and exit. The program checks every byte; here
+mremap moves racing eviction, the app's own MADV_DONTNEED, and exit. The program checks every byte; here
 we check that pages really left and that no slot is left over."""
 import pytest
 
@@ -9,19 +9,14 @@ MODES = {
     "fork": "forks",
     "munmap": "unmaps",
     "mremap": "remaps",
+    "mremap-race": "remaps",   # 24 moves while eviction batches are in flight
     "dontneed": "app_removes",
     "exit": None,
 }
 
 
-KNOWN_HANG = pytest.mark.xfail(
-    run=False, strict=False,
-    reason="known bug, under investigation: mremap move+grow of paged-out memory sometimes leaves "
-           "one fault read but never answered (target hangs); about 4 runs in 5 on an idle machine")
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", [m if m != "mremap" else pytest.param(m, marks=KNOWN_HANG) for m in MODES])
+@pytest.mark.parametrize("mode", MODES)
 def test_event_on_paged_out_memory(umgr_exec, programs, mode):
     result = umgr_exec([programs["lifecycle"], mode, "64"], max_resident="16M")
     assert result.returncode == 0, result.stderr

@@ -61,6 +61,19 @@ def test_move_carries_states_and_slots():
     assert pt.resident == 1 and pt.swapped == 1
 
 
+def test_move_over_registered_range_returns_its_slots():
+    # A maps scan may register the destination before the REMAP event comes.
+    pt = table_with()
+    pt.add(500, 20)
+    pt.set(np.array([503]), State.SWAPPED, np.array([8], np.int32))
+    pt.set(np.array([101]), State.SWAPPED, np.array([4], np.int32))
+    replaced = pt.move(100, 500, 10)
+    assert replaced.tolist() == [8]
+    assert [(r.vpn, r.npages) for r in pt.regions] == [(500, 10), (510, 10)]
+    assert pt.slots(np.array([501, 503])).tolist() == [4, NO_SLOT]
+    assert pt.swapped == 1 and pt.managed == 20
+
+
 def test_copy_is_independent():
     pt = table_with()
     child = pt.copy()

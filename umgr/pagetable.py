@@ -174,18 +174,20 @@ class PageTable:
             self.counts[State.FRESH] += int(hit.sum())
         return np.concatenate(freed) if freed else np.empty(0, np.int32)
 
-    def move(self, src_vpn: int, dst_vpn: int, npages: int) -> None:
-        """mremap moved [src, src+n) to dst: states and slots follow the pages."""
+    def move(self, src_vpn: int, dst_vpn: int, npages: int) -> np.ndarray:
+        """mremap moved [src, src+n) to dst: states and slots follow the pages.
+        Returns the slots of what the move replaced at dst, to be freed."""
         pieces = [(lo, region.piece(lo, hi)) for region, lo, hi in self._overlapping(src_vpn, src_vpn + npages)]
         for region, lo, hi in list(self._overlapping(src_vpn, src_vpn + npages)):
             a, b = lo - region.vpn, hi - region.vpn
             self._count_out(region.state[a:b])
         self._cut(src_vpn, src_vpn + npages)
-        self.remove(dst_vpn, dst_vpn + npages)
+        replaced = self.remove(dst_vpn, dst_vpn + npages)
         for lo, piece in pieces:
             piece.vpn = dst_vpn + (lo - src_vpn)
             self._count_in(piece.state)
             bisect.insort(self.regions, piece, key=lambda r: r.vpn)
+        return replaced
 
     def clear(self) -> np.ndarray:
         """Everything is gone (exit, exec). Returns all slots to free."""

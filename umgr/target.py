@@ -82,6 +82,7 @@ class Target:
         self.zapper = None              # set when the agent attaches (or remote zap)
         self.gone = False
         self.eviction_paused = ""       # why eviction cannot run now, "" if it can
+        self.no_victims = False         # the evictor's last try found nothing to evict
         self.command = read_cmdline(pid)
         self.started = time.monotonic()
         self._pending: list[PageFault] = []
@@ -225,25 +226,39 @@ class Target:
         self.backend.slots.free(freed)
 
     def _on_remap(self, event: RemapEvent) -> None:
+        """mremap moved pages (the event comes after the move is complete;
+        the kernel keeps the uffd-wp bit on moved PTEs under EVENT_REMAP)."""
         self.stats.remaps += 1
         log.debug("%s: remap %#x -> %#x (%#x bytes)", self.label, event.src, event.dst, event.length)
         npages = event.length >> PAGE_SHIFT
         src, dst = event.src >> PAGE_SHIFT, event.dst >> PAGE_SHIFT
-        self.pt.move(src, dst, npages)
-        # An eviction batch in flight names the old addresses: the moved pages
-        # leave it and stay resident (a write to them unprotects them).
+        # A maps scan may have registered the new range before this event:
+        # what it recorded there is replaced by the moved pages.
+        self.backend.slots.free(self.pt.move(src, dst, npages))
         moved = np.arange(dst, dst + npages, dtype=np.int64)
         states = self.pt.states(moved)
-        caught = moved[(states == State.EVICTING) | (states == State.ZAPPING)]
-        if len(caught):
-            slots = self.pt.slots(caught)
-            self.backend.slots.free(slots[slots != NO_SLOT])
-            self.pt.set(caught, State.RESIDENT, NO_SLOT)
-            self.eviction.on_resident(caught)
+        # An eviction batch in flight names the old addresses, so the moved
+        # pages leave it. EVICTING pages are still mapped: they stay resident
+        # (still write-protected: a write unprotects them).
+        self._release(moved[states == State.EVICTING], State.EVICTING)
+        # A ZAPPING page was either emptied by the zap before the move (its
+        # content is in its slot) or is still mapped (the zap, aimed at the
+        # old address, misses it now). Presence at the new address tells.
+        zapping = moved[states == State.ZAPPING]
+        if len(zapping):
+            first = int(zapping[0])
+            present = self._present_pages(first, int(zapping[-1]) - first + 1)[zapping - first]
+            self._release(zapping[present], State.ZAPPING)
+            emptied = zapping[~present]
+            slots = self.pt.slots(emptied)
+            self.pt.set(emptied[slots == NO_SLOT], State.FRESH)
+            self.pt.set(emptied[slots != NO_SLOT], State.SWAPPED)
+        # The eviction order names pages by address: give it the new ones.
+        self.eviction.on_resident(moved[self.pt.states(moved) == State.RESIDENT])
 
     def _must_wait_for_eviction(self) -> bool:
         return (bool(self.budget_pages) and self.pt.resident >= self.budget_pages
-                and self.zapper is not None and not self.eviction_paused)
+                and self.zapper is not None and not self.eviction_paused and not self.no_victims)
 
     async def _backpressure(self, fills: dict[int, bool]) -> None:
         """At the budget, new pages wait for the evictor. Meanwhile events
@@ -437,7 +452,10 @@ class Target:
                 await self._evict_wanted.wait()
                 self._evict_wanted = trio.Event()
                 while self.over_budget() and self.zapper is not None and not self.eviction_paused:
-                    if not await self.evict_batch():
+                    # No victim (all pinned, or unknown to the policy): faults
+                    # must not wait at the budget for an eviction that cannot come.
+                    self.no_victims = not await self.evict_batch()
+                    if self.no_victims:
                         break
                     await trio.sleep(0)
         except TargetGone:
@@ -549,9 +567,10 @@ class Target:
             self._waiting.cancel()
         self.stats.zap_batches += 1
         self.stats.zap_ranges += len(starts)
+        # Pages an mremap or munmap took away meanwhile are not ours to settle.
+        failed = failed[self.pt.states(failed) == State.ZAPPING]
         if len(failed):
             log.warning("%s: zap stopped after %d of %d pages", self.label, nzapped, len(vpns))
-            failed = failed[self.pt.states(failed) == State.ZAPPING]
             self._release(failed, State.ZAPPING)
             await self._unprotect(failed)
         # Writers blocked on a WP fault during the zap retry now: a MISSING

@@ -1,6 +1,7 @@
 /* Process-lifecycle events on memory that is paged out at the moment of the
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
- * MODE: fork | munmap | mremap | dontneed | exit. Exit 0 when all is intact. */
+ * MODE: fork | munmap | mremap | mremap-race | dontneed | exit.
+ * Exit 0 when all is intact. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -76,6 +77,32 @@ int main(int argc, char **argv)
         int bad = check(moved, 0, n, 1, "moved pages") | check(moved, n, n, 0, "grown part");
         uint64_t *shrunk = mremap(moved, 2 * n * PAGE, n / 2 * PAGE, 0);
         return bad | (shrunk == MAP_FAILED) | check(shrunk, 0, n / 2, 1, "after shrink");
+    }
+    if (strcmp(mode, "mremap-race") == 0) { /* moves back and forth while eviction is busy */
+        uint64_t *salt = malloc(n * sizeof *salt);
+        uint64_t *other = mmap(NULL, n * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (salt == NULL || other == MAP_FAILED)
+            return 2;
+        for (size_t p = 0; p < n; p++)
+            salt[p] = 1;
+        for (unsigned round = 0; round < 24; round++) {
+            uint64_t *moved = mremap(m, n * PAGE, n * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, other);
+            if (moved == MAP_FAILED)
+                return 2;
+            other = m;
+            m = moved;
+            size_t first = (round * 997) % (n - n / 8), count = n / 8;
+            fill(m, first, count, 10 + round); /* keeps the evictor busy across the next move */
+            for (size_t p = first; p < first + count; p++)
+                salt[p] = 10 + round;
+            size_t probe = (round * 4099) % n; /* a paged-out page read back at its new address */
+            if (check(m, probe, 1, salt[probe], "probe after move"))
+                return 1;
+        }
+        for (size_t p = 0; p < n; p++)
+            if (check(m, p, 1, salt[p], "after the moves"))
+                return 1;
+        return 0;
     }
     if (strcmp(mode, "dontneed") == 0) { /* discarded pages read zero, even paged-out ones */
         madvise(m + (n / 2) * WORDS, (n / 4) * PAGE, MADV_DONTNEED);
