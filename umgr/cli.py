@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import glob
 import json
 import logging
@@ -20,7 +21,7 @@ import trio
 from umgr import protocol
 from umgr.backends import open_backend
 from umgr.backends.file import DEFAULT_STATE_DIR
-from umgr.daemon import STATUS_REQUEST, Daemon, DaemonConfig
+from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 
 log = logging.getLogger("umgr")
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_daemon_options(p)
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     p.add_argument("--group", help="let this group's members connect (socket mode 0660)")
+    p.add_argument("--hello-timeout", type=float, default=HELLO_TIMEOUT, metavar="SECONDS",
+                   help=f"drop a connection that sends no first message for this long (default {HELLO_TIMEOUT:g})")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show the targets of a running daemon")
@@ -109,15 +112,15 @@ def cmd_exec(args) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
         raise SystemExit("umgr exec: no program given (umgr exec [OPTIONS] -- PROGRAM ARGS...)")
-    if shutil.which(program[0]) is None and not os.path.exists(program[0]):
-        print(f"umgr exec: {program[0]}: command not found", file=sys.stderr)
-        return 127
     rundir = tempfile.mkdtemp(prefix="umgr-")
     try:
         config = _config(args, os.path.join(rundir, "control.sock"))
         started = time.monotonic()
         status, totals, backend_stats = trio.run(_exec, config, args, program)
         wall = time.monotonic() - started
+    except CannotRun as exc:
+        print(f"umgr: {printable(program[0])}: {exc.reason}", file=sys.stderr)
+        return exc.status
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
     exit_code = 128 - status if status < 0 else status
@@ -141,11 +144,34 @@ def cmd_exec(args) -> int:
     return exit_code
 
 
+class CannotRun(Exception):
+    """The program could not be started; a shell would exit with `status`."""
+
+    def __init__(self, program: str, exc: OSError):
+        super().__init__(program)
+        # As a shell: a program (or its #! interpreter) that is not there is
+        # 127, one that is there but cannot be executed is 126.
+        self.status = 127 if exc.errno == errno.ENOENT else 126
+        if exc.errno == errno.ENOENT and "/" not in program:
+            self.reason = "command not found"
+        elif exc.errno == errno.EACCES and os.path.isdir(program):
+            self.reason = "Is a directory"
+        else:
+            self.reason = os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def _config(args, socket_path: str) -> DaemonConfig:
+    from umgr.policies import load_eviction, load_prefetch
     from umgr.probe import zap_mode
+    try:  # a bad name here would otherwise turn every target away
+        load_prefetch(args.policy)
+        load_eviction(args.eviction)
+    except Exception as exc:
+        raise SystemExit(f"umgr {args.command}: {exc}") from None
     return DaemonConfig(socket_path=socket_path, max_resident=args.max_resident, min_region=args.min_region,
                         policy=args.policy, eviction=args.eviction, zap_mode=zap_mode(),
-                        group=getattr(args, "group", None))
+                        group=getattr(args, "group", None),
+                        hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT))
 
 
 def _child_setup() -> None:
@@ -157,6 +183,7 @@ async def _exec(config: DaemonConfig, args, program: list[str]):
     backend = open_backend(args.backend, size=args.swap_size, directory=args.state_dir)
     daemon = Daemon(config, backend)
     proc = None
+    cannot_run = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve)
@@ -167,23 +194,31 @@ async def _exec(config: DaemonConfig, args, program: list[str]):
             env["LD_PRELOAD"] = ":".join(filter(None, [shim_path(), env.get("LD_PRELOAD")]))
             env["UMGR_SOCKET"] = config.socket_path
             # Popen on this (the main) thread: PDEATHSIG follows the thread that forked.
-            proc = subprocess.Popen(program, env=env, preexec_fn=_child_setup)
-            nursery.start_soon(_forward_signals, proc)
-            pidfd = os.pidfd_open(proc.pid)
             try:
-                await trio.lowlevel.wait_readable(pidfd)
-            finally:
-                os.close(pidfd)
-            status = proc.wait()
-            # Descendants still running are served until they exit too: their
-            # swapped pages exist only here.
-            await daemon.idle.wait()
-            nursery.cancel_scope.cancel()
+                proc = subprocess.Popen(program, env=env, preexec_fn=_child_setup)
+            except OSError as exc:
+                # Raised after the nursery, which would wrap it in an ExceptionGroup.
+                cannot_run = CannotRun(program[0], exc)
+                nursery.cancel_scope.cancel()
+            else:
+                nursery.start_soon(_forward_signals, proc)
+                pidfd = os.pidfd_open(proc.pid)
+                try:
+                    await trio.lowlevel.wait_readable(pidfd)
+                finally:
+                    os.close(pidfd)
+                status = proc.wait()
+                # Descendants still running are served until they exit too: their
+                # swapped pages exist only here.
+                await daemon.idle.wait()
+                nursery.cancel_scope.cancel()
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
         stats = backend.statistics()
         backend.close()
+    if cannot_run is not None:
+        raise cannot_run
     totals = daemon.run_totals()
     totals["targets"] = daemon.targets_seen
     return status, totals, stats
@@ -253,7 +288,7 @@ def format_status(first: dict, second: dict, interval: float) -> str:
         rate = lambda key: (t[key] - old[key]) / interval
         budget = f"{t['budget_bytes'] / mib:.0f}M" if t["budget_bytes"] else "-"
         rows.append(f"{t['pid']:>7} {budget:>9} {t['resident_bytes'] / mib:>8.1f}M {t['swapped_bytes'] / mib:>8.1f}M "
-                    f"{rate('faults'):>9.0f} {rate('pages_in'):>8.0f} {rate('pages_out'):>8.0f}  {t['command'][:40]}")
+                    f"{rate('faults'):>9.0f} {rate('pages_in'):>8.0f} {rate('pages_out'):>8.0f}  {printable(t['command'])[:40]}")
     b = second["backend"]
     rows.append(f"backend {b['backend']}: {b['used_pages'] * 4096 / mib:.1f}M of {b['capacity_pages'] * 4096 / mib:.0f}M used")
     return "\n".join(rows)

@@ -3,7 +3,9 @@
 One trio run. The control server accepts shims on a SOCK_SEQPACKET socket
 (0600, or 0660 with a group), identifies peers with SO_PEERCRED and turns each
 valid HELLO into a Target. A malformed message, a missing or wrong
-descriptor, or a second HELLO drops that connection only, with one log line.
+descriptor, an unknown policy name, a second HELLO, or no first message within
+HELLO_TIMEOUT drops that connection only, with one log line (text that comes
+from a peer, such as a command line, is escaped so it cannot forge lines).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ API_FEATURES = (uffdmod.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uffdmod.ALL_EVENTS
 MSG_MAX = 4096
 STATUS_REQUEST = b"STATUS"
 CHILD_HELLO_WAIT = 10.0
+HELLO_TIMEOUT = 5.0     # seconds a new connection may take to send its first message
 
 
 @dataclass
@@ -46,6 +49,7 @@ class DaemonConfig:
     scan_interval: float = 0.05          # seconds between /proc/PID/maps scans
     zap_mode: protocol.ZapMode = protocol.ZapMode.AGENT
     group: str | None = None
+    hello_timeout: float = HELLO_TIMEOUT  # drop a connection silent for this long
 
 
 SUMMED = ("faults", "faults_missing", "faults_wp", "pages_in", "pages_out", "prefetched",
@@ -113,7 +117,10 @@ class Daemon:
         fds: list[int] = []
         target = None
         try:
-            data, fds = await _recv_with_fds(conn)
+            with trio.move_on_after(self.config.hello_timeout) as waiting:
+                data, fds = await _recv_with_fds(conn)
+            if waiting.cancelled_caught:
+                raise protocol.ProtocolError(f"no first message within {self.config.hello_timeout:g} s")
             if data == STATUS_REQUEST:
                 await conn.send(json.dumps(self.status()).encode())
                 return
@@ -127,7 +134,7 @@ class Daemon:
                 await self._control_loop(target, conn)
         except (protocol.ProtocolError, UmgrError, OSError) as exc:
             self.rejected_connections += 1
-            log.warning("control: pid %d: %s; dropping connection", pid, exc)
+            log.warning("control: pid %d: %s; dropping connection", pid, printable(str(exc)))
         finally:
             for fd in fds:
                 os.close(fd)
@@ -165,23 +172,34 @@ class Daemon:
             return await self._attach_child(hello, fds, conn)
         if len(fds) != 2:
             raise protocol.ProtocolError(f"HELLO must carry 2 descriptors (agent socket, uffd), got {len(fds)}")
+        # The HELLO's options are checked before anything is acquired; until
+        # the target starts, whatever was received stays in `fds`, which the
+        # caller closes if this raises.
+        label = f"pid {hello.pid}"
+        prefetch = self._prefetch(hello.policy, label)
         agent_fd, uffd_fd = fds
         _require_uffd(uffd_fd)
         _require_socket(agent_fd)
         uffd = uffdmod.Userfaultfd(uffd_fd)
         fds.remove(uffd_fd)  # owned by `uffd` now
+        pidfd = -1
         try:
-            features = uffd.api(API_FEATURES)
-        except OSError as exc:
+            try:
+                features = uffd.api(API_FEATURES)
+            except OSError as exc:
+                raise protocol.ProtocolError(f"UFFDIO_API on the received uffd failed: {exc}") from exc
+            old = self.targets.get(hello.pid)
+            if old is not None:  # the program exec'd and its new shim says hello
+                old.stop()
+                await self._wait_released(hello.pid)
+            pidfd = procmem.pidfd_open(hello.pid)
+            target = self._new_target(hello.pid, uffd, pidfd, hello.max_resident, prefetch)
+        except BaseException:
             uffd.close()
-            raise protocol.ProtocolError(f"UFFDIO_API on the received uffd failed: {exc}") from exc
+            if pidfd >= 0:
+                os.close(pidfd)
+            raise
         fds.remove(agent_fd)
-        old = self.targets.get(hello.pid)
-        if old is not None:  # the program exec'd and its new shim says hello
-            old.stop()
-            await self._wait_released(hello.pid)
-        pidfd = procmem.pidfd_open(hello.pid)
-        target = self._new_target(hello.pid, uffd, pidfd, hello.max_resident, hello.policy)
         target.zapper = self._zapper(target, agent_fd)
         try:
             for lo, hi in maps.anonymous_private(hello.pid, self.config.min_region):
@@ -192,9 +210,18 @@ class Daemon:
             raise
         finally:
             self._start(target)
-        log.info("%s: attached (%s), budget %s, policy %s", target.label, target.command,
+        log.info("%s: attached (%s), budget %s, policy %s", target.label, printable(target.command),
                  _size(target.budget_pages << PAGE_SHIFT), target.prefetch.name)
         return target
+
+    def _prefetch(self, name: str, label: str) -> GuardedPrefetch:
+        """The prefetch policy a HELLO asks for (empty: the daemon's); a name
+        that does not load is a bad HELLO, not the daemon's end."""
+        name = name or self.config.policy
+        try:
+            return GuardedPrefetch(load_prefetch(name), target=label)
+        except Exception as exc:
+            raise protocol.ProtocolError(f"policy {name!r} does not load: {exc}") from exc
 
     def _zapper(self, target: Target, agent_fd: int):
         agent = socket.socket(fileno=agent_fd)
@@ -203,10 +230,9 @@ class Daemon:
             return RemoteZapper(target.pidfd)
         return AgentZapper(agent)
 
-    def _new_target(self, pid: int, uffd, pidfd: int, max_resident: int, policy: str) -> Target:
+    def _new_target(self, pid: int, uffd, pidfd: int, max_resident: int, prefetch: GuardedPrefetch) -> Target:
         budget = max_resident or self.config.max_resident
-        label = f"pid {pid}"
-        prefetch = GuardedPrefetch(load_prefetch(policy or self.config.policy), target=label)
+        label = prefetch.target
         target = Target(pid=pid, uffd=uffd, pidfd=pidfd, budget_pages=budget >> PAGE_SHIFT,
                         backend=self.backend, prefetch=prefetch, eviction=None, label=label)
         # FIFO compacts its queue of stale entries with the page table's help.
@@ -288,13 +314,19 @@ class Daemon:
             self._fork_reported(child_pid)
             return errno.ENOENT
         self._fork_reported(child_pid)
+        label = f"pid {child_pid}"
+        try:  # a plug-in's class name may not be its entry-point name
+            prefetch = self._prefetch(parent.prefetch.name, label)
+        except protocol.ProtocolError as exc:
+            log.warning("%s: %s; it runs without prefetch", label, exc)
+            prefetch = self._prefetch("none", label)
         uffd = parent.fork_events.pop(0)
         try:
             pidfd = procmem.pidfd_open(child_pid)
         except OSError as exc:  # the child is already gone
             uffd.close()
             return exc.errno or errno.ESRCH
-        child = self._new_target(child_pid, uffd, pidfd, parent.budget_pages << PAGE_SHIFT, parent.prefetch.name)
+        child = self._new_target(child_pid, uffd, pidfd, parent.budget_pages << PAGE_SHIFT, prefetch)
         _inherit_pages(parent, child)
         self._start(child)
         log.info("%s: forked %s", parent.label, child.label)
@@ -385,6 +417,16 @@ def _require_socket(fd: int) -> None:
         raise protocol.ProtocolError(f"bad descriptor: {exc}") from exc
     if not kind.startswith("socket:"):
         raise protocol.ProtocolError(f"agent descriptor is {kind}, not a socket")
+
+
+def printable(text: str) -> str:
+    """Text from a target (a command line, a file name) fit for one log line
+    or table row: characters that are not printable (newlines, escapes, other
+    control and format characters) become repr-style escapes such as \\n,
+    \\x1b or \\u202e; everything else, accented letters included, stays."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _size(nbytes: int) -> str:
