@@ -53,7 +53,8 @@ class DaemonConfig:
 
 
 SUMMED = ("faults", "faults_missing", "faults_wp", "pages_in", "pages_out", "prefetched",
-          "zero_pages_out", "zap_batches", "zap_ranges", "app_removes", "unmaps", "remaps", "forks")
+          "zero_pages_out", "zero_mapped", "shared_skipped", "locked_pinned",
+          "zap_batches", "zap_ranges", "app_removes", "unmaps", "remaps", "forks")
 
 
 @dataclass
@@ -278,6 +279,7 @@ class Daemon:
             try:
                 for lo, hi in maps.anonymous_private(target.pid, self.config.min_region):
                     target.register(lo, hi - lo)
+                target.recheck()
             except (OSError, TargetGone):
                 return
 

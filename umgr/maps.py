@@ -31,3 +31,19 @@ def anonymous_private(pid: int, min_bytes: int) -> Iterator[tuple[int, int]]:
         lo, hi = (int(x, 16) for x in span.split("-"))
         if hi - lo >= min_bytes:
             yield lo, hi
+
+
+def locked_ranges(pid: int) -> list[tuple[int, int]]:
+    """(start, end) of each mlocked mapping ("lo" in VmFlags of
+    /proc/PID/smaps). MADV_DONTNEED refuses these (EINVAL), so umgr never
+    evicts them. smaps walks the page tables: read it rarely."""
+    ranges = []
+    span = None
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        for line in f.read().decode("ascii", "replace").splitlines():
+            head = line.split(maxsplit=1)[0] if line else ""
+            if "-" in head and ":" not in head:
+                span = tuple(int(x, 16) for x in head.split("-"))
+            elif head == "VmFlags:" and span is not None and "lo" in line.split()[1:]:
+                ranges.append(span)
+    return ranges

@@ -26,6 +26,11 @@ class State:
     ZAPPING = 3    # copy durable, zap requested: must stay write-protected
     SWAPPED = 4    # zapped; content in a slot
     PINNED = 5     # resident and never to be evicted (cannot be read back, mlocked)
+    # Mapped and write-protected, but using no memory of the target's own, so
+    # not counted resident and never evicted (zapping would free nothing). A
+    # write WP-faults and makes the page RESIDENT.
+    ZERO = 6       # on the kernel's shared zero page
+    SHARED = 7     # shared copy-on-write with another process (after fork)
     UNMAPPED = 255  # not in any region (only ever returned, never stored)
 
 

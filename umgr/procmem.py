@@ -19,6 +19,7 @@ other failures raise OSError with the kernel's errno.
 """
 
 import errno as _errno
+import mmap
 import os
 
 import numpy as np
@@ -137,6 +138,41 @@ def open_pagemap(pid: int) -> int:
         return os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         raise TargetGone(f"/proc/{pid}/pagemap: process {pid} is gone", pid=pid) from None
+
+
+# /proc/PID/pagemap entries (Documentation/admin-guide/mm/pagemap.rst):
+# one u64 per page. The PFN reads as 0 without CAP_SYS_ADMIN.
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_MMAP_EXCLUSIVE = 1 << 56   # mapped by this process only (not shared COW)
+PM_PFN_MASK = (1 << 55) - 1
+
+
+def pagemap_entries(pid: int, starts, lengths) -> np.ndarray:
+    """The pagemap entries of the pages of each run (start vpn, length),
+    concatenated in order. Reading it never waits on a userfault."""
+    fd = open_pagemap(pid)
+    try:
+        chunks = [os.pread(fd, int(n) * 8, int(vpn) * 8) for vpn, n in zip(starts, lengths)]
+    finally:
+        os.close(fd)
+    return np.frombuffer(b"".join(chunks), np.uint64)
+
+
+_zero_pfn: int | None = None
+
+
+def zero_pfn() -> int:
+    """The PFN of the kernel's shared zero page, 0 when PFNs are hidden
+    from us (no CAP_SYS_ADMIN). Found by reading a fresh private page."""
+    global _zero_pfn
+    if _zero_pfn is None:
+        with mmap.mmap(-1, _PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ) as page:
+            page[0]  # a read fault on untouched anonymous memory maps the zero page
+            addr = np.frombuffer(page, np.uint8).ctypes.data
+            entry = int(pagemap_entries(os.getpid(), [addr // _PAGE_SIZE], [1])[0])
+        _zero_pfn = entry & PM_PFN_MASK if entry & PM_PRESENT else 0
+    return _zero_pfn
 
 
 def pagemap_scan(pid_or_file, start: int, end: int, category_mask: int, return_mask: int,

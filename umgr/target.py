@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from umgr import procmem, uffd as uffdmod
+from umgr import maps, procmem, uffd as uffdmod
 from umgr.buffers import PageBuffer
 from umgr.errors import BackendError, BackendFull, TargetGone
 from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, PageTable, State, runs
@@ -34,6 +34,7 @@ REGISTER_MODE = uffdmod.UFFDIO_REGISTER_MODE_MISSING | uffdmod.UFFDIO_REGISTER_M
 MAX_FILL_PAGES = 256      # pages brought in per fault batch (staging buffer)
 EVICT_BATCH = 512         # pages per eviction batch
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
+RECHECK_SECONDS = 1.0     # how often pinned (mlocked) and SHARED pages are looked at again
 # Longest a fault waits for eviction at the budget. Past it the page comes in
 # anyway: the evictor may itself be waiting on that fault (a page the zap
 # agent or a process_vm_readv touches), and overshooting beats a deadlock.
@@ -59,6 +60,9 @@ class TargetStats:
     remaps: int = 0
     forks: int = 0
     eviction_cancelled: int = 0
+    zero_mapped: int = 0          # victims found on the zero page (made ZERO, not evicted)
+    shared_skipped: int = 0       # victims found shared copy-on-write (made SHARED)
+    locked_pinned: int = 0        # victims found mlocked (pinned)
     backend_errors: int = 0
     peak_resident: int = 0
     fault_latency: np.ndarray = field(default_factory=lambda: np.zeros(len(LATENCY_BUCKETS) + 1, np.int64))
@@ -83,6 +87,8 @@ class Target:
         self.gone = False
         self.eviction_paused = ""       # why eviction cannot run now, "" if it can
         self.no_victims = False         # the evictor's last try found nothing to evict
+        self.locked: list[tuple[int, int]] = []   # mlocked vpn ranges: pinned
+        self._rechecked = 0.0
         self.command = read_cmdline(pid)
         self.started = time.monotonic()
         self._pending: list[PageFault] = []
@@ -295,13 +301,19 @@ class Target:
         fills: dict[int, bool] = {}
         for fault in faults:
             vpn = fault.address >> PAGE_SHIFT
-            if fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WP:
-                self.stats.faults_wp += 1
-                self._on_wp_fault(vpn)
-                continue
-            self.stats.faults_missing += 1
             region = self.pt.find(vpn)
             state = region.state[vpn - region.vpn] if region else State.UNMAPPED
+            if fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WP:
+                self.stats.faults_wp += 1
+                if state in UNCOUNTED:
+                    fills[vpn] = True  # it will count against the budget: held back like a new page
+                else:
+                    self._on_wp_fault(vpn)
+                continue
+            self.stats.faults_missing += 1
+            if state == State.ZERO:  # its zero-page mapping went away: fill it anew
+                self.pt.set_one(region, vpn - region.vpn, State.FRESH)
+                state = State.FRESH
             if state in (State.FRESH, State.SWAPPED):
                 fills[vpn] = fills.get(vpn, False) or bool(fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WRITE)
             elif state != State.ZAPPING:  # ZAPPING: woken when its zap completes, then refaults
@@ -321,6 +333,9 @@ class Target:
         state = region.state[vpn - region.vpn] if region else State.UNMAPPED
         if state == State.ZAPPING:
             return  # never unprotect while the zap is in flight; woken after it
+        if state in UNCOUNTED:  # the write gives it a page of its own: count it
+            self.pt.set_one(region, vpn - region.vpn, State.RESIDENT)
+            self.eviction.on_resident(np.array([vpn], np.int64))
         if state == State.EVICTING:
             self.stats.eviction_cancelled += 1
             self.pt.set_one(region, vpn - region.vpn, State.RESIDENT)
@@ -344,6 +359,9 @@ class Target:
         writes = False
         for vpn, is_write in sorted(fills.items()):
             region = self.pt.find(vpn)
+            if region is not None and region.state[vpn - region.vpn] in UNCOUNTED:
+                self._on_wp_fault(vpn)  # a write to a ZERO or SHARED page, held back until now
+                continue
             if region is None or region.state[vpn - region.vpn] not in (State.FRESH, State.SWAPPED):
                 self.uffd.wake(vpn << PAGE_SHIFT, PAGE_SIZE)  # moved or unmapped while we waited
                 continue
@@ -487,6 +505,10 @@ class Target:
             err = await self._writeprotect(run_vpn, run_len, True)
             if err:  # ENOENT: unmapped meanwhile; the UNMAP event drops them
                 self._release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
+        vpns, settled = await self._keep_freeable(vpns)
+        if len(vpns) == 0:
+            return settled
+        starts, lengths = runs(vpns)
         try:
             nbytes = await self._read_victims(starts, lengths)
         except TargetGone:
@@ -546,6 +568,97 @@ class Target:
         return await trio.to_thread.run_sync(
             lambda: procmem.process_vm_readv(pid, buf.addr, addrs, lens), abandon_on_cancel=True)
 
+    async def _keep_freeable(self, vpns: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Victims (write-protected now) whose zap would free nothing leave
+        the batch: pages on the shared zero page become ZERO, pages still
+        shared copy-on-write with another process SHARED (neither counts
+        against the budget; both stay write-protected, so a write faults),
+        mlocked pages are pinned, pages the kernel dropped itself
+        (MADV_FREE) become FRESH. Returns the rest, and whether any page
+        left the resident count."""
+        vpns = vpns[self.pt.states(vpns) == State.EVICTING]
+        if len(vpns) == 0:
+            return vpns, False
+        starts, lengths = runs(vpns)
+        entries = procmem.pagemap_entries(self.pid, starts, lengths)
+        present = (entries & np.uint64(procmem.PM_PRESENT)) != 0
+        in_swap = (entries & np.uint64(procmem.PM_SWAPPED)) != 0
+        exclusive = (entries & np.uint64(procmem.PM_MMAP_EXCLUSIVE)) != 0
+        zero_pfn = procmem.zero_pfn()  # 0: PFNs hidden from us; zero-page pages then look shared
+        on_zero = present & ((entries & np.uint64(procmem.PM_PFN_MASK)) == zero_pfn)
+        dropped = ~present & ~in_swap
+        locked = self._in_locked(vpns) & present
+        shared = present & ~exclusive & ~on_zero & ~locked
+        self.pt.set(vpns[on_zero & ~locked], State.ZERO)
+        self.pt.set(vpns[shared], State.SHARED)
+        self.pt.set(vpns[dropped], State.FRESH)
+        self.pt.set(vpns[locked], State.PINNED)
+        await self._unprotect(vpns[locked])
+        self.stats.zero_mapped += int((on_zero & ~locked).sum())
+        self.stats.shared_skipped += int(shared.sum())
+        self.stats.locked_pinned += int(locked.sum())
+        gone = on_zero | shared | dropped | locked
+        return vpns[~gone], bool(gone.any())
+
+    def _in_locked(self, vpns: np.ndarray) -> np.ndarray:
+        inside = np.zeros(len(vpns), bool)
+        for lo, hi in self.locked:
+            inside |= (vpns >= lo) & (vpns < hi)
+        return inside
+
+    def _read_locked(self) -> None:
+        self.locked = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.locked_ranges(self.pid)]
+        self._rechecked = time.monotonic()
+
+    async def _pin_locked(self, failed: np.ndarray) -> np.ndarray:
+        """A zap stopped at `failed`: MADV_DONTNEED refuses mlocked memory
+        (EINVAL). Pin what is locked (its copies are dropped); return the rest."""
+        if len(failed) == 0:
+            return failed
+        try:
+            self._read_locked()
+        except OSError:
+            return failed
+        inside = self._in_locked(failed)
+        locked = failed[inside]
+        if len(locked):
+            log.info("%s: %d pages are mlocked: pinned while they stay locked", self.label, len(locked))
+            self.stats.locked_pinned += len(locked)
+            slots = self.pt.slots(locked)
+            self.backend.slots.free(slots[slots != NO_SLOT])
+            self.pt.set(locked, State.PINNED, NO_SLOT)
+            await self._unprotect(locked)
+        return failed[~inside]
+
+    def recheck(self) -> None:
+        """At most every RECHECK_SECONDS: unpin pages no longer mlocked, and
+        count again SHARED pages the other process has let go of (it wrote,
+        unmapped or exited: no event tells us)."""
+        now = time.monotonic()
+        if now - self._rechecked < RECHECK_SECONDS:
+            return
+        self._rechecked = now
+        if self.locked:
+            before = self.locked
+            self._read_locked()
+            for lo, hi in before:
+                pages = np.arange(lo, hi, dtype=np.int64)
+                pinned = pages[self.pt.states(pages) == State.PINNED]
+                self._count_again(pinned[~self._in_locked(pinned)], State.PINNED)
+        if self.pt.counts[State.SHARED]:
+            shared = np.concatenate([r.vpn + np.flatnonzero(r.state == State.SHARED) for r in self.pt.regions])
+            starts, lengths = runs(shared.astype(np.int64))
+            entries = procmem.pagemap_entries(self.pid, starts, lengths)
+            own = (entries & np.uint64(procmem.PM_MMAP_EXCLUSIVE)) != 0
+            self._count_again(shared[own], State.SHARED)
+
+    def _count_again(self, vpns: np.ndarray, from_state: int) -> None:
+        """Pages become ordinary resident pages, eviction candidates again."""
+        if len(vpns):
+            self.pt.set(vpns, State.RESIDENT)
+            self.eviction.on_resident(vpns)
+            self._note_resident()
+
     async def _zap(self, vpns: np.ndarray) -> None:
         starts, lengths = runs(vpns)
         byte_starts, byte_lengths = starts << PAGE_SHIFT, lengths << PAGE_SHIFT
@@ -569,6 +682,7 @@ class Target:
         self.stats.zap_ranges += len(starts)
         # Pages an mremap or munmap took away meanwhile are not ours to settle.
         failed = failed[self.pt.states(failed) == State.ZAPPING]
+        failed = await self._pin_locked(failed)
         if len(failed):
             log.warning("%s: zap stopped after %d of %d pages", self.label, nzapped, len(vpns))
             self._release(failed, State.ZAPPING)
@@ -650,6 +764,12 @@ class Target:
             "pages_out": s.pages_out,
             "prefetched": s.prefetched,
             "zero_pages_out": s.zero_pages_out,
+            "zero_mapped_bytes": int(self.pt.counts[State.ZERO]) * PAGE_SIZE,
+            "shared_bytes": int(self.pt.counts[State.SHARED]) * PAGE_SIZE,
+            "pinned_bytes": int(self.pt.counts[State.PINNED]) * PAGE_SIZE,
+            "zero_mapped": s.zero_mapped,
+            "shared_skipped": s.shared_skipped,
+            "locked_pinned": s.locked_pinned,
             "zap_batches": s.zap_batches,
             "zap_ranges": s.zap_ranges,
             "app_removes": s.app_removes,
@@ -659,6 +779,9 @@ class Target:
             "eviction_paused": self.eviction_paused,
             "uptime_seconds": time.monotonic() - self.started,
         }
+
+
+UNCOUNTED = (State.ZERO, State.SHARED)  # mapped, but no memory of the target's own
 
 
 def _page_up(addr: int) -> int:

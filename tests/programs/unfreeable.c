@@ -1,0 +1,107 @@
+/* Memory whose zap would free nothing, under a budget far below the data.
+ * Usage: unfreeable MODE MIB; exit 0 when every byte is right.
+ *   zero    read all of fresh memory (the kernel's zero page), then write
+ *           the first half; the second half must read zero throughout
+ *   mlock   mlock the first 4 MiB, write and check everything, munlock,
+ *           then write and check again (the unlocked pages may go now)
+ *   shared  fork: a child keeps the parent's pages shared copy-on-write
+ *           while the parent writes a second region; both check theirs */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PAGE 4096
+#define WORDS (PAGE / 8)
+
+static void fill(uint64_t *m, size_t first, size_t npages, uint64_t salt)
+{
+    for (size_t p = first; p < first + npages; p++)
+        for (size_t w = 0; w < WORDS; w++)
+            m[p * WORDS + w] = (p * WORDS + w) ^ salt;
+}
+
+static int check(const uint64_t *m, size_t first, size_t npages, uint64_t salt, const char *what)
+{
+    for (size_t p = first; p < first + npages; p++)
+        for (size_t w = 0; w < WORDS; w++) {
+            uint64_t want = salt == 0 ? 0 : (p * WORDS + w) ^ salt;
+            if (m[p * WORDS + w] != want) {
+                fprintf(stderr, "%s: page %zu word %zu is %llx, want %llx\n", what, p, w,
+                        (unsigned long long)m[p * WORDS + w], (unsigned long long)want);
+                return 1;
+            }
+        }
+    return 0;
+}
+
+static uint64_t *map(size_t npages)
+{
+    uint64_t *m = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+        perror("mmap");
+        exit(2);
+    }
+    return m;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3)
+        return 2;
+    const char *mode = argv[1];
+    size_t n = strtoull(argv[2], NULL, 10) << 8; /* pages */
+    uint64_t *m = map(n);
+
+    if (strcmp(mode, "zero") == 0) {
+        int bad = check(m, 0, n, 0, "fresh memory");
+        fill(m, 0, n / 2, 1);
+        bad |= check(m, 0, n / 2, 1, "written half") | check(m, n / 2, n - n / 2, 0, "read-only half");
+        return bad | check(m, n / 2, n - n / 2, 0, "read-only half again");
+    }
+    if (strcmp(mode, "mlock") == 0) {
+        size_t locked = 1024;
+        if (mlock(m, locked * PAGE) != 0) {
+            perror("mlock");
+            return 2;
+        }
+        fill(m, 0, n, 1);
+        int bad = check(m, 0, n, 1, "while locked");
+        munlock(m, locked * PAGE);
+        usleep(1500 * 1000); /* the daemon looks at locks again about every second */
+        fill(m, 0, n, 2);
+        return bad | check(m, 0, n, 2, "after munlock");
+    }
+    if (strcmp(mode, "shared") == 0) {
+        fill(m, 0, n, 1);
+        int go[2];
+        if (pipe(go) != 0)
+            return 2;
+        pid_t pid = fork();
+        if (pid == 0) { /* keep the pages shared until the parent is done */
+            char c;
+            close(go[1]);
+            if (read(go[0], &c, 1) != 1)
+                _exit(5);
+            _exit(check(m, 0, n, 1, "child's copy") ? 3 : 0);
+        }
+        close(go[0]);
+        uint64_t *second = map(n);
+        fill(second, 0, n, 7);
+        int bad = check(second, 0, n, 7, "parent's second region") | check(m, 0, n, 1, "parent's first region");
+        if (write(go[1], "g", 1) != 1)
+            return 2;
+        int status;
+        waitpid(pid, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            fprintf(stderr, "child failed: %d\n", status);
+            return 1;
+        }
+        return bad;
+    }
+    return 2;
+}

@@ -1,0 +1,50 @@
+"""Memory whose zap would free nothing is never evicted (issue 4, item 7):
+pages on the kernel's shared zero page, pages shared copy-on-write with a
+forked child, mlocked pages. The program checks every byte; here we check
+that the daemon recognised each kind and that the budget still held."""
+import pytest
+
+BUDGET = 16 << 20
+SLACK = 2 << 20
+
+
+@pytest.mark.timeout(120)
+def test_zero_page_pages_are_not_counted_or_written(umgr_exec, programs):
+    # 64 MiB read while fresh (the zero page), then the first half written.
+    result = umgr_exec([programs["unfreeable"], "zero", "64"], max_resident="16M")
+    assert result.returncode == 0, result.stderr
+    stats = result.stats
+    assert stats["zero_mapped"] >= 12 * 256, "read-only fresh pages found on the zero page"
+    assert stats["faults_wp"] >= 32 * 256 * 3 // 4, "writes to zero-page pages fault and are counted"
+    assert stats["pages_out"] > 0 and stats["peak_resident_bytes"] <= BUDGET + SLACK
+    # The zero half is never evicted (not even as a "zero" page): it holds no memory.
+    assert stats["zero_pages_out"] < 256
+    assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_mlocked_pages_are_pinned_then_released_by_munlock(umgr_exec, programs):
+    result = umgr_exec([programs["unfreeable"], "mlock", "64"], "-v", max_resident="16M")
+    assert result.returncode == 0, result.stderr
+    stats = result.stats
+    assert stats["locked_pinned"] >= 1024, "the 4 MiB mlocked range is pinned"
+    assert "mlocked: pinned" in result.stderr
+    assert "zap stopped" not in result.stderr, "no eviction keeps failing on locked pages"
+    assert stats["pages_out"] >= 2 * (64 - 16) * 256
+    assert stats["peak_resident_bytes"] <= BUDGET + SLACK
+    assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_pages_shared_with_a_forked_child_are_not_evicted(umgr_exec, programs):
+    # The child holds the parent's first 64 MiB shared while the parent
+    # writes 64 MiB more: the parent's budget must hold without evicting
+    # (pointlessly) the pages it shares.
+    result = umgr_exec([programs["unfreeable"], "shared", "64"], max_resident="16M")
+    assert result.returncode == 0, result.stderr
+    stats = result.stats
+    assert stats["targets"] == 2
+    assert stats["shared_skipped"] > 0, "victims shared with the child were recognised"
+    assert stats["pages_out"] >= (64 - 16) * 256 * 2
+    assert stats["peak_resident_bytes"] <= BUDGET + SLACK
+    assert stats["swap_slots_in_use_at_exit"] == 0
