@@ -1,7 +1,8 @@
 """Process life-cycle events on memory that is paged out when they happen:
 fork (shared, refcounted slots), munmap of a hole, mremap move+grow+shrink,
-mremap moves racing eviction, the app's own MADV_DONTNEED, and exit. The program checks every byte; here
-we check that pages really left and that no slot is left over."""
+mremap moves racing eviction, the app's own MADV_DONTNEED (also of pages
+being evicted), and exit. The program checks every byte; here we check that
+pages really left and that no slot is left over."""
 import pytest
 
 MODES = {
@@ -11,6 +12,7 @@ MODES = {
     "mremap": "remaps",
     "mremap-race": "remaps",   # 24 moves while eviction batches are in flight
     "dontneed": "app_removes",
+    "dontneed-race": "app_removes",  # the app discards pages while they are being evicted
     "exit": None,
 }
 

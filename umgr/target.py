@@ -92,7 +92,11 @@ class Target:
         self.command = read_cmdline(pid)
         self.started = time.monotonic()
         self._pending: list[PageFault] = []
-        self._own_zaps: list[tuple[int, int]] = []   # byte ranges of the zap in flight
+        # The zap in flight: its pages (sorted vpns), how many REMOVE events
+        # have covered each, and the (lo, hi) vpn ranges of those events.
+        self._zap_vpns: np.ndarray | None = None
+        self._zap_hits = np.zeros(0, np.uint8)
+        self._zap_removes: list[tuple[int, int]] = []
         self._fill = PageBuffer(MAX_FILL_PAGES)
         self._zeros = PageBuffer(MAX_FILL_PAGES)
         self._victims = PageBuffer(EVICT_BATCH)
@@ -222,14 +226,34 @@ class Target:
             self.fork_events.append(uffdmod.Userfaultfd(event.fd))
 
     def _on_remove(self, start: int, end: int) -> None:
-        if any(lo <= start and end <= hi for lo, hi in self._own_zaps):
+        """A REMOVE event: our own zap's, or the app's madvise. The event
+        does not say whose. Our zap covers each of its pages exactly once,
+        so a page of the zap in flight covered twice was also discarded by
+        the app: _zap settles it as FRESH, not SWAPPED (its copy would
+        resurrect data the app threw away)."""
+        lo, hi = start >> PAGE_SHIFT, _page_up(end)
+        if self._zap_vpns is not None and self._count_zap_remove(lo, hi):
             self.stats.own_removes += 1
             return
         self.stats.app_removes += 1
         log.debug("%s: app discarded %#x-%#x", self.label, start, end)
-        # Pages whose zap is in flight stay ours: the zap is about to discard them.
-        freed = self.pt.discard(start >> PAGE_SHIFT, _page_up(end), keep=(State.ZAPPING,))
+        # Pages whose zap is in flight are settled by _zap (see above).
+        freed = self.pt.discard(lo, hi, keep=(State.ZAPPING,))
         self.backend.slots.free(freed)
+
+    def _count_zap_remove(self, lo: int, hi: int) -> bool:
+        """Count a REMOVE against the zap in flight. True when it can only
+        be ours: it lies within the zap and covers its pages for the first time."""
+        # The kernel repeats the tail [vma end, end) of a REMOVE when the VMA
+        # was split while madvise had dropped mmap_lock: not a second discard.
+        if any(h == hi and l < lo for l, h in self._zap_removes):
+            return True
+        self._zap_removes.append((lo, hi))
+        a, b = np.searchsorted(self._zap_vpns, [lo, hi])
+        hits = self._zap_hits[a:b]
+        first_time = not hits.any()
+        np.minimum(hits + 1, 2, out=hits)
+        return first_time and b - a == hi - lo
 
     def _on_remap(self, event: RemapEvent) -> None:
         """mremap moved pages (the event comes after the move is complete;
@@ -662,17 +686,24 @@ class Target:
     async def _zap(self, vpns: np.ndarray) -> None:
         starts, lengths = runs(vpns)
         byte_starts, byte_lengths = starts << PAGE_SHIFT, lengths << PAGE_SHIFT
-        self._own_zaps = list(zip(byte_starts.tolist(), (byte_starts + byte_lengths).tolist()))
+        self._zap_vpns, self._zap_hits, self._zap_removes = vpns, np.zeros(len(vpns), np.uint8), []
         try:
             zapped = await self.zapper.zap(byte_starts.astype(np.uint64), byte_lengths.astype(np.uint64))
         finally:
-            self._own_zaps = []
+            self._zap_vpns = None
+        # The zap has returned, so every REMOVE it caused has been read (the
+        # zapping thread waits in the kernel until its event is read).
+        discarded = vpns[self._zap_hits >= 2]
         nzapped = zapped >> PAGE_SHIFT
         done, failed = vpns[:nzapped], vpns[nzapped:]
         # Only pages still ZAPPING are ours to settle: an UNMAP or REMAP in
         # between has dealt with the others (and their slots).
         done = done[self.pt.states(done) == State.ZAPPING]
         slots = self.pt.slots(done)
+        gone = np.isin(done, discarded)  # the app discarded them too: they read as zero
+        self.backend.slots.free(slots[gone & (slots != NO_SLOT)])
+        slots[gone] = NO_SLOT
+        self.pt.set(done, State.ZAPPING, slots)
         self.pt.set(done[slots == NO_SLOT], State.FRESH)
         self.pt.set(done[slots != NO_SLOT], State.SWAPPED)
         self.stats.pages_out += len(done)

@@ -1,6 +1,6 @@
 /* Process-lifecycle events on memory that is paged out at the moment of the
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
- * MODE: fork | munmap | mremap | mremap-race | dontneed | exit.
+ * MODE: fork | munmap | mremap | mremap-race | dontneed | dontneed-race | exit.
  * Exit 0 when all is intact. */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -101,6 +101,34 @@ int main(int argc, char **argv)
         }
         for (size_t p = 0; p < n; p++)
             if (check(m, p, 1, salt[p], "after the moves"))
+                return 1;
+        return 0;
+    }
+    if (strcmp(mode, "dontneed-race") == 0) { /* discards of pages the daemon is evicting */
+        uint64_t *salt = malloc(n * sizeof *salt);
+        if (salt == NULL)
+            return 2;
+        for (size_t p = 0; p < n; p++)
+            salt[p] = 1;
+        size_t window = n / 16;
+        for (unsigned round = 0; round < 400; round++) {
+            size_t hot = (round * 7919) % (n - window); /* new writes: the evictor stays busy */
+            fill(m, hot, window, 100 + round);
+            for (size_t p = hot; p < hot + window; p++)
+                salt[p] = 100 + round;
+            /* FIFO evicts the writes of about three rounds ago now: discard runs there */
+            if (round < 3)
+                continue;
+            size_t cold = ((round - 3) * 7919) % (n - window);
+            for (size_t k = 0; k < 4; k++) {
+                size_t first = cold + (round * 131 + k * 251) % (window - 16), len = 1 + (round + k) % 12;
+                madvise(m + first * WORDS, len * PAGE, MADV_DONTNEED);
+                for (size_t p = first; p < first + len; p++)
+                    salt[p] = 0;
+            }
+        }
+        for (size_t p = 0; p < n; p++)
+            if (check(m, p, 1, salt[p], "after racing discards"))
                 return 1;
         return 0;
     }
