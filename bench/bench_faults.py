@@ -9,12 +9,18 @@ program's own C handler thread. For Python, the toucher is the same file
 built as a shared library and called through cffi from a Python thread (cffi
 releases the GIL around the call) while the main thread serves the faults:
 
-    thread      blocking uffd, loop read_events() + copy()
-    trio-eager  trio: read first, await wait_readable() only on an empty read
-    trio-await  trio: await wait_readable() before every read
+    thread        blocking uffd, loop read_batch() + copy_fast()
+    trio-eager    trio: read first, await wait_readable() only on an empty read
+    trio-await    trio: await wait_readable() before every read
+    thread-typed  as thread, with the typed API: read_events() + copy()
 
-each with 1 and 16 pages per UFFDIO_COPY. Reported: µs per fault (best of
-REPS interleaved rounds), and the ratio to the C floor with the same pages per fault.
+each with 1 and 16 pages per UFFDIO_COPY. Every handler decides per fault in
+Python (event kind, address, length clipped to the region) and makes one
+cffi call per read and one per UFFDIO_COPY, as the C handler makes one
+syscall each. Reported: µs per fault (best of REPS interleaved rounds), the
+ratio to the C floor with the same pages per fault, and the serving thread's
+CPU time per fault (user + system, best rep): less sensitive to neighbours
+than the wall clock, it shows where a ratio moved.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import cffi
@@ -37,7 +44,9 @@ from umgr import uffd as U
 PAGE = 4096
 _PAGE_MASK = ~(PAGE - 1)
 SOURCE = Path(__file__).parent / "programs" / "fault_floor.c"
-MODES = ("thread", "trio-eager", "trio-await")
+MODES = ("thread", "trio-eager", "trio-await", "thread-typed")
+_FAULT = U.EVENT_PAGEFAULT
+_W = U.MSG_WORDS
 
 
 def build(out_dir: str) -> tuple[str, str]:
@@ -48,10 +57,11 @@ def build(out_dir: str) -> tuple[str, str]:
     return exe, lib
 
 
-def c_floor(exe: str, pages: int, per_fault: int, cpu: str, reps: int) -> list[float]:
+def c_floor(exe: str, pages: int, per_fault: int, cpu: str, reps: int) -> list[tuple[float, float]]:
+    """[(µs/fault, handler CPU µs/fault)] per rep."""
     out = subprocess.run([exe, str(pages), str(per_fault), cpu, str(reps)],
                          check=True, capture_output=True, text=True).stdout
-    return [float(line.split()[0]) for line in out.splitlines()]
+    return [(float(f[0]), float(f[2])) for f in (line.split() for line in out.splitlines())]
 
 
 class _Pass:
@@ -69,6 +79,7 @@ class _Pass:
         self.uffd.register(self.addr, self.len, U.UFFDIO_REGISTER_MODE_MISSING)
         self.faults = 0
         self.ns = 0
+        self.cpu_ns = 0
 
     def close(self) -> None:
         self.uffd.close()
@@ -87,53 +98,116 @@ _FFI.cdef("uint64_t umgr_touch(uint8_t *addr, size_t pages);")
 
 
 # The serving loops are written out in each mode (no helper call per batch):
-# at 1 page per fault every Python-level call is on the critical path.
+# at 1 page per fault every Python-level call is on the critical path, and a
+# batch of one fault skips the loop set-up.
+
+def _unexpected(p: _Pass, what) -> None:
+    raise AssertionError(f"unexpected {what} at {p.uffd.batch_events(1)}")
+
 
 def _run_thread(lib, p: _Pass) -> None:
+    os.set_blocking(p.uffd.fileno(), True)
+    read, w, copy, src, step, end, total = p.uffd.read_batch, p.uffd.batch, p.uffd.copy_fast, p.src, p.step, p.end, p.len
+    done = faults = 0
+    t = _toucher(lib, p)
+    cpu0 = time.thread_time_ns()
+    t.start()
+    while done < total:
+        count = read(64)
+        if count == 1:   # the common case at 1 page/fault: no loop set-up
+            if w[0] & 0xFF != _FAULT:
+                _unexpected(p, "event")
+            a = w[2] & _PAGE_MASK
+            n = step if a + step <= end else end - a
+            if copy(a, src, n):
+                _unexpected(p, "copy outcome")
+            done += n
+            faults += 1
+            continue
+        for i in range(0, count * _W, _W):
+            if w[i] & 0xFF != _FAULT:
+                _unexpected(p, "event")
+            a = w[i + 2] & _PAGE_MASK
+            n = step if a + step <= end else end - a
+            if copy(a, src, n):
+                _unexpected(p, "copy outcome")
+            done += n
+            faults += 1
+    p.cpu_ns = time.thread_time_ns() - cpu0
+    t.join()
+    p.faults = faults
+
+
+def _run_thread_typed(lib, p: _Pass) -> None:
     os.set_blocking(p.uffd.fileno(), True)
     read, copy, src, step, end, total = p.uffd.read_events, p.uffd.copy, p.src, p.step, p.end, p.len
     done = faults = 0
     t = _toucher(lib, p)
+    cpu0 = time.thread_time_ns()
     t.start()
     while done < total:
         for ev in read(64):
             a = ev.address & _PAGE_MASK
             done += copy(a, src, step if a + step <= end else end - a)[0]
             faults += 1
+    p.cpu_ns = time.thread_time_ns() - cpu0
     t.join()
     p.faults = faults
 
 
 def _run_trio(lib, p: _Pass, eager: bool) -> None:
     async def main():
-        read, copy, wait = p.uffd.read_events, p.uffd.copy, p.uffd.wait_readable
+        read, w, copy, wait = p.uffd.read_batch, p.uffd.batch, p.uffd.copy_fast, p.uffd.wait_readable
         src, step, end, total = p.src, p.step, p.end, p.len
         done = faults = 0
         t = _toucher(lib, p)
+        cpu0 = time.thread_time_ns()
         t.start()
         if eager:
             while done < total:
-                events = read(64)
-                if not events:
+                count = read(64)
+                if count == 1:
+                    if w[0] & 0xFF != _FAULT:
+                        _unexpected(p, "event")
+                    a = w[2] & _PAGE_MASK
+                    n = step if a + step <= end else end - a
+                    if copy(a, src, n):
+                        _unexpected(p, "copy outcome")
+                    done += n
+                    faults += 1
+                    continue
+                if not count:
                     await wait()
                     continue
-                for ev in events:
-                    a = ev.address & _PAGE_MASK
-                    done += copy(a, src, step if a + step <= end else end - a)[0]
+                for i in range(0, count * _W, _W):
+                    if w[i] & 0xFF != _FAULT:
+                        _unexpected(p, "event")
+                    a = w[i + 2] & _PAGE_MASK
+                    n = step if a + step <= end else end - a
+                    if copy(a, src, n):
+                        _unexpected(p, "copy outcome")
+                    done += n
                     faults += 1
         else:
             while done < total:
                 await wait()
-                for ev in read(64):
-                    a = ev.address & _PAGE_MASK
-                    done += copy(a, src, step if a + step <= end else end - a)[0]
+                for i in range(0, read(64) * _W, _W):
+                    if w[i] & 0xFF != _FAULT:
+                        _unexpected(p, "event")
+                    a = w[i + 2] & _PAGE_MASK
+                    n = step if a + step <= end else end - a
+                    if copy(a, src, n):
+                        _unexpected(p, "copy outcome")
+                    done += n
                     faults += 1
+        p.cpu_ns = time.thread_time_ns() - cpu0
         t.join()
         p.faults = faults
     trio.run(main)
 
 
-def python_handler(lib, mode: str, pages: int, per_fault: int, reps: int) -> list[float]:
+def python_handler(lib, mode: str, pages: int, per_fault: int, reps: int) -> list[tuple[float, float]]:
+    """[(µs/fault, serving thread's CPU µs/fault)] per rep."""
     src_map = mmap.mmap(-1, per_fault * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     src_map[:] = b"\xa5" * len(src_map)
     src = np.frombuffer(src_map, np.uint8).ctypes.data
@@ -143,10 +217,12 @@ def python_handler(lib, mode: str, pages: int, per_fault: int, reps: int) -> lis
         try:
             if mode == "thread":
                 _run_thread(lib, p)
+            elif mode == "thread-typed":
+                _run_thread_typed(lib, p)
             else:
                 _run_trio(lib, p, eager=(mode == "trio-eager"))
             assert p.map[0] == 0xA5 and p.map[p.len - 1] == 0xA5
-            out.append(p.ns / 1e3 / p.faults)
+            out.append((p.ns / 1e3 / p.faults, p.cpu_ns / 1e3 / p.faults))
         finally:
             p.close()
     src_map.close()
@@ -158,14 +234,20 @@ def run(pages: int = 16384, reps: int = 11, cpu: str = "same", per_fault=(1, 16)
     """Measure in rounds: each round runs the C floor once, then each Python
     mode once, so that a noisy neighbour hits both sides alike. Returns
     {"floor": {ppf: µs}, "python": {mode: {ppf: µs}}, "ratio": {mode: {ppf: x}},
-    "raw": per-rep µs/fault}, where µs is the best (minimum) rep, the cost
-    floor under noise, and ratio is min/min; "paired_ratio" is the median
-    over rounds of python/C in the same round."""
+    "cpu": {"c"|mode: {ppf: µs}}, "raw": per-rep µs/fault, "raw_cpu": per-rep
+    handler CPU µs/fault}, where µs is the best (minimum) rep, the cost floor
+    under noise, and ratio is min/min; "paired_ratio" is the median over
+    rounds of python/C in the same round."""
     old_mask = os.sched_getaffinity(0)
     tmp = tempfile.mkdtemp(prefix="umgr-bench-faults-")
     result = {"pages": pages, "reps": reps, "cpu": cpu, "floor": {}, "python": {}, "ratio": {},
-              "paired_ratio": {}, "raw": {}}
-    raw = result["raw"]
+              "paired_ratio": {}, "handler_cpu": {}, "raw": {}, "raw_cpu": {}}
+    raw, raw_cpu = result["raw"], result["raw_cpu"]
+
+    def keep(key, reps_out):
+        raw.setdefault(key, []).extend(us for us, _ in reps_out)
+        raw_cpu.setdefault(key, []).extend(c for _, c in reps_out)
+
     try:
         exe, libpath = build(tmp)
         lib = _FFI.dlopen(libpath)
@@ -173,17 +255,19 @@ def run(pages: int = 16384, reps: int = 11, cpu: str = "same", per_fault=(1, 16)
             os.sched_setaffinity(0, {min(old_mask)})   # the toucher thread inherits it
         for ppf in per_fault:
             for _ in range(reps):
-                raw.setdefault(f"c/{ppf}", []).extend(c_floor(exe, pages, ppf, cpu, 1))
+                keep(f"c/{ppf}", c_floor(exe, pages, ppf, cpu, 1))
                 for mode in modes:
-                    raw.setdefault(f"{mode}/{ppf}", []).extend(python_handler(lib, mode, pages, ppf, 1))
+                    keep(f"{mode}/{ppf}", python_handler(lib, mode, pages, ppf, 1))
             c = raw[f"c/{ppf}"]
             result["floor"][ppf] = min(c)
+            result["handler_cpu"].setdefault("c", {})[ppf] = min(raw_cpu[f"c/{ppf}"])
             for mode in modes:
                 us = raw[f"{mode}/{ppf}"]
                 result["python"].setdefault(mode, {})[ppf] = min(us)
                 result["ratio"].setdefault(mode, {})[ppf] = min(us) / min(c)
                 result["paired_ratio"].setdefault(mode, {})[ppf] = statistics.median(
                     p / f for p, f in zip(us, c))
+                result["handler_cpu"].setdefault(mode, {})[ppf] = min(raw_cpu[f"{mode}/{ppf}"])
     finally:
         os.sched_setaffinity(0, old_mask)
         for f in os.listdir(tmp):
@@ -194,13 +278,17 @@ def run(pages: int = 16384, reps: int = 11, cpu: str = "same", per_fault=(1, 16)
 
 def report(r: dict) -> str:
     lines = [f"fault service, {r['pages']} pages touched sequentially, best of {r['reps']} interleaved rounds, "
-             f"cpu placement {r['cpu']!r}; C floor measured in this run"]
+             f"cpu placement {r['cpu']!r}; C floor measured in this run; load average "
+             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+    cpu = r["handler_cpu"]
     for ppf, floor in r["floor"].items():
-        lines.append(f"  {ppf:>2} page(s)/fault   C floor   {floor:7.2f} µs/fault  ({floor / ppf:.2f} µs/page)")
+        lines.append(f"  {ppf:>2} page(s)/fault   C floor     {floor:7.2f} µs/fault  ({floor / ppf:.2f} µs/page)"
+                     f"{'':36}handler CPU {cpu['c'][ppf]:5.2f} µs/fault")
         for mode in r["python"]:
             us = r["python"][mode][ppf]
-            lines.append(f"  {'':>2}                 {mode:<10}{us:7.2f} µs/fault  ratio {r['ratio'][mode][ppf]:.2f}x "
-                         f"(paired median {r['paired_ratio'][mode][ppf]:.2f}x)")
+            lines.append(f"  {'':>2}                 {mode:<12}{us:7.2f} µs/fault  ratio {r['ratio'][mode][ppf]:.2f}x "
+                         f"(paired median {r['paired_ratio'][mode][ppf]:.2f}x)  "
+                         f"handler CPU {cpu[mode][ppf]:5.2f} µs/fault (+{cpu[mode][ppf] - cpu['c'][ppf]:.2f})")
     target = r["ratio"].get("thread", {}).get(1)
     if target is not None:
         lines.append(f"  target: Python ≤ 1.15x the C floor at 1 page/fault: "

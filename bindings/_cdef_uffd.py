@@ -11,6 +11,11 @@ needs no ffi.errno round trip. Range ioctls that can make partial progress
 -errno in the struct's last field and answers -EAGAIN when it stopped early;
 the helper folds both into that one value so a fault-path call allocates
 nothing.
+
+The *_fast variants and umgr_uffd_read_batch serve the per-fault fast path
+of umgr.uffd (read_batch(), copy_fast(), zeropage_fast()): a complete range
+ioctl returns 0 (not len << 16), so the Python side tests one truth value;
+a read with nothing queued returns 0 (not -EAGAIN).
 """
 
 INCLUDES = """
@@ -112,6 +117,7 @@ FUNCTIONS = """
 int umgr_userfaultfd(int flags);
 int umgr_userfaultfd_dev(int flags);
 int umgr_uffd_read_msgs(int fd, struct uffd_msg *buf, int max);
+int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max);
 
 int umgr_uffd_api(int fd, uint64_t features, uint64_t *out_features,
                   uint64_t *out_ioctls);
@@ -128,6 +134,10 @@ int64_t umgr_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t umgr_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t umgr_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len,
                        uint64_t mode);
+int64_t umgr_uffd_copy_fast(int fd, uint64_t dst, uint64_t src, uint64_t len,
+                            uint64_t mode);
+int64_t umgr_uffd_zeropage_fast(int fd, uint64_t dst, uint64_t len,
+                                uint64_t mode);
 """
 
 CUSTOMIZATIONS = """
@@ -211,6 +221,15 @@ static int umgr_uffd_read_msgs(int fd, struct uffd_msg *buf, int max)
     if (n < 0)
         return -errno;
     return (int)(n / (ssize_t)sizeof(*buf));
+}
+
+/* As umgr_uffd_read_msgs, but nothing queued (EAGAIN) is 0 messages. */
+static int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max)
+{
+    ssize_t n = read(fd, buf, (size_t)max * sizeof(*buf));
+    if (n >= 0)
+        return (int)(n / (ssize_t)sizeof(*buf));
+    return errno == EAGAIN ? 0 : -errno;
 }
 
 static int umgr_uffd_api(int fd, uint64_t features, uint64_t *out_features,
@@ -310,5 +329,34 @@ static int64_t umgr_uffd_move(int fd, uint64_t dst, uint64_t src,
         .dst = dst, .src = src, .len = len, .mode = mode, .move = 0 };
     int ret = ioctl(fd, UFFDIO_MOVE, &m);
     return umgr_pack(ret, m.move, len);
+}
+
+/* 0 when the whole range was done, else (bytes_done << 16) | errno. */
+static int64_t umgr_pack_fast(int ret, int64_t done)
+{
+    if (ret == 0)
+        return 0;
+    int err = errno;
+    if (done < 0)
+        done = 0;
+    return (done << 16) | (err & 0xffff);
+}
+
+static int64_t umgr_uffd_copy_fast(int fd, uint64_t dst, uint64_t src,
+                                   uint64_t len, uint64_t mode)
+{
+    struct uffdio_copy c = {
+        .dst = dst, .src = src, .len = len, .mode = mode, .copy = 0 };
+    int ret = ioctl(fd, UFFDIO_COPY, &c);
+    return umgr_pack_fast(ret, c.copy);
+}
+
+static int64_t umgr_uffd_zeropage_fast(int fd, uint64_t dst, uint64_t len,
+                                       uint64_t mode)
+{
+    struct uffdio_zeropage z = {
+        .range = { .start = dst, .len = len }, .mode = mode, .zeropage = 0 };
+    int ret = ioctl(fd, UFFDIO_ZEROPAGE, &z);
+    return umgr_pack_fast(ret, z.zeropage);
 }
 """

@@ -377,6 +377,12 @@ def test_close_is_idempotent_and_use_after_close_raises(maps):
         with pytest.raises(ClosedError):
             u.read_events()
         with pytest.raises(ClosedError):
+            u.read_batch()
+        with pytest.raises(ClosedError):
+            u.copy_fast(0x10000, 0x20000, P)
+        with pytest.raises(ClosedError):
+            u.zeropage_fast(0x10000, P)
+        with pytest.raises(ClosedError):
             u.register(0x10000, P, U.UFFDIO_REGISTER_MODE_MISSING)
         with pytest.raises(ClosedError):
             u.api(0)
@@ -526,3 +532,143 @@ def test_ioctls_act_on_the_creators_mm_and_esrch_after_exit(maps, uffds):
             u.copy(addr, src.addr, P)
         with pytest.raises(TargetGone):
             u.writeprotect(addr, P, True)
+        assert u.read_batch() == 0
+        with pytest.raises(TargetGone):
+            u.copy_fast(addr, src.addr, P)
+        with pytest.raises(TargetGone):
+            u.zeropage_fast(addr, P)
+
+
+# -- fast path: read_batch(), .batch, copy_fast(), zeropage_fast() ------------
+
+
+def serve_batches(uffd, handler, until, timeout=20.0):
+    """serve() with read_batch(): handler(index) per message in .batch."""
+    poller = select.poll()
+    poller.register(uffd.fileno(), select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while not until():
+        n = uffd.read_batch()
+        if not n:
+            assert time.monotonic() < deadline, "timed out serving faults"
+            poller.poll(5)
+            continue
+        for i in range(n):
+            handler(i)
+
+
+def test_batch_layout_constants():
+    assert U.MSG_WORDS == 4
+    assert (U.W_KIND, U.W_FLAGS, U.W_ADDRESS, U.W_TID) == (0, 1, 2, 3)
+    assert U.EVENT_PAGEFAULT == 0x12 and U.EVENT_FORK == 0x13 and U.EVENT_REMAP == 0x14
+    assert U.EVENT_REMOVE == 0x15 and U.EVENT_UNMAP == 0x16
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("run", [1, 4])
+def test_faults_served_with_read_batch_and_copy_fast(ct, maps, uffds, run):
+    npages = 64
+    u = uffds(U.UFFD_FEATURE_THREAD_ID)
+    dst = maps(npages)
+    src = source_pages(maps, npages)
+    u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
+    w = u.batch
+    assert len(w) >= 64 * U.MSG_WORDS
+    faults = []
+
+    def handle(i):
+        base = i * U.MSG_WORDS
+        assert w[base + U.W_KIND] & 0xFF == U.EVENT_PAGEFAULT
+        address, flags = w[base + U.W_ADDRESS], w[base + U.W_FLAGS]
+        faults.append((address, flags, w[base + U.W_TID] & 0xFFFFFFFF))
+        assert u.batch_event(i) == U.PageFault(address, flags, faults[-1][2])
+        page = (address - dst.addr) // P
+        n = min(run, npages - page)
+        assert u.copy_fast(dst.page(page), src.page(page), n * P) == 0
+
+    reader = CThread(ct[1].h_check, dst.ptr, npages, 0, SEED)
+    reader.start()
+    serve_batches(u, handle, lambda: not reader.is_alive())
+    reader.join()
+    assert reader.result == -1
+    assert [a for a, _, _ in faults] == [dst.page(i) for i in range(0, npages, run)]
+    assert {f for _, f, _ in faults} == {0}
+    assert {t for _, _, t in faults} == {reader.native_id}
+    assert u.read_batch() == 0
+
+
+@pytest.mark.timeout(30)
+def test_zeropage_fast_serves_write_faults(ct, maps, uffds):
+    npages = 8
+    u = uffds(0)
+    dst = maps(npages)
+    u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
+    flags = []
+
+    def handle(i):
+        ev = u.batch_event(i)
+        flags.append(ev.flags)
+        assert u.zeropage_fast(ev.address, P) == 0
+
+    writer = CThread(ct[1].h_fill, dst.ptr, npages, 0, 8)
+    writer.start()
+    serve_batches(u, handle, lambda: not writer.is_alive())
+    writer.join()
+    assert ct[1].h_check(dst.ptr, npages, 0, 8) == -1
+    assert flags == [U.UFFD_PAGEFAULT_FLAG_WRITE] * npages
+
+
+def test_copy_fast_outcomes_are_packed(maps, uffds):
+    u = uffds(0)
+    dst = maps(4)
+    src = source_pages(maps, 4)
+    u.register(dst.addr, 3 * P, U.UFFDIO_REGISTER_MODE_MISSING)
+    assert u.copy_fast(dst.page(1), src.page(1), P) == 0
+    r = u.copy_fast(dst.page(1), src.page(1), P)
+    assert r and U.unpack(r) == (0, errno.EEXIST)
+    # Page 0 is copied, then page 1 exists: partial count and EAGAIN.
+    assert U.unpack(u.copy_fast(dst.page(0), src.page(0), 2 * P)) == (P, errno.EAGAIN)
+    assert U.unpack(u.zeropage_fast(dst.page(1), P)) == (0, errno.EEXIST)
+    assert U.unpack(u.copy_fast(dst.page(3), src.addr, P)) == (0, errno.ENOENT)
+    assert U.unpack(u.zeropage_fast(dst.page(3), P)) == (0, errno.ENOENT)
+    assert u.zeropage_fast(dst.page(2), P) == 0
+    assert dst.bytes(2 * P, P) == bytes(P)
+    assert dst.lib.h_check(dst.ptr, 2, 0, SEED) == -1
+    for call in (lambda: u.copy_fast(dst.addr + 1, src.addr, P),
+                 lambda: u.zeropage_fast(dst.addr, P + 1)):
+        with pytest.raises(UffdError) as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.timeout(30)
+def test_read_batch_decodes_events_and_grows(ct, maps, uffds):
+    u = uffds(U.ALL_EVENTS)
+    region = maps(8)
+    u.register(region.addr, region.len, U.UFFDIO_REGISTER_MODE_MISSING)
+    with pytest.raises(ValueError):
+        u.read_batch(0)
+    small = u.batch
+    assert u.read_batch(200) == 0
+    assert u.batch is not small and len(u.batch) >= 200 * U.MSG_WORDS
+    events = []
+    unmapper = CThread(ct[1].h_unmap, region.ptr + 6 * P, 2 * P)
+    unmapper.start()
+    serve_batches(u, lambda i: events.append(u.batch_event(i)), lambda: events)
+    unmapper.join()
+    assert events == [U.UnmapEvent(region.page(6), region.page(8))]
+    w = u.batch
+    assert w[U.W_KIND] & 0xFF == U.EVENT_UNMAP
+    assert (w[U.W_FLAGS], w[U.W_ADDRESS]) == (region.page(6), region.page(8))
+    assert u.batch_events(1) == events
+
+    forker = CThread(ct[1].h_fork_check, region.ptr, 0, 0, 0)
+    forker.start()
+    forks = []
+    serve_batches(u, lambda i: forks.append(u.batch_event(i)), lambda: forks)
+    forker.join()
+    (fork,) = forks
+    assert isinstance(fork, U.ForkEvent)
+    uffds.adopt(U.Userfaultfd(fork.fd))
+    _, status = os.waitpid(forker.result, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -20,6 +20,22 @@ and fs/userfaultfd.c):
 Normal outcomes are returned as (bytes_done, errno); ESRCH raises TargetGone
 and everything else raises UffdError. The fault-path methods make exactly one
 cffi call and allocate nothing but the result tuple.
+
+Fast path: read_batch() reads into a preallocated buffer and returns only the
+message count; the messages are read in place from .batch (MSG_WORDS
+native u64 words per message: kind, flags, address, tid, see below), and
+copy_fast()/zeropage_fast() return 0 when the whole range was done. Each is
+one cffi call and allocates nothing; at one page per fault this is what
+keeps Python close to a C handler. batch_events(n) types a batch that holds
+more than page faults.
+
+    n = uffd.read_batch()
+    w = uffd.batch
+    for i in range(0, n * MSG_WORDS, MSG_WORDS):
+        if w[i] & 0xFF != EVENT_PAGEFAULT: ...      # see batch_event(i // MSG_WORDS)
+        address, flags = w[i + W_ADDRESS], w[i + W_FLAGS]
+        r = uffd.copy_fast(address & ~4095, src, 4096)
+        if r: done, err = unpack(r)                    # EAGAIN, EEXIST or ENOENT
 """
 
 import errno as _errno
@@ -141,7 +157,17 @@ class UnmapEvent:
 
 # struct uffd_msg is 32 packed bytes; decode it as four native u64 words.
 # The layout is asserted against the compiler's offsets here, once.
-_MSG_WORDS = 4
+MSG_WORDS = _MSG_WORDS = 4
+W_KIND = 0      # & 0xFF: the event (EVENT_PAGEFAULT, ...)
+W_FLAGS = 1     # page fault: UFFD_PAGEFAULT_FLAG_*; fork: the new uffd (& 0xFFFFFFFF);
+                # remap: from; remove/unmap: start
+W_ADDRESS = 2   # page fault: the address; remap: to; remove/unmap: end
+W_TID = 3       # page fault: the thread id (& 0xFFFFFFFF, UFFD_FEATURE_THREAD_ID); remap: len
+EVENT_PAGEFAULT = _lib.UFFD_EVENT_PAGEFAULT
+EVENT_FORK = _lib.UFFD_EVENT_FORK
+EVENT_REMAP = _lib.UFFD_EVENT_REMAP
+EVENT_REMOVE = _lib.UFFD_EVENT_REMOVE
+EVENT_UNMAP = _lib.UFFD_EVENT_UNMAP
 assert _lib.UMGR_MSG_SIZE == 8 * _MSG_WORDS
 assert (_lib.UMGR_MSG_OFF_PF_FLAGS, _lib.UMGR_MSG_OFF_PF_ADDRESS,
         _lib.UMGR_MSG_OFF_PF_PTID) == (8, 16, 24)
@@ -175,6 +201,9 @@ _move = _lib.umgr_uffd_move
 _writeprotect = _lib.umgr_uffd_writeprotect
 _wake = _lib.umgr_uffd_wake
 _read_msgs = _lib.umgr_uffd_read_msgs
+_read_batch = _lib.umgr_uffd_read_batch
+_copy_fast = _lib.umgr_uffd_copy_fast
+_zeropage_fast = _lib.umgr_uffd_zeropage_fast
 
 _EAGAIN = _errno.EAGAIN
 _EEXIST = _errno.EEXIST
@@ -183,6 +212,12 @@ _ESRCH = _errno.ESRCH
 _EBADF = _errno.EBADF
 _NORMAL_RANGE = frozenset((_EAGAIN, _EEXIST, _ENOENT))
 _NORMAL_WP = frozenset((_EAGAIN, _ENOENT))
+
+
+def unpack(packed: int) -> tuple[int, int]:
+    """(bytes_done, errno) of a nonzero copy_fast()/zeropage_fast() result."""
+    return packed >> 16, packed & 0xFFFF
+
 
 _VIA_SYSCALL = "syscall"
 _VIA_DEV = "/dev/userfaultfd"
@@ -193,12 +228,13 @@ class Userfaultfd:
 
     The integer is forgotten on close(), so a use after close raises
     ClosedError instead of acting on whatever fd reuses the number. Not
-    meant for concurrent read_events() from several threads (the message
-    buffer is per instance); the ioctls are thread-safe.
+    meant for concurrent read_events()/read_batch() from several threads
+    (the message buffer, .batch, is per instance); the ioctls are
+    thread-safe.
     """
 
     __slots__ = ("_fd", "created_via", "features", "available_features",
-                 "ioctls", "_msgs", "_words", "_max")
+                 "ioctls", "_msgs", "_words", "_max", "batch")
 
     def __init__(self, fd: int):
         self._fd = -1
@@ -208,9 +244,7 @@ class Userfaultfd:
         self.features = 0
         self.available_features = 0
         self.ioctls = 0
-        self._msgs = None
-        self._words = None
-        self._max = 0
+        self._grow(64)
 
     @classmethod
     def create(cls, *, via: str = "auto", user_mode_only: bool = False) -> "Userfaultfd":
@@ -367,10 +401,63 @@ class Userfaultfd:
         if r:
             self._raise(-r, "UFFDIO_WAKE")
 
+    def copy_fast(self, dst: int, src: int, length: int, mode: int = 0) -> int:
+        """copy() for the fault path: 0 when all of length was copied, else
+        (bytes_copied << 16) | errno with errno EAGAIN, EEXIST or ENOENT
+        (see unpack()); raises as copy() does."""
+        r = _copy_fast(self._fd, dst, src, length, mode)
+        if r and (r & 0xFFFF) not in _NORMAL_RANGE:
+            self._raise(r & 0xFFFF, "UFFDIO_COPY")
+        return r
+
+    def zeropage_fast(self, dst: int, length: int, mode: int = 0) -> int:
+        """zeropage() for the fault path; returns as copy_fast()."""
+        r = _zeropage_fast(self._fd, dst, length, mode)
+        if r and (r & 0xFFFF) not in _NORMAL_RANGE:
+            self._raise(r & 0xFFFF, "UFFDIO_ZEROPAGE")
+        return r
+
     def _grow(self, max_events: int) -> None:
         self._max = max(max_events, 64)
         self._msgs = _ffi.new("struct uffd_msg[]", self._max)
-        self._words = memoryview(_ffi.buffer(self._msgs)).cast("Q")
+        self._words = self.batch = memoryview(_ffi.buffer(self._msgs)).cast("Q")
+
+    def read_batch(self, max_events: int = 64) -> int:
+        """Read up to max_events queued messages with one read() into
+        .batch, in place; return how many (0 when none is queued). The
+        buffer is reused by the next read: decode a batch before reading
+        again. Asking for more than ever before replaces .batch with a
+        bigger buffer (fetch .batch after such a read). A ForkEvent's fd is
+        the reader's to own: decode non-fault messages with batch_event()."""
+        if max_events > self._max or max_events < 1:
+            if max_events < 1:
+                raise ValueError("max_events must be at least 1")
+            self._grow(max_events)
+        n = _read_batch(self._fd, self._msgs, max_events)
+        if n >= 0:
+            return n
+        self._raise(-n, "read")
+
+    def batch_event(self, index: int):
+        """Message index of the last batch as a typed event."""
+        w = self._words
+        i = index * _MSG_WORDS
+        kind = w[i] & 0xFF
+        if kind == _EVENT_PAGEFAULT:
+            return _new_fault(w[i + 2], w[i + 1], w[i + 3] & 0xFFFFFFFF)
+        if kind == _EVENT_REMOVE:
+            return RemoveEvent(w[i + 1], w[i + 2])
+        if kind == _EVENT_UNMAP:
+            return UnmapEvent(w[i + 1], w[i + 2])
+        if kind == _EVENT_REMAP:
+            return RemapEvent(w[i + 1], w[i + 2], w[i + 3])
+        if kind == _EVENT_FORK:
+            return ForkEvent(w[i + 1] & 0xFFFFFFFF)
+        raise UffdError(_errno.EPROTO, f"unknown uffd event {kind:#x}")
+
+    def batch_events(self, n: int) -> list:
+        """The first n messages of the last batch as typed events."""
+        return [self.batch_event(i) for i in range(n)]
 
     def read_events(self, max_events: int = 64) -> list:
         """Read up to max_events queued messages with one read(); [] when
