@@ -9,15 +9,19 @@ program's own C handler thread. For Python, the toucher is the same file
 built as a shared library and called through cffi from a Python thread (cffi
 releases the GIL around the call) while the main thread serves the faults:
 
-    thread        blocking uffd, loop read_batch() + copy_fast()
-    trio-eager    trio: read first, await wait_readable() only on an empty read
-    trio-await    trio: await wait_readable() before every read
-    thread-typed  as thread, with the typed API: read_events() + copy()
+    thread         blocking uffd; a batch of one fault is resolved with
+                   copy_read() (UFFDIO_COPY and the read of the next batch in
+                   one cffi call), a bigger batch with copy_fast() per fault
+    trio-eager     as thread on the non-blocking uffd under trio: await
+                   wait_readable() only when a read finds nothing
+    trio-await     trio: await wait_readable() before every read_batch()
+    thread-2calls  as thread with read_batch() and copy_fast(): two cffi
+                   calls per fault, as the C handler makes two syscalls
+    thread-typed   as thread-2calls with the typed API: read_events() + copy()
 
 each with 1 and 16 pages per UFFDIO_COPY. Every handler decides per fault in
-Python (event kind, address, length clipped to the region) and makes one
-cffi call per read and one per UFFDIO_COPY, as the C handler makes one
-syscall each. Reported: µs per fault (best of REPS interleaved rounds), the
+Python (event kind, address, length clipped to the region); the syscalls
+are the C handler's (one read, one UFFDIO_COPY per fault). Reported: µs per fault (best of REPS interleaved rounds), the
 ratio to the C floor with the same pages per fault, and the serving thread's
 CPU time per fault (user + system, best rep): less sensitive to neighbours
 than the wall clock, it shows where a ratio moved.
@@ -44,7 +48,7 @@ from umgr import uffd as U
 PAGE = 4096
 _PAGE_MASK = ~(PAGE - 1)
 SOURCE = Path(__file__).parent / "programs" / "fault_floor.c"
-MODES = ("thread", "trio-eager", "trio-await", "thread-typed")
+MODES = ("thread", "trio-eager", "trio-await", "thread-2calls", "thread-typed")
 _FAULT = U.EVENT_PAGEFAULT
 _W = U.MSG_WORDS
 
@@ -106,6 +110,52 @@ def _unexpected(p: _Pass, what) -> None:
 
 
 def _run_thread(lib, p: _Pass) -> None:
+    """A lone fault is resolved with copy_read(): the copy and the (blocking)
+    read of the next fault in one call. The last fault is copied alone, as
+    nothing would come to end that read."""
+    os.set_blocking(p.uffd.fileno(), True)
+    u = p.uffd
+    read, w, copy, copy_read = u.read_batch, u.batch, u.copy_fast, u.copy_read
+    src, step, end, total = p.src, p.step, p.end, p.len
+    done = faults = 0
+    t = _toucher(lib, p)
+    cpu0 = time.thread_time_ns()
+    t.start()
+    count = read(64)
+    while True:
+        if count == 1:   # the common case at 1 page/fault: no loop set-up
+            if w[0] & 0xFF != _FAULT:
+                _unexpected(p, "event")
+            a = w[2] & _PAGE_MASK
+            n = step if a + step <= end else end - a
+            done += n
+            faults += 1
+            if done < total:
+                count = copy_read(a, src, n)
+                if count < 0:
+                    _unexpected(p, "copy outcome")
+                continue
+            if copy(a, src, n):
+                _unexpected(p, "copy outcome")
+            break
+        for i in range(0, count * _W, _W):
+            if w[i] & 0xFF != _FAULT:
+                _unexpected(p, "event")
+            a = w[i + 2] & _PAGE_MASK
+            n = step if a + step <= end else end - a
+            if copy(a, src, n):
+                _unexpected(p, "copy outcome")
+            done += n
+            faults += 1
+        if done >= total:
+            break
+        count = read(64)
+    p.cpu_ns = time.thread_time_ns() - cpu0
+    t.join()
+    p.faults = faults
+
+
+def _run_thread_2calls(lib, p: _Pass) -> None:
     os.set_blocking(p.uffd.fileno(), True)
     read, w, copy, src, step, end, total = p.uffd.read_batch, p.uffd.batch, p.uffd.copy_fast, p.src, p.step, p.end, p.len
     done = faults = 0
@@ -114,7 +164,7 @@ def _run_thread(lib, p: _Pass) -> None:
     t.start()
     while done < total:
         count = read(64)
-        if count == 1:   # the common case at 1 page/fault: no loop set-up
+        if count == 1:
             if w[0] & 0xFF != _FAULT:
                 _unexpected(p, "event")
             a = w[2] & _PAGE_MASK
@@ -157,27 +207,32 @@ def _run_thread_typed(lib, p: _Pass) -> None:
 
 def _run_trio(lib, p: _Pass, eager: bool) -> None:
     async def main():
-        read, w, copy, wait = p.uffd.read_batch, p.uffd.batch, p.uffd.copy_fast, p.uffd.wait_readable
+        u = p.uffd
+        read, w, copy, copy_read, wait = u.read_batch, u.batch, u.copy_fast, u.copy_read, u.wait_readable
         src, step, end, total = p.src, p.step, p.end, p.len
         done = faults = 0
         t = _toucher(lib, p)
         cpu0 = time.thread_time_ns()
         t.start()
         if eager:
-            while done < total:
-                count = read(64)
+            count = read(64)
+            while True:
                 if count == 1:
                     if w[0] & 0xFF != _FAULT:
                         _unexpected(p, "event")
                     a = w[2] & _PAGE_MASK
                     n = step if a + step <= end else end - a
-                    if copy(a, src, n):
+                    count = copy_read(a, src, n)
+                    if count < 0:
                         _unexpected(p, "copy outcome")
                     done += n
                     faults += 1
                     continue
                 if not count:
+                    if done >= total:
+                        break
                     await wait()
+                    count = read(64)
                     continue
                 for i in range(0, count * _W, _W):
                     if w[i] & 0xFF != _FAULT:
@@ -188,6 +243,7 @@ def _run_trio(lib, p: _Pass, eager: bool) -> None:
                         _unexpected(p, "copy outcome")
                     done += n
                     faults += 1
+                count = read(64)
         else:
             while done < total:
                 await wait()
@@ -219,6 +275,8 @@ def python_handler(lib, mode: str, pages: int, per_fault: int, reps: int) -> lis
                 _run_thread(lib, p)
             elif mode == "thread-typed":
                 _run_thread_typed(lib, p)
+            elif mode == "thread-2calls":
+                _run_thread_2calls(lib, p)
             else:
                 _run_trio(lib, p, eager=(mode == "trio-eager"))
             assert p.map[0] == 0xA5 and p.map[p.len - 1] == 0xA5
@@ -282,11 +340,11 @@ def report(r: dict) -> str:
              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
     cpu = r["handler_cpu"]
     for ppf, floor in r["floor"].items():
-        lines.append(f"  {ppf:>2} page(s)/fault   C floor     {floor:7.2f} µs/fault  ({floor / ppf:.2f} µs/page)"
+        lines.append(f"  {ppf:>2} page(s)/fault   C floor       {floor:7.2f} µs/fault  ({floor / ppf:.2f} µs/page)"
                      f"{'':36}handler CPU {cpu['c'][ppf]:5.2f} µs/fault")
         for mode in r["python"]:
             us = r["python"][mode][ppf]
-            lines.append(f"  {'':>2}                 {mode:<12}{us:7.2f} µs/fault  ratio {r['ratio'][mode][ppf]:.2f}x "
+            lines.append(f"  {'':>2}                 {mode:<14}{us:7.2f} µs/fault  ratio {r['ratio'][mode][ppf]:.2f}x "
                          f"(paired median {r['paired_ratio'][mode][ppf]:.2f}x)  "
                          f"handler CPU {cpu[mode][ppf]:5.2f} µs/fault (+{cpu[mode][ppf] - cpu['c'][ppf]:.2f})")
     target = r["ratio"].get("thread", {}).get(1)

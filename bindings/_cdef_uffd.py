@@ -12,7 +12,7 @@ needs no ffi.errno round trip. Range ioctls that can make partial progress
 the helper folds both into that one value so a fault-path call allocates
 nothing.
 
-The *_fast variants and umgr_uffd_read_batch serve the per-fault fast path
+The *_fast variants, umgr_uffd_read_batch and umgr_uffd_copy_read serve the per-fault fast path
 of umgr.uffd (read_batch(), copy_fast(), zeropage_fast()): a complete range
 ioctl returns 0 (not len << 16), so the Python side tests one truth value;
 a read with nothing queued returns 0 (not -EAGAIN).
@@ -138,6 +138,9 @@ int64_t umgr_uffd_copy_fast(int fd, uint64_t dst, uint64_t src, uint64_t len,
                             uint64_t mode);
 int64_t umgr_uffd_zeropage_fast(int fd, uint64_t dst, uint64_t len,
                                 uint64_t mode);
+int64_t umgr_uffd_copy_read(int fd, uint64_t dst, uint64_t src, uint64_t len,
+                            uint64_t mode, struct uffd_msg *buf, int max);
+#define UMGR_READ_FAILED ...
 """
 
 CUSTOMIZATIONS = """
@@ -358,5 +361,26 @@ static int64_t umgr_uffd_zeropage_fast(int fd, uint64_t dst, uint64_t len,
         .range = { .start = dst, .len = len }, .mode = mode, .zeropage = 0 };
     int ret = ioctl(fd, UFFDIO_ZEROPAGE, &z);
     return umgr_pack_fast(ret, z.zeropage);
+}
+
+/* UFFDIO_COPY, then, only if it did the whole range, read the next batch:
+   one call per fault on the fault path. Returns the messages read (>= 0,
+   0 when none is queued); -(bytes_done << 16 | errno) when the copy
+   stopped short (nothing read); UMGR_READ_FAILED - errno when the copy was
+   done but the read failed. */
+#define UMGR_READ_FAILED (-((int64_t)1 << 62))
+static int64_t umgr_uffd_copy_read(int fd, uint64_t dst, uint64_t src,
+                                   uint64_t len, uint64_t mode,
+                                   struct uffd_msg *buf, int max)
+{
+    struct uffdio_copy c = {
+        .dst = dst, .src = src, .len = len, .mode = mode, .copy = 0 };
+    int ret = ioctl(fd, UFFDIO_COPY, &c);
+    if (ret)
+        return -umgr_pack_fast(ret, c.copy);
+    ssize_t n = read(fd, buf, (size_t)max * sizeof(*buf));
+    if (n >= 0)
+        return n / (ssize_t)sizeof(*buf);
+    return errno == EAGAIN ? 0 : UMGR_READ_FAILED - errno;
 }
 """

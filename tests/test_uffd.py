@@ -383,6 +383,8 @@ def test_close_is_idempotent_and_use_after_close_raises(maps):
         with pytest.raises(ClosedError):
             u.zeropage_fast(0x10000, P)
         with pytest.raises(ClosedError):
+            u.copy_read(0x10000, 0x20000, P)
+        with pytest.raises(ClosedError):
             u.register(0x10000, P, U.UFFDIO_REGISTER_MODE_MISSING)
         with pytest.raises(ClosedError):
             u.api(0)
@@ -537,6 +539,8 @@ def test_ioctls_act_on_the_creators_mm_and_esrch_after_exit(maps, uffds):
             u.copy_fast(addr, src.addr, P)
         with pytest.raises(TargetGone):
             u.zeropage_fast(addr, P)
+        with pytest.raises(TargetGone):
+            u.copy_read(addr, src.addr, P)
 
 
 # -- fast path: read_batch(), .batch, copy_fast(), zeropage_fast() ------------
@@ -672,3 +676,81 @@ def test_read_batch_decodes_events_and_grows(ct, maps, uffds):
     uffds.adopt(U.Userfaultfd(fork.fd))
     _, status = os.waitpid(forker.result, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("blocking", [False, True])
+def test_copy_read_resolves_a_fault_and_reads_the_next(ct, maps, uffds, blocking):
+    """One call per fault: each copy_read() lets the reader go on to its
+    next page, whose fault the same call then reads."""
+    npages = 32
+    u = uffds(0)
+    dst = maps(npages)
+    src = source_pages(maps, npages, seed=12)
+    u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
+    reader = CThread(ct[1].h_check, dst.ptr, npages, 0, 12)
+    reader.start()
+    poller = select.poll()
+    poller.register(u.fileno(), select.POLLIN)
+    assert poller.poll(10_000), "no first fault"
+    if blocking:
+        os.set_blocking(u.fileno(), True)
+    w = u.batch
+    served = []
+    count = u.read_batch()
+    deadline = time.monotonic() + 20
+    while len(served) < npages:
+        assert time.monotonic() < deadline, "timed out serving faults"
+        if not count:
+            assert not blocking, "a blocking copy_read() returns a message"
+            poller.poll(5)
+            count = u.read_batch()
+            continue
+        assert count == 1, "the reader waits on one fault at a time"
+        assert w[U.W_KIND] & 0xFF == U.EVENT_PAGEFAULT
+        page = (w[U.W_ADDRESS] - dst.addr) // P
+        served.append(page)
+        if len(served) == npages:
+            assert u.copy_fast(dst.page(page), src.page(page), P) == 0
+            break
+        count = u.copy_read(dst.page(page), src.page(page), P)
+        assert count >= 0
+    reader.join(10)
+    assert reader.result == -1
+    assert served == list(range(npages))
+    os.set_blocking(u.fileno(), False)
+    assert u.read_batch() == 0
+
+
+@pytest.mark.timeout(30)
+def test_copy_read_outcomes(ct, maps, uffds):
+    u = uffds(U.ALL_EVENTS)
+    dst = maps(5)
+    src = source_pages(maps, 4)
+    u.register(dst.addr, 3 * P, U.UFFDIO_REGISTER_MODE_MISSING)
+    u.register(dst.page(4), P, U.UFFDIO_REGISTER_MODE_MISSING)
+    with pytest.raises(ValueError):
+        u.copy_read(dst.page(0), src.page(0), P, max_events=0)
+    assert u.copy_read(dst.page(1), src.page(1), P) == 0
+    # Short copies read nothing and answer -copy_fast().
+    assert U.unpack(-u.copy_read(dst.page(1), src.page(1), P)) == (0, errno.EEXIST)
+    assert U.unpack(-u.copy_read(dst.page(0), src.page(0), 2 * P)) == (P, errno.EAGAIN)
+    assert U.unpack(-u.copy_read(dst.page(3), src.page(3), P)) == (0, errno.ENOENT)
+    with pytest.raises(UffdError) as info:
+        u.copy_read(dst.addr + 1, src.addr, P)
+    assert info.value.errno == errno.EINVAL
+    # While an event is queued the copy answers EAGAIN, so nothing is read:
+    # read_batch() takes the event, then the copy goes through.
+    unmapper = CThread(ct[1].h_unmap, dst.ptr + 4 * P, P)
+    unmapper.start()
+    poller = select.poll()
+    poller.register(u.fileno(), select.POLLIN)
+    assert poller.poll(10_000)
+    assert U.unpack(-u.copy_read(dst.page(2), src.page(2), P)) == (0, errno.EAGAIN)
+    assert u.read_batch(100) == 1
+    assert u.batch_events(1) == [U.UnmapEvent(dst.page(4), dst.page(5))]
+    # The kernel counts the event done once munmap returns, not when read.
+    unmapper.join(10)
+    assert unmapper.result == 0
+    assert u.copy_read(dst.page(2), src.page(2), P, max_events=100) == 0
+    assert dst.lib.h_check(dst.ptr, 3, 0, SEED) == -1

@@ -26,8 +26,9 @@ message count; the messages are read in place from .batch (MSG_WORDS
 native u64 words per message: kind, flags, address, tid, see below), and
 copy_fast()/zeropage_fast() return 0 when the whole range was done. Each is
 one cffi call and allocates nothing; at one page per fault this is what
-keeps Python close to a C handler. batch_events(n) types a batch that holds
-more than page faults.
+keeps Python close to a C handler. copy_read() makes the copy that resolves
+a fault and the read of the next batch one call. batch_events(n) types a
+batch that holds more than page faults.
 
     n = uffd.read_batch()
     w = uffd.batch
@@ -204,6 +205,8 @@ _read_msgs = _lib.umgr_uffd_read_msgs
 _read_batch = _lib.umgr_uffd_read_batch
 _copy_fast = _lib.umgr_uffd_copy_fast
 _zeropage_fast = _lib.umgr_uffd_zeropage_fast
+_copy_read = _lib.umgr_uffd_copy_read
+_READ_FAILED = _lib.UMGR_READ_FAILED
 
 _EAGAIN = _errno.EAGAIN
 _EEXIST = _errno.EEXIST
@@ -437,6 +440,29 @@ class Userfaultfd:
         if n >= 0:
             return n
         self._raise(-n, "read")
+
+    def copy_read(self, dst: int, src: int, length: int, mode: int = 0,
+                  max_events: int = 64) -> int:
+        """copy_fast(), then, when the whole range was copied, read_batch()
+        in the same cffi call: the step "resolve this fault, fetch the next"
+        of a fault loop at one call per fault. Returns the messages now in
+        .batch (0: none queued). When the copy stopped short nothing was
+        read and the result is -copy_fast() (negative: see unpack(-r)); it
+        is EAGAIN while a non-cooperative event is queued, so read_batch()
+        and retry. Raises as copy_fast() and read_batch() do. On a blocking uffd the
+        read waits for the next message, as read() would."""
+        if max_events > self._max or max_events < 1:
+            if max_events < 1:
+                raise ValueError("max_events must be at least 1")
+            self._grow(max_events)
+        r = _copy_read(self._fd, dst, src, length, mode, self._msgs, max_events)
+        if r >= 0:
+            return r
+        if r <= _READ_FAILED:
+            self._raise(_READ_FAILED - r, "read")
+        if (-r & 0xFFFF) not in _NORMAL_RANGE:
+            self._raise(-r & 0xFFFF, "UFFDIO_COPY")
+        return r
 
     def batch_event(self, index: int):
         """Message index of the last batch as a typed event."""
