@@ -24,7 +24,7 @@ import trio
 from umgr import maps, procmem, protocol, uffd as uffdmod
 from umgr.backends import Backend
 from umgr.errors import TargetGone, UmgrError
-from umgr.pagetable import NO_SLOT, PAGE_SHIFT, State
+from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, State
 from umgr.policies import GuardedEviction, GuardedPrefetch, load_eviction, load_prefetch
 from umgr.target import Target, read_cmdline
 from umgr.zap import AgentZapper, RemoteZapper
@@ -54,7 +54,8 @@ class DaemonConfig:
 
 SUMMED = ("faults", "faults_missing", "faults_wp", "pages_in", "pages_out", "prefetched",
           "zero_pages_out", "zero_mapped", "shared_skipped", "locked_pinned",
-          "zap_batches", "zap_ranges", "app_removes", "unmaps", "remaps", "forks")
+          "zap_batches", "zap_ranges", "app_removes", "unmaps", "remaps", "forks",
+          "hint_cold", "hint_willneed", "hint_discardable", "cold_evicted", "willneed_in", "discarded")
 
 
 @dataclass
@@ -153,10 +154,10 @@ class Daemon:
             msg = protocol.decode_control(data)
             if isinstance(msg, protocol.Hello):
                 raise protocol.ProtocolError("second HELLO on one connection")
-            status = self._request(target, msg)
+            status = await self._request(target, msg)
             await conn.send(protocol.encode_ack(status))
 
-    def _request(self, target: Target, msg) -> int:
+    async def _request(self, target: Target, msg) -> int:
         if isinstance(msg, protocol.Region):
             if msg.length >= self.config.min_region and not target.gone:
                 return 0 if target.register(msg.start, msg.length) else errno.EINVAL
@@ -164,8 +165,36 @@ class Daemon:
         if isinstance(msg, protocol.Forked):
             return self._adopt_child(target, msg.child_pid)
         if isinstance(msg, protocol.Advise):
-            return errno.EOPNOTSUPP
+            return await self._advise(target, msg)
         return errno.EINVAL
+
+    async def _advise(self, target: Target, msg: protocol.Advise) -> int:
+        """umgr_advise(): 0, or an errno as madvise(2) would set it: EINVAL
+        for an unknown advice, an unaligned start or a range that wraps;
+        ENOMEM when part of the range is not managed (the hint still applies
+        to the managed part). The ACK goes back once the hint has taken
+        effect (DISCARDABLE) or been queued (COLD, WILLNEED: they run in the
+        background)."""
+        if not isinstance(msg.advice, protocol.Advice):
+            return errno.EINVAL
+        if msg.start & (PAGE_SIZE - 1) or msg.start + msg.length > 1 << 64:
+            return errno.EINVAL
+        if msg.length == 0:
+            return 0
+        lo, hi = msg.start >> PAGE_SHIFT, (msg.start + msg.length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        gaps = target.pt.gaps(lo, hi)
+        if gaps:  # malloc'd memory may not have been found yet: look now
+            try:
+                for start, end in maps.anonymous_private(target.pid, self.config.min_region):
+                    if start < hi << PAGE_SHIFT and end > lo << PAGE_SHIFT:
+                        target.register(start, end - start)
+            except (OSError, TargetGone):
+                return errno.ESRCH
+            gaps = target.pt.gaps(lo, hi)
+            if gaps == [(lo, hi)]:
+                return errno.ENOMEM  # nothing of it is managed
+        await target.advise(lo, hi, msg.advice)
+        return errno.ENOMEM if gaps else 0
 
     # ---- targets -------------------------------------------------------------
     async def _attach(self, hello: protocol.Hello, fds: list[int], conn) -> Target:
@@ -378,6 +407,7 @@ def _inherit_pages(parent: Target, child: Target) -> None:
     swapped in the shared slot)."""
     child.pt = parent.pt.copy()
     for region in child.pt.regions:
+        region.flags[:] = 0  # application hints are the parent's
         evicting = region.state == State.EVICTING
         zapping = region.state == State.ZAPPING
         region.state[evicting] = State.RESIDENT

@@ -1,10 +1,11 @@
 """Per-target page table: the state and swap slot of every managed page.
 
-Flat numpy arrays per registered region (one state byte and one int32 slot
-per page: 5 bytes a page), never a Python object per page: a target with
-16 GiB of managed memory has four million pages. Pages are named by vpn
-(virtual address >> 12). Every state change goes through this module, which
-keeps the per-state counts the budget and the metrics read.
+Flat numpy arrays per registered region (one state byte, one int32 slot and
+one flag byte per page: 6 bytes a page; with the FIFO eviction queue's 8 the
+daemon keeps about 14 bytes per managed page), never a Python object per
+page: a target with 16 GiB of managed memory has four million pages. Pages
+are named by vpn (virtual address >> 12). Every state change goes through
+this module, which keeps the per-state counts the budget and the metrics read.
 """
 from __future__ import annotations
 
@@ -37,11 +38,28 @@ class State:
 RESIDENT_STATES = (State.RESIDENT, State.EVICTING, State.ZAPPING, State.PINNED)
 
 
+class Flag:
+    """Per-page flag bits (Region.flags). A flag only means something while
+    the page has content in memory: the table clears a page's flags when it
+    leaves FLAGGED_STATES (becomes FRESH, SWAPPED, PINNED, ...)."""
+    DISCARDABLE = 1  # umgr_advise(DISCARDABLE) and not written since: evict
+                     # without writing it (it reads back as zero). The page
+                     # is write-protected, so a write faults and clears this.
+
+
+FLAGGED_STATES = (State.RESIDENT, State.EVICTING, State.ZAPPING)
+
+
 @dataclass(eq=False)
 class Region:
     vpn: int          # first page
     state: np.ndarray  # uint8 per page
     slot: np.ndarray   # int32 per page
+    flags: np.ndarray = None  # uint8 per page (Flag bits)
+
+    def __post_init__(self):
+        if self.flags is None:
+            self.flags = np.zeros(len(self.state), np.uint8)
 
     @property
     def npages(self) -> int:
@@ -58,7 +76,7 @@ class Region:
     def piece(self, lo: int, hi: int) -> "Region":
         """A copy of pages [lo, hi) (vpns) of this region."""
         a, b = lo - self.vpn, hi - self.vpn
-        return Region(lo, self.state[a:b].copy(), self.slot[a:b].copy())
+        return Region(lo, self.state[a:b].copy(), self.slot[a:b].copy(), self.flags[a:b].copy())
 
 
 @dataclass
@@ -122,6 +140,42 @@ class PageTable:
             out[pos] = region.slot[idx]
         return out
 
+    def has_flag(self, vpns: np.ndarray, flag: int) -> np.ndarray:
+        """For sorted vpns: which have `flag` (False outside every region)."""
+        out = np.zeros(len(vpns), bool)
+        for region, pos, idx in self.by_region(vpns):
+            out[pos] = (region.flags[idx] & flag) != 0
+        return out
+
+    def set_flag(self, vpns: np.ndarray, flag: int, on: bool = True) -> None:
+        """Set (or clear) `flag` on sorted vpns. Set only sticks on pages in
+        FLAGGED_STATES (others have no content in memory to flag)."""
+        for region, pos, idx in self.by_region(vpns):
+            if on:
+                idx = idx[np.isin(region.state[idx], FLAGGED_STATES)]
+                region.flags[idx] |= flag
+            else:
+                region.flags[idx] &= ~np.uint8(flag)
+
+    def find_state(self, vpn_lo: int, vpn_hi: int, state: int, limit: int | None = None) -> tuple[np.ndarray, int]:
+        """The pages of [vpn_lo, vpn_hi) in `state`, sorted, at most `limit`
+        of them; and the vpn to go on from (vpn_hi when all were returned)."""
+        found: list[np.ndarray] = []
+        count = 0
+        for region, lo, hi in self._overlapping(vpn_lo, vpn_hi):
+            hits = lo + np.flatnonzero(region.state[lo - region.vpn:hi - region.vpn] == state)
+            if limit is not None and count + len(hits) >= limit:
+                hits = hits[:limit - count]
+                found.append(hits)
+                return np.concatenate(found).astype(np.int64), (int(hits[-1]) + 1 if len(hits) else lo)
+            found.append(hits)
+            count += len(hits)
+        return (np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)), vpn_hi
+
+    def flagged(self, flag: int) -> int:
+        """How many pages have `flag` (a scan: for status and tests)."""
+        return sum(int(np.count_nonzero(r.flags & flag)) for r in self.regions)
+
     # ---- transitions -------------------------------------------------
     def set(self, vpns: np.ndarray, state: int, slots: np.ndarray | int | None = None) -> None:
         """Set the state (and, if given, the slot) of sorted vpns."""
@@ -129,6 +183,8 @@ class PageTable:
             self._count_out(region.state[idx])
             region.state[idx] = state
             self.counts[state] += len(idx)
+            if state not in FLAGGED_STATES:
+                region.flags[idx] = 0
             if slots is not None:
                 region.slot[idx] = slots if np.isscalar(slots) else slots[pos]
 
@@ -136,6 +192,8 @@ class PageTable:
         self.counts[region.state[index]] -= 1
         region.state[index] = state
         self.counts[state] += 1
+        if state not in FLAGGED_STATES:
+            region.flags[index] = 0
 
     def add(self, vpn: int, npages: int, present: np.ndarray | None = None) -> tuple[Region, np.ndarray]:
         """A new registered range; pages marked present start RESIDENT.
@@ -176,6 +234,7 @@ class PageTable:
             self._count_out(states[hit])
             states[hit] = State.FRESH
             slots[hit] = NO_SLOT
+            region.flags[a:b][hit] = 0
             self.counts[State.FRESH] += int(hit.sum())
         return np.concatenate(freed) if freed else np.empty(0, np.int32)
 
@@ -203,7 +262,7 @@ class PageTable:
 
     def copy(self) -> "PageTable":
         """A deep copy (a forked child starts with its parent's table)."""
-        regions = [Region(r.vpn, r.state.copy(), r.slot.copy()) for r in self.regions]
+        regions = [Region(r.vpn, r.state.copy(), r.slot.copy(), r.flags.copy()) for r in self.regions]
         return PageTable(regions, self.counts.copy())
 
     def all_slots(self) -> np.ndarray:

@@ -40,9 +40,10 @@ class MsgType(enum.IntEnum):
 
 
 class Advice(enum.IntEnum):
-    COLD = 1
-    WILLNEED = 2
-    DISCARDABLE = 3
+    """umgr_advise() advice values (README "Hints")."""
+    COLD = 1         # evict soon, whatever the budget
+    WILLNEED = 2     # bring swapped pages in now, in the background
+    DISCARDABLE = 3  # like MADV_FREE: may be dropped instead of written out
 
 
 class ZapMode(enum.IntEnum):
@@ -77,7 +78,7 @@ class Forked:
 class Advise:
     start: int
     length: int
-    advice: Advice
+    advice: int  # an Advice value if valid; an unknown one is answered EINVAL, not dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +122,10 @@ def decode_control(data: bytes) -> Hello | Region | Forked | Advise:
         _check_header(data, ADVISE)
         _, _, _, start, length, advice, _ = ADVISE.unpack(data)
         try:
-            return Advise(start, length, Advice(advice))
+            advice = Advice(advice)
         except ValueError:
-            raise ProtocolError(f"unknown advice {advice}") from None
+            pass  # well-formed message, bad argument: the handler answers EINVAL
+        return Advise(start, length, advice)
     raise ProtocolError(f"unexpected message type {msg_type}")
 
 
@@ -163,3 +165,7 @@ def encode_hello(pid: int, max_resident: int = 0, min_region: int = 0, policy: s
 
 def encode_region(start: int, length: int, msg_type: MsgType = MsgType.REGION) -> bytes:
     return RANGE_MSG.pack(MAGIC, msg_type, RANGE_MSG.size, start, length)
+
+
+def encode_advise(start: int, length: int, advice: int) -> bytes:
+    return ADVISE.pack(MAGIC, MsgType.ADVISE, ADVISE.size, start, length, advice, 0)

@@ -473,20 +473,31 @@ EXPORT pid_t fork(void)
     return pid;
 }
 
-/* Application hints; see README "Application hints". Returns 0 or an errno
- * value; ENOTCONN when the process is not managed. */
+/* Application hints (README "Hints", declared in umgr.h). Like madvise(2):
+ * 0 on success, else -1 with errno set: EINVAL (unknown advice, unaligned
+ * addr), ENOMEM (part of the range is not managed; the rest is advised),
+ * ENOTCONN (this process is not managed: no daemon). A hint is advisory:
+ * COLD and WILLNEED take effect in the background after the call returns;
+ * DISCARDABLE has taken effect when it returns (a later write to a page
+ * keeps that page). */
 EXPORT int umgr_advise(void *addr, size_t length, int advice)
 {
-    if (!shim.active)
-        return ENOTCONN;
-    struct umgr_advise msg;
-    memset(&msg, 0, sizeof msg);
-    fill_hdr(&msg.hdr, UMGR_ADVISE, sizeof msg);
-    msg.start = (uintptr_t)addr;
-    msg.length = length;
-    msg.advice = (uint32_t)advice;
-    int status = control_request(&msg, sizeof msg);
-    return status < 0 ? ENOTCONN : status;
+    int status = ENOTCONN;
+    if (shim.active) {
+        struct umgr_advise msg;
+        memset(&msg, 0, sizeof msg);
+        fill_hdr(&msg.hdr, UMGR_ADVISE, sizeof msg);
+        msg.start = (uintptr_t)addr;
+        msg.length = length;
+        msg.advice = (uint32_t)advice;
+        status = control_request(&msg, sizeof msg);
+        if (status < 0)
+            status = ENOTCONN;
+    }
+    if (status == 0)
+        return 0;
+    errno = status;
+    return -1;
 }
 
 EXPORT int umgr_is_managed(void)

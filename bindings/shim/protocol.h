@@ -8,7 +8,9 @@
  * with two descriptors (SCM_RIGHTS): its userfaultfd (UFFDIO_API not yet
  * called: it needs CAP_SYS_PTRACE for EVENT_FORK, so the daemon calls it) and
  * one end of a socketpair for the zap agent. The daemon answers HELLO_ACK.
- * Then REGION / ADVISE requests, each answered by an ACK with a status.
+ * Then REGION / ADVISE requests, each answered by an ACK with a status
+ * (0 or a positive errno). ADVISE with an unknown advice is answered EINVAL,
+ * not dropped.
  *
  * Connection 2 (agent): the socketpair. The daemon sends ZAP (a list of
  * ranges); the agent thread zaps them with one vectored
@@ -33,11 +35,15 @@ enum umgr_msg_type {
     UMGR_ZAP_DONE = 17,
 };
 
+/* umgr_advise() advice; the same values as in umgr.h (the app's header). */
+#ifndef UMGR_ADVICE_DEFINED
+#define UMGR_ADVICE_DEFINED
 enum umgr_advice {
-    UMGR_ADVISE_COLD = 1,        /* evict soon */
-    UMGR_ADVISE_WILLNEED = 2,    /* bring in now, asynchronously */
-    UMGR_ADVISE_DISCARDABLE = 3, /* may be dropped instead of written out */
+    UMGR_ADVISE_COLD = 1,        /* evict soon, whatever the budget */
+    UMGR_ADVISE_WILLNEED = 2,    /* bring swapped pages in now, asynchronously */
+    UMGR_ADVISE_DISCARDABLE = 3, /* may be dropped instead of written out (reads as zero then) */
 };
+#endif
 
 struct umgr_hdr {
     uint32_t magic;
