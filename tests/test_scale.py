@@ -50,6 +50,14 @@ def explain(result) -> str:
     return f"exit {result.returncode}\nstdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-4000:]}\nstats: {result.stats}"
 
 
+def daemon_trouble(daemon) -> str:
+    """The last exception line of the daemon's log first (a traceback's tail
+    is what matters and what a long message would cut), then the log's end."""
+    log = daemon.log()
+    errors = re.findall(r"^[ |+]*(\w+(?:Error|Exception|Group): .*)$", log, re.M)
+    return f"{errors[-1] if errors else 'no exception logged'}\n--- daemon log:\n{log[-4000:]}"
+
+
 def all_released(daemon) -> dict | None:
     status = query_status(daemon.socket)
     return status if not status["targets"] else None
@@ -179,7 +187,7 @@ def test_32_targets_under_one_daemon_each_within_its_own_budget(daemon, shim, pr
     assert status["backend"]["pages_written"] >= count * 3 * (data_mib - 6) * MiB // PAGE
     assert status["targets_seen"] == count
     assert daemon.alive()
-    assert "Traceback" not in daemon.log()
+    assert "Traceback" not in daemon.log(), daemon_trouble(daemon)
 
 
 # ---- 3. SIGKILL at random moments of the paging -------------------------------------------
@@ -221,7 +229,7 @@ def test_sigkill_at_random_moments_leaves_the_daemon_serving(daemon, shim, progr
                 proc.send_signal(signal.SIGKILL)
                 err = proc.communicate(timeout=20)[1]
                 victims.remove(entry)
-                assert daemon.alive(), f"the daemon died (seed {seed}):\n{daemon.log()[-5000:]}"
+                assert daemon.alive(), f"the daemon died (seed {seed}): {daemon_trouble(daemon)}"
                 if proc.returncode != -signal.SIGKILL:
                     pytest.fail(f"victim {cmd} (pid {proc.pid}, seed {seed}) ended by itself with "
                                 f"{proc.returncode} before its kill: {err.decode(errors='replace')}")
@@ -242,7 +250,7 @@ def test_sigkill_at_random_moments_leaves_the_daemon_serving(daemon, shim, progr
     context = f"(seed {seed}, {len(killed)} kills)"
     # A dead daemon takes every swapped page with it: say so first, with why.
     assert daemon.alive() and "Traceback" not in daemon.log(), \
-        f"the daemon died or raised {context}; survivor: {survivor.returncode} {survivor_stderr}\n{daemon.log()[-5000:]}"
+        f"the daemon died or raised {context}: {daemon_trouble(daemon)}\nsurvivor: {survivor.returncode} {survivor_stderr}"
     assert survivor.returncode == 0, f"survivor failed {context}: {survivor.returncode} {survivor_stderr}"
     assert survivor_out.startswith(f"ok {48 * MiB // PAGE} pages 4 threads 5 rounds"), survivor_out
     assert kills_while_survivor_ran >= min_kills, \
@@ -255,7 +263,7 @@ def test_sigkill_at_random_moments_leaves_the_daemon_serving(daemon, shim, progr
     wait_for(lambda: fd_links(daemon.proc.pid) == baseline_fds, 10,
              f"the daemon's descriptors to return to {baseline_fds} (now {fd_links(daemon.proc.pid)}) {context}")
     log = daemon.log()
-    assert "Traceback" not in log, f"{context}\n{log[-5000:]}"
+    assert "Traceback" not in log, f"{context}: {daemon_trouble(daemon)}"
     # The kills did land in the paging: many victims had pages out when killed.
     released = {int(m.group(1)): int(m.group(4)) for m in RELEASED.finditer(log)}
     paged = [pid for pid, *_ in killed if released.get(pid, 0) > 0]
