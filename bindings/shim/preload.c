@@ -379,8 +379,11 @@ fail:;
     return -1;
 }
 
+static void find_next_allocator(void);
+
 __attribute__((constructor)) static void umgr_shim_init(void)
 {
+    find_next_allocator();
     const char *path = getenv("UMGR_SOCKET");
     shim.min_region = parse_size(getenv("UMGR_MIN_REGION"), shim.min_region);
     if (!path || !*path) {
@@ -422,6 +425,133 @@ EXPORT void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t 
 
 EXPORT void *mmap64(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
     __attribute__((alias("mmap")));
+
+/* ---- memory the allocator maps itself ---------------------------------
+ * glibc's malloc maps big blocks and grows the main heap (brk) with
+ * internal calls the mmap wrapper never sees. The daemon's maps scan finds
+ * that memory, but only every 50 ms: long enough for a program to touch
+ * hundreds of MiB past its budget. So the allocator entry points are
+ * wrapped: a block of min_region or more, and every min_region of heap
+ * growth, is reported before the app gets the memory. The wrappers call
+ * the next definition (RTLD_NEXT), so a program's own allocator (jemalloc,
+ * tcmalloc) keeps working; UMGR_WRAP_MALLOC=0 turns them off. */
+
+struct allocator {
+    void *(*malloc)(size_t);
+    void *(*calloc)(size_t, size_t);
+    void *(*realloc)(void *, size_t);
+    void *(*memalign)(size_t, size_t);
+    int (*posix_memalign)(void **, size_t, size_t);
+    void *(*aligned_alloc)(size_t, size_t);
+};
+
+/* glibc's own entry points: used until the next ones are looked up (dlsym
+ * may itself allocate). */
+extern void *__libc_malloc(size_t);
+extern void *__libc_calloc(size_t, size_t);
+extern void *__libc_realloc(void *, size_t);
+extern void *__libc_memalign(size_t, size_t);
+
+static int libc_posix_memalign(void **out, size_t align, size_t size)
+{
+    void *p = __libc_memalign(align, size);
+    if (p == NULL)
+        return ENOMEM;
+    *out = p;
+    return 0;
+}
+
+static struct allocator next_alloc = {
+    __libc_malloc, __libc_calloc, __libc_realloc, __libc_memalign, libc_posix_memalign, __libc_memalign,
+};
+static int wrap_malloc = 1;
+static uintptr_t heap_reported; /* main heap (brk) reported up to here */
+
+#define PAGE_MASK_ ((uintptr_t)4095)
+
+static void find_next_allocator(void)
+{
+    const char *wrap = getenv("UMGR_WRAP_MALLOC");
+    wrap_malloc = !(wrap && strcmp(wrap, "0") == 0);
+    struct allocator found = {
+        (void *(*)(size_t))dlsym(RTLD_NEXT, "malloc"),
+        (void *(*)(size_t, size_t))dlsym(RTLD_NEXT, "calloc"),
+        (void *(*)(void *, size_t))dlsym(RTLD_NEXT, "realloc"),
+        (void *(*)(size_t, size_t))dlsym(RTLD_NEXT, "memalign"),
+        (int (*)(void **, size_t, size_t))dlsym(RTLD_NEXT, "posix_memalign"),
+        (void *(*)(size_t, size_t))dlsym(RTLD_NEXT, "aligned_alloc"),
+    };
+    if (found.malloc && found.calloc && found.realloc && found.memalign && found.posix_memalign &&
+        found.aligned_alloc)
+        next_alloc = found;
+    heap_reported = (uintptr_t)sbrk(0);
+}
+
+static void report_allocation(void *block, size_t size)
+{
+    if (!shim.active || !wrap_malloc || block == NULL)
+        return;
+    int saved = errno;
+    if (size >= shim.min_region) {
+        uintptr_t lo = (uintptr_t)block & ~PAGE_MASK_;
+        uintptr_t hi = ((uintptr_t)block + size + PAGE_MASK_) & ~PAGE_MASK_;
+        report_region((void *)lo, hi - lo);
+    }
+    /* sbrk(0) reads glibc's cached break: no system call. */
+    uintptr_t brk_now = (uintptr_t)sbrk(0);
+    uintptr_t from = __atomic_load_n(&heap_reported, __ATOMIC_RELAXED);
+    if (brk_now >= from + shim.min_region &&
+        __atomic_compare_exchange_n(&heap_reported, &from, brk_now, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        report_region((void *)from, brk_now - from);
+    else if (brk_now < from) /* the heap was trimmed */
+        __atomic_store_n(&heap_reported, brk_now, __ATOMIC_RELAXED);
+    errno = saved;
+}
+
+EXPORT void *malloc(size_t size)
+{
+    void *p = next_alloc.malloc(size);
+    report_allocation(p, size);
+    return p;
+}
+
+EXPORT void *calloc(size_t count, size_t size)
+{
+    void *p = next_alloc.calloc(count, size);
+    size_t total;
+    if (!__builtin_mul_overflow(count, size, &total))
+        report_allocation(p, total);
+    return p;
+}
+
+EXPORT void *realloc(void *old, size_t size)
+{
+    void *p = next_alloc.realloc(old, size);
+    report_allocation(p, size);
+    return p;
+}
+
+EXPORT void *memalign(size_t align, size_t size)
+{
+    void *p = next_alloc.memalign(align, size);
+    report_allocation(p, size);
+    return p;
+}
+
+EXPORT int posix_memalign(void **out, size_t align, size_t size)
+{
+    int err = next_alloc.posix_memalign(out, align, size);
+    if (err == 0)
+        report_allocation(*out, size);
+    return err;
+}
+
+EXPORT void *aligned_alloc(size_t align, size_t size)
+{
+    void *p = next_alloc.aligned_alloc(align, size);
+    report_allocation(p, size);
+    return p;
+}
 
 static void detach_in_child(void)
 {
