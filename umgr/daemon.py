@@ -14,6 +14,7 @@ import grp
 import json
 import logging
 import os
+import signal
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class Daemon:
         self.totals = Totals()
         self.targets_seen = 0
         self.rejected_connections = 0
+        self.internal_errors = 0          # targets killed because serving them failed
         self._children_waiting: dict[int, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self.idle = trio.Event()       # set whenever no target is left
@@ -278,19 +280,32 @@ class Daemon:
         self._nursery.start_soon(self._run_target, target)
 
     async def _run_target(self, target: Target) -> None:
-        async with trio.open_nursery() as nursery:
-            target.cancel_scope = nursery.cancel_scope
+        try:
+            async with trio.open_nursery() as nursery:
+                target.cancel_scope = nursery.cancel_scope
 
-            async def until_gone(fn):
-                try:
-                    await fn()
-                finally:
-                    nursery.cancel_scope.cancel()
-            nursery.start_soon(until_gone, target.fault_loop)
-            nursery.start_soon(until_gone, target.evictor)
-            nursery.start_soon(until_gone, lambda: self._watch_exit(target))
-            nursery.start_soon(self._scan_maps, target)
-            nursery.start_soon(self._watch_slots, target)
+                async def until_gone(fn):
+                    try:
+                        await fn()
+                    finally:
+                        nursery.cancel_scope.cancel()
+                nursery.start_soon(until_gone, target.fault_loop)
+                nursery.start_soon(until_gone, target.evictor)
+                nursery.start_soon(until_gone, lambda: self._watch_exit(target))
+                nursery.start_soon(self._scan_maps, target)
+                nursery.start_soon(self._watch_slots, target)
+        except Exception:
+            # A bug met while serving one target must not take the others
+            # down. That target cannot be served correctly any more: once its
+            # uffd is closed its swapped pages would read as zeros, so it is
+            # killed rather than left running on wrong data.
+            log.exception("%s: internal error; killing the target (its swapped pages cannot be served)",
+                          target.label)
+            self.internal_errors += 1
+            try:
+                procmem.pidfd_send_signal(target.pidfd, signal.SIGKILL)
+            except (OSError, TargetGone):
+                pass
         self._release(target)
 
     async def _watch_exit(self, target: Target) -> None:
@@ -391,6 +406,7 @@ class Daemon:
             "backend": self.backend.statistics(),
             "targets_seen": self.targets_seen,
             "rejected_connections": self.rejected_connections,
+            "internal_errors": self.internal_errors,
         }
 
     def run_totals(self) -> dict:

@@ -47,3 +47,17 @@ def locked_ranges(pid: int) -> list[tuple[int, int]]:
             elif head == "VmFlags:" and span is not None and "lo" in line.split()[1:]:
                 ranges.append(span)
     return ranges
+
+
+def unreadable_ranges(pid: int) -> list[tuple[int, int]]:
+    """(start, end) of each mapping the process cannot read (PROT_NONE,
+    write-only): process_vm_readv fails there, so umgr cannot evict it."""
+    with open(f"/proc/{pid}/maps", "rb") as f:
+        text = f.read().decode("ascii", "replace")
+    ranges = []
+    for line in text.splitlines():
+        fields = line.split(maxsplit=2)
+        if len(fields) >= 2 and fields[1][0] != "r":
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges

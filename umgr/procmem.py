@@ -154,9 +154,15 @@ def pagemap_entries(pid: int, starts, lengths) -> np.ndarray:
     fd = open_pagemap(pid)
     try:
         chunks = [os.pread(fd, int(n) * 8, int(vpn) * 8) for vpn, n in zip(starts, lengths)]
+    except ProcessLookupError:
+        raise TargetGone(f"process {pid} is gone", pid=pid) from None
     finally:
         os.close(fd)
-    return np.frombuffer(b"".join(chunks), np.uint64)
+    data = b"".join(chunks)
+    if len(data) != 8 * int(np.sum(lengths, dtype=np.int64)):
+        # An open pagemap of a process that has exited reads as empty.
+        raise TargetGone(f"process {pid} is gone (pagemap read short)", pid=pid)
+    return np.frombuffer(data, np.uint64)
 
 
 _zero_pfn: int | None = None

@@ -96,6 +96,7 @@ class Target:
         self.eviction_paused = ""       # why eviction cannot run now, "" if it can
         self.no_victims = False         # the evictor's last try found nothing to evict
         self.locked: list[tuple[int, int]] = []   # mlocked vpn ranges: pinned
+        self.unreadable: list[tuple[int, int]] = []   # PROT_NONE (...) vpn ranges: pinned
         self._rechecked = 0.0
         self.command = read_cmdline(pid)
         self.started = time.monotonic()
@@ -435,7 +436,7 @@ class Target:
         if swapped.any():
             self._fill_reading = True  # application hints: WILLNEED waits for it
             try:
-                await self.backend.read(slots[swapped], self._fill.addrs(positions[swapped]))
+                await _io_to_the_end(self.backend.read, slots[swapped], self._fill.addrs(positions[swapped]))
             finally:
                 self._fill_reading = False
         if not swapped.all():
@@ -561,11 +562,7 @@ class Target:
             rest = vpns[nread:]
             self._release(rest, State.EVICTING)
             await self._unprotect(rest)
-            # Still mapped yet unreadable (PROT_NONE, ...): never evict it.
-            first = rest[:1]
-            if self.pt.states(first)[0] == State.RESIDENT:
-                log.info("%s: page %#x cannot be read; pinned", self.label, int(first[0]) << PAGE_SHIFT)
-                self.pt.set(first, State.PINNED)
+            self._pin_unreadable(rest[:1])
             vpns = vpns[:nread]
         zero = self._victims.zero_pages(len(vpns))
         live = self.pt.states(vpns) == State.EVICTING
@@ -577,13 +574,13 @@ class Target:
             await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
             return False
         try:
-            await self.backend.write(slots, self._victims.addrs(np.flatnonzero(store)))
+            await _io_to_the_end(self.backend.write, slots, self._victims.addrs(np.flatnonzero(store)))
         except BackendError as exc:
             self.backend.slots.free(slots)
             self.stats.backend_errors += 1
             await self._abort(vpns, f"backend error ({exc}); pages stay resident")
             return False
-        except BaseException:  # cancelled (the target is gone): the table does not hold these yet
+        except BaseException:  # the table does not hold these yet; no write to them is in flight
             self.backend.slots.free(slots)
             raise
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
@@ -644,10 +641,7 @@ class Target:
         return vpns[~gone], bool(gone.any())
 
     def _in_locked(self, vpns: np.ndarray) -> np.ndarray:
-        inside = np.zeros(len(vpns), bool)
-        for lo, hi in self.locked:
-            inside |= (vpns >= lo) & (vpns < hi)
-        return inside
+        return _inside(vpns, self.locked)
 
     def _read_locked(self) -> None:
         self.locked = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.locked_ranges(self.pid)]
@@ -673,21 +667,40 @@ class Target:
             await self._unprotect(locked)
         return failed[~inside]
 
+    def _pin_unreadable(self, failed: np.ndarray) -> None:
+        """process_vm_readv stopped at `failed` (one page): if it lies in a
+        mapping the process cannot read (PROT_NONE, ...), pin every resident
+        page of those mappings: none of them can be read back until the app
+        makes them readable again (recheck unpins them then)."""
+        if len(failed) == 0 or self.pt.states(failed)[0] != State.RESIDENT:
+            return  # unmapped meanwhile, or written (WP fault) meanwhile
+        self.unreadable = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.unreadable_ranges(self.pid)]
+        if not _inside(failed, self.unreadable).any():
+            return
+        for lo, hi in self.unreadable:
+            pages, _ = self.pt.find_state(lo, hi, State.RESIDENT)
+            if len(pages):
+                log.info("%s: %d pages at %#x cannot be read; pinned while unreadable",
+                         self.label, len(pages), int(pages[0]) << PAGE_SHIFT)
+                self.pt.set(pages, State.PINNED)
+
     def recheck(self) -> None:
-        """At most every RECHECK_SECONDS: unpin pages no longer mlocked, and
-        count again SHARED pages the other process has let go of (it wrote,
-        unmapped or exited: no event tells us)."""
+        """At most every RECHECK_SECONDS: unpin pages no longer mlocked or
+        unreadable, and count again SHARED pages the other process has let
+        go of (it wrote, unmapped or exited: no event tells us)."""
         now = time.monotonic()
         if now - self._rechecked < RECHECK_SECONDS:
             return
         self._rechecked = now
-        if self.locked:
-            before = self.locked
+        if self.locked or self.unreadable:
+            before = self.locked + self.unreadable
             self._read_locked()
+            self.unreadable = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.unreadable_ranges(self.pid)] \
+                if self.unreadable else []
             for lo, hi in before:
-                pages = np.arange(lo, hi, dtype=np.int64)
-                pinned = pages[self.pt.states(pages) == State.PINNED]
-                self._count_again(pinned[~self._in_locked(pinned)], State.PINNED)
+                pinned, _ = self.pt.find_state(lo, hi, State.PINNED)
+                still = _inside(pinned, self.locked) | _inside(pinned, self.unreadable)
+                self._count_again(pinned[~still], State.PINNED)
         if self.pt.counts[State.SHARED]:
             shared = np.concatenate([r.vpn + np.flatnonzero(r.state == State.SHARED) for r in self.pt.regions])
             starts, lengths = runs(shared.astype(np.int64))
@@ -941,7 +954,7 @@ class Target:
             self.backend.slots.incref(slots)
             try:
                 try:
-                    await self.backend.read(slots, self._hint_buf.addrs(np.arange(len(vpns))))
+                    await _io_to_the_end(self.backend.read, slots, self._hint_buf.addrs(np.arange(len(vpns))))
                 except BackendError as exc:
                     self.stats.backend_errors += 1
                     log.warning("%s: WILLNEED read failed (%s); pages stay swapped", self.label, exc)
@@ -1004,6 +1017,22 @@ class Target:
 
 
 UNCOUNTED = (State.ZERO, State.SHARED)  # mapped, but no memory of the target's own
+
+
+async def _io_to_the_end(operation, slots: np.ndarray, addrs: np.ndarray) -> None:
+    """Backend I/O, shielded from cancellation (the target going away): a
+    request abandoned in flight could still land in a slot or a buffer
+    reused since. A batch takes milliseconds."""
+    with trio.CancelScope(shield=True):
+        await operation(slots, addrs)
+
+
+def _inside(vpns: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Which vpns lie in any of the [lo, hi) ranges."""
+    inside = np.zeros(len(vpns), bool)
+    for lo, hi in ranges:
+        inside |= (vpns >= lo) & (vpns < hi)
+    return inside
 
 
 def _page_up(addr: int) -> int:
