@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import CollectorRegistry
 
 from umgr.backends import IO_BUCKETS
+from umgr.pagetable import State
 from umgr.target import LATENCY_BUCKETS
 
 COUNTERS = (
@@ -26,6 +27,22 @@ COUNTERS = (
     ("unmaps", "munmap events"),
     ("remaps", "mremap events"),
     ("forks", "fork events"),
+    ("zero_mapped", "Victims found on the kernel's zero page (kept, not counted resident)"),
+    ("shared_skipped", "Victims found shared copy-on-write with another process (kept, not counted)"),
+    ("locked_pinned", "Victims found mlocked (pinned while locked)"),
+    ("hint_cold", "umgr_advise(COLD) hints received"),
+    ("hint_willneed", "umgr_advise(WILLNEED) hints received"),
+    ("hint_discardable", "umgr_advise(DISCARDABLE) hints received"),
+    ("cold_evicted", "Pages evicted because of a COLD hint"),
+    ("willneed_in", "Pages brought in because of a WILLNEED hint"),
+    ("discarded", "DISCARDABLE pages dropped instead of written"),
+)
+
+# Page states with no memory of the target's own, or that cannot be evicted.
+STATE_GAUGES = (
+    ("zero_mapped_bytes", "Managed bytes on the kernel's shared zero page", "ZERO"),
+    ("shared_bytes", "Managed bytes shared copy-on-write with another process", "SHARED"),
+    ("pinned_bytes", "Managed bytes that cannot be evicted now (mlocked, unreadable)", "PINNED"),
 )
 
 
@@ -64,6 +81,12 @@ class DaemonCollector:
                 family.add_metric(label(t), value(t))
             yield family
 
+        for name, doc, state in STATE_GAUGES:
+            family = GaugeMetricFamily(f"umgr_{name}", doc, labels=labels)
+            for t in targets:
+                family.add_metric(label(t), int(t.pt.counts[getattr(State, state)]) * 4096)
+            yield family
+
         latency = HistogramMetricFamily("umgr_fault_service_seconds",
                                         "Time from reading a fault batch to serving it", labels=labels)
         for t in targets:
@@ -78,6 +101,10 @@ class DaemonCollector:
         yield GaugeMetricFamily("umgr_backend_used_bytes", "Swap slots in use", value=stats["used_pages"] * 4096)
         yield GaugeMetricFamily("umgr_backend_capacity_bytes", "Swap capacity", value=stats["capacity_pages"] * 4096)
         yield CounterMetricFamily("umgr_backend_errors", "Backend I/O errors", value=stats["errors"])
+        yield CounterMetricFamily("umgr_internal_errors", "Targets killed because serving them failed",
+                                  value=self.daemon.internal_errors)
+        yield CounterMetricFamily("umgr_rejected_connections", "Control connections dropped for bad input",
+                                  value=self.daemon.rejected_connections)
         io = HistogramMetricFamily("umgr_backend_io_seconds", "Backend batch I/O latency")
         cumulative = np.cumsum(backend.io_latency)
         io.add_metric([], [(str(b), int(c)) for b, c in zip(IO_BUCKETS, cumulative)]
