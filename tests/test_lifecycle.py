@@ -1,31 +1,63 @@
 """Process life-cycle events on memory that is paged out when they happen:
-fork (shared, refcounted slots), munmap of a hole, mremap move+grow+shrink,
-mremap moves racing eviction, the app's own MADV_DONTNEED (also of pages
-being evicted), and exit. The program checks every byte; here we check that
-pages really left and that no slot is left over."""
+fork (shared, refcounted slots), a tree of forks, exec (the image is replaced
+while its pages are out: the program's own, a parent's whose child goes on
+with the shared slots, a forked child's), posix_spawn, vfork and
+CLONE_VM children (one mm: nothing for umgr to do, nothing may break),
+children SIGKILLed while idle or paging, munmap of a hole, mremap
+move+grow+shrink, mremap moves racing eviction, the app's own MADV_DONTNEED
+(also of pages being evicted), and exit. The program checks every byte, in
+parent and children; here we check that pages really left, that the event
+reached the daemon, how many targets it served, that each was released and
+that no slot is left over."""
+import re
+
 import pytest
 
+RELEASED = re.compile(r"pid (\d+): released \(faults \d+, pages in \d+, out (\d+)\)")
+
 MODES = {
-    # mode: the counter that proves the event reached the daemon
-    "fork": "forks",
-    "munmap": "unmaps",
-    "mremap": "remaps",
-    "mremap-race": "remaps",   # 24 moves while eviction batches are in flight
-    "dontneed": "app_removes",
-    "dontneed-race": "app_removes",  # the app discards pages while they are being evicted
-    "exit": None,
+    # mode: (counter that proves the event reached the daemon, its minimum,
+    #        targets: every process that attached, each exec'd image counting once)
+    "fork": ("forks", 1, 2),
+    "fork-tree": ("forks", 8, 9),     # 4 children, each with a grandchild; all check, write, check
+    "exec": (None, 0, 2),             # execs itself: a new image, a fresh region, same pid
+    "exec-parent": ("forks", 1, 3),   # the parent execs; its child then checks the shared slots
+    "fork-exec": ("forks", 1, 3),     # a forked child execs while the parent checks its data
+    "spawn": ("forks", 0, 4),         # posix_spawn(self), posix_spawnp(true), vfork+exec(/bin/true): targets;
+                                      # a vfork and a CLONE_VM child reading the parent's pages: not targets
+    "exit-killed": ("forks", 2, 3),   # children SIGKILLed: one idle, one paging
+    "munmap": ("unmaps", 1, 1),
+    "mremap": ("remaps", 1, 1),
+    "mremap-race": ("remaps", 1, 1),  # 24 moves while eviction batches are in flight
+    "dontneed": ("app_removes", 1, 1),
+    "dontneed-race": ("app_removes", 1, 1),  # the app discards pages while they are being evicted
+    "exit": (None, 0, 1),
 }
+SIZES = {"fork-tree": (32, 8)}  # MiB, budget MiB (9 processes); others: 64 MiB at 16M
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("mode", MODES)
 def test_event_on_paged_out_memory(umgr_exec, programs, mode):
-    result = umgr_exec([programs["lifecycle"], mode, "64"], max_resident="16M")
-    assert result.returncode == 0, result.stderr
+    counter, minimum, targets = MODES[mode]
+    mib, budget = SIZES.get(mode, (64, 16))
+    result = umgr_exec([programs["lifecycle"], mode, str(mib)], "-v", max_resident=f"{budget}M", timeout=60)
+    assert result.returncode == 0, result.stderr[-4000:]
     stats = result.stats
-    assert stats["pages_out"] >= (64 - 16) * 256, "pages must really have left before the event"
-    if MODES[mode]:
-        assert stats[MODES[mode]] >= 1
+    assert stats["pages_out"] >= (mib - budget) * 256, "pages must really have left before the event"
+    if counter:
+        assert stats[counter] >= minimum, stats
+    if mode == "spawn":
+        assert stats["forks"] == 0, "CLONE_VM children share the mm: no fork event"
+    assert stats["targets"] == targets, stats
+    released = RELEASED.findall(result.stderr)
+    assert len(released) == targets, result.stderr[-4000:]
     assert stats["swap_slots_in_use_at_exit"] == 0, "every slot is freed once all targets are gone"
     if mode == "fork":
-        assert stats["targets"] == 2 and stats["pages_in"] > 0
+        assert stats["pages_in"] > 0
+    if mode in ("exec", "exec-parent"):  # the old image, released when the new one said hello,
+        pids = [pid for pid, _ in released]  # had its pages out
+        twice = [pid for pid in set(pids) if pids.count(pid) == 2]
+        assert len(twice) == 1, released
+        old_out = next(int(out) for pid, out in released if pid == twice[0])
+        assert old_out >= (mib - budget) * 256, released

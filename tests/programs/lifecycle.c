@@ -1,8 +1,14 @@
 /* Process-lifecycle events on memory that is paged out at the moment of the
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
- * MODE: fork | munmap | mremap | mremap-race | dontneed | dontneed-race | exit.
+ * MODE: fork | munmap | mremap | mremap-race | dontneed | dontneed-race | exit
+ *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
+ *     (helpers run by the program itself: fresh | true).
  * Exit 0 when all is intact. */
 #define _GNU_SOURCE
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <spawn.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +16,8 @@
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+extern char **environ;
 
 #define PAGE 4096
 #define WORDS (PAGE / 8)
@@ -35,15 +43,118 @@ static int check(const uint64_t *m, size_t first, size_t npages, uint64_t salt, 
     return 0;
 }
 
+/* Pages whose expected salt is kept in a table (one entry a page). */
+static void stamp(uint64_t *m, uint64_t *salt, size_t first, size_t npages, size_t stride, uint64_t s)
+{
+    for (size_t p = first; p < first + npages; p += stride) {
+        fill(m, p, 1, s);
+        salt[p] = s;
+    }
+}
+
+static int verify(const uint64_t *m, const uint64_t *salt, size_t n, const char *what)
+{
+    for (size_t p = 0; p < n; p++)
+        if (check(m, p, 1, salt[p], what))
+            return 1;
+    return 0;
+}
+
+/* 0 when the child exited 0; else says why on stderr. */
+static int reap(pid_t pid, const char *who)
+{
+    int status;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid) {
+        perror(who);
+        return 1;
+    }
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        return 0;
+    fprintf(stderr, "%s (pid %d) failed: status %#x\n", who, (int)pid, status);
+    return 1;
+}
+
+/* 0 when the child died of SIGKILL. */
+static int reap_killed(pid_t pid, const char *who)
+{
+    int status;
+    if (waitpid(pid, &status, 0) != pid) {
+        perror(who);
+        return 1;
+    }
+    if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
+        return 0;
+    fprintf(stderr, "%s (pid %d) was not killed: status %#x\n", who, (int)pid, status);
+    return 1;
+}
+
+/* A grandchild (depth 2) or child (depth 1) of fork-tree: check what it
+ * inherited, write its own salt over part (child) or all (grandchild) of it,
+ * fork the next generation, check again, and again once that one is done. */
+static int tree_node(uint64_t *m, uint64_t *salt, size_t n, unsigned id, int depth)
+{
+    char what[64];
+    snprintf(what, sizeof what, "tree node %u depth %d: inherited", id, depth);
+    if (verify(m, salt, n, what))
+        return 3;
+    if (depth == 1)
+        stamp(m, salt, id * n / 4, n / 4, 1, 10 + id); /* its quarter */
+    else
+        stamp(m, salt, 0, n, 1, 20 + id); /* everything */
+    pid_t kid = -1;
+    if (depth == 1) {
+        kid = fork();
+        if (kid == 0)
+            _exit(tree_node(m, salt, n, id, 2));
+    }
+    snprintf(what, sizeof what, "tree node %u depth %d: own writes", id, depth);
+    if (verify(m, salt, n, what))
+        return 4;
+    if (kid != 0 && depth == 1) {
+        if (reap(kid, "grandchild"))
+            return 5;
+        snprintf(what, sizeof what, "tree node %u: after its grandchild", id);
+        if (verify(m, salt, n, what))
+            return 6;
+    }
+    return 0;
+}
+
+static size_t clone_pages;
+
+static int clone_reader(void *arg)
+{
+    const uint64_t *m = arg; /* the parent's memory (CLONE_VM), paged out */
+    for (size_t p = clone_pages / 2; p < clone_pages; p++)
+        if (m[p * WORDS + 7] != ((p * WORDS + 7) ^ 3))
+            return 1;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3)
         return 2;
     const char *mode = argv[1];
     size_t n = strtoull(argv[2], NULL, 10) << 8; /* pages */
+    if (strcmp(mode, "true") == 0) /* spawned: a new image, no memory of its own */
+        return 0;
     uint64_t *m = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED)
         return 2;
+    if (strcmp(mode, "fresh") == 0) { /* exec'd: nothing of the old image shows through */
+        if (check(m, 0, n, 0, "fresh region after exec"))
+            return 1;
+        fill(m, 0, n, 7);
+        int bad = check(m, 0, n, 7, "fresh region's own writes");
+        int status; /* children of the old image, if any */
+        for (pid_t kid; (kid = wait(&status)) > 0;)
+            if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+                fprintf(stderr, "child %d of the old image failed: status %#x\n", (int)kid, status);
+                bad = 1;
+            }
+        return bad;
+    }
     fill(m, 0, n, 1); /* under a small budget most of it is paged out now */
 
     if (strcmp(mode, "fork") == 0) {
@@ -139,5 +250,135 @@ int main(int argc, char **argv)
     }
     if (strcmp(mode, "exit") == 0)
         return 0; /* slots must all be freed when it is gone */
+    if (strcmp(mode, "fork-tree") == 0) { /* 4 children, each with a grandchild: 9 processes */
+        uint64_t *salt = malloc(n * sizeof *salt);
+        if (salt == NULL)
+            return 2;
+        for (size_t p = 0; p < n; p++)
+            salt[p] = 1;
+        pid_t kids[4];
+        for (unsigned i = 0; i < 4; i++) {
+            kids[i] = fork();
+            if (kids[i] == 0)
+                _exit(tree_node(m, salt, n, i, 1));
+        }
+        int bad = verify(m, salt, n, "tree root after forks");
+        stamp(m, salt, 1, n - 1, 2, 5); /* odd pages: shared slots, now the root's own */
+        bad |= verify(m, salt, n, "tree root's own writes");
+        for (unsigned i = 0; i < 4; i++)
+            bad |= reap(kids[i], "child");
+        return bad | verify(m, salt, n, "tree root after its children");
+    }
+    if (strcmp(mode, "exec") == 0) { /* the image is replaced while its pages are out */
+        execl("/proc/self/exe", argv[0], "fresh", argv[2], (char *)NULL);
+        perror("exec");
+        return 2;
+    }
+    if (strcmp(mode, "exec-parent") == 0) { /* the parent execs; its child checks the shared pages */
+        int gone[2];
+        if (pipe2(gone, O_CLOEXEC) != 0)
+            return 2;
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(gone[1]);
+            char c;
+            if (read(gone[0], &c, 1) != 0) /* EOF: the parent's old image is gone */
+                _exit(2);
+            if (check(m, 0, n, 1, "child after its parent's exec"))
+                _exit(3);
+            fill(m, 0, n, 2);
+            _exit(check(m, 0, n, 2, "child's own writes after its parent's exec") ? 4 : 0);
+        }
+        execl("/proc/self/exe", argv[0], "fresh", argv[2], (char *)NULL);
+        perror("exec");
+        return 2;
+    }
+    if (strcmp(mode, "fork-exec") == 0) { /* a child reads some inherited pages, then execs */
+        pid_t pid = fork();
+        if (pid == 0) {
+            if (check(m, 0, n / 8, 1, "child before exec"))
+                _exit(3);
+            execl("/proc/self/exe", argv[0], "fresh", argv[2], (char *)NULL);
+            _exit(2);
+        }
+        int bad = check(m, 0, n, 1, "parent while its child execs");
+        fill(m, 0, n, 5);
+        bad |= check(m, 0, n, 5, "parent's own writes");
+        bad |= reap(pid, "exec'd child");
+        return bad | check(m, 0, n, 5, "parent after its child");
+    }
+    if (strcmp(mode, "spawn") == 0) { /* CLONE_VM children: no fork event, one mm */
+        int bad = 0;
+        char *child_argv[] = {argv[0], "true", argv[2], NULL};
+        pid_t pid;
+        if (posix_spawn(&pid, "/proc/self/exe", NULL, NULL, child_argv, environ) != 0)
+            return 2;
+        bad |= reap(pid, "posix_spawn'd self");
+        bad |= check(m, 0, n, 1, "after posix_spawn");
+        fill(m, 0, n, 3); /* eviction is busy at the next spawn */
+        char *true_argv[] = {"true", NULL};
+        if (posix_spawnp(&pid, "true", NULL, NULL, true_argv, environ) != 0)
+            return 2;
+        bad |= reap(pid, "posix_spawnp'd true");
+        pid = vfork();
+        if (pid == 0) {
+            execv("/bin/true", true_argv);
+            _exit(127);
+        }
+        bad |= reap(pid, "vfork+exec'd /bin/true");
+        pid = vfork(); /* the child reads paged-out pages of the shared mm */
+        if (pid == 0) {
+            for (size_t p = 0; p < n; p++)
+                if (m[p * WORDS + 5] != ((p * WORDS + 5) ^ 3))
+                    _exit(1);
+            _exit(0);
+        }
+        bad |= reap(pid, "vfork child reading the parent's memory");
+        /* A CLONE_VM child reads the upper half while the parent reads the lower. */
+        clone_pages = n;
+        size_t stack_size = 1 << 16;
+        char *stack = malloc(stack_size);
+        if (stack == NULL)
+            return 2;
+        pid = clone(clone_reader, stack + stack_size, CLONE_VM | SIGCHLD, m);
+        bad |= check(m, 0, n / 2, 3, "parent beside its CLONE_VM child");
+        bad |= reap(pid, "CLONE_VM child");
+        return bad | check(m, 0, n, 3, "after the spawns");
+    }
+    if (strcmp(mode, "exit-killed") == 0) { /* children SIGKILLed, idle and while paging */
+        int ready[2];
+        if (pipe(ready) != 0)
+            return 2;
+        pid_t idle = fork();
+        if (idle == 0) { /* never touches its inherited, paged-out pages */
+            if (write(ready[1], "i", 1) != 1)
+                _exit(2);
+            for (;;)
+                pause();
+        }
+        pid_t busy = fork();
+        if (busy == 0) { /* pages in and out until it is killed */
+            for (unsigned round = 0;; round++) {
+                uint64_t s = round == 0 ? 1 : 30 + round - 1;
+                if (check(m, 0, n, s, "busy child"))
+                    _exit(3);
+                fill(m, 0, n / 2, 30 + round);
+                if (round == 0 && write(ready[1], "b", 1) != 1)
+                    _exit(2);
+                fill(m, n / 2, n - n / 2, 30 + round);
+            }
+        }
+        char c;
+        for (int i = 0; i < 2; i++)
+            if (read(ready[0], &c, 1) != 1)
+                return 2;
+        kill(idle, SIGKILL);
+        int bad = check(m, 0, n, 1, "parent while its child pages"); /* busy is still paging */
+        kill(busy, SIGKILL);
+        bad |= reap_killed(idle, "idle child") | reap_killed(busy, "busy child");
+        bad |= check(m, 0, n, 1, "parent after the kills");
+        fill(m, 0, n, 5);
+        return bad | check(m, 0, n, 5, "parent's own writes");
+    }
     return 2;
 }
