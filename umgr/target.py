@@ -2,9 +2,9 @@
 
 Two trio tasks per target share the page table without locks (trio runs one
 task at a time; state is only changed between awaits):
-- the fault loop reads uffd messages in batches, handles the
-  non-cooperative events (REMOVE, UNMAP, REMAP, FORK) at once, in order, and
-  serves the page faults of the batch;
+- the fault loop reads uffd messages in batches (in place, uffd.read_batch),
+  handles the non-cooperative events (REMOVE, UNMAP, REMAP, FORK) of each
+  batch in order once it has been walked, and serves the page faults;
 - the evictor keeps resident pages under the budget: write-protect victims,
   read them (process_vm_readv, in a worker thread: on the fault-serving thread
   it would deadlock on a userfault), store them, zap them.
@@ -28,7 +28,8 @@ from umgr.buffers import PageBuffer
 from umgr.errors import BackendError, BackendFull, TargetGone
 from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
 from umgr.protocol import Advice
-from umgr.uffd import ForkEvent, PageFault, RemapEvent, RemoveEvent, UnmapEvent
+from umgr.uffd import (EVENT_PAGEFAULT, MSG_WORDS, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
+                       W_ADDRESS, W_FLAGS, ForkEvent, RemapEvent, RemoveEvent, UnmapEvent)
 
 log = logging.getLogger("umgr.target")
 
@@ -100,7 +101,7 @@ class Target:
         self._rechecked = 0.0
         self.command = read_cmdline(pid)
         self.started = time.monotonic()
-        self._pending: list[PageFault] = []
+        self._pending: list[tuple[int, int]] = []   # page faults to serve: (address, flags)
         # The zap in flight: its pages (sorted vpns), how many REMOVE events
         # have covered each, and the (lo, hi) vpn ranges of those events.
         self._zap_vpns: np.ndarray | None = None
@@ -184,14 +185,9 @@ class Target:
     async def fault_loop(self) -> None:
         try:
             while True:
-                if not self._drain():
-                    if self._pending:
-                        pass
-                    elif self._spin():
-                        continue
-                    else:
-                        await self.uffd.wait_readable()
-                        continue
+                if not self._drain() and not self._pending and not self._spin():
+                    await self.uffd.wait_readable()
+                    continue
                 if self._pending:
                     await self._serve_pending()
         except TargetGone:
@@ -207,19 +203,31 @@ class Target:
         return False
 
     def _drain(self) -> bool:
-        """Read every queued message: handle events now, queue faults.
+        """Read every queued message: queue faults, handle the other events.
         True when anything was read."""
         got = False
         while True:
-            events = self.uffd.read_events(64)
-            if not events:
+            n = self.uffd.read_batch(64)
+            if not n:
                 return got
             got = True
-            for event in events:
-                if type(event) is PageFault:
-                    self._pending.append(event)
-                else:
-                    self._handle_event(event)
+            for event in self._walk_batch(n):
+                self._handle_event(event)
+
+    def _walk_batch(self, n: int) -> list:
+        """Queue the page faults of the n messages just read (in place, in
+        uffd.batch) as (address, flags); return the other events, typed.
+        They are handled only after the walk: a handler may read the uffd
+        again, which reuses the buffer."""
+        uffd = self.uffd
+        words, queue = uffd.batch, self._pending.append
+        events = []
+        for i in range(0, n * MSG_WORDS, MSG_WORDS):
+            if words[i] & 0xFF == EVENT_PAGEFAULT:
+                queue((words[i + W_ADDRESS], words[i + W_FLAGS]))
+            else:
+                events.append(uffd.batch_event(i // MSG_WORDS))
+        return events
 
     def _handle_event(self, event) -> None:
         kind = type(event)
@@ -328,16 +336,16 @@ class Target:
         self.stats.fault_latency_sum += elapsed * len(faults)
         self._note_resident()
 
-    def _triage(self, faults: list[PageFault]) -> dict[int, bool]:
+    def _triage(self, faults: list[tuple[int, int]]) -> dict[int, bool]:
         """Serve at once the faults that bring in no content (WP faults,
         pages believed resident or being evicted); return the others as
         {vpn: is_write}, de-duplicated."""
         fills: dict[int, bool] = {}
-        for fault in faults:
-            vpn = fault.address >> PAGE_SHIFT
+        for address, flags in faults:
+            vpn = address >> PAGE_SHIFT
             region = self.pt.find(vpn)
             state = region.state[vpn - region.vpn] if region else State.UNMAPPED
-            if fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WP:
+            if flags & UFFD_PAGEFAULT_FLAG_WP:
                 self.stats.faults_wp += 1
                 if state in UNCOUNTED:
                     fills[vpn] = True  # it will count against the budget: held back like a new page
@@ -349,7 +357,7 @@ class Target:
                 self.pt.set_one(region, vpn - region.vpn, State.FRESH)
                 state = State.FRESH
             if state in (State.FRESH, State.SWAPPED):
-                fills[vpn] = fills.get(vpn, False) or bool(fault.flags & uffdmod.UFFD_PAGEFAULT_FLAG_WRITE)
+                fills[vpn] = fills.get(vpn, False) or bool(flags & UFFD_PAGEFAULT_FLAG_WRITE)
             elif state != State.ZAPPING:  # ZAPPING: woken when its zap completes, then refaults
                 self._serve_absent(vpn, state)
         return fills
@@ -359,8 +367,9 @@ class Target:
         being evicted, or unknown is absent: zeros, as the kernel would give.
         A COPY onto a page that is present after all is a harmless EEXIST."""
         mode = uffdmod.UFFDIO_COPY_MODE_WP if state == State.EVICTING else 0
-        self._retry_eagain(lambda: self.uffd.copy(vpn << PAGE_SHIFT, self._zeros.addr, PAGE_SIZE, mode))
-        self.uffd.wake(vpn << PAGE_SHIFT, PAGE_SIZE)
+        address = vpn << PAGE_SHIFT
+        self._retry_eagain(lambda: self.uffd.copy_fast(address, self._zeros.addr, PAGE_SIZE, mode))
+        self.uffd.wake(address, PAGE_SIZE)
 
     def _on_wp_fault(self, vpn: int) -> None:
         region = self.pt.find(vpn)
@@ -380,10 +389,11 @@ class Target:
         self._retry_eagain(lambda: self.uffd.writeprotect(vpn << PAGE_SHIFT, PAGE_SIZE, False))
 
     def _retry_eagain(self, ioctl) -> int:
-        """Run a range ioctl, reading queued events while it answers EAGAIN."""
+        """Run a range ioctl, reading queued events while it answers EAGAIN.
+        `ioctl` returns copy_fast()'s packed outcome or writeprotect()'s
+        plain errno: either way the errno is the low 16 bits."""
         while True:
-            outcome = ioctl()
-            err = outcome[1] if isinstance(outcome, tuple) else outcome
+            err = ioctl() & 0xFFFF
             if err != errno.EAGAIN:
                 return err
             self._drain()
@@ -468,7 +478,7 @@ class Target:
         for vpn in set(faulting) - set(filled.tolist()):
             region = self.pt.find(vpn)
             if region is not None and region.state[vpn - region.vpn] in (State.FRESH, State.SWAPPED):
-                self._pending.append(PageFault(vpn << PAGE_SHIFT, 0, 0))
+                self._pending.append((vpn << PAGE_SHIFT, 0))
 
     def _copy_run(self, vpn: int, npages: int, position: int, only_zeros: bool) -> np.ndarray:
         """UFFDIO_COPY (or ZEROPAGE) a run, page by page past EEXIST.
@@ -479,14 +489,15 @@ class Target:
             dst = (vpn + i) << PAGE_SHIFT
             length = (npages - i) << PAGE_SHIFT
             if only_zeros:
-                copied, err = self.uffd.zeropage(dst, length)
+                r = self.uffd.zeropage_fast(dst, length)
             else:
-                copied, err = self.uffd.copy(dst, self._fill.addr + ((position + i) << PAGE_SHIFT), length)
-            ok = max(copied, 0) >> PAGE_SHIFT
+                r = self.uffd.copy_fast(dst, self._fill.addr + ((position + i) << PAGE_SHIFT), length)
+            if not r:  # the whole rest of the run
+                done[i:] = True
+                break
+            ok, err = r >> (16 + PAGE_SHIFT), r & 0xFFFF   # pages done, then why it stopped
             done[i:i + ok] = True
             i += ok
-            if err == 0:
-                break
             if err == errno.EAGAIN:
                 # Either a queued event (read it: the rest of the run may have
                 # been discarded, so its faults go round again with fresh
