@@ -18,7 +18,6 @@ import time
 
 import trio
 
-from umgr import protocol
 from umgr.backends import open_backend
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable

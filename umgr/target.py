@@ -5,16 +5,17 @@ task at a time; state is only changed between awaits):
 - the fault loop reads uffd messages in batches (in place, uffd.read_batch),
   handles the non-cooperative events (REMOVE, UNMAP, REMAP, FORK) of each
   batch in order once it has been walked, and serves the page faults;
-- the evictor keeps resident pages under the budget: write-protect victims,
-  read them (process_vm_readv, in a worker thread: on the fault-serving thread
-  it would deadlock on a userfault), store them, zap them.
+- the evictor (umgr/evictor.py) keeps resident pages under the budget:
+  write-protect victims, read them, store them, zap them.
 
-The kernel facts and race rules behind the code are in shared/DESIGN.md
-("Paging out", "Paging in").
+Target is this module's fault service plus three mixins, one file each:
+Evictor (umgr/evictor.py), Unfreeable (umgr/unfreeable.py: pages whose zap
+would free nothing) and Hints (umgr/advice.py: umgr_advise). The knobs are
+in umgr/tuning.py. The kernel facts and race rules behind the code are in
+shared/DESIGN.md ("Paging out", "Paging in").
 """
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import time
@@ -23,25 +24,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from umgr import maps, procmem, uffd as uffdmod
+from umgr import procmem, uffd as uffdmod
+from umgr.advice import Hints
+from umgr.backends import io_to_the_end
 from umgr.buffers import PageBuffer
-from umgr.errors import BackendError, BackendFull, TargetGone
+from umgr.errors import TargetGone
+from umgr.evictor import Evictor
 from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
-from umgr.protocol import Advice
+from umgr.tuning import BACKPRESSURE_LIMIT, EVICT_BATCH, MAX_FILL_PAGES, SPIN_SECONDS
+from umgr.unfreeable import Unfreeable
 from umgr.uffd import (EVENT_PAGEFAULT, MSG_WORDS, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
                        W_ADDRESS, W_FLAGS, ForkEvent, RemapEvent, RemoveEvent, UnmapEvent)
 
 log = logging.getLogger("umgr.target")
 
 REGISTER_MODE = uffdmod.UFFDIO_REGISTER_MODE_MISSING | uffdmod.UFFDIO_REGISTER_MODE_WP
-MAX_FILL_PAGES = 256      # pages brought in per fault batch (staging buffer)
-EVICT_BATCH = 512         # pages per eviction batch
-SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
-RECHECK_SECONDS = 1.0     # how often pinned (mlocked) and SHARED pages are looked at again
-# Longest a fault waits for eviction at the budget. Past it the page comes in
-# anyway: the evictor may itself be waiting on that fault (a page the zap
-# agent or a process_vm_readv touches), and overshooting beats a deadlock.
-BACKPRESSURE_LIMIT = 0.1
 LATENCY_BUCKETS = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3, 20e-3, 100e-3)
 
 
@@ -78,7 +75,7 @@ class TargetStats:
     fault_latency_sum: float = 0.0
 
 
-class Target:
+class Target(Evictor, Unfreeable, Hints):
     def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, budget_pages: int,
                  backend, prefetch, eviction, label: str, spin: float = SPIN_SECONDS):
         self.pid = pid
@@ -446,7 +443,7 @@ class Target:
         if swapped.any():
             self._fill_reading = True  # application hints: WILLNEED waits for it
             try:
-                await _io_to_the_end(self.backend.read, slots[swapped], self._fill.addrs(positions[swapped]))
+                await io_to_the_end(self.backend.read, slots[swapped], self._fill.addrs(positions[swapped]))
             finally:
                 self._fill_reading = False
         if not swapped.all():
@@ -514,294 +511,6 @@ class Target:
                 break
         return done
 
-    # ---- eviction ------------------------------------------------------
-    async def evictor(self) -> None:
-        try:
-            while True:
-                await self._evict_wanted.wait()
-                self._evict_wanted = trio.Event()
-                await self._serve_hints()  # application hints: COLD, WILLNEED
-                while self.over_budget() and self.zapper is not None and not self.eviction_paused:
-                    # No victim (all pinned, or unknown to the policy): faults
-                    # must not wait at the budget for an eviction that cannot come.
-                    self.no_victims = not await self.evict_batch()
-                    if self.no_victims:
-                        break
-                    await trio.sleep(0)
-        except TargetGone:
-            self.gone = True
-
-    def _choose_victims(self) -> np.ndarray:
-        want = min(EVICT_BATCH, self.pt.resident - self.low_water)
-        chosen: list[np.ndarray] = []
-        count = 0
-        for _ in range(8):
-            if count >= want or len(self.eviction) == 0:
-                break
-            candidates = np.unique(self.eviction.choose(want - count))
-            candidates = candidates[self.pt.states(candidates) == State.RESIDENT]
-            chosen.append(candidates)
-            count += len(candidates)
-        if not chosen:
-            return np.empty(0, np.int64)
-        return np.unique(np.concatenate(chosen))[:EVICT_BATCH]
-
-    async def evict_batch(self, victims: np.ndarray | None = None) -> bool:
-        """One batch: WP -> read -> store -> zap. False when nothing could go.
-        `victims` (sorted RESIDENT vpns, at most EVICT_BATCH): a COLD hint's."""
-        vpns = self._choose_victims() if victims is None else victims
-        if len(vpns) == 0:
-            return False
-        self.pt.set(vpns, State.EVICTING)
-        starts, lengths = runs(vpns)
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            err = await self._writeprotect(run_vpn, run_len, True)
-            if err:  # ENOENT: unmapped meanwhile; the UNMAP event drops them
-                self._release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
-        vpns, settled = await self._keep_freeable(vpns)
-        if len(vpns) == 0:
-            return settled
-        starts, lengths = runs(vpns)
-        try:
-            nbytes = await self._read_victims(starts, lengths)
-        except TargetGone:
-            raise
-        except OSError:  # EFAULT on the first range: unmapped meanwhile, or unreadable
-            nbytes = 0
-        nread = nbytes >> PAGE_SHIFT
-        if nread < len(vpns):
-            rest = vpns[nread:]
-            self._release(rest, State.EVICTING)
-            await self._unprotect(rest)
-            self._pin_unreadable(rest[:1])
-            vpns = vpns[:nread]
-        zero = self._victims.zero_pages(len(vpns))
-        live = self.pt.states(vpns) == State.EVICTING
-        drop = self._discardable(vpns)  # application hints: zapped unwritten, read back as zero
-        store = live & ~zero & ~drop
-        try:
-            slots = self.backend.slots.alloc(int(store.sum()))
-        except BackendFull as exc:
-            await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
-            return False
-        try:
-            await _io_to_the_end(self.backend.write, slots, self._victims.addrs(np.flatnonzero(store)))
-        except BackendError as exc:
-            self.backend.slots.free(slots)
-            self.stats.backend_errors += 1
-            await self._abort(vpns, f"backend error ({exc}); pages stay resident")
-            return False
-        except BaseException:  # the table does not hold these yet; no write to them is in flight
-            self.backend.slots.free(slots)
-            raise
-        page_slots = np.full(len(vpns), NO_SLOT, np.int32)
-        page_slots[store] = slots
-        # Pages that were written to (WP fault), discarded or unmapped while
-        # their copy was in flight have left EVICTING: their copy is dropped.
-        still = self.pt.states(vpns) == State.EVICTING
-        self.stats.discarded += int((still & drop & ~zero).sum())
-        self.backend.slots.free(page_slots[~still & store])
-        vpns, page_slots, zero = vpns[still], page_slots[still], zero[still]
-        if len(vpns) == 0:
-            return True
-        self.pt.set(vpns, State.ZAPPING, page_slots)
-        await self._zap(vpns)
-        self.stats.zero_pages_out += int(zero.sum())
-        return True
-
-    async def _read_victims(self, starts: np.ndarray, lengths: np.ndarray) -> int:
-        """process_vm_readv in a worker thread. Abandoned on cancel: a read
-        blocked on a userfault of a target that is going away is woken only
-        when its uffd is closed, after this task has finished. The thread
-        holds the buffer, so it stays mapped until the read returns."""
-        buf, pid = self._victims, self.pid
-        addrs, lens = (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
-        return await trio.to_thread.run_sync(
-            lambda: procmem.process_vm_readv(pid, buf.addr, addrs, lens), abandon_on_cancel=True)
-
-    async def _keep_freeable(self, vpns: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Victims (write-protected now) whose zap would free nothing leave
-        the batch: pages on the shared zero page become ZERO, pages still
-        shared copy-on-write with another process SHARED (neither counts
-        against the budget; both stay write-protected, so a write faults),
-        mlocked pages are pinned, pages the kernel dropped itself
-        (MADV_FREE) become FRESH. Returns the rest, and whether any page
-        left the resident count."""
-        vpns = vpns[self.pt.states(vpns) == State.EVICTING]
-        if len(vpns) == 0:
-            return vpns, False
-        starts, lengths = runs(vpns)
-        entries = procmem.pagemap_entries(self.pid, starts, lengths)
-        present = (entries & np.uint64(procmem.PM_PRESENT)) != 0
-        in_swap = (entries & np.uint64(procmem.PM_SWAPPED)) != 0
-        exclusive = (entries & np.uint64(procmem.PM_MMAP_EXCLUSIVE)) != 0
-        zero_pfn = procmem.zero_pfn()  # 0: PFNs hidden from us; zero-page pages then look shared
-        on_zero = present & ((entries & np.uint64(procmem.PM_PFN_MASK)) == zero_pfn)
-        dropped = ~present & ~in_swap
-        locked = self._in_locked(vpns) & present
-        shared = present & ~exclusive & ~on_zero & ~locked
-        self.pt.set(vpns[on_zero & ~locked], State.ZERO)
-        self.pt.set(vpns[shared], State.SHARED)
-        self.pt.set(vpns[dropped], State.FRESH)
-        self.pt.set(vpns[locked], State.PINNED)
-        await self._unprotect(vpns[locked])
-        self.stats.zero_mapped += int((on_zero & ~locked).sum())
-        self.stats.shared_skipped += int(shared.sum())
-        self.stats.locked_pinned += int(locked.sum())
-        gone = on_zero | shared | dropped | locked
-        return vpns[~gone], bool(gone.any())
-
-    def _in_locked(self, vpns: np.ndarray) -> np.ndarray:
-        return _inside(vpns, self.locked)
-
-    def _read_locked(self) -> None:
-        self.locked = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.locked_ranges(self.pid)]
-        self._rechecked = time.monotonic()
-
-    async def _pin_locked(self, failed: np.ndarray) -> np.ndarray:
-        """A zap stopped at `failed`: MADV_DONTNEED refuses mlocked memory
-        (EINVAL). Pin what is locked (its copies are dropped); return the rest."""
-        if len(failed) == 0:
-            return failed
-        try:
-            self._read_locked()
-        except OSError:
-            return failed
-        inside = self._in_locked(failed)
-        locked = failed[inside]
-        if len(locked):
-            log.info("%s: %d pages are mlocked: pinned while they stay locked", self.label, len(locked))
-            self.stats.locked_pinned += len(locked)
-            slots = self.pt.slots(locked)
-            self.backend.slots.free(slots[slots != NO_SLOT])
-            self.pt.set(locked, State.PINNED, NO_SLOT)
-            await self._unprotect(locked)
-        return failed[~inside]
-
-    def _pin_unreadable(self, failed: np.ndarray) -> None:
-        """process_vm_readv stopped at `failed` (one page): if it lies in a
-        mapping the process cannot read (PROT_NONE, ...), pin every resident
-        page of those mappings: none of them can be read back until the app
-        makes them readable again (recheck unpins them then)."""
-        if len(failed) == 0 or self.pt.states(failed)[0] != State.RESIDENT:
-            return  # unmapped meanwhile, or written (WP fault) meanwhile
-        self.unreadable = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.unreadable_ranges(self.pid)]
-        if not _inside(failed, self.unreadable).any():
-            return
-        for lo, hi in self.unreadable:
-            pages, _ = self.pt.find_state(lo, hi, State.RESIDENT)
-            if len(pages):
-                log.info("%s: %d pages at %#x cannot be read; pinned while unreadable",
-                         self.label, len(pages), int(pages[0]) << PAGE_SHIFT)
-                self.pt.set(pages, State.PINNED)
-
-    def recheck(self) -> None:
-        """At most every RECHECK_SECONDS: unpin pages no longer mlocked or
-        unreadable, and count again SHARED pages the other process has let
-        go of (it wrote, unmapped or exited: no event tells us)."""
-        now = time.monotonic()
-        if now - self._rechecked < RECHECK_SECONDS:
-            return
-        self._rechecked = now
-        if self.locked or self.unreadable:
-            before = self.locked + self.unreadable
-            self._read_locked()
-            self.unreadable = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.unreadable_ranges(self.pid)] \
-                if self.unreadable else []
-            for lo, hi in before:
-                pinned, _ = self.pt.find_state(lo, hi, State.PINNED)
-                still = _inside(pinned, self.locked) | _inside(pinned, self.unreadable)
-                self._count_again(pinned[~still], State.PINNED)
-        if self.pt.counts[State.SHARED]:
-            shared = np.concatenate([r.vpn + np.flatnonzero(r.state == State.SHARED) for r in self.pt.regions])
-            starts, lengths = runs(shared.astype(np.int64))
-            entries = procmem.pagemap_entries(self.pid, starts, lengths)
-            own = (entries & np.uint64(procmem.PM_MMAP_EXCLUSIVE)) != 0
-            self._count_again(shared[own], State.SHARED)
-
-    def _count_again(self, vpns: np.ndarray, from_state: int) -> None:
-        """Pages become ordinary resident pages, eviction candidates again."""
-        if len(vpns):
-            self.pt.set(vpns, State.RESIDENT)
-            self.eviction.on_resident(vpns)
-            self._note_resident()
-
-    async def _zap(self, vpns: np.ndarray) -> None:
-        starts, lengths = runs(vpns)
-        byte_starts, byte_lengths = starts << PAGE_SHIFT, lengths << PAGE_SHIFT
-        self._zap_vpns, self._zap_hits, self._zap_removes = vpns, np.zeros(len(vpns), np.uint8), []
-        try:
-            zapped = await self.zapper.zap(byte_starts.astype(np.uint64), byte_lengths.astype(np.uint64))
-        finally:
-            self._zap_vpns = None
-        # The zap has returned, so every REMOVE it caused has been read (the
-        # zapping thread waits in the kernel until its event is read).
-        discarded = vpns[self._zap_hits >= 2]
-        nzapped = zapped >> PAGE_SHIFT
-        done, failed = vpns[:nzapped], vpns[nzapped:]
-        # Only pages still ZAPPING are ours to settle: an UNMAP or REMAP in
-        # between has dealt with the others (and their slots).
-        done = done[self.pt.states(done) == State.ZAPPING]
-        slots = self.pt.slots(done)
-        gone = np.isin(done, discarded)  # the app discarded them too: they read as zero
-        self.backend.slots.free(slots[gone & (slots != NO_SLOT)])
-        slots[gone] = NO_SLOT
-        self.pt.set(done, State.ZAPPING, slots)
-        self.pt.set(done[slots == NO_SLOT], State.FRESH)
-        self.pt.set(done[slots != NO_SLOT], State.SWAPPED)
-        self.stats.pages_out += len(done)
-        if self._waiting is not None:
-            self._waiting.cancel()
-        self.stats.zap_batches += 1
-        self.stats.zap_ranges += len(starts)
-        # Pages an mremap or munmap took away meanwhile are not ours to settle.
-        failed = failed[self.pt.states(failed) == State.ZAPPING]
-        failed = await self._pin_locked(failed)
-        if len(failed):
-            log.warning("%s: zap stopped after %d of %d pages", self.label, nzapped, len(vpns))
-            self._release(failed, State.ZAPPING)
-            await self._unprotect(failed)
-        # Writers blocked on a WP fault during the zap retry now: a MISSING
-        # fault, served from the copy.
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            self.uffd.wake(run_vpn << PAGE_SHIFT, run_len << PAGE_SHIFT)
-
-    def _release(self, vpns: np.ndarray, from_state: int) -> None:
-        """Pages leave an eviction batch and are resident again."""
-        vpns = np.asarray(vpns, np.int64)
-        vpns = vpns[self.pt.states(vpns) == from_state]
-        slots = self.pt.slots(vpns)
-        self.backend.slots.free(slots[slots != NO_SLOT])
-        self.pt.set(vpns, State.RESIDENT, NO_SLOT)
-        self.eviction.on_resident(vpns)
-
-    async def _abort(self, vpns: np.ndarray, why: str) -> None:
-        if why != self.eviction_paused:
-            log.warning("%s: %s", self.label, why)
-        self.eviction_paused = why
-        self._release(vpns, State.EVICTING)
-        await self._unprotect(vpns)
-
-    def resume_eviction(self) -> None:
-        """Slots were freed or the backend recovered: try again."""
-        if self.eviction_paused:
-            self.eviction_paused = ""
-            self._note_resident()
-
-    async def _unprotect(self, vpns: np.ndarray) -> None:
-        self.pt.set_flag(np.asarray(vpns, np.int64), Flag.DISCARDABLE, False)  # unprotected: writes unseen
-        starts, lengths = runs(np.asarray(vpns, np.int64))
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            await self._writeprotect(run_vpn, run_len, False)
-
-    async def _writeprotect(self, vpn: int, npages: int, protect: bool) -> int:
-        while True:
-            err = self.uffd.writeprotect(vpn << PAGE_SHIFT, npages << PAGE_SHIFT, protect)
-            if err != errno.EAGAIN:
-                return err
-            # A non-cooperative event is queued: the fault loop reads it.
-            await trio.sleep(0)
-
     # ---- teardown ------------------------------------------------------
     def stop(self) -> None:
         """The mm is gone (exit, exec): stop serving now."""
@@ -863,187 +572,8 @@ class Target:
             "uptime_seconds": time.monotonic() - self.started,
         }
 
-    # ---- application hints ---------------------------------------------
-    # umgr_advise() from the shim (README "Hints"). The daemon validates a
-    # hint and calls advise(); the ACK goes back when it returns:
-    # - COLD and WILLNEED are queued for the evictor task, which runs them in
-    #   order before its over-budget work: COLD evicts the range's resident
-    #   pages (whatever the budget), WILLNEED reads the range's swapped pages
-    #   and UFFDIO_COPYs them in. Running them there keeps one eviction batch
-    #   at a time (they share its buffer and zap bookkeeping).
-    # - DISCARDABLE takes effect before the ACK: swapped pages of the range
-    #   are dropped at once (slot freed, FRESH), resident ones are
-    #   write-protected and flagged (Flag.DISCARDABLE). The evictor does not
-    #   write a flagged page (it is zapped and becomes FRESH); a write to it
-    #   WP-faults and clears the flag (_on_wp_fault), and so does anything
-    #   that unprotects it (_unprotect). A write after the hint thus always
-    #   keeps its page.
-
-    def _init_hints(self) -> None:
-        self._hints: collections.deque[tuple[int, int, int]] = collections.deque()  # (advice, lo, hi) vpns
-        self._hint_buf: PageBuffer | None = None      # WILLNEED staging, made on first use
-        self._fill_reading = False                    # the fault loop's backend read is in flight
-
-    async def advise(self, vpn_lo: int, vpn_hi: int, advice: int) -> None:
-        """Apply a validated hint to the managed pages of [vpn_lo, vpn_hi)."""
-        if advice == Advice.DISCARDABLE:
-            self.stats.hint_discardable += 1
-            await self._advise_discardable(vpn_lo, vpn_hi)
-            return
-        if advice == Advice.COLD:
-            self.stats.hint_cold += 1
-        else:
-            self.stats.hint_willneed += 1
-        self._hints.append((advice, vpn_lo, vpn_hi))
-        self._evict_wanted.set()
-
-    async def _advise_discardable(self, vpn_lo: int, vpn_hi: int) -> None:
-        # Swapped pages: drop the copy now, as MADV_FREE drops swap entries.
-        # A fill reading the slot meanwhile sees the page changed and skips it.
-        swapped, _ = self.pt.find_state(vpn_lo, vpn_hi, State.SWAPPED)
-        if len(swapped):
-            slots = self.pt.slots(swapped)
-            self.pt.set(swapped, State.FRESH, NO_SLOT)
-            self.backend.slots.free(slots[slots != NO_SLOT])
-            self.stats.discarded += len(swapped)
-        # Pages being evicted are write-protected already: flag them as they are.
-        evicting, _ = self.pt.find_state(vpn_lo, vpn_hi, State.EVICTING)
-        self.pt.set_flag(evicting, Flag.DISCARDABLE)
-        # Resident pages: write-protect, then flag, with no await in between,
-        # so that any write after the hint WP-faults after the flag is set.
-        resident, _ = self.pt.find_state(vpn_lo, vpn_hi, State.RESIDENT)
-        starts, lengths = runs(resident)
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            while True:
-                err = self.uffd.writeprotect(run_vpn << PAGE_SHIFT, run_len << PAGE_SHIFT, True)
-                if err != errno.EAGAIN:
-                    break
-                await trio.sleep(0)  # a queued event: the fault loop reads it
-            if not err:  # else ENOENT: unmapped meanwhile
-                # Sticks only on pages still resident (or since picked for eviction).
-                self.pt.set_flag(np.arange(run_vpn, run_vpn + run_len, dtype=np.int64), Flag.DISCARDABLE)
-
-    def _discardable(self, vpns: np.ndarray) -> np.ndarray:
-        """Which victims (sorted vpns) the evictor may drop instead of writing."""
-        return self.pt.has_flag(vpns, Flag.DISCARDABLE)
-
-    async def _serve_hints(self) -> None:
-        """Run queued COLD/WILLNEED hints, in order (on the evictor task)."""
-        while self._hints and not self.gone:
-            advice, lo, hi = self._hints.popleft()
-            if advice == Advice.COLD:
-                await self._evict_cold(lo, hi)
-            else:
-                await self._prefetch_willneed(lo, hi)
-
-    async def _evict_cold(self, lo: int, hi: int) -> None:
-        while lo < hi and self.zapper is not None and not self.eviction_paused:
-            victims, lo = self.pt.find_state(lo, hi, State.RESIDENT, EVICT_BATCH)
-            if len(victims) == 0:
-                return
-            self.stats.cold_evicted += len(victims)
-            if not await self.evict_batch(victims):
-                return
-            await trio.sleep(0)
-
-    async def _prefetch_willneed(self, lo: int, hi: int) -> None:
-        """Bring the swapped pages of [lo, hi) in, as much as the budget has
-        room for (beyond that they would only push other pages out)."""
-        if self._hint_buf is None:
-            self._hint_buf = PageBuffer(MAX_FILL_PAGES)
-        while lo < hi and not self.gone:
-            room = self.high_water - self.pt.resident if self.budget_pages else MAX_FILL_PAGES
-            if room <= 0:
-                return
-            vpns, lo = self.pt.find_state(lo, hi, State.SWAPPED, min(room, MAX_FILL_PAGES))
-            if len(vpns) == 0:
-                return
-            slots = self.pt.slots(vpns)
-            # Our own reference: a slot freed meanwhile (the page faulted in,
-            # discarded, unmapped) is not reused while we read it, so a page
-            # still SWAPPED in the same slot afterwards has exactly this copy.
-            self.backend.slots.incref(slots)
-            try:
-                try:
-                    await _io_to_the_end(self.backend.read, slots, self._hint_buf.addrs(np.arange(len(vpns))))
-                except BackendError as exc:
-                    self.stats.backend_errors += 1
-                    log.warning("%s: WILLNEED read failed (%s); pages stay swapped", self.label, exc)
-                    return
-                await self._copy_willneed(vpns, slots)
-            finally:
-                self.backend.slots.free(slots)
-            await trio.sleep(0)
-
-    async def _copy_willneed(self, vpns: np.ndarray, slots: np.ndarray) -> None:
-        pending = np.ones(len(vpns), bool)
-        while pending.any():
-            # Never change a page's state while the fault loop's read of a
-            # slot is in flight: it checks the page afterwards by state and
-            # slot, which must not have been freed and reused in between.
-            while self._fill_reading:
-                await trio.sleep(0.0002)
-            pending &= (self.pt.states(vpns) == State.SWAPPED) & (self.pt.slots(vpns) == slots)
-            done = np.zeros(len(vpns), bool)
-            again = False
-            positions = np.flatnonzero(pending)
-            starts, lengths = runs(vpns[positions])
-            at = 0
-            for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-                first = int(positions[at])
-                at += run_len
-                i = 0
-                while i < run_len:
-                    copied, err = self.uffd.copy((run_vpn + i) << PAGE_SHIFT,
-                                                 self._hint_buf.addr + ((first + i) << PAGE_SHIFT),
-                                                 (run_len - i) << PAGE_SHIFT)
-                    ok = max(copied, 0) >> PAGE_SHIFT
-                    done[first + i:first + i + ok] = True
-                    i += ok
-                    if err == 0:
-                        break
-                    if err == errno.EEXIST:  # present already (as _copy_run treats it)
-                        done[first + i] = True
-                        i += 1
-                        continue
-                    if err == errno.EAGAIN:  # an event is queued (or a short copy): go round
-                        again = True
-                    pending[first + i:first + run_len] &= err == errno.EAGAIN  # ENOENT: gone
-                    break
-                if again:
-                    break
-            # Settle what went in now, before any await.
-            filled = vpns[done]
-            if len(filled):
-                self.backend.slots.free(slots[done])       # the page table's references
-                self.pt.set(filled, State.RESIDENT, NO_SLOT)
-                self.eviction.on_resident(filled)
-                self.stats.pages_in += len(filled)
-                self.stats.willneed_in += len(filled)
-                self._note_resident()
-            pending &= ~done
-            if not again:
-                return
-            await trio.sleep(0)  # let the fault loop read the queued event
-
 
 UNCOUNTED = (State.ZERO, State.SHARED)  # mapped, but no memory of the target's own
-
-
-async def _io_to_the_end(operation, slots: np.ndarray, addrs: np.ndarray) -> None:
-    """Backend I/O, shielded from cancellation (the target going away): a
-    request abandoned in flight could still land in a slot or a buffer
-    reused since. A batch takes milliseconds."""
-    with trio.CancelScope(shield=True):
-        await operation(slots, addrs)
-
-
-def _inside(vpns: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
-    """Which vpns lie in any of the [lo, hi) ranges."""
-    inside = np.zeros(len(vpns), bool)
-    for lo, hi in ranges:
-        inside |= (vpns >= lo) & (vpns < hi)
-    return inside
 
 
 def _page_up(addr: int) -> int:

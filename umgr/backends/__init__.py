@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import trio
 
 from umgr.slots import SlotAllocator
 
@@ -76,3 +77,11 @@ def open_backend(name: str, **options) -> Backend:
         from umgr.backends.file import FileBackend
         return FileBackend(**options)
     raise ValueError(f"unknown backend {name!r}; available: file")
+
+
+async def io_to_the_end(operation, slots: np.ndarray, addrs: np.ndarray) -> None:
+    """Backend I/O, shielded from cancellation (the target going away): a
+    request abandoned in flight could still land in a slot or a buffer
+    reused since. A batch takes milliseconds."""
+    with trio.CancelScope(shield=True):
+        await operation(slots, addrs)
