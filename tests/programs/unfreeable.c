@@ -15,29 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define PAGE 4096
-#define WORDS (PAGE / 8)
-
-static void fill(uint64_t *m, size_t first, size_t npages, uint64_t salt)
-{
-    for (size_t p = first; p < first + npages; p++)
-        for (size_t w = 0; w < WORDS; w++)
-            m[p * WORDS + w] = (p * WORDS + w) ^ salt;
-}
-
-static int check(const uint64_t *m, size_t first, size_t npages, uint64_t salt, const char *what)
-{
-    for (size_t p = first; p < first + npages; p++)
-        for (size_t w = 0; w < WORDS; w++) {
-            uint64_t want = salt == 0 ? 0 : (p * WORDS + w) ^ salt;
-            if (m[p * WORDS + w] != want) {
-                fprintf(stderr, "%s: page %zu word %zu is %llx, want %llx\n", what, p, w,
-                        (unsigned long long)m[p * WORDS + w], (unsigned long long)want);
-                return 1;
-            }
-        }
-    return 0;
-}
+#include "salted.h"
 
 static uint64_t *map(size_t npages)
 {
