@@ -139,6 +139,11 @@ class Daemon:
         except (protocol.ProtocolError, UmgrError, OSError) as exc:
             self.rejected_connections += 1
             log.warning("control: pid %d: %s; dropping connection", pid, printable(str(exc)))
+        except Exception:
+            # A bug met on one connection drops that connection, never the
+            # daemon and every target it serves.
+            self.internal_errors += 1
+            log.exception("control: pid %d: internal error; dropping connection", pid)
         finally:
             for fd in fds:
                 os.close(fd)
