@@ -41,8 +41,11 @@ class Unfreeable:
         present = (entries & np.uint64(procmem.PM_PRESENT)) != 0
         in_swap = (entries & np.uint64(procmem.PM_SWAPPED)) != 0
         exclusive = (entries & np.uint64(procmem.PM_MMAP_EXCLUSIVE)) != 0
-        zero_pfn = procmem.zero_pfn()  # 0: PFNs hidden from us; zero-page pages then look shared
-        on_zero = present & ((entries & np.uint64(procmem.PM_PFN_MASK)) == zero_pfn)
+        zero_pfn = procmem.zero_pfn()
+        if zero_pfn:
+            on_zero = present & ((entries & np.uint64(procmem.PM_PFN_MASK)) == zero_pfn)
+        else:  # PFNs are hidden from us (no CAP_SYS_ADMIN): zero-page pages look shared
+            on_zero = np.zeros(len(vpns), bool)
         dropped = ~present & ~in_swap
         locked = self._in_locked(vpns) & present
         shared = present & ~exclusive & ~on_zero & ~locked
@@ -117,15 +120,15 @@ class Unfreeable:
             for lo, hi in before:
                 pinned, _ = self.pt.find_state(lo, hi, State.PINNED)
                 still = _inside(pinned, self.locked) | _inside(pinned, self.unreadable)
-                self._count_again(pinned[~still], State.PINNED)
+                self._count_again(pinned[~still])
         if self.pt.counts[State.SHARED]:
             shared = np.concatenate([r.vpn + np.flatnonzero(r.state == State.SHARED) for r in self.pt.regions])
             starts, lengths = runs(shared.astype(np.int64))
             entries = procmem.pagemap_entries(self.pid, starts, lengths)
             own = (entries & np.uint64(procmem.PM_MMAP_EXCLUSIVE)) != 0
-            self._count_again(shared[own], State.SHARED)
+            self._count_again(shared[own])
 
-    def _count_again(self, vpns: np.ndarray, from_state: int) -> None:
+    def _count_again(self, vpns: np.ndarray) -> None:
         """Pages become ordinary resident pages, eviction candidates again."""
         if len(vpns):
             self.pt.set(vpns, State.RESIDENT)
