@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # liburing-dev builds umgr; the rest are programs the tests run under umgr.
-APT_PACKAGES := liburing-dev gcc make python3-dev python3 xz-utils time gawk
+APT_PACKAGES := liburing-dev gcc make python3-dev python3 xz-utils time gawk libjemalloc-dev
 
 .PHONY: deps venv build test bench clean
 

@@ -13,6 +13,8 @@ import textwrap
 
 import pytest
 
+from conftest import PROGRAMS
+
 MiB = 1 << 20
 PAGE = 4096
 BUDGET = 16 * MiB
@@ -77,6 +79,21 @@ def test_pattern_malloc_256m_in_16m(umgr_exec, programs):
     assert stats["pages_in"] > 0 and stats["swap_bytes_written"] > 0, explain(result)
     assert stats["peak_resident_bytes"] <= BUDGET + 2 * MiB, explain(result)
     assert rss_bytes(result.stdout) <= BUDGET + UNMANAGED_SLACK, explain(result)
+
+
+@pytest.mark.timeout(120)
+def test_program_with_its_own_allocator_keeps_it(umgr_exec, tmp_path):
+    # heap.c linked with jemalloc (a shared library, as distributions ship
+    # it): the shim's allocator wrappers must hand every call to jemalloc,
+    # or its free() would meet glibc's blocks. jemalloc maps its own chunks,
+    # found by the maps scan, so the budget holds more loosely.
+    exe = tmp_path / "heap-jemalloc"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(PROGRAMS / "heap.c"), "-ljemalloc"], check=True)
+    result = run(umgr_exec, [str(exe), "96"], "16M", timeout=100)
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.startswith("ok "), explain(result)
+    stats = result.stats
+    assert stats["pages_out"] >= (96 * MiB - BUDGET - MALLOC_SLACK) // PAGE, explain(result)
 
 
 @pytest.mark.timeout(120)

@@ -469,10 +469,17 @@ static uintptr_t heap_reported; /* main heap (brk) reported up to here */
 
 #define PAGE_MASK_ ((uintptr_t)4095)
 
-static void find_next_allocator(void)
+/* Looked up at the first allocation, which may come before the shim's
+ * constructor (another library's constructor): memory handed out there by
+ * glibc would otherwise be freed later by the program's own allocator. */
+static int next_found;
+
+static const struct allocator *next(void)
 {
-    const char *wrap = getenv("UMGR_WRAP_MALLOC");
-    wrap_malloc = !(wrap && strcmp(wrap, "0") == 0);
+    static int looking;
+    if (__builtin_expect(__atomic_load_n(&next_found, __ATOMIC_ACQUIRE), 1) ||
+        __atomic_exchange_n(&looking, 1, __ATOMIC_ACQ_REL))
+        return &next_alloc; /* found, or dlsym is allocating: glibc's until then */
     struct allocator found = {
         (void *(*)(size_t))dlsym(RTLD_NEXT, "malloc"),
         (void *(*)(size_t, size_t))dlsym(RTLD_NEXT, "calloc"),
@@ -484,6 +491,15 @@ static void find_next_allocator(void)
     if (found.malloc && found.calloc && found.realloc && found.memalign && found.posix_memalign &&
         found.aligned_alloc)
         next_alloc = found;
+    __atomic_store_n(&next_found, 1, __ATOMIC_RELEASE);
+    return &next_alloc;
+}
+
+static void find_next_allocator(void)
+{
+    const char *wrap = getenv("UMGR_WRAP_MALLOC");
+    wrap_malloc = !(wrap && strcmp(wrap, "0") == 0);
+    next();
     heap_reported = (uintptr_t)sbrk(0);
 }
 
@@ -510,14 +526,14 @@ static void report_allocation(void *block, size_t size)
 
 EXPORT void *malloc(size_t size)
 {
-    void *p = next_alloc.malloc(size);
+    void *p = next()->malloc(size);
     report_allocation(p, size);
     return p;
 }
 
 EXPORT void *calloc(size_t count, size_t size)
 {
-    void *p = next_alloc.calloc(count, size);
+    void *p = next()->calloc(count, size);
     size_t total;
     if (!__builtin_mul_overflow(count, size, &total))
         report_allocation(p, total);
@@ -526,21 +542,21 @@ EXPORT void *calloc(size_t count, size_t size)
 
 EXPORT void *realloc(void *old, size_t size)
 {
-    void *p = next_alloc.realloc(old, size);
+    void *p = next()->realloc(old, size);
     report_allocation(p, size);
     return p;
 }
 
 EXPORT void *memalign(size_t align, size_t size)
 {
-    void *p = next_alloc.memalign(align, size);
+    void *p = next()->memalign(align, size);
     report_allocation(p, size);
     return p;
 }
 
 EXPORT int posix_memalign(void **out, size_t align, size_t size)
 {
-    int err = next_alloc.posix_memalign(out, align, size);
+    int err = next()->posix_memalign(out, align, size);
     if (err == 0)
         report_allocation(*out, size);
     return err;
@@ -548,7 +564,7 @@ EXPORT int posix_memalign(void **out, size_t align, size_t size)
 
 EXPORT void *aligned_alloc(size_t align, size_t size)
 {
-    void *p = next_alloc.aligned_alloc(align, size);
+    void *p = next()->aligned_alloc(align, size);
     report_allocation(p, size);
     return p;
 }
