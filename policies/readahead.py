@@ -1,15 +1,22 @@
 """Kernel-style readahead, umgr's default prefetch policy.
 
 Like the kernel's ondemand readahead (mm/readahead.c), a stream's window starts
-at ``initial`` pages and doubles on each sequential hit up to ``maximum``; a
-fault that continues no stream starts a new one with no window, because a lone
-fault is not yet a stream (the kernel reads a "standalone, small random read"
-as is). Descending scans are detected too and prefetch downward.
+at ``initial`` pages and doubles on each hit up to ``maximum``; a fault that
+continues no stream starts a new one with no window, because a lone fault is
+not yet a stream (the kernel reads a "standalone, small random read" as is).
+Descending scans are detected too and prefetch downward.
+
+Beyond the kernel, a stream may also have a constant stride (the idea of the
+``stride`` policy): two equal gaps in a row between a stream's faults, of
+2..``max_stride`` pages either way, lock it, and its window is then that many
+pages along the stride (every second page for stride 2), growing the same way.
+A sequential stream needs one adjacent fault to be confirmed, as before; a
+stride needs two equal gaps, so random faults close together rarely lock one.
 
 One difference from the page cache: a prefetched page that is used raises no
 fault at all (it is mapped), so there is no PG_readahead marker to hit. The
-next fault of a sequential scan lands on the page just past the window, and
-that fault is what grows the window. A few streams are tracked at once, least
+next fault of a scan lands on the page one stride past the window, and that
+fault is what grows the window. A few streams are tracked at once, least
 recently used replaced first, so interleaved scans do not reset each other.
 """
 
@@ -25,53 +32,75 @@ from . import PrefetchPolicy
 @dataclass
 class _Stream:
     last: int        # vpn of the stream's latest fault
-    end: int         # first vpn past its window, in the direction of travel
     size: int = 0    # window size in pages; 0 until the stream is confirmed
-    step: int = 0    # +1 ascending, -1 descending, 0 not yet known
+    step: int = 0    # vpn delta between pages of the stream; 0 not yet known
+    gap: int = 0     # unconfirmed: the latest gap, a candidate stride
 
     def continues(self, vpn: int) -> bool:
-        if self.step == 0:
-            return abs(vpn - self.last) == 1
-        # Anywhere from just after the last fault up to just past the window:
-        # pages inside it fault if they were evicted before use or not brought
-        # in (the caller only prefetches pages that are not already resident).
-        return 0 < (vpn - self.last) * self.step <= (self.end - self.last) * self.step
+        """Whether ``vpn`` is the next fault of this confirmed stream: one
+        step after the last fault up to one step past the window, on the
+        stride. Pages inside the window fault if they were evicted before use
+        or not brought in (the caller only prefetches non-resident pages)."""
+        d = vpn - self.last
+        return d % self.step == 0 and 0 < d // self.step <= self.size + 1
+
+
+def along(vpn: int, step: int, count: int, region_start: int, region_end: int) -> np.ndarray:
+    """Up to ``count`` vpns after ``vpn`` going by ``step`` (either sign),
+    nearest first, stopping at the region's edge. No per-page Python work."""
+    room = (region_end - 1 - vpn) // step if step > 0 else (vpn - region_start) // -step
+    n = max(0, min(count, room))
+    return np.arange(vpn + step, vpn + step * (n + 1), step, dtype=np.int64)
 
 
 class Readahead(PrefetchPolicy):
     name = "readahead"
 
-    def __init__(self, initial: int = 4, maximum: int = 64, streams: int = 8):
+    def __init__(self, initial: int = 4, maximum: int = 64, streams: int = 8, max_stride: int = 64):
         if not 1 <= initial <= maximum:
             raise ValueError(f"need 1 <= initial <= maximum, got {initial}, {maximum}")
         if streams < 1:
             raise ValueError(f"need at least one stream, got {streams}")
+        if max_stride < 1:
+            raise ValueError(f"need max_stride >= 1 (1: sequential only), got {max_stride}")
         self.initial = initial
         self.maximum = maximum
         self.max_streams = streams
+        self.max_stride = max_stride
         self._streams: list[_Stream] = []  # most recently used last
 
     def on_fault(self, vpn: int, region_start: int, region_end: int) -> np.ndarray:
+        near = -1  # most recent unconfirmed stream within max_stride, if any
         for i in range(len(self._streams) - 1, -1, -1):
             s = self._streams[i]
-            if vpn == s.last:  # a repeated fault (racing threads): no news
+            d = vpn - s.last
+            if d == 0:  # a repeated fault (racing threads): no news
                 return np.empty(0, dtype=np.int64)
-            if s.continues(vpn):
-                del self._streams[i]
+            if s.step:
+                if s.continues(vpn):
+                    break
+            elif abs(d) == 1 or (d == s.gap and abs(d) <= self.max_stride):
+                s.step = d  # adjacent, or the same gap twice: confirmed
                 break
+            elif near < 0 and abs(d) <= self.max_stride:
+                near = i
         else:
-            # Non-sequential: a new stream with no window, replacing the least
-            # recently used one. (The stream it interrupted keeps its state.)
+            if near >= 0:
+                # Continues nothing but lies near an unconfirmed stream: that
+                # gap is a candidate stride, which the next fault may repeat.
+                s = self._streams.pop(near)
+                s.last, s.gap = vpn, vpn - s.last
+                self._streams.append(s)
+                return np.empty(0, dtype=np.int64)
+            # A new stream with no window, replacing the least recently used
+            # one. (The stream it interrupted keeps its state.)
             if len(self._streams) >= self.max_streams:
                 del self._streams[0]
-            self._streams.append(_Stream(last=vpn, end=vpn))
+            self._streams.append(_Stream(last=vpn))
             return np.empty(0, dtype=np.int64)
 
-        s.step = s.step or (1 if vpn > s.last else -1)
+        del self._streams[i]
         s.size = min(2 * s.size, self.maximum) if s.size else self.initial
         s.last = vpn
-        s.end = vpn + s.step * (s.size + 1)
         self._streams.append(s)
-        if s.step > 0:
-            return np.arange(vpn + 1, min(vpn + 1 + s.size, region_end), dtype=np.int64)
-        return np.arange(vpn - 1, max(vpn - 1 - s.size, region_start - 1), -1, dtype=np.int64)
+        return along(vpn, s.step, s.size, region_start, region_end)

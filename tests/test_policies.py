@@ -100,6 +100,88 @@ def test_repeated_fault_on_same_page_changes_nothing():
     assert [len(p) for p in out] == [0, 4, 0, 8]
 
 
+def scan(policy, vpn, stride, faults, region=REGION):
+    """The windows a policy returns for a scan by ``stride`` where every
+    prefetched page is used, so the next fault is one stride past the window."""
+    guarded, out = GuardedPrefetch(policy), []
+    for _ in range(faults):
+        pages = guarded.on_fault(vpn, *region)
+        out.append(pages)
+        vpn += stride * (len(pages) + 1)
+    return out
+
+
+def test_readahead_stride_two_prefetches_along_the_stride_with_a_growing_window():
+    out = scan(Readahead(), 1000, 2, 9)
+    # Two equal gaps lock the stride (third fault); then the window doubles.
+    assert [len(p) for p in out] == [0, 0, 4, 8, 16, 32, 64, 64, 64]
+    assert out[2].tolist() == [1006, 1008, 1010, 1012]
+    assert out[3].tolist() == list(range(1016, 1032, 2))
+    for pages in out[2:]:
+        assert (np.diff(pages) == 2).all()
+
+
+def test_readahead_backward_stride_prefetches_downward():
+    out = drive(Readahead(), [5000, 4998, 4996, 4986])
+    assert [p.tolist() for p in out[:3]] == [[], [], [4988, 4990, 4992, 4994]]
+    assert out[3].tolist() == list(range(4970, 4986, 2))
+    sizes = [len(p) for p in scan(Readahead(), 900_000, -7, 8)]
+    assert sizes == [0, 0, 4, 8, 16, 32, 64, 64]
+
+
+@pytest.mark.parametrize("stride, locks", [(2, True), (64, True), (65, False), (-64, True), (-65, False)])
+def test_readahead_stride_limit(stride, locks):
+    sizes = [len(p) for p in scan(Readahead(), 500_000, stride, 4)]
+    assert sizes == ([0, 0, 4, 8] if locks else [0, 0, 0, 0])
+
+
+def test_readahead_stride_needs_two_equal_gaps_and_max_stride_1_is_sequential_only():
+    assert [len(p) for p in drive(Readahead(), [0, 2, 5, 9, 14, 20])] == [0] * 6
+    assert [len(p) for p in scan(Readahead(max_stride=1), 0, 2, 5)] == [0] * 5
+    with pytest.raises(ValueError):
+        Readahead(max_stride=0)
+
+
+def test_readahead_stride_window_clamps_to_region():
+    region = (100, 120)
+    out = drive(Readahead(), [104, 107, 110, 113], region)
+    assert out[2].tolist() == [113, 116, 119]
+    assert out[3].tolist() == [116, 119]
+    down = drive(Readahead(), [110, 108, 106], region)
+    assert down[2].tolist() == [100, 102, 104]
+
+
+def test_readahead_stride_fault_inside_the_window_keeps_the_stream():
+    # A page of the window evicted before use faults again: the stream goes on.
+    out = drive(Readahead(), [0, 3, 6, 12, 39, 90])  # 12 is inside [9, 18]
+    assert [len(p) for p in out] == [0, 0, 4, 8, 16, 32]
+    assert out[4].tolist() == list(range(42, 90, 3))
+    # One stride past the window continues the stream; two strides, or off
+    # the stride, do not.
+    assert len(drive(Readahead(), [0, 3, 6, 12, 39, 93])[-1]) == 0
+    assert len(drive(Readahead(), [0, 3, 6, 12, 39, 89])[-1]) == 0
+
+
+def test_readahead_stride_and_sequential_streams_interleave():
+    ra = GuardedPrefetch(Readahead())
+    a, b, sizes = 0, 500_000, []
+    for _ in range(6):
+        pa, pb = ra.on_fault(a, *REGION), ra.on_fault(b, *REGION)
+        sizes.append((len(pa), len(pb)))
+        a, b = a + 4 * (len(pa) + 1), b + len(pb) + 1
+    assert sizes == [(0, 0), (0, 4), (4, 8), (8, 16), (16, 32), (32, 64)]
+
+
+def test_readahead_dense_random_faults_prefetch_little():
+    # Random faults within a small range often lie within max_stride of each
+    # other, yet rarely repeat a gap: few locks, small windows.
+    rng = np.random.default_rng(2)
+    trace = rng.integers(0, 4096, size=5000).tolist()
+    out = drive(Readahead(), trace)
+    assert sum(len(p) for p in out) <= 0.1 * len(trace)
+    assert sum(len(p) > 0 for p in out) <= 0.03 * len(trace)
+
+
 # --- stride ------------------------------------------------------------------
 
 def test_stride_locks_after_two_equal_gaps_and_follows():
@@ -314,6 +396,22 @@ def test_replay_sequential_readahead_cuts_faults_eightfold():
     assert ra.faults * 8 <= base.faults
     # The region is the trace's span, so every prefetched page gets used.
     assert ra.faults + ra.prefetched == 4096 and ra.prefetch_used == ra.prefetched
+
+
+def test_replay_stride_two_readahead_cuts_faults():
+    trace = np.tile(np.arange(0, 16_384, 2), 2)  # every other page, twice
+    base = replay(NoPrefetch(), trace, resident_capacity=1024)
+    seq_only = replay(Readahead(max_stride=1), trace, resident_capacity=1024)  # readahead before strides
+    ra = replay(Readahead(), trace, resident_capacity=1024)
+    assert base.faults == seq_only.faults == 16_384 and seq_only.prefetched == 0
+    assert ra.faults * 32 <= base.faults
+    assert ra.prefetch_used == ra.prefetched  # only pages on the stride
+
+
+def test_replay_backward_stride_readahead_cuts_faults():
+    trace = np.arange(50_000, 10_000, -5)
+    ra = replay(Readahead(), trace, resident_capacity=512)
+    assert ra.faults * 32 <= len(trace) and ra.prefetch_used == ra.prefetched
 
 
 def test_replay_random_trace():
