@@ -60,6 +60,9 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"where the swap file lives ({DEFAULT_STATE_DIR})")
     p.add_argument("--policy", default="readahead", help="prefetch policy (none, readahead, stride, or a plug-in)")
     p.add_argument("--eviction", default="fifo", help="eviction policy (default fifo)")
+    p.add_argument("--keep-clean", action="store_true",
+                   help="prefetched pages keep their swap copy until written: re-evicting them costs no "
+                        "write (read-mostly data, slow swap store); a first write then costs a fault")
     p.add_argument("--min-region", type=parse_size, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
@@ -170,7 +173,8 @@ def _config(args, socket_path: str) -> DaemonConfig:
     return DaemonConfig(socket_path=socket_path, max_resident=args.max_resident, min_region=args.min_region,
                         policy=args.policy, eviction=args.eviction, zap_mode=zap_mode(),
                         group=getattr(args, "group", None),
-                        hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT))
+                        hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT),
+                        keep_clean=args.keep_clean)
 
 
 def _child_setup() -> None:

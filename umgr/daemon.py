@@ -28,6 +28,7 @@ from umgr.errors import TargetGone, UmgrError
 from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, State
 from umgr.policies import GuardedEviction, GuardedPrefetch, load_eviction, load_prefetch
 from umgr.target import Target, read_cmdline
+from umgr.tuning import KEEP_CLEAN_COPIES
 from umgr.zap import AgentZapper, RemoteZapper
 
 log = logging.getLogger("umgr.daemon")
@@ -51,6 +52,7 @@ class DaemonConfig:
     zap_mode: protocol.ZapMode = protocol.ZapMode.AGENT
     group: str | None = None
     hello_timeout: float = HELLO_TIMEOUT  # drop a connection silent for this long
+    keep_clean: bool = KEEP_CLEAN_COPIES  # prefetched pages keep their swap copy until written
 
 
 SUMMED = ("faults", "faults_missing", "faults_wp", "pages_in", "pages_out", "prefetched",
@@ -271,7 +273,8 @@ class Daemon:
         budget = max_resident or self.config.max_resident
         label = prefetch.target
         target = Target(pid=pid, uffd=uffd, pidfd=pidfd, budget_pages=budget >> PAGE_SHIFT,
-                        backend=self.backend, prefetch=prefetch, eviction=None, label=label)
+                        backend=self.backend, prefetch=prefetch, eviction=None, label=label,
+                        keep_clean=self.config.keep_clean)
         # FIFO compacts its queue of stale entries with the page table's help.
         options = {"is_live": target.is_resident} if self.config.eviction == "fifo" else {}
         policy_obj = load_eviction(self.config.eviction, **options)

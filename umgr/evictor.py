@@ -89,10 +89,19 @@ class Evictor:
         zero = self._victims.zero_pages(len(vpns))
         live = self.pt.states(vpns) == State.EVICTING
         drop = self._discardable(vpns)  # application hints: zapped unwritten, read back as zero
-        store = live & ~zero & ~drop
+        # Clean pages (unwritten since they came in) go out as they are: their slot holds them.
+        clean_slots = self.pt.slots(vpns)
+        self._drop_clean_copies(vpns[drop & (clean_slots != NO_SLOT)])
+        clean = live & ~drop & (clean_slots != NO_SLOT)
+        zero &= ~clean
+        store = live & ~zero & ~drop & ~clean
         try:
             slots = self.backend.slots.alloc(int(store.sum()))
         except BackendFull as exc:
+            if self._free_clean_copies():  # slots kept only to save a write: take them back
+                self._release(vpns, State.EVICTING)
+                await self._unprotect(vpns)
+                return True
             await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
             return False
         try:
@@ -107,6 +116,7 @@ class Evictor:
             raise
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
         page_slots[store] = slots
+        page_slots[clean] = clean_slots[clean]
         # Pages that were written to (WP fault), discarded or unmapped while
         # their copy was in flight have left EVICTING: their copy is dropped.
         still = self.pt.states(vpns) == State.EVICTING
@@ -192,8 +202,34 @@ class Evictor:
             self.eviction_paused = ""
             self._note_resident()
 
+    def _free_clean_copies(self) -> int:
+        """The swap is full: resident pages give back the slots they kept
+        (they stay write-protected; their next write just faults). Returns
+        how many slots were freed."""
+        freed = 0
+        for region in self.pt.regions:
+            kept = (region.state == State.RESIDENT) & (region.slot != NO_SLOT)
+            if kept.any():
+                self.backend.slots.free(region.slot[kept])
+                region.slot[kept] = NO_SLOT
+                freed += int(kept.sum())
+        return freed
+
+    def _drop_clean_copies(self, vpns: np.ndarray) -> None:
+        """Pages whose writes umgr will not see any more (or that were just
+        written) drop the swap copy they kept since they came in clean.
+        Swapped and zapping pages keep theirs: it is their content."""
+        vpns = np.asarray(vpns, np.int64)
+        states, slots = self.pt.states(vpns), self.pt.slots(vpns)
+        stale = (slots != NO_SLOT) & (states != State.SWAPPED) & (states != State.ZAPPING)
+        if stale.any():
+            self.backend.slots.free(slots[stale])
+            for state in np.unique(states[stale]).tolist():
+                self.pt.set(vpns[stale & (states == state)], state, NO_SLOT)
+
     async def _unprotect(self, vpns: np.ndarray) -> None:
         self.pt.set_flag(np.asarray(vpns, np.int64), Flag.DISCARDABLE, False)  # unprotected: writes unseen
+        self._drop_clean_copies(vpns)
         starts, lengths = runs(np.asarray(vpns, np.int64))
         for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
             await self._writeprotect(run_vpn, run_len, False)

@@ -31,7 +31,7 @@ from umgr.buffers import PageBuffer
 from umgr.errors import TargetGone
 from umgr.evictor import Evictor
 from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
-from umgr.tuning import BACKPRESSURE_LIMIT, EVICT_BATCH, MAX_FILL_PAGES, SPIN_SECONDS
+from umgr.tuning import BACKPRESSURE_LIMIT, EVICT_BATCH, KEEP_CLEAN_COPIES, MAX_FILL_PAGES, SPIN_SECONDS
 from umgr.unfreeable import Unfreeable
 from umgr.uffd import (EVENT_PAGEFAULT, MSG_WORDS, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
                        W_ADDRESS, W_FLAGS, ForkEvent, RemapEvent, RemoveEvent, UnmapEvent)
@@ -77,7 +77,8 @@ class TargetStats:
 
 class Target(Evictor, Unfreeable, Hints):
     def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, budget_pages: int,
-                 backend, prefetch, eviction, label: str, spin: float = SPIN_SECONDS):
+                 backend, prefetch, eviction, label: str, spin: float = SPIN_SECONDS,
+                 keep_clean: bool = KEEP_CLEAN_COPIES):
         self.pid = pid
         self.uffd = uffd
         self.pidfd = pidfd
@@ -87,6 +88,7 @@ class Target(Evictor, Unfreeable, Hints):
         self.eviction = eviction
         self.label = label
         self.spin = spin
+        self.keep_clean = keep_clean    # prefetched pages keep their slot (tuning.KEEP_CLEAN_COPIES)
         self.pt = PageTable()
         self.stats = TargetStats()
         self.zapper = None              # set when the agent attaches (or remote zap)
@@ -364,6 +366,7 @@ class Target(Evictor, Unfreeable, Hints):
         being evicted, or unknown is absent: zeros, as the kernel would give.
         A COPY onto a page that is present after all is a harmless EEXIST."""
         mode = uffdmod.UFFDIO_COPY_MODE_WP if state == State.EVICTING else 0
+        self._drop_clean_copies(np.array([vpn], np.int64))
         address = vpn << PAGE_SHIFT
         self._retry_eagain(lambda: self.uffd.copy_fast(address, self._zeros.addr, PAGE_SIZE, mode))
         self.uffd.wake(address, PAGE_SIZE)
@@ -382,6 +385,7 @@ class Target(Evictor, Unfreeable, Hints):
             self.eviction.on_resident(np.array([vpn], np.int64))
         if region is not None:  # application hints: a write cancels DISCARDABLE
             region.flags[vpn - region.vpn] &= ~np.uint8(Flag.DISCARDABLE)
+            self._drop_clean_copies(np.array([vpn], np.int64))  # the write makes it stale
         # The write wins: unprotect (which wakes the writer).
         self._retry_eagain(lambda: self.uffd.writeprotect(vpn << PAGE_SHIFT, PAGE_SIZE, False))
 
@@ -453,6 +457,7 @@ class Target(Evictor, Unfreeable, Hints):
         planned = np.where(swapped, State.SWAPPED, State.FRESH)
         valid = (self.pt.states(vpns) == planned) & (self.pt.slots(vpns) == slots)
         done = np.zeros(len(vpns), bool)
+        clean = np.zeros(len(vpns), bool)   # copied in write-protected by us: the slot still matches
         starts, lengths = runs(vpns)
         offset = 0
         for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
@@ -461,14 +466,18 @@ class Target(Evictor, Unfreeable, Hints):
             if not valid[seg].all():
                 continue
             only_zeros = not writes and not swapped[seg].any()
-            done[seg] = self._copy_run(run_vpn, run_len, seg.start, only_zeros)
+            for part_vpn, part_len, keep in self._clean_parts(run_vpn, run_len, swapped[seg], faulting):
+                part = slice(seg.start + part_vpn - run_vpn, seg.start + part_vpn - run_vpn + part_len)
+                done[part], copied = self._copy_run(part_vpn, part_len, part.start, only_zeros, keep)
+                clean[part] = copied & keep
         # An app REMOVE read while copying (EAGAIN) has already settled the
         # pages it names: FRESH, slot freed. Only the others become ours.
         done &= (self.pt.states(vpns) == planned) & (self.pt.slots(vpns) == slots)
         filled = vpns[done]
         if len(filled):
-            self.backend.slots.free(slots[done & swapped])
-            self.pt.set(filled, State.RESIDENT, NO_SLOT)
+            clean &= done & swapped
+            self.backend.slots.free(slots[done & swapped & ~clean])
+            self.pt.set(filled, State.RESIDENT, np.where(clean, slots, NO_SLOT)[done])
             self.eviction.on_resident(filled)
             self.stats.pages_in += int((done & swapped).sum())
         # A faulting page we could not fill goes round again with fresh state.
@@ -477,10 +486,27 @@ class Target(Evictor, Unfreeable, Hints):
             if region is not None and region.state[vpn - region.vpn] in (State.FRESH, State.SWAPPED):
                 self._pending.append((vpn << PAGE_SHIFT, 0))
 
-    def _copy_run(self, vpn: int, npages: int, position: int, only_zeros: bool) -> np.ndarray:
-        """UFFDIO_COPY (or ZEROPAGE) a run, page by page past EEXIST.
-        Returns which pages of the run are now in place."""
+    def _clean_parts(self, vpn: int, npages: int, swapped: np.ndarray, faulting: dict[int, bool]):
+        """Split a run to copy into (vpn, npages, keep_clean) parts. Prefetched
+        swapped pages come in write-protected and keep their slot (evicting
+        them again is a zap only); the faulting pages come in writable (a
+        program often writes what it just read: a WP fault each would cost
+        more than the write it saves). A write fault in the run: all writable."""
+        if not self.keep_clean or not swapped.any() or any(faulting.get(v, False) for v in range(vpn, vpn + npages)):
+            return [(vpn, npages, False)]
+        protect = np.array([v not in faulting for v in range(vpn, vpn + npages)])
+        edges = np.flatnonzero(np.diff(protect)) + 1
+        bounds = [0, *edges.tolist(), npages]
+        return [(vpn + a, b - a, bool(protect[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _copy_run(self, vpn: int, npages: int, position: int, only_zeros: bool,
+                  protect: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """UFFDIO_COPY (or ZEROPAGE) a run, page by page past EEXIST, write-
+        protected if `protect`. Returns which pages of the run are now in
+        place, and which of them this call put there (not EEXIST)."""
         done = np.zeros(npages, bool)
+        ours = np.zeros(npages, bool)
+        mode = uffdmod.UFFDIO_COPY_MODE_WP if protect else 0
         i = 0
         while i < npages:
             dst = (vpn + i) << PAGE_SHIFT
@@ -488,12 +514,12 @@ class Target(Evictor, Unfreeable, Hints):
             if only_zeros:
                 r = self.uffd.zeropage_fast(dst, length)
             else:
-                r = self.uffd.copy_fast(dst, self._fill.addr + ((position + i) << PAGE_SHIFT), length)
+                r = self.uffd.copy_fast(dst, self._fill.addr + ((position + i) << PAGE_SHIFT), length, mode)
             if not r:  # the whole rest of the run
-                done[i:] = True
+                done[i:] = ours[i:] = True
                 break
             ok, err = r >> (16 + PAGE_SHIFT), r & 0xFFFF   # pages done, then why it stopped
-            done[i:i + ok] = True
+            done[i:i + ok] = ours[i:i + ok] = True
             i += ok
             if err == errno.EAGAIN:
                 # Either a queued event (read it: the rest of the run may have
@@ -509,7 +535,7 @@ class Target(Evictor, Unfreeable, Hints):
             else:  # ENOENT: the range went away; its UNMAP event follows
                 self.uffd.wake(dst, length)
                 break
-        return done
+        return done, ours
 
     # ---- teardown ------------------------------------------------------
     def stop(self) -> None:

@@ -49,6 +49,7 @@ class Unfreeable:
         dropped = ~present & ~in_swap
         locked = self._in_locked(vpns) & present
         shared = present & ~exclusive & ~on_zero & ~locked
+        self._drop_clean_copies(vpns[dropped])  # the kernel dropped the page: it reads zero now
         self.pt.set(vpns[on_zero & ~locked], State.ZERO)
         self.pt.set(vpns[shared], State.SHARED)
         self.pt.set(vpns[dropped], State.FRESH)

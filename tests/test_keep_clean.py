@@ -1,0 +1,46 @@
+"""--keep-clean: prefetched pages keep their swap copy while unwritten, so
+evicting them again is a zap with no write. The copy must never outlive a
+write the daemon did not see: every lifecycle event, write race and fork is
+run again here with the option on, checking every byte."""
+import pytest
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+@pytest.mark.timeout(90)
+def test_rereads_evict_without_writing_again(umgr_exec, programs):
+    # 64 MiB written once, then read 3 times, under 16 MiB.
+    plain = umgr_exec([programs["reread"], "64", "3"], max_resident="16M")
+    clean = umgr_exec([programs["reread"], "64", "3"], "--keep-clean", max_resident="16M")
+    for result in (plain, clean):
+        assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr
+        assert result.stats["pages_out"] >= 3 * (64 - 16) * MiB // PAGE
+        assert result.stats["swap_slots_in_use_at_exit"] == 0
+    # Without the option each re-read writes the data out again; with it,
+    # little more than the first write.
+    assert plain.stats["swap_bytes_written"] >= 3 * (64 - 16) * MiB
+    assert clean.stats["swap_bytes_written"] <= 2 * 64 * MiB, clean.stats
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["fork", "fork-tree", "mremap-race", "dontneed-race", "exit-killed", "exec-parent"])
+def test_lifecycle_with_clean_copies(umgr_exec, programs, mode):
+    mib, budget = ("32", "8M") if mode == "fork-tree" else ("64", "16M")
+    result = umgr_exec([programs["lifecycle"], mode, mib], "--keep-clean", max_resident=budget)
+    assert result.returncode == 0, result.stderr
+    assert result.stats["pages_out"] > 0
+    assert result.stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cmd, budget", [
+    (["pattern", "128", "mmap", "srb", "8"], "16M"),     # read, then rewrite, 8 threads
+    (["hammer", "64", "4", "20", "512"], "8M"),          # writes racing eviction
+    (["threads", "56", "8", "24", "rbs"], "8M"),         # 24 threads on shared pages
+])
+def test_writes_after_clean_swap_in_are_never_lost(umgr_exec, programs, cmd, budget):
+    args = [programs[cmd[0]], *cmd[1:]]
+    result = umgr_exec(args, "--keep-clean", max_resident=budget)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stats["pages_out"] > 0 and result.stats["swap_slots_in_use_at_exit"] == 0
