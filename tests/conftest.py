@@ -108,3 +108,15 @@ def vm_rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise ValueError("no VmRSS")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """predicate()'s first true value, polling; AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

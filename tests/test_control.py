@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import DaemonProcess
+from conftest import DaemonProcess, wait_for
 from umgr import protocol
 from umgr.cli import format_status, query_status
 
@@ -81,17 +81,6 @@ print(json.dumps(result), flush=True)
 
 
 # ---- helpers ---------------------------------------------------------------------------
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def drop_lines(daemon) -> list[str]:
     return [line for line in daemon.log().splitlines() if "dropping connection" in line]
 

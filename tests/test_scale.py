@@ -20,22 +20,13 @@ import time
 
 import pytest
 
+from conftest import wait_for
+
 from umgr.cli import query_status
 
 MiB = 1 << 20
 PAGE = 4096
 RELEASED = re.compile(r"pid (\d+): released \(faults (\d+), pages in (\d+), out (\d+)\)")
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def fd_links(pid: int) -> list[str]:
