@@ -458,11 +458,8 @@ class Target(Evictor, Unfreeable, Hints):
         valid = (self.pt.states(vpns) == planned) & (self.pt.slots(vpns) == slots)
         done = np.zeros(len(vpns), bool)
         clean = np.zeros(len(vpns), bool)   # copied in write-protected by us: the slot still matches
-        starts, lengths = runs(vpns)
-        offset = 0
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            seg = slice(offset, offset + run_len)
-            offset += run_len
+        for run_vpn, seg in self._runs_faulting_last(vpns, faulting):
+            run_len = seg.stop - seg.start
             if not valid[seg].all():
                 continue
             only_zeros = not writes and not swapped[seg].any()
@@ -485,6 +482,17 @@ class Target(Evictor, Unfreeable, Hints):
             region = self.pt.find(vpn)
             if region is not None and region.state[vpn - region.vpn] in (State.FRESH, State.SWAPPED):
                 self._pending.append((vpn << PAGE_SHIFT, 0))
+
+    @staticmethod
+    def _runs_faulting_last(vpns: np.ndarray, faulting: dict[int, bool]) -> list[tuple[int, slice]]:
+        """The runs of sorted vpns as (first vpn, slice of vpns), those with
+        a faulting page last: UFFDIO_COPY wakes a run's waiters when it
+        returns, so a program woken last finds its prefetched pages (a
+        stride's are one-page runs) in place instead of faulting on them."""
+        starts, lengths = runs(vpns)
+        ends = np.cumsum(lengths)
+        spans = [(int(v), slice(int(e - n), int(e))) for v, n, e in zip(starts, lengths, ends)]
+        return sorted(spans, key=lambda span: any(v in faulting for v in range(span[0], span[0] + span[1].stop - span[1].start)))
 
     def _clean_parts(self, vpn: int, npages: int, swapped: np.ndarray, faulting: dict[int, bool]):
         """Split a run to copy into (vpn, npages, keep_clean) parts. Prefetched
