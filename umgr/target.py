@@ -492,7 +492,11 @@ class Target(Evictor, Unfreeable, Hints):
         starts, lengths = runs(vpns)
         ends = np.cumsum(lengths)
         spans = [(int(v), slice(int(e - n), int(e))) for v, n, e in zip(starts, lengths, ends)]
-        return sorted(spans, key=lambda span: any(v in faulting for v in range(span[0], span[0] + span[1].stop - span[1].start)))
+
+        def has_faulting(span: tuple[int, slice]) -> bool:
+            first, seg = span
+            return any(v in faulting for v in range(first, first + seg.stop - seg.start))
+        return sorted(spans, key=has_faulting)
 
     def _clean_parts(self, vpn: int, npages: int, swapped: np.ndarray, faulting: dict[int, bool]):
         """Split a run to copy into (vpn, npages, keep_clean) parts. Prefetched
@@ -500,7 +504,8 @@ class Target(Evictor, Unfreeable, Hints):
         them again is a zap only); the faulting pages come in writable (a
         program often writes what it just read: a WP fault each would cost
         more than the write it saves). A write fault in the run: all writable."""
-        if not self.keep_clean or not swapped.any() or any(faulting.get(v, False) for v in range(vpn, vpn + npages)):
+        writes = any(faulting.get(v, False) for v in range(vpn, vpn + npages))
+        if not self.keep_clean or not swapped.any() or writes:
             return [(vpn, npages, False)]
         protect = np.array([v not in faulting for v in range(vpn, vpn + npages)])
         edges = np.flatnonzero(np.diff(protect)) + 1
