@@ -127,9 +127,6 @@ int umgr_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int umgr_uffd_wake(int fd, uint64_t start, uint64_t len);
 int umgr_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 
-int64_t umgr_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len,
-                       uint64_t mode);
-int64_t umgr_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode);
 int64_t umgr_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t umgr_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t umgr_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len,
@@ -287,24 +284,6 @@ static int64_t umgr_pack(int ret, int64_t done, uint64_t len)
     if (done < 0)
         done = 0;
     return (done << 16) | (err & 0xffff);
-}
-
-static int64_t umgr_uffd_copy(int fd, uint64_t dst, uint64_t src,
-                              uint64_t len, uint64_t mode)
-{
-    struct uffdio_copy c = {
-        .dst = dst, .src = src, .len = len, .mode = mode, .copy = 0 };
-    int ret = ioctl(fd, UFFDIO_COPY, &c);
-    return umgr_pack(ret, c.copy, len);
-}
-
-static int64_t umgr_uffd_zeropage(int fd, uint64_t dst, uint64_t len,
-                                  uint64_t mode)
-{
-    struct uffdio_zeropage z = {
-        .range = { .start = dst, .len = len }, .mode = mode, .zeropage = 0 };
-    int ret = ioctl(fd, UFFDIO_ZEROPAGE, &z);
-    return umgr_pack(ret, z.zeropage, len);
 }
 
 static int64_t umgr_uffd_continue(int fd, uint64_t start, uint64_t len,

@@ -385,7 +385,8 @@ class Target(Evictor, Unfreeable, Hints):
             self.eviction.on_resident(np.array([vpn], np.int64))
         if region is not None:  # application hints: a write cancels DISCARDABLE
             region.flags[vpn - region.vpn] &= ~np.uint8(Flag.DISCARDABLE)
-            self._drop_clean_copies(np.array([vpn], np.int64))  # the write makes it stale
+            if region.slot[vpn - region.vpn] != NO_SLOT:  # a kept clean copy: the write makes it stale
+                self._drop_clean_copies(np.array([vpn], np.int64))
         # The write wins: unprotect (which wakes the writer).
         self._retry_eagain(lambda: self.uffd.writeprotect(vpn << PAGE_SHIFT, PAGE_SIZE, False))
 
@@ -504,8 +505,8 @@ class Target(Evictor, Unfreeable, Hints):
         them again is a zap only); the faulting pages come in writable (a
         program often writes what it just read: a WP fault each would cost
         more than the write it saves). A write fault in the run: all writable."""
-        writes = any(faulting.get(v, False) for v in range(vpn, vpn + npages))
-        if not self.keep_clean or not swapped.any() or writes:
+        if not self.keep_clean or not swapped.any() or \
+                any(faulting.get(v, False) for v in range(vpn, vpn + npages)):
             return [(vpn, npages, False)]
         protect = np.array([v not in faulting for v in range(vpn, vpn + npages)])
         edges = np.flatnonzero(np.diff(protect)) + 1

@@ -194,8 +194,6 @@ def _new_fault(address: int, flags: int, tid: int) -> PageFault:
     return fault
 
 
-_copy = _lib.umgr_uffd_copy
-_zeropage = _lib.umgr_uffd_zeropage
 _continue = _lib.umgr_uffd_continue
 _poison = _lib.umgr_uffd_poison
 _move = _lib.umgr_uffd_move
@@ -357,14 +355,14 @@ class Userfaultfd:
     def copy(self, dst: int, src: int, length: int, mode: int = 0) -> tuple[int, int]:
         """UFFDIO_COPY from the address src in this process. Returns
         (bytes_copied, errno) with errno 0, EAGAIN, EEXIST or ENOENT."""
-        packed = _copy(self._fd, dst, src, length, mode)
-        if not packed & 0xFFFF:
+        packed = _copy_fast(self._fd, dst, src, length, mode)
+        if not packed:
             return length, 0
         return self._range_outcome(packed, "UFFDIO_COPY")
 
     def zeropage(self, dst: int, length: int, mode: int = 0) -> tuple[int, int]:
-        packed = _zeropage(self._fd, dst, length, mode)
-        if not packed & 0xFFFF:
+        packed = _zeropage_fast(self._fd, dst, length, mode)
+        if not packed:
             return length, 0
         return self._range_outcome(packed, "UFFDIO_ZEROPAGE")
 

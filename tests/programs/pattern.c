@@ -10,6 +10,8 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "rss.h"
+
 #define PAGE 4096
 
 static uint8_t *mem;
@@ -115,14 +117,6 @@ int main(int argc, char **argv)
         pthread_join(threads[t], NULL);
     if (failed)
         return 1;
-    long rss_kb = -1;
-    char line[256];
-    FILE *status = fopen("/proc/self/status", "r");
-    while (status && fgets(line, sizeof line, status))
-        if (sscanf(line, "VmRSS: %ld", &rss_kb) == 1)
-            break;
-    if (status)
-        fclose(status);
-    printf("ok %zu pages rss_kb %ld\n", npages, rss_kb);
+    printf("ok %zu pages rss_kb %ld\n", npages, rss_kb());
     return 0;
 }

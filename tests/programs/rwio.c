@@ -23,6 +23,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "rss.h"
+
 #define PAGE 4096
 #define IOV_BYTES (256 << 10)
 
@@ -138,14 +140,6 @@ int main(int argc, char **argv)
         check("B after writev(2)", b, words, seed_a, 0))
         return 1;
 
-    long rss_kb = -1;
-    char line[256];
-    FILE *status = fopen("/proc/self/status", "r");
-    while (status && fgets(line, sizeof line, status))
-        if (sscanf(line, "VmRSS: %ld", &rss_kb) == 1)
-            break;
-    if (status)
-        fclose(status);
-    printf("ok %zu MiB rss_kb %ld\n", bytes >> 20, rss_kb);
+    printf("ok %zu MiB rss_kb %ld\n", bytes >> 20, rss_kb());
     return 0;
 }

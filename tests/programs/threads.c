@@ -26,6 +26,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "rss.h"
+
 #define PAGE 4096
 #define WORDS (PAGE / 8)
 
@@ -154,15 +156,7 @@ int main(int argc, char **argv)
         }
     for (unsigned t = 0; t < nthreads; t++)
         pthread_join(tids[t], NULL);
-    long rss_kb = -1;
-    char line[256];
-    FILE *status = fopen("/proc/self/status", "r");
-    while (status && fgets(line, sizeof line, status))
-        if (sscanf(line, "VmRSS: %ld", &rss_kb) == 1)
-            break;
-    if (status)
-        fclose(status);
-    printf("ok %zu pages %u threads %u rounds rss_kb %ld\n", private_pages + shared_pages, nthreads, rounds, rss_kb);
+    printf("ok %zu pages %u threads %u rounds rss_kb %ld\n", private_pages + shared_pages, nthreads, rounds, rss_kb());
     fflush(stdout);
     if (hold) {
         char buf[64];
