@@ -1,7 +1,11 @@
-"""setuptools needs code for two things pyproject.toml cannot say:
-the cffi API-mode modules and the LD_PRELOAD shim (a plain C shared object
-that is built like an extension but never imported)."""
-from setuptools import Extension, setup
+"""setuptools needs code for what pyproject.toml cannot say:
+- the cffi API-mode modules and the LD_PRELOAD shim (a plain C shared object
+  that is built like an extension but never imported);
+- the package list, found rather than written out: an `umgr` subpackage left
+  off a hand-written list installs a umgr that cannot start.
+`policies/` and `bindings/` install as umgr.policies and umgr.bindings;
+bindings/cffi/ (the build scripts) and the C sources are not installed."""
+from setuptools import Extension, find_packages, setup
 
 shim = Extension(
     "umgr.bindings.libumgr_preload",
@@ -12,9 +16,14 @@ shim = Extension(
 )
 
 setup(
+    packages=find_packages(include=["umgr", "umgr.*"]) + ["umgr.policies", "umgr.bindings"],
+    package_dir={"umgr.policies": "policies", "umgr.bindings": "bindings"},
+    # umgr.h is for C programs that call umgr_advise (README "Hints").
+    package_data={"umgr.bindings": ["shim/umgr.h"]},
+    include_package_data=False,
     cffi_modules=[
-        "bindings/kernel_build.py:ffibuilder",
-        "bindings/uring_build.py:ffibuilder",
+        "bindings/cffi/kernel_build.py:ffibuilder",
+        "bindings/cffi/uring_build.py:ffibuilder",
     ],
     ext_modules=[shim],
 )

@@ -18,6 +18,15 @@ PROGRAMS = HERE / "programs"
 MiB = 1 << 20
 
 
+def pytest_configure(config):
+    # `make test` runs the suite against the wheel installed in a fresh venv:
+    # make sure that is the umgr imported here, not the source tree.
+    if os.environ.get("UMGR_TEST_INSTALLED"):
+        import umgr
+        if HERE.parent in Path(umgr.__file__).resolve().parents:
+            raise pytest.UsageError(f"UMGR_TEST_INSTALLED is set but umgr comes from the checkout: {umgr.__file__}")
+
+
 @pytest.fixture(scope="session")
 def programs(tmp_path_factory) -> dict[str, str]:
     """Every tests/programs/*.c compiled once: name -> executable path."""

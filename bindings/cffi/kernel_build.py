@@ -4,9 +4,10 @@ process-memory syscalls.
 One small module per kernel interface (_cdef_uffd.py, _cdef_proc.py), each
 with INCLUDES, TYPES, FUNCTIONS and CUSTOMIZATIONS strings, gathered here.
 
-setup.py uses ``cffi_modules=["bindings/kernel_build.py:ffibuilder"]``. For
-development without installing, ``python bindings/kernel_build.py`` compiles
-in build/cffi and installs the extension next to this file.
+setup.py uses ``cffi_modules=["bindings/cffi/kernel_build.py:ffibuilder"]``.
+This folder is build-time only: it is not a package and is not installed.
+For development without installing, ``python bindings/cffi/kernel_build.py``
+compiles in build/cffi and puts the extension in bindings/ (umgr.bindings).
 """
 
 import glob
@@ -18,6 +19,7 @@ import sys
 import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = os.path.dirname(HERE)   # bindings/, installed as umgr.bindings
 MODULES = ["_cdef_uffd", "_cdef_proc"]
 
 
@@ -51,11 +53,11 @@ def compile_in_place():
     name `pip install -e .` gives it (cffi compiles for the limited API), so
     the two ways never leave a stale module shadowing the other: CPython
     prefers a cpython-3XX suffix over abi3."""
-    tmpdir = os.path.join(HERE, os.pardir, "build", "cffi")
+    tmpdir = os.path.join(PACKAGE, os.pardir, "build", "cffi")
     built = ffibuilder.compile(tmpdir=tmpdir)
-    for stale in glob.glob(os.path.join(HERE, "_kernel.cpython-*.so")):
+    for stale in glob.glob(os.path.join(PACKAGE, "_kernel.cpython-*.so")):
         os.unlink(stale)
-    target = os.path.join(HERE, "_kernel.abi3.so")
+    target = os.path.join(PACKAGE, "_kernel.abi3.so")
     shutil.copyfile(built, target + ".tmp")
     os.replace(target + ".tmp", target)
     return target

@@ -1,7 +1,8 @@
 """cffi (API mode) builder for umgr.bindings._uring, over liburing.
 
-setup.py names this file in ``cffi_modules``; ``python bindings/uring_build.py``
-compiles the module in place (into ``bindings/``) for development.
+setup.py names this file in ``cffi_modules``; this folder is build-time only
+(not installed). ``python bindings/cffi/uring_build.py`` compiles the module
+in place (into ``bindings/``, i.e. umgr.bindings) for development.
 """
 import os
 import sys
@@ -28,8 +29,9 @@ if __name__ == "__main__":
     import glob
     import shutil
 
-    out = ffibuilder.compile(tmpdir=os.path.join(_HERE, os.pardir, "build", "cffi"))
-    for old in glob.glob(os.path.join(_HERE, "_uring.*.so")):
+    package = os.path.dirname(_HERE)
+    out = ffibuilder.compile(tmpdir=os.path.join(package, os.pardir, "build", "cffi"))
+    for old in glob.glob(os.path.join(package, "_uring.*.so")):
         os.remove(old)
-    shutil.copy2(out, _HERE)
-    print(os.path.join(_HERE, os.path.basename(out)))
+    shutil.copy2(out, package)
+    print(os.path.join(package, os.path.basename(out)))
