@@ -43,7 +43,7 @@ import cffi
 import numpy as np
 import trio
 
-from umgr import uffd as U
+from umgr.kernel import uffd as U
 
 PAGE = 4096
 _PAGE_MASK = ~(PAGE - 1)

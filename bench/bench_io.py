@@ -1,4 +1,4 @@
-"""4 KiB random I/O on an O_DIRECT file: umgr.ring (io_uring, batches of 64
+"""4 KiB random I/O on an O_DIRECT file: umgr.kernel.ring (io_uring, batches of 64
 through trio) against os.preadv / os.pwritev one request at a time.
 
     python bench/bench_io.py --seconds 3 --size-mib 256
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import trio
 
-from umgr.ring import Batch, Op, Ring, address
+from umgr.kernel.ring import Batch, Op, Ring, address
 
 PAGE = 4096
 

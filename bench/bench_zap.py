@@ -14,10 +14,10 @@ measures 512-page batches (bench/programs/zap.c) shaped as
 with the events read by
   none        nobody: no userfaultfd (the kernel's zap cost alone)
   thread      a C thread in the zapping process, blocking in read()
-  python      this process, like the umgr daemon: umgr.uffd.Userfaultfd
+  python      this process, like the umgr daemon: umgr.kernel.uffd.Userfaultfd
               taken with pidfd_getfd, UFFDIO_API(EVENT_REMOVE), registered
               MISSING|WP, drained in a trio task that busy-polls SPIN µs
-              before awaiting the fd (umgr.target's fault loop)
+              before awaiting the fd (umgr.paging.target's fault loop)
 
     python bench/bench_zap.py [--trials 200] [--spin-us 50]
 """
@@ -55,7 +55,7 @@ def run_c_reader(exe: str, reader: str, trials: int) -> dict:
 def run_python_reader(exe: str, trials: int, spin_us: float) -> dict:
     import trio
 
-    from umgr import procmem, uffd as uffdmod
+    from umgr.kernel import procmem, uffd as uffdmod
 
     spin = spin_us * 1e-6
     counts = {"removes": 0, "faults": 0, "reads": 0, "sleeps": 0}
@@ -73,7 +73,7 @@ def run_python_reader(exe: str, trials: int, spin_us: float) -> dict:
                 uffd.zeropage(page, 4096)
 
     async def drain_forever(uffd: uffdmod.Userfaultfd) -> None:
-        # The daemon's fault loop (umgr.target.Target.fault_loop): read in
+        # The daemon's fault loop (umgr.paging.target.Target.fault_loop): read in
         # batches; when nothing is queued, busy-poll briefly, then await.
         while True:
             events = uffd.read_events(64)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from umgr import hints, protocol
-from umgr.pagetable import NO_SLOT, Flag, PageTable, State
+from umgr.paging.pagetable import NO_SLOT, Flag, PageTable, State
 
 MiB = 1 << 20
 PAGE = 4096

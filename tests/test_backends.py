@@ -4,7 +4,7 @@ import pytest
 import trio
 
 from umgr.backends import open_backend
-from umgr.buffers import PageBuffer
+from umgr.kernel.buffers import PageBuffer
 from umgr.errors import BackendError, BackendFull
 
 BACKENDS = ["file"]

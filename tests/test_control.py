@@ -37,7 +37,7 @@ RELEASED = re.compile(r"pid (\d+): released \(faults (\d+), pages in (\d+), out 
 CLIENT = r"""
 import json, os, socket, sys
 from umgr import protocol
-from umgr.uffd import Userfaultfd
+from umgr.kernel.uffd import Userfaultfd
 
 mode, path = sys.argv[1], sys.argv[2]
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from umgr.errors import BackendFull
-from umgr.pagetable import NO_SLOT, PageTable, State, runs
-from umgr.slots import SlotAllocator
+from umgr.paging.pagetable import NO_SLOT, PageTable, State, runs
+from umgr.backends.slots import SlotAllocator
 
 
 def table_with(vpn=100, npages=10, present=None):

@@ -1,4 +1,4 @@
-"""umgr.procmem against the real kernel: another process's memory, zaps,
+"""umgr.kernel.procmem against the real kernel: another process's memory, zaps,
 pidfds and PAGEMAP_SCAN."""
 
 import errno
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from helpers import ctouch
-from umgr import procmem as M
-from umgr import uffd as U
+from umgr.kernel import procmem as M
+from umgr.kernel import uffd as U
 from umgr.errors import TargetGone
 
 P = 4096

@@ -1,4 +1,4 @@
-"""umgr.ring against the real kernel: real io_uring, real files."""
+"""umgr.kernel.ring against the real kernel: real io_uring, real files."""
 import errno
 import mmap
 import os
@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from umgr.ring import Batch, ClosedError, Op, Ring, address, iovec_array
+from umgr.kernel.ring import Batch, ClosedError, Op, Ring, address, iovec_array
 
 PAGE = 4096
 

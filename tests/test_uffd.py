@@ -1,4 +1,4 @@
-"""umgr.uffd against the real kernel.
+"""umgr.kernel.uffd against the real kernel.
 
 Memory that a fault must resolve is touched only from C (tests/helpers/ctouch:
 cffi releases the GIL around the call) or from a child process, while this
@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from helpers import ctouch
-from umgr import procmem
-from umgr import uffd as U
+from umgr.kernel import procmem
+from umgr.kernel import uffd as U
 from umgr.errors import ClosedError, TargetGone, UffdError
 
 P = U.PAGE_SIZE
@@ -458,7 +458,7 @@ def test_continue_maps_page_cache_pages(ct, uffds):
 
 CHILD_POISON = textwrap.dedent("""
     import ctypes, mmap
-    from umgr import uffd as U
+    from umgr.kernel import uffd as U
     u = U.Userfaultfd.create()
     u.api(U.UFFD_FEATURE_POISON)
     m = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -492,7 +492,7 @@ def test_copy_replaces_poison(maps, uffds):
 
 CHILD_WITH_UFFD = textwrap.dedent("""
     import sys
-    from umgr.uffd import Userfaultfd
+    from umgr.kernel.uffd import Userfaultfd
     sys.path.insert(0, sys.argv[1])
     from helpers import ctouch
     ffi, lib = ctouch.load()

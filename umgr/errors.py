@@ -1,5 +1,5 @@
 """umgr's exceptions. Kernel errnos are sorted into these once, at the
-binding boundary (umgr.uffd, umgr.procmem); code above never inspects a raw
+binding boundary (umgr.kernel.uffd, umgr.kernel.procmem); code above never inspects a raw
 OSError from a target's uffd or memory."""
 
 

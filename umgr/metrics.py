@@ -1,7 +1,7 @@
 """Prometheus metrics, read from the daemon's own counters at scrape time.
 
 Only this module knows about Prometheus. The fault path keeps plain integer
-counters and a bucketed latency array per target (umgr.target.TargetStats);
+counters and a bucketed latency array per target (umgr.paging.target.TargetStats);
 a custom collector turns them into metric families when scraped, so serving
 a fault never calls into prometheus-client.
 """
@@ -13,8 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import CollectorRegistry
 
 from umgr.backends import IO_BUCKETS
-from umgr.pagetable import State
-from umgr.target import LATENCY_BUCKETS
+from umgr.paging.pagetable import State
+from umgr.paging.target import LATENCY_BUCKETS
 
 COUNTERS = (
     ("pages_in", "Pages brought back from the backend"),

@@ -9,7 +9,8 @@ import signal
 
 import numpy as np
 
-from umgr import procmem, protocol
+from umgr.kernel import procmem
+from umgr import protocol
 
 
 @functools.cache
@@ -68,7 +69,7 @@ def _pagemap_entry(addr: int) -> int:
 
 
 def _feature_names(bits: int) -> str:
-    from umgr import uffd
+    from umgr.kernel import uffd
     names = [n.removeprefix("UFFD_FEATURE_") for n in dir(uffd)
              if n.startswith("UFFD_FEATURE_") and getattr(uffd, n) & bits]
     names.sort(key=lambda n: getattr(uffd, "UFFD_FEATURE_" + n))
@@ -84,7 +85,7 @@ def _read_text(path: str) -> str | None:
 
 
 def _probe_uffd_syscall():
-    from umgr.uffd import Userfaultfd
+    from umgr.kernel.uffd import Userfaultfd
     with Userfaultfd.create(via="syscall"):
         pass
     sysctl = _read_text("/proc/sys/vm/unprivileged_userfaultfd")
@@ -97,7 +98,7 @@ def _probe_uffd_dev():
         return "missing", f"{path} does not exist"
     st = os.stat(path)
     perms = f"mode {stat_mode(st.st_mode)} uid {st.st_uid} gid {st.st_gid}"
-    from umgr.uffd import Userfaultfd
+    from umgr.kernel.uffd import Userfaultfd
     with Userfaultfd.create(via="/dev/userfaultfd"):
         pass
     return "ok", f"opened and USERFAULTFD_IOC_NEW works ({perms})"
@@ -109,13 +110,13 @@ def stat_mode(mode: int) -> str:
 
 
 def _probe_features():
-    from umgr.uffd import supported_features
+    from umgr.kernel.uffd import supported_features
     features, ioctls = supported_features()
     return "ok", f"{features:#x}: {_feature_names(features)} (API ioctls {ioctls:#x})"
 
 
 def _probe_wp():
-    from umgr import uffd as U
+    from umgr.kernel import uffd as U
     m, addr = _scratch()
     try:
         m[0] = 1                                     # populate: WP applies to present ptes
@@ -138,7 +139,7 @@ def _probe_wp():
 
 
 def _probe_event_fork():
-    from umgr import uffd as U
+    from umgr.kernel import uffd as U
     from umgr.errors import UffdError
     with U.Userfaultfd.create() as fd:
         try:
@@ -152,7 +153,7 @@ def _probe_event_fork():
 
 def _probe_io_uring():
     import tempfile
-    from umgr.ring import Batch, Op, Ring, address
+    from umgr.kernel.ring import Batch, Op, Ring, address
     disabled = _read_text("/proc/sys/kernel/io_uring_disabled")
     payload = os.urandom(_PAGE)
     with tempfile.TemporaryFile() as f:

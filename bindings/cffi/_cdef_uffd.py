@@ -13,7 +13,7 @@ the helper folds both into that one value so a fault-path call allocates
 nothing.
 
 The *_fast variants, umgr_uffd_read_batch and umgr_uffd_copy_read serve the per-fault fast path
-of umgr.uffd (read_batch(), copy_fast(), zeropage_fast()): a complete range
+of umgr.kernel.uffd (read_batch(), copy_fast(), zeropage_fast()): a complete range
 ioctl returns 0 (not len << 16), so the Python side tests one truth value;
 a read with nothing queued returns 0 (not -EAGAIN).
 """
@@ -100,7 +100,7 @@ struct uffd_msg { uint8_t event; ...; };
 #define UFFDIO_MOVE_MODE_DONTWAKE ...
 #define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ...
 
-/* Byte offsets inside struct uffd_msg, checked by umgr.uffd at import. */
+/* Byte offsets inside struct uffd_msg, checked by umgr.kernel.uffd at import. */
 #define UMGR_MSG_SIZE ...
 #define UMGR_MSG_OFF_PF_FLAGS ...
 #define UMGR_MSG_OFF_PF_ADDRESS ...

@@ -58,7 +58,7 @@ int umgr_uring_reap(struct io_uring *ring, uint64_t *user_data_out,
 """
 
 CUSTOMIZATIONS = """
-/* Op codes of the batch helper: umgr's own numbering (umgr.ring.Op), not the
+/* Op codes of the batch helper: umgr's own numbering (umgr.kernel.ring.Op), not the
    kernel's IORING_OP_*, so the Python side does not depend on header values. */
 #define UMGR_OP_READ 0
 #define UMGR_OP_WRITE 1

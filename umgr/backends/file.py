@@ -18,7 +18,7 @@ import numpy as np
 
 from umgr.backends import PAGE_SIZE, Backend, io_runs
 from umgr.errors import BackendError
-from umgr.ring import Batch, Op, Ring
+from umgr.kernel.ring import Batch, Op, Ring
 
 log = logging.getLogger("umgr.backend")
 

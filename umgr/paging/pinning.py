@@ -8,7 +8,7 @@ no memory of the target's own, so they do not count against its budget; they
 stay write-protected and a write makes them RESIDENT again. Unreadable
 (PROT_NONE) pages are pinned too. Nothing tells umgr when a lock, a
 protection or a sharing ends, so recheck() looks again every RECHECK_SECONDS.
-A mixin of umgr.target.Target.
+A mixin of umgr.paging.target.Target.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from umgr import maps, procmem
-from umgr.pagetable import NO_SLOT, PAGE_SHIFT, State, runs
-from umgr.tuning import RECHECK_SECONDS
+from umgr.kernel import maps, procmem
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, State, runs
+from umgr.paging.tuning import RECHECK_SECONDS
 
-log = logging.getLogger("umgr.target")
+log = logging.getLogger("umgr.paging.target")
 
 
 class Unfreeable:

@@ -24,19 +24,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from umgr import procmem, uffd as uffdmod
-from umgr.advice import Hints
+from umgr.kernel import procmem, uffd as uffdmod
+from umgr.paging.advice import Hints
 from umgr.backends import io_to_the_end
-from umgr.buffers import PageBuffer
+from umgr.kernel.buffers import PageBuffer
 from umgr.errors import TargetGone
-from umgr.evictor import Evictor
-from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
-from umgr.tuning import BACKPRESSURE_LIMIT, EVICT_BATCH, KEEP_CLEAN_COPIES, MAX_FILL_PAGES, SPIN_SECONDS
-from umgr.unfreeable import Unfreeable
-from umgr.uffd import (EVENT_PAGEFAULT, MSG_WORDS, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
+from umgr.paging.evictor import Evictor
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
+from umgr.paging.tuning import BACKPRESSURE_LIMIT, EVICT_BATCH, KEEP_CLEAN_COPIES, MAX_FILL_PAGES, SPIN_SECONDS
+from umgr.paging.pinning import Unfreeable
+from umgr.kernel.uffd import (EVENT_PAGEFAULT, MSG_WORDS, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE,
                        W_ADDRESS, W_FLAGS, ForkEvent, RemapEvent, RemoveEvent, UnmapEvent)
 
-log = logging.getLogger("umgr.target")
+log = logging.getLogger("umgr.paging.target")
 
 REGISTER_MODE = uffdmod.UFFDIO_REGISTER_MODE_MISSING | uffdmod.UFFDIO_REGISTER_MODE_WP
 LATENCY_BUCKETS = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3, 20e-3, 100e-3)

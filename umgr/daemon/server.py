@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from umgr import maps, procmem, protocol, uffd as uffdmod
+from umgr.kernel import maps, procmem, uffd as uffdmod
+from umgr import protocol
 from umgr.backends import Backend
 from umgr.errors import TargetGone, UmgrError
-from umgr.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, State
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, State
 from umgr.policies import GuardedEviction, GuardedPrefetch, load_eviction, load_prefetch
-from umgr.target import Target, read_cmdline
-from umgr.tuning import KEEP_CLEAN_COPIES
-from umgr.zap import AgentZapper, RemoteZapper
+from umgr.paging.target import Target, read_cmdline
+from umgr.paging.tuning import KEEP_CLEAN_COPIES
+from umgr.paging.zap import AgentZapper, RemoteZapper
 
 log = logging.getLogger("umgr.daemon")
 

@@ -3,7 +3,7 @@
 A batch of victims goes write-protect -> process_vm_readv (in a worker
 thread: on the fault-serving thread it would deadlock on a userfault) ->
 backend write (durable before the zap) -> zap -> SWAPPED. A mixin of
-umgr.target.Target: it works on the target's page table, uffd, backend and
+umgr.paging.target.Target: it works on the target's page table, uffd, backend and
 zapper, and runs as the target's second trio task beside the fault loop
 (trio runs one at a time; state changes only between awaits). Rules and
 kernel facts: shared/DESIGN.md, "Paging out".
@@ -16,13 +16,13 @@ import logging
 import numpy as np
 import trio
 
-from umgr import procmem
+from umgr.kernel import procmem
 from umgr.backends import io_to_the_end
 from umgr.errors import BackendError, BackendFull, TargetGone
-from umgr.pagetable import NO_SLOT, PAGE_SHIFT, Flag, State, runs
-from umgr.tuning import EVICT_BATCH
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, Flag, State, runs
+from umgr.paging.tuning import EVICT_BATCH
 
-log = logging.getLogger("umgr.target")
+log = logging.getLogger("umgr.paging.target")
 
 
 class Evictor:

@@ -17,7 +17,8 @@ import socket
 import numpy as np
 import trio
 
-from umgr import procmem, protocol
+from umgr.kernel import procmem
+from umgr import protocol
 from umgr.errors import TargetGone
 
 MADV_DONTNEED = 4

@@ -15,7 +15,7 @@ returns:
   that unprotects it (_unprotect). A write after the hint thus always
   keeps its page.
 
-A mixin of umgr.target.Target.
+A mixin of umgr.paging.target.Target.
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ import numpy as np
 import trio
 
 from umgr.backends import io_to_the_end
-from umgr.buffers import PageBuffer
+from umgr.kernel.buffers import PageBuffer
 from umgr.errors import BackendError
-from umgr.pagetable import NO_SLOT, PAGE_SHIFT, Flag, State, runs
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, Flag, State, runs
 from umgr.protocol import Advice
-from umgr.tuning import EVICT_BATCH, MAX_FILL_PAGES
+from umgr.paging.tuning import EVICT_BATCH, MAX_FILL_PAGES
 
-log = logging.getLogger("umgr.target")
+log = logging.getLogger("umgr.paging.target")
 
 
 class Hints:
