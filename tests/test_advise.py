@@ -12,6 +12,7 @@ import errno
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,6 +231,31 @@ def test_python_helper_rounds_buffers_inwards():
 
 
 # ---- pure logic ------------------------------------------------------------
+
+SHIM_DIR = Path(__file__).resolve().parent.parent / "bindings" / "shim"
+PRINT_ADVICE = r'''
+#include <stdio.h>
+#include "protocol.h"
+int main(void)
+{
+    printf("%d %d %d\n", UMGR_ADVISE_COLD, UMGR_ADVISE_WILLNEED, UMGR_ADVISE_DISCARDABLE);
+    return 0;
+}
+'''
+
+
+def test_advice_values_agree_between_c_and_python(tmp_path):
+    """umgr.h defines the values (the shim's protocol.h includes it); the
+    daemon decodes them as protocol.Advice, applications pass umgr.hints'."""
+    source, exe = tmp_path / "advice.c", tmp_path / "advice"
+    source.write_text(PRINT_ADVICE)
+    subprocess.run(["gcc", "-Wall", "-Werror", "-I", str(SHIM_DIR), "-o", str(exe), str(source)], check=True)
+    c_values = [int(v) for v in subprocess.run([str(exe)], check=True, capture_output=True,
+                                               text=True).stdout.split()]
+    assert c_values == [hints.COLD, hints.WILLNEED, hints.DISCARDABLE]
+    assert c_values == [protocol.Advice.COLD, protocol.Advice.WILLNEED, protocol.Advice.DISCARDABLE]
+    assert all(type(v) is int for v in (hints.COLD, hints.WILLNEED, hints.DISCARDABLE))
+
 
 def test_advise_decodes_unknown_advice_for_einval():
     msg = protocol.decode_control(protocol.encode_advise(0x10000, 8192, 42))

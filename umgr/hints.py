@@ -33,10 +33,14 @@ import os
 
 __all__ = ["COLD", "WILLNEED", "DISCARDABLE", "advise", "available", "managed"]
 
+# The values of umgr.h's enum umgr_advice; umgr.protocol.Advice takes them
+# from here (this module stays standard-library only: protocol needs numpy).
 COLD = 1         # evict soon, whatever the budget (in the background)
 WILLNEED = 2     # bring swapped-out pages in now (in the background)
 DISCARDABLE = 3  # like MADV_FREE: may be dropped instead of written out
 
+# The kernel's, not umgr.kernel.PAGE_SIZE: importing umgr.kernel fails on a
+# kernel with other pages, where advise() must still answer False.
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 _UNSET = object()

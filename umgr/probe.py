@@ -9,6 +9,7 @@ import signal
 
 import numpy as np
 
+from umgr.kernel import PAGE_SIZE as _PAGE
 from umgr.kernel import procmem
 from umgr import protocol
 
@@ -50,7 +51,6 @@ def zap_mode() -> protocol.ZapMode:
 # kernel version) and returns (status, detail). Statuses: ok, supported,
 # unsupported, denied, missing, failed.
 
-_PAGE = 4096
 _PM_UFFD_WP = 1 << 57          # /proc/PID/pagemap entry bit: pte is uffd write-protected
 _PM_PRESENT = 1 << 63
 

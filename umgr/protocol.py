@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from umgr import hints
+
 MAGIC = 0x524D4755
 VERSION = 1
 ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
@@ -40,10 +42,11 @@ class MsgType(enum.IntEnum):
 
 
 class Advice(enum.IntEnum):
-    """umgr_advise() advice values (README "Hints")."""
-    COLD = 1         # evict soon, whatever the budget
-    WILLNEED = 2     # bring swapped pages in now, in the background
-    DISCARDABLE = 3  # like MADV_FREE: may be dropped instead of written out
+    """umgr_advise() advice values (README "Hints"): umgr.hints' public ints,
+    as umgr.h's enum umgr_advice is the C protocol's."""
+    COLD = hints.COLD
+    WILLNEED = hints.WILLNEED
+    DISCARDABLE = hints.DISCARDABLE
 
 
 class ZapMode(enum.IntEnum):

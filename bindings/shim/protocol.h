@@ -21,6 +21,12 @@
 
 #include <stdint.h>
 
+/* enum umgr_advice, the values of umgr_advise.advice: the application's
+   header defines them, the protocol carries them. Its weak declarations
+   make the shim's umgr_advise/umgr_is_managed weak definitions, which the
+   dynamic linker binds as it binds strong ones. */
+#include "umgr.h"
+
 #define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
 #define UMGR_VERSION 1
 
@@ -34,16 +40,6 @@ enum umgr_msg_type {
     UMGR_ZAP = 16,
     UMGR_ZAP_DONE = 17,
 };
-
-/* umgr_advise() advice; the same values as in umgr.h (the app's header). */
-#ifndef UMGR_ADVICE_DEFINED
-#define UMGR_ADVICE_DEFINED
-enum umgr_advice {
-    UMGR_ADVISE_COLD = 1,        /* evict soon, whatever the budget */
-    UMGR_ADVISE_WILLNEED = 2,    /* bring swapped pages in now, asynchronously */
-    UMGR_ADVISE_DISCARDABLE = 3, /* may be dropped instead of written out (reads as zero then) */
-};
-#endif
 
 struct umgr_hdr {
     uint32_t magic;
@@ -78,7 +74,7 @@ struct umgr_advise {
     struct umgr_hdr hdr;
     uint64_t start;
     uint64_t length;
-    uint32_t advice;
+    uint32_t advice; /* enum umgr_advice; the daemon answers EINVAL to others */
     uint32_t pad;
 };
 

@@ -18,14 +18,13 @@
 #include <errno.h>
 #include <stddef.h>
 
-#ifndef UMGR_ADVICE_DEFINED
-#define UMGR_ADVICE_DEFINED
+/* The shim's protocol.h includes this header: these values are the
+   protocol's too (and umgr.hints' in Python). */
 enum umgr_advice {
     UMGR_ADVISE_COLD = 1,        /* evict soon, whatever the budget */
     UMGR_ADVISE_WILLNEED = 2,    /* bring swapped pages in now, asynchronously */
     UMGR_ADVISE_DISCARDABLE = 3, /* may be dropped instead of written out (reads as zero then) */
 };
-#endif
 
 extern int umgr_advise(void *addr, size_t length, int advice) __attribute__((weak));
 extern int umgr_is_managed(void) __attribute__((weak));

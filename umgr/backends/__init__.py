@@ -17,8 +17,8 @@ import numpy as np
 import trio
 
 from umgr.backends.slots import SlotAllocator
+from umgr.kernel import PAGE_SIZE
 
-PAGE_SIZE = 4096
 IO_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 200e-3, 1.0)
 
 

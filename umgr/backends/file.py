@@ -16,8 +16,9 @@ import time
 
 import numpy as np
 
-from umgr.backends import PAGE_SIZE, Backend, io_runs
+from umgr.backends import Backend, io_runs
 from umgr.errors import BackendError
+from umgr.kernel import PAGE_SIZE
 from umgr.kernel.ring import Batch, Op, Ring
 
 log = logging.getLogger("umgr.backend")

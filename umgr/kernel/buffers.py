@@ -9,7 +9,7 @@ import mmap
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from umgr.kernel import PAGE_SIZE
 
 
 class PageBuffer:

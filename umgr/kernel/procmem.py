@@ -27,6 +27,7 @@ import numpy as np
 from umgr.bindings._kernel import ffi as _ffi
 from umgr.bindings._kernel import lib as _lib
 from umgr.errors import TargetGone
+from umgr.kernel import PAGE_SIZE as _PAGE_SIZE
 
 PIDFD_SELF_THREAD = -10000
 PIDFD_SELF_PROCESS = -10001
@@ -52,7 +53,6 @@ PM_SCAN_WP_MATCHING = _lib.PM_SCAN_WP_MATCHING
 PM_SCAN_CHECK_WPASYNC = _lib.PM_SCAN_CHECK_WPASYNC
 
 IOV_MAX = _lib.UMGR_IOV_MAX
-_PAGE_SIZE = 4096
 
 
 def _fail(err: int, what: str, pid: int | None = None):
