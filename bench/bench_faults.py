@@ -43,9 +43,14 @@ import cffi
 import numpy as np
 import trio
 
+from umgr.kernel import PAGE_SIZE as PAGE
 from umgr.kernel import uffd as U
 
-PAGE = 4096
+# read_events(), batch_events() and copy_read() are not umgr's runtime API:
+# they live with the tests (tests/helpers/uffd_extra.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers.uffd_extra import Userfaultfd  # noqa: E402
+
 _PAGE_MASK = ~(PAGE - 1)
 SOURCE = Path(__file__).parent / "programs" / "fault_floor.c"
 MODES = ("thread", "trio-eager", "trio-await", "thread-2calls", "thread-typed")
@@ -78,7 +83,7 @@ class _Pass:
         self.end = self.addr + self.len
         self.step = per_fault * PAGE
         self.src = src
-        self.uffd = U.Userfaultfd.create()
+        self.uffd = Userfaultfd.create()
         self.uffd.api(0)
         self.uffd.register(self.addr, self.len, U.UFFDIO_REGISTER_MODE_MISSING)
         self.faults = 0

@@ -56,6 +56,8 @@ def run_python_reader(exe: str, trials: int, spin_us: float) -> dict:
     import trio
 
     from umgr.kernel import procmem, uffd as uffdmod
+    sys.path.insert(0, str(HERE.parent / "tests"))   # read_events(): tests/helpers/uffd_extra.py
+    from helpers.uffd_extra import Userfaultfd
 
     spin = spin_us * 1e-6
     counts = {"removes": 0, "faults": 0, "reads": 0, "sleeps": 0}
@@ -104,7 +106,7 @@ def run_python_reader(exe: str, trials: int, spin_us: float) -> dict:
             hello = json.loads(line)
             pidfd = procmem.pidfd_open(hello["pid"])
             try:
-                uffd = uffdmod.Userfaultfd(procmem.pidfd_getfd(pidfd, hello["uffd"]))
+                uffd = Userfaultfd(procmem.pidfd_getfd(pidfd, hello["uffd"]))
             finally:
                 os.close(pidfd)
             with uffd:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import ctouch
+from helpers.uffd_extra import Userfaultfd
 from umgr.kernel import procmem as M
 from umgr.kernel import uffd as U
 from umgr.errors import TargetGone
@@ -135,7 +136,7 @@ def test_process_madvise_on_self_zaps_and_reports_remove(ct, mapping, who):
     base = mapping(6)
     src = mapping(6)
     lib.h_fill(ffi.cast("void *", src), 6, 0, 77)
-    with U.Userfaultfd.create() as u:
+    with Userfaultfd.create() as u:
         u.api(U.UFFD_FEATURE_EVENT_REMOVE)
         u.register(base, 6 * P, U.UFFDIO_REGISTER_MODE_MISSING)
         assert u.copy(base, src, 6 * P) == (6 * P, 0)

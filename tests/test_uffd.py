@@ -1,4 +1,5 @@
-"""umgr.kernel.uffd against the real kernel.
+"""umgr.kernel.uffd, and the calls only tests and benchmarks make
+(helpers/uffd_extra.py), against the real kernel.
 
 Memory that a fault must resolve is touched only from C (tests/helpers/ctouch:
 cffi releases the GIL around the call) or from a child process, while this
@@ -19,11 +20,12 @@ import pytest
 import trio
 
 from helpers import ctouch
+from helpers.uffd_extra import Userfaultfd
+from umgr.kernel import PAGE_SIZE as P
 from umgr.kernel import procmem
 from umgr.kernel import uffd as U
 from umgr.errors import ClosedError, TargetGone, UffdError
 
-P = U.PAGE_SIZE
 SEED = 0x5EED
 
 
@@ -74,7 +76,7 @@ def uffds():
     made = []
 
     def make(features=0, *, via="auto"):
-        u = U.Userfaultfd.create(via=via)
+        u = Userfaultfd.create(via=via)
         made.append(u)
         if features is not None:
             u.api(features)
@@ -232,7 +234,7 @@ def test_fork_event_delivers_a_usable_uffd(ct, maps, uffds):
         forks.append(ev)
 
     serve(u, handle, lambda: forks)
-    child_uffd = U.Userfaultfd(forks[0].fd)
+    child_uffd = Userfaultfd(forks[0].fd)
     uffds.adopt(child_uffd)
     assert not os.get_blocking(child_uffd.fileno())
     forker.join()
@@ -355,7 +357,7 @@ def test_register_errors_are_uffd_errors(maps, uffds):
 
 
 def test_close_is_idempotent_and_use_after_close_raises(maps):
-    u = U.Userfaultfd.create()
+    u = Userfaultfd.create()
     fd = u.fileno()
     u.close()
     u.close()
@@ -457,9 +459,11 @@ def test_continue_maps_page_cache_pages(ct, uffds):
 
 
 CHILD_POISON = textwrap.dedent("""
-    import ctypes, mmap
+    import ctypes, mmap, sys
     from umgr.kernel import uffd as U
-    u = U.Userfaultfd.create()
+    sys.path.insert(0, sys.argv[1])
+    from helpers.uffd_extra import Userfaultfd
+    u = Userfaultfd.create()
     u.api(U.UFFD_FEATURE_POISON)
     m = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
@@ -472,7 +476,7 @@ CHILD_POISON = textwrap.dedent("""
 
 def test_poisoned_page_raises_sigbus():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    child = subprocess.run([sys.executable, "-c", CHILD_POISON], env=env,
+    child = subprocess.run([sys.executable, "-c", CHILD_POISON, os.path.dirname(__file__)], env=env,
                            capture_output=True, text=True, timeout=20)
     assert child.stdout == f"{P} 0\n"
     assert child.returncode == -signal.SIGBUS
@@ -515,7 +519,7 @@ def test_ioctls_act_on_the_creators_mm_and_esrch_after_exit(maps, uffds):
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) as child:
         fd, addr = map(int, child.stdout.readline().split())
         pidfd = procmem.pidfd_open(child.pid)
-        u = U.Userfaultfd(procmem.pidfd_getfd(pidfd, fd))
+        u = Userfaultfd(procmem.pidfd_getfd(pidfd, fd))
         uffds.adopt(u)
         os.close(pidfd)
         u.api(U.ALL_EVENTS)

@@ -6,16 +6,12 @@ with the upstream values of include/uapi/linux/userfaultfd.h.
 
 Every helper returns 0 or -errno instead of setting errno, so the Python side
 needs no ffi.errno round trip. Range ioctls that can make partial progress
-(COPY, ZEROPAGE, CONTINUE, POISON, MOVE) return one packed int64:
-``(bytes_done << 16) | errno``. The kernel stores either the bytes done or
--errno in the struct's last field and answers -EAGAIN when it stopped early;
-the helper folds both into that one value so a fault-path call allocates
-nothing.
-
-The *_fast variants, umgr_uffd_read_batch and umgr_uffd_copy_read serve the per-fault fast path
-of umgr.kernel.uffd (read_batch(), copy_fast(), zeropage_fast()): a complete range
-ioctl returns 0 (not len << 16), so the Python side tests one truth value;
-a read with nothing queued returns 0 (not -EAGAIN).
+(COPY, ZEROPAGE, CONTINUE, POISON, MOVE) return one packed int64: 0 when
+the whole range was done, else ``(bytes_done << 16) | errno``. The kernel
+stores either the bytes done or -errno in the struct's last field and
+answers -EAGAIN when it stopped early; the helper folds both into that one
+value so a fault-path call allocates nothing, and the Python side tests one
+truth value. A read with nothing queued returns 0 (not -EAGAIN).
 """
 
 INCLUDES = """
@@ -116,7 +112,6 @@ struct uffd_msg { uint8_t event; ...; };
 FUNCTIONS = """
 int umgr_userfaultfd(int flags);
 int umgr_userfaultfd_dev(int flags);
-int umgr_uffd_read_msgs(int fd, struct uffd_msg *buf, int max);
 int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max);
 
 int umgr_uffd_api(int fd, uint64_t features, uint64_t *out_features,
@@ -214,16 +209,8 @@ static int umgr_userfaultfd_dev(int flags)
 }
 
 /* One read() returns as many whole messages as fit; the kernel only blocks
-   for the first, and never on an O_NONBLOCK uffd. */
-static int umgr_uffd_read_msgs(int fd, struct uffd_msg *buf, int max)
-{
-    ssize_t n = read(fd, buf, (size_t)max * sizeof(*buf));
-    if (n < 0)
-        return -errno;
-    return (int)(n / (ssize_t)sizeof(*buf));
-}
-
-/* As umgr_uffd_read_msgs, but nothing queued (EAGAIN) is 0 messages. */
+   for the first, and never on an O_NONBLOCK uffd. Nothing queued (EAGAIN)
+   is 0 messages. */
 static int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max)
 {
     ssize_t n = read(fd, buf, (size_t)max * sizeof(*buf));
@@ -274,12 +261,13 @@ static int umgr_uffd_writeprotect(int fd, uint64_t start, uint64_t len,
     return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
 }
 
-/* ret: the ioctl's result; done: the kernel's progress field, which it may
+/* 0 when the whole range was done, else (bytes_done << 16) | errno.
+   ret: the ioctl's result; done: the kernel's progress field, which it may
    leave untouched when it fails before starting (ESRCH, EFAULT, ...). */
-static int64_t umgr_pack(int ret, int64_t done, uint64_t len)
+static int64_t umgr_pack(int ret, int64_t done)
 {
     if (ret == 0)
-        return (int64_t)(len << 16);
+        return 0;
     int err = errno;
     if (done < 0)
         done = 0;
@@ -292,7 +280,7 @@ static int64_t umgr_uffd_continue(int fd, uint64_t start, uint64_t len,
     struct uffdio_continue c = {
         .range = { .start = start, .len = len }, .mode = mode, .mapped = 0 };
     int ret = ioctl(fd, UFFDIO_CONTINUE, &c);
-    return umgr_pack(ret, c.mapped, len);
+    return umgr_pack(ret, c.mapped);
 }
 
 static int64_t umgr_uffd_poison(int fd, uint64_t start, uint64_t len,
@@ -301,7 +289,7 @@ static int64_t umgr_uffd_poison(int fd, uint64_t start, uint64_t len,
     struct uffdio_poison p = {
         .range = { .start = start, .len = len }, .mode = mode, .updated = 0 };
     int ret = ioctl(fd, UFFDIO_POISON, &p);
-    return umgr_pack(ret, p.updated, len);
+    return umgr_pack(ret, p.updated);
 }
 
 static int64_t umgr_uffd_move(int fd, uint64_t dst, uint64_t src,
@@ -310,18 +298,7 @@ static int64_t umgr_uffd_move(int fd, uint64_t dst, uint64_t src,
     struct uffdio_move m = {
         .dst = dst, .src = src, .len = len, .mode = mode, .move = 0 };
     int ret = ioctl(fd, UFFDIO_MOVE, &m);
-    return umgr_pack(ret, m.move, len);
-}
-
-/* 0 when the whole range was done, else (bytes_done << 16) | errno. */
-static int64_t umgr_pack_fast(int ret, int64_t done)
-{
-    if (ret == 0)
-        return 0;
-    int err = errno;
-    if (done < 0)
-        done = 0;
-    return (done << 16) | (err & 0xffff);
+    return umgr_pack(ret, m.move);
 }
 
 static int64_t umgr_uffd_copy_fast(int fd, uint64_t dst, uint64_t src,
@@ -330,7 +307,7 @@ static int64_t umgr_uffd_copy_fast(int fd, uint64_t dst, uint64_t src,
     struct uffdio_copy c = {
         .dst = dst, .src = src, .len = len, .mode = mode, .copy = 0 };
     int ret = ioctl(fd, UFFDIO_COPY, &c);
-    return umgr_pack_fast(ret, c.copy);
+    return umgr_pack(ret, c.copy);
 }
 
 static int64_t umgr_uffd_zeropage_fast(int fd, uint64_t dst, uint64_t len,
@@ -339,7 +316,7 @@ static int64_t umgr_uffd_zeropage_fast(int fd, uint64_t dst, uint64_t len,
     struct uffdio_zeropage z = {
         .range = { .start = dst, .len = len }, .mode = mode, .zeropage = 0 };
     int ret = ioctl(fd, UFFDIO_ZEROPAGE, &z);
-    return umgr_pack_fast(ret, z.zeropage);
+    return umgr_pack(ret, z.zeropage);
 }
 
 /* UFFDIO_COPY, then, only if it did the whole range, read the next batch:
@@ -356,10 +333,8 @@ static int64_t umgr_uffd_copy_read(int fd, uint64_t dst, uint64_t src,
         .dst = dst, .src = src, .len = len, .mode = mode, .copy = 0 };
     int ret = ioctl(fd, UFFDIO_COPY, &c);
     if (ret)
-        return -umgr_pack_fast(ret, c.copy);
-    ssize_t n = read(fd, buf, (size_t)max * sizeof(*buf));
-    if (n >= 0)
-        return n / (ssize_t)sizeof(*buf);
-    return errno == EAGAIN ? 0 : UMGR_READ_FAILED - errno;
+        return -umgr_pack(ret, c.copy);
+    int n = umgr_uffd_read_batch(fd, buf, max);
+    return n >= 0 ? n : UMGR_READ_FAILED + n;
 }
 """

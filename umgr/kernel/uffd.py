@@ -26,16 +26,15 @@ message count; the messages are read in place from .batch (MSG_WORDS
 native u64 words per message: kind, flags, address, tid, see below), and
 copy_fast()/zeropage_fast() return 0 when the whole range was done. Each is
 one cffi call and allocates nothing; at one page per fault this is what
-keeps Python close to a C handler. copy_read() makes the copy that resolves
-a fault and the read of the next batch one call. batch_events(n) types a
-batch that holds more than page faults.
+keeps Python close to a C handler. batch_event(i) types one message (a
+fault loop needs it for what is not a page fault).
 
     n = uffd.read_batch()
     w = uffd.batch
     for i in range(0, n * MSG_WORDS, MSG_WORDS):
         if w[i] & 0xFF != EVENT_PAGEFAULT: ...      # see batch_event(i // MSG_WORDS)
         address, flags = w[i + W_ADDRESS], w[i + W_FLAGS]
-        r = uffd.copy_fast(address & ~4095, src, 4096)
+        r = uffd.copy_fast(address & ~(PAGE_SIZE - 1), src, PAGE_SIZE)
         if r: done, err = unpack(r)                    # EAGAIN, EEXIST or ENOENT
 """
 
@@ -48,8 +47,6 @@ import trio
 from umgr.bindings._kernel import ffi as _ffi
 from umgr.bindings._kernel import lib as _lib
 from umgr.errors import ClosedError, TargetGone, UffdError, Unsupported
-
-PAGE_SIZE = 4096
 
 UFFD_FEATURE_PAGEFAULT_FLAG_WP = _lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP
 UFFD_FEATURE_EVENT_FORK = _lib.UFFD_FEATURE_EVENT_FORK
@@ -103,12 +100,6 @@ IOCTL_MOVE = 1 << _lib._UFFDIO_MOVE
 IOCTL_WRITEPROTECT = 1 << _lib._UFFDIO_WRITEPROTECT
 IOCTL_CONTINUE = 1 << _lib._UFFDIO_CONTINUE
 IOCTL_POISON = 1 << _lib._UFFDIO_POISON
-
-_EVENT_PAGEFAULT = _lib.UFFD_EVENT_PAGEFAULT
-_EVENT_FORK = _lib.UFFD_EVENT_FORK
-_EVENT_REMAP = _lib.UFFD_EVENT_REMAP
-_EVENT_REMOVE = _lib.UFFD_EVENT_REMOVE
-_EVENT_UNMAP = _lib.UFFD_EVENT_UNMAP
 
 
 @dataclass(slots=True, frozen=True)
@@ -177,34 +168,11 @@ assert (_lib.UMGR_MSG_OFF_REMAP_FROM, _lib.UMGR_MSG_OFF_REMAP_TO,
         _lib.UMGR_MSG_OFF_REMAP_LEN) == (8, 16, 24)
 assert (_lib.UMGR_MSG_OFF_REMOVE_START, _lib.UMGR_MSG_OFF_REMOVE_END) == (8, 16)
 
-# A frozen dataclass's __init__ goes through object.__setattr__ per field;
-# setting the slots directly builds the same object in ~60% of the time,
-# which matters on the fault path.
-_object_new = object.__new__
-_set_pf_address = PageFault.address.__set__
-_set_pf_flags = PageFault.flags.__set__
-_set_pf_tid = PageFault.tid.__set__
-
-
-def _new_fault(address: int, flags: int, tid: int) -> PageFault:
-    fault = _object_new(PageFault)
-    _set_pf_address(fault, address)
-    _set_pf_flags(fault, flags)
-    _set_pf_tid(fault, tid)
-    return fault
-
-
-_continue = _lib.umgr_uffd_continue
-_poison = _lib.umgr_uffd_poison
-_move = _lib.umgr_uffd_move
 _writeprotect = _lib.umgr_uffd_writeprotect
 _wake = _lib.umgr_uffd_wake
-_read_msgs = _lib.umgr_uffd_read_msgs
 _read_batch = _lib.umgr_uffd_read_batch
 _copy_fast = _lib.umgr_uffd_copy_fast
 _zeropage_fast = _lib.umgr_uffd_zeropage_fast
-_copy_read = _lib.umgr_uffd_copy_read
-_READ_FAILED = _lib.UMGR_READ_FAILED
 
 _EAGAIN = _errno.EAGAIN
 _EEXIST = _errno.EEXIST
@@ -216,7 +184,12 @@ _NORMAL_WP = frozenset((_EAGAIN, _ENOENT))
 
 
 def unpack(packed: int) -> tuple[int, int]:
-    """(bytes_done, errno) of a nonzero copy_fast()/zeropage_fast() result."""
+    """(bytes_done, errno) of a nonzero copy_fast()/zeropage_fast() result.
+
+    The packed int holds the bytes the ioctl did in its high bits (bit 16
+    up) and the errno that stopped it in its low 16 bits. The kernel copies
+    whole pages, so bytes_done >> PAGE_SHIFT is the pages done; errno is
+    EAGAIN, EEXIST or ENOENT (copy_fast() raises for anything else)."""
     return packed >> 16, packed & 0xFFFF
 
 
@@ -229,7 +202,7 @@ class Userfaultfd:
 
     The integer is forgotten on close(), so a use after close raises
     ClosedError instead of acting on whatever fd reuses the number. Not
-    meant for concurrent read_events()/read_batch() from several threads
+    meant for concurrent read_batch() from several threads
     (the message buffer, .batch, is per instance); the ioctls are
     thread-safe.
     """
@@ -314,10 +287,14 @@ class Userfaultfd:
             raise ClosedError(f"{what}: userfaultfd is closed")
         raise UffdError(err, f"{what}: {os.strerror(err)}")
 
-    def _range_outcome(self, packed: int, what: str) -> tuple[int, int]:
-        err = packed & 0xFFFF
+    def _range_outcome(self, packed: int, length: int, what: str) -> tuple[int, int]:
+        """(bytes_done, errno) of a packed range ioctl over length bytes;
+        raises unless errno is 0, EAGAIN, EEXIST or ENOENT."""
+        if not packed:
+            return length, 0
+        done, err = unpack(packed)
         if err in _NORMAL_RANGE:
-            return packed >> 16, err
+            return done, err
         self._raise(err, what)
 
     # -- set-up ------------------------------------------------------------
@@ -356,34 +333,11 @@ class Userfaultfd:
         """UFFDIO_COPY from the address src in this process. Returns
         (bytes_copied, errno) with errno 0, EAGAIN, EEXIST or ENOENT."""
         packed = _copy_fast(self._fd, dst, src, length, mode)
-        if not packed:
-            return length, 0
-        return self._range_outcome(packed, "UFFDIO_COPY")
+        return self._range_outcome(packed, length, "UFFDIO_COPY")
 
     def zeropage(self, dst: int, length: int, mode: int = 0) -> tuple[int, int]:
         packed = _zeropage_fast(self._fd, dst, length, mode)
-        if not packed:
-            return length, 0
-        return self._range_outcome(packed, "UFFDIO_ZEROPAGE")
-
-    def continue_(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
-        packed = _continue(self._fd, start, length, mode)
-        if not packed & 0xFFFF:
-            return length, 0
-        return self._range_outcome(packed, "UFFDIO_CONTINUE")
-
-    def poison(self, start: int, length: int, mode: int = 0) -> tuple[int, int]:
-        packed = _poison(self._fd, start, length, mode)
-        if not packed & 0xFFFF:
-            return length, 0
-        return self._range_outcome(packed, "UFFDIO_POISON")
-
-    def move(self, dst: int, src: int, length: int, mode: int = 0) -> tuple[int, int]:
-        """UFFDIO_MOVE within the uffd's mm (src is an address there)."""
-        packed = _move(self._fd, dst, src, length, mode)
-        if not packed & 0xFFFF:
-            return length, 0
-        return self._range_outcome(packed, "UFFDIO_MOVE")
+        return self._range_outcome(packed, length, "UFFDIO_ZEROPAGE")
 
     def writeprotect(self, start: int, length: int, protect: bool, wake: bool = True) -> int:
         """Set or clear write protection. Returns 0, EAGAIN or ENOENT."""
@@ -419,6 +373,10 @@ class Userfaultfd:
         return r
 
     def _grow(self, max_events: int) -> None:
+        """A .batch that holds max_events messages (at least 64); a read of
+        fewer than one message is a ValueError."""
+        if max_events < 1:
+            raise ValueError("max_events must be at least 1")
         self._max = max(max_events, 64)
         self._msgs = _ffi.new("struct uffd_msg[]", self._max)
         self._words = self.batch = memoryview(_ffi.buffer(self._msgs)).cast("Q")
@@ -431,91 +389,28 @@ class Userfaultfd:
         bigger buffer (fetch .batch after such a read). A ForkEvent's fd is
         the reader's to own: decode non-fault messages with batch_event()."""
         if max_events > self._max or max_events < 1:
-            if max_events < 1:
-                raise ValueError("max_events must be at least 1")
             self._grow(max_events)
         n = _read_batch(self._fd, self._msgs, max_events)
         if n >= 0:
             return n
         self._raise(-n, "read")
 
-    def copy_read(self, dst: int, src: int, length: int, mode: int = 0,
-                  max_events: int = 64) -> int:
-        """copy_fast(), then, when the whole range was copied, read_batch()
-        in the same cffi call: the step "resolve this fault, fetch the next"
-        of a fault loop at one call per fault. Returns the messages now in
-        .batch (0: none queued). When the copy stopped short nothing was
-        read and the result is -copy_fast() (negative: see unpack(-r)); it
-        is EAGAIN while a non-cooperative event is queued, so read_batch()
-        and retry. Raises as copy_fast() and read_batch() do. On a blocking uffd the
-        read waits for the next message, as read() would."""
-        if max_events > self._max or max_events < 1:
-            if max_events < 1:
-                raise ValueError("max_events must be at least 1")
-            self._grow(max_events)
-        r = _copy_read(self._fd, dst, src, length, mode, self._msgs, max_events)
-        if r >= 0:
-            return r
-        if r <= _READ_FAILED:
-            self._raise(_READ_FAILED - r, "read")
-        if (-r & 0xFFFF) not in _NORMAL_RANGE:
-            self._raise(-r & 0xFFFF, "UFFDIO_COPY")
-        return r
-
     def batch_event(self, index: int):
         """Message index of the last batch as a typed event."""
         w = self._words
         i = index * _MSG_WORDS
         kind = w[i] & 0xFF
-        if kind == _EVENT_PAGEFAULT:
-            return _new_fault(w[i + 2], w[i + 1], w[i + 3] & 0xFFFFFFFF)
-        if kind == _EVENT_REMOVE:
+        if kind == EVENT_PAGEFAULT:
+            return PageFault(w[i + 2], w[i + 1], w[i + 3] & 0xFFFFFFFF)
+        if kind == EVENT_REMOVE:
             return RemoveEvent(w[i + 1], w[i + 2])
-        if kind == _EVENT_UNMAP:
+        if kind == EVENT_UNMAP:
             return UnmapEvent(w[i + 1], w[i + 2])
-        if kind == _EVENT_REMAP:
+        if kind == EVENT_REMAP:
             return RemapEvent(w[i + 1], w[i + 2], w[i + 3])
-        if kind == _EVENT_FORK:
+        if kind == EVENT_FORK:
             return ForkEvent(w[i + 1] & 0xFFFFFFFF)
         raise UffdError(_errno.EPROTO, f"unknown uffd event {kind:#x}")
-
-    def batch_events(self, n: int) -> list:
-        """The first n messages of the last batch as typed events."""
-        return [self.batch_event(i) for i in range(n)]
-
-    def read_events(self, max_events: int = 64) -> list:
-        """Read up to max_events queued messages with one read(); [] when
-        none is queued. Events are typed, in the kernel's order."""
-        if max_events > self._max or max_events < 1:
-            if max_events < 1:
-                raise ValueError("max_events must be at least 1")
-            self._grow(max_events)
-        n = _read_msgs(self._fd, self._msgs, max_events)
-        w = self._words
-        if n == 1 and w[0] & 0xFF == _EVENT_PAGEFAULT:
-            # The common case on the fault path: a single fault.
-            return [_new_fault(w[2], w[1], w[3] & 0xFFFFFFFF)]
-        if n <= 0:
-            if n == -_EAGAIN or n == 0:
-                return []
-            self._raise(-n, "read")
-        events = []
-        append = events.append
-        for i in range(0, n * _MSG_WORDS, _MSG_WORDS):
-            kind = w[i] & 0xFF
-            if kind == _EVENT_PAGEFAULT:
-                append(_new_fault(w[i + 2], w[i + 1], w[i + 3] & 0xFFFFFFFF))
-            elif kind == _EVENT_REMOVE:
-                append(RemoveEvent(w[i + 1], w[i + 2]))
-            elif kind == _EVENT_UNMAP:
-                append(UnmapEvent(w[i + 1], w[i + 2]))
-            elif kind == _EVENT_REMAP:
-                append(RemapEvent(w[i + 1], w[i + 2], w[i + 3]))
-            elif kind == _EVENT_FORK:
-                append(ForkEvent(w[i + 1] & 0xFFFFFFFF))
-            else:
-                raise UffdError(_errno.EPROTO, f"unknown uffd event {kind:#x}")
-        return events
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.fileno())
