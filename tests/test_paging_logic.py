@@ -1,0 +1,151 @@
+"""Unit tests for the paging engine's pure logic: what the kernel tests only
+reach through timing (REMOVE attribution, the clean-part split, the order
+runs are copied in, the water marks) and the one counter list."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from umgr.daemon.status import SUMMED, Totals
+from umgr.metrics import EXPORTED, FAULT_KINDS
+from umgr.paging.budget import Budget
+from umgr.paging.faults import clean_parts, runs_faulting_last
+from umgr.paging.removes import RemoveAttribution
+from umgr.paging.stats import COUNTERS, TargetStats
+from umgr.paging.tuning import EVICT_BATCH
+
+
+# ---- REMOVE attribution ---------------------------------------------------------
+def zap(*vpns: int) -> RemoveAttribution:
+    attribution = RemoveAttribution()
+    attribution.begin(np.array(vpns, np.int64))
+    return attribution
+
+
+def test_no_zap_in_flight_means_the_app():
+    assert not RemoveAttribution().count(10, 12)
+
+
+def test_each_run_of_the_zap_is_ours_once():
+    attribution = zap(10, 11, 12, 20, 21)
+    assert attribution.count(10, 13)
+    assert attribution.count(20, 22)
+    assert list(attribution.end()) == []
+    assert not attribution.active
+
+
+def test_a_second_cover_is_the_apps_and_its_pages_read_zero():
+    attribution = zap(10, 11, 12)
+    assert attribution.count(10, 13)       # the zap's own event
+    assert not attribution.count(11, 12)   # the app discards page 11 too
+    assert list(attribution.end()) == [11]
+
+
+def test_the_app_first_then_the_zap():
+    # The event does not say whose it is: the app's discard, read first,
+    # looks like the zap's; the zap's own event then covers page 11 twice.
+    # Either way round, page 11 is the one that must read zero.
+    attribution = zap(10, 11, 12)
+    attribution.count(11, 12)
+    assert not attribution.count(10, 13)
+    assert list(attribution.end()) == [11]
+
+
+def test_an_event_reaching_outside_the_zap_is_the_apps():
+    attribution = zap(10, 11)
+    assert not attribution.count(9, 12)
+    assert list(attribution.end()) == []   # covered once each: still the zap's copies
+
+
+def test_the_kernels_repeated_tail_after_a_vma_split_is_not_a_discard():
+    attribution = zap(*range(10, 20))
+    assert attribution.count(10, 20)
+    assert attribution.count(15, 20)       # same end, later start: the kernel's repeat
+    assert list(attribution.end()) == []
+
+
+# ---- the clean-part split ----------------------------------------------------------
+def test_without_keep_clean_a_run_is_one_writable_part():
+    swapped = np.ones(4, bool)
+    assert clean_parts(100, swapped, {101: False}, keep_clean=False) == [(100, 4, False)]
+
+
+def test_prefetched_swapped_pages_come_in_protected_the_faulting_one_writable():
+    swapped = np.ones(5, bool)
+    assert clean_parts(100, swapped, {102: False}, keep_clean=True) == [
+        (100, 2, True), (102, 1, False), (103, 2, True)]
+
+
+def test_a_write_fault_makes_the_whole_run_writable():
+    swapped = np.ones(3, bool)
+    assert clean_parts(100, swapped, {101: True}, keep_clean=True) == [(100, 3, False)]
+
+
+def test_a_run_of_fresh_pages_has_no_copy_to_keep():
+    assert clean_parts(100, np.zeros(3, bool), {101: False}, keep_clean=True) == [(100, 3, False)]
+
+
+# ---- run ordering --------------------------------------------------------------------
+def test_runs_with_a_faulting_page_are_copied_last():
+    vpns = np.array([10, 11, 20, 30, 31, 32], np.int64)
+    order = runs_faulting_last(vpns, {20: False})
+    assert [first for first, _ in order] == [10, 30, 20]
+    assert {first: (seg.start, seg.stop) for first, seg in order} == {10: (0, 2), 20: (2, 3), 30: (3, 6)}
+
+
+def test_run_order_is_stable_among_equals():
+    vpns = np.array([1, 5, 9], np.int64)
+    assert [first for first, _ in runs_faulting_last(vpns, {})] == [1, 5, 9]
+
+
+# ---- water marks ---------------------------------------------------------------------
+def test_no_budget_means_no_limit():
+    budget = Budget(0)
+    assert not budget.over(10 ** 9) and not budget.full(10 ** 9)
+    assert budget.prefetch_allowed(10 ** 9, 100)
+    assert budget.room(5, otherwise=256) == 256
+
+
+@pytest.mark.parametrize("pages", [32, 100, 4096, 16384, 1 << 20])
+def test_marks_sit_below_the_budget_in_order(pages):
+    budget = Budget(pages)
+    assert 0 <= budget.low_water <= budget.high_water < pages
+    assert not budget.over(budget.high_water) and budget.over(budget.high_water + 1)
+    assert budget.full(pages) and not budget.full(pages - 1)
+    assert 0 < budget.evict_goal(budget.high_water + 1) <= EVICT_BATCH
+
+
+def test_marks_of_a_16_mib_budget():
+    budget = Budget(4096)   # 16 MiB of 4 KiB pages
+    assert budget.high_water == 4096 - 256
+    assert budget.low_water == 4096 - 512
+    assert budget.evict_goal(4096) == 512
+
+
+def test_a_small_budget_keeps_a_minimum_headroom():
+    budget = Budget(64)
+    assert budget.high_water == 64 - 16
+    assert budget.low_water == 64 - 32
+
+
+def test_prefetch_stops_at_the_budget():
+    budget = Budget(100)
+    assert budget.prefetch_allowed(90, 9)
+    assert not budget.prefetch_allowed(90, 10)
+
+
+# ---- one counter list ----------------------------------------------------------------
+def test_every_counter_reaches_stats_totals_and_metrics():
+    stats = TargetStats()
+    assert set(stats.counters()) == set(COUNTERS)
+    assert set(SUMMED) == {"faults", *COUNTERS}
+    assert set(EXPORTED) | set(FAULT_KINDS) | {"faults_missing"} == set(COUNTERS)
+
+
+def test_totals_sum_counters_and_keep_the_peak():
+    totals = Totals()
+    snap = {key: 1 for key in SUMMED} | {"peak_resident_bytes": 10}
+    totals.add(snap)
+    totals.add(snap | {"peak_resident_bytes": 4})
+    assert totals.counters["pages_in"] == 2
+    assert totals.counters["peak_resident_bytes"] == 10
