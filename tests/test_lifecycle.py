@@ -10,8 +10,12 @@ parent and children; here we check that pages really left, that the event
 reached the daemon, how many targets it served, that each was released and
 that no slot is left over."""
 import re
+import subprocess
 
 import pytest
+
+from conftest import wait_for
+from umgr.cli import query_status
 
 RELEASED = re.compile(r"pid (\d+): released \(faults \d+, pages in \d+, out (\d+)\)")
 
@@ -61,3 +65,26 @@ def test_event_on_paged_out_memory(umgr_exec, programs, mode):
         assert len(twice) == 1, released
         old_out = next(int(out) for pid, out in released if pid == twice[0])
         assert old_out >= (mib - budget) * 256, released
+
+
+@pytest.mark.timeout(60)
+def test_exec_of_a_program_without_the_shim_releases_the_old_image_at_once(daemon, shim, programs):
+    """Nothing but the uffd says that the old image is gone (the pidfd fires
+    at exit only): its target and slots must not wait for the exit."""
+    proc = subprocess.Popen([programs["lifecycle"], "exec-unmanaged", "64"], env=daemon.env(shim))
+    try:
+        def execd() -> bool:
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                return f.read().startswith(b"sleep")
+        wait_for(execd, 40, "the exec")
+
+        def released() -> bool:
+            status = query_status(daemon.socket)
+            return not status["targets"] and status["backend"]["used_pages"] == 0
+        wait_for(released, 3, "the old image's release")
+        assert proc.poll() is None, "released while the new image still runs"
+        (pid, out), = RELEASED.findall(daemon.log())
+        assert int(pid) == proc.pid and int(out) >= (64 - 16) * 256, "its pages had left before the exec"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -247,6 +247,12 @@ int main(int argc, char **argv)
             bad |= reap(kids[i], "child");
         return bad | verify(m, salt, n, "tree root after its children");
     }
+    if (strcmp(mode, "exec-unmanaged") == 0) { /* replaced by a program without the shim */
+        unsetenv("LD_PRELOAD");
+        execl("/bin/sleep", "sleep", "5", (char *)NULL);
+        perror("exec");
+        return 2;
+    }
     if (strcmp(mode, "exec") == 0) { /* the image is replaced while its pages are out */
         execl("/proc/self/exe", argv[0], "fresh", argv[2], (char *)NULL);
         perror("exec");
