@@ -75,7 +75,7 @@ def run_python_reader(exe: str, trials: int, spin_us: float) -> dict:
                 uffd.zeropage(page, 4096)
 
     async def drain_forever(uffd: uffdmod.Userfaultfd) -> None:
-        # The daemon's fault loop (umgr.paging.target.Target.fault_loop): read in
+        # The daemon's fault loop (umgr.paging.faults.FaultService.run): read in
         # batches; when nothing is queued, busy-poll briefly, then await.
         while True:
             events = uffd.read_events(64)

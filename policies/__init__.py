@@ -5,7 +5,9 @@ A policy never sees the kernel. It is told which virtual page numbers
 policy can be replayed offline against a recorded fault trace (see
 ``umgr.policies.replay``).
 
-Hooks are optional no-ops, as in trio's ``Instrument``. The daemon never calls a
+Hooks are optional no-ops, as in trio's ``Instrument``; the daemon calls every
+hook declared here, so a live run and an offline replay see the same calls
+(as far as umgr can see them: see ``on_prefetch_hit``). The daemon never calls a
 policy directly: it wraps it in ``GuardedPrefetch`` / ``GuardedEviction``, which
 validate the output and, when a hook raises, log once and carry on without it,
 because a buggy policy must never stop faults from being served.
@@ -51,7 +53,10 @@ class PrefetchPolicy:
         return ()
 
     def on_prefetch_hit(self, vpn: int) -> None:
-        """A page this policy asked for was later used (optional feedback)."""
+        """A page this policy asked for was later used (optional feedback).
+        Live, umgr sees a use only when it faults: the first write to a page
+        prefetched write-protected (``--keep-clean``). Reads of a mapped page
+        are invisible to it; an offline replay sees every access."""
 
 
 class EvictionPolicy:
@@ -59,12 +64,18 @@ class EvictionPolicy:
 
     name = "base"
 
+    def attach(self, is_live: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Called once, before any other hook, with a vectorised test of
+        which vpns (any order) are resident now: a lazy policy may use it to
+        drop stale entries in bulk."""
+
     def on_resident(self, vpns: np.ndarray) -> None:
         """These pages became resident, in fault order."""
 
     def on_removed(self, vpns: np.ndarray) -> None:
-        """These pages left (evicted, unmapped). Lazy policies ignore it and
-        rely on the caller skipping stale candidates."""
+        """These pages left the resident set (evicted, unmapped, discarded
+        by the app, moved away by mremap, pinned). Lazy policies ignore it
+        and rely on the caller skipping stale candidates."""
 
     def choose(self, n: int) -> np.ndarray:
         """Up to ``n`` victim candidates (int64 vpns), possibly stale. An entry
@@ -216,6 +227,7 @@ class GuardedEviction:
         self.target = target
         self.resident = resident
         self.fell_back = False
+        self._is_live = None
 
     @property
     def name(self) -> str:
@@ -229,9 +241,16 @@ class GuardedEviction:
             self.target, self.name, hook,
         )
         self.fell_back = True
-        self.policy = FifoEviction()
+        self.policy = FifoEviction(is_live=self._is_live)
         if self.resident is not None:
             self.policy.on_resident(np.asarray(self.resident(), dtype=np.int64))
+
+    def attach(self, is_live: Callable[[np.ndarray], np.ndarray]) -> None:
+        self._is_live = is_live
+        try:
+            self.policy.attach(is_live)
+        except Exception:
+            self._fall_back("attach")
 
     def on_resident(self, vpns: np.ndarray) -> None:
         vpns = np.asarray(vpns, dtype=np.int64)

@@ -28,6 +28,10 @@ class FifoEviction(EvictionPolicy):
         self._count = 0
         self._is_live = is_live
 
+    def attach(self, is_live: IsLive) -> None:
+        """The daemon's liveness test: compact with it before growing."""
+        self._is_live = is_live
+
     def __len__(self) -> int:
         return self._count
 

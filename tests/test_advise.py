@@ -8,7 +8,6 @@ dropped rather than written (DISCARDABLE).
 """
 from __future__ import annotations
 
-import errno
 import subprocess
 import sys
 import textwrap

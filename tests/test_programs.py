@@ -10,7 +10,6 @@ proves nothing).
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import shutil
 import subprocess

@@ -20,6 +20,7 @@ import trio
 
 from umgr.backends import open_backend
 from umgr.backends.file import DEFAULT_STATE_DIR
+from umgr.kernel import PAGE_SIZE
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 
 log = logging.getLogger("umgr")
@@ -134,8 +135,8 @@ def cmd_exec(args) -> int:
             "pages_out": totals.get("pages_out", 0),
             "prefetched": totals.get("prefetched", 0),
             "peak_resident_bytes": totals.get("peak_resident_bytes", 0),
-            "swap_bytes_written": backend_stats["pages_written"] * 4096,
-            "swap_bytes_read": backend_stats["pages_read"] * 4096,
+            "swap_bytes_written": backend_stats["pages_written"] * PAGE_SIZE,
+            "swap_bytes_read": backend_stats["pages_read"] * PAGE_SIZE,
             "swap_slots_in_use_at_exit": backend_stats["used_pages"],
             "wall_seconds": round(wall, 3),
             **{k: v for k, v in totals.items() if k not in ("faults", "pages_in", "pages_out", "prefetched")},
@@ -293,7 +294,7 @@ def format_status(first: dict, second: dict, interval: float) -> str:
         rows.append(f"{t['pid']:>7} {budget:>9} {t['resident_bytes'] / mib:>8.1f}M {t['swapped_bytes'] / mib:>8.1f}M "
                     f"{rate('faults'):>9.0f} {rate('pages_in'):>8.0f} {rate('pages_out'):>8.0f}  {printable(t['command'])[:40]}")
     b = second["backend"]
-    rows.append(f"backend {b['backend']}: {b['used_pages'] * 4096 / mib:.1f}M of {b['capacity_pages'] * 4096 / mib:.0f}M used")
+    rows.append(f"backend {b['backend']}: {b['used_pages'] * PAGE_SIZE / mib:.1f}M of {b['capacity_pages'] * PAGE_SIZE / mib:.0f}M used")
     return "\n".join(rows)
 
 

@@ -9,6 +9,8 @@ eviction batch becomes a few large writes).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from umgr.errors import BackendFull
@@ -23,6 +25,7 @@ class SlotAllocator:
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int32)
         self._nfree = capacity
         self._refs = np.zeros(capacity, np.uint16)
+        self.on_release: Callable[[], None] | None = None   # called when slots become free
 
     @property
     def used(self) -> int:
@@ -59,6 +62,8 @@ class SlotAllocator:
         released = np.unique(slots[self._refs[slots] == 0])
         self._free[self._nfree:self._nfree + len(released)] = released[::-1]
         self._nfree += len(released)
+        if len(released) and self.on_release is not None:
+            self.on_release()
 
     def refs(self, slots: np.ndarray) -> np.ndarray:
         return self._refs[np.asarray(slots, np.int32)]

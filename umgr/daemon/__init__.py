@@ -1,4 +1,7 @@
-"""The daemon: control socket server, target lifecycle, status."""
-from umgr.daemon.server import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
+"""The daemon: the control socket server (server.py), the targets' life
+cycle (lifecycle.py), what it reports (status.py) and its settings
+(config.py)."""
+from umgr.daemon.config import HELLO_TIMEOUT, DaemonConfig
+from umgr.daemon.server import STATUS_REQUEST, Daemon, printable
 
 __all__ = ["HELLO_TIMEOUT", "STATUS_REQUEST", "Daemon", "DaemonConfig", "printable"]

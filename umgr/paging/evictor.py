@@ -2,55 +2,71 @@
 
 A batch of victims goes write-protect -> process_vm_readv (in a worker
 thread: on the fault-serving thread it would deadlock on a userfault) ->
-backend write (durable before the zap) -> zap -> SWAPPED. A mixin of
-umgr.paging.target.Target: it works on the target's page table, uffd, backend and
-zapper, and runs as the target's second trio task beside the fault loop
-(trio runs one at a time; state changes only between awaits). Rules and
-kernel facts: shared/DESIGN.md, "Paging out".
+backend write (durable before the zap) -> zap -> SWAPPED. It runs as the
+target's eviction task beside the fault loop; the race rules (a write
+during EVICTING wins, a write during ZAPPING waits) are in
+docs/architecture.md.
 """
 from __future__ import annotations
 
-import errno
 import logging
 
 import numpy as np
 import trio
 
-from umgr.kernel import procmem
 from umgr.backends import io_to_the_end
 from umgr.errors import BackendError, BackendFull, TargetGone
+from umgr.kernel import procmem
+from umgr.kernel.buffers import PageBuffer
+from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, Flag, State, runs
+from umgr.paging.pinning import Pinning
+from umgr.paging.removes import RemoveAttribution
 from umgr.paging.tuning import EVICT_BATCH
 
-log = logging.getLogger("umgr.paging.target")
+log = logging.getLogger("umgr.target")
+
+# How many times the policy is asked for more when its candidates are stale.
+CHOOSE_ROUNDS = 8
+
+
+class BatchReleased(Exception):
+    """The batch went back to resident before its zap. `progress`: the
+    evictor may go on at once (slots were freed), else eviction is paused."""
+
+    def __init__(self, progress: bool):
+        super().__init__()
+        self.progress = progress
 
 
 class Evictor:
-    async def evictor(self) -> None:
-        try:
-            while True:
-                await self._evict_wanted.wait()
-                self._evict_wanted = trio.Event()
-                await self._serve_hints()  # application hints: COLD, WILLNEED
-                while self.over_budget() and self.zapper is not None and not self.eviction_paused:
-                    # No victim (all pinned, or unknown to the policy): faults
-                    # must not wait at the budget for an eviction that cannot come.
-                    self.no_victims = not await self.evict_batch()
-                    if self.no_victims:
-                        break
-                    await trio.sleep(0)
-        except TargetGone:
-            self.gone = True
+    def __init__(self, core: TargetCore, pinning: Pinning, removes: RemoveAttribution):
+        self.core = core
+        self.pinning = pinning
+        self.removes = removes
+        self._victims = PageBuffer(EVICT_BATCH)
+
+    async def evict_over_budget(self) -> None:
+        """Evict batches while the target is over its high water mark."""
+        core = self.core
+        while core.over_budget() and core.can_evict():
+            # No victim (all pinned, or unknown to the policy): faults must
+            # not wait at the budget for an eviction that cannot come.
+            core.no_victims = not await self.evict_batch()
+            if core.no_victims:
+                return
+            await trio.sleep(0)
 
     def _choose_victims(self) -> np.ndarray:
-        want = min(EVICT_BATCH, self.pt.resident - self.low_water)
+        core = self.core
+        want = core.budget.evict_goal(core.pt.resident)
         chosen: list[np.ndarray] = []
         count = 0
-        for _ in range(8):
-            if count >= want or len(self.eviction) == 0:
+        for _ in range(CHOOSE_ROUNDS):
+            if count >= want or len(core.eviction) == 0:
                 break
-            candidates = np.unique(self.eviction.choose(want - count))
-            candidates = candidates[self.pt.states(candidates) == State.RESIDENT]
+            candidates = np.unique(core.eviction.choose(want - count))
+            candidates = candidates[core.pt.states(candidates) == State.RESIDENT]
             chosen.append(candidates)
             count += len(candidates)
         if not chosen:
@@ -63,18 +79,37 @@ class Evictor:
         vpns = self._choose_victims() if victims is None else victims
         if len(vpns) == 0:
             return False
-        self.pt.set(vpns, State.EVICTING)
-        starts, lengths = runs(vpns)
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            err = await self._writeprotect(run_vpn, run_len, True)
-            if err:  # ENOENT: unmapped meanwhile; the UNMAP event drops them
-                self._release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
-        vpns, settled = await self._keep_freeable(vpns)
+        await self._protect(vpns)
+        vpns, settled = await self.pinning.keep_freeable(vpns)
         if len(vpns) == 0:
             return settled
-        starts, lengths = runs(vpns)
+        vpns = await self._read(vpns)
         try:
-            nbytes = await self._read_victims(starts, lengths)
+            vpns, page_slots, zero = await self._store(vpns)
+        except BatchReleased as released:
+            return released.progress
+        if len(vpns):
+            self.core.pt.set(vpns, State.ZAPPING, page_slots)
+            await self._zap(vpns)
+            self.core.stats.zero_pages_out += int(zero.sum())
+        return True
+
+    async def _protect(self, vpns: np.ndarray) -> None:
+        """EVICTING, write-protected: from now on a write faults."""
+        core = self.core
+        core.pt.set(vpns, State.EVICTING)
+        starts, lengths = runs(vpns)
+        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
+            if await core.writeprotect(run_vpn, run_len, True):
+                # ENOENT: unmapped meanwhile; the UNMAP event drops them
+                core.release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
+
+    async def _read(self, vpns: np.ndarray) -> np.ndarray:
+        """Copy the victims into the batch buffer; the pages after a short
+        read stay resident (and are pinned if unreadable)."""
+        core = self.core
+        try:
+            nbytes = await self._read_victims(*runs(vpns))
         except TargetGone:
             raise
         except OSError:  # EFAULT on the first range: unmapped meanwhile, or unreadable
@@ -82,162 +117,134 @@ class Evictor:
         nread = nbytes >> PAGE_SHIFT
         if nread < len(vpns):
             rest = vpns[nread:]
-            self._release(rest, State.EVICTING)
-            await self._unprotect(rest)
-            self._pin_unreadable(rest[:1])
-            vpns = vpns[:nread]
+            core.release(rest, State.EVICTING)
+            await core.unprotect(rest)
+            self.pinning.pin_unreadable(rest[:1])
+        return vpns[:nread]
+
+    async def _store(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Write what must be written; returns (vpns still EVICTING, their
+        slots, which are zero pages). Raises BatchReleased."""
+        core = self.core
         zero = self._victims.zero_pages(len(vpns))
-        live = self.pt.states(vpns) == State.EVICTING
-        drop = self._discardable(vpns)  # application hints: zapped unwritten, read back as zero
+        live = core.pt.states(vpns) == State.EVICTING
+        drop = core.pt.has_flag(vpns, Flag.DISCARDABLE)  # zapped unwritten, read back as zero
         # Clean pages (unwritten since they came in) go out as they are: their slot holds them.
-        clean_slots = self.pt.slots(vpns)
-        self._drop_clean_copies(vpns[drop & (clean_slots != NO_SLOT)])
+        clean_slots = core.pt.slots(vpns)
+        core.drop_clean_copies(vpns[drop & (clean_slots != NO_SLOT)])
         clean = live & ~drop & (clean_slots != NO_SLOT)
         zero &= ~clean
         store = live & ~zero & ~drop & ~clean
-        try:
-            slots = self.backend.slots.alloc(int(store.sum()))
-        except BackendFull as exc:
-            if self._free_clean_copies():  # slots kept only to save a write: take them back
-                self._release(vpns, State.EVICTING)
-                await self._unprotect(vpns)
-                return True
-            await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
-            return False
-        try:
-            await io_to_the_end(self.backend.write, slots, self._victims.addrs(np.flatnonzero(store)))
-        except BackendError as exc:
-            self.backend.slots.free(slots)
-            self.stats.backend_errors += 1
-            await self._abort(vpns, f"backend error ({exc}); pages stay resident")
-            return False
-        except BaseException:  # the table does not hold these yet; no write to them is in flight
-            self.backend.slots.free(slots)
-            raise
+        slots = await self._write(vpns, store)
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
         page_slots[store] = slots
         page_slots[clean] = clean_slots[clean]
         # Pages that were written to (WP fault), discarded or unmapped while
         # their copy was in flight have left EVICTING: their copy is dropped.
-        still = self.pt.states(vpns) == State.EVICTING
-        self.stats.discarded += int((still & drop & ~zero).sum())
-        self.backend.slots.free(page_slots[~still & store])
-        vpns, page_slots, zero = vpns[still], page_slots[still], zero[still]
-        if len(vpns) == 0:
-            return True
-        self.pt.set(vpns, State.ZAPPING, page_slots)
-        await self._zap(vpns)
-        self.stats.zero_pages_out += int(zero.sum())
-        return True
+        still = core.pt.states(vpns) == State.EVICTING
+        core.stats.discarded += int((still & drop & ~zero).sum())
+        core.slots.free(page_slots[~still & store])
+        return vpns[still], page_slots[still], zero[still]
+
+    async def _write(self, vpns: np.ndarray, store: np.ndarray) -> np.ndarray:
+        """Slots for the pages to store, written and durable. A full or
+        failing backend releases the batch (BatchReleased): nothing is lost."""
+        core = self.core
+        try:
+            slots = core.slots.alloc(int(store.sum()))
+        except BackendFull as exc:
+            if core.free_clean_copies():  # slots kept only to save a write: take them back
+                core.release(vpns, State.EVICTING)
+                await core.unprotect(vpns)
+                raise BatchReleased(progress=True) from None
+            await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
+            raise BatchReleased(progress=False) from None
+        try:
+            await io_to_the_end(core.backend.write, slots, self._victims.addrs(np.flatnonzero(store)))
+        except BackendError as exc:
+            core.slots.free(slots)
+            core.stats.backend_failures += 1
+            await self._abort(vpns, f"backend error ({exc}); pages stay resident")
+            raise BatchReleased(progress=False) from None
+        except BaseException:  # the table does not hold these yet; no write to them is in flight
+            core.slots.free(slots)
+            raise
+        return slots
 
     async def _read_victims(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         """process_vm_readv in a worker thread. Abandoned on cancel: a read
         blocked on a userfault of a target that is going away is woken only
         when its uffd is closed, after this task has finished. The thread
         holds the buffer, so it stays mapped until the read returns."""
-        buf, pid = self._victims, self.pid
+        buf, pid = self._victims, self.core.pid
         addrs, lens = (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
         return await trio.to_thread.run_sync(
             lambda: procmem.process_vm_readv(pid, buf.addr, addrs, lens), abandon_on_cancel=True)
 
     async def _zap(self, vpns: np.ndarray) -> None:
+        core = self.core
         starts, lengths = runs(vpns)
-        byte_starts, byte_lengths = starts << PAGE_SHIFT, lengths << PAGE_SHIFT
-        self._zap_vpns, self._zap_hits, self._zap_removes = vpns, np.zeros(len(vpns), np.uint8), []
+        self.removes.begin(vpns)
         try:
-            zapped = await self.zapper.zap(byte_starts.astype(np.uint64), byte_lengths.astype(np.uint64))
+            zapped = await core.zapper.zap((starts << PAGE_SHIFT).astype(np.uint64),
+                                           (lengths << PAGE_SHIFT).astype(np.uint64))
         finally:
-            self._zap_vpns = None
-        # The zap has returned, so every REMOVE it caused has been read (the
-        # zapping thread waits in the kernel until its event is read).
-        discarded = vpns[self._zap_hits >= 2]
+            # The zap has returned, so every REMOVE it caused has been read
+            # (the zapping thread waits in the kernel until its event is read).
+            discarded = self.removes.end()
         nzapped = zapped >> PAGE_SHIFT
-        done, failed = vpns[:nzapped], vpns[nzapped:]
-        # Only pages still ZAPPING are ours to settle: an UNMAP or REMAP in
-        # between has dealt with the others (and their slots).
-        done = done[self.pt.states(done) == State.ZAPPING]
-        slots = self.pt.slots(done)
-        gone = np.isin(done, discarded)  # the app discarded them too: they read as zero
-        self.backend.slots.free(slots[gone & (slots != NO_SLOT)])
-        slots[gone] = NO_SLOT
-        self.pt.set(done, State.ZAPPING, slots)
-        self.pt.set(done[slots == NO_SLOT], State.FRESH)
-        self.pt.set(done[slots != NO_SLOT], State.SWAPPED)
-        self.stats.pages_out += len(done)
-        if self._waiting is not None:
-            self._waiting.cancel()
-        self.stats.zap_batches += 1
-        self.stats.zap_ranges += len(starts)
-        # Pages an mremap or munmap took away meanwhile are not ours to settle.
-        failed = failed[self.pt.states(failed) == State.ZAPPING]
-        failed = await self._pin_locked(failed)
-        if len(failed):
-            log.warning("%s: zap stopped after %d of %d pages", self.label, nzapped, len(vpns))
-            self._release(failed, State.ZAPPING)
-            await self._unprotect(failed)
+        self._settle_zapped(vpns[:nzapped], discarded)
+        core.evicted.wake()
+        core.stats.zap_batches += 1
+        core.stats.zap_ranges += len(starts)
+        await self._settle_unzapped(vpns[nzapped:], nzapped, len(vpns))
         # Writers blocked on a WP fault during the zap retry now: a MISSING
         # fault, served from the copy.
         for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            self.uffd.wake(run_vpn << PAGE_SHIFT, run_len << PAGE_SHIFT)
+            core.uffd.wake(run_vpn << PAGE_SHIFT, run_len << PAGE_SHIFT)
 
-    def _release(self, vpns: np.ndarray, from_state: int) -> None:
-        """Pages leave an eviction batch and are resident again."""
-        vpns = np.asarray(vpns, np.int64)
-        vpns = vpns[self.pt.states(vpns) == from_state]
-        slots = self.pt.slots(vpns)
-        self.backend.slots.free(slots[slots != NO_SLOT])
-        self.pt.set(vpns, State.RESIDENT, NO_SLOT)
-        self.eviction.on_resident(vpns)
+    def _settle_zapped(self, done: np.ndarray, discarded: np.ndarray) -> None:
+        """Zapped pages become SWAPPED (FRESH if they had no content to keep,
+        or if the app discarded them too: they read as zero)."""
+        core, pt = self.core, self.core.pt
+        # Only pages still ZAPPING are ours to settle: an UNMAP or REMAP in
+        # between has dealt with the others (and their slots).
+        done = done[pt.states(done) == State.ZAPPING]
+        slots = pt.slots(done)
+        gone = np.isin(done, discarded)
+        core.slots.free(slots[gone & (slots != NO_SLOT)])
+        slots[gone] = NO_SLOT
+        pt.set(done, State.ZAPPING, slots)
+        pt.set(done[slots == NO_SLOT], State.FRESH)
+        pt.set(done[slots != NO_SLOT], State.SWAPPED)
+        core.left_residency(done)
+        core.stats.pages_out += len(done)
+
+    async def _settle_unzapped(self, failed: np.ndarray, nzapped: int, total: int) -> None:
+        """The zap stopped early: locked pages are pinned, the rest stay resident."""
+        core = self.core
+        # Pages an mremap or munmap took away meanwhile are not ours to settle.
+        failed = failed[core.pt.states(failed) == State.ZAPPING]
+        failed = await self.pinning.pin_locked(failed)
+        if len(failed):
+            log.warning("%s: zap stopped after %d of %d pages", core.label, nzapped, total)
+            core.release(failed, State.ZAPPING)
+            await core.unprotect(failed)
 
     async def _abort(self, vpns: np.ndarray, why: str) -> None:
-        if why != self.eviction_paused:
-            log.warning("%s: %s", self.label, why)
-        self.eviction_paused = why
-        self._release(vpns, State.EVICTING)
-        await self._unprotect(vpns)
+        core = self.core
+        if why != core.eviction_paused:
+            log.warning("%s: %s", core.label, why)
+        core.eviction_paused = why
+        core.release(vpns, State.EVICTING)
+        await core.unprotect(vpns)
+        core.on_pause()
 
-    def resume_eviction(self) -> None:
+    def resume(self) -> None:
         """Slots were freed or the backend recovered: try again."""
-        if self.eviction_paused:
-            self.eviction_paused = ""
-            self._note_resident()
+        if self.core.eviction_paused:
+            self.core.eviction_paused = ""
+            self.core.note_resident()
 
-    def _free_clean_copies(self) -> int:
-        """The swap is full: resident pages give back the slots they kept
-        (they stay write-protected; their next write just faults). Returns
-        how many slots were freed."""
-        freed = 0
-        for region in self.pt.regions:
-            kept = (region.state == State.RESIDENT) & (region.slot != NO_SLOT)
-            if kept.any():
-                self.backend.slots.free(region.slot[kept])
-                region.slot[kept] = NO_SLOT
-                freed += int(kept.sum())
-        return freed
-
-    def _drop_clean_copies(self, vpns: np.ndarray) -> None:
-        """Pages whose writes umgr will not see any more (or that were just
-        written) drop the swap copy they kept since they came in clean.
-        Swapped and zapping pages keep theirs: it is their content."""
-        vpns = np.asarray(vpns, np.int64)
-        states, slots = self.pt.states(vpns), self.pt.slots(vpns)
-        stale = (slots != NO_SLOT) & (states != State.SWAPPED) & (states != State.ZAPPING)
-        if stale.any():
-            self.backend.slots.free(slots[stale])
-            for state in np.unique(states[stale]).tolist():
-                self.pt.set(vpns[stale & (states == state)], state, NO_SLOT)
-
-    async def _unprotect(self, vpns: np.ndarray) -> None:
-        self.pt.set_flag(np.asarray(vpns, np.int64), Flag.DISCARDABLE, False)  # unprotected: writes unseen
-        self._drop_clean_copies(vpns)
-        starts, lengths = runs(np.asarray(vpns, np.int64))
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            await self._writeprotect(run_vpn, run_len, False)
-
-    async def _writeprotect(self, vpn: int, npages: int, protect: bool) -> int:
-        while True:
-            err = self.uffd.writeprotect(vpn << PAGE_SHIFT, npages << PAGE_SHIFT, protect)
-            if err != errno.EAGAIN:
-                return err
-            # A non-cooperative event is queued: the fault loop reads it.
-            await trio.sleep(0)
+    def close(self) -> None:
+        """The batch buffer stays mapped: an abandoned readv may still write it."""

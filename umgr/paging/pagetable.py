@@ -15,8 +15,10 @@ from typing import Iterator
 
 import numpy as np
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from umgr.kernel import PAGE_SHIFT, PAGE_SIZE
+
+__all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "Region", "runs"]
+
 NO_SLOT = -1
 
 
@@ -45,6 +47,7 @@ class Flag:
     DISCARDABLE = 1  # umgr_advise(DISCARDABLE) and not written since: evict
                      # without writing it (it reads back as zero). The page
                      # is write-protected, so a write faults and clears this.
+    PREFETCHED = 2   # brought in by the prefetch policy, no use seen yet
 
 
 FLAGGED_STATES = (State.RESIDENT, State.EVICTING, State.ZAPPING)
@@ -128,6 +131,36 @@ class PageTable:
             yield region, positions, vpns[i:j] - region.vpn
             i = j
 
+    def state_of(self, vpn: int) -> int:
+        region = self.find(vpn)
+        return int(region.state[vpn - region.vpn]) if region is not None else State.UNMAPPED
+
+    def slot_of(self, vpn: int) -> int:
+        region = self.find(vpn)
+        return int(region.slot[vpn - region.vpn]) if region is not None else NO_SLOT
+
+    def bounds(self, vpn: int) -> tuple[int, int] | None:
+        """[first, end) vpns of the region holding vpn, or None."""
+        region = self.find(vpn)
+        return (region.vpn, region.end) if region is not None else None
+
+    def vpns_in(self, state: int) -> np.ndarray:
+        """Every page in `state`, sorted (a scan of the whole table)."""
+        found = [r.vpn + np.flatnonzero(r.state == state) for r in self.regions]
+        return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
+
+    def is_in_state(self, vpns: np.ndarray, state: int = State.RESIDENT) -> np.ndarray:
+        """Which of these vpns (any order) are in `state`: the eviction
+        policy's liveness test for compacting its stale entries."""
+        vpns = np.asarray(vpns)
+        order = np.argsort(vpns, kind="stable")
+        found = np.empty(len(vpns), bool)
+        found[order] = self.states(vpns[order]) == state
+        return found
+
+    def count(self, state: int) -> int:
+        return int(self.counts[state])
+
     def states(self, vpns: np.ndarray) -> np.ndarray:
         out = np.full(len(vpns), State.UNMAPPED, np.uint8)
         for region, pos, idx in self.by_region(vpns):
@@ -188,12 +221,35 @@ class PageTable:
             if slots is not None:
                 region.slot[idx] = slots if np.isscalar(slots) else slots[pos]
 
-    def set_one(self, region: Region, index: int, state: int) -> None:
+    def set_state(self, vpn: int, state: int) -> None:
+        """One page's state (the fault path's single-page form of set())."""
+        region = self.find(vpn)
+        if region is None:
+            return
+        index = vpn - region.vpn
         self.counts[region.state[index]] -= 1
         region.state[index] = state
         self.counts[state] += 1
         if state not in FLAGGED_STATES:
             region.flags[index] = 0
+
+    def clear_flag(self, vpn: int, flag: int) -> bool:
+        """Clear `flag` on one page; True when it was set."""
+        region = self.find(vpn)
+        if region is None or not region.flags[vpn - region.vpn] & flag:
+            return False
+        region.flags[vpn - region.vpn] &= ~np.uint8(flag)
+        return True
+
+    def take_kept_slots(self) -> np.ndarray:
+        """Resident pages give up the swap copies they kept (clean copies):
+        returns those slots, to be freed."""
+        taken = []
+        for region in self.regions:
+            kept = (region.state == State.RESIDENT) & (region.slot != NO_SLOT)
+            taken.append(region.slot[kept].copy())
+            region.slot[kept] = NO_SLOT
+        return np.concatenate(taken) if taken else np.empty(0, np.int32)
 
     def add(self, vpn: int, npages: int, present: np.ndarray | None = None) -> tuple[Region, np.ndarray]:
         """A new registered range; pages marked present start RESIDENT.
@@ -261,9 +317,27 @@ class PageTable:
         return np.concatenate(freed) if freed else np.empty(0, np.int32)
 
     def copy(self) -> "PageTable":
-        """A deep copy (a forked child starts with its parent's table)."""
+        """A deep copy."""
         regions = [Region(r.vpn, r.state.copy(), r.slot.copy(), r.flags.copy()) for r in self.regions]
         return PageTable(regions, self.counts.copy())
+
+    def forked(self) -> "PageTable":
+        """The table a forked child starts with. Its swapped pages name the
+        parent's slots (the caller takes a reference on each). Pages in an
+        eviction batch are resident in the child: still present there, or,
+        if the zap came first, swapped in the shared slot (FRESH without
+        one). Flags (application hints) stay the parent's."""
+        child = self.copy()
+        for region in child.regions:
+            region.flags[:] = 0
+            evicting = region.state == State.EVICTING
+            zapping = region.state == State.ZAPPING
+            region.state[evicting] = State.RESIDENT
+            region.state[zapping] = np.where(region.slot[zapping] == NO_SLOT, State.FRESH, State.SWAPPED)
+        child.counts[:] = 0
+        for region in child.regions:
+            child._count_in(region.state)
+        return child
 
     def all_slots(self) -> np.ndarray:
         slots = [r.slot[r.slot != NO_SLOT] for r in self.regions]

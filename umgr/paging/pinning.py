@@ -8,7 +8,6 @@ no memory of the target's own, so they do not count against its budget; they
 stay write-protected and a write makes them RESIDENT again. Unreadable
 (PROT_NONE) pages are pinned too. Nothing tells umgr when a lock, a
 protection or a sharing ends, so recheck() looks again every RECHECK_SECONDS.
-A mixin of umgr.paging.target.Target.
 """
 from __future__ import annotations
 
@@ -18,14 +17,21 @@ import time
 import numpy as np
 
 from umgr.kernel import maps, procmem
+from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, State, runs
 from umgr.paging.tuning import RECHECK_SECONDS
 
-log = logging.getLogger("umgr.paging.target")
+log = logging.getLogger("umgr.target")
 
 
-class Unfreeable:
-    async def _keep_freeable(self, vpns: np.ndarray) -> tuple[np.ndarray, bool]:
+class Pinning:
+    def __init__(self, core: TargetCore):
+        self.core = core
+        self.locked: list[tuple[int, int]] = []       # mlocked vpn ranges: pinned
+        self.unreadable: list[tuple[int, int]] = []   # PROT_NONE (...) vpn ranges: pinned
+        self._rechecked = 0.0
+
+    async def keep_freeable(self, vpns: np.ndarray) -> tuple[np.ndarray, bool]:
         """Victims (write-protected now) whose zap would free nothing leave
         the batch: pages on the shared zero page become ZERO, pages still
         shared copy-on-write with another process SHARED (neither counts
@@ -33,11 +39,27 @@ class Unfreeable:
         mlocked pages are pinned, pages the kernel dropped itself
         (MADV_FREE) become FRESH. Returns the rest, and whether any page
         left the resident count."""
-        vpns = vpns[self.pt.states(vpns) == State.EVICTING]
+        core = self.core
+        vpns = vpns[core.pt.states(vpns) == State.EVICTING]
         if len(vpns) == 0:
             return vpns, False
-        starts, lengths = runs(vpns)
-        entries = procmem.pagemap_entries(self.pid, starts, lengths)
+        on_zero, shared, dropped, locked = self._classify(vpns)
+        core.drop_clean_copies(vpns[dropped])  # the kernel dropped the page: it reads zero now
+        core.pt.set(vpns[on_zero], State.ZERO)
+        core.pt.set(vpns[shared], State.SHARED)
+        core.pt.set(vpns[dropped], State.FRESH)
+        core.pt.set(vpns[locked], State.PINNED)
+        await core.unprotect(vpns[locked])
+        core.stats.zero_mapped += int(on_zero.sum())
+        core.stats.shared_skipped += int(shared.sum())
+        core.stats.locked_pinned += int(locked.sum())
+        gone = on_zero | shared | dropped | locked
+        core.left_residency(vpns[gone])
+        return vpns[~gone], bool(gone.any())
+
+    def _classify(self, vpns: np.ndarray) -> tuple[np.ndarray, ...]:
+        """From pagemap: (on the zero page, shared, dropped, locked) masks."""
+        entries = procmem.pagemap_entries(self.core.pid, *runs(vpns))
         present = (entries & np.uint64(procmem.PM_PRESENT)) != 0
         in_swap = (entries & np.uint64(procmem.PM_SWAPPED)) != 0
         exclusive = (entries & np.uint64(procmem.PM_MMAP_EXCLUSIVE)) != 0
@@ -47,28 +69,18 @@ class Unfreeable:
         else:  # PFNs are hidden from us (no CAP_SYS_ADMIN): zero-page pages look shared
             on_zero = np.zeros(len(vpns), bool)
         dropped = ~present & ~in_swap
-        locked = self._in_locked(vpns) & present
+        locked = _inside(vpns, self.locked) & present
         shared = present & ~exclusive & ~on_zero & ~locked
-        self._drop_clean_copies(vpns[dropped])  # the kernel dropped the page: it reads zero now
-        self.pt.set(vpns[on_zero & ~locked], State.ZERO)
-        self.pt.set(vpns[shared], State.SHARED)
-        self.pt.set(vpns[dropped], State.FRESH)
-        self.pt.set(vpns[locked], State.PINNED)
-        await self._unprotect(vpns[locked])
-        self.stats.zero_mapped += int((on_zero & ~locked).sum())
-        self.stats.shared_skipped += int(shared.sum())
-        self.stats.locked_pinned += int(locked.sum())
-        gone = on_zero | shared | dropped | locked
-        return vpns[~gone], bool(gone.any())
-
-    def _in_locked(self, vpns: np.ndarray) -> np.ndarray:
-        return _inside(vpns, self.locked)
+        return on_zero & ~locked, shared, dropped, locked
 
     def _read_locked(self) -> None:
-        self.locked = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.locked_ranges(self.pid)]
+        self.locked = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.locked_ranges(self.core.pid)]
         self._rechecked = time.monotonic()
 
-    async def _pin_locked(self, failed: np.ndarray) -> np.ndarray:
+    def _read_unreadable(self) -> None:
+        self.unreadable = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.unreadable_ranges(self.core.pid)]
+
+    async def pin_locked(self, failed: np.ndarray) -> np.ndarray:
         """A zap stopped at `failed`: MADV_DONTNEED refuses mlocked memory
         (EINVAL). Pin what is locked (its copies are dropped); return the rest."""
         if len(failed) == 0:
@@ -77,33 +89,37 @@ class Unfreeable:
             self._read_locked()
         except OSError:
             return failed
-        inside = self._in_locked(failed)
+        core = self.core
+        inside = _inside(failed, self.locked)
         locked = failed[inside]
         if len(locked):
-            log.info("%s: %d pages are mlocked: pinned while they stay locked", self.label, len(locked))
-            self.stats.locked_pinned += len(locked)
-            slots = self.pt.slots(locked)
-            self.backend.slots.free(slots[slots != NO_SLOT])
-            self.pt.set(locked, State.PINNED, NO_SLOT)
-            await self._unprotect(locked)
+            log.info("%s: %d pages are mlocked: pinned while they stay locked", core.label, len(locked))
+            core.stats.locked_pinned += len(locked)
+            slots = core.pt.slots(locked)
+            core.slots.free(slots[slots != NO_SLOT])
+            core.pt.set(locked, State.PINNED, NO_SLOT)
+            core.left_residency(locked)
+            await core.unprotect(locked)
         return failed[~inside]
 
-    def _pin_unreadable(self, failed: np.ndarray) -> None:
+    def pin_unreadable(self, failed: np.ndarray) -> None:
         """process_vm_readv stopped at `failed` (one page): if it lies in a
         mapping the process cannot read (PROT_NONE, ...), pin every resident
         page of those mappings: none of them can be read back until the app
         makes them readable again (recheck unpins them then)."""
-        if len(failed) == 0 or self.pt.states(failed)[0] != State.RESIDENT:
+        core = self.core
+        if len(failed) == 0 or core.pt.states(failed)[0] != State.RESIDENT:
             return  # unmapped meanwhile, or written (WP fault) meanwhile
-        self.unreadable = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.unreadable_ranges(self.pid)]
+        self._read_unreadable()
         if not _inside(failed, self.unreadable).any():
             return
         for lo, hi in self.unreadable:
-            pages, _ = self.pt.find_state(lo, hi, State.RESIDENT)
+            pages, _ = core.pt.find_state(lo, hi, State.RESIDENT)
             if len(pages):
                 log.info("%s: %d pages at %#x cannot be read; pinned while unreadable",
-                         self.label, len(pages), int(pages[0]) << PAGE_SHIFT)
-                self.pt.set(pages, State.PINNED)
+                         core.label, len(pages), int(pages[0]) << PAGE_SHIFT)
+                core.pt.set(pages, State.PINNED)
+                core.left_residency(pages)
 
     def recheck(self) -> None:
         """At most every RECHECK_SECONDS: unpin pages no longer mlocked or
@@ -114,27 +130,29 @@ class Unfreeable:
             return
         self._rechecked = now
         if self.locked or self.unreadable:
-            before = self.locked + self.unreadable
-            self._read_locked()
-            self.unreadable = [(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT) for lo, hi in maps.unreadable_ranges(self.pid)] \
-                if self.unreadable else []
-            for lo, hi in before:
-                pinned, _ = self.pt.find_state(lo, hi, State.PINNED)
-                still = _inside(pinned, self.locked) | _inside(pinned, self.unreadable)
-                self._count_again(pinned[~still])
-        if self.pt.counts[State.SHARED]:
-            shared = np.concatenate([r.vpn + np.flatnonzero(r.state == State.SHARED) for r in self.pt.regions])
-            starts, lengths = runs(shared.astype(np.int64))
-            entries = procmem.pagemap_entries(self.pid, starts, lengths)
+            self._unpin_released()
+        shared = self.core.pt.vpns_in(State.SHARED)
+        if len(shared):
+            entries = procmem.pagemap_entries(self.core.pid, *runs(shared))
             own = (entries & np.uint64(procmem.PM_MMAP_EXCLUSIVE)) != 0
             self._count_again(shared[own])
+
+    def _unpin_released(self) -> None:
+        before = self.locked + self.unreadable
+        self._read_locked()
+        if self.unreadable:
+            self._read_unreadable()
+        for lo, hi in before:
+            pinned, _ = self.core.pt.find_state(lo, hi, State.PINNED)
+            still = _inside(pinned, self.locked) | _inside(pinned, self.unreadable)
+            self._count_again(pinned[~still])
 
     def _count_again(self, vpns: np.ndarray) -> None:
         """Pages become ordinary resident pages, eviction candidates again."""
         if len(vpns):
-            self.pt.set(vpns, State.RESIDENT)
-            self.eviction.on_resident(vpns)
-            self._note_resident()
+            self.core.pt.set(vpns, State.RESIDENT)
+            self.core.became_resident(vpns)
+            self.core.note_resident()
 
 
 def _inside(vpns: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:

@@ -4,10 +4,27 @@ MAX_FILL_PAGES = 256      # pages brought in per fault batch (staging buffer)
 EVICT_BATCH = 512         # pages per eviction batch
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
 RECHECK_SECONDS = 1.0     # how often pinned (mlocked, unreadable) and SHARED pages are looked at again
+MAX_EVENTS_PER_READ = 64  # uffd messages read per read(2)
+
+# Water marks under a budget of B pages. Eviction starts above the high mark,
+# B - max(B/16, 16), and a batch goes down to the low mark,
+# B - max(B/8, min(EVICT_BATCH, B/2)): the headroom between B and the marks
+# lets faults go on while a batch is in flight.
+HIGH_WATER_DIVISOR = 16
+HIGH_WATER_MIN_PAGES = 16
+LOW_WATER_DIVISOR = 8
+
 # Longest a fault waits for eviction at the budget. Past it the page comes in
 # anyway: the evictor may itself be waiting on that fault (a page the zap
 # agent or a process_vm_readv touches), and overshooting beats a deadlock.
 BACKPRESSURE_LIMIT = 0.1
+# While waiting at the budget, the fault loop looks at its uffd at least this
+# often (the evictor's zap waits for its REMOVE events to be read).
+BACKPRESSURE_POLL = 0.005
+# A target paused on a full backend is retried when slots are freed, at most
+# this often (a retry that finds too few slots costs a write-protect round).
+RESUME_INTERVAL = 0.1
+
 # Default of --keep-clean: prefetched pages keep their swap slot and come in
 # write-protected ("clean"), so evicting them again is a zap with no read and
 # no write; a page's first write costs a WP fault, which drops the copy.

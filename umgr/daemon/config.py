@@ -1,0 +1,25 @@
+"""The daemon's settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from umgr import protocol
+from umgr.paging.tuning import KEEP_CLEAN_COPIES
+
+HELLO_TIMEOUT = 5.0      # seconds a new connection may take to send its first message
+CHILD_HELLO_WAIT = 10.0  # seconds a forked child's HELLO waits for its parent's FORKED
+EXEC_RELEASE_WAIT = 5.0  # seconds a HELLO after exec waits for the old image's target to be released
+
+
+@dataclass
+class DaemonConfig:
+    socket_path: str
+    max_resident: int = 0                # bytes per target; 0: no limit
+    min_region: int = 1 << 20
+    policy: str = "readahead"
+    eviction: str = "fifo"
+    scan_interval: float = 0.05          # seconds between /proc/PID/maps scans
+    zap_mode: protocol.ZapMode = protocol.ZapMode.AGENT
+    group: str | None = None
+    hello_timeout: float = HELLO_TIMEOUT  # drop a connection silent for this long
+    keep_clean: bool = KEEP_CLEAN_COPIES  # prefetched pages keep their swap copy until written

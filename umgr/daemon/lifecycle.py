@@ -1,0 +1,231 @@
+"""Targets from birth to release: build one from a HELLO or a fork, run its
+tasks, watch its exit, release it. A bug met while serving one target kills
+that target, never the daemon and the others."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+
+import trio
+
+from umgr import protocol
+from umgr.backends import Backend
+from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, DaemonConfig
+from umgr.daemon.status import Totals, snapshot
+from umgr.errors import TargetGone
+from umgr.kernel import maps, procmem
+from umgr.kernel import uffd as uffdmod
+from umgr.paging.pagetable import PAGE_SHIFT
+from umgr.paging.target import Target
+from umgr.paging.tuning import RESUME_INTERVAL
+from umgr.paging.zap import AgentZapper, RemoteZapper
+from umgr.policies import GuardedPrefetch, load_eviction, load_prefetch
+
+log = logging.getLogger("umgr.daemon")
+
+
+class Lifecycle:
+    def __init__(self, config: DaemonConfig, backend: Backend):
+        self.config = config
+        self.backend = backend
+        self.targets: dict[int, Target] = {}
+        self.totals = Totals()
+        self.targets_seen = 0
+        self.internal_errors = 0          # targets killed because serving them failed
+        self.idle = trio.Event()          # set whenever no target is left
+        self.idle.set()
+        self._children_waiting: dict[int, trio.Event] = {}
+        self._scopes: dict[Target, trio.CancelScope] = {}
+        self._resume_wanted = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        backend.slots.on_release = self._want_resume
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The nursery every target runs in (until cancelled)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._resume_paused)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---- building targets -----------------------------------------------------
+    def prefetch(self, name: str, label: str) -> GuardedPrefetch:
+        """The prefetch policy a HELLO asks for (empty: the daemon's); a name
+        that does not load is a bad HELLO, not the daemon's end."""
+        name = name or self.config.policy
+        try:
+            return GuardedPrefetch(load_prefetch(name), target=label)
+        except Exception as exc:
+            raise protocol.ProtocolError(f"policy {name!r} does not load: {exc}") from exc
+
+    async def create(self, pid: int, uffd: uffdmod.Userfaultfd, max_resident: int,
+                     prefetch: GuardedPrefetch) -> Target:
+        """A target for a process's first HELLO (or its HELLO after exec,
+        which ends the old image's target first)."""
+        old = self.targets.get(pid)
+        if old is not None:
+            self.stop(old)
+            with trio.move_on_after(EXEC_RELEASE_WAIT):
+                await old.released.wait()
+        pidfd = procmem.pidfd_open(pid)
+        try:
+            return self._new_target(pid, uffd, pidfd, max_resident or self.config.max_resident, prefetch)
+        except BaseException:
+            os.close(pidfd)
+            raise
+
+    def _new_target(self, pid: int, uffd, pidfd: int, budget: int, prefetch: GuardedPrefetch,
+                    pages=None) -> Target:
+        return Target(pid=pid, uffd=uffd, pidfd=pidfd, budget_pages=budget >> PAGE_SHIFT, backend=self.backend,
+                      prefetch=prefetch, eviction=load_eviction(self.config.eviction), label=prefetch.target,
+                      keep_clean=self.config.keep_clean, pages=pages, on_pause=self._want_resume)
+
+    def zapper(self, target: Target, agent_fd: int):
+        agent = socket.socket(fileno=agent_fd)
+        if self.config.zap_mode == protocol.ZapMode.REMOTE:
+            agent.close()
+            return RemoteZapper(target.pidfd)
+        return AgentZapper(agent)
+
+    def register_found(self, target: Target) -> None:
+        """Manage the anonymous memory /proc/PID/maps shows (malloc, brk)."""
+        for lo, hi in maps.anonymous_private(target.pid, self.config.min_region):
+            target.register(lo, hi - lo)
+
+    # ---- fork ---------------------------------------------------------------------
+    def adopt_child(self, parent: Target, child_pid: int) -> int:
+        """The parent reports a child (FORKED): pair it with the oldest fork
+        event's uffd. Returns 0 or an errno for the ACK."""
+        self._children_waiting.setdefault(child_pid, trio.Event()).set()
+        uffd = parent.take_fork_uffd()
+        if uffd is None:
+            # No registered range at fork time: the kernel sends no fork
+            # event, and the child's shim attaches with a uffd of its own.
+            return errno.ENOENT
+        label = f"pid {child_pid}"
+        try:  # a plug-in's class name may not be its entry-point name
+            prefetch = self.prefetch(parent.prefetch.name, label)
+        except protocol.ProtocolError as exc:
+            log.warning("%s: %s; it runs without prefetch", label, exc)
+            prefetch = self.prefetch("none", label)
+        try:
+            pidfd = procmem.pidfd_open(child_pid)
+        except OSError as exc:  # the child is already gone
+            uffd.close()
+            return exc.errno or errno.ESRCH
+        # Its swapped pages share the parent's slots: one more reference each.
+        pages = parent.pt.forked()
+        self.backend.slots.incref(pages.all_slots())
+        child = self._new_target(child_pid, uffd, pidfd, parent.budget_pages << PAGE_SHIFT, prefetch, pages)
+        self.start(child)
+        log.info("%s: forked %s", parent.label, child.label)
+        return 0
+
+    async def child_hello(self, pid: int) -> Target | None:
+        """A forked child's HELLO: its target, made from its parent's FORKED
+        report (waited for), or None when there is none to attach to."""
+        with trio.move_on_after(CHILD_HELLO_WAIT):
+            await self._children_waiting.setdefault(pid, trio.Event()).wait()
+        self._children_waiting.pop(pid, None)
+        target = self.targets.get(pid)
+        if target is None or target.has_zapper:
+            return None
+        return target
+
+    # ---- running -------------------------------------------------------------------
+    def start(self, target: Target) -> None:
+        self.targets[target.pid] = target
+        self.targets_seen += 1
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        self._nursery.start_soon(self._run, target)
+
+    def stop(self, target: Target) -> None:
+        """The mm is gone (exit, exec): stop serving now."""
+        target.mark_gone()
+        scope = self._scopes.get(target)
+        if scope is not None:
+            scope.cancel()
+
+    async def _run(self, target: Target) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scopes[target] = nursery.cancel_scope
+
+                async def until_gone(fn, what: str):
+                    try:
+                        await fn()
+                    finally:
+                        if not nursery.cancel_scope.cancel_called:
+                            log.debug("%s: %s ended; stopping", target.label, what)
+                        nursery.cancel_scope.cancel()
+                nursery.start_soon(until_gone, target.fault_loop, "fault loop")
+                nursery.start_soon(until_gone, target.eviction_loop, "eviction")
+                nursery.start_soon(until_gone, lambda: trio.lowlevel.wait_readable(target.pidfd), "process")
+                nursery.start_soon(self._scan_maps, target)
+        except Exception:
+            self._kill(target)
+        finally:
+            self._scopes.pop(target, None)
+        self._release(target)
+
+    def _kill(self, target: Target) -> None:
+        # That target cannot be served correctly any more: once its uffd is
+        # closed its swapped pages would read as zeros, so it is killed
+        # rather than left running on wrong data.
+        log.exception("%s: internal error; killing the target (its swapped pages cannot be served)",
+                      target.label)
+        self.internal_errors += 1
+        try:
+            procmem.pidfd_send_signal(target.pidfd, signal.SIGKILL)
+        except (OSError, TargetGone):
+            pass
+
+    async def _scan_maps(self, target: Target) -> None:
+        """Register anonymous memory the shim did not report (malloc, brk)."""
+        while not target.gone:
+            await trio.sleep(self.config.scan_interval)
+            try:
+                target.check_mm()
+                self.register_found(target)
+                target.recheck()
+            except (OSError, TargetGone):
+                # The mm is gone: the process exited (its pidfd says so too)
+                # or exec'd a program without the shim (nothing else says so).
+                self.stop(target)
+                return
+
+    def _want_resume(self) -> None:
+        self._resume_wanted.set()
+
+    async def _resume_paused(self) -> None:
+        """Targets paused on a full or failing backend try again when slots
+        are freed (or after a pause), at most every RESUME_INTERVAL: a retry
+        that finds too few slots costs a write-protect round trip."""
+        while True:
+            await self._resume_wanted.wait()
+            self._resume_wanted = trio.Event()
+            await trio.sleep(RESUME_INTERVAL)
+            if self.backend.slots.free_count > 0:
+                for target in list(self.targets.values()):
+                    target.resume_eviction()
+
+    def _release(self, target: Target) -> None:
+        snap = snapshot(target)
+        target.release_all()
+        self.totals.add(snap)
+        os.close(target.pidfd)
+        if self.targets.get(target.pid) is target:
+            del self.targets[target.pid]
+        log.info("%s: released (faults %d, pages in %d, out %d)", target.label, snap["faults"],
+                 snap["pages_in"], snap["pages_out"])
+        if not self.targets:
+            self.idle.set()
+
+    def run_totals(self) -> dict:
+        totals = Totals(self.totals.counters)
+        for target in self.targets.values():
+            totals.add(snapshot(target))
+        return totals.counters

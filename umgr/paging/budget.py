@@ -1,0 +1,49 @@
+"""A target's memory budget and its water marks (pure arithmetic)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from umgr.paging.tuning import EVICT_BATCH, HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES, LOW_WATER_DIVISOR
+
+
+@dataclass(frozen=True)
+class Budget:
+    pages: int   # resident pages allowed; 0: no limit
+
+    @property
+    def limited(self) -> bool:
+        return self.pages > 0
+
+    @property
+    def high_water(self) -> int:
+        """Eviction starts above this many resident pages."""
+        if not self.pages:
+            return 0
+        return self.pages - max(self.pages // HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES)
+
+    @property
+    def low_water(self) -> int:
+        """An eviction round goes down to this many resident pages."""
+        if not self.pages:
+            return 0
+        return self.pages - max(self.pages // LOW_WATER_DIVISOR, min(EVICT_BATCH, self.pages // 2))
+
+    def over(self, resident: int) -> bool:
+        return self.limited and resident > self.high_water
+
+    def full(self, resident: int) -> bool:
+        """At the budget: a new page must wait for an eviction."""
+        return self.limited and resident >= self.pages
+
+    def evict_goal(self, resident: int) -> int:
+        """How many pages the next eviction batch wants."""
+        return min(EVICT_BATCH, resident - self.low_water)
+
+    def room(self, resident: int, otherwise: int) -> int:
+        """Pages that may come in ahead of demand without crossing the high
+        mark (`otherwise` when there is no limit)."""
+        return self.high_water - resident if self.limited else otherwise
+
+    def prefetch_allowed(self, resident: int, filling: int) -> bool:
+        """No prefetch at the budget: it would only be evicted again."""
+        return not self.limited or resident + filling < self.pages

@@ -1,0 +1,225 @@
+"""What every part of one target shares: its uffd, page table, backend,
+budget, eviction policy and stats, and the page operations more than one
+part needs (release from an eviction batch, write-protect, the clean-copy
+bookkeeping, copying a run in).
+
+Each part (fault service, evictor, pinning, hints) takes a TargetCore by
+reference in its constructor. All run as trio tasks of one thread: state
+changes only between awaits, so no locks.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import trio
+
+from umgr.kernel import procmem
+from umgr.kernel import uffd as uffdmod
+from umgr.kernel.uffd import Userfaultfd
+from umgr.paging.budget import Budget
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
+from umgr.paging.stats import TargetStats
+
+log = logging.getLogger("umgr.target")
+
+# Mapped, but with no memory of the target's own: not counted resident.
+UNCOUNTED = (State.ZERO, State.SHARED)
+
+
+class Wakeup:
+    """One task waits (with a timeout) for something another task signals."""
+
+    def __init__(self):
+        self._scope: trio.CancelScope | None = None
+
+    async def wait(self, until: Callable, timeout: float) -> None:
+        """Await until(), for at most `timeout`, or until wake()."""
+        with trio.move_on_after(timeout) as self._scope:
+            await until()
+        self._scope = None
+
+    def wake(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+class Busy:
+    """Counts operations in flight; others can wait until there are none."""
+
+    def __init__(self):
+        self._count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def __enter__(self):
+        if self._count == 0:
+            self._idle = trio.Event()
+        self._count += 1
+
+    def __exit__(self, *exc):
+        self._count -= 1
+        if self._count == 0:
+            self._idle.set()
+
+    async def until_idle(self) -> None:
+        while self._count:
+            await self._idle.wait()
+
+
+class TargetCore:
+    def __init__(self, *, pid: int, label: str, uffd: Userfaultfd, backend, budget: Budget,
+                 eviction, keep_clean: bool, pt: PageTable, on_pause: Callable[[], None] = lambda: None):
+        self.pid = pid
+        self.label = label
+        self.uffd = uffd
+        self.backend = backend
+        self.slots = backend.slots
+        self.budget = budget
+        self.eviction = eviction          # a policies.GuardedEviction
+        self.keep_clean = keep_clean      # prefetched pages keep their slot (tuning.KEEP_CLEAN_COPIES)
+        self.pt = pt
+        self.stats = TargetStats()
+        self.zapper = None                # set when the agent attaches (or remote zap)
+        self.gone = False
+        self.eviction_paused = ""         # why eviction cannot run now, "" if it can
+        self.on_pause = on_pause          # told when eviction pauses (the daemon retries it)
+        self.no_victims = False           # the evictor's last try found nothing to evict
+        self.fill_reads = Busy()          # the fault path's backend reads in flight
+        self.evicted = Wakeup()           # the fault path waiting at the budget, woken by a zap
+        self._evict_wanted = trio.Event()
+
+    # ---- budget -------------------------------------------------------------
+    def over_budget(self) -> bool:
+        return self.budget.over(self.pt.resident)
+
+    def note_resident(self) -> None:
+        """After pages came in: track the peak, wake the evictor if needed."""
+        resident = self.pt.resident
+        if resident > self.stats.peak_resident:
+            self.stats.peak_resident = resident
+        if self.over_budget():
+            self._evict_wanted.set()
+
+    def want_eviction(self) -> None:
+        self._evict_wanted.set()
+
+    async def eviction_wanted(self) -> None:
+        await self._evict_wanted.wait()
+        self._evict_wanted = trio.Event()
+
+    def can_evict(self) -> bool:
+        return self.zapper is not None and not self.eviction_paused
+
+    # ---- residency ----------------------------------------------------------
+    def became_resident(self, vpns: np.ndarray) -> None:
+        """Pages (sorted) are now RESIDENT candidates for the eviction policy."""
+        self.eviction.on_resident(np.asarray(vpns, np.int64))
+
+    def left_residency(self, vpns: np.ndarray) -> None:
+        """Pages left the resident set (evicted, unmapped, discarded, moved)."""
+        if len(vpns):
+            self.eviction.on_removed(np.asarray(vpns, np.int64))
+
+    def present_pages(self, start_vpn: int, npages: int) -> np.ndarray:
+        """Which pages of the range are in memory (PAGEMAP_SCAN)."""
+        present = np.zeros(npages, bool)
+        # category_mask requires every bit; anyof is "present or (kernel-)swapped".
+        in_memory = procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED
+        ranges = procmem.pagemap_scan(self.pid, start_vpn << PAGE_SHIFT, (start_vpn + npages) << PAGE_SHIFT,
+                                      0, in_memory, category_anyof=in_memory)
+        for lo, hi, _ in ranges:
+            present[(lo >> PAGE_SHIFT) - start_vpn:(hi >> PAGE_SHIFT) - start_vpn] = True
+        return present
+
+    def release(self, vpns: np.ndarray, from_state: int) -> None:
+        """Pages leave an eviction batch and are resident again."""
+        vpns = np.asarray(vpns, np.int64)
+        vpns = vpns[self.pt.states(vpns) == from_state]
+        slots = self.pt.slots(vpns)
+        self.slots.free(slots[slots != NO_SLOT])
+        self.pt.set(vpns, State.RESIDENT, NO_SLOT)
+        self.became_resident(vpns)
+
+    # ---- clean copies (pages that kept their swap slot) ---------------------
+    def drop_clean_copies(self, vpns: np.ndarray) -> None:
+        """Pages whose writes umgr will not see any more (or that were just
+        written) drop the swap copy they kept since they came in clean.
+        Swapped and zapping pages keep theirs: it is their content."""
+        vpns = np.asarray(vpns, np.int64)
+        states, slots = self.pt.states(vpns), self.pt.slots(vpns)
+        stale = (slots != NO_SLOT) & (states != State.SWAPPED) & (states != State.ZAPPING)
+        if stale.any():
+            self.slots.free(slots[stale])
+            for state in np.unique(states[stale]).tolist():
+                self.pt.set(vpns[stale & (states == state)], state, NO_SLOT)
+
+    def free_clean_copies(self) -> int:
+        """The swap is full: resident pages give back the slots they kept
+        (they stay write-protected; their next write just faults). Returns
+        how many slots were freed."""
+        taken = self.pt.take_kept_slots()
+        self.slots.free(taken)
+        return len(taken)
+
+    # ---- write protection ---------------------------------------------------
+    async def writeprotect(self, vpn: int, npages: int, protect: bool) -> int:
+        """UFFDIO_WRITEPROTECT from a task other than the fault loop: while a
+        non-cooperative event is queued the kernel answers EAGAIN, and the
+        fault loop is the one that reads events, so yield to it and retry."""
+        while True:
+            err = self.uffd.writeprotect(vpn << PAGE_SHIFT, npages << PAGE_SHIFT, protect)
+            if err != errno.EAGAIN:
+                return err
+            await trio.sleep(0)
+
+    async def unprotect(self, vpns: np.ndarray) -> None:
+        vpns = np.asarray(vpns, np.int64)
+        self.pt.set_flag(vpns, Flag.DISCARDABLE, False)  # unprotected: writes unseen
+        self.drop_clean_copies(vpns)
+        starts, lengths = runs(vpns)
+        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
+            await self.writeprotect(run_vpn, run_len, False)
+
+    # ---- copying in ---------------------------------------------------------
+    def copy_run(self, vpn: int, npages: int, src: int, *, zeros: bool = False, protect: bool = False,
+                 on_eagain: Callable[[], bool]) -> tuple[np.ndarray, np.ndarray, bool]:
+        """UFFDIO_COPY (ZEROPAGE with `zeros`) pages [vpn, vpn+npages) from
+        `src`, page by page past EEXIST, write-protected with `protect`.
+
+        EAGAIN means a queued event or a short copy stopped by a present
+        page: on_eagain() reads events where the caller can (the fault loop)
+        and returns True to go on (the next try answers EEXIST for a present
+        page), or False to stop. ENOENT: the range went away (its UNMAP
+        follows). Returns (in place, put there by this call, stopped on EAGAIN)."""
+        done = np.zeros(npages, bool)
+        ours = np.zeros(npages, bool)
+        mode = uffdmod.UFFDIO_COPY_MODE_WP if protect else 0
+        i = 0
+        while i < npages:
+            dst, length = (vpn + i) << PAGE_SHIFT, (npages - i) << PAGE_SHIFT
+            if zeros:
+                packed = self.uffd.zeropage_fast(dst, length)
+            else:
+                packed = self.uffd.copy_fast(dst, src + (i << PAGE_SHIFT), length, mode)
+            if not packed:  # the whole rest of the run
+                done[i:] = ours[i:] = True
+                break
+            copied, err = uffdmod.unpack(packed)
+            ok = copied >> PAGE_SHIFT
+            done[i:i + ok] = ours[i:i + ok] = True
+            i += ok
+            if err == errno.EAGAIN:
+                if on_eagain():
+                    continue
+                return done, ours, True
+            if err == errno.EEXIST:
+                done[i] = True  # present already: the page is there, wake its waiters
+                self.uffd.wake((vpn + i) << PAGE_SHIFT, PAGE_SIZE)
+                i += 1
+            else:
+                self.uffd.wake(dst, length)
+                break
+        return done, ours, False

@@ -1,0 +1,109 @@
+"""The non-cooperative userfaultfd events of one target: what the app did
+to its memory (UFFD_EVENT_REMOVE, UNMAP, REMAP, FORK).
+
+The target blocks in the kernel until each event has been read, so the
+fault loop reads them first and hands each to one short handler here.
+Handlers are idempotent: the kernel may report a REMOVE range twice.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from umgr.kernel import uffd as uffdmod
+from umgr.kernel.uffd import ForkEvent, RemapEvent, RemoveEvent, UnmapEvent
+from umgr.paging.core import TargetCore
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, State
+from umgr.paging.removes import RemoveAttribution
+
+log = logging.getLogger("umgr.target")
+
+
+class MemoryEvents:
+    def __init__(self, core: TargetCore, removes: RemoveAttribution):
+        self.core = core
+        self.removes = removes
+        self.fork_uffds: list[uffdmod.Userfaultfd] = []   # child uffds waiting for their pid
+
+    def handle(self, event) -> None:
+        kind = type(event)
+        if kind is RemoveEvent:
+            self._on_remove(event.start, event.end)
+        elif kind is UnmapEvent:
+            self._on_unmap(event.start, event.end)
+        elif kind is RemapEvent:
+            self._on_remap(event)
+        elif kind is ForkEvent:
+            self.core.stats.forks += 1
+            self.fork_uffds.append(uffdmod.Userfaultfd(event.fd))
+
+    def _on_unmap(self, start: int, end: int) -> None:
+        core = self.core
+        core.stats.unmaps += 1
+        log.debug("%s: unmap %#x-%#x", core.label, start, end)
+        lo, hi = start >> PAGE_SHIFT, _page_up(end)
+        core.left_residency(core.pt.find_state(lo, hi, State.RESIDENT)[0])
+        core.slots.free(core.pt.remove(lo, hi))
+
+    def _on_remove(self, start: int, end: int) -> None:
+        """A REMOVE event: our own zap's, or the app's madvise (removes.py
+        tells them apart). Pages of the zap in flight that the app discarded
+        too are settled by the evictor when the zap returns (FRESH, not
+        SWAPPED: their copy would resurrect data the app threw away)."""
+        core = self.core
+        lo, hi = start >> PAGE_SHIFT, _page_up(end)
+        if self.removes.count(lo, hi):
+            core.stats.own_removes += 1
+            return
+        core.stats.app_removes += 1
+        log.debug("%s: app discarded %#x-%#x", core.label, start, end)
+        core.left_residency(core.pt.find_state(lo, hi, State.RESIDENT)[0])
+        core.slots.free(core.pt.discard(lo, hi, keep=(State.ZAPPING,)))
+
+    def _on_remap(self, event: RemapEvent) -> None:
+        """mremap moved pages (the event comes after the move is complete;
+        the kernel keeps the uffd-wp bit on moved PTEs under EVENT_REMAP)."""
+        core = self.core
+        core.stats.remaps += 1
+        log.debug("%s: remap %#x -> %#x (%#x bytes)", core.label, event.src, event.dst, event.length)
+        npages = event.length >> PAGE_SHIFT
+        src, dst = event.src >> PAGE_SHIFT, event.dst >> PAGE_SHIFT
+        core.left_residency(core.pt.find_state(src, src + npages, State.RESIDENT)[0])
+        # A maps scan may have registered the new range before this event:
+        # what it recorded there is replaced by the moved pages.
+        core.slots.free(core.pt.move(src, dst, npages))
+        moved = np.arange(dst, dst + npages, dtype=np.int64)
+        states = core.pt.states(moved)
+        # An eviction batch in flight names the old addresses, so the moved
+        # pages leave it. EVICTING pages are still mapped: they stay resident
+        # (still write-protected: a write unprotects them).
+        core.release(moved[states == State.EVICTING], State.EVICTING)
+        self._settle_moved_zapping(moved[states == State.ZAPPING])
+        # The eviction order names pages by address: give it the new ones.
+        core.became_resident(moved[core.pt.states(moved) == State.RESIDENT])
+
+    def _settle_moved_zapping(self, zapping: np.ndarray) -> None:
+        """A ZAPPING page that mremap moved was either emptied by the zap
+        before the move (its content is in its slot) or is still mapped (the
+        zap, aimed at the old address, misses it now). Presence at the new
+        address tells."""
+        if not len(zapping):
+            return
+        core = self.core
+        first = int(zapping[0])
+        present = core.present_pages(first, int(zapping[-1]) - first + 1)[zapping - first]
+        core.release(zapping[present], State.ZAPPING)
+        emptied = zapping[~present]
+        slots = core.pt.slots(emptied)
+        core.pt.set(emptied[slots == NO_SLOT], State.FRESH)
+        core.pt.set(emptied[slots != NO_SLOT], State.SWAPPED)
+
+    def close(self) -> None:
+        for child in self.fork_uffds:
+            child.close()
+        self.fork_uffds.clear()
+
+
+def _page_up(addr: int) -> int:
+    return (addr + PAGE_SIZE - 1) >> PAGE_SHIFT

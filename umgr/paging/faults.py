@@ -1,0 +1,334 @@
+"""The fault service of one target: its fault loop.
+
+It reads uffd messages in batches (in place, uffd.read_batch), hands the
+non-cooperative events of each batch (REMOVE, UNMAP, REMAP, FORK) to
+MemoryEvents (events.py) in order once the batch has been walked, and serves
+the page faults: those that
+bring in no content at once (write-protect faults, pages believed resident),
+the others in one backend read and few UFFDIO_COPYs, with what the prefetch
+policy adds. At the budget, new pages wait for the evictor (backpressure).
+Race rules: docs/architecture.md.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+import numpy as np
+
+from umgr.backends import io_to_the_end
+from umgr.errors import TargetGone
+from umgr.kernel import uffd as uffdmod
+from umgr.kernel.buffers import PageBuffer
+from umgr.kernel.uffd import EVENT_PAGEFAULT, MSG_WORDS, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE, W_ADDRESS, W_FLAGS
+from umgr.paging.core import UNCOUNTED, TargetCore
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, State, runs
+from umgr.paging.events import MemoryEvents
+from umgr.paging.tuning import (BACKPRESSURE_LIMIT, BACKPRESSURE_POLL, MAX_EVENTS_PER_READ, MAX_FILL_PAGES,
+                                SPIN_SECONDS)
+
+log = logging.getLogger("umgr.target")
+
+ABSENT = (State.FRESH, State.SWAPPED)   # states a MISSING fault fills
+
+
+class FaultService:
+    def __init__(self, core: TargetCore, events: MemoryEvents, prefetch, *, spin: float = SPIN_SECONDS):
+        self.core = core
+        self.events = events              # handles what is not a page fault
+        self.prefetch = prefetch          # a policies.GuardedPrefetch
+        self.spin = spin
+        self._pending: list[tuple[int, int]] = []         # page faults to serve: (address, flags)
+        self._fill = PageBuffer(MAX_FILL_PAGES)
+        self._zeros = PageBuffer(1)
+
+    # ---- the loop -------------------------------------------------------------
+    async def run(self) -> None:
+        uffd = self.core.uffd
+        try:
+            while True:
+                if not self.drain() and not self._pending and not self._spin():
+                    await uffd.wait_readable()
+                    continue
+                if self._pending:
+                    await self._serve_pending()
+        except TargetGone:
+            self.core.gone = True
+
+    def _spin(self) -> bool:
+        """Busy-poll briefly: on a VM the wake-up of a sleeping daemon costs
+        more than serving the fault."""
+        deadline = time.perf_counter() + self.spin
+        while time.perf_counter() < deadline:
+            if self.drain():
+                return True
+        return False
+
+    def drain(self) -> bool:
+        """Read every queued message: queue faults, handle the other events.
+        True when anything was read."""
+        got = False
+        while True:
+            n = self.core.uffd.read_batch(MAX_EVENTS_PER_READ)
+            if not n:
+                return got
+            got = True
+            for event in self._walk_batch(n):
+                self.events.handle(event)
+
+    def _walk_batch(self, n: int) -> list:
+        """Queue the page faults of the n messages just read (in place, in
+        uffd.batch) as (address, flags); return the other events, typed.
+        They are handled only after the walk: a handler may read the uffd
+        again, which reuses the buffer."""
+        uffd = self.core.uffd
+        words, queue = uffd.batch, self._pending.append
+        events = []
+        for i in range(0, n * MSG_WORDS, MSG_WORDS):
+            if words[i] & 0xFF == EVENT_PAGEFAULT:
+                queue((words[i + W_ADDRESS], words[i + W_FLAGS]))
+            else:
+                events.append(uffd.batch_event(i // MSG_WORDS))
+        return events
+
+    # ---- page faults ------------------------------------------------------------
+    async def _serve_pending(self) -> None:
+        started = time.perf_counter()
+        faults, self._pending = self._pending, []
+        fills = self._triage(faults)
+        if fills:
+            await self._backpressure(fills)
+            await self._serve_fills(fills)
+        self.core.stats.record_latency(time.perf_counter() - started, len(faults))
+        self.core.note_resident()
+
+    def _triage(self, faults: list[tuple[int, int]]) -> dict[int, bool]:
+        """Serve at once the faults that bring in no content (WP faults,
+        pages believed resident or being evicted); return the others as
+        {vpn: is_write}, de-duplicated."""
+        pt, stats = self.core.pt, self.core.stats
+        fills: dict[int, bool] = {}
+        for address, flags in faults:
+            vpn = address >> PAGE_SHIFT
+            state = pt.state_of(vpn)
+            if flags & UFFD_PAGEFAULT_FLAG_WP:
+                stats.faults_wp += 1
+                if state in UNCOUNTED:
+                    fills[vpn] = True  # it will count against the budget: held back like a new page
+                else:
+                    self._on_wp_fault(vpn, state)
+                continue
+            stats.faults_missing += 1
+            if state == State.ZERO:  # its zero-page mapping went away: fill it anew
+                pt.set_state(vpn, State.FRESH)
+                state = State.FRESH
+            if state in ABSENT:
+                fills[vpn] = fills.get(vpn, False) or bool(flags & UFFD_PAGEFAULT_FLAG_WRITE)
+            elif state != State.ZAPPING:  # ZAPPING: woken when its zap completes, then refaults
+                self._serve_absent(vpn, state)
+        return fills
+
+    def _serve_absent(self, vpn: int, state: int) -> None:
+        """A page believed resident (the kernel reclaimed a MADV_FREE page),
+        being evicted, or unknown is absent: zeros, as the kernel would give.
+        A COPY onto a page that is present after all is a harmless EEXIST."""
+        mode = uffdmod.UFFDIO_COPY_MODE_WP if state == State.EVICTING else 0
+        self.core.drop_clean_copies(np.array([vpn], np.int64))
+        address = vpn << PAGE_SHIFT
+        self._retry_eagain(lambda: uffdmod.unpack(
+            self.core.uffd.copy_fast(address, self._zeros.addr, PAGE_SIZE, mode))[1])
+        self.core.uffd.wake(address, PAGE_SIZE)
+
+    def _on_wp_fault(self, vpn: int, state: int) -> None:
+        """A write to a write-protected page: it wins, unless the page's zap
+        is in flight (then the writer stays blocked until the zap is done,
+        and refaults on the copy: docs/architecture.md, "Race rules")."""
+        core = self.core
+        if state == State.ZAPPING:
+            return
+        if state in UNCOUNTED:  # the write gives it a page of its own: count it
+            core.pt.set_state(vpn, State.RESIDENT)
+            core.became_resident(np.array([vpn], np.int64))
+        if state == State.EVICTING:
+            core.stats.eviction_cancelled += 1
+            core.pt.set_state(vpn, State.RESIDENT)
+            core.became_resident(np.array([vpn], np.int64))
+        if state != State.UNMAPPED:
+            core.pt.clear_flag(vpn, Flag.DISCARDABLE)  # application hints: a write cancels DISCARDABLE
+            if core.pt.clear_flag(vpn, Flag.PREFETCHED):
+                core.stats.prefetch_hits += 1
+                self.prefetch.on_prefetch_hit(vpn)
+            if core.pt.slot_of(vpn) != NO_SLOT:  # a kept clean copy: the write makes it stale
+                core.drop_clean_copies(np.array([vpn], np.int64))
+        self._retry_eagain(lambda: core.uffd.writeprotect(vpn << PAGE_SHIFT, PAGE_SIZE, False))
+
+    def _retry_eagain(self, ioctl) -> int:
+        """Run an ioctl returning an errno, reading queued events while it
+        answers EAGAIN (the fault loop is the task that reads them)."""
+        while True:
+            err = ioctl()
+            if err != errno.EAGAIN:
+                return err
+            self.drain()
+
+    async def _backpressure(self, fills: dict[int, bool]) -> None:
+        """At the budget, new pages wait for the evictor. Meanwhile events
+        are read (the evictor's zap waits on its REMOVE events) and every
+        fault that adds no page is served: the evictor's own
+        process_vm_readv may be waiting on one."""
+        core = self.core
+        deadline = time.monotonic() + BACKPRESSURE_LIMIT
+        while self._must_wait_for_eviction() and time.monotonic() < deadline:
+            core.want_eviction()
+            await core.evicted.wait(core.uffd.wait_readable, BACKPRESSURE_POLL)
+            self.drain()
+            faults, self._pending = self._pending, []
+            for vpn, is_write in self._triage(faults).items():
+                fills[vpn] = fills.get(vpn, False) or is_write
+
+    def _must_wait_for_eviction(self) -> bool:
+        core = self.core
+        return core.budget.full(core.pt.resident) and core.can_evict() and not core.no_victims
+
+    # ---- fills ----------------------------------------------------------------
+    async def _serve_fills(self, fills: dict[int, bool]) -> None:
+        """Bring in the faulting FRESH/SWAPPED pages and what the prefetch
+        policy adds, in one backend read and few UFFDIO_COPYs."""
+        pt = self.core.pt
+        fill: dict[int, int] = {}          # vpn -> slot (NO_SLOT: zeros)
+        writes = False
+        for vpn, is_write in sorted(fills.items()):
+            state = pt.state_of(vpn)
+            if state in UNCOUNTED:
+                self._on_wp_fault(vpn, state)  # a write to a ZERO or SHARED page, held back until now
+                continue
+            if state not in ABSENT:
+                self.core.uffd.wake(vpn << PAGE_SHIFT, PAGE_SIZE)  # moved or unmapped while we waited
+                continue
+            writes |= is_write
+            self._plan_fill(vpn, state, fill)
+        if fill:
+            await self._fill_pages(fill, writes, fills)
+
+    def _plan_fill(self, vpn: int, state: int, fill: dict[int, int]) -> None:
+        if len(fill) >= MAX_FILL_PAGES:
+            return
+        core, pt = self.core, self.core.pt
+        fill[vpn] = pt.slot_of(vpn)
+        if state == State.SWAPPED:
+            core.stats.faults_swapped += 1
+        else:
+            core.stats.faults_fresh += 1
+        if not core.budget.prefetch_allowed(pt.resident, len(fill)):
+            return
+        first, end = pt.bounds(vpn)
+        extra = self.prefetch.on_fault(vpn, first, end)
+        if len(extra) == 0:
+            return
+        extra = extra[np.isin(pt.states(extra), ABSENT)]
+        slots = pt.slots(extra)
+        for page, slot in zip(extra[: MAX_FILL_PAGES - len(fill)].tolist(), slots.tolist()):
+            if page not in fill:
+                fill[page] = slot
+                core.stats.prefetched += 1
+
+    async def _fill_pages(self, fill: dict[int, int], writes: bool, faulting: dict[int, bool]) -> None:
+        core, pt = self.core, self.core.pt
+        vpns = np.fromiter(sorted(fill), np.int64, len(fill))
+        slots = np.fromiter((fill[v] for v in vpns.tolist()), np.int32, len(fill))
+        swapped = slots != NO_SLOT
+        positions = np.arange(len(vpns))
+        if swapped.any():
+            with core.fill_reads:  # WILLNEED hints wait for it
+                await io_to_the_end(core.backend.read, slots[swapped], self._fill.addrs(positions[swapped]))
+        if not swapped.all():
+            self._fill.clear(positions[~swapped])
+        # Events read while we waited may have changed these pages: fill only
+        # those still as planned.
+        planned = np.where(swapped, State.SWAPPED, State.FRESH)
+        valid = (pt.states(vpns) == planned) & (pt.slots(vpns) == slots)
+        done, clean = self._copy_in(vpns, swapped, valid, writes, faulting)
+        # An app REMOVE read while copying (EAGAIN) has already settled the
+        # pages it names: FRESH, slot freed. Only the others become ours.
+        done &= (pt.states(vpns) == planned) & (pt.slots(vpns) == slots)
+        self._settle_filled(vpns, slots, swapped, done, clean, faulting)
+
+    def _copy_in(self, vpns, swapped, valid, writes: bool, faulting: dict[int, bool]):
+        """UFFDIO_COPY the planned runs that are still valid. Returns which
+        pages are in place, and which came in write-protected with their
+        slot kept (clean)."""
+        done = np.zeros(len(vpns), bool)
+        clean = np.zeros(len(vpns), bool)
+        for run_vpn, seg in runs_faulting_last(vpns, faulting):
+            if not valid[seg].all():
+                continue
+            zeros = not writes and not swapped[seg].any()
+            keep_clean = self.core.keep_clean
+            for part_vpn, part_len, keep in clean_parts(run_vpn, swapped[seg], faulting, keep_clean):
+                at = seg.start + part_vpn - run_vpn
+                part = slice(at, at + part_len)
+                done[part], copied, _ = self.core.copy_run(
+                    part_vpn, part_len, self._fill.addr + (at << PAGE_SHIFT), zeros=zeros, protect=keep,
+                    on_eagain=self._drain_and_go_on)
+                clean[part] = copied & keep
+        return done, clean
+
+    def _drain_and_go_on(self) -> bool:
+        # Either a queued event (read it: the rest of the run may have been
+        # discarded, so its faults go round again with fresh state) or a
+        # short copy stopped by a present page (the next try answers EEXIST).
+        self.drain()
+        return True
+
+    def _settle_filled(self, vpns, slots, swapped, done, clean, faulting: dict[int, bool]) -> None:
+        core, pt = self.core, self.core.pt
+        filled = vpns[done]
+        if len(filled):
+            clean &= done & swapped
+            core.slots.free(slots[done & swapped & ~clean])
+            pt.set(filled, State.RESIDENT, np.where(clean, slots, NO_SLOT)[done])
+            prefetched = np.fromiter((v not in faulting for v in filled.tolist()), bool, len(filled))
+            pt.set_flag(filled[prefetched], Flag.PREFETCHED)
+            core.became_resident(filled)
+            core.stats.pages_in += int((done & swapped).sum())
+        # A faulting page we could not fill goes round again with fresh state.
+        for vpn in set(faulting) - set(filled.tolist()):
+            if pt.state_of(vpn) in ABSENT:
+                self._pending.append((vpn << PAGE_SHIFT, 0))
+
+    def close(self) -> None:
+        self._fill.close()
+        self._zeros.close()
+
+
+def runs_faulting_last(vpns: np.ndarray, faulting: dict[int, bool]) -> list[tuple[int, slice]]:
+    """The runs of sorted vpns as (first vpn, slice of vpns), those with a
+    faulting page last: UFFDIO_COPY wakes a run's waiters when it returns,
+    so a program woken last finds its prefetched pages (a stride's are
+    one-page runs) in place instead of faulting on them."""
+    starts, lengths = runs(vpns)
+    ends = np.cumsum(lengths)
+    spans = [(int(v), slice(int(e - n), int(e))) for v, n, e in zip(starts, lengths, ends)]
+
+    def has_faulting(span: tuple[int, slice]) -> bool:
+        first, seg = span
+        return any(v in faulting for v in range(first, first + seg.stop - seg.start))
+    return sorted(spans, key=has_faulting)
+
+
+def clean_parts(vpn: int, swapped: np.ndarray, faulting: dict[int, bool],
+                keep_clean: bool) -> list[tuple[int, int, bool]]:
+    """Split a run of len(swapped) pages from `vpn` into (vpn, npages,
+    keep_clean) parts. With keep_clean, prefetched swapped pages come in
+    write-protected and keep their slot (evicting them again is a zap only);
+    the faulting pages come in writable (a program often writes what it just
+    read: a WP fault each would cost more than the write it saves). A write
+    fault in the run: all writable."""
+    npages = len(swapped)
+    if not keep_clean or not swapped.any() or any(faulting.get(v, False) for v in range(vpn, vpn + npages)):
+        return [(vpn, npages, False)]
+    protect = np.array([v not in faulting for v in range(vpn, vpn + npages)])
+    edges = np.flatnonzero(np.diff(protect)) + 1
+    bounds = [0, *edges.tolist(), npages]
+    return [(vpn + a, b - a, bool(protect[a])) for a, b in zip(bounds[:-1], bounds[1:])]

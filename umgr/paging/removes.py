@@ -1,0 +1,53 @@
+"""Telling umgr's own UFFD_EVENT_REMOVEs from the application's.
+
+A REMOVE event does not say who discarded the range. A zap (one vectored
+MADV_DONTNEED of sorted runs) covers each of its pages exactly once, and the
+zapping thread waits in the kernel until the event of each range is read,
+so every event of a zap has been counted when the zap returns. Counting
+REMOVEs per page of the zap in flight therefore tells the cases apart:
+- an event inside the zap covering its pages for the first time is ours;
+- a page covered twice was discarded by the app too (it must read zero,
+  not come back from its swap copy);
+- an event that repeats the tail [vma end, end) of an earlier one is the
+  kernel's, not a discard: madvise repeats it after a VMA split while it had
+  dropped mmap_lock (mm/madvise.c, userfaultfd_remove()).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class RemoveAttribution:
+    def __init__(self):
+        self._vpns: np.ndarray | None = None   # the zap in flight, sorted
+        self._hits = np.zeros(0, np.uint8)      # REMOVEs that covered each page (at most 2 counted)
+        self._events: list[tuple[int, int]] = []  # (lo, hi) vpns of the events seen
+
+    @property
+    def active(self) -> bool:
+        return self._vpns is not None
+
+    def begin(self, vpns: np.ndarray) -> None:
+        """A zap of these sorted vpns is about to be issued."""
+        self._vpns, self._hits, self._events = vpns, np.zeros(len(vpns), np.uint8), []
+
+    def count(self, lo: int, hi: int) -> bool:
+        """A REMOVE of vpns [lo, hi): True when it can only be the zap's."""
+        if self._vpns is None:
+            return False
+        if any(h == hi and l < lo for l, h in self._events):
+            return True
+        self._events.append((lo, hi))
+        a, b = np.searchsorted(self._vpns, [lo, hi])
+        hits = self._hits[a:b]
+        first_time = not hits.any()
+        np.minimum(hits + 1, 2, out=hits)
+        return first_time and b - a == hi - lo
+
+    def end(self) -> np.ndarray:
+        """The zap has returned: the pages the app discarded as well."""
+        vpns, hits = self._vpns, self._hits
+        self._vpns = None
+        if vpns is None:
+            return np.empty(0, np.int64)
+        return vpns[hits >= 2]

@@ -1,0 +1,60 @@
+"""A target's counters: the one list that the target's stats, its status
+snapshot, the daemon's totals, `--stats-json` and the Prometheus metrics are
+all generated from. A counter added here shows up in each of them."""
+from __future__ import annotations
+
+import numpy as np
+
+# name -> help text (the metric is umgr_<name>_total)
+COUNTERS: dict[str, str] = {
+    "faults_missing": "MISSING userfaults (page not mapped)",
+    "faults_wp": "Write-protect userfaults (a write to a protected page)",
+    "faults_fresh": "MISSING faults on never-written pages, served with zeros",
+    "faults_swapped": "MISSING faults on swapped-out pages, served from the backend",
+    "pages_in": "Pages brought back from the backend",
+    "pages_out": "Pages evicted (written out or dropped as zero) and zapped",
+    "prefetched": "Pages brought in by the prefetch policy with a fault",
+    "prefetch_hits": "Prefetched pages seen used (their first write-protect fault)",
+    "zero_pages_out": "Evicted pages that were all zero and took no slot",
+    "zap_batches": "Zap requests (one vectored MADV_DONTNEED each)",
+    "zap_ranges": "Ranges zapped (one UFFD_EVENT_REMOVE each)",
+    "own_removes": "UFFD_EVENT_REMOVE events caused by umgr's own zaps",
+    "app_removes": "MADV_DONTNEED/REMOVE events from the application",
+    "unmaps": "munmap events",
+    "remaps": "mremap events",
+    "forks": "fork events",
+    "eviction_cancelled": "Pages written while being evicted (the write won, the copy was dropped)",
+    "zero_mapped": "Victims found on the kernel's zero page (kept, not counted resident)",
+    "shared_skipped": "Victims found shared copy-on-write with another process (kept, not counted)",
+    "locked_pinned": "Victims found mlocked (pinned while locked)",
+    "backend_failures": "Backend I/O errors met by this target (its pages stayed where they were)",
+    "hint_cold": "umgr_advise(COLD) hints received",
+    "hint_willneed": "umgr_advise(WILLNEED) hints received",
+    "hint_discardable": "umgr_advise(DISCARDABLE) hints received",
+    "cold_evicted": "Pages evicted because of a COLD hint",
+    "willneed_in": "Pages brought in because of a WILLNEED hint",
+    "discarded": "DISCARDABLE pages dropped instead of written",
+}
+
+# Fault service time, from reading a batch of faults to serving it (seconds).
+LATENCY_BUCKETS = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3, 20e-3, 100e-3)
+
+
+class TargetStats:
+    """Plain integer attributes, one per COUNTERS entry, bumped on the fault
+    path (no call into a metrics library there); plus the peak resident page
+    count and a bucketed fault-latency histogram."""
+
+    def __init__(self):
+        for name in COUNTERS:
+            setattr(self, name, 0)
+        self.peak_resident = 0
+        self.fault_latency = np.zeros(len(LATENCY_BUCKETS) + 1, np.int64)
+        self.fault_latency_sum = 0.0
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    def record_latency(self, seconds: float, faults: int) -> None:
+        self.fault_latency[np.searchsorted(LATENCY_BUCKETS, seconds)] += faults
+        self.fault_latency_sum += seconds * faults
