@@ -56,9 +56,10 @@ class BenchError(RuntimeError):
 
 
 # ---- building and running the programs ------------------------------------------
-def compile_programs(out_dir: str) -> dict[str, str]:
+def compile_programs(out_dir: str, names=("scan", "floor")) -> dict[str, str]:
+    """gcc each bench/programs/NAME.c into out_dir; NAME -> executable."""
     built = {}
-    for name in ("scan", "floor"):
+    for name in names:
         exe = os.path.join(out_dir, name)
         subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", exe, str(PROGRAMS / f"{name}.c")], check=True)
         built[name] = exe
@@ -73,8 +74,11 @@ def _last_json_line(text: str, what: str) -> dict:
     raise BenchError(f"{what}: no JSON line in its output")
 
 
-def _run(cmd: list[str], what: str, **kwargs) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, **kwargs)
+def _run(cmd: list[str], what: str, timeout: float = RUN_TIMEOUT, **kwargs) -> dict:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what} timed out after {timeout:.0f}s") from None
     if proc.returncode != 0:
         raise BenchError(f"{what} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
     result = _last_json_line(proc.stdout, what)
@@ -109,87 +113,99 @@ def _active_swaps() -> list[str]:
         return [line.split()[0] for line in f.readlines()[1:] if line.strip()]
 
 
-def _remove_swapfile() -> None:
-    if SWAPFILE in _active_swaps():
-        subprocess.run(["swapoff", SWAPFILE], check=False, capture_output=True)
+def _remove_swapfile(swapfile: str = SWAPFILE) -> None:
+    if swapfile in _active_swaps():
+        subprocess.run(["swapoff", swapfile], check=False, capture_output=True)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(SWAPFILE)
+        os.unlink(swapfile)
 
 
-def _remove_cgroup() -> None:
-    if not os.path.isdir(CGROUP):
+def _remove_cgroup(cgroup: str = CGROUP) -> None:
+    if not os.path.isdir(cgroup):
         return
     # Anything left in it (a scan killed by Ctrl-C) is killed first.
     for attempt in range(50):
-        with open(os.path.join(CGROUP, "cgroup.procs")) as f:
+        with open(os.path.join(cgroup, "cgroup.procs")) as f:
             pids = [int(p) for p in f.read().split()]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         try:
-            os.rmdir(CGROUP)
+            os.rmdir(cgroup)
             return
         except OSError:
             time.sleep(0.1)
-    print(f"bench: could not remove {CGROUP}", file=sys.stderr)
+    print(f"bench: could not remove {cgroup}", file=sys.stderr)
 
 
-def _teardown_kernel_swap() -> None:
+def _teardown_kernel_swap(swapfile: str = SWAPFILE, cgroup: str = CGROUP) -> None:
     try:
-        _remove_cgroup()
+        _remove_cgroup(cgroup)
     finally:
-        _remove_swapfile()
+        _remove_swapfile(swapfile)
 
 
 @contextlib.contextmanager
-def kernel_swap(swap_mib: int, limit_bytes: int):
-    """A swapfile of swap_mib MiB and the cgroup CGROUP limited to
-    limit_bytes; both removed on the way out, whatever happened."""
+def kernel_swap(swap_mib: int, limit_bytes: int, *, swapfile: str = SWAPFILE, cgroup: str = CGROUP):
+    """A swapfile of swap_mib MiB and the cgroup `cgroup` limited to
+    limit_bytes; both removed on the way out, whatever happened. (Leftovers
+    of an interrupted run under the same names are removed first: another
+    benchmark running at the same time needs names of its own.)"""
     if not os.path.isdir(CGROUP_ROOT):
         raise BenchError(f"no cgroup v1 memory controller at {CGROUP_ROOT}")
-    _teardown_kernel_swap()  # leftovers of an interrupted run
+    _teardown_kernel_swap(swapfile, cgroup)  # leftovers of an interrupted run
     try:
-        fd = os.open(SWAPFILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        fd = os.open(swapfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             os.posix_fallocate(fd, 0, swap_mib * MiB)
         finally:
             os.close(fd)
-        subprocess.run(["mkswap", SWAPFILE], check=True, capture_output=True)
-        on = subprocess.run(["swapon", SWAPFILE], capture_output=True, text=True)
+        subprocess.run(["mkswap", swapfile], check=True, capture_output=True)
+        on = subprocess.run(["swapon", swapfile], capture_output=True, text=True)
         if on.returncode != 0:
             # A filesystem that refuses fallocated swapfiles ("has holes"): write it.
-            os.unlink(SWAPFILE)
-            subprocess.run(["dd", "if=/dev/zero", f"of={SWAPFILE}", "bs=1M", f"count={swap_mib}", "status=none"],
+            os.unlink(swapfile)
+            subprocess.run(["dd", "if=/dev/zero", f"of={swapfile}", "bs=1M", f"count={swap_mib}", "status=none"],
                            check=True)
-            os.chmod(SWAPFILE, 0o600)
-            subprocess.run(["mkswap", SWAPFILE], check=True, capture_output=True)
-            subprocess.run(["swapon", SWAPFILE], check=True, capture_output=True)
-        os.mkdir(CGROUP)
-        memsw = os.path.join(CGROUP, "memory.memsw.limit_in_bytes")
+            os.chmod(swapfile, 0o600)
+            subprocess.run(["mkswap", swapfile], check=True, capture_output=True)
+            subprocess.run(["swapon", swapfile], check=True, capture_output=True)
+        os.mkdir(cgroup)
+        memsw = os.path.join(cgroup, "memory.memsw.limit_in_bytes")
         if os.path.exists(memsw):
             _write(memsw, -1)
-        _write(os.path.join(CGROUP, "memory.limit_in_bytes"), limit_bytes)
-        yield CGROUP
+        _write(os.path.join(cgroup, "memory.limit_in_bytes"), limit_bytes)
+        yield cgroup
     finally:
-        _teardown_kernel_swap()
+        _teardown_kernel_swap(swapfile, cgroup)
 
 
-def _enter_cgroup() -> None:
-    # preexec_fn: runs in the child between fork and exec.
-    with open(os.path.join(CGROUP, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
+def enter_cgroup(cgroup: str = CGROUP):
+    """A preexec_fn that moves the child into `cgroup` between fork and exec."""
+    def enter() -> None:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    return enter
+
+
+_enter_cgroup = enter_cgroup(CGROUP)
+
+
+def cgroup_figures(cg: str) -> dict:
+    """The memory cgroup's fault counts and peak usage."""
+    stat = _read_kv(os.path.join(cg, "memory.stat"))
+    return {
+        "pgmajfault": stat.get("total_pgmajfault", stat.get("pgmajfault")),
+        "pgfault": stat.get("total_pgfault", stat.get("pgfault")),
+        "max_usage_bytes": int(open(os.path.join(cg, "memory.max_usage_in_bytes")).read()),
+        "failcnt": int(open(os.path.join(cg, "memory.failcnt")).read()),
+    }
 
 
 def run_kernel_swap(scan: str, data_mib: int, budget_mib: int, passes: int, swap_mib: int) -> dict:
     with kernel_swap(swap_mib, budget_mib * MiB) as cg:
         scan_result = _run([scan, str(data_mib), str(passes)], "scan under kernel swap", preexec_fn=_enter_cgroup)
-        stat = _read_kv(os.path.join(cg, "memory.stat"))
-        cgroup = {
-            "pgmajfault": stat.get("total_pgmajfault", stat.get("pgmajfault")),
-            "pgfault": stat.get("total_pgfault", stat.get("pgfault")),
-            "max_usage_bytes": int(open(os.path.join(cg, "memory.max_usage_in_bytes")).read()),
-            "failcnt": int(open(os.path.join(cg, "memory.failcnt")).read()),
-        }
+        cgroup = cgroup_figures(cg)
     return {"scan": scan_result, "cgroup": cgroup, "swap_mib": swap_mib}
 
 
@@ -208,24 +224,34 @@ def run_umgr(scan: str, data_mib: int, budget_mib: int, passes: int, policy: str
     """One scan under `umgr exec`. A failed run (umgr exiting non-zero) is
     retried, and its error kept in the result's "failures": a benchmark that
     hid them would hide bugs."""
-    stats_file = os.path.join(work, f"umgr-{policy}.json")
-    cmd = [*umgr_cmd, "exec", "--max-resident", f"{budget_mib}M", "--policy", policy,
-           "--swap-size", f"{data_mib + 256}M", "--stats-json", stats_file, "--",
-           scan, str(data_mib), str(passes)]
+    result, stats, failures = umgr_exec(umgr_cmd, budget_mib, data_mib + 256, ["--policy", policy],
+                                        [scan, str(data_mib), str(passes)], os.path.join(work, f"umgr-{policy}.json"),
+                                        f"scan under umgr ({policy})", attempts)
+    return {"scan": result, "umgr": stats, "failures": failures}
+
+
+def umgr_exec(umgr_cmd: list[str], budget_mib: int, swap_mib: int, umgr_args: list[str], program: list[str],
+              stats_file: str, what: str, attempts: int = 3,
+              timeout: float = RUN_TIMEOUT) -> tuple[dict, dict, list[str]]:
+    """`umgr exec --max-resident BUDGET --swap-size SWAP UMGR_ARGS
+    --stats-json STATS_FILE -- PROGRAM`: (the program's JSON line, umgr's
+    --stats-json figures, the errors of failed attempts, which were retried)."""
+    cmd = [*umgr_cmd, "exec", "--max-resident", f"{budget_mib}M", "--swap-size", f"{swap_mib}M", *umgr_args,
+           "--stats-json", stats_file, "--", *program]
     failures = []
     for _ in range(attempts):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(stats_file)
         try:
-            scan_result = _run(cmd, f"scan under umgr ({policy})")
+            result = _run(cmd, what, timeout)
         except BenchError as exc:
             lines = [line.strip().lstrip("|+- ") for line in str(exc).splitlines() if line.strip().strip("|+-").strip()]
             failures.append(lines[-1] if lines else str(exc))
             continue
         with open(stats_file) as f:
             stats = json.load(f)
-        return {"scan": scan_result, "umgr": stats, "failures": failures}
-    raise BenchError(f"umgr --policy {policy} failed {attempts} times: {failures}")
+        return result, stats, failures
+    raise BenchError(f"{what} failed {attempts} times: {failures}")
 
 
 # ---- the C handler floor ------------------------------------------------------------
@@ -481,14 +507,21 @@ def main(argv=None) -> int:
     parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     args = parser.parse_args(argv)
-    # SIGTERM/SIGHUP unwind like Ctrl-C, so the swapfile and cgroup go away.
+    return run_and_report(lambda: run(args.data_mib, args.budget_mib, args.passes, rounds=args.rounds,
+                                      floor_mib=args.floor_mib, umgr_cmd=args.umgr.split() if args.umgr else None,
+                                      policies=[p for p in args.policies.split(",") if p],
+                                      kernel=not args.no_kernel_swap, none_passes=args.none_passes),
+                          format_report, args.json)
+
+
+def run_and_report(measure, format_report, json_path: str | None) -> int:
+    """A benchmark's main: results = measure(), its report printed and the
+    results written to json_path; SIGTERM/SIGHUP unwind like Ctrl-C, so a
+    kernel_swap() swapfile and cgroup go away. The exit status."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     try:
-        results = run(args.data_mib, args.budget_mib, args.passes, rounds=args.rounds, floor_mib=args.floor_mib,
-                      umgr_cmd=args.umgr.split() if args.umgr else None,
-                      policies=[p for p in args.policies.split(",") if p], kernel=not args.no_kernel_swap,
-                      none_passes=args.none_passes)
+        results = measure()
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -496,8 +529,8 @@ def main(argv=None) -> int:
         print("bench: interrupted (swapfile and cgroup removed)", file=sys.stderr)
         return 130
     print(format_report(results))
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
     return 0
 

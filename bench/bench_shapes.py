@@ -1,0 +1,308 @@
+"""Access-shape benchmark: umgr against the kernel's own swap, phase by phase.
+
+One invocation runs, on the same machine, each workload as
+
+  plain          no limit (no paging at all: the reference);
+  kernel swap    in a cgroup v1 memory group limited to the budget, with a
+                 swapfile of its own (set up here, torn down in `finally`);
+  umgr VARIANT   `umgr exec --max-resident BUDGET --stats-json ... VARIANT`
+                 for each variant: "default" (no extra arguments) and, say,
+                 "--policy none" or "--eviction NAME", so two policies are
+                 compared in the same run on the same machine.
+
+The workloads:
+
+  shapes   bench/programs/shapes.c: DATA MiB of anonymous memory, first
+           touched (phase "touch"), then the phases: seq, random, hot
+           (90% of reads in a HOT MiB set scattered over the data), rewrite
+           (read, check, write a new version), threads (4 threads of random
+           reads), seq2. Every page read is checked.
+  python   bench/programs/pyworkload.py: unmodified CPython, ~600 MB at its
+           peak at scale 1 (a list of 6M ints sorted, a dict, a 96 MiB
+           bytearray, all checked), run at a budget of one third of the
+           peak the plain run measured (or --py-budget-mib).
+
+The table gives seconds per phase for each configuration and umgr/kernel
+(lower is better); the fault table gives per-phase faults from the
+program's rusage (kernel swap: major faults; umgr: minor faults, which is
+how a userfault counts); then umgr's --stats-json figures and the kernel
+cgroup's pgmajfault for the whole run.
+
+Needs root (swapon, cgroups, userfaultfd), gcc, mkswap/swapon/swapoff and the
+cgroup v1 memory controller at /sys/fs/cgroup/memory.
+
+    python bench/bench_shapes.py [--data-mib 1024] [--budget-mib 128] [--variants 'default;--policy none']
+    python bench/bench_shapes.py --data-mib 96 --budget-mib 32 --py-scale 0.05     # a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shlex
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_paging import (  # noqa: E402  (bench/ is not a package)
+    CGROUP_ROOT, MiB, PROGRAMS, BenchError, _active_swaps, _run, cgroup_figures, compile_programs,
+    default_umgr_cmd, enter_cgroup, kernel_swap, run_and_report, umgr_exec,
+)
+
+# Names of their own: bench_paging.py may be running at the same time, and
+# kernel_swap() removes leftovers under its names first.
+SWAPFILE = "/var/tmp/umgr-bench-shapes.swap"
+CGROUP = os.path.join(CGROUP_ROOT, "umgr-bench-shapes")
+
+PHASES = "seq,random,hot,rewrite,threads,seq2"
+TIMEOUT = 1800
+
+
+def parse_variants(text: str) -> list[tuple[str, list[str]]]:
+    """'default;--policy none;--eviction fifo' -> [(label, umgr args)]."""
+    out = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if part in (label for label, _ in out):
+            raise SystemExit(f"bench_shapes: variant {part!r} given twice")
+        out.append((part, [] if part == "default" else shlex.split(part)))
+    return out
+
+
+# ---- one workload in every configuration --------------------------------------------
+@dataclasses.dataclass
+class Workload:
+    """A program that prints {"phases": {name: seconds, ...}, ...}, the
+    budget it runs at and the swap it gets (kernel swapfile, umgr swap)."""
+    name: str
+    argv: list[str]
+    budget_mib: int
+    swap_mib: int
+
+
+def _total(result: dict) -> float:
+    return sum(result["phases"].values())
+
+
+def run_plain(w: Workload, timeout: float) -> dict:
+    return {"result": _run(w.argv, f"{w.name} plain", timeout)}
+
+
+def run_kernel(w: Workload, timeout: float) -> dict:
+    with kernel_swap(w.swap_mib, w.budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP) as cg:
+        result = _run(w.argv, f"{w.name} under kernel swap", timeout, preexec_fn=enter_cgroup(cg))
+        cgroup = cgroup_figures(cg)
+    return {"result": result, "cgroup": cgroup, "swap_mib": w.swap_mib}
+
+
+def run_umgr(w: Workload, label: str, args: list[str], umgr_cmd: list[str], work: str, timeout: float,
+             attempts: int) -> dict:
+    stats_file = os.path.join(work, f"umgr-{w.name}.json")
+    result, stats, failures = umgr_exec(umgr_cmd, w.budget_mib, w.swap_mib, args, w.argv, stats_file,
+                                        f"{w.name} under umgr ({label})", attempts, timeout)
+    return {"result": result, "umgr": stats, "failures": failures, "args": args}
+
+
+def run_workload(w: Workload, variants, *, kernel: bool, rounds: int, umgr_cmd: list[str], work: str,
+                 timeout: float, attempts: int, plain: dict | None = None, log=print) -> dict:
+    """Every configuration `rounds` times, interleaved; each keeps its
+    fastest round (by total time) and the totals of all."""
+    runs: dict[str, list[dict]] = {}
+    if plain is not None:
+        runs["plain"] = [plain]
+    for r in range(rounds):
+        tag = f"{w.name} round {r + 1}/{rounds}" if rounds > 1 else w.name
+        if plain is None or r > 0:
+            log(f"{tag}: plain ...")
+            runs.setdefault("plain", []).append(run_plain(w, timeout))
+        if kernel:
+            log(f"{tag}: kernel swap (swapfile {w.swap_mib} MiB + cgroup limit {w.budget_mib} MiB) ...")
+            runs.setdefault("kernel", []).append(run_kernel(w, timeout))
+        for label, args in variants:
+            log(f"{tag}: umgr {label} ...")
+            runs.setdefault(f"umgr {label}", []).append(run_umgr(w, label, args, umgr_cmd, work, timeout, attempts))
+    configs = {}
+    for name, rs in runs.items():
+        best = min(rs, key=lambda x: _total(x["result"]))
+        configs[name] = {**best, "round_totals": [_total(x["result"]) for x in rs],
+                         "failures": [f for x in rs for f in x.get("failures", [])]}
+    return {"budget_mib": w.budget_mib, "swap_mib": w.swap_mib, "argv": w.argv, "configs": configs}
+
+
+# ---- the run ---------------------------------------------------------------------------
+def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
+    if os.geteuid() != 0:
+        raise BenchError("needs root (swapon, cgroups, userfaultfd)")
+    umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
+    variants = parse_variants(args.variants)
+    hot_mib = args.hot_mib if args.hot_mib is not None else min(64, args.budget_mib // 2)
+    other_swaps = [s for s in _active_swaps() if s != SWAPFILE]
+    results: dict = {
+        "params": {"data_mib": args.data_mib, "budget_mib": args.budget_mib, "phases": args.phases,
+                   "seed": args.seed, "ops": args.ops, "hot_mib": hot_mib, "variants": [lbl for lbl, _ in variants],
+                   "rounds": args.rounds, "py_scale": None if args.no_python else args.py_scale,
+                   "umgr": umgr_cmd},
+        "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+                "other_swaps": other_swaps},
+        "workloads": {},
+    }
+    if other_swaps:
+        log(f"note: other swap areas are active ({', '.join(other_swaps)}): the kernel-swap runs may use them too")
+    with tempfile.TemporaryDirectory(prefix="umgr-bench-shapes-") as work:
+        exe = compile_programs(work, ("shapes",))["shapes"]
+        shapes = Workload("shapes", [exe, str(args.data_mib), args.phases, str(args.seed), str(args.ops or 0),
+                                     str(hot_mib)], args.budget_mib, args.data_mib + 256)
+        common = dict(kernel=not args.no_kernel_swap, rounds=args.rounds, umgr_cmd=umgr_cmd, work=work,
+                      timeout=args.timeout, attempts=args.attempts, log=log)
+        results["workloads"]["shapes"] = run_workload(shapes, variants, **common)
+        if not args.no_python:
+            py_argv = [args.python, str(PROGRAMS / "pyworkload.py"), str(args.py_scale), str(args.seed)]
+            log("python: plain ...")
+            plain = {"result": _run(py_argv, "python plain", args.timeout)}
+            peak_mib = plain["result"]["peak_rss_kb"] / 1024
+            py = Workload("python", py_argv, args.py_budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256)
+            results["workloads"]["python"] = run_workload(py, variants, plain=plain, **common)
+            results["workloads"]["python"]["peak_mib"] = peak_mib
+    results["env"]["loadavg_after"] = os.getloadavg()
+    return results
+
+
+# ---- the tables ---------------------------------------------------------------------------
+def _fmt(x, width, prec=3):
+    if x is None:
+        return f"{'-':>{width}}"
+    if isinstance(x, float):
+        return f"{x:>{width}.{prec}f}"
+    return f"{x:>{width}}"
+
+
+def format_workload(name: str, wl: dict) -> list[str]:
+    configs = wl["configs"]
+    kernel = configs.get("kernel")
+    umgrs = [c for c in configs if c.startswith("umgr ")]
+    phases = list(configs["plain"]["result"]["phases"])
+    # Columns: plain, kernel, then each umgr variant and its ratio to kernel.
+    cols = [("plain", 9), ("kernel", 9)] if kernel else [("plain", 9)]
+    lines = []
+    header = f"{'phase':<10}" + "".join(f"{c:>{w + 1}}" for c, w in cols)
+    for c in umgrs:
+        label = c[len("umgr "):]
+        width = max(9, len(label))
+        header += f" {label:>{width}}" + (f" {'/kernel':>7}" if kernel else "")
+    lines += [header + "   (seconds)"]
+
+    def row(label, get):
+        line = f"{label:<10}"
+        for c, w in cols:
+            line += " " + _fmt(get(configs["plain" if c == "plain" else "kernel"]), w)
+        for c in umgrs:
+            width = max(9, len(c) - len("umgr "))
+            v = get(configs[c])
+            line += " " + _fmt(v, width)
+            if kernel:
+                k = get(kernel)
+                line += " " + _fmt(v / k if v is not None and k else None, 7, 2)
+        return line
+
+    for ph in phases:
+        lines.append(row(ph, lambda cfg, ph=ph: cfg["result"]["phases"].get(ph)))
+    lines.append(row("total", lambda cfg: _total(cfg["result"])))
+
+    # Per-phase faults, from the program's rusage (C workload only: CPython
+    # reports no per-phase rusage).
+    if "minflt" in configs["plain"]["result"]:
+        widths = {c: max(9, len(c) - len("umgr ")) for c in umgrs}
+        lines += ["", f"{'faults':<10}" + (f" {'kern maj':>9}" if kernel else "")
+                  + "".join(f" {c[len('umgr '):]:>{widths[c]}}" for c in umgrs)
+                  + "   (kernel: majflt; umgr: minflt = userfaults)"]
+        for ph in phases:
+            line = f"{ph:<10}"
+            if kernel:
+                line += " " + _fmt(kernel["result"]["majflt"].get(ph), 9)
+            for c in umgrs:
+                line += " " + _fmt(configs[c]["result"]["minflt"].get(ph), widths[c])
+            lines.append(line)
+
+    lines += ["", "  peak RSS (ru_maxrss): " + ", ".join(
+        f"{c} {cfg['result']['peak_rss_kb'] / 1024:.0f} MiB" for c, cfg in configs.items())]
+    if kernel:
+        cg = kernel["cgroup"]
+        lines.append(f"  kernel: swapfile {kernel['swap_mib']} MiB, cgroup pgmajfault={cg['pgmajfault']} "
+                     f"pgfault={cg['pgfault']} max_usage={cg['max_usage_bytes'] / MiB:.1f} MiB failcnt={cg['failcnt']}")
+    for c in umgrs:
+        s = configs[c]["umgr"]
+        lines.append(f"  {c}: faults={s['faults']} (missing {s.get('faults_missing', '?')}, wp {s.get('faults_wp', '?')}) "
+                     f"pages_in={s['pages_in']} pages_out={s['pages_out']} prefetched={s['prefetched']} "
+                     f"peak_resident={s['peak_resident_bytes'] / MiB:.1f} MiB "
+                     f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB "
+                     f"wall={s['wall_seconds']}s")
+        if s["pages_out"] == 0:
+            lines.append(f"  {c}: WARNING: umgr paged nothing out (was the program managed at all?)")
+        if s["peak_resident_bytes"] > wl["budget_mib"] * MiB * 1.1:
+            lines.append(f"  {c}: WARNING: peak resident {s['peak_resident_bytes'] / MiB:.1f} MiB "
+                         f"over the {wl['budget_mib']} MiB budget")
+    for c, cfg in configs.items():
+        if cfg.get("failures"):
+            lines.append(f"  {c}: {len(cfg['failures'])} failed run(s), retried: {cfg['failures'][0]}")
+        if len(cfg["round_totals"]) > 1:
+            lines.append(f"  {c}: round totals " + ", ".join(f"{t:.3f}" for t in cfg["round_totals"]) + " (fastest shown)")
+    return lines
+
+
+def format_report(results: dict) -> str:
+    p, env = results["params"], results["env"]
+    lines = [f"kernel {env['kernel']}, {env['cpus']} CPUs, loadavg before {env['loadavg_before'][0]:.2f} "
+             f"after {env['loadavg_after'][0]:.2f}; umgr: {' '.join(p['umgr'])}"
+             + (f"; other swap areas active: {', '.join(env['other_swaps'])}" if env["other_swaps"] else "")]
+    if "shapes" in results["workloads"]:
+        wl = results["workloads"]["shapes"]
+        r = wl["configs"]["plain"]["result"]
+        lines += ["", f"shapes: {p['data_mib']} MiB of data, budget {p['budget_mib']} MiB, {r['ops']} ops per "
+                      f"random phase, hot set {r['hot_pages'] * 4096 // MiB} MiB, seed {p['seed']}"
+                      + (f", best of {p['rounds']} rounds" if p["rounds"] > 1 else "")]
+        lines += format_workload("shapes", wl)
+    if "python" in results["workloads"]:
+        wl = results["workloads"]["python"]
+        r = wl["configs"]["plain"]["result"]
+        lines += ["", f"python: scale {p['py_scale']} ({r['ints']} ints, {r['dict_entries']} dict entries, "
+                      f"{r['bytes_mib']:.0f} MiB bytearray), plain peak RSS {wl['peak_mib']:.0f} MiB, "
+                      f"budget {wl['budget_mib']} MiB"]
+        lines += format_workload("python", wl)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-mib", type=int, default=1024)
+    parser.add_argument("--budget-mib", type=int, default=128)
+    parser.add_argument("--phases", default=PHASES, help=f"shapes phases, in order (default {PHASES})")
+    parser.add_argument("--ops", type=int, default=None,
+                        help="page reads per random phase (default min(65536, data pages / 4))")
+    parser.add_argument("--hot-mib", type=int, default=None, help="hot set of the hot phase (default min(64, budget/2))")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--variants", default="default",
+                        help="umgr variants, ';'-separated umgr exec arguments, 'default' for none "
+                             "(e.g. 'default;--policy none;--eviction fifo')")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each config keeps its fastest")
+    parser.add_argument("--no-python", action="store_true", help="skip the CPython workload")
+    parser.add_argument("--py-scale", type=float, default=1.0, help="CPython workload size (1: ~600 MB peak)")
+    parser.add_argument("--py-budget-mib", type=int, default=None,
+                        help="budget of the CPython workload (default: a third of its plain peak RSS, ~192 at scale 1)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the CPython workload")
+    parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
+    parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per program run")
+    parser.add_argument("--attempts", type=int, default=2, help="tries of a failing umgr run (failures are reported)")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.data_mib < 1 or args.budget_mib < 1:
+        parser.error("--rounds, --data-mib and --budget-mib must be at least 1")
+    return run_and_report(lambda: run(args), format_report, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
