@@ -69,6 +69,12 @@ class EvictionPolicy:
         which vpns (any order) are resident now: a lazy policy may use it to
         drop stale entries in bulk."""
 
+    def on_refault(self, vpns: np.ndarray, distances: np.ndarray) -> None:
+        """These pages faulted back in from swap (an on_resident for them
+        follows). ``distances[i]``: how many pages the target evicted
+        between that page's eviction and now, its refault distance; one
+        smaller than the resident set means FIFO threw out a page in use."""
+
     def on_resident(self, vpns: np.ndarray) -> None:
         """These pages became resident, in fault order."""
 
@@ -96,6 +102,7 @@ _BUILTIN_PREFETCH = {
 }
 _BUILTIN_EVICTION = {
     "fifo": ".fifo:FifoEviction",
+    "reuse": ".reuse:ReuseEviction",
 }
 
 
@@ -137,7 +144,7 @@ def load_eviction(name: str, **options) -> EvictionPolicy:
 
 def _as_vpns(result) -> np.ndarray:
     """A policy's answer as a 1-D int64 array; anything but integers is a bug."""
-    if result is None:
+    if result is None or (type(result) in (tuple, list) and not result):
         return _EMPTY
     arr = np.asarray(result)
     if arr.size == 0:
@@ -266,6 +273,12 @@ class GuardedEviction:
             self.policy.on_removed(np.asarray(vpns, dtype=np.int64))
         except Exception:
             self._fall_back("on_removed")
+
+    def on_refault(self, vpns: np.ndarray, distances: np.ndarray) -> None:
+        try:
+            self.policy.on_refault(np.asarray(vpns, dtype=np.int64), np.asarray(distances, dtype=np.int64))
+        except Exception:
+            self._fall_back("on_refault")
 
     def choose(self, n: int) -> np.ndarray:
         if n <= 0:

@@ -61,3 +61,44 @@ def replay(
         while len(resident) > resident_capacity:
             unused.discard(resident.popitem(last=False)[0])
     return ReplayResult(len(trace), faults, prefetched, used)
+
+
+@dataclass
+class EvictionReplayResult:
+    accesses: int
+    faults: int
+    refaults: int        # faults on pages evicted earlier
+    evictions: int
+
+
+def replay_eviction(policy, trace_vpns, resident_capacity: int, batch: int = 64) -> EvictionReplayResult:
+    """Drive an eviction policy over ``trace_vpns`` (page accesses in order)
+    the way the daemon does: a fault makes the page resident (after
+    ``on_refault`` with its refault distance if it was evicted before);
+    above ``resident_capacity`` pages, ``choose`` picks up to ``batch``
+    victims, stale candidates are skipped, and ``on_removed`` reports those
+    evicted. Like the daemon, the policy sees faults, never hits."""
+    from . import GuardedEviction
+
+    resident: set[int] = set()
+    evicted_at: dict[int, int] = {}
+    guarded = policy if isinstance(policy, GuardedEviction) else GuardedEviction(policy, target="replay")
+    guarded.attach(lambda vpns: np.fromiter((int(v) in resident for v in vpns), bool, len(vpns)))
+    faults = refaults = evictions = 0
+    for vpn in np.asarray(trace_vpns, dtype=np.int64).tolist():
+        if vpn in resident:
+            continue
+        faults += 1
+        if vpn in evicted_at:
+            refaults += 1
+            guarded.on_refault(np.array([vpn]), np.array([evictions - evicted_at.pop(vpn)]))
+        resident.add(vpn)
+        guarded.on_resident(np.array([vpn]))
+        if len(resident) > resident_capacity:
+            victims = [v for v in guarded.choose(batch).tolist() if v in resident]
+            for v in victims:
+                resident.discard(v)
+                evicted_at[v] = evictions
+                evictions += 1
+            guarded.on_removed(np.array(victims, dtype=np.int64))
+    return EvictionReplayResult(len(np.asarray(trace_vpns)), faults, refaults, evictions)

@@ -1,0 +1,74 @@
+"""Reuse-aware eviction: two FIFO queues and refault distances (2Q-like).
+
+umgr cannot see accesses to mapped pages (no access bits reach a process),
+but it sees refaults: a page that faults back in from swap, and how many
+pages the target evicted since that page went out (its refault distance,
+computed by the daemon). A page that comes back after fewer evictions than
+there are resident pages would have stayed resident under LRU with this
+budget: it is part of a working set that FIFO keeps throwing out. Such pages
+go to the hot queue; everything else to the cold queue.
+
+Victims come from the cold queue, so a stream or a scan cycles through it
+and leaves the hot queue alone; the hot queue gives up its oldest pages only
+when it holds more than ``hot_share`` of the tracked pages (or the cold queue
+is empty). A hot page evicted that way comes back hot if it is still used.
+Both queues are lazy FIFOs (see fifo.py): 8 bytes per resident page each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import EvictionPolicy
+from .fifo import FifoEviction, IsLive
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class ReuseEviction(EvictionPolicy):
+    name = "reuse"
+
+    def __init__(self, hot_share: float = 0.75, capacity: int = 1024):
+        if not 0.0 < hot_share < 1.0:
+            raise ValueError(f"need 0 < hot_share < 1, got {hot_share}")
+        self.hot_share = hot_share
+        self._cold = FifoEviction(capacity)
+        self._hot = FifoEviction(capacity)
+        self._promote = _EMPTY  # refaulted pages about to become resident, hot
+
+    def attach(self, is_live: IsLive) -> None:
+        self._cold.attach(is_live)
+        self._hot.attach(is_live)
+
+    def on_refault(self, vpns: np.ndarray, distances: np.ndarray) -> None:
+        near = np.asarray(distances, dtype=np.int64) <= max(len(self), 1)
+        self._promote = np.asarray(vpns, dtype=np.int64)[near]
+
+    def on_resident(self, vpns: np.ndarray) -> None:
+        vpns = np.asarray(vpns, dtype=np.int64).ravel()
+        if self._promote.size == 0:
+            self._cold.on_resident(vpns)
+            return
+        hot = np.isin(vpns, self._promote)
+        self._promote = _EMPTY
+        self._hot.on_resident(vpns[hot])
+        self._cold.on_resident(vpns[~hot])
+
+    def choose(self, n: int) -> np.ndarray:
+        n = max(int(n), 0)
+        over = len(self._hot) - int(self.hot_share * len(self))
+        picked = [self._hot.choose(min(n, over))] if over > 0 else []
+        left = n - sum(len(p) for p in picked)
+        picked.append(self._cold.choose(left))
+        left -= len(picked[-1])
+        if left > 0:
+            picked.append(self._hot.choose(left))
+        return np.concatenate(picked) if picked else _EMPTY
+
+    def __len__(self) -> int:
+        return len(self._cold) + len(self._hot)
+
+    @property
+    def hot_pages(self) -> int:
+        """Entries in the hot queue (stale ones included)."""
+        return len(self._hot)
