@@ -25,6 +25,9 @@ class SlotAllocator:
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int32)
         self._nfree = capacity
         self._refs = np.zeros(capacity, np.uint16)
+        # When each slot's page was evicted, on its target's eviction clock
+        # (TargetCore.evictions, wrapping): for refault distances.
+        self.evicted_at = np.zeros(capacity, np.uint32)
         self.on_release: Callable[[], None] | None = None   # called when slots become free
 
     @property

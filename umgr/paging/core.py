@@ -87,6 +87,7 @@ class TargetCore:
         self.eviction_paused = ""         # why eviction cannot run now, "" if it can
         self.on_pause = on_pause          # told when eviction pauses (the daemon retries it)
         self.no_victims = False           # the evictor's last try found nothing to evict
+        self.evictions = 0                # pages evicted so far: the clock of refault distances
         self.fill_reads = Busy()          # the fault path's backend reads in flight
         self.evicted = Wakeup()           # the fault path waiting at the budget, woken by a zap
         self._evict_wanted = trio.Event()
@@ -117,6 +118,13 @@ class TargetCore:
     def became_resident(self, vpns: np.ndarray) -> None:
         """Pages (sorted) are now RESIDENT candidates for the eviction policy."""
         self.eviction.on_resident(np.asarray(vpns, np.int64))
+
+    def refaulted(self, vpns: np.ndarray, slots: np.ndarray) -> None:
+        """Faulting pages (sorted) came back from these slots: tell the
+        eviction policy how long they were out (pages evicted since)."""
+        if len(vpns):
+            now = np.uint32(self.evictions & 0xFFFFFFFF)
+            self.eviction.on_refault(vpns, (now - self.slots.evicted_at[slots]).astype(np.int64))
 
     def left_residency(self, vpns: np.ndarray) -> None:
         """Pages left the resident set (evicted, unmapped, discarded, moved)."""

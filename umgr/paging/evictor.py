@@ -139,6 +139,7 @@ class Evictor:
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
         page_slots[store] = slots
         page_slots[clean] = clean_slots[clean]
+        core.slots.evicted_at[page_slots[store | clean]] = core.evictions & 0xFFFFFFFF
         # Pages that were written to (WP fault), discarded or unmapped while
         # their copy was in flight have left EVICTING: their copy is dropped.
         still = core.pt.states(vpns) == State.EVICTING
@@ -219,6 +220,7 @@ class Evictor:
         pt.set(done[slots != NO_SLOT], State.SWAPPED)
         core.left_residency(done)
         core.stats.pages_out += len(done)
+        core.evictions += len(done)
 
     async def _settle_unzapped(self, failed: np.ndarray, nzapped: int, total: int) -> None:
         """The zap stopped early: locked pages are pinned, the rest stay resident."""

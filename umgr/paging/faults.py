@@ -42,6 +42,8 @@ class FaultService:
         self._pending: list[tuple[int, int]] = []         # page faults to serve: (address, flags)
         self._fill = PageBuffer(MAX_FILL_PAGES)
         self._zeros = PageBuffer(1)
+        self._one_slot = np.zeros(1, np.int32)                 # _fill_one's backend read
+        self._one_addr = self._fill.addrs(np.zeros(1, np.int64))
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
@@ -208,8 +210,37 @@ class FaultService:
                 continue
             writes |= is_write
             self._plan_fill(vpn, state, fill)
-        if fill:
+        if len(fill) == 1:
+            (vpn, slot), = fill.items()
+            await self._fill_one(vpn, slot, writes, fills)
+        elif fill:
             await self._fill_pages(fill, writes, fills)
+
+    async def _fill_one(self, vpn: int, slot: int, write: bool, faulting: dict[int, bool]) -> None:
+        """_fill_pages for one page with nothing prefetched (random access):
+        the same steps on plain integers, without numpy's per-call cost."""
+        core, pt = self.core, self.core.pt
+        planned = State.SWAPPED if slot != NO_SLOT else State.FRESH
+        if slot != NO_SLOT:
+            self._one_slot[0] = slot
+            with core.fill_reads:  # WILLNEED hints wait for it
+                await io_to_the_end(core.backend.read, self._one_slot, self._one_addr)
+        elif write:
+            self._fill.bytes[:PAGE_SIZE] = 0
+        if pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
+            self._retry_faulting(faulting, ())  # events changed it while we read
+            return
+        done, _, _ = self.core.copy_run(vpn, 1, self._fill.addr, zeros=planned == State.FRESH and not write,
+                                        on_eagain=self._drain_and_go_on)
+        if not done[0] or pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
+            self._retry_faulting(faulting, ())
+            return
+        pt.set_state(vpn, State.RESIDENT, NO_SLOT)
+        if slot != NO_SLOT:
+            core.slots.free(self._one_slot)
+            core.refaulted(np.array([vpn], np.int64), self._one_slot)
+            core.stats.pages_in += 1
+        core.became_resident(np.array([vpn], np.int64))
 
     def _plan_fill(self, vpn: int, state: int, fill: dict[int, int]) -> None:
         if len(fill) >= MAX_FILL_PAGES:
@@ -226,7 +257,8 @@ class FaultService:
         extra = self.prefetch.on_fault(vpn, first, end)
         if len(extra) == 0:
             return
-        extra = extra[np.isin(pt.states(extra), ABSENT)]
+        states = pt.states(extra)
+        extra = extra[(states == State.FRESH) | (states == State.SWAPPED)]
         slots = pt.slots(extra)
         for page, slot in zip(extra[: MAX_FILL_PAGES - len(fill)].tolist(), slots.tolist()):
             if page not in fill:
@@ -289,12 +321,17 @@ class FaultService:
             core.slots.free(slots[done & swapped & ~clean])
             pt.set(filled, State.RESIDENT, np.where(clean, slots, NO_SLOT)[done])
             prefetched = np.fromiter((v not in faulting for v in filled.tolist()), bool, len(filled))
+            refault = ~prefetched & swapped[done]
+            core.refaulted(filled[refault], slots[done][refault])
             pt.set_flag(filled[prefetched], Flag.PREFETCHED)
             core.became_resident(filled)
             core.stats.pages_in += int((done & swapped).sum())
-        # A faulting page we could not fill goes round again with fresh state.
-        for vpn in set(faulting) - set(filled.tolist()):
-            if pt.state_of(vpn) in ABSENT:
+        self._retry_faulting(faulting, filled.tolist())
+
+    def _retry_faulting(self, faulting: dict[int, bool], filled) -> None:
+        """A faulting page we could not fill goes round again with fresh state."""
+        for vpn in set(faulting) - set(filled):
+            if self.core.pt.state_of(vpn) in ABSENT:
                 self._pending.append((vpn << PAGE_SHIFT, 0))
 
     def close(self) -> None:
@@ -307,6 +344,8 @@ def runs_faulting_last(vpns: np.ndarray, faulting: dict[int, bool]) -> list[tupl
     faulting page last: UFFDIO_COPY wakes a run's waiters when it returns,
     so a program woken last finds its prefetched pages (a stride's are
     one-page runs) in place instead of faulting on them."""
+    if len(vpns) == 1:
+        return [(int(vpns[0]), slice(0, 1))]
     starts, lengths = runs(vpns)
     ends = np.cumsum(lengths)
     spans = [(int(v), slice(int(e - n), int(e))) for v, n, e in zip(starts, lengths, ends)]

@@ -20,6 +20,7 @@ from umgr.kernel import PAGE_SHIFT, PAGE_SIZE
 __all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "Region", "runs"]
 
 NO_SLOT = -1
+SMALL = 8   # arrays this short are cheaper in a Python loop than in a numpy call
 
 
 class State:
@@ -50,7 +51,7 @@ class Flag:
     PREFETCHED = 2   # brought in by the prefetch policy, no use seen yet
 
 
-FLAGGED_STATES = (State.RESIDENT, State.EVICTING, State.ZAPPING)
+FLAGGED_STATES = (State.RESIDENT, State.EVICTING, State.ZAPPING)   # consecutive values
 
 
 @dataclass(eq=False)
@@ -90,7 +91,8 @@ class PageTable:
     # ---- queries -----------------------------------------------------
     @property
     def resident(self) -> int:
-        return int(sum(self.counts[s] for s in RESIDENT_STATES))
+        counts = self.counts   # RESIDENT_STATES, written out: read on every fault
+        return int(counts[State.RESIDENT] + counts[State.EVICTING] + counts[State.ZAPPING] + counts[State.PINNED])
 
     @property
     def swapped(self) -> int:
@@ -117,10 +119,15 @@ class PageTable:
             out.append((at, vpn_hi))
         return out
 
-    def by_region(self, vpns: np.ndarray) -> Iterator[tuple[Region, np.ndarray, np.ndarray]]:
+    def by_region(self, vpns: np.ndarray) -> Iterator[tuple[Region, np.ndarray | slice, np.ndarray]]:
         """For sorted vpns: (region, positions in vpns, indices in region);
         vpns outside every region are left out."""
         i, n = 0, len(vpns)
+        if n:  # the fault path's common case: all in one region
+            region = self.find(int(vpns[0]))
+            if region is not None and int(vpns[-1]) < region.end:
+                yield region, slice(None), vpns - region.vpn
+                return
         while i < n:
             region = self.find(int(vpns[i]))
             if region is None:
@@ -185,7 +192,8 @@ class PageTable:
         FLAGGED_STATES (others have no content in memory to flag)."""
         for region, pos, idx in self.by_region(vpns):
             if on:
-                idx = idx[np.isin(region.state[idx], FLAGGED_STATES)]
+                states = region.state[idx]
+                idx = idx[(states >= FLAGGED_STATES[0]) & (states <= FLAGGED_STATES[-1])]
                 region.flags[idx] |= flag
             else:
                 region.flags[idx] &= ~np.uint8(flag)
@@ -221,8 +229,9 @@ class PageTable:
             if slots is not None:
                 region.slot[idx] = slots if np.isscalar(slots) else slots[pos]
 
-    def set_state(self, vpn: int, state: int) -> None:
-        """One page's state (the fault path's single-page form of set())."""
+    def set_state(self, vpn: int, state: int, slot: int | None = None) -> None:
+        """One page's state (and slot, if given): the fault path's
+        single-page form of set()."""
         region = self.find(vpn)
         if region is None:
             return
@@ -232,6 +241,8 @@ class PageTable:
         self.counts[state] += 1
         if state not in FLAGGED_STATES:
             region.flags[index] = 0
+        if slot is not None:
+            region.slot[index] = slot
 
     def clear_flag(self, vpn: int, flag: int) -> bool:
         """Clear `flag` on one page; True when it was set."""
@@ -362,18 +373,24 @@ class PageTable:
                     bisect.insort(self.regions, region.piece(keep_lo, keep_hi), key=lambda r: r.vpn)
 
     def _count_out(self, states: np.ndarray) -> None:
-        if len(states):
+        if len(states) <= SMALL:
+            for state in states.tolist():
+                self.counts[state] -= 1
+        else:
             self.counts -= np.bincount(states, minlength=256)
 
     def _count_in(self, states: np.ndarray) -> None:
-        if len(states):
+        if len(states) <= SMALL:
+            for state in states.tolist():
+                self.counts[state] += 1
+        else:
             self.counts += np.bincount(states, minlength=256)
 
 
 def runs(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique vpns as contiguous runs: (first vpns, lengths)."""
-    if len(vpns) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
+    if len(vpns) <= 1:
+        return np.asarray(vpns, np.int64), np.ones(len(vpns), np.int64)
     breaks = np.flatnonzero(np.diff(vpns) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(vpns)]))

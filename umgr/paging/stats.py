@@ -3,6 +3,8 @@ snapshot, the daemon's totals, `--stats-json` and the Prometheus metrics are
 all generated from. A counter added here shows up in each of them."""
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 # name -> help text (the metric is umgr_<name>_total)
@@ -56,5 +58,5 @@ class TargetStats:
         return {name: getattr(self, name) for name in COUNTERS}
 
     def record_latency(self, seconds: float, faults: int) -> None:
-        self.fault_latency[np.searchsorted(LATENCY_BUCKETS, seconds)] += faults
+        self.fault_latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += faults
         self.fault_latency_sum += seconds * faults
