@@ -81,3 +81,24 @@ def test_io_error_is_reported_not_swallowed(backend):
 
     with pytest.raises(BackendError):
         trio.run(read_past_end)
+
+
+@pytest.mark.timeout(60)
+def test_pages_read_one_at_a_time_come_back_exactly(backend):
+    """A fault reads one page: the file backend does that with a pread while
+    reads stay fast, through io_uring once they are slow; both exact."""
+    n = 32
+    out, back = PageBuffer(n), PageBuffer(n)
+    pattern(out, n, 3)
+    slots = backend.slots.alloc(n)
+
+    async def roundtrip():
+        await backend.write(slots, out.addrs(np.arange(n)))
+        for i in range(n):
+            if backend.name == "file" and i == n // 2:
+                backend._sync_latency = 1.0   # as if the device had turned slow
+            await backend.read(slots[i:i + 1], back.addrs(np.array([i])))
+
+    trio.run(roundtrip)
+    assert np.array_equal(out.bytes, back.bytes)
+    assert backend.statistics()["pages_read"] == n
