@@ -8,10 +8,12 @@ there are resident pages would have stayed resident under LRU with this
 budget: it is part of a working set that FIFO keeps throwing out. Such pages
 go to the hot queue; everything else to the cold queue.
 
-Victims come from the cold queue, so a stream or a scan cycles through it
-and leaves the hot queue alone; the hot queue gives up its oldest pages only
-when it holds more than ``hot_share`` of the tracked pages (or the cold queue
-is empty). A hot page evicted that way comes back hot if it is still used.
+As in 2Q, the cold queue keeps at least ``1 - hot_share`` of the tracked
+pages, so pages just brought in (a stream's prefetched pages among them)
+have time to be used; above that share victims come from the cold queue,
+so a stream or a scan cycles through it and leaves the hot queue alone.
+Below it the hot queue gives up its oldest pages. A hot page evicted that
+way comes back hot if it is still used.
 Both queues are lazy FIFOs (see fifo.py): 8 bytes per resident page each.
 """
 
@@ -56,14 +58,12 @@ class ReuseEviction(EvictionPolicy):
 
     def choose(self, n: int) -> np.ndarray:
         n = max(int(n), 0)
-        over = len(self._hot) - int(self.hot_share * len(self))
-        picked = [self._hot.choose(min(n, over))] if over > 0 else []
-        left = n - sum(len(p) for p in picked)
-        picked.append(self._cold.choose(left))
-        left -= len(picked[-1])
-        if left > 0:
-            picked.append(self._hot.choose(left))
-        return np.concatenate(picked) if picked else _EMPTY
+        surplus = len(self._cold) - int((1.0 - self.hot_share) * len(self))
+        first, second = (self._cold, self._hot) if surplus > 0 else (self._hot, self._cold)
+        picked = first.choose(min(n, surplus) if surplus > 0 else n)
+        if len(picked) < n:
+            picked = np.concatenate((picked, second.choose(n - len(picked))))
+        return picked
 
     def __len__(self) -> int:
         return len(self._cold) + len(self._hot)

@@ -60,7 +60,8 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
                    help=f"swap capacity (default {DEFAULT_SWAP_SIZE})")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"where the swap file lives ({DEFAULT_STATE_DIR})")
     p.add_argument("--policy", default="readahead", help="prefetch policy (none, readahead, stride, or a plug-in)")
-    p.add_argument("--eviction", default="fifo", help="eviction policy (default fifo)")
+    p.add_argument("--eviction", default="fifo",
+                   help="eviction policy: fifo (default), reuse (keeps pages that refault soon resident), or a plug-in")
     p.add_argument("--keep-clean", action="store_true",
                    help="prefetched pages keep their swap copy until written: re-evicting them costs no "
                         "write (read-mostly data, slow swap store); a first write then costs a fault")
