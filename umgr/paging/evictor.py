@@ -247,6 +247,3 @@ class Evictor:
         if self.core.eviction_paused:
             self.core.eviction_paused = ""
             self.core.note_resident()
-
-    def close(self) -> None:
-        """The batch buffer stays mapped: an abandoned readv may still write it."""

@@ -181,7 +181,7 @@ class Target:
         core = self.core
         core.gone = True
         core.slots.free(core.pt.clear())
-        self.faults.close()
+        self.faults.close()   # the evictor's batch buffer stays mapped: an abandoned readv may still write it
         self.events.close()
         self.hints.close()
         core.uffd.close()
