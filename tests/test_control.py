@@ -353,7 +353,7 @@ def test_unknown_policy_in_hello_drops_only_that_connection(daemon, shim, progra
 def test_command_line_cannot_forge_log_lines(daemon, shim, programs):
     """A target's argv is the target's to choose: one log line per event
     whatever it contains, with control characters escaped."""
-    forged = "umgr: umgr.daemon: pid 1: released (faults 0, pages in 0, out 0)"
+    forged = "2026-01-01T00:00:00.000Z INFO umgr.daemon: pid 1: released (faults 0, pages in 0, out 0)"
     proc = subprocess.run([f"pattern\n{forged}", "8\r\x1b[2K"], executable=programs["pattern"],
                           env=daemon.env(shim), capture_output=True, timeout=20)
     assert proc.returncode == 0, proc.stderr
@@ -407,10 +407,10 @@ def test_no_daemon_app_runs_unmanaged(shim, programs, tmp_path, where):
 @pytest.mark.timeout(30)
 def test_status_without_daemon_says_so(tmp_path):
     path = tmp_path / "nobody.sock"
-    proc = subprocess.run([sys.executable, "-m", "umgr", "status", "--socket", str(path), "--interval", "0"],
+    proc = subprocess.run([sys.executable, "-m", "umgr", "status", "--socket", str(path), "--interval", "0.05"],
                           capture_output=True, timeout=20)
-    assert proc.returncode == 1
-    assert f"no daemon at {path}" in proc.stderr.decode(), proc.stderr
+    assert proc.returncode == 125
+    assert proc.stderr.decode().splitlines() == [f"umgr status: no daemon at {path}: No such file or directory"]
 
 
 # ---- 3. the daemon dies mid-run ----------------------------------------------------------
@@ -525,7 +525,7 @@ def test_status_shows_a_running_target(daemon, shim, programs):
     assert out == b"ok 12288 pages\n"
 
     wait_for(lambda: not query_status(daemon.socket)["targets"], 5, "the target's release")
-    proc = subprocess.run([sys.executable, "-m", "umgr", "status", "--socket", daemon.socket, "--interval", "0"],
+    proc = subprocess.run([sys.executable, "-m", "umgr", "status", "--socket", daemon.socket, "--interval", "0.05"],
                           capture_output=True, timeout=20)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.decode().splitlines()

@@ -5,6 +5,7 @@ import argparse
 import ctypes
 import errno
 import glob
+import grp
 import json
 import logging
 import os
@@ -20,7 +21,11 @@ import trio
 
 from umgr.backends import open_backend
 from umgr.backends.file import DEFAULT_STATE_DIR
+from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
+from umgr.console import (EXIT_UMGR, ArgumentParser, Fatal, add_verbosity, fatal_in, port_arg, reason,
+                          seconds_arg, setting_up, setup_logging, size_arg)
+from umgr.sizes import format_size, parse_size
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 
 log = logging.getLogger("umgr")
@@ -30,17 +35,6 @@ DEFAULT_SWAP_SIZE = "4G"
 DEFAULT_SOCKET = "/run/umgr/control.sock"
 
 
-def parse_size(text: str) -> int:
-    """'512M', '2G', '4096', '1.5G' -> bytes."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
-    try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 2G)") from None
-
-
 def shim_path() -> str:
     here = os.path.join(os.path.dirname(__file__), "bindings")
     found = glob.glob(os.path.join(here, "libumgr_preload*.so"))
@@ -48,15 +42,15 @@ def shim_path() -> str:
         import umgr.bindings
         found = glob.glob(os.path.join(os.path.dirname(umgr.bindings.__file__), "libumgr_preload*.so"))
     if not found:
-        raise SystemExit("umgr: the shim (libumgr_preload*.so) is not built; reinstall umgr")
+        raise Fatal("umgr: the shim (libumgr_preload*.so) is not built; reinstall umgr")
     return found[0]
 
 
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-resident", type=parse_size, default=0, metavar="SIZE",
+    p.add_argument("--max-resident", type=size_arg, default=0, metavar="SIZE",
                    help="memory budget per process, e.g. 256M (default: no limit)")
     p.add_argument("--backend", default="file", choices=["file"], help="swap store (default: file)")
-    p.add_argument("--swap-size", type=parse_size, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",
+    p.add_argument("--swap-size", type=size_arg, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",
                    help=f"swap capacity (default {DEFAULT_SWAP_SIZE})")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"where the swap file lives ({DEFAULT_STATE_DIR})")
     p.add_argument("--policy", default="readahead", help="prefetch policy (none, readahead, stride, or a plug-in)")
@@ -65,15 +59,16 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-clean", action="store_true",
                    help="prefetched pages keep their swap copy until written: re-evicting them costs no "
                         "write (read-mostly data, slow swap store); a first write then costs a fault")
-    p.add_argument("--min-region", type=parse_size, default=1 << 20, metavar="SIZE",
+    p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--metrics-port", type=port_arg, default=None, help="serve Prometheus metrics on this port")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="umgr", description="userspace memory manager")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="umgr", description="userspace memory manager")
+    parser.add_argument("--version", action="version", version=f"umgr {version()}")
+    add_verbosity(parser, "top")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     p = sub.add_parser("exec", help="run a program under umgr with an embedded daemon")
     _add_daemon_options(p)
@@ -85,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_daemon_options(p)
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     p.add_argument("--group", help="let this group's members connect (socket mode 0660)")
-    p.add_argument("--hello-timeout", type=float, default=HELLO_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--hello-timeout", type=seconds_arg, default=HELLO_TIMEOUT, metavar="SECONDS",
                    help=f"drop a connection that sends no first message for this long (default {HELLO_TIMEOUT:g})")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show the targets of a running daemon")
     p.add_argument("--socket", default=DEFAULT_SOCKET)
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between the two samples for rates")
+    p.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between the two samples for rates")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -101,26 +96,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="micro-benchmarks (fault service, io_uring)")
     p.add_argument("what", nargs="*", default=["faults", "io"])
     p.set_defaults(func=cmd_bench)
+    for p in sub.choices.values():
+        add_verbosity(p, "sub")
     return parser
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed_version
+    try:
+        return installed_version("umgr")
+    except PackageNotFoundError:
+        import umgr
+        return umgr.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * getattr(args, "verbose", 0),
-                        format="umgr: %(name)s: %(message)s")
-    return args.func(args)
+    """umgr's exit status: the command's, or EXIT_UMGR (125) when umgr itself
+    fails; then stderr has one line saying why (a traceback only for a bug)."""
+    try:
+        args = build_parser().parse_args(argv)
+        args.verbosity = setup_logging(args, logging.INFO if args.command == "daemon" else logging.WARNING)
+        return args.func(args)
+    except Exception as exc:
+        fatal = fatal_in(exc)
+        if fatal is None and isinstance(exc, OSError):  # the environment, not a bug: no traceback
+            fatal = Fatal(f"umgr: {reason(exc)}" + (f": {exc.filename}" if exc.filename else ""))
+        if fatal is None:
+            log.exception("umgr: internal error")
+        else:
+            print(fatal, file=sys.stderr)
+        return EXIT_UMGR
 
 
 # ---- exec ------------------------------------------------------------------------
 def cmd_exec(args) -> int:
     program = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not program:
-        raise SystemExit("umgr exec: no program given (umgr exec [OPTIONS] -- PROGRAM ARGS...)")
+        raise Fatal("umgr exec: no program given (umgr exec [OPTIONS] -- PROGRAM ARGS...)")
+    if args.stats_json:
+        check_writable(args.stats_json, "--stats-json")
     rundir = tempfile.mkdtemp(prefix="umgr-")
     try:
         config = _config(args, os.path.join(rundir, "control.sock"))
+        backend = _open_backend(args)
         started = time.monotonic()
-        status, totals, backend_stats = trio.run(_exec, config, args, program)
+        status, totals, backend_stats = trio.run(_exec, config, backend, args, program)
         wall = time.monotonic() - started
     except CannotRun as exc:
         print(f"umgr: {printable(program[0])}: {exc.reason}", file=sys.stderr)
@@ -128,6 +148,8 @@ def cmd_exec(args) -> int:
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
     exit_code = 128 - status if status < 0 else status
+    if args.verbosity > 0:
+        print(exec_summary(exit_code, wall, totals, backend_stats), file=sys.stderr)
     if args.stats_json:
         figures = {
             "exit_code": exit_code,
@@ -143,9 +165,35 @@ def cmd_exec(args) -> int:
             **{k: v for k, v in totals.items() if k not in ("faults", "pages_in", "pages_out", "prefetched")},
             "targets": totals.get("targets", 0),
         }
-        with open(args.stats_json, "w") as f:
+        with setting_up(f"umgr exec: --stats-json {args.stats_json}"), open(args.stats_json, "w") as f:
             json.dump(figures, f, indent=2)
     return exit_code
+
+
+def check_writable(path: str, option: str) -> None:
+    """Refuse an output file umgr could not write, before the program runs
+    (without creating it)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        problem = "is a directory"
+    elif os.path.exists(path):
+        problem = None if os.access(path, os.W_OK) else "cannot be written"
+    elif not os.path.isdir(parent):
+        problem = f"{parent} is not a directory"
+    else:
+        problem = None if os.access(parent, os.W_OK | os.X_OK) else f"cannot create files in {parent}"
+    if problem:
+        raise Fatal(f"umgr exec: {option} {path}: {problem}")
+
+
+def exec_summary(exit_code: int, wall: float, totals: dict, backend_stats: dict) -> str:
+    """`umgr exec -v`'s last line: what the run cost."""
+    targets = totals.get("targets", 0)
+    return (f"umgr: exit {exit_code} after {wall:.2f} s; {targets} process{'es' if targets != 1 else ''}, "
+            f"peak resident {format_size(totals.get('peak_resident_bytes', 0))}, "
+            f"{totals.get('faults', 0)} faults, {totals.get('pages_out', 0)} pages out, "
+            f"{totals.get('pages_in', 0)} in; swap written {format_size(backend_stats['pages_written'] * PAGE_SIZE)}, "
+            f"read {format_size(backend_stats['pages_read'] * PAGE_SIZE)}")
 
 
 class CannotRun(Exception):
@@ -171,7 +219,13 @@ def _config(args, socket_path: str) -> DaemonConfig:
         load_prefetch(args.policy)
         load_eviction(args.eviction)
     except Exception as exc:
-        raise SystemExit(f"umgr {args.command}: {exc}") from None
+        raise Fatal(f"umgr {args.command}: {exc}") from None
+    group = getattr(args, "group", None)
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise Fatal(f"umgr {args.command}: --group {group}: no such group") from None
     return DaemonConfig(socket_path=socket_path, max_resident=args.max_resident, min_region=args.min_region,
                         policy=args.policy, eviction=args.eviction, zap_mode=zap_mode(),
                         group=getattr(args, "group", None),
@@ -184,17 +238,40 @@ def _child_setup() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-async def _exec(config: DaemonConfig, args, program: list[str]):
-    backend = open_backend(args.backend, size=args.swap_size, directory=args.state_dir)
+def _open_backend(args):
+    try:
+        with setting_up(f"umgr {args.command}: --state-dir {args.state_dir}"):
+            return open_backend(args.backend, size=args.swap_size, directory=args.state_dir)
+    except BackendError as exc:  # says what and where already
+        raise Fatal(f"umgr {args.command}: {exc}") from None
+
+
+def _serve_metrics(daemon, args) -> str | None:
+    """Start the metrics server if asked; its address, for the start-up line."""
+    if args.metrics_port is None:
+        return None
+    from umgr.metrics import serve_metrics
+    with setting_up(f"umgr {args.command}: metrics on port {args.metrics_port}"):
+        serve_metrics(daemon, args.metrics_port)
+    return f"http://127.0.0.1:{args.metrics_port}/metrics"
+
+
+def startup_line(config: DaemonConfig, args, metrics: str | None) -> str:
+    """What a running daemon serves, in one line."""
+    budget = format_size(config.max_resident) if config.max_resident else "none"
+    return (f"umgr {version()} serving {config.socket_path}: budget {budget} per process, "
+            f"backend {args.backend} ({format_size(args.swap_size)} in {args.state_dir}), "
+            f"policy {config.policy}, eviction {config.eviction}, metrics {metrics or 'off'}")
+
+
+async def _exec(config: DaemonConfig, backend, args, program: list[str]):
     daemon = Daemon(config, backend)
     proc = None
     cannot_run = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.serve)
-            if args.metrics_port is not None:
-                from umgr.metrics import serve_metrics
-                serve_metrics(daemon, args.metrics_port)
+            log.info("%s", startup_line(config, args, _serve_metrics(daemon, args)))
             env = dict(os.environ)
             env["LD_PRELOAD"] = ":".join(filter(None, [shim_path(), env.get("LD_PRELOAD")]))
             env["UMGR_SOCKET"] = config.socket_path
@@ -239,17 +316,18 @@ async def _forward_signals(proc: subprocess.Popen) -> None:
 
 # ---- daemon ----------------------------------------------------------------------------
 def cmd_daemon(args) -> int:
-    os.makedirs(os.path.dirname(os.path.abspath(args.socket)), exist_ok=True)
+    with setting_up(f"umgr daemon: --socket {args.socket}"):
+        os.makedirs(os.path.dirname(os.path.abspath(args.socket)), exist_ok=True)
     config = _config(args, args.socket)
+    backend = _open_backend(args)
 
     async def run():
-        backend = open_backend(args.backend, size=args.swap_size, directory=args.state_dir)
         daemon = Daemon(config, backend)
-        if args.metrics_port is not None:
-            from umgr.metrics import serve_metrics
-            serve_metrics(daemon, args.metrics_port)
         try:
-            await daemon.serve()
+            metrics = _serve_metrics(daemon, args)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(daemon.serve)
+                log.info("%s", startup_line(config, args, metrics))
         finally:
             backend.close()
 
@@ -275,8 +353,7 @@ def cmd_status(args) -> int:
         time.sleep(args.interval)
         second = query_status(args.socket)
     except OSError as exc:
-        print(f"umgr status: no daemon at {args.socket}: {exc}", file=sys.stderr)
-        return 1
+        raise Fatal(f"umgr status: no daemon at {args.socket}: {reason(exc)}") from None
     if args.json:
         print(json.dumps(second, indent=2))
         return 0

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "protocol.h"
+#include "size.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -53,6 +54,7 @@
 /* Descriptors are moved up here so apps that expect low numbers
  * (shells, daemons closing 0..2) are not surprised. */
 #define HIGH_FD_BASE 700
+#define SHIM_PAGE_SIZE 4096 /* umgr.kernel.PAGE_SIZE: the least budget or region */
 #define ACK_TIMEOUT_SECONDS 30
 
 struct shim_state {
@@ -61,6 +63,7 @@ struct shim_state {
     int agent_fd;         /* agent end of the socketpair */
     int self_pidfd;       /* for process_madvise on ourselves */
     uint64_t min_region;  /* mappings smaller than this are not reported */
+    uint64_t max_resident; /* UMGR_MAX_RESIDENT; 0: the daemon's default */
     pthread_mutex_t ctl_lock;
     pthread_mutex_t fork_lock; /* serialises fork() so the daemon pairs child and uffd */
     pthread_t agent;
@@ -101,20 +104,19 @@ static int move_high(int fd)
     return high;
 }
 
-static uint64_t parse_size(const char *text, uint64_t fallback)
+/* A size from the environment (size.h's grammar, the CLI's): 0 and *bytes
+ * set (left alone when the variable is unset or empty), or -1 after one
+ * line on stderr. */
+static int env_size(const char *name, uint64_t minimum, uint64_t *bytes)
 {
+    const char *text = getenv(name);
     if (!text || !*text)
-        return fallback;
-    char *end;
-    unsigned long long value = strtoull(text, &end, 10);
-    switch (*end) {
-    case 'k': case 'K': value <<= 10; break;
-    case 'm': case 'M': value <<= 20; break;
-    case 'g': case 'G': value <<= 30; break;
-    case 't': case 'T': value <<= 40; break;
-    default: break;
-    }
-    return value;
+        return 0;
+    if (umgr_parse_size(text, minimum, bytes) == 0)
+        return 0;
+    say("umgr: %s=%s is not a size of at least %llu bytes (e.g. 512M, 1.5G); running unmanaged\n",
+        name, text, (unsigned long long)minimum);
+    return -1;
 }
 
 static int open_uffd(void)
@@ -329,7 +331,7 @@ static int attach(const char *path, int with_uffd)
     fill_hdr(&hello.hdr, UMGR_HELLO, sizeof hello);
     hello.version = UMGR_VERSION;
     hello.pid = getpid();
-    hello.max_resident = parse_size(getenv("UMGR_MAX_RESIDENT"), 0);
+    hello.max_resident = shim.max_resident;
     hello.min_region = shim.min_region;
     const char *policy = getenv("UMGR_POLICY");
     if (policy)
@@ -385,11 +387,13 @@ __attribute__((constructor)) static void umgr_shim_init(void)
 {
     find_next_allocator();
     const char *path = getenv("UMGR_SOCKET");
-    shim.min_region = parse_size(getenv("UMGR_MIN_REGION"), shim.min_region);
     if (!path || !*path) {
         say("umgr: UMGR_SOCKET is not set; running unmanaged\n");
         return;
     }
+    if (env_size("UMGR_MAX_RESIDENT", SHIM_PAGE_SIZE, &shim.max_resident) != 0
+        || env_size("UMGR_MIN_REGION", SHIM_PAGE_SIZE, &shim.min_region) != 0)
+        return;
     attach(path, 1);
 }
 

@@ -26,6 +26,7 @@ from umgr.kernel.ring import Batch, Op, Ring
 log = logging.getLogger("umgr.backend")
 
 DEFAULT_STATE_DIR = "/var/tmp/umgr"
+MAX_SLOTS = (1 << 31) - 1  # slot numbers are int32 (umgr/backends/slots.py)
 
 # A one-page read is a fault waiting for it. Measured here (Linux 6.18,
 # virtio disk): a 4 KiB O_DIRECT pread takes 26 us, the same read through
@@ -55,13 +56,24 @@ class FileBackend(Backend):
     name = "file"
 
     def __init__(self, size: int = 4 << 30, directory: str = DEFAULT_STATE_DIR, ring_entries: int = 256):
-        super().__init__(size // PAGE_SIZE)
         self.fd, self.direct = _open_swap_file(directory)
+        # Checked first: a filesystem may allocate what it has before it
+        # fails with ENOSPC, filling the disk for everyone meanwhile.
+        fs = os.fstatvfs(self.fd)
+        if size // PAGE_SIZE > MAX_SLOTS:
+            os.close(self.fd)
+            raise BackendError(f"{size >> 20} MiB of swap is more than the {MAX_SLOTS * PAGE_SIZE >> 20} MiB "
+                               "a file backend addresses")
+        if fs.f_bavail * fs.f_frsize < size:
+            os.close(self.fd)
+            raise BackendError(f"cannot preallocate {size >> 20} MiB of swap in {directory}: "
+                               f"{fs.f_bavail * fs.f_frsize >> 20} MiB free")
+        super().__init__(size // PAGE_SIZE)
         try:
             os.posix_fallocate(self.fd, 0, self.slots.capacity * PAGE_SIZE)
         except OSError as exc:
             os.close(self.fd)
-            raise BackendError(f"cannot preallocate {size} bytes of swap in {directory}: {exc}") from exc
+            raise BackendError(f"cannot preallocate {size >> 20} MiB of swap in {directory}: {exc.strerror}") from exc
         self.ring = Ring(ring_entries)
         self._sync_latency = 0.0      # recent one-page pread time, seconds
         self._async_reads = 0         # one-page reads sent to io_uring since the last pread

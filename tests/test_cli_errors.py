@@ -1,0 +1,102 @@
+"""umgr's own failures: one line on stderr, no traceback, exit 125, and
+found before the program runs; logs with time and level; -v/-q anywhere."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+UMGR = [sys.executable, "-m", "umgr"]
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) umgr[.\w]*: ")
+
+
+def umgr(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*UMGR, *args], capture_output=True, timeout=timeout, text=True)
+
+
+@pytest.fixture
+def port_in_use():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+CASES = {
+    "swap-zero": (["--swap-size", "0"], "'0' is zero"),
+    "swap-1k": (["--swap-size", "1k"], "'1k' is too small"),
+    "swap-over-free": (["--swap-size", "{over_free}M", "--state-dir", "{tmp}"], "MiB free"),
+    "swap-over-slots": (["--swap-size", "9T"], "more than the 8388607 MiB a file backend addresses"),
+    "budget-inf": (["--max-resident", "inf"], "'inf' is not a size"),
+    "budget-negative": (["--max-resident=-5M"], "'-5M' is negative"),
+    "port-range": (["--metrics-port", "70000"], "'70000' is not a port"),
+    "port-in-use": (["--metrics-port", "{port}"], "metrics on port {port}: Address already in use"),
+    "state-dir-file": (["--state-dir", "/etc/hostname"], "--state-dir /etc/hostname: File exists"),
+    "state-dir-proc": (["--state-dir", "/proc/umgr-nope"], "--state-dir /proc/umgr-nope: No such file"),
+    "stats-json-dir": (["--stats-json", "/proc/umgr-nope/x.json"], "/proc/umgr-nope is not a directory"),
+    "stats-json-is-dir": (["--stats-json", "{tmp}"], "--stats-json {tmp}: is a directory"),
+    "policy": (["--policy", "umgr-nope"], "unknown prefetch policy 'umgr-nope'"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("options, message", CASES.values(), ids=CASES.keys())
+def test_exec_refuses_before_the_program_runs(options, message, tmp_path, port_in_use):
+    fs = os.statvfs(tmp_path)
+    fill = {"port": port_in_use, "tmp": tmp_path, "over_free": (fs.f_bavail * fs.f_frsize >> 20) + 1024}
+    marker = tmp_path / "ran"
+    proc = umgr("exec", *(o.format(**fill) for o in options), "--", "touch", str(marker))
+    assert proc.returncode == 125, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("umgr exec: "), lines
+    assert message.format(**fill) in lines[0], lines
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, message", [
+    (["daemon", "--group", "umgr-no-such-group"], "umgr daemon: --group umgr-no-such-group: no such group"),
+    (["daemon", "--hello-timeout", "0"], "'0' is not a number of seconds above 0"),
+    (["status", "--interval", "0"], "umgr status: argument --interval: '0' is not a number of seconds above 0"),
+    (["status", "--interval", "nan"], "'nan' is not a number of seconds above 0"),
+    (["exec"], "umgr exec: no program given"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+], ids=["group", "hello-timeout", "interval-0", "interval-nan", "no-program", "command"])
+def test_other_refusals(args, message, tmp_path):
+    proc = umgr(*args, "--socket" if args[0] in ("daemon", "status") else "-q",
+                *([str(tmp_path / "s.sock")] if args[0] in ("daemon", "status") else []))
+    assert proc.returncode == 125, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_version():
+    proc = umgr("--version")
+    assert proc.returncode == 0 and re.fullmatch(r"umgr \d+\.\d+\.\d+\S*\n", proc.stdout), proc
+
+
+@pytest.mark.timeout(60)
+def test_verbosity_anywhere_and_exec_summary(tmp_path):
+    """-v before or after the subcommand: the start-up line (INFO) and the
+    summary; -q: nothing but the program's own output."""
+    run = ["exec", "--max-resident", "4M", "--swap-size", "64M", "--state-dir", str(tmp_path), "--",
+           sys.executable, "-c", "x = bytearray(32 << 20); x[::4096] = b'x' * (len(x) // 4096); "
+                                 "print(x.count(b'x'))"]
+    for where in ("before", "after"):
+        args = ["-v", *run] if where == "before" else [run[0], "-v", *run[1:]]
+        proc = umgr(*args)
+        assert proc.returncode == 0 and proc.stdout == "8192\n", proc.stderr
+        lines = proc.stderr.splitlines()
+        startup = [line for line in lines if " serving " in line]
+        assert len(startup) == 1 and LOG_LINE.match(startup[0]) and " INFO " in startup[0], lines
+        assert "budget 4M per process, backend file (64M in " in startup[0], startup
+        assert "policy readahead, eviction fifo, metrics off" in startup[0], startup
+        summary = re.fullmatch(r"umgr: exit 0 after [\d.]+ s; 1 process, peak resident ([\d.]+[KM]), (\d+) faults, "
+                               r"(\d+) pages out, (\d+) in; swap written (\S+), read (\S+)", lines[-1])
+        assert summary, lines[-1]
+        assert int(summary.group(3)) >= (32 - 4) * 256, "pages really left"
+    proc = umgr("-q", *run)
+    assert proc.returncode == 0 and proc.stdout == "8192\n" and proc.stderr == "", proc.stderr
