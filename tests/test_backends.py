@@ -96,7 +96,7 @@ def test_pages_read_one_at_a_time_come_back_exactly(backend):
         await backend.write(slots, out.addrs(np.arange(n)))
         for i in range(n):
             if backend.name == "file" and i == n // 2:
-                backend._sync_latency = 1.0   # as if the device had turned slow
+                backend._slow_share = 1.0   # as if the device had turned slow
             await backend.read(slots[i:i + 1], back.addrs(np.array([i])))
 
     trio.run(roundtrip)

@@ -99,6 +99,23 @@ def test_slots_alloc_contiguous_and_refcounted():
         slots.free(a[:1])
 
 
+def test_slots_free_one_matches_free():
+    """The one-slot path of a random fault: same reference counting, and a
+    slot freed last goes out first."""
+    slots = SlotAllocator(4)
+    released = []
+    slots.on_release = lambda: released.append(slots.used)
+    a = slots.alloc(2)
+    slots.incref(a[1:])
+    slots.free_one(int(a[1]))
+    assert slots.used == 2 and released == []    # slot 1 still shared
+    slots.free(a[1:])                            # one-element free() takes the same path
+    assert slots.used == 1 and released == [1]
+    with pytest.raises(ValueError):
+        slots.free_one(int(a[1]))
+    assert slots.alloc(1).tolist() == [1]
+
+
 def test_slots_full_allocates_nothing():
     slots = SlotAllocator(4)
     slots.alloc(3)

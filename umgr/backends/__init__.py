@@ -42,10 +42,12 @@ class Backend:
     def close(self) -> None:
         pass
 
-    def _timed(self, started: float) -> None:
+    def _timed(self, started: float) -> float:
+        """Account an I/O that began at `started`; returns its seconds."""
         elapsed = time.perf_counter() - started
         self.io_latency[np.searchsorted(IO_BUCKETS, elapsed)] += 1
         self.io_seconds += elapsed
+        return elapsed
 
     def statistics(self) -> dict:
         return {

@@ -32,10 +32,13 @@ MAX_SLOTS = (1 << 31) - 1  # slot numbers are int32 (umgr/backends/slots.py)
 # virtio disk): a 4 KiB O_DIRECT pread takes 26 us, the same read through
 # io_uring 72-85 us (the completion comes back through a worker thread and
 # the eventfd), and the daemon woken for it later still. So one-page reads
-# are plain preads on the daemon's thread while they stay fast; if their
-# average passes SYNC_READ_LIMIT (a slow device: the daemon would stall
-# every other target meanwhile) they go through io_uring, and a pread is
-# tried again every SYNC_READ_RETRY reads.
+# are plain preads on the daemon's thread while they stay fast; if most of
+# them (a running share over about the last 16) take longer than
+# SYNC_READ_LIMIT (a slow device: the daemon would stall every other target
+# meanwhile) they go through io_uring, and a pread is tried again every
+# SYNC_READ_RETRY reads. A share, not a mean: on a busy machine a pread now
+# and then is preempted for milliseconds, and a mean sent every read to the
+# slower path for that (seen here: most reads on io_uring at load 2).
 SYNC_READ_LIMIT = 200e-6
 SYNC_READ_RETRY = 1024
 
@@ -75,7 +78,7 @@ class FileBackend(Backend):
             os.close(self.fd)
             raise BackendError(f"cannot preallocate {size >> 20} MiB of swap in {directory}: {exc.strerror}") from exc
         self.ring = Ring(ring_entries)
-        self._sync_latency = 0.0      # recent one-page pread time, seconds
+        self._slow_share = 0.0        # share of recent one-page preads slower than SYNC_READ_LIMIT
         self._async_reads = 0         # one-page reads sent to io_uring since the last pread
         log.info("swap file in %s: %d MiB, %s", directory, size >> 20,
                  "O_DIRECT" if self.direct else "buffered (no O_DIRECT here)")
@@ -95,12 +98,12 @@ class FileBackend(Backend):
         self.pages_read += len(slots)
 
     def _sync_read_fast(self) -> bool:
-        if self._sync_latency < SYNC_READ_LIMIT:
+        if self._slow_share < 0.5:
             return True
         self._async_reads += 1
         if self._async_reads >= SYNC_READ_RETRY:
             self._async_reads = 0
-            self._sync_latency = 0.0   # try again: the device may be fast now
+            self._slow_share = 0.0     # try again: the device may be fast now
             return True
         return False
 
@@ -114,9 +117,8 @@ class FileBackend(Backend):
         if done != PAGE_SIZE:
             self.errors += 1
             raise BackendError(f"swap file read failed: short transfer of {done} bytes")
-        self._timed(started)
-        elapsed = time.perf_counter() - started
-        self._sync_latency += (elapsed - self._sync_latency) / 8   # average of about the last 8
+        slow = self._timed(started) > SYNC_READ_LIMIT
+        self._slow_share += (slow - self._slow_share) / 16
 
     async def _io(self, op: Op, slots: np.ndarray, addrs: np.ndarray) -> None:
         run_addrs, first_slot, count = io_runs(slots, addrs)

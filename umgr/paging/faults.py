@@ -237,7 +237,7 @@ class FaultService:
             return
         pt.set_state(vpn, State.RESIDENT, NO_SLOT)
         if slot != NO_SLOT:
-            core.slots.free(self._one_slot)
+            core.slots.free_one(slot)
             core.refaulted(np.array([vpn], np.int64), self._one_slot)
             core.stats.pages_in += 1
         core.became_resident(np.array([vpn], np.int64))
