@@ -1,15 +1,18 @@
 """The evictor: keeps a target's resident pages under its budget.
 
-A batch of victims goes write-protect -> process_vm_readv (in a worker
-thread: on the fault-serving thread it would deadlock on a userfault) ->
-backend write (durable before the zap) -> zap -> SWAPPED. It runs as the
-target's eviction task beside the fault loop; the race rules (a write
-during EVICTING wins, a write during ZAPPING waits) are in
+A batch of victims is taken out (write-protect -> process_vm_readv, in a
+worker thread: on the fault-serving thread it would deadlock on a userfault)
+and put away (backend write, durable before the zap -> zap -> SWAPPED).
+Over the budget two batches are in flight: the next is taken out while the
+previous one is put away, so the copy-out overlaps the write and the zap.
+It runs as the target's eviction task beside the fault loop; the race rules
+(a write during EVICTING wins, a write during ZAPPING waits) are in
 docs/architecture.md.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import trio
@@ -39,27 +42,68 @@ class BatchReleased(Exception):
         self.progress = progress
 
 
+@dataclass
+class Batch:
+    vpns: np.ndarray       # sorted; EVICTING, write-protected, copied into `buffer` in order
+    buffer: PageBuffer
+    progress: bool = True  # for an empty batch: whether pages left the resident count anyway
+
+
 class Evictor:
     def __init__(self, core: TargetCore, pinning: Pinning, removes: RemoveAttribution):
         self.core = core
         self.pinning = pinning
         self.removes = removes
-        self._victims = PageBuffer(EVICT_BATCH)
+        # Two batch buffers, the second mapped at the first pipelined round.
+        # Never unmapped: an abandoned readv may still write one.
+        self._buffers = [PageBuffer(EVICT_BATCH)]
+        self._in_flight = 0   # pages taken out and not yet put away
 
     async def evict_over_budget(self) -> None:
-        """Evict batches while the target is over its high water mark."""
+        """Evict while the target is over its high water mark, two batches
+        in flight: this task takes the next batch out while a second task
+        puts the previous one away."""
+        if len(self._buffers) < 2:
+            self._buffers.append(PageBuffer(EVICT_BATCH))
+        self._in_flight = 0
+        send, receive = trio.open_memory_channel(0)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._put_away_all, receive)
+                async with send:
+                    await self._take_out_all(send)
+        except BaseExceptionGroup as group:
+            raise first_of(group) from None   # TargetGone is caught as such by the eviction loop
+
+    async def _take_out_all(self, send: trio.MemorySendChannel) -> None:
         core = self.core
-        while core.over_budget() and core.can_evict():
+        turn = 0   # the buffer to fill: the other one may be being put away
+        while core.budget.over(core.pt.resident - self._in_flight) and core.can_evict():
+            batch = await self._take_out(self._buffers[turn])
             # No victim (all pinned, or unknown to the policy): faults must
             # not wait at the budget for an eviction that cannot come.
-            core.no_victims = not await self.evict_batch()
+            core.no_victims = not (len(batch.vpns) or batch.progress)
             if core.no_victims:
                 return
+            if len(batch.vpns):
+                self._in_flight += len(batch.vpns)
+                # A zero-size channel: this returns once the other task has
+                # put the batch before away, so the other buffer is free.
+                await send.send(batch)
+                turn ^= 1
             await trio.sleep(0)
+
+    async def _put_away_all(self, receive: trio.MemoryReceiveChannel) -> None:
+        async with receive:
+            async for batch in receive:
+                try:
+                    await self._put_away(batch)   # a pause stops the taking out (can_evict)
+                finally:
+                    self._in_flight -= len(batch.vpns)
 
     def _choose_victims(self) -> np.ndarray:
         core = self.core
-        want = core.budget.evict_goal(core.pt.resident)
+        want = core.budget.evict_goal(core.pt.resident - self._in_flight)
         chosen: list[np.ndarray] = []
         count = 0
         for _ in range(CHOOSE_ROUNDS):
@@ -73,19 +117,30 @@ class Evictor:
             return np.empty(0, np.int64)
         return np.unique(np.concatenate(chosen))[:EVICT_BATCH]
 
-    async def evict_batch(self, victims: np.ndarray | None = None) -> bool:
-        """One batch: WP -> read -> store -> zap. False when nothing could go.
-        `victims` (sorted RESIDENT vpns, at most EVICT_BATCH): a COLD hint's."""
+    async def evict_batch(self, victims: np.ndarray) -> bool:
+        """One batch from start to end: `victims` (sorted RESIDENT vpns, at
+        most EVICT_BATCH, a COLD hint's). False when nothing could go."""
+        batch = await self._take_out(self._buffers[0], victims)
+        if len(batch.vpns) == 0:
+            return batch.progress
+        return await self._put_away(batch)
+
+    async def _take_out(self, buffer: PageBuffer, victims: np.ndarray | None = None) -> Batch:
+        """Victims (the policy's if not given) write-protected and copied
+        into `buffer`; those whose zap would free nothing leave the batch."""
         vpns = self._choose_victims() if victims is None else victims
         if len(vpns) == 0:
-            return False
+            return Batch(vpns, buffer, progress=False)
         await self._protect(vpns)
         vpns, settled = await self.pinning.keep_freeable(vpns)
         if len(vpns) == 0:
-            return settled
-        vpns = await self._read(vpns)
+            return Batch(vpns, buffer, progress=settled)
+        return Batch(await self._read(vpns, buffer), buffer)
+
+    async def _put_away(self, batch: Batch) -> bool:
+        """Store and zap a batch taken out. False when eviction paused."""
         try:
-            vpns, page_slots, zero = await self._store(vpns)
+            vpns, page_slots, zero = await self._store(batch.vpns, batch.buffer)
         except BatchReleased as released:
             return released.progress
         if len(vpns):
@@ -104,12 +159,12 @@ class Evictor:
                 # ENOENT: unmapped meanwhile; the UNMAP event drops them
                 core.release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
 
-    async def _read(self, vpns: np.ndarray) -> np.ndarray:
+    async def _read(self, vpns: np.ndarray, buffer: PageBuffer) -> np.ndarray:
         """Copy the victims into the batch buffer; the pages after a short
         read stay resident (and are pinned if unreadable)."""
         core = self.core
         try:
-            nbytes = await self._read_victims(*runs(vpns))
+            nbytes = await self._read_victims(buffer, *runs(vpns))
         except TargetGone:
             raise
         except OSError:  # EFAULT on the first range: unmapped meanwhile, or unreadable
@@ -122,11 +177,11 @@ class Evictor:
             self.pinning.pin_unreadable(rest[:1])
         return vpns[:nread]
 
-    async def _store(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def _store(self, vpns: np.ndarray, buffer: PageBuffer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Write what must be written; returns (vpns still EVICTING, their
         slots, which are zero pages). Raises BatchReleased."""
         core = self.core
-        zero = self._victims.zero_pages(len(vpns))
+        zero = buffer.zero_pages(len(vpns))
         live = core.pt.states(vpns) == State.EVICTING
         drop = core.pt.has_flag(vpns, Flag.DISCARDABLE)  # zapped unwritten, read back as zero
         # Clean pages (unwritten since they came in) go out as they are: their slot holds them.
@@ -135,7 +190,7 @@ class Evictor:
         clean = live & ~drop & (clean_slots != NO_SLOT)
         zero &= ~clean
         store = live & ~zero & ~drop & ~clean
-        slots = await self._write(vpns, store)
+        slots = await self._write(vpns, store, buffer)
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
         page_slots[store] = slots
         page_slots[clean] = clean_slots[clean]
@@ -147,7 +202,7 @@ class Evictor:
         core.slots.free(page_slots[~still & store])
         return vpns[still], page_slots[still], zero[still]
 
-    async def _write(self, vpns: np.ndarray, store: np.ndarray) -> np.ndarray:
+    async def _write(self, vpns: np.ndarray, store: np.ndarray, buffer: PageBuffer) -> np.ndarray:
         """Slots for the pages to store, written and durable. A full or
         failing backend releases the batch (BatchReleased): nothing is lost."""
         core = self.core
@@ -161,7 +216,7 @@ class Evictor:
             await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
             raise BatchReleased(progress=False) from None
         try:
-            await io_to_the_end(core.backend.write, slots, self._victims.addrs(np.flatnonzero(store)))
+            await io_to_the_end(core.backend.write, slots, buffer.addrs(np.flatnonzero(store)))
         except BackendError as exc:
             core.slots.free(slots)
             core.stats.backend_failures += 1
@@ -172,12 +227,12 @@ class Evictor:
             raise
         return slots
 
-    async def _read_victims(self, starts: np.ndarray, lengths: np.ndarray) -> int:
+    async def _read_victims(self, buf: PageBuffer, starts: np.ndarray, lengths: np.ndarray) -> int:
         """process_vm_readv in a worker thread. Abandoned on cancel: a read
         blocked on a userfault of a target that is going away is woken only
         when its uffd is closed, after this task has finished. The thread
         holds the buffer, so it stays mapped until the read returns."""
-        buf, pid = self._victims, self.core.pid
+        pid = self.core.pid
         addrs, lens = (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
         return await trio.to_thread.run_sync(
             lambda: procmem.process_vm_readv(pid, buf.addr, addrs, lens), abandon_on_cancel=True)
@@ -247,3 +302,9 @@ class Evictor:
         if self.core.eviction_paused:
             self.core.eviction_paused = ""
             self.core.note_resident()
+
+
+def first_of(group: BaseExceptionGroup) -> BaseException:
+    """A nursery's first exception, unwrapped from its group(s)."""
+    first = group.exceptions[0]
+    return first_of(first) if isinstance(first, BaseExceptionGroup) else first
