@@ -60,6 +60,18 @@ PHASES = "seq,random,hot,rewrite,threads,seq2"
 TIMEOUT = 1800
 
 
+
+def fault_breakdown(s: dict) -> str:
+    """Where the daemon's fault service time went, in microseconds per fault."""
+    faults = max(1, s["faults"])
+    parts = {"wait for eviction": s["fault_wait_seconds"], "backend read": s["fault_read_seconds"],
+             "copy+wake": s["fault_copy_seconds"]}
+    rest = s["fault_batch_seconds"] - sum(parts.values())
+    shown = ", ".join(f"{name} {seconds / faults * 1e6:.0f}" for name, seconds in parts.items())
+    return (f"per fault: service {s['fault_batch_seconds'] / faults * 1e6:.0f} us = {shown}, "
+            f"other {rest / faults * 1e6:.0f}; the fault loop slept {s['fault_loop_sleeps'] / faults:.2f} times "
+            f"per fault (each sleep: a wake-up for the next fault)")
+
 def parse_variants(text: str) -> list[tuple[str, list[str]]]:
     """'default;--policy none;--eviction fifo' -> [(label, umgr args)]."""
     out = []
@@ -245,6 +257,8 @@ def format_workload(name: str, wl: dict) -> list[str]:
                      f"peak_resident={s['peak_resident_bytes'] / MiB:.1f} MiB "
                      f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB "
                      f"wall={s['wall_seconds']}s")
+        if "fault_batch_seconds" in s:
+            lines.append(f"  {c}: {fault_breakdown(s)}")
         if s["pages_out"] == 0:
             lines.append(f"  {c}: WARNING: umgr paged nothing out (was the program managed at all?)")
         if s["peak_resident_bytes"] > wl["budget_mib"] * MiB * 1.1:

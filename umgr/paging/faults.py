@@ -51,6 +51,7 @@ class FaultService:
         try:
             while True:
                 if not self.drain() and not self._pending and not self._spin():
+                    self.core.stats.fault_loop_sleeps += 1
                     await uffd.wait_readable()
                     continue
                 if self._pending:
@@ -102,7 +103,10 @@ class FaultService:
         if fills:
             await self._backpressure(fills)
             await self._serve_fills(fills)
-        self.core.stats.record_latency(time.perf_counter() - started, len(faults))
+        stats = self.core.stats
+        elapsed = time.perf_counter() - started
+        stats.fault_batch_seconds += elapsed
+        stats.record_latency(elapsed, len(faults))
         self.core.note_resident()
 
     def _triage(self, faults: list[tuple[int, int]]) -> dict[int, bool]:
@@ -180,7 +184,10 @@ class FaultService:
         fault that adds no page is served: the evictor's own
         process_vm_readv may be waiting on one."""
         core = self.core
-        deadline = time.monotonic() + BACKPRESSURE_LIMIT
+        if not self._must_wait_for_eviction():
+            return
+        started = time.monotonic()
+        deadline = started + BACKPRESSURE_LIMIT
         while self._must_wait_for_eviction() and time.monotonic() < deadline:
             core.want_eviction()
             await core.evicted.wait(core.uffd.wait_readable, BACKPRESSURE_POLL)
@@ -188,6 +195,7 @@ class FaultService:
             faults, self._pending = self._pending, []
             for vpn, is_write in self._triage(faults).items():
                 fills[vpn] = fills.get(vpn, False) or is_write
+        core.stats.fault_wait_seconds += time.monotonic() - started
 
     def _must_wait_for_eviction(self) -> bool:
         core = self.core
@@ -223,15 +231,19 @@ class FaultService:
         planned = State.SWAPPED if slot != NO_SLOT else State.FRESH
         if slot != NO_SLOT:
             self._one_slot[0] = slot
+            started = time.perf_counter()
             with core.fill_reads:  # WILLNEED hints wait for it
                 await io_to_the_end(core.backend.read, self._one_slot, self._one_addr)
+            core.stats.fault_read_seconds += time.perf_counter() - started
         elif write:
             self._fill.bytes[:PAGE_SIZE] = 0
         if pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
             self._retry_faulting(faulting, ())  # events changed it while we read
             return
+        started = time.perf_counter()
         done, _, _ = self.core.copy_run(vpn, 1, self._fill.addr, zeros=planned == State.FRESH and not write,
                                         on_eagain=self._drain_and_go_on)
+        core.stats.fault_copy_seconds += time.perf_counter() - started
         if not done[0] or pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
             self._retry_faulting(faulting, ())
             return
@@ -272,15 +284,19 @@ class FaultService:
         swapped = slots != NO_SLOT
         positions = np.arange(len(vpns))
         if swapped.any():
+            started = time.perf_counter()
             with core.fill_reads:  # WILLNEED hints wait for it
                 await io_to_the_end(core.backend.read, slots[swapped], self._fill.addrs(positions[swapped]))
+            core.stats.fault_read_seconds += time.perf_counter() - started
         if not swapped.all():
             self._fill.clear(positions[~swapped])
         # Events read while we waited may have changed these pages: fill only
         # those still as planned.
         planned = np.where(swapped, State.SWAPPED, State.FRESH)
         valid = (pt.states(vpns) == planned) & (pt.slots(vpns) == slots)
+        started = time.perf_counter()
         done, clean = self._copy_in(vpns, swapped, valid, writes, faulting)
+        core.stats.fault_copy_seconds += time.perf_counter() - started
         # An app REMOVE read while copying (EAGAIN) has already settled the
         # pages it names: FRESH, slot freed. Only the others become ours.
         done &= (pt.states(vpns) == planned) & (pt.slots(vpns) == slots)

@@ -36,6 +36,13 @@ COUNTERS: dict[str, str] = {
     "cold_evicted": "Pages evicted because of a COLD hint",
     "willneed_in": "Pages brought in because of a WILLNEED hint",
     "discarded": "DISCARDABLE pages dropped instead of written",
+    # Where fault service time goes (seconds of the daemon's, per batch of
+    # faults served together): a regression shows up in one of these.
+    "fault_batch_seconds": "Time serving fault batches, from reading them to their last page copied in",
+    "fault_wait_seconds": "Part of it spent waiting at the budget for the evictor",
+    "fault_read_seconds": "Part of it spent reading pages (and their prefetch) from the backend",
+    "fault_copy_seconds": "Part of it in UFFDIO_COPY/ZEROPAGE, waking the faulting threads included",
+    "fault_loop_sleeps": "Times the fault loop slept with nothing to serve: the next fault pays a wake-up",
 }
 
 # Fault service time, from reading a batch of faults to serving it (seconds).
@@ -43,7 +50,7 @@ LATENCY_BUCKETS = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3
 
 
 class TargetStats:
-    """Plain integer attributes, one per COUNTERS entry, bumped on the fault
+    """Plain number attributes, one per COUNTERS entry, bumped on the fault
     path (no call into a metrics library there); plus the peak resident page
     count and a bucketed fault-latency histogram."""
 
