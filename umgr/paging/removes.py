@@ -21,7 +21,7 @@ class RemoveAttribution:
     def __init__(self):
         self._vpns: np.ndarray | None = None   # the zap in flight, sorted
         self._hits = np.zeros(0, np.uint8)      # REMOVEs that covered each page (at most 2 counted)
-        self._events: list[tuple[int, int]] = []  # (lo, hi) vpns of the events seen
+        self._lowest_lo: dict[int, int] = {}     # hi -> lowest lo of the events seen ending there
 
     @property
     def active(self) -> bool:
@@ -29,15 +29,18 @@ class RemoveAttribution:
 
     def begin(self, vpns: np.ndarray) -> None:
         """A zap of these sorted vpns is about to be issued."""
-        self._vpns, self._hits, self._events = vpns, np.zeros(len(vpns), np.uint8), []
+        self._vpns, self._hits, self._lowest_lo = vpns, np.zeros(len(vpns), np.uint8), {}
 
     def count(self, lo: int, hi: int) -> bool:
         """A REMOVE of vpns [lo, hi): True when it can only be the zap's."""
         if self._vpns is None:
             return False
-        if any(h == hi and l < lo for l, h in self._events):
+        # A dict, not a scan of the events: a zap of scattered pages has
+        # hundreds of ranges, and a scan per event made each zap quadratic.
+        seen_lo = self._lowest_lo.get(hi)
+        if seen_lo is not None and seen_lo < lo:
             return True
-        self._events.append((lo, hi))
+        self._lowest_lo[hi] = lo if seen_lo is None else min(lo, seen_lo)
         a, b = np.searchsorted(self._vpns, [lo, hi])
         hits = self._hits[a:b]
         first_time = not hits.any()
