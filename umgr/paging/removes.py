@@ -14,13 +14,18 @@ REMOVEs per page of the zap in flight therefore tells the cases apart:
 """
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import numpy as np
 
 
 class RemoveAttribution:
+    # Plain lists, not numpy: count() runs once per REMOVE event, on the
+    # fault loop's thread, and most events of a zap name one or a few pages.
     def __init__(self):
         self._vpns: np.ndarray | None = None   # the zap in flight, sorted
-        self._hits = np.zeros(0, np.uint8)      # REMOVEs that covered each page (at most 2 counted)
+        self._sorted: list[int] = []            # the same vpns, for bisect
+        self._hits = bytearray()                # REMOVEs that covered each page (at most 2 counted)
         self._lowest_lo: dict[int, int] = {}     # hi -> lowest lo of the events seen ending there
 
     @property
@@ -29,7 +34,8 @@ class RemoveAttribution:
 
     def begin(self, vpns: np.ndarray) -> None:
         """A zap of these sorted vpns is about to be issued."""
-        self._vpns, self._hits, self._lowest_lo = vpns, np.zeros(len(vpns), np.uint8), {}
+        self._vpns, self._sorted = vpns, vpns.tolist()
+        self._hits, self._lowest_lo = bytearray(len(vpns)), {}
 
     def count(self, lo: int, hi: int) -> bool:
         """A REMOVE of vpns [lo, hi): True when it can only be the zap's."""
@@ -41,15 +47,16 @@ class RemoveAttribution:
         if seen_lo is not None and seen_lo < lo:
             return True
         self._lowest_lo[hi] = lo if seen_lo is None else min(lo, seen_lo)
-        a, b = np.searchsorted(self._vpns, [lo, hi])
+        a = bisect_left(self._sorted, lo)
+        b = bisect_left(self._sorted, hi, a)
         hits = self._hits[a:b]
-        first_time = not hits.any()
-        np.minimum(hits + 1, 2, out=hits)
+        first_time = not any(hits)
+        self._hits[a:b] = bytes(min(h + 1, 2) for h in hits)
         return first_time and b - a == hi - lo
 
     def end(self) -> np.ndarray:
         """The zap has returned: the pages the app discarded as well."""
-        vpns, hits = self._vpns, self._hits
+        vpns, hits = self._vpns, np.frombuffer(bytes(self._hits), np.uint8)
         self._vpns = None
         if vpns is None:
             return np.empty(0, np.int64)
