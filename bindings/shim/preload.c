@@ -336,6 +336,9 @@ static int attach(const char *path, int with_uffd)
     const char *policy = getenv("UMGR_POLICY");
     if (policy)
         strncpy(hello.policy, policy, sizeof hello.policy - 1);
+    const char *name = getenv("UMGR_NAME");
+    if (name)
+        strncpy(hello.name, name, sizeof hello.name - 1);
     int fds[2] = {pair[1], uffd};
     failed = "hello";
     if (send_with_fds(ctl, &hello, sizeof hello, fds, with_uffd ? 2 : 1) != 0)

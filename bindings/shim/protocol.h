@@ -28,7 +28,7 @@
 #include "umgr.h"
 
 #define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
-#define UMGR_VERSION 1
+#define UMGR_VERSION 2
 
 enum umgr_msg_type {
     UMGR_HELLO = 1,
@@ -54,6 +54,7 @@ struct umgr_hello {
     uint64_t max_resident; /* bytes; 0 = the daemon's default */
     uint64_t min_region;   /* bytes; mappings below this are not managed */
     char policy[32];       /* prefetch policy name, NUL-terminated; "" = default */
+    char name[64];         /* UMGR_NAME, the metrics label; "" = the daemon picks one */
 };
 
 struct umgr_hello_ack {

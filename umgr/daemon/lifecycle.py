@@ -14,6 +14,7 @@ import trio
 from umgr import protocol
 from umgr.backends import Backend
 from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, DaemonConfig
+from umgr.daemon.names import target_name
 from umgr.daemon.status import Totals, snapshot
 from umgr.errors import TargetGone
 from umgr.kernel import maps, procmem
@@ -41,6 +42,7 @@ class Lifecycle:
         self._scopes: dict[Target, trio.CancelScope] = {}
         self._resume_wanted = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self.release_watchers: list = []  # called with each target as it is released (metrics)
         backend.slots.on_release = self._want_resume
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -62,7 +64,7 @@ class Lifecycle:
             raise protocol.ProtocolError(f"policy {name!r} does not load: {exc}") from exc
 
     async def create(self, pid: int, uffd: uffdmod.Userfaultfd, max_resident: int,
-                     prefetch: GuardedPrefetch) -> Target:
+                     prefetch: GuardedPrefetch, name: str = "") -> Target:
         """A target for a process's first HELLO (or its HELLO after exec,
         which ends the old image's target first)."""
         old = self.targets.get(pid)
@@ -72,16 +74,17 @@ class Lifecycle:
                 await old.released.wait()
         pidfd = procmem.pidfd_open(pid)
         try:
-            return self._new_target(pid, uffd, pidfd, max_resident or self.config.max_resident, prefetch)
+            return self._new_target(pid, uffd, pidfd, max_resident or self.config.max_resident, prefetch,
+                                    name=target_name(pid, name))
         except BaseException:
             os.close(pidfd)
             raise
 
     def _new_target(self, pid: int, uffd, pidfd: int, budget: int, prefetch: GuardedPrefetch,
-                    pages=None) -> Target:
+                    pages=None, name: str = "") -> Target:
         return Target(pid=pid, uffd=uffd, pidfd=pidfd, budget_pages=budget >> PAGE_SHIFT, backend=self.backend,
                       prefetch=prefetch, eviction=load_eviction(self.config.eviction), label=prefetch.target,
-                      keep_clean=self.config.keep_clean, pages=pages, on_pause=self._want_resume)
+                      keep_clean=self.config.keep_clean, pages=pages, on_pause=self._want_resume, name=name)
 
     def zapper(self, target: Target, agent_fd: int):
         agent = socket.socket(fileno=agent_fd)
@@ -119,7 +122,8 @@ class Lifecycle:
         # Its swapped pages share the parent's slots: one more reference each.
         pages = parent.pt.forked()
         self.backend.slots.incref(pages.all_slots())
-        child = self._new_target(child_pid, uffd, pidfd, parent.budget_pages << PAGE_SHIFT, prefetch, pages)
+        child = self._new_target(child_pid, uffd, pidfd, parent.budget_pages << PAGE_SHIFT, prefetch, pages,
+                                 name=parent.name)
         self.start(child)
         log.info("%s: forked %s", parent.label, child.label)
         return 0

@@ -209,7 +209,7 @@ class Daemon:
         fds.remove(uffd_fd)  # owned by `uffd` now
         try:
             features = _api(uffd)
-            target = await self.lifecycle.create(hello.pid, uffd, hello.max_resident, prefetch)
+            target = await self.lifecycle.create(hello.pid, uffd, hello.max_resident, prefetch, hello.name)
         except BaseException:
             uffd.close()
             raise

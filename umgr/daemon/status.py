@@ -25,6 +25,7 @@ def snapshot(target) -> dict:
     return {
         "pid": target.pid,
         "command": target.command,
+        "name": target.name,
         "budget_bytes": target.budget_pages * PAGE_SIZE,
         "resident_bytes": pt.resident * PAGE_SIZE,
         "swapped_bytes": pt.swapped * PAGE_SIZE,

@@ -48,12 +48,14 @@ class Target:
     def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, budget_pages: int, backend,
                  prefetch: GuardedPrefetch, eviction, label: str, spin: float = SPIN_SECONDS,
                  keep_clean: bool = KEEP_CLEAN_COPIES, pages: PageTable | None = None,
-                 on_pause=lambda: None):
+                 on_pause=lambda: None, name: str = ""):
         """`eviction`: an EvictionPolicy (guarded here). `pages`: the page
         table to start from (a forked child's, from PageTable.forked();
         its slots must already hold the child's references). `on_pause`:
-        called when eviction pauses (full or failing backend)."""
+        called when eviction pauses (full or failing backend). `name`:
+        its metrics label (umgr.daemon.names)."""
         self.pid = pid
+        self.name = name
         self.pidfd = pidfd
         self.label = label
         self.command = read_cmdline(pid)
