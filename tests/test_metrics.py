@@ -1,14 +1,18 @@
-"""Prometheus metrics served by a real daemon while a real target pages:
-the figures a scrape returns are the daemon's own, per target."""
+"""Prometheus metrics served by a real daemon while real targets page: the
+figures a scrape returns are the daemon's own, per name by default (bounded
+series: a gone process's counters stay in its name's), per pid on request."""
+import os
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import DaemonProcess
+from conftest import DaemonProcess, wait_for
+from umgr.cli import query_status
 
 MiB = 1 << 20
 
@@ -19,17 +23,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scrape(port: int) -> dict:
-    """{(metric sample name, frozenset(labels)): value}"""
+def scrape_text(port: int) -> str:
     deadline = time.monotonic() + 10
     while True:
         try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            break
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def scrape(port: int) -> dict:
+    """{(metric sample name, frozenset(labels)): value}"""
+    text = scrape_text(port)
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -37,21 +44,83 @@ def scrape(port: int) -> dict:
     return samples
 
 
-def of_pid(samples: dict, name: str, pid: int, **labels) -> float:
+def of_pid(samples: dict, metric: str, pid: int, **labels) -> float:
     want = {("pid", str(pid)), *labels.items()}
-    values = [v for (n, ls), v in samples.items() if n == name and want <= ls]
-    assert len(values) == 1, f"{name} for pid {pid} {labels}: {values}"
+    values = [v for (n, ls), v in samples.items() if n == metric and want <= ls]
+    assert len(values) == 1, f"{metric} for pid {pid} {labels}: {values}"
     return values[0]
+
+
+def of_name(samples: dict, metric: str, name: str, **labels) -> float:
+    want = frozenset({("name", name), *labels.items()})
+    assert (metric, want) in samples, f"{metric} for {name} {labels}: not in {sorted(k for k in samples if k[0] == metric)}"
+    return samples[(metric, want)]
+
+
+def hold(programs, env: dict, mib: int) -> subprocess.Popen:
+    """`threads` paging through `mib` MiB, then held alive (until EOF on
+    stdin) so its figures can be read."""
+    proc = subprocess.Popen([programs["threads"], str(mib), "0", "1", "sb", "hold"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = proc.stdout.readline().decode()
+    if not line.startswith("ok "):
+        proc.kill()
+        raise AssertionError(line + proc.communicate()[1].decode())
+    return proc
+
+
+@pytest.mark.timeout(90)
+def test_metrics_per_name_are_bounded_and_monotonic(tmp_path, programs, shim):
+    """Processes sharing a name share one set of series with no pid label;
+    one that exits leaves its counts in its name's counters (they never go
+    down) and its memory out of the gauges."""
+    port = free_port()
+    daemon = DaemonProcess(tmp_path, "--max-resident", "8M", "--metrics-port", str(port))
+    procs = []
+    try:
+        procs = [hold(programs, daemon.env(shim, UMGR_NAME="batch"), 16) for _ in range(2)]
+        unnamed = hold(programs, daemon.env(shim), 12)
+        procs.append(unnamed)
+        samples = scrape(port)
+        assert not [k for k in samples if "pid" in dict(k[1])], "a pid label without --metrics-per-pid"
+        assert of_name(samples, "umgr_targets", "batch") == 2
+        assert of_name(samples, "umgr_targets", "threads") == 1  # no UMGR_NAME: the executable's name
+        out_before = of_name(samples, "umgr_pages_out_total", "batch")
+        assert out_before >= 2 * (16 - 8) * MiB // 4096
+        assert 8 * MiB < of_name(samples, "umgr_resident_bytes", "batch") <= 2 * 8 * MiB
+        assert of_name(samples, "umgr_budget_bytes", "batch") == 2 * 8 * MiB
+        assert of_name(samples, "umgr_eviction_paused", "batch") == 0
+        assert samples[("umgr_targets_started_total", frozenset())] == 3
+        build = [ls for n, ls in samples if n == "umgr_build_info"]
+        assert len(build) == 1 and ("version", __import__("umgr").__version__) in build[0]
+        assert samples[("process_resident_memory_bytes", frozenset())] > 0  # the daemon's own
+        assert samples[("process_open_fds", frozenset())] > 0
+
+        first = procs.pop(0)
+        first.communicate(timeout=30)  # EOF on stdin: it exits
+        assert first.returncode == 0
+        wait_for(lambda: of_name(scrape(port), "umgr_targets", "batch") == 1, 10, "the target's release")
+        samples = scrape(port)
+        assert of_name(samples, "umgr_pages_out_total", "batch") >= out_before
+        assert 0 < of_name(samples, "umgr_resident_bytes", "batch") <= 8 * MiB
+        assert of_name(samples, "umgr_fault_service_seconds_count", "batch") > 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        daemon.stop()
 
 
 @pytest.mark.timeout(90)
 def test_metrics_report_a_paging_target(tmp_path, programs, shim):
     port = free_port()
-    daemon = DaemonProcess(tmp_path, "--max-resident", "8M", "--metrics-port", str(port))
+    daemon = DaemonProcess(tmp_path, "--max-resident", "8M", "--metrics-port", str(port), "--metrics-per-pid")
     proc = None
     try:
         # 32 MiB in an 8 MiB budget, then held alive so its figures can be read.
-        proc = subprocess.Popen([programs["threads"], "32", "0", "1", "sb", "hold"], env=daemon.env(shim),
+        proc = subprocess.Popen([programs["threads"], "32", "0", "1", "sb", "hold"],
+                                env=daemon.env(shim, UMGR_NAME="named"),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         line = proc.stdout.readline().decode()
         assert line.startswith("ok "), line + proc.stderr.read().decode() + daemon.log()
@@ -60,7 +129,7 @@ def test_metrics_report_a_paging_target(tmp_path, programs, shim):
         assert of_pid(samples, "umgr_pages_out_total", pid) >= (32 - 8) * MiB // 4096
         assert of_pid(samples, "umgr_pages_in_total", pid) > 0
         assert of_pid(samples, "umgr_faults_total", pid, kind="missing_swapped") > 0
-        assert of_pid(samples, "umgr_budget_bytes", pid) == 8 * MiB
+        assert of_pid(samples, "umgr_budget_bytes", pid, name="named") == 8 * MiB
         assert 0 < of_pid(samples, "umgr_resident_bytes", pid) <= 8 * MiB
         assert of_pid(samples, "umgr_swapped_bytes", pid) > 0
         assert of_pid(samples, "umgr_managed_bytes", pid) >= 32 * MiB
@@ -84,3 +153,46 @@ def test_metrics_report_a_paging_target(tmp_path, programs, shim):
                 proc.kill()
             proc.communicate()
         daemon.stop()
+
+
+def systemd_cgroup_root() -> Path:
+    """Where the hierarchy that names systemd units is mounted: cgroup2, or
+    on a legacy or hybrid host systemd's own v1 hierarchy."""
+    v1 = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            kind = fields[fields.index("-") + 1]
+            if kind == "cgroup2":
+                return Path(fields[4])
+            if kind == "cgroup" and "name=systemd" in fields[-1]:
+                v1 = Path(fields[4])
+    assert v1 is not None, "no cgroup hierarchy names systemd units here"
+    return v1
+
+
+@pytest.mark.timeout(60)
+def test_target_names(tmp_path, programs, shim):
+    """A target's name is its UMGR_NAME, else its systemd service, else
+    its executable's file name."""
+    unit = systemd_cgroup_root() / f"umgr-test-{os.getpid()}.service"
+    unit.mkdir()
+    daemon = DaemonProcess(tmp_path, "--max-resident", "4M")
+    procs = []
+    try:
+        procs.append(hold(programs, daemon.env(shim, UMGR_NAME="my\x1bjob"), 2))
+        procs.append(hold(programs, daemon.env(shim), 2))
+        in_unit = subprocess.Popen(
+            ["sh", "-c", f'echo $$ > {unit}/cgroup.procs && exec "$0" 2 0 1 sb hold', programs["threads"]],
+            env=daemon.env(shim), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append(in_unit)
+        assert in_unit.stdout.readline().startswith(b"ok "), in_unit.stderr.read()
+        names = {t["pid"]: t["name"] for t in query_status(daemon.socket)["targets"]}
+        assert names == {procs[0].pid: "my?job", procs[1].pid: "threads", in_unit.pid: unit.name}
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        daemon.stop()
+        unit.rmdir()

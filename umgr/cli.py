@@ -62,6 +62,10 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
     p.add_argument("--metrics-port", type=port_arg, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDR",
+                   help="address the metrics are served on (default 127.0.0.1; 0.0.0.0 or :: for all)")
+    p.add_argument("--metrics-per-pid", action="store_true",
+                   help="series per process (label pid) as well as per name: one set per process ever run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,9 +255,11 @@ def _serve_metrics(daemon, args) -> str | None:
     if args.metrics_port is None:
         return None
     from umgr.metrics import serve_metrics
-    with setting_up(f"umgr {args.command}: metrics on port {args.metrics_port}"):
-        serve_metrics(daemon, args.metrics_port)
-    return f"http://127.0.0.1:{args.metrics_port}/metrics"
+    address = args.metrics_address
+    with setting_up(f"umgr {args.command}: metrics on {address} port {args.metrics_port}"):
+        serve_metrics(daemon, args.metrics_port, address, args.metrics_per_pid)
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{args.metrics_port}/metrics"
 
 
 def startup_line(config: DaemonConfig, args, metrics: str | None) -> str:

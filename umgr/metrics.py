@@ -7,11 +7,15 @@ a fault never calls into prometheus-client.
 """
 from __future__ import annotations
 
+import platform
+import threading
+
 import numpy as np
-from prometheus_client import start_http_server
+from prometheus_client import PlatformCollector, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from umgr import __version__
 from umgr.backends import IO_BUCKETS
 from umgr.daemon.status import STATE_BYTES
 from umgr.paging.pagetable import PAGE_SIZE
@@ -22,19 +26,49 @@ FAULT_KINDS = {"faults_fresh": "missing_fresh", "faults_swapped": "missing_swapp
 EXPORTED = {name: doc for name, doc in COUNTERS.items() if name not in FAULT_KINDS and name != "faults_missing"}
 
 
-LABELS = ["pid", "command"]
-
 SIZES = (
-    ("resident_bytes", "Managed bytes resident in the target", lambda t: t.pt.resident),
-    ("swapped_bytes", "Managed bytes held by the backend for the target", lambda t: t.pt.swapped),
-    ("budget_bytes", "The target's memory budget (0: none)", lambda t: t.budget_pages),
+    ("resident_bytes", "Managed bytes resident", lambda t: t.pt.resident),
+    ("swapped_bytes", "Managed bytes held by the backend", lambda t: t.pt.swapped),
+    ("budget_bytes", "Memory budget (0: none); summed over the name's targets", lambda t: t.budget_pages),
     ("managed_bytes", "Bytes of registered memory", lambda t: t.pt.managed),
     *((name, doc, lambda t, state=state: t.pt.count(state)) for name, (doc, state) in STATE_BYTES.items()),
 )
 
 
-def _label(target) -> list[str]:
-    return [str(target.pid), target.command.split(" ", 1)[0][:60]]
+class Figures:
+    """Counters and the fault-latency histogram of one or more targets."""
+
+    def __init__(self):
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.latency = np.zeros(len(LATENCY_BUCKETS) + 1, np.int64)
+        self.latency_sum = 0.0
+
+    def add(self, stats) -> Figures:
+        for name in COUNTERS:
+            self.counters[name] += getattr(stats, name)
+        self.latency += stats.fault_latency
+        self.latency_sum += stats.fault_latency_sum
+        return self
+
+    def copy(self) -> Figures:
+        other = Figures()
+        other.counters, other.latency, other.latency_sum = dict(self.counters), self.latency.copy(), self.latency_sum
+        return other
+
+
+class Group:
+    """The targets one series stands for: all those of a name (with the
+    counters of the ones already gone, so counters never go down), or one
+    pid with --metrics-per-pid."""
+
+    def __init__(self, labels: list[str], figures: Figures):
+        self.labels = labels
+        self.figures = figures
+        self.targets: list = []
+
+    def add(self, target) -> None:
+        self.targets.append(target)
+        self.figures.add(target.stats)
 
 
 def _buckets(bounds, counts: np.ndarray) -> list[tuple[str, int]]:
@@ -43,40 +77,60 @@ def _buckets(bounds, counts: np.ndarray) -> list[tuple[str, int]]:
 
 
 class DaemonCollector:
-    def __init__(self, daemon):
+    """Series per target name by default: their number is bounded by the
+    programs run, not by the processes. `per_pid` adds a pid label (one set
+    of series per process: for debugging, not for a long-lived daemon)."""
+
+    def __init__(self, daemon, per_pid: bool = False):
         self.daemon = daemon
+        self.per_pid = per_pid
+        self.label_names = ["name", "pid"] if per_pid else ["name"]
+        # Scrapes run on the HTTP server's thread; a target released on the
+        # daemon's thread moves its counters into _retired and stays in
+        # _released until it has left daemon.targets, so that no scrape
+        # counts it twice (a counter that went down would read as a reset).
+        self._lock = threading.Lock()
+        self._retired: dict[str, Figures] = {}
+        self._released: set = set()
+        if not per_pid:
+            daemon.lifecycle.release_watchers.append(self._retire)
+
+    def _retire(self, target) -> None:
+        with self._lock:
+            self._retired.setdefault(target.name, Figures()).add(target.stats)
+            targets = self.daemon.targets
+            self._released = {t for t in self._released if targets.get(t.pid) is t}
+            self._released.add(target)
+
+    def _groups(self) -> list[Group]:
+        with self._lock:
+            live = [t for t in list(self.daemon.targets.values()) if t not in self._released]
+            if self.per_pid:
+                groups = [Group([t.name, str(t.pid)], Figures()) for t in live]
+                for group, target in zip(groups, live):
+                    group.add(target)
+                return groups
+            by_name = {name: Group([name], figures.copy()) for name, figures in self._retired.items()}
+            for t in live:
+                by_name.setdefault(t.name, Group([t.name], Figures())).add(t)
+            return list(by_name.values())
 
     def collect(self):
-        targets = list(self.daemon.targets.values())
-        yield from self._target_counters(targets)
-        yield from self._target_sizes(targets)
+        groups = self._groups()
+        labels = self.label_names
+        yield from _counters(groups, labels)
+        yield from _sizes(groups, labels)
+        targets = GaugeMetricFamily("umgr_targets", "Processes managed now", labels=labels)
+        paused = GaugeMetricFamily("umgr_eviction_paused",
+                                   "Targets whose eviction is paused (swap full or failing)", labels=labels)
         latency = HistogramMetricFamily("umgr_fault_service_seconds",
-                                        "Time from reading a fault batch to serving it", labels=LABELS)
-        for t in targets:
-            latency.add_metric(_label(t), _buckets(LATENCY_BUCKETS, t.stats.fault_latency), t.stats.fault_latency_sum)
-        yield latency
+                                        "Time from reading a fault batch to serving it", labels=labels)
+        for g in groups:
+            targets.add_metric(g.labels, len(g.targets))
+            paused.add_metric(g.labels, sum(1 for t in g.targets if t.eviction_paused))
+            latency.add_metric(g.labels, _buckets(LATENCY_BUCKETS, g.figures.latency), g.figures.latency_sum)
+        yield from (targets, paused, latency)
         yield from self._daemon_families()
-
-    @staticmethod
-    def _target_counters(targets):
-        faults = CounterMetricFamily("umgr_faults", "Userfaults served, by kind", labels=LABELS + ["kind"])
-        for t in targets:
-            for name, kind in FAULT_KINDS.items():
-                faults.add_metric(_label(t) + [kind], getattr(t.stats, name))
-        yield faults
-        for name, doc in EXPORTED.items():
-            family = CounterMetricFamily(f"umgr_{name}", doc, labels=LABELS)
-            for t in targets:
-                family.add_metric(_label(t), getattr(t.stats, name))
-            yield family
-
-    @staticmethod
-    def _target_sizes(targets):
-        for name, doc, pages in SIZES:
-            family = GaugeMetricFamily(f"umgr_{name}", doc, labels=LABELS)
-            for t in targets:
-                family.add_metric(_label(t), pages(t) * PAGE_SIZE)
-            yield family
 
     def _daemon_families(self):
         backend = self.daemon.backend
@@ -92,15 +146,45 @@ class DaemonCollector:
         io = HistogramMetricFamily("umgr_backend_io_seconds", "Backend batch I/O latency")
         io.add_metric([], _buckets(IO_BUCKETS, backend.io_latency), backend.io_seconds)
         yield io
+        yield CounterMetricFamily("umgr_targets_started", "Processes the daemon has managed since it started",
+                                  value=self.daemon.targets_seen)
+        info = GaugeMetricFamily("umgr_build_info", "umgr's version (always 1)", labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
 
 
-def registry_for(daemon) -> CollectorRegistry:
+def _counters(groups: list[Group], labels: list[str]):
+    faults = CounterMetricFamily("umgr_faults", "Userfaults served, by kind", labels=labels + ["kind"])
+    for g in groups:
+        for name, kind in FAULT_KINDS.items():
+            faults.add_metric(g.labels + [kind], g.figures.counters[name])
+    yield faults
+    for name, doc in EXPORTED.items():
+        family = CounterMetricFamily(f"umgr_{name}", doc, labels=labels)
+        for g in groups:
+            family.add_metric(g.labels, g.figures.counters[name])
+        yield family
+
+
+def _sizes(groups: list[Group], labels: list[str]):
+    for name, doc, pages in SIZES:
+        family = GaugeMetricFamily(f"umgr_{name}", doc, labels=labels)
+        for g in groups:
+            family.add_metric(g.labels, sum(pages(t) for t in g.targets) * PAGE_SIZE)
+        yield family
+
+
+def registry_for(daemon, per_pid: bool = False) -> CollectorRegistry:
+    """umgr's own families, and the daemon process's (CPU, memory, file
+    descriptors: prometheus-client's process and platform collectors)."""
     registry = CollectorRegistry()
-    registry.register(DaemonCollector(daemon))
+    registry.register(DaemonCollector(daemon, per_pid))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     return registry
 
 
-def serve_metrics(daemon, port: int, addr: str = "127.0.0.1") -> None:
+def serve_metrics(daemon, port: int, addr: str = "127.0.0.1", per_pid: bool = False) -> None:
     """Serve /metrics from a background thread (prometheus-client's server).
     The collector reads plain counters; a torn read costs one sample's accuracy."""
-    start_http_server(port, addr=addr, registry=registry_for(daemon))
+    start_http_server(port, addr=addr, registry=registry_for(daemon, per_pid))

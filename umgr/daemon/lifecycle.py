@@ -218,6 +218,8 @@ class Lifecycle:
 
     def _release(self, target: Target) -> None:
         snap = snapshot(target)
+        for watch in self.release_watchers:
+            watch(target)
         target.release_all()
         self.totals.add(snap)
         os.close(target.pidfd)
