@@ -220,14 +220,20 @@ def default_umgr_cmd() -> list[str]:
 
 
 def run_umgr(scan: str, data_mib: int, budget_mib: int, passes: int, policy: str, work: str,
-             umgr_cmd: list[str], attempts: int = 3) -> dict:
-    """One scan under `umgr exec`. A failed run (umgr exiting non-zero) is
-    retried, and its error kept in the result's "failures": a benchmark that
-    hid them would hide bugs."""
-    result, stats, failures = umgr_exec(umgr_cmd, budget_mib, data_mib + 256, ["--policy", policy],
+             umgr_cmd: list[str], attempts: int = 3, trace: bool = False) -> dict:
+    """One scan under `umgr exec` (with `trace`, recording a fault trace). A
+    failed run (umgr exiting non-zero) is retried, and its error kept in the
+    result's "failures": a benchmark that hid them would hide bugs."""
+    trace_file = os.path.join(work, f"umgr-{policy}.trace")
+    result, stats, failures = umgr_exec(umgr_cmd, budget_mib, data_mib + 256,
+                                        ["--policy", policy, *(["--record-trace", trace_file] if trace else [])],
                                         [scan, str(data_mib), str(passes)], os.path.join(work, f"umgr-{policy}.json"),
-                                        f"scan under umgr ({policy})", attempts)
-    return {"scan": result, "umgr": stats, "failures": failures}
+                                        f"scan under umgr ({policy}{', tracing' if trace else ''})", attempts)
+    out = {"scan": result, "umgr": stats, "failures": failures}
+    if trace:
+        out["trace_bytes"] = os.path.getsize(trace_file)
+        os.unlink(trace_file)
+    return out
 
 
 def umgr_exec(umgr_cmd: list[str], budget_mib: int, swap_mib: int, umgr_args: list[str], program: list[str],
@@ -310,13 +316,15 @@ def _derive(name: str, result: dict, data_mib: int) -> dict:
 
 def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, rounds: int = 2,
         floor_mib: int | None = None, umgr_cmd: list[str] | None = None, policies=("readahead", "none"),
-        kernel: bool = True, none_passes: int = 1,
+        kernel: bool = True, none_passes: int = 1, trace: bool = False,
         log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """Measure every configuration; returns raw results, derived figures and ratios.
 
     The VM is shared: the quick configurations (plain, kernel swap, umgr with
     readahead) run `rounds` times, interleaved, and each is represented by its
-    fastest round (all rounds are kept). Policy none makes one userfault per
+    fastest round (all rounds are kept). With `trace`, each quick umgr
+    configuration also runs with --record-trace, interleaved, to measure the
+    cost of recording. Policy none makes one userfault per
     page and takes a minute per pass at the default size: it runs once, with
     min(passes, none_passes) passes."""
     if passes < 1 or rounds < 1:
@@ -348,13 +356,16 @@ def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, rounds: i
             for policy in policies:
                 if policy == "none":
                     continue
-                log(f"round {r + 1}/{rounds}: umgr --policy {policy} ...")
-                raw.setdefault(f"umgr-{policy}", []).append(
-                    run_umgr(exe["scan"], data_mib, budget_mib, passes, policy, work, umgr_cmd))
-        if "none" in policies:
-            log("umgr --policy none ...")
-            raw["umgr-none"] = [run_umgr(exe["scan"], data_mib, budget_mib, min(passes, none_passes), "none",
-                                         work, umgr_cmd)]
+                for traced in (False, True) if trace else (False,):
+                    name = f"umgr-{policy}{'+trace' if traced else ''}"
+                    log(f"round {r + 1}/{rounds}: umgr --policy {policy}{' --record-trace' if traced else ''} ...")
+                    raw.setdefault(name, []).append(
+                        run_umgr(exe["scan"], data_mib, budget_mib, passes, policy, work, umgr_cmd, trace=traced))
+        for traced in ((False, True) if trace else (False,)) if "none" in policies else ():
+            log(f"umgr --policy none{' --record-trace' if traced else ''} ...")
+            raw[f"umgr-none{'+trace' if traced else ''}"] = [
+                run_umgr(exe["scan"], data_mib, budget_mib, min(passes, none_passes), "none", work, umgr_cmd,
+                         trace=traced)]
         log("C handler floor ...")
         results["floor"] = run_floors(exe["floor"], floor_mib)
     results["env"]["loadavg_after"] = os.getloadavg()
@@ -391,6 +402,11 @@ def _ratios(results: dict) -> dict:
                 r[f"pass_time_vs_floor_{key}"] = f["mean_pass_s"] / (result["scan"]["pages"] / fl["pages_per_s"])
         if "1p-any" in floor:
             r["us_per_fault_vs_floor_1p-any"] = f["us_per_fault"] / floor["1p-any"]["us_per_fault"]
+        untraced = configs.get(name.removesuffix("+trace")) if name.endswith("+trace") else None
+        if untraced is not None:
+            r["pass_time_vs_untraced"] = f["mean_pass_s"] / untraced["figures"]["mean_pass_s"]
+            r["first_touch_vs_untraced"] = f["first_touch_s"] / untraced["figures"]["first_touch_s"]
+            r["wall_vs_untraced"] = result["umgr"]["wall_seconds"] / untraced["umgr"]["wall_seconds"]
         out[name] = r
     return out
 
@@ -454,7 +470,8 @@ def format_report(results: dict) -> str:
             lines.append(f"  {name}: stats faults={s['faults']} pages_in={s['pages_in']} prefetched={s['prefetched']} "
                          f"pages_out={s['pages_out']} peak_resident={s['peak_resident_bytes'] / MiB:.1f} MiB "
                          f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB "
-                         f"wall={s['wall_seconds']}s")
+                         f"wall={s['wall_seconds']}s"
+                         + (f" trace={result['trace_bytes'] / MiB:.1f} MiB" if "trace_bytes" in result else ""))
         elif name.startswith("kernel-swap"):
             c, f = result["cgroup"], result["figures"]
             lines.append(f"  {name}: swapfile {result['swap_mib']} MiB, cgroup pgmajfault={c['pgmajfault']} max_usage={c['max_usage_bytes'] / MiB:.1f} MiB; "
@@ -505,12 +522,15 @@ def main(argv=None) -> int:
     parser.add_argument("--none-passes", type=int, default=1, help="read passes for policy none (it is slow)")
     parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
     parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
+    parser.add_argument("--record-trace", action="store_true",
+                        help="also run each quick umgr config with --record-trace (the cost of recording)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     args = parser.parse_args(argv)
     return run_and_report(lambda: run(args.data_mib, args.budget_mib, args.passes, rounds=args.rounds,
                                       floor_mib=args.floor_mib, umgr_cmd=args.umgr.split() if args.umgr else None,
                                       policies=[p for p in args.policies.split(",") if p],
-                                      kernel=not args.no_kernel_swap, none_passes=args.none_passes),
+                                      kernel=not args.no_kernel_swap, none_passes=args.none_passes,
+                                      trace=args.record_trace),
                           format_report, args.json)
 
 

@@ -30,6 +30,9 @@ __all__ = [
     "GuardedEviction",
     "load_prefetch",
     "load_eviction",
+    "parse_spec",
+    "parse_options",
+    "installed",
     "ENTRY_POINT_GROUP",
 ]
 
@@ -140,6 +143,65 @@ def load_prefetch(name: str, **options) -> PrefetchPolicy:
 def load_eviction(name: str, **options) -> EvictionPolicy:
     """An eviction policy by name: built-ins first, then the entry-point group."""
     return _load(name, options, _BUILTIN_EVICTION, _BUILTIN_PREFETCH, EvictionPolicy, "eviction")
+
+
+def parse_options(pairs: Sequence[str]) -> dict:
+    """["maximum=32", "aggressive=true"] -> {"maximum": 32, "aggressive": True}:
+    integers, then floats, then true/false, else the text."""
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"policy option {pair!r} is not KEY=VALUE")
+        options[key.strip()] = _option_value(text.strip())
+    return options
+
+
+def _option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """"readahead:maximum=32,initial=8" -> ("readahead", {"maximum": 32, "initial": 8})."""
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ValueError(f"no policy name in {spec!r}")
+    return name, parse_options([p for p in rest.split(",") if p]) if rest else {}
+
+
+def installed() -> list[tuple[str, str, str, str]]:
+    """Every policy that loads by name, built-in or from the entry-point
+    group, as (name, "prefetch" or "eviction", where it comes from, its
+    options with their defaults and the first line of its doc); one that
+    does not load says why in the last field."""
+    import inspect
+
+    found = {}
+    for name, spec in {**_BUILTIN_PREFETCH, **_BUILTIN_EVICTION}.items():
+        found[name] = ("umgr", lambda spec=spec: _resolve(spec))
+    for name, ep in _entry_points().items():
+        if name not in found:
+            found[name] = (ep.dist.name if ep.dist else ep.value, ep.load)
+    rows = []
+    for name, (origin, load) in sorted(found.items()):
+        try:
+            factory = load()
+            kind = ("prefetch" if issubclass(factory, PrefetchPolicy)
+                    else "eviction" if issubclass(factory, EvictionPolicy) else "?")
+            # Options a user can set: those with a plain default (not a hook such as is_live=None).
+            options = ", ".join(f"{p.name}={p.default!r}" for p in inspect.signature(factory).parameters.values()
+                                if p.default is not inspect.Parameter.empty and p.default is not None)
+            doc = factory.__doc__ or inspect.getmodule(factory).__doc__ or ""
+            summary = doc.strip().split("\n")[0]
+            rows.append((name, kind, origin, f"{options}  {summary}".strip() if options else summary))
+        except Exception as exc:  # a broken plug-in is listed, not fatal
+            rows.append((name, "?", origin, f"does not load: {exc}"))
+    return rows
 
 
 def _as_vpns(result) -> np.ndarray:

@@ -8,6 +8,7 @@ when accessed before they are evicted.
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -102,3 +103,96 @@ def replay_eviction(policy, trace_vpns, resident_capacity: int, batch: int = 64)
                 evictions += 1
             guarded.on_removed(np.array(victims, dtype=np.int64))
     return EvictionReplayResult(len(np.asarray(trace_vpns)), faults, refaults, evictions)
+
+
+@dataclass
+class PagingReplayResult:
+    accesses: int
+    faults: int          # accesses to pages that were not resident
+    from_swap: int       # of those, pages that had been evicted with content (major faults)
+    prefetched: int      # pages brought in ahead of use
+    prefetch_used: int   # of those, pages accessed before eviction
+    pages_in: int        # pages read from swap (faults and prefetches)
+    pages_out: int       # pages written to swap (evicted with content)
+    evictions: int       # pages evicted (with content or not)
+
+    @property
+    def hit_rate(self) -> float:
+        return 1 - self.faults / self.accesses if self.accesses else 0.0
+
+    def __add__(self, other: PagingReplayResult) -> PagingReplayResult:
+        return PagingReplayResult(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
+
+def replay_paging(prefetch, eviction, trace_vpns, resident_capacity: int, regions=None,
+                  batch: int = 64) -> PagingReplayResult:
+    """Drive a prefetch and an eviction policy together over ``trace_vpns``
+    (page accesses in order), as the daemon does with one target: an access
+    to a page that is not resident faults, the prefetch policy adds pages
+    within the page's region (``regions``: sorted (first vpn, end vpn)
+    pairs; a page in none gets no prefetch), all become resident together
+    (a page evicted before comes back from swap, and the eviction policy
+    hears its refault distance); above ``resident_capacity`` pages (0: no
+    limit) the eviction policy chooses victims, ``batch`` at a time. A page
+    has content once accessed: evicting one that was only prefetched, and
+    never from swap, writes nothing and it reads as zero again."""
+    from . import GuardedEviction
+
+    prefetch = prefetch if isinstance(prefetch, GuardedPrefetch) else GuardedPrefetch(prefetch, target="replay")
+    eviction = eviction if isinstance(eviction, GuardedEviction) else GuardedEviction(eviction, target="replay")
+    resident: set[int] = set()
+    content: set[int] = set()          # accessed, or read back from swap
+    swapped: dict[int, int] = {}       # vpn -> evictions before it went out
+    unused: set[int] = set()           # prefetched, not accessed yet
+    eviction.attach(lambda vpns: np.fromiter((int(v) in resident for v in vpns), bool, len(vpns)))
+    starts = [r[0] for r in regions or ()]
+    ends = [r[1] for r in regions or ()]
+    n = PagingReplayResult(0, 0, 0, 0, 0, 0, 0, 0)
+    for vpn in np.asarray(trace_vpns, dtype=np.int64).tolist():
+        n.accesses += 1
+        if vpn in resident:
+            if vpn in unused:
+                unused.discard(vpn)
+                n.prefetch_used += 1
+                prefetch.on_prefetch_hit(vpn)
+            content.add(vpn)
+            continue
+        n.faults += 1
+        i = bisect.bisect_right(starts, vpn) - 1
+        bounds = (int(starts[i]), int(ends[i])) if i >= 0 and vpn < ends[i] else (vpn, vpn + 1)
+        extra = [p for p in prefetch.on_fault(vpn, *bounds).tolist() if p not in resident]
+        came = sorted([vpn, *extra])
+        back = [p for p in came if p in swapped]
+        if vpn in swapped:
+            n.from_swap += 1
+            eviction.on_refault(np.array([vpn]), np.array([n.evictions - swapped[vpn]]))
+        for p in back:
+            del swapped[p]
+        n.pages_in += len(back)
+        content.update(back)
+        content.add(vpn)
+        resident.update(came)
+        unused.update(extra)
+        n.prefetched += len(extra)
+        eviction.on_resident(np.array(came, np.int64))
+        if resident_capacity:
+            _evict(eviction, resident, content, swapped, unused, resident_capacity, batch, n)
+    return n
+
+
+def _evict(eviction, resident, content, swapped, unused, capacity, batch, n) -> None:
+    for _ in range(64):  # a policy that keeps offering stale pages gives up, as the daemon's evictor does
+        if len(resident) <= capacity:
+            return
+        victims = [v for v in eviction.choose(batch).tolist() if v in resident]
+        if not victims:
+            return
+        for v in victims:
+            resident.discard(v)
+            unused.discard(v)
+            if v in content:
+                content.discard(v)
+                swapped[v] = n.evictions
+                n.pages_out += 1
+            n.evictions += 1
+        eviction.on_removed(np.array(victims, dtype=np.int64))

@@ -56,6 +56,10 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="readahead", help="prefetch policy (none, readahead, stride, or a plug-in)")
     p.add_argument("--eviction", default="fifo",
                    help="eviction policy: fifo (default), reuse (keeps pages that refault soon resident), or a plug-in")
+    p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the prefetch policy, e.g. maximum=32 (umgr policies lists them)")
+    p.add_argument("--eviction-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the eviction policy, e.g. hot_share=0.5")
     p.add_argument("--keep-clean", action="store_true",
                    help="prefetched pages keep their swap copy until written: re-evicting them costs no "
                         "write (read-mostly data, slow swap store); a first write then costs a fault")
@@ -77,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exec", help="run a program under umgr with an embedded daemon")
     _add_daemon_options(p)
     p.add_argument("--stats-json", metavar="FILE", help="write the run's figures here as JSON")
+    p.add_argument("--record-trace", metavar="FILE",
+                   help="write the faults and evictions of the run here, for umgr replay")
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
     p.set_defaults(func=cmd_exec)
 
@@ -93,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between the two samples for rates")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("replay", help="replay a recorded trace against policies and budgets, offline")
+    p.add_argument("trace", metavar="FILE", help="from umgr exec --record-trace")
+    p.add_argument("--policy", action="append", default=[], metavar="NAME[:KEY=VALUE,...][+NAME[:...]]",
+                   help="a prefetch and/or eviction policy to replay (repeat to compare; default: as recorded)")
+    p.add_argument("--max-resident", type=size_arg, default=None, metavar="SIZE",
+                   help="budget per process (default: each one's recorded budget)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("policies", help="list the prefetch and eviction policies installed")
+    p.set_defaults(func=cmd_policies)
 
     p = sub.add_parser("doctor", help="probe what this kernel lets umgr do")
     p.set_defaults(func=cmd_doctor)
@@ -139,18 +157,26 @@ def cmd_exec(args) -> int:
         raise Fatal("umgr exec: no program given (umgr exec [OPTIONS] -- PROGRAM ARGS...)")
     if args.stats_json:
         check_writable(args.stats_json, "--stats-json")
+    if args.record_trace:
+        check_writable(args.record_trace, "--record-trace")
     rundir = tempfile.mkdtemp(prefix="umgr-")
+    trace = None
     try:
         config = _config(args, os.path.join(rundir, "control.sock"))
         backend = _open_backend(args)
+        trace = _open_trace(args, config, program)
         started = time.monotonic()
-        status, totals, backend_stats = trio.run(_exec, config, backend, args, program)
+        status, totals, backend_stats = trio.run(_exec, config, backend, args, program, trace)
         wall = time.monotonic() - started
     except CannotRun as exc:
         print(f"umgr: {printable(program[0])}: {exc.reason}", file=sys.stderr)
         return exc.status
     finally:
         shutil.rmtree(rundir, ignore_errors=True)
+        if trace is not None:
+            trace.close()
+            if trace.error:
+                print(f"umgr: trace {args.record_trace}: {trace.error}", file=sys.stderr)
     exit_code = 128 - status if status < 0 else status
     if args.verbosity > 0:
         print(exec_summary(exit_code, wall, totals, backend_stats), file=sys.stderr)
@@ -217,11 +243,12 @@ class CannotRun(Exception):
 
 
 def _config(args, socket_path: str) -> DaemonConfig:
-    from umgr.policies import load_eviction, load_prefetch
+    from umgr.policies import load_eviction, load_prefetch, parse_options
     from umgr.probe import zap_mode
-    try:  # a bad name here would otherwise turn every target away
-        load_prefetch(args.policy)
-        load_eviction(args.eviction)
+    try:  # a bad name or option here would otherwise turn every target away
+        policy_options, eviction_options = parse_options(args.policy_opt), parse_options(args.eviction_opt)
+        load_prefetch(args.policy, **policy_options)
+        load_eviction(args.eviction, **eviction_options)
     except Exception as exc:
         raise Fatal(f"umgr {args.command}: {exc}") from None
     group = getattr(args, "group", None)
@@ -234,7 +261,8 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         policy=args.policy, eviction=args.eviction, zap_mode=zap_mode(),
                         group=getattr(args, "group", None),
                         hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT),
-                        keep_clean=args.keep_clean)
+                        keep_clean=args.keep_clean, policy_options=policy_options,
+                        eviction_options=eviction_options)
 
 
 def _child_setup() -> None:
@@ -270,8 +298,21 @@ def startup_line(config: DaemonConfig, args, metrics: str | None) -> str:
             f"policy {config.policy}, eviction {config.eviction}, metrics {metrics or 'off'}")
 
 
-async def _exec(config: DaemonConfig, backend, args, program: list[str]):
-    daemon = Daemon(config, backend)
+def _open_trace(args, config: DaemonConfig, program: list[str]):
+    """The --record-trace file (its place was checked before the backend was made)."""
+    if not args.record_trace:
+        return None
+    from umgr.trace import TraceWriter
+    meta = {"umgr": version(), "command": program, "policy": config.policy,
+            "policy_options": config.policy_options, "eviction": config.eviction,
+            "eviction_options": config.eviction_options, "max_resident": config.max_resident,
+            "keep_clean": config.keep_clean, "started": time.time()}
+    with setting_up(f"umgr exec: --record-trace {args.record_trace}"):
+        return TraceWriter(args.record_trace, meta)
+
+
+async def _exec(config: DaemonConfig, backend, args, program: list[str], trace=None):
+    daemon = Daemon(config, backend, trace)
     proc = None
     cannot_run = None
     try:
@@ -380,6 +421,33 @@ def format_status(first: dict, second: dict, interval: float) -> str:
     b = second["backend"]
     rows.append(f"backend {b['backend']}: {b['used_pages'] * PAGE_SIZE / mib:.1f}M of {b['capacity_pages'] * PAGE_SIZE / mib:.0f}M used")
     return "\n".join(rows)
+
+
+# ---- replay, policies -------------------------------------------------------------
+def cmd_replay(args) -> int:
+    from umgr.trace import TraceError, read_trace
+    from umgr.tracereplay import format_rows, replay_trace
+    try:
+        meta, records = read_trace(args.trace)
+        rows = replay_trace(meta, records, args.policy, args.max_resident)
+    except OSError as exc:
+        raise Fatal(f"umgr replay: {args.trace}: {reason(exc)}") from None
+    except (TraceError, ValueError, TypeError) as exc:
+        raise Fatal(f"umgr replay: {exc}") from None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_rows(rows))
+    return 0
+
+
+def cmd_policies(args) -> int:
+    from umgr.policies import installed
+    rows = installed()
+    width = max(len(name) for name, *_ in rows)
+    for name, kind, origin, about in rows:
+        print(f"{name:<{width}}  {kind:<8}  {origin:<8}  {about}")
+    return 0
 
 
 # ---- doctor, bench --------------------------------------------------------------------------

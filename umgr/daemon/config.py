@@ -1,7 +1,7 @@
 """The daemon's settings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from umgr import protocol
 from umgr.paging.tuning import KEEP_CLEAN_COPIES
@@ -18,6 +18,8 @@ class DaemonConfig:
     min_region: int = 1 << 20
     policy: str = "readahead"
     eviction: str = "fifo"
+    policy_options: dict = field(default_factory=dict)    # the prefetch policy's (--policy-opt)
+    eviction_options: dict = field(default_factory=dict)  # the eviction policy's (--eviction-opt)
     scan_interval: float = 0.05          # seconds between /proc/PID/maps scans
     zap_mode: protocol.ZapMode = protocol.ZapMode.AGENT
     group: str | None = None

@@ -29,9 +29,10 @@ log = logging.getLogger("umgr.daemon")
 
 
 class Lifecycle:
-    def __init__(self, config: DaemonConfig, backend: Backend):
+    def __init__(self, config: DaemonConfig, backend: Backend, trace=None):
         self.config = config
         self.backend = backend
+        self.trace = trace                # a umgr.trace.TraceWriter, or None
         self.targets: dict[int, Target] = {}
         self.totals = Totals()
         self.targets_seen = 0
@@ -58,8 +59,9 @@ class Lifecycle:
         """The prefetch policy a HELLO asks for (empty: the daemon's); a name
         that does not load is a bad HELLO, not the daemon's end."""
         name = name or self.config.policy
+        options = self.config.policy_options if name == self.config.policy else {}
         try:
-            return GuardedPrefetch(load_prefetch(name), target=label)
+            return GuardedPrefetch(load_prefetch(name, **options), target=label)
         except Exception as exc:
             raise protocol.ProtocolError(f"policy {name!r} does not load: {exc}") from exc
 
@@ -82,9 +84,12 @@ class Lifecycle:
 
     def _new_target(self, pid: int, uffd, pidfd: int, budget: int, prefetch: GuardedPrefetch,
                     pages=None, name: str = "") -> Target:
-        return Target(pid=pid, uffd=uffd, pidfd=pidfd, budget_pages=budget >> PAGE_SHIFT, backend=self.backend,
-                      prefetch=prefetch, eviction=load_eviction(self.config.eviction), label=prefetch.target,
-                      keep_clean=self.config.keep_clean, pages=pages, on_pause=self._want_resume, name=name)
+        eviction = load_eviction(self.config.eviction, **self.config.eviction_options)
+        target = Target(pid=pid, uffd=uffd, pidfd=pidfd, budget_pages=budget >> PAGE_SHIFT, backend=self.backend,
+                        prefetch=prefetch, eviction=eviction, label=prefetch.target, keep_clean=self.config.keep_clean, pages=pages, on_pause=self._want_resume, name=name)
+        if self.trace is not None:
+            target.core.trace = self.trace.target(pid, target.budget_pages, pages)
+        return target
 
     def zapper(self, target: Target, agent_fd: int):
         agent = socket.socket(fileno=agent_fd)

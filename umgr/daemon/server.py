@@ -41,10 +41,11 @@ STATUS_REQUEST = b"STATUS"
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, backend: Backend):
+    def __init__(self, config: DaemonConfig, backend: Backend, trace=None):
+        """`trace`: a umgr.trace.TraceWriter recording every target's faults."""
         self.config = config
         self.backend = backend
-        self.lifecycle = Lifecycle(config, backend)
+        self.lifecycle = Lifecycle(config, backend, trace)
         self.rejected_connections = 0
         self.internal_errors_on_connections = 0
 

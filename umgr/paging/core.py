@@ -22,6 +22,7 @@ from umgr.kernel.uffd import Userfaultfd
 from umgr.paging.budget import Budget
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
 from umgr.paging.stats import TargetStats
+from umgr.trace import NO_TRACE
 
 log = logging.getLogger("umgr.target")
 
@@ -82,6 +83,7 @@ class TargetCore:
         self.keep_clean = keep_clean      # prefetched pages keep their slot (tuning.KEEP_CLEAN_COPIES)
         self.pt = pt
         self.stats = TargetStats()
+        self.trace = NO_TRACE             # umgr.trace: faults and evictions, if recorded
         self.zapper = None                # set when the agent attaches (or remote zap)
         self.gone = False
         self.eviction_paused = ""         # why eviction cannot run now, "" if it can

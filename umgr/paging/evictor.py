@@ -274,6 +274,7 @@ class Evictor:
         pt.set(done[slots == NO_SLOT], State.FRESH)
         pt.set(done[slots != NO_SLOT], State.SWAPPED)
         core.left_residency(done)
+        core.trace.evicted(done)
         core.stats.pages_out += len(done)
         core.evictions += len(done)
 

@@ -114,6 +114,7 @@ class FaultService:
         pages believed resident or being evicted); return the others as
         {vpn: is_write}, de-duplicated."""
         pt, stats = self.core.pt, self.core.stats
+        self.core.trace.faults(pt, faults)
         fills: dict[int, bool] = {}
         for address, flags in faults:
             vpn = address >> PAGE_SHIFT

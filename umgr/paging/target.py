@@ -136,6 +136,7 @@ class Target:
                 return False
             present = core.present_pages(lo, hi - lo)
             core.pt.add(lo, hi - lo, present)
+            core.trace.region(lo, hi - lo)
             core.became_resident((np.flatnonzero(present) + lo).astype(np.int64))
         core.note_resident()
         return True
