@@ -18,7 +18,8 @@ Only what umgr sees is recorded: faults, which are accesses to pages that
 were not mapped (or write-protected). Accesses to resident pages leave no
 trace, so a replay is exact only for what faulted: a bigger budget than the
 recorded one can only save faults, a smaller one cannot know the accesses
-that hit in the recorded run.
+that hit in the recorded run. A forked child starts from its parent's pages;
+its replay starts from none.
 """
 from __future__ import annotations
 
