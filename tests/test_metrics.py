@@ -196,3 +196,11 @@ def test_target_names(tmp_path, programs, shim):
             proc.communicate()
         daemon.stop()
         unit.rmdir()
+
+
+def test_service_names_from_cgroup_lines():
+    from umgr.daemon.names import service_in
+    assert service_in("0::/system.slice/db.service\n") == "db.service"
+    assert service_in("12:memory:/x\n1:name=systemd:/system.slice/getty@tty1.service\n0::/\n") == "getty@tty1.service"
+    assert service_in("0::/user.slice/user-0.slice/session-4.scope\n") == ""  # a fresh name per session
+    assert service_in("0::/\n") == service_in("") == service_in("garbage") == ""
