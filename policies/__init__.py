@@ -262,6 +262,8 @@ class GuardedPrefetch:
         except Exception:
             self._disable("on_fault")
             return _EMPTY
+        if pages.size == 0:   # most faults of a random workload: skip the clipping
+            return _EMPTY
         pages = pages[(pages >= region_start) & (pages < region_end) & (pages != vpn)]
         if pages.size > 1:
             pages = _first_unique(pages)[: self.max_pages]
@@ -335,6 +337,12 @@ class GuardedEviction:
             self.policy.on_removed(np.asarray(vpns, dtype=np.int64))
         except Exception:
             self._fall_back("on_removed")
+
+    @property
+    def wants_refaults(self) -> bool:
+        """Whether the policy has an on_refault of its own (else the caller
+        may skip working out refault distances)."""
+        return type(self.policy).on_refault is not EvictionPolicy.on_refault
 
     def on_refault(self, vpns: np.ndarray, distances: np.ndarray) -> None:
         try:

@@ -54,6 +54,10 @@ class FifoEviction(EvictionPolicy):
     def on_resident(self, vpns: np.ndarray) -> None:
         vpns = np.asarray(vpns, dtype=np.int64).ravel()
         need = self._count + len(vpns)
+        if len(vpns) == 1 and need <= len(self._buf):   # one page (a random fault): no slicing
+            self._buf[(self._head + self._count) % len(self._buf)] = vpns[0]
+            self._count = need
+            return
         if need > len(self._buf) and self._is_live is not None:
             self.compact(self._is_live)
             need = self._count + len(vpns)

@@ -124,7 +124,7 @@ class TargetCore:
     def refaulted(self, vpns: np.ndarray, slots: np.ndarray) -> None:
         """Faulting pages (sorted) came back from these slots: tell the
         eviction policy how long they were out (pages evicted since)."""
-        if len(vpns):
+        if len(vpns) and self.eviction.wants_refaults:
             now = np.uint32(self.evictions & 0xFFFFFFFF)
             self.eviction.on_refault(vpns, (now - self.slots.evicted_at[slots]).astype(np.int64))
 
