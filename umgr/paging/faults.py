@@ -242,10 +242,16 @@ class FaultService:
             self._retry_faulting(faulting, ())  # events changed it while we read
             return
         started = time.perf_counter()
-        done, _, _ = self.core.copy_run(vpn, 1, self._fill.addr, zeros=planned == State.FRESH and not write,
-                                        on_eagain=self._drain_and_go_on)
+        zeros = planned == State.FRESH and not write
+        # The common case in one ioctl; copy_run() deals with EAGAIN, EEXIST and ENOENT.
+        if zeros:
+            done = not core.uffd.zeropage_fast(vpn << PAGE_SHIFT, PAGE_SIZE)
+        else:
+            done = not core.uffd.copy_fast(vpn << PAGE_SHIFT, self._fill.addr, PAGE_SIZE)
+        if not done:
+            done = self.core.copy_run(vpn, 1, self._fill.addr, zeros=zeros, on_eagain=self._drain_and_go_on)[0][0]
         core.stats.fault_copy_seconds += time.perf_counter() - started
-        if not done[0] or pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
+        if not done or pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
             self._retry_faulting(faulting, ())
             return
         pt.set_state(vpn, State.RESIDENT, NO_SLOT)
