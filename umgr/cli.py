@@ -19,7 +19,7 @@ import time
 
 import trio
 
-from umgr.backends import open_backend
+from umgr.backends import open_chain
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
@@ -33,6 +33,16 @@ log = logging.getLogger("umgr")
 PR_SET_PDEATHSIG = 1
 DEFAULT_SWAP_SIZE = "4G"
 DEFAULT_SOCKET = "/run/umgr/control.sock"
+
+
+def _backend_value(key: str, text: str):
+    """A --backend option's value: sizes for size and cap, integers, else text."""
+    if key in ("size", "cap"):
+        return parse_size(text)
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def shim_path() -> str:
@@ -49,7 +59,9 @@ def shim_path() -> str:
 def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-resident", type=size_arg, default=0, metavar="SIZE",
                    help="memory budget per process, e.g. 256M (default: no limit)")
-    p.add_argument("--backend", default="file", choices=["file"], help="swap store (default: file)")
+    p.add_argument("--backend", action="append", metavar="NAME[:KEY=VALUE,...]",
+                   help="swap store: file (default), compressed, redis, or a plug-in; given again, a chain, "
+                        "fastest first (--backend compressed:cap=256M --backend file)")
     p.add_argument("--swap-size", type=size_arg, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",
                    help=f"swap capacity (default {DEFAULT_SWAP_SIZE})")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"where the swap file lives ({DEFAULT_STATE_DIR})")
@@ -191,6 +203,7 @@ def cmd_exec(args) -> int:
             "swap_bytes_written": backend_stats["pages_written"] * PAGE_SIZE,
             "swap_bytes_read": backend_stats["pages_read"] * PAGE_SIZE,
             "swap_slots_in_use_at_exit": backend_stats["used_pages"],
+            "backend_tiers": backend_stats["tiers"],
             "wall_seconds": round(wall, 3),
             **{k: v for k, v in totals.items() if k not in ("faults", "pages_in", "pages_out", "prefetched")},
             "targets": totals.get("targets", 0),
@@ -271,11 +284,15 @@ def _child_setup() -> None:
 
 
 def _open_backend(args):
+    """The store --backend names (a chain when given more than once)."""
     try:
         with setting_up(f"umgr {args.command}: --state-dir {args.state_dir}"):
-            return open_backend(args.backend, size=args.swap_size, directory=args.state_dir)
+            return open_chain(args.backend or ["file"], {"size": args.swap_size, "directory": args.state_dir},
+                              _backend_value)
     except BackendError as exc:  # says what and where already
         raise Fatal(f"umgr {args.command}: {exc}") from None
+    except ValueError as exc:    # a bad spec or option, an unreachable store
+        raise Fatal(f"umgr {args.command}: --backend: {exc}") from None
 
 
 def _serve_metrics(daemon, args) -> str | None:
@@ -294,7 +311,7 @@ def startup_line(config: DaemonConfig, args, metrics: str | None) -> str:
     """What a running daemon serves, in one line."""
     budget = format_size(config.max_resident) if config.max_resident else "none"
     return (f"umgr {version()} serving {config.socket_path}: budget {budget} per process, "
-            f"backend {args.backend} ({format_size(args.swap_size)} in {args.state_dir}), "
+            f"backend {' + '.join(args.backend or ['file'])} ({format_size(args.swap_size)} in {args.state_dir}), "
             f"policy {config.policy}, eviction {config.eviction}, metrics {metrics or 'off'}")
 
 
@@ -420,6 +437,11 @@ def format_status(first: dict, second: dict, interval: float) -> str:
                     f"{rate('faults'):>9.0f} {rate('pages_in'):>8.0f} {rate('pages_out'):>8.0f}  {printable(t['command'])[:40]}")
     b = second["backend"]
     rows.append(f"backend {b['backend']}: {b['used_pages'] * PAGE_SIZE / mib:.1f}M of {b['capacity_pages'] * PAGE_SIZE / mib:.0f}M used")
+    tiers = b.get("tiers", [])
+    for tier in tiers if len(tiers) > 1 or "ratio" in tiers[0] else []:
+        ratio = f", {tier['ratio']:.2f}x" if tier.get("ratio") else ""
+        rows.append(f"  {tier['tier']}: {tier['pages']} pages in {tier['used_bytes'] / mib:.1f}M of "
+                    f"{tier['capacity_bytes'] / mib:.0f}M{ratio}, {tier['read_seconds_per_page'] * 1e6:.0f} us a read")
     return "\n".join(rows)
 
 

@@ -151,6 +151,28 @@ class DaemonCollector:
         info = GaugeMetricFamily("umgr_build_info", "umgr's version (always 1)", labels=["version", "python"])
         info.add_metric([__version__, platform.python_version()], 1)
         yield info
+        yield from _tier_families(stats["tiers"])
+
+
+# Per tier of the backend (a chain has several, fastest first): (key, name, doc, family).
+TIER_FIGURES = (
+    ("capacity_bytes", "umgr_backend_tier_capacity_bytes", "What the tier may hold, in its own medium", GaugeMetricFamily),
+    ("used_bytes", "umgr_backend_tier_used_bytes", "What the tier holds, in its own medium", GaugeMetricFamily),
+    ("pages", "umgr_backend_tier_pages", "Pages the tier holds", GaugeMetricFamily),
+    ("read_seconds_per_page", "umgr_backend_tier_read_seconds_per_page", "Mean time of a page read",
+     GaugeMetricFamily),
+    ("ratio", "umgr_backend_tier_compression_ratio", "Page bytes held per byte used", GaugeMetricFamily),
+    ("demoted_pages", "umgr_backend_tier_demoted_pages", "Pages moved to the next tier", CounterMetricFamily),
+)
+
+
+def _tier_families(tiers: list[dict]):
+    for key, name, doc, family_type in TIER_FIGURES:
+        family = family_type(name, doc, labels=["tier"])
+        for tier in tiers:
+            if key in tier:
+                family.add_metric([tier["tier"]], tier[key])
+        yield family
 
 
 def _counters(groups: list[Group], labels: list[str]):

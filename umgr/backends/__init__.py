@@ -4,14 +4,23 @@ A backend is two batch methods: `write(slots, addrs)` stores the page at
 each address `addrs[i]` in `slots[i]`, `read(slots, addrs)` brings them
 back (umap's Store has the same shape). Slot numbers come from the backend's
 SlotAllocator, which the daemon uses directly. A backend raises BackendError
-when I/O fails; the daemon then keeps the pages resident. Adding a backend:
-subclass Backend, implement the two methods, add it to BACKENDS, and run
-tests/test_backends.py against it (the conformance suite is parametrised
-over BACKENDS).
+when I/O fails; the daemon then keeps the pages resident, and a read that
+fails kills the target whose fault it was: a page is never served wrong.
+
+Backends can be stacked (umgr.backends.tiered): a memory tier in front of a
+store that holds every slot, as zswap sits in front of a swap device. Each
+backend reports its capacity, what it holds and what its reads cost
+(`tier_statistics`). Backends are found through the entry-point group
+`umgr.backends` and chosen with `--backend NAME[:key=value,...]` (given
+twice or more: a chain, fastest first). Adding one: subclass Backend,
+implement the two methods, register it in the group, and add it to
+tests/test_backend_conformance.py.
 """
 from __future__ import annotations
 
+import inspect
 import time
+from importlib.metadata import entry_points
 
 import numpy as np
 import trio
@@ -25,19 +34,24 @@ IO_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 200
 class Backend:
     name = "abstract"
 
-    def __init__(self, capacity_pages: int):
-        self.slots = SlotAllocator(capacity_pages)
+    def __init__(self, capacity_pages: int = 0, *, slots: SlotAllocator | None = None):
+        """A store of capacity_pages slots, or one that uses `slots` (a chain's)."""
+        self.slots = slots if slots is not None else SlotAllocator(capacity_pages)
         self.pages_written = 0
         self.pages_read = 0
         self.errors = 0
         self.io_latency = np.zeros(len(IO_BUCKETS) + 1, np.int64)  # batches per bucket
         self.io_seconds = 0.0
+        self.read_seconds = 0.0        # time spent in reads, for the mean cost of a page read
 
     async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         raise NotImplementedError
 
     async def read(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         raise NotImplementedError
+
+    def release(self, slots: np.ndarray) -> None:
+        """These slots were freed: a store holding pages in memory drops them."""
 
     def close(self) -> None:
         pass
@@ -57,7 +71,21 @@ class Backend:
             "pages_written": self.pages_written,
             "pages_read": self.pages_read,
             "errors": self.errors,
+            "tiers": self.tier_statistics(),
         }
+
+    def tier_statistics(self) -> list[dict]:
+        """One dict per tier, fastest first: what it can hold and holds
+        (bytes of its own medium), and what a page read costs it."""
+        return [{
+            "tier": self.name,
+            "capacity_bytes": self.slots.capacity * PAGE_SIZE,
+            "used_bytes": self.slots.used * PAGE_SIZE,
+            "pages": self.slots.used,
+            "pages_written": self.pages_written,
+            "pages_read": self.pages_read,
+            "read_seconds_per_page": self.read_seconds / self.pages_read if self.pages_read else 0.0,
+        }]
 
 
 def io_runs(slots: np.ndarray, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,11 +102,65 @@ def io_runs(slots: np.ndarray, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return addrs[first], slots[first], count
 
 
+ENTRY_POINT_GROUP = "umgr.backends"
+
+
+def available_backends() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'compressed:cap=256M,level=1' -> ('compressed', {'cap': '256M', 'level': '1'})."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"backend option {item!r} in {spec!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
+def backend_class(name: str) -> type:
+    found = available_backends()
+    if name not in found:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(found)) or 'none'}")
+    return found[name].load()
+
+
 def open_backend(name: str, **options) -> Backend:
-    if name == "file":
-        from umgr.backends.file import FileBackend
-        return FileBackend(**options)
-    raise ValueError(f"unknown backend {name!r}; available: file")
+    """The backend registered as `name`, built with those of `options` its
+    constructor takes (a backend without a directory ignores --state-dir)."""
+    cls = backend_class(name)
+    accepted = inspect.signature(cls).parameters
+    return cls(**{key: value for key, value in options.items() if key in accepted})
+
+
+def open_chain(specs: list[str], defaults: dict, parse_value) -> Backend:
+    """Backends from `--backend` specs, fastest first, stacked into one
+    chain. `defaults` apply where a spec says nothing; a spec's own options
+    are converted with parse_value(key, text) and must be ones its backend
+    takes. Raises ValueError with a one-line reason."""
+    from umgr.backends.tiered import Tiered
+    opened: list[Backend] = []
+    try:
+        for spec in specs:
+            name, given = parse_spec(spec)
+            accepted = inspect.signature(backend_class(name)).parameters
+            unknown = sorted(set(given) - set(accepted))
+            if unknown:
+                raise ValueError(f"backend {name!r} has no option {unknown[0]!r}; "
+                                 f"it takes: {', '.join(accepted) or 'none'}")
+            options = {**defaults, **{key: parse_value(key, value) for key, value in given.items()}}
+            opened.append(open_backend(name, **options))
+        chain = opened[-1]
+        for upper in reversed(opened[:-1]):
+            chain = Tiered(upper, chain)
+        return chain
+    except BaseException:
+        for backend in opened:
+            backend.close()
+        raise
 
 
 async def io_to_the_end(operation, slots: np.ndarray, addrs: np.ndarray) -> None:

@@ -117,7 +117,9 @@ class FileBackend(Backend):
         if done != PAGE_SIZE:
             self.errors += 1
             raise BackendError(f"swap file read failed: short transfer of {done} bytes")
-        slow = self._timed(started) > SYNC_READ_LIMIT
+        elapsed = self._timed(started)
+        self.read_seconds += elapsed
+        slow = elapsed > SYNC_READ_LIMIT
         self._slow_share += (slow - self._slow_share) / 16
 
     async def _io(self, op: Op, slots: np.ndarray, addrs: np.ndarray) -> None:
@@ -128,7 +130,9 @@ class FileBackend(Backend):
         batch = Batch(op, self.fd, run_addrs, lengths, (first_slot * PAGE_SIZE).astype(np.uint64))
         started = time.perf_counter()
         results = await self.ring.submit_and_wait(batch)
-        self._timed(started)
+        elapsed = self._timed(started)
+        if op == Op.READ:
+            self.read_seconds += elapsed
         bad = np.flatnonzero(results != lengths.astype(np.int64))
         if len(bad):
             self.errors += 1

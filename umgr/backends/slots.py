@@ -29,6 +29,9 @@ class SlotAllocator:
         # (TargetCore.evictions, wrapping): for refault distances.
         self.evicted_at = np.zeros(capacity, np.uint32)
         self.on_release: Callable[[], None] | None = None   # called when slots become free
+        # Told which slots became free, before on_release: a store that holds
+        # pages in memory drops them (a file's stale blocks cost nothing).
+        self.on_free: Callable[[np.ndarray], None] | None = None
 
     @property
     def used(self) -> int:
@@ -68,6 +71,8 @@ class SlotAllocator:
         released = np.unique(slots[self._refs[slots] == 0])
         self._free[self._nfree:self._nfree + len(released)] = released[::-1]
         self._nfree += len(released)
+        if len(released) and self.on_free is not None:
+            self.on_free(released)
         if len(released) and self.on_release is not None:
             self.on_release()
 
@@ -81,6 +86,8 @@ class SlotAllocator:
         if refs == 1:
             self._free[self._nfree] = slot
             self._nfree += 1
+            if self.on_free is not None:
+                self.on_free(np.array((slot,), np.int32))
             if self.on_release is not None:
                 self.on_release()
 

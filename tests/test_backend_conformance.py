@@ -1,0 +1,353 @@
+"""Conformance suite run against every backend and chain, on real I/O and
+real memory: round trips, one-page reads, batch edges, a full store, a
+failing store, concurrent batches. A chain is listed as its --backend
+specs, fastest first; a small cap makes the compressed tier demote."""
+import os
+
+import numpy as np
+import pytest
+import trio
+
+from umgr.backends import open_chain
+from umgr.backends.compressed import CompressedBackend
+from umgr.backends.tiered import DEMOTE_BATCH, Tiered
+from umgr.cli import _backend_value
+from umgr.errors import BackendError, BackendFull
+from umgr.kernel.buffers import PageBuffer
+from umgr.paging.tuning import EVICT_BATCH
+
+PAGE = 4096
+STATE_DIR = "/var/tmp/umgr-test"
+BACKENDS = {
+    "file": ["file"],
+    "compressed": ["compressed"],
+    "compressed+file": ["compressed", "file"],
+    # 256 KiB hold ~250 of the test's pages: most writes demote.
+    "compressed-small+file": ["compressed:cap=256K", "file"],
+}
+
+
+def open_specs(specs: list[str], size: int = 8 << 20):
+    return open_chain(specs, {"size": size, "directory": STATE_DIR}, _backend_value)
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    b = open_specs(BACKENDS[request.param])
+    yield b
+    b.close()
+
+
+def mixed_pages(buf: PageBuffer, n: int, seed: int) -> None:
+    """Pages as a heap has them, by position mod 4: random bytes
+    (incompressible), text (words drawn from a few), one repeated word
+    (same-filled; some zero), small integers."""
+    rng = np.random.default_rng(seed)
+    words = [b"alpha ", b"beta ", b"gamma:", b"{delta}, ", b"epsilon", b"\"zeta\" "]
+    pages = buf.bytes[: n * PAGE].reshape(n, PAGE)
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            pages[i] = rng.integers(0, 256, PAGE, dtype=np.uint8)
+        elif kind == 1:
+            text = b"".join(words[k] for k in rng.integers(0, len(words), PAGE // 4))
+            pages[i] = np.frombuffer(text[:PAGE], np.uint8)
+        elif kind == 2:
+            pages[i].view(np.uint64)[:] = 0 if i % 8 == 2 else rng.integers(1, 1 << 62)
+        else:
+            pages[i].view(np.uint64)[:] = rng.integers(0, 1000, PAGE // 8)
+
+
+def run_io(coroutine, *args):
+    trio.run(coroutine, *args)
+
+
+@pytest.mark.timeout(60)
+def test_pages_come_back_exactly(backend):
+    n = 600
+    out, back = PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 1)
+    slots = backend.slots.alloc(n)
+    order = np.random.default_rng(2).permutation(n)   # scattered slots and buffer pages
+
+    async def roundtrip():
+        for part in np.array_split(order, 3):
+            await backend.write(slots[part], out.addrs(part))
+        await backend.read(slots, back.addrs(np.arange(n)))
+
+    run_io(roundtrip)
+    assert np.array_equal(out.bytes, back.bytes)
+    assert backend.statistics()["pages_written"] == n
+
+
+@pytest.mark.timeout(60)
+def test_pages_read_one_at_a_time_come_back_exactly(backend):
+    """A fault reads one page: the file backend does that with a pread while
+    reads stay fast, through io_uring once they are slow; both exact."""
+    n = 32
+    out, back = PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 3)
+    slots = backend.slots.alloc(n)
+    file = backend.lower if isinstance(backend, Tiered) else backend
+
+    async def roundtrip():
+        await backend.write(slots, out.addrs(np.arange(n)))
+        for i in range(n):
+            if file.name == "file" and i == n // 2:
+                file._slow_share = 1.0   # as if the device had turned slow
+            await backend.read(slots[i:i + 1], back.addrs(np.array([i])))
+
+    run_io(roundtrip)
+    assert np.array_equal(out.bytes, back.bytes)
+    assert backend.statistics()["pages_read"] == n
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n", [0, 1, DEMOTE_BATCH + 1, EVICT_BATCH])
+def test_batch_edges(backend, n):
+    out, back = PageBuffer(max(n, 1)), PageBuffer(max(n, 1))
+    mixed_pages(out, n, 4)
+    slots = backend.slots.alloc(n)
+
+    async def roundtrip():
+        await backend.write(slots, out.addrs(np.arange(n)))
+        await backend.read(slots, back.addrs(np.arange(n)))
+
+    run_io(roundtrip)
+    assert np.array_equal(out.bytes, back.bytes)
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_batches(backend):
+    """Four writers and readers at once; with a small cap their writes
+    demote each other's pages while they are read."""
+    n = 160
+    bufs = [PageBuffer(n) for _ in range(4)]
+    backs = [PageBuffer(n) for _ in range(4)]
+    slot_sets = [backend.slots.alloc(n) for _ in range(4)]
+    for i, b in enumerate(bufs):
+        mixed_pages(b, n, 10 + i)
+
+    async def one(i):
+        for part in np.array_split(np.arange(n), 4):
+            await backend.write(slot_sets[i][part], bufs[i].addrs(part))
+            await trio.sleep(0)
+        await backend.read(slot_sets[i], backs[i].addrs(np.arange(n)))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(one, i)
+
+    run_io(main)
+    for b, back in zip(bufs, backs):
+        assert np.array_equal(b.bytes, back.bytes)
+
+
+def test_full_backend_refuses_and_recovers(backend):
+    capacity = backend.slots.capacity
+    slots = backend.slots.alloc(capacity)
+    with pytest.raises(BackendFull):
+        backend.slots.alloc(1)
+    backend.slots.free(slots[:10])
+    assert len(backend.slots.alloc(10)) == 10
+
+
+@pytest.mark.timeout(60)
+def test_io_error_is_reported_not_swallowed(backend):
+    buf = PageBuffer(1)
+    bad_slot = np.array([backend.slots.capacity + 1_000_000], np.int32)   # far past the end
+
+    async def read_past_end():
+        await backend.read(bad_slot, buf.addrs(np.arange(1)))
+
+    with pytest.raises(BackendError):
+        run_io(read_past_end)
+
+
+@pytest.mark.timeout(60)
+def test_freed_slots_give_their_memory_back(backend):
+    n = 300
+    out = PageBuffer(n)
+    mixed_pages(out, n, 5)
+    slots = backend.slots.alloc(n)
+    run_io(backend.write, slots, out.addrs(np.arange(n)))
+    backend.slots.free_one(int(slots[0]))   # a fault's one slot
+    backend.slots.free(slots[1:])
+    assert backend.slots.used == 0
+    for tier in backend.statistics()["tiers"]:
+        assert tier["pages"] == 0, tier
+        if tier["tier"] == "compressed":
+            assert tier["used_bytes"] == 0, tier
+
+
+# ---- the compressed store ---------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_compressed_holds_same_filled_pages_as_a_word_and_declines_random_ones():
+    n = 400
+    out, back = PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 6)
+    chain = open_specs(["compressed", "file"])
+    try:
+        slots = chain.slots.alloc(n)
+        run_io(chain.write, slots, out.addrs(np.arange(n)))
+        upper = chain.tier_statistics()[0]
+        assert upper["same_filled_pages"] == n // 4
+        assert upper["incompressible_pages"] == n // 4   # the random pages went to the file
+        assert upper["pages"] == 3 * n // 4
+        assert chain.lower.pages_written == n // 4
+        assert upper["ratio"] > 4, upper
+        run_io(chain.read, slots, back.addrs(np.arange(n)))
+        assert np.array_equal(out.bytes, back.bytes)
+    finally:
+        chain.close()
+
+
+@pytest.mark.timeout(60)
+def test_compressed_alone_full_refuses_the_batch_and_keeps_what_it_holds():
+    n = 64
+    out, back = PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 7)
+    store = CompressedBackend(size=8 << 20, cap=20 * PAGE)   # room for one half, not both
+    first = store.slots.alloc(n // 2)
+    run_io(store.write, first, out.addrs(np.arange(n // 2)))
+    held = store.held_bytes
+    second = store.slots.alloc(n // 2)
+    with pytest.raises(BackendError, match="compressed store full"):
+        run_io(store.write, second, out.addrs(np.arange(n // 2, n)))
+    assert store.held_bytes == held <= store.cap
+    run_io(store.read, first, back.addrs(np.arange(n // 2)))
+    assert np.array_equal(out.bytes[: n // 2 * PAGE], back.bytes[: n // 2 * PAGE])
+    store.slots.free(first)   # room again
+    run_io(store.write, second, out.addrs(np.arange(n // 2, n)))
+    run_io(store.read, second, back.addrs(np.arange(n // 2, n)))
+    assert np.array_equal(out.bytes, back.bytes)
+
+
+@pytest.mark.timeout(60)
+def test_chain_demotes_the_oldest_pages_and_stays_under_its_cap():
+    n = 1024
+    out, back = PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 8)
+    chain = open_specs(["compressed:cap=128K", "file"])
+    try:
+        slots = chain.slots.alloc(n)
+        for part in np.array_split(np.arange(n), 8):
+            run_io(chain.write, slots[part], out.addrs(part))
+            assert chain.upper.held_bytes <= chain.upper.cap
+        assert chain.demoted > 0
+        # The newest pages are the ones still in memory.
+        held = chain.upper.holds(slots)
+        assert held[-16:].any() and not held[:n // 2].any()
+        run_io(chain.read, slots, back.addrs(np.arange(n)))
+        assert np.array_equal(out.bytes, back.bytes)
+    finally:
+        chain.close()
+
+
+@pytest.mark.timeout(60)
+def test_slot_freed_and_reused_during_its_demotion_keeps_the_new_page():
+    """A demotion writes old pages to the file while their slots are freed
+    and written again with pages that go to the file too: the new pages
+    are what reads back (the second write waited for the first)."""
+    n = 128
+    old, more, new, back = PageBuffer(n), PageBuffer(n), PageBuffer(n), PageBuffer(n)
+    mixed_pages(more, n, 9)
+    words = np.random.default_rng(19)
+    old.bytes[:] = np.repeat(words.integers(0, 256, n * PAGE // 64, dtype=np.uint8), 64)  # compressible
+    new.bytes[:] = words.integers(0, 256, n * PAGE, dtype=np.uint8)                       # incompressible
+    chain = open_specs(["compressed:cap=64K", "file"])
+    try:
+        slots = chain.slots.alloc(n)
+
+        async def race():
+            await chain.write(slots, old.addrs(np.arange(n)))
+            assert chain.upper.holds(slots).all()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(chain.write, chain.slots.alloc(n), more.addrs(np.arange(n)))
+                while not chain._in_flight[slots].any():   # `more` demotes `slots`
+                    await trio.sleep(0)
+                chain.slots.free(slots)
+                again = chain.slots.alloc(n)
+                assert chain._in_flight[again].any()
+                await chain.write(again, new.addrs(np.arange(n)))
+            await chain.read(again, back.addrs(np.arange(n)))
+
+        run_io(race)
+        assert np.array_equal(new.bytes, back.bytes)
+        assert chain.demoted > 0
+    finally:
+        chain.close()
+
+
+@pytest.mark.timeout(60)
+def test_failing_lower_store_fails_the_write_and_loses_nothing_held():
+    n = 64
+    out, back = PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 11)
+    chain = open_specs(["compressed", "file"])
+    try:
+        first = chain.slots.alloc(n)
+        run_io(chain.write, first, out.addrs(np.arange(n)))
+        file = chain.lower
+        readonly = os.open(f"/proc/self/fd/{file.fd}", os.O_RDONLY)
+        writable, file.fd = file.fd, readonly   # the kernel now refuses its writes (EBADF)
+        try:
+            second = chain.slots.alloc(n)
+            with pytest.raises(BackendError):
+                run_io(chain.write, second, out.addrs(np.arange(n)))   # random pages go to the file
+        finally:
+            file.fd = writable
+            os.close(readonly)
+        chain.slots.free(second)
+        run_io(chain.read, first, back.addrs(np.arange(n)))
+        assert np.array_equal(out.bytes, back.bytes)
+    finally:
+        chain.close()
+
+
+def test_bad_specs_say_what_is_wrong():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        open_specs(["nope"])
+    with pytest.raises(ValueError, match="no option 'colour'"):
+        open_specs(["compressed:colour=blue"])
+    with pytest.raises(ValueError, match="not key=value"):
+        open_specs(["compressed:cap"])
+    with pytest.raises(ValueError, match="cannot sit in front"):
+        open_specs(["file", "compressed"])
+
+
+def test_umgr_exec_refuses_a_bad_backend_in_one_line():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "umgr", "exec", "--backend", "compressed:level", "--", "true"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 125
+    assert result.stderr.strip() == "umgr exec: --backend: backend option 'level' in 'compressed:level' is not key=value"
+
+
+@pytest.mark.timeout(60)
+def test_tier_metrics_report_what_each_tier_holds():
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from umgr.metrics import registry_for
+    n = 200
+    out = PageBuffer(n)
+    mixed_pages(out, n, 12)
+    chain = open_specs(["compressed:cap=64K", "file"])
+    try:
+        slots = chain.slots.alloc(n)
+        for part in np.array_split(np.arange(n), 2):   # the second half demotes
+            run_io(chain.write, slots[part], out.addrs(part))
+        daemon = SimpleNamespace(backend=chain, targets={}, internal_errors=0, rejected_connections=0)
+        text = generate_latest(registry_for(daemon)).decode()
+        samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("umgr_backend_tier"))
+        assert float(samples['umgr_backend_tier_used_bytes{tier="compressed"}']) == chain.upper.held_bytes
+        assert float(samples['umgr_backend_tier_capacity_bytes{tier="compressed"}']) == 64 << 10
+        assert float(samples['umgr_backend_tier_compression_ratio{tier="compressed"}']) > 1
+        assert float(samples['umgr_backend_tier_demoted_pages_total{tier="compressed"}']) == chain.demoted > 0
+        assert float(samples['umgr_backend_tier_pages{tier="file"}']) == n - chain.upper.pages_held
+    finally:
+        chain.close()

@@ -1,0 +1,134 @@
+"""A chain of backends: a memory tier in front of a store that holds every slot.
+
+As zswap sits in front of a swap device, the fast tier (`upper`, e.g.
+compressed) uses the slot numbers of the store behind it (`lower`, e.g.
+file, or another chain): every slot the daemon allocates has its place in
+the lower store, so moving a page down needs no allocation and cannot find
+the lower store full. A page is in exactly one tier: the upper one if it
+holds the slot, else the lower one.
+
+Writes: the upper tier takes the pages it can compress; when its cap is
+reached its oldest pages are demoted (decompressed, written to the lower
+store, then dropped) to make room; what it declines (incompressible pages,
+or no room left after demotion) is written to the lower store.
+
+Races (all tasks run on one trio thread; state changes only at awaits):
+- a demoted page stays in the upper tier, and is read from there, until
+  its lower write has completed;
+- a slot freed during its demotion may be allocated and written again: the
+  demotion then leaves the new page alone (entries are compared by
+  identity), and a lower write of that slot waits for the demotion's write
+  to finish, so the two never race to the same block.
+"""
+from __future__ import annotations
+
+import numpy as np
+import trio
+
+from umgr.backends import Backend
+from umgr.kernel import PAGE_SIZE
+from umgr.kernel.buffers import PageBuffer
+
+DEMOTE_BATCH = 256   # pages moved down per lower write
+
+
+class Tiered(Backend):
+    def __init__(self, upper: Backend, lower: Backend):
+        if not hasattr(upper, "stack_on"):
+            raise ValueError(f"backend {upper.name!r} cannot sit in front of another; "
+                             f"give it last (a chain is fastest first)")
+        self.upper, self.lower = upper, lower
+        self.name = f"{upper.name}+{lower.name}"
+        super().__init__(slots=lower.slots)
+        upper.stack_on(lower)
+        downstream = lower.slots.on_free
+        upper_release = upper.release
+
+        def on_free(released: np.ndarray) -> None:
+            upper_release(released)
+            if downstream is not None:
+                downstream(released)
+
+        self.slots.on_free = on_free
+        self._in_flight = np.zeros(self.slots.capacity, bool)   # slots being demoted
+        self._landed = trio.Event()     # set when a demotion's lower write ends
+        self._buffers: list[PageBuffer] = []
+        self.demoted = 0
+
+    async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        slots, addrs = np.asarray(slots, np.int32), np.asarray(addrs, np.uint64)
+        upper = self.upper
+        entries = await upper.pack(addrs)
+        need = sum(upper.cost(entry) for entry in entries if entry is not None)
+        while need > upper.room() and await self._demote(need - upper.room()):
+            pass
+        kept = upper.keep(slots, entries)
+        if not kept.all():
+            rest = ~kept
+            await self._after_demotions(slots[rest])
+            await self.lower.write(slots[rest], addrs[rest])
+        self.pages_written += len(slots)
+
+    async def read(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        upper = self.upper
+        if len(slots) == 1:   # a fault's one page: no numpy on the way
+            if upper.holds_one(int(slots[0])):
+                await upper.read(slots, addrs)
+            else:
+                await self.lower.read(slots, addrs)
+        else:
+            slots, addrs = np.asarray(slots, np.int32), np.asarray(addrs, np.uint64)
+            held = upper.holds(slots)
+            if held.any():
+                await upper.read(slots[held], addrs[held])
+            if not held.all():
+                await self.lower.read(slots[~held], addrs[~held])
+        self.pages_read += len(slots)
+
+    async def _demote(self, nbytes: int) -> bool:
+        """Move the upper tier's oldest pages (at least nbytes of them, at
+        most DEMOTE_BATCH pages) down. False when there was none to move."""
+        upper = self.upper
+        victims, entries = upper.oldest(nbytes, DEMOTE_BATCH, self._in_flight)
+        if len(victims) == 0:
+            return False
+        buf = self._buffers.pop() if self._buffers else PageBuffer(DEMOTE_BATCH)
+        addrs = buf.addrs(np.arange(len(victims)))
+        upper.unpack(entries, addrs)
+        self._in_flight[victims] = True
+        try:
+            await self.lower.write(victims, addrs)
+        finally:
+            self._in_flight[victims] = False
+            self._landed.set()
+            self._landed = trio.Event()
+            self._buffers.append(buf)
+        upper.drop_if_held(victims, entries)
+        self.demoted += len(victims)
+        return True
+
+    async def _after_demotions(self, slots: np.ndarray) -> None:
+        while self._in_flight[slots].any():
+            await self._landed.wait()
+
+    def close(self) -> None:
+        self.upper.close()
+        self.lower.close()
+        for buf in self._buffers:
+            buf.close()
+        self._buffers.clear()
+
+    def statistics(self) -> dict:
+        stats = super().statistics()
+        stats["errors"] = self.errors + self.upper.errors + self.lower.statistics()["errors"]
+        return stats
+
+    def tier_statistics(self) -> list[dict]:
+        upper = self.upper.tier_statistics()
+        upper[0]["demoted_pages"] = self.demoted
+        lower = self.lower.tier_statistics()
+        if not isinstance(self.lower, Tiered):
+            # Every slot in use is held above or here.
+            lower[0]["pages"] = max(self.slots.used - self.upper.pages_held, 0)
+            lower[0]["used_bytes"] = lower[0]["pages"] * PAGE_SIZE
+        return upper + lower
