@@ -67,6 +67,8 @@ class CompressedBackend(Backend):
         self.same_filled = 0           # pages held as one word
         self.incompressible = 0        # pages that did not compress (declined or held raw)
         self.alone = True              # no next tier: incompressible pages are held raw
+        self.peak_pages = 0            # most pages held at once, and the bytes they took
+        self.peak_bytes = 0
         self.slots.on_free = self.release
 
     # ---- the chain's side (umgr.backends.tiered) ------------------------------
@@ -119,6 +121,8 @@ class CompressedBackend(Backend):
             self.same_filled += isinstance(entry, int)
             kept[i] = True
         self.pages_written += int(kept.sum())
+        if len(self._pages) > self.peak_pages:
+            self.peak_pages, self.peak_bytes = len(self._pages), self.held_bytes
         return kept
 
     def holds(self, slots: np.ndarray) -> np.ndarray:
@@ -231,6 +235,8 @@ class CompressedBackend(Backend):
             "pages_read": self.pages_read,
             "read_seconds_per_page": self.read_seconds / self.pages_read if self.pages_read else 0.0,
             "ratio": held * PAGE_SIZE / self.held_bytes if self.held_bytes else 0.0,
+            "peak_pages": self.peak_pages,
+            "peak_ratio": self.peak_pages * PAGE_SIZE / self.peak_bytes if self.peak_bytes else 0.0,
             "same_filled_pages": self.same_filled,
             "incompressible_pages": self.incompressible,
         }]
