@@ -1,0 +1,268 @@
+"""Backend benchmark: random 4 KiB faults served from each swap store, with
+the kernel's own disk swap and zswap on the same data in the same run.
+
+The data: the anonymous memory of a real CPython process (a list of dicts
+with str, float and list fields, a shuffled list of ints, a JSON text),
+dumped page by page from /proc/PID/mem into a file. Its make-up (zero and
+same-filled pages, what zstd and lz4 make of the rest, per page) is
+measured here and printed first.
+
+The workload: bench/programs/heapreads.c reads the dump into anonymous
+memory ("fill"), then reads READS pages picked at random, each hashed and
+checked ("random"). Configurations, each at the same budget:
+
+  plain           no limit (the reference);
+  kernel swap     a cgroup v1 memory group limited to the budget, with a
+                  swapfile of its own, zswap off;
+  kernel zswap    the same with zswap on (its compressor as this kernel
+                  sets it); the zswap setting is restored afterwards;
+  umgr BACKENDS   `umgr exec --max-resident BUDGET --backend ...` for each
+                  variant (file; compressed; compressed in front of file
+                  with a cap of a quarter of the data).
+
+The table gives each phase's seconds and random/kernel-swap; then the
+compressed tiers' figures: the most pages held at once, the memory they
+took (entry overhead included) and so the ratio, and mean read times.
+
+Needs root (swapon, cgroups, zswap parameters, userfaultfd), gcc, and the
+cgroup v1 memory controller. Run it under the suite lock.
+
+    python bench/bench_backends.py [--scale 1] [--budget-mib 32] [--reads 100000]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_paging import (  # noqa: E402  (bench/ is not a package)
+    CGROUP_ROOT, MiB, BenchError, _run, cgroup_figures, compile_programs, default_umgr_cmd, enter_cgroup,
+    kernel_swap, run_and_report, umgr_exec,
+)
+
+SWAPFILE = "/var/tmp/umgr-bench-backends.swap"
+CGROUP = os.path.join(CGROUP_ROOT, "umgr-bench-backends")
+ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
+ZSWAP_COMPRESSOR = "/sys/module/zswap/parameters/compressor"
+PAGE = 4096
+TIMEOUT = 1800
+
+# A heap as CPython programs make one; SCALE multiplies the sizes (1: ~100 MiB).
+HEAP_PROGRAM = r"""
+import json, random, sys
+scale = float(sys.argv[1])
+random.seed(1)
+words = [("w%d" % i) * random.randint(1, 4) for i in range(5000)]
+records = [{"id": i, "name": random.choice(words), "score": random.random(),
+            "tags": [random.choice(words) for _ in range(3)]} for i in range(int(150000 * scale))]
+ints = list(range(0, int(3000000 * scale), 3)); random.shuffle(ints)
+text = json.dumps(records[:int(20000 * scale)])
+sys.stdout.write("ready\n"); sys.stdout.flush(); sys.stdin.read()
+"""
+
+
+# ---- the data ---------------------------------------------------------------------
+def dump_heap(path: str, scale: float, python: str) -> int:
+    """Every private writable anonymous page of a CPython process that built
+    a heap, in address order, into `path`. Returns the page count."""
+    proc = subprocess.Popen([python, "-c", HEAP_PROGRAM, str(scale)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        if proc.stdout.readline() != b"ready\n":
+            raise BenchError("the heap program did not start")
+        pages = 0
+        with open(f"/proc/{proc.pid}/maps") as maps, open(f"/proc/{proc.pid}/mem", "rb") as mem, \
+                open(path, "wb") as out:
+            for line in maps:
+                fields = line.split()
+                anonymous = len(fields) < 6 or fields[5] == "[heap]"
+                if not anonymous or fields[1][:2] != "rw":
+                    continue
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                mem.seek(lo)
+                out.write(mem.read(hi - lo))
+                pages += (hi - lo) // PAGE
+        return pages
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def data_makeup(path: str) -> dict:
+    """What the dump is made of, and what each compressor makes of it:
+    ratio = page bytes / bytes held (the store's per-entry overhead
+    included), and per-page compress / decompress times in this process."""
+    from umgr.backends.compressed import ENTRY_OVERHEAD, INCOMPRESSIBLE
+    pages = np.fromfile(path, np.uint8).reshape(-1, PAGE)
+    words = pages.view(np.uint64)
+    same = (words == words[:, :1]).all(axis=1)
+    zero = ~words.any(axis=1)
+    rest = [bytes(p) for p in pages[~same]]
+    makeup = {"pages": len(pages), "zero_pages": int(zero.sum()), "same_filled_pages": int(same.sum()),
+              "compressors": {}}
+    for name, compress, decompress in _compressors():
+        started = time.perf_counter()
+        packed = [compress(p) for p in rest]
+        compress_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for blob in packed:
+            decompress(blob)
+        decompress_s = time.perf_counter() - started
+        sizes = np.array([len(b) for b in packed])
+        held = np.where(sizes > INCOMPRESSIBLE, PAGE, sizes)   # held raw by a store alone
+        cost = int(held.sum()) + ENTRY_OVERHEAD * len(pages)
+        makeup["compressors"][name] = {
+            "ratio": len(pages) * PAGE / cost,
+            "incompressible_pages": int((sizes > INCOMPRESSIBLE).sum()),
+            "compress_us": compress_s / len(rest) * 1e6,
+            "decompress_us": decompress_s / len(rest) * 1e6,
+        }
+    return makeup
+
+
+def _compressors():
+    import zstandard
+    c = zstandard.ZstdCompressor(level=-1, write_content_size=False, write_checksum=False)
+    d = zstandard.ZstdDecompressor()
+    yield "zstd -1 (umgr)", lambda p: bytes(memoryview(c.compress(p))), lambda b: d.decompress(b, max_output_size=PAGE)
+    try:
+        import lz4.block
+    except ImportError:   # not a dependency of umgr: measured when installed
+        return
+    yield ("lz4 (block)", lambda p: lz4.block.compress(p, store_size=False),
+           lambda b: lz4.block.decompress(b, uncompressed_size=PAGE))
+
+
+# ---- the configurations ---------------------------------------------------------------
+@contextlib.contextmanager
+def zswap(enabled: bool):
+    """zswap on or off for the block; the setting it had is restored."""
+    if not os.path.exists(ZSWAP_ENABLED):
+        raise BenchError("this kernel has no zswap")
+    with open(ZSWAP_ENABLED) as f:
+        before = f.read().strip()
+    try:
+        with open(ZSWAP_ENABLED, "w") as f:
+            f.write("Y" if enabled else "N")
+        yield
+    finally:
+        with open(ZSWAP_ENABLED, "w") as f:
+            f.write(before)
+
+
+def run_kernel(argv: list[str], budget_mib: int, swap_mib: int, with_zswap: bool, timeout: float) -> dict:
+    with zswap(with_zswap), kernel_swap(swap_mib, budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP) as cg:
+        result = _run(argv, "heapreads under kernel swap", timeout, preexec_fn=enter_cgroup(cg))
+        figures = cgroup_figures(cg)
+    return {"result": result, "cgroup": figures}
+
+
+def run_umgr(argv: list[str], budget_mib: int, swap_mib: int, backends: list[str], umgr_cmd: list[str],
+             work: str, timeout: float) -> dict:
+    options = [arg for spec in backends for arg in ("--backend", spec)]
+    stats_file = os.path.join(work, "umgr.json")
+    with zswap(False):
+        result, stats, failures = umgr_exec(umgr_cmd, budget_mib, swap_mib, options, argv, stats_file,
+                                            f"heapreads under umgr {' '.join(options)}", 2, timeout)
+    return {"result": result, "umgr": stats, "failures": failures}
+
+
+def variants(data_mib: int) -> list[list[str]]:
+    return [["file"], ["compressed"], [f"compressed:cap={max(1, data_mib // 4)}M", "file"]]
+
+
+def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
+    if os.geteuid() != 0:
+        raise BenchError("needs root (swapon, cgroups, zswap, userfaultfd)")
+    umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
+    results: dict = {"params": vars(args) | {"umgr": umgr_cmd},
+                     "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+                     "configs": {}}
+    with open(ZSWAP_COMPRESSOR) as f:
+        results["env"]["zswap_compressor"] = f.read().strip()
+    with tempfile.TemporaryDirectory(prefix="umgr-bench-backends-", dir="/var/tmp") as work:
+        exe = compile_programs(work, ("heapreads",))["heapreads"]
+        sample = os.path.join(work, "heap.pages")
+        log(f"dumping a CPython heap (scale {args.scale}) ...")
+        dump_heap(sample, args.scale, args.python)
+        results["data"] = data_makeup(sample)
+        data_mib = results["data"]["pages"] * PAGE // MiB
+        swap_mib = data_mib + 256
+        argv = [exe, sample, str(args.reads), str(args.seed)]
+        configs = results["configs"]
+        log("plain ...")
+        configs["plain"] = {"result": _run(argv, "heapreads plain", args.timeout)}
+        log(f"kernel swap ({args.budget_mib} MiB) ...")
+        configs["kernel swap"] = run_kernel(argv, args.budget_mib, swap_mib, False, args.timeout)
+        log("kernel zswap ...")
+        configs["kernel zswap"] = run_kernel(argv, args.budget_mib, swap_mib, True, args.timeout)
+        for backends in variants(data_mib):
+            name = "umgr " + " + ".join(backends)
+            log(f"{name} ...")
+            configs[name] = run_umgr(argv, args.budget_mib, swap_mib, backends, umgr_cmd, work, args.timeout)
+    results["env"]["loadavg_after"] = os.getloadavg()
+    return results
+
+
+# ---- the report --------------------------------------------------------------------------
+def format_report(results: dict) -> str:
+    data, configs = results["data"], results["configs"]
+    lines = [f"data: {data['pages']} pages ({data['pages'] * PAGE / MiB:.0f} MiB) of a CPython heap; "
+             f"{data['zero_pages']} zero, {data['same_filled_pages']} same-filled (zero included)"]
+    for name, c in data["compressors"].items():
+        lines.append(f"  {name:<15} {c['ratio']:.2f}x held (overhead included), {c['incompressible_pages']} pages "
+                     f"incompressible; {c['compress_us']:.1f} us to compress a page, {c['decompress_us']:.1f} to "
+                     f"decompress")
+    kernel = configs["kernel swap"]["result"]["phases"]["random"]
+    lines.append(f"\nbudget {results['params']['budget_mib']} MiB, {results['params']['reads']} random page reads; "
+                 f"kernel {results['env']['kernel']}, zswap compressor {results['env']['zswap_compressor']}")
+    lines.append(f"{'config':<45} {'fill s':>8} {'random s':>9} {'/kernel swap':>13} {'/zswap':>7}  faults")
+    zswap_s = configs["kernel zswap"]["result"]["phases"]["random"]
+    for name, c in configs.items():
+        phases = c["result"]["phases"]
+        faults = c.get("cgroup", {}).get("pgmajfault", "") if "cgroup" in c else c.get("umgr", {}).get("faults", "")
+        lines.append(f"{name:<45} {phases['fill']:>8.3f} {phases['random']:>9.3f} {phases['random'] / kernel:>13.2f} "
+                     f"{phases['random'] / zswap_s:>7.2f}  {faults}")
+    for name, c in configs.items():
+        for tier in c.get("umgr", {}).get("backend_tiers", []):
+            if tier["tier"] == "compressed":
+                lines.append(f"{name}: compressed tier held at most {tier['peak_pages']} pages "
+                             f"({tier['peak_pages'] * PAGE / MiB:.1f} MiB) in "
+                             f"{tier['peak_pages'] * PAGE / tier['peak_ratio'] / MiB if tier['peak_ratio'] else 0:.1f} "
+                             f"MiB ({tier['peak_ratio']:.2f}x) of a {tier['capacity_bytes'] / MiB:.0f} MiB cap; "
+                             f"{tier['incompressible_pages']} incompressible, {tier.get('demoted_pages', 0)} demoted; "
+                             f"a read {tier['read_seconds_per_page'] * 1e6:.1f} us")
+            elif tier["pages_read"]:
+                lines.append(f"{name}: {tier['tier']} tier read {tier['pages_read']} pages, "
+                             f"{tier['read_seconds_per_page'] * 1e6:.1f} us a page")
+        for failure in c.get("failures", []):
+            lines.append(f"{name}: a failed attempt: {failure}")
+    lines.append(f"load average before {results['env']['loadavg_before']}, after {results['env']['loadavg_after']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0, help="heap size (1: ~100 MiB)")
+    parser.add_argument("--budget-mib", type=int, default=32)
+    parser.add_argument("--reads", type=int, default=100000, help="random page reads")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--python", default=sys.executable, help="interpreter whose heap is dumped")
+    parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per program run")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
+    args = parser.parse_args(argv)
+    return run_and_report(lambda: run(args), format_report, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
