@@ -18,7 +18,7 @@ checked ("random"). Configurations, each at the same budget:
                   sets it); the zswap setting is restored afterwards;
   umgr BACKENDS   `umgr exec --max-resident BUDGET --backend ...` for each
                   variant (file; compressed; compressed in front of file
-                  with a cap of a quarter of the data).
+                  with a cap of a sixteenth of the data, so that it demotes).
 
 The table gives each phase's seconds and random/kernel-swap; then the
 compressed tiers' figures: the most pages held at once, the memory they

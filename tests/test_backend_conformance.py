@@ -351,3 +351,20 @@ def test_tier_metrics_report_what_each_tier_holds():
         assert float(samples['umgr_backend_tier_pages{tier="file"}']) == n - chain.upper.pages_held
     finally:
         chain.close()
+
+
+def test_status_shows_each_tier_of_a_chain():
+    from umgr.cli import format_status
+    chain = open_specs(["compressed:cap=64K", "file"])
+    try:
+        n = 64
+        out = PageBuffer(n)
+        mixed_pages(out, n, 13)
+        run_io(chain.write, chain.slots.alloc(n), out.addrs(np.arange(n)))
+        snapshot = {"targets": [], "backend": chain.statistics()}
+        lines = format_status(snapshot, snapshot, 1.0).splitlines()
+        assert lines[1].startswith("backend compressed+file: 0.2M of 8M used")
+        assert lines[2].startswith(f"  compressed: {chain.upper.pages_held} pages in ")
+        assert lines[3].startswith(f"  file: {n - chain.upper.pages_held} pages in ")
+    finally:
+        chain.close()

@@ -437,8 +437,8 @@ def format_status(first: dict, second: dict, interval: float) -> str:
                     f"{rate('faults'):>9.0f} {rate('pages_in'):>8.0f} {rate('pages_out'):>8.0f}  {printable(t['command'])[:40]}")
     b = second["backend"]
     rows.append(f"backend {b['backend']}: {b['used_pages'] * PAGE_SIZE / mib:.1f}M of {b['capacity_pages'] * PAGE_SIZE / mib:.0f}M used")
-    tiers = b.get("tiers", [])
-    for tier in tiers if len(tiers) > 1 or "ratio" in tiers[0] else []:
+    tiers = b.get("tiers", [])   # one line per tier, for chains and tiers with a ratio
+    for tier in tiers if len(tiers) > 1 or (tiers and "ratio" in tiers[0]) else []:
         ratio = f", {tier['ratio']:.2f}x" if tier.get("ratio") else ""
         rows.append(f"  {tier['tier']}: {tier['pages']} pages in {tier['used_bytes'] / mib:.1f}M of "
                     f"{tier['capacity_bytes'] / mib:.0f}M{ratio}, {tier['read_seconds_per_page'] * 1e6:.0f} us a read")
