@@ -6,12 +6,13 @@ another (`--backend compressed --backend file`) it is the fast tier of a
 chain (umgr.backends.tiered): pages that do not compress, and the oldest
 pages when the cap is reached, go to the next tier.
 
-The compressor: on the anonymous memory of a CPython process (dicts,
-lists, strs, ints; bench/bench_backends.py makes it), zstd at level -1
-stored 5.7x, lz4 (block, default mode) 3.2x; a page decompressed in
-5.1 us (zstd) against 2.8 us (lz4), compressed in 12.5 against 9.8 us.
-A fault costs some 45 us of daemon time besides, so zstd's 2.3 us buy
-1.8x the pages in the same memory. Level -1 is the default; `level=N`
+The compressor: on 102 MiB of the anonymous memory of a CPython process
+(dicts, lists, strs, ints; bench/bench_backends.py makes and measures it),
+zstd at level -1 held 5.0x, lz4 (block, default mode) 3.0x, entry
+overhead included; a page decompressed in 7.4 us (zstd) against 3.2 us
+(lz4), compressed in 18.6 against 10.6 us. A fault costs far more than
+the difference (45 us of daemon time on an idle machine), so zstd's 4 us
+buy 1.7x the pages in the same memory. Level -1 is the default; `level=N`
 trades speed for ratio.
 
 Costs counted against the cap: each page's compressed bytes and
