@@ -10,8 +10,10 @@ TEST_VENV ?= $(or $(TMPDIR),/tmp)/umgr-test-venv
 TBIN := $(TEST_VENV)/bin
 WHEEL = $(firstword $(wildcard dist/umgr-*.whl))
 # liburing-dev builds umgr; the rest are programs the tests run under umgr,
-# and Prometheus (with promtool), which the metrics tests scrape with.
-APT_PACKAGES := liburing-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus
+# Prometheus (with promtool), which the metrics tests scrape with, and
+# redis-server/redis-tools for the local Redis Cluster of the redis backend's tests.
+APT_PACKAGES := liburing-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus \
+	redis-server redis-tools
 
 .PHONY: deps venv dist build dev test smoke bench clean
 

@@ -24,6 +24,15 @@ The table gives each phase's seconds and random/kernel-swap; then the
 compressed tiers' figures: the most pages held at once, the memory they
 took (entry overhead included) and so the ratio, and mean read times.
 
+The stores alone ("stores" table): each backend, in this process, writes
+the dump's pages in batches of 512 (4 batches in flight) and reads them
+back in batches of 256, then reads 2000 single pages at random (a fault's
+read): pages/s both ways and the single-page latency distribution.
+
+With --redis, a local 3-node Redis Cluster is started (redis-server on free
+ports, as the tests do) and `redis` joins both tables (alone, and behind a
+compressed tier).
+
 Needs root (swapon, cgroups, zswap parameters, userfaultfd), gcc, and the
 cgroup v1 memory controller. Run it under the suite lock.
 
@@ -176,8 +185,64 @@ def run_umgr(argv: list[str], budget_mib: int, swap_mib: int, backends: list[str
     return {"result": result, "umgr": stats, "failures": failures}
 
 
-def variants(data_mib: int) -> list[list[str]]:
-    return [["file"], ["compressed"], [f"compressed:cap={max(1, data_mib // 4)}M", "file"]]
+def variants(data_mib: int, redis_port: int | None) -> list[list[str]]:
+    cap = f"compressed:cap={max(1, data_mib // 4)}M"
+    out = [["file"], ["compressed"], [cap, "file"]]
+    if redis_port:
+        out += [[f"redis:port={redis_port}"], [cap, f"redis:port={redis_port}"]]
+    return out
+
+
+# ---- the stores alone ------------------------------------------------------------------
+def store_figures(specs: list[str], sample: str, directory: str, singles: int = 2000) -> dict:
+    """Batch write and read rates and single-page read latencies of one store."""
+    import trio
+
+    from umgr.backends import open_chain
+    from umgr.cli import _backend_value
+    from umgr.kernel.buffers import PageBuffer
+    pages = np.fromfile(sample, np.uint8)
+    n = len(pages) // PAGE
+    buf, back = PageBuffer(n), PageBuffer(n)
+    buf.bytes[:] = pages
+    backend = open_chain(specs, {"size": (n + 1024) * PAGE, "directory": directory}, _backend_value)
+    try:
+        slots = backend.slots.alloc(n)
+
+        async def batches(op, size, target):
+            async def lane(parts):
+                for part in parts:
+                    await op(slots[part], target.addrs(part))
+            parts = np.array_split(np.arange(n), max(1, n // size))
+            async with trio.open_nursery() as nursery:
+                for lane_parts in (parts[i::4] for i in range(4)):
+                    nursery.start_soon(lane, lane_parts)
+
+        async def single_reads():
+            picks = np.random.default_rng(1).integers(0, n, singles)
+            times = np.empty(singles)
+            for i, page in enumerate(picks.tolist()):
+                started = time.perf_counter()
+                await backend.read(slots[page:page + 1], back.addrs(np.array([page])))
+                times[i] = time.perf_counter() - started
+            return times
+
+        started = time.perf_counter()
+        trio.run(batches, backend.write, 512, buf)
+        wrote = time.perf_counter() - started
+        started = time.perf_counter()
+        trio.run(batches, backend.read, 256, back)
+        read = time.perf_counter() - started
+        if not np.array_equal(buf.bytes, back.bytes):
+            raise BenchError(f"{specs}: pages came back wrong")
+        times = trio.run(single_reads) * 1e6
+        return {"pages": n, "write_pages_s": n / wrote, "read_pages_s": n / read,
+                "single_read_us": {f"p{q}": float(np.percentile(times, q)) for q in (50, 90, 99)}
+                | {"max": float(times.max())}}
+    finally:
+        backend.close()
+        buf.close()
+        back.close()
 
 
 def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
@@ -186,7 +251,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
     results: dict = {"params": vars(args) | {"umgr": umgr_cmd},
                      "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
-                     "configs": {}}
+                     "configs": {}, "stores": {}}
     with open(ZSWAP_COMPRESSOR) as f:
         results["env"]["zswap_compressor"] = f.read().strip()
     with tempfile.TemporaryDirectory(prefix="umgr-bench-backends-", dir="/var/tmp") as work:
@@ -205,12 +270,31 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         configs["kernel swap"] = run_kernel(argv, args.budget_mib, swap_mib, False, args.timeout)
         log("kernel zswap ...")
         configs["kernel zswap"] = run_kernel(argv, args.budget_mib, swap_mib, True, args.timeout)
-        for backends in variants(data_mib):
-            name = "umgr " + " + ".join(backends)
-            log(f"{name} ...")
-            configs[name] = run_umgr(argv, args.budget_mib, swap_mib, backends, umgr_cmd, work, args.timeout)
+        with contextlib.ExitStack() as stack:
+            redis_port = stack.enter_context(local_redis(work)).port if args.redis else None
+            for backends in variants(data_mib, redis_port):
+                name = "umgr " + " + ".join(backends)
+                log(f"{name} ...")
+                configs[name] = run_umgr(argv, args.budget_mib, swap_mib, backends, umgr_cmd, work, args.timeout)
+            stores = [["file"], ["compressed"]] + ([[f"redis:port={redis_port}"]] if redis_port else [])
+            for specs in stores:
+                log(f"store {specs[0]} ...")
+                results["stores"][specs[0].split(":")[0]] = store_figures(specs, sample, work)
     results["env"]["loadavg_after"] = os.getloadavg()
     return results
+
+
+@contextlib.contextmanager
+def local_redis(work: str):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "helpers"))
+    from pathlib import Path
+
+    from redis_cluster import RedisCluster
+    cluster = RedisCluster(Path(work))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 # ---- the report --------------------------------------------------------------------------
@@ -246,6 +330,13 @@ def format_report(results: dict) -> str:
                              f"{tier['read_seconds_per_page'] * 1e6:.1f} us a page")
         for failure in c.get("failures", []):
             lines.append(f"{name}: a failed attempt: {failure}")
+    if results.get("stores"):
+        lines.append(f"\nstores alone: {'store':<12} {'write pages/s':>14} {'read pages/s':>13}   "
+                     f"one-page read us: p50 / p90 / p99 / max")
+        for name, f in results["stores"].items():
+            q = f["single_read_us"]
+            lines.append(f"              {name:<12} {f['write_pages_s']:>14.0f} {f['read_pages_s']:>13.0f}   "
+                         f"{q['p50']:.0f} / {q['p90']:.0f} / {q['p99']:.0f} / {q['max']:.0f}")
     lines.append(f"load average before {results['env']['loadavg_before']}, after {results['env']['loadavg_after']}")
     return "\n".join(lines)
 
@@ -259,6 +350,7 @@ def main(argv=None) -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter whose heap is dumped")
     parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per program run")
+    parser.add_argument("--redis", action="store_true", help="also on a local 3-node Redis Cluster")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     args = parser.parse_args(argv)
     return run_and_report(lambda: run(args), format_report, args.json)

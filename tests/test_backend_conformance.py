@@ -3,6 +3,8 @@ real memory: round trips, one-page reads, batch edges, a full store, a
 failing store, concurrent batches. A chain is listed as its --backend
 specs, fastest first; a small cap makes the compressed tier demote."""
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,9 @@ from umgr.errors import BackendError, BackendFull
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.tuning import EVICT_BATCH
 
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from redis_cluster import RedisCluster  # noqa: E402
+
 PAGE = 4096
 STATE_DIR = "/var/tmp/umgr-test"
 BACKENDS = {
@@ -24,6 +29,9 @@ BACKENDS = {
     "compressed+file": ["compressed", "file"],
     # 256 KiB hold ~250 of the test's pages: most writes demote.
     "compressed-small+file": ["compressed:cap=256K", "file"],
+    # REDIS: the port of the module's local cluster.
+    "redis": ["redis:port=REDIS,wait=1"],
+    "compressed-small+redis": ["compressed:cap=256K", "redis:port=REDIS,wait=1"],
 }
 
 
@@ -31,9 +39,20 @@ def open_specs(specs: list[str], size: int = 8 << 20):
     return open_chain(specs, {"size": size, "directory": STATE_DIR}, _backend_value)
 
 
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis"))
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(params=list(BACKENDS))
 def backend(request):
-    b = open_specs(BACKENDS[request.param])
+    specs = BACKENDS[request.param]
+    if any("REDIS" in spec for spec in specs):
+        port = str(request.getfixturevalue("redis_cluster").port)
+        specs = [spec.replace("REDIS", port) for spec in specs]
+    b = open_specs(specs)
     yield b
     b.close()
 

@@ -18,6 +18,7 @@ tests/test_backend_conformance.py.
 """
 from __future__ import annotations
 
+import bisect
 import inspect
 import time
 from importlib.metadata import entry_points
@@ -59,7 +60,7 @@ class Backend:
     def _timed(self, started: float) -> float:
         """Account an I/O that began at `started`; returns its seconds."""
         elapsed = time.perf_counter() - started
-        self.io_latency[np.searchsorted(IO_BUCKETS, elapsed)] += 1
+        self.io_latency[bisect.bisect_left(IO_BUCKETS, elapsed)] += 1   # as np.searchsorted, without its per-call cost
         self.io_seconds += elapsed
         return elapsed
 

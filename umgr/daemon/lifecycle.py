@@ -16,7 +16,7 @@ from umgr.backends import Backend
 from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, DaemonConfig
 from umgr.daemon.names import target_name
 from umgr.daemon.status import Totals, snapshot
-from umgr.errors import TargetGone
+from umgr.errors import BackendError, TargetGone
 from umgr.kernel import maps, procmem
 from umgr.kernel import uffd as uffdmod
 from umgr.paging.pagetable import PAGE_SHIFT
@@ -174,18 +174,22 @@ class Lifecycle:
                 nursery.start_soon(until_gone, target.eviction_loop, "eviction")
                 nursery.start_soon(until_gone, lambda: trio.lowlevel.wait_readable(target.pidfd), "process")
                 nursery.start_soon(self._scan_maps, target)
-        except Exception:
-            self._kill(target)
+        except Exception as exc:
+            self._kill(target, exc)
         finally:
             self._scopes.pop(target, None)
         self._release(target)
 
-    def _kill(self, target: Target) -> None:
+    def _kill(self, target: Target, exc: Exception) -> None:
         # That target cannot be served correctly any more: once its uffd is
         # closed its swapped pages would read as zeros, so it is killed
         # rather than left running on wrong data.
-        log.exception("%s: internal error; killing the target (its swapped pages cannot be served)",
-                      target.label)
+        lost = _backend_error(exc)
+        if lost is not None:   # not a bug: the store cannot give a page back
+            log.error("%s: killing the target: a page it needs cannot be read back (%s)", target.label, lost)
+        else:
+            log.exception("%s: internal error; killing the target (its swapped pages cannot be served)",
+                          target.label)
         self.internal_errors += 1
         try:
             procmem.pidfd_send_signal(target.pidfd, signal.SIGKILL)
@@ -240,3 +244,14 @@ class Lifecycle:
         for target in self.targets.values():
             totals.add(snapshot(target))
         return totals.counters
+
+
+def _backend_error(exc: BaseException) -> BackendError | None:
+    """The BackendError that ended a target's tasks, if that is what did."""
+    if isinstance(exc, BackendError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):   # from a nursery: an ExceptionGroup
+        found = _backend_error(inner)
+        if found is not None:
+            return found
+    return None

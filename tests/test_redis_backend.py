@@ -1,0 +1,106 @@
+"""The redis backend against a real local Redis Cluster (three redis-server
+processes): pages round trip, a daemon's keys go when it closes, and when a
+node dies no page is ever served wrong: a page that cannot be read kills
+its target with the reason, never reads as zeros."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from umgr.backends.redis_cluster import RedisBackend
+from umgr.errors import BackendError
+from umgr.kernel.buffers import PageBuffer
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from redis_cluster import RedisCluster  # noqa: E402
+
+from test_compressed_exec import HEAP_LIKE, explain  # noqa: E402
+
+MiB = 1 << 20
+PAGE = 4096
+
+# HEAP_LIKE that stops after filling, until a line on stdin (the test kills a node then).
+HEAP_LIKE_PAUSED = HEAP_LIKE.replace("order = list(range(npages))",
+                                     "print('filled', flush=True)\nsys.stdin.readline()\norder = list(range(npages))")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = RedisCluster(tmp_path)
+    yield c
+    c.stop()
+
+
+@pytest.mark.timeout(60)
+def test_dead_node_fails_its_pages_and_serves_the_others_exactly(cluster):
+    n = 96
+    out = PageBuffer(n)
+    out.bytes[:] = np.random.default_rng(1).integers(0, 256, n * PAGE, dtype=np.uint8)
+    backend = RedisBackend(size=8 << 20, port=cluster.port, wait="0.5", timeout="0.5")
+    try:
+        slots = backend.slots.alloc(n)
+        trio.run(backend.write, slots, out.addrs(np.arange(n)))
+        assert cluster.keys(f"{backend.prefix}*") == n
+        cluster.kill(cluster.ports[1])
+        served = failed = 0
+        for i in range(n):
+            back = PageBuffer(1)
+            back.bytes[:] = 0xAA
+            try:
+                trio.run(backend.read, slots[i:i + 1], back.addrs(np.arange(1)))
+            except BackendError as exc:
+                assert "Redis Cluster: cannot read 1 page(s)" in str(exc)
+                failed += 1
+                assert (back.bytes == 0xAA).all()   # nothing was written into the page
+            else:
+                assert np.array_equal(back.bytes, out.bytes[i * PAGE:(i + 1) * PAGE])
+                served += 1
+        assert served and failed, (served, failed)
+    finally:
+        backend.close()
+    assert cluster.keys(f"{backend.prefix}*") == 0   # the live nodes' keys are gone
+
+
+@pytest.mark.timeout(120)
+def test_heap_like_program_on_compressed_then_redis(umgr_exec, tmp_path, cluster):
+    script = tmp_path / "heap_like.py"
+    script.write_text(HEAP_LIKE)
+    result = umgr_exec([sys.executable, str(script), "32"], "--backend", "compressed:cap=512K",
+                       "--backend", f"redis:port={cluster.port}", max_resident="8M", timeout=100)
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.strip() == f"OK {32 * MiB // PAGE}", explain(result)
+    tiers = {tier["tier"]: tier for tier in result.stats["backend_tiers"]}
+    assert tiers["compressed"]["demoted_pages"] > 0, explain(result)
+    assert tiers["redis"]["pages_read"] > 0 and tiers["redis"]["nodes"] == 3, explain(result)
+    assert cluster.keys("umgr:*") == 0, "keys left behind"
+
+
+@pytest.mark.timeout(120)
+def test_node_killed_during_a_run_kills_the_target_with_the_reason(tmp_path, cluster):
+    script = tmp_path / "heap_like.py"
+    script.write_text(HEAP_LIKE_PAUSED)
+    cmd = [sys.executable, "-m", "umgr", "exec", "--max-resident", "8M", "--swap-size", "1G",
+           "--backend", f"redis:port={cluster.port},wait=1,timeout=0.5", "--", sys.executable, str(script), "32"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"filled\n", proc.stderr.read().decode()
+        assert cluster.keys("umgr:*") > 24 * MiB // PAGE // 3 // 2   # pages are out, on every node
+        cluster.kill(cluster.ports[2])
+        started = time.monotonic()
+        stdout, stderr = proc.communicate(b"go\n", timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stderr = stderr.decode(errors="replace")
+    # Killed by umgr (SIGKILL: 128 + 9), not a wrong page found by the program's own check.
+    assert proc.returncode == 137, f"exit {proc.returncode}\n{stdout.decode()}\n{stderr}"
+    assert "differs" not in stderr and b"OK" not in stdout
+    assert "killing the target: a page it needs cannot be read back (Redis Cluster: cannot read" in stderr, stderr
+    assert time.monotonic() - started >= 1   # the read was retried for `wait` seconds first

@@ -1,0 +1,195 @@
+"""The redis backend: pages in a Redis Cluster (far memory on a store people
+already run).
+
+Each slot is one key, `PREFIX:INSTANCE:SLOT`, INSTANCE random per daemon,
+so the keys of one daemon spread over every hash slot of the cluster and two
+daemons never share one. A batch is one cluster pipeline (redis-py groups
+its commands by node and sends each group in one round trip); up to
+`clients` batches are in flight at once, each in a worker thread (redis-py
+is synchronous; its cluster client and connection pools are thread safe),
+so the daemon's thread never waits on the network.
+
+A freed slot's key is not deleted: it is overwritten when the slot is used
+again, as a swap file's blocks are (a delete racing a later write of the
+same slot could lose that write). The daemon's keys are deleted when it
+closes the backend. Redis memory used is thus the most slots used at once.
+
+Failure policy: no page is ever served wrong. A write that fails raises
+BackendError (the daemon keeps the pages resident and retries later). A read
+that fails is retried for up to `wait` seconds (a replica's failover takes
+the cluster's node timeout), then raises BackendError, and the daemon kills
+the target whose page it was, with the reason: its memory cannot be given
+back. A key that is missing or not a page is such a failure too, never a
+page of zeros. With `cluster-require-full-coverage no` on the nodes, a
+dead master costs only the pages whose keys it held.
+
+The password can come from UMGR_REDIS_PASSWORD rather than the command
+line (which other users can read in /proc).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import secrets
+import time
+
+import numpy as np
+import trio
+
+from umgr.backends import Backend
+from umgr.errors import BackendError
+from umgr.kernel import PAGE_SIZE
+
+log = logging.getLogger("umgr.backend")
+
+RETRY_PAUSE = 0.2   # seconds between tries of a failing read
+
+
+def _redis():
+    try:
+        import redis.cluster
+        import redis.exceptions
+    except ImportError:
+        raise ValueError("the redis backend needs redis-py: pip install 'umgr[redis]'") from None
+    return redis
+
+
+class RedisBackend(Backend):
+    name = "redis"
+
+    def __init__(self, size: int = 4 << 30, host: str = "127.0.0.1", port: int = 6379, username: str = "",
+                 password: str = "", tls: int = 0, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
+                 timeout: str = "2", wait: str = "15", clients: int = 4, prefix: str = "umgr"):
+        """host, port: any node of the cluster (the others are found from
+        it); timeout: seconds for a connection or a reply; wait: seconds a
+        failing read is retried before its target is killed; clients:
+        batches in flight at once."""
+        super().__init__(size // PAGE_SIZE)
+        redis = _redis()
+        self.timeout, self.wait = float(timeout), float(wait)
+        if int(clients) < 1:
+            raise ValueError("redis: clients must be at least 1")
+        self._limiter = trio.CapacityLimiter(int(clients))
+        self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
+        self.prefix = f"{prefix}:{secrets.token_hex(4)}:"
+        options = dict(host=host, port=int(port), socket_timeout=self.timeout,
+                       socket_connect_timeout=self.timeout, require_full_coverage=False,
+                       max_connections=max(int(clients), 2) * 2)
+        if username:
+            options["username"] = username
+        password = password or os.environ.get("UMGR_REDIS_PASSWORD", "")
+        if password:
+            options["password"] = password
+        if int(tls):
+            options.update(ssl=True, ssl_ca_certs=tls_ca or None, ssl_certfile=tls_cert or None,
+                           ssl_keyfile=tls_key or None)
+        try:
+            self.cluster = redis.cluster.RedisCluster(**options)
+            self.cluster.ping(target_nodes=redis.cluster.RedisCluster.ALL_NODES)
+        except self._errors as exc:
+            raise ValueError(f"redis: cannot reach a cluster at {host}:{port}: {exc}") from None
+        self.nodes = len(self.cluster.get_nodes())
+        self._high_water = 0   # slots below it may have a key (deleted at close)
+        log.info("redis: cluster of %d nodes via %s:%s, keys %s*", self.nodes, host, port, self.prefix)
+
+    def _key(self, slot: int) -> str:
+        return f"{self.prefix}{slot}"
+
+    async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        if len(slots) == 0:
+            return
+        slots, addrs = np.asarray(slots).tolist(), np.asarray(addrs).tolist()
+        started = time.perf_counter()
+        async with self._limiter:
+            await trio.to_thread.run_sync(self._write_batch, slots, addrs)
+        self._high_water = max(self._high_water, max(slots) + 1)
+        self._timed(started)
+        self.pages_written += len(slots)
+
+    def _write_batch(self, slots: list[int], addrs: list[int]) -> None:
+        pipe = self.cluster.pipeline(transaction=False)
+        for slot, addr in zip(slots, addrs):
+            pipe.set(self._key(slot), ctypes.string_at(addr, PAGE_SIZE))
+        try:
+            replies = pipe.execute()
+        except self._errors as exc:
+            self.errors += 1
+            raise BackendError(f"Redis Cluster: writing {len(slots)} pages failed: {exc}") from None
+        if not all(replies):
+            self.errors += 1
+            raise BackendError(f"Redis Cluster: {replies.count(False)} of {len(slots)} pages were not stored")
+
+    async def read(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        if len(slots) == 0:
+            return
+        slots, addrs = np.asarray(slots).tolist(), np.asarray(addrs).tolist()
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.wait
+        tries = 0
+        while True:
+            try:
+                async with self._limiter:
+                    await trio.to_thread.run_sync(self._read_batch, slots, addrs)
+                break
+            except _Unavailable as exc:
+                if time.monotonic() >= deadline:
+                    self.errors += 1
+                    raise BackendError(f"Redis Cluster: cannot read {len(slots)} page(s) (first key "
+                                       f"{self._key(slots[0])}) for {self.wait:g} s: {exc}") from None
+                if tries == 0:
+                    log.warning("redis: reading %d page(s) failed (%s); retrying for %g s", len(slots), exc, self.wait)
+                tries += 1
+                await trio.sleep(RETRY_PAUSE)
+            except BackendError:
+                self.errors += 1
+                raise
+        self.read_seconds += time.perf_counter() - started
+        self._timed(started)
+        self.pages_read += len(slots)
+
+    def _read_batch(self, slots: list[int], addrs: list[int]) -> None:
+        pipe = self.cluster.pipeline(transaction=False)
+        for slot in slots:
+            pipe.get(self._key(slot))
+        try:
+            pages = pipe.execute()
+        except self._errors as exc:
+            raise _Unavailable(str(exc) or type(exc).__name__) from None
+        for slot, addr, page in zip(slots, addrs, pages):
+            if page is None or len(page) != PAGE_SIZE:
+                what = "missing" if page is None else f"{len(page)} bytes long"
+                raise BackendError(f"Redis Cluster: the page of slot {slot} (key {self._key(slot)}) is {what}")
+            ctypes.memmove(addr, page, PAGE_SIZE)
+
+    def close(self) -> None:
+        if self.cluster is None:
+            return
+        failed = None
+        by_node: dict[str, list[str]] = {}
+        for slot in range(self._high_water):
+            key = self._key(slot)
+            by_node.setdefault(self.cluster.get_node_from_key(key).name, []).append(key)
+        for keys in by_node.values():   # per node: a dead one does not keep the others' keys
+            for first in range(0, len(keys), 1024):
+                pipe = self.cluster.pipeline(transaction=False)
+                for key in keys[first:first + 1024]:
+                    pipe.delete(key)
+                try:
+                    pipe.execute()
+                except self._errors as exc:
+                    failed = exc
+                    break
+        if failed is not None:
+            log.warning("redis: some of this daemon's keys (%s*) could not be deleted: %s", self.prefix, failed)
+        self.cluster.close()
+        self.cluster = None
+
+    def tier_statistics(self) -> list[dict]:
+        stats = super().tier_statistics()
+        stats[0]["nodes"] = self.nodes
+        return stats
+
+
+class _Unavailable(Exception):
+    """The cluster did not answer (a node down, a timeout): worth retrying."""
