@@ -18,7 +18,7 @@ from umgr.errors import BackendError
 from umgr.kernel.buffers import PageBuffer
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from redis_cluster import RedisCluster  # noqa: E402
+from redis_cluster import RedisCluster, make_certificates  # noqa: E402
 
 from test_compressed_exec import HEAP_LIKE, explain  # noqa: E402
 
@@ -104,3 +104,42 @@ def test_node_killed_during_a_run_kills_the_target_with_the_reason(tmp_path, clu
     assert "differs" not in stderr and b"OK" not in stdout
     assert "killing the target: a page it needs cannot be read back (Redis Cluster: cannot read" in stderr, stderr
     assert time.monotonic() - started >= 1   # the read was retried for `wait` seconds first
+
+
+@pytest.mark.timeout(60)
+def test_password_from_the_environment_and_a_wrong_one_refused(tmp_path, monkeypatch):
+    cluster = RedisCluster(tmp_path, password="s3cret")
+    try:
+        with pytest.raises(ValueError, match="redis: cannot reach a cluster"):
+            RedisBackend(size=1 << 20, port=cluster.port, password="wrong")
+        monkeypatch.setenv("UMGR_REDIS_PASSWORD", "s3cret")
+        backend = RedisBackend(size=1 << 20, port=cluster.port)
+        out, back = PageBuffer(4), PageBuffer(4)
+        out.bytes[:] = np.random.default_rng(2).integers(0, 256, 4 * PAGE, dtype=np.uint8)
+        slots = backend.slots.alloc(4)
+        trio.run(backend.write, slots, out.addrs(np.arange(4)))
+        trio.run(backend.read, slots, back.addrs(np.arange(4)))
+        backend.close()
+        assert np.array_equal(out.bytes, back.bytes)
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(90)
+def test_tls_with_client_certificates(tmp_path):
+    certs = make_certificates(tmp_path)
+    cluster = RedisCluster(tmp_path, tls=certs)
+    try:
+        with pytest.raises(ValueError, match="redis: cannot reach a cluster"):
+            RedisBackend(size=1 << 20, port=cluster.port, timeout="1")   # plain text to a TLS port
+        backend = RedisBackend(size=1 << 20, port=cluster.port, tls=1, tls_ca=str(certs / "ca.crt"),
+                               tls_cert=str(certs / "node.crt"), tls_key=str(certs / "node.key"))
+        out, back = PageBuffer(8), PageBuffer(8)
+        out.bytes[:] = np.random.default_rng(3).integers(0, 256, 8 * PAGE, dtype=np.uint8)
+        slots = backend.slots.alloc(8)
+        trio.run(backend.write, slots, out.addrs(np.arange(8)))
+        trio.run(backend.read, slots, back.addrs(np.arange(8)))
+        backend.close()
+        assert np.array_equal(out.bytes, back.bytes)
+    finally:
+        cluster.stop()

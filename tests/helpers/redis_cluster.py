@@ -22,6 +22,20 @@ def _free(port: int) -> bool:
     return True
 
 
+def make_certificates(directory: Path) -> Path:
+    """A CA and a certificate for 127.0.0.1 signed by it (openssl), used by
+    the nodes and by the client alike."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory, timeout=60)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", "/CN=umgr-test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=127.0.0.1")
+    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "node.crt", "-days", "1", "-extfile", "ext")
+    return directory
+
+
 def free_ports(count: int) -> list[int]:
     """Ports whose cluster bus ports (+10000) are free too."""
     found = []
@@ -35,24 +49,32 @@ def free_ports(count: int) -> list[int]:
 
 
 class RedisCluster:
-    def __init__(self, workdir: Path, nodes: int = 3):
+    def __init__(self, workdir: Path, nodes: int = 3, password: str = "", tls: Path | None = None):
+        """tls: a make_certificates() directory: the nodes then speak TLS
+        only (clients and the cluster bus), and want client certificates."""
         if not shutil.which("redis-server"):
             raise RuntimeError("redis-server is not installed (make deps installs it)")
         self.ports = free_ports(nodes)
+        self.auth = ["-a", password, "--no-auth-warning"] if password else []
+        secret = ["--requirepass", password, "--masterauth", password] if password else []
+        files = ["--cacert", str(tls / "ca.crt"), "--cert", str(tls / "node.crt"), "--key", str(tls / "node.key")] \
+            if tls else []
+        self.auth += ["--tls", *files] if tls else []
         self.procs: dict[int, subprocess.Popen] = {}
         for port in self.ports:
             node_dir = workdir / f"redis-{port}"
             node_dir.mkdir()
             self.procs[port] = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                ["redis-server", *(self._tls_options(tls, port) if tls else ["--port", str(port)]),
+                 "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
                  "--cluster-require-full-coverage", "no", "--save", "", "--appendonly", "no",
-                 "--dir", str(node_dir)],
+                 "--dir", str(node_dir), *secret],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for port in self.ports:
                 self._wait(lambda: self.cli(port, "ping") == "PONG", f"node {port} to start")
-            subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+            subprocess.run(["redis-cli", *self.auth, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
                             "--cluster-replicas", "0", "--cluster-yes"],
                            check=True, capture_output=True, timeout=30)
             for port in self.ports:
@@ -61,12 +83,18 @@ class RedisCluster:
             self.stop()
             raise
 
+    @staticmethod
+    def _tls_options(tls: Path, port: int) -> list[str]:
+        return ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-replication", "yes",
+                "--tls-cert-file", str(tls / "node.crt"), "--tls-key-file", str(tls / "node.key"),
+                "--tls-ca-cert-file", str(tls / "ca.crt")]
+
     @property
     def port(self) -> int:
         return self.ports[0]
 
     def cli(self, port: int, *command: str) -> str:
-        result = subprocess.run(["redis-cli", "-p", str(port), *command], capture_output=True, text=True, timeout=10)
+        result = subprocess.run(["redis-cli", "-p", str(port), *self.auth, *command], capture_output=True, text=True, timeout=10)
         return result.stdout.strip()
 
     def keys(self, pattern: str = "*") -> int:
