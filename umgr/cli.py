@@ -60,7 +60,7 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-resident", type=size_arg, default=0, metavar="SIZE",
                    help="memory budget per process, e.g. 256M (default: no limit)")
     p.add_argument("--backend", action="append", metavar="NAME[:KEY=VALUE,...]",
-                   help="swap store: file (default), compressed, or a plug-in; given again, a chain, "
+                   help="swap store: file (default), compressed, redis, or a plug-in; given again, a chain, "
                         "fastest first (--backend compressed:cap=256M --backend file)")
     p.add_argument("--swap-size", type=size_arg, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",
                    help=f"swap capacity (default {DEFAULT_SWAP_SIZE})")
