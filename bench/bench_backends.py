@@ -251,7 +251,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
     results: dict = {"params": vars(args) | {"umgr": umgr_cmd},
                      "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
-                     "configs": {}, "stores": {}}
+                     "configs": {}, "stores": {}, "kernel_failures": {}}
     with open(ZSWAP_COMPRESSOR) as f:
         results["env"]["zswap_compressor"] = f.read().strip()
     with tempfile.TemporaryDirectory(prefix="umgr-bench-backends-", dir="/var/tmp") as work:
@@ -266,10 +266,13 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         configs = results["configs"]
         log("plain ...")
         configs["plain"] = {"result": _run(argv, "heapreads plain", args.timeout)}
-        log(f"kernel swap ({args.budget_mib} MiB) ...")
-        configs["kernel swap"] = run_kernel(argv, args.budget_mib, swap_mib, False, args.timeout)
-        log("kernel zswap ...")
-        configs["kernel zswap"] = run_kernel(argv, args.budget_mib, swap_mib, True, args.timeout)
+        for name, with_zswap in (("kernel swap", False), ("kernel zswap", True)):
+            log(f"{name} ({args.budget_mib} MiB) ...")
+            try:
+                configs[name] = run_kernel(argv, args.budget_mib, swap_mib, with_zswap, args.timeout)
+            except BenchError as exc:   # the memcg OOM killer at a tight budget: a result, not a crash
+                log(f"{name} failed: {exc}")
+                results["kernel_failures"][name] = str(exc)
         with contextlib.ExitStack() as stack:
             redis_port = stack.enter_context(local_redis(work)).port if args.redis else None
             for backends in variants(data_mib, redis_port):
@@ -306,16 +309,19 @@ def format_report(results: dict) -> str:
         lines.append(f"  {name:<15} {c['ratio']:.2f}x held (overhead included), {c['incompressible_pages']} pages "
                      f"incompressible; {c['compress_us']:.1f} us to compress a page, {c['decompress_us']:.1f} to "
                      f"decompress")
-    kernel = configs["kernel swap"]["result"]["phases"]["random"]
+    random_s = {name: c["result"]["phases"]["random"] for name, c in configs.items()}
+    kernel, zswap_s = random_s.get("kernel swap"), random_s.get("kernel zswap")
     lines.append(f"\nbudget {results['params']['budget_mib']} MiB, {results['params']['reads']} random page reads; "
                  f"kernel {results['env']['kernel']}, zswap compressor {results['env']['zswap_compressor']}")
     lines.append(f"{'config':<45} {'fill s':>8} {'random s':>9} {'/kernel swap':>13} {'/zswap':>7}  faults")
-    zswap_s = configs["kernel zswap"]["result"]["phases"]["random"]
+    ratio = lambda x, base: f"{x / base:.2f}" if base else "-"
     for name, c in configs.items():
         phases = c["result"]["phases"]
         faults = c.get("cgroup", {}).get("pgmajfault", "") if "cgroup" in c else c.get("umgr", {}).get("faults", "")
-        lines.append(f"{name:<45} {phases['fill']:>8.3f} {phases['random']:>9.3f} {phases['random'] / kernel:>13.2f} "
-                     f"{phases['random'] / zswap_s:>7.2f}  {faults}")
+        lines.append(f"{name:<45} {phases['fill']:>8.3f} {phases['random']:>9.3f} {ratio(phases['random'], kernel):>13} "
+                     f"{ratio(phases['random'], zswap_s):>7}  {faults}")
+    for name, why in results.get("kernel_failures", {}).items():
+        lines.append(f"{name}: failed ({why})")
     for name, c in configs.items():
         for tier in c.get("umgr", {}).get("backend_tiers", []):
             if tier["tier"] == "compressed":
