@@ -347,11 +347,7 @@ def test_umgr_exec_refuses_a_bad_backend_in_one_line():
 
 @pytest.mark.timeout(60)
 def test_tier_metrics_report_what_each_tier_holds():
-    from types import SimpleNamespace
-
-    from prometheus_client import generate_latest
-
-    from umgr.metrics import registry_for
+    from umgr.metrics import _tier_families
     n = 200
     out = PageBuffer(n)
     mixed_pages(out, n, 12)
@@ -360,14 +356,13 @@ def test_tier_metrics_report_what_each_tier_holds():
         slots = chain.slots.alloc(n)
         for part in np.array_split(np.arange(n), 2):   # the second half demotes
             run_io(chain.write, slots[part], out.addrs(part))
-        daemon = SimpleNamespace(backend=chain, targets={}, internal_errors=0, rejected_connections=0)
-        text = generate_latest(registry_for(daemon)).decode()
-        samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("umgr_backend_tier"))
-        assert float(samples['umgr_backend_tier_used_bytes{tier="compressed"}']) == chain.upper.held_bytes
-        assert float(samples['umgr_backend_tier_capacity_bytes{tier="compressed"}']) == 64 << 10
-        assert float(samples['umgr_backend_tier_compression_ratio{tier="compressed"}']) > 1
-        assert float(samples['umgr_backend_tier_demoted_pages_total{tier="compressed"}']) == chain.demoted > 0
-        assert float(samples['umgr_backend_tier_pages{tier="file"}']) == n - chain.upper.pages_held
+        samples = {(sample.name, sample.labels["tier"]): sample.value
+                   for family in _tier_families(chain.statistics()["tiers"]) for sample in family.samples}
+        assert samples[("umgr_backend_tier_used_bytes", "compressed")] == chain.upper.held_bytes
+        assert samples[("umgr_backend_tier_capacity_bytes", "compressed")] == 64 << 10
+        assert samples[("umgr_backend_tier_compression_ratio", "compressed")] > 1
+        assert samples[("umgr_backend_tier_demoted_pages_total", "compressed")] == chain.demoted > 0
+        assert samples[("umgr_backend_tier_pages", "file")] == n - chain.upper.pages_held
     finally:
         chain.close()
 
