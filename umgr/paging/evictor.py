@@ -80,11 +80,14 @@ class Evictor:
         turn = 0   # the buffer to fill: the other one may be being put away
         while core.budget.over(core.pt.resident - self._in_flight) and core.can_evict():
             batch = await self._take_out(self._buffers[turn])
-            # No victim (all pinned, or unknown to the policy): faults must
-            # not wait at the budget for an eviction that cannot come.
-            core.no_victims = not (len(batch.vpns) or batch.progress)
-            if core.no_victims:
+            if not (len(batch.vpns) or batch.progress):
+                # No victim (all pinned, or unknown to the policy): faults
+                # must not wait at the budget for an eviction that cannot
+                # come. Unless a batch is in flight: its zap will make room
+                # (and its pages are why the policy has none to offer).
+                core.no_victims = self._in_flight == 0
                 return
+            core.no_victims = False
             if len(batch.vpns):
                 self._in_flight += len(batch.vpns)
                 # A zero-size channel: this returns once the other task has
