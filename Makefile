@@ -11,9 +11,10 @@ TBIN := $(TEST_VENV)/bin
 WHEEL = $(firstword $(wildcard dist/umgr-*.whl))
 # liburing-dev builds umgr; the rest are programs the tests run under umgr,
 # Prometheus (with promtool), which the metrics tests scrape with, and
-# redis-server/redis-tools for the local Redis Cluster of the redis backend's tests.
+# redis-server/redis-tools for the local Redis Cluster of the redis backend's tests,
+# systemd-analyze and groff, which check the unit file and the man page.
 APT_PACKAGES := liburing-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus \
-	redis-server redis-tools
+	redis-server redis-tools systemd groff-base
 
 .PHONY: deps venv dist build dev test smoke bench clean
 
@@ -54,6 +55,8 @@ test: dist
 smoke:
 	cd $(TEST_VENV) && $(TBIN)/umgr --help >/dev/null
 	cd $(TEST_VENV) && $(TBIN)/umgr doctor
+	cmp deploy/umgr.service $(TEST_VENV)/share/umgr/umgr.service
+	cd $(TEST_VENV) && $(TBIN)/umgr manpage | groff -man -ww -z
 	cd $(TEST_VENV) && $(TBIN)/umgr exec --max-resident 8M --swap-size 256M -- \
 		$(TBIN)/python -c "x = bytearray(64 << 20); x[::4096] = b'x' * (len(x) // 4096); assert x.count(b'x') == 16384"
 

@@ -5,6 +5,8 @@
   off a hand-written list installs a umgr that cannot start.
 `policies/` and `bindings/` install as umgr.policies and umgr.bindings;
 bindings/cffi/ (the build scripts) and the C sources are not installed."""
+import glob
+
 from setuptools import Extension, find_packages, setup
 
 shim = Extension(
@@ -21,6 +23,9 @@ setup(
     # umgr.h is for C programs that call umgr_advise (README "Hints").
     package_data={"umgr.bindings": ["shim/umgr.h"]},
     include_package_data=False,
+    # The systemd unit and the Prometheus/Grafana files, as share/umgr/ under
+    # the install prefix (README "Running as a service").
+    data_files=[("share/umgr", sorted(glob.glob("deploy/*")))],
     cffi_modules=[
         "bindings/cffi/kernel_build.py:ffibuilder",
         "bindings/cffi/uring_build.py:ffibuilder",

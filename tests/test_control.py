@@ -21,9 +21,10 @@ import time
 
 import pytest
 
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, MiB, wait_for
 from umgr import protocol
 from umgr.cli import format_status, query_status
+from umgr.sizes import parse_size
 
 UFFD_LINK = "anon_inode:[userfaultfd]"
 PIDFD_LINK = "anon_inode:[pidfd]"
@@ -517,8 +518,8 @@ def test_status_shows_a_running_target(daemon, shim, programs):
         _, budget, resident, swapped, *_rates, command = rows[str(holder.pid)]
         assert command == "./ctl_hold 48"
         assert budget == "16M"
-        assert resident.endswith("M") and 0 < float(resident[:-1]) <= 16.5, resident
-        assert swapped.endswith("M") and float(swapped[:-1]) >= 48 - 16.5, swapped
+        assert 0 < parse_size(resident, minimum=0) <= 16.5 * MiB, resident
+        assert parse_size(swapped, minimum=0) >= (48 - 16.5) * MiB, swapped
         assert lines[-1].startswith("backend file: "), lines[-1]
         out, err = holder.communicate(b"", timeout=30)
     assert holder.returncode == 0, err
@@ -530,3 +531,30 @@ def test_status_shows_a_running_target(daemon, shim, programs):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.decode().splitlines()
     assert len(lines) == 2 and lines[0].startswith("    PID") and lines[1].startswith("backend file: "), lines
+
+
+@pytest.mark.timeout(60)
+def test_status_watch_refreshes_until_interrupted(daemon, shim, programs):
+    """`umgr status --watch`: a table per interval (not one snapshot), sizes
+    as people read them, and Ctrl-C ends it with status 0."""
+    with started(["./ctl_hold", "48"], cwd=os.path.dirname(programs["ctl_hold"]), env=daemon.env(shim),
+                 stdin=subprocess.PIPE) as holder:
+        assert holder.stdout.readline() == b"ready\n"
+        wait_paging(daemon, holder.pid)
+        with started([sys.executable, "-m", "umgr", "status", "--watch", "--socket", daemon.socket,
+                      "--interval", "0.2"]) as watch:
+            headers = []
+            while len(headers) < 3:
+                line = watch.stdout.readline().decode()
+                assert line, watch.stderr.read()
+                if line.startswith("umgr status "):
+                    headers.append(line)
+                    assert watch.stdout.readline().split()[0] == b"PID"
+                    row = watch.stdout.readline().decode().split(None, 7)
+                    assert row[0] == str(holder.pid) and row[1] == "16M" and row[7] == "./ctl_hold 48\n", row
+                    assert parse_size(row[3], minimum=0) >= (48 - 16.5) * MiB, row
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(10) == 0
+            assert watch.stderr.read() == b""
+        holder.communicate(b"", timeout=30)
+    assert holder.returncode == 0

@@ -23,16 +23,19 @@ from umgr.backends import open_chain
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
+from umgr import configfile
 from umgr.console import (EXIT_UMGR, ArgumentParser, Fatal, add_verbosity, fatal_in, port_arg, reason,
                           seconds_arg, setting_up, setup_logging, size_arg)
 from umgr.sizes import format_size, parse_size
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
+from umgr.daemon.notify import notify
 
 log = logging.getLogger("umgr")
 
 PR_SET_PDEATHSIG = 1
 DEFAULT_SWAP_SIZE = "4G"
-DEFAULT_SOCKET = "/run/umgr/control.sock"
+DEFAULT_RUNDIR = "/run/umgr"
+DEFAULT_SOCKET = os.path.join(DEFAULT_RUNDIR, "control.sock")
 
 
 def _backend_value(key: str, text: str):
@@ -56,7 +59,7 @@ def shim_path() -> str:
     return found[0]
 
 
-def _add_daemon_options(p: argparse.ArgumentParser) -> None:
+def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STATE_DIR) -> None:
     p.add_argument("--max-resident", type=size_arg, default=0, metavar="SIZE",
                    help="memory budget per process, e.g. 256M (default: no limit)")
     p.add_argument("--backend", action="append", metavar="NAME[:KEY=VALUE,...]",
@@ -64,7 +67,7 @@ def _add_daemon_options(p: argparse.ArgumentParser) -> None:
                         "fastest first (--backend compressed:cap=256M --backend file)")
     p.add_argument("--swap-size", type=size_arg, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",
                    help=f"swap capacity (default {DEFAULT_SWAP_SIZE})")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"where the swap file lives ({DEFAULT_STATE_DIR})")
+    p.add_argument("--state-dir", default=state_dir, help=f"where the swap file lives ({state_dir})")
     p.add_argument("--policy", default="readahead", help="prefetch policy (none, readahead, stride, or a plug-in)")
     p.add_argument("--eviction", default="fifo",
                    help="eviction policy: fifo (default), reuse (keeps pages that refault soon resident), or a plug-in")
@@ -98,18 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("program", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS...")
     p.set_defaults(func=cmd_exec)
 
+    # Under systemd, RuntimeDirectory= and StateDirectory= (deploy/umgr.service)
+    # say where the socket and the swap file go.
     p = sub.add_parser("daemon", help="run the daemon for processes started with the shim")
-    _add_daemon_options(p)
-    p.add_argument("--socket", default=DEFAULT_SOCKET)
+    _add_daemon_options(p, state_dir=configfile.systemd_directory("STATE_DIRECTORY", DEFAULT_STATE_DIR))
+    p.add_argument("--config", metavar="FILE",
+                   help=f"settings file (default {configfile.DEFAULT_PATH}, if it exists); options given here win")
+    p.add_argument("--socket", default=os.path.join(configfile.systemd_directory("RUNTIME_DIRECTORY", DEFAULT_RUNDIR),
+                                                    "control.sock"),
+                   help="the control socket (default control.sock in $RUNTIME_DIRECTORY, else in /run/umgr)")
     p.add_argument("--group", help="let this group's members connect (socket mode 0660)")
     p.add_argument("--hello-timeout", type=seconds_arg, default=HELLO_TIMEOUT, metavar="SECONDS",
                    help=f"drop a connection that sends no first message for this long (default {HELLO_TIMEOUT:g})")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show the targets of a running daemon")
-    p.add_argument("--socket", default=DEFAULT_SOCKET)
-    p.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between the two samples for rates")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET})")
+    p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
+    p.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between samples, for rates")
+    p.add_argument("--watch", action="store_true", help="refresh the table every --interval until interrupted")
+    p.add_argument("--json", action="store_true", help="one snapshot as JSON")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("replay", help="replay a recorded trace against policies and budgets, offline")
@@ -130,8 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="micro-benchmarks (fault service, io_uring)")
     p.add_argument("what", nargs="*", default=["faults", "io"])
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("completion", help="print a completion script (umgr completion bash >/etc/bash_completion.d/umgr)")
+    p.add_argument("shell", choices=["bash"])
+    p.set_defaults(func=cmd_completion)
+
+    p = sub.add_parser("manpage", help="print the man page, umgr(1), in roff (umgr manpage | man -l -)")
+    p.set_defaults(func=cmd_manpage)
     for p in sub.choices.values():
         add_verbosity(p, "sub")
+    parser.subcommands = sub.choices
     return parser
 
 
@@ -148,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     """umgr's exit status: the command's, or EXIT_UMGR (125) when umgr itself
     fails; then stderr has one line saying why (a traceback only for a bug)."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command in ("daemon", "status"):
+            args = _with_config_file(parser, args, argv)
         args.verbosity = setup_logging(args, logging.INFO if args.command == "daemon" else logging.WARNING)
         return args.func(args)
     except Exception as exc:
@@ -160,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(fatal, file=sys.stderr)
         return EXIT_UMGR
+
+
+def _with_config_file(parser: argparse.ArgumentParser, args, argv: list[str] | None):
+    """args again, with the config file's settings as defaults."""
+    path, settings = configfile.load(args.config)
+    if not settings:
+        return args
+    command = parser.subcommands[args.command]
+    configfile.apply(settings, command, path, only=None if args.command == "daemon" else {"socket"})
+    return parser.parse_args(argv)
 
 
 # ---- exec ------------------------------------------------------------------------
@@ -391,7 +423,9 @@ def cmd_daemon(args) -> int:
             metrics = _serve_metrics(daemon, args)
             async with trio.open_nursery() as nursery:
                 await nursery.start(daemon.serve)
-                log.info("%s", startup_line(config, args, metrics))
+                line = startup_line(config, args, metrics)
+                log.info("%s", line)
+                notify("READY=1", f"STATUS={line}")
         finally:
             backend.close()
 
@@ -412,31 +446,53 @@ def query_status(path: str) -> dict:
 
 
 def cmd_status(args) -> int:
+    if args.json and args.watch:
+        raise Fatal("umgr status: --json shows one snapshot; --watch refreshes a table: choose one")
+    before, taken = _query(args.socket), time.monotonic()
     try:
-        first = query_status(args.socket)
-        time.sleep(args.interval)
-        second = query_status(args.socket)
-    except OSError as exc:
-        raise Fatal(f"umgr status: no daemon at {args.socket}: {reason(exc)}") from None
-    if args.json:
-        print(json.dumps(second, indent=2))
+        while True:
+            time.sleep(args.interval)
+            now, now_taken = _query(args.socket), time.monotonic()
+            if args.json:
+                print(json.dumps(now, indent=2))
+                return 0
+            table = format_status(before, now, now_taken - taken)
+            if not args.watch:
+                print(table)
+                return 0
+            if sys.stdout.isatty():
+                sys.stdout.write(CLEAR_SCREEN)
+            stamp = time.strftime("%H:%M:%S")
+            print(f"umgr status {printable(args.socket)}, every {args.interval:g} s, {stamp} (Ctrl-C to stop)\n"
+                  f"{table}\n", flush=True)
+            before, taken = now, now_taken
+    except KeyboardInterrupt:
         return 0
-    print(format_status(first, second, args.interval))
-    return 0
+
+
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def _query(path: str) -> dict:
+    try:
+        return query_status(path)
+    except OSError as exc:
+        raise Fatal(f"umgr status: no daemon at {path}: {reason(exc)}") from None
 
 
 def format_status(first: dict, second: dict, interval: float) -> str:
     before = {t["pid"]: t for t in first["targets"]}
-    mib = 1 << 20
     rows = [f"{'PID':>7} {'BUDGET':>9} {'RESIDENT':>9} {'SWAPPED':>9} {'FAULTS/s':>9} {'IN/s':>8} {'OUT/s':>8}  COMMAND"]
     for t in second["targets"]:
         old = before.get(t["pid"], t)
         rate = lambda key: (t[key] - old[key]) / interval
-        budget = f"{t['budget_bytes'] / mib:.0f}M" if t["budget_bytes"] else "-"
-        rows.append(f"{t['pid']:>7} {budget:>9} {t['resident_bytes'] / mib:>8.1f}M {t['swapped_bytes'] / mib:>8.1f}M "
-                    f"{rate('faults'):>9.0f} {rate('pages_in'):>8.0f} {rate('pages_out'):>8.0f}  {printable(t['command'])[:40]}")
+        budget = format_size(t["budget_bytes"]) if t["budget_bytes"] else "-"
+        rows.append(f"{t['pid']:>7} {budget:>9} {format_size(t['resident_bytes']):>9} "
+                    f"{format_size(t['swapped_bytes']):>9} {rate('faults'):>9.0f} {rate('pages_in'):>8.0f} "
+                    f"{rate('pages_out'):>8.0f}  {printable(t['command'])[:40]}")
     b = second["backend"]
-    rows.append(f"backend {b['backend']}: {b['used_pages'] * PAGE_SIZE / mib:.1f}M of {b['capacity_pages'] * PAGE_SIZE / mib:.0f}M used")
+    rows.append(f"backend {b['backend']}: {format_size(b['used_pages'] * PAGE_SIZE)} of "
+                f"{format_size(b['capacity_pages'] * PAGE_SIZE)} used")
     tiers = b.get("tiers", [])   # one line per tier, for chains and tiers with a ratio
     for tier in tiers if len(tiers) > 1 or (tiers and "ratio" in tiers[0]) else []:
         ratio = f", {tier['ratio']:.2f}x" if tier.get("ratio") else ""
@@ -481,3 +537,15 @@ def cmd_doctor(args) -> int:
 def cmd_bench(args) -> int:
     from umgr.bench import main as bench_main
     return bench_main(args.what)
+
+
+def cmd_completion(args) -> int:
+    from umgr.docgen import bash_completion
+    print(bash_completion(build_parser()), end="")
+    return 0
+
+
+def cmd_manpage(args) -> int:
+    from umgr.docgen import manpage
+    print(manpage(build_parser(), version()), end="")
+    return 0

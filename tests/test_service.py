@@ -1,0 +1,208 @@
+"""The service: deploy/umgr.service run as systemd would run it (its
+ExecStart= arguments, the environment systemd gives it, a NOTIFY_SOCKET made
+here), the config file, the generated man page and bash completion."""
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import HERE, wait_for
+from umgr.cli import query_status
+
+UNIT = HERE.parent / "deploy" / "umgr.service"
+UMGR_BIN = Path(sys.executable).parent / "umgr"
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def unit_service() -> dict[str, list[str]]:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, empty_lines_in_values=False)
+    parser.optionxform = str
+    parser.read_string(UNIT.read_text())
+    return {key: [value] for key, value in parser["Service"].items()}
+
+
+def started_as_the_unit(tmp_path: Path) -> tuple[subprocess.Popen, socket.socket, dict[str, str], Path]:
+    """The daemon started with the unit's ExecStart= and the environment
+    systemd would give it; returns it, the notify socket, that environment
+    and its log."""
+    service = unit_service()
+    assert service["Type"] == ["notify"]
+    argv = shlex.split(service["ExecStart"][0])
+    assert argv[0] == "/usr/local/bin/umgr"
+    runtime = tmp_path / "run" / service["RuntimeDirectory"][0]
+    state = tmp_path / "lib" / service["StateDirectory"][0]
+    runtime.mkdir(parents=True, mode=int(service["RuntimeDirectoryMode"][0], 8))
+    state.mkdir(parents=True, mode=int(service["StateDirectoryMode"][0], 8))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+           "RUNTIME_DIRECTORY": str(runtime), "STATE_DIRECTORY": str(state), "INVOCATION_ID": "0" * 32}
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(UMGR_BIN), *argv[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd="/", start_new_session=True)
+    return proc, notify, env, log_path
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(90)
+def test_unit_starts_the_daemon_and_reports_ready_once_it_accepts(tmp_path, shim, programs):
+    proc, notify, env, log_path = started_as_the_unit(tmp_path)
+    try:
+        notify.settimeout(30)
+        message, ancillary, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+        # At READY=1 the socket accepts at once: no retry here.
+        control = os.path.join(env["RUNTIME_DIRECTORY"], "control.sock")
+        status = query_status(control)
+        assert status["targets"] == [], status
+        fields = dict(line.split("=", 1) for line in message.decode().splitlines())
+        assert fields["READY"] == "1", message
+        assert fields["STATUS"].startswith(f"umgr ") and f"serving {control}:" in fields["STATUS"], fields
+        assert f"backend file (4G in {env['STATE_DIRECTORY']})" in fields["STATUS"], fields
+        # NotifyAccess=main: the message comes from the process systemd started.
+        (level, kind, creds), = ancillary
+        assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
+        assert struct.unpack("3i", creds)[0] == proc.pid
+        assert os.stat(control).st_mode & 0o777 == 0o600
+
+        # It serves: a program under the shim pages through it.
+        run = subprocess.run([programs["pattern"], "32", "mmap", "srb"], capture_output=True, timeout=60,
+                             env=dict(os.environ, LD_PRELOAD=shim, UMGR_SOCKET=control, UMGR_MAX_RESIDENT="4M"))
+        assert run.returncode == 0 and run.stdout.startswith(b"ok 8192 pages"), run
+        wait_for(lambda: "released" in log_path.read_text(), 10, "the target's release")
+        out = re.search(r"released \(faults \d+, pages in (\d+), out (\d+)\)", log_path.read_text())
+        assert out and int(out.group(2)) >= (32 - 4) * 256, log_path.read_text()
+        assert not list(Path(env["STATE_DIRECTORY"]).iterdir()), "the swap file is unlinked"
+    finally:
+        stop(proc)
+        notify.close()
+    lines = log_path.read_text().splitlines()
+    assert any(" INFO umgr: umgr " in line and " serving " in line for line in lines), lines
+
+
+def test_unit_file_is_valid_for_systemd(tmp_path):
+    """systemd's own checker (directives, values) on the unit, pointed at
+    this umgr."""
+    unit = tmp_path / "umgr.service"
+    unit.write_text(UNIT.read_text().replace("ExecStart=/usr/local/bin/umgr", f"ExecStart={UMGR_BIN}"))
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+# ---- the config file --------------------------------------------------------------
+def daemon_startup_line(tmp_path: Path, config: str, *options: str) -> subprocess.CompletedProcess:
+    """`umgr daemon --config FILE OPTIONS` until its start-up line; then stopped."""
+    path = tmp_path / "umgr.toml"
+    path.write_text(config)
+    proc = subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "--config", str(path), *options],
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        while not lines or (lines[-1] and " serving " not in lines[-1]):
+            lines.append(proc.stderr.readline())
+    finally:
+        stop(proc)
+        rest = proc.stderr.read()
+        proc.stderr.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", "".join(lines) + rest)
+
+
+@pytest.mark.timeout(60)
+def test_config_file_settings_and_command_line_overrides(tmp_path):
+    sock = tmp_path / "c.sock"
+    config = (f'socket = "{sock}"\nmax-resident = "8M"\nswap-size = "64M"\nstate-dir = "{tmp_path}"\n'
+              f'keep-clean = true\neviction = "reuse"\nmetrics-port = 0\n')
+    refused = daemon_startup_line(tmp_path, config)
+    assert refused.returncode == 125 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "metrics-port: '0' is not a port" in refused.stderr
+
+    config = config.replace("metrics-port = 0\n", "")
+    ran = daemon_startup_line(tmp_path, config, "--max-resident", "4M")
+    assert f"serving {sock}: budget 4M per process, backend file (64M in {tmp_path}), policy readahead, " \
+           "eviction reuse" in ran.stderr, ran.stderr
+    # `umgr status` finds the socket in the same file.
+    proc = subprocess.run([sys.executable, "-m", "umgr", "status", "--config", str(tmp_path / "umgr.toml"),
+                           "--interval", "0.05"], capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 125 and f"no daemon at {sock}" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("config, message", [
+    ('max-resident = "-5M"\n', "max-resident: '-5M' is negative"),
+    ("swap-size = 0\n", "swap-size: '0' is zero"),
+    ('budget = "1G"\n', "unknown setting 'budget'"),
+    ('keep-clean = "yes"\n', "keep-clean is true or false, not 'yes'"),
+    ('backend = "tape"\n', "backend: 'tape' is not one of file"),
+    ("max-resident = [1]\n", "max-resident = [1] is not a string or number"),
+    ("max-resident = \n", "not TOML"),
+], ids=["negative", "zero", "unknown", "switch", "choice", "list", "syntax"])
+def test_config_file_refusals(tmp_path, config, message):
+    path = tmp_path / "umgr.toml"
+    path.write_text(config)
+    proc = subprocess.run([sys.executable, "-m", "umgr", "daemon", "--config", str(path), "--socket",
+                           str(tmp_path / "s.sock")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 125, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and f"{path}: " in proc.stderr, proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+def test_missing_config_file_given_by_name(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "umgr", "daemon", "--config", str(tmp_path / "nope.toml")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 125 and proc.stderr == f"umgr: --config {tmp_path / 'nope.toml'}: no such file\n"
+
+
+# ---- man page and completion --------------------------------------------------------
+def test_manpage_documents_every_option():
+    from umgr.cli import build_parser
+    page = subprocess.run([sys.executable, "-m", "umgr", "manpage"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout
+    lint = subprocess.run(["groff", "-man", "-ww", "-z"], input=page, capture_output=True, text=True, timeout=30)
+    assert lint.returncode == 0 and lint.stderr == "", lint.stderr
+    for name, sub in build_parser().subcommands.items():
+        assert f".SS umgr {name}" in page
+        for action in sub._actions:
+            for option in action.option_strings:
+                assert f"\\fB{option.replace('-', chr(92) + '-')}\\fR" in page, (name, option)
+    for section in ("FILES", "ENVIRONMENT", "EXIT STATUS", "SIZES"):
+        assert f".SH {section}" in page
+
+
+@pytest.mark.parametrize("words, expected", [
+    ("umgr dae", {"daemon"}),
+    ("umgr -v st", {"status"}),
+    ("umgr daemon --so", {"--socket"}),
+    ("umgr status --w", {"--watch"}),
+    ("umgr exec --backend ''", {"file"}),
+    ("umgr completion ''", {"-h", "--help", "-v", "--verbose", "-q", "--quiet", "bash"}),
+    ("umgr exec -- umgr-no-such-comm", set()),
+], ids=["command", "after-v", "option", "watch", "choice", "positional", "program"])
+def test_bash_completion(tmp_path, words, expected):
+    script = tmp_path / "umgr.bash"
+    script.write_text(subprocess.run([sys.executable, "-m", "umgr", "completion", "bash"], capture_output=True,
+                                     text=True, check=True, timeout=30).stdout)
+    program = (f"source {script}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); "
+               "_umgr; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    proc = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert set(proc.stdout.split()) == expected, proc.stdout
