@@ -342,7 +342,8 @@ def test_umgr_exec_refuses_a_bad_backend_in_one_line():
     result = subprocess.run([sys.executable, "-m", "umgr", "exec", "--backend", "compressed:level", "--", "true"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 125
-    assert result.stderr.strip() == "umgr exec: --backend: backend option 'level' in 'compressed:level' is not key=value"
+    assert result.stderr.strip() == ("umgr exec: argument --backend: backend option 'level' in 'compressed:level' "
+                                     "is not key=value (see umgr exec --help)")
 
 
 @pytest.mark.timeout(60)

@@ -152,7 +152,7 @@ def test_config_file_settings_and_command_line_overrides(tmp_path):
     ("swap-size = 0\n", "swap-size: '0' is zero"),
     ('budget = "1G"\n', "unknown setting 'budget'"),
     ('keep-clean = "yes"\n', "keep-clean is true or false, not 'yes'"),
-    ('backend = "tape"\n', "backend: 'tape' is not one of file"),
+    ('backend = "tape"\n', "backend: unknown backend 'tape'"),
     ("max-resident = [1]\n", "max-resident = [1] is not a string or number"),
     ("max-resident = \n", "not TOML"),
 ], ids=["negative", "zero", "unknown", "switch", "choice", "list", "syntax"])
@@ -193,7 +193,7 @@ def test_manpage_documents_every_option():
     ("umgr -v st", {"status"}),
     ("umgr daemon --so", {"--socket"}),
     ("umgr status --w", {"--watch"}),
-    ("umgr exec --backend ''", {"file"}),
+    ("umgr exec --backend ''", {"compressed", "file", "redis"}),
     ("umgr completion ''", {"-h", "--help", "-v", "--verbose", "-q", "--quiet", "bash"}),
     ("umgr exec -- umgr-no-such-comm", set()),
 ], ids=["command", "after-v", "option", "watch", "choice", "positional", "program"])

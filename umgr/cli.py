@@ -48,6 +48,27 @@ def _backend_value(key: str, text: str):
         return text
 
 
+def backend_spec(text: str) -> str:
+    """A --backend value, checked: NAME[:KEY=VALUE,...] with NAME installed."""
+    from umgr.backends import available_backends, parse_spec
+    try:
+        name, _ = parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    found = available_backends()
+    if name not in found:
+        raise argparse.ArgumentTypeError(f"unknown backend {name!r}; available: {', '.join(sorted(found))}")
+    return text
+
+
+def _installed_backends() -> list[str]:
+    from umgr.backends import available_backends
+    return sorted(available_backends())
+
+
+backend_spec.values = _installed_backends   # what shell completion offers
+
+
 def shim_path() -> str:
     here = os.path.join(os.path.dirname(__file__), "bindings")
     found = glob.glob(os.path.join(here, "libumgr_preload*.so"))
@@ -62,7 +83,7 @@ def shim_path() -> str:
 def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STATE_DIR) -> None:
     p.add_argument("--max-resident", type=size_arg, default=0, metavar="SIZE",
                    help="memory budget per process, e.g. 256M (default: no limit)")
-    p.add_argument("--backend", action="append", metavar="NAME[:KEY=VALUE,...]",
+    p.add_argument("--backend", action="append", type=backend_spec, metavar="NAME[:KEY=VALUE,...]",
                    help="swap store: file (default), compressed, redis, or a plug-in; given again, a chain, "
                         "fastest first (--backend compressed:cap=256M --backend file)")
     p.add_argument("--swap-size", type=size_arg, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",

@@ -8,6 +8,7 @@ option's own grammar and checks (sizes as strings, switches as booleans):
     state-dir = "/var/lib/umgr"
     group = "umgr"
     keep-clean = true
+    backend = ["compressed:cap=1G", "file"]   # an option given more than once: a list
 
 The settings become the parser's defaults, so an option given on the
 command line wins. An unknown setting or a bad value is one line and exit
@@ -59,6 +60,13 @@ def apply(settings: dict, parser: argparse.ArgumentParser, path: str, only: set[
 
 
 def _value(action: argparse.Action, key: str, value, path: str):
+    if isinstance(action, argparse._AppendAction):  # given again on the command line: a list here
+        values = value if isinstance(value, list) else [value]
+        return [_one_value(action, key, item, path) for item in values]
+    return _one_value(action, key, value, path)
+
+
+def _one_value(action: argparse.Action, key: str, value, path: str):
     if action.nargs == 0:  # a switch such as --keep-clean
         if not isinstance(value, bool):
             raise Fatal(f"umgr: {path}: {key} is true or false, not {value!r}")

@@ -122,8 +122,10 @@ complete -F _umgr umgr
 
 def _value_words(action: argparse.Action) -> str | None:
     """How to complete the value of an option that takes one."""
-    if action.choices:
-        return f"compgen -W {shlex.quote(' '.join(map(str, action.choices)))} -- \"$cur\""
+    # An argument type may name its values (backend_spec: the installed backends).
+    choices = action.choices or getattr(action.type, "values", lambda: None)()
+    if choices:
+        return f"compgen -W {shlex.quote(' '.join(map(str, choices)))} -- \"$cur\""
     name = " ".join(action.option_strings)
     if any(word in name for word in ("socket", "json", "config", "trace")):
         return 'compgen -f -- "$cur"'
