@@ -378,7 +378,7 @@ def test_status_shows_each_tier_of_a_chain():
         run_io(chain.write, chain.slots.alloc(n), out.addrs(np.arange(n)))
         snapshot = {"targets": [], "backend": chain.statistics()}
         lines = format_status(snapshot, snapshot, 1.0).splitlines()
-        assert lines[1].startswith("backend compressed+file: 0.2M of 8M used")
+        assert lines[1].startswith("backend compressed+file: 256K of 8M used")
         assert lines[2].startswith(f"  compressed: {chain.upper.pages_held} pages in ")
         assert lines[3].startswith(f"  file: {n - chain.upper.pages_held} pages in ")
     finally:

@@ -517,8 +517,8 @@ def format_status(first: dict, second: dict, interval: float) -> str:
     tiers = b.get("tiers", [])   # one line per tier, for chains and tiers with a ratio
     for tier in tiers if len(tiers) > 1 or (tiers and "ratio" in tiers[0]) else []:
         ratio = f", {tier['ratio']:.2f}x" if tier.get("ratio") else ""
-        rows.append(f"  {tier['tier']}: {tier['pages']} pages in {tier['used_bytes'] / mib:.1f}M of "
-                    f"{tier['capacity_bytes'] / mib:.0f}M{ratio}, {tier['read_seconds_per_page'] * 1e6:.0f} us a read")
+        rows.append(f"  {tier['tier']}: {tier['pages']} pages in {format_size(tier['used_bytes'])} of "
+                    f"{format_size(tier['capacity_bytes'])}{ratio}, {tier['read_seconds_per_page'] * 1e6:.0f} us a read")
     return "\n".join(rows)
 
 
