@@ -29,6 +29,7 @@ from umgr.console import (EXIT_UMGR, ArgumentParser, Fatal, add_verbosity, fatal
 from umgr.sizes import format_size, parse_size
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.notify import notify
+from umgr.daemon.config import GRACE_SECONDS
 
 log = logging.getLogger("umgr")
 
@@ -106,6 +107,20 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                    help="address the metrics are served on (default 127.0.0.1; 0.0.0.0 or :: for all)")
     p.add_argument("--metrics-per-pid", action="store_true",
                    help="series per process (label pid) as well as per name: one set per process ever run")
+    p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+                   help="how long a program whose daemon is gone waits for one before it is killed "
+                        f"(default: {GRACE_SECONDS} for the daemon, 0 for exec, whose daemon cannot come back; "
+                        "UMGR_GRACE_SECONDS in the program's environment wins)")
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds (0 or more)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,7 +343,14 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         group=getattr(args, "group", None),
                         hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT),
                         keep_clean=args.keep_clean, policy_options=policy_options,
-                        eviction_options=eviction_options)
+                        eviction_options=eviction_options, grace_seconds=_grace(args))
+
+
+def _grace(args) -> int:
+    if args.grace is not None:
+        return args.grace
+    # exec's embedded daemon dies with umgr: nothing can come back for its programs.
+    return 0 if args.command == "exec" else GRACE_SECONDS
 
 
 def _child_setup() -> None:

@@ -21,7 +21,7 @@ ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
 
 HEADER = struct.Struct("<IHH")
 HELLO = struct.Struct("<IHH Ii QQ 32s 64s")
-HELLO_ACK = struct.Struct("<IHH iI Q")
+HELLO_ACK = struct.Struct("<IHH iI Q II")
 RANGE_MSG = struct.Struct("<IHH QQ")
 ADVISE = struct.Struct("<IHH QQ II")
 ACK = struct.Struct("<IHH iI")
@@ -39,6 +39,8 @@ class MsgType(enum.IntEnum):
     FORKED = 6
     ZAP = 16
     ZAP_DONE = 17
+    DETACH = 18
+    DETACH_DONE = 19
 
 
 class Advice(enum.IntEnum):
@@ -143,8 +145,18 @@ def decode_zap_done(data: bytes) -> ZapDone:
     return ZapDone(seq, error, nbytes)
 
 
-def encode_hello_ack(status: int, zap_mode: ZapMode, features: int) -> bytes:
-    return HELLO_ACK.pack(MAGIC, MsgType.HELLO_ACK, HELLO_ACK.size, status, zap_mode, features)
+def encode_hello_ack(status: int, zap_mode: ZapMode, features: int, grace_seconds: int = 0) -> bytes:
+    return HELLO_ACK.pack(MAGIC, MsgType.HELLO_ACK, HELLO_ACK.size, status, zap_mode, features, grace_seconds, 0)
+
+
+def encode_detach() -> bytes:
+    return HEADER.pack(MAGIC, MsgType.DETACH, HEADER.size)
+
+
+def decode_detach_done(data: bytes) -> None:
+    msg_type = _check_header(data, HEADER)
+    if msg_type != MsgType.DETACH_DONE:
+        raise ProtocolError(f"agent answered DETACH with message type {msg_type}")
 
 
 def encode_ack(status: int) -> bytes:

@@ -9,16 +9,21 @@
  * Rule: the shim never breaks or hangs the app. Any failure leaves the app
  * running unmanaged, with one line on stderr.
  *
- * The shim keeps no copy of the uffd once the daemon has it: if the daemon
- * dies, the kernel releases the uffd context, unregisters every range and
- * wakes blocked faults, instead of leaving the app hung on a fault nobody
- * serves.
+ * The shim keeps its own reference to the uffd. If the daemon dies, the
+ * uffd context lives on: faults on paged-out memory wait (the kernel would
+ * otherwise release the context and serve them as zeros). A watchdog thread
+ * sees the daemon's end of the agent socket close; if no daemon takes the
+ * process back within the grace period, it kills the process with one line
+ * on stderr. A program never runs on wrong memory. A daemon that stops
+ * cleanly brings every page back first and sends DETACH: the shim drops its
+ * reference and the program runs on unmanaged.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -32,6 +37,7 @@
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -56,12 +62,24 @@
 #define HIGH_FD_BASE 700
 #define SHIM_PAGE_SIZE 4096 /* umgr.kernel.PAGE_SIZE: the least budget or region */
 #define ACK_TIMEOUT_SECONDS 30
+#define DEFAULT_GRACE_SECONDS 60 /* a daemon too old to send one in HELLO_ACK */
+
+/* What attach() came to. */
+enum attach_result {
+    ATTACHED = 0,
+    ATTACH_FAILED = -1,
+    ATTACH_DAEMON_STOPPING = 1, /* ESHUTDOWN: run unmanaged, nothing of ours is at the daemon */
+    ATTACH_NO_FORK_EVENT = 2,   /* a forked child: attach with a uffd of our own */
+};
 
 struct shim_state {
     int active;           /* managed: control connection is up */
     int ctl_fd;           /* control connection, guarded by ctl_lock */
     int agent_fd;         /* agent end of the socketpair */
     int self_pidfd;       /* for process_madvise on ourselves */
+    int uffd_ref;         /* our own reference to the uffd: a dead daemon leaves faults waiting */
+    unsigned grace_seconds; /* how long to wait for a lost daemon (UMGR_GRACE_SECONDS, else HELLO_ACK) */
+    int detached;         /* the daemon let us go cleanly (DETACH): every page is back */
     uint64_t min_region;  /* mappings smaller than this are not reported */
     uint64_t max_resident; /* UMGR_MAX_RESIDENT; 0: the daemon's default */
     pthread_mutex_t ctl_lock;
@@ -73,6 +91,7 @@ static struct shim_state shim = {
     .ctl_fd = -1,
     .agent_fd = -1,
     .self_pidfd = -1,
+    .uffd_ref = -1,
     .min_region = 1 << 20,
     .ctl_lock = PTHREAD_MUTEX_INITIALIZER,
     .fork_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -173,6 +192,35 @@ static ssize_t recv_exact_type(int sock, void *buf, size_t len, uint16_t type)
     return n;
 }
 
+/* HELLO_ACK, with the uffd a forked child gets back (SCM_RIGHTS), if any. */
+static int recv_hello_ack(int sock, struct umgr_hello_ack *ack, int *fd)
+{
+    struct iovec iov = {.iov_base = ack, .iov_len = sizeof *ack};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                        .msg_controllen = sizeof control.buf};
+    ssize_t n;
+    do {
+        n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    *fd = -1;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); n >= 0 && cm; cm = CMSG_NXTHDR(&mh, cm))
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+            memcpy(fd, CMSG_DATA(cm), sizeof(int));
+    if (n != sizeof *ack || ack->hdr.magic != UMGR_MAGIC || ack->hdr.type != UMGR_HELLO_ACK) {
+        if (*fd >= 0)
+            close(*fd);
+        *fd = -1;
+        if (n >= 0)
+            errno = n == 0 ? ECONNRESET : EPROTO;
+        return -1;
+    }
+    return 0;
+}
+
 static void fill_hdr(struct umgr_hdr *hdr, uint16_t type, size_t size)
 {
     hdr->magic = UMGR_MAGIC;
@@ -210,6 +258,21 @@ static long zap_ranges(const struct umgr_range *ranges, uint32_t count)
     return done < 0 ? -errno : done;
 }
 
+/* DETACH: the daemon brought every page back and lets this process go.
+ * Dropping our uffd reference lets the kernel release the context once the
+ * daemon closes its own (unregistering every range). */
+static void detach_from_daemon(void)
+{
+    __atomic_store_n(&shim.detached, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&shim.active, 0, __ATOMIC_RELEASE);
+    if (shim.uffd_ref >= 0)
+        close(shim.uffd_ref);
+    shim.uffd_ref = -1;
+    struct umgr_detach done;
+    fill_hdr(&done.hdr, UMGR_DETACH_DONE, sizeof done);
+    send_with_fds(shim.agent_fd, &done, sizeof done, NULL, 0);
+}
+
 static void *agent_main(void *unused)
 {
     (void)unused;
@@ -222,8 +285,12 @@ static void *agent_main(void *unused)
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
-            break; /* daemon gone: nothing more to do */
+            break; /* daemon gone: the watchdog takes it from here */
         struct umgr_zap *zap = (struct umgr_zap *)buf;
+        if (n == sizeof(struct umgr_detach) && zap->hdr.magic == UMGR_MAGIC && zap->hdr.type == UMGR_DETACH) {
+            detach_from_daemon();
+            break;
+        }
         if (n < (ssize_t)sizeof *zap || zap->hdr.magic != UMGR_MAGIC || zap->hdr.type != UMGR_ZAP ||
             zap->count > UMGR_ZAP_MAX_RANGES ||
             (size_t)n != sizeof *zap + zap->count * sizeof(struct umgr_range))
@@ -249,32 +316,86 @@ static int open_self_pidfd(void)
     return move_high((int)syscall(SYS_pidfd_open, getpid(), 0));
 }
 
-#define AGENT_STACK_SIZE (256 << 10)
+/* ---- the watchdog ------------------------------------------------------
+ * A thread of its own, not the agent: the agent may be stuck in
+ * process_madvise when the daemon dies (each range's UFFD_EVENT_REMOVE waits
+ * for a reader, and with our uffd reference the context, and the wait, go
+ * on). Like the agent it must never touch managed memory: its stack is a
+ * shared mapping, it reads only the shim's own static state, and say()
+ * formats on that stack. */
 
-static int start_agent(void)
+#define WATCH_STEP_MS 100
+#define MIN_WAIT_STEPS 10 /* a DETACH queued before the daemon closed is read by then */
+
+/* Wait `grace` seconds (at least a second) for a DETACH the agent may
+ * still be reading. Returns whether it came. */
+static int wait_for_detach(unsigned grace)
 {
-    /* The agent's stack (and its TLS, which glibc puts in it) must never be
+    unsigned long steps = (unsigned long)grace * (1000 / WATCH_STEP_MS);
+    if (steps < MIN_WAIT_STEPS)
+        steps = MIN_WAIT_STEPS;
+    for (unsigned long i = 0; i < steps; i++) {
+        if (__atomic_load_n(&shim.detached, __ATOMIC_ACQUIRE))
+            return 1;
+        struct timespec step = {.tv_nsec = WATCH_STEP_MS * 1000000L};
+        while (clock_nanosleep(CLOCK_MONOTONIC, 0, &step, &step) == EINTR)
+            ;
+    }
+    return __atomic_load_n(&shim.detached, __ATOMIC_ACQUIRE);
+}
+
+static void *watchdog_main(void *unused)
+{
+    (void)unused;
+    /* Only POLLRDHUP is asked for: a ZAP waiting to be read does not wake
+     * us. The daemon's end closing sets both RDHUP and HUP on a seqpacket
+     * socket. */
+    struct pollfd agent = {.fd = shim.agent_fd, .events = POLLRDHUP};
+    while (poll(&agent, 1, -1) < 0 && errno == EINTR)
+        ;
+    unsigned grace = shim.grace_seconds;
+    if (wait_for_detach(grace))
+        return NULL; /* a clean stop: every page is back */
+    say("umgr: pid %d: killed: the umgr daemon serving it is gone and none came back within %u s "
+        "(UMGR_GRACE_SECONDS); its paged-out memory cannot be served\n", (int)getpid(), grace);
+    syscall(SYS_kill, getpid(), SIGKILL);
+    return NULL;
+}
+
+#define AGENT_STACK_SIZE (256 << 10)
+#define WATCHDOG_STACK_SIZE (64 << 10)
+
+static int start_thread(void *(*main_fn)(void *), size_t stack_size, pthread_t *thread)
+{
+    /* The thread's stack (and its TLS, which glibc puts in it) must never be
      * paged out: if a zap took the page the agent stands on, it would fault
      * before it could report the zap done, and the daemon serves no fault on a
      * page whose zap is in flight. A shared mapping is never managed. */
-    void *stack = (void *)syscall(SYS_mmap, NULL, AGENT_STACK_SIZE, PROT_READ | PROT_WRITE,
+    void *stack = (void *)syscall(SYS_mmap, NULL, stack_size, PROT_READ | PROT_WRITE,
                                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (stack == MAP_FAILED)
         return errno;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
-    pthread_attr_setstack(&attr, stack, AGENT_STACK_SIZE);
+    pthread_attr_setstack(&attr, stack, stack_size);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     sigset_t all, old;
     sigfillset(&all);
-    /* The agent must never run the app's signal handlers. */
+    /* The shim's threads must never run the app's signal handlers. */
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&shim.agent, &attr, agent_main, NULL);
+    int rc = pthread_create(thread, &attr, main_fn, NULL);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
     if (rc != 0)
-        syscall(SYS_munmap, stack, AGENT_STACK_SIZE);
+        syscall(SYS_munmap, stack, stack_size);
     return rc;
+}
+
+static int start_agent(void)
+{
+    static pthread_t watchdog;
+    int rc = start_thread(watchdog_main, WATCHDOG_STACK_SIZE, &watchdog);
+    return rc != 0 ? rc : start_thread(agent_main, AGENT_STACK_SIZE, &shim.agent);
 }
 
 /* ---- attaching ------------------------------------------------------- */
@@ -308,10 +429,23 @@ static void close_all(int *fds, int n)
             close(fds[i]);
 }
 
+static unsigned grace_seconds(const struct umgr_hello_ack *ack)
+{
+    const char *text = getenv("UMGR_GRACE_SECONDS");
+    if (text && *text) {
+        char *end;
+        unsigned long value = strtoul(text, &end, 10);
+        if (*end == '\0' && value <= 86400 * 365)
+            return (unsigned)value;
+        say("umgr: UMGR_GRACE_SECONDS=%s is not a number of seconds; using %u\n", text, ack->grace_seconds);
+    }
+    return ack->grace_seconds;
+}
+
 /* Connect, hand over the uffd (or, in a forked child, only the agent
- * socket: the child's uffd reached the daemon through UFFD_EVENT_FORK), and
- * start the agent. Returns 0 when managed. */
-static int attach(const char *path, int with_uffd)
+ * socket: the child's uffd reached the daemon through UFFD_EVENT_FORK and
+ * comes back with HELLO_ACK), and start the agent and the watchdog. */
+static enum attach_result attach(const char *path, int with_uffd)
 {
     int ctl = -1, uffd = -1, pair[2] = {-1, -1};
     const char *failed = "connect";
@@ -319,7 +453,7 @@ static int attach(const char *path, int with_uffd)
     if (ctl < 0)
         goto fail;
     failed = "userfaultfd";
-    if (with_uffd && (uffd = open_uffd()) < 0)
+    if (with_uffd && (uffd = move_high(open_uffd())) < 0)
         goto fail;
     failed = "socketpair";
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0)
@@ -345,20 +479,27 @@ static int attach(const char *path, int with_uffd)
         goto fail;
     close(pair[1]);
     pair[1] = -1;
-    if (uffd >= 0)
-        close(uffd); /* the daemon holds the only reference now */
-    uffd = -1;
 
     struct umgr_hello_ack ack;
+    int returned_uffd;
     failed = "hello acknowledgement";
-    if (recv_exact_type(ctl, &ack, sizeof ack, UMGR_HELLO_ACK) != sizeof ack)
+    if (recv_hello_ack(ctl, &ack, &returned_uffd) != 0)
         goto fail;
+    if (returned_uffd >= 0 && uffd < 0)
+        uffd = move_high(returned_uffd); /* a forked child's, from its fork event */
+    else if (returned_uffd >= 0)
+        close(returned_uffd);
     if (ack.status == ENOENT && !with_uffd) {
-        /* No fork event for us (the parent had nothing registered): attach
-         * like a new process. */
-        int leftovers[2] = {ctl, pair[0]};
-        close_all(leftovers, 2);
-        return attach(path, 1);
+        /* No fork event for us (the parent had nothing registered). */
+        int leftovers[3] = {ctl, pair[0], uffd};
+        close_all(leftovers, 3);
+        return ATTACH_NO_FORK_EVENT;
+    }
+    if (ack.status == ESHUTDOWN) {
+        int leftovers[3] = {ctl, pair[0], uffd};
+        close_all(leftovers, 3);
+        say("umgr: the daemon at %s is stopping; running unmanaged\n", path);
+        return ATTACH_DAEMON_STOPPING;
     }
     if (ack.status != 0) {
         errno = ack.status;
@@ -367,21 +508,38 @@ static int attach(const char *path, int with_uffd)
     }
     shim.ctl_fd = ctl;
     shim.agent_fd = pair[0];
+    shim.uffd_ref = uffd;
+    shim.grace_seconds = grace_seconds(&ack);
     shim.self_pidfd = open_self_pidfd();
     failed = "agent thread";
     if (start_agent() != 0)
         goto fail_attached;
     shim.active = 1;
-    return 0;
+    return ATTACHED;
 
 fail_attached:
-    shim.ctl_fd = shim.agent_fd = -1;
+    shim.ctl_fd = shim.agent_fd = shim.uffd_ref = -1;
 fail:;
     int saved = errno;
     int leftovers[4] = {ctl, uffd, pair[0], pair[1]};
     close_all(leftovers, 4);
     say("umgr: %s failed (%s) for %s; running unmanaged\n", failed, strerror(saved), path);
-    return -1;
+    return ATTACH_FAILED;
+}
+
+/* A forked child of a managed process: its memory may be paged out, and
+ * the uffd that serves it came to the daemon with the fork event, so only
+ * the daemon can bring it back. If that fails it must not run on. */
+static void attach_forked(const char *path)
+{
+    enum attach_result result = attach(path, 0);
+    if (result == ATTACH_NO_FORK_EVENT)
+        attach(path, 1); /* nothing of ours was ever registered: as a new process */
+    else if (result == ATTACH_FAILED) {
+        say("umgr: pid %d: killed: this forked child could not reach the umgr daemon serving its "
+            "paged-out memory\n", (int)getpid());
+        syscall(SYS_kill, getpid(), SIGKILL);
+    }
 }
 
 static void find_next_allocator(void);
@@ -586,7 +744,9 @@ static void detach_in_child(void)
         close(shim.agent_fd);
     if (shim.self_pidfd >= 0)
         close(shim.self_pidfd);
-    shim.ctl_fd = shim.agent_fd = shim.self_pidfd = -1;
+    if (shim.uffd_ref >= 0)
+        close(shim.uffd_ref); /* the parent's */
+    shim.ctl_fd = shim.agent_fd = shim.self_pidfd = shim.uffd_ref = -1;
     shim.active = 0;
     pthread_mutex_init(&shim.ctl_lock, NULL);
     pthread_mutex_init(&shim.fork_lock, NULL);
@@ -612,7 +772,7 @@ EXPORT pid_t fork(void)
         detach_in_child();
         const char *path = getenv("UMGR_SOCKET");
         if (was_active && path)
-            attach(path, 0);
+            attach_forked(path);
         return 0;
     }
     if (pid > 0 && was_active) {

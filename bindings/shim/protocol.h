@@ -15,6 +15,15 @@
  * Connection 2 (agent): the socketpair. The daemon sends ZAP (a list of
  * ranges); the agent thread zaps them with one vectored
  * process_madvise(MADV_DONTNEED) on its own process and answers ZAP_DONE.
+ * When the daemon stops cleanly it first brings every page back, then sends
+ * DETACH: the shim drops its uffd reference, answers DETACH_DONE and the
+ * program runs on unmanaged. The agent socket closing without a DETACH
+ * means the daemon is gone (README "If the daemon stops or dies").
+ *
+ * The shim keeps its own reference to its uffd (a forked child gets its
+ * uffd, which the kernel created with the fork event, back with
+ * HELLO_ACK as an SCM_RIGHTS descriptor), so a dead daemon leaves faults
+ * blocked, never served as zeros.
  */
 #ifndef UMGR_PROTOCOL_H
 #define UMGR_PROTOCOL_H
@@ -39,6 +48,8 @@ enum umgr_msg_type {
     UMGR_FORKED = 6,
     UMGR_ZAP = 16,
     UMGR_ZAP_DONE = 17,
+    UMGR_DETACH = 18,
+    UMGR_DETACH_DONE = 19,
 };
 
 struct umgr_hdr {
@@ -62,7 +73,12 @@ struct umgr_hello_ack {
     int32_t status; /* 0 or a positive errno */
     uint32_t zap_mode; /* 1: agent zaps, 2: daemon zaps remotely */
     uint64_t features;
+    uint32_t grace_seconds; /* how long a program waits for a lost daemon before it is killed */
+    uint32_t pad;
 };
+/* HELLO_ACK status ENOENT to a forked child: no fork event came for it,
+ * attach with a uffd of your own. ESHUTDOWN: the daemon is stopping and
+ * takes no new process; run unmanaged (nothing of it was ever paged out). */
 
 /* REGION: [start, start+length) is a new anonymous private mapping. */
 struct umgr_region {
@@ -104,6 +120,11 @@ struct umgr_zap_done {
     uint32_t seq;
     int32_t error;  /* 0 or a positive errno */
     int64_t bytes;  /* bytes zapped, from the start of the list */
+};
+
+/* DETACH (daemon -> agent) and DETACH_DONE (agent -> daemon): a bare header. */
+struct umgr_detach {
+    struct umgr_hdr hdr;
 };
 
 #endif

@@ -1,12 +1,16 @@
 /* Fills MIB of anonymous memory with a known pattern, prints "ready", then
  * waits for stdin to reach EOF before checking every byte. Lets a test look
  * at a target (umgr status) while it is alive, idle and partly swapped out.
- * Usage: ctl_hold MIB. Exit 0 and "ok N pages" when all is intact; 1 and a
- * message at the first wrong word. */
+ * Usage: ctl_hold MIB [fork]. With "fork" it forks once filled, and parent
+ * and child each check every byte (the parent exits 1 if the child failed).
+ * Exit 0 and "ok N pages" when all is intact; 1 and a message at the first
+ * wrong word. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -32,8 +36,15 @@ int main(int argc, char **argv)
     for (size_t p = 0; p < npages; p++)
         for (size_t w = 0; w < PAGE / 8; w++)
             mem[p * (PAGE / 8) + w] = word_for(p, w);
-    printf("ready\n");
-    fflush(stdout);
+    pid_t child = -1;
+    if (argc > 2 && strcmp(argv[2], "fork") == 0 && (child = fork()) < 0) {
+        perror("ctl_hold: fork");
+        return 2;
+    }
+    if (child != 0) {
+        printf("ready\n");
+        fflush(stdout);
+    }
     char buf[64];
     while (read(0, buf, sizeof buf) > 0)
         ;
@@ -45,5 +56,11 @@ int main(int argc, char **argv)
                 return 1;
             }
     printf("ok %zu pages\n", npages);
+    fflush(stdout);
+    int status = 0;
+    if (child > 0 && (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0)) {
+        fprintf(stderr, "ctl_hold: child failed (status %#x)\n", status);
+        return 1;
+    }
     return 0;
 }

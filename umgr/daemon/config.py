@@ -9,6 +9,7 @@ from umgr.paging.tuning import KEEP_CLEAN_COPIES
 HELLO_TIMEOUT = 5.0      # seconds a new connection may take to send its first message
 CHILD_HELLO_WAIT = 10.0  # seconds a forked child's HELLO waits for its parent's FORKED
 EXEC_RELEASE_WAIT = 5.0  # seconds a HELLO after exec waits for the old image's target to be released
+GRACE_SECONDS = 60       # how long a program whose daemon is gone waits for one before it is killed
 
 
 @dataclass
@@ -25,3 +26,4 @@ class DaemonConfig:
     group: str | None = None
     hello_timeout: float = HELLO_TIMEOUT  # drop a connection silent for this long
     keep_clean: bool = KEEP_CLEAN_COPIES  # prefetched pages keep their swap copy until written
+    grace_seconds: int = GRACE_SECONDS    # told to each shim in HELLO_ACK (UMGR_GRACE_SECONDS overrides)

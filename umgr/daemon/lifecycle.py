@@ -94,8 +94,7 @@ class Lifecycle:
     def zapper(self, target: Target, agent_fd: int):
         agent = socket.socket(fileno=agent_fd)
         if self.config.zap_mode == protocol.ZapMode.REMOTE:
-            agent.close()
-            return RemoteZapper(target.pidfd)
+            return RemoteZapper(target.pidfd, agent)
         return AgentZapper(agent)
 
     def register_found(self, target: Target) -> None:

@@ -48,6 +48,7 @@ class Daemon:
         self.lifecycle = Lifecycle(config, backend, trace)
         self.rejected_connections = 0
         self.internal_errors_on_connections = 0
+        self.stopping = False    # a clean stop is under way: no new process is taken (forked children are)
 
     # ---- what callers read ----------------------------------------------------
     @property
@@ -199,6 +200,9 @@ class Daemon:
             return await self._attach_child(hello, fds, conn)
         if len(fds) != 2:
             raise protocol.ProtocolError(f"HELLO must carry 2 descriptors (agent socket, uffd), got {len(fds)}")
+        if self.stopping:
+            await self._refuse_while_stopping(hello, conn)
+            return None
         # The HELLO's options are checked before anything is acquired; until
         # the target starts, whatever was received stays in `fds`, which the
         # caller closes if this raises.
@@ -218,7 +222,7 @@ class Daemon:
         target.attach_zapper(self.lifecycle.zapper(target, agent_fd))
         try:
             self.lifecycle.register_found(target)
-            await conn.send(protocol.encode_hello_ack(0, self.config.zap_mode, features))
+            await conn.send(protocol.encode_hello_ack(0, self.config.zap_mode, features, self.config.grace_seconds))
         except BaseException:
             target.mark_gone()
             raise
@@ -239,8 +243,17 @@ class Daemon:
             await conn.send(protocol.encode_hello_ack(errno.ENOENT, self.config.zap_mode, 0))
             return None
         target.attach_zapper(self.lifecycle.zapper(target, fds.pop()))
-        await conn.send(protocol.encode_hello_ack(0, self.config.zap_mode, target.uffd.features))
+        # The child's uffd goes back with the answer: the shim keeps a
+        # reference, so that if the daemon dies its faults wait, not zeros.
+        ack = protocol.encode_hello_ack(0, self.config.zap_mode, target.uffd.features, self.config.grace_seconds)
+        await conn.sendmsg([ack], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", target.uffd.fileno()))])
         return target
+
+    async def _refuse_while_stopping(self, hello: protocol.Hello, conn) -> None:
+        """A new process while the daemon stops: it runs unmanaged (nothing
+        of it is registered yet)."""
+        log.info("pid %d: not attached: the daemon is stopping", hello.pid)
+        await conn.send(protocol.encode_hello_ack(errno.ESHUTDOWN, self.config.zap_mode, 0))
 
 
 def _api(uffd: uffdmod.Userfaultfd) -> int:

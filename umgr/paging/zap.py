@@ -58,15 +58,42 @@ class AgentZapper:
                     break
         return done
 
+    async def detach(self) -> None:
+        """Let the target go (every page is back): the shim drops its uffd
+        reference and runs on unmanaged."""
+        async with self._lock:
+            await detach_agent(self.sock)
+
     def close(self) -> None:
         self.sock.close()
 
 
-class RemoteZapper:
-    """process_madvise(pidfd, MADV_DONTNEED) from the daemon, on kernels that allow it."""
+async def detach_agent(sock) -> None:
+    try:
+        await sock.send(protocol.encode_detach())
+        reply = await sock.recv(64)
+    except OSError as exc:
+        raise TargetGone(f"agent connection lost: {exc}") from exc
+    if not reply:
+        raise TargetGone("agent connection closed")
+    protocol.decode_detach_done(reply)
 
-    def __init__(self, pidfd: int):
+
+class RemoteZapper:
+    """process_madvise(pidfd, MADV_DONTNEED) from the daemon, on kernels that allow it.
+    The agent socket is kept all the same: while it is open the shim knows
+    the daemon lives, and a clean stop detaches through it."""
+
+    def __init__(self, pidfd: int, agent: socket.socket | None = None):
         self.pidfd = pidfd
+        self.sock = None
+        if agent is not None:
+            agent.setblocking(False)
+            self.sock = trio.socket.from_stdlib_socket(agent)
+
+    async def detach(self) -> None:
+        if self.sock is not None:
+            await detach_agent(self.sock)
 
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         # Blocks until the daemon has read each REMOVE event: off the trio thread.
@@ -75,4 +102,5 @@ class RemoteZapper:
             MADV_DONTNEED)
 
     def close(self) -> None:
-        pass
+        if self.sock is not None:
+            self.sock.close()
