@@ -3,11 +3,14 @@
 - SIGKILL of a standalone daemon: the shim holds its own uffd reference, so
   faults on paged-out memory wait; after the grace period the program is
   killed with one line on stderr. It never reads zeros.
+- SIGTERM / SIGINT: every page comes back, each shim is let go, the daemon
+  exits 0 and the programs finish with every byte checked.
 - umgr exec SIGKILLed with a grandchild holding paged-out memory: the
   grandchild is killed, not left running on zeros.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,6 +71,135 @@ def test_target_of_a_killed_daemon_waits_then_is_killed_never_reads_zeros(daemon
     assert err.count(b"\n") == 1, err            # that line and nothing else: no wrong word was read
     assert b"ok" not in out
     assert waited >= 0.9, "killed before its grace period was over"
+
+
+# ---- the daemon stops cleanly ------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_sigterm_brings_every_page_back_then_exits_0(tmp_path, shim, programs):
+    """Three targets of 48 MiB under a 16 MiB budget, most of each swapped
+    out, one of them stopped (SIGSTOP). SIGHUP is ignored. SIGTERM: every
+    page comes back; the stopped target cannot answer DETACH, and a second
+    SIGTERM meanwhile does not cut the stop short; the daemon exits 0. The
+    targets, unmanaged now (the stopped one once continued: its DETACH
+    waited in its socket), check every byte."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "16M")
+    targets = []
+    try:
+        for _ in range(3):
+            targets.append(subprocess.Popen([programs["ctl_hold"], "48"], env=daemon.env(shim),
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for t in targets:
+            read_ready(t)
+            wait_swapped(daemon, t.pid, 24 * MiB)
+        stopped = targets[0]
+        stopped.send_signal(signal.SIGSTOP)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP ignored" in daemon.log(), 10, "SIGHUP to be logged")
+        assert daemon.alive()
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM: stopping" in daemon.log(), 10, "the stop to begin")
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "already stopping; the drain goes on" in daemon.log(), 10, "the second SIGTERM")
+        assert daemon.proc.wait(60) == 0, daemon.log()
+        log = daemon.log()
+        assert f"pid {stopped.pid}: no answer to DETACH" in log, log
+        assert "every page is back" in log, log
+        stopped.send_signal(signal.SIGCONT)
+        for t in targets:
+            # The pages are really back, and the shim dropped its uffd.
+            assert vm_rss_kb(t.pid) >= 46 * 1024
+            wait_for(lambda: UFFD_LINK not in fd_links(t.pid), 5, f"pid {t.pid} to drop its uffd")
+        for t in targets:
+            out, err = t.communicate(b"", timeout=30)
+            assert t.returncode == 0, err
+            assert out == b"ok 12288 pages\n", (out, err)
+            assert err == b"", err
+    finally:
+        for t in targets:
+            if t.poll() is None:
+                t.send_signal(signal.SIGCONT)
+                t.kill()
+                t.wait()
+        daemon.stop()
+    assert not os.path.exists(daemon.socket)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_with_a_forked_child_brings_both_back(tmp_path, shim, programs):
+    """A target that forks after its memory was paged out: the child (whose
+    uffd came with the fork event and went back to its shim) is drained and
+    let go too; parent and child check every byte after the daemon left."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "16M")
+    try:
+        cmd = [programs["ctl_hold"], "48", "fork"]
+        with started(cmd, env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            read_ready(target)
+            wait_for(lambda: len(query_targets(daemon)) == 2, 30, "parent and child to be targets")
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert daemon.proc.wait(60) == 0, daemon.log()
+            out, err = target.communicate(b"", timeout=30)
+            assert target.returncode == 0, (out, err)
+            assert out == b"ok 12288 pages\n" * 2, (out, err)
+    finally:
+        daemon.stop()
+
+
+def query_targets(daemon) -> list[dict]:
+    from umgr.cli import query_status
+    return query_status(daemon.socket)["targets"]
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int):
+    """A memory cgroup (v1's controller, else v2) limited to `limit` bytes;
+    yields the file a process writes "0" to, to join it."""
+    v1 = "/sys/fs/cgroup/memory"
+    root, limit_file = (v1, "memory.limit_in_bytes") if os.path.exists(f"{v1}/memory.limit_in_bytes") \
+        else ("/sys/fs/cgroup", "memory.max")
+    path = os.path.join(root, f"umgr-test-restart-{os.getpid()}")
+    os.mkdir(path)
+    try:
+        with open(os.path.join(path, limit_file), "w") as f:
+            f.write(str(limit))
+        yield os.path.join(path, "cgroup.procs")
+    finally:
+        wait_for(lambda: _rmdir(path), 10, f"{path} to be removed")
+
+
+def _rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_when_the_pages_cannot_fit_keeps_serving(tmp_path, shim, programs):
+    """A target in a memory cgroup limited to 24 MiB, with 32 MiB or more
+    swapped out: the daemon says the pages cannot fit and keeps serving;
+    the target's bytes stay intact."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "8M")
+    try:
+        with memory_cgroup(24 * MiB) as procs:
+            def join_cgroup():
+                with open(procs, "w") as f:
+                    f.write("0")
+            with started([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE,
+                         preexec_fn=join_cgroup) as target:
+                read_ready(target)
+                wait_swapped(daemon, target.pid, 32 * MiB)
+                daemon.proc.send_signal(signal.SIGTERM)
+                wait_for(lambda: "cannot stop" in daemon.log(), 20, "the daemon to refuse the stop")
+                assert "its cgroup has room for" in daemon.log(), daemon.log()
+                time.sleep(0.2)
+                assert daemon.alive()
+                assert target_status(daemon, target.pid)["swapped_bytes"] >= 32 * MiB
+                out, err = target.communicate(b"", timeout=60)
+                assert target.returncode == 0, err
+                assert out == b"ok 12288 pages\n"
+    finally:
+        daemon.stop()
 
 
 # ---- umgr exec dies -----------------------------------------------------------------------------

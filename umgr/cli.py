@@ -455,6 +455,7 @@ async def _forward_signals(proc: subprocess.Popen) -> None:
 
 # ---- daemon ----------------------------------------------------------------------------
 def cmd_daemon(args) -> int:
+    from umgr.daemon.shutdown import serve_until_stopped
     with setting_up(f"umgr daemon: --socket {args.socket}"):
         os.makedirs(os.path.dirname(os.path.abspath(args.socket)), exist_ok=True)
     config = _config(args, args.socket)
@@ -464,18 +465,16 @@ def cmd_daemon(args) -> int:
         daemon = Daemon(config, backend)
         try:
             metrics = _serve_metrics(daemon, args)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.serve)
+            def serving() -> None:
                 line = startup_line(config, args, metrics)
                 log.info("%s", line)
                 notify("READY=1", f"STATUS={line}")
+
+            await serve_until_stopped(daemon, on_serving=serving)
         finally:
             backend.close()
 
-    try:
-        trio.run(run)
-    except KeyboardInterrupt:
-        pass
+    trio.run(run)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The daemon: the control socket server (server.py), the targets' life
 cycle (lifecycle.py), what it reports (status.py) and its settings
-(config.py)."""
+(config.py), a clean stop (shutdown.py)."""
 from umgr.daemon.config import HELLO_TIMEOUT, DaemonConfig
 from umgr.daemon.server import STATUS_REQUEST, Daemon, printable
 

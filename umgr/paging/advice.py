@@ -55,6 +55,16 @@ class Hints:
         self._queue.append((advice, vpn_lo, vpn_hi))
         self.core.want_eviction()
 
+    def bring_in(self, vpn_lo: int, vpn_hi: int) -> None:
+        """Queue the swapped pages of the range to come back, as WILLNEED
+        does (a clean stop uses it; not counted as a hint)."""
+        self._queue.append((Advice.WILLNEED, vpn_lo, vpn_hi))
+        self.core.want_eviction()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     async def _advise_discardable(self, vpn_lo: int, vpn_hi: int) -> None:
         core, pt = self.core, self.core.pt
         # Swapped pages: drop the copy now, as MADV_FREE drops swap entries.

@@ -87,6 +87,7 @@ class TargetCore:
         self.zapper = None                # set when the agent attaches (or remote zap)
         self.gone = False
         self.eviction_paused = ""         # why eviction cannot run now, "" if it can
+        self.stopping = False             # the daemon stops cleanly: nothing is evicted any more
         self.on_pause = on_pause          # told when eviction pauses (the daemon retries it)
         self.no_victims = False           # the evictor's last try found nothing to evict
         self.evictions = 0                # pages evicted so far: the clock of refault distances
@@ -114,7 +115,7 @@ class TargetCore:
         self._evict_wanted = trio.Event()
 
     def can_evict(self) -> bool:
-        return self.zapper is not None and not self.eviction_paused
+        return self.zapper is not None and not self.eviction_paused and not self.stopping
 
     # ---- residency ----------------------------------------------------------
     def became_resident(self, vpns: np.ndarray) -> None:

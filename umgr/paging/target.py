@@ -161,6 +161,41 @@ class Target:
     def resume_eviction(self) -> None:
         self.evictor.resume()
 
+    # ---- a clean stop (umgr/daemon/shutdown.py) ------------------------------------
+    def stop_evicting(self) -> None:
+        """Nothing is evicted from now on (a batch in flight finishes) and
+        no fill waits at the budget."""
+        core = self.core
+        if not core.stopping:
+            self._budget_before_stop = core.budget
+            core.stopping = True
+            core.budget = Budget(0)
+            core.evicted.wake()
+
+    def resume_evicting(self) -> None:
+        """The stop was given up: the budget holds again."""
+        core = self.core
+        if core.stopping:
+            core.stopping = False
+            core.budget = self._budget_before_stop
+            core.note_resident()
+
+    @property
+    def pages_in_flight(self) -> int:
+        """Pages an eviction batch is taking out now."""
+        return self.pt.count(State.EVICTING) + self.pt.count(State.ZAPPING)
+
+    def bring_all_in(self) -> None:
+        """Queue every swapped page to come back, on the eviction task (it
+        owns the staging buffer), unless that is queued already."""
+        if self.hints.queued == 0:
+            for region in list(self.pt.regions):
+                self.hints.bring_in(region.vpn, region.end)
+
+    async def detach(self) -> None:
+        """Tell the shim to go on unmanaged (every page must be back)."""
+        await self.core.zapper.detach()
+
     # ---- its tasks ----------------------------------------------------------------
     async def fault_loop(self) -> None:
         await self.faults.run()
