@@ -16,7 +16,7 @@ import numpy as np
 from umgr import hints
 
 MAGIC = 0x524D4755
-VERSION = 2
+VERSION = 3  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH
 ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
 
 HEADER = struct.Struct("<IHH")

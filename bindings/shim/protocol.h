@@ -37,7 +37,7 @@
 #include "umgr.h"
 
 #define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
-#define UMGR_VERSION 2
+#define UMGR_VERSION 3 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH */
 
 enum umgr_msg_type {
     UMGR_HELLO = 1,

@@ -137,8 +137,11 @@ async def _drain_and_detach(daemon, target: Target, failures: list[str]) -> None
     if why:
         failures.append(f"{target.label}: {why}")
         return
-    with trio.move_on_after(CHILD_HELLO_WAIT):   # a forked child's agent comes after its fork event
-        while not target.has_zapper and not target.gone:
+    with trio.move_on_after(CHILD_HELLO_WAIT):
+        # A forked child's agent comes after its fork event; and a child
+        # forked during the drain must become a target (its FORKED claims
+        # the uffd) before this one is released, which would close it.
+        while (not target.has_zapper or target.unclaimed_forks) and not target.gone:
             await trio.sleep(DRAIN_POLL)
     if target.has_zapper and not target.gone:
         with trio.move_on_after(DETACH_TIMEOUT) as waiting:

@@ -192,6 +192,11 @@ class Target:
             for region in list(self.pt.regions):
                 self.hints.bring_in(region.vpn, region.end)
 
+    @property
+    def unclaimed_forks(self) -> int:
+        """Child uffds from fork events whose FORKED has not come yet."""
+        return len(self.events.fork_uffds)
+
     async def detach(self) -> None:
         """Tell the shim to go on unmanaged (every page must be back)."""
         await self.core.zapper.detach()
