@@ -73,6 +73,29 @@ def test_target_of_a_killed_daemon_waits_then_is_killed_never_reads_zeros(daemon
     assert waited >= 0.9, "killed before its grace period was over"
 
 
+@pytest.mark.timeout(90)
+def test_forked_child_of_a_killed_daemon_is_killed_too(daemon, shim, programs):
+    """`ctl_hold 48 fork`: parent and child share 24 MiB or more of swapped
+    pages when the daemon is SIGKILLed. The child's uffd, made by the kernel
+    in the daemon with the fork event, came back to its shim with HELLO_ACK,
+    so the child waits too; both are killed after the grace period and
+    neither reads a zero."""
+    env = daemon.env(shim, UMGR_GRACE_SECONDS="1")
+    with started([programs["ctl_hold"], "48", "fork"], env=env, stdin=subprocess.PIPE) as target:
+        read_ready(target)
+        wait_swapped(daemon, target.pid, 24 * MiB)
+        targets = wait_for(lambda: [t for t in query_targets(daemon) if t["pid"] != target.pid], 30, "the child")
+        child = targets[0]["pid"]
+        assert target_status(daemon, child)["swapped_bytes"] >= 24 * MiB
+        assert UFFD_LINK in fd_links(child)      # its own reference, from HELLO_ACK
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        out, err = target.communicate(b"", timeout=30)
+    assert target.returncode == -signal.SIGKILL, err
+    assert f"pid {child}: killed".encode() in err and f"pid {target.pid}: killed".encode() in err, err
+    assert b"want" not in err and b"ok" not in out, (out, err)
+
+
 # ---- the daemon stops cleanly ------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_sigterm_brings_every_page_back_then_exits_0(tmp_path, shim, programs):
