@@ -87,7 +87,9 @@ def test_forked_child_of_a_killed_daemon_is_killed_too(daemon, shim, programs):
         targets = wait_for(lambda: [t for t in query_targets(daemon) if t["pid"] != target.pid], 30, "the child")
         child = targets[0]["pid"]
         assert target_status(daemon, child)["swapped_bytes"] >= 24 * MiB
-        assert UFFD_LINK in fd_links(child)      # its own reference, from HELLO_ACK
+        # Its own reference, from HELLO_ACK (the child is a target from its
+        # parent's FORKED on, before its own HELLO is answered).
+        wait_for(lambda: UFFD_LINK in fd_links(child), 10, "the child's shim to hold its uffd")
         daemon.proc.kill()
         daemon.proc.wait(10)
         out, err = target.communicate(b"", timeout=30)
