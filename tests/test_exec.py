@@ -62,6 +62,9 @@ def test_pattern_mmap_128m_in_16m(umgr_exec, programs, passes, threads):
     # All but the budget's worth had to leave at least once, and came back.
     assert stats["pages_out"] >= (128 * MiB - BUDGET) // PAGE, explain(result)
     assert stats["pages_in"] > 0 and stats["swap_bytes_written"] > 0, explain(result)
+    # Where fault time went: pages came back from swap, so reads and copies took some of it.
+    assert 0 < stats["fault_read_seconds"] + stats["fault_copy_seconds"] <= stats["fault_batch_seconds"], \
+        explain(result)
     # mmap'd memory is registered before mmap returns: the budget holds tightly.
     assert stats["peak_resident_bytes"] <= BUDGET + 2 * MiB, explain(result)
     assert rss_bytes(result.stdout) <= BUDGET + UNMANAGED_SLACK, explain(result)
