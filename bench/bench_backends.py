@@ -186,7 +186,7 @@ def run_umgr(argv: list[str], budget_mib: int, swap_mib: int, backends: list[str
 
 
 def variants(data_mib: int, redis_port: int | None) -> list[list[str]]:
-    cap = f"compressed:cap={max(1, data_mib // 4)}M"
+    cap = f"compressed:cap={max(1, data_mib // 16)}M"   # heap data compresses ~5x: a sixteenth must demote
     out = [["file"], ["compressed"], [cap, "file"]]
     if redis_port:
         out += [[f"redis:port={redis_port}"], [cap, f"redis:port={redis_port}"]]
