@@ -57,6 +57,7 @@ smoke:
 	cd $(TEST_VENV) && $(TBIN)/umgr doctor
 	cmp deploy/umgr.service $(TEST_VENV)/share/umgr/umgr.service
 	cd $(TEST_VENV) && $(TBIN)/umgr manpage | groff -man -ww -z
+	cd $(TEST_VENV) && $(TBIN)/umgr bench io --seconds 0.2 --size-mib 16 >/dev/null
 	cd $(TEST_VENV) && $(TBIN)/umgr exec --max-resident 8M --swap-size 256M -- \
 		$(TBIN)/python -c "x = bytearray(64 << 20); x[::4096] = b'x' * (len(x) // 4096); assert x.count(b'x') == 16384"
 

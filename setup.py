@@ -3,8 +3,10 @@
   that is built like an extension but never imported);
 - the package list, found rather than written out: an `umgr` subpackage left
   off a hand-written list installs a umgr that cannot start.
-`policies/` and `bindings/` install as umgr.policies and umgr.bindings;
-bindings/cffi/ (the build scripts) and the C sources are not installed."""
+`policies/`, `bindings/` and `bench/` install as umgr.policies, umgr.bindings
+and umgr.benchmarks (with the C programs the benchmarks compile, so `umgr
+bench` runs from a wheel); bindings/cffi/ (the build scripts) and the shim's C
+sources are not installed."""
 import glob
 
 from setuptools import Extension, find_packages, setup
@@ -18,10 +20,13 @@ shim = Extension(
 )
 
 setup(
-    packages=find_packages(include=["umgr", "umgr.*"]) + ["umgr.policies", "umgr.bindings"],
-    package_dir={"umgr.policies": "policies", "umgr.bindings": "bindings"},
-    # umgr.h is for C programs that call umgr_advise (README "Hints").
-    package_data={"umgr.bindings": ["shim/umgr.h"]},
+    packages=find_packages(include=["umgr", "umgr.*"]) + ["umgr.policies", "umgr.bindings", "umgr.benchmarks"],
+    package_dir={"umgr.policies": "policies", "umgr.bindings": "bindings", "umgr.benchmarks": "bench"},
+    package_data={
+        # umgr.h is for C programs that call umgr_advise (README "Hints").
+        "umgr.bindings": ["shim/umgr.h"],
+        "umgr.benchmarks": ["programs/*.c", "programs/*.py"],
+    },
     include_package_data=False,
     # The systemd unit and the Prometheus/Grafana files, as share/umgr/ under
     # the install prefix (README "Running as a service").

@@ -54,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_paging import (  # noqa: E402  (bench/ is not a package)
+from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, BenchError, _run, cgroup_figures, compile_programs, default_umgr_cmd, enter_cgroup,
     kernel_swap, run_and_report, umgr_exec,
 )
@@ -289,7 +289,10 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
 
 @contextlib.contextmanager
 def local_redis(work: str):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "helpers"))
+    helpers = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "helpers")
+    if not os.path.exists(os.path.join(helpers, "redis_cluster.py")):
+        raise BenchError("--redis starts its cluster with the tests' helper: run it from a source checkout")
+    sys.path.insert(0, helpers)
     from pathlib import Path
 
     from redis_cluster import RedisCluster

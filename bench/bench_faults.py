@@ -47,9 +47,8 @@ from umgr.kernel import PAGE_SIZE as PAGE
 from umgr.kernel import uffd as U
 
 # read_events(), batch_events() and copy_read() are not umgr's runtime API:
-# they live with the tests (tests/helpers/uffd_extra.py).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers.uffd_extra import Userfaultfd  # noqa: E402
+# they live in umgr.kernel.uffd_extra, which the daemon never imports.
+from umgr.kernel.uffd_extra import Userfaultfd  # noqa: E402
 
 _PAGE_MASK = ~(PAGE - 1)
 SOURCE = Path(__file__).parent / "programs" / "fault_floor.c"

@@ -46,7 +46,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_paging import (  # noqa: E402  (bench/ is not a package)
+from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, PROGRAMS, BenchError, _active_swaps, _run, cgroup_figures, compile_programs,
     default_umgr_cmd, enter_cgroup, kernel_swap, run_and_report, umgr_exec,
 )

@@ -56,8 +56,7 @@ def run_python_reader(exe: str, trials: int, spin_us: float) -> dict:
     import trio
 
     from umgr.kernel import procmem, uffd as uffdmod
-    sys.path.insert(0, str(HERE.parent / "tests"))   # read_events(): tests/helpers/uffd_extra.py
-    from helpers.uffd_extra import Userfaultfd
+    from umgr.kernel.uffd_extra import Userfaultfd
 
     spin = spin_us * 1e-6
     counts = {"removes": 0, "faults": 0, "reads": 0, "sleeps": 0}

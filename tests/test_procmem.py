@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import ctouch
-from helpers.uffd_extra import Userfaultfd
+from umgr.kernel.uffd_extra import Userfaultfd
 from umgr.kernel import procmem as M
 from umgr.kernel import uffd as U
 from umgr.errors import TargetGone

@@ -1,5 +1,5 @@
 """umgr.kernel.uffd, and the calls only tests and benchmarks make
-(helpers/uffd_extra.py), against the real kernel.
+(umgr/kernel/uffd_extra.py), against the real kernel.
 
 Memory that a fault must resolve is touched only from C (tests/helpers/ctouch:
 cffi releases the GIL around the call) or from a child process, while this
@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from helpers import ctouch
-from helpers.uffd_extra import Userfaultfd
+from umgr.kernel.uffd_extra import Userfaultfd
 from umgr.kernel import PAGE_SIZE as P
 from umgr.kernel import procmem
 from umgr.kernel import uffd as U
@@ -462,7 +462,7 @@ CHILD_POISON = textwrap.dedent("""
     import ctypes, mmap, sys
     from umgr.kernel import uffd as U
     sys.path.insert(0, sys.argv[1])
-    from helpers.uffd_extra import Userfaultfd
+    from umgr.kernel.uffd_extra import Userfaultfd
     u = Userfaultfd.create()
     u.api(U.UFFD_FEATURE_POISON)
     m = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

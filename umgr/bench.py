@@ -1,48 +1,58 @@
-"""`umgr bench [faults] [io]`: the repo's micro-benchmarks, loaded by path
-from bench/ (next to the umgr package; bench/ is not an installed package)."""
+"""`umgr bench [NAME [OPTIONS...]]`: the benchmarks that ship with umgr.
+
+They are the repository's bench/ scripts, installed as the package
+umgr.benchmarks together with the C programs they compile (gcc is needed),
+so they run the same from a wheel as from a checkout. With no NAME, the two
+quick micro-benchmarks run with their defaults; `umgr bench NAME --help`
+lists a benchmark's options."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
-from pathlib import Path
 
-import umgr
+from umgr.console import EXIT_UMGR
 
-BENCH_DIR = Path(umgr.__file__).resolve().parent.parent / "bench"
-KNOWN = ("faults", "io")
-
-
-def _load(name: str):
-    path = BENCH_DIR / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found (umgr bench needs a source checkout)")
-    spec = importlib.util.spec_from_file_location(f"umgr_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# name -> (module in umgr.benchmarks, what it compares)
+BENCHMARKS = {
+    "faults": ("bench_faults", "Python fault service against a C handler (the floor)"),
+    "io": ("bench_io", "io_uring against preadv/pwritev, 4 KiB O_DIRECT"),
+    "shapes": ("bench_shapes", "access shapes and a CPython workload, umgr against kernel swap"),
+    "paging": ("bench_paging", "sequential scans under umgr against kernel swap"),
+    "zap": ("bench_zap", "zapping evicted pages: REMOVE events and their readers"),
+    "backends": ("bench_backends", "random faults served from each backend and chain"),
+}
+QUICK = ("faults", "io")
 
 
-def main(what: list[str]) -> int:
-    what = list(what) or list(KNOWN)
-    unknown = [w for w in what if w not in KNOWN]
-    if unknown:
-        print(f"umgr bench: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(KNOWN)}",
-              file=sys.stderr)
-        return 2
+def usage() -> str:
+    width = max(map(len, BENCHMARKS))
+    lines = ["usage: umgr bench [NAME [OPTIONS...]]   (no NAME: " + " and ".join(QUICK) + ")", ""]
+    lines += [f"  {name:<{width}}  {what}" for name, (_, what) in BENCHMARKS.items()]
+    return "\n".join(lines)
+
+
+def run_one(name: str, options: list[str]) -> int:
+    module = importlib.import_module(f"umgr.benchmarks.{BENCHMARKS[name][0]}")
+    sys.argv[0] = f"umgr bench {name}"      # what its argparse usage line calls it
     try:
-        if "faults" in what:
-            faults = _load("bench_faults")
-            print(faults.report(faults.run()), flush=True)
-        if "io" in what:
-            io = _load("bench_io")
-            r = io.run(seconds=3.0, size=256 << 20, depth=64)
-            print(f"io_uring vs os.preadv/pwritev, O_DIRECT 4 KiB random, {r['size'] >> 20} MiB file, "
-                  f"queue depth {r['depth']}, {r['seconds']:g} s each")
-            print(f"  read : io_uring {r['uring_read_ops']:9.0f} ops/s   os.preadv  {r['preadv_ops']:9.0f} ops/s"
-                  f"   ratio {r['read_ratio']:.2f}x")
-            print(f"  write: io_uring {r['uring_write_ops']:9.0f} ops/s   os.pwritev {r['pwritev_ops']:9.0f} ops/s"
-                  f"   ratio {r['write_ratio']:.2f}x", flush=True)
+        status = module.main(options)
+    except SystemExit as exc:                # argparse: --help (0) or a usage error (2)
+        return EXIT_UMGR if exc.code == 2 else (exc.code or 0)
+    return status if isinstance(status, int) else 0   # faults and io return their figures
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        return max(run_one(name, []) for name in QUICK)
+    name, options = argv[0], argv[1:]
+    if name in ("-h", "--help"):
+        print(usage())
+        return 0
+    if name not in BENCHMARKS:
+        print(f"umgr bench: unknown benchmark {name!r}\n{usage()}", file=sys.stderr)
+        return EXIT_UMGR
+    try:
+        return run_one(name, options)
     except (OSError, RuntimeError) as exc:
-        print(f"umgr bench: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"umgr bench {name}: {exc}", file=sys.stderr)
+        return EXIT_UMGR

@@ -174,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="probe what this kernel lets umgr do")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("bench", help="micro-benchmarks (fault service, io_uring)")
-    p.add_argument("what", nargs="*", default=["faults", "io"])
+    # Everything after `bench` is the benchmark's (umgr.bench parses it): no
+    # option of this parser starts with '-', so --help and the rest pass through.
+    p = sub.add_parser("bench", help="benchmarks: umgr against kernel swap, fault service, io_uring, backends",
+                       prefix_chars="+", add_help=False)
+    p.add_argument("what", nargs=argparse.REMAINDER, help="NAME [OPTIONS...] (umgr bench --help lists them)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("completion", help="print a completion script (umgr completion bash >/etc/bash_completion.d/umgr)")
@@ -184,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("manpage", help="print the man page, umgr(1), in roff (umgr manpage | man -l -)")
     p.set_defaults(func=cmd_manpage)
-    for p in sub.choices.values():
-        add_verbosity(p, "sub")
+    for name, p in sub.choices.items():
+        if name != "bench":
+            add_verbosity(p, "sub")
     parser.subcommands = sub.choices
     return parser
 

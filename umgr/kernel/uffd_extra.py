@@ -8,8 +8,8 @@ Userfaultfd here is umgr.kernel.uffd.Userfaultfd plus:
 - copy_read(): UFFDIO_COPY and the read of the next batch in one cffi call;
 - continue_(), poison(), move(): UFFDIO_CONTINUE, UFFDIO_POISON, UFFDIO_MOVE.
 
-Benchmarks load it by path (bench/ is not a package), tests as
-helpers.uffd_extra.
+It ships with the package so that `umgr bench` (umgr.benchmarks) works after
+`pip install`; the daemon never imports it.
 """
 from umgr.bindings._kernel import lib as _lib
 from umgr.kernel import uffd
