@@ -369,14 +369,16 @@ def test_status_escapes_command_lines():
     """`umgr status` prints one row per target whatever its command line,
     and leaves ordinary ones (spaces, accents) as they are."""
     def target(pid: int, command: str) -> dict:
-        return {"pid": pid, "command": command, "budget_bytes": 16 << 20, "resident_bytes": 0,
-                "swapped_bytes": 0, "faults": 0, "pages_in": 0, "pages_out": 0}
-    snapshot = {"targets": [target(7, "evil\nforged row\x1b[31m"), target(8, "./café --x 1")],
+        return {"pid": pid, "command": command, "name": command.split()[0], "budget_bytes": 16 << 20,
+                "resident_bytes": 0, "swapped_bytes": 0, "faults": 0, "pages_in": 0, "pages_out": 0}
+    snapshot = {"targets": [target(7, "evil\nforged row\x1b[31m"), target(8, "./café --x 1"),
+                            target(9, "a-name-longer-than-the-column")],
                 "backend": {"backend": "file", "used_pages": 0, "capacity_pages": 1024}}
     lines = format_status(snapshot, snapshot, 1.0).splitlines()
-    assert len(lines) == 4, lines
+    assert len(lines) == 5, lines
     assert lines[1].endswith("  evil\\nforged row\\x1b[31m"), lines[1]
-    assert lines[2].endswith("  ./café --x 1"), lines[2]
+    assert lines[2].endswith("  ./café            ./café --x 1"), lines[2]
+    assert lines[3].endswith("  a-name-longer-t~  a-name-longer-than-the-column"), lines[3]
 
 
 # ---- 2. no daemon ------------------------------------------------------------------------
@@ -477,11 +479,12 @@ def test_status_shows_a_running_target(daemon, shim, programs):
                                "--interval", "0.2"], capture_output=True, timeout=20)
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.decode().splitlines()
-        assert lines[0].split() == ["PID", "BUDGET", "RESIDENT", "SWAPPED", "FAULTS/s", "IN/s", "OUT/s", "COMMAND"]
-        rows = {fields[0]: fields for fields in (line.split(None, 7) for line in lines[1:-1])}
+        assert lines[0].split() == ["PID", "BUDGET", "RESIDENT", "SWAPPED", "FAULTS/s", "IN/s", "OUT/s", "NAME",
+                                    "COMMAND"]
+        rows = {fields[0]: fields for fields in (line.split(None, 8) for line in lines[1:-1])}
         assert set(rows) == {str(holder.pid)}, lines
-        _, budget, resident, swapped, *_rates, command = rows[str(holder.pid)]
-        assert command == "./ctl_hold 48"
+        _, budget, resident, swapped, *_rates, name, command = rows[str(holder.pid)]
+        assert (name, command) == ("ctl_hold", "./ctl_hold 48")
         assert budget == "16M"
         assert 0 < parse_size(resident, minimum=0) <= 16.5 * MiB, resident
         assert parse_size(swapped, minimum=0) >= (48 - 16.5) * MiB, swapped
@@ -515,8 +518,9 @@ def test_status_watch_refreshes_until_interrupted(daemon, shim, programs):
                 if line.startswith("umgr status "):
                     headers.append(line)
                     assert watch.stdout.readline().split()[0] == b"PID"
-                    row = watch.stdout.readline().decode().split(None, 7)
-                    assert row[0] == str(holder.pid) and row[1] == "16M" and row[7] == "./ctl_hold 48\n", row
+                    row = watch.stdout.readline().decode().split(None, 8)
+                    assert row[0] == str(holder.pid) and row[1] == "16M", row
+                    assert row[7:] == ["ctl_hold", "./ctl_hold 48\n"], row
                     assert parse_size(row[3], minimum=0) >= (48 - 16.5) * MiB, row
             watch.send_signal(signal.SIGINT)
             assert watch.wait(10) == 0

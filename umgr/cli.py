@@ -526,16 +526,25 @@ def _query(path: str) -> dict:
         raise Fatal(f"umgr status: no daemon at {path}: {reason(exc)}") from None
 
 
+NAME_WIDTH = 16   # the metrics' name label (UMGR_NAME, systemd unit or executable), cut to fit
+
+
+def _name_cell(name: str) -> str:
+    name = printable(name)
+    return f"{name:<{NAME_WIDTH}}" if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 1] + "~"
+
+
 def format_status(first: dict, second: dict, interval: float) -> str:
     before = {t["pid"]: t for t in first["targets"]}
-    rows = [f"{'PID':>7} {'BUDGET':>9} {'RESIDENT':>9} {'SWAPPED':>9} {'FAULTS/s':>9} {'IN/s':>8} {'OUT/s':>8}  COMMAND"]
+    rows = [f"{'PID':>7} {'BUDGET':>9} {'RESIDENT':>9} {'SWAPPED':>9} {'FAULTS/s':>9} {'IN/s':>8} {'OUT/s':>8}  "
+            f"{'NAME':<{NAME_WIDTH}}  COMMAND"]
     for t in second["targets"]:
         old = before.get(t["pid"], t)
         rate = lambda key: (t[key] - old[key]) / interval
         budget = format_size(t["budget_bytes"]) if t["budget_bytes"] else "-"
         rows.append(f"{t['pid']:>7} {budget:>9} {format_size(t['resident_bytes']):>9} "
                     f"{format_size(t['swapped_bytes']):>9} {rate('faults'):>9.0f} {rate('pages_in'):>8.0f} "
-                    f"{rate('pages_out'):>8.0f}  {printable(t['command'])[:40]}")
+                    f"{rate('pages_out'):>8.0f}  {_name_cell(t.get('name') or '-')}  {printable(t['command'])[:40]}")
     b = second["backend"]
     rows.append(f"backend {b['backend']}: {format_size(b['used_pages'] * PAGE_SIZE)} of "
                 f"{format_size(b['capacity_pages'] * PAGE_SIZE)} used")
