@@ -33,6 +33,8 @@ CASES = {
     "swap-over-slots": (["--swap-size", "9T"], "more than the 8388607 MiB a file backend addresses"),
     "budget-inf": (["--max-resident", "inf"], "'inf' is not a size"),
     "budget-negative": (["--max-resident=-5M"], "'-5M' is negative"),
+    "budget-negative-spaced": (["--max-resident", "-5M"], "'-5M' is negative"),
+    "swap-negative-spaced": (["--swap-size", "-1.5G"], "'-1.5G' is negative"),
     "port-range": (["--metrics-port", "70000"], "'70000' is not a port"),
     "port-in-use": (["--metrics-port", "{port}"], "metrics on 127.0.0.1 port {port}: Address already in use"),
     "metrics-address": (["--metrics-port", "{port}", "--metrics-address", "umgr-nope.invalid"],
@@ -74,6 +76,17 @@ def test_other_refusals(args, message, tmp_path):
                 *([str(tmp_path / "s.sock")] if args[0] in ("daemon", "status") else []))
     assert proc.returncode == 125, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_a_program_keeps_its_own_negative_looking_arguments(tmp_path):
+    # `--opt -VALUE` is joined for umgr's own options only: never after '--'
+    # or after the program's name.
+    out = tmp_path / "args"
+    for program in (["--", "sh"], ["sh"]):
+        proc = umgr("exec", "--max-resident", "8M", *program, "-c", 'echo "$@" > "$0"', str(out),
+                    "--max-resident", "-5M", "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_text() == "--max-resident -5M -q\n"
 
 
 def test_version():

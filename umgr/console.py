@@ -21,10 +21,37 @@ class Fatal(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line and exit 125."""
+    """An argparse parser whose errors are one line and exit 125, and whose
+    options take a value that starts with '-' (`--max-resident -5M`), so
+    that the value's own check refuses it by name."""
 
     def error(self, message: str):
         raise Fatal(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self._joined_option_values(args), namespace)
+
+    def _joined_option_values(self, args: list[str]) -> list[str]:
+        """args with `--opt -VALUE` as `--opt=-VALUE` for this parser's
+        one-value options: argparse otherwise takes '-5M' for an option and
+        says only "expected one argument". Joining stops at '--' and at the
+        first positional (a subcommand, or the program `umgr exec` runs)."""
+        joined, wants_value = [], False
+        for i, token in enumerate(args):
+            if wants_value:
+                if token.startswith("-") and token[1:2].isdigit():
+                    joined[-1] += ("=" if joined[-1].startswith("--") else "") + token
+                else:
+                    joined.append(token)
+                wants_value = False
+            elif token == "--" or not token.startswith("-"):
+                return joined + args[i:]
+            else:
+                action = self._option_string_actions.get(token)
+                wants_value = action is not None and action.nargs is None   # one value (store, append)
+                joined.append(token)
+        return joined
 
 
 def reason(exc: BaseException) -> str:
