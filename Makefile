@@ -13,7 +13,7 @@ WHEEL = $(firstword $(wildcard dist/umgr-*.whl))
 # Prometheus (with promtool), which the metrics tests scrape with, and
 # redis-server/redis-tools for the local Redis Cluster of the redis backend's tests,
 # systemd-analyze and groff, which check the unit file and the man page.
-APT_PACKAGES := liburing-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus \
+APT_PACKAGES := liburing-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus strace \
 	redis-server redis-tools systemd groff-base
 
 .PHONY: deps venv dist build dev test smoke bench clean

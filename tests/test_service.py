@@ -31,10 +31,11 @@ def unit_service() -> dict[str, list[str]]:
     return {key: [value] for key, value in parser["Service"].items()}
 
 
-def started_as_the_unit(tmp_path: Path) -> tuple[subprocess.Popen, socket.socket, dict[str, str], Path]:
+def started_as_the_unit(tmp_path: Path, wrapper: tuple[str, ...] = ()) -> tuple[subprocess.Popen, socket.socket,
+                                                                               dict[str, str], Path]:
     """The daemon started with the unit's ExecStart= and the environment
-    systemd would give it; returns it, the notify socket, that environment
-    and its log."""
+    systemd would give it (under wrapper, e.g. strace); returns it, the
+    notify socket, that environment and its log."""
     service = unit_service()
     assert service["Type"] == ["notify"]
     argv = shlex.split(service["ExecStart"][0])
@@ -50,7 +51,7 @@ def started_as_the_unit(tmp_path: Path) -> tuple[subprocess.Popen, socket.socket
            "RUNTIME_DIRECTORY": str(runtime), "STATE_DIRECTORY": str(state), "INVOCATION_ID": "0" * 32}
     log_path = tmp_path / "daemon.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(UMGR_BIN), *argv[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*wrapper, str(UMGR_BIN), *argv[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 cwd="/", start_new_session=True)
     return proc, notify, env, log_path
 
@@ -108,6 +109,71 @@ def test_unit_file_is_valid_for_systemd(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def syscalls_allowed_by(filter_sets: list[str]) -> set[str]:
+    """The system calls a SystemCallFilter= list allows, as this systemd
+    expands its @sets (they differ between systemd versions)."""
+    listing = subprocess.run(["systemd-analyze", "syscall-filter"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    members: dict[str, list[str]] = {}
+    for line in listing.splitlines():
+        if line.startswith("@"):
+            current = members.setdefault(line.split()[0], [])
+        elif line.strip() and not line.strip().startswith("#"):
+            current.append(line.split()[0])
+
+    def expand(name: str) -> set[str]:
+        return set().union(*(expand(m) for m in members[name])) if name.startswith("@") else {name}
+    return set().union(*(expand(name) for name in filter_sets))
+
+
+PAGING_WITH_FORK = """
+import os
+data = bytearray(32 << 20)
+data[::4096] = b"u" * (len(data) // 4096)
+child = os.fork()
+if child == 0:
+    os._exit(0 if data.count(b"u") == 8192 else 1)
+assert os.waitpid(child, 0)[1] == 0 and data.count(b"u") == 8192
+print("ok")
+"""
+
+
+@pytest.mark.timeout(180)
+def test_system_call_filter_allows_every_call_the_daemon_makes(tmp_path, shim):
+    """The unit's SystemCallFilter= (expanded by systemd-analyze) holds every
+    system call the daemon made, traced with strace from start-up through
+    paging, a forked target, status and the SIGTERM drain. A call outside it
+    would fail with EPERM (SystemCallErrorNumber=) under systemd."""
+    service = unit_service()
+    allowed = syscalls_allowed_by(service["SystemCallFilter"][0].split())
+    trace = tmp_path / "strace.out"
+    proc, notify, env, log_path = started_as_the_unit(
+        tmp_path, ("strace", "-f", "-qq", "-e", "signal=none", "-o", str(trace)))
+    try:
+        notify.settimeout(60)
+        assert b"READY=1" in notify.recv(4096)
+        control = os.path.join(env["RUNTIME_DIRECTORY"], "control.sock")
+        target = dict(os.environ, LD_PRELOAD=shim, UMGR_SOCKET=control, UMGR_MAX_RESIDENT="4M")
+        run = subprocess.run([sys.executable, "-c", PAGING_WITH_FORK], env=target, capture_output=True, timeout=120)
+        assert run.returncode == 0 and run.stdout == b"ok\n", run
+        query_status(control)
+        with subprocess.Popen([sys.executable, "-c", "import sys, time; d = bytearray(16 << 20); "
+                               "d[::4096] = b'v' * 4096; print('ready', flush=True); sys.stdin.read()"],
+                              env=target, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as held:
+            assert held.stdout.readline() == b"ready\n"
+            daemon_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+            os.kill(daemon_pid, signal.SIGTERM)        # strace itself would only detach
+            assert proc.wait(60) == 0, log_path.read_text()
+            held.stdin.close()
+    finally:
+        stop(proc)
+        notify.close()
+    made = {m.group(1) for m in re.finditer(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.M)}
+    assert {"io_uring_enter", "process_vm_readv", "pidfd_open", "accept4"} <= made, sorted(made)
+    assert "every page is back" in log_path.read_text()
+    assert made <= allowed, f"outside SystemCallFilter=: {sorted(made - allowed)}"
 
 
 # ---- the config file --------------------------------------------------------------
