@@ -36,7 +36,7 @@ RELEASED = re.compile(r"pid (\d+): released \(faults (\d+), pages in (\d+), out 
 # object: its pid, what the daemon answered, and whether it closed the
 # connection ("closed": recv gave b"", "reset": ECONNRESET, "open": timeout).
 CLIENT = r"""
-import json, os, socket, sys
+import ctypes, json, mmap, os, socket, sys
 from umgr import protocol
 from umgr.kernel.uffd import Userfaultfd
 
@@ -52,16 +52,19 @@ def outcome(s):
     return "closed" if data == b"" else "data:" + data.hex()
 
 uffd = Userfaultfd.create()
+# The page the daemon fills through the uffd and reads back to prove it ours.
+probe_map = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+probe = ctypes.addressof(ctypes.c_char.from_buffer(probe_map))
 agent, agent_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.settimeout(5)
 s.connect(path)
 result = {"pid": os.getpid()}
-# A generous budget: nothing of this process is ever evicted, so the agent
-# socket (nobody answers zaps on it) is never used.
+# A generous budget under a daemon without one: nothing of this process is
+# ever evicted, so the agent socket (nobody answers zaps on it) is never used.
 budget = 1 << 30
 if mode == "second-hello":
-    hello = protocol.encode_hello(os.getpid(), max_resident=budget)
+    hello = protocol.encode_hello(os.getpid(), max_resident=budget, probe=probe)
     socket.send_fds(s, [hello], [agent.fileno(), uffd.fileno()])
     uffd.close()
     ack = s.recv(4096)
@@ -158,11 +161,21 @@ def started(cmd: list[str], **kwargs):
 
 
 # ---- 1. bad clients while a real target is paged -----------------------------------------
+@pytest.fixture
+def uncapped_daemon(tmp_path):
+    """A daemon with no budget of its own: a HELLO's budget is a cap under
+    the daemon's, and the clients below must never be evicted."""
+    d = DaemonProcess(tmp_path)
+    yield d
+    d.stop()
+
+
 @pytest.mark.timeout(120)
-def test_bad_clients_are_dropped_while_a_real_target_runs(daemon, shim, programs):
+def test_bad_clients_are_dropped_while_a_real_target_runs(uncapped_daemon, shim, programs):
+    daemon = uncapped_daemon
     me = os.getpid()
     baseline = fd_links(daemon.proc.pid)
-    with started([programs["pattern"], "128", "mmap", "srb"], env=daemon.env(shim)) as target:
+    with started([programs["pattern"], "128", "mmap", "srb"], env=daemon.env(shim, UMGR_MAX_RESIDENT="16M")) as target:
         before = wait_paging(daemon, target.pid)
 
         pipes = []
@@ -226,7 +239,7 @@ def test_bad_clients_are_dropped_while_a_real_target_runs(daemon, shim, programs
                 except AssertionError as exc:
                     failures.append(f"{name}: {exc}")
                 else:
-                    if reason not in line or f"pid {peer}:" not in line:
+                    if reason not in line or f"pid {peer} uid " not in line:
                         failures.append(f"{name}: log line {line!r} does not name pid {peer} and {reason!r}")
                 if not daemon.alive():
                     failures.append(f"{name}: the daemon died")
@@ -291,7 +304,7 @@ def test_silent_client_is_dropped_while_a_real_target_runs(tmp_path, shim, progr
             assert how in ("closed", "reset"), how
             assert 0.8 < waited < 5, f"dropped after {waited:.1f}s, --hello-timeout is 1s"
             line = wait_for(lambda: drop_lines(daemon), 5, "a drop line")[0]
-            assert f"pid {os.getpid()}: no first message within 1 s" in line, line
+            assert f"pid {os.getpid()} uid 0: no first message within 1 s" in line, line
             assert daemon.alive()
             wait_nothing_new_held(daemon, held)
             status = query_status(daemon.socket)
@@ -317,7 +330,7 @@ def test_shim_refused_by_the_daemon_runs_unmanaged(daemon, shim, programs):
     lines = err.decode().splitlines()
     assert len(lines) == 1 and "unmanaged" in lines[0], lines
     line = wait_for(lambda: drop_lines(daemon), 5, "a drop line")[0]
-    assert f"pid {proc.pid}: policy name is not ASCII" in line, line
+    assert f"pid {proc.pid} uid 0: policy name is not ASCII" in line, line
     assert daemon.alive()
 
 
@@ -342,7 +355,7 @@ def test_unknown_policy_in_hello_drops_only_that_connection(daemon, shim, progra
         assert len(lines) == 1 and "unmanaged" in lines[0], lines
         assert daemon.alive(), "the daemon died of one HELLO with an unknown policy:\n" + daemon.log()[-3000:]
         line = wait_for(lambda: drop_lines(daemon), 5, "a drop line")[0]
-        assert f"pid {typo.pid}: policy 'readahaed'" in line and "unknown prefetch policy" in line, line
+        assert f"pid {typo.pid} uid 0: policy 'readahaed'" in line and "unknown prefetch policy" in line, line
         wait_nothing_new_held(daemon, held)
         assert query_status(daemon.socket)["rejected_connections"] == 1
         out, err = holder.communicate(b"", timeout=30)

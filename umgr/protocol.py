@@ -16,11 +16,11 @@ import numpy as np
 from umgr import hints
 
 MAGIC = 0x524D4755
-VERSION = 3  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH
+VERSION = 4  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page
 ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
 
 HEADER = struct.Struct("<IHH")
-HELLO = struct.Struct("<IHH Ii QQ 32s 64s")
+HELLO = struct.Struct("<IHH Ii QQ 32s 64s Q")
 HELLO_ACK = struct.Struct("<IHH iI Q II")
 RANGE_MSG = struct.Struct("<IHH QQ")
 ADVISE = struct.Struct("<IHH QQ II")
@@ -67,6 +67,7 @@ class Hello:
     min_region: int
     policy: str
     name: str = ""  # UMGR_NAME: the target's metrics label ("": the daemon picks one)
+    probe: int = 0      # an untouched private anonymous page the daemon may fill (peer.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ def decode_control(data: bytes) -> Hello | Region | Forked | Advise:
     msg_type = _check_header(data)
     if msg_type == MsgType.HELLO:
         _check_header(data, HELLO)
-        _, _, _, version, pid, max_resident, min_region, policy, name = HELLO.unpack(data)
+        _, _, _, version, pid, max_resident, min_region, policy, name, probe = HELLO.unpack(data)
         if version != VERSION:
             raise ProtocolError(f"protocol version {version}, daemon speaks {VERSION}")
         try:
@@ -121,7 +122,7 @@ def decode_control(data: bytes) -> Hello | Region | Forked | Advise:
             raise ProtocolError("policy name is not ASCII") from None
         # Any bytes are a name: it is only a label, made printable where shown.
         label = name.split(b"\0", 1)[0].decode("utf-8", "replace")
-        return Hello(pid, max_resident, min_region, policy_name, label)
+        return Hello(pid, max_resident, min_region, policy_name, label, probe)
     if msg_type in (MsgType.REGION, MsgType.FORKED):
         _check_header(data, RANGE_MSG)
         _, _, _, start, length = RANGE_MSG.unpack(data)
@@ -176,9 +177,9 @@ def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray) -> bytes:
 
 # Used by tests and tools that speak the shim's side.
 def encode_hello(pid: int, max_resident: int = 0, min_region: int = 0, policy: str = "",
-                 version: int = VERSION, name: str = "") -> bytes:
+                 version: int = VERSION, name: str = "", probe: int = 0) -> bytes:
     return HELLO.pack(MAGIC, MsgType.HELLO, HELLO.size, version, pid, max_resident, min_region,
-                      policy.encode("ascii"), name.encode())
+                      policy.encode("ascii"), name.encode(), probe)
 
 
 def encode_region(start: int, length: int, msg_type: MsgType = MsgType.REGION) -> bytes:

@@ -70,6 +70,8 @@ int umgr_pidfd_open(int pid, unsigned int flags);
 int umgr_pidfd_getfd(int pidfd, int fd, unsigned int flags);
 int umgr_pidfd_send_signal(int pidfd, int sig, unsigned int flags);
 int64_t umgr_pagemap_scan(int fd, struct pm_scan_arg *arg);
+int64_t umgr_mem_readv(int memfd, uint64_t local, const uint64_t *addrs,
+                       const uint64_t *lens, size_t n);
 """
 
 CUSTOMIZATIONS = """
@@ -242,5 +244,33 @@ static int64_t umgr_pagemap_scan(int fd, struct pm_scan_arg *arg)
 {
     long r = ioctl(fd, PAGEMAP_SCAN, arg);
     return r < 0 ? -errno : r;
+}
+
+/* Reads the remote ranges, back to back, through an open /proc/PID/mem:
+   one pread per range (the file offset is the remote address). The file
+   holds the mm it was opened on: once that mm is gone (exit, exec) a read
+   returns 0, never another program's memory. Returns the bytes read, or
+   -errno when nothing was; stops at the first short or failed range. */
+static int64_t umgr_mem_readv(int memfd, uint64_t local, const uint64_t *addrs,
+                              const uint64_t *lens, size_t n)
+{
+    int64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t done = 0;
+        while (done < lens[i]) {
+            uint64_t want = lens[i] - done;
+            if (want > UMGR_CALL_BYTES)
+                want = UMGR_CALL_BYTES;
+            ssize_t r = pread(memfd, (void *)(uintptr_t)(local + (uint64_t)total),
+                              want, (off_t)(addrs[i] + done));
+            if (r < 0)
+                return total ? total : -errno;
+            total += r;
+            done += (uint64_t)r;
+            if ((uint64_t)r < want)
+                return total;
+        }
+    }
+    return total;
 }
 """

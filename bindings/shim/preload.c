@@ -422,6 +422,15 @@ static int connect_daemon(const char *path)
     return move_high(fd);
 }
 
+/* One untouched private anonymous page for the daemon's ownership probe
+ * (protocol.h, struct umgr_hello.probe); unmapped once HELLO is answered. */
+static void *map_probe_page(void)
+{
+    void *page = (void *)syscall(SYS_mmap, NULL, 4096, PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return page == MAP_FAILED ? NULL : page;
+}
+
 static void close_all(int *fds, int n)
 {
     for (int i = 0; i < n; i++)
@@ -448,6 +457,7 @@ static unsigned grace_seconds(const struct umgr_hello_ack *ack)
 static enum attach_result attach(const char *path, int with_uffd)
 {
     int ctl = -1, uffd = -1, pair[2] = {-1, -1};
+    void *probe = NULL;
     const char *failed = "connect";
     ctl = connect_daemon(path);
     if (ctl < 0)
@@ -467,6 +477,8 @@ static enum attach_result attach(const char *path, int with_uffd)
     hello.pid = getpid();
     hello.max_resident = shim.max_resident;
     hello.min_region = shim.min_region;
+    probe = map_probe_page();
+    hello.probe = (uintptr_t)probe;
     const char *policy = getenv("UMGR_POLICY");
     if (policy)
         strncpy(hello.policy, policy, sizeof hello.policy - 1);
@@ -483,7 +495,11 @@ static enum attach_result attach(const char *path, int with_uffd)
     struct umgr_hello_ack ack;
     int returned_uffd;
     failed = "hello acknowledgement";
-    if (recv_hello_ack(ctl, &ack, &returned_uffd) != 0)
+    int got = recv_hello_ack(ctl, &ack, &returned_uffd);
+    if (probe)
+        syscall(SYS_munmap, probe, 4096); /* the daemon's probe is done with it */
+    probe = NULL;
+    if (got != 0)
         goto fail;
     if (returned_uffd >= 0 && uffd < 0)
         uffd = move_high(returned_uffd); /* a forked child's, from its fork event */
@@ -521,6 +537,8 @@ fail_attached:
     shim.ctl_fd = shim.agent_fd = shim.uffd_ref = -1;
 fail:;
     int saved = errno;
+    if (probe)
+        syscall(SYS_munmap, probe, 4096);
     int leftovers[4] = {ctl, uffd, pair[0], pair[1]};
     close_all(leftovers, 4);
     say("umgr: %s failed (%s) for %s; running unmanaged\n", failed, strerror(saved), path);

@@ -8,6 +8,8 @@
  * with two descriptors (SCM_RIGHTS): its userfaultfd (UFFDIO_API not yet
  * called: it needs CAP_SYS_PTRACE for EVENT_FORK, so the daemon calls it) and
  * one end of a socketpair for the zap agent. The daemon answers HELLO_ACK.
+ * Before it answers, the daemon checks the connecting process's ids and
+ * proves the uffd is its own through the HELLO's probe page.
  * Then REGION / ADVISE requests, each answered by an ACK with a status
  * (0 or a positive errno). ADVISE with an unknown advice is answered EINVAL,
  * not dropped.
@@ -37,7 +39,7 @@
 #include "umgr.h"
 
 #define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
-#define UMGR_VERSION 3 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH */
+#define UMGR_VERSION 4 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page */
 
 enum umgr_msg_type {
     UMGR_HELLO = 1,
@@ -66,6 +68,9 @@ struct umgr_hello {
     uint64_t min_region;   /* bytes; mappings below this are not managed */
     char policy[32];       /* prefetch policy name, NUL-terminated; "" = default */
     char name[64];         /* UMGR_NAME, the metrics label; "" = the daemon picks one */
+    uint64_t probe;        /* an untouched private anonymous page: the daemon
+                              fills it through the uffd and reads it back
+                              through /proc/PID/mem to prove the uffd is ours */
 };
 
 struct umgr_hello_ack {

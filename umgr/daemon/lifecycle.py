@@ -15,6 +15,7 @@ from umgr import protocol
 from umgr.backends import Backend
 from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, DaemonConfig
 from umgr.daemon.names import target_name
+from umgr.daemon.peer import Memory, Peer, Refused
 from umgr.daemon.status import Totals, snapshot
 from umgr.errors import BackendError, TargetGone
 from umgr.kernel import maps, procmem
@@ -65,28 +66,41 @@ class Lifecycle:
         except Exception as exc:
             raise protocol.ProtocolError(f"policy {name!r} does not load: {exc}") from exc
 
-    async def create(self, pid: int, uffd: uffdmod.Userfaultfd, max_resident: int,
+    async def create(self, peer: Peer, mem_fd: int, uffd: uffdmod.Userfaultfd, max_resident: int,
                      prefetch: GuardedPrefetch, name: str = "") -> Target:
         """A target for a process's first HELLO (or its HELLO after exec,
-        which ends the old image's target first)."""
-        old = self.targets.get(pid)
-        if old is not None:
-            self.stop(old)
-            with trio.move_on_after(EXEC_RELEASE_WAIT):
-                await old.released.wait()
-        pidfd = procmem.pidfd_open(pid)
+        which ends the old image's target first). Takes mem_fd (the peer's
+        checked /proc/PID/mem) and the peer's pidfd."""
+        pidfd = peer.take_pidfd()
         try:
-            return self._new_target(pid, uffd, pidfd, max_resident or self.config.max_resident, prefetch,
-                                    name=target_name(pid, name))
+            old = self.targets.get(peer.pid)
+            if old is not None:
+                self.stop(old)
+                with trio.move_on_after(EXEC_RELEASE_WAIT):
+                    await old.released.wait()
+            owner = (peer.uid, peer.gid)
+            return self._new_target(peer.pid, owner, uffd, pidfd, mem_fd, self.budget(max_resident), prefetch,
+                                    name=target_name(peer.pid, name))
         except BaseException:
+            os.close(mem_fd)
             os.close(pidfd)
             raise
 
-    def _new_target(self, pid: int, uffd, pidfd: int, budget: int, prefetch: GuardedPrefetch,
-                    pages=None, name: str = "") -> Target:
+    def budget(self, asked: int) -> int:
+        """A HELLO's budget: the daemon's --max-resident is a cap it may
+        lower, never raise (0 asks for the daemon's)."""
+        cap = self.config.max_resident
+        if not asked:
+            return cap
+        return min(asked, cap) if cap else asked
+
+    def _new_target(self, pid: int, owner: tuple[int, int], uffd, pidfd: int, mem_fd: int, budget: int,
+                    prefetch: GuardedPrefetch, pages=None, name: str = "") -> Target:
         eviction = load_eviction(self.config.eviction, **self.config.eviction_options)
-        target = Target(pid=pid, uffd=uffd, pidfd=pidfd, budget_pages=budget >> PAGE_SHIFT, backend=self.backend,
-                        prefetch=prefetch, eviction=eviction, label=prefetch.target, keep_clean=self.config.keep_clean, pages=pages, on_pause=self._want_resume, name=name)
+        target = Target(pid=pid, owner=owner, uffd=uffd, pidfd=pidfd, mem_fd=mem_fd,
+                        budget_pages=budget >> PAGE_SHIFT, backend=self.backend, prefetch=prefetch,
+                        eviction=eviction, label=prefetch.target, keep_clean=self.config.keep_clean, pages=pages,
+                        on_pause=self._want_resume, name=name)
         if self.trace is not None:
             target.core.trace = self.trace.target(pid, target.budget_pages, pages)
         return target
@@ -103,14 +117,32 @@ class Lifecycle:
             target.register(lo, hi - lo)
 
     # ---- fork ---------------------------------------------------------------------
-    def adopt_child(self, parent: Target, child_pid: int) -> int:
+    def adopt_child(self, parent: Target, child_pid: int, reporter: str) -> int:
         """The parent reports a child (FORKED): pair it with the oldest fork
-        event's uffd. Returns 0 or an errno for the ACK."""
-        self._children_waiting.setdefault(child_pid, trio.Event()).set()
+        event's uffd. Only a live child of the parent, running with the
+        parent's ids and dumpable, is adopted; the child then proves the
+        uffd is its own when it connects (server._attach_child). Returns 0
+        or an errno for the ACK."""
+        try:
+            pidfd = procmem.pidfd_open(child_pid)
+        except (OSError, TargetGone):  # gone already, or no such pid
+            return errno.ESRCH
+        try:
+            memory = Memory(pidfd, child_pid, *parent.owner)
+            if memory.info.ppid != parent.pid:
+                memory.close()
+                raise Refused(f"pid {child_pid} is not a child of pid {parent.pid}")
+        except (Refused, TargetGone, OSError) as exc:
+            os.close(pidfd)
+            log.warning("control: %s: FORKED %d refused: %s", reporter, child_pid, exc)
+            return errno.EPERM if isinstance(exc, Refused) else errno.ESRCH
+        self._child_reported(child_pid)
         uffd = parent.take_fork_uffd()
         if uffd is None:
             # No registered range at fork time: the kernel sends no fork
             # event, and the child's shim attaches with a uffd of its own.
+            memory.close()
+            os.close(pidfd)
             return errno.ENOENT
         label = f"pid {child_pid}"
         try:  # a plug-in's class name may not be its entry-point name
@@ -118,19 +150,27 @@ class Lifecycle:
         except protocol.ProtocolError as exc:
             log.warning("%s: %s; it runs without prefetch", label, exc)
             prefetch = self.prefetch("none", label)
-        try:
-            pidfd = procmem.pidfd_open(child_pid)
-        except OSError as exc:  # the child is already gone
-            uffd.close()
-            return exc.errno or errno.ESRCH
         # Its swapped pages share the parent's slots: one more reference each.
         pages = parent.pt.forked()
         self.backend.slots.incref(pages.all_slots())
-        child = self._new_target(child_pid, uffd, pidfd, parent.budget_pages << PAGE_SHIFT, prefetch, pages,
-                                 name=parent.name)
+        child = self._new_target(child_pid, parent.owner, uffd, pidfd, memory.take_mem_fd(),
+                                 parent.budget_pages << PAGE_SHIFT, prefetch, pages, name=parent.name)
         self.start(child)
         log.info("%s: forked %s", parent.label, child.label)
         return 0
+
+    def _child_reported(self, pid: int) -> None:
+        """Wake the child's HELLO if it waits; the entry expires unused
+        after CHILD_HELLO_WAIT, so reports of children that never connect
+        do not pile up."""
+        event = self._children_waiting.setdefault(pid, trio.Event())
+        event.set()
+
+        async def expire():
+            await trio.sleep(CHILD_HELLO_WAIT)
+            if self._children_waiting.get(pid) is event:
+                del self._children_waiting[pid]
+        self._nursery.start_soon(expire)
 
     async def child_hello(self, pid: int) -> Target | None:
         """A forked child's HELLO: its target, made from its parent's FORKED
@@ -231,6 +271,7 @@ class Lifecycle:
         target.release_all()
         self.totals.add(snap)
         os.close(target.pidfd)
+        os.close(target.mem_fd)
         if self.targets.get(target.pid) is target:
             del self.targets[target.pid]
         log.info("%s: released (faults %d, pages in %d, out %d)", target.label, snap["faults"],

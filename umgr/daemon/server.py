@@ -1,8 +1,9 @@
 """The control socket server: accept, identify the peer, dispatch messages.
 
 Shims connect on a SOCK_SEQPACKET socket (0600, or 0660 with a group); the
-peer is identified with SO_PEERCRED, and a valid HELLO becomes a target
-(umgr/daemon/lifecycle.py). A malformed message, a missing or wrong
+peer is identified with SO_PEERCRED and a pidfd taken at connect, its
+process and uffd are checked (umgr/daemon/peer.py), and a valid HELLO
+becomes a target (umgr/daemon/lifecycle.py). A malformed message, a missing or wrong
 descriptor, an unknown policy name, a second HELLO, or no first message
 within HELLO_TIMEOUT drops that connection only, with one log line (text
 that comes from a peer, such as a command line, is escaped so it cannot
@@ -24,6 +25,7 @@ from umgr import protocol
 from umgr.backends import Backend
 from umgr.daemon.config import HELLO_TIMEOUT, DaemonConfig
 from umgr.daemon.lifecycle import Lifecycle
+from umgr.daemon.peer import Memory, Peer, Refused, peer_of
 from umgr.daemon.status import snapshot
 from umgr.errors import TargetGone, UmgrError
 from umgr.kernel import uffd as uffdmod
@@ -67,9 +69,10 @@ class Daemon:
     def internal_errors(self) -> int:
         return self.lifecycle.internal_errors + self.internal_errors_on_connections
 
-    def status(self) -> dict:
+    def status(self, uid: int = 0) -> dict:
+        """Root sees every target; another user only their own."""
         return {
-            "targets": [snapshot(t) for t in self.targets.values()],
+            "targets": [snapshot(t) for t in self.targets.values() if uid == 0 or t.owner_uid == uid],
             "backend": self.backend.statistics(),
             "targets_seen": self.targets_seen,
             "rejected_connections": self.rejected_connections,
@@ -111,38 +114,42 @@ class Daemon:
         return sock
 
     async def _connection(self, conn) -> None:
-        pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         fds: list[int] = []
+        peer = None
         try:
+            peer = peer_of(conn)
             with trio.move_on_after(self.config.hello_timeout) as waiting:
                 data, fds = await _recv_with_fds(conn)
             if waiting.cancelled_caught:
                 raise protocol.ProtocolError(f"no first message within {self.config.hello_timeout:g} s")
             if data == STATUS_REQUEST:
-                await conn.send(json.dumps(self.status()).encode())
+                peer.close()  # before the reply: a client that has it sees no pidfd held for it
+                await conn.send(json.dumps(self.status(peer.uid)).encode())
                 return
             hello = protocol.decode_control(data)
             if not isinstance(hello, protocol.Hello):
                 raise protocol.ProtocolError(f"first message must be HELLO, got {type(hello).__name__}")
-            if hello.pid != pid:
-                raise protocol.ProtocolError(f"HELLO claims pid {hello.pid}, peer is pid {pid}")
-            target = await self._attach(hello, fds, conn)
+            if hello.pid != peer.pid:
+                raise protocol.ProtocolError(f"HELLO claims pid {hello.pid}, peer is pid {peer.pid}")
+            target = await self._attach(hello, fds, conn, peer)
             if target is not None:
-                await self._control_loop(target, conn)
+                await self._control_loop(target, conn, peer)
         except (protocol.ProtocolError, UmgrError, OSError) as exc:
             self.rejected_connections += 1
-            log.warning("control: pid %d: %s; dropping connection", pid, printable(str(exc)))
+            log.warning("control: %s: %s; dropping connection", _name(peer, conn), printable(str(exc)))
         except Exception:
             # A bug met on one connection drops that connection, never the
             # daemon and every target it serves.
             self.internal_errors_on_connections += 1
-            log.exception("control: pid %d: internal error; dropping connection", pid)
+            log.exception("control: %s: internal error; dropping connection", _name(peer, conn))
         finally:
             for fd in fds:
                 os.close(fd)
+            if peer is not None:
+                peer.close()
             conn.close()
 
-    async def _control_loop(self, target: Target, conn) -> None:
+    async def _control_loop(self, target: Target, conn, peer: Peer) -> None:
         while not target.gone:
             data, fds = await _recv_with_fds(conn)
             for fd in fds:
@@ -154,16 +161,16 @@ class Daemon:
             msg = protocol.decode_control(data)
             if isinstance(msg, protocol.Hello):
                 raise protocol.ProtocolError("second HELLO on one connection")
-            status = await self._request(target, msg)
+            status = await self._request(target, msg, peer)
             await conn.send(protocol.encode_ack(status))
 
-    async def _request(self, target: Target, msg) -> int:
+    async def _request(self, target: Target, msg, peer: Peer) -> int:
         if isinstance(msg, protocol.Region):
             if msg.length >= self.config.min_region and not target.gone:
                 return 0 if target.register(msg.start, msg.length) else errno.EINVAL
             return 0
         if isinstance(msg, protocol.Forked):
-            return self.lifecycle.adopt_child(target, msg.child_pid)
+            return self.lifecycle.adopt_child(target, msg.child_pid, peer.name)
         if isinstance(msg, protocol.Advise):
             return await self._advise(target, msg)
         return errno.EINVAL
@@ -195,9 +202,9 @@ class Daemon:
         return errno.ENOMEM if gaps else 0
 
     # ---- attaching --------------------------------------------------------------
-    async def _attach(self, hello: protocol.Hello, fds: list[int], conn) -> Target | None:
+    async def _attach(self, hello: protocol.Hello, fds: list[int], conn, peer: Peer) -> Target | None:
         if len(fds) == 1:
-            return await self._attach_child(hello, fds, conn)
+            return await self._attach_child(hello, fds, conn, peer)
         if len(fds) != 2:
             raise protocol.ProtocolError(f"HELLO must carry 2 descriptors (agent socket, uffd), got {len(fds)}")
         if self.stopping:
@@ -214,7 +221,14 @@ class Daemon:
         fds.remove(uffd_fd)  # owned by `uffd` now
         try:
             features = _api(uffd)
-            target = await self.lifecycle.create(hello.pid, uffd, hello.max_resident, prefetch, hello.name)
+            memory = Memory(peer.pidfd, peer.pid, peer.uid, peer.gid)
+            try:
+                memory.prove_uffd(uffd, hello.probe)
+            except BaseException:
+                memory.close()
+                raise
+            target = await self.lifecycle.create(peer, memory.take_mem_fd(), uffd, hello.max_resident, prefetch,
+                                                 hello.name)
         except BaseException:
             uffd.close()
             raise
@@ -232,16 +246,29 @@ class Daemon:
                  _size(target.budget_pages << PAGE_SHIFT), target.prefetch.name)
         return target
 
-    async def _attach_child(self, hello: protocol.Hello, fds: list[int], conn) -> Target | None:
+    async def _attach_child(self, hello: protocol.Hello, fds: list[int], conn, peer: Peer) -> Target | None:
         """A forked child's shim brings its agent socket; its uffd came with
         the fork event, which its parent reports (FORKED) right after fork.
-        Without one, the child is told to attach with a uffd of its own."""
+        Without one, the child is told to attach with a uffd of its own.
+        The child itself proves the fork event's uffd is its own; if not,
+        that uffd is not this process's and its target is stopped."""
         _require_socket(fds[0])
         target = await self.lifecycle.child_hello(hello.pid)
         if target is None:
             os.close(fds.pop())
             await conn.send(protocol.encode_hello_ack(errno.ENOENT, self.config.zap_mode, 0))
             return None
+        try:
+            if target.owner_uid != peer.uid:
+                raise Refused(f"the child target belongs to uid {target.owner_uid}")
+            memory = Memory(peer.pidfd, peer.pid, peer.uid, peer.gid)
+            try:
+                memory.prove_uffd(target.uffd, hello.probe, registered=target.manages(hello.probe))
+            finally:
+                memory.close()
+        except (Refused, TargetGone, OSError):
+            self.lifecycle.stop(target)
+            raise
         target.attach_zapper(self.lifecycle.zapper(target, fds.pop()))
         # The child's uffd goes back with the answer: the shim keeps a
         # reference, so that if the daemon dies its faults wait, not zeros.
@@ -254,6 +281,17 @@ class Daemon:
         of it is registered yet)."""
         log.info("pid %d: not attached: the daemon is stopping", hello.pid)
         await conn.send(protocol.encode_hello_ack(errno.ESHUTDOWN, self.config.zap_mode, 0))
+
+
+def _name(peer: Peer | None, conn) -> str:
+    """The peer as log lines name it: pid and uid."""
+    if peer is not None:
+        return peer.name
+    try:
+        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return "unknown peer"
+    return f"pid {pid} uid {uid}"
 
 
 def _api(uffd: uffdmod.Userfaultfd) -> int:

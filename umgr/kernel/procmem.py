@@ -81,6 +81,32 @@ def process_vm_readv(pid: int, local_addr: int, addrs, lens) -> int:
     return r
 
 
+def open_mem(pid: int) -> int:
+    """An fd of /proc/PID/mem (read-only, the caller closes it). It is bound
+    to the mm the process has now: after an exec its reads return 0 bytes
+    instead of reaching the new program (and a setuid program's memory)."""
+    try:
+        return os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetGone(f"/proc/{pid}/mem: process {pid} is gone", pid=pid) from None
+
+
+def mem_readv(mem_fd: int, local_addr: int, addrs, lens, pid: int | None = None) -> int:
+    """process_vm_readv() through an open /proc/PID/mem (open_mem): the
+    remote ranges, back to back, into the local buffer. Returns the bytes
+    read (short if a range failed part-way). Unlike process_vm_readv, a
+    page missing in a userfaultfd range fails the read (EIO) rather than
+    waiting for the fault to be served. Raises TargetGone when the mm the
+    file was opened on is gone."""
+    a, l, n = _ranges(addrs, lens)
+    r = _lib.umgr_mem_readv(mem_fd, local_addr, a, l, n)
+    if r < 0:
+        _fail(-r, "read /proc/PID/mem", pid)
+    if r == 0 and np.count_nonzero(np.asarray(lens)):
+        raise TargetGone(f"process {pid}: the memory it had at attach is gone", pid=pid)
+    return r
+
+
 def process_vm_writev(pid: int, local_addr: int, addrs, lens) -> int:
     """Write the local buffer at local_addr, back to back, to the remote
     ranges. Returns the bytes written."""

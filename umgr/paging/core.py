@@ -72,8 +72,10 @@ class Busy:
 
 class TargetCore:
     def __init__(self, *, pid: int, label: str, uffd: Userfaultfd, backend, budget: Budget,
-                 eviction, keep_clean: bool, pt: PageTable, on_pause: Callable[[], None] = lambda: None):
+                 eviction, keep_clean: bool, pt: PageTable, on_pause: Callable[[], None] = lambda: None,
+                 mem_fd: int = -1):
         self.pid = pid
+        self.mem_fd = mem_fd              # /proc/PID/mem of the mm the uffd belongs to (daemon/peer.py)
         self.label = label
         self.uffd = uffd
         self.backend = backend

@@ -1,12 +1,12 @@
 """The evictor: keeps a target's resident pages under its budget.
 
-A batch of victims is taken out (write-protect -> process_vm_readv, in a
-worker thread: on the fault-serving thread it would deadlock on a userfault)
-and put away (backend write, durable before the zap -> zap -> SWAPPED).
-Over the budget two batches are in flight: the next is taken out while the
-previous one is put away, so the copy-out overlaps the write and the zap.
-It runs as the target's eviction task beside the fault loop; the race rules
-(a write during EVICTING wins, a write during ZAPPING waits) are in
+A batch of victims is taken out (write-protect -> read through
+/proc/PID/mem, in a worker thread so the fault-serving thread never waits on
+the copy) and put away (backend write, durable before the zap -> zap ->
+SWAPPED). Over the budget two batches are in flight: the next is taken out
+while the previous one is put away, so the copy-out overlaps the write and
+the zap. It runs as the target's eviction task beside the fault loop; the
+race rules (a write during EVICTING wins, a write during ZAPPING waits) are in
 docs/architecture.md.
 """
 from __future__ import annotations
@@ -231,14 +231,14 @@ class Evictor:
         return slots
 
     async def _read_victims(self, buf: PageBuffer, starts: np.ndarray, lengths: np.ndarray) -> int:
-        """process_vm_readv in a worker thread. Abandoned on cancel: a read
-        blocked on a userfault of a target that is going away is woken only
-        when its uffd is closed, after this task has finished. The thread
-        holds the buffer, so it stays mapped until the read returns."""
-        pid = self.core.pid
+        """Read through the target's /proc/PID/mem (bound to the mm its uffd
+        serves: an exec'd program is never read) in a worker thread.
+        Abandoned on cancel; the thread holds the buffer, so it stays mapped
+        until the read returns."""
+        pid, mem_fd = self.core.pid, self.core.mem_fd
         addrs, lens = (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
         return await trio.to_thread.run_sync(
-            lambda: procmem.process_vm_readv(pid, buf.addr, addrs, lens), abandon_on_cancel=True)
+            lambda: procmem.mem_readv(mem_fd, buf.addr, addrs, lens, pid), abandon_on_cancel=True)
 
     async def _zap(self, vpns: np.ndarray) -> None:
         core = self.core

@@ -45,18 +45,22 @@ MM_PROBE_VPN = 0x100
 
 
 class Target:
-    def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, budget_pages: int, backend,
-                 prefetch: GuardedPrefetch, eviction, label: str, spin: float = SPIN_SECONDS,
-                 keep_clean: bool = KEEP_CLEAN_COPIES, pages: PageTable | None = None,
-                 on_pause=lambda: None, name: str = ""):
-        """`eviction`: an EvictionPolicy (guarded here). `pages`: the page
-        table to start from (a forked child's, from PageTable.forked();
-        its slots must already hold the child's references). `on_pause`:
-        called when eviction pauses (full or failing backend). `name`:
-        its metrics label (umgr.daemon.names)."""
+    def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, mem_fd: int, budget_pages: int,
+                 backend, prefetch: GuardedPrefetch, eviction, label: str, owner: tuple[int, int] = (0, 0),
+                 spin: float = SPIN_SECONDS, keep_clean: bool = KEEP_CLEAN_COPIES,
+                 pages: PageTable | None = None, on_pause=lambda: None, name: str = ""):
+        """`mem_fd`: the process's /proc/PID/mem, opened when it was
+        checked (pages are read through it, so never from a program it
+        exec'd). `owner`: its uid and gid. `eviction`: an EvictionPolicy
+        (guarded here). `pages`: the page table to start from (a forked
+        child's, from PageTable.forked(); its slots must already hold the
+        child's references). `on_pause`: called when eviction pauses (full
+        or failing backend). `name`: its metrics label (umgr.daemon.names)."""
         self.pid = pid
         self.name = name
         self.pidfd = pidfd
+        self.mem_fd = mem_fd
+        self.owner = owner
         self.label = label
         self.command = read_cmdline(pid)
         self.started = time.monotonic()
@@ -64,7 +68,7 @@ class Target:
         pt = pages if pages is not None else PageTable()
         guarded = GuardedEviction(eviction, target=label, resident=lambda: pt.vpns_in(State.RESIDENT))
         guarded.attach(pt.is_in_state)
-        self.core = TargetCore(pid=pid, label=label, uffd=uffd, backend=backend, budget=Budget(budget_pages),
+        self.core = TargetCore(pid=pid, mem_fd=mem_fd, label=label, uffd=uffd, backend=backend, budget=Budget(budget_pages),
                                eviction=guarded, keep_clean=keep_clean, pt=pt, on_pause=on_pause)
         self.removes = RemoveAttribution()
         self.events = MemoryEvents(self.core, self.removes)
@@ -103,6 +107,15 @@ class Target:
     @property
     def eviction_paused(self) -> str:
         return self.core.eviction_paused
+
+    @property
+    def owner_uid(self) -> int:
+        return self.owner[0]
+
+    def manages(self, addr: int) -> bool:
+        """Whether the page at addr is in a managed (registered) region."""
+        vpn = addr >> PAGE_SHIFT
+        return not self.core.pt.gaps(vpn, vpn + 1)
 
     @property
     def has_zapper(self) -> bool:
