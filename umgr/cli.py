@@ -30,6 +30,7 @@ from umgr.sizes import format_size, parse_size
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.notify import notify
 from umgr.daemon.config import GRACE_SECONDS
+from umgr.daemon.listener import ControlSocket, SocketSetupError
 
 log = logging.getLogger("umgr")
 
@@ -460,8 +461,6 @@ async def _forward_signals(proc: subprocess.Popen) -> None:
 # ---- daemon ----------------------------------------------------------------------------
 def cmd_daemon(args) -> int:
     from umgr.daemon.shutdown import serve_until_stopped
-    with setting_up(f"umgr daemon: --socket {args.socket}"):
-        os.makedirs(os.path.dirname(os.path.abspath(args.socket)), exist_ok=True)
     config = _config(args, args.socket)
     backend = _open_backend(args)
 
@@ -469,17 +468,27 @@ def cmd_daemon(args) -> int:
         daemon = Daemon(config, backend)
         try:
             metrics = _serve_metrics(daemon, args)
+            control = _control_socket(config)
+
             def serving() -> None:
                 line = startup_line(config, args, metrics)
                 log.info("%s", line)
                 notify("READY=1", f"STATUS={line}")
 
-            await serve_until_stopped(daemon, on_serving=serving)
+            await serve_until_stopped(daemon, control, on_serving=serving)
         finally:
             backend.close()
 
     trio.run(run)
     return 0
+
+
+def _control_socket(config: DaemonConfig) -> ControlSocket:
+    with setting_up(f"umgr daemon: --socket {config.socket_path}"):
+        try:
+            return ControlSocket(config.socket_path, config.group)
+        except SocketSetupError as exc:
+            raise Fatal(f"umgr daemon: {exc}") from None
 
 
 # ---- status ------------------------------------------------------------------------------

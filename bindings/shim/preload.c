@@ -34,6 +34,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/uio.h>
@@ -400,6 +401,39 @@ static int start_agent(void)
 
 /* ---- attaching ------------------------------------------------------- */
 
+/* Whoever can create the socket file or listen on it gets this process's
+ * memory: only a socket in a directory no other user may write to, served
+ * by root or by this process's own user, is trusted (errno EPERM if not). */
+static int trusted_daemon(int fd, const char *path)
+{
+    char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    const char *slash = strrchr(path, '/');
+    size_t len = slash ? (size_t)(slash - path) : 0;
+    if (len == 0)
+        strcpy(dir, slash ? "/" : ".");
+    else {
+        memcpy(dir, path, len);
+        dir[len] = '\0';
+    }
+    struct stat st;
+    if (stat(dir, &st) != 0)
+        return -1;
+    uid_t me = geteuid();
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) || (st.st_uid != 0 && st.st_uid != me)) {
+        errno = EPERM;
+        return -1;
+    }
+    struct ucred cred;
+    socklen_t size = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &size) != 0)
+        return -1;
+    if (cred.uid != 0 && cred.uid != me) {
+        errno = EPERM;
+        return -1;
+    }
+    return 0;
+}
+
 static int connect_daemon(const char *path)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -411,7 +445,7 @@ static int connect_daemon(const char *path)
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
-    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || trusted_daemon(fd, path) != 0) {
         int saved = errno;
         close(fd);
         errno = saved;
@@ -460,8 +494,11 @@ static enum attach_result attach(const char *path, int with_uffd)
     void *probe = NULL;
     const char *failed = "connect";
     ctl = connect_daemon(path);
-    if (ctl < 0)
+    if (ctl < 0) {
+        if (errno == EPERM)
+            failed = "trust check (daemon neither root nor this user, or socket directory writable by others)";
         goto fail;
+    }
     failed = "userfaultfd";
     if (with_uffd && (uffd = move_high(open_uffd())) < 0)
         goto fail;

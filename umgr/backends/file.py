@@ -1,18 +1,20 @@
 """The file backend: a preallocated swap file, 4 KiB slots, I/O batched
 through io_uring.
 
-The file is created in the state directory and unlinked at once, so a
-crashed daemon leaves nothing behind. O_DIRECT is used where the filesystem
+The file is created unnamed (O_TMPFILE) in the state directory, a 0700
+directory of the daemon's uid, so nobody else can open it and a crashed
+daemon leaves nothing behind. O_DIRECT is used where the filesystem
 accepts it (tmpfs does not): swapped pages should not fill the page cache,
 which is the memory umgr is trying to save. Buffers are page aligned
 (the daemon allocates them with mmap), as O_DIRECT needs.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
-import tempfile
+import stat
 import time
 
 import numpy as np
@@ -25,7 +27,8 @@ from umgr.kernel.ring import Batch, Op, Ring
 
 log = logging.getLogger("umgr.backend")
 
-DEFAULT_STATE_DIR = "/var/tmp/umgr"
+# One per user: `umgr exec` run by anyone gets a directory of its own.
+DEFAULT_STATE_DIR = f"/var/tmp/umgr-{os.geteuid()}"
 MAX_SLOTS = (1 << 31) - 1  # slot numbers are int32 (umgr/backends/slots.py)
 
 # A one-page read is a fault waiting for it. Measured here (Linux 6.18,
@@ -43,16 +46,37 @@ SYNC_READ_LIMIT = 200e-6
 SYNC_READ_RETRY = 1024
 
 
-def _open_swap_file(directory: str) -> tuple[int, bool]:
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix="swap-", dir=directory)
-    os.unlink(path)
+def open_state_dir(directory: str) -> int:
+    """A descriptor of the state directory (made 0700 if missing), refused
+    unless it is a real directory (O_NOFOLLOW) of this process's uid that
+    no one else may enter: the swap file holds the targets' memory."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
     try:
-        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return fd, False
-    os.close(fd)
-    return direct, True
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BackendError(f"state directory {directory}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise BackendError(f"state directory {directory} must belong to uid {os.geteuid()} with mode 0700 "
+                           f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+    return fd
+
+
+def _open_swap_file(directory: str) -> tuple[int, bool]:
+    """An unnamed file (O_TMPFILE) in the state directory: it never has a
+    name anyone could open, and it goes when its last descriptor closes."""
+    dir_fd = open_state_dir(directory)
+    try:
+        for flags in (os.O_DIRECT, 0):
+            try:
+                return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC | flags, 0o600, dir_fd=dir_fd), bool(flags)
+            except OSError as exc:
+                if not flags:
+                    raise BackendError(f"cannot create a swap file in {directory}: {exc.strerror}") from None
+    finally:
+        os.close(dir_fd)
 
 
 class FileBackend(Backend):

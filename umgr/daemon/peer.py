@@ -18,8 +18,8 @@ Kernel facts (Linux 6.18):
   process.
 - /proc/PID/mem and /proc/PID/maps hold the mm the process had at open():
   after an exec they read as empty, never the new program.
-- /proc/PID and its files belong to root while the process is not
-  dumpable; otherwise to its effective uid.
+- The files in /proc/PID (not the directory itself) belong to root while
+  the process is not dumpable; otherwise to its effective uid.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def check_process(pidfd: int, pid: int, uid: int, gid: int) -> ProcessInfo:
     """Refused unless the pidfd's process is `pid`, runs with only `uid`
     and `gid`, and is dumpable."""
     try:
-        owner = os.stat(f"/proc/{pid}").st_uid
+        owner = os.stat(f"/proc/{pid}/status").st_uid
     except (FileNotFoundError, ProcessLookupError):
         raise TargetGone(f"process {pid} is gone", pid=pid) from None
     info = process_info(pidfd)  # after the stat: the process is still alive, so it was this one

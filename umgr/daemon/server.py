@@ -12,10 +12,10 @@ forge lines).
 from __future__ import annotations
 
 import errno
-import grp
 import json
 import logging
 import os
+import resource
 import socket
 import struct
 
@@ -25,6 +25,7 @@ from umgr import protocol
 from umgr.backends import Backend
 from umgr.daemon.config import HELLO_TIMEOUT, DaemonConfig
 from umgr.daemon.lifecycle import Lifecycle
+from umgr.daemon.listener import ControlSocket
 from umgr.daemon.peer import Memory, Peer, Refused, peer_of
 from umgr.daemon.status import snapshot
 from umgr.errors import TargetGone, UmgrError
@@ -39,6 +40,12 @@ log = logging.getLogger("umgr.daemon")
 API_FEATURES = (uffdmod.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uffdmod.ALL_EVENTS
                 | uffdmod.UFFD_FEATURE_THREAD_ID)
 MSG_MAX = 4096
+# Open connections (one per attached process, plus those not past HELLO):
+# a flood of silent connections from one user meets its cap, not the
+# daemon's descriptor limit (raised at start, raise_fd_limit()).
+MAX_CONNECTIONS = 4096
+MAX_CONNECTIONS_PER_UID = 512
+ACCEPT_RETRY = 0.1       # seconds to wait when accept() finds no descriptor left
 STATUS_REQUEST = b"STATUS"
 
 
@@ -49,6 +56,8 @@ class Daemon:
         self.backend = backend
         self.lifecycle = Lifecycle(config, backend, trace)
         self.rejected_connections = 0
+        self._open: dict = {}                  # connections being served: their peer's uid
+        self._open_by_uid: dict[int, int] = {}
         self.internal_errors_on_connections = 0
         self.stopping = False    # a clean stop is under way: no new process is taken (forked children are)
 
@@ -83,35 +92,64 @@ class Daemon:
         return self.lifecycle.run_totals()
 
     # ---- server ---------------------------------------------------------------
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listener = self._listen()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.lifecycle.run)
-            task_status.started()
-            try:
-                while True:
-                    conn, _ = await listener.accept()
-                    nursery.start_soon(self._connection, conn)
-            finally:
-                listener.close()
-                nursery.cancel_scope.cancel()
-
-    def _listen(self) -> trio.socket.SocketType:
-        path = self.config.socket_path
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old_umask = os.umask(0o177)
+    async def serve(self, *, control: ControlSocket | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. `control`: the socket to serve (made from
+        the config if None); its file is removed on the way out."""
+        raise_fd_limit()
+        if control is None:
+            control = ControlSocket(self.config.socket_path, self.config.group)
+        log.info("listening on %s", self.config.socket_path)
+        listener = trio.socket.from_stdlib_socket(control.sock)
         try:
-            sock._sock.bind(path)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.lifecycle.run)
+                task_status.started()
+                try:
+                    while True:
+                        conn = await self._accept(listener)
+                        if conn is not None:
+                            nursery.start_soon(self._connection, conn)
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
-            os.umask(old_umask)
-        if self.config.group:
-            os.chown(path, -1, grp.getgrnam(self.config.group).gr_gid)
-            os.chmod(path, 0o660)
-        sock.listen(128)
-        log.info("listening on %s", path)
-        return sock
+            control.close()  # removes the socket file, if it is still ours
+
+    async def _accept(self, listener):
+        """The next connection, or None when it was refused: over the caps
+        on open connections (per uid and in all), or no descriptor left
+        (EMFILE, ENFILE: the daemon waits a little and goes on, its
+        targets are not touched)."""
+        try:
+            conn, _ = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            self.rejected_connections += 1
+            log.warning("control: accept: %s; new connections wait", exc.strerror)
+            await trio.sleep(ACCEPT_RETRY)
+            return None
+        uid = _peer_uid(conn)
+        over = None
+        if len(self._open) >= MAX_CONNECTIONS:
+            over = f"{MAX_CONNECTIONS} connections open"
+        elif uid != 0 and self._open_by_uid.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
+            over = f"{MAX_CONNECTIONS_PER_UID} connections of this uid open"
+        if over:
+            self.rejected_connections += 1
+            log.warning("control: %s: %s; dropping connection", _name(None, conn), over)
+            conn.close()
+            return None
+        self._open[conn] = uid
+        self._open_by_uid[uid] = self._open_by_uid.get(uid, 0) + 1
+        return conn
+
+    def _closed(self, conn) -> None:
+        uid = self._open.pop(conn)
+        left = self._open_by_uid[uid] - 1
+        if left:
+            self._open_by_uid[uid] = left
+        else:
+            del self._open_by_uid[uid]
 
     async def _connection(self, conn) -> None:
         fds: list[int] = []
@@ -148,6 +186,7 @@ class Daemon:
             if peer is not None:
                 peer.close()
             conn.close()
+            self._closed(conn)
 
     async def _control_loop(self, target: Target, conn, peer: Peer) -> None:
         while not target.gone:
@@ -281,6 +320,20 @@ class Daemon:
         of it is registered yet)."""
         log.info("pid %d: not attached: the daemon is stopping", hello.pid)
         await conn.send(protocol.encode_hello_ack(errno.ESHUTDOWN, self.config.zap_mode, 0))
+
+
+def _peer_uid(conn) -> int:
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (each target holds a
+    few: uffd, pidfd, /proc/PID/mem, agent and control sockets). Returns
+    the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def _name(peer: Peer | None, conn) -> str:

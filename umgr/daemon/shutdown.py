@@ -14,6 +14,7 @@ signal during the drain never cuts it short. SIGHUP is logged and ignored.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -36,13 +37,14 @@ DETACH_TIMEOUT = 5.0        # seconds a shim may take to answer DETACH (a stoppe
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-async def serve_until_stopped(daemon, on_serving=lambda: None) -> None:
+async def serve_until_stopped(daemon, control=None, on_serving=lambda: None) -> None:
     """Serve until a stop signal, then drain and return (exit 0). A stop
-    that cannot complete is logged and serving goes on. `on_serving` is
-    called once the socket listens."""
+    that cannot complete is logged and serving goes on. `control`: the
+    listening ControlSocket (daemon.serve removes its file on the way out);
+    `on_serving` is called once the socket listens."""
     with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.serve)
+            await nursery.start(functools.partial(daemon.serve, control=control))
             on_serving()
             stopped = trio.Event()
             draining = False
@@ -68,7 +70,6 @@ async def serve_until_stopped(daemon, on_serving=lambda: None) -> None:
         # Every target is let go: a late stop signal must not turn exit 0 into a kill.
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
-    _unlink(daemon.config.socket_path)
 
 
 async def _until_set(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -224,13 +225,6 @@ def _cgroup_room(pid: int) -> int | None:
             return None
         return int(limit) - usage
     return None
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _mib(nbytes: int) -> str:

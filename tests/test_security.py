@@ -1,0 +1,297 @@
+"""One root daemon, many users: the attacks of a group member on a daemon
+serving another user's paged-out process, run as real unprivileged users
+(created here, removed after). Each attack fails with one log line naming
+the attacker's pid and uid; the daemon stays up and the other target keeps
+every byte.
+
+The attacker runs the system Python (the checkout's venv may sit in a
+directory other users cannot enter) with a script that speaks the protocol
+by hand, as an attacker would.
+"""
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, wait_for
+from umgr.cli import query_status
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+GROUP = "umgrsecg"
+MEMBER = "umgrseca"      # in the daemon's --group
+OUTSIDER = "umgrsecb"    # not in it
+
+ATTACKER = r"""
+import ctypes, json, mmap, os, socket, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+MAGIC, HELLO = 0x524D4755, struct.Struct("<IHH Ii QQ 32s Q")
+RANGE, ACK = struct.Struct("<IHH QQ"), struct.Struct("<IHH iI")
+mode, path = sys.argv[1], sys.argv[2]
+
+def new_uffd():  # unprivileged users may only ask for user-mode-only uffds
+    fd = libc.syscall(323, os.O_CLOEXEC | 1)
+    if fd < 0:
+        raise SystemExit(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+def hello(pid, probe):
+    return HELLO.pack(MAGIC, 1, HELLO.size, 2, pid, 0, 0, b"", probe)
+
+def outcome(s):
+    try:
+        data = s.recv(4096)
+    except socket.timeout:
+        return "open"
+    except ConnectionResetError:
+        return "reset"
+    return "closed" if data == b"" else "data:" + data.hex()
+
+probe_map = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+probe = ctypes.addressof(ctypes.c_char.from_buffer(probe_map))
+agent, agent_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+result = {"pid": os.getpid(), "uid": os.getuid()}
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(5)
+s.connect(path)
+if mode == "foreign-uffd":
+    # The uffd of a second process whose mm mirrors ours (a fork: the probe
+    # page is at the same address there), as in the su attack.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = os.fork()
+    if child == 0:
+        socket.send_fds(b, [b"u"], [new_uffd()])
+        time.sleep(30)
+        os._exit(0)
+    _, (uffd,), _, _ = socket.recv_fds(a, 1, 1)
+    socket.send_fds(s, [hello(os.getpid(), probe)], [agent.fileno(), uffd])
+    result["outcome"] = outcome(s)
+    os.kill(child, 9)
+elif mode == "not-dumpable":
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0, as a setuid program is
+    socket.send_fds(s, [hello(os.getpid(), probe)], [agent.fileno(), new_uffd()])
+    result["outcome"] = outcome(s)
+elif mode == "forked-stranger":
+    socket.send_fds(s, [hello(os.getpid(), probe)], [agent.fileno(), new_uffd()])
+    ack = s.recv(4096)
+    result["hello_status"] = struct.unpack_from("<i", ack, 8)[0]
+    s.send(RANGE.pack(MAGIC, 6, RANGE.size, int(sys.argv[3]), 0))  # FORKED <someone else's pid>
+    result["forked_status"] = ACK.unpack(s.recv(4096))[3]
+    s.send(b"STATUS")  # not a control message: this connection is dropped
+    status = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    status.connect(path)
+    status.send(b"STATUS")
+    result["status_pids"] = [t["pid"] for t in json.loads(status.recv(1 << 20))["targets"]]
+print(json.dumps(result), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def users():
+    """A group, a member of it and an outsider, removed afterwards."""
+    subprocess.run(["groupadd", GROUP], check=True)
+    try:
+        subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", "-G", GROUP, MEMBER], check=True)
+        subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", OUTSIDER], check=True)
+        yield {name: pwd.getpwnam(name) for name in (MEMBER, OUTSIDER)}, grp.getgrnam(GROUP).gr_gid
+    finally:
+        for name in (MEMBER, OUTSIDER):
+            subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["groupdel", GROUP], capture_output=True)
+
+
+@pytest.fixture
+def shared_daemon():
+    """A daemon serving a group, its socket in a root-owned 0755 directory;
+    yields (daemon, member and outsider passwd entries, group id)."""
+    with users() as (accounts, gid):
+        sockdir = Path(tempfile.mkdtemp(prefix="umgr-sec-", dir="/tmp"))
+        os.chmod(sockdir, 0o755)
+        daemon = DaemonProcess(sockdir, "--group", GROUP)
+        try:
+            yield daemon, accounts, gid
+        finally:
+            daemon.stop()
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def attack(daemon, account, gid, mode: str, *extra: str) -> dict:
+    proc = subprocess.run([SYSTEM_PYTHON, "-c", ATTACKER, mode, daemon.socket, *extra], capture_output=True,
+                          timeout=30, user=account.pw_uid, group=account.pw_gid, extra_groups=[gid], cwd="/")
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return json.loads(proc.stdout)
+
+
+def log_line_for(daemon, pid: int, uid: int, reason: str) -> str:
+    def found():
+        return [line for line in daemon.log().splitlines() if f"pid {pid} uid {uid}" in line and reason in line]
+    lines = wait_for(found, 5, f"a log line naming pid {pid} uid {uid}: {reason}")
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.timeout(180)
+def test_group_member_attacks_fail_and_the_victim_keeps_every_byte(shared_daemon, shim, programs):
+    daemon, accounts, gid = shared_daemon
+    member = accounts[MEMBER]
+    victim_env = daemon.env(shim, UMGR_MAX_RESIDENT="16M")
+    with subprocess.Popen([programs["pattern"], "96", "mmap", "srb"], env=victim_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as victim:
+        wait_for(lambda: any(t["pid"] == victim.pid and t["pages_out"] > 0
+                             for t in query_status(daemon.socket)["targets"]), 30, "the victim to be paged out")
+
+        # Finding 1: a uffd from another process never serves this one.
+        got = attack(daemon, member, gid, "foreign-uffd")
+        assert got["outcome"] == "closed", got
+        log_line_for(daemon, got["pid"], member.pw_uid, "does not belong to the process that connected")
+
+        # A process that is not dumpable (setuid, or said so) is never read.
+        got = attack(daemon, member, gid, "not-dumpable")
+        assert got["outcome"] == "closed", got
+        log_line_for(daemon, got["pid"], member.pw_uid, "not dumpable")
+
+        # Finding 2: FORKED naming someone else's process is refused; STATUS
+        # shows a member only their own targets (finding 9).
+        got = attack(daemon, member, gid, "forked-stranger", str(victim.pid))
+        assert got["hello_status"] == 0 and got["forked_status"] == 1, got  # EPERM
+        log_line_for(daemon, got["pid"], member.pw_uid, f"FORKED {victim.pid} refused")
+        assert victim.pid not in got["status_pids"] and got["pid"] in got["status_pids"], got
+
+        assert daemon.alive()
+        assert victim.poll() is None, "the victim finished before the attacks were done"
+        out, err = victim.communicate(timeout=100)
+    assert victim.returncode == 0, err.decode(errors="replace")
+    assert out.decode().startswith("ok 24576 pages"), out
+
+
+@pytest.mark.timeout(60)
+def test_outsider_cannot_connect(shared_daemon):
+    daemon, accounts, gid = shared_daemon
+    outsider = accounts[OUTSIDER]
+    proc = subprocess.run([SYSTEM_PYTHON, "-c", ATTACKER, "not-dumpable", daemon.socket], capture_output=True,
+                          timeout=30, user=outsider.pw_uid, group=outsider.pw_gid, cwd="/")
+    assert proc.returncode != 0 and b"PermissionError" in proc.stderr, proc.stderr
+
+
+# ---- the socket's file (findings 4 and 5) --------------------------------------------------
+def start_daemon(socket_path: str, *options: str) -> subprocess.CompletedProcess | subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "--socket", socket_path, "--swap-size", "16M",
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def refused(socket_path: str) -> str:
+    """The daemon's one-line refusal to start at socket_path."""
+    proc = start_daemon(socket_path)
+    _, err = proc.communicate(timeout=30)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err.decode()
+    return lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_socket_set_up_refuses_what_others_could_have_touched(tmp_path):
+    with users() as (accounts, _gid):
+        member = accounts[MEMBER]
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o755)
+        os.chown(theirs, member.pw_uid, member.pw_gid)
+        assert "belongs to uid" in refused(str(theirs / "umgr.sock"))
+        open_to_all = tmp_path / "open"
+        open_to_all.mkdir()
+        os.chmod(open_to_all, 0o1777)
+        assert "writable by others" in refused(str(open_to_all / "umgr.sock"))
+
+    # A root file at the socket's name, straight or through a symlink, is
+    # never deleted, chmod'ed or chown'ed.
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    (tmp_path / "link.sock").symlink_to(secret)
+    assert "is not a socket" in refused(str(tmp_path / "link.sock"))
+    assert "is not a socket" in refused(str(secret))
+    assert secret.read_text() == "root only" and (secret.stat().st_mode & 0o777) == 0o600
+    assert secret.stat().st_gid == 0
+
+    # A second daemon leaves the first one's socket alone; the first removes
+    # its socket when stopped.
+    path = str(tmp_path / "umgr.sock")
+    first = start_daemon(path)
+    try:
+        wait_for(lambda: os.path.exists(path), 20, "the first daemon's socket")
+        wait_for(lambda: _answers(path), 10, "the first daemon to answer")
+        assert "another daemon" in refused(path)
+        assert _answers(path), "the second daemon took the first one's socket"
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
+    assert first.returncode == 0 and not os.path.exists(path)
+
+
+def _answers(path: str) -> bool:
+    try:
+        query_status(path)
+    except OSError:
+        return False
+    return True
+
+
+# ---- the shim's trust in its daemon (finding 6) ---------------------------------------------
+FAKE_DAEMON = r"""
+import json, socket, sys
+listener = socket.socket(fileno=int(sys.argv[1]))
+listener.listen(4)
+print("ready", flush=True)
+listener.settimeout(20)
+conn, _ = listener.accept()
+conn.settimeout(3)
+try:
+    data, ancdata, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(64))
+except (socket.timeout, ConnectionResetError):
+    data, ancdata = b"", []
+print(json.dumps({"bytes": len(data), "fds": sum(len(c[2]) // 4 for c in ancdata)}), flush=True)
+"""
+
+
+def fake_daemon(sock_path: str, account) -> subprocess.Popen:
+    """A listener another user runs: root binds it (the directory is root's)
+    and hands it over; SO_PEERCRED names whoever called listen()."""
+    import socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(sock_path)
+    os.chmod(sock_path, 0o666)
+    try:
+        return subprocess.Popen([SYSTEM_PYTHON, "-c", FAKE_DAEMON, str(sock.fileno())], pass_fds=[sock.fileno()],
+                                stdout=subprocess.PIPE, user=account.pw_uid, group=account.pw_gid, cwd="/")
+    finally:
+        sock.close()
+
+
+@pytest.mark.timeout(120)
+def test_shim_hands_nothing_to_a_daemon_it_cannot_trust(tmp_path, shim, programs):
+    with users() as (accounts, _gid):
+        member = accounts[MEMBER]
+        for where, mode in (("root's directory", 0o755), ("a directory open to all", 0o1777)):
+            sockdir = tmp_path / f"d{mode:o}"
+            sockdir.mkdir()
+            os.chmod(sockdir, mode)
+            sock_path = str(sockdir / "umgr.sock")
+            fake = fake_daemon(sock_path, member)
+            assert fake.stdout.readline() == b"ready\n"
+            env = dict(os.environ, LD_PRELOAD=shim, UMGR_SOCKET=sock_path)
+            victim = subprocess.run([programs["pattern"], "4"], env=env, capture_output=True, timeout=60)
+            out = fake.communicate(timeout=30)[0]
+            assert out, (where, victim.stderr)
+            got = json.loads(out)
+            assert victim.returncode == 0 and victim.stdout.startswith(b"ok"), victim
+            lines = victim.stderr.decode().splitlines()
+            assert len(lines) == 1 and "trust check" in lines[0] and "unmanaged" in lines[0], (where, lines)
+            assert got == {"bytes": 0, "fds": 0}, (where, got)
