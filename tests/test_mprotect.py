@@ -1,7 +1,7 @@
 """mprotect on managed memory: swap-in into read-only pages, PROT_NONE and
-back over paged-out pages, pages the daemon cannot read (PROT_NONE) while it
-wants them out, read-only pages evicted and read back, and protections
-flipping while the evictor works.
+back over paged-out pages, PROT_NONE pages evicted (the daemon reads them
+through /proc/PID/mem) and read back once accessible again, read-only pages
+evicted and read back, and protections flipping while the evictor works.
 
 The program (tests/programs/mprotect.c) checks every byte and measures with
 mincore() that the pages it is about to touch had really left (or really
@@ -50,13 +50,15 @@ def test_mprotect_over_paged_out_and_unreadable_pages_64m_in_8m(umgr_exec, progr
     assert figures["a_out"] >= eighth * 9 // 10, why
     assert figures["a_in_after_read"] >= eighth // 2, why
     assert figures["b_out"] >= eighth * 9 // 10, why
-    # C was all in memory when it became PROT_NONE, the daemon found it
-    # unreadable (and said so) while two sweeps pushed everything else out,
-    # and none of it was dropped: still in memory, and intact (the program
-    # checked every byte once C was read-write again).
+    # C was all in memory when it became PROT_NONE; the daemon reads pages
+    # through /proc/PID/mem, which reads them whatever their protection, so
+    # the two sweeps pushed C out like everything else, and it came back
+    # intact (the program checked every byte once C was read-write again).
     assert figures["c_in_before"] == c_pages, why
-    assert figures["c_in_after_sweeps"] == c_pages, why
-    assert PINNED.search(result.stderr), "the daemon never tried to evict the PROT_NONE pages\n" + why
+    assert figures["c_in_after_sweeps"] <= c_pages // 10, why
+    assert not PINNED.search(result.stderr), "PROT_NONE pages were pinned, not evicted\n" + why
+    assert figures["c_in_at_end"] <= c_pages // 10, \
+        f"{figures['c_in_at_end']} of C's {c_pages} pages never left after C was read-write again\n" + why
     # E was in memory when made read-only, then left while read-only (the
     # daemon can read and zap read-only pages), then came back.
     assert figures["e_in_before"] == e_pages, why
@@ -71,21 +73,3 @@ def test_mprotect_over_paged_out_and_unreadable_pages_64m_in_8m(umgr_exec, progr
     assert stats["pages_in"] >= 5 * 29 * MiB // PAGE, why
     assert stats["peak_resident_bytes"] <= 8 * MiB + 2 * MiB, why
     assert stats["swap_slots_in_use_at_exit"] == 0, why
-
-
-@pytest.mark.timeout(120)
-def test_pages_once_prot_none_can_be_evicted_after_read_write_again(umgr_exec, programs):
-    # C is 4 MiB, in memory and PROT_NONE while the daemon wants it out; then
-    # read-write, rewritten, and left alone while the filler is swept four
-    # more times. Like any other idle page it should then leave.
-    result, figures = run(umgr_exec, programs, "64", "4")
-    why = explain(result, figures)
-    # pytest.fail, not assert: these must fail the test, not count as the known bug.
-    if result.returncode != 0 or not result.stdout.endswith(f"ok {64 * MiB // PAGE} pages\n"):
-        pytest.fail("wrong bytes or a failed run\n" + why)
-    pinned = sum(int(count) for count, _ in set(PINNED.findall(result.stderr)))
-    if pinned <= 256:
-        pytest.fail(f"too few pages pinned ({pinned}) for this test to mean anything\n" + why)
-    c_pages = 4 * MiB // PAGE
-    assert figures["c_in_at_end"] <= c_pages // 10, \
-        f"{figures['c_in_at_end']} of C's {c_pages} pages never left after C was read-write again\n" + why

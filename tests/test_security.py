@@ -295,3 +295,107 @@ def test_shim_hands_nothing_to_a_daemon_it_cannot_trust(tmp_path, shim, programs
             lines = victim.stderr.decode().splitlines()
             assert len(lines) == 1 and "trust check" in lines[0] and "unmanaged" in lines[0], (where, lines)
             assert got == {"bytes": 0, "fds": 0}, (where, got)
+
+
+# ---- fuzzed control messages -------------------------------------------------------------
+FUZZER = r"""
+import ctypes, json, mmap, os, random, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+path, seed, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+MAGIC, HELLO = 0x524D4755, struct.Struct("<IHH Ii QQ 32s Q")
+RANGE, ADVISE, ACK = struct.Struct("<IHH QQ"), struct.Struct("<IHH QQ II"), struct.Struct("<IHH iI")
+me = os.getpid()
+
+def new_uffd():
+    return libc.syscall(323, os.O_CLOEXEC | 1)  # user mode only: all an unprivileged user gets
+
+def some_fds():
+    kinds = [lambda: list(os.pipe()), lambda: [s.detach() for s in socket.socketpair()],
+             lambda: [os.open("/dev/null", os.O_RDONLY)], lambda: [os.eventfd(0)], lambda: [new_uffd()]]
+    fds = []
+    for _ in range(rng.choice([0, 0, 1, 2, 2, 3, 6])):
+        fds += rng.choice(kinds)()
+    return [fd for fd in fds if fd >= 0]
+
+def valid():
+    n = rng.random
+    return rng.choice([
+        HELLO.pack(MAGIC, 1, HELLO.size, 2, rng.choice([me, 1, 0, -1]), rng.getrandbits(64), rng.getrandbits(64),
+                   bytes(rng.getrandbits(8) for _ in range(rng.randrange(33))), rng.getrandbits(64)),
+        RANGE.pack(MAGIC, rng.choice([3, 6]), RANGE.size, rng.getrandbits(64), rng.getrandbits(64)),
+        ADVISE.pack(MAGIC, 5, ADVISE.size, rng.getrandbits(64), rng.getrandbits(64), rng.randrange(8), 0),
+        b"STATUS"])
+
+def mutate(msg):
+    how = rng.randrange(6)
+    if how == 0:
+        return msg[:rng.randrange(len(msg) + 1)]
+    if how == 1:
+        b = bytearray(msg)
+        for _ in range(rng.randrange(1, 4)):
+            b[rng.randrange(len(b))] = rng.getrandbits(8)
+        return bytes(b)
+    if how == 2:
+        return msg + bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64)))
+    if how == 3:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 200)))
+    if how == 4:
+        return struct.pack("<IHH", MAGIC, rng.randrange(20), len(msg)) + msg[8:]
+    return msg
+
+outcomes = {}
+for _ in range(rounds):
+    fds = some_fds()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(3)
+    try:
+        s.connect(path)
+        for msg in [mutate(valid()) for _ in range(rng.choice([1, 1, 2, 3]))]:
+            socket.send_fds(s, [msg or b"\0"], fds) if fds else s.send(msg or b"\0")
+            fds, got = [], s.recv(1 << 16)
+            if not got:
+                break
+        outcome = "answered"
+        while s.recv(1 << 16):
+            pass
+        outcome = "closed"
+    except socket.timeout:
+        outcome = "open"
+    except (BrokenPipeError, ConnectionResetError):
+        outcome = "closed"
+    finally:
+        s.close()
+        for fd in fds:
+            os.close(fd)
+    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+print(json.dumps({"pid": me, "uid": os.getuid(), "outcomes": outcomes}), flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_fuzzed_control_messages_drop_only_their_connection(shared_daemon, shim, programs):
+    daemon, accounts, gid = shared_daemon
+    member = accounts[MEMBER]
+    with subprocess.Popen([programs["pattern"], "96", "mmap", "srb"], env=daemon.env(shim, UMGR_MAX_RESIDENT="16M"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as victim:
+        wait_for(lambda: any(t["pid"] == victim.pid and t["pages_out"] > 0
+                             for t in query_status(daemon.socket)["targets"]), 30, "the victim to be paged out")
+        held = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+        rejected = query_status(daemon.socket)["rejected_connections"]
+        proc = subprocess.run([SYSTEM_PYTHON, "-c", FUZZER, daemon.socket, "1234", "300"], capture_output=True,
+                              timeout=180, user=member.pw_uid, group=member.pw_gid, extra_groups=[gid], cwd="/")
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        got = json.loads(proc.stdout)
+        assert daemon.alive(), daemon.log()[-3000:]
+        assert got["outcomes"].get("closed", 0) > 250, got
+        dropped = query_status(daemon.socket)["rejected_connections"] - rejected
+        lines = [line for line in daemon.log().splitlines() if "dropping connection" in line
+                 and f"pid {got['pid']} uid {member.pw_uid}:" in line]
+        assert dropped > 250 and len(lines) == dropped, (dropped, len(lines), got)
+        assert "internal error" not in daemon.log()
+        wait_for(lambda: len(os.listdir(f"/proc/{daemon.proc.pid}/fd")) <= held + 1, 10,
+                 "the daemon to close every descriptor the fuzzer sent")
+        out, err = victim.communicate(timeout=120)
+    assert victim.returncode == 0, err.decode(errors="replace")
+    assert out.decode().startswith("ok 24576 pages"), out
