@@ -190,10 +190,10 @@ def start_daemon(socket_path: str, *options: str) -> subprocess.CompletedProcess
 
 def refused(socket_path: str) -> str:
     """The daemon's one-line refusal to start at socket_path."""
-    proc = start_daemon(socket_path)
+    proc = start_daemon(socket_path, "-q")
     _, err = proc.communicate(timeout=30)
     lines = err.decode().strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, err.decode()
+    assert proc.returncode == 125 and len(lines) == 1, err.decode()
     return lines[0]
 
 
