@@ -15,6 +15,7 @@ import grp
 import json
 import os
 import pwd
+import resource
 import shutil
 import subprocess
 import sys
@@ -399,3 +400,84 @@ def test_fuzzed_control_messages_drop_only_their_connection(shared_daemon, shim,
         out, err = victim.communicate(timeout=120)
     assert victim.returncode == 0, err.decode(errors="replace")
     assert out.decode().startswith("ok 24576 pages"), out
+
+
+# ---- connection floods (finding 3) ---------------------------------------------------------
+FLOOD = r"""
+import json, os, socket, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+socks, refused = [], 0
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(path)
+    except OSError:
+        refused += 1
+        s.close()
+        continue
+    socks.append(s)
+time.sleep(1.5)
+closed = 0
+for s in socks:
+    s.setblocking(False)
+    try:
+        closed += s.recv(16) == b""
+    except BlockingIOError:
+        pass
+    except ConnectionResetError:
+        closed += 1
+print(json.dumps({"pid": os.getpid(), "held": len(socks) - closed, "closed": closed, "refused": refused}))
+"""
+
+
+def flood(daemon, count: int, **user) -> dict:
+    proc = subprocess.run([SYSTEM_PYTHON, "-c", FLOOD, daemon.socket, str(count)], capture_output=True,
+                          timeout=60, cwd="/", **user)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.timeout(180)
+def test_connection_floods_meet_caps_and_the_victim_keeps_every_byte(shim, programs):
+    """A member's silent connections stop at the per-user cap; under a
+    256-descriptor limit root's stop at the overall cap the limit leaves
+    room for; either way the daemon and its target go on."""
+    with users() as (accounts, gid):
+        member = accounts[MEMBER]
+        sockdir = Path(tempfile.mkdtemp(prefix="umgr-sec-", dir="/tmp"))
+        os.chmod(sockdir, 0o755)
+        daemon = DaemonProcess(sockdir, "--group", GROUP)
+        try:
+            got = flood(daemon, 600, user=member.pw_uid, group=member.pw_gid, extra_groups=[gid])
+            assert got["held"] == 512 and got["closed"] + got["refused"] == 88, got
+            lines = [line for line in daemon.log().splitlines()
+                     if f"pid {got['pid']} uid {member.pw_uid}: 512 connections of this uid open" in line]
+            assert len(lines) == got["closed"], (len(lines), got)
+            assert _answers(daemon.socket)
+        finally:
+            daemon.stop()
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+    sockdir = Path(tempfile.mkdtemp(prefix="umgr-sec-", dir="/tmp"))
+    path = str(sockdir / "umgr.sock")
+    limited = subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "--socket", path, "--swap-size", "256M"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    try:
+        wait_for(lambda: _answers(path), 20, "the limited daemon")
+        env = dict(os.environ, LD_PRELOAD=shim, UMGR_SOCKET=path, UMGR_MAX_RESIDENT="16M")
+        with subprocess.Popen([programs["pattern"], "64", "mmap", "srb"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as victim:
+            wait_for(lambda: any(t["pid"] == victim.pid and t["pages_out"] > 0
+                                 for t in query_status(path)["targets"]), 30, "the victim to be paged out")
+            got = flood(type("D", (), {"socket": path}), 100)
+            cap = (256 - 64) // 8     # server.FD_RESERVE, FDS_PER_CONNECTION
+            assert got["held"] == cap - 1 and got["closed"] + got["refused"] == 100 - (cap - 1), got
+            assert limited.poll() is None and _answers(path)
+            out, err = victim.communicate(timeout=120)
+        assert victim.returncode == 0, err.decode(errors="replace")
+        assert out.decode().startswith("ok 16384 pages"), out
+    finally:
+        limited.terminate()
+        limited.communicate(timeout=30)
+        shutil.rmtree(sockdir, ignore_errors=True)

@@ -42,9 +42,15 @@ API_FEATURES = (uffdmod.UFFD_FEATURE_PAGEFAULT_FLAG_WP | uffdmod.ALL_EVENTS
 MSG_MAX = 4096
 # Open connections (one per attached process, plus those not past HELLO):
 # a flood of silent connections from one user meets its cap, not the
-# daemon's descriptor limit (raised at start, raise_fd_limit()).
+# daemon's descriptor limit (raised at start, raise_fd_limit(); the caps
+# shrink to what that limit leaves room for).
 MAX_CONNECTIONS = 4096
 MAX_CONNECTIONS_PER_UID = 512
+# Descriptors a connection may hold: its socket, the peer's pidfd and up to
+# four received (a pending one); or socket, pidfd, uffd, /proc/PID/mem and
+# agent socket, plus a /proc file opened for a moment (an attached one).
+FDS_PER_CONNECTION = 8
+FD_RESERVE = 64          # for the backend, metrics, logs and /proc reads
 ACCEPT_RETRY = 0.1       # seconds to wait when accept() finds no descriptor left
 STATUS_REQUEST = b"STATUS"
 
@@ -58,6 +64,8 @@ class Daemon:
         self.rejected_connections = 0
         self._open: dict = {}                  # connections being served: their peer's uid
         self._open_by_uid: dict[int, int] = {}
+        self.max_connections = MAX_CONNECTIONS   # lowered by serve() to fit the descriptor limit
+        self.max_per_uid = MAX_CONNECTIONS_PER_UID
         self.internal_errors_on_connections = 0
         self.stopping = False    # a clean stop is under way: no new process is taken (forked children are)
 
@@ -95,7 +103,9 @@ class Daemon:
     async def serve(self, *, control: ControlSocket | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. `control`: the socket to serve (made from
         the config if None); its file is removed on the way out."""
-        raise_fd_limit()
+        fd_limit = raise_fd_limit()
+        self.max_connections = min(MAX_CONNECTIONS, max(1, (fd_limit - FD_RESERVE) // FDS_PER_CONNECTION))
+        self.max_per_uid = min(MAX_CONNECTIONS_PER_UID, self.max_connections)
         if control is None:
             control = ControlSocket(self.config.socket_path, self.config.group)
         log.info("listening on %s", self.config.socket_path)
@@ -130,10 +140,10 @@ class Daemon:
             return None
         uid = _peer_uid(conn)
         over = None
-        if len(self._open) >= MAX_CONNECTIONS:
-            over = f"{MAX_CONNECTIONS} connections open"
-        elif uid != 0 and self._open_by_uid.get(uid, 0) >= MAX_CONNECTIONS_PER_UID:
-            over = f"{MAX_CONNECTIONS_PER_UID} connections of this uid open"
+        if len(self._open) >= self.max_connections:
+            over = f"{self.max_connections} connections open"
+        elif uid != 0 and self._open_by_uid.get(uid, 0) >= self.max_per_uid:
+            over = f"{self.max_per_uid} connections of this uid open"
         if over:
             self.rejected_connections += 1
             log.warning("control: %s: %s; dropping connection", _name(None, conn), over)
