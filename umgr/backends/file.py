@@ -10,7 +10,6 @@ which is the memory umgr is trying to save. Buffers are page aligned
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -50,12 +49,12 @@ def open_state_dir(directory: str) -> int:
     """A descriptor of the state directory (made 0700 if missing), refused
     unless it is a real directory (O_NOFOLLOW) of this process's uid that
     no one else may enter: the swap file holds the targets' memory."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(directory, 0o700)
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BackendError(f"state directory {directory}: {exc.strerror}") from None
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise  # a file, or a symlink (never followed)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     st = os.fstat(fd)
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
         os.close(fd)
