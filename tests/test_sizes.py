@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import wait_for
+from conftest import DaemonProcess, wait_for
 from umgr.cli import query_status
 from umgr.sizes import SizeError, format_size, parse_size
 
@@ -106,11 +106,26 @@ def test_cli_refuses_with_one_line_before_the_program_runs(text, tmp_path):
     assert not marker.exists()
 
 
+LARGEST = "8191P"   # the largest size the grammar accepts
+
+
+@pytest.fixture
+def largest_cap_daemon(tmp_path):
+    """A daemon capping budgets at the largest size there is: a HELLO's
+    budget is capped by --max-resident, so under this cap every size the
+    shim reads is the budget the daemon reports."""
+    assert parse_size(LARGEST) == max(v for v in CASES.values() if v is not None)
+    d = DaemonProcess(tmp_path, "--max-resident", LARGEST)
+    yield d
+    d.stop()
+
+
 @pytest.mark.timeout(120)
-def test_shim_reads_the_same_grammar(daemon, shim, programs):
+def test_shim_reads_the_same_grammar(largest_cap_daemon, shim, programs):
     """Each case is UMGR_MAX_RESIDENT for `ctl_hold`, a program that waits
     under the shim: a size becomes the budget the daemon reports for it
     (in whole pages), a refused text leaves it unmanaged with one line."""
+    daemon = largest_cap_daemon
     for text, expected in CASES.items():
         with subprocess.Popen([programs["ctl_hold"], "1"], env=daemon.env(shim, UMGR_MAX_RESIDENT=text),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
