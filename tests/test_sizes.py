@@ -106,6 +106,22 @@ def test_cli_refuses_with_one_line_before_the_program_runs(text, tmp_path):
     assert not marker.exists()
 
 
+def held_under_shim(daemon, shim, programs, budget_text: str):
+    """Run `ctl_hold` with UMGR_MAX_RESIDENT=budget_text: its target as
+    `umgr status` showed it while it waited (None if unmanaged), and its
+    stderr."""
+    with subprocess.Popen([programs["ctl_hold"], "1"], env=daemon.env(shim, UMGR_MAX_RESIDENT=budget_text),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            assert proc.stdout.readline() == b"ready\n", budget_text
+            target = next((t for t in query_status(daemon.socket)["targets"] if t["pid"] == proc.pid), None)
+            out, err = proc.communicate(b"", timeout=10)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0 and out == b"ok 256 pages\n", (budget_text, out, err)
+    return target, err
+
+
 LARGEST = "8191P"   # the largest size the grammar accepts
 
 
@@ -127,15 +143,7 @@ def test_shim_reads_the_same_grammar(largest_cap_daemon, shim, programs):
     (in whole pages), a refused text leaves it unmanaged with one line."""
     daemon = largest_cap_daemon
     for text, expected in CASES.items():
-        with subprocess.Popen([programs["ctl_hold"], "1"], env=daemon.env(shim, UMGR_MAX_RESIDENT=text),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-            try:
-                assert proc.stdout.readline() == b"ready\n", text
-                target = next((t for t in query_status(daemon.socket)["targets"] if t["pid"] == proc.pid), None)
-                out, err = proc.communicate(b"", timeout=10)
-            finally:
-                proc.kill()
-        assert proc.returncode == 0 and out == b"ok 256 pages\n", (text, out, err)
+        target, err = held_under_shim(daemon, shim, programs, text)
         if expected is None:
             assert target is None, (text, target)
             lines = err.decode().splitlines()
@@ -144,6 +152,16 @@ def test_shim_reads_the_same_grammar(largest_cap_daemon, shim, programs):
             assert target is not None and target["budget_bytes"] == expected // 4096 * 4096, (text, target)
             assert err == b"", (text, err)
     wait_for(lambda: not query_status(daemon.socket)["targets"], 10, "every target's release")
+
+
+@pytest.mark.timeout(60)
+def test_daemon_budget_caps_the_shims(daemon, shim, programs):
+    """--max-resident 16M is a cap: a program asking for more gets 16M, one
+    asking for less keeps what it asked for."""
+    for text, expected in (("512M", 16 * M), ("8M", 8 * M), ("1P", 16 * M)):
+        target, err = held_under_shim(daemon, shim, programs, text)
+        assert target is not None and target["budget_bytes"] == expected, (text, target)
+        assert err == b"", (text, err)
 
 
 @pytest.mark.timeout(30)
