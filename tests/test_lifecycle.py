@@ -88,3 +88,27 @@ def test_exec_of_a_program_without_the_shim_releases_the_old_image_at_once(daemo
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.timeout(60)
+def test_child_of_a_parent_killed_inside_fork_gets_its_paged_out_data(daemon, shim, programs):
+    """The parent dies after its fork event was read but before its shim
+    names the child (an atfork handler kills it inside fork()): the fork's
+    uffd and the slots of the parent's paged-out pages outlive the parent
+    until the child's own HELLO claims them, so the child reads its data,
+    never zeros, and the slots are freed once it is done."""
+    proc = subprocess.Popen([programs["lifecycle"], "fork-parent-killed", "64"], env=daemon.env(shim),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=50)   # EOF: the child, which shares the pipes, is done too
+    assert proc.returncode == -9, err
+    assert out == b"child ok\n", err
+    log = daemon.log()
+    assert f"pid {proc.pid}: died before naming its forked child" in log, log
+    adopted = re.search(rf"pid {proc.pid}: adopted pid (\d+)", log)
+    assert adopted, log
+    released = dict(RELEASED.findall(log))
+    assert int(released[str(proc.pid)]) >= (64 - 16) * 256, "the parent's pages had left before the fork"
+    wait_for(lambda: adopted.group(1) in dict(RELEASED.findall(daemon.log())), 10, "the child's release")
+    child_line = re.search(rf"pid {adopted.group(1)}: released \(faults (\d+), pages in (\d+)", daemon.log())
+    assert int(child_line.group(2)) >= (64 - 16) * 256 - 1024, "the child read its pages back from swap"
+    wait_for(lambda: query_status(daemon.socket)["backend"]["used_pages"] == 0, 10, "every slot freed")

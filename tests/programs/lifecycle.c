@@ -2,10 +2,12 @@
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
  * MODE: fork | munmap | mremap | mremap-race | dontneed | dontneed-race | exit
  *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
+ *     | fork-parent-killed
  *     (helpers run by the program itself: fresh | true).
  * Exit 0 when all is intact. */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <spawn.h>
@@ -109,6 +111,11 @@ static int clone_reader(void *arg)
     return 0;
 }
 
+static void die_in_parent(void)
+{
+    kill(getpid(), SIGKILL);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3)
@@ -153,6 +160,21 @@ int main(int argc, char **argv)
             return 1;
         }
         return bad;
+    }
+    if (strcmp(mode, "fork-parent-killed") == 0) {
+        /* glibc runs atfork parent handlers inside fork(), before the shim's
+         * wrapper gets to name the child to the daemon (FORKED): the parent
+         * dies in between, and the child must still get its paged-out data.
+         * The child's verdict goes to stdout, which it shares with the test. */
+        pthread_atfork(NULL, die_in_parent, NULL);
+        if (fork() == 0) {
+            int bad = check(m, 0, n, 1, "child of a parent killed at fork");
+            fill(m, 0, n, 2);
+            bad |= check(m, 0, n, 2, "that child's own writes");
+            printf("child %s\n", bad ? "bad" : "ok");
+            return bad;
+        }
+        return 2; /* not reached: the parent is killed in fork() */
     }
     if (strcmp(mode, "munmap") == 0) { /* a hole in the middle splits the region */
         size_t lo = n / 4, len = n / 4;

@@ -14,12 +14,14 @@ import trio
 from umgr import protocol
 from umgr.backends import Backend
 from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, DaemonConfig
+from umgr.daemon.forks import Orphan, OrphanForks, ParentSettings
 from umgr.daemon.names import target_name
 from umgr.daemon.peer import Memory, Peer, Refused
 from umgr.daemon.status import Totals, snapshot
 from umgr.errors import BackendError, TargetGone
 from umgr.kernel import maps, procmem
 from umgr.kernel import uffd as uffdmod
+from umgr.paging.events import ForkedMemory
 from umgr.paging.pagetable import PAGE_SHIFT
 from umgr.paging.target import Target
 from umgr.paging.tuning import RESUME_INTERVAL
@@ -41,6 +43,7 @@ class Lifecycle:
         self.idle = trio.Event()          # set whenever no target is left
         self.idle.set()
         self._children_waiting: dict[int, trio.Event] = {}
+        self.orphans = OrphanForks()      # forks of parents that died before naming the child
         self._scopes: dict[Target, trio.CancelScope] = {}
         self._resume_wanted = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -137,27 +140,32 @@ class Lifecycle:
             log.warning("control: %s: FORKED %d refused: %s", reporter, child_pid, exc)
             return errno.EPERM if isinstance(exc, Refused) else errno.ESRCH
         self._child_reported(child_pid)
-        uffd = parent.take_fork_uffd()
-        if uffd is None:
+        forked = parent.take_fork()
+        if forked is None:
             # No registered range at fork time: the kernel sends no fork
             # event, and the child's shim attaches with a uffd of its own.
             memory.close()
             os.close(pidfd)
             return errno.ENOENT
-        label = f"pid {child_pid}"
+        child = self._child_target(child_pid, ParentSettings.of(parent), forked, pidfd, memory.take_mem_fd())
+        log.info("%s: forked %s", parent.label, child.label)
+        return 0
+
+    def _child_target(self, pid: int, parent: ParentSettings, forked: ForkedMemory, pidfd: int,
+                      mem_fd: int) -> Target:
+        """A forked child's target, started: the parent's settings, the
+        memory as it was at the fork (its slots already hold the child's
+        references)."""
+        label = f"pid {pid}"
         try:  # a plug-in's class name may not be its entry-point name
-            prefetch = self.prefetch(parent.prefetch.name, label)
+            prefetch = self.prefetch(parent.prefetch_name, label)
         except protocol.ProtocolError as exc:
             log.warning("%s: %s; it runs without prefetch", label, exc)
             prefetch = self.prefetch("none", label)
-        # Its swapped pages share the parent's slots: one more reference each.
-        pages = parent.pt.forked()
-        self.backend.slots.incref(pages.all_slots())
-        child = self._new_target(child_pid, parent.owner, uffd, pidfd, memory.take_mem_fd(),
-                                 parent.budget_pages << PAGE_SHIFT, prefetch, pages, name=parent.name)
+        child = self._new_target(pid, parent.owner, forked.uffd, pidfd, mem_fd, parent.budget_pages << PAGE_SHIFT,
+                                 prefetch, forked.pages, name=parent.name)
         self.start(child)
-        log.info("%s: forked %s", parent.label, child.label)
-        return 0
+        return child
 
     def _child_reported(self, pid: int) -> None:
         """Wake the child's HELLO if it waits; the entry expires unused
@@ -172,16 +180,33 @@ class Lifecycle:
                 del self._children_waiting[pid]
         self._nursery.start_soon(expire)
 
-    async def child_hello(self, pid: int) -> Target | None:
+    async def child_hello(self, pid: int, owner: tuple[int, int]) -> Target | Orphan | None:
         """A forked child's HELLO: its target, made from its parent's FORKED
-        report (waited for), or None when there is none to attach to."""
+        report (waited for); or, if the parent died before sending it, the
+        fork it left (to be proven the child's, then adopt_orphan); or None
+        when there is neither to attach to."""
+        reported = self._children_waiting.setdefault(pid, trio.Event())
         with trio.move_on_after(CHILD_HELLO_WAIT):
-            await self._children_waiting.setdefault(pid, trio.Event()).wait()
+            while not reported.is_set():
+                orphan = self.orphans.claim(pid, owner)
+                if orphan is not None:
+                    self._children_waiting.pop(pid, None)
+                    return orphan
+                orphans_changed = self.orphans.changed
+                async with trio.open_nursery() as either:
+                    for event in (reported, orphans_changed):
+                        either.start_soon(_set_then_cancel, event, either.cancel_scope)
         self._children_waiting.pop(pid, None)
         target = self.targets.get(pid)
         if target is None or target.has_zapper:
             return None
         return target
+
+    def adopt_orphan(self, orphan: Orphan, pid: int, pidfd: int, mem_fd: int) -> Target:
+        """A dead parent's fork, proven to be process pid's: its target."""
+        child = self._child_target(pid, orphan.parent, orphan.fork, pidfd, mem_fd)
+        log.info("pid %d: adopted %s, forked just before its parent died", orphan.parent.pid, child.label)
+        return child
 
     # ---- running -------------------------------------------------------------------
     def start(self, target: Target) -> None:
@@ -268,6 +293,7 @@ class Lifecycle:
         snap = snapshot(target)
         for watch in self.release_watchers:
             watch(target)
+        self.orphans.keep(ParentSettings.of(target), target.take_unclaimed_forks(), self._nursery)
         target.release_all()
         self.totals.add(snap)
         os.close(target.pidfd)
@@ -295,3 +321,8 @@ def _backend_error(exc: BaseException) -> BackendError | None:
         if found is not None:
             return found
     return None
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -24,6 +24,7 @@ import trio
 from umgr import protocol
 from umgr.backends import Backend
 from umgr.daemon.config import HELLO_TIMEOUT, DaemonConfig
+from umgr.daemon.forks import Orphan
 from umgr.daemon.lifecycle import Lifecycle
 from umgr.daemon.listener import ControlSocket
 from umgr.daemon.peer import Memory, Peer, Refused, peer_of
@@ -297,16 +298,31 @@ class Daemon:
 
     async def _attach_child(self, hello: protocol.Hello, fds: list[int], conn, peer: Peer) -> Target | None:
         """A forked child's shim brings its agent socket; its uffd came with
-        the fork event, which its parent reports (FORKED) right after fork.
+        the fork event, which its parent reports (FORKED) right after fork
+        (or, if the parent died first, the child claims the fork it left).
         Without one, the child is told to attach with a uffd of its own.
         The child itself proves the fork event's uffd is its own; if not,
         that uffd is not this process's and its target is stopped."""
         _require_socket(fds[0])
-        target = await self.lifecycle.child_hello(hello.pid)
-        if target is None:
+        found = await self.lifecycle.child_hello(hello.pid, (peer.uid, peer.gid))
+        if isinstance(found, Orphan):
+            target = self._adopt_orphan(found, hello, peer)
+        elif found is not None:
+            target = found
+            self._prove_child(target, hello, peer)
+        else:
             os.close(fds.pop())
             await conn.send(protocol.encode_hello_ack(errno.ENOENT, self.config.zap_mode, 0))
             return None
+        target.attach_zapper(self.lifecycle.zapper(target, fds.pop()))
+        # The child's uffd goes back with the answer: the shim keeps a
+        # reference, so that if the daemon dies its faults wait, not zeros.
+        ack = protocol.encode_hello_ack(0, self.config.zap_mode, target.uffd.features, self.config.grace_seconds)
+        await conn.sendmsg([ack], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", target.uffd.fileno()))])
+        return target
+
+    def _prove_child(self, target: Target, hello: protocol.Hello, peer: Peer) -> None:
+        """The target made from the parent's FORKED is the peer's own, or it is stopped."""
         try:
             if target.owner_uid != peer.uid:
                 raise Refused(f"the child target belongs to uid {target.owner_uid}")
@@ -318,12 +334,22 @@ class Daemon:
         except (Refused, TargetGone, OSError):
             self.lifecycle.stop(target)
             raise
-        target.attach_zapper(self.lifecycle.zapper(target, fds.pop()))
-        # The child's uffd goes back with the answer: the shim keeps a
-        # reference, so that if the daemon dies its faults wait, not zeros.
-        ack = protocol.encode_hello_ack(0, self.config.zap_mode, target.uffd.features, self.config.grace_seconds)
-        await conn.sendmsg([ack], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", target.uffd.fileno()))])
-        return target
+
+    def _adopt_orphan(self, orphan: Orphan, hello: protocol.Hello, peer: Peer) -> Target:
+        """The fork a dead parent left, once the child proves it is its own
+        (if not, the fork waits on for its child and this one is refused)."""
+        vpn = hello.probe >> PAGE_SHIFT
+        try:
+            memory = Memory(peer.pidfd, peer.pid, peer.uid, peer.gid)
+            try:
+                memory.prove_uffd(orphan.fork.uffd, hello.probe, registered=not orphan.fork.pages.gaps(vpn, vpn + 1))
+            except BaseException:
+                memory.close()
+                raise
+        except (Refused, TargetGone, OSError):
+            self.lifecycle.orphans.give_back(orphan)
+            raise
+        return self.lifecycle.adopt_orphan(orphan, peer.pid, peer.take_pidfd(), memory.take_mem_fd())
 
     async def _refuse_while_stopping(self, hello: protocol.Hello, conn) -> None:
         """A new process while the daemon stops: it runs unmanaged (nothing

@@ -8,13 +8,16 @@ Handlers are idempotent: the kernel may report a REMOVE range twice.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
+from umgr.backends.slots import SlotAllocator
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import ForkEvent, RemapEvent, RemoveEvent, UnmapEvent
 from umgr.paging.core import TargetCore
-from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, State
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, PageTable, State
 from umgr.paging.removes import RemoveAttribution
 
 log = logging.getLogger("umgr.target")
@@ -24,7 +27,7 @@ class MemoryEvents:
     def __init__(self, core: TargetCore, removes: RemoveAttribution):
         self.core = core
         self.removes = removes
-        self.fork_uffds: list[uffdmod.Userfaultfd] = []   # child uffds waiting for their pid
+        self.forks: list[ForkedMemory] = []   # children's uffds and memory, waiting for their pid
 
     def handle(self, event) -> None:
         kind = type(event)
@@ -36,7 +39,7 @@ class MemoryEvents:
             self._on_remap(event)
         elif kind is ForkEvent:
             self.core.stats.forks += 1
-            self.fork_uffds.append(uffdmod.Userfaultfd(event.fd))
+            self.forks.append(ForkedMemory.at_fork(uffdmod.Userfaultfd(event.fd), self.core))
 
     def _on_unmap(self, start: int, end: int) -> None:
         core = self.core
@@ -100,9 +103,35 @@ class MemoryEvents:
         core.pt.set(emptied[slots != NO_SLOT], State.SWAPPED)
 
     def close(self) -> None:
-        for child in self.fork_uffds:
+        for child in self.forks:
             child.close()
-        self.fork_uffds.clear()
+        self.forks.clear()
+
+
+@dataclass(eq=False)
+class ForkedMemory:
+    """A forked child's userfaultfd and page table, as they were at the
+    fork. The parent's fork() waits until its fork event is read, so the
+    table is taken before the parent can fault a page back in or evict
+    one, and the swapped pages' slots get the child's reference now: the
+    parent freeing one before the child is known (its FORKED, or the
+    child's own HELLO if the parent dies first) cannot lose the child's copy."""
+    uffd: uffdmod.Userfaultfd
+    pages: PageTable
+    slots: SlotAllocator
+    born: float                  # CLOCK_BOOTTIME seconds when the fork event was read
+
+    @classmethod
+    def at_fork(cls, uffd: uffdmod.Userfaultfd, core: TargetCore) -> "ForkedMemory":
+        pages = core.pt.forked()
+        core.slots.incref(pages.all_slots())
+        return cls(uffd, pages, core.slots, time.clock_gettime(time.CLOCK_BOOTTIME))
+
+    def close(self) -> None:
+        """Never claimed: its slots and its uffd go (the child, if it still
+        runs, is killed by its shim for want of a daemon)."""
+        self.slots.free(self.pages.clear())
+        self.uffd.close()
 
 
 def _page_up(addr: int) -> int:

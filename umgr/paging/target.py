@@ -27,7 +27,7 @@ from umgr.kernel import uffd as uffdmod
 from umgr.paging.advice import Hints
 from umgr.paging.budget import Budget
 from umgr.paging.core import TargetCore
-from umgr.paging.events import MemoryEvents
+from umgr.paging.events import ForkedMemory, MemoryEvents
 from umgr.paging.evictor import Evictor
 from umgr.paging.faults import FaultService
 from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State
@@ -128,9 +128,15 @@ class Target:
         self.core.zapper = zapper
         self.command = read_cmdline(self.pid)
 
-    def take_fork_uffd(self) -> uffdmod.Userfaultfd | None:
-        """The oldest child uffd from a fork event, or None."""
-        return self.events.fork_uffds.pop(0) if self.events.fork_uffds else None
+    def take_fork(self) -> ForkedMemory | None:
+        """The oldest fork event's child uffd and memory, or None."""
+        return self.events.forks.pop(0) if self.events.forks else None
+
+    def take_unclaimed_forks(self) -> list[ForkedMemory]:
+        """Every fork whose child is not known yet: the target is going
+        (its process died, perhaps between fork() and its FORKED)."""
+        forks, self.events.forks = self.events.forks, []
+        return forks
 
     def register(self, start: int, length: int) -> bool:
         """Register [start, start+length) in the target's mm and manage it.
@@ -208,7 +214,7 @@ class Target:
     @property
     def unclaimed_forks(self) -> int:
         """Child uffds from fork events whose FORKED has not come yet."""
-        return len(self.events.fork_uffds)
+        return len(self.events.forks)
 
     async def detach(self) -> None:
         """Tell the shim to go on unmanaged (every page must be back)."""

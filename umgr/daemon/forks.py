@@ -1,0 +1,113 @@
+"""Forked children whose parent died before naming them.
+
+A managed parent's fork() blocks until the daemon has read the fork event,
+which carries the child's userfaultfd; the parent's shim then names the
+child (FORKED). A parent killed between the two leaves a child whose
+paged-out memory only that uffd can serve: closing it with the parent
+would let the child read zeros where its data was. So the parent's
+unclaimed forks outlive it here for ORPHAN_WAIT seconds, and the child's
+own HELLO claims its fork: same owner, and a fork event read just after
+the child was born (the parent was blocked in fork() until then). The
+caller then proves the uffd is the child's (peer.Memory.prove_uffd) before
+serving it; exactly one candidate or none is offered, so no other
+process's memory is probed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from umgr.paging.events import ForkedMemory
+
+log = logging.getLogger("umgr.daemon")
+
+ORPHAN_WAIT = 10.0       # seconds an unclaimed fork outlives its parent
+# The child's start time (/proc/PID/stat, clock ticks) is at most this much
+# before the fork event was read, and at most a tick after (truncation).
+BORN_BEFORE_READ = 2.0
+TICK = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ParentSettings:
+    """What a forked child's target takes from its parent."""
+    pid: int
+    owner: tuple[int, int]
+    budget_pages: int
+    name: str
+    prefetch_name: str
+
+    @classmethod
+    def of(cls, target) -> "ParentSettings":
+        return cls(target.pid, target.owner, target.budget_pages, target.name, target.prefetch.name)
+
+
+@dataclass(eq=False)
+class Orphan:
+    parent: ParentSettings
+    fork: ForkedMemory
+
+
+class OrphanForks:
+    """Unclaimed forks of dead parents, each kept ORPHAN_WAIT seconds."""
+
+    def __init__(self):
+        self._waiting: list[Orphan] = []
+        self.changed = trio.Event()      # set when an orphan arrives (a child's HELLO may wait for it)
+
+    def keep(self, parent: ParentSettings, forks: list[ForkedMemory], nursery: trio.Nursery) -> None:
+        for fork in forks:
+            orphan = Orphan(parent, fork)
+            self._waiting.append(orphan)
+            nursery.start_soon(self._expire, orphan)
+            log.warning("pid %d: died before naming its forked child; its memory waits %g s for the child",
+                        parent.pid, ORPHAN_WAIT)
+        if forks:
+            self.changed.set()
+            self.changed = trio.Event()
+
+    def claim(self, pid: int, owner: tuple[int, int]) -> Orphan | None:
+        """The one fork that can be process `pid`'s, or None (none, or
+        more than one: then none is probed, and the child cannot be served)."""
+        born = _start_time(pid)
+        if born is None:
+            return None
+        mine = [o for o in self._waiting
+                if o.parent.owner == owner and -TICK <= o.fork.born - born <= BORN_BEFORE_READ]
+        if len(mine) != 1:
+            if mine:
+                log.warning("pid %d: %d unclaimed forks could be its own; serving none", pid, len(mine))
+            return None
+        self._waiting.remove(mine[0])
+        return mine[0]
+
+    def give_back(self, orphan: Orphan) -> None:
+        """A claimed fork that did not prove to be the claimant's."""
+        self._waiting.append(orphan)
+
+    async def _expire(self, orphan: Orphan) -> None:
+        await trio.sleep(ORPHAN_WAIT)
+        if orphan in self._waiting:
+            self._waiting.remove(orphan)
+            orphan.fork.close()
+            log.warning("pid %d: no child claimed the memory of its last fork; released", orphan.parent.pid)
+
+    def close(self) -> None:
+        for orphan in self._waiting:
+            orphan.fork.close()
+        self._waiting.clear()
+
+
+def _start_time(pid: int) -> float | None:
+    """When the process was born, in CLOCK_BOOTTIME seconds (field 22 of
+    /proc/PID/stat counts clock ticks since boot)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()   # after the command name, which may hold spaces
+    return int(fields[19]) * TICK
