@@ -11,6 +11,7 @@ which is the memory umgr is trying to save. Buffers are page aligned
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import stat
@@ -78,11 +79,52 @@ def _open_swap_file(directory: str) -> tuple[int, bool]:
         os.close(dir_fd)
 
 
+def _open_named_swap_file(directory: str, name: str, reuse: bool) -> tuple[int, bool]:
+    """The swap file `name` in `directory` (the daemon's own 0700 state
+    directory), kept after a crash so a restarted daemon can read it back:
+    reopened when `reuse`, else made anew, exclusively. Never followed
+    through a link; refused unless it is a regular file of this uid with no
+    other name."""
+    dir_fd = open_state_dir(directory)
+    try:
+        if not reuse:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+        create = 0 if reuse else os.O_CREAT | os.O_EXCL
+        for direct in (os.O_DIRECT, 0):
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | create | direct, 0o600, dir_fd=dir_fd)
+                break
+            except OSError as exc:
+                if direct and exc.errno == errno.EINVAL:   # no O_DIRECT here (tmpfs)
+                    continue
+                raise BackendError(f"cannot open the swap file {directory}/{name}: {exc.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise BackendError(f"{directory}/{name} is not a swap file of this daemon's")
+    return fd, bool(direct)
+
+
 class FileBackend(Backend):
     name = "file"
 
-    def __init__(self, size: int = 4 << 30, directory: str = DEFAULT_STATE_DIR, ring_entries: int = 256):
-        self.fd, self.direct = _open_swap_file(directory)
+    def __init__(self, size: int = 4 << 30, directory: str = DEFAULT_STATE_DIR, ring_entries: int = 256,
+                 swap_name: str = "", reuse: bool = False):
+        """`swap_name`: keep the swap file under this name in `directory`
+        (a daemon that can take its programs back after a crash); with
+        `reuse`, the existing file and its contents, at its own size."""
+        if swap_name:
+            self.fd, self.direct = _open_named_swap_file(directory, swap_name, reuse)
+            if reuse:
+                size = os.fstat(self.fd).st_size
+        else:
+            self.fd, self.direct = _open_swap_file(directory)
+        self.path = os.path.join(directory, swap_name) if swap_name else None
         # Checked first: a filesystem may allocate what it has before it
         # fails with ENOSPC, filling the disk for everyone meanwhile.
         fs = os.fstatvfs(self.fd)
@@ -90,7 +132,7 @@ class FileBackend(Backend):
             os.close(self.fd)
             raise BackendError(f"{size >> 20} MiB of swap is more than the {MAX_SLOTS * PAGE_SIZE >> 20} MiB "
                                "a file backend addresses")
-        if fs.f_bavail * fs.f_frsize < size:
+        if fs.f_bavail * fs.f_frsize < size and not reuse:
             os.close(self.fd)
             raise BackendError(f"cannot preallocate {size >> 20} MiB of swap in {directory}: "
                                f"{fs.f_bavail * fs.f_frsize >> 20} MiB free")
@@ -162,6 +204,14 @@ class FileBackend(Backend):
             res = int(results[bad[0]])
             reason = os.strerror(-res) if res < 0 else f"short transfer of {res} bytes"
             raise BackendError(f"swap file {op.name.lower()} failed: {reason}")
+
+    def remove(self) -> None:
+        """Unlink a named swap file (a clean stop: nothing will come back for it)."""
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -51,6 +51,15 @@ class SlotAllocator:
         self._refs[slots] = 1
         return slots
 
+    def adopt(self, slots: np.ndarray) -> None:
+        """Start from these references (a restarted daemon's saved tables:
+        a slot named n times has n references); every other slot is free."""
+        refs = np.bincount(np.asarray(slots, np.int64), minlength=self.capacity)[:self.capacity]
+        self._refs[:] = refs
+        free = np.flatnonzero(refs == 0)[::-1].astype(np.int32)   # popped from the end: lowest first
+        self._nfree = len(free)
+        self._free[:self._nfree] = free
+
     def incref(self, slots: np.ndarray) -> None:
         slots = np.asarray(slots, np.int32)
         if len(slots) and (self._refs[slots] == 0).any():

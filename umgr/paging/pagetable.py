@@ -60,6 +60,7 @@ class Region:
     state: np.ndarray  # uint8 per page
     slot: np.ndarray   # int32 per page
     flags: np.ndarray = None  # uint8 per page (Flag bits)
+    backing: object = None    # where state and slot live, if not in memory (umgr/paging/tablefile.py)
 
     def __post_init__(self):
         if self.flags is None:
@@ -83,10 +84,36 @@ class Region:
         return Region(lo, self.state[a:b].copy(), self.slot[a:b].copy(), self.flags[a:b].copy())
 
 
+class MemoryArrays:
+    """Where a table's regions keep their arrays: in the daemon's memory.
+    A persistent table (umgr/paging/tablefile.py) moves a region's arrays
+    to a file when a page of it first gets a slot; every region is made,
+    cut and dropped through these calls."""
+
+    def holding_slots(self, region: Region) -> None:
+        """A page of `region` is about to name a slot."""
+
+    def empty(self, vpn: int, npages: int) -> Region:
+        return Region.empty(vpn, npages)
+
+    def piece(self, region: Region, lo: int, hi: int) -> Region:
+        return region.piece(lo, hi)
+
+    def moved(self, region: Region, vpn: int) -> None:
+        region.vpn = vpn
+
+    def drop(self, region: Region) -> None:
+        pass
+
+
+IN_MEMORY = MemoryArrays()
+
+
 @dataclass
 class PageTable:
     regions: list[Region] = field(default_factory=list)  # sorted, disjoint
     counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
+    arrays: MemoryArrays = IN_MEMORY
 
     # ---- queries -----------------------------------------------------
     @property
@@ -227,7 +254,10 @@ class PageTable:
             if state not in FLAGGED_STATES:
                 region.flags[idx] = 0
             if slots is not None:
-                region.slot[idx] = slots if np.isscalar(slots) else slots[pos]
+                values = slots if np.isscalar(slots) else slots[pos]
+                if region.backing is None and np.any(values != NO_SLOT):
+                    self.arrays.holding_slots(region)
+                region.slot[idx] = values
 
     def set_state(self, vpn: int, state: int, slot: int | None = None) -> None:
         """One page's state (and slot, if given): the fault path's
@@ -242,6 +272,8 @@ class PageTable:
         if state not in FLAGGED_STATES:
             region.flags[index] = 0
         if slot is not None:
+            if region.backing is None and slot != NO_SLOT:
+                self.arrays.holding_slots(region)
             region.slot[index] = slot
 
     def clear_flag(self, vpn: int, flag: int) -> bool:
@@ -266,7 +298,7 @@ class PageTable:
         """A new registered range; pages marked present start RESIDENT.
         Returns the region and the slots freed from whatever it replaced."""
         freed = self.remove(vpn, vpn + npages)
-        region = Region.empty(vpn, npages)
+        region = self.arrays.empty(vpn, npages)
         if present is not None:
             region.state[present] = State.RESIDENT
         self._count_in(region.state)
@@ -281,10 +313,7 @@ class PageTable:
             a, b = lo - region.vpn, hi - region.vpn
             self._count_out(region.state[a:b])
             freed.append(region.slot[a:b][region.slot[a:b] != NO_SLOT])
-            self.regions.remove(region)
-            for keep_lo, keep_hi in ((region.vpn, lo), (hi, region.end)):
-                if keep_hi > keep_lo:
-                    bisect.insort(self.regions, region.piece(keep_lo, keep_hi), key=lambda r: r.vpn)
+            self._split_out(region, lo, hi)
         return np.concatenate(freed) if freed else np.empty(0, np.int32)
 
     def discard(self, vpn_lo: int, vpn_hi: int, keep: tuple[int, ...] = ()) -> np.ndarray:
@@ -308,14 +337,15 @@ class PageTable:
     def move(self, src_vpn: int, dst_vpn: int, npages: int) -> np.ndarray:
         """mremap moved [src, src+n) to dst: states and slots follow the pages.
         Returns the slots of what the move replaced at dst, to be freed."""
-        pieces = [(lo, region.piece(lo, hi)) for region, lo, hi in self._overlapping(src_vpn, src_vpn + npages)]
+        pieces = [(lo, self.arrays.piece(region, lo, hi))
+                  for region, lo, hi in self._overlapping(src_vpn, src_vpn + npages)]
         for region, lo, hi in list(self._overlapping(src_vpn, src_vpn + npages)):
             a, b = lo - region.vpn, hi - region.vpn
             self._count_out(region.state[a:b])
         self._cut(src_vpn, src_vpn + npages)
         replaced = self.remove(dst_vpn, dst_vpn + npages)
         for lo, piece in pieces:
-            piece.vpn = dst_vpn + (lo - src_vpn)
+            self.arrays.moved(piece, dst_vpn + (lo - src_vpn))
             self._count_in(piece.state)
             bisect.insort(self.regions, piece, key=lambda r: r.vpn)
         return replaced
@@ -323,22 +353,24 @@ class PageTable:
     def clear(self) -> np.ndarray:
         """Everything is gone (exit, exec). Returns all slots to free."""
         freed = [r.slot[r.slot != NO_SLOT] for r in self.regions]
+        for region in self.regions:
+            self.arrays.drop(region)
         self.regions.clear()
         self.counts[:] = 0
         return np.concatenate(freed) if freed else np.empty(0, np.int32)
 
-    def copy(self) -> "PageTable":
-        """A deep copy."""
-        regions = [Region(r.vpn, r.state.copy(), r.slot.copy(), r.flags.copy()) for r in self.regions]
-        return PageTable(regions, self.counts.copy())
+    def copy(self, arrays: MemoryArrays = IN_MEMORY) -> "PageTable":
+        """A deep copy, its arrays made by `arrays`."""
+        regions = [arrays.piece(r, r.vpn, r.end) for r in self.regions]
+        return PageTable(regions, self.counts.copy(), arrays)
 
-    def forked(self) -> "PageTable":
+    def forked(self, arrays: MemoryArrays = IN_MEMORY) -> "PageTable":
         """The table a forked child starts with. Its swapped pages name the
         parent's slots (the caller takes a reference on each). Pages in an
         eviction batch are resident in the child: still present there, or,
         if the zap came first, swapped in the shared slot (FRESH without
         one). Flags (application hints) stay the parent's."""
-        child = self.copy()
+        child = self.copy(arrays)
         for region in child.regions:
             region.flags[:] = 0
             evicting = region.state == State.EVICTING
@@ -367,10 +399,23 @@ class PageTable:
     def _cut(self, vpn_lo: int, vpn_hi: int) -> None:
         """Remove pages without counting (the caller has)."""
         for region, lo, hi in list(self._overlapping(vpn_lo, vpn_hi)):
-            self.regions.remove(region)
-            for keep_lo, keep_hi in ((region.vpn, lo), (hi, region.end)):
-                if keep_hi > keep_lo:
-                    bisect.insort(self.regions, region.piece(keep_lo, keep_hi), key=lambda r: r.vpn)
+            self._split_out(region, lo, hi)
+
+    def _split_out(self, region: Region, lo: int, hi: int) -> None:
+        """Replace `region` by its parts outside [lo, hi). The parts are
+        made before the region is dropped: a persistent table always has
+        every page in some file."""
+        self.regions.remove(region)
+        for keep_lo, keep_hi in ((region.vpn, lo), (hi, region.end)):
+            if keep_hi > keep_lo:
+                bisect.insort(self.regions, self.arrays.piece(region, keep_lo, keep_hi), key=lambda r: r.vpn)
+        self.arrays.drop(region)
+
+    def recount(self) -> None:
+        """Per-state counts from the arrays (a table loaded from files)."""
+        self.counts[:] = 0
+        for region in self.regions:
+            self._count_in(region.state)
 
     def _count_out(self, states: np.ndarray) -> None:
         if len(states) <= SMALL:

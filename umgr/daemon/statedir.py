@@ -1,0 +1,235 @@
+"""What a standalone daemon keeps in its state directory so that, restarted
+after a crash with the same --socket and --state-dir, it can take its
+programs back: the swap file (named, not unlinked) and each target's page
+table (umgr/paging/tablefile.py) with the process's identity.
+
+Layout, in a directory of its own per control socket (two daemons of one
+state directory never share files):
+
+    STATE_DIR/daemon-HASH/        0700, locked (flock) while a daemon runs
+        boot                      the boot id the files belong to
+        swap                      the swap file (umgr/backends/file.py)
+        t-PID-START/              one per target: START is the process's
+            target.json           start time (clock ticks after boot), so
+            rFFFF...              a pid reused by another process never
+                                  matches; then its page table's files
+
+Everything is opened relative to directory descriptors with O_NOFOLLOW,
+inside the state directory the daemon checked (its own, mode 0700).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import numpy as np
+
+from umgr.backends.file import open_state_dir
+from umgr.errors import BackendError
+from umgr.paging.pagetable import PageTable
+from umgr.paging.tablefile import RECORD, FileArrays, remove_all
+
+log = logging.getLogger("umgr.daemon")
+
+SWAP_NAME = "swap"
+TARGET_PREFIX = "t-"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (field 22 of
+    /proc/PID/stat), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])
+
+
+def _boot_id() -> str:
+    with open(BOOT_ID) as f:
+        return f.read().strip()
+
+
+def _open_dir(name: str, dir_fd: int) -> int:
+    """A directory of ours in `dir_fd` (made 0700 if missing), opened
+    without following a link, refused unless it is this uid's and closed to
+    others (file.open_state_dir's checks, relative to a checked directory)."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise BackendError(f"state directory {name} must belong to uid {os.geteuid()} with mode 0700 "
+                           f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
+    return fd
+
+
+@dataclass(eq=False)
+class SavedTarget:
+    """One target's files: its directory and its table's arrays."""
+    pid: int
+    start_time: int
+    dir_name: str
+    dir_fd: int
+    arrays: FileArrays
+    info: dict
+    table: PageTable | None = None   # loaded from the files (a target of the dead daemon)
+
+
+class StateDir:
+    def __init__(self, state_dir: str, socket_path: str):
+        key = hashlib.sha256(os.path.abspath(socket_path).encode()).hexdigest()[:16]
+        self.path = os.path.join(state_dir, f"daemon-{key}")
+        top = open_state_dir(state_dir)
+        try:
+            self.dir_fd = _open_dir(f"daemon-{key}", top)
+        finally:
+            os.close(top)
+        self._lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                                dir_fd=self.dir_fd)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackendError(f"another umgr daemon uses {self.path}") from None
+        self.saved: dict[int, SavedTarget] = {}   # by pid: the dead daemon's targets, until resumed
+        self._load()
+
+    # ---- the dead daemon's targets ------------------------------------------------
+    def _load(self) -> None:
+        boot = _boot_id()
+        same_boot = self._read("boot") == boot
+        for name in os.listdir(self.dir_fd):
+            if not name.startswith(TARGET_PREFIX):
+                continue
+            saved = self._open_target(name) if same_boot else None
+            if saved is None:
+                self._remove_dir(name)
+            else:
+                self.saved[saved.pid] = saved
+        self._write("boot", boot)
+        if self.saved:
+            log.info("state in %s: %d target(s) of a previous daemon may come back", self.path, len(self.saved))
+
+    def _open_target(self, name: str) -> SavedTarget | None:
+        try:
+            pid, start_time = (int(x) for x in name[len(TARGET_PREFIX):].split("-"))
+        except ValueError:
+            return None
+        if process_start_time(pid) != start_time:
+            return None        # it exited (or its pid is another process's now)
+        dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        try:
+            with open(os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)) as f:
+                info = json.load(f)
+            arrays = FileArrays(dir_fd, f"pid {pid}")
+            table = arrays.load()
+        except (OSError, ValueError) as exc:
+            log.warning("state in %s: %s unreadable (%s); it cannot come back", self.path, name, exc)
+            os.close(dir_fd)
+            return None
+        return SavedTarget(pid, start_time, name, dir_fd, arrays, info, table)
+
+    def swap_reusable(self) -> bool:
+        """Whether the swap file holds pages a target may come back for."""
+        return bool(self.saved)
+
+    def adopt_slots(self, slots) -> None:
+        """Slot references from every saved table (pages shared after a fork
+        share a slot: one reference each). A table naming a slot the swap
+        file does not have cannot come back."""
+        for pid, saved in list(self.saved.items()):
+            used = saved.table.all_slots()
+            if len(used) and (used.min() < 0 or used.max() >= slots.capacity):
+                log.warning("state in %s: pid %d names slots past the swap file; it cannot come back",
+                            self.path, pid)
+                self.forget(self.saved.pop(pid))
+        every = [s.table.all_slots() for s in self.saved.values()]
+        slots.adopt(np.concatenate(every) if every else np.empty(0, np.int32))
+
+    def take(self, pid: int, start_time: int | None, owner: tuple[int, int]) -> SavedTarget | None:
+        """The saved target of this process (pid, start time and owner
+        alike), now the caller's; None if there is none."""
+        saved = self.saved.get(pid)
+        if saved is None or saved.start_time != start_time or tuple(saved.info.get("owner", ())) != owner:
+            return None
+        return self.saved.pop(pid)
+
+    def unclaimed(self) -> list[SavedTarget]:
+        """The saved targets not taken back (their slots still referenced)."""
+        out = list(self.saved.values())
+        self.saved.clear()
+        return out
+
+    # ---- targets of this daemon ----------------------------------------------------
+    def new_target(self, pid: int, info: dict) -> SavedTarget:
+        start_time = process_start_time(pid)
+        if start_time is None:
+            raise ProcessLookupError(pid)
+        name = f"{TARGET_PREFIX}{pid}-{start_time}"
+        self._remove_dir(name)   # a leftover of the same process (a HELLO after exec)
+        os.mkdir(name, 0o700, dir_fd=self.dir_fd)
+        dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        info = dict(info, pid=pid, start_time=start_time)
+        fd = os.open(RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
+        with open(fd, "w") as f:
+            json.dump(info, f)
+        return SavedTarget(pid, start_time, name, dir_fd, FileArrays(dir_fd, f"pid {pid}"), info)
+
+    def forget(self, saved: SavedTarget) -> None:
+        """The target is gone: its files go."""
+        remove_all(saved.dir_fd)
+        os.close(saved.dir_fd)
+        try:
+            os.rmdir(saved.dir_name, dir_fd=self.dir_fd)
+        except OSError as exc:
+            log.warning("cannot remove %s/%s: %s", self.path, saved.dir_name, exc.strerror)
+
+    def close(self, clean: bool) -> None:
+        """At exit: after a clean stop nothing is left to come back for."""
+        if clean:
+            for name in os.listdir(self.dir_fd):
+                if name.startswith(TARGET_PREFIX):
+                    self._remove_dir(name)
+        os.close(self._lock_fd)
+        os.close(self.dir_fd)
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _remove_dir(self, name: str) -> None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            return
+        except OSError:
+            os.unlink(name, dir_fd=self.dir_fd)   # not a directory: nothing of ours
+            return
+        try:
+            remove_all(fd)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=self.dir_fd)
+
+    def _read(self, name: str) -> str | None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            return None
+        with open(fd) as f:
+            return f.read().strip()
+
+    def _write(self, name: str, text: str) -> None:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.dir_fd)
+        with open(fd, "w") as f:
+            f.write(text)
+

@@ -1,0 +1,200 @@
+"""A page table whose arrays live in files, so that a restarted daemon finds
+every page's state and slot where the dead one left them.
+
+A region's state and slot arrays move into a MAP_SHARED mapping of a file
+in the target's directory when a page of it first gets a slot (until then a
+restarted daemon learns all it needs from the kernel: see holding_slots);
+pieces of a region in a file are files too. A store to a shared file mapping is in the page
+cache as soon as it is made, and the kernel keeps (and writes back) the
+dirty pages of a process that dies, SIGKILL included: so the table a
+crashed daemon leaves is exactly the one it had, without an fsync or a
+write(2) per fault. A machine crash is not covered (the targets died with
+it anyway). Flags stay in memory: they are hints, and a restarted daemon
+does without them.
+
+A file: a header of four int64 (MAGIC, first vpn, pages, generation), the
+state bytes at 64, the int32 slots after them (64-byte aligned). The header
+is written last, so a file cut short by a crash has no magic and is
+ignored. A region is cut (munmap, mremap) by writing its pieces as new
+files, then unlinking it: a crash in between leaves pieces that overlap
+their old region, and the newest generation wins when the table is loaded.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from umgr.paging.pagetable import MemoryArrays, PageTable, Region
+
+log = logging.getLogger("umgr.daemon")
+
+MAGIC = 0x3154504752474D55   # "UMGRGPT1" little endian
+HEADER_BYTES = 64
+PREFIX = "r"
+RECORD = "target.json"   # the target's identity (umgr/daemon/statedir.py): without it, no restart takes it back
+
+
+@dataclass(eq=False)
+class FileBacking:
+    """A region's file: its name in the table's directory, its mapped header."""
+    name: str
+    header: np.ndarray    # int64 [MAGIC, vpn, npages, generation]
+    generation: int
+
+
+def _slot_offset(npages: int) -> int:
+    return HEADER_BYTES + (npages + 63) // 64 * 64
+
+
+def _file_size(npages: int) -> int:
+    return _slot_offset(npages) + 4 * npages
+
+
+def _map(fd: int, npages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Zero pages map nothing (mmap refuses a zero length past the header):
+    # every file is at least its header.
+    mapping = mmap.mmap(fd, _file_size(npages), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    header = np.frombuffer(mapping, np.int64, 4, 0)
+    state = np.frombuffer(mapping, np.uint8, npages, HEADER_BYTES)
+    slot = np.frombuffer(mapping, np.int32, npages, _slot_offset(npages))
+    return header, state, slot
+
+
+class FileArrays(MemoryArrays):
+    """Region arrays in files of one directory (a descriptor: names are
+    opened relative to it, never followed through a link)."""
+
+    def __init__(self, dir_fd: int, label: str = ""):
+        self.dir_fd = dir_fd
+        self.label = label
+        self.broken = False   # a file could not be made: the table is not saved any more
+        self._last_generation = 0
+
+    def _generation(self) -> int:
+        # CLOCK_MONOTONIC is one clock for every process of a boot, so a
+        # restarted daemon's pieces are newer than the dead one's.
+        self._last_generation = max(time.monotonic_ns(), self._last_generation + 1)
+        return self._last_generation
+
+    def _to_file(self, region: Region) -> None:
+        """Move the region's state and slot arrays into a new file (its
+        current contents first, the header last)."""
+        generation = self._generation()
+        name = f"{PREFIX}{generation:x}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.dir_fd)
+        try:
+            os.ftruncate(fd, _file_size(region.npages))
+            header, state, slot = _map(fd, region.npages)
+        finally:
+            os.close(fd)
+        state[:] = region.state
+        slot[:] = region.slot
+        region.state, region.slot = state, slot
+        region.backing = FileBacking(name, header, generation)
+        header[1:] = (region.vpn, region.npages, generation)
+        header[0] = MAGIC
+
+    def holding_slots(self, region: Region) -> None:
+        # Only a region with a page in a slot has anything a restarted
+        # daemon could not learn from the kernel: a page it does not know
+        # reads zero when absent (never written, or discarded), and is
+        # the kernel's when present. So regions stay in memory until then.
+        if region.backing is None and not self.broken:
+            self._to_file_or_give_up(region)
+
+    def piece(self, region: Region, lo: int, hi: int) -> Region:
+        copy = region.piece(lo, hi)
+        if region.backing is not None and not self.broken:
+            self._to_file_or_give_up(copy)
+        return copy
+
+    def _to_file_or_give_up(self, region: Region) -> None:
+        """A table with a swapped page missing from its files would serve
+        that page as zeros after a restart: when a file cannot be made (a
+        full disk, no descriptor left), the target's record goes, so that a
+        restarted daemon refuses to take it back (its shim then kills it),
+        and paging goes on in memory."""
+        try:
+            self._to_file(region)
+        except OSError as exc:
+            self.broken = True
+            log.warning("%s: its page table cannot be saved any more (%s); it cannot be taken back after a "
+                        "daemon crash", self.label or "a target", exc.strerror or exc)
+            try:
+                os.unlink(RECORD, dir_fd=self.dir_fd)
+            except OSError:
+                pass
+
+    def moved(self, region: Region, vpn: int) -> None:
+        region.vpn = vpn
+        if region.backing is not None:
+            region.backing.header[1] = vpn
+
+    def drop(self, region: Region) -> None:
+        if region.backing is None:
+            return
+        try:
+            os.unlink(region.backing.name, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass
+
+    # ---- loading ---------------------------------------------------------------
+    def load(self) -> PageTable:
+        """The table these files hold; overlaps resolved newest first,
+        unreadable files removed."""
+        found = []
+        for name in os.listdir(self.dir_fd):
+            if not name.startswith(PREFIX):
+                continue
+            region = self._open(name)
+            if region is None:
+                os.unlink(name, dir_fd=self.dir_fd)
+            else:
+                found.append(region)
+        found.sort(key=lambda r: -r.backing.generation)
+        table = PageTable(arrays=self)
+        for region in found:
+            gaps = table.gaps(region.vpn, region.end)
+            if gaps != [(region.vpn, region.end)]:
+                for lo, hi in gaps:   # a crash during a cut: keep what no newer piece covers
+                    table.regions.append(self.piece(region, lo, hi))
+                self.drop(region)
+            else:
+                table.regions.append(region)
+            table.regions.sort(key=lambda r: r.vpn)
+        self._last_generation = max([self._last_generation] + [r.backing.generation for r in found])
+        table.recount()
+        return table
+
+    def _open(self, name: str) -> Region | None:
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_BYTES:
+                return None
+            head = np.frombuffer(os.pread(fd, 32, 0), np.int64)
+            magic, vpn, npages, generation = (int(x) for x in head)
+            if magic != MAGIC or npages <= 0 or size != _file_size(npages) or vpn < 0:
+                return None
+            header, state, slot = _map(fd, npages)
+        finally:
+            os.close(fd)
+        return Region(vpn, state, slot, backing=FileBacking(name, header, generation))
+
+
+def remove_all(dir_fd: int) -> None:
+    """Unlink every file of a table's directory."""
+    for name in os.listdir(dir_fd):
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except OSError as exc:
+            log.warning("cannot remove %s of a saved page table: %s", name, exc.strerror)
