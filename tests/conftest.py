@@ -73,7 +73,11 @@ class DaemonProcess:
         self.socket = str(tmp_path / "umgr.sock")
         self.log_path = tmp_path / "daemon.log"
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "umgr", "daemon", "-v", "--socket", self.socket, "--swap-size", "1G", *options]
+        # A state directory of its own: a killed daemon leaves its swap file
+        # there for a restart, and tests must not fill /var/tmp with them.
+        state = [] if "--state-dir" in options else ["--state-dir", str(tmp_path / "state")]
+        cmd = [sys.executable, "-m", "umgr", "daemon", "-v", "--socket", self.socket, "--swap-size", "1G", *state,
+               *options]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.socket):

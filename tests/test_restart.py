@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +119,10 @@ def test_sigterm_brings_every_page_back_then_exits_0(tmp_path, shim, programs):
             read_ready(t)
             wait_swapped(daemon, t.pid, 24 * MiB)
         stopped = targets[0]
+        # Its eviction done (down to the low water mark, 14 MiB resident):
+        # a zap in flight when it stops would hold its eviction task, and
+        # with it the drain, until it runs again.
+        wait_swapped(daemon, stopped.pid, 34 * MiB)
         stopped.send_signal(signal.SIGSTOP)
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "SIGHUP ignored" in daemon.log(), 10, "SIGHUP to be logged")
@@ -258,3 +264,174 @@ def test_exec_killed_takes_a_grandchild_with_paged_out_memory_down(shim, program
     assert b"ok" not in out, out
     assert KILLED_LINE in err, err
     assert b"want" not in err, err
+
+
+# ---- a restarted daemon takes its programs back ----------------------------------------------
+class RestartableDaemon:
+    """`umgr daemon` that can be SIGKILLed and started again with the same
+    --socket and --state-dir (a log file per start)."""
+
+    def __init__(self, tmp_path, *options: str):
+        self.tmp_path = tmp_path
+        self.socket = str(tmp_path / "umgr.sock")
+        self.options = ["--socket", self.socket, "--state-dir", str(tmp_path / "state"), "--swap-size", "1G",
+                        *options]
+        self.starts = 0
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)   # a killed daemon's: wait for the new one's
+        self.starts += 1
+        with open(self.tmp_path / f"daemon-{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "-v", *self.options],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, 20, "the daemon")
+        assert self.proc.poll() is None, self.log()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def log(self) -> str:
+        return (self.tmp_path / f"daemon-{self.starts}.log").read_text(errors="replace")
+
+    def env(self, shim: str, **extra: str) -> dict[str, str]:
+        return dict(os.environ, LD_PRELOAD=shim, UMGR_SOCKET=self.socket, **extra)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def saved_targets(daemon: RestartableDaemon) -> list[str]:
+    state = daemon.tmp_path / "state"
+    return [p.name for d in state.iterdir() if d.name.startswith("daemon-") for p in d.iterdir()
+            if p.name.startswith("t-")]
+
+
+@pytest.mark.timeout(180)
+def test_daemon_killed_at_random_moments_takes_its_programs_back(tmp_path, shim, programs):
+    """Two targets under a 16 MiB budget each (`pattern 48 mmap srbsrb`, and
+    `pattern 48 malloc srbsrb 2` with two threads: fill, then sequential,
+    random and backward passes rewriting every page); the daemon SIGKILLed
+    at random moments (during fill, eviction, zap, page-in) and started
+    again with the same --socket and --state-dir: each time both are taken
+    back (their blocked faults served from the saved page tables and swap
+    file), and each checks every byte of every pass. Every slot is free at
+    the end and no saved table is left. UMGR_TEST_SEED replays a run."""
+    seed = int(os.environ.get("UMGR_TEST_SEED", time.time_ns() % 1000000))
+    rng = random.Random(seed)
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60")
+    cmds = [[programs["pattern"], "48", "mmap", "srbsrb"], [programs["pattern"], "48", "malloc", "srbsrb", "2"]]
+    targets = []
+    try:
+        for cmd in cmds:
+            targets.append(subprocess.Popen(cmd, env=daemon.env(shim), stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE))
+        for t in targets:
+            wait_for(lambda: target_status_of(daemon, t.pid) is not None, 20, "the targets")
+        for round_ in range(4):
+            time.sleep(rng.uniform(0.1, 1.0))
+            running = [t for t in targets if t.poll() is None]
+            if not running:
+                break
+            daemon.kill()
+            time.sleep(rng.uniform(0, 0.5))
+            daemon.start()
+            for t in running:
+                wait_for(lambda: t.poll() is not None or target_status_of(daemon, t.pid) is not None,
+                         30, f"pid {t.pid} to be taken back (round {round_}, seed {seed})")
+        for t in targets:
+            out, err = t.communicate(timeout=120)
+            assert t.returncode == 0, (seed, out, err, daemon.log())
+            assert out.startswith(b"ok 12288 pages"), (seed, out)
+            assert KILLED_LINE not in err and b"want" not in err, (seed, err)
+            assert 1 <= err.count(b"taken back by the umgr daemon") <= daemon.starts - 1, (seed, err)
+        assert daemon.starts >= 2
+        # Not a daemon doing nothing: pages were out when it was killed.
+        logs = "".join((tmp_path / f"daemon-{n}.log").read_text() for n in range(2, daemon.starts + 1))
+        assert max(int(n) for n in re.findall(r"taken back after a restart .*: (\d+) pages swapped", logs)) > 1000
+        wait_for(lambda: not saved_targets(daemon), 10, "the targets' saved tables to go")
+        assert query_status_of(daemon)["backend"]["used_pages"] == 0
+    finally:
+        for t in targets:
+            if t.poll() is None:
+                t.kill()
+                t.communicate()
+        daemon.stop()
+
+
+def target_status_of(daemon, pid: int) -> dict | None:
+    try:
+        return target_status(daemon, pid)
+    except OSError:
+        return None
+
+
+@pytest.mark.timeout(120)
+def test_forked_parent_and_child_sharing_slots_are_both_taken_back(tmp_path, shim, programs):
+    """`ctl_hold 48 fork`: parent and child share 24 MiB or more of swapped
+    pages (one slot, a reference from each table) when the daemon is
+    SIGKILLed. The restarted daemon rebuilds the slot references from both
+    saved tables and takes both back; each checks every byte, and when both
+    have exited every slot is free."""
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M")
+    try:
+        with started([programs["ctl_hold"], "48", "fork"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            read_ready(target)
+            wait_swapped(daemon, target.pid, 24 * MiB)
+            child = wait_for(lambda: [t["pid"] for t in query_targets(daemon) if t["pid"] != target.pid],
+                             30, "the child")[0]
+            wait_for(lambda: UFFD_LINK in fd_links(child), 10, "the child's shim to hold its uffd")
+            assert target_status(daemon, child)["swapped_bytes"] >= 24 * MiB
+            used = query_status_of(daemon)["backend"]["used_pages"]
+            daemon.kill()
+            daemon.start()
+            for pid in (target.pid, child):
+                wait_for(lambda: target_status_of(daemon, pid) is not None, 30, f"pid {pid} to be taken back")
+            # The shared slots are counted once each, as before the crash.
+            assert query_status_of(daemon)["backend"]["used_pages"] == used
+            out, err = target.communicate(b"", timeout=60)
+        assert target.returncode == 0, (out, err, daemon.log())
+        assert out == b"ok 12288 pages\n" * 2, (out, err)
+        assert err.count(b"taken back by the umgr daemon") == 2, err
+        wait_for(lambda: not query_targets(daemon), 10, "both targets to be released")
+        assert query_status_of(daemon)["backend"]["used_pages"] == 0
+        assert not saved_targets(daemon)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.timeout(60)
+def test_restarted_daemon_without_its_state_kills_the_program_at_once(tmp_path, shim, programs):
+    """The daemon is restarted with another --state-dir (its saved state is
+    not there): it answers the program's request to be taken back ESTALE,
+    and the shim kills the program with one line at once, without waiting
+    out its grace period. It never runs on zeros."""
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M")
+    try:
+        with started([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            read_ready(target)
+            wait_swapped(daemon, target.pid, 24 * MiB)
+            daemon.kill()
+            daemon.options[daemon.options.index("--state-dir") + 1] = str(tmp_path / "elsewhere")
+            daemon.start()
+            out, err = target.communicate(b"", timeout=30)
+        assert target.returncode == -signal.SIGKILL, (out, err)
+        assert b"and the one restarted at" in err and b"has none of its paged-out memory" in err, err
+        assert err.count(b"\n") == 1, err
+        assert "no state of it is left here" in daemon.log()
+    finally:
+        daemon.stop()
+
+
+def query_status_of(daemon) -> dict:
+    from umgr.cli import query_status
+    return query_status(daemon.socket)

@@ -35,7 +35,7 @@ OUTSIDER = "umgrsecb"    # not in it
 ATTACKER = r"""
 import ctypes, json, mmap, os, socket, struct, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
-MAGIC, HELLO = 0x524D4755, struct.Struct("<IHH Ii QQ 32s 64s Q")
+MAGIC, HELLO = 0x524D4755, struct.Struct("<IHH Ii QQ 32s 64s Q II")
 RANGE, ACK = struct.Struct("<IHH QQ"), struct.Struct("<IHH iI")
 mode, path = sys.argv[1], sys.argv[2]
 
@@ -46,7 +46,7 @@ def new_uffd():  # unprivileged users may only ask for user-mode-only uffds
     return fd
 
 def hello(pid, probe):
-    return HELLO.pack(MAGIC, 1, HELLO.size, 4, pid, 0, 0, b"", b"", probe)
+    return HELLO.pack(MAGIC, 1, HELLO.size, 5, pid, 0, 0, b"", b"", probe, 0, 0)
 
 def outcome(s):
     try:
@@ -304,7 +304,7 @@ import ctypes, json, mmap, os, random, socket, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 path, seed, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)
-MAGIC, HELLO = 0x524D4755, struct.Struct("<IHH Ii QQ 32s 64s Q")
+MAGIC, HELLO = 0x524D4755, struct.Struct("<IHH Ii QQ 32s 64s Q II")
 RANGE, ADVISE, ACK = struct.Struct("<IHH QQ"), struct.Struct("<IHH QQ II"), struct.Struct("<IHH iI")
 me = os.getpid()
 
@@ -322,9 +322,10 @@ def some_fds():
 def valid():
     n = rng.random
     return rng.choice([
-        HELLO.pack(MAGIC, 1, HELLO.size, 4, rng.choice([me, 1, 0, -1]), rng.getrandbits(64), rng.getrandbits(64),
+        HELLO.pack(MAGIC, 1, HELLO.size, 5, rng.choice([me, 1, 0, -1]), rng.getrandbits(64), rng.getrandbits(64),
                    bytes(rng.getrandbits(8) for _ in range(rng.randrange(33))),
-                   bytes(rng.getrandbits(8) for _ in range(rng.randrange(65))), rng.getrandbits(64)),
+                   bytes(rng.getrandbits(8) for _ in range(rng.randrange(65))), rng.getrandbits(64),
+                   rng.choice([0, 1, rng.getrandbits(32)]), 0),
         RANGE.pack(MAGIC, rng.choice([3, 6]), RANGE.size, rng.getrandbits(64), rng.getrandbits(64)),
         ADVISE.pack(MAGIC, 5, ADVISE.size, rng.getrandbits(64), rng.getrandbits(64), rng.randrange(8), 0),
         b"STATUS"])

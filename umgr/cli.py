@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="let this group's members connect (socket mode 0660)")
     p.add_argument("--hello-timeout", type=seconds_arg, default=HELLO_TIMEOUT, metavar="SECONDS",
                    help=f"drop a connection that sends no first message for this long (default {HELLO_TIMEOUT:g})")
+    p.add_argument("--no-persist", action="store_true",
+                   help="keep no page tables and no named swap file in --state-dir: a daemon restarted after "
+                        "a crash cannot take the programs back (they are killed after --grace)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show the targets of a running daemon")
@@ -363,12 +366,19 @@ def _child_setup() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _open_backend(args):
-    """The store --backend names (a chain when given more than once)."""
+def _open_backend(args, state=None):
+    """The store --backend names (a chain when given more than once). With
+    `state` (a StateDir), the file backend's named swap file there, reused
+    when a dead daemon's targets may come back."""
+    defaults = {"size": args.swap_size, "directory": args.state_dir}
+    if state is not None:
+        defaults.update(directory=state.path, swap_name="swap", reuse=state.swap_reusable())
     try:
         with setting_up(f"umgr {args.command}: --state-dir {args.state_dir}"):
-            return open_chain(args.backend or ["file"], {"size": args.swap_size, "directory": args.state_dir},
-                              _backend_value)
+            backend = open_chain(args.backend or ["file"], defaults, _backend_value)
+        if state is not None:
+            state.adopt_slots(backend.slots)
+        return backend
     except BackendError as exc:  # says what and where already
         raise Fatal(f"umgr {args.command}: {exc}") from None
     except ValueError as exc:    # a bad spec or option, an unreachable store
@@ -462,24 +472,32 @@ async def _forward_signals(proc: subprocess.Popen) -> None:
 def cmd_daemon(args) -> int:
     from umgr.daemon.shutdown import serve_until_stopped
     config = _config(args, args.socket)
-    backend = _open_backend(args)
+    state = _open_state(args)
+    backend = _open_backend(args, state)
+    clean = False
 
     async def run():
-        daemon = Daemon(config, backend)
-        try:
-            metrics = _serve_metrics(daemon, args)
-            control = _control_socket(config)
+        nonlocal clean
+        daemon = Daemon(config, backend, state=state)
+        metrics = _serve_metrics(daemon, args)
+        control = _control_socket(config)
 
-            def serving() -> None:
-                line = startup_line(config, args, metrics)
-                log.info("%s", line)
-                notify("READY=1", f"STATUS={line}")
+        def serving() -> None:
+            line = startup_line(config, args, metrics)
+            log.info("%s", line)
+            notify("READY=1", f"STATUS={line}")
 
-            await serve_until_stopped(daemon, control, on_serving=serving)
-        finally:
-            backend.close()
+        await serve_until_stopped(daemon, control, on_serving=serving)
+        clean = True
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    finally:
+        if state is not None and clean:
+            backend.remove()     # a clean stop: every page is back, nothing will come back for it
+        backend.close()
+        if state is not None:
+            state.close(clean)
     return 0
 
 
@@ -489,6 +507,22 @@ def _control_socket(config: DaemonConfig) -> ControlSocket:
             return ControlSocket(config.socket_path, config.group)
         except SocketSetupError as exc:
             raise Fatal(f"umgr daemon: {exc}") from None
+
+
+def _open_state(args):
+    """The state directory's saved tables (umgr/daemon/statedir.py), when
+    tables persist: `umgr daemon` with the file backend alone."""
+    from umgr.daemon.statedir import StateDir
+    if args.no_persist:
+        return None
+    if (args.backend or ["file"]) != ["file"]:
+        log.info("page tables are not saved: a restarted daemon takes programs back only from the file backend alone")
+        return None
+    try:
+        with setting_up(f"umgr daemon: --state-dir {args.state_dir}"):
+            return StateDir(args.state_dir, args.socket)
+    except BackendError as exc:
+        raise Fatal(f"umgr daemon: {exc}") from None
 
 
 # ---- status ------------------------------------------------------------------------------

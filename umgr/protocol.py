@@ -16,11 +16,13 @@ import numpy as np
 from umgr import hints
 
 MAGIC = 0x524D4755
-VERSION = 4  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page
+VERSION = 5  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page;
+             # 5: HELLO's flags (RESUME), empty ZAP
 ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
 
 HEADER = struct.Struct("<IHH")
-HELLO = struct.Struct("<IHH Ii QQ 32s 64s Q")
+HELLO = struct.Struct("<IHH Ii QQ 32s 64s Q II")
+HELLO_RESUME = 1  # HELLO flag: a process whose daemon died, asking a restarted one to take it back
 HELLO_ACK = struct.Struct("<IHH iI Q II")
 RANGE_MSG = struct.Struct("<IHH QQ")
 ADVISE = struct.Struct("<IHH QQ II")
@@ -68,6 +70,7 @@ class Hello:
     policy: str
     name: str = ""  # UMGR_NAME: the target's metrics label ("": the daemon picks one)
     probe: int = 0      # an untouched private anonymous page the daemon may fill (peer.py)
+    flags: int = 0      # HELLO_RESUME
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +116,7 @@ def decode_control(data: bytes) -> Hello | Region | Forked | Advise:
     msg_type = _check_header(data)
     if msg_type == MsgType.HELLO:
         _check_header(data, HELLO)
-        _, _, _, version, pid, max_resident, min_region, policy, name, probe = HELLO.unpack(data)
+        _, _, _, version, pid, max_resident, min_region, policy, name, probe, flags, _ = HELLO.unpack(data)
         if version != VERSION:
             raise ProtocolError(f"protocol version {version}, daemon speaks {VERSION}")
         try:
@@ -122,7 +125,9 @@ def decode_control(data: bytes) -> Hello | Region | Forked | Advise:
             raise ProtocolError("policy name is not ASCII") from None
         # Any bytes are a name: it is only a label, made printable where shown.
         label = name.split(b"\0", 1)[0].decode("utf-8", "replace")
-        return Hello(pid, max_resident, min_region, policy_name, label, probe)
+        if flags & ~HELLO_RESUME:
+            raise ProtocolError(f"unknown HELLO flags {flags:#x}")
+        return Hello(pid, max_resident, min_region, policy_name, label, probe, flags)
     if msg_type in (MsgType.REGION, MsgType.FORKED):
         _check_header(data, RANGE_MSG)
         _, _, _, start, length = RANGE_MSG.unpack(data)
@@ -166,8 +171,8 @@ def encode_ack(status: int) -> bytes:
 
 def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray) -> bytes:
     count = len(starts)
-    if not 0 < count <= ZAP_MAX_RANGES:
-        raise ValueError(f"a zap carries 1..{ZAP_MAX_RANGES} ranges, not {count}")
+    if not 0 <= count <= ZAP_MAX_RANGES:   # an empty one is a barrier (AgentZapper.barrier)
+        raise ValueError(f"a zap carries 0..{ZAP_MAX_RANGES} ranges, not {count}")
     ranges = np.empty(count, ZAP_RANGE_DTYPE)
     ranges["start"] = starts
     ranges["length"] = lengths
@@ -177,9 +182,9 @@ def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray) -> bytes:
 
 # Used by tests and tools that speak the shim's side.
 def encode_hello(pid: int, max_resident: int = 0, min_region: int = 0, policy: str = "",
-                 version: int = VERSION, name: str = "", probe: int = 0) -> bytes:
+                 version: int = VERSION, name: str = "", probe: int = 0, flags: int = 0) -> bytes:
     return HELLO.pack(MAGIC, MsgType.HELLO, HELLO.size, version, pid, max_resident, min_region,
-                      policy.encode("ascii"), name.encode(), probe)
+                      policy.encode("ascii"), name.encode(), probe, flags, 0)
 
 
 def encode_region(start: int, length: int, msg_type: MsgType = MsgType.REGION) -> bytes:

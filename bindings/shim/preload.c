@@ -12,9 +12,10 @@
  * The shim keeps its own reference to the uffd. If the daemon dies, the
  * uffd context lives on: faults on paged-out memory wait (the kernel would
  * otherwise release the context and serve them as zeros). A watchdog thread
- * sees the daemon's end of the agent socket close; if no daemon takes the
- * process back within the grace period, it kills the process with one line
- * on stderr. A program never runs on wrong memory. A daemon that stops
+ * sees the daemon's end of the agent socket close and asks a daemon at the
+ * same socket, with backoff, to take the process back (HELLO with
+ * UMGR_HELLO_RESUME, the same uffd, new sockets); if none does within the
+ * grace period, it kills the process with one line on stderr. A program never runs on wrong memory. A daemon that stops
  * cleanly brings every page back first and sends DETACH: the shim drops its
  * reference and the program runs on unmanaged.
  */
@@ -76,13 +77,17 @@ enum attach_result {
 struct shim_state {
     int active;           /* managed: control connection is up */
     int ctl_fd;           /* control connection, guarded by ctl_lock */
-    int agent_fd;         /* agent end of the socketpair */
+    int agent_fd;         /* agent end of the socketpair (replaced when a restarted daemon takes us back) */
+    int agent_idle;       /* the agent found its daemon gone and waits for a new agent_fd */
     int self_pidfd;       /* for process_madvise on ourselves */
     int uffd_ref;         /* our own reference to the uffd: a dead daemon leaves faults waiting */
     unsigned grace_seconds; /* how long to wait for a lost daemon (UMGR_GRACE_SECONDS, else HELLO_ACK) */
     int detached;         /* the daemon let us go cleanly (DETACH): every page is back */
     uint64_t min_region;  /* mappings smaller than this are not reported */
     uint64_t max_resident; /* UMGR_MAX_RESIDENT; 0: the daemon's default */
+    char socket_path[108]; /* UMGR_SOCKET, for taking us back after a crash */
+    char policy[32];      /* UMGR_POLICY and UMGR_NAME as sent in HELLO: the watchdog */
+    char name[64];        /* sends them again and must not read the environment */
     pthread_mutex_t ctl_lock;
     pthread_mutex_t fork_lock; /* serialises fork() so the daemon pairs child and uffd */
     pthread_t agent;
@@ -262,7 +267,7 @@ static long zap_ranges(const struct umgr_range *ranges, uint32_t count)
 /* DETACH: the daemon brought every page back and lets this process go.
  * Dropping our uffd reference lets the kernel release the context once the
  * daemon closes its own (unregistering every range). */
-static void detach_from_daemon(void)
+static void detach_from_daemon(int agent_fd)
 {
     __atomic_store_n(&shim.detached, 1, __ATOMIC_RELEASE);
     __atomic_store_n(&shim.active, 0, __ATOMIC_RELEASE);
@@ -271,7 +276,27 @@ static void detach_from_daemon(void)
     shim.uffd_ref = -1;
     struct umgr_detach done;
     fill_hdr(&done.hdr, UMGR_DETACH_DONE, sizeof done);
-    send_with_fds(shim.agent_fd, &done, sizeof done, NULL, 0);
+    send_with_fds(agent_fd, &done, sizeof done, NULL, 0);
+}
+
+#define AGENT_WAIT_MS 20
+
+/* The daemon is gone (its end closed, or a reply could not be sent): wait
+ * until the watchdog has a restarted daemon take us back, then serve the new
+ * socket. The old one is closed only here, so its number is never reused
+ * while this thread still writes to it. */
+static int next_agent_fd(int old)
+{
+    __atomic_store_n(&shim.agent_idle, 1, __ATOMIC_RELEASE);
+    int fd;
+    while ((fd = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE)) == old) {
+        struct timespec step = {.tv_nsec = AGENT_WAIT_MS * 1000000L};
+        while (clock_nanosleep(CLOCK_MONOTONIC, 0, &step, &step) == EINTR)
+            ;
+    }
+    close(old);
+    __atomic_store_n(&shim.agent_idle, 0, __ATOMIC_RELEASE);
+    return fd;
 }
 
 static void *agent_main(void *unused)
@@ -281,29 +306,32 @@ static void *agent_main(void *unused)
      * reached through the DTV, which glibc mallocs on the heap, a managed
      * page the agent could fault on while the daemon waits for its zap. */
     char buf[sizeof(struct umgr_zap) + UMGR_ZAP_MAX_RANGES * sizeof(struct umgr_range)];
+    int fd = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE);
     for (;;) {
-        ssize_t n = recv(shim.agent_fd, buf, sizeof buf, 0);
+        ssize_t n = recv(fd, buf, sizeof buf, 0);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0)
-            break; /* daemon gone: the watchdog takes it from here */
         struct umgr_zap *zap = (struct umgr_zap *)buf;
         if (n == sizeof(struct umgr_detach) && zap->hdr.magic == UMGR_MAGIC && zap->hdr.type == UMGR_DETACH) {
-            detach_from_daemon();
+            detach_from_daemon(fd);
             break;
         }
-        if (n < (ssize_t)sizeof *zap || zap->hdr.magic != UMGR_MAGIC || zap->hdr.type != UMGR_ZAP ||
-            zap->count > UMGR_ZAP_MAX_RANGES ||
-            (size_t)n != sizeof *zap + zap->count * sizeof(struct umgr_range))
-            break;
-        struct umgr_zap_done done;
-        fill_hdr(&done.hdr, UMGR_ZAP_DONE, sizeof done);
-        done.seq = zap->seq;
-        long result = zap_ranges(zap->ranges, zap->count);
-        done.error = result < 0 ? (int32_t)-result : 0;
-        done.bytes = result < 0 ? 0 : result;
-        if (send_with_fds(shim.agent_fd, &done, sizeof done, NULL, 0) != 0)
-            break;
+        int valid = n >= (ssize_t)sizeof *zap && zap->hdr.magic == UMGR_MAGIC && zap->hdr.type == UMGR_ZAP &&
+                    zap->count <= UMGR_ZAP_MAX_RANGES &&
+                    (size_t)n == sizeof *zap + zap->count * sizeof(struct umgr_range);
+        if (valid) {
+            struct umgr_zap_done done;
+            fill_hdr(&done.hdr, UMGR_ZAP_DONE, sizeof done);
+            done.seq = zap->seq;
+            long result = zap->count ? zap_ranges(zap->ranges, zap->count) : 0;
+            done.error = result < 0 ? (int32_t)-result : 0;
+            done.bytes = result < 0 ? 0 : result;
+            if (send_with_fds(fd, &done, sizeof done, NULL, 0) == 0)
+                continue;
+        }
+        /* The daemon is gone (or spoke nonsense: its connection is given
+         * up alike): the watchdog takes it from here. */
+        fd = next_agent_fd(fd);
     }
     return NULL;
 }
@@ -328,39 +356,84 @@ static int open_self_pidfd(void)
 #define WATCH_STEP_MS 100
 #define MIN_WAIT_STEPS 10 /* a DETACH queued before the daemon closed is read by then */
 
-/* Wait `grace` seconds (at least a second) for a DETACH the agent may
- * still be reading. Returns whether it came. */
-static int wait_for_detach(unsigned grace)
+#define MAX_BACKOFF_MS 1000
+
+static void sleep_ms(unsigned ms)
 {
-    unsigned long steps = (unsigned long)grace * (1000 / WATCH_STEP_MS);
-    if (steps < MIN_WAIT_STEPS)
-        steps = MIN_WAIT_STEPS;
-    for (unsigned long i = 0; i < steps; i++) {
+    struct timespec step = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+    while (clock_nanosleep(CLOCK_MONOTONIC, 0, &step, &step) == EINTR)
+        ;
+}
+
+static uint64_t now_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000 + (uint64_t)now.tv_nsec / 1000000;
+}
+
+/* After the daemon's end closed: a DETACH it queued first is read by the
+ * agent within a second. Returns whether it came; returns early, without,
+ * once the agent has read to the end of the socket. (The agent may instead
+ * be stuck in a zap whose REMOVE events only a new daemon will read.) */
+static int wait_for_detach(void)
+{
+    for (int i = 0; i < MIN_WAIT_STEPS; i++) {
         if (__atomic_load_n(&shim.detached, __ATOMIC_ACQUIRE))
             return 1;
-        struct timespec step = {.tv_nsec = WATCH_STEP_MS * 1000000L};
-        while (clock_nanosleep(CLOCK_MONOTONIC, 0, &step, &step) == EINTR)
-            ;
+        if (__atomic_load_n(&shim.agent_idle, __ATOMIC_ACQUIRE))
+            return 0;
+        sleep_ms(WATCH_STEP_MS);
     }
     return __atomic_load_n(&shim.detached, __ATOMIC_ACQUIRE);
+}
+
+static int take_back(void);
+
+/* Ask, with backoff, until `grace` seconds (at least one) are over, for a
+ * daemon restarted at our socket to take us back. Returns 0 when one did,
+ * ESTALE when one answered that it has nothing of ours, else ETIMEDOUT. */
+static int wait_for_daemon(unsigned grace)
+{
+    uint64_t deadline = now_ms() + (grace ? grace : 1) * 1000ull;
+    unsigned backoff = 50;
+    for (;;) {
+        int status = take_back();
+        if (status == 0 || status == ESTALE)
+            return status;
+        uint64_t now = now_ms();
+        if (now >= deadline)
+            return ETIMEDOUT;
+        sleep_ms(now + backoff > deadline ? (unsigned)(deadline - now) : backoff);
+        backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
+    }
 }
 
 static void *watchdog_main(void *unused)
 {
     (void)unused;
-    /* Only POLLRDHUP is asked for: a ZAP waiting to be read does not wake
-     * us. The daemon's end closing sets both RDHUP and HUP on a seqpacket
-     * socket. */
-    struct pollfd agent = {.fd = shim.agent_fd, .events = POLLRDHUP};
-    while (poll(&agent, 1, -1) < 0 && errno == EINTR)
-        ;
-    unsigned grace = shim.grace_seconds;
-    if (wait_for_detach(grace))
-        return NULL; /* a clean stop: every page is back */
-    say("umgr: pid %d: killed: the umgr daemon serving it is gone and none came back within %u s "
-        "(UMGR_GRACE_SECONDS); its paged-out memory cannot be served\n", (int)getpid(), grace);
-    syscall(SYS_kill, getpid(), SIGKILL);
-    return NULL;
+    for (;;) {
+        /* Only POLLRDHUP is asked for: a ZAP waiting to be read does not
+         * wake us. The daemon's end closing sets both RDHUP and HUP on a
+         * seqpacket socket. */
+        struct pollfd agent = {.fd = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE), .events = POLLRDHUP};
+        while (poll(&agent, 1, -1) < 0 && errno == EINTR)
+            ;
+        if (wait_for_detach())
+            return NULL; /* a clean stop: every page is back */
+        unsigned grace = shim.grace_seconds;
+        int status = wait_for_daemon(grace);
+        if (status == 0)
+            continue; /* taken back: watch the new daemon */
+        if (status == ESTALE)
+            say("umgr: pid %d: killed: the umgr daemon serving it died, and the one restarted at %s has none "
+                "of its paged-out memory\n", (int)getpid(), shim.socket_path);
+        else
+            say("umgr: pid %d: killed: the umgr daemon serving it is gone and none came back within %u s "
+                "(UMGR_GRACE_SECONDS); its paged-out memory cannot be served\n", (int)getpid(), grace);
+        syscall(SYS_kill, getpid(), SIGKILL);
+        return NULL;
+    }
 }
 
 #define AGENT_STACK_SIZE (256 << 10)
@@ -485,6 +558,65 @@ static unsigned grace_seconds(const struct umgr_hello_ack *ack)
     return ack->grace_seconds;
 }
 
+static void fill_hello(struct umgr_hello *hello, uint32_t flags)
+{
+    memset(hello, 0, sizeof *hello);
+    fill_hdr(&hello->hdr, UMGR_HELLO, sizeof *hello);
+    hello->version = UMGR_VERSION;
+    hello->pid = getpid();
+    hello->max_resident = shim.max_resident;
+    hello->min_region = shim.min_region;
+    memcpy(hello->policy, shim.policy, sizeof hello->policy);
+    memcpy(hello->name, shim.name, sizeof hello->name);
+    hello->flags = flags;
+}
+
+/* The watchdog's request to a daemon restarted at our socket: take us back
+ * with our uffd (the one the dead daemon set up) and new sockets. 0 when
+ * it did; else the errno of the failure (ESTALE: it has nothing of ours). */
+static int take_back(void)
+{
+    int ctl = connect_daemon(shim.socket_path);
+    if (ctl < 0)
+        return errno;
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+        int saved = errno;
+        close(ctl);
+        return saved;
+    }
+    pair[0] = move_high(pair[0]);
+    struct umgr_hello hello;
+    fill_hello(&hello, UMGR_HELLO_RESUME);
+    void *probe = map_probe_page();
+    hello.probe = (uintptr_t)probe;
+    int fds[2] = {pair[1], shim.uffd_ref};
+    int sent = send_with_fds(ctl, &hello, sizeof hello, fds, 2);
+    close(pair[1]);
+    struct umgr_hello_ack ack;
+    int returned_uffd = -1;
+    int status = sent != 0 ? ECONNRESET : recv_hello_ack(ctl, &ack, &returned_uffd) != 0 ? errno : ack.status;
+    if (probe)
+        syscall(SYS_munmap, probe, 4096);
+    if (returned_uffd >= 0)
+        close(returned_uffd);
+    if (status != 0) {
+        close(ctl);
+        close(pair[0]);
+        return status;
+    }
+    pthread_mutex_lock(&shim.ctl_lock);
+    int old_ctl = shim.ctl_fd;
+    shim.ctl_fd = ctl;
+    pthread_mutex_unlock(&shim.ctl_lock);
+    if (old_ctl >= 0)
+        close(old_ctl);
+    shim.grace_seconds = grace_seconds(&ack);
+    __atomic_store_n(&shim.agent_fd, pair[0], __ATOMIC_RELEASE); /* the agent closes the old one */
+    say("umgr: pid %d: taken back by the umgr daemon restarted at %s\n", (int)getpid(), shim.socket_path);
+    return 0;
+}
+
 /* Connect, hand over the uffd (or, in a forked child, only the agent
  * socket: the child's uffd reached the daemon through UFFD_EVENT_FORK and
  * comes back with HELLO_ACK), and start the agent and the watchdog. */
@@ -508,20 +640,9 @@ static enum attach_result attach(const char *path, int with_uffd)
     pair[0] = move_high(pair[0]);
 
     struct umgr_hello hello;
-    memset(&hello, 0, sizeof hello);
-    fill_hdr(&hello.hdr, UMGR_HELLO, sizeof hello);
-    hello.version = UMGR_VERSION;
-    hello.pid = getpid();
-    hello.max_resident = shim.max_resident;
-    hello.min_region = shim.min_region;
+    fill_hello(&hello, 0);
     probe = map_probe_page();
     hello.probe = (uintptr_t)probe;
-    const char *policy = getenv("UMGR_POLICY");
-    if (policy)
-        strncpy(hello.policy, policy, sizeof hello.policy - 1);
-    const char *name = getenv("UMGR_NAME");
-    if (name)
-        strncpy(hello.name, name, sizeof hello.name - 1);
     int fds[2] = {pair[1], uffd};
     failed = "hello";
     if (send_with_fds(ctl, &hello, sizeof hello, fds, with_uffd ? 2 : 1) != 0)
@@ -610,6 +731,13 @@ __attribute__((constructor)) static void umgr_shim_init(void)
     if (env_size("UMGR_MAX_RESIDENT", SHIM_PAGE_SIZE, &shim.max_resident) != 0
         || env_size("UMGR_MIN_REGION", SHIM_PAGE_SIZE, &shim.min_region) != 0)
         return;
+    strncpy(shim.socket_path, path, sizeof shim.socket_path - 1);
+    const char *policy = getenv("UMGR_POLICY");
+    if (policy)
+        strncpy(shim.policy, policy, sizeof shim.policy - 1);
+    const char *name = getenv("UMGR_NAME");
+    if (name)
+        strncpy(shim.name, name, sizeof shim.name - 1);
     attach(path, 1);
 }
 

@@ -17,6 +17,8 @@
  * Connection 2 (agent): the socketpair. The daemon sends ZAP (a list of
  * ranges); the agent thread zaps them with one vectored
  * process_madvise(MADV_DONTNEED) on its own process and answers ZAP_DONE.
+ * ZAPs are answered in order: an empty one (count 0) is answered once every
+ * zap before it, on this socket or on one of a daemon that died, is done.
  * When the daemon stops cleanly it first brings every page back, then sends
  * DETACH: the shim drops its uffd reference, answers DETACH_DONE and the
  * program runs on unmanaged. The agent socket closing without a DETACH
@@ -39,7 +41,8 @@
 #include "umgr.h"
 
 #define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
-#define UMGR_VERSION 4 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page */
+#define UMGR_VERSION 5 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH;
+                          4: HELLO's probe page; 5: HELLO's flags (RESUME), empty ZAP */
 
 enum umgr_msg_type {
     UMGR_HELLO = 1,
@@ -71,7 +74,15 @@ struct umgr_hello {
     uint64_t probe;        /* an untouched private anonymous page: the daemon
                               fills it through the uffd and reads it back
                               through /proc/PID/mem to prove the uffd is ours */
+    uint32_t flags;        /* UMGR_HELLO_RESUME */
+    uint32_t pad;
 };
+
+/* HELLO flag: the daemon that served this process died; a daemon restarted
+ * with the same socket and state directory is asked to take it back, with
+ * the uffd the dead one set up (UFFDIO_API is not called again) and a new
+ * agent socket. Answered ESTALE when no state of the process was left. */
+#define UMGR_HELLO_RESUME 1u
 
 struct umgr_hello_ack {
     struct umgr_hdr hdr;

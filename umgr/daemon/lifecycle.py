@@ -21,8 +21,9 @@ from umgr.daemon.status import Totals, snapshot
 from umgr.errors import BackendError, TargetGone
 from umgr.kernel import maps, procmem
 from umgr.kernel import uffd as uffdmod
+from umgr.daemon.statedir import SavedTarget, StateDir, process_start_time
 from umgr.paging.events import ForkedMemory
-from umgr.paging.pagetable import PAGE_SHIFT
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PageTable
 from umgr.paging.target import Target
 from umgr.paging.tuning import RESUME_INTERVAL
 from umgr.paging.zap import AgentZapper, RemoteZapper
@@ -30,12 +31,18 @@ from umgr.policies import GuardedPrefetch, load_eviction, load_prefetch
 
 log = logging.getLogger("umgr.daemon")
 
+SAVED_MARGIN = 10.0   # seconds past the grace period a dead daemon's target may still come back
+
 
 class Lifecycle:
-    def __init__(self, config: DaemonConfig, backend: Backend, trace=None):
+    def __init__(self, config: DaemonConfig, backend: Backend, trace=None, state: StateDir | None = None):
+        """`state`: where page tables persist, and the dead daemon's
+        targets that may come back (None: tables in memory only)."""
         self.config = config
         self.backend = backend
         self.trace = trace                # a umgr.trace.TraceWriter, or None
+        self.state = state
+        self._saved: dict[Target, SavedTarget] = {}
         self.targets: dict[int, Target] = {}
         self.totals = Totals()
         self.targets_seen = 0
@@ -55,6 +62,8 @@ class Lifecycle:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._resume_paused)
+            if self.state is not None and self.state.saved:
+                nursery.start_soon(self._expire_saved)
             task_status.started()
             await trio.sleep_forever()
 
@@ -98,15 +107,81 @@ class Lifecycle:
         return min(asked, cap) if cap else asked
 
     def _new_target(self, pid: int, owner: tuple[int, int], uffd, pidfd: int, mem_fd: int, budget: int,
-                    prefetch: GuardedPrefetch, pages=None, name: str = "") -> Target:
+                    prefetch: GuardedPrefetch, forked: PageTable | None = None, name: str = "",
+                    saved: SavedTarget | None = None) -> Target:
+        """A target, its table in files when tables persist (`saved`: one
+        of the dead daemon's, loaded); a forked child's starts from
+        `forked` (its slots already referenced for it)."""
+        if saved is None:
+            saved = self._save(pid, uffd, owner)
+        if saved is not None and saved.table is not None:
+            pages = saved.table
+        elif forked is not None:
+            pages = forked if saved is None else _into_files(forked, saved.arrays)
+        else:
+            pages = PageTable(arrays=saved.arrays) if saved is not None else None
         eviction = load_eviction(self.config.eviction, **self.config.eviction_options)
         target = Target(pid=pid, owner=owner, uffd=uffd, pidfd=pidfd, mem_fd=mem_fd,
                         budget_pages=budget >> PAGE_SHIFT, backend=self.backend, prefetch=prefetch,
                         eviction=eviction, label=prefetch.target, keep_clean=self.config.keep_clean, pages=pages,
                         on_pause=self._want_resume, name=name)
+        if saved is not None:
+            self._saved[target] = saved
         if self.trace is not None:
             target.core.trace = self.trace.target(pid, target.budget_pages, pages)
         return target
+
+    def _save(self, pid: int, uffd, owner: tuple[int, int]) -> SavedTarget | None:
+        """Files for a new target's table, or None (in memory: it cannot
+        be taken back after a crash, and says so)."""
+        if self.state is None:
+            return None
+        try:
+            return self.state.new_target(pid, {"features": uffd.features, "owner": list(owner)})
+        except OSError as exc:
+            log.warning("pid %d: its page table cannot be saved in %s (%s); it cannot be taken back after a "
+                        "crash", pid, self.state.path, exc.strerror or exc)
+            return None
+
+    # ---- after a crash -------------------------------------------------------------
+    def resume(self, peer: Peer, mem_fd: int, uffd: uffdmod.Userfaultfd, max_resident: int,
+               prefetch: GuardedPrefetch, name: str = "") -> Target | None:
+        """Take back a process of the daemon that died (its HELLO_RESUME):
+        None if no state of it was left here: the same pid, start time
+        (read while the peer's pidfd pins the process) and owner. `uffd` is
+        the one the dead daemon set up (no UFFDIO_API again: the kernel
+        refuses a second). Takes mem_fd and, when it returns a target, the
+        peer's pidfd."""
+        saved = None
+        if self.state is not None:
+            saved = self.state.take(peer.pid, process_start_time(peer.pid), (peer.uid, peer.gid))
+        if saved is None:
+            os.close(mem_fd)
+            return None
+        uffd.features = int(saved.info.get("features", 0))
+        pidfd = peer.take_pidfd()
+        try:
+            return self._new_target(peer.pid, (peer.uid, peer.gid), uffd, pidfd, mem_fd, self.budget(max_resident),
+                                    prefetch, name=target_name(peer.pid, name), saved=saved)
+        except BaseException:
+            os.close(mem_fd)
+            os.close(pidfd)
+            self._forget(saved)
+            raise
+
+    async def _expire_saved(self) -> None:
+        """Targets of the dead daemon that did not come back within the
+        grace period (and a margin: shims retry with backoff) are given up:
+        their shims have killed them by then."""
+        await trio.sleep(self.config.grace_seconds + SAVED_MARGIN)
+        for saved in self.state.unclaimed():
+            log.info("pid %d: not taken back within the grace period; its saved pages are dropped", saved.pid)
+            self._forget(saved)
+
+    def _forget(self, saved: SavedTarget) -> None:
+        if saved.table is not None:
+            self.backend.slots.free(saved.table.clear())
+        self.state.forget(saved)
 
     def zapper(self, target: Target, agent_fd: int):
         agent = socket.socket(fileno=agent_fd)
@@ -295,6 +370,9 @@ class Lifecycle:
             watch(target)
         self.orphans.keep(ParentSettings.of(target), target.take_unclaimed_forks(), self._nursery)
         target.release_all()
+        saved = self._saved.pop(target, None)
+        if saved is not None:
+            self.state.forget(saved)
         self.totals.add(snap)
         os.close(target.pidfd)
         os.close(target.mem_fd)
@@ -326,3 +404,13 @@ def _backend_error(exc: BaseException) -> BackendError | None:
 async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+def _into_files(table: PageTable, arrays) -> PageTable:
+    """A copy of `table` whose arrays are made by `arrays` (a saved
+    target's), regions with a page in a slot in files."""
+    copy = table.copy(arrays)
+    for region in copy.regions:
+        if (region.slot != NO_SLOT).any():
+            arrays.holding_slots(region)
+    return copy

@@ -172,12 +172,15 @@ class Memory:
                             and (not path.startswith(b"/")))
         return False
 
-    def prove_uffd(self, uffd: uffdmod.Userfaultfd, probe: int, registered: bool = False) -> None:
+    def prove_uffd(self, uffd: uffdmod.Userfaultfd, probe: int, registered: bool = False,
+                   events_pending_ok: bool = False) -> None:
         """Refused unless `uffd` belongs to this mm: a random value
         UFFDIO_COPY'd at `probe` (an untouched private anonymous page the
         shim set aside) must read back through /proc/PID/mem. `registered`:
         the uffd already covers the page (a forked child's inherited range),
-        so it is neither registered nor unregistered here."""
+        so it is neither registered nor unregistered here.
+        `events_pending_ok`: a uffd whose COPY answers EAGAIN (events wait
+        to be read) passes unproven (a daemon taking a process back)."""
         if not probe or probe % PAGE_SIZE:
             raise Refused(f"bad probe page address {probe:#x}")
         if not self.private_anonymous(probe):
@@ -193,6 +196,8 @@ class Memory:
             source.bytes[:len(token)] = np.frombuffer(token, np.uint8)
             _, err = uffd.copy(probe, source.addr, PAGE_SIZE)
             source.close()
+            if err == errno.EAGAIN and events_pending_ok:
+                return
             if err:
                 raise Refused(f"probe page cannot be filled ({errno.errorcode.get(err, err)})")
             try:

@@ -57,11 +57,13 @@ STATUS_REQUEST = b"STATUS"
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, backend: Backend, trace=None):
-        """`trace`: a umgr.trace.TraceWriter recording every target's faults."""
+    def __init__(self, config: DaemonConfig, backend: Backend, trace=None, state=None):
+        """`trace`: a umgr.trace.TraceWriter recording every target's faults.
+        `state`: a umgr.daemon.statedir.StateDir (tables persist, and a
+        dead daemon's targets may come back), or None."""
         self.config = config
         self.backend = backend
-        self.lifecycle = Lifecycle(config, backend, trace)
+        self.lifecycle = Lifecycle(config, backend, trace, state)
         self.rejected_connections = 0
         self._open: dict = {}                  # connections being served: their peer's uid
         self._open_by_uid: dict[int, int] = {}
@@ -257,6 +259,8 @@ class Daemon:
             return await self._attach_child(hello, fds, conn, peer)
         if len(fds) != 2:
             raise protocol.ProtocolError(f"HELLO must carry 2 descriptors (agent socket, uffd), got {len(fds)}")
+        if hello.flags & protocol.HELLO_RESUME:
+            return await self._resume(hello, fds, conn, peer)
         if self.stopping:
             await self._refuse_while_stopping(hello, conn)
             return None
@@ -294,6 +298,55 @@ class Daemon:
             self.lifecycle.start(target)
         log.info("%s: attached (%s), budget %s, policy %s", target.label, printable(target.command),
                  _size(target.budget_pages << PAGE_SHIFT), target.prefetch.name)
+        return target
+
+    async def _resume(self, hello: protocol.Hello, fds: list[int], conn, peer: Peer) -> Target | None:
+        """A process whose daemon died asks to be taken back with the uffd
+        that daemon set up. Only a process whose saved state is here, with
+        the same pid, start time and ids, is (ESTALE otherwise: its shim
+        kills it, its swapped pages being nowhere)."""
+        prefetch = self.lifecycle.prefetch(hello.policy, f"pid {hello.pid}")
+        agent_fd, uffd_fd = fds
+        _require_uffd(uffd_fd)
+        _require_socket(agent_fd)
+        uffd = uffdmod.Userfaultfd(uffd_fd)
+        fds.remove(uffd_fd)
+        try:
+            memory = Memory(peer.pidfd, peer.pid, peer.uid, peer.gid)
+            try:
+                # Events the dead daemon left unread (a zap's REMOVE, an
+                # munmap) make the probe's UFFDIO_COPY answer EAGAIN until
+                # this daemon reads them: then the process is known by its
+                # pidfd, start time and ids alone, and a uffd that is not its
+                # own could only be one it may already write through.
+                memory.prove_uffd(uffd, hello.probe, events_pending_ok=True)
+            except BaseException:
+                memory.close()
+                raise
+            target = self.lifecycle.resume(peer, memory.take_mem_fd(), uffd, hello.max_resident, prefetch,
+                                           hello.name)
+        except BaseException:
+            uffd.close()
+            raise
+        if target is None:
+            uffd.close()
+            log.warning("%s: asks to be taken back, but no state of it is left here", peer.name)
+            await conn.send(protocol.encode_hello_ack(errno.ESTALE, self.config.zap_mode, 0))
+            return None
+        fds.remove(agent_fd)
+        target.attach_zapper(self.lifecycle.zapper(target, agent_fd))
+        try:
+            target.recover(agent_may_zap=self.config.zap_mode == protocol.ZapMode.AGENT)
+            self.lifecycle.register_found(target)
+            await conn.send(protocol.encode_hello_ack(0, self.config.zap_mode, target.uffd.features,
+                                                      self.config.grace_seconds))
+        except BaseException:
+            target.mark_gone()
+            raise
+        finally:
+            self.lifecycle.start(target)
+        log.info("%s: taken back after a restart (%s): %d pages swapped, %d resident", target.label,
+                 printable(target.command), target.pt.swapped, target.pt.resident)
         return target
 
     async def _attach_child(self, hello: protocol.Hello, fds: list[int], conn, peer: Peer) -> Target | None:

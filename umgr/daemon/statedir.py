@@ -100,7 +100,7 @@ class StateDir:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BackendError(f"another umgr daemon uses {self.path}") from None
+            raise BackendError(f"another daemon serves {socket_path} (its state in {self.path} is locked)") from None
         self.saved: dict[int, SavedTarget] = {}   # by pid: the dead daemon's targets, until resumed
         self._load()
 
@@ -196,13 +196,21 @@ class StateDir:
             log.warning("cannot remove %s/%s: %s", self.path, saved.dir_name, exc.strerror)
 
     def close(self, clean: bool) -> None:
-        """At exit: after a clean stop nothing is left to come back for."""
+        """At exit. After a clean stop nothing is left to come back for:
+        the directory goes (the caller removed the swap file)."""
         if clean:
             for name in os.listdir(self.dir_fd):
                 if name.startswith(TARGET_PREFIX):
                     self._remove_dir(name)
+                elif name in ("boot", "lock"):
+                    os.unlink(name, dir_fd=self.dir_fd)
         os.close(self._lock_fd)
         os.close(self.dir_fd)
+        if clean:
+            try:
+                os.rmdir(self.path)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", self.path, exc.strerror)
 
     # ---- helpers ---------------------------------------------------------------------
     def _remove_dir(self, name: str) -> None:

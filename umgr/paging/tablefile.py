@@ -21,10 +21,12 @@ their old region, and the newest generation wins when the table is loaded.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,12 @@ MAGIC = 0x3154504752474D55   # "UMGRGPT1" little endian
 HEADER_BYTES = 64
 PREFIX = "r"
 RECORD = "target.json"   # the target's identity (umgr/daemon/statedir.py): without it, no restart takes it back
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 @dataclass(eq=False)
@@ -56,12 +64,20 @@ def _file_size(npages: int) -> int:
 
 
 def _map(fd: int, npages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Zero pages map nothing (mmap refuses a zero length past the header):
-    # every file is at least its header.
-    mapping = mmap.mmap(fd, _file_size(npages), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    header = np.frombuffer(mapping, np.int64, 4, 0)
-    state = np.frombuffer(mapping, np.uint8, npages, HEADER_BYTES)
-    slot = np.frombuffer(mapping, np.int32, npages, _slot_offset(npages))
+    """The file's header, state and slot arrays, mapped shared. Not with
+    the mmap module: it keeps a duplicate of the descriptor per mapping
+    (Python < 3.13), a descriptor per region. The mapping goes when the
+    last array viewing it does."""
+    size = _file_size(npages)
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    memory = (ctypes.c_uint8 * size).from_address(addr)
+    weakref.finalize(memory, _libc.munmap, addr, size)
+    header = np.frombuffer(memory, np.int64, 4, 0)
+    state = np.frombuffer(memory, np.uint8, npages, HEADER_BYTES)
+    slot = np.frombuffer(memory, np.int32, npages, _slot_offset(npages))
     return header, state, slot
 
 

@@ -32,6 +32,7 @@ from umgr.paging.evictor import Evictor
 from umgr.paging.faults import FaultService
 from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State
 from umgr.paging.pinning import Pinning
+from umgr.paging import recovery
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.tuning import KEEP_CLEAN_COPIES, SPIN_SECONDS
 from umgr.policies import GuardedEviction, GuardedPrefetch
@@ -76,6 +77,7 @@ class Target:
         self.pinning = Pinning(self.core)
         self.evictor = Evictor(self.core, self.pinning, self.removes)
         self.hints = Hints(self.core, self.evictor)
+        self._zaps_to_settle = False   # taken back after a crash while the agent may still zap
         if pages is not None:
             self.core.became_resident(pt.vpns_in(State.RESIDENT))
 
@@ -220,6 +222,32 @@ class Target:
         """Tell the shim to go on unmanaged (every page must be back)."""
         await self.core.zapper.detach()
 
+    # ---- taken back after a daemon crash (umgr/paging/recovery.py) ----------------
+    def recover(self, agent_may_zap: bool) -> None:
+        """Settle the table a dead daemon left by what the kernel says, and
+        make every blocked thread fault again. Pages whose zap the shim's
+        agent may still be doing (`agent_may_zap`) stay ZAPPING until the
+        eviction task has seen the agent finish (settle_zaps)."""
+        self._zaps_to_settle = agent_may_zap and self.pt.count(State.ZAPPING) > 0
+        self._settle(zapping=not self._zaps_to_settle)
+
+    def _settle(self, zapping: bool) -> None:
+        core = self.core
+        freed, resident = recovery.settle(core.pt, core.present_pages, zapping)
+        core.slots.free(freed)
+        core.became_resident(resident)
+        recovery.wake_all(core.pt, core.uffd)
+        core.note_resident()
+
+    async def settle_zaps(self) -> None:
+        """The agent answers in order: once it answers an empty ZAP, a zap
+        it was doing for the dead daemon is over, and the pages it left
+        ZAPPING can be settled."""
+        if self._zaps_to_settle:
+            await self.core.zapper.barrier()
+            self._zaps_to_settle = False
+            self._settle(zapping=True)
+
     # ---- its tasks ----------------------------------------------------------------
     async def fault_loop(self) -> None:
         await self.faults.run()
@@ -227,6 +255,7 @@ class Target:
     async def eviction_loop(self) -> None:
         core = self.core
         try:
+            await self.settle_zaps()
             while True:
                 await core.eviction_wanted()
                 await self.hints.serve_queued()

@@ -58,6 +58,20 @@ class AgentZapper:
                     break
         return done
 
+    async def barrier(self) -> None:
+        """An empty ZAP: answered once every zap sent before it is done."""
+        async with self._lock:
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            try:
+                await self.sock.send(protocol.encode_zap(self._seq, np.empty(0, np.uint64), np.empty(0, np.uint64)))
+                reply = await self.sock.recv(64)
+            except OSError as exc:
+                raise TargetGone(f"agent connection lost: {exc}") from exc
+            if not reply:
+                raise TargetGone("agent connection closed")
+            if protocol.decode_zap_done(reply).seq != self._seq:
+                raise protocol.ProtocolError("agent answered another zap than the empty one")
+
     async def detach(self) -> None:
         """Let the target go (every page is back): the shim drops its uffd
         reference and runs on unmanaged."""
@@ -94,6 +108,9 @@ class RemoteZapper:
     async def detach(self) -> None:
         if self.sock is not None:
             await detach_agent(self.sock)
+
+    async def barrier(self) -> None:
+        """Nothing to wait for: the dead daemon's zaps died with its threads."""
 
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         # Blocks until the daemon has read each REMOVE event: off the trio thread.

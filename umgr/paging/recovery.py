@@ -1,0 +1,92 @@
+"""Taking back a process after a daemon crash: its page table, as the dead
+daemon left it in files (umgr/paging/tablefile.py), is settled by what the
+kernel says, then every blocked fault is made to fault again.
+
+A page's state in the file is what the dead daemon had stored; pagemap
+presence (PAGEMAP_SCAN: present or in the kernel's swap) tells what
+happened since:
+
+    absent,  SWAPPED              stays SWAPPED (its slot holds the bytes)
+    absent,  ZAPPING with a slot  SWAPPED: the copy was written before the
+                                  zap was asked for (evictor.py), and the
+                                  zap emptied the page
+    absent,  anything else        FRESH (discarded, or never filled)
+    present, PINNED/ZERO/SHARED   unchanged (the kernel has them)
+    present, ZAPPING              left ZAPPING while the shim's agent may
+                                  still be zapping it (a REMOVE leaves it
+                                  alone), then settled like the others
+    present, anything else        RESIDENT, slot freed: the kernel's copy is
+                                  the page (a fill that copied it in before
+                                  the crash, an eviction that never zapped)
+
+Then UFFDIO_WAKE over all of user space: a fault the dead daemon read but
+never served is not delivered again, but a woken thread faults again, for
+the new reader (measured on Linux 6.18), also in a region the saved table
+does not have (one that never had a page in a slot).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from umgr.kernel import PAGE_SHIFT
+from umgr.paging.pagetable import NO_SLOT, PageTable, State
+
+KERNEL_KEEPS = (State.PINNED, State.ZERO, State.SHARED)
+
+
+def settle(pt: PageTable, present_pages, zapping: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Settle the table by presence (`present_pages(vpn, n)`: bool per
+    page); ZAPPING pages that are present only when `zapping`. Returns the
+    slots to free and the vpns that became RESIDENT."""
+    to_resident, to_swapped, to_fresh, freed = [], [], [], []
+    for region in list(pt.regions):
+        present = present_pages(region.vpn, region.npages)
+        state, slot = region.state, region.slot
+        is_zapping = state == State.ZAPPING
+        absent = ~present
+        swapped = absent & is_zapping & (slot != NO_SLOT)
+        fresh = absent & (state != State.SWAPPED) & ~swapped
+        resident = present & ~np.isin(state, KERNEL_KEEPS) & (zapping | ~is_zapping) & (state != State.RESIDENT)
+        # A RESIDENT page keeping a clean copy gives it up: nothing says
+        # the copy was still current when the daemon died.
+        resident |= present & (state == State.RESIDENT) & (slot != NO_SLOT)
+        freed.append(slot[(resident | fresh) & (slot != NO_SLOT)].copy())
+        for chosen, out in ((resident, to_resident), (swapped, to_swapped), (fresh, to_fresh)):
+            out.append(region.vpn + np.flatnonzero(chosen))
+    newly_resident = _join(to_resident)
+    newly_resident = newly_resident[pt.states(newly_resident) != State.RESIDENT]
+    pt.set(_join(to_resident), State.RESIDENT, NO_SLOT)
+    pt.set(_join(to_swapped), State.SWAPPED)
+    pt.set(_join(to_fresh), State.FRESH, NO_SLOT)
+    return _join(freed).astype(np.int32), newly_resident
+
+
+# UFFDIO_WAKE checks only that the range is page aligned, at or above
+# mmap_min_addr and below TASK_SIZE (47-bit user space on x86-64); it wakes
+# every waiter of this uffd in the range, registered or not. One call then
+# reaches threads blocked in regions the saved table does not have too.
+USER_SPACE_END = (1 << 47) - (1 << PAGE_SHIFT)
+
+
+def _mmap_min_addr() -> int:
+    try:
+        with open("/proc/sys/vm/mmap_min_addr") as f:
+            value = int(f.read())
+    except (OSError, ValueError):
+        value = 1 << 16
+    page = 1 << PAGE_SHIFT
+    return max(page, (value + page - 1) // page * page)
+
+
+def wake_all(pt: PageTable, uffd) -> None:
+    """Every thread blocked on a fault of this uffd faults again."""
+    start = _mmap_min_addr()
+    try:
+        uffd.wake(start, USER_SPACE_END - start)
+    except OSError:   # a larger address space: region by region
+        for region in pt.regions:
+            uffd.wake(region.vpn << PAGE_SHIFT, region.npages << PAGE_SHIFT)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
