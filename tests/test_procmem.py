@@ -285,3 +285,45 @@ def test_madvise_self(ct, mapping):
     with pytest.raises(OSError) as info:
         M.madvise(base + 1, P, M.MADV_DONTNEED)
     assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("old_mm", ["kept alive", "gone"])
+def test_checked_readv_never_reads_the_program_a_process_execd(programs, old_mm):
+    """A pid names whatever program runs there now: after an exec,
+    process_vm_readv reads the new one. checked_readv (the evictor's read)
+    reads only the mm its /proc/PID/mem was opened on: it answers None (what
+    it read wiped) while that mm lives on in a CLONE_VM sibling, whose pages
+    mem_readv still reads, and TargetGone once the mm is gone."""
+    from umgr.kernel.buffers import PageBuffer
+    buf, mem_fd = PageBuffer(1), -1
+    with subprocess.Popen([programs["exec_behind"], "keep" if old_mm == "kept alive" else "drop"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True) as proc:
+        try:
+            _, canary, data = proc.stdout.readline().split()
+            canary, addrs, lens = int(canary, 16), np.array([int(data, 16)], np.uint64), np.array([P], np.uint64)
+            mem_fd = M.open_mem(proc.pid)
+            assert M.checked_readv(proc.pid, mem_fd, canary, buf.addr, addrs, lens) == P
+            assert bytes(buf.bytes) == b"O" * P
+            proc.stdin.write(b"exec\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == b"execd\n"
+            buf.bytes[:] = 0
+            # What the proof is for: by pid, the new program is read.
+            assert M.process_vm_readv(proc.pid, buf.addr, addrs, lens) == P and bytes(buf.bytes) == b"N" * P
+            if old_mm == "kept alive":
+                assert M.checked_readv(proc.pid, mem_fd, canary, buf.addr, addrs, lens) is None
+                assert not buf.bytes.any()
+                assert M.mem_readv(mem_fd, buf.addr, addrs, lens, proc.pid) == P and bytes(buf.bytes) == b"O" * P
+            else:
+                buf.bytes[:] = 0
+                with pytest.raises(TargetGone):
+                    M.checked_readv(proc.pid, mem_fd, canary, buf.addr, addrs, lens)
+                with pytest.raises(TargetGone):
+                    M.mem_readv(mem_fd, buf.addr, addrs, lens, proc.pid)
+                assert not buf.bytes.any()
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            if mem_fd >= 0:
+                os.close(mem_fd)
+            buf.close()

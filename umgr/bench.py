@@ -20,6 +20,7 @@ BENCHMARKS = {
     "paging": ("bench_paging", "sequential scans under umgr against kernel swap"),
     "zap": ("bench_zap", "zapping evicted pages: REMOVE events and their readers"),
     "backends": ("bench_backends", "random faults served from each backend and chain"),
+    "readpath": ("bench_readpath", "the eviction read: process_vm_readv, /proc/PID/mem, the checked read"),
 }
 QUICK = ("faults", "io")
 

@@ -13,7 +13,9 @@ Helpers return the result or -errno.
 INCLUDES = """
 #include <errno.h>
 #include <stdint.h>
+#include <string.h>
 #include <unistd.h>
+#include <sys/random.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -72,6 +74,8 @@ int umgr_pidfd_send_signal(int pidfd, int sig, unsigned int flags);
 int64_t umgr_pagemap_scan(int fd, struct pm_scan_arg *arg);
 int64_t umgr_mem_readv(int memfd, uint64_t local, const uint64_t *addrs,
                        const uint64_t *lens, size_t n);
+int64_t umgr_checked_readv(int pid, int memfd, uint64_t canary, uint64_t local,
+                           const uint64_t *addrs, const uint64_t *lens, size_t n);
 """
 
 CUSTOMIZATIONS = """
@@ -270,6 +274,57 @@ static int64_t umgr_mem_readv(int memfd, uint64_t local, const uint64_t *addrs,
             if ((uint64_t)r < want)
                 return total;
         }
+    }
+    return total;
+}
+
+/* process_vm_readv, proven to read the mm the daemon checked at attach. A
+   pid is only a number: once its process has exec'd (a setuid program, say)
+   or the number is reused, process_vm_readv reads another program. So a
+   fresh random token is first written through memfd (/proc/PID/mem opened
+   at attach, which only ever reaches that mm) at `canary`, a private page
+   the shim set aside, and each process_vm_readv call reads the token back
+   ahead of the ranges: one call reads one mm, so ranges that came with the
+   token came from the mm that holds it. Returns the bytes of the ranges
+   read (a short count where a range failed, as process_vm_readv); -EXDEV
+   when the token could not be written or did not come back (what was read
+   is wiped: it may be another program's memory); -ESRCH when the mm or the
+   process is gone. */
+static int64_t umgr_checked_readv(int pid, int memfd, uint64_t canary, uint64_t local,
+                                  const uint64_t *addrs, const uint64_t *lens, size_t n)
+{
+    unsigned char token[16], seen[16];
+    if (getrandom(token, sizeof token, 0) != (ssize_t)sizeof token)
+        return -EXDEV;
+    ssize_t w = pwrite(memfd, token, sizeof token, (off_t)canary);
+    if (w == 0)
+        return -ESRCH; /* the mm has no users left: the process exited or exec'd */
+    if (w != (ssize_t)sizeof token)
+        return -EXDEV;
+    struct iovec riov[UMGR_IOV_MAX], liov[2];
+    int64_t total = 0;
+    for (size_t i = 0; i < n;) {
+        size_t k = 0;
+        uint64_t want = 0;
+        riov[0] = (struct iovec){(void *)(uintptr_t)canary, sizeof token};
+        for (; i + k < n && k + 1 < UMGR_IOV_MAX; k++) {
+            riov[k + 1] = (struct iovec){(void *)(uintptr_t)addrs[i + k], lens[i + k]};
+            want += lens[i + k];
+        }
+        liov[0] = (struct iovec){seen, sizeof seen};
+        liov[1] = (struct iovec){(void *)(uintptr_t)(local + (uint64_t)total), want};
+        ssize_t r = process_vm_readv(pid, liov, 2, riov, k + 1, 0);
+        if (r < 0 && errno == ESRCH)
+            return -ESRCH;
+        if (r < (ssize_t)sizeof token || memcmp(seen, token, sizeof token) != 0) {
+            memset((void *)(uintptr_t)local, 0, (size_t)total + (r > (ssize_t)sizeof token ? (size_t)r - sizeof token : 0));
+            return -EXDEV;
+        }
+        r -= (ssize_t)sizeof token;
+        total += r;
+        if ((uint64_t)r < want)
+            return total;
+        i += k;
     }
     return total;
 }

@@ -83,6 +83,8 @@ struct shim_state {
     int uffd_ref;         /* our own reference to the uffd: a dead daemon leaves faults waiting */
     unsigned grace_seconds; /* how long to wait for a lost daemon (UMGR_GRACE_SECONDS, else HELLO_ACK) */
     int detached;         /* the daemon let us go cleanly (DETACH): every page is back */
+    void *canary;         /* the HELLO's probe page, kept and never touched: the daemon writes a
+                             token there before each eviction read (umgr_checked_readv) */
     uint64_t min_region;  /* mappings smaller than this are not reported */
     uint64_t max_resident; /* UMGR_MAX_RESIDENT; 0: the daemon's default */
     char socket_path[108]; /* UMGR_SOCKET, for taking us back after a crash */
@@ -530,7 +532,8 @@ static int connect_daemon(const char *path)
 }
 
 /* One untouched private anonymous page for the daemon's ownership probe
- * (protocol.h, struct umgr_hello.probe); unmapped once HELLO is answered. */
+ * (protocol.h, struct umgr_hello.probe); kept while managed as the canary
+ * that proves the daemon's reads reach this process. */
 static void *map_probe_page(void)
 {
     void *page = (void *)syscall(SYS_mmap, NULL, 4096, PROT_READ | PROT_WRITE,
@@ -653,16 +656,17 @@ static enum attach_result attach(const char *path, int with_uffd)
     struct umgr_hello_ack ack;
     int returned_uffd;
     failed = "hello acknowledgement";
-    int got = recv_hello_ack(ctl, &ack, &returned_uffd);
-    if (probe)
-        syscall(SYS_munmap, probe, 4096); /* the daemon's probe is done with it */
-    probe = NULL;
-    if (got != 0)
+    if (recv_hello_ack(ctl, &ack, &returned_uffd) != 0)
         goto fail;
     if (returned_uffd >= 0 && uffd < 0)
         uffd = move_high(returned_uffd); /* a forked child's, from its fork event */
     else if (returned_uffd >= 0)
         close(returned_uffd);
+    if ((ack.status == ENOENT && !with_uffd) || ack.status == ESHUTDOWN) {
+        if (probe)
+            syscall(SYS_munmap, probe, 4096);
+        probe = NULL;
+    }
     if (ack.status == ENOENT && !with_uffd) {
         /* No fork event for us (the parent had nothing registered). */
         int leftovers[3] = {ctl, pair[0], uffd};
@@ -688,6 +692,7 @@ static enum attach_result attach(const char *path, int with_uffd)
     failed = "agent thread";
     if (start_agent() != 0)
         goto fail_attached;
+    shim.canary = probe;
     shim.active = 1;
     return ATTACHED;
 
@@ -929,6 +934,9 @@ static void detach_in_child(void)
         close(shim.self_pidfd);
     if (shim.uffd_ref >= 0)
         close(shim.uffd_ref); /* the parent's */
+    if (shim.canary)
+        syscall(SYS_munmap, shim.canary, 4096); /* the parent's copy: ours comes with our HELLO */
+    shim.canary = NULL;
     shim.ctl_fd = shim.agent_fd = shim.self_pidfd = shim.uffd_ref = -1;
     shim.active = 0;
     pthread_mutex_init(&shim.ctl_lock, NULL);

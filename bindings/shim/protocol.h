@@ -73,7 +73,8 @@ struct umgr_hello {
     char name[64];         /* UMGR_NAME, the metrics label; "" = the daemon picks one */
     uint64_t probe;        /* an untouched private anonymous page: the daemon
                               fills it through the uffd and reads it back
-                              through /proc/PID/mem to prove the uffd is ours */
+                              through /proc/PID/mem to prove the uffd is ours;
+                              then kept, unused, as the canary of its reads */
     uint32_t flags;        /* UMGR_HELLO_RESUME */
     uint32_t pad;
 };

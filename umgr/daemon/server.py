@@ -287,6 +287,7 @@ class Daemon:
             uffd.close()
             raise
         fds.remove(agent_fd)
+        target.read_with_canary(hello.probe)
         target.attach_zapper(self.lifecycle.zapper(target, agent_fd))
         try:
             self.lifecycle.register_found(target)
@@ -367,6 +368,8 @@ class Daemon:
             os.close(fds.pop())
             await conn.send(protocol.encode_hello_ack(errno.ENOENT, self.config.zap_mode, 0))
             return None
+        if not target.manages(hello.probe):  # a managed page is no canary: it is evicted and served
+            target.read_with_canary(hello.probe)
         target.attach_zapper(self.lifecycle.zapper(target, fds.pop()))
         # The child's uffd goes back with the answer: the shim keeps a
         # reference, so that if the daemon dies its faults wait, not zeros.
@@ -380,8 +383,9 @@ class Daemon:
             if target.owner_uid != peer.uid:
                 raise Refused(f"the child target belongs to uid {target.owner_uid}")
             memory = Memory(peer.pidfd, peer.pid, peer.uid, peer.gid)
+            registered = target.manages(hello.probe)
             try:
-                memory.prove_uffd(target.uffd, hello.probe, registered=target.manages(hello.probe))
+                memory.prove_uffd(target.uffd, hello.probe, registered=registered)
             finally:
                 memory.close()
         except (Refused, TargetGone, OSError):

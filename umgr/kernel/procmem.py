@@ -82,11 +82,12 @@ def process_vm_readv(pid: int, local_addr: int, addrs, lens) -> int:
 
 
 def open_mem(pid: int) -> int:
-    """An fd of /proc/PID/mem (read-only, the caller closes it). It is bound
-    to the mm the process has now: after an exec its reads return 0 bytes
-    instead of reaching the new program (and a setuid program's memory)."""
+    """An fd of /proc/PID/mem (read-write: checked_readv writes its token
+    through it; the caller closes it). It is bound to the mm the process has
+    now: after an exec its reads return 0 bytes instead of reaching the new
+    program (and a setuid program's memory)."""
     try:
-        return os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
         raise TargetGone(f"/proc/{pid}/mem: process {pid} is gone", pid=pid) from None
 
@@ -104,6 +105,22 @@ def mem_readv(mem_fd: int, local_addr: int, addrs, lens, pid: int | None = None)
         _fail(-r, "read /proc/PID/mem", pid)
     if r == 0 and np.count_nonzero(np.asarray(lens)):
         raise TargetGone(f"process {pid}: the memory it had at attach is gone", pid=pid)
+    return r
+
+
+def checked_readv(pid: int, mem_fd: int, canary: int, local_addr: int, addrs, lens) -> int | None:
+    """process_vm_readv of `pid`, proven to have read the mm `mem_fd` (its
+    /proc/PID/mem, open_mem) is bound to: a random token written at
+    `canary` through mem_fd must come back in the same call. Returns the
+    bytes read (short if a range failed part-way), or None when that proof
+    failed (the process exec'd or its canary page changed; nothing read is
+    kept). Raises TargetGone when the process or its mm is gone."""
+    a, l, n = _ranges(addrs, lens)
+    r = _lib.umgr_checked_readv(pid, mem_fd, canary, local_addr, a, l, n)
+    if r == -_errno.EXDEV:
+        return None
+    if r < 0:
+        _fail(-r, "process_vm_readv", pid)
     return r
 
 

@@ -76,6 +76,7 @@ class TargetCore:
                  mem_fd: int = -1):
         self.pid = pid
         self.mem_fd = mem_fd              # /proc/PID/mem of the mm the uffd belongs to (daemon/peer.py)
+        self.canary = 0                   # the shim's set-aside page: evictions read with checked_readv (0: through mem_fd)
         self.label = label
         self.uffd = uffd
         self.backend = backend

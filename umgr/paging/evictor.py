@@ -49,6 +49,32 @@ class Batch:
     progress: bool = True  # for an empty batch: whether pages left the resident count anyway
 
 
+def _read_ranges(pid: int, mem_fd: int, canary: int, local: int, addrs: np.ndarray,
+                 lens: np.ndarray) -> tuple[int, bool]:
+    """(bytes read, whether the canary proof held). See _read_victims."""
+    done, proven = 0, True
+    if canary:
+        got = procmem.checked_readv(pid, mem_fd, canary, local, addrs, lens)
+        proven = got is not None
+        done = got or 0
+    if done == int(lens.sum()):
+        return done, proven
+    ends = np.cumsum(lens)
+    first = int(np.searchsorted(ends, done, side="right"))
+    rest_addrs, rest_lens = addrs[first:].copy(), lens[first:].copy()
+    skip = done - (int(ends[first - 1]) if first else 0)
+    rest_addrs[0] += skip
+    rest_lens[0] -= skip
+    try:
+        return done + procmem.mem_readv(mem_fd, local + done, rest_addrs, rest_lens, pid), proven
+    except TargetGone:
+        raise
+    except OSError:   # the first page left cannot be read at all
+        if done:
+            return done, proven
+        raise
+
+
 class Evictor:
     def __init__(self, core: TargetCore, pinning: Pinning, removes: RemoveAttribution):
         self.core = core
@@ -231,14 +257,21 @@ class Evictor:
         return slots
 
     async def _read_victims(self, buf: PageBuffer, starts: np.ndarray, lengths: np.ndarray) -> int:
-        """Read through the target's /proc/PID/mem (bound to the mm its uffd
-        serves: an exec'd program is never read) in a worker thread.
-        Abandoned on cancel; the thread holds the buffer, so it stays mapped
-        until the read returns."""
-        pid, mem_fd = self.core.pid, self.core.mem_fd
+        """Read in a worker thread, never from a program the target exec'd:
+        with process_vm_readv proven by the canary token (one copy, one call
+        per batch), and what that did not read (an unreadable page, a failed
+        proof) through the target's /proc/PID/mem, which reaches only the
+        mm its uffd serves. Abandoned on cancel; the thread holds the
+        buffer, so it stays mapped until the read returns."""
+        core = self.core
+        pid, mem_fd, canary = core.pid, core.mem_fd, core.canary
         addrs, lens = (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
-        return await trio.to_thread.run_sync(
-            lambda: procmem.mem_readv(mem_fd, buf.addr, addrs, lens, pid), abandon_on_cancel=True)
+        nbytes, proven = await trio.to_thread.run_sync(
+            lambda: _read_ranges(pid, mem_fd, canary, buf.addr, addrs, lens), abandon_on_cancel=True)
+        if not proven and core.canary:
+            core.canary = 0
+            log.info("%s: its canary page no longer reads back; pages are read through /proc/PID/mem", core.label)
+        return nbytes
 
     async def _zap(self, vpns: np.ndarray) -> None:
         core = self.core

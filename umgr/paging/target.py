@@ -114,6 +114,12 @@ class Target:
     def owner_uid(self) -> int:
         return self.owner[0]
 
+    def read_with_canary(self, addr: int) -> None:
+        """Victims are read with process_vm_readv, proven to reach this
+        process's mm by a token written at addr (the shim's probe page,
+        which it keeps mapped and never uses) through mem_fd."""
+        self.core.canary = addr
+
     def manages(self, addr: int) -> bool:
         """Whether the page at addr is in a managed (registered) region."""
         vpn = addr >> PAGE_SHIFT
