@@ -46,16 +46,17 @@ SYNC_READ_LIMIT = 200e-6
 SYNC_READ_RETRY = 1024
 
 
-def open_state_dir(directory: str) -> int:
-    """A descriptor of the state directory (made 0700 if missing), refused
-    unless it is a real directory (O_NOFOLLOW) of this process's uid that
-    no one else may enter: the swap file holds the targets' memory."""
+def open_state_dir(directory: str, dir_fd: int | None = None) -> int:
+    """A descriptor of the state directory (made 0700 if missing; relative
+    to dir_fd if given), refused unless it is a real directory (O_NOFOLLOW)
+    of this process's uid that no one else may enter: the swap file holds
+    the targets' memory."""
     try:
-        os.mkdir(directory, 0o700)
+        os.mkdir(directory, 0o700, dir_fd=dir_fd)
     except FileExistsError:
-        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+        if not stat.S_ISDIR(os.stat(directory, dir_fd=dir_fd, follow_symlinks=False).st_mode):
             raise  # a file, or a symlink (never followed)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     st = os.fstat(fd)
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
         os.close(fd)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
+from umgr.kernel.procmem import process_start_time
 from umgr.paging.events import ForkedMemory
 
 log = logging.getLogger("umgr.daemon")
@@ -72,9 +73,10 @@ class OrphanForks:
     def claim(self, pid: int, owner: tuple[int, int]) -> Orphan | None:
         """The one fork that can be process `pid`'s, or None (none, or
         more than one: then none is probed, and the child cannot be served)."""
-        born = _start_time(pid)
-        if born is None:
+        ticks = process_start_time(pid)
+        if ticks is None:
             return None
+        born = ticks * TICK
         mine = [o for o in self._waiting
                 if o.parent.owner == owner and -TICK <= o.fork.born - born <= BORN_BEFORE_READ]
         if len(mine) != 1:
@@ -99,15 +101,3 @@ class OrphanForks:
         for orphan in self._waiting:
             orphan.fork.close()
         self._waiting.clear()
-
-
-def _start_time(pid: int) -> float | None:
-    """When the process was born, in CLOCK_BOOTTIME seconds (field 22 of
-    /proc/PID/stat counts clock ticks since boot)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2:].split()   # after the command name, which may hold spaces
-    return int(fields[19]) * TICK

@@ -21,7 +21,7 @@ from umgr.daemon.status import Totals, snapshot
 from umgr.errors import BackendError, TargetGone
 from umgr.kernel import maps, procmem
 from umgr.kernel import uffd as uffdmod
-from umgr.daemon.statedir import SavedTarget, StateDir, process_start_time
+from umgr.daemon.statedir import SavedTarget, StateDir
 from umgr.paging.events import ForkedMemory
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PageTable
 from umgr.paging.target import Target
@@ -154,7 +154,7 @@ class Lifecycle:
         peer's pidfd."""
         saved = None
         if self.state is not None:
-            saved = self.state.take(peer.pid, process_start_time(peer.pid), (peer.uid, peer.gid))
+            saved = self.state.take(peer.pid, procmem.process_start_time(peer.pid), (peer.uid, peer.gid))
         if saved is None:
             os.close(mem_fd)
             return None

@@ -24,13 +24,13 @@ import hashlib
 import json
 import logging
 import os
-import stat
 from dataclasses import dataclass
 
 import numpy as np
 
 from umgr.backends.file import open_state_dir
 from umgr.errors import BackendError
+from umgr.kernel.procmem import process_start_time
 from umgr.paging.pagetable import PageTable
 from umgr.paging.tablefile import RECORD, FileArrays, remove_all
 
@@ -41,37 +41,9 @@ TARGET_PREFIX = "t-"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot (field 22 of
-    /proc/PID/stat), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19])
-
-
 def _boot_id() -> str:
     with open(BOOT_ID) as f:
         return f.read().strip()
-
-
-def _open_dir(name: str, dir_fd: int) -> int:
-    """A directory of ours in `dir_fd` (made 0700 if missing), opened
-    without following a link, refused unless it is this uid's and closed to
-    others (file.open_state_dir's checks, relative to a checked directory)."""
-    try:
-        os.mkdir(name, 0o700, dir_fd=dir_fd)
-    except FileExistsError:
-        pass
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        os.close(fd)
-        raise BackendError(f"state directory {name} must belong to uid {os.geteuid()} with mode 0700 "
-                           f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})")
-    return fd
 
 
 @dataclass(eq=False)
@@ -92,7 +64,7 @@ class StateDir:
         self.path = os.path.join(state_dir, f"daemon-{key}")
         top = open_state_dir(state_dir)
         try:
-            self.dir_fd = _open_dir(f"daemon-{key}", top)
+            self.dir_fd = open_state_dir(f"daemon-{key}", top)
         finally:
             os.close(top)
         self._lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,

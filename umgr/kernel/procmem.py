@@ -279,3 +279,14 @@ def _scan(fd, pid, start, end, category_mask, return_mask, category_inverted,
             break
         start = walk_end
     return out
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (field 22 of
+    /proc/PID/stat), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])
