@@ -1,8 +1,8 @@
 """The evictor: keeps a target's resident pages under its budget.
 
-A batch of victims is taken out (write-protect -> read through
-/proc/PID/mem, in a worker thread so the fault-serving thread never waits on
-the copy) and put away (backend write, durable before the zap -> zap ->
+A batch of victims is taken out (write-protect -> process_vm_readv proven
+by a canary token to reach the checked process, else /proc/PID/mem; in a
+worker thread so the fault-serving thread never waits on the copy) and put away (backend write, durable before the zap -> zap ->
 SWAPPED). Over the budget two batches are in flight: the next is taken out
 while the previous one is put away, so the copy-out overlaps the write and
 the zap. It runs as the target's eviction task beside the fault loop; the
@@ -67,9 +67,7 @@ def _read_ranges(pid: int, mem_fd: int, canary: int, local: int, addrs: np.ndarr
     rest_lens[0] -= skip
     try:
         return done + procmem.mem_readv(mem_fd, local + done, rest_addrs, rest_lens, pid), proven
-    except TargetGone:
-        raise
-    except OSError:   # the first page left cannot be read at all
+    except OSError:   # the first page left cannot be read at all (TargetGone is not an OSError: it goes up)
         if done:
             return done, proven
         raise
