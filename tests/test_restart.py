@@ -391,13 +391,13 @@ def test_forked_parent_and_child_sharing_slots_are_both_taken_back(tmp_path, shi
                              30, "the child")[0]
             wait_for(lambda: UFFD_LINK in fd_links(child), 10, "the child's shim to hold its uffd")
             assert target_status(daemon, child)["swapped_bytes"] >= 24 * MiB
-            used = query_status_of(daemon)["backend"]["used_pages"]
+            used = settled_used_pages(daemon)
             daemon.kill()
             daemon.start()
             for pid in (target.pid, child):
                 wait_for(lambda: target_status_of(daemon, pid) is not None, 30, f"pid {pid} to be taken back")
             # The shared slots are counted once each, as before the crash.
-            assert query_status_of(daemon)["backend"]["used_pages"] == used
+            assert settled_used_pages(daemon) == used
             out, err = target.communicate(b"", timeout=60)
         assert target.returncode == 0, (out, err, daemon.log())
         assert out == b"ok 12288 pages\n" * 2, (out, err)
@@ -430,6 +430,18 @@ def test_restarted_daemon_without_its_state_kills_the_program_at_once(tmp_path, 
         assert "no state of it is left here" in daemon.log()
     finally:
         daemon.stop()
+
+
+def settled_used_pages(daemon) -> int:
+    """The backend's used slots once two readings half a second apart agree:
+    the reclaimer may still be evicting a target that has just connected."""
+    readings = []
+
+    def settled():
+        readings.append(query_status_of(daemon)["backend"]["used_pages"])
+        return len(readings) > 1 and readings[-1] == readings[-2]
+    wait_for(settled, 30, "the backend's used slots to settle", interval=0.5)
+    return readings[-1]
 
 
 def query_status_of(daemon) -> dict:
