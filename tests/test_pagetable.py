@@ -89,10 +89,10 @@ def test_runs():
 def test_slots_alloc_contiguous_and_refcounted():
     slots = SlotAllocator(8)
     a = slots.alloc(3)
-    assert a.tolist() == [0, 1, 2]
+    assert a.tolist() == [1, 2, 3]   # slot 0 is NO_SLOT, never handed out
     slots.incref(a[:1])
     slots.free(a)
-    assert slots.used == 1          # slot 0 still has a reference
+    assert slots.used == 1          # slot 1 still has a reference
     slots.free(a[:1])
     assert slots.used == 0
     with pytest.raises(ValueError):
@@ -108,12 +108,12 @@ def test_slots_free_one_matches_free():
     a = slots.alloc(2)
     slots.incref(a[1:])
     slots.free_one(int(a[1]))
-    assert slots.used == 2 and released == []    # slot 1 still shared
+    assert slots.used == 2 and released == []    # slot 2 still shared
     slots.free(a[1:])                            # one-element free() takes the same path
     assert slots.used == 1 and released == [1]
     with pytest.raises(ValueError):
         slots.free_one(int(a[1]))
-    assert slots.alloc(1).tolist() == [1]
+    assert slots.alloc(1).tolist() == [2]
 
 
 def test_slots_full_allocates_nothing():

@@ -29,7 +29,7 @@ from umgr.console import (EXIT_UMGR, ArgumentParser, Fatal, add_verbosity, fatal
 from umgr.sizes import format_size, parse_size
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.notify import notify
-from umgr.daemon.config import GRACE_SECONDS
+from umgr.daemon.config import GRACE_SECONDS, MAX_MANAGED, MAX_MANAGED_PER_USER
 from umgr.daemon.listener import ControlSocket, SocketSetupError
 
 log = logging.getLogger("umgr")
@@ -103,6 +103,12 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                         "write (read-mostly data, slow swap store); a first write then costs a fault")
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
+    p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",
+                   help=f"most memory to manage per process (default {format_size(MAX_MANAGED)}); "
+                        "mappings past it stay the kernel's")
+    p.add_argument("--max-managed-per-user", type=size_arg, default=MAX_MANAGED_PER_USER, metavar="SIZE",
+                   help=f"most memory to manage for all processes of one user "
+                        f"(default {format_size(MAX_MANAGED_PER_USER)})")
     p.add_argument("--metrics-port", type=port_arg, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDR",
                    help="address the metrics are served on (default 127.0.0.1; 0.0.0.0 or :: for all)")
@@ -351,7 +357,8 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         group=getattr(args, "group", None),
                         hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT),
                         keep_clean=args.keep_clean, policy_options=policy_options,
-                        eviction_options=eviction_options, grace_seconds=_grace(args))
+                        eviction_options=eviction_options, grace_seconds=_grace(args),
+                        max_managed=args.max_managed, max_managed_per_user=args.max_managed_per_user)
 
 
 def _grace(args) -> int:

@@ -121,8 +121,8 @@ class FileBackend(Backend):
         `reuse`, the existing file and its contents, at its own size."""
         if swap_name:
             self.fd, self.direct = _open_named_swap_file(directory, swap_name, reuse)
-            if reuse:
-                size = os.fstat(self.fd).st_size
+            if reuse:   # the file holds slot 0 too (never used)
+                size = os.fstat(self.fd).st_size - PAGE_SIZE
         else:
             self.fd, self.direct = _open_swap_file(directory)
         self.path = os.path.join(directory, swap_name) if swap_name else None
@@ -139,7 +139,7 @@ class FileBackend(Backend):
                                f"{fs.f_bavail * fs.f_frsize >> 20} MiB free")
         super().__init__(size // PAGE_SIZE)
         try:
-            os.posix_fallocate(self.fd, 0, self.slots.capacity * PAGE_SIZE)
+            os.posix_fallocate(self.fd, 0, self.slots.span * PAGE_SIZE)
         except OSError as exc:
             os.close(self.fd)
             raise BackendError(f"cannot preallocate {size >> 20} MiB of swap in {directory}: {exc.strerror}") from exc

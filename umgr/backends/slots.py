@@ -6,6 +6,10 @@ the last reference goes. Free slots are a stack in a numpy array: alloc and
 free are O(n) in the pages of a batch, never in the size of the store, and
 a fresh store hands out ascending, contiguous slots (so a sequential
 eviction batch becomes a few large writes).
+
+Slot 0 is never handed out: it is the page tables' NO_SLOT, so a table that
+is all zeros names no slot and the kernel backs it lazily (a table costs
+memory only where its pages are touched; umgr/paging/pagetable.py).
 """
 from __future__ import annotations
 
@@ -18,16 +22,19 @@ from umgr.errors import BackendFull
 
 class SlotAllocator:
     def __init__(self, capacity: int):
+        """Slots 1 .. capacity: a store's page k+1 is slot k+1, its page 0
+        (slot 0) is never used."""
         if capacity <= 0:
             raise ValueError("a backend needs at least one slot")
         self.capacity = capacity
-        # Popped from the end: reversed so slot 0 goes first.
-        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int32)
+        self.span = capacity + 1   # slot numbers are below this
+        # Popped from the end: reversed so slot 1 goes first.
+        self._free = np.arange(capacity, 0, -1, dtype=np.int32)
         self._nfree = capacity
-        self._refs = np.zeros(capacity, np.uint16)
+        self._refs = np.zeros(self.span, np.uint16)
         # When each slot's page was evicted, on its target's eviction clock
         # (TargetCore.evictions, wrapping): for refault distances.
-        self.evicted_at = np.zeros(capacity, np.uint32)
+        self.evicted_at = np.zeros(self.span, np.uint32)
         self.on_release: Callable[[], None] | None = None   # called when slots become free
         # Told which slots became free, before on_release: a store that holds
         # pages in memory drops them (a file's stale blocks cost nothing).
@@ -54,9 +61,11 @@ class SlotAllocator:
     def adopt(self, slots: np.ndarray) -> None:
         """Start from these references (a restarted daemon's saved tables:
         a slot named n times has n references); every other slot is free."""
-        refs = np.bincount(np.asarray(slots, np.int64), minlength=self.capacity)[:self.capacity]
+        refs = np.bincount(np.asarray(slots, np.int64), minlength=self.span)[:self.span]
+        if refs[0]:
+            raise ValueError("slot 0 is reserved")
         self._refs[:] = refs
-        free = np.flatnonzero(refs == 0)[::-1].astype(np.int32)   # popped from the end: lowest first
+        free = np.flatnonzero(refs[1:] == 0)[::-1].astype(np.int32) + 1   # popped from the end: lowest first
         self._nfree = len(free)
         self._free[:self._nfree] = free
 

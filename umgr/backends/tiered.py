@@ -50,7 +50,7 @@ class Tiered(Backend):
                 downstream(released)
 
         self.slots.on_free = on_free
-        self._in_flight = np.zeros(self.slots.capacity, bool)   # slots being demoted
+        self._in_flight = np.zeros(self.slots.span, bool)   # slots being demoted
         self._landed = trio.Event()     # set when a demotion's lower write ends
         self._buffers: list[PageBuffer] = []
         self.demoted = 0

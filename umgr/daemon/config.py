@@ -10,6 +10,13 @@ HELLO_TIMEOUT = 5.0      # seconds a new connection may take to send its first m
 CHILD_HELLO_WAIT = 10.0  # seconds a forked child's HELLO waits for its parent's FORKED
 EXEC_RELEASE_WAIT = 5.0  # seconds a HELLO after exec waits for the old image's target to be released
 GRACE_SECONDS = 60       # how long a program whose daemon is gone waits for one before it is killed
+# Managed virtual memory per process and per user. The page tables cost the
+# daemon memory only where pages are touched, but their arrays are still
+# sized by what is registered: a 1 TiB region is 1.5 GiB of virtual arrays,
+# and a whole-region scan touches them. Past a cap a mapping stays the
+# kernel's (unmanaged), which loses nothing.
+MAX_MANAGED = 1 << 40
+MAX_MANAGED_PER_USER = 4 << 40
 
 
 @dataclass
@@ -27,3 +34,5 @@ class DaemonConfig:
     hello_timeout: float = HELLO_TIMEOUT  # drop a connection silent for this long
     keep_clean: bool = KEEP_CLEAN_COPIES  # prefetched pages keep their swap copy until written
     grace_seconds: int = GRACE_SECONDS    # told to each shim in HELLO_ACK (UMGR_GRACE_SECONDS overrides)
+    max_managed: int = MAX_MANAGED        # bytes of registered memory per process
+    max_managed_per_user: int = MAX_MANAGED_PER_USER   # ... and all of one uid's processes

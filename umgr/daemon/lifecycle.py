@@ -23,11 +23,12 @@ from umgr.kernel import maps, procmem
 from umgr.kernel import uffd as uffdmod
 from umgr.daemon.statedir import SavedTarget, StateDir
 from umgr.paging.events import ForkedMemory
-from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PageTable
+from umgr.paging.pagetable import PAGE_SHIFT, PageTable
 from umgr.paging.target import Target
 from umgr.paging.tuning import RESUME_INTERVAL
 from umgr.paging.zap import AgentZapper, RemoteZapper
 from umgr.policies import GuardedPrefetch, load_eviction, load_prefetch
+from umgr.sizes import format_size
 
 log = logging.getLogger("umgr.daemon")
 
@@ -125,11 +126,26 @@ class Lifecycle:
                         budget_pages=budget >> PAGE_SHIFT, backend=self.backend, prefetch=prefetch,
                         eviction=eviction, label=prefetch.target, keep_clean=self.config.keep_clean, pages=pages,
                         on_pause=self._want_resume, name=name)
+        target.refuse_region = lambda npages: self._past_managed_caps(target, npages)
         if saved is not None:
             self._saved[target] = saved
         if self.trace is not None:
             target.core.trace = self.trace.target(pid, target.budget_pages, pages)
         return target
+
+    def _past_managed_caps(self, target: Target, npages: int) -> str | None:
+        """Why `npages` more of `target` may not be managed, or None. A
+        client chooses how much it registers, and the daemon's page tables
+        are sized by it: the caps bound what any user can make it hold."""
+        cap = self.config.max_managed >> PAGE_SHIFT
+        if target.core.pt.managed + npages > cap:
+            return f"the process would pass --max-managed {format_size(self.config.max_managed)}"
+        uid = target.owner_uid
+        users = sum(t.core.pt.managed for t in self.targets.values() if t.owner_uid == uid and t is not target)
+        if users + target.core.pt.managed + npages > self.config.max_managed_per_user >> PAGE_SHIFT:
+            return (f"uid {uid}'s processes would pass --max-managed-per-user "
+                    f"{format_size(self.config.max_managed_per_user)}")
+        return None
 
     def _save(self, pid: int, uffd, owner: tuple[int, int]) -> SavedTarget | None:
         """Files for a new target's table, or None (in memory: it cannot
@@ -411,6 +427,6 @@ def _into_files(table: PageTable, arrays) -> PageTable:
     target's), regions with a page in a slot in files."""
     copy = table.copy(arrays)
     for region in copy.regions:
-        if (region.slot != NO_SLOT).any():
+        if region.slot.any():   # NO_SLOT is 0
             arrays.holding_slots(region)
     return copy

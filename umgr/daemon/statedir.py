@@ -121,7 +121,7 @@ class StateDir:
         file does not have cannot come back."""
         for pid, saved in list(self.saved.items()):
             used = saved.table.all_slots()
-            if len(used) and (used.min() < 0 or used.max() >= slots.capacity):
+            if len(used) and (used.min() < 1 or used.max() >= slots.span):
                 log.warning("state in %s: pid %d names slots past the swap file; it cannot come back",
                             self.path, pid)
                 self.forget(self.saved.pop(pid))

@@ -6,6 +6,14 @@ daemon keeps about 14 bytes per managed page), never a Python object per
 page: a target with 16 GiB of managed memory has four million pages. Pages
 are named by vpn (virtual address >> 12). Every state change goes through
 this module, which keeps the per-state counts the budget and the metrics read.
+
+A new region's arrays are all zeros (FRESH, NO_SLOT, no flag) and made by
+np.zeros, which for large arrays is calloc, an anonymous mapping the kernel
+fills only where it is written: a region costs memory for the parts of it
+that were touched, not for its virtual size (a 64 GiB MAP_NORESERVE mapping
+is 96 MiB of arrays, almost none of it backed). Copies keep that property
+(sparse_copy), and whole-array work goes in chunks, so no temporary is as
+large as a region either.
 """
 from __future__ import annotations
 
@@ -19,8 +27,9 @@ from umgr.kernel import PAGE_SHIFT, PAGE_SIZE
 
 __all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "Region", "runs"]
 
-NO_SLOT = -1
+NO_SLOT = 0   # slot 0 is never handed out (umgr/backends/slots.py): zeros name no slot
 SMALL = 8   # arrays this short are cheaper in a Python loop than in a numpy call
+CHUNK = 1 << 20   # pages per step of a whole-region scan: bounds its temporaries
 
 
 class State:
@@ -76,12 +85,28 @@ class Region:
 
     @classmethod
     def empty(cls, vpn: int, npages: int) -> "Region":
-        return cls(vpn, np.zeros(npages, np.uint8), np.full(npages, NO_SLOT, np.int32))
+        return cls(vpn, np.zeros(npages, np.uint8), np.zeros(npages, np.int32))
 
     def piece(self, lo: int, hi: int) -> "Region":
         """A copy of pages [lo, hi) (vpns) of this region."""
         a, b = lo - self.vpn, hi - self.vpn
-        return Region(lo, self.state[a:b].copy(), self.slot[a:b].copy(), self.flags[a:b].copy())
+        return Region(lo, sparse_copy(self.state[a:b]), sparse_copy(self.slot[a:b]), sparse_copy(self.flags[a:b]))
+
+
+def sparse_copy(array: np.ndarray) -> np.ndarray:
+    """A copy that writes only the nonzero entries into fresh zeros: the
+    untouched (zero) parts of a lazily backed array stay untouched."""
+    out = np.zeros(len(array), array.dtype)
+    copy_nonzero(out, array)
+    return out
+
+
+def copy_nonzero(out: np.ndarray, array: np.ndarray) -> None:
+    """out[i] = array[i] wherever array[i] is not zero (out is zeros)."""
+    for lo in range(0, len(array), CHUNK):
+        part = array[lo:lo + CHUNK]
+        nonzero = np.flatnonzero(part)
+        out[lo + nonzero] = part[nonzero]
 
 
 class MemoryArrays:
@@ -179,8 +204,13 @@ class PageTable:
         return (region.vpn, region.end) if region is not None else None
 
     def vpns_in(self, state: int) -> np.ndarray:
-        """Every page in `state`, sorted (a scan of the whole table)."""
-        found = [r.vpn + np.flatnonzero(r.state == state) for r in self.regions]
+        """Every page in `state`, sorted (a scan of the whole table, unless
+        none is: reading a saved table's untouched parts would fill them
+        with page-cache pages)."""
+        if not self.counts[state]:
+            return np.empty(0, np.int64)
+        found = [r.vpn + lo + np.flatnonzero(r.state[lo:lo + CHUNK] == state)
+                 for r in self.regions for lo in range(0, r.npages, CHUNK)]
         return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
 
     def is_in_state(self, vpns: np.ndarray, state: int = State.RESIDENT) -> np.ndarray:
@@ -289,9 +319,12 @@ class PageTable:
         returns those slots, to be freed."""
         taken = []
         for region in self.regions:
-            kept = (region.state == State.RESIDENT) & (region.slot != NO_SLOT)
-            taken.append(region.slot[kept].copy())
-            region.slot[kept] = NO_SLOT
+            for lo in range(0, region.npages, CHUNK):
+                state, slot = region.state[lo:lo + CHUNK], region.slot[lo:lo + CHUNK]
+                kept = np.flatnonzero(slot)
+                kept = kept[state[kept] == State.RESIDENT]
+                taken.append(slot[kept].copy())
+                slot[kept] = NO_SLOT
         return np.concatenate(taken) if taken else np.empty(0, np.int32)
 
     def add(self, vpn: int, npages: int, present: np.ndarray | None = None) -> tuple[Region, np.ndarray]:
@@ -299,9 +332,12 @@ class PageTable:
         Returns the region and the slots freed from whatever it replaced."""
         freed = self.remove(vpn, vpn + npages)
         region = self.arrays.empty(vpn, npages)
+        resident = 0
         if present is not None:
             region.state[present] = State.RESIDENT
-        self._count_in(region.state)
+            resident = int(np.count_nonzero(present))
+        self.counts[State.RESIDENT] += resident   # counted, not scanned: the rest is FRESH
+        self.counts[State.FRESH] += npages - resident
         bisect.insort(self.regions, region, key=lambda r: r.vpn)
         return region, freed
 
@@ -312,7 +348,7 @@ class PageTable:
         for region, lo, hi in list(self._overlapping(vpn_lo, vpn_hi)):
             a, b = lo - region.vpn, hi - region.vpn
             self._count_out(region.state[a:b])
-            freed.append(region.slot[a:b][region.slot[a:b] != NO_SLOT])
+            freed.append(nonzero_slots(region.slot[a:b]))
             self._split_out(region, lo, hi)
         return np.concatenate(freed) if freed else np.empty(0, np.int32)
 
@@ -352,7 +388,7 @@ class PageTable:
 
     def clear(self) -> np.ndarray:
         """Everything is gone (exit, exec). Returns all slots to free."""
-        freed = [r.slot[r.slot != NO_SLOT] for r in self.regions]
+        freed = [nonzero_slots(r.slot) for r in self.regions]
         for region in self.regions:
             self.arrays.drop(region)
         self.regions.clear()
@@ -372,18 +408,20 @@ class PageTable:
         one). Flags (application hints) stay the parent's."""
         child = self.copy(arrays)
         for region in child.regions:
-            region.flags[:] = 0
-            evicting = region.state == State.EVICTING
-            zapping = region.state == State.ZAPPING
-            region.state[evicting] = State.RESIDENT
-            region.state[zapping] = np.where(region.slot[zapping] == NO_SLOT, State.FRESH, State.SWAPPED)
+            region.flags = np.zeros(region.npages, np.uint8)
+            for lo in range(0, region.npages, CHUNK):
+                state, slot = region.state[lo:lo + CHUNK], region.slot[lo:lo + CHUNK]
+                evicting = state == State.EVICTING
+                zapping = state == State.ZAPPING
+                state[evicting] = State.RESIDENT
+                state[zapping] = np.where(slot[zapping] == NO_SLOT, State.FRESH, State.SWAPPED)
         child.counts[:] = 0
         for region in child.regions:
             child._count_in(region.state)
         return child
 
     def all_slots(self) -> np.ndarray:
-        slots = [r.slot[r.slot != NO_SLOT] for r in self.regions]
+        slots = [nonzero_slots(r.slot) for r in self.regions]
         return np.concatenate(slots) if slots else np.empty(0, np.int32)
 
     # ---- helpers -----------------------------------------------------
@@ -422,14 +460,30 @@ class PageTable:
             for state in states.tolist():
                 self.counts[state] -= 1
         else:
-            self.counts -= np.bincount(states, minlength=256)
+            self.counts -= histogram(states)
 
     def _count_in(self, states: np.ndarray) -> None:
         if len(states) <= SMALL:
             for state in states.tolist():
                 self.counts[state] += 1
         else:
-            self.counts += np.bincount(states, minlength=256)
+            self.counts += histogram(states)
+
+
+def histogram(states: np.ndarray) -> np.ndarray:
+    """How many pages are in each state. In chunks: np.bincount makes an
+    int64 copy of its input, 8 bytes a page of a region."""
+    counts = np.zeros(256, np.int64)
+    for lo in range(0, len(states), CHUNK):
+        counts += np.bincount(states[lo:lo + CHUNK], minlength=256)
+    return counts
+
+
+def nonzero_slots(slots: np.ndarray) -> np.ndarray:
+    """The slots named in an array of them (without a region-sized mask)."""
+    return np.concatenate([part[np.flatnonzero(part)] for part in
+                           (slots[lo:lo + CHUNK] for lo in range(0, len(slots), CHUNK))] or
+                          [np.empty(0, np.int32)])
 
 
 def runs(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from umgr.paging.pagetable import MemoryArrays, PageTable, Region
+from umgr.paging.pagetable import MemoryArrays, PageTable, Region, copy_nonzero
 
 log = logging.getLogger("umgr.daemon")
 
-MAGIC = 0x3154504752474D55   # "UMGRGPT1" little endian
+MAGIC = 0x3254504752474D55   # "UMGRGPT2" little endian (2: slot 0 is NO_SLOT)
 HEADER_BYTES = 64
 PREFIX = "r"
 RECORD = "target.json"   # the target's identity (umgr/daemon/statedir.py): without it, no restart takes it back
@@ -109,8 +109,8 @@ class FileArrays(MemoryArrays):
             header, state, slot = _map(fd, region.npages)
         finally:
             os.close(fd)
-        state[:] = region.state
-        slot[:] = region.slot
+        copy_nonzero(state, region.state)   # the file is zeros: a sparse file stays sparse
+        copy_nonzero(slot, region.slot)
         region.state, region.slot = state, slot
         region.backing = FileBacking(name, header, generation)
         header[1:] = (region.vpn, region.npages, generation)

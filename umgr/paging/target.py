@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import trio
@@ -36,6 +37,7 @@ from umgr.paging import recovery
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.tuning import KEEP_CLEAN_COPIES, SPIN_SECONDS
 from umgr.policies import GuardedEviction, GuardedPrefetch
+from umgr.sizes import format_size
 
 log = logging.getLogger("umgr.target")
 
@@ -71,6 +73,10 @@ class Target:
         guarded.attach(pt.is_in_state)
         self.core = TargetCore(pid=pid, mem_fd=mem_fd, label=label, uffd=uffd, backend=backend, budget=Budget(budget_pages),
                                eviction=guarded, keep_clean=keep_clean, pt=pt, on_pause=on_pause)
+        # Why a new region may not be managed (a cap), or None: set by the
+        # daemon (umgr/daemon/lifecycle.py), which sees every target.
+        self.refuse_region: Callable[[int], str | None] = lambda npages: None
+        self._refusal_logged = False
         self.removes = RemoveAttribution()
         self.events = MemoryEvents(self.core, self.removes)
         self.faults = FaultService(self.core, self.events, prefetch, spin=spin)
@@ -154,6 +160,10 @@ class Target:
         # Only what no region covers is new: a covered page may be swapped
         # (e.g. moved here by mremap before a maps scan sees the mapping).
         for lo, hi in core.pt.gaps(start_vpn, start_vpn + npages) if npages > 0 else []:
+            refusal = self.refuse_region(hi - lo)
+            if refusal is not None:
+                self._log_refusal(lo, hi, refusal)
+                return False
             try:
                 core.uffd.register(lo << PAGE_SHIFT, (hi - lo) << PAGE_SHIFT, REGISTER_MODE)
             except TargetGone:
@@ -167,6 +177,13 @@ class Target:
             core.became_resident((np.flatnonzero(present) + lo).astype(np.int64))
         core.note_resident()
         return True
+
+    def _log_refusal(self, lo: int, hi: int, refusal: str) -> None:
+        """Once per target (the maps scan would repeat it every interval)."""
+        level = logging.DEBUG if self._refusal_logged else logging.WARNING
+        self._refusal_logged = True
+        log.log(level, "%s: %s at %#x is not managed: %s", self.label, format_size((hi - lo) << PAGE_SHIFT),
+                lo << PAGE_SHIFT, refusal)
 
     def check_mm(self) -> None:
         """Raise TargetGone once the target's mm is gone. An exec of a

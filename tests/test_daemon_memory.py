@@ -1,0 +1,95 @@
+"""What a client can make the daemon hold. Page tables are sized by the
+memory a process registers, which the client chooses: their arrays are
+backed only where pages are touched, and caps per process and per user
+bound what is registered (a mapping past a cap stays the kernel's)."""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+
+import pytest
+
+from conftest import DaemonProcess, wait_for
+from test_control import started, target_status
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def vm_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"no {field}")
+
+
+def wait_ready_and_swapped(daemon, proc: subprocess.Popen, nbytes: int) -> dict:
+    assert proc.stdout.readline() == b"ready\n", proc.stderr.read()
+
+    def swapped():
+        t = target_status(daemon, proc.pid)
+        return t if t is not None and t["swapped_bytes"] >= nbytes else None
+    return wait_for(swapped, 60, f"pid {proc.pid} to have {nbytes >> 20} MiB swapped out")
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(b"", timeout=60)
+    assert proc.returncode == 0 and out.startswith(b"ok 8192 pages"), (out, err)
+
+
+@pytest.mark.timeout(120)
+def test_a_huge_reservation_costs_the_daemon_only_what_is_touched(tmp_path, shim, programs):
+    """A 64 GiB MAP_NORESERVE mapping with 32 MiB used, next to a 1 GiB one
+    used alike: the big one is managed whole, its used pages go out and
+    come back intact, and it costs the daemon about what the small one
+    does. Before its arrays were lazily backed it took ~70 MB (a slot
+    array filled with -1, and region-sized temporaries)."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "8M")
+    try:
+        env = daemon.env(shim)
+        with contextlib.ExitStack() as stack:
+            small = stack.enter_context(started([programs["reserve"], "1", "32"], env=env, stdin=subprocess.PIPE))
+            wait_ready_and_swapped(daemon, small, 16 * MiB)
+            rss, peak = vm_kb(daemon.proc.pid, "VmRSS"), vm_kb(daemon.proc.pid, "VmHWM")
+            big = stack.enter_context(started([programs["reserve"], "64", "32"], env=env, stdin=subprocess.PIPE))
+            status = wait_ready_and_swapped(daemon, big, 16 * MiB)
+            assert status["managed_bytes"] >= 64 * GiB, status
+            grown = vm_kb(daemon.proc.pid, "VmRSS") - rss
+            peak_grown = vm_kb(daemon.proc.pid, "VmHWM") - peak
+            assert grown < 12 * 1024 and peak_grown < 12 * 1024, (grown, peak_grown)
+            finish(big)
+            finish(small)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.timeout(120)
+def test_mappings_past_the_caps_stay_the_kernels_and_lose_nothing(tmp_path, shim, programs):
+    """--max-managed 2G, --max-managed-per-user 3G: a 4 GiB mapping is past
+    the per-process cap, a second 2 GiB one of the same user past the
+    per-user cap. Both stay unmanaged (one log line each, naming the cap)
+    and their programs run on with every byte; the first 2 GiB one is
+    managed and paged."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "8M", "--max-managed", "2G", "--max-managed-per-user", "3G")
+    try:
+        env = daemon.env(shim)
+        with contextlib.ExitStack() as stack:
+            managed = stack.enter_context(started([programs["reserve"], "2", "32"], env=env, stdin=subprocess.PIPE))
+            status = wait_ready_and_swapped(daemon, managed, 16 * MiB)
+            assert status["managed_bytes"] >= 2 * GiB, status
+            past = {}
+            for name, size in (("process", "4"), ("user", "2")):
+                proc = stack.enter_context(started([programs["reserve"], size, "32"], env=env, stdin=subprocess.PIPE))
+                assert proc.stdout.readline() == b"ready\n"
+                past[name] = proc
+            for name, proc in past.items():
+                status = wait_for(lambda: target_status(daemon, proc.pid), 10, f"pid {proc.pid} to attach")
+                assert status["managed_bytes"] < GiB and status["swapped_bytes"] == 0, (name, status)
+                finish(proc)
+            finish(managed)
+        log = daemon.log()
+        assert f"pid {past['process'].pid}: 4G at" in log and "would pass --max-managed 2G" in log, log
+        assert f"pid {past['user'].pid}: 2G at" in log and "would pass --max-managed-per-user 3G" in log, log
+    finally:
+        daemon.stop()
