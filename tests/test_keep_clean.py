@@ -1,7 +1,8 @@
-"""--keep-clean: prefetched pages keep their swap copy while unwritten, so
-evicting them again is a zap with no write. The copy must never outlive a
+"""Clean copies: pages read back from swap keep their swap copy while
+unwritten, so evicting them again is a zap with no write (--clean-copies:
+auto by default, always with --keep-clean). The copy must never outlive a
 write the daemon did not see: every lifecycle event, write race and fork is
-run again here with the option on, checking every byte."""
+run again here with copies always kept, checking every byte."""
 import pytest
 
 MiB = 1 << 20
@@ -11,16 +12,19 @@ PAGE = 4096
 @pytest.mark.timeout(90)
 def test_rereads_evict_without_writing_again(umgr_exec, programs):
     # 64 MiB written once, then read 3 times, under 16 MiB.
-    plain = umgr_exec([programs["reread"], "64", "3"], max_resident="16M")
+    plain = umgr_exec([programs["reread"], "64", "3"], "--clean-copies", "never", max_resident="16M")
     clean = umgr_exec([programs["reread"], "64", "3"], "--keep-clean", max_resident="16M")
-    for result in (plain, clean):
+    auto = umgr_exec([programs["reread"], "64", "3"], max_resident="16M")
+    for result in (plain, clean, auto):
         assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr
         assert result.stats["pages_out"] >= 3 * (64 - 16) * MiB // PAGE
         assert result.stats["swap_slots_in_use_at_exit"] == 0
-    # Without the option each re-read writes the data out again; with it,
-    # little more than the first write.
+    # Without copies each re-read writes the data out again; with them,
+    # little more than the first write. By default (auto) too: nothing is
+    # written after it is read back.
     assert plain.stats["swap_bytes_written"] >= 3 * (64 - 16) * MiB
     assert clean.stats["swap_bytes_written"] <= 2 * 64 * MiB, clean.stats
+    assert auto.stats["swap_bytes_written"] <= 2 * 64 * MiB, auto.stats
 
 
 @pytest.mark.timeout(120)
@@ -42,5 +46,15 @@ def test_lifecycle_with_clean_copies(umgr_exec, programs, mode):
 def test_writes_after_clean_swap_in_are_never_lost(umgr_exec, programs, cmd, budget):
     args = [programs[cmd[0]], *cmd[1:]]
     result = umgr_exec(args, "--keep-clean", max_resident=budget)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stats["pages_out"] > 0 and result.stats["swap_slots_in_use_at_exit"] == 0
+    assert result.stats["faults_wp"] > 0   # pages came in clean and were written
+
+
+@pytest.mark.timeout(120)
+def test_auto_clean_copies_lose_no_write_racing_eviction(umgr_exec, programs):
+    """The default (auto) switches copies on and off as it measures: writers
+    hammering pages that are being evicted lose nothing across the switch."""
+    result = umgr_exec([programs["hammer"], "64", "4", "20", "512"], max_resident="8M")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stats["pages_out"] > 0 and result.stats["swap_slots_in_use_at_exit"] == 0

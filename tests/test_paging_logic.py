@@ -70,9 +70,9 @@ def test_without_keep_clean_a_run_is_one_writable_part():
     assert clean_parts(100, swapped, {101: False}, keep_clean=False) == [(100, 4, False)]
 
 
-def test_prefetched_swapped_pages_come_in_protected_the_faulting_one_writable():
-    swapped = np.ones(5, bool)
-    assert clean_parts(100, swapped, {102: False}, keep_clean=True) == [
+def test_swapped_pages_read_come_in_protected_zeros_writable():
+    swapped = np.array([True, True, False, True, True])
+    assert clean_parts(100, swapped, {100: False}, keep_clean=True) == [
         (100, 2, True), (102, 1, False), (103, 2, True)]
 
 
@@ -149,3 +149,29 @@ def test_totals_sum_counters_and_keep_the_peak():
     totals.add(snap | {"peak_resident_bytes": 4})
     assert totals.counters["pages_in"] == 2
     assert totals.counters["peak_resident_bytes"] == 10
+
+
+# ---- clean copies: auto -------------------------------------------------------------
+def test_auto_clean_copies_stop_when_kept_pages_get_written_and_come_back():
+    from umgr.paging.cleancopies import SAMPLE_EVERY, CleanCopies
+    clean = CleanCopies("auto")
+    clean.came_in_clean(2000)     # reads: kept pages are not written
+    assert clean.keep()
+    for _ in range(1000):         # read-modify-write: every page kept is written
+        clean.came_in_clean(1)
+        clean.dirtied()
+    assert clean.dirty_share > 0.8
+    kept = sum(clean.keep() for _ in range(10 * SAMPLE_EVERY))
+    assert kept == 10             # only the samples that go on measuring
+    clean.came_in_clean(500)      # reads again: the share falls within a few hundred pages
+    assert clean.keep()
+
+
+def test_fixed_clean_copy_modes_do_not_adapt():
+    from umgr.paging.cleancopies import CleanCopies
+    always, never = CleanCopies("always"), CleanCopies("never")
+    for _ in range(1000):
+        always.dirtied()
+    assert always.keep() and not never.keep()
+    with pytest.raises(ValueError):
+        CleanCopies("sometimes")

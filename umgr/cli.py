@@ -30,6 +30,8 @@ from umgr.sizes import format_size, parse_size
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.notify import notify
 from umgr.daemon.config import GRACE_SECONDS, MAX_MANAGED, MAX_MANAGED_PER_USER
+from umgr.paging.cleancopies import MODES
+from umgr.paging.tuning import CLEAN_COPIES
 from umgr.daemon.listener import ControlSocket, SocketSetupError
 
 log = logging.getLogger("umgr")
@@ -98,9 +100,11 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                    help="an option of the prefetch policy, e.g. maximum=32 (umgr policies lists them)")
     p.add_argument("--eviction-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the eviction policy, e.g. hot_share=0.5")
-    p.add_argument("--keep-clean", action="store_true",
-                   help="prefetched pages keep their swap copy until written: re-evicting them costs no "
-                        "write (read-mostly data, slow swap store); a first write then costs a fault")
+    p.add_argument("--clean-copies", choices=MODES, default=CLEAN_COPIES,
+                   help="pages read back from swap keep their swap copy until written, so evicting them "
+                        "again writes nothing (a first write costs a fault): auto (default: while most "
+                        "such pages leave unwritten), always, never")
+    p.add_argument("--keep-clean", action="store_true", help="the same as --clean-copies always")
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
     p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",
@@ -356,7 +360,7 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         policy=args.policy, eviction=args.eviction, zap_mode=zap_mode(),
                         group=getattr(args, "group", None),
                         hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT),
-                        keep_clean=args.keep_clean, policy_options=policy_options,
+                        clean_copies="always" if args.keep_clean else args.clean_copies, policy_options=policy_options,
                         eviction_options=eviction_options, grace_seconds=_grace(args),
                         max_managed=args.max_managed, max_managed_per_user=args.max_managed_per_user)
 
@@ -420,7 +424,7 @@ def _open_trace(args, config: DaemonConfig, program: list[str]):
     meta = {"umgr": version(), "command": program, "policy": config.policy,
             "policy_options": config.policy_options, "eviction": config.eviction,
             "eviction_options": config.eviction_options, "max_resident": config.max_resident,
-            "keep_clean": config.keep_clean, "started": time.time()}
+            "clean_copies": config.clean_copies, "started": time.time()}
     with setting_up(f"umgr exec: --record-trace {args.record_trace}"):
         return TraceWriter(args.record_trace, meta)
 

@@ -155,10 +155,9 @@ class FileBackend(Backend):
 
     async def read(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         if len(slots) == 1 and self._sync_read_fast():
+            # No checkpoint: the fault loop yields once the page is in
+            # place, so a faulting thread never waits out an eviction step.
             self._read_one(int(slots[0]), int(addrs[0]))
-            # The daemon's other tasks (the evictor, resuming paused targets)
-            # get their turn here, as they would while io_uring works.
-            await trio.lowlevel.checkpoint()
         else:
             await self._io(Op.READ, slots, addrs)
         self.pages_read += len(slots)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from umgr import protocol
-from umgr.paging.tuning import KEEP_CLEAN_COPIES
+from umgr.paging.tuning import CLEAN_COPIES
 
 HELLO_TIMEOUT = 5.0      # seconds a new connection may take to send its first message
 CHILD_HELLO_WAIT = 10.0  # seconds a forked child's HELLO waits for its parent's FORKED
@@ -32,7 +32,7 @@ class DaemonConfig:
     zap_mode: protocol.ZapMode = protocol.ZapMode.AGENT
     group: str | None = None
     hello_timeout: float = HELLO_TIMEOUT  # drop a connection silent for this long
-    keep_clean: bool = KEEP_CLEAN_COPIES  # prefetched pages keep their swap copy until written
+    clean_copies: str = CLEAN_COPIES      # pages read back keep their swap copy: auto, always, never
     grace_seconds: int = GRACE_SECONDS    # told to each shim in HELLO_ACK (UMGR_GRACE_SECONDS overrides)
     max_managed: int = MAX_MANAGED        # bytes of registered memory per process
     max_managed_per_user: int = MAX_MANAGED_PER_USER   # ... and all of one uid's processes

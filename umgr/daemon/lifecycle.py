@@ -124,7 +124,7 @@ class Lifecycle:
         eviction = load_eviction(self.config.eviction, **self.config.eviction_options)
         target = Target(pid=pid, owner=owner, uffd=uffd, pidfd=pidfd, mem_fd=mem_fd,
                         budget_pages=budget >> PAGE_SHIFT, backend=self.backend, prefetch=prefetch,
-                        eviction=eviction, label=prefetch.target, keep_clean=self.config.keep_clean, pages=pages,
+                        eviction=eviction, label=prefetch.target, clean_copies=self.config.clean_copies, pages=pages,
                         on_pause=self._want_resume, name=name)
         target.refuse_region = lambda npages: self._past_managed_caps(target, npages)
         if saved is not None:

@@ -20,6 +20,7 @@ from umgr.kernel import procmem
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import Userfaultfd
 from umgr.paging.budget import Budget
+from umgr.paging.cleancopies import CleanCopies
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
 from umgr.paging.stats import TargetStats
 from umgr.trace import NO_TRACE
@@ -72,7 +73,7 @@ class Busy:
 
 class TargetCore:
     def __init__(self, *, pid: int, label: str, uffd: Userfaultfd, backend, budget: Budget,
-                 eviction, keep_clean: bool, pt: PageTable, on_pause: Callable[[], None] = lambda: None,
+                 eviction, clean_copies: str, pt: PageTable, on_pause: Callable[[], None] = lambda: None,
                  mem_fd: int = -1):
         self.pid = pid
         self.mem_fd = mem_fd              # /proc/PID/mem of the mm the uffd belongs to (daemon/peer.py)
@@ -83,7 +84,7 @@ class TargetCore:
         self.slots = backend.slots
         self.budget = budget
         self.eviction = eviction          # a policies.GuardedEviction
-        self.keep_clean = keep_clean      # prefetched pages keep their slot (tuning.KEEP_CLEAN_COPIES)
+        self.clean = CleanCopies(clean_copies)   # whether pages read back keep their slot (cleancopies.py)
         self.pt = pt
         self.stats = TargetStats()
         self.trace = NO_TRACE             # umgr.trace: faults and evictions, if recorded

@@ -16,6 +16,7 @@ import logging
 import time
 
 import numpy as np
+import trio
 
 from umgr.backends import io_to_the_end
 from umgr.errors import TargetGone
@@ -56,6 +57,10 @@ class FaultService:
                     continue
                 if self._pending:
                     await self._serve_pending()
+                    # The other tasks (the evictor, other targets) run now,
+                    # while the woken threads run, not between a fault's
+                    # read and its copy (a sync read yields nowhere).
+                    await trio.lowlevel.checkpoint()
         except TargetGone:
             self.core.gone = True
 
@@ -168,6 +173,7 @@ class FaultService:
                 self.prefetch.on_prefetch_hit(vpn)
             if core.pt.slot_of(vpn) != NO_SLOT:  # a kept clean copy: the write makes it stale
                 core.drop_clean_copies(np.array([vpn], np.int64))
+                core.clean.dirtied()
         self._retry_eagain(lambda: core.uffd.writeprotect(vpn << PAGE_SHIFT, PAGE_SIZE, False))
 
     def _retry_eagain(self, ioctl) -> int:
@@ -230,6 +236,7 @@ class FaultService:
         the same steps on plain integers, without numpy's per-call cost."""
         core, pt = self.core, self.core.pt
         planned = State.SWAPPED if slot != NO_SLOT else State.FRESH
+        keep = slot != NO_SLOT and not write and core.clean.keep()   # comes in clean, keeps its slot
         if slot != NO_SLOT:
             self._one_slot[0] = slot
             started = time.perf_counter()
@@ -244,19 +251,24 @@ class FaultService:
         started = time.perf_counter()
         zeros = planned == State.FRESH and not write
         # The common case in one ioctl; copy_run() deals with EAGAIN, EEXIST and ENOENT.
+        mode = uffdmod.UFFDIO_COPY_MODE_WP if keep else 0
         if zeros:
             done = not core.uffd.zeropage_fast(vpn << PAGE_SHIFT, PAGE_SIZE)
         else:
-            done = not core.uffd.copy_fast(vpn << PAGE_SHIFT, self._fill.addr, PAGE_SIZE)
+            done = not core.uffd.copy_fast(vpn << PAGE_SHIFT, self._fill.addr, PAGE_SIZE, mode)
         if not done:
-            done = self.core.copy_run(vpn, 1, self._fill.addr, zeros=zeros, on_eagain=self._drain_and_go_on)[0][0]
+            done = self.core.copy_run(vpn, 1, self._fill.addr, zeros=zeros, protect=keep,
+                                      on_eagain=self._drain_and_go_on)[0][0]
         core.stats.fault_copy_seconds += time.perf_counter() - started
         if not done or pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
             self._retry_faulting(faulting, ())
             return
-        pt.set_state(vpn, State.RESIDENT, NO_SLOT)
+        pt.set_state(vpn, State.RESIDENT, slot if keep else NO_SLOT)
         if slot != NO_SLOT:
-            core.slots.free_one(slot)
+            if keep:
+                core.clean.came_in_clean(1)
+            else:
+                core.slots.free_one(slot)
             core.refaulted(np.array([vpn], np.int64), self._one_slot)
             core.stats.pages_in += 1
         core.became_resident(np.array([vpn], np.int64))
@@ -315,11 +327,11 @@ class FaultService:
         slot kept (clean)."""
         done = np.zeros(len(vpns), bool)
         clean = np.zeros(len(vpns), bool)
+        keep_clean = self.core.clean.keep()
         for run_vpn, seg in runs_faulting_last(vpns, faulting):
             if not valid[seg].all():
                 continue
             zeros = not writes and not swapped[seg].any()
-            keep_clean = self.core.keep_clean
             for part_vpn, part_len, keep in clean_parts(run_vpn, swapped[seg], faulting, keep_clean):
                 at = seg.start + part_vpn - run_vpn
                 part = slice(at, at + part_len)
@@ -341,6 +353,7 @@ class FaultService:
         filled = vpns[done]
         if len(filled):
             clean &= done & swapped
+            core.clean.came_in_clean(int(clean.sum()))
             core.slots.free(slots[done & swapped & ~clean])
             pt.set(filled, State.RESIDENT, np.where(clean, slots, NO_SLOT)[done])
             prefetched = np.fromiter((v not in faulting for v in filled.tolist()), bool, len(filled))
@@ -382,15 +395,14 @@ def runs_faulting_last(vpns: np.ndarray, faulting: dict[int, bool]) -> list[tupl
 def clean_parts(vpn: int, swapped: np.ndarray, faulting: dict[int, bool],
                 keep_clean: bool) -> list[tuple[int, int, bool]]:
     """Split a run of len(swapped) pages from `vpn` into (vpn, npages,
-    keep_clean) parts. With keep_clean, prefetched swapped pages come in
-    write-protected and keep their slot (evicting them again is a zap only);
-    the faulting pages come in writable (a program often writes what it just
-    read: a WP fault each would cost more than the write it saves). A write
-    fault in the run: all writable."""
+    keep_clean) parts. With keep_clean, swapped pages come in
+    write-protected and keep their slot (evicting them again is a zap
+    only); pages that were not swapped (zeros) come in writable. A write
+    fault in the run: all writable (the program writes what it reads)."""
     npages = len(swapped)
     if not keep_clean or not swapped.any() or any(faulting.get(v, False) for v in range(vpn, vpn + npages)):
         return [(vpn, npages, False)]
-    protect = np.array([v not in faulting for v in range(vpn, vpn + npages)])
+    protect = swapped
     edges = np.flatnonzero(np.diff(protect)) + 1
     bounds = [0, *edges.tolist(), npages]
     return [(vpn + a, b - a, bool(protect[a])) for a, b in zip(bounds[:-1], bounds[1:])]

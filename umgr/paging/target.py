@@ -35,7 +35,7 @@ from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State
 from umgr.paging.pinning import Pinning
 from umgr.paging import recovery
 from umgr.paging.removes import RemoveAttribution
-from umgr.paging.tuning import KEEP_CLEAN_COPIES, SPIN_SECONDS
+from umgr.paging.tuning import CLEAN_COPIES, SPIN_SECONDS
 from umgr.policies import GuardedEviction, GuardedPrefetch
 from umgr.sizes import format_size
 
@@ -50,7 +50,7 @@ MM_PROBE_VPN = 0x100
 class Target:
     def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, mem_fd: int, budget_pages: int,
                  backend, prefetch: GuardedPrefetch, eviction, label: str, owner: tuple[int, int] = (0, 0),
-                 spin: float = SPIN_SECONDS, keep_clean: bool = KEEP_CLEAN_COPIES,
+                 spin: float = SPIN_SECONDS, clean_copies: str = CLEAN_COPIES,
                  pages: PageTable | None = None, on_pause=lambda: None, name: str = ""):
         """`mem_fd`: the process's /proc/PID/mem, opened when it was
         checked (pages are read through it, so never from a program it
@@ -72,7 +72,7 @@ class Target:
         guarded = GuardedEviction(eviction, target=label, resident=lambda: pt.vpns_in(State.RESIDENT))
         guarded.attach(pt.is_in_state)
         self.core = TargetCore(pid=pid, mem_fd=mem_fd, label=label, uffd=uffd, backend=backend, budget=Budget(budget_pages),
-                               eviction=guarded, keep_clean=keep_clean, pt=pt, on_pause=on_pause)
+                               eviction=guarded, clean_copies=clean_copies, pt=pt, on_pause=on_pause)
         # Why a new region may not be managed (a cap), or None: set by the
         # daemon (umgr/daemon/lifecycle.py), which sees every target.
         self.refuse_region: Callable[[int], str | None] = lambda npages: None

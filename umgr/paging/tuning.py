@@ -25,10 +25,8 @@ BACKPRESSURE_POLL = 0.005
 # this often (a retry that finds too few slots costs a write-protect round).
 RESUME_INTERVAL = 0.1
 
-# Default of --keep-clean: prefetched pages keep their swap slot and come in
-# write-protected ("clean"), so evicting them again is a zap with no read and
-# no write; a page's first write costs a WP fault, which drops the copy.
-# Measured here (512 MiB re-read 3x at 64 MiB): swap writes 1988 -> 534 MiB,
-# wall 0.9-1.0x; but a read-then-write pass (pattern 256 srb): 1.35x slower.
-# Worth it for read-mostly data on a slow or remote store: off by default.
-KEEP_CLEAN_COPIES = False
+# Default of --clean-copies (umgr/paging/cleancopies.py): pages read back
+# from swap come in write-protected and keep their slot while most such
+# pages leave again unwritten, so evicting them again is a zap with no read
+# and no write.
+CLEAN_COPIES = "auto"

@@ -1,0 +1,60 @@
+"""Whether pages read back from swap keep their swap copy ("clean copies").
+
+A page that comes in write-protected keeps its slot: if it leaves again
+unwritten, its eviction is a zap alone, with no read of the page and no
+write to the store (the kernel's swap cache does the same for its clean
+pages). Its first write costs a write-protect fault served by the daemon,
+which drops the copy. So keeping pays when most kept pages leave clean
+(random and scan reads, a read-mostly cache) and costs when most are
+written soon after they came in (read-modify-write).
+
+`auto` (the default) measures that: of the pages kept lately, the share
+that a write fault dirtied (both counts decay with each page kept, so they
+speak of about the last 256). Copies are kept while that share is under
+DIRTY_LIMIT. A dirtied page is known soon after it came in, so the share
+follows a change of workload within a few hundred fills. While not keeping,
+one fill in SAMPLE_EVERY keeps anyway, so the estimate goes on (each such
+page costs a read-modify-write program one more write fault, served by the
+daemon: about 1.5% of its time at 1 in 64). `always` and `never` fix it.
+"""
+from __future__ import annotations
+
+MODES = ("auto", "always", "never")
+DIRTY_LIMIT = 0.5      # keep while fewer than this share of kept pages get written
+DECAY = 1 - 1 / 256    # per page kept: the counts speak of about the last 256
+SAMPLE_EVERY = 64      # while not keeping: every 64th fill keeps, to go on measuring
+
+
+class CleanCopies:
+    def __init__(self, mode: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"clean copies: {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
+        self.kept = 0.0       # pages kept lately (decaying)
+        self.written = 0.0    # of those, dirtied by a write (decaying alike)
+        self._fills = 0
+
+    @property
+    def dirty_share(self) -> float:
+        return self.written / self.kept if self.kept >= 1 else 0.0
+
+    def keep(self) -> bool:
+        """Whether the pages of this fill that are read, not written, come
+        in write-protected and keep their slot."""
+        if self.mode != "auto":
+            return self.mode == "always"
+        if self.dirty_share < DIRTY_LIMIT:
+            return True
+        self._fills += 1
+        return self._fills % SAMPLE_EVERY == 0
+
+    def came_in_clean(self, npages: int) -> None:
+        """npages pages came in write-protected, their copy kept."""
+        if npages:
+            decay = DECAY ** npages
+            self.kept = self.kept * decay + npages
+            self.written *= decay
+
+    def dirtied(self) -> None:
+        """A kept page was written: its copy is dropped."""
+        self.written = min(self.written + 1, self.kept)
