@@ -21,6 +21,7 @@ BENCHMARKS = {
     "zap": ("bench_zap", "zapping evicted pages: REMOVE events and their readers"),
     "backends": ("bench_backends", "random faults served from each backend and chain"),
     "readpath": ("bench_readpath", "the eviction read: process_vm_readv, /proc/PID/mem, the checked read"),
+    "persist": ("bench_persist", "saved page tables (a restart can take programs back) against --no-persist"),
 }
 QUICK = ("faults", "io")
 

@@ -7,7 +7,7 @@ option's own grammar and checks (sizes as strings, switches as booleans):
     swap-size = "16G"
     state-dir = "/var/lib/umgr"
     group = "umgr"
-    keep-clean = true
+    clean-copies = "always"
     backend = ["compressed:cap=1G", "file"]   # an option given more than once: a list
 
 The settings become the parser's defaults, so an option given on the
