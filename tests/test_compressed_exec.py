@@ -61,7 +61,10 @@ def test_heap_like_program_32m_in_8m(umgr_exec, tmp_path, backends):
     assert stats["pages_out"] >= (32 - 8 - 8) * MiB // PAGE, explain(result)
     assert stats["swap_slots_in_use_at_exit"] == 0, explain(result)
     compressed = tiers(result)["compressed"]
-    assert compressed["pages_written"] >= stats["pages_out"] // 2, explain(result)
+    # Pages went to the compressed tier first (evictions of pages read back
+    # and not written since keep their copy and write nothing: clean copies).
+    assert compressed["pages_written"] >= (32 - 8 - 8) * MiB // PAGE // 2, explain(result)
+    assert compressed["pages_written"] >= stats["swap_bytes_written"] // PAGE // 2, explain(result)
     assert compressed["pages_read"] > 0 and compressed["incompressible_pages"] > 0, explain(result)
     assert compressed["pages"] == 0 and compressed["used_bytes"] == 0, explain(result)   # all freed at exit
     if "file" in tiers(result):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -235,14 +236,17 @@ def test_sigterm_when_the_pages_cannot_fit_keeps_serving(tmp_path, shim, program
 
 # ---- umgr exec dies -----------------------------------------------------------------------------
 @pytest.mark.timeout(90)
-def test_exec_killed_takes_a_grandchild_with_paged_out_memory_down(shim, programs):
+def test_exec_killed_takes_a_grandchild_with_paged_out_memory_down(tmp_path, shim, programs):
     """`umgr exec -- sh -c 'ctl_hold 48 <&3 & ...'`: the shell's child holds
-    32 MiB or more swapped out when umgr is SIGKILLed. The shell dies
-    (PDEATHSIG); the grandchild, asked to check its bytes, is killed by its
-    watchdog (exec's grace is 0), never reports success on zeros."""
+    32 MiB or more swapped out when umgr is SIGKILLed. Its daemon dies with
+    it (PDEATHSIG), and so does the shell; the grandchild, asked to check its
+    bytes, is killed by its watchdog at once (umgr exec, UMGR_EXEC_PID, is
+    gone: no daemon will come back), never reports success on zeros. The
+    next umgr exec removes the run directory the killed one left."""
+    state = tmp_path / "state"
     script = f'exec 3<&0; {programs["ctl_hold"]} 48 <&3 & echo $!; wait'
     cmd = [sys.executable, "-m", "umgr", "exec", "--max-resident", "16M", "--swap-size", "1G", "-v",
-           "--", "sh", "-c", script]
+           "--state-dir", str(state), "--", "sh", "-c", script]
     umgr = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     grandchild = None
     try:
@@ -252,7 +256,9 @@ def test_exec_killed_takes_a_grandchild_with_paged_out_memory_down(shim, program
         umgr.kill()
         umgr.wait(10)
         umgr.stdin.close()      # the grandchild checks its bytes now
+        killed_at = time.monotonic()
         wait_for(lambda: ended(grandchild), 30, "the grandchild to end")
+        assert time.monotonic() - killed_at < 10   # not after exec's grace period (30 s)
         out, err = umgr.stdout.read(), umgr.stderr.read()   # it held the last writers
     finally:
         umgr.kill()
@@ -262,8 +268,64 @@ def test_exec_killed_takes_a_grandchild_with_paged_out_memory_down(shim, program
         umgr.stdout.close()
         umgr.stderr.close()
     assert b"ok" not in out, out
-    assert KILLED_LINE in err, err
+    assert f"umgr exec (pid {umgr.pid}), which ran it, is gone".encode() in err, err
     assert b"want" not in err, err
+    left = [p.name for p in state.iterdir() if p.name.startswith("exec-")]
+    assert len(left) == 1, left    # its socket, saved tables and swap file
+    subprocess.run([sys.executable, "-m", "umgr", "exec", "--swap-size", "1G", "--state-dir", str(state), "--",
+                    "true"], check=True, timeout=60)
+    assert not [p for p in state.iterdir() if p.name.startswith("exec-")]
+
+
+@pytest.mark.timeout(120)
+def test_exec_restarts_its_daemon_and_the_program_keeps_every_byte(tmp_path, shim, programs):
+    """umgr exec's daemon is SIGKILLed twice while the program holds 32 MiB
+    or more swapped out: each time umgr exec restarts it, the new daemon
+    takes the program back from the saved tables and swap file, and the
+    program checks every byte. --stats-json counts the restarts; the run
+    directory is gone afterwards."""
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-m", "umgr", "exec", "--max-resident", "16M", "--swap-size", "1G",
+           "--state-dir", str(state), "--stats-json", str(tmp_path / "stats.json"), "--", programs["ctl_hold"], "48"]
+    with started(cmd, stdin=subprocess.PIPE) as umgr:
+        read_ready(umgr)
+        program = wait_for(lambda: [p for p in children(umgr.pid) if comm(p) == "ctl_hold"], 10, "the program")[0]
+        sock = str(next(state.glob("exec-*/control.sock")))
+        for _ in range(2):
+            wait_for(lambda: served(sock, program), 30, "the program to be served (again)")
+            wait_for(lambda: vm_rss_kb(program) < 24 * 1024, 30, "the program to be paged out")
+            daemon = wait_for(lambda: [p for p in children(umgr.pid) if p != program], 30, "the daemon")[0]
+            os.kill(daemon, signal.SIGKILL)
+            wait_for(lambda: daemon not in children(umgr.pid), 10, "the daemon to die")
+        out, err = umgr.communicate(b"", timeout=60)
+    assert umgr.returncode == 0, err
+    assert out == b"ok 12288 pages\n", (out, err)
+    assert err.count(b"taken back by the umgr daemon restarted") == 2, err
+    assert err.count(b"the embedded daemon died (signal SIGKILL); restarting it") == 2, err
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["daemon_restarts"] == 2 and stats["swap_slots_in_use_at_exit"] == 0, stats
+    assert not [p for p in state.iterdir() if p.name.startswith("exec-")]
+
+
+def served(sock: str, pid: int) -> bool:
+    from umgr.cli import query_status
+    try:
+        return any(t["pid"] == pid for t in query_status(sock)["targets"])
+    except OSError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 # ---- a restarted daemon takes its programs back ----------------------------------------------

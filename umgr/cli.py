@@ -19,6 +19,7 @@ import time
 
 import trio
 
+from umgr import embedded
 from umgr.backends import open_chain
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.errors import BackendError
@@ -120,7 +121,8 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                    help="series per process (label pid) as well as per name: one set per process ever run")
     p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
                    help="how long a program whose daemon is gone waits for one before it is killed "
-                        f"(default: {GRACE_SECONDS} for the daemon, 0 for exec, whose daemon cannot come back; "
+                        f"(default: {GRACE_SECONDS} for the daemon; {embedded.EXEC_GRACE_SECONDS} for exec, which restarts "
+                        "its daemon, 0 when it cannot: another backend, --record-trace; "
                         "UMGR_GRACE_SECONDS in the program's environment wins)")
 
 
@@ -257,25 +259,30 @@ def cmd_exec(args) -> int:
         check_writable(args.stats_json, "--stats-json")
     if args.record_trace:
         check_writable(args.record_trace, "--record-trace")
-    rundir = tempfile.mkdtemp(prefix="umgr-")
-    trace = None
+    with setting_up(f"umgr exec: --state-dir {args.state_dir}"):
+        run_dir, lock = embedded.make_run_dir(args.state_dir)
     try:
-        config = _config(args, os.path.join(rundir, "control.sock"))
-        backend = _open_backend(args)
-        trace = _open_trace(args, config, program)
+        config = _config(args, os.path.join(run_dir, "control.sock"))
+        daemon = embedded.EmbeddedDaemon(
+            run_dir, lambda ready_fd: _embedded_daemon(args, config, program, run_dir, ready_fd),
+            restartable=_exec_restartable(args))
         started = time.monotonic()
-        status, totals, backend_stats = trio.run(_exec, config, backend, args, program, trace)
+        try:
+            daemon.start()
+        except embedded.DaemonFailed:
+            return EXIT_UMGR   # it said why
+        try:
+            status = _run_program(daemon, program, config)
+        except CannotRun as exc:
+            print(f"umgr: {printable(program[0])}: {exc.reason}", file=sys.stderr)
+            return exc.status
         wall = time.monotonic() - started
-    except CannotRun as exc:
-        print(f"umgr: {printable(program[0])}: {exc.reason}", file=sys.stderr)
-        return exc.status
+        outcome = daemon.outcome()
     finally:
-        shutil.rmtree(rundir, ignore_errors=True)
-        if trace is not None:
-            trace.close()
-            if trace.error:
-                print(f"umgr: trace {args.record_trace}: {trace.error}", file=sys.stderr)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.close(lock)
     exit_code = 128 - status if status < 0 else status
+    totals, backend_stats = outcome.totals, outcome.backend or EMPTY_BACKEND_STATS
     if args.verbosity > 0:
         print(exec_summary(exit_code, wall, totals, backend_stats), file=sys.stderr)
     if args.stats_json:
@@ -293,10 +300,62 @@ def cmd_exec(args) -> int:
             "wall_seconds": round(wall, 3),
             **{k: v for k, v in totals.items() if k not in ("faults", "pages_in", "pages_out", "prefetched")},
             "targets": totals.get("targets", 0),
+            "daemon_restarts": daemon.restarts,
         }
         with setting_up(f"umgr exec: --stats-json {args.stats_json}"), open(args.stats_json, "w") as f:
             json.dump(figures, f, indent=2)
     return exit_code
+
+
+# What --stats-json says of the store when the daemon died without reporting.
+EMPTY_BACKEND_STATS = {"pages_written": 0, "pages_read": 0, "used_pages": 0, "tiers": []}
+
+
+def _exec_restartable(args) -> bool:
+    """Whether exec's daemon can be restarted: its state (tables, swap file)
+    is saved for the file backend alone; a trace would be cut in two."""
+    return (args.backend or ["file"]) == ["file"] and not args.record_trace
+
+
+def _run_program(daemon: embedded.EmbeddedDaemon, program: list[str], config: DaemonConfig) -> int:
+    """Run the program under the daemon (restarted if it dies); its wait
+    status once it and every descendant the daemon serves are done."""
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(filter(None, [shim_path(), env.get("LD_PRELOAD")]))
+    env["UMGR_SOCKET"] = config.socket_path
+    env["UMGR_EXEC_PID"] = str(os.getpid())   # the shims kill their process at once if umgr exec dies
+    try:
+        proc = subprocess.Popen(program, env=env, preexec_fn=_child_setup)
+    except OSError as exc:
+        daemon.finish()
+        while daemon.pidfd >= 0 and daemon.reap() == "restarted":
+            pass
+        raise CannotRun(program[0], exc) from None
+    forward = _forward_signals(proc)
+    program_fd, status = os.pidfd_open(proc.pid), None
+    try:
+        while True:
+            fds = [daemon.pidfd] + ([program_fd] if status is None else [])
+            ended = embedded.ended(*fds)
+            if status is None and program_fd in ended:
+                status = proc.wait()
+                daemon.finish()   # it goes once the program's descendants it serves are gone too
+            if daemon.pidfd in ended:
+                outcome = daemon.reap()
+                if outcome == "done":
+                    return status
+                if outcome == "lost":
+                    if status is None:   # its shims would kill it after the grace period anyway
+                        proc.kill()
+                        raise Fatal(f"umgr exec: {printable(program[0])} was killed: its daemon died "
+                                    "and could not be restarted")
+                    return status
+    finally:
+        os.close(program_fd)
+        forward.restore()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def check_writable(path: str, option: str) -> None:
@@ -368,8 +427,11 @@ def _config(args, socket_path: str) -> DaemonConfig:
 def _grace(args) -> int:
     if args.grace is not None:
         return args.grace
-    # exec's embedded daemon dies with umgr: nothing can come back for its programs.
-    return 0 if args.command == "exec" else GRACE_SECONDS
+    if args.command != "exec":
+        return GRACE_SECONDS
+    # A restarted embedded daemon takes the program back; one that cannot be
+    # restarted leaves nothing to wait for.
+    return embedded.EXEC_GRACE_SECONDS if _exec_restartable(args) else 0
 
 
 def _child_setup() -> None:
@@ -429,54 +491,68 @@ def _open_trace(args, config: DaemonConfig, program: list[str]):
         return TraceWriter(args.record_trace, meta)
 
 
-async def _exec(config: DaemonConfig, backend, args, program: list[str], trace=None):
-    daemon = Daemon(config, backend, trace)
-    proc = None
-    cannot_run = None
+def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: str, ready_fd: int) -> int:
+    """exec's daemon, in its child process (umgr/embedded.py): its state in
+    the run directory when it can be restarted. Returns its exit status."""
+    from umgr.daemon.statedir import StateDir
+    trace = backend = state = None
+    clean = False
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(daemon.serve)
+        if _exec_restartable(args):
+            with setting_up(f"umgr exec: --state-dir {args.state_dir}"):
+                state = StateDir(run_dir, config.socket_path)
+        backend = _open_backend(args, state)
+        trace = _open_trace(args, config, program)
+        daemon = Daemon(config, backend, trace, state=state)
+
+        async def serve() -> None:
             log.info("%s", startup_line(config, args, _serve_metrics(daemon, args)))
-            env = dict(os.environ)
-            env["LD_PRELOAD"] = ":".join(filter(None, [shim_path(), env.get("LD_PRELOAD")]))
-            env["UMGR_SOCKET"] = config.socket_path
-            # Popen on this (the main) thread: PDEATHSIG follows the thread that forked.
-            try:
-                proc = subprocess.Popen(program, env=env, preexec_fn=_child_setup)
-            except OSError as exc:
-                # Raised after the nursery, which would wrap it in an ExceptionGroup.
-                cannot_run = CannotRun(program[0], exc)
-                nursery.cancel_scope.cancel()
-            else:
-                nursery.start_soon(_forward_signals, proc)
-                pidfd = os.pidfd_open(proc.pid)
-                try:
-                    await trio.lowlevel.wait_readable(pidfd)
-                finally:
-                    os.close(pidfd)
-                status = proc.wait()
-                # Descendants still running are served until they exit too: their
-                # swapped pages exist only here.
-                await daemon.idle.wait()
-                nursery.cancel_scope.cancel()
+            await embedded.serve_until_finished(daemon, ready_fd)
+
+        trio.run(serve)
+        clean = True
+        totals = daemon.run_totals()
+        totals["targets"] = daemon.targets_seen
+        embedded.write_outcome(run_dir, totals, backend.statistics())
+        return 0
+    except Exception as exc:
+        fatal = fatal_in(exc)
+        if fatal is None:
+            raise
+        print(fatal, file=sys.stderr)
+        return EXIT_UMGR
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        stats = backend.statistics()
-        backend.close()
-    if cannot_run is not None:
-        raise cannot_run
-    totals = daemon.run_totals()
-    totals["targets"] = daemon.targets_seen
-    return status, totals, stats
+        if backend is not None:
+            if state is not None and clean:
+                backend.remove()
+            backend.close()
+        if state is not None:
+            state.close(clean)
+        if trace is not None:
+            trace.close()
+            if trace.error:
+                print(f"umgr: trace {args.record_trace}: {trace.error}", file=sys.stderr)
 
 
-async def _forward_signals(proc: subprocess.Popen) -> None:
-    # SIGINT from a terminal reaches the whole process group already.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT) as signals:
-        async for signum in signals:
-            if signum != signal.SIGINT and proc.poll() is None:
+class _forward_signals:
+    """Signals umgr exec gets go to the program (SIGINT from a terminal
+    reaches the whole process group already, so it is ignored here)."""
+
+    FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+    def __init__(self, proc: subprocess.Popen):
+        self._before = {signum: signal.getsignal(signum) for signum in (*self.FORWARDED, signal.SIGINT)}
+
+        def forward(signum, frame):
+            if proc.returncode is None:
                 proc.send_signal(signum)
+        for signum in self.FORWARDED:
+            signal.signal(signum, forward)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
 
 
 # ---- daemon ----------------------------------------------------------------------------

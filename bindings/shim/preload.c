@@ -81,6 +81,9 @@ struct shim_state {
     int agent_idle;       /* the agent found its daemon gone and waits for a new agent_fd */
     int self_pidfd;       /* for process_madvise on ourselves */
     int uffd_ref;         /* our own reference to the uffd: a dead daemon leaves faults waiting */
+    int exec_pidfd;       /* the umgr exec that runs us (UMGR_EXEC_PID), or -1: if it is gone, no
+                             daemon will come back for us */
+    int exec_pid;
     unsigned grace_seconds; /* how long to wait for a lost daemon (UMGR_GRACE_SECONDS, else HELLO_ACK) */
     int detached;         /* the daemon let us go cleanly (DETACH): every page is back */
     void *canary;         /* the HELLO's probe page, kept and never touched: the daemon writes a
@@ -100,6 +103,7 @@ static struct shim_state shim = {
     .agent_fd = -1,
     .self_pidfd = -1,
     .uffd_ref = -1,
+    .exec_pidfd = -1,
     .min_region = 1 << 20,
     .ctl_lock = PTHREAD_MUTEX_INITIALIZER,
     .fork_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -392,14 +396,27 @@ static int wait_for_detach(void)
 
 static int take_back(void);
 
+/* Whether the umgr exec that runs us has exited (its pidfd is readable).
+ * Unknown (no UMGR_EXEC_PID, or the app closed the descriptor): no. */
+static int exec_gone(void)
+{
+    if (shim.exec_pidfd < 0)
+        return 0;
+    struct pollfd exec = {.fd = shim.exec_pidfd, .events = POLLIN};
+    return poll(&exec, 1, 0) == 1 && (exec.revents & POLLIN);
+}
+
 /* Ask, with backoff, until `grace` seconds (at least one) are over, for a
  * daemon restarted at our socket to take us back. Returns 0 when one did,
- * ESTALE when one answered that it has nothing of ours, else ETIMEDOUT. */
+ * ESTALE when one answered that it has nothing of ours, ESRCH when the
+ * umgr exec running us is gone (its daemon died with it), else ETIMEDOUT. */
 static int wait_for_daemon(unsigned grace)
 {
     uint64_t deadline = now_ms() + (grace ? grace : 1) * 1000ull;
     unsigned backoff = 50;
     for (;;) {
+        if (exec_gone())
+            return ESRCH;
         int status = take_back();
         if (status == 0 || status == ESTALE)
             return status;
@@ -430,6 +447,9 @@ static void *watchdog_main(void *unused)
         if (status == ESTALE)
             say("umgr: pid %d: killed: the umgr daemon serving it died, and the one restarted at %s has none "
                 "of its paged-out memory\n", (int)getpid(), shim.socket_path);
+        else if (status == ESRCH)
+            say("umgr: pid %d: killed: umgr exec (pid %d), which ran it, is gone, and its daemon with it; "
+                "its paged-out memory cannot be served\n", (int)getpid(), shim.exec_pid);
         else
             say("umgr: pid %d: killed: the umgr daemon serving it is gone and none came back within %u s "
                 "(UMGR_GRACE_SECONDS); its paged-out memory cannot be served\n", (int)getpid(), grace);
@@ -725,6 +745,23 @@ static void attach_forked(const char *path)
 
 static void find_next_allocator(void);
 
+/* Under umgr exec (UMGR_EXEC_PID): a pidfd of it, taken now, while it is
+ * surely alive (it started us or an ancestor of ours), so that a reused pid
+ * is never mistaken for it. The pidfd is close-on-exec; a forked child
+ * shares it. */
+static void watch_exec(void)
+{
+    const char *text = getenv("UMGR_EXEC_PID");
+    if (!text || !*text)
+        return;
+    char *end;
+    long pid = strtol(text, &end, 10);
+    if (*end || pid <= 0)
+        return;
+    shim.exec_pid = (int)pid;
+    shim.exec_pidfd = move_high((int)syscall(SYS_pidfd_open, (pid_t)pid, 0));
+}
+
 __attribute__((constructor)) static void umgr_shim_init(void)
 {
     find_next_allocator();
@@ -743,6 +780,7 @@ __attribute__((constructor)) static void umgr_shim_init(void)
     const char *name = getenv("UMGR_NAME");
     if (name)
         strncpy(shim.name, name, sizeof shim.name - 1);
+    watch_exec();
     attach(path, 1);
 }
 
