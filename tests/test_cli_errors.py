@@ -41,6 +41,7 @@ CASES = {
                         "metrics on umgr-nope.invalid port {port}: "),
     "state-dir-file": (["--state-dir", "/etc/hostname"], "--state-dir /etc/hostname: File exists"),
     "state-dir-proc": (["--state-dir", "/proc/umgr-nope"], "--state-dir /proc/umgr-nope: No such file"),
+    "state-dir-open": (["--state-dir", "{tmp}/open"], "state directory {tmp}/open must belong to uid 0 with mode 0700"),
     "stats-json-dir": (["--stats-json", "/proc/umgr-nope/x.json"], "/proc/umgr-nope is not a directory"),
     "stats-json-is-dir": (["--stats-json", "{tmp}"], "--stats-json {tmp}: is a directory"),
     "policy": (["--policy", "umgr-nope"], "unknown prefetch policy 'umgr-nope'"),
@@ -53,6 +54,8 @@ def test_exec_refuses_before_the_program_runs(options, message, tmp_path, port_i
     fs = os.statvfs(tmp_path)
     fill = {"port": port_in_use, "tmp": tmp_path, "over_free": (fs.f_bavail * fs.f_frsize >> 20) + 1024}
     marker = tmp_path / "ran"
+    (tmp_path / "open").mkdir(mode=0o777)
+    os.chmod(tmp_path / "open", 0o777)
     proc = umgr("exec", *(o.format(**fill) for o in options), "--", "touch", str(marker))
     assert proc.returncode == 125, proc.stderr
     lines = proc.stderr.splitlines()

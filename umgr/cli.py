@@ -230,14 +230,19 @@ def main(argv: list[str] | None = None) -> int:
         args.verbosity = setup_logging(args, logging.INFO if args.command == "daemon" else logging.WARNING)
         return args.func(args)
     except Exception as exc:
-        fatal = fatal_in(exc)
-        if fatal is None and isinstance(exc, OSError):  # the environment, not a bug: no traceback
-            fatal = Fatal(f"umgr: {reason(exc)}" + (f": {exc.filename}" if exc.filename else ""))
-        if fatal is None:
-            log.exception("umgr: internal error")
-        else:
-            print(fatal, file=sys.stderr)
-        return EXIT_UMGR
+        return _failed(exc)
+
+
+def _failed(exc: Exception) -> int:
+    """EXIT_UMGR, after one line (a traceback only for a bug)."""
+    fatal = fatal_in(exc)
+    if fatal is None and isinstance(exc, OSError):  # the environment, not a bug: no traceback
+        fatal = Fatal(f"umgr: {reason(exc)}" + (f": {exc.filename}" if exc.filename else ""))
+    if fatal is None:
+        log.exception("umgr: internal error")
+    else:
+        print(fatal, file=sys.stderr)
+    return EXIT_UMGR
 
 
 def _with_config_file(parser: argparse.ArgumentParser, args, argv: list[str] | None):
@@ -259,8 +264,11 @@ def cmd_exec(args) -> int:
         check_writable(args.stats_json, "--stats-json")
     if args.record_trace:
         check_writable(args.record_trace, "--record-trace")
-    with setting_up(f"umgr exec: --state-dir {args.state_dir}"):
-        run_dir, lock = embedded.make_run_dir(args.state_dir)
+    try:
+        with setting_up(f"umgr exec: --state-dir {args.state_dir}"):
+            run_dir, lock = embedded.make_run_dir(args.state_dir)
+    except BackendError as exc:   # not the daemon's own directory
+        raise Fatal(f"umgr exec: {exc}") from None
     try:
         config = _config(args, os.path.join(run_dir, "control.sock"))
         daemon = embedded.EmbeddedDaemon(
@@ -516,11 +524,7 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
         embedded.write_outcome(run_dir, totals, backend.statistics())
         return 0
     except Exception as exc:
-        fatal = fatal_in(exc)
-        if fatal is None:
-            raise
-        print(fatal, file=sys.stderr)
-        return EXIT_UMGR
+        return _failed(exc)
     finally:
         if backend is not None:
             if state is not None and clean:
