@@ -333,22 +333,22 @@ class RestartableDaemon:
     """`umgr daemon` that can be SIGKILLed and started again with the same
     --socket and --state-dir (a log file per start)."""
 
-    def __init__(self, tmp_path, *options: str):
+    def __init__(self, tmp_path, *options: str, first_env: dict[str, str] | None = None):
         self.tmp_path = tmp_path
         self.socket = str(tmp_path / "umgr.sock")
         self.options = ["--socket", self.socket, "--state-dir", str(tmp_path / "state"), "--swap-size", "1G",
                         *options]
         self.starts = 0
         self.proc = None
-        self.start()
+        self.start(**(first_env or {}))
 
-    def start(self) -> None:
+    def start(self, **env: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)   # a killed daemon's: wait for the new one's
         self.starts += 1
         with open(self.tmp_path / f"daemon-{self.starts}.log", "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "-v", *self.options],
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **env))
         wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, 20, "the daemon")
         assert self.proc.poll() is None, self.log()
 
@@ -467,6 +467,29 @@ def test_forked_parent_and_child_sharing_slots_are_both_taken_back(tmp_path, shi
         wait_for(lambda: not query_targets(daemon), 10, "both targets to be released")
         assert query_status_of(daemon)["backend"]["used_pages"] == 0
         assert not saved_targets(daemon)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode, point", [("dontneed", "app-remove"), ("mremap", "remap"), ("munmap", "unmap")])
+def test_a_message_read_but_not_applied_is_applied_by_the_restarted_daemon(tmp_path, shim, programs, mode, point):
+    """The daemon dies (a crash point: UMGR_TEST_CRASH_AT) right after it
+    read the app's MADV_DONTNEED, mremap or munmap of paged-out memory and
+    before its table says so; the app's call has returned. The restarted
+    daemon finds the message in the target's journal and applies it first:
+    the discarded pages read zero (not their old bytes), the moved ones
+    keep theirs at the new address, and the program checks every byte."""
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", first_env={"UMGR_TEST_CRASH_AT": point})
+    try:
+        with started([programs["lifecycle"], mode, "64"], env=daemon.env(shim)) as target:
+            wait_for(lambda: daemon.proc.poll() is not None, 60, f"the daemon to die at {point}")
+            assert daemon.proc.returncode == -signal.SIGKILL, daemon.log()
+            daemon.start()
+            out, err = target.communicate(timeout=90)
+        assert target.returncode == 0, (out, err, daemon.log())
+        assert b"taken back by the umgr daemon restarted" in err, err
+        assert re.search(r"applying \d+ message\(s\) the dead daemon read", daemon.log()), daemon.log()
     finally:
         daemon.stop()
 

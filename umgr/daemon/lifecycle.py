@@ -129,6 +129,7 @@ class Lifecycle:
         target.refuse_region = lambda npages: self._past_managed_caps(target, npages)
         if saved is not None:
             self._saved[target] = saved
+            target.read_events_into(saved.journal)
         if self.trace is not None:
             target.core.trace = self.trace.target(pid, target.budget_pages, pages)
         return target

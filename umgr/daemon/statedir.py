@@ -11,8 +11,9 @@ state directory never share files):
         swap                      the swap file (umgr/backends/file.py)
         t-PID-START/              one per target: START is the process's
             target.json           start time (clock ticks after boot), so
-            rFFFF...              a pid reused by another process never
-                                  matches; then its page table's files
+            events                a pid reused by another process never
+            rFFFF...              matches; then the uffd messages read and
+                                  not yet applied, and its page table's files
 
 Everything is opened relative to directory descriptors with O_NOFOLLOW,
 inside the state directory the daemon checked (its own, mode 0700).
@@ -32,7 +33,8 @@ from umgr.backends.file import open_state_dir
 from umgr.errors import BackendError
 from umgr.kernel.procmem import process_start_time
 from umgr.paging.pagetable import PageTable
-from umgr.paging.tablefile import RECORD, FileArrays, remove_all
+from umgr.paging.tablefile import RECORD, EventJournal, FileArrays, remove_all
+from umgr.paging.tuning import MAX_EVENTS_PER_READ
 
 log = logging.getLogger("umgr.daemon")
 
@@ -55,6 +57,7 @@ class SavedTarget:
     dir_fd: int
     arrays: FileArrays
     info: dict
+    journal: EventJournal            # the uffd messages read and not yet applied (tablefile.py)
     table: PageTable | None = None   # loaded from the files (a target of the dead daemon)
 
 
@@ -105,11 +108,12 @@ class StateDir:
                 info = json.load(f)
             arrays = FileArrays(dir_fd, f"pid {pid}")
             table = arrays.load()
+            journal = EventJournal(dir_fd, MAX_EVENTS_PER_READ, create=False)
         except (OSError, ValueError) as exc:
             log.warning("state in %s: %s unreadable (%s); it cannot come back", self.path, name, exc)
             os.close(dir_fd)
             return None
-        return SavedTarget(pid, start_time, name, dir_fd, arrays, info, table)
+        return SavedTarget(pid, start_time, name, dir_fd, arrays, info, journal, table)
 
     def swap_reusable(self) -> bool:
         """Whether the swap file holds pages a target may come back for."""
@@ -156,7 +160,8 @@ class StateDir:
                      dir_fd=dir_fd)
         with open(fd, "w") as f:
             json.dump(info, f)
-        return SavedTarget(pid, start_time, name, dir_fd, FileArrays(dir_fd, f"pid {pid}"), info)
+        journal = EventJournal(dir_fd, MAX_EVENTS_PER_READ, create=True)
+        return SavedTarget(pid, start_time, name, dir_fd, FileArrays(dir_fd, f"pid {pid}"), info, journal)
 
     def forget(self, saved: SavedTarget) -> None:
         """The target is gone: its files go."""

@@ -207,7 +207,7 @@ class Userfaultfd:
     thread-safe.
     """
 
-    __slots__ = ("_fd", "created_via", "features", "available_features",
+    __slots__ = ("_fd", "_zeros", "created_via", "features", "available_features",
                  "ioctls", "_msgs", "_words", "_max", "batch")
 
     def __init__(self, fd: int):
@@ -218,6 +218,7 @@ class Userfaultfd:
         self.features = 0
         self.available_features = 0
         self.ioctls = 0
+        self._zeros = None   # set by read_into(): batches are read into the caller's memory
         self._grow(64)
 
     @classmethod
@@ -381,6 +382,21 @@ class Userfaultfd:
         self._msgs = _ffi.new("struct uffd_msg[]", self._max)
         self._words = self.batch = memoryview(_ffi.buffer(self._msgs)).cast("Q")
 
+    def read_into(self, address: int, max_events: int) -> None:
+        """Read batches into the max_events messages at `address` from now
+        on (memory the caller keeps mapped: a shared file, so that a batch
+        read survives the reader's death; umgr/paging/tablefile.py). Such a
+        batch is zeroed with clear_batch() once handled."""
+        self._max = max_events
+        self._msgs = _ffi.cast("struct uffd_msg *", address)
+        self._words = self.batch = memoryview(_ffi.buffer(self._msgs, max_events * _MSG_WORDS * 8)).cast("Q")
+        self._zeros = _ffi.new("char[]", max_events * _MSG_WORDS * 8)
+
+    def clear_batch(self, n: int) -> None:
+        """Zero the first n messages of a batch read with read_into()."""
+        if self._zeros is not None and n:
+            _ffi.memmove(self._msgs, self._zeros, n * _MSG_WORDS * 8)
+
     def read_batch(self, max_events: int = 64) -> int:
         """Read up to max_events queued messages with one read() into
         .batch, in place; return how many (0 when none is queued). The
@@ -389,6 +405,8 @@ class Userfaultfd:
         bigger buffer (fetch .batch after such a read). A ForkEvent's fd is
         the reader's to own: decode non-fault messages with batch_event()."""
         if max_events > self._max or max_events < 1:
+            if self._zeros is not None:
+                raise ValueError(f"at most {self._max} messages fit where this uffd reads")
             self._grow(max_events)
         n = _read_batch(self._fd, self._msgs, max_events)
         if n >= 0:

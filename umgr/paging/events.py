@@ -17,6 +17,7 @@ from umgr.backends.slots import SlotAllocator
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import ForkEvent, RemapEvent, RemoveEvent, UnmapEvent
 from umgr.paging.core import TargetCore
+from umgr.paging.crashpoint import crash_point
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, PageTable, State
 from umgr.paging.removes import RemoveAttribution
 
@@ -43,6 +44,7 @@ class MemoryEvents:
 
     def _on_unmap(self, start: int, end: int) -> None:
         core = self.core
+        crash_point("unmap")
         core.stats.unmaps += 1
         log.debug("%s: unmap %#x-%#x", core.label, start, end)
         lo, hi = start >> PAGE_SHIFT, _page_up(end)
@@ -60,6 +62,7 @@ class MemoryEvents:
             core.stats.own_removes += 1
             return
         core.stats.app_removes += 1
+        crash_point("app-remove")
         log.debug("%s: app discarded %#x-%#x", core.label, start, end)
         core.left_residency(core.pt.find_state(lo, hi, State.RESIDENT)[0])
         core.slots.free(core.pt.discard(lo, hi, keep=(State.ZAPPING,)))
@@ -68,6 +71,7 @@ class MemoryEvents:
         """mremap moved pages (the event comes after the move is complete;
         the kernel keeps the uffd-wp bit on moved PTEs under EVENT_REMAP)."""
         core = self.core
+        crash_point("remap")
         core.stats.remaps += 1
         log.debug("%s: remap %#x -> %#x (%#x bytes)", core.label, event.src, event.dst, event.length)
         npages = event.length >> PAGE_SHIFT

@@ -84,6 +84,7 @@ class FaultService:
             got = True
             for event in self._walk_batch(n):
                 self.events.handle(event)
+            self.core.uffd.clear_batch(n)   # handled: nothing to replay after a crash (tablefile.EventJournal)
 
     def _walk_batch(self, n: int) -> list:
         """Queue the page faults of the n messages just read (in place, in

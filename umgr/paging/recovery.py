@@ -19,6 +19,13 @@ happened since:
                                   the page (a fill that copied it in before
                                   the crash, an eviction that never zapped)
 
+Before that, the REMOVE, UNMAP and REMAP messages the dead daemon had read
+and not yet applied (left in the target's journal, tablefile.EventJournal)
+are applied (replay): the app's madvise, munmap or mremap returned when
+the message was read, so the kernel's side is done. Applying them again is
+harmless: discarding or unmapping twice changes nothing, and a REMAP whose
+source the table no longer has was applied already.
+
 Then UFFDIO_WAKE over all of user space: a fault the dead daemon read but
 never served is not delivered again, but a woken thread faults again, for
 the new reader (measured on Linux 6.18), also in a region the saved table
@@ -28,10 +35,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from umgr.kernel import PAGE_SHIFT
+from umgr.kernel import PAGE_SHIFT, PAGE_SIZE
+from umgr.kernel.uffd import EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP
 from umgr.paging.pagetable import NO_SLOT, PageTable, State
 
 KERNEL_KEEPS = (State.PINNED, State.ZERO, State.SHARED)
+
+
+def replay(pt: PageTable, messages: np.ndarray) -> np.ndarray:
+    """Apply the unhandled messages (rows of four uffd_msg words, in the
+    order read) to the table; returns the slots to free. A REMOVE keeps
+    ZAPPING pages, as the live handler does: a REMOVE of the dead daemon's
+    own zap names only those."""
+    freed = []
+    for kind, first, second, third in messages.tolist():
+        kind &= 0xFF
+        if kind == EVENT_REMOVE:
+            freed.append(pt.discard(first >> PAGE_SHIFT, _page_up(second), keep=(State.ZAPPING,)))
+        elif kind == EVENT_UNMAP:
+            freed.append(pt.remove(first >> PAGE_SHIFT, _page_up(second)))
+        elif kind == EVENT_REMAP:
+            src, dst, npages = first >> PAGE_SHIFT, second >> PAGE_SHIFT, third >> PAGE_SHIFT
+            if pt.gaps(src, src + npages) != [(src, src + npages)]:   # still at the source: not applied
+                freed.append(pt.move(src, dst, npages))
+    return _join(freed).astype(np.int32) if freed else np.empty(0, np.int32)
+
+
+def _page_up(addr: int) -> int:
+    return (addr + PAGE_SIZE - 1) >> PAGE_SHIFT
 
 
 def settle(pt: PageTable, present_pages, zapping: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -214,3 +214,49 @@ def remove_all(dir_fd: int) -> None:
             os.unlink(name, dir_fd=dir_fd)
         except OSError as exc:
             log.warning("cannot remove %s of a saved page table: %s", name, exc.strerror)
+
+
+# ---- the events a daemon read and had not yet applied ----------------------------------
+JOURNAL = "events"
+
+
+class EventJournal:
+    """A target's uffd messages are read straight into this shared file
+    mapping (Userfaultfd.read_into), and zeroed once handled. The kernel
+    hands a REMOVE, UNMAP or REMAP over at read(): the app's madvise, munmap
+    or mremap returns then. A daemon killed between that read and the
+    table's update leaves the message here, and a restarted daemon applies
+    it (umgr/paging/recovery.py, replay) before trusting the table: else a
+    discarded page would come back with its old bytes, or a moved one be
+    lost."""
+
+    def __init__(self, dir_fd: int, messages: int, create: bool):
+        self.messages = messages
+        self.size = messages * MESSAGE_BYTES
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(JOURNAL, flags, 0o600, dir_fd=dir_fd)
+        try:
+            if create:
+                os.ftruncate(fd, self.size)
+            elif os.fstat(fd).st_size != self.size:
+                raise ValueError(f"{JOURNAL}: {os.fstat(fd).st_size} bytes, not {self.size}")
+            self.address = _libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+            if self.address is None or self.address == MAP_FAILED:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+        memory = (ctypes.c_uint8 * self.size).from_address(self.address)
+        weakref.finalize(self, _libc.munmap, self.address, self.size)
+        self.words = np.frombuffer(memory, np.uint64)   # four words a message (struct uffd_msg)
+
+    def unhandled(self) -> np.ndarray:
+        """The messages left (rows of four words), in the order read."""
+        rows = self.words.reshape(-1, 4)
+        return rows[(rows[:, 0] & 0xFF) != 0].copy()
+
+    def clear(self) -> None:
+        self.words[:] = 0
+
+
+MESSAGE_BYTES = 32   # struct uffd_msg

@@ -84,6 +84,7 @@ class Target:
         self.evictor = Evictor(self.core, self.pinning, self.removes)
         self.hints = Hints(self.core, self.evictor)
         self._zaps_to_settle = False   # taken back after a crash while the agent may still zap
+        self._journal = None           # where uffd messages are read (tables saved for a restart)
         if pages is not None:
             self.core.became_resident(pt.vpns_in(State.RESIDENT))
 
@@ -251,8 +252,22 @@ class Target:
         make every blocked thread fault again. Pages whose zap the shim's
         agent may still be doing (`agent_may_zap`) stay ZAPPING until the
         eviction task has seen the agent finish (settle_zaps)."""
+        if self._journal is not None:
+            unhandled = self._journal.unhandled()
+            if len(unhandled):
+                log.info("%s: applying %d message(s) the dead daemon read and had not applied", self.label,
+                         len(unhandled))
+                self.core.slots.free(recovery.replay(self.pt, unhandled))
+            self._journal.clear()
         self._zaps_to_settle = agent_may_zap and self.pt.count(State.ZAPPING) > 0
         self._settle(zapping=not self._zaps_to_settle)
+
+    def read_events_into(self, journal) -> None:
+        """Read uffd messages into `journal` (a tablefile.EventJournal), so
+        that a message read when the daemon dies outlives it. A journal
+        holding a dead daemon's messages is replayed by recover() first."""
+        self._journal = journal
+        self.core.uffd.read_into(journal.address, journal.messages)
 
     def _settle(self, zapping: bool) -> None:
         core = self.core
