@@ -184,14 +184,14 @@ def test_outsider_cannot_connect(shared_daemon):
 
 
 # ---- the socket's file (findings 4 and 5) --------------------------------------------------
-def start_daemon(socket_path: str, *options: str) -> subprocess.CompletedProcess | subprocess.Popen:
+def start_daemon(socket_path: str, state_dir, *options: str) -> subprocess.CompletedProcess | subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "--socket", socket_path, "--swap-size", "16M",
-                             *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--state-dir", str(state_dir), *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def refused(socket_path: str) -> str:
+def refused(socket_path: str, state_dir) -> str:
     """The daemon's one-line refusal to start at socket_path."""
-    proc = start_daemon(socket_path, "-q")
+    proc = start_daemon(socket_path, state_dir, "-q")
     _, err = proc.communicate(timeout=30)
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 125 and len(lines) == 1, err.decode()
@@ -200,16 +200,17 @@ def refused(socket_path: str) -> str:
 
 @pytest.mark.timeout(120)
 def test_socket_set_up_refuses_what_others_could_have_touched(tmp_path):
+    state = tmp_path / "state"
     with users() as (accounts, _gid):
         member = accounts[MEMBER]
         theirs = tmp_path / "theirs"
         theirs.mkdir(mode=0o755)
         os.chown(theirs, member.pw_uid, member.pw_gid)
-        assert "belongs to uid" in refused(str(theirs / "umgr.sock"))
+        assert "belongs to uid" in refused(str(theirs / "umgr.sock"), state)
         open_to_all = tmp_path / "open"
         open_to_all.mkdir()
         os.chmod(open_to_all, 0o1777)
-        assert "writable by others" in refused(str(open_to_all / "umgr.sock"))
+        assert "writable by others" in refused(str(open_to_all / "umgr.sock"), state)
 
     # A root file at the socket's name, straight or through a symlink, is
     # never deleted, chmod'ed or chown'ed.
@@ -217,24 +218,26 @@ def test_socket_set_up_refuses_what_others_could_have_touched(tmp_path):
     secret.write_text("root only")
     secret.chmod(0o600)
     (tmp_path / "link.sock").symlink_to(secret)
-    assert "is not a socket" in refused(str(tmp_path / "link.sock"))
-    assert "is not a socket" in refused(str(secret))
+    assert "is not a socket" in refused(str(tmp_path / "link.sock"), state)
+    assert "is not a socket" in refused(str(secret), state)
     assert secret.read_text() == "root only" and (secret.stat().st_mode & 0o777) == 0o600
     assert secret.stat().st_gid == 0
 
     # A second daemon leaves the first one's socket alone; the first removes
     # its socket when stopped.
     path = str(tmp_path / "umgr.sock")
-    first = start_daemon(path)
+    first = start_daemon(path, state)
     try:
         wait_for(lambda: os.path.exists(path), 20, "the first daemon's socket")
         wait_for(lambda: _answers(path), 10, "the first daemon to answer")
-        assert "another daemon" in refused(path)
+        assert "another daemon" in refused(path, state)
         assert _answers(path), "the second daemon took the first one's socket"
     finally:
         first.terminate()
         first.communicate(timeout=30)
     assert first.returncode == 0 and not os.path.exists(path)
+    # A daemon refused before it served left no state (no swap file) behind.
+    assert not list(state.glob("daemon-*")), list(state.glob("daemon-*/*"))
 
 
 def _answers(path: str) -> bool:

@@ -564,7 +564,12 @@ def cmd_daemon(args) -> int:
     from umgr.daemon.shutdown import serve_until_stopped
     config = _config(args, args.socket)
     state = _open_state(args)
-    backend = _open_backend(args, state)
+    # Whether the state must outlive an exit that is not a clean stop: the
+    # daemon served (its programs may come back), or a dead daemon's
+    # programs may come back for it. One that fails before it serves leaves
+    # no swap file behind.
+    keep_state = state is not None and state.swap_reusable()
+    backend = None
     clean = False
 
     async def run():
@@ -574,6 +579,8 @@ def cmd_daemon(args) -> int:
         control = _control_socket(config)
 
         def serving() -> None:
+            nonlocal keep_state
+            keep_state = True
             line = startup_line(config, args, metrics)
             log.info("%s", line)
             notify("READY=1", f"STATUS={line}")
@@ -582,11 +589,14 @@ def cmd_daemon(args) -> int:
         clean = True
 
     try:
+        backend = _open_backend(args, state)
         trio.run(run)
     finally:
-        if state is not None and clean:
-            backend.remove()     # a clean stop: every page is back, nothing will come back for it
-        backend.close()
+        clean = clean or not keep_state
+        if backend is not None:
+            if state is not None and clean:
+                backend.remove()     # nothing will come back for it
+            backend.close()
         if state is not None:
             state.close(clean)
     return 0

@@ -72,9 +72,13 @@ def make_run_dir(state_dir: str) -> tuple[str, int]:
     descriptor of its lock, held until umgr exec ends."""
     os.close(open_state_dir(state_dir))   # made 0700 if missing, refused if not ours
     sweep_stale_runs(state_dir)
-    path = tempfile.mkdtemp(prefix=RUN_PREFIX, dir=state_dir)
-    lock = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    # Made under another name and renamed once locked: another umgr exec's
+    # sweep never sees it unlocked.
+    making = tempfile.mkdtemp(prefix=".new-", dir=state_dir)
+    lock = os.open(os.path.join(making, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
+    path = os.path.join(state_dir, RUN_PREFIX + os.path.basename(making)[len(".new-"):])
+    os.rename(making, path)
     return path, lock
 
 
