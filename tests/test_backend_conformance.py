@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trio
 
-from umgr.backends import open_chain
+from umgr.backends import open_chain, persists
 from umgr.backends.compressed import CompressedBackend
 from umgr.backends.tiered import DEMOTE_BATCH, Tiered
 from umgr.cli import _backend_value
@@ -387,25 +387,22 @@ def test_status_shows_each_tier_of_a_chain():
 
 
 # ---- a restart with the store intact ------------------------------------------------------
-def _can_persist(specs: list[str]) -> bool:
-    """A single backend that keeps a named store for a restarted daemon."""
-    import inspect
-    from umgr.backends import backend_class, parse_spec
-    return len(specs) == 1 and "swap_name" in inspect.signature(backend_class(parse_spec(specs[0])[0])).parameters
-
-
-# Today the file alone: the compressed store lives in the daemon, and a
-# Redis store's keys are named by a per-run instance, so no restart finds them.
-PERSISTENT = [name for name, specs in BACKENDS.items() if _can_persist(specs)]
+# The file and Redis: a compressed store lives in the daemon's memory.
+PERSISTENT = [name for name, specs in BACKENDS.items() if persists([s.replace("REDIS", "1") for s in specs])]
 
 
 @pytest.mark.parametrize("name", PERSISTENT)
-def test_a_restarted_daemon_finds_the_store_intact(tmp_path, name):
+def test_a_restarted_daemon_finds_the_store_intact(request, tmp_path, name):
     """What a restarted daemon does (umgr/cli.py, _open_backend): the store
-    reopened by name with `reuse`, the saved tables' slots adopted. Every
-    page written before reads back, and no adopted slot is handed out again."""
+    reopened under the same name (the file's, the keys' instance) with
+    `reuse`, the saved tables' slots adopted. Every page written before
+    reads back, no adopted slot is handed out again, and remove() (a clean
+    stop) leaves nothing of it."""
     specs = BACKENDS[name]
-    options = {"size": 8 << 20, "directory": str(tmp_path), "swap_name": "swap"}
+    if any("REDIS" in spec for spec in specs):
+        port = str(request.getfixturevalue("redis_cluster").port)
+        specs = [spec.replace("REDIS", port) for spec in specs]
+    options = {"size": 8 << 20, "directory": str(tmp_path), "swap_name": "swap", "instance": "conformance"}
     n = 300
     out = PageBuffer(n)
     mixed_pages(out, n, 21)
@@ -425,5 +422,10 @@ def test_a_restarted_daemon_finds_the_store_intact(tmp_path, name):
         assert np.array_equal(out.bytes, back.bytes)
         fresh = again.slots.alloc(again.slots.capacity - n)
         assert not np.isin(fresh, slots).any() and 0 not in fresh
+        again.remove()
+        if name == "redis":
+            assert request.getfixturevalue("redis_cluster").keys("umgr:conformance:*") == 0
+        else:
+            assert not (tmp_path / "swap").exists()
     finally:
         again.close()

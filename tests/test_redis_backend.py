@@ -143,3 +143,28 @@ def test_tls_with_client_certificates(tmp_path):
         assert np.array_equal(out.bytes, back.bytes)
     finally:
         cluster.stop()
+
+
+@pytest.mark.timeout(120)
+def test_restarted_daemon_takes_the_program_back_from_its_redis_keys(tmp_path, cluster, shim, programs):
+    """`umgr daemon --backend redis` saves its state like the file backend:
+    the keys' instance name is kept in the state directory, and the keys
+    outlive a SIGKILLed daemon. The restarted daemon takes the program back
+    and serves its paged-out pages from them; every byte is checked. A
+    clean stop then deletes the instance's keys."""
+    from test_restart import RestartableDaemon, read_ready, started, wait_swapped
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--backend", f"redis:port={cluster.port},wait=1")
+    try:
+        with started([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            read_ready(target)
+            wait_swapped(daemon, target.pid, 24 * MiB)
+            assert cluster.keys("umgr:*") >= 24 * MiB // PAGE
+            daemon.kill()
+            daemon.start()
+            out, err = target.communicate(b"", timeout=60)
+        assert target.returncode == 0 and out == b"ok 12288 pages\n", (out, err, daemon.log())
+        assert b"taken back by the umgr daemon restarted" in err, err
+    finally:
+        daemon.stop()
+    assert daemon.proc.returncode == 0, daemon.log()
+    assert cluster.keys("umgr:*") == 0

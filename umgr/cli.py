@@ -20,7 +20,7 @@ import time
 import trio
 
 from umgr import embedded
-from umgr.backends import open_chain
+from umgr.backends import open_chain, persists
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
@@ -322,7 +322,7 @@ EMPTY_BACKEND_STATS = {"pages_written": 0, "pages_read": 0, "used_pages": 0, "ti
 def _exec_restartable(args) -> bool:
     """Whether exec's daemon can be restarted: its state (tables, swap file)
     is saved for the file backend alone; a trace would be cut in two."""
-    return (args.backend or ["file"]) == ["file"] and not args.record_trace
+    return persists(args.backend or ["file"]) and not args.record_trace
 
 
 def _run_program(daemon: embedded.EmbeddedDaemon, program: list[str], config: DaemonConfig) -> int:
@@ -453,7 +453,8 @@ def _open_backend(args, state=None):
     when a dead daemon's targets may come back."""
     defaults = {"size": args.swap_size, "directory": args.state_dir}
     if state is not None:
-        defaults.update(directory=state.path, swap_name="swap", reuse=state.swap_reusable())
+        defaults.update(directory=state.path, swap_name="swap", reuse=state.swap_reusable(),
+                        instance=state.store_instance())
     try:
         with setting_up(f"umgr {args.command}: --state-dir {args.state_dir}"):
             backend = open_chain(args.backend or ["file"], defaults, _backend_value)
@@ -616,8 +617,9 @@ def _open_state(args):
     from umgr.daemon.statedir import StateDir
     if args.no_persist:
         return None
-    if (args.backend or ["file"]) != ["file"]:
-        log.info("page tables are not saved: a restarted daemon takes programs back only from the file backend alone")
+    if not persists(args.backend or ["file"]):
+        log.info("page tables are not saved: a restarted daemon takes programs back only from the file or the "
+                 "redis backend alone")
         return None
     try:
         with setting_up(f"umgr daemon: --state-dir {args.state_dir}"):

@@ -129,6 +129,24 @@ def backend_class(name: str) -> type:
     return found[name].load()
 
 
+# Options a store takes to outlive its daemon for a restart: a named swap
+# file (file), a kept key prefix (redis). Such a store, alone, can be saved.
+PERSISTENCE_OPTIONS = ("swap_name", "instance")
+
+
+def persists(specs: list[str]) -> bool:
+    """Whether a daemon with these --backend specs can save its state: a
+    single store that can outlive it (not a chain: an upper tier's pages
+    live in the daemon's memory)."""
+    if len(specs) != 1:
+        return False
+    try:
+        accepted = inspect.signature(backend_class(parse_spec(specs[0])[0])).parameters
+    except ValueError:
+        return False
+    return any(option in accepted for option in PERSISTENCE_OPTIONS)
+
+
 def open_backend(name: str, **options) -> Backend:
     """The backend registered as `name`, built with those of `options` its
     constructor takes (a backend without a directory ignores --state-dir)."""

@@ -60,11 +60,15 @@ class RedisBackend(Backend):
 
     def __init__(self, size: int = 4 << 30, host: str = "127.0.0.1", port: int = 6379, username: str = "",
                  password: str = "", tls: int = 0, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
-                 timeout: str = "2", wait: str = "15", clients: int = 4, prefix: str = "umgr"):
+                 timeout: str = "2", wait: str = "15", clients: int = 4, prefix: str = "umgr",
+                 instance: str = ""):
         """host, port: any node of the cluster (the others are found from
         it); timeout: seconds for a connection or a reply; wait: seconds a
         failing read is retried before its target is killed; clients:
-        batches in flight at once."""
+        batches in flight at once. `instance`: the keys' middle name, kept
+        by a daemon that saves its state (umgr/daemon/statedir.py): its keys
+        then outlive it for a restarted daemon, and go at remove(); without
+        it, a random one, and the keys go at close()."""
         super().__init__(size // PAGE_SIZE)
         redis = _redis()
         self.timeout, self.wait = float(timeout), float(wait)
@@ -72,7 +76,8 @@ class RedisBackend(Backend):
             raise ValueError("redis: clients must be at least 1")
         self._limiter = trio.CapacityLimiter(int(clients))
         self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
-        self.prefix = f"{prefix}:{secrets.token_hex(4)}:"
+        self.persistent = bool(instance)
+        self.prefix = f"{prefix}:{instance or secrets.token_hex(4)}:"
         options = dict(host=host, port=int(port), socket_timeout=self.timeout,
                        socket_connect_timeout=self.timeout, require_full_coverage=False,
                        max_connections=max(int(clients), 2) * 2)
@@ -162,8 +167,33 @@ class RedisBackend(Backend):
                 raise BackendError(f"Redis Cluster: the page of slot {slot} (key {self._key(slot)}) is {what}")
             ctypes.memmove(addr, page, PAGE_SIZE)
 
+    def remove(self) -> None:
+        """Delete every key of this instance, a dead daemon's too (a clean
+        stop: nothing will come back for them). SCAN on each primary."""
+        if self.cluster is None:
+            return
+        failed = None
+        for node in self.cluster.get_primaries():
+            try:
+                client = self.cluster.get_redis_connection(node)
+                keys = list(client.scan_iter(match=f"{self.prefix}*", count=1024))
+                for first in range(0, len(keys), 1024):   # one DEL a key: a node refuses keys of two hash slots
+                    pipe = client.pipeline(transaction=False)
+                    for key in keys[first:first + 1024]:
+                        pipe.delete(key)
+                    pipe.execute()
+            except self._errors as exc:
+                failed = exc
+        if failed is not None:
+            log.warning("redis: some of this daemon's keys (%s*) could not be deleted: %s", self.prefix, failed)
+        self._high_water = 0
+
     def close(self) -> None:
         if self.cluster is None:
+            return
+        if self.persistent:   # a restarted daemon may come back for them; remove() deletes them
+            self.cluster.close()
+            self.cluster = None
             return
         failed = None
         by_node: dict[str, list[str]] = {}

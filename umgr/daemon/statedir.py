@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,6 +116,16 @@ class StateDir:
             return None
         return SavedTarget(pid, start_time, name, dir_fd, arrays, info, journal, table)
 
+    def store_instance(self) -> str:
+        """The name a store that outlives the daemon keeps its pages under
+        (redis keys), the same for every daemon of this directory: made
+        once, then read back."""
+        name = self._read("instance")
+        if not name:
+            name = secrets.token_hex(8)
+            self._write("instance", name)
+        return name
+
     def swap_reusable(self) -> bool:
         """Whether the swap file holds pages a target may come back for."""
         return bool(self.saved)
@@ -179,7 +190,7 @@ class StateDir:
             for name in os.listdir(self.dir_fd):
                 if name.startswith(TARGET_PREFIX):
                     self._remove_dir(name)
-                elif name in ("boot", "lock"):
+                elif name in ("boot", "lock", "instance"):
                     os.unlink(name, dir_fd=self.dir_fd)
         os.close(self._lock_fd)
         os.close(self.dir_fd)
