@@ -20,7 +20,7 @@ import time
 import trio
 
 from umgr import embedded
-from umgr.backends import open_chain, persists
+from umgr.backends import open_chain, persists, takes
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
@@ -453,8 +453,9 @@ def _open_backend(args, state=None):
     when a dead daemon's targets may come back."""
     defaults = {"size": args.swap_size, "directory": args.state_dir}
     if state is not None:
-        defaults.update(directory=state.path, swap_name="swap", reuse=state.swap_reusable(),
-                        instance=state.store_instance())
+        defaults.update(directory=state.path, swap_name="swap", reuse=state.swap_reusable())
+        if takes((args.backend or ["file"])[0], "instance"):
+            defaults["instance"] = state.store_instance()
     try:
         with setting_up(f"umgr {args.command}: --state-dir {args.state_dir}"):
             backend = open_chain(args.backend or ["file"], defaults, _backend_value)

@@ -138,13 +138,15 @@ def persists(specs: list[str]) -> bool:
     """Whether a daemon with these --backend specs can save its state: a
     single store that can outlive it (not a chain: an upper tier's pages
     live in the daemon's memory)."""
-    if len(specs) != 1:
-        return False
+    return len(specs) == 1 and any(takes(specs[0], option) for option in PERSISTENCE_OPTIONS)
+
+
+def takes(spec: str, option: str) -> bool:
+    """Whether the backend a --backend spec names takes this option."""
     try:
-        accepted = inspect.signature(backend_class(parse_spec(specs[0])[0])).parameters
+        return option in inspect.signature(backend_class(parse_spec(spec)[0])).parameters
     except ValueError:
         return False
-    return any(option in accepted for option in PERSISTENCE_OPTIONS)
 
 
 def open_backend(name: str, **options) -> Backend:
