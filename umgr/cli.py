@@ -122,7 +122,7 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
                    help="how long a program whose daemon is gone waits for one before it is killed "
                         f"(default: {GRACE_SECONDS} for the daemon; {embedded.EXEC_GRACE_SECONDS} for exec, which restarts "
-                        "its daemon, 0 when it cannot: another backend, --record-trace; "
+                        "its daemon, 0 when it cannot: a chain, --record-trace; "
                         "UMGR_GRACE_SECONDS in the program's environment wins)")
 
 
