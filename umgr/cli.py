@@ -339,7 +339,7 @@ def _run_program(daemon: embedded.EmbeddedDaemon, program: list[str], config: Da
         while daemon.pidfd >= 0 and daemon.reap() == "restarted":
             pass
         raise CannotRun(program[0], exc) from None
-    forward = _forward_signals(proc)
+    forward = SignalForwarding(proc)
     program_fd, status = os.pidfd_open(proc.pid), None
     try:
         while True:
@@ -540,7 +540,7 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
                 print(f"umgr: trace {args.record_trace}: {trace.error}", file=sys.stderr)
 
 
-class _forward_signals:
+class SignalForwarding:
     """Signals umgr exec gets go to the program (SIGINT from a terminal
     reaches the whole process group already, so it is ignored here)."""
 

@@ -211,11 +211,11 @@ def write_outcome(run_dir: str, totals: dict, backend: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def ended(*pidfds: int, timeout: float | None = None) -> list[int]:
+def ended(*pidfds: int) -> list[int]:
     """The pidfds (processes) that have ended; blocks until one has."""
     poller = select.poll()
     for fd in pidfds:
         poller.register(fd, select.POLLIN)
-    return [fd for fd, _ in poller.poll(None if timeout is None else int(timeout * 1000))]
+    return [fd for fd, _ in poller.poll()]
 
 

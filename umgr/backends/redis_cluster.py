@@ -169,38 +169,37 @@ class RedisBackend(Backend):
 
     def remove(self) -> None:
         """Delete every key of this instance, a dead daemon's too (a clean
-        stop: nothing will come back for them). SCAN on each primary."""
+        stop: nothing will come back for them), found by SCAN on each primary."""
         if self.cluster is None:
             return
-        failed = None
-        for node in self.cluster.get_primaries():
-            try:
+        by_node: dict[str, list] = {}
+        try:
+            for node in self.cluster.get_primaries():
                 client = self.cluster.get_redis_connection(node)
-                keys = list(client.scan_iter(match=f"{self.prefix}*", count=1024))
-                for first in range(0, len(keys), 1024):   # one DEL a key: a node refuses keys of two hash slots
-                    pipe = client.pipeline(transaction=False)
-                    for key in keys[first:first + 1024]:
-                        pipe.delete(key)
-                    pipe.execute()
-            except self._errors as exc:
-                failed = exc
-        if failed is not None:
-            log.warning("redis: some of this daemon's keys (%s*) could not be deleted: %s", self.prefix, failed)
+                by_node[node.name] = list(client.scan_iter(match=f"{self.prefix}*", count=1024))
+        except self._errors as exc:
+            log.warning("redis: this daemon's keys (%s*) could not all be listed: %s", self.prefix, exc)
+        self._delete(by_node)
         self._high_water = 0
 
     def close(self) -> None:
         if self.cluster is None:
             return
-        if self.persistent:   # a restarted daemon may come back for them; remove() deletes them
-            self.cluster.close()
-            self.cluster = None
-            return
+        if not self.persistent:   # else a restarted daemon may come back for them: remove() deletes them
+            by_node: dict[str, list] = {}
+            for slot in range(self._high_water):
+                key = self._key(slot)
+                by_node.setdefault(self.cluster.get_node_from_key(key).name, []).append(key)
+            self._delete(by_node)
+        self.cluster.close()
+        self.cluster = None
+
+    def _delete(self, by_node: dict[str, list]) -> None:
+        """Delete these keys (grouped by node), one DEL a key in pipelines of
+        1024 (a node refuses a DEL of keys of two hash slots); a dead node
+        does not keep the others' keys."""
         failed = None
-        by_node: dict[str, list[str]] = {}
-        for slot in range(self._high_water):
-            key = self._key(slot)
-            by_node.setdefault(self.cluster.get_node_from_key(key).name, []).append(key)
-        for keys in by_node.values():   # per node: a dead one does not keep the others' keys
+        for keys in by_node.values():
             for first in range(0, len(keys), 1024):
                 pipe = self.cluster.pipeline(transaction=False)
                 for key in keys[first:first + 1024]:
@@ -212,8 +211,6 @@ class RedisBackend(Backend):
                     break
         if failed is not None:
             log.warning("redis: some of this daemon's keys (%s*) could not be deleted: %s", self.prefix, failed)
-        self.cluster.close()
-        self.cluster = None
 
     def tier_statistics(self) -> list[dict]:
         stats = super().tier_statistics()

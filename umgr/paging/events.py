@@ -18,7 +18,7 @@ from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import ForkEvent, RemapEvent, RemoveEvent, UnmapEvent
 from umgr.paging.core import TargetCore
 from umgr.paging.crashpoint import crash_point
-from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, PageTable, State
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PageTable, State, page_up
 from umgr.paging.removes import RemoveAttribution
 
 log = logging.getLogger("umgr.target")
@@ -47,7 +47,7 @@ class MemoryEvents:
         crash_point("unmap")
         core.stats.unmaps += 1
         log.debug("%s: unmap %#x-%#x", core.label, start, end)
-        lo, hi = start >> PAGE_SHIFT, _page_up(end)
+        lo, hi = start >> PAGE_SHIFT, page_up(end)
         core.left_residency(core.pt.find_state(lo, hi, State.RESIDENT)[0])
         core.slots.free(core.pt.remove(lo, hi))
 
@@ -57,7 +57,7 @@ class MemoryEvents:
         too are settled by the evictor when the zap returns (FRESH, not
         SWAPPED: their copy would resurrect data the app threw away)."""
         core = self.core
-        lo, hi = start >> PAGE_SHIFT, _page_up(end)
+        lo, hi = start >> PAGE_SHIFT, page_up(end)
         if self.removes.count(lo, hi):
             core.stats.own_removes += 1
             return
@@ -136,7 +136,3 @@ class ForkedMemory:
         runs, is killed by its shim for want of a daemon)."""
         self.slots.free(self.pages.clear())
         self.uffd.close()
-
-
-def _page_up(addr: int) -> int:
-    return (addr + PAGE_SIZE - 1) >> PAGE_SHIFT

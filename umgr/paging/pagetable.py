@@ -25,7 +25,7 @@ import numpy as np
 
 from umgr.kernel import PAGE_SHIFT, PAGE_SIZE
 
-__all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "Region", "runs"]
+__all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "Region", "runs", "page_up"]
 
 NO_SLOT = 0   # slot 0 is never handed out (umgr/backends/slots.py): zeros name no slot
 SMALL = 8   # arrays this short are cheaper in a Python loop than in a numpy call
@@ -481,9 +481,14 @@ def histogram(states: np.ndarray) -> np.ndarray:
 
 def nonzero_slots(slots: np.ndarray) -> np.ndarray:
     """The slots named in an array of them (without a region-sized mask)."""
-    return np.concatenate([part[np.flatnonzero(part)] for part in
-                           (slots[lo:lo + CHUNK] for lo in range(0, len(slots), CHUNK))] or
-                          [np.empty(0, np.int32)])
+    parts = [slots[lo:lo + CHUNK] for lo in range(0, len(slots), CHUNK)]
+    named = [part[np.flatnonzero(part)] for part in parts]
+    return np.concatenate(named) if named else np.empty(0, np.int32)
+
+
+def page_up(addr: int) -> int:
+    """The vpn just past a range ending at addr (rounded up to a page)."""
+    return (addr + PAGE_SIZE - 1) >> PAGE_SHIFT
 
 
 def runs(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

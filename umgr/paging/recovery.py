@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from umgr.kernel import PAGE_SHIFT, PAGE_SIZE
+from umgr.kernel import PAGE_SHIFT
 from umgr.kernel.uffd import EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP
-from umgr.paging.pagetable import NO_SLOT, PageTable, State
+from umgr.paging.pagetable import NO_SLOT, PageTable, State, page_up
 
 KERNEL_KEEPS = (State.PINNED, State.ZERO, State.SHARED)
 
@@ -51,18 +51,14 @@ def replay(pt: PageTable, messages: np.ndarray) -> np.ndarray:
     for kind, first, second, third in messages.tolist():
         kind &= 0xFF
         if kind == EVENT_REMOVE:
-            freed.append(pt.discard(first >> PAGE_SHIFT, _page_up(second), keep=(State.ZAPPING,)))
+            freed.append(pt.discard(first >> PAGE_SHIFT, page_up(second), keep=(State.ZAPPING,)))
         elif kind == EVENT_UNMAP:
-            freed.append(pt.remove(first >> PAGE_SHIFT, _page_up(second)))
+            freed.append(pt.remove(first >> PAGE_SHIFT, page_up(second)))
         elif kind == EVENT_REMAP:
             src, dst, npages = first >> PAGE_SHIFT, second >> PAGE_SHIFT, third >> PAGE_SHIFT
             if pt.gaps(src, src + npages) != [(src, src + npages)]:   # still at the source: not applied
                 freed.append(pt.move(src, dst, npages))
     return _join(freed).astype(np.int32) if freed else np.empty(0, np.int32)
-
-
-def _page_up(addr: int) -> int:
-    return (addr + PAGE_SIZE - 1) >> PAGE_SHIFT
 
 
 def settle(pt: PageTable, present_pages, zapping: bool) -> tuple[np.ndarray, np.ndarray]:

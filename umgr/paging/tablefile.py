@@ -63,18 +63,23 @@ def _file_size(npages: int) -> int:
     return _slot_offset(npages) + 4 * npages
 
 
-def _map(fd: int, npages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The file's header, state and slot arrays, mapped shared. Not with
-    the mmap module: it keeps a duplicate of the descriptor per mapping
-    (Python < 3.13), a descriptor per region. The mapping goes when the
-    last array viewing it does."""
-    size = _file_size(npages)
+def _map_shared(fd: int, size: int):
+    """The file's first `size` bytes, mapped shared, as a ctypes byte array
+    (its address: ctypes.addressof). Not with the mmap module: it keeps a
+    duplicate of the descriptor per mapping (Python < 3.13), a descriptor
+    per region. The mapping goes when the last object viewing it does."""
     addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
     if addr is None or addr == MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     memory = (ctypes.c_uint8 * size).from_address(addr)
     weakref.finalize(memory, _libc.munmap, addr, size)
+    return memory
+
+
+def _map(fd: int, npages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The file's header, state and slot arrays, mapped shared."""
+    memory = _map_shared(fd, _file_size(npages))
     header = np.frombuffer(memory, np.int64, 4, 0)
     state = np.frombuffer(memory, np.uint8, npages, HEADER_BYTES)
     slot = np.frombuffer(memory, np.int32, npages, _slot_offset(npages))
@@ -240,15 +245,11 @@ class EventJournal:
                 os.ftruncate(fd, self.size)
             elif os.fstat(fd).st_size != self.size:
                 raise ValueError(f"{JOURNAL}: {os.fstat(fd).st_size} bytes, not {self.size}")
-            self.address = _libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-            if self.address is None or self.address == MAP_FAILED:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
+            memory = _map_shared(fd, self.size)
         finally:
             os.close(fd)
-        memory = (ctypes.c_uint8 * self.size).from_address(self.address)
-        weakref.finalize(self, _libc.munmap, self.address, self.size)
-        self.words = np.frombuffer(memory, np.uint64)   # four words a message (struct uffd_msg)
+        self.address = ctypes.addressof(memory)
+        self.words = np.frombuffer(memory, np.uint64)   # four words a message (struct uffd_msg); keeps the mapping
 
     def unhandled(self) -> np.ndarray:
         """The messages left (rows of four words), in the order read."""
