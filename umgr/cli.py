@@ -106,6 +106,9 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                         "again writes nothing (a first write costs a fault): auto (default: while most "
                         "such pages leave unwritten), always, never")
     p.add_argument("--keep-clean", action="store_true", help="the same as --clean-copies always")
+    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                   help="serve every fault through the full (Python) path, not plain random faults in C: "
+                        "slower; for comparison, or to rule the fast path out")
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
     p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",
@@ -429,7 +432,8 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT),
                         clean_copies="always" if args.keep_clean else args.clean_copies, policy_options=policy_options,
                         eviction_options=eviction_options, grace_seconds=_grace(args),
-                        max_managed=args.max_managed, max_managed_per_user=args.max_managed_per_user)
+                        max_managed=args.max_managed, max_managed_per_user=args.max_managed_per_user,
+                        fast_path=args.fast_path)
 
 
 def _grace(args) -> int:

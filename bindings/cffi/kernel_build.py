@@ -20,7 +20,7 @@ import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = os.path.dirname(HERE)   # bindings/, installed as umgr.bindings
-MODULES = ["_cdef_uffd", "_cdef_proc"]
+MODULES = ["_cdef_uffd", "_cdef_proc", "_cdef_fastfault"]
 
 
 def _load(name):

@@ -57,12 +57,27 @@ class Backend:
     def close(self) -> None:
         pass
 
+    def sync_read_fd(self) -> int:
+        """A file whose page at offset slot * PAGE_SIZE is slot's content,
+        for a one-page pread done outside read() (then reported with
+        read_done_elsewhere()); -1 when this store has none, or when
+        reads should go through read() now."""
+        return -1
+
+    def reads_done_elsewhere(self, seconds: np.ndarray) -> None:
+        """Pages were read from sync_read_fd(), one per entry, each taking
+        that many seconds."""
+        raise NotImplementedError
+
     def _timed(self, started: float) -> float:
         """Account an I/O that began at `started`; returns its seconds."""
         elapsed = time.perf_counter() - started
+        self._count_io(elapsed)
+        return elapsed
+
+    def _count_io(self, elapsed: float) -> None:
         self.io_latency[bisect.bisect_left(IO_BUCKETS, elapsed)] += 1   # as np.searchsorted, without its per-call cost
         self.io_seconds += elapsed
-        return elapsed
 
     def statistics(self) -> dict:
         return {

@@ -182,10 +182,23 @@ class FileBackend(Backend):
         if done != PAGE_SIZE:
             self.errors += 1
             raise BackendError(f"swap file read failed: short transfer of {done} bytes")
-        elapsed = self._timed(started)
+        self._note_sync_read(time.perf_counter() - started)
+
+    def _note_sync_read(self, elapsed: float) -> None:
+        self._count_io(elapsed)
         self.read_seconds += elapsed
         slow = elapsed > SYNC_READ_LIMIT
         self._slow_share += (slow - self._slow_share) / 16
+
+    def sync_read_fd(self) -> int:
+        """The swap file, while one-page reads are plain preads (see
+        SYNC_READ_LIMIT): the fault path's C call reads it itself."""
+        return self.fd if self._slow_share < 0.5 else -1
+
+    def reads_done_elsewhere(self, seconds: np.ndarray) -> None:
+        self.pages_read += len(seconds)
+        for elapsed in seconds.tolist():
+            self._note_sync_read(elapsed)
 
     async def _io(self, op: Op, slots: np.ndarray, addrs: np.ndarray) -> None:
         run_addrs, first_slot, count = io_runs(slots, addrs)

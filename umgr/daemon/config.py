@@ -33,6 +33,7 @@ class DaemonConfig:
     group: str | None = None
     hello_timeout: float = HELLO_TIMEOUT  # drop a connection silent for this long
     clean_copies: str = CLEAN_COPIES      # pages read back keep their swap copy: auto, always, never
+    fast_path: bool = True                # plain faults served in C (umgr/paging/fastpath.py)
     grace_seconds: int = GRACE_SECONDS    # told to each shim in HELLO_ACK (UMGR_GRACE_SECONDS overrides)
     max_managed: int = MAX_MANAGED        # bytes of registered memory per process
     max_managed_per_user: int = MAX_MANAGED_PER_USER   # ... and all of one uid's processes

@@ -125,6 +125,7 @@ class Lifecycle:
         target = Target(pid=pid, owner=owner, uffd=uffd, pidfd=pidfd, mem_fd=mem_fd,
                         budget_pages=budget >> PAGE_SHIFT, backend=self.backend, prefetch=prefetch,
                         eviction=eviction, label=prefetch.target, clean_copies=self.config.clean_copies, pages=pages,
+                        fast_path=self.config.fast_path,
                         on_pause=self._want_resume, name=name)
         target.refuse_region = lambda npages: self._past_managed_caps(target, npages)
         if saved is not None:

@@ -373,6 +373,19 @@ class Userfaultfd:
             self._raise(r & 0xFFFF, "UFFDIO_ZEROPAGE")
         return r
 
+    def serve_plain_faults(self, region, swap_fd: int, pages: int, zeros: int, spin_ns: int, slice_ns: int,
+                           room: int, near: int, log) -> int:
+        """Serve plain MISSING faults in `region` in C until a message is
+        not one (umgr_fast_serve, bindings/cffi/_cdef_fastfault.py),
+        reading messages into .batch. `pages`: FAST_GROUP pages of buffer.
+        Returns FAST_IDLE, FAST_HANDOFF (the first log.handoff messages of
+        .batch are the caller's) or FAST_YIELD; log.served pages were served."""
+        r = _lib.umgr_fast_serve(self._fd, self._msgs, self._max, region, swap_fd, pages, zeros, spin_ns,
+                                 slice_ns, room, near, log)
+        if r < 0:
+            self._raise(-r, "read")
+        return r
+
     def _grow(self, max_events: int) -> None:
         """A .batch that holds max_events messages (at least 64); a read of
         fewer than one message is a ValueError."""
@@ -432,6 +445,40 @@ class Userfaultfd:
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.fileno())
+
+
+FAST_GROUP = _lib.UMGR_FAST_GROUP
+FAST_IDLE = _lib.UMGR_FAST_IDLE
+FAST_HANDOFF = _lib.UMGR_FAST_HANDOFF
+FAST_YIELD = _lib.UMGR_FAST_YIELD
+
+
+def new_fast_struct(name: str):
+    """A zeroed struct umgr_fast_region or umgr_fast_log (name) for
+    Userfaultfd.serve_plain_faults()."""
+    return _ffi.new(f"struct {name} *")
+
+
+def open_fast_log(log) -> None:
+    """Give a struct umgr_fast_log its AIO context (grouped reads in flight
+    together); without one (the limit of AIO contexts reached) a group's
+    reads are preads one after another. close_fast_log() frees it."""
+    _lib.umgr_fast_open(log)
+
+
+def close_fast_log(log) -> None:
+    _lib.umgr_fast_close(log)
+
+
+def array_pointer(ctype: str, array) -> object:
+    """A C pointer (ctype, such as "uint8_t *") to a numpy array's data;
+    the caller keeps the array alive while C may use it."""
+    return _ffi.cast(ctype, array.ctypes.data)
+
+
+def fast_state_values() -> tuple[int, int, int]:
+    """The FRESH, RESIDENT and SWAPPED values umgr_fast_serve was built with."""
+    return _lib.UMGR_STATE_FRESH, _lib.UMGR_STATE_RESIDENT, _lib.UMGR_STATE_SWAPPED
 
 
 def supported_features(*, via: str = "auto") -> tuple[int, int]:

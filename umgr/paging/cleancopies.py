@@ -48,6 +48,13 @@ class CleanCopies:
         self._fills += 1
         return self._fills % SAMPLE_EVERY == 0
 
+    def keep_period(self) -> int:
+        """keep() for a run of fills decided at once (the C fast path):
+        1 keep every page read, 0 none, SAMPLE_EVERY every that many."""
+        if self.mode != "auto":
+            return int(self.mode == "always")
+        return 1 if self.dirty_share < DIRTY_LIMIT else SAMPLE_EVERY
+
     def came_in_clean(self, npages: int) -> None:
         """npages pages came in write-protected, their copy kept."""
         if npages:

@@ -7,6 +7,8 @@ the page faults: those that
 bring in no content at once (write-protect faults, pages believed resident),
 the others in one backend read and few UFFDIO_COPYs, with what the prefetch
 policy adds. At the budget, new pages wait for the evictor (backpressure).
+While nothing is queued, plain faults are served in C instead (fastpath.py);
+what that call cannot serve comes back here as a batch.
 Race rules: docs/architecture.md.
 """
 from __future__ import annotations
@@ -26,16 +28,21 @@ from umgr.kernel.uffd import EVENT_PAGEFAULT, MSG_WORDS, UFFD_PAGEFAULT_FLAG_WP,
 from umgr.paging.core import UNCOUNTED, TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, State, runs
 from umgr.paging.events import MemoryEvents
+from umgr.paging.fastpath import HANDOFF as FAST_HANDOFF
+from umgr.paging.fastpath import IDLE as FAST_IDLE
+from umgr.paging.fastpath import FastPath
 from umgr.paging.tuning import (BACKPRESSURE_LIMIT, BACKPRESSURE_POLL, MAX_EVENTS_PER_READ, MAX_FILL_PAGES,
                                 SPIN_SECONDS)
 
 log = logging.getLogger("umgr.target")
 
 ABSENT = (State.FRESH, State.SWAPPED)   # states a MISSING fault fills
+EMPTY = np.empty(0, np.int64)
 
 
 class FaultService:
-    def __init__(self, core: TargetCore, events: MemoryEvents, prefetch, *, spin: float = SPIN_SECONDS):
+    def __init__(self, core: TargetCore, events: MemoryEvents, prefetch, *, spin: float = SPIN_SECONDS,
+                 fast_path: bool = True):
         self.core = core
         self.events = events              # handles what is not a page fault
         self.prefetch = prefetch          # a policies.GuardedPrefetch
@@ -45,12 +52,27 @@ class FaultService:
         self._zeros = PageBuffer(1)
         self._one_slot = np.zeros(1, np.int32)                 # _fill_one's backend read
         self._one_addr = self._fill.addrs(np.zeros(1, np.int64))
+        self.fast = FastPath(core, spin, enabled=fast_path)    # the common case in C (fastpath.py)
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
         uffd = self.core.uffd
         try:
             while True:
+                if not self._pending and self.fast.ready():
+                    outcome = self.fast.serve()
+                    wanted = self._settle_fast()
+                    if outcome == FAST_HANDOFF:   # before anything reads the uffd again
+                        self._take_batch(self.fast.handoff)
+                    await self._prefetch_now(wanted)
+                    if outcome == FAST_HANDOFF:
+                        self.drain()
+                    elif outcome == FAST_IDLE and not self._pending:   # (the prefetch may have read faults)
+                        self.core.stats.fault_loop_sleeps += 1
+                        await uffd.wait_readable()
+                    else:
+                        await trio.lowlevel.checkpoint()
+                    continue
                 if not self.drain() and not self._pending and not self._spin():
                     self.core.stats.fault_loop_sleeps += 1
                     await uffd.wait_readable()
@@ -82,9 +104,13 @@ class FaultService:
             if not n:
                 return got
             got = True
-            for event in self._walk_batch(n):
-                self.events.handle(event)
-            self.core.uffd.clear_batch(n)   # handled: nothing to replay after a crash (tablefile.EventJournal)
+            self._take_batch(n)
+
+    def _take_batch(self, n: int) -> None:
+        """Queue the faults and handle the events of the n messages read."""
+        for event in self._walk_batch(n):
+            self.events.handle(event)
+        self.core.uffd.clear_batch(n)   # handled: nothing to replay after a crash (tablefile.EventJournal)
 
     def _walk_batch(self, n: int) -> list:
         """Queue the page faults of the n messages just read (in place, in
@@ -102,6 +128,31 @@ class FaultService:
         return events
 
     # ---- page faults ------------------------------------------------------------
+    def _settle_fast(self) -> np.ndarray:
+        """After the C call served faults: their bookkeeping, then the
+        prefetch policy hears of each. Returns the pages it asked for
+        (fastpath.py); then the next faults take the full path."""
+        vpns = self.fast.settle()
+        if not len(vpns):
+            return EMPTY
+        first, end = self.core.pt.bounds(int(vpns[0]))
+        wanted = EMPTY
+        for vpn in vpns.tolist():
+            extra = self.prefetch.on_fault(vpn, first, end)
+            if len(extra):
+                wanted = extra
+        self.fast.streaming = len(wanted) > 0
+        return wanted
+
+    async def _prefetch_now(self, wanted: np.ndarray) -> None:
+        if not len(wanted) or not self.core.budget.prefetch_allowed(self.core.pt.resident, 0):
+            return
+        fill: dict[int, int] = {}
+        self._add_prefetch(wanted, fill)
+        if fill:
+            await self._fill_pages(fill, False, {})
+            self.core.note_resident()
+
     async def _serve_pending(self) -> None:
         started = time.perf_counter()
         faults, self._pending = self._pending, []
@@ -216,6 +267,7 @@ class FaultService:
         pt = self.core.pt
         fill: dict[int, int] = {}          # vpn -> slot (NO_SLOT: zeros)
         writes = False
+        self.fast.aim(max(fills))
         for vpn, is_write in sorted(fills.items()):
             state = pt.state_of(vpn)
             if state in UNCOUNTED:
@@ -287,8 +339,15 @@ class FaultService:
             return
         first, end = pt.bounds(vpn)
         extra = self.prefetch.on_fault(vpn, first, end)
+        self.fast.streaming = len(extra) > 0
+        self._add_prefetch(extra, fill)
+
+    def _add_prefetch(self, extra: np.ndarray, fill: dict[int, int]) -> None:
+        """Plan the fill of the pages the prefetch policy asked for that
+        are absent, up to the staging buffer's size."""
         if len(extra) == 0:
             return
+        core, pt = self.core, self.core.pt
         states = pt.states(extra)
         extra = extra[(states == State.FRESH) | (states == State.SWAPPED)]
         slots = pt.slots(extra)
@@ -374,6 +433,7 @@ class FaultService:
     def close(self) -> None:
         self._fill.close()
         self._zeros.close()
+        self.fast.close()
 
 
 def runs_faulting_last(vpns: np.ndarray, faulting: dict[int, bool]) -> list[tuple[int, slice]]:

@@ -139,6 +139,7 @@ class PageTable:
     regions: list[Region] = field(default_factory=list)  # sorted, disjoint
     counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
     arrays: MemoryArrays = IN_MEMORY
+    layout: int = 0   # bumped whenever a region is added, cut, moved or dropped
 
     # ---- queries -----------------------------------------------------
     @property
@@ -339,6 +340,7 @@ class PageTable:
         self.counts[State.RESIDENT] += resident   # counted, not scanned: the rest is FRESH
         self.counts[State.FRESH] += npages - resident
         bisect.insort(self.regions, region, key=lambda r: r.vpn)
+        self.layout += 1
         return region, freed
 
     def remove(self, vpn_lo: int, vpn_hi: int) -> np.ndarray:
@@ -384,6 +386,7 @@ class PageTable:
             self.arrays.moved(piece, dst_vpn + (lo - src_vpn))
             self._count_in(piece.state)
             bisect.insort(self.regions, piece, key=lambda r: r.vpn)
+        self.layout += 1
         return replaced
 
     def clear(self) -> np.ndarray:
@@ -392,6 +395,7 @@ class PageTable:
         for region in self.regions:
             self.arrays.drop(region)
         self.regions.clear()
+        self.layout += 1
         self.counts[:] = 0
         return np.concatenate(freed) if freed else np.empty(0, np.int32)
 
@@ -444,6 +448,7 @@ class PageTable:
         made before the region is dropped: a persistent table always has
         every page in some file."""
         self.regions.remove(region)
+        self.layout += 1
         for keep_lo, keep_hi in ((region.vpn, lo), (hi, region.end)):
             if keep_hi > keep_lo:
                 bisect.insort(self.regions, self.arrays.piece(region, keep_lo, keep_hi), key=lambda r: r.vpn)

@@ -13,6 +13,7 @@ COUNTERS: dict[str, str] = {
     "faults_wp": "Write-protect userfaults (a write to a protected page)",
     "faults_fresh": "MISSING faults on never-written pages, served with zeros",
     "faults_swapped": "MISSING faults on swapped-out pages, served from the backend",
+    "faults_fast": "MISSING faults served whole by the C fast path (umgr/paging/fastpath.py)",
     "pages_in": "Pages brought back from the backend",
     "pages_out": "Pages evicted (written out or dropped as zero) and zapped",
     "prefetched": "Pages brought in by the prefetch policy with a fault",
@@ -67,3 +68,9 @@ class TargetStats:
     def record_latency(self, seconds: float, faults: int) -> None:
         self.fault_latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += faults
         self.fault_latency_sum += seconds * faults
+
+    def record_latencies(self, seconds: np.ndarray) -> None:
+        """One fault per entry."""
+        buckets = np.searchsorted(LATENCY_BUCKETS, seconds)
+        self.fault_latency += np.bincount(buckets, minlength=len(self.fault_latency))
+        self.fault_latency_sum += float(seconds.sum())

@@ -51,14 +51,15 @@ class Target:
     def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, mem_fd: int, budget_pages: int,
                  backend, prefetch: GuardedPrefetch, eviction, label: str, owner: tuple[int, int] = (0, 0),
                  spin: float = SPIN_SECONDS, clean_copies: str = CLEAN_COPIES,
-                 pages: PageTable | None = None, on_pause=lambda: None, name: str = ""):
+                 pages: PageTable | None = None, on_pause=lambda: None, name: str = "", fast_path: bool = True):
         """`mem_fd`: the process's /proc/PID/mem, opened when it was
         checked (pages are read through it, so never from a program it
         exec'd). `owner`: its uid and gid. `eviction`: an EvictionPolicy
         (guarded here). `pages`: the page table to start from (a forked
         child's, from PageTable.forked(); its slots must already hold the
         child's references). `on_pause`: called when eviction pauses (full
-        or failing backend). `name`: its metrics label (umgr.daemon.names)."""
+        or failing backend). `name`: its metrics label (umgr.daemon.names).
+        `fast_path`: plain faults are served in C (umgr/paging/fastpath.py)."""
         self.pid = pid
         self.name = name
         self.pidfd = pidfd
@@ -79,7 +80,7 @@ class Target:
         self._refusal_logged = False
         self.removes = RemoveAttribution()
         self.events = MemoryEvents(self.core, self.removes)
-        self.faults = FaultService(self.core, self.events, prefetch, spin=spin)
+        self.faults = FaultService(self.core, self.events, prefetch, spin=spin, fast_path=fast_path)
         self.pinning = Pinning(self.core)
         self.evictor = Evictor(self.core, self.pinning, self.removes)
         self.hints = Hints(self.core, self.evictor)

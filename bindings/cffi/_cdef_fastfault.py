@@ -1,0 +1,331 @@
+"""The fault path's common case in C: read the queued uffd messages (up to
+UMGR_FAST_GROUP at once) and serve each MISSING fault on a page that needs
+nothing but its swap slot read (or zeros): read from the swap file,
+UFFDIO_COPY (or ZEROPAGE), and mark it resident in the page table; on to
+the next group, until something needs the daemon's Python side. The
+faults of a group (several threads faulting at once) have their reads in
+flight together (Linux AIO on the O_DIRECT swap file; one fault alone is a
+plain pread, two syscalls cheaper).
+
+Python's own path costs about 150 us of interpreter time per random fault
+around a 40-70 us device read (measured here, Linux 6.18, 2 vCPUs), and the
+next fault is already queued when it is done: the daemon was the
+bottleneck. Here the faults of a call are served back to back, and Python
+settles them afterwards in one batch (umgr/paging/fastpath.py).
+
+The call changes the page table only as the Python side would for such a
+fault (state RESIDENT, slot kept or cleared, per-state counts) and logs each
+page it served. Anything else it reads (another event, a write-protect
+fault, a page in any other state, a page outside the region, a failed read
+or copy) it leaves in the message buffer for the full path, and returns.
+"""
+
+INCLUDES = """
+#include <string.h>
+#include <time.h>
+#include <linux/aio_abi.h>
+"""
+
+STRUCTS = """
+/* One region of a target's page table (umgr/paging/pagetable.py). */
+struct umgr_fast_region {
+    uint64_t vpn;         /* its first page */
+    uint64_t end;         /* one past its last page */
+    uint8_t *state;       /* State per page */
+    int32_t *slot;        /* swap slot per page, 0: none */
+    int64_t *counts;      /* pages per state, the table's */
+};
+
+/* What one call did, and its limits. The arrays hold max entries. */
+struct umgr_fast_log {
+    int32_t max;
+    int32_t served;       /* entries written by the last call */
+    uint64_t *vpn;        /* the pages served, in fault order */
+    int32_t *slot;        /* the slot each was read from, 0: zeros */
+    uint8_t *kept;        /* came in write-protected, slot kept */
+    int64_t *read_ns;     /* the pread of each (0: none) */
+    int64_t *serve_ns;    /* from its message read to its copy done */
+    int32_t keep_period;  /* keep clean copies: 0 never, 1 always, n: every nth read */
+    int32_t keep_phase;   /* reads since the last kept one (keep_period > 1) */
+    int32_t handoff;      /* HANDOFF: messages left at the buffer's start for the full path */
+    uint64_t aio;         /* the AIO context of grouped reads (umgr_fast_open), 0: none */
+};
+"""
+
+TYPES = STRUCTS + """
+#define UMGR_FAST_GROUP ...
+#define UMGR_FAST_IDLE ...
+#define UMGR_FAST_HANDOFF ...
+#define UMGR_FAST_YIELD ...
+#define UMGR_STATE_FRESH ...
+#define UMGR_STATE_RESIDENT ...
+#define UMGR_STATE_SWAPPED ...
+"""
+
+FUNCTIONS = """
+int umgr_fast_open(struct umgr_fast_log *log);
+void umgr_fast_close(struct umgr_fast_log *log);
+int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *region,
+                    int swap_fd, uint64_t pages, uint64_t zeros, int64_t spin_ns, int64_t slice_ns,
+                    int32_t room, int64_t near, struct umgr_fast_log *log);
+"""
+
+CUSTOMIZATIONS = STRUCTS + """
+#define UMGR_FAST_GROUP 8     /* messages read and served together */
+#define UMGR_FAST_IDLE 0      /* nothing was queued for spin_ns */
+#define UMGR_FAST_HANDOFF 1   /* log->handoff messages for the full path */
+#define UMGR_FAST_YIELD 2     /* a limit was reached: log full, room used, time slice over, near fault */
+/* umgr/paging/pagetable.py State values (checked at import there) */
+#define UMGR_STATE_FRESH 0
+#define UMGR_STATE_RESIDENT 1
+#define UMGR_STATE_SWAPPED 4
+
+static int64_t umgr_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Read one message, busy-polling the nonblocking uffd for up to spin_ns
+   (on this VM a sleeping daemon's wake-up costs more than a fault).
+   1: read; 0: none came; -errno: the read failed. */
+static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
+{
+    int64_t deadline = 0;
+    for (;;) {
+        ssize_t n = read(uffd, msg, sizeof(*msg));
+        if (n == (ssize_t)sizeof(*msg))
+            return 1;
+        if (n < 0 && errno != EAGAIN)
+            return -errno;
+        int64_t now = umgr_now_ns();
+        if (!deadline)
+            deadline = now + spin_ns;
+        else if (now >= deadline)
+            return 0;
+    }
+}
+
+/* What a message of a group asks for. */
+#define UMGR_PLAN_OTHER 0    /* the full path's */
+#define UMGR_PLAN_SWAPPED 1  /* read its slot, copy it in */
+#define UMGR_PLAN_FRESH 2    /* zeros */
+#define UMGR_PLAN_DUP 3      /* the same page as an earlier one: that copy wakes it too */
+
+int umgr_fast_open(struct umgr_fast_log *log)
+{
+    aio_context_t ctx = 0;
+    if (syscall(SYS_io_setup, UMGR_FAST_GROUP, &ctx) < 0)
+        return -errno;
+    log->aio = ctx;
+    return 0;
+}
+
+void umgr_fast_close(struct umgr_fast_log *log)
+{
+    if (log->aio)
+        syscall(SYS_io_destroy, (aio_context_t)log->aio);
+    log->aio = 0;
+}
+
+/* The plan of msgs[0..n): plain faults in the region, up to `cap` of them,
+   until the first message that is not one (it and all after it: OTHER). */
+static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr_fast_region *r,
+                           int swap_fd, int cap, int *plan)
+{
+    int planned = 0, other = 0;
+    for (int i = 0; i < n; i++) {
+        plan[i] = UMGR_PLAN_OTHER;
+        const struct uffd_msg *m = &msgs[i];
+        if (other || planned >= cap || m->event != UFFD_EVENT_PAGEFAULT
+                || (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
+            other = 1;
+            continue;
+        }
+        uint64_t vpn = m->arg.pagefault.address >> 12;
+        if (vpn < r->vpn || vpn >= r->end) {
+            other = 1;
+            continue;
+        }
+        for (int j = 0; j < i; j++)
+            if (plan[j] != UMGR_PLAN_OTHER && msgs[j].arg.pagefault.address >> 12 == vpn)
+                plan[i] = UMGR_PLAN_DUP;
+        if (plan[i] == UMGR_PLAN_DUP)
+            continue;
+        uint8_t state = r->state[vpn - r->vpn];
+        int32_t slot = r->slot[vpn - r->vpn];
+        if (state == UMGR_STATE_SWAPPED && slot != 0 && swap_fd >= 0)
+            plan[i] = UMGR_PLAN_SWAPPED;
+        else if (state == UMGR_STATE_FRESH && slot == 0)
+            plan[i] = UMGR_PLAN_FRESH;
+        else {
+            other = 1;
+            continue;
+        }
+        planned++;
+    }
+}
+
+/* Read the slots of the SWAPPED messages into pages (page i for message
+   i); ok[i] says which arrived whole. Returns how long it took. */
+static int64_t umgr_fast_read(const struct uffd_msg *msgs, int n, const int *plan,
+                              const struct umgr_fast_region *r, int swap_fd, uint64_t pages,
+                              struct umgr_fast_log *log, int *ok)
+{
+    struct iocb cbs[UMGR_FAST_GROUP], *list[UMGR_FAST_GROUP];
+    int index[UMGR_FAST_GROUP], nreads = 0;
+    int64_t started = umgr_now_ns();
+    for (int i = 0; i < n; i++) {
+        ok[i] = 0;
+        if (plan[i] != UMGR_PLAN_SWAPPED)
+            continue;
+        uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
+        memset(&cbs[nreads], 0, sizeof(cbs[nreads]));
+        cbs[nreads].aio_lio_opcode = IOCB_CMD_PREAD;
+        cbs[nreads].aio_fildes = swap_fd;
+        cbs[nreads].aio_buf = pages + (uint64_t)i * 4096;
+        cbs[nreads].aio_nbytes = 4096;
+        cbs[nreads].aio_offset = (int64_t)r->slot[vpn - r->vpn] * 4096;
+        list[nreads] = &cbs[nreads];
+        index[nreads++] = i;
+    }
+    int submitted = 0;
+    if (nreads > 1 && log->aio) {
+        long got = syscall(SYS_io_submit, (aio_context_t)log->aio, (long)nreads, list);
+        submitted = got > 0 ? (int)got : 0;
+    }
+    for (int k = submitted; k < nreads; k++) {   /* alone, or what AIO did not take */
+        ssize_t got = pread(swap_fd, (void *)(uintptr_t)cbs[k].aio_buf, 4096, cbs[k].aio_offset);
+        ok[index[k]] = got == 4096;
+    }
+    int done = 0;
+    while (done < submitted) {
+        struct io_event events[UMGR_FAST_GROUP];
+        long got = syscall(SYS_io_getevents, (aio_context_t)log->aio, 1L, (long)(submitted - done), events, NULL);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            break;   /* cannot happen with a valid context; the unread ones go to the full path */
+        }
+        for (long e = 0; e < got; e++) {
+            struct iocb *cb = (struct iocb *)(uintptr_t)events[e].obj;
+            ok[index[cb - cbs]] = events[e].res == 4096;
+        }
+        done += (int)got;
+    }
+    if (done < submitted)
+        return -1;   /* buffers may still be written: give up the whole group */
+    return umgr_now_ns() - started;
+}
+
+/* Copy message i's page in, update the table and log it; 1 when done. */
+static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const struct umgr_fast_region *r,
+                           uint64_t page, uint64_t zeros, struct umgr_fast_log *log, int64_t read_ns,
+                           int64_t started)
+{
+    uint64_t address = m->arg.pagefault.address & ~(uint64_t)4095;
+    uint64_t vpn = address >> 12, i = vpn - r->vpn;
+    int write = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+    int32_t slot = 0;
+    int kept = 0, ret;
+    if (plan == UMGR_PLAN_SWAPPED) {
+        slot = r->slot[i];
+        if (!write && log->keep_period == 1)
+            kept = 1;
+        else if (!write && log->keep_period > 1)
+            kept = ++log->keep_phase % log->keep_period == 0;
+        struct uffdio_copy c = { .dst = address, .src = page, .len = 4096,
+                                 .mode = kept ? UFFDIO_COPY_MODE_WP : 0 };
+        ret = ioctl(uffd, UFFDIO_COPY, &c);
+    } else if (write) {   /* a page of its own at once, not the zero page a write would replace */
+        struct uffdio_copy c = { .dst = address, .src = zeros, .len = 4096 };
+        ret = ioctl(uffd, UFFDIO_COPY, &c);
+    } else {
+        struct uffdio_zeropage z = { .range = { .start = address, .len = 4096 } };
+        ret = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+    }
+    /* EAGAIN (an event is queued), EEXIST, ENOENT: the full path knows
+       what each means; the fault is handed to it. */
+    if (ret < 0)
+        return 0;
+    uint8_t state = r->state[i];
+    r->counts[state]--;
+    r->counts[UMGR_STATE_RESIDENT]++;
+    r->state[i] = UMGR_STATE_RESIDENT;
+    r->slot[i] = kept ? slot : 0;
+    int32_t n = log->served++;
+    log->vpn[n] = vpn;
+    log->slot[n] = slot;
+    log->kept[n] = (uint8_t)kept;
+    log->read_ns[n] = plan == UMGR_PLAN_SWAPPED ? read_ns : 0;
+    log->serve_ns[n] = umgr_now_ns() - started;
+    return 1;
+}
+
+/* Serve one group, msgs[0..n): returns how many messages it left at the
+   buffer's start for the full path (in the order read); the rest of the
+   group is zeroed (served: nothing for a restarted daemon to replay). */
+static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct umgr_fast_region *r,
+                           int swap_fd, uint64_t pages, uint64_t zeros, int cap, struct umgr_fast_log *log,
+                           int64_t started)
+{
+    int plan[UMGR_FAST_GROUP], ok[UMGR_FAST_GROUP], left = 0;
+    umgr_fast_plan(msgs, n, r, swap_fd, cap, plan);
+    int64_t read_ns = umgr_fast_read(msgs, n, plan, r, swap_fd, pages, log, ok);
+    for (int i = 0; i < n; i++) {
+        int served = plan[i] == UMGR_PLAN_DUP;
+        if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH || (plan[i] == UMGR_PLAN_SWAPPED && ok[i])))
+            served = umgr_fast_place(uffd, &msgs[i], plan[i], r, pages + (uint64_t)i * 4096, zeros, log,
+                                     read_ns, started);
+        if (!served) {
+            if (left != i)
+                msgs[left] = msgs[i];
+            left++;
+        }
+    }
+    memset(&msgs[left], 0, (size_t)(n - left) * sizeof(*msgs));
+    return left;
+}
+
+/* Serve faults until a message is not a plain one (HANDOFF: log->handoff
+   messages are left at the buffer's start), none comes for spin_ns (IDLE),
+   or a limit is reached (YIELD): the log is full, `room` pages came in,
+   slice_ns passed, or the latest page lies within `near` pages of the one
+   before (the prefetch policy may see a stream). swap_fd < 0: swapped
+   pages go to the full path. Returns UMGR_FAST_* or -errno of a failed
+   read of the uffd; log->served says how many pages were served. */
+static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *region,
+                           int swap_fd, uint64_t pages, uint64_t zeros, int64_t spin_ns, int64_t slice_ns,
+                           int32_t room, int64_t near, struct umgr_fast_log *log)
+{
+    int64_t until = umgr_now_ns() + slice_ns;
+    int group = max_msgs < UMGR_FAST_GROUP ? max_msgs : UMGR_FAST_GROUP;
+    log->served = 0;
+    log->handoff = 0;
+    for (;;) {
+        int got = umgr_fast_next(uffd, msgs, spin_ns);
+        if (got <= 0)
+            return got < 0 ? got : UMGR_FAST_IDLE;
+        int n = 1;
+        ssize_t more = read(uffd, &msgs[1], (size_t)(group - 1) * sizeof(*msgs));
+        if (more > 0)
+            n += (int)(more / (ssize_t)sizeof(*msgs));
+        int64_t started = umgr_now_ns();
+        int cap = room - log->served;
+        if (cap > log->max - log->served)
+            cap = log->max - log->served;
+        log->handoff = umgr_fast_group(uffd, msgs, n, region, swap_fd, pages, zeros, cap, log, started);
+        if (log->handoff)
+            return UMGR_FAST_HANDOFF;
+        int32_t served = log->served;
+        if (served >= log->max || served >= room || started >= until)
+            return UMGR_FAST_YIELD;
+        if (served >= 2) {
+            int64_t gap = (int64_t)(log->vpn[served - 1] - log->vpn[served - 2]);
+            if (gap <= near && gap >= -near)
+                return UMGR_FAST_YIELD;
+        }
+    }
+}
+"""
