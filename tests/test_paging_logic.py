@@ -173,5 +173,29 @@ def test_fixed_clean_copy_modes_do_not_adapt():
     for _ in range(1000):
         always.dirtied()
     assert always.keep() and not never.keep()
+    assert always.keep_period() == 1 and never.keep_period() == 0
     with pytest.raises(ValueError):
         CleanCopies("sometimes")
+
+
+def test_keep_period_is_keep_for_a_run_of_fills():
+    # The fast path decides once per call: every page, none, or a sample.
+    from umgr.paging.cleancopies import SAMPLE_EVERY, CleanCopies
+    clean = CleanCopies("auto")
+    assert clean.keep_period() == 1
+    for _ in range(1000):
+        clean.came_in_clean(1)
+        clean.dirtied()
+    assert clean.keep_period() == SAMPLE_EVERY
+
+
+def test_latencies_of_a_batch_land_in_the_same_buckets_as_one_by_one():
+    import numpy as np
+    from umgr.paging.stats import TargetStats
+    one, batch = TargetStats(), TargetStats()
+    seconds = np.array([3e-6, 5e-6, 60e-6, 150e-6, 2e-3, 1.0])
+    for value in seconds.tolist():
+        one.record_latency(value, 1)
+    batch.record_latencies(seconds)
+    assert batch.fault_latency.tolist() == one.fault_latency.tolist()
+    assert batch.fault_latency_sum == pytest.approx(one.fault_latency_sum)
