@@ -48,7 +48,10 @@ struct umgr_fast_log {
     int32_t keep_period;  /* keep clean copies: 0 never, 1 always, n: every nth read */
     int32_t keep_phase;   /* reads since the last kept one (keep_period > 1) */
     int32_t handoff;      /* HANDOFF: messages left at the buffer's start for the full path */
-    uint64_t aio;         /* the AIO context of grouped reads (umgr_fast_open), 0: none */
+    uint64_t aio;         /* the AIO context of grouped reads (umgr_fast_open), 0: none;
+                             one per process, shared by every target's calls */
+    uint64_t recent[8];   /* the latest pages served, over calls (a ring) */
+    int32_t recent_at;    /* where the next goes in it */
 };
 """
 
@@ -64,7 +67,6 @@ TYPES = STRUCTS + """
 
 FUNCTIONS = """
 int umgr_fast_open(struct umgr_fast_log *log);
-void umgr_fast_close(struct umgr_fast_log *log);
 int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *region,
                     int swap_fd, uint64_t pages, uint64_t zeros, int64_t spin_ns, int64_t slice_ns,
                     int32_t room, int64_t near, struct umgr_fast_log *log);
@@ -120,13 +122,6 @@ int umgr_fast_open(struct umgr_fast_log *log)
         return -errno;
     log->aio = ctx;
     return 0;
-}
-
-void umgr_fast_close(struct umgr_fast_log *log)
-{
-    if (log->aio)
-        syscall(SYS_io_destroy, (aio_context_t)log->aio);
-    log->aio = 0;
 }
 
 /* The plan of msgs[0..n): plain faults in the region, up to `cap` of them,
@@ -263,6 +258,21 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     return 1;
 }
 
+/* Whether `vpn` lies within `near` pages of a page served lately; it
+   joins them. */
+static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
+{
+    int found = 0;
+    for (int i = 0; i < 8; i++) {
+        int64_t gap = (int64_t)(vpn - log->recent[i]);
+        if (log->recent[i] && gap <= near && gap >= -near)
+            found = 1;
+    }
+    log->recent[log->recent_at] = vpn;
+    log->recent_at = (log->recent_at + 1) % 8;
+    return found;
+}
+
 /* Serve one group, msgs[0..n): returns how many messages it left at the
    buffer's start for the full path (in the order read); the rest of the
    group is zeroed (served: nothing for a restarted daemon to replay). */
@@ -291,8 +301,9 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct 
 /* Serve faults until a message is not a plain one (HANDOFF: log->handoff
    messages are left at the buffer's start), none comes for spin_ns (IDLE),
    or a limit is reached (YIELD): the log is full, `room` pages came in,
-   slice_ns passed, or the latest page lies within `near` pages of the one
-   before (the prefetch policy may see a stream). swap_fd < 0: swapped
+   slice_ns passed, or a page lies within `near` pages of one of the last
+   8 served (the prefetch policy may see a stream: threads that each scan
+   their own part interleave their faults). swap_fd < 0: swapped
    pages go to the full path. Returns UMGR_FAST_* or -errno of a failed
    read of the uffd; log->served says how many pages were served. */
 static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *region,
@@ -312,20 +323,18 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         if (more > 0)
             n += (int)(more / (ssize_t)sizeof(*msgs));
         int64_t started = umgr_now_ns();
+        int32_t first = log->served;
         int cap = room - log->served;
         if (cap > log->max - log->served)
             cap = log->max - log->served;
         log->handoff = umgr_fast_group(uffd, msgs, n, region, swap_fd, pages, zeros, cap, log, started);
+        int near_one = 0;
+        for (int32_t i = first; i < log->served; i++)
+            near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
-        int32_t served = log->served;
-        if (served >= log->max || served >= room || started >= until)
+        if (near_one || log->served >= log->max || log->served >= room || started >= until)
             return UMGR_FAST_YIELD;
-        if (served >= 2) {
-            int64_t gap = (int64_t)(log->vpn[served - 1] - log->vpn[served - 2]);
-            if (gap <= near && gap >= -near)
-                return UMGR_FAST_YIELD;
-        }
     }
 }
 """

@@ -459,15 +459,20 @@ def new_fast_struct(name: str):
     return _ffi.new(f"struct {name} *")
 
 
-def open_fast_log(log) -> None:
-    """Give a struct umgr_fast_log its AIO context (grouped reads in flight
-    together); without one (the limit of AIO contexts reached) a group's
-    reads are preads one after another. close_fast_log() frees it."""
-    _lib.umgr_fast_open(log)
+_fast_aio = None   # the process's one AIO context for the fast path (a struct umgr_fast_log holding it)
 
 
-def close_fast_log(log) -> None:
-    _lib.umgr_fast_close(log)
+def fast_aio_context() -> int:
+    """The AIO context grouped reads go through (0: none could be made; a
+    group's reads are then preads one after another). One per process,
+    made on first use and never destroyed: io_destroy() waits out an RCU
+    grace period, 32 ms here, and the fault loops that share it run one at
+    a time."""
+    global _fast_aio
+    if _fast_aio is None:
+        _fast_aio = _ffi.new("struct umgr_fast_log *")
+        _lib.umgr_fast_open(_fast_aio)
+    return _fast_aio.aio
 
 
 def array_pointer(ctype: str, array) -> object:

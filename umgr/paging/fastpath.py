@@ -17,9 +17,10 @@ The C call is made only where its answer is the full path's:
 - no fault recording (the trace wants every fault in order);
 - not while the prefetch policy follows a stream. The policy hears of
   every page served here, after the fact, and the call ends early when a
-  page lies near the one before (NEAR_PAGES). Once the policy asks for
+  page lies near one served lately (NEAR_PAGES). Once the policy asks for
   pages, they come in at once, and faults take the full path, whose reads
-  bring the asked-for pages with the faulting one, until it asks for none;
+  bring the asked-for pages with the faulting one, until QUIET_FAULTS
+  faults in a row got no pages from it;
 - swapped pages only while the store can be read with a plain pread
   (Backend.sync_read_fd); fresh pages always.
 Everything else the call reads (events, write-protect faults, other
@@ -41,7 +42,8 @@ IDLE, HANDOFF, YIELD = uffdmod.FAST_IDLE, uffdmod.FAST_HANDOFF, uffdmod.FAST_YIE
 
 LOG_PAGES = 64          # pages one call may serve before they are settled
 SLICE_SECONDS = 1e-3    # and how long it may run: the evictor and other targets wait meanwhile
-NEAR_PAGES = 64         # a page this close to the one before ends the call (a stream may start)
+NEAR_PAGES = 64         # a page this close to one served lately ends the call (a stream may start)
+QUIET_FAULTS = 16       # faults in a row the prefetch policy wanted nothing for: back to the fast path
 
 
 class FastPath:
@@ -65,9 +67,9 @@ class FastPath:
         log.kept = uffdmod.array_pointer("uint8_t *", self._kept)
         log.read_ns = uffdmod.array_pointer("int64_t *", self._read_ns)
         log.serve_ns = uffdmod.array_pointer("int64_t *", self._serve_ns)
-        uffdmod.open_fast_log(log)
+        log.aio = uffdmod.fast_aio_context()
         self._aimed = None                        # (table, layout, region, state, slot) the call serves in
-        self.streaming = False                    # the prefetch policy asked for pages on a recent fault
+        self._quiet = QUIET_FAULTS                # faults in a row the prefetch policy asked nothing for
 
     def aim(self, vpn: int) -> None:
         """Serve faults in the region of `vpn` (the latest fault's) from now on."""
@@ -95,11 +97,21 @@ class FastPath:
             return False
         return self._room() > 0
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the prefetch policy is following a stream."""
+        return self._quiet < QUIET_FAULTS
+
+    def policy_answered(self, asked_for_pages: bool) -> None:
+        """The prefetch policy answered a fault (on either path)."""
+        self._quiet = 0 if asked_for_pages else self._quiet + 1
+
     def _room(self) -> int:
+        """Pages the next call may bring in: up to the budget, at most a log's worth."""
         core = self.core
         if not core.budget.limited:
             return LOG_PAGES
-        return core.budget.pages - core.pt.resident
+        return min(LOG_PAGES, core.budget.pages - core.pt.resident)
 
     def serve(self) -> int:
         """Serve plain faults (waiting up to the spin time for each);
@@ -148,6 +160,5 @@ class FastPath:
         return self._log.handoff
 
     def close(self) -> None:
-        uffdmod.close_fast_log(self._log)
         self._pages.close()
         self._zeros.close()

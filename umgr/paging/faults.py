@@ -136,13 +136,13 @@ class FaultService:
         if not len(vpns):
             return EMPTY
         first, end = self.core.pt.bounds(int(vpns[0]))
-        wanted = EMPTY
+        wanted = []
         for vpn in vpns.tolist():
             extra = self.prefetch.on_fault(vpn, first, end)
+            self.fast.policy_answered(len(extra) > 0)
             if len(extra):
-                wanted = extra
-        self.fast.streaming = len(wanted) > 0
-        return wanted
+                wanted.append(extra)
+        return np.unique(np.concatenate(wanted)) if wanted else EMPTY
 
     async def _prefetch_now(self, wanted: np.ndarray) -> None:
         if not len(wanted) or not self.core.budget.prefetch_allowed(self.core.pt.resident, 0):
@@ -339,7 +339,7 @@ class FaultService:
             return
         first, end = pt.bounds(vpn)
         extra = self.prefetch.on_fault(vpn, first, end)
-        self.fast.streaming = len(extra) > 0
+        self.fast.policy_answered(len(extra) > 0)
         self._add_prefetch(extra, fill)
 
     def _add_prefetch(self, extra: np.ndarray, fill: dict[int, int]) -> None:
