@@ -68,7 +68,7 @@ class FastPath:
         log.read_ns = uffdmod.array_pointer("int64_t *", self._read_ns)
         log.serve_ns = uffdmod.array_pointer("int64_t *", self._serve_ns)
         log.aio = uffdmod.fast_aio_context()
-        self._aimed = None                        # (table, layout, region, state, slot) the call serves in
+        self._aimed = None                        # (table, layout, region, its arrays, counts) the call serves in
         self._quiet = QUIET_FAULTS                # faults in a row the prefetch policy asked nothing for
 
     def aim(self, vpn: int) -> None:
