@@ -16,7 +16,7 @@ settles them afterwards in one batch (umgr/paging/fastpath.py).
 The call changes the page table only as the Python side would for such a
 fault (state RESIDENT, slot kept or cleared, per-state counts) and logs each
 page it served. Anything else it reads (another event, a write-protect
-fault, a page in any other state, a page outside the region, a failed read
+fault, a page in any other state, a page outside the regions, a failed read
 or copy) it leaves in the message buffer for the full path, and returns.
 """
 
@@ -67,7 +67,8 @@ TYPES = STRUCTS + """
 
 FUNCTIONS = """
 int umgr_fast_open(struct umgr_fast_log *log);
-int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *region,
+int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *regions,
+                    int nregions,
                     int swap_fd, uint64_t pages, uint64_t zeros, int64_t spin_ns, int64_t slice_ns,
                     int32_t room, int64_t near, struct umgr_fast_log *log);
 """
@@ -124,10 +125,21 @@ int umgr_fast_open(struct umgr_fast_log *log)
     return 0;
 }
 
-/* The plan of msgs[0..n): plain faults in the region, up to `cap` of them,
-   until the first message that is not one (it and all after it: OTHER). */
-static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr_fast_region *r,
-                           int swap_fd, int cap, int *plan)
+/* The region of regions[0..nregions) holding vpn, or NULL. */
+static const struct umgr_fast_region *umgr_fast_find(const struct umgr_fast_region *regions, int nregions,
+                                                     uint64_t vpn)
+{
+    for (int i = 0; i < nregions; i++)
+        if (vpn >= regions[i].vpn && vpn < regions[i].end)
+            return &regions[i];
+    return NULL;
+}
+
+/* The plan of msgs[0..n) and the region of each: plain faults in the
+   regions, up to `cap` of them, until the first message that is not one
+   (it and all after it: OTHER). */
+static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
+                           int nregions, int swap_fd, int cap, int *plan, const struct umgr_fast_region **in)
 {
     int planned = 0, other = 0;
     for (int i = 0; i < n; i++) {
@@ -139,7 +151,8 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
             continue;
         }
         uint64_t vpn = m->arg.pagefault.address >> 12;
-        if (vpn < r->vpn || vpn >= r->end) {
+        const struct umgr_fast_region *r = in[i] = umgr_fast_find(regions, nregions, vpn);
+        if (r == NULL) {
             other = 1;
             continue;
         }
@@ -165,7 +178,7 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
 /* Read the slots of the SWAPPED messages into pages (page i for message
    i); ok[i] says which arrived whole. Returns how long it took. */
 static int64_t umgr_fast_read(const struct uffd_msg *msgs, int n, const int *plan,
-                              const struct umgr_fast_region *r, int swap_fd, uint64_t pages,
+                              const struct umgr_fast_region *const *in, int swap_fd, uint64_t pages,
                               struct umgr_fast_log *log, int *ok)
 {
     struct iocb cbs[UMGR_FAST_GROUP], *list[UMGR_FAST_GROUP];
@@ -181,7 +194,7 @@ static int64_t umgr_fast_read(const struct uffd_msg *msgs, int n, const int *pla
         cbs[nreads].aio_fildes = swap_fd;
         cbs[nreads].aio_buf = pages + (uint64_t)i * 4096;
         cbs[nreads].aio_nbytes = 4096;
-        cbs[nreads].aio_offset = (int64_t)r->slot[vpn - r->vpn] * 4096;
+        cbs[nreads].aio_offset = (int64_t)in[i]->slot[vpn - in[i]->vpn] * 4096;
         list[nreads] = &cbs[nreads];
         index[nreads++] = i;
     }
@@ -276,17 +289,18 @@ static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
 /* Serve one group, msgs[0..n): returns how many messages it left at the
    buffer's start for the full path (in the order read); the rest of the
    group is zeroed (served: nothing for a restarted daemon to replay). */
-static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct umgr_fast_region *r,
-                           int swap_fd, uint64_t pages, uint64_t zeros, int cap, struct umgr_fast_log *log,
+static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
+                           int nregions, int swap_fd, uint64_t pages, uint64_t zeros, int cap, struct umgr_fast_log *log,
                            int64_t started)
 {
     int plan[UMGR_FAST_GROUP], ok[UMGR_FAST_GROUP], left = 0;
-    umgr_fast_plan(msgs, n, r, swap_fd, cap, plan);
-    int64_t read_ns = umgr_fast_read(msgs, n, plan, r, swap_fd, pages, log, ok);
+    const struct umgr_fast_region *in[UMGR_FAST_GROUP];
+    umgr_fast_plan(msgs, n, regions, nregions, swap_fd, cap, plan, in);
+    int64_t read_ns = umgr_fast_read(msgs, n, plan, in, swap_fd, pages, log, ok);
     for (int i = 0; i < n; i++) {
         int served = plan[i] == UMGR_PLAN_DUP;
         if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH || (plan[i] == UMGR_PLAN_SWAPPED && ok[i])))
-            served = umgr_fast_place(uffd, &msgs[i], plan[i], r, pages + (uint64_t)i * 4096, zeros, log,
+            served = umgr_fast_place(uffd, &msgs[i], plan[i], in[i], pages + (uint64_t)i * 4096, zeros, log,
                                      read_ns, started);
         if (!served) {
             if (left != i)
@@ -306,7 +320,8 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct 
    their own part interleave their faults). swap_fd < 0: swapped
    pages go to the full path. Returns UMGR_FAST_* or -errno of a failed
    read of the uffd; log->served says how many pages were served. */
-static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *region,
+static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *regions,
+                    int nregions,
                            int swap_fd, uint64_t pages, uint64_t zeros, int64_t spin_ns, int64_t slice_ns,
                            int32_t room, int64_t near, struct umgr_fast_log *log)
 {
@@ -327,7 +342,8 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         int cap = room - log->served;
         if (cap > log->max - log->served)
             cap = log->max - log->served;
-        log->handoff = umgr_fast_group(uffd, msgs, n, region, swap_fd, pages, zeros, cap, log, started);
+        log->handoff = umgr_fast_group(uffd, msgs, n, regions, nregions, swap_fd, pages, zeros, cap, log,
+                                       started);
         int near_one = 0;
         for (int32_t i = first; i < log->served; i++)
             near_one |= umgr_fast_near(log, log->vpn[i], near);

@@ -373,15 +373,15 @@ class Userfaultfd:
             self._raise(r & 0xFFFF, "UFFDIO_ZEROPAGE")
         return r
 
-    def serve_plain_faults(self, region, swap_fd: int, pages: int, zeros: int, spin_ns: int, slice_ns: int,
-                           room: int, near: int, log) -> int:
-        """Serve plain MISSING faults in `region` in C until a message is
+    def serve_plain_faults(self, regions, nregions: int, swap_fd: int, pages: int, zeros: int, spin_ns: int,
+                           slice_ns: int, room: int, near: int, log) -> int:
+        """Serve plain MISSING faults in regions[0..nregions) in C until a message is
         not one (umgr_fast_serve, bindings/cffi/_cdef_fastfault.py),
         reading messages into .batch. `pages`: FAST_GROUP pages of buffer.
         Returns FAST_IDLE, FAST_HANDOFF (the first log.handoff messages of
         .batch are the caller's) or FAST_YIELD; log.served pages were served."""
-        r = _lib.umgr_fast_serve(self._fd, self._msgs, self._max, region, swap_fd, pages, zeros, spin_ns,
-                                 slice_ns, room, near, log)
+        r = _lib.umgr_fast_serve(self._fd, self._msgs, self._max, regions, nregions, swap_fd, pages, zeros,
+                                 spin_ns, slice_ns, room, near, log)
         if r < 0:
             self._raise(-r, "read")
         return r
@@ -453,10 +453,10 @@ FAST_HANDOFF = _lib.UMGR_FAST_HANDOFF
 FAST_YIELD = _lib.UMGR_FAST_YIELD
 
 
-def new_fast_struct(name: str):
-    """A zeroed struct umgr_fast_region or umgr_fast_log (name) for
-    Userfaultfd.serve_plain_faults()."""
-    return _ffi.new(f"struct {name} *")
+def new_fast_struct(name: str, count: int = 0):
+    """A zeroed struct umgr_fast_log or umgr_fast_region (name), or an
+    array of `count` of them, for Userfaultfd.serve_plain_faults()."""
+    return _ffi.new(f"struct {name}[{count}]") if count else _ffi.new(f"struct {name} *")
 
 
 _fast_aio = None   # the process's one AIO context for the fast path (a struct umgr_fast_log holding it)

@@ -9,9 +9,10 @@ such faults back to back, marks them resident in the table, and logs them;
 settle() then tells the counters, the store and the policies in one batch.
 
 The C call is made only where its answer is the full path's:
-- in one region: the region of the latest fault the full path served, its
-  arrays checked unchanged (PageTable.layout; a persistent table moves a
-  region's arrays to a file);
+- in the regions of the latest faults the full path served (up to
+  REGIONS of them: a heap is several mappings), their arrays checked
+  unchanged (PageTable.layout; a persistent table moves a region's arrays
+  to a file);
 - below the budget, for at most the pages left under it (at the budget a
   new page waits for the evictor: the full path);
 - no fault recording (the trace wants every fault in order);
@@ -44,6 +45,7 @@ LOG_PAGES = 64          # pages one call may serve before they are settled
 SLICE_SECONDS = 1e-3    # and how long it may run: the evictor and other targets wait meanwhile
 NEAR_PAGES = 64         # a page this close to one served lately ends the call (a stream may start)
 QUIET_FAULTS = 16       # faults in a row the prefetch policy wanted nothing for: back to the fast path
+REGIONS = 8             # regions a call serves in, the most recently faulted
 
 
 class FastPath:
@@ -53,7 +55,7 @@ class FastPath:
         self.spin_ns = int(spin * 1e9)
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
         self._zeros = PageBuffer(1)
-        self._region = uffdmod.new_fast_struct("umgr_fast_region")
+        self._regions = uffdmod.new_fast_struct("umgr_fast_region", REGIONS)
         self._log = uffdmod.new_fast_struct("umgr_fast_log")
         self._vpns = np.zeros(LOG_PAGES, np.uint64)
         self._slots = np.zeros(LOG_PAGES, np.int32)
@@ -68,32 +70,45 @@ class FastPath:
         log.read_ns = uffdmod.array_pointer("int64_t *", self._read_ns)
         log.serve_ns = uffdmod.array_pointer("int64_t *", self._serve_ns)
         log.aio = uffdmod.fast_aio_context()
-        self._aimed = None                        # (table, layout, region, its arrays, counts) the call serves in
+        self._table = (None, -1)                  # the table and layout the aimed regions are of
+        self._aimed: list[tuple] = []             # (region, state, slot, their C pointers) the call serves in, latest first
         self._quiet = QUIET_FAULTS                # faults in a row the prefetch policy asked nothing for
 
     def aim(self, vpn: int) -> None:
-        """Serve faults in the region of `vpn` (the latest fault's) from now on."""
+        """Serve faults in the region of `vpn` (the latest fault's) too from now on."""
         pt = self.core.pt
         region = pt.find(vpn)
         if region is None:
-            self._aimed = None
             return
-        c = self._region
-        c.vpn, c.end = region.vpn, region.end
-        c.state = uffdmod.array_pointer("uint8_t *", region.state)
-        c.slot = uffdmod.array_pointer("int32_t *", region.slot)
-        c.counts = uffdmod.array_pointer("int64_t *", pt.counts)
-        self._aimed = (pt, pt.layout, region, region.state, region.slot, pt.counts)
+        if self._still_aimed():
+            if any(entry[0] is region for entry in self._aimed):
+                return
+        else:
+            self._aimed = [entry for entry in self._aimed if entry[0].state is entry[1] and entry[0].slot is entry[2]]
+        if self._table != (pt, pt.layout):
+            self._aimed = []
+        pointers = (uffdmod.array_pointer("uint8_t *", region.state), uffdmod.array_pointer("int32_t *", region.slot))
+        self._aimed = [(region, region.state, region.slot, pointers)] + self._aimed[:REGIONS - 1]
+        self._table = (pt, pt.layout)
+        counts = uffdmod.array_pointer("int64_t *", pt.counts)
+        for c, (region, _, _, (state, slot)) in zip(self._regions, self._aimed):
+            c.vpn, c.end, c.state, c.slot, c.counts = region.vpn, region.end, state, slot, counts
+
+    def _still_aimed(self) -> bool:
+        """Whether the C array still describes the table: no region was
+        cut, moved or dropped, none was given new arrays."""
+        pt = self.core.pt
+        if self._table[0] is not pt or self._table[1] != pt.layout:
+            return False
+        return all(region.state is state and region.slot is slot for region, state, slot, _ in self._aimed)
 
     def ready(self) -> bool:
         """Whether the next faults may be tried here."""
         core = self.core
-        if self._aimed is None or self.streaming or not self.enabled or core.trace is not NO_TRACE:
+        if not self._aimed or self.streaming or not self.enabled or core.trace is not NO_TRACE:
             return False
-        pt, layout, region, state, slot, counts = self._aimed
-        if (pt is not core.pt or pt.layout != layout or region.state is not state or region.slot is not slot
-                or pt.counts is not counts):
-            self._aimed = None    # the region was cut, moved, dropped or given new arrays
+        if not self._still_aimed():
+            self._aimed = []
             return False
         return self._room() > 0
 
@@ -120,8 +135,8 @@ class FastPath:
         core = self.core
         self._log.keep_period = core.clean.keep_period()
         return core.uffd.serve_plain_faults(
-            self._region, core.backend.sync_read_fd(), self._pages.addr, self._zeros.addr, self.spin_ns,
-            int(SLICE_SECONDS * 1e9), self._room(), NEAR_PAGES, self._log)
+            self._regions, len(self._aimed), core.backend.sync_read_fd(), self._pages.addr, self._zeros.addr,
+            self.spin_ns, int(SLICE_SECONDS * 1e9), self._room(), NEAR_PAGES, self._log)
 
     def settle(self) -> np.ndarray:
         """The counters, the store and the eviction policy learn of the

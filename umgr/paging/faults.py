@@ -135,9 +135,9 @@ class FaultService:
         vpns = self.fast.settle()
         if not len(vpns):
             return EMPTY
-        first, end = self.core.pt.bounds(int(vpns[0]))
         wanted = []
         for vpn in vpns.tolist():
+            first, end = self.core.pt.bounds(vpn)
             extra = self.prefetch.on_fault(vpn, first, end)
             self.fast.policy_answered(len(extra) > 0)
             if len(extra):
