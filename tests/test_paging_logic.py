@@ -199,3 +199,49 @@ def test_latencies_of_a_batch_land_in_the_same_buckets_as_one_by_one():
     batch.record_latencies(seconds)
     assert batch.fault_latency.tolist() == one.fault_latency.tolist()
     assert batch.fault_latency_sum == pytest.approx(one.fault_latency_sum)
+
+
+# ---- the fast path's aim: which regions its C call may write --------------------
+def _fast_path_over(pt, budget_pages: int = 0):
+    from types import SimpleNamespace
+
+    from umgr.paging.fastpath import FastPath
+    from umgr.trace import NO_TRACE
+    core = SimpleNamespace(pt=pt, trace=NO_TRACE, budget=Budget(budget_pages))
+    return FastPath(core, spin=0.0)
+
+
+def test_the_fast_path_forgets_regions_that_were_cut_or_given_new_arrays():
+    from umgr.paging.pagetable import PageTable
+    pt = PageTable()
+    pt.add(0x1000, 256)
+    pt.add(0x2000, 256)
+    fast = _fast_path_over(pt)
+    assert not fast.ready()                  # aimed nowhere yet
+    fast.aim(0x1010)
+    fast.aim(0x2010)
+    assert fast.ready() and len(fast._aimed) == 2
+    pt.remove(0x1080, 0x1090)                # a cut: the layout changed
+    assert not fast.ready() and not fast._aimed
+    fast.aim(0x2010)
+    assert fast.ready()
+    region = pt.find(0x2010)
+    region.state = region.state.copy()       # what a persistent table does when it moves arrays to a file
+    assert not fast.ready()
+    fast.aim(0x2010)
+    assert fast.ready() and fast._aimed[0][1] is region.state
+
+
+def test_the_fast_path_keeps_the_latest_regions_and_stops_at_the_budget():
+    from umgr.paging.fastpath import REGIONS
+    from umgr.paging.pagetable import PageTable, State
+    pt = PageTable()
+    for i in range(REGIONS + 2):
+        pt.add(0x1000 * (i + 1), 16)
+    fast = _fast_path_over(pt, budget_pages=8)
+    for i in range(REGIONS + 2):
+        fast.aim(0x1000 * (i + 1))
+    assert [entry[0].vpn for entry in fast._aimed] == [0x1000 * (i + 1) for i in range(REGIONS + 1, 1, -1)]
+    assert fast.ready()
+    pt.set(np.arange(0x1000, 0x1008), State.RESIDENT)   # the budget's 8 pages are in
+    assert not fast.ready()

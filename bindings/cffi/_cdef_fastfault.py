@@ -116,7 +116,7 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
 #define UMGR_PLAN_FRESH 2    /* zeros */
 #define UMGR_PLAN_DUP 3      /* the same page as an earlier one: that copy wakes it too */
 
-int umgr_fast_open(struct umgr_fast_log *log)
+static int umgr_fast_open(struct umgr_fast_log *log)
 {
     aio_context_t ctx = 0;
     if (syscall(SYS_io_setup, UMGR_FAST_GROUP, &ctx) < 0)

@@ -80,27 +80,28 @@ class FastPath:
         region = pt.find(vpn)
         if region is None:
             return
-        if self._still_aimed():
-            if any(entry[0] is region for entry in self._aimed):
-                return
-        else:
-            self._aimed = [entry for entry in self._aimed if entry[0].state is entry[1] and entry[0].slot is entry[2]]
-        if self._table != (pt, pt.layout):
-            self._aimed = []
+        if self._still_aimed() and any(entry[0] is region for entry in self._aimed):
+            return
+        if not self._same_layout():
+            self._aimed = []    # a region was cut, moved or dropped: start over
+        current = [entry for entry in self._aimed
+                   if entry[0] is not region and entry[0].state is entry[1] and entry[0].slot is entry[2]]
         pointers = (uffdmod.array_pointer("uint8_t *", region.state), uffdmod.array_pointer("int32_t *", region.slot))
-        self._aimed = [(region, region.state, region.slot, pointers)] + self._aimed[:REGIONS - 1]
+        self._aimed = [(region, region.state, region.slot, pointers)] + current[:REGIONS - 1]
         self._table = (pt, pt.layout)
         counts = uffdmod.array_pointer("int64_t *", pt.counts)
         for c, (region, _, _, (state, slot)) in zip(self._regions, self._aimed):
             c.vpn, c.end, c.state, c.slot, c.counts = region.vpn, region.end, state, slot, counts
 
+    def _same_layout(self) -> bool:
+        pt = self.core.pt
+        return self._table[0] is pt and self._table[1] == pt.layout
+
     def _still_aimed(self) -> bool:
         """Whether the C array still describes the table: no region was
         cut, moved or dropped, none was given new arrays."""
-        pt = self.core.pt
-        if self._table[0] is not pt or self._table[1] != pt.layout:
-            return False
-        return all(region.state is state and region.slot is slot for region, state, slot, _ in self._aimed)
+        return self._same_layout() and all(region.state is state and region.slot is slot
+                                           for region, state, slot, _ in self._aimed)
 
     def ready(self) -> bool:
         """Whether the next faults may be tried here."""
