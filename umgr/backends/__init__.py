@@ -60,7 +60,7 @@ class Backend:
     def sync_read_fd(self) -> int:
         """A file whose page at offset slot * PAGE_SIZE is slot's content,
         for a one-page pread done outside read() (then reported with
-        read_done_elsewhere()); -1 when this store has none, or when
+        reads_done_elsewhere()); -1 when this store has none, or when
         reads should go through read() now."""
         return -1
 
