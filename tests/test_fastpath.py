@@ -30,6 +30,20 @@ def test_random_faults_go_the_fast_path_and_every_byte_comes_back(umgr_exec, pro
 
 
 @pytest.mark.timeout(180)
+def test_random_faults_over_many_mappings_go_the_fast_path(umgr_exec, programs):
+    # Region A as 32 separate 1 MiB mappings, as CPython's heap is (its
+    # arenas): the C call sees the whole table, not only the latest regions.
+    result = umgr_exec([programs["scatter"], "32", "6000", "1", "32"], max_resident="12M")
+    assert_intact(result, 64, 12)
+    stats = result.stats
+    missing = stats["faults_missing"]
+    assert stats["faults_fast"] >= 0.8 * missing, stats
+    # Eviction goes on all along; its zaps' REMOVE events (one per scattered
+    # run) are taken in C too, or the faults queued behind them would not be.
+    assert stats["own_removes"] > 1000, stats
+
+
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("options", [["--no-fast-path"], ["--clean-copies", "never"], ["--keep-clean"]])
 def test_the_same_work_with_the_fast_path_off_or_other_clean_copy_modes(umgr_exec, programs, options):
     result = umgr_exec([programs["scatter"], "24", "4000", "2"], *options, max_resident="8M")

@@ -64,6 +64,20 @@ def test_the_kernels_repeated_tail_after_a_vma_split_is_not_a_discard():
     assert list(attribution.end()) == []
 
 
+def test_events_the_fast_path_took_count_as_seen():
+    # The C call marks the pages of the events it takes in the same hits
+    # array and reports them; the full path then judges the rest as if it
+    # had read them all.
+    attribution = zap(*range(10, 20), 30)
+    vpns, hits = attribution.zap
+    hits[:10] = 1                          # what the C call does for the event [10, 20)
+    attribution.taken(np.array([10], np.uint64), np.array([20], np.uint64))
+    assert attribution.count(15, 20)       # the kernel's repeated tail of it
+    assert not attribution.count(12, 13)   # the app discards page 12 too
+    assert attribution.count(30, 31)
+    assert list(attribution.end()) == [12]
+
+
 # ---- the clean-part split ----------------------------------------------------------
 def test_without_keep_clean_a_run_is_one_writable_part():
     swapped = np.ones(4, bool)
@@ -201,47 +215,54 @@ def test_latencies_of_a_batch_land_in_the_same_buckets_as_one_by_one():
     assert batch.fault_latency_sum == pytest.approx(one.fault_latency_sum)
 
 
-# ---- the fast path's aim: which regions its C call may write --------------------
+# ---- the fast path's view of the table: which regions its C call may write ---------
 def _fast_path_over(pt, budget_pages: int = 0):
     from types import SimpleNamespace
 
     from umgr.paging.fastpath import FastPath
     from umgr.trace import NO_TRACE
     core = SimpleNamespace(pt=pt, trace=NO_TRACE, budget=Budget(budget_pages))
-    return FastPath(core, spin=0.0)
+    return FastPath(core, RemoveAttribution(), spin=0.0)
 
 
-def test_the_fast_path_forgets_regions_that_were_cut_or_given_new_arrays():
-    from umgr.paging.pagetable import PageTable
-    pt = PageTable()
-    pt.add(0x1000, 256)
-    pt.add(0x2000, 256)
+def _c_regions(fast) -> list[tuple[int, int, int, int]]:
+    """What the C call would see: (vpn, end, state pointer, slot pointer) per region."""
+    from umgr.kernel.uffd import _ffi
+    return [(int(c.vpn), int(c.end), int(_ffi.cast("uintptr_t", c.state)), int(_ffi.cast("uintptr_t", c.slot)))
+            for c in list(fast._regions)[:fast._nregions]]
+
+
+def _table_regions(pt) -> list[tuple[int, int, int, int]]:
+    return [(r.vpn, r.end, r.state.ctypes.data, r.slot.ctypes.data) for r in pt.regions]
+
+
+def test_the_fast_path_sees_every_region_as_the_table_has_it():
+    from umgr.paging.pagetable import MemoryArrays, PageTable
+
+    class MovingArrays(MemoryArrays):
+        def holding_slots(self, region):     # what a persistent table does: arrays in a file
+            region.state, region.slot = region.state.copy(), region.slot.copy()
+
+    pt = PageTable(arrays=MovingArrays())
     fast = _fast_path_over(pt)
-    assert not fast.ready()                  # aimed nowhere yet
-    fast.aim(0x1010)
-    fast.aim(0x2010)
-    assert fast.ready() and len(fast._aimed) == 2
-    pt.remove(0x1080, 0x1090)                # a cut: the layout changed
-    assert not fast.ready() and not fast._aimed
-    fast.aim(0x2010)
-    assert fast.ready()
+    assert not fast.ready()                  # no region yet
+    for i in range(40):                      # more than the C array first holds: it grows
+        pt.add(0x1000 * (i + 1), 256)
+    assert fast.ready() and _c_regions(fast) == _table_regions(pt)
+    pt.remove(0x1080, 0x1090)                # a cut: two regions where there was one
+    assert fast.ready() and _c_regions(fast) == _table_regions(pt)
     region = pt.find(0x2010)
-    region.state = region.state.copy()       # what a persistent table does when it moves arrays to a file
-    assert not fast.ready()
-    fast.aim(0x2010)
-    assert fast.ready() and fast._aimed[0][1] is region.state
+    before = region.state
+    pt.set_state(0x2010, 4, slot=7)
+    assert region.state is not before
+    assert fast.ready() and _c_regions(fast) == _table_regions(pt)
 
 
-def test_the_fast_path_keeps_the_latest_regions_and_stops_at_the_budget():
-    from umgr.paging.fastpath import REGIONS
+def test_the_fast_path_stops_at_the_budget():
     from umgr.paging.pagetable import PageTable, State
     pt = PageTable()
-    for i in range(REGIONS + 2):
-        pt.add(0x1000 * (i + 1), 16)
+    pt.add(0x1000, 16)
     fast = _fast_path_over(pt, budget_pages=8)
-    for i in range(REGIONS + 2):
-        fast.aim(0x1000 * (i + 1))
-    assert [entry[0].vpn for entry in fast._aimed] == [0x1000 * (i + 1) for i in range(REGIONS + 1, 1, -1)]
     assert fast.ready()
     pt.set(np.arange(0x1000, 0x1008), State.RESIDENT)   # the budget's 8 pages are in
     assert not fast.ready()

@@ -13,6 +13,11 @@ next fault is already queued when it is done: the daemon was the
 bottleneck. Here the faults of a call are served back to back, and Python
 settles them afterwards in one batch (umgr/paging/fastpath.py).
 
+Every page of an eviction batch's zap raises one UFFD_EVENT_REMOVE (the
+zapping thread waits until it is read): the call takes those of the zap in
+flight too, as the full path would (removes.py), so that the faults
+queued behind them stay here.
+
 The call changes the page table only as the Python side would for such a
 fault (state RESIDENT, slot kept or cleared, per-state counts) and logs each
 page it served. Anything else it reads (another event, a write-protect
@@ -52,6 +57,20 @@ struct umgr_fast_log {
                              one per process, shared by every target's calls */
     uint64_t recent[8];   /* the latest pages served, over calls (a ring) */
     int32_t recent_at;    /* where the next goes in it */
+    uint64_t streams[8];  /* the far ends of the latest prefetch windows (0: none): a fault
+                             at most `near` pages past one, the way its stream goes,
+                             continues it, and goes to the full path, which brings the
+                             next window with it */
+    int8_t stream_way[8]; /* 1: the stream ascends, -1: it descends */
+    /* The zap in flight (umgr/paging/removes.py), 0 pages: none. Its
+       REMOVE events are taken here when they name its pages, all of them
+       for the first time; the others go to the full path. */
+    int64_t zap_pages;
+    int64_t *zap_vpn;     /* its pages, sorted */
+    uint8_t *zap_hits;    /* REMOVEs that covered each (at most 2 counted) */
+    int32_t removes;      /* REMOVEs the last call took (at most max) */
+    uint64_t *remove_lo;  /* each one's pages [lo, hi) */
+    uint64_t *remove_hi;
 };
 """
 
@@ -115,6 +134,44 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
 #define UMGR_PLAN_SWAPPED 1  /* read its slot, copy it in */
 #define UMGR_PLAN_FRESH 2    /* zeros */
 #define UMGR_PLAN_DUP 3      /* the same page as an earlier one: that copy wakes it too */
+#define UMGR_PLAN_OWN 4      /* a REMOVE of the zap in flight, counted */
+
+/* The first index of sorted[0..n) holding a value >= v. */
+static int64_t umgr_lower_bound(const int64_t *sorted, int64_t n, int64_t v)
+{
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (sorted[mid] < v)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Whether a REMOVE message is the zap's own: its pages [lo, hi) are all in
+   the zap and no REMOVE named any of them before (removes.py,
+   RemoveAttribution.count; anything else, such as the kernel's repeat of
+   a range's tail after a VMA split, goes to the full path). Counts it. */
+static int umgr_fast_own_remove(const struct uffd_msg *m, struct umgr_fast_log *log)
+{
+    if (!log->zap_pages || log->removes >= log->max)
+        return 0;
+    uint64_t lo = m->arg.remove.start >> 12, hi = (m->arg.remove.end + 4095) >> 12;
+    int64_t a = umgr_lower_bound(log->zap_vpn, log->zap_pages, (int64_t)lo);
+    int64_t b = umgr_lower_bound(log->zap_vpn, log->zap_pages, (int64_t)hi);
+    if (hi <= lo || (uint64_t)(b - a) != hi - lo)
+        return 0;
+    for (int64_t k = a; k < b; k++)
+        if (log->zap_hits[k])
+            return 0;
+    for (int64_t k = a; k < b; k++)
+        log->zap_hits[k] = 1;
+    log->remove_lo[log->removes] = lo;
+    log->remove_hi[log->removes++] = hi;
+    return 1;
+}
 
 static int umgr_fast_open(struct umgr_fast_log *log)
 {
@@ -125,26 +182,62 @@ static int umgr_fast_open(struct umgr_fast_log *log)
     return 0;
 }
 
-/* The region of regions[0..nregions) holding vpn, or NULL. */
+/* The region of regions[0..nregions) (sorted by vpn) holding vpn, or NULL. */
 static const struct umgr_fast_region *umgr_fast_find(const struct umgr_fast_region *regions, int nregions,
                                                      uint64_t vpn)
 {
-    for (int i = 0; i < nregions; i++)
-        if (vpn >= regions[i].vpn && vpn < regions[i].end)
-            return &regions[i];
-    return NULL;
+    int lo = 0, hi = nregions;   /* finds the first region that starts after vpn */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (regions[mid].vpn <= vpn)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0 || vpn >= regions[lo - 1].end)
+        return NULL;
+    return &regions[lo - 1];
+}
+
+/* Whether `vpn` lies within `near` pages of one of `pages` (0: none). */
+static int umgr_fast_close_to(const uint64_t *pages, uint64_t vpn, int64_t near)
+{
+    for (int i = 0; i < 8; i++) {
+        int64_t gap = (int64_t)(vpn - pages[i]);
+        if (pages[i] && gap <= near && gap >= -near)
+            return 1;
+    }
+    return 0;
+}
+
+/* Whether `vpn` lies at most `near` pages past the far end of one of the
+   latest prefetch windows, the way its stream goes. */
+static int umgr_fast_continues_stream(const struct umgr_fast_log *log, uint64_t vpn, int64_t near)
+{
+    for (int i = 0; i < 8; i++) {
+        int64_t past = (int64_t)(vpn - log->streams[i]) * log->stream_way[i];
+        if (log->streams[i] && past >= 0 && past <= near)
+            return 1;
+    }
+    return 0;
 }
 
 /* The plan of msgs[0..n) and the region of each: plain faults in the
-   regions, up to `cap` of them, until the first message that is not one
-   (it and all after it: OTHER). */
+   regions, up to `cap` of them, not near a stream, and the zap's own
+   REMOVEs, until the first message that is neither (it and all after it:
+   OTHER). */
 static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
-                           int nregions, int swap_fd, int cap, int *plan, const struct umgr_fast_region **in)
+                           int nregions, int swap_fd, int cap, int64_t near, struct umgr_fast_log *log,
+                           int *plan, const struct umgr_fast_region **in)
 {
     int planned = 0, other = 0;
     for (int i = 0; i < n; i++) {
         plan[i] = UMGR_PLAN_OTHER;
         const struct uffd_msg *m = &msgs[i];
+        if (!other && m->event == UFFD_EVENT_REMOVE && umgr_fast_own_remove(m, log)) {
+            plan[i] = UMGR_PLAN_OWN;
+            continue;
+        }
         if (other || planned >= cap || m->event != UFFD_EVENT_PAGEFAULT
                 || (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
             other = 1;
@@ -152,12 +245,13 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
         }
         uint64_t vpn = m->arg.pagefault.address >> 12;
         const struct umgr_fast_region *r = in[i] = umgr_fast_find(regions, nregions, vpn);
-        if (r == NULL) {
+        if (r == NULL || umgr_fast_continues_stream(log, vpn, near)) {
             other = 1;
             continue;
         }
         for (int j = 0; j < i; j++)
-            if (plan[j] != UMGR_PLAN_OTHER && msgs[j].arg.pagefault.address >> 12 == vpn)
+            if ((plan[j] == UMGR_PLAN_SWAPPED || plan[j] == UMGR_PLAN_FRESH)
+                    && msgs[j].arg.pagefault.address >> 12 == vpn)
                 plan[i] = UMGR_PLAN_DUP;
         if (plan[i] == UMGR_PLAN_DUP)
             continue;
@@ -275,12 +369,7 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
    joins them. */
 static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
 {
-    int found = 0;
-    for (int i = 0; i < 8; i++) {
-        int64_t gap = (int64_t)(vpn - log->recent[i]);
-        if (log->recent[i] && gap <= near && gap >= -near)
-            found = 1;
-    }
+    int found = umgr_fast_close_to(log->recent, vpn, near);
     log->recent[log->recent_at] = vpn;
     log->recent_at = (log->recent_at + 1) % 8;
     return found;
@@ -290,15 +379,15 @@ static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
    buffer's start for the full path (in the order read); the rest of the
    group is zeroed (served: nothing for a restarted daemon to replay). */
 static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
-                           int nregions, int swap_fd, uint64_t pages, uint64_t zeros, int cap, struct umgr_fast_log *log,
-                           int64_t started)
+                           int nregions, int swap_fd, uint64_t pages, uint64_t zeros, int cap, int64_t near,
+                           struct umgr_fast_log *log, int64_t started)
 {
     int plan[UMGR_FAST_GROUP], ok[UMGR_FAST_GROUP], left = 0;
     const struct umgr_fast_region *in[UMGR_FAST_GROUP];
-    umgr_fast_plan(msgs, n, regions, nregions, swap_fd, cap, plan, in);
+    umgr_fast_plan(msgs, n, regions, nregions, swap_fd, cap, near, log, plan, in);
     int64_t read_ns = umgr_fast_read(msgs, n, plan, in, swap_fd, pages, log, ok);
     for (int i = 0; i < n; i++) {
-        int served = plan[i] == UMGR_PLAN_DUP;
+        int served = plan[i] == UMGR_PLAN_DUP || plan[i] == UMGR_PLAN_OWN;
         if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH || (plan[i] == UMGR_PLAN_SWAPPED && ok[i])))
             served = umgr_fast_place(uffd, &msgs[i], plan[i], in[i], pages + (uint64_t)i * 4096, zeros, log,
                                      read_ns, started);
@@ -313,12 +402,13 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct 
 }
 
 /* Serve faults until a message is not a plain one (HANDOFF: log->handoff
-   messages are left at the buffer's start), none comes for spin_ns (IDLE),
-   or a limit is reached (YIELD): the log is full, `room` pages came in,
-   slice_ns passed, or a page lies within `near` pages of one of the last
-   8 served (the prefetch policy may see a stream: threads that each scan
-   their own part interleave their faults). swap_fd < 0: swapped
-   pages go to the full path. Returns UMGR_FAST_* or -errno of a failed
+   messages are left at the buffer's start; a fault that continues a stream
+   of log->streams is not plain), none comes for spin_ns (IDLE), or a limit is
+   reached (YIELD): the log is full, `room` pages came in, slice_ns passed,
+   or a page lies within `near` pages of one of the last 8 served (the
+   prefetch policy may see a stream start: threads that each scan their own
+   part interleave their faults). swap_fd < 0: swapped pages go to the
+   full path. Returns UMGR_FAST_* or -errno of a failed
    read of the uffd; log->served says how many pages were served. */
 static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *regions,
                     int nregions,
@@ -329,6 +419,7 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
     int group = max_msgs < UMGR_FAST_GROUP ? max_msgs : UMGR_FAST_GROUP;
     log->served = 0;
     log->handoff = 0;
+    log->removes = 0;
     for (;;) {
         int got = umgr_fast_next(uffd, msgs, spin_ns);
         if (got <= 0)
@@ -342,14 +433,15 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         int cap = room - log->served;
         if (cap > log->max - log->served)
             cap = log->max - log->served;
-        log->handoff = umgr_fast_group(uffd, msgs, n, regions, nregions, swap_fd, pages, zeros, cap, log,
+        log->handoff = umgr_fast_group(uffd, msgs, n, regions, nregions, swap_fd, pages, zeros, cap, near, log,
                                        started);
         int near_one = 0;
         for (int32_t i = first; i < log->served; i++)
             near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
-        if (near_one || log->served >= log->max || log->served >= room || started >= until)
+        if (near_one || log->served >= log->max || log->served >= room || started >= until
+                || log->removes >= log->max)
             return UMGR_FAST_YIELD;
     }
 }

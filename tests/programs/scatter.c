@@ -1,4 +1,4 @@
-/* Random access, the fault fast path's case: usage scatter MIB OPS [THREADS].
+/* Random access, the fault fast path's case: usage scatter MIB OPS [THREADS [PIECES]].
  *
  * Region A (MIB MiB) is filled with salted pages (salt 1), then OPS random
  * pages are read and checked, then OPS random pages are rewritten with a new
@@ -6,17 +6,28 @@
  * threads (default 1) share each phase. Region B (MIB MiB, never written
  * first) gets OPS random first touches: even pages are written (salted),
  * odd pages only read (they must read zero). At the end every page of both
- * regions is checked. Exit 0 when every byte is right. */
+ * regions is checked. Exit 0 when every byte is right. With PIECES (default
+ * 1), region A is that many separate mappings, as an interpreter's heap is
+ * (CPython's 1 MiB arenas); its pages are numbered across them all. */
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 
 #include "salted.h"
 
-static uint64_t *a, *b;
+static uint64_t *b;
 static uint8_t *salt_a, *salt_b;
-static size_t npages, ops;
+static size_t npages, ops, per_piece;
 static int nthreads = 1, failed;
+static uint64_t *pieces[1024];
+
+/* Where page p of A is, as a base that salted.h's fill() and check() index
+ * with p: the page's piece, less the pages before that piece. */
+static uint64_t *a(size_t p)
+{
+    size_t piece = p / per_piece;
+    return (uint64_t *)((uintptr_t)pieces[piece] - piece * per_piece * PAGE);
+}
 
 static uint64_t next(uint64_t *state)
 {
@@ -39,15 +50,15 @@ static void *work(void *arg)
     uint64_t state = 1000 + t;
     for (size_t i = 0; i < ops / nthreads; i++) {
         size_t p = pick(&state, t);
-        if (check(a, p, 1, salt_a[p], "random read"))
+        if (check(a(p), p, 1, salt_a[p], "random read"))
             failed = 1;
     }
     for (size_t i = 0; i < ops / nthreads; i++) {
         size_t p = pick(&state, t);
-        if (check(a, p, 1, salt_a[p], "read before rewrite"))
+        if (check(a(p), p, 1, salt_a[p], "read before rewrite"))
             failed = 1;
         salt_a[p] = (uint8_t)(salt_a[p] % 200 + 2);
-        fill(a, p, 1, salt_a[p]);
+        fill(a(p), p, 1, salt_a[p]);
     }
     for (size_t i = 0; i < ops / nthreads; i++) {
         size_t p = pick(&state, t);
@@ -69,24 +80,31 @@ int main(int argc, char **argv)
     ops = strtoull(argv[2], NULL, 10);
     if (argc > 3)
         nthreads = atoi(argv[3]);
-    if (nthreads < 1 || nthreads > 16)
+    size_t npieces = argc > 4 ? strtoull(argv[4], NULL, 10) : 1;
+    if (nthreads < 1 || nthreads > 16 || npieces < 1 || npieces > 1024 || npages % npieces)
         return 2;
-    a = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    per_piece = npages / npieces;
+    for (size_t i = 0; i < npieces; i++) {
+        pieces[i] = mmap(NULL, per_piece * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (pieces[i] == MAP_FAILED)
+            return 2;
+    }
     b = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     salt_a = mmap(NULL, 2 * npages, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (a == MAP_FAILED || b == MAP_FAILED || salt_a == MAP_FAILED)
+    if (b == MAP_FAILED || salt_a == MAP_FAILED)
         return 2;
     salt_b = salt_a + npages;
     for (size_t p = 0; p < npages; p++)
         salt_a[p] = 1;
-    fill(a, 0, npages, 1);
+    for (size_t p = 0; p < npages; p += per_piece)
+        fill(a(p), p, per_piece, 1);
     pthread_t threads[16];
     for (int t = 0; t < nthreads; t++)
         pthread_create(&threads[t], NULL, work, (void *)(intptr_t)t);
     for (int t = 0; t < nthreads; t++)
         pthread_join(threads[t], NULL);
     for (size_t p = 0; p < npages && !failed; p++)
-        failed = check(a, p, 1, salt_a[p], "final check A") || check(b, p, 1, salt_b[p], "final check B");
+        failed = check(a(p), p, 1, salt_a[p], "final check A") || check(b, p, 1, salt_b[p], "final check B");
     if (failed)
         return 1;
     printf("ok %zu pages\n", 2 * npages);

@@ -9,23 +9,30 @@ such faults back to back, marks them resident in the table, and logs them;
 settle() then tells the counters, the store and the policies in one batch.
 
 The C call is made only where its answer is the full path's:
-- in the regions of the latest faults the full path served (up to
-  REGIONS of them: a heap is several mappings), their arrays checked
-  unchanged (PageTable.layout; a persistent table moves a region's arrays
-  to a file);
+- over the whole table: every region, sorted, pointed at anew whenever
+  PageTable.layout changes (a region added, cut, moved or dropped, or given
+  new arrays: a persistent table moves them to a file). An interpreter's
+  heap is many mappings (CPython's are 1 MiB arenas, each a region);
 - below the budget, for at most the pages left under it (at the budget a
   new page waits for the evictor: the full path);
 - no fault recording (the trace wants every fault in order);
-- not while the prefetch policy follows a stream. The policy hears of
+- not near a stream the prefetch policy follows. The policy hears of
   every page served here, after the fact, and the call ends early when a
-  page lies near one served lately (NEAR_PAGES). Once the policy asks for
-  pages, they come in at once, and faults take the full path, whose reads
-  bring the asked-for pages with the faulting one, until QUIET_FAULTS
-  faults in a row got no pages from it;
+  page lies near one served lately (NEAR_PAGES), so that it may see a
+  stream start. The pages it asks for come in at once, and a fault at
+  most NEAR_PAGES past the far end of one of the latest 8 such windows
+  (the way its stream goes) goes to the full path, whose read brings the
+  next window with the faulting page. Other faults, such as an interpreter's random ones between its
+  scans, stay here;
 - swapped pages only while the store can be read with a plain pread
   (Backend.sync_read_fd); fresh pages always.
-Everything else the call reads (events, write-protect faults, other
-states, failed reads or copies) it hands back, still in the message buffer.
+The call also takes the REMOVE events of the zap in flight that name only
+its pages, each for the first time (removes.py tells the full path's
+events apart the same way): an eviction batch of scattered pages raises
+one per page, and each used to send the faults queued behind it to the
+full path. Everything else the call reads (other events, write-protect
+faults, other states, failed reads or copies) it hands back, still in the
+message buffer.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, State
+from umgr.paging.removes import RemoveAttribution
 from umgr.trace import NO_TRACE
 
 assert uffdmod.fast_state_values() == (State.FRESH, State.RESIDENT, State.SWAPPED)
@@ -43,19 +51,19 @@ IDLE, HANDOFF, YIELD = uffdmod.FAST_IDLE, uffdmod.FAST_HANDOFF, uffdmod.FAST_YIE
 
 LOG_PAGES = 64          # pages one call may serve before they are settled
 SLICE_SECONDS = 1e-3    # and how long it may run: the evictor and other targets wait meanwhile
-NEAR_PAGES = 64         # a page this close to one served lately ends the call (a stream may start)
-QUIET_FAULTS = 16       # faults in a row the prefetch policy wanted nothing for: back to the fast path
-REGIONS = 8             # regions a call serves in, the most recently faulted
+NEAR_PAGES = 64         # a page this close to one served lately ends the call (a stream may start);
+                        # one at most this far past a prefetch window's far end is the full path's
 
 
 class FastPath:
-    def __init__(self, core: TargetCore, spin: float, enabled: bool = True):
+    def __init__(self, core: TargetCore, removes: RemoveAttribution, spin: float, enabled: bool = True):
         self.core = core
+        self.removes = removes
         self.enabled = enabled
         self.spin_ns = int(spin * 1e9)
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
         self._zeros = PageBuffer(1)
-        self._regions = uffdmod.new_fast_struct("umgr_fast_region", REGIONS)
+        self._regions = uffdmod.new_fast_struct("umgr_fast_region", 16)   # the table's, as C sees them
         self._log = uffdmod.new_fast_struct("umgr_fast_log")
         self._vpns = np.zeros(LOG_PAGES, np.uint64)
         self._slots = np.zeros(LOG_PAGES, np.int32)
@@ -70,57 +78,54 @@ class FastPath:
         log.read_ns = uffdmod.array_pointer("int64_t *", self._read_ns)
         log.serve_ns = uffdmod.array_pointer("int64_t *", self._serve_ns)
         log.aio = uffdmod.fast_aio_context()
-        self._table = (None, -1)                  # the table and layout the aimed regions are of
-        self._aimed: list[tuple] = []             # (region, state, slot, their C pointers) the call serves in, latest first
-        self._quiet = QUIET_FAULTS                # faults in a row the prefetch policy asked nothing for
+        self._remove_lo = np.zeros(LOG_PAGES, np.uint64)
+        self._remove_hi = np.zeros(LOG_PAGES, np.uint64)
+        log.remove_lo = uffdmod.array_pointer("uint64_t *", self._remove_lo)
+        log.remove_hi = uffdmod.array_pointer("uint64_t *", self._remove_hi)
+        self._zap = None                          # the vpns of the zap in flight the log points at
+        self._table = None                        # the table and layout self._regions describe
+        self._layout = -1
+        self._nregions = 0
+        self._pointers: dict[int, tuple] = {}     # id(region) -> (its state, slot, their C pointers)
+        self._stream_at = 0                       # where the next window's far end goes in log.streams
 
-    def aim(self, vpn: int) -> None:
-        """Serve faults in the region of `vpn` (the latest fault's) too from now on."""
+    def _follow_table(self) -> int:
+        """Point the C call at every region of the table (anew only when
+        its layout changed); returns how many there are."""
         pt = self.core.pt
-        region = pt.find(vpn)
-        if region is None:
-            return
-        if self._still_aimed() and any(entry[0] is region for entry in self._aimed):
-            return
-        if not self._same_layout():
-            self._aimed = []    # a region was cut, moved or dropped: start over
-        current = [entry for entry in self._aimed
-                   if entry[0] is not region and entry[0].state is entry[1] and entry[0].slot is entry[2]]
-        pointers = (uffdmod.array_pointer("uint8_t *", region.state), uffdmod.array_pointer("int32_t *", region.slot))
-        self._aimed = [(region, region.state, region.slot, pointers)] + current[:REGIONS - 1]
-        self._table = (pt, pt.layout)
+        if self._table is pt and self._layout == pt.layout:
+            return self._nregions
+        regions = pt.regions
+        if len(regions) > len(self._regions):
+            self._regions = uffdmod.new_fast_struct("umgr_fast_region", 2 * len(regions))
         counts = uffdmod.array_pointer("int64_t *", pt.counts)
-        for c, (region, _, _, (state, slot)) in zip(self._regions, self._aimed):
-            c.vpn, c.end, c.state, c.slot, c.counts = region.vpn, region.end, state, slot, counts
-
-    def _same_layout(self) -> bool:
-        pt = self.core.pt
-        return self._table[0] is pt and self._table[1] == pt.layout
-
-    def _still_aimed(self) -> bool:
-        """Whether the C array still describes the table: no region was
-        cut, moved or dropped, none was given new arrays."""
-        return self._same_layout() and all(region.state is state and region.slot is slot
-                                           for region, state, slot, _ in self._aimed)
+        pointers = {}
+        for c, region in zip(self._regions, regions):
+            known = self._pointers.get(id(region))
+            if known is None or known[0] is not region.state or known[1] is not region.slot:
+                known = (region.state, region.slot, uffdmod.array_pointer("uint8_t *", region.state),
+                         uffdmod.array_pointer("int32_t *", region.slot))
+            pointers[id(region)] = known   # holds the arrays: their pointers stay valid
+            c.vpn, c.end, c.state, c.slot, c.counts = region.vpn, region.end, known[2], known[3], counts
+        self._pointers = pointers
+        self._table, self._layout, self._nregions = pt, pt.layout, len(regions)
+        return self._nregions
 
     def ready(self) -> bool:
         """Whether the next faults may be tried here."""
         core = self.core
-        if not self._aimed or self.streaming or not self.enabled or core.trace is not NO_TRACE:
+        if not self.enabled or core.trace is not NO_TRACE:
             return False
-        if not self._still_aimed():
-            self._aimed = []
-            return False
-        return self._room() > 0
+        return self._follow_table() > 0 and self._room() > 0
 
-    @property
-    def streaming(self) -> bool:
-        """Whether the prefetch policy is following a stream."""
-        return self._quiet < QUIET_FAULTS
-
-    def policy_answered(self, asked_for_pages: bool) -> None:
-        """The prefetch policy answered a fault (on either path)."""
-        self._quiet = 0 if asked_for_pages else self._quiet + 1
+    def prefetching(self, vpn: int, window: np.ndarray) -> None:
+        """The prefetch policy asked for `window` (sorted) at a fault on
+        `vpn`: the stream's next fault lands near the window's far end."""
+        first, last = int(window[0]), int(window[-1])
+        descends = vpn - first > last - vpn
+        self._log.streams[self._stream_at] = first if descends else last
+        self._log.stream_way[self._stream_at] = -1 if descends else 1
+        self._stream_at = (self._stream_at + 1) % len(self._log.streams)
 
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""
@@ -135,18 +140,37 @@ class FastPath:
         are the full path's) or YIELD. Call settle() after it either way."""
         core = self.core
         self._log.keep_period = core.clean.keep_period()
+        self._point_at_zap()
         return core.uffd.serve_plain_faults(
-            self._regions, len(self._aimed), core.backend.sync_read_fd(), self._pages.addr, self._zeros.addr,
+            self._regions, self._nregions, core.backend.sync_read_fd(), self._pages.addr, self._zeros.addr,
             self.spin_ns, int(SLICE_SECONDS * 1e9), self._room(), NEAR_PAGES, self._log)
+
+    def _point_at_zap(self) -> None:
+        """Show the call the zap in flight (removes.py), if it changed."""
+        zap = self.removes.zap
+        vpns = None if zap is None else zap[0]
+        if vpns is self._zap:
+            return
+        self._zap = vpns   # begin() makes both arrays anew: the vpns tell
+        if zap is None:
+            self._log.zap_pages = 0
+            return
+        self._log.zap_vpn = uffdmod.array_pointer("int64_t *", vpns)
+        self._log.zap_hits = uffdmod.array_pointer("uint8_t *", zap[1])
+        self._log.zap_pages = len(vpns)
 
     def settle(self) -> np.ndarray:
         """The counters, the store and the eviction policy learn of the
         pages the last call served (the table has them already). Returns
         their vpns, in fault order."""
+        core, stats = self.core, self.core.stats
+        removes = self._log.removes
+        if removes:
+            stats.own_removes += removes
+            self.removes.taken(self._remove_lo[:removes], self._remove_hi[:removes])
         n = self._log.served
         if not n:
             return np.empty(0, np.int64)
-        core, stats = self.core, self.core.stats
         vpns = self._vpns[:n].astype(np.int64)
         slots, kept = self._slots[:n].copy(), self._kept[:n].astype(bool)
         read = self._read_ns[:n] * 1e-9

@@ -52,7 +52,7 @@ class FaultService:
         self._zeros = PageBuffer(1)
         self._one_slot = np.zeros(1, np.int32)                 # _fill_one's backend read
         self._one_addr = self._fill.addrs(np.zeros(1, np.int64))
-        self.fast = FastPath(core, spin, enabled=fast_path)    # the common case in C (fastpath.py)
+        self.fast = FastPath(core, events.removes, spin, enabled=fast_path)    # the common case in C (fastpath.py)
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
@@ -139,8 +139,8 @@ class FaultService:
         for vpn in vpns.tolist():
             first, end = self.core.pt.bounds(vpn)
             extra = self.prefetch.on_fault(vpn, first, end)
-            self.fast.policy_answered(len(extra) > 0)
             if len(extra):
+                self.fast.prefetching(vpn, extra)
                 wanted.append(extra)
         return np.unique(np.concatenate(wanted)) if wanted else EMPTY
 
@@ -267,7 +267,6 @@ class FaultService:
         pt = self.core.pt
         fill: dict[int, int] = {}          # vpn -> slot (NO_SLOT: zeros)
         writes = False
-        self.fast.aim(max(fills))
         for vpn, is_write in sorted(fills.items()):
             state = pt.state_of(vpn)
             if state in UNCOUNTED:
@@ -339,7 +338,8 @@ class FaultService:
             return
         first, end = pt.bounds(vpn)
         extra = self.prefetch.on_fault(vpn, first, end)
-        self.fast.policy_answered(len(extra) > 0)
+        if len(extra):
+            self.fast.prefetching(vpn, extra)
         self._add_prefetch(extra, fill)
 
     def _add_prefetch(self, extra: np.ndarray, fill: dict[int, int]) -> None:

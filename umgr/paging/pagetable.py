@@ -139,7 +139,7 @@ class PageTable:
     regions: list[Region] = field(default_factory=list)  # sorted, disjoint
     counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
     arrays: MemoryArrays = IN_MEMORY
-    layout: int = 0   # bumped whenever a region is added, cut, moved or dropped
+    layout: int = 0   # bumped whenever a region is added, cut, moved or dropped, or gets new arrays
 
     # ---- queries -----------------------------------------------------
     @property
@@ -287,8 +287,14 @@ class PageTable:
             if slots is not None:
                 values = slots if np.isscalar(slots) else slots[pos]
                 if region.backing is None and np.any(values != NO_SLOT):
-                    self.arrays.holding_slots(region)
+                    self._holding_slots(region)
                 region.slot[idx] = values
+
+    def _holding_slots(self, region: Region) -> None:
+        state = region.state
+        self.arrays.holding_slots(region)
+        if region.state is not state:   # moved to a file: whoever points at the arrays must look again
+            self.layout += 1
 
     def set_state(self, vpn: int, state: int, slot: int | None = None) -> None:
         """One page's state (and slot, if given): the fault path's
@@ -304,7 +310,7 @@ class PageTable:
             region.flags[index] = 0
         if slot is not None:
             if region.backing is None and slot != NO_SLOT:
-                self.arrays.holding_slots(region)
+                self._holding_slots(region)
             region.slot[index] = slot
 
     def clear_flag(self, vpn: int, flag: int) -> bool:
