@@ -58,10 +58,11 @@ struct umgr_fast_log {
     uint64_t recent[8];   /* the latest pages served, over calls (a ring) */
     int32_t recent_at;    /* where the next goes in it */
     uint64_t streams[8];  /* the far ends of the latest prefetch windows (0: none): a fault
-                             at most `near` pages past one, the way its stream goes,
+                             at most stream_reach pages past one, the way its stream goes,
                              continues it, and goes to the full path, which brings the
                              next window with it */
     int8_t stream_way[8]; /* 1: the stream ascends, -1: it descends */
+    int64_t stream_reach;
     /* The zap in flight (umgr/paging/removes.py), 0 pages: none. Its
        REMOVE events are taken here when they name its pages, all of them
        for the first time; the others go to the full path. */
@@ -210,13 +211,13 @@ static int umgr_fast_close_to(const uint64_t *pages, uint64_t vpn, int64_t near)
     return 0;
 }
 
-/* Whether `vpn` lies at most `near` pages past the far end of one of the
-   latest prefetch windows, the way its stream goes. */
-static int umgr_fast_continues_stream(const struct umgr_fast_log *log, uint64_t vpn, int64_t near)
+/* Whether `vpn` lies at most stream_reach pages past the far end of one
+   of the latest prefetch windows, the way its stream goes. */
+static int umgr_fast_continues_stream(const struct umgr_fast_log *log, uint64_t vpn)
 {
     for (int i = 0; i < 8; i++) {
         int64_t past = (int64_t)(vpn - log->streams[i]) * log->stream_way[i];
-        if (log->streams[i] && past >= 0 && past <= near)
+        if (log->streams[i] && past >= 0 && past <= log->stream_reach)
             return 1;
     }
     return 0;
@@ -227,8 +228,8 @@ static int umgr_fast_continues_stream(const struct umgr_fast_log *log, uint64_t 
    REMOVEs, until the first message that is neither (it and all after it:
    OTHER). */
 static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
-                           int nregions, int swap_fd, int cap, int64_t near, struct umgr_fast_log *log,
-                           int *plan, const struct umgr_fast_region **in)
+                           int nregions, int swap_fd, int cap, struct umgr_fast_log *log, int *plan,
+                           const struct umgr_fast_region **in)
 {
     int planned = 0, other = 0;
     for (int i = 0; i < n; i++) {
@@ -245,7 +246,7 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
         }
         uint64_t vpn = m->arg.pagefault.address >> 12;
         const struct umgr_fast_region *r = in[i] = umgr_fast_find(regions, nregions, vpn);
-        if (r == NULL || umgr_fast_continues_stream(log, vpn, near)) {
+        if (r == NULL || umgr_fast_continues_stream(log, vpn)) {
             other = 1;
             continue;
         }
@@ -379,12 +380,12 @@ static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
    buffer's start for the full path (in the order read); the rest of the
    group is zeroed (served: nothing for a restarted daemon to replay). */
 static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
-                           int nregions, int swap_fd, uint64_t pages, uint64_t zeros, int cap, int64_t near,
+                           int nregions, int swap_fd, uint64_t pages, uint64_t zeros, int cap,
                            struct umgr_fast_log *log, int64_t started)
 {
     int plan[UMGR_FAST_GROUP], ok[UMGR_FAST_GROUP], left = 0;
     const struct umgr_fast_region *in[UMGR_FAST_GROUP];
-    umgr_fast_plan(msgs, n, regions, nregions, swap_fd, cap, near, log, plan, in);
+    umgr_fast_plan(msgs, n, regions, nregions, swap_fd, cap, log, plan, in);
     int64_t read_ns = umgr_fast_read(msgs, n, plan, in, swap_fd, pages, log, ok);
     for (int i = 0; i < n; i++) {
         int served = plan[i] == UMGR_PLAN_DUP || plan[i] == UMGR_PLAN_OWN;
@@ -433,7 +434,7 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         int cap = room - log->served;
         if (cap > log->max - log->served)
             cap = log->max - log->served;
-        log->handoff = umgr_fast_group(uffd, msgs, n, regions, nregions, swap_fd, pages, zeros, cap, near, log,
+        log->handoff = umgr_fast_group(uffd, msgs, n, regions, nregions, swap_fd, pages, zeros, cap, log,
                                        started);
         int near_one = 0;
         for (int32_t i = first; i < log->served; i++)

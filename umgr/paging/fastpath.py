@@ -20,7 +20,7 @@ The C call is made only where its answer is the full path's:
   every page served here, after the fact, and the call ends early when a
   page lies near one served lately (NEAR_PAGES), so that it may see a
   stream start. The pages it asks for come in at once, and a fault at
-  most NEAR_PAGES past the far end of one of the latest 8 such windows
+  most STREAM_REACH pages past the far end of one of the latest 8 such windows
   (the way its stream goes) goes to the full path, whose read brings the
   next window with the faulting page. Other faults, such as an interpreter's random ones between its
   scans, stay here;
@@ -51,8 +51,13 @@ IDLE, HANDOFF, YIELD = uffdmod.FAST_IDLE, uffdmod.FAST_HANDOFF, uffdmod.FAST_YIE
 
 LOG_PAGES = 64          # pages one call may serve before they are settled
 SLICE_SECONDS = 1e-3    # and how long it may run: the evictor and other targets wait meanwhile
-NEAR_PAGES = 64         # a page this close to one served lately ends the call (a stream may start);
-                        # one at most this far past a prefetch window's far end is the full path's
+# A page this close to one served lately ends the call, so that the prefetch
+# policy sees a sequential stream start at once. Wider (64, the widest
+# stride readahead follows) cost the CPython workload 25-50% more time: its
+# heap faults cluster, and each call served one fault. A strided stream is
+# seen when the call returns anyway (at most LOG_PAGES faults or SLICE_SECONDS).
+NEAR_PAGES = 2
+STREAM_REACH = 64       # a fault at most this far past a prefetch window's far end is the full path's
 
 
 class FastPath:
@@ -87,6 +92,7 @@ class FastPath:
         self._layout = -1
         self._nregions = 0
         self._pointers: dict[int, tuple] = {}     # id(region) -> (its state, slot, their C pointers)
+        log.stream_reach = STREAM_REACH
         self._stream_at = 0                       # where the next window's far end goes in log.streams
 
     def _follow_table(self) -> int:
