@@ -1,8 +1,9 @@
 """The fault path's common case in C: read the queued uffd messages (up to
 UMGR_FAST_GROUP at once) and serve each MISSING fault on a page that needs
 nothing but its swap slot read (or zeros): read from the swap file,
-UFFDIO_COPY (or ZEROPAGE), and mark it resident in the page table; on to
-the next group, until something needs the daemon's Python side. The
+UFFDIO_COPY (or ZEROPAGE), and mark it resident in the page table; and
+each write-protect fault on a RESIDENT page (a page that came in clean, or
+prefetched, is written): unprotect it; on to the next group, until something needs the daemon's Python side. The
 faults of a group (several threads faulting at once) have their reads in
 flight together (Linux AIO on the O_DIRECT swap file; one fault alone is a
 plain pread, two syscalls cheaper).
@@ -20,9 +21,9 @@ queued behind them stay here.
 
 The call changes the page table only as the Python side would for such a
 fault (state RESIDENT, slot kept or cleared, per-state counts) and logs each
-page it served. Anything else it reads (another event, a write-protect
-fault, a page in any other state, a page outside the regions, a failed read
-or copy) it leaves in the message buffer for the full path, and returns.
+page it served. Anything else it reads (another event, a fault on a page
+in any other state, a page outside the regions, a failed read, copy or
+unprotect) it leaves in the message buffer for the full path, and returns.
 """
 
 INCLUDES = """
@@ -38,6 +39,7 @@ struct umgr_fast_region {
     uint64_t end;         /* one past its last page */
     uint8_t *state;       /* State per page */
     int32_t *slot;        /* swap slot per page, 0: none */
+    uint8_t *flags;       /* Flag bits per page */
     int64_t *counts;      /* pages per state, the table's */
 };
 
@@ -48,6 +50,8 @@ struct umgr_fast_log {
     uint64_t *vpn;        /* the pages served, in fault order */
     int32_t *slot;        /* the slot each was read from, 0: zeros */
     uint8_t *kept;        /* came in write-protected, slot kept */
+    uint8_t *kind;        /* 0: a MISSING fault; UMGR_FAST_WP, with UMGR_FAST_WAS_PREFETCHED:
+                             a write to a resident page (its slot: the clean copy dropped) */
     int64_t *read_ns;     /* the pread of each (0: none) */
     int64_t *serve_ns;    /* from its message read to its copy done */
     int32_t keep_period;  /* keep clean copies: 0 never, 1 always, n: every nth read */
@@ -83,6 +87,10 @@ TYPES = STRUCTS + """
 #define UMGR_STATE_FRESH ...
 #define UMGR_STATE_RESIDENT ...
 #define UMGR_STATE_SWAPPED ...
+#define UMGR_FLAG_DISCARDABLE ...
+#define UMGR_FLAG_PREFETCHED ...
+#define UMGR_FAST_WP ...
+#define UMGR_FAST_WAS_PREFETCHED ...
 """
 
 FUNCTIONS = """
@@ -102,6 +110,12 @@ CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_STATE_FRESH 0
 #define UMGR_STATE_RESIDENT 1
 #define UMGR_STATE_SWAPPED 4
+/* and its Flag bits */
+#define UMGR_FLAG_DISCARDABLE 1
+#define UMGR_FLAG_PREFETCHED 2
+/* log->kind bits */
+#define UMGR_FAST_WP 1
+#define UMGR_FAST_WAS_PREFETCHED 2
 
 static int64_t umgr_now_ns(void)
 {
@@ -136,6 +150,7 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
 #define UMGR_PLAN_FRESH 2    /* zeros */
 #define UMGR_PLAN_DUP 3      /* the same page as an earlier one: that copy wakes it too */
 #define UMGR_PLAN_OWN 4      /* a REMOVE of the zap in flight, counted */
+#define UMGR_PLAN_WP 5       /* a write to a RESIDENT page: unprotect it */
 
 /* The first index of sorted[0..n) holding a value >= v. */
 static int64_t umgr_lower_bound(const int64_t *sorted, int64_t n, int64_t v)
@@ -239,26 +254,35 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
             plan[i] = UMGR_PLAN_OWN;
             continue;
         }
-        if (other || planned >= cap || m->event != UFFD_EVENT_PAGEFAULT
-                || (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)) {
+        if (other || planned >= cap || m->event != UFFD_EVENT_PAGEFAULT) {
             other = 1;
             continue;
         }
+        int wp = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
         uint64_t vpn = m->arg.pagefault.address >> 12;
         const struct umgr_fast_region *r = in[i] = umgr_fast_find(regions, nregions, vpn);
-        if (r == NULL || umgr_fast_continues_stream(log, vpn)) {
+        if (r == NULL || (!wp && umgr_fast_continues_stream(log, vpn))) {
             other = 1;
             continue;
         }
         for (int j = 0; j < i; j++)
-            if ((plan[j] == UMGR_PLAN_SWAPPED || plan[j] == UMGR_PLAN_FRESH)
+            if ((plan[j] == UMGR_PLAN_SWAPPED || plan[j] == UMGR_PLAN_FRESH || plan[j] == UMGR_PLAN_WP)
                     && msgs[j].arg.pagefault.address >> 12 == vpn)
                 plan[i] = UMGR_PLAN_DUP;
         if (plan[i] == UMGR_PLAN_DUP)
             continue;
         uint8_t state = r->state[vpn - r->vpn];
         int32_t slot = r->slot[vpn - r->vpn];
-        if (state == UMGR_STATE_SWAPPED && slot != 0 && swap_fd >= 0)
+        if (wp) {
+            /* Other states have race rules of their own (an EVICTING page's
+               write cancels its eviction, a ZAPPING page's writer waits):
+               the full path's. */
+            if (state != UMGR_STATE_RESIDENT) {
+                other = 1;
+                continue;
+            }
+            plan[i] = UMGR_PLAN_WP;
+        } else if (state == UMGR_STATE_SWAPPED && slot != 0 && swap_fd >= 0)
             plan[i] = UMGR_PLAN_SWAPPED;
         else if (state == UMGR_STATE_FRESH && slot == 0)
             plan[i] = UMGR_PLAN_FRESH;
@@ -322,6 +346,30 @@ static int64_t umgr_fast_read(const struct uffd_msg *msgs, int n, const int *pla
     return umgr_now_ns() - started;
 }
 
+/* A write to a RESIDENT page: unprotect it (which wakes the writer), drop
+   the clean copy it kept and its DISCARDABLE and PREFETCHED flags, as the
+   full path's _on_wp_fault does, and log it; 1 when done. */
+static int umgr_fast_unprotect(int uffd, const struct uffd_msg *m, const struct umgr_fast_region *r,
+                               struct umgr_fast_log *log, int64_t started)
+{
+    uint64_t address = m->arg.pagefault.address & ~(uint64_t)4095;
+    uint64_t vpn = address >> 12, i = vpn - r->vpn;
+    struct uffdio_writeprotect w = { .range = { .start = address, .len = 4096 }, .mode = 0 };
+    if (ioctl(uffd, UFFDIO_WRITEPROTECT, &w) < 0)
+        return 0;   /* EAGAIN (an event is queued) and the rest: the full path's */
+    uint8_t flags = r->flags[i];
+    r->flags[i] = flags & (uint8_t)~(UMGR_FLAG_DISCARDABLE | UMGR_FLAG_PREFETCHED);
+    int32_t n = log->served++;
+    log->vpn[n] = vpn;
+    log->slot[n] = r->slot[i];
+    r->slot[i] = 0;
+    log->kept[n] = 0;
+    log->kind[n] = UMGR_FAST_WP | (flags & UMGR_FLAG_PREFETCHED ? UMGR_FAST_WAS_PREFETCHED : 0);
+    log->read_ns[n] = 0;
+    log->serve_ns[n] = umgr_now_ns() - started;
+    return 1;
+}
+
 /* Copy message i's page in, update the table and log it; 1 when done. */
 static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const struct umgr_fast_region *r,
                            uint64_t page, uint64_t zeros, struct umgr_fast_log *log, int64_t read_ns,
@@ -361,6 +409,7 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     log->vpn[n] = vpn;
     log->slot[n] = slot;
     log->kept[n] = (uint8_t)kept;
+    log->kind[n] = 0;
     log->read_ns[n] = plan == UMGR_PLAN_SWAPPED ? read_ns : 0;
     log->serve_ns[n] = umgr_now_ns() - started;
     return 1;
@@ -389,7 +438,9 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct 
     int64_t read_ns = umgr_fast_read(msgs, n, plan, in, swap_fd, pages, log, ok);
     for (int i = 0; i < n; i++) {
         int served = plan[i] == UMGR_PLAN_DUP || plan[i] == UMGR_PLAN_OWN;
-        if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH || (plan[i] == UMGR_PLAN_SWAPPED && ok[i])))
+        if (plan[i] == UMGR_PLAN_WP)
+            served = umgr_fast_unprotect(uffd, &msgs[i], in[i], log, started);
+        else if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH || (plan[i] == UMGR_PLAN_SWAPPED && ok[i])))
             served = umgr_fast_place(uffd, &msgs[i], plan[i], in[i], pages + (uint64_t)i * 4096, zeros, log,
                                      read_ns, started);
         if (!served) {
@@ -438,7 +489,8 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
                                        started);
         int near_one = 0;
         for (int32_t i = first; i < log->served; i++)
-            near_one |= umgr_fast_near(log, log->vpn[i], near);
+            if (!log->kind[i])   /* a write to a resident page starts no stream */
+                near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
         if (near_one || log->served >= log->max || log->served >= room || started >= until

@@ -486,6 +486,15 @@ def fast_state_values() -> tuple[int, int, int]:
     return _lib.UMGR_STATE_FRESH, _lib.UMGR_STATE_RESIDENT, _lib.UMGR_STATE_SWAPPED
 
 
+def fast_flag_values() -> tuple[int, int]:
+    """The DISCARDABLE and PREFETCHED flag bits umgr_fast_serve was built with."""
+    return _lib.UMGR_FLAG_DISCARDABLE, _lib.UMGR_FLAG_PREFETCHED
+
+
+FAST_WP = _lib.UMGR_FAST_WP                           # log kind: a write to a resident page
+FAST_WAS_PREFETCHED = _lib.UMGR_FAST_WAS_PREFETCHED   # ... that had come in by prefetch
+
+
 def supported_features(*, via: str = "auto") -> tuple[int, int]:
     """(features, ioctls) the kernel offers, probed on a scratch uffd
     (UFFDIO_API can be called once per uffd)."""

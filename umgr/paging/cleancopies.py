@@ -62,6 +62,6 @@ class CleanCopies:
             self.kept = self.kept * decay + npages
             self.written *= decay
 
-    def dirtied(self) -> None:
-        """A kept page was written: its copy is dropped."""
-        self.written = min(self.written + 1, self.kept)
+    def dirtied(self, pages: int = 1) -> None:
+        """Kept pages were written: their copies are dropped."""
+        self.written = min(self.written + pages, self.kept)

@@ -41,13 +41,15 @@ import numpy as np
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
-from umgr.paging.pagetable import NO_SLOT, State
+from umgr.paging.pagetable import NO_SLOT, Flag, State
 from umgr.paging.removes import RemoveAttribution
 from umgr.trace import NO_TRACE
 
 assert uffdmod.fast_state_values() == (State.FRESH, State.RESIDENT, State.SWAPPED)
+assert uffdmod.fast_flag_values() == (Flag.DISCARDABLE, Flag.PREFETCHED)
 
 IDLE, HANDOFF, YIELD = uffdmod.FAST_IDLE, uffdmod.FAST_HANDOFF, uffdmod.FAST_YIELD
+EMPTY = np.empty(0, np.int64)
 
 LOG_PAGES = 64          # pages one call may serve before they are settled
 SLICE_SECONDS = 1e-3    # and how long it may run: the evictor and other targets wait meanwhile
@@ -73,6 +75,7 @@ class FastPath:
         self._vpns = np.zeros(LOG_PAGES, np.uint64)
         self._slots = np.zeros(LOG_PAGES, np.int32)
         self._kept = np.zeros(LOG_PAGES, np.uint8)
+        self._kind = np.zeros(LOG_PAGES, np.uint8)
         self._read_ns = np.zeros(LOG_PAGES, np.int64)
         self._serve_ns = np.zeros(LOG_PAGES, np.int64)
         log = self._log
@@ -80,6 +83,7 @@ class FastPath:
         log.vpn = uffdmod.array_pointer("uint64_t *", self._vpns)
         log.slot = uffdmod.array_pointer("int32_t *", self._slots)
         log.kept = uffdmod.array_pointer("uint8_t *", self._kept)
+        log.kind = uffdmod.array_pointer("uint8_t *", self._kind)
         log.read_ns = uffdmod.array_pointer("int64_t *", self._read_ns)
         log.serve_ns = uffdmod.array_pointer("int64_t *", self._serve_ns)
         log.aio = uffdmod.fast_aio_context()
@@ -91,7 +95,7 @@ class FastPath:
         self._table = None                        # the table and layout self._regions describe
         self._layout = -1
         self._nregions = 0
-        self._pointers: dict[int, tuple] = {}     # id(region) -> (its state, slot, their C pointers)
+        self._pointers: dict[int, tuple] = {}     # id(region) -> ((its state, slot, flags), their C pointers)
         log.stream_reach = STREAM_REACH
         self._stream_at = 0                       # where the next window's far end goes in log.streams
 
@@ -107,12 +111,15 @@ class FastPath:
         counts = uffdmod.array_pointer("int64_t *", pt.counts)
         pointers = {}
         for c, region in zip(self._regions, regions):
+            arrays = (region.state, region.slot, region.flags)
             known = self._pointers.get(id(region))
-            if known is None or known[0] is not region.state or known[1] is not region.slot:
-                known = (region.state, region.slot, uffdmod.array_pointer("uint8_t *", region.state),
-                         uffdmod.array_pointer("int32_t *", region.slot))
+            if known is None or any(a is not b for a, b in zip(known[0], arrays)):
+                known = (arrays, uffdmod.array_pointer("uint8_t *", region.state),
+                         uffdmod.array_pointer("int32_t *", region.slot),
+                         uffdmod.array_pointer("uint8_t *", region.flags))
             pointers[id(region)] = known   # holds the arrays: their pointers stay valid
-            c.vpn, c.end, c.state, c.slot, c.counts = region.vpn, region.end, known[2], known[3], counts
+            c.vpn, c.end, c.counts = region.vpn, region.end, counts
+            c.state, c.slot, c.flags = known[1:]
         self._pointers = pointers
         self._table, self._layout, self._nregions = pt, pt.layout, len(regions)
         return self._nregions
@@ -165,10 +172,12 @@ class FastPath:
         self._log.zap_hits = uffdmod.array_pointer("uint8_t *", zap[1])
         self._log.zap_pages = len(vpns)
 
-    def settle(self) -> np.ndarray:
+    def settle(self) -> tuple[np.ndarray, np.ndarray]:
         """The counters, the store and the eviction policy learn of the
-        pages the last call served (the table has them already). Returns
-        their vpns, in fault order."""
+        faults the last call served (the table has them already). Returns
+        the vpns of its MISSING faults, in fault order (the prefetch policy
+        is to hear of each), and of the prefetched pages it saw written
+        (the policy's hits)."""
         core, stats = self.core, self.core.stats
         removes = self._log.removes
         if removes:
@@ -176,17 +185,44 @@ class FastPath:
             self.removes.taken(self._remove_lo[:removes], self._remove_hi[:removes])
         n = self._log.served
         if not n:
-            return np.empty(0, np.int64)
+            return EMPTY, EMPTY
         vpns = self._vpns[:n].astype(np.int64)
-        slots, kept = self._slots[:n].copy(), self._kept[:n].astype(bool)
+        slots, kind = self._slots[:n].copy(), self._kind[:n].copy()
         read = self._read_ns[:n] * 1e-9
         served = self._serve_ns[:n] * 1e-9
+        stats.faults_fast += n
+        stats.fault_read_seconds += float(read.sum())
+        stats.fault_copy_seconds += float((served - read).sum())
+        stats.fault_batch_seconds += float(served.sum())
+        stats.record_latencies(served)
+        writes = (kind & uffdmod.FAST_WP) != 0
+        hits = self._settle_writes(vpns[writes], slots[writes], kind[writes]) if writes.any() else EMPTY
+        missing = ~writes
+        self._settle_missing(vpns[missing], slots[missing], self._kept[:n][missing].astype(bool), read[missing])
+        core.note_resident()
+        return vpns[missing], hits
+
+    def _settle_writes(self, vpns: np.ndarray, slots: np.ndarray, kind: np.ndarray) -> np.ndarray:
+        """Writes to resident pages: the clean copies they dropped go."""
+        core = self.core
+        core.stats.faults_wp += len(vpns)
+        dropped = slots[slots != NO_SLOT]
+        if len(dropped):
+            core.slots.free(dropped)
+            core.clean.dirtied(len(dropped))
+        hits = vpns[(kind & uffdmod.FAST_WAS_PREFETCHED) != 0]
+        core.stats.prefetch_hits += len(hits)
+        return hits
+
+    def _settle_missing(self, vpns: np.ndarray, slots: np.ndarray, kept: np.ndarray, read: np.ndarray) -> None:
+        if not len(vpns):
+            return
+        core, stats = self.core, self.core.stats
         swapped = slots != NO_SLOT
         nswapped = int(swapped.sum())
-        stats.faults_missing += n
-        stats.faults_fast += n
+        stats.faults_missing += len(vpns)
         stats.faults_swapped += nswapped
-        stats.faults_fresh += n - nswapped
+        stats.faults_fresh += len(vpns) - nswapped
         stats.pages_in += nswapped
         if nswapped:
             core.backend.reads_done_elsewhere(read[swapped])
@@ -194,12 +230,6 @@ class FastPath:
             core.slots.free(slots[swapped & ~kept])
             core.refaulted(vpns[swapped], slots[swapped])
         core.became_resident(vpns)
-        stats.fault_read_seconds += float(read.sum())
-        stats.fault_copy_seconds += float((served - read).sum())
-        stats.fault_batch_seconds += float(served.sum())
-        stats.record_latencies(served)
-        core.note_resident()
-        return vpns
 
     @property
     def handoff(self) -> int:

@@ -130,9 +130,11 @@ class FaultService:
     # ---- page faults ------------------------------------------------------------
     def _settle_fast(self) -> np.ndarray:
         """After the C call served faults: their bookkeeping, then the
-        prefetch policy hears of each. Returns the pages it asked for
-        (fastpath.py); then the next faults take the full path."""
-        vpns = self.fast.settle()
+        prefetch policy hears of its hits and of each fault. Returns the
+        pages it asked for, to bring in at once (fastpath.py)."""
+        vpns, hits = self.fast.settle()
+        for vpn in hits.tolist():
+            self.prefetch.on_prefetch_hit(vpn)
         if not len(vpns):
             return EMPTY
         wanted = []

@@ -13,7 +13,7 @@ COUNTERS: dict[str, str] = {
     "faults_wp": "Write-protect userfaults (a write to a protected page)",
     "faults_fresh": "MISSING faults on never-written pages, served with zeros",
     "faults_swapped": "MISSING faults on swapped-out pages, served from the backend",
-    "faults_fast": "MISSING faults served whole by the C fast path (umgr/paging/fastpath.py)",
+    "faults_fast": "Faults served whole by the C fast path (umgr/paging/fastpath.py): MISSING, and WP on resident pages",
     "pages_in": "Pages brought back from the backend",
     "pages_out": "Pages evicted (written out or dropped as zero) and zapped",
     "prefetched": "Pages brought in by the prefetch policy with a fault",
