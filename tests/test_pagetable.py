@@ -116,6 +116,25 @@ def test_slots_free_one_matches_free():
     assert slots.alloc(1).tolist() == [2]
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_slots_free_of_a_few_matches_free_of_many(many):
+    """free() of at most FEW_SLOTS slots runs on plain integers: the same
+    counts, duplicates and errors as the numpy path."""
+    from umgr.backends.slots import FEW_SLOTS
+    slots = SlotAllocator(64)
+    freed = []
+    slots.on_free = lambda released: freed.append(released.tolist())
+    a = slots.alloc(FEW_SLOTS + 2 if many else 4)
+    slots.incref(a[:1])                      # slot 1 shared (after a fork), named twice below
+    slots.free(np.concatenate((a[:1], a)))
+    assert slots.used == 0 and freed == [a.tolist()]
+    b = slots.alloc(3)
+    never = np.setdiff1d(np.arange(1, 65, dtype=np.int32), b)[-1:]   # a free slot
+    with pytest.raises(ValueError):
+        slots.free(np.concatenate((b, never)))    # nothing changes
+    assert slots.used == 3 and slots.refs(b).tolist() == [1, 1, 1]
+
+
 def test_slots_full_allocates_nothing():
     slots = SlotAllocator(4)
     slots.alloc(3)

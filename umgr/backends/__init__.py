@@ -64,7 +64,7 @@ class Backend:
         reads should go through read() now."""
         return -1
 
-    def reads_done_elsewhere(self, seconds: np.ndarray) -> None:
+    def reads_done_elsewhere(self, seconds: list[float]) -> None:
         """Pages were read from sync_read_fd(), one per entry, each taking
         that many seconds."""
         raise NotImplementedError

@@ -195,9 +195,9 @@ class FileBackend(Backend):
         SYNC_READ_LIMIT): the fault path's C call reads it itself."""
         return self.fd if self._slow_share < 0.5 else -1
 
-    def reads_done_elsewhere(self, seconds: np.ndarray) -> None:
+    def reads_done_elsewhere(self, seconds: list[float]) -> None:
         self.pages_read += len(seconds)
-        for elapsed in seconds.tolist():
+        for elapsed in seconds:
             self._note_sync_read(elapsed)
 
     async def _io(self, op: Op, slots: np.ndarray, addrs: np.ndarray) -> None:

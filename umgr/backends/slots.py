@@ -19,6 +19,8 @@ import numpy as np
 
 from umgr.errors import BackendFull
 
+FEW_SLOTS = 16   # free() of at most this many slots runs on plain integers
+
 
 class SlotAllocator:
     def __init__(self, capacity: int):
@@ -80,8 +82,8 @@ class SlotAllocator:
         slots = np.asarray(slots, np.int32)
         if len(slots) == 0:
             return
-        if len(slots) == 1:
-            self.free_one(int(slots[0]))
+        if len(slots) <= FEW_SLOTS:
+            self._free_few(slots.tolist())
             return
         if (self._refs[slots] == 0).any():
             raise ValueError("double free of a swap slot")
@@ -92,6 +94,33 @@ class SlotAllocator:
         if len(released) and self.on_free is not None:
             self.on_free(released)
         if len(released) and self.on_release is not None:
+            self.on_release()
+
+    def _free_few(self, slots: list[int]) -> None:
+        """free() on plain integers: numpy's reductions and ufunc.at cost
+        about 40 us even for a few slots, and the fault path frees a few
+        after each call that served faults."""
+        if len(slots) == 1:
+            self.free_one(slots[0])
+            return
+        refs = self._refs
+        if any(refs[slot] == 0 for slot in slots):
+            raise ValueError("double free of a swap slot")
+        released = []
+        for slot in slots:   # a slot may be named twice (shared after a fork)
+            left = int(refs[slot]) - 1
+            refs[slot] = max(left, 0)
+            if left == 0:
+                released.append(slot)
+        if not released:
+            return
+        released.sort()
+        for slot in reversed(released):
+            self._free[self._nfree] = slot
+            self._nfree += 1
+        if self.on_free is not None:
+            self.on_free(np.array(released, np.int32))
+        if self.on_release is not None:
             self.on_release()
 
     def free_one(self, slot: int) -> None:
