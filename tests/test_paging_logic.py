@@ -203,18 +203,6 @@ def test_keep_period_is_keep_for_a_run_of_fills():
     assert clean.keep_period() == SAMPLE_EVERY
 
 
-def test_latencies_of_a_batch_land_in_the_same_buckets_as_one_by_one():
-    import numpy as np
-    from umgr.paging.stats import TargetStats
-    one, batch = TargetStats(), TargetStats()
-    seconds = np.array([3e-6, 5e-6, 60e-6, 150e-6, 2e-3, 1.0])
-    for value in seconds.tolist():
-        one.record_latency(value, 1)
-    batch.record_latencies(seconds)
-    assert batch.fault_latency.tolist() == one.fault_latency.tolist()
-    assert batch.fault_latency_sum == pytest.approx(one.fault_latency_sum)
-
-
 # ---- the fast path's view of the table: which regions its C call may write ---------
 def _fast_path_over(pt, budget_pages: int = 0):
     from types import SimpleNamespace

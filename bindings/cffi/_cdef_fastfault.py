@@ -3,8 +3,8 @@ UMGR_FAST_GROUP at once) and serve each MISSING fault on a page that needs
 nothing but its swap slot read (or zeros): read from the swap file,
 UFFDIO_COPY (or ZEROPAGE), and mark it resident in the page table; and
 each write-protect fault on a RESIDENT page (a page that came in clean, or
-prefetched, is written): unprotect it; on to the next group, until something needs the daemon's Python side. The
-faults of a group (several threads faulting at once) have their reads in
+prefetched, is written): unprotect it; on to the next group, until
+something needs the daemon's Python side. The faults of a group (several threads faulting at once) have their reads in
 flight together (Linux AIO on the O_DIRECT swap file; one fault alone is a
 plain pread, two syscalls cheaper).
 

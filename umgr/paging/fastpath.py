@@ -20,19 +20,21 @@ The C call is made only where its answer is the full path's:
   every page served here, after the fact, and the call ends early when a
   page lies near one served lately (NEAR_PAGES), so that it may see a
   stream start. The pages it asks for come in at once, and a fault at
-  most STREAM_REACH pages past the far end of one of the latest 8 such windows
-  (the way its stream goes) goes to the full path, whose read brings the
-  next window with the faulting page. Other faults, such as an interpreter's random ones between its
-  scans, stay here;
+  most STREAM_REACH pages past the far end of one of the latest 8 such
+  windows (the way its stream goes) goes to the full path, whose read
+  brings the next window with the faulting page. Other faults, such as an
+  interpreter's random ones between its scans, stay here;
 - swapped pages only while the store can be read with a plain pread
   (Backend.sync_read_fd); fresh pages always.
 The call also takes the REMOVE events of the zap in flight that name only
 its pages, each for the first time (removes.py tells the full path's
 events apart the same way): an eviction batch of scattered pages raises
 one per page, and each used to send the faults queued behind it to the
-full path. Everything else the call reads (other events, write-protect
-faults, other states, failed reads or copies) it hands back, still in the
-message buffer.
+full path. It serves write-protect faults on RESIDENT pages too (a page
+that came in clean or by prefetch, written): unprotected, its clean copy
+and flags dropped. Everything else the call reads (other events, faults
+on pages in other states, failed reads, copies or unprotects) it hands
+back, still in the message buffer.
 """
 from __future__ import annotations
 

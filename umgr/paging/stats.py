@@ -68,9 +68,3 @@ class TargetStats:
     def record_latency(self, seconds: float, faults: int) -> None:
         self.fault_latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += faults
         self.fault_latency_sum += seconds * faults
-
-    def record_latencies(self, seconds: np.ndarray) -> None:
-        """One fault per entry."""
-        buckets = np.searchsorted(LATENCY_BUCKETS, seconds)
-        self.fault_latency += np.bincount(buckets, minlength=len(self.fault_latency))
-        self.fault_latency_sum += float(seconds.sum())
