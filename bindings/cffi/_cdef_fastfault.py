@@ -62,11 +62,10 @@ struct umgr_fast_log {
     uint64_t recent[8];   /* the latest pages served, over calls (a ring) */
     int32_t recent_at;    /* where the next goes in it */
     uint64_t streams[8];  /* the far ends of the latest prefetch windows (0: none): a fault
-                             at most stream_reach pages past one, the way its stream goes,
-                             continues it, and goes to the full path, which brings the
-                             next window with it */
-    int8_t stream_way[8]; /* 1: the stream ascends, -1: it descends */
-    int64_t stream_reach;
+                             on one, or one or two steps past it, continues its stream,
+                             and goes to the full path, which brings the next window
+                             with it */
+    int32_t stream_step[8]; /* the pages between a window's pages: > 0 ascends, < 0 descends */
     /* The zap in flight (umgr/paging/removes.py), 0 pages: none. Its
        REMOVE events are taken here when they name its pages, all of them
        for the first time; the others go to the full path. */
@@ -226,13 +225,14 @@ static int umgr_fast_close_to(const uint64_t *pages, uint64_t vpn, int64_t near)
     return 0;
 }
 
-/* Whether `vpn` lies at most stream_reach pages past the far end of one
-   of the latest prefetch windows, the way its stream goes. */
+/* Whether `vpn` is the far end of one of the latest prefetch windows, or
+   one or two of its steps past it. */
 static int umgr_fast_continues_stream(const struct umgr_fast_log *log, uint64_t vpn)
 {
     for (int i = 0; i < 8; i++) {
-        int64_t past = (int64_t)(vpn - log->streams[i]) * log->stream_way[i];
-        if (log->streams[i] && past >= 0 && past <= log->stream_reach)
+        int64_t step = log->stream_step[i];
+        int64_t past = (int64_t)(vpn - log->streams[i]);
+        if (log->streams[i] && step && past % step == 0 && past / step >= 0 && past / step <= 2)
             return 1;
     }
     return 0;

@@ -19,10 +19,10 @@ The C call is made only where its answer is the full path's:
 - not near a stream the prefetch policy follows. The policy hears of
   every page served here, after the fact, and the call ends early when a
   page lies near one served lately (NEAR_PAGES), so that it may see a
-  stream start. The pages it asks for come in at once, and a fault at
-  most STREAM_REACH pages past the far end of one of the latest 8 such
-  windows (the way its stream goes) goes to the full path, whose read
-  brings the next window with the faulting page. Other faults, such as an
+  stream start. The pages it asks for come in at once, and a fault on
+  the far end of one of the latest 8 such windows, or one or two of its
+  steps past it, goes to the full path, whose read brings the next
+  window with the faulting page. Other faults, such as an
   interpreter's random ones between its scans, stay here;
 - swapped pages only while the store can be read with a plain pread
   (Backend.sync_read_fd); fresh pages always.
@@ -61,7 +61,6 @@ SLICE_SECONDS = 1e-3    # and how long it may run: the evictor and other targets
 # heap faults cluster, and each call served one fault. A strided stream is
 # seen when the call returns anyway (at most LOG_PAGES faults or SLICE_SECONDS).
 NEAR_PAGES = 2
-STREAM_REACH = 64       # a fault at most this far past a prefetch window's far end is the full path's
 
 
 class FastPath:
@@ -98,7 +97,6 @@ class FastPath:
         self._layout = -1
         self._nregions = 0
         self._pointers: dict[int, tuple] = {}     # id(region) -> ((its state, slot, flags), their C pointers)
-        log.stream_reach = STREAM_REACH
         self._stream_at = 0                       # where the next window's far end goes in log.streams
 
     def _follow_table(self) -> int:
@@ -135,11 +133,13 @@ class FastPath:
 
     def prefetching(self, vpn: int, window: np.ndarray) -> None:
         """The prefetch policy asked for `window` (sorted) at a fault on
-        `vpn`: the stream's next fault lands near the window's far end."""
+        `vpn`: the stream's next fault lands a step past the window's far
+        end (a step: the gap between its pages, 1 when it has one)."""
         first, last = int(window[0]), int(window[-1])
+        step = int(window[1] - window[0]) if len(window) > 1 else 1
         descends = vpn - first > last - vpn
         self._log.streams[self._stream_at] = first if descends else last
-        self._log.stream_way[self._stream_at] = -1 if descends else 1
+        self._log.stream_step[self._stream_at] = -step if descends else step
         self._stream_at = (self._stream_at + 1) % len(self._log.streams)
 
     def _room(self) -> int:
