@@ -246,6 +246,16 @@ def test_the_fast_path_sees_every_region_as_the_table_has_it():
     assert fast.ready() and _c_regions(fast) == _table_regions(pt)
 
 
+def test_the_fast_path_notes_where_a_stream_goes_next():
+    from umgr.paging.pagetable import PageTable
+    fast = _fast_path_over(PageTable())
+    fast.prefetching(100, np.arange(101, 109))              # ascending, step 1: next fault at 109
+    fast.prefetching(500, np.arange(436, 500, 4))           # descending by 4: far end 436
+    fast.prefetching(900, np.array([901, 901 + (1 << 31)]))  # a plug-in's scattered pages: not a stream
+    log = fast._log
+    assert [(int(log.streams[i]), int(log.stream_step[i])) for i in range(3)] == [(108, 1), (436, -4), (0, 0)]
+
+
 def test_the_fast_path_stops_at_the_budget():
     from umgr.paging.pagetable import PageTable, State
     pt = PageTable()

@@ -137,6 +137,8 @@ class FastPath:
         end (a step: the gap between its pages, 1 when it has one)."""
         first, last = int(window[0]), int(window[-1])
         step = int(window[1] - window[0]) if len(window) > 1 else 1
+        if not 0 < step < 1 << 31:   # not a stream the C call's int32 can hold (a plug-in's scattered pages)
+            return
         descends = vpn - first > last - vpn
         self._log.streams[self._stream_at] = first if descends else last
         self._log.stream_step[self._stream_at] = -step if descends else step
