@@ -38,8 +38,8 @@ def test_random_faults_over_many_mappings_go_the_fast_path(umgr_exec, programs):
     stats = result.stats
     missing = stats["faults_missing"]
     assert stats["faults_fast"] >= 0.8 * missing, stats
-    # Eviction goes on all along; its zaps' REMOVE events (one per scattered
-    # run) are taken in C too, or the faults queued behind them would not be.
+    # Eviction goes on all along: its zaps' REMOVE events (one per scattered
+    # run) come between the faults the C call serves.
     assert stats["own_removes"] > 1000, stats
 
 

@@ -64,20 +64,6 @@ def test_the_kernels_repeated_tail_after_a_vma_split_is_not_a_discard():
     assert list(attribution.end()) == []
 
 
-def test_events_the_fast_path_took_count_as_seen():
-    # The C call marks the pages of the events it takes in the same hits
-    # array and reports them; the full path then judges the rest as if it
-    # had read them all.
-    attribution = zap(*range(10, 20), 30)
-    vpns, hits = attribution.zap
-    hits[:10] = 1                          # what the C call does for the event [10, 20)
-    attribution.taken(np.array([10], np.uint64), np.array([20], np.uint64))
-    assert attribution.count(15, 20)       # the kernel's repeated tail of it
-    assert not attribution.count(12, 13)   # the app discards page 12 too
-    assert attribution.count(30, 31)
-    assert list(attribution.end()) == [12]
-
-
 # ---- the clean-part split ----------------------------------------------------------
 def test_without_keep_clean_a_run_is_one_writable_part():
     swapped = np.ones(4, bool)
@@ -210,7 +196,7 @@ def _fast_path_over(pt, budget_pages: int = 0):
     from umgr.paging.fastpath import FastPath
     from umgr.trace import NO_TRACE
     core = SimpleNamespace(pt=pt, trace=NO_TRACE, budget=Budget(budget_pages))
-    return FastPath(core, RemoveAttribution(), spin=0.0)
+    return FastPath(core, spin=0.0)
 
 
 def _c_regions(fast) -> list[tuple[int, int, int, int]]:

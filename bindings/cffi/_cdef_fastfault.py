@@ -14,11 +14,6 @@ next fault is already queued when it is done: the daemon was the
 bottleneck. Here the faults of a call are served back to back, and Python
 settles them afterwards in one batch (umgr/paging/fastpath.py).
 
-Every page of an eviction batch's zap raises one UFFD_EVENT_REMOVE (the
-zapping thread waits until it is read): the call takes those of the zap in
-flight too, as the full path would (removes.py), so that the faults
-queued behind them stay here.
-
 The call changes the page table only as the Python side would for such a
 fault (state RESIDENT, slot kept or cleared, per-state counts) and logs each
 page it served. Anything else it reads (another event, a fault on a page
@@ -66,15 +61,6 @@ struct umgr_fast_log {
                              and goes to the full path, which brings the next window
                              with it */
     int32_t stream_step[8]; /* the pages between a window's pages: > 0 ascends, < 0 descends */
-    /* The zap in flight (umgr/paging/removes.py), 0 pages: none. Its
-       REMOVE events are taken here when they name its pages, all of them
-       for the first time; the others go to the full path. */
-    int64_t zap_pages;
-    int64_t *zap_vpn;     /* its pages, sorted */
-    uint8_t *zap_hits;    /* REMOVEs that covered each (at most 2 counted) */
-    int32_t removes;      /* REMOVEs the last call took (at most max) */
-    uint64_t *remove_lo;  /* each one's pages [lo, hi) */
-    uint64_t *remove_hi;
 };
 """
 
@@ -148,45 +134,7 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
 #define UMGR_PLAN_SWAPPED 1  /* read its slot, copy it in */
 #define UMGR_PLAN_FRESH 2    /* zeros */
 #define UMGR_PLAN_DUP 3      /* the same page as an earlier one: that copy wakes it too */
-#define UMGR_PLAN_OWN 4      /* a REMOVE of the zap in flight, counted */
-#define UMGR_PLAN_WP 5       /* a write to a RESIDENT page: unprotect it */
-
-/* The first index of sorted[0..n) holding a value >= v. */
-static int64_t umgr_lower_bound(const int64_t *sorted, int64_t n, int64_t v)
-{
-    int64_t lo = 0, hi = n;
-    while (lo < hi) {
-        int64_t mid = lo + (hi - lo) / 2;
-        if (sorted[mid] < v)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-/* Whether a REMOVE message is the zap's own: its pages [lo, hi) are all in
-   the zap and no REMOVE named any of them before (removes.py,
-   RemoveAttribution.count; anything else, such as the kernel's repeat of
-   a range's tail after a VMA split, goes to the full path). Counts it. */
-static int umgr_fast_own_remove(const struct uffd_msg *m, struct umgr_fast_log *log)
-{
-    if (!log->zap_pages || log->removes >= log->max)
-        return 0;
-    uint64_t lo = m->arg.remove.start >> 12, hi = (m->arg.remove.end + 4095) >> 12;
-    int64_t a = umgr_lower_bound(log->zap_vpn, log->zap_pages, (int64_t)lo);
-    int64_t b = umgr_lower_bound(log->zap_vpn, log->zap_pages, (int64_t)hi);
-    if (hi <= lo || (uint64_t)(b - a) != hi - lo)
-        return 0;
-    for (int64_t k = a; k < b; k++)
-        if (log->zap_hits[k])
-            return 0;
-    for (int64_t k = a; k < b; k++)
-        log->zap_hits[k] = 1;
-    log->remove_lo[log->removes] = lo;
-    log->remove_hi[log->removes++] = hi;
-    return 1;
-}
+#define UMGR_PLAN_WP 4       /* a write to a RESIDENT page: unprotect it */
 
 static int umgr_fast_open(struct umgr_fast_log *log)
 {
@@ -239,9 +187,8 @@ static int umgr_fast_continues_stream(const struct umgr_fast_log *log, uint64_t 
 }
 
 /* The plan of msgs[0..n) and the region of each: plain faults in the
-   regions, up to `cap` of them, not near a stream, and the zap's own
-   REMOVEs, until the first message that is neither (it and all after it:
-   OTHER). */
+   regions, up to `cap` of them, that continue no stream, until the first
+   message that is not one (it and all after it: OTHER). */
 static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
                            int nregions, int swap_fd, int cap, struct umgr_fast_log *log, int *plan,
                            const struct umgr_fast_region **in)
@@ -250,10 +197,6 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
     for (int i = 0; i < n; i++) {
         plan[i] = UMGR_PLAN_OTHER;
         const struct uffd_msg *m = &msgs[i];
-        if (!other && m->event == UFFD_EVENT_REMOVE && umgr_fast_own_remove(m, log)) {
-            plan[i] = UMGR_PLAN_OWN;
-            continue;
-        }
         if (other || planned >= cap || m->event != UFFD_EVENT_PAGEFAULT) {
             other = 1;
             continue;
@@ -437,7 +380,7 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct 
     umgr_fast_plan(msgs, n, regions, nregions, swap_fd, cap, log, plan, in);
     int64_t read_ns = umgr_fast_read(msgs, n, plan, in, swap_fd, pages, log, ok);
     for (int i = 0; i < n; i++) {
-        int served = plan[i] == UMGR_PLAN_DUP || plan[i] == UMGR_PLAN_OWN;
+        int served = plan[i] == UMGR_PLAN_DUP;
         if (plan[i] == UMGR_PLAN_WP)
             served = umgr_fast_unprotect(uffd, &msgs[i], in[i], log, started);
         else if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH || (plan[i] == UMGR_PLAN_SWAPPED && ok[i])))
@@ -471,7 +414,6 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
     int group = max_msgs < UMGR_FAST_GROUP ? max_msgs : UMGR_FAST_GROUP;
     log->served = 0;
     log->handoff = 0;
-    log->removes = 0;
     for (;;) {
         int got = umgr_fast_next(uffd, msgs, spin_ns);
         if (got <= 0)
@@ -493,8 +435,7 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
                 near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
-        if (near_one || log->served >= log->max || log->served >= room || started >= until
-                || log->removes >= log->max)
+        if (near_one || log->served >= log->max || log->served >= room || started >= until)
             return UMGR_FAST_YIELD;
     }
 }

@@ -26,11 +26,7 @@ The C call is made only where its answer is the full path's:
   interpreter's random ones between its scans, stay here;
 - swapped pages only while the store can be read with a plain pread
   (Backend.sync_read_fd); fresh pages always.
-The call also takes the REMOVE events of the zap in flight that name only
-its pages, each for the first time (removes.py tells the full path's
-events apart the same way): an eviction batch of scattered pages raises
-one per page, and each used to send the faults queued behind it to the
-full path. It serves write-protect faults on RESIDENT pages too (a page
+It serves write-protect faults on RESIDENT pages too (a page
 that came in clean or by prefetch, written): unprotected, its clean copy
 and flags dropped. Everything else the call reads (other events, faults
 on pages in other states, failed reads, copies or unprotects) it hands
@@ -44,7 +40,6 @@ from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, Flag, State
-from umgr.paging.removes import RemoveAttribution
 from umgr.trace import NO_TRACE
 
 assert uffdmod.fast_state_values() == (State.FRESH, State.RESIDENT, State.SWAPPED)
@@ -64,9 +59,8 @@ NEAR_PAGES = 2
 
 
 class FastPath:
-    def __init__(self, core: TargetCore, removes: RemoveAttribution, spin: float, enabled: bool = True):
+    def __init__(self, core: TargetCore, spin: float, enabled: bool = True):
         self.core = core
-        self.removes = removes
         self.enabled = enabled
         self.spin_ns = int(spin * 1e9)
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
@@ -88,11 +82,6 @@ class FastPath:
         log.read_ns = uffdmod.array_pointer("int64_t *", self._read_ns)
         log.serve_ns = uffdmod.array_pointer("int64_t *", self._serve_ns)
         log.aio = uffdmod.fast_aio_context()
-        self._remove_lo = np.zeros(LOG_PAGES, np.uint64)
-        self._remove_hi = np.zeros(LOG_PAGES, np.uint64)
-        log.remove_lo = uffdmod.array_pointer("uint64_t *", self._remove_lo)
-        log.remove_hi = uffdmod.array_pointer("uint64_t *", self._remove_hi)
-        self._zap = None                          # the vpns of the zap in flight the log points at
         self._table = None                        # the table and layout self._regions describe
         self._layout = -1
         self._nregions = 0
@@ -157,24 +146,9 @@ class FastPath:
         are the full path's) or YIELD. Call settle() after it either way."""
         core = self.core
         self._log.keep_period = core.clean.keep_period()
-        self._point_at_zap()
         return core.uffd.serve_plain_faults(
             self._regions, self._nregions, core.backend.sync_read_fd(), self._pages.addr, self._zeros.addr,
             self.spin_ns, int(SLICE_SECONDS * 1e9), self._room(), NEAR_PAGES, self._log)
-
-    def _point_at_zap(self) -> None:
-        """Show the call the zap in flight (removes.py), if it changed."""
-        zap = self.removes.zap
-        vpns = None if zap is None else zap[0]
-        if vpns is self._zap:
-            return
-        self._zap = vpns   # begin() makes both arrays anew: the vpns tell
-        if zap is None:
-            self._log.zap_pages = 0
-            return
-        self._log.zap_vpn = uffdmod.array_pointer("int64_t *", vpns)
-        self._log.zap_hits = uffdmod.array_pointer("uint8_t *", zap[1])
-        self._log.zap_pages = len(vpns)
 
     def settle(self) -> tuple[np.ndarray, np.ndarray]:
         """The counters, the store and the eviction policy learn of the
@@ -184,10 +158,6 @@ class FastPath:
         (the policy's hits). A call serves a few faults: plain integers
         here, not numpy, whose reductions cost microseconds each."""
         core, stats = self.core, self.core.stats
-        removes = self._log.removes
-        if removes:
-            stats.own_removes += removes
-            self.removes.taken(self._remove_lo[:removes], self._remove_hi[:removes])
         n = self._log.served
         if not n:
             return EMPTY, EMPTY

@@ -20,37 +20,22 @@ import numpy as np
 
 
 class RemoveAttribution:
-    # The fault path's C call takes most events of a zap itself (those
-    # naming only pages no REMOVE named before; fastpath.py): it reads and
-    # writes the same arrays, and settle() tells taken() what it took.
-    # count() runs once per event left to the full path.
+    # Plain lists, not numpy: count() runs once per REMOVE event, on the
+    # fault loop's thread, and most events of a zap name one or a few pages.
     def __init__(self):
-        self._vpns: np.ndarray | None = None   # the zap in flight, sorted (int64)
+        self._vpns: np.ndarray | None = None   # the zap in flight, sorted
         self._sorted: list[int] = []            # the same vpns, for bisect
-        self._hits = np.zeros(0, np.uint8)      # REMOVEs that covered each page (at most 2 counted)
+        self._hits = bytearray()                # REMOVEs that covered each page (at most 2 counted)
         self._lowest_lo: dict[int, int] = {}     # hi -> lowest lo of the events seen ending there
 
     @property
     def active(self) -> bool:
         return self._vpns is not None
 
-    @property
-    def zap(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The zap in flight as (its sorted vpns, REMOVEs per page), or None."""
-        return None if self._vpns is None else (self._vpns, self._hits)
-
     def begin(self, vpns: np.ndarray) -> None:
         """A zap of these sorted vpns is about to be issued."""
-        self._vpns = np.ascontiguousarray(vpns, np.int64)
-        self._sorted = self._vpns.tolist()
-        self._hits, self._lowest_lo = np.zeros(len(vpns), np.uint8), {}
-
-    def taken(self, lo: np.ndarray, hi: np.ndarray) -> None:
-        """Events [lo, hi) the C call counted as the zap's (it marked their
-        pages): count() must know them to tell a repeated tail."""
-        for first, end in zip(lo.tolist(), hi.tolist()):
-            seen_lo = self._lowest_lo.get(end)
-            self._lowest_lo[end] = first if seen_lo is None else min(first, seen_lo)
+        self._vpns, self._sorted = vpns, vpns.tolist()
+        self._hits, self._lowest_lo = bytearray(len(vpns)), {}
 
     def count(self, lo: int, hi: int) -> bool:
         """A REMOVE of vpns [lo, hi): True when it can only be the zap's."""
@@ -65,13 +50,13 @@ class RemoveAttribution:
         a = bisect_left(self._sorted, lo)
         b = bisect_left(self._sorted, hi, a)
         hits = self._hits[a:b]
-        first_time = not hits.any()
-        self._hits[a:b] = np.minimum(hits, 1) + 1
+        first_time = not any(hits)
+        self._hits[a:b] = bytes(min(h + 1, 2) for h in hits)
         return first_time and b - a == hi - lo
 
     def end(self) -> np.ndarray:
         """The zap has returned: the pages the app discarded as well."""
-        vpns, hits = self._vpns, self._hits
+        vpns, hits = self._vpns, np.frombuffer(bytes(self._hits), np.uint8)
         self._vpns = None
         if vpns is None:
             return np.empty(0, np.int64)
