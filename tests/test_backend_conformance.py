@@ -16,7 +16,9 @@ from umgr.backends.compressed import CompressedBackend
 from umgr.backends.tiered import DEMOTE_BATCH, Tiered
 from umgr.cli import _backend_value
 from umgr.errors import BackendError, BackendFull
+from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
+from umgr.paging.fastpath import StoreView
 from umgr.paging.tuning import EVICT_BATCH
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
@@ -429,3 +431,60 @@ def test_a_restarted_daemon_finds_the_store_intact(request, tmp_path, name):
             assert not (tmp_path / "swap").exists()
     finally:
         again.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_fast_path_finds_every_page_where_the_store_says(backend):
+    """The fault path's C call reads a swapped page itself where the store
+    tells it how (umgr/paging/fastpath.py StoreView): unpacked from a memory
+    tier's entries, or a pread of its file. Each page it would read so
+    comes back exactly; a freed slot leaves the memory tier's entries."""
+    n = 400
+    out, back = PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 8)
+    slots = backend.slots.alloc(n)
+    run_io(backend.write, slots, out.addrs(np.arange(n)))
+    view = StoreView()
+    store = view.follow(backend)
+    entries = backend.memory_entries()
+    in_memory = entries is not None and entries[0][slots] != 0
+    from_memory = from_file = 0
+    for i, slot in enumerate(slots.tolist()):
+        page = back.addrs(np.array([i]))[0]
+        if entries is not None and entries[0][slot]:
+            assert uffdmod.unpack_entry(store, slot, int(page)), f"slot {slot} did not unpack"
+            from_memory += 1
+        elif store.fd >= 0:
+            assert os.preadv(store.fd, [back.bytes[i * PAGE:(i + 1) * PAGE]], slot * PAGE) == PAGE
+            from_file += 1
+        else:
+            continue   # the full path's (a Redis store)
+        assert np.array_equal(out.bytes[i * PAGE:(i + 1) * PAGE], back.bytes[i * PAGE:(i + 1) * PAGE]), i
+    if "compressed" in backend.name:
+        assert from_memory > 0 and in_memory.sum() == from_memory
+    if backend.name.endswith("file"):
+        assert from_memory + from_file == n   # every page: nothing for the full path
+    backend.slots.free(slots)
+    if entries is not None:
+        assert not entries[0].any()
+        assert not uffdmod.unpack_entry(store, int(slots[0]), int(back.addr))
+
+
+def test_a_damaged_entry_does_not_unpack():
+    """C refuses what does not decompress to exactly one page: the fault
+    goes to the full path, which reports the store's error."""
+    n = 4
+    out, back = PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 9)   # page 1: text, compressed
+    store = CompressedBackend(size=1 << 20)
+    slots = store.slots.alloc(n)
+    run_io(store.write, slots, out.addrs(np.arange(n)))
+    length, where = store.memory_entries()
+    text = int(slots[1])
+    assert 0 < length[text] < PAGE
+    view = StoreView()
+    length[text] -= 1   # a truncated frame
+    assert not uffdmod.unpack_entry(view.follow(store), text, int(back.addr))
+    length[text] += 1
+    assert uffdmod.unpack_entry(view.follow(store), text, int(back.addr))
+    assert np.array_equal(out.bytes[PAGE:2 * PAGE], back.bytes[:PAGE])

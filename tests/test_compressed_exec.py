@@ -67,6 +67,9 @@ def test_heap_like_program_32m_in_8m(umgr_exec, tmp_path, backends):
     assert compressed["pages_written"] >= stats["swap_bytes_written"] // PAGE // 2, explain(result)
     assert compressed["pages_read"] > 0 and compressed["incompressible_pages"] > 0, explain(result)
     assert compressed["pages"] == 0 and compressed["used_bytes"] == 0, explain(result)   # all freed at exit
+    # The fault path's C call unpacks them itself (and reads the file's):
+    # the old build served only fresh pages and writes there, 10% of these.
+    assert stats["faults_fast"] >= 0.8 * stats["faults_swapped"], explain(result)
     if "file" in tiers(result):
         assert compressed["demoted_pages"] > 0, explain(result)
         assert tiers(result)["file"]["pages_read"] > 0, explain(result)

@@ -1,6 +1,7 @@
 """The fault path's common case in C: read the queued uffd messages (up to
 UMGR_FAST_GROUP at once) and serve each MISSING fault on a page that needs
-nothing but its swap slot read (or zeros): read from the swap file,
+nothing but its swap slot read (or zeros): read from the swap file, or
+decompress it from the compressed store's memory (umgr/backends/compressed.py),
 UFFDIO_COPY (or ZEROPAGE), and mark it resident in the page table; and
 each write-protect fault on a RESIDENT page (a page that came in clean, or
 prefetched, is written): unprotect it; on to the next group, until
@@ -25,7 +26,10 @@ INCLUDES = """
 #include <string.h>
 #include <time.h>
 #include <linux/aio_abi.h>
+#include <zstd.h>
 """
+
+LIBRARIES = ["zstd"]
 
 STRUCTS = """
 /* One region of a target's page table (umgr/paging/pagetable.py). */
@@ -38,6 +42,18 @@ struct umgr_fast_region {
     int64_t *counts;      /* pages per state, the table's */
 };
 
+/* Where a swapped page's content is, as the backend tells
+   (umgr/backends/__init__.py: sync_read_fd, memory_entries). */
+struct umgr_fast_store {
+    int fd;               /* a file holding slot s at offset s * 4096, read with pread; -1: none */
+    const int32_t *length; /* a memory tier's entry per slot (NULL: none): 0 not held there,
+                             UMGR_ENTRY_WORD: a page of where[s] repeated, 4096: held raw
+                             at where[s], else that many bytes of one zstd frame at where[s] */
+    const uint64_t *where;
+    uint64_t span;        /* slots below this have an entry */
+    uint64_t dctx;        /* a ZSTD_DCtx (umgr_fast_open) */
+};
+
 /* What one call did, and its limits. The arrays hold max entries. */
 struct umgr_fast_log {
     int32_t max;
@@ -45,8 +61,9 @@ struct umgr_fast_log {
     uint64_t *vpn;        /* the pages served, in fault order */
     int32_t *slot;        /* the slot each was read from, 0: zeros */
     uint8_t *kept;        /* came in write-protected, slot kept */
-    uint8_t *kind;        /* 0: a MISSING fault; UMGR_FAST_WP, with UMGR_FAST_WAS_PREFETCHED:
-                             a write to a resident page (its slot: the clean copy dropped) */
+    uint8_t *kind;        /* 0: a MISSING fault (UMGR_FAST_MEMORY: read from a memory tier);
+                             UMGR_FAST_WP, with UMGR_FAST_WAS_PREFETCHED: a write to a
+                             resident page (its slot: the clean copy dropped) */
     int64_t *read_ns;     /* the pread of each (0: none) */
     int64_t *serve_ns;    /* from its message read to its copy done */
     int32_t keep_period;  /* keep clean copies: 0 never, 1 always, n: every nth read */
@@ -54,6 +71,7 @@ struct umgr_fast_log {
     int32_t handoff;      /* HANDOFF: messages left at the buffer's start for the full path */
     uint64_t aio;         /* the AIO context of grouped reads (umgr_fast_open), 0: none;
                              one per process, shared by every target's calls */
+    uint64_t dctx;        /* the ZSTD_DCtx of decompressions (umgr_fast_open), 0: none */
     uint64_t recent[8];   /* the latest pages served, over calls (a ring) */
     int32_t recent_at;    /* where the next goes in it */
     uint64_t streams[8];  /* the far ends of the latest prefetch windows (0: none): a fault
@@ -76,14 +94,16 @@ TYPES = STRUCTS + """
 #define UMGR_FLAG_PREFETCHED ...
 #define UMGR_FAST_WP ...
 #define UMGR_FAST_WAS_PREFETCHED ...
+#define UMGR_FAST_MEMORY ...
+#define UMGR_ENTRY_WORD ...
 """
 
 FUNCTIONS = """
 int umgr_fast_open(struct umgr_fast_log *log);
 int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *regions,
-                    int nregions,
-                    int swap_fd, uint64_t pages, uint64_t zeros, int64_t spin_ns, int64_t slice_ns,
-                    int32_t room, int64_t near, struct umgr_fast_log *log);
+                    int nregions, const struct umgr_fast_store *store, uint64_t pages, uint64_t zeros,
+                    int64_t spin_ns, int64_t slice_ns, int32_t room, int64_t near, struct umgr_fast_log *log);
+int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page);
 """
 
 CUSTOMIZATIONS = STRUCTS + """
@@ -101,6 +121,9 @@ CUSTOMIZATIONS = STRUCTS + """
 /* log->kind bits */
 #define UMGR_FAST_WP 1
 #define UMGR_FAST_WAS_PREFETCHED 2
+#define UMGR_FAST_MEMORY 4
+/* umgr_fast_store.length of a same-filled page */
+#define UMGR_ENTRY_WORD (-1)
 
 static int64_t umgr_now_ns(void)
 {
@@ -135,14 +158,48 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
 #define UMGR_PLAN_FRESH 2    /* zeros */
 #define UMGR_PLAN_DUP 3      /* the same page as an earlier one: that copy wakes it too */
 #define UMGR_PLAN_WP 4       /* a write to a RESIDENT page: unprotect it */
+#define UMGR_PLAN_MEMORY 5   /* unpack its slot from the memory tier, copy it in */
 
 static int umgr_fast_open(struct umgr_fast_log *log)
 {
+    log->dctx = (uint64_t)(uintptr_t)ZSTD_createDCtx();
     aio_context_t ctx = 0;
     if (syscall(SYS_io_setup, UMGR_FAST_GROUP, &ctx) < 0)
         return -errno;
     log->aio = ctx;
     return 0;
+}
+
+/* Whether the memory tier holds slot. */
+static int umgr_fast_in_memory(const struct umgr_fast_store *store, int32_t slot)
+{
+    return store->length != NULL && (uint64_t)slot < store->span && store->length[slot] != 0;
+}
+
+/* Unpack the memory tier's page of slot into page (4096 bytes); 1 when
+   it came out whole. */
+static int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page)
+{
+    if (!umgr_fast_in_memory(store, (int32_t)slot))
+        return 0;
+    int32_t length = store->length[slot];
+    uint64_t where = store->where[slot];
+    void *out = (void *)(uintptr_t)page;
+    if (length == UMGR_ENTRY_WORD) {
+        uint64_t *words = out;
+        for (int w = 0; w < 4096 / 8; w++)
+            words[w] = where;
+        return 1;
+    }
+    if (length == 4096) {
+        memcpy(out, (const void *)(uintptr_t)where, 4096);
+        return 1;
+    }
+    if (length < 0 || !store->dctx)
+        return 0;
+    size_t got = ZSTD_decompressDCtx((ZSTD_DCtx *)(uintptr_t)store->dctx, out, 4096,
+                                     (const void *)(uintptr_t)where, (size_t)length);
+    return !ZSTD_isError(got) && got == 4096;
 }
 
 /* The region of regions[0..nregions) (sorted by vpn) holding vpn, or NULL. */
@@ -190,8 +247,8 @@ static int umgr_fast_continues_stream(const struct umgr_fast_log *log, uint64_t 
    regions, up to `cap` of them, that continue no stream, until the first
    message that is not one (it and all after it: OTHER). */
 static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
-                           int nregions, int swap_fd, int cap, struct umgr_fast_log *log, int *plan,
-                           const struct umgr_fast_region **in)
+                           int nregions, const struct umgr_fast_store *store, int cap, struct umgr_fast_log *log,
+                           int *plan, const struct umgr_fast_region **in)
 {
     int planned = 0, other = 0;
     for (int i = 0; i < n; i++) {
@@ -209,8 +266,8 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
             continue;
         }
         for (int j = 0; j < i; j++)
-            if ((plan[j] == UMGR_PLAN_SWAPPED || plan[j] == UMGR_PLAN_FRESH || plan[j] == UMGR_PLAN_WP)
-                    && msgs[j].arg.pagefault.address >> 12 == vpn)
+            if ((plan[j] == UMGR_PLAN_SWAPPED || plan[j] == UMGR_PLAN_MEMORY || plan[j] == UMGR_PLAN_FRESH
+                    || plan[j] == UMGR_PLAN_WP) && msgs[j].arg.pagefault.address >> 12 == vpn)
                 plan[i] = UMGR_PLAN_DUP;
         if (plan[i] == UMGR_PLAN_DUP)
             continue;
@@ -225,7 +282,9 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
                 continue;
             }
             plan[i] = UMGR_PLAN_WP;
-        } else if (state == UMGR_STATE_SWAPPED && slot != 0 && swap_fd >= 0)
+        } else if (state == UMGR_STATE_SWAPPED && slot != 0 && umgr_fast_in_memory(store, slot))
+            plan[i] = UMGR_PLAN_MEMORY;   /* a page is in exactly one tier: the memory one if it holds it */
+        else if (state == UMGR_STATE_SWAPPED && slot != 0 && store->fd >= 0)
             plan[i] = UMGR_PLAN_SWAPPED;
         else if (state == UMGR_STATE_FRESH && slot == 0)
             plan[i] = UMGR_PLAN_FRESH;
@@ -237,20 +296,22 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
     }
 }
 
-/* Read the slots of the SWAPPED messages into pages (page i for message
-   i); ok[i] says which arrived whole. Returns how long it took. */
+/* Read the slots of the SWAPPED and MEMORY messages into pages (page i
+   for message i); ok[i] says which arrived whole. Returns how long it took. */
 static int64_t umgr_fast_read(const struct uffd_msg *msgs, int n, const int *plan,
-                              const struct umgr_fast_region *const *in, int swap_fd, uint64_t pages,
-                              struct umgr_fast_log *log, int *ok)
+                              const struct umgr_fast_region *const *in, const struct umgr_fast_store *store,
+                              uint64_t pages, struct umgr_fast_log *log, int *ok)
 {
     struct iocb cbs[UMGR_FAST_GROUP], *list[UMGR_FAST_GROUP];
-    int index[UMGR_FAST_GROUP], nreads = 0;
+    int index[UMGR_FAST_GROUP], nreads = 0, swap_fd = store->fd;
     int64_t started = umgr_now_ns();
     for (int i = 0; i < n; i++) {
         ok[i] = 0;
+        uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
+        if (plan[i] == UMGR_PLAN_MEMORY)
+            ok[i] = umgr_fast_unpack(store, (uint32_t)in[i]->slot[vpn - in[i]->vpn], pages + (uint64_t)i * 4096);
         if (plan[i] != UMGR_PLAN_SWAPPED)
             continue;
-        uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
         memset(&cbs[nreads], 0, sizeof(cbs[nreads]));
         cbs[nreads].aio_lio_opcode = IOCB_CMD_PREAD;
         cbs[nreads].aio_fildes = swap_fd;
@@ -323,7 +384,7 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     int write = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
     int32_t slot = 0;
     int kept = 0, ret;
-    if (plan == UMGR_PLAN_SWAPPED) {
+    if (plan == UMGR_PLAN_SWAPPED || plan == UMGR_PLAN_MEMORY) {
         slot = r->slot[i];
         if (!write && log->keep_period == 1)
             kept = 1;
@@ -352,8 +413,8 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     log->vpn[n] = vpn;
     log->slot[n] = slot;
     log->kept[n] = (uint8_t)kept;
-    log->kind[n] = 0;
-    log->read_ns[n] = plan == UMGR_PLAN_SWAPPED ? read_ns : 0;
+    log->kind[n] = plan == UMGR_PLAN_MEMORY ? UMGR_FAST_MEMORY : 0;
+    log->read_ns[n] = plan == UMGR_PLAN_SWAPPED || plan == UMGR_PLAN_MEMORY ? read_ns : 0;
     log->serve_ns[n] = umgr_now_ns() - started;
     return 1;
 }
@@ -372,18 +433,19 @@ static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
    buffer's start for the full path (in the order read); the rest of the
    group is zeroed (served: nothing for a restarted daemon to replay). */
 static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
-                           int nregions, int swap_fd, uint64_t pages, uint64_t zeros, int cap,
-                           struct umgr_fast_log *log, int64_t started)
+                           int nregions, const struct umgr_fast_store *store, uint64_t pages, uint64_t zeros,
+                           int cap, struct umgr_fast_log *log, int64_t started)
 {
     int plan[UMGR_FAST_GROUP], ok[UMGR_FAST_GROUP], left = 0;
     const struct umgr_fast_region *in[UMGR_FAST_GROUP];
-    umgr_fast_plan(msgs, n, regions, nregions, swap_fd, cap, log, plan, in);
-    int64_t read_ns = umgr_fast_read(msgs, n, plan, in, swap_fd, pages, log, ok);
+    umgr_fast_plan(msgs, n, regions, nregions, store, cap, log, plan, in);
+    int64_t read_ns = umgr_fast_read(msgs, n, plan, in, store, pages, log, ok);
     for (int i = 0; i < n; i++) {
         int served = plan[i] == UMGR_PLAN_DUP;
         if (plan[i] == UMGR_PLAN_WP)
             served = umgr_fast_unprotect(uffd, &msgs[i], in[i], log, started);
-        else if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH || (plan[i] == UMGR_PLAN_SWAPPED && ok[i])))
+        else if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH
+                                  || ((plan[i] == UMGR_PLAN_SWAPPED || plan[i] == UMGR_PLAN_MEMORY) && ok[i])))
             served = umgr_fast_place(uffd, &msgs[i], plan[i], in[i], pages + (uint64_t)i * 4096, zeros, log,
                                      read_ns, started);
         if (!served) {
@@ -402,13 +464,13 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct 
    reached (YIELD): the log is full, `room` pages came in, slice_ns passed,
    or a page lies within `near` pages of one of the last 8 served (the
    prefetch policy may see a stream start: threads that each scan their own
-   part interleave their faults). swap_fd < 0: swapped pages go to the
-   full path. Returns UMGR_FAST_* or -errno of a failed
+   part interleave their faults). A swapped page the store cannot give
+   (not in its memory tier, and no file) goes to the full path. Returns UMGR_FAST_* or -errno of a failed
    read of the uffd; log->served says how many pages were served. */
 static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *regions,
-                    int nregions,
-                           int swap_fd, uint64_t pages, uint64_t zeros, int64_t spin_ns, int64_t slice_ns,
-                           int32_t room, int64_t near, struct umgr_fast_log *log)
+                           int nregions, const struct umgr_fast_store *store, uint64_t pages, uint64_t zeros,
+                           int64_t spin_ns, int64_t slice_ns, int32_t room, int64_t near,
+                           struct umgr_fast_log *log)
 {
     int64_t until = umgr_now_ns() + slice_ns;
     int group = max_msgs < UMGR_FAST_GROUP ? max_msgs : UMGR_FAST_GROUP;
@@ -427,11 +489,11 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         int cap = room - log->served;
         if (cap > log->max - log->served)
             cap = log->max - log->served;
-        log->handoff = umgr_fast_group(uffd, msgs, n, regions, nregions, swap_fd, pages, zeros, cap, log,
+        log->handoff = umgr_fast_group(uffd, msgs, n, regions, nregions, store, pages, zeros, cap, log,
                                        started);
         int near_one = 0;
         for (int32_t i = first; i < log->served; i++)
-            if (!log->kind[i])   /* a write to a resident page starts no stream */
+            if (!(log->kind[i] & UMGR_FAST_WP))   /* a write to a resident page starts no stream */
                 near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;

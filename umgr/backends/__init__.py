@@ -57,16 +57,25 @@ class Backend:
     def close(self) -> None:
         pass
 
+    # Reads done outside read(): the fault path's C call (umgr/paging/fastpath.py)
+    # reads a page itself where the store says how, and reports it after.
     def sync_read_fd(self) -> int:
-        """A file whose page at offset slot * PAGE_SIZE is slot's content,
-        for a one-page pread done outside read() (then reported with
-        reads_done_elsewhere()); -1 when this store has none, or when
-        reads should go through read() now."""
+        """A file whose page at offset slot * PAGE_SIZE is slot's content
+        (unless memory_entries() holds the slot), for a one-page pread;
+        -1 when this store has none, or when reads should go through read() now."""
         return -1
 
-    def reads_done_elsewhere(self, seconds: list[float]) -> None:
-        """Pages were read from sync_read_fd(), one per entry, each taking
-        that many seconds."""
+    def memory_entries(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """A memory tier's pages, per slot, as C unpacks them
+        (bindings/cffi/_cdef_fastfault.py, struct umgr_fast_store): the
+        length of each entry (int32; 0: not held here) and its address or
+        word (uint64). The arrays stay the same for the store's life and
+        are updated whenever an entry is stored or dropped. None: no such tier."""
+        return None
+
+    def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
+        """Pages were read from sync_read_fd() and unpacked from
+        memory_entries(), one per entry, each taking that many seconds."""
         raise NotImplementedError
 
     def _timed(self, started: float) -> float:

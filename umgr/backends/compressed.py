@@ -15,6 +15,10 @@ the difference (45 us of daemon time on an idle machine), so zstd's 4 us
 buy 1.7x the pages in the same memory. Level -1 is the default; `level=N`
 trades speed for ratio.
 
+The fault path's C call (umgr/paging/fastpath.py) unpacks pages itself,
+from `memory_entries()`: per slot, the length and address of its entry,
+kept beside the dict that owns the entries.
+
 Costs counted against the cap: each page's compressed bytes and
 ENTRY_OVERHEAD (its dict entry, key and bytes header as tracemalloc
 measures them, plus malloc's chunk header and rounding). A same-filled
@@ -33,6 +37,8 @@ import zstandard
 from umgr.backends import Backend
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
+from umgr.kernel.buffers import bytes_address
+from umgr.kernel.uffd import ENTRY_WORD
 
 log = logging.getLogger("umgr.backend")
 
@@ -64,6 +70,7 @@ class CompressedBackend(Backend):
                                                     write_checksum=False)
         self._decompressor = zstandard.ZstdDecompressor()
         self._pages: dict[int, bytes | int] = {}   # slot -> entry, oldest first (dict order)
+        self._index_slots()
         self.held_bytes = 0            # counted against the cap
         self.same_filled = 0           # pages held as one word
         self.incompressible = 0        # pages that did not compress (declined or held raw)
@@ -77,6 +84,14 @@ class CompressedBackend(Backend):
         """Become the fast tier in front of `lower`: its slots are ours."""
         self.slots = lower.slots
         self.alone = False
+        self._index_slots()
+
+    def _index_slots(self) -> None:
+        """The entries as C reads them, per slot of self.slots: the length
+        of each (0: not held; ENTRY_WORD: a same-filled page, its word in
+        _where; PAGE_SIZE: held raw) and its address."""
+        self._length = np.zeros(self.slots.span, np.int32)
+        self._where = np.zeros(self.slots.span, np.uint64)
 
     async def pack(self, addrs: np.ndarray) -> list:
         """The entry of each page (None: incompressible, for the next tier)."""
@@ -118,6 +133,7 @@ class CompressedBackend(Backend):
             if self.held_bytes + cost > self.cap:
                 break
             self._pages[slot] = entry
+            self._index(slot, entry)
             self.held_bytes += cost
             self.same_filled += isinstance(entry, int)
             kept[i] = True
@@ -125,6 +141,12 @@ class CompressedBackend(Backend):
         if len(self._pages) > self.peak_pages:
             self.peak_pages, self.peak_bytes = len(self._pages), self.held_bytes
         return kept
+
+    def _index(self, slot: int, entry) -> None:
+        if isinstance(entry, int):
+            self._length[slot], self._where[slot] = ENTRY_WORD, entry
+        else:
+            self._length[slot], self._where[slot] = len(entry), bytes_address(entry)
 
     def holds(self, slots: np.ndarray) -> np.ndarray:
         pages = self._pages
@@ -186,6 +208,15 @@ class CompressedBackend(Backend):
         self.read_seconds += elapsed
         self._timed(started)
 
+    def memory_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._length, self._where
+
+    def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
+        self.pages_read += len(memory_seconds)
+        self.read_seconds += sum(memory_seconds)
+        for elapsed in memory_seconds:
+            self._count_io(elapsed)
+
     def _unpack_one(self, entry, addr: int) -> None:
         if isinstance(entry, int):
             if entry == 0:
@@ -214,6 +245,7 @@ class CompressedBackend(Backend):
 
     def _forget(self, slot: int) -> None:
         entry = self._pages.pop(slot)
+        self._length[slot] = 0
         self.held_bytes -= self.cost(entry)
         self.same_filled -= isinstance(entry, int)
 
@@ -223,6 +255,7 @@ class CompressedBackend(Backend):
 
     def close(self) -> None:
         self._pages.clear()
+        self._length[:] = 0
         self.held_bytes = 0
 
     def tier_statistics(self) -> list[dict]:

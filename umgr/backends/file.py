@@ -195,9 +195,9 @@ class FileBackend(Backend):
         SYNC_READ_LIMIT): the fault path's C call reads it itself."""
         return self.fd if self._slow_share < 0.5 else -1
 
-    def reads_done_elsewhere(self, seconds: list[float]) -> None:
-        self.pages_read += len(seconds)
-        for elapsed in seconds:
+    def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
+        self.pages_read += len(file_seconds)
+        for elapsed in file_seconds:
             self._note_sync_read(elapsed)
 
     async def _io(self, op: Op, slots: np.ndarray, addrs: np.ndarray) -> None:

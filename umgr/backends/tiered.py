@@ -85,6 +85,21 @@ class Tiered(Backend):
                 await self.lower.read(slots[~held], addrs[~held])
         self.pages_read += len(slots)
 
+    def sync_read_fd(self) -> int:
+        # The lower store's file holds every slot the upper tier does not,
+        # unless the lower store has a memory tier of its own.
+        return self.lower.sync_read_fd() if self.lower.memory_entries() is None else -1
+
+    def memory_entries(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self.upper.memory_entries()
+
+    def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
+        if memory_seconds:
+            self.upper.reads_done_elsewhere([], memory_seconds)
+        if file_seconds:
+            self.lower.reads_done_elsewhere(file_seconds, [])
+        self.pages_read += len(file_seconds) + len(memory_seconds)
+
     async def _demote(self, nbytes: int) -> bool:
         """Move the upper tier's oldest pages (at least nbytes of them, at
         most DEMOTE_BATCH pages) down. False when there was none to move."""

@@ -9,7 +9,14 @@ import mmap
 
 import numpy as np
 
+from umgr.bindings._kernel import ffi as _ffi
 from umgr.kernel import PAGE_SIZE
+
+
+def bytes_address(data: bytes) -> int:
+    """Where a bytes object's content lies in memory: valid while it lives
+    (bytes never move or change)."""
+    return int(_ffi.cast("uintptr_t", _ffi.from_buffer(data)))
 
 
 class PageBuffer:

@@ -373,14 +373,15 @@ class Userfaultfd:
             self._raise(r & 0xFFFF, "UFFDIO_ZEROPAGE")
         return r
 
-    def serve_plain_faults(self, regions, nregions: int, swap_fd: int, pages: int, zeros: int, spin_ns: int,
+    def serve_plain_faults(self, regions, nregions: int, store, pages: int, zeros: int, spin_ns: int,
                            slice_ns: int, room: int, near: int, log) -> int:
         """Serve plain MISSING faults in regions[0..nregions) in C until a message is
         not one (umgr_fast_serve, bindings/cffi/_cdef_fastfault.py),
-        reading messages into .batch. `pages`: FAST_GROUP pages of buffer.
+        reading messages into .batch; swapped pages come from `store` (a
+        struct umgr_fast_store). `pages`: FAST_GROUP pages of buffer.
         Returns FAST_IDLE, FAST_HANDOFF (the first log.handoff messages of
         .batch are the caller's) or FAST_YIELD; log.served pages were served."""
-        r = _lib.umgr_fast_serve(self._fd, self._msgs, self._max, regions, nregions, swap_fd, pages, zeros,
+        r = _lib.umgr_fast_serve(self._fd, self._msgs, self._max, regions, nregions, store, pages, zeros,
                                  spin_ns, slice_ns, room, near, log)
         if r < 0:
             self._raise(-r, "read")
@@ -454,12 +455,25 @@ FAST_YIELD = _lib.UMGR_FAST_YIELD
 
 
 def new_fast_struct(name: str, count: int = 0):
-    """A zeroed struct umgr_fast_log or umgr_fast_region (name), or an
+    """A zeroed struct umgr_fast_log, umgr_fast_region or umgr_fast_store (name), or an
     array of `count` of them, for Userfaultfd.serve_plain_faults()."""
     return _ffi.new(f"struct {name}[{count}]") if count else _ffi.new(f"struct {name} *")
 
 
 _fast_aio = None   # the process's one AIO context for the fast path (a struct umgr_fast_log holding it)
+
+
+def fast_dctx() -> int:
+    """The process's zstd decompression context for the fast path (0: none
+    could be made), made with fast_aio_context()'s struct."""
+    fast_aio_context()
+    return _fast_aio.dctx
+
+
+def unpack_entry(store, slot: int, page: int) -> bool:
+    """Unpack slot's page from the memory tier `store` describes into the
+    4096 bytes at `page`, as the fast path does; whether it came out whole."""
+    return bool(_lib.umgr_fast_unpack(store, slot, page))
 
 
 def fast_aio_context() -> int:
@@ -473,6 +487,9 @@ def fast_aio_context() -> int:
         _fast_aio = _ffi.new("struct umgr_fast_log *")
         _lib.umgr_fast_open(_fast_aio)
     return _fast_aio.aio
+
+
+NULL = _ffi.NULL
 
 
 def array_pointer(ctype: str, array) -> object:
@@ -493,6 +510,8 @@ def fast_flag_values() -> tuple[int, int]:
 
 FAST_WP = _lib.UMGR_FAST_WP                           # log kind: a write to a resident page
 FAST_WAS_PREFETCHED = _lib.UMGR_FAST_WAS_PREFETCHED   # ... that had come in by prefetch
+FAST_MEMORY = _lib.UMGR_FAST_MEMORY                   # a MISSING fault's page came from a memory tier
+ENTRY_WORD = _lib.UMGR_ENTRY_WORD                     # a memory tier's entry length for a same-filled page
 
 
 def supported_features(*, via: str = "auto") -> tuple[int, int]:

@@ -24,8 +24,10 @@ The C call is made only where its answer is the full path's:
   steps past it, goes to the full path, whose read brings the next
   window with the faulting page. Other faults, such as an
   interpreter's random ones between its scans, stay here;
-- swapped pages only while the store can be read with a plain pread
-  (Backend.sync_read_fd); fresh pages always.
+- swapped pages only where the store says how to read them: unpacked
+  from its memory tier (Backend.memory_entries: the compressed store), or
+  read from its file with a plain pread (Backend.sync_read_fd); fresh
+  pages always.
 It serves write-protect faults on RESIDENT pages too (a page
 that came in clean or by prefetch, written): unprotected, its clean copy
 and flags dropped. Everything else the call reads (other events, faults
@@ -82,6 +84,7 @@ class FastPath:
         log.read_ns = uffdmod.array_pointer("int64_t *", self._read_ns)
         log.serve_ns = uffdmod.array_pointer("int64_t *", self._serve_ns)
         log.aio = uffdmod.fast_aio_context()
+        self._store = StoreView()
         self._table = None                        # the table and layout self._regions describe
         self._layout = -1
         self._nregions = 0
@@ -147,7 +150,7 @@ class FastPath:
         core = self.core
         self._log.keep_period = core.clean.keep_period()
         return core.uffd.serve_plain_faults(
-            self._regions, self._nregions, core.backend.sync_read_fd(), self._pages.addr, self._zeros.addr,
+            self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr, self._zeros.addr,
             self.spin_ns, int(SLICE_SECONDS * 1e9), self._room(), NEAR_PAGES, self._log)
 
     def settle(self) -> tuple[np.ndarray, np.ndarray]:
@@ -172,13 +175,14 @@ class FastPath:
         vpns, slots, kept = self._vpns[:n].astype(np.int64), self._slots[:n].tolist(), self._kept[:n].tolist()
         kinds = self._kind[:n].tolist()
         hits = EMPTY
-        if any(kinds):
+        if any(kind & uffdmod.FAST_WP for kind in kinds):
             writes = [i for i, kind in enumerate(kinds) if kind & uffdmod.FAST_WP]
             hits = self._settle_writes(vpns[writes], [slots[i] for i in writes], [kinds[i] for i in writes])
             missing = [i for i, kind in enumerate(kinds) if not kind & uffdmod.FAST_WP]
             vpns, slots = vpns[missing], [slots[i] for i in missing]
             kept, read_ns = [kept[i] for i in missing], [read_ns[i] for i in missing]
-        self._settle_missing(vpns, slots, kept, read_ns)
+            kinds = [kinds[i] for i in missing]
+        self._settle_missing(vpns, slots, kept, read_ns, kinds)
         core.note_resident()
         return vpns, hits
 
@@ -194,7 +198,8 @@ class FastPath:
         core.stats.prefetch_hits += len(hits)
         return hits
 
-    def _settle_missing(self, vpns: np.ndarray, slots: list[int], kept: list[int], read_ns: list[int]) -> None:
+    def _settle_missing(self, vpns: np.ndarray, slots: list[int], kept: list[int], read_ns: list[int],
+                        kinds: list[int]) -> None:
         if not len(vpns):
             return
         core, stats = self.core, self.core.stats
@@ -204,7 +209,9 @@ class FastPath:
         stats.faults_fresh += len(vpns) - len(swapped)
         stats.pages_in += len(swapped)
         if swapped:
-            core.backend.reads_done_elsewhere([read_ns[i] * 1e-9 for i in swapped])
+            core.backend.reads_done_elsewhere(
+                [read_ns[i] * 1e-9 for i in swapped if not kinds[i] & uffdmod.FAST_MEMORY],
+                [read_ns[i] * 1e-9 for i in swapped if kinds[i] & uffdmod.FAST_MEMORY])
             core.clean.came_in_clean(sum(kept[i] for i in swapped))
             unkept = [slots[i] for i in swapped if not kept[i]]
             if unkept:
@@ -219,3 +226,28 @@ class FastPath:
     def close(self) -> None:
         self._pages.close()
         self._zeros.close()
+
+
+class StoreView:
+    """Where a backend's swapped pages are, as the C call reads them (a
+    struct umgr_fast_store): its memory tier's entries and its file."""
+
+    def __init__(self):
+        self.c = uffdmod.new_fast_struct("umgr_fast_store")
+        self.c.dctx = uffdmod.fast_dctx()
+        self._entries = None   # the backend's memory_entries() self.c points at (held: pointers stay valid)
+
+    def follow(self, backend):
+        """The struct, pointed at where backend's pages are now."""
+        c = self.c
+        c.fd = backend.sync_read_fd()
+        entries = backend.memory_entries()
+        if entries is not self._entries:
+            if entries is None:
+                c.length, c.span = uffdmod.NULL, 0
+            else:
+                c.length = uffdmod.array_pointer("int32_t *", entries[0])
+                c.where = uffdmod.array_pointer("uint64_t *", entries[1])
+                c.span = len(entries[0])
+            self._entries = entries
+        return c
