@@ -683,6 +683,29 @@ def test_read_batch_decodes_events_and_grows(ct, maps, uffds):
 
 
 @pytest.mark.timeout(30)
+def test_read_batch_lingers_for_the_rest_of_a_discard(ct, maps, uffds):
+    """Each range of a discard is one REMOVE, raised only once the one
+    before was read: a read that lingers after a REMOVE takes them in one
+    batch, where a plain read takes them one by one."""
+    npages = 64
+    u = uffds(U.ALL_EVENTS)
+    region = maps(npages)
+    u.register(region.addr, region.len, U.UFFDIO_REGISTER_MODE_MISSING)
+    for linger, most in ((0.0, 1), (0.2, npages // 2)):
+        discarder = CThread(ct[1].h_discard_every_other, region.ptr, npages)
+        discarder.start()
+        batches = []
+        while len(sum(batches, [])) < npages // 2:
+            n = u.read_batch(64, linger)
+            batches.append([u.batch_event(i) for i in range(n)] if n else [])
+        discarder.join()
+        assert discarder.result == 0
+        removes = sum(batches, [])
+        assert removes == [U.RemoveEvent(region.page(p), region.page(p + 1)) for p in range(0, npages, 2)]
+        assert max(len(batch) for batch in batches) == most
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("blocking", [False, True])
 def test_copy_read_resolves_a_fault_and_reads_the_next(ct, maps, uffds, blocking):
     """One call per fault: each copy_read() lets the reader go on to its

@@ -19,6 +19,7 @@ INCLUDES = """
 #include <fcntl.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
@@ -112,7 +113,7 @@ struct uffd_msg { uint8_t event; ...; };
 FUNCTIONS = """
 int umgr_userfaultfd(int flags);
 int umgr_userfaultfd_dev(int flags);
-int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max);
+int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max, int64_t linger_ns);
 
 int umgr_uffd_api(int fd, uint64_t features, uint64_t *out_features,
                   uint64_t *out_ioctls);
@@ -208,15 +209,45 @@ static int umgr_userfaultfd_dev(int flags)
     return fd < 0 ? -err : fd;
 }
 
+static int64_t umgr_uffd_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 /* One read() returns as many whole messages as fit; the kernel only blocks
    for the first, and never on an O_NONBLOCK uffd. Nothing queued (EAGAIN)
-   is 0 messages. */
-static int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max)
+   is 0 messages.
+   A batch that ends in a REMOVE waits up to linger_ns (nonblocking uffd:
+   polling) for the next message, and so on while the buffer has room: a
+   zap (or an app's madvise) of many ranges raises one REMOVE per range,
+   each only after the one before was read, a few microseconds apart, and
+   a batch of them costs the reader far less than a batch each. Only for
+   an O_NONBLOCK uffd: a blocking one would wait in read() instead. */
+static int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max, int64_t linger_ns)
 {
-    ssize_t n = read(fd, buf, (size_t)max * sizeof(*buf));
-    if (n >= 0)
-        return (int)(n / (ssize_t)sizeof(*buf));
-    return errno == EAGAIN ? 0 : -errno;
+    ssize_t got = read(fd, buf, (size_t)max * sizeof(*buf));
+    if (got < 0)
+        return errno == EAGAIN ? 0 : -errno;
+    int n = (int)(got / (ssize_t)sizeof(*buf));
+    int64_t deadline = 0;
+    while (n > 0 && n < max && linger_ns > 0 && buf[n - 1].event == UFFD_EVENT_REMOVE) {
+        got = read(fd, &buf[n], (size_t)(max - n) * sizeof(*buf));
+        if (got > 0) {
+            n += (int)(got / (ssize_t)sizeof(*buf));
+            deadline = 0;
+            continue;
+        }
+        if (got < 0 && errno != EAGAIN)
+            break;   /* the next read reports it */
+        int64_t now = umgr_uffd_now_ns();
+        if (!deadline)
+            deadline = now + linger_ns;
+        else if (now >= deadline)
+            break;
+    }
+    return n;
 }
 
 static int umgr_uffd_api(int fd, uint64_t features, uint64_t *out_features,
@@ -334,7 +365,7 @@ static int64_t umgr_uffd_copy_read(int fd, uint64_t dst, uint64_t src,
     int ret = ioctl(fd, UFFDIO_COPY, &c);
     if (ret)
         return -umgr_pack(ret, c.copy);
-    int n = umgr_uffd_read_batch(fd, buf, max);
+    int n = umgr_uffd_read_batch(fd, buf, max, 0);
     return n >= 0 ? n : UMGR_READ_FAILED + n;
 }
 """

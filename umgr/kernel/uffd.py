@@ -411,9 +411,12 @@ class Userfaultfd:
         if self._zeros is not None and n:
             _ffi.memmove(self._msgs, self._zeros, n * _MSG_WORDS * 8)
 
-    def read_batch(self, max_events: int = 64) -> int:
+    def read_batch(self, max_events: int = 64, linger: float = 0.0) -> int:
         """Read up to max_events queued messages with one read() into
-        .batch, in place; return how many (0 when none is queued). The
+        .batch, in place; return how many (0 when none is queued). A batch
+        that ends in a REMOVE waits up to `linger` seconds for the next
+        message, while the buffer has room (a zap's events come one by
+        one; nonblocking uffd only). The
         buffer is reused by the next read: decode a batch before reading
         again. Asking for more than ever before replaces .batch with a
         bigger buffer (fetch .batch after such a read). A ForkEvent's fd is
@@ -422,7 +425,7 @@ class Userfaultfd:
             if self._zeros is not None:
                 raise ValueError(f"at most {self._max} messages fit where this uffd reads")
             self._grow(max_events)
-        n = _read_batch(self._fd, self._msgs, max_events)
+        n = _read_batch(self._fd, self._msgs, max_events, int(linger * 1e9))
         if n >= 0:
             return n
         self._raise(-n, "read")

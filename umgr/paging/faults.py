@@ -32,7 +32,7 @@ from umgr.paging.fastpath import HANDOFF as FAST_HANDOFF
 from umgr.paging.fastpath import IDLE as FAST_IDLE
 from umgr.paging.fastpath import FastPath
 from umgr.paging.tuning import (BACKPRESSURE_LIMIT, BACKPRESSURE_POLL, MAX_EVENTS_PER_READ, MAX_FILL_PAGES,
-                                SPIN_SECONDS)
+                                REMOVE_LINGER_SECONDS, SPIN_SECONDS)
 
 log = logging.getLogger("umgr.target")
 
@@ -100,7 +100,7 @@ class FaultService:
         True when anything was read."""
         got = False
         while True:
-            n = self.core.uffd.read_batch(MAX_EVENTS_PER_READ)
+            n = self.core.uffd.read_batch(MAX_EVENTS_PER_READ, REMOVE_LINGER_SECONDS)
             if not n:
                 return got
             got = True

@@ -5,6 +5,7 @@ EVICT_BATCH = 512         # pages per eviction batch
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
 RECHECK_SECONDS = 1.0     # how often pinned (mlocked, unreadable) and SHARED pages are looked at again
 MAX_EVENTS_PER_READ = 64  # uffd messages read per read(2)
+REMOVE_LINGER_SECONDS = 30e-6   # a batch ending in a REMOVE waits this long for the zap's next one
 
 # Water marks under a budget of B pages. Eviction starts above the high mark,
 # B - max(B/16, 16), and a batch goes down to the low mark,
