@@ -64,6 +64,50 @@ def test_the_kernels_repeated_tail_after_a_vma_split_is_not_a_discard():
     assert list(attribution.end()) == []
 
 
+def test_a_batch_of_events_is_attributed_as_one_by_one():
+    """count_many() (a zap's events read in a batch, attributed with array
+    operations when they are disjoint) answers as count() in order, and
+    leaves the same pages discarded, whatever the batch holds: the zap's
+    own runs, the app's discards inside and across them, repeats, and the
+    kernel's repeated tails."""
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        vpns = np.unique(rng.integers(0, 200, rng.integers(1, 60)))
+        starts, ends = [], []
+        run_start = vpns[0]
+        for prev, vpn in zip(vpns, list(vpns[1:]) + [None]):
+            if vpn != prev + 1:
+                starts.append(int(run_start))
+                ends.append(int(prev) + 1)
+                run_start = vpn
+        events = list(zip(starts, ends))
+        for _ in range(rng.integers(0, 4)):   # the app's discards, and the kernel's tails
+            lo = int(rng.integers(0, 200))
+            events.insert(int(rng.integers(0, len(events) + 1)), (lo, lo + int(rng.integers(1, 6))))
+        if rng.random() < 0.3:
+            lo, hi = events[int(rng.integers(0, len(events)))]
+            events.append((min(lo + 1, hi - 1), hi))
+        one, many = RemoveAttribution(), RemoveAttribution()
+        one.begin(vpns)
+        many.begin(vpns)
+        expected = [one.count(lo, hi) for lo, hi in events]
+        got, at = [], 0
+        while at < len(events):   # batches of random sizes, as reads return them
+            size = int(rng.integers(1, 8))
+            got += many.count_many([lo for lo, _ in events[at:at + size]], [hi for _, hi in events[at:at + size]])
+            at += size
+        assert got == expected, (trial, vpns.tolist(), events)
+        assert list(many.end()) == list(one.end()), trial
+
+
+def test_a_zaps_own_batch_takes_the_array_path():
+    attribution = zap(10, 12, 13, 20)
+    assert attribution.count_many([10, 12, 20], [11, 14, 21]) == [True, True, True]
+    assert attribution.count_many([12], [13]) == [False]   # a second cover: the app's
+    assert list(attribution.end()) == [12]
+    assert RemoveAttribution().count_many([1, 5], [2, 6]) == [False, False]
+
+
 # ---- the clean-part split ----------------------------------------------------------
 def test_without_keep_clean_a_run_is_one_writable_part():
     swapped = np.ones(4, bool)

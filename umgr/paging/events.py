@@ -30,6 +30,21 @@ class MemoryEvents:
         self.removes = removes
         self.forks: list[ForkedMemory] = []   # children's uffds and memory, waiting for their pid
 
+    def handle_all(self, events: list) -> None:
+        """Each event, in order; a run of REMOVEs (a zap's: one per range)
+        is attributed in one go."""
+        i = 0
+        while i < len(events):
+            j = i
+            while j < len(events) and type(events[j]) is RemoveEvent:
+                j += 1
+            if j - i > 1:
+                self._on_removes(events[i:j])
+                i = j
+            else:
+                self.handle(events[i])
+                i += 1
+
     def handle(self, event) -> None:
         kind = type(event)
         if kind is RemoveEvent:
@@ -56,11 +71,24 @@ class MemoryEvents:
         tells them apart). Pages of the zap in flight that the app discarded
         too are settled by the evictor when the zap returns (FRESH, not
         SWAPPED: their copy would resurrect data the app threw away)."""
-        core = self.core
         lo, hi = start >> PAGE_SHIFT, page_up(end)
         if self.removes.count(lo, hi):
-            core.stats.own_removes += 1
-            return
+            self.core.stats.own_removes += 1
+        else:
+            self._on_app_remove(lo, hi, start, end)
+
+    def _on_removes(self, events: list) -> None:
+        """_on_remove() of each, in order (what one does to the table does
+        not change whose the next one is)."""
+        lo = [event.start >> PAGE_SHIFT for event in events]
+        hi = [page_up(event.end) for event in events]
+        own = self.removes.count_many(lo, hi)
+        self.core.stats.own_removes += sum(own)
+        for i in [i for i, ours in enumerate(own) if not ours]:
+            self._on_app_remove(lo[i], hi[i], events[i].start, events[i].end)
+
+    def _on_app_remove(self, lo: int, hi: int, start: int, end: int) -> None:
+        core = self.core
         core.stats.app_removes += 1
         crash_point("app-remove")
         log.debug("%s: app discarded %#x-%#x", core.label, start, end)

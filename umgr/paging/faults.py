@@ -108,8 +108,7 @@ class FaultService:
 
     def _take_batch(self, n: int) -> None:
         """Queue the faults and handle the events of the n messages read."""
-        for event in self._walk_batch(n):
-            self.events.handle(event)
+        self.events.handle_all(self._walk_batch(n))
         self.core.uffd.clear_batch(n)   # handled: nothing to replay after a crash (tablefile.EventJournal)
 
     def _walk_batch(self, n: int) -> list:
