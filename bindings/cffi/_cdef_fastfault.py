@@ -26,10 +26,7 @@ INCLUDES = """
 #include <string.h>
 #include <time.h>
 #include <linux/aio_abi.h>
-#include <zstd.h>
 """
-
-LIBRARIES = ["zstd"]
 
 STRUCTS = """
 /* One region of a target's page table (umgr/paging/pagetable.py). */
@@ -51,7 +48,7 @@ struct umgr_fast_store {
                              at where[s], else that many bytes of one zstd frame at where[s] */
     const uint64_t *where;
     uint64_t span;        /* slots below this have an entry */
-    uint64_t dctx;        /* a ZSTD_DCtx (umgr_fast_open) */
+    uint64_t dctx;        /* a zstd decompression context (umgr_fast_open) */
 };
 
 /* What one call did, and its limits. The arrays hold max entries. */
@@ -71,7 +68,7 @@ struct umgr_fast_log {
     int32_t handoff;      /* HANDOFF: messages left at the buffer's start for the full path */
     uint64_t aio;         /* the AIO context of grouped reads (umgr_fast_open), 0: none;
                              one per process, shared by every target's calls */
-    uint64_t dctx;        /* the ZSTD_DCtx of decompressions (umgr_fast_open), 0: none */
+    uint64_t dctx;        /* the zstd context of decompressions (umgr_fast_open), 0: none */
     uint64_t recent[8];   /* the latest pages served, over calls (a ring) */
     int32_t recent_at;    /* where the next goes in it */
     uint64_t streams[8];  /* the far ends of the latest prefetch windows (0: none): a fault
@@ -95,7 +92,6 @@ TYPES = STRUCTS + """
 #define UMGR_FAST_WP ...
 #define UMGR_FAST_WAS_PREFETCHED ...
 #define UMGR_FAST_MEMORY ...
-#define UMGR_ENTRY_WORD ...
 """
 
 FUNCTIONS = """
@@ -122,8 +118,6 @@ CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FAST_WP 1
 #define UMGR_FAST_WAS_PREFETCHED 2
 #define UMGR_FAST_MEMORY 4
-/* umgr_fast_store.length of a same-filled page */
-#define UMGR_ENTRY_WORD (-1)
 
 static int64_t umgr_now_ns(void)
 {
@@ -162,7 +156,7 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
 
 static int umgr_fast_open(struct umgr_fast_log *log)
 {
-    log->dctx = (uint64_t)(uintptr_t)ZSTD_createDCtx();
+    log->dctx = umgr_zstd_new_dctx();
     aio_context_t ctx = 0;
     if (syscall(SYS_io_setup, UMGR_FAST_GROUP, &ctx) < 0)
         return -errno;
@@ -176,30 +170,13 @@ static int umgr_fast_in_memory(const struct umgr_fast_store *store, int32_t slot
     return store->length != NULL && (uint64_t)slot < store->span && store->length[slot] != 0;
 }
 
-/* Unpack the memory tier's page of slot into page (4096 bytes); 1 when
-   it came out whole. */
+/* Unpack the memory tier's page of slot into page (4096 bytes,
+   _cdef_zstd.py); 1 when it came out whole. */
 static int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page)
 {
     if (!umgr_fast_in_memory(store, (int32_t)slot))
         return 0;
-    int32_t length = store->length[slot];
-    uint64_t where = store->where[slot];
-    void *out = (void *)(uintptr_t)page;
-    if (length == UMGR_ENTRY_WORD) {
-        uint64_t *words = out;
-        for (int w = 0; w < 4096 / 8; w++)
-            words[w] = where;
-        return 1;
-    }
-    if (length == 4096) {
-        memcpy(out, (const void *)(uintptr_t)where, 4096);
-        return 1;
-    }
-    if (length < 0 || !store->dctx)
-        return 0;
-    size_t got = ZSTD_decompressDCtx((ZSTD_DCtx *)(uintptr_t)store->dctx, out, 4096,
-                                     (const void *)(uintptr_t)where, (size_t)length);
-    return !ZSTD_isError(got) && got == 4096;
+    return umgr_zstd_unpack(store->dctx, store->length[slot], store->where[slot], page);
 }
 
 /* The region of regions[0..nregions) (sorted by vpn) holding vpn, or NULL. */

@@ -514,7 +514,6 @@ def fast_flag_values() -> tuple[int, int]:
 FAST_WP = _lib.UMGR_FAST_WP                           # log kind: a write to a resident page
 FAST_WAS_PREFETCHED = _lib.UMGR_FAST_WAS_PREFETCHED   # ... that had come in by prefetch
 FAST_MEMORY = _lib.UMGR_FAST_MEMORY                   # a MISSING fault's page came from a memory tier
-ENTRY_WORD = _lib.UMGR_ENTRY_WORD                     # a memory tier's entry length for a same-filled page
 
 
 def supported_features(*, via: str = "auto") -> tuple[int, int]:
