@@ -34,6 +34,7 @@ __all__ = [
     "parse_options",
     "installed",
     "ENTRY_POINT_GROUP",
+    "NO_PAGES",
 ]
 
 logger = logging.getLogger("umgr.policy")
@@ -42,6 +43,7 @@ ENTRY_POINT_GROUP = "umgr.policies"
 
 _EMPTY = np.empty(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
+NO_PAGES = _EMPTY   # a policy's "nothing", shared: most faults of a random workload return it
 
 
 class PrefetchPolicy:
@@ -206,7 +208,7 @@ def installed() -> list[tuple[str, str, str, str]]:
 
 def _as_vpns(result) -> np.ndarray:
     """A policy's answer as a 1-D int64 array; anything but integers is a bug."""
-    if result is None or (type(result) in (tuple, list) and not result):
+    if result is None or result is _EMPTY or (type(result) in (tuple, list) and not result):
         return _EMPTY
     arr = np.asarray(result)
     if arr.size == 0:

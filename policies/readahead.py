@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import PrefetchPolicy
+from . import NO_PAGES, PrefetchPolicy
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Readahead(PrefetchPolicy):
             s = self._streams[i]
             d = vpn - s.last
             if d == 0:  # a repeated fault (racing threads): no news
-                return np.empty(0, dtype=np.int64)
+                return NO_PAGES
             if s.step:
                 if s.continues(vpn):
                     break
@@ -91,13 +91,17 @@ class Readahead(PrefetchPolicy):
                 s = self._streams.pop(near)
                 s.last, s.gap = vpn, vpn - s.last
                 self._streams.append(s)
-                return np.empty(0, dtype=np.int64)
+                return NO_PAGES
             # A new stream with no window, replacing the least recently used
-            # one. (The stream it interrupted keeps its state.)
+            # one (its object reused: a random workload does this on every
+            # fault). The stream it interrupted keeps its state.
             if len(self._streams) >= self.max_streams:
-                del self._streams[0]
-            self._streams.append(_Stream(last=vpn))
-            return np.empty(0, dtype=np.int64)
+                s = self._streams.pop(0)
+                s.last, s.size, s.step, s.gap = vpn, 0, 0, 0
+            else:
+                s = _Stream(last=vpn)
+            self._streams.append(s)
+            return NO_PAGES
 
         del self._streams[i]
         s.size = min(2 * s.size, self.maximum) if s.size else self.initial

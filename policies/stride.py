@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import PrefetchPolicy
+from . import NO_PAGES, PrefetchPolicy
 
 
 class Stride(PrefetchPolicy):
@@ -35,6 +35,6 @@ class Stride(PrefetchPolicy):
             self._gap = gap
         self._last = vpn
         if not self._stride:
-            return np.empty(0, dtype=np.int64)
+            return NO_PAGES
         pages = vpn + self._stride * np.arange(1, self.depth + 1, dtype=np.int64)
         return pages[(pages >= region_start) & (pages < region_end)]
