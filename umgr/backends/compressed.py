@@ -10,8 +10,9 @@ pages when the cap is reached, go to the next tier.
 The compressor: on 102 MiB of the anonymous memory of a CPython process
 (dicts, lists, strs, ints; bench/bench_backends.py makes and measures it),
 zstd at level -1 held 5.0x, lz4 (block, default mode) 3.0x, entry
-overhead included; a page decompressed in 7.4 us (zstd) against 3.2 us
-(lz4), compressed in 18.6 against 10.6 us. A fault costs far more than
+overhead included; through their Python bindings a page decompressed in
+7.4 us (zstd) against 3.2 us (lz4), compressed in 18.6 against 10.6 us
+(libzstd from C, as now: 6 us and 12 us). A fault costs far more than
 the difference (45 us of daemon time on an idle machine), so zstd's 4 us
 buy 1.7x the pages in the same memory. Level -1 is the default; `level=N`
 trades speed for ratio.
