@@ -152,22 +152,28 @@ def _umgr_codec():
     """umgr's own zstd codec (libzstd through its C bindings), one page at a
     time: (compress, decompress). A page that would not fit 3/4 of a page
     compresses to a full page here (the store declines it)."""
-    from umgr.backends.compressed import CompressedBackend
+    import ctypes
+    from umgr.backends.compressed import ENTRY_WORD, INCOMPRESSIBLE, CompressedBackend
     from umgr.kernel.buffers import PageBuffer
     store, buf = CompressedBackend(size=1 << 20), PageBuffer(1)
+    store._addrs[0] = buf.addr
+    frames = store._frames
 
     def compress(page: bytes) -> bytes:
-        buf.bytes[:] = np.frombuffer(page, np.uint8)
-        addrs = np.array([buf.addr], np.uint64)
-        store._addrs[:1] = addrs
-        entry = store._entries(addrs, store._compress(1))[0]
-        return page if entry is None else entry.to_bytes(8, "little") if isinstance(entry, int) else entry
+        ctypes.memmove(buf.addr, page, PAGE)
+        store._compress(1)
+        length = int(store._lengths[0])
+        if length == ENTRY_WORD:
+            return page[:8]
+        return bytes(store_buffer[:length]) if 0 < length <= INCOMPRESSIBLE else page
 
     def decompress(blob: bytes) -> None:
-        if len(blob) < PAGE:
-            store._unpack_one(blob, buf.addr)
+        if len(blob) == 8:
+            return
+        store._unpack_one(blob, buf.addr)
 
-    store.alone = False
+    from umgr.bindings._kernel import ffi
+    store_buffer = ffi.buffer(frames, INCOMPRESSIBLE)
     return compress, decompress
 
 

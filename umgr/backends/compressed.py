@@ -102,6 +102,9 @@ class CompressedBackend(Backend):
         self._lengths = np.zeros(npages, np.int32)
         self._words = np.zeros(npages, np.uint64)
         self._frames = _ffi.new("char[]", npages * INCOMPRESSIBLE)
+        self._arrays_c = (_ffi.cast("uint64_t *", self._addrs.ctypes.data),
+                          _ffi.cast("int32_t *", self._lengths.ctypes.data),
+                          _ffi.cast("uint64_t *", self._words.ctypes.data))
 
     async def pack(self, addrs: np.ndarray) -> list:
         """The entry of each page (None: incompressible, for the next tier).
@@ -117,10 +120,8 @@ class CompressedBackend(Backend):
             return self._entries(addrs, packed)
 
     def _compress(self, n: int) -> int:
-        return _lib.umgr_zstd_pack_batch(self._cctx, _ffi.cast("uint64_t *", self._addrs.ctypes.data), n,
-                                         self._frames, INCOMPRESSIBLE,
-                                         _ffi.cast("int32_t *", self._lengths.ctypes.data),
-                                         _ffi.cast("uint64_t *", self._words.ctypes.data))
+        addrs, lengths, words = self._arrays_c
+        return _lib.umgr_zstd_pack_batch(self._cctx, addrs, n, self._frames, INCOMPRESSIBLE, lengths, words)
 
     def _entries(self, addrs: np.ndarray, packed: int) -> list:
         n = len(addrs)
