@@ -42,6 +42,7 @@ from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, Flag, State
+from umgr.paging.tuning import MAX_FILL_PAGES
 from umgr.trace import NO_TRACE
 
 assert uffdmod.fast_state_values() == (State.FRESH, State.RESIDENT, State.SWAPPED)
@@ -68,22 +69,13 @@ class FastPath:
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
         self._zeros = PageBuffer(1)
         self._regions = uffdmod.new_fast_struct("umgr_fast_region", 16)   # the table's, as C sees them
-        self._log = uffdmod.new_fast_struct("umgr_fast_log")
-        self._vpns = np.zeros(LOG_PAGES, np.uint64)
-        self._slots = np.zeros(LOG_PAGES, np.int32)
-        self._kept = np.zeros(LOG_PAGES, np.uint8)
-        self._kind = np.zeros(LOG_PAGES, np.uint8)
-        self._read_ns = np.zeros(LOG_PAGES, np.int64)
-        self._serve_ns = np.zeros(LOG_PAGES, np.int64)
-        log = self._log
-        log.max = LOG_PAGES
-        log.vpn = uffdmod.array_pointer("uint64_t *", self._vpns)
-        log.slot = uffdmod.array_pointer("int32_t *", self._slots)
-        log.kept = uffdmod.array_pointer("uint8_t *", self._kept)
-        log.kind = uffdmod.array_pointer("uint8_t *", self._kind)
-        log.read_ns = uffdmod.array_pointer("int64_t *", self._read_ns)
-        log.serve_ns = uffdmod.array_pointer("int64_t *", self._serve_ns)
-        log.aio = uffdmod.fast_aio_context()
+        faults = FastLog(LOG_PAGES)
+        self._log = faults.c
+        self._vpns, self._slots, self._kept = faults.vpns, faults.slots, faults.kept
+        self._kind, self._read_ns, self._serve_ns = faults.kind, faults.read_ns, faults.serve_ns
+        self._log.aio = uffdmod.fast_aio_context()
+        self._prefetched = FastLog(MAX_FILL_PAGES)          # what prefetch() brought in
+        self._prefetch_pages = PageBuffer(MAX_FILL_PAGES)
         self._store = StoreView()
         self._table = None                        # the table and layout self._regions describe
         self._layout = -1
@@ -135,6 +127,44 @@ class FastPath:
         self._log.streams[self._stream_at] = first if descends else last
         self._log.stream_step[self._stream_at] = -step if descends else step
         self._stream_at = (self._stream_at + 1) % len(self._log.streams)
+
+    def prefetch(self, vpns: np.ndarray, keep: bool) -> int:
+        """Bring in those of `vpns` (sorted, asked for by the prefetch
+        policy) that are swapped, in C: a pread per run of slots, a copy
+        per run of pages, write-protected with their slot kept when `keep`
+        (clean copies). Up to the budget. The table, counters and store
+        learn of them here. Returns how many came in; the others (fresh
+        pages, pages in other states, a copy refused) are the caller's."""
+        core = self.core
+        room = min(len(vpns), MAX_FILL_PAGES)
+        if core.budget.limited:
+            room = min(room, core.budget.pages - core.pt.resident)
+        if not self.ready() or room <= 0:
+            return 0
+        vpns = np.ascontiguousarray(vpns[:room], np.int64)
+        self._prefetched.c.max = room
+        n = core.uffd.prefetch(self._regions, self._nregions, self._store.follow(core.backend), vpns,
+                               self._prefetch_pages.addr, keep, self._prefetched.c)
+        if n:
+            self._settle_prefetched(n, keep)
+        return n
+
+    def _settle_prefetched(self, n: int, keep: bool) -> None:
+        core, log = self.core, self._prefetched
+        vpns, slots = log.vpns[:n].astype(np.int64), log.slots[:n]
+        core.stats.prefetched += n
+        core.stats.prefetched_fast += n
+        core.stats.pages_in += n
+        seconds, memory = log.read_ns[:n].tolist(), log.kind[:n].tolist()
+        core.backend.reads_done_elsewhere(
+            [ns * 1e-9 for ns, kind in zip(seconds, memory) if not kind & uffdmod.FAST_MEMORY],
+            [ns * 1e-9 for ns, kind in zip(seconds, memory) if kind & uffdmod.FAST_MEMORY])
+        if keep:
+            core.clean.came_in_clean(n)
+        else:
+            core.slots.free(slots.copy())
+        core.became_resident(vpns)
+        core.note_resident()
 
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""
@@ -216,7 +246,8 @@ class FastPath:
             unkept = [slots[i] for i in swapped if not kept[i]]
             if unkept:
                 core.slots.free(np.array(unkept, np.int32))
-            core.refaulted(vpns[swapped], np.array([slots[i] for i in swapped], np.int32))
+            if core.eviction.wants_refaults:   # (FIFO does not: no arrays to make)
+                core.refaulted(vpns[swapped], np.array([slots[i] for i in swapped], np.int32))
         core.became_resident(vpns)
 
     @property
@@ -251,3 +282,24 @@ class StoreView:
                 c.span = len(entries[0])
             self._entries = entries
         return c
+
+
+class FastLog:
+    """A struct umgr_fast_log of `size` entries and the numpy arrays it
+    points at: what a C call served, for the Python side to settle."""
+
+    def __init__(self, size: int):
+        self.vpns = np.zeros(size, np.uint64)
+        self.slots = np.zeros(size, np.int32)
+        self.kept = np.zeros(size, np.uint8)
+        self.kind = np.zeros(size, np.uint8)
+        self.read_ns = np.zeros(size, np.int64)
+        self.serve_ns = np.zeros(size, np.int64)
+        c = self.c = uffdmod.new_fast_struct("umgr_fast_log")
+        c.max = size
+        c.vpn = uffdmod.array_pointer("uint64_t *", self.vpns)
+        c.slot = uffdmod.array_pointer("int32_t *", self.slots)
+        c.kept = uffdmod.array_pointer("uint8_t *", self.kept)
+        c.kind = uffdmod.array_pointer("uint8_t *", self.kind)
+        c.read_ns = uffdmod.array_pointer("int64_t *", self.read_ns)
+        c.serve_ns = uffdmod.array_pointer("int64_t *", self.serve_ns)

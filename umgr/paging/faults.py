@@ -146,15 +146,23 @@ class FaultService:
         return np.unique(np.concatenate(wanted)) if wanted else EMPTY
 
     async def _prefetch_now(self, wanted: np.ndarray) -> None:
+        """Bring in at once the pages the prefetch policy asked for after
+        faults the C call served: the swapped ones in C too, the rest
+        (fresh pages, what C left) here."""
         if not len(wanted) or not self.core.budget.prefetch_allowed(self.core.pt.resident, 0):
             return
+        # Fault service time, as the same pages' read and copy are when
+        # they come with a fault on the full path.
+        started = time.perf_counter()
+        if self.fast.prefetch(wanted, self.core.clean.keep()):
+            self.core.stats.fault_batch_seconds += time.perf_counter() - started
+            if not self.core.budget.prefetch_allowed(self.core.pt.resident, 0):
+                return
         fill: dict[int, int] = {}
         self._add_prefetch(wanted, fill)
         if fill:
             started = time.perf_counter()
             await self._fill_pages(fill, False, {})
-            # Fault service time, as the same pages' read and copy are
-            # when they come with a fault on the full path.
             self.core.stats.fault_batch_seconds += time.perf_counter() - started
             self.core.note_resident()
 

@@ -17,6 +17,7 @@ COUNTERS: dict[str, str] = {
     "pages_in": "Pages brought back from the backend",
     "pages_out": "Pages evicted (written out or dropped as zero) and zapped",
     "prefetched": "Pages brought in by the prefetch policy with a fault",
+    "prefetched_fast": "Part of them brought in by the C fast path, after faults it served",
     "prefetch_hits": "Prefetched pages seen used (their first write-protect fault)",
     "zero_pages_out": "Evicted pages that were all zero and took no slot",
     "zap_batches": "Zap requests (one vectored MADV_DONTNEED each)",
