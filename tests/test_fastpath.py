@@ -70,8 +70,10 @@ def test_sequential_scans_still_prefetch(umgr_exec, programs):
     for result in (fast, full):
         assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
         assert result.stats["prefetched"] > 3 * (64 - 16) * MiB // PAGE // 2, result.stats
-    assert full.stats["faults_fast"] == 0
+    assert full.stats["faults_fast"] == 0 and full.stats["prefetched_fast"] == 0
     assert fast.stats["faults"] <= 1.5 * full.stats["faults"] + 200, (fast.stats, full.stats)
+    # A stream's next window comes in through C, ahead of its faulting page.
+    assert fast.stats["prefetched_fast"] >= 0.9 * fast.stats["prefetched"], fast.stats
 
 
 @pytest.mark.timeout(180)
@@ -81,10 +83,10 @@ def test_windows_asked_for_after_fast_faults_come_in_through_c(umgr_exec, progra
     # Four threads, each scanning its own quarter: their faults interleave,
     # so streams start on faults the C call served, and the windows the
     # prefetch policy then asks for are read and copied in C too (a pread
-    # or an unpack per run, a copy per run). The program checks every byte.
+    # or an unpack per run, a copy per run), as are the windows of the
+    # faults that continue them. The program checks every byte.
     result = umgr_exec([programs["pattern"], "64", "mmap", "ss", "4"], *options, max_resident="16M")
     assert result.returncode == 0, result.stderr[-3000:]
     stats = result.stats
     assert stats["pages_out"] >= 2 * (64 - 16) * MiB // PAGE // 2, stats
     assert stats["prefetched_fast"] > 200, stats
-    assert stats["prefetched"] > stats["prefetched_fast"], stats   # stream continuations: the full path's

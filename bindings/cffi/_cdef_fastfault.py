@@ -102,7 +102,7 @@ int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct 
 int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page);
 int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                        const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
-                       int keep, struct umgr_fast_log *log);
+                       int keep, int fresh, struct umgr_fast_log *log);
 """
 
 CUSTOMIZATIONS = STRUCTS + """
@@ -485,12 +485,18 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
 #define UMGR_PREFETCH_RUN 64   /* pages one pread or UFFDIO_COPY takes at most */
 
 /* Read the slots of the n planned pages into pages (page k for page k):
-   a memory tier's are unpacked, runs of consecutive file slots read with
-   one pread each. ok[k]: page k arrived whole. */
+   zeros for a fresh page (slot 0), a memory tier's unpacked, runs of
+   consecutive file slots read with one pread each. ok[k]: page k arrived
+   whole. */
 static void umgr_prefetch_read(const struct umgr_fast_store *store, const int32_t *slots, int n, uint64_t pages,
                                int *ok)
 {
     for (int k = 0; k < n;) {
+        if (slots[k] == 0) {
+            memset((void *)(uintptr_t)(pages + (uint64_t)k * 4096), 0, 4096);
+            ok[k++] = 1;
+            continue;
+        }
         if (umgr_fast_in_memory(store, slots[k])) {
             ok[k] = umgr_fast_unpack(store, (uint32_t)slots[k], pages + (uint64_t)k * 4096);
             k++;
@@ -509,16 +515,18 @@ static void umgr_prefetch_read(const struct umgr_fast_store *store, const int32_
 }
 
 /* Prefetch: bring in those of vpns[0..n) (sorted) that are SWAPPED with
-   a slot the store can give (no faulting thread waits on them: the
-   prefetch policy asked for them after a fault), as the full path's fill
-   would: read, UFFDIO_COPY by runs of consecutive pages (write-protected,
-   slot kept, when `keep`), RESIDENT with the PREFETCHED flag, logged.
-   Other pages, and the rest of a run whose copy fails (an event queued,
-   a page already there), are left as they are: prefetch is optional.
-   At most log->max pages. Returns how many came in. */
+   a slot the store can give, and with `fresh` the FRESH ones too (as
+   zeroed pages of their own, as a write's fill makes them), as the full
+   path's fill would: read, UFFDIO_COPY by runs of consecutive pages
+   (swapped ones write-protected, slot kept, when `keep`), RESIDENT with
+   the PREFETCHED flag, logged (slot 0: a fresh page). No thread waits on
+   them: the prefetch policy asked for them. Other pages, and the rest of
+   a run whose copy fails (an event queued, a page already there), are
+   left as they are: prefetch is optional. At most log->max pages.
+   Returns how many came in. */
 static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                               const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
-                              int keep, struct umgr_fast_log *log)
+                              int keep, int fresh, struct umgr_fast_log *log)
 {
     int64_t started = umgr_now_ns();
     uint64_t vpn[log->max];
@@ -533,23 +541,24 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
             continue;
         uint64_t at = (uint64_t)vpns[i] - r->vpn;
         int32_t s = r->slot[at];
-        if (r->state[at] != UMGR_STATE_SWAPPED || s == 0 || !(store->fd >= 0 || umgr_fast_in_memory(store, s)))
+        int swapped = r->state[at] == UMGR_STATE_SWAPPED && s != 0 && (store->fd >= 0 || umgr_fast_in_memory(store, s));
+        if (!swapped && !(fresh && r->state[at] == UMGR_STATE_FRESH && s == 0))
             continue;
         vpn[m] = (uint64_t)vpns[i], slot[m] = s, in[m++] = r;
     }
     umgr_prefetch_read(store, slot, m, pages, ok);
     int64_t read_ns = umgr_now_ns() - started;
     for (int k = 0; k < m;) {
-        int j = k + 1;
+        int j = k + 1, protect = keep && slot[k] != 0;   /* a clean copy: a swapped page read, not written */
         if (ok[k])
-            while (j < m && ok[j] && vpn[j] == vpn[j - 1] + 1 && in[j] == in[k])
+            while (j < m && ok[j] && vpn[j] == vpn[j - 1] + 1 && in[j] == in[k] && (keep && slot[j] != 0) == protect)
                 j++;
         else {
             k++;
             continue;
         }
         struct uffdio_copy c = { .dst = vpn[k] << 12, .src = pages + (uint64_t)k * 4096,
-                                 .len = (uint64_t)(j - k) * 4096, .mode = keep ? UFFDIO_COPY_MODE_WP : 0 };
+                                 .len = (uint64_t)(j - k) * 4096, .mode = protect ? UFFDIO_COPY_MODE_WP : 0 };
         int failed = ioctl(uffd, UFFDIO_COPY, &c) < 0;
         int64_t copied = failed ? (c.copy > 0 ? c.copy / 4096 : 0) : j - k;
         for (int p = k; p < k + copied; p++) {
@@ -558,12 +567,12 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
             r->counts[r->state[at]]--;
             r->counts[UMGR_STATE_RESIDENT]++;
             r->state[at] = UMGR_STATE_RESIDENT;
-            r->slot[at] = keep ? slot[p] : 0;
+            r->slot[at] = protect ? slot[p] : 0;
             r->flags[at] |= UMGR_FLAG_PREFETCHED;
             int32_t e = log->served++;
             log->vpn[e] = vpn[p];
             log->slot[e] = slot[p];
-            log->kept[e] = (uint8_t)keep;
+            log->kept[e] = (uint8_t)protect;
             log->kind[e] = umgr_fast_in_memory(store, slot[p]) ? UMGR_FAST_MEMORY : 0;
             log->read_ns[e] = read_ns / m;
             log->serve_ns[e] = 0;

@@ -21,8 +21,9 @@ The C call is made only where its answer is the full path's:
   page lies near one served lately (NEAR_PAGES), so that it may see a
   stream start. The pages it asks for come in at once, and a fault on
   the far end of one of the latest 8 such windows, or one or two of its
-  steps past it, goes to the full path, whose read brings the next
-  window with the faulting page. Other faults, such as an
+  steps past it, goes to the full path, where the policy hears of it
+  first and its next window comes in (through prefetch() here) before
+  the faulting page. Other faults, such as an
   interpreter's random ones between its scans, stay here;
 - swapped pages only where the store says how to read them: unpacked
   from its memory tier (Backend.memory_entries: the compressed store), or
@@ -128,13 +129,15 @@ class FastPath:
         self._log.stream_step[self._stream_at] = -step if descends else step
         self._stream_at = (self._stream_at + 1) % len(self._log.streams)
 
-    def prefetch(self, vpns: np.ndarray, keep: bool) -> int:
+    def prefetch(self, vpns: np.ndarray, keep: bool, fresh: bool = False) -> int:
         """Bring in those of `vpns` (sorted, asked for by the prefetch
-        policy) that are swapped, in C: a pread per run of slots, a copy
-        per run of pages, write-protected with their slot kept when `keep`
-        (clean copies). Up to the budget. The table, counters and store
-        learn of them here. Returns how many came in; the others (fresh
-        pages, pages in other states, a copy refused) are the caller's."""
+        policy) that are swapped, and with `fresh` the fresh ones as
+        zeroed pages of their own, in C: a pread per run of slots, a copy
+        per run of pages, swapped ones write-protected with their slot
+        kept when `keep` (clean copies). Up to the budget. The table,
+        counters and store learn of them here. Returns how many came in;
+        the others (pages in other states, a copy refused) are left as
+        they are."""
         core = self.core
         room = min(len(vpns), MAX_FILL_PAGES)
         if core.budget.limited:
@@ -144,25 +147,26 @@ class FastPath:
         vpns = np.ascontiguousarray(vpns[:room], np.int64)
         self._prefetched.c.max = room
         n = core.uffd.prefetch(self._regions, self._nregions, self._store.follow(core.backend), vpns,
-                               self._prefetch_pages.addr, keep, self._prefetched.c)
+                               self._prefetch_pages.addr, keep, fresh, self._prefetched.c)
         if n:
-            self._settle_prefetched(n, keep)
+            self._settle_prefetched(n)
         return n
 
-    def _settle_prefetched(self, n: int, keep: bool) -> None:
+    def _settle_prefetched(self, n: int) -> None:
         core, log = self.core, self._prefetched
-        vpns, slots = log.vpns[:n].astype(np.int64), log.slots[:n]
+        vpns, slots, kept = log.vpns[:n].astype(np.int64), log.slots[:n].tolist(), log.kept[:n].tolist()
+        swapped = [i for i, slot in enumerate(slots) if slot != NO_SLOT]
         core.stats.prefetched += n
         core.stats.prefetched_fast += n
-        core.stats.pages_in += n
-        seconds, memory = log.read_ns[:n].tolist(), log.kind[:n].tolist()
+        core.stats.pages_in += len(swapped)
+        seconds, kinds = log.read_ns[:n].tolist(), log.kind[:n].tolist()
         core.backend.reads_done_elsewhere(
-            [ns * 1e-9 for ns, kind in zip(seconds, memory) if not kind & uffdmod.FAST_MEMORY],
-            [ns * 1e-9 for ns, kind in zip(seconds, memory) if kind & uffdmod.FAST_MEMORY])
-        if keep:
-            core.clean.came_in_clean(n)
-        else:
-            core.slots.free(slots.copy())
+            [seconds[i] * 1e-9 for i in swapped if not kinds[i] & uffdmod.FAST_MEMORY],
+            [seconds[i] * 1e-9 for i in swapped if kinds[i] & uffdmod.FAST_MEMORY])
+        core.clean.came_in_clean(sum(kept))
+        unkept = [slots[i] for i in swapped if not kept[i]]
+        if unkept:
+            core.slots.free(np.array(unkept, np.int32))
         core.became_resident(vpns)
         core.note_resident()
 

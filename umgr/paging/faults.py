@@ -293,8 +293,26 @@ class FaultService:
         if len(fill) == 1:
             (vpn, slot), = fill.items()
             await self._fill_one(vpn, slot, writes, fills)
-        elif fill:
+        elif fill and not await self._fill_window_in_c(fill, writes, fills):
             await self._fill_pages(fill, writes, fills)
+
+    async def _fill_window_in_c(self, fill: dict[int, int], writes: bool, faulting: dict[int, bool]) -> bool:
+        """One faulting page and the window the prefetch policy asked for
+        with it (a stream's next): the window comes in through C first
+        (FastPath.prefetch: its pages are in place when the program wakes;
+        what C leaves is not brought, prefetch being optional), then the
+        faulting page on its own. False when the C call cannot be made."""
+        first = [vpn for vpn in fill if vpn in faulting]
+        if len(first) != 1 or not self.fast.ready():
+            return False
+        vpn = first[0]
+        window = np.fromiter(sorted(page for page in fill if page != vpn), np.int64, len(fill) - 1)
+        self.core.stats.prefetched -= len(window)   # counted as planned: prefetch() counts what came
+        started = time.perf_counter()
+        self.fast.prefetch(window, self.core.clean.keep(), fresh=writes)
+        self.core.stats.fault_read_seconds += time.perf_counter() - started
+        await self._fill_one(vpn, fill[vpn], writes, faulting)
+        return True
 
     async def _fill_one(self, vpn: int, slot: int, write: bool, faulting: dict[int, bool]) -> None:
         """_fill_pages for one page with nothing prefetched (random access):
