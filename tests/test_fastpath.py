@@ -24,7 +24,11 @@ def test_random_faults_go_the_fast_path_and_every_byte_comes_back(umgr_exec, pro
     result = umgr_exec([programs["scatter"], "32", "8000", threads], max_resident="12M")
     assert_intact(result, 64, 12)
     stats = result.stats
-    assert stats["faults_fast"] >= 2000, stats   # most, but streams the prefetch policy sees take the full path
+    # Most (streams the prefetch policy sees take the full path). With 4
+    # threads the reads of a group are in flight together: counted as the
+    # group's time each, they once looked slow to the file backend, which
+    # then sent every swapped fault to the full path (94% -> under half).
+    assert stats["faults_fast"] >= 0.8 * stats["faults"], stats
     assert stats["faults_wp"] > 0, stats    # rewrites of pages kept clean
     assert stats["pages_in"] > 0 and stats["faults_fresh"] > 0, stats
 
