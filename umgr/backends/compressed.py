@@ -50,6 +50,7 @@ ENTRY_OVERHEAD = 112
 # decompression on every fault.
 INCOMPRESSIBLE = PAGE_SIZE * 3 // 4
 ENTRY_WORD = _lib.UMGR_ENTRY_WORD   # the length C gives a same-filled page's entry
+PACK_PAGES = 512   # pages one pack() takes before its buffers grow (an eviction batch)
 
 Entry = "bytes | int"   # compressed page (PAGE_SIZE long: held raw) or a same-filled page's word
 
@@ -70,7 +71,7 @@ class CompressedBackend(Backend):
             raise ValueError(f"compressed: zstd takes no level {self.level}")
         self._dctx = _lib.umgr_zstd_new_dctx()
         self._packing = trio.Lock()   # one batch at a time in the codec's buffers and context
-        self._room_for(512)
+        self._room_for(PACK_PAGES)
         self._pages: dict[int, bytes | int] = {}   # slot -> entry, oldest first (dict order)
         self._index_slots()
         self.held_bytes = 0            # counted against the cap

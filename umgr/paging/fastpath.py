@@ -261,6 +261,7 @@ class FastPath:
     def close(self) -> None:
         self._pages.close()
         self._zeros.close()
+        self._prefetch_pages.close()
 
 
 class StoreView:
