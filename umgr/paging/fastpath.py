@@ -159,10 +159,11 @@ class FastPath:
         core.stats.prefetched += n
         core.stats.prefetched_fast += n
         core.stats.pages_in += len(swapped)
-        seconds, kinds = log.read_ns[:n].tolist(), log.kind[:n].tolist()
-        core.backend.reads_done_elsewhere(
-            [seconds[i] * 1e-9 for i in swapped if not kinds[i] & uffdmod.FAST_MEMORY],
-            [seconds[i] * 1e-9 for i in swapped if kinds[i] & uffdmod.FAST_MEMORY])
+        if swapped:   # (fresh pages only: a store with no reads done elsewhere, such as Redis, may be behind)
+            seconds, kinds = log.read_ns[:n].tolist(), log.kind[:n].tolist()
+            core.backend.reads_done_elsewhere(
+                [seconds[i] * 1e-9 for i in swapped if not kinds[i] & uffdmod.FAST_MEMORY],
+                [seconds[i] * 1e-9 for i in swapped if kinds[i] & uffdmod.FAST_MEMORY])
         core.clean.came_in_clean(sum(kept))
         unkept = [slots[i] for i in swapped if not kept[i]]
         if unkept:
