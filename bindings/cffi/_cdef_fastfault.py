@@ -489,7 +489,7 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
     }
 }
 
-#define UMGR_PREFETCH_RUN 64   /* pages one pread or UFFDIO_COPY takes at most */
+#define UMGR_PREFETCH_RUN 64   /* pages one pread takes at most */
 
 /* Read the slots of the n planned pages into pages (page k for page k):
    zeros for a fresh page (slot 0), a memory tier's unpacked, runs of
