@@ -70,10 +70,8 @@ class FastPath:
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
         self._zeros = PageBuffer(1)
         self._regions = uffdmod.new_fast_struct("umgr_fast_region", 16)   # the table's, as C sees them
-        faults = FastLog(LOG_PAGES)
-        self._log = faults.c
-        self._vpns, self._slots, self._kept = faults.vpns, faults.slots, faults.kept
-        self._kind, self._read_ns, self._serve_ns = faults.kind, faults.read_ns, faults.serve_ns
+        self._served = FastLog(LOG_PAGES)                   # what serve() served
+        self._log = self._served.c
         self._log.aio = uffdmod.fast_aio_context()
         self._prefetched = FastLog(MAX_FILL_PAGES)          # what prefetch() brought in
         self._prefetch_pages = PageBuffer(MAX_FILL_PAGES)
@@ -154,22 +152,31 @@ class FastPath:
 
     def _settle_prefetched(self, n: int) -> None:
         core, log = self.core, self._prefetched
-        vpns, slots, kept = log.vpns[:n].astype(np.int64), log.slots[:n].tolist(), log.kept[:n].tolist()
+        slots = log.slots[:n].tolist()
         swapped = [i for i, slot in enumerate(slots) if slot != NO_SLOT]
         core.stats.prefetched += n
         core.stats.prefetched_fast += n
+        self._swapped_came_in(swapped, slots, log.kept[:n].tolist(), log.read_ns[:n].tolist(),
+                              log.kind[:n].tolist())
+        core.became_resident(log.vpns[:n].astype(np.int64))
+        core.note_resident()
+
+    def _swapped_came_in(self, swapped: list[int], slots: list[int], kept: list[int], read_ns: list[int],
+                         kinds: list[int]) -> None:
+        """Pages at these indices of a log came in from their slots: the
+        store learns of the reads C did (unpacks from its memory tier or
+        preads), clean copies kept their slots, the others' slots are freed."""
+        if not swapped:   # (a store that reads nothing outside read(), such as Redis, may be behind)
+            return
+        core = self.core
         core.stats.pages_in += len(swapped)
-        if swapped:   # (fresh pages only: a store with no reads done elsewhere, such as Redis, may be behind)
-            seconds, kinds = log.read_ns[:n].tolist(), log.kind[:n].tolist()
-            core.backend.reads_done_elsewhere(
-                [seconds[i] * 1e-9 for i in swapped if not kinds[i] & uffdmod.FAST_MEMORY],
-                [seconds[i] * 1e-9 for i in swapped if kinds[i] & uffdmod.FAST_MEMORY])
-        core.clean.came_in_clean(sum(kept))
+        core.backend.reads_done_elsewhere(
+            [read_ns[i] * 1e-9 for i in swapped if not kinds[i] & uffdmod.FAST_MEMORY],
+            [read_ns[i] * 1e-9 for i in swapped if kinds[i] & uffdmod.FAST_MEMORY])
+        core.clean.came_in_clean(sum(kept[i] for i in swapped))
         unkept = [slots[i] for i in swapped if not kept[i]]
         if unkept:
             core.slots.free(np.array(unkept, np.int32))
-        core.became_resident(vpns)
-        core.note_resident()
 
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""
@@ -199,7 +206,8 @@ class FastPath:
         n = self._log.served
         if not n:
             return EMPTY, EMPTY
-        read_ns, serve_ns = self._read_ns[:n].tolist(), self._serve_ns[:n].tolist()
+        log = self._served
+        read_ns, serve_ns = log.read_ns[:n].tolist(), log.serve_ns[:n].tolist()
         read, served = sum(read_ns) * 1e-9, sum(serve_ns) * 1e-9
         stats.faults_fast += n
         stats.fault_read_seconds += read
@@ -207,8 +215,8 @@ class FastPath:
         stats.fault_batch_seconds += served
         for ns in serve_ns:
             stats.record_latency(ns * 1e-9, 1)
-        vpns, slots, kept = self._vpns[:n].astype(np.int64), self._slots[:n].tolist(), self._kept[:n].tolist()
-        kinds = self._kind[:n].tolist()
+        vpns, slots, kept = log.vpns[:n].astype(np.int64), log.slots[:n].tolist(), log.kept[:n].tolist()
+        kinds = log.kind[:n].tolist()
         hits = EMPTY
         if any(kind & uffdmod.FAST_WP for kind in kinds):
             writes = [i for i, kind in enumerate(kinds) if kind & uffdmod.FAST_WP]
@@ -242,17 +250,9 @@ class FastPath:
         stats.faults_missing += len(vpns)
         stats.faults_swapped += len(swapped)
         stats.faults_fresh += len(vpns) - len(swapped)
-        stats.pages_in += len(swapped)
-        if swapped:
-            core.backend.reads_done_elsewhere(
-                [read_ns[i] * 1e-9 for i in swapped if not kinds[i] & uffdmod.FAST_MEMORY],
-                [read_ns[i] * 1e-9 for i in swapped if kinds[i] & uffdmod.FAST_MEMORY])
-            core.clean.came_in_clean(sum(kept[i] for i in swapped))
-            unkept = [slots[i] for i in swapped if not kept[i]]
-            if unkept:
-                core.slots.free(np.array(unkept, np.int32))
-            if core.eviction.wants_refaults:   # (FIFO does not: no arrays to make)
-                core.refaulted(vpns[swapped], np.array([slots[i] for i in swapped], np.int32))
+        self._swapped_came_in(swapped, slots, kept, read_ns, kinds)
+        if swapped and core.eviction.wants_refaults:   # (FIFO does not: no arrays to make)
+            core.refaulted(vpns[swapped], np.array([slots[i] for i in swapped], np.int32))
         core.became_resident(vpns)
 
     @property
