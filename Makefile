@@ -50,7 +50,7 @@ test: dist
 	$(TBIN)/pip install -q --upgrade pip
 	$(TBIN)/pip install -q "$(WHEEL)[test]"
 	$(MAKE) --no-print-directory smoke
-	cd $(TEST_VENV) && UMGR_TEST_INSTALLED=1 $(TBIN)/python -m pytest -p no:cacheprovider $(CURDIR)/tests
+	cd $(TEST_VENV) && UMGR_TEST_INSTALLED=1 $(TBIN)/python -m pytest -p no:cacheprovider --durations=25 $(CURDIR)/tests
 
 # The installed commands start and page, run from outside the checkout.
 smoke:
