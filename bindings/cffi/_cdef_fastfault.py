@@ -107,6 +107,7 @@ int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nre
 
 CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FAST_GROUP 8     /* messages read and served together */
+#define UMGR_AIO_DEPTH 64      /* reads in flight at once (the process's AIO context holds this many) */
 #define UMGR_FAST_IDLE 0      /* nothing was queued for spin_ns */
 #define UMGR_FAST_HANDOFF 1   /* log->handoff messages for the full path */
 #define UMGR_FAST_YIELD 2     /* a limit was reached: log full, room used, time slice over, near fault */
@@ -161,7 +162,7 @@ static int umgr_fast_open(struct umgr_fast_log *log)
 {
     log->dctx = umgr_zstd_new_dctx();
     aio_context_t ctx = 0;
-    if (syscall(SYS_io_setup, UMGR_FAST_GROUP, &ctx) < 0)
+    if (syscall(SYS_io_setup, UMGR_AIO_DEPTH, &ctx) < 0)
         return -errno;
     log->aio = ctx;
     return 0;
@@ -276,6 +277,31 @@ static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr
     }
 }
 
+/* Wait for the `submitted` reads of cbs to complete, marking ok[] for the
+   pages each covers (index[k]: the first page of read k). 0, or -1 if
+   some could not be waited for (their buffers may still be written). */
+static int umgr_aio_wait(aio_context_t aio, struct iocb *cbs, const int *index, int submitted, int *ok)
+{
+    int done = 0;
+    while (done < submitted) {
+        struct io_event events[UMGR_AIO_DEPTH];
+        long got = syscall(SYS_io_getevents, aio, 1L, (long)(submitted - done), events, NULL);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        for (long e = 0; e < got; e++) {
+            struct iocb *cb = (struct iocb *)(uintptr_t)events[e].obj;
+            int first = index[cb - cbs];
+            for (int p = 0; (uint64_t)p * 4096 < cb->aio_nbytes; p++)
+                ok[first + p] = events[e].res > 0 && (int64_t)(p + 1) * 4096 <= events[e].res;
+        }
+        done += (int)got;
+    }
+    return 0;
+}
+
 /* Read the slots of the SWAPPED and MEMORY messages into pages (page i
    for message i); ok[i] says which arrived whole. Returns how long it
    took per page read: the reads of a group are in flight together, and
@@ -314,23 +340,9 @@ static int64_t umgr_fast_read(const struct uffd_msg *msgs, int n, const int *pla
         ssize_t got = pread(swap_fd, (void *)(uintptr_t)cbs[k].aio_buf, 4096, cbs[k].aio_offset);
         ok[index[k]] = got == 4096;
     }
-    int done = 0;
-    while (done < submitted) {
-        struct io_event events[UMGR_FAST_GROUP];
-        long got = syscall(SYS_io_getevents, (aio_context_t)log->aio, 1L, (long)(submitted - done), events, NULL);
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
-            break;   /* cannot happen with a valid context; the unread ones go to the full path */
-        }
-        for (long e = 0; e < got; e++) {
-            struct iocb *cb = (struct iocb *)(uintptr_t)events[e].obj;
-            ok[index[cb - cbs]] = events[e].res == 4096;
-        }
-        done += (int)got;
-    }
-    if (done < submitted)
-        return -1;   /* buffers may still be written: give up the whole group */
+    /* Failing cannot happen with a valid context: buffers may still be written, give up the whole group. */
+    if (umgr_aio_wait((aio_context_t)log->aio, cbs, index, submitted, ok) < 0)
+        return -1;
     int pages_read = 0;
     for (int i = 0; i < n; i++)
         pages_read += plan[i] == UMGR_PLAN_SWAPPED || plan[i] == UMGR_PLAN_MEMORY;
@@ -489,16 +501,21 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
     }
 }
 
-#define UMGR_PREFETCH_RUN 64   /* pages one pread takes at most */
+#define UMGR_PREFETCH_RUN 64   /* pages one read takes at most */
 
 /* Read the slots of the n planned pages into pages (page k for page k):
    zeros for a fresh page (slot 0), a memory tier's unpacked, runs of
-   consecutive file slots read with one pread each. ok[k]: page k arrived
-   whole. */
-static void umgr_prefetch_read(const struct umgr_fast_store *store, const int32_t *slots, int n, uint64_t pages,
-                               int *ok)
+   consecutive file slots with one read each, all of a window's reads in
+   flight together through AIO (a window's slots are often scattered: one
+   pread after another cost a device round trip each). ok[k]: page k
+   arrived whole. -1 if reads could not be waited for: nothing may be used. */
+static int umgr_prefetch_read(const struct umgr_fast_store *store, const int32_t *slots, int n, uint64_t pages,
+                              aio_context_t aio, int *ok)
 {
+    struct iocb cbs[UMGR_AIO_DEPTH], *list[UMGR_AIO_DEPTH];
+    int index[UMGR_AIO_DEPTH], nreads = 0;
     for (int k = 0; k < n;) {
+        ok[k] = 0;
         if (slots[k] == 0) {
             memset((void *)(uintptr_t)(pages + (uint64_t)k * 4096), 0, 4096);
             ok[k++] = 1;
@@ -512,13 +529,34 @@ static void umgr_prefetch_read(const struct umgr_fast_store *store, const int32_
         int j = k + 1;
         while (j < n && j - k < UMGR_PREFETCH_RUN && slots[j] == slots[j - 1] + 1
                && !umgr_fast_in_memory(store, slots[j]))
-            j++;
-        ssize_t got = pread(store->fd, (void *)(uintptr_t)(pages + (uint64_t)k * 4096), (size_t)(j - k) * 4096,
-                            (off_t)slots[k] * 4096);
-        for (int p = k; p < j; p++)
-            ok[p] = got > 0 && (int64_t)(p - k + 1) * 4096 <= (int64_t)got;
+            ok[j++] = 0;
+        if (nreads == UMGR_AIO_DEPTH) {   /* more runs than fit in flight: the rest one by one */
+            ssize_t got = pread(store->fd, (void *)(uintptr_t)(pages + (uint64_t)k * 4096), (size_t)(j - k) * 4096,
+                                (off_t)slots[k] * 4096);
+            for (int p = k; p < j; p++)
+                ok[p] = got > 0 && (int64_t)(p - k + 1) * 4096 <= (int64_t)got;
+        } else {
+            struct iocb *cb = &cbs[nreads];
+            memset(cb, 0, sizeof *cb);
+            cb->aio_lio_opcode = IOCB_CMD_PREAD;
+            cb->aio_fildes = (uint32_t)store->fd;
+            cb->aio_buf = pages + (uint64_t)k * 4096;
+            cb->aio_nbytes = (uint64_t)(j - k) * 4096;
+            cb->aio_offset = (int64_t)slots[k] * 4096;
+            list[nreads] = cb;
+            index[nreads++] = k;
+        }
         k = j;
     }
+    long submitted = nreads > 1 && aio ? syscall(SYS_io_submit, aio, (long)nreads, list) : 0;
+    if (submitted < 0)
+        submitted = 0;
+    for (int r = (int)submitted; r < nreads; r++) {   /* alone, or what AIO did not take */
+        ssize_t got = pread(store->fd, (void *)(uintptr_t)cbs[r].aio_buf, cbs[r].aio_nbytes, cbs[r].aio_offset);
+        for (int p = 0; (uint64_t)p * 4096 < cbs[r].aio_nbytes; p++)
+            ok[index[r] + p] = got > 0 && (int64_t)(p + 1) * 4096 <= (int64_t)got;
+    }
+    return umgr_aio_wait(aio, cbs, index, (int)submitted, ok);
 }
 
 /* Prefetch: bring in those of vpns[0..n) (sorted) that are SWAPPED with
@@ -553,7 +591,8 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
             continue;
         vpn[m] = (uint64_t)vpns[i], slot[m] = s, in[m++] = r;
     }
-    umgr_prefetch_read(store, slot, m, pages, ok);
+    if (m == 0 || umgr_prefetch_read(store, slot, m, pages, (aio_context_t)log->aio, ok) < 0)
+        return 0;   /* nothing to bring; or reads not waited for (cannot happen with a valid context) */
     int64_t read_ns = umgr_now_ns() - started;
     for (int k = 0; k < m;) {
         int j = k + 1, protect = keep && slot[k] != 0;   /* a clean copy: a swapped page read, not written */

@@ -74,6 +74,7 @@ class FastPath:
         self._log = self._served.c
         self._log.aio = uffdmod.fast_aio_context()
         self._prefetched = FastLog(MAX_FILL_PAGES)          # what prefetch() brought in
+        self._prefetched.c.aio = self._log.aio              # (its reads go in flight together too)
         self._prefetch_pages = PageBuffer(MAX_FILL_PAGES)
         self._store = StoreView()
         self._table = None                        # the table and layout self._regions describe
