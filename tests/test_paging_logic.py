@@ -108,6 +108,22 @@ def test_a_zaps_own_batch_takes_the_array_path():
     assert RemoveAttribution().count_many([1, 5], [2, 6]) == [False, False]
 
 
+def test_pages_moved_out_raise_no_event_so_every_remove_over_them_is_the_apps():
+    """The agent's UFFDIO_MOVE raises no REMOVE: during a move, each event
+    over the batch is an app discard, one by one or in a batch, and its
+    pages must read zero afterwards."""
+    for batched in (False, True):
+        attribution = RemoveAttribution()
+        attribution.begin(np.array([10, 11, 12, 20], np.int64), own_events=False)
+        events = [(10, 13), (20, 21), (30, 31)]   # would be the zap's own runs, and one outside
+        if batched:
+            got = attribution.count_many([lo for lo, _ in events], [hi for _, hi in events])
+        else:
+            got = [attribution.count(lo, hi) for lo, hi in events]
+        assert got == [False, False, False], batched
+        assert list(attribution.end()) == [10, 11, 12, 20], batched
+
+
 # ---- the clean-part split ----------------------------------------------------------
 def test_without_keep_clean_a_run_is_one_writable_part():
     swapped = np.ones(4, bool)

@@ -109,6 +109,9 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                    help="serve every fault through the full (Python) path, not plain random faults in C: "
                         "slower; for comparison, or to rule the fast path out")
+    p.add_argument("--no-move-out", dest="move_out", action="store_false",
+                   help="evicted pages leave by MADV_DONTNEED alone (a UFFD_EVENT_REMOVE round trip per run), "
+                        "not moved out by the shim's agent with UFFDIO_MOVE: slower; for comparison")
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
     p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",
@@ -433,7 +436,7 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         clean_copies="always" if args.keep_clean else args.clean_copies, policy_options=policy_options,
                         eviction_options=eviction_options, grace_seconds=_grace(args),
                         max_managed=args.max_managed, max_managed_per_user=args.max_managed_per_user,
-                        fast_path=args.fast_path)
+                        fast_path=args.fast_path, move_out=args.move_out)
 
 
 def _grace(args) -> int:

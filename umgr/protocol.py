@@ -16,8 +16,8 @@ import numpy as np
 from umgr import hints
 
 MAGIC = 0x524D4755
-VERSION = 5  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page;
-             # 5: HELLO's flags (RESUME), empty ZAP
+VERSION = 6  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page;
+             # 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT
 ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
 
 HEADER = struct.Struct("<IHH")
@@ -43,6 +43,7 @@ class MsgType(enum.IntEnum):
     ZAP_DONE = 17
     DETACH = 18
     DETACH_DONE = 19
+    MOVE_OUT = 20   # a ZAP's ranges, moved out by the agent (UFFDIO_MOVE) instead of discarded
 
 
 class Advice(enum.IntEnum):
@@ -169,7 +170,8 @@ def encode_ack(status: int) -> bytes:
     return ACK.pack(MAGIC, MsgType.ACK, ACK.size, status, 0)
 
 
-def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray) -> bytes:
+def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray, msg_type: MsgType = MsgType.ZAP) -> bytes:
+    """A ZAP, or with msg_type MOVE_OUT the same ranges to move out."""
     count = len(starts)
     if not 0 <= count <= ZAP_MAX_RANGES:   # an empty one is a barrier (AgentZapper.barrier)
         raise ValueError(f"a zap carries 0..{ZAP_MAX_RANGES} ranges, not {count}")
@@ -177,7 +179,7 @@ def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray) -> bytes:
     ranges["start"] = starts
     ranges["length"] = lengths
     size = ZAP_HEAD.size + ranges.nbytes
-    return ZAP_HEAD.pack(MAGIC, MsgType.ZAP, size, seq, count) + ranges.tobytes()
+    return ZAP_HEAD.pack(MAGIC, msg_type, size, seq, count) + ranges.tobytes()
 
 
 # Used by tests and tools that speak the shim's side.

@@ -17,7 +17,11 @@
  * Connection 2 (agent): the socketpair. The daemon sends ZAP (a list of
  * ranges); the agent thread zaps them with one vectored
  * process_madvise(MADV_DONTNEED) on its own process and answers ZAP_DONE.
- * ZAPs are answered in order: an empty one (count 0) is answered once every
+ * MOVE_OUT carries ranges the same way: the agent moves their pages out
+ * with UFFDIO_MOVE into a scratch area of its own, registered on a second
+ * uffd without EVENT_REMOVE, and discards them there, so no REMOVE event
+ * reaches the daemon; ZAP_DONE says how much moved, from the start (where a
+ * move fails, the daemon ZAPs the rest). Requests are answered in order: an empty one (count 0) is answered once every
  * zap before it, on this socket or on one of a daemon that died, is done.
  * When the daemon stops cleanly it first brings every page back, then sends
  * DETACH: the shim drops its uffd reference, answers DETACH_DONE and the
@@ -41,8 +45,8 @@
 #include "umgr.h"
 
 #define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
-#define UMGR_VERSION 5 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH;
-                          4: HELLO's probe page; 5: HELLO's flags (RESUME), empty ZAP */
+#define UMGR_VERSION 6 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH;
+                          4: HELLO's probe page; 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT */
 
 enum umgr_msg_type {
     UMGR_HELLO = 1,
@@ -55,6 +59,7 @@ enum umgr_msg_type {
     UMGR_ZAP_DONE = 17,
     UMGR_DETACH = 18,
     UMGR_DETACH_DONE = 19,
+    UMGR_MOVE_OUT = 20, /* a struct umgr_zap whose ranges the agent moves out (UFFDIO_MOVE); ZAP_DONE answers */
 };
 
 struct umgr_hdr {
@@ -136,7 +141,7 @@ struct umgr_zap_done {
     struct umgr_hdr hdr;
     uint32_t seq;
     int32_t error;  /* 0 or a positive errno */
-    int64_t bytes;  /* bytes zapped, from the start of the list */
+    int64_t bytes;  /* bytes zapped (or moved out), from the start of the list */
 };
 
 /* DETACH (daemon -> agent) and DETACH_DONE (agent -> daemon): a bare header. */

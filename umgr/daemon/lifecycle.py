@@ -205,7 +205,7 @@ class Lifecycle:
         agent = socket.socket(fileno=agent_fd)
         if self.config.zap_mode == protocol.ZapMode.REMOTE:
             return RemoteZapper(target.pidfd, agent)
-        return AgentZapper(agent)
+        return AgentZapper(agent, moves=self.config.move_out)
 
     def register_found(self, target: Target) -> None:
         """Manage the anonymous memory /proc/PID/maps shows (malloc, brk)."""

@@ -27,6 +27,8 @@ from umgr.paging.pinning import Pinning
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.tuning import EVICT_BATCH
 
+EMPTY = np.empty(0, np.int64)
+
 log = logging.getLogger("umgr.target")
 
 # How many times the policy is asked for more when its candidates are stale.
@@ -272,26 +274,49 @@ class Evictor:
         return nbytes
 
     async def _zap(self, vpns: np.ndarray) -> None:
+        """Take the pages out of the target: moved out by the agent where
+        it can (no REMOVE event to wait for), the rest zapped."""
         core = self.core
-        starts, lengths = runs(vpns)
-        self.removes.begin(vpns)
-        try:
-            zapped = await core.zapper.zap((starts << PAGE_SHIFT).astype(np.uint64),
-                                           (lengths << PAGE_SHIFT).astype(np.uint64))
-        finally:
-            # The zap has returned, so every REMOVE it caused has been read
-            # (the zapping thread waits in the kernel until its event is read).
-            discarded = self.removes.end()
-        nzapped = zapped >> PAGE_SHIFT
-        self._settle_zapped(vpns[:nzapped], discarded)
+        zapper = core.zapper
+        moved, discarded = 0, EMPTY
+        if zapper.moves:
+            moved, discarded = await self._take_out_with(zapper.move_out, vpns, own_events=False)
+            core.stats.moved_out += moved
+        zapped = moved
+        if moved < len(vpns):
+            # An app discard of a page seen during the move counts for the zap's settling too.
+            more, _ = await self._take_out_with(zapper.zap, vpns[moved:], own_events=True,
+                                                           discarded_before=discarded)
+            zapped += more
         core.evicted.wake()
         core.stats.zap_batches += 1
-        core.stats.zap_ranges += len(starts)
-        await self._settle_unzapped(vpns[nzapped:], nzapped, len(vpns))
-        # Writers blocked on a WP fault during the zap retry now: a MISSING
+        await self._settle_unzapped(vpns[zapped:], zapped, len(vpns))
+        # Writers blocked on a WP fault meanwhile retry now: a MISSING
         # fault, served from the copy.
+        starts, lengths = runs(vpns)
         for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
             core.uffd.wake(run_vpn << PAGE_SHIFT, run_len << PAGE_SHIFT)
+
+    async def _take_out_with(self, take, vpns: np.ndarray, own_events: bool,
+                             discarded_before: np.ndarray = EMPTY) -> tuple[int, np.ndarray]:
+        """take() the runs of vpns out of the target (zapper.zap or
+        move_out), and settle the pages it took (a prefix of vpns). Returns
+        how many, and the pages the app discarded meanwhile."""
+        starts, lengths = runs(vpns)
+        self.removes.begin(vpns, own_events)
+        try:
+            nbytes = await take((starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64))
+        finally:
+            # take() has returned, so every REMOVE a zap caused has been read
+            # (the zapping thread waits in the kernel until its event is read).
+            discarded = self.removes.end()
+        if len(discarded_before):
+            discarded = np.union1d(discarded, discarded_before)
+        done = nbytes >> PAGE_SHIFT
+        self._settle_zapped(vpns[:done], discarded)
+        if own_events:
+            self.core.stats.zap_ranges += len(starts)
+        return done, discarded
 
     def _settle_zapped(self, done: np.ndarray, discarded: np.ndarray) -> None:
         """Zapped pages become SWAPPED (FRESH if they had no content to keep,

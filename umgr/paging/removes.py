@@ -32,10 +32,13 @@ class RemoveAttribution:
     def active(self) -> bool:
         return self._vpns is not None
 
-    def begin(self, vpns: np.ndarray) -> None:
-        """A zap of these sorted vpns is about to be issued."""
+    def begin(self, vpns: np.ndarray, own_events: bool = True) -> None:
+        """A zap of these sorted vpns is about to be issued. Without
+        `own_events` it raises none (the agent moves the pages out): every
+        REMOVE over them is the app's, as if each page were covered once already."""
         self._vpns, self._sorted = vpns, vpns.tolist()
-        self._hits, self._lowest_lo = bytearray(len(vpns)), {}
+        self._hits = bytearray(len(vpns)) if own_events else bytearray(b"\x01" * len(vpns))
+        self._lowest_lo = {}
 
     def count(self, lo: int, hi: int) -> bool:
         """A REMOVE of vpns [lo, hi): True when it can only be the zap's."""

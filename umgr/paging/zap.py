@@ -8,10 +8,16 @@ remote call (a patched kernel), the daemon zaps directly.
 
 Either way each range of a zap becomes one UFFD_EVENT_REMOVE that the zapping
 thread waits on until the daemon reads it: callers pass contiguous runs.
+
+Faster, and tried first: the agent moves the pages out (MOVE_OUT, with
+UFFDIO_MOVE into a scratch area of its own, bindings/shim/preload.c),
+which raises no event at all. Where a move fails (a page shared with a
+forked child, one pinned for I/O), the rest is zapped.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 
 import numpy as np
@@ -23,26 +29,49 @@ from umgr.errors import TargetGone
 
 MADV_DONTNEED = 4
 
+log = logging.getLogger("umgr.target")
+
+
+class CannotMove(Exception):
+    """The agent cannot move pages out in this process (no UFFDIO_MOVE)."""
+
 
 class AgentZapper:
-    """Sends ZAP requests to the shim's agent thread over its socket."""
+    """Sends ZAP and MOVE_OUT requests to the shim's agent thread over its socket."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, moves: bool = True):
         sock.setblocking(False)
         self.sock = trio.socket.from_stdlib_socket(sock)
+        self.moves = moves     # whether to try move_out(): off once the agent says it cannot move here
         self._seq = 0
         self._lock = trio.Lock()
 
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         """Zap the ranges; returns the bytes zapped from the start of the list
         (less than the total only if the kernel stopped early)."""
+        return await self._request(protocol.MsgType.ZAP, starts, lengths)
+
+    async def move_out(self, starts: np.ndarray, lengths: np.ndarray) -> int:
+        """Have the agent move the ranges out; returns the bytes moved from
+        the start of the list (0 where moving is impossible: then
+        self.moves goes off and zap() does it all)."""
+        if not self.moves:
+            return 0
+        try:
+            return await self._request(protocol.MsgType.MOVE_OUT, starts, lengths)
+        except CannotMove as exc:
+            log.warning("pages leave by zap only: the agent cannot move them out (%s)", exc)
+            self.moves = False
+            return 0
+
+    async def _request(self, msg_type: protocol.MsgType, starts: np.ndarray, lengths: np.ndarray) -> int:
         done = 0
         async with self._lock:
             for i in range(0, len(starts), protocol.ZAP_MAX_RANGES):
                 chunk = slice(i, i + protocol.ZAP_MAX_RANGES)
                 self._seq = (self._seq + 1) & 0xFFFFFFFF
                 try:
-                    await self.sock.send(protocol.encode_zap(self._seq, starts[chunk], lengths[chunk]))
+                    await self.sock.send(protocol.encode_zap(self._seq, starts[chunk], lengths[chunk], msg_type))
                     reply = await self.sock.recv(64)
                 except OSError as exc:
                     raise TargetGone(f"agent connection lost: {exc}") from exc
@@ -52,9 +81,11 @@ class AgentZapper:
                 if result.seq != self._seq:
                     raise protocol.ProtocolError(f"agent answered zap {result.seq}, expected {self._seq}")
                 done += result.bytes
+                if result.error == errno.ESRCH:
+                    raise TargetGone("agent: target gone")
+                if result.error and msg_type == protocol.MsgType.MOVE_OUT and not done:
+                    raise CannotMove(errno.errorcode.get(result.error, str(result.error)))
                 if result.error or result.bytes < int(lengths[chunk].sum()):
-                    if result.error == errno.ESRCH:
-                        raise TargetGone("agent: target gone")
                     break
         return done
 
@@ -111,6 +142,11 @@ class RemoteZapper:
 
     async def barrier(self) -> None:
         """Nothing to wait for: the dead daemon's zaps died with its threads."""
+
+    moves = False   # (UFFDIO_MOVE works only from inside the target: the agent's)
+
+    async def move_out(self, starts: np.ndarray, lengths: np.ndarray) -> int:
+        return 0
 
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         # Blocks until the daemon has read each REMOVE event: off the trio thread.
