@@ -286,7 +286,7 @@ class Evictor:
         if moved < len(vpns):
             # An app discard of a page seen during the move counts for the zap's settling too.
             more, _ = await self._take_out_with(zapper.zap, vpns[moved:], own_events=True,
-                                                           discarded_before=discarded)
+                                                discarded_before=discarded)
             zapped += more
         core.evicted.wake()
         core.stats.zap_batches += 1

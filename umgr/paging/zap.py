@@ -11,8 +11,9 @@ thread waits on until the daemon reads it: callers pass contiguous runs.
 
 Faster, and tried first: the agent moves the pages out (MOVE_OUT, with
 UFFDIO_MOVE into a scratch area of its own, bindings/shim/preload.c),
-which raises no event at all. Where a move fails (a page shared with a
-forked child, one pinned for I/O), the rest is zapped.
+which raises no event at all. Where a move stops (a page the kernel still
+shares copy-on-write, one pinned for I/O, a read-only mapping), the rest
+is zapped.
 """
 from __future__ import annotations
 
