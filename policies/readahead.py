@@ -29,7 +29,7 @@ import numpy as np
 from . import NO_PAGES, PrefetchPolicy
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stream:
     last: int        # vpn of the stream's latest fault
     size: int = 0    # window size in pages; 0 until the stream is confirmed

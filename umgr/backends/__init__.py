@@ -88,6 +88,13 @@ class Backend:
         self.io_latency[bisect.bisect_left(IO_BUCKETS, elapsed)] += 1   # as np.searchsorted, without its per-call cost
         self.io_seconds += elapsed
 
+    def _count_ios(self, each_seconds: list[float]) -> None:
+        """_count_io() of each."""
+        histogram, bisect_left = self.io_latency, bisect.bisect_left
+        for elapsed in each_seconds:
+            histogram[bisect_left(IO_BUCKETS, elapsed)] += 1
+        self.io_seconds += sum(each_seconds)
+
     def statistics(self) -> dict:
         return {
             "backend": self.name,

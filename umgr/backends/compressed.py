@@ -241,8 +241,7 @@ class CompressedBackend(Backend):
     def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
         self.pages_read += len(memory_seconds)
         self.read_seconds += sum(memory_seconds)
-        for elapsed in memory_seconds:
-            self._count_io(elapsed)
+        self._count_ios(memory_seconds)
 
     def _unpack_one(self, entry, addr: int) -> None:
         if isinstance(entry, int):

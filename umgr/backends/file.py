@@ -197,8 +197,12 @@ class FileBackend(Backend):
 
     def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
         self.pages_read += len(file_seconds)
-        for elapsed in file_seconds:
-            self._note_sync_read(elapsed)
+        self._count_ios(file_seconds)
+        self.read_seconds += sum(file_seconds)
+        share = self._slow_share
+        for elapsed in file_seconds:   # (_note_sync_read's, for a few reads a call)
+            share += ((elapsed > SYNC_READ_LIMIT) - share) / 16
+        self._slow_share = share
 
     async def _io(self, op: Op, slots: np.ndarray, addrs: np.ndarray) -> None:
         run_addrs, first_slot, count = io_runs(slots, addrs)

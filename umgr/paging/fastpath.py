@@ -37,6 +37,8 @@ back, still in the message buffer.
 """
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from umgr.kernel import uffd as uffdmod
@@ -82,6 +84,8 @@ class FastPath:
         self._nregions = 0
         self._pointers: dict[int, tuple] = {}     # id(region) -> ((its state, slot, flags), their C pointers)
         self._stream_at = 0                       # where the next window's far end goes in log.streams
+        self._starts: list[int] = []              # first and end vpn of each region in self._regions
+        self._ends: list[int] = []
 
     def _follow_table(self) -> int:
         """Point the C call at every region of the table (anew only when
@@ -105,8 +109,17 @@ class FastPath:
             c.vpn, c.end, c.counts = region.vpn, region.end, counts
             c.state, c.slot, c.flags = known[1:]
         self._pointers = pointers
+        self._starts = [region.vpn for region in regions]
+        self._ends = [region.end for region in regions]
         self._table, self._layout, self._nregions = pt, pt.layout, len(regions)
         return self._nregions
+
+    def bounds(self, vpn: int) -> tuple[int, int]:
+        """[first, end) of the region of a page the last call served: as
+        PageTable.bounds, from the regions that call saw (the table cannot
+        have changed since: settling comes first)."""
+        i = bisect.bisect_right(self._starts, vpn) - 1
+        return self._starts[i], self._ends[i]
 
     def ready(self) -> bool:
         """Whether the next faults may be tried here."""
@@ -214,8 +227,7 @@ class FastPath:
         stats.fault_read_seconds += read
         stats.fault_copy_seconds += served - read
         stats.fault_batch_seconds += served
-        for ns in serve_ns:
-            stats.record_latency(ns * 1e-9, 1)
+        stats.record_latencies_ns(serve_ns)
         vpns, slots, kept = log.vpns[:n].astype(np.int64), log.slots[:n].tolist(), log.kept[:n].tolist()
         kinds = log.kind[:n].tolist()
         hits = EMPTY

@@ -138,7 +138,7 @@ class FaultService:
             return EMPTY
         wanted = []
         for vpn in vpns.tolist():
-            first, end = self.core.pt.bounds(vpn)
+            first, end = self.fast.bounds(vpn)
             extra = self.prefetch.on_fault(vpn, first, end)
             if len(extra):
                 self.fast.prefetching(vpn, extra)
