@@ -25,7 +25,8 @@ def test_doctor_reports_this_kernel():
     assert rows["uffd WP (anon)"][0] == "supported"
     assert rows["io_uring"][0] == "ok"
     assert rows["process_vm_readv"][0] == "ok"
-    assert "zap mode: agent" in r.stdout
+    assert rows["agent move out"][0] == "supported"   # UFFDIO_MOVE: 6.8+
+    assert "zap mode: agent" in r.stdout and "moves evicted pages out" in r.stdout
 
 
 def test_probe_rows_and_verdict():

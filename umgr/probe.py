@@ -224,6 +224,34 @@ def _probe_agent_zap():
     return status, "process_madvise(MADV_DONTNEED) on itself, " + "; ".join(parts)
 
 
+def _probe_move_out():
+    """What the shim's agent does with evicted pages: UFFDIO_MOVE a page of
+    an unregistered mapping into a scratch page registered on a uffd of its
+    own, in its own process."""
+    from umgr.kernel import uffd as U
+    from umgr.kernel.uffd_extra import Userfaultfd
+    source, src = _scratch()
+    scratch, dst = _scratch()
+    try:
+        source[0] = 0x5A
+        with Userfaultfd.create(user_mode_only=True) as fd:
+            fd.api(U.UFFD_FEATURE_MOVE)
+            fd.register(dst, _PAGE, U.UFFDIO_REGISTER_MODE_MISSING)
+            moved, err = fd.move(dst, src, _PAGE)
+        if err or moved != _PAGE:
+            return "failed", f"UFFDIO_MOVE moved {moved} bytes: {os.strerror(err) if err else 'short'}"
+        if _pagemap_entry(src) & _PM_PRESENT or scratch[0] != 0x5A:
+            return "failed", "UFFDIO_MOVE returned but the page did not move"
+        return "supported", "UFFDIO_MOVE of a page into a range of its own uffd: evicted pages leave with no REMOVE event"
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOTTY, errno.ENOSYS):
+            return "unsupported", f"UFFDIO_MOVE: {os.strerror(exc.errno)} (pages leave by zap: slower)"
+        raise
+    finally:
+        source.close()
+        scratch.close()
+
+
 def _probe_readv():
     m, addr = _scratch()
     pattern = os.urandom(_PAGE)
@@ -263,6 +291,7 @@ _PROBES = [
     ("process_vm_readv", _probe_readv),
     ("remote zap", _probe_remote_zap),
     ("agent zap", _probe_agent_zap),
+    ("agent move out", _probe_move_out),
 ]
 
 _GOOD = ("ok", "supported")
@@ -318,8 +347,11 @@ def doctor() -> int:
     rows = probe()
     print(format_table(rows))
     reasons = verdict(rows)
-    mode = "remote (daemon zaps directly)" if dict((r[0], r[1]) for r in rows)["remote zap"] in _GOOD \
+    status = dict((r[0], r[1]) for r in rows)
+    mode = "remote (daemon zaps directly)" if status["remote zap"] in _GOOD \
         else "agent (in-target thread zaps via PIDFD_SELF)"
+    if status["agent move out"] in _GOOD:
+        mode += "; the agent moves evicted pages out with UFFDIO_MOVE, zapping only what cannot move"
     if reasons:
         print("\numgr cannot run here:")
         for r in reasons:
