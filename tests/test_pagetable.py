@@ -141,3 +141,24 @@ def test_slots_full_allocates_nothing():
     with pytest.raises(BackendFull):
         slots.alloc(2)
     assert slots.used == 3
+
+
+def test_batch_lookups_over_many_regions_and_gaps_agree_page_by_page():
+    """states/slots/set over sorted vpns spanning many regions (an
+    interpreter's arenas), with pages before, between and after them,
+    answer as state_of/slot_of do one page at a time."""
+    rng = np.random.default_rng(3)
+    for trial in range(50):
+        pt = PageTable()
+        at = 1000
+        for _ in range(int(rng.integers(1, 40))):
+            at += int(rng.integers(0, 5))          # a gap, or none (adjacent regions)
+            npages = int(rng.integers(1, 20))
+            pt.add(at, npages)
+            at += npages
+        vpns = np.unique(rng.integers(990, at + 10, int(rng.integers(1, 200)))).astype(np.int64)
+        inside = vpns[pt.states(vpns) != State.UNMAPPED]
+        pt.set(inside, State.SWAPPED, (inside % 1000 + 1).astype(np.int32))
+        assert pt.states(vpns).tolist() == [pt.state_of(int(v)) for v in vpns], trial
+        assert pt.slots(vpns).tolist() == [pt.slot_of(int(v)) for v in vpns], trial
+        assert pt.count(State.SWAPPED) == len(inside), trial

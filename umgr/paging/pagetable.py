@@ -172,24 +172,32 @@ class PageTable:
             out.append((at, vpn_hi))
         return out
 
-    def by_region(self, vpns: np.ndarray) -> Iterator[tuple[Region, np.ndarray | slice, np.ndarray]]:
-        """For sorted vpns: (region, positions in vpns, indices in region);
+    def by_region(self, vpns: np.ndarray) -> Iterator[tuple[Region, slice, np.ndarray]]:
+        """For sorted vpns: (region, their positions in vpns, indices in region);
         vpns outside every region are left out."""
-        i, n = 0, len(vpns)
-        if n:  # the fault path's common case: all in one region
-            region = self.find(int(vpns[0]))
-            if region is not None and int(vpns[-1]) < region.end:
-                yield region, slice(None), vpns - region.vpn
-                return
-        while i < n:
-            region = self.find(int(vpns[i]))
-            if region is None:
-                i += 1
+        n = len(vpns)
+        if not n:
+            return
+        region = self.find(int(vpns[0]))
+        if region is not None and int(vpns[-1]) < region.end:   # the fault path's common case
+            yield region, slice(None), vpns - region.vpn
+            return
+        # An eviction batch of an interpreter's heap spans hundreds of
+        # regions (1 MiB arenas): each vpn's region found in one
+        # searchsorted, then one slice per region.
+        regions = self.regions
+        starts = np.fromiter((r.vpn for r in regions), np.int64, len(regions))
+        which = np.searchsorted(starts, vpns, side="right") - 1   # the last region starting at or before
+        cuts = (np.flatnonzero(np.diff(which)) + 1).tolist()
+        for a, b in zip([0] + cuts, cuts + [n]):
+            k = int(which[a])
+            if k < 0:
                 continue
-            j = int(np.searchsorted(vpns, region.end, side="left"))
-            positions = np.arange(i, j)
-            yield region, positions, vpns[i:j] - region.vpn
-            i = j
+            region = regions[k]
+            if int(vpns[b - 1]) >= region.end:   # some lie past its end, in no region
+                b = a + int(np.searchsorted(vpns[a:b], region.end))
+            if b > a:
+                yield region, slice(a, b), vpns[a:b] - region.vpn
 
     def state_of(self, vpn: int) -> int:
         region = self.find(vpn)
