@@ -327,3 +327,26 @@ def test_checked_readv_never_reads_the_program_a_process_execd(programs, old_mm)
             if mem_fd >= 0:
                 os.close(mem_fd)
             buf.close()
+
+
+def test_pagemap_entries_of_scattered_runs_read_as_one_span_or_one_by_one(ct, mapping):
+    """Runs close together are read as one span, far apart one at a time;
+    either way each run's pages get their own entries, in order."""
+    ffi, lib = ct
+    base = mapping(64)
+    vpn0 = base // P
+    touched = [0, 1, 2, 7, 20, 21, 40, 63]
+    for page in touched:
+        lib.h_write_byte(ffi.cast("void *", base + page * P), 1)
+    starts = np.array([vpn0, vpn0 + 6, vpn0 + 19, vpn0 + 40, vpn0 + 62], np.int64)
+    lengths = np.array([3, 2, 3, 1, 2], np.int64)
+    pages = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)]) - vpn0
+    want = [page in touched for page in pages.tolist()]
+    for factor in (16, 1):   # 16: one span (64 pages for 11); 1: a pread per run
+        old, M.SPAN_READ_FACTOR = M.SPAN_READ_FACTOR, factor
+        try:
+            entries = M.pagemap_entries(os.getpid(), starts, lengths)
+        finally:
+            M.SPAN_READ_FACTOR = old
+        present = ((entries & np.uint64(M.PM_PRESENT)) != 0).tolist()
+        assert present == want, factor
