@@ -26,6 +26,7 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from umgr.cli import query_status
+from umgr.protocol import VERSION
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 GROUP = "umgrsecg"
@@ -46,7 +47,7 @@ def new_uffd():  # unprivileged users may only ask for user-mode-only uffds
     return fd
 
 def hello(pid, probe):
-    return HELLO.pack(MAGIC, 1, HELLO.size, 5, pid, 0, 0, b"", b"", probe, 0, 0)
+    return HELLO.pack(MAGIC, 1, HELLO.size, PROTOCOL_VERSION, pid, 0, 0, b"", b"", probe, 0, 0)
 
 def outcome(s):
     try:
@@ -93,7 +94,7 @@ elif mode == "forked-stranger":
     status.send(b"STATUS")
     result["status_pids"] = [t["pid"] for t in json.loads(status.recv(1 << 20))["targets"]]
 print(json.dumps(result), flush=True)
-"""
+""".replace("PROTOCOL_VERSION", str(VERSION))   # the daemon refuses any other
 
 
 @contextlib.contextmanager
@@ -325,7 +326,7 @@ def some_fds():
 def valid():
     n = rng.random
     return rng.choice([
-        HELLO.pack(MAGIC, 1, HELLO.size, 5, rng.choice([me, 1, 0, -1]), rng.getrandbits(64), rng.getrandbits(64),
+        HELLO.pack(MAGIC, 1, HELLO.size, PROTOCOL_VERSION, rng.choice([me, 1, 0, -1]), rng.getrandbits(64), rng.getrandbits(64),
                    bytes(rng.getrandbits(8) for _ in range(rng.randrange(33))),
                    bytes(rng.getrandbits(8) for _ in range(rng.randrange(65))), rng.getrandbits(64),
                    rng.choice([0, 1, rng.getrandbits(32)]), 0),
@@ -376,7 +377,7 @@ for _ in range(rounds):
             os.close(fd)
     outcomes[outcome] = outcomes.get(outcome, 0) + 1
 print(json.dumps({"pid": me, "uid": os.getuid(), "outcomes": outcomes}), flush=True)
-"""
+""".replace("PROTOCOL_VERSION", str(VERSION))   # the daemon refuses any other
 
 
 @pytest.mark.timeout(240)
