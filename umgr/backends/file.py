@@ -182,13 +182,16 @@ class FileBackend(Backend):
         if done != PAGE_SIZE:
             self.errors += 1
             raise BackendError(f"swap file read failed: short transfer of {done} bytes")
-        self._note_sync_read(time.perf_counter() - started)
+        self._note_sync_reads([time.perf_counter() - started])
 
-    def _note_sync_read(self, elapsed: float) -> None:
-        self._count_io(elapsed)
-        self.read_seconds += elapsed
-        slow = elapsed > SYNC_READ_LIMIT
-        self._slow_share += (slow - self._slow_share) / 16
+    def _note_sync_reads(self, each_seconds: list[float]) -> None:
+        """One-page preads took these times (here, or in the fault path's C call)."""
+        self._count_ios(each_seconds)
+        self.read_seconds += sum(each_seconds)
+        share = self._slow_share
+        for elapsed in each_seconds:
+            share += ((elapsed > SYNC_READ_LIMIT) - share) / 16
+        self._slow_share = share
 
     def sync_read_fd(self) -> int:
         """The swap file, while one-page reads are plain preads (see
@@ -197,12 +200,7 @@ class FileBackend(Backend):
 
     def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
         self.pages_read += len(file_seconds)
-        self._count_ios(file_seconds)
-        self.read_seconds += sum(file_seconds)
-        share = self._slow_share
-        for elapsed in file_seconds:   # (_note_sync_read's, for a few reads a call)
-            share += ((elapsed > SYNC_READ_LIMIT) - share) / 16
-        self._slow_share = share
+        self._note_sync_reads(file_seconds)
 
     async def _io(self, op: Op, slots: np.ndarray, addrs: np.ndarray) -> None:
         run_addrs, first_slot, count = io_runs(slots, addrs)
