@@ -523,8 +523,10 @@ def test_status_watch_refreshes_until_interrupted(daemon, shim, programs):
                  stdin=subprocess.PIPE) as holder:
         assert holder.stdout.readline() == b"ready\n"
         wait_paging(daemon, holder.pid)
+        # Ctrl-C at a terminal: SIGINT at its default disposition, even when
+        # the suite itself was started in the background (which ignores it).
         with started([sys.executable, "-m", "umgr", "status", "--watch", "--socket", daemon.socket,
-                      "--interval", "0.2"]) as watch:
+                      "--interval", "0.2"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as watch:
             headers = []
             while len(headers) < 3:
                 line = watch.stdout.readline().decode()
