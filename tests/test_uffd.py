@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import pytest
 import trio
 
@@ -691,7 +692,7 @@ def test_read_batch_lingers_for_the_rest_of_a_discard(ct, maps, uffds):
     u = uffds(U.ALL_EVENTS)
     region = maps(npages)
     u.register(region.addr, region.len, U.UFFDIO_REGISTER_MODE_MISSING)
-    for linger, most in ((0.0, 1), (0.2, npages // 2)):
+    for linger in (0.0, 0.2):
         discarder = CThread(ct[1].h_discard_every_other, region.ptr, npages)
         discarder.start()
         batches = []
@@ -702,7 +703,11 @@ def test_read_batch_lingers_for_the_rest_of_a_discard(ct, maps, uffds):
         assert discarder.result == 0
         removes = sum(batches, [])
         assert removes == [U.RemoveEvent(region.page(p), region.page(p + 1)) for p in range(0, npages, 2)]
-        assert max(len(batch) for batch in batches) == most
+        largest = max(len(batch) for batch in batches)
+        if linger:   # all 32 in one batch, unless a loaded machine stops the
+            assert largest >= npages // 4, batches   # discarder longer than that (seen once)
+        else:
+            assert largest == 1, batches
 
 
 @pytest.mark.timeout(30)
@@ -781,3 +786,25 @@ def test_copy_read_outcomes(ct, maps, uffds):
     assert unmapper.result == 0
     assert u.copy_read(dst.page(2), src.page(2), P, max_events=100) == 0
     assert dst.lib.h_check(dst.ptr, 3, 0, SEED) == -1
+
+
+def test_writeprotect_and_wake_of_many_runs_in_one_call(maps, uffds):
+    """writeprotect_runs() protects exactly the runs' pages (the evictor's
+    scattered victims), and stops at a run that is not registered (ENOENT),
+    saying how many it did; wake_runs() of the same runs is accepted."""
+    u = uffds(U.UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+    dst = maps(16)
+    src = source_pages(maps, 16, seed=4)
+    u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING | U.UFFDIO_REGISTER_MODE_WP)
+    assert u.copy(dst.addr, src.addr, 16 * P) == (16 * P, 0)
+    first = dst.addr // P
+    starts = np.array([first, first + 3, first + 9], np.int64)
+    lengths = np.array([2, 1, 4], np.int64)
+    assert u.writeprotect_runs(starts, lengths, True) == (3, 0)
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        entries = np.frombuffer(os.pread(pagemap.fileno(), 16 * 8, first * 8), np.uint64)
+    protected = np.flatnonzero(entries & np.uint64(1 << 57)).tolist()   # the pte's uffd-wp bit
+    assert protected == [0, 1, 3, 9, 10, 11, 12]
+    u.wake_runs(starts, lengths)
+    beyond = np.array([first + 1, first + 16 + 1024], np.int64)   # the second is in no registered range
+    assert u.writeprotect_runs(beyond, np.array([1, 1], np.int64), False) == (1, errno.ENOENT)

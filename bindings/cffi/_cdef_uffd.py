@@ -122,6 +122,7 @@ int umgr_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode,
 int umgr_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int umgr_uffd_wake(int fd, uint64_t start, uint64_t len);
 int umgr_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int umgr_uffd_runs(int fd, const int64_t *vpns, const int64_t *npages, int n, int64_t wp_mode, int *err);
 
 int64_t umgr_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int64_t umgr_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
@@ -290,6 +291,24 @@ static int umgr_uffd_writeprotect(int fd, uint64_t start, uint64_t len,
     struct uffdio_writeprotect wp = {
         .range = { .start = start, .len = len }, .mode = mode };
     return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
+}
+
+/* UFFDIO_WRITEPROTECT with wp_mode, or with wp_mode < 0 UFFDIO_WAKE, of
+   each run of pages [vpns[i], vpns[i] + npages[i]) in order, until one
+   fails: returns how many were done (n: all), the failing one's errno in
+   *err. An eviction batch of scattered pages is hundreds of runs. */
+static int umgr_uffd_runs(int fd, const int64_t *vpns, const int64_t *npages, int n, int64_t wp_mode, int *err)
+{
+    *err = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t start = (uint64_t)vpns[i] << 12, len = (uint64_t)npages[i] << 12;
+        int r = wp_mode < 0 ? umgr_uffd_wake(fd, start, len) : umgr_uffd_writeprotect(fd, start, len, (uint64_t)wp_mode);
+        if (r < 0) {
+            *err = -r;
+            return i;
+        }
+    }
+    return n;
 }
 
 /* 0 when the whole range was done, else (bytes_done << 16) | errno.

@@ -357,6 +357,32 @@ class Userfaultfd:
         if r:
             self._raise(-r, "UFFDIO_WAKE")
 
+    def writeprotect_runs(self, vpns, npages, protect: bool) -> tuple[int, int]:
+        """writeprotect() of each run of pages (contiguous int64 numpy
+        arrays: first vpn, page count; pagetable.runs() makes them) in
+        order, in one call, until one answers EAGAIN or ENOENT: returns
+        (runs done, that errno), (len, 0) when all were."""
+        mode = UFFDIO_WRITEPROTECT_MODE_WP if protect else 0
+        done, err = self._runs(vpns, npages, mode)
+        if err and err not in _NORMAL_WP:
+            self._raise(err, "UFFDIO_WRITEPROTECT")
+        return done, err
+
+    def wake_runs(self, vpns, npages) -> None:
+        """wake() of each run of pages, in one call."""
+        _, err = self._runs(vpns, npages, -1)
+        if err:
+            self._raise(err, "UFFDIO_WAKE")
+
+    def _runs(self, vpns, npages, wp_mode: int) -> tuple[int, int]:
+        if vpns.dtype.str != "<i8" or npages.dtype.str != "<i8" or not (
+                vpns.flags.c_contiguous and npages.flags.c_contiguous):
+            raise TypeError("runs are contiguous int64 arrays")
+        err = _ffi.new("int *")
+        done = _lib.umgr_uffd_runs(self._fd, _ffi.cast("int64_t *", vpns.ctypes.data),
+                                   _ffi.cast("int64_t *", npages.ctypes.data), len(vpns), wp_mode, err)
+        return done, err[0]
+
     def copy_fast(self, dst: int, src: int, length: int, mode: int = 0) -> int:
         """copy() for the fault path: 0 when all of length was copied, else
         (bytes_copied << 16) | errno with errno EAGAIN, EEXIST or ENOENT

@@ -11,6 +11,7 @@ docs/architecture.md.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -183,10 +184,15 @@ class Evictor:
         core = self.core
         core.pt.set(vpns, State.EVICTING)
         starts, lengths = runs(vpns)
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            if await core.writeprotect(run_vpn, run_len, True):
-                # ENOENT: unmapped meanwhile; the UNMAP event drops them
-                core.release(np.arange(run_vpn, run_vpn + run_len), State.EVICTING)
+        at = 0
+        while at < len(starts):
+            done, err = core.uffd.writeprotect_runs(starts[at:], lengths[at:], True)
+            at += done
+            if err == errno.EAGAIN:   # an event is queued: the fault loop reads it, then this goes on
+                await trio.sleep(0)
+            elif err:   # ENOENT: unmapped meanwhile; the UNMAP event drops them
+                core.release(np.arange(starts[at], starts[at] + lengths[at]), State.EVICTING)
+                at += 1
 
     async def _read(self, vpns: np.ndarray, buffer: PageBuffer) -> np.ndarray:
         """Copy the victims into the batch buffer; the pages after a short
@@ -293,9 +299,7 @@ class Evictor:
         await self._settle_unzapped(vpns[zapped:], zapped, len(vpns))
         # Writers blocked on a WP fault meanwhile retry now: a MISSING
         # fault, served from the copy.
-        starts, lengths = runs(vpns)
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            core.uffd.wake(run_vpn << PAGE_SHIFT, run_len << PAGE_SHIFT)
+        core.uffd.wake_runs(*runs(vpns))
 
     async def _take_out_with(self, take, vpns: np.ndarray, own_events: bool,
                              discarded_before: np.ndarray = EMPTY) -> tuple[int, np.ndarray]:
