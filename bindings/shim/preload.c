@@ -278,7 +278,8 @@ static long zap_ranges(const struct umgr_range *ranges, uint32_t count)
  * registered on the uffd the ioctl is issued on: the agent's own scratch
  * area, on a uffd of its own without EVENT_REMOVE, so that discarding the
  * moved pages there raises no event either. The daemon has the pages'
- * content already (it evicts only what it stored or can read back). */
+ * content already (it evicts only what it stored or can read back). The
+ * daemon asks for it only with --move-out. */
 
 #ifndef UFFDIO_MOVE
 #define UFFD_FEATURE_MOVE (1 << 16)

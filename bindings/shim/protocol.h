@@ -21,8 +21,10 @@
  * with UFFDIO_MOVE into a scratch area of its own, registered on a second
  * uffd without EVENT_REMOVE, and discards them there, so no REMOVE event
  * reaches the daemon; ZAP_DONE says how much moved, from the start (where a
- * move fails, the daemon ZAPs the rest). Requests are answered in order: an empty one (count 0) is answered once every
- * zap before it, on this socket or on one of a daemon that died, is done.
+ * move fails, the daemon ZAPs the rest). The daemon sends it only with
+ * --move-out. Requests are answered in order: an empty ZAP (count 0) is
+ * answered once every zap before it, on this socket or on one of a daemon
+ * that died, is done.
  * When the daemon stops cleanly it first brings every page back, then sends
  * DETACH: the shim drops its uffd reference, answers DETACH_DONE and the
  * program runs on unmanaged. The agent socket closing without a DETACH

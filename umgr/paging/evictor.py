@@ -280,8 +280,8 @@ class Evictor:
         return nbytes
 
     async def _zap(self, vpns: np.ndarray) -> None:
-        """Take the pages out of the target: moved out by the agent where
-        it can (no REMOVE event to wait for), the rest zapped."""
+        """Take the pages out of the target: zapped; with --move-out moved
+        out by the agent first where it can (no REMOVE event to wait for)."""
         core = self.core
         zapper = core.zapper
         moved, discarded = 0, EMPTY

@@ -9,11 +9,13 @@ remote call (a patched kernel), the daemon zaps directly.
 Either way each range of a zap becomes one UFFD_EVENT_REMOVE that the zapping
 thread waits on until the daemon reads it: callers pass contiguous runs.
 
-Faster, and tried first: the agent moves the pages out (MOVE_OUT, with
-UFFDIO_MOVE into a scratch area of its own, bindings/shim/preload.c),
-which raises no event at all. Where a move stops (a page the kernel still
-shares copy-on-write, one pinned for I/O, a read-only mapping), the rest
-is zapped.
+Faster, tried first with --move-out (experimental): the agent moves the
+pages out (MOVE_OUT, with UFFDIO_MOVE into a scratch area of its own,
+bindings/shim/preload.c), which raises no event at all. Where a move stops
+(a page the kernel still shares copy-on-write, one pinned for I/O, a
+read-only mapping), the rest is zapped. Not the default: a program that
+mremaps its memory back and forth while a batch is taken out lost a page
+in CI (docs/architecture.md, "mremap during eviction").
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ class CannotMove(Exception):
 class AgentZapper:
     """Sends ZAP and MOVE_OUT requests to the shim's agent thread over its socket."""
 
-    def __init__(self, sock: socket.socket, moves: bool = True):
+    def __init__(self, sock: socket.socket, moves: bool = False):
         sock.setblocking(False)
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.moves = moves     # whether to try move_out(): off once the agent says it cannot move here
