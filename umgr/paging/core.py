@@ -190,13 +190,26 @@ class TargetCore:
                 return err
             await trio.sleep(0)
 
+    async def writeprotect_runs(self, starts: np.ndarray, lengths: np.ndarray, protect: bool) -> list[int]:
+        """writeprotect() of each run (runs()' arrays), in one C call per
+        stretch between EAGAINs; returns the indices of the runs no longer
+        mapped (ENOENT)."""
+        unmapped, at = [], 0
+        while at < len(starts):
+            done, err = self.uffd.writeprotect_runs(starts[at:], lengths[at:], protect)
+            at += done
+            if err == errno.EAGAIN:
+                await trio.sleep(0)
+            elif err:
+                unmapped.append(at)
+                at += 1
+        return unmapped
+
     async def unprotect(self, vpns: np.ndarray) -> None:
         vpns = np.asarray(vpns, np.int64)
         self.pt.set_flag(vpns, Flag.DISCARDABLE, False)  # unprotected: writes unseen
         self.drop_clean_copies(vpns)
-        starts, lengths = runs(vpns)
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            await self.writeprotect(run_vpn, run_len, False)
+        await self.writeprotect_runs(*runs(vpns), False)
 
     # ---- copying in ---------------------------------------------------------
     def copy_run(self, vpn: int, npages: int, src: int, *, zeros: bool = False, protect: bool = False,

@@ -11,7 +11,6 @@ docs/architecture.md.
 """
 from __future__ import annotations
 
-import errno
 import logging
 from dataclasses import dataclass
 
@@ -184,15 +183,9 @@ class Evictor:
         core = self.core
         core.pt.set(vpns, State.EVICTING)
         starts, lengths = runs(vpns)
-        at = 0
-        while at < len(starts):
-            done, err = core.uffd.writeprotect_runs(starts[at:], lengths[at:], True)
-            at += done
-            if err == errno.EAGAIN:   # an event is queued: the fault loop reads it, then this goes on
-                await trio.sleep(0)
-            elif err:   # ENOENT: unmapped meanwhile; the UNMAP event drops them
-                core.release(np.arange(starts[at], starts[at] + lengths[at]), State.EVICTING)
-                at += 1
+        for i in await core.writeprotect_runs(starts, lengths, True):
+            # Unmapped meanwhile; the UNMAP event drops them
+            core.release(np.arange(starts[i], starts[i] + lengths[i]), State.EVICTING)
 
     async def _read(self, vpns: np.ndarray, buffer: PageBuffer) -> np.ndarray:
         """Copy the victims into the batch buffer; the pages after a short
