@@ -1,15 +1,17 @@
 """Unit tests for the paging engine's pure logic: what the kernel tests only
 reach through timing (REMOVE attribution, the clean-part split, the order
-runs are copied in, the water marks) and the one counter list."""
+runs are copied in, the water marks, the read gate) and the one counter list."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import trio
 
 from umgr.daemon.status import SUMMED, Totals
 from umgr.metrics import EXPORTED, FAULT_KINDS
 from umgr.paging.budget import Budget
 from umgr.paging.faults import clean_parts, runs_faulting_last
+from umgr.paging.readgate import ReadGate
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.stats import COUNTERS, TargetStats
 from umgr.paging.tuning import EVICT_BATCH
@@ -125,6 +127,71 @@ def test_pages_moved_out_raise_no_event_so_every_remove_over_them_is_the_apps():
 
 
 # ---- the clean-part split ----------------------------------------------------------
+# ---- the read gate (no uffd read while a move out is in flight) ---------------
+def test_a_hold_waits_for_the_round_in_progress_and_keeps_the_next_out():
+    gate, log = ReadGate(), []
+
+    async def fault_loop(rounds: int):
+        for i in range(rounds):
+            await gate.enter()
+            log.append(f"round {i}")
+            await trio.sleep(0.01)   # a round awaits (a backend read) and still holds the holder off
+            log.append(f"round {i} done")
+            gate.leave()
+            await trio.sleep(0)
+
+    async def move():
+        await trio.sleep(0.005)        # during round 0
+        async with gate.hold():
+            log.append("move")
+            await trio.sleep(0.02)
+            log.append("move done")
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fault_loop, 2)
+            nursery.start_soon(move)
+
+    trio.run(main)
+    assert log == ["round 0", "round 0 done", "move", "move done", "round 1", "round 1 done"]
+
+
+def test_the_gate_opens_when_the_last_of_two_holders_lets_go():
+    gate, log = ReadGate(), []
+
+    async def holder(name: str, seconds: float):
+        async with gate.hold():
+            await trio.sleep(seconds)
+            log.append(name)
+
+    async def reader():
+        await trio.sleep(0.001)
+        await gate.enter()
+        log.append("read")
+        gate.leave()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder, "short", 0.005)
+            nursery.start_soon(holder, "long", 0.02)
+            nursery.start_soon(reader)
+
+    trio.run(main)
+    assert log == ["short", "long", "read"]
+
+
+def test_a_hold_with_no_fault_loop_in_a_round_goes_at_once():
+    gate = ReadGate()
+
+    async def main():
+        with trio.fail_after(1):
+            async with gate.hold():
+                pass
+            await gate.enter()   # open again
+
+    trio.run(main)
+
+
 def test_without_keep_clean_a_run_is_one_writable_part():
     swapped = np.ones(4, bool)
     assert clean_parts(100, swapped, {101: False}, keep_clean=False) == [(100, 4, False)]

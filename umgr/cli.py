@@ -109,11 +109,9 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                    help="serve every fault through the full (Python) path, not plain random faults in C: "
                         "slower; for comparison, or to rule the fast path out")
-    p.add_argument("--move-out", action="store_true",
-                   help="experimental: the shim's agent moves evicted pages out with UFFDIO_MOVE instead of "
-                        "discarding them with MADV_DONTNEED (no UFFD_EVENT_REMOVE round trip per run: faster "
-                        "on scattered pages), but a program that mremaps memory back and forth during eviction "
-                        "can lose pages")
+    p.add_argument("--no-move-out", dest="move_out", action="store_false",
+                   help="evicted pages leave by MADV_DONTNEED alone (a UFFD_EVENT_REMOVE round trip per run), "
+                        "not moved out by the shim's agent with UFFDIO_MOVE: slower; for comparison")
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
     p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",

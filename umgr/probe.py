@@ -351,7 +351,7 @@ def doctor() -> int:
     mode = "remote (daemon zaps directly)" if status["remote zap"] in _GOOD \
         else "agent (in-target thread zaps via PIDFD_SELF)"
     if status["agent move out"] in _GOOD:
-        mode += "; with --move-out (experimental) the agent moves evicted pages out with UFFDIO_MOVE instead"
+        mode += "; the agent moves evicted pages out with UFFDIO_MOVE, zapping only what cannot move"
     if reasons:
         print("\numgr cannot run here:")
         for r in reasons:

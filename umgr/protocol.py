@@ -16,8 +16,8 @@ import numpy as np
 from umgr import hints
 
 MAGIC = 0x524D4755
-VERSION = 6  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page;
-             # 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT
+VERSION = 7  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page;
+             # 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT; 7: ZAP_DONE of a MOVE_OUT says why it stopped
 ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
 
 HEADER = struct.Struct("<IHH")
@@ -95,8 +95,8 @@ class Advise:
 @dataclass(frozen=True, slots=True)
 class ZapDone:
     seq: int
-    error: int
-    bytes: int
+    error: int     # 0 or a positive errno; for MOVE_OUT, negative: no move can be made in that process
+    bytes: int     # zapped or moved out, from the start of the list
 
 
 def _check_header(data: bytes, layout: struct.Struct | None = None) -> int:

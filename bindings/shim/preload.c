@@ -278,8 +278,7 @@ static long zap_ranges(const struct umgr_range *ranges, uint32_t count)
  * registered on the uffd the ioctl is issued on: the agent's own scratch
  * area, on a uffd of its own without EVENT_REMOVE, so that discarding the
  * moved pages there raises no event either. The daemon has the pages'
- * content already (it evicts only what it stored or can read back). The
- * daemon asks for it only with --move-out. */
+ * content already (it evicts only what it stored or can read back). */
 
 #ifndef UFFDIO_MOVE
 #define UFFD_FEATURE_MOVE (1 << 16)
@@ -360,17 +359,20 @@ static void scratch_discard(size_t used)
         syscall(SYS_madvise, scratch.area, used, MADV_DONTNEED);
 }
 
-/* Move the ranges out, in order, until one cannot move further (a page
- * shared copy-on-write after fork: EBUSY; one pinned for I/O; another
- * protection). Returns the bytes moved from the start, or -errno when
- * nothing can move here. */
-static long move_out_ranges(const struct umgr_range *ranges, uint32_t count)
+/* Move the ranges out, in order, until one cannot move further (ENOENT: no
+ * mapping there any more, an mremap or munmap took it; EBUSY: a page
+ * shared copy-on-write after fork, or pinned for I/O; EINVAL: another
+ * protection, an mlock, a run across two mappings). Returns the bytes
+ * moved from the start, with the errno that stopped it in *stopped (0 if
+ * all moved), or -errno when nothing can move here (no UFFDIO_MOVE). */
+static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, int *stopped)
 {
     int error = scratch_ready();
     if (error)
         return -error;
     long done = 0;
     size_t used = 0;
+    *stopped = 0;
     for (uint32_t i = 0; i < count; i++) {
         uint64_t at = ranges[i].start, left = ranges[i].length;
         while (left) {
@@ -382,12 +384,15 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count)
             /* A hole (a page the app discarded meanwhile) is skipped, and counted as moved. */
             struct uffdio_move move = {.dst = (uintptr_t)scratch.area + used, .src = at, .len = len,
                                        .mode = UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES};
-            int failed = ioctl(scratch.uffd, UFFDIO_MOVE, &move) < 0;
+            int why = ioctl(scratch.uffd, UFFDIO_MOVE, &move) < 0 ? errno : 0;
             uint64_t moved = move.move > 0 ? (uint64_t)move.move & ~(uint64_t)(SHIM_PAGE_SIZE - 1) : 0;
             done += (long)moved;
             used += moved;
-            if (failed || moved < len) {
+            /* A move that stops part way answers EAGAIN: the next one,
+             * from where it stopped, moves nothing and says why. */
+            if (!moved) {
                 scratch_discard(used);
+                *stopped = why ? why : EIO;
                 return done;
             }
             at += moved;
@@ -459,10 +464,12 @@ static void *agent_main(void *unused)
             struct umgr_zap_done done;
             fill_hdr(&done.hdr, UMGR_ZAP_DONE, sizeof done);
             done.seq = zap->seq;
+            int stopped = 0;
             long result = !zap->count ? 0
-                          : moving    ? move_out_ranges(zap->ranges, zap->count)
+                          : moving    ? move_out_ranges(zap->ranges, zap->count, &stopped)
                                       : zap_ranges(zap->ranges, zap->count);
-            done.error = result < 0 ? (int32_t)-result : 0;
+            /* A move that cannot be made here at all answers a negative errno. */
+            done.error = result >= 0 ? stopped : moving ? (int32_t)result : (int32_t)-result;
             done.bytes = result < 0 ? 0 : result;
             if (send_with_fds(fd, &done, sizeof done, NULL, 0) == 0)
                 continue;

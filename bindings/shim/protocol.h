@@ -20,9 +20,11 @@
  * MOVE_OUT carries ranges the same way: the agent moves their pages out
  * with UFFDIO_MOVE into a scratch area of its own, registered on a second
  * uffd without EVENT_REMOVE, and discards them there, so no REMOVE event
- * reaches the daemon; ZAP_DONE says how much moved, from the start (where a
- * move fails, the daemon ZAPs the rest). The daemon sends it only with
- * --move-out. Requests are answered in order: an empty ZAP (count 0) is
+ * reaches the daemon; ZAP_DONE says how much moved, from the start, and the
+ * errno that stopped the move (the daemon zaps the rest, unless it was
+ * ENOENT: a mapping gone). The daemon reads no event from the app's uffd
+ * while a move is in flight, so an mremap in between cannot move pages
+ * back under it. Requests are answered in order: an empty ZAP (count 0) is
  * answered once every zap before it, on this socket or on one of a daemon
  * that died, is done.
  * When the daemon stops cleanly it first brings every page back, then sends
@@ -47,8 +49,9 @@
 #include "umgr.h"
 
 #define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
-#define UMGR_VERSION 6 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH;
-                          4: HELLO's probe page; 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT */
+#define UMGR_VERSION 7 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH;
+                          4: HELLO's probe page; 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT;
+                          7: ZAP_DONE of a MOVE_OUT says why it stopped */
 
 enum umgr_msg_type {
     UMGR_HELLO = 1,
@@ -142,7 +145,7 @@ struct umgr_zap {
 struct umgr_zap_done {
     struct umgr_hdr hdr;
     uint32_t seq;
-    int32_t error;  /* 0 or a positive errno */
+    int32_t error;  /* 0 or a positive errno; for MOVE_OUT, negative: no move can be made here */
     int64_t bytes;  /* bytes zapped (or moved out), from the start of the list */
 };
 

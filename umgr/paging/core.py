@@ -22,6 +22,7 @@ from umgr.kernel.uffd import Userfaultfd
 from umgr.paging.budget import Budget
 from umgr.paging.cleancopies import CleanCopies
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
+from umgr.paging.readgate import ReadGate
 from umgr.paging.stats import TargetStats
 from umgr.trace import NO_TRACE
 
@@ -94,6 +95,7 @@ class TargetCore:
         self.stopping = False             # the daemon stops cleanly: nothing is evicted any more
         self.on_pause = on_pause          # told when eviction pauses (the daemon retries it)
         self.no_victims = False           # the evictor's last try found nothing to evict
+        self.reads = ReadGate()           # the fault loop reads the uffd only while it is open
         self.evictions = 0                # pages evicted so far: the clock of refault distances
         self.fill_reads = Busy()          # the fault path's backend reads in flight
         self.evicted = Wakeup()           # the fault path waiting at the budget, woken by a zap

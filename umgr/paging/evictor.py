@@ -11,6 +11,7 @@ docs/architecture.md.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -273,47 +274,67 @@ class Evictor:
         return nbytes
 
     async def _zap(self, vpns: np.ndarray) -> None:
-        """Take the pages out of the target: zapped; with --move-out moved
-        out by the agent first where it can (no REMOVE event to wait for)."""
+        """Take the pages out of the target: moved out by the agent where it
+        can (no REMOVE event to wait for), the rest zapped."""
         core = self.core
-        zapper = core.zapper
-        moved, discarded = 0, EMPTY
-        if zapper.moves:
-            moved, discarded = await self._take_out_with(zapper.move_out, vpns, own_events=False)
-            core.stats.moved_out += moved
-        zapped = moved
-        if moved < len(vpns):
+        rest, discarded = vpns, EMPTY
+        if core.zapper.moves:
+            rest, discarded = await self._move_out(vpns)
+        if len(rest):
             # An app discard of a page seen during the move counts for the zap's settling too.
-            more, _ = await self._take_out_with(zapper.zap, vpns[moved:], own_events=True,
-                                                discarded_before=discarded)
-            zapped += more
+            zapped = await self._zap_runs(rest, discarded)
+            await self._settle_unzapped(rest[zapped:], zapped, len(rest))
         core.evicted.wake()
         core.stats.zap_batches += 1
-        await self._settle_unzapped(vpns[zapped:], zapped, len(vpns))
         # Writers blocked on a WP fault meanwhile retry now: a MISSING
         # fault, served from the copy.
         core.uffd.wake_runs(*runs(vpns))
 
-    async def _take_out_with(self, take, vpns: np.ndarray, own_events: bool,
-                             discarded_before: np.ndarray = EMPTY) -> tuple[int, np.ndarray]:
-        """take() the runs of vpns out of the target (zapper.zap or
-        move_out), and settle the pages it took (a prefix of vpns). Returns
-        how many, and the pages the app discarded meanwhile."""
-        starts, lengths = runs(vpns)
-        self.removes.begin(vpns, own_events)
+    async def _move_out(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The agent moves the pages out (MOVE_OUT) while the fault loop
+        reads nothing (readgate.py). Returns the pages to zap (where the
+        move stopped) and those the app discarded meanwhile."""
+        core = self.core
+        # A move raises no REMOVE: any read before the hold is the app's.
+        self.removes.begin(vpns, own_events=False)
         try:
-            nbytes = await take((starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64))
+            async with core.reads.hold():
+                # Events read while the fault loop finished its round may
+                # have moved pages of the batch (REMAP) or unmapped them.
+                vpns = vpns[core.pt.states(vpns) == State.ZAPPING]
+                nbytes, error = await core.zapper.move_out(*_byte_ranges(vpns))
         finally:
-            # take() has returned, so every REMOVE a zap caused has been read
+            discarded = self.removes.end()
+        moved = nbytes >> PAGE_SHIFT
+        self._settle_zapped(vpns[:moved], discarded)
+        core.stats.moved_out += moved
+        rest = vpns[moved:]
+        if error == errno.ENOENT:
+            # A mapping gone: an mremap or munmap in between (its event is
+            # read next). The rest stays resident, to be chosen again: a
+            # zap would come later, when the app may have moved pages back.
+            core.release(rest, State.ZAPPING)
+            await core.unprotect(rest)
+            return EMPTY, discarded
+        return rest, discarded
+
+    async def _zap_runs(self, vpns: np.ndarray, discarded_before: np.ndarray) -> int:
+        """Zap the runs of vpns and settle the pages zapped (a prefix of
+        vpns). Returns how many."""
+        addrs, sizes = _byte_ranges(vpns)
+        self.removes.begin(vpns)
+        try:
+            nbytes = await self.core.zapper.zap(addrs, sizes)
+        finally:
+            # zap() has returned, so every REMOVE it caused has been read
             # (the zapping thread waits in the kernel until its event is read).
             discarded = self.removes.end()
         if len(discarded_before):
             discarded = np.union1d(discarded, discarded_before)
         done = nbytes >> PAGE_SHIFT
         self._settle_zapped(vpns[:done], discarded)
-        if own_events:
-            self.core.stats.zap_ranges += len(starts)
-        return done, discarded
+        self.core.stats.zap_ranges += len(addrs)
+        return done
 
     def _settle_zapped(self, done: np.ndarray, discarded: np.ndarray) -> None:
         """Zapped pages become SWAPPED (FRESH if they had no content to keep,
@@ -359,6 +380,12 @@ class Evictor:
         if self.core.eviction_paused:
             self.core.eviction_paused = ""
             self.core.note_resident()
+
+
+def _byte_ranges(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of sorted vpns as (start addresses, lengths in bytes)."""
+    starts, lengths = runs(vpns)
+    return (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
 
 
 def first_of(group: BaseExceptionGroup) -> BaseException:

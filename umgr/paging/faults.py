@@ -56,35 +56,46 @@ class FaultService:
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
-        uffd = self.core.uffd
+        reads = self.core.reads
         try:
             while True:
-                if not self._pending and self.fast.ready():
-                    outcome = self.fast.serve()
-                    wanted = self._settle_fast()
-                    if outcome == FAST_HANDOFF:   # before anything reads the uffd again
-                        self._take_batch(self.fast.handoff)
-                    await self._prefetch_now(wanted)
-                    if outcome == FAST_HANDOFF:
-                        self.drain()
-                    elif outcome == FAST_IDLE and not self._pending:   # (the prefetch may have read faults)
-                        self.core.stats.fault_loop_sleeps += 1
-                        await uffd.wait_readable()
-                    else:
-                        await trio.lowlevel.checkpoint()
-                    continue
-                if not self.drain() and not self._pending and not self._spin():
-                    self.core.stats.fault_loop_sleeps += 1
-                    await uffd.wait_readable()
-                    continue
-                if self._pending:
-                    await self._serve_pending()
-                    # The other tasks (the evictor, other targets) run now,
-                    # while the woken threads run, not between a fault's
-                    # read and its copy (a sync read yields nowhere).
-                    await trio.lowlevel.checkpoint()
+                await reads.enter()   # not while the agent moves pages out (readgate.py)
+                try:
+                    wait = await self._round()
+                finally:
+                    reads.leave()
+                if wait is not None:
+                    await wait()
         except TargetGone:
             self.core.gone = True
+
+    async def _round(self):
+        """Read and serve what is queued. Returns what to wait for before
+        the next round (None: go on at once)."""
+        uffd = self.core.uffd
+        if not self._pending and self.fast.ready():
+            outcome = self.fast.serve()
+            wanted = self._settle_fast()
+            if outcome == FAST_HANDOFF:   # before anything reads the uffd again
+                self._take_batch(self.fast.handoff)
+            await self._prefetch_now(wanted)
+            if outcome == FAST_HANDOFF:
+                self.drain()
+                return None
+            if outcome == FAST_IDLE and not self._pending:   # (the prefetch may have read faults)
+                self.core.stats.fault_loop_sleeps += 1
+                return uffd.wait_readable
+            return trio.lowlevel.checkpoint
+        if not self.drain() and not self._pending and not self._spin():
+            self.core.stats.fault_loop_sleeps += 1
+            return uffd.wait_readable
+        if self._pending:
+            await self._serve_pending()
+            # The other tasks (the evictor, other targets) run now,
+            # while the woken threads run, not between a fault's
+            # read and its copy (a sync read yields nowhere).
+            return trio.lowlevel.checkpoint
+        return None
 
     def _spin(self) -> bool:
         """Busy-poll briefly: on a VM the wake-up of a sleeping daemon costs
@@ -262,7 +273,9 @@ class FaultService:
         deadline = started + BACKPRESSURE_LIMIT
         while self._must_wait_for_eviction() and time.monotonic() < deadline:
             core.want_eviction()
+            core.reads.leave()   # the evictor may move pages out meanwhile
             await core.evicted.wait(core.uffd.wait_readable, BACKPRESSURE_POLL)
+            await core.reads.enter()
             self.drain()
             faults, self._pending = self._pending, []
             for vpn, is_write in self._triage(faults).items():

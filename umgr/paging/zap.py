@@ -9,13 +9,13 @@ remote call (a patched kernel), the daemon zaps directly.
 Either way each range of a zap becomes one UFFD_EVENT_REMOVE that the zapping
 thread waits on until the daemon reads it: callers pass contiguous runs.
 
-Faster, tried first with --move-out (experimental): the agent moves the
-pages out (MOVE_OUT, with UFFDIO_MOVE into a scratch area of its own,
-bindings/shim/preload.c), which raises no event at all. Where a move stops
-(a page the kernel still shares copy-on-write, one pinned for I/O, a
-read-only mapping), the rest is zapped. Not the default: a program that
-mremaps its memory back and forth while a batch is taken out lost a page
-in CI (docs/architecture.md, "mremap during eviction").
+Faster, tried first: the agent moves the pages out (MOVE_OUT, with
+UFFDIO_MOVE into a scratch area of its own, bindings/shim/preload.c), which
+raises no event at all. The fault loop reads no event meanwhile
+(readgate.py). Where a move stops (a page the kernel still shares
+copy-on-write, one pinned for I/O, a read-only mapping), the rest is
+zapped; where a mapping is gone (an mremap or munmap in between), the rest
+stays resident. --no-move-out zaps only.
 """
 from __future__ import annotations
 
@@ -52,22 +52,26 @@ class AgentZapper:
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         """Zap the ranges; returns the bytes zapped from the start of the list
         (less than the total only if the kernel stopped early)."""
-        return await self._request(protocol.MsgType.ZAP, starts, lengths)
+        nbytes, _ = await self._request(protocol.MsgType.ZAP, starts, lengths)
+        return nbytes
 
-    async def move_out(self, starts: np.ndarray, lengths: np.ndarray) -> int:
+    async def move_out(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
         """Have the agent move the ranges out; returns the bytes moved from
-        the start of the list (0 where moving is impossible: then
-        self.moves goes off and zap() does it all)."""
+        the start of the list and the errno that stopped the move (0 if all
+        moved). (0, 0) where moving is impossible: then self.moves goes off
+        and zap() does it all."""
         if not self.moves:
-            return 0
+            return 0, 0
         try:
             return await self._request(protocol.MsgType.MOVE_OUT, starts, lengths)
         except CannotMove as exc:
             log.warning("pages leave by zap only: the agent cannot move them out (%s)", exc)
             self.moves = False
-            return 0
+            return 0, 0
 
-    async def _request(self, msg_type: protocol.MsgType, starts: np.ndarray, lengths: np.ndarray) -> int:
+    async def _request(self, msg_type: protocol.MsgType, starts: np.ndarray,
+                       lengths: np.ndarray) -> tuple[int, int]:
+        """(bytes done from the start of the list, the errno that stopped it or 0)."""
         done = 0
         async with self._lock:
             for i in range(0, len(starts), protocol.ZAP_MAX_RANGES):
@@ -86,11 +90,11 @@ class AgentZapper:
                 done += result.bytes
                 if result.error == errno.ESRCH:
                     raise TargetGone("agent: target gone")
-                if result.error and msg_type == protocol.MsgType.MOVE_OUT and not done:
-                    raise CannotMove(errno.errorcode.get(result.error, str(result.error)))
+                if result.error < 0 and msg_type == protocol.MsgType.MOVE_OUT:
+                    raise CannotMove(errno.errorcode.get(-result.error, str(-result.error)))
                 if result.error or result.bytes < int(lengths[chunk].sum()):
-                    break
-        return done
+                    return done, max(result.error, 0)
+        return done, 0
 
     async def barrier(self) -> None:
         """An empty ZAP: answered once every zap sent before it is done."""
@@ -148,8 +152,8 @@ class RemoteZapper:
 
     moves = False   # (UFFDIO_MOVE works only from inside the target: the agent's)
 
-    async def move_out(self, starts: np.ndarray, lengths: np.ndarray) -> int:
-        return 0
+    async def move_out(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
+        return 0, 0
 
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         # Blocks until the daemon has read each REMOVE event: off the trio thread.
