@@ -4,7 +4,8 @@ while its pages are out: the program's own, a parent's whose child goes on
 with the shared slots, a forked child's), posix_spawn, vfork and
 CLONE_VM children (one mm: nothing for umgr to do, nothing may break),
 children SIGKILLed while idle or paging, munmap of a hole, mremap
-move+grow+shrink, mremap moves racing eviction, the app's own MADV_DONTNEED
+move+grow+shrink, mremap moves racing eviction (from the faulting thread
+and from a thread of their own), the app's own MADV_DONTNEED
 (also of pages being evicted), and exit. The program checks every byte, in
 parent and children; here we check that pages really left, that the event
 reached the daemon, how many targets it served, that each was released and
@@ -33,6 +34,7 @@ MODES = {
     "munmap": ("unmaps", 1, 1),
     "mremap": ("remaps", 1, 1),
     "mremap-race": ("remaps", 1, 1),  # 24 moves while eviction batches are in flight
+    "mremap-thread": ("remaps", 200, 1),  # a thread's 200 moves, at any point of a batch, while another faults
     "dontneed": ("app_removes", 1, 1),
     "dontneed-race": ("app_removes", 1, 1),  # the app discards pages while they are being evicted
     "exit": (None, 0, 1),
@@ -69,7 +71,7 @@ def test_event_on_paged_out_memory(umgr_exec, programs, mode):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["fork", "mremap-race", "dontneed-race"])
+@pytest.mark.parametrize("mode", ["fork", "mremap-race", "mremap-thread", "dontneed-race"])
 def test_events_on_memory_zapped_instead_of_moved_out(umgr_exec, programs, mode):
     """The same with --no-move-out: every evicted page leaves by
     MADV_DONTNEED, whose REMOVE events the daemon tells from the app's."""

@@ -1,6 +1,6 @@
 /* Process-lifecycle events on memory that is paged out at the moment of the
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
- * MODE: fork | munmap | mremap | mremap-race | dontneed | dontneed-race | exit
+ * MODE: fork | munmap | mremap | mremap-race | mremap-thread | dontneed | dontneed-race | exit
  *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
  *     | fork-parent-killed
  *     (helpers run by the program itself: fresh | true).
@@ -111,6 +111,60 @@ static int clone_reader(void *arg)
     return 0;
 }
 
+/* mremap-thread: a thread moves a region back and forth, writing a stripe
+ * of it between moves, while the main thread's writes keep eviction busy.
+ * Its moves come at any point of an eviction batch, also while a move out
+ * is in flight (the daemon serves no fault then, so a thread that faults
+ * cannot be the one that races it). */
+struct mover {
+    uint64_t *region, *other, *salt;
+    size_t n;
+    int bad;
+    int done;
+};
+
+static void *mover_main(void *arg)
+{
+    struct mover *mv = arg;
+    for (unsigned round = 0; round < 200; round++) {
+        uint64_t *moved = mremap(mv->region, mv->n * PAGE, mv->n * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, mv->other);
+        if (moved == MAP_FAILED) {
+            mv->bad = 2;
+            break;
+        }
+        mv->other = mv->region;
+        mv->region = moved;
+        size_t first = (round * 613) % (mv->n - 64);
+        stamp(mv->region, mv->salt, first, 64, 1, 20 + round);
+        usleep(300 + (round % 7) * 100);
+    }
+    __atomic_store_n(&mv->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static int mremap_thread(uint64_t *m, size_t n)
+{
+    struct mover mv = {.n = n / 4};
+    mv.region = mmap(NULL, mv.n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    mv.other = mmap(NULL, mv.n * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    mv.salt = malloc(mv.n * sizeof *mv.salt);
+    uint64_t *salt = malloc(n * sizeof *salt);
+    if (mv.region == MAP_FAILED || mv.other == MAP_FAILED || !mv.salt || !salt)
+        return 2;
+    stamp(mv.region, mv.salt, 0, mv.n, 1, 2);
+    for (size_t p = 0; p < n; p++)
+        salt[p] = 1;
+    pthread_t mover;
+    if (pthread_create(&mover, NULL, mover_main, &mv))
+        return 2;
+    for (unsigned round = 0; !__atomic_load_n(&mv.done, __ATOMIC_ACQUIRE); round++)
+        stamp(m, salt, (round * 1031) % (n - 256), 256, 1, 30 + round % 1000);
+    pthread_join(mover, NULL);
+    if (mv.bad)
+        return mv.bad;
+    return verify(m, salt, n, "main region after the moves") | verify(mv.region, mv.salt, mv.n, "moved region");
+}
+
 static void die_in_parent(void)
 {
     kill(getpid(), SIGKILL);
@@ -189,6 +243,8 @@ int main(int argc, char **argv)
         uint64_t *shrunk = mremap(moved, 2 * n * PAGE, n / 2 * PAGE, 0);
         return bad | (shrunk == MAP_FAILED) | check(shrunk, 0, n / 2, 1, "after shrink");
     }
+    if (strcmp(mode, "mremap-thread") == 0)
+        return mremap_thread(m, n);
     if (strcmp(mode, "mremap-race") == 0) { /* moves back and forth while eviction is busy */
         uint64_t *salt = malloc(n * sizeof *salt);
         uint64_t *other = mmap(NULL, n * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

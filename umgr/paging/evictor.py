@@ -85,6 +85,7 @@ class Evictor:
         # Never unmapped: an abandoned readv may still write one.
         self._buffers = [PageBuffer(EVICT_BATCH)]
         self._in_flight = 0   # pages taken out and not yet put away
+        self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
 
     async def evict_over_budget(self) -> None:
         """Evict while the target is over its high water mark, two batches
@@ -126,10 +127,12 @@ class Evictor:
     async def _put_away_all(self, receive: trio.MemoryReceiveChannel) -> None:
         async with receive:
             async for batch in receive:
+                self._putting_away = batch.vpns
                 try:
                     await self._put_away(batch)   # a pause stops the taking out (can_evict)
                 finally:
                     self._in_flight -= len(batch.vpns)
+                    self._putting_away = EMPTY
 
     def _choose_victims(self) -> np.ndarray:
         core = self.core
@@ -141,6 +144,12 @@ class Evictor:
                 break
             candidates = np.unique(core.eviction.choose(want - count))
             candidates = candidates[core.pt.states(candidates) == State.RESIDENT]
+            if len(self._putting_away):
+                # A page of the batch in flight that went back to RESIDENT
+                # (written, or moved by mremap and back) is not taken again
+                # until that batch is done: its _store() would find it
+                # EVICTING and zap it with that batch's stale copy.
+                candidates = candidates[~np.isin(candidates, self._putting_away)]
             chosen.append(candidates)
             count += len(candidates)
         if not chosen:
@@ -226,7 +235,7 @@ class Evictor:
         core.slots.evicted_at[page_slots[store | clean]] = core.evictions & 0xFFFFFFFF
         # Pages that were written to (WP fault), discarded or unmapped while
         # their copy was in flight have left EVICTING: their copy is dropped.
-        still = core.pt.states(vpns) == State.EVICTING
+        still = live & (core.pt.states(vpns) == State.EVICTING)
         core.stats.discarded += int((still & drop & ~zero).sum())
         core.slots.free(page_slots[~still & store])
         return vpns[still], page_slots[still], zero[still]
