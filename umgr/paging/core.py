@@ -96,6 +96,7 @@ class TargetCore:
         self.on_pause = on_pause          # told when eviction pauses (the daemon retries it)
         self.no_victims = False           # the evictor's last try found nothing to evict
         self.reads = ReadGate()           # the fault loop reads the uffd only while it is open
+        self.zapping_moved: list[np.ndarray] = []   # where mremap put ZAPPING pages while their zap was in flight
         self.evictions = 0                # pages evicted so far: the clock of refault distances
         self.fill_reads = Busy()          # the fault path's backend reads in flight
         self.evicted = Wakeup()           # the fault path waiting at the budget, woken by a zap
@@ -150,6 +151,25 @@ class TargetCore:
         for lo, hi, _ in ranges:
             present[(lo >> PAGE_SHIFT) - start_vpn:(hi >> PAGE_SHIFT) - start_vpn] = True
         return present
+
+    def settle_moved_zapping(self, zapping: np.ndarray, discarded: np.ndarray) -> None:
+        """ZAPPING pages that mremap moved away from the addresses their zap
+        names (sorted vpns, where they are now), once no zap can land on
+        them: a present one was missed (RESIDENT again), an absent one was
+        emptied first (SWAPPED, or FRESH without a slot or if the app
+        discarded it too)."""
+        if not len(zapping):
+            return
+        first = int(zapping[0])
+        present = self.present_pages(first, int(zapping[-1]) - first + 1)[zapping - first]
+        self.release(zapping[present], State.ZAPPING)
+        emptied = zapping[~present]
+        slots = self.pt.slots(emptied)
+        gone = np.isin(emptied, discarded)
+        self.slots.free(slots[gone & (slots != NO_SLOT)])
+        slots[gone] = NO_SLOT
+        self.pt.set(emptied[slots == NO_SLOT], State.FRESH)
+        self.pt.set(emptied[slots != NO_SLOT], State.SWAPPED, slots[slots != NO_SLOT])
 
     def release(self, vpns: np.ndarray, from_state: int) -> None:
         """Pages leave an eviction batch and are resident again."""

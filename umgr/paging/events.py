@@ -18,8 +18,10 @@ from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import ForkEvent, RemapEvent, RemoveEvent, UnmapEvent
 from umgr.paging.core import TargetCore
 from umgr.paging.crashpoint import crash_point
-from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PageTable, State, page_up
+from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State, page_up
 from umgr.paging.removes import RemoveAttribution
+
+EMPTY = np.empty(0, np.int64)
 
 log = logging.getLogger("umgr.target")
 
@@ -114,25 +116,17 @@ class MemoryEvents:
         # pages leave it. EVICTING pages are still mapped: they stay resident
         # (still write-protected: a write unprotects them).
         core.release(moved[states == State.EVICTING], State.EVICTING)
-        self._settle_moved_zapping(moved[states == State.ZAPPING])
+        zapping = moved[states == State.ZAPPING]
+        if len(zapping) and self.removes.active:
+            # The zap (or move) in flight names the old addresses: if the
+            # app moved the pages back before it ran, it would take them.
+            # They stay ZAPPING (a write waits, as during any zap) and the
+            # evictor settles them once it has returned.
+            core.zapping_moved.append(zapping)
+        else:
+            core.settle_moved_zapping(zapping, EMPTY)
         # The eviction order names pages by address: give it the new ones.
         core.became_resident(moved[core.pt.states(moved) == State.RESIDENT])
-
-    def _settle_moved_zapping(self, zapping: np.ndarray) -> None:
-        """A ZAPPING page that mremap moved was either emptied by the zap
-        before the move (its content is in its slot) or is still mapped (the
-        zap, aimed at the old address, misses it now). Presence at the new
-        address tells."""
-        if not len(zapping):
-            return
-        core = self.core
-        first = int(zapping[0])
-        present = core.present_pages(first, int(zapping[-1]) - first + 1)[zapping - first]
-        core.release(zapping[present], State.ZAPPING)
-        emptied = zapping[~present]
-        slots = core.pt.slots(emptied)
-        core.pt.set(emptied[slots == NO_SLOT], State.FRESH)
-        core.pt.set(emptied[slots != NO_SLOT], State.SWAPPED)
 
     def close(self) -> None:
         for child in self.forks:

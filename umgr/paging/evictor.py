@@ -316,6 +316,7 @@ class Evictor:
             discarded = self.removes.end()
         moved = nbytes >> PAGE_SHIFT
         self._settle_zapped(vpns[:moved], discarded)
+        self._settle_moved_away(discarded)
         core.stats.moved_out += moved
         rest = vpns[moved:]
         if error == errno.ENOENT:
@@ -342,7 +343,8 @@ class Evictor:
             discarded = np.union1d(discarded, discarded_before)
         done = nbytes >> PAGE_SHIFT
         self._settle_zapped(vpns[:done], discarded)
-        self.core.stats.zap_ranges += len(addrs)
+        self._settle_moved_away(discarded)
+        self.core.stats.zap_ranges += int(np.searchsorted(np.cumsum(sizes), nbytes, side="right"))   # done whole
         return done
 
     def _settle_zapped(self, done: np.ndarray, discarded: np.ndarray) -> None:
@@ -363,6 +365,18 @@ class Evictor:
         core.trace.evicted(done)
         core.stats.pages_out += len(done)
         core.evictions += len(done)
+
+    def _settle_moved_away(self, discarded: np.ndarray) -> None:
+        """Pages of the batch that mremap moved while the zap or move was in
+        flight stayed ZAPPING where they went (events.py); it has returned,
+        so nothing can land on them any more: settle those still ZAPPING."""
+        core = self.core
+        for moved in core.zapping_moved:
+            core.settle_moved_zapping(moved[core.pt.states(moved) == State.ZAPPING], discarded)
+            # A writer blocked there meanwhile (a write to a ZAPPING page
+            # waits) faults again: on the copy, or on a resident page.
+            core.uffd.wake_runs(*runs(moved))
+        core.zapping_moved.clear()
 
     async def _settle_unzapped(self, failed: np.ndarray, nzapped: int, total: int) -> None:
         """The zap stopped early: locked pages are pinned, the rest stay resident."""
