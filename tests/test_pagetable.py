@@ -100,8 +100,7 @@ def test_slots_alloc_contiguous_and_refcounted():
 
 
 def test_slots_free_one_matches_free():
-    """The one-slot path of a random fault: same reference counting, and a
-    slot freed last goes out first."""
+    """The one-slot path of a random fault: same reference counting."""
     slots = SlotAllocator(4)
     released = []
     slots.on_release = lambda: released.append(slots.used)
@@ -113,7 +112,42 @@ def test_slots_free_one_matches_free():
     assert slots.used == 1 and released == [1]
     with pytest.raises(ValueError):
         slots.free_one(int(a[1]))
-    assert slots.alloc(1).tolist() == [2]
+    assert slots.alloc(1).tolist() == [3]   # the sweep goes on past the slot freed
+
+
+def test_slots_are_swept_in_runs_past_those_in_use_and_wrap():
+    """alloc() hands out ascending slots from where the last one ended,
+    skipping slots in use, wrapping at the end: scattered frees leave
+    runs for the next batch instead of scattered slots."""
+    slots = SlotAllocator(16)
+    first = slots.alloc(10)
+    slots.free(first[[1, 3, 4, 8]])            # slots 2, 4, 5, 9 free again
+    assert slots.alloc(4).tolist() == [11, 12, 13, 14]
+    assert slots.alloc(4).tolist() == [15, 16, 2, 4]   # wraps; slot 0 never
+    assert slots.alloc(2).tolist() == [5, 9]
+    with pytest.raises(BackendFull):
+        slots.alloc(1)
+
+
+def test_slots_sweep_agrees_with_a_model_under_random_use():
+    rng = np.random.default_rng(7)
+    slots = SlotAllocator(1000)
+    held: set[int] = set()
+    for _ in range(400):
+        if held and rng.random() < 0.5:
+            drop = rng.choice(sorted(held), size=min(len(held), int(rng.integers(1, 60))), replace=False)
+            slots.free(drop.astype(np.int32))
+            held -= set(drop.tolist())
+        n = int(rng.integers(0, 120))
+        if n > 1000 - len(held):
+            with pytest.raises(BackendFull):
+                slots.alloc(n)
+            continue
+        got = slots.alloc(n).tolist()
+        assert len(set(got)) == n and not set(got) & held and 0 not in got
+        assert all(1 <= slot <= 1000 for slot in got)
+        held |= set(got)
+        assert slots.used == len(held) == int(np.count_nonzero(slots.refs(np.arange(1, 1001))))
 
 
 @pytest.mark.parametrize("many", [False, True])
