@@ -77,7 +77,7 @@ class SlotAllocator:
             at = int(free[-1]) + 1 if not need else end
             if at >= self.span:
                 at = 1
-        slots = np.concatenate(found).astype(np.int32) if len(found) > 1 else found[0].astype(np.int32)
+        slots = np.concatenate(found).astype(np.int32)
         self._sweep = at
         self._nfree -= n
         self._refs[slots] = 1

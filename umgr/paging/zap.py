@@ -42,7 +42,7 @@ class CannotMove(Exception):
 class AgentZapper:
     """Sends ZAP and MOVE_OUT requests to the shim's agent thread over its socket."""
 
-    def __init__(self, sock: socket.socket, moves: bool = False):
+    def __init__(self, sock: socket.socket, moves: bool = True):
         sock.setblocking(False)
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.moves = moves     # whether to try move_out(): off once the agent says it cannot move here
