@@ -7,10 +7,14 @@ makes the calling thread wait until its event is read. A move out
 if the fault loop read a REMAP while the request was on its way, the app
 could move the pages away and back again before the agent's UFFDIO_MOVE
 runs, and the move would take pages the table had just made resident.
-With the uffd unread for the whole move, an mremap that comes in between
-stays blocked after its first step: the move finds nothing at the old
-addresses (ENOENT) and the REMAP, read afterwards, settles the pages as
-it does for a zap.
+With the uffd unread for the whole move, an mremap or munmap that comes in
+between stays blocked after its first step: the move finds nothing at the
+old addresses (ENOENT) and the event, read afterwards, settles the pages
+as it does for a zap. Pages moved away and back are also covered without
+the gate (events.py keeps them ZAPPING while a request is in flight); what
+only the gate covers is a thread that unmaps memory and maps something new
+at the same address (an allocator freeing and reusing a big block): its
+munmap cannot return, so its new data cannot be under the move.
 
 The fault loop reads only between enter() and leave(); hold() waits until
 it has left (it finishes the round it is in: a round never waits for the
