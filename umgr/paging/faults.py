@@ -293,6 +293,7 @@ class FaultService:
         pt = self.core.pt
         fill: dict[int, int] = {}          # vpn -> slot (NO_SLOT: zeros)
         writes = False
+        absent = []
         for vpn, is_write in sorted(fills.items()):
             state = pt.state_of(vpn)
             if state in UNCOUNTED:
@@ -301,8 +302,16 @@ class FaultService:
             if state not in ABSENT:
                 self.core.uffd.wake(vpn << PAGE_SHIFT, PAGE_SIZE)  # moved or unmapped while we waited
                 continue
+            if len(absent) == MAX_FILL_PAGES:   # the staging buffer is full: next round
+                self._pending.append((vpn << PAGE_SHIFT, UFFD_PAGEFAULT_FLAG_WRITE if is_write else 0))
+                continue
             writes |= is_write
-            self._plan_fill(vpn, state, fill)
+            absent.append(vpn)
+            self._plan_fault(vpn, state, fill)
+        # Then the windows, in the room the faulting pages leave: a window
+        # (up to MAX_FILL_PAGES) must never crowd out another thread's fault.
+        for vpn in absent:
+            self._plan_prefetch(vpn, fill)
         if len(fill) == 1:
             (vpn, slot), = fill.items()
             await self._fill_one(vpn, slot, writes, fills)
@@ -369,16 +378,18 @@ class FaultService:
             core.stats.pages_in += 1
         core.became_resident(np.array([vpn], np.int64))
 
-    def _plan_fill(self, vpn: int, state: int, fill: dict[int, int]) -> None:
-        if len(fill) >= MAX_FILL_PAGES:
-            return
-        core, pt = self.core, self.core.pt
-        fill[vpn] = pt.slot_of(vpn)
+    def _plan_fault(self, vpn: int, state: int, fill: dict[int, int]) -> None:
+        fill[vpn] = self.core.pt.slot_of(vpn)
         if state == State.SWAPPED:
-            core.stats.faults_swapped += 1
+            self.core.stats.faults_swapped += 1
         else:
-            core.stats.faults_fresh += 1
-        if not core.budget.prefetch_allowed(pt.resident, len(fill)):
+            self.core.stats.faults_fresh += 1
+
+    def _plan_prefetch(self, vpn: int, fill: dict[int, int]) -> None:
+        """What the prefetch policy asks for on the fault at vpn, planned
+        where there is room."""
+        core, pt = self.core, self.core.pt
+        if len(fill) >= MAX_FILL_PAGES or not core.budget.prefetch_allowed(pt.resident, len(fill)):
             return
         first, end = pt.bounds(vpn)
         extra = self.prefetch.on_fault(vpn, first, end)
@@ -394,8 +405,11 @@ class FaultService:
         core, pt = self.core, self.core.pt
         states = pt.states(extra)
         extra = extra[(states == State.FRESH) | (states == State.SWAPPED)]
+        room = MAX_FILL_PAGES - len(fill)
+        if core.budget.limited:   # a window (up to 256 pages) never takes the target past its budget
+            room = min(room, core.budget.pages - pt.resident - len(fill))
         slots = pt.slots(extra)
-        for page, slot in zip(extra[: MAX_FILL_PAGES - len(fill)].tolist(), slots.tolist()):
+        for page, slot in zip(extra[:max(room, 0)].tolist(), slots.tolist()):
             if page not in fill:
                 fill[page] = slot
                 core.stats.prefetched += 1
