@@ -76,6 +76,24 @@ struct umgr_fast_log {
                              and goes to the full path, which brings the next window
                              with it */
     int32_t stream_step[8]; /* the pages between a window's pages: > 0 ascends, < 0 descends */
+    /* The bookkeeping that needs no Python, done here as each page is
+       logged (umgr/paging/fastpath.py settles the rest). Per call: */
+    int32_t missing;      /* MISSING faults served (serve) */
+    int32_t wp;           /* writes to resident pages served (serve) */
+    int32_t wp_dropped;   /* of them, dropping a kept clean copy */
+    int32_t swapped;      /* pages read from a slot */
+    int32_t kept_count;   /* of them, come in clean (write-protected, slot kept) */
+    int64_t read_ns_sum;  /* read_ns of the logged pages, summed */
+    int64_t serve_ns_sum; /* serve_ns of the logged pages, summed */
+    int32_t released_count; /* slots whose last reference went: released[0..released_count) */
+    int32_t *released;    /* (max entries: a logged page gives up at most one slot) */
+    int32_t double_free;  /* a slot without a reference was to be given up (left as it was) */
+    /* Over calls, set once by the Python side: */
+    uint16_t *refs;       /* the slot allocator's reference counts (umgr/backends/slots.py) */
+    uint64_t nrefs;
+    int64_t *latency;     /* the fault latency histogram (umgr/paging/stats.py), NULL: none */
+    const int64_t *latency_bounds; /* bucket b counts serve_ns <= bounds[b] (and > bounds[b-1]) */
+    int32_t nbounds;
 };
 """
 
@@ -349,6 +367,52 @@ static int64_t umgr_fast_read(const struct uffd_msg *msgs, int n, const int *pla
     return (umgr_now_ns() - started) / (pages_read ? pages_read : 1);
 }
 
+static void umgr_fast_reset(struct umgr_fast_log *log)
+{
+    log->served = 0;
+    log->missing = log->wp = log->wp_dropped = log->swapped = log->kept_count = 0;
+    log->read_ns_sum = log->serve_ns_sum = 0;
+    log->released_count = 0;
+    log->double_free = 0;
+}
+
+/* A page gave up its reference to slot (read and not kept, or its kept
+   copy dropped by a write), as SlotAllocator.free() would. */
+static void umgr_fast_unref(struct umgr_fast_log *log, int32_t slot)
+{
+    if (slot <= 0 || (uint64_t)slot >= log->nrefs || log->refs[slot] == 0) {
+        log->double_free = 1;
+        return;
+    }
+    if (--log->refs[slot] == 0)
+        log->released[log->released_count++] = slot;
+}
+
+/* The counters of a page that came in (from `slot`, 0: zeros). */
+static void umgr_fast_came_in(struct umgr_fast_log *log, int32_t slot, int kept, int64_t read_ns)
+{
+    if (!slot)
+        return;
+    log->swapped++;
+    log->read_ns_sum += read_ns;
+    if (kept)
+        log->kept_count++;
+    else
+        umgr_fast_unref(log, slot);
+}
+
+/* A fault served: its service time, summed and in the histogram. */
+static void umgr_fast_served(struct umgr_fast_log *log, int64_t serve_ns)
+{
+    log->serve_ns_sum += serve_ns;
+    if (log->latency == NULL)
+        return;
+    int b = 0;
+    while (b < log->nbounds && log->latency_bounds[b] < serve_ns)
+        b++;
+    log->latency[b]++;
+}
+
 /* A write to a RESIDENT page: unprotect it (which wakes the writer), drop
    the clean copy it kept and its DISCARDABLE and PREFETCHED flags, as the
    full path's _on_wp_fault does, and log it; 1 when done. */
@@ -370,6 +434,12 @@ static int umgr_fast_unprotect(int uffd, const struct uffd_msg *m, const struct 
     log->kind[n] = UMGR_FAST_WP | (flags & UMGR_FLAG_PREFETCHED ? UMGR_FAST_WAS_PREFETCHED : 0);
     log->read_ns[n] = 0;
     log->serve_ns[n] = umgr_now_ns() - started;
+    log->wp++;
+    if (log->slot[n]) {
+        log->wp_dropped++;
+        umgr_fast_unref(log, log->slot[n]);
+    }
+    umgr_fast_served(log, log->serve_ns[n]);
     return 1;
 }
 
@@ -415,6 +485,9 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     log->kind[n] = plan == UMGR_PLAN_MEMORY ? UMGR_FAST_MEMORY : 0;
     log->read_ns[n] = plan == UMGR_PLAN_SWAPPED || plan == UMGR_PLAN_MEMORY ? read_ns : 0;
     log->serve_ns[n] = umgr_now_ns() - started;
+    log->missing++;
+    umgr_fast_came_in(log, slot, kept, log->read_ns[n]);
+    umgr_fast_served(log, log->serve_ns[n]);
     return 1;
 }
 
@@ -473,7 +546,7 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
 {
     int64_t until = umgr_now_ns() + slice_ns;
     int group = max_msgs < UMGR_FAST_GROUP ? max_msgs : UMGR_FAST_GROUP;
-    log->served = 0;
+    umgr_fast_reset(log);
     log->handoff = 0;
     for (;;) {
         int got = umgr_fast_next(uffd, msgs, spin_ns);
@@ -579,7 +652,7 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
     int ok[log->max];
     const struct umgr_fast_region *in[log->max];
     int m = 0;
-    log->served = 0;
+    umgr_fast_reset(log);
     for (int i = 0; i < n && m < log->max; i++) {
         const struct umgr_fast_region *r = umgr_fast_find(regions, nregions, (uint64_t)vpns[i]);
         if (r == NULL)
@@ -622,6 +695,7 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
             log->kind[e] = umgr_fast_in_memory(store, slot[p]) ? UMGR_FAST_MEMORY : 0;
             log->read_ns[e] = read_ns / m;
             log->serve_ns[e] = 0;
+            umgr_fast_came_in(log, slot[p], protect, log->read_ns[e]);
         }
         if (failed)
             break;   /* EAGAIN: an event is queued, the full path's to read first */

@@ -156,5 +156,21 @@ class SlotAllocator:
             if self.on_release is not None:
                 self.on_release()
 
+    @property
+    def counts(self) -> np.ndarray:
+        """The reference count of every slot, for the fault path's C call,
+        which drops references itself (then tells released_elsewhere())."""
+        return self._refs
+
+    def released_elsewhere(self, slots: np.ndarray) -> None:
+        """These slots' last references were dropped in `counts` by the
+        fault path's C call: they are free now."""
+        if len(slots):
+            self._nfree += len(slots)
+            if self.on_free is not None:
+                self.on_free(np.sort(slots))
+            if self.on_release is not None:
+                self.on_release()
+
     def refs(self, slots: np.ndarray) -> np.ndarray:
         return self._refs[np.asarray(slots, np.int32)]

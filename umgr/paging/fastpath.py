@@ -45,6 +45,7 @@ from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, Flag, State
+from umgr.paging.stats import LATENCY_BUCKETS_NS
 from umgr.paging.tuning import MAX_FILL_PAGES
 from umgr.trace import NO_TRACE
 
@@ -53,6 +54,7 @@ assert uffdmod.fast_flag_values() == (Flag.DISCARDABLE, Flag.PREFETCHED)
 
 IDLE, HANDOFF, YIELD = uffdmod.FAST_IDLE, uffdmod.FAST_HANDOFF, uffdmod.FAST_YIELD
 EMPTY = np.empty(0, np.int64)
+LATENCY_BOUNDS_NS = np.array(LATENCY_BUCKETS_NS, np.int64)
 
 LOG_PAGES = 64          # pages one call may serve before they are settled
 SLICE_SECONDS = 1e-3    # and how long it may run: the evictor and other targets wait meanwhile
@@ -158,6 +160,7 @@ class FastPath:
             return 0
         vpns = np.ascontiguousarray(vpns[:room], np.int64)
         self._prefetched.c.max = room
+        self._prefetched.drop_references_in(core.slots.counts)
         n = core.uffd.prefetch(self._regions, self._nregions, self._store.follow(core.backend), vpns,
                                self._prefetch_pages.addr, keep, fresh, self._prefetched.c)
         if n:
@@ -165,32 +168,33 @@ class FastPath:
         return n
 
     def _settle_prefetched(self, n: int) -> None:
-        core, log = self.core, self._prefetched
-        slots = log.slots[:n].tolist()
-        swapped = [i for i, slot in enumerate(slots) if slot != NO_SLOT]
+        core = self.core
         core.stats.prefetched += n
         core.stats.prefetched_fast += n
-        self._swapped_came_in(swapped, slots, log.kept[:n].tolist(), log.read_ns[:n].tolist(),
-                              log.kind[:n].tolist())
-        core.became_resident(log.vpns[:n].astype(np.int64))
+        self._came_in(self._prefetched, n)
+        core.became_resident(self._prefetched.vpns[:n].astype(np.int64))
         core.note_resident()
 
-    def _swapped_came_in(self, swapped: list[int], slots: list[int], kept: list[int], read_ns: list[int],
-                         kinds: list[int]) -> None:
-        """Pages at these indices of a log came in from their slots: the
-        store learns of the reads C did (unpacks from its memory tier or
-        preads), clean copies kept their slots, the others' slots are freed."""
-        if not swapped:   # (a store that reads nothing outside read(), such as Redis, may be behind)
+    def _came_in(self, log: "FastLog", n: int) -> None:
+        """After a call logged n entries in `log`: the store learns of the
+        reads it did (preads, unpacks from its memory tier), and the slot
+        allocator of the slots whose last reference it dropped (pages read
+        without keeping their copy, copies dropped by a write)."""
+        core, c = self.core, log.c
+        if c.double_free:
+            raise ValueError("double free of a swap slot (fast path)")
+        if c.released_count:
+            core.slots.released_elsewhere(log.released[:c.released_count].copy())
+        if not c.swapped:   # (a store that reads nothing outside read(), such as Redis, may be behind)
             return
-        core = self.core
-        core.stats.pages_in += len(swapped)
-        core.backend.reads_done_elsewhere(
-            [read_ns[i] * 1e-9 for i in swapped if not kinds[i] & uffdmod.FAST_MEMORY],
-            [read_ns[i] * 1e-9 for i in swapped if kinds[i] & uffdmod.FAST_MEMORY])
-        core.clean.came_in_clean(sum(kept[i] for i in swapped))
-        unkept = [slots[i] for i in swapped if not kept[i]]
-        if unkept:
-            core.slots.free(np.array(unkept, np.int32))
+        core.stats.pages_in += c.swapped
+        core.clean.came_in_clean(c.kept_count)
+        # Plain integers: numpy costs several microseconds per operation on a few entries.
+        file_reads, memory_reads = [], []
+        for slot, kind, ns in zip(log.slots[:n].tolist(), log.kind[:n].tolist(), log.read_ns[:n].tolist()):
+            if slot != NO_SLOT and not kind & uffdmod.FAST_WP:
+                (memory_reads if kind & uffdmod.FAST_MEMORY else file_reads).append(ns * 1e-9)
+        core.backend.reads_done_elsewhere(file_reads, memory_reads)
 
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""
@@ -205,68 +209,50 @@ class FastPath:
         are the full path's) or YIELD. Call settle() after it either way."""
         core = self.core
         self._log.keep_period = core.clean.keep_period()
+        self._served.drop_references_in(core.slots.counts)
+        self._served.count_latencies_in(core.stats.fault_latency)
         return core.uffd.serve_plain_faults(
             self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr, self._zeros.addr,
             self.spin_ns, int(SLICE_SECONDS * 1e9), self._room(), NEAR_PAGES, self._log)
 
     def settle(self) -> tuple[np.ndarray, np.ndarray]:
         """The counters, the store and the eviction policy learn of the
-        faults the last call served (the table has them already). Returns
-        the vpns of its MISSING faults, in fault order (the prefetch policy
+        faults the last call served (the table has them already, and the
+        call counted what needs no Python: umgr_fast_log). Returns the
+        vpns of its MISSING faults, in fault order (the prefetch policy
         is to hear of each), and of the prefetched pages it saw written
-        (the policy's hits). A call serves a few faults: plain integers
-        here, not numpy, whose reductions cost microseconds each."""
-        core, stats = self.core, self.core.stats
-        n = self._log.served
+        (the policy's hits)."""
+        core, stats, c = self.core, self.core.stats, self._log
+        n = c.served
         if not n:
             return EMPTY, EMPTY
-        log = self._served
-        read_ns, serve_ns = log.read_ns[:n].tolist(), log.serve_ns[:n].tolist()
-        read, served = sum(read_ns) * 1e-9, sum(serve_ns) * 1e-9
+        read, served = c.read_ns_sum * 1e-9, c.serve_ns_sum * 1e-9
         stats.faults_fast += n
         stats.fault_read_seconds += read
         stats.fault_copy_seconds += served - read
         stats.fault_batch_seconds += served
-        stats.record_latencies_ns(serve_ns)
-        vpns, slots, kept = log.vpns[:n].astype(np.int64), log.slots[:n].tolist(), log.kept[:n].tolist()
-        kinds = log.kind[:n].tolist()
-        hits = EMPTY
-        if any(kind & uffdmod.FAST_WP for kind in kinds):
-            writes = [i for i, kind in enumerate(kinds) if kind & uffdmod.FAST_WP]
-            hits = self._settle_writes(vpns[writes], [slots[i] for i in writes], [kinds[i] for i in writes])
-            missing = [i for i, kind in enumerate(kinds) if not kind & uffdmod.FAST_WP]
-            vpns, slots = vpns[missing], [slots[i] for i in missing]
-            kept, read_ns = [kept[i] for i in missing], [read_ns[i] for i in missing]
-            kinds = [kinds[i] for i in missing]
-        self._settle_missing(vpns, slots, kept, read_ns, kinds)
+        stats.fault_latency_sum += served
+        stats.faults_missing += c.missing
+        stats.faults_swapped += c.swapped
+        stats.faults_fresh += c.missing - c.swapped
+        self._came_in(self._served, n)
+        log = self._served
+        vpns, hits = log.vpns[:n].astype(np.int64), EMPTY
+        if c.wp:
+            stats.faults_wp += c.wp
+            if c.wp_dropped:
+                core.clean.dirtied(c.wp_dropped)
+            kinds = log.kind[:n]
+            hits = vpns[(kinds & uffdmod.FAST_WAS_PREFETCHED) != 0]
+            stats.prefetch_hits += len(hits)
+            vpns = vpns[(kinds & uffdmod.FAST_WP) == 0]
+        if len(vpns):
+            if c.swapped and core.eviction.wants_refaults:   # (FIFO does not: no arrays to make)
+                slots = log.slots[:n][(log.kind[:n] & uffdmod.FAST_WP) == 0]
+                core.refaulted(vpns[slots != NO_SLOT], slots[slots != NO_SLOT])
+            core.became_resident(vpns)
         core.note_resident()
         return vpns, hits
-
-    def _settle_writes(self, vpns: np.ndarray, slots: list[int], kinds: list[int]) -> np.ndarray:
-        """Writes to resident pages: the clean copies they dropped go."""
-        core = self.core
-        core.stats.faults_wp += len(vpns)
-        dropped = [slot for slot in slots if slot != NO_SLOT]
-        if dropped:
-            core.slots.free(np.array(dropped, np.int32))
-            core.clean.dirtied(len(dropped))
-        hits = vpns[[i for i, kind in enumerate(kinds) if kind & uffdmod.FAST_WAS_PREFETCHED]]
-        core.stats.prefetch_hits += len(hits)
-        return hits
-
-    def _settle_missing(self, vpns: np.ndarray, slots: list[int], kept: list[int], read_ns: list[int],
-                        kinds: list[int]) -> None:
-        if not len(vpns):
-            return
-        core, stats = self.core, self.core.stats
-        swapped = [i for i, slot in enumerate(slots) if slot != NO_SLOT]
-        stats.faults_missing += len(vpns)
-        stats.faults_swapped += len(swapped)
-        stats.faults_fresh += len(vpns) - len(swapped)
-        self._swapped_came_in(swapped, slots, kept, read_ns, kinds)
-        if swapped and core.eviction.wants_refaults:   # (FIFO does not: no arrays to make)
-            core.refaulted(vpns[swapped], np.array([slots[i] for i in swapped], np.int32))
-        core.became_resident(vpns)
 
     @property
     def handoff(self) -> int:
@@ -314,6 +300,7 @@ class FastLog:
         self.kind = np.zeros(size, np.uint8)
         self.read_ns = np.zeros(size, np.int64)
         self.serve_ns = np.zeros(size, np.int64)
+        self.released = np.zeros(size, np.int32)
         c = self.c = uffdmod.new_fast_struct("umgr_fast_log")
         c.max = size
         c.vpn = uffdmod.array_pointer("uint64_t *", self.vpns)
@@ -322,3 +309,23 @@ class FastLog:
         c.kind = uffdmod.array_pointer("uint8_t *", self.kind)
         c.read_ns = uffdmod.array_pointer("int64_t *", self.read_ns)
         c.serve_ns = uffdmod.array_pointer("int64_t *", self.serve_ns)
+        c.released = uffdmod.array_pointer("int32_t *", self.released)
+        self._counts = None    # the slot counts c.refs points at (held: the pointer stays valid)
+        self._latency = None   # the histogram c.latency points at (likewise)
+
+    def drop_references_in(self, counts: np.ndarray) -> None:
+        """The call drops slot references in `counts` (SlotAllocator.counts)."""
+        if counts is not self._counts:
+            self.c.refs = uffdmod.array_pointer("uint16_t *", counts)
+            self.c.nrefs = len(counts)
+            self._counts = counts
+
+    def count_latencies_in(self, histogram: np.ndarray) -> None:
+        """The call counts each fault's service time in `histogram`
+        (TargetStats.fault_latency, buckets LATENCY_BUCKETS_NS)."""
+        if histogram is self._latency:
+            return
+        self._latency = histogram   # held: the pointer stays valid
+        self.c.latency = uffdmod.array_pointer("int64_t *", histogram)
+        self.c.latency_bounds = uffdmod.array_pointer("int64_t *", LATENCY_BOUNDS_NS)
+        self.c.nbounds = len(LATENCY_BOUNDS_NS)

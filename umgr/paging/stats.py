@@ -72,9 +72,3 @@ class TargetStats:
         self.fault_latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += faults
         self.fault_latency_sum += seconds * faults
 
-    def record_latencies_ns(self, each_ns: list[int]) -> None:
-        """record_latency(ns * 1e-9, 1) of each: the fast path's faults, a few per call."""
-        histogram, bisect_left = self.fault_latency, bisect.bisect_left
-        for ns in each_ns:
-            histogram[bisect_left(LATENCY_BUCKETS_NS, ns)] += 1
-        self.fault_latency_sum += sum(each_ns) * 1e-9
