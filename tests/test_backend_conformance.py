@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trio
 
-from umgr.backends import open_chain, persists
+from umgr.backends import IO_BUCKETS, NO_READS, ReadsDone, open_chain, persists
 from umgr.backends.compressed import CompressedBackend
 from umgr.backends.tiered import DEMOTE_BATCH, Tiered
 from umgr.cli import _backend_value
@@ -122,6 +122,23 @@ def test_pages_read_one_at_a_time_come_back_exactly(backend):
     run_io(roundtrip)
     assert np.array_equal(out.bytes, back.bytes)
     assert backend.statistics()["pages_read"] == n
+
+
+def test_reads_done_elsewhere_are_counted_by_the_tier_that_holds_them(backend):
+    """The fast path's C call reads pages itself and reports them by tier
+    (ReadsDone); the file store also learns whether its preads turned slow."""
+    buckets = np.zeros(len(IO_BUCKETS) + 1, np.int64)
+    buckets[1] = 3
+    file = backend.lower if isinstance(backend, Tiered) else backend
+    if file.name == "file":
+        for _ in range(12):   # every pread slow: the share passes one half
+            backend.reads_done_elsewhere(ReadsDone(3, 3 * 300e-6, 3, buckets), NO_READS)
+        assert file.statistics()["pages_read"] == 36 and file.io_latency[1] == 36
+        assert file.sync_read_fd() == -1   # one-page reads go through io_uring now
+    memory = backend.upper if isinstance(backend, Tiered) else backend
+    if memory.name == "compressed":
+        backend.reads_done_elsewhere(NO_READS, ReadsDone(3, 3e-6, 0, buckets))
+        assert memory.statistics()["pages_read"] == 3 and memory.io_latency[1] == 3
 
 
 @pytest.mark.timeout(60)

@@ -85,6 +85,9 @@ struct umgr_fast_log {
     int32_t kept_count;   /* of them, come in clean (write-protected, slot kept) */
     int64_t read_ns_sum;  /* read_ns of the logged pages, summed */
     int64_t serve_ns_sum; /* serve_ns of the logged pages, summed */
+    int32_t file_reads, memory_reads; /* of the pages read: from store->fd, unpacked from its memory tier */
+    int64_t file_read_ns, memory_read_ns; /* their read_ns, summed */
+    int32_t slow_file_reads;  /* file reads that took longer than slow_read_ns */
     int32_t released_count; /* slots whose last reference went: released[0..released_count) */
     int32_t *released;    /* (max entries: a logged page gives up at most one slot) */
     int32_t double_free;  /* a slot without a reference was to be given up (left as it was) */
@@ -94,6 +97,10 @@ struct umgr_fast_log {
     int64_t *latency;     /* the fault latency histogram (umgr/paging/stats.py), NULL: none */
     const int64_t *latency_bounds; /* bucket b counts serve_ns <= bounds[b] (and > bounds[b-1]) */
     int32_t nbounds;
+    int64_t *file_buckets, *memory_buckets; /* per call: reads per bucket of io_bounds (nio_bounds + 1 each) */
+    const int64_t *io_bounds;
+    int32_t nio_bounds;
+    int64_t slow_read_ns;
 };
 """
 
@@ -372,6 +379,12 @@ static void umgr_fast_reset(struct umgr_fast_log *log)
     log->served = 0;
     log->missing = log->wp = log->wp_dropped = log->swapped = log->kept_count = 0;
     log->read_ns_sum = log->serve_ns_sum = 0;
+    log->file_reads = log->memory_reads = log->slow_file_reads = 0;
+    log->file_read_ns = log->memory_read_ns = 0;
+    if (log->file_buckets != NULL) {
+        memset(log->file_buckets, 0, (size_t)(log->nio_bounds + 1) * sizeof(int64_t));
+        memset(log->memory_buckets, 0, (size_t)(log->nio_bounds + 1) * sizeof(int64_t));
+    }
     log->released_count = 0;
     log->double_free = 0;
 }
@@ -388,13 +401,34 @@ static void umgr_fast_unref(struct umgr_fast_log *log, int32_t slot)
         log->released[log->released_count++] = slot;
 }
 
-/* The counters of a page that came in (from `slot`, 0: zeros). */
-static void umgr_fast_came_in(struct umgr_fast_log *log, int32_t slot, int kept, int64_t read_ns)
+/* Bucket b of bounds[0..n) holds values v with bounds[b-1] < v <= bounds[b]
+   (as Python's bisect_left); bucket n the rest. */
+static int umgr_bucket(const int64_t *bounds, int n, int64_t v)
+{
+    int b = 0;
+    while (b < n && bounds[b] < v)
+        b++;
+    return b;
+}
+
+/* The counters of a page that came in (from `slot`, 0: zeros; from the
+   store's memory tier if `memory`). */
+static void umgr_fast_came_in(struct umgr_fast_log *log, int32_t slot, int kept, int memory, int64_t read_ns)
 {
     if (!slot)
         return;
     log->swapped++;
     log->read_ns_sum += read_ns;
+    if (memory) {
+        log->memory_reads++;
+        log->memory_read_ns += read_ns;
+    } else {
+        log->file_reads++;
+        log->file_read_ns += read_ns;
+        log->slow_file_reads += read_ns > log->slow_read_ns;
+    }
+    if (log->file_buckets != NULL)
+        (memory ? log->memory_buckets : log->file_buckets)[umgr_bucket(log->io_bounds, log->nio_bounds, read_ns)]++;
     if (kept)
         log->kept_count++;
     else
@@ -405,12 +439,8 @@ static void umgr_fast_came_in(struct umgr_fast_log *log, int32_t slot, int kept,
 static void umgr_fast_served(struct umgr_fast_log *log, int64_t serve_ns)
 {
     log->serve_ns_sum += serve_ns;
-    if (log->latency == NULL)
-        return;
-    int b = 0;
-    while (b < log->nbounds && log->latency_bounds[b] < serve_ns)
-        b++;
-    log->latency[b]++;
+    if (log->latency != NULL)
+        log->latency[umgr_bucket(log->latency_bounds, log->nbounds, serve_ns)]++;
 }
 
 /* A write to a RESIDENT page: unprotect it (which wakes the writer), drop
@@ -486,7 +516,7 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     log->read_ns[n] = plan == UMGR_PLAN_SWAPPED || plan == UMGR_PLAN_MEMORY ? read_ns : 0;
     log->serve_ns[n] = umgr_now_ns() - started;
     log->missing++;
-    umgr_fast_came_in(log, slot, kept, log->read_ns[n]);
+    umgr_fast_came_in(log, slot, kept, plan == UMGR_PLAN_MEMORY, log->read_ns[n]);
     umgr_fast_served(log, log->serve_ns[n]);
     return 1;
 }
@@ -695,7 +725,7 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
             log->kind[e] = umgr_fast_in_memory(store, slot[p]) ? UMGR_FAST_MEMORY : 0;
             log->read_ns[e] = read_ns / m;
             log->serve_ns[e] = 0;
-            umgr_fast_came_in(log, slot[p], protect, log->read_ns[e]);
+            umgr_fast_came_in(log, slot[p], protect, log->kind[e] & UMGR_FAST_MEMORY, log->read_ns[e]);
         }
         if (failed)
             break;   /* EAGAIN: an event is queued, the full path's to read first */

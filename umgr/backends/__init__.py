@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import inspect
 import time
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 import numpy as np
@@ -30,6 +31,20 @@ from umgr.backends.slots import SlotAllocator
 from umgr.kernel import PAGE_SIZE
 
 IO_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 200e-3, 1.0)
+SLOW_READ = 200e-6   # a one-page read slower than this counts as slow (ReadsDone.slow)
+
+
+@dataclass(frozen=True)
+class ReadsDone:
+    """One-page reads of a store (or of one tier of it) done outside
+    read(), by the fault path's C call: counted there, told here."""
+    pages: int
+    seconds: float          # summed
+    slow: int               # of them, slower than SLOW_READ
+    buckets: np.ndarray     # how many fell in each IO_BUCKETS bucket (io_latency's shape)
+
+
+NO_READS = ReadsDone(0, 0.0, 0, np.zeros(len(IO_BUCKETS) + 1, np.int64))
 
 
 class Backend:
@@ -73,10 +88,17 @@ class Backend:
         are updated whenever an entry is stored or dropped. None: no such tier."""
         return None
 
-    def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
-        """Pages were read from sync_read_fd() and unpacked from
-        memory_entries(), one per entry, each taking that many seconds."""
+    def reads_done_elsewhere(self, file: ReadsDone, memory: ReadsDone) -> None:
+        """Pages were read from sync_read_fd() (`file`) and unpacked from
+        memory_entries() (`memory`)."""
         raise NotImplementedError
+
+    def _count_reads(self, done: ReadsDone) -> None:
+        """Reads done elsewhere join this store's counts."""
+        self.pages_read += done.pages
+        self.read_seconds += done.seconds
+        self.io_seconds += done.seconds
+        self.io_latency += done.buckets
 
     def _timed(self, started: float) -> float:
         """Account an I/O that began at `started`; returns its seconds."""
@@ -87,13 +109,6 @@ class Backend:
     def _count_io(self, elapsed: float) -> None:
         self.io_latency[bisect.bisect_left(IO_BUCKETS, elapsed)] += 1   # as np.searchsorted, without its per-call cost
         self.io_seconds += elapsed
-
-    def _count_ios(self, each_seconds: list[float]) -> None:
-        """_count_io() of each."""
-        histogram, bisect_left = self.io_latency, bisect.bisect_left
-        for elapsed in each_seconds:
-            histogram[bisect_left(IO_BUCKETS, elapsed)] += 1
-        self.io_seconds += sum(each_seconds)
 
     def statistics(self) -> dict:
         return {

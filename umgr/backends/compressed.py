@@ -35,7 +35,7 @@ import time
 import numpy as np
 import trio
 
-from umgr.backends import Backend
+from umgr.backends import Backend, ReadsDone
 from umgr.bindings._kernel import ffi as _ffi
 from umgr.bindings._kernel import lib as _lib
 from umgr.errors import BackendError
@@ -238,10 +238,9 @@ class CompressedBackend(Backend):
     def memory_entries(self) -> tuple[np.ndarray, np.ndarray]:
         return self._length, self._where
 
-    def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
-        self.pages_read += len(memory_seconds)
-        self.read_seconds += sum(memory_seconds)
-        self._count_ios(memory_seconds)
+    def reads_done_elsewhere(self, file: ReadsDone, memory: ReadsDone) -> None:
+        if memory.pages:
+            self._count_reads(memory)
 
     def _unpack_one(self, entry, addr: int) -> None:
         if isinstance(entry, int):

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import trio
 
-from umgr.backends import Backend, io_runs
+from umgr.backends import SLOW_READ, Backend, ReadsDone, io_runs
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
 from umgr.kernel.ring import Batch, Op, Ring
@@ -42,7 +42,7 @@ MAX_SLOTS = (1 << 31) - 1  # slot numbers are int32 (umgr/backends/slots.py)
 # SYNC_READ_RETRY reads. A share, not a mean: on a busy machine a pread now
 # and then is preempted for milliseconds, and a mean sent every read to the
 # slower path for that (seen here: most reads on io_uring at load 2).
-SYNC_READ_LIMIT = 200e-6
+SYNC_READ_LIMIT = SLOW_READ   # (200 us; the fast path counts reads slower than SLOW_READ for this)
 SYNC_READ_RETRY = 1024
 
 
@@ -182,25 +182,27 @@ class FileBackend(Backend):
         if done != PAGE_SIZE:
             self.errors += 1
             raise BackendError(f"swap file read failed: short transfer of {done} bytes")
-        self._note_sync_reads([time.perf_counter() - started])
+        elapsed = self._timed(started)
+        self.read_seconds += elapsed
+        self._note_slow(1, int(elapsed > SYNC_READ_LIMIT))
 
-    def _note_sync_reads(self, each_seconds: list[float]) -> None:
-        """One-page preads took these times (here, or in the fault path's C call)."""
-        self._count_ios(each_seconds)
-        self.read_seconds += sum(each_seconds)
-        share = self._slow_share
-        for elapsed in each_seconds:
-            share += ((elapsed > SYNC_READ_LIMIT) - share) / 16
-        self._slow_share = share
+    def _note_slow(self, reads: int, slow: int) -> None:
+        """`reads` one-page preads (here, or in the fault path's C call),
+        `slow` of them slower than SYNC_READ_LIMIT: each moves the running
+        share 1/16 of the way to 1 (slow) or 0; a batch's reads move it as
+        if they had come in their mean."""
+        mean = slow / reads
+        self._slow_share = mean + (self._slow_share - mean) * (15 / 16) ** reads
 
     def sync_read_fd(self) -> int:
         """The swap file, while one-page reads are plain preads (see
         SYNC_READ_LIMIT): the fault path's C call reads it itself."""
         return self.fd if self._slow_share < 0.5 else -1
 
-    def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
-        self.pages_read += len(file_seconds)
-        self._note_sync_reads(file_seconds)
+    def reads_done_elsewhere(self, file: ReadsDone, memory: ReadsDone) -> None:
+        if file.pages:
+            self._count_reads(file)
+            self._note_slow(file.pages, file.slow)
 
     async def _io(self, op: Op, slots: np.ndarray, addrs: np.ndarray) -> None:
         run_addrs, first_slot, count = io_runs(slots, addrs)

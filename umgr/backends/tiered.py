@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import trio
 
-from umgr.backends import Backend
+from umgr.backends import NO_READS, Backend, ReadsDone
 from umgr.kernel import PAGE_SIZE
 from umgr.kernel.buffers import PageBuffer
 
@@ -93,12 +93,12 @@ class Tiered(Backend):
     def memory_entries(self) -> tuple[np.ndarray, np.ndarray] | None:
         return self.upper.memory_entries()
 
-    def reads_done_elsewhere(self, file_seconds: list[float], memory_seconds: list[float]) -> None:
-        if memory_seconds:
-            self.upper.reads_done_elsewhere([], memory_seconds)
-        if file_seconds:
-            self.lower.reads_done_elsewhere(file_seconds, [])
-        self.pages_read += len(file_seconds) + len(memory_seconds)
+    def reads_done_elsewhere(self, file: ReadsDone, memory: ReadsDone) -> None:
+        if memory.pages:
+            self.upper.reads_done_elsewhere(NO_READS, memory)
+        if file.pages:
+            self.lower.reads_done_elsewhere(file, NO_READS)
+        self.pages_read += file.pages + memory.pages
 
     async def _demote(self, nbytes: int) -> bool:
         """Move the upper tier's oldest pages (at least nbytes of them, at

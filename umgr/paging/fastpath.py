@@ -41,6 +41,7 @@ import bisect
 
 import numpy as np
 
+from umgr.backends import IO_BUCKETS, SLOW_READ, ReadsDone
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
@@ -55,6 +56,7 @@ assert uffdmod.fast_flag_values() == (Flag.DISCARDABLE, Flag.PREFETCHED)
 IDLE, HANDOFF, YIELD = uffdmod.FAST_IDLE, uffdmod.FAST_HANDOFF, uffdmod.FAST_YIELD
 EMPTY = np.empty(0, np.int64)
 LATENCY_BOUNDS_NS = np.array(LATENCY_BUCKETS_NS, np.int64)
+IO_BOUNDS_NS = np.array([round(bound * 1e9) for bound in IO_BUCKETS], np.int64)
 
 LOG_PAGES = 64          # pages one call may serve before they are settled
 SLICE_SECONDS = 1e-3    # and how long it may run: the evictor and other targets wait meanwhile
@@ -189,12 +191,9 @@ class FastPath:
             return
         core.stats.pages_in += c.swapped
         core.clean.came_in_clean(c.kept_count)
-        # Plain integers: numpy costs several microseconds per operation on a few entries.
-        file_reads, memory_reads = [], []
-        for slot, kind, ns in zip(log.slots[:n].tolist(), log.kind[:n].tolist(), log.read_ns[:n].tolist()):
-            if slot != NO_SLOT and not kind & uffdmod.FAST_WP:
-                (memory_reads if kind & uffdmod.FAST_MEMORY else file_reads).append(ns * 1e-9)
-        core.backend.reads_done_elsewhere(file_reads, memory_reads)
+        core.backend.reads_done_elsewhere(
+            ReadsDone(c.file_reads, c.file_read_ns * 1e-9, c.slow_file_reads, log.file_buckets),
+            ReadsDone(c.memory_reads, c.memory_read_ns * 1e-9, 0, log.memory_buckets))
 
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""
@@ -301,6 +300,8 @@ class FastLog:
         self.read_ns = np.zeros(size, np.int64)
         self.serve_ns = np.zeros(size, np.int64)
         self.released = np.zeros(size, np.int32)
+        self.file_buckets = np.zeros(len(IO_BOUNDS_NS) + 1, np.int64)
+        self.memory_buckets = np.zeros(len(IO_BOUNDS_NS) + 1, np.int64)
         c = self.c = uffdmod.new_fast_struct("umgr_fast_log")
         c.max = size
         c.vpn = uffdmod.array_pointer("uint64_t *", self.vpns)
@@ -310,6 +311,11 @@ class FastLog:
         c.read_ns = uffdmod.array_pointer("int64_t *", self.read_ns)
         c.serve_ns = uffdmod.array_pointer("int64_t *", self.serve_ns)
         c.released = uffdmod.array_pointer("int32_t *", self.released)
+        c.file_buckets = uffdmod.array_pointer("int64_t *", self.file_buckets)
+        c.memory_buckets = uffdmod.array_pointer("int64_t *", self.memory_buckets)
+        c.io_bounds = uffdmod.array_pointer("int64_t *", IO_BOUNDS_NS)
+        c.nio_bounds = len(IO_BOUNDS_NS)
+        c.slow_read_ns = round(SLOW_READ * 1e9)
         self._counts = None    # the slot counts c.refs points at (held: the pointer stays valid)
         self._latency = None   # the histogram c.latency points at (likewise)
 
