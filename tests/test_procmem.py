@@ -350,3 +350,20 @@ def test_pagemap_entries_of_scattered_runs_read_as_one_span_or_one_by_one(ct, ma
             M.SPAN_READ_FACTOR = old
         present = ((entries & np.uint64(M.PM_PRESENT)) != 0).tolist()
         assert present == want, factor
+
+
+def test_zero_pages_finds_exactly_the_all_zero_pages():
+    """An eviction batch's zero pages take no slot: a page is zero only if
+    every byte is, wherever its one nonzero byte lies."""
+    from umgr.kernel.buffers import PageBuffer
+    buf = PageBuffer(64)
+    rng = np.random.default_rng(5)
+    nonzero = rng.random(64) < 0.5
+    for page in np.flatnonzero(nonzero):
+        buf.bytes[page * 4096 + int(rng.integers(4096))] = 1 + int(rng.integers(255))
+    assert np.array_equal(buf.zero_pages(64), ~nonzero)
+    assert np.array_equal(buf.zero_pages(10), ~nonzero[:10])
+    assert len(buf.zero_pages(0)) == 0
+    with pytest.raises(ValueError):
+        buf.zero_pages(65)
+    buf.close()

@@ -76,6 +76,7 @@ int64_t umgr_mem_readv(int memfd, uint64_t local, const uint64_t *addrs,
                        const uint64_t *lens, size_t n);
 int64_t umgr_checked_readv(int pid, int memfd, uint64_t canary, uint64_t local,
                            const uint64_t *addrs, const uint64_t *lens, size_t n);
+void umgr_zero_pages(uint64_t base, int count, uint8_t *zero);
 """
 
 CUSTOMIZATIONS = """
@@ -327,5 +328,25 @@ static int64_t umgr_checked_readv(int pid, int memfd, uint64_t canary, uint64_t 
         i += k;
     }
     return total;
+}
+
+/* zero[i] = whether the i-th of `count` pages from base is all zero. A
+   page stops at its first nonzero word: most pages read out of a process
+   are not zero, and a whole-buffer scan (numpy's any per row) read all
+   2 MiB of an eviction batch every time. */
+static void umgr_zero_pages(uint64_t base, int count, uint8_t *zero)
+{
+    for (int i = 0; i < count; i++) {
+        const uint64_t *words = (const uint64_t *)(uintptr_t)(base + (uint64_t)i * 4096);
+        int k = 0;
+        for (; k < 512; k += 16) {   /* a cache line and the next, or-ed: no branch per word */
+            uint64_t any = 0;
+            for (int j = 0; j < 16; j++)
+                any |= words[k + j];
+            if (any)
+                break;
+        }
+        zero[i] = k >= 512;
+    }
 }
 """

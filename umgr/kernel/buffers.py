@@ -10,6 +10,7 @@ import mmap
 import numpy as np
 
 from umgr.bindings._kernel import ffi as _ffi
+from umgr.bindings._kernel import lib as _lib
 from umgr.kernel import PAGE_SIZE
 
 
@@ -32,8 +33,11 @@ class PageBuffer:
 
     def zero_pages(self, count: int) -> np.ndarray:
         """Which of the first `count` pages are all zero."""
-        words = self.bytes[: count * PAGE_SIZE].view(np.uint64).reshape(count, PAGE_SIZE // 8)
-        return ~words.any(axis=1)
+        if not 0 <= count <= self.npages:
+            raise ValueError(f"{count} pages asked of a buffer of {self.npages}")
+        zero = np.zeros(count, np.uint8)
+        _lib.umgr_zero_pages(self.addr, count, _ffi.cast("uint8_t *", zero.ctypes.data))
+        return zero.view(bool)
 
     def clear(self, positions: np.ndarray) -> None:
         pages = self.bytes.reshape(self.npages, PAGE_SIZE)
