@@ -35,6 +35,7 @@ MODES = {
     "mremap": ("remaps", 1, 1),
     "mremap-race": ("remaps", 1, 1),  # 24 moves while eviction batches are in flight
     "mremap-thread": ("remaps", 200, 1),  # a thread's 200 moves, at any point of a batch, while another faults
+    "remap-hole": ("unmaps", 24, 1),  # 24 munmaps of a region paging out, each followed by a new mapping there
     "dontneed": ("app_removes", 1, 1),
     "dontneed-race": ("app_removes", 1, 1),  # the app discards pages while they are being evicted
     "exit": (None, 0, 1),

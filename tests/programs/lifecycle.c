@@ -1,6 +1,6 @@
 /* Process-lifecycle events on memory that is paged out at the moment of the
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
- * MODE: fork | munmap | mremap | mremap-race | mremap-thread | dontneed | dontneed-race | exit
+ * MODE: fork | munmap | mremap | mremap-race | mremap-thread | remap-hole | dontneed | dontneed-race | exit
  *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
  *     | fork-parent-killed
  *     (helpers run by the program itself: fresh | true).
@@ -165,6 +165,39 @@ static int mremap_thread(uint64_t *m, size_t n)
     return verify(m, salt, n, "main region after the moves") | verify(mv.region, mv.salt, mv.n, "moved region");
 }
 
+/* remap-hole: unmap a region twice the budget and map a new one
+ * at the same address, over and over, writing every other page of each new
+ * mapping and checking what it wrote and every 8th page (zeros). Writing
+ * it keeps eviction busy with the region's own pages, so the munmap comes
+ * while a batch of the old mapping's pages is being moved out or zapped:
+ * that zap or move must not touch the new mapping's pages. */
+static int remap_hole(uint64_t *m, size_t n)
+{
+    size_t hn = n / 2;
+    uint64_t *region = mmap(NULL, hn * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t *salt = calloc(hn, sizeof *salt);
+    uint64_t *main_salt = malloc(n * sizeof *main_salt);
+    if (region == MAP_FAILED || !salt || !main_salt)
+        return 2;
+    for (size_t p = 0; p < n; p++)
+        main_salt[p] = 1;
+    for (unsigned round = 0; round < 24; round++) {
+        stamp(region, salt, round % 2, hn - 1, 2, 50 + round);
+        if (munmap(region, hn * PAGE))
+            return 2;
+        uint64_t *again = mmap(region, hn * PAGE, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        if (again != region)
+            return 2;
+        memset(salt, 0, hn * sizeof *salt);
+        stamp(region, salt, (round + 1) % 2, hn / 4, 2, 90 + round);   /* at once: the old one's batch may be in flight */
+        for (size_t p = 0; p < hn; p++)
+            if ((salt[p] || p % 8 == 0) && check(region, p, 1, salt[p], "new mapping at an unmapped region's address"))
+                return 1;
+    }
+    return verify(m, main_salt, n, "main region after the remaps");
+}
+
 static void die_in_parent(void)
 {
     kill(getpid(), SIGKILL);
@@ -245,6 +278,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(mode, "mremap-thread") == 0)
         return mremap_thread(m, n);
+    if (strcmp(mode, "remap-hole") == 0)
+        return remap_hole(m, n);
     if (strcmp(mode, "mremap-race") == 0) { /* moves back and forth while eviction is busy */
         uint64_t *salt = malloc(n * sizeof *salt);
         uint64_t *other = mmap(NULL, n * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
