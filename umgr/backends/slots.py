@@ -110,17 +110,21 @@ class SlotAllocator:
         if (self._refs[slots] == 0).any():
             raise ValueError("double free of a swap slot")
         np.subtract.at(self._refs, slots, 1)
-        released = np.unique(slots[self._refs[slots] == 0])
-        self._nfree += len(released)
-        if len(released) and self.on_free is not None:
-            self.on_free(released)
-        if len(released) and self.on_release is not None:
-            self.on_release()
+        self._now_free(np.unique(slots[self._refs[slots] == 0]))
+
+    def _now_free(self, released: np.ndarray) -> None:
+        """These slots (sorted) lost their last reference."""
+        if len(released):
+            self._nfree += len(released)
+            if self.on_free is not None:
+                self.on_free(released)
+            if self.on_release is not None:
+                self.on_release()
 
     def _free_few(self, slots: list[int]) -> None:
         """free() on plain integers: numpy's reductions and ufunc.at cost
-        about 40 us even for a few slots, and the fault path frees a few
-        after each call that served faults."""
+        about 40 us even for a few slots (a write fault drops one clean
+        copy, an app discard a few)."""
         if len(slots) == 1:
             self.free_one(slots[0])
             return
@@ -133,14 +137,8 @@ class SlotAllocator:
             refs[slot] = max(left, 0)
             if left == 0:
                 released.append(slot)
-        if not released:
-            return
-        released.sort()
-        self._nfree += len(released)
-        if self.on_free is not None:
-            self.on_free(np.array(released, np.int32))
-        if self.on_release is not None:
-            self.on_release()
+        if released:
+            self._now_free(np.array(sorted(released), np.int32))
 
     def free_one(self, slot: int) -> None:
         """free() of one slot on plain integers: a random fault frees one,
@@ -165,12 +163,7 @@ class SlotAllocator:
     def released_elsewhere(self, slots: np.ndarray) -> None:
         """These slots' last references were dropped in `counts` by the
         fault path's C call: they are free now."""
-        if len(slots):
-            self._nfree += len(slots)
-            if self.on_free is not None:
-                self.on_free(np.sort(slots))
-            if self.on_release is not None:
-                self.on_release()
+        self._now_free(np.sort(slots))
 
     def refs(self, slots: np.ndarray) -> np.ndarray:
         return self._refs[np.asarray(slots, np.int32)]
