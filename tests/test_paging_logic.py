@@ -377,3 +377,27 @@ def test_the_fast_path_stops_at_the_budget():
     assert fast.ready()
     pt.set(np.arange(0x1000, 0x1008), State.RESIDENT)   # the budget's 8 pages are in
     assert not fast.ready()
+
+
+def test_emptied_zapping_pages_keep_their_slot_unless_the_app_discarded_them():
+    """A zap's (or a move's) emptied pages: SWAPPED in their slot; one the
+    app discarded meanwhile reads zero: FRESH, its slot freed and gone from
+    the table (a stale slot there would be read back as its content)."""
+    from types import SimpleNamespace
+
+    from umgr.backends.slots import SlotAllocator
+    from umgr.paging.core import TargetCore
+    from umgr.paging.pagetable import NO_SLOT, PageTable, State
+
+    pt = PageTable()
+    pt.add(100, 8)
+    slots = SlotAllocator(16)
+    core = TargetCore(pid=0, label="t", uffd=None, backend=SimpleNamespace(slots=slots), budget=Budget(0),
+                      eviction=None, clean_copies="never", pt=pt)
+    vpns = np.arange(100, 104)
+    pt.set(vpns, State.ZAPPING, slots.alloc(4))
+    named = pt.slots(vpns)
+    core.emptied(vpns, np.array([102]))
+    assert pt.states(vpns).tolist() == [State.SWAPPED, State.SWAPPED, State.FRESH, State.SWAPPED]
+    assert pt.slots(vpns).tolist() == [named[0], named[1], NO_SLOT, named[3]]
+    assert slots.refs(named).tolist() == [1, 1, 0, 1] and slots.free_count == 13

@@ -163,13 +163,18 @@ class TargetCore:
         first = int(zapping[0])
         present = self.present_pages(first, int(zapping[-1]) - first + 1)[zapping - first]
         self.release(zapping[present], State.ZAPPING)
-        emptied = zapping[~present]
-        slots = self.pt.slots(emptied)
-        gone = np.isin(emptied, discarded)
+        self.emptied(zapping[~present], discarded)
+
+    def emptied(self, zapped: np.ndarray, discarded: np.ndarray) -> None:
+        """ZAPPING pages (sorted) the zap or move emptied become SWAPPED in
+        their slot, or FRESH (no content to keep, or discarded by the app
+        too: they read as zero, and the slot is freed)."""
+        slots = self.pt.slots(zapped)
+        gone = np.isin(zapped, discarded)
         self.slots.free(slots[gone & (slots != NO_SLOT)])
         slots[gone] = NO_SLOT
-        self.pt.set(emptied[slots == NO_SLOT], State.FRESH)
-        self.pt.set(emptied[slots != NO_SLOT], State.SWAPPED, slots[slots != NO_SLOT])
+        self.pt.set(zapped[slots == NO_SLOT], State.FRESH, NO_SLOT)   # (a discarded one's freed slot goes too)
+        self.pt.set(zapped[slots != NO_SLOT], State.SWAPPED, slots[slots != NO_SLOT])
 
     def release(self, vpns: np.ndarray, from_state: int) -> None:
         """Pages leave an eviction batch and are resident again."""

@@ -354,13 +354,7 @@ class Evictor:
         # Only pages still ZAPPING are ours to settle: an UNMAP or REMAP in
         # between has dealt with the others (and their slots).
         done = done[pt.states(done) == State.ZAPPING]
-        slots = pt.slots(done)
-        gone = np.isin(done, discarded)
-        core.slots.free(slots[gone & (slots != NO_SLOT)])
-        slots[gone] = NO_SLOT
-        pt.set(done, State.ZAPPING, slots)
-        pt.set(done[slots == NO_SLOT], State.FRESH)
-        pt.set(done[slots != NO_SLOT], State.SWAPPED)
+        core.emptied(done, discarded)
         core.left_residency(done)
         core.trace.evicted(done)
         core.stats.pages_out += len(done)
