@@ -258,10 +258,24 @@ class Target:
             if len(unhandled):
                 log.info("%s: applying %d message(s) the dead daemon read and had not applied", self.label,
                          len(unhandled))
-                self.core.slots.free(recovery.replay(self.pt, unhandled))
+                self._replay(unhandled)
             self._journal.clear()
         self._zaps_to_settle = agent_may_zap and self.pt.count(State.ZAPPING) > 0
         self._settle(zapping=not self._zaps_to_settle)
+
+    def _replay(self, messages) -> None:
+        """Apply the dead daemon's unapplied messages. The eviction order,
+        seeded from the saved table, names pages by address: a replayed
+        REMAP moves resident pages, and the order must name them where they
+        are now (as the live handler does, events.py). Left naming the old
+        addresses, it would hold none of them: every later fault would
+        evict the page it had just brought in, one page at a time."""
+        core = self.core
+        before = self.pt.vpns_in(State.RESIDENT)
+        core.slots.free(recovery.replay(self.pt, messages))
+        after = self.pt.vpns_in(State.RESIDENT)
+        core.left_residency(np.setdiff1d(before, after, assume_unique=True))
+        core.became_resident(np.setdiff1d(after, before, assume_unique=True))
 
     def read_events_into(self, journal) -> None:
         """Read uffd messages into `journal` (a tablefile.EventJournal), so
