@@ -238,7 +238,7 @@ class GuardedPrefetch:
     policy's first choices, and returned sorted as int64.
     """
 
-    def __init__(self, policy: PrefetchPolicy, target: str = "?", max_pages: int = 64):
+    def __init__(self, policy: PrefetchPolicy, target: str = "?", max_pages: int = 256):
         self.policy = policy
         self.target = target
         self.max_pages = max_pages

@@ -1,7 +1,9 @@
 """Kernel-style readahead, umgr's default prefetch policy.
 
 Like the kernel's ondemand readahead (mm/readahead.c), a stream's window starts
-at ``initial`` pages and doubles on each hit up to ``maximum``; a fault that
+at ``initial`` pages and doubles on each hit up to ``maximum`` (256 pages,
+1 MiB: a fault costs the daemon far more than the kernel's, so fewer and
+larger windows pay where the kernel stops at 32 pages); a fault that
 continues no stream starts a new one with no window, because a lone fault is
 not yet a stream (the kernel reads a "standalone, small random read" as is).
 Descending scans are detected too and prefetch downward.
@@ -9,7 +11,9 @@ Descending scans are detected too and prefetch downward.
 Beyond the kernel, a stream may also have a constant stride (the idea of the
 ``stride`` policy): two equal gaps in a row between a stream's faults, of
 2..``max_stride`` pages either way, lock it, and its window is then that many
-pages along the stride (every second page for stride 2), growing the same way.
+pages along the stride (every second page for stride 2), growing the same way
+up to ``strided_maximum`` pages (64, and never past ``maximum``: a window of
+stride 64 already spans 16 MiB of the region).
 A sequential stream needs one adjacent fault to be confirmed, as before; a
 stride needs two equal gaps, so random faults close together rarely lock one.
 
@@ -56,15 +60,19 @@ def along(vpn: int, step: int, count: int, region_start: int, region_end: int) -
 class Readahead(PrefetchPolicy):
     name = "readahead"
 
-    def __init__(self, initial: int = 4, maximum: int = 64, streams: int = 8, max_stride: int = 64):
+    def __init__(self, initial: int = 4, maximum: int = 256, streams: int = 8, max_stride: int = 64,
+                 strided_maximum: int = 64):
         if not 1 <= initial <= maximum:
             raise ValueError(f"need 1 <= initial <= maximum, got {initial}, {maximum}")
+        if strided_maximum < 1:
+            raise ValueError(f"need strided_maximum >= 1, got {strided_maximum}")
         if streams < 1:
             raise ValueError(f"need at least one stream, got {streams}")
         if max_stride < 1:
             raise ValueError(f"need max_stride >= 1 (1: sequential only), got {max_stride}")
         self.initial = initial
         self.maximum = maximum
+        self.strided_maximum = strided_maximum
         self.max_streams = streams
         self.max_stride = max_stride
         self._streams: list[_Stream] = []  # most recently used last
@@ -104,7 +112,8 @@ class Readahead(PrefetchPolicy):
             return NO_PAGES
 
         del self._streams[i]
-        s.size = min(2 * s.size, self.maximum) if s.size else self.initial
+        most = self.maximum if abs(s.step) == 1 else min(self.maximum, self.strided_maximum)
+        s.size = min(2 * s.size, most) if s.size else min(self.initial, most)
         s.last = vpn
         self._streams.append(s)
         return along(vpn, s.step, s.size, region_start, region_end)

@@ -36,13 +36,21 @@ def test_readahead_window_doubles_on_sequential_faults_up_to_maximum():
     # A prefetched page that is used does not fault, so a sequential scan
     # faults on the page just past the previous window.
     vpn, sizes = 1000, []
-    for _ in range(9):
+    for _ in range(10):
         pages = GuardedPrefetch(ra).on_fault(vpn, *REGION)
         sizes.append(len(pages))
         if len(pages):
             assert pages.tolist() == list(range(vpn + 1, vpn + 1 + len(pages)))
         vpn = vpn + len(pages) + 1
-    assert sizes == [0, 4, 8, 16, 32, 64, 64, 64, 64]
+    assert sizes == [0, 4, 8, 16, 32, 64, 128, 256, 256, 256]
+
+
+def test_readahead_strided_window_stops_at_strided_maximum_and_never_past_maximum():
+    assert max(len(p) for p in scan(Readahead(), 1000, 2, 10)) == 64
+    assert max(len(p) for p in scan(Readahead(strided_maximum=16), 1000, 3, 10)) == 16
+    assert max(len(p) for p in scan(Readahead(maximum=8), 1000, 2, 10)) == 8
+    with pytest.raises(ValueError):
+        Readahead(strided_maximum=0)
 
 
 def test_readahead_options():
@@ -54,8 +62,8 @@ def test_readahead_options():
 
 def test_readahead_page_by_page_scan_also_grows():
     # Fresh pages the caller did not prefetch fault one by one inside the window.
-    sizes = [len(p) for p in drive(Readahead(), range(100, 106))]
-    assert sizes == [0, 4, 8, 16, 32, 64]
+    sizes = [len(p) for p in drive(Readahead(), range(100, 108))]
+    assert sizes == [0, 4, 8, 16, 32, 64, 128, 256]
 
 
 def test_readahead_random_faults_prefetch_nothing():
@@ -391,8 +399,8 @@ def test_load_third_party_entry_point(monkeypatch):
 
 def test_replay_sequential_readahead_cuts_faults_eightfold():
     trace = np.arange(10_000, 14_096)
-    base = replay(NoPrefetch(), trace, resident_capacity=256)
-    ra = replay(Readahead(), trace, resident_capacity=256)
+    base = replay(NoPrefetch(), trace, resident_capacity=1024)   # room for a 256-page window
+    ra = replay(Readahead(), trace, resident_capacity=1024)
     assert base.faults == 4096 and base.prefetched == 0
     assert ra.faults * 8 <= base.faults
     # The region is the trace's span, so every prefetched page gets used.

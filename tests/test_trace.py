@@ -139,7 +139,7 @@ def test_policies_lists_every_installed_policy():
     listed = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()}
     assert listed == {"none": "prefetch", "readahead": "prefetch", "stride": "prefetch",
                       "fifo": "eviction", "reuse": "eviction"}
-    assert "maximum=64" in done.stdout  # options, with their defaults
+    assert "maximum=256" in done.stdout  # options, with their defaults
     # Every built-in is in the entry-point group too (pyproject.toml).
     assert set(listed) <= {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 

@@ -25,7 +25,7 @@ from umgr.daemon.statedir import SavedTarget, StateDir
 from umgr.paging.events import ForkedMemory
 from umgr.paging.pagetable import PAGE_SHIFT, PageTable
 from umgr.paging.target import Target
-from umgr.paging.tuning import RESUME_INTERVAL
+from umgr.paging.tuning import MAX_FILL_PAGES, RESUME_INTERVAL
 from umgr.paging.zap import AgentZapper, RemoteZapper
 from umgr.policies import GuardedPrefetch, load_eviction, load_prefetch
 from umgr.sizes import format_size
@@ -75,7 +75,7 @@ class Lifecycle:
         name = name or self.config.policy
         options = self.config.policy_options if name == self.config.policy else {}
         try:
-            return GuardedPrefetch(load_prefetch(name, **options), target=label)
+            return GuardedPrefetch(load_prefetch(name, **options), target=label, max_pages=MAX_FILL_PAGES)
         except Exception as exc:
             raise protocol.ProtocolError(f"policy {name!r} does not load: {exc}") from exc
 
