@@ -396,8 +396,8 @@ class Lifecycle:
         os.close(target.mem_fd)
         if self.targets.get(target.pid) is target:
             del self.targets[target.pid]
-        log.info("%s: released (faults %d, pages in %d, out %d, peak resident %.2f MiB)", target.label,
-                 snap["faults"], snap["pages_in"], snap["pages_out"], snap["peak_resident_bytes"] / (1 << 20))
+        log.info("%s: released (faults %d, pages in %d, out %d)", target.label, snap["faults"],
+                 snap["pages_in"], snap["pages_out"])
         if not self.targets:
             self.idle.set()
 
