@@ -5,9 +5,16 @@ decompress it from the compressed store's memory (umgr/backends/compressed.py),
 UFFDIO_COPY (or ZEROPAGE), and mark it resident in the page table; and
 each write-protect fault on a RESIDENT page (a page that came in clean, or
 prefetched, is written): unprotect it; on to the next group, until
-something needs the daemon's Python side. The faults of a group (several threads faulting at once) have their reads in
-flight together (Linux AIO on the O_DIRECT swap file; one fault alone is a
-plain pread, two syscalls cheaper).
+something needs the daemon's Python side. Reads go through Linux AIO on
+the O_DIRECT swap file, and while they are in flight the call reads the
+faults that come meanwhile and sends their reads too: several threads
+faulting at once have their reads in flight together (as many as fault,
+up to UMGR_FAST_GROUP), and each page is copied in, waking its thread, as
+soon as its own read is done. (Reading a group, then waiting for all its
+reads, kept about 2 of 4 threads' reads in flight.) A page an event of
+the group names (the app's madvise, munmap or mremap returned when it was
+read: the page may be zeroed, gone, or something new mapped there) is not
+copied in: its fault goes to the full path, which handles the event first.
 
 Python's own path costs about 150 us of interpreter time per random fault
 around a 40-70 us device read (measured here, Linux 6.18, 2 vCPUs), and the
@@ -26,6 +33,8 @@ INCLUDES = """
 #include <string.h>
 #include <time.h>
 #include <linux/aio_abi.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 """
 
 STRUCTS = """
@@ -249,57 +258,74 @@ static int umgr_fast_continues_stream(const struct umgr_fast_log *log, uint64_t 
     return 0;
 }
 
-/* The plan of msgs[0..n) and the region of each: plain faults in the
-   regions, up to `cap` of them, that continue no stream, until the first
-   message that is not one (it and all after it: OTHER). */
-static void umgr_fast_plan(const struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
-                           int nregions, const struct umgr_fast_store *store, int cap, struct umgr_fast_log *log,
-                           int *plan, const struct umgr_fast_region **in)
+/* What one group is doing: message i's plan, region, whether it was
+   served, when it was read and its slot read sent (reads in flight
+   through AIO, cbs[i] for message i). */
+struct umgr_fast_group_state {
+    int plan[UMGR_FAST_GROUP], served[UMGR_FAST_GROUP];
+    const struct umgr_fast_region *in[UMGR_FAST_GROUP];
+    int64_t read_at[UMGR_FAST_GROUP], sent_at[UMGR_FAST_GROUP];
+    int64_t last_done;   /* when a read of the group last came back */
+    struct iocb cbs[UMGR_FAST_GROUP];
+    int inflight;   /* reads sent and not yet completed */
+    int planned;    /* messages planned to be served here (at most cap) */
+    int other;      /* a message was not a plain fault: it and all after it are the full path's */
+    int event;      /* an event (not a page fault) was read with the group: no more is read */
+    /* The pages the group's events name (REMOVE, UNMAP: the range; REMAP:
+       where the pages were), [lo, hi) in vpns; all_blocked: every page
+       (FORK, or more ranges than fit). Once such an event is read, the
+       app's madvise, munmap or mremap has returned, and the page may be
+       zeroed, gone, or something new mapped there: a fault on one is the
+       full path's, after the event. */
+    uint64_t lo[8], hi[8];
+    int nblocked, all_blocked;
+};
+
+/* The plan of message i (those before it planned already) and its
+   region: a plain fault in the regions, up to `cap` of them, that
+   continues no stream; from the first message that is not one on, OTHER. */
+static int umgr_fast_plan(const struct uffd_msg *msgs, int i, struct umgr_fast_group_state *g,
+                          const struct umgr_fast_region *regions, int nregions, const struct umgr_fast_store *store,
+                          int cap, const struct umgr_fast_log *log)
 {
-    int planned = 0, other = 0;
-    for (int i = 0; i < n; i++) {
-        plan[i] = UMGR_PLAN_OTHER;
-        const struct uffd_msg *m = &msgs[i];
-        if (other || planned >= cap || m->event != UFFD_EVENT_PAGEFAULT) {
-            other = 1;
-            continue;
-        }
-        int wp = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
-        uint64_t vpn = m->arg.pagefault.address >> 12;
-        const struct umgr_fast_region *r = in[i] = umgr_fast_find(regions, nregions, vpn);
-        if (r == NULL || (!wp && umgr_fast_continues_stream(log, vpn))) {
-            other = 1;
-            continue;
-        }
-        for (int j = 0; j < i; j++)
-            if ((plan[j] == UMGR_PLAN_SWAPPED || plan[j] == UMGR_PLAN_MEMORY || plan[j] == UMGR_PLAN_FRESH
-                    || plan[j] == UMGR_PLAN_WP) && msgs[j].arg.pagefault.address >> 12 == vpn)
-                plan[i] = UMGR_PLAN_DUP;
-        if (plan[i] == UMGR_PLAN_DUP)
-            continue;
-        uint8_t state = r->state[vpn - r->vpn];
-        int32_t slot = r->slot[vpn - r->vpn];
-        if (wp) {
-            /* Other states have race rules of their own (an EVICTING page's
-               write cancels its eviction, a ZAPPING page's writer waits):
-               the full path's. */
-            if (state != UMGR_STATE_RESIDENT) {
-                other = 1;
-                continue;
-            }
-            plan[i] = UMGR_PLAN_WP;
-        } else if (state == UMGR_STATE_SWAPPED && slot != 0 && umgr_fast_in_memory(store, slot))
-            plan[i] = UMGR_PLAN_MEMORY;   /* a page is in exactly one tier: the memory one if it holds it */
-        else if (state == UMGR_STATE_SWAPPED && slot != 0 && store->fd >= 0)
-            plan[i] = UMGR_PLAN_SWAPPED;
-        else if (state == UMGR_STATE_FRESH && slot == 0)
-            plan[i] = UMGR_PLAN_FRESH;
-        else {
-            other = 1;
-            continue;
-        }
-        planned++;
+    const struct uffd_msg *m = &msgs[i];
+    if (g->other || g->planned >= cap || m->event != UFFD_EVENT_PAGEFAULT) {
+        g->other = 1;
+        return UMGR_PLAN_OTHER;
     }
+    int wp = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
+    uint64_t vpn = m->arg.pagefault.address >> 12;
+    const struct umgr_fast_region *r = g->in[i] = umgr_fast_find(regions, nregions, vpn);
+    if (r == NULL || (!wp && umgr_fast_continues_stream(log, vpn))) {
+        g->other = 1;
+        return UMGR_PLAN_OTHER;
+    }
+    /* The same page as one whose read is in flight: its copy wakes this
+       thread too. (Not one served already: a fault that came after that
+       is a new one, such as a write to the page just copied in clean.) */
+    for (int j = 0; j < i; j++)
+        if (g->plan[j] == UMGR_PLAN_SWAPPED && !g->served[j] && msgs[j].arg.pagefault.address >> 12 == vpn)
+            return UMGR_PLAN_DUP;
+    uint8_t state = r->state[vpn - r->vpn];
+    int32_t slot = r->slot[vpn - r->vpn];
+    int plan = UMGR_PLAN_OTHER;
+    if (wp) {
+        /* Other states have race rules of their own (an EVICTING page's
+           write cancels its eviction, a ZAPPING page's writer waits):
+           the full path's. */
+        if (state == UMGR_STATE_RESIDENT)
+            plan = UMGR_PLAN_WP;
+    } else if (state == UMGR_STATE_SWAPPED && slot != 0 && umgr_fast_in_memory(store, slot))
+        plan = UMGR_PLAN_MEMORY;   /* a page is in exactly one tier: the memory one if it holds it */
+    else if (state == UMGR_STATE_SWAPPED && slot != 0 && store->fd >= 0)
+        plan = UMGR_PLAN_SWAPPED;
+    else if (state == UMGR_STATE_FRESH && slot == 0)
+        plan = UMGR_PLAN_FRESH;
+    if (plan == UMGR_PLAN_OTHER)
+        g->other = 1;
+    else
+        g->planned++;
+    return plan;
 }
 
 /* Wait for the `submitted` reads of cbs to complete, marking ok[] for the
@@ -325,53 +351,6 @@ static int umgr_aio_wait(aio_context_t aio, struct iocb *cbs, const int *index, 
         done += (int)got;
     }
     return 0;
-}
-
-/* Read the slots of the SWAPPED and MEMORY messages into pages (page i
-   for message i); ok[i] says which arrived whole. Returns how long it
-   took per page read: the reads of a group are in flight together, and
-   the daemon waited that long for each (the file backend stops reading
-   by pread on its own when that gets slow: umgr/backends/file.py; the
-   whole group's time for each page once sent 4 threads' faults there). */
-static int64_t umgr_fast_read(const struct uffd_msg *msgs, int n, const int *plan,
-                              const struct umgr_fast_region *const *in, const struct umgr_fast_store *store,
-                              uint64_t pages, struct umgr_fast_log *log, int *ok)
-{
-    struct iocb cbs[UMGR_FAST_GROUP], *list[UMGR_FAST_GROUP];
-    int index[UMGR_FAST_GROUP], nreads = 0, swap_fd = store->fd;
-    int64_t started = umgr_now_ns();
-    for (int i = 0; i < n; i++) {
-        ok[i] = 0;
-        uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
-        if (plan[i] == UMGR_PLAN_MEMORY)
-            ok[i] = umgr_fast_unpack(store, (uint32_t)in[i]->slot[vpn - in[i]->vpn], pages + (uint64_t)i * 4096);
-        if (plan[i] != UMGR_PLAN_SWAPPED)
-            continue;
-        memset(&cbs[nreads], 0, sizeof(cbs[nreads]));
-        cbs[nreads].aio_lio_opcode = IOCB_CMD_PREAD;
-        cbs[nreads].aio_fildes = swap_fd;
-        cbs[nreads].aio_buf = pages + (uint64_t)i * 4096;
-        cbs[nreads].aio_nbytes = 4096;
-        cbs[nreads].aio_offset = (int64_t)in[i]->slot[vpn - in[i]->vpn] * 4096;
-        list[nreads] = &cbs[nreads];
-        index[nreads++] = i;
-    }
-    int submitted = 0;
-    if (nreads > 1 && log->aio) {
-        long got = syscall(SYS_io_submit, (aio_context_t)log->aio, (long)nreads, list);
-        submitted = got > 0 ? (int)got : 0;
-    }
-    for (int k = submitted; k < nreads; k++) {   /* alone, or what AIO did not take */
-        ssize_t got = pread(swap_fd, (void *)(uintptr_t)cbs[k].aio_buf, 4096, cbs[k].aio_offset);
-        ok[index[k]] = got == 4096;
-    }
-    /* Failing cannot happen with a valid context: buffers may still be written, give up the whole group. */
-    if (umgr_aio_wait((aio_context_t)log->aio, cbs, index, submitted, ok) < 0)
-        return -1;
-    int pages_read = 0;
-    for (int i = 0; i < n; i++)
-        pages_read += plan[i] == UMGR_PLAN_SWAPPED || plan[i] == UMGR_PLAN_MEMORY;
-    return (umgr_now_ns() - started) / (pages_read ? pages_read : 1);
 }
 
 static void umgr_fast_reset(struct umgr_fast_log *log)
@@ -531,30 +510,216 @@ static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
     return found;
 }
 
-/* Serve one group, msgs[0..n): returns how many messages it left at the
-   buffer's start for the full path (in the order read); the rest of the
-   group is zeroed (served: nothing for a restarted daemon to replay). */
-static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, const struct umgr_fast_region *regions,
-                           int nregions, const struct umgr_fast_store *store, uint64_t pages, uint64_t zeros,
-                           int cap, struct umgr_fast_log *log, int64_t started)
+/* Note the events of msgs[from..to) (messages that are not page faults)
+   and the pages each names; 1 if there was one. */
+static int umgr_fast_note_events(const struct uffd_msg *msgs, int from, int to, struct umgr_fast_group_state *g)
 {
-    int plan[UMGR_FAST_GROUP], ok[UMGR_FAST_GROUP], left = 0;
-    const struct umgr_fast_region *in[UMGR_FAST_GROUP];
-    umgr_fast_plan(msgs, n, regions, nregions, store, cap, log, plan, in);
-    int64_t read_ns = umgr_fast_read(msgs, n, plan, in, store, pages, log, ok);
-    for (int i = 0; i < n; i++) {
-        int served = plan[i] == UMGR_PLAN_DUP;
-        if (plan[i] == UMGR_PLAN_WP)
-            served = umgr_fast_unprotect(uffd, &msgs[i], in[i], log, started);
-        else if (read_ns >= 0 && (plan[i] == UMGR_PLAN_FRESH
-                                  || ((plan[i] == UMGR_PLAN_SWAPPED || plan[i] == UMGR_PLAN_MEMORY) && ok[i])))
-            served = umgr_fast_place(uffd, &msgs[i], plan[i], in[i], pages + (uint64_t)i * 4096, zeros, log,
-                                     read_ns, started);
-        if (!served) {
-            if (left != i)
-                msgs[left] = msgs[i];
-            left++;
+    int found = 0;
+    for (int i = from; i < to; i++) {
+        const struct uffd_msg *m = &msgs[i];
+        if (m->event == UFFD_EVENT_PAGEFAULT)
+            continue;
+        found = 1;
+        uint64_t lo, hi;
+        if (m->event == UFFD_EVENT_REMOVE || m->event == UFFD_EVENT_UNMAP) {
+            lo = m->arg.remove.start >> 12;
+            hi = (m->arg.remove.end + 4095) >> 12;
+        } else if (m->event == UFFD_EVENT_REMAP) {
+            lo = m->arg.remap.from >> 12;
+            hi = (m->arg.remap.from + m->arg.remap.len + 4095) >> 12;
+        } else {
+            g->all_blocked = 1;
+            continue;
         }
+        if (g->nblocked == 8) {
+            g->all_blocked = 1;
+            continue;
+        }
+        g->lo[g->nblocked] = lo;
+        g->hi[g->nblocked++] = hi;
+    }
+    return found;
+}
+
+/* Whether an event of the group names message i's page. */
+static int umgr_fast_blocked(const struct uffd_msg *msgs, int i, const struct umgr_fast_group_state *g)
+{
+    uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
+    if (g->all_blocked)
+        return 1;
+    for (int k = 0; k < g->nblocked; k++)
+        if (vpn >= g->lo[k] && vpn < g->hi[k])
+            return 1;
+    return 0;
+}
+
+/* The eventfd the group's reads signal as they complete (made once; -1 if
+   it cannot be made: then the group polls for completions). */
+static int umgr_fast_efd(void)
+{
+    static int efd = -2;
+    if (efd == -2)
+        efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    return efd;
+}
+
+/* Groups to come that send their reads through AIO although they start
+   with one fault: set when a group has more than one, counting down with
+   each that has one. A lone pread is a few syscalls cheaper (about 5% of a
+   one-thread program's random faults here); AIO lets the faults of other
+   threads be read and served while it is in flight. One per process, as
+   the AIO context is. */
+static int umgr_fast_concurrent = 0;
+#define UMGR_FAST_CONCURRENT_GROUPS 64
+
+/* Start serving message i of the group: plan it; serve it at once if it
+   needs no device read (a write to unprotect, zeros, the memory tier's
+   copy, the same page as another); else send its slot's read, through AIO
+   so that faults read meanwhile are served beside it (a plain pread where
+   faults have lately come one at a time (umgr_fast_concurrent), where
+   there is no AIO context, or AIO refuses). */
+static void umgr_fast_start(int uffd, const struct uffd_msg *msgs, int i, struct umgr_fast_group_state *g,
+                            const struct umgr_fast_region *regions, int nregions,
+                            const struct umgr_fast_store *store, uint64_t pages, uint64_t zeros, int cap,
+                            struct umgr_fast_log *log)
+{
+    int plan = g->plan[i] = umgr_fast_plan(msgs, i, g, regions, nregions, store, cap, log);
+    const struct umgr_fast_region *r = g->in[i];
+    if (plan != UMGR_PLAN_OTHER && plan != UMGR_PLAN_DUP && umgr_fast_blocked(msgs, i, g))
+        plan = g->plan[i] = UMGR_PLAN_OTHER;   /* an event read with it names its page */
+    uint64_t page = pages + (uint64_t)i * 4096;
+    g->served[i] = plan == UMGR_PLAN_DUP;   /* the copy of the other wakes it too */
+    if (plan == UMGR_PLAN_WP)
+        g->served[i] = umgr_fast_unprotect(uffd, &msgs[i], r, log, g->read_at[i]);
+    else if (plan == UMGR_PLAN_FRESH)
+        g->served[i] = umgr_fast_place(uffd, &msgs[i], plan, r, page, zeros, log, 0, g->read_at[i]);
+    if (plan == UMGR_PLAN_MEMORY) {
+        int64_t sent = umgr_now_ns();
+        uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
+        if (umgr_fast_unpack(store, (uint32_t)r->slot[vpn - r->vpn], page))
+            g->served[i] = umgr_fast_place(uffd, &msgs[i], plan, r, page, zeros, log, umgr_now_ns() - sent,
+                                           g->read_at[i]);
+    }
+    if (plan != UMGR_PLAN_SWAPPED)
+        return;
+    uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
+    struct iocb *cb = &g->cbs[i];
+    memset(cb, 0, sizeof *cb);
+    cb->aio_lio_opcode = IOCB_CMD_PREAD;
+    cb->aio_fildes = (uint32_t)store->fd;
+    cb->aio_buf = page;
+    cb->aio_nbytes = 4096;
+    cb->aio_offset = (int64_t)r->slot[vpn - r->vpn] * 4096;
+    if (umgr_fast_efd() >= 0) {
+        cb->aio_flags = IOCB_FLAG_RESFD;
+        cb->aio_resfd = (uint32_t)umgr_fast_efd();
+    }
+    g->sent_at[i] = umgr_now_ns();
+    if (log->aio && umgr_fast_concurrent > 0 && syscall(SYS_io_submit, (aio_context_t)log->aio, 1L, &cb) == 1) {
+        g->inflight++;
+        return;
+    }
+    ssize_t got = pread(store->fd, (void *)(uintptr_t)page, 4096, cb->aio_offset);
+    if (got == 4096)
+        g->served[i] = umgr_fast_place(uffd, &msgs[i], plan, r, page, zeros, log, umgr_now_ns() - g->sent_at[i],
+                                       g->read_at[i]);
+}
+
+/* Sleep until a read of the group completes, or (`more`) a message comes
+   on the uffd. Not a busy-poll: on 2 vCPUs a spinning daemon took the CPU
+   of the program's threads and of its own eviction, and reads it timed
+   looked slow. */
+static void umgr_fast_wait(int uffd, int more)
+{
+    struct pollfd fds[2] = { { .fd = umgr_fast_efd(), .events = POLLIN }, { .fd = uffd, .events = POLLIN } };
+    if (fds[0].fd >= 0)
+        poll(fds, more ? 2 : 1, 100);
+}
+
+/* Take the group's completed reads and copy their pages in, each as soon
+   as it is there. -1 if they could not be waited for (their buffers may
+   still be written): nothing more may be placed. */
+static int umgr_fast_reap(int uffd, const struct uffd_msg *msgs, struct umgr_fast_group_state *g, uint64_t zeros,
+                          struct umgr_fast_log *log)
+{
+    struct io_event events[UMGR_FAST_GROUP];
+    struct timespec now_only = { 0, 0 };
+    uint64_t signalled;
+    if (umgr_fast_efd() >= 0 && read(umgr_fast_efd(), &signalled, sizeof signalled) < 0)
+        signalled = 0;   /* EAGAIN: nothing completed since the last look */
+    long got = syscall(SYS_io_getevents, (aio_context_t)log->aio, 0L, (long)g->inflight, events, &now_only);
+    if (got < 0)
+        return errno == EINTR ? 0 : -1;
+    int64_t done = umgr_now_ns();
+    for (long e = 0; e < got; e++) {
+        int i = (int)((struct iocb *)(uintptr_t)events[e].obj - g->cbs);
+        g->inflight--;
+        /* Its own time: from when it was sent or the group's previous read
+           came back, whichever is later. Reads in flight together come
+           back one after another, and time spent behind another read is
+           not this one's slowness (the store judges the device by it). */
+        int64_t from = g->sent_at[i] > g->last_done ? g->sent_at[i] : g->last_done;
+        g->last_done = done;
+        if (events[e].res == 4096 && !umgr_fast_blocked(msgs, i, g))
+            g->served[i] = umgr_fast_place(uffd, &msgs[i], UMGR_PLAN_SWAPPED, g->in[i], g->cbs[i].aio_buf, zeros, log,
+                                           done - from, g->read_at[i]);
+    }
+    return 0;
+}
+
+/* Serve one group: msgs[0..n) read, and more read while its slots are
+   being read, up to max_n (several threads faulting at once have their
+   reads in flight together, each page copied in as soon as its read is
+   done). Returns how many messages it left at the buffer's start for the
+   full path (in the order read); the rest of those it read is zeroed
+   (served: nothing for a restarted daemon to replay). A fault on a page an
+   event of the group names, and not yet copied in, is left to the full
+   path too. */
+static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, const struct umgr_fast_region *regions,
+                           int nregions, const struct umgr_fast_store *store, uint64_t pages, uint64_t zeros,
+                           int cap, struct umgr_fast_log *log)
+{
+    struct umgr_fast_group_state g;
+    if (n > 1)
+        umgr_fast_concurrent = UMGR_FAST_CONCURRENT_GROUPS;
+    else if (umgr_fast_concurrent > 0)
+        umgr_fast_concurrent--;
+    g.inflight = g.planned = g.other = g.nblocked = g.all_blocked = 0;
+    g.last_done = 0;
+    g.event = umgr_fast_note_events(msgs, 0, n, &g);
+    int64_t now = umgr_now_ns();
+    for (int i = 0; i < n; i++)
+        g.read_at[i] = now;
+    int started = 0;
+    for (;;) {
+        for (; started < n; started++)
+            umgr_fast_start(uffd, msgs, started, &g, regions, nregions, store, pages, zeros, cap, log);
+        if (!g.inflight)
+            break;
+        if (umgr_fast_reap(uffd, msgs, &g, zeros, log) < 0)
+            break;   /* cannot happen with a valid context: what is not copied in goes to the full path */
+        int may_read = !g.event && !g.other && n < max_n;
+        ssize_t more = may_read ? read(uffd, &msgs[n], (size_t)(max_n - n) * sizeof(*msgs)) : 0;
+        if (more <= 0) {
+            if (g.inflight)
+                umgr_fast_wait(uffd, may_read);
+            continue;
+        }
+        int k = (int)(more / (ssize_t)sizeof(*msgs));
+        umgr_fast_concurrent = UMGR_FAST_CONCURRENT_GROUPS;
+        now = umgr_now_ns();
+        for (int i = n; i < n + k; i++)
+            g.read_at[i] = now;
+        g.event = umgr_fast_note_events(msgs, n, n + k, &g);
+        n += k;
+    }
+    int left = 0;
+    for (int i = 0; i < n; i++) {
+        if (g.served[i])
+            continue;
+        if (left != i)
+            msgs[left] = msgs[i];
+        left++;
     }
     memset(&msgs[left], 0, (size_t)(n - left) * sizeof(*msgs));
     return left;
@@ -591,8 +756,7 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         int cap = room - log->served;
         if (cap > log->max - log->served)
             cap = log->max - log->served;
-        log->handoff = umgr_fast_group(uffd, msgs, n, regions, nregions, store, pages, zeros, cap, log,
-                                       started);
+        log->handoff = umgr_fast_group(uffd, msgs, n, group, regions, nregions, store, pages, zeros, cap, log);
         int near_one = 0;
         for (int32_t i = first; i < log->served; i++)
             if (!(log->kind[i] & UMGR_FAST_WP))   /* a write to a resident page starts no stream */
