@@ -192,9 +192,30 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
 #define UMGR_PLAN_WP 4       /* a write to a RESIDENT page: unprotect it */
 #define UMGR_PLAN_MEMORY 5   /* unpack its slot from the memory tier, copy it in */
 
+/* The eventfd the group's reads signal as they complete (one per process,
+   made with the AIO context; -1 if it cannot be made: then the group polls
+   for completions). */
+static int umgr_fast_efd(void)
+{
+    static int efd = -2;
+    if (efd == -2)
+        efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    return efd;
+}
+
+/* Groups to come that send their reads through AIO although they start
+   with one fault: set when a group has more than one, counting down with
+   each that has one. A lone pread is a few syscalls cheaper (about 5% of a
+   one-thread program's random faults here); AIO lets the faults of other
+   threads be read and served while it is in flight. One per process, as
+   the AIO context is. */
+static int umgr_fast_concurrent = 0;
+#define UMGR_FAST_CONCURRENT_GROUPS 64
+
 static int umgr_fast_open(struct umgr_fast_log *log)
 {
     log->dctx = umgr_zstd_new_dctx();
+    umgr_fast_efd();
     aio_context_t ctx = 0;
     if (syscall(SYS_io_setup, UMGR_AIO_DEPTH, &ctx) < 0)
         return -errno;
@@ -552,25 +573,6 @@ static int umgr_fast_blocked(const struct uffd_msg *msgs, int i, const struct um
             return 1;
     return 0;
 }
-
-/* The eventfd the group's reads signal as they complete (made once; -1 if
-   it cannot be made: then the group polls for completions). */
-static int umgr_fast_efd(void)
-{
-    static int efd = -2;
-    if (efd == -2)
-        efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    return efd;
-}
-
-/* Groups to come that send their reads through AIO although they start
-   with one fault: set when a group has more than one, counting down with
-   each that has one. A lone pread is a few syscalls cheaper (about 5% of a
-   one-thread program's random faults here); AIO lets the faults of other
-   threads be read and served while it is in flight. One per process, as
-   the AIO context is. */
-static int umgr_fast_concurrent = 0;
-#define UMGR_FAST_CONCURRENT_GROUPS 64
 
 /* Start serving message i of the group: plan it; serve it at once if it
    needs no device read (a write to unprotect, zeros, the memory tier's

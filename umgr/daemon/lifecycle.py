@@ -57,6 +57,8 @@ class Lifecycle:
         self._nursery: trio.Nursery | None = None
         self.release_watchers: list = []  # called with each target as it is released (metrics)
         backend.slots.on_release = self._want_resume
+        if config.fast_path:
+            uffdmod.fast_aio_context()   # the fast path's AIO context and eventfd, now rather than at the first fault
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The nursery every target runs in (until cancelled)."""

@@ -515,10 +515,11 @@ def unpack_entry(store, slot: int, page: int) -> bool:
 
 def fast_aio_context() -> int:
     """The AIO context grouped reads go through (0: none could be made; a
-    group's reads are then preads one after another). One per process,
-    made on first use and never destroyed: io_destroy() waits out an RCU
-    grace period, 32 ms here, and the fault loops that share it run one at
-    a time."""
+    group's reads are then preads one after another), with the eventfd its
+    reads signal. One per process, made on first use (the daemon makes it
+    as it starts: a descriptor that appears later looks like a leak) and
+    never destroyed: io_destroy() waits out an RCU grace period, 32 ms
+    here, and the fault loops that share it run one at a time."""
     global _fast_aio
     if _fast_aio is None:
         _fast_aio = _ffi.new("struct umgr_fast_log *")
