@@ -485,7 +485,9 @@ def test_a_message_read_but_not_applied_is_applied_by_the_restarted_daemon(tmp_p
     naming the old ones, it held none of the 4096 resident pages: the
     program ran on what room was left, with no room at all one fault per
     page, for minutes.)"""
-    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", first_env={"UMGR_TEST_CRASH_AT": point})
+    # FIFO, named: the pages-in count below follows from its order.
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--eviction", "fifo",
+                               first_env={"UMGR_TEST_CRASH_AT": point})
     try:
         with started([programs["lifecycle"], mode, "64"], env=daemon.env(shim)) as target:
             wait_for(lambda: daemon.proc.poll() is not None, 60, f"the daemon to die at {point}")
