@@ -5,8 +5,9 @@ decompress it from the compressed store's memory (umgr/backends/compressed.py),
 UFFDIO_COPY (or ZEROPAGE), and mark it resident in the page table; and
 each write-protect fault on a RESIDENT page (a page that came in clean, or
 prefetched, is written): unprotect it; on to the next group, until
-something needs the daemon's Python side. Reads go through Linux AIO on
-the O_DIRECT swap file, and while they are in flight the call reads the
+something needs the daemon's Python side. Once faults come more than one
+at a time, reads go through Linux AIO on the O_DIRECT swap file (one
+thread's faults keep a plain pread), and while they are in flight the call reads the
 faults that come meanwhile and sends their reads too: several threads
 faulting at once have their reads in flight together (as many as fault,
 up to UMGR_FAST_GROUP), and each page is copied in, waking its thread, as
