@@ -291,8 +291,8 @@ struct umgr_fast_group_state {
     struct iocb cbs[UMGR_FAST_GROUP];
     int inflight;   /* reads sent and not yet completed */
     int planned;    /* messages planned to be served here (at most cap) */
-    int other;      /* a message was not a plain fault: it and all after it are the full path's */
-    int event;      /* an event (not a page fault) was read with the group: no more is read */
+    int other;      /* a message was not a plain fault (an event among them): it and all after it are
+                       the full path's, and no more is read */
     /* The pages the group's events name (REMOVE, UNMAP: the range; REMAP:
        where the pages were), [lo, hi) in vpns; all_blocked: every page
        (FORK, or more ranges than fit). Once such an event is read, the
@@ -532,16 +532,14 @@ static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
     return found;
 }
 
-/* Note the events of msgs[from..to) (messages that are not page faults)
-   and the pages each names; 1 if there was one. */
-static int umgr_fast_note_events(const struct uffd_msg *msgs, int from, int to, struct umgr_fast_group_state *g)
+/* Note the pages that the events of msgs[from..to) (messages that are not
+   page faults) name. */
+static void umgr_fast_note_events(const struct uffd_msg *msgs, int from, int to, struct umgr_fast_group_state *g)
 {
-    int found = 0;
     for (int i = from; i < to; i++) {
         const struct uffd_msg *m = &msgs[i];
         if (m->event == UFFD_EVENT_PAGEFAULT)
             continue;
-        found = 1;
         uint64_t lo, hi;
         if (m->event == UFFD_EVENT_REMOVE || m->event == UFFD_EVENT_UNMAP) {
             lo = m->arg.remove.start >> 12;
@@ -560,7 +558,6 @@ static int umgr_fast_note_events(const struct uffd_msg *msgs, int from, int to, 
         g->lo[g->nblocked] = lo;
         g->hi[g->nblocked++] = hi;
     }
-    return found;
 }
 
 /* Whether an event of the group names message i's page. */
@@ -591,6 +588,8 @@ static void umgr_fast_start(int uffd, const struct uffd_msg *msgs, int i, struct
     if (plan != UMGR_PLAN_OTHER && plan != UMGR_PLAN_DUP && umgr_fast_blocked(msgs, i, g))
         plan = g->plan[i] = UMGR_PLAN_OTHER;   /* an event read with it names its page */
     uint64_t page = pages + (uint64_t)i * 4096;
+    int reads = plan == UMGR_PLAN_MEMORY || plan == UMGR_PLAN_SWAPPED;   /* (its region found) */
+    int32_t slot = reads ? r->slot[(msgs[i].arg.pagefault.address >> 12) - r->vpn] : 0;
     g->served[i] = plan == UMGR_PLAN_DUP;   /* the copy of the other wakes it too */
     if (plan == UMGR_PLAN_WP)
         g->served[i] = umgr_fast_unprotect(uffd, &msgs[i], r, log, g->read_at[i]);
@@ -598,21 +597,19 @@ static void umgr_fast_start(int uffd, const struct uffd_msg *msgs, int i, struct
         g->served[i] = umgr_fast_place(uffd, &msgs[i], plan, r, page, zeros, log, 0, g->read_at[i]);
     if (plan == UMGR_PLAN_MEMORY) {
         int64_t sent = umgr_now_ns();
-        uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
-        if (umgr_fast_unpack(store, (uint32_t)r->slot[vpn - r->vpn], page))
+        if (umgr_fast_unpack(store, (uint32_t)slot, page))
             g->served[i] = umgr_fast_place(uffd, &msgs[i], plan, r, page, zeros, log, umgr_now_ns() - sent,
                                            g->read_at[i]);
     }
     if (plan != UMGR_PLAN_SWAPPED)
         return;
-    uint64_t vpn = msgs[i].arg.pagefault.address >> 12;
     struct iocb *cb = &g->cbs[i];
     memset(cb, 0, sizeof *cb);
     cb->aio_lio_opcode = IOCB_CMD_PREAD;
     cb->aio_fildes = (uint32_t)store->fd;
     cb->aio_buf = page;
     cb->aio_nbytes = 4096;
-    cb->aio_offset = (int64_t)r->slot[vpn - r->vpn] * 4096;
+    cb->aio_offset = (int64_t)slot * 4096;
     if (umgr_fast_efd() >= 0) {
         cb->aio_flags = IOCB_FLAG_RESFD;
         cb->aio_resfd = (uint32_t)umgr_fast_efd();
@@ -689,7 +686,7 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
         umgr_fast_concurrent--;
     g.inflight = g.planned = g.other = g.nblocked = g.all_blocked = 0;
     g.last_done = 0;
-    g.event = umgr_fast_note_events(msgs, 0, n, &g);
+    umgr_fast_note_events(msgs, 0, n, &g);
     int64_t now = umgr_now_ns();
     for (int i = 0; i < n; i++)
         g.read_at[i] = now;
@@ -701,7 +698,7 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
             break;
         if (umgr_fast_reap(uffd, msgs, &g, zeros, log) < 0)
             break;   /* cannot happen with a valid context: what is not copied in goes to the full path */
-        int may_read = !g.event && !g.other && n < max_n;
+        int may_read = !g.other && n < max_n;   /* (an event read is planned OTHER) */
         ssize_t more = may_read ? read(uffd, &msgs[n], (size_t)(max_n - n) * sizeof(*msgs)) : 0;
         if (more <= 0) {
             if (g.inflight)
@@ -713,7 +710,7 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
         now = umgr_now_ns();
         for (int i = n; i < n + k; i++)
             g.read_at[i] = now;
-        g.event = umgr_fast_note_events(msgs, n, n + k, &g);
+        umgr_fast_note_events(msgs, n, n + k, &g);
         n += k;
     }
     int left = 0;
