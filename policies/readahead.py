@@ -19,8 +19,9 @@ stride needs two equal gaps, so random faults close together rarely lock one.
 
 One difference from the page cache: a prefetched page that is used raises no
 fault at all (it is mapped), so there is no PG_readahead marker to hit. The
-next fault of a scan lands on the page one stride past the window, and that
-fault is what grows the window. A few streams are tracked at once, least
+next fault of a scan lands on the page one stride past the window, or a few
+strides further if the pages there were resident already, and that fault is
+what grows the window. A few streams are tracked at once, least
 recently used replaced first, so interleaved scans do not reset each other.
 """
 
@@ -42,11 +43,14 @@ class _Stream:
 
     def continues(self, vpn: int) -> bool:
         """Whether ``vpn`` is the next fault of this confirmed stream: one
-        step after the last fault up to one step past the window, on the
-        stride. Pages inside the window fault if they were evicted before use
-        or not brought in (the caller only prefetches non-resident pages)."""
+        step after the last fault up to a quarter window past its end, on
+        the stride. Pages inside the window fault if they were evicted before
+        use or not brought in (the caller only prefetches non-resident
+        pages). Pages just past it raise no fault if they were resident
+        already (a hot set the eviction policy kept, scattered through the
+        scanned data): the scan's next fault is then further along."""
         d = vpn - self.last
-        return d % self.step == 0 and 0 < d // self.step <= self.size + 1
+        return d % self.step == 0 and 0 < d // self.step <= self.size + 1 + self.size // 4
 
 
 def along(vpn: int, step: int, count: int, region_start: int, region_end: int) -> np.ndarray:

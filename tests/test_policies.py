@@ -165,10 +165,24 @@ def test_readahead_stride_fault_inside_the_window_keeps_the_stream():
     out = drive(Readahead(), [0, 3, 6, 12, 39, 90])  # 12 is inside [9, 18]
     assert [len(p) for p in out] == [0, 0, 4, 8, 16, 32]
     assert out[4].tolist() == list(range(42, 90, 3))
-    # One stride past the window continues the stream; two strides, or off
-    # the stride, do not.
-    assert len(drive(Readahead(), [0, 3, 6, 12, 39, 93])[-1]) == 0
+    # Up to a quarter window past the window's end (4 strides of 16 here:
+    # those pages were resident, so no fault) continues the stream; further,
+    # or off the stride, does not.
+    assert len(drive(Readahead(), [0, 3, 6, 12, 39, 102])[-1]) == 32
+    assert len(drive(Readahead(), [0, 3, 6, 12, 39, 105])[-1]) == 0
     assert len(drive(Readahead(), [0, 3, 6, 12, 39, 89])[-1]) == 0
+
+
+def test_readahead_scan_past_resident_pages_keeps_its_window():
+    # A sequential scan through data where one page in 16 stayed resident (a
+    # hot set): whenever the page just past a window is one of them, the next
+    # fault comes a page later, and the window must not start over.
+    ra, vpn, sizes = GuardedPrefetch(Readahead()), 10_000, []
+    for i in range(12):
+        pages = ra.on_fault(vpn, *REGION)
+        sizes.append(len(pages))
+        vpn += len(pages) + 1 + (i % 2)
+    assert sizes == [0, 4, 8, 16, 32, 64, 128, 256, 256, 256, 256, 256]
 
 
 def test_readahead_stride_and_sequential_streams_interleave():
