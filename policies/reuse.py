@@ -1,20 +1,38 @@
-"""Reuse-aware eviction: two FIFO queues and refault distances (2Q-like).
+"""Reuse-aware eviction, umgr's default: two FIFO queues (as in 2Q), refault
+distances, and a split between the queues that adapts (as in ARC).
 
 umgr cannot see accesses to mapped pages (no access bits reach a process),
 but it sees refaults: a page that faults back in from swap, and how many
 pages the target evicted since that page went out (its refault distance,
 computed by the daemon). A page that comes back after fewer evictions than
-there are resident pages would have stayed resident under LRU with this
-budget: it is part of a working set that FIFO keeps throwing out. Such pages
-go to the hot queue; everything else to the cold queue.
+there are resident pages (a near refault) would have stayed resident under
+LRU with this budget: it is in use, and evicting it was a mistake. It goes to
+the hot queue if its distance fits in the hot queue's share of the pages;
+everything else goes to the cold queue.
 
-As in 2Q, the cold queue keeps at least ``1 - hot_share`` of the tracked
-pages, so pages just brought in (a stream's prefetched pages among them)
-have time to be used; above that share victims come from the cold queue,
-so a stream or a scan cycles through it and leaves the hot queue alone.
-Below it the hot queue gives up its oldest pages. A hot page evicted that
-way comes back hot if it is still used.
-Both queues are lazy FIFOs (see fifo.py): 8 bytes per resident page each.
+Victims come from the cold queue while it holds more than its share, else
+from the hot queue, so a scan or random traffic cycles through the cold
+queue and leaves a hot set alone. The share adapts to where the mistakes
+come from:
+- a near refault of a page evicted from the hot queue (remembered in a small
+  table of such "ghosts", indexed by the vpn's low bits; a collision forgets
+  one): the hot set did not fit, and the cold share shrinks by a page;
+- a near refault of a page evicted from the cold queue: the pages in use did
+  not fit in it, and its share grows by a page. Not while the hot queue holds
+  less than half its share: then such refaults are how a hot set is found.
+Between mistakes the share drifts back to where it started (1/64 of the way
+for each budget's worth of pages evicted), so a phase that pushed it to one
+end does not keep it there.
+
+When the pages in use fill the whole budget (threads each rewriting their
+own group of pages, a loop over a little more data than fits) mistakes come
+from the cold queue, its share grows, promotions stop, and the policy is
+FIFO. With a hot set smaller than the budget they come from the hot queue,
+whose share grows up to ``1 - min_cold_share``.
+
+Both queues are lazy FIFOs (see fifo.py): 8 bytes per resident page each;
+the ghost table takes 16 to 32 bytes per hot page (a power of two, at least
+twice the hot queue's length).
 """
 
 from __future__ import annotations
@@ -25,17 +43,33 @@ from . import EvictionPolicy
 from .fifo import FifoEviction, IsLive
 
 _NONE: frozenset[int] = frozenset()
+_NO_GHOST = -1
+_GHOSTS_MIN = 1024
+# Budgets' worth of evictions over which the share drifts 1/e of the way back.
+_DRIFT_BUDGETS = 64
+# The hot queue's fill, as a part of its share, below which near refaults
+# from the cold queue do not grow the cold share.
+_HOT_FILLING = 0.5
 
 
 class ReuseEviction(EvictionPolicy):
     name = "reuse"
 
-    def __init__(self, hot_share: float = 0.75, capacity: int = 1024):
+    def __init__(self, hot_share: float = 0.75, capacity: int = 1024, adapt: bool = True,
+                 min_cold_share: float = 0.0625):
+        """``hot_share``: the hot queue's share to start from (and to keep,
+        with ``adapt`` false); the cold queue's share never goes below
+        ``min_cold_share``, so pages just brought in have some time."""
         if not 0.0 < hot_share < 1.0:
             raise ValueError(f"need 0 < hot_share < 1, got {hot_share}")
-        self.hot_share = hot_share
+        if not 0.0 < min_cold_share <= 1.0 - hot_share:
+            raise ValueError(f"need 0 < min_cold_share <= 1 - hot_share, got {min_cold_share}")
+        self.start_cold_share = self.cold_share = 1.0 - hot_share
+        self.min_cold_share = min_cold_share
+        self.adapt = adapt
         self._cold = FifoEviction(capacity)
         self._hot = FifoEviction(capacity)
+        self._ghosts = np.full(_GHOSTS_MIN, _NO_GHOST, np.int64)   # vpns evicted from the hot queue
         # Refaulted pages about to become resident, hot. A set of ints, not
         # np.isin: a fault brings one page back, and np.isin costs ~40 us on
         # arrays this small (it sorts), more than the fault's own bookkeeping.
@@ -46,8 +80,27 @@ class ReuseEviction(EvictionPolicy):
         self._hot.attach(is_live)
 
     def on_refault(self, vpns: np.ndarray, distances: np.ndarray) -> None:
+        vpns = np.asarray(vpns, np.int64)
+        distances = np.asarray(distances, np.int64)
         resident = max(len(self), 1)
-        self._promote = frozenset(int(v) for v, d in zip(vpns.tolist(), distances.tolist()) if d <= resident)
+        if self.adapt:
+            self._learn(vpns[distances <= resident], resident)
+        hot = vpns[distances <= (1.0 - self.cold_share) * resident]
+        self._promote = frozenset(hot.tolist()) if len(hot) else _NONE
+
+    def _learn(self, near: np.ndarray, resident: int) -> None:
+        """Near refaults move the split toward the queue they left from."""
+        if not len(near):
+            return
+        index = near & (len(self._ghosts) - 1)
+        from_hot = self._ghosts[index] == near
+        self._ghosts[index[from_hot]] = _NO_GHOST
+        hot_mistakes = int(from_hot.sum())
+        cold_mistakes = len(near) - hot_mistakes
+        if len(self._hot) < _HOT_FILLING * (1.0 - self.cold_share) * resident:
+            cold_mistakes = 0
+        share = self.cold_share + (cold_mistakes - hot_mistakes) / resident
+        self.cold_share = min(max(share, self.min_cold_share), 1.0)
 
     def on_resident(self, vpns: np.ndarray) -> None:
         vpns = np.asarray(vpns, dtype=np.int64).ravel()
@@ -63,12 +116,38 @@ class ReuseEviction(EvictionPolicy):
 
     def choose(self, n: int) -> np.ndarray:
         n = max(int(n), 0)
-        surplus = len(self._cold) - int((1.0 - self.hot_share) * len(self))
-        first, second = (self._cold, self._hot) if surplus > 0 else (self._hot, self._cold)
-        picked = first.choose(min(n, surplus) if surplus > 0 else n)
-        if len(picked) < n:
-            picked = np.concatenate((picked, second.choose(n - len(picked))))
+        if self.adapt:
+            self._drift(n)
+        surplus = len(self._cold) - int(self.cold_share * len(self))
+        if surplus > 0:
+            from_cold = self._cold.choose(min(n, surplus))
+            from_hot = self._leave_hot(n - len(from_cold))
+        else:
+            from_hot = self._leave_hot(n)
+            from_cold = self._cold.choose(n - len(from_hot))
+        return np.concatenate((from_cold, from_hot)) if len(from_hot) else from_cold
+
+    def _drift(self, evicting: int) -> None:
+        """The share moves back toward its start as pages are evicted."""
+        step = min(1.0, evicting / (_DRIFT_BUDGETS * max(len(self), 1)))
+        self.cold_share += (self.start_cold_share - self.cold_share) * step
+
+    def _leave_hot(self, n: int) -> np.ndarray:
+        """Up to n of the hot queue's oldest, remembered as its ghosts."""
+        picked = self._hot.choose(n)
+        if len(picked):
+            if 2 * len(self._hot) > len(self._ghosts):
+                self._grow_ghosts()
+            self._ghosts[picked & (len(self._ghosts) - 1)] = picked
         return picked
+
+    def _grow_ghosts(self) -> None:
+        size = len(self._ghosts)
+        while size < 2 * len(self._hot):
+            size *= 2
+        kept = self._ghosts[self._ghosts != _NO_GHOST]
+        self._ghosts = np.full(size, _NO_GHOST, np.int64)
+        self._ghosts[kept & (size - 1)] = kept
 
     def __len__(self) -> int:
         return len(self._cold) + len(self._hot)

@@ -112,7 +112,7 @@ def test_verbosity_anywhere_and_exec_summary(tmp_path):
         startup = [line for line in lines if " serving " in line]
         assert len(startup) == 1 and LOG_LINE.match(startup[0]) and " INFO " in startup[0], lines
         assert "budget 4M per process, backend file (64M in " in startup[0], startup
-        assert "policy readahead, eviction fifo, metrics off" in startup[0], startup
+        assert "policy readahead, eviction reuse, metrics off" in startup[0], startup
         summary = re.fullmatch(r"umgr: exit 0 after [\d.]+ s; 1 process, peak resident ([\d.]+[KM]), (\d+) faults, "
                                r"(\d+) pages out, (\d+) in; swap written (\S+), read (\S+)", lines[-1])
         assert summary, lines[-1]

@@ -16,7 +16,7 @@ from umgr.policies import (
 from umgr.policies.fifo import FifoEviction
 from umgr.policies.none import NoPrefetch
 from umgr.policies.readahead import Readahead
-from umgr.policies.replay import replay, replay_eviction
+from umgr.policies.replay import replay, replay_eviction, replay_paging
 from umgr.policies.reuse import ReuseEviction
 from umgr.policies.stride import Stride
 
@@ -477,14 +477,57 @@ def test_reuse_is_no_worse_than_fifo_on_a_scan_and_on_uniform_random():
     assert replay_eviction(ReuseEviction(), uniform, 2_000).faults <= fifo * 1.05
 
 
-def test_reuse_promotes_only_near_refaults_and_caps_the_hot_queue():
-    policy = ReuseEviction(hot_share=0.5)
+def test_reuse_promotes_near_refaults_that_fit_in_the_hot_share():
+    policy = ReuseEviction(hot_share=0.5, adapt=False)
     policy.on_resident(np.arange(10))
-    policy.on_refault(np.array([100, 101]), np.array([3, 50]))   # 3 <= 10 resident: hot; 50: cold
-    policy.on_resident(np.array([100, 101]))
-    assert policy.hot_pages == 1
-    assert list(policy.choose(3)) == [0, 1, 2]                   # cold first, in order
-    for vpn in range(200, 220):                                   # many hot pages: over the share
-        policy.on_refault(np.array([vpn]), np.array([0]))
-        policy.on_resident(np.array([vpn]))
-    assert 100 in policy.choose(5).tolist()                       # the oldest hot page goes first
+    policy.on_refault(np.array([100, 101, 102]), np.array([3, 5, 50]))   # the hot share: 5 of 10 pages
+    policy.on_resident(np.array([100, 101, 102]))
+    assert policy.hot_pages == 2
+    assert list(policy.choose(3)) == [0, 1, 2]                   # the cold queue is over its share: its oldest
+    # 8 cold of 10: 3 over the share, then the hot queue's oldest.
+    assert sorted(policy.choose(5).tolist()) == [3, 4, 5, 100, 101]
+
+
+def test_reuse_split_moves_toward_the_queue_whose_evictions_were_mistakes():
+    policy = ReuseEviction()   # cold share 0.25 to start
+    policy.on_resident(np.arange(100))
+    # While the hot queue fills, near refaults are how it fills: no verdict.
+    policy.on_refault(np.arange(1000, 1300), np.zeros(300, np.int64))
+    policy.on_resident(np.arange(1000, 1300))
+    assert policy.cold_share == 0.25 and policy.hot_pages == 300
+    # Now a near refault of a page never hot: the cold queue was too short.
+    policy.on_refault(np.arange(5000, 5040), np.zeros(40, np.int64))
+    policy.on_resident(np.arange(5000, 5040))
+    grown = policy.cold_share
+    assert grown == pytest.approx(0.25 + 40 / 400)
+    # Below its share the cold queue keeps its pages: the hot queue's oldest
+    # go, and their near refaults say the hot queue was too short.
+    victims = policy.choose(10)
+    assert victims.tolist() == list(range(1000, 1010))
+    policy.on_refault(victims, np.zeros(10, np.int64))
+    assert policy.cold_share == pytest.approx(grown - 10 / 430, abs=1e-3)
+
+
+def group_rewrite_trace(threads=4, group=512, groups=8, rounds=2, sweeps=10) -> np.ndarray:
+    """Threads each rewriting their own group of pages, sweep after sweep,
+    group after group, their accesses interleaved: the write hammer's shape."""
+    sweep = np.arange(group)
+    out = []
+    for _ in range(rounds):
+        for g in range(groups):
+            pages = np.stack([(t * groups + g) * group + sweep for t in range(threads)], axis=1).ravel()
+            out.extend([pages] * sweeps)
+    return np.concatenate(out)
+
+
+def test_reuse_is_fifo_when_the_pages_in_use_fill_the_budget():
+    # Four groups of 512 pages in use under a 2048-page budget: every page
+    # evicted is a mistake. A fixed 2Q split (hot_share 0.75) reads back a
+    # quarter more than FIFO here; on the daemon, 4-6x more.
+    trace = group_rewrite_trace()
+    regions = [(0, int(trace.max()) + 1)]
+    fifo = replay_paging(Readahead(), FifoEviction(), trace, 2048, regions, batch=512)
+    policy = ReuseEviction()
+    reuse = replay_paging(Readahead(), policy, trace, 2048, regions, batch=512)
+    assert reuse.pages_in <= fifo.pages_in, (reuse, fifo)
+    assert policy.cold_share > 0.5

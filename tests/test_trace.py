@@ -34,7 +34,7 @@ def recorded(tmp_path_factory, programs):
     prefetch: every page faults fresh once and from swap at least once."""
     out = tmp_path_factory.mktemp("trace")
     trace, stats = out / "run.trace", out / "stats.json"
-    done = umgr("exec", "--max-resident", "8M", "--swap-size", "256M", "--policy", "none",
+    done = umgr("exec", "--max-resident", "8M", "--swap-size", "256M", "--policy", "none", "--eviction", "fifo",
                 "--record-trace", str(trace), "--stats-json", str(stats), "--", programs["pattern"], "32", "mmap", "s")
     assert done.returncode == 0, done.stderr
     return trace, json.loads(stats.read_text())

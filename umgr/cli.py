@@ -95,8 +95,9 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                    help=f"swap capacity (default {DEFAULT_SWAP_SIZE})")
     p.add_argument("--state-dir", default=state_dir, help=f"where the swap file lives ({state_dir})")
     p.add_argument("--policy", default="readahead", help="prefetch policy (none, readahead, stride, or a plug-in)")
-    p.add_argument("--eviction", default="fifo",
-                   help="eviction policy: fifo (default), reuse (keeps pages that refault soon resident), or a plug-in")
+    p.add_argument("--eviction", default="reuse",
+                   help="eviction policy: reuse (default: keeps pages that refault soon resident), fifo (fault order), "
+                        "or a plug-in")
     p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the prefetch policy, e.g. maximum=32 (umgr policies lists them)")
     p.add_argument("--eviction-opt", action="append", default=[], metavar="KEY=VALUE",

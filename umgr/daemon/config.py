@@ -25,7 +25,7 @@ class DaemonConfig:
     max_resident: int = 0                # bytes per target; 0: no limit
     min_region: int = 1 << 20
     policy: str = "readahead"
-    eviction: str = "fifo"
+    eviction: str = "reuse"
     policy_options: dict = field(default_factory=dict)    # the prefetch policy's (--policy-opt)
     eviction_options: dict = field(default_factory=dict)  # the eviction policy's (--eviction-opt)
     scan_interval: float = 0.05          # seconds between /proc/PID/maps scans

@@ -1,8 +1,9 @@
 """Per-target page table: the state and swap slot of every managed page.
 
 Flat numpy arrays per registered region (one state byte, one int32 slot and
-one flag byte per page: 6 bytes a page; with the FIFO eviction queue's 8 the
-daemon keeps about 14 bytes per managed page), never a Python object per
+one flag byte per page: 6 bytes a page; with the eviction queues' 8 per
+resident page the daemon keeps about 14 bytes per managed page, more for the
+hot pages' ghosts), never a Python object per
 page: a target with 16 GiB of managed memory has four million pages. Pages
 are named by vpn (virtual address >> 12). Every state change goes through
 this module, which keeps the per-state counts the budget and the metrics read.
