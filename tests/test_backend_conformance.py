@@ -132,7 +132,7 @@ def test_reads_done_elsewhere_are_counted_by_the_tier_that_holds_them(backend):
     file = backend.lower if isinstance(backend, Tiered) else backend
     if file.name == "file":
         for _ in range(12):   # every pread slow: the share passes one half
-            backend.reads_done_elsewhere(ReadsDone(3, 3 * 300e-6, 3, buckets), NO_READS)
+            backend.reads_done_elsewhere(ReadsDone(3, 3 * 600e-6, 3, buckets), NO_READS)
         assert file.statistics()["pages_read"] == 36 and file.io_latency[1] == 36
         assert file.sync_read_fd() == -1   # one-page reads go through io_uring now
     memory = backend.upper if isinstance(backend, Tiered) else backend

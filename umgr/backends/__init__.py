@@ -31,7 +31,7 @@ from umgr.backends.slots import SlotAllocator
 from umgr.kernel import PAGE_SIZE
 
 IO_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 200e-3, 1.0)
-SLOW_READ = 200e-6   # a one-page read slower than this counts as slow (ReadsDone.slow)
+SLOW_READ = 500e-6   # a one-page read slower than this counts as slow (ReadsDone.slow)
 
 
 @dataclass(frozen=True)

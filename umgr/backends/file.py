@@ -41,8 +41,12 @@ MAX_SLOTS = (1 << 31) - 1  # slot numbers are int32 (umgr/backends/slots.py)
 # meanwhile) they go through io_uring, and a pread is tried again every
 # SYNC_READ_RETRY reads. A share, not a mean: on a busy machine a pread now
 # and then is preempted for milliseconds, and a mean sent every read to the
-# slower path for that (seen here: most reads on io_uring at load 2).
-SYNC_READ_LIMIT = SLOW_READ   # (200 us; the fast path counts reads slower than SLOW_READ for this)
+# slower path for that (seen here: most reads on io_uring at load 2). The
+# limit is 500 us, not 200: reads queued behind the evictor's writes take
+# 250-300 us in bursts here, and at 200 us such bursts sent a one-thread
+# program's faults to io_uring 1024 at a time (a fifth of them); a slow
+# device takes milliseconds.
+SYNC_READ_LIMIT = SLOW_READ   # (500 us; the fast path counts reads slower than SLOW_READ for this)
 SYNC_READ_RETRY = 1024
 
 
