@@ -18,11 +18,12 @@ come from:
   table of such "ghosts", indexed by the vpn's low bits; a collision forgets
   one): the hot set did not fit, and the cold share shrinks by a page;
 - a near refault of a page evicted from the cold queue: the pages in use did
-  not fit in it, and its share grows by a page. Not while the hot queue holds
-  less than half its share: then such refaults are how a hot set is found.
-Between mistakes the share drifts back to where it started (1/64 of the way
-for each budget's worth of pages evicted), so a phase that pushed it to one
-end does not keep it there.
+  not fit in it, and its share grows by a page. Unless the page fits in the
+  hot share while the hot queue holds less than half of it: it is promoted,
+  and that is how a hot set is found.
+Between mistakes the share drifts back to where it started (its distance
+from there falls to 1/e for each 64 budgets' worth of pages evicted), so a
+phase that pushed it to one end does not keep it there.
 
 When the pages in use fill the whole budget (threads each rewriting their
 own group of pages, a loop over a little more data than fits) mistakes come
@@ -45,10 +46,10 @@ from .fifo import FifoEviction, IsLive
 _NONE: frozenset[int] = frozenset()
 _NO_GHOST = -1
 _GHOSTS_MIN = 1024
-# Budgets' worth of evictions over which the share drifts 1/e of the way back.
+# Budgets' worth of evictions over which the share's distance from its start falls to 1/e.
 _DRIFT_BUDGETS = 64
-# The hot queue's fill, as a part of its share, below which near refaults
-# from the cold queue do not grow the cold share.
+# The hot queue's fill, as a part of its share, below which a near refault
+# from the cold queue that fits in the hot share does not grow the cold share.
 _HOT_FILLING = 0.5
 
 
@@ -83,22 +84,27 @@ class ReuseEviction(EvictionPolicy):
         vpns = np.asarray(vpns, np.int64)
         distances = np.asarray(distances, np.int64)
         resident = max(len(self), 1)
+        fits_hot = distances <= (1.0 - self.cold_share) * resident
         if self.adapt:
-            self._learn(vpns[distances <= resident], resident)
-        hot = vpns[distances <= (1.0 - self.cold_share) * resident]
+            near = distances <= resident
+            self._learn(vpns[near], fits_hot[near], resident)
+        hot = vpns[fits_hot]
         self._promote = frozenset(hot.tolist()) if len(hot) else _NONE
 
-    def _learn(self, near: np.ndarray, resident: int) -> None:
-        """Near refaults move the split toward the queue they left from."""
+    def _learn(self, near: np.ndarray, fits_hot: np.ndarray, resident: int) -> None:
+        """Near refaults move the split toward the queue they left from. A
+        page from the cold queue that fits in the hot queue's share is
+        promoted, which mends that mistake: it counts against the cold queue
+        only once the hot queue holds half its share (while it fills, such
+        refaults are how a hot set is found). One that does not fit counts."""
         if not len(near):
             return
         index = near & (len(self._ghosts) - 1)
         from_hot = self._ghosts[index] == near
         self._ghosts[index[from_hot]] = _NO_GHOST
         hot_mistakes = int(from_hot.sum())
-        cold_mistakes = len(near) - hot_mistakes
-        if len(self._hot) < _HOT_FILLING * (1.0 - self.cold_share) * resident:
-            cold_mistakes = 0
+        hot_filling = len(self._hot) < _HOT_FILLING * (1.0 - self.cold_share) * resident
+        cold_mistakes = int((~from_hot & ~fits_hot).sum() if hot_filling else (~from_hot).sum())
         share = self.cold_share + (cold_mistakes - hot_mistakes) / resident
         self.cold_share = min(max(share, self.min_cold_share), 1.0)
 
