@@ -193,3 +193,16 @@ def test_writes_racing_eviction_are_not_lost(umgr_exec, programs):
     # race this test is about really happened.
     assert stats["faults_wp"] > 0, explain(result)
     assert stats["peak_resident_bytes"] <= 8 * MiB + 2 * MiB, explain(result)
+
+
+@pytest.mark.timeout(180)
+def test_default_eviction_reads_back_about_what_fifo_does_when_every_page_is_in_use(umgr_exec, programs):
+    # The hammer's four 2 MiB groups fill the 8 MiB budget: every page
+    # evicted is in use. Reuse eviction (the default) must act as FIFO here;
+    # with a fixed hot share of 3/4 it read back 4x FIFO's pages.
+    cmd = [programs["hammer"], "64", "4", "10", "512"]
+    default = umgr_exec(cmd, max_resident="8M", timeout=150)
+    fifo = umgr_exec(cmd, "--eviction", "fifo", max_resident="8M", timeout=150)
+    for result in (default, fifo):
+        assert result.returncode == 0 and result.stdout.startswith("ok "), explain(result)
+    assert default.stats["pages_in"] <= 2 * fifo.stats["pages_in"], (default.stats, fifo.stats)
