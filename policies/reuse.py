@@ -1,5 +1,7 @@
-"""Reuse-aware eviction, umgr's default: two FIFO queues (as in 2Q), refault
-distances, and a split between the queues that adapts (as in ARC).
+"""Reuse-aware eviction, umgr's default: hot and cold FIFO queues, split adaptively.
+
+Two FIFO queues as in 2Q, refault distances, and a split between the queues
+that adapts as in ARC.
 
 umgr cannot see accesses to mapped pages (no access bits reach a process),
 but it sees refaults: a page that faults back in from swap, and how many
