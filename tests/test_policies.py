@@ -480,12 +480,13 @@ def test_reuse_is_no_worse_than_fifo_on_a_scan_and_on_uniform_random():
 def test_reuse_promotes_near_refaults_that_fit_in_the_hot_share():
     policy = ReuseEviction(hot_share=0.5, adapt=False)
     policy.on_resident(np.arange(10))
-    policy.on_refault(np.array([100, 101, 102]), np.array([3, 5, 50]))   # the hot share: 5 of 10 pages
+    # The hot share is 5 of 10 pages: distance 7 is near (under 10) but does not fit.
+    policy.on_refault(np.array([100, 101, 102]), np.array([3, 7, 50]))
     policy.on_resident(np.array([100, 101, 102]))
-    assert policy.hot_pages == 2
+    assert policy.hot_pages == 1
     assert list(policy.choose(3)) == [0, 1, 2]                   # the cold queue is over its share: its oldest
-    # 8 cold of 10: 3 over the share, then the hot queue's oldest.
-    assert sorted(policy.choose(5).tolist()) == [3, 4, 5, 100, 101]
+    # 9 cold of 10: 4 over the share, then the hot queue's oldest.
+    assert sorted(policy.choose(5).tolist()) == [3, 4, 5, 6, 100]
 
 
 def test_reuse_split_moves_toward_the_queue_whose_evictions_were_mistakes():
