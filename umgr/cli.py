@@ -29,6 +29,8 @@ from umgr.console import (EXIT_UMGR, ArgumentParser, Fatal, add_verbosity, fatal
                           seconds_arg, setting_up, setup_logging, size_arg)
 from umgr.sizes import format_size, parse_size
 from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
+from umgr.daemon.idlepoll import BUSY_RATE
+from umgr.daemon.idlepoll import MODES as IDLE_POLL_MODES
 from umgr.daemon.notify import notify
 from umgr.daemon.config import GRACE_SECONDS, MAX_MANAGED, MAX_MANAGED_PER_USER
 from umgr.paging.cleancopies import MODES
@@ -113,6 +115,10 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--no-move-out", dest="move_out", action="store_false",
                    help="evicted pages leave by MADV_DONTNEED alone (a UFFD_EVENT_REMOVE round trip per run), "
                         "not moved out by the shim's agent with UFFDIO_MOVE: slower; for comparison")
+    p.add_argument("--idle-poll", choices=IDLE_POLL_MODES, default="auto",
+                   help="keep idle CPUs polling rather than sleeping (a CPU latency request of 0 us; needs root), "
+                        "so that waking a faulting thread is cheap: auto (default: while managed programs fault "
+                        f"{BUSY_RATE} times a second or more), always, never")
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M)")
     p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",
@@ -437,7 +443,7 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         clean_copies="always" if args.keep_clean else args.clean_copies, policy_options=policy_options,
                         eviction_options=eviction_options, grace_seconds=_grace(args),
                         max_managed=args.max_managed, max_managed_per_user=args.max_managed_per_user,
-                        fast_path=args.fast_path, move_out=args.move_out)
+                        fast_path=args.fast_path, move_out=args.move_out, idle_poll=args.idle_poll)
 
 
 def _grace(args) -> int:
@@ -531,6 +537,7 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
         clean = True
         totals = daemon.run_totals()
         totals["targets"] = daemon.targets_seen
+        totals["idle_poll_seconds"] = round(daemon.lifecycle.idle_poll.seconds_held(), 3)
         embedded.write_outcome(run_dir, totals, backend.statistics())
         return 0
     except Exception as exc:

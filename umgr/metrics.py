@@ -146,6 +146,8 @@ class DaemonCollector:
         io = HistogramMetricFamily("umgr_backend_io_seconds", "Backend batch I/O latency")
         io.add_metric([], _buckets(IO_BUCKETS, backend.io_latency), backend.io_seconds)
         yield io
+        yield CounterMetricFamily("umgr_idle_poll_seconds", "Time idle CPUs were kept polling (--idle-poll)",
+                                  value=self.daemon.lifecycle.idle_poll.seconds_held())
         yield CounterMetricFamily("umgr_targets_started", "Processes the daemon has managed since it started",
                                   value=self.daemon.targets_seen)
         info = GaugeMetricFamily("umgr_build_info", "umgr's version (always 1)", labels=["version", "python"])

@@ -35,6 +35,7 @@ class DaemonConfig:
     clean_copies: str = CLEAN_COPIES      # pages read back keep their swap copy: auto, always, never
     fast_path: bool = True                # plain faults served in C (umgr/paging/fastpath.py)
     move_out: bool = True                 # evicted pages moved out by the agent (umgr/paging/zap.py)
+    idle_poll: str = "auto"               # idle CPUs poll while paging is busy (umgr/daemon/idlepoll.py)
     grace_seconds: int = GRACE_SECONDS    # told to each shim in HELLO_ACK (UMGR_GRACE_SECONDS overrides)
     max_managed: int = MAX_MANAGED        # bytes of registered memory per process
     max_managed_per_user: int = MAX_MANAGED_PER_USER   # ... and all of one uid's processes

@@ -15,6 +15,7 @@ from umgr import protocol
 from umgr.backends import Backend
 from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, DaemonConfig
 from umgr.daemon.forks import Orphan, OrphanForks, ParentSettings
+from umgr.daemon.idlepoll import IdlePoll
 from umgr.daemon.names import target_name
 from umgr.daemon.peer import Memory, Peer, Refused
 from umgr.daemon.status import Totals, snapshot
@@ -57,6 +58,7 @@ class Lifecycle:
         self._nursery: trio.Nursery | None = None
         self.release_watchers: list = []  # called with each target as it is released (metrics)
         backend.slots.on_release = self._want_resume
+        self.idle_poll = IdlePoll(config.idle_poll)
         if config.fast_path:
             uffdmod.fast_aio_context()   # the fast path's AIO context and eventfd, now rather than at the first fault
 
@@ -65,6 +67,7 @@ class Lifecycle:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._resume_paused)
+            nursery.start_soon(self.idle_poll.run, self._faults_so_far)
             if self.state is not None and self.state.saved:
                 nursery.start_soon(self._expire_saved)
             task_status.started()
@@ -402,6 +405,10 @@ class Lifecycle:
                  snap["pages_in"], snap["pages_out"])
         if not self.targets:
             self.idle.set()
+
+    def _faults_so_far(self) -> int:
+        """The live targets' faults (idle polling follows their rate)."""
+        return sum(t.stats.faults_missing + t.stats.faults_wp for t in self.targets.values())
 
     def run_totals(self) -> dict:
         totals = Totals(self.totals.counters)
