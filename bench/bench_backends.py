@@ -16,6 +16,10 @@ checked ("random"). Configurations, each at the same budget:
                   swapfile of its own, zswap off;
   kernel zswap    the same with zswap on (its compressor as this kernel
                   sets it); the zswap setting is restored afterwards;
+  kernel swap, idle CPUs polling
+                  kernel swap with the CPU latency request umgr's
+                  --idle-poll holds held meanwhile: what the kernel makes
+                  of the same help (its disk reads wake a sleeping thread);
   umgr BACKENDS   `umgr exec --max-resident BUDGET --backend ...` for each
                   variant (file; compressed; compressed in front of file
                   with a cap of a sixteenth of the data, so that it demotes).
@@ -56,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, BenchError, _run, cgroup_figures, compile_programs, default_umgr_cmd, enter_cgroup,
-    kernel_swap, run_and_report, umgr_exec,
+    idle_polling, kernel_swap, run_and_report, umgr_exec,
 )
 
 SWAPFILE = "/var/tmp/umgr-bench-backends.swap"
@@ -65,6 +69,8 @@ ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
 ZSWAP_COMPRESSOR = "/sys/module/zswap/parameters/compressor"
 PAGE = 4096
 TIMEOUT = 1800
+# (name, zswap on, idle CPUs polling as umgr's --idle-poll has them)
+KERNEL_CONFIGS = (("kernel swap", False, False), ("kernel zswap", True, False), ("kernel swap, idle CPUs polling", False, True))
 
 # A heap as CPython programs make one; SCALE multiplies the sizes (1: ~100 MiB).
 HEAP_PROGRAM = r"""
@@ -194,8 +200,9 @@ def zswap(enabled: bool):
             f.write(before)
 
 
-def run_kernel(argv: list[str], budget_mib: int, swap_mib: int, with_zswap: bool, timeout: float) -> dict:
-    with zswap(with_zswap), kernel_swap(swap_mib, budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP) as cg:
+def run_kernel(argv: list[str], budget_mib: int, swap_mib: int, with_zswap: bool, polling: bool,
+               timeout: float) -> dict:
+    with zswap(with_zswap), idle_polling() if polling else contextlib.nullcontext(), kernel_swap(swap_mib, budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP) as cg:
         result = _run(argv, "heapreads under kernel swap", timeout, preexec_fn=enter_cgroup(cg))
         figures = cgroup_figures(cg)
     return {"result": result, "cgroup": figures}
@@ -292,13 +299,13 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         configs = results["configs"]
         log("plain ...")
         configs["plain"] = {"result": _run(argv, "heapreads plain", args.timeout)}
-        for name, with_zswap in (("kernel swap", False), ("kernel zswap", True)):
+        for name, with_zswap, polling in KERNEL_CONFIGS:
             log(f"{name} ({args.budget_mib} MiB) ...")
             # At this budget the memcg OOM killer ends some runs and not
             # others, swap free: a result to report, not a crash; tried again.
             for attempt in range(args.attempts):
                 try:
-                    configs[name] = run_kernel(argv, args.budget_mib, swap_mib, with_zswap, args.timeout)
+                    configs[name] = run_kernel(argv, args.budget_mib, swap_mib, with_zswap, polling, args.timeout)
                     break
                 except BenchError as exc:
                     log(f"{name} failed: {exc}")

@@ -146,6 +146,18 @@ def _teardown_kernel_swap(swapfile: str = SWAPFILE, cgroup: str = CGROUP) -> Non
 
 
 @contextlib.contextmanager
+def idle_polling():
+    """Idle CPUs poll meanwhile, as umgr's --idle-poll has them do."""
+    from umgr.kernel.cpulatency import CpuLatencyRequest
+    request = CpuLatencyRequest()
+    request.hold(0)
+    try:
+        yield
+    finally:
+        request.release()
+
+
+@contextlib.contextmanager
 def kernel_swap(swap_mib: int, limit_bytes: int, *, swapfile: str = SWAPFILE, cgroup: str = CGROUP):
     """A swapfile of swap_mib MiB and the cgroup `cgroup` limited to
     limit_bytes; both removed on the way out, whatever happened. (Leftovers

@@ -5,6 +5,9 @@ One invocation runs, on the same machine, each workload as
   plain          no limit (no paging at all: the reference);
   kernel swap    in a cgroup v1 memory group limited to the budget, with a
                  swapfile of its own (set up here, torn down in `finally`);
+  kernel+poll    (--kernel-idle-poll) kernel swap again, with the CPU
+                 latency request umgr's --idle-poll holds held meanwhile
+                 (idle CPUs poll): what the kernel makes of the same help;
   umgr VARIANT   `umgr exec --max-resident BUDGET --stats-json ... VARIANT`
                  for each variant: "default" (no extra arguments) and, say,
                  "--policy none" or "--eviction NAME", so two policies are
@@ -23,7 +26,7 @@ The workloads:
            peak the plain run measured (or --py-budget-mib).
 
 The table gives seconds per phase for each configuration and umgr/kernel
-(lower is better); the fault table gives per-phase faults from the
+(lower is better), and umgr/kernel+poll when that ran; the fault table gives per-phase faults from the
 program's rusage (kernel swap: major faults; umgr: minor faults, which is
 how a userfault counts); then umgr's --stats-json figures and the kernel
 cgroup's pgmajfault for the whole run.
@@ -48,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, PROGRAMS, BenchError, _active_swaps, _run, cgroup_figures, compile_programs,
-    default_umgr_cmd, enter_cgroup, kernel_swap, run_and_report, umgr_exec,
+    default_umgr_cmd, enter_cgroup, idle_polling, kernel_swap, run_and_report, umgr_exec,
 )
 
 # Names of their own: bench_paging.py may be running at the same time, and
@@ -135,7 +138,8 @@ def run_umgr(w: Workload, label: str, args: list[str], umgr_cmd: list[str], work
 
 
 def run_workload(w: Workload, variants, *, kernel: bool, rounds: int, umgr_cmd: list[str], work: str,
-                 timeout: float, attempts: int, plain: dict | None = None, log=print) -> dict:
+                 timeout: float, attempts: int, plain: dict | None = None, kernel_poll: bool = False,
+                 log=print) -> dict:
     """Every configuration `rounds` times, interleaved; each keeps its
     fastest round (by total time) and the totals of all."""
     runs: dict[str, list[dict]] = {}
@@ -155,6 +159,12 @@ def run_workload(w: Workload, variants, *, kernel: bool, rounds: int, umgr_cmd: 
                 kernel = False
             else:
                 runs.setdefault("kernel", []).append(result)
+        if kernel and kernel_poll:
+            log(f"{tag}: kernel swap, idle CPUs polling ...")
+            with idle_polling():
+                result = run_kernel_tries(w, timeout, attempts, tag, log)
+            if result is not None:
+                runs.setdefault("kernel+poll", []).append(result)
         for label, args in variants:
             log(f"{tag}: umgr {label} ...")
             runs.setdefault(f"umgr {label}", []).append(run_umgr(w, label, args, umgr_cmd, work, timeout, attempts))
@@ -189,7 +199,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         exe = compile_programs(work, ("shapes",))["shapes"]
         shapes = Workload("shapes", [exe, str(args.data_mib), args.phases, str(args.seed), str(args.ops or 0),
                                      str(hot_mib)], args.budget_mib, args.data_mib + 256)
-        common = dict(kernel=not args.no_kernel_swap, rounds=args.rounds, umgr_cmd=umgr_cmd, work=work,
+        common = dict(kernel=not args.no_kernel_swap, kernel_poll=args.kernel_idle_poll, rounds=args.rounds, umgr_cmd=umgr_cmd, work=work,
                       timeout=args.timeout, attempts=args.attempts, log=log)
         results["workloads"]["shapes"] = run_workload(shapes, variants, **common)
         if not args.no_python:
@@ -215,30 +225,32 @@ def _fmt(x, width, prec=3):
 
 def format_workload(name: str, wl: dict) -> list[str]:
     configs = wl["configs"]
-    kernel = configs.get("kernel")
+    kernel, polled = configs.get("kernel"), configs.get("kernel+poll")
     umgrs = [c for c in configs if c.startswith("umgr ")]
     phases = list(configs["plain"]["result"]["phases"])
     # Columns: plain, kernel, then each umgr variant and its ratio to kernel.
     cols = [("plain", 9), ("kernel", 9)] if kernel else [("plain", 9)]
+    cols += [("kernel+poll", 11)] if polled else []
     lines = []
     header = f"{'phase':<10}" + "".join(f"{c:>{w + 1}}" for c, w in cols)
     for c in umgrs:
         label = c[len("umgr "):]
         width = max(9, len(label))
-        header += f" {label:>{width}}" + (f" {'/kernel':>7}" if kernel else "")
+        header += f" {label:>{width}}" + (f" {'/kernel':>7}" if kernel else "") + (f" {'/k+poll':>7}" if polled else "")
     lines += [header + "   (seconds)"]
 
     def row(label, get):
         line = f"{label:<10}"
         for c, w in cols:
-            line += " " + _fmt(get(configs["plain" if c == "plain" else "kernel"]), w)
+            line += " " + _fmt(get(configs[c]), w)
         for c in umgrs:
             width = max(9, len(c) - len("umgr "))
             v = get(configs[c])
             line += " " + _fmt(v, width)
-            if kernel:
-                k = get(kernel)
-                line += " " + _fmt(v / k if v is not None and k else None, 7, 2)
+            for base in (kernel, polled):
+                if base:
+                    k = get(base)
+                    line += " " + _fmt(v / k if v is not None and k else None, 7, 2)
         return line
 
     for ph in phases:
@@ -329,6 +341,8 @@ def main(argv=None) -> int:
                         help="budget of the CPython workload (default: a third of its plain peak RSS, ~192 at scale 1)")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the CPython workload")
     parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
+    parser.add_argument("--kernel-idle-poll", action="store_true",
+                        help="also run kernel swap with idle CPUs polling (as umgr's --idle-poll has them)")
     parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per program run")
     parser.add_argument("--attempts", type=int, default=2,
