@@ -26,6 +26,7 @@ def test_doctor_reports_this_kernel():
     assert rows["io_uring"][0] == "ok"
     assert rows["process_vm_readv"][0] == "ok"
     assert rows["agent move out"][0] == "supported"   # UFFDIO_MOVE: 6.8+
+    assert rows["idle poll"][0] == "supported"   # root: a CPU latency request of 0 takes
     assert "zap mode: agent" in r.stdout and "moves evicted pages out" in r.stdout
 
 

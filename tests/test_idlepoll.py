@@ -13,7 +13,7 @@ import trio.testing
 
 from umgr.daemon import idlepoll
 from umgr.daemon.idlepoll import IdlePoll
-from umgr.kernel.cpulatency import CpuLatencyRequest
+from umgr.kernel.cpulatency import NO_LIMIT, CpuLatencyRequest, current_limit
 
 
 def sleep_entries() -> int:
@@ -30,20 +30,21 @@ def sleep_entries() -> int:
 
 
 def test_a_held_request_keeps_idle_cpus_polling():
+    assert current_limit() == NO_LIMIT, "another process holds a CPU latency request: this test needs none"
     before = sleep_entries()
     time.sleep(0.3)
     assert sleep_entries() > before   # idle CPUs sleep when nothing holds them
     request = CpuLatencyRequest()
     request.hold(0)
     try:
-        assert request.held
+        assert request.held and current_limit() == 0
         time.sleep(0.05)   # a CPU asleep when the request came stays so until it wakes
         before = sleep_entries()
         time.sleep(0.3)
         assert sleep_entries() == before
     finally:
         request.release()
-    assert not request.held
+    assert not request.held and current_limit() == NO_LIMIT
     before = sleep_entries()
     time.sleep(0.3)
     assert sleep_entries() > before   # released: they sleep again

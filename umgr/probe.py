@@ -280,6 +280,21 @@ def _probe_readv():
         m.close()
 
 
+def _probe_idle_poll():
+    from umgr.kernel.cpulatency import DEVICE, NO_LIMIT, CpuLatencyRequest, current_limit
+    before = current_limit()
+    request = CpuLatencyRequest()
+    request.hold(0)
+    try:
+        held = current_limit()
+    finally:
+        request.release()
+    if held != 0:
+        return "failed", f"a request of 0 us held, the limit read {held}"
+    now = "none held" if before == NO_LIMIT else f"{before} us held by another process"
+    return "supported", (f"a CPU latency request of 0 us takes ({DEVICE}); now {now}: "
+                         "--idle-poll keeps idle CPUs polling while programs fault")
+
 _PROBES = [
     ("uffd syscall", _probe_uffd_syscall),
     ("/dev/userfaultfd", _probe_uffd_dev),
@@ -292,6 +307,7 @@ _PROBES = [
     ("remote zap", _probe_remote_zap),
     ("agent zap", _probe_agent_zap),
     ("agent move out", _probe_move_out),
+    ("idle poll", _probe_idle_poll),
 ]
 
 _GOOD = ("ok", "supported")

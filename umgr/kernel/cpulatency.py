@@ -19,6 +19,17 @@ import os
 import struct
 
 DEVICE = "/dev/cpu_dma_latency"
+NO_LIMIT = 2_000_000_000   # what the device reads when no request is held (PM_QOS_CPU_LATENCY_DEFAULT_VALUE)
+
+
+def current_limit(path: str = DEVICE) -> int:
+    """The wake-up latency, in microseconds, cpuidle keeps to now: the
+    smallest value any process holds (reading the device gives it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return struct.unpack("=i", os.read(fd, 4))[0]
+    finally:
+        os.close(fd)
 
 
 class CpuLatencyRequest:
