@@ -277,7 +277,7 @@ class StoreView:
         c = self.c
         c.fd = backend.sync_read_fd()
         entries = backend.memory_entries()
-        if entries is not self._entries:
+        if not _same_arrays(entries, self._entries):   # (a new tuple each call: compare what it holds)
             if entries is None:
                 c.length, c.span = uffdmod.NULL, 0
             else:
@@ -286,6 +286,12 @@ class StoreView:
                 c.span = len(entries[0])
             self._entries = entries
         return c
+
+
+def _same_arrays(these, those) -> bool:
+    if these is None or those is None:
+        return these is those
+    return all(a is b for a, b in zip(these, those))
 
 
 class FastLog:
