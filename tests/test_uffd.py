@@ -687,13 +687,16 @@ def test_read_batch_decodes_events_and_grows(ct, maps, uffds):
 def test_read_batch_lingers_for_the_rest_of_a_discard(ct, maps, uffds):
     """Each range of a discard is one REMOVE, raised only once the one
     before was read: a read that lingers after a REMOVE takes them in one
-    batch, where a plain read takes them one by one."""
-    npages = 64
+    batch, where a plain read takes them one by one. (One read(2) goes on
+    taking messages while any is queued, so where the discarder's CPU wakes
+    within a microsecond or two, as with idle CPUs polling, a plain read
+    can take several: the discarder waits GAP_US after each.)"""
+    npages, gap_us = 64, 300
     u = uffds(U.ALL_EVENTS)
     region = maps(npages)
     u.register(region.addr, region.len, U.UFFDIO_REGISTER_MODE_MISSING)
     for linger in (0.0, 0.2):
-        discarder = CThread(ct[1].h_discard_every_other, region.ptr, npages)
+        discarder = CThread(ct[1].h_discard_every_other, region.ptr, npages, gap_us)
         discarder.start()
         batches = []
         while len(sum(batches, [])) < npages // 2:

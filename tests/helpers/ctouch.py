@@ -26,7 +26,7 @@ void h_fill(void *addr, size_t npages, uint64_t first, uint64_t seed);
 int64_t h_check(const void *addr, size_t npages, uint64_t first, uint64_t seed);
 void h_write_byte(void *addr, uint8_t value);
 int h_fork_check(void *addr, size_t npages, uint64_t first, uint64_t seed);
-int h_discard_every_other(void *addr, size_t npages);
+int h_discard_every_other(void *addr, size_t npages, unsigned gap_us);
 """
 
 SOURCE = """
@@ -65,12 +65,16 @@ int h_unmap(void *addr, size_t len)
 }
 
 /* MADV_DONTNEED on pages 0, 2, 4, ... one call each, as a zap of
-   scattered pages does: each waits until its REMOVE event is read. */
-int h_discard_every_other(void *addr, size_t npages)
+   scattered pages does: each waits until its REMOVE event is read; then
+   gap_us microseconds pass before the next. */
+int h_discard_every_other(void *addr, size_t npages, unsigned gap_us)
 {
-    for (size_t p = 0; p < npages; p += 2)
+    for (size_t p = 0; p < npages; p += 2) {
         if (madvise((char *)addr + p * 4096, 4096, MADV_DONTNEED))
             return -1;
+        if (gap_us)
+            usleep(gap_us);
+    }
     return 0;
 }
 
