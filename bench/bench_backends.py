@@ -70,7 +70,8 @@ ZSWAP_COMPRESSOR = "/sys/module/zswap/parameters/compressor"
 PAGE = 4096
 TIMEOUT = 1800
 # (name, zswap on, idle CPUs polling as umgr's --idle-poll has them)
-KERNEL_CONFIGS = (("kernel swap", False, False), ("kernel zswap", True, False), ("kernel swap, idle CPUs polling", False, True))
+KERNEL_CONFIGS = (("kernel swap", False, False), ("kernel zswap", True, False),
+                  ("kernel swap, idle CPUs polling", False, True))
 
 # A heap as CPython programs make one; SCALE multiplies the sizes (1: ~100 MiB).
 HEAP_PROGRAM = r"""
@@ -202,7 +203,8 @@ def zswap(enabled: bool):
 
 def run_kernel(argv: list[str], budget_mib: int, swap_mib: int, with_zswap: bool, polling: bool,
                timeout: float) -> dict:
-    with zswap(with_zswap), idle_polling() if polling else contextlib.nullcontext(), kernel_swap(swap_mib, budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP) as cg:
+    polled = idle_polling() if polling else contextlib.nullcontext()
+    with zswap(with_zswap), polled, kernel_swap(swap_mib, budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP) as cg:
         result = _run(argv, "heapreads under kernel swap", timeout, preexec_fn=enter_cgroup(cg))
         figures = cgroup_figures(cg)
     return {"result": result, "cgroup": figures}

@@ -26,10 +26,11 @@ The workloads:
            peak the plain run measured (or --py-budget-mib).
 
 The table gives seconds per phase for each configuration and umgr/kernel
-(lower is better), and umgr/kernel+poll when that ran; the fault table gives per-phase faults from the
-program's rusage (kernel swap: major faults; umgr: minor faults, which is
-how a userfault counts); then umgr's --stats-json figures and the kernel
-cgroup's pgmajfault for the whole run.
+(lower is better), and umgr/kernel+poll when that ran; the fault table
+gives per-phase faults from the program's rusage (kernel swap: major
+faults; umgr: minor faults, which is how a userfault counts); then
+umgr's --stats-json figures and the kernel cgroup's pgmajfault for the
+whole run.
 
 Needs root (swapon, cgroups, userfaultfd), gcc, mkswap/swapon/swapoff and the
 cgroup v1 memory controller at /sys/fs/cgroup/memory.
@@ -199,8 +200,8 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         exe = compile_programs(work, ("shapes",))["shapes"]
         shapes = Workload("shapes", [exe, str(args.data_mib), args.phases, str(args.seed), str(args.ops or 0),
                                      str(hot_mib)], args.budget_mib, args.data_mib + 256)
-        common = dict(kernel=not args.no_kernel_swap, kernel_poll=args.kernel_idle_poll, rounds=args.rounds, umgr_cmd=umgr_cmd, work=work,
-                      timeout=args.timeout, attempts=args.attempts, log=log)
+        common = dict(kernel=not args.no_kernel_swap, kernel_poll=args.kernel_idle_poll, rounds=args.rounds,
+                      umgr_cmd=umgr_cmd, work=work, timeout=args.timeout, attempts=args.attempts, log=log)
         results["workloads"]["shapes"] = run_workload(shapes, variants, **common)
         if not args.no_python:
             py_argv = [args.python, str(PROGRAMS / "pyworkload.py"), str(args.py_scale), str(args.seed)]
@@ -228,7 +229,8 @@ def format_workload(name: str, wl: dict) -> list[str]:
     kernel, polled = configs.get("kernel"), configs.get("kernel+poll")
     umgrs = [c for c in configs if c.startswith("umgr ")]
     phases = list(configs["plain"]["result"]["phases"])
-    # Columns: plain, kernel, then each umgr variant and its ratio to kernel.
+    # Columns: plain, kernel, kernel+poll, then each umgr variant and its
+    # ratios to kernel and kernel+poll.
     cols = [("plain", 9), ("kernel", 9)] if kernel else [("plain", 9)]
     cols += [("kernel+poll", 11)] if polled else []
     lines = []
@@ -236,7 +238,8 @@ def format_workload(name: str, wl: dict) -> list[str]:
     for c in umgrs:
         label = c[len("umgr "):]
         width = max(9, len(label))
-        header += f" {label:>{width}}" + (f" {'/kernel':>7}" if kernel else "") + (f" {'/k+poll':>7}" if polled else "")
+        header += f" {label:>{width}}" + (f" {'/kernel':>7}" if kernel else "")
+        header += f" {'/k+poll':>7}" if polled else ""
     lines += [header + "   (seconds)"]
 
     def row(label, get):
