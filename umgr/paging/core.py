@@ -170,11 +170,13 @@ class TargetCore:
         their slot, or FRESH (no content to keep, or discarded by the app
         too: they read as zero, and the slot is freed)."""
         slots = self.pt.slots(zapped)
-        gone = np.isin(zapped, discarded)
-        self.slots.free(slots[gone & (slots != NO_SLOT)])
-        slots[gone] = NO_SLOT
-        self.pt.set(zapped[slots == NO_SLOT], State.FRESH, NO_SLOT)   # (a discarded one's freed slot goes too)
-        self.pt.set(zapped[slots != NO_SLOT], State.SWAPPED, slots[slots != NO_SLOT])
+        if len(discarded):
+            gone = np.isin(zapped, discarded)
+            self.slots.free(slots[gone & (slots != NO_SLOT)])
+            slots[gone] = NO_SLOT
+        held = slots != NO_SLOT
+        self.pt.set(zapped[~held], State.FRESH, NO_SLOT)   # (a discarded one's freed slot goes too)
+        self.pt.set(zapped[held], State.SWAPPED, slots[held])
 
     def release(self, vpns: np.ndarray, from_state: int) -> None:
         """Pages leave an eviction batch and are resident again."""

@@ -44,6 +44,9 @@ class Pinning:
         if len(vpns) == 0:
             return vpns, False
         on_zero, shared, dropped, locked = self._classify(vpns)
+        gone = on_zero | shared | dropped | locked
+        if not gone.any():   # the common case: every page holds memory of its own
+            return vpns, False
         core.drop_clean_copies(vpns[dropped])  # the kernel dropped the page: it reads zero now
         core.pt.set(vpns[on_zero], State.ZERO)
         core.pt.set(vpns[shared], State.SHARED)
@@ -53,7 +56,6 @@ class Pinning:
         core.stats.zero_mapped += int(on_zero.sum())
         core.stats.shared_skipped += int(shared.sum())
         core.stats.locked_pinned += int(locked.sum())
-        gone = on_zero | shared | dropped | locked
         core.left_residency(vpns[gone])
         return vpns[~gone], bool(gone.any())
 
