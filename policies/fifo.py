@@ -16,6 +16,10 @@ from . import EvictionPolicy
 
 IsLive = Callable[[np.ndarray], np.ndarray]
 
+# Up to this many pages are queued one by one: numpy's slicing costs ~3 us a
+# call, an item assignment ~0.1 us.
+_FEW = 16
+
 
 class FifoEviction(EvictionPolicy):
     name = "fifo"
@@ -54,8 +58,11 @@ class FifoEviction(EvictionPolicy):
     def on_resident(self, vpns: np.ndarray) -> None:
         vpns = np.asarray(vpns, dtype=np.int64).ravel()
         need = self._count + len(vpns)
-        if len(vpns) == 1 and need <= len(self._buf):   # one page (a random fault): no slicing
-            self._buf[(self._head + self._count) % len(self._buf)] = vpns[0]
+        if len(vpns) <= _FEW and need <= len(self._buf):   # a few pages (faults): no slicing
+            buf, cap, at = self._buf, len(self._buf), self._head + self._count
+            for vpn in vpns.tolist():
+                buf[at % cap] = vpn
+                at += 1
             self._count = need
             return
         if need > len(self._buf) and self._is_live is not None:

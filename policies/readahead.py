@@ -82,27 +82,30 @@ class Readahead(PrefetchPolicy):
         self._streams: list[_Stream] = []  # most recently used last
 
     def on_fault(self, vpn: int, region_start: int, region_end: int) -> np.ndarray:
+        # Called on every fault, most of them (random access) near no
+        # stream: comparisons rather than abs() calls in the loop.
+        streams, reach = self._streams, self.max_stride
         near = -1  # most recent unconfirmed stream within max_stride, if any
-        for i in range(len(self._streams) - 1, -1, -1):
-            s = self._streams[i]
+        for i in range(len(streams) - 1, -1, -1):
+            s = streams[i]
             d = vpn - s.last
             if d == 0:  # a repeated fault (racing threads): no news
                 return NO_PAGES
             if s.step:
                 if s.continues(vpn):
                     break
-            elif abs(d) == 1 or (d == s.gap and abs(d) <= self.max_stride):
+            elif d == 1 or d == -1 or (d == s.gap and -reach <= d <= reach):
                 s.step = d  # adjacent, or the same gap twice: confirmed
                 break
-            elif near < 0 and abs(d) <= self.max_stride:
+            elif near < 0 and -reach <= d <= reach:
                 near = i
         else:
             if near >= 0:
                 # Continues nothing but lies near an unconfirmed stream: that
                 # gap is a candidate stride, which the next fault may repeat.
-                s = self._streams.pop(near)
+                s = streams.pop(near)
                 s.last, s.gap = vpn, vpn - s.last
-                self._streams.append(s)
+                streams.append(s)
                 return NO_PAGES
             # A new stream with no window, replacing the least recently used
             # one (its object reused: a random workload does this on every

@@ -214,17 +214,19 @@ class FastPath:
             self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr, self._zeros.addr,
             self.spin_ns, int(SLICE_SECONDS * 1e9), self._room(), NEAR_PAGES, self._log)
 
-    def settle(self) -> tuple[np.ndarray, np.ndarray]:
+    def settle(self) -> tuple[list[int], list[int]]:
         """The counters, the store and the eviction policy learn of the
         faults the last call served (the table has them already, and the
         call counted what needs no Python: umgr_fast_log). Returns the
         vpns of its MISSING faults, in fault order (the prefetch policy
         is to hear of each), and of the prefetched pages it saw written
-        (the policy's hits)."""
+        (the policy's hits). On lists of ints: a call serves a few pages
+        (an interpreter's faults, 5-7 on average), and numpy's per-call
+        cost, ~3 us here, made settling ~150 us a call."""
         core, stats, c = self.core, self.core.stats, self._log
         n = c.served
         if not n:
-            return EMPTY, EMPTY
+            return [], []
         read, served = c.read_ns_sum * 1e-9, c.serve_ns_sum * 1e-9
         stats.faults_fast += n
         stats.fault_read_seconds += read
@@ -236,22 +238,28 @@ class FastPath:
         stats.faults_fresh += c.missing - c.swapped
         self._came_in(self._served, n)
         log = self._served
-        vpns, hits = log.vpns[:n].astype(np.int64), EMPTY
+        vpns, hits = log.vpns[:n].tolist(), []
+        missing, kinds = vpns, None
         if c.wp:
             stats.faults_wp += c.wp
             if c.wp_dropped:
                 core.clean.dirtied(c.wp_dropped)
-            kinds = log.kind[:n]
-            hits = vpns[(kinds & uffdmod.FAST_WAS_PREFETCHED) != 0]
+            kinds = log.kind[:n].tolist()
+            hits = [vpn for vpn, kind in zip(vpns, kinds) if kind & uffdmod.FAST_WAS_PREFETCHED]
             stats.prefetch_hits += len(hits)
-            vpns = vpns[(kinds & uffdmod.FAST_WP) == 0]
-        if len(vpns):
+            missing = [vpn for vpn, kind in zip(vpns, kinds) if not kind & uffdmod.FAST_WP]
+        if missing:
             if c.swapped and core.eviction.wants_refaults:   # (FIFO does not: no arrays to make)
-                slots = log.slots[:n][(log.kind[:n] & uffdmod.FAST_WP) == 0]
-                core.refaulted(vpns[slots != NO_SLOT], slots[slots != NO_SLOT])
-            core.became_resident(vpns)
+                slots = log.slots[:n].tolist()
+                # (a WP entry's slot is the clean copy its write dropped)
+                back = [(vpn, slot) for i, (vpn, slot) in enumerate(zip(vpns, slots))
+                        if slot != NO_SLOT and (kinds is None or not kinds[i] & uffdmod.FAST_WP)]
+                if back:
+                    vpns_back, slots_back = zip(*back)
+                    core.refaulted(np.array(vpns_back, np.int64), np.array(slots_back, np.int32))
+            core.became_resident(np.array(missing, np.int64))
         core.note_resident()
-        return vpns, hits
+        return missing, hits
 
     @property
     def handoff(self) -> int:

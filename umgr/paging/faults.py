@@ -143,12 +143,12 @@ class FaultService:
         prefetch policy hears of its hits and of each fault. Returns the
         pages it asked for, to bring in at once (fastpath.py)."""
         vpns, hits = self.fast.settle()
-        for vpn in hits.tolist():
+        for vpn in hits:
             self.prefetch.on_prefetch_hit(vpn)
-        if not len(vpns):
+        if not vpns:
             return EMPTY
         wanted = []
-        for vpn in vpns.tolist():
+        for vpn in vpns:
             first, end = self.fast.bounds(vpn)
             extra = self.prefetch.on_fault(vpn, first, end)
             if len(extra):
