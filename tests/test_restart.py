@@ -157,6 +157,35 @@ def test_sigterm_brings_every_page_back_then_exits_0(tmp_path, shim, programs):
 
 
 @pytest.mark.timeout(120)
+def test_signals_to_a_daemon_serving_faults_interrupt_nothing(tmp_path, shim, programs):
+    """SIGHUP (logged, ignored) every 2 ms at a daemon serving a random-access
+    program's faults in its C fast path, which reads the nonblocking uffd
+    in a loop: a signal that lands in a read(2) fails it with EINTR (the
+    kernel looks for a pending signal before it answers EAGAIN). That once
+    killed the target as the daemon's internal error. The program checks
+    every byte; its pages went out and came back through the fast path."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "12M")
+    try:
+        with started([programs["scatter"], "32", "30000"], env=daemon.env(shim)) as target:
+            sent, seen = 0, None
+            while target.poll() is None:
+                daemon.proc.send_signal(signal.SIGHUP)
+                sent += 1
+                time.sleep(0.002)
+                if sent % 100 == 0:
+                    seen = target_status(daemon, target.pid) or seen
+            out, err = target.communicate(timeout=30)
+        assert target.returncode == 0 and out.startswith(b"ok "), (out, err, daemon.log()[-3000:])
+        assert daemon.alive(), daemon.log()[-3000:]
+        log = daemon.log()
+        assert "internal error" not in log, log[-3000:]
+        assert sent > 200 and "SIGHUP ignored" in log, (sent, log[-3000:])
+        assert seen is not None and seen["pages_out"] > 4096 and seen["faults_fast"] > 1000, seen
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.timeout(120)
 def test_sigterm_with_a_forked_child_brings_both_back(tmp_path, shim, programs):
     """A target that forks after its memory was paged out: the child (whose
     uffd came with the fork event and went back to its shim) is drained and

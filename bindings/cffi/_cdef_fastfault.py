@@ -167,7 +167,10 @@ static int64_t umgr_now_ns(void)
 
 /* Read one message, busy-polling the nonblocking uffd for up to spin_ns
    (on this VM a sleeping daemon's wake-up costs more than a fault).
-   1: read; 0: none came; -errno: the read failed. */
+   1: read; 0: none came; -errno: the read failed. EINTR is not a failure:
+   the kernel looks for a pending signal before it answers EAGAIN, so a
+   signal to the daemon (SIGHUP, the SIGUSR1 of umgr exec) fails a read
+   even of a nonblocking uffd; its handler has run, the read is retried. */
 static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
 {
     int64_t deadline = 0;
@@ -175,7 +178,7 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
         ssize_t n = read(uffd, msg, sizeof(*msg));
         if (n == (ssize_t)sizeof(*msg))
             return 1;
-        if (n < 0 && errno != EAGAIN)
+        if (n < 0 && errno != EAGAIN && errno != EINTR)
             return -errno;
         int64_t now = umgr_now_ns();
         if (!deadline)

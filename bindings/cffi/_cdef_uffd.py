@@ -228,7 +228,10 @@ static int64_t umgr_uffd_now_ns(void)
    an O_NONBLOCK uffd: a blocking one would wait in read() instead. */
 static int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max, int64_t linger_ns)
 {
-    ssize_t got = read(fd, buf, (size_t)max * sizeof(*buf));
+    ssize_t got;
+    do   /* EINTR: a signal came (the kernel checks for one before EAGAIN); its handler has run */
+        got = read(fd, buf, (size_t)max * sizeof(*buf));
+    while (got < 0 && errno == EINTR);
     if (got < 0)
         return errno == EAGAIN ? 0 : -errno;
     int n = (int)(got / (ssize_t)sizeof(*buf));
@@ -240,7 +243,7 @@ static int umgr_uffd_read_batch(int fd, struct uffd_msg *buf, int max, int64_t l
             deadline = 0;
             continue;
         }
-        if (got < 0 && errno != EAGAIN)
+        if (got < 0 && errno != EAGAIN && errno != EINTR)
             break;   /* the next read reports it */
         int64_t now = umgr_uffd_now_ns();
         if (!deadline)
