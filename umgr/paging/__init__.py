@@ -3,4 +3,4 @@ faults, evict, pin, apply hints and zap (docs/architecture.md)."""
 
 # np.unique imports numpy.ma on its first call (14 ms, measured): here, at
 # the daemon's start, not in the middle of a target's first faults.
-import numpy.ma  # noqa: E402,F401
+import numpy.ma  # noqa: F401
