@@ -401,3 +401,21 @@ def test_emptied_zapping_pages_keep_their_slot_unless_the_app_discarded_them():
     assert pt.states(vpns).tolist() == [State.SWAPPED, State.SWAPPED, State.FRESH, State.SWAPPED]
     assert pt.slots(vpns).tolist() == [named[0], named[1], NO_SLOT, named[3]]
     assert slots.refs(named).tolist() == [1, 1, 0, 1] and slots.free_count == 13
+    # With nothing discarded every page keeps its slot (no isin is made then).
+    more = np.arange(104, 108)
+    pt.set(more, State.ZAPPING, slots.alloc(4))
+    core.emptied(more, np.empty(0, np.int64))
+    assert pt.states(more).tolist() == [State.SWAPPED] * 4 and (pt.slots(more) != NO_SLOT).all()
+
+
+def test_victims_in_a_batch_in_flight_are_found_as_isin_finds_them():
+    """Evictor._among (searchsorted on two sorted arrays) against np.isin,
+    edges included: before the first, past the last, equal ends."""
+    from umgr.paging.evictor import _among
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        vpns = np.unique(rng.integers(0, 64, rng.integers(1, 40)))
+        others = np.unique(rng.integers(0, 64, rng.integers(1, 40)))
+        assert (_among(vpns, others) == np.isin(vpns, others)).all(), (vpns, others)
+    assert _among(np.array([0, 5, 9]), np.array([5])).tolist() == [False, True, False]

@@ -239,7 +239,7 @@ class FastPath:
         self._came_in(self._served, n)
         log = self._served
         vpns, hits = log.vpns[:n].tolist(), []
-        missing, kinds = vpns, None
+        kinds, missing = [0] * n, vpns   # (without c.wp, every entry is a MISSING fault)
         if c.wp:
             stats.faults_wp += c.wp
             if c.wp_dropped:
@@ -250,10 +250,9 @@ class FastPath:
             missing = [vpn for vpn, kind in zip(vpns, kinds) if not kind & uffdmod.FAST_WP]
         if missing:
             if c.swapped and core.eviction.wants_refaults:   # (FIFO does not: no arrays to make)
-                slots = log.slots[:n].tolist()
                 # (a WP entry's slot is the clean copy its write dropped)
-                back = [(vpn, slot) for i, (vpn, slot) in enumerate(zip(vpns, slots))
-                        if slot != NO_SLOT and (kinds is None or not kinds[i] & uffdmod.FAST_WP)]
+                back = [(vpn, slot) for vpn, slot, kind in zip(vpns, log.slots[:n].tolist(), kinds)
+                        if slot != NO_SLOT and not kind & uffdmod.FAST_WP]
                 if back:
                     vpns_back, slots_back = zip(*back)
                     core.refaulted(np.array(vpns_back, np.int64), np.array(slots_back, np.int32))
