@@ -9,12 +9,12 @@ BIN := $(VENV)/bin
 TEST_VENV ?= $(or $(TMPDIR),/tmp)/umgr-test-venv
 TBIN := $(TEST_VENV)/bin
 WHEEL = $(firstword $(wildcard dist/umgr-*.whl))
-# liburing-dev and libzstd-dev build umgr (io_uring; the fast path unpacks the
-# compressed store's pages with zstd); the rest are programs the tests run under umgr,
+# liburing-dev, liblz4-dev and libzstd-dev build umgr (io_uring; the compressed
+# store's codecs, which the fast path unpacks with too); the rest are programs the tests run under umgr,
 # Prometheus (with promtool), which the metrics tests scrape with, and
 # redis-server/redis-tools for the local Redis Cluster of the redis backend's tests,
 # systemd-analyze and groff, which check the unit file and the man page.
-APT_PACKAGES := liburing-dev libzstd-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus strace \
+APT_PACKAGES := liburing-dev liblz4-dev libzstd-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus strace \
 	redis-server redis-tools systemd groff-base
 
 .PHONY: deps venv dist build dev test smoke bench clean

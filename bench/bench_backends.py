@@ -4,7 +4,7 @@ the kernel's own disk swap and zswap on the same data in the same run.
 The data: the anonymous memory of a real CPython process (a list of dicts
 with str, float and list fields, a shuffled list of ints, a JSON text),
 dumped page by page from /proc/PID/mem into a file. Its make-up (zero and
-same-filled pages, what zstd and lz4 make of the rest, per page) is
+same-filled pages, what umgr's lz4 and zstd make of the rest, per page) is
 measured here and printed first.
 
 The workload: bench/programs/heapreads.c reads the dump into anonymous
@@ -21,8 +21,9 @@ checked ("random"). Configurations, each at the same budget:
                   --idle-poll holds held meanwhile: what the kernel makes
                   of the same help (its disk reads wake a sleeping thread);
   umgr BACKENDS   `umgr exec --max-resident BUDGET --backend ...` for each
-                  variant (file; compressed; compressed in front of file
-                  with a cap of a sixteenth of the data, so that it demotes).
+                  variant (file; compressed, with lz4 and with zstd;
+                  compressed in front of file with a cap of a sixteenth of
+                  the data, so that it demotes).
 
 The table gives each phase's seconds and random/kernel-swap; then the
 compressed tiers' figures: the most pages held at once, the memory they
@@ -114,10 +115,11 @@ def dump_heap(path: str, scale: float, python: str) -> int:
 
 
 def data_makeup(path: str) -> dict:
-    """What the dump is made of, and what each compressor makes of it:
-    ratio = page bytes / bytes held (the store's per-entry overhead
-    included), and per-page compress / decompress times in this process."""
-    from umgr.backends.compressed import ENTRY_OVERHEAD, INCOMPRESSIBLE
+    """What the dump is made of, and what each of umgr's codecs makes of it:
+    ratio = page bytes / bytes held (as the compressed store counts them
+    against its cap, alone: what does not compress is held raw), and
+    per-page compress / decompress times in this process, from C."""
+    from umgr.backends.compressed import CODECS, ENTRY_WORD, INCOMPRESSIBLE, entry_costs
     pages = np.fromfile(path, np.uint8).reshape(-1, PAGE)
     words = pages.view(np.uint64)
     same = (words == words[:, :1]).all(axis=1)
@@ -125,7 +127,8 @@ def data_makeup(path: str) -> dict:
     rest = [bytes(p) for p in pages[~same]]
     makeup = {"pages": len(pages), "zero_pages": int(zero.sum()), "same_filled_pages": int(same.sum()),
               "compressors": {}}
-    for name, compress, decompress in _compressors():
+    for codec in CODECS:
+        compress, decompress = _umgr_codec(codec)
         started = time.perf_counter()
         packed = [compress(p) for p in rest]
         compress_s = time.perf_counter() - started
@@ -135,8 +138,8 @@ def data_makeup(path: str) -> dict:
         decompress_s = time.perf_counter() - started
         sizes = np.array([len(b) for b in packed])
         held = np.where(sizes > INCOMPRESSIBLE, PAGE, sizes)   # held raw by a store alone
-        cost = int(held.sum()) + ENTRY_OVERHEAD * len(pages)
-        makeup["compressors"][name] = {
+        cost = int(entry_costs(held).sum() + entry_costs(np.full(int(same.sum()), ENTRY_WORD)).sum())
+        makeup["compressors"][f"{codec} (umgr)"] = {
             "ratio": len(pages) * PAGE / cost,
             "incompressible_pages": int((sizes > INCOMPRESSIBLE).sum()),
             "compress_us": compress_s / len(rest) * 1e6,
@@ -145,42 +148,36 @@ def data_makeup(path: str) -> dict:
     return makeup
 
 
-def _compressors():
-    yield "zstd -1 (umgr)", *_umgr_codec()
-    try:
-        import lz4.block
-    except ImportError:   # not a dependency of umgr: measured when installed
-        return
-    yield ("lz4 (block)", lambda p: lz4.block.compress(p, store_size=False),
-           lambda b: lz4.block.decompress(b, uncompressed_size=PAGE))
-
-
-def _umgr_codec():
-    """umgr's own zstd codec (libzstd through its C bindings), one page at a
-    time: (compress, decompress). A page that would not fit 3/4 of a page
-    compresses to a full page here (the store declines it)."""
+def _umgr_codec(codec: str):
+    """umgr's codec (through its C bindings, as the store calls it), one
+    page at a time: (compress, decompress). A page that would not fit 3/4 of
+    a page compresses to a full page here (the store declines it)."""
     import ctypes
-    from umgr.backends.compressed import ENTRY_WORD, INCOMPRESSIBLE, CompressedBackend
-    from umgr.kernel.buffers import PageBuffer
-    store, buf = CompressedBackend(size=1 << 20), PageBuffer(1)
-    store._addrs[0] = buf.addr
-    frames = store._frames
+
+    from umgr.backends.compressed import CODECS, ENTRY_LZ4, INCOMPRESSIBLE
+    from umgr.bindings._kernel import ffi, lib
+    from umgr.kernel.buffers import PageBuffer, bytes_address
+    kind, level = CODECS[codec]
+    handle, dctx, buf = lib.umgr_codec_new(kind, level), lib.umgr_zstd_new_dctx(), PageBuffer(1)
+    page_addr, lengths, values = np.array([buf.addr], np.uint64), np.zeros(1, np.int32), np.zeros(1, np.uint64)
+    c_page, c_lengths, c_values = (ffi.cast(t, a.ctypes.data) for t, a in
+                                   (("uint64_t *", page_addr), ("int32_t *", lengths), ("uint64_t *", values)))
+    flag = ENTRY_LZ4 if codec == "lz4" else 0
 
     def compress(page: bytes) -> bytes:
         ctypes.memmove(buf.addr, page, PAGE)
-        store._compress(1)
-        length = int(store._lengths[0])
-        if length == ENTRY_WORD:
-            return page[:8]
-        return bytes(store_buffer[:length]) if 0 < length <= INCOMPRESSIBLE else page
+        lib.umgr_codec_pack_batch(handle, c_page, 1, INCOMPRESSIBLE, 0, c_lengths, c_values)
+        length = int(lengths[0])
+        if length <= 0:
+            return page
+        blob = ffi.buffer(ffi.cast("char *", int(values[0])), length - flag)[:]
+        lib.umgr_entries_free(c_lengths, c_values, 1)
+        return blob
 
     def decompress(blob: bytes) -> None:
-        if len(blob) == 8:
-            return
-        store._unpack_one(blob, buf.addr)
+        if len(blob) < PAGE and not lib.umgr_entry_unpack(dctx, len(blob) + flag, bytes_address(blob), buf.addr):
+            raise BenchError(f"{codec}: a page did not come back")
 
-    from umgr.bindings._kernel import ffi
-    store_buffer = ffi.buffer(frames, INCOMPRESSIBLE)
     return compress, decompress
 
 
@@ -222,7 +219,7 @@ def run_umgr(argv: list[str], budget_mib: int, swap_mib: int, backends: list[str
 
 def variants(data_mib: int, redis_port: int | None) -> list[list[str]]:
     cap = f"compressed:cap={max(1, data_mib // 16)}M"   # heap data compresses ~5x: a sixteenth must demote
-    out = [["file"], ["compressed"], [cap, "file"]]
+    out = [["file"], ["compressed"], ["compressed:codec=zstd"], [cap, "file"]]
     if redis_port:
         out += [[f"redis:port={redis_port}"], [cap, f"redis:port={redis_port}"]]
     return out
@@ -240,7 +237,8 @@ def store_figures(specs: list[str], sample: str, directory: str, singles: int = 
     n = len(pages) // PAGE
     buf, back = PageBuffer(n), PageBuffer(n)
     buf.bytes[:] = pages
-    backend = open_chain(specs, {"size": (n + 1024) * PAGE, "directory": directory}, _backend_value)
+    size = (n + 1024) * PAGE   # (and a compressed store may use as much: the default cap, a quarter, may not hold it)
+    backend = open_chain(specs, {"size": size, "cap": size, "directory": directory}, _backend_value)
     try:
         slots = backend.slots.alloc(n)
 
@@ -318,10 +316,12 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                 name = "umgr " + " + ".join(backends)
                 log(f"{name} ...")
                 configs[name] = run_umgr(argv, args.budget_mib, swap_mib, backends, umgr_cmd, work, args.timeout)
-            stores = [["file"], ["compressed"]] + ([[f"redis:port={redis_port}"]] if redis_port else [])
+            stores = [["file"], ["compressed"], ["compressed:codec=zstd"]]
+            stores += [[f"redis:port={redis_port}"]] if redis_port else []
             for specs in stores:
                 log(f"store {specs[0]} ...")
-                results["stores"][specs[0].split(":")[0]] = store_figures(specs, sample, work)
+                name = specs[0].split(":port")[0].replace(":codec=", " ")
+                results["stores"][name] = store_figures(specs, sample, work)
     results["env"]["loadavg_after"] = os.getloadavg()
     return results
 
@@ -380,11 +380,11 @@ def format_report(results: dict) -> str:
         for failure in c.get("failures", []):
             lines.append(f"{name}: a failed attempt: {failure}")
     if results.get("stores"):
-        lines.append(f"\nstores alone: {'store':<12} {'write pages/s':>14} {'read pages/s':>13}   "
+        lines.append(f"\nstores alone: {'store':<16} {'write pages/s':>14} {'read pages/s':>13}   "
                      f"one-page read us: p50 / p90 / p99 / max")
         for name, f in results["stores"].items():
             q = f["single_read_us"]
-            lines.append(f"              {name:<12} {f['write_pages_s']:>14.0f} {f['read_pages_s']:>13.0f}   "
+            lines.append(f"              {name:<16} {f['write_pages_s']:>14.0f} {f['read_pages_s']:>13.0f}   "
                          f"{q['p50']:.0f} / {q['p90']:.0f} / {q['p99']:.0f} / {q['max']:.0f}")
     lines.append(f"load average before {results['env']['loadavg_before']}, after {results['env']['loadavg_after']}")
     return "\n".join(lines)

@@ -54,8 +54,7 @@ struct umgr_fast_region {
 struct umgr_fast_store {
     int fd;               /* a file holding slot s at offset s * 4096, read with pread; -1: none */
     const int32_t *length; /* a memory tier's entry per slot (NULL: none): 0 not held there,
-                             UMGR_ENTRY_WORD: a page of where[s] repeated, 4096: held raw
-                             at where[s], else that many bytes of one zstd frame at where[s] */
+                             else an entry as _cdef_codec.py makes them */
     const uint64_t *where;
     uint64_t span;        /* slots below this have an entry */
     uint64_t dctx;        /* a zstd decompression context (umgr_fast_open) */
@@ -234,12 +233,12 @@ static int umgr_fast_in_memory(const struct umgr_fast_store *store, int32_t slot
 }
 
 /* Unpack the memory tier's page of slot into page (4096 bytes,
-   _cdef_zstd.py); 1 when it came out whole. */
+   _cdef_codec.py); 1 when it came out whole. */
 static int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page)
 {
     if (!umgr_fast_in_memory(store, (int32_t)slot))
         return 0;
-    return umgr_zstd_unpack(store->dctx, store->length[slot], store->where[slot], page);
+    return umgr_entry_unpack(store->dctx, store->length[slot], store->where[slot], page);
 }
 
 /* The region of regions[0..nregions) (sorted by vpn) holding vpn, or NULL. */

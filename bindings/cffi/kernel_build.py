@@ -20,7 +20,7 @@ import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = os.path.dirname(HERE)   # bindings/, installed as umgr.bindings
-MODULES = ["_cdef_uffd", "_cdef_proc", "_cdef_zstd", "_cdef_fastfault"]   # in the order C needs them
+MODULES = ["_cdef_uffd", "_cdef_proc", "_cdef_codec", "_cdef_fastfault"]   # in the order C needs them
 
 
 def _load(name):

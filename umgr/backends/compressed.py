@@ -1,34 +1,37 @@
 """The compressed backend: evicted pages held in the daemon's own memory,
-compressed with zstd (libzstd, bindings/cffi/_cdef_zstd.py), under a
-memory cap of its own.
+compressed with zstd or lz4 (libzstd, liblz4, from C:
+bindings/cffi/_cdef_codec.py), under a memory cap of its own.
 
 Alone it is a store of its own (`--backend compressed`); in front of
 another (`--backend compressed --backend file`) it is the fast tier of a
 chain (umgr.backends.tiered): pages that do not compress, and the oldest
 pages when the cap is reached, go to the next tier.
 
-The compressor: on 102 MiB of the anonymous memory of a CPython process
+The codecs, on 8192 pages of the anonymous memory of a CPython process
 (dicts, lists, strs, ints; bench/bench_backends.py makes and measures it),
-zstd at level -1 held 5.0x, lz4 (block, default mode) 3.0x, entry
-overhead included; through their Python bindings a page decompressed in
-7.4 us (zstd) against 3.2 us (lz4), compressed in 18.6 against 10.6 us
-(libzstd from C, as now: 6 us and 12 us). A fault costs far more than
-the difference (45 us of daemon time on an idle machine), so zstd's 4 us
-buy 1.7x the pages in the same memory. Level -1 is the default; `level=N`
-trades speed for ratio.
+from C, per page: zstd at level -1 held 8.9x, compressed in 14 us and
+decompressed in 4.9 us; lz4 held 4.5x, in 7.3 and 2.1 us. A fault waits
+for the decompression, and a target at its budget for the compression
+(in a worker thread, beside the fault loop), so lz4 is the default:
+`codec=zstd` buys about twice the pages in the same memory for about 2.5
+us more per fault. `level=N` is zstd's level (default -1) or lz4's
+acceleration (default 1: its best ratio).
 
 The fault path's C call (umgr/paging/fastpath.py) unpacks pages itself,
-from `memory_entries()`: per slot, the length and address of its entry,
-kept beside the dict that owns the entries.
+from `memory_entries()`: per slot, the length and address of its entry.
+Entries live in C (malloc'd blocks of their exact size), so storing and
+dropping a batch is one C call, with no Python object per page.
 
-Costs counted against the cap: each page's compressed bytes and
-ENTRY_OVERHEAD (its dict entry, key and bytes header as tracemalloc
-measures them, plus malloc's chunk header and rounding). A same-filled
-page (one 8-byte word repeated, zero pages included) is held as that word.
+Costs counted against the cap: each entry's block as malloc takes it
+(its bytes, 8 of header, rounded to 16, at least 32) and ENTRY_OVERHEAD
+(the age queue's slot and sequence number, for a chain's demotions). A
+same-filled page (one 8-byte word repeated, zero pages included) is held
+as that word: ENTRY_OVERHEAD only. The per-slot index (20 bytes a slot of
+`size`) is made at start and not counted.
 """
 from __future__ import annotations
 
-import ctypes
+import collections
 import logging
 import time
 
@@ -40,40 +43,77 @@ from umgr.bindings._kernel import ffi as _ffi
 from umgr.bindings._kernel import lib as _lib
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
-from umgr.kernel.buffers import bytes_address
 
 log = logging.getLogger("umgr.backend")
 
-ENTRY_OVERHEAD = 112
+ENTRY_OVERHEAD = 16
 # A page that compresses to more than this is declined (the next tier
 # takes it) or, alone, held raw: a quarter saved is not worth a
 # decompression on every fault.
 INCOMPRESSIBLE = PAGE_SIZE * 3 // 4
 ENTRY_WORD = _lib.UMGR_ENTRY_WORD   # the length C gives a same-filled page's entry
-PACK_PAGES = 512   # pages one pack() takes before its buffers grow (an eviction batch)
+ENTRY_LZ4 = _lib.UMGR_ENTRY_LZ4     # added to the length of an lz4 block
+CODECS = {"zstd": (_lib.UMGR_CODEC_ZSTD, -1), "lz4": (_lib.UMGR_CODEC_LZ4, 1)}   # name: (kind, default level)
+DEFAULT_CODEC = "lz4"
 
-Entry = "bytes | int"   # compressed page (PAGE_SIZE long: held raw) or a same-filled page's word
+
+def entry_costs(lengths: np.ndarray) -> np.ndarray:
+    """What entries of these lengths cost against the cap (0: no entry)."""
+    lengths = np.asarray(lengths, np.int64)
+    nbytes = np.where(lengths > 0, lengths % ENTRY_LZ4, 0)
+    blocks = np.where(nbytes > 0, np.maximum(32, (nbytes + 8 + 15) & ~15), 0)
+    return np.where(lengths != 0, blocks + ENTRY_OVERHEAD, 0)
+
+
+def _ptr(ctype: str, array: np.ndarray):
+    return _ffi.cast(ctype, array.ctypes.data)
+
+
+class Packed:
+    """A batch packed by CompressedBackend.pack(), its entries not yet
+    installed: per page its entry (length 0: declined) and cost. Its
+    blocks are the store's once kept, or freed by discard()."""
+
+    def __init__(self, lengths: np.ndarray, values: np.ndarray):
+        self.lengths, self.values = lengths, values
+        self.costs = entry_costs(lengths)
+
+    @property
+    def need(self) -> int:
+        """Bytes of the cap the entries would take."""
+        return int(self.costs.sum())
+
+    def declined(self) -> np.ndarray:
+        return self.lengths == 0
+
+    def discard(self) -> None:
+        _lib.umgr_entries_free(_ptr("int32_t *", self.lengths), _ptr("uint64_t *", self.values), len(self.lengths))
+        self.lengths[:] = 0
 
 
 class CompressedBackend(Backend):
     name = "compressed"
 
-    def __init__(self, size: int = 4 << 30, cap: int | None = None, level: int = -1):
+    def __init__(self, size: int = 4 << 30, cap: int | None = None, codec: str = DEFAULT_CODEC,
+                 level: int | None = None):
         """size: the pages it can hold when alone (slots); cap: the memory
-        it may use (default a quarter of size)."""
+        it may use (default a quarter of size); codec: lz4 or zstd; level:
+        zstd's level or lz4's acceleration (the codec's default if None)."""
         super().__init__(size // PAGE_SIZE)
         self.cap = int(cap) if cap is not None else size // 4
-        if self.cap < ENTRY_OVERHEAD:
+        if self.cap < entry_costs([ENTRY_WORD])[0]:
             raise ValueError(f"compressed: cap of {self.cap} bytes holds no page")
-        self.level = int(level)
-        self._cctx = _lib.umgr_zstd_new_cctx(self.level)
-        if not self._cctx:
-            raise ValueError(f"compressed: zstd takes no level {self.level}")
+        if codec not in CODECS:
+            raise ValueError(f"compressed: no codec {codec!r}; it takes {' or '.join(CODECS)}")
+        kind, default_level = CODECS[codec]
+        self.codec, self.level = codec, default_level if level is None else int(level)
+        self._codec = _lib.umgr_codec_new(kind, self.level)
+        if not self._codec:
+            raise ValueError(f"compressed: {codec} takes no level {self.level}")
         self._dctx = _lib.umgr_zstd_new_dctx()
-        self._packing = trio.Lock()   # one batch at a time in the codec's buffers and context
-        self._room_for(PACK_PAGES)
-        self._pages: dict[int, bytes | int] = {}   # slot -> entry, oldest first (dict order)
+        self._packing = trio.Lock()   # one batch at a time in the codec's context
         self._index_slots()
+        self._held = 0                 # pages held
         self.held_bytes = 0            # counted against the cap
         self.same_filled = 0           # pages held as one word
         self.incompressible = 0        # pages that did not compress (declined or held raw)
@@ -91,149 +131,171 @@ class CompressedBackend(Backend):
 
     def _index_slots(self) -> None:
         """The entries as C reads them, per slot of self.slots: the length
-        of each (0: not held; ENTRY_WORD: a same-filled page, its word in
-        _where; PAGE_SIZE: held raw) and its address."""
-        self._length = np.zeros(self.slots.span, np.int32)
-        self._where = np.zeros(self.slots.span, np.uint64)
+        of each (0: not held) and its address or word (_cdef_codec.py);
+        and when each was stored (0: not held), in the order a chain
+        demotes them (_age: batches of (slots, sequence numbers), oldest
+        first; an entry dropped since is skipped)."""
+        span = self.slots.span
+        self._length = np.zeros(span, np.int32)
+        self._where = np.zeros(span, np.uint64)
+        self._seq = np.zeros(span, np.uint64)
+        self._next_seq = 1
+        self._age: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
+        self._aged = 0   # entries in _age, dropped ones included
+        self._c_index = (_ptr("int32_t *", self._length), _ptr("uint64_t *", self._where))
 
-    def _room_for(self, npages: int) -> None:
-        """Buffers for packing npages at once: their addresses in, per page
-        its entry's length (or ENTRY_WORD and the word) and frame out."""
-        self._addrs = np.zeros(npages, np.uint64)
-        self._lengths = np.zeros(npages, np.int32)
-        self._words = np.zeros(npages, np.uint64)
-        self._frames = _ffi.new("char[]", npages * INCOMPRESSIBLE)
-        self._arrays_c = (_ffi.cast("uint64_t *", self._addrs.ctypes.data),
-                          _ffi.cast("int32_t *", self._lengths.ctypes.data),
-                          _ffi.cast("uint64_t *", self._words.ctypes.data))
-
-    async def pack(self, addrs: np.ndarray) -> list:
-        """The entry of each page (None: incompressible, for the next tier).
-        zstd takes about 12 us a page here: a batch is packed in a worker
-        thread (the C call runs without the GIL), so the fault loop goes
-        on meanwhile, and the core of a target waiting on its faults
-        does the work."""
-        async with self._packing:
-            if len(addrs) > len(self._addrs):
-                self._room_for(len(addrs))
-            self._addrs[:len(addrs)] = addrs
-            packed = await trio.to_thread.run_sync(self._compress, len(addrs))
-            return self._entries(addrs, packed)
-
-    def _compress(self, n: int) -> int:
-        addrs, lengths, words = self._arrays_c
-        return _lib.umgr_zstd_pack_batch(self._cctx, addrs, n, self._frames, INCOMPRESSIBLE, lengths, words)
-
-    def _entries(self, addrs: np.ndarray, packed: int) -> list:
+    async def pack(self, addrs: np.ndarray) -> Packed:
+        """The pages' new entries, to keep() or discard(). Compression takes
+        several us a page: a batch is packed in a worker thread (the C call
+        runs without the GIL), so the fault loop goes on meanwhile, and the
+        core of a target waiting on its faults does the work."""
+        addrs = np.ascontiguousarray(addrs, np.uint64)
         n = len(addrs)
+        lengths, values = np.zeros(n, np.int32), np.zeros(n, np.uint64)
+        async with self._packing:
+            packed = await trio.to_thread.run_sync(
+                lambda: _lib.umgr_codec_pack_batch(self._codec, _ptr("uint64_t *", addrs), n, INCOMPRESSIBLE,
+                                                   self.alone, _ptr("int32_t *", lengths), _ptr("uint64_t *", values)))
+        batch = Packed(lengths, values)
         if packed < n:
+            batch.discard()
             self.errors += 1
-            raise BackendError("zstd failed to compress a page")
-        frames = _ffi.buffer(self._frames)
-        entries = []
-        for i, length in enumerate(self._lengths[:n].tolist()):
-            if length == ENTRY_WORD:
-                entries.append(int(self._words[i]))
-            elif length:
-                entries.append(frames[i * INCOMPRESSIBLE:i * INCOMPRESSIBLE + length])
-            else:
-                self.incompressible += 1
-                entries.append(ctypes.string_at(int(addrs[i]), PAGE_SIZE) if self.alone else None)
-        return entries
-
-    @staticmethod
-    def cost(entry) -> int:
-        return ENTRY_OVERHEAD + (len(entry) if isinstance(entry, bytes) else 0)
+            raise BackendError(f"{self.codec} failed to compress a page (or no memory left for it)")
+        self.incompressible += int(np.count_nonzero((lengths == 0) | (lengths == PAGE_SIZE)))
+        return batch
 
     def room(self) -> int:
         return self.cap - self.held_bytes
 
-    def keep(self, slots: np.ndarray, entries: list) -> np.ndarray:
-        """Hold the pages that fit under the cap, in order; which did."""
-        kept = np.zeros(len(slots), bool)
-        for i, (slot, entry) in enumerate(zip(slots.tolist(), entries)):
-            if entry is None:
-                continue
-            if slot in self._pages:   # written again without a free: the new page replaces
-                self._forget(slot)
-            cost = self.cost(entry)
-            if self.held_bytes + cost > self.cap:
-                break
-            self._pages[slot] = entry
-            self._index(slot, entry)
-            self.held_bytes += cost
-            self.same_filled += isinstance(entry, int)
-            kept[i] = True
-        self.pages_written += int(kept.sum())
-        if len(self._pages) > self.peak_pages:
-            self.peak_pages, self.peak_bytes = len(self._pages), self.held_bytes
+    def keep(self, slots: np.ndarray, batch: Packed) -> np.ndarray:
+        """Hold the entries that fit under the cap, in order; which did.
+        The slots' earlier entries are dropped (their pages were written
+        again), declined pages' too: a page is in one tier only."""
+        slots = np.ascontiguousarray(slots, np.int32)
+        self._drop(slots)
+        offered = ~batch.declined()
+        kept = offered & (np.cumsum(np.where(offered, batch.costs, 0)) <= self.room())
+        _lib.umgr_entries_install(_ptr("int32_t *", slots), _ptr("uint8_t *", kept.view(np.uint8)), len(slots),
+                                  _ptr("int32_t *", batch.lengths), _ptr("uint64_t *", batch.values), *self._c_index)
+        held = slots[kept]
+        self._count(len(held), int(batch.costs[kept].sum()), int(np.count_nonzero(batch.lengths[kept] == ENTRY_WORD)))
+        batch.lengths[:] = 0   # the blocks are the store's now, or freed
+        self._stored(held)
+        self.pages_written += len(held)
+        if self._held > self.peak_pages:
+            self.peak_pages, self.peak_bytes = self._held, self.held_bytes
         return kept
 
-    def _index(self, slot: int, entry) -> None:
-        if isinstance(entry, int):
-            self._length[slot], self._where[slot] = ENTRY_WORD, entry
-        else:
-            self._length[slot], self._where[slot] = len(entry), bytes_address(entry)
+    def _stored(self, slots: np.ndarray) -> None:
+        seqs = np.arange(self._next_seq, self._next_seq + len(slots), dtype=np.uint64)
+        self._next_seq += len(slots)
+        self._seq[slots] = seqs
+        if self.alone:   # nothing is demoted: no age to keep
+            return
+        self._age.append((slots, seqs))
+        self._aged += len(slots)
+        if self._aged > 2 * self._held + 4096:
+            self._compact_age()
+
+    def _live(self, slots: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+        return self._seq[slots] == seqs
+
+    def _compact_age(self) -> None:
+        """Leave out of the age queue the entries dropped since."""
+        if not self._age:
+            return
+        slots, seqs = (np.concatenate(parts) for parts in zip(*self._age))
+        live = self._live(slots, seqs)
+        self._age = collections.deque([(slots[live], seqs[live])])
+        self._aged = int(np.count_nonzero(live))
+
+    def _count(self, pages: int, nbytes: int, words: int) -> None:
+        self._held += pages
+        self.held_bytes += nbytes
+        self.same_filled += words
+
+    def _drop(self, slots: np.ndarray) -> int:
+        """Drop the entries of those slots that have one; how many did."""
+        lengths = self._length[slots]
+        held = lengths != 0
+        if not held.any():
+            return 0
+        slots, lengths = np.ascontiguousarray(slots[held], np.int32), lengths[held]
+        self._count(-len(slots), -int(entry_costs(lengths).sum()), -int(np.count_nonzero(lengths == ENTRY_WORD)))
+        _lib.umgr_entries_drop(_ptr("int32_t *", slots), len(slots), *self._c_index)
+        self._seq[slots] = 0
+        return len(slots)
 
     def holds(self, slots: np.ndarray) -> np.ndarray:
-        pages = self._pages
-        return np.fromiter((slot in pages for slot in slots.tolist()), bool, len(slots))
+        slots = np.asarray(slots, np.int64)
+        inside = (slots >= 0) & (slots < len(self._length))
+        return inside & (self._length[np.where(inside, slots, 0)] != 0)
 
     def holds_one(self, slot: int) -> bool:
-        return slot in self._pages
+        return 0 <= slot < len(self._length) and bool(self._length[slot])
 
-    def oldest(self, nbytes: int, limit: int, skip: np.ndarray) -> tuple[np.ndarray, list]:
+    def oldest(self, nbytes: int, limit: int, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The oldest pages, at most `limit`, holding at least `nbytes`
-        between them if there are enough; pages with skip[slot] are passed over."""
-        slots, entries, freed = [], [], 0
-        for slot, entry in self._pages.items():
-            if freed >= nbytes or len(slots) >= limit:
+        between them if there are enough, and a token per page for
+        drop_if_held(); pages with skip[slot] are passed over."""
+        while self._age and not self._live(*self._age[0]).any():
+            self._aged -= len(self._age.popleft()[0])
+        taken, tokens, freed, count = [], [], 0, 0
+        for slots, seqs in self._age:
+            if freed >= nbytes or count >= limit:
                 break
-            if skip[slot]:
-                continue
-            slots.append(slot)
-            entries.append(entry)
-            freed += self.cost(entry)
-        return np.array(slots, np.int32), entries
+            live = self._live(slots, seqs) & ~skip[slots]
+            slots, seqs = slots[live], seqs[live]
+            cum = freed + np.cumsum(entry_costs(self._length[slots]))
+            k = min(int(np.searchsorted(cum, nbytes)) + 1, len(slots), limit - count)
+            if k:
+                taken.append(slots[:k])
+                tokens.append(seqs[:k])
+                freed, count = int(cum[k - 1]), count + k
+        if not taken:
+            return np.empty(0, np.int32), np.empty(0, np.uint64)
+        return np.concatenate(taken), np.concatenate(tokens)
 
-    def unpack(self, entries: list, addrs: np.ndarray) -> None:
-        for entry, addr in zip(entries, addrs.tolist()):
-            self._unpack_one(entry, addr)
+    def unpack(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        """The held pages of slots into the pages at addrs."""
+        if len(slots) == 1:   # a fault's one page: no arrays to make
+            slot = int(slots[0])
+            if self.holds_one(slot) and _lib.umgr_entry_unpack(self._dctx, int(self._length[slot]),
+                                                               int(self._where[slot]), int(addrs[0])):
+                return
+        slots = np.ascontiguousarray(slots, np.int32)
+        addrs = np.ascontiguousarray(addrs, np.uint64)
+        done = _lib.umgr_entries_unpack(self._dctx, _ptr("int32_t *", slots), len(slots), *self._c_index,
+                                        len(self._length), _ptr("uint64_t *", addrs))
+        if done < len(slots):
+            self.errors += 1
+            slot = int(slots[done])
+            if not 0 <= slot < len(self._length) or not self._length[slot]:
+                raise BackendError(f"compressed store holds no page in slot {slot}")
+            raise BackendError(f"compressed page in slot {slot} does not decompress to one page")
 
-    def drop_if_held(self, slots: np.ndarray, entries: list) -> None:
+    def drop_if_held(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Pages now in the next tier leave this one, unless their slot was
         freed (and maybe stored again) meanwhile."""
-        pages = self._pages
-        for slot, entry in zip(slots.tolist(), entries):
-            if pages.get(slot) is entry:
-                self._forget(slot)
+        self._drop(slots[self._live(slots, tokens)])
 
     # ---- the Backend interface --------------------------------------------------
     async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
-        slots = np.asarray(slots, np.int32)
         started = time.perf_counter()
-        entries = await self.pack(np.asarray(addrs, np.uint64))
-        need = sum(self.cost(entry) for entry in entries)
-        if need > self.room():
+        batch = await self.pack(addrs)
+        if batch.need > self.room():
+            batch.discard()
             self.errors += 1
-            raise BackendError(f"compressed store full: {need} bytes wanted, "
+            raise BackendError(f"compressed store full: {batch.need} bytes wanted, "
                                f"{self.room()} left of a {self.cap}-byte cap")
-        self.keep(slots, entries)
+        self.keep(slots, batch)
         self._timed(started)
 
     async def read(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         started = time.perf_counter()
-        pages = self._pages
-        for slot, addr in zip(np.asarray(slots).tolist(), np.asarray(addrs).tolist()):
-            entry = pages.get(slot)
-            if entry is None:
-                self.errors += 1
-                raise BackendError(f"compressed store holds no page in slot {slot}")
-            self._unpack_one(entry, addr)
+        self.unpack(slots, addrs)
         self.pages_read += len(slots)
-        elapsed = time.perf_counter() - started
-        self.read_seconds += elapsed
-        self._timed(started)
+        self.read_seconds += self._timed(started)
 
     def memory_entries(self) -> tuple[np.ndarray, np.ndarray]:
         return self._length, self._where
@@ -242,44 +304,28 @@ class CompressedBackend(Backend):
         if memory.pages:
             self._count_reads(memory)
 
-    def _unpack_one(self, entry, addr: int) -> None:
-        if isinstance(entry, int):
-            length, where = ENTRY_WORD, entry
-        else:
-            length, where = len(entry), bytes_address(entry)
-        if not _lib.umgr_zstd_unpack(self._dctx, length, where, addr):
-            self.errors += 1
-            raise BackendError("compressed page does not decompress to one page")
-
     def release(self, slots: np.ndarray) -> None:
         """Freed slots: their pages are dropped (the slot allocator's on_free)."""
-        pages = self._pages
-        for slot in slots.tolist():
-            if slot in pages:
-                self._forget(slot)
-
-    def _forget(self, slot: int) -> None:
-        entry = self._pages.pop(slot)
-        self._length[slot] = 0
-        self.held_bytes -= self.cost(entry)
-        self.same_filled -= isinstance(entry, int)
+        self._drop(np.asarray(slots, np.int64))
 
     @property
     def pages_held(self) -> int:
-        return len(self._pages)
+        return self._held
 
     def close(self) -> None:
-        self._pages.clear()
-        self._length[:] = 0
-        self.held_bytes = 0
-        if self._cctx:
-            _lib.umgr_zstd_free(self._cctx, self._dctx)
-            self._cctx = self._dctx = 0
+        self._drop(np.flatnonzero(self._length))
+        self._age.clear()
+        self._aged = 0
+        if self._codec:
+            _lib.umgr_codec_free(self._codec)
+            _lib.umgr_zstd_free_dctx(self._dctx)
+            self._codec = self._dctx = 0
 
     def tier_statistics(self) -> list[dict]:
-        held = len(self._pages)
+        held = self._held
         return [{
             "tier": self.name,
+            "codec": self.codec,
             "capacity_bytes": self.cap,
             "used_bytes": self.held_bytes,
             "pages": held,

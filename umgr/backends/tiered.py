@@ -16,8 +16,8 @@ Races (all tasks run on one trio thread; state changes only at awaits):
 - a demoted page stays in the upper tier, and is read from there, until
   its lower write has completed;
 - a slot freed during its demotion may be allocated and written again: the
-  demotion then leaves the new page alone (entries are compared by
-  identity), and a lower write of that slot waits for the demotion's write
+  demotion then leaves the new page alone (oldest() gives a token per
+  page, its store's sequence number), and a lower write of that slot waits for the demotion's write
   to finish, so the two never race to the same block.
 """
 from __future__ import annotations
@@ -58,11 +58,14 @@ class Tiered(Backend):
     async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         slots, addrs = np.asarray(slots, np.int32), np.asarray(addrs, np.uint64)
         upper = self.upper
-        entries = await upper.pack(addrs)
-        need = sum(upper.cost(entry) for entry in entries if entry is not None)
-        while need > upper.room() and await self._demote(need - upper.room()):
-            pass
-        kept = upper.keep(slots, entries)
+        batch = await upper.pack(addrs)
+        try:
+            while batch.need > upper.room() and await self._demote(batch.need - upper.room()):
+                pass
+        except BaseException:
+            batch.discard()
+            raise
+        kept = upper.keep(slots, batch)
         if not kept.all():
             rest = ~kept
             await self._after_demotions(slots[rest])
@@ -104,12 +107,12 @@ class Tiered(Backend):
         """Move the upper tier's oldest pages (at least nbytes of them, at
         most DEMOTE_BATCH pages) down. False when there was none to move."""
         upper = self.upper
-        victims, entries = upper.oldest(nbytes, DEMOTE_BATCH, self._in_flight)
+        victims, tokens = upper.oldest(nbytes, DEMOTE_BATCH, self._in_flight)
         if len(victims) == 0:
             return False
         buf = self._buffers.pop() if self._buffers else PageBuffer(DEMOTE_BATCH)
         addrs = buf.addrs(np.arange(len(victims)))
-        upper.unpack(entries, addrs)
+        upper.unpack(victims, addrs)
         self._in_flight[victims] = True
         try:
             await self.lower.write(victims, addrs)
@@ -118,7 +121,7 @@ class Tiered(Backend):
             self._landed.set()
             self._landed = trio.Event()
             self._buffers.append(buf)
-        upper.drop_if_held(victims, entries)
+        upper.drop_if_held(victims, tokens)
         self.demoted += len(victims)
         return True
 
