@@ -352,6 +352,28 @@ def test_pagemap_entries_of_scattered_runs_read_as_one_span_or_one_by_one(ct, ma
         assert present == want, factor
 
 
+def test_pagemap_entries_of_an_exited_process_say_it_is_gone():
+    """The pagemap of a zombie reads as empty: a short read, not zeros."""
+    proc = subprocess.Popen(["sleep", "30"])
+    fd = M.open_pagemap(proc.pid)   # (checks the process is there)
+    os.close(fd)
+    vpn = 0x400000 // P
+    starts, lengths = np.array([vpn, vpn + 100], np.int64), np.array([1, 1], np.int64)
+    assert len(M.pagemap_entries(proc.pid, starts, lengths)) == 2
+    proc.kill()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)   # a zombie: its /proc entry stays
+    try:
+        for factor in (16, 1):
+            old, M.SPAN_READ_FACTOR = M.SPAN_READ_FACTOR, factor
+            try:
+                with pytest.raises(TargetGone):
+                    M.pagemap_entries(proc.pid, starts, lengths)
+            finally:
+                M.SPAN_READ_FACTOR = old
+    finally:
+        proc.wait()
+
+
 def test_zero_pages_finds_exactly_the_all_zero_pages():
     """An eviction batch's zero pages take no slot: a page is zero only if
     every byte is, wherever its one nonzero byte lies."""

@@ -77,6 +77,7 @@ int64_t umgr_mem_readv(int memfd, uint64_t local, const uint64_t *addrs,
 int64_t umgr_checked_readv(int pid, int memfd, uint64_t canary, uint64_t local,
                            const uint64_t *addrs, const uint64_t *lens, size_t n);
 void umgr_zero_pages(uint64_t base, int count, uint8_t *zero);
+int64_t umgr_pagemap_runs(int fd, const int64_t *starts, const int64_t *lengths, int n, uint64_t *out);
 """
 
 CUSTOMIZATIONS = """
@@ -334,6 +335,27 @@ static int64_t umgr_checked_readv(int pid, int memfd, uint64_t canary, uint64_t 
    page stops at its first nonzero word: most pages read out of a process
    are not zero, and a whole-buffer scan (numpy's any per row) read all
    2 MiB of an eviction batch every time. */
+/* The /proc/PID/pagemap entries (fd) of the pages of each run (first vpn,
+   page count) into out, in order, a pread a run: returns how many were
+   read (fewer at a short read: the process has exited), or -errno. */
+static int64_t umgr_pagemap_runs(int fd, const int64_t *starts, const int64_t *lengths, int n, uint64_t *out)
+{
+    int64_t done = 0;
+    for (int i = 0; i < n; i++) {
+        size_t want = (size_t)lengths[i] * 8;
+        ssize_t got;
+        do
+            got = pread(fd, out + done, want, (off_t)starts[i] * 8);
+        while (got < 0 && errno == EINTR);
+        if (got < 0)
+            return -errno;
+        done += got / 8;
+        if ((size_t)got != want)
+            return done;
+    }
+    return done;
+}
+
 static void umgr_zero_pages(uint64_t base, int count, uint8_t *zero)
 {
     for (int i = 0; i < count; i++) {

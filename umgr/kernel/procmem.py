@@ -200,25 +200,25 @@ SPAN_READ_FACTOR = 16
 def pagemap_entries(pid: int, starts, lengths) -> np.ndarray:
     """The pagemap entries of the pages of each run (start vpn, length),
     concatenated in order. Reading it never waits on a userfault."""
-    starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+    starts, lengths = np.ascontiguousarray(starts, np.int64), np.ascontiguousarray(lengths, np.int64)
     total = int(lengths.sum())
     span = int(starts[-1] + lengths[-1] - starts[0]) if len(starts) else 0
     one_read = len(starts) > 1 and 0 < span <= SPAN_READ_FACTOR * total
+    read_starts, read_lengths = (starts[:1], np.array([span], np.int64)) if one_read else (starts, lengths)
+    entries = np.empty(span if one_read else total, np.uint64)
     fd = open_pagemap(pid)
     try:
-        if one_read:
-            chunks = [os.pread(fd, span * 8, int(starts[0]) * 8)]
-        else:
-            chunks = [os.pread(fd, int(n) * 8, int(vpn) * 8) for vpn, n in zip(starts.tolist(), lengths.tolist())]
-    except ProcessLookupError:
-        raise TargetGone(f"process {pid} is gone", pid=pid) from None
+        # A pread a run, in C: a batch of scattered victims is hundreds of runs.
+        got = _lib.umgr_pagemap_runs(fd, _ffi.cast("int64_t *", read_starts.ctypes.data),
+                                     _ffi.cast("int64_t *", read_lengths.ctypes.data), len(read_starts),
+                                     _ffi.cast("uint64_t *", entries.ctypes.data))
     finally:
         os.close(fd)
-    data = b"".join(chunks)
-    if len(data) != 8 * (span if one_read else total):
+    if got == -_errno.ESRCH or 0 <= got < len(entries):
         # An open pagemap of a process that has exited reads as empty.
         raise TargetGone(f"process {pid} is gone (pagemap read short)", pid=pid)
-    entries = np.frombuffer(data, np.uint64)
+    if got < 0:
+        raise OSError(-got, f"/proc/{pid}/pagemap: {os.strerror(-got)}")
     if not one_read:
         return entries
     # The runs' pages within the span: each run's offset, then 0..length-1 within it.
