@@ -29,11 +29,20 @@ def sleep_entries() -> int:
     return total
 
 
+def cpuidle_counts_entries() -> bool:
+    """Whether a cpuidle driver counts entries into sleep states. Without
+    one (a VM booted with none registered: current_driver reads "none")
+    idle CPUs halt uncounted, and only the request itself can be checked."""
+    with open("/sys/devices/system/cpu/cpuidle/current_driver") as f:
+        return f.read().strip() != "none"
+
+
 def test_a_held_request_keeps_idle_cpus_polling():
     assert current_limit() == NO_LIMIT, "another process holds a CPU latency request: this test needs none"
+    counted = cpuidle_counts_entries()
     before = sleep_entries()
     time.sleep(0.3)
-    assert sleep_entries() > before   # idle CPUs sleep when nothing holds them
+    assert not counted or sleep_entries() > before   # idle CPUs sleep when nothing holds them
     request = CpuLatencyRequest()
     request.hold(0)
     try:
@@ -47,7 +56,7 @@ def test_a_held_request_keeps_idle_cpus_polling():
     assert not request.held and current_limit() == NO_LIMIT
     before = sleep_entries()
     time.sleep(0.3)
-    assert sleep_entries() > before   # released: they sleep again
+    assert not counted or sleep_entries() > before   # released: they sleep again
 
 
 def test_a_request_that_cannot_be_made_says_why(tmp_path):
