@@ -1,7 +1,14 @@
 """The fault fast path (umgr/paging/fastpath.py): plain MISSING faults
 served in C, settled in Python in batches. Every test checks every byte
 and that the fast path really served the faults (or really stood aside)."""
+import os
+import select
+import threading
+
 import pytest
+import trio
+
+from umgr.paging import fastpath
 
 MiB = 1 << 20
 PAGE = 4096
@@ -83,6 +90,48 @@ def test_sequential_scans_still_prefetch(umgr_exec, programs):
     assert fast.stats["faults"] <= 1.5 * full.stats["faults"] + 200, (fast.stats, full.stats)
     # A stream's next window comes in through C, ahead of its faulting page.
     assert fast.stats["prefetched_fast"] >= 0.9 * fast.stats["prefetched"], fast.stats
+
+
+@pytest.mark.timeout(120)
+def test_strided_scans_are_seen_at_once(umgr_exec, programs):
+    # 64 MiB read as 8 strided scans (every 8th page), twice, under 16 MiB:
+    # the C call ends on the third fault of a stride, so the prefetch
+    # policy follows it about as soon as on the full path. (Before, a
+    # stride was seen only when the call ended for another reason: about
+    # twice the full path's faults.)
+    fast = umgr_exec([programs["reread"], "64", "2", "8"], max_resident="16M")
+    full = umgr_exec([programs["reread"], "64", "2", "8"], "--no-fast-path", max_resident="16M")
+    for result in (fast, full):
+        assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
+        assert result.stats["pages_in"] >= 2 * (64 - 16) * MiB // PAGE, result.stats   # the data really left
+        assert result.stats["prefetched"] > 0.8 * result.stats["pages_in"], result.stats
+    assert fast.stats["faults"] <= 1.2 * full.stats["faults"] + 100, (fast.stats, full.stats)
+    assert fast.stats["prefetched_fast"] >= 0.9 * fast.stats["prefetched"], fast.stats
+
+
+def test_the_call_runs_long_only_while_nothing_else_is_ready():
+    # The C call watches the event loop's epoll set; it gets the long
+    # slice only while no other task is runnable and no timer is due.
+    assert fastpath.event_loop_fd() == -1     # no loop running here
+
+    async def main():
+        fd = fastpath.event_loop_fd()
+        assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]"
+        assert fastpath.slice_seconds(fd) == fastpath.LONG_SLICE_SECONDS
+        assert fastpath.slice_seconds(-1) == fastpath.SLICE_SECONDS
+        with trio.CancelScope(deadline=trio.current_time() + 0.003):
+            assert 0.002 < fastpath.slice_seconds(fd) <= 0.003          # up to the timer
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)                            # runnable now
+            assert fastpath.slice_seconds(fd) == fastpath.SLICE_SECONDS
+        # A thread's result comes through the epoll set: it becomes readable.
+        token = trio.lowlevel.current_trio_token()
+        done = threading.Event()
+        threading.Thread(target=lambda: (token.run_sync_soon(lambda: None), done.set())).start()
+        done.wait(5)
+        assert select.select([fd], [], [], 5)[0] == [fd]
+
+    trio.run(main)
 
 
 @pytest.mark.timeout(180)

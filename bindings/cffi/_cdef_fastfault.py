@@ -85,6 +85,14 @@ struct umgr_fast_log {
                              and goes to the full path, which brings the next window
                              with it */
     int32_t stream_step[8]; /* the pages between a window's pages: > 0 ascends, < 0 descends */
+    /* Limits of serve beside its arguments, set before each call: */
+    int32_t yield_after;  /* end the call once this many pages came in (<= room): the evictor
+                             is to start as soon as the high water mark is passed */
+    int32_t max_stride;   /* end it on a fault that extends the last two served by their gap,
+                             a gap of up to this many pages: a strided stream may start */
+    int32_t watch_fd;     /* end it when this fd is readable (the daemon's event loop has
+                             work: an I/O wait over, a thread's result); -1: none */
+    int64_t watch_ns;     /* how often watch_fd is looked at */
     /* The bookkeeping that needs no Python, done here as each page is
        logged (umgr/paging/fastpath.py settles the rest). Per call: */
     int32_t missing;      /* MISSING faults served (serve) */
@@ -524,14 +532,30 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     return 1;
 }
 
-/* Whether `vpn` lies within `near` pages of a page served lately; it
-   joins them. */
+/* Whether `vpn` may start a stream: it lies within `near` pages of a page
+   served lately, or it extends the last two served by their gap (of up to
+   log->max_stride pages). It joins the pages served lately. */
 static int umgr_fast_near(struct umgr_fast_log *log, uint64_t vpn, int64_t near)
 {
     int found = umgr_fast_close_to(log->recent, vpn, near);
+    uint64_t last = log->recent[(log->recent_at + 7) % 8], before = log->recent[(log->recent_at + 6) % 8];
+    int64_t gap = (int64_t)(last - before);
+    if (before && gap == (int64_t)(vpn - last) && gap <= log->max_stride && gap >= -log->max_stride)
+        found = 1;
     log->recent[log->recent_at] = vpn;
     log->recent_at = (log->recent_at + 1) % 8;
     return found;
+}
+
+/* Whether log->watch_fd is readable, looked at no more often than
+   log->watch_ns (a poll costs about a microsecond). */
+static int umgr_fast_watched_ready(struct umgr_fast_log *log, int64_t now, int64_t *looked)
+{
+    if (log->watch_fd < 0 || now - *looked < log->watch_ns)
+        return 0;
+    *looked = now;
+    struct pollfd watched = { .fd = log->watch_fd, .events = POLLIN };
+    return poll(&watched, 1, 0) > 0;
 }
 
 /* Note the pages that the events of msgs[from..to) (messages that are not
@@ -730,10 +754,11 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
 /* Serve faults until a message is not a plain one (HANDOFF: log->handoff
    messages are left at the buffer's start; a fault that continues a stream
    of log->streams is not plain), none comes for spin_ns (IDLE), or a limit is
-   reached (YIELD): the log is full, `room` pages came in, slice_ns passed,
-   or a page lies within `near` pages of one of the last 8 served (the
-   prefetch policy may see a stream start: threads that each scan their own
-   part interleave their faults). A swapped page the store cannot give
+   reached (YIELD): the log is full, log->yield_after pages came in,
+   slice_ns passed, log->watch_fd is readable, or a page may start a stream
+   (umgr_fast_near: the prefetch policy is to see it; threads that each scan
+   their own part interleave their faults). At most `room` pages come in
+   (more faults read with the last group go to the full path). A swapped page the store cannot give
    (not in its memory tier, and no file) goes to the full path. Returns UMGR_FAST_* or -errno of a failed
    read of the uffd; log->served says how many pages were served. */
 static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct umgr_fast_region *regions,
@@ -741,7 +766,7 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
                            int64_t spin_ns, int64_t slice_ns, int32_t room, int64_t near,
                            struct umgr_fast_log *log)
 {
-    int64_t until = umgr_now_ns() + slice_ns;
+    int64_t looked = umgr_now_ns(), until = looked + slice_ns;
     int group = max_msgs < UMGR_FAST_GROUP ? max_msgs : UMGR_FAST_GROUP;
     umgr_fast_reset(log);
     log->handoff = 0;
@@ -765,7 +790,8 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
                 near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
-        if (near_one || log->served >= log->max || log->served >= room || started >= until)
+        if (near_one || log->served >= log->max || log->served >= room || log->served >= log->yield_after ||
+            started >= until || umgr_fast_watched_ready(log, started, &looked))
             return UMGR_FAST_YIELD;
     }
 }

@@ -1,6 +1,8 @@
-/* Data written once and then only read: usage reread MIB PASSES. Writes
- * salted pages, then checks them all PASSES times. Exit 0 when every byte
- * is right. Under --keep-clean the re-reads evict without writing again. */
+/* Data written once and then only read: usage reread MIB PASSES [STRIDE].
+ * Writes salted pages, then checks them all PASSES times: in order, or with
+ * STRIDE > 1 as STRIDE strided scans (pages 0, STRIDE, 2 STRIDE, ..., then
+ * 1, 1 + STRIDE, ...). Exit 0 when every byte is right. Under --keep-clean
+ * the re-reads evict without writing again. */
 #include <stdlib.h>
 #include <sys/mman.h>
 
@@ -12,13 +14,18 @@ int main(int argc, char **argv)
         return 2;
     size_t n = strtoull(argv[1], NULL, 10) << 8;
     int passes = atoi(argv[2]);
+    size_t stride = argc > 3 ? strtoull(argv[3], NULL, 10) : 1;
+    if (stride < 1)
+        return 2;
     uint64_t *m = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED)
         return 2;
     fill(m, 0, n, 7);
     for (int pass = 0; pass < passes; pass++)
-        if (check(m, 0, n, 7, "re-read"))
-            return 1;
+        for (size_t first = 0; first < stride; first++)
+            for (size_t p = first; p < n; p += stride)
+                if (check(m, p, 1, 7, "re-read"))
+                    return 1;
     printf("ok %zu pages\n", n);
     return 0;
 }
