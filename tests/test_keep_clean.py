@@ -25,6 +25,10 @@ def test_rereads_evict_without_writing_again(umgr_exec, programs):
     assert plain.stats["swap_bytes_written"] >= 3 * (64 - 16) * MiB
     assert clean.stats["swap_bytes_written"] <= 2 * 64 * MiB, clean.stats
     assert auto.stats["swap_bytes_written"] <= 2 * 64 * MiB, auto.stats
+    # Nor is a page that left clean copied out of the program first.
+    assert plain.stats["copied_out"] >= 3 * (64 - 16) * MiB // PAGE, plain.stats
+    for result in (clean, auto):
+        assert result.stats["copied_out"] <= 2 * 64 * MiB // PAGE, result.stats
 
 
 @pytest.mark.timeout(120)

@@ -47,8 +47,9 @@ class BatchReleased(Exception):
 
 @dataclass
 class Batch:
-    vpns: np.ndarray       # sorted; EVICTING, write-protected, copied into `buffer` in order
-    buffer: PageBuffer
+    vpns: np.ndarray       # sorted; EVICTING, write-protected
+    buffer: PageBuffer     # the copied ones' content, in order
+    copied: np.ndarray | None = None   # which vpns were copied (None: all); the others are clean copies
     progress: bool = True  # for an empty batch: whether pages left the resident count anyway
 
 
@@ -168,7 +169,8 @@ class Evictor:
 
     async def _take_out(self, buffer: PageBuffer, victims: np.ndarray | None = None) -> Batch:
         """Victims (the policy's if not given) write-protected and copied
-        into `buffer`; those whose zap would free nothing leave the batch."""
+        into `buffer`, but for clean copies; those whose zap would free
+        nothing leave the batch."""
         vpns = self._choose_victims() if victims is None else victims
         if len(vpns) == 0:
             return Batch(vpns, buffer, progress=False)
@@ -176,12 +178,20 @@ class Evictor:
         vpns, settled = await self.pinning.keep_freeable(vpns)
         if len(vpns) == 0:
             return Batch(vpns, buffer, progress=settled)
-        return Batch(await self._read(vpns, buffer), buffer)
+        # A clean copy's slot holds the page (it came in write-protected and
+        # was not written since): _store writes none, so none is read.
+        clean = self.core.pt.slots(vpns) != NO_SLOT
+        if not clean.any():
+            return Batch(await self._read(vpns, buffer), buffer)
+        dirty = vpns[~clean]
+        read = await self._read(dirty, buffer) if len(dirty) else dirty
+        vpns = np.union1d(read, vpns[clean])
+        return Batch(vpns, buffer, np.isin(vpns, read, assume_unique=True))
 
     async def _put_away(self, batch: Batch) -> bool:
         """Store and zap a batch taken out. False when eviction paused."""
         try:
-            vpns, page_slots, zero = await self._store(batch.vpns, batch.buffer)
+            vpns, page_slots, zero = await self._store(batch)
         except BatchReleased as released:
             return released.progress
         if len(vpns):
@@ -210,6 +220,7 @@ class Evictor:
         except OSError:  # EFAULT on the first range: unmapped meanwhile, or unreadable
             nbytes = 0
         nread = nbytes >> PAGE_SHIFT
+        core.stats.copied_out += nread
         if nread < len(vpns):
             rest = vpns[nread:]
             core.release(rest, State.EVICTING)
@@ -217,11 +228,14 @@ class Evictor:
             self.pinning.pin_unreadable(rest[:1])
         return vpns[:nread]
 
-    async def _store(self, vpns: np.ndarray, buffer: PageBuffer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def _store(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Write what must be written; returns (vpns still EVICTING, their
         slots, which are zero pages). Raises BatchReleased."""
-        core = self.core
-        zero = buffer.zero_pages(len(vpns))
+        core, vpns, copied = self.core, batch.vpns, batch.copied
+        if copied is None:
+            copied = np.ones(len(vpns), bool)
+        zero = np.zeros(len(vpns), bool)
+        zero[copied] = batch.buffer.zero_pages(int(copied.sum()))
         live = core.pt.states(vpns) == State.EVICTING
         drop = core.pt.has_flag(vpns, Flag.DISCARDABLE)  # zapped unwritten, read back as zero
         # Clean pages (unwritten since they came in) go out as they are: their slot holds them.
@@ -229,8 +243,10 @@ class Evictor:
         core.drop_clean_copies(vpns[drop & (clean_slots != NO_SLOT)])
         clean = live & ~drop & (clean_slots != NO_SLOT)
         zero &= ~clean
-        store = live & ~zero & ~drop & ~clean
-        slots = await self._write(vpns, store, buffer)
+        # (A page not copied had a clean copy: written since, it is not live.)
+        store = live & ~zero & ~drop & ~clean & copied
+        buffered = np.cumsum(copied) - 1   # where each copied page is in the buffer
+        slots = await self._write(vpns, store, batch.buffer, buffered)
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
         page_slots[store] = slots
         page_slots[clean] = clean_slots[clean]
@@ -242,10 +258,13 @@ class Evictor:
         core.slots.free(page_slots[~still & store])
         return vpns[still], page_slots[still], zero[still]
 
-    async def _write(self, vpns: np.ndarray, store: np.ndarray, buffer: PageBuffer) -> np.ndarray:
+    async def _write(self, vpns: np.ndarray, store: np.ndarray, buffer: PageBuffer,
+                     buffered: np.ndarray) -> np.ndarray:
         """Slots for the pages to store, written and durable. A full or
         failing backend releases the batch (BatchReleased): nothing is lost."""
         core = self.core
+        if not store.any():   # all clean (or zero, or dropped): no backend call (a store may
+            return np.empty(0, np.int32)   # queue even an empty batch behind another)
         try:
             slots = core.slots.alloc(int(store.sum()))
         except BackendFull as exc:
@@ -256,7 +275,7 @@ class Evictor:
             await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
             raise BatchReleased(progress=False) from None
         try:
-            await io_to_the_end(core.backend.write, slots, buffer.addrs(np.flatnonzero(store)))
+            await io_to_the_end(core.backend.write, slots, buffer.addrs(buffered[store]))
         except BackendError as exc:
             core.slots.free(slots)
             core.stats.backend_failures += 1

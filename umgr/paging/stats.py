@@ -16,6 +16,7 @@ COUNTERS: dict[str, str] = {
     "faults_fast": "Faults served whole by the C fast path (umgr/paging/fastpath.py): MISSING, and WP on resident pages",
     "pages_in": "Pages brought back from the backend",
     "pages_out": "Pages evicted (written out or dropped as zero) and zapped",
+    "copied_out": "Pages copied out of the target for eviction (a clean copy's page is not: its slot holds it)",
     "prefetched": "Pages brought in by the prefetch policy with a fault",
     "prefetched_fast": "Part of them brought in by the C fast path, after faults it served",
     "prefetch_hits": "Prefetched pages seen used (their first write-protect fault)",
