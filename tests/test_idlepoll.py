@@ -13,7 +13,7 @@ import trio.testing
 
 from umgr.daemon import idlepoll
 from umgr.daemon.idlepoll import IdlePoll
-from umgr.kernel.cpulatency import NO_LIMIT, CpuLatencyRequest, current_limit
+from umgr.kernel.cpulatency import NO_LIMIT, CpuLatencyRequest, cpuidle_driver, current_limit
 
 
 def sleep_entries() -> int:
@@ -33,8 +33,7 @@ def cpuidle_counts_entries() -> bool:
     """Whether a cpuidle driver counts entries into sleep states. Without
     one (a VM booted with none registered: current_driver reads "none")
     idle CPUs halt uncounted, and only the request itself can be checked."""
-    with open("/sys/devices/system/cpu/cpuidle/current_driver") as f:
-        return f.read().strip() != "none"
+    return cpuidle_driver() is not None
 
 
 def test_a_held_request_keeps_idle_cpus_polling():
@@ -163,3 +162,15 @@ def test_a_request_refused_is_not_tried_again_and_the_daemon_goes_on():
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="no mode 'sometimes'"):
         IdlePoll("sometimes", FakeRequest())
+
+
+def test_the_cpuidle_driver_is_read_as_the_kernel_gives_it(tmp_path):
+    # "none" (no driver registered) and a missing file both mean the
+    # request changes nothing; a driver's name is given back.
+    driver = tmp_path / "current_driver"
+    driver.write_text("none\n")
+    assert cpuidle_driver(str(driver)) is None
+    driver.write_text("haltpoll\n")
+    assert cpuidle_driver(str(driver)) == "haltpoll"
+    assert cpuidle_driver(str(tmp_path / "absent")) is None
+

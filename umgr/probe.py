@@ -281,7 +281,7 @@ def _probe_readv():
 
 
 def _probe_idle_poll():
-    from umgr.kernel.cpulatency import DEVICE, NO_LIMIT, CpuLatencyRequest, current_limit
+    from umgr.kernel.cpulatency import DEVICE, NO_LIMIT, CpuLatencyRequest, cpuidle_driver, current_limit
     before = current_limit()
     request = CpuLatencyRequest()
     request.hold(0)
@@ -292,8 +292,13 @@ def _probe_idle_poll():
     if held != 0:
         return "failed", f"a request of 0 us held, the limit read {held}"
     now = "none held" if before == NO_LIMIT else f"{before} us held by another process"
+    driver = cpuidle_driver()
+    if driver is None:
+        return "supported", (f"a CPU latency request of 0 us takes ({DEVICE}; now {now}), but no cpuidle "
+                             "driver reads it (current_driver: none): idle CPUs halt whatever is held, "
+                             "and --idle-poll changes nothing here")
     return "supported", (f"a CPU latency request of 0 us takes ({DEVICE}); now {now}: "
-                         "--idle-poll keeps idle CPUs polling while programs fault")
+                         f"--idle-poll keeps idle CPUs polling while programs fault (cpuidle driver {driver})")
 
 _PROBES = [
     ("uffd syscall", _probe_uffd_syscall),
