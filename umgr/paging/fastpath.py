@@ -103,6 +103,7 @@ class FastPath:
         self._pointers: dict[int, tuple] = {}     # id(region) -> ((its state, slot, flags), their C pointers)
         self._stream_at = 0                       # where the next window's far end goes in log.streams
         self._starts: list[int] = []              # first and end vpn of each region in self._regions
+        self._watch_fd: int | None = None         # event_loop_fd(), once serving
         self._ends: list[int] = []
 
     def _follow_table(self) -> int:
@@ -233,7 +234,9 @@ class FastPath:
         self._served.count_latencies_in(core.stats.fault_latency)
         room = self._room()
         log.yield_after = self._yield_after(room)
-        log.watch_fd = event_loop_fd()
+        if self._watch_fd is None:   # (one event loop for the FastPath's life)
+            self._watch_fd = event_loop_fd()
+        log.watch_fd = self._watch_fd
         return core.uffd.serve_plain_faults(
             self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr, self._zeros.addr,
             self.spin_ns, int(slice_seconds(log.watch_fd) * 1e9), room, NEAR_PAGES, log)
