@@ -243,7 +243,10 @@ class Evictor:
         core.drop_clean_copies(vpns[drop & (clean_slots != NO_SLOT)])
         clean = live & ~drop & (clean_slots != NO_SLOT)
         zero &= ~clean
-        # (A page not copied had a clean copy: written since, it is not live.)
+        # A page not copied is never stored. It had a clean copy at take-out:
+        # written since, it is not live; if it is live without its copy, it
+        # was found absent (FaultService._serve_absent: zeros) and leaves
+        # with no slot, to read as zeros (FRESH).
         store = live & ~zero & ~drop & ~clean & copied
         buffered = np.cumsum(copied) - 1   # where each copied page is in the buffer
         slots = await self._write(vpns, store, batch.buffer, buffered)
