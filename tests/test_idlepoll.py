@@ -29,16 +29,11 @@ def sleep_entries() -> int:
     return total
 
 
-def cpuidle_counts_entries() -> bool:
-    """Whether a cpuidle driver counts entries into sleep states. Without
-    one (a VM booted with none registered: current_driver reads "none")
-    idle CPUs halt uncounted, and only the request itself can be checked."""
-    return cpuidle_driver() is not None
-
-
 def test_a_held_request_keeps_idle_cpus_polling():
     assert current_limit() == NO_LIMIT, "another process holds a CPU latency request: this test needs none"
-    counted = cpuidle_counts_entries()
+    # Without a cpuidle driver (a VM booted with none: current_driver reads
+    # "none") idle CPUs halt uncounted: only the request itself is checked.
+    counted = cpuidle_driver() is not None
     before = sleep_entries()
     time.sleep(0.3)
     assert not counted or sleep_entries() > before   # idle CPUs sleep when nothing holds them
@@ -173,4 +168,3 @@ def test_the_cpuidle_driver_is_read_as_the_kernel_gives_it(tmp_path):
     driver.write_text("haltpoll\n")
     assert cpuidle_driver(str(driver)) == "haltpoll"
     assert cpuidle_driver(str(tmp_path / "absent")) is None
-

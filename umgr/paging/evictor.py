@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import trio
@@ -49,7 +49,8 @@ class BatchReleased(Exception):
 class Batch:
     vpns: np.ndarray       # sorted; EVICTING, write-protected
     buffer: PageBuffer     # the copied ones' content, in order
-    copied: np.ndarray | None = None   # which vpns were copied (None: all); the others are clean copies
+    # Which vpns were copied into `buffer`; the others are clean copies (their slot holds them).
+    copied: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     progress: bool = True  # for an empty batch: whether pages left the resident count anyway
 
 
@@ -182,7 +183,8 @@ class Evictor:
         # was not written since): _store writes none, so none is read.
         clean = self.core.pt.slots(vpns) != NO_SLOT
         if not clean.any():
-            return Batch(await self._read(vpns, buffer), buffer)
+            read = await self._read(vpns, buffer)
+            return Batch(read, buffer, np.ones(len(read), bool))
         dirty = vpns[~clean]
         read = await self._read(dirty, buffer) if len(dirty) else dirty
         vpns = np.union1d(read, vpns[clean])
@@ -232,8 +234,6 @@ class Evictor:
         """Write what must be written; returns (vpns still EVICTING, their
         slots, which are zero pages). Raises BatchReleased."""
         core, vpns, copied = self.core, batch.vpns, batch.copied
-        if copied is None:
-            copied = np.ones(len(vpns), bool)
         zero = np.zeros(len(vpns), bool)
         zero[copied] = batch.buffer.zero_pages(int(copied.sum()))
         live = core.pt.states(vpns) == State.EVICTING
@@ -249,7 +249,7 @@ class Evictor:
         # with no slot, to read as zeros (FRESH).
         store = live & ~zero & ~drop & ~clean & copied
         buffered = np.cumsum(copied) - 1   # where each copied page is in the buffer
-        slots = await self._write(vpns, store, batch.buffer, buffered)
+        slots = await self._write(vpns, store, batch.buffer.addrs(buffered[store]))
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
         page_slots[store] = slots
         page_slots[clean] = clean_slots[clean]
@@ -261,10 +261,10 @@ class Evictor:
         core.slots.free(page_slots[~still & store])
         return vpns[still], page_slots[still], zero[still]
 
-    async def _write(self, vpns: np.ndarray, store: np.ndarray, buffer: PageBuffer,
-                     buffered: np.ndarray) -> np.ndarray:
-        """Slots for the pages to store, written and durable. A full or
-        failing backend releases the batch (BatchReleased): nothing is lost."""
+    async def _write(self, vpns: np.ndarray, store: np.ndarray, addrs: np.ndarray) -> np.ndarray:
+        """Slots for the pages to store (their content at `addrs`), written
+        and durable. A full or failing backend releases the batch
+        (BatchReleased): nothing is lost."""
         core = self.core
         if not store.any():   # all clean (or zero, or dropped): no backend call (a store may
             return np.empty(0, np.int32)   # queue even an empty batch behind another)
@@ -278,7 +278,7 @@ class Evictor:
             await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
             raise BatchReleased(progress=False) from None
         try:
-            await io_to_the_end(core.backend.write, slots, buffer.addrs(buffered[store]))
+            await io_to_the_end(core.backend.write, slots, addrs)
         except BackendError as exc:
             core.slots.free(slots)
             core.stats.backend_failures += 1

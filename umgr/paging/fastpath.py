@@ -332,7 +332,7 @@ def event_loop_fd() -> int:
     """The fd of the running trio loop's epoll set, -1 if it cannot be
     found. It is readable when a task waiting on I/O can go on (a thread's
     result comes through it too). Trio does not publish it: this reads
-    its runner's I/O manager (trio 0.23-0.35, epoll on Linux);
+    its runner's I/O manager (epoll on Linux; checked with trio 0.35);
     tests/test_fastpath.py fails if that changes."""
     try:
         from trio._core._run import GLOBAL_RUN_CONTEXT
