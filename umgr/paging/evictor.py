@@ -203,10 +203,16 @@ class Evictor:
         return True
 
     async def _protect(self, vpns: np.ndarray) -> None:
-        """EVICTING, write-protected: from now on a write faults."""
+        """EVICTING, write-protected: from now on a write faults. A page
+        that kept its slot (a clean copy) is write-protected already: it
+        came in so, and whatever unprotects a page drops its copy
+        (core.unprotect, and a write fault's service). Protecting it again
+        cost a UFFDIO_WRITEPROTECT per run, and a batch of random clean
+        pages is hundreds of one-page runs."""
         core = self.core
+        unprotected = vpns[core.pt.slots(vpns) == NO_SLOT]
         core.pt.set(vpns, State.EVICTING)
-        starts, lengths = runs(vpns)
+        starts, lengths = runs(unprotected)
         for i in await core.writeprotect_runs(starts, lengths, True):
             # Unmapped meanwhile; the UNMAP event drops them
             core.release(np.arange(starts[i], starts[i] + lengths[i]), State.EVICTING)
