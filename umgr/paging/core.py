@@ -97,6 +97,7 @@ class TargetCore:
         self.no_victims = False           # the evictor's last try found nothing to evict
         self.reads = ReadGate()           # the fault loop reads the uffd only while it is open
         self.zapping_moved: list[np.ndarray] = []   # where mremap put ZAPPING pages while their zap was in flight
+        self.zap_waiters: set[int] = set()   # pages whose faults were left blocked while they were ZAPPING
         self.evictions = 0                # pages evicted so far: the clock of refault distances
         self.fill_reads = Busy()          # the fault path's backend reads in flight
         self.evicted = Wakeup()           # the fault path waiting at the budget, woken by a zap

@@ -325,9 +325,15 @@ class Evictor:
             await self._settle_unzapped(rest[zapped:], zapped, len(rest))
         core.evicted.wake()
         core.stats.zap_batches += 1
-        # Writers blocked on a WP fault meanwhile retry now: a MISSING
-        # fault, served from the copy.
-        core.uffd.wake_runs(*runs(vpns))
+        # Threads whose faults were left blocked meanwhile (a write, or a
+        # read that came before the zap's end) retry now: a MISSING fault,
+        # served from the copy. Only those: a wake per run of the batch cost
+        # an ioctl per page of a random batch. (One zap at a time: every
+        # ZAPPING page is this batch's, or one mremap moved, woken anyway.)
+        if core.zap_waiters:
+            waiting = np.array(sorted(core.zap_waiters), np.int64)
+            core.zap_waiters.clear()
+            core.uffd.wake_runs(*runs(waiting))
 
     async def _move_out(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The agent moves the pages out (MOVE_OUT) while the fault loop

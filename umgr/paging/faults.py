@@ -213,7 +213,9 @@ class FaultService:
                 state = State.FRESH
             if state in ABSENT:
                 fills[vpn] = fills.get(vpn, False) or bool(flags & UFFD_PAGEFAULT_FLAG_WRITE)
-            elif state != State.ZAPPING:  # ZAPPING: woken when its zap completes, then refaults
+            elif state == State.ZAPPING:  # woken when its zap completes, then refaults
+                self.core.zap_waiters.add(vpn)
+            else:
                 self._serve_absent(vpn, state)
         return fills
 
@@ -234,6 +236,7 @@ class FaultService:
         and refaults on the copy: docs/architecture.md, "Race rules")."""
         core = self.core
         if state == State.ZAPPING:
+            core.zap_waiters.add(vpn)
             return
         if state in UNCOUNTED:  # the write gives it a page of its own: count it
             core.pt.set_state(vpn, State.RESIDENT)
