@@ -13,8 +13,8 @@ the hot queue if its distance fits in the hot queue's share of the pages;
 everything else goes to the cold queue.
 
 Victims come from the cold queue while it holds more than its share, else
-from the hot queue, so a scan or random traffic cycles through the cold
-queue and leaves a hot set alone. The share adapts to where the mistakes
+from the hot queue (and from the other queue when one runs out), so a scan
+or random traffic cycles through the cold queue and leaves a hot set alone. The share adapts to where the mistakes
 come from:
 - a near refault of a page evicted from the hot queue (remembered in a small
   table of such "ghosts", indexed by the vpn's low bits; a collision forgets
@@ -138,6 +138,9 @@ class ReuseEviction(EvictionPolicy):
         if surplus > 0:
             from_cold = self._cold.choose(min(n, surplus))
             from_hot = self._leave_hot(n - len(from_cold))
+            short = n - len(from_cold) - len(from_hot)
+            if short > 0:   # the hot queue ran out: the rest from the cold queue, past its share
+                from_cold = np.concatenate((from_cold, self._cold.choose(short)))
         else:
             from_hot = self._leave_hot(n)
             from_cold = self._cold.choose(n - len(from_hot))

@@ -489,6 +489,21 @@ def test_reuse_promotes_near_refaults_that_fit_in_the_hot_share():
     assert sorted(policy.choose(5).tolist()) == [3, 4, 5, 6, 100]
 
 
+def test_reuse_gives_what_is_asked_when_the_hot_queue_runs_out():
+    # Uniform random faults leave the hot queue empty and the cold share
+    # near 1: the cold queue is barely over its share, and the rest must
+    # come from it too (the evictor asked up to 8 times, for a few each).
+    policy = ReuseEviction(hot_share=0.5, adapt=False)
+    policy.cold_share = 0.999
+    policy.on_resident(np.arange(8000))
+    assert policy.hot_pages == 0
+    assert policy.choose(512).tolist() == list(range(512))
+    policy.on_refault(np.array([9000]), np.array([1]))   # one page goes hot
+    policy.on_resident(np.array([9000]))
+    victims = policy.choose(600).tolist()
+    assert len(victims) == 600 and 9000 in victims and len(set(victims)) == 600
+
+
 def test_reuse_split_moves_toward_the_queue_whose_evictions_were_mistakes():
     policy = ReuseEviction()   # cold share 0.25 to start
     policy.on_resident(np.arange(100))
