@@ -14,8 +14,8 @@ everything else goes to the cold queue.
 
 Victims come from the cold queue while it holds more than its share, else
 from the hot queue (and from the other queue when one runs out), so a scan
-or random traffic cycles through the cold queue and leaves a hot set alone. The share adapts to where the mistakes
-come from:
+or random traffic cycles through the cold queue and leaves a hot set alone.
+The share adapts to where the mistakes come from:
 - a near refault of a page evicted from the hot queue (remembered in a small
   table of such "ghosts", indexed by the vpn's low bits; a collision forgets
   one): the hot set did not fit, and the cold share shrinks by a page;
@@ -134,17 +134,13 @@ class ReuseEviction(EvictionPolicy):
         n = max(int(n), 0)
         if self.adapt:
             self._drift(n)
+        # The cold queue's pages over its share, then the hot queue's, then
+        # the cold queue's again if the hot one ran out.
         surplus = len(self._cold) - int(self.cold_share * len(self))
-        if surplus > 0:
-            from_cold = self._cold.choose(min(n, surplus))
-            from_hot = self._leave_hot(n - len(from_cold))
-            short = n - len(from_cold) - len(from_hot)
-            if short > 0:   # the hot queue ran out: the rest from the cold queue, past its share
-                from_cold = np.concatenate((from_cold, self._cold.choose(short)))
-        else:
-            from_hot = self._leave_hot(n)
-            from_cold = self._cold.choose(n - len(from_hot))
-        return np.concatenate((from_cold, from_hot)) if len(from_hot) else from_cold
+        over_share = self._cold.choose(min(n, max(surplus, 0)))
+        from_hot = self._leave_hot(n - len(over_share))
+        rest = self._cold.choose(n - len(over_share) - len(from_hot))
+        return np.concatenate((over_share, rest, from_hot))
 
     def _drift(self, evicting: int) -> None:
         """The share moves back toward its start as pages are evicted."""

@@ -182,13 +182,11 @@ class Evictor:
         # A clean copy's slot holds the page (it came in write-protected and
         # was not written since): _store writes none, so none is read.
         clean = self.core.pt.slots(vpns) != NO_SLOT
-        if not clean.any():
-            read = await self._read(vpns, buffer)
-            return Batch(read, buffer, np.ones(len(read), bool))
-        dirty = vpns[~clean]
-        read = await self._read(dirty, buffer) if len(dirty) else dirty
-        vpns = np.union1d(read, vpns[clean])
-        return Batch(vpns, buffer, np.isin(vpns, read, assume_unique=True))
+        dirty = np.flatnonzero(~clean)
+        nread = len(await self._read(vpns[dirty], buffer)) if len(dirty) else 0
+        kept = clean.copy()
+        kept[dirty[:nread]] = True   # (after a short read the rest went back to RESIDENT)
+        return Batch(vpns[kept], buffer, ~clean[kept])
 
     async def _put_away(self, batch: Batch) -> bool:
         """Store and zap a batch taken out. False when eviction paused."""
