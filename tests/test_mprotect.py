@@ -14,6 +14,8 @@ import subprocess
 
 import pytest
 
+from umgr.paging.tuning import MAX_FILL_PAGES
+
 MiB = 1 << 20
 PAGE = 4096
 PINNED = re.compile(r"(\d+) pages at (0x[0-9a-f]+) cannot be read; pinned")
@@ -49,7 +51,10 @@ def test_mprotect_over_paged_out_and_unreadable_pages_64m_in_8m(umgr_exec, progr
     # back into read-only pages (it is as big as the budget: most of it).
     assert figures["a_out"] >= eighth * 9 // 10, why
     assert figures["a_in_after_read"] >= eighth // 2, why
-    assert figures["b_out"] >= eighth * 9 // 10, why
+    # B follows A in the same mapping: a readahead window at A's end (at
+    # most MAX_FILL_PAGES) may have brought B's first pages back in. (CI
+    # once saw 206 of them, against 0-21 in runs here.)
+    assert figures["b_out"] >= eighth - MAX_FILL_PAGES, why
     # C was all in memory when it became PROT_NONE; the daemon reads pages
     # through /proc/PID/mem, which reads them whatever their protection, so
     # the two sweeps pushed C out like everything else, and it came back
