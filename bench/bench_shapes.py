@@ -45,6 +45,7 @@ import dataclasses
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 
@@ -104,6 +105,26 @@ def _total(result: dict) -> float:
     return sum(result["phases"].values())
 
 
+def paired_ratios(numer: list[dict], denom: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """Per phase, and "total": numer/denom of the runs of the same round
+    (each a dict with "round" and "result"), as (median, lowest, highest).
+    Runs of one round are minutes apart, the best rounds of two configs
+    may be an hour apart: on a machine whose disk and CPUs change speed
+    between runs, the paired ratio is the steadier figure."""
+    by_round = {run["round"]: run["result"] for run in denom}
+    ratios: dict[str, list[float]] = {}
+    for run in numer:
+        base = by_round.get(run["round"])
+        if base is None:
+            continue
+        pairs = [(ph, t, base["phases"].get(ph)) for ph, t in run["result"]["phases"].items()]
+        pairs.append(("total", _total(run["result"]), _total(base)))
+        for ph, t, b in pairs:
+            if t is not None and b:
+                ratios.setdefault(ph, []).append(t / b)
+    return {ph: (statistics.median(rs), min(rs), max(rs)) for ph, rs in ratios.items()}
+
+
 def run_plain(w: Workload, timeout: float) -> dict:
     return {"result": _run(w.argv, f"{w.name} plain", timeout)}
 
@@ -142,15 +163,16 @@ def run_workload(w: Workload, variants, *, kernel: bool, rounds: int, umgr_cmd: 
                  timeout: float, attempts: int, plain: dict | None = None, kernel_poll: bool = False,
                  log=print) -> dict:
     """Every configuration `rounds` times, interleaved; each keeps its
-    fastest round (by total time) and the totals of all."""
+    fastest round (by total time) and the totals of all; and umgr/kernel
+    paired by round (paired_ratios)."""
     runs: dict[str, list[dict]] = {}
     if plain is not None:
-        runs["plain"] = [plain]
+        runs["plain"] = [{**plain, "round": 0}]
     for r in range(rounds):
         tag = f"{w.name} round {r + 1}/{rounds}" if rounds > 1 else w.name
         if plain is None or r > 0:
             log(f"{tag}: plain ...")
-            runs.setdefault("plain", []).append(run_plain(w, timeout))
+            runs.setdefault("plain", []).append({**run_plain(w, timeout), "round": r})
         if kernel:
             log(f"{tag}: kernel swap (swapfile {w.swap_mib} MiB + cgroup limit {w.budget_mib} MiB) ...")
             result = run_kernel_tries(w, timeout, attempts, tag, log)
@@ -159,22 +181,29 @@ def run_workload(w: Workload, variants, *, kernel: bool, rounds: int, umgr_cmd: 
                 runs.pop("kernel", None)
                 kernel = False
             else:
-                runs.setdefault("kernel", []).append(result)
+                runs.setdefault("kernel", []).append({**result, "round": r})
         if kernel and kernel_poll:
             log(f"{tag}: kernel swap, idle CPUs polling ...")
             with idle_polling():
                 result = run_kernel_tries(w, timeout, attempts, tag, log)
             if result is not None:
-                runs.setdefault("kernel+poll", []).append(result)
+                runs.setdefault("kernel+poll", []).append({**result, "round": r})
         for label, args in variants:
             log(f"{tag}: umgr {label} ...")
-            runs.setdefault(f"umgr {label}", []).append(run_umgr(w, label, args, umgr_cmd, work, timeout, attempts))
+            runs.setdefault(f"umgr {label}", []).append(
+                {**run_umgr(w, label, args, umgr_cmd, work, timeout, attempts), "round": r})
     configs = {}
     for name, rs in runs.items():
         best = min(rs, key=lambda x: _total(x["result"]))
         configs[name] = {**best, "round_totals": [_total(x["result"]) for x in rs],
                          "failures": [f for x in rs for f in x.get("failures", [])]}
-    return {"budget_mib": w.budget_mib, "swap_mib": w.swap_mib, "argv": w.argv, "configs": configs}
+    paired = {}
+    for base in ("kernel", "kernel+poll"):
+        for name in runs:
+            if name.startswith("umgr ") and base in runs:
+                paired[f"{name} / {base}"] = paired_ratios(runs[name], runs[base])
+    return {"budget_mib": w.budget_mib, "swap_mib": w.swap_mib, "argv": w.argv, "configs": configs,
+            "paired": paired, "rounds": rounds}
 
 
 # ---- the run ---------------------------------------------------------------------------
@@ -295,6 +324,11 @@ def format_workload(name: str, wl: dict) -> list[str]:
         if s["peak_resident_bytes"] > wl["budget_mib"] * MiB * 1.1:
             lines.append(f"  {c}: WARNING: peak resident {s['peak_resident_bytes'] / MiB:.1f} MiB "
                          f"over the {wl['budget_mib']} MiB budget")
+    if wl.get("rounds", 1) > 1:
+        for pair, ratios in wl.get("paired", {}).items():
+            n = wl["rounds"]
+            lines.append(f"  {pair} paired by round (median, lowest-highest of {n}): " + ", ".join(
+                f"{ph} {med:.2f} ({lo:.2f}-{hi:.2f})" for ph, (med, lo, hi) in ratios.items()))
     for c, cfg in configs.items():
         if cfg.get("failures"):
             lines.append(f"  {c}: {len(cfg['failures'])} failed run(s), retried: {cfg['failures'][0]}")

@@ -42,3 +42,18 @@ def test_shapes_options_reach_the_benchmark(tmp_path):
     r = _umgr_bench(tmp_path, "shapes", "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: umgr bench shapes")
     assert "--budget-mib" in r.stdout
+
+
+def test_shapes_pairs_the_runs_of_each_round():
+    # Pure logic: umgr/kernel per phase from the runs of the same round, a
+    # round the kernel did not finish left out.
+    from umgr.benchmarks.bench_shapes import paired_ratios
+
+    def run(round_, a, b):
+        return {"round": round_, "result": {"phases": {"a": a, "b": b}}}
+    kernel = [run(0, 1.0, 2.0), run(1, 2.0, 2.0), run(2, 1.0, 4.0)]
+    umgr = [run(0, 2.0, 1.0), run(2, 1.5, 4.0), run(1, 2.0, 6.0), run(3, 9.0, 9.0)]
+    ratios = paired_ratios(umgr, kernel)
+    assert ratios["a"] == (1.5, 1.0, 2.0)
+    assert ratios["b"] == (1.0, 0.5, 3.0)
+    assert ratios["total"] == pytest.approx((1.1, 1.0, 2.0))
