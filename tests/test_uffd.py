@@ -26,6 +26,9 @@ from umgr.kernel import PAGE_SIZE as P
 from umgr.kernel import procmem
 from umgr.kernel import uffd as U
 from umgr.errors import ClosedError, TargetGone, UffdError
+from umgr.kernel.buffers import PageBuffer
+from umgr.paging.fastpath import FastLog
+from umgr.paging.pagetable import State
 
 SEED = 0x5EED
 
@@ -811,3 +814,55 @@ def test_writeprotect_and_wake_of_many_runs_in_one_call(maps, uffds):
     u.wake_runs(starts, lengths)
     beyond = np.array([first + 1, first + 16 + 1024], np.int64)   # the second is in no registered range
     assert u.writeprotect_runs(beyond, np.array([1, 1], np.int64), False) == (1, errno.ENOENT)
+
+
+@pytest.mark.timeout(60)
+def test_a_fast_path_call_in_the_background_serves_faults(ct, maps, uffds):
+    # The fast path's C call in a thread of its own (serve_in_background)
+    # serves a C writer's faults on fresh pages (zeros: the writer then
+    # fills them) while this thread only waits for the writer; by then the
+    # call sleeps until the next fault, and a stop ends it. Waited for
+    # instead, it spins for the next fault and ends when none comes.
+    npages = 32
+    u = uffds(0)
+    dst = maps(npages)
+    u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
+    state, slot, flags = np.zeros(npages, np.uint8), np.zeros(npages, np.int32), np.zeros(npages, np.uint8)
+    counts = np.zeros(256, np.int64)
+    counts[State.FRESH] = npages
+    regions = U.new_fast_struct("umgr_fast_region", 1)
+    regions[0].vpn, regions[0].end = dst.addr // P, dst.addr // P + npages
+    regions[0].counts = U.array_pointer("int64_t *", counts)
+    regions[0].state, regions[0].slot = U.array_pointer("uint8_t *", state), U.array_pointer("int32_t *", slot)
+    regions[0].flags = U.array_pointer("uint8_t *", flags)
+    store = U.new_fast_struct("umgr_fast_store")
+    store.fd = -1
+    log = FastLog(2 * npages)   # (room for more: no limit ends the call)
+    log.c.yield_after, log.c.max_stride = 2 * npages, 0   # (nor a stride: the writer goes page by page)
+    log.drop_references_in(np.zeros(2, np.uint16))
+    wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    log.c.wake_fd = wake_fd
+    pages, zeros = PageBuffer(U.FAST_GROUP), PageBuffer(1)
+    bg = U.fast_background()
+    try:
+        def start():
+            u.serve_in_background(bg, regions, 1, store, pages.addr, zeros.addr, 50_000, 60 * 10**9, 2 * npages,
+                                  0, log.c)
+        start()
+        writer = CThread(ct[1].h_fill, dst.ptr, npages, 0, SEED)
+        writer.start()
+        writer.join(30)
+        assert not writer.is_alive()
+        time.sleep(0.2)   # (the call is asleep by now: the stop must wake it)
+        assert u.finish_background(bg, stop=True) == U.FAST_IDLE
+        assert log.c.served == log.c.missing == npages
+        assert (state == State.RESIDENT).all() and counts[State.RESIDENT] == npages and counts[State.FRESH] == 0
+        assert ct[1].h_check(dst.ptr, npages, 0, SEED) == -1
+        start()
+        assert u.finish_background(bg, stop=False) == U.FAST_IDLE
+        assert log.c.served == 0
+    finally:
+        U.fast_background_end(bg)
+        os.close(wake_fd)
+        pages.close()
+        zeros.close()

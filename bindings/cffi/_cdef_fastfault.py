@@ -17,6 +17,12 @@ the group names (the app's madvise, munmap or mremap returned when it was
 read: the page may be zeroed, gone, or something new mapped there) is not
 copied in: its fault goes to the full path, which handles the event first.
 
+A call may also run in the background, in a thread of its own
+(umgr_fast_bg_go), while the daemon's Python thread settles the previous
+call's log: each call's Python half then overlaps the next call's faults
+instead of delaying them (umgr/paging/fastpath.py says when, and why that
+is safe).
+
 Python's own path costs about 150 us of interpreter time per random fault
 around a 40-70 us device read (measured here, Linux 6.18, 2 vCPUs), and the
 next fault is already queued when it is done: the daemon was the
@@ -36,6 +42,8 @@ INCLUDES = """
 #include <linux/aio_abi.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <pthread.h>
+#include <signal.h>
 """
 
 STRUCTS = """
@@ -93,6 +101,16 @@ struct umgr_fast_log {
     int32_t watch_fd;     /* end it when this fd is readable (the daemon's event loop has
                              work: an I/O wait over, a thread's result); -1: none */
     int64_t watch_ns;     /* how often watch_fd is looked at */
+    int32_t wake_fd;      /* -1: the call runs in the foreground. Else it runs in the background
+                             (umgr_fast_bg_go) while the daemon's thread settles the previous
+                             call: rather than spin for a message (on 2 vCPUs a spinning thread
+                             takes the CPU of the program it serves) it sleeps in ppoll() on the
+                             uffd, watch_fd and this eventfd, which wakes it when the daemon's
+                             thread stops it or starts to wait for it (then it spins, as in the
+                             foreground: that thread sleeps meanwhile) */
+    int32_t waited;       /* set when the daemon's thread waits for the call */
+    int32_t stop;         /* set when the daemon's thread stops the call: it ends after its group */
+    int32_t why;          /* what ended the call, if it yielded (UMGR_FAST_WHY_*; else 0) */
     /* The bookkeeping that needs no Python, done here as each page is
        logged (umgr/paging/fastpath.py settles the rest). Per call: */
     int32_t missing;      /* MISSING faults served (serve) */
@@ -121,6 +139,29 @@ struct umgr_fast_log {
 };
 """
 
+STRUCTS += """
+/* A thread that runs one umgr_fast_serve call at a time in the background,
+   with these arguments (umgr_fast_bg_go, then umgr_fast_bg_wait or
+   umgr_fast_bg_stop). */
+struct umgr_fast_bg {
+    int uffd;
+    struct uffd_msg *msgs;
+    int max_msgs;
+    const struct umgr_fast_region *regions;
+    int nregions;
+    const struct umgr_fast_store *store;
+    uint64_t pages, zeros;
+    int64_t spin_ns, slice_ns;
+    int32_t room;
+    int64_t near;
+    struct umgr_fast_log *log;   /* its wake_fd is the caller's eventfd (nonblocking) */
+    int result;          /* the call's UMGR_FAST_* or -errno */
+    int go_fd, done_fd;  /* eventfds: a call to run (or the end), the call done */
+    int quit;
+    uint64_t thread;     /* its pthread_t */
+};
+"""
+
 TYPES = STRUCTS + """
 #define UMGR_FAST_GROUP ...
 #define UMGR_FAST_IDLE ...
@@ -134,6 +175,12 @@ TYPES = STRUCTS + """
 #define UMGR_FAST_WP ...
 #define UMGR_FAST_WAS_PREFETCHED ...
 #define UMGR_FAST_MEMORY ...
+#define UMGR_FAST_WHY_NEAR ...
+#define UMGR_FAST_WHY_FULL ...
+#define UMGR_FAST_WHY_ROOM ...
+#define UMGR_FAST_WHY_SLICE ...
+#define UMGR_FAST_WHY_WATCH ...
+#define UMGR_FAST_WHY_STOP ...
 """
 
 FUNCTIONS = """
@@ -142,6 +189,11 @@ int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct 
                     int nregions, const struct umgr_fast_store *store, uint64_t pages, uint64_t zeros,
                     int64_t spin_ns, int64_t slice_ns, int32_t room, int64_t near, struct umgr_fast_log *log);
 int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page);
+int umgr_fast_bg_start(struct umgr_fast_bg *bg);
+int umgr_fast_bg_go(struct umgr_fast_bg *bg);
+int umgr_fast_bg_wait(struct umgr_fast_bg *bg);
+int umgr_fast_bg_stop(struct umgr_fast_bg *bg);
+void umgr_fast_bg_end(struct umgr_fast_bg *bg);
 int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                        const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
                        int keep, int fresh, struct umgr_fast_log *log);
@@ -164,6 +216,13 @@ CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FAST_WP 1
 #define UMGR_FAST_WAS_PREFETCHED 2
 #define UMGR_FAST_MEMORY 4
+/* log->why: a call yielded because */
+#define UMGR_FAST_WHY_NEAR 1    /* a page served may start a stream (the prefetch policy is to see it) */
+#define UMGR_FAST_WHY_FULL 2    /* the log is full */
+#define UMGR_FAST_WHY_ROOM 3    /* `room` pages came in, or log->yield_after (the evictor is to start) */
+#define UMGR_FAST_WHY_SLICE 4   /* its time slice is over */
+#define UMGR_FAST_WHY_WATCH 5   /* log->watch_fd is readable */
+#define UMGR_FAST_WHY_STOP 6    /* it was stopped (in the background) */
 
 static int64_t umgr_now_ns(void)
 {
@@ -178,7 +237,10 @@ static int64_t umgr_now_ns(void)
    the kernel looks for a pending signal before it answers EAGAIN, so a
    signal to the daemon (SIGHUP, the SIGUSR1 of umgr exec) fails a read
    even of a nonblocking uffd; its handler has run, the read is retried. */
-static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
+static int umgr_fast_sleep(int uffd, const struct umgr_fast_log *log, int64_t until);
+
+static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns, const struct umgr_fast_log *log,
+                          int64_t until)
 {
     int64_t deadline = 0;
     for (;;) {
@@ -187,12 +249,40 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns)
             return 1;
         if (n < 0 && errno != EAGAIN && errno != EINTR)
             return -errno;
+        if (__atomic_load_n(&log->stop, __ATOMIC_ACQUIRE))
+            return 0;
+        if (log->wake_fd >= 0 && !__atomic_load_n(&log->waited, __ATOMIC_ACQUIRE)) {
+            if (!umgr_fast_sleep(uffd, log, until))
+                return 0;
+            continue;
+        }
         int64_t now = umgr_now_ns();
         if (!deadline)
             deadline = now + spin_ns;
         else if (now >= deadline)
             return 0;
     }
+}
+
+/* A call in the background waits for a message: sleep until the uffd,
+   log->watch_fd or log->wake_fd is readable, or until `until`. 0 when the
+   call is to end (watch_fd readable, or `until` passed), else 1. */
+static int umgr_fast_sleep(int uffd, const struct umgr_fast_log *log, int64_t until)
+{
+    int64_t left = until - umgr_now_ns();
+    if (left <= 0)
+        return 0;
+    struct pollfd fds[3] = { { .fd = uffd, .events = POLLIN }, { .fd = log->wake_fd, .events = POLLIN },
+                             { .fd = log->watch_fd, .events = POLLIN } };
+    int nfds = log->watch_fd >= 0 ? 3 : 2;
+    struct timespec wait = { left / 1000000000, left % 1000000000 };
+    if (ppoll(fds, nfds, &wait, NULL) <= 0)
+        return 1;   /* (timed out, or EINTR: the caller looks again) */
+    uint64_t count;
+    if ((fds[1].revents & POLLIN) && read(log->wake_fd, &count, sizeof count) < 0) {
+        /* EAGAIN: another thread drained it; nothing to do */
+    }
+    return !(nfds == 3 && (fds[2].revents & POLLIN) && !(fds[0].revents & POLLIN));
 }
 
 /* What a message of a group asks for. */
@@ -398,6 +488,7 @@ static void umgr_fast_reset(struct umgr_fast_log *log)
     }
     log->released_count = 0;
     log->double_free = 0;
+    log->why = 0;
 }
 
 /* A page gave up its reference to slot (read and not kept, or its kept
@@ -771,7 +862,7 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
     umgr_fast_reset(log);
     log->handoff = 0;
     for (;;) {
-        int got = umgr_fast_next(uffd, msgs, spin_ns);
+        int got = umgr_fast_next(uffd, msgs, spin_ns, log, until);
         if (got <= 0)
             return got < 0 ? got : UMGR_FAST_IDLE;
         int n = 1;
@@ -790,10 +881,108 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
                 near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
-        if (near_one || log->served >= log->max || log->served >= room || log->served >= log->yield_after ||
-            started >= until || umgr_fast_watched_ready(log, started, &looked))
+        log->why = near_one ? UMGR_FAST_WHY_NEAR
+                 : log->served >= log->max ? UMGR_FAST_WHY_FULL
+                 : log->served >= room || log->served >= log->yield_after ? UMGR_FAST_WHY_ROOM
+                 : started >= until ? UMGR_FAST_WHY_SLICE
+                 : __atomic_load_n(&log->stop, __ATOMIC_ACQUIRE) ? UMGR_FAST_WHY_STOP
+                 : umgr_fast_watched_ready(log, started, &looked) ? UMGR_FAST_WHY_WATCH : 0;
+        if (log->why)
             return UMGR_FAST_YIELD;
     }
+}
+
+static void umgr_eventfd_add(int fd)
+{
+    uint64_t one = 1;
+    while (write(fd, &one, sizeof one) < 0 && errno == EINTR)
+        ;
+}
+
+static void umgr_eventfd_take(int fd)
+{
+    uint64_t count;
+    while (read(fd, &count, sizeof count) < 0 && errno == EINTR)
+        ;
+}
+
+static void *umgr_fast_bg_main(void *arg)
+{
+    struct umgr_fast_bg *bg = arg;
+    for (;;) {
+        umgr_eventfd_take(bg->go_fd);
+        if (__atomic_load_n(&bg->quit, __ATOMIC_ACQUIRE))
+            return NULL;
+        bg->result = umgr_fast_serve(bg->uffd, bg->msgs, bg->max_msgs, bg->regions, bg->nregions, bg->store,
+                                     bg->pages, bg->zeros, bg->spin_ns, bg->slice_ns, bg->room, bg->near, bg->log);
+        umgr_eventfd_add(bg->done_fd);
+    }
+}
+
+/* Start bg's thread, with every signal blocked (they are the daemon's
+   thread's to handle). 0 or -errno. */
+static int umgr_fast_bg_start(struct umgr_fast_bg *bg)
+{
+    bg->go_fd = eventfd(0, EFD_CLOEXEC);
+    bg->done_fd = eventfd(0, EFD_CLOEXEC);
+    if (bg->go_fd < 0 || bg->done_fd < 0) {
+        int err = errno;
+        if (bg->go_fd >= 0)
+            close(bg->go_fd);
+        if (bg->done_fd >= 0)
+            close(bg->done_fd);
+        return -err;
+    }
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_t thread;
+    int err = pthread_create(&thread, NULL, umgr_fast_bg_main, bg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err) {
+        close(bg->go_fd);
+        close(bg->done_fd);
+        return -err;
+    }
+    bg->thread = (uint64_t)thread;
+    return 0;
+}
+
+/* Run umgr_fast_serve with bg's arguments in its thread. */
+static int umgr_fast_bg_go(struct umgr_fast_bg *bg)
+{
+    __atomic_store_n(&bg->log->stop, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&bg->log->waited, 0, __ATOMIC_RELEASE);
+    umgr_eventfd_add(bg->go_fd);
+    return 0;
+}
+
+/* Wait for the call to end on its own (it spins from now on); its result. */
+static int umgr_fast_bg_wait(struct umgr_fast_bg *bg)
+{
+    __atomic_store_n(&bg->log->waited, 1, __ATOMIC_RELEASE);
+    umgr_eventfd_add(bg->log->wake_fd);
+    umgr_eventfd_take(bg->done_fd);
+    return bg->result;
+}
+
+/* End the call after the group it is serving, and wait for it; its result. */
+static int umgr_fast_bg_stop(struct umgr_fast_bg *bg)
+{
+    __atomic_store_n(&bg->log->stop, 1, __ATOMIC_RELEASE);
+    umgr_eventfd_add(bg->log->wake_fd);
+    umgr_eventfd_take(bg->done_fd);
+    return bg->result;
+}
+
+/* End bg's thread (no call running) and close its eventfds. */
+static void umgr_fast_bg_end(struct umgr_fast_bg *bg)
+{
+    __atomic_store_n(&bg->quit, 1, __ATOMIC_RELEASE);
+    umgr_eventfd_add(bg->go_fd);
+    pthread_join((pthread_t)bg->thread, NULL);
+    close(bg->go_fd);
+    close(bg->done_fd);
 }
 
 #define UMGR_PREFETCH_RUN 64   /* pages one read takes at most */

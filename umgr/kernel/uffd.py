@@ -413,6 +413,26 @@ class Userfaultfd:
             self._raise(-r, "read")
         return r
 
+    def serve_in_background(self, bg, regions, nregions: int, store, pages: int, zeros: int, spin_ns: int,
+                            slice_ns: int, room: int, near: int, log) -> None:
+        """serve_plain_faults() in the thread of `bg` (fast_background()),
+        reading into .batch as it does: nothing else may read this uffd,
+        touch .batch or serve faults of these regions until
+        finish_background() has returned. log.wake_fd must be set."""
+        bg.uffd, bg.msgs, bg.max_msgs = self._fd, self._msgs, self._max
+        bg.regions, bg.nregions, bg.store, bg.pages, bg.zeros = regions, nregions, store, pages, zeros
+        bg.spin_ns, bg.slice_ns, bg.room, bg.near, bg.log = spin_ns, slice_ns, room, near, log
+        _lib.umgr_fast_bg_go(bg)
+
+    def finish_background(self, bg, stop: bool) -> int:
+        """Wait for the call serve_in_background() started to end (with
+        `stop`, end it after the group it is serving); its FAST_*, as
+        serve_plain_faults() returns it."""
+        r = _lib.umgr_fast_bg_stop(bg) if stop else _lib.umgr_fast_bg_wait(bg)
+        if r < 0:
+            self._raise(-r, "read")
+        return r
+
     def prefetch(self, regions, nregions: int, store, vpns, pages: int, keep: bool, fresh: bool, log) -> int:
         """Bring in the swapped (and with `fresh` the fresh) pages of vpns
         (a sorted int64 array) in C (umgr_fast_prefetch,
@@ -500,6 +520,26 @@ def new_fast_struct(name: str, count: int = 0):
 _fast_aio = None   # the process's one AIO context for the fast path (a struct umgr_fast_log holding it)
 
 
+def fast_background():
+    """A struct umgr_fast_bg whose thread runs serve_in_background() calls;
+    fast_background_end() ends it."""
+    bg = _ffi.new("struct umgr_fast_bg *")
+    err = _lib.umgr_fast_bg_start(bg)
+    if err < 0:
+        raise OSError(-err, f"fault service thread: {os.strerror(-err)}")
+    _threads_running.add(bg)   # its struct outlives whoever forgets to end it: the thread reads it
+    return bg
+
+
+def fast_background_end(bg) -> None:
+    """End the thread of fast_background() (no call of it running)."""
+    _lib.umgr_fast_bg_end(bg)
+    _threads_running.discard(bg)
+
+
+_threads_running: set = set()
+
+
 def fast_dctx() -> int:
     """The process's zstd decompression context for the fast path (0: none
     could be made), made with fast_aio_context()'s struct."""
@@ -549,6 +589,9 @@ def fast_flag_values() -> tuple[int, int]:
 FAST_WP = _lib.UMGR_FAST_WP                           # log kind: a write to a resident page
 FAST_WAS_PREFETCHED = _lib.UMGR_FAST_WAS_PREFETCHED   # ... that had come in by prefetch
 FAST_MEMORY = _lib.UMGR_FAST_MEMORY                   # a MISSING fault's page came from a memory tier
+FAST_WHY_FULL = _lib.UMGR_FAST_WHY_FULL               # log.why: the log filled up
+FAST_WHY_SLICE = _lib.UMGR_FAST_WHY_SLICE             # log.why: the call's time slice ran out
+FAST_WHY_ROOM = _lib.UMGR_FAST_WHY_ROOM               # log.why: the budget's room or high water mark reached
 
 
 def supported_features(*, via: str = "auto") -> tuple[int, int]:
