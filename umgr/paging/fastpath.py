@@ -34,10 +34,35 @@ that came in clean or by prefetch, written): unprotected, its clean copy
 and flags dropped. Everything else the call reads (other events, faults
 on pages in other states, failed reads, copies or unprotects) it hands
 back, still in the message buffer.
+
+Settling a call costs the daemon's thread 2-6 us a fault (the policies'
+hooks, on lists of ints), and the next faults waited for it: on random
+reads from the compressed store a sixth of the daemon's time. So when a
+call ends on a limit that needs nothing of Python at once (its log is
+full, its time slice over, the high water mark passed), the next call
+starts at once in a thread of its own, into a second log, and this
+thread settles the first log meanwhile (serve_in_background,
+finish_background). Then it waits for that call to end, or, if another
+task is now ready to run (the evictor, woken by the settling), stops it.
+That is safe because settling
+touches nothing the call does: it tells the counters, the store's
+accounting, the slot allocator (of slots no page names any more: the call
+reads only the slots of SWAPPED pages) and the policies, which are Python
+objects the call never sees; it reads the table's per-state counts, which
+the call keeps changing (a stale count is a count of a moment ago). Nothing
+else runs meanwhile: the fault loop's step goes from the start of the
+call to its end, with no await, so no other task (the evictor, the events,
+another target's fault loop, which would share the process's AIO and zstd
+contexts) runs while the thread does. The thread sleeps in ppoll() between
+faults while this one settles (on 2 vCPUs a thread spinning for the next
+fault takes the CPU of the program that is to make it), and spins once
+this one waits for it.
 """
 from __future__ import annotations
 
 import bisect
+import logging
+import os
 
 import numpy as np
 import trio
@@ -53,6 +78,8 @@ from umgr.trace import NO_TRACE
 
 assert uffdmod.fast_state_values() == (State.FRESH, State.RESIDENT, State.SWAPPED)
 assert uffdmod.fast_flag_values() == (Flag.DISCARDABLE, Flag.PREFETCHED)
+
+logger = logging.getLogger("umgr.target")
 
 IDLE, HANDOFF, YIELD = uffdmod.FAST_IDLE, uffdmod.FAST_HANDOFF, uffdmod.FAST_YIELD
 EMPTY = np.empty(0, np.int64)
@@ -72,6 +99,12 @@ LOG_PAGES = 256
 SLICE_SECONDS = 1e-3
 LONG_SLICE_SECONDS = 8e-3
 WATCH_SECONDS = 200e-6    # how often the call looks at the event loop's epoll set
+# What may end a call with the next one going on in the background: limits
+# that need nothing of Python at once. Not a page that may start a stream
+# (the prefetch policy is to see it first), not the event loop's work. The
+# high water mark may: the evictor is woken as the call is settled, and
+# runs once the next call is over, which ends within SLICE_SECONDS then.
+OVERLAP_ENDINGS = (uffdmod.FAST_WHY_FULL, uffdmod.FAST_WHY_SLICE, uffdmod.FAST_WHY_ROOM)
 # A page this close to one served lately ends the call, so that the prefetch
 # policy sees a sequential stream start at once. Wider (64, the widest
 # stride readahead follows) cost the CPython workload 25-50% more time: its
@@ -83,16 +116,20 @@ STRIDE_PAGES = 64
 
 
 class FastPath:
-    def __init__(self, core: TargetCore, spin: float, enabled: bool = True):
+    def __init__(self, core: TargetCore, spin: float, enabled: bool = True, overlap: bool = True):
         self.core = core
         self.enabled = enabled
+        self.overlap = overlap
         self.spin_ns = int(spin * 1e9)
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
         self._zeros = PageBuffer(1)
         self._regions = uffdmod.new_fast_struct("umgr_fast_region", 16)   # the table's, as C sees them
         self._served = FastLog(LOG_PAGES)                   # what serve() served
+        self._next = FastLog(LOG_PAGES)                     # a call in the background serves into this one
         self._log = self._served.c
-        self._log.aio = uffdmod.fast_aio_context()
+        self._log.aio = self._next.c.aio = uffdmod.fast_aio_context()
+        self._background = None                   # its thread (uffdmod.fast_background), made on first use
+        self._wake_fd = -1                        # (its eventfd: log.wake_fd)
         self._prefetched = FastLog(MAX_FILL_PAGES)          # what prefetch() brought in
         self._prefetched.c.aio = self._log.aio              # (its reads go in flight together too)
         self._prefetch_pages = PageBuffer(MAX_FILL_PAGES)
@@ -237,9 +274,56 @@ class FastPath:
         if self._watch_fd is None:   # (one event loop for the FastPath's life)
             self._watch_fd = event_loop_fd()
         log.watch_fd = self._watch_fd
+        log.wake_fd, log.stop = -1, 0   # in the foreground (the log may have served in the background)
         return core.uffd.serve_plain_faults(
             self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr, self._zeros.addr,
             self.spin_ns, int(slice_seconds(log.watch_fd) * 1e9), room, NEAR_PAGES, log)
+
+    def may_overlap(self, outcome: int) -> bool:
+        """Whether the next call may serve in the background while the
+        last one (its outcome) is settled."""
+        if not self.overlap or outcome != YIELD or self._log.why not in OVERLAP_ENDINGS or self._room() <= 0:
+            return False
+        if self._background is None:
+            try:
+                self._background = uffdmod.fast_background()
+            except OSError as exc:   # (no thread to be had: serve as before)
+                logger.warning("%s: faults are settled after they are served (%s)", self.core.label, exc)
+                self.overlap = False
+                return False
+            self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return True
+
+    def serve_in_background(self) -> None:
+        """After may_overlap(): start the next call in the background
+        thread, into the other log. settle() the last call's meanwhile,
+        then finish_background() before anything else."""
+        core, last = self.core, self._log
+        following = self._next
+        log = following.c
+        log.wake_fd, log.watch_fd = self._wake_fd, self._watch_fd
+        log.keep_period, log.keep_phase = last.keep_period, last.keep_phase
+        log.recent, log.recent_at = last.recent, last.recent_at
+        log.streams, log.stream_step = last.streams, last.stream_step
+        following.drop_references_in(core.slots.counts)
+        following.count_latencies_in(core.stats.fault_latency)
+        room = self._room()
+        log.yield_after = self._yield_after(room)
+        slice_ns = int((SLICE_SECONDS if core.over_budget() else slice_seconds(log.watch_fd)) * 1e9)
+        core.uffd.serve_in_background(
+            self._background, self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr,
+            self._zeros.addr, self.spin_ns, slice_ns, room, NEAR_PAGES, log)
+
+    def finish_background(self, stop: bool = False) -> int:
+        """Wait for the call in the background to end (`stop`: end it now);
+        its outcome, as serve()'s. Its log is the one settle() reads next."""
+        outcome = self.core.uffd.finish_background(self._background, stop)
+        settled, self._served, self._next = self._served, self._next, self._served
+        self._log = self._served.c
+        # Settling may have noted a prefetch window meanwhile (prefetching()).
+        self._log.streams, self._log.stream_step = settled.c.streams, settled.c.stream_step
+        self.core.stats.faults_background += self._log.served
+        return outcome
 
     def settle(self) -> tuple[list[int], list[int]]:
         """The counters, the store and the eviction policy learn of the
@@ -292,6 +376,10 @@ class FastPath:
         return self._log.handoff
 
     def close(self) -> None:
+        if self._background is not None:
+            uffdmod.fast_background_end(self._background)
+            os.close(self._wake_fd)
+            self._background = None
         self._pages.close()
         self._zeros.close()
         self._prefetch_pages.close()
@@ -341,6 +429,12 @@ def event_loop_fd() -> int:
         return -1
 
 
+def others_waiting() -> bool:
+    """Whether another task of the daemon is ready to run, or a timer due."""
+    loop = trio.lowlevel.current_statistics()
+    return bool(loop.tasks_runnable or loop.run_sync_soon_queue_size or loop.seconds_to_next_deadline <= 0)
+
+
 def slice_seconds(watch_fd: int) -> float:
     """How long the next call may serve: long while nothing else in the
     daemon is ready to run (watch_fd tells the call when that changes)."""
@@ -381,6 +475,7 @@ class FastLog:
         c.nio_bounds = len(IO_BOUNDS_NS)
         c.slow_read_ns = round(SLOW_READ * 1e9)
         c.watch_fd = -1
+        c.wake_fd = -1   # (a call in the foreground)
         c.watch_ns = round(WATCH_SECONDS * 1e9)
         c.max_stride = STRIDE_PAGES
         self._counts = None    # the slot counts c.refs points at (held: the pointer stays valid)

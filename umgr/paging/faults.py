@@ -30,7 +30,7 @@ from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, State, r
 from umgr.paging.events import MemoryEvents
 from umgr.paging.fastpath import HANDOFF as FAST_HANDOFF
 from umgr.paging.fastpath import IDLE as FAST_IDLE
-from umgr.paging.fastpath import FastPath
+from umgr.paging.fastpath import FastPath, others_waiting
 from umgr.paging.tuning import (BACKPRESSURE_LIMIT, BACKPRESSURE_POLL, MAX_EVENTS_PER_READ, MAX_FILL_PAGES,
                                 REMOVE_LINGER_SECONDS, SPIN_SECONDS)
 
@@ -74,8 +74,7 @@ class FaultService:
         the next round (None: go on at once)."""
         uffd = self.core.uffd
         if not self._pending and self.fast.ready():
-            outcome = self.fast.serve()
-            wanted = self._settle_fast()
+            outcome, wanted = self._serve_fast()
             if outcome == FAST_HANDOFF:   # before anything reads the uffd again
                 self._take_batch(self.fast.handoff)
             await self._prefetch_now(wanted)
@@ -96,6 +95,29 @@ class FaultService:
             # read and its copy (a sync read yields nowhere).
             return trio.lowlevel.checkpoint
         return None
+
+    def _serve_fast(self) -> tuple[int, np.ndarray]:
+        """Serve plain faults in C, settling each call's log while the next
+        call serves in the background where it may (fastpath.py). Returns
+        the last call's outcome and the pages the prefetch policy asked for."""
+        fast = self.fast
+        outcome = fast.serve()
+        wanted = []
+        while fast.may_overlap(outcome):
+            fast.serve_in_background()
+            try:
+                wanted.append(self._settle_fast())
+            except BaseException:
+                fast.finish_background(stop=True)   # nothing may go on beside what handles it
+                raise
+            # It goes on while nothing else is waiting for this thread (the
+            # evictor, woken as the log was settled, is to run at once).
+            outcome = fast.finish_background(stop=others_waiting())
+        wanted.append(self._settle_fast())
+        wanted = [pages for pages in wanted if len(pages)]
+        if len(wanted) > 1:
+            return outcome, np.unique(np.concatenate(wanted))
+        return outcome, wanted[0] if wanted else EMPTY
 
     def _spin(self) -> bool:
         """Busy-poll briefly: on a VM the wake-up of a sleeping daemon costs

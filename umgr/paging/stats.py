@@ -14,6 +14,7 @@ COUNTERS: dict[str, str] = {
     "faults_fresh": "MISSING faults on never-written pages, served with zeros",
     "faults_swapped": "MISSING faults on swapped-out pages, served from the backend",
     "faults_fast": "Faults served whole by the C fast path (umgr/paging/fastpath.py): MISSING, and WP on resident pages",
+    "faults_background": "Part of them served while the daemon's thread settled the faults served before",
     "pages_in": "Pages brought back from the backend",
     "pages_out": "Pages evicted (written out or dropped as zero) and zapped",
     "copied_out": "Pages copied out of the target for eviction (a clean copy's page is not: its slot holds it)",
