@@ -44,19 +44,18 @@ starts at once in a thread of its own, into a second log, and this
 thread settles the first log meanwhile (serve_in_background,
 finish_background). Then it waits for that call to end, or, if another
 task is now ready to run (the evictor, woken by the settling), stops it.
-That is safe because settling
-touches nothing the call does: it tells the counters, the store's
-accounting, the slot allocator (of slots no page names any more: the call
-reads only the slots of SWAPPED pages) and the policies, which are Python
-objects the call never sees; it reads the table's per-state counts, which
-the call keeps changing (a stale count is a count of a moment ago). Nothing
-else runs meanwhile: the fault loop's step goes from the start of the
-call to its end, with no await, so no other task (the evictor, the events,
-another target's fault loop, which would share the process's AIO and zstd
-contexts) runs while the thread does. The thread sleeps in ppoll() between
-faults while this one settles (on 2 vCPUs a thread spinning for the next
-fault takes the CPU of the program that is to make it), and spins once
-this one waits for it.
+That is safe because settling touches nothing the call does: it tells the
+counters, the store's accounting, the slot allocator (of slots no page
+names any more: the call reads only the slots of SWAPPED pages) and the
+policies, which are Python objects the call never sees; it reads the
+table's per-state counts, which the call keeps changing (a stale count is
+a count of a moment ago). Nothing else runs meanwhile: the fault loop's
+step goes from the start of the call to its end, with no await, so no
+other task (the evictor, the events, another target's fault loop, which
+would share the process's AIO and zstd contexts) runs while the thread
+does. The thread sleeps in ppoll() between faults while this one settles
+(on 2 vCPUs a thread spinning for the next fault takes the CPU of the
+program that is to make it), and spins once this one waits for it.
 """
 from __future__ import annotations
 
@@ -116,10 +115,10 @@ STRIDE_PAGES = 64
 
 
 class FastPath:
-    def __init__(self, core: TargetCore, spin: float, enabled: bool = True, overlap: bool = True):
+    def __init__(self, core: TargetCore, spin: float, enabled: bool = True):
         self.core = core
         self.enabled = enabled
-        self.overlap = overlap
+        self.overlap = True   # settle beside the next call (off if no thread can be had)
         self.spin_ns = int(spin * 1e9)
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
         self._zeros = PageBuffer(1)
