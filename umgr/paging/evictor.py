@@ -195,6 +195,10 @@ class Evictor:
         except BatchReleased as released:
             return released.progress
         if len(vpns):
+            # No await may come between _store's last look at the states and
+            # this: a page written meanwhile (RESIDENT again, unprotected)
+            # would be zapped with its stale copy. (A checkpoint here made
+            # the CPython workload read back corrupt objects.)
             self.core.pt.set(vpns, State.ZAPPING, page_slots)
             await self._zap(vpns)
             self.core.stats.zero_pages_out += int(zero.sum())
