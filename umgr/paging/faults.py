@@ -106,13 +106,15 @@ class FaultService:
         while fast.may_overlap(outcome):
             fast.serve_in_background()
             try:
-                wanted.append(self._settle_fast())
+                more = self._settle_fast()
             except BaseException:
                 fast.finish_background(stop=True)   # nothing may go on beside what handles it
                 raise
-            # It goes on while nothing else is waiting for this thread (the
-            # evictor, woken as the log was settled, is to run at once).
-            outcome = fast.finish_background(stop=others_waiting())
+            wanted.append(more)
+            # It goes on while nothing else is waiting for this thread: the
+            # pages the prefetch policy just asked for are to come in at
+            # once, and the evictor, woken as the log was settled, to run.
+            outcome = fast.finish_background(stop=len(more) > 0 or others_waiting())
         wanted.append(self._settle_fast())
         wanted = [pages for pages in wanted if len(pages)]
         if len(wanted) > 1:
