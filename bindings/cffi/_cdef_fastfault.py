@@ -190,7 +190,7 @@ int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct 
                     int64_t spin_ns, int64_t slice_ns, int32_t room, int64_t near, struct umgr_fast_log *log);
 int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page);
 int umgr_fast_bg_start(struct umgr_fast_bg *bg);
-int umgr_fast_bg_go(struct umgr_fast_bg *bg);
+void umgr_fast_bg_go(struct umgr_fast_bg *bg);
 int umgr_fast_bg_wait(struct umgr_fast_bg *bg);
 int umgr_fast_bg_stop(struct umgr_fast_bg *bg);
 void umgr_fast_bg_end(struct umgr_fast_bg *bg);
@@ -949,12 +949,11 @@ static int umgr_fast_bg_start(struct umgr_fast_bg *bg)
 }
 
 /* Run umgr_fast_serve with bg's arguments in its thread. */
-static int umgr_fast_bg_go(struct umgr_fast_bg *bg)
+static void umgr_fast_bg_go(struct umgr_fast_bg *bg)
 {
     __atomic_store_n(&bg->log->stop, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&bg->log->waited, 0, __ATOMIC_RELEASE);
     umgr_eventfd_add(bg->go_fd);
-    return 0;
 }
 
 /* Wait for the call to end on its own (it spins from now on); its result. */

@@ -42,8 +42,9 @@ call ends on a limit that needs nothing of Python at once (its log is
 full, its time slice over, the high water mark passed), the next call
 starts at once in a thread of its own, into a second log, and this
 thread settles the first log meanwhile (serve_in_background,
-finish_background). Then it waits for that call to end, or, if another
-task is now ready to run (the evictor, woken by the settling), stops it.
+finish_background). Then it waits for that call to end, or stops it if
+the settling asked for a prefetch window (it comes in at once) or another
+task is now ready to run (the evictor, woken by the settling).
 That is safe because settling touches nothing the call does: it tells the
 counters, the store's accounting, the slot allocator (of slots no page
 names any more: the call reads only the slots of SWAPPED pages) and the
@@ -265,18 +266,24 @@ class FastPath:
         returns IDLE, HANDOFF (the first `handoff` messages of uffd.batch
         are the full path's) or YIELD. Call settle() after it either way."""
         core, log = self.core, self._log
-        log.keep_period = core.clean.keep_period()
-        self._served.drop_references_in(core.slots.counts)
-        self._served.count_latencies_in(core.stats.fault_latency)
-        room = self._room()
-        log.yield_after = self._yield_after(room)
         if self._watch_fd is None:   # (one event loop for the FastPath's life)
             self._watch_fd = event_loop_fd()
-        log.watch_fd = self._watch_fd
+        room = self._limit(self._served)
         log.wake_fd, log.stop = -1, 0   # in the foreground (the log may have served in the background)
         return core.uffd.serve_plain_faults(
             self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr, self._zeros.addr,
             self.spin_ns, int(slice_seconds(log.watch_fd) * 1e9), room, NEAR_PAGES, log)
+
+    def _limit(self, log: "FastLog") -> int:
+        """Set the limits of the next call into `log`; the pages it may bring in."""
+        core, c = self.core, log.c
+        c.keep_period = core.clean.keep_period()
+        c.watch_fd = self._watch_fd
+        log.drop_references_in(core.slots.counts)
+        log.count_latencies_in(core.stats.fault_latency)
+        room = self._room()
+        c.yield_after = self._yield_after(room)
+        return room
 
     def may_overlap(self, outcome: int) -> bool:
         """Whether the next call may serve in the background while the
@@ -297,17 +304,12 @@ class FastPath:
         """After may_overlap(): start the next call in the background
         thread, into the other log. settle() the last call's meanwhile,
         then finish_background() before anything else."""
-        core, last = self.core, self._log
-        following = self._next
-        log = following.c
-        log.wake_fd, log.watch_fd = self._wake_fd, self._watch_fd
-        log.keep_period, log.keep_phase = last.keep_period, last.keep_phase
+        core, last, log = self.core, self._log, self._next.c
+        room = self._limit(self._next)
+        log.wake_fd = self._wake_fd
+        log.keep_phase = last.keep_phase   # (what the calls carry over, from the last)
         log.recent, log.recent_at = last.recent, last.recent_at
         log.streams, log.stream_step = last.streams, last.stream_step
-        following.drop_references_in(core.slots.counts)
-        following.count_latencies_in(core.stats.fault_latency)
-        room = self._room()
-        log.yield_after = self._yield_after(room)
         slice_ns = int((SLICE_SECONDS if core.over_budget() else slice_seconds(log.watch_fd)) * 1e9)
         core.uffd.serve_in_background(
             self._background, self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr,
