@@ -19,7 +19,7 @@ import importlib
 import importlib.metadata
 import logging
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -264,6 +264,32 @@ class GuardedPrefetch:
         except Exception:
             self._disable("on_fault")
             return _EMPTY
+        return self._clip(vpn, region_start, region_end, pages)
+
+    def on_faults(self, faults: Iterable[tuple[int, int, int]]) -> list[tuple[int, np.ndarray]]:
+        """on_fault() for each (vpn, region_start, region_end) of Python
+        ints, in order; returns (vpn, pages) for the faults that asked for
+        pages. One call for all the faults a C call served: most of them
+        (random access) ask for nothing, and a call of on_fault() each cost
+        more than the policy's own work."""
+        windows: list[tuple[int, np.ndarray]] = []
+        if self.disabled:
+            return windows
+        on_fault = self.policy.on_fault
+        try:
+            for vpn, region_start, region_end in faults:
+                answer = on_fault(vpn, region_start, region_end)
+                if answer is _EMPTY or answer is None:
+                    continue
+                pages = self._clip(vpn, region_start, region_end, _as_vpns(answer))
+                if pages.size:
+                    windows.append((vpn, pages))
+        except Exception:
+            self._disable("on_fault")   # (the windows asked for before it still come in)
+        return windows
+
+    def _clip(self, vpn: int, region_start: int, region_end: int, pages: np.ndarray) -> np.ndarray:
+        """A policy's answer for a fault on `vpn`, made what the daemon may use."""
         if pages.size == 0:   # most faults of a random workload: skip the clipping
             return _EMPTY
         pages = pages[(pages >= region_start) & (pages < region_end) & (pages != vpn)]

@@ -278,6 +278,40 @@ def test_guard_disables_a_policy_returning_non_integers(bad, caplog):
     assert guarded.disabled
 
 
+def test_guard_on_faults_answers_as_on_fault_does_for_each_fault():
+    faults = [1000, 1001, 1006, 5000, 5001, 5002, 7, 1015, 900]
+    one_by_one = [(vpn, pages) for vpn, pages in zip(faults, drive(Readahead(), faults)) if pages.size]
+    batched = GuardedPrefetch(Readahead()).on_faults((vpn, *REGION) for vpn in faults)
+    assert [vpn for vpn, _ in batched] == [vpn for vpn, _ in one_by_one] == [1001, 1006, 5001, 5002, 1015]
+    for (_, got), (_, expected) in zip(batched, one_by_one):
+        assert got.dtype == np.int64 and got.tolist() == expected.tolist()
+
+
+def test_guard_on_faults_clips_each_fault_to_its_own_region():
+    guarded = GuardedPrefetch(Fixed([5, 9, 9, 3, -1, 50, 10, 20, 7, 49]))
+    out = guarded.on_faults([(10, 0, 50), (20, 8, 30), (99, 0, 1)])
+    assert [(vpn, pages.tolist()) for vpn, pages in out] == [(10, [3, 5, 7, 9, 20, 49]), (20, [9, 10])]
+
+
+def test_guard_on_faults_disables_a_failing_policy_and_keeps_what_came_before(caplog):
+    class FailsThird(PrefetchPolicy):
+        calls = 0
+
+        def on_fault(self, vpn, region_start, region_end):
+            self.calls += 1
+            if self.calls == 3:
+                return [1.5]
+            return [vpn + 1]
+
+    policy = FailsThird()
+    guarded = GuardedPrefetch(policy, target="pid 7")
+    with caplog.at_level(logging.ERROR, logger="umgr.policy"):
+        out = guarded.on_faults((vpn, *REGION) for vpn in (10, 20, 30, 40))
+    assert [(vpn, pages.tolist()) for vpn, pages in out] == [(10, [11]), (20, [21])]
+    assert guarded.disabled and policy.calls == 3
+    assert guarded.on_faults([(50, *REGION)]) == [] and policy.calls == 3
+
+
 def test_guard_disables_on_raising_feedback_hook():
     class BadFeedback(NoPrefetch):
         def on_prefetch_hit(self, vpn):

@@ -61,8 +61,10 @@ program that is to make it), and spins once this one waits for it.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import trio
@@ -176,6 +178,12 @@ class FastPath:
         have changed since: settling comes first)."""
         i = bisect.bisect_right(self._starts, vpn) - 1
         return self._starts[i], self._ends[i]
+
+    def with_bounds(self, vpns: list[int]) -> Iterable[tuple[int, int, int]]:
+        """(vpn, first, end) for each of `vpns`, as bounds() gives them."""
+        if len(self._starts) == 1:   # (most programs' memory is one region)
+            return zip(vpns, itertools.repeat(self._starts[0]), itertools.repeat(self._ends[0]))
+        return ((vpn, *self.bounds(vpn)) for vpn in vpns)
 
     def ready(self) -> bool:
         """Whether the next faults may be tried here."""

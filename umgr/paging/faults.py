@@ -172,12 +172,9 @@ class FaultService:
         if not vpns:
             return EMPTY
         wanted = []
-        for vpn in vpns:
-            first, end = self.fast.bounds(vpn)
-            extra = self.prefetch.on_fault(vpn, first, end)
-            if len(extra):
-                self.fast.prefetching(vpn, extra)
-                wanted.append(extra)
+        for vpn, extra in self.prefetch.on_faults(self.fast.with_bounds(vpns)):
+            self.fast.prefetching(vpn, extra)
+            wanted.append(extra)
         return np.unique(np.concatenate(wanted)) if wanted else EMPTY
 
     async def _prefetch_now(self, wanted: np.ndarray) -> None:
