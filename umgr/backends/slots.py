@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from umgr.arrays import unique
 from umgr.errors import BackendFull
 
 FEW_SLOTS = 16   # free() of at most this many slots runs on plain integers
@@ -110,7 +111,7 @@ class SlotAllocator:
         if (self._refs[slots] == 0).any():
             raise ValueError("double free of a swap slot")
         np.subtract.at(self._refs, slots, 1)
-        self._now_free(np.unique(slots[self._refs[slots] == 0]))
+        self._now_free(unique(slots[self._refs[slots] == 0]))
 
     def _now_free(self, released: np.ndarray) -> None:
         """These slots (sorted) lost their last reference."""

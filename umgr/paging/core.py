@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import trio
 
+from umgr.arrays import unique
 from umgr.kernel import procmem
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import Userfaultfd
@@ -198,7 +199,7 @@ class TargetCore:
         stale = (slots != NO_SLOT) & (states != State.SWAPPED) & (states != State.ZAPPING)
         if stale.any():
             self.slots.free(slots[stale])
-            for state in np.unique(states[stale]).tolist():
+            for state in unique(states[stale]).tolist():
                 self.pt.set(vpns[stale & (states == state)], state, NO_SLOT)
 
     def free_clean_copies(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
+from umgr.arrays import union, unique
 from umgr.backends import io_to_the_end
 from umgr.errors import BackendError, BackendFull, TargetGone
 from umgr.kernel import procmem
@@ -158,7 +159,7 @@ class Evictor:
             return np.empty(0, np.int64)
         if len(chosen) == 1:
             return chosen[0][:EVICT_BATCH]
-        return np.unique(np.concatenate(chosen))[:EVICT_BATCH]
+        return unique(np.concatenate(chosen))[:EVICT_BATCH]
 
     async def evict_batch(self, victims: np.ndarray) -> bool:
         """One batch from start to end: `victims` (sorted RESIDENT vpns, at
@@ -378,7 +379,7 @@ class Evictor:
             # (the zapping thread waits in the kernel until its event is read).
             discarded = self.removes.end()
         if len(discarded_before):
-            discarded = np.union1d(discarded, discarded_before)
+            discarded = union(discarded, discarded_before)
         done = nbytes >> PAGE_SHIFT
         self._settle_zapped(vpns[:done], discarded)
         self._settle_moved_away(discarded)

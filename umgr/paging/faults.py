@@ -20,6 +20,7 @@ import time
 import numpy as np
 import trio
 
+from umgr.arrays import unique
 from umgr.backends import io_to_the_end
 from umgr.errors import TargetGone
 from umgr.kernel import uffd as uffdmod
@@ -118,7 +119,7 @@ class FaultService:
         wanted.append(self._settle_fast())
         wanted = [pages for pages in wanted if len(pages)]
         if len(wanted) > 1:
-            return outcome, np.unique(np.concatenate(wanted))
+            return outcome, unique(np.concatenate(wanted))
         return outcome, wanted[0] if wanted else EMPTY
 
     def _spin(self) -> bool:
@@ -175,7 +176,7 @@ class FaultService:
         for vpn, extra in self.prefetch.on_faults(self.fast.with_bounds(vpns)):
             self.fast.prefetching(vpn, extra)
             wanted.append(extra)
-        return np.unique(np.concatenate(wanted)) if wanted else EMPTY
+        return unique(np.concatenate(wanted)) if wanted else EMPTY
 
     async def _prefetch_now(self, wanted: np.ndarray) -> None:
         """Bring in at once the pages the prefetch policy asked for after
