@@ -70,6 +70,10 @@ def test_exec_keeps_cpus_polling_while_its_program_faults(umgr_exec, programs):
         assert result.stats["faults"] > 20000 and result.stats["pages_in"] > 0   # it paged
     assert auto.stats["idle_poll_seconds"] > 0
     assert never.stats["idle_poll_seconds"] == 0
+    # What the daemon cost: it served 20k faults, in a process of its own.
+    for result in (auto, never):
+        assert 0 < result.stats["daemon_cpu_seconds"] < result.stats["wall_seconds"] * 4
+        assert 16 << 20 < result.stats["daemon_peak_rss_bytes"] < 1 << 30
 
 
 @pytest.mark.timeout(60)

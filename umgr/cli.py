@@ -9,6 +9,7 @@ import grp
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -538,6 +539,7 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
         totals = daemon.run_totals()
         totals["targets"] = daemon.targets_seen
         totals["idle_poll_seconds"] = round(daemon.lifecycle.idle_poll.seconds_held(), 3)
+        totals.update(_own_cost())
         embedded.write_outcome(run_dir, totals, backend.statistics())
         return 0
     except Exception as exc:
@@ -553,6 +555,14 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
             trace.close()
             if trace.error:
                 print(f"umgr: trace {args.record_trace}: {trace.error}", file=sys.stderr)
+
+
+def _own_cost() -> dict:
+    """What the embedded daemon (this process, every thread) cost: CPU
+    seconds and its peak resident memory, the page stores in it included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"daemon_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+            "daemon_peak_rss_bytes": usage.ru_maxrss * 1024}   # (ru_maxrss: KiB on Linux)
 
 
 class SignalForwarding:
