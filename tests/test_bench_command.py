@@ -19,7 +19,7 @@ def _umgr_bench(tmp_path, *args, timeout=120):
 def test_lists_the_benchmarks_and_refuses_an_unknown_one(tmp_path):
     listed = _umgr_bench(tmp_path, "--help")
     assert listed.returncode == 0, listed.stderr
-    for name in ("faults", "io", "shapes", "paging", "zap", "backends", "readpath", "persist"):
+    for name in ("faults", "io", "shapes", "paging", "zap", "backends", "readpath", "persist", "footprint"):
         assert f"\n  {name}" in listed.stdout
     unknown = _umgr_bench(tmp_path, "nope")
     assert unknown.returncode == EXIT_UMGR and "unknown benchmark 'nope'" in unknown.stderr

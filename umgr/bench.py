@@ -22,6 +22,7 @@ BENCHMARKS = {
     "backends": ("bench_backends", "random faults served from each backend and chain"),
     "readpath": ("bench_readpath", "the eviction read: process_vm_readv, /proc/PID/mem, the checked read"),
     "persist": ("bench_persist", "saved page tables (a restart can take programs back) against --no-persist"),
+    "footprint": ("bench_footprint", "the daemon's memory per managed page and CPU per evicted page"),
 }
 QUICK = ("faults", "io")
 
