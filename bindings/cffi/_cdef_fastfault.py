@@ -141,8 +141,7 @@ struct umgr_fast_log {
 
 STRUCTS += """
 /* A thread that runs one umgr_fast_serve call at a time in the background,
-   with these arguments (umgr_fast_bg_go, then umgr_fast_bg_wait or
-   umgr_fast_bg_stop). */
+   with these arguments (umgr_fast_bg_go, then umgr_fast_bg_finish). */
 struct umgr_fast_bg {
     int uffd;
     struct uffd_msg *msgs;
@@ -191,8 +190,7 @@ int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct 
 int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page);
 int umgr_fast_bg_start(struct umgr_fast_bg *bg);
 void umgr_fast_bg_go(struct umgr_fast_bg *bg);
-int umgr_fast_bg_wait(struct umgr_fast_bg *bg);
-int umgr_fast_bg_stop(struct umgr_fast_bg *bg);
+int umgr_fast_bg_finish(struct umgr_fast_bg *bg, int stop);
 void umgr_fast_bg_end(struct umgr_fast_bg *bg);
 int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                        const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
@@ -956,19 +954,11 @@ static void umgr_fast_bg_go(struct umgr_fast_bg *bg)
     umgr_eventfd_add(bg->go_fd);
 }
 
-/* Wait for the call to end on its own (it spins from now on); its result. */
-static int umgr_fast_bg_wait(struct umgr_fast_bg *bg)
+/* Wait for the call: with `stop`, it ends after the group it is serving;
+   else it ends on its own (it spins from now on). Its result. */
+static int umgr_fast_bg_finish(struct umgr_fast_bg *bg, int stop)
 {
-    __atomic_store_n(&bg->log->waited, 1, __ATOMIC_RELEASE);
-    umgr_eventfd_add(bg->log->wake_fd);
-    umgr_eventfd_take(bg->done_fd);
-    return bg->result;
-}
-
-/* End the call after the group it is serving, and wait for it; its result. */
-static int umgr_fast_bg_stop(struct umgr_fast_bg *bg)
-{
-    __atomic_store_n(&bg->log->stop, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(stop ? &bg->log->stop : &bg->log->waited, 1, __ATOMIC_RELEASE);
     umgr_eventfd_add(bg->log->wake_fd);
     umgr_eventfd_take(bg->done_fd);
     return bg->result;

@@ -428,7 +428,7 @@ class Userfaultfd:
         """Wait for the call serve_in_background() started to end (with
         `stop`, end it after the group it is serving); its FAST_*, as
         serve_plain_faults() returns it."""
-        r = _lib.umgr_fast_bg_stop(bg) if stop else _lib.umgr_fast_bg_wait(bg)
+        r = _lib.umgr_fast_bg_finish(bg, stop)
         if r < 0:
             self._raise(-r, "read")
         return r

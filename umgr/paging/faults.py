@@ -103,7 +103,7 @@ class FaultService:
         the last call's outcome and the pages the prefetch policy asked for."""
         fast = self.fast
         outcome = fast.serve()
-        wanted = []
+        windows = []
         while fast.may_overlap(outcome):
             fast.serve_in_background()
             try:
@@ -111,16 +111,13 @@ class FaultService:
             except BaseException:
                 fast.finish_background(stop=True)   # nothing may go on beside what handles it
                 raise
-            wanted.append(more)
+            windows += more
             # It goes on while nothing else is waiting for this thread: the
             # pages the prefetch policy just asked for are to come in at
             # once, and the evictor, woken as the log was settled, to run.
-            outcome = fast.finish_background(stop=len(more) > 0 or others_waiting())
-        wanted.append(self._settle_fast())
-        wanted = [pages for pages in wanted if len(pages)]
-        if len(wanted) > 1:
-            return outcome, unique(np.concatenate(wanted))
-        return outcome, wanted[0] if wanted else EMPTY
+            outcome = fast.finish_background(stop=bool(more) or others_waiting())
+        windows += self._settle_fast()
+        return outcome, unique(np.concatenate(windows)) if windows else EMPTY
 
     def _spin(self) -> bool:
         """Busy-poll briefly: on a VM the wake-up of a sleeping daemon costs
@@ -163,20 +160,19 @@ class FaultService:
         return events
 
     # ---- page faults ------------------------------------------------------------
-    def _settle_fast(self) -> np.ndarray:
+    def _settle_fast(self) -> list[np.ndarray]:
         """After the C call served faults: their bookkeeping, then the
         prefetch policy hears of its hits and of each fault. Returns the
-        pages it asked for, to bring in at once (fastpath.py)."""
+        windows it asked for, to bring in at once (fastpath.py)."""
         vpns, hits = self.fast.settle()
         for vpn in hits:
             self.prefetch.on_prefetch_hit(vpn)
         if not vpns:
-            return EMPTY
-        wanted = []
-        for vpn, extra in self.prefetch.on_faults(self.fast.with_bounds(vpns)):
-            self.fast.prefetching(vpn, extra)
-            wanted.append(extra)
-        return unique(np.concatenate(wanted)) if wanted else EMPTY
+            return []
+        windows = self.prefetch.on_faults(self.fast.with_bounds(vpns))
+        for vpn, window in windows:
+            self.fast.prefetching(vpn, window)
+        return [window for _, window in windows]
 
     async def _prefetch_now(self, wanted: np.ndarray) -> None:
         """Bring in at once the pages the prefetch policy asked for after
