@@ -44,7 +44,7 @@ def test_lifecycle_with_clean_copies(umgr_exec, programs, mode):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("cmd, budget", [
     (["pattern", "128", "mmap", "srb", "8"], "16M"),     # read, then rewrite, 8 threads
-    (["hammer", "64", "4", "20", "512"], "8M"),          # writes racing eviction
+    (["hammer", "64", "4", "10", "512"], "8M"),          # writes racing eviction (each round ~600k faults)
     (["threads", "56", "8", "24", "rbs"], "8M"),         # 24 threads on shared pages
 ])
 def test_writes_after_clean_swap_in_are_never_lost(umgr_exec, programs, cmd, budget):

@@ -712,8 +712,8 @@ def test_read_batch_lingers_for_the_rest_of_a_discard(ct, maps, uffds):
         largest = max(len(batch) for batch in batches)
         if linger:   # all 32 in one batch, unless a loaded machine stops the
             assert largest >= npages // 4, batches   # discarder longer than that (seen once)
-        else:
-            assert largest == 1, batches
+        else:   # one at a time, unless a loaded machine stops the reader
+            assert largest < npages // 8, batches   # longer than a gap (2 in a batch, seen once)
 
 
 @pytest.mark.timeout(30)
