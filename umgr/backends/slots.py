@@ -30,6 +30,7 @@ from umgr.arrays import unique
 from umgr.errors import BackendFull
 
 FEW_SLOTS = 16   # free() of at most this many slots runs on plain integers
+FREE_STEP = 1 << 16   # free() works through this many slots at a time: bounds its temporaries
 SWEEP_SLACK = 64  # counts an alloc() looks at beyond what the free share predicts
 
 
@@ -108,10 +109,15 @@ class SlotAllocator:
         if len(slots) <= FEW_SLOTS:
             self._free_few(slots.tolist())
             return
-        if (self._refs[slots] == 0).any():
+        steps = [slots[lo:lo + FREE_STEP] for lo in range(0, len(slots), FREE_STEP)]
+        if any((self._refs[step] == 0).any() for step in steps):
             raise ValueError("double free of a swap slot")
-        np.subtract.at(self._refs, slots, 1)
-        self._now_free(unique(slots[self._refs[slots] == 0]))
+        # A whole target's slots at its exit are 4 bytes a page; the work on
+        # them in steps keeps its temporaries (masks, the sort) from adding
+        # several times that to the daemon's peak memory.
+        for step in steps:
+            np.subtract.at(self._refs, step, 1)
+            self._now_free(unique(step[self._refs[step] == 0]))
 
     def _now_free(self, released: np.ndarray) -> None:
         """These slots (sorted) lost their last reference."""

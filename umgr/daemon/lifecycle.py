@@ -203,7 +203,7 @@ class Lifecycle:
 
     def _forget(self, saved: SavedTarget) -> None:
         if saved.table is not None:
-            self.backend.slots.free(saved.table.clear())
+            saved.table.clear(self.backend.slots.free)
         self.state.forget(saved)
 
     def zapper(self, target: Target, agent_fd: int):

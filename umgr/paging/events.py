@@ -156,5 +156,5 @@ class ForkedMemory:
     def close(self) -> None:
         """Never claimed: its slots and its uffd go (the child, if it still
         runs, is killed by its shim for want of a daemon)."""
-        self.slots.free(self.pages.clear())
+        self.pages.clear(self.slots.free)
         self.uffd.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -31,6 +31,7 @@ __all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "
 NO_SLOT = 0   # slot 0 is never handed out (umgr/backends/slots.py): zeros name no slot
 SMALL = 8   # arrays this short are cheaper in a Python loop than in a numpy call
 CHUNK = 1 << 20   # pages per step of a whole-region scan: bounds its temporaries
+SLOT_STEP = 1 << 16   # pages per step of gathering a region's slots
 
 
 class State:
@@ -341,7 +342,7 @@ class PageTable:
                 kept = kept[state[kept] == State.RESIDENT]
                 taken.append(slot[kept].copy())
                 slot[kept] = NO_SLOT
-        return np.concatenate(taken) if taken else np.empty(0, np.int32)
+        return joined(taken)
 
     def add(self, vpn: int, npages: int, present: np.ndarray | None = None) -> tuple[Region, np.ndarray]:
         """A new registered range; pages marked present start RESIDENT.
@@ -367,7 +368,7 @@ class PageTable:
             self._count_out(region.state[a:b])
             freed.append(nonzero_slots(region.slot[a:b]))
             self._split_out(region, lo, hi)
-        return np.concatenate(freed) if freed else np.empty(0, np.int32)
+        return joined(freed)
 
     def discard(self, vpn_lo: int, vpn_hi: int, keep: tuple[int, ...] = ()) -> np.ndarray:
         """The app discarded [vpn_lo, vpn_hi) (MADV_DONTNEED/REMOVE): pages read
@@ -385,7 +386,7 @@ class PageTable:
             slots[hit] = NO_SLOT
             region.flags[a:b][hit] = 0
             self.counts[State.FRESH] += int(hit.sum())
-        return np.concatenate(freed) if freed else np.empty(0, np.int32)
+        return joined(freed)
 
     def move(self, src_vpn: int, dst_vpn: int, npages: int) -> np.ndarray:
         """mremap moved [src, src+n) to dst: states and slots follow the pages.
@@ -404,15 +405,21 @@ class PageTable:
         self.layout += 1
         return replaced
 
-    def clear(self) -> np.ndarray:
-        """Everything is gone (exit, exec). Returns all slots to free."""
-        freed = [nonzero_slots(r.slot) for r in self.regions]
+    def clear(self, free_slots: Callable[[np.ndarray], None]) -> None:
+        """Everything is gone (exit, exec): every slot named is handed to
+        free_slots, a step of a region at a time. No array of them all is
+        built: at a target's exit that is 4 bytes a page on the daemon's
+        peak memory, and freeing it in one call several times that."""
         for region in self.regions:
+            for lo in range(0, region.npages, SLOT_STEP):
+                named = region.slot[lo:lo + SLOT_STEP]
+                named = named[named != NO_SLOT]
+                if len(named):
+                    free_slots(named)
             self.arrays.drop(region)
         self.regions.clear()
         self.layout += 1
         self.counts[:] = 0
-        return np.concatenate(freed) if freed else np.empty(0, np.int32)
 
     def copy(self, arrays: MemoryArrays = IN_MEMORY) -> "PageTable":
         """A deep copy, its arrays made by `arrays`."""
@@ -441,7 +448,7 @@ class PageTable:
 
     def all_slots(self) -> np.ndarray:
         slots = [nonzero_slots(r.slot) for r in self.regions]
-        return np.concatenate(slots) if slots else np.empty(0, np.int32)
+        return joined(slots)
 
     # ---- helpers -----------------------------------------------------
     def _overlapping(self, vpn_lo: int, vpn_hi: int) -> Iterator[tuple[Region, int, int]]:
@@ -499,11 +506,26 @@ def histogram(states: np.ndarray) -> np.ndarray:
     return counts
 
 
+def joined(slot_arrays: list[np.ndarray]) -> np.ndarray:
+    """The slot arrays as one. A single array is returned as it is: a
+    target's exit frees 4 bytes a page, and np.concatenate would copy them."""
+    if len(slot_arrays) == 1:
+        return slot_arrays[0]
+    return np.concatenate(slot_arrays) if slot_arrays else np.empty(0, np.int32)
+
+
 def nonzero_slots(slots: np.ndarray) -> np.ndarray:
-    """The slots named in an array of them (without a region-sized mask)."""
-    parts = [slots[lo:lo + CHUNK] for lo in range(0, len(slots), CHUNK)]
-    named = [part[np.flatnonzero(part)] for part in parts]
-    return np.concatenate(named) if named else np.empty(0, np.int32)
+    """The slots named in an array of them, filled in steps into an array
+    of their count: no temporary of the array's size (a target's exit
+    gathers 4 bytes for each of its pages, and this is all it adds)."""
+    named = np.empty(np.count_nonzero(slots), np.int32)
+    at = 0
+    for lo in range(0, len(slots), SLOT_STEP):
+        part = slots[lo:lo + SLOT_STEP]
+        part = part[part != NO_SLOT]
+        named[at:at + len(part)] = part
+        at += len(part)
+    return named
 
 
 def page_up(addr: int) -> int:

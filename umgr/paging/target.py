@@ -324,7 +324,7 @@ class Target:
         """The target's mm is gone: free every slot and descriptor."""
         core = self.core
         core.gone = True
-        core.slots.free(core.pt.clear())
+        core.pt.clear(core.slots.free)
         self.faults.close()   # the evictor's batch buffer stays mapped: an abandoned readv may still write it
         self.events.close()
         self.hints.close()
