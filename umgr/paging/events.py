@@ -150,7 +150,8 @@ class ForkedMemory:
     @classmethod
     def at_fork(cls, uffd: uffdmod.Userfaultfd, core: TargetCore) -> "ForkedMemory":
         pages = core.pt.forked()
-        core.slots.incref(pages.all_slots())
+        for slots in pages.slot_steps():
+            core.slots.incref(slots)
         return cls(uffd, pages, core.slots, time.clock_gettime(time.CLOCK_BOOTTIME))
 
     def close(self) -> None:

@@ -407,15 +407,10 @@ class PageTable:
 
     def clear(self, free_slots: Callable[[np.ndarray], None]) -> None:
         """Everything is gone (exit, exec): every slot named is handed to
-        free_slots, a step of a region at a time. No array of them all is
-        built: at a target's exit that is 4 bytes a page on the daemon's
-        peak memory, and freeing it in one call several times that."""
+        free_slots, in steps (slot_steps)."""
+        for slots in self.slot_steps():
+            free_slots(slots)
         for region in self.regions:
-            for lo in range(0, region.npages, SLOT_STEP):
-                named = region.slot[lo:lo + SLOT_STEP]
-                named = named[named != NO_SLOT]
-                if len(named):
-                    free_slots(named)
             self.arrays.drop(region)
         self.regions.clear()
         self.layout += 1
@@ -445,6 +440,18 @@ class PageTable:
         for region in child.regions:
             child._count_in(region.state)
         return child
+
+    def slot_steps(self) -> Iterator[np.ndarray]:
+        """The slots named, a step of a region at a time (a fork takes a
+        reference on each, an exit frees them: at 4 bytes a page, one array
+        of them all, and the allocator's work on it, would raise the
+        daemon's peak memory by several times the page table's 6)."""
+        for region in self.regions:
+            for lo in range(0, region.npages, SLOT_STEP):
+                named = region.slot[lo:lo + SLOT_STEP]
+                named = named[named != NO_SLOT]
+                if len(named):
+                    yield named
 
     def all_slots(self) -> np.ndarray:
         slots = [nonzero_slots(r.slot) for r in self.regions]
