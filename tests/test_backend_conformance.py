@@ -484,7 +484,7 @@ def test_a_restarted_daemon_finds_the_store_intact(request, tmp_path, name):
     again = open_chain(specs, {**options, "reuse": True}, _backend_value)
     try:
         assert again.slots.capacity == first.slots.capacity
-        again.slots.adopt(slots)
+        again.slots.adopt([slots])
         back = PageBuffer(n)
         order = np.random.default_rng(3).permutation(n)
         run_io(again.read, slots[order], back.addrs(order))

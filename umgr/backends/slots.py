@@ -22,7 +22,7 @@ memory only where its pages are touched; umgr/paging/pagetable.py).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -85,14 +85,20 @@ class SlotAllocator:
         self._refs[slots] = 1
         return slots
 
-    def adopt(self, slots: np.ndarray) -> None:
-        """Start from these references (a restarted daemon's saved tables:
-        a slot named n times has n references); every other slot is free."""
-        refs = np.bincount(np.asarray(slots, np.int64), minlength=self.span)[:self.span]
-        if refs[0]:
-            raise ValueError("slot 0 is reserved")
-        self._refs[:] = refs
-        self._nfree = int(np.count_nonzero(refs[1:] == 0))
+    def adopt(self, pieces: Iterable[np.ndarray]) -> None:
+        """Start from these references (a restarted daemon's saved tables,
+        in pieces: a slot named n times has n references); every other
+        slot is free. Counted in place, piece by piece: np.bincount over
+        the whole store raised the peak by 50 MB for a 64 GiB swap file,
+        and copying its result in backed every count (32 MB) for good."""
+        if np.count_nonzero(self._refs):   # (reading untouched counts backs none of them)
+            self._refs[:] = 0
+        for slots in pieces:
+            slots = np.asarray(slots, np.int64)
+            if len(slots) and (slots.min() < 1 or slots.max() >= self.span):
+                raise ValueError("slot 0 is reserved" if slots.min() < 1 else "slot past the store")
+            np.add.at(self._refs, slots, 1)
+        self._nfree = self.capacity - int(np.count_nonzero(self._refs))
         self._sweep = 1
 
     def incref(self, slots: np.ndarray) -> None:

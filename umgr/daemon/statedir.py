@@ -28,8 +28,6 @@ import os
 import secrets
 from dataclasses import dataclass
 
-import numpy as np
-
 from umgr.backends.file import open_state_dir
 from umgr.errors import BackendError
 from umgr.kernel.procmem import process_start_time
@@ -135,13 +133,11 @@ class StateDir:
         share a slot: one reference each). A table naming a slot the swap
         file does not have cannot come back."""
         for pid, saved in list(self.saved.items()):
-            used = saved.table.all_slots()
-            if len(used) and (used.min() < 1 or used.max() >= slots.span):
+            if any(piece.min() < 1 or piece.max() >= slots.span for piece in saved.table.slot_steps()):
                 log.warning("state in %s: pid %d names slots past the swap file; it cannot come back",
                             self.path, pid)
                 self.forget(self.saved.pop(pid))
-        every = [s.table.all_slots() for s in self.saved.values()]
-        slots.adopt(np.concatenate(every) if every else np.empty(0, np.int32))
+        slots.adopt(piece for saved in self.saved.values() for piece in saved.table.slot_steps())
 
     def take(self, pid: int, start_time: int | None, owner: tuple[int, int]) -> SavedTarget | None:
         """The saved target of this process (pid, start time and owner
