@@ -41,6 +41,28 @@ def test_remove_splits_region_and_returns_slots():
     assert pt.states(np.array([104]))[0] == State.UNMAPPED
 
 
+def test_slots_of_large_regions_come_out_whole_in_steps():
+    """Past one step (SLOT_STEP pages) the slots a munmap returns, and
+    those slot_steps() and clear() hand out, are exactly the named ones,
+    in page order."""
+    rng = np.random.default_rng(5)
+    pt = PageTable()
+    for vpn, npages in ((1000, 200_000), (300_000, 70_000)):
+        pt.add(vpn, npages)
+        swapped = np.sort(rng.choice(npages, npages // 3, replace=False)) + vpn
+        pt.set(swapped, State.SWAPPED, rng.integers(1, 1 << 30, len(swapped)).astype(np.int32))
+    named = np.concatenate([r.slot[r.slot != NO_SLOT] for r in pt.regions])
+    assert np.array_equal(np.concatenate(list(pt.slot_steps())), named)
+    gone = pt.copy()
+    first = pt.regions[0]
+    expected = first.slot[50_000:180_000][first.slot[50_000:180_000] != NO_SLOT].copy()
+    assert np.array_equal(pt.remove(1000 + 50_000, 1000 + 180_000), expected)
+    freed = []
+    gone.clear(freed.append)
+    assert np.array_equal(np.concatenate(freed), named)
+    assert not gone.regions and gone.swapped == 0
+
+
 def test_discard_is_idempotent_and_keeps_zapping_pages():
     pt = table_with()
     pt.set(np.array([100, 101]), State.SWAPPED, np.array([5, 6], np.int32))

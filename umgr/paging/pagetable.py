@@ -453,10 +453,6 @@ class PageTable:
                 if len(named):
                     yield named
 
-    def all_slots(self) -> np.ndarray:
-        slots = [nonzero_slots(r.slot) for r in self.regions]
-        return joined(slots)
-
     # ---- helpers -----------------------------------------------------
     def _overlapping(self, vpn_lo: int, vpn_hi: int) -> Iterator[tuple[Region, int, int]]:
         i = max(0, bisect.bisect_right(self.regions, vpn_lo, key=lambda r: r.vpn) - 1)
@@ -514,8 +510,9 @@ def histogram(states: np.ndarray) -> np.ndarray:
 
 
 def joined(slot_arrays: list[np.ndarray]) -> np.ndarray:
-    """The slot arrays as one. A single array is returned as it is: a
-    target's exit frees 4 bytes a page, and np.concatenate would copy them."""
+    """The slot arrays as one. A single array is returned as it is: the
+    munmap of a large region frees 4 bytes a page, and np.concatenate
+    would copy them."""
     if len(slot_arrays) == 1:
         return slot_arrays[0]
     return np.concatenate(slot_arrays) if slot_arrays else np.empty(0, np.int32)
@@ -523,8 +520,9 @@ def joined(slot_arrays: list[np.ndarray]) -> np.ndarray:
 
 def nonzero_slots(slots: np.ndarray) -> np.ndarray:
     """The slots named in an array of them, filled in steps into an array
-    of their count: no temporary of the array's size (a target's exit
-    gathers 4 bytes for each of its pages, and this is all it adds)."""
+    of their count: no temporary of the array's size (the munmap of a
+    large region gathers 4 bytes for each of its pages, and this is all
+    it adds)."""
     named = np.empty(np.count_nonzero(slots), np.int32)
     at = 0
     for lo in range(0, len(slots), SLOT_STEP):
