@@ -30,7 +30,7 @@ from umgr.arrays import unique
 from umgr.errors import BackendFull
 
 FEW_SLOTS = 16   # free() of at most this many slots runs on plain integers
-FREE_STEP = 1 << 16   # free() works through this many slots at a time: bounds its temporaries
+FREE_STEP = 1 << 14   # free() works through this many slots at a time: bounds its temporaries
 SWEEP_SLACK = 64  # counts an alloc() looks at beyond what the free share predicts
 
 

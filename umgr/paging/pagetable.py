@@ -31,7 +31,7 @@ __all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "
 NO_SLOT = 0   # slot 0 is never handed out (umgr/backends/slots.py): zeros name no slot
 SMALL = 8   # arrays this short are cheaper in a Python loop than in a numpy call
 CHUNK = 1 << 20   # pages per step of a whole-region scan: bounds its temporaries
-SLOT_STEP = 1 << 16   # pages per step of gathering a region's slots
+SLOT_STEP = 1 << 14   # pages per step of gathering a region's slots
 
 
 class State:
