@@ -100,9 +100,9 @@ def test_a_large_targets_exit_adds_little_to_the_daemons_peak(tmp_path, shim, pr
     """1 GiB swapped out under an 8 MiB budget, then read back intact and
     the program exits: the daemon frees its 262k slots a step at a time.
     Gathered into one array and freed in one call, they raised its peak
-    memory by about 16 bytes a page (4 MiB here), more than the page table
-    itself holds; in steps it is under half that (RSS counters carry a few
-    hundred KiB of noise)."""
+    memory by about 18 bytes a page (4.5 MiB here), more than the page
+    table itself holds; in steps, by 3-4 (RSS counters carry a few hundred
+    KiB of noise)."""
     daemon = DaemonProcess(tmp_path, "--max-resident", "8M", "--swap-size", "1100M")
     try:
         with started([programs["reserve"], "2", "1024"], env=daemon.env(shim), stdin=subprocess.PIPE) as proc:
