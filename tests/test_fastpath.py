@@ -58,8 +58,10 @@ def test_random_faults_over_many_mappings_go_the_fast_path(umgr_exec, programs, 
     # come between the faults the C call serves.
     if options:
         assert stats["own_removes"] > 1000 and stats["moved_out"] == 0, stats
+        assert stats["fault_gate_seconds"] == 0, stats   # a zap holds the uffd open
     else:
         assert stats["moved_out"] > 1000 and stats["own_removes"] == 0, stats
+        assert stats["fault_gate_seconds"] > 0, stats    # a move out holds it unread
 
 
 @pytest.mark.timeout(180)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -347,10 +348,12 @@ class Evictor:
         self.removes.begin(vpns, own_events=False)
         try:
             async with core.reads.hold():
+                held = time.monotonic()
                 # Events read while the fault loop finished its round may
                 # have moved pages of the batch (REMAP) or unmapped them.
                 vpns = vpns[core.pt.states(vpns) == State.ZAPPING]
                 nbytes, error = await core.zapper.move_out(*_byte_ranges(vpns))
+                core.stats.fault_gate_seconds += time.monotonic() - held
         finally:
             discarded = self.removes.end()
         moved = nbytes >> PAGE_SHIFT

@@ -47,6 +47,7 @@ COUNTERS: dict[str, str] = {
     "fault_wait_seconds": "Part of it spent waiting at the budget for the evictor",
     "fault_read_seconds": "Part of it spent reading pages (and their prefetch) from the backend",
     "fault_copy_seconds": "Part of it in UFFDIO_COPY/ZEROPAGE, waking the faulting threads included",
+    "fault_gate_seconds": "Time the uffd went unread while the agent moved pages out (a fault then waits)",
     "fault_loop_sleeps": "Times the fault loop slept with nothing to serve: the next fault pays a wake-up",
 }
 
