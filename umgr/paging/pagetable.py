@@ -447,11 +447,7 @@ class PageTable:
         of them all, and the allocator's work on it, would raise the
         daemon's peak memory by several times the page table's 6)."""
         for region in self.regions:
-            for lo in range(0, region.npages, SLOT_STEP):
-                named = region.slot[lo:lo + SLOT_STEP]
-                named = named[named != NO_SLOT]
-                if len(named):
-                    yield named
+            yield from named_steps(region.slot)
 
     # ---- helpers -----------------------------------------------------
     def _overlapping(self, vpn_lo: int, vpn_hi: int) -> Iterator[tuple[Region, int, int]]:
@@ -525,12 +521,20 @@ def nonzero_slots(slots: np.ndarray) -> np.ndarray:
     it adds)."""
     named = np.empty(np.count_nonzero(slots), np.int32)
     at = 0
-    for lo in range(0, len(slots), SLOT_STEP):
-        part = slots[lo:lo + SLOT_STEP]
-        part = part[part != NO_SLOT]
+    for part in named_steps(slots):
         named[at:at + len(part)] = part
         at += len(part)
     return named
+
+
+def named_steps(slots: np.ndarray) -> Iterator[np.ndarray]:
+    """The slots named in an array of them, SLOT_STEP pages at a time
+    (empty steps left out): no mask of the whole array."""
+    for lo in range(0, len(slots), SLOT_STEP):
+        part = slots[lo:lo + SLOT_STEP]
+        part = part[part != NO_SLOT]
+        if len(part):
+            yield part
 
 
 def page_up(addr: int) -> int:
