@@ -273,12 +273,20 @@ static long zap_ranges(const struct umgr_range *ranges, uint32_t count)
 /* ---- moving pages out (MOVE_OUT) ---------------------------------------
  * UFFDIO_MOVE takes a page out of the app's range with no UFFD_EVENT_REMOVE,
  * so no round trip to the daemon per range as a zap has (measured on 6.18:
- * about 1 us a scattered page, against 25-50 us for a zapped one). The
- * kernel accepts it only from inside the mm, and only into a range
- * registered on the uffd the ioctl is issued on: the agent's own scratch
- * area, on a uffd of its own without EVENT_REMOVE, so that discarding the
- * moved pages there raises no event either. The daemon has the pages'
- * content already (it evicts only what it stored or can read back). */
+ * about 2 us a scattered page, as MADV_DONTNEED costs, against 25-50 us for
+ * a zapped one). The kernel accepts it only from inside the mm, and only
+ * into a range registered on the uffd the ioctl is issued on. That is the
+ * app's own uffd (our reference to it), with a scratch area registered on
+ * it: a move then answers EAGAIN while one of the app's events is queued
+ * (the kernel checks the context's mmap_changing under its lock, as for
+ * UFFDIO_COPY), so a move never runs after an munmap or mremap the daemon
+ * has not read. On a uffd of its own the scratch was outside that check: one
+ * thread could unmap batch pages and another map new memory into the hole
+ * and write it, and the move took the new page. The scratch is emptied
+ * unregistered, so that discarding the moved pages raises no REMOVE (about
+ * 3 us per SCRATCH_BYTES for UNREGISTER, MADV_DONTNEED and REGISTER). The
+ * daemon has the pages' content already (it evicts only what it stored or
+ * can read back). */
 
 #ifndef UFFDIO_MOVE
 #define UFFD_FEATURE_MOVE (1 << 16)
@@ -290,73 +298,86 @@ struct uffdio_move {
 #define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ((uint64_t)1 << 1)
 #define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
 #endif
-#ifndef UFFD_USER_MODE_ONLY
-#define UFFD_USER_MODE_ONLY 1
-#endif
 
-/* Under the default --min-region (1 MiB), so a maps scan leaves it alone
- * (it could not register it anyway: a range belongs to one uffd). */
+/* Under the default --min-region (1 MiB), so the daemon's maps scan leaves
+ * it alone. Under a smaller one the scan registers it as a region (on the
+ * same uffd that succeeds): harmless, as nothing faults there, and its
+ * pages, which the daemon saved already, are never SWAPPED; a page it
+ * took for RESIDENT (present at that moment) cannot be write-protected
+ * once the area is registered again without WP, and stays. */
 #define SCRATCH_BYTES (128 * SHIM_PAGE_SIZE)
 
 static struct {
-    int uffd;      /* the scratch area's; -1 until the first MOVE_OUT */
+    int uffd;      /* the uffd the area is registered on (shim.uffd_ref, not ours to close); -1 until the first MOVE_OUT */
     char *area;
     int error;     /* why moving out is impossible here (answered to every MOVE_OUT), or 0 */
 } scratch = {.uffd = -1};
 
-/* The scratch area and its uffd, made on first use. 0, or a positive errno. */
+static int scratch_register(void)
+{
+    struct uffdio_register reg = {.range = {.start = (uintptr_t)scratch.area, .len = SCRATCH_BYTES},
+                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
+    return ioctl(scratch.uffd, UFFDIO_REGISTER, &reg);
+}
+
+static void scratch_unregister(void)
+{
+    struct uffdio_range range = {.start = (uintptr_t)scratch.area, .len = SCRATCH_BYTES};
+    ioctl(scratch.uffd, UFFDIO_UNREGISTER, &range);
+}
+
+/* The scratch area, registered on the app's uffd, made on first use. 0, or a positive errno. */
 static int scratch_ready(void)
 {
     if (scratch.uffd >= 0 || scratch.error)
         return scratch.error;
-    /* Nothing ever faults there: user-mode-only is enough (and allowed
-     * without privilege where unprivileged_userfaultfd is 0). */
-    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
-    if (fd < 0)
-        fd = open_uffd();
-    struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_MOVE};
-    void *area = MAP_FAILED;
-    if (fd < 0 || ioctl(fd, UFFDIO_API, &api) < 0)
-        goto fail;
-    area = (void *)syscall(SYS_mmap, NULL, SCRATCH_BYTES, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *area = (void *)syscall(SYS_mmap, NULL, SCRATCH_BYTES, PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     /* A forked child must not inherit it: not registered there, it would be a stray mapping. */
     if (area == MAP_FAILED || syscall(SYS_madvise, area, SCRATCH_BYTES, MADV_DONTFORK) < 0)
         goto fail;
-    struct uffdio_register reg = {.range = {.start = (uintptr_t)area, .len = SCRATCH_BYTES},
-                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
-    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
-        goto fail;
-    scratch.uffd = move_high(fd);
+    scratch.uffd = shim.uffd_ref;
     scratch.area = area;
+    if (scratch_register() < 0)
+        goto fail;
     return 0;
 fail:
     scratch.error = errno ? errno : EOPNOTSUPP;
     if (area != MAP_FAILED)
         syscall(SYS_munmap, area, SCRATCH_BYTES);
-    if (fd >= 0)
-        close(fd);
+    scratch.uffd = -1;
+    scratch.area = NULL;
     return scratch.error;
 }
 
-/* Close the scratch uffd, and unmap the area when it is ours (a forked
- * child has the parent's descriptor but not the area: MADV_DONTFORK). */
+/* Let go of the scratch area. Where it is ours it is unregistered first, so
+ * that its munmap raises no UNMAP (the agent would wait for the daemon to
+ * read it); a forked child has the parent's descriptor but not the area
+ * (MADV_DONTFORK), and the descriptor is the shim's to close. */
 static void scratch_drop(int unmap)
 {
-    if (scratch.uffd >= 0)
-        close(scratch.uffd);
-    if (unmap && scratch.area)
+    if (unmap && scratch.area) {
+        scratch_unregister();
         syscall(SYS_munmap, scratch.area, SCRATCH_BYTES);
+    }
     scratch.uffd = -1;
     scratch.area = NULL;
     scratch.error = 0;
 }
 
-/* Empty the scratch area's first `used` bytes (no event: its uffd has no EVENT_REMOVE). */
-static void scratch_discard(size_t used)
+/* Empty the scratch area's first `used` bytes with no event: unregistered
+ * meanwhile, it is outside the uffd's EVENT_REMOVE. 0, or an errno (the
+ * area could not be registered again: no move can be made any more). */
+static int scratch_discard(size_t used)
 {
-    if (used)
-        syscall(SYS_madvise, scratch.area, used, MADV_DONTNEED);
+    if (!used)
+        return 0;
+    scratch_unregister();
+    syscall(SYS_madvise, scratch.area, used, MADV_DONTNEED);
+    if (scratch_register() == 0)
+        return 0;
+    scratch.error = errno;
+    return errno;
 }
 
 /* Move the ranges out, in order, until one cannot move further (ENOENT: no
@@ -377,8 +398,12 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, int
         uint64_t at = ranges[i].start, left = ranges[i].length;
         while (left) {
             if (used == SCRATCH_BYTES) {
-                scratch_discard(used);
+                int why = scratch_discard(used);
                 used = 0;
+                if (why) {
+                    *stopped = why;
+                    return done;
+                }
             }
             uint64_t len = left < SCRATCH_BYTES - used ? left : SCRATCH_BYTES - used;
             /* A hole (a page the app discarded meanwhile) is skipped, and counted as moved. */
@@ -410,10 +435,10 @@ static void detach_from_daemon(int agent_fd)
 {
     __atomic_store_n(&shim.detached, 1, __ATOMIC_RELEASE);
     __atomic_store_n(&shim.active, 0, __ATOMIC_RELEASE);
+    scratch_drop(1); /* while its uffd is open: unregistered, its munmap raises no UNMAP */
     if (shim.uffd_ref >= 0)
         close(shim.uffd_ref);
     shim.uffd_ref = -1;
-    scratch_drop(1);
     struct umgr_detach done;
     fill_hdr(&done.hdr, UMGR_DETACH_DONE, sizeof done);
     send_with_fds(agent_fd, &done, sizeof done, NULL, 0);

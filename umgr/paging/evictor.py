@@ -361,10 +361,12 @@ class Evictor:
         self._settle_moved_away(discarded)
         core.stats.moved_out += moved
         rest = vpns[moved:]
-        if error == errno.ENOENT:
-            # A mapping gone: an mremap or munmap in between (its event is
-            # read next). The rest stays resident, to be chosen again: a
-            # zap would come later, when the app may have moved pages back.
+        if error in (errno.ENOENT, errno.EAGAIN):
+            # A mapping gone (ENOENT), or an event of the app's queued
+            # (EAGAIN: an munmap, mremap, discard or fork in between, its
+            # event read next). The rest stays resident, to be chosen
+            # again: a zap would come later, when the app may have mapped
+            # new memory there.
             core.release(rest, State.ZAPPING)
             await core.unprotect(rest)
             return EMPTY, discarded

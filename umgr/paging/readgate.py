@@ -9,8 +9,10 @@ could move the pages away and back again before the agent's UFFDIO_MOVE
 runs, and the move would take pages the table had just made resident.
 With the uffd unread for the whole move, an mremap or munmap that comes in
 between stays blocked after its first step: the move finds nothing at the
-old addresses (ENOENT) and the event, read afterwards, settles the pages
-as it does for a zap. Pages moved away and back are also covered without
+old addresses (ENOENT), or stops at once (EAGAIN: the agent moves through
+the target's own uffd, which refuses a move while an event is queued, so
+another thread cannot have mapped new memory there meanwhile), and the
+event, read afterwards, settles the pages as it does for a zap. Pages moved away and back are also covered without
 the gate (events.py keeps them ZAPPING while a request is in flight); what
 only the gate covers is a thread that unmaps memory and maps something new
 at the same address (an allocator freeing and reusing a big block): its

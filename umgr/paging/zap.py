@@ -10,12 +10,14 @@ Either way each range of a zap becomes one UFFD_EVENT_REMOVE that the zapping
 thread waits on until the daemon reads it: callers pass contiguous runs.
 
 Faster, tried first: the agent moves the pages out (MOVE_OUT, with
-UFFDIO_MOVE into a scratch area of its own, bindings/shim/preload.c), which
-raises no event at all. The fault loop reads no event meanwhile
-(readgate.py). Where a move stops (a page the kernel still shares
-copy-on-write, one pinned for I/O, a read-only mapping), the rest is
-zapped; where a mapping is gone (an mremap or munmap in between), the rest
-stays resident. --no-move-out zaps only.
+UFFDIO_MOVE into a scratch area registered on the target's uffd,
+bindings/shim/preload.c), which raises no event at all. The fault loop
+reads no event meanwhile (readgate.py), and the kernel refuses the move
+(EAGAIN) while one is queued. Where a move stops (a page the kernel still
+shares copy-on-write, one pinned for I/O, a read-only mapping), the rest is
+zapped; where a mapping is gone or an event is queued (an mremap, munmap,
+discard or fork in between), the rest stays resident. --no-move-out zaps
+only.
 """
 from __future__ import annotations
 
