@@ -5,7 +5,8 @@ with the shared slots, a forked child's), posix_spawn, vfork and
 CLONE_VM children (one mm: nothing for umgr to do, nothing may break),
 children SIGKILLed while idle or paging, munmap of a hole, mremap
 move+grow+shrink, mremap moves racing eviction (from the faulting thread
-and from a thread of their own), the app's own MADV_DONTNEED
+and from a thread of their own), a munmap racing eviction while another
+thread maps new memory into the hole, the app's own MADV_DONTNEED
 (also of pages being evicted), and exit. The program checks every byte, in
 parent and children; here we check that pages really left, that the event
 reached the daemon, how many targets it served, that each was released and
@@ -36,6 +37,7 @@ MODES = {
     "mremap-race": ("remaps", 1, 1),  # 24 moves while eviction batches are in flight
     "mremap-thread": ("remaps", 200, 1),  # a thread's 200 moves, at any point of a batch, while another faults
     "remap-hole": ("unmaps", 24, 1),  # 24 munmaps of a region paging out, each followed by a new mapping there
+    "unmap-thread": ("unmaps", 60, 1),  # 120 rounds: a thread unmaps a region paging out, another maps and writes the hole
     "dontneed": ("app_removes", 1, 1),
     "dontneed-race": ("app_removes", 1, 1),  # the app discards pages while they are being evicted
     "exit": (None, 0, 1),

@@ -1,11 +1,12 @@
 /* Process-lifecycle events on memory that is paged out at the moment of the
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
- * MODE: fork | munmap | mremap | mremap-race | mremap-thread | remap-hole | dontneed | dontneed-race | exit
+ * MODE: fork | munmap | mremap | mremap-race | mremap-thread | remap-hole | unmap-thread | dontneed | dontneed-race | exit
  *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
  *     | fork-parent-killed
  *     (helpers run by the program itself: fresh | true).
  * Exit 0 when all is intact. */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -16,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -198,6 +200,90 @@ static int remap_hole(uint64_t *m, size_t n)
     return verify(m, main_salt, n, "main region after the remaps");
 }
 
+/* unmap-thread: one thread unmaps a region while another maps new memory
+ * into the hole at once and writes it, over and over. The region (1 MiB)
+ * lies above a bigger one, and the writes go 15 to the lower one for each
+ * to the region, so that a batch in flight holds pages of both, the lower
+ * one's first and most: a move that took the munmap's turn would still be
+ * busy below when the new mapping is written, and reach it after. The
+ * unmapping thread's munmap waits in the kernel until its UNMAP is read,
+ * but the mapping thread does not wait for anything: no move may run while
+ * that UNMAP is unread (the mapping, by a raw syscall, is one the shim
+ * never hears of). */
+struct unmapper {
+    void *region;
+    size_t bytes;
+    int go;     /* 1: unmap now; 2: stop */
+    int done;   /* rounds done */
+};
+
+static void *unmapper_main(void *arg)
+{
+    struct unmapper *u = arg;
+    for (int round = 0;; round++) {
+        int go;
+        while ((go = __atomic_load_n(&u->go, __ATOMIC_ACQUIRE)) == 0)
+            ;
+        if (go == 2)
+            return NULL;
+        __atomic_store_n(&u->go, 0, __ATOMIC_RELAXED);
+        munmap(u->region, u->bytes);
+        __atomic_store_n(&u->done, round + 1, __ATOMIC_RELEASE);
+    }
+}
+
+#define UNMAPPED_PAGES 256
+#define LOWER_PER_UNMAPPED 15
+#define ROUNDS 120
+
+static int unmap_thread(uint64_t *m, size_t n)
+{
+    size_t hn = UNMAPPED_PAGES, ln = hn * LOWER_PER_UNMAPPED;
+    uint64_t *high = mmap(NULL, hn * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t *low = mmap(NULL, ln * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t *main_salt = malloc(n * sizeof *main_salt);
+    if (high == MAP_FAILED || low == MAP_FAILED || !main_salt)
+        return 2;
+    if (low > high) /* the move goes up from the lowest address: the unmapped region must come last */
+        return 2;
+    for (size_t p = 0; p < n; p++)
+        main_salt[p] = 1;
+    struct unmapper u = {.region = high, .bytes = hn * PAGE};
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, unmapper_main, &u))
+        return 2;
+    int bad = 0;
+    for (unsigned round = 0; round < ROUNDS && !bad; round++) {
+        for (size_t p = 0; p < hn; p++) {
+            fill(high, p, 1, 60 + round);
+            fill(low, p * LOWER_PER_UNMAPPED, LOWER_PER_UNMAPPED, 60 + round);
+        }
+        __atomic_store_n(&u.go, 1, __ATOMIC_RELEASE);
+        void *again;
+        while ((again = (void *)syscall(SYS_mmap, high, hn * PAGE, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)) == MAP_FAILED &&
+               errno == EEXIST)
+            ;
+        if (again != high)
+            return 2;
+        for (size_t p = 0; p < hn; p += 8)   /* a sparse pass first: it reaches a batch's pages sooner */
+            fill(high, p, 1, 100 + round);
+        fill(high, 0, hn, 100 + round);
+        while (__atomic_load_n(&u.done, __ATOMIC_ACQUIRE) != (int)round + 1)
+            ;
+        bad = check(high, 0, hn, 100 + round, "new mapping written while another thread unmapped the old") |
+              check(low, 0, ln, 60 + round, "lower region");
+        /* Mapped again through the shim, which has the daemon manage it
+         * at once (the raw one waits for its maps scan). */
+        if (munmap(high, hn * PAGE) ||
+            mmap(high, hn * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0) != high)
+            return 2;
+    }
+    __atomic_store_n(&u.go, 2, __ATOMIC_RELEASE);
+    pthread_join(thread, NULL);
+    return bad | verify(m, main_salt, n, "main region after the unmaps");
+}
+
 static void die_in_parent(void)
 {
     kill(getpid(), SIGKILL);
@@ -280,6 +366,8 @@ int main(int argc, char **argv)
         return mremap_thread(m, n);
     if (strcmp(mode, "remap-hole") == 0)
         return remap_hole(m, n);
+    if (strcmp(mode, "unmap-thread") == 0)
+        return unmap_thread(m, n);
     if (strcmp(mode, "mremap-race") == 0) { /* moves back and forth while eviction is busy */
         uint64_t *salt = malloc(n * sizeof *salt);
         uint64_t *other = mmap(NULL, n * PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
