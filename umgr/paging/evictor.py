@@ -7,8 +7,8 @@ SWAPPED). Over the high water mark by more than a batch, two batches are
 in flight: the next is taken out while the previous one is put away, so the
 copy-out overlaps the write and the zap; a round of one batch runs on the
 eviction task alone. It runs as the target's eviction task beside the fault
-loop; the race rules (a write during EVICTING wins, a write during ZAPPING waits) are in
-docs/architecture.md.
+loop; the race rules (a write during EVICTING wins, a write during ZAPPING
+waits) are in docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -93,11 +93,10 @@ class Evictor:
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
 
     async def evict_over_budget(self) -> None:
-        """Evict while the target is over its high water mark, two batches
-        in flight: this task takes the next batch out while a second task
-        puts the previous one away. Where one batch takes the target under
-        the high water mark, it is taken out and put away here, with no
-        second task."""
+        """Evict while the target is over its high water mark. Where one
+        batch takes it under, that batch is taken out and put away here;
+        otherwise two batches are in flight: this task takes the next batch
+        out while a second task puts the previous one away."""
         core = self.core
         if not core.budget.over(core.pt.resident - EVICT_BATCH):
             await self._evict_one()

@@ -12,13 +12,14 @@ between stays blocked after its first step: the move finds nothing at the
 old addresses (ENOENT), or stops at once (EAGAIN: the agent moves through
 the target's own uffd, which refuses a move while an event is queued, so
 another thread cannot have mapped new memory there meanwhile), and the
-event, read afterwards, settles the pages as it does for a zap. Pages moved away and back are also covered without
-the gate (events.py keeps them ZAPPING while a request is in flight); what
-only the gate covers is a thread that unmaps memory and maps something new
-at the same address (an allocator freeing and reusing a big block): its
-munmap cannot return, so its new data cannot be under the move (a thread
-doing that 300 times lost a page in 1 run of 8 without the gate, none of
-12 with it: docs/architecture.md, "mremap during eviction").
+event, read afterwards, settles the pages as it does for a zap. Pages
+moved away and back are also covered without the gate (events.py keeps
+them ZAPPING while a request is in flight); what only the gate covers is a
+thread that unmaps memory and maps something new at the same address (an
+allocator freeing and reusing a big block): its munmap cannot return, so
+its new data cannot be under the move (a thread doing that 300 times lost
+a page in 1 run of 8 without the gate, none of 12 with it:
+docs/architecture.md, "mremap during eviction").
 
 The fault loop reads only between enter() and leave(); hold() waits until
 it has left (it finishes the round it is in: a round never waits for the
