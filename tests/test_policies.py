@@ -539,7 +539,7 @@ def test_reuse_gives_what_is_asked_when_the_hot_queue_runs_out():
 
 
 def test_reuse_split_moves_toward_the_queue_whose_evictions_were_mistakes():
-    policy = ReuseEviction()   # cold share 0.25 to start
+    policy = ReuseEviction(hot_share=0.75)   # cold share 0.25 to start
     policy.on_resident(np.arange(100))
     # While the hot queue fills, near refaults are how it fills: no verdict.
     policy.on_refault(np.arange(1000, 1300), np.zeros(300, np.int64))
