@@ -14,7 +14,7 @@ from umgr.paging.faults import clean_parts, runs_faulting_last
 from umgr.paging.readgate import ReadGate
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.stats import COUNTERS, TargetStats
-from umgr.paging.tuning import EVICT_BATCH
+from umgr.paging.tuning import EVICT_BATCH, EVICT_BATCH_MAX
 
 
 # ---- REMOVE attribution ---------------------------------------------------------
@@ -239,7 +239,17 @@ def test_marks_sit_below_the_budget_in_order(pages):
     assert 0 <= budget.low_water <= budget.high_water < pages
     assert not budget.over(budget.high_water) and budget.over(budget.high_water + 1)
     assert budget.full(pages) and not budget.full(pages - 1)
-    assert 0 < budget.evict_goal(budget.high_water + 1) <= EVICT_BATCH
+    assert 0 < budget.evict_goal(budget.high_water + 1) <= budget.batch <= EVICT_BATCH_MAX
+
+
+@pytest.mark.parametrize("pages, batch", [(64, 512), (4096, 512), (16384, 512), (32768, 1024),
+                                          (65536, 2048), (1 << 20, 2048)])
+def test_a_batch_is_a_32nd_of_the_budget_within_bounds(pages, batch):
+    budget = Budget(pages)
+    assert budget.batch == batch
+    # Within the headroom: the low mark is where batches of 512 left it.
+    assert budget.low_water == pages - max(pages // 8, min(EVICT_BATCH, pages // 2))
+    assert budget.evict_goal(pages) == min(batch, pages - budget.low_water)
 
 
 def test_marks_of_a_16_mib_budget():

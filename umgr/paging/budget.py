@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from umgr.paging.tuning import EVICT_BATCH, HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES, LOW_WATER_DIVISOR
+from umgr.paging.tuning import (
+    EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES, LOW_WATER_DIVISOR,
+)
 
 
 @dataclass(frozen=True)
@@ -22,11 +24,16 @@ class Budget:
         return self.pages - max(self.pages // HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES)
 
     @property
+    def batch(self) -> int:
+        """Pages per eviction batch: a share of the budget, within bounds."""
+        return min(EVICT_BATCH_MAX, max(EVICT_BATCH, self.pages // EVICT_BATCH_DIVISOR))
+
+    @property
     def low_water(self) -> int:
         """An eviction round goes down to this many resident pages."""
         if not self.pages:
             return 0
-        return self.pages - max(self.pages // LOW_WATER_DIVISOR, min(EVICT_BATCH, self.pages // 2))
+        return self.pages - max(self.pages // LOW_WATER_DIVISOR, min(self.batch, self.pages // 2))
 
     def over(self, resident: int) -> bool:
         return self.limited and resident > self.high_water
@@ -37,7 +44,7 @@ class Budget:
 
     def evict_goal(self, resident: int) -> int:
         """How many pages the next eviction batch wants."""
-        return min(EVICT_BATCH, resident - self.low_water)
+        return min(self.batch, resident - self.low_water)
 
     def room(self, resident: int, otherwise: int) -> int:
         """Pages that may come in ahead of demand without crossing the high

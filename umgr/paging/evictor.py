@@ -29,7 +29,7 @@ from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, Flag, State, runs
 from umgr.paging.pinning import Pinning
 from umgr.paging.removes import RemoveAttribution
-from umgr.paging.tuning import EVICT_BATCH
+from umgr.paging.tuning import EVICT_BATCH_MAX
 
 EMPTY = np.empty(0, np.int64)
 
@@ -87,8 +87,9 @@ class Evictor:
         self.pinning = pinning
         self.removes = removes
         # Two batch buffers, the second mapped at the first pipelined round.
-        # Never unmapped: an abandoned readv may still write one.
-        self._buffers = [PageBuffer(EVICT_BATCH)]
+        # Never unmapped: an abandoned readv may still write one. Sized for
+        # the largest batch; only the pages a batch uses take memory.
+        self._buffers = [PageBuffer(EVICT_BATCH_MAX)]
         self._in_flight = 0   # pages taken out and not yet put away
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
 
@@ -98,11 +99,11 @@ class Evictor:
         otherwise two batches are in flight: this task takes the next batch
         out while a second task puts the previous one away."""
         core = self.core
-        if not core.budget.over(core.pt.resident - EVICT_BATCH):
+        if not core.budget.over(core.pt.resident - core.budget.batch):
             await self._evict_one()
             return
         if len(self._buffers) < 2:
-            self._buffers.append(PageBuffer(EVICT_BATCH))
+            self._buffers.append(PageBuffer(EVICT_BATCH_MAX))
         self._in_flight = 0
         send, receive = trio.open_memory_channel(0)
         try:
@@ -179,8 +180,8 @@ class Evictor:
         if not chosen:
             return np.empty(0, np.int64)
         if len(chosen) == 1:
-            return chosen[0][:EVICT_BATCH]
-        return unique(np.concatenate(chosen))[:EVICT_BATCH]
+            return chosen[0][:want]
+        return unique(np.concatenate(chosen))[:want]
 
     async def evict_batch(self, victims: np.ndarray) -> bool:
         """One batch from start to end: `victims` (sorted RESIDENT vpns, at
