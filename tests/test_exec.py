@@ -70,6 +70,21 @@ def test_pattern_mmap_128m_in_16m(umgr_exec, programs, passes, threads):
     assert rss_bytes(result.stdout) <= BUDGET + UNMANAGED_SLACK, explain(result)
 
 
+@pytest.mark.timeout(240)
+def test_pattern_mmap_384m_in_128m_in_batches_bigger_than_512(umgr_exec, programs):
+    # A 128 MiB budget evicts in batches of 1024 pages (a 32nd of it,
+    # umgr/paging/tuning.py): the smaller budgets above never do.
+    budget = 128 * MiB
+    result = run(umgr_exec, [programs["pattern"], "384", "mmap", "sr", "4"], "128M", timeout=200)
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.startswith(f"ok {384 * MiB // PAGE} pages"), explain(result)
+    stats = result.stats
+    assert stats["pages_out"] >= (384 * MiB - budget) // PAGE, explain(result)
+    assert stats["pages_in"] > 0 and stats["swap_bytes_written"] > 0, explain(result)
+    assert stats["pages_out"] / stats["zap_batches"] > 512, explain(result)   # batches of 512 at most before
+    assert stats["peak_resident_bytes"] <= budget + 2 * MiB, explain(result)
+
+
 @pytest.mark.timeout(120)
 def test_pattern_malloc_256m_in_16m(umgr_exec, programs):
     # aligned_alloc of 256 MiB: glibc maps it through its internal mmap; the
