@@ -48,3 +48,19 @@ def test_pages_shared_with_a_forked_child_are_not_evicted(umgr_exec, programs):
     assert stats["pages_out"] >= (64 - 16) * 256 * 2
     assert stats["peak_resident_bytes"] <= BUDGET + SLACK
     assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_clean_copies_shared_with_a_forked_child_are_not_evicted(umgr_exec, programs):
+    # As above, but the parent's resident pages at the fork were read back
+    # from swap (clean copies). Before any fork such pages are known to be
+    # the target's own, and no pagemap read checks them; after it, they
+    # must be checked again, and found shared.
+    result = umgr_exec([programs["unfreeable"], "shared-clean", "64"], max_resident="16M")
+    assert result.returncode == 0, result.stderr
+    stats = result.stats
+    assert stats["targets"] == 2
+    assert stats["pages_in"] >= (64 - 16) * 256, "the first region came back from swap before the fork"
+    assert stats["shared_skipped"] >= 8 * 256, "clean victims shared with the child were recognised"
+    assert stats["peak_resident_bytes"] <= BUDGET + SLACK
+    assert stats["swap_slots_in_use_at_exit"] == 0

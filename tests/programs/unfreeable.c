@@ -5,7 +5,9 @@
  *   mlock   mlock the first 4 MiB, write and check everything, munlock,
  *           then write and check again (the unlocked pages may go now)
  *   shared  fork: a child keeps the parent's pages shared copy-on-write
- *           while the parent writes a second region; both check theirs */
+ *           while the parent writes a second region; both check theirs
+ *   shared-clean  the same, with the parent's resident pages at the fork
+ *           read back from swap (clean copies) rather than written */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -54,8 +56,10 @@ int main(int argc, char **argv)
         fill(m, 0, n, 2);
         return bad | check(m, 0, n, 2, "after munlock");
     }
-    if (strcmp(mode, "shared") == 0) {
+    if (strcmp(mode, "shared") == 0 || strcmp(mode, "shared-clean") == 0) {
         fill(m, 0, n, 1);
+        if (strcmp(mode, "shared-clean") == 0 && check(m, 0, n, 1, "before the fork"))
+            return 1;
         int go[2];
         if (pipe(go) != 0)
             return 2;

@@ -96,6 +96,11 @@ class TargetCore:
         self.stopping = False             # the daemon stops cleanly: nothing is evicted any more
         self.on_pause = on_pause          # told when eviction pauses (the daemon retries it)
         self.no_victims = False           # the evictor's last try found nothing to evict
+        # Whether a resident page may be shared copy-on-write with another
+        # process: once this one forked, or if its table was made elsewhere
+        # (a forked child's, a restarted daemon's). Until then a page that came
+        # in by UFFDIO_COPY is a private page of its own (pinning.py).
+        self.may_share_pages = False
         self.reads = ReadGate()           # the fault loop reads the uffd only while it is open
         self.zapping_moved: list[np.ndarray] = []   # where mremap put ZAPPING pages while their zap was in flight
         self.zap_waiters: set[int] = set()   # pages whose faults were left blocked while they were ZAPPING

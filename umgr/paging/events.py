@@ -57,6 +57,7 @@ class MemoryEvents:
             self._on_remap(event)
         elif kind is ForkEvent:
             self.core.stats.forks += 1
+            self.core.may_share_pages = True
             self.forks.append(ForkedMemory.at_fork(uffdmod.Userfaultfd(event.fd), self.core))
 
     def _on_unmap(self, start: int, end: int) -> None:

@@ -88,6 +88,7 @@ class Target:
         self._journal = None           # where uffd messages are read (tables saved for a restart)
         if pages is not None:
             self.core.became_resident(pt.vpns_in(State.RESIDENT))
+            self.core.may_share_pages = bool(pt.regions)   # a forked child's or a restarted daemon's
 
     # ---- what the daemon reads ----------------------------------------------
     @property
