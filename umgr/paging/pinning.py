@@ -65,7 +65,9 @@ class Pinning:
         target has never shared its pages (core.may_share_pages). Such a
         page came in by UFFDIO_COPY, a private page, not the zero page;
         only a fork shares it, and an app discard (MADV_DONTNEED, FREE)
-        raises a REMOVE, which drops the copy. A pagemap read costs about
+        raises a REMOVE, which drops the copy. (KSM could merge it, if the
+        app asked for that: then it leaves by zap, not moved, and frees
+        nothing; its copy holds it all the same.) A pagemap read costs about
         a microsecond per run: in a batch of scattered clean victims (random
         reads at the budget) that was a quarter of the round, with every
         fault waiting."""
