@@ -237,6 +237,8 @@ class Evictor:
         core = self.core
         unprotected = vpns[core.pt.slots(vpns) == NO_SLOT]
         core.pt.set(vpns, State.EVICTING)
+        if len(unprotected) == 0:   # (a batch of clean pages)
+            return
         starts, lengths = runs(unprotected)
         for i in await core.writeprotect_runs(starts, lengths, True):
             # Unmapped meanwhile; the UNMAP event drops them

@@ -43,7 +43,10 @@ class Pinning:
         vpns = vpns[core.pt.states(vpns) == State.EVICTING]
         if len(vpns) == 0:
             return vpns, False
-        on_zero, shared, dropped, locked = self._classify(vpns, self._private(vpns))
+        private = self._private(vpns)
+        if private.all() and not self.locked:   # (clean pages of a target that never shared any)
+            return vpns, False
+        on_zero, shared, dropped, locked = self._classify(vpns, private)
         gone = on_zero | shared | dropped | locked
         if not gone.any():   # the common case: every page holds memory of its own
             return vpns, False
