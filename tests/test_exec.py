@@ -221,3 +221,18 @@ def test_default_eviction_reads_back_about_what_fifo_does_when_every_page_is_in_
     for result in (default, fifo):
         assert result.returncode == 0 and result.stdout.startswith("ok "), explain(result)
     assert default.stats["pages_in"] <= 2 * fifo.stats["pages_in"], (default.stats, fifo.stats)
+
+
+@pytest.mark.timeout(60)
+def test_umgr_starts_no_blas_threads_and_the_program_gets_the_users_thread_settings(umgr_exec, monkeypatch):
+    # numpy's OpenBLAS would start a thread per CPU in umgr's own process
+    # (spinning 0.1 s of CPU each); umgr sets it to one thread for numpy's
+    # import only, so the program it runs sees the environment as given.
+    threads = subprocess.run(
+        [sys.executable, "-c", "import os, umgr.cli, numpy; print(len(os.listdir('/proc/self/task')))"],
+        capture_output=True, text=True, timeout=30)
+    assert threads.stdout.strip() == "1", threads
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    result = umgr_exec(["sh", "-c", 'echo "[${OPENBLAS_NUM_THREADS-unset}][$OMP_NUM_THREADS]"'], timeout=40)
+    assert result.returncode == 0 and result.stdout.strip() == "[unset][3]", explain(result)
