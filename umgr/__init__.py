@@ -4,8 +4,8 @@ import os as _os
 __version__ = "0.1.0"
 
 # numpy's OpenBLAS (and MKL or OpenMP builds alike) starts a thread per CPU as
-# it loads, and OpenBLAS's spin before they sleep: 0.1 s of CPU at every
-# `umgr exec` on 2 vCPUs, more on a machine with more. umgr does no linear
+# it loads, and OpenBLAS's threads spin before they sleep: 0.1 s of CPU at
+# every `umgr exec` on 2 vCPUs, more on a machine with more. umgr does no linear
 # algebra. The libraries read these variables once, as they load, so they are
 # set for numpy's import only: the programs umgr runs get the user's values.
 _ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
