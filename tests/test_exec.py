@@ -236,3 +236,30 @@ def test_umgr_starts_no_blas_threads_and_the_program_gets_the_users_thread_setti
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     result = umgr_exec(["sh", "-c", 'echo "[${OPENBLAS_NUM_THREADS-unset}][$OMP_NUM_THREADS]"'], timeout=40)
     assert result.returncode == 0 and result.stdout.strip() == "[unset][3]", explain(result)
+
+
+@pytest.mark.timeout(120)
+def test_a_heap_of_small_mappings_is_pointed_out_and_managed_with_a_smaller_min_region(umgr_exec, programs):
+    # chunks.c lays out 64 MiB as node's V8 does: 256 KiB mappings, each
+    # opened with mprotect in a PROT_NONE reservation. Below the default
+    # --min-region (1 MiB) none of it is managed; umgr says so, once, and
+    # names the --min-region that would manage it.
+    cmd = [programs["chunks"], "64", "256"]
+    unmanaged = run(umgr_exec, cmd, "16M", timeout=50)
+    assert unmanaged.returncode == 0 and unmanaged.stdout.startswith("ok 16384 pages"), explain(unmanaged)
+    told = [line for line in unmanaged.stderr.splitlines() if "smaller than --min-region" in line]
+    assert len(told) == 1, explain(unmanaged)
+    assert "64.2M of its memory is in" in told[0] and "--min-region (1M)" in told[0], told
+    assert "budget does not cover them. --min-region 256K manages most of it" in told[0], told
+    assert unmanaged.stats["pages_out"] == 0, explain(unmanaged)
+    # With it, the shim reports each reservation as it is made (exec hands
+    # --min-region to the shim), so the budget holds from the first touch.
+    managed = umgr_exec(cmd, "--min-region", "256K", max_resident="16M", timeout=50)
+    assert managed.returncode == 0 and managed.stdout.startswith("ok 16384 pages"), explain(managed)
+    assert "smaller than --min-region" not in managed.stderr, explain(managed)
+    stats = managed.stats
+    # The fill, the check and the rewrite each push it through the budget.
+    assert stats["pages_out"] >= 2 * (64 * MiB - BUDGET) // PAGE, explain(managed)
+    assert stats["pages_in"] > 0, explain(managed)
+    assert stats["peak_resident_bytes"] <= BUDGET + 2 * MiB, explain(managed)
+    assert rss_bytes(managed.stdout) <= BUDGET + UNMANAGED_SLACK, explain(managed)

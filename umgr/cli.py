@@ -121,7 +121,8 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                         "so that waking a faulting thread is cheap: auto (default: while managed programs fault "
                         f"{BUSY_RATE} times a second or more), always, never")
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
-                   help="smallest anonymous mapping to manage (default 1M)")
+                   help="smallest anonymous mapping to manage (default 1M; exec passes it to the shim as "
+                        "UMGR_MIN_REGION unless the program's environment has one)")
     p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",
                    help=f"most memory to manage per process (default {format_size(MAX_MANAGED)}); "
                         "mappings past it stay the kernel's")
@@ -346,6 +347,9 @@ def _run_program(daemon: embedded.EmbeddedDaemon, program: list[str], config: Da
     env["LD_PRELOAD"] = ":".join(filter(None, [shim_path(), env.get("LD_PRELOAD")]))
     env["UMGR_SOCKET"] = config.socket_path
     env["UMGR_EXEC_PID"] = str(os.getpid())   # the shims kill their process at once if umgr exec dies
+    # The shim reports mappings of this size as they are made, before the
+    # program touches them (the maps scan finds them up to 50 ms later).
+    env.setdefault("UMGR_MIN_REGION", str(config.min_region))
     try:
         proc = subprocess.Popen(program, env=env, preexec_fn=_child_setup)
     except OSError as exc:

@@ -213,9 +213,15 @@ class Lifecycle:
         return AgentZapper(agent, moves=self.config.move_out)
 
     def register_found(self, target: Target) -> None:
-        """Manage the anonymous memory /proc/PID/maps shows (malloc, brk)."""
-        for lo, hi in maps.anonymous_private(target.pid, self.config.min_region):
-            target.register(lo, hi - lo)
+        """Manage the anonymous memory /proc/PID/maps shows (malloc, brk);
+        the target hears of the mappings too small for that."""
+        small = []
+        for lo, hi in maps.anonymous_private(target.pid):
+            if hi - lo >= self.config.min_region:
+                target.register(lo, hi - lo)
+            else:
+                small.append((lo, hi))
+        target.found_small_mappings(small, self.config.min_region)
 
     # ---- fork ---------------------------------------------------------------------
     def adopt_child(self, parent: Target, child_pid: int, reporter: str) -> int:

@@ -13,9 +13,9 @@ from typing import Iterator
 SKIPPED_NAMES = ("[stack]", "[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]", "[uprobes]")
 
 
-def anonymous_private(pid: int, min_bytes: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of each private, read-write, anonymous mapping of at
-    least min_bytes: candidates for registration."""
+def anonymous_private(pid: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each private, read-write, anonymous mapping:
+    candidates for registration."""
     with open(f"/proc/{pid}/maps", "rb") as f:
         text = f.read().decode("ascii", "replace")
     for line in text.splitlines():
@@ -29,8 +29,7 @@ def anonymous_private(pid: int, min_bytes: int) -> Iterator[tuple[int, int]]:
         if name and (name in SKIPPED_NAMES or not (name == "[heap]" or name.startswith("[anon:"))):
             continue
         lo, hi = (int(x, 16) for x in span.split("-"))
-        if hi - lo >= min_bytes:
-            yield lo, hi
+        yield lo, hi
 
 
 def locked_ranges(pid: int) -> list[tuple[int, int]]:

@@ -45,6 +45,21 @@ REGISTER_MODE = uffdmod.UFFDIO_REGISTER_MODE_MISSING | uffdmod.UFFDIO_REGISTER_M
 # Where check_mm() probes: 1 MiB, above mmap_min_addr and below where x86-64
 # programs map anything; any page no region covers would do.
 MM_PROBE_VPN = 0x100
+# Unmanaged memory in mappings below --min-region that is worth a warning:
+# half the budget, and at least this much (every program has a few small
+# mappings of its own: the loader's, TLS, the shim's).
+SMALL_MAPPINGS_WARNING_BYTES = 16 << 20
+
+
+def _size_covering(sizes: list[int], share: float) -> int:
+    """The largest size s such that the sizes (sorted) of s or more add up
+    to `share` of their total."""
+    total, held = sum(sizes), 0
+    for size in reversed(sizes):
+        held += size
+        if held >= share * total:
+            return size
+    return sizes[0]
 
 
 class Target:
@@ -78,6 +93,7 @@ class Target:
         # daemon (umgr/daemon/lifecycle.py), which sees every target.
         self.refuse_region: Callable[[int], str | None] = lambda npages: None
         self._refusal_logged = False
+        self._small_mappings_told = False
         self.removes = RemoveAttribution()
         self.events = MemoryEvents(self.core, self.removes)
         self.faults = FaultService(self.core, self.events, prefetch, spin=spin, fast_path=fast_path)
@@ -187,6 +203,32 @@ class Target:
         self._refusal_logged = True
         log.log(level, "%s: %s at %#x is not managed: %s", self.label, format_size((hi - lo) << PAGE_SHIFT),
                 lo << PAGE_SHIFT, refusal)
+
+    def found_small_mappings(self, ranges: list[tuple[int, int]], min_region: int) -> None:
+        """The maps scan found these private anonymous mappings (start,
+        end) below min_region, which it leaves alone. Once per target, a
+        warning when those no region covers hold half the budget or more:
+        the budget is then a promise umgr does not keep. A program that
+        opens its heap in small pieces does this: node's V8 reserves about
+        512 KiB at a time and opens 256 KiB of it with mprotect, so its
+        heap is hundreds of 256 KiB mappings, bordered by PROT_NONE, that
+        the kernel cannot merge."""
+        core = self.core
+        if self._small_mappings_told or not core.budget.limited:
+            return
+        worth_telling = max((core.budget.pages << PAGE_SHIFT) // 2, SMALL_MAPPINGS_WARNING_BYTES)
+        if sum(hi - lo for lo, hi in ranges) < worth_telling:   # (the common case: no lookups)
+            return
+        # (a piece of a managed region that mprotect split off is managed)
+        unmanaged = [(lo, hi) for lo, hi in ranges if core.pt.find(lo >> PAGE_SHIFT) is None]
+        nbytes = sum(hi - lo for lo, hi in unmanaged)
+        if nbytes < worth_telling:
+            return
+        self._small_mappings_told = True
+        log.warning("%s: %s of its memory is in %d anonymous mappings smaller than --min-region (%s), "
+                    "which umgr does not manage: its budget does not cover them. --min-region %s manages "
+                    "most of it", self.label, format_size(nbytes), len(unmanaged), format_size(min_region),
+                    format_size(_size_covering(sorted(hi - lo for lo, hi in unmanaged), 0.9)))
 
     def check_mm(self) -> None:
         """Raise TargetGone once the target's mm is gone. An exec of a
