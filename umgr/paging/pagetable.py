@@ -142,6 +142,8 @@ class PageTable:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
     arrays: MemoryArrays = IN_MEMORY
     layout: int = 0   # bumped whenever a region is added, cut, moved or dropped, or gets new arrays
+    # (layout and region count, each region's first vpn): by_region's, made anew when they change
+    _starts: tuple = field(default=(None, None), init=False, repr=False, compare=False)
 
     # ---- queries -----------------------------------------------------
     @property
@@ -188,8 +190,7 @@ class PageTable:
         # regions (1 MiB arenas): each vpn's region found in one
         # searchsorted, then one slice per region.
         regions = self.regions
-        starts = np.fromiter((r.vpn for r in regions), np.int64, len(regions))
-        which = np.searchsorted(starts, vpns, side="right") - 1   # the last region starting at or before
+        which = np.searchsorted(self._region_starts(), vpns, side="right") - 1   # the last region starting at or before
         cuts = (np.flatnonzero(np.diff(which)) + 1).tolist()
         for a, b in zip([0] + cuts, cuts + [n]):
             k = int(which[a])
@@ -200,6 +201,16 @@ class PageTable:
                 b = a + int(np.searchsorted(vpns[a:b], region.end))
             if b > a:
                 yield region, slice(a, b), vpns[a:b] - region.vpn
+
+    def _region_starts(self) -> np.ndarray:
+        """Each region's first vpn, made anew only when the layout changed.
+        node's V8 heap is 1500 regions of 256 KiB for 400 MB (--min-region
+        256K): made on every call, it cost 80 us, more than the rest of
+        a lookup of a few pages (states() of 16 pages: 150 us -> 67)."""
+        key = (self.layout, len(self.regions))
+        if self._starts[0] != key:
+            self._starts = (key, np.fromiter((r.vpn for r in self.regions), np.int64, len(self.regions)))
+        return self._starts[1]
 
     def state_of(self, vpn: int) -> int:
         region = self.find(vpn)

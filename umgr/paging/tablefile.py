@@ -189,6 +189,7 @@ class FileArrays(MemoryArrays):
             else:
                 table.regions.append(region)
             table.regions.sort(key=lambda r: r.vpn)
+        table.layout += 1   # (regions added here, not through add())
         self._last_generation = max([self._last_generation] + [r.backing.generation for r in found])
         table.recount()
         return table

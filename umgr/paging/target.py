@@ -176,6 +176,9 @@ class Target:
         Pages already present start RESIDENT (PAGEMAP_SCAN says which)."""
         core = self.core
         start_vpn, npages = start >> PAGE_SHIFT, length >> PAGE_SHIFT
+        known = core.pt.find(start_vpn)
+        if known is not None and known.end >= start_vpn + npages:   # (the maps scan's mappings, mostly)
+            return True
         # Only what no region covers is new: a covered page may be swapped
         # (e.g. moved here by mremap before a maps scan sees the mapping).
         for lo, hi in core.pt.gaps(start_vpn, start_vpn + npages) if npages > 0 else []:
