@@ -142,8 +142,8 @@ class PageTable:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
     arrays: MemoryArrays = IN_MEMORY
     layout: int = 0   # bumped whenever a region is added, cut, moved or dropped, or gets new arrays
-    # (layout and region count, each region's first vpn): by_region's, made anew when they change
-    _starts: tuple = field(default=(None, None), init=False, repr=False, compare=False)
+    # (layout and region count, each region's first and end vpn): by_region's, made anew when they change
+    _bounds: tuple = field(default=(None, None, None), init=False, repr=False, compare=False)
 
     # ---- queries -----------------------------------------------------
     @property
@@ -187,30 +187,33 @@ class PageTable:
             yield region, slice(None), vpns - region.vpn
             return
         # An eviction batch of an interpreter's heap spans hundreds of
-        # regions (1 MiB arenas): each vpn's region found in one
-        # searchsorted, then one slice per region.
+        # regions (1 MiB arenas; node's are 256 KiB): each vpn's region and
+        # index in it found in a few array operations, then one slice per
+        # region (its Python, ~0.5 us, is all a region costs).
         regions = self.regions
-        which = np.searchsorted(self._region_starts(), vpns, side="right") - 1   # the last region starting at or before
+        starts, ends = self._region_bounds()
+        which = np.searchsorted(starts, vpns, side="right") - 1   # the last region starting at or before
+        which[(which >= 0) & (vpns >= ends[which])] = -1           # past its end: in no region
+        idx = vpns - starts[which].astype(vpns.dtype)
         cuts = (np.flatnonzero(np.diff(which)) + 1).tolist()
-        for a, b in zip([0] + cuts, cuts + [n]):
-            k = int(which[a])
-            if k < 0:
-                continue
-            region = regions[k]
-            if int(vpns[b - 1]) >= region.end:   # some lie past its end, in no region
-                b = a + int(np.searchsorted(vpns[a:b], region.end))
-            if b > a:
-                yield region, slice(a, b), vpns[a:b] - region.vpn
+        firsts = [0] + cuts
+        for a, b, k in zip(firsts, cuts + [n], which[firsts].tolist()):
+            if k >= 0:
+                yield regions[k], slice(a, b), idx[a:b]
 
-    def _region_starts(self) -> np.ndarray:
-        """Each region's first vpn, made anew only when the layout changed.
-        node's V8 heap is 1500 regions of 256 KiB for 400 MB (--min-region
-        256K): made on every call, it cost 80 us, more than the rest of
-        a lookup of a few pages (states() of 16 pages: 150 us -> 67)."""
+    def _region_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each region's first and end vpn, made anew only when the layout
+        changed. node's V8 heap is 1500 regions of 256 KiB for 400 MB
+        (--min-region 256K): made on every call, they cost 80 us, more
+        than the rest of a lookup of a few pages. (states() there: 16
+        scattered pages 150 us -> 30-40, 1024 pages 2.2 ms -> 0.5-0.9,
+        with the per-region work above.)"""
         key = (self.layout, len(self.regions))
-        if self._starts[0] != key:
-            self._starts = (key, np.fromiter((r.vpn for r in self.regions), np.int64, len(self.regions)))
-        return self._starts[1]
+        if self._bounds[0] != key:
+            starts = np.fromiter((r.vpn for r in self.regions), np.int64, len(self.regions))
+            ends = starts + np.fromiter((r.npages for r in self.regions), np.int64, len(self.regions))
+            self._bounds = (key, starts, ends)
+        return self._bounds[1], self._bounds[2]
 
     def state_of(self, vpn: int) -> int:
         region = self.find(vpn)
