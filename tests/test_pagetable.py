@@ -243,3 +243,29 @@ def test_batch_lookups_over_many_regions_and_gaps_agree_page_by_page():
         assert pt.states(vpns).tolist() == [pt.state_of(int(v)) for v in vpns], trial
         assert pt.slots(vpns).tolist() == [pt.slot_of(int(v)) for v in vpns], trial
         assert pt.count(State.SWAPPED) == len(inside), trial
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_by_region_finds_each_pages_region_and_index_as_find_does(dtype):
+    # Tables of many small regions with gaps (node's and CPython's heaps),
+    # sorted vpns inside, between and past them: by_region must give each
+    # page that find() places its region and index, in order, and nothing
+    # for the others; and see a region added since its last call.
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        pt = PageTable()
+        at = int(rng.integers(0, 50))
+        for _ in range(int(rng.integers(1, 40))):
+            at += int(rng.integers(0, 5))
+            size = int(rng.integers(1, 9))
+            pt.add(at, size)
+            at += size
+        vpns = np.unique(rng.integers(0, at + 10, int(rng.integers(1, 60)))).astype(dtype)
+        got = [(region.vpn, p, i) for region, pos, idx in pt.by_region(vpns)
+               for p, i in zip(range(len(vpns))[pos], idx.tolist())]
+        assert all(idx.dtype == vpns.dtype for _, _, idx in pt.by_region(vpns))
+        want = [(pt.find(int(v)).vpn, p, int(v) - pt.find(int(v)).vpn)
+                for p, v in enumerate(vpns) if pt.find(int(v)) is not None]
+        assert got == want
+        pt.add(at + 100, 3)
+        assert [region.vpn for region, _, _ in pt.by_region(np.array([at + 101, at + 200], dtype))] == [at + 100]
