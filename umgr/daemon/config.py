@@ -9,6 +9,12 @@ from umgr.paging.tuning import CLEAN_COPIES
 HELLO_TIMEOUT = 5.0      # seconds a new connection may take to send its first message
 CHILD_HELLO_WAIT = 10.0  # seconds a forked child's HELLO waits for its parent's FORKED
 EXEC_RELEASE_WAIT = 5.0  # seconds a HELLO after exec waits for the old image's target to be released
+# A target's maps scan waits at least this many times as long as its last
+# scan took, so that scanning takes at most 1/SCAN_COST_RATIO of the daemon's
+# time: memory the shim does not see being made is registered later there
+# (a budget overshoot for longer), but only in programs of thousands of mappings.
+SCAN_COST_RATIO = 50
+SCAN_INTERVAL_MAX = 0.5   # seconds: the longest wait between scans, whatever they cost
 GRACE_SECONDS = 60       # how long a program whose daemon is gone waits for one before it is killed
 # Managed virtual memory per process and per user. The page tables cost the
 # daemon memory only where pages are touched, but their arrays are still
@@ -28,7 +34,7 @@ class DaemonConfig:
     eviction: str = "reuse"
     policy_options: dict = field(default_factory=dict)    # the prefetch policy's (--policy-opt)
     eviction_options: dict = field(default_factory=dict)  # the eviction policy's (--eviction-opt)
-    scan_interval: float = 0.05          # seconds between /proc/PID/maps scans
+    scan_interval: float = 0.05          # seconds between /proc/PID/maps scans (more if one is costly: SCAN_COST_RATIO)
     zap_mode: protocol.ZapMode = protocol.ZapMode.AGENT
     group: str | None = None
     hello_timeout: float = HELLO_TIMEOUT  # drop a connection silent for this long
