@@ -213,11 +213,12 @@ class Lifecycle:
             return RemoteZapper(target.pidfd, agent)
         return AgentZapper(agent, moves=self.config.move_out)
 
-    def register_found(self, target: Target) -> None:
-        """Manage the anonymous memory /proc/PID/maps shows (malloc, brk);
+    def register_found(self, target: Target, mappings: list[tuple[int, int]] | None = None) -> None:
+        """Manage the anonymous memory /proc/PID/maps shows (malloc, brk),
+        or these of its mappings (maps.anonymous_private, read already);
         the target hears of the mappings too small for that."""
         small = []
-        for lo, hi in maps.anonymous_private(target.pid):
+        for lo, hi in maps.anonymous_private(target.pid) if mappings is None else mappings:
             if hi - lo >= self.config.min_region:
                 target.register(lo, hi - lo)
             else:
@@ -368,7 +369,7 @@ class Lifecycle:
     async def _scan_maps(self, target: Target) -> None:
         """Register anonymous memory the shim did not report (malloc, brk),
         every scan_interval, or SCAN_COST_RATIO times as long as the last
-        scan took, if longer (up to SCAN_INTERVAL_MAX): a program of
+        read of its maps took, if longer (up to SCAN_INTERVAL_MAX): a program of
         thousands of mappings (node's heap under --min-region 256K: 3000
         lines of maps, 5-7 ms to read) would otherwise have a tenth of the
         daemon's time spent on it."""
@@ -377,10 +378,15 @@ class Lifecycle:
             await trio.sleep(interval)
             try:
                 target.check_mm()
-                started = time.thread_time()   # (this thread's CPU: a wait for the GIL is not the scan's cost)
-                self.register_found(target)
-                interval = min(max(self.config.scan_interval, SCAN_COST_RATIO * (time.thread_time() - started)),
-                               SCAN_INTERVAL_MAX)
+                # What every scan costs: reading the maps (this thread's CPU:
+                # a wait for the GIL is not the scan's), not registering
+                # what it finds, which a burst of new mappings makes dear
+                # just when scanning often matters.
+                started = time.thread_time()
+                mappings = list(maps.anonymous_private(target.pid))
+                cost = time.thread_time() - started
+                interval = min(max(self.config.scan_interval, SCAN_COST_RATIO * cost), SCAN_INTERVAL_MAX)
+                self.register_found(target, mappings)
                 target.recheck()
             except (OSError, TargetGone):
                 # The mm is gone: the process exited (its pidfd says so too)

@@ -191,6 +191,8 @@ class PageTable:
         # index in it found in a few array operations, then one slice per
         # region (its Python, ~0.5 us, is all a region costs).
         regions = self.regions
+        if not regions:
+            return
         starts, ends = self._region_bounds()
         which = np.searchsorted(starts, vpns, side="right") - 1   # the last region starting at or before
         which[(which >= 0) & (vpns >= ends[which])] = -1           # past its end: in no region
