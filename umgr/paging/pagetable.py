@@ -196,7 +196,7 @@ class PageTable:
         starts, ends = self._region_bounds()
         which = np.searchsorted(starts, vpns, side="right") - 1   # the last region starting at or before
         which[(which >= 0) & (vpns >= ends[which])] = -1           # past its end: in no region
-        idx = vpns - starts[which].astype(vpns.dtype)
+        idx = vpns - starts[which].astype(vpns.dtype, copy=False)
         cuts = (np.flatnonzero(np.diff(which)) + 1).tolist()
         firsts = [0] + cuts
         for a, b, k in zip(firsts, cuts + [n], which[firsts].tolist()):
