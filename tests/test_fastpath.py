@@ -153,3 +153,20 @@ def test_windows_asked_for_after_fast_faults_come_in_through_c(umgr_exec, progra
     stats = result.stats
     assert stats["pages_out"] >= 2 * (64 - 16) * MiB // PAGE // 2, stats
     assert stats["prefetched_fast"] > 200, stats
+
+
+@pytest.mark.timeout(180)
+def test_fresh_pages_in_a_window_read_zero_beside_swapped_ones(umgr_exec, programs):
+    # 32 MiB of patterned data read back a MiB at a time under 8 MiB,
+    # between first writes to fresh memory a MiB at a time: the windows
+    # of the swapped data pass through the staging pages, and those of
+    # the fresh memory must still come in as zeros (they are copied from
+    # elsewhere: garbage here is another page's data). The program checks
+    # every byte of both.
+    result = umgr_exec([programs["fresh"], "32", "2"], max_resident="8M")
+    assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
+    stats = result.stats
+    assert stats["pages_in"] >= 2 * (32 - 8) * MiB // PAGE, stats   # the old data left and came back
+    fresh_windows = stats["prefetched"] - stats["pages_in"]
+    assert fresh_windows >= 2 * 32 * MiB // PAGE // 2, stats   # most fresh pages came in ahead of their fault
+    assert stats["prefetched_fast"] >= 0.9 * stats["prefetched"], stats
