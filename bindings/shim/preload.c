@@ -34,6 +34,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -467,6 +468,7 @@ static int next_agent_fd(int old)
 static void *agent_main(void *unused)
 {
     (void)unused;
+    prctl(PR_SET_NAME, "umgr-agent");   /* (its CPU time is the moves' and zaps': bench/bench_footprint.py reads it) */
     /* On the agent's own (never managed) stack: a __thread buffer would be
      * reached through the DTV, which glibc mallocs on the heap, a managed
      * page the agent could fault on while the daemon waits for its zap. */
@@ -595,6 +597,7 @@ static int wait_for_daemon(unsigned grace)
 static void *watchdog_main(void *unused)
 {
     (void)unused;
+    prctl(PR_SET_NAME, "umgr-watchdog");   /* as ps -T and top -H show it */
     for (;;) {
         /* Only POLLRDHUP is asked for: a ZAP waiting to be read does not
          * wake us. The daemon's end closing sets both RDHUP and HUP on a

@@ -38,6 +38,7 @@ import time
 import numpy as np
 import trio
 
+from umgr import cpuclock
 from umgr.backends import Backend, ReadsDone
 from umgr.bindings._kernel import ffi as _ffi
 from umgr.bindings._kernel import lib as _lib
@@ -153,7 +154,7 @@ class CompressedBackend(Backend):
         n = len(addrs)
         lengths, values = np.zeros(n, np.int32), np.zeros(n, np.uint64)
         async with self._packing:
-            packed = await trio.to_thread.run_sync(
+            packed = await cpuclock.to_thread(
                 lambda: _lib.umgr_codec_pack_batch(self._codec, _ptr("uint64_t *", addrs), n, INCOMPRESSIBLE,
                                                    self.alone, _ptr("int32_t *", lengths), _ptr("uint64_t *", values)))
         batch = Packed(lengths, values)

@@ -37,6 +37,7 @@ import time
 import numpy as np
 import trio
 
+from umgr import cpuclock
 from umgr.backends import Backend
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
@@ -116,7 +117,7 @@ class RedisBackend(Backend):
         slots, addrs = np.asarray(slots).tolist(), np.asarray(addrs).tolist()
         started = time.perf_counter()
         async with self._limiter:
-            await trio.to_thread.run_sync(self._write_batch, slots, addrs)
+            await cpuclock.to_thread(lambda: self._write_batch(slots, addrs))
         self._high_water = max(self._high_water, max(slots) + 1)
         self._timed(started)
         self.pages_written += len(slots)

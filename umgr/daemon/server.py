@@ -21,7 +21,7 @@ import struct
 
 import trio
 
-from umgr import protocol
+from umgr import cpuclock, protocol
 from umgr.backends import Backend
 from umgr.daemon.config import HELLO_TIMEOUT, DaemonConfig
 from umgr.daemon.forks import Orphan
@@ -106,6 +106,7 @@ class Daemon:
     async def serve(self, *, control: ControlSocket | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. `control`: the socket to serve (made from
         the config if None); its file is removed on the way out."""
+        cpuclock.install()
         fd_limit = raise_fd_limit()
         self.max_connections = min(MAX_CONNECTIONS, max(1, (fd_limit - FD_RESERVE) // FDS_PER_CONNECTION))
         self.max_per_uid = min(MAX_CONNECTIONS_PER_UID, self.max_connections)

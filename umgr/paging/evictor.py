@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
+from umgr import cpuclock
 from umgr.arrays import union, unique
 from umgr.backends import io_to_the_end
 from umgr.errors import BackendError, BackendFull, TargetGone
@@ -332,7 +333,7 @@ class Evictor:
         core = self.core
         pid, mem_fd, canary = core.pid, core.mem_fd, core.canary
         addrs, lens = (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
-        nbytes, proven = await trio.to_thread.run_sync(
+        nbytes, proven = await cpuclock.to_thread(
             lambda: _read_ranges(pid, mem_fd, canary, buf.addr, addrs, lens), abandon_on_cancel=True)
         if not proven and core.canary:
             core.canary = 0

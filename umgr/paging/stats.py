@@ -49,6 +49,8 @@ COUNTERS: dict[str, str] = {
     "fault_copy_seconds": "Part of it in UFFDIO_COPY/ZEROPAGE, waking the faulting threads included",
     "fault_gate_seconds": "Time the uffd went unread while the agent moved pages out (a fault then waits)",
     "fault_loop_sleeps": "Times the fault loop slept with nothing to serve: the next fault pays a wake-up",
+    "evict_cpu_seconds": ("CPU time the daemon spent evicting (its tasks' steps and worker threads; "
+                          "the agent's moves are the program's)"),
 }
 
 # Fault service time, from reading a batch of faults to serving it (seconds).

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import trio
 
+from umgr import cpuclock
 from umgr.errors import TargetGone
 from umgr.kernel import uffd as uffdmod
 from umgr.paging.advice import Hints
@@ -353,6 +354,7 @@ class Target:
 
     async def eviction_loop(self) -> None:
         core = self.core
+        cpuclock.EVICTING_FOR.set(core.stats)   # (this task's context, and that of those it starts)
         try:
             await self.settle_zaps()
             while True:

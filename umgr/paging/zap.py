@@ -29,7 +29,7 @@ import numpy as np
 import trio
 
 from umgr.kernel import procmem
-from umgr import protocol
+from umgr import cpuclock, protocol
 from umgr.errors import TargetGone
 
 MADV_DONTNEED = 4
@@ -159,9 +159,8 @@ class RemoteZapper:
 
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         # Blocks until the daemon has read each REMOVE event: off the trio thread.
-        return await trio.to_thread.run_sync(
-            procmem.process_madvise, self.pidfd, starts.astype(np.uint64), lengths.astype(np.uint64),
-            MADV_DONTNEED)
+        starts, lengths = starts.astype(np.uint64), lengths.astype(np.uint64)
+        return await cpuclock.to_thread(lambda: procmem.process_madvise(self.pidfd, starts, lengths, MADV_DONTNEED))
 
     def close(self) -> None:
         if self.sock is not None:
