@@ -224,6 +224,8 @@ def _as_vpns(result) -> np.ndarray:
 
 def _first_unique(arr: np.ndarray) -> np.ndarray:
     """Duplicates removed, first occurrence kept, original order."""
+    if (arr[1:] > arr[:-1]).all():   # ascending already (a readahead window, a FIFO's run): no sort
+        return arr
     _, first = np.unique(arr, return_index=True)
     return arr[np.sort(first)]
 

@@ -581,3 +581,16 @@ def test_reuse_is_fifo_when_the_pages_in_use_fill_the_budget():
     reuse = replay_paging(Readahead(), policy, trace, 2048, regions, batch=512)
     assert reuse.pages_in <= fifo.pages_in, (reuse, fifo)
     assert policy.cold_share > 0.5
+
+
+def test_first_unique_keeps_first_occurrences_in_order():
+    from umgr.policies import _first_unique
+    rng = np.random.default_rng(7)
+    for arr in (np.arange(10, 600, dtype=np.int64), np.array([3, 1, 3, 2, 1]), np.array([5]), np.array([1, 2, 2, 3]),
+                np.array([4, 3, 2]), rng.integers(0, 50, 200)):
+        seen, expected = set(), []
+        for v in arr.tolist():
+            if v not in seen:
+                seen.add(v)
+                expected.append(v)
+        assert _first_unique(arr).tolist() == expected
