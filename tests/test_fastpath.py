@@ -159,10 +159,9 @@ def test_windows_asked_for_after_fast_faults_come_in_through_c(umgr_exec, progra
 def test_fresh_pages_in_a_window_read_zero_beside_swapped_ones(umgr_exec, programs):
     # 32 MiB of patterned data read back a MiB at a time under 8 MiB,
     # between first writes to fresh memory a MiB at a time: the windows
-    # of the swapped data pass through the staging pages, and those of
-    # the fresh memory must still come in as zeros (they are copied from
-    # elsewhere: garbage here is another page's data). The program checks
-    # every byte of both.
+    # of both pass through the same staging pages, so a fresh page not
+    # zeroed there comes in holding another page's data. The program
+    # checks every byte of both.
     result = umgr_exec([programs["fresh"], "32", "2"], max_resident="8M")
     assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
     stats = result.stats

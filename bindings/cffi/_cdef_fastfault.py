@@ -975,10 +975,9 @@ static void umgr_fast_bg_end(struct umgr_fast_bg *bg)
 }
 
 #define UMGR_PREFETCH_RUN 64   /* pages one read takes at most */
-#define UMGR_PREFETCH_MAX 256  /* pages one prefetch brings at most (MAX_FILL_PAGES) */
 
 /* Read the slots of the n planned pages into pages (page k for page k):
-   nothing for a fresh page (slot 0: its copy's source is the zero area), a memory tier's unpacked, runs of
+   zeros for a fresh page (slot 0), a memory tier's unpacked, runs of
    consecutive file slots with one read each, all of a window's reads in
    flight together through AIO (a window's slots are often scattered: one
    pread after another cost a device round trip each). ok[k]: page k
@@ -990,7 +989,8 @@ static int umgr_prefetch_read(const struct umgr_fast_store *store, const int32_t
     int index[UMGR_AIO_DEPTH], nreads = 0;
     for (int k = 0; k < n;) {
         ok[k] = 0;
-        if (slots[k] == 0) {   /* a fresh page: copied from umgr_zero_source() */
+        if (slots[k] == 0) {
+            memset((void *)(uintptr_t)(pages + (uint64_t)k * 4096), 0, 4096);
             ok[k++] = 1;
             continue;
         }
@@ -1032,36 +1032,6 @@ static int umgr_prefetch_read(const struct umgr_fast_store *store, const int32_t
     return umgr_aio_wait(aio, cbs, index, (int)submitted, ok);
 }
 
-/* Where fresh pages are copied from: a private anonymous area never
-   written, so every page of it maps the one shared zero page. A copy from
-   it reads the same 4 KiB, which stays in cache, where zeroing a staging
-   page first cost a memset and a second cache-cold read per page. (Pages
-   of their own, not UFFDIO_ZEROPAGE: the write that comes next would
-   replace the zero page in a fault of the program's.) NULL if it cannot
-   be mapped: the caller zeroes the staging pages then. */
-static uint64_t umgr_zero_area;
-
-static void umgr_map_zero_area(void)
-{
-    void *p = mmap(NULL, (size_t)UMGR_PREFETCH_MAX * 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
-        return;
-    /* Read once, so each page maps the zero page: UFFDIO_COPY reads its
-       source with page faults off, and a source page not mapped yet sends
-       every copy down the kernel's slower retry (measured: the daemon's
-       CPU for a first touch went up by half). */
-    for (int i = 0; i < UMGR_PREFETCH_MAX; i++)
-        (void)*(volatile const char *)((char *)p + (size_t)i * 4096);
-    umgr_zero_area = (uint64_t)(uintptr_t)p;
-}
-
-static uint64_t umgr_zero_source(void)
-{
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, umgr_map_zero_area);
-    return umgr_zero_area;
-}
-
 /* Prefetch: bring in those of vpns[0..n) (sorted) that are SWAPPED with
    a slot the store can give, and with `fresh` the FRESH ones too (as
    zeroed pages of their own, as a write's fill makes them), as the full
@@ -1097,23 +1067,16 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
     if (m == 0 || umgr_prefetch_read(store, slot, m, pages, (aio_context_t)log->aio, ok) < 0)
         return 0;   /* nothing to bring; or reads not waited for (cannot happen with a valid context) */
     int64_t read_ns = umgr_now_ns() - started;
-    uint64_t zeros = m <= UMGR_PREFETCH_MAX ? umgr_zero_source() : 0;
     for (int k = 0; k < m;) {
         int j = k + 1, protect = keep && slot[k] != 0;   /* a clean copy: a swapped page read, not written */
         if (ok[k])
-            while (j < m && ok[j] && vpn[j] == vpn[j - 1] + 1 && in[j] == in[k] && (keep && slot[j] != 0) == protect
-                   && (slot[j] == 0) == (slot[k] == 0))
+            while (j < m && ok[j] && vpn[j] == vpn[j - 1] + 1 && in[j] == in[k] && (keep && slot[j] != 0) == protect)
                 j++;
         else {
             k++;
             continue;
         }
-        uint64_t src = pages + (uint64_t)k * 4096;
-        if (slot[k] == 0 && zeros)
-            src = zeros;
-        else if (slot[k] == 0)
-            memset((void *)(uintptr_t)src, 0, (size_t)(j - k) * 4096);
-        struct uffdio_copy c = { .dst = vpn[k] << 12, .src = src,
+        struct uffdio_copy c = { .dst = vpn[k] << 12, .src = pages + (uint64_t)k * 4096,
                                  .len = (uint64_t)(j - k) * 4096, .mode = protect ? UFFDIO_COPY_MODE_WP : 0 };
         int failed = ioctl(uffd, UFFDIO_COPY, &c) < 0;
         int64_t copied = failed ? (c.copy > 0 ? c.copy / 4096 : 0) : j - k;
