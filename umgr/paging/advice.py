@@ -22,6 +22,7 @@ import logging
 import numpy as np
 import trio
 
+from umgr import cpuclock
 from umgr.backends import io_to_the_end
 from umgr.errors import BackendError
 from umgr.kernel.buffers import PageBuffer
@@ -93,8 +94,12 @@ class Hints:
             advice, lo, hi = self._queue.popleft()
             if advice == Advice.COLD:
                 await self._evict_cold(lo, hi)
-            else:
+                continue
+            not_evicting = cpuclock.EVICTING_FOR.set(None)   # (bringing pages in: not eviction's CPU)
+            try:
                 await self._prefetch_willneed(lo, hi)
+            finally:
+                cpuclock.EVICTING_FOR.reset(not_evicting)
 
     async def _evict_cold(self, lo: int, hi: int) -> None:
         core = self.core
