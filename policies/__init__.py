@@ -315,7 +315,8 @@ class GuardedEviction:
     The fallback FIFO knows nothing of the pages resident so far, so pass
     ``resident``: a callable returning the currently resident vpns (from the
     page table) to seed it. Without it the fallback fills from later faults.
-    ``choose`` output is made int64, de-duplicated and capped at ``n``.
+    ``choose`` output is made int64, de-duplicated and capped at ``n``
+    (the policy's first ``n`` if it gave more; sorted if it gave no more).
     """
 
     def __init__(
@@ -388,9 +389,11 @@ class GuardedEviction:
         except Exception:
             self._fall_back("choose")
             victims = self.policy.choose(n)
+        if victims.size > n:
+            return _first_unique(victims)[:n]   # the policy's first choices
         if victims.size > 1:
-            victims = _first_unique(victims)
-        return victims[:n]
+            victims = np.unique(victims)   # all of them go: sorted, as the evictor takes them anyway
+        return victims
 
     def __len__(self) -> int:
         try:

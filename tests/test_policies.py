@@ -349,7 +349,8 @@ def test_guarded_eviction_validates_choose():
         def choose(self, n):
             return [4, 4, 2, 9, 8]
 
-    assert GuardedEviction(Sloppy()).choose(3).tolist() == [4, 2, 9]
+    assert GuardedEviction(Sloppy()).choose(3).tolist() == [4, 2, 9]   # more than asked: its first choices
+    assert GuardedEviction(Sloppy()).choose(5).tolist() == [2, 4, 8, 9]   # all of them: sorted, once each
     assert GuardedEviction(Sloppy()).choose(0).size == 0
 
 
