@@ -59,6 +59,8 @@ def run_touch(shapes: str, work: str, data_mib: int, budget_mib: int) -> dict:
     program = json.loads(done.stdout.strip().splitlines()[-1])
     stats["touch_seconds"] = program["phases"]["touch"]
     stats["agent_cpu_seconds"] = program["agent_cpu_seconds"]
+    if stats["moved_out"] and not stats["agent_cpu_seconds"]:   # the eviction rate would leave the moves out
+        raise RuntimeError("the program found no CPU time of its umgr-agent thread (/proc/self/task/*/schedstat)")
     least_out = (data_mib - budget_mib) * MiB // PAGE
     if stats["pages_out"] < least_out:   # a daemon doing nothing measures nothing
         raise RuntimeError(f"only {stats['pages_out']} pages evicted of at least {least_out}")
