@@ -498,7 +498,7 @@ static int next_agent_fd(int old)
 static void *agent_main(void *unused)
 {
     (void)unused;
-    prctl(PR_SET_NAME, "umgr-agent");   /* (its CPU time is the moves' and zaps': bench/bench_footprint.py reads it) */
+    prctl(PR_SET_NAME, "umgr-agent");   /* its CPU time is the moves and zaps: bench/programs/shapes.c reports it */
     /* On the agent's own (never managed) stack: a __thread buffer would be
      * reached through the DTV, which glibc mallocs on the heap, a managed
      * page the agent could fault on while the daemon waits for its zap. */
