@@ -304,6 +304,24 @@ def test_auto_clean_copies_stop_when_kept_pages_get_written_and_come_back():
     assert clean.keep()
 
 
+def test_auto_clean_copies_resume_within_a_few_dozen_samples_after_writes():
+    # While not keeping, only one fill in SAMPLE_EVERY is kept and measured:
+    # over the last 256 samples the share took ~11k fills of reads to fall.
+    from umgr.paging.cleancopies import SAMPLE_EVERY, SAMPLED_PAGES, CleanCopies
+    clean = CleanCopies("auto")
+    for _ in range(5000):         # read-modify-write, every page kept and written
+        if clean.keep():
+            clean.came_in_clean(1)
+            clean.dirtied()
+    assert not clean.keep_period() == 1
+    fills = 0
+    while clean.keep_period() != 1:   # reads: the sampled pages stay clean
+        fills += 1
+        if clean.keep():
+            clean.came_in_clean(1)
+    assert fills <= SAMPLED_PAGES * SAMPLE_EVERY
+
+
 def test_fixed_clean_copy_modes_do_not_adapt():
     from umgr.paging.cleancopies import CleanCopies
     always, never = CleanCopies("always"), CleanCopies("never")

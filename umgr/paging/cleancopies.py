@@ -9,13 +9,18 @@ which drops the copy. So keeping pays when most kept pages leave clean
 written soon after they came in (read-modify-write).
 
 `auto` (the default) measures that: of the pages kept lately, the share
-that a write fault dirtied (both counts decay with each page kept, so they
-speak of about the last 256). Copies are kept while that share is under
-DIRTY_LIMIT. A dirtied page is known soon after it came in, so the share
-follows a change of workload within a few hundred fills. While not keeping,
-one fill in SAMPLE_EVERY keeps anyway, so the estimate goes on (each such
-page costs a read-modify-write program one more write fault, served by the
-daemon: about 1.5% of its time at 1 in 64). `always` and `never` fix it.
+that a write fault dirtied (both counts decay with each page kept). Copies
+are kept while that share is under DIRTY_LIMIT. A dirtied page is known
+soon after it came in, so while keeping, the share speaks of about the last
+256 pages kept and follows a change of workload within a few hundred fills.
+While not keeping, one fill in SAMPLE_EVERY keeps anyway, so the estimate
+goes on (each such page costs a read-modify-write program one more write
+fault, served by the daemon: about 1.5% of its time at 1 in 64); then the
+share speaks of about the last SAMPLED_PAGES samples, so that reads after a
+read-modify-write phase keep again within about 1.4k fills. (Over the last
+256 samples it took several thousand: in bench/programs/shapes.c, the
+random reads from 4 threads that follow its rewrite phase wrote 17-19k
+pages at eviction, 7-10k with this.) `always` and `never` fix it.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ MODES = ("auto", "always", "never")
 DIRTY_LIMIT = 0.5      # keep while fewer than this share of kept pages get written
 DECAY = 1 - 1 / 256    # per page kept: the counts speak of about the last 256
 SAMPLE_EVERY = 64      # while not keeping: every 64th fill keeps, to go on measuring
+SAMPLED_PAGES = 32     # of which the counts speak of about the last 32
+SAMPLED_DECAY = 1 - 1 / SAMPLED_PAGES
 
 
 class CleanCopies:
@@ -58,7 +65,8 @@ class CleanCopies:
     def came_in_clean(self, npages: int) -> None:
         """npages pages came in write-protected, their copy kept."""
         if npages:
-            decay = DECAY ** npages
+            keeping = self.mode != "auto" or self.dirty_share < DIRTY_LIMIT
+            decay = (DECAY if keeping else SAMPLED_DECAY) ** npages
             self.kept = self.kept * decay + npages
             self.written *= decay
 
