@@ -290,8 +290,7 @@ def format_workload(name: str, wl: dict) -> list[str]:
         lines.append(row(ph, lambda cfg, ph=ph: cfg["result"]["phases"].get(ph)))
     lines.append(row("total", lambda cfg: _total(cfg["result"])))
 
-    # Per-phase faults, from the program's rusage (C workload only: CPython
-    # reports no per-phase rusage).
+    # Per-phase faults, from the program's rusage.
     if "minflt" in configs["plain"]["result"]:
         widths = {c: max(9, len(c) - len("umgr ")) for c in umgrs}
         lines += ["", f"{'faults':<10}" + (f" {'kern maj':>9}" if kernel else "")

@@ -12,7 +12,9 @@ its peak at scale 1 (nothing in it knows about umgr):
     python pyworkload.py [SCALE] [SEED]
 
 SCALE multiplies the sizes (0.05 for a smoke run). Prints one JSON line:
-{"ok": true, "seconds": total, "phases": {...}, "peak_rss_kb": ..., ...};
+{"ok": true, "seconds": total, "phases": {...}, "minflt": {...},
+"majflt": {...}, "peak_rss_kb": ..., ...} (minflt and majflt: getrusage
+deltas per phase, as bench/programs/shapes.c gives them);
 a failed check prints a message on stderr and exits 1.
 """
 from __future__ import annotations
@@ -48,13 +50,18 @@ def main(argv: list[str]) -> int:
     buf_pages = max(16, int(96 * 256 * scale))
     rng = random.Random(seed)
     phases: dict[str, float] = {}
+    minflt: dict[str, int] = {}
+    majflt: dict[str, int] = {}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     t_start = t = time.monotonic()
 
     def lap(name: str) -> None:
-        nonlocal t
-        now = time.monotonic()
+        nonlocal t, usage
+        now, now_usage = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
         phases[name] = round(now - t, 6)
-        t = now
+        minflt[name] = now_usage.ru_minflt - usage.ru_minflt
+        majflt[name] = now_usage.ru_majflt - usage.ru_majflt
+        t, usage = now, now_usage
 
     # build: values in 2**30..2**40, so none is a cached small int.
     getrandbits = rng.getrandbits
@@ -106,7 +113,8 @@ def main(argv: list[str]) -> int:
 
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"ok": True, "seconds": round(time.monotonic() - t_start, 6), "phases": phases,
-                      "peak_rss_kb": peak_kb, "scale": scale, "ints": n, "dict_entries": len(table),
+                      "minflt": minflt, "majflt": majflt, "peak_rss_kb": peak_kb, "scale": scale, "ints": n,
+                      "dict_entries": len(table),
                       "bytes_mib": buf_pages * PAGE / (1 << 20)}))
     return 0
 
