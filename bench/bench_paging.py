@@ -203,6 +203,46 @@ def enter_cgroup(cgroup: str = CGROUP):
 _enter_cgroup = enter_cgroup(CGROUP)
 
 
+def _block_stat_path(path: str) -> str:
+    """/sys/dev/block/MAJ:MIN/stat of the block device (or partition)
+    holding `path`."""
+    dev = os.stat(path).st_dev
+    return f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat"
+
+
+@contextlib.contextmanager
+def device_io(path: str):
+    """What the block device holding `path` did inside the block: a dict
+    filled on the way out with its name, reads and writes (requests and
+    MiB), and its average queue depth while busy (time in queue / time
+    busy: how many requests a workload keeps in flight). The whole
+    device's figures: anything else using it counts too."""
+    stat_path = _block_stat_path(path)
+    figures: dict = {"device": os.path.basename(os.path.realpath(os.path.dirname(stat_path)))}
+
+    def sample() -> list[int]:
+        with open(stat_path) as f:
+            return [int(x) for x in f.read().split()]
+
+    # Fields (Documentation/block/stat.rst): 0 reads, 2 sectors read,
+    # 4 writes, 6 sectors written, 9 ms busy, 10 ms in queue (512-byte sectors).
+    before = sample()
+    try:
+        yield figures
+    finally:
+        after = sample()
+        delta = [a - b for a, b in zip(after, before)]
+        figures.update(reads=delta[0], read_mib=delta[2] * 512 / MiB, writes=delta[4],
+                       write_mib=delta[6] * 512 / MiB, busy_seconds=delta[9] / 1000,
+                       queue_depth=delta[10] / delta[9] if delta[9] else 0.0)
+
+
+def device_summary(io: dict) -> str:
+    """One line of device_io()'s figures."""
+    return (f"{io['reads']} reads ({io['read_mib']:.0f} MiB), {io['writes']} writes ({io['write_mib']:.0f} MiB), "
+            f"busy {io['busy_seconds']:.2f} s with {io['queue_depth']:.1f} requests in flight on average")
+
+
 def cgroup_figures(cg: str) -> dict:
     """The memory cgroup's fault counts and peak usage."""
     stat = _read_kv(os.path.join(cg, "memory.stat"))

@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, PROGRAMS, BenchError, _active_swaps, _run, cgroup_figures, compile_programs,
-    default_umgr_cmd, enter_cgroup, idle_polling, kernel_swap, run_and_report, umgr_exec,
+    default_umgr_cmd, device_io, device_summary, enter_cgroup, idle_polling, kernel_swap, run_and_report, umgr_exec,
 )
 
 # Names of their own: bench_paging.py may be running at the same time, and
@@ -62,6 +62,9 @@ SWAPFILE = "/var/tmp/umgr-bench-shapes.swap"
 CGROUP = os.path.join(CGROUP_ROOT, "umgr-bench-shapes")
 
 PHASES = "seq,random,hot,rewrite,threads,seq2"
+# Where umgr's default swap file lives (--state-dir /var/tmp/umgr-UID): the
+# device whose I/O is counted for its runs (unless the variant moves it).
+UMGR_STATE_PARENT = "/var/tmp"
 TIMEOUT = 1800
 
 
@@ -132,9 +135,10 @@ def run_plain(w: Workload, timeout: float) -> dict:
 
 def run_kernel(w: Workload, timeout: float) -> dict:
     with kernel_swap(w.swap_mib, w.budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP) as cg:
-        result = _run(w.argv, f"{w.name} under kernel swap", timeout, preexec_fn=enter_cgroup(cg))
+        with device_io(SWAPFILE) as io:
+            result = _run(w.argv, f"{w.name} under kernel swap", timeout, preexec_fn=enter_cgroup(cg))
         cgroup = cgroup_figures(cg)
-    return {"result": result, "cgroup": cgroup, "swap_mib": w.swap_mib}
+    return {"result": result, "cgroup": cgroup, "swap_mib": w.swap_mib, "device": io}
 
 
 def run_kernel_tries(w: Workload, timeout: float, attempts: int, tag: str, log) -> dict | None:
@@ -155,9 +159,10 @@ def run_kernel_tries(w: Workload, timeout: float, attempts: int, tag: str, log) 
 def run_umgr(w: Workload, label: str, args: list[str], umgr_cmd: list[str], work: str, timeout: float,
              attempts: int) -> dict:
     stats_file = os.path.join(work, f"umgr-{w.name}.json")
-    result, stats, failures = umgr_exec(umgr_cmd, w.budget_mib, w.swap_mib, args, w.argv, stats_file,
-                                        f"{w.name} under umgr ({label})", attempts, timeout)
-    return {"result": result, "umgr": stats, "failures": failures, "args": args}
+    with device_io(UMGR_STATE_PARENT) as io:   # (a retried attempt's I/O counts too)
+        result, stats, failures = umgr_exec(umgr_cmd, w.budget_mib, w.swap_mib, args, w.argv, stats_file,
+                                            f"{w.name} under umgr ({label})", attempts, timeout)
+    return {"result": result, "umgr": stats, "failures": failures, "args": args, "device": io}
 
 
 def run_workload(w: Workload, variants, *, kernel: bool, rounds: int, umgr_cmd: list[str], work: str,
@@ -310,6 +315,10 @@ def format_workload(name: str, wl: dict) -> list[str]:
         cg = kernel["cgroup"]
         lines.append(f"  kernel: swapfile {kernel['swap_mib']} MiB, cgroup pgmajfault={cg['pgmajfault']} "
                      f"pgfault={cg['pgfault']} max_usage={cg['max_usage_bytes'] / MiB:.1f} MiB failcnt={cg['failcnt']}")
+    for c in ["kernel", *umgrs]:
+        io = configs.get(c, {}).get("device")
+        if io:
+            lines.append(f"  {c}: device {io['device']}: {device_summary(io)}")
     for c in umgrs:
         s = configs[c]["umgr"]
         lines.append(f"  {c}: faults={s['faults']} (missing {s.get('faults_missing', '?')}, wp {s.get('faults_wp', '?')}) "
