@@ -32,6 +32,29 @@ def test_rereads_evict_without_writing_again(umgr_exec, programs):
 
 
 @pytest.mark.timeout(120)
+def test_rereads_after_rewrites_keep_copies_again_within_a_few_windows(umgr_exec, programs):
+    # 64 MiB under 16 MiB, rewritten in order (so most pages kept clean get
+    # written: copies stop, one in 64 still kept to go on measuring), then
+    # read in order twice. The reads come in prefetch windows of up to 256
+    # pages; one page in 64 of each is kept while copies are off, so they
+    # are kept again within a few windows. The run without the read passes
+    # says what the fill and the rewrite wrote.
+    rewrite = umgr_exec([programs["reread"], "64", "0", "1", "1"], max_resident="16M")
+    reread = umgr_exec([programs["reread"], "64", "2", "1", "1"], max_resident="16M")
+    for result in (rewrite, reread):
+        assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
+        assert result.stats["swap_slots_in_use_at_exit"] == 0
+    assert rewrite.stats["copied_out"] >= (64 + 64 - 16 - 16) * MiB // PAGE, rewrite.stats   # both passes left
+    assert reread.stats["pages_in"] >= 2 * (64 - 16) * MiB // PAGE + rewrite.stats["pages_in"], reread.stats
+    # The reads' writes: the rewritten pages still resident when they began
+    # (16 MiB) and the pages read before copies came back: ~5 MiB (22 samples).
+    # (Sampled a window at a time, they came back after up to 64 windows:
+    # up to 64 MiB, about every page of the first read.)
+    read_writes = reread.stats["copied_out"] - rewrite.stats["copied_out"]
+    assert read_writes <= (16 + 8) * MiB // PAGE, (rewrite.stats, reread.stats)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["fork", "fork-tree", "mremap-race", "dontneed-race", "exit-killed", "exec-parent"])
 def test_lifecycle_with_clean_copies(umgr_exec, programs, mode):
     mib, budget = ("32", "8M") if mode == "fork-tree" else ("64", "16M")

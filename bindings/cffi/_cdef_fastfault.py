@@ -194,7 +194,7 @@ int umgr_fast_bg_finish(struct umgr_fast_bg *bg, int stop);
 void umgr_fast_bg_end(struct umgr_fast_bg *bg);
 int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                        const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
-                       int keep, int fresh, struct umgr_fast_log *log);
+                       int keep_period, int fresh, struct umgr_fast_log *log);
 """
 
 CUSTOMIZATIONS = STRUCTS + """
@@ -573,6 +573,16 @@ static int umgr_fast_unprotect(int uffd, const struct uffd_msg *m, const struct 
     return 1;
 }
 
+/* Whether the next swapped page read, not written, keeps its clean copy:
+   keep_period 0 none, 1 every one, n every nth (log->keep_phase counts;
+   umgr/paging/cleancopies.py). */
+static int umgr_keeps(struct umgr_fast_log *log, int32_t keep_period)
+{
+    if (keep_period <= 1)
+        return keep_period == 1;
+    return ++log->keep_phase % keep_period == 0;
+}
+
 /* Copy message i's page in, update the table and log it; 1 when done. */
 static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const struct umgr_fast_region *r,
                            uint64_t page, uint64_t zeros, struct umgr_fast_log *log, int64_t read_ns,
@@ -585,10 +595,7 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     int kept = 0, ret;
     if (plan == UMGR_PLAN_SWAPPED || plan == UMGR_PLAN_MEMORY) {
         slot = r->slot[i];
-        if (!write && log->keep_period == 1)
-            kept = 1;
-        else if (!write && log->keep_period > 1)
-            kept = ++log->keep_phase % log->keep_period == 0;
+        kept = !write && umgr_keeps(log, log->keep_period);
         struct uffdio_copy c = { .dst = address, .src = page, .len = 4096,
                                  .mode = kept ? UFFDIO_COPY_MODE_WP : 0 };
         ret = ioctl(uffd, UFFDIO_COPY, &c);
@@ -1036,7 +1043,8 @@ static int umgr_prefetch_read(const struct umgr_fast_store *store, const int32_t
    a slot the store can give, and with `fresh` the FRESH ones too (as
    zeroed pages of their own, as a write's fill makes them), as the full
    path's fill would: read, UFFDIO_COPY by runs of consecutive pages
-   (swapped ones write-protected, slot kept, when `keep`), RESIDENT with
+   (swapped ones write-protected, slot kept, as keep_period says: 0 none,
+   1 all, n every nth page, counted on across calls), RESIDENT with
    the PREFETCHED flag, logged (slot 0: a fresh page). No thread waits on
    them: the prefetch policy asked for them. Other pages, and the rest of
    a run whose copy fails (an event queued, a page already there), are
@@ -1044,12 +1052,12 @@ static int umgr_prefetch_read(const struct umgr_fast_store *store, const int32_t
    Returns how many came in. */
 static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                               const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
-                              int keep, int fresh, struct umgr_fast_log *log)
+                              int keep_period, int fresh, struct umgr_fast_log *log)
 {
     int64_t started = umgr_now_ns();
     uint64_t vpn[log->max];
     int32_t slot[log->max];
-    int ok[log->max];
+    int ok[log->max], protect[log->max];
     const struct umgr_fast_region *in[log->max];
     int m = 0;
     umgr_fast_reset(log);
@@ -1062,22 +1070,23 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
         int swapped = r->state[at] == UMGR_STATE_SWAPPED && s != 0 && (store->fd >= 0 || umgr_fast_in_memory(store, s));
         if (!swapped && !(fresh && r->state[at] == UMGR_STATE_FRESH && s == 0))
             continue;
+        protect[m] = s != 0 && umgr_keeps(log, keep_period);
         vpn[m] = (uint64_t)vpns[i], slot[m] = s, in[m++] = r;
     }
     if (m == 0 || umgr_prefetch_read(store, slot, m, pages, (aio_context_t)log->aio, ok) < 0)
         return 0;   /* nothing to bring; or reads not waited for (cannot happen with a valid context) */
     int64_t read_ns = umgr_now_ns() - started;
     for (int k = 0; k < m;) {
-        int j = k + 1, protect = keep && slot[k] != 0;   /* a clean copy: a swapped page read, not written */
+        int j = k + 1;   /* pages k..j: a run copied with one call (protect[k]: as clean copies) */
         if (ok[k])
-            while (j < m && ok[j] && vpn[j] == vpn[j - 1] + 1 && in[j] == in[k] && (keep && slot[j] != 0) == protect)
+            while (j < m && ok[j] && vpn[j] == vpn[j - 1] + 1 && in[j] == in[k] && protect[j] == protect[k])
                 j++;
         else {
             k++;
             continue;
         }
         struct uffdio_copy c = { .dst = vpn[k] << 12, .src = pages + (uint64_t)k * 4096,
-                                 .len = (uint64_t)(j - k) * 4096, .mode = protect ? UFFDIO_COPY_MODE_WP : 0 };
+                                 .len = (uint64_t)(j - k) * 4096, .mode = protect[k] ? UFFDIO_COPY_MODE_WP : 0 };
         int failed = ioctl(uffd, UFFDIO_COPY, &c) < 0;
         int64_t copied = failed ? (c.copy > 0 ? c.copy / 4096 : 0) : j - k;
         for (int p = k; p < k + copied; p++) {
@@ -1086,16 +1095,16 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
             r->counts[r->state[at]]--;
             r->counts[UMGR_STATE_RESIDENT]++;
             r->state[at] = UMGR_STATE_RESIDENT;
-            r->slot[at] = protect ? slot[p] : 0;
+            r->slot[at] = protect[p] ? slot[p] : 0;
             r->flags[at] |= UMGR_FLAG_PREFETCHED;
             int32_t e = log->served++;
             log->vpn[e] = vpn[p];
             log->slot[e] = slot[p];
-            log->kept[e] = (uint8_t)protect;
+            log->kept[e] = (uint8_t)protect[p];
             log->kind[e] = umgr_fast_in_memory(store, slot[p]) ? UMGR_FAST_MEMORY : 0;
             log->read_ns[e] = read_ns / m;
             log->serve_ns[e] = 0;
-            umgr_fast_came_in(log, slot[p], protect, log->kind[e] & UMGR_FAST_MEMORY, log->read_ns[e]);
+            umgr_fast_came_in(log, slot[p], protect[p], log->kind[e] & UMGR_FAST_MEMORY, log->read_ns[e]);
         }
         if (failed)
             break;   /* EAGAIN: an event is queued, the full path's to read first */

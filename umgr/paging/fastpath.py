@@ -205,12 +205,15 @@ class FastPath:
         self._log.stream_step[self._stream_at] = -step if descends else step
         self._stream_at = (self._stream_at + 1) % len(self._log.streams)
 
-    def prefetch(self, vpns: np.ndarray, keep: bool, fresh: bool = False) -> int:
+    def prefetch(self, vpns: np.ndarray, fresh: bool = False) -> int:
         """Bring in those of `vpns` (sorted, asked for by the prefetch
         policy) that are swapped, and with `fresh` the fresh ones as
         zeroed pages of their own, in C: a pread per run of slots, a copy
         per run of pages, swapped ones write-protected with their slot
-        kept when `keep` (clean copies). Up to the budget. The table,
+        kept as CleanCopies.keep_period() says, page by page: while it
+        samples, one page in SAMPLE_EVERY of the window (a window is up
+        to 256 pages, and one decision for a whole window made the
+        estimate wait up to 64 windows for a sample). Up to the budget. The table,
         counters and store learn of them here. Returns how many came in;
         the others (pages in other states, a copy refused) are left as
         they are."""
@@ -224,7 +227,7 @@ class FastPath:
         self._prefetched.c.max = room
         self._prefetched.drop_references_in(core.slots.counts)
         n = core.uffd.prefetch(self._regions, self._nregions, self._store.follow(core.backend), vpns,
-                               self._prefetch_pages.addr, keep, fresh, self._prefetched.c)
+                               self._prefetch_pages.addr, core.clean.keep_period(), fresh, self._prefetched.c)
         if n:
             self._settle_prefetched(n)
         return n

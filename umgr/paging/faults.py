@@ -183,7 +183,7 @@ class FaultService:
         # Fault service time, as the same pages' read and copy are when
         # they come with a fault on the full path.
         started = time.perf_counter()
-        if self.fast.prefetch(wanted, self.core.clean.keep()):
+        if self.fast.prefetch(wanted):
             self.core.stats.fault_batch_seconds += time.perf_counter() - started
             if not self.core.budget.prefetch_allowed(self.core.pt.resident, 0):
                 return
@@ -352,7 +352,7 @@ class FaultService:
         window = np.fromiter(sorted(page for page in fill if page != vpn), np.int64, len(fill) - 1)
         self.core.stats.prefetched -= len(window)   # counted as planned: prefetch() counts what came
         started = time.perf_counter()
-        self.fast.prefetch(window, self.core.clean.keep(), fresh=writes)
+        self.fast.prefetch(window, fresh=writes)
         self.core.stats.fault_read_seconds += time.perf_counter() - started
         await self._fill_one(vpn, fill[vpn], writes, faulting)
         return True
