@@ -211,12 +211,12 @@ class FastPath:
         zeroed pages of their own, in C: a pread per run of slots, a copy
         per run of pages, swapped ones write-protected with their slot
         kept as CleanCopies.keep_period() says, page by page: while it
-        samples, one page in SAMPLE_EVERY of the window (a window is up
+        samples, one page in SAMPLE_EVERY of each window (a window is up
         to 256 pages, and one decision for a whole window made the
-        estimate wait up to 64 windows for a sample). Up to the budget. The table,
-        counters and store learn of them here. Returns how many came in;
-        the others (pages in other states, a copy refused) are left as
-        they are."""
+        estimate wait up to 64 windows for a sample). Up to the budget.
+        The table, counters and store learn of them here. Returns how
+        many came in; the others (pages in other states, a copy refused)
+        are left as they are."""
         core = self.core
         room = min(len(vpns), MAX_FILL_PAGES)
         if core.budget.limited:
