@@ -19,7 +19,7 @@ PAGE = 4096
 
 @pytest.mark.timeout(240)
 def test_eviction_cpu_is_counted_apart_from_the_faults(umgr_exec, programs):
-    # The same 96 MiB written and read back three ways: under a budget that
+    # The same 96 MiB written and read back in two runs: under a budget that
     # evicts most of it, and with room for all of it. The fills of the
     # fresh pages are the faults' (the daemon's whole CPU), not eviction's.
     tight = umgr_exec([programs["pattern"], "96", "mmap", "ss"], max_resident="16M")

@@ -45,28 +45,31 @@ class CleanCopies:
     def dirty_share(self) -> float:
         return self.written / self.kept if self.kept >= 1 else 0.0
 
+    @property
+    def sampling(self) -> bool:
+        """auto, with most kept pages written lately: only samples keep."""
+        return self.mode == "auto" and self.dirty_share >= DIRTY_LIMIT
+
     def keep(self) -> bool:
         """Whether the pages of this fill that are read, not written, come
         in write-protected and keep their slot."""
-        if self.mode != "auto":
-            return self.mode == "always"
-        if self.dirty_share < DIRTY_LIMIT:
-            return True
+        if not self.sampling:
+            return self.mode != "never"
         self._fills += 1
         return self._fills % SAMPLE_EVERY == 0
 
     def keep_period(self) -> int:
-        """keep() for a run of fills decided at once (the C fast path):
-        1 keep every page read, 0 none, SAMPLE_EVERY every that many."""
-        if self.mode != "auto":
-            return int(self.mode == "always")
-        return 1 if self.dirty_share < DIRTY_LIMIT else SAMPLE_EVERY
+        """keep() page by page, as the C fast path decides it (for each
+        page read, and each page of a prefetch window): 1 keep every one,
+        0 none, SAMPLE_EVERY every that many."""
+        if self.sampling:
+            return SAMPLE_EVERY
+        return int(self.mode != "never")
 
     def came_in_clean(self, npages: int) -> None:
         """npages pages came in write-protected, their copy kept."""
         if npages:
-            keeping = self.mode != "auto" or self.dirty_share < DIRTY_LIMIT
-            decay = (DECAY if keeping else SAMPLED_DECAY) ** npages
+            decay = (SAMPLED_DECAY if self.sampling else DECAY) ** npages
             self.kept = self.kept * decay + npages
             self.written *= decay
 
