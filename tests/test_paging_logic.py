@@ -313,7 +313,7 @@ def test_auto_clean_copies_resume_within_a_few_dozen_samples_after_writes():
         if clean.keep():
             clean.came_in_clean(1)
             clean.dirtied()
-    assert not clean.keep_period() == 1
+    assert clean.keep_period() != 1
     fills = 0
     while clean.keep_period() != 1:   # reads: the sampled pages stay clean
         fills += 1

@@ -50,21 +50,23 @@ class CleanCopies:
         """auto, with most kept pages written lately: only samples keep."""
         return self.mode == "auto" and self.dirty_share >= DIRTY_LIMIT
 
-    def keep(self) -> bool:
-        """Whether the pages of this fill that are read, not written, come
-        in write-protected and keep their slot."""
-        if not self.sampling:
-            return self.mode != "never"
-        self._fills += 1
-        return self._fills % SAMPLE_EVERY == 0
-
     def keep_period(self) -> int:
-        """keep() page by page, as the C fast path decides it (for each
-        page read, and each page of a prefetch window): 1 keep every one,
-        0 none, SAMPLE_EVERY every that many."""
+        """Which fills keep: 1 every one, 0 none, SAMPLE_EVERY every that
+        many. The C fast path applies it page by page (umgr_keeps: each
+        page read, each page of a prefetch window), keep() fill by fill."""
         if self.sampling:
             return SAMPLE_EVERY
         return int(self.mode != "never")
+
+    def keep(self) -> bool:
+        """Whether the pages of this fill that are read, not written, come
+        in write-protected and keep their slot: keep_period() counted out
+        here, as umgr_keeps does in C."""
+        period = self.keep_period()
+        if period <= 1:
+            return period == 1
+        self._fills += 1
+        return self._fills % period == 0
 
     def came_in_clean(self, npages: int) -> None:
         """npages pages came in write-protected, their copy kept."""
