@@ -17,6 +17,7 @@ BENCHMARKS = {
     "faults": ("bench_faults", "Python fault service against a C handler (the floor)"),
     "io": ("bench_io", "io_uring against preadv/pwritev, 4 KiB O_DIRECT"),
     "shapes": ("bench_shapes", "access shapes and a CPython workload, umgr against kernel swap"),
+    "redis": ("bench_redis", "redis-server (a real cache) under umgr against kernel swap, every value checked"),
     "paging": ("bench_paging", "sequential scans under umgr against kernel swap"),
     "zap": ("bench_zap", "zapping evicted pages: REMOVE events and their readers"),
     "backends": ("bench_backends", "random faults served from each backend and chain"),
