@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import socket
 import struct
@@ -309,8 +310,8 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     server = shutil.which("redis-server")
     if server is None:
         raise BenchError("needs redis-server (Debian: apt install redis-server)")
-    args.umgr_cmd = __import__("shlex").split(args.umgr) if args.umgr else default_umgr_cmd()
-    variants = [(v.strip(), [] if v.strip() == "default" else v.split()) for v in args.variants.split(";") if v.strip()]
+    args.umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
+    variants = [(v.strip(), [] if v.strip() == "default" else shlex.split(v)) for v in args.variants.split(";") if v.strip()]
     values = Values(args.value, args.seed)
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="umgr-bench-redis-") as work:
