@@ -44,6 +44,7 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -233,6 +234,13 @@ def wait_ready(proc: subprocess.Popen, port: int) -> None:
     raise BenchError(f"redis-server did not answer on port {port} within {START_SECONDS} s")
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group `proc` leads (start_new_session), then reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def stop(proc: subprocess.Popen, port: int) -> int:
     """SHUTDOWN NOSAVE; the server's (or umgr exec's) exit status."""
     with contextlib.suppress(OSError, BenchError):
@@ -246,24 +254,22 @@ def stop(proc: subprocess.Popen, port: int) -> int:
     try:
         return proc.wait(STOP_SECONDS)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        kill_group(proc)
         raise BenchError(f"redis-server did not stop within {STOP_SECONDS} s of SHUTDOWN") from None
 
 
 def serve_and_drive(argv: list[str], port: int, args, values: Values, what: str, **popen) -> tuple[dict, str]:
     """Start `argv`, drive the phases against it, stop it: (figures, its stderr)."""
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, **popen)
+        # A session of its own: umgr exec's server (its child) goes with it on failure.
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, **popen)
         try:
             wait_ready(proc, port)
             result = run_phases(port, args.keys, args.ops, args.pipeline, values, args.seed, args.timeout,
                                 args.phases)
             status = stop(proc, port)
         except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            kill_group(proc)
             err.seek(0)
             sys.stderr.write(f"{what}: {err.read().decode(errors='replace')[-2000:]}")
             raise

@@ -201,7 +201,8 @@ def test_redis_snapshot_forks_while_the_parent_takes_writes(tmp_path):
     # snapshot must hold every key at its version of the fork, the live data
     # every write since. (The client and the value checks are the redis
     # benchmark's: a value names its key and version.)
-    from umgr.benchmarks.bench_redis import Redis, Values, check, free_port, key_name, redis_argv, stop, wait_ready
+    from umgr.benchmarks.bench_redis import (Redis, Values, check, free_port, key_name, kill_group, redis_argv, stop,
+                                             wait_ready)
 
     keys, values, rng = 40_000, Values(1000, seed=5), random.Random(5)
     versions = bytearray(keys)
@@ -209,7 +210,7 @@ def test_redis_snapshot_forks_while_the_parent_takes_writes(tmp_path):
     cmd = [sys.executable, "-m", "umgr", "exec", "--max-resident", "8M", "--swap-size", "1G",
            "--stats-json", str(stats_file), "--", *redis_argv(shutil.which("redis-server"), port, str(tmp_path))]
     with open(tmp_path / "umgr.err", "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         wait_ready(proc, port)
         client = Redis(port, 60)
@@ -240,9 +241,7 @@ def test_redis_snapshot_forks_while_the_parent_takes_writes(tmp_path):
         client.close()
         assert stop(proc, port) == 0, (tmp_path / "umgr.err").read_text(errors="replace")[-2000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_group(proc)   # (nothing left of it after a clean stop; the server too after a failure)
     stats = json.loads(stats_file.read_text())
     assert stats["forks"] >= 1 and stats["targets"] >= 2, stats
     # ~40 MiB of values through an 8 MiB budget: they left, and came back.
