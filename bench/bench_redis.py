@@ -58,7 +58,7 @@ from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, BenchError, cgroup_figures, default_umgr_cmd, device_io, device_summary, enter_cgroup,
     kernel_swap, run_and_report,
 )
-from bench_shapes import fault_breakdown, paired_ratios  # noqa: E402
+from bench_shapes import paired_ratios, umgr_summary  # noqa: E402
 
 # Names of its own: other benchmarks' kernel_swap() removes leftovers under theirs.
 SWAPFILE = "/var/tmp/umgr-bench-redis.swap"
@@ -370,14 +370,7 @@ def format_report(results: dict) -> str:
             cg = cfg["cgroup"]
             lines.append(f"  {n}: cgroup pgmajfault={cg['pgmajfault']} max_usage={cg['max_usage_bytes'] / MiB:.1f} MiB")
         if "umgr" in cfg:
-            s = cfg["umgr"]
-            lines.append(f"  {n}: faults={s['faults']} pages_in={s['pages_in']} pages_out={s['pages_out']} "
-                         f"prefetched={s['prefetched']} peak_resident={s['peak_resident_bytes'] / MiB:.1f} MiB "
-                         f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB")
-            if "fault_batch_seconds" in s:
-                lines.append(f"  {n}: {fault_breakdown(s)}")
-            if s["pages_out"] == 0:
-                lines.append(f"  {n}: WARNING: umgr paged nothing out (was redis-server managed at all?)")
+            lines += umgr_summary(n, cfg["umgr"], p["budget_mib"])
         if len(cfg["round_totals"]) > 1:
             lines.append(f"  {n}: round totals " + ", ".join(f"{t:.3f}" for t in cfg["round_totals"]) + " (fastest shown)")
     for pair, ratios in results["paired"].items():

@@ -259,6 +259,24 @@ def _fmt(x, width, prec=3):
     return f"{x:>{width}}"
 
 
+def umgr_summary(label: str, s: dict, budget_mib: int) -> list[str]:
+    """A umgr run's --stats-json figures as report lines, with a warning
+    where it paged nothing out or went over its budget."""
+    lines = [f"  {label}: faults={s['faults']} (missing {s.get('faults_missing', '?')}, wp {s.get('faults_wp', '?')}) "
+             f"pages_in={s['pages_in']} pages_out={s['pages_out']} prefetched={s['prefetched']} "
+             f"peak_resident={s['peak_resident_bytes'] / MiB:.1f} MiB "
+             f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB "
+             f"wall={s['wall_seconds']}s"]
+    if "fault_batch_seconds" in s:
+        lines.append(f"  {label}: {fault_breakdown(s)}")
+    if s["pages_out"] == 0:
+        lines.append(f"  {label}: WARNING: umgr paged nothing out (was the program managed at all?)")
+    if s["peak_resident_bytes"] > budget_mib * MiB * 1.1:
+        lines.append(f"  {label}: WARNING: peak resident {s['peak_resident_bytes'] / MiB:.1f} MiB "
+                     f"over the {budget_mib} MiB budget")
+    return lines
+
+
 def format_workload(name: str, wl: dict) -> list[str]:
     configs = wl["configs"]
     kernel, polled = configs.get("kernel"), configs.get("kernel+poll")
@@ -320,19 +338,7 @@ def format_workload(name: str, wl: dict) -> list[str]:
         if io:
             lines.append(f"  {c}: device {io['device']}: {device_summary(io)}")
     for c in umgrs:
-        s = configs[c]["umgr"]
-        lines.append(f"  {c}: faults={s['faults']} (missing {s.get('faults_missing', '?')}, wp {s.get('faults_wp', '?')}) "
-                     f"pages_in={s['pages_in']} pages_out={s['pages_out']} prefetched={s['prefetched']} "
-                     f"peak_resident={s['peak_resident_bytes'] / MiB:.1f} MiB "
-                     f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB "
-                     f"wall={s['wall_seconds']}s")
-        if "fault_batch_seconds" in s:
-            lines.append(f"  {c}: {fault_breakdown(s)}")
-        if s["pages_out"] == 0:
-            lines.append(f"  {c}: WARNING: umgr paged nothing out (was the program managed at all?)")
-        if s["peak_resident_bytes"] > wl["budget_mib"] * MiB * 1.1:
-            lines.append(f"  {c}: WARNING: peak resident {s['peak_resident_bytes'] / MiB:.1f} MiB "
-                         f"over the {wl['budget_mib']} MiB budget")
+        lines += umgr_summary(c, configs[c]["umgr"], wl["budget_mib"])
     if wl.get("rounds", 1) > 1:
         for pair, ratios in wl.get("paired", {}).items():
             n = wl["rounds"]
