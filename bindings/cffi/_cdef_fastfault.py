@@ -747,46 +747,12 @@ static void umgr_fast_start(int uffd, const struct uffd_msg *msgs, int i, struct
                                        g->read_at[i]);
 }
 
-/* The head of an AIO context's completion ring, which the kernel maps
-   into the process at the context's address (fs/aio.c, struct aio_ring):
-   completions are there when head != tail, seen without a syscall. */
-struct umgr_aio_ring { unsigned id, nr, head, tail, magic, compat_features, incompat_features, header_length; };
-#define UMGR_AIO_RING_MAGIC 0xa10a10a1
-#define UMGR_FAST_WAIT_SPIN_NS 150000   /* a device read here: ~30-80 us */
-
-static inline void umgr_cpu_relax(void)
+/* Sleep until a read of the group completes, or (`more`) a message comes
+   on the uffd. Not a busy-poll: on 2 vCPUs a spinning daemon took the CPU
+   of the program's threads and of its own eviction, and reads it timed
+   looked slow. */
+static void umgr_fast_wait(int uffd, int more)
 {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
-/* Wait until a read of the group completes, or (`more`) a message comes
-   on the uffd: first watching the AIO ring, and the uffd every 16 turns,
-   for up to UMGR_FAST_WAIT_SPIN_NS, then asleep in poll(2). The read is
-   on its way, so the wait is short; sleeping for it costs a wake-up from
-   the completion's interrupt (poll's sleeps and wake-ups were 9% of this
-   thread's time on 4 threads' random reads), and those reads took 1.00x
-   kernel swap's time with the watch against 1.11x without (5 paired
-   rounds; 0.98 against 1.03 in 3 more), with the CPython workload and
-   redis-server unchanged. An unbounded busy-poll had hurt: on 2 vCPUs it
-   took the CPU of the program's threads and of its own eviction. */
-static void umgr_fast_wait(int uffd, int more, aio_context_t aio)
-{
-    const volatile struct umgr_aio_ring *ring = (const volatile struct umgr_aio_ring *)(uintptr_t)aio;
-    if (aio && ring->magic == UMGR_AIO_RING_MAGIC) {
-        int64_t until = umgr_now_ns() + UMGR_FAST_WAIT_SPIN_NS;
-        struct pollfd uffd_ready = { .fd = uffd, .events = POLLIN };
-        for (int turn = 1; umgr_now_ns() < until; turn++) {
-            if (ring->head != ring->tail)
-                return;
-            if (more && !(turn & 15) && poll(&uffd_ready, 1, 0) > 0)
-                return;
-            umgr_cpu_relax();
-        }
-    }
     struct pollfd fds[2] = { { .fd = umgr_fast_efd(), .events = POLLIN }, { .fd = uffd, .events = POLLIN } };
     if (fds[0].fd >= 0)
         poll(fds, more ? 2 : 1, 100);
@@ -858,7 +824,7 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
         ssize_t more = may_read ? read(uffd, &msgs[n], (size_t)(max_n - n) * sizeof(*msgs)) : 0;
         if (more <= 0) {
             if (g.inflight)
-                umgr_fast_wait(uffd, may_read, (aio_context_t)log->aio);
+                umgr_fast_wait(uffd, may_read);
             continue;
         }
         int k = (int)(more / (ssize_t)sizeof(*msgs));
