@@ -44,6 +44,7 @@ PR_SET_PDEATHSIG = 1
 DEFAULT_SWAP_SIZE = "4G"
 DEFAULT_RUNDIR = "/run/umgr"
 DEFAULT_SOCKET = os.path.join(DEFAULT_RUNDIR, "control.sock")
+EXEC_STATE_DIR = configfile.systemd_directory("STATE_DIRECTORY", DEFAULT_STATE_DIR)   # umgr exec's --state-dir
 
 
 def _backend_value(key: str, text: str):
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Under systemd, RuntimeDirectory= and StateDirectory= (deploy/umgr.service)
     # say where the socket and the swap file go.
     p = sub.add_parser("daemon", help="run the daemon for processes started with the shim")
-    _add_daemon_options(p, state_dir=configfile.systemd_directory("STATE_DIRECTORY", DEFAULT_STATE_DIR))
+    _add_daemon_options(p, state_dir=EXEC_STATE_DIR)
     p.add_argument("--config", metavar="FILE",
                    help=f"settings file (default {configfile.DEFAULT_PATH}, if it exists); options given here win")
     p.add_argument("--socket", default=os.path.join(configfile.systemd_directory("RUNTIME_DIRECTORY", DEFAULT_RUNDIR),
@@ -183,8 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show the targets of a running daemon")
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET})")
+    p.add_argument("--socket", default=None,
+                   help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET}, else that of the "
+                        "umgr exec running under the default --state-dir)")
     p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="show the umgr exec running under DIR (the --state-dir it was given), not a daemon")
     p.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between samples, for rates")
     p.add_argument("--watch", action="store_true", help="refresh the table every --interval until interrupted")
     p.add_argument("--json", action="store_true", help="one snapshot as JSON")
@@ -670,6 +675,7 @@ def query_status(path: str) -> dict:
 def cmd_status(args) -> int:
     if args.json and args.watch:
         raise Fatal("umgr status: --json shows one snapshot; --watch refreshes a table: choose one")
+    args.socket = _status_socket(args)
     before, taken = _query(args.socket), time.monotonic()
     try:
         while True:
@@ -693,6 +699,28 @@ def cmd_status(args) -> int:
 
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def _status_socket(args) -> str:
+    """The socket status asks: that of the umgr exec running under
+    --state-dir; else the one named (--socket, or the config file's); else
+    the daemon's default, if it is there, or that of the one umgr exec
+    running under exec's default state directory (exec runs its daemon on
+    a socket of its own)."""
+    if args.state_dir is None and args.socket is not None:
+        return args.socket
+    if args.state_dir is None and os.path.exists(DEFAULT_SOCKET):
+        return DEFAULT_SOCKET
+    state_dir = args.state_dir or EXEC_STATE_DIR
+    runs = embedded.live_runs(state_dir)
+    if len(runs) == 1:
+        return runs[0]
+    if runs:
+        raise Fatal(f"umgr status: {len(runs)} umgr execs run under {printable(state_dir)}; name one with --socket: "
+                    + ", ".join(printable(r) for r in runs))
+    if args.state_dir is not None:
+        raise Fatal(f"umgr status: no umgr exec runs under {printable(state_dir)}")
+    raise Fatal(f"umgr status: no daemon at {DEFAULT_SOCKET} and no umgr exec under {printable(state_dir)}")
 
 
 def _query(path: str) -> dict:

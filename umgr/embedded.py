@@ -67,6 +67,32 @@ def sweep_stale_runs(state_dir: str) -> None:
         log.info("removed %s, left by a umgr exec that was killed", path)
 
 
+def live_runs(state_dir: str) -> list[str]:
+    """The control sockets of the umgr execs running under state_dir (their
+    run directory's lock is held), oldest run first. Reads only: a run
+    left by a killed exec is the next exec's to remove."""
+    try:
+        names = [n for n in os.listdir(state_dir) if n.startswith(RUN_PREFIX)]
+    except OSError:
+        return []
+    runs = []
+    for name in names:
+        path = os.path.join(state_dir, name)
+        try:
+            fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            socket = os.path.join(path, "control.sock")
+            if os.path.exists(socket):
+                runs.append((os.stat(path).st_mtime, socket))
+        finally:
+            os.close(fd)   # (a lock taken here goes with it)
+    return [socket for _, socket in sorted(runs)]
+
+
 def make_run_dir(state_dir: str) -> tuple[str, int]:
     """A new run directory in the (checked) state directory, and the
     descriptor of its lock, held until umgr exec ends."""
