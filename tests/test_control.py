@@ -23,6 +23,7 @@ import pytest
 
 from conftest import DaemonProcess, MiB, wait_for
 from umgr import protocol
+from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.cli import DEFAULT_SOCKET, format_status, query_status
 from umgr.kernel import cpulatency
 from umgr.sizes import parse_size
@@ -521,23 +522,23 @@ def test_status_shows_a_running_target(daemon, shim, programs):
 
 @pytest.mark.timeout(90)
 def test_status_finds_a_umgr_exec_by_its_state_dir(tmp_path, programs):
-    """umgr exec runs its daemon on a socket in its run directory; `umgr
-    status --state-dir` finds it there (and, with no daemon at the default
-    socket, `umgr status` alone looks in exec's default state directory)."""
-    state = tmp_path / "state"
+    """umgr exec runs its daemon on a socket in its run directory. With no
+    daemon at the default socket, `umgr status` looks under exec's default
+    state directory, and `--state-dir DIR` under DIR."""
+    assert not os.path.exists(DEFAULT_SOCKET), "a daemon runs at the default socket: this test needs it absent"
 
     def status(*args):
-        return subprocess.run([sys.executable, "-m", "umgr", "status", "--state-dir", str(state), "--interval", "0.05",
-                               *args], capture_output=True, timeout=20)
+        return subprocess.run([sys.executable, "-m", "umgr", "status", "--interval", "0.05", *args],
+                              capture_output=True, timeout=20)
 
-    def execed(*program):
-        return started([sys.executable, "-m", "umgr", "exec", "--state-dir", str(state), "--max-resident", "16M",
-                        "--swap-size", "1G", "--", *program], cwd=os.path.dirname(programs["ctl_hold"]),
-                       stdin=subprocess.PIPE)
+    def execed(*program):   # (exec's default --state-dir, as a user's)
+        return started([sys.executable, "-m", "umgr", "exec", "--max-resident", "16M", "--swap-size", "1G", "--",
+                        *program], cwd=os.path.dirname(programs["ctl_hold"]), stdin=subprocess.PIPE)
 
-    none = status()
+    empty = tmp_path / "state"
+    none = status("--state-dir", str(empty))
     assert none.returncode == 125
-    assert none.stderr.decode().splitlines() == [f"umgr status: no umgr exec runs under {state}"]
+    assert none.stderr.decode().splitlines() == [f"umgr status: no umgr exec runs under {empty}"]
     with execed("./ctl_hold", "48") as holder:
         assert holder.stdout.readline() == b"ready\n"
 
@@ -547,25 +548,21 @@ def test_status_finds_a_umgr_exec_by_its_state_dir(tmp_path, programs):
             return targets if targets and targets[0]["pages_out"] > 0 else None
         targets = wait_for(paged, 30, "the exec's program to be found and paged out")
         assert [t["command"] for t in targets] == ["./ctl_hold 48"], targets
-        table = status()
-        assert table.returncode == 0, table.stderr
-        assert "./ctl_hold 48" in table.stdout.decode()
-        # No --state-dir: no daemon answers at the default socket, so exec's
-        # default state directory is looked in (here, as a unit's StateDirectory=).
-        assert not os.path.exists(DEFAULT_SOCKET), "a daemon runs at the default socket: this test needs it absent"
-        alone = subprocess.run([sys.executable, "-m", "umgr", "status", "--interval", "0.05"], capture_output=True,
-                               timeout=20, env=dict(os.environ, STATE_DIRECTORY=str(state)))
-        assert alone.returncode == 0, alone.stderr
-        assert "./ctl_hold 48" in alone.stdout.decode()
+        for found in (status(), status("--state-dir", DEFAULT_STATE_DIR)):
+            assert found.returncode == 0, found.stderr
+            assert "./ctl_hold 48" in found.stdout.decode()
         with execed("sleep", "30"):
             wait_for(lambda: status().returncode == 125, 20, "the second umgr exec's run directory")
             both = status().stderr.decode()
-            assert both.startswith(f"umgr status: 2 umgr execs run under {state}; name one with --socket: "), both
+            assert both.startswith(f"umgr status: 2 umgr execs run under {DEFAULT_STATE_DIR}; "
+                                   "name one with --socket: "), both
             assert both.count("control.sock") == 2, both
         out, err = holder.communicate(b"", timeout=30)
     assert holder.returncode == 0, err
     assert out == b"ok 12288 pages\n"
-    wait_for(lambda: status().returncode == 125, 20, "the runs to end")
+    gone = wait_for(lambda: (lambda r: r if r.returncode == 125 else None)(status()), 20, "the runs to end")
+    assert gone.stderr.decode().splitlines() == [
+        f"umgr status: no daemon at {DEFAULT_SOCKET} and no umgr exec under {DEFAULT_STATE_DIR}"]
 
 
 @pytest.mark.timeout(60)

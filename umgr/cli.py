@@ -44,7 +44,6 @@ PR_SET_PDEATHSIG = 1
 DEFAULT_SWAP_SIZE = "4G"
 DEFAULT_RUNDIR = "/run/umgr"
 DEFAULT_SOCKET = os.path.join(DEFAULT_RUNDIR, "control.sock")
-EXEC_STATE_DIR = configfile.systemd_directory("STATE_DIRECTORY", DEFAULT_STATE_DIR)   # umgr exec's --state-dir
 
 
 def _backend_value(key: str, text: str):
@@ -169,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Under systemd, RuntimeDirectory= and StateDirectory= (deploy/umgr.service)
     # say where the socket and the swap file go.
     p = sub.add_parser("daemon", help="run the daemon for processes started with the shim")
-    _add_daemon_options(p, state_dir=EXEC_STATE_DIR)
+    _add_daemon_options(p, state_dir=configfile.systemd_directory("STATE_DIRECTORY", DEFAULT_STATE_DIR))
     p.add_argument("--config", metavar="FILE",
                    help=f"settings file (default {configfile.DEFAULT_PATH}, if it exists); options given here win")
     p.add_argument("--socket", default=os.path.join(configfile.systemd_directory("RUNTIME_DIRECTORY", DEFAULT_RUNDIR),
@@ -186,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the targets of a running daemon")
     p.add_argument("--socket", default=None,
                    help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET}, else that of the "
-                        "umgr exec running under the default --state-dir)")
+                        f"umgr exec running under exec's default --state-dir, {DEFAULT_STATE_DIR})")
     p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
     p.add_argument("--state-dir", metavar="DIR", default=None,
                    help="show the umgr exec running under DIR (the --state-dir it was given), not a daemon")
@@ -711,7 +710,7 @@ def _status_socket(args) -> str:
         return args.socket
     if args.state_dir is None and os.path.exists(DEFAULT_SOCKET):
         return DEFAULT_SOCKET
-    state_dir = args.state_dir or EXEC_STATE_DIR
+    state_dir = args.state_dir or DEFAULT_STATE_DIR   # (exec's default --state-dir)
     runs = embedded.live_runs(state_dir)
     if len(runs) == 1:
         return runs[0]
