@@ -58,7 +58,7 @@ from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, BenchError, cgroup_figures, default_umgr_cmd, device_io, device_summary, enter_cgroup,
     kernel_swap, run_and_report,
 )
-from bench_shapes import paired_ratios, umgr_summary  # noqa: E402
+from bench_shapes import _total, paired_ratios, parse_variants, umgr_summary  # noqa: E402
 
 # Names of its own: other benchmarks' kernel_swap() removes leftovers under theirs.
 SWAPFILE = "/var/tmp/umgr-bench-redis.swap"
@@ -317,7 +317,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     if server is None:
         raise BenchError("needs redis-server (Debian: apt install redis-server)")
     args.umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
-    variants = [(v.strip(), [] if v.strip() == "default" else shlex.split(v)) for v in args.variants.split(";") if v.strip()]
+    variants = parse_variants(args.variants)
     values = Values(args.value, args.seed)
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="umgr-bench-redis-") as work:
@@ -332,8 +332,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                 log(f"redis {tag}: umgr {label} ...")
                 runs.setdefault(f"umgr {label}", []).append(
                     {**run_umgr(server, args, values, work, label, extra), "round": r})
-    configs = {name: {**min(rs, key=lambda x: sum(x["result"]["phases"].values())),
-                      "round_totals": [sum(x["result"]["phases"].values()) for x in rs]}
+    configs = {name: {**min(rs, key=lambda x: _total(x["result"])), "round_totals": [_total(x["result"]) for x in rs]}
                for name, rs in runs.items()}
     paired = {f"{name} / kernel": paired_ratios(rs, runs["kernel"])
               for name, rs in runs.items() if name.startswith("umgr ") and "kernel" in runs}
@@ -357,7 +356,7 @@ def format_report(results: dict) -> str:
              + ("".join(f" {'/kernel':>8}" for n in names if n.startswith("umgr ")) if kernel else "") + "   (seconds)"]
     for ph in [*configs[names[0]]["result"]["phases"], "total"]:
         def secs(cfg):
-            return sum(cfg["result"]["phases"].values()) if ph == "total" else cfg["result"]["phases"][ph]
+            return _total(cfg["result"]) if ph == "total" else cfg["result"]["phases"][ph]
         line = f"{ph:<10}" + "".join(f" {secs(configs[n]):>14.3f}" for n in names)
         if kernel:
             line += "".join(f" {secs(configs[n]) / secs(kernel):>8.2f}" for n in names if n.startswith("umgr "))

@@ -89,7 +89,7 @@ def parse_variants(text: str) -> list[tuple[str, list[str]]]:
         if not part:
             continue
         if part in (label for label, _ in out):
-            raise SystemExit(f"bench_shapes: variant {part!r} given twice")
+            raise SystemExit(f"variant {part!r} given twice")
         out.append((part, [] if part == "default" else shlex.split(part)))
     return out
 

@@ -289,7 +289,7 @@ def cmd_exec(args) -> int:
     except BackendError as exc:   # not the daemon's own directory
         raise Fatal(f"umgr exec: {exc}") from None
     try:
-        config = _config(args, os.path.join(run_dir, "control.sock"))
+        config = _config(args, os.path.join(run_dir, embedded.SOCKET_NAME))
         daemon = embedded.EmbeddedDaemon(
             run_dir, lambda ready_fd: _embedded_daemon(args, config, program, run_dir, ready_fd),
             restartable=_exec_restartable(args))

@@ -18,6 +18,7 @@ umgr exec was killed, so nothing can come back for them).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -37,6 +38,7 @@ log = logging.getLogger("umgr")
 
 RUN_PREFIX = "exec-"
 LOCK_NAME = "exec.lock"
+SOCKET_NAME = "control.sock"   # the daemon's, in the run directory
 TOTALS_NAME = "totals.json"
 MAX_RESTARTS = 5          # daemon deaths one run survives; then the program is killed
 EXEC_GRACE_SECONDS = 30   # how long a program waits for a restarted daemon (default of exec --grace)
@@ -44,15 +46,18 @@ PR_SET_PDEATHSIG = 1
 FINISH = signal.SIGUSR1   # to the daemon: the program has exited; exit once no process is left
 
 
+def _run_dirs(state_dir: str) -> list[str]:
+    """The run directories under state_dir, live or left by a killed exec."""
+    try:
+        return [os.path.join(state_dir, n) for n in os.listdir(state_dir) if n.startswith(RUN_PREFIX)]
+    except OSError:
+        return []
+
+
 def sweep_stale_runs(state_dir: str) -> None:
     """Remove the run directories of umgr execs that were killed (their
     lock is free): their programs died with them."""
-    try:
-        names = [n for n in os.listdir(state_dir) if n.startswith(RUN_PREFIX)]
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(state_dir, name)
+    for path in _run_dirs(state_dir):
         try:
             fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -71,13 +76,8 @@ def live_runs(state_dir: str) -> list[str]:
     """The control sockets of the umgr execs running under state_dir (their
     run directory's lock is held), oldest run first. Reads only: a run
     left by a killed exec is the next exec's to remove."""
-    try:
-        names = [n for n in os.listdir(state_dir) if n.startswith(RUN_PREFIX)]
-    except OSError:
-        return []
     runs = []
-    for name in names:
-        path = os.path.join(state_dir, name)
+    for path in _run_dirs(state_dir):
         try:
             fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -85,8 +85,9 @@ def live_runs(state_dir: str) -> list[str]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            socket = os.path.join(path, "control.sock")
-            if os.path.exists(socket):
+            with contextlib.suppress(FileNotFoundError):   # (the run may end meanwhile)
+                socket = os.path.join(path, SOCKET_NAME)
+                os.stat(socket)
                 runs.append((os.stat(path).st_mtime, socket))
         finally:
             os.close(fd)   # (a lock taken here goes with it)
