@@ -247,9 +247,20 @@ def test_marks_sit_below_the_budget_in_order(pages):
 def test_a_batch_is_a_32nd_of_the_budget_within_bounds(pages, batch):
     budget = Budget(pages)
     assert budget.batch == batch
-    # Within the headroom: the low mark is where batches of 512 left it.
-    assert budget.low_water == pages - max(pages // 8, min(EVICT_BATCH, pages // 2))
+    # Within the headroom: up to 256 MiB the low mark is an 8th under the
+    # budget (where batches of 512 left it), above that four batches.
+    assert budget.low_water == pages - max(min(pages // 8, 4 * batch), min(EVICT_BATCH, pages // 2))
     assert budget.evict_goal(pages) == min(batch, pages - budget.low_water)
+
+
+@pytest.mark.parametrize("pages", [1 << 17, 1 << 20, 1 << 22])
+def test_a_big_budget_keeps_two_batches_of_headroom_not_a_16th(pages):
+    budget = Budget(pages)   # 512 MiB, 4 GiB, 16 GiB
+    assert pages - budget.high_water == 2 * EVICT_BATCH_MAX
+    assert pages - budget.low_water == 4 * EVICT_BATCH_MAX
+    # Two batches still fit between the high mark and the budget: the
+    # evictor's pipeline has both in flight while faults go on.
+    assert budget.over(pages - EVICT_BATCH_MAX)
 
 
 def test_marks_of_a_16_mib_budget():

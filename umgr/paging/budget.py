@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from umgr.paging.tuning import (
-    EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES, LOW_WATER_DIVISOR,
+    EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HIGH_WATER_BATCHES, HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES,
+    LOW_WATER_BATCHES, LOW_WATER_DIVISOR,
 )
 
 
@@ -21,7 +22,8 @@ class Budget:
         """Eviction starts above this many resident pages."""
         if not self.pages:
             return 0
-        return self.pages - max(self.pages // HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES)
+        headroom = min(self.pages // HIGH_WATER_DIVISOR, HIGH_WATER_BATCHES * self.batch)
+        return self.pages - max(headroom, HIGH_WATER_MIN_PAGES)
 
     @property
     def batch(self) -> int:
@@ -33,7 +35,8 @@ class Budget:
         """An eviction round goes down to this many resident pages."""
         if not self.pages:
             return 0
-        return self.pages - max(self.pages // LOW_WATER_DIVISOR, min(self.batch, self.pages // 2))
+        below = min(self.pages // LOW_WATER_DIVISOR, LOW_WATER_BATCHES * self.batch)
+        return self.pages - max(below, min(self.batch, self.pages // 2))
 
     def over(self, resident: int) -> bool:
         return self.limited and resident > self.high_water

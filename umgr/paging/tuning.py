@@ -18,12 +18,17 @@ MAX_EVENTS_PER_READ = 64  # uffd messages read per read(2)
 REMOVE_LINGER_SECONDS = 30e-6   # a batch ending in a REMOVE waits this long for the zap's next one
 
 # Water marks under a budget of B pages. Eviction starts above the high mark,
-# B - max(B/16, 16), and a batch goes down to the low mark,
-# B - max(B/8, min(batch, B/2)): the headroom between B and the marks
-# lets faults go on while a batch is in flight.
+# B - max(min(B/16, 2 batches), 16), and a round goes down to the low mark,
+# B - max(min(B/8, 4 batches), min(batch, B/2)): the headroom between B and
+# the high mark lets faults go on while two batches are in flight. Up to
+# 256 MiB a 16th is two batches; above, the batch stops growing and so does
+# the headroom (a 16th and an 8th of a 4 GiB budget, 256 and 512 MiB, were
+# memory the target paid for and never used).
 HIGH_WATER_DIVISOR = 16
 HIGH_WATER_MIN_PAGES = 16
 LOW_WATER_DIVISOR = 8
+HIGH_WATER_BATCHES = 2
+LOW_WATER_BATCHES = 4
 
 # Longest a fault waits for eviction at the budget. Past it the page comes in
 # anyway: the evictor may itself be waiting on that fault (a page the zap
