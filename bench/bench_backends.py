@@ -41,7 +41,13 @@ compressed tier).
 Needs root (swapon, cgroups, zswap parameters, userfaultfd), gcc, and the
 cgroup v1 memory controller. Run it under the suite lock.
 
-    python bench/bench_backends.py [--scale 1] [--budget-mib 32] [--reads 100000]
+With --rounds N every configuration runs N times, in interleaved rounds;
+the table shows each one's fastest random phase, and each umgr variant's
+random phase over kernel swap's and zswap's of the same round follows
+(median and range): single runs on a shared VM moved that ratio by a
+third from one run to the next.
+
+    python bench/bench_backends.py [--scale 1] [--budget-mib 32] [--reads 100000] [--rounds 1]
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, BenchError, _run, cgroup_figures, compile_programs, default_umgr_cmd, enter_cgroup,
     idle_polling, kernel_swap, run_and_report, umgr_exec,
 )
+from bench_shapes import paired_ratios  # noqa: E402
 
 SWAPFILE = "/var/tmp/umgr-bench-backends.swap"
 CGROUP = os.path.join(CGROUP_ROOT, "umgr-bench-backends")
@@ -284,7 +291,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
     results: dict = {"params": vars(args) | {"umgr": umgr_cmd},
                      "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
-                     "configs": {}, "stores": {}, "kernel_failures": {}}
+                     "configs": {}, "runs": {}, "stores": {}, "kernel_failures": {}}
     with open(ZSWAP_COMPRESSOR) as f:
         results["env"]["zswap_compressor"] = f.read().strip()
     with tempfile.TemporaryDirectory(prefix="umgr-bench-backends-", dir="/var/tmp") as work:
@@ -296,26 +303,29 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         data_mib = results["data"]["pages"] * PAGE // MiB
         swap_mib = data_mib + 256
         argv = [exe, sample, str(args.reads), str(args.seed)]
-        configs = results["configs"]
         log("plain ...")
-        configs["plain"] = {"result": _run(argv, "heapreads plain", args.timeout)}
-        for name, with_zswap, polling in KERNEL_CONFIGS:
-            log(f"{name} ({args.budget_mib} MiB) ...")
-            # At this budget the memcg OOM killer ends some runs and not
-            # others, swap free: a result to report, not a crash; tried again.
-            for attempt in range(args.attempts):
-                try:
-                    configs[name] = run_kernel(argv, args.budget_mib, swap_mib, with_zswap, polling, args.timeout)
-                    break
-                except BenchError as exc:
-                    log(f"{name} failed: {exc}")
-                    results["kernel_failures"].setdefault(name, []).append(str(exc))
+        results["configs"]["plain"] = {"result": _run(argv, "heapreads plain", args.timeout)}
         with contextlib.ExitStack() as stack:
             redis_port = stack.enter_context(local_redis(work)).port if args.redis else None
-            for backends in variants(data_mib, redis_port):
-                name = "umgr " + " + ".join(backends)
-                log(f"{name} ...")
-                configs[name] = run_umgr(argv, args.budget_mib, swap_mib, backends, umgr_cmd, work, args.timeout)
+            for round_ in range(1, args.rounds + 1):
+                tag = f"round {round_}/{args.rounds}: " if args.rounds > 1 else ""
+                for name, with_zswap, polling in KERNEL_CONFIGS:
+                    log(f"{tag}{name} ({args.budget_mib} MiB) ...")
+                    # At this budget the memcg OOM killer ends some runs and not
+                    # others, swap free: a result to report, not a crash; tried again.
+                    for attempt in range(args.attempts):
+                        try:
+                            keep(results, name, round_, run_kernel(argv, args.budget_mib, swap_mib, with_zswap,
+                                                                   polling, args.timeout))
+                            break
+                        except BenchError as exc:
+                            log(f"{name} failed: {exc}")
+                            results["kernel_failures"].setdefault(name, []).append(str(exc))
+                for backends in variants(data_mib, redis_port):
+                    name = "umgr " + " + ".join(backends)
+                    log(f"{tag}{name} ...")
+                    keep(results, name, round_, run_umgr(argv, args.budget_mib, swap_mib, backends, umgr_cmd, work,
+                                                         args.timeout))
             stores = [["file"], ["compressed"], ["compressed:codec=zstd"]]
             stores += [[f"redis:port={redis_port}"]] if redis_port else []
             for specs in stores:
@@ -324,6 +334,15 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                 results["stores"][name] = store_figures(specs, sample, work)
     results["env"]["loadavg_after"] = os.getloadavg()
     return results
+
+
+def keep(results: dict, name: str, round_: int, run: dict) -> None:
+    """A run of config `name` in round `round_`: listed under "runs", and
+    under "configs" if its random phase is the config's fastest yet."""
+    results["runs"].setdefault(name, []).append({"round": round_, **run})
+    best = results["configs"].get(name)
+    if best is None or run["result"]["phases"]["random"] < best["result"]["phases"]["random"]:
+        results["configs"][name] = run
 
 
 @contextlib.contextmanager
@@ -362,6 +381,7 @@ def format_report(results: dict) -> str:
         faults = c.get("cgroup", {}).get("pgmajfault", "") if "cgroup" in c else c.get("umgr", {}).get("faults", "")
         lines.append(f"{name:<45} {phases['fill']:>8.3f} {phases['random']:>9.3f} {ratio(phases['random'], kernel):>13} "
                      f"{ratio(phases['random'], zswap_s):>7}  {faults}")
+    lines += paired_lines(results.get("runs", {}))
     for name, whys in results.get("kernel_failures", {}).items():
         outcome = "then ran" if name in configs else "every try"
         lines.append(f"{name}: {len(whys)} failed run(s), {outcome} ({whys[-1]})")
@@ -390,6 +410,27 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_lines(runs: dict) -> list[str]:
+    """Each umgr variant's random phase over kernel swap's and zswap's of
+    the same round, when there were rounds to pair."""
+    rounds = max((len(r) for r in runs.values()), default=0)
+    if rounds < 2:
+        return []
+    only_random = lambda config: [{"round": r["round"], "result": {"phases": {"random": r["result"]["phases"]["random"]}}}
+                                  for r in runs.get(config, [])]
+    lines = [f"random phase paired by round (median, lowest-highest of {rounds}):"]
+    for name in runs:
+        if not name.startswith("umgr "):
+            continue
+        parts = []
+        for base in ("kernel swap", "kernel zswap"):
+            ratio = paired_ratios(only_random(name), only_random(base)).get("random")
+            if ratio:
+                parts.append(f"/{base.split()[-1]} {ratio[0]:.2f} ({ratio[1]:.2f}-{ratio[2]:.2f})")
+        lines.append(f"  {name:<43} " + ", ".join(parts))
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="heap size (1: ~100 MiB)")
@@ -401,8 +442,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per program run")
     parser.add_argument("--attempts", type=int, default=3, help="tries of each kernel baseline (the OOM killer)")
     parser.add_argument("--redis", action="store_true", help="also on a local 3-node Redis Cluster")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="interleaved rounds of every configuration (ratios paired by round)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return run_and_report(lambda: run(args), format_report, args.json)
 
 
