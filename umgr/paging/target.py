@@ -158,9 +158,12 @@ class Target:
     # ---- what the daemon tells it ---------------------------------------------
     def attach_zapper(self, zapper) -> None:
         """The target's agent connected (a forked child's comes after its
-        fork event): eviction can zap from now on."""
+        fork event): eviction can zap from now on. A forked child may come
+        over its high mark (its parent's resident pages, counted in a budget
+        of its own): it evicts now, not at its next fault."""
         self.core.zapper = zapper
         self.command = read_cmdline(self.pid)
+        self.core.note_resident()
 
     def take_fork(self) -> ForkedMemory | None:
         """The oldest fork event's child uffd and memory, or None."""
