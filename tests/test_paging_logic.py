@@ -14,7 +14,7 @@ from umgr.paging.faults import clean_parts, runs_faulting_last
 from umgr.paging.readgate import ReadGate
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.stats import COUNTERS, TargetStats
-from umgr.paging.tuning import EVICT_BATCH, EVICT_BATCH_MAX
+from umgr.paging.tuning import EVICT_BATCH_MAX
 
 
 # ---- REMOVE attribution ---------------------------------------------------------
@@ -247,33 +247,42 @@ def test_marks_sit_below_the_budget_in_order(pages):
 def test_a_batch_is_a_32nd_of_the_budget_within_bounds(pages, batch):
     budget = Budget(pages)
     assert budget.batch == batch
-    # Within the headroom: up to 256 MiB the low mark is an 8th under the
-    # budget (where batches of 512 left it), above that four batches.
-    assert budget.low_water == pages - max(min(pages // 8, 4 * batch), min(EVICT_BATCH, pages // 2))
-    assert budget.evict_goal(pages) == min(batch, pages - budget.low_water)
+    # A round takes one batch (half the budget at most) from the high mark.
+    assert budget.high_water - budget.low_water == min(batch, pages // 2)
+    assert budget.evict_goal(budget.high_water + 1) == min(batch, budget.high_water + 1 - budget.low_water)
 
 
-@pytest.mark.parametrize("pages", [1 << 17, 1 << 20, 1 << 22])
-def test_a_big_budget_keeps_two_batches_of_headroom_not_a_16th(pages):
-    budget = Budget(pages)   # 512 MiB, 4 GiB, 16 GiB
-    assert pages - budget.high_water == 2 * EVICT_BATCH_MAX
-    assert pages - budget.low_water == 4 * EVICT_BATCH_MAX
-    # Two batches still fit between the high mark and the budget: the
-    # evictor's pipeline has both in flight while faults go on.
-    assert budget.over(pages - EVICT_BATCH_MAX)
+@pytest.mark.parametrize("pages", [16384, 51200, 1 << 17, 1 << 20, 1 << 22])
+def test_the_headroom_is_one_batch_not_a_share_of_the_budget(pages):
+    budget = Budget(pages)   # 64 MiB, 200 MiB, 512 MiB, 4 GiB, 16 GiB
+    assert pages - budget.high_water == budget.batch
+    assert pages - budget.low_water == 2 * budget.batch
+    # On average the target holds all but one and a half batches: 95% of
+    # the budget at 128 MiB, more above.
+    assert (budget.high_water + budget.low_water) / 2 >= 0.95 * pages
+
+
+def test_a_round_keeps_two_batches_in_flight_only_when_faults_outrun_one():
+    budget = Budget(32768)   # 128 MiB, batches of 1024
+    # Random faults: the round begins just past the high mark, one batch.
+    assert budget.over(budget.high_water + 100) and not budget.rushed(budget.high_water + 100)
+    # A burst used half the headroom first: a second batch goes out while
+    # the first is put away, down to the low mark.
+    assert budget.rushed(32768 - 512)
+    assert budget.above_low(32768 - 1024) and not budget.above_low(32768 - 2048)
 
 
 def test_marks_of_a_16_mib_budget():
-    budget = Budget(4096)   # 16 MiB of 4 KiB pages
+    budget = Budget(4096)   # 16 MiB of 4 KiB pages: the headroom is a 16th
     assert budget.high_water == 4096 - 256
-    assert budget.low_water == 4096 - 512
+    assert budget.low_water == 4096 - 256 - 512
     assert budget.evict_goal(4096) == 512
 
 
 def test_a_small_budget_keeps_a_minimum_headroom():
     budget = Budget(64)
     assert budget.high_water == 64 - 16
-    assert budget.low_water == 64 - 32
+    assert budget.low_water == 64 - 16 - 32
 
 
 def test_prefetch_stops_at_the_budget():

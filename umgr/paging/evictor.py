@@ -95,12 +95,13 @@ class Evictor:
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
 
     async def evict_over_budget(self) -> None:
-        """Evict while the target is over its high water mark. Where one
-        batch takes it under, that batch is taken out and put away here;
-        otherwise two batches are in flight: this task takes the next batch
-        out while a second task puts the previous one away."""
+        """Evict while the target is over its high water mark. Where faults
+        come slower than a batch makes room (the round begins with half the
+        headroom left), one batch is taken out and put away here; otherwise
+        two batches are in flight, down to the low mark: this task takes the
+        next batch out while a second task puts the previous one away."""
         core = self.core
-        if not core.budget.over(core.pt.resident - core.budget.batch):
+        if not core.budget.rushed(core.pt.resident):
             await self._evict_one()
             return
         if len(self._buffers) < 2:
@@ -132,7 +133,7 @@ class Evictor:
     async def _take_out_all(self, send: trio.MemorySendChannel) -> None:
         core = self.core
         turn = 0   # the buffer to fill: the other one may be being put away
-        while core.budget.over(core.pt.resident - self._in_flight) and core.can_evict():
+        while core.budget.above_low(core.pt.resident - self._in_flight) and core.can_evict():
             batch = await self._take_out(self._buffers[turn])
             if not (len(batch.vpns) or batch.progress):
                 # No victim (all pinned, or unknown to the policy): faults
