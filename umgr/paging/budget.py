@@ -2,11 +2,11 @@
 
 Resident pages climb past the high mark, one batch under the budget, and an
 eviction round takes them down to the low mark, a batch lower: on average a
-target holds its budget less one and a half batches (95% of it from 128 MiB
+target holds its budget less one and a half batches (95% of it from 64 MiB
 up, 99% at 1 GiB). The batch above the high mark is room for the faults
-that come while a batch is put away (random faults from disk bring in about
-a hundred pages meanwhile, a fast burst fills it and waits at the budget,
-where two batches go in flight).
+that come while a batch is put away (a one-batch round takes 4-11 ms, in
+which random faults from disk bring in a hundred pages or so); a fast burst
+fills it and waits at the budget, and then two batches go in flight.
 """
 from __future__ import annotations
 
