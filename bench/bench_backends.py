@@ -416,15 +416,13 @@ def paired_lines(runs: dict) -> list[str]:
     rounds = max((len(r) for r in runs.values()), default=0)
     if rounds < 2:
         return []
-    only_random = lambda config: [{"round": r["round"], "result": {"phases": {"random": r["result"]["phases"]["random"]}}}
-                                  for r in runs.get(config, [])]
     lines = [f"random phase paired by round (median, lowest-highest of {rounds}):"]
     for name in runs:
         if not name.startswith("umgr "):
             continue
         parts = []
         for base in ("kernel swap", "kernel zswap"):
-            ratio = paired_ratios(only_random(name), only_random(base)).get("random")
+            ratio = paired_ratios(runs[name], runs.get(base, [])).get("random")
             if ratio:
                 parts.append(f"/{base.split()[-1]} {ratio[0]:.2f} ({ratio[1]:.2f}-{ratio[2]:.2f})")
         lines.append(f"  {name:<43} " + ", ".join(parts))
