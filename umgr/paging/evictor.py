@@ -2,11 +2,12 @@
 
 A batch of victims is taken out (write-protect -> process_vm_readv proven
 by a canary token to reach the checked process, else /proc/PID/mem; in a
-worker thread so the fault-serving thread never waits on the copy) and put away (backend write, durable before the zap -> zap ->
-SWAPPED). Over the high water mark by more than a batch, two batches are
-in flight: the next is taken out while the previous one is put away, so the
-copy-out overlaps the write and the zap; a round of one batch runs on the
-eviction task alone. It runs as the target's eviction task beside the fault
+worker thread so the fault-serving thread never waits on the copy) and put
+away (backend write, durable before the zap -> zap -> SWAPPED). When faults
+had used half the headroom before the round began (Budget.rushed), two
+batches are in flight down to the low mark: the next is taken out while
+the previous one is put away, so the copy-out overlaps the write and the
+zap; a round of one batch runs on the eviction task alone. It runs as the target's eviction task beside the fault
 loop; the race rules (a write during EVICTING wins, a write during ZAPPING
 waits) are in docs/architecture.md.
 """

@@ -26,8 +26,9 @@ REMOVE_LINGER_SECONDS = 30e-6   # a batch ending in a REMOVE waits this long for
 # faults on every page it lacks. CPython sorting and verifying 6 million
 # ints at 200 MiB (bench_shapes' workload at scale 1, a third of its peak)
 # took 114 s instead of 177 (kernel swap: 59 s); the shapes at 64 MiB
-# within noise (paired rounds). The cost is a burst's: a first touch of 2
-# GiB under 256 MiB took 3.2-3.3 s instead of 2.5-2.6 (docs/architecture.md).
+# within noise (paired rounds). A burst has one batch of room instead of
+# two; a first touch of 2 GiB under 256 MiB took as long with either
+# (2.3-2.7 s, alternating runs; docs/architecture.md).
 HIGH_WATER_DIVISOR = 16
 HIGH_WATER_MIN_PAGES = 16
 
