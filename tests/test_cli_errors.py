@@ -119,3 +119,21 @@ def test_verbosity_anywhere_and_exec_summary(tmp_path):
         assert int(summary.group(3)) >= (32 - 4) * 256, "pages really left"
     proc = umgr("-q", *run)
     assert proc.returncode == 0 and proc.stdout == "8192\n" and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_program_that_cannot_load_the_shim_is_said_to_run_unmanaged(tmp_path):
+    # A statically linked program has no dynamic loader, so LD_PRELOAD
+    # cannot bring the shim in: it runs, unmanaged, and exec says so.
+    source, exe = tmp_path / "static.c", tmp_path / "static"
+    source.write_text('#include <stdio.h>\nint main(void) { puts("ran"); return 3; }\n')
+    subprocess.run(["gcc", "-static", "-o", str(exe), str(source)], check=True)
+    proc = umgr("exec", "--max-resident", "8M", "--", str(exe))
+    assert proc.returncode == 3 and proc.stdout == "ran\n", proc
+    assert proc.stderr == (f"umgr: warning: {exe} ran unmanaged: none of its processes attached to the daemon "
+                           "(statically linked and set-user-ID programs cannot load the shim, nor can one whose "
+                           "LD_PRELOAD was cleared)\n"), proc.stderr
+    assert umgr("exec", "-q", "--", str(exe)).stderr == ""
+    # A dynamically linked one attaches: no warning.
+    proc = umgr("exec", "--max-resident", "8M", "--", "/bin/true")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

@@ -310,6 +310,11 @@ def cmd_exec(args) -> int:
         os.close(lock)
     exit_code = 128 - status if status < 0 else status
     totals, backend_stats = outcome.totals, outcome.backend or EMPTY_BACKEND_STATS
+    # (The counts are a clean end's, and of the last daemon when it was restarted.)
+    if outcome.totals and not daemon.restarts and not totals.get("targets", 0) and args.verbosity >= 0:
+        print(f"umgr: warning: {printable(program[0])} ran unmanaged: none of its processes attached to the "
+              "daemon (statically linked and set-user-ID programs cannot load the shim, nor can one whose "
+              "LD_PRELOAD was cleared)", file=sys.stderr)
     if args.verbosity > 0:
         print(exec_summary(exit_code, wall, totals, backend_stats), file=sys.stderr)
     if args.stats_json:
