@@ -593,3 +593,52 @@ def test_status_watch_refreshes_until_interrupted(daemon, shim, programs):
             assert watch.stderr.read() == b""
         holder.communicate(b"", timeout=30)
     assert holder.returncode == 0
+
+
+# ---- 6. umgr budget ----------------------------------------------------------------------
+def umgr_budget(daemon, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "umgr", "budget", "--socket", daemon.socket, *args],
+                          capture_output=True, text=True, timeout=20)
+
+
+@pytest.mark.timeout(90)
+def test_budget_of_a_running_process_changes_at_once(daemon, shim, programs):
+    """`umgr budget PID SIZE`: lower, the idle process is paged down to it
+    at once; 'none' gives it the daemon's --max-resident back; root may go
+    above that. The process then checks every byte."""
+    with started(["./ctl_hold", "48"], cwd=os.path.dirname(programs["ctl_hold"]), env=daemon.env(shim),
+                 stdin=subprocess.PIPE) as holder:
+        assert holder.stdout.readline() == b"ready\n"
+        before = wait_paging(daemon, holder.pid)
+        wait_for(lambda: target_status(daemon, holder.pid)["resident_bytes"] > 8 * MiB, 10, "16 MiB resident")
+        lowered = umgr_budget(daemon, str(holder.pid), "4M")
+        assert lowered.returncode == 0, lowered.stderr
+        assert re.fullmatch(rf"pid {holder.pid}: budget 4M \(was 16M\); [\d.]+M resident, paging down to it\n",
+                            lowered.stdout), lowered.stdout
+        # Nothing touches its memory now: only the new budget sends pages out.
+        down = wait_for(lambda: (lambda t: t if t["resident_bytes"] <= 4 * MiB else None)(
+            target_status(daemon, holder.pid)), 10, "the target to be paged down to 4M")
+        assert down["budget_bytes"] == 4 * MiB
+        assert down["pages_out"] - before["pages_out"] >= (8 * MiB) // 4096, (before, down)
+        assert f"budget 4.0 MiB (was 16.0 MiB), set by pid " in daemon.log()
+
+        raised = umgr_budget(daemon, str(holder.pid), "64M")
+        assert raised.returncode == 0 and raised.stdout == f"pid {holder.pid}: budget 64M (was 4M)\n", raised
+        reset = umgr_budget(daemon, str(holder.pid), "none")
+        assert reset.returncode == 0 and reset.stdout == f"pid {holder.pid}: budget 16M (was 64M)\n", reset
+        assert target_status(daemon, holder.pid)["budget_bytes"] == 16 * MiB
+        out, err = holder.communicate(b"", timeout=30)
+    assert holder.returncode == 0, err
+    assert out == b"ok 12288 pages\n"
+
+
+@pytest.mark.timeout(30)
+def test_budget_refusals_say_why(daemon):
+    unknown = umgr_budget(daemon, "999999999", "8M")
+    assert unknown.returncode == 125
+    assert unknown.stderr == "umgr budget: pid 999999999 is not a process of yours that this daemon manages\n"
+    for args, why in ((("12x", "8M"), "'12x' is not a process id"), (("1", "1k"), "'1k' is too small"),
+                      (("--", "1", "-8M"), "'-8M' is negative")):
+        bad = umgr_budget(daemon, *args)
+        assert bad.returncode == 125 and why in bad.stderr, bad.stderr
+    assert daemon.alive()

@@ -587,3 +587,29 @@ def settled_used_pages(daemon) -> int:
 def query_status_of(daemon) -> dict:
     from umgr.cli import query_status
     return query_status(daemon.socket)
+
+
+@pytest.mark.timeout(90)
+def test_a_budget_changed_while_running_is_kept_by_the_restarted_daemon(tmp_path, shim, programs):
+    """`umgr budget` lowers a target's budget; the daemon is SIGKILLed and
+    started again: the target comes back with the budget it was given, not
+    the one its HELLO asked for, and then checks every byte."""
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60")
+    try:
+        with started([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            read_ready(target)
+            wait_swapped(daemon, target.pid, 24 * MiB)
+            changed = subprocess.run([sys.executable, "-m", "umgr", "budget", "--socket", daemon.socket,
+                                      str(target.pid), "8M"], capture_output=True, text=True, timeout=20)
+            assert changed.returncode == 0, changed.stderr
+            wait_for(lambda: target_status(daemon, target.pid)["resident_bytes"] <= 8 * MiB, 10, "8M resident")
+            daemon.kill()
+            daemon.start()
+            back = wait_for(lambda: target_status_of(daemon, target.pid), 30, "the target to be taken back")
+            assert back["budget_bytes"] == 8 * MiB, back
+            out, err = target.communicate(b"", timeout=60)
+        assert target.returncode == 0, (err, daemon.log())
+        assert out == b"ok 12288 pages\n"
+        assert b"taken back by the umgr daemon" in err, err
+    finally:
+        daemon.stop()

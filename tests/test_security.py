@@ -93,6 +93,10 @@ elif mode == "forked-stranger":
     status.connect(path)
     status.send(b"STATUS")
     result["status_pids"] = [t["pid"] for t in json.loads(status.recv(1 << 20))["targets"]]
+elif mode == "budget-stranger":
+    # `umgr budget` for someone else's process: 4 KiB would page it all out.
+    s.send(b"BUDGET " + json.dumps({"pid": int(sys.argv[3]), "bytes": 4096}).encode())
+    result["reply"] = json.loads(s.recv(4096))
 print(json.dumps(result), flush=True)
 """.replace("PROTOCOL_VERSION", str(VERSION))   # the daemon refuses any other
 
@@ -167,6 +171,14 @@ def test_group_member_attacks_fail_and_the_victim_keeps_every_byte(shared_daemon
         assert got["hello_status"] == 0 and got["forked_status"] == 1, got  # EPERM
         log_line_for(daemon, got["pid"], member.pw_uid, f"FORKED {victim.pid} refused")
         assert victim.pid not in got["status_pids"] and got["pid"] in got["status_pids"], got
+
+        # A new budget for someone else's process is refused, as for a pid
+        # the daemon does not manage (nothing said of whose it is).
+        got = attack(daemon, member, gid, "budget-stranger", str(victim.pid))
+        assert got["reply"] == {"error": f"pid {victim.pid} is not a process of yours that this daemon manages"}, got
+        log_line_for(daemon, got["pid"], member.pw_uid, f"refused: a new budget for pid {victim.pid}, not theirs")
+        budget = [t["budget_bytes"] for t in query_status(daemon.socket)["targets"] if t["pid"] == victim.pid]
+        assert budget == [16 << 20], budget
 
         assert daemon.alive()
         assert victim.poll() is None, "the victim finished before the attacks were done"

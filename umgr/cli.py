@@ -29,7 +29,7 @@ from umgr import configfile
 from umgr.console import (EXIT_UMGR, ArgumentParser, Fatal, add_verbosity, fatal_in, port_arg, reason,
                           seconds_arg, setting_up, setup_logging, size_arg)
 from umgr.sizes import format_size, parse_size
-from umgr.daemon import HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
+from umgr.daemon import BUDGET_REQUEST, HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.idlepoll import BUSY_RATE
 from umgr.daemon.idlepoll import MODES as IDLE_POLL_MODES
 from umgr.daemon.notify import notify
@@ -194,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one snapshot as JSON")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("budget", help="change a running process's budget")
+    p.add_argument("pid", type=pid_arg, metavar="PID", help="a process the daemon manages (umgr status lists them)")
+    p.add_argument("size", type=budget_arg, metavar="SIZE",
+                   help="its new budget, e.g. 256M; 'none' for the daemon's --max-resident (no limit if it has "
+                        "none). Lower, the process is paged down to it at once")
+    p.add_argument("--socket", default=None,
+                   help="the daemon's socket (found as umgr status finds it)")
+    p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
+    p.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="the umgr exec running under DIR (the --state-dir it was given), not a daemon")
+    p.set_defaults(func=cmd_budget)
+
     p = sub.add_parser("replay", help="replay a recorded trace against policies and budgets, offline")
     p.add_argument("trace", metavar="FILE", help="from umgr exec --record-trace")
     p.add_argument("--policy", action="append", default=[], metavar="NAME[:KEY=VALUE,...][+NAME[:...]]",
@@ -244,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if args.command in ("daemon", "status"):
+        if args.command in ("daemon", "status", "budget"):
             args = _with_config_file(parser, args, argv)
         args.verbosity = setup_logging(args, logging.INFO if args.command == "daemon" else logging.WARNING)
         return args.func(args)
@@ -705,7 +717,42 @@ def cmd_status(args) -> int:
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
-def _status_socket(args) -> str:
+# ---- budget ------------------------------------------------------------------------------
+def pid_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
+    return int(text)
+
+
+def budget_arg(text: str) -> int:
+    """A budget: a size of at least a page, or 'none' (0)."""
+    return 0 if text.strip().lower() == "none" else size_arg(text)
+
+
+def cmd_budget(args) -> int:
+    path = _status_socket(args, "umgr budget")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(5)
+            s.connect(path)
+            s.send(BUDGET_REQUEST + json.dumps({"pid": args.pid, "bytes": args.size}).encode())
+            answer = s.recv(1 << 16)
+    except OSError as exc:
+        raise Fatal(f"umgr budget: no daemon at {path}: {reason(exc)}") from None
+    if not answer:
+        raise Fatal(f"umgr budget: the daemon at {path} dropped the request (its log says why)")
+    reply = json.loads(answer)
+    if "error" in reply:
+        raise Fatal(f"umgr budget: {reply['error']}")
+    new, was = reply["budget_bytes"], reply["was_bytes"]
+    line = f"pid {reply['pid']}: budget {format_size(new) if new else 'none'} (was {format_size(was) if was else 'none'})"
+    if new and reply["resident_bytes"] > new:
+        line += f"; {format_size(reply['resident_bytes'])} resident, paging down to it"
+    print(line)
+    return 0
+
+
+def _status_socket(args, command: str = "umgr status") -> str:
     """The socket status asks: that of the umgr exec running under
     --state-dir; else the one named (--socket, or the config file's); else
     the daemon's default, if it is there, or that of the one umgr exec
@@ -720,11 +767,11 @@ def _status_socket(args) -> str:
     if len(runs) == 1:
         return runs[0]
     if runs:
-        raise Fatal(f"umgr status: {len(runs)} umgr execs run under {printable(state_dir)}; name one with --socket: "
+        raise Fatal(f"{command}: {len(runs)} umgr execs run under {printable(state_dir)}; name one with --socket: "
                     + ", ".join(printable(r) for r in runs))
     if args.state_dir is not None:
-        raise Fatal(f"umgr status: no umgr exec runs under {printable(state_dir)}")
-    raise Fatal(f"umgr status: no daemon at {DEFAULT_SOCKET} and no umgr exec under {printable(state_dir)}")
+        raise Fatal(f"{command}: no umgr exec runs under {printable(state_dir)}")
+    raise Fatal(f"{command}: no daemon at {DEFAULT_SOCKET} and no umgr exec under {printable(state_dir)}")
 
 
 def _query(path: str) -> dict:

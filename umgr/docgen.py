@@ -21,7 +21,7 @@ MAN_SECTIONS = {
     ],
     "FILES": [
         ("/etc/umgr/umgr.toml", "umgr daemon's settings: its long options without dashes (max-resident = \"512M\"); "
-                                "options on the command line win. umgr status reads socket from it."),
+                                "options on the command line win. umgr status and umgr budget read socket from it."),
         ("/run/umgr/control.sock", "The daemon's default control socket."),
         ("/dev/cpu_dma_latency", "Held open with a CPU latency request of 0 while managed programs fault "
                                  "(--idle-poll auto, the default, or always): idle CPUs poll rather than sleep."),

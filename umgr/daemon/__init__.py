@@ -2,6 +2,6 @@
 cycle (lifecycle.py), what it reports (status.py) and its settings
 (config.py), a clean stop (shutdown.py)."""
 from umgr.daemon.config import HELLO_TIMEOUT, DaemonConfig
-from umgr.daemon.server import STATUS_REQUEST, Daemon, printable
+from umgr.daemon.server import BUDGET_REQUEST, STATUS_REQUEST, Daemon, printable
 
-__all__ = ["HELLO_TIMEOUT", "STATUS_REQUEST", "Daemon", "DaemonConfig", "printable"]
+__all__ = ["BUDGET_REQUEST", "HELLO_TIMEOUT", "STATUS_REQUEST", "Daemon", "DaemonConfig", "printable"]

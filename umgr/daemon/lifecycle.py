@@ -120,7 +120,7 @@ class Lifecycle:
         of the dead daemon's, loaded); a forked child's starts from
         `forked` (its slots already referenced for it)."""
         if saved is None:
-            saved = self._save(pid, uffd, owner)
+            saved = self._save(pid, uffd, owner, budget)
         if saved is not None and saved.table is not None:
             pages = saved.table
         elif forked is not None:
@@ -141,6 +141,19 @@ class Lifecycle:
             target.core.trace = self.trace.target(pid, target.budget_pages, pages)
         return target
 
+    def set_budget(self, target: Target, budget: int) -> None:
+        """A running target's new budget in bytes (0: none), kept in its
+        saved record so that a restarted daemon keeps it too."""
+        target.set_budget(budget >> PAGE_SHIFT)
+        saved = self._saved.get(target)
+        if saved is None:
+            return
+        try:
+            self.state.update_info(saved, dict(saved.info, budget_bytes=budget))
+        except OSError as exc:
+            log.warning("%s: its new budget cannot be saved in %s (%s); a restarted daemon would give it the old "
+                        "one", target.label, self.state.path, exc.strerror or exc)
+
     def _past_managed_caps(self, target: Target, npages: int) -> str | None:
         """Why `npages` more of `target` may not be managed, or None. A
         client chooses how much it registers, and the daemon's page tables
@@ -155,13 +168,14 @@ class Lifecycle:
                     f"{format_size(self.config.max_managed_per_user)}")
         return None
 
-    def _save(self, pid: int, uffd, owner: tuple[int, int]) -> SavedTarget | None:
+    def _save(self, pid: int, uffd, owner: tuple[int, int], budget: int) -> SavedTarget | None:
         """Files for a new target's table, or None (in memory: it cannot
         be taken back after a crash, and says so)."""
         if self.state is None:
             return None
         try:
-            return self.state.new_target(pid, {"features": uffd.features, "owner": list(owner)})
+            return self.state.new_target(pid, {"features": uffd.features, "owner": list(owner),
+                                               "budget_bytes": budget})
         except OSError as exc:
             log.warning("pid %d: its page table cannot be saved in %s (%s); it cannot be taken back after a "
                         "crash", pid, self.state.path, exc.strerror or exc)
@@ -183,9 +197,11 @@ class Lifecycle:
             os.close(mem_fd)
             return None
         uffd.features = int(saved.info.get("features", 0))
+        # The budget it had (`umgr budget` may have changed it since its HELLO).
+        budget = int(saved.info.get("budget_bytes", self.budget(max_resident)))
         pidfd = peer.take_pidfd()
         try:
-            return self._new_target(peer.pid, (peer.uid, peer.gid), uffd, pidfd, mem_fd, self.budget(max_resident),
+            return self._new_target(peer.pid, (peer.uid, peer.gid), uffd, pidfd, mem_fd, budget,
                                     prefetch, name=target_name(peer.pid, name), saved=saved)
         except BaseException:
             os.close(mem_fd)

@@ -34,7 +34,7 @@ from umgr.kernel import uffd as uffdmod
 from umgr.paging.pagetable import PAGE_SHIFT, PAGE_SIZE
 from umgr.paging.target import Target
 
-__all__ = ["Daemon", "DaemonConfig", "HELLO_TIMEOUT", "STATUS_REQUEST", "printable"]
+__all__ = ["BUDGET_REQUEST", "Daemon", "DaemonConfig", "HELLO_TIMEOUT", "STATUS_REQUEST", "printable"]
 
 log = logging.getLogger("umgr.daemon")
 
@@ -54,6 +54,10 @@ FDS_PER_CONNECTION = 8
 FD_RESERVE = 64          # for the backend, metrics, logs and /proc reads
 ACCEPT_RETRY = 0.1       # seconds to wait when accept() finds no descriptor left
 STATUS_REQUEST = b"STATUS"
+# `umgr budget`: this, then JSON {"pid": PID, "bytes": BUDGET} (0: the
+# daemon's --max-resident, or none). The reply is JSON: the target's new
+# and old budget, or {"error": why}.
+BUDGET_REQUEST = b"BUDGET "
 
 
 class Daemon:
@@ -98,6 +102,34 @@ class Daemon:
             "rejected_connections": self.rejected_connections,
             "internal_errors": self.internal_errors,
         }
+
+    def set_budget(self, request: bytes, peer: Peer) -> dict:
+        """A BUDGET request: root may set any budget of any target; another
+        user only their own processes', up to --max-resident (a HELLO's
+        cap). Raises ProtocolError for a malformed request."""
+        try:
+            fields = json.loads(request)
+            pid, budget = fields["pid"], fields["bytes"]
+        except (ValueError, TypeError, KeyError):
+            raise protocol.ProtocolError("malformed BUDGET request") from None
+        if not (type(pid) is int and type(budget) is int and budget >= 0):
+            raise protocol.ProtocolError("malformed BUDGET request: pid and bytes must be integers, bytes >= 0")
+        target = self.targets.get(pid)
+        if target is None or target.gone or (peer.uid != 0 and target.owner_uid != peer.uid):
+            if target is not None and not target.gone:
+                log.warning("control: %s: refused: a new budget for pid %d, not theirs", peer.name, pid)
+            return {"error": f"pid {pid} is not a process of yours that this daemon manages"}
+        if 0 < budget < PAGE_SIZE:
+            return {"error": f"a budget is at least a page ({PAGE_SIZE} bytes), or 0 for the daemon's"}
+        cap = self.config.max_resident
+        budget = (budget or cap) >> PAGE_SHIFT << PAGE_SHIFT
+        if cap and peer.uid != 0 and budget > cap:
+            return {"error": f"the daemon's --max-resident caps budgets at {_size(cap)}"}
+        was = target.budget_pages << PAGE_SHIFT
+        self.lifecycle.set_budget(target, budget)
+        log.info("%s: budget %s (was %s), set by %s", target.label, _size(budget), _size(was), peer.name)
+        return {"pid": pid, "budget_bytes": budget, "was_bytes": was,
+                "resident_bytes": target.core.pt.resident << PAGE_SHIFT}
 
     def run_totals(self) -> dict:
         return self.lifecycle.run_totals()
@@ -177,6 +209,11 @@ class Daemon:
             if data == STATUS_REQUEST:
                 peer.close()  # before the reply: a client that has it sees no pidfd held for it
                 await conn.send(json.dumps(self.status(peer.uid)).encode())
+                return
+            if data.startswith(BUDGET_REQUEST):
+                reply = self.set_budget(data[len(BUDGET_REQUEST):], peer)
+                peer.close()
+                await conn.send(json.dumps(reply).encode())
                 return
             hello = protocol.decode_control(data)
             if not isinstance(hello, protocol.Hello):

@@ -170,6 +170,17 @@ class StateDir:
         journal = EventJournal(dir_fd, MAX_EVENTS_PER_READ, create=True)
         return SavedTarget(pid, start_time, name, dir_fd, FileArrays(dir_fd, f"pid {pid}"), info, journal)
 
+    def update_info(self, saved: SavedTarget, info: dict) -> None:
+        """Replace a target's record (written aside, then renamed over it:
+        a crash leaves the old record or the new one)."""
+        aside = RECORD + ".new"
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=saved.dir_fd)
+        with open(fd, "w") as f:
+            json.dump(info, f)
+        os.rename(aside, RECORD, src_dir_fd=saved.dir_fd, dst_dir_fd=saved.dir_fd)
+        saved.info = info
+
     def forget(self, saved: SavedTarget) -> None:
         """The target is gone: its files go."""
         remove_all(saved.dir_fd)

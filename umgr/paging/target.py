@@ -268,6 +268,18 @@ class Target:
             core.budget = Budget(0)
             core.evicted.wake()
 
+    def set_budget(self, budget_pages: int) -> None:
+        """A new budget (0: none), at once: a lower one wakes the evictor,
+        a higher one the faults waiting at the old one. During a clean
+        stop it is what holds if the stop is given up."""
+        core = self.core
+        if core.stopping:
+            self._budget_before_stop = Budget(budget_pages)
+            return
+        core.budget = Budget(budget_pages)
+        core.note_resident()
+        core.evicted.wake()
+
     def resume_evicting(self) -> None:
         """The stop was given up: the budget holds again."""
         core = self.core
