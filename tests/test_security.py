@@ -94,9 +94,18 @@ elif mode == "forked-stranger":
     status.send(b"STATUS")
     result["status_pids"] = [t["pid"] for t in json.loads(status.recv(1 << 20))["targets"]]
 elif mode == "budget-stranger":
-    # `umgr budget` for someone else's process: 4 KiB would page it all out.
+    # `umgr budget` for someone else's process: 4 KiB would page it all out;
+    # then for its own (attached by a HELLO of its own), which it may change.
     s.send(b"BUDGET " + json.dumps({"pid": int(sys.argv[3]), "bytes": 4096}).encode())
     result["reply"] = json.loads(s.recv(4096))
+    own = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    own.connect(path)
+    socket.send_fds(own, [hello(os.getpid(), probe)], [agent.fileno(), new_uffd()])
+    result["hello_status"] = struct.unpack_from("<i", own.recv(4096), 8)[0]
+    change = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    change.connect(path)
+    change.send(b"BUDGET " + json.dumps({"pid": os.getpid(), "bytes": 8 << 20}).encode())
+    result["own_reply"] = json.loads(change.recv(4096))
 print(json.dumps(result), flush=True)
 """.replace("PROTOCOL_VERSION", str(VERSION))   # the daemon refuses any other
 
@@ -177,6 +186,7 @@ def test_group_member_attacks_fail_and_the_victim_keeps_every_byte(shared_daemon
         got = attack(daemon, member, gid, "budget-stranger", str(victim.pid))
         assert got["reply"] == {"error": f"pid {victim.pid} is not a process of yours that this daemon manages"}, got
         log_line_for(daemon, got["pid"], member.pw_uid, f"refused: a new budget for pid {victim.pid}, not theirs")
+        assert got["hello_status"] == 0 and got["own_reply"]["budget_bytes"] == 8 << 20, got
         budget = [t["budget_bytes"] for t in query_status(daemon.socket)["targets"] if t["pid"] == victim.pid]
         assert budget == [16 << 20], budget
 
