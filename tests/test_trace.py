@@ -155,6 +155,7 @@ def test_trace_format_round_trip(tmp_path):
     late = (time.monotonic_ns() - writer._started) // 1000
     target.faults(_PageStates(), [(0x1000 << 12, 1), (0x1001 << 12, 0)])
     target.evicted(np.arange(0x1000, 0x1000 + 70000, dtype=np.int64))  # more than a buffer's worth
+    target.budget(512)   # `umgr budget` while it ran: recorded; a replay runs at the first
     writer.close()
     meta, records = read_trace(str(path))
     assert meta == {"policy": "none"} and records.dtype.names[:len(RECORD.names)] == RECORD.names
@@ -166,6 +167,7 @@ def test_trace_format_round_trip(tmp_path):
     assert faults["kind"].tolist() == [Kind.FAULT_FRESH, Kind.FAULT_FRESH]
     assert late <= faults["time"][0] < late + 10e6 and faults["time"][0] > 1 << 32
     assert (records["kind"] == Kind.EVICT).sum() == 70000
+    assert records[records["kind"] == Kind.BUDGET]["vpn"].tolist() == [2048, 512]
     (run,) = target_runs(records)
     assert (run.pid, run.budget_pages, run.regions, run.evictions) == (1234, 2048, [(0x1000, 0x1010)], 70000)
 

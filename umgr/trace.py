@@ -48,7 +48,7 @@ MAX_TARGETS = 1 << 16    # `target` is 16 bits: later targets are not recorded
 
 class Kind(enum.IntEnum):
     TARGET = 0         # a new target: vpn = its pid; flags = FORKED if it was forked
-    BUDGET = 1         # vpn = the target's budget in pages (0: none)
+    BUDGET = 1         # vpn = the target's budget in pages (0: none); again when `umgr budget` changes it
     REGION = 2         # vpn = the first page of a registered range ...
     REGION_END = 3     # ... and, in the next record, the page after its end
     FAULT_FRESH = 4    # MISSING fault on a page never written (or dropped): filled with zeros
@@ -187,6 +187,10 @@ class TargetTrace:
         self.put(Kind.REGION, vpn, now)
         self.put(Kind.REGION_END, vpn + npages, now)
 
+    def budget(self, budget_pages: int) -> None:
+        """The budget changed while the target ran (a replay runs at the first)."""
+        self.put(Kind.BUDGET, budget_pages, self.writer.now())
+
 
 class NullTrace:
     """The recorder of a target nobody traces: every call does nothing."""
@@ -198,6 +202,9 @@ class NullTrace:
         pass
 
     def region(self, vpn: int, npages: int) -> None:
+        pass
+
+    def budget(self, budget_pages: int) -> None:
         pass
 
 

@@ -277,6 +277,7 @@ class Target:
             self._budget_before_stop = Budget(budget_pages)
             return
         core.budget = Budget(budget_pages)
+        core.trace.budget(budget_pages)
         core.note_resident()
         core.evicted.wake()
 
