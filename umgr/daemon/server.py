@@ -119,6 +119,8 @@ class Daemon:
             if target is not None and not target.gone:
                 log.warning("control: %s: refused: a new budget for pid %d, not theirs", peer.name, pid)
             return {"error": f"pid {pid} is not a process of yours that this daemon manages"}
+        if self.stopping:
+            return {"error": "the daemon is stopping: its processes go on unmanaged"}
         if 0 < budget < PAGE_SIZE:
             return {"error": f"a budget is at least a page ({PAGE_SIZE} bytes), or 0 for the daemon's"}
         cap = self.config.max_resident
