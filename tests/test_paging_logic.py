@@ -456,6 +456,46 @@ def test_emptied_zapping_pages_keep_their_slot_unless_the_app_discarded_them():
     assert pt.states(more).tolist() == [State.SWAPPED] * 4 and (pt.slots(more) != NO_SLOT).all()
 
 
+def test_a_stale_missing_fault_leaves_a_present_pages_clean_copy_alone():
+    """Threads that fault on one absent page each queue a MISSING message,
+    and the first fill wakes them all: the others' messages are read with
+    the page present, maybe EVICTING as a clean copy (taken out unread, its
+    slot all it has). The zero COPY answers EEXIST and the copy must stay:
+    dropped, the page left as zeros (`threads 56 8 24` under --keep-clean
+    read a zero word in about one run of 13). A page absent indeed (the COPY
+    placed zeros) no longer holds its copy's content: that copy goes.
+    (The real uffd's side is tests/test_keep_clean.py.)"""
+    import errno
+    from types import SimpleNamespace
+
+    from umgr.backends.slots import SlotAllocator
+    from umgr.paging.core import TargetCore
+    from umgr.paging.faults import FaultService
+    from umgr.paging.pagetable import NO_SLOT, PageTable, State
+
+    answers = []
+    uffd = SimpleNamespace(copy_fast=lambda *args: answers.pop(0), wake=lambda address, length: None)
+    pt = PageTable()
+    pt.add(100, 8)
+    slots = SlotAllocator(16)
+    core = TargetCore(pid=0, label="t", uffd=uffd, backend=SimpleNamespace(slots=slots), budget=Budget(0),
+                      eviction=None, clean_copies="always", pt=pt)
+    faults = SimpleNamespace(core=core, _zeros=SimpleNamespace(addr=0), drain=lambda: None)
+    faults._retry_eagain = lambda ioctl: FaultService._retry_eagain(faults, ioctl)
+    kept = slots.alloc(3)
+    pt.set(np.array([100, 101, 102]), State.EVICTING, kept)
+    pt.set_state(101, State.RESIDENT)
+
+    answers += [errno.EEXIST, errno.EEXIST]   # present after all: stale messages
+    FaultService._serve_absent(faults, 100, State.EVICTING)
+    FaultService._serve_absent(faults, 101, State.RESIDENT)
+    assert pt.slots(np.array([100, 101])).tolist() == kept[:2].tolist()
+    assert slots.refs(kept).tolist() == [1, 1, 1]
+    answers += [errno.EAGAIN, 0]              # an event first, then absent indeed: zeros placed
+    FaultService._serve_absent(faults, 102, State.EVICTING)
+    assert pt.slot_of(102) == NO_SLOT and slots.refs(kept).tolist() == [1, 1, 0]
+
+
 def test_victims_in_a_batch_in_flight_are_found_as_isin_finds_them():
     """Evictor._among (searchsorted on two sorted arrays) against np.isin,
     edges included: before the first, past the last, equal ends."""

@@ -238,14 +238,22 @@ class FaultService:
         return fills
 
     def _serve_absent(self, vpn: int, state: int) -> None:
-        """A page believed resident (the kernel reclaimed a MADV_FREE page),
-        being evicted, or unknown is absent: zeros, as the kernel would give.
-        A COPY onto a page that is present after all is a harmless EEXIST."""
+        """A MISSING fault on a page believed resident, being evicted, or
+        unknown. Most are stale: threads that faulted on one absent page
+        each queue a message, and the first fill wakes them all, so the
+        others' messages are read once the page is present (and may be
+        EVICTING by then). A COPY onto it answers EEXIST and changes
+        nothing. A page absent indeed (the kernel reclaimed a MADV_FREE
+        page) gets zeros, as the kernel would give, and its clean copy no
+        longer holds what it reads. Dropping that copy on a stale message
+        lost the page: a clean page is taken out without being read, so
+        without its copy it left as zeros."""
         mode = uffdmod.UFFDIO_COPY_MODE_WP if state == State.EVICTING else 0
-        self.core.drop_clean_copies(np.array([vpn], np.int64))
         address = vpn << PAGE_SHIFT
-        self._retry_eagain(lambda: uffdmod.unpack(
+        err = self._retry_eagain(lambda: uffdmod.unpack(
             self.core.uffd.copy_fast(address, self._zeros.addr, PAGE_SIZE, mode))[1])
+        if err == 0:
+            self.core.drop_clean_copies(np.array([vpn], np.int64))
         self.core.uffd.wake(address, PAGE_SIZE)
 
     def _on_wp_fault(self, vpn: int, state: int) -> None:
