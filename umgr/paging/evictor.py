@@ -7,9 +7,10 @@ away (backend write, durable before the zap -> zap -> SWAPPED). When faults
 had used half the headroom before the round began (Budget.rushed), two
 batches are in flight down to the low mark: the next is taken out while
 the previous one is put away, so the copy-out overlaps the write and the
-zap; a round of one batch runs on the eviction task alone. It runs as the target's eviction task beside the fault
-loop; the race rules (a write during EVICTING wins, a write during ZAPPING
-waits) are in docs/architecture.md.
+zap; a round of one batch runs on the eviction task alone. It runs as the
+target's eviction task beside the fault loop; the race rules (a write
+during EVICTING wins, a write during ZAPPING waits) are in
+docs/architecture.md.
 """
 from __future__ import annotations
 
