@@ -620,7 +620,7 @@ def test_budget_of_a_running_process_changes_at_once(daemon, shim, programs):
             target_status(daemon, holder.pid)), 10, "the target to be paged down to 4M")
         assert down["budget_bytes"] == 4 * MiB
         assert down["pages_out"] - before["pages_out"] >= (8 * MiB) // 4096, (before, down)
-        assert f"budget 4.0 MiB (was 16.0 MiB), set by pid " in daemon.log()
+        assert "budget 4.0 MiB (was 16.0 MiB), set by pid " in daemon.log()
 
         raised = umgr_budget(daemon, str(holder.pid), "64M")
         assert raised.returncode == 0 and raised.stdout == f"pid {holder.pid}: budget 64M (was 4M)\n", raised

@@ -680,12 +680,18 @@ def _open_state(args):
 
 
 # ---- status ------------------------------------------------------------------------------
-def query_status(path: str) -> dict:
+def ask_daemon(path: str, request: bytes) -> bytes:
+    """A one-message request on the control socket (STATUS, BUDGET) and its
+    answer (b"": the daemon dropped the connection)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         s.settimeout(5)
         s.connect(path)
-        s.send(STATUS_REQUEST)
-        return json.loads(s.recv(1 << 20))
+        s.send(request)
+        return s.recv(1 << 20)
+
+
+def query_status(path: str) -> dict:
+    return json.loads(ask_daemon(path, STATUS_REQUEST))
 
 
 def cmd_status(args) -> int:
@@ -732,11 +738,7 @@ def budget_arg(text: str) -> int:
 def cmd_budget(args) -> int:
     path = _status_socket(args, "umgr budget")
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-            s.settimeout(5)
-            s.connect(path)
-            s.send(BUDGET_REQUEST + json.dumps({"pid": args.pid, "bytes": args.size}).encode())
-            answer = s.recv(1 << 16)
+        answer = ask_daemon(path, BUDGET_REQUEST + json.dumps({"pid": args.pid, "bytes": args.size}).encode())
     except OSError as exc:
         raise Fatal(f"umgr budget: no daemon at {path}: {reason(exc)}") from None
     if not answer:

@@ -270,13 +270,9 @@ class Target:
 
     def set_budget(self, budget_pages: int) -> None:
         """A new budget (0: none), at once: a lower one wakes the evictor,
-        a higher one the faults waiting at the old one. During a clean
-        stop (the daemon refuses new budgets then) it is what holds if the
-        stop is given up."""
+        a higher one the faults waiting at the old one. (Never during a
+        clean stop: the daemon refuses new budgets then.)"""
         core = self.core
-        if core.stopping:
-            self._budget_before_stop = Budget(budget_pages)
-            return
         core.budget = Budget(budget_pages)
         core.trace.budget(budget_pages)
         core.note_resident()
