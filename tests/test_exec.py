@@ -215,12 +215,18 @@ def test_default_eviction_reads_back_about_what_fifo_does_when_every_page_is_in_
     # The hammer's four 2 MiB groups fill the 8 MiB budget: every page
     # evicted is in use. Reuse eviction (the default) must act as FIFO here;
     # with a fixed hot share of 3/4 it read back 4x FIFO's pages.
+    # The threads' interleaving decides what is read back: single runs of
+    # either policy spread by a fifth or more (one in CI gave a ratio of 2.1),
+    # so each policy runs twice and the sums are compared.
     cmd = [programs["hammer"], "64", "4", "10", "512"]
-    default = umgr_exec(cmd, max_resident="8M", timeout=150)
-    fifo = umgr_exec(cmd, "--eviction", "fifo", max_resident="8M", timeout=150)
-    for result in (default, fifo):
-        assert result.returncode == 0 and result.stdout.startswith("ok "), explain(result)
-    assert default.stats["pages_in"] <= 2 * fifo.stats["pages_in"], (default.stats, fifo.stats)
+    options = {"default": (), "fifo": ("--eviction", "fifo")}
+    pages_in = dict.fromkeys(options, 0)
+    for _ in range(2):
+        for name, args in options.items():
+            result = umgr_exec(cmd, *args, max_resident="8M", timeout=60)
+            assert result.returncode == 0 and result.stdout.startswith("ok "), explain(result)
+            pages_in[name] += result.stats["pages_in"]
+    assert pages_in["default"] <= 2 * pages_in["fifo"], pages_in
 
 
 @pytest.mark.timeout(60)
