@@ -996,16 +996,28 @@ static void report_region(void *addr, size_t length)
     control_request(&msg, sizeof msg);
 }
 
-static int is_managed_kind(size_t length, int flags, int fd)
+static int is_managed_kind(int flags, int fd)
 {
     return shim.active && fd == -1 && (flags & MAP_ANONYMOUS) && (flags & MAP_PRIVATE) &&
-           !(flags & (MAP_HUGETLB | MAP_LOCKED | MAP_STACK | MAP_GROWSDOWN)) && length >= shim.min_region;
+           !(flags & (MAP_HUGETLB | MAP_LOCKED | MAP_STACK | MAP_GROWSDOWN));
+}
+
+/* A mapping worth telling the daemon of: one of min_region or more, or a
+ * smaller one placed at a fixed address and open to access. The latter is
+ * how a heap grows inside a reservation it made: HotSpot's serial and
+ * parallel collectors commit their old generation 192 KiB at a time with
+ * mmap(MAP_FIXED), and the kernel merges the pieces into one mapping that
+ * the maps scan would find only after the app filled it. The daemon
+ * manages such a piece when it extends memory it manages. */
+static int is_reported(size_t length, int prot, int flags)
+{
+    return length >= shim.min_region || ((flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)) && prot != PROT_NONE);
 }
 
 EXPORT void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
 {
     void *p = (void *)syscall(SYS_mmap, addr, length, prot, flags, fd, offset);
-    if (p != MAP_FAILED && is_managed_kind(length, flags, fd)) {
+    if (p != MAP_FAILED && is_managed_kind(flags, fd) && is_reported(length, prot, flags)) {
         int saved = errno;
         report_region(p, length);
         errno = saved;

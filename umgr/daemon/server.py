@@ -258,7 +258,8 @@ class Daemon:
 
     async def _request(self, target: Target, msg, peer: Peer) -> int:
         if isinstance(msg, protocol.Region):
-            if msg.length >= self.config.min_region and not target.gone:
+            wanted = msg.length >= self.config.min_region or target.extends_managed(msg.start, msg.length)
+            if wanted and not target.gone:
                 return 0 if target.register(msg.start, msg.length) else errno.EINVAL
             return 0
         if isinstance(msg, protocol.Forked):

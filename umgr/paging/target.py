@@ -32,7 +32,7 @@ from umgr.paging.core import TargetCore
 from umgr.paging.events import ForkedMemory, MemoryEvents
 from umgr.paging.evictor import Evictor
 from umgr.paging.faults import FaultService
-from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State
+from umgr.paging.pagetable import PAGE_SHIFT, PAGE_SIZE, PageTable, State
 from umgr.paging.pinning import Pinning
 from umgr.paging import recovery
 from umgr.paging.removes import RemoveAttribution
@@ -203,6 +203,16 @@ class Target:
             core.became_resident((np.flatnonzero(present) + lo).astype(np.int64))
         core.note_resident()
         return True
+
+    def extends_managed(self, start: int, length: int) -> bool:
+        """Whether [start, start+length) borders a managed region: a heap
+        growing by small pieces (the shim reports mappings placed at a
+        fixed address whatever their size) is managed piece by piece, as
+        each is made, where the maps scan would find the merged mapping
+        only after the app had filled it past its budget."""
+        pt = self.core.pt
+        start_vpn, end_vpn = start >> PAGE_SHIFT, (start + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        return length > 0 and (pt.find(start_vpn - 1) is not None or pt.find(end_vpn) is not None)
 
     def _log_refusal(self, lo: int, hi: int, refusal: str) -> None:
         """Once per target (the maps scan would repeat it every interval)."""
