@@ -25,7 +25,7 @@ setup(
     package_data={
         # umgr.h is for C programs that call umgr_advise (README "Hints").
         "umgr.bindings": ["shim/umgr.h"],
-        "umgr.benchmarks": ["programs/*.c", "programs/*.py"],
+        "umgr.benchmarks": ["programs/*.c", "programs/*.py", "programs/*.java"],
     },
     include_package_data=False,
     # The systemd unit and the Prometheus/Grafana files, as share/umgr/ under

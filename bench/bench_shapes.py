@@ -24,6 +24,13 @@ The workloads:
            peak at scale 1 (a list of 6M ints sorted, a dict, a 96 MiB
            bytearray, all checked), run at a budget of one third of the
            peak the plain run measured (or --py-budget-mib).
+  java     bench/programs/JvmHeap.java on the JDK's `java` (--java-gc
+           collector, -Xmx1g): --java-mib MiB of long[] arrays and a HashMap
+           of small objects a quarter that size, updated at random while
+           the collector runs, all checked; at a third of the plain peak
+           (or --java-budget-mib). The kernel's cgroup holds the whole JVM
+           (its code, metaspace and collector tables too), umgr's budget
+           the anonymous mappings of 1 MiB or more: the heap, mostly.
 
 The table gives seconds per phase for each configuration and umgr/kernel
 (lower is better), and umgr/kernel+poll when that ran; the fault table
@@ -36,7 +43,7 @@ Needs root (swapon, cgroups, userfaultfd), gcc, mkswap/swapon/swapoff and the
 cgroup v1 memory controller at /sys/fs/cgroup/memory.
 
     python bench/bench_shapes.py [--data-mib 1024] [--budget-mib 128] [--variants 'default;--policy none']
-    python bench/bench_shapes.py --data-mib 96 --budget-mib 32 --py-scale 0.05     # a smoke run
+    python bench/bench_shapes.py --data-mib 96 --budget-mib 32 --py-scale 0.05 --java-mib 32   # a smoke run
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 
@@ -224,6 +232,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         "params": {"data_mib": args.data_mib, "budget_mib": args.budget_mib, "phases": args.phases,
                    "seed": args.seed, "ops": args.ops, "hot_mib": hot_mib, "variants": [lbl for lbl, _ in variants],
                    "rounds": args.rounds, "py_scale": None if args.no_python else args.py_scale,
+                   "java_mib": None if args.no_java else args.java_mib,
                    "umgr": umgr_cmd},
         "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
                 "other_swaps": other_swaps},
@@ -246,8 +255,23 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
             py = Workload("python", py_argv, args.py_budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256)
             results["workloads"]["python"] = run_workload(py, variants, plain=plain, **common)
             results["workloads"]["python"]["peak_mib"] = peak_mib
+        if not args.no_java:
+            results["workloads"]["java"] = run_java(args, work, common, log)
     results["env"]["loadavg_after"] = os.getloadavg()
     return results
+
+
+def run_java(args, work: str, common: dict, log) -> dict:
+    """The JVM workload, compiled here, at a third of its plain peak."""
+    subprocess.run(["javac", "-d", work, str(PROGRAMS / "JvmHeap.java")], check=True, timeout=120)
+    # -Xmx fixed: in a cgroup the JVM would size its heap from the limit.
+    argv = ["java", f"-XX:+Use{args.java_gc}GC", "-Xmx1g", "-cp", work, "JvmHeap", str(args.java_mib),
+            str(args.java_rounds), str(args.seed)]
+    log("java: plain ...")
+    plain = {"result": _run(argv, "java plain", args.timeout)}
+    peak_mib = plain["result"]["peak_rss_kb"] / 1024
+    java = Workload("java", argv, args.java_budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256)
+    return {**run_workload(java, parse_variants(args.variants), plain=plain, **common), "peak_mib": peak_mib}
 
 
 # ---- the tables ---------------------------------------------------------------------------
@@ -371,6 +395,12 @@ def format_report(results: dict) -> str:
                       f"{r['bytes_mib']:.0f} MiB bytearray), plain peak RSS {wl['peak_mib']:.0f} MiB, "
                       f"budget {wl['budget_mib']} MiB"]
         lines += format_workload("python", wl)
+    if "java" in results["workloads"]:
+        wl = results["workloads"]["java"]
+        r = wl["configs"]["plain"]["result"]
+        lines += ["", f"java: {p['java_mib']} MiB of arrays, {r['map_entries']} map entries, collector {r['gc']}, "
+                      f"plain peak RSS {wl['peak_mib']:.0f} MiB, budget {wl['budget_mib']} MiB"]
+        lines += format_workload("java", wl)
     return "\n".join(lines)
 
 
@@ -392,6 +422,14 @@ def main(argv=None) -> int:
     parser.add_argument("--py-budget-mib", type=int, default=None,
                         help="budget of the CPython workload (default: a third of its plain peak RSS, ~192 at scale 1)")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the CPython workload")
+    parser.add_argument("--no-java", action="store_true", help="skip the JVM workload")
+    parser.add_argument("--java-mib", type=int, default=256, help="JVM workload's arrays (plain peak ~1.8x that)")
+    parser.add_argument("--java-rounds", type=int, default=2, help="JVM workload's random updates, times the arrays")
+    parser.add_argument("--java-gc", default="Serial", choices=["Serial", "Parallel", "G1"],
+                        help="collector of the JVM workload (default Serial: what the JVM picks in a container "
+                             "of under 2 CPUs or 1792 MiB)")
+    parser.add_argument("--java-budget-mib", type=int, default=None,
+                        help="budget of the JVM workload (default: a third of its plain peak RSS)")
     parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
     parser.add_argument("--kernel-idle-poll", action="store_true",
                         help="also run kernel swap with idle CPUs polling (as umgr's --idle-poll has them)")

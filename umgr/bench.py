@@ -16,7 +16,7 @@ from umgr.console import EXIT_UMGR
 BENCHMARKS = {
     "faults": ("bench_faults", "Python fault service against a C handler (the floor)"),
     "io": ("bench_io", "io_uring against preadv/pwritev, 4 KiB O_DIRECT"),
-    "shapes": ("bench_shapes", "access shapes and a CPython workload, umgr against kernel swap"),
+    "shapes": ("bench_shapes", "access shapes, a CPython and a JVM workload, umgr against kernel swap"),
     "redis": ("bench_redis", "redis-server (a real cache) under umgr against kernel swap, every value checked"),
     "paging": ("bench_paging", "sequential scans under umgr against kernel swap"),
     "zap": ("bench_zap", "zapping evicted pages: REMOVE events and their readers"),
