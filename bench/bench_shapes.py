@@ -264,9 +264,12 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
 def run_java(args, work: str, common: dict, log) -> dict:
     """The JVM workload, compiled here, at a third of its plain peak."""
     subprocess.run(["javac", "-d", work, str(PROGRAMS / "JvmHeap.java")], check=True, timeout=120)
-    # -Xmx fixed: in a cgroup the JVM would size its heap from the limit.
-    argv = ["java", f"-XX:+Use{args.java_gc}GC", "-Xmx1g", "-cp", work, "JvmHeap", str(args.java_mib),
-            str(args.java_rounds), str(args.seed)]
+    # The same JVM in every configuration: in the kernel's cgroup it would
+    # otherwise size its heap and young generation from the limit (a heap of
+    # a few MiB to start, many more collections: kernel swap took 14.7 s
+    # where it took 7.0 s with the heap umgr's run gets).
+    argv = ["java", f"-XX:+Use{args.java_gc}GC", "-XX:-UseContainerSupport", "-Xmx1g", "-cp", work, "JvmHeap",
+            str(args.java_mib), str(args.java_rounds), str(args.seed)]
     log("java: plain ...")
     plain = {"result": _run(argv, "java plain", args.timeout)}
     peak_mib = plain["result"]["peak_rss_kb"] / 1024
@@ -426,8 +429,8 @@ def main(argv=None) -> int:
     parser.add_argument("--java-mib", type=int, default=256, help="JVM workload's arrays (plain peak ~1.8x that)")
     parser.add_argument("--java-rounds", type=int, default=2, help="JVM workload's random updates, times the arrays")
     parser.add_argument("--java-gc", default="Serial", choices=["Serial", "Parallel", "G1"],
-                        help="collector of the JVM workload (default Serial: what the JVM picks in a container "
-                             "of under 2 CPUs or 1792 MiB)")
+                        help="collector of the JVM workload (default Serial: what the JVM picks on a machine, "
+                             "or in a container, of under 2 CPUs or 1792 MiB)")
     parser.add_argument("--java-budget-mib", type=int, default=None,
                         help="budget of the JVM workload (default: a third of its plain peak RSS)")
     parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
