@@ -246,12 +246,12 @@ def test_umgr_starts_no_blas_threads_and_the_program_gets_the_users_thread_setti
 
 @pytest.mark.timeout(60)
 def test_a_heap_grown_by_small_fixed_commits_in_a_reservation_stays_in_budget(umgr_exec, programs):
-    # commits.c grows a heap as HotSpot's collectors do: mmap(MAP_FIXED) of
-    # 192 KiB at a time inside a PROT_NONE reservation, each piece filled at
-    # once. The kernel merges the pieces into one mapping that the maps scan
-    # would find only after the fill (without the shim's report the program
-    # ran unmanaged to the end here); each piece borders managed memory, so
-    # it is managed as it is made.
+    # commits.c grows a heap as HotSpot's serial collector does:
+    # mmap(MAP_FIXED) of 192 KiB at a time inside a PROT_NONE reservation,
+    # each piece filled at once. The kernel merges the pieces into one
+    # mapping that the maps scan would find only after the fill (without the
+    # shim's report the program ran unmanaged to the end here); each piece
+    # borders managed memory, so it is managed as it is made.
     result = run(umgr_exec, [programs["commits"], "512", "64", "192"], "8M", timeout=50)
     assert result.returncode == 0 and result.stdout.startswith("ok 16384 pages"), explain(result)
     stats = result.stats

@@ -1004,8 +1004,8 @@ static int is_managed_kind(int flags, int fd)
 
 /* A mapping worth telling the daemon of: one of min_region or more, or a
  * smaller one placed at a fixed address and open to access. The latter is
- * how a heap grows inside a reservation it made: HotSpot's serial and
- * parallel collectors commit their old generation 192 KiB at a time with
+ * how a heap grows inside a reservation it made: HotSpot's serial
+ * collector commits its old generation 192 KiB at a time with
  * mmap(MAP_FIXED), and the kernel merges the pieces into one mapping that
  * the maps scan would find only after the app filled it. The daemon
  * manages such a piece when it extends memory it manages. */

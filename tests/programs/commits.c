@@ -1,5 +1,5 @@
-/* A heap grown by commits inside a reservation, as HotSpot's serial and
- * parallel collectors grow their old generation: reserves RESERVE_MIB MiB
+/* A heap grown by commits inside a reservation, as HotSpot's serial
+ * collector grows its old generation: reserves RESERVE_MIB MiB
  * PROT_NONE, then opens it PIECE_KIB KiB at a time from its start with
  * mmap(MAP_FIXED, PROT_READ|PROT_WRITE) and fills each piece with a known
  * pattern before opening the next, until USED_MIB MiB are open. Every piece
