@@ -139,6 +139,54 @@ def test_the_call_runs_long_only_while_nothing_else_is_ready():
     trio.run(main)
 
 
+def test_the_c_region_array_follows_every_change_of_the_table():
+    # _follow_table rewrites only the entries that no longer describe their
+    # region. After each change the C call must see every region, in order,
+    # with pointers to its current arrays (a stale one would be written
+    # through), whatever changed: a region added before, between or after
+    # the others, cut in the middle, trimmed, dropped, moved, or given new
+    # arrays (a persistent table moves them to a file).
+    from types import SimpleNamespace
+
+    import numpy as np
+    from umgr.kernel import uffd as uffdmod
+    from umgr.paging.pagetable import PageTable
+
+    pt = PageTable()
+    fast = fastpath.FastPath(SimpleNamespace(pt=pt), 0.0)
+
+    def c_array_matches():
+        n = fast._follow_table()
+        assert n == len(pt.regions)
+        for c, region in zip(list(fast._regions)[:n], pt.regions):
+            assert (c.vpn, c.end) == (region.vpn, region.end)
+            for name, ctype in (("state", "uint8_t *"), ("slot", "int32_t *"), ("flags", "uint8_t *")):
+                assert getattr(c, name) == uffdmod.array_pointer(ctype, getattr(region, name)), (region.vpn, name)
+        if n:
+            assert fast.bounds(pt.regions[-1].vpn) == (pt.regions[-1].vpn, pt.regions[-1].end)
+
+    for vpn in (1000, 3000, 2000, 10, 5000):   # after, after, between, before, after
+        pt.add(vpn, 100)
+        c_array_matches()
+    for change in (lambda: pt.remove(2040, 2060),          # cut in the middle
+                   lambda: pt.remove(1000, 1010),          # trimmed in front
+                   lambda: pt.remove(10, 110),             # dropped
+                   lambda: pt.move(3000, 4000, 100),       # moved
+                   lambda: pt.add(1100, 3)):               # a piece bordering another
+        change()
+        c_array_matches()
+    region = pt.regions[2]
+    for name in ("state", "slot", "flags"):                # new arrays, one at a time
+        setattr(region, name, getattr(region, name).copy())
+        pt.layout += 1
+        c_array_matches()
+    for _ in range(40):                                    # past the array's first size: made anew
+        pt.add(pt.regions[-1].end + 1, 2)
+    c_array_matches()
+    pt.clear(lambda slots: None)
+    c_array_matches()
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("options", [[], ["--keep-clean"], ["--backend", "compressed"]],
                          ids=["file", "keep-clean", "compressed"])

@@ -73,7 +73,7 @@ from umgr.backends import IO_BUCKETS, SLOW_READ, ReadsDone
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
-from umgr.paging.pagetable import NO_SLOT, Flag, State
+from umgr.paging.pagetable import NO_SLOT, Flag, Region, State
 from umgr.paging.stats import LATENCY_BUCKETS_NS
 from umgr.paging.tuning import MAX_FILL_PAGES
 from umgr.trace import NO_TRACE
@@ -117,6 +117,27 @@ NEAR_PAGES = 2
 STRIDE_PAGES = 64
 
 
+class _Entry:
+    """A region as one entry of the C call's region array describes it:
+    the arrays it points at (held here, so that the pointers stay valid),
+    where the region was, and the pointers."""
+    __slots__ = ("region", "state", "slot", "flags", "vpn", "end", "state_ptr", "slot_ptr", "flags_ptr")
+
+    def __init__(self, region: Region):
+        self.region, self.state, self.slot, self.flags = region, region.state, region.slot, region.flags
+        self.vpn, self.end = region.vpn, region.end
+        self.state_ptr = uffdmod.array_pointer("uint8_t *", region.state)
+        self.slot_ptr = uffdmod.array_pointer("int32_t *", region.slot)
+        self.flags_ptr = uffdmod.array_pointer("uint8_t *", region.flags)
+
+    def describes(self, region: Region) -> bool:
+        """The same region, with the same arrays (a persistent table moves
+        them to a file), in the same place (the same state array: the same
+        length)."""
+        return (self.region is region and self.state is region.state and self.slot is region.slot
+                and self.flags is region.flags and self.vpn == region.vpn)
+
+
 class FastPath:
     def __init__(self, core: TargetCore, spin: float, enabled: bool = True):
         self.core = core
@@ -139,7 +160,9 @@ class FastPath:
         self._table = None                        # the table and layout self._regions describe
         self._layout = -1
         self._nregions = 0
-        self._pointers: dict[int, tuple] = {}     # id(region) -> ((its state, slot, flags), their C pointers)
+        self._entries: list[_Entry] = []          # what each entry of self._regions describes, in order
+        self._pointers: dict[int, _Entry] = {}    # id(region) -> its entry, wherever it is now
+        self._counts = None                       # the table's per-state counts, as C sees them
         self._stream_at = 0                       # where the next window's far end goes in log.streams
         self._starts: list[int] = []              # first and end vpn of each region in self._regions
         self._watch_fd: int | None = None         # event_loop_fd(), once serving
@@ -147,28 +170,38 @@ class FastPath:
 
     def _follow_table(self) -> int:
         """Point the C call at every region of the table (anew only when
-        its layout changed); returns how many there are."""
+        its layout changed, and then only the entries that do not already
+        describe their region: a heap grown by small commits changes the
+        layout with each, and rewriting thousands of entries each time took
+        2.2 us a region); returns how many there are."""
         pt = self.core.pt
         if self._table is pt and self._layout == pt.layout:
             return self._nregions
         regions = pt.regions
-        if len(regions) > len(self._regions):
-            self._regions = uffdmod.new_fast_struct("umgr_fast_region", 2 * len(regions))
-        counts = uffdmod.array_pointer("int64_t *", pt.counts)
-        pointers = {}
-        for c, region in zip(self._regions, regions):
-            arrays = (region.state, region.slot, region.flags)
-            known = self._pointers.get(id(region))
-            if known is None or any(a is not b for a, b in zip(known[0], arrays)):
-                known = (arrays, uffdmod.array_pointer("uint8_t *", region.state),
-                         uffdmod.array_pointer("int32_t *", region.slot),
-                         uffdmod.array_pointer("uint8_t *", region.flags))
-            pointers[id(region)] = known   # holds the arrays: their pointers stay valid
-            c.vpn, c.end, c.counts = region.vpn, region.end, counts
-            c.state, c.slot, c.flags = known[1:]
-        self._pointers = pointers
-        self._starts = [region.vpn for region in regions]
-        self._ends = [region.end for region in regions]
+        if self._table is not pt or len(regions) > len(self._regions):
+            if len(regions) > len(self._regions):
+                self._regions = uffdmod.new_fast_struct("umgr_fast_region", 2 * len(regions))
+            self._entries = []   # (a new array, or another table: every entry is written)
+            self._counts = uffdmod.array_pointer("int64_t *", pt.counts)
+        entries, by_id = self._entries, self._pointers
+        for i, region in enumerate(regions):
+            if i < len(entries) and entries[i].describes(region):
+                continue
+            entry = by_id.get(id(region))
+            if entry is None or not entry.describes(region):
+                entry = _Entry(region)
+            c = self._regions[i]
+            c.vpn, c.end, c.counts = region.vpn, region.end, self._counts
+            c.state, c.slot, c.flags = entry.state_ptr, entry.slot_ptr, entry.flags_ptr
+            if i < len(entries):
+                entries[i] = entry
+            else:
+                entries.append(entry)
+        del entries[len(regions):]
+        # Each entry holds its region's arrays: their pointers stay valid.
+        self._pointers = {id(entry.region): entry for entry in entries}
+        self._starts = [entry.vpn for entry in entries]
+        self._ends = [entry.end for entry in entries]
         self._table, self._layout, self._nregions = pt, pt.layout, len(regions)
         return self._nregions
 
