@@ -144,7 +144,7 @@ class PageTable:
     layout: int = 0   # bumped whenever a region is added, cut, moved or dropped, or gets new arrays
     # (layout and region count, each region's first and end vpn): by_region's, made anew when they change
     _bounds: tuple = field(default=(None, None, None), init=False, repr=False, compare=False)
-    _managed: tuple = field(default=(None, 0), init=False, repr=False, compare=False)   # (layout, pages)
+    _managed: tuple = field(default=(None, 0), init=False, repr=False, compare=False)   # (layout key, pages)
 
     # ---- queries -----------------------------------------------------
     @property
@@ -161,11 +161,10 @@ class PageTable:
         """Pages in all regions (asked at each registration: a heap grown
         by small commits has thousands of regions, so the sum is kept
         until the layout changes)."""
-        layout, pages = self._managed
-        if layout != self.layout:
-            pages = sum(len(r.state) for r in self.regions)
-            self._managed = (self.layout, pages)
-        return pages
+        key = (self.layout, len(self.regions))   # (as _region_bounds keys its arrays)
+        if self._managed[0] != key:
+            self._managed = (key, sum(len(r.state) for r in self.regions))
+        return self._managed[1]
 
     def find(self, vpn: int) -> Region | None:
         i = bisect.bisect_right(self.regions, vpn, key=lambda r: r.vpn) - 1
