@@ -256,12 +256,12 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
             results["workloads"]["python"] = run_workload(py, variants, plain=plain, **common)
             results["workloads"]["python"]["peak_mib"] = peak_mib
         if not args.no_java:
-            results["workloads"]["java"] = run_java(args, work, common, log)
+            results["workloads"]["java"] = run_java(args, variants, work, common, log)
     results["env"]["loadavg_after"] = os.getloadavg()
     return results
 
 
-def run_java(args, work: str, common: dict, log) -> dict:
+def run_java(args, variants, work: str, common: dict, log) -> dict:
     """The JVM workload, compiled here, at a third of its plain peak."""
     subprocess.run(["javac", "-d", work, str(PROGRAMS / "JvmHeap.java")], check=True, timeout=120)
     # The same JVM in every configuration: in the kernel's cgroup it would
@@ -274,7 +274,7 @@ def run_java(args, work: str, common: dict, log) -> dict:
     plain = {"result": _run(argv, "java plain", args.timeout)}
     peak_mib = plain["result"]["peak_rss_kb"] / 1024
     java = Workload("java", argv, args.java_budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256)
-    return {**run_workload(java, parse_variants(args.variants), plain=plain, **common), "peak_mib": peak_mib}
+    return {**run_workload(java, variants, plain=plain, **common), "peak_mib": peak_mib}
 
 
 # ---- the tables ---------------------------------------------------------------------------
