@@ -4,8 +4,9 @@
  * mmap(MAP_FIXED, PROT_READ|PROT_WRITE) and fills each piece with a known
  * pattern before opening the next, until USED_MIB MiB are open. Every piece
  * is below umgr's --min-region; the kernel merges them into one mapping.
- * Then every word is checked. Usage: commits RESERVE_MIB USED_MIB PIECE_KIB. Exit 0 and
- * "ok N pages" when all is intact; 1 and a message at the first wrong word. */
+ * Then every word is checked. Usage: commits RESERVE_MIB USED_MIB PIECE_KIB.
+ * Exit 0 and "ok N pages" when all is intact; 1 and a message at the first
+ * wrong word. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
