@@ -216,4 +216,8 @@ def test_fresh_pages_in_a_window_read_zero_beside_swapped_ones(umgr_exec, progra
     assert stats["pages_in"] >= 2 * (32 - 8) * MiB // PAGE, stats   # the old data left and came back
     fresh_windows = stats["prefetched"] - stats["pages_in"]
     assert fresh_windows >= 2 * 32 * MiB // PAGE // 2, stats   # most fresh pages came in ahead of their fault
-    assert stats["prefetched_fast"] >= 0.9 * stats["prefetched"], stats
+    # Through C, but for windows asked for when the budget left the C call
+    # no room (the full path brings those): 0.89-0.99 of the pages in 36
+    # runs here (this stop's code and the last stop's alike), 0.888 once in
+    # CI, against a bound of 0.9 then.
+    assert stats["prefetched_fast"] >= 0.8 * stats["prefetched"], stats
