@@ -249,32 +249,35 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         results["workloads"]["shapes"] = run_workload(shapes, variants, **common)
         if not args.no_python:
             py_argv = [args.python, str(PROGRAMS / "pyworkload.py"), str(args.py_scale), str(args.seed)]
-            log("python: plain ...")
-            plain = {"result": _run(py_argv, "python plain", args.timeout)}
-            peak_mib = plain["result"]["peak_rss_kb"] / 1024
-            py = Workload("python", py_argv, args.py_budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256)
-            results["workloads"]["python"] = run_workload(py, variants, plain=plain, **common)
-            results["workloads"]["python"]["peak_mib"] = peak_mib
+            results["workloads"]["python"] = run_at_a_third_of_peak(
+                "python", py_argv, args.py_budget_mib, variants, common, args.timeout, log)
         if not args.no_java:
-            results["workloads"]["java"] = run_java(args, variants, work, common, log)
+            results["workloads"]["java"] = run_at_a_third_of_peak(
+                "java", java_argv(args, work), args.java_budget_mib, variants, common, args.timeout, log)
     results["env"]["loadavg_after"] = os.getloadavg()
     return results
 
 
-def run_java(args, variants, work: str, common: dict, log) -> dict:
-    """The JVM workload, compiled here, at a third of its plain peak."""
+def run_at_a_third_of_peak(name: str, argv: list[str], budget_mib: int | None, variants, common: dict,
+                           timeout: float, log) -> dict:
+    """A workload run plain first, then at `budget_mib`, or by default at
+    a third of the peak RSS that plain run measured."""
+    log(f"{name}: plain ...")
+    plain = {"result": _run(argv, f"{name} plain", timeout)}
+    peak_mib = plain["result"]["peak_rss_kb"] / 1024
+    workload = Workload(name, argv, budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256)
+    return {**run_workload(workload, variants, plain=plain, **common), "peak_mib": peak_mib}
+
+
+def java_argv(args, work: str) -> list[str]:
+    """The JVM workload, compiled into `work`, and how to run it."""
     subprocess.run(["javac", "-d", work, str(PROGRAMS / "JvmHeap.java")], check=True, timeout=120)
     # The same JVM in every configuration: in the kernel's cgroup it would
     # otherwise size its heap and young generation from the limit (a heap of
     # a few MiB to start, many more collections: kernel swap took 14.7 s
     # where it took 7.0 s with the heap umgr's run gets).
-    argv = ["java", f"-XX:+Use{args.java_gc}GC", "-XX:-UseContainerSupport", "-Xmx1g", "-cp", work, "JvmHeap",
+    return ["java", f"-XX:+Use{args.java_gc}GC", "-XX:-UseContainerSupport", "-Xmx1g", "-cp", work, "JvmHeap",
             str(args.java_mib), str(args.java_rounds), str(args.seed)]
-    log("java: plain ...")
-    plain = {"result": _run(argv, "java plain", args.timeout)}
-    peak_mib = plain["result"]["peak_rss_kb"] / 1024
-    java = Workload("java", argv, args.java_budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256)
-    return {**run_workload(java, variants, plain=plain, **common), "peak_mib": peak_mib}
 
 
 # ---- the tables ---------------------------------------------------------------------------

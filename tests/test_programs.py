@@ -197,10 +197,19 @@ JVM_COLLECTORS = {"Serial": "Copy,MarkSweepCompact", "Parallel": "PS MarkSweep,P
                   "G1": "G1 Young Generation,G1 Old Generation"}
 
 
+@pytest.fixture(scope="module")
+def jvm_classes(tmp_path_factory) -> str:
+    """bench/programs/JvmHeap.java, as the package installs it, compiled."""
+    from umgr.benchmarks.bench_paging import PROGRAMS
+    out = tmp_path_factory.mktemp("jvm")
+    subprocess.run(["javac", "-d", str(out), str(PROGRAMS / "JvmHeap.java")], check=True, timeout=60)
+    return str(out)
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("collector", JVM_COLLECTORS)
-def test_a_jvm_heap_is_held_to_its_budget_with_every_word_back(umgr_exec, tmp_path, collector):
-    # bench/programs/JvmHeap.java (as the package installs it) fills arrays
+def test_a_jvm_heap_is_held_to_its_budget_with_every_word_back(umgr_exec, tmp_path, jvm_classes, collector):
+    # bench/programs/JvmHeap.java fills arrays
     # and a map of small objects, updates the arrays at random while the
     # collector moves them (a parallel one from several threads), and
     # checks every word and entry. The serial collector grows its old
@@ -211,9 +220,7 @@ def test_a_jvm_heap_is_held_to_its_budget_with_every_word_back(umgr_exec, tmp_pa
     # scan found the merged mapping only after the collector had filled it:
     # 46 MiB resident under a 32 MiB budget (the other two collectors kept
     # within it here).
-    from umgr.benchmarks.bench_paging import PROGRAMS
-    subprocess.run(["javac", "-d", str(tmp_path), str(PROGRAMS / "JvmHeap.java")], check=True, timeout=60)
-    cmd = ["java", f"-XX:+Use{collector}GC", "-Xms16m", "-Xmx512m", "-cp", str(tmp_path), "JvmHeap", "128", "2"]
+    cmd = ["java", f"-XX:+Use{collector}GC", "-Xms16m", "-Xmx512m", "-cp", jvm_classes, "JvmHeap", "128", "2"]
     footprint = plain_run(cmd, tmp_path / "plain.txt")
     result = managed_run(umgr_exec, cmd, "32M", timeout=120)
     assert_paged(result, 32 * MiB, footprint)

@@ -32,7 +32,7 @@ from umgr.paging.core import TargetCore
 from umgr.paging.events import ForkedMemory, MemoryEvents
 from umgr.paging.evictor import Evictor
 from umgr.paging.faults import FaultService
-from umgr.paging.pagetable import PAGE_SHIFT, PAGE_SIZE, PageTable, State
+from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State, page_up
 from umgr.paging.pinning import Pinning
 from umgr.paging import recovery
 from umgr.paging.removes import RemoveAttribution
@@ -211,8 +211,8 @@ class Target:
         each is made, where the maps scan would find the merged mapping
         only after the app had filled it past its budget."""
         pt = self.core.pt
-        start_vpn, end_vpn = start >> PAGE_SHIFT, (start + length + PAGE_SIZE - 1) >> PAGE_SHIFT
-        return length > 0 and (pt.find(start_vpn - 1) is not None or pt.find(end_vpn) is not None)
+        end_vpn = page_up(start + length)
+        return length > 0 and (pt.find((start >> PAGE_SHIFT) - 1) is not None or pt.find(end_vpn) is not None)
 
     def _log_refusal(self, lo: int, hi: int, refusal: str) -> None:
         """Once per target (the maps scan would repeat it every interval)."""
