@@ -35,6 +35,7 @@ __all__ = [
     "installed",
     "ENTRY_POINT_GROUP",
     "NO_PAGES",
+    "CLUSTER_SIZES",
 ]
 
 logger = logging.getLogger("umgr.policy")
@@ -44,12 +45,19 @@ ENTRY_POINT_GROUP = "umgr.policies"
 _EMPTY = np.empty(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
 NO_PAGES = _EMPTY   # a policy's "nothing", shared: most faults of a random workload return it
+CLUSTER_SIZES = (0, 2, 4, 8)   # what PrefetchPolicy.cluster may be (8: the fast path's group of pages)
 
 
 class PrefetchPolicy:
     """Decides which extra pages to bring in on a MISSING fault."""
 
     name = "base"
+    # Pages of a lone fault's aligned block (a power of 2, at most 8; 0:
+    # none) that the C fast path brings with it, of those that went out
+    # with it, while most such pages are seen written soon after. No hook
+    # is called for them: it is done in C, before the policy hears of the
+    # fault (umgr/paging/fastpath.py).
+    cluster = 0
 
     def on_fault(self, vpn: int, region_start: int, region_end: int) -> Sequence[int] | np.ndarray:
         """A MISSING fault on ``vpn`` (swapped or fresh) inside the mapping
@@ -249,6 +257,12 @@ class GuardedPrefetch:
     @property
     def name(self) -> str:
         return getattr(self.policy, "name", type(self.policy).__name__)
+
+    @property
+    def cluster(self) -> int:
+        """The policy's ``cluster``, if it is one the fast path can do, else 0."""
+        pages = getattr(self.policy, "cluster", 0)
+        return pages if pages in CLUSTER_SIZES and not self.disabled else 0
 
     def _disable(self, hook: str) -> None:
         self.disabled = True

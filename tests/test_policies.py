@@ -60,6 +60,19 @@ def test_readahead_options():
         Readahead(initial=16, maximum=8)
 
 
+def test_the_cluster_the_fast_path_does_is_the_policys_if_it_can_do_it():
+    # (umgr/paging/fastpath.py brings the block; test_fastpath.py runs it.)
+    assert GuardedPrefetch(Readahead()).cluster == 8
+    assert GuardedPrefetch(Readahead(cluster=0)).cluster == 0
+    assert GuardedPrefetch(Stride()).cluster == GuardedPrefetch(NoPrefetch()).cluster == 0
+    with pytest.raises(ValueError):
+        Readahead(cluster=3)
+
+    class Odd(PrefetchPolicy):
+        cluster = 16   # more than one C call's group of pages: not done
+    assert GuardedPrefetch(Odd()).cluster == 0
+
+
 def test_readahead_page_by_page_scan_also_grows():
     # Fresh pages the caller did not prefetch fault one by one inside the window.
     sizes = [len(p) for p in drive(Readahead(), range(100, 108))]

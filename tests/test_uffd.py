@@ -839,7 +839,7 @@ def test_a_fast_path_call_in_the_background_serves_faults(ct, maps, uffds):
     store.fd = -1
     log = FastLog(2 * npages)   # (room for more: no limit ends the call)
     log.c.yield_after, log.c.max_stride = 2 * npages, 0   # (nor a stride: the writer goes page by page)
-    log.drop_references_in(np.zeros(2, np.uint16))
+    log.drop_references_in(np.zeros(2, np.uint16), np.zeros(2, np.uint32))
     wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     log.c.wake_fd = wake_fd
     pages, zeros = PageBuffer(U.FAST_GROUP), PageBuffer(1)

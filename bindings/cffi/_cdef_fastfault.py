@@ -17,6 +17,10 @@ the group names (the app's madvise, munmap or mremap returned when it was
 read: the page may be zeroed, gone, or something new mapped there) is not
 copied in: its fault goes to the full path, which handles the event first.
 
+A lone fault on a swapped page may bring its neighbours too (the
+readahead policy's `cluster`, umgr_fast_cluster): the swapped pages of its
+aligned block that went out with it, while such pages prove used.
+
 A call may also run in the background, in a thread of its own
 (umgr_fast_bg_go), while the daemon's Python thread settles the previous
 call's log: each call's Python half then overlaps the next call's faults
@@ -96,6 +100,12 @@ struct umgr_fast_log {
     /* Limits of serve beside its arguments, set before each call: */
     int32_t yield_after;  /* end the call once this many pages came in (<= room): the evictor
                              is to start as soon as the high water mark is passed */
+    int32_t cluster;      /* a lone fault on a swapped page brings the pages of its aligned block of
+                             this many (a power of 2, at most UMGR_FAST_GROUP; 0: none) that went
+                             out with it, while they prove used (umgr_fast_cluster) */
+    int64_t cluster_reach; /* ... went out with it: within this many evictions of it */
+    int32_t cluster_bar;  /* ... while more than this percentage (+ UMGR_CLUSTER_MARGIN) of them
+                             are written soon after (umgr_cluster_wanted) */
     int32_t max_stride;   /* end it on a fault that extends the last two served by their gap,
                              a gap of up to this many pages: a strided stream may start */
     int32_t watch_fd;     /* end it when this fd is readable (the daemon's event loop has
@@ -123,12 +133,18 @@ struct umgr_fast_log {
     int32_t file_reads, memory_reads; /* of the pages read: from store->fd, unpacked from its memory tier */
     int64_t file_read_ns, memory_read_ns; /* their read_ns, summed */
     int32_t slow_file_reads;  /* file reads that took longer than slow_read_ns */
+    int32_t clustered;    /* pages brought beside lone faults (kind UMGR_FAST_CLUSTER) */
     int32_t released_count; /* slots whose last reference went: released[0..released_count) */
     int32_t *released;    /* (max entries: a logged page gives up at most one slot) */
     int32_t double_free;  /* a slot without a reference was to be given up (left as it was) */
+    /* Over calls, carried from one log to the next (umgr_fast_cluster): */
+    int32_t cluster_brought; /* pages brought beside lone faults lately (halved now and then) */
+    int32_t cluster_hits;    /* of them, written (a write-protect fault; halved alike) */
+    int32_t cluster_skips;   /* lone faults that brought no block since the last one did */
     /* Over calls, set once by the Python side: */
     uint16_t *refs;       /* the slot allocator's reference counts (umgr/backends/slots.py) */
     uint64_t nrefs;
+    const uint32_t *evicted_at; /* per slot, the eviction count when its page went out (slots.py) */
     int64_t *latency;     /* the fault latency histogram (umgr/paging/stats.py), NULL: none */
     const int64_t *latency_bounds; /* bucket b counts serve_ns <= bounds[b] (and > bounds[b-1]) */
     int32_t nbounds;
@@ -171,9 +187,11 @@ TYPES = STRUCTS + """
 #define UMGR_STATE_SWAPPED ...
 #define UMGR_FLAG_DISCARDABLE ...
 #define UMGR_FLAG_PREFETCHED ...
+#define UMGR_FLAG_CLUSTERED ...
 #define UMGR_FAST_WP ...
 #define UMGR_FAST_WAS_PREFETCHED ...
 #define UMGR_FAST_MEMORY ...
+#define UMGR_FAST_CLUSTER ...
 #define UMGR_FAST_WHY_NEAR ...
 #define UMGR_FAST_WHY_FULL ...
 #define UMGR_FAST_WHY_ROOM ...
@@ -210,10 +228,12 @@ CUSTOMIZATIONS = STRUCTS + """
 /* and its Flag bits */
 #define UMGR_FLAG_DISCARDABLE 1
 #define UMGR_FLAG_PREFETCHED 2
+#define UMGR_FLAG_CLUSTERED 4     /* with PREFETCHED: brought beside a lone fault */
 /* log->kind bits */
 #define UMGR_FAST_WP 1
 #define UMGR_FAST_WAS_PREFETCHED 2
 #define UMGR_FAST_MEMORY 4
+#define UMGR_FAST_CLUSTER 8   /* brought beside a lone fault (log->cluster): not a fault */
 /* log->why: a call yielded because */
 #define UMGR_FAST_WHY_NEAR 1    /* a page served may start a stream (the prefetch policy is to see it) */
 #define UMGR_FAST_WHY_FULL 2    /* the log is full */
@@ -480,6 +500,7 @@ static void umgr_fast_reset(struct umgr_fast_log *log)
     log->read_ns_sum = log->serve_ns_sum = 0;
     log->file_reads = log->memory_reads = log->slow_file_reads = 0;
     log->file_read_ns = log->memory_read_ns = 0;
+    log->clustered = 0;
     if (log->file_buckets != NULL) {
         memset(log->file_buckets, 0, (size_t)(log->nio_bounds + 1) * sizeof(int64_t));
         memset(log->memory_buckets, 0, (size_t)(log->nio_bounds + 1) * sizeof(int64_t));
@@ -555,7 +576,8 @@ static int umgr_fast_unprotect(int uffd, const struct uffd_msg *m, const struct 
     if (ioctl(uffd, UFFDIO_WRITEPROTECT, &w) < 0)
         return 0;   /* EAGAIN (an event is queued) and the rest: the full path's */
     uint8_t flags = r->flags[i];
-    r->flags[i] = flags & (uint8_t)~(UMGR_FLAG_DISCARDABLE | UMGR_FLAG_PREFETCHED);
+    r->flags[i] = flags & (uint8_t)~(UMGR_FLAG_DISCARDABLE | UMGR_FLAG_PREFETCHED | UMGR_FLAG_CLUSTERED);
+    log->cluster_hits += (flags & UMGR_FLAG_CLUSTERED) != 0;
     int32_t n = log->served++;
     log->vpn[n] = vpn;
     log->slot[n] = r->slot[i];
@@ -847,6 +869,85 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
     return left;
 }
 
+static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int nregions,
+                           const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
+                           int keep_period, int fresh, int kind, struct umgr_fast_log *log);
+
+#define UMGR_CLUSTER_SAMPLE 32   /* pages brought lately, at least, to judge by */
+#define UMGR_CLUSTER_MARGIN 10   /* percentage points over log->cluster_bar it must be */
+#define UMGR_CLUSTER_PROBE 16    /* off, one lone fault in this many brings a page of its block anyway */
+#define UMGR_CLUSTER_MEMORY 1024 /* brought and hits are halved past this many brought */
+
+/* How many pages of its block a lone fault brings: all of them while more
+   of the pages so brought lately were written since (a write-protect
+   fault: they come in write-protected; reads of a mapped page are not
+   seen) than log->cluster_bar + UMGR_CLUSTER_MARGIN percent. Else one, at
+   one lone fault in UMGR_CLUSTER_PROBE, so that the share goes on being
+   measured, and none at the others (a whole block at each probe cost random
+   reads after a scan 15% of their time: the scan's pages went out
+   together). Each page brought pushes one out, and the bar is how likely
+   that one is to be wanted back soon: the share of the latest faults on
+   swapped pages that brought back a page evicted fewer evictions ago than
+   there are resident pages (TargetCore.refaults). */
+static int umgr_cluster_wanted(struct umgr_fast_log *log)
+{
+    if (log->cluster_brought >= UMGR_CLUSTER_SAMPLE
+        && (int64_t)log->cluster_hits * 100 > (int64_t)log->cluster_brought * (log->cluster_bar + UMGR_CLUSTER_MARGIN))
+        return UMGR_FAST_GROUP;
+    if (++log->cluster_skips < UMGR_CLUSTER_PROBE)
+        return 0;
+    log->cluster_skips = 0;
+    return 1;
+}
+
+/* After a lone fault on a swapped page (log entry `at`, from its slot),
+   bring in the swapped pages of its aligned block of log->cluster pages
+   that went out with it: evicted within log->cluster_reach evictions of
+   it (the evictor stamps a batch's pages alike). Pages that went out
+   together came in together, and were in use together; a neighbour that
+   went out at another time is no more likely to be wanted than any other
+   page. Up to `room` entries in the log, into `pages` (free: the group's
+   pages are in). They come in write-protected, as clean copies, so that
+   a write shows they were wanted (umgr_cluster_wanted). */
+static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, int nregions,
+                              const struct umgr_fast_store *store, uint64_t pages, int32_t at, int32_t room,
+                              struct umgr_fast_log *log)
+{
+    uint64_t vpn = log->vpn[at], block = (uint64_t)log->cluster;
+    int32_t own = log->slot[at];
+    const struct umgr_fast_region *r = umgr_fast_find(regions, nregions, vpn);
+    if (block < 2 || block > UMGR_FAST_GROUP || own <= 0 || (uint64_t)own >= log->nrefs
+        || log->evicted_at == NULL || r == NULL || room - log->served <= 0)
+        return;
+    int wanted = umgr_cluster_wanted(log);
+    if (!wanted)
+        return;
+    int64_t near[UMGR_FAST_GROUP];
+    int n = 0;
+    uint64_t first = vpn & ~(block - 1), lo = first > r->vpn ? first : r->vpn;
+    uint64_t hi = first + block < r->end ? first + block : r->end;
+    uint32_t out = log->evicted_at[own];
+    for (uint64_t v = lo; v < hi; v++) {
+        int32_t slot = r->slot[v - r->vpn];
+        if (v == vpn || r->state[v - r->vpn] != UMGR_STATE_SWAPPED || slot <= 0 || (uint64_t)slot >= log->nrefs)
+            continue;
+        int64_t apart = (int32_t)(out - log->evicted_at[slot]);   /* (the clock wraps) */
+        if (apart <= log->cluster_reach && -apart <= log->cluster_reach)
+            near[n++] = (int64_t)v;
+    }
+    if (n > wanted)
+        n = wanted;
+    if (n > room - log->served)
+        n = room - log->served;
+    int got = n > 0 ? umgr_fast_bring(uffd, regions, nregions, store, near, n, pages, 1, 0, UMGR_FAST_CLUSTER, log) : 0;
+    log->clustered += got;
+    log->cluster_brought += got;
+    if (log->cluster_brought > UMGR_CLUSTER_MEMORY) {
+        log->cluster_brought /= 2;
+        log->cluster_hits /= 2;
+    }
+}
+
 /* Serve faults until a message is not a plain one (HANDOFF: log->handoff
    messages are left at the buffer's start; a fault that continues a stream
    of log->streams is not plain), none comes for spin_ns (IDLE), or a limit is
@@ -886,6 +987,8 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
                 near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
+        if (log->served == first + 1 && !(log->kind[first] & UMGR_FAST_WP) && log->slot[first] != 0)
+            umgr_fast_cluster(uffd, regions, nregions, store, pages, first, room, log);
         log->why = near_one ? UMGR_FAST_WHY_NEAR
                  : log->served >= log->max ? UMGR_FAST_WHY_FULL
                  : log->served >= room || log->served >= log->yield_after ? UMGR_FAST_WHY_ROOM
@@ -1054,14 +1157,28 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
                               const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
                               int keep_period, int fresh, struct umgr_fast_log *log)
 {
-    int64_t started = umgr_now_ns();
-    uint64_t vpn[log->max];
-    int32_t slot[log->max];
-    int ok[log->max], protect[log->max];
-    const struct umgr_fast_region *in[log->max];
-    int m = 0;
     umgr_fast_reset(log);
-    for (int i = 0; i < n && m < log->max; i++) {
+    return umgr_fast_bring(uffd, regions, nregions, store, vpns, n, pages, keep_period, fresh, 0, log);
+}
+
+/* umgr_fast_prefetch's work, logged after the entries log holds, with
+   `kind` in each entry's kind (UMGR_FAST_CLUSTER: flagged CLUSTERED too);
+   how many pages came in. */
+static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int nregions,
+                           const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
+                           int keep_period, int fresh, int kind, struct umgr_fast_log *log)
+{
+    int64_t started = umgr_now_ns();
+    int before = log->served, room = log->max - log->served;
+    if (room <= 0)
+        return 0;
+    uint64_t vpn[room];
+    int32_t slot[room];
+    int ok[room], protect[room];
+    const struct umgr_fast_region *in[room];
+    int m = 0;
+    uint8_t flags = UMGR_FLAG_PREFETCHED | (kind & UMGR_FAST_CLUSTER ? UMGR_FLAG_CLUSTERED : 0);
+    for (int i = 0; i < n && m < room; i++) {
         const struct umgr_fast_region *r = umgr_fast_find(regions, nregions, (uint64_t)vpns[i]);
         if (r == NULL)
             continue;
@@ -1096,12 +1213,12 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
             r->counts[UMGR_STATE_RESIDENT]++;
             r->state[at] = UMGR_STATE_RESIDENT;
             r->slot[at] = protect[p] ? slot[p] : 0;
-            r->flags[at] |= UMGR_FLAG_PREFETCHED;
+            r->flags[at] |= flags;
             int32_t e = log->served++;
             log->vpn[e] = vpn[p];
             log->slot[e] = slot[p];
             log->kept[e] = (uint8_t)protect[p];
-            log->kind[e] = umgr_fast_in_memory(store, slot[p]) ? UMGR_FAST_MEMORY : 0;
+            log->kind[e] = (uint8_t)(kind | (umgr_fast_in_memory(store, slot[p]) ? UMGR_FAST_MEMORY : 0));
             log->read_ns[e] = read_ns / m;
             log->serve_ns[e] = 0;
             umgr_fast_came_in(log, slot[p], protect[p], log->kind[e] & UMGR_FAST_MEMORY, log->read_ns[e]);
@@ -1110,6 +1227,6 @@ static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, 
             break;   /* EAGAIN: an event is queued, the full path's to read first */
         k = j;
     }
-    return log->served;
+    return log->served - before;
 }
 """

@@ -584,14 +584,15 @@ def fast_state_values() -> tuple[int, int, int]:
     return _lib.UMGR_STATE_FRESH, _lib.UMGR_STATE_RESIDENT, _lib.UMGR_STATE_SWAPPED
 
 
-def fast_flag_values() -> tuple[int, int]:
-    """The DISCARDABLE and PREFETCHED flag bits umgr_fast_serve was built with."""
-    return _lib.UMGR_FLAG_DISCARDABLE, _lib.UMGR_FLAG_PREFETCHED
+def fast_flag_values() -> tuple[int, int, int]:
+    """The DISCARDABLE, PREFETCHED and CLUSTERED flag bits umgr_fast_serve was built with."""
+    return _lib.UMGR_FLAG_DISCARDABLE, _lib.UMGR_FLAG_PREFETCHED, _lib.UMGR_FLAG_CLUSTERED
 
 
 FAST_WP = _lib.UMGR_FAST_WP                           # log kind: a write to a resident page
 FAST_WAS_PREFETCHED = _lib.UMGR_FAST_WAS_PREFETCHED   # ... that had come in by prefetch
 FAST_MEMORY = _lib.UMGR_FAST_MEMORY                   # a MISSING fault's page came from a memory tier
+FAST_CLUSTER = _lib.UMGR_FAST_CLUSTER                 # a page brought beside a lone fault: not a fault
 FAST_WHY_FULL = _lib.UMGR_FAST_WHY_FULL               # log.why: the log filled up
 FAST_WHY_SLICE = _lib.UMGR_FAST_WHY_SLICE             # log.why: the call's time slice ran out
 FAST_WHY_ROOM = _lib.UMGR_FAST_WHY_ROOM               # log.why: the budget's room or high water mark reached

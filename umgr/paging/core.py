@@ -73,6 +73,27 @@ class Busy:
             await self._idle.wait()
 
 
+class Share:
+    """Of the latest events (the counts halve past MEMORY events), how many
+    were of a kind."""
+    MEMORY = 4096
+
+    def __init__(self):
+        self.events = 0
+        self.of_kind = 0
+
+    def count(self, events: int, of_kind: int) -> None:
+        self.events += events
+        self.of_kind += of_kind
+        if self.events > self.MEMORY:
+            self.events //= 2
+            self.of_kind //= 2
+
+    def percent(self, unknown: int) -> int:
+        """The share in percent, or `unknown` before 64 events."""
+        return self.of_kind * 100 // self.events if self.events >= 64 else unknown
+
+
 class TargetCore:
     def __init__(self, *, pid: int, label: str, uffd: Userfaultfd, backend, budget: Budget,
                  eviction, clean_copies: str, pt: PageTable, on_pause: Callable[[], None] = lambda: None,
@@ -105,6 +126,7 @@ class TargetCore:
         self.zapping_moved: list[np.ndarray] = []   # where mremap put ZAPPING pages while their zap was in flight
         self.zap_waiters: set[int] = set()   # pages whose faults were left blocked while they were ZAPPING
         self.evictions = 0                # pages evicted so far: the clock of refault distances
+        self.refaults = Share()           # of the latest faults on swapped pages, those back soon (near)
         self.fill_reads = Busy()          # the fault path's backend reads in flight
         self.evicted = Wakeup()           # the fault path waiting at the budget, woken by a zap
         self._evict_wanted = trio.Event()
@@ -138,10 +160,16 @@ class TargetCore:
 
     def refaulted(self, vpns: np.ndarray, slots: np.ndarray) -> None:
         """Faulting pages (sorted) came back from these slots: tell the
-        eviction policy how long they were out (pages evicted since)."""
-        if len(vpns) and self.eviction.wants_refaults:
+        eviction policy how long they were out (pages evicted since), and
+        count those back soon (self.refaults)."""
+        if len(vpns):
             now = np.uint32(self.evictions & 0xFFFFFFFF)
-            self.eviction.on_refault(vpns, (now - self.slots.evicted_at[slots]).astype(np.int64))
+            distances = (now - self.slots.evicted_at[slots]).astype(np.int64)
+            near = int((distances <= self.pt.resident).sum())
+            self.stats.near_refaults += near
+            self.refaults.count(len(vpns), near)
+            if self.eviction.wants_refaults:
+                self.eviction.on_refault(vpns, distances)
 
     def left_residency(self, vpns: np.ndarray) -> None:
         """Pages left the resident set (evicted, unmapped, discarded, moved)."""

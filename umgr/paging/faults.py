@@ -53,7 +53,8 @@ class FaultService:
         self._zeros = PageBuffer(1)
         self._one_slot = np.zeros(1, np.int32)                 # _fill_one's backend read
         self._one_addr = self._fill.addrs(np.zeros(1, np.int64))
-        self.fast = FastPath(core, spin, enabled=fast_path)    # the common case in C (fastpath.py)
+        self.fast = FastPath(core, spin, enabled=fast_path,    # the common case in C (fastpath.py)
+                             cluster=getattr(prefetch, "cluster", 0))
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
@@ -273,6 +274,8 @@ class FaultService:
             core.became_resident(np.array([vpn], np.int64))
         if state != State.UNMAPPED:
             core.pt.clear_flag(vpn, Flag.DISCARDABLE)  # application hints: a write cancels DISCARDABLE
+            if core.pt.clear_flag(vpn, Flag.CLUSTERED):
+                self.fast.cluster_hit()
             if core.pt.clear_flag(vpn, Flag.PREFETCHED):
                 core.stats.prefetch_hits += 1
                 self.prefetch.on_prefetch_hit(vpn)

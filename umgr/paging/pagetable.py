@@ -60,6 +60,8 @@ class Flag:
                      # without writing it (it reads back as zero). The page
                      # is write-protected, so a write faults and clears this.
     PREFETCHED = 2   # brought in by the prefetch policy, no use seen yet
+    CLUSTERED = 4    # with PREFETCHED: brought beside a lone fault by the C fast path
+                     # (the readahead policy's cluster), no use seen yet
 
 
 FLAGGED_STATES = (State.RESIDENT, State.EVICTING, State.ZAPPING)   # consecutive values
