@@ -182,30 +182,43 @@ def run_workload(w: Workload, variants, *, kernel: bool, rounds: int, umgr_cmd: 
     runs: dict[str, list[dict]] = {}
     if plain is not None:
         runs["plain"] = [{**plain, "round": 0}]
-    for r in range(rounds):
-        tag = f"{w.name} round {r + 1}/{rounds}" if rounds > 1 else w.name
-        if plain is None or r > 0:
-            log(f"{tag}: plain ...")
-            runs.setdefault("plain", []).append({**run_plain(w, timeout), "round": r})
-        if kernel:
-            log(f"{tag}: kernel swap (swapfile {w.swap_mib} MiB + cgroup limit {w.budget_mib} MiB) ...")
-            result = run_kernel_tries(w, timeout, attempts, tag, log)
-            if result is None:
-                log(f"{tag}: no kernel column for {w.name}")
-                runs.pop("kernel", None)
-                kernel = False
-            else:
-                runs.setdefault("kernel", []).append({**result, "round": r})
-        if kernel and kernel_poll:
+
+    def kernel_run(r: int, tag: str) -> None:
+        nonlocal kernel
+        if not kernel:
+            return
+        log(f"{tag}: kernel swap (swapfile {w.swap_mib} MiB + cgroup limit {w.budget_mib} MiB) ...")
+        result = run_kernel_tries(w, timeout, attempts, tag, log)
+        if result is None:
+            log(f"{tag}: no kernel column for {w.name}")
+            runs.pop("kernel", None)
+            kernel = False
+            return
+        runs.setdefault("kernel", []).append({**result, "round": r})
+        if kernel_poll:
             log(f"{tag}: kernel swap, idle CPUs polling ...")
             with idle_polling():
                 result = run_kernel_tries(w, timeout, attempts, tag, log)
             if result is not None:
                 runs.setdefault("kernel+poll", []).append({**result, "round": r})
-        for label, args in variants:
-            log(f"{tag}: umgr {label} ...")
-            runs.setdefault(f"umgr {label}", []).append(
-                {**run_umgr(w, label, args, umgr_cmd, work, timeout, attempts), "round": r})
+
+    def umgr_run(label: str, args: list[str], r: int, tag: str) -> None:
+        log(f"{tag}: umgr {label} ...")
+        runs.setdefault(f"umgr {label}", []).append(
+            {**run_umgr(w, label, args, umgr_cmd, work, timeout, attempts), "round": r})
+
+    # Each round starts one configuration later, so that none always runs
+    # right after kernel swap's (whose swapfile's writeback and swapoff may
+    # still be going on) or always first.
+    steps = [kernel_run] + [lambda r, tag, label=label, args=args: umgr_run(label, args, r, tag)
+                            for label, args in variants]
+    for r in range(rounds):
+        tag = f"{w.name} round {r + 1}/{rounds}" if rounds > 1 else w.name
+        if plain is None or r > 0:
+            log(f"{tag}: plain ...")
+            runs.setdefault("plain", []).append({**run_plain(w, timeout), "round": r})
+        for step in steps[r % len(steps):] + steps[:r % len(steps)]:
+            step(r, tag)
     configs = {}
     for name, rs in runs.items():
         best = min(rs, key=lambda x: _total(x["result"]))
