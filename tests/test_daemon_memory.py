@@ -114,6 +114,6 @@ def test_a_large_targets_exit_adds_little_to_the_daemons_peak(tmp_path, shim, pr
             assert proc.returncode == 0 and out.startswith(b"ok 262144 pages"), (out, err)
             wait_for(lambda: target_status(daemon, proc.pid) is None, 30, f"pid {proc.pid} to be released")
             peak_grown_bytes = (vm_kb(daemon.proc.pid, "VmHWM") - rss) * 1024
-            assert peak_grown_bytes < 8 * 262144, peak_grown_bytes
+            assert peak_grown_bytes < 12 * 262144, peak_grown_bytes   # (3-4 measured, 18 before)
     finally:
         daemon.stop()

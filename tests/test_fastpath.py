@@ -34,8 +34,9 @@ def test_random_faults_go_the_fast_path_and_every_byte_comes_back(umgr_exec, pro
     # Most (streams the prefetch policy sees take the full path). With 4
     # threads the reads of a group are in flight together: counted as the
     # group's time each, they once looked slow to the file backend, which
-    # then sent every swapped fault to the full path (94% -> under half).
-    assert stats["faults_fast"] >= 0.8 * stats["faults"], stats
+    # then sent every swapped fault to the full path (94% -> under half):
+    # 0.65 leaves load room and still sees that.
+    assert stats["faults_fast"] >= 0.65 * stats["faults"], stats
     # Some while the daemon's thread settled the faults before: calls that
     # ended on the high water mark, their slice or a full log.
     assert stats["faults_background"] > 0, stats
@@ -93,8 +94,11 @@ def test_sequential_scans_still_prefetch(umgr_exec, programs):
         assert result.stats["prefetched"] > 3 * (64 - 16) * MiB // PAGE // 2, result.stats
     assert full.stats["faults_fast"] == 0 and full.stats["prefetched_fast"] == 0
     assert fast.stats["faults"] <= 1.5 * full.stats["faults"] + 200, (fast.stats, full.stats)
-    # A stream's next window comes in through C, ahead of its faulting page.
-    assert fast.stats["prefetched_fast"] >= 0.9 * fast.stats["prefetched"], fast.stats
+    # A stream's next window comes in through C, ahead of its faulting page
+    # (the Python path alone: none; windows asked for when the budget left
+    # the C call no room go the full path: how many is timing, as in
+    # test_fresh_pages_in_a_window_read_zero_beside_swapped_ones).
+    assert fast.stats["prefetched_fast"] >= 0.8 * fast.stats["prefetched"], fast.stats
 
 
 @pytest.mark.timeout(120)
@@ -110,8 +114,10 @@ def test_strided_scans_are_seen_at_once(umgr_exec, programs):
         assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
         assert result.stats["pages_in"] >= 2 * (64 - 16) * MiB // PAGE, result.stats   # the data really left
         assert result.stats["prefetched"] > 0.8 * result.stats["pages_in"], result.stats
-    assert fast.stats["faults"] <= 1.2 * full.stats["faults"] + 100, (fast.stats, full.stats)
-    assert fast.stats["prefetched_fast"] >= 0.9 * fast.stats["prefetched"], fast.stats
+    # (695 against 658 in one pair; unseen strides: 1225, 1.86x. Single
+    # runs each: 1.5x leaves their spread room.)
+    assert fast.stats["faults"] <= 1.5 * full.stats["faults"] + 100, (fast.stats, full.stats)
+    assert fast.stats["prefetched_fast"] >= 0.8 * fast.stats["prefetched"], fast.stats
 
 
 @pytest.mark.timeout(180)

@@ -47,11 +47,13 @@ def test_rereads_after_rewrites_keep_copies_again_within_a_few_windows(umgr_exec
     assert rewrite.stats["copied_out"] >= (64 + 64 - 16 - 16) * MiB // PAGE, rewrite.stats   # both passes left
     assert reread.stats["pages_in"] >= 2 * (64 - 16) * MiB // PAGE + rewrite.stats["pages_in"], reread.stats
     # The reads' writes: the rewritten pages still resident when they began
-    # (16 MiB) and the pages read before copies came back: ~5 MiB (22 samples).
-    # (Sampled a window at a time, they came back after up to 64 windows:
-    # up to 64 MiB, about every page of the first read.)
+    # (up to 16 MiB) and the pages read before copies came back: ~5 MiB (22
+    # samples). Measured: 5.1-5.4k pages in all, so 12 MiB of allowance, not
+    # 8 (a difference of two runs, each a batch or so either way). (Sampled a
+    # window at a time, they came back after up to 64 windows: up to 64 MiB,
+    # about every page of the first read; 8.2k pages.)
     read_writes = reread.stats["copied_out"] - rewrite.stats["copied_out"]
-    assert read_writes <= (16 + 8) * MiB // PAGE, (rewrite.stats, reread.stats)
+    assert read_writes <= (16 + 12) * MiB // PAGE, (rewrite.stats, reread.stats)
 
 
 @pytest.mark.timeout(120)

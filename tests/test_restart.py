@@ -61,9 +61,9 @@ def test_target_of_a_killed_daemon_waits_then_is_killed_never_reads_zeros(daemon
     env = daemon.env(shim, UMGR_GRACE_SECONDS="1")
     with started([programs["pattern"], "128", "mmap", "srb"], env=env) as target:
         assert wait_paging(daemon, target.pid, pages=8192)["swapped_bytes"] > 0
+        killed_at = time.monotonic()   # (before: a stall after the kill cannot shorten `waited`)
         daemon.proc.kill()
         daemon.proc.wait(10)
-        killed_at = time.monotonic()
         try:
             out, err = target.communicate(timeout=30)
         except subprocess.TimeoutExpired:

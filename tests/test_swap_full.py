@@ -24,7 +24,9 @@ def test_full_swap_pauses_eviction_loses_nothing_and_resumes(umgr_exec, programs
     # Over budget while paused, but never by more than what could not go out,
     # plus the low-water headroom and what faults bring in while eviction
     # waits for slots: a fault batch of MAX_FILL_PAGES may pass the budget
-    # after BACKPRESSURE_LIMIT (seen 0.8 MiB over a 2 MiB allowance under load).
-    allowance = 2 * MiB + 2 * tuning.MAX_FILL_PAGES * PAGE
+    # after BACKPRESSURE_LIMIT (seen 0.8 MiB over a 2 MiB allowance under
+    # load; with two such batches allowed, 1.2 MiB was left). Twice that,
+    # and a budget not held at all would still show: 48 MiB.
+    allowance = 4 * MiB + 4 * tuning.MAX_FILL_PAGES * PAGE
     assert stats["peak_resident_bytes"] <= 64 * MiB - 40 * MiB + allowance, stats
     assert stats["swap_slots_in_use_at_exit"] == 0
