@@ -382,7 +382,7 @@ class FastPath:
         self._log = self._served.c
         # Settling may have noted a prefetch window meanwhile (prefetching()).
         self._log.streams, self._log.stream_step = settled.c.streams, settled.c.stream_step
-        self.core.stats.faults_background += self._log.served
+        self.core.stats.faults_background += self._log.served - self._log.clustered   # (faults only)
         return outcome
 
     def settle(self) -> tuple[list[int], list[int]]:
