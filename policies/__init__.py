@@ -54,9 +54,9 @@ class PrefetchPolicy:
     name = "base"
     # Pages of a lone fault's aligned block (a power of 2, at most 8; 0:
     # none) that the C fast path brings with it, of those that went out
-    # with it, while most such pages are seen written soon after. No hook
-    # is called for them: it is done in C, before the policy hears of the
-    # fault (umgr/paging/fastpath.py).
+    # with it, while such pages are seen written more often than the pages
+    # they push out are wanted back. No hook is called for them: it is done
+    # in C, before the policy hears of the fault (readahead.py says more).
     cluster = 0
 
     def on_fault(self, vpn: int, region_start: int, region_end: int) -> Sequence[int] | np.ndarray:

@@ -31,7 +31,10 @@ The C call is made only where its answer is the full path's:
   pages always.
 It serves write-protect faults on RESIDENT pages too (a page
 that came in clean or by prefetch, written): unprotected, its clean copy
-and flags dropped. Everything else the call reads (other events, faults
+and flags dropped. After a lone fault on a swapped page it may bring in
+pages of its block (PrefetchPolicy.cluster: umgr_fast_cluster), which the
+full path does not: they are the policy's, done in C, and settle() counts
+them as prefetched. Everything else the call reads (other events, faults
 on pages in other states, failed reads, copies or unprotects) it hands
 back, still in the message buffer.
 
