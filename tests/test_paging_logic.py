@@ -10,6 +10,7 @@ import trio
 from umgr.daemon.status import SUMMED, Totals
 from umgr.metrics import EXPORTED, FAULT_KINDS
 from umgr.paging.budget import Budget
+from umgr.paging.core import Share
 from umgr.paging.faults import clean_parts, runs_faulting_last
 from umgr.paging.readgate import ReadGate
 from umgr.paging.removes import RemoveAttribution
@@ -507,3 +508,16 @@ def test_victims_in_a_batch_in_flight_are_found_as_isin_finds_them():
         others = np.unique(rng.integers(0, 64, rng.integers(1, 40)))
         assert (_among(vpns, others) == np.isin(vpns, others)).all(), (vpns, others)
     assert _among(np.array([0, 5, 9]), np.array([5])).tolist() == [False, True, False]
+
+
+def test_a_share_speaks_of_the_latest_events_once_there_are_enough():
+    # (The bar a lone fault's block must clear: the share of faults that
+    # brought back a page evicted less than a resident set ago.)
+    share = Share()
+    share.count(63, 63)
+    assert share.percent(unknown=100) == 100   # too few to judge: the caller's answer
+    share.count(1, 0)
+    assert share.percent(unknown=100) == 98
+    for _ in range(100):   # a long run of far refaults outweighs what came before
+        share.count(64, 0)
+    assert share.events <= Share.MEMORY and share.percent(unknown=100) <= 2

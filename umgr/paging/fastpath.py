@@ -432,8 +432,7 @@ class FastPath:
             came_in = [vpn for vpn, kind in zip(vpns, kinds) if not kind & uffdmod.FAST_WP]
             missing = [vpn for vpn, kind in zip(vpns, kinds) if not kind & (uffdmod.FAST_WP | uffdmod.FAST_CLUSTER)]
         if came_in:
-            # (FIFO wants no refaults: no arrays to make, unless they decide the cluster)
-            if c.swapped and (core.eviction.wants_refaults or self.cluster):
+            if c.swapped:   # (their distances: the eviction policy's, and near_refaults)
                 # (a WP entry's slot is the clean copy its write dropped)
                 back = [(vpn, slot) for vpn, slot, kind in zip(vpns, log.slots[:n].tolist(), kinds)
                         if slot != NO_SLOT and not kind & (uffdmod.FAST_WP | uffdmod.FAST_CLUSTER)]
