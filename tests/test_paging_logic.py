@@ -521,3 +521,12 @@ def test_a_share_speaks_of_the_latest_events_once_there_are_enough():
     for _ in range(100):   # a long run of far refaults outweighs what came before
         share.count(64, 0)
     assert share.events <= Share.MEMORY and share.percent(unknown=100) <= 2
+
+
+def test_a_prefetch_window_takes_a_16th_of_a_small_budget_nearest_the_fault_first():
+    # (At 4 MiB, four threads' windows of 256 pages pushed out each other's
+    # before use: tests/programs/threads.c took 30-60 s instead of 2, one run in 15.)
+    up, down = np.arange(101, 357), np.arange(0, 100)
+    assert Budget(1024).window(100, up).tolist() == list(range(101, 165))     # 64 pages, ascending
+    assert Budget(1024).window(100, down).tolist() == list(range(36, 100))    # the 64 below, not the far end
+    assert Budget(4096).window(100, up) is up and Budget(0).window(100, up) is up

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from umgr.paging.tuning import EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES
+import numpy as np
+
+from umgr.paging.tuning import (EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HIGH_WATER_DIVISOR,
+                                HIGH_WATER_MIN_PAGES, WINDOW_DIVISOR)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,15 @@ class Budget:
         """Pages that may come in ahead of demand without crossing the high
         mark (`otherwise` when there is no limit)."""
         return self.high_water - resident if self.limited else otherwise
+
+    def window(self, vpn: int, pages: np.ndarray) -> np.ndarray:
+        """A prefetch window for a fault on vpn (sorted vpns) cut to the
+        share of the budget one may take: the pages nearest vpn, sorted (a
+        descending stream's window lies below it)."""
+        most = max(1, self.pages // WINDOW_DIVISOR)
+        if not self.limited or len(pages) <= most:
+            return pages
+        return np.sort(pages[np.argsort(np.abs(pages - vpn), kind="stable")[:most]])
 
     def prefetch_allowed(self, resident: int, filling: int) -> bool:
         """No prefetch at the budget: it would only be evicted again."""

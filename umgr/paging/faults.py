@@ -170,7 +170,8 @@ class FaultService:
             self.prefetch.on_prefetch_hit(vpn)
         if not vpns:
             return []
-        windows = self.prefetch.on_faults(self.fast.with_bounds(vpns))
+        windows = [(vpn, self.core.budget.window(vpn, window))
+                   for vpn, window in self.prefetch.on_faults(self.fast.with_bounds(vpns))]
         for vpn, window in windows:
             self.fast.prefetching(vpn, window)
         return [window for _, window in windows]
@@ -424,7 +425,7 @@ class FaultService:
         if len(fill) >= MAX_FILL_PAGES or not core.budget.prefetch_allowed(pt.resident, len(fill)):
             return
         first, end = pt.bounds(vpn)
-        extra = self.prefetch.on_fault(vpn, first, end)
+        extra = core.budget.window(vpn, self.prefetch.on_fault(vpn, first, end))
         if len(extra):
             self.fast.prefetching(vpn, extra)
         self._add_prefetch(extra, fill)

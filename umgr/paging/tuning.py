@@ -1,6 +1,13 @@
 """The numbers that shape a target's paging, in one place."""
 
 MAX_FILL_PAGES = 256      # pages brought in per fault batch (staging buffer)
+# A prefetch window takes at most this share of the budget (below 16 MiB,
+# less than MAX_FILL_PAGES). At 4 MiB an eviction round swings between 448
+# and 960 pages, and four threads' sequential scans with windows of 256
+# pages each pushed out each other's windows before use: about one run in
+# 15 of tests/programs/threads.c (40 MiB, 4 threads) took 30-60 s instead
+# of 2, with 3x the pages read and 50k faults instead of 5k.
+WINDOW_DIVISOR = 16
 # Pages per eviction batch: a 32nd of the budget, from 512 to 2048. Each
 # batch has a fixed cost in the daemon (a process_vm_readv, write-protects
 # and move-outs, a backend write, the tasks' hand-overs). A first touch of
