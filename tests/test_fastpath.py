@@ -141,6 +141,24 @@ def test_blocks_read_then_updated_come_in_whole_at_their_first_fault(umgr_exec, 
     assert on.stats["faults_swapped"] < 0.7 * off.stats["faults_swapped"], (on.stats, off.stats)
 
 
+@pytest.mark.timeout(120)
+def test_blocks_stay_out_where_the_pages_they_push_out_come_back(umgr_exec, programs):
+    # 24 MiB filled page by page under 16 MiB, then its pages visited one
+    # by one in random order (read, then rewritten), twice. The fill's
+    # batches went out together, so every lone fault's block qualifies as
+    # evicted with it; but most refaults are near (the working set is 1.5x
+    # the budget), and each page a block brings pushes out one that would
+    # come back: the bar (the near-refault share) keeps whole blocks out,
+    # and only the probes, one page in 16 lone faults, come. Measured:
+    # 4.5-4.9% of swapped faults brought a page beside them; with the bar
+    # held at 0, 221%, with 1.8x the pages written out.
+    result = umgr_exec([programs["blocks"], "24", "2", "1"], max_resident="16M")
+    assert_intact(result, 24, 16)
+    stats = result.stats
+    assert stats["near_refaults"] > 0.5 * stats["faults_swapped"], stats   # the shape the test is about
+    assert stats["clustered"] < 0.25 * stats["faults_swapped"], stats
+
+
 def test_the_call_runs_long_only_while_nothing_else_is_ready():
     # The C call watches the event loop's epoll set; it gets the long
     # slice only while no other task is runnable and no timer is due.
