@@ -266,3 +266,24 @@ def test_fresh_pages_in_a_window_read_zero_beside_swapped_ones(umgr_exec, progra
     # runs here (this stop's code and the last stop's alike), 0.888 once in
     # CI, against a bound of 0.9 then.
     assert stats["prefetched_fast"] >= 0.8 * stats["prefetched"], stats
+
+
+def test_blocks_stop_when_the_prefetch_policy_is_disabled():
+    # The C call brings a lone fault's block for the prefetch policy (its
+    # `cluster`); once a hook of the policy raised and the guard disabled
+    # it, no more blocks come.
+    from types import SimpleNamespace
+
+    from umgr.paging.pagetable import PageTable
+    from umgr.policies import GuardedPrefetch
+    from umgr.policies.readahead import Readahead
+
+    class Raises(Readahead):
+        def on_fault(self, vpn, region_start, region_end):
+            raise RuntimeError("a bug in a plug-in")
+
+    guarded = GuardedPrefetch(Raises(cluster=8), target="test")
+    fast = fastpath.FastPath(SimpleNamespace(pt=PageTable()), 0.0, prefetch=guarded)
+    assert fast.cluster == 8
+    assert guarded.on_fault(10, 0, 100).size == 0 and guarded.disabled
+    assert fast.cluster == 0

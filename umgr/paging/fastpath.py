@@ -150,10 +150,10 @@ class _Entry:
 
 
 class FastPath:
-    def __init__(self, core: TargetCore, spin: float, enabled: bool = True, cluster: int = 0):
+    def __init__(self, core: TargetCore, spin: float, enabled: bool = True, prefetch=None):
         self.core = core
         self.enabled = enabled
-        self.cluster = cluster   # PrefetchPolicy.cluster: pages of a lone fault's block that may come with it
+        self._prefetch = prefetch   # the (guarded) prefetch policy, for its cluster
         self.overlap = True   # settle beside the next call (off if no thread can be had)
         self.spin_ns = int(spin * 1e9)
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
@@ -302,6 +302,13 @@ class FastPath:
         core.backend.reads_done_elsewhere(
             ReadsDone(c.file_reads, c.file_read_ns * 1e-9, c.slow_file_reads, log.file_buckets),
             ReadsDone(c.memory_reads, c.memory_read_ns * 1e-9, 0, log.memory_buckets))
+
+    @property
+    def cluster(self) -> int:
+        """PrefetchPolicy.cluster: pages of a lone fault's block that may
+        come with it; read at each call, as a policy that raised is
+        disabled (GuardedPrefetch.cluster is 0 then)."""
+        return getattr(self._prefetch, "cluster", 0)
 
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""

@@ -53,8 +53,7 @@ class FaultService:
         self._zeros = PageBuffer(1)
         self._one_slot = np.zeros(1, np.int32)                 # _fill_one's backend read
         self._one_addr = self._fill.addrs(np.zeros(1, np.int64))
-        self.fast = FastPath(core, spin, enabled=fast_path,    # the common case in C (fastpath.py)
-                             cluster=getattr(prefetch, "cluster", 0))
+        self.fast = FastPath(core, spin, enabled=fast_path, prefetch=prefetch)   # the common case in C (fastpath.py)
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
