@@ -533,8 +533,11 @@ static int umgr_bucket(const int64_t *bounds, int n, int64_t v)
 }
 
 /* The counters of a page that came in (from `slot`, 0: zeros; from the
-   store's memory tier if `memory`). */
-static void umgr_fast_came_in(struct umgr_fast_log *log, int32_t slot, int kept, int memory, int64_t read_ns)
+   store's memory tier if `memory`). `sample`: a kept page counts as one
+   of the clean copies whose writes CleanCopies measures (pages brought
+   beside a lone fault do not: they are always kept, to see them used). */
+static void umgr_fast_came_in(struct umgr_fast_log *log, int32_t slot, int kept, int sample, int memory,
+                              int64_t read_ns)
 {
     if (!slot)
         return;
@@ -550,10 +553,10 @@ static void umgr_fast_came_in(struct umgr_fast_log *log, int32_t slot, int kept,
     }
     if (log->file_buckets != NULL)
         (memory ? log->memory_buckets : log->file_buckets)[umgr_bucket(log->io_bounds, log->nio_bounds, read_ns)]++;
-    if (kept)
-        log->kept_count++;
-    else
+    if (!kept)
         umgr_fast_unref(log, slot);
+    else if (sample)
+        log->kept_count++;
 }
 
 /* A fault served: its service time, summed and in the histogram. */
@@ -588,7 +591,7 @@ static int umgr_fast_unprotect(int uffd, const struct uffd_msg *m, const struct 
     log->serve_ns[n] = umgr_now_ns() - started;
     log->wp++;
     if (log->slot[n]) {
-        log->wp_dropped++;
+        log->wp_dropped += !(flags & UMGR_FLAG_CLUSTERED);   /* (not a sample: umgr_fast_came_in) */
         umgr_fast_unref(log, log->slot[n]);
     }
     umgr_fast_served(log, log->serve_ns[n]);
@@ -645,7 +648,7 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     log->read_ns[n] = plan == UMGR_PLAN_SWAPPED || plan == UMGR_PLAN_MEMORY ? read_ns : 0;
     log->serve_ns[n] = umgr_now_ns() - started;
     log->missing++;
-    umgr_fast_came_in(log, slot, kept, plan == UMGR_PLAN_MEMORY, log->read_ns[n]);
+    umgr_fast_came_in(log, slot, kept, 1, plan == UMGR_PLAN_MEMORY, log->read_ns[n]);
     umgr_fast_served(log, log->serve_ns[n]);
     return 1;
 }
@@ -1221,7 +1224,8 @@ static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int
             log->kind[e] = (uint8_t)(kind | (umgr_fast_in_memory(store, slot[p]) ? UMGR_FAST_MEMORY : 0));
             log->read_ns[e] = read_ns / m;
             log->serve_ns[e] = 0;
-            umgr_fast_came_in(log, slot[p], protect[p], log->kind[e] & UMGR_FAST_MEMORY, log->read_ns[e]);
+            umgr_fast_came_in(log, slot[p], protect[p], !(kind & UMGR_FAST_CLUSTER), log->kind[e] & UMGR_FAST_MEMORY,
+                              log->read_ns[e]);
         }
         if (failed)
             break;   /* EAGAIN: an event is queued, the full path's to read first */

@@ -33,10 +33,13 @@ SAMPLED_DECAY = 1 - 1 / SAMPLED_PAGES
 
 
 class CleanCopies:
-    def __init__(self, mode: str = "auto"):
+    def __init__(self, mode: str = "auto", stats=None):
+        """stats: a TargetStats, whose clean_kept and clean_dirtied count
+        what this measures (None: not counted)."""
         if mode not in MODES:
             raise ValueError(f"clean copies: {mode!r} is not one of {', '.join(MODES)}")
         self.mode = mode
+        self.stats = stats
         self.kept = 0.0       # pages kept lately (decaying)
         self.written = 0.0    # of those, dirtied by a write (decaying alike)
         self._fills = 0
@@ -69,12 +72,18 @@ class CleanCopies:
         return self._fills % period == 0
 
     def came_in_clean(self, npages: int) -> None:
-        """npages pages came in write-protected, their copy kept."""
+        """npages pages came in write-protected, their copy kept. (Pages
+        brought beside a lone fault are kept whatever this says, to see
+        them used: the callers leave them out.)"""
         if npages:
+            if self.stats is not None:
+                self.stats.clean_kept += npages
             decay = (SAMPLED_DECAY if self.sampling else DECAY) ** npages
             self.kept = self.kept * decay + npages
             self.written *= decay
 
     def dirtied(self, pages: int = 1) -> None:
         """Kept pages were written: their copies are dropped."""
+        if self.stats is not None:
+            self.stats.clean_dirtied += pages
         self.written = min(self.written + pages, self.kept)

@@ -107,9 +107,9 @@ class TargetCore:
         self.slots = backend.slots
         self.budget = budget
         self.eviction = eviction          # a policies.GuardedEviction
-        self.clean = CleanCopies(clean_copies)   # whether pages read back keep their slot (cleancopies.py)
         self.pt = pt
         self.stats = TargetStats()
+        self.clean = CleanCopies(clean_copies, self.stats)   # whether pages read back keep their slot (cleancopies.py)
         self.trace = NO_TRACE             # umgr.trace: faults and evictions, if recorded
         self.zapper = None                # set when the agent attaches (or remote zap)
         self.gone = False

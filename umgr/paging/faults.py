@@ -274,14 +274,16 @@ class FaultService:
             core.became_resident(np.array([vpn], np.int64))
         if state != State.UNMAPPED:
             core.pt.clear_flag(vpn, Flag.DISCARDABLE)  # application hints: a write cancels DISCARDABLE
-            if core.pt.clear_flag(vpn, Flag.CLUSTERED):
+            clustered = core.pt.clear_flag(vpn, Flag.CLUSTERED)
+            if clustered:
                 self.fast.cluster_hit()
             if core.pt.clear_flag(vpn, Flag.PREFETCHED):
                 core.stats.prefetch_hits += 1
                 self.prefetch.on_prefetch_hit(vpn)
             if core.pt.slot_of(vpn) != NO_SLOT:  # a kept clean copy: the write makes it stale
                 core.drop_clean_copies(np.array([vpn], np.int64))
-                core.clean.dirtied()
+                if not clustered:   # (always kept: not one of the copies CleanCopies measures)
+                    core.clean.dirtied()
         self._retry_eagain(lambda: core.uffd.writeprotect(vpn << PAGE_SHIFT, PAGE_SIZE, False))
 
     def _retry_eagain(self, ioctl) -> int:

@@ -24,6 +24,9 @@ COUNTERS: dict[str, str] = {
                       "(they would have stayed under LRU)"),
     "clustered": "Part of those brought beside a lone fault: pages of its block that went out with it",
     "prefetch_hits": "Prefetched pages seen used (their first write-protect fault)",
+    "clean_kept": ("Pages read back that came in as clean copies (write-protected, their slot kept) as "
+                   "--clean-copies decides; pages brought beside a lone fault, always kept, are not counted"),
+    "clean_dirtied": "Of those, copies a write dropped (auto keeps copies while under half of the latest are)",
     "zero_pages_out": "Evicted pages that were all zero and took no slot",
     "zap_batches": "Eviction batches taken out of the target (moved out by the agent, zapped, or both)",
     "moved_out": "Pages moved out by the shim's agent (UFFDIO_MOVE): no UFFD_EVENT_REMOVE",
