@@ -141,9 +141,9 @@ def test_blocks_read_then_updated_come_in_whole_at_their_first_fault(umgr_exec, 
     assert on.stats["faults_swapped"] < 0.7 * off.stats["faults_swapped"], (on.stats, off.stats)
     # The pages brought beside lone faults come in as clean copies whatever
     # --clean-copies auto decides, so they are not among the copies it
-    # measures: counted with them, their writes (here 26k) would have it
-    # stop keeping copies for the pages read back otherwise (here the final
-    # check's scan: ~15k kept, ~1% written).
+    # measures (here the final check's scan: ~15k kept, ~1% written);
+    # counted with them, their writes (here 26k) weighed in the share it
+    # keeps copies by.
     assert on.stats["clean_kept"] < on.stats["clustered"], on.stats
     assert on.stats["clean_dirtied"] < 0.2 * on.stats["clean_kept"], on.stats
 
