@@ -530,3 +530,5 @@ def test_a_prefetch_window_takes_a_16th_of_a_small_budget_nearest_the_fault_firs
     assert Budget(1024).window(100, up).tolist() == list(range(101, 165))     # 64 pages, ascending
     assert Budget(1024).window(100, down).tolist() == list(range(36, 100))    # the 64 below, not the far end
     assert Budget(4096).window(100, up) is up and Budget(0).window(100, up) is up
+    # Never one page: a strided stream's window says its step (of 3 here).
+    assert Budget(20).window(100, np.arange(103, 200, 3)).tolist() == [103, 106]

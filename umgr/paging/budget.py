@@ -78,8 +78,11 @@ class Budget:
     def window(self, vpn: int, pages: np.ndarray) -> np.ndarray:
         """A prefetch window for a fault on vpn (sorted vpns) cut to the
         share of the budget one may take: the pages nearest vpn, sorted (a
-        descending stream's window lies below it)."""
-        most = max(1, self.pages // WINDOW_DIVISOR)
+        descending stream's window lies below it). At least two, so that
+        a strided stream's window still says its step (the C fast path
+        looks for the stream's next fault a step past its far end:
+        FastPath.prefetching)."""
+        most = max(2, self.pages // WINDOW_DIVISOR)
         if not self.limited or len(pages) <= most:
             return pages
         return np.sort(pages[np.argsort(np.abs(pages - vpn), kind="stable")[:most]])
