@@ -31,7 +31,7 @@ with it (in the same eviction batch, or within a hundredth of the resident
 set's evictions of it), so came in and were in use with it. They come in
 write-protected. Each pushes a page out, so they come while more of those
 brought lately were written soon after than the share of faults that bring
-back a page evicted fewer evictions ago than there are resident pages (how
+back a page evicted no more evictions ago than there are resident pages (how
 likely the page pushed out is to be wanted back), by 10 points; otherwise
 one page at one lone fault in 16 does, to go on measuring. The kernel counts a readahead page used when a fault maps it
 from the swap cache, a read included; umgr sees only writes, so blocks

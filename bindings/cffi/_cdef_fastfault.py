@@ -891,7 +891,7 @@ static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int
    reads after a scan 15% of their time: the scan's pages went out
    together). Each page brought pushes one out, and the bar is how likely
    that one is to be wanted back soon: the share of the latest faults on
-   swapped pages that brought back a page evicted fewer evictions ago than
+   swapped pages that brought back a page evicted no more evictions ago than
    there are resident pages (TargetCore.refaults). */
 static int umgr_cluster_wanted(struct umgr_fast_log *log)
 {

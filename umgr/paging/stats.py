@@ -20,7 +20,7 @@ COUNTERS: dict[str, str] = {
     "copied_out": "Pages copied out of the target for eviction (a clean copy's page is not: its slot holds it)",
     "prefetched": "Pages brought in by the prefetch policy with a fault",
     "prefetched_fast": "Part of them brought in by the C fast path, after faults it served",
-    "near_refaults": ("Faults on swapped pages evicted fewer evictions ago than there were resident pages "
+    "near_refaults": ("Faults on swapped pages evicted no more evictions ago than there were resident pages "
                       "(they would have stayed under LRU)"),
     "clustered": "Part of those brought beside a lone fault: pages of its block that went out with it",
     "prefetch_hits": "Prefetched pages seen used (their first write-protect fault)",
