@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
 import time
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
+from umgr.kernel.sharedmap import map_shared
 from umgr.paging.pagetable import MemoryArrays, PageTable, Region, copy_nonzero
 
 log = logging.getLogger("umgr.daemon")
@@ -40,11 +39,6 @@ HEADER_BYTES = 64
 PREFIX = "r"
 RECORD = "target.json"   # the target's identity (umgr/daemon/statedir.py): without it, no restart takes it back
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 @dataclass(eq=False)
@@ -63,23 +57,9 @@ def _file_size(npages: int) -> int:
     return _slot_offset(npages) + 4 * npages
 
 
-def _map_shared(fd: int, size: int):
-    """The file's first `size` bytes, mapped shared, as a ctypes byte array
-    (its address: ctypes.addressof). Not with the mmap module: it keeps a
-    duplicate of the descriptor per mapping (Python < 3.13), a descriptor
-    per region. The mapping goes when the last object viewing it does."""
-    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
-    if addr is None or addr == MAP_FAILED:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    memory = (ctypes.c_uint8 * size).from_address(addr)
-    weakref.finalize(memory, _libc.munmap, addr, size)
-    return memory
-
-
 def _map(fd: int, npages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The file's header, state and slot arrays, mapped shared."""
-    memory = _map_shared(fd, _file_size(npages))
+    memory = map_shared(fd, _file_size(npages))
     header = np.frombuffer(memory, np.int64, 4, 0)
     state = np.frombuffer(memory, np.uint8, npages, HEADER_BYTES)
     slot = np.frombuffer(memory, np.int32, npages, _slot_offset(npages))
@@ -246,7 +226,7 @@ class EventJournal:
                 os.ftruncate(fd, self.size)
             elif os.fstat(fd).st_size != self.size:
                 raise ValueError(f"{JOURNAL}: {os.fstat(fd).st_size} bytes, not {self.size}")
-            memory = _map_shared(fd, self.size)
+            memory = map_shared(fd, self.size)
         finally:
             os.close(fd)
         self.address = ctypes.addressof(memory)
