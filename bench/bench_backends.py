@@ -162,10 +162,12 @@ def _umgr_codec(codec: str):
     import ctypes
 
     from umgr.backends.compressed import CODECS, ENTRY_LZ4, INCOMPRESSIBLE
+    from umgr.backends.region import Region
     from umgr.bindings._kernel import ffi, lib
     from umgr.kernel.buffers import PageBuffer, bytes_address
     kind, level = CODECS[codec]
     handle, dctx, buf = lib.umgr_codec_new(kind, level), lib.umgr_zstd_new_dctx(), PageBuffer(1)
+    region = Region(2, 1 << 20)   # a heap for one page at a time
     page_addr, lengths, values = np.array([buf.addr], np.uint64), np.zeros(1, np.int32), np.zeros(1, np.uint64)
     c_page, c_lengths, c_values = (ffi.cast(t, a.ctypes.data) for t, a in
                                    (("uint64_t *", page_addr), ("int32_t *", lengths), ("uint64_t *", values)))
@@ -173,16 +175,16 @@ def _umgr_codec(codec: str):
 
     def compress(page: bytes) -> bytes:
         ctypes.memmove(buf.addr, page, PAGE)
-        lib.umgr_codec_pack_batch(handle, c_page, 1, INCOMPRESSIBLE, 0, c_lengths, c_values)
+        lib.umgr_codec_pack_batch(handle, region.heap, c_page, 1, INCOMPRESSIBLE, 0, c_lengths, c_values)
         length = int(lengths[0])
         if length <= 0:
             return page
-        blob = ffi.buffer(ffi.cast("char *", int(values[0])), length - flag)[:]
-        lib.umgr_entries_free(c_lengths, c_values, 1)
+        blob = ffi.buffer(ffi.cast("char *", region.area_address + int(values[0])), length - flag)[:]
+        lib.umgr_entries_free(region.heap, c_lengths, c_values, 1)
         return blob
 
     def decompress(blob: bytes) -> None:
-        if len(blob) < PAGE and not lib.umgr_entry_unpack(dctx, len(blob) + flag, bytes_address(blob), buf.addr):
+        if len(blob) < PAGE and not lib.umgr_entry_unpack(dctx, len(blob) + flag, bytes_address(blob), 0, buf.addr):
             raise BenchError(f"{codec}: a page did not come back")
 
     return compress, decompress

@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from umgr.backends import IO_BUCKETS, NO_READS, ReadsDone, open_chain, persists
-from umgr.backends.compressed import ENTRY_LZ4, CompressedBackend
+from umgr.backends.compressed import ENTRY_LZ4, ENTRY_OVERHEAD, CompressedBackend
+from umgr.backends.region import SPAN, WARM_SPANS
 from umgr.backends.tiered import DEMOTE_BATCH, Tiered
 from umgr.cli import _backend_value
 from umgr.errors import BackendError, BackendFull
@@ -218,7 +219,34 @@ def test_freed_slots_give_their_memory_back(backend):
     for tier in backend.statistics()["tiers"]:
         assert tier["pages"] == 0, tier
         if tier["tier"] == "compressed":
-            assert tier["used_bytes"] == 0, tier
+            assert tier["used_bytes"] == tier["heap_bytes"] == 0, tier
+
+
+@pytest.mark.timeout(60)
+def test_the_compressed_heap_gives_emptied_spans_back_to_the_kernel():
+    """The region is a memfd: its pages are the store's memory. Spans
+    emptied by freed slots go back (MADV_REMOVE), not only to the heap,
+    but for the few it keeps for the next pages stored."""
+    n = 8000
+    out = PageBuffer(n)
+    mixed_pages(out, n, 14)
+    held = os.memfd_create("umgr-test", os.MFD_CLOEXEC)
+    store = CompressedBackend(size=64 << 20, region_fd=held)
+    try:
+        def backed() -> int:
+            return os.fstat(held).st_blocks * 512
+        index = backed()   # the header and the index pages touched so far
+        slots = store.slots.alloc(n)
+        run_io(store.write, slots, out.addrs(np.arange(n)))
+        full = backed()
+        assert full - index >= store.held_bytes - ENTRY_OVERHEAD * store.pages_held > 4 * WARM_SPANS * SPAN
+        store.slots.free(slots)
+        assert store.tier_statistics()[0]["heap_bytes"] == 0
+        index_bytes = 12 * store.slots.span   # the index's pages the writes touched (length, where)
+        assert backed() - index <= WARM_SPANS * SPAN + index_bytes, (index, full, backed())
+    finally:
+        store.close()
+        os.close(held)
 
 
 # ---- the compressed store ---------------------------------------------------------
@@ -404,6 +432,9 @@ def test_bad_specs_say_what_is_wrong():
         open_specs(["compressed:cap"])
     with pytest.raises(ValueError, match="cannot sit in front"):
         open_specs(["file", "compressed"])
+    for internal in ("region_fd=0", "reuse=1"):   # a descriptor of umgr's own; what a restart takes over
+        with pytest.raises(ValueError, match="is set by umgr itself"):
+            open_specs([f"compressed:{internal}"])
 
 
 def test_umgr_exec_refuses_a_bad_backend_in_one_line():
@@ -432,6 +463,8 @@ def test_tier_metrics_report_what_each_tier_holds():
         assert samples[("umgr_backend_tier_used_bytes", "compressed")] == chain.upper.held_bytes
         assert samples[("umgr_backend_tier_capacity_bytes", "compressed")] == 64 << 10
         assert samples[("umgr_backend_tier_compression_ratio", "compressed")] > 1
+        heap = samples[("umgr_backend_tier_heap_bytes", "compressed")]   # whole spans, holding every chunk
+        assert heap % SPAN == 0 and heap >= chain.upper.held_bytes - ENTRY_OVERHEAD * chain.upper.pages_held > 0
         assert samples[("umgr_backend_tier_demoted_pages_total", "compressed")] == chain.demoted > 0
         assert samples[("umgr_backend_tier_pages", "file")] == n - chain.upper.pages_held
     finally:
@@ -456,8 +489,9 @@ def test_status_shows_each_tier_of_a_chain():
 
 
 # ---- a restart with the store intact ------------------------------------------------------
-# The file and Redis: a compressed store lives in the daemon's memory.
-PERSISTENT = [name for name, specs in BACKENDS.items() if persists([s.replace("REDIS", "1") for s in specs])]
+# Every store: a compressed one in a memfd held for it (as umgr exec holds one).
+PERSISTENT = [name for name, specs in BACKENDS.items()
+              if persists([s.replace("REDIS", "1") for s in specs], memory_held=True)]
 
 
 @pytest.mark.parametrize("name", PERSISTENT)
@@ -471,26 +505,46 @@ def test_a_restarted_daemon_finds_the_store_intact(request, tmp_path, name):
     if any("REDIS" in spec for spec in specs):
         port = str(request.getfixturevalue("redis_cluster").port)
         specs = [spec.replace("REDIS", port) for spec in specs]
-    options = {"size": 8 << 20, "directory": str(tmp_path), "swap_name": "swap", "instance": "conformance"}
+    held = os.memfd_create("umgr-test", os.MFD_CLOEXEC)
+    request.addfinalizer(lambda: os.close(held))
+    options = {"size": 8 << 20, "directory": str(tmp_path), "swap_name": "swap", "instance": "conformance",
+               "region_fd": held}
     n = 300
     out = PageBuffer(n)
     mixed_pages(out, n, 21)
     first = open_chain(specs, {**options, "reuse": False}, _backend_value)
     try:
-        slots = first.slots.alloc(n)
-        run_io(first.write, slots, out.addrs(np.arange(n)))
+        slots = first.slots.alloc(n + 20)
+        run_io(first.write, slots, out.addrs(np.arange(n + 20) % n))
+        first.slots.free(slots[n:])
+        slots = slots[:n]
     finally:
         first.close()   # a crash leaves it so too: the writes were durable when write() returned
     again = open_chain(specs, {**options, "reuse": True}, _backend_value)
     try:
         assert again.slots.capacity == first.slots.capacity
-        again.slots.adopt([slots])
+        again.slots.adopt([slots[:-10]])   # the last 10: a saved table that did not come back
+        again.slots_adopted()
+        slots = slots[:-10]
+        if "compressed" in name:
+            assert again.statistics()["tiers"][0]["pages"] > 0
+        # Pages written after the restart take no chunk a page from before holds.
+        more = again.slots.alloc(n)
+        run_io(again.write, more, out.addrs(np.arange(n)[::-1]))
         back = PageBuffer(n)
-        order = np.random.default_rng(3).permutation(n)
+        order = np.random.default_rng(3).permutation(n - 10)
         run_io(again.read, slots[order], back.addrs(order))
+        assert np.array_equal(out.bytes[:(n - 10) * PAGE], back.bytes[:(n - 10) * PAGE])
+        run_io(again.read, more, back.addrs(np.arange(n)[::-1]))
         assert np.array_equal(out.bytes, back.bytes)
-        fresh = again.slots.alloc(again.slots.capacity - n)
+        again.slots.free(more)
+        fresh = again.slots.alloc(again.slots.capacity - len(slots))
         assert not np.isin(fresh, slots).any() and 0 not in fresh
+        again.slots.free(fresh)
+        assert again.slots.used == len(slots)
+        for tier in again.statistics()["tiers"][:1]:
+            if tier["tier"] == "compressed":   # nothing held but the adopted slots' pages
+                assert tier["pages"] <= len(slots), tier
         again.remove()
         if name == "redis":
             assert request.getfixturevalue("redis_cluster").keys("umgr:conformance:*") == 0
@@ -547,7 +601,7 @@ def test_a_damaged_entry_does_not_unpack(codec):
     store = CompressedBackend(size=1 << 20, codec=codec)
     slots = store.slots.alloc(n)
     run_io(store.write, slots, out.addrs(np.arange(n)))
-    length, where = store.memory_entries()
+    length, where, _ = store.memory_entries()
     text = int(slots[1])
     assert 0 < length[text] % ENTRY_LZ4 < PAGE
     assert (length[text] > ENTRY_LZ4) == (codec == "lz4")   # an entry says which codec made it
@@ -557,3 +611,55 @@ def test_a_damaged_entry_does_not_unpack(codec):
     length[text] += 1
     assert uffdmod.unpack_entry(view.follow(store), text, int(back.addr))
     assert np.array_equal(out.bytes[PAGE:2 * PAGE], back.bytes[:PAGE])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("specs", [["compressed"], ["compressed", "file"]])
+def test_a_store_taken_over_loses_entries_its_heap_could_not_have_made(tmp_path, specs):
+    """A restarted daemon's store trusts no entry blindly: one naming a
+    chunk off its class's grid is marked lost, and so are both entries
+    naming one chunk. Their pages cannot come back: reading one is an
+    error, never another page's bytes, nor the older copy of the slot the
+    file behind holds (a chain's lower store has every slot). The rest
+    read back, and new pages take no chunk of theirs."""
+    n = 64
+    out, back, older = PageBuffer(n), PageBuffer(n), PageBuffer(n)
+    mixed_pages(out, n, 12)
+    mixed_pages(older, n, 13)
+    held = os.memfd_create("umgr-test", os.MFD_CLOEXEC)
+    options = {"size": 1 << 20, "directory": str(tmp_path), "swap_name": "swap", "region_fd": held}
+    try:
+        first = open_chain(specs, {**options, "reuse": False}, _backend_value)
+        slots = first.slots.alloc(n)
+        if len(specs) > 1:   # the file holds an older page in every slot
+            run_io(first.lower.write, slots, older.addrs(np.arange(n)))
+        run_io(first.write, slots, out.addrs(np.arange(n)))
+        length, where, _ = first.memory_entries()
+        text = [int(s) for i, s in enumerate(slots) if i % 4 == 1]   # compressed: each owns a chunk
+        assert (length[text] > 0).all()
+        where[text[0]] += 8                                      # off the grid
+        length[text[1]], where[text[1]] = length[text[2]], where[text[2]]   # the same chunk as text[2]
+        first.close()
+        again = open_chain(specs, {**options, "reuse": True}, _backend_value)
+        store = again.upper if len(specs) > 1 else again
+        assert store._region.lost == 3
+        again.slots.adopt([slots])
+        again.slots_adopted()
+        for lost in text[:3]:
+            with pytest.raises(BackendError, match=f"lost the page in slot {lost}"):
+                run_io(again.read, np.array([lost], np.int32), back.addrs(np.arange(1)))
+            assert not uffdmod.unpack_entry(StoreView().follow(again), lost, int(back.addr))
+        kept = np.array([s for s in slots if s not in text[:3]], np.int32)
+        more = again.slots.alloc(n)
+        run_io(again.write, more, out.addrs(np.arange(n)))
+        index = {int(s): i for i, s in enumerate(slots)}
+        run_io(again.read, kept, back.addrs(np.arange(len(kept))))
+        for k, slot in enumerate(kept.tolist()):
+            i = index[slot]
+            assert np.array_equal(out.bytes[i * PAGE:(i + 1) * PAGE], back.bytes[k * PAGE:(k + 1) * PAGE]), slot
+        again.close()
+        os.pwrite(held, b"not a store", 0)
+        with pytest.raises(BackendError, match="holds no store"):
+            CompressedBackend(size=1 << 20, region_fd=held, reuse=True)
+    finally:
+        os.close(held)

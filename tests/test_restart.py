@@ -307,14 +307,17 @@ def test_exec_killed_takes_a_grandchild_with_paged_out_memory_down(tmp_path, shi
 
 
 @pytest.mark.timeout(120)
-def test_exec_restarts_its_daemon_and_the_program_keeps_every_byte(tmp_path, shim, programs):
+@pytest.mark.parametrize("backend", [["file"], ["compressed"], ["compressed:cap=8M", "file"]])
+def test_exec_restarts_its_daemon_and_the_program_keeps_every_byte(tmp_path, shim, programs, backend):
     """umgr exec's daemon is SIGKILLed twice while the program holds 32 MiB
     or more swapped out: each time umgr exec restarts it, the new daemon
-    takes the program back from the saved tables and swap file, and the
+    takes the program back from the saved tables and the store (the swap
+    file; the compressed store's memfd, which umgr exec holds), and the
     program checks every byte. --stats-json counts the restarts; the run
     directory is gone afterwards."""
     state = tmp_path / "state"
     cmd = [sys.executable, "-m", "umgr", "exec", "--max-resident", "16M", "--swap-size", "1G",
+           *(f"--backend={spec}" for spec in backend),
            "--state-dir", str(state), "--stats-json", str(tmp_path / "stats.json"), "--", programs["ctl_hold"], "48"]
     with started(cmd, stdin=subprocess.PIPE) as umgr:
         read_ready(umgr)

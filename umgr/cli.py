@@ -21,8 +21,9 @@ import time
 import trio
 
 from umgr import embedded
-from umgr.backends import open_chain, persists, takes
+from umgr.backends import HELD_MEMORY_OPTION, open_chain, persists, takes
 from umgr.backends.file import DEFAULT_STATE_DIR
+from umgr.backends.region import new_memfd
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
 from umgr import configfile
@@ -300,10 +301,12 @@ def cmd_exec(args) -> int:
             run_dir, lock = embedded.make_run_dir(args.state_dir)
     except BackendError as exc:   # not the daemon's own directory
         raise Fatal(f"umgr exec: {exc}") from None
+    held = -1
     try:
         config = _config(args, os.path.join(run_dir, embedded.SOCKET_NAME))
+        held = _held_memory(args)
         daemon = embedded.EmbeddedDaemon(
-            run_dir, lambda ready_fd: _embedded_daemon(args, config, program, run_dir, ready_fd),
+            run_dir, lambda ready_fd: _embedded_daemon(args, config, program, run_dir, ready_fd, held),
             restartable=_exec_restartable(args))
         started = time.monotonic()
         try:
@@ -320,6 +323,8 @@ def cmd_exec(args) -> int:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         os.close(lock)
+        if held >= 0:
+            os.close(held)
     exit_code = 128 - status if status < 0 else status
     totals, backend_stats = outcome.totals, outcome.backend or EMPTY_BACKEND_STATS
     # (The counts are a clean end's, and of the last daemon when it was restarted.)
@@ -356,9 +361,19 @@ EMPTY_BACKEND_STATS = {"pages_written": 0, "pages_read": 0, "used_pages": 0, "ti
 
 
 def _exec_restartable(args) -> bool:
-    """Whether exec's daemon can be restarted: its state (tables, swap file)
-    is saved for the file backend alone; a trace would be cut in two."""
-    return persists(args.backend or ["file"]) and not args.record_trace
+    """Whether exec's daemon can be restarted: its state (tables, swap file,
+    the compressed store's memfd that umgr exec holds) is saved for every
+    store but a chain with two memory tiers; a trace would be cut in two."""
+    return persists(args.backend or ["file"], memory_held=True) and not args.record_trace
+
+
+def _held_memory(args) -> int:
+    """The memfd umgr exec holds for a store in the daemon's memory, so it
+    outlives a daemon that dies (-1: none needed). Closed on exec: the
+    program never has it."""
+    if not _exec_restartable(args) or not any(takes(spec, HELD_MEMORY_OPTION) for spec in args.backend or []):
+        return -1
+    return new_memfd("umgr-store")
 
 
 def _run_program(daemon: embedded.EmbeddedDaemon, program: list[str], config: DaemonConfig) -> int:
@@ -487,20 +502,24 @@ def _child_setup() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _open_backend(args, state=None):
+def _open_backend(args, state=None, held: int = -1):
     """The store --backend names (a chain when given more than once). With
-    `state` (a StateDir), the file backend's named swap file there, reused
-    when a dead daemon's targets may come back."""
+    `state` (a StateDir), the file backend's named swap file there, and
+    the compressed store's memfd `held` by umgr exec, reused when a dead
+    daemon's targets may come back."""
     defaults = {"size": args.swap_size, "directory": args.state_dir}
     if state is not None:
         defaults.update(directory=state.path, swap_name="swap", reuse=state.swap_reusable())
-        if takes((args.backend or ["file"])[0], "instance"):
+        if any(takes(spec, "instance") for spec in args.backend or []):
             defaults["instance"] = state.store_instance()
+        if held >= 0:
+            defaults[HELD_MEMORY_OPTION] = held
     try:
         with setting_up(f"umgr {args.command}: --state-dir {args.state_dir}"):
             backend = open_chain(args.backend or ["file"], defaults, _backend_value)
         if state is not None:
             state.adopt_slots(backend.slots)
+            backend.slots_adopted()
         return backend
     except BackendError as exc:  # says what and where already
         raise Fatal(f"umgr {args.command}: {exc}") from None
@@ -541,9 +560,10 @@ def _open_trace(args, config: DaemonConfig, program: list[str]):
         return TraceWriter(args.record_trace, meta)
 
 
-def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: str, ready_fd: int) -> int:
+def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: str, ready_fd: int, held: int) -> int:
     """exec's daemon, in its child process (umgr/embedded.py): its state in
-    the run directory when it can be restarted. Returns its exit status."""
+    the run directory (and the memfd `held`) when it can be restarted.
+    Returns its exit status."""
     from umgr.daemon.statedir import StateDir
     trace = backend = state = None
     clean = False
@@ -551,7 +571,7 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
         if _exec_restartable(args):
             with setting_up(f"umgr exec: --state-dir {args.state_dir}"):
                 state = StateDir(run_dir, config.socket_path)
-        backend = _open_backend(args, state)
+        backend = _open_backend(args, state, held)
         trace = _open_trace(args, config, program)
         daemon = Daemon(config, backend, trace, state=state)
 
@@ -669,8 +689,9 @@ def _open_state(args):
     if args.no_persist:
         return None
     if not persists(args.backend or ["file"]):
-        log.info("page tables are not saved: a restarted daemon takes programs back only from the file or the "
-                 "redis backend alone")
+        log.info("page tables are not saved: a restarted umgr daemon takes programs back only from the file or "
+                 "the redis backend alone (a compressed store lives in the daemon's memory; under umgr exec it "
+                 "outlives the daemon)")
         return None
     try:
         with setting_up(f"umgr daemon: --state-dir {args.state_dir}"):

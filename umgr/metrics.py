@@ -164,6 +164,8 @@ TIER_FIGURES = (
     ("read_seconds_per_page", "umgr_backend_tier_read_seconds_per_page", "Mean time of a page read",
      GaugeMetricFamily),
     ("ratio", "umgr_backend_tier_compression_ratio", "Page bytes held per byte used", GaugeMetricFamily),
+    ("heap_bytes", "umgr_backend_tier_heap_bytes",
+     "Memory the tier's heap has in use: its chunks, free ones in spans partly used included", GaugeMetricFamily),
     ("demoted_pages", "umgr_backend_tier_demoted_pages", "Pages moved to the next tier", CounterMetricFamily),
 )
 

@@ -68,6 +68,7 @@ struct umgr_fast_store {
     const int32_t *length; /* a memory tier's entry per slot (NULL: none): 0 not held there,
                              else an entry as _cdef_codec.py makes them */
     const uint64_t *where;
+    uint64_t area;        /* the address of the heap's area the entries are offsets in */
     uint64_t span;        /* slots below this have an entry */
     uint64_t dctx;        /* a zstd decompression context (umgr_fast_open) */
 };
@@ -355,7 +356,7 @@ static int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, 
 {
     if (!umgr_fast_in_memory(store, (int32_t)slot))
         return 0;
-    return umgr_entry_unpack(store->dctx, store->length[slot], store->where[slot], page);
+    return umgr_entry_unpack(store->dctx, store->length[slot], store->where[slot], store->area, page);
 }
 
 /* The region of regions[0..nregions) (sorted by vpn) holding vpn, or NULL. */

@@ -72,6 +72,14 @@ class Backend:
     def close(self) -> None:
         pass
 
+    def slots_adopted(self) -> None:
+        """A restarted daemon adopted its saved tables' slots (self.slots):
+        a store may let go of what no slot in use names."""
+
+    def remove(self) -> None:
+        """A clean stop of a store that outlives its daemon: nothing will
+        come back for what it holds."""
+
     # Reads done outside read(): the fault path's C call (umgr/paging/fastpath.py)
     # reads a page itself where the store says how, and reports it after.
     def sync_read_fd(self) -> int:
@@ -80,12 +88,13 @@ class Backend:
         -1 when this store has none, or when reads should go through read() now."""
         return -1
 
-    def memory_entries(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def memory_entries(self) -> tuple[np.ndarray, np.ndarray, int] | None:
         """A memory tier's pages, per slot, as C unpacks them
         (bindings/cffi/_cdef_fastfault.py, struct umgr_fast_store): the
-        length of each entry (int32; 0: not held here) and its address or
-        word (uint64). The arrays stay the same for the store's life and
-        are updated whenever an entry is stored or dropped. None: no such tier."""
+        length of each entry (int32; 0: not held here), its word or offset
+        (uint64), and the address its offsets count from. The arrays stay
+        the same for the store's life and are updated whenever an entry is
+        stored or dropped. None: no such tier."""
         return None
 
     def reads_done_elsewhere(self, file: ReadsDone, memory: ReadsDone) -> None:
@@ -176,15 +185,24 @@ def backend_class(name: str) -> type:
 
 
 # Options a store takes to outlive its daemon for a restart: a named swap
-# file (file), a kept key prefix (redis). Such a store, alone, can be saved.
+# file (file), a kept key prefix (redis); and a memory store's, a memfd
+# someone else holds for it (compressed: umgr exec holds one).
 PERSISTENCE_OPTIONS = ("swap_name", "instance")
+HELD_MEMORY_OPTION = "region_fd"
+# Set by umgr for a restart, never by a --backend spec: a descriptor
+# number, or "take over what is there".
+INTERNAL_OPTIONS = (HELD_MEMORY_OPTION, "reuse")
 
 
-def persists(specs: list[str]) -> bool:
-    """Whether a daemon with these --backend specs can save its state: a
-    single store that can outlive it (not a chain: an upper tier's pages
-    live in the daemon's memory)."""
-    return len(specs) == 1 and any(takes(specs[0], option) for option in PERSISTENCE_OPTIONS)
+def persists(specs: list[str], memory_held: bool = False) -> bool:
+    """Whether a daemon with these --backend specs can save its state:
+    every store of the chain can outlive it. A store in the daemon's
+    memory can only where another process holds that memory for it
+    (`memory_held`: umgr exec's parent, for one such store)."""
+    held = [spec for spec in specs if takes(spec, HELD_MEMORY_OPTION)]
+    if held and (not memory_held or len(held) > 1):
+        return False
+    return all(spec in held or any(takes(spec, option) for option in PERSISTENCE_OPTIONS) for spec in specs)
 
 
 def takes(spec: str, option: str) -> bool:
@@ -214,6 +232,9 @@ def open_chain(specs: list[str], defaults: dict, parse_value) -> Backend:
         for spec in specs:
             name, given = parse_spec(spec)
             accepted = inspect.signature(backend_class(name)).parameters
+            internal = sorted(set(given) & set(INTERNAL_OPTIONS))
+            if internal:
+                raise ValueError(f"backend option {internal[0]!r} is set by umgr itself, not in --backend")
             unknown = sorted(set(given) - set(accepted))
             if unknown:
                 raise ValueError(f"backend {name!r} has no option {unknown[0]!r}; "

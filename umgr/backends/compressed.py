@@ -18,16 +18,22 @@ us more per fault. `level=N` is zstd's level (default -1) or lz4's
 acceleration (default 1: its best ratio).
 
 The fault path's C call (umgr/paging/fastpath.py) unpacks pages itself,
-from `memory_entries()`: per slot, the length and address of its entry.
-Entries live in C (malloc'd blocks of their exact size), so storing and
-dropping a batch is one C call, with no Python object per page.
+from `memory_entries()`: per slot, the length of its entry and where it
+is. Entries live in C, in chunks of a heap in the store's region
+(umgr/backends/region.py), so storing and dropping a batch is one C call,
+with no Python object per page.
 
-Costs counted against the cap: each entry's block as malloc takes it
-(its bytes, 8 of header, rounded to 16, at least 32) and ENTRY_OVERHEAD
-(the age queue's slot and sequence number, for a chain's demotions). A
-same-filled page (one 8-byte word repeated, zero pages included) is held
-as that word: ENTRY_OVERHEAD only. The per-slot index (20 bytes a slot of
-`size`) is made at start and not counted.
+The region is a memfd. Under umgr exec, the parent holds it (`region_fd`)
+and a daemon that dies leaves the store behind for the one umgr exec
+starts next (`reuse`), as the file backend leaves its swap file: the
+programs' pages come back from it. Otherwise the region is the daemon's.
+
+Costs counted against the cap: each entry's chunk (its bytes rounded up
+to GRAIN, 32) and ENTRY_OVERHEAD (the age queue's slot and sequence
+number, for a chain's demotions). A same-filled page (one 8-byte word
+repeated, zero pages included) is held as that word: ENTRY_OVERHEAD only.
+The per-slot index (12 bytes a slot of `size` in the region, 8 more of
+sequence numbers) is made at start and not counted.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import trio
 
 from umgr import cpuclock
 from umgr.backends import Backend, ReadsDone
+from umgr.backends.region import GRAIN, SPAN, Region, area_bytes
 from umgr.bindings._kernel import ffi as _ffi
 from umgr.bindings._kernel import lib as _lib
 from umgr.errors import BackendError
@@ -53,6 +60,7 @@ ENTRY_OVERHEAD = 16
 # decompression on every fault.
 INCOMPRESSIBLE = PAGE_SIZE * 3 // 4
 ENTRY_WORD = _lib.UMGR_ENTRY_WORD   # the length C gives a same-filled page's entry
+ENTRY_LOST = _lib.UMGR_ENTRY_LOST   # the length of an entry found damaged at a restart
 ENTRY_LZ4 = _lib.UMGR_ENTRY_LZ4     # added to the length of an lz4 block
 CODECS = {"zstd": (_lib.UMGR_CODEC_ZSTD, -1), "lz4": (_lib.UMGR_CODEC_LZ4, 1)}   # name: (kind, default level)
 DEFAULT_CODEC = "lz4"
@@ -62,8 +70,8 @@ def entry_costs(lengths: np.ndarray) -> np.ndarray:
     """What entries of these lengths cost against the cap (0: no entry)."""
     lengths = np.asarray(lengths, np.int64)
     nbytes = np.where(lengths > 0, lengths % ENTRY_LZ4, 0)
-    blocks = np.where(nbytes > 0, np.maximum(32, (nbytes + 8 + 15) & ~15), 0)
-    return np.where(lengths != 0, blocks + ENTRY_OVERHEAD, 0)
+    chunks = -(-nbytes // GRAIN) * GRAIN
+    return np.where(lengths != 0, chunks + ENTRY_OVERHEAD, 0)
 
 
 def _ptr(ctype: str, array: np.ndarray):
@@ -75,8 +83,8 @@ class Packed:
     installed: per page its entry (length 0: declined) and cost. Its
     blocks are the store's once kept, or freed by discard()."""
 
-    def __init__(self, lengths: np.ndarray, values: np.ndarray):
-        self.lengths, self.values = lengths, values
+    def __init__(self, heap: int, lengths: np.ndarray, values: np.ndarray):
+        self.heap, self.lengths, self.values = heap, lengths, values
         self.costs = entry_costs(lengths)
 
     @property
@@ -87,8 +95,13 @@ class Packed:
     def declined(self) -> np.ndarray:
         return self.lengths == 0
 
+    def heap_full(self) -> np.ndarray:
+        """Declined because the heap had no chunk left (not for their bytes)."""
+        return (self.lengths == 0) & (self.values == _lib.UMGR_DECLINED_FULL)
+
     def discard(self) -> None:
-        _lib.umgr_entries_free(_ptr("int32_t *", self.lengths), _ptr("uint64_t *", self.values), len(self.lengths))
+        _lib.umgr_entries_free(self.heap, _ptr("int32_t *", self.lengths), _ptr("uint64_t *", self.values),
+                               len(self.lengths))
         self.lengths[:] = 0
 
 
@@ -96,12 +109,18 @@ class CompressedBackend(Backend):
     name = "compressed"
 
     def __init__(self, size: int = 4 << 30, cap: int | None = None, codec: str = DEFAULT_CODEC,
-                 level: int | None = None):
+                 level: int | None = None, region_fd: int = -1, reuse: bool = False):
         """size: the pages it can hold when alone (slots); cap: the memory
         it may use (default a quarter of size); codec: lz4 or zstd; level:
-        zstd's level or lz4's acceleration (the codec's default if None)."""
-        super().__init__(size // PAGE_SIZE)
+        zstd's level or lz4's acceleration (the codec's default if None);
+        region_fd: a memfd to keep the store in (umgr exec's, which outlives
+        the daemon); reuse: the memfd holds a dead daemon's store, to take
+        over (its size is the store's own then)."""
         self.cap = int(cap) if cap is not None else size // 4
+        self._region_fd, self._reuse = region_fd, reuse and region_fd >= 0
+        if self._reuse:
+            size = (Region.found(region_fd)[0] - 1) * PAGE_SIZE
+        super().__init__(size // PAGE_SIZE)
         if self.cap < entry_costs([ENTRY_WORD])[0]:
             raise ValueError(f"compressed: cap of {self.cap} bytes holds no page")
         if codec not in CODECS:
@@ -113,37 +132,55 @@ class CompressedBackend(Backend):
             raise ValueError(f"compressed: {codec} takes no level {self.level}")
         self._dctx = _lib.umgr_zstd_new_dctx()
         self._packing = trio.Lock()   # one batch at a time in the codec's context
-        self._index_slots()
-        self._held = 0                 # pages held
-        self.held_bytes = 0            # counted against the cap
-        self.same_filled = 0           # pages held as one word
         self.incompressible = 0        # pages that did not compress (declined or held raw)
+        self.heap_full = 0             # pages declined for want of a chunk (chunks free in other classes' spans)
         self.alone = True              # no next tier: incompressible pages are held raw
         self.peak_pages = 0            # most pages held at once, and the bytes they took
         self.peak_bytes = 0
+        self._region = None
+        try:
+            self._index_slots()
+        except BaseException:
+            self.close()
+            raise
         self.slots.on_free = self.release
 
     # ---- the chain's side (umgr.backends.tiered) ------------------------------
     def stack_on(self, lower: Backend) -> None:
         """Become the fast tier in front of `lower`: its slots are ours."""
+        if self._reuse and lower.slots.span != self.slots.span:
+            raise BackendError(f"the compressed tier's saved store has {self.slots.capacity} slots, the store "
+                               f"behind it {lower.slots.capacity}: it cannot be taken over")
         self.slots = lower.slots
         self.alone = False
         self._index_slots()
 
     def _index_slots(self) -> None:
         """The entries as C reads them, per slot of self.slots: the length
-        of each (0: not held) and its address or word (_cdef_codec.py);
-        and when each was stored (0: not held), in the order a chain
-        demotes them (_age: batches of (slots, sequence numbers), oldest
-        first; an entry dropped since is skipped)."""
+        of each (0: not held) and where it is (_cdef_codec.py), in the
+        region; and when each was stored (0: not held), in the order a
+        chain demotes them (_age: batches of (slots, sequence numbers),
+        oldest first; an entry dropped since is skipped). A region taken
+        over keeps its entries (in one batch of age: their order is lost)."""
         span = self.slots.span
-        self._length = np.zeros(span, np.int32)
-        self._where = np.zeros(span, np.uint64)
+        if self._region is None or self._region.span != span:
+            if self._region is not None:
+                self._region.close()
+            self._region = Region(span, area_bytes(self.cap), self._region_fd, self._reuse)
+        region = self._region
+        self._length, self._where = region.length, region.where
+        self._heap = region.heap
         self._seq = np.zeros(span, np.uint64)
         self._next_seq = 1
         self._age: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
         self._aged = 0   # entries in _age, dropped ones included
         self._c_index = (_ptr("int32_t *", self._length), _ptr("uint64_t *", self._where))
+        self._held = self.held_bytes = self.same_filled = 0
+        if self._reuse:   # (a fresh index is not read: reading a memfd's hole backs it)
+            held = np.flatnonzero(self._length)
+            self._count(len(held), int(entry_costs(self._length[held]).sum()),
+                        int(np.count_nonzero(self._length[held] == ENTRY_WORD)))
+            self._stored(held[self._length[held] != ENTRY_LOST].astype(np.int32))
 
     async def pack(self, addrs: np.ndarray) -> Packed:
         """The pages' new entries, to keep() or discard(). Compression takes
@@ -155,14 +192,19 @@ class CompressedBackend(Backend):
         lengths, values = np.zeros(n, np.int32), np.zeros(n, np.uint64)
         async with self._packing:
             packed = await cpuclock.to_thread(
-                lambda: _lib.umgr_codec_pack_batch(self._codec, _ptr("uint64_t *", addrs), n, INCOMPRESSIBLE,
-                                                   self.alone, _ptr("int32_t *", lengths), _ptr("uint64_t *", values)))
-        batch = Packed(lengths, values)
+                lambda: _lib.umgr_codec_pack_batch(self._codec, self._heap, _ptr("uint64_t *", addrs), n,
+                                                   INCOMPRESSIBLE, self.alone, _ptr("int32_t *", lengths),
+                                                   _ptr("uint64_t *", values)))
+        batch = Packed(self._heap, lengths, values)
         if packed < n:
             batch.discard()
             self.errors += 1
-            raise BackendError(f"{self.codec} failed to compress a page (or no memory left for it)")
-        self.incompressible += int(np.count_nonzero((lengths == 0) | (lengths == PAGE_SIZE)))
+            raise BackendError(f"compressed store full: its heap has no chunk left for a page "
+                               f"({self.held_bytes} bytes held of a {self.cap}-byte cap), "
+                               f"or {self.codec} failed")
+        full = int(np.count_nonzero(batch.heap_full()))
+        self.heap_full += full
+        self.incompressible += int(np.count_nonzero((lengths == 0) | (lengths == PAGE_SIZE))) - full
         return batch
 
     def room(self) -> int:
@@ -176,7 +218,8 @@ class CompressedBackend(Backend):
         self._drop(slots)
         offered = ~batch.declined()
         kept = offered & (np.cumsum(np.where(offered, batch.costs, 0)) <= self.room())
-        _lib.umgr_entries_install(_ptr("int32_t *", slots), _ptr("uint8_t *", kept.view(np.uint8)), len(slots),
+        _lib.umgr_entries_install(self._heap, _ptr("int32_t *", slots), _ptr("uint8_t *", kept.view(np.uint8)),
+                                  len(slots),
                                   _ptr("int32_t *", batch.lengths), _ptr("uint64_t *", batch.values), *self._c_index)
         held = slots[kept]
         self._count(len(held), int(batch.costs[kept].sum()), int(np.count_nonzero(batch.lengths[kept] == ENTRY_WORD)))
@@ -223,7 +266,7 @@ class CompressedBackend(Backend):
             return 0
         slots, lengths = np.ascontiguousarray(slots[held], np.int32), lengths[held]
         self._count(-len(slots), -int(entry_costs(lengths).sum()), -int(np.count_nonzero(lengths == ENTRY_WORD)))
-        _lib.umgr_entries_drop(_ptr("int32_t *", slots), len(slots), *self._c_index)
+        _lib.umgr_entries_drop(self._heap, _ptr("int32_t *", slots), len(slots), *self._c_index)
         self._seq[slots] = 0
         return len(slots)
 
@@ -262,17 +305,21 @@ class CompressedBackend(Backend):
         if len(slots) == 1:   # a fault's one page: no arrays to make
             slot = int(slots[0])
             if self.holds_one(slot) and _lib.umgr_entry_unpack(self._dctx, int(self._length[slot]),
-                                                               int(self._where[slot]), int(addrs[0])):
+                                                               int(self._where[slot]), self._region.area_address,
+                                                               int(addrs[0])):
                 return
         slots = np.ascontiguousarray(slots, np.int32)
         addrs = np.ascontiguousarray(addrs, np.uint64)
         done = _lib.umgr_entries_unpack(self._dctx, _ptr("int32_t *", slots), len(slots), *self._c_index,
-                                        len(self._length), _ptr("uint64_t *", addrs))
+                                        self._region.area_address, len(self._length), _ptr("uint64_t *", addrs))
         if done < len(slots):
             self.errors += 1
             slot = int(slots[done])
             if not 0 <= slot < len(self._length) or not self._length[slot]:
                 raise BackendError(f"compressed store holds no page in slot {slot}")
+            if self._length[slot] == ENTRY_LOST:
+                raise BackendError(f"compressed store lost the page in slot {slot}: its entry was found damaged "
+                                   "when the daemon was restarted")
             raise BackendError(f"compressed page in slot {slot} does not decompress to one page")
 
     def drop_if_held(self, slots: np.ndarray, tokens: np.ndarray) -> None:
@@ -298,8 +345,8 @@ class CompressedBackend(Backend):
         self.pages_read += len(slots)
         self.read_seconds += self._timed(started)
 
-    def memory_entries(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._length, self._where
+    def memory_entries(self) -> tuple[np.ndarray, np.ndarray, int]:
+        return self._length, self._where, self._region.area_address
 
     def reads_done_elsewhere(self, file: ReadsDone, memory: ReadsDone) -> None:
         if memory.pages:
@@ -313,10 +360,22 @@ class CompressedBackend(Backend):
     def pages_held(self) -> int:
         return self._held
 
+    def slots_adopted(self) -> None:
+        """A restarted daemon's slots are known: entries of slots no saved
+        table names (their pages were going, or gone, when the daemon died)
+        are dropped."""
+        if self._reuse:
+            held = np.flatnonzero(self._length)
+            self._drop(held[~self.slots.referenced(held)])
+
     def close(self) -> None:
-        self._drop(np.flatnonzero(self._length))
-        self._age.clear()
-        self._aged = 0
+        """Let go of the store. A region umgr exec holds keeps it (a daemon
+        that fails ends so, and its successor takes the store over); the
+        store's own region goes."""
+        if self._region is not None:
+            self._region.close()
+            self._region = None
+        self._length = self._where = None
         if self._codec:
             _lib.umgr_codec_free(self._codec)
             _lib.umgr_zstd_free_dctx(self._dctx)
@@ -336,6 +395,8 @@ class CompressedBackend(Backend):
             "ratio": held * PAGE_SIZE / self.held_bytes if self.held_bytes else 0.0,
             "peak_pages": self.peak_pages,
             "peak_ratio": self.peak_pages * PAGE_SIZE / self.peak_bytes if self.peak_bytes else 0.0,
+            "heap_bytes": self._region.spans_in_use() * SPAN if self._region is not None else 0,
+            "heap_full_pages": self.heap_full,
             "same_filled_pages": self.same_filled,
             "incompressible_pages": self.incompressible,
         }]

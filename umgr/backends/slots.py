@@ -101,6 +101,10 @@ class SlotAllocator:
         self._nfree = self.capacity - int(np.count_nonzero(self._refs))
         self._sweep = 1
 
+    def referenced(self, slots: np.ndarray) -> np.ndarray:
+        """Whether each of these slots is in use."""
+        return self._refs[slots] != 0
+
     def incref(self, slots: np.ndarray) -> None:
         slots = np.asarray(slots, np.int32)
         if len(slots) and (self._refs[slots] == 0).any():

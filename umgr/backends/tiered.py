@@ -93,7 +93,7 @@ class Tiered(Backend):
         # unless the lower store has a memory tier of its own.
         return self.lower.sync_read_fd() if self.lower.memory_entries() is None else -1
 
-    def memory_entries(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def memory_entries(self) -> tuple[np.ndarray, np.ndarray, int] | None:
         return self.upper.memory_entries()
 
     def reads_done_elsewhere(self, file: ReadsDone, memory: ReadsDone) -> None:
@@ -128,6 +128,14 @@ class Tiered(Backend):
     async def _after_demotions(self, slots: np.ndarray) -> None:
         while self._in_flight[slots].any():
             await self._landed.wait()
+
+    def slots_adopted(self) -> None:
+        self.upper.slots_adopted()
+        self.lower.slots_adopted()
+
+    def remove(self) -> None:
+        self.upper.remove()
+        self.lower.remove()
 
     def close(self) -> None:
         self.upper.close()

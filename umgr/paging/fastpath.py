@@ -489,6 +489,7 @@ class StoreView:
             else:
                 c.length = uffdmod.array_pointer("int32_t *", entries[0])
                 c.where = uffdmod.array_pointer("uint64_t *", entries[1])
+                c.area = entries[2]
                 c.span = len(entries[0])
             self._entries = entries
         return c
