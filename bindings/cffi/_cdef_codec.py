@@ -280,7 +280,7 @@ static void *umgr_heap_take(struct umgr_heap *h, uint32_t bytes)
     return chunk;
 }
 
-/* Give back the chunk at offset `at`. */
+/* Span s has no chunk in use: warm, or its memory back to the kernel. */
 static void umgr_heap_release_span(struct umgr_heap *h, int32_t s)
 {
     struct umgr_span *sp = &h->span[s];
@@ -296,6 +296,7 @@ static void umgr_heap_release_span(struct umgr_heap *h, int32_t s)
     madvise(h->area + (uint64_t)s * UMGR_HEAP_SPAN, UMGR_HEAP_SPAN, MADV_REMOVE);
 }
 
+/* Give back the chunk at offset `at`. */
 static void umgr_heap_give(struct umgr_heap *h, uint64_t at)
 {
     char *chunk = h->area + at;
@@ -414,23 +415,23 @@ static int64_t umgr_heap_adopt(uint64_t heap, int32_t *length, uint64_t *where, 
         if (s + 1 > h->fresh)
             h->fresh = s + 1;
     }
-    for (int32_t s = (int32_t)h->fresh - 1; s >= 0; s--) {
-        struct umgr_span *sp = &h->span[s];
+    for (int32_t t = (int32_t)h->fresh - 1; t >= 0; t--) {
+        struct umgr_span *sp = &h->span[t];
         if (!sp->used) {
-            umgr_heap_release_span(h, s);
+            umgr_heap_release_span(h, t);
             continue;
         }
         uint32_t size = sp->cls * UMGR_HEAP_GRAIN;
-        for (int64_t k = (int64_t)sp->bump - 1; k >= 0; k--) {
-            uint64_t at = (uint64_t)s * UMGR_HEAP_SPAN + (uint64_t)k * size;
+        for (int64_t c = (int64_t)sp->bump - 1; c >= 0; c--) {
+            uint64_t at = (uint64_t)t * UMGR_HEAP_SPAN + (uint64_t)c * size;
             if (UMGR_BIT(named, at / UMGR_HEAP_GRAIN))
                 continue;
             *(uint32_t *)(h->area + at) = sp->free_head;
-            sp->free_head = (uint32_t)(k * size) + 1;
+            sp->free_head = (uint32_t)(c * size) + 1;
         }
         h->spans_in_use++;
         if (sp->used < umgr_heap_chunks(sp->cls - 1))
-            umgr_heap_link(h, s);
+            umgr_heap_link(h, t);
     }
     for (uint64_t t = h->fresh; t < h->nspans; t++)
         h->span[t].cls = 0;   /* (a span past the last used one may have been marked by a dropped entry) */
