@@ -617,8 +617,8 @@ def test_a_damaged_entry_does_not_unpack(codec):
 @pytest.mark.parametrize("specs", [["compressed"], ["compressed", "file"]])
 def test_a_store_taken_over_loses_entries_its_heap_could_not_have_made(tmp_path, specs):
     """A restarted daemon's store trusts no entry blindly: one naming a
-    chunk off its class's grid is marked lost, and so are both entries
-    naming one chunk. Their pages cannot come back: reading one is an
+    chunk off its class's grid, or with a length C never makes, is marked
+    lost, and so are both entries naming one chunk. Their pages cannot come back: reading one is an
     error, never another page's bytes, nor the older copy of the slot the
     file behind holds (a chain's lower store has every slot). The rest
     read back, and new pages take no chunk of theirs."""
@@ -639,17 +639,18 @@ def test_a_store_taken_over_loses_entries_its_heap_could_not_have_made(tmp_path,
         assert (length[text] > 0).all()
         where[text[0]] += 8                                      # off the grid
         length[text[1]], where[text[1]] = length[text[2]], where[text[2]]   # the same chunk as text[2]
+        length[text[3]] = -7                                     # no length C makes
         first.close()
         again = open_chain(specs, {**options, "reuse": True}, _backend_value)
         store = again.upper if len(specs) > 1 else again
-        assert store._region.lost == 3
+        assert store._region.lost == 4
         again.slots.adopt([slots])
         again.slots_adopted()
-        for lost in text[:3]:
+        for lost in text[:4]:
             with pytest.raises(BackendError, match=f"lost the page in slot {lost}"):
                 run_io(again.read, np.array([lost], np.int32), back.addrs(np.arange(1)))
             assert not uffdmod.unpack_entry(StoreView().follow(again), lost, int(back.addr))
-        kept = np.array([s for s in slots if s not in text[:3]], np.int32)
+        kept = np.array([s for s in slots if s not in text[:4]], np.int32)
         more = again.slots.alloc(n)
         run_io(again.write, more, out.addrs(np.arange(n)))
         index = {int(s): i for i, s in enumerate(slots)}

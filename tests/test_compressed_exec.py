@@ -111,9 +111,10 @@ def test_a_daemon_killed_at_random_moments_finds_the_compressed_store_intact(tmp
         for _ in range(3):
             sock = wait_for(lambda: umgr.poll() is not None or next(iter(state.glob("exec-*/control.sock")), None),
                             20, "the socket")
+            # Taken back (the shim found this daemon: it retries with backoff), with pages in the store.
+            wait_for(lambda: umgr.poll() is not None or (serves(sock, program) and stored(sock) > 1000), 30,
+                     f"the program served with pages out (seed {seed})")
             time.sleep(rng.uniform(0.1, 0.6))
-            if not wait_for(lambda: umgr.poll() is not None or stored(sock) > 1000, 30, f"pages out (seed {seed})"):
-                break
             daemon = [p for p in children(umgr.pid) if p != program]
             if umgr.poll() is not None or not daemon or program not in children(umgr.pid):
                 break
@@ -135,11 +136,19 @@ def test_a_daemon_killed_at_random_moments_finds_the_compressed_store_intact(tmp
 
 def stored(sock: str) -> int:
     """Pages in the store of the daemon at sock (0 when it does not answer)."""
+    return status_of(sock).get("backend", {}).get("used_pages", 0)
+
+
+def serves(sock: str, pid: int) -> bool:
+    return any(t["pid"] == pid for t in status_of(sock).get("targets", []))
+
+
+def status_of(sock: str) -> dict:
     from umgr.cli import query_status
     try:
-        return query_status(str(sock))["backend"]["used_pages"]
-    except (OSError, ValueError, KeyError):
-        return 0
+        return query_status(str(sock))
+    except (OSError, ValueError):
+        return {}
 
 
 def children(pid: int) -> list[int]:

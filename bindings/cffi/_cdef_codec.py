@@ -352,8 +352,9 @@ static void umgr_entry_lose(int32_t *length, uint64_t *where, uint64_t slot)
 
 /* Take over the entries of an index of `span` slots found in the region
    (a fresh heap over its area): each entry's chunk is marked used. An
-   entry is marked UMGR_ENTRY_LOST when its chunk is not one the heap could
-   have handed out (outside the area, off its class's grid), and so are all
+   entry is marked UMGR_ENTRY_LOST when its length is none C makes, or its
+   chunk is not one the heap could have handed out (outside the area, off
+   its class's grid), and so are all
    entries of a chunk named twice, or of a span holding chunks of two
    classes: which of them is the damaged one cannot be told, and a page
    must never come back with another's bytes (nor with an older copy a
@@ -375,6 +376,11 @@ static int64_t umgr_heap_adopt(uint64_t heap, int32_t *length, uint64_t *where, 
     uint64_t s, k;
     for (uint64_t slot = 0; slot < span; slot++) {
         uint32_t bytes = umgr_entry_bytes(length[slot]);
+        if (length[slot] < 0 && length[slot] != UMGR_ENTRY_WORD && length[slot] != UMGR_ENTRY_LOST) {
+            umgr_entry_lose(length, where, slot);   /* no length C makes */
+            dropped++;
+            continue;
+        }
         if (bytes == 0)
             continue;
         if (!umgr_heap_place(h, bytes, where[slot], &s, &k)) {
@@ -435,6 +441,10 @@ static int64_t umgr_heap_adopt(uint64_t heap, int32_t *length, uint64_t *where, 
     }
     for (uint64_t t = h->fresh; t < h->nspans; t++)
         h->span[t].cls = 0;   /* (a span past the last used one may have been marked by a dropped entry) */
+    /* Spans past the last used one are taken as never used: what the dead
+       daemon left in them (its warm spans, lost entries') goes back. */
+    if (h->fresh < h->nspans)
+        madvise(h->area + h->fresh * UMGR_HEAP_SPAN, (h->nspans - h->fresh) * UMGR_HEAP_SPAN, MADV_REMOVE);
     free(named);
     free(twice);
     free(mixed);

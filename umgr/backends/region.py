@@ -101,7 +101,11 @@ class Region:
         self.heap = _lib.umgr_heap_new(self.area_address, area)
         if not self.heap:
             raise MemoryError("compressed: no memory for the heap's bookkeeping")
-        self.lost = self._adopt() if reuse else 0
+        try:
+            self.lost = self._adopt() if reuse else 0
+        except BaseException:
+            _lib.umgr_heap_free(self.heap)
+            raise
         header = np.frombuffer(self._map, np.uint64, HEADER_WORDS)
         header[:] = [MAGIC, VERSION, span, area]
 

@@ -112,7 +112,11 @@ class Tiered(Backend):
             return False
         buf = self._buffers.pop() if self._buffers else PageBuffer(DEMOTE_BATCH)
         addrs = buf.addrs(np.arange(len(victims)))
-        upper.unpack(victims, addrs)
+        try:
+            upper.unpack(victims, addrs)
+        except BaseException:
+            self._buffers.append(buf)
+            raise
         self._in_flight[victims] = True
         try:
             await self.lower.write(victims, addrs)
