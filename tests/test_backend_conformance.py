@@ -483,6 +483,8 @@ def test_status_shows_each_tier_of_a_chain():
         lines = format_status(snapshot, snapshot, 1.0).splitlines()
         assert lines[1].startswith("backend compressed+file: 256K of 8M used")
         assert lines[2].startswith(f"  compressed: {chain.upper.pages_held} pages in ")
+        heap = chain.statistics()["tiers"][0]["heap_bytes"]   # the spans its chunks took (a class a span)
+        assert f"(heap {heap >> 10}K) of 64K" in lines[2], lines[2]
         assert lines[3].startswith(f"  file: {n - chain.upper.pages_held} pages in ")
     finally:
         chain.close()

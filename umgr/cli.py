@@ -829,7 +829,8 @@ def format_status(first: dict, second: dict, interval: float) -> str:
     tiers = b.get("tiers", [])   # one line per tier, for chains and tiers with a ratio
     for tier in tiers if len(tiers) > 1 or (tiers and "ratio" in tiers[0]) else []:
         ratio = f", {tier['ratio']:.2f}x" if tier.get("ratio") else ""
-        rows.append(f"  {tier['tier']}: {tier['pages']} pages in {format_size(tier['used_bytes'])} of "
+        heap = f" (heap {format_size(tier['heap_bytes'])})" if "heap_bytes" in tier else ""
+        rows.append(f"  {tier['tier']}: {tier['pages']} pages in {format_size(tier['used_bytes'])}{heap} of "
                     f"{format_size(tier['capacity_bytes'])}{ratio}, {tier['read_seconds_per_page'] * 1e6:.0f} us a read")
     return "\n".join(rows)
 
