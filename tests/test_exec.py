@@ -73,10 +73,10 @@ def test_pattern_mmap_128m_in_16m(umgr_exec, programs, passes, threads):
 @pytest.mark.timeout(240)
 def test_pattern_mmap_384m_in_128m_in_batches_bigger_than_512(umgr_exec, programs):
     # A 128 MiB budget evicts in batches of 1024 pages (a 32nd of it,
-    # umgr/paging/tuning.py): the smaller budgets above never do. One
-    # thread: with four, the faults of the others cut rounds short, and the
-    # mean batch went down to 500-740 pages (once below 512 in CI); alone,
-    # 935-1024.
+    # umgr/paging/tuning.py): the smaller budgets above never do. Not every
+    # batch: a round takes what is over the low mark, so where faults come
+    # slower than batches go (slow swap reads: the mean fell to 496 pages
+    # once in CI, against 920-980 here) rounds are small.
     budget = 128 * MiB
     result = run(umgr_exec, [programs["pattern"], "384", "mmap", "sr", "1"], "128M", timeout=200)
     assert result.returncode == 0, explain(result)
@@ -84,7 +84,7 @@ def test_pattern_mmap_384m_in_128m_in_batches_bigger_than_512(umgr_exec, program
     stats = result.stats
     assert stats["pages_out"] >= (384 * MiB - budget) // PAGE, explain(result)
     assert stats["pages_in"] > 0 and stats["swap_bytes_written"] > 0, explain(result)
-    assert stats["pages_out"] / stats["zap_batches"] > 512, explain(result)   # batches of 512 at most before
+    assert stats["largest_batch_pages"] > 512, explain(result)   # batches of 512 at most before
     assert stats["peak_resident_bytes"] <= budget + 2 * MiB, explain(result)
 
 

@@ -302,11 +302,12 @@ def test_every_counter_reaches_stats_totals_and_metrics():
 
 def test_totals_sum_counters_and_keep_the_peak():
     totals = Totals()
-    snap = {key: 1 for key in SUMMED} | {"peak_resident_bytes": 10}
+    snap = {key: 1 for key in SUMMED} | {"peak_resident_bytes": 10, "largest_batch_pages": 3}
     totals.add(snap)
-    totals.add(snap | {"peak_resident_bytes": 4})
+    totals.add(snap | {"peak_resident_bytes": 4, "largest_batch_pages": 7})
     assert totals.counters["pages_in"] == 2
     assert totals.counters["peak_resident_bytes"] == 10
+    assert totals.counters["largest_batch_pages"] == 7
 
 
 # ---- clean copies: auto -------------------------------------------------------------

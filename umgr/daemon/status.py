@@ -31,6 +31,7 @@ def snapshot(target) -> dict:
         "swapped_bytes": pt.swapped * PAGE_SIZE,
         "managed_bytes": pt.managed * PAGE_SIZE,
         "peak_resident_bytes": stats.peak_resident * PAGE_SIZE,
+        "largest_batch_pages": stats.largest_batch,
         **{name: pt.count(state) * PAGE_SIZE for name, (_, state) in STATE_BYTES.items()},
         "faults": stats.faults_missing + stats.faults_wp,
         **stats.counters(),
@@ -48,5 +49,5 @@ class Totals:
     def add(self, snap: dict) -> None:
         for key in SUMMED:
             self.counters[key] = self.counters.get(key, 0) + snap[key]
-        peak = max(self.counters.get("peak_resident_bytes", 0), snap["peak_resident_bytes"])
-        self.counters["peak_resident_bytes"] = peak
+        for key in ("peak_resident_bytes", "largest_batch_pages"):   # the largest of any target
+            self.counters[key] = max(self.counters.get(key, 0), snap[key])

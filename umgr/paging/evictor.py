@@ -356,6 +356,7 @@ class Evictor:
             await self._settle_unzapped(rest[zapped:], zapped, len(rest))
         core.evicted.wake()
         core.stats.zap_batches += 1
+        core.stats.largest_batch = max(core.stats.largest_batch, len(vpns))
         # Threads whose faults were left blocked meanwhile (a write, or a
         # read that came before the zap's end) retry now: a MISSING fault,
         # served from the copy. Only those: a wake per run of the batch cost

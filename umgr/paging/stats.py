@@ -73,6 +73,7 @@ class TargetStats:
         for name in COUNTERS:
             setattr(self, name, 0)
         self.peak_resident = 0
+        self.largest_batch = 0   # the most pages one eviction batch took out
         self.fault_latency = np.zeros(len(LATENCY_BUCKETS) + 1, np.int64)
         self.fault_latency_sum = 0.0
 
