@@ -373,7 +373,7 @@ static int64_t umgr_heap_adopt(uint64_t heap, int32_t *length, uint64_t *where, 
         return -1;
     }
     int64_t dropped = 0;
-    uint64_t s, k;
+    uint64_t s, k, marked = 0;   /* spans below `marked` may have had a class set */
     for (uint64_t slot = 0; slot < span; slot++) {
         uint32_t bytes = umgr_entry_bytes(length[slot]);
         if (length[slot] < 0 && length[slot] != UMGR_ENTRY_WORD && length[slot] != UMGR_ENTRY_LOST) {
@@ -396,6 +396,8 @@ static int64_t umgr_heap_adopt(uint64_t heap, int32_t *length, uint64_t *where, 
         if (h->span[s].cls && h->span[s].cls != cls)
             UMGR_SET_BIT(mixed, s);
         h->span[s].cls = cls;
+        if (s + 1 > marked)
+            marked = s + 1;
     }
     free(named);   /* from here: the chunks of the entries kept (calloc: pages untouched stay unbacked) */
     if ((named = calloc(grains / 8 + 1, 1)) == NULL) {
@@ -439,7 +441,7 @@ static int64_t umgr_heap_adopt(uint64_t heap, int32_t *length, uint64_t *where, 
         if (sp->used < umgr_heap_chunks(sp->cls - 1))
             umgr_heap_link(h, t);
     }
-    for (uint64_t t = h->fresh; t < h->nspans; t++)
+    for (uint64_t t = h->fresh; t < marked; t++)
         h->span[t].cls = 0;   /* (a span past the last used one may have been marked by a dropped entry) */
     /* Spans past the last used one are taken as never used: what the dead
        daemon left in them (its warm spans, lost entries') goes back. */
