@@ -533,3 +533,14 @@ def test_a_prefetch_window_takes_a_16th_of_a_small_budget_nearest_the_fault_firs
     assert Budget(4096).window(100, up) is up and Budget(0).window(100, up) is up
     # Never one page: a strided stream's window says its step (of 3 here).
     assert Budget(20).window(100, np.arange(103, 200, 3)).tolist() == [103, 106]
+
+
+def test_windows_cut_to_the_room_under_the_budget_keep_the_pages_nearest_their_faults():
+    from umgr.paging.budget import nearest_first
+    up, down = (100, np.arange(101, 111)), (500, np.arange(490, 500))   # an ascending and a descending stream
+    assert nearest_first([up, down], 100).tolist() == list(range(101, 111)) + list(range(490, 500))
+    # Room for 6: the 3 nearest of each, not the 6 lowest (the far end of the descending one's).
+    assert nearest_first([up, down], 6).tolist() == [101, 102, 103, 497, 498, 499]
+    assert nearest_first([down], 4).tolist() == [496, 497, 498, 499]
+    assert nearest_first([up, (105, np.arange(106, 110))], 3).tolist() == [101, 102, 106]   # (a page in both: once)
+    assert nearest_first([up], 0).tolist() == [] and nearest_first([], 5).tolist() == []

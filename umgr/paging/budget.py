@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from umgr.arrays import unique
 from umgr.paging.tuning import (EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HIGH_WATER_DIVISOR,
                                 HIGH_WATER_MIN_PAGES, WINDOW_DIVISOR)
 
@@ -87,6 +88,24 @@ class Budget:
             return pages
         return np.sort(pages[np.argsort(np.abs(pages - vpn), kind="stable")[:most]])
 
+    def prefetch_room(self, resident: int, most: int) -> int:
+        """Pages a prefetch may bring (at most `most`) without taking the
+        target past its budget."""
+        return min(most, self.pages - resident) if self.limited else most
+
     def prefetch_allowed(self, resident: int, filling: int) -> bool:
         """No prefetch at the budget: it would only be evicted again."""
         return not self.limited or resident + filling < self.pages
+
+
+def nearest_first(windows: list[tuple[int, np.ndarray]], room: int) -> np.ndarray:
+    """The pages of prefetch windows, (fault vpn, its window) each, to bring
+    when only `room` may come: each window's nearest its fault, the nearest
+    of every window before the next of any (a descending stream's window
+    lies below its fault: its lowest pages are its farthest); sorted."""
+    pages = [window for _, window in windows]
+    if sum(len(window) for window in pages) <= room:
+        return unique(np.concatenate(pages)) if pages else np.empty(0, np.int64)
+    ranks = [np.argsort(np.argsort(np.abs(window - vpn), kind="stable"), kind="stable") for vpn, window in windows]
+    order = np.argsort(np.concatenate(ranks), kind="stable")
+    return unique(np.concatenate(pages)[order][:max(room, 0)])

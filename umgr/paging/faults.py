@@ -26,6 +26,7 @@ from umgr.errors import TargetGone
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
 from umgr.kernel.uffd import EVENT_PAGEFAULT, MSG_WORDS, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_WRITE, W_ADDRESS, W_FLAGS
+from umgr.paging.budget import nearest_first
 from umgr.paging.core import UNCOUNTED, TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, State, runs
 from umgr.paging.events import MemoryEvents
@@ -97,10 +98,11 @@ class FaultService:
             return trio.lowlevel.checkpoint
         return None
 
-    def _serve_fast(self) -> tuple[int, np.ndarray]:
+    def _serve_fast(self) -> tuple[int, list[tuple[int, np.ndarray]]]:
         """Serve plain faults in C, settling each call's log while the next
         call serves in the background where it may (fastpath.py). Returns
-        the last call's outcome and the pages the prefetch policy asked for."""
+        the last call's outcome and the windows the prefetch policy asked
+        for, with the fault each is for."""
         fast = self.fast
         outcome = fast.serve()
         windows = []
@@ -117,7 +119,7 @@ class FaultService:
             # once, and the evictor, woken as the log was settled, to run.
             outcome = fast.finish_background(stop=bool(more) or others_waiting())
         windows += self._settle_fast()
-        return outcome, unique(np.concatenate(windows)) if windows else EMPTY
+        return outcome, windows
 
     def _spin(self) -> bool:
         """Busy-poll briefly: on a VM the wake-up of a sleeping daemon costs
@@ -160,10 +162,11 @@ class FaultService:
         return events
 
     # ---- page faults ------------------------------------------------------------
-    def _settle_fast(self) -> list[np.ndarray]:
+    def _settle_fast(self) -> list[tuple[int, np.ndarray]]:
         """After the C call served faults: their bookkeeping, then the
         prefetch policy hears of its hits and of each fault. Returns the
-        windows it asked for, to bring in at once (fastpath.py)."""
+        windows it asked for, with their faults, to bring in at once
+        (fastpath.py)."""
         vpns, hits = self.fast.settle()
         for vpn in hits:
             self.prefetch.on_prefetch_hit(vpn)
@@ -173,13 +176,18 @@ class FaultService:
                    for vpn, window in self.prefetch.on_faults(self.fast.with_bounds(vpns))]
         for vpn, window in windows:
             self.fast.prefetching(vpn, window)
-        return [window for _, window in windows]
+        return windows
 
-    async def _prefetch_now(self, wanted: np.ndarray) -> None:
+    async def _prefetch_now(self, windows: list[tuple[int, np.ndarray]]) -> None:
         """Bring in at once the pages the prefetch policy asked for after
-        faults the C call served: the swapped ones in C too, the rest
-        (fresh pages, what C left) here."""
-        if not len(wanted) or not self.core.budget.prefetch_allowed(self.core.pt.resident, 0):
+        faults the C call served (those nearest their faults where not all
+        fit under the budget): the swapped ones in C too, the rest (fresh
+        pages, what C left) here."""
+        core = self.core
+        if not windows or not core.budget.prefetch_allowed(core.pt.resident, 0):
+            return
+        wanted = nearest_first(windows, core.budget.prefetch_room(core.pt.resident, MAX_FILL_PAGES))
+        if not len(wanted):
             return
         # Fault service time, as the same pages' read and copy are when
         # they come with a fault on the full path.
@@ -429,21 +437,23 @@ class FaultService:
         extra = core.budget.window(vpn, self.prefetch.on_fault(vpn, first, end))
         if len(extra):
             self.fast.prefetching(vpn, extra)
-        self._add_prefetch(extra, fill)
+        self._add_prefetch(extra, fill, vpn)
 
-    def _add_prefetch(self, extra: np.ndarray, fill: dict[int, int]) -> None:
+    def _add_prefetch(self, extra: np.ndarray, fill: dict[int, int], vpn: int | None = None) -> None:
         """Plan the fill of the pages the prefetch policy asked for that
-        are absent, up to the staging buffer's size."""
+        are absent, up to the staging buffer's size and the budget (the
+        pages nearest the fault at vpn where not all fit)."""
         if len(extra) == 0:
             return
         core, pt = self.core, self.core.pt
         states = pt.states(extra)
         extra = extra[(states == State.FRESH) | (states == State.SWAPPED)]
-        room = MAX_FILL_PAGES - len(fill)
-        if core.budget.limited:   # a window (up to 256 pages) never takes the target past its budget
-            room = min(room, core.budget.pages - pt.resident - len(fill))
+        # A window (up to 256 pages) never takes the target past its budget.
+        room = max(core.budget.prefetch_room(pt.resident + len(fill), MAX_FILL_PAGES - len(fill)), 0)
+        if vpn is not None and room < len(extra):
+            extra = nearest_first([(vpn, extra)], room)
         slots = pt.slots(extra)
-        for page, slot in zip(extra[:max(room, 0)].tolist(), slots.tolist()):
+        for page, slot in zip(extra[:room].tolist(), slots.tolist()):
             if page not in fill:
                 fill[page] = slot
                 core.stats.prefetched += 1
