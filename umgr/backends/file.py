@@ -18,7 +18,6 @@ import stat
 import time
 
 import numpy as np
-import trio
 
 from umgr.backends import SLOW_READ, Backend, ReadsDone, io_runs
 from umgr.errors import BackendError

@@ -20,7 +20,6 @@ import time
 import numpy as np
 import trio
 
-from umgr.arrays import unique
 from umgr.backends import io_to_the_end
 from umgr.errors import TargetGone
 from umgr.kernel import uffd as uffdmod
@@ -39,7 +38,6 @@ from umgr.paging.tuning import (BACKPRESSURE_LIMIT, BACKPRESSURE_POLL, MAX_EVENT
 log = logging.getLogger("umgr.target")
 
 ABSENT = (State.FRESH, State.SWAPPED)   # states a MISSING fault fills
-EMPTY = np.empty(0, np.int64)
 
 
 class FaultService:
