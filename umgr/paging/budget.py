@@ -86,11 +86,11 @@ class Budget:
         most = max(2, self.pages // WINDOW_DIVISOR)
         if not self.limited or len(pages) <= most:
             return pages
-        return np.sort(pages[np.argsort(np.abs(pages - vpn), kind="stable")[:most]])
+        return nearest_first([(vpn, pages)], most)
 
     def prefetch_room(self, resident: int, most: int) -> int:
-        """Pages a prefetch may bring (at most `most`) without taking the
-        target past its budget."""
+        """Pages that may come in (at most `most`: a prefetch, a fast-path
+        call) without taking the target past its budget."""
         return min(most, self.pages - resident) if self.limited else most
 
     def prefetch_allowed(self, resident: int, filling: int) -> bool:

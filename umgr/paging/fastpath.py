@@ -263,9 +263,7 @@ class FastPath:
         many came in; the others (pages in other states, a copy refused)
         are left as they are."""
         core = self.core
-        room = min(len(vpns), MAX_FILL_PAGES)
-        if core.budget.limited:
-            room = min(room, core.budget.pages - core.pt.resident)
+        room = core.budget.prefetch_room(core.pt.resident, min(len(vpns), MAX_FILL_PAGES))
         if not self.ready() or room <= 0:
             return 0
         vpns = np.ascontiguousarray(vpns[:room], np.int64)
@@ -312,10 +310,7 @@ class FastPath:
 
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""
-        core = self.core
-        if not core.budget.limited:
-            return LOG_PAGES
-        return min(LOG_PAGES, core.budget.pages - core.pt.resident)
+        return self.core.budget.prefetch_room(self.core.pt.resident, LOG_PAGES)
 
     def _yield_after(self, room: int) -> int:
         """Pages after which the call ends: `room`, or just past the high
