@@ -10,12 +10,14 @@
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -378,13 +380,14 @@ class RestartableDaemon:
         self.proc = None
         self.start(**(first_env or {}))
 
-    def start(self, **env: str) -> None:
+    def start(self, wrapper: tuple[str, ...] = (), pass_fds: tuple[int, ...] = (), **env: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)   # a killed daemon's: wait for the new one's
         self.starts += 1
         with open(self.tmp_path / f"daemon-{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "-v", *self.options],
-                                         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **env))
+            self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "umgr", "daemon", "-v", *self.options],
+                                         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **env),
+                                         pass_fds=pass_fds)
         wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, 20, "the daemon")
         assert self.proc.poll() is None, self.log()
 
@@ -620,3 +623,153 @@ def test_a_budget_changed_while_running_is_kept_by_the_restarted_daemon(tmp_path
         assert b"taken back by the umgr daemon" in err, err
     finally:
         daemon.stop()
+
+
+# ---- under a service manager: its descriptor store keeps the compressed store -----------------
+# Run argv[2:] in this process with the descriptors argv[1] lists at 3 on
+# and $LISTEN_PID this process's, as systemd's start of a unit does.
+PASS_FDS = """import os, sys
+for i, fd in enumerate(int(fd) for fd in sys.argv[1].split(",") if fd):
+    os.dup2(fd, 3 + i)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+class ServiceManager:
+    """What systemd does for a Type=notify unit with FileDescriptorStoreMax=
+    set: a notify socket, the descriptors a daemon stores there
+    (FDSTORE=1, FDNAME=; FDSTOREREMOVE=1 takes them out), and a start that
+    passes them back as sd_listen_fds(3) describes: at descriptor 3 on,
+    $LISTEN_FDS and $LISTEN_FDNAMES, for the process $LISTEN_PID."""
+
+    def __init__(self, tmp_path):
+        self.path = str(tmp_path / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.stored: dict[str, int] = {}
+
+    def receive(self) -> None:
+        """Take in every message sent so far."""
+        while True:
+            try:
+                message, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            fds = [fd for level, kind, data in ancillary if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+                   for fd in array.array("i", data[:len(data) - len(data) % 4])]
+            fields = dict(line.split("=", 1) for line in message.decode().splitlines())
+            if fields.get("FDSTOREREMOVE") == "1" and fields["FDNAME"] in self.stored:
+                os.close(self.stored.pop(fields["FDNAME"]))
+            if fields.get("FDSTORE") == "1":
+                assert len(fds) == 1 and fields.get("FDPOLL") == "0", (fields, fds)
+                self.stored[fields["FDNAME"]] = fds.pop()
+            for fd in fds:
+                os.close(fd)
+
+    def start(self, daemon: RestartableDaemon) -> None:
+        """Start the daemon again with the stored descriptors."""
+        names = list(self.stored)
+        fds = ",".join(str(self.stored[name]) for name in names)
+        daemon.start(wrapper=(sys.executable, "-c", PASS_FDS, fds), pass_fds=tuple(self.stored.values()),
+                     NOTIFY_SOCKET=self.path,
+                     LISTEN_FDS=str(len(names)), LISTEN_FDNAMES=":".join(names))
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self.stored.values():
+            os.close(fd)
+
+
+# A program whose pages compress, but one in four (in a chain, those go to
+# the file): fills MIB, says "ready", and checks every byte at stdin's EOF.
+COMPRESSIBLE_HOLD = r"""
+import hashlib, sys
+
+def page(p):
+    if p % 4 == 3:
+        return hashlib.shake_128(p.to_bytes(8, "little")).digest(4096)
+    line = b"record %d: value=%d; " % (p, p * 31 % 1000)
+    return (line * (4096 // len(line) + 1))[:4096]
+
+npages = int(sys.argv[1]) * 256
+data = bytearray(npages * 4096)
+for p in range(npages):
+    data[p * 4096:(p + 1) * 4096] = page(p)
+print("ready", flush=True)
+sys.stdin.read()
+wrong = [p for p in range(npages) if data[p * 4096:(p + 1) * 4096] != page(p)]
+print(f"wrong pages {wrong[:8]}" if wrong else f"ok {npages} pages")
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", [["compressed"], ["compressed", "file"]])
+def test_a_service_managers_descriptor_store_keeps_the_compressed_store_for_a_restarted_daemon(
+        tmp_path, shim, programs, backend):
+    """`umgr daemon` with a compressed store (alone, or in front of the
+    file) under a service manager: it hands the store's memfd to the
+    manager's descriptor store; SIGKILLed while the program holds 24 MiB
+    or more swapped out and started again with the memfd passed back, it
+    takes the program back, which checks every byte. A clean stop takes
+    the memfd out of the store."""
+    manager = ServiceManager(tmp_path)
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60",
+                               *(f"--backend={spec}" for spec in backend), first_env={"NOTIFY_SOCKET": manager.path})
+    script = tmp_path / "hold.py"
+    script.write_text(COMPRESSIBLE_HOLD)
+    try:
+        with started([sys.executable, str(script), "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            read_ready(target)
+            wait_swapped(daemon, target.pid, 24 * MiB)
+            manager.receive()
+            assert os.readlink(f"/proc/self/fd/{manager.stored['umgr-store']}").startswith("/memfd:umgr-store")
+            stored = os.fstat(manager.stored["umgr-store"]).st_ino
+            daemon.kill()
+            manager.start(daemon)
+            wait_for(lambda: target_status_of(daemon, target.pid), 30, "the target to be taken back")
+            out, err = target.communicate(b"", timeout=60)
+        assert target.returncode == 0, (err, daemon.log())
+        assert out == b"ok 12288 pages\n"
+        assert b"taken back by the umgr daemon" in err, err
+        assert "memory came back from the service manager" in daemon.log()
+        # The pages came back from the store the dead daemon left.
+        tier = query_status_of(daemon)["backend"]["tiers"][0]
+        assert tier["tier"] == "compressed" and tier["pages_read"] >= (16 * MiB) // 4096, tier
+        manager.receive()
+        assert os.fstat(manager.stored["umgr-store"]).st_ino == stored   # (taken over, not replaced)
+        daemon.stop()
+        manager.receive()
+        assert "umgr-store" not in manager.stored   # every page came back: nothing to keep
+    finally:
+        daemon.stop()
+        manager.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_compressed_store_the_service_manager_did_not_keep_kills_the_program_at_once(tmp_path, shim, programs):
+    """A unit without FileDescriptorStoreMax=: systemd drops the memfd the
+    daemon stores, and a restarted daemon finds saved tables but no store.
+    It forgets them (with them kept, it could not start: no store to take
+    over), and the program, asking to be taken back, is killed at once
+    with one line; it never runs on zeros."""
+    manager = ServiceManager(tmp_path)
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60", "--backend", "compressed",
+                               first_env={"NOTIFY_SOCKET": manager.path})
+    try:
+        with started([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            read_ready(target)
+            wait_swapped(daemon, target.pid, 24 * MiB)
+            daemon.kill()
+            manager.receive()
+            os.close(manager.stored.pop("umgr-store"))
+            manager.start(daemon)
+            out, err = target.communicate(b"", timeout=30)
+        assert target.returncode == -signal.SIGKILL, (out, err)
+        assert b"has none of its paged-out memory" in err and err.count(b"\n") == 1, err
+        assert "did not come back from the service manager" in daemon.log()
+        manager.receive()
+        assert "umgr-store" in manager.stored   # (the restarted daemon's own, for its next restart)
+    finally:
+        daemon.stop()
+        manager.close()

@@ -22,7 +22,7 @@ import trio
 from umgr import embedded
 from umgr.backends import HELD_MEMORY_OPTION, open_chain, persists, takes
 from umgr.backends.file import DEFAULT_STATE_DIR
-from umgr.backends.region import new_memfd
+from umgr.backends.region import holds_a_store, new_memfd
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
 from umgr import configfile
@@ -32,6 +32,7 @@ from umgr.sizes import format_size, parse_size
 from umgr.daemon import BUDGET_REQUEST, HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.idlepoll import BUSY_RATE
 from umgr.daemon.idlepoll import MODES as IDLE_POLL_MODES
+from umgr.daemon import fdstore
 from umgr.daemon.notify import notify
 from umgr.daemon.config import GRACE_SECONDS, MAX_MANAGED, MAX_MANAGED_PER_USER
 from umgr.paging.cleancopies import MODES
@@ -504,8 +505,9 @@ def _child_setup() -> None:
 def _open_backend(args, state=None, held: int = -1):
     """The store --backend names (a chain when given more than once). With
     `state` (a StateDir), the file backend's named swap file there, and
-    the compressed store's memfd `held` by umgr exec, reused when a dead
-    daemon's targets may come back."""
+    the compressed store's memfd `held` (by umgr exec, or the service
+    manager for umgr daemon), reused when a dead daemon's targets may come
+    back."""
     defaults = {"size": args.swap_size, "directory": args.state_dir}
     if state is not None:
         defaults.update(directory=state.path, swap_name="swap", reuse=state.swap_reusable())
@@ -635,6 +637,7 @@ def cmd_daemon(args) -> int:
     from umgr.daemon.shutdown import serve_until_stopped
     config = _config(args, args.socket)
     state = _open_state(args)
+    held = _service_memory(args, state)
     # Whether the state must outlive an exit that is not a clean stop: the
     # daemon served (its programs may come back), or a dead daemon's
     # programs may come back for it. One that fails before it serves leaves
@@ -660,7 +663,7 @@ def cmd_daemon(args) -> int:
         clean = True
 
     try:
-        backend = _open_backend(args, state)
+        backend = _open_backend(args, state, held)
         trio.run(run)
     finally:
         clean = clean or not keep_state
@@ -670,6 +673,10 @@ def cmd_daemon(args) -> int:
             backend.close()
         if state is not None:
             state.close(clean)
+        if held >= 0:
+            if clean:
+                fdstore.remove(fdstore.STORE_NAME)
+            os.close(held)
     return 0
 
 
@@ -683,20 +690,49 @@ def _control_socket(config: DaemonConfig) -> ControlSocket:
 
 def _open_state(args):
     """The state directory's saved tables (umgr/daemon/statedir.py), when
-    tables persist: `umgr daemon` with the file backend alone."""
+    every store of the chain outlives the daemon (backends.persists)."""
     from umgr.daemon.statedir import StateDir
     if args.no_persist:
         return None
-    if not persists(args.backend or ["file"]):
-        log.info("page tables are not saved: a restarted umgr daemon takes programs back only from the file or "
-                 "the redis backend alone (a compressed store lives in the daemon's memory; under umgr exec it "
-                 "outlives the daemon)")
+    if not persists(args.backend or ["file"], memory_held=fdstore.available()):
+        log.info("page tables are not saved: a compressed store lives in the daemon's memory, and only a service "
+                 "manager's descriptor store keeps it for a restarted daemon (systemd's FileDescriptorStoreMax=; "
+                 "one such store in a chain, and umgr exec keeps its own)")
         return None
     try:
         with setting_up(f"umgr daemon: --state-dir {args.state_dir}"):
             return StateDir(args.state_dir, args.socket)
     except BackendError as exc:
         raise Fatal(f"umgr daemon: {exc}") from None
+
+
+def _service_memory(args, state) -> int:
+    """The memfd of the chain's store in memory, kept in the service
+    manager's descriptor store (umgr/daemon/fdstore.py) so that a restarted
+    daemon takes over what this one held: the dead daemon's, passed back
+    at the start, else a new one (-1: no such store, or nothing saved).
+    Saved tables whose store did not come back are forgotten: their
+    programs are killed at once when they ask to be taken back."""
+    fd = fdstore.take(fdstore.STORE_NAME)
+    if state is None or not any(takes(spec, HELD_MEMORY_OPTION) for spec in args.backend or []):
+        if fd >= 0:   # (kept for a daemon of another --backend: nothing takes it over now)
+            os.close(fd)
+            fdstore.remove(fdstore.STORE_NAME)
+        return -1
+    if state.swap_reusable():
+        if fd < 0:
+            state.forget_saved("the compressed store's memory did not come back from the service manager "
+                               "(FileDescriptorStoreMax= unset in the unit?)")
+        elif not holds_a_store(fd):
+            state.forget_saved("the memory the service manager passed back holds no compressed store")
+        else:
+            log.info("the compressed store's memory came back from the service manager")
+    if fd < 0:
+        fd = new_memfd(fdstore.STORE_NAME)
+        if not fdstore.store(fd, fdstore.STORE_NAME):
+            log.warning("the compressed store's memory was not handed to the service manager: a restarted "
+                        "daemon cannot take programs back")
+    return fd
 
 
 # ---- status ------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def backend_class(name: str) -> type:
 
 # Options a store takes to outlive its daemon for a restart: a named swap
 # file (file), a kept key prefix (redis); and a memory store's, a memfd
-# someone else holds for it (compressed: umgr exec holds one).
+# someone else holds for it (compressed: umgr exec, or systemd for umgr daemon).
 PERSISTENCE_OPTIONS = ("swap_name", "instance")
 HELD_MEMORY_OPTION = "region_fd"
 # Set by umgr for a restart, never by a --backend spec: a descriptor
@@ -198,7 +198,8 @@ def persists(specs: list[str], memory_held: bool = False) -> bool:
     """Whether a daemon with these --backend specs can save its state:
     every store of the chain can outlive it. A store in the daemon's
     memory can only where another process holds that memory for it
-    (`memory_held`: umgr exec's parent, for one such store)."""
+    (`memory_held`: umgr exec's parent, or systemd's descriptor store
+    for umgr daemon; one such store)."""
     held = [spec for spec in specs if takes(spec, HELD_MEMORY_OPTION)]
     if held and (not memory_held or len(held) > 1):
         return False

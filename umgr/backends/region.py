@@ -67,6 +67,15 @@ def new_memfd(name: str) -> int:
         return os.memfd_create(name, os.MFD_CLOEXEC)
 
 
+def holds_a_store(fd: int) -> bool:
+    """Whether the memfd holds a store a daemon left (Region.found)."""
+    try:
+        Region.found(fd)
+    except (BackendError, OSError):
+        return False
+    return True
+
+
 def _round_page(n: int) -> int:
     return -(-n // PAGE_SIZE) * PAGE_SIZE
 

@@ -147,6 +147,15 @@ class StateDir:
             return None
         return self.saved.pop(pid)
 
+    def forget_saved(self, reason: str) -> None:
+        """None of the dead daemon's targets can come back (`reason`):
+        their files go, so each is told at once it has nothing here."""
+        if self.saved:
+            log.warning("state in %s: %s; the %d program(s) of the previous daemon cannot come back",
+                        self.path, reason, len(self.saved))
+        for saved in self.unclaimed():
+            self.forget(saved)
+
     def unclaimed(self) -> list[SavedTarget]:
         """The saved targets not taken back (their slots still referenced)."""
         out = list(self.saved.values())
