@@ -200,7 +200,6 @@ def test_the_c_region_array_follows_every_change_of_the_table():
     # arrays (a persistent table moves them to a file).
     from types import SimpleNamespace
 
-    import numpy as np
     from umgr.kernel import uffd as uffdmod
     from umgr.paging.pagetable import PageTable
 

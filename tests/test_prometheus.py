@@ -4,7 +4,6 @@ shipped scrape config, and a Prometheus server started here scrapes a
 daemon and answers a query for a live target's resident bytes."""
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request

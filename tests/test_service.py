@@ -78,7 +78,7 @@ def test_unit_starts_the_daemon_and_reports_ready_once_it_accepts(tmp_path, shim
         assert status["targets"] == [], status
         fields = dict(line.split("=", 1) for line in message.decode().splitlines())
         assert fields["READY"] == "1", message
-        assert fields["STATUS"].startswith(f"umgr ") and f"serving {control}:" in fields["STATUS"], fields
+        assert fields["STATUS"].startswith("umgr ") and f"serving {control}:" in fields["STATUS"], fields
         assert f"backend file (4G in {env['STATE_DIRECTORY']})" in fields["STATUS"], fields
         # NotifyAccess=main: the message comes from the process systemd started.
         (level, kind, creds), = ancillary

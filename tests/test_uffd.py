@@ -193,7 +193,6 @@ def test_faults_served_with_trio(ct, maps, uffds):
     npages = 16
     u = uffds(0)
     dst = maps(npages)
-    src = source_pages(maps, npages, seed=3)
     u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
     writer_done = threading.Event()
 

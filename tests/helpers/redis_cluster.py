@@ -4,7 +4,6 @@ serving their hash slots when another dies (cluster-require-full-coverage
 no), so a test can kill one and see exactly the pages it held fail."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
