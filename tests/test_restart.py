@@ -628,9 +628,14 @@ def test_a_budget_changed_while_running_is_kept_by_the_restarted_daemon(tmp_path
 # ---- under a service manager: its descriptor store keeps the compressed store -----------------
 # Run argv[2:] in this process with the descriptors argv[1] lists at 3 on
 # and $LISTEN_PID this process's, as systemd's start of a unit does.
-PASS_FDS = """import os, sys
-for i, fd in enumerate(int(fd) for fd in sys.argv[1].split(",") if fd):
+PASS_FDS = """import fcntl, os, sys
+given = [int(fd) for fd in sys.argv[1].split(",") if fd]
+moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in given]   # (out of the way of 3..)
+for fd in given:
+    os.close(fd)
+for i, fd in enumerate(moved):
     os.dup2(fd, 3 + i)
+    os.close(fd)
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.execvp(sys.argv[2], sys.argv[2:])
 """
@@ -747,29 +752,48 @@ def test_a_service_managers_descriptor_store_keeps_the_compressed_store_for_a_re
 
 
 @pytest.mark.timeout(90)
-def test_a_compressed_store_the_service_manager_did_not_keep_kills_the_program_at_once(tmp_path, shim, programs):
-    """A unit without FileDescriptorStoreMax=: systemd drops the memfd the
-    daemon stores, and a restarted daemon finds saved tables but no store.
-    It forgets them (with them kept, it could not start: no store to take
-    over), and the program, asking to be taken back, is killed at once
-    with one line; it never runs on zeros."""
+@pytest.mark.parametrize("restart", ["store dropped", "blank store", "other backend"])
+def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp_path, shim, programs, restart):
+    """The restarted daemon finds saved tables but not the store they name,
+    and forgets them: the program, asking to be taken back, is killed at
+    once with one line; it never runs on zeros. Three ways: a unit without
+    FileDescriptorStoreMax= (systemd drops the memfd the daemon stores);
+    a memfd of that name holding no store; and a daemon restarted with
+    another --backend chain (the file behind the compressed tier, alone:
+    the pages in the compressed tier are not in it), which lets the memfd
+    go. With the tables kept, the first two could not start (no store to
+    take over) and the third would read slots the file never held."""
     manager = ServiceManager(tmp_path)
-    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60", "--backend", "compressed",
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60", "--backend=compressed",
+                               *(["--backend=file"] if restart == "other backend" else []),
                                first_env={"NOTIFY_SOCKET": manager.path})
+    script = tmp_path / "hold.py"
+    script.write_text(COMPRESSIBLE_HOLD)
     try:
-        with started([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+        with started([sys.executable, str(script), "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
             read_ready(target)
             wait_swapped(daemon, target.pid, 24 * MiB)
             daemon.kill()
             manager.receive()
-            os.close(manager.stored.pop("umgr-store"))
+            if restart == "other backend":
+                daemon.options = [o for o in daemon.options if o != "--backend=compressed"]
+            else:
+                os.close(manager.stored.pop("umgr-store"))
+                if restart == "blank store":
+                    manager.stored["umgr-store"] = os.memfd_create("umgr-store")
             manager.start(daemon)
             out, err = target.communicate(b"", timeout=30)
         assert target.returncode == -signal.SIGKILL, (out, err)
         assert b"has none of its paged-out memory" in err and err.count(b"\n") == 1, err
-        assert "did not come back from the service manager" in daemon.log()
+        why = {"store dropped": "did not come back from the service manager",
+               "blank store": "passed back holds no compressed store",
+               "other backend": "saved with --backend=compressed --backend=file, not --backend=file"}[restart]
+        assert why in daemon.log(), daemon.log()
         manager.receive()
-        assert "umgr-store" in manager.stored   # (the restarted daemon's own, for its next restart)
+        if restart == "other backend":
+            assert "umgr-store" not in manager.stored   # (nothing takes it over)
+        else:
+            assert "umgr-store" in manager.stored   # (the restarted daemon's, for its next restart)
     finally:
         daemon.stop()
         manager.close()

@@ -96,7 +96,7 @@ def test_unit_starts_the_daemon_and_reports_ready_once_it_accepts(tmp_path, shim
         # The swap file is named in a directory of this socket's, kept for a
         # restart after a crash; the exited target's saved table is gone.
         saved, = Path(env["STATE_DIRECTORY"]).iterdir()
-        assert sorted(p.name for p in saved.iterdir()) == ["boot", "lock", "swap"]
+        assert sorted(p.name for p in saved.iterdir()) == ["backend", "boot", "lock", "swap"]
     finally:
         stop(proc)
         notify.close()

@@ -701,7 +701,9 @@ def _open_state(args):
         return None
     try:
         with setting_up(f"umgr daemon: --state-dir {args.state_dir}"):
-            return StateDir(args.state_dir, args.socket)
+            state = StateDir(args.state_dir, args.socket)
+            state.check_backend(args.backend or ["file"])
+            return state
     except BackendError as exc:
         raise Fatal(f"umgr daemon: {exc}") from None
 

@@ -15,7 +15,10 @@ MAN_SECTIONS = {
         ("UMGR_POLICY", "This process's prefetch policy."),
         ("UMGR_MIN_REGION", "The smallest anonymous mapping the shim reports (default 1M)."),
         ("UMGR_WRAP_MALLOC", "0: do not wrap the allocator."),
-        ("NOTIFY_SOCKET", "Set by systemd: umgr daemon sends READY=1 there once its socket listens."),
+        ("NOTIFY_SOCKET", "Set by systemd: umgr daemon sends READY=1 there once its socket listens, and hands "
+                          "it a compressed store's memory (FDSTORE=1) to keep for a restarted daemon."),
+        ("LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES", "Set by systemd: the descriptors it kept (umgr-store: a "
+                                                   "compressed store's memory), passed to the restarted daemon."),
         ("RUNTIME_DIRECTORY, STATE_DIRECTORY",
          "Set by systemd: the default --socket (control.sock in the first) and --state-dir of umgr daemon."),
     ],

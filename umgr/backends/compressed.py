@@ -23,10 +23,11 @@ is. Entries live in C, in chunks of a heap in the store's region
 (umgr/backends/region.py), so storing and dropping a batch is one C call,
 with no Python object per page.
 
-The region is a memfd. Under umgr exec, the parent holds it (`region_fd`)
-and a daemon that dies leaves the store behind for the one umgr exec
-starts next (`reuse`), as the file backend leaves its swap file: the
-programs' pages come back from it. Otherwise the region is the daemon's.
+The region is a memfd. Under umgr exec, the parent holds it (`region_fd`),
+and under systemd, the unit's descriptor store (umgr/daemon/fdstore.py):
+a daemon that dies leaves the store behind for the one started next
+(`reuse`), as the file backend leaves its swap file, and the programs'
+pages come back from it. Otherwise the region is the daemon's.
 
 Costs counted against the cap: each entry's chunk (its bytes rounded up
 to GRAIN, 32) and ENTRY_OVERHEAD (the age queue's slot and sequence
@@ -113,8 +114,8 @@ class CompressedBackend(Backend):
         """size: the pages it can hold when alone (slots); cap: the memory
         it may use (default a quarter of size); codec: lz4 or zstd; level:
         zstd's level or lz4's acceleration (the codec's default if None);
-        region_fd: a memfd to keep the store in (umgr exec's, which outlives
-        the daemon); reuse: the memfd holds a dead daemon's store, to take
+        region_fd: a memfd to keep the store in (umgr exec's, or the
+        service manager's, which outlives the daemon); reuse: the memfd holds a dead daemon's store, to take
         over (its size is the store's own then)."""
         self.cap = int(cap) if cap is not None else size // 4
         self._region_fd, self._reuse = region_fd, reuse and region_fd >= 0
@@ -369,9 +370,9 @@ class CompressedBackend(Backend):
             self._drop(held[~self.slots.referenced(held)])
 
     def close(self) -> None:
-        """Let go of the store. A region umgr exec holds keeps it (a daemon
-        that fails ends so, and its successor takes the store over); the
-        store's own region goes."""
+        """Let go of the store. A region held elsewhere (umgr exec, the
+        service manager) keeps it (a daemon that fails ends so, and its
+        successor takes the store over); the store's own region goes."""
         if self._region is not None:
             self._region.close()
             self._region = None

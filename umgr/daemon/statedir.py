@@ -8,6 +8,7 @@ state directory never share files):
 
     STATE_DIR/daemon-HASH/        0700, locked (flock) while a daemon runs
         boot                      the boot id the files belong to
+        backend                   the --backend chain they were saved with
         swap                      the swap file (umgr/backends/file.py)
         t-PID-START/              one per target: START is the process's
             target.json           start time (clock ticks after boot), so
@@ -38,6 +39,7 @@ from umgr.paging.tuning import MAX_EVENTS_PER_READ
 log = logging.getLogger("umgr.daemon")
 
 SWAP_NAME = "swap"
+BACKEND_NAME = "backend"   # the --backend chain the tables were saved with
 TARGET_PREFIX = "t-"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -147,6 +149,17 @@ class StateDir:
             return None
         return self.saved.pop(pid)
 
+    def check_backend(self, specs: list[str]) -> None:
+        """Saved tables name slots of the stores they were saved with. A
+        daemon started with another --backend chain cannot take them over
+        (its stores hold other pages, or none, or pages another codec
+        packed): they are forgotten. The chain is kept for the next start."""
+        chain = " ".join(f"--backend={spec}" for spec in specs)
+        saved_with = self._read(BACKEND_NAME)
+        if saved_with is not None and saved_with != chain:
+            self.forget_saved(f"its pages were saved with {saved_with}, not {chain}")
+        self._write(BACKEND_NAME, chain)
+
     def forget_saved(self, reason: str) -> None:
         """None of the dead daemon's targets can come back (`reason`):
         their files go, so each is told at once it has nothing here."""
@@ -206,7 +219,7 @@ class StateDir:
             for name in os.listdir(self.dir_fd):
                 if name.startswith(TARGET_PREFIX):
                     self._remove_dir(name)
-                elif name in ("boot", "lock", "instance"):
+                elif name in ("boot", "lock", "instance", BACKEND_NAME):
                     os.unlink(name, dir_fd=self.dir_fd)
         os.close(self._lock_fd)
         os.close(self.dir_fd)
