@@ -25,6 +25,7 @@ import time
 import pytest
 
 from conftest import DaemonProcess, vm_rss_kb, wait_for
+from umgr.backends.region import SPAN, Region
 from test_control import UFFD_LINK, fd_links, started, target_status, wait_paging
 
 KILLED_LINE = b"killed: the umgr daemon serving it is gone"
@@ -752,14 +753,14 @@ def test_a_service_managers_descriptor_store_keeps_the_compressed_store_for_a_re
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("restart", ["store dropped", "blank store", "other backend"])
+@pytest.mark.parametrize("restart", ["store dropped", "blank store", "another store", "other backend"])
 def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp_path, shim, programs, restart):
     """The restarted daemon finds saved tables but not the store they name,
     and forgets them: the program, asking to be taken back, is killed at
-    once with one line; it never runs on zeros. Three ways: a unit without
-    FileDescriptorStoreMax= (systemd drops the memfd the daemon stores);
-    a memfd of that name holding no store; and a daemon restarted with
-    another --backend chain (the file behind the compressed tier, alone:
+    once with one line; it never runs on zeros. Four ways: a unit without
+    FileDescriptorStoreMax= (systemd drops the memfd the daemon stores); a
+    memfd of that name holding no store, or another daemon's store; and a
+    daemon restarted with another --backend chain (the file behind the compressed tier, alone:
     the pages in the compressed tier are not in it), which lets the memfd
     go. With the tables kept, the first two could not start (no store to
     take over) and the third would read slots the file never held."""
@@ -779,14 +780,17 @@ def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp
                 daemon.options = [o for o in daemon.options if o != "--backend=compressed"]
             else:
                 os.close(manager.stored.pop("umgr-store"))
-                if restart == "blank store":
+                if restart != "store dropped":
                     manager.stored["umgr-store"] = os.memfd_create("umgr-store")
+                if restart == "another store":   # (of another daemon: a store, not the one the tables name)
+                    Region(1 << 16, 64 * SPAN, manager.stored["umgr-store"]).close()
             manager.start(daemon)
             out, err = target.communicate(b"", timeout=30)
         assert target.returncode == -signal.SIGKILL, (out, err)
         assert b"has none of its paged-out memory" in err and err.count(b"\n") == 1, err
         why = {"store dropped": "did not come back from the service manager",
-               "blank store": "passed back holds no compressed store",
+               "blank store": "passed back holds no compressed store of theirs",
+               "another store": "passed back holds no compressed store of theirs",
                "other backend": "saved with --backend=compressed --backend=file, not --backend=file"}[restart]
         assert why in daemon.log(), daemon.log()
         manager.receive()

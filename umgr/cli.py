@@ -725,8 +725,8 @@ def _service_memory(args, state) -> int:
         if fd < 0:
             state.forget_saved("the compressed store's memory did not come back from the service manager "
                                "(FileDescriptorStoreMax= unset in the unit?)")
-        elif not holds_a_store(fd):
-            state.forget_saved("the memory the service manager passed back holds no compressed store")
+        elif not holds_a_store(fd) or not state.memory_is_theirs(fd):
+            state.forget_saved("the memory the service manager passed back holds no compressed store of theirs")
         else:
             log.info("the compressed store's memory came back from the service manager")
     if fd < 0:
@@ -734,6 +734,7 @@ def _service_memory(args, state) -> int:
         if not fdstore.store(fd, fdstore.STORE_NAME):
             log.warning("the compressed store's memory was not handed to the service manager: a restarted "
                         "daemon cannot take programs back")
+    state.note_memory(fd)
     return fd
 
 

@@ -9,6 +9,7 @@ state directory never share files):
     STATE_DIR/daemon-HASH/        0700, locked (flock) while a daemon runs
         boot                      the boot id the files belong to
         backend                   the --backend chain they were saved with
+        memory                    the memfd their store in memory is in (its inode)
         swap                      the swap file (umgr/backends/file.py)
         t-PID-START/              one per target: START is the process's
             target.json           start time (clock ticks after boot), so
@@ -40,6 +41,7 @@ log = logging.getLogger("umgr.daemon")
 
 SWAP_NAME = "swap"
 BACKEND_NAME = "backend"   # the --backend chain the tables were saved with
+MEMORY_NAME = "memory"     # the inode of the memfd a store in memory keeps its pages in
 TARGET_PREFIX = "t-"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -160,6 +162,16 @@ class StateDir:
             self.forget_saved(f"its pages were saved with {saved_with}, not {chain}")
         self._write(BACKEND_NAME, chain)
 
+    def memory_is_theirs(self, fd: int) -> bool:
+        """Whether the memfd is the one the saved tables' store in memory
+        was in: its inode number, this boot's (`boot`), of a 32-bit counter
+        the kernel's memfds share."""
+        return self._read(MEMORY_NAME) == str(os.fstat(fd).st_ino)
+
+    def note_memory(self, fd: int) -> None:
+        """The store in memory is in this memfd from now on."""
+        self._write(MEMORY_NAME, str(os.fstat(fd).st_ino))
+
     def forget_saved(self, reason: str) -> None:
         """None of the dead daemon's targets can come back (`reason`):
         their files go, so each is told at once it has nothing here."""
@@ -219,7 +231,7 @@ class StateDir:
             for name in os.listdir(self.dir_fd):
                 if name.startswith(TARGET_PREFIX):
                     self._remove_dir(name)
-                elif name in ("boot", "lock", "instance", BACKEND_NAME):
+                elif name in ("boot", "lock", "instance", BACKEND_NAME, MEMORY_NAME):
                     os.unlink(name, dir_fd=self.dir_fd)
         os.close(self._lock_fd)
         os.close(self.dir_fd)
