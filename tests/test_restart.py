@@ -760,10 +760,11 @@ def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp
     once with one line; it never runs on zeros. Four ways: a unit without
     FileDescriptorStoreMax= (systemd drops the memfd the daemon stores); a
     memfd of that name holding no store, or another daemon's store; and a
-    daemon restarted with another --backend chain (the file behind the compressed tier, alone:
-    the pages in the compressed tier are not in it), which lets the memfd
-    go. With the tables kept, the first two could not start (no store to
-    take over) and the third would read slots the file never held."""
+    daemon restarted with another --backend chain (the file behind the
+    compressed tier, alone: the pages in the compressed tier are not in
+    it), which lets the memfd go. With the tables kept, the first two
+    could not start (no store to take over), the third would take over
+    another program's pages and the last read slots the file never held."""
     manager = ServiceManager(tmp_path)
     daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60", "--backend=compressed",
                                *(["--backend=file"] if restart == "other backend" else []),
