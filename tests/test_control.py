@@ -395,9 +395,11 @@ def test_status_escapes_command_lines():
                 "resident_bytes": 0, "swapped_bytes": 0, "faults": 0, "pages_in": 0, "pages_out": 0}
     snapshot = {"targets": [target(7, "evil\nforged row\x1b[31m"), target(8, "./café --x 1"),
                             target(9, "a-name-longer-than-the-column")],
-                "backend": {"backend": "file", "used_pages": 0, "capacity_pages": 1024}}
+                "backend": {"backend": "file", "used_pages": 0, "capacity_pages": 1024},
+                "on_crash": "state in /var/lib/\nforged"}
     lines = format_status(snapshot, snapshot, 1.0).splitlines()
-    assert len(lines) == 5, lines
+    assert len(lines) == 6, lines
+    assert lines[5] == "on a crash: state in /var/lib/\\nforged", lines[5]
     assert lines[1].endswith("  evil\\nforged row\\x1b[31m"), lines[1]
     assert lines[2].endswith("  ./café            ./café --x 1"), lines[2]
     assert lines[3].endswith("  a-name-longer-t~  a-name-longer-than-the-column"), lines[3]
@@ -503,14 +505,15 @@ def test_status_shows_a_running_target(daemon, shim, programs):
         lines = proc.stdout.decode().splitlines()
         assert lines[0].split() == ["PID", "BUDGET", "RESIDENT", "SWAPPED", "FAULTS/s", "IN/s", "OUT/s", "NAME",
                                     "COMMAND"]
-        rows = {fields[0]: fields for fields in (line.split(None, 8) for line in lines[1:-1])}
+        rows = {fields[0]: fields for fields in (line.split(None, 8) for line in lines[1:-2])}
         assert set(rows) == {str(holder.pid)}, lines
         _, budget, resident, swapped, *_rates, name, command = rows[str(holder.pid)]
         assert (name, command) == ("ctl_hold", "./ctl_hold 48")
         assert budget == "16M"
         assert 0 < parse_size(resident, minimum=0) <= 16.5 * MiB, resident
         assert parse_size(swapped, minimum=0) >= (48 - 16.5) * MiB, swapped
-        assert lines[-1].startswith("backend file: "), lines[-1]
+        assert lines[-2].startswith("backend file: "), lines[-2]
+        assert lines[-1].startswith("on a crash: programs wait "), lines[-1]
         out, err = holder.communicate(b"", timeout=30)
     assert holder.returncode == 0, err
     assert out == b"ok 12288 pages\n"
@@ -520,7 +523,7 @@ def test_status_shows_a_running_target(daemon, shim, programs):
                           capture_output=True, timeout=20)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.decode().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("    PID") and lines[1].startswith("backend file: "), lines
+    assert len(lines) == 3 and lines[0].startswith("    PID") and lines[1].startswith("backend file: "), lines
 
 
 @pytest.mark.timeout(90)

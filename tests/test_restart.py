@@ -560,6 +560,8 @@ def test_restarted_daemon_without_its_state_kills_the_program_at_once(tmp_path, 
         with started([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
             read_ready(target)
             wait_swapped(daemon, target.pid, 24 * MiB)
+            on_crash = query_status_of(daemon)["on_crash"]
+            assert on_crash.startswith("programs wait 60 s") and "takes them back (state in " in on_crash, on_crash
             daemon.kill()
             daemon.options[daemon.options.index("--state-dir") + 1] = str(tmp_path / "elsewhere")
             daemon.start()
@@ -728,6 +730,8 @@ def test_a_service_managers_descriptor_store_keeps_the_compressed_store_for_a_re
         with started([sys.executable, str(script), "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
             read_ready(target)
             wait_swapped(daemon, target.pid, 24 * MiB)
+            on_crash = query_status_of(daemon)["on_crash"]
+            assert "takes them back" in on_crash and "service manager's descriptor store" in on_crash, on_crash
             manager.receive()
             assert os.readlink(f"/proc/self/fd/{manager.stored['umgr-store']}").startswith("/memfd:umgr-store")
             stored = os.fstat(manager.stored["umgr-store"]).st_ino
@@ -802,3 +806,22 @@ def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp
     finally:
         daemon.stop()
         manager.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("options, why", [(["--backend", "compressed"], "its compressed store dies with it"),
+                                          (["--no-persist"], "--no-persist")])
+def test_status_says_what_a_crash_does_when_nothing_is_saved(tmp_path, options, why):
+    """`umgr status` tells what becomes of the programs if the daemon
+    dies: with nothing saved (a compressed store and no service manager
+    to keep it, or --no-persist), they are killed after the grace period."""
+    daemon = RestartableDaemon(tmp_path, "--grace", "7", *options)
+    try:
+        on_crash = query_status_of(daemon)["on_crash"]
+        assert on_crash == f"programs wait 7 s (or their UMGR_GRACE_SECONDS), then are killed: nothing is saved ({why}" \
+            + (": no service manager keeps it)" if why != "--no-persist" else ")"), on_crash
+        shown = subprocess.run([sys.executable, "-m", "umgr", "status", "--socket", daemon.socket],
+                               capture_output=True, text=True, timeout=20)
+        assert f"on a crash: {on_crash}\n" in shown.stdout, shown
+    finally:
+        daemon.stop()

@@ -574,7 +574,10 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
                 state = StateDir(run_dir, config.socket_path)
         backend = _open_backend(args, state, held)
         trace = _open_trace(args, config, program)
-        daemon = Daemon(config, backend, trace, state=state)
+        on_crash = ("umgr exec restarts the daemon, which takes the program back" if state is not None else
+                    "umgr exec kills the program: nothing is saved (a chain of two compressed tiers, or "
+                    "--record-trace)")
+        daemon = Daemon(config, backend, trace, state=state, on_crash=on_crash)
 
         async def serve() -> None:
             log.info("%s", startup_line(config, args, _serve_metrics(daemon, args)))
@@ -648,7 +651,7 @@ def cmd_daemon(args) -> int:
 
     async def run():
         nonlocal clean
-        daemon = Daemon(config, backend, state=state)
+        daemon = Daemon(config, backend, state=state, on_crash=_on_crash(args, config, state, held))
         metrics = _serve_metrics(daemon, args)
         control = _control_socket(config)
 
@@ -678,6 +681,17 @@ def cmd_daemon(args) -> int:
                 fdstore.remove(fdstore.STORE_NAME)
             os.close(held)
     return 0
+
+
+def _on_crash(args, config: DaemonConfig, state, held: int) -> str:
+    """What becomes of umgr daemon's programs if it dies, in a line."""
+    wait = f"programs wait {config.grace_seconds} s (or their UMGR_GRACE_SECONDS)"
+    if state is None:
+        why = "--no-persist" if args.no_persist else "its compressed store dies with it: no service manager keeps it"
+        return f"{wait}, then are killed: nothing is saved ({why})"
+    kept = ", the compressed store's memory in the service manager's descriptor store" if held >= 0 else ""
+    return (f"{wait} for a daemon restarted with this --socket and --state-dir, which takes them back "
+            f"(state in {state.path}{kept})")
 
 
 def _control_socket(config: DaemonConfig) -> ControlSocket:
@@ -870,6 +884,8 @@ def format_status(first: dict, second: dict, interval: float) -> str:
         heap = f" (heap {format_size(tier['heap_bytes'])})" if "heap_bytes" in tier else ""
         rows.append(f"  {tier['tier']}: {tier['pages']} pages in {format_size(tier['used_bytes'])}{heap} of "
                     f"{format_size(tier['capacity_bytes'])}{ratio}, {tier['read_seconds_per_page'] * 1e6:.0f} us a read")
+    if second.get("on_crash"):
+        rows.append(f"on a crash: {printable(second['on_crash'])}")
     return "\n".join(rows)
 
 

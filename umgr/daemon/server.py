@@ -61,11 +61,13 @@ BUDGET_REQUEST = b"BUDGET "
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, backend: Backend, trace=None, state=None):
+    def __init__(self, config: DaemonConfig, backend: Backend, trace=None, state=None, on_crash: str = ""):
         """`trace`: a umgr.trace.TraceWriter recording every target's faults.
         `state`: a umgr.daemon.statedir.StateDir (tables persist, and a
-        dead daemon's targets may come back), or None."""
+        dead daemon's targets may come back), or None. `on_crash`: what
+        becomes of the targets if this daemon dies, for `umgr status`."""
         self.config = config
+        self.on_crash = on_crash
         self.backend = backend
         self.lifecycle = Lifecycle(config, backend, trace, state)
         self.rejected_connections = 0
@@ -101,6 +103,7 @@ class Daemon:
             "targets_seen": self.targets_seen,
             "rejected_connections": self.rejected_connections,
             "internal_errors": self.internal_errors,
+            "on_crash": self.on_crash,
         }
 
     def set_budget(self, request: bytes, peer: Peer) -> dict:
