@@ -368,6 +368,10 @@ def comm(pid: int) -> str:
 
 
 # ---- a restarted daemon takes its programs back ----------------------------------------------
+# What a service manager gives a daemon: only the tests that play one set them.
+MANAGER_VARIABLES = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
 class RestartableDaemon:
     """`umgr daemon` that can be SIGKILLed and started again with the same
     --socket and --state-dir (a log file per start)."""
@@ -386,8 +390,9 @@ class RestartableDaemon:
             os.unlink(self.socket)   # a killed daemon's: wait for the new one's
         self.starts += 1
         with open(self.tmp_path / f"daemon-{self.starts}.log", "wb") as log:
+            base = {key: value for key, value in os.environ.items() if key not in MANAGER_VARIABLES}
             self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", "umgr", "daemon", "-v", *self.options],
-                                         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **env),
+                                         stdout=log, stderr=subprocess.STDOUT, env=dict(base, **env),
                                          pass_fds=pass_fds)
         wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None, 20, "the daemon")
         assert self.proc.poll() is None, self.log()
@@ -731,13 +736,18 @@ def test_a_service_managers_descriptor_store_keeps_the_compressed_store_for_a_re
             read_ready(target)
             wait_swapped(daemon, target.pid, 24 * MiB)
             on_crash = query_status_of(daemon)["on_crash"]
-            assert "takes them back" in on_crash and "service manager's descriptor store" in on_crash, on_crash
+            assert "takes them back" in on_crash and "kept only if the unit sets FileDescriptorStoreMax=" in on_crash, \
+                on_crash
             manager.receive()
             assert os.readlink(f"/proc/self/fd/{manager.stored['umgr-store']}").startswith("/memfd:umgr-store")
             stored = os.fstat(manager.stored["umgr-store"]).st_ino
             daemon.kill()
+            # Other options (each entry names its codec): the tables are kept.
+            daemon.options[daemon.options.index("--backend=compressed")] = \
+                "--backend=compressed:cap=128M,codec=zstd,level=3"
             manager.start(daemon)
             wait_for(lambda: target_status_of(daemon, target.pid), 30, "the target to be taken back")
+            assert "compressed store's memory kept by the service manager" in query_status_of(daemon)["on_crash"]
             out, err = target.communicate(b"", timeout=60)
         assert target.returncode == 0, (err, daemon.log())
         assert out == b"ok 12288 pages\n"
@@ -768,7 +778,9 @@ def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp
     compressed tier, alone: the pages in the compressed tier are not in
     it), which lets the memfd go. With the tables kept, the first two
     could not start (no store to take over), the third would take over
-    another program's pages and the last read slots the file never held."""
+    another program's pages and the last read slots the file never held.
+    A memfd passed back and not taken over is not used: the restarted
+    daemon stores a new one."""
     manager = ServiceManager(tmp_path)
     daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60", "--backend=compressed",
                                *(["--backend=file"] if restart == "other backend" else []),
@@ -789,6 +801,7 @@ def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp
                     manager.stored["umgr-store"] = os.memfd_create("umgr-store")
                 if restart == "another store":   # (of another daemon: a store, not the one the tables name)
                     Region(1 << 16, 64 * SPAN, manager.stored["umgr-store"]).close()
+            passed_back = os.fstat(manager.stored["umgr-store"]).st_ino if "umgr-store" in manager.stored else -1
             manager.start(daemon)
             out, err = target.communicate(b"", timeout=30)
         assert target.returncode == -signal.SIGKILL, (out, err)
@@ -796,13 +809,13 @@ def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp
         why = {"store dropped": "did not come back from the service manager",
                "blank store": "passed back holds no compressed store of theirs",
                "another store": "passed back holds no compressed store of theirs",
-               "other backend": "saved with --backend=compressed --backend=file, not --backend=file"}[restart]
+               "other backend": "saved with the stores compressed + file, not file"}[restart]
         assert why in daemon.log(), daemon.log()
         manager.receive()
         if restart == "other backend":
             assert "umgr-store" not in manager.stored   # (nothing takes it over)
-        else:
-            assert "umgr-store" in manager.stored   # (the restarted daemon's, for its next restart)
+        else:   # the restarted daemon's, for its next restart: a new memfd, never the one passed back
+            assert "umgr-store" in manager.stored and os.fstat(manager.stored["umgr-store"]).st_ino != passed_back
     finally:
         daemon.stop()
         manager.close()

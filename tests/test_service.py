@@ -211,6 +211,13 @@ def test_config_file_settings_and_command_line_overrides(tmp_path):
     ran = daemon_startup_line(tmp_path, config, "--max-resident", "4M")
     assert f"serving {sock}: budget 4M per process, backend file (64M in {tmp_path}), policy readahead, " \
            "eviction reuse" in ran.stderr, ran.stderr
+    # A list the file sets is replaced by the command line's, not appended to;
+    # a secret option's value is not shown.
+    chained = config + 'backend = ["compressed:cap=8M", "file"]\n'
+    ran = daemon_startup_line(tmp_path, chained, "--backend", "compressed:cap=4M,level=2")
+    assert "backend compressed:cap=4M,level=2 (64M in" in ran.stderr, ran.stderr
+    ran = daemon_startup_line(tmp_path, chained)
+    assert "backend compressed:cap=8M + file (64M in" in ran.stderr, ran.stderr
     # `umgr status` finds the socket in the same file.
     proc = subprocess.run([sys.executable, "-m", "umgr", "status", "--config", str(tmp_path / "umgr.toml"),
                            "--interval", "0.05"], capture_output=True, text=True, timeout=20)
@@ -276,3 +283,22 @@ def test_bash_completion(tmp_path, words, expected):
     proc = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert set(proc.stdout.split()) == expected, proc.stdout
+
+
+def test_what_is_shown_and_kept_of_a_backend_chain():
+    """A spec as logs, `umgr status` and systemd's STATUS= show it: the
+    password hidden. The chain a restarted daemon must match (state
+    directory): the names in order; options do not change how the pages
+    already stored read, so changing them keeps the tables."""
+    from umgr.backends import chain_identity, shown
+    from umgr.cli import _backend_value
+    assert shown("redis:host=h,password=s3cret,port=7000") == "redis:host=h,password=***,port=7000"
+    assert shown("compressed:cap=1G") == "compressed:cap=1G"
+    base = chain_identity(["compressed:cap=1G", "file"], _backend_value)
+    assert base == "compressed + file"
+    assert chain_identity(["compressed:cap=512M,level=3,codec=zstd", "file:size=8G"], _backend_value) == base
+    assert chain_identity(["file"], _backend_value) != base
+    assert chain_identity(["file", "compressed"], _backend_value) != base
+    for bad in (["compressed:cap=lots"], ["compressed:colour=red"], ["tape"]):
+        with pytest.raises(ValueError):
+            chain_identity(bad, _backend_value)

@@ -20,14 +20,14 @@ import time
 import trio
 
 from umgr import embedded
-from umgr.backends import HELD_MEMORY_OPTION, open_chain, persists, takes
+from umgr.backends import HELD_MEMORY_OPTION, chain_identity, open_chain, persists, shown, takes
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.backends.region import holds_a_store, new_memfd
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
 from umgr import configfile
-from umgr.console import (EXIT_UMGR, ArgumentParser, Fatal, add_verbosity, fatal_in, port_arg, reason,
-                          seconds_arg, setting_up, setup_logging, size_arg)
+from umgr.console import (EXIT_UMGR, AppendOverDefault, ArgumentParser, Fatal, add_verbosity, fatal_in, port_arg,
+                          reason, seconds_arg, setting_up, setup_logging, size_arg)
 from umgr.sizes import format_size, parse_size
 from umgr.daemon import BUDGET_REQUEST, HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.idlepoll import BUSY_RATE
@@ -92,7 +92,7 @@ def shim_path() -> str:
 def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STATE_DIR) -> None:
     p.add_argument("--max-resident", type=size_arg, default=0, metavar="SIZE",
                    help="memory budget per process, e.g. 256M (default: no limit)")
-    p.add_argument("--backend", action="append", type=backend_spec, metavar="NAME[:KEY=VALUE,...]",
+    p.add_argument("--backend", action=AppendOverDefault, type=backend_spec, metavar="NAME[:KEY=VALUE,...]",
                    help="swap store: file (default), compressed, redis, or a plug-in; given again, a chain, "
                         "fastest first (--backend compressed:cap=256M --backend file)")
     p.add_argument("--swap-size", type=size_arg, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",
@@ -102,9 +102,9 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--eviction", default="reuse",
                    help="eviction policy: reuse (default: keeps pages that refault soon resident), fifo (fault order), "
                         "or a plug-in")
-    p.add_argument("--policy-opt", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--policy-opt", action=AppendOverDefault, default=[], metavar="KEY=VALUE",
                    help="an option of the prefetch policy, e.g. maximum=32 (umgr policies lists them)")
-    p.add_argument("--eviction-opt", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--eviction-opt", action=AppendOverDefault, default=[], metavar="KEY=VALUE",
                    help="an option of the eviction policy, e.g. hot_share=0.5")
     p.add_argument("--clean-copies", choices=MODES, default=CLEAN_COPIES,
                    help="pages read back from swap keep their swap copy until written, so evicting them "
@@ -544,7 +544,7 @@ def startup_line(config: DaemonConfig, args, metrics: str | None) -> str:
     """What a running daemon serves, in one line."""
     budget = format_size(config.max_resident) if config.max_resident else "none"
     return (f"umgr {version()} serving {config.socket_path}: budget {budget} per process, "
-            f"backend {' + '.join(args.backend or ['file'])} ({format_size(args.swap_size)} in {args.state_dir}), "
+            f"backend {' + '.join(shown(spec) for spec in args.backend or ['file'])} ({format_size(args.swap_size)} in {args.state_dir}), "
             f"policy {config.policy}, eviction {config.eviction}, metrics {metrics or 'off'}")
 
 
@@ -574,7 +574,8 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
                 state = StateDir(run_dir, config.socket_path)
         backend = _open_backend(args, state, held)
         trace = _open_trace(args, config, program)
-        on_crash = ("umgr exec restarts the daemon, which takes the program back" if state is not None else
+        on_crash = (f"umgr exec restarts the daemon (up to {embedded.MAX_RESTARTS} times a run), which takes the "
+                    "program back" if state is not None else
                     "umgr exec kills the program: nothing is saved (a chain of two compressed tiers, or "
                     "--record-trace)")
         daemon = Daemon(config, backend, trace, state=state, on_crash=on_crash)
@@ -640,7 +641,7 @@ def cmd_daemon(args) -> int:
     from umgr.daemon.shutdown import serve_until_stopped
     config = _config(args, args.socket)
     state = _open_state(args)
-    held = _service_memory(args, state)
+    held, keeping = _service_memory(args, state)
     # Whether the state must outlive an exit that is not a clean stop: the
     # daemon served (its programs may come back), or a dead daemon's
     # programs may come back for it. One that fails before it serves leaves
@@ -651,7 +652,7 @@ def cmd_daemon(args) -> int:
 
     async def run():
         nonlocal clean
-        daemon = Daemon(config, backend, state=state, on_crash=_on_crash(args, config, state, held))
+        daemon = Daemon(config, backend, state=state, on_crash=_on_crash(args, config, state, keeping))
         metrics = _serve_metrics(daemon, args)
         control = _control_socket(config)
 
@@ -683,15 +684,31 @@ def cmd_daemon(args) -> int:
     return 0
 
 
-def _on_crash(args, config: DaemonConfig, state, held: int) -> str:
-    """What becomes of umgr daemon's programs if it dies, in a line."""
+def _on_crash(args, config: DaemonConfig, state, keeping: str | None) -> str:
+    """What becomes of umgr daemon's programs if it dies, in a line
+    (`keeping`: of its memory store's memfd, _service_memory's)."""
     wait = f"programs wait {config.grace_seconds} s (or their UMGR_GRACE_SECONDS)"
-    if state is None:
-        why = "--no-persist" if args.no_persist else "its compressed store dies with it: no service manager keeps it"
-        return f"{wait}, then are killed: nothing is saved ({why})"
-    kept = ", the compressed store's memory in the service manager's descriptor store" if held >= 0 else ""
-    return (f"{wait} for a daemon restarted with this --socket and --state-dir, which takes them back "
-            f"(state in {state.path}{kept})")
+    if state is None or keeping == NOT_HANDED:
+        return f"{wait}, then are killed: nothing is saved ({_why_not_saved(args, keeping)})"
+    memory = {None: "",
+              KEPT: "; the compressed store's memory kept by the service manager",
+              HANDED: "; the compressed store's memory handed to the service manager, kept only if the unit "
+                      "sets FileDescriptorStoreMax=, else they are killed"}[keeping]
+    return (f"{wait} for a daemon restarted with this --socket, --state-dir and --backend, which takes them "
+            f"back (state in {state.path}{memory})")
+
+
+def _why_not_saved(args, keeping: str | None) -> str:
+    if args.no_persist:
+        return "--no-persist"
+    if keeping == NOT_HANDED:
+        return "the compressed store's memory could not be handed to the service manager"
+    in_memory = [spec for spec in args.backend or [] if takes(spec, HELD_MEMORY_OPTION)]
+    if len(in_memory) > 1:
+        return "two stores in memory: one at most can outlive the daemon"
+    if in_memory:
+        return "its compressed store dies with it: no service manager keeps it"
+    return "a store that does not outlive the daemon"
 
 
 def _control_socket(config: DaemonConfig) -> ControlSocket:
@@ -713,43 +730,62 @@ def _open_state(args):
                  "manager's descriptor store keeps it for a restarted daemon (systemd's FileDescriptorStoreMax=; "
                  "one such store in a chain, and umgr exec keeps its own)")
         return None
+    try:   # (before anything saved is forgotten: a chain that cannot open is refused first)
+        chain = chain_identity(args.backend or ["file"], _backend_value)
+    except ValueError as exc:
+        raise Fatal(f"umgr daemon: --backend: {exc}") from None
     try:
         with setting_up(f"umgr daemon: --state-dir {args.state_dir}"):
             state = StateDir(args.state_dir, args.socket)
-            state.check_backend(args.backend or ["file"])
+            state.check_backend(chain)
             return state
     except BackendError as exc:
         raise Fatal(f"umgr daemon: {exc}") from None
 
 
-def _service_memory(args, state) -> int:
+# What umgr daemon knows of the keeping of its memory store's memfd: the
+# service manager passed it (or one) back at this start, so the unit keeps
+# descriptors; it was handed over and nothing says yet whether the unit
+# keeps it; it could not be handed over.
+KEPT, HANDED, NOT_HANDED = "kept", "handed", "not handed"
+
+
+def _service_memory(args, state) -> tuple[int, str | None]:
     """The memfd of the chain's store in memory, kept in the service
     manager's descriptor store (umgr/daemon/fdstore.py) so that a restarted
     daemon takes over what this one held: the dead daemon's, passed back
-    at the start, else a new one (-1: no such store, or nothing saved).
-    Saved tables whose store did not come back are forgotten: their
-    programs are killed at once when they ask to be taken back."""
-    fd = fdstore.take(fdstore.STORE_NAME)
+    at the start and taken over, else a new one; and what is known of its
+    keeping (KEPT, HANDED, NOT_HANDED). (-1, None): no such store, or
+    nothing saved. Saved tables whose store did not come back are
+    forgotten: their programs are killed at once when they ask to be taken
+    back."""
+    passed = fdstore.take(fdstore.STORE_NAME)
     if state is None or not any(takes(spec, HELD_MEMORY_OPTION) for spec in args.backend or []):
-        if fd >= 0:   # (kept for a daemon of another --backend: nothing takes it over now)
-            os.close(fd)
+        if passed >= 0:   # (kept for a daemon of another --backend: nothing takes it over now)
+            os.close(passed)
             fdstore.remove(fdstore.STORE_NAME)
-        return -1
+        return -1, None
     if state.swap_reusable():
-        if fd < 0:
+        if passed < 0:
             state.forget_saved("the compressed store's memory did not come back from the service manager "
                                "(FileDescriptorStoreMax= unset in the unit?)")
-        elif not holds_a_store(fd) or not state.memory_is_theirs(fd):
+        elif not holds_a_store(passed) or not state.memory_is_theirs(passed):
             state.forget_saved("the memory the service manager passed back holds no compressed store of theirs")
         else:
             log.info("the compressed store's memory came back from the service manager")
-    if fd < 0:
-        fd = new_memfd(fdstore.STORE_NAME)
-        if not fdstore.store(fd, fdstore.STORE_NAME):
-            log.warning("the compressed store's memory was not handed to the service manager: a restarted "
-                        "daemon cannot take programs back")
+            state.note_memory(passed)
+            return passed, KEPT
+    if passed >= 0:
+        # Not taken over: a new memfd, so that no other state directory's
+        # tables can ever name this one's inode and take its pages.
+        os.close(passed)
+    fd = new_memfd(fdstore.STORE_NAME)
     state.note_memory(fd)
-    return fd
+    if not fdstore.store(fd, fdstore.STORE_NAME):
+        log.warning("the compressed store's memory was not handed to the service manager: a restarted "
+                    "daemon cannot take programs back")
+        return fd, NOT_HANDED
+    return fd, KEPT if passed >= 0 else HANDED
 
 
 # ---- status ------------------------------------------------------------------------------

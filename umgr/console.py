@@ -79,6 +79,17 @@ def fatal_in(exc: BaseException) -> Fatal | None:
 
 
 # ---- argument types ------------------------------------------------------------
+class AppendOverDefault(argparse._AppendAction):
+    """action="append" whose first value on the command line replaces the
+    default (the config file's list: options given there lose to the
+    command line's), where argparse's own appends to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is self.default:   # (argparse copies the list once appended to)
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def size_arg(text: str) -> int:
     """A size in umgr's grammar (umgr.sizes), at least a page."""
     try:

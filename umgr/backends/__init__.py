@@ -206,6 +206,41 @@ def persists(specs: list[str], memory_held: bool = False) -> bool:
     return all(spec in held or any(takes(spec, option) for option in PERSISTENCE_OPTIONS) for spec in specs)
 
 
+def chain_identity(specs: list[str], parse_value) -> str:
+    """What a restarted daemon's chain must match to take over the stores
+    a dead one saved its tables with: their names, in order. Options do
+    not count: sizes come from what is found (the swap file, the
+    compressed region's header), and each compressed entry names its own
+    codec. Raises ValueError for a spec that names no backend or has a bad
+    option or value: a chain that cannot open."""
+    names = []
+    for spec in specs:
+        name, given = parse_spec(spec)
+        accepted = inspect.signature(backend_class(name)).parameters
+        unknown = sorted(set(given) - set(accepted))
+        if unknown:
+            raise ValueError(f"backend {name!r} has no option {unknown[0]!r}; it takes: {', '.join(accepted) or 'none'}")
+        for key, value in given.items():
+            parse_value(key, value)   # (a value that cannot be read)
+        names.append(name)
+    return " + ".join(names)
+
+
+# Options whose value is not shown (logs, `umgr status`, systemd's STATUS=).
+SECRET_OPTIONS = ("password",)
+
+
+def shown(spec: str) -> str:
+    """A --backend spec as it may be shown: secret options' values hidden."""
+    try:
+        name, given = parse_spec(spec)
+    except ValueError:
+        return spec
+    if not set(given) & set(SECRET_OPTIONS):
+        return spec
+    return name + ":" + ",".join(f"{key}={'***' if key in SECRET_OPTIONS else value}" for key, value in given.items())
+
+
 def takes(spec: str, option: str) -> bool:
     """Whether the backend a --backend spec names takes this option."""
     try:

@@ -151,15 +151,14 @@ class StateDir:
             return None
         return self.saved.pop(pid)
 
-    def check_backend(self, specs: list[str]) -> None:
+    def check_backend(self, chain: str) -> None:
         """Saved tables name slots of the stores they were saved with. A
-        daemon started with another --backend chain cannot take them over
-        (its stores hold other pages, or none, or pages another codec
-        packed): they are forgotten. The chain is kept for the next start."""
-        chain = " ".join(f"--backend={spec}" for spec in specs)
+        daemon started with another chain (`chain`: backends.chain_identity)
+        cannot take them over (its stores hold other pages, or none): they
+        are forgotten. The chain is kept for the next start."""
         saved_with = self._read(BACKEND_NAME)
         if saved_with is not None and saved_with != chain:
-            self.forget_saved(f"its pages were saved with {saved_with}, not {chain}")
+            self.forget_saved(f"its pages were saved with the stores {saved_with}, not {chain}")
         self._write(BACKEND_NAME, chain)
 
     def memory_is_theirs(self, fd: int) -> bool:
