@@ -22,7 +22,7 @@ import trio
 from umgr import embedded
 from umgr.backends import HELD_MEMORY_OPTION, chain_identity, open_chain, persists, shown, takes
 from umgr.backends.file import DEFAULT_STATE_DIR
-from umgr.backends.region import holds_a_store, new_memfd
+from umgr.backends.region import new_memfd
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
 from umgr import configfile
@@ -34,6 +34,7 @@ from umgr.daemon.idlepoll import BUSY_RATE
 from umgr.daemon.idlepoll import MODES as IDLE_POLL_MODES
 from umgr.daemon import fdstore
 from umgr.daemon.notify import notify
+from umgr.daemon.restart import on_crash, service_memory
 from umgr.daemon.config import GRACE_SECONDS, MAX_MANAGED, MAX_MANAGED_PER_USER
 from umgr.paging.cleancopies import MODES
 from umgr.paging.tuning import CLEAN_COPIES
@@ -544,7 +545,8 @@ def startup_line(config: DaemonConfig, args, metrics: str | None) -> str:
     """What a running daemon serves, in one line."""
     budget = format_size(config.max_resident) if config.max_resident else "none"
     return (f"umgr {version()} serving {config.socket_path}: budget {budget} per process, "
-            f"backend {' + '.join(shown(spec) for spec in args.backend or ['file'])} ({format_size(args.swap_size)} in {args.state_dir}), "
+            f"backend {' + '.join(shown(spec) for spec in args.backend or ['file'])} "
+            f"({format_size(args.swap_size)} in {args.state_dir}), "
             f"policy {config.policy}, eviction {config.eviction}, metrics {metrics or 'off'}")
 
 
@@ -641,7 +643,7 @@ def cmd_daemon(args) -> int:
     from umgr.daemon.shutdown import serve_until_stopped
     config = _config(args, args.socket)
     state = _open_state(args)
-    held, keeping = _service_memory(args, state)
+    held, keeping = service_memory(args.backend or ["file"], state)
     # Whether the state must outlive an exit that is not a clean stop: the
     # daemon served (its programs may come back), or a dead daemon's
     # programs may come back for it. One that fails before it serves leaves
@@ -652,7 +654,7 @@ def cmd_daemon(args) -> int:
 
     async def run():
         nonlocal clean
-        daemon = Daemon(config, backend, state=state, on_crash=_on_crash(args, config, state, keeping))
+        daemon = Daemon(config, backend, state=state, on_crash=on_crash(args.backend or ["file"], args.no_persist, config.grace_seconds, state, keeping))
         metrics = _serve_metrics(daemon, args)
         control = _control_socket(config)
 
@@ -682,33 +684,6 @@ def cmd_daemon(args) -> int:
                 fdstore.remove(fdstore.STORE_NAME)
             os.close(held)
     return 0
-
-
-def _on_crash(args, config: DaemonConfig, state, keeping: str | None) -> str:
-    """What becomes of umgr daemon's programs if it dies, in a line
-    (`keeping`: of its memory store's memfd, _service_memory's)."""
-    wait = f"programs wait {config.grace_seconds} s (or their UMGR_GRACE_SECONDS)"
-    if state is None or keeping == NOT_HANDED:
-        return f"{wait}, then are killed: nothing is saved ({_why_not_saved(args, keeping)})"
-    memory = {None: "",
-              KEPT: "; the compressed store's memory kept by the service manager",
-              HANDED: "; the compressed store's memory handed to the service manager, kept only if the unit "
-                      "sets FileDescriptorStoreMax=, else they are killed"}[keeping]
-    return (f"{wait} for a daemon restarted with this --socket, --state-dir and --backend, which takes them "
-            f"back (state in {state.path}{memory})")
-
-
-def _why_not_saved(args, keeping: str | None) -> str:
-    if args.no_persist:
-        return "--no-persist"
-    if keeping == NOT_HANDED:
-        return "the compressed store's memory could not be handed to the service manager"
-    in_memory = [spec for spec in args.backend or [] if takes(spec, HELD_MEMORY_OPTION)]
-    if len(in_memory) > 1:
-        return "two stores in memory: one at most can outlive the daemon"
-    if in_memory:
-        return "its compressed store dies with it: no service manager keeps it"
-    return "a store that does not outlive the daemon"
 
 
 def _control_socket(config: DaemonConfig) -> ControlSocket:
@@ -741,51 +716,6 @@ def _open_state(args):
             return state
     except BackendError as exc:
         raise Fatal(f"umgr daemon: {exc}") from None
-
-
-# What umgr daemon knows of the keeping of its memory store's memfd: the
-# service manager passed it (or one) back at this start, so the unit keeps
-# descriptors; it was handed over and nothing says yet whether the unit
-# keeps it; it could not be handed over.
-KEPT, HANDED, NOT_HANDED = "kept", "handed", "not handed"
-
-
-def _service_memory(args, state) -> tuple[int, str | None]:
-    """The memfd of the chain's store in memory, kept in the service
-    manager's descriptor store (umgr/daemon/fdstore.py) so that a restarted
-    daemon takes over what this one held: the dead daemon's, passed back
-    at the start and taken over, else a new one; and what is known of its
-    keeping (KEPT, HANDED, NOT_HANDED). (-1, None): no such store, or
-    nothing saved. Saved tables whose store did not come back are
-    forgotten: their programs are killed at once when they ask to be taken
-    back."""
-    passed = fdstore.take(fdstore.STORE_NAME)
-    if state is None or not any(takes(spec, HELD_MEMORY_OPTION) for spec in args.backend or []):
-        if passed >= 0:   # (kept for a daemon of another --backend: nothing takes it over now)
-            os.close(passed)
-            fdstore.remove(fdstore.STORE_NAME)
-        return -1, None
-    if state.swap_reusable():
-        if passed < 0:
-            state.forget_saved("the compressed store's memory did not come back from the service manager "
-                               "(FileDescriptorStoreMax= unset in the unit?)")
-        elif not holds_a_store(passed) or not state.memory_is_theirs(passed):
-            state.forget_saved("the memory the service manager passed back holds no compressed store of theirs")
-        else:
-            log.info("the compressed store's memory came back from the service manager")
-            state.note_memory(passed)
-            return passed, KEPT
-    if passed >= 0:
-        # Not taken over: a new memfd, so that no other state directory's
-        # tables can ever name this one's inode and take its pages.
-        os.close(passed)
-    fd = new_memfd(fdstore.STORE_NAME)
-    state.note_memory(fd)
-    if not fdstore.store(fd, fdstore.STORE_NAME):
-        log.warning("the compressed store's memory was not handed to the service manager: a restarted "
-                    "daemon cannot take programs back")
-        return fd, NOT_HANDED
-    return fd, KEPT if passed >= 0 else HANDED
 
 
 # ---- status ------------------------------------------------------------------------------
