@@ -716,6 +716,18 @@ print(f"wrong pages {wrong[:8]}" if wrong else f"ok {npages} pages")
 """
 
 
+@contextlib.contextmanager
+def compressible_program(tmp_path, daemon: RestartableDaemon, shim: str):
+    """COMPRESSIBLE_HOLD of 48 MiB under the daemon, filled, with 24 MiB or
+    more swapped out; it checks every byte once its stdin is closed."""
+    script = tmp_path / "hold.py"
+    script.write_text(COMPRESSIBLE_HOLD)
+    with started([sys.executable, str(script), "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+        read_ready(target)
+        wait_swapped(daemon, target.pid, 24 * MiB)
+        yield target
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", [["compressed"], ["compressed", "file"]])
 def test_a_service_managers_descriptor_store_keeps_the_compressed_store_for_a_restarted_daemon(
@@ -729,12 +741,8 @@ def test_a_service_managers_descriptor_store_keeps_the_compressed_store_for_a_re
     manager = ServiceManager(tmp_path)
     daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60",
                                *(f"--backend={spec}" for spec in backend), first_env={"NOTIFY_SOCKET": manager.path})
-    script = tmp_path / "hold.py"
-    script.write_text(COMPRESSIBLE_HOLD)
     try:
-        with started([sys.executable, str(script), "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
-            read_ready(target)
-            wait_swapped(daemon, target.pid, 24 * MiB)
+        with compressible_program(tmp_path, daemon, shim) as target:
             on_crash = query_status_of(daemon)["on_crash"]
             assert "takes them back" in on_crash and "kept only if the unit sets FileDescriptorStoreMax=" in on_crash, \
                 on_crash
@@ -785,12 +793,8 @@ def test_a_compressed_store_that_did_not_come_back_kills_the_program_at_once(tmp
     daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60", "--backend=compressed",
                                *(["--backend=file"] if restart == "other backend" else []),
                                first_env={"NOTIFY_SOCKET": manager.path})
-    script = tmp_path / "hold.py"
-    script.write_text(COMPRESSIBLE_HOLD)
     try:
-        with started([sys.executable, str(script), "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
-            read_ready(target)
-            wait_swapped(daemon, target.pid, 24 * MiB)
+        with compressible_program(tmp_path, daemon, shim) as target:
             daemon.kill()
             manager.receive()
             if restart == "other backend":
