@@ -666,3 +666,42 @@ def test_a_store_taken_over_loses_entries_its_heap_could_not_have_made(tmp_path,
             CompressedBackend(size=1 << 20, region_fd=held, reuse=True)
     finally:
         os.close(held)
+
+
+def test_a_chain_taken_over_demotes_its_oldest_pages_first(tmp_path):
+    """The compressed tier keeps when each entry was stored in its region
+    (seq), so a chain a restarted daemon takes over demotes in the order
+    the pages came, as the dead daemon would have: batches stored in the
+    order A, B, C into slots numbered the other way come back oldest first
+    from oldest(), not in slot order."""
+    held = os.memfd_create("umgr-test", os.MFD_CLOEXEC)
+    options = {"size": 8 << 20, "directory": str(tmp_path), "swap_name": "swap", "region_fd": held}
+    out = PageBuffer(96)
+    mixed_pages(out, 96, 5)
+    first = open_chain(["compressed", "file"], {**options, "reuse": False}, _backend_value)
+    try:
+        slots = first.slots.alloc(96)
+        batches = [slots[64:], slots[32:64], slots[:32]]   # A (the highest slots), B, C: stored in this order
+        for i, batch in enumerate(batches):
+            run_io(first.write, batch, out.addrs(np.arange(32) + 32 * i))
+    finally:
+        first.close()
+    again = open_chain(["compressed", "file"], {**options, "reuse": True}, _backend_value)
+    try:
+        again.slots.adopt([slots])
+        again.slots_adopted()
+        upper = again.upper
+        kept = [batch[upper.holds(batch)] for batch in batches]   # (what did not compress went to the file)
+        assert all(len(k) for k in kept), kept
+        oldest, _ = upper.oldest(1 << 30, sum(map(len, kept)), np.zeros(again.slots.span, bool))
+        assert np.array_equal(oldest, np.concatenate(kept)), (oldest, kept)
+        back = PageBuffer(96)
+        run_io(again.read, slots, back.addrs(np.arange(96)))
+        expected = np.concatenate([out.bytes[(64 + i) * PAGE:(65 + i) * PAGE] for i in range(32)] +
+                                  [out.bytes[(32 + i) * PAGE:(33 + i) * PAGE] for i in range(32)] +
+                                  [out.bytes[i * PAGE:(i + 1) * PAGE] for i in range(32)])
+        assert np.array_equal(back.bytes[:96 * PAGE], expected)
+        again.remove()
+    finally:
+        again.close()
+        os.close(held)

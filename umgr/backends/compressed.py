@@ -162,7 +162,7 @@ class CompressedBackend(Backend):
         region; and when each was stored (0: not held), in the order a
         chain demotes them (_age: batches of (slots, sequence numbers),
         oldest first; an entry dropped since is skipped). A region taken
-        over keeps its entries (in one batch of age: their order is lost)."""
+        over keeps its entries, and their age order (the region's seq)."""
         span = self.slots.span
         if self._region is None or self._region.span != span:
             if self._region is not None:
@@ -171,7 +171,7 @@ class CompressedBackend(Backend):
         region = self._region
         self._length, self._where = region.length, region.where
         self._heap = region.heap
-        self._seq = np.zeros(span, np.uint64)
+        self._seq = region.seq
         self._next_seq = 1
         self._age: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
         self._aged = 0   # entries in _age, dropped ones included
@@ -181,7 +181,13 @@ class CompressedBackend(Backend):
             held = np.flatnonzero(self._length)
             self._count(len(held), int(entry_costs(self._length[held]).sum()),
                         int(np.count_nonzero(self._length[held] == ENTRY_WORD)))
-            self._stored(held[self._length[held] != ENTRY_LOST].astype(np.int32))
+            self._take_over_age(held[self._length[held] != ENTRY_LOST].astype(np.int32))
+
+    def _take_over_age(self, slots: np.ndarray) -> None:
+        """The entries of a region taken over, in the order they were stored
+        (seq; one whose seq was not yet noted when its daemon died counts as
+        the oldest), numbered again from 1."""
+        self._stored(slots[np.argsort(self._seq[slots], kind="stable")])
 
     async def pack(self, addrs: np.ndarray) -> Packed:
         """The pages' new entries, to keep() or discard(). Compression takes

@@ -5,6 +5,8 @@ bindings/cffi/_cdef_codec.py).
     header      one page: MAGIC, VERSION, the index's slots, the area's bytes
     length      int32 per slot: the entry's length (0: none)
     where       uint64 per slot: its word, or its chunk's offset in the area
+    seq         uint64 per slot: when its entry was stored (0: none, or not
+                yet noted), the order a chain demotes entries in; advisory
     area        the heap's chunks
 
 Entries name their chunk by its offset in the area, so the region means
@@ -39,7 +41,7 @@ from umgr.kernel.sharedmap import map_shared
 log = logging.getLogger("umgr.backend")
 
 MAGIC = 0x31706d632d726d75   # "umr-cmp1", little-endian
-VERSION = 1
+VERSION = 2   # (2: the seq array)
 HEADER_WORDS = 4             # MAGIC, VERSION, slots, area bytes
 SPAN = _lib.UMGR_HEAP_SPAN   # the heap hands out chunks from spans of this size
 GRAIN = _lib.UMGR_HEAP_GRAIN  # chunk sizes are multiples of this
@@ -106,6 +108,7 @@ class Region:
         self.span, self.area = span, area
         self.length = np.frombuffer(self._map, np.int32, span, self._length_at)
         self.where = np.frombuffer(self._map, np.uint64, span, self._where_at)
+        self.seq = np.frombuffer(self._map, np.uint64, span, self._seq_at)
         self.area_address = ctypes.addressof(self._map) + self._area_at
         self.heap = _lib.umgr_heap_new(self.area_address, area)
         if not self.heap:
@@ -121,7 +124,8 @@ class Region:
     def _layout(self, span: int, area: int) -> int:
         self._length_at = PAGE_SIZE
         self._where_at = _round_page(self._length_at + 4 * span)
-        self._area_at = _round_page(self._where_at + 8 * span)
+        self._seq_at = _round_page(self._where_at + 8 * span)
+        self._area_at = _round_page(self._seq_at + 8 * span)
         return self._area_at + area
 
     @staticmethod
@@ -154,5 +158,5 @@ class Region:
         if self.heap:
             _lib.umgr_heap_free(self.heap)
             self.heap = 0
-        self.length = self.where = None
+        self.length = self.where = self.seq = None
         self._map = None
