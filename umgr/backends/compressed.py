@@ -382,7 +382,7 @@ class CompressedBackend(Backend):
         if self._region is not None:
             self._region.close()
             self._region = None
-        self._length = self._where = None
+        self._length = self._where = self._seq = None   # (views of the region: the mapping goes with the last)
         if self._codec:
             _lib.umgr_codec_free(self._codec)
             _lib.umgr_zstd_free_dctx(self._dctx)
