@@ -139,10 +139,36 @@ def _load(name: str, options: dict, builtins: dict[str, str], others: dict[str, 
             available = sorted(set(builtins) | set(eps))
             raise ValueError(f"unknown {kind} policy {name!r}; available: {', '.join(available)}")
         factory = eps[name].load()
+    _check_options(name, factory, options)
     policy = factory(**options)
     if not isinstance(policy, base):
         raise ValueError(f"{name!r} made a {type(policy).__name__}, not a {base.__name__}")
     return policy
+
+
+def _check_options(name: str, factory, options: dict) -> None:
+    """A clear error for an option the policy does not take, or a value of
+    another kind than its default (a number, true or false): not the
+    TypeError the policy would raise somewhere inside."""
+    import inspect
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return   # (no signature to check against: the policy checks its own)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    settable = [p.name for p in params.values() if p.default is not p.empty and p.default is not None]
+    for key, value in options.items():
+        if key not in settable:   # (nor a hook such as is_live=None: the daemon's to set)
+            raise ValueError(f"policy {name!r} has no option {key!r}; it takes: {', '.join(settable) or 'none'}")
+        default = params[key].default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"policy {name!r} option {key}: {value!r} is not true or false")
+        elif isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"policy {name!r} option {key}: {value!r} is not a number")
+        elif isinstance(default, int) and not isinstance(value, int):
+            raise ValueError(f"policy {name!r} option {key}: {value!r} is not a whole number")
 
 
 def load_prefetch(name: str, **options) -> PrefetchPolicy:

@@ -45,6 +45,11 @@ CASES = {
     "stats-json-dir": (["--stats-json", "/proc/umgr-nope/x.json"], "/proc/umgr-nope is not a directory"),
     "stats-json-is-dir": (["--stats-json", "{tmp}"], "--stats-json {tmp}: is a directory"),
     "policy": (["--policy", "umgr-nope"], "unknown prefetch policy 'umgr-nope'"),
+    "policy-option": (["--policy-opt", "bogus=1"], "policy 'readahead' has no option 'bogus'; it takes: initial, "),
+    "policy-hook": (["--eviction-opt", "is_live=x", "--eviction", "fifo"], "policy 'fifo' has no option 'is_live'"),
+    "policy-number": (["--eviction-opt", "hot_share=abc"], "policy 'reuse' option hot_share: 'abc' is not a number"),
+    "policy-whole": (["--policy-opt", "maximum=2.5"], "policy 'readahead' option maximum: 2.5 is not a whole number"),
+    "policy-switch": (["--eviction-opt", "adapt=maybe"], "policy 'reuse' option adapt: 'maybe' is not true or false"),
 }
 
 

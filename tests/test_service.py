@@ -243,6 +243,22 @@ def test_config_file_refusals(tmp_path, config, message):
     assert message in proc.stderr, proc.stderr
 
 
+def test_status_and_budget_given_a_socket_do_not_read_the_config_file(tmp_path):
+    """They take only the socket from the file: given one, a file they
+    could not use (root's, unreadable; broken) does not stop them."""
+    path = tmp_path / "umgr.toml"
+    path.write_text("socket = [\n")
+    sock = str(tmp_path / "none.sock")
+    for command in (["status"], ["budget", "1", "8M"]):
+        proc = subprocess.run([sys.executable, "-m", "umgr", *command, "--config", str(path), "--socket", sock],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 125 and "not TOML" not in proc.stderr and f"no daemon at {sock}" in proc.stderr, \
+            proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "umgr", "status", "--config", str(path)], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 125 and "not TOML" in proc.stderr, proc.stderr
+
+
 def test_missing_config_file_given_by_name(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "umgr", "daemon", "--config", str(tmp_path / "nope.toml")],
                           capture_output=True, text=True, timeout=30)
@@ -263,6 +279,11 @@ def test_manpage_documents_every_option():
                 assert f"\\fB{option.replace('-', chr(92) + '-')}\\fR" in page, (name, option)
     for section in ("FILES", "ENVIRONMENT", "EXIT STATUS", "SIZES"):
         assert f".SH {section}" in page
+    for variable in ("UMGR_SOCKET", "UMGR_MAX_RESIDENT", "UMGR_POLICY", "UMGR_MIN_REGION", "UMGR_NAME",
+                     "UMGR_WRAP_MALLOC", "UMGR_GRACE_SECONDS", "NOTIFY_SOCKET"):
+        assert f"\\fB{variable}" in page, variable
+    # The same page for every user: the default state directory names no uid.
+    assert f"umgr\\-{os.geteuid()})" not in page and "/var/tmp/umgr\\-UID" in page
 
 
 @pytest.mark.parametrize("words, expected", [

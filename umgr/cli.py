@@ -139,7 +139,7 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
                    help="how long a program whose daemon is gone waits for one before it is killed "
                         f"(default: {GRACE_SECONDS} for the daemon; {embedded.EXEC_GRACE_SECONDS} for exec, which restarts "
-                        "its daemon, 0 when it cannot: a chain, --record-trace; "
+                        "its daemon, 0 when it cannot: two compressed tiers, --record-trace; "
                         "UMGR_GRACE_SECONDS in the program's environment wins)")
 
 
@@ -279,7 +279,15 @@ def _failed(exc: Exception) -> int:
 
 
 def _with_config_file(parser: argparse.ArgumentParser, args, argv: list[str] | None):
-    """args again, with the config file's settings as defaults."""
+    """args again, with the config file's settings as defaults. umgr
+    status and budget take only the socket from it: given --socket or
+    --state-dir, they do not read it, and they pass over a default file
+    they may not read (root's, holding a redis password)."""
+    if args.command != "daemon":
+        if args.socket or args.state_dir:
+            return args
+        if args.config is None and not os.access(configfile.DEFAULT_PATH, os.R_OK):
+            return args
     path, settings = configfile.load(args.config)
     if not settings:
         return args

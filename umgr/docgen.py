@@ -6,6 +6,8 @@ import argparse
 import datetime
 import shlex
 
+from umgr.backends.file import DEFAULT_STATE_DIR
+
 SEE_ALSO = "systemd.service(5), systemd.exec(5), userfaultfd(2), ld.so(8)"
 
 MAN_SECTIONS = {
@@ -15,6 +17,10 @@ MAN_SECTIONS = {
         ("UMGR_POLICY", "This process's prefetch policy."),
         ("UMGR_MIN_REGION", "The smallest anonymous mapping the shim reports (default 1M)."),
         ("UMGR_WRAP_MALLOC", "0: do not wrap the allocator."),
+        ("UMGR_NAME", "This process's name in the metrics (default: the systemd service it runs in, else its "
+                      "executable's file name)."),
+        ("UMGR_GRACE_SECONDS", "How long this process waits for a daemon that is gone to come back before it is "
+                               "killed (default: the daemon's --grace)."),
         ("NOTIFY_SOCKET", "Set by systemd: umgr daemon sends READY=1 there once its socket listens, and hands "
                           "it a compressed store's memory (FDSTORE=1) to keep for a restarted daemon."),
         ("LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES", "Set by systemd: the descriptors it kept (umgr-store: a "
@@ -99,7 +105,9 @@ def manpage(parser: argparse.ArgumentParser, version: str) -> str:
         for term, text in items:
             out += [".TP", f"\\fB{_roff(term)}\\fR", _roff(text)]
     out += [".SH SEE ALSO", _roff(SEE_ALSO), ""]
-    return "\n".join(out)
+    # The page is the same for every user: the state directory's default
+    # names the uid of whoever made it.
+    return "\n".join(out).replace(_roff(DEFAULT_STATE_DIR), _roff("/var/tmp/umgr-UID"))
 
 
 BASH = """\
