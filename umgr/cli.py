@@ -20,7 +20,7 @@ import time
 import trio
 
 from umgr import embedded
-from umgr.backends import HELD_MEMORY_OPTION, chain_identity, open_chain, persists, shown, takes
+from umgr.backends import HELD_MEMORY_OPTION, chain_identity, memory_stores, open_chain, persists, shown, takes
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.backends.region import new_memfd
 from umgr.errors import BackendError
@@ -380,7 +380,7 @@ def _held_memory(args) -> int:
     """The memfd umgr exec holds for a store in the daemon's memory, so it
     outlives a daemon that dies (-1: none needed). Closed on exec: the
     program never has it."""
-    if not _exec_restartable(args) or not any(takes(spec, HELD_MEMORY_OPTION) for spec in args.backend or []):
+    if not _exec_restartable(args) or not memory_stores(args.backend or []):
         return -1
     return new_memfd("umgr-store")
 
@@ -662,7 +662,8 @@ def cmd_daemon(args) -> int:
 
     async def run():
         nonlocal clean
-        daemon = Daemon(config, backend, state=state, on_crash=on_crash(args.backend or ["file"], args.no_persist, config.grace_seconds, state, keeping))
+        crash = on_crash(args.backend or ["file"], args.no_persist, config.grace_seconds, state, keeping)
+        daemon = Daemon(config, backend, state=state, on_crash=crash)
         metrics = _serve_metrics(daemon, args)
         control = _control_socket(config)
 

@@ -200,10 +200,16 @@ def persists(specs: list[str], memory_held: bool = False) -> bool:
     memory can only where another process holds that memory for it
     (`memory_held`: umgr exec's parent, or systemd's descriptor store
     for umgr daemon; one such store)."""
-    held = [spec for spec in specs if takes(spec, HELD_MEMORY_OPTION)]
+    held = memory_stores(specs)
     if held and (not memory_held or len(held) > 1):
         return False
     return all(spec in held or any(takes(spec, option) for option in PERSISTENCE_OPTIONS) for spec in specs)
+
+
+def memory_stores(specs: list[str]) -> list[str]:
+    """The specs of the chain's stores that keep their pages in the
+    daemon's memory (a memfd another process may hold: HELD_MEMORY_OPTION)."""
+    return [spec for spec in specs if takes(spec, HELD_MEMORY_OPTION)]
 
 
 def chain_identity(specs: list[str], parse_value) -> str:
@@ -213,17 +219,7 @@ def chain_identity(specs: list[str], parse_value) -> str:
     compressed region's header), and each compressed entry names its own
     codec. Raises ValueError for a spec that names no backend or has a bad
     option or value: a chain that cannot open."""
-    names = []
-    for spec in specs:
-        name, given = parse_spec(spec)
-        accepted = inspect.signature(backend_class(name)).parameters
-        unknown = sorted(set(given) - set(accepted))
-        if unknown:
-            raise ValueError(f"backend {name!r} has no option {unknown[0]!r}; it takes: {', '.join(accepted) or 'none'}")
-        for key, value in given.items():
-            parse_value(key, value)   # (a value that cannot be read)
-        names.append(name)
-    return " + ".join(names)
+    return " + ".join(checked_spec(spec, parse_value)[0] for spec in specs)
 
 
 # Options whose value is not shown (logs, `umgr status`, systemd's STATUS=).
@@ -257,6 +253,22 @@ def open_backend(name: str, **options) -> Backend:
     return cls(**{key: value for key, value in options.items() if key in accepted})
 
 
+def checked_spec(spec: str, parse_value) -> tuple[str, dict]:
+    """A --backend spec's backend name and its options, converted with
+    parse_value(key, text). Raises ValueError with a one-line reason: no
+    such backend, an option it does not take or that umgr sets itself, a
+    value that cannot be read."""
+    name, given = parse_spec(spec)
+    accepted = inspect.signature(backend_class(name)).parameters
+    internal = sorted(set(given) & set(INTERNAL_OPTIONS))
+    if internal:
+        raise ValueError(f"backend option {internal[0]!r} is set by umgr itself, not in --backend")
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ValueError(f"backend {name!r} has no option {unknown[0]!r}; it takes: {', '.join(accepted) or 'none'}")
+    return name, {key: parse_value(key, value) for key, value in given.items()}
+
+
 def open_chain(specs: list[str], defaults: dict, parse_value) -> Backend:
     """Backends from `--backend` specs, fastest first, stacked into one
     chain. `defaults` apply where a spec says nothing; a spec's own options
@@ -266,17 +278,8 @@ def open_chain(specs: list[str], defaults: dict, parse_value) -> Backend:
     opened: list[Backend] = []
     try:
         for spec in specs:
-            name, given = parse_spec(spec)
-            accepted = inspect.signature(backend_class(name)).parameters
-            internal = sorted(set(given) & set(INTERNAL_OPTIONS))
-            if internal:
-                raise ValueError(f"backend option {internal[0]!r} is set by umgr itself, not in --backend")
-            unknown = sorted(set(given) - set(accepted))
-            if unknown:
-                raise ValueError(f"backend {name!r} has no option {unknown[0]!r}; "
-                                 f"it takes: {', '.join(accepted) or 'none'}")
-            options = {**defaults, **{key: parse_value(key, value) for key, value in given.items()}}
-            opened.append(open_backend(name, **options))
+            name, options = checked_spec(spec, parse_value)
+            opened.append(open_backend(name, **{**defaults, **options}))
         chain = opened[-1]
         for upper in reversed(opened[:-1]):
             chain = Tiered(upper, chain)

@@ -115,8 +115,9 @@ class CompressedBackend(Backend):
         it may use (default a quarter of size); codec: lz4 or zstd; level:
         zstd's level or lz4's acceleration (the codec's default if None);
         region_fd: a memfd to keep the store in (umgr exec's, or the
-        service manager's, which outlives the daemon); reuse: the memfd holds a dead daemon's store, to take
-        over (its size is the store's own then)."""
+        service manager's, which outlives the daemon); reuse: the memfd
+        holds a dead daemon's store, to take over (its size is the store's
+        own then)."""
         self.cap = int(cap) if cap is not None else size // 4
         self._region_fd, self._reuse = region_fd, reuse and region_fd >= 0
         if self._reuse:

@@ -11,7 +11,8 @@ bindings/cffi/_cdef_codec.py).
 
 Entries name their chunk by its offset in the area, so the region means
 the same wherever it is mapped. A memfd given by umgr exec (which holds it
-while its program runs) outlives a daemon that dies: the restarted daemon
+while its program runs) or kept by the service manager for umgr daemon
+(umgr/daemon/fdstore.py) outlives a daemon that dies: the restarted daemon
 maps it again and adopts the entries of the slots its saved tables name
 (umgr/daemon/statedir.py). The index is written in an order that leaves
 it whole at any instruction (an entry is named only once its chunk is
@@ -83,8 +84,8 @@ def _round_page(n: int) -> int:
 
 
 class Region:
-    """The index (`length`, `where`: numpy views of the region) of `span`
-    slots and the heap over `area` bytes, in the memfd `fd` (-1: one of its
+    """The index (`length`, `where`, `seq`: numpy views of the region) of
+    `span` slots and the heap over `area` bytes, in the memfd `fd` (-1: one of its
     own). With `reuse`, the region holds a dead daemon's store: its sizes
     are the region's own, and its entries are adopted."""
 

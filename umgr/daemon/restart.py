@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
-from umgr.backends import HELD_MEMORY_OPTION, takes
+from umgr.backends import memory_stores
 from umgr.backends.region import holds_a_store, new_memfd
 from umgr.daemon import fdstore
 
@@ -36,7 +36,7 @@ def service_memory(specs: list[str], state) -> tuple[int, str | None]:
     keeping (KEPT, HANDED, NOT_HANDED). (-1, None): no such store, or
     nothing saved (`state` None)."""
     passed = fdstore.take(fdstore.STORE_NAME)
-    if state is None or not _in_memory(specs):
+    if state is None or not memory_stores(specs):
         if passed >= 0:   # (kept for a daemon of another --backend: nothing takes it over now)
             os.close(passed)
             fdstore.remove(fdstore.STORE_NAME)
@@ -81,14 +81,9 @@ def _why_not_saved(specs: list[str], no_persist: bool, keeping: str | None) -> s
         return "--no-persist"
     if keeping == NOT_HANDED:
         return "the compressed store's memory could not be handed to the service manager"
-    in_memory = _in_memory(specs)
+    in_memory = memory_stores(specs)
     if len(in_memory) > 1:
         return "two stores in memory: one at most can outlive the daemon"
     if in_memory:
         return "its compressed store dies with it: no service manager keeps it"
     return "a store that does not outlive the daemon"
-
-
-def _in_memory(specs: list[str]) -> list[str]:
-    """The chain's stores that keep their pages in the daemon's memory."""
-    return [spec for spec in specs if takes(spec, HELD_MEMORY_OPTION)]

@@ -8,7 +8,7 @@ state directory never share files):
 
     STATE_DIR/daemon-HASH/        0700, locked (flock) while a daemon runs
         boot                      the boot id the files belong to
-        backend                   the --backend chain they were saved with
+        backend                   the stores they were saved with (names, in order)
         memory                    the memfd their store in memory is in (its inode)
         swap                      the swap file (umgr/backends/file.py)
         t-PID-START/              one per target: START is the process's
@@ -40,7 +40,7 @@ from umgr.paging.tuning import MAX_EVENTS_PER_READ
 log = logging.getLogger("umgr.daemon")
 
 SWAP_NAME = "swap"
-BACKEND_NAME = "backend"   # the --backend chain the tables were saved with
+BACKEND_NAME = "backend"   # the stores the tables were saved with (backends.chain_identity)
 MEMORY_NAME = "memory"     # the inode of the memfd a store in memory keeps its pages in
 TARGET_PREFIX = "t-"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"

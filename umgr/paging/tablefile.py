@@ -40,7 +40,6 @@ PREFIX = "r"
 RECORD = "target.json"   # the target's identity (umgr/daemon/statedir.py): without it, no restart takes it back
 
 
-
 @dataclass(eq=False)
 class FileBacking:
     """A region's file: its name in the table's directory, its mapped header."""
