@@ -224,6 +224,35 @@ def test_config_file_settings_and_command_line_overrides(tmp_path):
     assert proc.returncode == 125 and f"no daemon at {sock}" in proc.stderr, proc.stderr
 
 
+def daemon_settings(tmp_path: Path, config: str, *options: str):
+    """The DaemonConfig and arguments `umgr daemon --config FILE OPTIONS` would run with."""
+    from umgr.cli import _config, _with_config_file, build_parser
+    path = tmp_path / "umgr.toml"
+    path.write_text(config)
+    argv = ["daemon", "--config", str(path), *options]
+    parser = build_parser()
+    args = _with_config_file(parser, parser.parse_args(argv), argv)
+    return _config(args, str(tmp_path / "s.sock")), args
+
+
+@pytest.mark.parametrize("setting, undo, field, set_value, default", [
+    ("keep-clean = true", ["--clean-copies", "auto"], "clean_copies", "always", "auto"),
+    ("no-fast-path = true", ["--fast-path"], "fast_path", False, True),
+    ("no-move-out = true", ["--move-out"], "move_out", False, True),
+    ("metrics-per-pid = true", ["--no-metrics-per-pid"], "metrics_per_pid", True, False),
+    ("no-persist = true", ["--persist"], "no_persist", True, False),
+], ids=["keep-clean", "no-fast-path", "no-move-out", "metrics-per-pid", "no-persist"])
+def test_a_switch_the_config_file_sets_is_undone_on_the_command_line(tmp_path, setting, undo, field, set_value,
+                                                                   default):
+    """Command-line options win over the file's settings, switches too: each
+    switch a file may set has an option that sets it back."""
+    def value(config, args):
+        return getattr(config, field) if hasattr(config, field) else getattr(args, field)
+    assert value(*daemon_settings(tmp_path, setting + "\n")) == set_value
+    assert value(*daemon_settings(tmp_path, setting + "\n", *undo)) == default
+    assert value(*daemon_settings(tmp_path, setting.replace("true", "false") + "\n")) == default
+
+
 @pytest.mark.parametrize("config, message", [
     ('max-resident = "-5M"\n', "max-resident: '-5M' is negative"),
     ("swap-size = 0\n", "swap-size: '0' is zero"),

@@ -90,6 +90,9 @@ def shim_path() -> str:
     return found[0]
 
 
+UNDO = "the default: undoes {} = true of the config file"
+
+
 def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STATE_DIR) -> None:
     p.add_argument("--max-resident", type=size_arg, default=0, metavar="SIZE",
                    help="memory budget per process, e.g. 256M (default: no limit)")
@@ -111,13 +114,16 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                    help="pages read back from swap keep their swap copy until written, so evicting them "
                         "again writes nothing (a first write costs a fault): auto (default: while most "
                         "such pages leave unwritten), always, never")
-    p.add_argument("--keep-clean", action="store_true", help="the same as --clean-copies always")
+    p.add_argument("--keep-clean", dest="clean_copies", action="store_const", const="always",
+                   help="the same as --clean-copies always")
     p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                    help="serve every fault through the full (Python) path, not plain random faults in C: "
                         "slower; for comparison, or to rule the fast path out")
+    p.add_argument("--fast-path", dest="fast_path", action="store_true", help=UNDO.format("no-fast-path"))
     p.add_argument("--no-move-out", dest="move_out", action="store_false",
                    help="evicted pages leave by MADV_DONTNEED alone (a UFFD_EVENT_REMOVE round trip per run), "
                         "not moved out by the shim's agent with UFFDIO_MOVE: slower; for comparison")
+    p.add_argument("--move-out", dest="move_out", action="store_true", help=UNDO.format("no-move-out"))
     p.add_argument("--idle-poll", choices=IDLE_POLL_MODES, default="auto",
                    help="keep idle CPUs polling rather than sleeping (a CPU latency request of 0 us; needs root), "
                         "so that waking a faulting thread is cheap: auto (default: while managed programs fault "
@@ -136,6 +142,8 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                    help="address the metrics are served on (default 127.0.0.1; 0.0.0.0 or :: for all)")
     p.add_argument("--metrics-per-pid", action="store_true",
                    help="series per process (label pid) as well as per name: one set per process ever run")
+    p.add_argument("--no-metrics-per-pid", dest="metrics_per_pid", action="store_false",
+                   help=UNDO.format("metrics-per-pid"))
     p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
                    help="how long a program whose daemon is gone waits for one before it is killed "
                         f"(default: {GRACE_SECONDS} for the daemon; {embedded.EXEC_GRACE_SECONDS} for exec, which restarts "
@@ -182,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-persist", action="store_true",
                    help="keep no page tables and no named swap file in --state-dir: a daemon restarted after "
                         "a crash cannot take the programs back (they are killed after --grace)")
+    p.add_argument("--persist", dest="no_persist", action="store_false", help=UNDO.format("no-persist"))
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show the targets of a running daemon")
@@ -490,7 +499,7 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         policy=args.policy, eviction=args.eviction, zap_mode=zap_mode(),
                         group=getattr(args, "group", None),
                         hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT),
-                        clean_copies="always" if args.keep_clean else args.clean_copies, policy_options=policy_options,
+                        clean_copies=args.clean_copies, policy_options=policy_options,
                         eviction_options=eviction_options, grace_seconds=_grace(args),
                         max_managed=args.max_managed, max_managed_per_user=args.max_managed_per_user,
                         fast_path=args.fast_path, move_out=args.move_out, idle_poll=args.idle_poll)

@@ -24,6 +24,7 @@ from umgr.console import Fatal
 
 DEFAULT_PATH = "/etc/umgr/umgr.toml"
 NOT_SETTINGS = {"help", "config", "verbose_sub", "quiet_sub"}
+UNSET = object()   # a setting that changes nothing
 
 
 def load(path: str | None) -> tuple[str, dict]:
@@ -56,7 +57,9 @@ def apply(settings: dict, parser: argparse.ArgumentParser, path: str, only: set[
         if action is None:
             raise Fatal(f"umgr: {path}: unknown setting {key!r} (the settings are the long options "
                         f"of `{parser.prog}`)")
-        parser.set_defaults(**{action.dest: _value(action, key, value, path)})
+        value = _value(action, key, value, path)
+        if value is not UNSET:
+            parser.set_defaults(**{action.dest: value})
 
 
 def _value(action: argparse.Action, key: str, value, path: str):
@@ -67,10 +70,16 @@ def _value(action: argparse.Action, key: str, value, path: str):
 
 
 def _one_value(action: argparse.Action, key: str, value, path: str):
-    if action.nargs == 0:  # a switch such as --keep-clean
+    if action.nargs == 0:  # a switch such as --no-persist
         if not isinstance(value, bool):
             raise Fatal(f"umgr: {path}: {key} is true or false, not {value!r}")
-        return value if isinstance(action, argparse._StoreTrueAction) else not value
+        if isinstance(action, argparse._StoreTrueAction):
+            return value
+        if isinstance(action, argparse._StoreFalseAction):
+            return not value
+        # One that stands for another's value (keep-clean: clean-copies
+        # "always"); false leaves that one as it is.
+        return action.const if value else UNSET
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise Fatal(f"umgr: {path}: {key} = {value!r} is not a string or number")
     text = str(value)
