@@ -39,7 +39,10 @@ CASES = {
     "port-in-use": (["--metrics-port", "{port}"], "metrics on 127.0.0.1 port {port}: Address already in use"),
     "metrics-address": (["--metrics-port", "{port}", "--metrics-address", "umgr-nope.invalid"],
                         "metrics on umgr-nope.invalid port {port}: "),
-    "state-dir-file": (["--state-dir", "/etc/hostname"], "--state-dir /etc/hostname: File exists"),
+    "state-dir-file": (["--state-dir", "/etc/hostname"], "state directory /etc/hostname is not a directory"),
+    "state-dir-link": (["--state-dir", "{tmp}/link"],
+                       "state directory {tmp}/link is a symbolic link, which umgr does not follow: "
+                       "give the directory itself ({tmp}/open)"),
     "state-dir-proc": (["--state-dir", "/proc/umgr-nope"], "--state-dir /proc/umgr-nope: No such file"),
     "state-dir-open": (["--state-dir", "{tmp}/open"], "state directory {tmp}/open must belong to uid 0 with mode 0700"),
     "stats-json-dir": (["--stats-json", "/proc/umgr-nope/x.json"], "/proc/umgr-nope is not a directory"),
@@ -61,6 +64,7 @@ def test_exec_refuses_before_the_program_runs(options, message, tmp_path, port_i
     marker = tmp_path / "ran"
     (tmp_path / "open").mkdir(mode=0o777)
     os.chmod(tmp_path / "open", 0o777)
+    (tmp_path / "link").symlink_to(tmp_path / "open")
     proc = umgr("exec", *(o.format(**fill) for o in options), "--", "touch", str(marker))
     assert proc.returncode == 125, proc.stderr
     lines = proc.stderr.splitlines()

@@ -57,8 +57,13 @@ def open_state_dir(directory: str, dir_fd: int | None = None) -> int:
     try:
         os.mkdir(directory, 0o700, dir_fd=dir_fd)
     except FileExistsError:
-        if not stat.S_ISDIR(os.stat(directory, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-            raise  # a file, or a symlink (never followed)
+        mode = os.stat(directory, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):   # never followed: whoever may change the link would choose where memory goes
+            itself = f" ({os.path.realpath(directory)})" if dir_fd is None else ""
+            raise BackendError(f"state directory {directory} is a symbolic link, which umgr does not follow: "
+                               f"give the directory itself{itself}") from None
+        if not stat.S_ISDIR(mode):
+            raise BackendError(f"state directory {directory} is not a directory") from None
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     st = os.fstat(fd)
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
