@@ -102,7 +102,10 @@ def test_replay_refuses_bad_input_in_one_line(recorded, tmp_path):
                           ((str(tmp_path / "absent"),), "No such file"),
                           ((str(trace), "--policy", "lru"), "unknown policy 'lru'; installed: fifo, none"),
                           ((str(trace), "--policy", "readahead:bogus=1"), "bogus"),
-                          ((str(trace), "--policy", "readahead:maximum"), "not KEY=VALUE")]:
+                          ((str(trace), "--policy", "readahead:maximum"), "not KEY=VALUE"),
+                          ((str(trace), "--policy", "none+readahead"), "'none+readahead' names two prefetch "
+                                                                        "policies (none, readahead)"),
+                          ((str(trace), "--policy", "fifo+reuse"), "names two eviction policies")]:
         done = umgr("replay", *args)
         assert done.returncode == 125 and message in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr

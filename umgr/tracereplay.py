@@ -41,9 +41,14 @@ def setups(specs: list[str], meta: dict) -> list[Setup]:
     out = []
     for spec in specs or [recorded.label]:
         setup = Setup(recorded.prefetch, recorded.eviction)
+        named = {}
         for part in spec.split("+"):
             name, options = parse_spec(part)
             kind = kinds.get(name)
+            if kind in named:
+                raise ValueError(f"{spec!r} names two {kind} policies ({named[kind]}, {name}): give one of each "
+                                 "kind at most, joined by '+'")
+            named[kind] = name
             if kind == "prefetch":
                 setup.prefetch = (name, options)
             elif kind == "eviction":
