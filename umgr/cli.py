@@ -194,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show the targets of a running daemon")
-    p.add_argument("--socket", default=None,
-                   help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET}, else that of the "
-                        f"umgr exec running under exec's default --state-dir, {DEFAULT_STATE_DIR})")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", default=None,
+                       help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET}, else that of "
+                            f"the umgr exec running under exec's default --state-dir, {DEFAULT_STATE_DIR})")
     p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
-    p.add_argument("--state-dir", metavar="DIR", default=None,
-                   help="show the umgr exec running under DIR (the --state-dir it was given), not a daemon")
+    where.add_argument("--state-dir", metavar="DIR", default=None,
+                       help="show the umgr exec running under DIR (the --state-dir it was given), not a daemon")
     p.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between samples, for rates")
     p.add_argument("--watch", action="store_true", help="refresh the table every --interval until interrupted")
     p.add_argument("--json", action="store_true", help="one snapshot as JSON")
@@ -210,11 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("size", type=budget_arg, metavar="SIZE",
                    help="its new budget, e.g. 256M; 'none' for the daemon's --max-resident (no limit if it has "
                         "none). Lower, the process is paged down to it at once")
-    p.add_argument("--socket", default=None,
-                   help="the daemon's socket (found as umgr status finds it)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", default=None, help="the daemon's socket (found as umgr status finds it)")
     p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
-    p.add_argument("--state-dir", metavar="DIR", default=None,
-                   help="the umgr exec running under DIR (the --state-dir it was given), not a daemon")
+    where.add_argument("--state-dir", metavar="DIR", default=None,
+                       help="the umgr exec running under DIR (the --state-dir it was given), not a daemon")
     p.set_defaults(func=cmd_budget)
 
     p = sub.add_parser("replay", help="replay a recorded trace against policies and budgets, offline")
