@@ -842,3 +842,35 @@ def test_status_says_what_a_crash_does_when_nothing_is_saved(tmp_path, options, 
         assert f"on a crash: {on_crash}\n" in shown.stdout, shown
     finally:
         daemon.stop()
+
+
+# Descriptors at 3 and 4 as systemd passes them (sd_listen_fds(3)), then fdstore.take().
+TAKE_PASSED = r"""
+import os, sys
+from umgr.daemon import fdstore
+fds = [os.memfd_create(name) for name in ("umgr-store", "left-over")]
+moved = [os.dup(fd) for fd in fds]
+for i, fd in enumerate(moved):
+    os.dup2(fd, 3 + i)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="umgr-store:left-over")
+found = fdstore.take("umgr-store")
+print(found, os.readlink(f"/proc/self/fd/{found}"), os.path.exists("/proc/self/fd/4"))
+"""
+
+
+def test_a_passed_descriptor_of_another_name_is_closed_and_taken_out_of_the_store(tmp_path):
+    """umgr keeps one descriptor in the store: another the service manager
+    passes back (left by an older version, or by hand) is closed and
+    removed from the store, so it does not take a place there for ever."""
+    manager = ServiceManager(tmp_path)
+    try:
+        manager.stored["left-over"] = os.memfd_create("left-over")
+        done = subprocess.run([sys.executable, "-c", TAKE_PASSED], capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, NOTIFY_SOCKET=manager.path))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[:2] == ["3", "/memfd:umgr-store"] and done.stdout.split()[-1] == "False", \
+            done.stdout
+        manager.receive()
+        assert "left-over" not in manager.stored
+    finally:
+        manager.close()

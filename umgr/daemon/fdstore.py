@@ -63,12 +63,14 @@ def passed() -> dict[str, int]:
 
 def take(name: str) -> int:
     """The descriptor `name` the service manager passed (-1: none); any
-    other it passed is closed (umgr stores nothing else)."""
+    other it passed is closed and taken out of its store (umgr stores
+    nothing else, and the store holds at most FileDescriptorStoreMax=)."""
     fds = passed()
     found = fds.pop(name, -1)
     for other, fd in fds.items():
         log.info("closing descriptor %d (%s) the service manager passed: umgr stores none by that name", fd, other)
         os.close(fd)
+        remove(other)
     return found
 
 
