@@ -874,3 +874,20 @@ def test_a_passed_descriptor_of_another_name_is_closed_and_taken_out_of_the_stor
         assert "left-over" not in manager.stored
     finally:
         manager.close()
+
+
+def test_a_state_directory_knows_its_stores_memfd_by_a_name_no_other_has(tmp_path):
+    """Inode numbers of memfds come from one 32-bit counter and may come
+    round; each memfd umgr makes has a random part in its name, and the
+    state directory recognises its store's memfd by that name."""
+    from umgr.backends.region import memfd_name, new_memfd
+    from umgr.daemon.statedir import StateDir
+    state = StateDir(str(tmp_path / "state"), str(tmp_path / "s.sock"))
+    ours, other = new_memfd("umgr-store"), new_memfd("umgr-store")
+    try:
+        assert memfd_name(ours).startswith("umgr-store-") and memfd_name(ours) != memfd_name(other)
+        state.note_memory(ours)
+        assert state.memory_is_theirs(ours) and not state.memory_is_theirs(other)
+    finally:
+        os.close(ours)
+        os.close(other)

@@ -30,6 +30,7 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 
 import numpy as np
 
@@ -61,13 +62,23 @@ def area_bytes(cap: int) -> int:
 
 
 def new_memfd(name: str) -> int:
-    """A memfd for a store's region, closed on exec, never executable."""
+    """A memfd for a store's region, closed on exec, never executable.
+    Its name is `name` and a random part, which no other memfd shares
+    (memfd_name): inode numbers, which the kernel's memfds take from one
+    32-bit counter, may come round again."""
+    unique = f"{name}-{secrets.token_hex(8)}"
     try:
-        return os.memfd_create(name, os.MFD_CLOEXEC | MFD_NOEXEC_SEAL)
+        return os.memfd_create(unique, os.MFD_CLOEXEC | MFD_NOEXEC_SEAL)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        return os.memfd_create(name, os.MFD_CLOEXEC)
+        return os.memfd_create(unique, os.MFD_CLOEXEC)
+
+
+def memfd_name(fd: int) -> str:
+    """The name a memfd was created with (/proc shows it as the target of
+    its descriptor's link: "/memfd:NAME (deleted)")."""
+    return os.readlink(f"/proc/self/fd/{fd}").removeprefix("/memfd:").removesuffix(" (deleted)")
 
 
 def holds_a_store(fd: int) -> bool:

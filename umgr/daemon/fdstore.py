@@ -14,7 +14,7 @@ systemd keeps a descriptor only where the unit sets FileDescriptorStoreMax=
 (0 by default), and answers nothing either way, so a daemon cannot know
 whether its memory will come back. A start that finds saved tables but no
 memfd, one holding no store, or another memfd than theirs (the state
-directory keeps its inode number) takes none of the dead daemon's
+directory keeps its name, which has a random part) takes none of the dead daemon's
 programs back: they are killed at once, never served zeros. A memfd
 passed back and not taken over is closed, and a new one stored.
 """

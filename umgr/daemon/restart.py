@@ -7,8 +7,8 @@ Saved tables whose store did not come back are forgotten
 (StateDir.forget_saved): their programs, asking to be taken back, are told
 at once that nothing of theirs is here, and are killed rather than served
 zeros. A memfd passed back and not taken over is closed and a new one
-stored, so that its inode number (which the state directory keeps to
-recognise its store) can never name another state directory's store.
+stored: its name (which the state directory keeps to recognise its store)
+has a random part, so no other state directory's store is taken for it.
 """
 from __future__ import annotations
 

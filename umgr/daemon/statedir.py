@@ -9,7 +9,7 @@ state directory never share files):
     STATE_DIR/daemon-HASH/        0700, locked (flock) while a daemon runs
         boot                      the boot id the files belong to
         backend                   the stores they were saved with (names, in order)
-        memory                    the memfd their store in memory is in (its inode)
+        memory                    the memfd their store in memory is in (its name)
         swap                      the swap file (umgr/backends/file.py)
         t-PID-START/              one per target: START is the process's
             target.json           start time (clock ticks after boot), so
@@ -31,6 +31,7 @@ import secrets
 from dataclasses import dataclass
 
 from umgr.backends.file import open_state_dir
+from umgr.backends.region import memfd_name
 from umgr.errors import BackendError
 from umgr.kernel.procmem import process_start_time
 from umgr.paging.pagetable import PageTable
@@ -41,7 +42,7 @@ log = logging.getLogger("umgr.daemon")
 
 SWAP_NAME = "swap"
 BACKEND_NAME = "backend"   # the stores the tables were saved with (backends.chain_identity)
-MEMORY_NAME = "memory"     # the inode of the memfd a store in memory keeps its pages in
+MEMORY_NAME = "memory"     # the name of the memfd a store in memory keeps its pages in
 TARGET_PREFIX = "t-"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -163,13 +164,12 @@ class StateDir:
 
     def memory_is_theirs(self, fd: int) -> bool:
         """Whether the memfd is the one the saved tables' store in memory
-        was in: its inode number, this boot's (`boot`), of a 32-bit counter
-        the kernel's memfds share."""
-        return self._read(MEMORY_NAME) == str(os.fstat(fd).st_ino)
+        was in: its name, which new_memfd makes unique."""
+        return self._read(MEMORY_NAME) == memfd_name(fd)
 
     def note_memory(self, fd: int) -> None:
         """The store in memory is in this memfd from now on."""
-        self._write(MEMORY_NAME, str(os.fstat(fd).st_ino))
+        self._write(MEMORY_NAME, memfd_name(fd))
 
     def forget_saved(self, reason: str) -> None:
         """None of the dead daemon's targets can come back (`reason`):
