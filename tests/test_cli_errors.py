@@ -43,6 +43,8 @@ CASES = {
     "state-dir-link": (["--state-dir", "{tmp}/link"],
                        "state directory {tmp}/link is a symbolic link, which umgr does not follow: "
                        "give the directory itself ({tmp}/open)"),
+    "state-dir-link-slash": (["--state-dir", "{tmp}/link/"],
+                             "state directory {tmp}/link is a symbolic link, which umgr does not follow"),
     "state-dir-proc": (["--state-dir", "/proc/umgr-nope"], "--state-dir /proc/umgr-nope: No such file"),
     "state-dir-open": (["--state-dir", "{tmp}/open"], "state directory {tmp}/open must belong to uid 0 with mode 0700"),
     "stats-json-dir": (["--stats-json", "/proc/umgr-nope/x.json"], "/proc/umgr-nope is not a directory"),

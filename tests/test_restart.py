@@ -865,13 +865,14 @@ def test_a_passed_descriptor_of_another_name_is_closed_and_taken_out_of_the_stor
     manager = ServiceManager(tmp_path)
     try:
         manager.stored["left-over"] = os.memfd_create("left-over")
+        manager.stored["umgr-store"] = kept = os.memfd_create("umgr-store")
         done = subprocess.run([sys.executable, "-c", TAKE_PASSED], capture_output=True, text=True, timeout=30,
                               env=dict(os.environ, NOTIFY_SOCKET=manager.path))
         assert done.returncode == 0, done.stderr
         assert done.stdout.split()[:2] == ["3", "/memfd:umgr-store"] and done.stdout.split()[-1] == "False", \
             done.stdout
         manager.receive()
-        assert "left-over" not in manager.stored
+        assert "left-over" not in manager.stored and manager.stored.get("umgr-store") == kept
     finally:
         manager.close()
 

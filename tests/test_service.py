@@ -258,10 +258,12 @@ def test_a_switch_the_config_file_sets_is_undone_on_the_command_line(tmp_path, s
     ("swap-size = 0\n", "swap-size: '0' is zero"),
     ('budget = "1G"\n', "unknown setting 'budget'"),
     ('keep-clean = "yes"\n', "keep-clean is true or false, not 'yes'"),
+    ('clean-copies = "never"\nkeep-clean = true\n', "clean-copies and keep-clean are the same setting: give one"),
+    ("no-persist = true\npersist = true\n", "no-persist and persist are the same setting: give one"),
     ('backend = "tape"\n', "backend: unknown backend 'tape'"),
     ("max-resident = [1]\n", "max-resident = [1] is not a string or number"),
     ("max-resident = \n", "not TOML"),
-], ids=["negative", "zero", "unknown", "switch", "choice", "list", "syntax"])
+], ids=["negative", "zero", "unknown", "switch", "same-setting", "switch-and-undo", "choice", "list", "syntax"])
 def test_config_file_refusals(tmp_path, config, message):
     path = tmp_path / "umgr.toml"
     path.write_text(config)

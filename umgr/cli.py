@@ -119,11 +119,9 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                    help="serve every fault through the full (Python) path, not plain random faults in C: "
                         "slower; for comparison, or to rule the fast path out")
-    p.add_argument("--fast-path", dest="fast_path", action="store_true", help=UNDO.format("no-fast-path"))
     p.add_argument("--no-move-out", dest="move_out", action="store_false",
                    help="evicted pages leave by MADV_DONTNEED alone (a UFFD_EVENT_REMOVE round trip per run), "
                         "not moved out by the shim's agent with UFFDIO_MOVE: slower; for comparison")
-    p.add_argument("--move-out", dest="move_out", action="store_true", help=UNDO.format("no-move-out"))
     p.add_argument("--idle-poll", choices=IDLE_POLL_MODES, default="auto",
                    help="keep idle CPUs polling rather than sleeping (a CPU latency request of 0 us; needs root), "
                         "so that waking a faulting thread is cheap: auto (default: while managed programs fault "
@@ -142,8 +140,6 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                    help="address the metrics are served on (default 127.0.0.1; 0.0.0.0 or :: for all)")
     p.add_argument("--metrics-per-pid", action="store_true",
                    help="series per process (label pid) as well as per name: one set per process ever run")
-    p.add_argument("--no-metrics-per-pid", dest="metrics_per_pid", action="store_false",
-                   help=UNDO.format("metrics-per-pid"))
     p.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
                    help="how long a program whose daemon is gone waits for one before it is killed "
                         f"(default: {GRACE_SECONDS} for the daemon; {embedded.EXEC_GRACE_SECONDS} for exec, which restarts "
@@ -190,15 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-persist", action="store_true",
                    help="keep no page tables and no named swap file in --state-dir: a daemon restarted after "
                         "a crash cannot take the programs back (they are killed after --grace)")
+    # The config file's switches, undone (exec reads no config file).
     p.add_argument("--persist", dest="no_persist", action="store_false", help=UNDO.format("no-persist"))
+    p.add_argument("--fast-path", dest="fast_path", action="store_true", help=UNDO.format("no-fast-path"))
+    p.add_argument("--move-out", dest="move_out", action="store_true", help=UNDO.format("no-move-out"))
+    p.add_argument("--no-metrics-per-pid", dest="metrics_per_pid", action="store_false",
+                   help=UNDO.format("metrics-per-pid"))
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show the targets of a running daemon")
+    p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", default=None,
                        help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET}, else that of "
                             f"the umgr exec running under exec's default --state-dir, {DEFAULT_STATE_DIR})")
-    p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
     where.add_argument("--state-dir", metavar="DIR", default=None,
                        help="show the umgr exec running under DIR (the --state-dir it was given), not a daemon")
     p.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between samples, for rates")
@@ -211,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("size", type=budget_arg, metavar="SIZE",
                    help="its new budget, e.g. 256M; 'none' for the daemon's --max-resident (no limit if it has "
                         "none). Lower, the process is paged down to it at once")
+    p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", default=None, help="the daemon's socket (found as umgr status finds it)")
-    p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
     where.add_argument("--state-dir", metavar="DIR", default=None,
                        help="the umgr exec running under DIR (the --state-dir it was given), not a daemon")
     p.set_defaults(func=cmd_budget)
@@ -827,8 +828,9 @@ def _status_socket(args, command: str = "umgr status") -> str:
     if len(runs) == 1:
         return runs[0]
     if runs:
-        raise Fatal(f"{command}: {len(runs)} umgr execs run under {printable(state_dir)}; name one with --socket: "
-                    + ", ".join(printable(r) for r in runs))
+        instead = " in place of --state-dir" if args.state_dir is not None else ""
+        raise Fatal(f"{command}: {len(runs)} umgr execs run under {printable(state_dir)}; name one with "
+                    f"--socket{instead}: " + ", ".join(printable(r) for r in runs))
     if args.state_dir is not None:
         raise Fatal(f"{command}: no umgr exec runs under {printable(state_dir)}")
     raise Fatal(f"{command}: no daemon at {DEFAULT_SOCKET} and no umgr exec under {printable(state_dir)}")

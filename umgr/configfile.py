@@ -50,6 +50,7 @@ def apply(settings: dict, parser: argparse.ArgumentParser, path: str, only: set[
     `only`, if given, and no others; then the rest are ignored)."""
     options = {name[2:]: action for action in parser._actions for name in action.option_strings
                if name.startswith("--") and action.dest not in NOT_SETTINGS}
+    set_by: dict[str, str] = {}   # dest -> the key that set it
     for key, value in settings.items():
         if only is not None and key not in only:
             continue
@@ -58,8 +59,12 @@ def apply(settings: dict, parser: argparse.ArgumentParser, path: str, only: set[
             raise Fatal(f"umgr: {path}: unknown setting {key!r} (the settings are the long options "
                         f"of `{parser.prog}`)")
         value = _value(action, key, value, path)
-        if value is not UNSET:
-            parser.set_defaults(**{action.dest: value})
+        if value is UNSET:
+            continue
+        if action.dest in set_by:   # (keep-clean and clean-copies; persist and no-persist, ...)
+            raise Fatal(f"umgr: {path}: {set_by[action.dest]} and {key} are the same setting: give one")
+        set_by[action.dest] = key
+        parser.set_defaults(**{action.dest: value})
 
 
 def _value(action: argparse.Action, key: str, value, path: str):

@@ -54,12 +54,15 @@ def open_state_dir(directory: str, dir_fd: int | None = None) -> int:
     to dir_fd if given), refused unless it is a real directory (O_NOFOLLOW)
     of this process's uid that no one else may enter: the swap file holds
     the targets' memory."""
+    # A trailing slash would make lstat and O_NOFOLLOW follow a link.
+    directory = directory.rstrip("/") or "/"
     try:
         os.mkdir(directory, 0o700, dir_fd=dir_fd)
     except FileExistsError:
         mode = os.stat(directory, dir_fd=dir_fd, follow_symlinks=False).st_mode
         if stat.S_ISLNK(mode):   # never followed: whoever may change the link would choose where memory goes
-            itself = f" ({os.path.realpath(directory)})" if dir_fd is None else ""
+            target = os.path.realpath(directory) if dir_fd is None else ""
+            itself = f" ({target})" if target and os.path.isdir(target) else ""
             raise BackendError(f"state directory {directory} is a symbolic link, which umgr does not follow: "
                                f"give the directory itself{itself}") from None
         if not stat.S_ISDIR(mode):
