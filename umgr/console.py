@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import time
 
@@ -24,6 +25,14 @@ class ArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line and exit 125, and whose
     options take a value that starts with '-' (`--max-resident -5M`), so
     that the value's own check refuses it by name."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A positional such as `umgr budget PID -1M` is a value, so that its
+        # check says it is negative: argparse takes '-1M' for an option
+        # unless it looks like a number, and then only '-1' or '-1.5' do.
+        # (No umgr option looks like one.)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
         raise Fatal(f"{self.prog}: {message} (see {self.prog} --help)")
