@@ -526,11 +526,27 @@ def test_status_shows_a_running_target(daemon, shim, programs):
     assert len(lines) == 3 and lines[0].startswith("    PID") and lines[1].startswith("backend file: "), lines
 
 
+@contextlib.contextmanager
+def stale_socket(path: str):
+    """A socket file at `path` that no one listens on, for the time of the block."""
+    made_dir = not os.path.isdir(os.path.dirname(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(path)
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        if made_dir:
+            os.rmdir(os.path.dirname(path))
+
+
 @pytest.mark.timeout(90)
 def test_status_finds_a_umgr_exec_by_its_state_dir(tmp_path, programs):
     """umgr exec runs its daemon on a socket in its run directory. With no
-    daemon at the default socket, `umgr status` looks under exec's default
-    state directory, and `--state-dir DIR` under DIR."""
+    daemon at the default socket (none there, or a stale one), `umgr
+    status` looks under exec's default state directory, and `--state-dir
+    DIR` under DIR."""
     assert not os.path.exists(DEFAULT_SOCKET), "a daemon runs at the default socket: this test needs it absent"
 
     def status(*args):
@@ -557,6 +573,9 @@ def test_status_finds_a_umgr_exec_by_its_state_dir(tmp_path, programs):
         for found in (status(), status("--state-dir", DEFAULT_STATE_DIR)):
             assert found.returncode == 0, found.stderr
             assert "./ctl_hold 48" in found.stdout.decode()
+        with stale_socket(DEFAULT_SOCKET):   # (a killed daemon's, no systemd to clean it up)
+            found = status()
+            assert found.returncode == 0 and "./ctl_hold 48" in found.stdout.decode(), found.stderr
         with execed("sleep", "30"):
             wait_for(lambda: status().returncode == 125, 20, "the second umgr exec's run directory")
             both = status().stderr.decode()

@@ -813,15 +813,28 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def _stale(path: str) -> bool:
+    """Whether the socket at `path` is one no daemon listens on any more
+    (one that was killed, not under systemd, leaves it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:   # (not ours to reach, say: the error of asking it says so)
+            return False
+    return False
+
+
 def _status_socket(args, command: str = "umgr status") -> str:
     """The socket status asks: that of the umgr exec running under
     --state-dir; else the one named (--socket, or the config file's); else
-    the daemon's default, if it is there, or that of the one umgr exec
+    the daemon's default, if a daemon listens there, or that of the one umgr exec
     running under exec's default state directory (exec runs its daemon on
     a socket of its own)."""
     if args.state_dir is None and args.socket is not None:
         return args.socket
-    if args.state_dir is None and os.path.exists(DEFAULT_SOCKET):
+    if args.state_dir is None and os.path.exists(DEFAULT_SOCKET) and not _stale(DEFAULT_SOCKET):
         return DEFAULT_SOCKET
     state_dir = args.state_dir or DEFAULT_STATE_DIR   # (exec's default --state-dir)
     runs = embedded.live_runs(state_dir)
