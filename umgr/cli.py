@@ -813,29 +813,40 @@ def cmd_budget(args) -> int:
     return 0
 
 
-def _stale(path: str) -> bool:
-    """Whether the socket at `path` is one no daemon listens on any more
-    (one that was killed, not under systemd, leaves it)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+LISTENING, STALE, DENIED = "listening", "stale", "denied"
+
+
+def _probe(path: str) -> str:
+    """Whether a daemon listens on the socket at `path` (LISTENING), none
+    does any more (STALE: a daemon killed outside systemd leaves its
+    socket), or this user may not ask (DENIED: root's socket, mode 0600)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        probe.setblocking(False)   # (a full backlog answers EAGAIN rather than blocking)
         try:
             probe.connect(path)
-        except ConnectionRefusedError:
-            return True
-        except OSError:   # (not ours to reach, say: the error of asking it says so)
-            return False
-    return False
+        except (ConnectionRefusedError, FileNotFoundError):
+            return STALE
+        except PermissionError:
+            return DENIED
+        except OSError:   # EAGAIN: listening, busy; anything else the query itself will say
+            return LISTENING
+    return LISTENING
 
 
 def _status_socket(args, command: str = "umgr status") -> str:
     """The socket status asks: that of the umgr exec running under
     --state-dir; else the one named (--socket, or the config file's); else
-    the daemon's default, if a daemon listens there, or that of the one umgr exec
+    the daemon's default, if a daemon listens there (and this user may
+    ask it, or runs no umgr exec), or that of the one umgr exec
     running under exec's default state directory (exec runs its daemon on
     a socket of its own)."""
     if args.state_dir is None and args.socket is not None:
         return args.socket
-    if args.state_dir is None and os.path.exists(DEFAULT_SOCKET) and not _stale(DEFAULT_SOCKET):
-        return DEFAULT_SOCKET
+    if args.state_dir is None and os.path.exists(DEFAULT_SOCKET):
+        answer = _probe(DEFAULT_SOCKET)
+        # (A user who may not ask the daemon is shown their own umgr exec, if one runs.)
+        if answer == LISTENING or (answer == DENIED and not embedded.live_runs(DEFAULT_STATE_DIR)):
+            return DEFAULT_SOCKET
     state_dir = args.state_dir or DEFAULT_STATE_DIR   # (exec's default --state-dir)
     runs = embedded.live_runs(state_dir)
     if len(runs) == 1:
