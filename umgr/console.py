@@ -22,45 +22,20 @@ class Fatal(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line and exit 125, and whose
-    options take a value that starts with '-' (`--max-resident -5M`), so
-    that the value's own check refuses it by name."""
+    """An argparse parser whose errors are one line and exit 125, and which
+    takes an argument that starts with '-' and a digit for a value: an
+    option's (`--max-resident -5M`) or a positional's (`umgr budget PID
+    -1M`), so that the value's own check refuses it by name. argparse reads
+    such a token as a value only if it looks like a number ('-1', '-1.5'),
+    and otherwise as an unknown option ("expected one argument", "the
+    following arguments are required"). No umgr option looks like one."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # A positional such as `umgr budget PID -1M` is a value, so that its
-        # check says it is negative: argparse takes '-1M' for an option
-        # unless it looks like a number, and then only '-1' or '-1.5' do.
-        # (No umgr option looks like one.)
         self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
         raise Fatal(f"{self.prog}: {message} (see {self.prog} --help)")
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args(self._joined_option_values(args), namespace)
-
-    def _joined_option_values(self, args: list[str]) -> list[str]:
-        """args with `--opt -VALUE` as `--opt=-VALUE` for this parser's
-        one-value options: argparse otherwise takes '-5M' for an option and
-        says only "expected one argument". Joining stops at '--' and at the
-        first positional (a subcommand, or the program `umgr exec` runs)."""
-        joined, wants_value = [], False
-        for i, token in enumerate(args):
-            if wants_value:
-                if token.startswith("-") and token[1:2].isdigit():
-                    joined[-1] += ("=" if joined[-1].startswith("--") else "") + token
-                else:
-                    joined.append(token)
-                wants_value = False
-            elif token == "--" or not token.startswith("-"):
-                return joined + args[i:]
-            else:
-                action = self._option_string_actions.get(token)
-                wants_value = action is not None and action.nargs is None   # one value (store, append)
-                joined.append(token)
-        return joined
 
 
 def reason(exc: BaseException) -> str:
