@@ -96,8 +96,8 @@ def test_other_refusals(args, message, tmp_path):
 
 
 def test_a_program_keeps_its_own_negative_looking_arguments(tmp_path):
-    # `--opt -VALUE` is joined for umgr's own options only: never after '--'
-    # or after the program's name.
+    # `--opt -VALUE` is read as a value for umgr's own options only: never
+    # after '--' or after the program's name.
     out = tmp_path / "args"
     for program in (["--", "sh"], ["sh"]):
         proc = umgr("exec", "--max-resident", "8M", *program, "-c", 'echo "$@" > "$0"', str(out),
