@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..arrays import unique
+
 __all__ = [
     "PrefetchPolicy",
     "EvictionPolicy",
@@ -432,7 +434,7 @@ class GuardedEviction:
         if victims.size > n:
             return _first_unique(victims)[:n]   # the policy's first choices
         if victims.size > 1:
-            victims = np.unique(victims)   # all of them go: sorted, as the evictor takes them anyway
+            victims = unique(victims)   # all of them go: sorted, as the evictor takes them anyway
         return victims
 
     def __len__(self) -> int:
