@@ -76,6 +76,18 @@ def test_exec_keeps_cpus_polling_while_its_program_faults(umgr_exec, programs):
         assert 16 << 20 < result.stats["daemon_peak_rss_bytes"] < 1 << 30
 
 
+@pytest.mark.timeout(120)
+def test_exec_keeps_cpus_polling_while_its_program_is_evicted_without_faulting_much(umgr_exec, programs):
+    # A first touch brings fresh pages in windows (few faults) and puts
+    # batches away as fast as it writes: each batch's wake-ups count.
+    result = umgr_exec([programs["pattern"], "256", "mmap", "s"], max_resident="32M")
+    assert result.returncode == 0, result.stderr
+    stats = result.stats
+    assert stats["pages_out"] > 65536 and stats["zap_batches"] > 100
+    assert stats["faults"] < idlepoll.BUSY_RATE * stats["wall_seconds"]   # the faults alone would not hold it
+    assert stats["idle_poll_seconds"] > 0
+
+
 @pytest.mark.timeout(60)
 def test_exec_of_a_program_that_does_not_fault_leaves_cpus_alone(umgr_exec):
     result = umgr_exec(["sleep", "0.5"])
@@ -133,6 +145,12 @@ def test_auto_holds_while_faults_come_fast_and_drops_after_a_quiet_spell():
                     request)
     assert held == [False, True, True, False, True, False]
     assert request.holds == 2
+
+
+def test_an_eviction_batch_counts_as_the_faults_its_wake_ups_are_worth():
+    assert idlepoll.paging_load(faults=100, batches=0) == 100
+    assert idlepoll.paging_load(faults=100, batches=3) == 100 + 3 * idlepoll.BATCH_FAULTS
+    assert idlepoll.BATCH_FAULTS >= 1
 
 
 def test_always_and_never():

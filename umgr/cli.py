@@ -30,7 +30,7 @@ from umgr.console import (EXIT_UMGR, AppendOverDefault, ArgumentParser, Fatal, a
                           reason, seconds_arg, setting_up, setup_logging, size_arg)
 from umgr.sizes import format_size, parse_size
 from umgr.daemon import BUDGET_REQUEST, HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
-from umgr.daemon.idlepoll import BUSY_RATE
+from umgr.daemon.idlepoll import BATCH_FAULTS, BUSY_RATE
 from umgr.daemon.idlepoll import MODES as IDLE_POLL_MODES
 from umgr.daemon import fdstore
 from umgr.daemon.notify import notify
@@ -125,7 +125,8 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--idle-poll", choices=IDLE_POLL_MODES, default="auto",
                    help="keep idle CPUs polling rather than sleeping (a CPU latency request of 0 us; needs root), "
                         "so that waking a faulting thread is cheap: auto (default: while managed programs fault "
-                        f"{BUSY_RATE} times a second or more), always, never")
+                        f"{BUSY_RATE} times a second or more, an eviction batch counted as {BATCH_FAULTS} faults), "
+                        "always, never")
     p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
                    help="smallest anonymous mapping to manage (default 1M; exec passes it to the shim as "
                         "UMGR_MIN_REGION unless the program's environment has one)")

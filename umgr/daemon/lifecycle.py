@@ -16,7 +16,7 @@ from umgr import protocol
 from umgr.backends import Backend
 from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, SCAN_COST_RATIO, SCAN_INTERVAL_MAX, DaemonConfig
 from umgr.daemon.forks import Orphan, OrphanForks, ParentSettings
-from umgr.daemon.idlepoll import IdlePoll
+from umgr.daemon.idlepoll import IdlePoll, paging_load
 from umgr.daemon.names import target_name
 from umgr.daemon.peer import Memory, Peer, Refused
 from umgr.daemon.status import Totals, snapshot
@@ -445,8 +445,10 @@ class Lifecycle:
             self.idle.set()
 
     def _faults_so_far(self) -> int:
-        """The live targets' faults (idle polling follows their rate)."""
-        return sum(t.stats.faults_missing + t.stats.faults_wp for t in self.targets.values())
+        """The live targets' faults and eviction batches, in faults (idle
+        polling follows their rate)."""
+        return sum(paging_load(t.stats.faults_missing + t.stats.faults_wp, t.stats.zap_batches)
+                   for t in self.targets.values())
 
     def run_totals(self) -> dict:
         totals = Totals(self.totals.counters)
