@@ -346,6 +346,30 @@ def test_exec_restarts_its_daemon_and_the_program_keeps_every_byte(tmp_path, shi
     assert not [p for p in state.iterdir() if p.name.startswith("exec-")]
 
 
+@pytest.mark.timeout(120)
+def test_a_sigterm_to_exec_s_process_group_ends_the_program_not_the_daemon(tmp_path, shim, programs):
+    """timeout(1) and `kill -TERM -PGID` signal umgr exec's whole process
+    group. The program ends; the daemon, in a group of its own, is not
+    killed and restarted on the way, so the run's figures are its own."""
+    stats_file = tmp_path / "stats.json"
+    cmd = [sys.executable, "-m", "umgr", "exec", "-v", "--max-resident", "16M", "--swap-size", "1G",
+           "--state-dir", str(tmp_path / "state"), "--stats-json", str(stats_file), "--", programs["ctl_hold"], "48"]
+    with started(cmd, stdin=subprocess.PIPE, start_new_session=True) as umgr:
+        read_ready(umgr)
+        program = wait_for(lambda: [p for p in children(umgr.pid) if comm(p) == "ctl_hold"], 10, "the program")[0]
+        wait_for(lambda: vm_rss_kb(program) < 24 * 1024, 30, "the program to be paged out")
+        daemon = [p for p in children(umgr.pid) if p != program][0]
+        assert os.getpgid(program) == umgr.pid and os.getpgid(daemon) == daemon
+        os.killpg(umgr.pid, signal.SIGTERM)
+        _, err = umgr.communicate(timeout=60)
+    assert umgr.returncode == 128 + signal.SIGTERM, err
+    assert b"daemon died" not in err, err
+    stats = json.loads(stats_file.read_text())
+    assert stats["daemon_restarts"] == 0 and stats["targets"] == 1, stats
+    assert stats["pages_out"] >= 6144 and stats["swap_slots_in_use_at_exit"] == 0, stats
+    assert b"1 process, peak resident 16M" in err, err
+
+
 def served(sock: str, pid: int) -> bool:
     from umgr.cli import query_status
     try:

@@ -195,9 +195,18 @@ class EmbeddedDaemon:
 
     # ---- in the child ---------------------------------------------------------------
     def _child(self, parent: int, ready_fd: int) -> int:
-        # The terminal's ^C and a hang-up are the program's business; umgr
-        # exec forwards the other signals to it.
-        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
+        # A process group of its own: a signal to umgr exec's group (a
+        # terminal's ^C or ^Z, timeout(1)'s SIGTERM, kill -TERM -PGID) is
+        # the program's business, and umgr exec forwards the others to it.
+        # In the group, the daemon died of such a SIGTERM at once and was
+        # restarted while the program shut down, and the run's figures went
+        # with it. A SIGTERM sent to the daemon itself still ends it. Out of
+        # the terminal's foreground group, its log lines would stop it if
+        # the terminal is set to `tostop`: SIGTTOU is ignored (the write
+        # then goes on).
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTTOU, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
