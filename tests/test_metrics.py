@@ -2,6 +2,7 @@
 figures a scrape returns are the daemon's own, per name by default (bounded
 series: a gone process's counters stay in its name's), per pid on request."""
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -57,10 +58,10 @@ def of_name(samples: dict, metric: str, name: str, **labels) -> float:
     return samples[(metric, want)]
 
 
-def hold(programs, env: dict, mib: int) -> subprocess.Popen:
-    """`threads` paging through `mib` MiB, then held alive (until EOF on
-    stdin) so its figures can be read."""
-    proc = subprocess.Popen([programs["threads"], str(mib), "0", "1", "sb", "hold"], env=env,
+def hold(programs, env: dict, mib: int, executable: str | None = None) -> subprocess.Popen:
+    """`threads` (or a link to it, or a copy) paging through `mib` MiB, then
+    held alive (until EOF on stdin) so its figures can be read."""
+    proc = subprocess.Popen([executable or programs["threads"], str(mib), "0", "1", "sb", "hold"], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     line = proc.stdout.readline().decode()
     if not line.startswith("ok "):
@@ -174,21 +175,29 @@ def systemd_cgroup_root() -> Path:
 @pytest.mark.timeout(60)
 def test_target_names(tmp_path, programs, shim):
     """A target's name is its UMGR_NAME, else its systemd service, else
-    its executable's file name."""
+    the file name it was run by: a symbolic link's own (as redis-server,
+    a link to redis-check-rdb), and whole where the kernel's comm cuts it
+    to 15 characters."""
     unit = systemd_cgroup_root() / f"umgr-test-{os.getpid()}.service"
     unit.mkdir()
+    link, long_named = tmp_path / "db-server", tmp_path / "threads-with-a-long-name"
+    link.symlink_to(programs["threads"])
+    shutil.copy(programs["threads"], long_named)
     daemon = DaemonProcess(tmp_path, "--max-resident", "4M")
     procs = []
     try:
         procs.append(hold(programs, daemon.env(shim, UMGR_NAME="my\x1bjob"), 2))
         procs.append(hold(programs, daemon.env(shim), 2))
+        procs.append(hold(programs, daemon.env(shim), 2, str(link)))
+        procs.append(hold(programs, daemon.env(shim), 2, str(long_named)))
         in_unit = subprocess.Popen(
             ["sh", "-c", f'echo $$ > {unit}/cgroup.procs && exec "$0" 2 0 1 sb hold', programs["threads"]],
             env=daemon.env(shim), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append(in_unit)
         assert in_unit.stdout.readline().startswith(b"ok "), in_unit.stderr.read()
         names = {t["pid"]: t["name"] for t in query_status(daemon.socket)["targets"]}
-        assert names == {procs[0].pid: "my?job", procs[1].pid: "threads", in_unit.pid: unit.name}
+        assert names == {procs[0].pid: "my?job", procs[1].pid: "threads", procs[2].pid: "db-server",
+                         procs[3].pid: "threads-with-a-long-name", in_unit.pid: unit.name}
     finally:
         for proc in procs:
             if proc.poll() is None:

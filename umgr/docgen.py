@@ -18,7 +18,7 @@ MAN_SECTIONS = {
         ("UMGR_MIN_REGION", "The smallest anonymous mapping the shim reports (default 1M)."),
         ("UMGR_WRAP_MALLOC", "0: do not wrap the allocator."),
         ("UMGR_NAME", "This process's name in the metrics (default: the systemd service it runs in, else its "
-                      "executable's file name)."),
+                      "file name it was run by)."),
         ("UMGR_GRACE_SECONDS", "How long this process waits for a daemon that is gone to come back before it is "
                                "killed (default: the daemon's --grace)."),
         ("NOTIFY_SOCKET", "Set by systemd: umgr daemon sends READY=1 there once its socket listens, and hands "

@@ -4,13 +4,14 @@ Names, not pids, keep the number of series bounded: a pid is new for every
 process (a shell pipeline or a launcher makes dozens), a name is shared by
 every run of the same program. In order of preference: what the program's
 environment asks for (UMGR_NAME, carried by the shim's HELLO), the systemd
-service it runs in, the executable's file name.
+service it runs in, the file name it was run by.
 """
 from __future__ import annotations
 
 import os
 
 NAME_MAX = 63  # the HELLO's field, less its NUL
+COMM_MAX = 15  # a task's comm: TASK_COMM_LEN less its NUL
 
 
 def target_name(pid: int, requested: str = "") -> str:
@@ -41,15 +42,25 @@ def service_in(cgroups: str) -> str:
 
 
 def executable_of(pid: int) -> str:
-    """The file name of the program the process runs (/proc/PID/exe), or
-    its comm if that link cannot be read."""
+    """The name the program was run by: its comm, the file name it was
+    executed as (what ps and top show; a symbolic link keeps its own name,
+    as redis-server does, a link to redis-check-rdb, and a script its),
+    or the file name of /proc/PID/exe where comm is that name cut to the
+    kernel's COMM_MAX characters, or cannot be read."""
+    comm = _first_line(f"/proc/{pid}/comm")
     try:
-        return _clean(os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)"))
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)")
     except OSError:
-        pass
+        exe = ""
+    if comm and not (len(comm) == COMM_MAX and exe.startswith(comm)):
+        return _clean(comm)
+    return _clean(exe or comm)
+
+
+def _first_line(path: str) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return _clean(f.read().strip())
+        with open(path) as f:
+            return f.readline().rstrip("\n")
     except OSError:
         return ""
 
