@@ -29,9 +29,24 @@ def test_mlocked_pages_are_pinned_then_released_by_munlock(umgr_exec, programs):
     stats = result.stats
     assert stats["locked_pinned"] >= 1024, "the 4 MiB mlocked range is pinned"
     assert "mlocked: pinned" in result.stderr
+    assert "cannot page it out" not in result.stderr, "4 MiB locked is not worth a warning"
     assert "zap stopped" not in result.stderr, "no eviction keeps failing on locked pages"
     assert stats["pages_out"] >= 2 * (64 - 16) * 256
     assert stats["peak_resident_bytes"] <= BUDGET + SLACK
+    assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_memory_locked_past_the_budget_is_told_once_and_paged_once_unlocked(umgr_exec, programs):
+    # 48 MiB mlocked under 16 MiB: the budget cannot hold, and the program's
+    # user hears it without -v; unlocked, the pages go as any others.
+    result = umgr_exec([programs["unfreeable"], "mlock-all", "48"], max_resident="16M")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "so umgr cannot page it out" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0] and "budget of 16M" in warnings[0], result.stderr
+    stats = result.stats
+    assert stats["locked_pinned"] >= (48 - 16) * 256
+    assert stats["pages_out"] >= (48 - 16) * 256   # after munlock
     assert stats["swap_slots_in_use_at_exit"] == 0
 
 

@@ -4,6 +4,7 @@
  *           the first half; the second half must read zero throughout
  *   mlock   mlock the first 4 MiB, write and check everything, munlock,
  *           then write and check again (the unlocked pages may go now)
+ *   mlock-all  the same with all of it locked
  *   shared  fork: a child keeps the parent's pages shared copy-on-write
  *           while the parent writes a second region; both check theirs
  *   shared-clean  the same, with the parent's resident pages at the fork
@@ -43,8 +44,8 @@ int main(int argc, char **argv)
         bad |= check(m, 0, n / 2, 1, "written half") | check(m, n / 2, n - n / 2, 0, "read-only half");
         return bad | check(m, n / 2, n - n / 2, 0, "read-only half again");
     }
-    if (strcmp(mode, "mlock") == 0) {
-        size_t locked = 1024;
+    if (strcmp(mode, "mlock") == 0 || strcmp(mode, "mlock-all") == 0) {
+        size_t locked = strcmp(mode, "mlock") == 0 ? 1024 : n;
         if (mlock(m, locked * PAGE) != 0) {
             perror("mlock");
             return 2;

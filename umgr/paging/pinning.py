@@ -20,8 +20,13 @@ from umgr.kernel import maps, procmem
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, State, runs
 from umgr.paging.tuning import RECHECK_SECONDS
+from umgr.sizes import format_size
 
 log = logging.getLogger("umgr.target")
+
+# Pinned memory worth a warning: half the budget, and at least this much
+# (a program may lock a few pages of keys or buffers).
+PINNED_WARNING_BYTES = 16 << 20
 
 
 class Pinning:
@@ -30,6 +35,7 @@ class Pinning:
         self.locked: list[tuple[int, int]] = []       # mlocked vpn ranges: pinned
         self.unreadable: list[tuple[int, int]] = []   # PROT_NONE (...) vpn ranges: pinned
         self._rechecked = 0.0
+        self._pinned_told = False
 
     async def keep_freeable(self, vpns: np.ndarray) -> tuple[np.ndarray, bool]:
         """Victims (write-protected now) whose zap would free nothing leave
@@ -60,6 +66,8 @@ class Pinning:
         core.stats.shared_skipped += int(shared.sum())
         core.stats.locked_pinned += int(locked.sum())
         core.left_residency(vpns[gone])
+        if locked.any():
+            self._tell_pinned()
         return vpns[~gone], bool(gone.any())
 
     def _private(self, vpns: np.ndarray) -> np.ndarray:
@@ -127,6 +135,7 @@ class Pinning:
             core.pt.set(locked, State.PINNED, NO_SLOT)
             core.left_residency(locked)
             await core.unprotect(locked)
+            self._tell_pinned()
         return failed[~inside]
 
     def pin_unreadable(self, failed: np.ndarray) -> None:
@@ -147,6 +156,24 @@ class Pinning:
                          core.label, len(pages), int(pages[0]) << PAGE_SHIFT)
                 core.pt.set(pages, State.PINNED)
                 core.left_residency(pages)
+        self._tell_pinned()
+
+    def _tell_pinned(self) -> None:
+        """Once per target, a warning when pinned pages hold half the budget
+        or more: the budget is then a promise umgr does not keep (a program
+        that calls mlockall, as some databases and real-time programs do,
+        keeps all of its memory), and the INFO lines above say so only
+        under -v."""
+        core = self.core
+        if self._pinned_told or not core.budget.limited:
+            return
+        nbytes = core.pt.count(State.PINNED) << PAGE_SHIFT
+        if nbytes < max((core.budget.pages << PAGE_SHIFT) // 2, PINNED_WARNING_BYTES):
+            return
+        self._pinned_told = True
+        log.warning("%s: %s of its memory, so far, is mlocked or cannot be read, so umgr cannot page it out: its "
+                    "budget of %s does not cover it", core.label, format_size(nbytes),
+                    format_size(core.budget.pages << PAGE_SHIFT))
 
     def recheck(self) -> None:
         """At most every RECHECK_SECONDS: unpin pages no longer mlocked or
