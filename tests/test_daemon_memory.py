@@ -65,6 +65,37 @@ def test_a_huge_reservation_costs_the_daemon_only_what_is_touched(tmp_path, shim
 
 
 @pytest.mark.timeout(120)
+def test_pages_touched_across_a_huge_reservation_cost_the_daemon_4_kib_each_at_most(tmp_path, shim, programs):
+    """One page every 64 MiB of a 64 GiB reservation (1024 pages), under a
+    budget they fit in, so the tables stay in the daemon's memory: each
+    touch backs 4 KiB of each of its arrays, not a 2 MiB huge page (numpy
+    asks for those, and transparent_hugepage=always gives them), which
+    cost the daemon ~95 MB here; and no scan of the region (the exit's
+    munmap) makes a temporary of its size."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "64M")
+    try:
+        env = daemon.env(shim)
+        with started([programs["reserve"], "1", "4", "spread"], env=env, stdin=subprocess.PIPE) as small:
+            assert small.stdout.readline() == b"ready\n", small.stderr.read()
+            wait_for(lambda: target_status(daemon, small.pid), 30, "the small one to be managed")
+            out, _ = small.communicate(b"", timeout=60)
+            assert out.startswith(b"ok 1024 pages"), out
+        rss, peak = vm_kb(daemon.proc.pid, "VmRSS"), vm_kb(daemon.proc.pid, "VmHWM")
+        with started([programs["reserve"], "64", "4", "spread"], env=env, stdin=subprocess.PIPE) as big:
+            assert big.stdout.readline() == b"ready\n", big.stderr.read()
+            status = wait_for(lambda: target_status(daemon, big.pid), 30, "the big one to be managed")
+            assert status["managed_bytes"] >= 64 * GiB and status["swapped_bytes"] == 0, status
+            grown = vm_kb(daemon.proc.pid, "VmRSS") - rss
+            out, err = big.communicate(b"", timeout=60)
+            assert big.returncode == 0 and out.startswith(b"ok 1024 pages"), (out, err)
+        wait_for(lambda: target_status(daemon, big.pid) is None, 30, "the big one to be let go")
+        peak_grown = vm_kb(daemon.proc.pid, "VmHWM") - peak
+        assert grown < 12 * 1024 and peak_grown < 12 * 1024, (grown, peak_grown)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.timeout(120)
 def test_mappings_past_the_caps_stay_the_kernels_and_lose_nothing(tmp_path, shim, programs):
     """--max-managed 2G, --max-managed-per-user 3G: a 4 GiB mapping is past
     the per-process cap, a second 2 GiB one of the same user past the

@@ -270,3 +270,54 @@ def test_by_region_finds_each_pages_region_and_index_as_find_does(dtype):
         assert got == want
         pt.add(at + 100, 3)
         assert [region.vpn for region, _, _ in pt.by_region(np.array([at + 101, at + 200], dtype))] == [at + 100]
+
+
+@pytest.mark.parametrize("limit", [None, 0, 1, 5, 13, 40])
+def test_find_state_in_steps_finds_what_one_scan_does(monkeypatch, limit):
+    # Regions scanned CHUNK pages at a time (no temporary of a region's
+    # size): the pages found, and where to go on, are one scan's.
+    from umgr.paging import pagetable
+    rng = np.random.default_rng(3)
+    pt = PageTable()
+    for vpn in (100, 400, 1000):
+        pt.add(vpn, 200)
+    resident = np.sort(rng.choice(np.concatenate([np.arange(v, v + 200) for v in (100, 400, 1000)]), 60,
+                                  replace=False))
+    pt.set(resident, State.RESIDENT)
+    whole = pt.find_state(150, 1150, State.RESIDENT, limit)
+    monkeypatch.setattr(pagetable, "CHUNK", 7)
+    stepped = pt.find_state(150, 1150, State.RESIDENT, limit)
+    inside = resident[(resident >= 150) & (resident < 1150)]
+    expected = inside if limit is None else inside[:limit]
+    assert stepped[0].tolist() == whole[0].tolist() == expected.tolist()
+    assert stepped[1] == whole[1]
+
+
+def test_sparse_zeros_are_zeros_backed_4_kib_at_a_time():
+    from umgr.arrays import SPARSE_BYTES, sparse_zeros
+    small = sparse_zeros(10, np.int32)
+    assert small.dtype == np.int32 and small.tolist() == [0] * 10
+    n = 64 << 20   # 64 MiB of bytes, once written in one place each 2 MiB
+    big = sparse_zeros(n, np.uint8)
+    assert n >= SPARSE_BYTES and big.dtype == np.uint8 and len(big) == n and big.flags.writeable
+    big[::2 << 20] = 1
+    rss_kb = mapping_rss_kb(big.ctypes.data, big.nbytes)
+    # Not 32 huge pages: numpy asks for them (MADV_HUGEPAGE) for its large
+    # arrays, and transparent_hugepage=always gives them unasked.
+    assert rss_kb <= 32 * 4, f"{rss_kb} kB backed for 32 pages written"
+    assert int(big.sum()) == 32 and not big[1:2 << 20].any()
+
+
+def mapping_rss_kb(address: int, nbytes: int) -> int:
+    """Rss of the mappings of this process over [address, address + nbytes)
+    (smaps; numpy's own madvise splits a large array's mapping in two)."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    total = 0
+    for at, line in enumerate(lines):
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):
+            lo, hi = (int(x, 16) for x in first.split("-"))
+            if lo < address + nbytes and address < hi:
+                total += next(int(line.split()[1]) for line in lines[at + 1:] if line.startswith("Rss:"))
+    return total

@@ -2,11 +2,14 @@
  * make: maps GIB GiB with MAP_NORESERVE, fills its first and last USED_MIB/2
  * MiB with a known pattern, prints "ready", waits for stdin to reach EOF,
  * then checks every byte it wrote and that an untouched page in the middle
- * reads zero. Usage: reserve GIB USED_MIB. Exit 0 and "ok N pages" when
- * all is intact; 1 and a message at the first wrong word. */
+ * reads zero. Usage: reserve GIB USED_MIB [spread]. With "spread" the
+ * used pages lie evenly across the whole mapping instead, one page every
+ * GIB GiB / (USED_MIB MiB / 4 KiB). Exit 0 and "ok N pages" when all is
+ * intact (then it unmaps it all); 1 and a message at the first wrong word. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -31,8 +34,10 @@ int main(int argc, char **argv)
         perror("reserve: mmap");
         return 2;
     }
+    int spread = argc > 3 && strcmp(argv[3], "spread") == 0;
+    size_t stride = spread ? npages / (2 * half) : 0;
     for (size_t i = 0; i < 2 * half; i++) {
-        size_t p = i < half ? i : npages - 2 * half + i;
+        size_t p = spread ? i * stride : i < half ? i : npages - 2 * half + i;
         for (size_t w = 0; w < PAGE / 8; w++)
             mem[p * (PAGE / 8) + w] = word_for(p, w);
     }
@@ -42,7 +47,7 @@ int main(int argc, char **argv)
     while (read(0, buf, sizeof buf) > 0)
         ;
     for (size_t i = 0; i < 2 * half; i++) {
-        size_t p = i < half ? i : npages - 2 * half + i;
+        size_t p = spread ? i * stride : i < half ? i : npages - 2 * half + i;
         for (size_t w = 0; w < PAGE / 8; w++)
             if (mem[p * (PAGE / 8) + w] != word_for(p, w)) {
                 fprintf(stderr, "reserve: page %zu word %zu: %016llx, want %016llx\n", p, w,
@@ -50,10 +55,12 @@ int main(int argc, char **argv)
                 return 1;
             }
     }
-    if (mem[npages / 2 * (PAGE / 8)] != 0) {
+    if (mem[(npages / 2 + 1) * (PAGE / 8)] != 0) {
         fprintf(stderr, "reserve: an untouched page does not read zero\n");
         return 1;
     }
     printf("ok %zu pages\n", 2 * half);
+    fflush(stdout);
+    munmap(mem, npages * PAGE);   /* the daemon hears of it (an UNMAP), as a program freeing a heap does */
     return 0;
 }

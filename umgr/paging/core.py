@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import trio
 
-from umgr.arrays import unique
+from umgr.arrays import sparse_zeros, unique
 from umgr.kernel import procmem
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import Userfaultfd
@@ -177,8 +177,9 @@ class TargetCore:
             self.eviction.on_removed(np.asarray(vpns, np.int64))
 
     def present_pages(self, start_vpn: int, npages: int) -> np.ndarray:
-        """Which pages of the range are in memory (PAGEMAP_SCAN)."""
-        present = np.zeros(npages, bool)
+        """Which pages of the range are in memory (PAGEMAP_SCAN). A region's
+        size of bools, backed only where pages are present."""
+        present = sparse_zeros(npages, bool)
         # category_mask requires every bit; anyof is "present or (kernel-)swapped".
         in_memory = procmem.PAGE_IS_PRESENT | procmem.PAGE_IS_SWAPPED
         ranges = procmem.pagemap_scan(self.pid, start_vpn << PAGE_SHIFT, (start_vpn + npages) << PAGE_SHIFT,

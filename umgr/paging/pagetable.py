@@ -9,10 +9,11 @@ are named by vpn (virtual address >> 12). Every state change goes through
 this module, which keeps the per-state counts the budget and the metrics read.
 
 A new region's arrays are all zeros (FRESH, NO_SLOT, no flag) and made by
-np.zeros, which for large arrays is calloc, an anonymous mapping the kernel
-fills only where it is written: a region costs memory for the parts of it
-that were touched, not for its virtual size (a 64 GiB MAP_NORESERVE mapping
-is 96 MiB of arrays, almost none of it backed). Copies keep that property
+umgr.arrays.sparse_zeros, which for large arrays is an anonymous mapping the
+kernel fills only where it is written, 4 KiB at a time (no huge pages): a
+region costs memory for the parts of it that were touched, not for its
+virtual size (a 64 GiB MAP_NORESERVE mapping is 96 MiB of arrays, almost
+none of it backed). Copies keep that property
 (sparse_copy), and whole-array work goes in chunks, so no temporary is as
 large as a region either.
 """
@@ -24,6 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from umgr.arrays import sparse_zeros
 from umgr.kernel import PAGE_SHIFT, PAGE_SIZE
 
 __all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "Region", "runs", "page_up"]
@@ -77,7 +79,7 @@ class Region:
 
     def __post_init__(self):
         if self.flags is None:
-            self.flags = np.zeros(len(self.state), np.uint8)
+            self.flags = sparse_zeros(len(self.state), np.uint8)
 
     @property
     def npages(self) -> int:
@@ -89,7 +91,7 @@ class Region:
 
     @classmethod
     def empty(cls, vpn: int, npages: int) -> "Region":
-        return cls(vpn, np.zeros(npages, np.uint8), np.zeros(npages, np.int32))
+        return cls(vpn, sparse_zeros(npages, np.uint8), sparse_zeros(npages, np.int32))
 
     def piece(self, lo: int, hi: int) -> "Region":
         """A copy of pages [lo, hi) (vpns) of this region."""
@@ -100,7 +102,7 @@ class Region:
 def sparse_copy(array: np.ndarray) -> np.ndarray:
     """A copy that writes only the nonzero entries into fresh zeros: the
     untouched (zero) parts of a lazily backed array stay untouched."""
-    out = np.zeros(len(array), array.dtype)
+    out = sparse_zeros(len(array), array.dtype)
     copy_nonzero(out, array)
     return out
 
@@ -297,13 +299,15 @@ class PageTable:
         found: list[np.ndarray] = []
         count = 0
         for region, lo, hi in self._overlapping(vpn_lo, vpn_hi):
-            hits = lo + np.flatnonzero(region.state[lo - region.vpn:hi - region.vpn] == state)
-            if limit is not None and count + len(hits) >= limit:
-                hits = hits[:limit - count]
+            for step in range(lo, hi, CHUNK):   # (a bool a page: no temporary of a whole region)
+                end = min(step + CHUNK, hi)
+                hits = step + np.flatnonzero(region.state[step - region.vpn:end - region.vpn] == state)
+                if limit is not None and count + len(hits) >= limit:
+                    hits = hits[:limit - count]
+                    found.append(hits)
+                    return np.concatenate(found).astype(np.int64), (int(hits[-1]) + 1 if len(hits) else step)
                 found.append(hits)
-                return np.concatenate(found).astype(np.int64), (int(hits[-1]) + 1 if len(hits) else lo)
-            found.append(hits)
-            count += len(hits)
+                count += len(hits)
         return (np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)), vpn_hi
 
     def flagged(self, flag: int) -> int:
@@ -454,7 +458,7 @@ class PageTable:
         one). Flags (application hints) stay the parent's."""
         child = self.copy(arrays)
         for region in child.regions:
-            region.flags = np.zeros(region.npages, np.uint8)
+            region.flags = sparse_zeros(region.npages, np.uint8)
             for lo in range(0, region.npages, CHUNK):
                 state, slot = region.state[lo:lo + CHUNK], region.slot[lo:lo + CHUNK]
                 evicting = state == State.EVICTING
@@ -522,11 +526,15 @@ class PageTable:
 
 
 def histogram(states: np.ndarray) -> np.ndarray:
-    """How many pages are in each state. In chunks: np.bincount makes an
-    int64 copy of its input, 8 bytes a page of a region."""
+    """How many pages are in each state. In chunks of a sixteenth of CHUNK:
+    np.bincount makes an int64 copy of its input, 8 bytes a page, and
+    glibc keeps a freed block of that size in the heap once it has handed
+    out one (its mmap threshold rises to it): 8 MiB of the daemon's memory
+    for good, at CHUNK."""
     counts = np.zeros(256, np.int64)
-    for lo in range(0, len(states), CHUNK):
-        counts += np.bincount(states[lo:lo + CHUNK], minlength=256)
+    step = CHUNK >> 4
+    for lo in range(0, len(states), step):
+        counts += np.bincount(states[lo:lo + step], minlength=256)
     return counts
 
 
