@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from conftest import children
+
 MiB = 1 << 20
 PAGE = 4096
 
@@ -149,14 +151,6 @@ def status_of(sock: str) -> dict:
         return query_status(str(sock))
     except (OSError, ValueError):
         return {}
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []   # (it ended)
 
 
 def cmdline(pid: int) -> str:

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import DaemonProcess, MiB, wait_for
+from conftest import DaemonProcess, MiB, children, comm, wait_for
 from umgr import protocol
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.cli import DEFAULT_SOCKET, format_status, query_status
@@ -582,12 +582,29 @@ def test_status_finds_a_umgr_exec_by_its_state_dir(tmp_path, programs):
             with stale_socket(DEFAULT_SOCKET):   # (a killed daemon's, no systemd to clean it up)
                 found = status()
                 assert found.returncode == 0 and "./ctl_hold 48" in found.stdout.decode(), found.stderr
-        with execed("sleep", "30"):
-            wait_for(lambda: status().returncode == 125, 20, "the second umgr exec's run directory")
-            both = status().stderr.decode()
-            assert both.startswith(f"umgr status: 2 umgr execs run under {DEFAULT_STATE_DIR}; "
-                                   "name one with --socket: "), both
-            assert both.count("control.sock") == 2, both
+        with execed("./ctl_hold", "4") as other:
+            assert other.stdout.readline() == b"ready\n"
+            # Two execs: the table shows each, under its socket; --json, one shape a script
+            # reads, wants one named; budget finds the exec that manages the pid.
+            both = wait_for(lambda: (lambda r: r if r.stdout.count(b"umgr exec at ") == 2 else None)(status()), 20,
+                            "the second umgr exec's run directory")
+            assert both.returncode == 0 and both.stdout.count(b"control.sock:\n") == 2, both
+            assert b"./ctl_hold 48" in both.stdout and b"./ctl_hold 4" in both.stdout, both.stdout
+            one = status("--json")
+            assert one.returncode == 125 and one.stderr.decode().startswith(
+                f"umgr status --json: 2 umgr execs run under {DEFAULT_STATE_DIR}; name one with --socket: "), one
+            assert one.stderr.decode().count("control.sock") == 2, one.stderr
+            budget = lambda pid: subprocess.run([sys.executable, "-m", "umgr", "budget", str(pid), "20M"],
+                                                capture_output=True, timeout=20)
+            program = [p for p in children(other.pid) if comm(p) == "ctl_hold"][0]
+            moved = budget(program)
+            assert moved.returncode == 0 and moved.stdout == f"pid {program}: budget 20M (was 16M)\n".encode(), moved
+            nobody = budget(os.getpid())
+            assert nobody.returncode == 125 and nobody.stderr.decode() == (
+                f"umgr budget: pid {os.getpid()} is managed by none of the 2 umgr execs running under "
+                f"{DEFAULT_STATE_DIR}\n"), nobody
+            other.communicate(b"", timeout=30)
+            assert other.returncode == 0
         out, err = holder.communicate(b"", timeout=30)
     assert holder.returncode == 0, err
     assert out == b"ok 12288 pages\n"

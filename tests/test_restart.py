@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from conftest import DaemonProcess, vm_rss_kb, wait_for
+from conftest import DaemonProcess, children, comm, vm_rss_kb, wait_for
 from umgr.backends.region import SPAN, Region
 from test_control import UFFD_LINK, fd_links, started, target_status, wait_paging
 
@@ -376,19 +376,6 @@ def served(sock: str, pid: int) -> bool:
         return any(t["pid"] == pid for t in query_status(sock)["targets"])
     except OSError:
         return False
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 # ---- a restarted daemon takes its programs back ----------------------------------------------

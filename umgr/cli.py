@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import glob
@@ -199,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", default=None,
-                       help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET}, else that of "
-                            f"the umgr exec running under exec's default --state-dir, {DEFAULT_STATE_DIR})")
+                       help=f"the daemon's socket (default: the config file's, else {DEFAULT_SOCKET}, else those of "
+                            f"the umgr execs running under exec's default --state-dir, {DEFAULT_STATE_DIR})")
     where.add_argument("--state-dir", metavar="DIR", default=None,
-                       help="show the umgr exec running under DIR (the --state-dir it was given), not a daemon")
+                       help="show the umgr execs running under DIR (the --state-dir they were given), not a daemon")
     p.add_argument("--interval", type=seconds_arg, default=1.0, help="seconds between samples, for rates")
     p.add_argument("--watch", action="store_true", help="refresh the table every --interval until interrupted")
     p.add_argument("--json", action="store_true", help="one snapshot as JSON")
@@ -215,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "none). Lower, the process is paged down to it at once")
     p.add_argument("--config", metavar="FILE", help=f"read socket from this file (default {configfile.DEFAULT_PATH})")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", default=None, help="the daemon's socket (found as umgr status finds it)")
+    where.add_argument("--socket", default=None,
+                       help="the daemon's socket (found as umgr status finds it; of several umgr execs, the one "
+                            "managing PID)")
     where.add_argument("--state-dir", metavar="DIR", default=None,
                        help="the umgr exec running under DIR (the --state-dir it was given), not a daemon")
     p.set_defaults(func=cmd_budget)
@@ -757,27 +760,39 @@ def query_status(path: str) -> dict:
 def cmd_status(args) -> int:
     if args.json and args.watch:
         raise Fatal("umgr status: --json shows one snapshot; --watch refreshes a table: choose one")
-    args.socket = _status_socket(args)
-    before, taken = _query(args.socket), time.monotonic()
+    sockets = _status_sockets(args)
+    if args.json:   # (one daemon's status: a script reads one shape)
+        sockets = [_one_socket(sockets, args, "umgr status --json")]
+    before, taken = _query_all(sockets), time.monotonic()
     try:
         while True:
             time.sleep(args.interval)
-            now, now_taken = _query(args.socket), time.monotonic()
+            now, now_taken = _query_all(sockets), time.monotonic()
             if args.json:
-                print(json.dumps(now, indent=2))
+                print(json.dumps(now[sockets[0]], indent=2))
                 return 0
-            table = format_status(before, now, now_taken - taken)
+            table = _status_tables(before, now, now_taken - taken)
             if not args.watch:
                 print(table)
                 return 0
             if sys.stdout.isatty():
                 sys.stdout.write(CLEAR_SCREEN)
             stamp = time.strftime("%H:%M:%S")
-            print(f"umgr status {printable(args.socket)}, every {args.interval:g} s, {stamp} (Ctrl-C to stop)\n"
+            where = printable(sockets[0]) if len(sockets) == 1 else f"{len(sockets)} umgr execs"
+            print(f"umgr status {where}, every {args.interval:g} s, {stamp} (Ctrl-C to stop)\n"
                   f"{table}\n", flush=True)
             before, taken = now, now_taken
     except KeyboardInterrupt:
         return 0
+
+
+def _status_tables(before: dict[str, dict], now: dict[str, dict], interval: float) -> str:
+    """One daemon's table; with several (umgr execs), each under its socket."""
+    if len(now) == 1:
+        (path, status), = now.items()
+        return format_status(before.get(path, status), status, interval)
+    return "\n\n".join(f"umgr exec at {printable(path)}:\n{format_status(before.get(path, status), status, interval)}"
+                       for path, status in now.items())
 
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -796,7 +811,7 @@ def budget_arg(text: str) -> int:
 
 
 def cmd_budget(args) -> int:
-    path = _status_socket(args, "umgr budget")
+    path = _budget_socket(_status_sockets(args, "umgr budget"), args)
     try:
         answer = ask_daemon(path, BUDGET_REQUEST + json.dumps({"pid": args.pid, "bytes": args.size}).encode())
     except OSError as exc:
@@ -812,6 +827,20 @@ def cmd_budget(args) -> int:
         line += f"; {format_size(reply['resident_bytes'])} resident, paging down to it"
     print(line)
     return 0
+
+
+def _budget_socket(sockets: list[str], args) -> str:
+    """The socket of the daemon managing args.pid: of several umgr execs,
+    the one whose status lists it."""
+    if len(sockets) == 1:
+        return sockets[0]
+    for path in sockets:
+        with contextlib.suppress(OSError, ValueError):
+            if any(t["pid"] == args.pid for t in query_status(path)["targets"]):
+                return path
+    state_dir = args.state_dir or DEFAULT_STATE_DIR
+    raise Fatal(f"umgr budget: pid {args.pid} is managed by none of the {len(sockets)} umgr execs running "
+                f"under {printable(state_dir)}")
 
 
 LISTENING, STALE, DENIED = "listening", "stale", "denied"
@@ -834,31 +863,51 @@ def _probe(path: str) -> str:
     return LISTENING
 
 
-def _status_socket(args, command: str = "umgr status") -> str:
-    """The socket status asks: that of the umgr exec running under
+def _status_sockets(args, command: str = "umgr status") -> list[str]:
+    """The sockets status asks: that of the umgr exec running under
     --state-dir; else the one named (--socket, or the config file's); else
     the daemon's default, if a daemon listens there (and this user may
-    ask it, or runs no umgr exec), or that of the one umgr exec
-    running under exec's default state directory (exec runs its daemon on
-    a socket of its own)."""
+    ask it, or runs no umgr exec), or those of the umgr execs running
+    under exec's default state directory (exec runs its daemon on a
+    socket of its own), all of them when several run."""
     if args.state_dir is None and args.socket is not None:
-        return args.socket
+        return [args.socket]
     if args.state_dir is None and os.path.exists(DEFAULT_SOCKET):
         answer = _probe(DEFAULT_SOCKET)
         # (A user who may not ask the daemon is shown their own umgr exec, if one runs.)
         if answer == LISTENING or (answer == DENIED and not embedded.live_runs(DEFAULT_STATE_DIR)):
-            return DEFAULT_SOCKET
+            return [DEFAULT_SOCKET]
     state_dir = args.state_dir or DEFAULT_STATE_DIR   # (exec's default --state-dir)
     runs = embedded.live_runs(state_dir)
-    if len(runs) == 1:
-        return runs[0]
     if runs:
-        instead = " in place of --state-dir" if args.state_dir is not None else ""
-        raise Fatal(f"{command}: {len(runs)} umgr execs run under {printable(state_dir)}; name one with "
-                    f"--socket{instead}: " + ", ".join(printable(r) for r in runs))
+        return runs
     if args.state_dir is not None:
         raise Fatal(f"{command}: no umgr exec runs under {printable(state_dir)}")
     raise Fatal(f"{command}: no daemon at {DEFAULT_SOCKET} and no umgr exec under {printable(state_dir)}")
+
+
+def _one_socket(sockets: list[str], args, command: str) -> str:
+    """The one socket of `sockets`, where a command can use only one."""
+    if len(sockets) == 1:
+        return sockets[0]
+    state_dir = args.state_dir or DEFAULT_STATE_DIR
+    instead = " in place of --state-dir" if args.state_dir is not None else ""
+    raise Fatal(f"{command}: {len(sockets)} umgr execs run under {printable(state_dir)}; name one with "
+                f"--socket{instead}: " + ", ".join(printable(r) for r in sockets))
+
+
+def _query_all(sockets: list[str]) -> dict[str, dict]:
+    """The status of each socket's daemon. With several (umgr execs), one
+    that ended since they were listed is left out; none left is an error."""
+    if len(sockets) == 1:
+        return {sockets[0]: _query(sockets[0])}
+    answers = {}
+    for path in sockets:
+        with contextlib.suppress(OSError):
+            answers[path] = query_status(path)
+    if not answers:
+        raise Fatal(f"umgr status: the {len(sockets)} umgr execs found have ended")
+    return answers
 
 
 def _query(path: str) -> dict:
