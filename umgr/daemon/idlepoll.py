@@ -20,9 +20,9 @@ batch counts as BATCH_FAULTS faults.
 The price is that idle CPUs spin rather than sleep while it is held (all
 of them: the request is system-wide), so `auto` holds it only while
 managed programs fault (batches counted so) at BUSY_RATE or more, and
-drops it after LINGER seconds below that. `always` holds it while the daemon runs, `never`
-never. Holding it needs root; without it the daemon runs as before, with
-one log line.
+drops it after LINGER seconds below that. `always` holds it while the
+daemon runs, `never` never. Holding it needs root; without it the daemon
+runs as before, with one log line.
 """
 from __future__ import annotations
 
