@@ -596,9 +596,11 @@ def test_status_finds_a_umgr_exec_by_its_state_dir(tmp_path, programs):
             assert one.stderr.decode().count("control.sock") == 2, one.stderr
             budget = lambda pid: subprocess.run([sys.executable, "-m", "umgr", "budget", str(pid), "20M"],
                                                 capture_output=True, timeout=20)
-            program = [p for p in children(other.pid) if comm(p) == "ctl_hold"][0]
-            moved = budget(program)
-            assert moved.returncode == 0 and moved.stdout == f"pid {program}: budget 20M (was 16M)\n".encode(), moved
+            for umgr_exec in (holder, other):   # (the first one's and the second one's)
+                program = [p for p in children(umgr_exec.pid) if comm(p) == "ctl_hold"][0]
+                moved = budget(program)
+                assert moved.returncode == 0 and moved.stdout == f"pid {program}: budget 20M (was 16M)\n".encode(), \
+                    moved
             nobody = budget(os.getpid())
             assert nobody.returncode == 125 and nobody.stderr.decode() == (
                 f"umgr budget: pid {os.getpid()} is managed by none of the 2 umgr execs running under "

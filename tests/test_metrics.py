@@ -183,6 +183,10 @@ def test_target_names(tmp_path, programs, shim):
     link, long_named = tmp_path / "db-server", tmp_path / "threads-with-a-long-name"
     link.symlink_to(programs["threads"])
     shutil.copy(programs["threads"], long_named)
+    # comm keeps 15 bytes, which cut this name inside a character; a file name need not be UTF-8.
+    cyrillic, not_utf8 = tmp_path / "xсервер-данных", tmp_path / os.fsdecode(b"bad\xffname")
+    shutil.copy(programs["threads"], cyrillic)
+    shutil.copy(programs["threads"], not_utf8)
     daemon = DaemonProcess(tmp_path, "--max-resident", "4M")
     procs = []
     try:
@@ -190,6 +194,8 @@ def test_target_names(tmp_path, programs, shim):
         procs.append(hold(programs, daemon.env(shim), 2))
         procs.append(hold(programs, daemon.env(shim), 2, str(link)))
         procs.append(hold(programs, daemon.env(shim), 2, str(long_named)))
+        procs.append(hold(programs, daemon.env(shim), 2, str(cyrillic)))
+        procs.append(hold(programs, daemon.env(shim), 2, str(not_utf8)))
         in_unit = subprocess.Popen(
             ["sh", "-c", f'echo $$ > {unit}/cgroup.procs && exec "$0" 2 0 1 sb hold', programs["threads"]],
             env=daemon.env(shim), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -197,7 +203,8 @@ def test_target_names(tmp_path, programs, shim):
         assert in_unit.stdout.readline().startswith(b"ok "), in_unit.stderr.read()
         names = {t["pid"]: t["name"] for t in query_status(daemon.socket)["targets"]}
         assert names == {procs[0].pid: "my?job", procs[1].pid: "threads", procs[2].pid: "db-server",
-                         procs[3].pid: "threads-with-a-long-name", in_unit.pid: unit.name}
+                         procs[3].pid: "threads-with-a-long-name", procs[4].pid: "xсервер-данных",
+                         procs[5].pid: "bad?name", in_unit.pid: unit.name}
     finally:
         for proc in procs:
             if proc.poll() is None:

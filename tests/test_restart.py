@@ -360,6 +360,8 @@ def test_a_sigterm_to_exec_s_process_group_ends_the_program_not_the_daemon(tmp_p
         wait_for(lambda: vm_rss_kb(program) < 24 * 1024, 30, "the program to be paged out")
         daemon = [p for p in children(umgr.pid) if p != program][0]
         assert os.getpgid(program) == umgr.pid and os.getpgid(daemon) == daemon
+        # Out of the terminal's foreground group, it ignores SIGTTOU (`stty tostop` would stop its writes).
+        assert ignored_signals(daemon) >> (signal.SIGTTOU - 1) & 1
         os.killpg(umgr.pid, signal.SIGTERM)
         _, err = umgr.communicate(timeout=60)
     assert umgr.returncode == 128 + signal.SIGTERM, err
@@ -368,6 +370,12 @@ def test_a_sigterm_to_exec_s_process_group_ends_the_program_not_the_daemon(tmp_p
     assert stats["daemon_restarts"] == 0 and stats["targets"] == 1, stats
     assert stats["pages_out"] >= 6144 and stats["swap_slots_in_use_at_exit"] == 0, stats
     assert b"1 process, peak resident 16M" in err, err
+
+
+def ignored_signals(pid: int) -> int:
+    """The mask of the signals the process ignores (/proc/PID/status SigIgn)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("SigIgn:")), 16)
 
 
 def served(sock: str, pid: int) -> bool:
@@ -622,11 +630,15 @@ def query_status_of(daemon) -> dict:
 def test_a_budget_changed_while_running_is_kept_by_the_restarted_daemon(tmp_path, shim, programs):
     """`umgr budget` lowers a target's budget; the daemon is SIGKILLed and
     started again: the target comes back with the budget it was given, not
-    the one its HELLO asked for, and then checks every byte."""
+    the one its HELLO asked for, and then checks every byte. It keeps its
+    name too, though it renamed itself meanwhile (its metrics series stay
+    its own)."""
     daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60")
     try:
-        with started([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+        with started([programs["ctl_hold"], "48", "rename"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
             read_ready(target)
+            assert target_status(daemon, target.pid)["name"] == "ctl_hold"
+            wait_for(lambda: comm(target.pid) == "renamed", 10, "the program to rename itself")
             wait_swapped(daemon, target.pid, 24 * MiB)
             changed = subprocess.run([sys.executable, "-m", "umgr", "budget", "--socket", daemon.socket,
                                       str(target.pid), "8M"], capture_output=True, text=True, timeout=20)
@@ -635,7 +647,7 @@ def test_a_budget_changed_while_running_is_kept_by_the_restarted_daemon(tmp_path
             daemon.kill()
             daemon.start()
             back = wait_for(lambda: target_status_of(daemon, target.pid), 30, "the target to be taken back")
-            assert back["budget_bytes"] == 8 * MiB, back
+            assert back["budget_bytes"] == 8 * MiB and back["name"] == "ctl_hold", back
             out, err = target.communicate(b"", timeout=60)
         assert target.returncode == 0, (err, daemon.log())
         assert out == b"ok 12288 pages\n"

@@ -771,14 +771,14 @@ def cmd_status(args) -> int:
             if args.json:
                 print(json.dumps(now[sockets[0]], indent=2))
                 return 0
-            table = _status_tables(before, now, now_taken - taken)
+            table = _status_tables(before, now, now_taken - taken, several=len(sockets) > 1)
             if not args.watch:
                 print(table)
                 return 0
             if sys.stdout.isatty():
                 sys.stdout.write(CLEAR_SCREEN)
             stamp = time.strftime("%H:%M:%S")
-            where = printable(sockets[0]) if len(sockets) == 1 else f"{len(sockets)} umgr execs"
+            where = printable(sockets[0]) if len(sockets) == 1 else f"{len(now)} umgr execs"
             print(f"umgr status {where}, every {args.interval:g} s, {stamp} (Ctrl-C to stop)\n"
                   f"{table}\n", flush=True)
             before, taken = now, now_taken
@@ -786,9 +786,9 @@ def cmd_status(args) -> int:
         return 0
 
 
-def _status_tables(before: dict[str, dict], now: dict[str, dict], interval: float) -> str:
-    """One daemon's table; with several (umgr execs), each under its socket."""
-    if len(now) == 1:
+def _status_tables(before: dict[str, dict], now: dict[str, dict], interval: float, several: bool) -> str:
+    """One daemon's table; of several (umgr execs), each under its socket."""
+    if not several:
         (path, status), = now.items()
         return format_status(before.get(path, status), status, interval)
     return "\n\n".join(f"umgr exec at {printable(path)}:\n{format_status(before.get(path, status), status, interval)}"
@@ -898,15 +898,16 @@ def _one_socket(sockets: list[str], args, command: str) -> str:
 
 def _query_all(sockets: list[str]) -> dict[str, dict]:
     """The status of each socket's daemon. With several (umgr execs), one
-    that ended since they were listed is left out; none left is an error."""
+    that does not answer (it ended since they were listed, or dropped the
+    request as it ended) is left out; none answering is an error."""
     if len(sockets) == 1:
         return {sockets[0]: _query(sockets[0])}
     answers = {}
     for path in sockets:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):   # (ValueError: an empty or cut reply)
             answers[path] = query_status(path)
     if not answers:
-        raise Fatal(f"umgr status: the {len(sockets)} umgr execs found have ended")
+        raise Fatal(f"umgr status: none of the {len(sockets)} umgr execs found answered (they may have ended)")
     return answers
 
 
@@ -917,7 +918,7 @@ def _query(path: str) -> dict:
         raise Fatal(f"umgr status: no daemon at {path}: {reason(exc)}") from None
 
 
-NAME_WIDTH = 16   # the metrics' name label (UMGR_NAME, systemd unit or executable), cut to fit
+NAME_WIDTH = 16   # the metrics' name label (UMGR_NAME, systemd unit or the name run by), cut to fit
 
 
 def _name_cell(name: str) -> str:

@@ -142,6 +142,10 @@ class EmbeddedDaemon:
             os.close(ready_r)
             os._exit(self._child(parent, ready_w))
         os.close(ready_w)
+        # Its process group here too (as in the child): a signal to exec's group
+        # in between must not reach it. EACCES: it has exec'd; ESRCH: it is gone.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
         self.pid, self.pidfd = pid, os.pidfd_open(pid)
         try:
             ready = os.read(ready_r, 1)
@@ -204,8 +208,8 @@ class EmbeddedDaemon:
         # the terminal's foreground group, its log lines would stop it if
         # the terminal is set to `tostop`: SIGTTOU is ignored (the write
         # then goes on).
-        with contextlib.suppress(OSError):
-            os.setpgid(0, 0)
+        with contextlib.suppress(OSError):   # (nothing may raise out of the child here)
+            os.setpgid(0, 0)   # (umgr exec does the same: whichever runs first)
         for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTTOU, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

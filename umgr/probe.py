@@ -298,7 +298,7 @@ def _probe_idle_poll():
                              "driver reads it (current_driver: none): idle CPUs halt whatever is held, "
                              "and --idle-poll changes nothing here")
     return "supported", (f"a CPU latency request of 0 us takes ({DEVICE}); now {now}: "
-                         f"--idle-poll keeps idle CPUs polling while programs fault (cpuidle driver {driver})")
+                         f"--idle-poll keeps idle CPUs polling while programs page busily (cpuidle driver {driver})")
 
 _PROBES = [
     ("uffd syscall", _probe_uffd_syscall),

@@ -1,8 +1,9 @@
 /* Fills MIB of anonymous memory with a known pattern, prints "ready", then
  * waits for stdin to reach EOF before checking every byte. Lets a test look
  * at a target (umgr status) while it is alive, idle and partly swapped out.
- * Usage: ctl_hold MIB [fork]. With "fork" it forks once filled, and parent
- * and child each check every byte (the parent exits 1 if the child failed).
+ * Usage: ctl_hold MIB [fork|rename]. With "fork" it forks once filled, and
+ * parent and child each check every byte (the parent exits 1 if the child
+ * failed). With "rename" it renames itself (PR_SET_NAME "renamed") once ready.
  * Exit 0 and "ok N pages" when all is intact; 1 and a message at the first
  * wrong word. */
 #include <stdint.h>
@@ -10,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -45,6 +47,8 @@ int main(int argc, char **argv)
         printf("ready\n");
         fflush(stdout);
     }
+    if (argc > 2 && strcmp(argv[2], "rename") == 0)
+        prctl(PR_SET_NAME, "renamed", 0, 0, 0);   /* its comm, after its daemon named it */
     char buf[64];
     while (read(0, buf, sizeof buf) > 0)
         ;

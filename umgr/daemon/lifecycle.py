@@ -120,7 +120,7 @@ class Lifecycle:
         of the dead daemon's, loaded); a forked child's starts from
         `forked` (its slots already referenced for it)."""
         if saved is None:
-            saved = self._save(pid, uffd, owner, budget)
+            saved = self._save(pid, uffd, owner, budget, name)
         if saved is not None and saved.table is not None:
             pages = saved.table
         elif forked is not None:
@@ -168,14 +168,14 @@ class Lifecycle:
                     f"{format_size(self.config.max_managed_per_user)}")
         return None
 
-    def _save(self, pid: int, uffd, owner: tuple[int, int], budget: int) -> SavedTarget | None:
+    def _save(self, pid: int, uffd, owner: tuple[int, int], budget: int, name: str) -> SavedTarget | None:
         """Files for a new target's table, or None (in memory: it cannot
         be taken back after a crash, and says so)."""
         if self.state is None:
             return None
         try:
             return self.state.new_target(pid, {"features": uffd.features, "owner": list(owner),
-                                               "budget_bytes": budget})
+                                               "budget_bytes": budget, "name": name})
         except OSError as exc:
             log.warning("pid %d: its page table cannot be saved in %s (%s); it cannot be taken back after a "
                         "crash", pid, self.state.path, exc.strerror or exc)
@@ -197,12 +197,14 @@ class Lifecycle:
             os.close(mem_fd)
             return None
         uffd.features = int(saved.info.get("features", 0))
-        # The budget it had (`umgr budget` may have changed it since its HELLO).
+        # The budget it had (`umgr budget` may have changed it since its HELLO),
+        # and its name (its comm may have changed since: its series stay its own).
         budget = int(saved.info.get("budget_bytes", self.budget(max_resident)))
+        name = str(saved.info.get("name") or target_name(peer.pid, name))
         pidfd = peer.take_pidfd()
         try:
             return self._new_target(peer.pid, (peer.uid, peer.gid), uffd, pidfd, mem_fd, budget,
-                                    prefetch, name=target_name(peer.pid, name), saved=saved)
+                                    prefetch, name=name, saved=saved)
         except BaseException:
             os.close(mem_fd)
             os.close(pidfd)

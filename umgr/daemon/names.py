@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 
 NAME_MAX = 63  # the HELLO's field, less its NUL
-COMM_MAX = 15  # a task's comm: TASK_COMM_LEN less its NUL
+COMM_MAX = 15  # bytes of a task's comm: TASK_COMM_LEN less its NUL
 
 
 def target_name(pid: int, requested: str = "") -> str:
-    return _clean(requested) or service_of(pid) or executable_of(pid) or "unknown"
+    return _clean(requested) or service_of(pid) or run_name_of(pid) or "unknown"
 
 
 def service_of(pid: int) -> str:
@@ -41,28 +41,30 @@ def service_in(cgroups: str) -> str:
     return ""
 
 
-def executable_of(pid: int) -> str:
+def run_name_of(pid: int) -> str:
     """The name the program was run by: its comm, the file name it was
     executed as (what ps and top show; a symbolic link keeps its own name,
-    as redis-server does, a link to redis-check-rdb, and a script its),
-    or the file name of /proc/PID/exe where comm is that name cut to the
-    kernel's COMM_MAX characters, or cannot be read."""
+    as redis-server does, a link to redis-check-rdb, and a script its), or
+    the file name of /proc/PID/exe where comm is that name cut to the
+    kernel's COMM_MAX bytes, or cannot be read. Bytes, as the kernel keeps
+    them: a cut may split a UTF-8 character, and a file name need not be
+    UTF-8 at all (os.fsdecode keeps such bytes; _clean shows them as ?)."""
     comm = _first_line(f"/proc/{pid}/comm")
     try:
-        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe")).removesuffix(" (deleted)")
+        exe = os.fsencode(os.path.basename(os.readlink(f"/proc/{pid}/exe"))).removesuffix(b" (deleted)")
     except OSError:
-        exe = ""
+        exe = b""
     if comm and not (len(comm) == COMM_MAX and exe.startswith(comm)):
-        return _clean(comm)
-    return _clean(exe or comm)
+        return _clean(os.fsdecode(comm))
+    return _clean(os.fsdecode(exe or comm))
 
 
-def _first_line(path: str) -> str:
+def _first_line(path: str) -> bytes:
     try:
-        with open(path) as f:
-            return f.readline().rstrip("\n")
+        with open(path, "rb") as f:
+            return f.readline().rstrip(b"\n")
     except OSError:
-        return ""
+        return b""
 
 
 def _clean(name: str) -> str:
