@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..arrays import unique
+from umgr.arrays import unique
 
 __all__ = [
     "PrefetchPolicy",

@@ -148,9 +148,17 @@ def test_auto_holds_while_faults_come_fast_and_drops_after_a_quiet_spell():
 
 
 def test_an_eviction_batch_counts_as_the_faults_its_wake_ups_are_worth():
+    from types import SimpleNamespace
+    from umgr.daemon.lifecycle import Lifecycle
     assert idlepoll.paging_load(faults=100, batches=0) == 100
     assert idlepoll.paging_load(faults=100, batches=3) == 100 + 3 * idlepoll.BATCH_FAULTS
     assert idlepoll.BATCH_FAULTS >= 1
+    # What the daemon's idle poll follows: every live target's faults and batches.
+    lifecycle = Lifecycle.__new__(Lifecycle)
+    lifecycle.targets = {
+        pid: SimpleNamespace(stats=SimpleNamespace(faults_missing=missing, faults_wp=wp, zap_batches=batches))
+        for pid, missing, wp, batches in ((1, 10, 2, 0), (2, 0, 0, 7))}
+    assert lifecycle._paging_load() == 12 + 7 * idlepoll.BATCH_FAULTS
 
 
 def test_always_and_never():

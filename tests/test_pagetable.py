@@ -321,3 +321,25 @@ def mapping_rss_kb(address: int, nbytes: int) -> int:
             if lo < address + nbytes and address < hi:
                 total += next(int(line.split()[1]) for line in lines[at + 1:] if line.startswith("Rss:"))
     return total
+
+
+def test_sparse_zeros_without_a_mapping_or_huge_pages_are_zeros_still(monkeypatch):
+    # A kernel without transparent huge pages answers MADV_NOHUGEPAGE with
+    # EINVAL; a mapping may be refused (ENOMEM: commit limit, map count).
+    import errno
+    import mmap as mmap_module
+    from umgr import arrays
+    real_mmap = mmap_module.mmap
+
+    class NoHugePages(real_mmap):
+        def madvise(self, *args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    def no_mapping(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    n = arrays.SPARSE_BYTES // 4
+    for stand_in in (NoHugePages, no_mapping):
+        monkeypatch.setattr(arrays.mmap, "mmap", stand_in)
+        zeros = arrays.sparse_zeros(n, np.int32)
+        assert zeros.dtype == np.int32 and len(zeros) == n and not zeros.any() and zeros.flags.writeable

@@ -10,11 +10,14 @@ in the daemon's resident memory for good (measured with numpy 2.4.6).
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 
 import numpy as np
 
-# Arrays from this size on come from a mapping of their own (sparse_zeros).
+# Arrays from this size on come from a mapping of their own (sparse_zeros):
+# below, an array is at most this much whatever backs it. (numpy asks for
+# huge pages from 4 MiB on; transparent_hugepage=always gives them from 2.)
 SPARSE_BYTES = 1 << 20
 
 
@@ -45,11 +48,19 @@ def sparse_zeros(n: int, dtype) -> np.ndarray:
     one page every 64 MiB of a 64 GiB mapping cost the daemon 78-95 MB.
     Here a large array is a private anonymous mapping of its own with
     MADV_NOHUGEPAGE (it lives as long as the array does); a small one is
-    np.zeros."""
+    np.zeros, and so is a large one the mapping cannot be had for (ENOMEM:
+    the commit limit, RLIMIT_AS, vm.max_map_count; the heap may still have
+    room, as before)."""
     dtype = np.dtype(dtype)
     nbytes = n * dtype.itemsize
     if nbytes < SPARSE_BYTES:
         return np.zeros(n, dtype)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_NOHUGEPAGE)
+    try:
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return np.zeros(n, dtype)
+    # EINVAL on a kernel without transparent huge pages (PREEMPT_RT ones):
+    # none to keep out.
+    with contextlib.suppress(OSError):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(memory, dtype, n)

@@ -37,7 +37,7 @@ from umgr.kernel.cpulatency import CpuLatencyRequest
 log = logging.getLogger("umgr.daemon")
 
 MODES = ("auto", "always", "never")
-INTERVAL = 0.05     # seconds between looks at the fault counters
+INTERVAL = 0.05     # seconds between looks at the paging load (paging_load)
 BUSY_RATE = 2000    # faults per second at which the wake-ups cost more than 10% of a CPU
 LINGER = 1.0        # seconds below that rate before the request is dropped
 BATCH_FAULTS = 5    # the faults an eviction batch counts as (about ten wake-ups)
@@ -67,32 +67,32 @@ class IdlePoll:
             return self.held_seconds
         return self.held_seconds + time.monotonic() - self._held_since
 
-    async def run(self, faults_so_far: Callable[[], int]) -> None:
+    async def run(self, load_so_far: Callable[[], int]) -> None:
         """Hold the request as the mode says until cancelled.
-        faults_so_far(): the managed programs' paging_load() until now
+        load_so_far(): the managed programs' paging_load() until now
         (it may go down as programs end)."""
         try:
             if self.mode == "always":
                 if self._hold():
                     await trio.sleep_forever()
             elif self.mode == "auto":
-                await self._follow(faults_so_far)
+                await self._follow(load_so_far)
         finally:
             self._release()
 
-    async def _follow(self, faults_so_far: Callable[[], int]) -> None:
-        last, last_at = faults_so_far(), trio.current_time()
+    async def _follow(self, load_so_far: Callable[[], int]) -> None:
+        last, last_at = load_so_far(), trio.current_time()
         busy_at = last_at - LINGER
         while True:
             await trio.sleep(INTERVAL)
-            now, faults = trio.current_time(), faults_so_far()
-            if faults - last >= BUSY_RATE * (now - last_at):
+            now, load = trio.current_time(), load_so_far()
+            if load - last >= BUSY_RATE * (now - last_at):
                 busy_at = now
                 if not self.held and not self._hold():
                     return
             elif self.held and now - busy_at >= LINGER:
                 self._release()
-            last, last_at = faults, now
+            last, last_at = load, now
 
     def _hold(self) -> bool:
         try:

@@ -68,7 +68,7 @@ class Lifecycle:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._resume_paused)
-            nursery.start_soon(self.idle_poll.run, self._faults_so_far)
+            nursery.start_soon(self.idle_poll.run, self._paging_load)
             if self.state is not None and self.state.saved:
                 nursery.start_soon(self._expire_saved)
             task_status.started()
@@ -446,9 +446,9 @@ class Lifecycle:
         if not self.targets:
             self.idle.set()
 
-    def _faults_so_far(self) -> int:
-        """The live targets' faults and eviction batches, in faults (idle
-        polling follows their rate)."""
+    def _paging_load(self) -> int:
+        """The live targets' faults and eviction batches so far, in faults
+        (idle polling follows its rate)."""
         return sum(paging_load(t.stats.faults_missing + t.stats.faults_wp, t.stats.zap_batches)
                    for t in self.targets.values())
 

@@ -13,9 +13,9 @@ umgr.arrays.sparse_zeros, which for large arrays is an anonymous mapping the
 kernel fills only where it is written, 4 KiB at a time (no huge pages): a
 region costs memory for the parts of it that were touched, not for its
 virtual size (a 64 GiB MAP_NORESERVE mapping is 96 MiB of arrays, almost
-none of it backed). Copies keep that property
-(sparse_copy), and whole-array work goes in chunks, so no temporary is as
-large as a region either.
+none of it backed). Copies keep that property (sparse_copy), and
+whole-array work goes in chunks, so no temporary is as large as a region
+either.
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ __all__ = ["PAGE_SHIFT", "PAGE_SIZE", "NO_SLOT", "State", "Flag", "PageTable", "
 NO_SLOT = 0   # slot 0 is never handed out (umgr/backends/slots.py): zeros name no slot
 SMALL = 8   # arrays this short are cheaper in a Python loop than in a numpy call
 CHUNK = 1 << 20   # pages per step of a whole-region scan: bounds its temporaries
+# Pages per step of histogram(): np.bincount makes an int64 copy of its
+# input, 8 bytes a page, and glibc keeps a freed block of that size in the
+# heap once it has handed one out (its mmap threshold rises to it): at
+# CHUNK, 8 MiB of the daemon's memory for good; here 512 KiB.
+COUNT_STEP = 1 << 16
 SLOT_STEP = 1 << 14   # pages per step of gathering a region's slots
 
 
@@ -526,15 +531,10 @@ class PageTable:
 
 
 def histogram(states: np.ndarray) -> np.ndarray:
-    """How many pages are in each state. In chunks of a sixteenth of CHUNK:
-    np.bincount makes an int64 copy of its input, 8 bytes a page, and
-    glibc keeps a freed block of that size in the heap once it has handed
-    out one (its mmap threshold rises to it): 8 MiB of the daemon's memory
-    for good, at CHUNK."""
+    """How many pages are in each state, COUNT_STEP pages at a time."""
     counts = np.zeros(256, np.int64)
-    step = CHUNK >> 4
-    for lo in range(0, len(states), step):
-        counts += np.bincount(states[lo:lo + step], minlength=256)
+    for lo in range(0, len(states), COUNT_STEP):
+        counts += np.bincount(states[lo:lo + COUNT_STEP], minlength=256)
     return counts
 
 
