@@ -151,3 +151,27 @@ def test_a_program_that_cannot_load_the_shim_is_said_to_run_unmanaged(tmp_path):
     # A dynamically linked one attaches: no warning.
     proc = umgr("exec", "--max-resident", "8M", "--", "/bin/true")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@pytest.mark.timeout(30)
+def test_status_from_a_daemon_that_drops_the_request_says_so(tmp_path):
+    # A daemon that reads the request and closes (its log would say why):
+    # one line, not a traceback from an empty reply.
+    import threading
+    path = str(tmp_path / "drops.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen()
+
+    def drop_one():
+        conn, _ = server.accept()
+        conn.recv(4096)
+        conn.close()
+    dropper = threading.Thread(target=drop_one, daemon=True)
+    dropper.start()
+    try:
+        proc = umgr("status", "--socket", path)
+    finally:
+        server.close()
+    assert proc.returncode == 125, proc.stderr
+    assert proc.stderr == f"umgr status: the daemon at {path} dropped the request (its log says why)\n"

@@ -916,6 +916,8 @@ def _query(path: str) -> dict:
         return query_status(path)
     except OSError as exc:
         raise Fatal(f"umgr status: no daemon at {path}: {reason(exc)}") from None
+    except ValueError:   # (an empty reply: it dropped the request, or ended as it read it)
+        raise Fatal(f"umgr status: the daemon at {path} dropped the request (its log says why)") from None
 
 
 NAME_WIDTH = 16   # the metrics' name label (UMGR_NAME, systemd unit or the name run by), cut to fit
