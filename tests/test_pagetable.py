@@ -343,3 +343,44 @@ def test_sparse_zeros_without_a_mapping_or_huge_pages_are_zeros_still(monkeypatc
         monkeypatch.setattr(arrays.mmap, "mmap", stand_in)
         zeros = arrays.sparse_zeros(n, np.int32)
         assert zeros.dtype == np.int32 and len(zeros) == n and not zeros.any() and zeros.flags.writeable
+
+
+@pytest.mark.parametrize("zapping", [False, True])
+def test_settling_a_saved_table_in_steps_follows_its_rules_page_by_page(monkeypatch, zapping):
+    # recovery.settle, CHUNK pages at a time (7 here), against the rules of
+    # umgr/paging/recovery.py's table applied to each page on its own.
+    from umgr.paging import recovery
+    monkeypatch.setattr(recovery, "CHUNK", 7)
+    rng = np.random.default_rng(11)
+    pt = PageTable()
+    for vpn, npages in ((100, 40), (300, 23)):
+        pt.add(vpn, npages)
+    vpns = np.concatenate([np.arange(100, 140), np.arange(300, 323)])
+    states = rng.choice([State.FRESH, State.RESIDENT, State.EVICTING, State.ZAPPING, State.SWAPPED, State.PINNED,
+                         State.ZERO, State.SHARED], len(vpns))
+    slots = np.where(rng.random(len(vpns)) < 0.5, np.arange(1, len(vpns) + 1), NO_SLOT).astype(np.int32)
+    slots[states == State.SWAPPED] = np.arange(1000, 1000 + int((states == State.SWAPPED).sum()))
+    for state in np.unique(states):
+        chosen = states == state
+        pt.set(vpns[chosen], int(state), slots[chosen])
+    present = rng.random(len(vpns)) < 0.5
+    present_of = dict(zip(vpns.tolist(), present.tolist()))
+    freed, newly_resident = recovery.settle(pt, lambda vpn, n: np.array([present_of[v] for v in range(vpn, vpn + n)]),
+                                            zapping)
+    want_state, want_freed, want_new = [], [], []
+    for vpn, state, slot, here in zip(vpns.tolist(), states.tolist(), slots.tolist(), present.tolist()):
+        if not here:
+            new = (State.SWAPPED if state == State.SWAPPED or (state == State.ZAPPING and slot != NO_SLOT)
+                   else State.FRESH)
+        elif state in (State.PINNED, State.ZERO, State.SHARED) or (state == State.ZAPPING and not zapping):
+            new = state
+        else:
+            new = State.RESIDENT
+        if new in (State.RESIDENT, State.FRESH) and slot != NO_SLOT:   # (the kernel's copy, or none, is the page)
+            want_freed.append(slot)
+        if new == State.RESIDENT and state != State.RESIDENT:
+            want_new.append(vpn)
+        want_state.append(new)
+    assert pt.states(vpns).tolist() == want_state
+    assert sorted(freed.tolist()) == sorted(want_freed)
+    assert newly_resident.tolist() == want_new

@@ -37,7 +37,7 @@ import numpy as np
 
 from umgr.kernel import PAGE_SHIFT
 from umgr.kernel.uffd import EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP
-from umgr.paging.pagetable import NO_SLOT, PageTable, State, page_up
+from umgr.paging.pagetable import CHUNK, NO_SLOT, PageTable, State, page_up
 
 KERNEL_KEEPS = (State.PINNED, State.ZERO, State.SHARED)
 
@@ -64,28 +64,40 @@ def replay(pt: PageTable, messages: np.ndarray) -> np.ndarray:
 def settle(pt: PageTable, present_pages, zapping: bool) -> tuple[np.ndarray, np.ndarray]:
     """Settle the table by presence (`present_pages(vpn, n)`: bool per
     page); ZAPPING pages that are present only when `zapping`. Returns the
-    slots to free and the vpns that became RESIDENT."""
+    slots to free and the vpns that became RESIDENT. A region is looked at
+    CHUNK pages at a time, and pages that stay as they are (the untouched
+    FRESH pages of a large reservation, most of it) are never listed: a
+    64 GiB reservation's settling took 650 MB of the daemon's memory."""
     to_resident, to_swapped, to_fresh, freed = [], [], [], []
     for region in list(pt.regions):
-        present = present_pages(region.vpn, region.npages)
-        state, slot = region.state, region.slot
-        is_zapping = state == State.ZAPPING
-        absent = ~present
-        swapped = absent & is_zapping & (slot != NO_SLOT)
-        fresh = absent & (state != State.SWAPPED) & ~swapped
-        resident = present & ~np.isin(state, KERNEL_KEEPS) & (zapping | ~is_zapping) & (state != State.RESIDENT)
-        # A RESIDENT page keeping a clean copy gives it up: nothing says
-        # the copy was still current when the daemon died.
-        resident |= present & (state == State.RESIDENT) & (slot != NO_SLOT)
-        freed.append(slot[(resident | fresh) & (slot != NO_SLOT)].copy())
-        for chosen, out in ((resident, to_resident), (swapped, to_swapped), (fresh, to_fresh)):
-            out.append(region.vpn + np.flatnonzero(chosen))
+        for lo in range(0, region.npages, CHUNK):
+            hi = min(lo + CHUNK, region.npages)
+            resident, swapped, fresh, slots = _changes(region.state[lo:hi], region.slot[lo:hi],
+                                                       present_pages(region.vpn + lo, hi - lo), zapping)
+            freed.append(slots)
+            for chosen, out in ((resident, to_resident), (swapped, to_swapped), (fresh, to_fresh)):
+                out.append(region.vpn + lo + np.flatnonzero(chosen))
     newly_resident = _join(to_resident)
     newly_resident = newly_resident[pt.states(newly_resident) != State.RESIDENT]
     pt.set(_join(to_resident), State.RESIDENT, NO_SLOT)
     pt.set(_join(to_swapped), State.SWAPPED)
     pt.set(_join(to_fresh), State.FRESH, NO_SLOT)
     return _join(freed).astype(np.int32), newly_resident
+
+
+def _changes(state: np.ndarray, slot: np.ndarray, present: np.ndarray, zapping: bool) -> tuple[np.ndarray, ...]:
+    """For a stretch of a region: which pages become RESIDENT, SWAPPED and
+    FRESH (masks), and the slots freed (those of pages becoming RESIDENT or
+    FRESH). A FRESH page with no slot stays as it is."""
+    is_zapping = state == State.ZAPPING
+    absent = ~present
+    swapped = absent & is_zapping & (slot != NO_SLOT)
+    fresh = absent & (state != State.SWAPPED) & ~swapped & ~((state == State.FRESH) & (slot == NO_SLOT))
+    resident = present & ~np.isin(state, KERNEL_KEEPS) & (zapping | ~is_zapping) & (state != State.RESIDENT)
+    # A RESIDENT page keeping a clean copy gives it up: nothing says
+    # the copy was still current when the daemon died.
+    resident |= present & (state == State.RESIDENT) & (slot != NO_SLOT)
+    return resident, swapped, fresh, slot[(resident | fresh) & (slot != NO_SLOT)].copy()
 
 
 # UFFDIO_WAKE checks only that the range is page aligned, at or above
