@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import errno
 import glob
@@ -17,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import trio
 
@@ -834,10 +834,9 @@ def _budget_socket(sockets: list[str], args) -> str:
     the one whose status lists it."""
     if len(sockets) == 1:
         return sockets[0]
-    for path in sockets:
-        with contextlib.suppress(OSError, ValueError):
-            if any(t["pid"] == args.pid for t in query_status(path)["targets"]):
-                return path
+    for path, status in _answers(sockets):
+        if any(t["pid"] == args.pid for t in status["targets"]):
+            return path
     state_dir = args.state_dir or DEFAULT_STATE_DIR
     raise Fatal(f"umgr budget: pid {args.pid} is managed by none of the {len(sockets)} umgr execs running "
                 f"under {printable(state_dir)}")
@@ -902,13 +901,22 @@ def _query_all(sockets: list[str]) -> dict[str, dict]:
     request as it ended) is left out; none answering is an error."""
     if len(sockets) == 1:
         return {sockets[0]: _query(sockets[0])}
-    answers = {}
-    for path in sockets:
-        with contextlib.suppress(OSError, ValueError):   # (ValueError: an empty or cut reply)
-            answers[path] = query_status(path)
+    answers = dict(_answers(sockets))
     if not answers:
         raise Fatal(f"umgr status: none of the {len(sockets)} umgr execs found answered (they may have ended)")
     return answers
+
+
+def _answers(sockets: list[str]) -> Iterator[tuple[str, dict]]:
+    """(socket, status) of each daemon that answers: not one that ended
+    since it was listed, or dropped the request as it ended (ValueError:
+    an empty or cut reply)."""
+    for path in sockets:
+        try:
+            status = query_status(path)
+        except (OSError, ValueError):
+            continue
+        yield path, status
 
 
 def _query(path: str) -> dict:

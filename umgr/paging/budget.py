@@ -15,8 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from umgr.arrays import unique
+from umgr.kernel import PAGE_SHIFT
 from umgr.paging.tuning import (EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HIGH_WATER_DIVISOR,
                                 HIGH_WATER_MIN_PAGES, WINDOW_DIVISOR)
+
+
+# Memory a budget does not cover (small mappings umgr leaves alone, locked
+# pages) worth a warning: half the budget, and at least this much (every
+# program has a few small mappings of its own, the loader's, TLS, the
+# shim's; some lock a few pages of keys or buffers).
+UNCOVERED_WARNING_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,11 @@ class Budget:
         if not self.pages:
             return 0
         return max(self.high_water - min(self.batch, self.pages // 2), 0)
+
+    def worth_a_warning(self, uncovered_bytes: int) -> bool:
+        """Whether memory the budget does not cover makes it a promise umgr
+        does not keep (UNCOVERED_WARNING_BYTES)."""
+        return self.limited and uncovered_bytes >= max((self.pages << PAGE_SHIFT) // 2, UNCOVERED_WARNING_BYTES)
 
     def over(self, resident: int) -> bool:
         return self.limited and resident > self.high_water

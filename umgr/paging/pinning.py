@@ -24,10 +24,6 @@ from umgr.sizes import format_size
 
 log = logging.getLogger("umgr.target")
 
-# Pinned memory worth a warning: half the budget, and at least this much
-# (a program may lock a few pages of keys or buffers).
-PINNED_WARNING_BYTES = 16 << 20
-
 
 class Pinning:
     def __init__(self, core: TargetCore):
@@ -165,10 +161,8 @@ class Pinning:
         keeps all of its memory), and the INFO lines above say so only
         under -v."""
         core = self.core
-        if self._pinned_told or not core.budget.limited:
-            return
         nbytes = core.pt.count(State.PINNED) << PAGE_SHIFT
-        if nbytes < max((core.budget.pages << PAGE_SHIFT) // 2, PINNED_WARNING_BYTES):
+        if self._pinned_told or not core.budget.worth_a_warning(nbytes):
             return
         self._pinned_told = True
         log.warning("%s: %s of its memory, so far, is mlocked or cannot be read, so umgr cannot page it out: its "

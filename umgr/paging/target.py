@@ -46,10 +46,6 @@ REGISTER_MODE = uffdmod.UFFDIO_REGISTER_MODE_MISSING | uffdmod.UFFDIO_REGISTER_M
 # Where check_mm() probes: 1 MiB, above mmap_min_addr and below where x86-64
 # programs map anything; any page no region covers would do.
 MM_PROBE_VPN = 0x100
-# Unmanaged memory in mappings below --min-region that is worth a warning:
-# half the budget, and at least this much (every program has a few small
-# mappings of its own: the loader's, TLS, the shim's).
-SMALL_MAPPINGS_WARNING_BYTES = 16 << 20
 
 
 def _size_covering(sizes: list[int], share: float) -> int:
@@ -231,15 +227,12 @@ class Target:
         heap is hundreds of 256 KiB mappings, bordered by PROT_NONE, that
         the kernel cannot merge."""
         core = self.core
-        if self._small_mappings_told or not core.budget.limited:
-            return
-        worth_telling = max((core.budget.pages << PAGE_SHIFT) // 2, SMALL_MAPPINGS_WARNING_BYTES)
-        if sum(hi - lo for lo, hi in ranges) < worth_telling:   # (the common case: no lookups)
-            return
+        if self._small_mappings_told or not core.budget.worth_a_warning(sum(hi - lo for lo, hi in ranges)):
+            return   # (the common case: no lookups)
         # (a piece of a managed region that mprotect split off is managed)
         unmanaged = [(lo, hi) for lo, hi in ranges if core.pt.find(lo >> PAGE_SHIFT) is None]
         nbytes = sum(hi - lo for lo, hi in unmanaged)
-        if nbytes < worth_telling:
+        if not core.budget.worth_a_warning(nbytes):
             return
         self._small_mappings_told = True
         log.warning("%s: %s of its memory is in %d anonymous mappings smaller than --min-region (%s), "
