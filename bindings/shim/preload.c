@@ -158,9 +158,13 @@ static int open_uffd(void)
     int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
     if (fd >= 0)
         return fd;
+    int refused = errno;
     int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-    if (dev < 0)
+    if (dev < 0) {
+        if (errno == ENOENT)   /* (no device: the syscall's reason is the one to give) */
+            errno = refused;
         return -1;
+    }
     fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
     close(dev);
     return fd;
@@ -846,16 +850,23 @@ static enum attach_result attach(const char *path, int with_uffd)
 {
     int ctl = -1, uffd = -1, pair[2] = {-1, -1};
     void *probe = NULL;
-    const char *failed = "connect";
+    /* The uffd first: a process that may not have one never troubles the
+     * daemon with a connection it cannot use. */
+    const char *failed = "userfaultfd";
+    if (with_uffd && (uffd = move_high(open_uffd())) < 0) {
+        if (errno != EPERM && errno != EACCES)
+            goto fail;
+        say("umgr: this user may not create a userfaultfd (vm.unprivileged_userfaultfd is 0 and /dev/userfaultfd"
+            " is not open to it; see \"Serving other users\" in umgr's README); running unmanaged\n");
+        return ATTACH_FAILED;
+    }
+    failed = "connect";
     ctl = connect_daemon(path);
     if (ctl < 0) {
         if (errno == EPERM)
             failed = "trust check (daemon neither root nor this user, or socket directory writable by others)";
         goto fail;
     }
-    failed = "userfaultfd";
-    if (with_uffd && (uffd = move_high(open_uffd())) < 0)
-        goto fail;
     failed = "socketpair";
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0)
         goto fail;

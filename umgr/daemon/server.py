@@ -211,6 +211,11 @@ class Daemon:
                 data, fds = await _recv_with_fds(conn)
             if waiting.cancelled_caught:
                 raise protocol.ProtocolError(f"no first message within {self.config.hello_timeout:g} s")
+            if not data and not fds:
+                # Closed unheard: a probe for a live daemon (a second one
+                # starting at this socket does it), or a client that gave up.
+                log.debug("control: %s: closed before its first message", _name(peer, conn))
+                return
             if data == STATUS_REQUEST:
                 peer.close()  # before the reply: a client that has it sees no pidfd held for it
                 await conn.send(json.dumps(self.status(peer.uid)).encode())
