@@ -512,3 +512,112 @@ def test_connection_floods_meet_caps_and_the_victim_keeps_every_byte(shim, progr
         limited.terminate()
         limited.communicate(timeout=30)
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+# ---- a member's own programs: the userfaultfd they need --------------------------------------
+MEMBER_PROGRAM = r"""
+import mmap
+n = 48 << 20
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(0, n, 4096):
+    m[i:i + 8] = (i // 4096 + 1).to_bytes(8, "little")
+bad = sum(m[i:i + 8] != (i // 4096 + 1).to_bytes(8, "little") for i in range(0, n, 4096))
+print(f"ok {n // 4096} pages" if not bad else f"{bad} pages wrong")
+"""
+UFFD_DEVICE = "/dev/userfaultfd"
+UNPRIVILEGED_UFFD = "/proc/sys/vm/unprivileged_userfaultfd"
+
+
+@contextlib.contextmanager
+def uffd_open_to(gid: int | None):
+    """/dev/userfaultfd open read-write to group gid (None: to root alone)
+    and no full userfaultfds for unprivileged users from the syscall, as a
+    default kernel has it; both put back afterwards."""
+    st = os.stat(UFFD_DEVICE)
+    with open(UNPRIVILEGED_UFFD) as f:
+        sysctl = f.read().strip()
+    try:
+        with open(UNPRIVILEGED_UFFD, "w") as f:
+            f.write("0")
+        os.chown(UFFD_DEVICE, 0, 0 if gid is None else gid)
+        os.chmod(UFFD_DEVICE, 0o600 if gid is None else 0o660)
+        yield
+    finally:
+        os.chown(UFFD_DEVICE, st.st_uid, st.st_gid)
+        os.chmod(UFFD_DEVICE, st.st_mode & 0o7777)
+        with open(UNPRIVILEGED_UFFD, "w") as f:
+            f.write(sysctl)
+
+
+def run_as_member(daemon, shim_copy: str, member, gid: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LD_PRELOAD=shim_copy, UMGR_SOCKET=daemon.socket, UMGR_MAX_RESIDENT="16M")
+    return subprocess.run([SYSTEM_PYTHON, "-c", MEMBER_PROGRAM], env=env, capture_output=True, timeout=120,
+                          user=member.pw_uid, group=member.pw_gid, extra_groups=[gid], cwd="/")
+
+
+@pytest.mark.timeout(180)
+def test_a_member_s_program_is_managed_once_the_group_may_open_the_uffd_device(shim):
+    """A default kernel gives an unprivileged process no userfaultfd the
+    shim can use: the daemon says so when it starts, the program runs
+    unmanaged with one line saying why, and the daemon is not troubled by
+    it. With /dev/userfaultfd open to the group, the program is paged."""
+    wanted = "members of group umgrsecg cannot create a userfaultfd"
+    with users() as (accounts, gid):
+        member = accounts[MEMBER]
+        sockdir = Path(tempfile.mkdtemp(prefix="umgr-sec-", dir="/tmp"))
+        os.chmod(sockdir, 0o755)   # (the member reads the shim's copy here)
+        shim_copy = str(sockdir / "libumgr_preload.so")
+        shutil.copy(shim, shim_copy)
+        os.chmod(shim_copy, 0o755)
+        try:
+            with uffd_open_to(None):
+                daemon = DaemonProcess(sockdir, "--group", GROUP)
+                try:
+                    wait_for(lambda: wanted in daemon.log(), 10, "the daemon's warning")
+                    warned = [line for line in daemon.log().splitlines() if wanted in line]
+                    assert len(warned) == 1 and f"chgrp {GROUP} {UFFD_DEVICE}" in warned[0], warned
+                    unmanaged = run_as_member(daemon, shim_copy, member, gid)
+                    assert unmanaged.returncode == 0 and unmanaged.stdout == b"ok 12288 pages\n", unmanaged
+                    said = unmanaged.stderr.decode().splitlines()
+                    assert len(said) == 1 and "may not create a userfaultfd" in said[0] \
+                        and "running unmanaged" in said[0], said
+                    assert query_status(daemon.socket)["rejected_connections"] == 0
+                    assert "WARNING" not in daemon.log().split(wanted, 1)[1], daemon.log()
+                finally:
+                    daemon.stop()
+            with uffd_open_to(gid):
+                (sockdir / "again").mkdir(mode=0o755)
+                daemon = DaemonProcess(sockdir / "again", "--group", GROUP)
+                try:
+                    assert wanted not in daemon.log()
+                    managed = run_as_member(daemon, shim_copy, member, gid)
+                    assert managed.returncode == 0 and managed.stdout == b"ok 12288 pages\n", managed
+                    assert managed.stderr == b"", managed.stderr
+                    released = wait_for(lambda: [line for line in daemon.log().splitlines() if "released" in line],
+                                        10, "the member's program to be released")
+                    pages_out = int(released[0].split("out ")[1].rstrip(")"))
+                    assert pages_out > 12288 - 4096, released   # 48 MiB written under 16 MiB
+                finally:
+                    daemon.stop()
+        finally:
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_uffd_closed_to_group_reads_the_sysctl_and_the_device_s_group_and_mode(tmp_path):
+    from umgr.probe import uffd_closed_to_group
+    sysctl, device = tmp_path / "unprivileged_userfaultfd", tmp_path / "userfaultfd"
+    sysctl.write_text("1\n")
+    assert uffd_closed_to_group(4242, str(device), str(sysctl)) == ""   # any user gets a full one
+    sysctl.write_text("0\n")
+    assert "cannot be used (No such file or directory)" in uffd_closed_to_group(4242, str(device), str(sysctl))
+    device.touch()
+    os.chown(device, 0, 4242)
+    for mode, open_to_4242, open_to_4243 in ((0o600, False, False), (0o640, False, False), (0o660, True, False),
+                                             (0o606, False, True), (0o666, True, True)):
+        os.chmod(device, mode)
+        for gid, expected in ((4242, open_to_4242), (4243, open_to_4243)):
+            why = uffd_closed_to_group(gid, str(device), str(sysctl))
+            assert (why == "") == expected, (oct(mode), gid, why)
+    os.chmod(device, 0o640)
+    assert uffd_closed_to_group(4242, str(device), str(sysctl)) == \
+        "vm.unprivileged_userfaultfd is 0 and %s is -rw-r----- root:4242" % device

@@ -511,6 +511,17 @@ def _config(args, socket_path: str) -> DaemonConfig:
                         fast_path=args.fast_path, move_out=args.move_out, idle_poll=args.idle_poll)
 
 
+def _warn_if_group_has_no_uffd(group: str) -> None:
+    """--group lets the group's members connect; their programs also need
+    a userfaultfd of their own, which a default kernel does not give them."""
+    from umgr.probe import UFFD_DEVICE, uffd_closed_to_group
+    why = uffd_closed_to_group(grp.getgrnam(group).gr_gid)
+    if why:
+        log.warning("members of group %s cannot create a userfaultfd (%s): their programs will run unmanaged. "
+                    "Let the group open it: chgrp %s %s && chmod 0660 %s (a udev rule keeps that across boots: "
+                    "see \"Serving other users\" in the README)", group, why, group, UFFD_DEVICE, UFFD_DEVICE)
+
+
 def _grace(args) -> int:
     if args.grace is not None:
         return args.grace
@@ -665,6 +676,8 @@ class SignalForwarding:
 def cmd_daemon(args) -> int:
     from umgr.daemon.shutdown import serve_until_stopped
     config = _config(args, args.socket)
+    if config.group:
+        _warn_if_group_has_no_uffd(config.group)
     state = _open_state(args)
     held, keeping = service_memory(args.backend or ["file"], state)
     # Whether the state must outlive an exit that is not a clean stop: the

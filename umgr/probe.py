@@ -104,6 +104,54 @@ def _probe_uffd_dev():
     return "ok", f"opened and USERFAULTFD_IOC_NEW works ({perms})"
 
 
+UFFD_DEVICE = "/dev/userfaultfd"
+UNPRIVILEGED_UFFD = "/proc/sys/vm/unprivileged_userfaultfd"
+
+
+def uffd_closed_to_group(gid: int, device: str = UFFD_DEVICE, sysctl: str = UNPRIVILEGED_UFFD) -> str:
+    """Why the members of group gid (not root) cannot create the userfaultfd
+    the shim needs, or "" if they can or it cannot be told (an ACL).
+
+    Without vm.unprivileged_userfaultfd=1 an unprivileged process gets only
+    a user-mode-only uffd from the syscall, whose range then fails the
+    kernel's own accesses (read(2) into a paged-out buffer: EFAULT), so the
+    shim does not ask for one. /dev/userfaultfd (Linux 6.1) gives a full one
+    to whoever may open it read-write."""
+    if _read_text(sysctl) == "1":
+        return ""
+    try:
+        st = os.stat(device)
+    except OSError as exc:
+        return f"vm.unprivileged_userfaultfd is 0 and {device} cannot be used ({os.strerror(exc.errno)})"
+    try:
+        if os.getxattr(device, "system.posix_acl_access"):
+            return ""
+    except OSError:
+        pass   # (no ACL, or no xattrs on that filesystem)
+    # (For a process in the file's group the group's bits decide, not the others'.)
+    bits = st.st_mode >> 3 if st.st_gid == gid else st.st_mode
+    if bits & 0o6 == 0o6:
+        return ""
+    return (f"vm.unprivileged_userfaultfd is 0 and {device} is {stat_mode(st.st_mode)} "
+            f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}")
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    import grp
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def stat_mode(mode: int) -> str:
     import stat
     return stat.filemode(mode)
