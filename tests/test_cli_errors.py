@@ -175,3 +175,25 @@ def test_status_from_a_daemon_that_drops_the_request_says_so(tmp_path):
         server.close()
     assert proc.returncode == 125, proc.stderr
     assert proc.stderr == f"umgr status: the daemon at {path} dropped the request (its log says why)\n"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["exec", "daemon"])
+def test_without_cap_sys_ptrace_umgr_refuses_before_anything_runs(command, tmp_path):
+    """The daemon enables fork events on every program's userfaultfd, which
+    the kernel allows only with CAP_SYS_PTRACE (a root shell in a container
+    often lacks it, and every other user does): every program would have
+    run unmanaged, each with a line about a reset connection."""
+    marker = tmp_path / "ran"
+    where = ["--socket", str(tmp_path / "s.sock")] if command == "daemon" else ["--", "touch", str(marker)]
+    proc = subprocess.run(["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace", "--", *UMGR,
+                           command, "--state-dir", str(tmp_path / "state"), *where],
+                          capture_output=True, timeout=30, text=True)
+    assert proc.returncode == 125, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"umgr {command}: userfaultfd fork events need CAP_SYS_PTRACE, "
+                                                   "which this process lacks"), lines
+    assert not marker.exists() and not (tmp_path / "s.sock").exists()
+    doctor = subprocess.run(["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace", "--", *UMGR,
+                             "doctor"], capture_output=True, timeout=60, text=True)
+    assert doctor.returncode == 1 and "fork events need CAP_SYS_PTRACE" in doctor.stdout, doctor.stdout

@@ -488,13 +488,18 @@ class CannotRun(Exception):
 
 def _config(args, socket_path: str) -> DaemonConfig:
     from umgr.policies import load_eviction, load_prefetch, parse_options
-    from umgr.probe import zap_mode
+    from umgr.probe import daemon_refused, zap_mode
     try:  # a bad name or option here would otherwise turn every target away
         policy_options, eviction_options = parse_options(args.policy_opt), parse_options(args.eviction_opt)
         load_prefetch(args.policy, **policy_options)
         load_eviction(args.eviction, **eviction_options)
     except Exception as exc:
         raise Fatal(f"umgr {args.command}: {exc}") from None
+    refused = daemon_refused()
+    if refused:
+        raise Fatal(f"umgr {args.command}: {refused}, so its daemon could serve no program: run umgr as root "
+                    f"(with CAP_SYS_PTRACE), or have such a `umgr daemon --group NAME` serve this user's programs "
+                    f"(see \"Serving other users\" in the README)")
     group = getattr(args, "group", None)
     if group is not None:
         try:

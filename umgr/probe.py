@@ -186,6 +186,9 @@ def _probe_wp():
         m.close()
 
 
+FORK_EVENTS_DENIED = "UFFDIO_API with EVENT_FORK: EPERM (needs CAP_SYS_PTRACE)"
+
+
 def _probe_event_fork():
     from umgr.kernel import uffd as U
     from umgr.errors import UffdError
@@ -194,9 +197,22 @@ def _probe_event_fork():
             fd.api(U.UFFD_FEATURE_EVENT_FORK)
         except UffdError as exc:
             if exc.errno == errno.EPERM:
-                return "denied", "UFFDIO_API with EVENT_FORK: EPERM (needs CAP_SYS_PTRACE)"
+                return "denied", FORK_EVENTS_DENIED
             raise
     return "supported", "UFFDIO_API with EVENT_FORK accepted"
+
+
+def daemon_refused() -> str:
+    """Why a daemon run by this process could serve no program, or "".
+    The daemon enables fork events on each program's userfaultfd
+    (UFFDIO_API), and the kernel allows that only with CAP_SYS_PTRACE
+    (checked on the caller, the daemon): without them a forked child would
+    find its parent's paged-out memory as zeros."""
+    try:
+        status, detail = _probe_event_fork()
+    except OSError as exc:   # (UffdError too: no userfaultfd at all)
+        return f"this process gets no userfaultfd ({os.strerror(exc.errno) if exc.errno else exc})"
+    return "" if status == "supported" else "userfaultfd fork events need CAP_SYS_PTRACE, which this process lacks"
 
 
 def _probe_io_uring():
@@ -400,6 +416,10 @@ def verdict(rows) -> list[str]:
         reasons.append("process_vm_readv not allowed (eviction reads target pages with it)")
     if st["remote zap"] not in _GOOD and st["agent zap"] not in _GOOD:
         reasons.append("no way to drop evicted pages (neither remote nor self process_madvise MADV_DONTNEED)")
+    if st["EVENT_FORK"] not in _GOOD:
+        reasons.append("userfaultfd fork events need CAP_SYS_PTRACE, which this process lacks, so a daemon "
+                       "started like it could serve no program (a user's programs can be served by a root daemon's "
+                       "--group: README, \"Serving other users\")")
     return reasons
 
 
