@@ -2,7 +2,7 @@
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
  * MODE: fork | munmap | mremap | mremap-race | mremap-thread | remap-hole | unmap-thread | dontneed | dontneed-race | exit
  *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
- *     | fork-parent-killed
+ *     | fork-parent-killed | fork-killed
  *     (helpers run by the program itself: fresh | true).
  * Exit 0 when all is intact. */
 #define _GNU_SOURCE
@@ -529,6 +529,23 @@ int main(int argc, char **argv)
         bad |= check(m, 0, n / 2, 3, "parent beside its CLONE_VM child");
         bad |= reap(pid, "CLONE_VM child");
         return bad | check(m, 0, n, 3, "after the spawns");
+    }
+    if (strcmp(mode, "fork-killed") == 0) { /* 100 children SIGKILLed as they attach, as strace's probes are */
+        int bad = 0;
+        for (int i = 0; i < 100; i++) {
+            pid_t pid = fork();
+            if (pid < 0)
+                return 2;
+            if (pid == 0) {
+                for (;;)
+                    pause();
+            }
+            if (i & 1)
+                usleep((useconds_t)(i * 20));
+            kill(pid, SIGKILL);
+            bad |= reap_killed(pid, "child killed as it attached");
+        }
+        return bad | check(m, 0, n, 1, "parent after the kills");
     }
     if (strcmp(mode, "exit-killed") == 0) { /* children SIGKILLed, idle and while paging */
         int ready[2];

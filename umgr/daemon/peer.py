@@ -20,6 +20,9 @@ Kernel facts (Linux 6.18):
   after an exec they read as empty, never the new program.
 - The files in /proc/PID (not the directory itself) belong to root while
   the process is not dumpable; otherwise to its effective uid.
+- A killed process loses its mm (/proc/PID/mem reads nothing, its maps are
+  empty, its uffd refuses ioctls) before its pidfd polls readable; in
+  between its task flags hold PF_EXITING.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import errno
 import fcntl
 import os
 import secrets
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ PIDFD_INFO_PID = 1 << 0
 PIDFD_INFO_CREDS = 1 << 1
 PIDFD_GET_INFO = (3 << 30) | (PIDFD_INFO.size << 16) | (0xFF << 8) | 11
 PROBE_TOKEN_BYTES = 16
+PF_EXITING = 0x4   # include/linux/sched.h; the flags field of /proc/PID/stat
 
 
 class Refused(UmgrError):
@@ -77,6 +82,24 @@ class Peer:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+
+    def ended(self) -> bool:
+        """Whether the process has exited or is exiting. A pidfd polls
+        readable only once the exit is done, after the process has lost
+        its mm; meanwhile its flags in /proc/PID/stat hold PF_EXITING.
+        False once the pidfd is taken."""
+        if self.pidfd < 0:
+            return False
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        if poller.poll(0):
+            return True
+        try:   # (not exited, so the pid is still this process's)
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return True
+        return bool(int(fields[6]) & PF_EXITING)
 
     def take_pidfd(self) -> int:
         """The pidfd, now owned by the caller."""

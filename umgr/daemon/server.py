@@ -234,6 +234,12 @@ class Daemon:
             if target is not None:
                 await self._control_loop(target, conn, peer)
         except (protocol.ProtocolError, UmgrError, OSError) as exc:
+            if peer is not None and peer.ended():
+                # Killed or exited while it attached (a program's children
+                # killed as they fork, as strace does with its probes): the
+                # checks then fail for want of a process, nothing was refused.
+                log.info("control: %s: ended while it attached (%s)", _name(peer, conn), printable(str(exc)))
+                return
             self.rejected_connections += 1
             log.warning("control: %s: %s; dropping connection", _name(peer, conn), printable(str(exc)))
         except Exception:
