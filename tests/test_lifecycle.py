@@ -93,6 +93,20 @@ def test_events_on_memory_zapped_instead_of_moved_out(umgr_exec, programs, mode)
     assert stats["swap_slots_in_use_at_exit"] == 0
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["closefrom", "close_range", "loop"])
+def test_a_program_that_closes_every_descriptor_it_did_not_open_goes_on_paging(umgr_exec, programs, how):
+    """Daemons and process spawners close what they did not open. Had the
+    shim's sockets closed, the agent could not answer the move-out the
+    daemon waits on with the uffd unread, and the program hung at its next
+    fault. Through libc the shim's descriptors stay open (the program's own
+    close, low and high)."""
+    result = umgr_exec([programs["closeall"], how], max_resident="16M", timeout=90)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr[-3000:]
+    # 48 MiB out before the close; three passes over 64 MiB under 16 MiB after it.
+    assert result.stats["pages_out"] > 48 * 256 + 3 * 48 * 256, result.stats
+
+
 @pytest.mark.timeout(90)
 def test_children_killed_as_they_attach_are_no_bad_clients(daemon, shim, programs):
     """strace kills the children it forks to probe the kernel, and a test

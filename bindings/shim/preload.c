@@ -125,6 +125,13 @@ static void say(const char *fmt, ...)
     (void)ignored;
 }
 
+/* The shim closes its own descriptors with this: close() is wrapped below
+ * to keep them open against the program. */
+static int raw_close(int fd)
+{
+    return (int)syscall(SYS_close, fd);
+}
+
 static int move_high(int fd)
 {
     if (fd < 0)
@@ -132,7 +139,7 @@ static int move_high(int fd)
     int high = fcntl(fd, F_DUPFD_CLOEXEC, HIGH_FD_BASE);
     if (high < 0)
         return fd;
-    close(fd);
+    raw_close(fd);
     return high;
 }
 
@@ -166,7 +173,7 @@ static int open_uffd(void)
         return -1;
     }
     fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
-    close(dev);
+    raw_close(dev);
     return fd;
 }
 
@@ -229,7 +236,7 @@ static int recv_hello_ack(int sock, struct umgr_hello_ack *ack, int *fd)
             memcpy(fd, CMSG_DATA(cm), sizeof(int));
     if (n != sizeof *ack || ack->hdr.magic != UMGR_MAGIC || ack->hdr.type != UMGR_HELLO_ACK) {
         if (*fd >= 0)
-            close(*fd);
+            raw_close(*fd);
         *fd = -1;
         if (n >= 0)
             errno = n == 0 ? ECONNRESET : EPROTO;
@@ -472,7 +479,7 @@ static void detach_from_daemon(int agent_fd)
     __atomic_store_n(&shim.active, 0, __ATOMIC_RELEASE);
     scratch_drop(1); /* while its uffd is open: unregistered, its munmap raises no UNMAP */
     if (shim.uffd_ref >= 0)
-        close(shim.uffd_ref);
+        raw_close(shim.uffd_ref);
     shim.uffd_ref = -1;
     struct umgr_detach done;
     fill_hdr(&done.hdr, UMGR_DETACH_DONE, sizeof done);
@@ -494,7 +501,7 @@ static int next_agent_fd(int old)
         while (clock_nanosleep(CLOCK_MONOTONIC, 0, &step, &step) == EINTR)
             ;
     }
-    close(old);
+    raw_close(old);
     __atomic_store_n(&shim.agent_idle, 0, __ATOMIC_RELEASE);
     return fd;
 }
@@ -745,7 +752,7 @@ static int connect_daemon(const char *path)
         return -1;
     if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || trusted_daemon(fd, path) != 0) {
         int saved = errno;
-        close(fd);
+        raw_close(fd);
         errno = saved;
         return -1;
     }
@@ -768,7 +775,7 @@ static void close_all(int *fds, int n)
 {
     for (int i = 0; i < n; i++)
         if (fds[i] >= 0)
-            close(fds[i]);
+            raw_close(fds[i]);
 }
 
 static unsigned grace_seconds(const struct umgr_hello_ack *ack)
@@ -808,7 +815,7 @@ static int take_back(void)
     int pair[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
         int saved = errno;
-        close(ctl);
+        raw_close(ctl);
         return saved;
     }
     pair[0] = move_high(pair[0]);
@@ -818,17 +825,17 @@ static int take_back(void)
     hello.probe = (uintptr_t)probe;
     int fds[2] = {pair[1], shim.uffd_ref};
     int sent = send_with_fds(ctl, &hello, sizeof hello, fds, 2);
-    close(pair[1]);
+    raw_close(pair[1]);
     struct umgr_hello_ack ack;
     int returned_uffd = -1;
     int status = sent != 0 ? ECONNRESET : recv_hello_ack(ctl, &ack, &returned_uffd) != 0 ? errno : ack.status;
     if (probe)
         syscall(SYS_munmap, probe, 4096);
     if (returned_uffd >= 0)
-        close(returned_uffd);
+        raw_close(returned_uffd);
     if (status != 0) {
-        close(ctl);
-        close(pair[0]);
+        raw_close(ctl);
+        raw_close(pair[0]);
         return status;
     }
     pthread_mutex_lock(&shim.ctl_lock);
@@ -836,7 +843,7 @@ static int take_back(void)
     shim.ctl_fd = ctl;
     pthread_mutex_unlock(&shim.ctl_lock);
     if (old_ctl >= 0)
-        close(old_ctl);
+        raw_close(old_ctl);
     shim.grace_seconds = grace_seconds(&ack);
     __atomic_store_n(&shim.agent_fd, pair[0], __ATOMIC_RELEASE); /* the agent closes the old one */
     say("umgr: pid %d: taken back by the umgr daemon restarted at %s\n", (int)getpid(), shim.socket_path);
@@ -880,7 +887,7 @@ static enum attach_result attach(const char *path, int with_uffd)
     failed = "hello";
     if (send_with_fds(ctl, &hello, sizeof hello, fds, with_uffd ? 2 : 1) != 0)
         goto fail;
-    close(pair[1]);
+    raw_close(pair[1]);
     pair[1] = -1;
 
     struct umgr_hello_ack ack;
@@ -891,7 +898,7 @@ static enum attach_result attach(const char *path, int with_uffd)
     if (returned_uffd >= 0 && uffd < 0)
         uffd = move_high(returned_uffd); /* a forked child's, from its fork event */
     else if (returned_uffd >= 0)
-        close(returned_uffd);
+        raw_close(returned_uffd);
     if ((ack.status == ENOENT && !with_uffd) || ack.status == ESHUTDOWN) {
         if (probe)
             syscall(SYS_munmap, probe, 4096);
@@ -1187,13 +1194,13 @@ static void detach_in_child(void)
     /* The control socket and agent socket belong to the parent; the agent
      * thread did not survive fork. */
     if (shim.ctl_fd >= 0)
-        close(shim.ctl_fd);
+        raw_close(shim.ctl_fd);
     if (shim.agent_fd >= 0)
-        close(shim.agent_fd);
+        raw_close(shim.agent_fd);
     if (shim.self_pidfd >= 0)
-        close(shim.self_pidfd);
+        raw_close(shim.self_pidfd);
     if (shim.uffd_ref >= 0)
-        close(shim.uffd_ref); /* the parent's */
+        raw_close(shim.uffd_ref); /* the parent's */
     scratch_drop(0); /* the parent's: ours is made anew */
     if (shim.canary)
         syscall(SYS_munmap, shim.canary, 4096); /* the parent's copy: ours comes with our HELLO */
@@ -1236,6 +1243,76 @@ EXPORT pid_t fork(void)
     }
     pthread_mutex_unlock(&shim.fork_lock);
     return pid;
+}
+
+/* ---- the shim's own descriptors ------------------------------------------
+ * A program that closes every descriptor it did not open (closefrom(),
+ * close_range(), or close() in a loop, as daemons and process spawners do)
+ * would close the control socket, the agent's socket and the uffd
+ * reference. The agent could then not answer a MOVE_OUT that the daemon
+ * waits on with the uffd unread (paging/readgate.py), and the program would
+ * hang at its next fault. So through libc these leave the shim's
+ * descriptors open, as if they were not there (close() of one: EBADF). A
+ * raw syscall(SYS_close_range, ...) is not seen. */
+#define SHIM_FDS 5
+
+/* The shim's descriptors, ascending (-1 for those not open). */
+static void shim_fds(int fds[SHIM_FDS])
+{
+    int mine[SHIM_FDS] = {__atomic_load_n(&shim.ctl_fd, __ATOMIC_ACQUIRE),
+                          __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE), shim.self_pidfd, shim.uffd_ref,
+                          shim.exec_pidfd};
+    for (int i = 0; i < SHIM_FDS; i++) {
+        int j = i;
+        for (; j > 0 && fds[j - 1] > mine[i]; j--)
+            fds[j] = fds[j - 1];
+        fds[j] = mine[i];
+    }
+}
+
+static int shim_owns(int fd)
+{
+    if (fd < HIGH_FD_BASE)
+        return 0;
+    int fds[SHIM_FDS];
+    shim_fds(fds);
+    for (int i = 0; i < SHIM_FDS; i++)
+        if (fd == fds[i])
+            return 1;
+    return 0;
+}
+
+EXPORT int close(int fd)
+{
+    if (shim_owns(fd)) {
+        errno = EBADF;
+        return -1;
+    }
+    return raw_close(fd);
+}
+
+/* close_range(2) over [first, last], in pieces around the shim's descriptors. */
+EXPORT int close_range(unsigned int first, unsigned int last, int flags)
+{
+    int fds[SHIM_FDS];
+    shim_fds(fds);
+    unsigned int from = first;
+    for (int i = 0; i < SHIM_FDS && first <= last; i++) {
+        if (fds[i] < 0 || (unsigned int)fds[i] < from || (unsigned int)fds[i] > last)
+            continue;
+        unsigned int fd = (unsigned int)fds[i];
+        if (fd > from && syscall(SYS_close_range, from, fd - 1, flags) < 0)
+            return -1;
+        if (fd == last)
+            return 0;
+        from = fd + 1;
+    }
+    return (int)syscall(SYS_close_range, from, last, flags);
+}
+
+EXPORT void closefrom(int lowfd)
+{
+    close_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U, 0);
 }
 
 /* Application hints (README "Hints", declared in umgr.h). Like madvise(2):
