@@ -319,6 +319,7 @@ def test_silent_client_is_dropped_while_a_real_target_runs(tmp_path, shim, progr
             # daemon starting at this socket makes) is no bad client.
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
                 probe.connect(daemon.socket)
+            time.sleep(0.5)   # (it may not have been accepted yet: nothing is to come of it)
             wait_nothing_new_held(daemon, held)
             status = query_status(daemon.socket)
             assert status["rejected_connections"] == 1

@@ -40,3 +40,20 @@ def test_probe_rows_and_verdict():
     assert any("drop evicted pages" in reason for reason in probe.verdict(broken))
     # zap_mode keeps following remote_zap_supported.
     assert probe.zap_mode().name == "AGENT"
+
+
+def test_no_userfaultfd_at_all_is_one_reason_not_a_traceback(monkeypatch):
+    """Root in a container whose seccomp refuses the syscall and whose /dev
+    has no userfaultfd: the probe raises Unsupported (ENOENT), and exec must
+    still stop with one line; doctor names that, not fork events."""
+    from umgr import probe
+    from umgr.errors import Unsupported
+
+    def no_uffd():
+        raise Unsupported("userfaultfd: No such file or directory")
+    monkeypatch.setattr(probe, "_probe_event_fork", no_uffd)
+    assert probe.daemon_refused().startswith("this process gets no userfaultfd (")
+    rows = [(n, "unsupported" if n in ("uffd syscall", "/dev/userfaultfd", "EVENT_FORK") else s, d)
+            for n, s, d in probe.probe()]
+    reasons = probe.verdict(rows)
+    assert any("no userfaultfd" in r for r in reasons) and not any("CAP_SYS_PTRACE" in r for r in reasons), reasons

@@ -609,7 +609,11 @@ def test_uffd_closed_to_group_reads_the_sysctl_and_the_device_s_group_and_mode(t
     sysctl.write_text("1\n")
     assert uffd_closed_to_group(4242, str(device), str(sysctl)) == ""   # any user gets a full one
     sysctl.write_text("0\n")
-    assert "cannot be used (No such file or directory)" in uffd_closed_to_group(4242, str(device), str(sysctl))
+    misc = tmp_path / "misc-userfaultfd"
+    closed = uffd_closed_to_group(4242, str(device), str(sysctl), str(misc))
+    assert "cannot be used (No such file or directory)" in closed, closed
+    misc.mkdir()   # the kernel has the device; this daemon's /dev hides it (PrivateDevices=): no telling
+    assert uffd_closed_to_group(4242, str(device), str(sysctl), str(misc)) == ""
     device.touch()
     os.chown(device, 0, 4242)
     for mode, open_to_4242, open_to_4243 in ((0o600, False, False), (0o640, False, False), (0o660, True, False),

@@ -106,9 +106,11 @@ def _probe_uffd_dev():
 
 UFFD_DEVICE = "/dev/userfaultfd"
 UNPRIVILEGED_UFFD = "/proc/sys/vm/unprivileged_userfaultfd"
+MISC_UFFD = "/sys/class/misc/userfaultfd"   # the device as the kernel has it, where /dev hides it
 
 
-def uffd_closed_to_group(gid: int, device: str = UFFD_DEVICE, sysctl: str = UNPRIVILEGED_UFFD) -> str:
+def uffd_closed_to_group(gid: int, device: str = UFFD_DEVICE, sysctl: str = UNPRIVILEGED_UFFD,
+                         misc: str = MISC_UFFD) -> str:
     """Why the members of group gid (not root) cannot create the userfaultfd
     the shim needs, or "" if they can or it cannot be told (an ACL).
 
@@ -122,6 +124,8 @@ def uffd_closed_to_group(gid: int, device: str = UFFD_DEVICE, sysctl: str = UNPR
     try:
         st = os.stat(device)
     except OSError as exc:
+        if exc.errno == errno.ENOENT and os.path.exists(misc):
+            return ""   # (hidden from this daemon, as systemd's PrivateDevices= does: its mode cannot be told)
         return f"vm.unprivileged_userfaultfd is 0 and {device} cannot be used ({os.strerror(exc.errno)})"
     try:
         if os.getxattr(device, "system.posix_acl_access"):
@@ -132,8 +136,22 @@ def uffd_closed_to_group(gid: int, device: str = UFFD_DEVICE, sysctl: str = UNPR
     bits = st.st_mode >> 3 if st.st_gid == gid else st.st_mode
     if bits & 0o6 == 0o6:
         return ""
+    members = _members(gid)
+    if st.st_gid != gid and (st.st_mode >> 3) & 0o6 == 0o6 and members and members <= _members(st.st_gid):
+        return ""   # (every member of the group is in the device's group too)
     return (f"vm.unprivileged_userfaultfd is 0 and {device} is {stat_mode(st.st_mode)} "
             f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}")
+
+
+def _members(gid: int) -> set[str]:
+    """The users in group gid: listed in it, or with it as their own group."""
+    import grp
+    import pwd
+    try:
+        listed = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        listed = set()
+    return listed | {user.pw_name for user in pwd.getpwall() if user.pw_gid == gid}
 
 
 def _user_name(uid: int) -> str:
@@ -208,10 +226,12 @@ def daemon_refused() -> str:
     (UFFDIO_API), and the kernel allows that only with CAP_SYS_PTRACE
     (checked on the caller, the daemon): without them a forked child would
     find its parent's paged-out memory as zeros."""
+    from umgr.errors import Unsupported
     try:
         status, detail = _probe_event_fork()
-    except OSError as exc:   # (UffdError too: no userfaultfd at all)
-        return f"this process gets no userfaultfd ({os.strerror(exc.errno) if exc.errno else exc})"
+    except (OSError, Unsupported) as exc:   # (no userfaultfd at all: UffdError, or Unsupported for ENOSYS/ENOENT)
+        errnum = getattr(exc, "errno", None)
+        return f"this process gets no userfaultfd ({os.strerror(errnum) if errnum else exc})"
     return "" if status == "supported" else "userfaultfd fork events need CAP_SYS_PTRACE, which this process lacks"
 
 
@@ -416,7 +436,7 @@ def verdict(rows) -> list[str]:
         reasons.append("process_vm_readv not allowed (eviction reads target pages with it)")
     if st["remote zap"] not in _GOOD and st["agent zap"] not in _GOOD:
         reasons.append("no way to drop evicted pages (neither remote nor self process_madvise MADV_DONTNEED)")
-    if st["EVENT_FORK"] not in _GOOD:
+    if st["EVENT_FORK"] == "denied":   # (not when there is no userfaultfd at all: said above)
         reasons.append("userfaultfd fork events need CAP_SYS_PTRACE, which this process lacks, so a daemon "
                        "started like it could serve no program (a user's programs can be served by a root daemon's "
                        "--group: README, \"Serving other users\")")

@@ -41,6 +41,8 @@
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <limits.h>
+#include <sys/resource.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -478,9 +480,10 @@ static void detach_from_daemon(int agent_fd)
     __atomic_store_n(&shim.detached, 1, __ATOMIC_RELEASE);
     __atomic_store_n(&shim.active, 0, __ATOMIC_RELEASE);
     scratch_drop(1); /* while its uffd is open: unregistered, its munmap raises no UNMAP */
-    if (shim.uffd_ref >= 0)
-        raw_close(shim.uffd_ref);
-    shim.uffd_ref = -1;
+    int uffd = shim.uffd_ref;
+    shim.uffd_ref = -1;   /* before the close: the program's close() of a number reused meanwhile is its own */
+    if (uffd >= 0)
+        raw_close(uffd);
     struct umgr_detach done;
     fill_hdr(&done.hdr, UMGR_DETACH_DONE, sizeof done);
     send_with_fds(agent_fd, &done, sizeof done, NULL, 0);
@@ -863,8 +866,9 @@ static enum attach_result attach(const char *path, int with_uffd)
     if (with_uffd && (uffd = move_high(open_uffd())) < 0) {
         if (errno != EPERM && errno != EACCES)
             goto fail;
-        say("umgr: this user may not create a userfaultfd (vm.unprivileged_userfaultfd is 0 and /dev/userfaultfd"
-            " is not open to it; see \"Serving other users\" in umgr's README); running unmanaged\n");
+        say("umgr: this process may not create a userfaultfd (%s): with vm.unprivileged_userfaultfd at 0 a user"
+            " other than root needs /dev/userfaultfd open to it (see \"Serving other users\" in umgr's README),"
+            " and a container may forbid both; running unmanaged\n", strerror(errno));
         return ATTACH_FAILED;
     }
     failed = "connect";
@@ -1272,9 +1276,9 @@ static void shim_fds(int fds[SHIM_FDS])
 
 static int shim_owns(int fd)
 {
-    if (fd < HIGH_FD_BASE)
+    if (fd < 0)
         return 0;
-    int fds[SHIM_FDS];
+    int fds[SHIM_FDS];   /* (below HIGH_FD_BASE too: under a low RLIMIT_NOFILE they stay where they were made) */
     shim_fds(fds);
     for (int i = 0; i < SHIM_FDS; i++)
         if (fd == fds[i])
@@ -1282,13 +1286,16 @@ static int shim_owns(int fd)
     return 0;
 }
 
+typedef int (*close_fn)(int);
+
 EXPORT int close(int fd)
 {
-    if (shim_owns(fd)) {
-        errno = EBADF;
-        return -1;
-    }
-    return raw_close(fd);
+    static close_fn next_close;   /* libc's (a cancellation point), or a later interposer's */
+    if (shim_owns(fd))
+        return 0;   /* (not EBADF: some programs assert that what they close was open) */
+    if (!next_close)
+        next_close = (close_fn)dlsym(RTLD_NEXT, "close");
+    return next_close ? next_close(fd) : raw_close(fd);
 }
 
 /* close_range(2) over [first, last], in pieces around the shim's descriptors. */
@@ -1312,7 +1319,17 @@ EXPORT int close_range(unsigned int first, unsigned int last, int flags)
 
 EXPORT void closefrom(int lowfd)
 {
-    close_range(lowfd < 0 ? 0 : (unsigned int)lowfd, ~0U, 0);
+    unsigned int first = lowfd < 0 ? 0 : (unsigned int)lowfd;
+    if (close_range(first, ~0U, 0) == 0)
+        return;
+    /* No close_range (ENOSYS, or a seccomp filter's EPERM): one by one, as
+     * glibc falls back to, up to the descriptor limit. */
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY || limit.rlim_cur > INT_MAX)
+        limit.rlim_cur = 1 << 20;
+    for (unsigned int fd = first; fd < limit.rlim_cur; fd++)
+        if (!shim_owns((int)fd))
+            raw_close((int)fd);
 }
 
 /* Application hints (README "Hints", declared in umgr.h). Like madvise(2):

@@ -22,7 +22,7 @@ Kernel facts (Linux 6.18):
   the process is not dumpable; otherwise to its effective uid.
 - A killed process loses its mm (/proc/PID/mem reads nothing, its maps are
   empty, its uffd refuses ioctls) before its pidfd polls readable; in
-  between its task flags hold PF_EXITING.
+  between the flags of each of its threads hold PF_EXITING.
 """
 from __future__ import annotations
 
@@ -86,8 +86,10 @@ class Peer:
     def ended(self) -> bool:
         """Whether the process has exited or is exiting. A pidfd polls
         readable only once the exit is done, after the process has lost
-        its mm; meanwhile its flags in /proc/PID/stat hold PF_EXITING.
-        False once the pidfd is taken."""
+        its mm; meanwhile each of its threads has PF_EXITING in its flags
+        (the main thread alone may have them and the process live on: a
+        main() that ended with pthread_exit). False once the pidfd is
+        taken."""
         if self.pidfd < 0:
             return False
         poller = select.poll()
@@ -95,11 +97,18 @@ class Peer:
         if poller.poll(0):
             return True
         try:   # (not exited, so the pid is still this process's)
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+            threads = os.listdir(f"/proc/{self.pid}/task")
         except OSError:
             return True
-        return bool(int(fields[6]) & PF_EXITING)
+        for tid in threads:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue   # (that thread is gone)
+            if not int(fields[6]) & PF_EXITING:
+                return False
+        return True
 
     def take_pidfd(self) -> int:
         """The pidfd, now owned by the caller."""
