@@ -204,9 +204,6 @@ def _probe_wp():
         m.close()
 
 
-FORK_EVENTS_DENIED = "UFFDIO_API with EVENT_FORK: EPERM (needs CAP_SYS_PTRACE)"
-
-
 def _probe_event_fork():
     from umgr.kernel import uffd as U
     from umgr.errors import UffdError
@@ -215,7 +212,7 @@ def _probe_event_fork():
             fd.api(U.UFFD_FEATURE_EVENT_FORK)
         except UffdError as exc:
             if exc.errno == errno.EPERM:
-                return "denied", FORK_EVENTS_DENIED
+                return "denied", "UFFDIO_API with EVENT_FORK: EPERM (needs CAP_SYS_PTRACE)"
             raise
     return "supported", "UFFDIO_API with EVENT_FORK accepted"
 
@@ -228,7 +225,7 @@ def daemon_refused() -> str:
     find its parent's paged-out memory as zeros."""
     from umgr.errors import Unsupported
     try:
-        status, detail = _probe_event_fork()
+        status, _ = _probe_event_fork()
     except (OSError, Unsupported) as exc:   # (no userfaultfd at all: UffdError, or Unsupported for ENOSYS/ENOENT)
         errnum = getattr(exc, "errno", None)
         return f"this process gets no userfaultfd ({os.strerror(errnum) if errnum else exc})"
