@@ -1256,8 +1256,8 @@ EXPORT pid_t fork(void)
  * reference. The agent could then not answer a MOVE_OUT that the daemon
  * waits on with the uffd unread (paging/readgate.py), and the program would
  * hang at its next fault. So through libc these leave the shim's
- * descriptors open, as if they were not there (close() of one: EBADF). A
- * raw syscall(SYS_close_range, ...) is not seen. */
+ * descriptors open (close() of one returns 0). A raw
+ * syscall(SYS_close_range, ...) is not seen. */
 #define SHIM_FDS 5
 
 /* The shim's descriptors, ascending (-1 for those not open). */
