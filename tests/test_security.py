@@ -26,6 +26,7 @@ import pytest
 
 from conftest import DaemonProcess, wait_for
 from umgr.cli import query_status
+from umgr.probe import UFFD_DEVICE, UNPRIVILEGED_UFFD, uffd_closed_to_group
 from umgr.protocol import VERSION
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -524,8 +525,6 @@ for i in range(0, n, 4096):
 bad = sum(m[i:i + 8] != (i // 4096 + 1).to_bytes(8, "little") for i in range(0, n, 4096))
 print(f"ok {n // 4096} pages" if not bad else f"{bad} pages wrong")
 """
-UFFD_DEVICE = "/dev/userfaultfd"
-UNPRIVILEGED_UFFD = "/proc/sys/vm/unprivileged_userfaultfd"
 
 
 @contextlib.contextmanager
@@ -604,7 +603,6 @@ def test_a_member_s_program_is_managed_once_the_group_may_open_the_uffd_device(s
 
 
 def test_uffd_closed_to_group_reads_the_sysctl_and_the_device_s_group_and_mode(tmp_path):
-    from umgr.probe import uffd_closed_to_group
     sysctl, device = tmp_path / "unprivileged_userfaultfd", tmp_path / "userfaultfd"
     sysctl.write_text("1\n")
     assert uffd_closed_to_group(4242, str(device), str(sysctl)) == ""   # any user gets a full one

@@ -50,7 +50,6 @@ PIDFD_INFO_PID = 1 << 0
 PIDFD_INFO_CREDS = 1 << 1
 PIDFD_GET_INFO = (3 << 30) | (PIDFD_INFO.size << 16) | (0xFF << 8) | 11
 PROBE_TOKEN_BYTES = 16
-PF_EXITING = 0x4   # include/linux/sched.h; the flags field of /proc/PID/stat
 
 
 class Refused(UmgrError):
@@ -86,29 +85,14 @@ class Peer:
     def ended(self) -> bool:
         """Whether the process has exited or is exiting. A pidfd polls
         readable only once the exit is done, after the process has lost
-        its mm; meanwhile each of its threads has PF_EXITING in its flags
-        (the main thread alone may have them and the process live on: a
-        main() that ended with pthread_exit). False once the pidfd is
-        taken."""
+        its mm; meanwhile each of its threads has PF_EXITING in its flags.
+        False once the pidfd is taken."""
         if self.pidfd < 0:
             return False
         poller = select.poll()
         poller.register(self.pidfd, select.POLLIN)
-        if poller.poll(0):
-            return True
-        try:   # (not exited, so the pid is still this process's)
-            threads = os.listdir(f"/proc/{self.pid}/task")
-        except OSError:
-            return True
-        for tid in threads:
-            try:
-                with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue   # (that thread is gone)
-            if not int(fields[6]) & PF_EXITING:
-                return False
-        return True
+        # (not exited yet, so the pid is still this process's)
+        return bool(poller.poll(0)) or procmem.exiting(self.pid)
 
     def take_pidfd(self) -> int:
         """The pidfd, now owned by the caller."""

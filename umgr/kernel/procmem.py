@@ -300,12 +300,36 @@ def _scan(fd, pid, start, end, category_mask, return_mask, category_inverted,
     return out
 
 
+PF_EXITING = 0x4   # include/linux/sched.h: a task's flags (field 9 of its stat)
+
+
+def _stat_fields(path: str) -> list[bytes] | None:
+    """The fields of a /proc stat file after the command name (which may
+    hold spaces and parentheses): field 3 (state) first. None when gone."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks after boot (field 22 of
     /proc/PID/stat), or None when it is gone."""
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    return None if fields is None else int(fields[19])
+
+
+def exiting(pid: int) -> bool:
+    """Whether every thread of the process is exiting (PF_EXITING), or it
+    is gone. The main thread alone may be (a main() that ended with
+    pthread_exit) while the process lives on."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19])
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in threads:
+        fields = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+        if fields is not None and not int(fields[6]) & PF_EXITING:
+            return False
+    return True
