@@ -65,6 +65,28 @@ def test_a_huge_reservation_costs_the_daemon_only_what_is_touched(tmp_path, shim
 
 
 @pytest.mark.timeout(120)
+def test_a_huge_reservation_s_saved_table_costs_the_daemon_what_it_holds(umgr_exec, programs):
+    """One page every 64 MiB of a 64 GiB reservation (1024 pages), under a
+    budget of half of them: they go out and come back, so the region's
+    state and slot arrays move into a file (5 bytes a page, 80 MB, nearly
+    all holes). Each page touched there must cost the daemon the file's
+    pages it is in, not those around it: a fault on a file mapping reads
+    64-128 KiB around it into the page cache unless MADV_RANDOM (66 MB
+    here), and the exit's scans read the holes between (20 MB). Measured:
+    the daemon's peak was 81 MB over the same run under a budget the
+    pages fit in (no file), now about 5 MB."""
+    program = [programs["reserve"], "64", "4", "spread"]
+    fits = umgr_exec(program, max_resident="64M", stdin=b"")
+    swapped = umgr_exec(program, max_resident="2M", stdin=b"")
+    for result in (fits, swapped):
+        assert result.returncode == 0 and "ok 1024 pages" in result.stdout, result.stderr[-3000:]
+    assert fits.stats["pages_out"] == 0, fits.stats
+    assert swapped.stats["pages_out"] >= 512 and swapped.stats["pages_in"] >= 512, swapped.stats
+    grown = swapped.stats["daemon_peak_rss_bytes"] - fits.stats["daemon_peak_rss_bytes"]
+    assert grown < 20 * MiB, (grown, swapped.stats, fits.stats)
+
+
+@pytest.mark.timeout(120)
 def test_pages_touched_across_a_huge_reservation_cost_the_daemon_4_kib_each_at_most(tmp_path, shim, programs):
     """One page every 64 MiB of a 64 GiB reservation (1024 pages), under a
     budget they fit in, so the tables stay in the daemon's memory: each

@@ -384,3 +384,73 @@ def test_settling_a_saved_table_in_steps_follows_its_rules_page_by_page(monkeypa
     assert pt.states(vpns).tolist() == want_state
     assert sorted(freed.tolist()) == sorted(want_freed)
     assert newly_resident.tolist() == want_new
+
+
+# ---- a saved table's holes --------------------------------------------------------
+def _file_and_memory_tables(tmp_path, npages):
+    """The same 1k pages set in a region of `npages`, one table in files
+    (umgr/paging/tablefile.py), one in memory."""
+    import os
+    from umgr.paging.tablefile import FileArrays
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    tables = (PageTable(arrays=FileArrays(dir_fd)), PageTable())
+    rng = np.random.default_rng(5)
+    # (at both ends: a 4 KiB page of the slot array covers 1024 pages)
+    vpns = np.unique(np.concatenate((rng.integers(0, 1 << 16, 1500), npages - rng.integers(1, 1 << 16, 1500)))) + 1000
+    for pt in tables:
+        pt.add(1000, npages)
+        pt.set(vpns[:1000], State.RESIDENT)
+        pt.set(vpns[1000:2000], State.SWAPPED, np.arange(1, 1001, dtype=np.int32))
+        pt.set(vpns[2000:2200], State.RESIDENT, np.arange(2001, 2201, dtype=np.int32))   # clean copies
+    assert tables[0].regions[0].backing is not None and tables[1].regions[0].backing is None
+    return tables, dir_fd
+
+
+def _data_bytes(dir_fd):
+    """Bytes the table's files hold as data (not holes)."""
+    import os
+    total = 0
+    for name in os.listdir(dir_fd):
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        try:
+            at, size = 0, os.fstat(fd).st_size
+            while at < size:
+                try:
+                    lo = os.lseek(fd, at, os.SEEK_DATA)
+                except OSError:
+                    break
+                hi = os.lseek(fd, lo, os.SEEK_HOLE)
+                total, at = total + hi - lo, hi
+        finally:
+            os.close(fd)
+    return total
+
+
+def test_a_saved_table_is_scanned_where_its_files_hold_data(tmp_path):
+    # A region of 16M pages (a 64 GiB reservation) with a few thousand
+    # pages set: every scan gives what the same table in memory gives, and
+    # none reads the files' holes (through a shared mapping that fills
+    # them in the page cache: 84 MB at the exit of such a reservation).
+    npages = 1 << 24
+    (saved, memory), dir_fd = _file_and_memory_tables(tmp_path, npages)
+    steps = list(saved.regions[0].steps(0, npages))
+    assert 0 < sum(hi - lo for lo, hi in steps) <= 1 << 18, steps[:4]
+    data = _data_bytes(dir_fd)
+    for state in (State.RESIDENT, State.SWAPPED, State.FRESH):
+        assert np.array_equal(saved.vpns_in(state), memory.vpns_in(state))
+        assert np.array_equal(saved.find_state(1000, 1000 + npages, state, 500)[0],
+                              memory.find_state(1000, 1000 + npages, state, 500)[0])
+    assert np.array_equal(np.concatenate(list(saved.slot_steps())), np.concatenate(list(memory.slot_steps())))
+    saved.recount()
+    assert np.array_equal(saved.counts, memory.counts)
+    assert np.array_equal(saved.take_kept_slots(), memory.take_kept_slots())
+    assert np.array_equal(saved.forked().counts, memory.forked().counts)
+    lo, hi = 1000 + npages // 4, 1000 + npages // 2
+    assert np.array_equal(np.sort(saved.discard(lo, hi)), np.sort(memory.discard(lo, hi)))
+    assert np.array_equal(saved.counts, memory.counts)
+    assert np.array_equal(np.sort(saved.remove(1000 + npages // 8, 1000 + npages - 5)),
+                          np.sort(memory.remove(1000 + npages // 8, 1000 + npages - 5)))
+    assert np.array_equal(saved.counts, memory.counts)
+    for state in (State.RESIDENT, State.SWAPPED):
+        assert np.array_equal(saved.vpns_in(state), memory.vpns_in(state))
+    assert _data_bytes(dir_fd) <= data   # no hole was filled (the cut pieces are new files, smaller)

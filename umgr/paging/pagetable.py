@@ -98,10 +98,33 @@ class Region:
     def empty(cls, vpn: int, npages: int) -> "Region":
         return cls(vpn, sparse_zeros(npages, np.uint8), sparse_zeros(npages, np.int32))
 
+    def steps(self, a: int, b: int, of: str = "both") -> Iterator[tuple[int, int]]:
+        """Steps [lo, hi) of pages [a, b) (indexes into the arrays), of at
+        most CHUNK pages, outside of which every page is FRESH ("state"),
+        with no slot ("slot"), or both ("both"; and so with no flag):
+        where a scan for anything else need look. Arrays in memory: every
+        step (their untouched parts read as the shared zero page). Arrays
+        in a file: where that array holds data, since reading a hole
+        through a shared mapping fills it in the page cache (5 bytes a
+        page: the exit of a 64 GiB reservation read 20 MB of holes)."""
+        if self.backing is None:
+            yield from chunk_steps(a, b)
+        else:
+            yield from self.backing.steps(a, b, of)
+
     def piece(self, lo: int, hi: int) -> "Region":
         """A copy of pages [lo, hi) (vpns) of this region."""
         a, b = lo - self.vpn, hi - self.vpn
-        return Region(lo, sparse_copy(self.state[a:b]), sparse_copy(self.slot[a:b]), sparse_copy(self.flags[a:b]))
+        copy = Region(lo, sparse_zeros(b - a, np.uint8), sparse_zeros(b - a, np.int32), sparse_copy(self.flags[a:b]))
+        for step, end in self.steps(a, b):
+            copy_nonzero(copy.state[step - a:end - a], self.state[step:end])
+            copy_nonzero(copy.slot[step - a:end - a], self.slot[step:end])
+        return copy
+
+
+def chunk_steps(a: int, b: int) -> Iterator[tuple[int, int]]:
+    for lo in range(a, b, CHUNK):
+        yield lo, min(lo + CHUNK, b)
 
 
 def sparse_copy(array: np.ndarray) -> np.ndarray:
@@ -252,8 +275,9 @@ class PageTable:
         with page-cache pages)."""
         if not self.counts[state]:
             return np.empty(0, np.int64)
-        found = [r.vpn + lo + np.flatnonzero(r.state[lo:lo + CHUNK] == state)
-                 for r in self.regions for lo in range(0, r.npages, CHUNK)]
+        found = [r.vpn + lo + np.flatnonzero(r.state[lo:hi] == state)
+                 for r in self.regions
+                 for lo, hi in (chunk_steps(0, r.npages) if state == State.FRESH else r.steps(0, r.npages, "state"))]
         return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
 
     def is_in_state(self, vpns: np.ndarray, state: int = State.RESIDENT) -> np.ndarray:
@@ -304,13 +328,14 @@ class PageTable:
         found: list[np.ndarray] = []
         count = 0
         for region, lo, hi in self._overlapping(vpn_lo, vpn_hi):
-            for step in range(lo, hi, CHUNK):   # (a bool a page: no temporary of a whole region)
-                end = min(step + CHUNK, hi)
-                hits = step + np.flatnonzero(region.state[step - region.vpn:end - region.vpn] == state)
+            a, b = lo - region.vpn, hi - region.vpn
+            # (a bool a page: no temporary of a whole region)
+            for step, end in (chunk_steps(a, b) if state == State.FRESH else region.steps(a, b, "state")):
+                hits = region.vpn + step + np.flatnonzero(region.state[step:end] == state)
                 if limit is not None and count + len(hits) >= limit:
                     hits = hits[:limit - count]
                     found.append(hits)
-                    return np.concatenate(found).astype(np.int64), (int(hits[-1]) + 1 if len(hits) else step)
+                    return np.concatenate(found).astype(np.int64), (int(hits[-1]) + 1 if len(hits) else region.vpn + step)
                 found.append(hits)
                 count += len(hits)
         return (np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)), vpn_hi
@@ -370,8 +395,8 @@ class PageTable:
         returns those slots, to be freed."""
         taken = []
         for region in self.regions:
-            for lo in range(0, region.npages, CHUNK):
-                state, slot = region.state[lo:lo + CHUNK], region.slot[lo:lo + CHUNK]
+            for lo, hi in region.steps(0, region.npages, "slot"):
+                state, slot = region.state[lo:hi], region.slot[lo:hi]
                 kept = np.flatnonzero(slot)
                 kept = kept[state[kept] == State.RESIDENT]
                 taken.append(slot[kept].copy())
@@ -398,9 +423,14 @@ class PageTable:
         regions as needed. Returns their slots, to be freed."""
         freed = []
         for region, lo, hi in list(self._overlapping(vpn_lo, vpn_hi)):
-            a, b = lo - region.vpn, hi - region.vpn
-            self._count_out(region.state[a:b])
-            freed.append(nonzero_slots(region.slot[a:b]))
+            # (the FRESH pages outside its steps are counted out as one)
+            fresh = hi - lo
+            for a, b in region.steps(lo - region.vpn, hi - region.vpn, "state"):
+                fresh -= b - a
+                self._count_out(region.state[a:b])
+            for a, b in region.steps(lo - region.vpn, hi - region.vpn, "slot"):
+                freed.append(nonzero_slots(region.slot[a:b]))
+            self.counts[State.FRESH] -= fresh
             self._split_out(region, lo, hi)
         return joined(freed)
 
@@ -410,16 +440,17 @@ class PageTable:
         Returns the slots to free. Idempotent: the kernel may report a range twice."""
         freed = []
         for region, lo, hi in self._overlapping(vpn_lo, vpn_hi):
-            a, b = lo - region.vpn, hi - region.vpn
-            states = region.state[a:b]
-            hit = ~np.isin(states, keep) if keep else np.ones(b - a, bool)
-            slots = region.slot[a:b]
-            freed.append(slots[hit & (slots != NO_SLOT)])
-            self._count_out(states[hit])
-            states[hit] = State.FRESH
-            slots[hit] = NO_SLOT
-            region.flags[a:b][hit] = 0
-            self.counts[State.FRESH] += int(hit.sum())
+            # (FRESH pages with no slot outside its steps stay as they are)
+            for a, b in region.steps(lo - region.vpn, hi - region.vpn):
+                states = region.state[a:b]
+                hit = ~np.isin(states, keep) if keep else np.ones(b - a, bool)
+                slots = region.slot[a:b]
+                freed.append(slots[hit & (slots != NO_SLOT)])
+                self._count_out(states[hit])
+                states[hit] = State.FRESH
+                slots[hit] = NO_SLOT
+                region.flags[a:b][hit] = 0
+                self.counts[State.FRESH] += int(hit.sum())
         return joined(freed)
 
     def move(self, src_vpn: int, dst_vpn: int, npages: int) -> np.ndarray:
@@ -464,15 +495,13 @@ class PageTable:
         child = self.copy(arrays)
         for region in child.regions:
             region.flags = sparse_zeros(region.npages, np.uint8)
-            for lo in range(0, region.npages, CHUNK):
-                state, slot = region.state[lo:lo + CHUNK], region.slot[lo:lo + CHUNK]
+            for lo, hi in region.steps(0, region.npages, "state"):   # (slots read where ZAPPING only)
+                state, slot = region.state[lo:hi], region.slot[lo:hi]
                 evicting = state == State.EVICTING
                 zapping = state == State.ZAPPING
                 state[evicting] = State.RESIDENT
                 state[zapping] = np.where(slot[zapping] == NO_SLOT, State.FRESH, State.SWAPPED)
-        child.counts[:] = 0
-        for region in child.regions:
-            child._count_in(region.state)
+        child.recount()
         return child
 
     def slot_steps(self) -> Iterator[np.ndarray]:
@@ -481,7 +510,8 @@ class PageTable:
         of them all, and the allocator's work on it, would raise the
         daemon's peak memory by several times the page table's 6)."""
         for region in self.regions:
-            yield from named_steps(region.slot)
+            for lo, hi in region.steps(0, region.npages, "slot"):
+                yield from named_steps(region.slot[lo:hi])
 
     # ---- helpers -----------------------------------------------------
     def _overlapping(self, vpn_lo: int, vpn_hi: int) -> Iterator[tuple[Region, int, int]]:
@@ -513,7 +543,11 @@ class PageTable:
         """Per-state counts from the arrays (a table loaded from files)."""
         self.counts[:] = 0
         for region in self.regions:
-            self._count_in(region.state)
+            fresh = region.npages   # (less the pages in its steps, counted as they are)
+            for lo, hi in region.steps(0, region.npages, "state"):
+                fresh -= hi - lo
+                self._count_in(region.state[lo:hi])
+            self.counts[State.FRESH] += fresh
 
     def _count_out(self, states: np.ndarray) -> None:
         if len(states) <= SMALL:

@@ -22,15 +22,17 @@ their old region, and the newest generation wins when the table is loaded.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 from umgr.kernel.sharedmap import map_shared
-from umgr.paging.pagetable import MemoryArrays, PageTable, Region, copy_nonzero
+from umgr.paging.pagetable import MemoryArrays, PageTable, Region, chunk_steps, copy_nonzero
 
 log = logging.getLogger("umgr.daemon")
 
@@ -46,6 +48,54 @@ class FileBacking:
     name: str
     header: np.ndarray    # int64 [MAGIC, vpn, npages, generation]
     generation: int
+    dir_fd: int           # the table's directory (FileArrays owns it)
+
+    def steps(self, a: int, b: int, of: str = "both") -> Iterator[tuple[int, int]]:
+        """Region.steps: pages [a, b) where the file holds data in the
+        array(s) `of` names (SEEK_DATA, SEEK_HOLE: a hole reads as zero, a
+        FRESH page with no slot). Every step if the file cannot be looked at."""
+        npages = int(self.header[2])
+        try:
+            fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            yield from chunk_steps(a, b)
+            return
+        try:
+            runs = []
+            if of != "slot":
+                runs += _data(fd, HEADER_BYTES + a, HEADER_BYTES + b, HEADER_BYTES, 1)
+            if of != "state":
+                offset = _slot_offset(npages)
+                runs += _data(fd, offset + 4 * a, offset + 4 * b, offset, 4)
+            runs.sort()
+        finally:
+            os.close(fd)
+        end = a
+        for lo, hi in runs:   # (merged, then cut into steps)
+            lo = max(lo, end)
+            if hi > lo:
+                yield from chunk_steps(lo, hi)
+                end = hi
+
+
+def _data(fd: int, start: int, stop: int, base: int, size: int) -> list[tuple[int, int]]:
+    """The runs of entries (of `size` bytes, the first at `base`) holding
+    data in the file's bytes [start, stop)."""
+    runs = []
+    at = start
+    while at < stop:
+        try:
+            lo = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:   # no data after `at`
+                break
+            raise
+        if lo >= stop:
+            break
+        hi = min(os.lseek(fd, lo, os.SEEK_HOLE), stop)
+        runs.append(((lo - base) // size, (hi - base + size - 1) // size))
+        at = hi
+    return runs
 
 
 def _slot_offset(npages: int) -> int:
@@ -58,7 +108,7 @@ def _file_size(npages: int) -> int:
 
 def _map(fd: int, npages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The file's header, state and slot arrays, mapped shared."""
-    memory = map_shared(fd, _file_size(npages))
+    memory = map_shared(fd, _file_size(npages), random=True)
     header = np.frombuffer(memory, np.int64, 4, 0)
     state = np.frombuffer(memory, np.uint8, npages, HEADER_BYTES)
     slot = np.frombuffer(memory, np.int32, npages, _slot_offset(npages))
@@ -96,7 +146,7 @@ class FileArrays(MemoryArrays):
         copy_nonzero(state, region.state)   # the file is zeros: a sparse file stays sparse
         copy_nonzero(slot, region.slot)
         region.state, region.slot = state, slot
-        region.backing = FileBacking(name, header, generation)
+        region.backing = FileBacking(name, header, generation, self.dir_fd)
         header[1:] = (region.vpn, region.npages, generation)
         header[0] = MAGIC
 
@@ -189,7 +239,7 @@ class FileArrays(MemoryArrays):
             header, state, slot = _map(fd, npages)
         finally:
             os.close(fd)
-        return Region(vpn, state, slot, backing=FileBacking(name, header, generation))
+        return Region(vpn, state, slot, backing=FileBacking(name, header, generation, self.dir_fd))
 
 
 def remove_all(dir_fd: int) -> None:
