@@ -56,10 +56,19 @@ class FileBacking:
         FRESH page with no slot). Every step if the file cannot be looked at."""
         npages = int(self.header[2])
         try:
-            fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+            runs = self._runs(a, b, of, npages)
         except OSError:
             yield from chunk_steps(a, b)
             return
+        end = a
+        for lo, hi in sorted(runs):   # (merged, then cut into steps)
+            lo = max(lo, end)
+            if hi > lo:
+                yield from chunk_steps(lo, hi)
+                end = hi
+
+    def _runs(self, a: int, b: int, of: str, npages: int) -> list[tuple[int, int]]:
+        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
         try:
             runs = []
             if of != "slot":
@@ -67,15 +76,9 @@ class FileBacking:
             if of != "state":
                 offset = _slot_offset(npages)
                 runs += _data(fd, offset + 4 * a, offset + 4 * b, offset, 4)
-            runs.sort()
+            return runs
         finally:
             os.close(fd)
-        end = a
-        for lo, hi in runs:   # (merged, then cut into steps)
-            lo = max(lo, end)
-            if hi > lo:
-                yield from chunk_steps(lo, hi)
-                end = hi
 
 
 def _data(fd: int, start: int, stop: int, base: int, size: int) -> list[tuple[int, int]]:
