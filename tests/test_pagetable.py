@@ -447,3 +447,41 @@ def test_a_saved_table_whose_file_cannot_be_looked_at_is_scanned_whole(tmp_path)
     assert np.array_equal(np.sort(saved.remove(1000, 1000 + (1 << 20))), np.sort(memory.remove(1000, 1000 + (1 << 20))))
     assert np.array_equal(saved.counts, memory.counts)
     os.close(dir_fd)
+
+
+@pytest.mark.parametrize("zapping", [False, True])
+def test_settling_a_saved_table_reads_its_holes_by_presence_only(tmp_path, zapping):
+    # A saved region of 4M pages, its first 64 set in every state and the
+    # rest FRESH (the file's holes), some pages present at both: settled as
+    # the same table in memory is, page by page, while its steps (where a
+    # file is read) cover no more than the start.
+    from umgr.paging import recovery
+    from umgr.paging.tablefile import FileArrays
+    npages = 1 << 22
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    saved, memory = tables = (PageTable(arrays=FileArrays(dir_fd)), PageTable())
+    rng = np.random.default_rng(3)
+    for pt in tables:
+        pt.add(5000, npages)
+    vpns = np.arange(5000, 5064)
+    states = rng.choice([State.FRESH, State.RESIDENT, State.EVICTING, State.ZAPPING, State.SWAPPED, State.PINNED,
+                         State.ZERO, State.SHARED], len(vpns))
+    slots = np.where(rng.random(len(vpns)) < 0.5, np.arange(1, len(vpns) + 1), NO_SLOT).astype(np.int32)
+    slots[states == State.SWAPPED] = np.arange(1000, 1000 + int((states == State.SWAPPED).sum()))
+    slots[0] = 7   # (a slot at the start makes the region's arrays a file)
+    for pt in tables:
+        for state in np.unique(states):
+            chosen = states == state
+            pt.set(vpns[chosen], int(state), slots[chosen])
+    assert saved.regions[0].backing is not None and memory.regions[0].backing is None
+    present = set(rng.choice(np.arange(5000, 5000 + npages), 300, replace=False).tolist()) | set(range(5000, 5064, 3))
+    present_pages = lambda vpn, n: np.array([v in present for v in range(vpn, vpn + n)])   # noqa: E731
+    assert sum(hi - lo for lo, hi in saved.regions[0].steps(0, npages)) <= 1 << 12
+    got = recovery.settle(saved, present_pages, zapping)
+    want = recovery.settle(memory, present_pages, zapping)
+    assert np.array_equal(np.sort(got[0]), np.sort(want[0])) and np.array_equal(got[1], want[1])
+    assert np.array_equal(saved.counts, memory.counts)
+    for state in (State.RESIDENT, State.SWAPPED, State.PINNED, State.ZERO, State.SHARED, State.ZAPPING):
+        assert np.array_equal(saved.vpns_in(state), memory.vpns_in(state))
+    assert len(saved.vpns_in(State.RESIDENT)) >= 300 - 64
+    os.close(dir_fd)

@@ -67,16 +67,23 @@ def settle(pt: PageTable, present_pages, zapping: bool) -> tuple[np.ndarray, np.
     slots to free and the vpns that became RESIDENT. A region is looked at
     CHUNK pages at a time, and pages that stay as they are (the untouched
     FRESH pages of a large reservation, most of it) are never listed: a
-    64 GiB reservation's settling took 650 MB of the daemon's memory."""
+    64 GiB reservation's settling took 650 MB of the daemon's memory. Nor
+    are a saved region's holes read (Region.steps): their pages are FRESH
+    with no slot, and presence alone can change them."""
     to_resident, to_swapped, to_fresh, freed = [], [], [], []
     for region in list(pt.regions):
-        for lo in range(0, region.npages, CHUNK):
-            hi = min(lo + CHUNK, region.npages)
-            resident, swapped, fresh, slots = _changes(region.state[lo:hi], region.slot[lo:hi],
-                                                       present_pages(region.vpn + lo, hi - lo), zapping)
-            freed.append(slots)
-            for chosen, out in ((resident, to_resident), (swapped, to_swapped), (fresh, to_fresh)):
-                out.append(region.vpn + lo + np.flatnonzero(chosen))
+        at = 0
+        for lo, hi in [*region.steps(0, region.npages), (region.npages, region.npages)]:
+            for gap in range(at, lo, CHUNK):   # FRESH, no slot: RESIDENT if present
+                present = present_pages(region.vpn + gap, min(gap + CHUNK, lo) - gap)
+                to_resident.append(region.vpn + gap + np.flatnonzero(present))
+            if hi > lo:
+                resident, swapped, fresh, slots = _changes(region.state[lo:hi], region.slot[lo:hi],
+                                                           present_pages(region.vpn + lo, hi - lo), zapping)
+                freed.append(slots)
+                for chosen, out in ((resident, to_resident), (swapped, to_swapped), (fresh, to_fresh)):
+                    out.append(region.vpn + lo + np.flatnonzero(chosen))
+            at = max(at, hi)
     newly_resident = _join(to_resident)
     newly_resident = newly_resident[pt.states(newly_resident) != State.RESIDENT]
     pt.set(_join(to_resident), State.RESIDENT, NO_SLOT)
