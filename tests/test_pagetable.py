@@ -431,6 +431,11 @@ def test_a_saved_table_is_scanned_where_its_files_hold_data(tmp_path):
     lo, hi = 1000 + npages // 4, 1000 + npages // 2
     assert np.array_equal(np.sort(saved.discard(lo, hi)), np.sort(memory.discard(lo, hi)))
     assert np.array_equal(saved.counts, memory.counts)
+    src, dst = 1000 + npages - (1 << 17), 1000 + 2 * npages   # (mremap of its last 128k pages, away)
+    assert np.array_equal(saved.move(src, dst, 1 << 17), memory.move(src, dst, 1 << 17))
+    assert np.array_equal(saved.counts, memory.counts)
+    for state in (State.RESIDENT, State.SWAPPED):
+        assert np.array_equal(saved.vpns_in(state), memory.vpns_in(state))
     assert np.array_equal(np.sort(saved.remove(1000 + npages // 8, 1000 + npages - 5)),
                           np.sort(memory.remove(1000 + npages // 8, 1000 + npages - 5)))
     assert np.array_equal(saved.counts, memory.counts)

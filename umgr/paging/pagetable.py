@@ -456,16 +456,14 @@ class PageTable:
     def move(self, src_vpn: int, dst_vpn: int, npages: int) -> np.ndarray:
         """mremap moved [src, src+n) to dst: states and slots follow the pages.
         Returns the slots of what the move replaced at dst, to be freed."""
+        # (the moved pages keep their states: the counts do not change,
+        # and a saved region's holes are not read to count them twice)
         pieces = [(lo, self.arrays.piece(region, lo, hi))
                   for region, lo, hi in self._overlapping(src_vpn, src_vpn + npages)]
-        for region, lo, hi in list(self._overlapping(src_vpn, src_vpn + npages)):
-            a, b = lo - region.vpn, hi - region.vpn
-            self._count_out(region.state[a:b])
         self._cut(src_vpn, src_vpn + npages)
         replaced = self.remove(dst_vpn, dst_vpn + npages)
         for lo, piece in pieces:
             self.arrays.moved(piece, dst_vpn + (lo - src_vpn))
-            self._count_in(piece.state)
             bisect.insort(self.regions, piece, key=lambda r: r.vpn)
         self.layout += 1
         return replaced
@@ -524,7 +522,7 @@ class PageTable:
             i += 1
 
     def _cut(self, vpn_lo: int, vpn_hi: int) -> None:
-        """Remove pages without counting (the caller has)."""
+        """Remove pages without counting them out (they move on: move())."""
         for region, lo, hi in list(self._overlapping(vpn_lo, vpn_hi)):
             self._split_out(region, lo, hi)
 
