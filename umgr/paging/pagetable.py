@@ -423,14 +423,9 @@ class PageTable:
         regions as needed. Returns their slots, to be freed."""
         freed = []
         for region, lo, hi in list(self._overlapping(vpn_lo, vpn_hi)):
-            # (the FRESH pages outside its steps are counted out as one)
-            fresh = hi - lo
-            for a, b in region.steps(lo - region.vpn, hi - region.vpn, "state"):
-                fresh -= b - a
-                self._count_out(region.state[a:b])
+            self.counts -= _counts_of(region, lo - region.vpn, hi - region.vpn)
             for a, b in region.steps(lo - region.vpn, hi - region.vpn, "slot"):
                 freed.append(nonzero_slots(region.slot[a:b]))
-            self.counts[State.FRESH] -= fresh
             self._split_out(region, lo, hi)
         return joined(freed)
 
@@ -541,11 +536,7 @@ class PageTable:
         """Per-state counts from the arrays (a table loaded from files)."""
         self.counts[:] = 0
         for region in self.regions:
-            fresh = region.npages   # (less the pages in its steps, counted as they are)
-            for lo, hi in region.steps(0, region.npages, "state"):
-                fresh -= hi - lo
-                self._count_in(region.state[lo:hi])
-            self.counts[State.FRESH] += fresh
+            self.counts += _counts_of(region, 0, region.npages)
 
     def _count_out(self, states: np.ndarray) -> None:
         if len(states) <= SMALL:
@@ -554,12 +545,15 @@ class PageTable:
         else:
             self.counts -= histogram(states)
 
-    def _count_in(self, states: np.ndarray) -> None:
-        if len(states) <= SMALL:
-            for state in states.tolist():
-                self.counts[state] += 1
-        else:
-            self.counts += histogram(states)
+
+def _counts_of(region: Region, a: int, b: int) -> np.ndarray:
+    """Pages [a, b) of the region per state: its steps' states counted,
+    the pages outside them FRESH without being read."""
+    counts = np.zeros(256, np.int64)
+    for lo, hi in region.steps(a, b, "state"):
+        counts += histogram(region.state[lo:hi])
+    counts[State.FRESH] += (b - a) - int(counts.sum())
+    return counts
 
 
 def histogram(states: np.ndarray) -> np.ndarray:
