@@ -60,6 +60,12 @@ class PrefetchPolicy:
     # they push out are wanted back. No hook is called for them: it is done
     # in C, before the policy hears of the fault (readahead.py says more).
     cluster = 0
+    # Fresh pages (never written: zeros) that the C fast path brings ahead
+    # of a first write going up, at most (it clips this to 128; 0: none):
+    # 16 after a write fault on the page after one it served, twice as many
+    # each time the writes reach the page after them. The policy hears of the
+    # faults afterwards, not of these pages (readahead.py says more).
+    fresh_window = 0
 
     def on_fault(self, vpn: int, region_start: int, region_end: int) -> Sequence[int] | np.ndarray:
         """A MISSING fault on ``vpn`` (swapped or fresh) inside the mapping
@@ -291,6 +297,13 @@ class GuardedPrefetch:
         """The policy's ``cluster``, if it is one the fast path can do, else 0."""
         pages = getattr(self.policy, "cluster", 0)
         return pages if pages in CLUSTER_SIZES and not self.disabled else 0
+
+    @property
+    def fresh_window(self) -> int:
+        """The policy's ``fresh_window`` (0 if it is not a whole number of
+        pages, or the policy was disabled)."""
+        pages = getattr(self.policy, "fresh_window", 0)
+        return pages if isinstance(pages, int) and pages > 0 and not self.disabled else 0
 
     def _disable(self, hook: str) -> None:
         self.disabled = True

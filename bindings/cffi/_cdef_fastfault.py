@@ -107,6 +107,10 @@ struct umgr_fast_log {
     int64_t cluster_reach; /* ... went out with it: within this many evictions of it */
     int32_t cluster_bar;  /* ... while more than this percentage (+ UMGR_CLUSTER_MARGIN) of them
                              are written soon after (umgr_cluster_wanted) */
+    int32_t fresh_window; /* a fault on a fresh page that follows the page before it (a first touch
+                             going up) brings up to this many fresh pages after it, as zeros, the
+                             first time UMGR_FILL_START, doubling while the touch goes on
+                             (umgr_fast_fill); 0: none */
     int32_t max_stride;   /* end it on a fault that extends the last two served by their gap,
                              a gap of up to this many pages: a strided stream may start */
     int32_t watch_fd;     /* end it when this fd is readable (the daemon's event loop has
@@ -136,6 +140,7 @@ struct umgr_fast_log {
     int64_t file_read_ns, memory_read_ns; /* their read_ns, summed */
     int32_t slow_file_reads;  /* file reads that took longer than slow_read_ns */
     int32_t clustered;    /* pages brought beside lone faults (kind UMGR_FAST_CLUSTER) */
+    int32_t filled;       /* fresh pages brought ahead of a first touch (kind UMGR_FAST_FILL) */
     int32_t released_count; /* slots whose last reference went: released[0..released_count) */
     int32_t *released;    /* (max entries: a logged page gives up at most one slot) */
     int32_t double_free;  /* a slot without a reference was to be given up (left as it was) */
@@ -143,9 +148,13 @@ struct umgr_fast_log {
     int32_t cluster_brought; /* pages brought beside lone faults lately (halved now and then) */
     int32_t cluster_hits;    /* of them, written (a write-protect fault; halved alike) */
     int32_t cluster_skips;   /* lone faults that brought no block since the last one did */
+    uint64_t fill_next;      /* the page after the last pages brought ahead of a first touch (0: none) */
+    int32_t fill_size;       /* how many those were */
     /* Over calls, set once by the Python side: */
     uint16_t *refs;       /* the slot allocator's reference counts (umgr/backends/slots.py) */
     uint64_t nrefs;
+    uint64_t fill_zeros;  /* UMGR_FILL_MAX pages that read as zeros (never written: no memory),
+                             the source of the pages brought ahead of a first touch */
     const uint32_t *evicted_at; /* per slot, the eviction count when its page went out (slots.py) */
     int64_t *latency;     /* the fault latency histogram (umgr/paging/stats.py), NULL: none */
     const int64_t *latency_bounds; /* bucket b counts serve_ns <= bounds[b] (and > bounds[b-1]) */
@@ -194,6 +203,8 @@ TYPES = STRUCTS + """
 #define UMGR_FAST_WAS_PREFETCHED ...
 #define UMGR_FAST_MEMORY ...
 #define UMGR_FAST_CLUSTER ...
+#define UMGR_FAST_FILL ...
+#define UMGR_FILL_MAX ...
 #define UMGR_FAST_WHY_NEAR ...
 #define UMGR_FAST_WHY_FULL ...
 #define UMGR_FAST_WHY_ROOM ...
@@ -236,6 +247,10 @@ CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FAST_WAS_PREFETCHED 2
 #define UMGR_FAST_MEMORY 4
 #define UMGR_FAST_CLUSTER 8   /* brought beside a lone fault (log->cluster): not a fault */
+#define UMGR_FAST_FILL 16     /* brought ahead of a first write (log->fresh_window): not a fault */
+#define UMGR_FAST_WRITE 32    /* a MISSING fault by a write */
+#define UMGR_FILL_START 16    /* pages a first touch brings the first time */
+#define UMGR_FILL_MAX 128     /* ... at most (log->fresh_window is clipped to it) */
 /* log->why: a call yielded because */
 #define UMGR_FAST_WHY_NEAR 1    /* a page served may start a stream (the prefetch policy is to see it) */
 #define UMGR_FAST_WHY_FULL 2    /* the log is full */
@@ -502,7 +517,7 @@ static void umgr_fast_reset(struct umgr_fast_log *log)
     log->read_ns_sum = log->serve_ns_sum = log->cluster_ns_sum = 0;
     log->file_reads = log->memory_reads = log->slow_file_reads = 0;
     log->file_read_ns = log->memory_read_ns = 0;
-    log->clustered = 0;
+    log->clustered = log->filled = 0;
     if (log->file_buckets != NULL) {
         memset(log->file_buckets, 0, (size_t)(log->nio_bounds + 1) * sizeof(int64_t));
         memset(log->memory_buckets, 0, (size_t)(log->nio_bounds + 1) * sizeof(int64_t));
@@ -646,7 +661,7 @@ static int umgr_fast_place(int uffd, const struct uffd_msg *m, int plan, const s
     log->vpn[n] = vpn;
     log->slot[n] = slot;
     log->kept[n] = (uint8_t)kept;
-    log->kind[n] = plan == UMGR_PLAN_MEMORY ? UMGR_FAST_MEMORY : 0;
+    log->kind[n] = (plan == UMGR_PLAN_MEMORY ? UMGR_FAST_MEMORY : 0) | (write ? UMGR_FAST_WRITE : 0);
     log->read_ns[n] = plan == UMGR_PLAN_SWAPPED || plan == UMGR_PLAN_MEMORY ? read_ns : 0;
     log->serve_ns[n] = umgr_now_ns() - started;
     log->missing++;
@@ -958,6 +973,73 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
     }
 }
 
+/* After a write fault on a fresh page (log entry `at`) that came right
+   after a fault on the page before it (a first touch going up: a buffer
+   being filled, memory an allocator hands out again), or on the page after
+   those this brought last: bring the fresh pages after it, as zeros (copied from
+   log->fill_zeros). UMGR_FILL_START pages the first time, twice as many
+   each time the touch reaches the page after them, up to
+   log->fresh_window; it stops at a page that is not fresh (nor without a
+   slot), the region's end, or the call's room. These are the readahead
+   policy's windows over fresh pages, done here: in the full path each
+   window cost a Python round of 100-150 us, far more than zeroing 128
+   pages. They come in writable (they are to be written), RESIDENT with
+   PREFETCHED, logged with kind UMGR_FAST_FILL. Returns how many came in. */
+static int umgr_fast_fill(int uffd, const struct umgr_fast_region *regions, int nregions, int32_t at,
+                          int32_t room, struct umgr_fast_log *log)
+{
+    uint64_t vpn = log->vpn[at];
+    int32_t most = log->fresh_window < UMGR_FILL_MAX ? log->fresh_window : UMGR_FILL_MAX, size;
+    if (most <= 0 || log->fill_zeros == 0)
+        return 0;
+    if (log->fill_next && vpn == log->fill_next)
+        size = 2 * log->fill_size;
+    else if (umgr_fast_close_to(log->recent, vpn - 1, 0))
+        size = UMGR_FILL_START;
+    else
+        return 0;
+    log->fill_next = 0;
+    int32_t left = (room < log->max ? room : log->max) - log->served;
+    size = size < most ? size : most;
+    size = size < left ? size : left;
+    const struct umgr_fast_region *r = umgr_fast_find(regions, nregions, vpn);
+    if (r == NULL || size <= 0)
+        return 0;
+    int32_t n = 0;
+    while (n < size && vpn + 1 + (uint64_t)n < r->end && r->state[vpn + 1 + (uint64_t)n - r->vpn] == UMGR_STATE_FRESH
+           && r->slot[vpn + 1 + (uint64_t)n - r->vpn] == 0)
+        n++;
+    if (n == 0)
+        return 0;
+    int64_t started = umgr_now_ns();
+    struct uffdio_copy c = { .dst = (vpn + 1) << 12, .src = log->fill_zeros, .len = (uint64_t)n * 4096, .mode = 0 };
+    /* Refused part way (EAGAIN: an event is queued, the full path's to read first): the rest stays fresh. */
+    int32_t got = ioctl(uffd, UFFDIO_COPY, &c) == 0 ? n : c.copy > 0 ? (int32_t)(c.copy / 4096) : 0;
+    for (int32_t p = 0; p < got; p++) {
+        uint64_t page = vpn + 1 + (uint64_t)p, i = page - r->vpn;
+        r->counts[UMGR_STATE_FRESH]--;
+        r->counts[UMGR_STATE_RESIDENT]++;
+        r->state[i] = UMGR_STATE_RESIDENT;
+        r->flags[i] |= UMGR_FLAG_PREFETCHED;
+        int32_t e = log->served++;
+        log->vpn[e] = page;
+        log->slot[e] = 0;
+        log->kept[e] = 0;
+        log->kind[e] = UMGR_FAST_FILL;
+        log->read_ns[e] = log->serve_ns[e] = 0;
+    }
+    /* Serving time, not a fault's latency (as umgr_fast_cluster's). */
+    int64_t spent = umgr_now_ns() - started;
+    log->serve_ns_sum += spent;
+    log->cluster_ns_sum += spent;
+    log->filled += got;
+    if (got == size) {
+        log->fill_next = vpn + 1 + (uint64_t)got;
+        log->fill_size = got;
+    }
+    return got;
+}
+
 /* Serve faults until a message is not a plain one (HANDOFF: log->handoff
    messages are left at the buffer's start; a fault that continues a stream
    of log->streams is not plain), none comes for spin_ns (IDLE), or a limit is
@@ -991,13 +1073,18 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         if (cap > log->max - log->served)
             cap = log->max - log->served;
         log->handoff = umgr_fast_group(uffd, msgs, n, group, regions, nregions, store, pages, zeros, cap, log);
+        int lone = log->served == first + 1 && !(log->kind[first] & UMGR_FAST_WP);
+        /* A first write that brought pages ahead starts no stream for the policy to see. (A
+           read of a fresh page maps the zero page, no memory: pages ahead of it would take some.) */
+        int filled = lone && log->slot[first] == 0 && (log->kind[first] & UMGR_FAST_WRITE) && !log->handoff
+                     && umgr_fast_fill(uffd, regions, nregions, first, room, log) > 0;
         int near_one = 0;
-        for (int32_t i = first; i < log->served; i++)
-            if (!(log->kind[i] & UMGR_FAST_WP))   /* a write to a resident page starts no stream */
+        for (int32_t i = first + filled; i < log->served; i++)
+            if (!(log->kind[i] & (UMGR_FAST_WP | UMGR_FAST_FILL)))   /* a write to a resident page starts none */
                 near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
-        if (log->served == first + 1 && !(log->kind[first] & UMGR_FAST_WP) && log->slot[first] != 0)
+        if (lone && log->slot[first] != 0)
             umgr_fast_cluster(uffd, regions, nregions, store, pages, first, room, log);
         log->why = near_one ? UMGR_FAST_WHY_NEAR
                  : log->served >= log->max ? UMGR_FAST_WHY_FULL

@@ -158,11 +158,13 @@ class FastPath:
         self.spin_ns = int(spin * 1e9)
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
         self._zeros = PageBuffer(1)
+        self._fill_zeros = PageBuffer(uffdmod.FILL_MAX)   # never written: zeros that take no memory
         self._regions = uffdmod.new_fast_struct("umgr_fast_region", 16)   # the table's, as C sees them
         self._served = FastLog(LOG_PAGES)                   # what serve() served
         self._next = FastLog(LOG_PAGES)                     # a call in the background serves into this one
         self._log = self._served.c
         self._log.aio = self._next.c.aio = uffdmod.fast_aio_context()
+        self._log.fill_zeros = self._next.c.fill_zeros = self._fill_zeros.addr
         self._background = None                   # its thread (uffdmod.fast_background), made on first use
         self._wake_fd = -1                        # (its eventfd: log.wake_fd)
         self._prefetched = FastLog(MAX_FILL_PAGES)          # what prefetch() brought in
@@ -308,6 +310,12 @@ class FastPath:
         disabled (GuardedPrefetch.cluster is 0 then)."""
         return getattr(self._prefetch, "cluster", 0)
 
+    @property
+    def fresh_window(self) -> int:
+        """PrefetchPolicy.fresh_window: fresh pages a first touch going up
+        may bring ahead of it (read at each call, as cluster is)."""
+        return getattr(self._prefetch, "fresh_window", 0)
+
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""
         return self.core.budget.prefetch_room(self.core.pt.resident, LOG_PAGES)
@@ -341,6 +349,7 @@ class FastPath:
         c.cluster = self.cluster if core.clean.mode != "never" else 0
         c.cluster_reach = max(CLUSTER_REACH_MIN, int(core.pt.resident * CLUSTER_REACH))
         c.cluster_bar = core.refaults.percent(unknown=100)
+        c.fresh_window = self.fresh_window
         log.drop_references_in(core.slots.counts, core.slots.evicted_at)
         log.count_latencies_in(core.stats.fault_latency)
         room = self._room()
@@ -373,6 +382,7 @@ class FastPath:
         log.recent, log.recent_at = last.recent, last.recent_at
         log.cluster_brought, log.cluster_hits = last.cluster_brought, last.cluster_hits
         log.cluster_skips = last.cluster_skips
+        log.fill_next, log.fill_size = last.fill_next, last.fill_size
         log.streams, log.stream_step = last.streams, last.stream_step
         slice_ns = int((SLICE_SECONDS if core.over_budget() else slice_seconds(log.watch_fd)) * 1e9)
         core.uffd.serve_in_background(
@@ -387,7 +397,7 @@ class FastPath:
         self._log = self._served.c
         # Settling may have noted a prefetch window meanwhile (prefetching()).
         self._log.streams, self._log.stream_step = settled.c.streams, settled.c.stream_step
-        self.core.stats.faults_background += self._log.served - self._log.clustered   # (faults only)
+        self.core.stats.faults_background += self._log.served - self._log.clustered - self._log.filled   # (faults only)
         return outcome
 
     def settle(self) -> tuple[list[int], list[int]]:
@@ -407,7 +417,8 @@ class FastPath:
             return [], []
         read, served = c.read_ns_sum * 1e-9, c.serve_ns_sum * 1e-9
         clustered = c.clustered   # (pages read from a slot, not faults)
-        stats.faults_fast += n - clustered
+        filled = c.filled         # (fresh pages, not faults)
+        stats.faults_fast += n - clustered - filled
         stats.fault_read_seconds += read
         stats.fault_copy_seconds += served - read
         stats.fault_batch_seconds += served
@@ -419,12 +430,16 @@ class FastPath:
             stats.prefetched += clustered
             stats.prefetched_fast += clustered
             stats.clustered += clustered
+        if filled:
+            stats.prefetched += filled
+            stats.prefetched_fast += filled
+            stats.filled_ahead += filled
         self._came_in(self._served, n)
         log = self._served
         vpns, hits = log.vpns[:n].tolist(), []
-        # Without c.wp and clustered pages, every entry is a MISSING fault.
+        # Without c.wp, clustered and filled pages, every entry is a MISSING fault.
         kinds, missing, came_in = [0] * n, vpns, vpns
-        if c.wp or clustered:
+        if c.wp or clustered or filled:
             stats.faults_wp += c.wp
             if c.wp_dropped:
                 core.clean.dirtied(c.wp_dropped)
@@ -432,7 +447,8 @@ class FastPath:
             hits = [vpn for vpn, kind in zip(vpns, kinds) if kind & uffdmod.FAST_WAS_PREFETCHED]
             stats.prefetch_hits += len(hits)
             came_in = [vpn for vpn, kind in zip(vpns, kinds) if not kind & uffdmod.FAST_WP]
-            missing = [vpn for vpn, kind in zip(vpns, kinds) if not kind & (uffdmod.FAST_WP | uffdmod.FAST_CLUSTER)]
+            missing = [vpn for vpn, kind in zip(vpns, kinds)
+                       if not kind & (uffdmod.FAST_WP | uffdmod.FAST_CLUSTER | uffdmod.FAST_FILL)]
         if came_in:
             if c.swapped:   # (their distances: the eviction policy's, and near_refaults)
                 # (a WP entry's slot is the clean copy its write dropped)

@@ -23,6 +23,7 @@ COUNTERS: dict[str, str] = {
     "near_refaults": ("Faults on swapped pages evicted no more evictions ago than there were resident pages "
                       "(they would have stayed under LRU)"),
     "clustered": "Part of those brought beside a lone fault: pages of its block that went out with it",
+    "filled_ahead": "Part of those brought as zeros ahead of a first write going up (fresh pages, in C)",
     "prefetch_hits": "Prefetched pages seen used (their first write-protect fault)",
     "clean_kept": ("Pages read back that came in as clean copies (write-protected, their slot kept) as "
                    "--clean-copies decides; pages brought beside a lone fault, always kept, are not counted"),
