@@ -148,8 +148,10 @@ struct umgr_fast_log {
     int32_t cluster_brought; /* pages brought beside lone faults lately (halved now and then) */
     int32_t cluster_hits;    /* of them, written (a write-protect fault; halved alike) */
     int32_t cluster_skips;   /* lone faults that brought no block since the last one did */
-    uint64_t fill_next;      /* the page after the last pages brought ahead of a first touch (0: none) */
-    int32_t fill_size;       /* how many those were */
+    uint64_t fill_next[4];   /* per first write going up (a thread's, say): the page after the pages
+                                brought ahead of it last (0: none) ... */
+    int32_t fill_size[4];    /* ... and how many those were */
+    int32_t fill_at;         /* where the next one goes in them */
     /* Over calls, set once by the Python side: */
     uint16_t *refs;       /* the slot allocator's reference counts (umgr/backends/slots.py) */
     uint64_t nrefs;
@@ -251,6 +253,7 @@ CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FAST_WRITE 32    /* a MISSING fault by a write */
 #define UMGR_FILL_START 16    /* pages a first touch brings the first time */
 #define UMGR_FILL_MAX 128     /* ... at most (log->fresh_window is clipped to it) */
+#define UMGR_FILL_CHAINS 4    /* first writes going up followed at once (log->fill_next) */
 /* log->why: a call yielded because */
 #define UMGR_FAST_WHY_NEAR 1    /* a page served may start a stream (the prefetch policy is to see it) */
 #define UMGR_FAST_WHY_FULL 2    /* the log is full */
@@ -992,13 +995,19 @@ static int umgr_fast_fill(int uffd, const struct umgr_fast_region *regions, int 
     int32_t most = log->fresh_window < UMGR_FILL_MAX ? log->fresh_window : UMGR_FILL_MAX, size;
     if (most <= 0 || log->fill_zeros == 0)
         return 0;
-    if (log->fill_next && vpn == log->fill_next)
-        size = 2 * log->fill_size;
-    else if (umgr_fast_close_to(log->recent, vpn - 1, 0))
+    int chain = -1;
+    for (int k = 0; k < UMGR_FILL_CHAINS; k++)
+        if (log->fill_next[k] && vpn == log->fill_next[k])
+            chain = k;
+    if (chain >= 0)
+        size = 2 * log->fill_size[chain];
+    else if (umgr_fast_close_to(log->recent, vpn - 1, 0)) {
         size = UMGR_FILL_START;
-    else
+        chain = log->fill_at;
+        log->fill_at = (log->fill_at + 1) % UMGR_FILL_CHAINS;
+    } else
         return 0;
-    log->fill_next = 0;
+    log->fill_next[chain] = 0;
     int32_t left = (room < log->max ? room : log->max) - log->served;
     size = size < most ? size : most;
     size = size < left ? size : left;
@@ -1034,8 +1043,8 @@ static int umgr_fast_fill(int uffd, const struct umgr_fast_region *regions, int 
     log->cluster_ns_sum += spent;
     log->filled += got;
     if (got == size) {
-        log->fill_next = vpn + 1 + (uint64_t)got;
-        log->fill_size = got;
+        log->fill_next[chain] = vpn + 1 + (uint64_t)got;
+        log->fill_size[chain] = got;
     }
     return got;
 }
@@ -1073,14 +1082,19 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         if (cap > log->max - log->served)
             cap = log->max - log->served;
         log->handoff = umgr_fast_group(uffd, msgs, n, group, regions, nregions, store, pages, zeros, cap, log);
-        int lone = log->served == first + 1 && !(log->kind[first] & UMGR_FAST_WP);
-        /* A first write that brought pages ahead starts no stream for the policy to see. (A
-           read of a fresh page maps the zero page, no memory: pages ahead of it would take some.) */
-        int filled = lone && log->slot[first] == 0 && (log->kind[first] & UMGR_FAST_WRITE) && !log->handoff
-                     && umgr_fast_fill(uffd, regions, nregions, first, room, log) > 0;
+        int32_t group_end = log->served;
+        int lone = group_end == first + 1 && !(log->kind[first] & UMGR_FAST_WP);
+        /* Each write fault on a fresh page (several threads' too) may bring pages ahead; one
+           that did starts no stream for the policy to see. (A read of a fresh page maps the
+           zero page, no memory: pages ahead of it would take some.) */
+        uint8_t filled[UMGR_FAST_GROUP] = { 0 };
+        for (int32_t i = first; i < group_end && i - first < UMGR_FAST_GROUP && !log->handoff; i++)
+            filled[i - first] = (log->kind[i] & UMGR_FAST_WRITE) && log->slot[i] == 0
+                                && umgr_fast_fill(uffd, regions, nregions, i, room, log) > 0;
         int near_one = 0;
-        for (int32_t i = first + filled; i < log->served; i++)
-            if (!(log->kind[i] & (UMGR_FAST_WP | UMGR_FAST_FILL)))   /* a write to a resident page starts none */
+        for (int32_t i = first; i < log->served; i++)
+            if (!(log->kind[i] & (UMGR_FAST_WP | UMGR_FAST_FILL))   /* a write to a resident page starts none */
+                && !(i < group_end && i - first < UMGR_FAST_GROUP && filled[i - first]))
                 near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;

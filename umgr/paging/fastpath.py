@@ -382,7 +382,7 @@ class FastPath:
         log.recent, log.recent_at = last.recent, last.recent_at
         log.cluster_brought, log.cluster_hits = last.cluster_brought, last.cluster_hits
         log.cluster_skips = last.cluster_skips
-        log.fill_next, log.fill_size = last.fill_next, last.fill_size
+        log.fill_next, log.fill_size, log.fill_at = last.fill_next, last.fill_size, last.fill_at
         log.streams, log.stream_step = last.streams, last.stream_step
         slice_ns = int((SLICE_SECONDS if core.over_budget() else slice_seconds(log.watch_fd)) * 1e9)
         core.uffd.serve_in_background(
