@@ -48,6 +48,7 @@ _EMPTY = np.empty(0, dtype=np.int64)
 _EMPTY.flags.writeable = False
 NO_PAGES = _EMPTY   # a policy's "nothing", shared: most faults of a random workload return it
 CLUSTER_SIZES = (0, 2, 4, 8)   # what PrefetchPolicy.cluster may be (8: the fast path's group of pages)
+FRESH_WINDOW_MAX = 128         # what PrefetchPolicy.fresh_window is clipped to (the fast path's UMGR_FILL_MAX)
 
 
 class PrefetchPolicy:
@@ -300,10 +301,13 @@ class GuardedPrefetch:
 
     @property
     def fresh_window(self) -> int:
-        """The policy's ``fresh_window`` (0 if it is not a whole number of
-        pages, or the policy was disabled)."""
-        pages = getattr(self.policy, "fresh_window", 0)
-        return pages if isinstance(pages, int) and pages > 0 and not self.disabled else 0
+        """The policy's ``fresh_window``, clipped to FRESH_WINDOW_MAX (0 if
+        it is not a whole number of pages, or the policy was disabled)."""
+        try:
+            pages = operator.index(getattr(self.policy, "fresh_window", 0))
+        except TypeError:
+            return 0
+        return min(pages, FRESH_WINDOW_MAX) if pages > 0 and not self.disabled else 0
 
     def _disable(self, hook: str) -> None:
         self.disabled = True

@@ -47,12 +47,15 @@ out again after freeing it) brings fresh pages ahead of it
 path does it in C, as this policy's windows over such pages would be, but
 without a Python round of 100-150 us each. A write fault on the page after
 one it served brings the next 16 fresh pages, as zeros; a write fault on
-the page after those brings twice as many, up to ``fresh_window``. (A read
-of a fresh page maps the zero page and brings none: they would take memory
-it does not.) Where it pays: DuckDB's spill of a query's
-data under its own memory limit frees and refills 256 KiB blocks some two
-thousand times, each once a ramp of Python windows; a fault on a page that
-is not fresh still goes the way above.
+the page after those brings twice as many, up to ``fresh_window`` (and no
+more than a prefetch window may take of the budget, nor past its high water
+mark). The page before must still be resident, and the policy does not
+hear of the fault that brought them (its window is in). A read of a fresh
+page maps the zero page and brings none: they would take memory it does
+not. Where it pays: DuckDB's spill of a query's data under its own memory
+limit frees and refills 260 KiB blocks about 1.8k times, each once a ramp
+of Python windows; a fault on a page that is not fresh still goes the way
+above.
 """
 
 from __future__ import annotations

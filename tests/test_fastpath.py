@@ -316,10 +316,12 @@ def test_fresh_pages_brought_ahead_read_zero_while_pages_go_out(umgr_exec, progr
 
 @pytest.mark.timeout(120)
 def test_only_writes_going_page_by_page_bring_fresh_pages_ahead(umgr_exec, programs):
-    # Every second page of each block: no fault follows the page before
-    # it, so no fresh page comes ahead of one (the readahead policy may
-    # still follow the stride from Python, as it always did).
-    result = umgr_exec([programs["refill"], "32", "2", "65", "2"], max_resident="64M")
+    # Every second page of each block of 64 (so the last page written in
+    # a block and the first of the next are two apart as well): no fault
+    # follows the page before it, so no fresh page comes ahead of one (the
+    # readahead policy may still follow the stride from Python, as it
+    # always did).
+    result = umgr_exec([programs["refill"], "32", "2", "64", "2"], max_resident="64M")
     assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
     assert result.stats["filled_ahead"] == 0, result.stats
     # (Nor does a read going up: test_unfreeable.py's zero-page pages.)

@@ -135,7 +135,8 @@ struct umgr_fast_log {
     int32_t kept_count;   /* of them, come in clean (write-protected, slot kept) */
     int64_t read_ns_sum;  /* read_ns of the logged pages, summed */
     int64_t serve_ns_sum; /* serve_ns of the logged pages, summed */
-    int64_t cluster_ns_sum; /* of serve_ns_sum, bringing pages beside lone faults (no fault's latency) */
+    int64_t cluster_ns_sum; /* of serve_ns_sum, bringing pages beside lone faults or ahead of first
+                               writes (no fault's latency) */
     int32_t file_reads, memory_reads; /* of the pages read: from store->fd, unpacked from its memory tier */
     int64_t file_read_ns, memory_read_ns; /* their read_ns, summed */
     int32_t slow_file_reads;  /* file reads that took longer than slow_read_ns */
@@ -206,6 +207,7 @@ TYPES = STRUCTS + """
 #define UMGR_FAST_MEMORY ...
 #define UMGR_FAST_CLUSTER ...
 #define UMGR_FAST_FILL ...
+#define UMGR_FAST_AHEAD ...
 #define UMGR_FILL_MAX ...
 #define UMGR_FAST_WHY_NEAR ...
 #define UMGR_FAST_WHY_FULL ...
@@ -251,6 +253,7 @@ CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FAST_CLUSTER 8   /* brought beside a lone fault (log->cluster): not a fault */
 #define UMGR_FAST_FILL 16     /* brought ahead of a first write (log->fresh_window): not a fault */
 #define UMGR_FAST_WRITE 32    /* a MISSING fault by a write */
+#define UMGR_FAST_AHEAD 64    /* ... that brought fresh pages ahead of it (umgr_fast_fill) */
 #define UMGR_FILL_START 16    /* pages a first touch brings the first time */
 #define UMGR_FILL_MAX 128     /* ... at most (log->fresh_window is clipped to it) */
 #define UMGR_FILL_CHAINS 4    /* first writes going up followed at once (log->fill_next) */
@@ -983,7 +986,10 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
    log->fill_zeros). UMGR_FILL_START pages the first time, twice as many
    each time the touch reaches the page after them, up to
    log->fresh_window; it stops at a page that is not fresh (nor without a
-   slot), the region's end, or the call's room. These are the readahead
+   slot), the region's end, the call's room, or its high water mark
+   (log->yield_after: the evictor is to start then). Either way the page
+   before it must be resident still: after the program discarded or
+   unmapped it, a write on the page after is no longer a touch going up. These are the readahead
    policy's windows over fresh pages, done here: in the full path each
    window cost a Python round of 100-150 us, far more than zeroing 128
    pages. They come in writable (they are to be written), RESIDENT with
@@ -994,6 +1000,9 @@ static int umgr_fast_fill(int uffd, const struct umgr_fast_region *regions, int 
     uint64_t vpn = log->vpn[at];
     int32_t most = log->fresh_window < UMGR_FILL_MAX ? log->fresh_window : UMGR_FILL_MAX, size;
     if (most <= 0 || log->fill_zeros == 0)
+        return 0;
+    const struct umgr_fast_region *r = umgr_fast_find(regions, nregions, vpn);
+    if (r == NULL || vpn == r->vpn || r->state[vpn - 1 - r->vpn] != UMGR_STATE_RESIDENT)
         return 0;
     int chain = -1;
     for (int k = 0; k < UMGR_FILL_CHAINS; k++)
@@ -1008,11 +1017,11 @@ static int umgr_fast_fill(int uffd, const struct umgr_fast_region *regions, int 
     } else
         return 0;
     log->fill_next[chain] = 0;
-    int32_t left = (room < log->max ? room : log->max) - log->served;
+    int32_t limit = room < log->max ? room : log->max;
+    limit = limit < log->yield_after ? limit : log->yield_after;
     size = size < most ? size : most;
-    size = size < left ? size : left;
-    const struct umgr_fast_region *r = umgr_fast_find(regions, nregions, vpn);
-    if (r == NULL || size <= 0)
+    size = size < limit - log->served ? size : limit - log->served;
+    if (size <= 0)
         return 0;
     int32_t n = 0;
     while (n < size && vpn + 1 + (uint64_t)n < r->end && r->state[vpn + 1 + (uint64_t)n - r->vpn] == UMGR_STATE_FRESH
@@ -1042,6 +1051,8 @@ static int umgr_fast_fill(int uffd, const struct umgr_fast_region *regions, int 
     log->serve_ns_sum += spent;
     log->cluster_ns_sum += spent;
     log->filled += got;
+    if (got > 0)
+        log->kind[at] |= UMGR_FAST_AHEAD;
     if (got == size) {
         log->fill_next[chain] = vpn + 1 + (uint64_t)got;
         log->fill_size[chain] = got;
@@ -1085,8 +1096,9 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
         int32_t group_end = log->served;
         int lone = group_end == first + 1 && !(log->kind[first] & UMGR_FAST_WP);
         /* Each write fault on a fresh page (several threads' too) may bring pages ahead; one
-           that did starts no stream for the policy to see. (A read of a fresh page maps the
-           zero page, no memory: pages ahead of it would take some.) */
+           that did starts no stream (settle() does not tell the policy of it either: its
+           window is in). A read of a fresh page maps the zero page, no memory: pages ahead
+           of it would take some. */
         uint8_t filled[UMGR_FAST_GROUP] = { 0 };
         for (int32_t i = first; i < group_end && i - first < UMGR_FAST_GROUP && !log->handoff; i++)
             filled[i - first] = (log->kind[i] & UMGR_FAST_WRITE) && log->slot[i] == 0

@@ -21,9 +21,13 @@ def bytes_address(data: bytes) -> int:
 
 
 class PageBuffer:
-    def __init__(self, npages: int):
+    def __init__(self, npages: int, private: bool = False):
+        """`private`: a private mapping, whose pages read before they are
+        written are the kernel's zero page (no memory); a shared one (shmem)
+        gets a page of its own at any first touch."""
         self.npages = npages
-        self._map = mmap.mmap(-1, npages * PAGE_SIZE)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS if private else mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
+        self._map = mmap.mmap(-1, npages * PAGE_SIZE, flags=flags)
         self.bytes = np.frombuffer(self._map, np.uint8)
         self.addr = self.bytes.ctypes.data
 

@@ -96,10 +96,15 @@ class Budget:
         a strided stream's window still says its step (the C fast path
         looks for the stream's next fault a step past its far end:
         FastPath.prefetching)."""
-        most = max(2, self.pages // WINDOW_DIVISOR)
+        most = self.window_pages()
         if not self.limited or len(pages) <= most:
             return pages
         return nearest_first([(vpn, pages)], most)
+
+    def window_pages(self) -> int:
+        """The most pages a prefetch window may be (window()); a large
+        number without a limit."""
+        return max(2, self.pages // WINDOW_DIVISOR) if self.limited else 1 << 30
 
     def prefetch_room(self, resident: int, most: int) -> int:
         """Pages that may come in (at most `most`: a prefetch, a fast-path

@@ -78,11 +78,13 @@ from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, Flag, Region, State
 from umgr.paging.stats import LATENCY_BUCKETS_NS
+from umgr.policies import FRESH_WINDOW_MAX
 from umgr.paging.tuning import MAX_FILL_PAGES
 from umgr.trace import NO_TRACE
 
 assert uffdmod.fast_state_values() == (State.FRESH, State.RESIDENT, State.SWAPPED)
 assert uffdmod.fast_flag_values() == (Flag.DISCARDABLE, Flag.PREFETCHED, Flag.CLUSTERED)
+assert uffdmod.FILL_MAX == FRESH_WINDOW_MAX
 
 logger = logging.getLogger("umgr.target")
 
@@ -158,7 +160,7 @@ class FastPath:
         self.spin_ns = int(spin * 1e9)
         self._pages = PageBuffer(uffdmod.FAST_GROUP)   # reads land here (O_DIRECT: page aligned)
         self._zeros = PageBuffer(1)
-        self._fill_zeros = PageBuffer(uffdmod.FILL_MAX)   # never written: zeros that take no memory
+        self._fill_zeros = PageBuffer(uffdmod.FILL_MAX, private=True)   # never written: the zero page
         self._regions = uffdmod.new_fast_struct("umgr_fast_region", 16)   # the table's, as C sees them
         self._served = FastLog(LOG_PAGES)                   # what serve() served
         self._next = FastLog(LOG_PAGES)                     # a call in the background serves into this one
@@ -349,7 +351,8 @@ class FastPath:
         c.cluster = self.cluster if core.clean.mode != "never" else 0
         c.cluster_reach = max(CLUSTER_REACH_MIN, int(core.pt.resident * CLUSTER_REACH))
         c.cluster_bar = core.refaults.percent(unknown=100)
-        c.fresh_window = self.fresh_window
+        # (No more than a prefetch window may take of the budget: Budget.window.)
+        c.fresh_window = min(self.fresh_window, core.budget.window_pages())
         log.drop_references_in(core.slots.counts, core.slots.evicted_at)
         log.count_latencies_in(core.stats.fault_latency)
         room = self._room()
@@ -447,8 +450,9 @@ class FastPath:
             hits = [vpn for vpn, kind in zip(vpns, kinds) if kind & uffdmod.FAST_WAS_PREFETCHED]
             stats.prefetch_hits += len(hits)
             came_in = [vpn for vpn, kind in zip(vpns, kinds) if not kind & uffdmod.FAST_WP]
+            # (Nor a fault that brought pages ahead: the policy's window is in.)
             missing = [vpn for vpn, kind in zip(vpns, kinds)
-                       if not kind & (uffdmod.FAST_WP | uffdmod.FAST_CLUSTER | uffdmod.FAST_FILL)]
+                       if not kind & (uffdmod.FAST_WP | uffdmod.FAST_CLUSTER | uffdmod.FAST_FILL | uffdmod.FAST_AHEAD)]
         if came_in:
             if c.swapped:   # (their distances: the eviction policy's, and near_refaults)
                 # (a WP entry's slot is the clean copy its write dropped)
@@ -477,6 +481,7 @@ class FastPath:
             self._background = None
         self._pages.close()
         self._zeros.close()
+        self._fill_zeros.close()
         self._prefetch_pages.close()
 
 
