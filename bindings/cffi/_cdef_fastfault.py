@@ -107,9 +107,9 @@ struct umgr_fast_log {
     int64_t cluster_reach; /* ... went out with it: within this many evictions of it */
     int32_t cluster_bar;  /* ... while more than this percentage (+ UMGR_CLUSTER_MARGIN) of them
                              are written soon after (umgr_cluster_wanted) */
-    int32_t fresh_window; /* a fault on a fresh page that follows the page before it (a first touch
-                             going up) brings up to this many fresh pages after it, as zeros, the
-                             first time UMGR_FILL_START, doubling while the touch goes on
+    int32_t fresh_window; /* a write fault on a fresh page that follows the page before it (a first
+                             write going up) brings up to this many fresh pages after it, as zeros,
+                             the first time UMGR_FILL_START, doubling while the writes go on
                              (umgr_fast_fill); 0: none */
     int32_t max_stride;   /* end it on a fault that extends the last two served by their gap,
                              a gap of up to this many pages: a strided stream may start */
@@ -141,7 +141,7 @@ struct umgr_fast_log {
     int64_t file_read_ns, memory_read_ns; /* their read_ns, summed */
     int32_t slow_file_reads;  /* file reads that took longer than slow_read_ns */
     int32_t clustered;    /* pages brought beside lone faults (kind UMGR_FAST_CLUSTER) */
-    int32_t filled;       /* fresh pages brought ahead of a first touch (kind UMGR_FAST_FILL) */
+    int32_t filled;       /* fresh pages brought ahead of first writes (kind UMGR_FAST_FILL) */
     int32_t released_count; /* slots whose last reference went: released[0..released_count) */
     int32_t *released;    /* (max entries: a logged page gives up at most one slot) */
     int32_t double_free;  /* a slot without a reference was to be given up (left as it was) */
@@ -156,8 +156,8 @@ struct umgr_fast_log {
     /* Over calls, set once by the Python side: */
     uint16_t *refs;       /* the slot allocator's reference counts (umgr/backends/slots.py) */
     uint64_t nrefs;
-    uint64_t fill_zeros;  /* UMGR_FILL_MAX pages that read as zeros (never written: no memory),
-                             the source of the pages brought ahead of a first touch */
+    uint64_t fill_zeros;  /* UMGR_FILL_MAX pages that read as zeros (private, never written: the
+                             zero page), the source of the pages brought ahead of first writes */
     const uint32_t *evicted_at; /* per slot, the eviction count when its page went out (slots.py) */
     int64_t *latency;     /* the fault latency histogram (umgr/paging/stats.py), NULL: none */
     const int64_t *latency_bounds; /* bucket b counts serve_ns <= bounds[b] (and > bounds[b-1]) */
@@ -254,7 +254,7 @@ CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FAST_FILL 16     /* brought ahead of a first write (log->fresh_window): not a fault */
 #define UMGR_FAST_WRITE 32    /* a MISSING fault by a write */
 #define UMGR_FAST_AHEAD 64    /* ... that brought fresh pages ahead of it (umgr_fast_fill) */
-#define UMGR_FILL_START 16    /* pages a first touch brings the first time */
+#define UMGR_FILL_START 16    /* pages a first write going up brings the first time */
 #define UMGR_FILL_MAX 128     /* ... at most (log->fresh_window is clipped to it) */
 #define UMGR_FILL_CHAINS 4    /* first writes going up followed at once (log->fill_next) */
 /* log->why: a call yielded because */
@@ -980,20 +980,22 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
 }
 
 /* After a write fault on a fresh page (log entry `at`) that came right
-   after a fault on the page before it (a first touch going up: a buffer
-   being filled, memory an allocator hands out again), or on the page after
-   those this brought last: bring the fresh pages after it, as zeros (copied from
-   log->fill_zeros). UMGR_FILL_START pages the first time, twice as many
-   each time the touch reaches the page after them, up to
-   log->fresh_window; it stops at a page that is not fresh (nor without a
-   slot), the region's end, the call's room, or its high water mark
-   (log->yield_after: the evictor is to start then). Either way the page
-   before it must be resident still: after the program discarded or
-   unmapped it, a write on the page after is no longer a touch going up. These are the readahead
-   policy's windows over fresh pages, done here: in the full path each
-   window cost a Python round of 100-150 us, far more than zeroing 128
-   pages. They come in writable (they are to be written), RESIDENT with
-   PREFETCHED, logged with kind UMGR_FAST_FILL. Returns how many came in. */
+   after a fault on the page before it (a first write going up: a buffer
+   being filled, memory an allocator hands out again), or on the page
+   after those this brought last (one of UMGR_FILL_CHAINS): bring the
+   fresh pages after it, as zeros (copied from log->fill_zeros).
+   UMGR_FILL_START pages the first time, twice as many each time the
+   writes reach the page after them, up to log->fresh_window; it stops at
+   a page that is not fresh (nor without a slot), the region's end, the
+   call's room, or its high water mark (log->yield_after: the evictor is
+   to start then). Either way the page before it must be resident still:
+   after the program discarded or unmapped it, a write on the page after
+   is no longer a write going up. These are the readahead policy's windows
+   over fresh pages, done here: in the full path each window cost a Python
+   round of 100-150 us, far more than zeroing 128 pages. They come in
+   writable (they are to be written), RESIDENT with PREFETCHED, logged
+   with kind UMGR_FAST_FILL; the fault gets UMGR_FAST_AHEAD. Returns how
+   many came in. */
 static int umgr_fast_fill(int uffd, const struct umgr_fast_region *regions, int nregions, int32_t at,
                           int32_t room, struct umgr_fast_log *log)
 {

@@ -78,8 +78,8 @@ from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, Flag, Region, State
 from umgr.paging.stats import LATENCY_BUCKETS_NS
-from umgr.policies import FRESH_WINDOW_MAX
 from umgr.paging.tuning import MAX_FILL_PAGES
+from umgr.policies import FRESH_WINDOW_MAX
 from umgr.trace import NO_TRACE
 
 assert uffdmod.fast_state_values() == (State.FRESH, State.RESIDENT, State.SWAPPED)
@@ -314,7 +314,7 @@ class FastPath:
 
     @property
     def fresh_window(self) -> int:
-        """PrefetchPolicy.fresh_window: fresh pages a first touch going up
+        """PrefetchPolicy.fresh_window: fresh pages a first write going up
         may bring ahead of it (read at each call, as cluster is)."""
         return getattr(self._prefetch, "fresh_window", 0)
 
