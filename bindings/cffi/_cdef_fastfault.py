@@ -979,6 +979,27 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
     }
 }
 
+/* A page that came in beside the faults (no fault's own): RESIDENT, its
+   slot kept if `kept` (a clean copy), `flags` set, logged with `kind`
+   and its share of the read's time. */
+static void umgr_fast_brought(const struct umgr_fast_region *r, uint64_t vpn, int32_t slot, int kept,
+                              uint8_t flags, uint8_t kind, int64_t read_ns, struct umgr_fast_log *log)
+{
+    uint64_t at = vpn - r->vpn;
+    r->counts[r->state[at]]--;
+    r->counts[UMGR_STATE_RESIDENT]++;
+    r->state[at] = UMGR_STATE_RESIDENT;
+    r->slot[at] = kept ? slot : 0;
+    r->flags[at] |= flags;
+    int32_t e = log->served++;
+    log->vpn[e] = vpn;
+    log->slot[e] = slot;
+    log->kept[e] = (uint8_t)kept;
+    log->kind[e] = kind;
+    log->read_ns[e] = read_ns;
+    log->serve_ns[e] = 0;
+}
+
 /* After a write fault on a fresh page (log entry `at`) that came right
    after a fault on the page before it (a first write going up: a buffer
    being filled, memory an allocator hands out again), or on the page
@@ -1035,19 +1056,8 @@ static int umgr_fast_fill(int uffd, const struct umgr_fast_region *regions, int 
     struct uffdio_copy c = { .dst = (vpn + 1) << 12, .src = log->fill_zeros, .len = (uint64_t)n * 4096, .mode = 0 };
     /* Refused part way (EAGAIN: an event is queued, the full path's to read first): the rest stays fresh. */
     int32_t got = ioctl(uffd, UFFDIO_COPY, &c) == 0 ? n : c.copy > 0 ? (int32_t)(c.copy / 4096) : 0;
-    for (int32_t p = 0; p < got; p++) {
-        uint64_t page = vpn + 1 + (uint64_t)p, i = page - r->vpn;
-        r->counts[UMGR_STATE_FRESH]--;
-        r->counts[UMGR_STATE_RESIDENT]++;
-        r->state[i] = UMGR_STATE_RESIDENT;
-        r->flags[i] |= UMGR_FLAG_PREFETCHED;
-        int32_t e = log->served++;
-        log->vpn[e] = page;
-        log->slot[e] = 0;
-        log->kept[e] = 0;
-        log->kind[e] = UMGR_FAST_FILL;
-        log->read_ns[e] = log->serve_ns[e] = 0;
-    }
+    for (int32_t p = 0; p < got; p++)
+        umgr_fast_brought(r, vpn + 1 + (uint64_t)p, 0, 0, UMGR_FLAG_PREFETCHED, UMGR_FAST_FILL, 0, log);
     /* Serving time, not a fault's latency (as umgr_fast_cluster's). */
     int64_t spent = umgr_now_ns() - started;
     log->serve_ns_sum += spent;
@@ -1332,22 +1342,10 @@ static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int
         int failed = ioctl(uffd, UFFDIO_COPY, &c) < 0;
         int64_t copied = failed ? (c.copy > 0 ? c.copy / 4096 : 0) : j - k;
         for (int p = k; p < k + copied; p++) {
-            const struct umgr_fast_region *r = in[p];
-            uint64_t at = vpn[p] - r->vpn;
-            r->counts[r->state[at]]--;
-            r->counts[UMGR_STATE_RESIDENT]++;
-            r->state[at] = UMGR_STATE_RESIDENT;
-            r->slot[at] = protect[p] ? slot[p] : 0;
-            r->flags[at] |= flags;
-            int32_t e = log->served++;
-            log->vpn[e] = vpn[p];
-            log->slot[e] = slot[p];
-            log->kept[e] = (uint8_t)protect[p];
-            log->kind[e] = (uint8_t)(kind | (umgr_fast_in_memory(store, slot[p]) ? UMGR_FAST_MEMORY : 0));
-            log->read_ns[e] = read_ns / m;
-            log->serve_ns[e] = 0;
-            umgr_fast_came_in(log, slot[p], protect[p], !(kind & UMGR_FAST_CLUSTER), log->kind[e] & UMGR_FAST_MEMORY,
-                              log->read_ns[e]);
+            int memory = umgr_fast_in_memory(store, slot[p]);
+            umgr_fast_brought(in[p], vpn[p], slot[p], protect[p], flags,
+                              (uint8_t)(kind | (memory ? UMGR_FAST_MEMORY : 0)), read_ns / m, log);
+            umgr_fast_came_in(log, slot[p], protect[p], !(kind & UMGR_FAST_CLUSTER), memory, read_ns / m);
         }
         if (failed)
             break;   /* EAGAIN: an event is queued, the full path's to read first */
