@@ -372,6 +372,39 @@ def test_a_sigterm_to_exec_s_process_group_ends_the_program_not_the_daemon(tmp_p
     assert b"1 process, peak resident 16M" in err, err
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("restartable", [True, False], ids=["restartable", "record-trace"])
+def test_a_sigterm_to_every_process_of_the_run_stops_the_program_with_its_daemon_serving(
+        tmp_path, shim, programs, restartable):
+    """systemd's default stop (KillMode=control-group) and `pkill -f`
+    signal every process of the run, the daemon too. The daemon ignores it:
+    the program shuts down, reading back every page it had paged out, with
+    its daemon serving; nothing is restarted. With --record-trace exec
+    cannot restart its daemon, and the program was SIGKILLed."""
+    stats_file = tmp_path / "stats.json"
+    trace = [] if restartable else ["--record-trace", str(tmp_path / "run.trace")]
+    cmd = [sys.executable, "-m", "umgr", "exec", "-v", "--max-resident", "16M", "--swap-size", "1G",
+           "--state-dir", str(tmp_path / "state"), "--stats-json", str(stats_file), *trace,
+           "--", programs["ctl_hold"], "48", "term"]
+    with started(cmd, stdin=subprocess.PIPE, start_new_session=True) as umgr:
+        read_ready(umgr)
+        program = wait_for(lambda: [p for p in children(umgr.pid) if comm(p) == "ctl_hold"], 10, "the program")[0]
+        wait_for(lambda: vm_rss_kb(program) < 24 * 1024, 30, "the program to be paged out")
+        daemon = [p for p in children(umgr.pid) if p != program][0]
+        assert ignored_signals(daemon) >> (signal.SIGTERM - 1) & 1
+        for pid in (umgr.pid, program, daemon):   # (systemd: the main process first)
+            os.kill(pid, signal.SIGTERM)
+        out, err = umgr.communicate(timeout=60)
+    assert umgr.returncode == 0, err
+    assert out == b"ok 12288 pages\n", (out, err)
+    assert b"daemon died" not in err, err
+    stats = json.loads(stats_file.read_text())
+    assert stats["daemon_restarts"] == 0 and stats["targets"] == 1, stats
+    # Its shutdown read back what had gone out.
+    assert stats["pages_out"] >= 6144 and stats["pages_in"] >= 6144, stats
+    assert stats["swap_slots_in_use_at_exit"] == 0, stats
+
+
 def ignored_signals(pid: int) -> int:
     """The mask of the signals the process ignores (/proc/PID/status SigIgn)."""
     with open(f"/proc/{pid}/status") as f:

@@ -204,14 +204,20 @@ class EmbeddedDaemon:
         # the program's business, and umgr exec forwards the others to it.
         # In the group, the daemon died of such a SIGTERM at once and was
         # restarted while the program shut down, and the run's figures went
-        # with it. A SIGTERM sent to the daemon itself still ends it. Out of
-        # the terminal's foreground group, its log lines would stop it if
-        # the terminal is set to `tostop`: SIGTTOU is ignored (the write
-        # then goes on).
+        # with it. A stop signal to every process of the run (systemd's
+        # default stop, `pkill -f`) reaches it anyway: it ignores them too,
+        # and ends as it always does, when the program has (FINISH) or
+        # umgr exec is gone (PR_SET_PDEATHSIG). Dying of it did nothing
+        # but harm: the program shut down, reading back its paged-out
+        # memory, while exec restarted the daemon, and where exec cannot
+        # (--record-trace, two compressed tiers) the program was killed.
+        # Out of the terminal's foreground group, its log lines would stop
+        # it if the terminal is set to `tostop`: SIGTTOU is ignored (the
+        # write then goes on).
         with contextlib.suppress(OSError):   # (nothing may raise out of the child here)
             os.setpgid(0, 0)   # (umgr exec does the same: whichever runs first)
         for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTTOU, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN)
+            signal.signal(signum, signal.SIG_IGN)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             return 1   # umgr exec died before the line above

@@ -1,11 +1,15 @@
 /* Fills MIB of anonymous memory with a known pattern, prints "ready", then
  * waits for stdin to reach EOF before checking every byte. Lets a test look
  * at a target (umgr status) while it is alive, idle and partly swapped out.
- * Usage: ctl_hold MIB [fork|rename]. With "fork" it forks once filled, and
- * parent and child each check every byte (the parent exits 1 if the child
- * failed). With "rename" it renames itself (PR_SET_NAME "renamed") once ready.
+ * Usage: ctl_hold MIB [fork|rename|term]. With "fork" it forks once filled,
+ * and parent and child each check every byte (the parent exits 1 if the
+ * child failed). With "rename" it renames itself (PR_SET_NAME "renamed")
+ * once ready. With "term" a SIGTERM, as a service's stop, also ends the
+ * wait: every byte is checked then, as a shutdown that saves its data reads
+ * it all.
  * Exit 0 and "ok N pages" when all is intact; 1 and a message at the first
  * wrong word. */
+#define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +17,9 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
+#include <signal.h>
+#include <errno.h>
+#include <poll.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -20,6 +27,14 @@
 static uint64_t word_for(size_t page, size_t word)
 {
     return (page * 0x9E3779B97F4A7C15ull) ^ (word * 0xBF58476D1CE4E5B9ull) ^ 0x5A;
+}
+
+static volatile sig_atomic_t terminated;
+
+static void on_term(int sig)
+{
+    (void)sig;
+    terminated = 1;
 }
 
 int main(int argc, char **argv)
@@ -38,6 +53,19 @@ int main(int argc, char **argv)
     for (size_t p = 0; p < npages; p++)
         for (size_t w = 0; w < PAGE / 8; w++)
             mem[p * (PAGE / 8) + w] = word_for(p, w);
+    /* "term": SIGTERM handled from before "ready", and blocked but while
+       ppoll waits, so one that comes between two waits is not lost. */
+    int term = argc > 2 && strcmp(argv[2], "term") == 0;
+    sigset_t waiting;
+    if (term) {
+        struct sigaction sa = { .sa_handler = on_term };
+        sigaction(SIGTERM, &sa, NULL);
+        sigset_t blocked;
+        sigemptyset(&blocked);
+        sigaddset(&blocked, SIGTERM);
+        sigprocmask(SIG_BLOCK, &blocked, &waiting);
+        sigdelset(&waiting, SIGTERM);
+    }
     pid_t child = -1;
     if (argc > 2 && strcmp(argv[2], "fork") == 0 && (child = fork()) < 0) {
         perror("ctl_hold: fork");
@@ -50,8 +78,19 @@ int main(int argc, char **argv)
     if (argc > 2 && strcmp(argv[2], "rename") == 0)
         prctl(PR_SET_NAME, "renamed", 0, 0, 0);   /* its comm, after its daemon named it */
     char buf[64];
-    while (read(0, buf, sizeof buf) > 0)
-        ;
+    if (term) {
+        struct pollfd in = { .fd = 0, .events = POLLIN };
+        while (!terminated) {
+            int ready = ppoll(&in, 1, NULL, &waiting);
+            if (ready < 0 && errno != EINTR)
+                break;
+            if (ready > 0 && read(0, buf, sizeof buf) <= 0)
+                break;
+        }
+    } else {
+        while (read(0, buf, sizeof buf) > 0)
+            ;
+    }
     for (size_t p = 0; p < npages; p++)
         for (size_t w = 0; w < PAGE / 8; w++)
             if (mem[p * (PAGE / 8) + w] != word_for(p, w)) {
