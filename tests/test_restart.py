@@ -386,7 +386,10 @@ def test_a_sigterm_to_every_process_of_the_run_stops_the_program_with_its_daemon
     cmd = [sys.executable, "-m", "umgr", "exec", "-v", "--max-resident", "16M", "--swap-size", "1G",
            "--state-dir", str(tmp_path / "state"), "--stats-json", str(stats_file), *trace,
            "--", programs["ctl_hold"], "48", "term"]
-    with started(cmd, stdin=subprocess.PIPE, start_new_session=True) as umgr:
+    stdin, keep_open = os.pipe()   # (the program is to end of the signal, not of its stdin's end)
+    with contextlib.closing(os.fdopen(keep_open, "wb")), \
+            started(cmd, stdin=stdin, start_new_session=True) as umgr:
+        os.close(stdin)
         read_ready(umgr)
         program = wait_for(lambda: [p for p in children(umgr.pid) if comm(p) == "ctl_hold"], 10, "the program")[0]
         wait_for(lambda: vm_rss_kb(program) < 24 * 1024, 30, "the program to be paged out")
@@ -396,7 +399,7 @@ def test_a_sigterm_to_every_process_of_the_run_stops_the_program_with_its_daemon
             os.kill(pid, signal.SIGTERM)
         out, err = umgr.communicate(timeout=60)
     assert umgr.returncode == 0, err
-    assert out == b"ok 12288 pages\n", (out, err)
+    assert out == b"term\nok 12288 pages\n", (out, err)
     assert b"daemon died" not in err, err
     stats = json.loads(stats_file.read_text())
     assert stats["daemon_restarts"] == 0 and stats["targets"] == 1, stats

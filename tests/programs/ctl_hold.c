@@ -5,8 +5,8 @@
  * and parent and child each check every byte (the parent exits 1 if the
  * child failed). With "rename" it renames itself (PR_SET_NAME "renamed")
  * once ready. With "term" a SIGTERM, as a service's stop, also ends the
- * wait: every byte is checked then, as a shutdown that saves its data reads
- * it all.
+ * wait ("term" is printed): every byte is checked then, as a shutdown that
+ * saves its data reads it all.
  * Exit 0 and "ok N pages" when all is intact; 1 and a message at the first
  * wrong word. */
 #define _GNU_SOURCE
@@ -87,6 +87,8 @@ int main(int argc, char **argv)
             if (ready > 0 && read(0, buf, sizeof buf) <= 0)
                 break;
         }
+        if (terminated)
+            printf("term\n");   /* (not the end of stdin) */
     } else {
         while (read(0, buf, sizeof buf) > 0)
             ;
