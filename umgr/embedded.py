@@ -44,6 +44,8 @@ MAX_RESTARTS = 5          # daemon deaths one run survives; then the program is 
 EXEC_GRACE_SECONDS = 30   # how long a program waits for a restarted daemon (default of exec --grace)
 PR_SET_PDEATHSIG = 1
 FINISH = signal.SIGUSR1   # to the daemon: the program has exited; exit once no process is left
+# Ignored by the daemon, which ends as above: a stop signal is the program's.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM}
 
 
 def _run_dirs(state_dir: str) -> list[str]:
@@ -137,10 +139,19 @@ class EmbeddedDaemon:
         DaemonFailed when it exits before (it said why on stderr)."""
         ready_r, ready_w = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        # Until the child ignores them, a stop signal would run exec's
+        # handler there (which passes it on to the program) or, SIGTERM
+        # before that handler, kill it: blocked across the fork.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:
             os.close(ready_r)
-            os._exit(self._child(parent, ready_w))
+            os._exit(self._child(parent, ready_w, mask))
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(ready_w)
         # Its process group here too (as in the child): a signal to exec's group
         # in between must not reach it. EACCES: it has exec'd; ESRCH: it is gone.
@@ -198,7 +209,7 @@ class EmbeddedDaemon:
         return Outcome(saved.get("totals", {}), saved.get("backend", {}))
 
     # ---- in the child ---------------------------------------------------------------
-    def _child(self, parent: int, ready_fd: int) -> int:
+    def _child(self, parent: int, ready_fd: int, mask: set) -> int:
         # A process group of its own: a signal to umgr exec's group (a
         # terminal's ^C or ^Z, timeout(1)'s SIGTERM, kill -TERM -PGID) is
         # the program's business, and umgr exec forwards the others to it.
@@ -216,8 +227,9 @@ class EmbeddedDaemon:
         # write then goes on).
         with contextlib.suppress(OSError):   # (nothing may raise out of the child here)
             os.setpgid(0, 0)   # (umgr exec does the same: whichever runs first)
-        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTTOU, signal.SIGTERM):
+        for signum in (*STOP_SIGNALS, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # (exec's, from before the fork)
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             return 1   # umgr exec died before the line above
