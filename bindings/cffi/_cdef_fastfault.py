@@ -257,6 +257,8 @@ CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FILL_START 16    /* pages a first write going up brings the first time */
 #define UMGR_FILL_MAX 128     /* ... at most (log->fresh_window is clipped to it) */
 #define UMGR_FILL_CHAINS 4    /* first writes going up followed at once (log->fill_next) */
+_Static_assert(UMGR_FILL_CHAINS == sizeof(((struct umgr_fast_log *)0)->fill_next) / sizeof(uint64_t),
+               "log->fill_next and fill_size hold UMGR_FILL_CHAINS chains");
 /* log->why: a call yielded because */
 #define UMGR_FAST_WHY_NEAR 1    /* a page served may start a stream (the prefetch policy is to see it) */
 #define UMGR_FAST_WHY_FULL 2    /* the log is full */
@@ -1111,14 +1113,12 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
            that did starts no stream (settle() does not tell the policy of it either: its
            window is in). A read of a fresh page maps the zero page, no memory: pages ahead
            of it would take some. */
-        uint8_t filled[UMGR_FAST_GROUP] = { 0 };
-        for (int32_t i = first; i < group_end && i - first < UMGR_FAST_GROUP && !log->handoff; i++)
-            filled[i - first] = (log->kind[i] & UMGR_FAST_WRITE) && log->slot[i] == 0
-                                && umgr_fast_fill(uffd, regions, nregions, i, room, log) > 0;
+        for (int32_t i = first; i < group_end && !log->handoff; i++)
+            if ((log->kind[i] & UMGR_FAST_WRITE) && log->slot[i] == 0)
+                umgr_fast_fill(uffd, regions, nregions, i, room, log);   /* (UMGR_FAST_AHEAD if it brought any) */
         int near_one = 0;
-        for (int32_t i = first; i < log->served; i++)
-            if (!(log->kind[i] & (UMGR_FAST_WP | UMGR_FAST_FILL))   /* a write to a resident page starts none */
-                && !(i < group_end && i - first < UMGR_FAST_GROUP && filled[i - first]))
+        for (int32_t i = first; i < log->served; i++)   /* (a write to a resident page starts none) */
+            if (!(log->kind[i] & (UMGR_FAST_WP | UMGR_FAST_FILL | UMGR_FAST_AHEAD)))
                 near_one |= umgr_fast_near(log, log->vpn[i], near);
         if (log->handoff)
             return UMGR_FAST_HANDOFF;
