@@ -180,9 +180,10 @@ def test_bad_clients_are_dropped_while_a_real_target_runs(uncapped_daemon, shim,
     daemon = uncapped_daemon
     me = os.getpid()
     baseline = fd_links(daemon.proc.pid)
-    # (Six passes: the target is to outlast the bad clients, three of which
-    # are Python processes that import numpy, on a loaded machine too.)
-    with started([programs["pattern"], "128", "mmap", "srbsrb"],
+    # "srb+": the target pages until its stdin closes (communicate()), so it
+    # outlasts the bad clients, three of which are Python processes that
+    # import numpy, however slow the machine.
+    with started([programs["pattern"], "128", "mmap", "srb+"], stdin=subprocess.PIPE,
                  env=daemon.env(shim, UMGR_MAX_RESIDENT="16M")) as target:
         before = wait_paging(daemon, target.pid)
 
@@ -300,7 +301,8 @@ def test_silent_client_is_dropped_while_a_real_target_runs(tmp_path, shim, progr
     the daemon answers others and a real target keeps being paged."""
     daemon = DaemonProcess(tmp_path, "--max-resident", "16M", "--hello-timeout", "1")
     try:
-        with started([programs["pattern"], "128", "mmap", "srbsrb"], env=daemon.env(shim)) as target:
+        with started([programs["pattern"], "128", "mmap", "srb+"], stdin=subprocess.PIPE,
+                     env=daemon.env(shim)) as target:
             before = wait_paging(daemon, target.pid)
             held = sorted(fd_links(daemon.proc.pid))
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as silent:

@@ -450,7 +450,7 @@ int main(int argc, char **argv)
     }
     if (strcmp(mode, "exec-unmanaged") == 0) { /* replaced by a program without the shim */
         unsetenv("LD_PRELOAD");
-        execl("/bin/sleep", "sleep", "5", (char *)NULL);
+        execl("/bin/sleep", "sleep", "60", (char *)NULL); /* the test kills it */
         perror("exec");
         return 2;
     }

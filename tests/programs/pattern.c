@@ -1,14 +1,18 @@
 /* Writes a known pattern over MiB of anonymous memory, then checks every
  * byte in several passes. Exit 0 when all is intact; 1 and a message at the
  * first wrong byte. Usage: pattern MIB [mmap|malloc] [PASSES] [THREADS]
- * PASSES is a string of s (sequential), r (random), b (backwards).
+ * PASSES is a string of s (sequential), r (random), b (backwards); a final
+ * + runs them again and again until stdin reaches EOF (a victim that pages
+ * for as long as a test needs, however fast the machine).
  * With THREADS > 1 each thread owns a slice and runs the same passes. */
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "rss.h"
 
@@ -19,6 +23,20 @@ static size_t npages;
 static const char *passes = "srb";
 static int nthreads = 1;
 static int failed;
+static int until_eof;   /* PASSES ended in + */
+static int stdin_ended;
+
+/* Whether stdin has reached EOF (or is gone); never blocks. */
+static int stdin_at_eof(void)
+{
+    if (__atomic_load_n(&stdin_ended, __ATOMIC_RELAXED))
+        return 1;
+    struct pollfd p = {.fd = 0, .events = POLLIN};
+    char c;
+    if (poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR | POLLNVAL) || read(0, &c, 1) <= 0))
+        __atomic_store_n(&stdin_ended, 1, __ATOMIC_RELAXED);
+    return __atomic_load_n(&stdin_ended, __ATOMIC_RELAXED);
+}
 
 static uint64_t word_for(size_t page, size_t word, unsigned round)
 {
@@ -61,20 +79,22 @@ static void *run(void *arg)
     unsigned round = 0;
     for (size_t p = s->lo; p < s->hi; p++)
         fill_page(p, round);
-    for (const char *pass = passes; *pass; pass++) {
-        uint64_t rng = 88172645463325252ull + s->id;
-        for (size_t k = 0; k < n && !__atomic_load_n(&failed, __ATOMIC_RELAXED); k++) {
-            size_t p = *pass == 's' ? s->lo + k : *pass == 'b' ? s->hi - 1 - k : s->lo + next_random(&rng) % n;
-            if (check_page(p, round)) {
-                __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
-                return NULL;
+    do {
+        for (const char *pass = passes; *pass && *pass != '+'; pass++) {
+            uint64_t rng = 88172645463325252ull + s->id;
+            for (size_t k = 0; k < n && !__atomic_load_n(&failed, __ATOMIC_RELAXED); k++) {
+                size_t p = *pass == 's' ? s->lo + k : *pass == 'b' ? s->hi - 1 - k : s->lo + next_random(&rng) % n;
+                if (check_page(p, round)) {
+                    __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+                    return NULL;
+                }
+                if (*pass != 'r')
+                    fill_page(p, round + 1);
             }
             if (*pass != 'r')
-                fill_page(p, round + 1);
+                round++;
         }
-        if (*pass != 'r')
-            round++;
-    }
+    } while (until_eof && !failed && !stdin_at_eof());
     for (size_t p = s->lo; p < s->hi && !failed; p++)
         if (check_page(p, round))
             __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
@@ -91,6 +111,7 @@ int main(int argc, char **argv)
     int use_malloc = argc > 2 && strcmp(argv[2], "malloc") == 0;
     if (argc > 3)
         passes = argv[3];
+    until_eof = strchr(passes, '+') != NULL;
     if (argc > 4)
         nthreads = atoi(argv[4]);
     npages = bytes / PAGE;
