@@ -165,6 +165,20 @@ def started(cmd: list[str], **kwargs):
         proc.communicate()
 
 
+@pytest.mark.timeout(60)
+def test_status_shows_the_command_line_a_program_rewrote(daemon, shim, programs):
+    """Servers rewrite their command line once started (postgres's backends
+    read "postgres: USER DB [local] SELECT", their parent's line when they
+    connected): status shows it as ps does."""
+    with started([programs["ctl_hold"], "8", "rename"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+        assert target.stdout.readline() == b"ready\n"
+        shown = wait_for(lambda: (lambda t: t if t and t["command"] == "ctl_hold: renamed" else None)(
+            target_status(daemon, target.pid)), 10, "the new command line in status")
+        assert shown["name"] == "ctl_hold"   # (its metrics label stays)
+        out, err = target.communicate(b"", timeout=30)
+    assert target.returncode == 0 and out == b"ok 2048 pages\n", err
+
+
 # ---- 1. bad clients while a real target is paged -----------------------------------------
 @pytest.fixture
 def uncapped_daemon(tmp_path):

@@ -4,7 +4,8 @@
  * Usage: ctl_hold MIB [fork|rename|term]. With "fork" it forks once filled,
  * and parent and child each check every byte (the parent exits 1 if the
  * child failed). With "rename" it renames itself (PR_SET_NAME "renamed")
- * once ready. With "term" a SIGTERM, as a service's stop, also ends the
+ * once ready, and rewrites its command line to "ctl_hold: renamed", as
+ * servers do (postgres's backends, nginx's workers). With "term" a SIGTERM, as a service's stop, also ends the
  * wait ("term" is printed): every byte is checked then, as a shutdown that
  * saves its data reads it all.
  * Exit 0 and "ok N pages" when all is intact; 1 and a message at the first
@@ -75,8 +76,12 @@ int main(int argc, char **argv)
         printf("ready\n");
         fflush(stdout);
     }
-    if (argc > 2 && strcmp(argv[2], "rename") == 0)
+    if (argc > 2 && strcmp(argv[2], "rename") == 0) {
         prctl(PR_SET_NAME, "renamed", 0, 0, 0);   /* its comm, after its daemon named it */
+        size_t room = (size_t)(argv[argc - 1] + strlen(argv[argc - 1]) - argv[0]);   /* the argument strings */
+        memset(argv[0], 0, room);
+        snprintf(argv[0], room, "ctl_hold: renamed");
+    }
     char buf[64];
     if (term) {
         struct pollfd in = { .fd = 0, .events = POLLIN };

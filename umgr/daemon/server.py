@@ -32,7 +32,7 @@ from umgr.daemon.status import snapshot
 from umgr.errors import TargetGone, UmgrError
 from umgr.kernel import uffd as uffdmod
 from umgr.paging.pagetable import PAGE_SHIFT, PAGE_SIZE
-from umgr.paging.target import Target
+from umgr.paging.target import Target, read_cmdline
 
 __all__ = ["BUDGET_REQUEST", "Daemon", "DaemonConfig", "HELLO_TIMEOUT", "STATUS_REQUEST", "printable"]
 
@@ -54,6 +54,7 @@ FDS_PER_CONNECTION = 8
 FD_RESERVE = 64          # for the backend, metrics, logs and /proc reads
 ACCEPT_RETRY = 0.1       # seconds to wait when accept() finds no descriptor left
 STATUS_REQUEST = b"STATUS"
+COMMAND_READ_SECONDS = 1.0   # a STATUS waits this long at most for the targets' command lines
 # `umgr budget`: this, then JSON {"pid": PID, "bytes": BUDGET} (0: the
 # daemon's --max-resident, or none). The reply is JSON: the target's new
 # and old budget, or {"error": why}.
@@ -95,10 +96,13 @@ class Daemon:
     def internal_errors(self) -> int:
         return self.lifecycle.internal_errors + self.internal_errors_on_connections
 
-    def status(self, uid: int = 0) -> dict:
+    def visible_targets(self, uid: int = 0) -> list[Target]:
         """Root sees every target; another user only their own."""
+        return [t for t in self.targets.values() if uid == 0 or t.owner_uid == uid]
+
+    def status(self, uid: int = 0) -> dict:
         return {
-            "targets": [snapshot(t) for t in self.targets.values() if uid == 0 or t.owner_uid == uid],
+            "targets": [snapshot(t) for t in self.visible_targets(uid)],
             "backend": self.backend.statistics(),
             "targets_seen": self.targets_seen,
             "rejected_connections": self.rejected_connections,
@@ -218,6 +222,7 @@ class Daemon:
                 return
             if data == STATUS_REQUEST:
                 peer.close()  # before the reply: a client that has it sees no pidfd held for it
+                await refresh_commands(self.visible_targets(peer.uid))
                 await conn.send(json.dumps(self.status(peer.uid)).encode())
                 return
             if data.startswith(BUDGET_REQUEST):
@@ -482,6 +487,22 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+async def refresh_commands(targets: list[Target]) -> None:
+    """Each target's command line as ps shows it now: servers rewrite
+    theirs (postgres's backends read "postgres: USER DB [local] SELECT",
+    their parent's command line at connect). Read in a worker thread: the
+    kernel reads it from the process's memory, and a program may have put
+    it in managed memory (PR_SET_MM_ARG_START) that is paged out, whose
+    fault only this thread can serve. A target gone, or a read that takes
+    over a second, keeps the line it had."""
+    live = [t for t in targets if not t.gone]
+    with trio.move_on_after(COMMAND_READ_SECONDS):
+        lines = await trio.to_thread.run_sync(lambda: [read_cmdline(t.pid) for t in live], abandon_on_cancel=True)
+        for target, line in zip(live, lines):
+            if line and line != "?" and not target.gone:   # (a zombie's reads empty)
+                target.command = line
 
 
 def _name(peer: Peer | None, conn) -> str:
