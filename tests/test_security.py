@@ -492,7 +492,8 @@ def test_connection_floods_meet_caps_and_the_victim_keeps_every_byte(shim, progr
         member = accounts[MEMBER]
         sockdir = Path(tempfile.mkdtemp(prefix="umgr-sec-", dir="/tmp"))
         os.chmod(sockdir, 0o755)
-        daemon = DaemonProcess(sockdir, "--group", GROUP)
+        # (--hello-timeout: the flood's held connections must not be dropped as silent while it counts)
+        daemon = DaemonProcess(sockdir, "--group", GROUP, "--hello-timeout", "60")
         try:
             got = flood(daemon, 600, 88, user=member.pw_uid, group=member.pw_gid, extra_groups=[gid])
             assert got["held"] == 512 and got["closed"] + got["refused"] == 88, got
@@ -506,7 +507,8 @@ def test_connection_floods_meet_caps_and_the_victim_keeps_every_byte(shim, progr
 
     sockdir = Path(tempfile.mkdtemp(prefix="umgr-sec-", dir="/tmp"))
     path = str(sockdir / "umgr.sock")
-    limited = subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "--socket", path, "--swap-size", "256M"],
+    limited = subprocess.Popen([sys.executable, "-m", "umgr", "daemon", "--socket", path, "--swap-size", "256M",
+                                "--hello-timeout", "60"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
     try:

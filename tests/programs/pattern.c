@@ -26,7 +26,9 @@ static int failed;
 static int until_eof;   /* PASSES ended in + */
 static int stdin_ended;
 
-/* Whether stdin has reached EOF (or is gone); never blocks. */
+/* Whether stdin has reached EOF (or is gone); never blocks. Only the first
+ * thread looks (two could both see data and one block in read); the others
+ * read what it found. */
 static int stdin_at_eof(void)
 {
     if (__atomic_load_n(&stdin_ended, __ATOMIC_RELAXED))
@@ -94,7 +96,8 @@ static void *run(void *arg)
             if (*pass != 'r')
                 round++;
         }
-    } while (until_eof && !failed && !stdin_at_eof());
+    } while (until_eof && !__atomic_load_n(&failed, __ATOMIC_RELAXED) &&
+             !(s->id == 0 ? stdin_at_eof() : __atomic_load_n(&stdin_ended, __ATOMIC_RELAXED)));
     for (size_t p = s->lo; p < s->hi && !failed; p++)
         if (check_page(p, round))
             __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
@@ -111,7 +114,7 @@ int main(int argc, char **argv)
     int use_malloc = argc > 2 && strcmp(argv[2], "malloc") == 0;
     if (argc > 3)
         passes = argv[3];
-    until_eof = strchr(passes, '+') != NULL;
+    until_eof = *passes && passes[strlen(passes) - 1] == '+';
     if (argc > 4)
         nthreads = atoi(argv[4]);
     npages = bytes / PAGE;

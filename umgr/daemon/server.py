@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import struct
 
@@ -492,17 +493,35 @@ def raise_fd_limit() -> int:
 async def refresh_commands(targets: list[Target]) -> None:
     """Each target's command line as ps shows it now: servers rewrite
     theirs (postgres's backends read "postgres: USER DB [local] SELECT",
-    their parent's command line at connect). Read in a worker thread: the
-    kernel reads it from the process's memory, and a program may have put
-    it in managed memory (PR_SET_MM_ARG_START) that is paged out, whose
-    fault only this thread can serve. A target gone, or a read that takes
-    over a second, keeps the line it had."""
+    their parent's command line at connect). A line the kernel cannot read
+    now keeps the one read before: a process gone, a zombie's (empty), or one
+    a program put in managed memory that is paged out (PR_SET_MM_MAP; the
+    kernel's read of another process's memory does not wait for a
+    userfault: it comes back empty). Read in a worker thread of its own,
+    as a /proc read per target stalls the faults of a daemon serving
+    thousands; a reply waits COMMAND_READ_SECONDS for it at most."""
     live = [t for t in targets if not t.gone]
+    if not live:
+        return
     with trio.move_on_after(COMMAND_READ_SECONDS):
-        lines = await trio.to_thread.run_sync(lambda: [read_cmdline(t.pid) for t in live], abandon_on_cancel=True)
+        lines = await trio.to_thread.run_sync(lambda: [read_cmdline(t.pid) for t in live],
+                                              abandon_on_cancel=True, limiter=_COMMAND_READER)
         for target, line in zip(live, lines):
-            if line and line != "?" and not target.gone:   # (a zombie's reads empty)
+            if line and line != "?" and not target.gone and _still_running(target):
                 target.command = line
+
+
+_COMMAND_READER = trio.CapacityLimiter(1)   # (not trio's default pool, which eviction's reads share)
+
+
+def _still_running(target: Target) -> bool:
+    """Whether the target's process is still the one its pid named (its
+    pid may have been reused since the read)."""
+    try:
+        signal.pidfd_send_signal(target.pidfd, 0)
+    except OSError:
+        return False
+    return True
 
 
 def _name(peer: Peer | None, conn) -> str:
