@@ -519,6 +519,8 @@ def _still_running(target: Target) -> bool:
     pid may have been reused since the read)."""
     try:
         signal.pidfd_send_signal(target.pidfd, 0)
+    except PermissionError:   # (it lives: a daemon without CAP_KILL may not signal it)
+        return True
     except OSError:
         return False
     return True
