@@ -5,9 +5,10 @@
  * and parent and child each check every byte (the parent exits 1 if the
  * child failed). With "rename" it renames itself (PR_SET_NAME "renamed")
  * once ready, and rewrites its command line to "ctl_hold: renamed", as
- * servers do (postgres's backends, nginx's workers). With "term" a SIGTERM, as a service's stop, also ends the
- * wait ("term" is printed): every byte is checked then, as a shutdown that
- * saves its data reads it all.
+ * servers do (postgres's backends, nginx's workers). With "term" a
+ * SIGTERM, as a service's stop, also ends the wait ("term" is printed):
+ * every byte is checked then, as a shutdown that saves its data reads it
+ * all.
  * Exit 0 and "ok N pages" when all is intact; 1 and a message at the first
  * wrong word. */
 #define _GNU_SOURCE

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import resource
-import signal
 import socket
 import struct
 
@@ -31,6 +30,7 @@ from umgr.daemon.listener import ControlSocket
 from umgr.daemon.peer import Memory, Peer, Refused, peer_of
 from umgr.daemon.status import snapshot
 from umgr.errors import TargetGone, UmgrError
+from umgr.kernel import procmem
 from umgr.kernel import uffd as uffdmod
 from umgr.paging.pagetable import PAGE_SHIFT, PAGE_SIZE
 from umgr.paging.target import Target, read_cmdline
@@ -518,10 +518,10 @@ def _still_running(target: Target) -> bool:
     """Whether the target's process is still the one its pid named (its
     pid may have been reused since the read)."""
     try:
-        signal.pidfd_send_signal(target.pidfd, 0)
+        procmem.pidfd_send_signal(target.pidfd, 0)
     except PermissionError:   # (it lives: a daemon without CAP_KILL may not signal it)
         return True
-    except OSError:
+    except (TargetGone, OSError):   # (gone; or released, its pidfd closed)
         return False
     return True
 
