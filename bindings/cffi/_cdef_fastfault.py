@@ -753,10 +753,12 @@ static int umgr_fast_blocked(const struct uffd_msg *msgs, int i, const struct um
    completion's interrupt wakes a halted vCPU. A plain pread where it may
    not poll (a call in the background while the daemon's thread settles:
    that thread needs the CPU), without an AIO context, or where AIO refuses.
-   Only lone faults come here, with nothing else in flight on the context
-   (every other read is waited for whole), so the event it gets is its own
-   (another's would be passed over).
-   The bytes read, or -1. */
+   It is called with nothing else in flight on the context (a lone fault,
+   or a group whose first AIO submit was refused; every other read is
+   waited for whole before its function returns), so the event it gets is
+   its own: another's would be lost to its owner. The bytes read, or a
+   negative number (-errno of the read, or -1 if the completion could not
+   be waited for: cannot happen with a valid context). */
 #define UMGR_READ_POLL_NS 200000   /* reads slower than this are the device's queue, not a wake-up */
 static ssize_t umgr_fast_read_polled(const struct umgr_fast_store *store, uint64_t page, int64_t offset,
                                      const struct umgr_fast_log *log)
@@ -787,10 +789,11 @@ static ssize_t umgr_fast_read_polled(const struct umgr_fast_store *store, uint64
 /* Start serving message i of the group: plan it; serve it at once if it
    needs no device read (a write to unprotect, zeros, the memory tier's
    copy, the same page as another); else send its slot's read, through AIO
-   so that faults read meanwhile are served beside it (polled for alone,
-   umgr_fast_read_polled, where faults have lately come one at a time
-   (umgr_fast_concurrent), where there is no AIO context, or AIO refuses;
-   a pread if other reads are in flight). */
+   so that faults read meanwhile are served beside it; where faults have
+   lately come one at a time (umgr_fast_concurrent), or AIO refuses, read
+   alone by umgr_fast_read_polled (a pread without an AIO context, or in
+   the background while the daemon's thread settles), and by a pread if
+   other reads of the group are in flight. */
 static void umgr_fast_start(int uffd, const struct uffd_msg *msgs, int i, struct umgr_fast_group_state *g,
                             const struct umgr_fast_region *regions, int nregions,
                             const struct umgr_fast_store *store, uint64_t pages, uint64_t zeros, int cap,
