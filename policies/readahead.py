@@ -122,8 +122,17 @@ class Readahead(PrefetchPolicy):
 
     def on_fault(self, vpn: int, region_start: int, region_end: int) -> np.ndarray:
         # Called on every fault, most of them (random access) near no
-        # stream: comparisons rather than abs() calls in the loop.
+        # stream: comparisons rather than abs() calls in the loops. A fault
+        # farther than max_stride from every unconfirmed stream, while none
+        # is confirmed, can only start a new stream: screened for first in
+        # a loop that does no more (1.2-1.3 us a random fault against
+        # 1.9-2.2 through the loop below alone, measured here).
         streams, reach = self._streams, self.max_stride
+        for s in streams:
+            if s.step or -reach <= vpn - s.last <= reach:
+                break
+        else:
+            return self._new_stream(vpn)
         near = -1  # most recent unconfirmed stream within max_stride, if any
         for i in range(len(streams) - 1, -1, -1):
             s = streams[i]
@@ -146,16 +155,7 @@ class Readahead(PrefetchPolicy):
                 s.last, s.gap = vpn, vpn - s.last
                 streams.append(s)
                 return NO_PAGES
-            # A new stream with no window, replacing the least recently used
-            # one (its object reused: a random workload does this on every
-            # fault). The stream it interrupted keeps its state.
-            if len(self._streams) >= self.max_streams:
-                s = self._streams.pop(0)
-                s.last, s.size, s.step, s.gap = vpn, 0, 0, 0
-            else:
-                s = _Stream(last=vpn)
-            self._streams.append(s)
-            return NO_PAGES
+            return self._new_stream(vpn)
 
         del self._streams[i]
         most = self.maximum if abs(s.step) == 1 else min(self.maximum, self.strided_maximum)
@@ -163,3 +163,15 @@ class Readahead(PrefetchPolicy):
         s.last = vpn
         self._streams.append(s)
         return along(vpn, s.step, s.size, region_start, region_end)
+
+    def _new_stream(self, vpn: int) -> np.ndarray:
+        """A new stream with no window, replacing the least recently used
+        one (its object reused: a random workload does this on every
+        fault). The stream it interrupted keeps its state."""
+        if len(self._streams) >= self.max_streams:
+            s = self._streams.pop(0)
+            s.last, s.size, s.step, s.gap = vpn, 0, 0, 0
+        else:
+            s = _Stream(last=vpn)
+        self._streams.append(s)
+        return NO_PAGES
