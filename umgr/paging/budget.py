@@ -1,12 +1,14 @@
 """A target's memory budget and its water marks (pure arithmetic).
 
-Resident pages climb past the high mark, one batch under the budget, and an
-eviction round takes them down to the low mark, a batch lower: on average a
-target holds its budget less one and a half batches (95% of it from 64 MiB
-up, 99% at 1 GiB). The batch above the high mark is room for the faults
-that come while a batch is put away (a one-batch round takes 4-11 ms, in
-which random faults from disk bring in a hundred pages or so); a fast burst
-fills it and waits at the budget, and then two batches go in flight.
+Resident pages climb past the high mark, the headroom under the budget (a
+32nd of it, 512 to 2048 pages), and an eviction round takes them down to
+the low mark, a batch lower (a 16th of the budget, 512 to 2048 pages): on
+average a target holds its budget less the headroom and half a batch
+(93.75% of it at 64 MiB, 97.7% from 512 MiB up). The headroom is room for
+the faults that come while a batch is put away (a one-batch round takes
+4-11 ms, in which random faults from disk bring in a hundred pages or
+so); a fast burst fills it and waits at the budget, and then two batches
+go in flight.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import numpy as np
 
 from umgr.arrays import unique
 from umgr.kernel import PAGE_SHIFT
-from umgr.paging.tuning import (EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HIGH_WATER_DIVISOR,
-                                HIGH_WATER_MIN_PAGES, WINDOW_DIVISOR)
+from umgr.paging.tuning import (EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HEADROOM_DIVISOR,
+                                HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES, WINDOW_DIVISOR)
 
 
 # Memory a budget does not cover (small mappings umgr leaves alone, locked
@@ -42,8 +44,10 @@ class Budget:
 
     @property
     def headroom(self) -> int:
-        """Pages between the high mark and the budget."""
-        return max(min(self.batch, self.pages // HIGH_WATER_DIVISOR), HIGH_WATER_MIN_PAGES)
+        """Pages between the high mark and the budget: a share of it,
+        within the batches' bounds, and at most a 16th."""
+        share = min(EVICT_BATCH_MAX, max(EVICT_BATCH, self.pages // HEADROOM_DIVISOR))
+        return max(min(share, self.pages // HIGH_WATER_DIVISOR), HIGH_WATER_MIN_PAGES)
 
     @property
     def high_water(self) -> int:

@@ -8,34 +8,42 @@ MAX_FILL_PAGES = 256      # pages brought in per fault batch (staging buffer)
 # 15 of tests/programs/threads.c (40 MiB, 4 threads) took 30-60 s instead
 # of 2, with 3x the pages read and 50k faults instead of 5k.
 WINDOW_DIVISOR = 16
-# Pages per eviction batch: a 32nd of the budget, from 512 to 2048. Each
+# Pages per eviction batch: a 16th of the budget, from 512 to 2048. Each
 # batch has a fixed cost in the daemon (a process_vm_readv, write-protects
-# and move-outs, a backend write, the tasks' hand-overs). A first touch of
-# 2 GiB under 256 MiB took 3.9 s in batches of 512 and 2.8-3.2 in batches
-# of 2048, at 115k and 150-175k pages a second of the daemon's CPU. When
-# faults come faster than that (Budget.rushed), a second batch is taken out
-# while the first is put away. A 32nd keeps the two batch buffers at a 16th
-# of the budget at most.
+# and move-outs, a backend write, the tasks' hand-overs): a first touch of
+# 1 GiB under 64 MiB spent 4.4-4.7 us of the evictor's CPU a page in
+# batches of 512, 2.8-2.9 in batches of 1024, so about 1.7 ms a batch and
+# 0.6 us a page. A first touch of 2 GiB under 256 MiB took 3.9 s in
+# batches of 512 and 2.8-3.2 in batches of 2048. When faults come faster
+# than that (Budget.rushed), a second batch is taken out while the first
+# is put away. Batches were a 32nd of the budget; a 16th, with the
+# headroom below left as it was, took 0.94-0.96x the time on the shapes at
+# 64 MiB and 0.94x at 1 GiB under 128 MiB (the touch 0.91x), and the
+# CPython workload at scale 0.2 under 64 MiB 0.96x, with 0.3-0.5% more
+# faults (alternating runs, medians of 3-5: docs/architecture.md).
 EVICT_BATCH = 512         # the smallest batch (and a COLD hint's)
 EVICT_BATCH_MAX = 2048    # the largest (the size of the batch buffers)
-EVICT_BATCH_DIVISOR = 32  # a batch is this share of the budget, between the two
+EVICT_BATCH_DIVISOR = 16  # a batch is this share of the budget, between the two
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
 RECHECK_SECONDS = 1.0     # how often pinned (mlocked, unreadable) and SHARED pages are looked at again
 MAX_EVENTS_PER_READ = 64  # uffd messages read per read(2)
 REMOVE_LINGER_SECONDS = 30e-6   # a batch ending in a REMOVE waits this long for the zap's next one
 
 # Water marks under a budget of B pages, with batches of b pages. Eviction
-# starts above the high mark, B - max(min(b, B/16), 16), and a round goes
-# down to the low mark, a batch lower. A target holds on average its budget
-# less one and a half batches. The headroom was two batches and the round
-# two more (a 16th and an 8th of the budget up to 256 MiB): a tenth of the
-# budget unused, where a program whose working set is about its budget
-# faults on every page it lacks. CPython sorting and verifying 6 million
-# ints at 200 MiB (bench_shapes' workload at scale 1, a third of its peak)
-# took 114 s instead of 177 (kernel swap: 59 s); the shapes at 64 MiB
-# within noise (paired rounds). A burst has one batch of room instead of
-# two; a first touch of 2 GiB under 256 MiB took as long with either
-# (2.3-2.7 s, alternating runs; docs/architecture.md).
+# starts above the high mark, B less the headroom h (a 32nd of B, within
+# the batches' bounds, at most B/16 and at least 16 pages), and a round
+# goes down to the low mark, a batch lower. A target holds on average its
+# budget less h + b/2: 93.75% of it at 64 and 128 MiB, more above. The
+# headroom was two batches and the round two more (a 16th and an 8th of
+# the budget up to 256 MiB): a tenth of the budget unused, where a program
+# whose working set is about its budget faults on every page it lacks.
+# CPython sorting and verifying 6 million ints at 200 MiB (bench_shapes'
+# workload at scale 1, a third of its peak) took 114 s instead of 177
+# (kernel swap: 59 s); the shapes at 64 MiB within noise (paired rounds).
+# A burst has the headroom's room; a first touch of 2 GiB under 256 MiB
+# took as long with two batches of it (2.3-2.7 s, alternating runs;
+# docs/architecture.md).
+HEADROOM_DIVISOR = 32
 HIGH_WATER_DIVISOR = 16
 HIGH_WATER_MIN_PAGES = 16
 
