@@ -75,8 +75,8 @@ def test_pattern_mmap_384m_in_128m_in_batches_bigger_than_512(umgr_exec, program
     # A 128 MiB budget evicts in batches of 2048 pages (a 16th of it,
     # umgr/paging/tuning.py): the smaller budgets above never do. Not every
     # batch: a round takes what is over the low mark, so where faults come
-    # slower than batches go (slow swap reads: the mean fell to 496 pages
-    # once in CI, against 920-980 here) rounds are small.
+    # slower than batches go (slow swap reads: with batches of 1024 the mean
+    # fell to 496 pages once in CI, against 920-980 here) rounds are small.
     budget = 128 * MiB
     result = run(umgr_exec, [programs["pattern"], "384", "mmap", "sr", "1"], "128M", timeout=200)
     assert result.returncode == 0, explain(result)

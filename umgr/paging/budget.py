@@ -1,14 +1,14 @@
 """A target's memory budget and its water marks (pure arithmetic).
 
 Resident pages climb past the high mark, the headroom under the budget (a
-32nd of it, 512 to 2048 pages), and an eviction round takes them down to
-the low mark, a batch lower (a 16th of the budget, 512 to 2048 pages): on
-average a target holds its budget less the headroom and half a batch
-(93.75% of it at 64 MiB, 97.7% from 512 MiB up). The headroom is room for
-the faults that come while a batch is put away (a one-batch round takes
-4-11 ms, in which random faults from disk bring in a hundred pages or
-so); a fast burst fills it and waits at the budget, and then two batches
-go in flight.
+32nd of it, 512 to 2048 pages, and at most a 16th of it), and an eviction
+round takes them down to the low mark, a batch lower (a 16th of the
+budget, 512 to 2048 pages): on average a target holds its budget less the
+headroom and half a batch (93.75% of it at 64 MiB, 97.7% from 512 MiB
+up). The headroom is room for the faults that come while a batch is put
+away (a one-batch round took 4-11 ms with batches of a 32nd, in which
+random faults from disk bring in a hundred pages or so); a fast burst
+fills it and waits at the budget, and then two batches go in flight.
 """
 from __future__ import annotations
 
