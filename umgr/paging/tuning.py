@@ -17,7 +17,7 @@ WINDOW_DIVISOR = 16
 # batches of 512 and 2.8-3.2 in batches of 2048. When faults come faster
 # than that (Budget.rushed), a second batch is taken out while the first
 # is put away. Batches were a 32nd of the budget; a 16th, with the
-# headroom below left as it was, took 0.94-0.96x the time on the shapes at
+# headroom below left as it was, took 0.94-0.99x the time on the shapes at
 # 64 MiB and 0.94x at 1 GiB under 128 MiB (the touch 0.91x), and the
 # CPython workload at scale 0.2 under 64 MiB 0.96x, with 0.3-0.5% more
 # faults (alternating runs, medians of 3-5: docs/architecture.md).
