@@ -37,17 +37,19 @@ class Budget:
     def limited(self) -> bool:
         return self.pages > 0
 
+    def _share(self, divisor: int) -> int:
+        """A share of the budget, within the batches' bounds."""
+        return min(EVICT_BATCH_MAX, max(EVICT_BATCH, self.pages // divisor))
+
     @property
     def batch(self) -> int:
-        """Pages per eviction batch: a share of the budget, within bounds."""
-        return min(EVICT_BATCH_MAX, max(EVICT_BATCH, self.pages // EVICT_BATCH_DIVISOR))
+        """Pages per eviction batch."""
+        return self._share(EVICT_BATCH_DIVISOR)
 
     @property
     def headroom(self) -> int:
-        """Pages between the high mark and the budget: a share of it,
-        within the batches' bounds, and at most a 16th."""
-        share = min(EVICT_BATCH_MAX, max(EVICT_BATCH, self.pages // HEADROOM_DIVISOR))
-        return max(min(share, self.pages // HIGH_WATER_DIVISOR), HIGH_WATER_MIN_PAGES)
+        """Pages between the high mark and the budget: at most a 16th of it."""
+        return max(min(self._share(HEADROOM_DIVISOR), self.pages // HIGH_WATER_DIVISOR), HIGH_WATER_MIN_PAGES)
 
     @property
     def high_water(self) -> int:
