@@ -73,7 +73,8 @@ def test_pattern_mmap_128m_in_16m(umgr_exec, programs, passes, threads):
 @pytest.mark.timeout(240)
 def test_pattern_mmap_384m_in_128m_in_batches_bigger_than_512(umgr_exec, programs):
     # A 128 MiB budget evicts in batches of 2048 pages (a 16th of it,
-    # umgr/paging/tuning.py): the smaller budgets above never do. Not every
+    # umgr/paging/tuning.py): the 16 MiB ones above never take more than
+    # 512 (an 8th of it in a rushed round). Not every
     # batch: a round takes what is over the low mark, so where faults come
     # slower than batches go (slow swap reads: with batches of 1024 the mean
     # fell to 496 pages once in CI, against 920-980 here) rounds are small.

@@ -16,7 +16,7 @@ from umgr.paging.faults import clean_parts, runs_faulting_last
 from umgr.paging.readgate import ReadGate
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.stats import COUNTERS, TargetStats
-from umgr.paging.tuning import EVICT_BATCH_MAX
+from umgr.paging.tuning import EVICT_BATCH, EVICT_BATCH_MAX
 
 
 # ---- REMOVE attribution ---------------------------------------------------------
@@ -242,6 +242,8 @@ def test_marks_sit_below_the_budget_in_order(pages):
     assert not budget.over(budget.high_water) and budget.over(budget.high_water + 1)
     assert budget.full(pages) and not budget.full(pages - 1)
     assert 0 < budget.evict_goal(budget.high_water + 1) <= budget.batch <= EVICT_BATCH_MAX
+    assert 0 <= budget.rushed_low_water <= budget.low_water
+    assert 0 < budget.evict_goal(budget.high_water + 1, rushed=True) <= budget.rushed_batch <= EVICT_BATCH_MAX
 
 
 @pytest.mark.parametrize("pages, batch", [(64, 512), (4096, 512), (8192, 512), (16384, 1024), (32768, 2048),
@@ -276,6 +278,27 @@ def test_a_round_keeps_two_batches_in_flight_only_when_faults_outrun_one():
     # the first is put away, down to the low mark.
     assert budget.rushed(32768 - 512)
     assert budget.above_low(32768 - 2048) and not budget.above_low(32768 - 3072)
+
+
+@pytest.mark.parametrize("pages, rushed_batch", [(64, 512), (4096, 512), (8192, 1024), (16384, 2048),
+                                                 (32768, 2048), (1 << 20, 2048)])
+def test_a_rushed_round_takes_batches_of_an_8th_of_the_budget_within_bounds(pages, rushed_batch):
+    # Faults that outrun one batch (a first touch, a scan) wait at the
+    # budget for each: there a batch's fixed cost is their time, so a
+    # rushed round's batches are an 8th of the budget (twice a batch from
+    # 32 to 128 MiB), and it goes one of them below the high mark.
+    budget = Budget(pages)
+    assert budget.rushed_batch == rushed_batch
+    assert budget.batch <= budget.rushed_batch
+    assert budget.high_water - budget.rushed_low_water == min(rushed_batch, pages // 2)
+    if pages < EVICT_BATCH:
+        return
+    at_budget = pages - 1
+    assert budget.evict_goal(at_budget, rushed=True) == rushed_batch
+    assert budget.evict_goal(at_budget) == budget.batch
+    # The round's last batch takes what is left above the rushed low mark.
+    assert budget.evict_goal(budget.rushed_low_water + 10, rushed=True) == 10
+    assert budget.above_low(budget.rushed_low_water + 1) and not budget.above_low(budget.rushed_low_water)
 
 
 def test_marks_of_a_16_mib_budget():

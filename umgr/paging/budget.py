@@ -8,7 +8,9 @@ headroom and half a batch (93.75% of it at 64 MiB, 97.7% from 512 MiB
 up). The headroom is room for the faults that come while a batch is put
 away (a one-batch round took 4-11 ms with batches of a 32nd, in which
 random faults from disk bring in a hundred pages or so); a fast burst
-fills it and waits at the budget, and then two batches go in flight.
+fills it and waits at the budget, and then two batches go in flight: such
+a rushed round (a first touch, a scan) takes batches of an 8th of the
+budget, within the same bounds, and goes one of them below the high mark.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 from umgr.arrays import unique
 from umgr.kernel import PAGE_SHIFT
 from umgr.paging.tuning import (EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MAX, HEADROOM_DIVISOR,
-                                HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES, WINDOW_DIVISOR)
+                                HIGH_WATER_DIVISOR, HIGH_WATER_MIN_PAGES, RUSHED_BATCH_DIVISOR, WINDOW_DIVISOR)
 
 
 # Memory a budget does not cover (small mappings umgr leaves alone, locked
@@ -47,6 +49,12 @@ class Budget:
         return self._share(EVICT_BATCH_DIVISOR)
 
     @property
+    def rushed_batch(self) -> int:
+        """Pages per eviction batch of a round whose faults come fast
+        (rushed()): an 8th of the budget, within the same bounds."""
+        return self._share(RUSHED_BATCH_DIVISOR)
+
+    @property
     def headroom(self) -> int:
         """Pages between the high mark and the budget: at most a 16th of it."""
         return max(min(self._share(HEADROOM_DIVISOR), self.pages // HIGH_WATER_DIVISOR), HIGH_WATER_MIN_PAGES)
@@ -59,9 +67,17 @@ class Budget:
     @property
     def low_water(self) -> int:
         """An eviction round goes down to this many resident pages."""
+        return self._low_water(self.batch)
+
+    @property
+    def rushed_low_water(self) -> int:
+        """A rushed round goes down to this many (a rushed batch lower)."""
+        return self._low_water(self.rushed_batch)
+
+    def _low_water(self, batch: int) -> int:
         if not self.pages:
             return 0
-        return max(self.high_water - min(self.batch, self.pages // 2), 0)
+        return max(self.high_water - min(batch, self.pages // 2), 0)
 
     def worth_a_warning(self, uncovered_bytes: int) -> bool:
         """Whether memory the budget does not cover makes it a promise umgr
@@ -78,16 +94,19 @@ class Budget:
         return self.limited and resident >= self.pages - self.headroom // 2
 
     def above_low(self, resident: int) -> bool:
-        """A round with two batches in flight takes out another while this
-        holds (`resident` less the pages in flight)."""
-        return self.limited and resident > self.low_water
+        """A round with two batches in flight (a rushed one) takes out
+        another while this holds (`resident` less the pages in flight)."""
+        return self.limited and resident > self.rushed_low_water
 
     def full(self, resident: int) -> bool:
         """At the budget: a new page must wait for an eviction."""
         return self.limited and resident >= self.pages
 
-    def evict_goal(self, resident: int) -> int:
-        """How many pages the next eviction batch wants."""
+    def evict_goal(self, resident: int, rushed: bool = False) -> int:
+        """How many pages the next eviction batch wants (of a rushed round:
+        rushed_batch)."""
+        if rushed:
+            return min(self.rushed_batch, resident - self.rushed_low_water)
         return min(self.batch, resident - self.low_water)
 
     def room(self, resident: int, otherwise: int) -> int:

@@ -94,14 +94,17 @@ class Evictor:
         # the largest batch; only the pages a batch uses take memory.
         self._buffers = [PageBuffer(EVICT_BATCH_MAX)]
         self._in_flight = 0   # pages taken out and not yet put away
+        self._rushed = False  # in a round of two batches in flight (their size: Budget.rushed_batch)
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
 
     async def evict_over_budget(self) -> None:
         """Evict while the target is over its high water mark. Where faults
         come slower than a batch makes room (the round begins with half the
         headroom left), one batch is taken out and put away here; otherwise
-        two batches are in flight, down to the low mark: this task takes the
-        next batch out while a second task puts the previous one away."""
+        (a rushed round) two batches are in flight, each of
+        Budget.rushed_batch pages, down to the rushed low mark: this task
+        takes the next batch out while a second task puts the previous one
+        away."""
         core = self.core
         if not core.budget.rushed(core.pt.resident):
             await self._evict_one()
@@ -109,6 +112,7 @@ class Evictor:
         if len(self._buffers) < 2:
             self._buffers.append(PageBuffer(EVICT_BATCH_MAX))
         self._in_flight = 0
+        self._rushed = True
         send, receive = trio.open_memory_channel(0)
         try:
             async with trio.open_nursery() as nursery:
@@ -117,6 +121,8 @@ class Evictor:
                     await self._take_out_all(send)
         except BaseExceptionGroup as group:
             raise first_of(group) from None   # TargetGone is caught as such by the eviction loop
+        finally:
+            self._rushed = False
 
     async def _evict_one(self) -> None:
         """One batch (if over the high mark), on this task. Each hand-over
@@ -165,7 +171,7 @@ class Evictor:
 
     def _choose_victims(self) -> np.ndarray:
         core = self.core
-        want = core.budget.evict_goal(core.pt.resident - self._in_flight)
+        want = core.budget.evict_goal(core.pt.resident - self._in_flight, self._rushed)
         chosen: list[np.ndarray] = []
         count = 0
         for _ in range(CHOOSE_ROUNDS):

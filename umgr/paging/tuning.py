@@ -24,6 +24,14 @@ WINDOW_DIVISOR = 16
 EVICT_BATCH = 512         # the smallest batch (and a COLD hint's)
 EVICT_BATCH_MAX = 2048    # the largest (the size of the batch buffers)
 EVICT_BATCH_DIVISOR = 16  # a batch is this share of the budget, between the two
+# A rushed round's batches (Budget.rushed: faults outrun one batch, as in a
+# first touch or a scan, and wait at the budget for each) are this share of
+# it, within the same bounds: there a batch's fixed cost is the faults'
+# time. At 64 MiB (batches of 2048 pages there, against 1024) a first touch
+# of 1 GiB took 0.85-0.91x the time and the evictor 0.77-0.87x its CPU;
+# the other shapes and the CPython workload at 32 MiB did not change
+# beyond noise (alternating runs, medians of 4-8: docs/architecture.md).
+RUSHED_BATCH_DIVISOR = 8
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
 RECHECK_SECONDS = 1.0     # how often pinned (mlocked, unreadable) and SHARED pages are looked at again
 MAX_EVENTS_PER_READ = 64  # uffd messages read per read(2)
