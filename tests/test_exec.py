@@ -90,6 +90,21 @@ def test_pattern_mmap_384m_in_128m_in_batches_bigger_than_512(umgr_exec, program
 
 
 @pytest.mark.timeout(120)
+def test_a_first_touch_under_64m_evicts_in_batches_of_an_8th(umgr_exec, programs):
+    # Faults that outrun one batch wait at the budget for each: such a
+    # round's first batch is an 8th of the budget (2048 pages at 64 MiB),
+    # where a round of one batch takes a 16th (1024).
+    budget = 64 * MiB
+    result = run(umgr_exec, [programs["pattern"], "256", "mmap", "sr", "1"], "64M", timeout=100)
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.startswith(f"ok {256 * MiB // PAGE} pages"), explain(result)
+    stats = result.stats
+    assert stats["pages_out"] >= (256 * MiB - budget) // PAGE and stats["pages_in"] > 0, explain(result)
+    assert stats["largest_batch_pages"] == 2048, explain(result)
+    assert stats["peak_resident_bytes"] <= budget + 2 * MiB, explain(result)
+
+
+@pytest.mark.timeout(120)
 def test_pattern_malloc_256m_in_16m(umgr_exec, programs):
     # aligned_alloc of 256 MiB: glibc maps it through its internal mmap; the
     # shim's allocator wrapper reports the block before the app touches it.

@@ -263,9 +263,9 @@ def test_the_headroom_is_a_32nd_of_the_budget_within_the_batches_bounds(pages, h
     assert pages - budget.high_water == headroom
     assert pages - budget.low_water == headroom + budget.batch
     # Bigger than the headroom below 256 MiB: a batch's fixed cost is paid
-    # less often, and the target's average holding stays close to its
-    # budget: all but the headroom and half a batch, 93.75% of it at 64 and
-    # 128 MiB, more above.
+    # less often, and the target's average holding (in rounds of one batch)
+    # stays close to its budget: all but the headroom and half a batch,
+    # 93.75% of it at 64 and 128 MiB, more above.
     assert budget.batch >= headroom
     assert (budget.high_water + budget.low_water) / 2 >= 0.9375 * pages
 
@@ -275,9 +275,11 @@ def test_a_round_keeps_two_batches_in_flight_only_when_faults_outrun_one():
     # Random faults: the round begins just past the high mark, one batch.
     assert budget.over(budget.high_water + 100) and not budget.rushed(budget.high_water + 100)
     # A burst used half the headroom first: a second batch goes out while
-    # the first is put away, down to the low mark.
+    # the first is put away, down to the rushed low mark (from 128 MiB up
+    # the low mark).
     assert budget.rushed(32768 - 512)
-    assert budget.above_low(32768 - 2048) and not budget.above_low(32768 - 3072)
+    assert budget.rushed_low_water == budget.low_water
+    assert budget.above_rushed_low(32768 - 2048) and not budget.above_rushed_low(32768 - 3072)
 
 
 @pytest.mark.parametrize("pages, rushed_batch", [(64, 512), (4096, 512), (8192, 1024), (16384, 2048),
@@ -285,8 +287,8 @@ def test_a_round_keeps_two_batches_in_flight_only_when_faults_outrun_one():
 def test_a_rushed_round_takes_batches_of_an_8th_of_the_budget_within_bounds(pages, rushed_batch):
     # Faults that outrun one batch (a first touch, a scan) wait at the
     # budget for each: there a batch's fixed cost is their time, so a
-    # rushed round's batches are an 8th of the budget (twice a batch from
-    # 32 to 128 MiB), and it goes one of them below the high mark.
+    # rushed round's batches are up to an 8th of the budget (twice a batch
+    # at 32 and 64 MiB), and it goes one of them below the high mark.
     budget = Budget(pages)
     assert budget.rushed_batch == rushed_batch
     assert budget.batch <= budget.rushed_batch
@@ -298,7 +300,8 @@ def test_a_rushed_round_takes_batches_of_an_8th_of_the_budget_within_bounds(page
     assert budget.evict_goal(at_budget) == budget.batch
     # The round's last batch takes what is left above the rushed low mark.
     assert budget.evict_goal(budget.rushed_low_water + 10, rushed=True) == 10
-    assert budget.above_low(budget.rushed_low_water + 1) and not budget.above_low(budget.rushed_low_water)
+    assert budget.above_rushed_low(budget.rushed_low_water + 1)
+    assert not budget.above_rushed_low(budget.rushed_low_water)
 
 
 def test_marks_of_a_16_mib_budget():

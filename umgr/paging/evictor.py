@@ -5,9 +5,10 @@ by a canary token to reach the checked process, else /proc/PID/mem; in a
 worker thread so the fault-serving thread never waits on the copy) and put
 away (backend write, durable before the zap -> zap -> SWAPPED). When faults
 had used half the headroom before the round began (Budget.rushed), two
-batches are in flight down to the low mark: the next is taken out while
-the previous one is put away, so the copy-out overlaps the write and the
-zap; a round of one batch runs on the eviction task alone. It runs as the
+batches (of up to Budget.rushed_batch pages) are in flight down to the
+rushed low mark: the next is taken out while the previous one is put away,
+so the copy-out overlaps the write and the zap; a round of one batch runs
+on the eviction task alone. It runs as the
 target's eviction task beside the fault loop; the race rules (a write
 during EVICTING wins, a write during ZAPPING waits) are in
 docs/architecture.md.
@@ -94,17 +95,17 @@ class Evictor:
         # the largest batch; only the pages a batch uses take memory.
         self._buffers = [PageBuffer(EVICT_BATCH_MAX)]
         self._in_flight = 0   # pages taken out and not yet put away
-        self._rushed = False  # in a round of two batches in flight (their size: Budget.rushed_batch)
+        self._rushed = False  # in a round of two batches in flight (of up to Budget.rushed_batch pages)
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
 
     async def evict_over_budget(self) -> None:
         """Evict while the target is over its high water mark. Where faults
         come slower than a batch makes room (the round begins with half the
         headroom left), one batch is taken out and put away here; otherwise
-        (a rushed round) two batches are in flight, each of
-        Budget.rushed_batch pages, down to the rushed low mark: this task
-        takes the next batch out while a second task puts the previous one
-        away."""
+        (a rushed round) two batches are in flight, of up to
+        Budget.rushed_batch pages each, down to the rushed low mark: this
+        task takes the next batch out while a second task puts the previous
+        one away."""
         core = self.core
         if not core.budget.rushed(core.pt.resident):
             await self._evict_one()
@@ -112,9 +113,9 @@ class Evictor:
         if len(self._buffers) < 2:
             self._buffers.append(PageBuffer(EVICT_BATCH_MAX))
         self._in_flight = 0
-        self._rushed = True
         send, receive = trio.open_memory_channel(0)
         try:
+            self._rushed = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._put_away_all, receive)
                 async with send:
@@ -141,7 +142,7 @@ class Evictor:
     async def _take_out_all(self, send: trio.MemorySendChannel) -> None:
         core = self.core
         turn = 0   # the buffer to fill: the other one may be being put away
-        while core.budget.above_low(core.pt.resident - self._in_flight) and core.can_evict():
+        while core.budget.above_rushed_low(core.pt.resident - self._in_flight) and core.can_evict():
             batch = await self._take_out(self._buffers[turn])
             if not (len(batch.vpns) or batch.progress):
                 # No victim (all pinned, or unknown to the policy): faults

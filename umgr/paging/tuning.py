@@ -25,12 +25,16 @@ EVICT_BATCH = 512         # the smallest batch (and a COLD hint's)
 EVICT_BATCH_MAX = 2048    # the largest (the size of the batch buffers)
 EVICT_BATCH_DIVISOR = 16  # a batch is this share of the budget, between the two
 # A rushed round's batches (Budget.rushed: faults outrun one batch, as in a
-# first touch or a scan, and wait at the budget for each) are this share of
-# it, within the same bounds: there a batch's fixed cost is the faults'
-# time. At 64 MiB (batches of 2048 pages there, against 1024) a first touch
-# of 1 GiB took 0.85-0.91x the time and the evictor 0.77-0.87x its CPU;
-# the other shapes and the CPython workload at 32 MiB did not change
-# beyond noise (alternating runs, medians of 4-8: docs/architecture.md).
+# first touch or a scan, and wait at the budget for each) are up to this
+# share of it, within the same bounds, and the round goes one of them below
+# the high mark: there a batch's fixed cost is the faults' time. At 64 MiB
+# (a round's first batch 2048 pages there, against 1024) a first touch of
+# 1 GiB took 0.85-0.91x the time and the evictor 0.77-0.87x its CPU; the
+# other shapes and the CPython workload at 32 MiB did not change beyond
+# noise (alternating runs, medians of 4-8: docs/architecture.md). The cost:
+# such a round ends lower (84.4% of the budget at 64 MiB, 81.25% at 32),
+# which a program's next phase fills again; rounds of one batch, where
+# faults come one at a time, keep the marks below.
 RUSHED_BATCH_DIVISOR = 8
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
 RECHECK_SECONDS = 1.0     # how often pinned (mlocked, unreadable) and SHARED pages are looked at again
@@ -40,8 +44,9 @@ REMOVE_LINGER_SECONDS = 30e-6   # a batch ending in a REMOVE waits this long for
 # Water marks under a budget of B pages, with batches of b pages. Eviction
 # starts above the high mark, B less the headroom h (a 32nd of B, within
 # the batches' bounds, at most B/16 and at least 16 pages), and a round
-# goes down to the low mark, a batch lower. A target holds on average its
-# budget less h + b/2: 93.75% of it at 64 and 128 MiB, more above. The
+# goes down to the low mark, a batch lower. Where rounds are of one batch a
+# target holds on average its budget less h + b/2: 93.75% of it at 64 and
+# 128 MiB, more above. The
 # headroom was two batches and the round two more (a 16th and an 8th of
 # the budget up to 256 MiB): a tenth of the budget unused, where a program
 # whose working set is about its budget faults on every page it lacks.
