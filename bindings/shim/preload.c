@@ -26,7 +26,6 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -58,19 +57,10 @@
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
-#ifndef SYS_pidfd_getfd
-#define SYS_pidfd_getfd 438
-#endif
-#ifndef SYS_close_range
-#define SYS_close_range 436
-#endif
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 #endif
 #define PIDFD_SELF_PROCESS (-10001) /* 6.15+; older kernels answer EBADF */
-#ifndef PIDFD_THREAD
-#define PIDFD_THREAD O_EXCL /* 6.9+: a pidfd of one thread */
-#endif
 
 /* Descriptors are moved up here so apps that expect low numbers
  * (shells, daemons closing 0..2) are not surprised. */
@@ -92,8 +82,6 @@ struct shim_state {
     int ctl_fd;           /* control connection, guarded by ctl_lock */
     int agent_fd;         /* agent end of the socketpair (replaced when a restarted daemon takes us back) */
     int agent_idle;       /* the agent found its daemon gone and waits for a new agent_fd */
-    int agent_own_table;  /* the agent works on a descriptor table of its own (agent_main) */
-    int watchdog_tid;     /* the watchdog thread, which shares the program's table */
     int self_pidfd;       /* for process_madvise on ourselves */
     int uffd_ref;         /* our own reference to the uffd: a dead daemon leaves faults waiting */
     int exec_pidfd;       /* the umgr exec that runs us (UMGR_EXEC_PID), or -1: if it is gone, no
@@ -489,18 +477,13 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, int
  * daemon closes its own (unregistering every range). */
 static void detach_from_daemon(int agent_fd)
 {
+    __atomic_store_n(&shim.detached, 1, __ATOMIC_RELEASE);
     __atomic_store_n(&shim.active, 0, __ATOMIC_RELEASE);
     scratch_drop(1); /* while its uffd is open: unregistered, its munmap raises no UNMAP */
-    if (shim.agent_own_table) {
-        /* Our copy. The program's table's is the watchdog's to close (drop_uffd_ref). */
-        raw_close(shim.uffd_ref);
-    } else {
-        int uffd = shim.uffd_ref;
-        shim.uffd_ref = -1;   /* before the close: the program's close() of a number reused meanwhile is its own */
-        if (uffd >= 0)
-            raw_close(uffd);
-    }
-    __atomic_store_n(&shim.detached, 1, __ATOMIC_RELEASE);
+    int uffd = shim.uffd_ref;
+    shim.uffd_ref = -1;   /* before the close: the program's close() of a number reused meanwhile is its own */
+    if (uffd >= 0)
+        raw_close(uffd);
     struct umgr_detach done;
     fill_hdr(&done.hdr, UMGR_DETACH_DONE, sizeof done);
     send_with_fds(agent_fd, &done, sizeof done, NULL, 0);
@@ -508,78 +491,20 @@ static void detach_from_daemon(int agent_fd)
 
 #define AGENT_WAIT_MS 20
 
-/* The agent's descriptors live in a table of its own, unshared from the
- * program's (unshare(CLONE_FILES)) and holding only what the agent uses:
- * its socket, the uffd, the pidfd it zaps through, and stderr. A program
- * that closes every descriptor with the raw syscall, or dup2()s over the
- * shim's, reaches only its own table (whose copies the libc wrappers below
- * keep for the watchdog and the program's threads); the agent answers the
- * daemon all the same. Without it the agent's next MOVE_OUT found its uffd
- * and socket gone and could not answer, and the daemon waited for it with
- * the uffd unread: the program hung at its next fault. Where the table
- * cannot be unshared, or the rest of it not closed (close_range, 5.9), the
- * agent shares the program's, as before: a table holding the program's
- * pipes and sockets would keep them open (a reader would never see EOF).
- * Numbers stay as they were: the copies have the program's numbers. */
-static void use_own_table(int agent_fd)
-{
-    if (syscall(SYS_close_range, ~0U, ~0U, 0) != 0)   /* (a no-op that says whether close_range exists) */
-        return;
-    if (unshare(CLONE_FILES) != 0)
-        return;
-    int keep[4] = {2, agent_fd, shim.uffd_ref, shim.self_pidfd};   /* (PIDFD_SELF_PROCESS is no descriptor) */
-    for (int i = 1; i < 4; i++)   /* ascending */
-        for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
-            int t = keep[j];
-            keep[j] = keep[j - 1];
-            keep[j - 1] = t;
-        }
-    unsigned from = 0;
-    for (int i = 0; i < 4; i++) {
-        if (keep[i] < 0 || (unsigned)keep[i] < from)
-            continue;
-        if ((unsigned)keep[i] > from)
-            syscall(SYS_close_range, from, (unsigned)keep[i] - 1, 0);
-        from = (unsigned)keep[i] + 1;
-    }
-    syscall(SYS_close_range, from, ~0U, 0);
-    __atomic_store_n(&shim.agent_own_table, 1, __ATOMIC_RELEASE);
-}
-
 /* The daemon is gone (its end closed, or a reply could not be sent): wait
- * until the watchdog has a restarted daemon take us back (a new shim.agent_fd,
- * in the program's table), then serve the new socket: a copy of it in our
- * own table (pidfd_getfd), or, sharing the program's, the number itself.
- * The old one is closed only here, so its number is never reused while this
- * thread still writes to it. `*published` is the shim.agent_fd we serve. */
-static int next_agent_fd(int old, int *published)
+ * until the watchdog has a restarted daemon take us back, then serve the new
+ * socket. The old one is closed only here, so its number is never reused
+ * while this thread still writes to it. */
+static int next_agent_fd(int old)
 {
     __atomic_store_n(&shim.agent_idle, 1, __ATOMIC_RELEASE);
     int fd;
-    while ((fd = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE)) == *published) {
+    while ((fd = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE)) == old) {
         struct timespec step = {.tv_nsec = AGENT_WAIT_MS * 1000000L};
         while (clock_nanosleep(CLOCK_MONOTONIC, 0, &step, &step) == EINTR)
             ;
     }
-    *published = fd;
     raw_close(old);
-    if (shim.agent_own_table) {
-        /* Ours from the program's table, where the watchdog put it: taken
-         * through a pidfd of the watchdog thread (6.9+), whose table that
-         * is; else of the process, whose leader's it is too unless the
-         * program's main thread has ended. Our own process needs no ptrace
-         * right. (PIDFD_SELF_PROCESS is refused here: EBADF on 6.18.) */
-        int pidfd = (int)syscall(SYS_pidfd_open, shim.watchdog_tid, PIDFD_THREAD);
-        if (pidfd < 0)
-            pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0);
-        int copy = pidfd < 0 ? -1 : (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
-        if (copy < 0)
-            say("umgr: pid %d: the agent cannot take its new socket (%s): the daemon's requests go unanswered\n",
-                (int)getpid(), strerror(errno));
-        if (pidfd >= 0)
-            raw_close(pidfd);
-        fd = copy;
-    }
     __atomic_store_n(&shim.agent_idle, 0, __ATOMIC_RELEASE);
     return fd;
 }
@@ -592,9 +517,7 @@ static void *agent_main(void *unused)
      * reached through the DTV, which glibc mallocs on the heap, a managed
      * page the agent could fault on while the daemon waits for its zap. */
     char buf[sizeof(struct umgr_zap) + UMGR_ZAP_MAX_RANGES * sizeof(struct umgr_range)];
-    int published = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE);
-    int fd = published;
-    use_own_table(fd);
+    int fd = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE);
     for (;;) {
         ssize_t n = recv(fd, buf, sizeof buf, 0);
         if (n < 0 && errno == EINTR)
@@ -626,7 +549,7 @@ static void *agent_main(void *unused)
         }
         /* The daemon is gone (or spoke nonsense: its connection is given
          * up alike): the watchdog takes it from here. */
-        fd = next_agent_fd(fd, &published);
+        fd = next_agent_fd(fd);
     }
     return NULL;
 }
@@ -685,19 +608,6 @@ static int wait_for_detach(void)
 
 static int take_back(void);
 
-/* After a clean stop: the uffd reference in the program's table, where the
- * agent (which closed its own copy) has one of its own table. The context
- * ends with it, and faults the program takes meanwhile wait that long. */
-static void drop_uffd_ref(void)
-{
-    if (!shim.agent_own_table)
-        return;   /* the agent closed the only one */
-    int uffd = shim.uffd_ref;
-    shim.uffd_ref = -1;   /* before the close: the program's close() of a number reused meanwhile is its own */
-    if (uffd >= 0)
-        raw_close(uffd);
-}
-
 /* Whether the umgr exec that runs us has exited (its pidfd is readable).
  * Unknown (no UMGR_EXEC_PID, or the app closed the descriptor): no. */
 static int exec_gone(void)
@@ -734,7 +644,6 @@ static void *watchdog_main(void *unused)
 {
     (void)unused;
     prctl(PR_SET_NAME, "umgr-watchdog");   /* as ps -T and top -H show it */
-    __atomic_store_n(&shim.watchdog_tid, (int)syscall(SYS_gettid), __ATOMIC_RELEASE);
     for (;;) {
         /* Only POLLRDHUP is asked for: a ZAP waiting to be read does not
          * wake us. The daemon's end closing sets both RDHUP and HUP on a
@@ -742,10 +651,8 @@ static void *watchdog_main(void *unused)
         struct pollfd agent = {.fd = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE), .events = POLLRDHUP};
         while (poll(&agent, 1, -1) < 0 && errno == EINTR)
             ;
-        if (wait_for_detach()) {
-            drop_uffd_ref();
+        if (wait_for_detach())
             return NULL; /* a clean stop: every page is back */
-        }
         unsigned grace = shim.grace_seconds;
         int status = wait_for_daemon(grace);
         if (status == 0)
@@ -941,9 +848,7 @@ static int take_back(void)
     if (old_ctl >= 0)
         raw_close(old_ctl);
     shim.grace_seconds = grace_seconds(&ack);
-    int old_agent = __atomic_exchange_n(&shim.agent_fd, pair[0], __ATOMIC_ACQ_REL);
-    if (shim.agent_own_table && old_agent >= 0)
-        raw_close(old_agent);   /* this table's copy: the agent closes its own (next_agent_fd) */
+    __atomic_store_n(&shim.agent_fd, pair[0], __ATOMIC_RELEASE); /* the agent closes the old one */
     say("umgr: pid %d: taken back by the umgr daemon restarted at %s\n", (int)getpid(), shim.socket_path);
     return 0;
 }
@@ -1306,7 +1211,6 @@ static void detach_in_child(void)
     shim.canary = NULL;
     shim.ctl_fd = shim.agent_fd = shim.self_pidfd = shim.uffd_ref = -1;
     shim.active = 0;
-    shim.agent_own_table = 0;   /* (the parent's agent's; ours starts anew) */
     pthread_mutex_init(&shim.ctl_lock, NULL);
     pthread_mutex_init(&shim.fork_lock, NULL);
 }
@@ -1353,8 +1257,7 @@ EXPORT pid_t fork(void)
  * waits on with the uffd unread (paging/readgate.py), and the program would
  * hang at its next fault. So through libc these leave the shim's
  * descriptors open (close() of one returns 0). A raw
- * syscall(SYS_close_range, ...) is not seen here, but the agent has copies
- * in a table of its own (use_own_table). */
+ * syscall(SYS_close_range, ...) is not seen. */
 #define SHIM_FDS 5
 
 /* The shim's descriptors, ascending (-1 for those not open). */

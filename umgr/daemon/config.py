@@ -8,9 +8,6 @@ from umgr.paging.tuning import CLEAN_COPIES
 
 HELLO_TIMEOUT = 5.0      # seconds a new connection may take to send its first message
 CHILD_HELLO_WAIT = 10.0  # seconds a forked child's HELLO waits for its parent's FORKED
-# How often a waiting child's HELLO looks again for a parent that can name
-# no child (its control connection closed: lifecycle._adopt_for_silent_parent).
-SILENT_PARENT_RECHECK = 0.1
 EXEC_RELEASE_WAIT = 5.0  # seconds a HELLO after exec waits for the old image's target to be released
 # A target's maps scan waits at least this many times as long as its last
 # scan took, so that scanning takes at most 1/SCAN_COST_RATIO of the daemon's

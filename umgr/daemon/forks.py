@@ -32,19 +32,6 @@ BORN_BEFORE_READ = 2.0
 TICK = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
-def born_of(pid: int) -> float | None:
-    """The process's start time, in CLOCK_BOOTTIME seconds (to a tick), or
-    None when it is gone."""
-    ticks = process_start_time(pid)
-    return None if ticks is None else ticks * TICK
-
-
-def could_be_its_fork(fork: ForkedMemory, born: float) -> bool:
-    """Whether a fork event may be that of a child born at `born`: read
-    just after the child was born (its parent waits in fork() until then)."""
-    return -TICK <= fork.born - born <= BORN_BEFORE_READ
-
-
 @dataclass(frozen=True)
 class ParentSettings:
     """What a forked child's target takes from its parent."""
@@ -86,10 +73,12 @@ class OrphanForks:
     def claim(self, pid: int, owner: tuple[int, int]) -> Orphan | None:
         """The one fork that can be process `pid`'s, or None (none, or
         more than one: then none is probed, and the child cannot be served)."""
-        born = born_of(pid)
-        if born is None:
+        ticks = process_start_time(pid)
+        if ticks is None:
             return None
-        mine = [o for o in self._waiting if o.parent.owner == owner and could_be_its_fork(o.fork, born)]
+        born = ticks * TICK
+        mine = [o for o in self._waiting
+                if o.parent.owner == owner and -TICK <= o.fork.born - born <= BORN_BEFORE_READ]
         if len(mine) != 1:
             if mine:
                 log.warning("pid %d: %d unclaimed forks could be its own; serving none", pid, len(mine))

@@ -9,15 +9,13 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 
 import trio
 
 from umgr import protocol
 from umgr.backends import Backend
-from umgr.daemon.config import (CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, SCAN_COST_RATIO, SCAN_INTERVAL_MAX,
-                                SILENT_PARENT_RECHECK, DaemonConfig)
-from umgr.daemon.forks import Orphan, OrphanForks, ParentSettings, born_of, could_be_its_fork
+from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, SCAN_COST_RATIO, SCAN_INTERVAL_MAX, DaemonConfig
+from umgr.daemon.forks import Orphan, OrphanForks, ParentSettings
 from umgr.daemon.idlepoll import IdlePoll, paging_load
 from umgr.daemon.names import target_name
 from umgr.daemon.peer import Memory, Peer, Refused
@@ -246,13 +244,12 @@ class Lifecycle:
         target.found_small_mappings(small, self.config.min_region)
 
     # ---- fork ---------------------------------------------------------------------
-    def adopt_child(self, parent: Target, child_pid: int, reporter: str,
-                    take: Callable[[], ForkedMemory | None] | None = None) -> int:
+    def adopt_child(self, parent: Target, child_pid: int, reporter: str) -> int:
         """The parent reports a child (FORKED): pair it with the oldest fork
-        event's uffd (or the one take() gives). Only a live child of the
-        parent, running with the parent's ids and dumpable, is adopted; the
-        child then proves the uffd is its own when it connects
-        (server._attach_child). Returns 0 or an errno for the ACK."""
+        event's uffd. Only a live child of the parent, running with the
+        parent's ids and dumpable, is adopted; the child then proves the
+        uffd is its own when it connects (server._attach_child). Returns 0
+        or an errno for the ACK."""
         try:
             pidfd = procmem.pidfd_open(child_pid)
         except (OSError, TargetGone):  # gone already, or no such pid
@@ -266,18 +263,15 @@ class Lifecycle:
             os.close(pidfd)
             log.warning("control: %s: FORKED %d refused: %s", reporter, child_pid, exc)
             return errno.EPERM if isinstance(exc, Refused) else errno.ESRCH
-        forked = (take or parent.take_fork)()
+        self._child_reported(child_pid)
+        forked = parent.take_fork()
         if forked is None:
             # No registered range at fork time: the kernel sends no fork
             # event, and the child's shim attaches with a uffd of its own.
-            # (A take() of its own finds none yet: the child waits on.)
             memory.close()
             os.close(pidfd)
-            if take is None:
-                self._child_reported(child_pid)
             return errno.ENOENT
         child = self._child_target(child_pid, ParentSettings.of(parent), forked, pidfd, memory.take_mem_fd())
-        self._child_reported(child_pid)
         log.info("%s: forked %s", parent.label, child.label)
         return 0
 
@@ -322,33 +316,15 @@ class Lifecycle:
                 if orphan is not None:
                     self._children_waiting.pop(pid, None)
                     return orphan
-                if self._adopt_for_silent_parent(pid, owner):
-                    break
                 orphans_changed = self.orphans.changed
-                with trio.move_on_after(SILENT_PARENT_RECHECK):
-                    async with trio.open_nursery() as either:
-                        for event in (reported, orphans_changed):
-                            either.start_soon(_set_then_cancel, event, either.cancel_scope)
+                async with trio.open_nursery() as either:
+                    for event in (reported, orphans_changed):
+                        either.start_soon(_set_then_cancel, event, either.cancel_scope)
         self._children_waiting.pop(pid, None)
         target = self.targets.get(pid)
         if target is None or target.has_zapper:
             return None
         return target
-
-    def _adopt_for_silent_parent(self, pid: int, owner: tuple[int, int]) -> bool:
-        """A child whose parent can name no child (its control connection
-        closed: the program closed the shim's socket with the raw syscall)
-        is paired with the parent's one fork event read just after the child
-        was born, as FORKED would have paired it. Whether it was."""
-        parent = self.targets.get(procmem.parent_pid(pid) or 0)
-        if parent is None or not parent.control_closed or parent.gone or parent.owner != owner:
-            return False
-        born = born_of(pid)
-        if born is None:
-            return False
-        status = self.adopt_child(parent, pid, f"{parent.label} (its control connection closed)",
-                                  take=lambda: parent.take_fork_if(lambda fork: could_be_its_fork(fork, born)))
-        return status == 0
 
     def adopt_orphan(self, orphan: Orphan, pid: int, pidfd: int, mem_fd: int) -> Target:
         """A dead parent's fork, proven to be process pid's: its target."""

@@ -267,7 +267,6 @@ class Daemon:
             for fd in fds:
                 os.close(fd)
             if not data:
-                self._control_closed(target)
                 return
             if fds:
                 raise protocol.ProtocolError("unexpected descriptors after HELLO")
@@ -276,18 +275,6 @@ class Daemon:
                 raise protocol.ProtocolError("second HELLO on one connection")
             status = await self._request(target, msg, peer)
             await conn.send(protocol.encode_ack(status))
-
-    def _control_closed(self, target: Target) -> None:
-        """The control connection ended. At an exit (or exec) that is all;
-        a process that runs on closed the shim's socket itself (the raw
-        close_range syscall, or a dup2 over it): the shim's agent and
-        watchdog keep theirs, and it stays managed, but it can report no
-        mapping (the maps scan finds them) and name no forked child (its
-        child's HELLO is paired by birth time instead)."""
-        target.control_closed = True
-        if not target.gone and not procmem.exiting(target.pid):
-            log.info("%s: its control connection closed while it runs on: its new mappings wait for the "
-                     "maps scan", target.label)
 
     async def _request(self, target: Target, msg, peer: Peer) -> int:
         if isinstance(msg, protocol.Region):

@@ -98,9 +98,6 @@ class Target:
         self.evictor = Evictor(self.core, self.pinning, self.removes)
         self.hints = Hints(self.core, self.evictor)
         self._zaps_to_settle = False   # taken back after a crash while the agent may still zap
-        # Its control connection ended while it runs on (the program closed
-        # the shim's socket with the raw syscall): it can name no child.
-        self.control_closed = False
         self._journal = None           # where uffd messages are read (tables saved for a restart)
         if pages is not None:
             self.core.became_resident(pt.vpns_in(State.RESIDENT))
@@ -167,12 +164,6 @@ class Target:
     def take_fork(self) -> ForkedMemory | None:
         """The oldest fork event's child uffd and memory, or None."""
         return self.events.forks.pop(0) if self.events.forks else None
-
-    def take_fork_if(self, could_be: Callable[[ForkedMemory], bool]) -> ForkedMemory | None:
-        """The one fork event for which could_be() holds (None if none or
-        several: then none is taken)."""
-        matches = [i for i, fork in enumerate(self.events.forks) if could_be(fork)]
-        return self.events.forks.pop(matches[0]) if len(matches) == 1 else None
 
     def take_unclaimed_forks(self) -> list[ForkedMemory]:
         """Every fork whose child is not known yet: the target is going
