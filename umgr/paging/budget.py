@@ -5,14 +5,14 @@ Resident pages climb past the high mark, the headroom under the budget (a
 round takes them down to the low mark, a batch lower (a 16th of the
 budget, 512 to 2048 pages): where rounds are of one batch (faults come one
 at a time) a target holds on average its budget less the headroom and half
-a batch (93.75% of it at 64 MiB, 97.7% from 512 MiB up). The headroom is room for the faults that come while a batch is put
-away (a one-batch round took 4-11 ms with batches of a 32nd, in which
-random faults from disk bring in a hundred pages or so); a fast burst
-fills it and waits at the budget, and then two batches go in flight: such
-a rushed round (a first touch, a scan) takes batches of up to an 8th of
-the budget, within the same bounds, and goes one of those below the high
-mark (84.4% of the budget at 64 MiB, 81.25% at 32; the same marks as a
-round of one batch from 128 MiB up).
+a batch (93.75% of it at 64 MiB, 97.7% from 512 MiB up). The headroom is
+room for the faults that come while a batch is put away (a one-batch round
+took 4-11 ms with batches of a 32nd, in which random faults from disk bring
+in a hundred pages or so); a fast burst fills it and waits at the budget,
+and then two batches go in flight: such a rushed round (a first touch, a
+scan) takes batches of up to an 8th of the budget, within the same bounds,
+and goes one of those below the high mark (84.4% of the budget at 64 MiB,
+81.25% at 32; the same marks as a round of one batch from 128 MiB up).
 """
 from __future__ import annotations
 

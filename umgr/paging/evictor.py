@@ -8,10 +8,9 @@ had used half the headroom before the round began (Budget.rushed), two
 batches (of up to Budget.rushed_batch pages) are in flight down to the
 rushed low mark: the next is taken out while the previous one is put away,
 so the copy-out overlaps the write and the zap; a round of one batch runs
-on the eviction task alone. It runs as the
-target's eviction task beside the fault loop; the race rules (a write
-during EVICTING wins, a write during ZAPPING waits) are in
-docs/architecture.md.
+on the eviction task alone. It runs as the target's eviction task beside
+the fault loop; the race rules (a write during EVICTING wins, a write
+during ZAPPING waits) are in docs/architecture.md.
 """
 from __future__ import annotations
 
