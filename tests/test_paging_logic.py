@@ -575,3 +575,18 @@ def test_windows_cut_to_the_room_under_the_budget_keep_the_pages_nearest_their_f
     assert nearest_first([down], 4).tolist() == [496, 497, 498, 499]
     assert nearest_first([up, (105, np.arange(106, 110))], 3).tolist() == [101, 102, 106]   # (a page in both: once)
     assert nearest_first([up], 0).tolist() == [] and nearest_first([], 5).tolist() == []
+
+
+# ---- an orphaned fork's claim by birth time --------------------------------------
+def test_a_fork_is_claimed_by_a_child_born_about_when_its_event_was_stamped():
+    from umgr.daemon.forks import BORN_AFTER_STAMP, BORN_BEFORE_STAMP, TICK, could_be_its_fork
+    stamp = 1000.0
+    # The daemon stamps the event after copying the table (later than the
+    # birth), or the parent runs again late and the child is born after it.
+    assert could_be_its_fork(stamp, stamp - 0.5) and could_be_its_fork(stamp, stamp - BORN_BEFORE_STAMP)
+    assert could_be_its_fork(stamp, stamp + 0.05) and could_be_its_fork(stamp, stamp + BORN_AFTER_STAMP)
+    # Start times are whole ticks, rounded down: a tick either way more.
+    assert could_be_its_fork(stamp, stamp + BORN_AFTER_STAMP + TICK / 2)
+    # Farther off it is another child's.
+    assert not could_be_its_fork(stamp, stamp - BORN_BEFORE_STAMP - 2 * TICK)
+    assert not could_be_its_fork(stamp, stamp + BORN_AFTER_STAMP + 2 * TICK)

@@ -6,8 +6,8 @@ child (FORKED). A parent killed between the two leaves a child whose
 paged-out memory only that uffd can serve: closing it with the parent
 would let the child read zeros where its data was. So the parent's
 unclaimed forks outlive it here for ORPHAN_WAIT seconds, and the child's
-own HELLO claims its fork: same owner, and a fork event read just after
-the child was born (the parent was blocked in fork() until then). The
+own HELLO claims its fork: same owner, and a fork event read about when
+the child was born (could_be_its_fork). The
 caller then proves the uffd is the child's (peer.Memory.prove_uffd) before
 serving it; exactly one candidate or none is offered, so no other
 process's memory is probed.
@@ -26,10 +26,24 @@ from umgr.paging.events import ForkedMemory
 log = logging.getLogger("umgr.daemon")
 
 ORPHAN_WAIT = 10.0       # seconds an unclaimed fork outlives its parent
-# The child's start time (/proc/PID/stat, clock ticks) is at most this much
-# before the fork event was read, and at most a tick after (truncation).
-BORN_BEFORE_READ = 2.0
+# A fork event's stamp (ForkedMemory.born) against its child's start time
+# (/proc/PID/stat, in clock ticks, rounded down). The kernel sets a child's
+# start time once its parent runs again after its fork event was read
+# (dup_mmap() waits for the read; copy_process() sets the start time
+# after it), and the daemon stamps the event once it has copied the
+# parent's page table (ForkedMemory.at_fork), which takes a while for a
+# large one. So the stamp comes up to BORN_BEFORE_STAMP after the birth
+# (the copy), or up to BORN_AFTER_STAMP before it (a parent slow to run
+# again, as on a busy machine), give or take a tick.
+BORN_BEFORE_STAMP = 2.0
+BORN_AFTER_STAMP = 1.0
 TICK = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def could_be_its_fork(stamp: float, born: float) -> bool:
+    """Whether a fork event stamped at `stamp` may be that of a child born
+    at `born` (both CLOCK_BOOTTIME seconds)."""
+    return -BORN_AFTER_STAMP - TICK <= stamp - born <= BORN_BEFORE_STAMP + TICK
 
 
 @dataclass(frozen=True)
@@ -77,8 +91,7 @@ class OrphanForks:
         if ticks is None:
             return None
         born = ticks * TICK
-        mine = [o for o in self._waiting
-                if o.parent.owner == owner and -TICK <= o.fork.born - born <= BORN_BEFORE_READ]
+        mine = [o for o in self._waiting if o.parent.owner == owner and could_be_its_fork(o.fork.born, born)]
         if len(mine) != 1:
             if mine:
                 log.warning("pid %d: %d unclaimed forks could be its own; serving none", pid, len(mine))
