@@ -7,10 +7,9 @@ paged-out memory only that uffd can serve: closing it with the parent
 would let the child read zeros where its data was. So the parent's
 unclaimed forks outlive it here for ORPHAN_WAIT seconds, and the child's
 own HELLO claims its fork: same owner, and a fork event read about when
-the child was born (could_be_its_fork). The
-caller then proves the uffd is the child's (peer.Memory.prove_uffd) before
-serving it; exactly one candidate or none is offered, so no other
-process's memory is probed.
+the child was born (could_be_its_fork). The caller then proves the uffd is
+the child's (peer.Memory.prove_uffd) before serving it; exactly one
+candidate or none is offered, so no other process's memory is probed.
 """
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ Evicting wakes threads too: a batch's read of the victims in a worker
 thread, its write's completion, the agent's move-out and its answer. A
 first touch of 512 MiB under 64 MiB, which brings fresh pages in windows
 (519 faults) and puts 260 batches away (of 512 pages, as batches were at
-that budget then), made 3.5k wake-ups; held, its
-touch phase took 0.71 s instead of 0.77 (6 alternating runs each). So a
-batch counts as BATCH_FAULTS faults.
+that budget then), made 3.5k wake-ups; held, its touch phase took 0.71 s
+instead of 0.77 (6 alternating runs each). So a batch counts as
+BATCH_FAULTS faults.
 
 The price is that idle CPUs spin rather than sleep while it is held (all
 of them: the request is system-wide), so `auto` holds it only while

@@ -107,9 +107,8 @@ class Budget:
     def evict_goal(self, resident: int, rushed: bool = False) -> int:
         """How many pages the next eviction batch wants (of a rushed round:
         rushed_batch)."""
-        if rushed:
-            return min(self.rushed_batch, resident - self.rushed_low_water)
-        return min(self.batch, resident - self.low_water)
+        batch = self.rushed_batch if rushed else self.batch
+        return min(batch, resident - self._low_water(batch))
 
     def room(self, resident: int, otherwise: int) -> int:
         """Pages that may come in ahead of demand without crossing the high

@@ -94,7 +94,6 @@ class Evictor:
         # the largest batch; only the pages a batch uses take memory.
         self._buffers = [PageBuffer(EVICT_BATCH_MAX)]
         self._in_flight = 0   # pages taken out and not yet put away
-        self._rushed = False  # in a round of two batches in flight (of up to Budget.rushed_batch pages)
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
 
     async def evict_over_budget(self) -> None:
@@ -114,15 +113,12 @@ class Evictor:
         self._in_flight = 0
         send, receive = trio.open_memory_channel(0)
         try:
-            self._rushed = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._put_away_all, receive)
                 async with send:
                     await self._take_out_all(send)
         except BaseExceptionGroup as group:
             raise first_of(group) from None   # TargetGone is caught as such by the eviction loop
-        finally:
-            self._rushed = False
 
     async def _evict_one(self) -> None:
         """One batch (if over the high mark), on this task. Each hand-over
@@ -142,7 +138,7 @@ class Evictor:
         core = self.core
         turn = 0   # the buffer to fill: the other one may be being put away
         while core.budget.above_rushed_low(core.pt.resident - self._in_flight) and core.can_evict():
-            batch = await self._take_out(self._buffers[turn])
+            batch = await self._take_out(self._buffers[turn], rushed=True)
             if not (len(batch.vpns) or batch.progress):
                 # No victim (all pinned, or unknown to the policy): faults
                 # must not wait at the budget for an eviction that cannot
@@ -169,9 +165,10 @@ class Evictor:
                     self._in_flight -= len(batch.vpns)
                     self._putting_away = EMPTY
 
-    def _choose_victims(self) -> np.ndarray:
+    def _choose_victims(self, rushed: bool) -> np.ndarray:
+        """Up to a batch of victims (a rushed round's batch: Budget.evict_goal)."""
         core = self.core
-        want = core.budget.evict_goal(core.pt.resident - self._in_flight, self._rushed)
+        want = core.budget.evict_goal(core.pt.resident - self._in_flight, rushed)
         chosen: list[np.ndarray] = []
         count = 0
         for _ in range(CHOOSE_ROUNDS):
@@ -201,11 +198,11 @@ class Evictor:
             return batch.progress
         return await self._put_away(batch)
 
-    async def _take_out(self, buffer: PageBuffer, victims: np.ndarray | None = None) -> Batch:
+    async def _take_out(self, buffer: PageBuffer, victims: np.ndarray | None = None, rushed: bool = False) -> Batch:
         """Victims (the policy's if not given) write-protected and copied
         into `buffer`, but for clean copies; those whose zap would free
         nothing leave the batch."""
-        vpns = self._choose_victims() if victims is None else victims
+        vpns = self._choose_victims(rushed) if victims is None else victims
         if len(vpns) == 0:
             return Batch(vpns, buffer, progress=False)
         await self._protect(vpns)

@@ -46,10 +46,10 @@ REMOVE_LINGER_SECONDS = 30e-6   # a batch ending in a REMOVE waits this long for
 # the batches' bounds, at most B/16 and at least 16 pages), and a round
 # goes down to the low mark, a batch lower. Where rounds are of one batch a
 # target holds on average its budget less h + b/2: 93.75% of it at 64 and
-# 128 MiB, more above. The
-# headroom was two batches and the round two more (a 16th and an 8th of
-# the budget up to 256 MiB): a tenth of the budget unused, where a program
-# whose working set is about its budget faults on every page it lacks.
+# 128 MiB, more above. The headroom was two batches and the round two more
+# (a 16th and an 8th of the budget up to 256 MiB): a tenth of the budget
+# unused, where a program whose working set is about its budget faults on
+# every page it lacks.
 # CPython sorting and verifying 6 million ints at 200 MiB (bench_shapes'
 # workload at scale 1, a third of its peak) took 114 s instead of 177
 # (kernel swap: 59 s); the shapes at 64 MiB within noise (paired rounds).
