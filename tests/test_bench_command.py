@@ -20,7 +20,8 @@ def _umgr_bench(tmp_path, *args, timeout=120):
 def test_lists_the_benchmarks_and_refuses_an_unknown_one(tmp_path):
     listed = _umgr_bench(tmp_path, "--help")
     assert listed.returncode == 0, listed.stderr
-    for name in ("faults", "io", "shapes", "redis", "paging", "zap", "backends", "readpath", "persist", "footprint"):
+    for name in ("faults", "io", "shapes", "redis", "paging", "zap", "backends", "readpath", "persist", "footprint",
+                 "spawn"):
         assert f"\n  {name}" in listed.stdout
     unknown = _umgr_bench(tmp_path, "nope")
     assert unknown.returncode == EXIT_UMGR and "unknown benchmark 'nope'" in unknown.stderr
@@ -37,6 +38,20 @@ def test_fault_benchmark_compiles_its_program_and_measures(tmp_path):
     for mode in ("C floor", "thread", "trio-eager", "trio-await"):
         # a figure for each handler at 1 and at 16 pages per fault
         assert len(re.findall(rf"{mode} +[0-9.]+ µs/fault", r.stdout)) == 2, mode
+
+
+@pytest.mark.timeout(180)
+def test_spawn_benchmark_counts_every_process_it_started(tmp_path):
+    # The benchmark fails unless the daemon managed every process started
+    # (each fork's child, each exec's image): its figures are of real
+    # adoptions and attaches, and every child checked the pages it read.
+    out = tmp_path / "spawn.json"
+    r = _umgr_bench(tmp_path, "spawn", "--count", "30", "--rounds", "1", "--data-mib", "4", "--json", str(out),
+                    timeout=170)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"fork", "exec"}
+    assert all(s["umgr_us"] > 0 and s["plain_us"] > 0 for s in summary.values())
 
 
 def test_shapes_options_reach_the_benchmark(tmp_path):
