@@ -15,8 +15,10 @@ because a buggy policy must never stop faults from being served.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
+import inspect
 import logging
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -137,9 +139,17 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+# Plug-ins found by name: every target loads its policies, and a look
+# through the installed packages' entry points takes milliseconds. (A name
+# not found is looked for again each time: a plug-in installed since counts.)
+_plugins: dict[str, Callable] = {}
+
+
 def _load(name: str, options: dict, builtins: dict[str, str], others: dict[str, str], base: type, kind: str):
     if name in builtins:
         factory = _resolve(builtins[name])
+    elif name in _plugins:
+        factory = _plugins[name]
     else:
         # One group holds both kinds (the installed package itself declares its
         # built-ins there too); a third-party entry is told apart by its class.
@@ -147,7 +157,7 @@ def _load(name: str, options: dict, builtins: dict[str, str], others: dict[str, 
         if name not in eps:
             available = sorted(set(builtins) | set(eps))
             raise ValueError(f"unknown {kind} policy {name!r}; available: {', '.join(available)}")
-        factory = eps[name].load()
+        factory = _plugins[name] = eps[name].load()
     _check_options(name, factory, options)
     policy = factory(**options)
     if not isinstance(policy, base):
@@ -159,13 +169,9 @@ def _check_options(name: str, factory, options: dict) -> None:
     """A clear error for an option the policy does not take, or a value of
     another kind than its default (a number, true or false): not the
     TypeError the policy would raise somewhere inside."""
-    import inspect
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
+    params = _parameters(factory)
+    if params is None or any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return   # (no signature to check against: the policy checks its own)
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
     settable = [p.name for p in params.values() if p.default is not p.empty and p.default is not None]
     for key, value in options.items():
         if key not in settable:   # (nor a hook such as is_live=None: the daemon's to set)
@@ -178,6 +184,17 @@ def _check_options(name: str, factory, options: dict) -> None:
             raise ValueError(f"policy {name!r} option {key}: {value!r} is not a number")
         elif isinstance(default, int) and not isinstance(value, int):
             raise ValueError(f"policy {name!r} option {key}: {value!r} is not a whole number")
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(factory):
+    """The factory's parameters, or None if it shows no signature. Kept:
+    every target loads its policies, and reading a signature took about
+    a tenth of the daemon's CPU for a process that forks and exits."""
+    try:
+        return inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
 
 
 def load_prefetch(name: str, **options) -> PrefetchPolicy:
@@ -224,7 +241,6 @@ def installed() -> list[tuple[str, str, str, str]]:
     group, as (name, "prefetch" or "eviction", where it comes from, its
     options with their defaults and the first line of its doc); one that
     does not load says why in the last field."""
-    import inspect
 
     found = {}
     for name, spec in {**_BUILTIN_PREFETCH, **_BUILTIN_EVICTION}.items():

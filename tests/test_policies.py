@@ -451,10 +451,18 @@ def test_load_third_party_entry_point(monkeypatch):
     import umgr.policies as policies
 
     eps = [EntryPoint("mine", "umgr.policies.none:NoPrefetch", policies.ENTRY_POINT_GROUP)]
-    monkeypatch.setattr(policies.importlib.metadata, "entry_points", lambda group: eps)
+    looks = []
+    monkeypatch.setattr(policies.importlib.metadata, "entry_points", lambda group: looks.append(group) or eps)
+    monkeypatch.setattr(policies, "_plugins", {})
     assert isinstance(load_prefetch("mine"), NoPrefetch)
     with pytest.raises(ValueError, match="not a EvictionPolicy"):
         load_eviction("mine")
+    # Found once, a plug-in loads again (for each new target) without a
+    # look through the entry points; a name not found is looked for anew.
+    assert isinstance(load_prefetch("mine"), NoPrefetch) and len(looks) == 1
+    with pytest.raises(ValueError, match="unknown prefetch policy 'yours'"):
+        load_prefetch("yours")
+    assert len(looks) == 2
 
 
 # --- offline replay ----------------------------------------------------------
