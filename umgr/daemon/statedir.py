@@ -22,6 +22,7 @@ inside the state directory the daemon checked (its own, mode 0700).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -50,6 +51,18 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 def _boot_id() -> str:
     with open(BOOT_ID) as f:
         return f.read().strip()
+
+
+def _write_record(name: str, info: dict, flag: int, dir_fd: int) -> None:
+    """A target's record, in one write (created with `flag`: O_EXCL, or
+    O_TRUNC over a file of ours)."""
+    data = json.dumps(info).encode()
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | flag | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, f"{name}: short write")
+    finally:
+        os.close(fd)
 
 
 @dataclass(eq=False)
@@ -192,14 +205,14 @@ class StateDir:
         if start_time is None:
             raise ProcessLookupError(pid)
         name = f"{TARGET_PREFIX}{pid}-{start_time}"
-        self._remove_dir(name)   # a leftover of the same process (a HELLO after exec)
-        os.mkdir(name, 0o700, dir_fd=self.dir_fd)
+        try:
+            os.mkdir(name, 0o700, dir_fd=self.dir_fd)
+        except FileExistsError:
+            self._remove_dir(name)   # a leftover of the same process (a HELLO after exec)
+            os.mkdir(name, 0o700, dir_fd=self.dir_fd)
         dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
         info = dict(info, pid=pid, start_time=start_time)
-        fd = os.open(RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dir_fd)
-        with open(fd, "w") as f:
-            json.dump(info, f)
+        _write_record(RECORD, info, os.O_EXCL, dir_fd)
         journal = EventJournal(dir_fd, MAX_EVENTS_PER_READ, create=True)
         return SavedTarget(pid, start_time, name, dir_fd, FileArrays(dir_fd, f"pid {pid}"), info, journal)
 
@@ -207,10 +220,7 @@ class StateDir:
         """Replace a target's record (written aside, then renamed over it:
         a crash leaves the old record or the new one)."""
         aside = RECORD + ".new"
-        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=saved.dir_fd)
-        with open(fd, "w") as f:
-            json.dump(info, f)
+        _write_record(aside, info, os.O_TRUNC, saved.dir_fd)
         os.rename(aside, RECORD, src_dir_fd=saved.dir_fd, dst_dir_fd=saved.dir_fd)
         saved.info = info
 
