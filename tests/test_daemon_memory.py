@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import DaemonProcess, wait_for
-from test_control import started, target_status
+from test_control import query_status, started, target_status
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -197,5 +197,33 @@ def test_a_large_targets_exit_adds_little_to_the_daemons_peak(tmp_path, shim, pr
             wait_for(lambda: target_status(daemon, proc.pid) is None, 30, f"pid {proc.pid} to be released")
             peak_grown_bytes = (vm_kb(daemon.proc.pid, "VmHWM") - rss) * 1024
             assert peak_grown_bytes < 12 * 262144, peak_grown_bytes   # (3-4 measured, 18 before)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_quiet_target_gives_its_batch_buffers_memory_back(tmp_path, shim, programs):
+    """A first touch of three times a 64 MiB budget fills both of the
+    target's batch buffers (rushed rounds of 2048 pages: 8 MiB each). Once
+    it has not evicted for BUFFERS_IDLE_SECONDS their memory goes back to
+    the kernel: the daemon's shared memory drops by more than a buffer.
+    The program's second burst (every page checked, then written anew)
+    evicts through the same buffers, and every byte comes back right."""
+    from umgr.paging.tuning import BUFFERS_IDLE_SECONDS
+
+    daemon = DaemonProcess(tmp_path, "--max-resident", "64M")
+    try:
+        with started([programs["pause"], "192"], env=daemon.env(shim), stdin=subprocess.PIPE) as proc:
+            assert proc.stdout.readline() == b"ready\n", proc.stderr.read()
+            wait_for(lambda: (target_status(daemon, proc.pid) or {}).get("swapped_bytes", 0) >= 100 * MiB, 30,
+                     "the first burst's evictions")
+            busy = vm_kb(daemon.proc.pid, "RssShmem")
+            wait_for(lambda: vm_kb(daemon.proc.pid, "RssShmem") <= busy - 10 * 1024, BUFFERS_IDLE_SECONDS + 10,
+                     f"the daemon's shared memory ({busy} kB in use) to drop by 10 MiB")
+            written = query_status(daemon.socket)["backend"]["pages_written"]
+            out, err = proc.communicate(b"go\n", timeout=60)
+            assert proc.returncode == 0 and out.endswith(b"ok 49152 pages\n"), (out, err)
+            # The second burst wrote out (through the buffers) at least what exceeds the budget.
+            assert query_status(daemon.socket)["backend"]["pages_written"] - written >= 128 * MiB // 4096
     finally:
         daemon.stop()

@@ -26,6 +26,7 @@ class PageBuffer:
         written are the kernel's zero page (no memory); a shared one (shmem)
         gets a page of its own at any first touch."""
         self.npages = npages
+        self.private = private
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS if private else mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
         self._map = mmap.mmap(-1, npages * PAGE_SIZE, flags=flags)
         self.bytes = np.frombuffer(self._map, np.uint8)
@@ -50,6 +51,13 @@ class PageBuffer:
     def page(self, position: int) -> memoryview:
         start = position * PAGE_SIZE
         return memoryview(self._map)[start:start + PAGE_SIZE]
+
+    def release(self) -> None:
+        """Give the pages' memory back (they read zero after), keeping the
+        mapping: its address stays valid for a read that may still write
+        it. A shared mapping's pages live in shmem, which MADV_DONTNEED
+        does not free: MADV_REMOVE does."""
+        self._map.madvise(mmap.MADV_DONTNEED if self.private else mmap.MADV_REMOVE)
 
     def close(self) -> None:
         self.bytes = None

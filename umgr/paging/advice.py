@@ -194,6 +194,12 @@ class Hints:
             core.stats.willneed_in += len(filled)
             core.note_resident()
 
+    def release_buffers(self) -> None:
+        """The WILLNEED buffer's memory goes back (between hints: on the
+        eviction task, which runs them)."""
+        if self._buf is not None:
+            self._buf.release()
+
     def close(self) -> None:
         if self._buf is not None:
             self._buf.close()

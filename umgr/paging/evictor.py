@@ -91,7 +91,8 @@ class Evictor:
         self.removes = removes
         # Two batch buffers, the second mapped at the first pipelined round.
         # Never unmapped: an abandoned readv may still write one. Sized for
-        # the largest batch; only the pages a batch uses take memory.
+        # the largest batch; only the pages a batch uses take memory, until
+        # release_buffers().
         self._buffers = [PageBuffer(EVICT_BATCH_MAX)]
         self._in_flight = 0   # pages taken out and not yet put away
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
@@ -119,6 +120,14 @@ class Evictor:
                     await self._take_out_all(send)
         except BaseExceptionGroup as group:
             raise first_of(group) from None   # TargetGone is caught as such by the eviction loop
+
+    def release_buffers(self) -> None:
+        """The batch buffers' memory goes back to the kernel. Only between
+        rounds: then no backend write reads them (each round waits for its
+        writes, io_to_the_end), and a readv abandoned on cancel could only
+        put pages back in them."""
+        for buffer in self._buffers:
+            buffer.release()
 
     async def _evict_one(self) -> None:
         """One batch (if over the high mark), on this task. Each hand-over

@@ -36,7 +36,7 @@ from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State, page_up
 from umgr.paging.pinning import Pinning
 from umgr.paging import recovery
 from umgr.paging.removes import RemoveAttribution
-from umgr.paging.tuning import CLEAN_COPIES, SPIN_SECONDS
+from umgr.paging.tuning import BUFFERS_IDLE_SECONDS, CLEAN_COPIES, SPIN_SECONDS
 from umgr.policies import GuardedEviction, GuardedPrefetch
 from umgr.sizes import format_size
 
@@ -374,7 +374,12 @@ class Target:
         try:
             await self.settle_zaps()
             while True:
-                await core.eviction_wanted()
+                with trio.move_on_after(BUFFERS_IDLE_SECONDS) as idle:
+                    await core.eviction_wanted()
+                if idle.cancelled_caught:   # quiet for a while: its buffers' memory goes
+                    self.evictor.release_buffers()
+                    self.hints.release_buffers()
+                    await core.eviction_wanted()
                 await self.hints.serve_queued()
                 await self.evictor.evict_over_budget()
         except TargetGone:

@@ -36,6 +36,10 @@ EVICT_BATCH_DIVISOR = 16  # a batch is this share of the budget, between the two
 # which a program's next phase fills again; rounds of one batch, where
 # faults come one at a time, keep the marks below.
 RUSHED_BATCH_DIVISOR = 8
+# The batch buffers' memory (up to two batches of the budget's share: 16
+# MiB at 64 MiB) goes back to the kernel once a target has not evicted for
+# this long; the next round touches them afresh (about 0.4 us a page).
+BUFFERS_IDLE_SECONDS = 2.0
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
 RECHECK_SECONDS = 1.0     # how often pinned (mlocked, unreadable) and SHARED pages are looked at again
 MAX_EVENTS_PER_READ = 64  # uffd messages read per read(2)
