@@ -16,7 +16,7 @@ from umgr.paging.faults import clean_parts, runs_faulting_last
 from umgr.paging.readgate import ReadGate
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.stats import COUNTERS, TargetStats
-from umgr.paging.tuning import EVICT_BATCH, EVICT_BATCH_MAX
+from umgr.paging.tuning import EVICT_BATCH, EVICT_BATCH_MAX, RUSHED_TAIL_SHARE
 
 
 # ---- REMOVE attribution ---------------------------------------------------------
@@ -298,8 +298,12 @@ def test_a_rushed_round_takes_batches_of_an_8th_of_the_budget_within_bounds(page
     at_budget = pages - 1
     assert budget.evict_goal(at_budget, rushed=True) == rushed_batch
     assert budget.evict_goal(at_budget) == budget.batch
-    # The round's last batch takes what is left above the rushed low mark.
-    assert budget.evict_goal(budget.rushed_low_water + 10, rushed=True) == 10
+    # The round's last batch takes what is left above the rushed low mark,
+    # and at least a quarter of a batch: a batch's fixed cost is not paid
+    # for a few pages.
+    assert budget.evict_goal(budget.rushed_low_water + rushed_batch // 2, rushed=True) == rushed_batch // 2
+    assert budget.evict_goal(budget.rushed_low_water + 10, rushed=True) == rushed_batch // RUSHED_TAIL_SHARE
+    assert budget.evict_goal(budget.high_water + 10) == budget.batch   # (a round of one batch: always a whole one)
     assert budget.above_rushed_low(budget.rushed_low_water + 1)
     assert not budget.above_rushed_low(budget.rushed_low_water)
 

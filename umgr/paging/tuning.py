@@ -36,6 +36,7 @@ EVICT_BATCH_DIVISOR = 16  # a batch is this share of the budget, between the two
 # which a program's next phase fills again; rounds of one batch, where
 # faults come one at a time, keep the marks below.
 RUSHED_BATCH_DIVISOR = 8
+RUSHED_TAIL_SHARE = 4     # a rushed round's last batch is at least a 4th of one (budget.py)
 # The batch buffers' memory (up to two batches of the budget's share: 16
 # MiB at 64 MiB) goes back to the kernel once a target has not evicted for
 # this long; the next round touches them afresh (about 0.4 us a page).
