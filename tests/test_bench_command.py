@@ -21,7 +21,7 @@ def test_lists_the_benchmarks_and_refuses_an_unknown_one(tmp_path):
     listed = _umgr_bench(tmp_path, "--help")
     assert listed.returncode == 0, listed.stderr
     for name in ("faults", "io", "shapes", "redis", "paging", "zap", "backends", "readpath", "persist", "footprint",
-                 "spawn"):
+                 "procs", "spawn"):
         assert f"\n  {name}" in listed.stdout
     unknown = _umgr_bench(tmp_path, "nope")
     assert unknown.returncode == EXIT_UMGR and "unknown benchmark 'nope'" in unknown.stderr

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "readpath": ("bench_readpath", "the eviction read: process_vm_readv, /proc/PID/mem, the checked read"),
     "persist": ("bench_persist", "saved page tables (a restart can take programs back) against --no-persist"),
     "footprint": ("bench_footprint", "the daemon's memory per managed page and CPU per evicted page"),
+    "procs": ("bench_procs", "several processes paging at once, each under its own budget, against kernel swap"),
     "spawn": ("bench_spawn", "starting processes (fork, fork then exec) under umgr against plain"),
 }
 QUICK = ("faults", "io")

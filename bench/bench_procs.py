@@ -1,0 +1,187 @@
+"""Several processes paging at once, each under its own budget: umgr
+against kernel swap.
+
+PROCS copies of bench/programs/shapes.c (DATA MiB each, different seeds)
+first-touch their data and then read OPS uniform random pages, all at
+once:
+
+  kernel swap  each in a cgroup v1 memory group of its own, limited to
+               BUDGET, with a swapfile (as bench_shapes.py sets it up);
+  umgr         one `umgr exec --max-resident BUDGET` running them all:
+               one daemon, a target and a budget per process.
+
+Rounds alternate which goes first. Per round it takes each phase's time
+of the slowest process (all of them are done when it is), and prints
+umgr/kernel paired by round (median and range), with the daemon's CPU
+seconds and the faults. One process (--procs 1) is the same measurement
+as bench_shapes.py's random phase; the gap that grows with PROCS is what
+serving every target on one daemon thread costs, where the kernel serves
+each process's faults on its own CPU time and keeps their reads in
+flight together.
+
+Needs root (swapon, cgroups, userfaultfd), gcc, and the cgroup v1 memory
+controller. Run it under the suite lock.
+
+    python bench/bench_procs.py [--procs 4] [--data-mib 256] [--budget-mib 32] [--ops 20000] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_paging import (CGROUP, CGROUP_ROOT, RUN_TIMEOUT, BenchError, _remove_cgroup, _write,  # noqa: E402
+                          compile_programs, default_umgr_cmd, kernel_swap, run_and_report)
+
+PHASES = ("touch", "random")
+
+
+def shapes_cmd(shapes: str, args, index: int) -> list[str]:
+    return [shapes, str(args.data_mib), "random", str(index + 1), str(args.ops)]
+
+
+def _results(outputs: list[str], what: str) -> list[dict]:
+    results = []
+    for text in outputs:
+        lines = [line for line in text.splitlines() if line.startswith("{")]
+        if not lines:
+            raise BenchError(f"{what}: a process printed no result")
+        result = json.loads(lines[-1])
+        if not result.get("ok"):
+            raise BenchError(f"{what}: a process's data check failed")
+        results.append(result)
+    return results
+
+
+def slowest(results: list[dict]) -> dict:
+    return {phase: max(r["phases"][phase] for r in results) for phase in PHASES}
+
+
+@contextlib.contextmanager
+def more_cgroups(count: int, limit_bytes: int):
+    """`count` more memory cgroups beside bench_paging's, each limited to
+    limit_bytes; removed on the way out."""
+    made = []
+    try:
+        for i in range(count):
+            cgroup = f"{CGROUP}-procs{i + 1}"
+            _remove_cgroup(cgroup)   # a leftover of an interrupted run
+            os.mkdir(cgroup)
+            made.append(cgroup)
+            _write(os.path.join(cgroup, "memory.limit_in_bytes"), limit_bytes)
+        yield made
+    finally:
+        for cgroup in made:
+            _remove_cgroup(cgroup)
+
+
+def run_kernel(shapes: str, args, cgroups: list[str]) -> dict:
+    procs = []
+    try:
+        for i, cgroup in enumerate(cgroups):
+            def enter(cgroup=cgroup) -> None:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+            procs.append(subprocess.Popen(shapes_cmd(shapes, args, i), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, preexec_fn=enter))
+        outputs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+            if proc.returncode != 0:
+                raise BenchError(f"shapes under kernel swap exited {proc.returncode}: {err.strip()[-500:]}")
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {"phases": slowest(_results(outputs, "kernel swap"))}
+
+
+def run_umgr(shapes: str, args, umgr: list[str], work: str) -> dict:
+    outs = [os.path.join(work, f"out{i}.json") for i in range(args.procs)]
+    script = " & ".join(f"{shlex.join(shapes_cmd(shapes, args, i))} > {shlex.quote(out)}"
+                        for i, out in enumerate(outs)) + " & wait"
+    stats_path = os.path.join(work, "stats.json")
+    cmd = [*umgr, "exec", "--max-resident", f"{args.budget_mib}M", "--swap-size",
+           f"{args.procs * args.data_mib + args.budget_mib}M", "--stats-json", stats_path, "--", "sh", "-c", script]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    if done.returncode != 0:
+        raise BenchError(f"umgr exec exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    outputs = []
+    for out in outs:
+        with open(out) as f:
+            outputs.append(f.read())
+    with open(stats_path) as f:
+        stats = json.load(f)
+    if stats["targets"] < args.procs:
+        raise BenchError(f"the daemon managed {stats['targets']} processes of {args.procs}")
+    return {"phases": slowest(_results(outputs, "umgr")), "daemon_cpu_seconds": stats["daemon_cpu_seconds"],
+            "faults": stats["faults"], "zap_batches": stats["zap_batches"]}
+
+
+def measure(args) -> dict:
+    umgr = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
+    runs = {"kernel": [], "umgr": []}
+    with tempfile.TemporaryDirectory(prefix="umgr-bench-procs-") as work:
+        shapes = compile_programs(work, names=("shapes",))["shapes"]
+        limit = args.budget_mib << 20
+        with kernel_swap(args.procs * args.data_mib + args.budget_mib, limit) as first, \
+                more_cgroups(args.procs - 1, limit) as others:
+            cgroups = [first, *others]
+            for r in range(args.rounds):
+                order = ("kernel", "umgr") if r % 2 == 0 else ("umgr", "kernel")
+                for kind in order:
+                    print(f"round {r + 1}/{args.rounds}: {kind} ...", file=sys.stderr)
+                    run = run_kernel(shapes, args, cgroups) if kind == "kernel" else run_umgr(shapes, args, umgr, work)
+                    runs[kind].append(run)
+    ratios = {phase: [u["phases"][phase] / k["phases"][phase] for u, k in zip(runs["umgr"], runs["kernel"])]
+              for phase in PHASES}
+    return {"params": {k: v for k, v in vars(args).items()}, "runs": runs,
+            "ratios": {phase: (statistics.median(rs), min(rs), max(rs)) for phase, rs in ratios.items()}}
+
+
+def report(result: dict) -> str:
+    p, runs = result["params"], result["runs"]
+    lines = [f"{p['procs']} processes at once, {p['data_mib']} MiB each under {p['budget_mib']} MiB each, "
+             f"{p['ops']} random reads each, {p['rounds']} rounds (the slowest process's phase times, medians)",
+             f"{'phase':8} {'kernel s':>9} {'umgr s':>8} {'umgr/kernel':>12} {'(range)':>12}"]
+    for phase in PHASES:
+        kernel = statistics.median(r["phases"][phase] for r in runs["kernel"])
+        umgr = statistics.median(r["phases"][phase] for r in runs["umgr"])
+        ratio, lo, hi = result["ratios"][phase]
+        lines.append(f"{phase:8} {kernel:9.3f} {umgr:8.3f} {ratio:12.2f} {f'({lo:.2f}-{hi:.2f})':>12}")
+    cpu = statistics.median(r["daemon_cpu_seconds"] for r in runs["umgr"])
+    faults = statistics.median(r["faults"] for r in runs["umgr"])
+    lines.append(f"umgr: the daemon's CPU {cpu:.2f} s, {faults:.0f} faults, "
+                 f"{statistics.median(r['zap_batches'] for r in runs['umgr']):.0f} eviction batches")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--data-mib", type=int, default=256)
+    parser.add_argument("--budget-mib", type=int, default=32)
+    parser.add_argument("--ops", type=int, default=20000, help="random page reads per process")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--umgr", help="the umgr command (default: this interpreter's)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.procs < 1 or args.budget_mib >= args.data_mib:
+        parser.error("need --procs >= 1 and --budget-mib < --data-mib")
+    if not os.path.isdir(CGROUP_ROOT):
+        parser.error(f"no cgroup v1 memory controller at {CGROUP_ROOT}")
+    return run_and_report(lambda: measure(args), report, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
