@@ -308,6 +308,21 @@ def test_a_rushed_round_takes_batches_of_an_8th_of_the_budget_within_bounds(page
     assert not budget.above_rushed_low(budget.rushed_low_water)
 
 
+@pytest.mark.parametrize("pages", [16, 64, 100, 256, 512, 1024, 4096, 8192, 16384, 1 << 20])
+def test_a_rushed_round_s_last_batch_goes_at_most_a_quarter_of_its_span_below_its_mark(pages):
+    # The last batch takes at least a quarter of the round's span (a rushed
+    # batch, at most half the budget): at small budgets that quarter is of
+    # half the budget, never all that is resident.
+    budget = Budget(pages)
+    span = budget.high_water - budget.rushed_low_water
+    for above in (1, span // 8, span // 4, span // 2):
+        resident = budget.rushed_low_water + max(above, 1)
+        goal = budget.evict_goal(resident, rushed=True)
+        assert 0 < goal <= resident
+        assert resident - goal >= budget.rushed_low_water - span // RUSHED_TAIL_SHARE
+        assert goal >= min(span // RUSHED_TAIL_SHARE, resident)
+
+
 def test_marks_of_a_16_mib_budget():
     budget = Budget(4096)   # 16 MiB of 4 KiB pages: the headroom is a 16th
     assert budget.high_water == 4096 - 256

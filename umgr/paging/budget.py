@@ -13,7 +13,8 @@ and then two batches go in flight: such a rushed round (a first touch, a
 scan) takes batches of up to an 8th of the budget, within the same bounds,
 and goes one of those below the high mark (84.4% of the budget at 64 MiB,
 81.25% at 32; the same marks as a round of one batch from 128 MiB up), its
-last batch taking at least a quarter of one.
+last batch taking at least a quarter of one: such a round ends up to that
+much lower (81.25% at 64 MiB, 78.1% at 32).
 """
 from __future__ import annotations
 
@@ -81,7 +82,11 @@ class Budget:
     def _low_water(self, batch: int) -> int:
         if not self.pages:
             return 0
-        return max(self.high_water - min(batch, self.pages // 2), 0)
+        return max(self.high_water - self._span(batch), 0)
+
+    def _span(self, batch: int) -> int:
+        """How far below the high mark a round of such batches goes."""
+        return min(batch, self.pages // 2)
 
     def worth_a_warning(self, uncovered_bytes: int) -> bool:
         """Whether memory the budget does not cover makes it a promise umgr
@@ -109,14 +114,17 @@ class Budget:
     def evict_goal(self, resident: int, rushed: bool = False) -> int:
         """How many pages the next eviction batch wants (of a rushed round:
         rushed_batch). A rushed round's last batch takes at least
-        RUSHED_TAIL_SHARE of a batch, going that much below the mark at
-        most: a batch's fixed cost (write-protect, read, write, move,
-        settle: about 1.7 ms) was the same for the few pages that were
-        left above it, and such batches were a third of all in random
-        reads at 64 MiB, and most of four targets' paging at once at 32."""
+        RUSHED_TAIL_SHARE of the round's span (a rushed batch, at most
+        half the budget), going that much below the mark at most: a
+        batch's fixed cost (write-protect, read, write, move, settle:
+        about 1.7 ms) was the same for the few pages that were left above
+        it, and such batches were a third of all in random reads at 64
+        MiB, and most of four targets' paging at once at 32."""
         batch = self.rushed_batch if rushed else self.batch
         goal = min(batch, resident - self._low_water(batch))
-        return max(goal, batch // RUSHED_TAIL_SHARE) if rushed else goal
+        if not rushed:
+            return goal
+        return min(max(goal, self._span(batch) // RUSHED_TAIL_SHARE), resident)
 
     def room(self, resident: int, otherwise: int) -> int:
         """Pages that may come in ahead of demand without crossing the high

@@ -32,11 +32,12 @@ EVICT_BATCH_DIVISOR = 16  # a batch is this share of the budget, between the two
 # 1 GiB took 0.85-0.91x the time and the evictor 0.77-0.87x its CPU; the
 # other shapes and the CPython workload at 32 MiB did not change beyond
 # noise (alternating runs, medians of 4-8: docs/architecture.md). The cost:
-# such a round ends lower (84.4% of the budget at 64 MiB, 81.25% at 32),
-# which a program's next phase fills again; rounds of one batch, where
+# such a round ends lower (84.4% of the budget at 64 MiB, 81.25% at 32,
+# and up to a quarter batch lower still: RUSHED_TAIL_SHARE), which a
+# program's next phase fills again; rounds of one batch, where
 # faults come one at a time, keep the marks below.
 RUSHED_BATCH_DIVISOR = 8
-RUSHED_TAIL_SHARE = 4     # a rushed round's last batch is at least a 4th of one (budget.py)
+RUSHED_TAIL_SHARE = 4     # a rushed round's last batch: at least a 4th of its span (budget.py)
 # The batch buffers' memory (up to two batches of the budget's share: 16
 # MiB at 64 MiB) goes back to the kernel once a target has not evicted for
 # this long; the next round touches them afresh (about 0.4 us a page).
