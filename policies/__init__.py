@@ -141,7 +141,8 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
 
 # Plug-ins found by name: every target loads its policies, and a look
 # through the installed packages' entry points takes milliseconds. (A name
-# not found is looked for again each time: a plug-in installed since counts.)
+# not found is looked for again each time: a plug-in installed since counts;
+# one uninstalled after it loaded goes on loading until the daemon restarts.)
 _plugins: dict[str, Callable] = {}
 
 
@@ -186,15 +187,26 @@ def _check_options(name: str, factory, options: dict) -> None:
             raise ValueError(f"policy {name!r} option {key}: {value!r} is not a whole number")
 
 
-@functools.lru_cache(maxsize=64)
 def _parameters(factory):
-    """The factory's parameters, or None if it shows no signature. Kept:
-    every target loads its policies, and reading a signature took about
-    a tenth of the daemon's CPU for a process that forks and exits."""
+    """The factory's parameters, or None if it shows no signature. Kept
+    per factory (a class, a function): every target loads its policies,
+    and reading a signature took 6-7% of the daemon's CPU for a process
+    that forks and exits. A factory that cannot be a dict key (a callable
+    instance without __hash__) is read each time."""
+    try:
+        return _kept_parameters(factory)
+    except TypeError:   # unhashable
+        return _read_parameters(factory)
+
+
+def _read_parameters(factory):
     try:
         return inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return None
+
+
+_kept_parameters = functools.lru_cache(maxsize=64)(_read_parameters)
 
 
 def load_prefetch(name: str, **options) -> PrefetchPolicy:

@@ -465,6 +465,23 @@ def test_load_third_party_entry_point(monkeypatch):
     assert len(looks) == 2
 
 
+def test_a_plug_in_factory_that_cannot_be_hashed_still_has_its_options_checked(monkeypatch):
+    # Signatures are kept per factory; a callable instance without
+    # __hash__ (a dataclass, say) is a factory too, read each time.
+    import umgr.policies as policies
+
+    class Factory:
+        __hash__ = None
+
+        def __call__(self, depth: int = 4):
+            return NoPrefetch()
+
+    monkeypatch.setattr(policies, "_plugins", {"unhashable": Factory()})
+    assert isinstance(load_prefetch("unhashable", depth=2), NoPrefetch)
+    with pytest.raises(ValueError, match="has no option 'width'"):
+        load_prefetch("unhashable", width=2)
+
+
 # --- offline replay ----------------------------------------------------------
 
 def test_replay_sequential_readahead_cuts_faults_eightfold():
