@@ -98,6 +98,7 @@ class Target:
         self.evictor = Evictor(self.core, self.pinning, self.removes)
         self.hints = Hints(self.core, self.evictor)
         self._zaps_to_settle = False   # taken back after a crash while the agent may still zap
+        self._release_failed = False   # (logged once)
         self._journal = None           # where uffd messages are read (tables saved for a restart)
         if pages is not None:
             self.core.became_resident(pt.vpns_in(State.RESIDENT))
@@ -377,13 +378,23 @@ class Target:
                 with trio.move_on_after(BUFFERS_IDLE_SECONDS) as idle:
                     await core.eviction_wanted()
                 if idle.cancelled_caught:   # quiet for a while: its buffers' memory goes
-                    self.evictor.release_buffers()
-                    self.hints.release_buffers()
+                    self._release_buffers()
                     await core.eviction_wanted()
                 await self.hints.serve_queued()
                 await self.evictor.evict_over_budget()
         except TargetGone:
             core.gone = True
+
+    def _release_buffers(self) -> None:
+        """Give the eviction task's buffers' memory back; a refusal (no
+        reason is known on Linux 6.18) only keeps it."""
+        try:
+            self.evictor.release_buffers()
+            self.hints.release_buffers()
+        except OSError as exc:
+            if not self._release_failed:
+                log.warning("%s: batch buffers' memory not given back: %s", self.label, exc.strerror or exc)
+            self._release_failed = True
 
     # ---- teardown ----------------------------------------------------------------
     def mark_gone(self) -> None:
