@@ -10,8 +10,9 @@ once:
   umgr         one `umgr exec --max-resident BUDGET` running them all:
                one daemon, a target and a budget per process.
 
-Rounds alternate which goes first. Per round it takes each phase's time
-of the slowest process (all of them are done when it is), and prints
+Rounds alternate which goes first. Per round it takes, for each phase,
+the longest any process took (they start together, and the phases of
+different processes overlap only roughly), and prints
 umgr/kernel paired by round (median and range), with the daemon's CPU
 seconds and the faults. One process (--procs 1) is the same measurement
 as bench_shapes.py's random phase; the gap that grows with PROCS is what
@@ -76,6 +77,9 @@ def more_cgroups(count: int, limit_bytes: int):
             _remove_cgroup(cgroup)   # a leftover of an interrupted run
             os.mkdir(cgroup)
             made.append(cgroup)
+            memsw = os.path.join(cgroup, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):   # (as kernel_swap() sets the first)
+                _write(memsw, -1)
             _write(os.path.join(cgroup, "memory.limit_in_bytes"), limit_bytes)
         yield made
     finally:
@@ -108,9 +112,14 @@ def run_kernel(shapes: str, args, cgroups: list[str]) -> dict:
 
 def run_umgr(shapes: str, args, umgr: list[str], work: str) -> dict:
     outs = [os.path.join(work, f"out{i}.json") for i in range(args.procs)]
-    script = " & ".join(f"{shlex.join(shapes_cmd(shapes, args, i))} > {shlex.quote(out)}"
-                        for i, out in enumerate(outs)) + " & wait"
     stats_path = os.path.join(work, "stats.json")
+    for path in (*outs, stats_path):   # (nothing of the round before may stand in for this one's)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    # Each started in the background, each waited for: the shell exits 1 if any failed.
+    starts = "".join(f"{shlex.join(shapes_cmd(shapes, args, i))} > {shlex.quote(out)} & pids=\"$pids $!\"; "
+                     for i, out in enumerate(outs))
+    script = f"pids=; {starts}rc=0; for p in $pids; do wait $p || rc=1; done; exit $rc"
     cmd = [*umgr, "exec", "--max-resident", f"{args.budget_mib}M", "--swap-size",
            f"{args.procs * args.data_mib + args.budget_mib}M", "--stats-json", stats_path, "--", "sh", "-c", script]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -122,9 +131,14 @@ def run_umgr(shapes: str, args, umgr: list[str], work: str) -> dict:
             outputs.append(f.read())
     with open(stats_path) as f:
         stats = json.load(f)
-    if stats["targets"] < args.procs:
-        raise BenchError(f"the daemon managed {stats['targets']} processes of {args.procs}")
-    return {"phases": slowest(_results(outputs, "umgr")), "daemon_cpu_seconds": stats["daemon_cpu_seconds"],
+    results = _results(outputs, "umgr")
+    # The shell, and each process at its fork and again after its exec.
+    if stats["targets"] < 1 + 2 * args.procs or stats.get("daemon_restarts"):
+        raise BenchError(f"the daemon managed {stats['targets']} targets of {1 + 2 * args.procs} "
+                         f"({stats.get('daemon_restarts', 0)} restarts)")
+    if any(r.get("agent_cpu_seconds", 0) <= 0 for r in results):
+        raise BenchError("a process ran without umgr's agent thread: it was not paged by umgr")
+    return {"phases": slowest(results), "daemon_cpu_seconds": stats["daemon_cpu_seconds"],
             "faults": stats["faults"], "zap_batches": stats["zap_batches"]}
 
 

@@ -21,6 +21,7 @@ daemon's count of targets is checked: every process started was managed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -49,6 +50,8 @@ def run_program(cmd: list[str]) -> dict:
 
 def run_umgr(umgr: list[str], program: list[str], budget_mib: int, work: str) -> tuple[dict, dict]:
     stats_path = os.path.join(work, "stats.json")
+    with contextlib.suppress(FileNotFoundError):   # (the run before's may not stand in for this one's)
+        os.unlink(stats_path)
     result = run_program([*umgr, "exec", "--max-resident", f"{budget_mib}M", "--stats-json", stats_path, "--",
                           *program])
     with open(stats_path) as f:

@@ -5,9 +5,9 @@
  * First writes DATA_MIB MiB of its own memory (page p's first word holds
  * p ^ K), then starts COUNT processes one after another, each waited for:
  *
- *   fork  a child that reads DATA_MIB/COUNT-spaced pages of that memory
- *         (8 of them), checks them and exits: what a forking server or a
- *         worker pool pays a child;
+ *   fork  a child that reads 8 pages of that memory, an 8th of it apart
+ *         (from a page that moves with the child's number), checks them
+ *         and exits: what a forking server or a worker pool pays a child;
  *   exec  a child that execs /bin/true at once, as a shell runs a command.
  *
  * Prints one JSON line {"ok": true, "mode": .., "count": .., "data_mib": ..,
