@@ -210,10 +210,21 @@ class StateDir:
         except FileExistsError:
             self._remove_dir(name)   # a leftover of the same process (a HELLO after exec)
             os.mkdir(name, 0o700, dir_fd=self.dir_fd)
-        dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        try:
+            dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            os.rmdir(name, dir_fd=self.dir_fd)
+            raise
         info = dict(info, pid=pid, start_time=start_time)
-        _write_record(RECORD, info, os.O_EXCL, dir_fd)
-        journal = EventJournal(dir_fd, MAX_EVENTS_PER_READ, create=True)
+        try:
+            _write_record(RECORD, info, os.O_EXCL, dir_fd)
+            journal = EventJournal(dir_fd, MAX_EVENTS_PER_READ, create=True)
+        except BaseException:
+            # (a full disk, no descriptor left: the caller pages the target
+            # in memory; a half-made record would only be found unreadable)
+            os.close(dir_fd)
+            self._remove_dir(name)
+            raise
         return SavedTarget(pid, start_time, name, dir_fd, FileArrays(dir_fd, f"pid {pid}"), info, journal)
 
     def update_info(self, saved: SavedTarget, info: dict) -> None:
