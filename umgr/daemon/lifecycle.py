@@ -406,6 +406,7 @@ class Lifecycle:
                 interval = min(max(self.config.scan_interval, SCAN_COST_RATIO * cost), SCAN_INTERVAL_MAX)
                 self.register_found(target, mappings)
                 target.recheck()
+                target.release_idle_buffers(time.monotonic())
             except (OSError, TargetGone):
                 # The mm is gone: the process exited (its pidfd says so too)
                 # or exec'd a program without the shim (nothing else says so).

@@ -474,6 +474,11 @@ class FastPath:
     def handoff(self) -> int:
         return self._log.handoff
 
+    def release_buffers(self) -> None:
+        """The staging buffers' memory goes back (between calls only)."""
+        self._pages.release()
+        self._prefetch_pages.release()
+
     def close(self) -> None:
         if self._background is not None:
             uffdmod.fast_background_end(self._background)

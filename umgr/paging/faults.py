@@ -53,6 +53,7 @@ class FaultService:
         self._one_slot = np.zeros(1, np.int32)                 # _fill_one's backend read
         self._one_addr = self._fill.addrs(np.zeros(1, np.int64))
         self.fast = FastPath(core, spin, enabled=fast_path, prefetch=prefetch)   # the common case in C (fastpath.py)
+        self.asleep_since: float | None = None   # when the loop last went to sleep, while it sleeps
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
@@ -72,7 +73,6 @@ class FaultService:
     async def _round(self):
         """Read and serve what is queued. Returns what to wait for before
         the next round (None: go on at once)."""
-        uffd = self.core.uffd
         if not self._pending and self.fast.ready():
             outcome, wanted = self._serve_fast()
             if outcome == FAST_HANDOFF:   # before anything reads the uffd again
@@ -83,11 +83,11 @@ class FaultService:
                 return None
             if outcome == FAST_IDLE and not self._pending:   # (the prefetch may have read faults)
                 self.core.stats.fault_loop_sleeps += 1
-                return uffd.wait_readable
+                return self._sleep
             return trio.lowlevel.checkpoint
         if not self.drain() and not self._pending and not self._spin():
             self.core.stats.fault_loop_sleeps += 1
-            return uffd.wait_readable
+            return self._sleep
         if self._pending:
             await self._serve_pending()
             # The other tasks (the evictor, other targets) run now,
@@ -95,6 +95,23 @@ class FaultService:
             # read and its copy (a sync read yields nowhere).
             return trio.lowlevel.checkpoint
         return None
+
+    async def _sleep(self) -> None:
+        """Until the uffd has something. Meanwhile the target's maps scan
+        may give the staging buffers' memory back (release_buffers)."""
+        self.asleep_since = time.monotonic()
+        try:
+            await self.core.uffd.wait_readable()
+        finally:
+            self.asleep_since = None
+
+    def release_buffers(self) -> None:
+        """The staging buffers' memory goes back: only while the loop is
+        asleep (asleep_since), when no call and no backend read uses them
+        (a round waits for its reads, and for a call in the background
+        to end)."""
+        self._fill.release()
+        self.fast.release_buffers()
 
     def _serve_fast(self) -> tuple[int, list[tuple[int, np.ndarray]]]:
         """Serve plain faults in C, settling each call's log while the next

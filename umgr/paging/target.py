@@ -99,6 +99,8 @@ class Target:
         self.hints = Hints(self.core, self.evictor)
         self._zaps_to_settle = False   # taken back after a crash while the agent may still zap
         self._release_failed = False   # (logged once)
+        self._eviction_idle_since: float | None = None   # when the eviction task began to wait, while it waits
+        self._released_at: dict[str, float] = {}   # task -> the wait whose buffers went back
         self._journal = None           # where uffd messages are read (tables saved for a restart)
         if pages is not None:
             self.core.became_resident(pt.vpns_in(State.RESIDENT))
@@ -375,26 +377,41 @@ class Target:
         try:
             await self.settle_zaps()
             while True:
-                with trio.move_on_after(BUFFERS_IDLE_SECONDS) as idle:
+                self._eviction_idle_since = time.monotonic()
+                try:
                     await core.eviction_wanted()
-                if idle.cancelled_caught:   # quiet for a while: its buffers' memory goes
-                    self._release_buffers()
-                    await core.eviction_wanted()
+                finally:
+                    self._eviction_idle_since = None
                 await self.hints.serve_queued()
                 await self.evictor.evict_over_budget()
         except TargetGone:
             core.gone = True
 
-    def _release_buffers(self) -> None:
-        """Give the eviction task's buffers' memory back; a refusal (no
-        reason is known on Linux 6.18) only keeps it."""
+    def release_idle_buffers(self, now: float) -> None:
+        """The buffers of the fault loop and of the eviction task give
+        their memory back once the task has waited for BUFFERS_IDLE_SECONDS
+        between rounds (once a wait). Called from another task (the maps
+        scan), so only a task parked between its rounds is touched: then
+        nothing of its buffers is in flight (a round waits for its backend
+        I/O, io_to_the_end, and for its C call; a readv abandoned on cancel
+        ends the task). A refusal only keeps the memory."""
         try:
-            self.evictor.release_buffers()
-            self.hints.release_buffers()
+            if self._idle_long(self.faults.asleep_since, now, "faults"):
+                self.faults.release_buffers()
+            if self._idle_long(self._eviction_idle_since, now, "eviction"):
+                self.evictor.release_buffers()
+                self.hints.release_buffers()
         except OSError as exc:
             if not self._release_failed:
-                log.warning("%s: batch buffers' memory not given back: %s", self.label, exc.strerror or exc)
+                log.warning("%s: buffers' memory not given back: %s", self.label, exc.strerror or exc)
             self._release_failed = True
+
+    def _idle_long(self, since: float | None, now: float, task: str) -> bool:
+        """The task has waited long enough, and this wait's release is not done yet."""
+        if since is None or now - since < BUFFERS_IDLE_SECONDS or self._released_at.get(task) == since:
+            return False
+        self._released_at[task] = since
+        return True
 
     # ---- teardown ----------------------------------------------------------------
     def mark_gone(self) -> None:

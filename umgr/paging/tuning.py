@@ -39,8 +39,10 @@ EVICT_BATCH_DIVISOR = 16  # a batch is this share of the budget, between the two
 RUSHED_BATCH_DIVISOR = 8
 RUSHED_TAIL_SHARE = 4     # a rushed round's last batch: at least a 4th of its span (budget.py)
 # The batch buffers' memory (up to two batches of the budget's share: 16
-# MiB at 64 MiB) goes back to the kernel once a target has not evicted for
-# this long; the next round touches them afresh (about 0.4 us a page).
+# MiB at 64 MiB) goes back to the kernel once a target's eviction task has
+# waited this long for a round, and the fault loop's staging buffers' (up
+# to 2 MiB) once it has slept this long; the next round touches them
+# afresh (about 0.4 us a page). (Target.release_idle_buffers.)
 BUFFERS_IDLE_SECONDS = 2.0
 SPIN_SECONDS = 50e-6      # busy-poll the uffd this long before sleeping
 RECHECK_SECONDS = 1.0     # how often pinned (mlocked, unreadable) and SHARED pages are looked at again
