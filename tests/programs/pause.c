@@ -1,9 +1,9 @@
 /* Paging in bursts with quiet times between: usage pause MIB [BURSTS].
- * Writes MIB MiB of salted pages (the first burst), prints "ready" and
- * waits for a line on stdin; each further burst (2 in all by default)
- * checks every page in order and writes each again with a new salt,
- * then prints "ready" and waits again, but for the last. Then checks them
- * all once more, prints "ok N pages", exit 0 when every byte was right. */
+ * Writes MIB MiB of salted pages (the first burst); then, for each further
+ * burst (2 in all by default), prints "ready", waits for a line on stdin,
+ * checks every page in order and writes each again with a new salt. Then
+ * checks them all once more, prints "ok N pages", exit 0 when every byte
+ * was right. */
 #include <stdlib.h>
 #include <sys/mman.h>
 

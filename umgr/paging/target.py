@@ -395,15 +395,20 @@ class Target:
         nothing of its buffers is in flight (a round waits for its backend
         I/O, io_to_the_end, and for its C call; a readv abandoned on cancel
         ends the task). A refusal only keeps the memory."""
+        if self.core.gone:   # (its buffers may be closed)
+            return
+        if self._idle_long(self.faults.asleep_since, now, "faults"):
+            self._release(self.faults.release_buffers)
+        if self._idle_long(self._eviction_idle_since, now, "eviction"):
+            self._release(self.evictor.release_buffers)
+            self._release(self.hints.release_buffers)
+
+    def _release(self, release: Callable[[], None]) -> None:
         try:
-            if self._idle_long(self.faults.asleep_since, now, "faults"):
-                self.faults.release_buffers()
-            if self._idle_long(self._eviction_idle_since, now, "eviction"):
-                self.evictor.release_buffers()
-                self.hints.release_buffers()
-        except OSError as exc:
+            release()
+        except (OSError, ValueError) as exc:   # (ValueError: a closed mapping)
             if not self._release_failed:
-                log.warning("%s: buffers' memory not given back: %s", self.label, exc.strerror or exc)
+                log.warning("%s: buffers' memory not given back: %s", self.label, exc)
             self._release_failed = True
 
     def _idle_long(self, since: float | None, now: float, task: str) -> bool:
