@@ -951,3 +951,25 @@ def test_a_state_directory_knows_its_stores_memfd_by_a_name_no_other_has(tmp_pat
     finally:
         os.close(ours)
         os.close(other)
+
+
+def test_an_exec_s_new_record_outlives_the_old_image_s_release(tmp_path, caplog):
+    """After an exec the new image's target is made while the old one may
+    still be being released (the same pid and start time, so the same
+    directory name): the new one clears the old directory and makes its
+    own, and the old target's release must leave that one alone."""
+    from umgr.daemon.statedir import StateDir
+    state = StateDir(str(tmp_path / "state"), str(tmp_path / "s.sock"))
+    try:
+        old = state.new_target(os.getpid(), {"name": "old"})
+        new = state.new_target(os.getpid(), {"name": "new"})
+        assert new.dir_name == old.dir_name
+        with caplog.at_level("WARNING", logger="umgr.daemon"):
+            state.forget(old)
+        assert not caplog.records
+        names = os.listdir(os.path.join(state.path, new.dir_name))
+        assert "target.json" in names and "events" in names
+        state.forget(new)
+        assert not os.path.exists(os.path.join(state.path, new.dir_name))
+    finally:
+        state.close(clean=True)

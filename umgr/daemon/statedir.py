@@ -236,9 +236,19 @@ class StateDir:
         saved.info = info
 
     def forget(self, saved: SavedTarget) -> None:
-        """The target is gone: its files go."""
+        """The target is gone: its files go. Its directory's name may be
+        another's by now: after an exec (the same pid and start time) the
+        new image's target, made while this one was still being released,
+        cleared the old directory and made its own under that name."""
         remove_all(saved.dir_fd)
+        ours = os.fstat(saved.dir_fd)
         os.close(saved.dir_fd)
+        try:
+            there = os.stat(saved.dir_name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if (there.st_dev, there.st_ino) != (ours.st_dev, ours.st_ino):
+            return
         try:
             os.rmdir(saved.dir_name, dir_fd=self.dir_fd)
         except OSError as exc:
