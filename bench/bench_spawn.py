@@ -21,55 +21,42 @@ daemon's count of targets is checked: every process started was managed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_paging import compile_programs, default_umgr_cmd  # noqa: E402
+from bench_paging import BenchError, _run, compile_programs, default_umgr_cmd, umgr_exec  # noqa: E402
 
 MODES = ("fork", "exec")
 # Targets the daemon starts per process: a fork's child; an exec's child,
 # adopted at its fork and attached anew after it.
 TARGETS_PER_PROCESS = {"fork": 1, "exec": 2}
-RUN_TIMEOUT = 900
 
 
-def run_program(cmd: list[str]) -> dict:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    if done.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def run_umgr(umgr: list[str], program: list[str], budget_mib: int, work: str) -> tuple[dict, dict]:
-    stats_path = os.path.join(work, "stats.json")
-    with contextlib.suppress(FileNotFoundError):   # (the run before's may not stand in for this one's)
-        os.unlink(stats_path)
-    result = run_program([*umgr, "exec", "--max-resident", f"{budget_mib}M", "--stats-json", stats_path, "--",
-                          *program])
-    with open(stats_path) as f:
-        return result, json.load(f)
+def run_umgr(umgr: list[str], program: list[str], args, work: str) -> tuple[dict, dict]:
+    """The program under `umgr exec`: its result and the daemon's stats."""
+    result, stats, _ = umgr_exec(umgr, args.budget_mib, args.data_mib + args.budget_mib, [], program,
+                                 os.path.join(work, "stats.json"), f"{program[1]} under umgr", attempts=1)
+    return result, stats
 
 
 def measure(spawn: str, umgr: list[str], args, work: str) -> dict:
     runs = {mode: {"plain": [], "umgr": [], "cpu": []} for mode in args.modes}
     for r in range(args.rounds):
-        _, idle = run_umgr(umgr, [spawn, "fork", "0", str(args.data_mib)], args.budget_mib, work)
+        _, idle = run_umgr(umgr, [spawn, "fork", "0", str(args.data_mib)], args, work)
         for mode in args.modes:
             program = [spawn, mode, str(args.count), str(args.data_mib)]
             print(f"round {r + 1}/{args.rounds}: {mode} ...", file=sys.stderr)
-            plain = run_program(program)
-            managed, stats = run_umgr(umgr, program, args.budget_mib, work)
+            plain = _run(program, mode)
+            managed, stats = run_umgr(umgr, program, args, work)
             expected = 1 + TARGETS_PER_PROCESS[mode] * args.count
             if stats["targets"] < expected:
-                raise RuntimeError(f"{mode}: the daemon managed {stats['targets']} processes of {expected}")
+                raise BenchError(f"{mode}: the daemon managed {stats['targets']} processes of {expected}")
             runs[mode]["plain"].append(plain["us_per_process"])
             runs[mode]["umgr"].append(managed["us_per_process"])
             runs[mode]["cpu"].append((stats["daemon_cpu_seconds"] - idle["daemon_cpu_seconds"]) / args.count * 1e6)
