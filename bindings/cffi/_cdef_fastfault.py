@@ -357,6 +357,26 @@ static int umgr_fast_efd(void)
 static int umgr_fast_concurrent = 0;
 #define UMGR_FAST_CONCURRENT_GROUPS 64
 
+/* Set once io_getevents failed other than by EINTR (EINVAL or EFAULT: cannot
+   happen with a valid context). Reads may still be in flight then, into
+   buffers the next call uses for other pages, and their completions would
+   be reaped by another call as its own: umgr_aio_fail destroys the context,
+   which waits for every read in flight on it (io_destroy(2)), and from then
+   on every read is a pread. */
+static int umgr_aio_dead = 0;
+
+/* The AIO context of log's reads, 0: none (every read a pread). */
+static aio_context_t umgr_aio(const struct umgr_fast_log *log)
+{
+    return __atomic_load_n(&umgr_aio_dead, __ATOMIC_ACQUIRE) ? 0 : (aio_context_t)log->aio;
+}
+
+static void umgr_aio_fail(aio_context_t ctx)
+{
+    if (!__atomic_exchange_n(&umgr_aio_dead, 1, __ATOMIC_ACQ_REL))
+        syscall(SYS_io_destroy, ctx);
+}
+
 static int umgr_fast_open(struct umgr_fast_log *log)
 {
     log->dctx = umgr_zstd_new_dctx();
@@ -496,7 +516,8 @@ static int umgr_fast_plan(const struct uffd_msg *msgs, int i, struct umgr_fast_g
 
 /* Wait for the `submitted` reads of cbs to complete, marking ok[] for the
    pages each covers (index[k]: the first page of read k). 0, or -1 if
-   some could not be waited for (their buffers may still be written). */
+   some could not be waited for (umgr_aio_fail: they are over, their pages
+   not to be used). */
 static int umgr_aio_wait(aio_context_t aio, struct iocb *cbs, const int *index, int submitted, int *ok)
 {
     int done = 0;
@@ -506,6 +527,7 @@ static int umgr_aio_wait(aio_context_t aio, struct iocb *cbs, const int *index, 
         if (got < 0) {
             if (errno == EINTR)
                 continue;
+            umgr_aio_fail(aio);
             return -1;
         }
         for (long e = 0; e < got; e++) {
@@ -771,18 +793,21 @@ static ssize_t umgr_fast_read_polled(const struct umgr_fast_store *store, uint64
     cb.aio_buf = page;
     cb.aio_nbytes = 4096;
     cb.aio_offset = offset;
-    if (!may_poll || !log->aio || syscall(SYS_io_submit, (aio_context_t)log->aio, 1L, &list) != 1)
+    aio_context_t aio = umgr_aio(log);
+    if (!may_poll || !aio || syscall(SYS_io_submit, aio, 1L, &list) != 1)
         return pread(store->fd, (void *)(uintptr_t)page, 4096, offset);
     struct io_event event;
     struct timespec now_only = { 0, 0 };
     int64_t deadline = umgr_now_ns() + UMGR_READ_POLL_NS;
     for (;;) {
         int late = umgr_now_ns() >= deadline;
-        long got = syscall(SYS_io_getevents, (aio_context_t)log->aio, 1L, 1L, &event, late ? NULL : &now_only);
+        long got = syscall(SYS_io_getevents, aio, 1L, 1L, &event, late ? NULL : &now_only);
         if (got == 1 && event.obj == (uint64_t)(uintptr_t)&cb)
             return (ssize_t)event.res;
-        if (got < 0 && errno != EINTR)
-            return -1;   /* cannot happen with a valid context */
+        if (got < 0 && errno != EINTR) {
+            umgr_aio_fail(aio);   /* (cannot happen with a valid context) */
+            return -1;
+        }
     }
 }
 
@@ -831,7 +856,7 @@ static void umgr_fast_start(int uffd, const struct uffd_msg *msgs, int i, struct
         cb->aio_resfd = (uint32_t)umgr_fast_efd();
     }
     g->sent_at[i] = umgr_now_ns();
-    if (log->aio && umgr_fast_concurrent > 0 && syscall(SYS_io_submit, (aio_context_t)log->aio, 1L, &cb) == 1) {
+    if (umgr_aio(log) && umgr_fast_concurrent > 0 && syscall(SYS_io_submit, umgr_aio(log), 1L, &cb) == 1) {
         g->inflight++;
         return;
     }
@@ -854,8 +879,8 @@ static void umgr_fast_wait(int uffd, int more)
 }
 
 /* Take the group's completed reads and copy their pages in, each as soon
-   as it is there. -1 if they could not be waited for (their buffers may
-   still be written): nothing more may be placed. */
+   as it is there. -1 if they could not be waited for (umgr_aio_fail: they
+   are over, their pages not to be used): nothing more may be placed. */
 static int umgr_fast_reap(int uffd, const struct uffd_msg *msgs, struct umgr_fast_group_state *g, uint64_t zeros,
                           struct umgr_fast_log *log)
 {
@@ -865,6 +890,8 @@ static int umgr_fast_reap(int uffd, const struct uffd_msg *msgs, struct umgr_fas
     if (umgr_fast_efd() >= 0 && read(umgr_fast_efd(), &signalled, sizeof signalled) < 0)
         signalled = 0;   /* EAGAIN: nothing completed since the last look */
     long got = syscall(SYS_io_getevents, (aio_context_t)log->aio, 0L, (long)g->inflight, events, &now_only);
+    if (got < 0 && errno != EINTR)
+        umgr_aio_fail((aio_context_t)log->aio);
     if (got < 0)
         return errno == EINTR ? 0 : -1;
     int64_t done = umgr_now_ns();
@@ -1370,7 +1397,7 @@ static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int
         protect[m] = s != 0 && umgr_keeps(log, keep_period);
         vpn[m] = (uint64_t)vpns[i], slot[m] = s, in[m++] = r;
     }
-    if (m == 0 || umgr_prefetch_read(store, slot, m, pages, (aio_context_t)log->aio, ok) < 0)
+    if (m == 0 || umgr_prefetch_read(store, slot, m, pages, umgr_aio(log), ok) < 0)
         return 0;   /* nothing to bring; or reads not waited for (cannot happen with a valid context) */
     int64_t read_ns = umgr_now_ns() - started;
     for (int k = 0; k < m;) {
