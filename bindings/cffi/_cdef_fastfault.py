@@ -274,22 +274,26 @@ static int64_t umgr_now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Read one message, busy-polling the nonblocking uffd for up to spin_ns
-   (on this VM a sleeping daemon's wake-up costs more than a fault).
-   1: read; 0: none came; -errno: the read failed. EINTR is not a failure:
+/* Read up to max messages (those queued once one is), busy-polling the
+   nonblocking uffd for up to spin_ns (on this VM a sleeping daemon's
+   wake-up costs more than a fault). One read: the kernel's read of a uffd
+   goes on taking queued messages, without waiting, while the buffer has
+   room (userfaultfd_read_iter), and a second read for the rest cost a
+   syscall a fault where faults come one at a time.
+   How many were read; 0: none came; -errno: the read failed. EINTR is not a failure:
    the kernel looks for a pending signal before it answers EAGAIN, so a
    signal to the daemon (SIGHUP, the SIGUSR1 of umgr exec) fails a read
    even of a nonblocking uffd; its handler has run, the read is retried. */
 static int umgr_fast_sleep(int uffd, const struct umgr_fast_log *log, int64_t until);
 
-static int umgr_fast_next(int uffd, struct uffd_msg *msg, int64_t spin_ns, const struct umgr_fast_log *log,
+static int umgr_fast_next(int uffd, struct uffd_msg *msgs, int max, int64_t spin_ns, const struct umgr_fast_log *log,
                           int64_t until)
 {
     int64_t deadline = 0;
     for (;;) {
-        ssize_t n = read(uffd, msg, sizeof(*msg));
-        if (n == (ssize_t)sizeof(*msg))
-            return 1;
+        ssize_t n = read(uffd, msgs, (size_t)max * sizeof(*msgs));
+        if (n >= (ssize_t)sizeof(*msgs))
+            return (int)(n / (ssize_t)sizeof(*msgs));
         if (n < 0 && errno != EAGAIN && errno != EINTR)
             return -errno;
         if (__atomic_load_n(&log->stop, __ATOMIC_ACQUIRE))
@@ -1166,13 +1170,9 @@ static int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const 
     umgr_fast_reset(log);
     log->handoff = 0;
     for (;;) {
-        int got = umgr_fast_next(uffd, msgs, spin_ns, log, until);
-        if (got <= 0)
-            return got < 0 ? got : UMGR_FAST_IDLE;
-        int n = 1;
-        ssize_t more = read(uffd, &msgs[1], (size_t)(group - 1) * sizeof(*msgs));
-        if (more > 0)
-            n += (int)(more / (ssize_t)sizeof(*msgs));
+        int n = umgr_fast_next(uffd, msgs, group, spin_ns, log, until);
+        if (n <= 0)
+            return n < 0 ? n : UMGR_FAST_IDLE;
         int64_t started = umgr_now_ns();
         int32_t first = log->served;
         int cap = room - log->served;
