@@ -88,8 +88,12 @@ struct umgr_fast_log {
     int32_t keep_period;  /* keep clean copies: 0 never, 1 always, n: every nth read */
     int32_t keep_phase;   /* reads since the last kept one (keep_period > 1) */
     int32_t handoff;      /* HANDOFF: messages left at the buffer's start for the full path */
-    uint64_t aio;         /* the AIO context of grouped reads (umgr_fast_open), 0: none;
-                             one per process, shared by every target's calls */
+    uint64_t aio;         /* the AIO context of grouped reads (umgr_fast_open), 0: none: one per
+                             process, shared by the calls made one at a time, and one per
+                             member of a joint round (umgr/paging/joint.py); no read is in
+                             flight between calls */
+    int32_t efd;          /* the eventfd its reads signal as they complete (umgr_fast_open), -1:
+                             none (a group then polls for completions) */
     uint64_t dctx;        /* the zstd context of decompressions (umgr_fast_open), 0: none */
     uint64_t recent[8];   /* the latest pages served, over calls (a ring) */
     int32_t recent_at;    /* where the next goes in it */
@@ -145,7 +149,10 @@ struct umgr_fast_log {
     int32_t released_count; /* slots whose last reference went: released[0..released_count) */
     int32_t *released;    /* (max entries: a logged page gives up at most one slot) */
     int32_t double_free;  /* a slot without a reference was to be given up (left as it was) */
-    /* Over calls, carried from one log to the next (umgr_fast_cluster): */
+    /* Over calls, carried from one log to the next: */
+    int32_t concurrent;   /* groups to come that send their reads through AIO although they
+                             start with one fault (umgr_fast_group) */
+    /* ... and (umgr_fast_cluster): */
     int32_t cluster_brought; /* pages brought beside lone faults lately (halved now and then) */
     int32_t cluster_hits;    /* of them, written (a write-protect fault; halved alike) */
     int32_t cluster_skips;   /* lone faults that brought no block since the last one did */
@@ -186,6 +193,8 @@ struct umgr_fast_bg {
     struct umgr_fast_log *log;   /* its wake_fd is the caller's eventfd (nonblocking) */
     int result;          /* the call's UMGR_FAST_* or -errno */
     int go_fd, done_fd;  /* eventfds: a call to run (or the end), the call done */
+    int notify_fd;       /* -1, or an eventfd the thread adds 1 to as each call ends (the members
+                            of a joint round share one: umgr/paging/joint.py) */
     int quit;
     uint64_t thread;     /* its pthread_t */
 };
@@ -225,6 +234,7 @@ int umgr_fast_serve(int uffd, struct uffd_msg *msgs, int max_msgs, const struct 
 int umgr_fast_unpack(const struct umgr_fast_store *store, uint32_t slot, uint64_t page);
 int umgr_fast_bg_start(struct umgr_fast_bg *bg);
 void umgr_fast_bg_go(struct umgr_fast_bg *bg);
+void umgr_fast_bg_stop(struct umgr_fast_bg *bg);
 int umgr_fast_bg_finish(struct umgr_fast_bg *bg, int stop);
 void umgr_fast_bg_end(struct umgr_fast_bg *bg);
 int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
@@ -340,25 +350,12 @@ static int umgr_fast_sleep(int uffd, const struct umgr_fast_log *log, int64_t un
 #define UMGR_PLAN_WP 4       /* a write to a RESIDENT page: unprotect it */
 #define UMGR_PLAN_MEMORY 5   /* unpack its slot from the memory tier, copy it in */
 
-/* The eventfd the group's reads signal as they complete (one per process,
-   made with the AIO context; -1 if it cannot be made: then the group polls
-   for completions). */
-static int umgr_fast_efd(void)
-{
-    static int efd = -2;
-    if (efd == -2)
-        efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    return efd;
-}
-
-/* Groups to come that send their reads through AIO although they start
-   with one fault: set when a group has more than one, counting down with
-   each that has one. A lone fault's read is polled for
+/* log->concurrent: groups to come that send their reads through AIO
+   although they start with one fault: set when a group has more than one,
+   counting down with each that has one. A lone fault's read is polled for
    (umgr_fast_read_polled), which reads no other faults meanwhile; grouped
    AIO lets the faults of other threads be read and served while it is in
-   flight. One per process, as
-   the AIO context is. */
-static int umgr_fast_concurrent = 0;
+   flight. */
 #define UMGR_FAST_CONCURRENT_GROUPS 64
 
 /* Set once io_getevents failed other than by EINTR (EINVAL or EFAULT: cannot
@@ -384,7 +381,7 @@ static void umgr_aio_fail(aio_context_t ctx)
 static int umgr_fast_open(struct umgr_fast_log *log)
 {
     log->dctx = umgr_zstd_new_dctx();
-    umgr_fast_efd();
+    log->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     aio_context_t ctx = 0;
     if (syscall(SYS_io_setup, UMGR_AIO_DEPTH, &ctx) < 0)
         return -errno;
@@ -566,11 +563,22 @@ static void umgr_fast_reset(struct umgr_fast_log *log)
    copy dropped by a write), as SlotAllocator.free() would. */
 static void umgr_fast_unref(struct umgr_fast_log *log, int32_t slot)
 {
-    if (slot <= 0 || (uint64_t)slot >= log->nrefs || log->refs[slot] == 0) {
+    if (slot <= 0 || (uint64_t)slot >= log->nrefs) {
         log->double_free = 1;
         return;
     }
-    if (--log->refs[slot] == 0)
+    /* Atomic: the members of a joint round run at once, and after a fork
+       a parent and its child hold references to the same slots. (Nothing
+       else changes the counts while any call runs.) */
+    uint16_t refs = __atomic_load_n(&log->refs[slot], __ATOMIC_RELAXED);
+    do {
+        if (refs == 0) {
+            log->double_free = 1;
+            return;
+        }
+    } while (!__atomic_compare_exchange_n(&log->refs[slot], &refs, (uint16_t)(refs - 1), 0, __ATOMIC_RELAXED,
+                                          __ATOMIC_RELAXED));
+    if (refs == 1)
         log->released[log->released_count++] = slot;
 }
 
@@ -819,7 +827,7 @@ static ssize_t umgr_fast_read_polled(const struct umgr_fast_store *store, uint64
    needs no device read (a write to unprotect, zeros, the memory tier's
    copy, the same page as another); else send its slot's read, through AIO
    so that faults read meanwhile are served beside it; where faults have
-   lately come one at a time (umgr_fast_concurrent), or AIO refuses, read
+   lately come one at a time (log->concurrent), or AIO refuses, read
    alone by umgr_fast_read_polled (a pread without an AIO context, or in
    the background while the daemon's thread settles), and by a pread if
    other reads of the group are in flight. */
@@ -855,12 +863,12 @@ static void umgr_fast_start(int uffd, const struct uffd_msg *msgs, int i, struct
     cb->aio_buf = page;
     cb->aio_nbytes = 4096;
     cb->aio_offset = (int64_t)slot * 4096;
-    if (umgr_fast_efd() >= 0) {
+    if (log->efd >= 0) {
         cb->aio_flags = IOCB_FLAG_RESFD;
-        cb->aio_resfd = (uint32_t)umgr_fast_efd();
+        cb->aio_resfd = (uint32_t)log->efd;
     }
     g->sent_at[i] = umgr_now_ns();
-    if (umgr_aio(log) && umgr_fast_concurrent > 0 && syscall(SYS_io_submit, umgr_aio(log), 1L, &cb) == 1) {
+    if (umgr_aio(log) && log->concurrent > 0 && syscall(SYS_io_submit, umgr_aio(log), 1L, &cb) == 1) {
         g->inflight++;
         return;
     }
@@ -875,9 +883,9 @@ static void umgr_fast_start(int uffd, const struct uffd_msg *msgs, int i, struct
    on the uffd. Not a busy-poll: on 2 vCPUs a spinning daemon took the CPU
    of the program's threads and of its own eviction, and reads it timed
    looked slow. */
-static void umgr_fast_wait(int uffd, int more)
+static void umgr_fast_wait(int uffd, int more, const struct umgr_fast_log *log)
 {
-    struct pollfd fds[2] = { { .fd = umgr_fast_efd(), .events = POLLIN }, { .fd = uffd, .events = POLLIN } };
+    struct pollfd fds[2] = { { .fd = log->efd, .events = POLLIN }, { .fd = uffd, .events = POLLIN } };
     if (fds[0].fd >= 0)
         poll(fds, more ? 2 : 1, 100);
 }
@@ -891,7 +899,7 @@ static int umgr_fast_reap(int uffd, const struct uffd_msg *msgs, struct umgr_fas
     struct io_event events[UMGR_FAST_GROUP];
     struct timespec now_only = { 0, 0 };
     uint64_t signalled;
-    if (umgr_fast_efd() >= 0 && read(umgr_fast_efd(), &signalled, sizeof signalled) < 0)
+    if (log->efd >= 0 && read(log->efd, &signalled, sizeof signalled) < 0)
         signalled = 0;   /* EAGAIN: nothing completed since the last look */
     long got = syscall(SYS_io_getevents, (aio_context_t)log->aio, 0L, (long)g->inflight, events, &now_only);
     if (got < 0 && errno != EINTR)
@@ -929,9 +937,9 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
 {
     struct umgr_fast_group_state g;
     if (n > 1)
-        umgr_fast_concurrent = UMGR_FAST_CONCURRENT_GROUPS;
-    else if (umgr_fast_concurrent > 0)
-        umgr_fast_concurrent--;
+        log->concurrent = UMGR_FAST_CONCURRENT_GROUPS;
+    else if (log->concurrent > 0)
+        log->concurrent--;
     g.inflight = g.planned = g.other = g.nblocked = g.all_blocked = 0;
     g.last_done = 0;
     umgr_fast_note_events(msgs, 0, n, &g);
@@ -950,11 +958,11 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
         ssize_t more = may_read ? read(uffd, &msgs[n], (size_t)(max_n - n) * sizeof(*msgs)) : 0;
         if (more <= 0) {
             if (g.inflight)
-                umgr_fast_wait(uffd, may_read);
+                umgr_fast_wait(uffd, may_read, log);
             continue;
         }
         int k = (int)(more / (ssize_t)sizeof(*msgs));
-        umgr_fast_concurrent = UMGR_FAST_CONCURRENT_GROUPS;
+        log->concurrent = UMGR_FAST_CONCURRENT_GROUPS;
         now = umgr_now_ns();
         for (int i = n; i < n + k; i++)
             g.read_at[i] = now;
@@ -1230,6 +1238,9 @@ static void *umgr_fast_bg_main(void *arg)
             return NULL;
         bg->result = umgr_fast_serve(bg->uffd, bg->msgs, bg->max_msgs, bg->regions, bg->nregions, bg->store,
                                      bg->pages, bg->zeros, bg->spin_ns, bg->slice_ns, bg->room, bg->near, bg->log);
+        int notify_fd = bg->notify_fd;   /* (read first: once done_fd is added to, bg is the caller's again) */
+        if (notify_fd >= 0)
+            umgr_eventfd_add(notify_fd);
         umgr_eventfd_add(bg->done_fd);
     }
 }
@@ -1240,6 +1251,7 @@ static int umgr_fast_bg_start(struct umgr_fast_bg *bg)
 {
     bg->go_fd = eventfd(0, EFD_CLOEXEC);
     bg->done_fd = eventfd(0, EFD_CLOEXEC);
+    bg->notify_fd = -1;
     if (bg->go_fd < 0 || bg->done_fd < 0) {
         int err = errno;
         if (bg->go_fd >= 0)
@@ -1269,6 +1281,14 @@ static void umgr_fast_bg_go(struct umgr_fast_bg *bg)
     __atomic_store_n(&bg->log->stop, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&bg->log->waited, 0, __ATOMIC_RELEASE);
     umgr_eventfd_add(bg->go_fd);
+}
+
+/* Ask the call to end after the group it is serving (umgr_fast_bg_finish
+   waits for it): the members of a joint round end together. */
+static void umgr_fast_bg_stop(struct umgr_fast_bg *bg)
+{
+    __atomic_store_n(&bg->log->stop, 1, __ATOMIC_RELEASE);
+    umgr_eventfd_add(bg->log->wake_fd);
 }
 
 /* Wait for the call: with `stop`, it ends after the group it is serving;

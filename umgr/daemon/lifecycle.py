@@ -25,6 +25,7 @@ from umgr.kernel import maps, procmem
 from umgr.kernel import uffd as uffdmod
 from umgr.daemon.statedir import SavedTarget, StateDir
 from umgr.paging.events import ForkedMemory
+from umgr.paging.joint import JointRounds
 from umgr.paging.pagetable import PAGE_SHIFT, PageTable
 from umgr.paging.target import Target
 from umgr.paging.tuning import MAX_FILL_PAGES, RESUME_INTERVAL
@@ -60,19 +61,24 @@ class Lifecycle:
         self.release_watchers: list = []  # called with each target as it is released (metrics)
         backend.slots.on_release = self._want_resume
         self.idle_poll = IdlePoll(config.idle_poll)
+        self.joint = JointRounds() if config.fast_path else None   # targets' faults served at once
         if config.fast_path:
-            uffdmod.fast_aio_context()   # the fast path's AIO context and eventfd, now rather than at the first fault
+            uffdmod.fast_io()   # the fast path's AIO context and eventfd, now rather than at the first fault
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The nursery every target runs in (until cancelled)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._resume_paused)
-            nursery.start_soon(self.idle_poll.run, self._paging_load)
-            if self.state is not None and self.state.saved:
-                nursery.start_soon(self._expire_saved)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._resume_paused)
+                nursery.start_soon(self.idle_poll.run, self._paging_load)
+                if self.state is not None and self.state.saved:
+                    nursery.start_soon(self._expire_saved)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            if self.joint is not None:
+                self.joint.close()
 
     # ---- building targets -----------------------------------------------------
     def prefetch(self, name: str, label: str) -> GuardedPrefetch:
@@ -131,7 +137,7 @@ class Lifecycle:
         target = Target(pid=pid, owner=owner, uffd=uffd, pidfd=pidfd, mem_fd=mem_fd,
                         budget_pages=budget >> PAGE_SHIFT, backend=self.backend, prefetch=prefetch,
                         eviction=eviction, label=prefetch.target, clean_copies=self.config.clean_copies, pages=pages,
-                        fast_path=self.config.fast_path,
+                        fast_path=self.config.fast_path, joint=self.joint,
                         on_pause=self._want_resume, name=name)
         target.refuse_region = lambda npages: self._past_managed_caps(target, npages)
         if saved is not None:

@@ -520,9 +520,6 @@ def new_fast_struct(name: str, count: int = 0):
     return _ffi.new(f"struct {name}[{count}]") if count else _ffi.new(f"struct {name} *")
 
 
-_fast_aio = None   # the process's one AIO context for the fast path (a struct umgr_fast_log holding it)
-
-
 def fast_background():
     """A struct umgr_fast_bg whose thread runs serve_in_background() calls;
     fast_background_end() ends it."""
@@ -534,6 +531,12 @@ def fast_background():
     return bg
 
 
+def fast_background_stop(bg) -> None:
+    """Ask the call running in bg's thread to end after the group it is
+    serving (Userfaultfd.finish_background() waits for it)."""
+    _lib.umgr_fast_bg_stop(bg)
+
+
 def fast_background_end(bg) -> None:
     """End the thread of fast_background() (no call of it running)."""
     _lib.umgr_fast_bg_end(bg)
@@ -543,31 +546,60 @@ def fast_background_end(bg) -> None:
 _threads_running: set = set()
 
 
-def fast_dctx() -> int:
-    """The process's zstd decompression context for the fast path (0: none
-    could be made), made with fast_aio_context()'s struct."""
-    fast_aio_context()
-    return _fast_aio.dctx
-
-
 def unpack_entry(store, slot: int, page: int) -> bool:
     """Unpack slot's page from the memory tier `store` describes into the
     4096 bytes at `page`, as the fast path does; whether it came out whole."""
     return bool(_lib.umgr_fast_unpack(store, slot, page))
 
 
-def fast_aio_context() -> int:
-    """The AIO context grouped reads go through (0: none could be made; a
-    group's reads are then preads one after another), with the eventfd its
-    reads signal. One per process, made on first use (the daemon makes it
-    as it starts: a descriptor that appears later looks like a leak) and
-    never destroyed: io_destroy() waits out an RCU grace period, 32 ms
-    here, and the fault loops that share it run one at a time."""
-    global _fast_aio
-    if _fast_aio is None:
-        _fast_aio = _ffi.new("struct umgr_fast_log *")
-        _lib.umgr_fast_open(_fast_aio)
-    return _fast_aio.aio
+class FastIO:
+    """What a fast path call reads with: an AIO context (aio, 0: none could
+    be made; a group's reads are then preads one after another), the
+    eventfd its reads signal (efd, -1: none) and a zstd decompression
+    context (dctx, 0: none). Never destroyed: io_destroy() waits out an
+    RCU grace period, 32 ms here, and no read is in flight between calls,
+    so one serves any call made while no other call uses it."""
+    __slots__ = ("c",)
+
+    def __init__(self):
+        self.c = _ffi.new("struct umgr_fast_log *")
+        self.c.efd = -1
+        _lib.umgr_fast_open(self.c)
+
+    @property
+    def aio(self) -> int:
+        return self.c.aio
+
+    @property
+    def efd(self) -> int:
+        return self.c.efd
+
+    @property
+    def dctx(self) -> int:
+        return self.c.dctx
+
+
+_fast_io: FastIO | None = None     # the process's: for calls made one at a time
+_joint_io: list[FastIO] = []       # one more per member of a joint round, made as needed
+
+
+def fast_io() -> FastIO:
+    """The I/O contexts of every call made one at a time (the fault loops
+    of all targets take turns), made on first use (the daemon makes them as
+    it starts: a descriptor that appears later looks like a leak)."""
+    global _fast_io
+    if _fast_io is None:
+        _fast_io = FastIO()
+    return _fast_io
+
+
+def joint_io(n: int) -> list[FastIO]:
+    """n I/O contexts for the members of a joint round, which run at once:
+    a context each (a completion reaped by another call would be lost to
+    its own), kept for the next rounds."""
+    while len(_joint_io) < n:
+        _joint_io.append(FastIO())
+    return _joint_io[:n]
 
 
 NULL = _ffi.NULL

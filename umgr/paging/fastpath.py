@@ -165,14 +165,16 @@ class FastPath:
         self._served = FastLog(LOG_PAGES)                   # what serve() served
         self._next = FastLog(LOG_PAGES)                     # a call in the background serves into this one
         self._log = self._served.c
-        self._log.aio = self._next.c.aio = uffdmod.fast_aio_context()
+        self._io = uffdmod.fast_io()                        # its reads' contexts, but in a joint round
         self._log.fill_zeros = self._next.c.fill_zeros = self._fill_zeros.addr
         self._background = None                   # its thread (uffdmod.fast_background), made on first use
+        self._joined = False                      # its call is a joint round's
         self._wake_fd = -1                        # (its eventfd: log.wake_fd)
         self._prefetched = FastLog(MAX_FILL_PAGES)          # what prefetch() brought in
-        self._prefetched.c.aio = self._log.aio              # (its reads go in flight together too)
+        for log in (self._served, self._next, self._prefetched):
+            log.use(self._io)
         self._prefetch_pages = PageBuffer(MAX_FILL_PAGES)
-        self._store = StoreView()
+        self._store = StoreView(self._io)
         self._table = None                        # the table and layout self._regions describe
         self._layout = -1
         self._nregions = 0
@@ -334,8 +336,6 @@ class FastPath:
         returns IDLE, HANDOFF (the first `handoff` messages of uffd.batch
         are the full path's) or YIELD. Call settle() after it either way."""
         core, log = self.core, self._log
-        if self._watch_fd is None:   # (one event loop for the FastPath's life)
-            self._watch_fd = event_loop_fd()
         room = self._limit(self._served)
         log.wake_fd, log.stop = -1, 0   # in the foreground (the log may have served in the background)
         return core.uffd.serve_plain_faults(
@@ -345,6 +345,8 @@ class FastPath:
     def _limit(self, log: "FastLog") -> int:
         """Set the limits of the next call into `log`; the pages it may bring in."""
         core, c = self.core, log.c
+        if self._watch_fd is None:   # (one event loop for the FastPath's life)
+            self._watch_fd = event_loop_fd()
         c.keep_period = core.clean.keep_period()
         c.watch_fd = self._watch_fd
         # (Clustered pages come in as clean copies: not while copies are never kept.)
@@ -362,9 +364,13 @@ class FastPath:
     def may_overlap(self, outcome: int) -> bool:
         """Whether the next call may serve in the background while the
         last one (its outcome) is settled."""
-        if not self.overlap or outcome != YIELD or self._log.why not in OVERLAP_ENDINGS or self._room() <= 0:
+        if outcome != YIELD or self._log.why not in OVERLAP_ENDINGS or self._room() <= 0:
             return False
-        if self._background is None:
+        return self.has_background()
+
+    def has_background(self) -> bool:
+        """Whether calls may run in the background thread (made on first use)."""
+        if self._background is None and self.overlap:
             try:
                 self._background = uffdmod.fast_background()
             except OSError as exc:   # (no thread to be had: serve as before)
@@ -372,25 +378,44 @@ class FastPath:
                 self.overlap = False
                 return False
             self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        return True
+        return self.overlap
 
-    def serve_in_background(self) -> None:
+    def serve_in_background(self, joint: tuple[float, uffdmod.FastIO, int] | None = None) -> None:
         """After may_overlap(): start the next call in the background
         thread, into the other log. settle() the last call's meanwhile,
-        then finish_background() before anything else."""
+        then finish_background() before anything else.
+        As a member of a joint round (after has_background(); joint.py):
+        `joint` is the round's (slice, the member's I/O contexts, the
+        eventfd each member's call adds 1 to as it ends), and the call does
+        not watch the event loop (the round does)."""
         core, last, log = self.core, self._log, self._next.c
         room = self._limit(self._next)
         log.wake_fd = self._wake_fd
-        log.keep_phase = last.keep_phase   # (what the calls carry over, from the last)
+        log.concurrent = last.concurrent   # (what the calls carry over, from the last)
+        log.keep_phase = last.keep_phase
         log.recent, log.recent_at = last.recent, last.recent_at
         log.cluster_brought, log.cluster_hits = last.cluster_brought, last.cluster_hits
         log.cluster_skips = last.cluster_skips
         log.fill_next, log.fill_size, log.fill_at = last.fill_next, last.fill_size, last.fill_at
         log.streams, log.stream_step = last.streams, last.stream_step
-        slice_ns = int((SLICE_SECONDS if core.over_budget() else slice_seconds(log.watch_fd)) * 1e9)
+        store = self._store.follow(core.backend)
+        if joint is None:
+            slice_s = SLICE_SECONDS if core.over_budget() else slice_seconds(log.watch_fd)
+        else:
+            slice_s, io, notify_fd = joint
+            self._joined = True
+            log.watch_fd = -1
+            self._next.use(io)
+            store.dctx = io.dctx
+            self._background.notify_fd = notify_fd
         core.uffd.serve_in_background(
-            self._background, self._regions, self._nregions, self._store.follow(core.backend), self._pages.addr,
-            self._zeros.addr, self.spin_ns, slice_ns, room, NEAR_PAGES, log)
+            self._background, self._regions, self._nregions, store, self._pages.addr,
+            self._zeros.addr, self.spin_ns, int(slice_s * 1e9), room, NEAR_PAGES, log)
+
+    def stop_background(self) -> None:
+        """Ask the call in the background to end after the group it is
+        serving (finish_background() waits for it)."""
+        uffdmod.fast_background_stop(self._background)
 
     def finish_background(self, stop: bool = False) -> int:
         """Wait for the call in the background to end (`stop`: end it now);
@@ -400,7 +425,15 @@ class FastPath:
         self._log = self._served.c
         # Settling may have noted a prefetch window meanwhile (prefetching()).
         self._log.streams, self._log.stream_step = settled.c.streams, settled.c.stream_step
-        self.core.stats.faults_background += self._log.served - self._log.clustered - self._log.filled   # (faults only)
+        faults = self._log.served - self._log.clustered - self._log.filled   # (faults only)
+        if not self._joined:
+            self.core.stats.faults_background += faults
+        else:   # a joint round's: its own contexts go back to the round
+            self._joined = False
+            self.core.stats.faults_joined += faults
+            self._served.use(self._io)
+            self._store.c.dctx = self._io.dctx
+            self._background.notify_fd = -1
         return outcome
 
     def settle(self) -> tuple[list[int], list[int]]:
@@ -474,6 +507,16 @@ class FastPath:
     def handoff(self) -> int:
         return self._log.handoff
 
+    @property
+    def served(self) -> int:
+        """Pages the last call served."""
+        return self._log.served
+
+    @property
+    def file_reads(self) -> int:
+        """Pages the last call read from the store's file."""
+        return self._log.file_reads
+
     def release_buffers(self) -> None:
         """The staging buffers' memory goes back (between calls only)."""
         self._pages.release()
@@ -494,9 +537,9 @@ class StoreView:
     """Where a backend's swapped pages are, as the C call reads them (a
     struct umgr_fast_store): its memory tier's entries and its file."""
 
-    def __init__(self):
+    def __init__(self, io: uffdmod.FastIO | None = None):
         self.c = uffdmod.new_fast_struct("umgr_fast_store")
-        self.c.dctx = uffdmod.fast_dctx()
+        self.c.dctx = (io or uffdmod.fast_io()).dctx
         self._entries = None   # the backend's memory_entries() self.c points at (held: pointers stay valid)
 
     def follow(self, backend):
@@ -541,13 +584,14 @@ def others_waiting() -> bool:
     return bool(loop.tasks_runnable or loop.run_sync_soon_queue_size or loop.seconds_to_next_deadline <= 0)
 
 
-def slice_seconds(watch_fd: int) -> float:
+def slice_seconds(watch_fd: int, parked: int = 0) -> float:
     """How long the next call may serve: long while nothing else in the
-    daemon is ready to run (watch_fd tells the call when that changes)."""
+    daemon is ready to run (watch_fd tells the call when that changes),
+    but `parked` runnable tasks (the fault loops a joint round serves)."""
     if watch_fd < 0:
         return SLICE_SECONDS
     loop = trio.lowlevel.current_statistics()
-    if loop.tasks_runnable or loop.run_sync_soon_queue_size:
+    if loop.tasks_runnable > parked or loop.run_sync_soon_queue_size:
         return SLICE_SECONDS
     return min(LONG_SLICE_SECONDS, max(loop.seconds_to_next_deadline, SLICE_SECONDS))
 
@@ -582,11 +626,16 @@ class FastLog:
         c.slow_read_ns = round(SLOW_READ * 1e9)
         c.watch_fd = -1
         c.wake_fd = -1   # (a call in the foreground)
+        c.efd = -1       # (until use())
         c.watch_ns = round(WATCH_SECONDS * 1e9)
         c.max_stride = STRIDE_PAGES
         self._counts = None    # the slot counts c.refs points at (held: the pointer stays valid)
         self._evicted_at = None  # the stamps c.evicted_at points at (likewise)
         self._latency = None   # the histogram c.latency points at (likewise)
+
+    def use(self, io: uffdmod.FastIO) -> None:
+        """The next call reads through these contexts."""
+        self.c.aio, self.c.efd = io.aio, io.efd
 
     def drop_references_in(self, counts: np.ndarray, evicted_at: np.ndarray) -> None:
         """The call drops slot references in `counts` (SlotAllocator.counts)

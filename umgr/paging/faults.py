@@ -32,6 +32,7 @@ from umgr.paging.events import MemoryEvents
 from umgr.paging.fastpath import HANDOFF as FAST_HANDOFF
 from umgr.paging.fastpath import IDLE as FAST_IDLE
 from umgr.paging.fastpath import FastPath, others_waiting
+from umgr.paging.joint import JOIN_RECENT_SECONDS
 from umgr.paging.tuning import (BACKPRESSURE_LIMIT, BACKPRESSURE_POLL, MAX_EVENTS_PER_READ, MAX_FILL_PAGES,
                                 REMOVE_LINGER_SECONDS, SPIN_SECONDS)
 
@@ -42,7 +43,7 @@ ABSENT = (State.FRESH, State.SWAPPED)   # states a MISSING fault fills
 
 class FaultService:
     def __init__(self, core: TargetCore, events: MemoryEvents, prefetch, *, spin: float = SPIN_SECONDS,
-                 fast_path: bool = True):
+                 fast_path: bool = True, joint=None):
         self.core = core
         self.events = events              # handles what is not a page fault
         self.prefetch = prefetch          # a policies.GuardedPrefetch
@@ -54,10 +55,23 @@ class FaultService:
         self._one_addr = self._fill.addrs(np.zeros(1, np.int64))
         self.fast = FastPath(core, spin, enabled=fast_path, prefetch=prefetch)   # the common case in C (fastpath.py)
         self.asleep_since: float | None = None   # when the loop last went to sleep, while it sleeps
+        # Joint rounds (joint.py): the daemon's, where this loop may serve
+        # beside other targets' (None: alone); the loop's state as a round
+        # sees it: asleep on the uffd (a scope that wakes it), paused
+        # between two rounds, what a round led by another served for it
+        # (outcome and windows, or the exception to raise), and when its
+        # calls last read the swap file.
+        self.joint = joint
+        self._sleep_scope: trio.CancelScope | None = None
+        self.paused = False
+        self._carried = None
+        self.file_reads_at = -1e9
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
         reads = self.core.reads
+        if self.joint is not None:
+            self.joint.add(self)
         try:
             while True:
                 await reads.enter()   # not while the agent moves pages out (readgate.py)
@@ -69,14 +83,15 @@ class FaultService:
                     await wait()
         except TargetGone:
             self.core.gone = True
+        finally:
+            if self.joint is not None:
+                self.joint.remove(self)
 
     async def _round(self):
         """Read and serve what is queued. Returns what to wait for before
         the next round (None: go on at once)."""
-        if not self._pending and self.fast.ready():
-            outcome, wanted = self._serve_fast()
-            if outcome == FAST_HANDOFF:   # before anything reads the uffd again
-                self._take_batch(self.fast.handoff)
+        if self._carried is not None or (not self._pending and self.fast.ready()):
+            outcome, wanted = self._serve_round()
             await self._prefetch_now(wanted)
             if outcome == FAST_HANDOFF:
                 self.drain()
@@ -84,7 +99,7 @@ class FaultService:
             if outcome == FAST_IDLE and not self._pending:   # (the prefetch may have read faults)
                 self.core.stats.fault_loop_sleeps += 1
                 return self._sleep
-            return trio.lowlevel.checkpoint
+            return self._pause
         if not self.drain() and not self._pending and not self._spin():
             self.core.stats.fault_loop_sleeps += 1
             return self._sleep
@@ -93,17 +108,99 @@ class FaultService:
             # The other tasks (the evictor, other targets) run now,
             # while the woken threads run, not between a fault's
             # read and its copy (a sync read yields nowhere).
-            return trio.lowlevel.checkpoint
+            return self._pause
         return None
 
+    def _serve_round(self) -> tuple[int, list]:
+        """The C call's round (or a joint round's, or what one led by
+        another target served for this one): its outcome and the prefetch
+        windows asked for. The handoff batch is taken before anything
+        reads the uffd again."""
+        if self._carried is not None:
+            carried, self._carried = self._carried, None
+            if isinstance(carried, BaseException):
+                raise carried
+            return carried
+        joined = self.joint.run(self) if self.joint is not None else None
+        if joined is not None:
+            return joined
+        outcome, wanted = self._serve_fast()
+        self._note_file_reads()
+        if outcome == FAST_HANDOFF:
+            self._take_batch(self.fast.handoff)
+        return outcome, wanted
+
+    def _note_file_reads(self) -> None:
+        if self.fast.file_reads:
+            self.file_reads_at = time.monotonic()
+
+    def reads_files_lately(self, now: float) -> bool:
+        """Whether its calls read the swap file lately: its faults wait on
+        the device, and a joint round keeps their reads in flight beside
+        other targets'. (Faults that wait on no device, fresh pages or a
+        memory tier's, are served faster alone: a call in the background
+        sleeps between faults, where one in the foreground spins; first
+        touches of 4 processes took 1.08-1.16x the time in joint rounds.)"""
+        return now - self.file_reads_at < JOIN_RECENT_SECONDS
+
+    async def _pause(self) -> None:
+        """Let the other tasks run (a joint round may serve this loop's
+        target meanwhile)."""
+        self.paused = True
+        try:
+            await trio.lowlevel.checkpoint()
+        finally:
+            self.paused = False
+
     async def _sleep(self) -> None:
-        """Until the uffd has something. Meanwhile the target's maps scan
-        may give the staging buffers' memory back (release_buffers)."""
+        """Until the uffd has something (or a joint round wakes the loop).
+        Meanwhile the target's maps scan may give the staging buffers'
+        memory back (release_buffers)."""
         self.asleep_since = time.monotonic()
         try:
-            await self.core.uffd.wait_readable()
+            with trio.CancelScope() as self._sleep_scope:
+                await self.core.uffd.wait_readable()
         finally:
+            self._sleep_scope = None
             self.asleep_since = None
+
+    # ---- joint rounds (joint.py) ---------------------------------------------
+    def joinable(self, now: float) -> bool:
+        """Whether a round led by another target may serve this one's faults
+        now: the loop is parked (asleep or paused) with nothing of its own
+        to do, read the swap file lately, and may read its uffd (no move
+        out holds its gate)."""
+        return ((self._sleep_scope is not None or self.paused) and self._carried is None and not self._pending
+                and self.reads_files_lately(now) and not self.core.gone
+                and not self.core.reads.held and self.fast.ready() and self.fast.has_background())
+
+    def wake_to_join(self) -> None:
+        """A round takes this loop's target: an asleep loop is woken (its
+        uffd leaves the event loop's epoll set, which the round watches);
+        it runs once the round is over, and goes on from what the round
+        served for it (carry())."""
+        if self._sleep_scope is not None:
+            self._sleep_scope.cancel()
+            self._sleep_scope = None
+            self.asleep_since = None
+        self.paused = False
+
+    def settle_joined(self, outcome: int) -> tuple[int, list]:
+        """A round's call for this target is over: settle it and take its
+        handoff, as _serve_round() does. A call stopped with nothing
+        served counts as idle (the loop sleeps on)."""
+        wanted = self._settle_fast()
+        self._note_file_reads()
+        if outcome == FAST_HANDOFF:
+            self._take_batch(self.fast.handoff)
+        elif not self.fast.served:
+            outcome = FAST_IDLE
+        return outcome, wanted
+
+    def carry(self, carried) -> None:
+        """What a round led by another target served for this one
+        (settle_joined()'s, or an exception for this loop to raise)."""
+        self._carried = carried
 
     def release_buffers(self) -> None:
         """The staging buffers' memory goes back: only while the loop is

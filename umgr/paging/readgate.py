@@ -40,6 +40,11 @@ class ReadGate:
         self._reading = False                    # the fault loop is in a round
         self._left: trio.Event | None = None     # set when it leaves the round a holder waits on
 
+    @property
+    def held(self) -> bool:
+        """Whether a holder keeps the fault loop from reading."""
+        return self._holders > 0
+
     async def enter(self) -> None:
         """The fault loop, before a round that may read the uffd."""
         while self._holders:

@@ -15,6 +15,8 @@ COUNTERS: dict[str, str] = {
     "faults_swapped": "MISSING faults on swapped-out pages, served from the backend",
     "faults_fast": "Faults served whole by the C fast path (umgr/paging/fastpath.py): MISSING, and WP on resident pages",
     "faults_background": "Part of them served while the daemon's thread settled the faults served before",
+    "faults_joined": ("Part of them served in a joint round: beside other targets' faults, each target's "
+                      "call in a thread of its own (umgr/paging/joint.py)"),
     "pages_in": "Pages brought back from the backend",
     "pages_out": "Pages evicted (written out or dropped as zero) and zapped",
     "copied_out": "Pages copied out of the target for eviction (a clean copy's page is not: its slot holds it)",

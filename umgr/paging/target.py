@@ -63,7 +63,8 @@ class Target:
     def __init__(self, *, pid: int, uffd: uffdmod.Userfaultfd, pidfd: int, mem_fd: int, budget_pages: int,
                  backend, prefetch: GuardedPrefetch, eviction, label: str, owner: tuple[int, int] = (0, 0),
                  spin: float = SPIN_SECONDS, clean_copies: str = CLEAN_COPIES,
-                 pages: PageTable | None = None, on_pause=lambda: None, name: str = "", fast_path: bool = True):
+                 pages: PageTable | None = None, on_pause=lambda: None, name: str = "", fast_path: bool = True,
+                 joint=None):
         """`mem_fd`: the process's /proc/PID/mem, opened when it was
         checked (pages are read through it, so never from a program it
         exec'd). `owner`: its uid and gid. `eviction`: an EvictionPolicy
@@ -71,7 +72,9 @@ class Target:
         child's, from PageTable.forked(); its slots must already hold the
         child's references). `on_pause`: called when eviction pauses (full
         or failing backend). `name`: its metrics label (umgr.daemon.names).
-        `fast_path`: plain faults are served in C (umgr/paging/fastpath.py)."""
+        `fast_path`: plain faults are served in C (umgr/paging/fastpath.py).
+        `joint`: the daemon's JointRounds (umgr/paging/joint.py), None: this
+        target's faults are served alone."""
         self.pid = pid
         self.name = name
         self.pidfd = pidfd
@@ -93,7 +96,7 @@ class Target:
         self._small_mappings_told = False
         self.removes = RemoveAttribution()
         self.events = MemoryEvents(self.core, self.removes)
-        self.faults = FaultService(self.core, self.events, prefetch, spin=spin, fast_path=fast_path)
+        self.faults = FaultService(self.core, self.events, prefetch, spin=spin, fast_path=fast_path, joint=joint)
         self.pinning = Pinning(self.core)
         self.evictor = Evictor(self.core, self.pinning, self.removes)
         self.hints = Hints(self.core, self.evictor)
