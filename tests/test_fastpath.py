@@ -182,6 +182,12 @@ def test_the_call_runs_long_only_while_nothing_else_is_ready():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.sleep, 0)                            # runnable now
             assert fastpath.slice_seconds(fd) == fastpath.SLICE_SECONDS
+            # ... unless it is one of the tasks a joint round serves (trio's
+            # run queue is read: a change of trio's internals fails here).
+            other = next(iter(nursery.child_tasks))
+            assert fastpath.runnable_besides(frozenset(), 1) == 1
+            assert fastpath.runnable_besides(frozenset({other}), 1) == 0
+            assert fastpath.slice_seconds(fd, frozenset({other})) == fastpath.LONG_SLICE_SECONDS
         # A thread's result comes through the epoll set: it becomes readable.
         token = trio.lowlevel.current_trio_token()
         done = threading.Event()

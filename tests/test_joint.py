@@ -44,10 +44,16 @@ def test_several_targets_paging_at_once_are_served_together_and_lose_nothing(umg
 
 
 # ---- the round's bookkeeping, with stand-ins for the fault services --------
+class FakeCore:
+    def over_budget(self):
+        return False
+
+
 class FakeFast:
     def __init__(self, outcome=1, start_fails=False, finish_fails=False):
         self.outcome, self.start_fails, self.finish_fails = outcome, start_fails, finish_fails
         self.started = self.stopped = self.finished = 0
+        self.core = FakeCore()
 
     def has_background(self):
         return True
@@ -72,17 +78,21 @@ class FakeService:
     def __init__(self, fast, joinable=True, settle_fails=False):
         self.fast, self._joinable, self.settle_fails = fast, joinable, settle_fails
         self.paused, self.woken, self.carried = False, False, None
+        self.task = object()
 
     def reads_files_lately(self, now):
         return True
 
     def joinable(self, now):
+        if self._joinable == "fails":
+            raise OSError("no thread to be had")
         return self._joinable
 
     def wake_to_join(self):
         self.woken = True
 
     def settle_joined(self, outcome):
+        self.settled = getattr(self, "settled", 0) + 1
         if self.settle_fails:
             raise ValueError("double free")
         return outcome, ["window"]
@@ -100,7 +110,8 @@ def test_a_round_hands_each_member_its_own_outcome_and_its_own_failure():
     no_finish = FakeService(FakeFast(finish_fails=True))
     bad_settle = FakeService(FakeFast(), settle_fails=True)
     idle = FakeService(FakeFast(), joinable=False)
-    for service in (leader, fine, no_start, no_finish, bad_settle, idle):
+    broken = FakeService(FakeFast(), joinable="fails")   # (its own loop meets that, not the leader's)
+    for service in (leader, fine, no_start, no_finish, bad_settle, idle, broken):
         rounds.add(service)
     try:
         assert rounds.run(leader) == (2, ["window"])   # the leader's own, not another's failure
@@ -109,10 +120,13 @@ def test_a_round_hands_each_member_its_own_outcome_and_its_own_failure():
         assert isinstance(no_finish.carried, OSError)
         assert isinstance(bad_settle.carried, ValueError)
         assert idle.carried is None and not idle.woken
-        # Every call started was stopped and waited for, whatever failed.
+        assert broken.carried is None and not broken.woken
+        # Every call started was stopped, waited for and settled (a failed
+        # one too: what it served is in its log), whatever failed; one
+        # that did not start was not settled (its log was settled before).
         for service in (leader, fine, no_finish, bad_settle):
-            assert service.fast.started == service.fast.stopped == service.fast.finished == 1
-        assert no_start.fast.finished == 0
+            assert service.fast.started == service.fast.stopped == service.fast.finished == service.settled == 1
+        assert no_start.fast.finished == 0 and not hasattr(no_start, "settled")
         # Alone, a leader serves by itself.
         rounds.remove(fine), rounds.remove(no_start), rounds.remove(no_finish), rounds.remove(bad_settle)
         assert rounds.run(leader) is None

@@ -244,7 +244,7 @@ int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nre
 
 CUSTOMIZATIONS = STRUCTS + """
 #define UMGR_FAST_GROUP 8     /* messages read and served together */
-#define UMGR_AIO_DEPTH 64      /* reads in flight at once (the process's AIO context holds this many) */
+#define UMGR_AIO_DEPTH 64      /* reads in flight at once (an AIO context of umgr_fast_open holds this many) */
 #define UMGR_FAST_IDLE 0      /* nothing was queued for spin_ns */
 #define UMGR_FAST_HANDOFF 1   /* log->handoff messages for the full path */
 #define UMGR_FAST_YIELD 2     /* a limit was reached: log full, room used, time slice over, near fault */
@@ -363,7 +363,8 @@ static int umgr_fast_sleep(int uffd, const struct umgr_fast_log *log, int64_t un
    buffers the next call uses for other pages, and their completions would
    be reaped by another call as its own: umgr_aio_fail destroys the context,
    which waits for every read in flight on it (io_destroy(2)), and from then
-   on every read is a pread. */
+   on every read is a pread (in every context: the members of a joint round
+   have one each, and each failing one is destroyed). */
 static int umgr_aio_dead = 0;
 
 /* The AIO context of log's reads, 0: none (every read a pread). */
@@ -374,8 +375,8 @@ static aio_context_t umgr_aio(const struct umgr_fast_log *log)
 
 static void umgr_aio_fail(aio_context_t ctx)
 {
-    if (!__atomic_exchange_n(&umgr_aio_dead, 1, __ATOMIC_ACQ_REL))
-        syscall(SYS_io_destroy, ctx);
+    __atomic_store_n(&umgr_aio_dead, 1, __ATOMIC_RELEASE);
+    syscall(SYS_io_destroy, ctx);   /* (a context destroyed already answers EINVAL) */
 }
 
 static int umgr_fast_open(struct umgr_fast_log *log)

@@ -372,12 +372,15 @@ class FastPath:
         """Whether calls may run in the background thread (made on first use)."""
         if self._background is None and self.overlap:
             try:
+                self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 self._background = uffdmod.fast_background()
             except OSError as exc:   # (no thread to be had: serve as before)
                 logger.warning("%s: faults are settled after they are served (%s)", self.core.label, exc)
+                if self._wake_fd >= 0:
+                    os.close(self._wake_fd)
+                    self._wake_fd = -1
                 self.overlap = False
                 return False
-            self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         return self.overlap
 
     def serve_in_background(self, joint: tuple[float, uffdmod.FastIO, int] | None = None) -> None:
@@ -420,21 +423,22 @@ class FastPath:
     def finish_background(self, stop: bool = False) -> int:
         """Wait for the call in the background to end (`stop`: end it now);
         its outcome, as serve()'s. Its log is the one settle() reads next."""
-        outcome = self.core.uffd.finish_background(self._background, stop)
-        settled, self._served, self._next = self._served, self._next, self._served
-        self._log = self._served.c
-        # Settling may have noted a prefetch window meanwhile (prefetching()).
-        self._log.streams, self._log.stream_step = settled.c.streams, settled.c.stream_step
-        faults = self._log.served - self._log.clustered - self._log.filled   # (faults only)
-        if not self._joined:
-            self.core.stats.faults_background += faults
-        else:   # a joint round's: its own contexts go back to the round
-            self._joined = False
-            self.core.stats.faults_joined += faults
-            self._served.use(self._io)
-            self._store.c.dctx = self._io.dctx
-            self._background.notify_fd = -1
-        return outcome
+        try:
+            return self.core.uffd.finish_background(self._background, stop)
+        finally:   # (a failed read of the uffd too: what the call served is in its log, to be settled)
+            settled, self._served, self._next = self._served, self._next, self._served
+            self._log = self._served.c
+            # Settling may have noted a prefetch window meanwhile (prefetching()).
+            self._log.streams, self._log.stream_step = settled.c.streams, settled.c.stream_step
+            faults = self._log.served - self._log.clustered - self._log.filled   # (faults only)
+            if not self._joined:
+                self.core.stats.faults_background += faults
+            else:   # a joint round's: its own contexts go back to the round
+                self._joined = False
+                self.core.stats.faults_joined += faults
+                self._served.use(self._io)
+                self._store.c.dctx = self._io.dctx
+                self._background.notify_fd = -1
 
     def settle(self) -> tuple[list[int], list[int]]:
         """The counters, the store and the eviction policy learn of the
@@ -584,16 +588,32 @@ def others_waiting() -> bool:
     return bool(loop.tasks_runnable or loop.run_sync_soon_queue_size or loop.seconds_to_next_deadline <= 0)
 
 
-def slice_seconds(watch_fd: int, parked: int = 0) -> float:
+def slice_seconds(watch_fd: int, besides: frozenset = frozenset()) -> float:
     """How long the next call may serve: long while nothing else in the
     daemon is ready to run (watch_fd tells the call when that changes),
-    but `parked` runnable tasks (the fault loops a joint round serves)."""
+    `besides` these runnable tasks (the fault loops a joint round serves)."""
     if watch_fd < 0:
         return SLICE_SECONDS
     loop = trio.lowlevel.current_statistics()
-    if loop.tasks_runnable > parked or loop.run_sync_soon_queue_size:
+    runnable = loop.tasks_runnable
+    if runnable and besides:
+        runnable = runnable_besides(besides, runnable)
+    if runnable or loop.run_sync_soon_queue_size:
         return SLICE_SECONDS
     return min(LONG_SLICE_SECONDS, max(loop.seconds_to_next_deadline, SLICE_SECONDS))
+
+
+def runnable_besides(tasks: frozenset, runnable: int) -> int:
+    """How many of the running trio loop's runnable tasks are not `tasks`
+    (`runnable` if that cannot be read). Trio does not publish its run
+    queue: this reads its runner's (checked with trio 0.35;
+    tests/test_fastpath.py fails if that changes). Like tasks_runnable it
+    leaves out the tasks of the batch trio is running."""
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+        return sum(1 for task in GLOBAL_RUN_CONTEXT.runner.runq if task not in tasks)
+    except (ImportError, AttributeError):
+        return runnable
 
 
 class FastLog:

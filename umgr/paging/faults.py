@@ -66,10 +66,12 @@ class FaultService:
         self.paused = False
         self._carried = None
         self.file_reads_at = -1e9
+        self.task = None
 
     # ---- the loop -------------------------------------------------------------
     async def run(self) -> None:
         reads = self.core.reads
+        self.task = trio.lowlevel.current_task()   # (a joint round tells it from other runnable tasks)
         if self.joint is not None:
             self.joint.add(self)
         try:

@@ -42,6 +42,7 @@ import select
 import time
 
 from umgr.kernel import uffd as uffdmod
+from umgr.paging.fastpath import IDLE as FAST_IDLE
 from umgr.paging.fastpath import event_loop_fd, slice_seconds
 
 # A target joins (or leads) only if its calls read the swap file this
@@ -58,11 +59,15 @@ class JointRounds:
     the rounds that serve several of them at once."""
 
     def __init__(self):
+        """Made as the daemon starts, with every descriptor a round needs (a
+        descriptor that appears later looks like a leak): the members' I/O
+        contexts too."""
         self._services: list = []
-        self._ended_fd = -1    # eventfd each member's call adds 1 to as it ends
-        self._poll: select.poll | None = None
-        self._watch_fd = -1    # the event loop's epoll set (event_loop_fd)
-        self.rounds = 0        # rounds run (tests read it)
+        self._ended_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)   # each member's call adds 1 as it ends
+        self._poll = select.poll()
+        self._poll.register(self._ended_fd, select.POLLIN)
+        self._watch_fd: int | None = None   # the event loop's epoll set (event_loop_fd), at the first round
+        uffdmod.joint_io(MAX_MEMBERS)
 
     def add(self, service) -> None:
         self._services.append(service)
@@ -73,7 +78,7 @@ class JointRounds:
 
     def run(self, leader):
         """A round with `leader` (about to serve) and the parked targets
-        that served lately; leader's (outcome, prefetch windows), as its
+        whose calls read the swap file lately; leader's (outcome, prefetch windows), as its
         own call's would be, or None when no other target may join (then
         leader serves alone)."""
         if len(self._services) < 2:
@@ -81,68 +86,74 @@ class JointRounds:
         now = time.monotonic()
         if not leader.reads_files_lately(now):
             return None
-        partners = [s for s in self._services if s is not leader and s.joinable(now)][:MAX_MEMBERS - 1]
+        partners = [s for s in self._services if s is not leader and _may_join(s, now)][:MAX_MEMBERS - 1]
         if not partners or not leader.fast.has_background():
             return None
-        self._open()
-        # The slice, as a call's: long while nothing else waits (the
-        # paused partners are runnable, but they are the round's).
-        paused = sum(1 for s in partners if s.paused)
-        slice_s = slice_seconds(self._watch_fd, parked=paused)
+        self._watch_event_loop()
         members = [leader] + partners
+        slice_s = self._slice(members)
         for member in partners:
             member.wake_to_join()
-        self.rounds += 1
-        ended = self._serve(members, slice_s)
+        ended, interrupted = self._serve(members, slice_s)
         result = None
         for member, outcome in ended:
-            carried = outcome if isinstance(outcome, BaseException) else _settle(member, outcome)
+            carried = _settle(member, outcome)
             if member is leader:
                 result = carried
             else:
                 member.carry(carried)
+        if interrupted is not None:
+            raise interrupted
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def _open(self) -> None:
-        if self._ended_fd < 0:
-            self._ended_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._poll = select.poll()
-            self._poll.register(self._ended_fd, select.POLLIN)
+    def _watch_event_loop(self) -> None:
+        if self._watch_fd is None:   # (one event loop for the daemon's life)
             self._watch_fd = event_loop_fd()
             if self._watch_fd >= 0:
                 self._poll.register(self._watch_fd, select.POLLIN)
 
-    def _serve(self, members: list, slice_s: float) -> list:
+    def _slice(self, members: list) -> float:
+        """As a call's: short while another task is ready to run (the
+        members' own loops, paused between two rounds, are runnable tasks,
+        but the round's: with them counted, 4 processes' random reads took
+        1.07x the time). A member past its high water mark has its evictor
+        woken: runnable, or waiting on I/O whose end the event loop's epoll
+        set shows (the round watches it)."""
+        return slice_seconds(self._watch_fd, frozenset(member.task for member in members))
+
+    def _serve(self, members: list, slice_s: float) -> tuple[list, BaseException | None]:
         """Every member's call at once, until one ends, the event loop has
         work, or slice_s passes; then all are stopped. Each member's
         outcome (FAST_*), or the exception its call failed with (its own
-        loop raises it, not the leader's)."""
-        started, ended = [], []
+        loop raises it, not the leader's); and what interrupted the wait
+        (KeyboardInterrupt), to raise once every member is settled."""
+        started, ended, interrupted = [], [], None
+        for member, io in zip(members, uffdmod.joint_io(len(members))):
+            try:
+                member.fast.serve_in_background((slice_s, io, self._ended_fd))
+            except Exception as exc:
+                ended.append((member, exc))
+            else:
+                started.append(member)
         try:
-            for member, io in zip(members, uffdmod.joint_io(len(members))):
-                try:
-                    member.fast.serve_in_background((slice_s, io, self._ended_fd))
-                except Exception as exc:
-                    ended.append((member, exc))
-                else:
-                    started.append(member)
             if started:
                 self._poll.poll(max(1, round(slice_s * 1e3)))
-        finally:
-            for member in started:
-                member.fast.stop_background()
-            for member in started:
-                try:
-                    ended.append((member, member.fast.finish_background(stop=True)))
-                except Exception as exc:   # (a failed read of its uffd)
-                    ended.append((member, exc))
+        except BaseException as exc:
+            interrupted = exc
+        for member in started:
+            member.fast.stop_background()
+        for member in started:
             try:
-                os.eventfd_read(self._ended_fd)
-            except BlockingIOError:
-                pass
-        return ended
+                ended.append((member, member.fast.finish_background(stop=True)))
+            except Exception as exc:   # (a failed read of its uffd: what it served is settled all the same)
+                ended.append((member, _Failed(exc)))
+        try:
+            os.eventfd_read(self._ended_fd)
+        except BlockingIOError:
+            pass
+        return ended, interrupted
 
     def close(self) -> None:
         if self._ended_fd >= 0:
@@ -150,10 +161,34 @@ class JointRounds:
             self._ended_fd = -1
 
 
-def _settle(member, outcome: int):
-    """A member's call settled: (outcome, windows), or the exception that
-    settling raised (its own loop raises it, not the leader's)."""
+def _may_join(service, now: float) -> bool:
+    """joinable(), whose failure (a thread or a descriptor not to be had)
+    is the partner's, not the leader's: its own loop meets it when it serves."""
     try:
+        return service.joinable(now)
+    except Exception:
+        return False
+
+
+def _settle(member, outcome):
+    """A member's call settled: (outcome, windows); or, for its own loop to
+    raise (not the leader's), the exception its call failed with (what it
+    served settled first) or that settling raised."""
+    try:
+        if isinstance(outcome, _Failed):
+            member.settle_joined(FAST_IDLE)
+            return outcome.exc
+        if isinstance(outcome, BaseException):   # (no call started: nothing to settle)
+            return outcome
         return member.settle_joined(outcome)
     except Exception as exc:
         return exc
+
+
+class _Failed:
+    """A member's call that ended with an exception (a failed read of its
+    uffd), its log to be settled all the same."""
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
