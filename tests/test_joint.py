@@ -43,6 +43,22 @@ def test_several_targets_paging_at_once_are_served_together_and_lose_nothing(umg
     assert stats["faults_joined"] > 0.3 * stats["faults_fast"], stats
 
 
+@pytest.mark.timeout(180)
+def test_forked_processes_reading_shared_slots_in_rounds_drop_each_reference_once(umgr_exec, programs):
+    # A parent and 3 children read at random the swapped pages they share
+    # (their slots referenced by all four, each reference dropped by the
+    # call of whichever target reads the page in, those calls running at
+    # once in rounds), then each writes its own pages and checks them all:
+    # a reference dropped twice fails the daemon (a double free), one lost
+    # leaves a slot in use at the end.
+    result = umgr_exec([programs["forkreads"], "32", "3", "6000"], max_resident="8M", timeout=150)
+    assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
+    stats = result.stats
+    assert stats["forks"] == 3 and stats["pages_out"] >= (32 - 8) * MiB // PAGE, stats
+    assert stats["faults_joined"] > 0.3 * stats["faults_fast"], stats
+    assert stats["swap_slots_in_use_at_exit"] == 0, stats
+
+
 # ---- the round's bookkeeping, with stand-ins for the fault services --------
 class FakeCore:
     def over_budget(self):
