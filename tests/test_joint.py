@@ -162,3 +162,17 @@ def test_a_leader_whose_own_call_fails_raises_it_after_every_member_is_settled()
         assert partner.carried == (1, ["window"]) and partner.fast.finished == 1
     finally:
         rounds.close()
+
+
+def test_a_round_is_short_once_a_member_is_past_its_high_water_mark():
+    # Its evictor is to run, and may be in the batch of tasks trio is
+    # running, which no count of runnable tasks shows.
+    from umgr.paging import fastpath
+    from umgr.paging.joint import JointRounds
+    rounds = JointRounds()
+    over = FakeService(FakeFast())
+    over.fast.core.over_budget = lambda: True
+    try:
+        assert rounds._slice([FakeService(FakeFast()), over]) == fastpath.SLICE_SECONDS
+    finally:
+        rounds.close()

@@ -43,7 +43,7 @@ import time
 
 from umgr.kernel import uffd as uffdmod
 from umgr.paging.fastpath import IDLE as FAST_IDLE
-from umgr.paging.fastpath import event_loop_fd, slice_seconds
+from umgr.paging.fastpath import SLICE_SECONDS, event_loop_fd, slice_seconds
 
 # A target joins (or leads) only if its calls read the swap file this
 # recently (FaultService.reads_files_lately): waking an idle one's loop for
@@ -115,12 +115,14 @@ class JointRounds:
                 self._poll.register(self._watch_fd, select.POLLIN)
 
     def _slice(self, members: list) -> float:
-        """As a call's: short while another task is ready to run (the
-        members' own loops, paused between two rounds, are runnable tasks,
-        but the round's: with them counted, 4 processes' random reads took
-        1.07x the time). A member past its high water mark has its evictor
-        woken: runnable, or waiting on I/O whose end the event loop's epoll
-        set shows (the round watches it)."""
+        """As a call's: short once a member is past its high water mark
+        (its evictor is to run: woken, it may be in the batch trio is
+        running, which no count of runnable tasks shows), or while another
+        task is ready to run (the members' own loops, paused between two
+        rounds, are runnable tasks, but the round's: with them counted, 4
+        processes' random reads took 1.07x the time)."""
+        if any(member.fast.core.over_budget() for member in members):
+            return SLICE_SECONDS
         return slice_seconds(self._watch_fd, frozenset(member.task for member in members))
 
     def _serve(self, members: list, slice_s: float) -> tuple[list, BaseException | None]:
@@ -130,17 +132,17 @@ class JointRounds:
         loop raises it, not the leader's); and what interrupted the wait
         (KeyboardInterrupt), to raise once every member is settled."""
         started, ended, interrupted = [], [], None
-        for member, io in zip(members, uffdmod.joint_io(len(members))):
-            try:
-                member.fast.serve_in_background((slice_s, io, self._ended_fd))
-            except Exception as exc:
-                ended.append((member, exc))
-            else:
-                started.append(member)
         try:
+            for member, io in zip(members, uffdmod.joint_io(len(members))):
+                try:
+                    member.fast.serve_in_background((slice_s, io, self._ended_fd))
+                except Exception as exc:
+                    ended.append((member, exc))
+                else:
+                    started.append(member)
             if started:
                 self._poll.poll(max(1, round(slice_s * 1e3)))
-        except BaseException as exc:
+        except BaseException as exc:   # (the calls started end and are settled first)
             interrupted = exc
         for member in started:
             member.fast.stop_background()
@@ -174,10 +176,13 @@ def _settle(member, outcome):
     """A member's call settled: (outcome, windows); or, for its own loop to
     raise (not the leader's), the exception its call failed with (what it
     served settled first) or that settling raised."""
-    try:
-        if isinstance(outcome, _Failed):
+    if isinstance(outcome, _Failed):
+        try:
             member.settle_joined(FAST_IDLE)
-            return outcome.exc
+        except Exception as exc:
+            outcome.exc.__context__ = exc   # (the call's failure is what its loop raises)
+        return outcome.exc
+    try:
         if isinstance(outcome, BaseException):   # (no call started: nothing to settle)
             return outcome
         return member.settle_joined(outcome)
