@@ -10,11 +10,11 @@ thread busy all the time, more than half of it in a read polled to its end.
 A joint round lets them overlap. When a fault loop (the leader) is about
 to serve, its calls read the swap file lately, and other targets whose
 calls did are parked (their loop asleep on its uffd, or paused between two
-rounds), each member's call
-runs in its own background thread (FastPath.serve_in_background), with AIO
-and zstd contexts of its own (uffd.joint_io), while the daemon's thread
-waits for the first call to end, for the event loop to have work, or for
-the round's time slice to pass. Then it stops the others, settles each
+rounds), each member's call runs in its own background thread
+(FastPath.serve_in_background), with AIO and zstd contexts of its own
+(uffd.joint_io), while the daemon's thread waits for the first call to
+end, for the event loop to have work, or for the round's time slice to
+pass. Then it stops the others, settles each
 call, takes each call's handoff (the events and faults it read and left
 for the full path), and hands a parked loop what its call served: the loop
 goes on from there when it next runs (FaultService.carry).
