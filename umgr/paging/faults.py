@@ -127,14 +127,16 @@ class FaultService:
         if joined is not None:
             return joined
         outcome, wanted = self._serve_fast()
-        self._note_file_reads()
-        if outcome == FAST_HANDOFF:
-            self._take_batch(self.fast.handoff)
+        self._call_over(outcome)
         return outcome, wanted
 
-    def _note_file_reads(self) -> None:
+    def _call_over(self, outcome: int) -> None:
+        """After a call was settled: note whether it read the swap file,
+        and take its handoff before anything reads the uffd again."""
         if self.fast.file_reads:
             self.file_reads_at = time.monotonic()
+        if outcome == FAST_HANDOFF:
+            self._take_batch(self.fast.handoff)
 
     def reads_files_lately(self, now: float) -> bool:
         """Whether its calls read the swap file lately: its faults wait on
@@ -192,10 +194,8 @@ class FaultService:
         handoff, as _serve_round() does. A call stopped with nothing
         served counts as idle (the loop sleeps on)."""
         wanted = self._settle_fast()
-        self._note_file_reads()
-        if outcome == FAST_HANDOFF:
-            self._take_batch(self.fast.handoff)
-        elif not self.fast.served:
+        self._call_over(outcome)
+        if outcome != FAST_HANDOFF and not self.fast.served:
             outcome = FAST_IDLE
         return outcome, wanted
 
