@@ -1,0 +1,59 @@
+"""tools/ab.py, the A/B timing of two builds of umgr: how it reads a
+program's phases and pairs runs (pure), and a real run against the last
+commit, built aside in a git worktree."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parent.parent
+TOOL = REPO / "tools" / "ab.py"
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("ab", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_phases_are_the_last_json_line_of_output_that_has_them():
+    ab = load_tool()
+    out = ('{"phases": {"touch": 9.0}}\nchecking\n{"ok": true, "phases": {"touch": 1.5, "random": 2}}\n'
+           '{"not": "phases"}\nnot json {\n')
+    assert ab.reported_phases(out) == {"touch": 1.5, "random": 2.0}
+    assert ab.reported_phases("ok 123\n") == {}
+
+
+def test_pairs_give_each_figure_its_median_ratio_range_and_medians():
+    ab = load_tool()
+    base = [{"random": 2.0, "wall": 4.0}, {"random": 4.0, "wall": 5.0}, {"random": 1.0, "wall": 5.0}]
+    new = [{"random": 1.0, "wall": 4.0}, {"random": 4.0, "wall": 6.0}, {"random": 1.5, "wall": 5.0, "extra": 1}]
+    rows = {row[0]: row[1:] for row in ab.paired(base, new)}
+    assert set(rows) == {"random", "wall"}   # (a figure some run lacks is left out)
+    assert rows["random"] == (1.0, 0.5, 1.5, 2.0, 1.5)
+    assert rows["wall"] == (1.0, 1.0, 1.2, 5.0, 5.0)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_against_the_last_commit_builds_it_aside_and_compares_real_runs(programs):
+    if not (REPO / ".git").exists():
+        pytest.skip("tools/ab.py checks out the base with git: a checkout is needed, not an unpacked sdist")
+    run = subprocess.run([sys.executable, str(TOOL), "--pairs", "1", "--umgr-args",
+                          "--max-resident 8M --swap-size 64M", "--", programs["scatter"], "24", "3000"],
+                         capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    # The base ran from its own checkout (a worktree of the tool's), not from this one.
+    assert lines[0].startswith("base: HEAD, umgr from ") and "umgr-ab-" in lines[0], run.stdout
+    rows = {line.split()[0]: line.split() for line in lines[4:]}
+    assert {"wall", "daemon_cpu_seconds", "faults"} <= set(rows), run.stdout
+    # Both builds paged: 24 MiB under 8 MiB faults back thousands of pages.
+    _, ratio, _, base_faults, new_faults = rows["faults"]
+    assert float(base_faults) > 1000 and float(new_faults) > 1000, run.stdout
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "umgr-ab-" not in worktrees, worktrees   # (the base's checkout is gone)
