@@ -47,6 +47,7 @@ INCLUDES = """
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 """
 
@@ -236,6 +237,8 @@ int umgr_fast_bg_start(struct umgr_fast_bg *bg);
 void umgr_fast_bg_go(struct umgr_fast_bg *bg);
 void umgr_fast_bg_stop(struct umgr_fast_bg *bg);
 int umgr_fast_bg_finish(struct umgr_fast_bg *bg, int stop);
+int umgr_fast_bg_wait(struct umgr_fast_bg *bg);
+int umgr_fast_bg_pin(struct umgr_fast_bg *bg, int cpu);
 void umgr_fast_bg_end(struct umgr_fast_bg *bg);
 int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                        const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
@@ -1300,6 +1303,30 @@ static int umgr_fast_bg_finish(struct umgr_fast_bg *bg, int stop)
     umgr_eventfd_add(bg->log->wake_fd);
     umgr_eventfd_take(bg->done_fd);
     return bg->result;
+}
+
+/* Wait for the call to end as it goes: between faults it goes on
+   sleeping (umgr_fast_bg_finish has it spin from then on). Its result. */
+static int umgr_fast_bg_wait(struct umgr_fast_bg *bg)
+{
+    umgr_eventfd_take(bg->done_fd);
+    return bg->result;
+}
+
+/* Keep bg's thread on `cpu`, or (-1) on any CPU the daemon may use.
+   0 or an errno. */
+static int umgr_fast_bg_pin(struct umgr_fast_bg *bg, int cpu)
+{
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (cpu < 0) {
+        if (sched_getaffinity(getpid(), sizeof set, &set) < 0)
+            return errno;
+    } else if (cpu < CPU_SETSIZE)
+        CPU_SET(cpu, &set);
+    else
+        return EINVAL;
+    return pthread_setaffinity_np((pthread_t)bg->thread, sizeof set, &set);
 }
 
 /* End bg's thread (no call running) and close its eventfds. */

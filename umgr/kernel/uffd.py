@@ -424,11 +424,15 @@ class Userfaultfd:
         bg.spin_ns, bg.slice_ns, bg.room, bg.near, bg.log = spin_ns, slice_ns, room, near, log
         _lib.umgr_fast_bg_go(bg)
 
-    def finish_background(self, bg, stop: bool) -> int:
+    def finish_background(self, bg, stop: bool, as_it_goes: bool = False) -> int:
         """Wait for the call serve_in_background() started to end (with
-        `stop`, end it after the group it is serving); its FAST_*, as
-        serve_plain_faults() returns it."""
-        r = _lib.umgr_fast_bg_finish(bg, stop)
+        `stop`, end it after the group it is serving; else it spins for
+        the next fault from now on, or with `as_it_goes` sleeps for it as
+        before); its FAST_*, as serve_plain_faults() returns it."""
+        if as_it_goes and not stop:
+            r = _lib.umgr_fast_bg_wait(bg)
+        else:
+            r = _lib.umgr_fast_bg_finish(bg, stop)
         if r < 0:
             self._raise(-r, "read")
         return r
@@ -529,6 +533,14 @@ def fast_background():
         raise OSError(-err, f"fault service thread: {os.strerror(-err)}")
     _threads_running.add(bg)   # its struct outlives whoever forgets to end it: the thread reads it
     return bg
+
+
+def fast_background_pin(bg, cpu: int) -> None:
+    """Keep the thread of fast_background() on `cpu`, or (-1) on any CPU
+    the daemon may use."""
+    err = _lib.umgr_fast_bg_pin(bg, cpu)
+    if err:
+        raise OSError(err, f"fault service thread's CPU: {os.strerror(err)}")
 
 
 def fast_background_stop(bg) -> None:

@@ -218,7 +218,14 @@ class FaultService:
         the last call's outcome and the windows the prefetch policy asked
         for, with the fault each is for."""
         fast = self.fast
-        outcome = fast.serve()
+        # A program kept on one CPU, its pages in memory: the call serves
+        # on that CPU, in the background thread, and this one waits.
+        beside = fast.colocated()
+        if beside:
+            fast.serve_in_background()
+            outcome = fast.finish_background(as_it_goes=True)
+        else:
+            outcome = fast.serve()
         windows = []
         while fast.may_overlap(outcome):
             fast.serve_in_background()
@@ -231,7 +238,7 @@ class FaultService:
             # It goes on while nothing else is waiting for this thread: the
             # pages the prefetch policy just asked for are to come in at
             # once, and the evictor, woken as the log was settled, to run.
-            outcome = fast.finish_background(stop=bool(more) or others_waiting())
+            outcome = fast.finish_background(stop=bool(more) or others_waiting(), as_it_goes=beside)
         windows += self._settle_fast()
         return outcome, windows
 
