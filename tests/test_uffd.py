@@ -865,3 +865,49 @@ def test_a_fast_path_call_in_the_background_serves_faults(ct, maps, uffds):
         os.close(wake_fd)
         pages.close()
         zeros.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_call_waited_for_as_it_goes_ends_with_its_slice_or_is_let_go_when_starved(maps, uffds):
+    # A call serving beside its program (FastPath.colocated) is waited for
+    # without spinning it up: an idle one ends when its slice does. One
+    # not over by the wait's deadline (as if starved on the CPU it is kept
+    # on: here a slice of a minute) is let run anywhere and stopped, so
+    # the daemon's thread is not held up.
+    npages = 8
+    u = uffds(0)
+    dst = maps(npages)
+    u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
+    state, slot, flags = np.zeros(npages, np.uint8), np.zeros(npages, np.int32), np.zeros(npages, np.uint8)
+    counts = np.zeros(256, np.int64)
+    counts[State.FRESH] = npages
+    regions = U.new_fast_struct("umgr_fast_region", 1)
+    regions[0].vpn, regions[0].end = dst.addr // P, dst.addr // P + npages
+    regions[0].counts = U.array_pointer("int64_t *", counts)
+    regions[0].state, regions[0].slot = U.array_pointer("uint8_t *", state), U.array_pointer("int32_t *", slot)
+    regions[0].flags = U.array_pointer("uint8_t *", flags)
+    store = U.new_fast_struct("umgr_fast_store")
+    store.fd = -1
+    log = FastLog(npages)
+    log.c.yield_after = npages
+    log.drop_references_in(np.zeros(2, np.uint16), np.zeros(2, np.uint32))
+    wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    log.c.wake_fd = wake_fd
+    pages, zeros = PageBuffer(U.FAST_GROUP), PageBuffer(1)
+    bg = U.fast_background()
+    cpu = max(os.sched_getaffinity(0))
+    try:
+        U.fast_background_pin(bg, cpu)
+        u.serve_in_background(bg, regions, 1, store, pages.addr, zeros.addr, 50_000, 50 * 10**6, npages, 0, log.c)
+        started = time.monotonic()
+        assert u.finish_background(bg, stop=False, as_it_goes=5.0) == U.FAST_IDLE
+        assert 0.04 < time.monotonic() - started < 2 and bg.unpinned == 0   # (its slice: 50 ms)
+        u.serve_in_background(bg, regions, 1, store, pages.addr, zeros.addr, 50_000, 60 * 10**9, npages, 0, log.c)
+        started = time.monotonic()
+        assert u.finish_background(bg, stop=False, as_it_goes=0.05) == U.FAST_IDLE
+        assert time.monotonic() - started < 2 and bg.unpinned == 1   # (let run on any CPU again)
+    finally:
+        U.fast_background_end(bg)
+        os.close(wake_fd)
+        pages.close()
+        zeros.close()

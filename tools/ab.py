@@ -22,8 +22,10 @@ changes do; the ratio of two runs made back to back moves less
 (docs/architecture.md gives figures so, "alternating pairs").
 
 The base is checked out in a temporary git worktree and built there in
-place (its cffi modules and its shim, with this interpreter: it needs cffi,
-gcc and the build packages of `make deps`), then removed.
+place (its cffi modules and its shim, with this interpreter: it needs cffi
+and setuptools, gcc and the build packages of `make deps`), then removed.
+Its runs have PYTHONPATH set to that checkout (a Python program under test
+sees it too).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if not program or args.pairs < 1:
         parser.error("need -- PROGRAM [ARGS...] and --pairs >= 1")
     umgr_args = shlex.split(args.umgr_args)
+    # Stopped with SIGTERM, the base's checkout is removed all the same (SystemExit unwinds it).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         with base_tree(args.base) as tree, tempfile.TemporaryDirectory(prefix="umgr-ab-runs-") as work:
             places = (umgr_location(tree), umgr_location(None))

@@ -198,6 +198,7 @@ struct umgr_fast_bg {
                             of a joint round share one: umgr/paging/joint.py) */
     int quit;
     uint64_t thread;     /* its pthread_t */
+    int unpinned;        /* umgr_fast_bg_wait let it run on any CPU again (the caller's to clear) */
 };
 """
 
@@ -237,7 +238,7 @@ int umgr_fast_bg_start(struct umgr_fast_bg *bg);
 void umgr_fast_bg_go(struct umgr_fast_bg *bg);
 void umgr_fast_bg_stop(struct umgr_fast_bg *bg);
 int umgr_fast_bg_finish(struct umgr_fast_bg *bg, int stop);
-int umgr_fast_bg_wait(struct umgr_fast_bg *bg);
+int umgr_fast_bg_wait(struct umgr_fast_bg *bg, int stop, int64_t timeout_ns);
 int umgr_fast_bg_pin(struct umgr_fast_bg *bg, int cpu);
 void umgr_fast_bg_end(struct umgr_fast_bg *bg);
 int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
@@ -1305,12 +1306,34 @@ static int umgr_fast_bg_finish(struct umgr_fast_bg *bg, int stop)
     return bg->result;
 }
 
-/* Wait for the call to end as it goes: between faults it goes on
-   sleeping (umgr_fast_bg_finish has it spin from then on). Its result. */
-static int umgr_fast_bg_wait(struct umgr_fast_bg *bg)
+static int umgr_fast_bg_pin(struct umgr_fast_bg *bg, int cpu);
+static void umgr_fast_bg_stop(struct umgr_fast_bg *bg);
+
+/* Wait for the call to end (with `stop`, after the group it is serving)
+   as it goes: between faults it goes on sleeping (umgr_fast_bg_finish has
+   it spin from then on). A call ends within its slice; one that has not
+   after timeout_ns is starved on the CPU it is kept on (a real-time
+   thread there, say): it is let run anywhere (bg->unpinned) and ended
+   after its group, so that no target's CPU can hold up the daemon. Its
+   result. */
+static int umgr_fast_bg_wait(struct umgr_fast_bg *bg, int stop, int64_t timeout_ns)
 {
-    umgr_eventfd_take(bg->done_fd);
-    return bg->result;
+    if (stop)
+        umgr_fast_bg_stop(bg);
+    int64_t deadline = umgr_now_ns() + timeout_ns;
+    struct pollfd done = { .fd = bg->done_fd, .events = POLLIN };
+    for (;;) {
+        int64_t left = deadline - umgr_now_ns();
+        if (left <= 0)
+            break;
+        struct timespec wait = { left / 1000000000, left % 1000000000 };
+        if (ppoll(&done, 1, &wait, NULL) > 0) {
+            umgr_eventfd_take(bg->done_fd);
+            return bg->result;
+        }
+    }
+    bg->unpinned = umgr_fast_bg_pin(bg, -1) == 0;
+    return umgr_fast_bg_finish(bg, 1);
 }
 
 /* Keep bg's thread on `cpu`, or (-1) on any CPU the daemon may use.

@@ -49,6 +49,10 @@ NO_READS = ReadsDone(0, 0.0, 0, np.zeros(len(IO_BUCKETS) + 1, np.int64))
 
 class Backend:
     name = "abstract"
+    # Every page it holds is in the daemon's memory (a fault on one waits on
+    # no device): the fault path may then serve beside a program kept on one
+    # CPU (umgr/paging/fastpath.py, FastPath.colocated). A chain is not.
+    in_memory = False
 
     def __init__(self, capacity_pages: int = 0, *, slots: SlotAllocator | None = None):
         """A store of capacity_pages slots, or one that uses `slots` (a chain's)."""

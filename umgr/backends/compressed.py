@@ -108,6 +108,7 @@ class Packed:
 
 class CompressedBackend(Backend):
     name = "compressed"
+    in_memory = True   # (alone: incompressible pages are held as they are)
 
     def __init__(self, size: int = 4 << 30, cap: int | None = None, codec: str = DEFAULT_CODEC,
                  level: int | None = None, region_fd: int = -1, reuse: bool = False):

@@ -424,13 +424,15 @@ class Userfaultfd:
         bg.spin_ns, bg.slice_ns, bg.room, bg.near, bg.log = spin_ns, slice_ns, room, near, log
         _lib.umgr_fast_bg_go(bg)
 
-    def finish_background(self, bg, stop: bool, as_it_goes: bool = False) -> int:
+    def finish_background(self, bg, stop: bool, as_it_goes: float = 0.0) -> int:
         """Wait for the call serve_in_background() started to end (with
         `stop`, end it after the group it is serving; else it spins for
-        the next fault from now on, or with `as_it_goes` sleeps for it as
-        before); its FAST_*, as serve_plain_faults() returns it."""
-        if as_it_goes and not stop:
-            r = _lib.umgr_fast_bg_wait(bg)
+        the next fault from now on, or with `as_it_goes` (seconds) sleeps
+        for it as before); with `as_it_goes`, a call not over by then is
+        let run on any CPU (bg.unpinned) and ended (umgr_fast_bg_wait).
+        Its FAST_*, as serve_plain_faults() returns it."""
+        if as_it_goes:
+            r = _lib.umgr_fast_bg_wait(bg, stop, round(as_it_goes * 1e9))
         else:
             r = _lib.umgr_fast_bg_finish(bg, stop)
         if r < 0:

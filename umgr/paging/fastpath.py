@@ -131,6 +131,9 @@ CLUSTER_REACH = 0.01
 CLUSTER_REACH_MIN = 64
 # How often a target's CPU affinity is looked at again (colocated()).
 AFFINITY_SECONDS = 1.0
+# A call serving beside its program that is not over this long after its
+# slice is starved on that CPU: it is let run anywhere and ended.
+BESIDE_GRACE_SECONDS = 50e-3
 
 
 class _Entry:
@@ -376,14 +379,17 @@ class FastPath:
 
     def colocated(self) -> bool:
         """Whether calls are to serve beside the program, on its CPU: the
-        process may run on one CPU only (its affinity: taskset, a cpuset
-        of one CPU), and its store holds every page in memory (no file to
-        read). The call then runs in the background thread, kept on that
+        process (its main thread) may run on one CPU only (taskset, a
+        cpuset of one CPU), one the daemon may use, and its store holds
+        every page in memory (Backend.in_memory: the compressed store
+        alone). The call then runs in the background thread, kept on that
         CPU, which sleeps between faults, and the daemon's thread waits for
-        it (finish_background with as_it_goes): a fault wakes the call on
-        the program's CPU, whose copy wakes the program there, with no
-        hand-over between CPUs (a halted vCPU's wake-up, on a VM) and no
-        busy-poll taking that CPU from the program. Measured (tools/ab.py,
+        it (finish_beside): a fault wakes the call on the program's CPU,
+        whose copy wakes the program there, with no hand-over between CPUs
+        (a halted vCPU's wake-up, on a VM) and no busy-poll taking that CPU
+        from the program. A call starved there (not over
+        BESIDE_GRACE_SECONDS after the longest slice) is let run anywhere
+        and ended: no program's CPU holds up the daemon. Measured (tools/ab.py,
         8 alternating pairs, 100k random reads of 102 MiB of a CPython heap
         from the compressed store under 32 MiB, the program on one vCPU of
         two): the random phase 0.86x and 0.88x the time, the daemon's CPU
@@ -392,7 +398,7 @@ class FastPath:
         runs), and a program free to move is woken on whichever CPU is
         idle, so a thread kept on its last one was no help."""
         core = self.core
-        if not self.has_background() or core.backend.sync_read_fd() >= 0 or core.backend.memory_entries() is None:
+        if not core.backend.in_memory or not self.has_background():
             return self._pin(-1)
         now = time.monotonic()
         if now - self._affinity_at >= AFFINITY_SECONDS:
@@ -401,7 +407,8 @@ class FastPath:
                 cpus = os.sched_getaffinity(core.pid)
             except OSError:   # (gone: its loop finds out)
                 cpus = ()
-            self._target_cpu = next(iter(cpus)) if len(cpus) == 1 else -1
+            # (Only on a CPU the daemon may use: its own affinity is its user's choice too.)
+            self._target_cpu = next(iter(cpus)) if len(cpus) == 1 and cpus <= os.sched_getaffinity(0) else -1
         return self._pin(self._target_cpu)
 
     def _pin(self, cpu: int) -> bool:
@@ -409,11 +416,25 @@ class FastPath:
         if cpu != self._pinned_to and self._background is not None:
             try:
                 uffdmod.fast_background_pin(self._background, cpu)
-            except OSError as exc:   # (a CPU the daemon may not use: serve as before)
+            except OSError as exc:   # (it stays as it was: serve as before)
                 logger.debug("%s: fault service thread stays where it is (%s)", self.core.label, exc)
-                cpu = self._target_cpu = -1   # (until the program's CPUs are looked at again)
+                self._target_cpu = -1   # (until the program's CPUs are looked at again)
+                return False
             self._pinned_to = cpu
         return cpu >= 0
+
+    def finish_beside(self, stop: bool = False) -> int:
+        """finish_background() for a call serving beside its program
+        (colocated()): waited for as it goes, and ended if starved on the
+        program's CPU, then no longer kept there."""
+        try:   # (past the longest slice a call may have)
+            return self.finish_background(stop, as_it_goes=LONG_SLICE_SECONDS + BESIDE_GRACE_SECONDS)
+        finally:
+            if self._background.unpinned:
+                self._background.unpinned = 0
+                self._pinned_to = -1
+                logger.debug("%s: fault service thread starved on CPU %d: let run anywhere",
+                             self.core.label, self._target_cpu)
 
     def has_background(self) -> bool:
         """Whether calls may run in the background thread (made on first use)."""
@@ -467,11 +488,11 @@ class FastPath:
         serving (finish_background() waits for it)."""
         uffdmod.fast_background_stop(self._background)
 
-    def finish_background(self, stop: bool = False, as_it_goes: bool = False) -> int:
+    def finish_background(self, stop: bool = False, as_it_goes: float = 0.0) -> int:
         """Wait for the call in the background to end (`stop`: end it now;
         `as_it_goes`: let it sleep between faults as it does, where it
-        would spin from now on); its outcome, as serve()'s. Its log is the
-        one settle() reads next."""
+        would spin from now on, for up to that many seconds); its outcome,
+        as serve()'s. Its log is the one settle() reads next."""
         try:
             return self.core.uffd.finish_background(self._background, stop, as_it_goes)
         finally:   # (a failed read of the uffd too: what the call served is in its log, to be settled)

@@ -223,7 +223,7 @@ class FaultService:
         beside = fast.colocated()
         if beside:
             fast.serve_in_background()
-            outcome = fast.finish_background(as_it_goes=True)
+            outcome = fast.finish_beside()
         else:
             outcome = fast.serve()
         windows = []
@@ -232,13 +232,15 @@ class FaultService:
             try:
                 more = self._settle_fast()
             except BaseException:
-                fast.finish_background(stop=True)   # nothing may go on beside what handles it
+                # Nothing may go on beside what handles it.
+                fast.finish_beside(stop=True) if beside else fast.finish_background(stop=True)
                 raise
             windows += more
             # It goes on while nothing else is waiting for this thread: the
             # pages the prefetch policy just asked for are to come in at
             # once, and the evictor, woken as the log was settled, to run.
-            outcome = fast.finish_background(stop=bool(more) or others_waiting(), as_it_goes=beside)
+            stop = bool(more) or others_waiting()
+            outcome = fast.finish_beside(stop) if beside else fast.finish_background(stop)
         windows += self._settle_fast()
         return outcome, windows
 
