@@ -25,7 +25,8 @@ The base is checked out in a temporary git worktree and built there in
 place (its cffi modules and its shim, with this interpreter: it needs cffi
 and setuptools, gcc and the build packages of `make deps`), then removed.
 Its runs have PYTHONPATH set to that checkout (a Python program under test
-sees it too).
+sees it too); what umgr finds through its installed metadata (the
+backends' and policies' entry points, its version) is the installed one's.
 """
 from __future__ import annotations
 
