@@ -825,28 +825,13 @@ def test_a_fast_path_call_in_the_background_serves_faults(ct, maps, uffds):
     npages = 32
     u = uffds(0)
     dst = maps(npages)
-    u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
-    state, slot, flags = np.zeros(npages, np.uint8), np.zeros(npages, np.int32), np.zeros(npages, np.uint8)
-    counts = np.zeros(256, np.int64)
-    counts[State.FRESH] = npages
-    regions = U.new_fast_struct("umgr_fast_region", 1)
-    regions[0].vpn, regions[0].end = dst.addr // P, dst.addr // P + npages
-    regions[0].counts = U.array_pointer("int64_t *", counts)
-    regions[0].state, regions[0].slot = U.array_pointer("uint8_t *", state), U.array_pointer("int32_t *", slot)
-    regions[0].flags = U.array_pointer("uint8_t *", flags)
-    store = U.new_fast_struct("umgr_fast_store")
-    store.fd = -1
-    log = FastLog(2 * npages)   # (room for more: no limit ends the call)
-    log.c.yield_after, log.c.max_stride = 2 * npages, 0   # (nor a stride: the writer goes page by page)
-    log.drop_references_in(np.zeros(2, np.uint16), np.zeros(2, np.uint32))
-    wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    log.c.wake_fd = wake_fd
-    pages, zeros = PageBuffer(U.FAST_GROUP), PageBuffer(1)
+    call = fresh_region_call(u, dst, npages, 2 * npages)   # (room for more: no limit ends the call)
+    state, counts, log = call.state, call.counts, call.log
+    log.c.max_stride = 0   # (nor a stride: the writer goes page by page)
     bg = U.fast_background()
     try:
         def start():
-            u.serve_in_background(bg, regions, 1, store, pages.addr, zeros.addr, 50_000, 60 * 10**9, 2 * npages,
-                                  0, log.c)
+            call.serve_in_background(bg, 60 * 10**9)
         start()
         writer = CThread(ct[1].h_fill, dst.ptr, npages, 0, SEED)
         writer.start()
@@ -862,9 +847,7 @@ def test_a_fast_path_call_in_the_background_serves_faults(ct, maps, uffds):
         assert log.c.served == 0
     finally:
         U.fast_background_end(bg)
-        os.close(wake_fd)
-        pages.close()
-        zeros.close()
+        call.close()
 
 
 @pytest.mark.timeout(60)
@@ -876,38 +859,54 @@ def test_a_call_waited_for_as_it_goes_ends_with_its_slice_or_is_let_go_when_star
     # the daemon's thread is not held up.
     npages = 8
     u = uffds(0)
-    dst = maps(npages)
-    u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
-    state, slot, flags = np.zeros(npages, np.uint8), np.zeros(npages, np.int32), np.zeros(npages, np.uint8)
-    counts = np.zeros(256, np.int64)
-    counts[State.FRESH] = npages
-    regions = U.new_fast_struct("umgr_fast_region", 1)
-    regions[0].vpn, regions[0].end = dst.addr // P, dst.addr // P + npages
-    regions[0].counts = U.array_pointer("int64_t *", counts)
-    regions[0].state, regions[0].slot = U.array_pointer("uint8_t *", state), U.array_pointer("int32_t *", slot)
-    regions[0].flags = U.array_pointer("uint8_t *", flags)
-    store = U.new_fast_struct("umgr_fast_store")
-    store.fd = -1
-    log = FastLog(npages)
-    log.c.yield_after = npages
-    log.drop_references_in(np.zeros(2, np.uint16), np.zeros(2, np.uint32))
-    wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    log.c.wake_fd = wake_fd
-    pages, zeros = PageBuffer(U.FAST_GROUP), PageBuffer(1)
+    call = fresh_region_call(u, maps(npages), npages, npages)
     bg = U.fast_background()
-    cpu = max(os.sched_getaffinity(0))
     try:
-        U.fast_background_pin(bg, cpu)
-        u.serve_in_background(bg, regions, 1, store, pages.addr, zeros.addr, 50_000, 50 * 10**6, npages, 0, log.c)
+        U.fast_background_pin(bg, max(os.sched_getaffinity(0)))
+        call.serve_in_background(bg, 50 * 10**6)
         started = time.monotonic()
         assert u.finish_background(bg, stop=False, as_it_goes=5.0) == U.FAST_IDLE
         assert 0.04 < time.monotonic() - started < 2 and bg.unpinned == 0   # (its slice: 50 ms)
-        u.serve_in_background(bg, regions, 1, store, pages.addr, zeros.addr, 50_000, 60 * 10**9, npages, 0, log.c)
+        call.serve_in_background(bg, 60 * 10**9)
         started = time.monotonic()
         assert u.finish_background(bg, stop=False, as_it_goes=0.05) == U.FAST_IDLE
         assert time.monotonic() - started < 2 and bg.unpinned == 1   # (let run on any CPU again)
     finally:
         U.fast_background_end(bg)
-        os.close(wake_fd)
-        pages.close()
-        zeros.close()
+        call.close()
+
+
+class fresh_region_call:
+    """A fast path call's arguments over `npages` fresh pages at `dst`,
+    registered on `u` for MISSING faults, with a log of `room` pages."""
+
+    def __init__(self, u, dst, npages: int, room: int):
+        u.register(dst.addr, dst.len, U.UFFDIO_REGISTER_MODE_MISSING)
+        self.u, self.room = u, room
+        self.state, self.slot = np.zeros(npages, np.uint8), np.zeros(npages, np.int32)
+        self.flags = np.zeros(npages, np.uint8)
+        self.counts = np.zeros(256, np.int64)
+        self.counts[State.FRESH] = npages
+        self.regions = regions = U.new_fast_struct("umgr_fast_region", 1)
+        regions[0].vpn, regions[0].end = dst.addr // P, dst.addr // P + npages
+        regions[0].counts = U.array_pointer("int64_t *", self.counts)
+        regions[0].state = U.array_pointer("uint8_t *", self.state)
+        regions[0].slot = U.array_pointer("int32_t *", self.slot)
+        regions[0].flags = U.array_pointer("uint8_t *", self.flags)
+        self.store = U.new_fast_struct("umgr_fast_store")
+        self.store.fd = -1
+        self.log = FastLog(room)
+        self.log.c.yield_after = room
+        self.log.drop_references_in(np.zeros(2, np.uint16), np.zeros(2, np.uint32))
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.log.c.wake_fd = self.wake_fd
+        self.pages, self.zeros = PageBuffer(U.FAST_GROUP), PageBuffer(1)
+
+    def serve_in_background(self, bg, slice_ns: int) -> None:
+        self.u.serve_in_background(bg, self.regions, 1, self.store, self.pages.addr, self.zeros.addr, 50_000,
+                                   slice_ns, self.room, 0, self.log.c)
+
+    def close(self) -> None:
+        os.close(self.wake_fd)
+        self.pages.close()
+        self.zeros.close()
