@@ -825,7 +825,7 @@ def test_a_fast_path_call_in_the_background_serves_faults(ct, maps, uffds):
     npages = 32
     u = uffds(0)
     dst = maps(npages)
-    call = fresh_region_call(u, dst, npages, 2 * npages)   # (room for more: no limit ends the call)
+    call = FreshRegionCall(u, dst, npages, 2 * npages)   # (room for more: no limit ends the call)
     state, counts, log = call.state, call.counts, call.log
     log.c.max_stride = 0   # (nor a stride: the writer goes page by page)
     bg = U.fast_background()
@@ -859,7 +859,7 @@ def test_a_call_waited_for_as_it_goes_ends_with_its_slice_or_is_let_go_when_star
     # the daemon's thread is not held up.
     npages = 8
     u = uffds(0)
-    call = fresh_region_call(u, maps(npages), npages, npages)
+    call = FreshRegionCall(u, maps(npages), npages, npages)
     bg = U.fast_background()
     try:
         U.fast_background_pin(bg, max(os.sched_getaffinity(0)))
@@ -876,7 +876,7 @@ def test_a_call_waited_for_as_it_goes_ends_with_its_slice_or_is_let_go_when_star
         call.close()
 
 
-class fresh_region_call:
+class FreshRegionCall:
     """A fast path call's arguments over `npages` fresh pages at `dst`,
     registered on `u` for MISSING faults, with a log of `room` pages."""
 
