@@ -426,15 +426,17 @@ class FastPath:
     def finish_beside(self, stop: bool = False) -> int:
         """finish_background() for a call serving beside its program
         (colocated()): waited for as it goes, and ended if starved on the
-        program's CPU, then no longer kept there."""
+        program's CPU; then no call serves beside it until its CPUs are
+        looked at again (AFFINITY_SECONDS), rather than each one starve."""
         try:   # (past the longest slice a call may have)
             return self.finish_background(stop, as_it_goes=LONG_SLICE_SECONDS + BESIDE_GRACE_SECONDS)
         finally:
             if self._background.unpinned:
-                self._background.unpinned = 0
-                self._pinned_to = -1
                 logger.debug("%s: fault service thread starved on CPU %d: let run anywhere",
                              self.core.label, self._target_cpu)
+                self._background.unpinned = 0
+                self._pinned_to = self._target_cpu = -1
+                self._affinity_at = time.monotonic()
 
     def has_background(self) -> bool:
         """Whether calls may run in the background thread (made on first use)."""
