@@ -221,9 +221,10 @@ class FaultService:
         # A program kept on one CPU, its pages in memory: the call serves
         # on that CPU, in the background thread, and this one waits.
         beside = fast.colocated()
+        finish = fast.finish_beside if beside else fast.finish_background
         if beside:
             fast.serve_in_background()
-            outcome = fast.finish_beside()
+            outcome = finish()
         else:
             outcome = fast.serve()
         windows = []
@@ -232,15 +233,13 @@ class FaultService:
             try:
                 more = self._settle_fast()
             except BaseException:
-                # Nothing may go on beside what handles it.
-                fast.finish_beside(stop=True) if beside else fast.finish_background(stop=True)
+                finish(stop=True)   # nothing may go on beside what handles it
                 raise
             windows += more
             # It goes on while nothing else is waiting for this thread: the
             # pages the prefetch policy just asked for are to come in at
             # once, and the evictor, woken as the log was settled, to run.
-            stop = bool(more) or others_waiting()
-            outcome = fast.finish_beside(stop) if beside else fast.finish_background(stop)
+            outcome = finish(stop=bool(more) or others_waiting())
         windows += self._settle_fast()
         return outcome, windows
 
