@@ -14,8 +14,8 @@ WHEEL = $(firstword $(wildcard dist/umgr-*.whl))
 # Prometheus (with promtool), which the metrics tests scrape with, and
 # redis-server/redis-tools for the local Redis Cluster of the redis backend's tests,
 # systemd-analyze and groff, which check the unit file and the man page; a JDK for
-# the JVM workload (a test and bench/programs/JvmHeap.java).
-APT_PACKAGES := liburing-dev liblz4-dev libzstd-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus strace \
+# the JVM workload (a test and bench/programs/JvmHeap.java); git for tools/ab.py, which a test runs.
+APT_PACKAGES := git liburing-dev liblz4-dev libzstd-dev gcc make python3-dev python3 python3-venv xz-utils time gawk libjemalloc-dev prometheus strace \
 	redis-server redis-tools systemd groff-base openjdk-17-jdk-headless
 
 .PHONY: deps venv dist build dev test smoke bench clean

@@ -4,6 +4,7 @@ commit, built aside in a git worktree."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,21 @@ def test_pairs_give_each_figure_its_median_ratio_range_and_medians():
     assert rows["wall"] == (1.0, 1.0, 1.2, 5.0, 5.0)
 
 
+# What a copy of the tree leaves out: git's, build products, installs.
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.log")
+
+
 @pytest.mark.timeout(300)
-def test_a_run_against_the_last_commit_builds_it_aside_and_compares_real_runs(programs):
-    if not (REPO / ".git").exists():
-        pytest.skip("tools/ab.py checks out the base with git: a checkout is needed, not an unpacked sdist")
-    if importlib.util.find_spec("setuptools") is None:
-        pytest.skip("tools/ab.py builds the base's cffi modules, which needs setuptools in this venv")
-    proc = subprocess.Popen([sys.executable, str(TOOL), "--pairs", "1", "--umgr-args",
+def test_a_run_against_the_last_commit_builds_it_aside_and_compares_real_runs(programs, tmp_path):
+    # The tool in a git repository of its own, made here from this tree (a
+    # checkout or an unpacked sdist alike), so that its worktrees are never
+    # this checkout's: its base is that repository's only commit.
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, ignore=NOT_SOURCE)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    for step in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "base"]):
+        subprocess.run(git + step, cwd=repo, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, str(repo / "tools" / "ab.py"), "--pairs", "1", "--umgr-args",
                              "--max-resident 8M --swap-size 64M", "--", programs["scatter"], "24", "3000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -64,5 +73,5 @@ def test_a_run_against_the_last_commit_builds_it_aside_and_compares_real_runs(pr
     # Both builds paged: 24 MiB under 8 MiB faults back thousands of pages.
     _, ratio, _, base_faults, new_faults = rows["faults"]
     assert float(base_faults) > 1000 and float(new_faults) > 1000, out
-    worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
     assert str(Path(base_tree).parent) not in worktrees, worktrees   # (the base's checkout is gone)
