@@ -19,7 +19,10 @@ releases the GIL around the call) while the main thread serves the faults:
                    calls per fault, as the C handler makes two syscalls
     thread-typed   as thread-2calls with the typed API: read_events() + copy()
 
-each with 1 and 16 pages per UFFDIO_COPY. Every handler decides per fault in
+each with 1 and 16 pages per UFFDIO_COPY. Beside the floor, the same
+program's sigbus mode: no handler thread, each fault served in the touching
+thread's own SIGBUS handler (UFFD_FEATURE_SIGBUS), the least a fault costs
+with no wake-up of another thread. Every handler decides per fault in
 Python (event kind, address, length clipped to the region); the syscalls
 are the C handler's (one read, one UFFDIO_COPY per fault). Reported: µs per fault (best of REPS interleaved rounds), the
 ratio to the C floor with the same pages per fault, and the serving thread's
@@ -303,7 +306,7 @@ def run(pages: int = 16384, reps: int = 11, cpu: str = "same", per_fault=(1, 16)
     old_mask = os.sched_getaffinity(0)
     tmp = tempfile.mkdtemp(prefix="umgr-bench-faults-")
     result = {"pages": pages, "reps": reps, "cpu": cpu, "floor": {}, "python": {}, "ratio": {},
-              "paired_ratio": {}, "handler_cpu": {}, "raw": {}, "raw_cpu": {}}
+              "paired_ratio": {}, "handler_cpu": {}, "in_thread": {}, "raw": {}, "raw_cpu": {}}
     raw, raw_cpu = result["raw"], result["raw_cpu"]
 
     def keep(key, reps_out):
@@ -318,11 +321,13 @@ def run(pages: int = 16384, reps: int = 11, cpu: str = "same", per_fault=(1, 16)
         for ppf in per_fault:
             for _ in range(reps):
                 keep(f"c/{ppf}", c_floor(exe, pages, ppf, cpu, 1))
+                keep(f"sigbus/{ppf}", c_floor(exe, pages, ppf, "sigbus", 1))
                 for mode in modes:
                     keep(f"{mode}/{ppf}", python_handler(lib, mode, pages, ppf, 1))
             c = raw[f"c/{ppf}"]
             result["floor"][ppf] = min(c)
             result["handler_cpu"].setdefault("c", {})[ppf] = min(raw_cpu[f"c/{ppf}"])
+            result["in_thread"][ppf] = min(raw[f"sigbus/{ppf}"])
             for mode in modes:
                 us = raw[f"{mode}/{ppf}"]
                 result["python"].setdefault(mode, {})[ppf] = min(us)
@@ -346,6 +351,8 @@ def report(r: dict) -> str:
     for ppf, floor in r["floor"].items():
         lines.append(f"  {ppf:>2} page(s)/fault   C floor       {floor:7.2f} µs/fault  ({floor / ppf:.2f} µs/page)"
                      f"{'':36}handler CPU {cpu['c'][ppf]:5.2f} µs/fault")
+        lines.append(f"  {'':>2}                 SIGBUS floor  {r['in_thread'][ppf]:7.2f} µs/fault  (served in the faulting "
+                     f"thread: no wake-up)")
         for mode in r["python"]:
             us = r["python"][mode][ppf]
             lines.append(f"  {'':>2}                 {mode:<14}{us:7.2f} µs/fault  ratio {r['ratio'][mode][ppf]:.2f}x "

@@ -35,7 +35,7 @@ def test_fault_benchmark_compiles_its_program_and_measures(tmp_path):
     r = _umgr_bench(tmp_path, "faults", "--pages", "256", "--reps", "1", timeout=170)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "C floor measured in this run" in r.stdout
-    for mode in ("C floor", "thread", "trio-eager", "trio-await"):
+    for mode in ("C floor", "SIGBUS floor", "thread", "trio-eager", "trio-await"):
         # a figure for each handler at 1 and at 16 pages per fault
         assert len(re.findall(rf"{mode} +[0-9.]+ µs/fault", r.stdout)) == 2, mode
 

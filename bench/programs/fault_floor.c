@@ -8,7 +8,12 @@
  *   the main thread touches every page sequentially. Prints one line per
  *   rep: microseconds per fault of the touch pass, the number of faults, and
  *   the handler thread's CPU time (user + system) in microseconds per fault.
- *   same: both threads pinned to CPU 0; any: the scheduler decides.
+ *   same: both threads pinned to CPU 0; any: the scheduler decides;
+ *   sigbus: no handler thread: the uffd has UFFD_FEATURE_SIGBUS, so each
+ *   fault raises SIGBUS in the touching thread, whose handler serves it
+ *   with the same UFFDIO_COPY (what serving a fault in the faulting thread,
+ *   with no wake-up of another, costs at the least; the CPU column is then
+ *   the toucher's own).
  *
  * As a shared library (-shared -fPIC): umgr_touch(addr, pages) is the same
  *   toucher, for a Python handler; it returns the pass in nanoseconds and
@@ -18,6 +23,7 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -100,6 +106,25 @@ static void *serve(void *arg)
     return NULL;
 }
 
+/* The sigbus mode's state: one region at a time, one touching thread. */
+static struct handler *sigbus_h;
+
+static void serve_sigbus(int sig, siginfo_t *info, void *ctx)
+{
+    (void)sig, (void)ctx;
+    struct handler *h = sigbus_h;
+    uint64_t a = (uint64_t)info->si_addr & ~(PAGE - 1);
+    uint64_t end = (uint64_t)h->region + h->len, l = h->per_fault * PAGE;
+    if (a < (uint64_t)h->region || a >= end)
+        abort();   /* not ours: a real SIGBUS */
+    if (a + l > end)
+        l = end - a;
+    struct uffdio_copy c = {.dst = a, .src = (uint64_t)h->src, .len = l, .mode = 0};
+    if (ioctl(h->uffd, UFFDIO_COPY, &c) && c.copy <= 0)
+        abort();
+    h->faults++;
+}
+
 static void pin0(void)
 {
     cpu_set_t set;
@@ -112,11 +137,16 @@ static void pin0(void)
 int main(int argc, char **argv)
 {
     if (argc != 5) {
-        fprintf(stderr, "usage: %s PAGES PAGES_PER_FAULT same|any REPS\n", argv[0]);
+        fprintf(stderr, "usage: %s PAGES PAGES_PER_FAULT same|any|sigbus REPS\n", argv[0]);
         return 2;
     }
     size_t pages = strtoul(argv[1], 0, 0), per_fault = strtoul(argv[2], 0, 0);
-    int same = !strcmp(argv[3], "same"), reps = atoi(argv[4]);
+    int same = !strcmp(argv[3], "same"), sigbus = !strcmp(argv[3], "sigbus"), reps = atoi(argv[4]);
+    if (sigbus) {
+        struct sigaction sa = {.sa_sigaction = serve_sigbus, .sa_flags = SA_SIGINFO};
+        if (sigaction(SIGBUS, &sa, 0))
+            die("sigaction");
+    }
     if (same)
         pin0();   /* the handler thread inherits the mask */
     uint8_t *src = mmap(0, per_fault * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -129,16 +159,24 @@ int main(int argc, char **argv)
         h.uffd = syscall(SYS_userfaultfd, O_CLOEXEC);
         if (h.uffd < 0)
             die("userfaultfd");
-        struct uffdio_api api = {.api = UFFD_API};
+        struct uffdio_api api = {.api = UFFD_API, .features = sigbus ? UFFD_FEATURE_SIGBUS : 0};
         if (ioctl(h.uffd, UFFDIO_API, &api))
             die("UFFDIO_API");
         struct uffdio_register reg = {.range = {(uint64_t)h.region, h.len}, .mode = UFFDIO_REGISTER_MODE_MISSING};
         if (ioctl(h.uffd, UFFDIO_REGISTER, &reg))
             die("UFFDIO_REGISTER");
-        pthread_t t;
-        pthread_create(&t, 0, serve, &h);
-        uint64_t ns = umgr_touch(h.region, pages);
-        pthread_join(t, 0);
+        uint64_t ns;
+        if (sigbus) {
+            sigbus_h = &h;
+            uint64_t cpu0 = thread_cpu_ns();
+            ns = umgr_touch(h.region, pages);
+            h.cpu_ns = thread_cpu_ns() - cpu0;
+        } else {
+            pthread_t t;
+            pthread_create(&t, 0, serve, &h);
+            ns = umgr_touch(h.region, pages);
+            pthread_join(t, 0);
+        }
         printf("%.3f %ld %.3f\n", ns / 1e3 / h.faults, h.faults, h.cpu_ns / 1e3 / h.faults);
         close(h.uffd);
         munmap(h.region, h.len);
