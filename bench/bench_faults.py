@@ -22,7 +22,17 @@ releases the GIL around the call) while the main thread serves the faults:
 each with 1 and 16 pages per UFFDIO_COPY. Beside the floor, the same
 program's sigbus mode: no handler thread, each fault served in the touching
 thread's own SIGBUS handler (UFFD_FEATURE_SIGBUS), the least a fault costs
-with no wake-up of another thread. Every handler decides per fault in
+with no wake-up of another thread.
+
+With --procs N, it also runs bench/programs/serve_where.c: N processes at
+once reading random pages of their own from a file (O_DIRECT, under
+--where-dir) through a uffd each, at most 1/8 of them resident, every fault
+served either by a handler thread of the process (woken for it, as a
+daemon's thread is) or by the faulting thread in its SIGBUS handler; idle
+CPUs poll meanwhile, as umgr has them do while it pages. The two modes
+alternate by round; it prints µs per fault (the slowest process's time
+over its faults) and the paired ratio: what serving a fault in the
+program itself would gain, on this machine, with the device in the way. Every handler decides per fault in
 Python (event kind, address, length clipped to the region); the syscalls
 are the C handler's (one read, one UFFDIO_COPY per fault). Reported: µs per fault (best of REPS interleaved rounds), the
 ratio to the C floor with the same pages per fault, and the serving thread's
@@ -32,8 +42,10 @@ than the wall clock, it shows where a ratio moved.
 from __future__ import annotations
 
 import argparse
+import json
 import mmap
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +60,7 @@ import trio
 
 from umgr.kernel import PAGE_SIZE as PAGE
 from umgr.kernel import uffd as U
+from umgr.kernel.cpulatency import CpuLatencyRequest
 
 # read_events(), batch_events() and copy_read() are not umgr's runtime API:
 # they live in umgr.kernel.uffd_extra, which the daemon never imports.
@@ -55,6 +68,7 @@ from umgr.kernel.uffd_extra import Userfaultfd  # noqa: E402
 
 _PAGE_MASK = ~(PAGE - 1)
 SOURCE = Path(__file__).parent / "programs" / "fault_floor.c"
+WHERE_SOURCE = Path(__file__).parent / "programs" / "serve_where.c"
 MODES = ("thread", "trio-eager", "trio-await", "thread-2calls", "thread-typed")
 _FAULT = U.EVENT_PAGEFAULT
 _W = U.MSG_WORDS
@@ -365,14 +379,59 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def serve_where(procs: int, rounds: int, pages: int, ops: int, where_dir: str) -> dict:
+    """serve_where.c's two modes in alternating rounds, idle CPUs polling:
+    {"thread": [µs/fault per round], "sigbus": [...], "ratio": paired
+    sigbus/thread per round}."""
+    tmp = tempfile.mkdtemp(prefix="umgr-bench-where-")
+    data = tempfile.mkdtemp(prefix="umgr-bench-where-", dir=where_dir)
+    out = {"thread": [], "sigbus": []}
+    try:
+        exe = os.path.join(tmp, "serve_where")
+        subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", exe, str(WHERE_SOURCE)], check=True)
+        polling = CpuLatencyRequest()   # (root)
+        polling.hold(0)
+        try:
+            for r in range(rounds):
+                for mode in ("thread", "sigbus") if r % 2 == 0 else ("sigbus", "thread"):
+                    run = subprocess.run([exe, str(procs), str(pages), str(max(pages // 8, 1)), str(ops), mode,
+                                          os.path.join(data, "pages")],
+                                         check=True, capture_output=True, text=True, timeout=600)
+                    out[mode].append(json.loads(run.stdout)["us_per_fault"])
+        finally:
+            polling.release()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
+    out["ratio"] = [s / t for s, t in zip(out["sigbus"], out["thread"])]
+    return out
+
+
+def where_report(w: dict, procs: int) -> str:
+    return "\n".join([
+        f"where faults are served, {procs} process(es) reading random pages from a file, idle CPUs polling, "
+        f"{len(w['ratio'])} alternating rounds (medians):",
+        f"  a handler, woken for it    {statistics.median(w['thread']):7.1f} µs/fault",
+        f"  the faulting thread itself {statistics.median(w['sigbus']):7.1f} µs/fault  "
+        f"({statistics.median(w['ratio']):.2f}x, paired; {min(w['ratio']):.2f}-{max(w['ratio']):.2f})"])
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pages", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--cpu", choices=("same", "any"), default="same")
+    ap.add_argument("--procs", type=int, default=0,
+                    help="also compare a woken handler thread with the faulting thread, PROCS processes at once")
+    ap.add_argument("--where-pages", type=int, default=65536, help="each process's pages there (default 256 MiB)")
+    ap.add_argument("--where-ops", type=int, default=20000, help="random page reads per process there")
+    ap.add_argument("--where-dir", default="/var/tmp", help="where its page file goes (O_DIRECT: not tmpfs)")
     a = ap.parse_args(argv)
     r = run(pages=a.pages, reps=a.reps, cpu=a.cpu)
     print(report(r))
+    if a.procs > 0:
+        r["where"] = serve_where(a.procs, a.reps, a.where_pages, a.where_ops, a.where_dir)
+        print(where_report(r["where"], a.procs))
     return r
 
 

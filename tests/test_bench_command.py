@@ -32,12 +32,18 @@ def test_lists_the_benchmarks_and_refuses_an_unknown_one(tmp_path):
 @pytest.mark.timeout(180)
 def test_fault_benchmark_compiles_its_program_and_measures(tmp_path):
     # fault_floor.c is package data: the C floor is built and run, then Python.
-    r = _umgr_bench(tmp_path, "faults", "--pages", "256", "--reps", "1", timeout=170)
+    # With --procs, serve_where.c too: processes whose every page read is
+    # checked (a wrong page fails the run), served in both places.
+    r = _umgr_bench(tmp_path, "faults", "--pages", "256", "--reps", "1", "--procs", "2", "--where-pages", "512",
+                    "--where-ops", "400", "--where-dir", str(tmp_path), timeout=170)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "C floor measured in this run" in r.stdout
     for mode in ("C floor", "SIGBUS floor", "thread", "trio-eager", "trio-await"):
         # a figure for each handler at 1 and at 16 pages per fault
         assert len(re.findall(rf"{mode} +[0-9.]+ µs/fault", r.stdout)) == 2, mode
+    assert "where faults are served, 2 process(es)" in r.stdout
+    for place in ("a handler, woken for it", "the faulting thread itself"):
+        assert re.search(rf"{place} +[0-9.]+ µs/fault", r.stdout), place
 
 
 @pytest.mark.timeout(180)
