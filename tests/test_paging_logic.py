@@ -3,10 +3,16 @@ reach through timing (REMOVE attribution, the clean-part split, the order
 runs are copied in, the water marks, the read gate) and the one counter list."""
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import numpy as np
 import pytest
 import trio
 import trio.testing
+
+from umgr import protocol
 
 from umgr.daemon.status import SUMMED, Totals
 from umgr.metrics import EXPORTED, FAULT_KINDS
@@ -15,6 +21,7 @@ from umgr.paging.core import Share
 from umgr.paging.faults import clean_parts, runs_faulting_last
 from umgr.paging.readgate import ReadGate
 from umgr.paging.removes import RemoveAttribution
+from umgr.paging.zap import AgentZapper
 from umgr.paging.stats import COUNTERS, TargetStats
 from umgr.paging.tuning import EVICT_BATCH, EVICT_BATCH_MAX, RUSHED_TAIL_SHARE
 
@@ -609,3 +616,54 @@ def test_a_fork_is_claimed_by_a_child_born_about_when_its_event_was_stamped():
     # Farther off it is another child's.
     assert not could_be_its_fork(stamp, stamp - BORN_BEFORE_STAMP - 2 * TICK)
     assert not could_be_its_fork(stamp, stamp + BORN_AFTER_STAMP + 2 * TICK)
+
+
+# ---- the agent's conversation -------------------------------------------------------
+def _done(seq: int, nbytes: int) -> bytes:
+    return protocol.ZAP_DONE.pack(protocol.MAGIC, protocol.MsgType.ZAP_DONE, protocol.ZAP_DONE.size, seq, 0, nbytes)
+
+
+def test_an_answer_already_there_is_read_with_no_schedule_point():
+    # A move out holds its target's uffd unread until the answer is read;
+    # a schedule point there let every other task (other targets' rounds)
+    # run first. Only a wait for the socket may yield. (The agent's end
+    # answered before the request: the first request's seq is 1.)
+    ours, agents = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    agents.send(_done(1, 8192))
+
+    async def main():
+        zapper = AgentZapper(ours)   # (a trio socket: made and closed in the loop)
+        try:
+            with trio.testing.assert_no_checkpoints():
+                return await zapper.move_out(np.array([1 << 30], np.uint64), np.array([8192], np.uint64))
+        finally:
+            zapper.close()
+
+    with agents:
+        assert trio.run(main) == (8192, 0)
+        assert protocol.ZAP_HEAD.unpack_from(agents.recv(1 << 16))[1] == protocol.MsgType.MOVE_OUT
+
+
+def test_an_answer_not_there_yet_is_waited_for():
+    ours, agents = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def agent():
+        seq = protocol.ZAP_HEAD.unpack_from(agents.recv(1 << 16))[3]
+        time.sleep(0.05)
+        agents.send(_done(seq, 4096))
+
+    async def main():
+        zapper = AgentZapper(ours)
+        try:
+            with trio.fail_after(5):
+                return await zapper.zap(np.array([1 << 30], np.uint64), np.array([4096], np.uint64))
+        finally:
+            zapper.close()
+
+    thread = threading.Thread(target=agent)
+    thread.start()
+    with agents:
+        try:
+            assert trio.run(main) == 4096
+        finally:
+            thread.join(5)
