@@ -19,10 +19,17 @@ releases the GIL around the call) while the main thread serves the faults:
                    calls per fault, as the C handler makes two syscalls
     thread-typed   as thread-2calls with the typed API: read_events() + copy()
 
-each with 1 and 16 pages per UFFDIO_COPY. Beside the floor, the same
-program's sigbus mode: no handler thread, each fault served in the touching
-thread's own SIGBUS handler (UFFD_FEATURE_SIGBUS), the least a fault costs
-with no wake-up of another thread.
+each with 1 and 16 pages per UFFDIO_COPY. Every handler decides per fault in
+Python (event kind, address, length clipped to the region); the syscalls
+are the C handler's (one read, one UFFDIO_COPY per fault). Reported: µs per fault (best of REPS interleaved rounds), the
+ratio to the C floor with the same pages per fault, and the serving thread's
+CPU time per fault (user + system, best rep): less sensitive to neighbours
+than the wall clock, it shows where a ratio moved.
+
+Beside the floor, the same program's sigbus mode: no handler thread, each
+fault served in the touching thread's own SIGBUS handler
+(UFFD_FEATURE_SIGBUS), the least a fault costs with no wake-up of another
+thread.
 
 With --procs N, it also runs bench/programs/serve_where.c: N processes at
 once reading random pages of their own from a file (O_DIRECT, under
@@ -32,12 +39,7 @@ daemon's thread is) or by the faulting thread in its SIGBUS handler; idle
 CPUs poll meanwhile, as umgr has them do while it pages. The two modes
 alternate by round; it prints µs per fault (the slowest process's time
 over its faults) and the paired ratio: what serving a fault in the
-program itself would gain, on this machine, with the device in the way. Every handler decides per fault in
-Python (event kind, address, length clipped to the region); the syscalls
-are the C handler's (one read, one UFFDIO_COPY per fault). Reported: µs per fault (best of REPS interleaved rounds), the
-ratio to the C floor with the same pages per fault, and the serving thread's
-CPU time per fault (user + system, best rep): less sensitive to neighbours
-than the wall clock, it shows where a ratio moved.
+program itself would gain, on this machine, with the device in the way.
 """
 from __future__ import annotations
 

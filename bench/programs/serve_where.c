@@ -133,6 +133,8 @@ static void run(int index, size_t pages, size_t budget, long ops, int sigbus, co
     /* Resident pages in the order they came: a ring of BUDGET. */
     uint64_t *ring = calloc(budget, sizeof *ring);
     uint8_t *resident = calloc(pages, 1);
+    if (!ring || !resident)
+        die("calloc");
     size_t head = 0, count = 0;
     unsigned seed = 12345 + index;
     uint64_t t0 = now_ns();
@@ -184,6 +186,8 @@ int main(int argc, char **argv)
     if (fd < 0)
         die("open FILE");
     uint8_t *page = calloc(1, PAGE);
+    if (!page)
+        die("calloc");
     for (int k = 0; k < procs; k++)
         for (size_t i = 0; i < pages; i++) {
             *(uint64_t *)page = (uint64_t)k << 32 | i;
