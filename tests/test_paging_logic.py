@@ -13,7 +13,6 @@ import trio
 import trio.testing
 
 from umgr import protocol
-
 from umgr.daemon.status import SUMMED, Totals
 from umgr.metrics import EXPORTED, FAULT_KINDS
 from umgr.paging.budget import Budget
@@ -21,9 +20,9 @@ from umgr.paging.core import Share
 from umgr.paging.faults import clean_parts, runs_faulting_last
 from umgr.paging.readgate import ReadGate
 from umgr.paging.removes import RemoveAttribution
-from umgr.paging.zap import AgentZapper
 from umgr.paging.stats import COUNTERS, TargetStats
 from umgr.paging.tuning import EVICT_BATCH, EVICT_BATCH_MAX, RUSHED_TAIL_SHARE
+from umgr.paging.zap import AgentZapper
 
 
 # ---- REMOVE attribution ---------------------------------------------------------
@@ -660,10 +659,45 @@ def test_an_answer_not_there_yet_is_waited_for():
         finally:
             zapper.close()
 
-    thread = threading.Thread(target=agent)
+    thread = threading.Thread(target=agent, daemon=True)
     thread.start()
     with agents:
         try:
             assert trio.run(main) == 4096
         finally:
             thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_the_answer_of_a_cancelled_request_is_not_taken_for_the_next():
+    # A move out cancelled while it waited (its target stopping) leaves the
+    # agent's answer on the way; the next request reads and drops it first.
+    ours, agents = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cancelled = threading.Event()
+
+    def agent():
+        first = protocol.ZAP_HEAD.unpack_from(agents.recv(1 << 16))[3]
+        cancelled.wait(5)
+        agents.send(_done(first, 4096))   # late: its request was given up
+        second = protocol.ZAP_HEAD.unpack_from(agents.recv(1 << 16))[3]
+        agents.send(_done(second, 8192))
+
+    async def main():
+        zapper = AgentZapper(ours)
+        try:
+            with trio.move_on_after(0.05):
+                await zapper.move_out(np.array([1 << 30], np.uint64), np.array([4096], np.uint64))
+            cancelled.set()
+            with trio.fail_after(5):
+                return await zapper.move_out(np.array([1 << 31], np.uint64), np.array([8192], np.uint64))
+        finally:
+            zapper.close()
+
+    thread = threading.Thread(target=agent, daemon=True)
+    thread.start()
+    with agents:
+        try:
+            assert trio.run(main) == (8192, 0)
+        finally:
+            thread.join(5)
+    assert not thread.is_alive()

@@ -51,6 +51,7 @@ class AgentZapper:
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.moves = moves     # whether to try move_out(): off once the agent says it cannot move here
         self._seq = 0
+        self._unanswered = 0   # requests sent whose answer is not read yet (_exchange)
         self._lock = trio.Lock()
 
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
@@ -124,14 +125,32 @@ class AgentZapper:
         targets paging, every other task's turn (joint rounds of the
         others' faults included) came in between: four processes' moves
         held their loops 8.8 ms a batch (3.5-3.9 ms without those turns),
-        one process's 0.76 ms."""
+        one process's 0.76 ms. So a request answered at once is no
+        checkpoint. A request whose answer went unread (its task cancelled
+        while waiting) has that answer read and dropped first: it would
+        otherwise answer this one."""
+        await self._drop_unread_answers()
         try:
             while True:
                 try:
-                    self._raw.send(request)
+                    self._raw.send(request)   # (SEQPACKET: all of it or nothing)
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(self._raw)
+        except OSError as exc:
+            raise TargetGone(f"agent connection lost: {exc}") from exc
+        self._unanswered += 1
+        reply = await self._answer()
+        self._unanswered -= 1
+        return reply
+
+    async def _drop_unread_answers(self) -> None:
+        while self._unanswered:
+            await self._answer()
+            self._unanswered -= 1
+
+    async def _answer(self) -> bytes:
+        try:
             while True:
                 try:
                     reply = self._raw.recv(64)
@@ -147,7 +166,8 @@ class AgentZapper:
     async def detach(self) -> None:
         """Let the target go (every page is back): the shim drops its uffd
         reference and runs on unmanaged."""
-        async with self._lock:
+        async with self._held():
+            await self._drop_unread_answers()
             await detach_agent(self.sock)
 
     def close(self) -> None:
