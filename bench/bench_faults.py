@@ -36,9 +36,9 @@ once reading random pages of their own from a file (O_DIRECT, under
 --where-dir) through a uffd each, at most 1/8 of them resident, every fault
 served either by a handler thread of the process (woken for it, as a
 daemon's thread is) or by the faulting thread in its SIGBUS handler; idle
-CPUs poll meanwhile, as umgr has them do while it pages. The two modes
-alternate by round; it prints µs per fault (the slowest process's time
-over its faults) and the paired ratio: what serving a fault in the
+CPUs poll meanwhile, as umgr has them do while it pages (root). The two
+modes alternate by round (--reps of each); it prints µs per fault (the
+most any process took: its time over its faults) and the paired ratio: what serving a fault in the
 program itself would gain, on this machine, with the device in the way.
 """
 from __future__ import annotations
@@ -385,10 +385,11 @@ def serve_where(procs: int, rounds: int, pages: int, ops: int, where_dir: str) -
     """serve_where.c's two modes in alternating rounds, idle CPUs polling:
     {"thread": [µs/fault per round], "sigbus": [...], "ratio": paired
     sigbus/thread per round}."""
-    tmp = tempfile.mkdtemp(prefix="umgr-bench-where-")
-    data = tempfile.mkdtemp(prefix="umgr-bench-where-", dir=where_dir)
     out = {"thread": [], "sigbus": []}
+    tmp = data = None
     try:
+        tmp = tempfile.mkdtemp(prefix="umgr-bench-where-")
+        data = tempfile.mkdtemp(prefix="umgr-bench-where-", dir=where_dir)   # (its file, written once)
         exe = os.path.join(tmp, "serve_where")
         subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", exe, str(WHERE_SOURCE)], check=True)
         polling = CpuLatencyRequest()   # (root)
@@ -396,15 +397,18 @@ def serve_where(procs: int, rounds: int, pages: int, ops: int, where_dir: str) -
         try:
             for r in range(rounds):
                 for mode in ("thread", "sigbus") if r % 2 == 0 else ("sigbus", "thread"):
-                    run = subprocess.run([exe, str(procs), str(pages), str(max(pages // 8, 1)), str(ops), mode,
-                                          os.path.join(data, "pages")],
-                                         check=True, capture_output=True, text=True, timeout=600)
-                    out[mode].append(json.loads(run.stdout)["us_per_fault"])
+                    done = subprocess.run([exe, str(procs), str(pages), str(max(pages // 8, 1)), str(ops), mode,
+                                           os.path.join(data, "pages")],
+                                          capture_output=True, text=True, timeout=600)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"serve_where {mode} failed ({done.returncode}): {done.stderr.strip()}")
+                    out[mode].append(json.loads(done.stdout)["us_per_fault"])
         finally:
             polling.release()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(data, ignore_errors=True)
+        for path in (tmp, data):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
     out["ratio"] = [s / t for s, t in zip(out["sigbus"], out["thread"])]
     return out
 
@@ -429,6 +433,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--where-ops", type=int, default=20000, help="random page reads per process there")
     ap.add_argument("--where-dir", default="/var/tmp", help="where its page file goes (O_DIRECT: not tmpfs)")
     a = ap.parse_args(argv)
+    if a.procs > 0 and os.geteuid() != 0:
+        ap.error("--procs needs root: its idle CPUs poll through /dev/cpu_dma_latency, as umgr's do")
+    if a.reps < 1:
+        ap.error("--reps must be at least 1")
     r = run(pages=a.pages, reps=a.reps, cpu=a.cpu)
     print(report(r))
     if a.procs > 0:
