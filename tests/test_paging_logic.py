@@ -643,61 +643,60 @@ def test_an_answer_already_there_is_read_with_no_schedule_point():
         assert protocol.ZAP_HEAD.unpack_from(agents.recv(1 << 16))[1] == protocol.MsgType.MOVE_OUT
 
 
-def test_an_answer_not_there_yet_is_waited_for():
+def _talk(agent, main):
+    """main(zapper)'s result, run by trio while agent(its socket end) answers
+    in a thread, as the shim's agent does."""
     ours, agents = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
-    def agent():
-        seq = protocol.ZAP_HEAD.unpack_from(agents.recv(1 << 16))[3]
-        time.sleep(0.05)
-        agents.send(_done(seq, 4096))
-
-    async def main():
-        zapper = AgentZapper(ours)
+    async def run():
+        zapper = AgentZapper(ours)   # (a trio socket: made and closed in the loop)
         try:
             with trio.fail_after(5):
-                return await zapper.zap(np.array([1 << 30], np.uint64), np.array([4096], np.uint64))
+                return await main(zapper)
         finally:
             zapper.close()
 
-    thread = threading.Thread(target=agent, daemon=True)
+    thread = threading.Thread(target=agent, args=(agents,), daemon=True)
     thread.start()
     with agents:
         try:
-            assert trio.run(main) == 4096
+            return trio.run(run)
         finally:
             thread.join(5)
-    assert not thread.is_alive()
+            assert not thread.is_alive()
+
+
+def _seq_of(request: bytes) -> int:
+    return protocol.ZAP_HEAD.unpack_from(request)[3]
+
+
+def test_an_answer_not_there_yet_is_waited_for():
+    def agent(sock):
+        seq = _seq_of(sock.recv(1 << 16))
+        time.sleep(0.05)
+        sock.send(_done(seq, 4096))
+
+    async def main(zapper):
+        return await zapper.zap(np.array([1 << 30], np.uint64), np.array([4096], np.uint64))
+
+    assert _talk(agent, main) == 4096
 
 
 def test_the_answer_of_a_cancelled_request_is_not_taken_for_the_next():
     # A move out cancelled while it waited (its target stopping) leaves the
     # agent's answer on the way; the next request reads and drops it first.
-    ours, agents = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     cancelled = threading.Event()
 
-    def agent():
-        first = protocol.ZAP_HEAD.unpack_from(agents.recv(1 << 16))[3]
+    def agent(sock):
+        first = _seq_of(sock.recv(1 << 16))
         cancelled.wait(5)
-        agents.send(_done(first, 4096))   # late: its request was given up
-        second = protocol.ZAP_HEAD.unpack_from(agents.recv(1 << 16))[3]
-        agents.send(_done(second, 8192))
+        sock.send(_done(first, 4096))   # late: its request was given up
+        sock.send(_done(_seq_of(sock.recv(1 << 16)), 8192))
 
-    async def main():
-        zapper = AgentZapper(ours)
-        try:
-            with trio.move_on_after(0.05):
-                await zapper.move_out(np.array([1 << 30], np.uint64), np.array([4096], np.uint64))
-            cancelled.set()
-            with trio.fail_after(5):
-                return await zapper.move_out(np.array([1 << 31], np.uint64), np.array([8192], np.uint64))
-        finally:
-            zapper.close()
+    async def main(zapper):
+        with trio.move_on_after(0.05):
+            await zapper.move_out(np.array([1 << 30], np.uint64), np.array([4096], np.uint64))
+        cancelled.set()
+        return await zapper.move_out(np.array([1 << 31], np.uint64), np.array([8192], np.uint64))
 
-    thread = threading.Thread(target=agent, daemon=True)
-    thread.start()
-    with agents:
-        try:
-            assert trio.run(main) == (8192, 0)
-        finally:
-            thread.join(5)
-    assert not thread.is_alive()
+    assert _talk(agent, main) == (8192, 0)
