@@ -32,6 +32,7 @@ MODES = {
     "spawn": ("forks", 0, 4),         # posix_spawn(self), posix_spawnp(true), vfork+exec(/bin/true): targets;
                                       # a vfork and a CLONE_VM child reading the parent's pages: not targets
     "exit-killed": ("forks", 2, 3),   # children SIGKILLed: one idle, one paging
+    "forkpty": ("forks", 2, 3),       # forkpty(3) (glibc forks without calling fork()), then fork()
     "munmap": ("unmaps", 1, 1),
     "mremap": ("remaps", 1, 1),
     "mremap-race": ("remaps", 1, 1),  # 24 moves while eviction batches are in flight
@@ -71,6 +72,24 @@ def test_event_on_paged_out_memory(umgr_exec, programs, mode):
         assert len(twice) == 1, released
         old_out = next(int(out) for pid, out in released if pid == twice[0])
         assert old_out >= (mib - budget) * 256, released
+
+
+@pytest.mark.timeout(90)
+def test_the_child_of_daemon3_gets_its_paged_out_data(umgr_exec, programs):
+    """daemon(3) forks inside glibc, not through fork(), and its parent
+    exits at once: the shim's atfork handlers name the child all the same,
+    so it is served its paged-out pages (it prints its verdict on the
+    stdout it shares with us)."""
+    result = umgr_exec([programs["lifecycle"], "daemon", "64"], "-v", max_resident="16M", timeout=60)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout == "daemon child ok\n", result.stderr[-4000:]
+    stats = result.stats
+    assert stats["pages_out"] >= 48 * 256, "pages must really have left before the fork"
+    assert stats["forks"] == 1 and stats["targets"] == 2, stats
+    child = [(pid, out) for pid, out in RELEASED.findall(result.stderr)]
+    assert len(child) == 2, result.stderr[-4000:]
+    assert stats["pages_in"] >= 40 * 256, "the child read its pages back from swap"
+    assert stats["swap_slots_in_use_at_exit"] == 0
 
 
 @pytest.mark.timeout(90)

@@ -965,6 +965,9 @@ static void attach_forked(const char *path)
 }
 
 static void find_next_allocator(void);
+static void unwrapped_fork_prepare(void);
+static void unwrapped_fork_parent(void);
+static void unwrapped_fork_child(void);
 
 /* Under umgr exec (UMGR_EXEC_PID): a pidfd of it, taken now, while it is
  * surely alive (it started us or an ancestor of ours), so that a reused pid
@@ -1002,6 +1005,7 @@ __attribute__((constructor)) static void umgr_shim_init(void)
     if (name)
         strncpy(shim.name, name, sizeof shim.name - 1);
     watch_exec();
+    pthread_atfork(unwrapped_fork_prepare, unwrapped_fork_parent, unwrapped_fork_child);
     attach(path, 1);
 }
 
@@ -1217,10 +1221,31 @@ static void detach_in_child(void)
 
 typedef pid_t (*fork_fn)(void);
 
-/* fork() is serialised and the parent reports each child's pid: the kernel
- * delivers the child's uffd to the daemon (UFFD_EVENT_FORK) before fork()
- * returns in the parent, so the daemon pairs FORKED messages with fork
- * events in order. */
+/* A forked child's pid, named to the daemon (FORKED) in the parent: the
+ * kernel delivers the child's uffd to the daemon (UFFD_EVENT_FORK) before
+ * fork returns in the parent, and the daemon pairs FORKED messages with
+ * fork events in order, so forks are serialised (fork_lock) and every
+ * fork is named. */
+static void name_child(pid_t pid)
+{
+    struct umgr_region msg; /* start = child pid */
+    fill_hdr(&msg.hdr, UMGR_FORKED, sizeof msg);
+    msg.start = (uint64_t)pid;
+    msg.length = 0;
+    control_request(&msg, sizeof msg);
+}
+
+static void child_after_fork(int was_active)
+{
+    detach_in_child();
+    const char *path = getenv("UMGR_SOCKET");
+    if (was_active && path)
+        attach_forked(path);
+}
+
+/* fork() itself, which knows the child's pid. */
+static __thread int in_fork_wrapper;
+
 EXPORT pid_t fork(void)
 {
     static fork_fn real_fork;
@@ -1230,23 +1255,84 @@ EXPORT pid_t fork(void)
         return real_fork();
     pthread_mutex_lock(&shim.fork_lock);
     int was_active = shim.active;
+    in_fork_wrapper = 1;
     pid_t pid = real_fork();
+    in_fork_wrapper = 0;
     if (pid == 0) {
-        detach_in_child();
-        const char *path = getenv("UMGR_SOCKET");
-        if (was_active && path)
-            attach_forked(path);
+        child_after_fork(was_active);
         return 0;
     }
-    if (pid > 0 && was_active) {
-        struct umgr_region msg; /* start = child pid */
-        fill_hdr(&msg.hdr, UMGR_FORKED, sizeof msg);
-        msg.start = (uint64_t)pid;
-        msg.length = 0;
-        control_request(&msg, sizeof msg);
-    }
+    if (pid > 0 && was_active)
+        name_child(pid);
     pthread_mutex_unlock(&shim.fork_lock);
     return pid;
+}
+
+/* Forks inside libc that do not call fork() through its symbol: daemon(3),
+ * forkpty(3) (Python's pty.fork) call glibc's internal __fork, which runs
+ * the atfork handlers but not the wrapper above. Unnamed, such a fork's
+ * uffd would pair with the parent's next FORKED (that child then killed by
+ * its shim for failing the proof), or outlive a parent that exits at once
+ * (daemon) only ORPHAN_WAIT seconds, after which the child's paged-out
+ * pages read as zeros. The handlers name the child too: the parent learns
+ * its pid through a pipe the child writes first thing. (_Fork() and a raw
+ * clone run no handler: such a child is not served; the README says
+ * what follows.) */
+static __thread int forking_unwrapped; /* this thread's prepare handler took fork_lock */
+static int fork_was_active;
+static int fork_pipe[2] = {-1, -1};       /* (under fork_lock) */
+
+static void unwrapped_fork_prepare(void)
+{
+    if (in_fork_wrapper || !shim.active)
+        return;
+    pthread_mutex_lock(&shim.fork_lock);
+    forking_unwrapped = 1;
+    fork_was_active = shim.active;
+    if (pipe2(fork_pipe, O_CLOEXEC) < 0)
+        fork_pipe[0] = fork_pipe[1] = -1;   /* the child cannot be named: see unwrapped_fork_parent */
+}
+
+/* Also after a failed fork. No pid learnt (no pipe, no child, or one that
+ * died before its handler ran): nothing is named, and if the kernel did
+ * send a fork event, the parent's next FORKED pairs with it. */
+static void unwrapped_fork_parent(void)
+{
+    if (!forking_unwrapped)
+        return;
+    int was_active = fork_was_active;
+    forking_unwrapped = 0;
+    pid_t pid = 0;
+    if (fork_pipe[1] >= 0) {
+        raw_close(fork_pipe[1]);   /* then EOF if no child was made (or it died at once) */
+        ssize_t got;
+        while ((got = read(fork_pipe[0], &pid, sizeof pid)) < 0 && errno == EINTR)
+            ;
+        if (got != sizeof pid)
+            pid = 0;
+        raw_close(fork_pipe[0]);
+        fork_pipe[0] = fork_pipe[1] = -1;
+    }
+    if (pid > 0 && was_active)
+        name_child(pid);
+    pthread_mutex_unlock(&shim.fork_lock);
+}
+
+static void unwrapped_fork_child(void)
+{
+    if (!forking_unwrapped)
+        return;
+    int was_active = fork_was_active;
+    forking_unwrapped = 0;
+    if (fork_pipe[1] >= 0) {
+        pid_t me = (pid_t)syscall(SYS_getpid);
+        ssize_t ignored = write(fork_pipe[1], &me, sizeof me);
+        (void)ignored;
+        raw_close(fork_pipe[0]);
+        raw_close(fork_pipe[1]);
+        fork_pipe[0] = fork_pipe[1] = -1;
+    }
+    child_after_fork(was_active);
 }
 
 /* ---- the shim's own descriptors ------------------------------------------

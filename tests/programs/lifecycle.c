@@ -2,12 +2,13 @@
  * event; every byte is checked afterwards. Usage: lifecycle MODE MIB
  * MODE: fork | munmap | mremap | mremap-race | mremap-thread | remap-hole | unmap-thread | dontneed | dontneed-race | exit
  *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
- *     | fork-parent-killed | fork-killed
+ *     | fork-parent-killed | fork-killed | daemon | forkpty
  *     (helpers run by the program itself: fresh | true).
  * Exit 0 when all is intact. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pty.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -348,6 +349,43 @@ int main(int argc, char **argv)
             return bad;
         }
         return 2; /* not reached: the parent is killed in fork() */
+    }
+    if (strcmp(mode, "daemon") == 0) {
+        /* daemon(3) forks inside glibc (its own __fork, not fork()), and the
+         * parent exits at once: the child must still be served its paged-out
+         * data. Its verdict goes to stdout, which it shares with the test. */
+        if (daemon(1, 1) != 0)
+            return 2;
+        int bad = check(m, 0, n, 1, "daemon(3)'s child");
+        fill(m, 0, n, 2);
+        bad |= check(m, 0, n, 2, "daemon(3)'s child's own writes");
+        printf("daemon child %s\n", bad ? "bad" : "ok");
+        return bad;
+    }
+    if (strcmp(mode, "forkpty") == 0) {
+        /* forkpty(3) forks inside glibc too; then a plain fork(): each child
+         * must get its own memory (the second one the second fork's). */
+        int bad = 0;
+        for (int plain = 0; plain <= 1; plain++) {
+            int master = -1;
+            pid_t pid = plain ? fork() : forkpty(&master, NULL, NULL, NULL);
+            if (pid < 0)
+                return 2;
+            if (pid == 0) {
+                int wrong = check(m, 0, n, 1, plain ? "fork()'s child" : "forkpty(3)'s child");
+                fill(m, 0, n, 3 + plain);
+                _exit(wrong | check(m, 0, n, 3 + plain, "the child's own writes") ? 3 : 0);
+            }
+            int status;
+            waitpid(pid, &status, 0);
+            if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+                fprintf(stderr, "%s child failed: status %#x\n", plain ? "fork()" : "forkpty(3)", status);
+                bad = 1;
+            }
+            if (master >= 0)
+                close(master);
+        }
+        return bad | check(m, 0, n, 1, "parent after its forks");
     }
     if (strcmp(mode, "munmap") == 0) { /* a hole in the middle splits the region */
         size_t lo = n / 4, len = n / 4;
