@@ -37,6 +37,23 @@ def test_mlocked_pages_are_pinned_then_released_by_munlock(umgr_exec, programs):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["moved", "zapped"])
+def test_a_zap_stopped_by_locked_pages_keeps_the_pages_it_emptied(umgr_exec, programs, how):
+    # Eviction runs that cross from unlocked pages into mlocked ones: the
+    # kernel empties the unlocked part of a range, then refuses the locked
+    # mapping and counts nothing of that range. Those pages' copies are all
+    # that is left of them: the program reads every byte back.
+    options = ["-v"] + (["--no-move-out"] if how == "zapped" else [])
+    result = umgr_exec([programs["unfreeable"], "mlock-late", "64"], *options, max_resident="16M")
+    assert result.returncode == 0, result.stderr[-4000:]
+    stats = result.stats
+    assert stats["locked_pinned"] >= 512, stats
+    assert stats["pages_out"] >= (64 + 32 - 16) * 256 - 1000, stats
+    assert "zap stopped" not in result.stderr, "the pages a zap emptied are not taken for pages it left"
+    assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(120)
 def test_memory_locked_past_the_budget_is_told_once_and_paged_once_unlocked(umgr_exec, programs):
     # 48 MiB mlocked under 16 MiB: the budget cannot hold, and the program's
     # user hears it without -v; unlocked, the pages go as any others.

@@ -5,6 +5,10 @@
  *   mlock   mlock the first 4 MiB, write and check everything, munlock,
  *           then write and check again (the unlocked pages may go now)
  *   mlock-all  the same with all of it locked
+ *   mlock-late write everything, then mlock 1000 pages that are resident and
+ *           were written after others still resident (eviction runs cross
+ *           from unlocked pages into locked ones, at no batch's edge), then
+ *           write a second region to push the first one out, and check both
  *   shared  fork: a child keeps the parent's pages shared copy-on-write
  *           while the parent writes a second region; both check theirs
  *   shared-clean  the same, with the parent's resident pages at the fork
@@ -56,6 +60,19 @@ int main(int argc, char **argv)
         usleep(1500 * 1000); /* the daemon looks at locks again about every second */
         fill(m, 0, n, 2);
         return bad | check(m, 0, n, 2, "after munlock");
+    }
+    if (strcmp(mode, "mlock-late") == 0) {
+        fill(m, 0, n, 1);
+        uint64_t *locked = m + (n - 2000) * WORDS;
+        if (mlock(locked, 1000 * PAGE) != 0) {
+            perror("mlock");
+            return 2;
+        }
+        uint64_t *second = map(n / 2);
+        fill(second, 0, n / 2, 7);
+        int bad = check(m, 0, n, 1, "first region, part of it locked");
+        munlock(locked, 1000 * PAGE);
+        return bad | check(second, 0, n / 2, 7, "second region");
     }
     if (strcmp(mode, "shared") == 0 || strcmp(mode, "shared-clean") == 0) {
         fill(m, 0, n, 1);

@@ -364,8 +364,8 @@ class Evictor:
             rest, discarded = await self._move_out(vpns)
         if len(rest):
             # An app discard of a page seen during the move counts for the zap's settling too.
-            zapped = await self._zap_runs(rest, discarded)
-            await self._settle_unzapped(rest[zapped:], zapped, len(rest))
+            left = await self._zap_runs(rest, discarded)
+            await self._settle_unzapped(left, len(rest) - len(left), len(rest))
         core.evicted.wake()
         core.stats.zap_batches += 1
         core.stats.largest_batch = max(core.stats.largest_batch, len(vpns))
@@ -412,9 +412,9 @@ class Evictor:
             return EMPTY, discarded
         return rest, discarded
 
-    async def _zap_runs(self, vpns: np.ndarray, discarded_before: np.ndarray) -> int:
-        """Zap the runs of vpns and settle the pages zapped (a prefix of
-        vpns). Returns how many."""
+    async def _zap_runs(self, vpns: np.ndarray, discarded_before: np.ndarray) -> np.ndarray:
+        """Zap the runs of vpns and settle the pages zapped. Returns the
+        pages the zap left in place (still ZAPPING)."""
         addrs, sizes = _byte_ranges(vpns)
         self.removes.begin(vpns)
         try:
@@ -427,9 +427,28 @@ class Evictor:
             discarded = union(discarded, discarded_before)
         done = nbytes >> PAGE_SHIFT
         self._settle_zapped(vpns[:done], discarded)
+        left = vpns[done:]
+        if len(left):
+            # The zap stopped in a range: the kernel counts whole ranges
+            # only, and MADV_DONTNEED goes mapping by mapping, stopping at
+            # one it refuses (mlocked: EINVAL) after emptying those before
+            # it. So the pages of the range gone from the page tables were
+            # emptied: their copy is all there is.
+            left = left[self.core.pt.states(left) == State.ZAPPING]
+            gone = ~self._present(left)
+            self._settle_zapped(left[gone], discarded)
+            left = left[~gone]
         self._settle_moved_away(discarded)
         self.core.stats.zap_ranges += int(np.searchsorted(np.cumsum(sizes), nbytes, side="right"))   # done whole
-        return done
+        return left
+
+    def _present(self, vpns: np.ndarray) -> np.ndarray:
+        """Which of the sorted vpns are still mapped (present, or swapped
+        by the kernel)."""
+        if not len(vpns):
+            return np.zeros(0, bool)
+        first = int(vpns[0])
+        return self.core.present_pages(first, int(vpns[-1]) - first + 1)[vpns - first]
 
     def _settle_zapped(self, done: np.ndarray, discarded: np.ndarray) -> None:
         """Zapped pages become SWAPPED (FRESH if they had no content to keep,
@@ -457,10 +476,9 @@ class Evictor:
         core.zapping_moved.clear()
 
     async def _settle_unzapped(self, failed: np.ndarray, nzapped: int, total: int) -> None:
-        """The zap stopped early: locked pages are pinned, the rest stay resident."""
+        """The zap left these in place (ZAPPING): locked pages are pinned,
+        the rest stay resident."""
         core = self.core
-        # Pages an mremap or munmap took away meanwhile are not ours to settle.
-        failed = failed[core.pt.states(failed) == State.ZAPPING]
         failed = await self.pinning.pin_locked(failed)
         if len(failed):
             log.warning("%s: zap stopped after %d of %d pages", core.label, nzapped, total)
