@@ -554,6 +554,57 @@ def test_a_stale_missing_fault_leaves_a_present_pages_clean_copy_alone():
     assert pt.slot_of(102) == NO_SLOT and slots.refs(kept).tolist() == [1, 1, 0]
 
 
+def test_a_fill_stops_at_an_event_read_while_it_copies():
+    """A copy that answers EAGAIN because an event is queued: the event is
+    read (here: the app's discard of the run), and once it is read the
+    kernel lets copies through again while the app's MADV_DONTNEED has yet
+    to empty the range; a copy going on could land after it, and the app
+    would read the old page where it asked for zeros. So the fill copies
+    nothing more, this run or the next. A short copy stopped by a present
+    page (EAGAIN, no event) goes on. (Real races of discards and faults:
+    tests/test_lifecycle.py, dontneed-race.)"""
+    import errno
+    from types import SimpleNamespace
+
+    from umgr.backends.slots import SlotAllocator
+    from umgr.paging.core import TargetCore
+    from umgr.paging.faults import FaultService
+    from umgr.paging.pagetable import PAGE_SHIFT, PageTable
+
+    copies, answers = [], []
+
+    def copy_fast(dst, src, length, mode):
+        copies.append((dst >> PAGE_SHIFT, length >> PAGE_SHIFT))
+        return answers.pop(0) if answers else 0
+
+    uffd = SimpleNamespace(copy_fast=copy_fast, wake=lambda address, length: None)
+    pt = PageTable()
+    pt.add(100, 16)
+    core = TargetCore(pid=0, label="t", uffd=uffd, backend=SimpleNamespace(slots=SlotAllocator(16)),
+                      budget=Budget(0), eviction=None, clean_copies="never", pt=pt)
+    faults = SimpleNamespace(core=core, _fill=SimpleNamespace(addr=0), events_read=0)
+    faults._drain_and_go_on = lambda: FaultService._drain_and_go_on(faults)
+    vpns = np.array([100, 101, 102, 103, 110, 111], np.int64)   # two runs
+    swapped, valid = np.ones(6, bool), np.ones(6, bool)
+
+    def read_an_event():
+        faults.events_read += 1
+
+    def read_nothing():
+        pass
+
+    faults.drain = read_nothing   # a short copy: 2 pages, then the next try goes on
+    answers += [(2 << PAGE_SHIFT << 16) | errno.EAGAIN]
+    done, _ = FaultService._copy_in(faults, vpns, swapped, valid, True, {})
+    assert done.all() and copies == [(100, 4), (102, 2), (110, 2)], copies
+
+    copies.clear()
+    faults.drain = read_an_event   # an event: nothing more is copied
+    answers += [(1 << PAGE_SHIFT << 16) | errno.EAGAIN]
+    done, _ = FaultService._copy_in(faults, vpns, swapped, valid, True, {})
+    assert done.tolist() == [True, False, False, False, False, False] and copies == [(100, 4)], copies
+
+
 def test_victims_in_a_batch_in_flight_are_found_as_isin_finds_them():
     """Evictor._among (searchsorted on two sorted arrays) against np.isin,
     edges included: before the first, past the last, equal ends."""

@@ -49,6 +49,7 @@ class FaultService:
         self.prefetch = prefetch          # a policies.GuardedPrefetch
         self.spin = spin
         self._pending: list[tuple[int, int]] = []         # page faults to serve: (address, flags)
+        self.events_read = 0                              # messages read that were not page faults
         self._fill = PageBuffer(MAX_FILL_PAGES)
         self._zeros = PageBuffer(1)
         self._one_slot = np.zeros(1, np.int32)                 # _fill_one's backend read
@@ -265,7 +266,9 @@ class FaultService:
 
     def _take_batch(self, n: int) -> None:
         """Queue the faults and handle the events of the n messages read."""
-        self.events.handle_all(self._walk_batch(n))
+        events = self._walk_batch(n)
+        self.events_read += len(events)
+        self.events.handle_all(events)
         self.core.uffd.clear_batch(n)   # handled: nothing to replay after a crash (tablefile.EventJournal)
 
     def _walk_batch(self, n: int) -> list:
@@ -619,18 +622,26 @@ class FaultService:
             for part_vpn, part_len, keep in clean_parts(run_vpn, swapped[seg], faulting, keep_clean):
                 at = seg.start + part_vpn - run_vpn
                 part = slice(at, at + part_len)
-                done[part], copied, _ = self.core.copy_run(
+                done[part], copied, stopped = self.core.copy_run(
                     part_vpn, part_len, self._fill.addr + (at << PAGE_SHIFT), zeros=zeros, protect=keep,
                     on_eagain=self._drain_and_go_on)
                 clean[part] = copied & keep
+                if stopped:   # (the runs' validity is of before the event)
+                    return done, clean
         return done, clean
 
     def _drain_and_go_on(self) -> bool:
-        # Either a queued event (read it: the rest of the run may have been
-        # discarded, so its faults go round again with fresh state) or a
-        # short copy stopped by a present page (the next try answers EEXIST).
+        """A copy answered EAGAIN: a short copy stopped by a present page
+        (the next try answers EEXIST: go on), or an event queued. An event
+        read here may have changed the pages still to be copied (the app's
+        discard makes them FRESH), and the kernel no longer holds copies
+        back once it is read: the app's MADV_DONTNEED empties the range
+        after, so a copy going on could land after it, and the app would
+        read the old page where it asked for zeros. So after an event the
+        fill stops; its faults go round again with fresh state."""
+        events = self.events_read
         self.drain()
-        return True
+        return self.events_read == events
 
     def _settle_filled(self, vpns, slots, swapped, done, clean, faulting: dict[int, bool]) -> None:
         core, pt = self.core, self.core.pt
