@@ -14,13 +14,22 @@ again, as a swap file's blocks are (a delete racing a later write of the
 same slot could lose that write). The daemon's keys are deleted when it
 closes the backend. Redis memory used is thus the most slots used at once.
 
+Each value is the page behind a header of its slot and a tag, a number
+drawn for that write, which the daemon keeps for each slot (4 bytes a slot;
+with saved state, in a file beside it, so that a restarted daemon checks
+too). Redis Cluster replicates asynchronously: a failover may lose writes
+the old master acknowledged, and a write that timed out may still be
+applied later. Either way a key may hold an older page of its slot, whole
+and of the right size; its tag tells it from the page last written there,
+and the read fails, never serving the old page.
+
 Failure policy: no page is ever served wrong. A write that fails raises
 BackendError (the daemon keeps the pages resident and retries later). A read
 that fails is retried for up to `wait` seconds (a replica's failover takes
 the cluster's node timeout), then raises BackendError, and the daemon kills
 the target whose page it was, with the reason: its memory cannot be given
-back. A key that is missing or not a page is such a failure too, never a
-page of zeros. With `cluster-require-full-coverage no` on the nodes, a
+back. A key that is missing, not a page, or an older page of its slot is
+such a failure too, never a page of zeros or a stale one. With `cluster-require-full-coverage no` on the nodes, a
 dead master costs only the pages whose keys it held.
 
 The password can come from UMGR_REDIS_PASSWORD rather than the command
@@ -32,6 +41,7 @@ import ctypes
 import logging
 import os
 import secrets
+import struct
 import time
 
 import numpy as np
@@ -51,6 +61,9 @@ RETRY_PAUSE = 0.2   # seconds between tries of a failing read
 # third of them from a killed node, outlast 60 s under redis-py 8.2.0 with
 # wait=0.5; with one retry they took 22 s.
 CLIENT_RETRIES = 1
+# A value: the slot and the tag of the write that stored it, then the page.
+HEADER = struct.Struct("<II")
+TAGS_FILE = "redis-tags"   # with saved state: the slots' tags, beside it
 
 
 def _redis():
@@ -70,15 +83,19 @@ class RedisBackend(Backend):
     def __init__(self, size: int = 4 << 30, host: str = "127.0.0.1", port: int = 6379, username: str = "",
                  password: str = "", tls: int = 0, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
                  timeout: str = "2", wait: str = "15", clients: int = 4, prefix: str = "umgr",
-                 instance: str = ""):
+                 instance: str = "", directory: str = ""):
         """host, port: any node of the cluster (the others are found from
         it); timeout: seconds for a connection or a reply; wait: seconds a
         failing read is retried before its target is killed; clients:
         batches in flight at once. `instance`: the keys' middle name, kept
-        by a daemon that saves its state (umgr/daemon/statedir.py): its keys
-        then outlive it for a restarted daemon, and go at remove(); without
-        it, a random one, and the keys go at close()."""
+        by a daemon that saves its state (umgr/daemon/statedir.py) in
+        `directory`: its keys then outlive it for a restarted daemon, with
+        their tags in that directory, and go at remove(); without it, a
+        random one, and the keys go at close()."""
         super().__init__(size // PAGE_SIZE)
+        self._tags_path = os.path.join(directory, TAGS_FILE) if instance and directory else ""
+        self.tags = _slot_tags(self.slots.capacity, self._tags_path)
+        self._next_tag = secrets.randbits(32)
         redis = _redis()
         self.timeout, self.wait = float(timeout), float(wait)
         if int(clients) < 1:
@@ -114,18 +131,30 @@ class RedisBackend(Backend):
     async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         if len(slots) == 0:
             return
-        slots, addrs = np.asarray(slots).tolist(), np.asarray(addrs).tolist()
+        tags = self._draw_tags(len(slots))
+        # (Before the write: a read of the slot comes only after it is done.)
+        self.tags[np.asarray(slots, np.int64)] = tags
+        slots, addrs, tags = np.asarray(slots).tolist(), np.asarray(addrs).tolist(), tags.tolist()
         started = time.perf_counter()
         async with self._limiter:
-            await cpuclock.to_thread(lambda: self._write_batch(slots, addrs))
+            await cpuclock.to_thread(lambda: self._write_batch(slots, addrs, tags))
         self._high_water = max(self._high_water, max(slots) + 1)
         self._timed(started)
         self.pages_written += len(slots)
 
-    def _write_batch(self, slots: list[int], addrs: list[int]) -> None:
+    def _draw_tags(self, n: int) -> np.ndarray:
+        """n tags for a batch's writes: consecutive from a random start,
+        never 0 (a slot never written here)."""
+        tags = (self._next_tag + np.arange(n, dtype=np.uint64)) & 0xFFFFFFFF
+        self._next_tag = int(tags[-1]) + 1
+        if (tags == 0).any():   # (the count wrapped)
+            tags = np.where(tags == 0, 1, tags)
+        return tags.astype(np.uint32)
+
+    def _write_batch(self, slots: list[int], addrs: list[int], tags: list[int]) -> None:
         pipe = self.cluster.pipeline(transaction=False)
-        for slot, addr in zip(slots, addrs):
-            pipe.set(self._key(slot), ctypes.string_at(addr, PAGE_SIZE))
+        for slot, addr, tag in zip(slots, addrs, tags):
+            pipe.set(self._key(slot), HEADER.pack(slot, tag) + ctypes.string_at(addr, PAGE_SIZE))
         try:
             replies = pipe.execute()
         except self._errors as exc:
@@ -171,11 +200,21 @@ class RedisBackend(Backend):
             pages = pipe.execute()
         except self._errors as exc:
             raise _Unavailable(str(exc) or type(exc).__name__) from None
-        for slot, addr, page in zip(slots, addrs, pages):
-            if page is None or len(page) != PAGE_SIZE:
-                what = "missing" if page is None else f"{len(page)} bytes long"
-                raise BackendError(f"Redis Cluster: the page of slot {slot} (key {self._key(slot)}) is {what}")
-            ctypes.memmove(addr, page, PAGE_SIZE)
+        for slot, addr, value in zip(slots, addrs, pages):
+            self._check(slot, value)
+            ctypes.memmove(addr, value[HEADER.size:], PAGE_SIZE)
+
+    def _check(self, slot: int, value: bytes | None) -> None:
+        """The value is the page last written to the slot, or BackendError."""
+        if value is None or len(value) != HEADER.size + PAGE_SIZE:
+            what = "missing" if value is None else f"{len(value)} bytes long, not a page"
+            raise BackendError(f"Redis Cluster: the page of slot {slot} (key {self._key(slot)}) is {what}")
+        stored_slot, tag = HEADER.unpack_from(value)
+        expected = int(self.tags[slot])
+        if stored_slot != slot or (expected and tag != expected):
+            raise BackendError(f"Redis Cluster: key {self._key(slot)} holds an older page of slot {slot}, not the "
+                               "one last written there: the cluster lost that write (a failover after the "
+                               "master acknowledged it, or a write that timed out and landed later)")
 
     def remove(self) -> None:
         """Delete every key of this instance, a dead daemon's too (a clean
@@ -191,6 +230,11 @@ class RedisBackend(Backend):
             log.warning("redis: this daemon's keys (%s*) could not all be listed: %s", self.prefix, exc)
         self._delete(by_node)
         self._high_water = 0
+        if self._tags_path:
+            try:
+                os.unlink(self._tags_path)
+            except FileNotFoundError:
+                pass
 
     def close(self) -> None:
         if self.cluster is None:
@@ -226,6 +270,21 @@ class RedisBackend(Backend):
         stats = super().tier_statistics()
         stats[0]["nodes"] = self.nodes
         return stats
+
+
+def _slot_tags(slots: int, path: str) -> np.ndarray:
+    """A tag (uint32, 0: none) per slot: in memory, or in the file at
+    `path`, which a restarted daemon finds again (a store of another size
+    keeps the tags of the slots both have)."""
+    if not path:
+        return np.zeros(slots, np.uint32)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.fstat(fd).st_size != slots * 4:
+            os.ftruncate(fd, slots * 4)
+    finally:
+        os.close(fd)
+    return np.memmap(path, np.uint32, "r+", shape=(slots,))
 
 
 class _Unavailable(Exception):
