@@ -34,7 +34,8 @@ def programs(tmp_path_factory) -> dict[str, str]:
     built = {}
     for source in sorted(PROGRAMS.glob("*.c")):
         exe = out / source.stem
-        subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", str(exe), str(source)], check=True)
+        libs = ["-luring"] if "#include <liburing.h>" in source.read_text() else []
+        subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", str(exe), str(source), *libs], check=True)
         built[source.stem] = str(exe)
     return built
 

@@ -1,6 +1,7 @@
 """Memory whose zap would free nothing is never evicted (issue 4, item 7):
 pages on the kernel's shared zero page, pages shared copy-on-write with a
-forked child, mlocked pages. The program checks every byte; here we check
+forked child, mlocked pages; nor are pages pinned for I/O, whose zap would
+lose a device's writes. The program checks every byte; here we check
 that the daemon recognised each kind and that the budget still held."""
 import pytest
 
@@ -50,6 +51,21 @@ def test_a_zap_stopped_by_locked_pages_keeps_the_pages_it_emptied(umgr_exec, pro
     assert stats["locked_pinned"] >= 512, stats
     assert stats["pages_out"] >= (64 + 32 - 16) * 256 - 1000, stats
     assert "zap stopped" not in result.stderr, "the pages a zap emptied are not taken for pages it left"
+    assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_pages_pinned_for_io_stay_in_memory_and_get_the_devices_writes(umgr_exec, programs, tmp_path):
+    # io_uring's registered buffer (4 MiB, pinned) in a region far over
+    # the budget: the agent cannot move its pages out (EBUSY), and a zap
+    # would leave a later READ_FIXED's data in pages the program no longer
+    # sees. They stay, and the program reads the file's bytes there.
+    result = umgr_exec([programs["pinned"], "64", str(tmp_path / "file")], "-v", max_resident="16M")
+    assert result.returncode == 0, result.stderr[-4000:]
+    stats = result.stats
+    assert stats["busy_pinned"] >= 1024, stats
+    assert stats["pages_out"] >= (64 - 16 - 4) * 256 and stats["zap_ranges"] == 0, stats
+    assert "pinned for I/O" in result.stderr
     assert stats["swap_slots_in_use_at_exit"] == 0
 
 

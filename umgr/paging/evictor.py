@@ -40,6 +40,9 @@ log = logging.getLogger("umgr.target")
 
 # How many times the policy is asked for more when its candidates are stale.
 CHOOSE_ROUNDS = 8
+# Runs with a busy page (EBUSY) a move-out skips in a batch before it leaves
+# the rest resident: each costs a round trip to the agent.
+MOVE_BUSY_MAX = 16
 
 
 class BatchReleased(Exception):
@@ -392,25 +395,53 @@ class Evictor:
                 # Events read while the fault loop finished its round may
                 # have moved pages of the batch (REMAP) or unmapped them.
                 vpns = vpns[core.pt.states(vpns) == State.ZAPPING]
-                nbytes, error = await core.zapper.move_out(*_byte_ranges(vpns))
+                moved, busy, error = await self._move_around_busy(vpns)
                 core.stats.fault_gate_seconds += time.monotonic() - held
         finally:
             discarded = self.removes.end()
-        moved = nbytes >> PAGE_SHIFT
-        self._settle_zapped(vpns[:moved], discarded)
+        self._settle_zapped(vpns[moved], discarded)
         self._settle_moved_away(discarded)
-        core.stats.moved_out += moved
-        rest = vpns[moved:]
-        if error in (errno.ENOENT, errno.EAGAIN):
-            # A mapping gone (ENOENT), or an event of the app's queued
+        core.stats.moved_out += int(moved.sum())
+        await self.pinning.pin_busy(vpns[busy])
+        rest = vpns[~moved & ~busy]
+        if error in (errno.ENOENT, errno.EAGAIN, errno.EBUSY):
+            # A mapping gone (ENOENT), an event of the app's queued
             # (EAGAIN: an munmap, mremap, discard or fork in between, its
-            # event read next). The rest stays resident, to be chosen
-            # again: a zap would come later, when the app may have mapped
-            # new memory there.
+            # event read next), or more busy pages than a batch skips
+            # (EBUSY: never zapped, see _move_around_busy). The rest stays
+            # resident, to be chosen again: a zap would come later, when
+            # the app may have mapped new memory there.
             core.release(rest, State.ZAPPING)
             await core.unprotect(rest)
             return EMPTY, discarded
         return rest, discarded
+
+    async def _move_around_busy(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """The agent moves the pages out in order. Where it finds a page
+        busy (EBUSY: pinned for I/O, by an O_DIRECT read in flight or
+        io_uring's registered buffers, or shared copy-on-write since the
+        batch was checked), that page and the rest of its run are skipped
+        (a pinned buffer is pages in a row), and the move goes on with the
+        next run, for up to MOVE_BUSY_MAX such runs. Returns which pages
+        moved, which were skipped as busy, and the errno that stopped the
+        move (0: none)."""
+        moved = np.zeros(len(vpns), bool)
+        busy = np.zeros(len(vpns), bool)
+        run_ends = np.flatnonzero(np.diff(vpns) != 1) + 1   # where each run after the first starts
+        at, skipped = 0, 0
+        while at < len(vpns):
+            nbytes, error = await self.core.zapper.move_out(*_byte_ranges(vpns[at:]))
+            done = nbytes >> PAGE_SHIFT
+            moved[at:at + done] = True
+            at += done
+            if error != errno.EBUSY or at >= len(vpns) or skipped >= MOVE_BUSY_MAX:
+                return moved, busy, error
+            next_run = run_ends[np.searchsorted(run_ends, at, side="right"):]
+            end = int(next_run[0]) if len(next_run) else len(vpns)
+            busy[at:end] = True
+            skipped += 1
+            at = end
+        return moved, busy, 0
 
     async def _zap_runs(self, vpns: np.ndarray, discarded_before: np.ndarray) -> np.ndarray:
         """Zap the runs of vpns and settle the pages zapped. Returns the

@@ -6,8 +6,11 @@ with another process (SHARED), are mlocked (MADV_DONTNEED refuses them: PINNED),
 or were already dropped by the kernel (MADV_FREE: FRESH). ZERO and SHARED use
 no memory of the target's own, so they do not count against its budget; they
 stay write-protected and a write makes them RESIDENT again. Unreadable
-(PROT_NONE) pages are pinned too. Nothing tells umgr when a lock, a
-protection or a sharing ends, so recheck() looks again every RECHECK_SECONDS.
+(PROT_NONE) pages are pinned too, and so are pages the agent could not move
+out because they were busy (EBUSY: pinned for I/O, as the kernel's own
+reclaim leaves such pages alone). Nothing tells umgr when a lock, a
+protection, a sharing or an I/O pin ends, so recheck() looks again every
+RECHECK_SECONDS (busy pages are simply tried again then).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class Pinning:
         self.core = core
         self.locked: list[tuple[int, int]] = []       # mlocked vpn ranges: pinned
         self.unreadable: list[tuple[int, int]] = []   # PROT_NONE (...) vpn ranges: pinned
+        self.busy: list[np.ndarray] = []              # pages pinned because a move found them busy
         self._rechecked = 0.0
         self._pinned_told = False
 
@@ -134,6 +138,24 @@ class Pinning:
             self._tell_pinned()
         return failed[~inside]
 
+    async def pin_busy(self, busy: np.ndarray) -> None:
+        """ZAPPING pages the agent could not move out, busy (EBUSY): a device
+        may still write them (an O_DIRECT read in flight, io_uring's
+        registered buffers), and a zap would leave its writes in a page the
+        app no longer sees. Pinned (their copies dropped) until recheck()."""
+        core = self.core
+        busy = busy[core.pt.states(busy) == State.ZAPPING]
+        if len(busy) == 0:
+            return
+        log.info("%s: %d pages are busy (pinned for I/O): kept in memory for now", core.label, len(busy))
+        core.stats.busy_pinned += len(busy)
+        slots = core.pt.slots(busy)
+        core.slots.free(slots[slots != NO_SLOT])
+        core.pt.set(busy, State.PINNED, NO_SLOT)
+        core.left_residency(busy)
+        self.busy.append(busy)
+        await core.unprotect(busy)
+
     def pin_unreadable(self, failed: np.ndarray) -> None:
         """process_vm_readv stopped at `failed` (one page): if it lies in a
         mapping the process cannot read (PROT_NONE, ...), pin every resident
@@ -179,6 +201,11 @@ class Pinning:
         self._rechecked = now
         if self.locked or self.unreadable:
             self._unpin_released()
+        if self.busy:
+            busy = np.concatenate(self.busy)
+            self.busy.clear()
+            busy = busy[self.core.pt.states(busy) == State.PINNED]
+            self._count_again(busy[~_inside(busy, self.locked) & ~_inside(busy, self.unreadable)])
         shared = self.core.pt.vpns_in(State.SHARED)
         if len(shared):
             entries = procmem.pagemap_entries(self.core.pid, *runs(shared))

@@ -39,6 +39,8 @@ COUNTERS: dict[str, str] = {
     "unmaps": "munmap events",
     "remaps": "mremap events",
     "forks": "fork events",
+    "busy_pinned": ("Pages the agent could not move out because they were busy (pinned for I/O): kept in memory "
+                    "(never zapped) and tried again a second later"),
     "eviction_cancelled": "Pages written while being evicted (the write won, the copy was dropped)",
     "zero_mapped": "Victims found on the kernel's zero page (kept, not counted resident)",
     "shared_skipped": "Victims found shared copy-on-write with another process (kept, not counted)",
