@@ -74,6 +74,30 @@ def test_event_on_paged_out_memory(umgr_exec, programs, mode):
         assert old_out >= (mib - budget) * 256, released
 
 
+@pytest.mark.timeout(60)
+def test_a_child_whose_parent_names_it_late_does_not_claim_another_parents_orphan(daemon, shim, programs):
+    """A parent killed inside fork() leaves its child's memory waiting as an
+    orphan (the child says hello late). Meanwhile another process of the
+    same user forks and names its child late: that child's hello comes
+    first, and must wait for its own parent's FORKED rather than claim the
+    orphan (whose proof would probe the orphan's memory at the child's
+    probe address, and fail: the child killed). Both children read all of
+    their data."""
+    orphaned = subprocess.Popen([programs["lifecycle"], "fork-orphan-slow-child", "64"], env=daemon.env(shim),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: f"pid {orphaned.pid}: died before naming its forked child" in daemon.log(), 20,
+                 "the orphan")
+        slow = subprocess.run([programs["lifecycle"], "fork-slow-parent", "64"], env=daemon.env(shim),
+                              capture_output=True, timeout=40)
+        assert slow.returncode == 0, slow.stderr.decode()[-2000:] + daemon.log()[-3000:]
+        out, err = orphaned.communicate(timeout=40)
+    finally:
+        orphaned.kill()
+    assert out == b"child ok\n", err
+    assert re.search(rf"pid {orphaned.pid}: adopted pid \d+", daemon.log()), daemon.log()[-3000:]
+
+
 @pytest.mark.timeout(90)
 def test_the_child_of_daemon3_gets_its_paged_out_data(umgr_exec, programs):
     """daemon(3) forks inside glibc, not through fork(), and its parent

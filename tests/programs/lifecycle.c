@@ -3,6 +3,7 @@
  * MODE: fork | munmap | mremap | mremap-race | mremap-thread | remap-hole | unmap-thread | dontneed | dontneed-race | exit
  *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
  *     | fork-parent-killed | fork-killed | daemon | forkpty
+ *     | fork-orphan-slow-child | fork-slow-parent
  *     (helpers run by the program itself: fresh | true).
  * Exit 0 when all is intact. */
 #define _GNU_SOURCE
@@ -290,6 +291,16 @@ static void die_in_parent(void)
     kill(getpid(), SIGKILL);
 }
 
+static void sleep_a_while(void)
+{
+    usleep(1500 * 1000);
+}
+
+static void sleep_longer(void)
+{
+    usleep(4000 * 1000);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3)
@@ -349,6 +360,33 @@ int main(int argc, char **argv)
             return bad;
         }
         return 2; /* not reached: the parent is killed in fork() */
+    }
+    if (strcmp(mode, "fork-orphan-slow-child") == 0) {
+        /* As fork-parent-killed, and the child says hello 4 s late (an
+         * atfork child handler runs before the shim's): its memory waits as
+         * an orphan meanwhile. */
+        pthread_atfork(NULL, die_in_parent, sleep_longer);
+        if (fork() == 0) {
+            int bad = check(m, 0, n, 1, "late child of a parent killed at fork");
+            printf("child %s\n", bad ? "bad" : "ok");
+            return bad;
+        }
+        return 2; /* not reached */
+    }
+    if (strcmp(mode, "fork-slow-parent") == 0) {
+        /* The parent names its child 1.5 s late (an atfork parent handler
+         * runs before the shim's FORKED): the child's hello comes first. */
+        pthread_atfork(NULL, sleep_a_while, NULL);
+        pid_t pid = fork();
+        if (pid == 0)
+            _exit(check(m, 0, n, 1, "child of a slow parent") ? 3 : 0);
+        int status;
+        waitpid(pid, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            fprintf(stderr, "child of a slow parent failed: status %#x\n", status);
+            return 1;
+        }
+        return check(m, 0, n, 1, "slow parent after its fork");
     }
     if (strcmp(mode, "daemon") == 0) {
         /* daemon(3) forks inside glibc (its own __fork, not fork()), and the

@@ -9,7 +9,9 @@ unclaimed forks outlive it here for ORPHAN_WAIT seconds, and the child's
 own HELLO claims its fork: same owner, and a fork event read about when
 the child was born (could_be_its_fork). The caller then proves the uffd is
 the child's (peer.Memory.prove_uffd) before serving it; exactly one
-candidate or none is offered, so no other process's memory is probed.
+candidate or none is offered, and none to a child whose parent is a live
+target with a fork still to name (its own FORKED is on the way:
+Lifecycle.child_hello), so no other process's memory is probed.
 """
 from __future__ import annotations
 

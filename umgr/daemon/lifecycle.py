@@ -318,7 +318,7 @@ class Lifecycle:
         reported = self._children_waiting.setdefault(pid, trio.Event())
         with trio.move_on_after(CHILD_HELLO_WAIT):
             while not reported.is_set():
-                orphan = self.orphans.claim(pid, owner)
+                orphan = None if self._parent_will_name(pid) else self.orphans.claim(pid, owner)
                 if orphan is not None:
                     self._children_waiting.pop(pid, None)
                     return orphan
@@ -331,6 +331,15 @@ class Lifecycle:
         if target is None or target.has_zapper:
             return None
         return target
+
+    def _parent_will_name(self, pid: int) -> bool:
+        """Whether the child's parent is a live target with a fork it has
+        not named yet: its FORKED is on the way (its atfork handlers or a
+        busy machine may hold it up), and the child is not to claim another
+        parent's orphan meanwhile (its proof would probe that orphan's
+        memory at the child's probe address, and fail: the child killed)."""
+        parent = self.targets.get(procmem.parent_pid(pid))
+        return parent is not None and not parent.gone and parent.unclaimed_forks > 0
 
     def adopt_orphan(self, orphan: Orphan, pid: int, pidfd: int, mem_fd: int) -> Target:
         """A dead parent's fork, proven to be process pid's: its target."""

@@ -313,6 +313,13 @@ def _stat_fields(path: str) -> list[bytes] | None:
         return None
 
 
+def parent_pid(pid: int) -> int | None:
+    """The process's parent (field 4 of /proc/PID/stat), or None when it
+    is gone."""
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    return None if fields is None else int(fields[1])
+
+
 def process_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks after boot (field 22 of
     /proc/PID/stat), or None when it is gone."""
