@@ -89,6 +89,8 @@ elif mode == "forked-stranger":
     result["hello_status"] = struct.unpack_from("<i", ack, 8)[0]
     s.send(RANGE.pack(MAGIC, 6, RANGE.size, int(sys.argv[3]), 0))  # FORKED <someone else's pid>
     result["forked_status"] = ACK.unpack(s.recv(4096))[3]
+    s.send(RANGE.pack(MAGIC, 6, RANGE.size, 1 << 40, 0))  # FORKED <no pid there can be>
+    result["huge_forked_status"] = ACK.unpack(s.recv(4096))[3]
     s.send(b"STATUS")  # not a control message: this connection is dropped
     status = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     status.connect(path)
@@ -180,6 +182,7 @@ def test_group_member_attacks_fail_and_the_victim_keeps_every_byte(shared_daemon
         # shows a member only their own targets (finding 9).
         got = attack(daemon, member, gid, "forked-stranger", str(victim.pid))
         assert got["hello_status"] == 0 and got["forked_status"] == 1, got  # EPERM
+        assert got["huge_forked_status"] == 3, got  # ESRCH, and the connection goes on
         log_line_for(daemon, got["pid"], member.pw_uid, f"FORKED {victim.pid} refused")
         assert victim.pid not in got["status_pids"] and got["pid"] in got["status_pids"], got
 

@@ -256,6 +256,8 @@ class Lifecycle:
         parent's ids and dumpable, is adopted; the child then proves the
         uffd is its own when it connects (server._attach_child). Returns 0
         or an errno for the ACK."""
+        if not 0 < child_pid <= procmem.PID_MAX_LIMIT:   # (no such pid: the C call takes an int)
+            return errno.ESRCH
         try:
             pidfd = procmem.pidfd_open(child_pid)
         except (OSError, TargetGone):  # gone already, or no such pid

@@ -154,6 +154,9 @@ def madvise(addr: int, length: int, advice: int) -> None:
         _fail(-r, f"madvise(advice={advice})")
 
 
+PID_MAX_LIMIT = 1 << 22   # the kernel's largest pid_max (PID_MAX_LIMIT on 64-bit)
+
+
 def pidfd_open(pid: int, flags: int = 0) -> int:
     r = _lib.umgr_pidfd_open(pid, flags)
     if r < 0:
