@@ -605,6 +605,39 @@ def test_a_fill_stops_at_an_event_read_while_it_copies():
     assert done.tolist() == [True, False, False, False, False, False] and copies == [(100, 4)], copies
 
 
+def test_a_discardable_hint_flags_only_pages_it_saw_write_protected():
+    """An eviction batch's pages are EVICTING before they are protected,
+    and protecting them may yield (EAGAIN). A DISCARDABLE hint meanwhile
+    must not take them for protected: a write to one then goes unseen and
+    the batch drops it. The hint protects every page it flags."""
+    from types import SimpleNamespace
+
+    from umgr.backends.slots import SlotAllocator
+    from umgr.paging.advice import Hints
+    from umgr.paging.core import TargetCore
+    from umgr.paging.pagetable import PAGE_SHIFT, Flag, PageTable, State
+
+    protected = set()
+
+    def writeprotect(address, length, protect):
+        pages = range(address >> PAGE_SHIFT, (address + length) >> PAGE_SHIFT)
+        (protected.update if protect else protected.difference_update)(pages)
+        return 0
+
+    pt = PageTable()
+    pt.add(100, 16)
+    core = TargetCore(pid=0, label="t", uffd=SimpleNamespace(writeprotect=writeprotect),
+                      backend=SimpleNamespace(slots=SlotAllocator(16)), budget=Budget(0), eviction=None,
+                      clean_copies="never", pt=pt)
+    pt.set(np.arange(100, 108), State.EVICTING)   # a batch whose protection has not come yet
+    pt.set(np.arange(108, 112), State.RESIDENT)
+    hints = Hints(core, evictor=None)
+    trio.run(hints._advise_discardable, 100, 116)
+    flagged = np.arange(100, 116)[pt.has_flag(np.arange(100, 116), Flag.DISCARDABLE)]
+    assert flagged.tolist() == list(range(100, 112))
+    assert set(flagged.tolist()) <= protected
+
+
 def test_victims_in_a_batch_in_flight_are_found_as_isin_finds_them():
     """Evictor._among (searchsorted on two sorted arrays) against np.isin,
     edges included: before the first, past the last, equal ends."""

@@ -76,17 +76,18 @@ class Hints:
             pt.set(swapped, State.FRESH, NO_SLOT)
             core.slots.free(slots[slots != NO_SLOT])
             core.stats.discarded += len(swapped)
-        # Pages being evicted are write-protected already: flag them as they are.
-        evicting, _ = pt.find_state(vpn_lo, vpn_hi, State.EVICTING)
-        pt.set_flag(evicting, Flag.DISCARDABLE)
-        # Resident pages: write-protect, then flag, with no await in between,
-        # so that any write after the hint WP-faults after the flag is set.
-        resident, _ = pt.find_state(vpn_lo, vpn_hi, State.RESIDENT)
-        starts, lengths = runs(resident)
-        for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
-            if not await core.writeprotect(run_vpn, run_len, True):  # else ENOENT: unmapped meanwhile
-                # Sticks only on pages still resident (or since picked for eviction).
-                pt.set_flag(np.arange(run_vpn, run_vpn + run_len, dtype=np.int64), Flag.DISCARDABLE)
+        # Resident pages and pages being evicted: write-protect, then flag,
+        # with no await in between, so that any write after the hint
+        # WP-faults after the flag is set. (A batch's pages are EVICTING
+        # before they are protected, and its protection may yield: one
+        # flagged as it was could be written unseen, then dropped.)
+        for state in (State.EVICTING, State.RESIDENT):
+            pages, _ = pt.find_state(vpn_lo, vpn_hi, state)
+            starts, lengths = runs(pages)
+            for run_vpn, run_len in zip(starts.tolist(), lengths.tolist()):
+                if not await core.writeprotect(run_vpn, run_len, True):  # else ENOENT: unmapped meanwhile
+                    # Sticks only on pages still resident or being evicted.
+                    pt.set_flag(np.arange(run_vpn, run_vpn + run_len, dtype=np.int64), Flag.DISCARDABLE)
 
     async def serve_queued(self) -> None:
         """Run queued COLD/WILLNEED hints, in order (on the eviction task)."""
