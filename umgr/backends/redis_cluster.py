@@ -92,8 +92,14 @@ class RedisBackend(Backend):
         `directory`: its keys then outlive it for a restarted daemon, with
         their tags in that directory, and go at remove(); without it, a
         random one, and the keys go at close()."""
-        super().__init__(size // PAGE_SIZE)
         self._tags_path = os.path.join(directory, TAGS_FILE) if instance and directory else ""
+        # A restarted daemon's store keeps the size it had (as the swap
+        # file does): its saved tables name slots of that size.
+        found = _found_slots(self._tags_path)
+        if found and found != size // PAGE_SIZE:
+            log.info("redis: the store keeps its size of %d MiB (%s), not the %d MiB asked for",
+                     found * PAGE_SIZE >> 20, self._tags_path, size >> 20)
+        super().__init__(found or size // PAGE_SIZE)
         self.tags = _slot_tags(self.slots.capacity, self._tags_path)
         self._next_tag = secrets.randbits(32)
         redis = _redis()
@@ -272,10 +278,17 @@ class RedisBackend(Backend):
         return stats
 
 
+def _found_slots(path: str) -> int:
+    """The slots of the store whose tags file is at `path` (0: none)."""
+    try:
+        return os.stat(path).st_size // 4 if path else 0
+    except FileNotFoundError:
+        return 0
+
+
 def _slot_tags(slots: int, path: str) -> np.ndarray:
     """A tag (uint32, 0: none) per slot: in memory, or in the file at
-    `path`, which a restarted daemon finds again (a store of another size
-    keeps the tags of the slots both have)."""
+    `path`, which a restarted daemon finds again."""
     if not path:
         return np.zeros(slots, np.uint32)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
