@@ -179,6 +179,32 @@ def test_status_shows_the_command_line_a_program_rewrote(daemon, shim, programs)
     assert target.returncode == 0 and out == b"ok 2048 pages\n", err
 
 
+@pytest.mark.timeout(90)
+def test_status_of_many_processes_comes_whole(daemon, shim):
+    """A STATUS reply larger than one message may be (the socket's send
+    buffer, about 208 KiB: some 120 targets) comes in parts, all of it;
+    and a command line of 100 KB is shown cut to its first 4 KiB."""
+    padding = "x" * 1500
+    procs = []
+    try:
+        for i in range(150):
+            procs.append(subprocess.Popen(["sh", "-c", "read line", f"waiter-{i}", padding], env=daemon.env(shim),
+                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL))
+        long_line = subprocess.Popen(["sh", "-c", "read line", "long", "y" * 100_000], env=daemon.env(shim),
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        procs.append(long_line)
+        pids = {p.pid for p in procs}
+        status = wait_for(lambda: (lambda st: st if pids <= {t["pid"] for t in st["targets"]} else None)(
+            query_status(daemon.socket)), 30, "every process in status")
+        assert len(json.dumps(status)) > 256 << 10, "more than one message's worth"
+        command = next(t["command"] for t in status["targets"] if t["pid"] == long_line.pid)
+        assert command.endswith(" ...") and len(command) <= 4096 + 4, len(command)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+
+
 # ---- 1. bad clients while a real target is paged -----------------------------------------
 @pytest.fixture
 def uncapped_daemon(tmp_path):

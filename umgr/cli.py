@@ -763,12 +763,16 @@ def _open_state(args):
 # ---- status ------------------------------------------------------------------------------
 def ask_daemon(path: str, request: bytes) -> bytes:
     """A one-message request on the control socket (STATUS, BUDGET) and its
-    answer (b"": the daemon dropped the connection)."""
+    answer, every message until the daemon closes the connection (a large
+    STATUS comes in parts; b"": the daemon dropped the connection)."""
+    parts = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         s.settimeout(5)
         s.connect(path)
         s.send(request)
-        return s.recv(1 << 20)
+        while part := s.recv(1 << 20):
+            parts.append(part)
+    return b"".join(parts)
 
 
 def query_status(path: str) -> dict:

@@ -55,6 +55,10 @@ FDS_PER_CONNECTION = 8
 FD_RESERVE = 64          # for the backend, metrics, logs and /proc reads
 ACCEPT_RETRY = 0.1       # seconds to wait when accept() finds no descriptor left
 STATUS_REQUEST = b"STATUS"
+# A STATUS reply goes in messages of at most this many bytes, the connection
+# closed after the last: one SEQPACKET message may be no larger than the
+# socket's send buffer (about 208 KiB by default: some 120 targets).
+REPLY_PART = 64 << 10
 COMMAND_READ_SECONDS = 1.0   # a STATUS waits this long at most for the targets' command lines
 # `umgr budget`: this, then JSON {"pid": PID, "bytes": BUDGET} (0: the
 # daemon's --max-resident, or none). The reply is JSON: the target's new
@@ -224,7 +228,7 @@ class Daemon:
             if data == STATUS_REQUEST:
                 peer.close()  # before the reply: a client that has it sees no pidfd held for it
                 await refresh_commands(self.visible_targets(peer.uid))
-                await conn.send(json.dumps(self.status(peer.uid)).encode())
+                await _send_in_parts(conn, json.dumps(self.status(peer.uid)).encode())
                 return
             if data.startswith(BUDGET_REQUEST):
                 reply = self.set_budget(data[len(BUDGET_REQUEST):], peer)
@@ -570,6 +574,13 @@ def _require_uffd(fd: int) -> None:
     kind = _fd_kind(fd)
     if kind != "anon_inode:[userfaultfd]":
         raise protocol.ProtocolError(f"descriptor is {kind}, not a userfaultfd")
+
+
+async def _send_in_parts(conn, reply: bytes) -> None:
+    """The reply in messages of REPLY_PART bytes; the reader reads until the
+    connection closes (cli.ask_daemon)."""
+    for at in range(0, len(reply), REPLY_PART):
+        await conn.send(reply[at:at + REPLY_PART])
 
 
 def _require_socket(fd: int) -> None:

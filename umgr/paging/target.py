@@ -439,9 +439,17 @@ class Target:
         self.released.set()
 
 
+# The most of a command line kept (for status, logs and metrics): a
+# program's arguments may be megabytes.
+CMDLINE_MAX = 4096
+
+
 def read_cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            line = f.read(CMDLINE_MAX + 1)
     except OSError:
         return "?"
+    cut = len(line) > CMDLINE_MAX
+    text = line[:CMDLINE_MAX].replace(b"\0", b" ").decode(errors="replace").strip()
+    return text + " ..." if cut else text
