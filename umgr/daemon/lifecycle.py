@@ -453,7 +453,10 @@ class Lifecycle:
         target.release_all()
         saved = self._saved.pop(target, None)
         if saved is not None:
-            self.state.forget(saved)
+            try:
+                self.state.forget(saved)
+            except OSError as exc:   # (its files stay behind; the daemon and its other targets go on)
+                log.warning("%s: its saved state could not be removed: %s", target.label, exc)
         self.totals.add(snap)
         os.close(target.pidfd)
         os.close(target.mem_fd)
