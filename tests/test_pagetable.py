@@ -123,6 +123,23 @@ def test_slots_alloc_contiguous_and_refcounted():
         slots.free(a[:1])
 
 
+@pytest.mark.parametrize("count", [3, 40])   # the few slots' path and numpy's
+def test_slots_named_twice_in_one_free_need_two_references(count):
+    """A slot shared after a fork may be named twice in one free(), and
+    then goes; named twice with one reference is a double free, raised
+    before any count changes (it wrapped to 65535, or was clipped at 0,
+    and the slot was never free again)."""
+    slots = SlotAllocator(64)
+    a = slots.alloc(count)
+    slots.incref(a[:1])
+    slots.free(np.concatenate((a, a[:1])))
+    assert slots.used == 0
+    b = slots.alloc(count)
+    with pytest.raises(ValueError, match="double free"):
+        slots.free(np.concatenate((b, b[:1])))
+    assert slots.used == count and slots.refs(b).tolist() == [1] * count
+
+
 def test_slots_free_one_matches_free():
     """The one-slot path of a random fault: same reference counting."""
     slots = SlotAllocator(4)

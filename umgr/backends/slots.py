@@ -22,6 +22,8 @@ memory only where its pages are touched; umgr/paging/pagetable.py).
 """
 from __future__ import annotations
 
+import collections
+
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -124,10 +126,15 @@ class SlotAllocator:
             raise ValueError("double free of a swap slot")
         # A whole target's slots at its exit are 4 bytes a page; the work on
         # them in steps keeps its temporaries (masks, the sort) from adding
-        # several times that to the daemon's peak memory.
+        # several times that to the daemon's peak memory. A slot may be
+        # named more than once (shared after a fork), never more often than
+        # it has references: the count would wrap and the slot never free.
         for step in steps:
-            np.subtract.at(self._refs, step, 1)
-            self._now_free(unique(step[self._refs[step] == 0]))
+            named, times = np.unique(step, return_counts=True)
+            if (self._refs[named] < times).any():
+                raise ValueError("double free of a swap slot")
+            self._refs[named] -= times.astype(self._refs.dtype)
+            self._now_free(named[self._refs[named] == 0])
 
     def _now_free(self, released: np.ndarray) -> None:
         """These slots (sorted) lost their last reference."""
@@ -146,13 +153,13 @@ class SlotAllocator:
             self.free_one(slots[0])
             return
         refs = self._refs
-        if any(refs[slot] == 0 for slot in slots):
+        named = collections.Counter(slots)   # a slot may be named twice (shared after a fork)
+        if any(refs[slot] < times for slot, times in named.items()):
             raise ValueError("double free of a swap slot")
         released = []
-        for slot in slots:   # a slot may be named twice (shared after a fork)
-            left = int(refs[slot]) - 1
-            refs[slot] = max(left, 0)
-            if left == 0:
+        for slot, times in named.items():
+            refs[slot] -= times
+            if refs[slot] == 0:
                 released.append(slot)
         if released:
             self._now_free(np.array(sorted(released), np.int32))
