@@ -638,6 +638,51 @@ def test_a_discardable_hint_flags_only_pages_it_saw_write_protected():
     assert set(flagged.tolist()) <= protected
 
 
+def test_a_write_that_could_not_all_be_submitted_sets_its_slots_aside(tmp_path):
+    """io_uring may refuse a request part way through a batch, with the
+    ones before it already in the kernel: the file store says the write may
+    still land (BackendError.may_land), and the evictor keeps the batch
+    resident without freeing its slots, which a later page could otherwise
+    get and then find overwritten. (The real ring: test_backend_conformance.)"""
+    from types import SimpleNamespace
+
+    from umgr.backends.file import FileBackend
+    from umgr.errors import BackendError
+    from umgr.kernel.buffers import PageBuffer
+    from umgr.paging.core import TargetCore
+    from umgr.paging.evictor import BatchReleased, Evictor
+    from umgr.paging.pagetable import PageTable, State
+    from umgr.policies import GuardedEviction
+    from umgr.policies.fifo import FifoEviction
+
+    backend = FileBackend(size=1 << 20, directory=str(tmp_path / "state"))
+    try:
+        async def refuse(batch):
+            raise OSError(12, "Cannot allocate memory")
+        backend.ring.submit_and_wait = refuse
+        buf = PageBuffer(4)
+        slots = backend.slots.alloc(4)
+        with pytest.raises(BackendError) as raised:
+            trio.run(backend.write, slots, buf.addrs(np.arange(4)))
+        assert raised.value.may_land
+        backend.slots.free(slots)
+
+        pt = PageTable()
+        pt.add(100, 8)
+        unprotect = SimpleNamespace(writeprotect_runs=lambda starts, lengths, protect: (len(starts), 0))
+        core = TargetCore(pid=0, label="t", uffd=unprotect, backend=backend,
+                          budget=Budget(0), eviction=GuardedEviction(FifoEviction()), clean_copies="never", pt=pt)
+        vpns = np.arange(100, 104)
+        pt.set(vpns, State.EVICTING)
+        evictor = Evictor(core, pinning=None, removes=None)
+        with pytest.raises(BatchReleased):
+            trio.run(evictor._write, vpns, np.ones(4, bool), buf.addrs(np.arange(4)))
+        assert backend.slots.used == 4, "the slots it may still write are not handed out again"
+        assert (pt.states(vpns) == State.RESIDENT).all()
+    finally:
+        backend.close()
+
+
 def test_victims_in_a_batch_in_flight_are_found_as_isin_finds_them():
     """Evictor._among (searchsorted on two sorted arrays) against np.isin,
     edges included: before the first, past the last, equal ends."""

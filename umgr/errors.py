@@ -38,4 +38,10 @@ class BackendFull(UmgrError):
 
 
 class BackendError(UmgrError):
-    """Backend I/O failed: the pages concerned stay resident."""
+    """Backend I/O failed: the pages concerned stay resident.
+    `may_land`: part of a write may still be on its way to the store
+    (submitted when the rest failed), so its slots must not be used again."""
+
+    def __init__(self, *args, may_land: bool = False):
+        super().__init__(*args)
+        self.may_land = may_land

@@ -222,7 +222,14 @@ class FileBackend(Backend):
         lengths = (count * PAGE_SIZE).astype(np.uint32)
         batch = Batch(op, self.fd, run_addrs, lengths, (first_slot * PAGE_SIZE).astype(np.uint64))
         started = time.perf_counter()
-        results = await self.ring.submit_and_wait(batch)
+        try:
+            results = await self.ring.submit_and_wait(batch)
+        except OSError as exc:
+            # Submitting stopped part way (the ring refused a request): what
+            # went in before runs on in the kernel.
+            self.errors += 1
+            raise BackendError(f"swap file {op.name.lower()} could not be submitted: {exc.strerror or exc}",
+                               may_land=op == Op.WRITE) from None
         elapsed = self._timed(started)
         if op == Op.READ:
             self.read_seconds += elapsed

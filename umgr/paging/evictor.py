@@ -332,7 +332,11 @@ class Evictor:
         try:
             await io_to_the_end(core.backend.write, slots, addrs)
         except BackendError as exc:
-            core.slots.free(slots)
+            if exc.may_land:   # (a write landing in a slot handed out again would overwrite its page)
+                log.warning("%s: %d swap slots are set aside for good: a failed write may still land in them",
+                            core.label, len(slots))
+            else:
+                core.slots.free(slots)
             core.stats.backend_failures += 1
             await self._abort(vpns, f"backend error ({exc}); pages stay resident")
             raise BatchReleased(progress=False) from None
