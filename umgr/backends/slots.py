@@ -153,13 +153,16 @@ class SlotAllocator:
             self.free_one(slots[0])
             return
         refs = self._refs
-        named = collections.Counter(slots)   # a slot may be named twice (shared after a fork)
+        # A slot may be named twice (shared after a fork): counted, where
+        # the common case (each once) needs no Counter (a few us).
+        named = collections.Counter(slots) if len(set(slots)) < len(slots) else dict.fromkeys(slots, 1)
         if any(refs[slot] < times for slot, times in named.items()):
             raise ValueError("double free of a swap slot")
         released = []
         for slot, times in named.items():
-            refs[slot] -= times
-            if refs[slot] == 0:
+            left = int(refs[slot]) - times
+            refs[slot] = left
+            if left == 0:
                 released.append(slot)
         if released:
             self._now_free(np.array(sorted(released), np.int32))
