@@ -33,6 +33,7 @@ MODES = {
                                       # a vfork and a CLONE_VM child reading the parent's pages: not targets
     "exit-killed": ("forks", 2, 3),   # children SIGKILLed: one idle, one paging
     "forkpty": ("forks", 2, 3),       # forkpty(3) (glibc forks without calling fork()), then fork()
+    "forkpty-thread": ("forks", 1, 2),  # forkpty(3) while an idle thread's stack top is paged out
     "munmap": ("unmaps", 1, 1),
     "mremap": ("remaps", 1, 1),
     "mremap-race": ("remaps", 1, 1),  # 24 moves while eviction batches are in flight

@@ -965,9 +965,9 @@ static void attach_forked(const char *path)
 }
 
 static void find_next_allocator(void);
-static void unwrapped_fork_prepare(void);
-static void unwrapped_fork_parent(void);
-static void unwrapped_fork_child(void);
+static void fork_prepare(void);
+static void fork_parent(void);
+static void fork_child(void);
 
 /* Under umgr exec (UMGR_EXEC_PID): a pidfd of it, taken now, while it is
  * surely alive (it started us or an ancestor of ours), so that a reused pid
@@ -1005,7 +1005,7 @@ __attribute__((constructor)) static void umgr_shim_init(void)
     if (name)
         strncpy(shim.name, name, sizeof shim.name - 1);
     watch_exec();
-    pthread_atfork(unwrapped_fork_prepare, unwrapped_fork_parent, unwrapped_fork_child);
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
     attach(path, 1);
 }
 
@@ -1243,96 +1243,130 @@ static void child_after_fork(int was_active)
         attach_forked(path);
 }
 
-/* fork() itself, which knows the child's pid. */
-static __thread int in_fork_wrapper;
+/* Every fork glibc makes runs its atfork handlers: fork() (wrapped below,
+ * as it knows the child's pid) and its own forks inside daemon(3) and
+ * forkpty(3) (Python's pty.fork), which call glibc's internal __fork, not
+ * fork(). Unnamed, such a fork's uffd would pair with the parent's next
+ * FORKED (that child then killed by its shim for failing the proof), or
+ * outlive a parent that exits at once (daemon) only ORPHAN_WAIT seconds,
+ * after which the child's paged-out pages read as zeros. So the handlers
+ * name those children too, found among the forking thread's children
+ * (/proc/thread-self/children) as the one that was not there before: the
+ * parent does not wait for the child, whose first steps in glibc (other
+ * threads' stacks) may fault on pages only the daemon can bring back, and
+ * it does so once the child is its target. fork_lock is taken in the
+ * prepare handler on both paths: glibc runs it after the prepare handlers
+ * registered after the shim's (other libraries take their locks there), so
+ * every fork takes the locks in one order. (_Fork() and a raw clone run
+ * no handler: such a child is not served; the README says what follows.) */
+static __thread int in_fork_wrapper;  /* fork() names its child itself */
+static __thread int fork_locked;      /* this thread's prepare handler took fork_lock */
+static int fork_was_active;
+#define KNOWN_CHILDREN_MAX 4096
+static pid_t known_children[KNOWN_CHILDREN_MAX]; /* the thread's children before the fork (under fork_lock) */
+static int nknown_children = -1;                 /* -1: not known */
+
+/* The calling thread's children, up to `max` (-1: unreadable or more). */
+static int thread_children(pid_t *out, int max)
+{
+    static char text[8 * KNOWN_CHILDREN_MAX];
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, "/proc/thread-self/children", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t len = 0, got;
+    while (len < (ssize_t)sizeof text - 1 && (got = read(fd, text + len, sizeof text - 1 - len)) != 0) {
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            break;
+        len += got;
+    }
+    raw_close(fd);
+    if (len >= (ssize_t)sizeof text - 1)
+        return -1;
+    text[len] = 0;
+    int n = 0;
+    for (char *at = text, *end; *at; at = end) {
+        long pid = strtol(at, &end, 10);
+        if (end == at)
+            break;
+        if (n == max)
+            return -1;
+        out[n++] = (pid_t)pid;
+    }
+    return n;
+}
+
+static void fork_prepare(void)
+{
+    if (!shim.active)
+        return;
+    pthread_mutex_lock(&shim.fork_lock);
+    fork_locked = 1;
+    fork_was_active = shim.active;
+    nknown_children = in_fork_wrapper ? -1 : thread_children(known_children, KNOWN_CHILDREN_MAX);
+}
+
+/* The child a fork just made: the thread's child that was not there
+ * before it; 0 when none can be told (no child, or it died and was reaped
+ * at once: then if the kernel did send a fork event, the parent's next
+ * FORKED pairs with it). */
+static pid_t new_child(void)
+{
+    static pid_t now[KNOWN_CHILDREN_MAX];
+    int n = nknown_children < 0 ? -1 : thread_children(now, KNOWN_CHILDREN_MAX);
+    for (int i = n - 1; i >= 0; i--) {   /* (the newest last) */
+        int known = 0;
+        for (int j = 0; j < nknown_children && !known; j++)
+            known = now[i] == known_children[j];
+        if (!known)
+            return now[i];
+    }
+    return 0;
+}
+
+static void fork_parent(void)
+{
+    if (!fork_locked)
+        return;
+    if (in_fork_wrapper)
+        return;   /* fork() names its child and unlocks */
+    fork_locked = 0;
+    pid_t pid = new_child();
+    if (pid > 0 && fork_was_active)
+        name_child(pid);
+    pthread_mutex_unlock(&shim.fork_lock);
+}
+
+static void fork_child(void)
+{
+    if (!fork_locked || in_fork_wrapper)
+        return;   /* (fork() goes on from here once it returns) */
+    fork_locked = 0;
+    child_after_fork(fork_was_active);
+}
 
 EXPORT pid_t fork(void)
 {
     static fork_fn real_fork;
     if (!real_fork)
         real_fork = (fork_fn)dlsym(RTLD_NEXT, "fork");
-    if (!shim.active)
-        return real_fork();
-    pthread_mutex_lock(&shim.fork_lock);
-    int was_active = shim.active;
     in_fork_wrapper = 1;
-    pid_t pid = real_fork();
+    pid_t pid = real_fork();   /* fork_prepare took fork_lock if the shim is active */
     in_fork_wrapper = 0;
+    int locked = fork_locked, was_active = fork_was_active;
+    fork_locked = 0;
     if (pid == 0) {
-        child_after_fork(was_active);
+        if (locked)
+            child_after_fork(was_active);
         return 0;
     }
-    if (pid > 0 && was_active)
-        name_child(pid);
-    pthread_mutex_unlock(&shim.fork_lock);
+    if (locked) {
+        if (pid > 0 && was_active)
+            name_child(pid);
+        pthread_mutex_unlock(&shim.fork_lock);
+    }
     return pid;
-}
-
-/* Forks inside libc that do not call fork() through its symbol: daemon(3),
- * forkpty(3) (Python's pty.fork) call glibc's internal __fork, which runs
- * the atfork handlers but not the wrapper above. Unnamed, such a fork's
- * uffd would pair with the parent's next FORKED (that child then killed by
- * its shim for failing the proof), or outlive a parent that exits at once
- * (daemon) only ORPHAN_WAIT seconds, after which the child's paged-out
- * pages read as zeros. The handlers name the child too: the parent learns
- * its pid through a pipe the child writes first thing. (_Fork() and a raw
- * clone run no handler: such a child is not served; the README says
- * what follows.) */
-static __thread int forking_unwrapped; /* this thread's prepare handler took fork_lock */
-static int fork_was_active;
-static int fork_pipe[2] = {-1, -1};       /* (under fork_lock) */
-
-static void unwrapped_fork_prepare(void)
-{
-    if (in_fork_wrapper || !shim.active)
-        return;
-    pthread_mutex_lock(&shim.fork_lock);
-    forking_unwrapped = 1;
-    fork_was_active = shim.active;
-    if (pipe2(fork_pipe, O_CLOEXEC) < 0)
-        fork_pipe[0] = fork_pipe[1] = -1;   /* the child cannot be named: see unwrapped_fork_parent */
-}
-
-/* Also after a failed fork. No pid learnt (no pipe, no child, or one that
- * died before its handler ran): nothing is named, and if the kernel did
- * send a fork event, the parent's next FORKED pairs with it. */
-static void unwrapped_fork_parent(void)
-{
-    if (!forking_unwrapped)
-        return;
-    int was_active = fork_was_active;
-    forking_unwrapped = 0;
-    pid_t pid = 0;
-    if (fork_pipe[1] >= 0) {
-        raw_close(fork_pipe[1]);   /* then EOF if no child was made (or it died at once) */
-        ssize_t got;
-        while ((got = read(fork_pipe[0], &pid, sizeof pid)) < 0 && errno == EINTR)
-            ;
-        if (got != sizeof pid)
-            pid = 0;
-        raw_close(fork_pipe[0]);
-        fork_pipe[0] = fork_pipe[1] = -1;
-    }
-    if (pid > 0 && was_active)
-        name_child(pid);
-    pthread_mutex_unlock(&shim.fork_lock);
-}
-
-static void unwrapped_fork_child(void)
-{
-    if (!forking_unwrapped)
-        return;
-    int was_active = fork_was_active;
-    forking_unwrapped = 0;
-    if (fork_pipe[1] >= 0) {
-        pid_t me = (pid_t)syscall(SYS_getpid);
-        ssize_t ignored = write(fork_pipe[1], &me, sizeof me);
-        (void)ignored;
-        raw_close(fork_pipe[0]);
-        raw_close(fork_pipe[1]);
-        fork_pipe[0] = fork_pipe[1] = -1;
-    }
-    child_after_fork(was_active);
 }
 
 /* ---- the shim's own descriptors ------------------------------------------

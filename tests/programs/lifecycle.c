@@ -3,7 +3,7 @@
  * MODE: fork | munmap | mremap | mremap-race | mremap-thread | remap-hole | unmap-thread | dontneed | dontneed-race | exit
  *     | fork-tree | exec | exec-parent | fork-exec | spawn | exit-killed
  *     | fork-parent-killed | fork-killed | daemon | forkpty
- *     | fork-orphan-slow-child | fork-slow-parent
+ *     | fork-orphan-slow-child | fork-slow-parent | forkpty-thread
  *     (helpers run by the program itself: fresh | true).
  * Exit 0 when all is intact. */
 #define _GNU_SOURCE
@@ -291,6 +291,14 @@ static void die_in_parent(void)
     kill(getpid(), SIGKILL);
 }
 
+static void *wait_on_pipe(void *fd)
+{
+    char c;
+    ssize_t got = read(*(int *)fd, &c, 1);
+    (void)got;
+    return NULL;
+}
+
 static void sleep_a_while(void)
 {
     usleep(1500 * 1000);
@@ -399,6 +407,34 @@ int main(int argc, char **argv)
         bad |= check(m, 0, n, 2, "daemon(3)'s child's own writes");
         printf("daemon child %s\n", bad ? "bad" : "ok");
         return bad;
+    }
+    if (strcmp(mode, "forkpty-thread") == 0) {
+        /* A thread sits idle while the region is written: the top of its
+         * stack (glibc's struct pthread, in a managed mapping) is paged out
+         * by the time the main thread forks, and glibc's own first steps in
+         * the child write it (a fault only the daemon can serve, once the
+         * parent has named the child). */
+        int idle[2];
+        pthread_t thread;
+        if (pipe(idle) != 0 || pthread_create(&thread, NULL, wait_on_pipe, &idle[0]) != 0)
+            return 2;
+        usleep(100 * 1000);
+        fill(m, 0, n, 1);
+        int master = -1;
+        pid_t pid = forkpty(&master, NULL, NULL, NULL);
+        if (pid < 0)
+            return 2;
+        if (pid == 0)
+            _exit(check(m, 0, n, 1, "forkpty(3)'s child of a threaded parent") ? 3 : 0);
+        int status;
+        waitpid(pid, &status, 0);
+        close(master);
+        int bad = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+        if (bad)
+            fprintf(stderr, "forkpty(3) child failed: status %#x\n", status);
+        if (write(idle[1], "x", 1) != 1 || pthread_join(thread, NULL) != 0)
+            return 2;
+        return bad | check(m, 0, n, 1, "threaded parent after forkpty(3)");
     }
     if (strcmp(mode, "forkpty") == 0) {
         /* forkpty(3) forks inside glibc too; then a plain fork(): each child
