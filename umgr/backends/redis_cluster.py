@@ -83,24 +83,25 @@ class RedisBackend(Backend):
     def __init__(self, size: int = 4 << 30, host: str = "127.0.0.1", port: int = 6379, username: str = "",
                  password: str = "", tls: int = 0, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
                  timeout: str = "2", wait: str = "15", clients: int = 4, prefix: str = "umgr",
-                 instance: str = "", directory: str = ""):
+                 instance: str = "", directory: str = "", reuse: bool = False):
         """host, port: any node of the cluster (the others are found from
         it); timeout: seconds for a connection or a reply; wait: seconds a
         failing read is retried before its target is killed; clients:
         batches in flight at once. `instance`: the keys' middle name, kept
         by a daemon that saves its state (umgr/daemon/statedir.py) in
         `directory`: its keys then outlive it for a restarted daemon, with
-        their tags in that directory, and go at remove(); without it, a
-        random one, and the keys go at close()."""
+        their tags in that directory (`reuse`: a dead daemon's targets may
+        come back for them), and go at remove(); without it, a random one,
+        and the keys go at close()."""
         self._tags_path = os.path.join(directory, TAGS_FILE) if instance and directory else ""
         # A restarted daemon's store keeps the size it had (as the swap
         # file does): its saved tables name slots of that size.
-        found = _found_slots(self._tags_path)
+        found = _found_slots(self._tags_path) if reuse else 0
         if found and found != size // PAGE_SIZE:
             log.info("redis: the store keeps its size of %d MiB (%s), not the %d MiB asked for",
                      found * PAGE_SIZE >> 20, self._tags_path, size >> 20)
         super().__init__(found or size // PAGE_SIZE)
-        self.tags = _slot_tags(self.slots.capacity, self._tags_path)
+        self.tags = _slot_tags(self.slots.span, self._tags_path, fresh=not reuse)
         self._next_tag = secrets.randbits(32)
         redis = _redis()
         self.timeout, self.wait = float(timeout), float(wait)
@@ -279,25 +280,29 @@ class RedisBackend(Backend):
 
 
 def _found_slots(path: str) -> int:
-    """The slots of the store whose tags file is at `path` (0: none)."""
+    """The slots of the store whose tags file is at `path` (0: none). The
+    file has an entry per slot number, 0 (never handed out) included."""
     try:
-        return os.stat(path).st_size // 4 if path else 0
+        return max(os.stat(path).st_size // 4 - 1, 0) if path else 0
     except FileNotFoundError:
         return 0
 
 
-def _slot_tags(slots: int, path: str) -> np.ndarray:
-    """A tag (uint32, 0: none) per slot: in memory, or in the file at
-    `path`, which a restarted daemon finds again."""
+def _slot_tags(span: int, path: str, fresh: bool) -> np.ndarray:
+    """A tag (uint32, 0: none) per slot number below `span`: in memory, or
+    in the file at `path`, which a restarted daemon finds again (`fresh`:
+    a file left there is of no use, its tags go)."""
     if not path:
-        return np.zeros(slots, np.uint32)
+        return np.zeros(span, np.uint32)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        if os.fstat(fd).st_size != slots * 4:
-            os.ftruncate(fd, slots * 4)
+        if fresh:
+            os.ftruncate(fd, 0)
+        if os.fstat(fd).st_size != span * 4:
+            os.ftruncate(fd, span * 4)
     finally:
         os.close(fd)
-    return np.memmap(path, np.uint32, "r+", shape=(slots,))
+    return np.memmap(path, np.uint32, "r+", shape=(span,))
 
 
 class _Unavailable(Exception):
