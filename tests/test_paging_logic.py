@@ -683,6 +683,53 @@ def test_a_write_that_could_not_all_be_submitted_sets_its_slots_aside(tmp_path):
         backend.close()
 
 
+def test_busy_pages_wait_longer_each_time_they_come_back_busy(monkeypatch):
+    """Pages a move found busy (pinned for I/O) are tried again after a
+    second, then after twice as long each time they come back busy soon
+    after a try (each try reads and stores them again; io_uring keeps its
+    registered buffers pinned for the ring's life), and after a quiet
+    while from a second again."""
+    from types import SimpleNamespace
+
+    from umgr.backends.slots import SlotAllocator
+    from umgr.paging import pinning as pinning_module
+    from umgr.paging.core import TargetCore
+    from umgr.paging.pagetable import PageTable, State
+    from umgr.policies import GuardedEviction
+    from umgr.policies.fifo import FifoEviction
+
+    clock = [0.0]
+    monkeypatch.setattr(pinning_module.time, "monotonic", lambda: clock[0])
+    uffd = SimpleNamespace(writeprotect_runs=lambda starts, lengths, protect: (len(starts), 0))
+    pt = PageTable()
+    pt.add(100, 8)
+    core = TargetCore(pid=0, label="t", uffd=uffd, backend=SimpleNamespace(slots=SlotAllocator(16)),
+                      budget=Budget(0), eviction=GuardedEviction(FifoEviction()), clean_copies="never", pt=pt)
+    pinning = pinning_module.Pinning(core)
+    busy = np.arange(100, 104)
+
+    def busy_again(at: float) -> None:
+        clock[0] = at
+        pt.set(busy, State.ZAPPING)
+        trio.run(pinning.pin_busy, busy)
+        assert (pt.states(busy) == State.PINNED).all()
+
+    def tried_at(at: float) -> bool:
+        clock[0] = at
+        pinning._rechecked = -1e9   # (recheck's own pace is not what is tested)
+        pinning.recheck()
+        return bool((pt.states(busy) == State.RESIDENT).all())
+
+    busy_again(0.0)
+    assert not tried_at(0.9) and tried_at(1.0)
+    busy_again(1.1)                 # busy again at once: 2 s
+    assert not tried_at(3.0) and tried_at(3.1)
+    busy_again(3.2)                 # 4 s
+    assert not tried_at(7.1) and tried_at(7.2)
+    busy_again(100.0)               # after a quiet while: 1 s again
+    assert tried_at(101.0)
+
+
 def test_victims_in_a_batch_in_flight_are_found_as_isin_finds_them():
     """Evictor._among (searchsorted on two sorted arrays) against np.isin,
     edges included: before the first, past the last, equal ends."""

@@ -10,7 +10,10 @@ stay write-protected and a write makes them RESIDENT again. Unreadable
 out because they were busy (EBUSY: pinned for I/O, as the kernel's own
 reclaim leaves such pages alone). Nothing tells umgr when a lock, a
 protection, a sharing or an I/O pin ends, so recheck() looks again every
-RECHECK_SECONDS (busy pages are simply tried again then).
+RECHECK_SECONDS. Busy pages are simply tried again, after RECHECK_SECONDS
+at first and twice as long each time pages come back busy soon after
+(up to BUSY_WAIT_MAX): each try reads and stores them again, and a
+buffer registered with io_uring stays pinned for the ring's life.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from umgr.sizes import format_size
 
 log = logging.getLogger("umgr.target")
 
+BUSY_WAIT_MAX = 64.0   # seconds busy pages wait at most before they are tried again
+
 
 class Pinning:
     def __init__(self, core: TargetCore):
@@ -34,6 +39,9 @@ class Pinning:
         self.locked: list[tuple[int, int]] = []       # mlocked vpn ranges: pinned
         self.unreadable: list[tuple[int, int]] = []   # PROT_NONE (...) vpn ranges: pinned
         self.busy: list[np.ndarray] = []              # pages pinned because a move found them busy
+        self._busy_wait = RECHECK_SECONDS             # how long they wait before they are tried again
+        self._busy_due: float | None = None           # when they are
+        self._busy_tried = -1e9                       # when busy pages were last tried again
         self._rechecked = 0.0
         self._pinned_told = False
 
@@ -147,7 +155,15 @@ class Pinning:
         busy = busy[core.pt.states(busy) == State.ZAPPING]
         if len(busy) == 0:
             return
-        log.info("%s: %d pages are busy (pinned for I/O): kept in memory for now", core.label, len(busy))
+        now = time.monotonic()
+        if now - self._busy_tried < 2 * self._busy_wait:   # busy again soon after a try: wait longer
+            self._busy_wait = min(2 * self._busy_wait, BUSY_WAIT_MAX)
+        elif now - self._busy_tried > 4 * self._busy_wait:
+            self._busy_wait = RECHECK_SECONDS
+        if self._busy_due is None:
+            self._busy_due = now + self._busy_wait
+        log.info("%s: %d pages are busy (pinned for I/O): kept in memory for %g s", core.label, len(busy),
+                 self._busy_wait)
         core.stats.busy_pinned += len(busy)
         slots = core.pt.slots(busy)
         core.slots.free(slots[slots != NO_SLOT])
@@ -201,9 +217,10 @@ class Pinning:
         self._rechecked = now
         if self.locked or self.unreadable:
             self._unpin_released()
-        if self.busy:
+        if self.busy and now >= self._busy_due:
             busy = np.concatenate(self.busy)
             self.busy.clear()
+            self._busy_due, self._busy_tried = None, now
             busy = busy[self.core.pt.states(busy) == State.PINNED]
             self._count_again(busy[~_inside(busy, self.locked) & ~_inside(busy, self.unreadable)])
         shared = self.core.pt.vpns_in(State.SHARED)
