@@ -89,7 +89,9 @@ def test_a_child_whose_parent_names_it_late_does_not_claim_another_parents_orpha
     try:
         wait_for(lambda: f"pid {orphaned.pid}: died before naming its forked child" in daemon.log(), 20,
                  "the orphan")
-        slow = subprocess.run([programs["lifecycle"], "fork-slow-parent", "64"], env=daemon.env(shim),
+        # (Small, so that its child is born within a second of the orphan's
+        # fork: only then could the orphan be its fork, forks.could_be_its_fork.)
+        slow = subprocess.run([programs["lifecycle"], "fork-slow-parent", "4"], env=daemon.env(shim),
                               capture_output=True, timeout=40)
         assert slow.returncode == 0, slow.stderr.decode()[-2000:] + daemon.log()[-3000:]
         out, err = orphaned.communicate(timeout=40)

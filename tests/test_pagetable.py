@@ -127,8 +127,8 @@ def test_slots_alloc_contiguous_and_refcounted():
 def test_slots_named_twice_in_one_free_need_two_references(count):
     """A slot shared after a fork may be named twice in one free(), and
     then goes; named twice with one reference is a double free, raised
-    before any count changes (it wrapped to 65535, or was clipped at 0,
-    and the slot was never free again)."""
+    before the counts of its step of the call change (it wrapped to 65535,
+    or was clipped at 0, and the slot was never free again)."""
     slots = SlotAllocator(64)
     a = slots.alloc(count)
     slots.incref(a[:1])
