@@ -423,6 +423,40 @@ def test_failing_lower_store_fails_the_write_and_loses_nothing_held():
         chain.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_demotion_whose_write_may_still_land_sets_its_slots_and_buffer_aside():
+    """A demotion's lower write that io_uring refused part way (the file
+    store's BackendError.may_land): its pages stay in the upper tier, and
+    its slots keep a reference for good and its buffer is not used again,
+    so the rest of that write, landing later, overwrites nothing of a
+    later page's."""
+    n = 64
+    out, back = PageBuffer(n), PageBuffer(n)
+    pages = out.bytes.reshape(n, PAGE)   # half random: about 2 KiB each compressed, 128 KiB in all
+    pages[:, :PAGE // 2] = np.random.default_rng(23).integers(0, 256, (n, PAGE // 2), dtype=np.uint8)
+    pages[:, PAGE // 2:] = 0
+    chain = open_specs(["compressed:cap=160K", "file"])
+    try:
+        first = chain.slots.alloc(n)
+        run_io(chain.write, first, out.addrs(np.arange(n)))
+
+        async def refuse(batch):
+            raise OSError(12, "Cannot allocate memory")
+        chain.lower.ring.submit_and_wait = refuse
+        buffers = len(chain._buffers)
+        more = chain.slots.alloc(n)
+        with pytest.raises(BackendError) as raised:
+            run_io(chain.write, more, out.addrs(np.arange(n)))   # the cap is full: `first` goes down
+        assert raised.value.may_land
+        demoted = first[chain.slots.refs(first) == 2]
+        assert len(demoted), "the refused demotion's slots keep a reference of their own"
+        assert len(chain._buffers) == buffers, "its buffer is not used again"
+        run_io(chain.read, first, back.addrs(np.arange(n)))   # still held above
+        assert np.array_equal(out.bytes, back.bytes)
+    finally:
+        chain.close()
+
+
 def test_bad_specs_say_what_is_wrong():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         open_specs(["nope"])

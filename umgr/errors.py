@@ -39,8 +39,9 @@ class BackendFull(UmgrError):
 
 class BackendError(UmgrError):
     """Backend I/O failed: the pages concerned stay resident.
-    `may_land`: part of a write may still be on its way to the store
-    (submitted when the rest failed), so its slots must not be used again."""
+    `may_land`: part of the I/O may still be on its way (submitted when the
+    rest failed): a write's slots must not be used again, nor a read's or
+    a write's buffers."""
 
     def __init__(self, *args, may_land: bool = False):
         super().__init__(*args)

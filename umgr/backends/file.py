@@ -229,7 +229,7 @@ class FileBackend(Backend):
             # went in before runs on in the kernel.
             self.errors += 1
             raise BackendError(f"swap file {op.name.lower()} could not be submitted: {exc.strerror or exc}",
-                               may_land=op == Op.WRITE) from None
+                               may_land=True) from None
         elapsed = self._timed(started)
         if op == Op.READ:
             self.read_seconds += elapsed

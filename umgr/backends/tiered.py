@@ -26,6 +26,7 @@ import numpy as np
 import trio
 
 from umgr.backends import NO_READS, Backend, ReadsDone
+from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
 from umgr.kernel.buffers import PageBuffer
 
@@ -118,13 +119,23 @@ class Tiered(Backend):
             self._buffers.append(buf)
             raise
         self._in_flight[victims] = True
+        landing = False
         try:
             await self.lower.write(victims, addrs)
+        except BackendError as exc:
+            # Part of the write may still land: its buffer is not used again,
+            # and its slots stay taken for good (a reference of their own),
+            # so that no later page of theirs is overwritten by it.
+            landing = exc.may_land
+            if landing:
+                self.slots.incref(victims)
+            raise
         finally:
             self._in_flight[victims] = False
             self._landed.set()
             self._landed = trio.Event()
-            self._buffers.append(buf)
+            if not landing:
+                self._buffers.append(buf)
         upper.drop_if_held(victims, tokens)
         self.demoted += len(victims)
         return True

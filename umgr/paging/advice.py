@@ -143,6 +143,8 @@ class Hints:
             except BackendError as exc:
                 core.stats.backend_failures += 1
                 log.warning("%s: WILLNEED read failed (%s); pages stay swapped", core.label, exc)
+                if exc.may_land:   # (a read still on its way would write into the next one's pages)
+                    self._buf = None
                 return False
             await self._copy_willneed(vpns, slots)
         finally:
