@@ -32,6 +32,15 @@ def unique(values: np.ndarray) -> np.ndarray:
     return ordered[first]
 
 
+def unique_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values, sorted, and how many times each comes, by a sort."""
+    ordered = np.sort(np.asarray(values).ravel())
+    if len(ordered) == 0:
+        return ordered, np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    return ordered[starts], np.diff(np.append(starts, len(ordered)))
+
+
 def union(these: np.ndarray, those: np.ndarray) -> np.ndarray:
     """np.union1d by a sort."""
     return unique(np.concatenate((np.asarray(these).ravel(), np.asarray(those).ravel())))

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from umgr.arrays import unique
+from umgr.arrays import unique_counts
 from umgr.errors import BackendFull
 
 FEW_SLOTS = 16   # free() of at most this many slots runs on plain integers
@@ -130,7 +130,7 @@ class SlotAllocator:
         # named more than once (shared after a fork), never more often than
         # it has references: the count would wrap and the slot never free.
         for step in steps:
-            named, times = np.unique(step, return_counts=True)
+            named, times = unique_counts(step)
             if (self._refs[named] < times).any():
                 raise ValueError("double free of a swap slot")
             self._refs[named] -= times.astype(self._refs.dtype)
