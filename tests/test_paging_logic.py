@@ -702,7 +702,8 @@ def test_busy_pages_wait_longer_each_time_they_come_back_busy(monkeypatch):
     monkeypatch.setattr(pinning_module.time, "monotonic", lambda: clock[0])
     uffd = SimpleNamespace(writeprotect_runs=lambda starts, lengths, protect: (len(starts), 0))
     pt = PageTable()
-    pt.add(100, 8)
+    pt.add(100, 4)
+    pt.add(104, 4)   # (two regions: the table's lookups want sorted vpns)
     core = TargetCore(pid=0, label="t", uffd=uffd, backend=SimpleNamespace(slots=SlotAllocator(16)),
                       budget=Budget(0), eviction=GuardedEviction(FifoEviction()), clean_copies="never", pt=pt)
     pinning = pinning_module.Pinning(core)
@@ -728,6 +729,15 @@ def test_busy_pages_wait_longer_each_time_they_come_back_busy(monkeypatch):
     assert not tried_at(7.1) and tried_at(7.2)
     busy_again(100.0)               # after a quiet while: 1 s again
     assert tried_at(101.0)
+    # Two batches' busy pages, the later one lower: all are tried again.
+    clock[0] = 200.0
+    pt.set(np.arange(100, 108), State.ZAPPING)
+    trio.run(pinning.pin_busy, np.arange(104, 108))
+    trio.run(pinning.pin_busy, np.arange(100, 104))
+    clock[0] = 201.0
+    pinning._rechecked = -1e9
+    pinning.recheck()
+    assert (pt.states(np.arange(100, 108)) == State.RESIDENT).all()
 
 
 def test_victims_in_a_batch_in_flight_are_found_as_isin_finds_them():

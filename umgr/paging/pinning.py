@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from umgr.arrays import unique
 from umgr.kernel import maps, procmem
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, State, runs
@@ -218,7 +219,7 @@ class Pinning:
         if self.locked or self.unreadable:
             self._unpin_released()
         if self.busy and now >= self._busy_due:
-            busy = np.concatenate(self.busy)
+            busy = unique(np.concatenate(self.busy))   # (sorted, as the table's lookups need)
             self.busy.clear()
             self._busy_due, self._busy_tried = None, now
             busy = busy[self.core.pt.states(busy) == State.PINNED]
