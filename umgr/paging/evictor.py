@@ -408,6 +408,7 @@ class Evictor:
         core.stats.moved_out += int(moved.sum())
         await self.pinning.pin_busy(vpns[busy])
         rest = vpns[~moved & ~busy]
+        rest = rest[core.pt.states(rest) == State.ZAPPING]   # (pin_busy may have let an event be read)
         if error in (errno.ENOENT, errno.EAGAIN, errno.EBUSY):
             # A mapping gone (ENOENT), an event of the app's queued
             # (EAGAIN: an munmap, mremap, discard or fork in between, its
