@@ -188,6 +188,14 @@ class TargetCore:
             present[(lo >> PAGE_SHIFT) - start_vpn:(hi >> PAGE_SHIFT) - start_vpn] = True
         return present
 
+    def still_mapped(self, vpns: np.ndarray) -> np.ndarray:
+        """Which of the sorted vpns have a page (present, or swapped by the
+        kernel): present_pages over their span."""
+        if not len(vpns):
+            return np.zeros(0, bool)
+        first = int(vpns[0])
+        return self.present_pages(first, int(vpns[-1]) - first + 1)[vpns - first]
+
     def settle_moved_zapping(self, zapping: np.ndarray, discarded: np.ndarray) -> None:
         """ZAPPING pages that mremap moved away from the addresses their zap
         names (sorted vpns, where they are now), once no zap can land on
@@ -196,8 +204,7 @@ class TargetCore:
         discarded it too)."""
         if not len(zapping):
             return
-        first = int(zapping[0])
-        present = self.present_pages(first, int(zapping[-1]) - first + 1)[zapping - first]
+        present = self.still_mapped(zapping)
         self.release(zapping[present], State.ZAPPING)
         self.emptied(zapping[~present], discarded)
 

@@ -471,20 +471,12 @@ class Evictor:
             # it. So the pages of the range gone from the page tables were
             # emptied: their copy is all there is.
             left = left[self.core.pt.states(left) == State.ZAPPING]
-            gone = ~self._present(left)
+            gone = ~self.core.still_mapped(left)
             self._settle_zapped(left[gone], discarded)
             left = left[~gone]
         self._settle_moved_away(discarded)
         self.core.stats.zap_ranges += int(np.searchsorted(np.cumsum(sizes), nbytes, side="right"))   # done whole
         return left
-
-    def _present(self, vpns: np.ndarray) -> np.ndarray:
-        """Which of the sorted vpns are still mapped (present, or swapped
-        by the kernel)."""
-        if not len(vpns):
-            return np.zeros(0, bool)
-        first = int(vpns[0])
-        return self.core.present_pages(first, int(vpns[-1]) - first + 1)[vpns - first]
 
     def _settle_zapped(self, done: np.ndarray, discarded: np.ndarray) -> None:
         """Zapped pages become SWAPPED (FRESH if they had no content to keep,

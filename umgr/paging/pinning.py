@@ -139,11 +139,7 @@ class Pinning:
         if len(locked):
             log.info("%s: %d pages are mlocked: pinned while they stay locked", core.label, len(locked))
             core.stats.locked_pinned += len(locked)
-            slots = core.pt.slots(locked)
-            core.slots.free(slots[slots != NO_SLOT])
-            core.pt.set(locked, State.PINNED, NO_SLOT)
-            core.left_residency(locked)
-            await core.unprotect(locked)
+            await self._pin(locked)
             self._tell_pinned()
         return failed[~inside]
 
@@ -166,12 +162,18 @@ class Pinning:
         log.info("%s: %d pages are busy (pinned for I/O): kept in memory for %g s", core.label, len(busy),
                  self._busy_wait)
         core.stats.busy_pinned += len(busy)
-        slots = core.pt.slots(busy)
-        core.slots.free(slots[slots != NO_SLOT])
-        core.pt.set(busy, State.PINNED, NO_SLOT)
-        core.left_residency(busy)
         self.busy.append(busy)
-        await core.unprotect(busy)
+        await self._pin(busy)
+
+    async def _pin(self, vpns: np.ndarray) -> None:
+        """ZAPPING pages stay in memory, PINNED, unprotected: their copies
+        are dropped (the page is what counts now)."""
+        core = self.core
+        slots = core.pt.slots(vpns)
+        core.slots.free(slots[slots != NO_SLOT])
+        core.pt.set(vpns, State.PINNED, NO_SLOT)
+        core.left_residency(vpns)
+        await core.unprotect(vpns)
 
     def pin_unreadable(self, failed: np.ndarray) -> None:
         """process_vm_readv stopped at `failed` (one page): if it lies in a
