@@ -2,6 +2,7 @@
 runs, and a standalone daemon. Everything runs against the real kernel."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,6 +39,20 @@ def programs(tmp_path_factory) -> dict[str, str]:
         subprocess.run(["gcc", "-O2", "-pthread", "-Wall", "-o", str(exe), str(source), *libs], check=True)
         built[source.stem] = str(exe)
     return built
+
+
+def fd_links(pid: int) -> list[str]:
+    """What the process's descriptors point at, sorted; but for the
+    daemon's CPU latency request, which comes and goes with its targets'
+    fault rate (--idle-poll) and belongs to no connection, and for package
+    metadata files, which it reads a moment (importlib.metadata: plug-ins,
+    its version) and which a snapshot may catch open."""
+    from umgr.kernel import cpulatency
+    links = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+    return sorted(link for link in links if link != cpulatency.DEVICE and ".dist-info/" not in link)
 
 
 @pytest.fixture(scope="session")

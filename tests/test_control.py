@@ -21,11 +21,10 @@ import time
 
 import pytest
 
-from conftest import DaemonProcess, MiB, children, comm, wait_for
+from conftest import DaemonProcess, MiB, children, comm, fd_links, wait_for
 from umgr import protocol
 from umgr.backends.file import DEFAULT_STATE_DIR
 from umgr.cli import DEFAULT_SOCKET, format_status, query_status
-from umgr.kernel import cpulatency
 from umgr.sizes import parse_size
 
 UFFD_LINK = "anon_inode:[userfaultfd]"
@@ -118,17 +117,6 @@ def run_client(mode: str, path: str, *extra: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", CLIENT, mode, path, *extra], capture_output=True, timeout=30)
     assert proc.returncode == 0, f"client {mode} failed: {proc.stderr.decode(errors='replace')}"
     return json.loads(proc.stdout)
-
-
-def fd_links(pid: int) -> list[str]:
-    """What the daemon's descriptors point at, but for its CPU latency
-    request, which comes and goes with its targets' fault rate (--idle-poll)
-    and belongs to no connection."""
-    links = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            links.append(os.readlink(f"/proc/{pid}/fd/{name}"))
-    return [link for link in links if link != cpulatency.DEVICE]
 
 
 def wait_nothing_new_held(daemon, held: list[str], timeout: float = 5) -> None:

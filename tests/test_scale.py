@@ -9,7 +9,6 @@ targets.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
@@ -20,21 +19,13 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import fd_links, wait_for
 
 from umgr.cli import query_status
 
 MiB = 1 << 20
 PAGE = 4096
 RELEASED = re.compile(r"pid (\d+): released \(faults (\d+), pages in (\d+), out (\d+)\)")
-
-
-def fd_links(pid: int) -> list[str]:
-    links = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            links.append(os.readlink(f"/proc/{pid}/fd/{name}"))
-    return sorted(links)
 
 
 def explain(result) -> str:
