@@ -192,8 +192,13 @@ class Evictor:
                 # A page of the batch in flight that went back to RESIDENT
                 # (written, or moved by mremap and back) is not taken again
                 # until that batch is done: its _store() would find it
-                # EVICTING and zap it with that batch's stale copy.
-                candidates = candidates[~_among(candidates, self._putting_away)]
+                # EVICTING and zap it with that batch's stale copy. It goes
+                # back in the queue: choose() handed it out once, and no
+                # other on_resident would come for a page that stays.
+                in_flight = _among(candidates, self._putting_away)
+                if in_flight.any():
+                    core.eviction.on_resident(candidates[in_flight])
+                    candidates = candidates[~in_flight]
             chosen.append(candidates)
             count += len(candidates)
         if not chosen:
