@@ -311,15 +311,18 @@ class GuardedPrefetch:
     policy's first choices, and returned sorted as int64.
     """
 
-    def __init__(self, policy: PrefetchPolicy, target: str = "?", max_pages: int = 256):
+    def __init__(self, policy: PrefetchPolicy, target: str = "?", max_pages: int = 256, loaded_as: str = ""):
+        """``loaded_as``: the name the policy was loaded by (a plug-in's
+        entry-point name), which a forked child's target loads again."""
         self.policy = policy
         self.target = target
         self.max_pages = max_pages
+        self.loaded_as = loaded_as
         self.disabled = False
 
     @property
     def name(self) -> str:
-        return getattr(self.policy, "name", type(self.policy).__name__)
+        return self.loaded_as or getattr(self.policy, "name", type(self.policy).__name__)
 
     @property
     def cluster(self) -> int:

@@ -633,3 +633,29 @@ def test_first_unique_keeps_first_occurrences_in_order():
                 seen.add(v)
                 expected.append(v)
         assert _first_unique(arr).tolist() == expected
+
+
+def test_a_forked_child_s_target_loads_its_parent_s_plug_in_by_its_entry_point_name(monkeypatch):
+    # A plug-in need not set `name` (the README does not ask it to): the
+    # name a target's policy goes by is the one it was loaded by, which a
+    # forked child's target loads again (it got "base", which does not load,
+    # and ran without prefetch).
+    from types import SimpleNamespace
+
+    import umgr.policies as policies
+    from umgr.daemon.forks import ParentSettings
+    from umgr.daemon.lifecycle import Lifecycle
+
+    class Mine(PrefetchPolicy):
+        def on_fault(self, vpn, region_start, region_end):
+            return [vpn + 1]
+
+    monkeypatch.setattr(policies, "_plugins", {"mine": Mine})
+    lifecycle = Lifecycle.__new__(Lifecycle)
+    lifecycle.config = SimpleNamespace(policy="readahead", policy_options={})
+    parent = SimpleNamespace(pid=1, owner=(0, 0), budget_pages=1, name="", prefetch=lifecycle.prefetch("mine", "pid 1"))
+    settings = ParentSettings.of(parent)
+    assert settings.prefetch_name == "mine"
+    child = lifecycle.prefetch(settings.prefetch_name, "pid 2")
+    assert isinstance(child.policy, Mine) and child.name == "mine"
+    assert lifecycle.prefetch("", "pid 3").name == "readahead"   # the daemon's own

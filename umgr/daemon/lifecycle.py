@@ -87,7 +87,8 @@ class Lifecycle:
         name = name or self.config.policy
         options = self.config.policy_options if name == self.config.policy else {}
         try:
-            return GuardedPrefetch(load_prefetch(name, **options), target=label, max_pages=MAX_FILL_PAGES)
+            return GuardedPrefetch(load_prefetch(name, **options), target=label, max_pages=MAX_FILL_PAGES,
+                                   loaded_as=name)
         except Exception as exc:
             raise protocol.ProtocolError(f"policy {name!r} does not load: {exc}") from exc
 
@@ -289,7 +290,7 @@ class Lifecycle:
         memory as it was at the fork (its slots already hold the child's
         references)."""
         label = f"pid {pid}"
-        try:  # a plug-in's class name may not be its entry-point name
+        try:
             prefetch = self.prefetch(parent.prefetch_name, label)
         except protocol.ProtocolError as exc:
             log.warning("%s: %s; it runs without prefetch", label, exc)
