@@ -3,15 +3,18 @@ real memory: round trips, one-page reads, batch edges, a full store, a
 failing store, concurrent batches, and (for a store that persists) a
 restarted daemon finding it intact. A chain is listed as its --backend
 specs, fastest first; a small cap makes the compressed tier demote."""
+import ctypes
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import trio
 
-from umgr.backends import IO_BUCKETS, NO_READS, ReadsDone, open_chain, persists
+import umgr.backends
+from umgr.backends import IO_BUCKETS, NO_READS, Backend, ReadsDone, open_chain, persists
 from umgr.backends.compressed import ENTRY_LZ4, ENTRY_OVERHEAD, CompressedBackend
 from umgr.backends.region import SPAN, WARM_SPANS
 from umgr.backends.tiered import DEMOTE_BATCH, Tiered
@@ -37,7 +40,44 @@ BACKENDS = {
     # REDIS: the port of the module's local cluster.
     "redis": ["redis:port=REDIS,wait=1"],
     "compressed-small+redis": ["compressed:cap=256K", "redis:port=REDIS,wait=1"],
+    # A store written as the README says (ExampleStore, below), alone and as the lower tier.
+    "example": ["example"],
+    "compressed-small+example": ["compressed:cap=256K", "example"],
 }
+
+
+class ExampleStore(Backend):
+    """A backend as README.md's "A backend" describes it, and no more:
+    pages in a dict by slot."""
+    name = "example"
+
+    def __init__(self, size: int):
+        super().__init__(size // PAGE)
+        self.pages: dict[int, bytes] = {}
+
+    async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        for slot, addr in zip(slots.tolist(), addrs.tolist()):
+            self.pages[slot] = ctypes.string_at(addr, PAGE)
+        self.pages_written += len(slots)
+
+    async def read(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        for slot, addr in zip(slots.tolist(), addrs.tolist()):
+            if slot not in self.pages:
+                raise BackendError(f"example: slot {slot} holds no page")
+            ctypes.memmove(addr, self.pages[slot], PAGE)
+        self.pages_read += len(slots)
+
+    def release(self, slots: np.ndarray) -> None:
+        for slot in slots.tolist():
+            self.pages.pop(slot, None)
+
+
+@pytest.fixture(autouse=True)
+def example_store_installed(monkeypatch):
+    """ExampleStore found as if its package registered it in the group."""
+    installed = umgr.backends.available_backends()
+    example = SimpleNamespace(name="example", load=lambda: ExampleStore)
+    monkeypatch.setattr(umgr.backends, "available_backends", lambda: {**installed, "example": example})
 
 
 def open_specs(specs: list[str], size: int = 8 << 20):
@@ -216,6 +256,9 @@ def test_freed_slots_give_their_memory_back(backend):
     backend.slots.free_one(int(slots[0]))   # a fault's one slot
     backend.slots.free(slots[1:])
     assert backend.slots.used == 0
+    lowest = backend.lower if isinstance(backend, Tiered) else backend
+    if isinstance(lowest, ExampleStore):
+        assert lowest.pages == {}   # release() heard of every freed slot
     for tier in backend.statistics()["tiers"]:
         assert tier["pages"] == 0, tier
         if tier["tier"] == "compressed":

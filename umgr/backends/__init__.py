@@ -13,8 +13,9 @@ backend reports its capacity, what it holds and what its reads cost
 (`tier_statistics`). Backends are found through the entry-point group
 `umgr.backends` and chosen with `--backend NAME[:key=value,...]` (given
 twice or more: a chain, fastest first). Adding one: subclass Backend,
-implement the two methods, register it in the group, and add it to
-tests/test_backend_conformance.py.
+take `size` (bytes) in the constructor, implement the two methods,
+register it in the group, and add it to tests/test_backend_conformance.py
+(ExampleStore there is one, as the README describes).
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class Backend:
     def __init__(self, capacity_pages: int = 0, *, slots: SlotAllocator | None = None):
         """A store of capacity_pages slots, or one that uses `slots` (a chain's)."""
         self.slots = slots if slots is not None else SlotAllocator(capacity_pages)
+        if slots is None and type(self).release is not Backend.release:
+            self.slots.on_free = self.release   # its own slots: it hears of those freed
         self.pages_written = 0
         self.pages_read = 0
         self.errors = 0
@@ -65,9 +68,12 @@ class Backend:
         self.read_seconds = 0.0        # time spent in reads, for the mean cost of a page read
 
     async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        """Store the page at addrs[i] (the daemon's memory) in slots[i];
+        count them in pages_written."""
         raise NotImplementedError
 
     async def read(self, slots: np.ndarray, addrs: np.ndarray) -> None:
+        """Put slots[i]'s page at addrs[i]; count them in pages_read."""
         raise NotImplementedError
 
     def release(self, slots: np.ndarray) -> None:

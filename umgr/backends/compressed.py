@@ -146,7 +146,6 @@ class CompressedBackend(Backend):
         except BaseException:
             self.close()
             raise
-        self.slots.on_free = self.release
 
     # ---- the chain's side (umgr.backends.tiered) ------------------------------
     def stack_on(self, lower: Backend) -> None:
