@@ -113,6 +113,9 @@ class EvictionPolicy:
         return _EMPTY
 
     def __len__(self) -> int:
+        """How many entries it holds, stale ones included: the daemon asks
+        choose() only while this is above 0 (a policy that does not say is
+        asked every time)."""
         return 0
 
 
@@ -486,6 +489,8 @@ class GuardedEviction:
         return victims
 
     def __len__(self) -> int:
+        if type(self.policy).__len__ is EvictionPolicy.__len__:
+            return 1   # it does not say: choose() tells
         try:
             return len(self.policy)
         except Exception:

@@ -37,3 +37,26 @@ def test_a_page_of_the_batch_in_flight_is_skipped_and_stays_queued():
     evictor._putting_away = np.empty(0, dtype=np.int64)
     assert evictor._choose_victims(rushed=False).tolist() == [7]
     assert len(evictor.core.eviction) == 0
+
+
+def test_a_policy_that_does_not_say_how_many_it_holds_is_asked_for_victims():
+    """len() is optional in a policy, as the other hooks are: one without
+    it (the base class's says 0) is asked, as an offline replay asks it,
+    instead of never evicting live."""
+    from umgr.policies import EvictionPolicy
+
+    class Newest(EvictionPolicy):
+        def __init__(self):
+            self.pages = []
+
+        def on_resident(self, vpns):
+            self.pages.extend(vpns.tolist())
+
+        def choose(self, n):
+            chosen, self.pages = self.pages[-n:], self.pages[:-n]
+            return np.array(chosen, dtype=np.int64)
+
+    evictor = evictor_over([1, 2, 3], goal=2)
+    evictor.core.eviction = GuardedEviction(Newest())
+    evictor.core.eviction.on_resident(np.array([1, 2, 3]))
+    assert evictor._choose_victims(rushed=False).tolist() == [2, 3]
