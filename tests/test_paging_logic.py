@@ -886,3 +886,22 @@ def test_the_answer_of_a_cancelled_request_is_not_taken_for_the_next():
         return await zapper.move_out(np.array([1 << 31], np.uint64), np.array([8192], np.uint64))
 
     assert _talk(agent, main) == (8192, 0)
+
+
+def test_the_prefetch_policy_hears_of_a_fault_when_no_window_may_come():
+    """At the budget (or with the fill full) no window comes, but the
+    policy still hears of the fault, as from the C fast path and in an
+    offline replay: it was not told, and its streams went stale."""
+    from types import SimpleNamespace
+
+    from umgr.paging.faults import FaultService
+    from umgr.paging.pagetable import PageTable
+
+    heard = []
+    pt = PageTable()
+    pt.add(100, 8)
+    budget = SimpleNamespace(prefetch_allowed=lambda resident, filling: False)
+    faults = SimpleNamespace(core=SimpleNamespace(pt=pt, budget=budget),
+                             prefetch=SimpleNamespace(on_fault=lambda *fault: heard.append(fault) or []))
+    FaultService._plan_prefetch(faults, 103, {103: -1})
+    assert heard == [(103, 100, 108)]

@@ -556,10 +556,13 @@ class FaultService:
         """What the prefetch policy asks for on the fault at vpn, planned
         where there is room."""
         core, pt = self.core, self.core.pt
+        first, end = pt.bounds(vpn)
+        # The policy hears of every fault (as from the C fast path, and in an
+        # offline replay), a window or not: its streams follow the faults.
+        asked = self.prefetch.on_fault(vpn, first, end)
         if len(fill) >= MAX_FILL_PAGES or not core.budget.prefetch_allowed(pt.resident, len(fill)):
             return
-        first, end = pt.bounds(vpn)
-        extra = core.budget.window(vpn, self.prefetch.on_fault(vpn, first, end))
+        extra = core.budget.window(vpn, asked)
         if len(extra):
             self.fast.prefetching(vpn, extra)
         self._add_prefetch(extra, fill, vpn)
