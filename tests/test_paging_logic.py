@@ -905,3 +905,30 @@ def test_the_prefetch_policy_hears_of_a_fault_when_no_window_may_come():
                              prefetch=SimpleNamespace(on_fault=lambda *fault: heard.append(fault) or []))
     FaultService._plan_prefetch(faults, 103, {103: -1})
     assert heard == [(103, 100, 108)]
+
+
+def test_pages_moved_by_mremap_are_queued_for_eviction_once():
+    """mremap moves an EVICTING page and a RESIDENT one: each is queued
+    once at its new address (the EVICTING one, back to RESIDENT, was queued
+    twice: a duplicate entry could evict it again early)."""
+    from types import SimpleNamespace
+
+    from umgr.backends.slots import SlotAllocator
+    from umgr.kernel.uffd import RemapEvent
+    from umgr.paging.core import TargetCore
+    from umgr.paging.events import MemoryEvents
+    from umgr.paging.pagetable import NO_SLOT, PageTable, State
+
+    queued = []
+    eviction = SimpleNamespace(on_resident=lambda vpns: queued.extend(vpns.tolist()), on_removed=lambda vpns: None)
+    pt = PageTable()
+    pt.add(100, 4)
+    slots = SlotAllocator(16)
+    core = TargetCore(pid=0, label="t", uffd=None, backend=SimpleNamespace(slots=slots), budget=Budget(0),
+                      eviction=eviction, clean_copies="always", pt=pt)
+    pt.set(np.array([100]), State.EVICTING, slots.alloc(1))
+    pt.set(np.array([101]), State.RESIDENT, np.array([NO_SLOT], np.int32))
+    events = SimpleNamespace(core=core, removes=SimpleNamespace(active=False))
+    MemoryEvents._on_remap(events, RemapEvent(100 << 12, 200 << 12, 4 << 12))
+    assert sorted(queued) == [200, 201]
+    assert pt.states(np.array([200, 201])).tolist() == [State.RESIDENT, State.RESIDENT]

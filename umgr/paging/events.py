@@ -126,8 +126,9 @@ class MemoryEvents:
             core.zapping_moved.append(zapping)
         else:
             core.settle_moved_zapping(zapping, EMPTY)
-        # The eviction order names pages by address: give it the new ones.
-        core.became_resident(moved[core.pt.states(moved) == State.RESIDENT])
+        # The eviction order names pages by address: give it the new ones
+        # (those that were EVICTING or ZAPPING it heard of as they came back).
+        core.became_resident(moved[states == State.RESIDENT])
 
     def close(self) -> None:
         for child in self.forks:
