@@ -84,8 +84,21 @@ def umgr_exec(tmp_path):
     return run
 
 
+SERVICE_UNIT = HERE.parent / "deploy" / "umgr.service"
+
+
+def with_the_service_s_capabilities(command: list[str]) -> list[str]:
+    """command, run as root with only the capabilities deploy/umgr.service
+    leaves the daemon (CapabilityBoundingSet=)."""
+    line, = [line for line in SERVICE_UNIT.read_text().splitlines() if line.startswith("CapabilityBoundingSet=")]
+    caps = [cap.lower().removeprefix("cap_") for cap in line.split("=", 1)[1].split()]
+    return ["setpriv", "--bounding-set", ",".join(["-all", *(f"+{cap}" for cap in caps)]), "--inh-caps", "-all",
+            "--", *command]
+
+
 class DaemonProcess:
-    def __init__(self, tmp_path: Path, *options: str):
+    def __init__(self, tmp_path: Path, *options: str, as_the_service: bool = False):
+        """`as_the_service`: with the capabilities the service unit leaves it."""
         self.socket = str(tmp_path / "umgr.sock")
         self.log_path = tmp_path / "daemon.log"
         self._log = open(self.log_path, "wb")
@@ -94,10 +107,15 @@ class DaemonProcess:
         state = [] if "--state-dir" in options else ["--state-dir", str(tmp_path / "state")]
         cmd = [sys.executable, "-m", "umgr", "daemon", "-v", "--socket", self.socket, "--swap-size", "1G", *state,
                *options]
+        if as_the_service:
+            cmd = with_the_service_s_capabilities(cmd)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                self._log.close()
                 raise RuntimeError(f"daemon did not start: {self.log()}")
             time.sleep(0.02)
 

@@ -134,7 +134,7 @@ def shared_daemon():
     with users() as (accounts, gid):
         sockdir = Path(tempfile.mkdtemp(prefix="umgr-sec-", dir="/tmp"))
         os.chmod(sockdir, 0o755)
-        daemon = DaemonProcess(sockdir, "--group", GROUP)
+        daemon = DaemonProcess(sockdir, "--group", GROUP, as_the_service=True)
         try:
             yield daemon, accounts, gid
         finally:
@@ -608,7 +608,9 @@ def test_a_member_s_program_is_managed_once_the_group_may_open_the_uffd_device(s
                     daemon.stop()
             with uffd_open_to(gid):
                 (sockdir / "again").mkdir(mode=0o755)
-                daemon = DaemonProcess(sockdir / "again", "--group", GROUP)
+                # (with no capability but the service unit's: a member's
+                # /proc/PID/mem is opened with CAP_DAC_OVERRIDE)
+                daemon = DaemonProcess(sockdir / "again", "--group", GROUP, as_the_service=True)
                 try:
                     assert wanted not in daemon.log()
                     managed = run_as_member(daemon, shim_copy, member, gid)
