@@ -58,6 +58,9 @@ smoke:
 	cd $(TEST_VENV) && $(TBIN)/umgr --help >/dev/null
 	cd $(TEST_VENV) && $(TBIN)/umgr doctor
 	cmp deploy/umgr.service $(TEST_VENV)/share/umgr/umgr.service
+	# (the README's install of the unit: ExecStart= made the venv's umgr)
+	sed "s|^ExecStart=/usr/local/bin/umgr|ExecStart=$(TBIN)/umgr|" $(TEST_VENV)/share/umgr/umgr.service \
+		| grep -qx "ExecStart=$(TBIN)/umgr daemon" && test -x $(TBIN)/umgr
 	cd $(TEST_VENV) && $(TBIN)/umgr manpage | groff -man -ww -z
 	cd $(TEST_VENV) && $(TBIN)/umgr bench io --seconds 0.2 --size-mib 16 >/dev/null
 	cd $(TEST_VENV) && $(TBIN)/umgr exec --max-resident 8M --swap-size 256M -- \
