@@ -538,6 +538,44 @@ def target_status_of(daemon, pid: int) -> dict | None:
 
 
 @pytest.mark.timeout(120)
+def test_a_stop_soon_after_a_restart_waits_for_the_programs_not_back_yet(tmp_path, shim, programs):
+    """A program stopped (SIGSTOP) when its daemon is killed cannot come
+    back before the new daemon gets SIGTERM: the stop waits for it, brings
+    its pages back once it is taken back, and exits 0; the program keeps
+    every byte. (The stop went on without it and removed the swap file
+    that held its pages.)"""
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60")
+    program = subprocess.Popen([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_ready(program)
+        wait_swapped(daemon, program.pid, 24 * MiB)
+        settled_swapped(daemon, program.pid)
+        program.send_signal(signal.SIGSTOP)
+        daemon.kill()
+        daemon.start()
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "1 programs of the previous daemon have not come back yet" in daemon.log(), 10,
+                 "the stop to wait")
+        time.sleep(0.5)
+        assert daemon.proc.poll() is None, daemon.log()
+        program.send_signal(signal.SIGCONT)
+        assert daemon.proc.wait(60) == 0, daemon.log()
+        assert "every page is back" in daemon.log()
+        assert vm_rss_kb(program.pid) >= 46 * 1024
+        out, err = program.communicate(b"", timeout=30)
+        assert program.returncode == 0 and out == b"ok 12288 pages\n", (out, err)
+        assert b"taken back by the umgr daemon" in err and KILLED_LINE not in err, err
+        assert not saved_targets(daemon)
+    finally:
+        if program.poll() is None:
+            program.send_signal(signal.SIGCONT)
+            program.kill()
+            program.wait()
+        daemon.stop()
+
+
+@pytest.mark.timeout(120)
 def test_forked_parent_and_child_sharing_slots_are_both_taken_back(tmp_path, shim, programs):
     """`ctl_hold 48 fork`: parent and child share 24 MiB or more of swapped
     pages (one slot, a reference from each table) when the daemon is

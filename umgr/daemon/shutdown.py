@@ -81,12 +81,16 @@ async def stop_cleanly(daemon, why: str) -> bool:
     """Bring every page back and let every target go. False (and the daemon
     serves on, as before) when that cannot be done."""
     targets = [t for t in daemon.targets.values() if not t.gone]
-    swapped = sum(t.pt.swapped for t in targets) << PAGE_SHIFT
+    coming_back = _saved(daemon)
+    swapped = (sum(t.pt.swapped for t in targets) + sum(s.table.swapped for s in coming_back)) << PAGE_SHIFT
     refusal = _why_pages_cannot_fit(targets, swapped)
     if refusal:
         log.warning("%s: cannot stop: %s; still serving", why, refusal)
         return False
     log.warning("%s: stopping: bringing back %s swapped out by %d targets", why, _mib(swapped), len(targets))
+    if coming_back:
+        log.warning("%s: %d programs of the previous daemon have not come back yet; their pages come back "
+                    "when they do (within their grace period)", why, len(coming_back))
     daemon.stopping = True
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_report_progress, daemon, swapped)
@@ -124,12 +128,34 @@ async def _drain_all(daemon) -> str:
     while not failures:
         pending = [t for t in daemon.targets.values() if t not in handled and not t.gone]
         if not pending:
+            if await _one_comes_back(daemon, handled):
+                continue
             return ""
         handled.update(pending)
         async with trio.open_nursery() as nursery:
             for target in pending:
                 nursery.start_soon(_drain_and_detach, daemon, target, failures)
     return failures[0]
+
+
+def _saved(daemon) -> list:
+    """The targets of a dead daemon that may still come back here (their
+    pages are in its stores, their tables in its state directory)."""
+    state = daemon.lifecycle.state
+    return [] if state is None else list(state.saved.values())
+
+
+async def _one_comes_back(daemon, handled: set[Target]) -> bool:
+    """Whether a target of a dead daemon came back (to be drained too),
+    waiting while one may: until each is taken back or given up (at the
+    end of the grace period). A clean stop that went on without them
+    would remove the stores that hold their pages."""
+    while True:
+        if any(t not in handled and not t.gone for t in daemon.targets.values()):
+            return True
+        if not _saved(daemon):
+            return False
+        await trio.sleep(DRAIN_POLL)
 
 
 async def _drain_and_detach(daemon, target: Target, failures: list[str]) -> None:
