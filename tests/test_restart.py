@@ -576,6 +576,38 @@ def test_a_stop_soon_after_a_restart_waits_for_the_programs_not_back_yet(tmp_pat
 
 
 @pytest.mark.timeout(120)
+def test_a_restart_takes_back_more_programs_than_its_inherited_descriptor_limit(tmp_path, shim, programs):
+    """Each saved target the restarted daemon loads holds its directory
+    open: with a soft limit of 24 descriptors (as inherited; the hard one
+    is high) it raises the limit before loading, and takes all 30 programs
+    back (those past the limit were deleted as unreadable, and killed)."""
+    low_limit = ("prlimit", "--nofile=24:", "--")   # (soft:hard, the hard one left)
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "2M", "--grace", "60")
+    held = []
+    try:
+        for _ in range(30):
+            held.append(subprocess.Popen([programs["ctl_hold"], "4"], env=daemon.env(shim), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for program in held:
+            read_ready(program)
+            wait_swapped(daemon, program.pid, 1 * MiB)
+        daemon.kill()
+        daemon.start(wrapper=low_limit)
+        for program in held:
+            wait_for(lambda: target_status_of(daemon, program.pid) is not None, 30,
+                     f"pid {program.pid} to be taken back: {daemon.log()[-2000:]}")
+        for program in held:
+            out, err = program.communicate(b"", timeout=30)
+            assert program.returncode == 0 and out == b"ok 1024 pages\n", (out, err)
+    finally:
+        for program in held:
+            if program.poll() is None:
+                program.kill()
+                program.wait()
+        daemon.stop()
+
+
+@pytest.mark.timeout(120)
 def test_forked_parent_and_child_sharing_slots_are_both_taken_back(tmp_path, shim, programs):
     """`ctl_hold 48 fork`: parent and child share 24 MiB or more of swapped
     pages (one slot, a reference from each table) when the daemon is

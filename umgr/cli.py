@@ -739,6 +739,7 @@ def _control_socket(config: DaemonConfig) -> ControlSocket:
 def _open_state(args):
     """The state directory's saved tables (umgr/daemon/statedir.py), when
     every store of the chain outlives the daemon (backends.persists)."""
+    from umgr.daemon.server import raise_fd_limit
     from umgr.daemon.statedir import StateDir
     if args.no_persist:
         return None
@@ -751,6 +752,7 @@ def _open_state(args):
         chain = chain_identity(args.backend or ["file"], _backend_value)
     except ValueError as exc:
         raise Fatal(f"umgr daemon: --backend: {exc}") from None
+    raise_fd_limit()   # first: each saved target it loads holds its directory open
     try:
         with setting_up(f"umgr daemon: --state-dir {args.state_dir}"):
             state = StateDir(args.state_dir, args.socket)
