@@ -30,3 +30,42 @@ def test_full_swap_pauses_eviction_loses_nothing_and_resumes(umgr_exec, programs
     allowance = 4 * MiB + 4 * tuning.MAX_FILL_PAGES * PAGE
     assert stats["peak_resident_bytes"] <= 64 * MiB - 40 * MiB + allowance, stats
     assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_full_state_filesystem_stops_saving_the_table_and_paging_goes_on(tmp_path, shim, programs):
+    """The state directory's filesystem has room for a target's record and
+    event journal, not for its page table's file: the table is no longer
+    saved (a warning) and paging goes on in memory, every byte back. (A
+    sparse table file took the store into its hole as a SIGBUS: the daemon
+    died, and its program with it.)"""
+    import os
+    import subprocess
+
+    from conftest import DaemonProcess, wait_for
+    from umgr.paging.tablefile import MESSAGE_BYTES
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0700", "tmpfs", str(small)], check=True)
+    try:
+        daemon = DaemonProcess(tmp_path, "--state-dir", str(small), "--swap-size", "32M", "--max-resident", "4M")
+        try:
+            room = os.statvfs(small)
+            # The record and the journal (a page each, and one to spare); the
+            # table's file of a 24 MiB region needs eight.
+            keep = 2 * PAGE + -(-tuning.MAX_EVENTS_PER_READ * MESSAGE_BYTES // PAGE) * PAGE
+            with open(small / "filler", "wb") as filler:
+                os.posix_fallocate(filler.fileno(), 0, room.f_bavail * room.f_frsize - keep)
+            run = subprocess.run([programs["pattern"], "24", "mmap", "srb"], env=daemon.env(shim),
+                                 capture_output=True, timeout=90)
+            assert run.returncode == 0 and run.stdout.startswith(b"ok 6144 pages"), run
+            assert daemon.alive(), daemon.log()
+            assert "its page table cannot be saved any more (No space left on device)" in daemon.log(), daemon.log()
+            released = wait_for(lambda: [line for line in daemon.log().splitlines() if "released" in line], 10,
+                                "the program's release")
+            assert int(released[0].split("out ")[1].rstrip(")")) > 4096, daemon.log()   # 24 MiB under 4
+        finally:
+            daemon.stop()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -51,6 +51,7 @@ from umgr import cpuclock
 from umgr.backends import Backend
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
+from umgr.kernel.sharedmap import reserve
 
 log = logging.getLogger("umgr.backend")
 
@@ -300,6 +301,7 @@ def _slot_tags(span: int, path: str, fresh: bool) -> np.ndarray:
             os.ftruncate(fd, 0)
         if os.fstat(fd).st_size != span * 4:
             os.ftruncate(fd, span * 4)
+        reserve(fd, span * 4)   # (np.memmap stores into it)
     finally:
         os.close(fd)
     return np.memmap(path, np.uint32, "r+", shape=(span,))

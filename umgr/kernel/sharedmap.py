@@ -15,6 +15,16 @@ _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+def reserve(fd: int, size: int) -> None:
+    """The file's first `size` bytes, its blocks allocated now: a store
+    through a shared mapping into a hole the filesystem has no room for
+    is a SIGBUS, which would end the daemon; a full disk is an OSError
+    here instead. The blocks still read as holes (SEEK_DATA: unwritten
+    extents on ext4 and xfs, pages not yet written on tmpfs), so the file
+    looks as sparse as before."""
+    os.posix_fallocate(fd, 0, size)
+
+
 def map_shared(fd: int, size: int, *, random: bool = False):
     """The file's first `size` bytes, mapped shared, as a ctypes byte array
     (its address: ctypes.addressof). Not with the mmap module: it keeps a

@@ -13,9 +13,9 @@ it anyway). Flags stay in memory: they are hints, and a restarted daemon
 does without them.
 
 A file: a header of four int64 (MAGIC, first vpn, pages, generation), the
-state bytes at 64, the int32 slots after them (64-byte aligned). The header
-is written last, so a file cut short by a crash has no magic and is
-ignored. A region is cut (munmap, mremap) by writing its pieces as new
+state bytes at 64, the int32 slots after them (64-byte aligned), its
+blocks allocated when it is made (see reserve). The header is written
+last, so a file cut short by a crash has no magic and is ignored. A region is cut (munmap, mremap) by writing its pieces as new
 files, then unlinking it: a crash in between leaves pieces that overlap
 their old region, and the newest generation wins when the table is loaded.
 """
@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from umgr.kernel.sharedmap import map_shared
+from umgr.kernel.sharedmap import map_shared, reserve
 from umgr.paging.pagetable import MemoryArrays, PageTable, Region, chunk_steps, copy_nonzero
 
 log = logging.getLogger("umgr.daemon")
@@ -142,7 +142,7 @@ class FileArrays(MemoryArrays):
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=self.dir_fd)
         try:
-            os.ftruncate(fd, _file_size(region.npages))
+            reserve(fd, _file_size(region.npages))
             header, state, slot = _map(fd, region.npages)
         finally:
             os.close(fd)
@@ -275,7 +275,7 @@ class EventJournal:
         fd = os.open(JOURNAL, flags, 0o600, dir_fd=dir_fd)
         try:
             if create:
-                os.ftruncate(fd, self.size)
+                reserve(fd, self.size)
             elif os.fstat(fd).st_size != self.size:
                 raise ValueError(f"{JOURNAL}: {os.fstat(fd).st_size} bytes, not {self.size}")
             memory = map_shared(fd, self.size)
