@@ -525,3 +525,24 @@ def test_settling_a_saved_table_reads_its_holes_by_presence_only(tmp_path, zappi
         assert np.array_equal(saved.vpns_in(state), memory.vpns_in(state))
     assert len(saved.vpns_in(State.RESIDENT)) >= 300
     os.close(dir_fd)
+
+
+def test_a_saved_table_with_a_file_of_another_format_is_not_loaded(tmp_path):
+    """A file a crash cut short (its header, written last, is zeros) holds
+    nothing and is dropped; one of another format (a magic of another
+    version) or damaged refuses the table, whose program then cannot come
+    back: loaded without it, its swapped pages would read as zeros."""
+    from umgr.paging.tablefile import HEADER_BYTES, MAGIC, FileArrays
+    (saved, _), dir_fd = _file_and_memory_tables(tmp_path, 1 << 16)
+    name = saved.regions[0].backing.name
+    cut_short = tmp_path / "r1"
+    cut_short.write_bytes(bytes(2 * HEADER_BYTES))
+    assert len(FileArrays(dir_fd).load().regions) == 1 and not cut_short.exists()
+    header = np.memmap(tmp_path / name, np.int64, "r+", shape=(4,))
+    for magic, npages, why in ((MAGIC + 1, 1 << 16, "not a page table file of this umgr"),
+                               (MAGIC, 1 << 17, "a damaged header")):
+        header[0], header[2] = magic, npages
+        with pytest.raises(ValueError, match=why):
+            FileArrays(dir_fd).load()
+    assert (tmp_path / name).exists()
+    os.close(dir_fd)

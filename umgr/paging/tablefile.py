@@ -227,18 +227,24 @@ class FileArrays(MemoryArrays):
         return table
 
     def _open(self, name: str) -> Region | None:
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
-        except OSError:
-            return None
+        """The region the file holds; None for one whose header was never
+        written (a crash cut it short: it holds nothing). Raises ValueError
+        for a file of another format, or damaged, and OSError for one that
+        cannot be read: a table without one of its files would serve its
+        swapped pages as zeros."""
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_BYTES:
                 return None
             head = np.frombuffer(os.pread(fd, 32, 0), np.int64)
             magic, vpn, npages, generation = (int(x) for x in head)
-            if magic != MAGIC or npages <= 0 or size != _file_size(npages) or vpn < 0:
+            if magic == 0:
                 return None
+            if magic != MAGIC:
+                raise ValueError(f"{name}: not a page table file of this umgr (magic {magic & (2**64 - 1):#x})")
+            if npages <= 0 or size != _file_size(npages) or vpn < 0:
+                raise ValueError(f"{name}: a damaged header ({npages} pages at vpn {vpn:#x}, {size} bytes)")
             header, state, slot = _map(fd, npages)
         finally:
             os.close(fd)
