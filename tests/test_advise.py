@@ -302,3 +302,39 @@ def test_pagetable_find_state_pages_through_regions():
     assert list(found) == [121] and after == 1000
     found, _ = pt.find_state(100, 130, State.RESIDENT, limit=5)
     assert list(found) == [100, 101, 102, 105, 106]
+
+
+def test_queued_hints_are_bounded_and_the_sender_waits_for_room():
+    """COLD hints for a target whose eviction task is held up: QUEUED_MAX
+    are queued and ACK'd at once, the next waits (its sender with it)
+    until the eviction task takes one; the queue never grows past the
+    bound (it grew one entry per ACK'd message, without end)."""
+    from types import SimpleNamespace
+
+    import trio
+    import trio.testing
+
+    from umgr.paging.advice import QUEUED_MAX, Hints
+    from umgr.protocol import Advice
+
+    core = SimpleNamespace(stats=SimpleNamespace(hint_cold=0), want_eviction=lambda: None, gone=False,
+                           can_evict=lambda: False)
+    hints = Hints(core, evictor=None)
+
+    async def main():
+        for i in range(QUEUED_MAX):
+            await hints.advise(i, i + 1, Advice.COLD)
+        waited = []
+
+        async def one_more():
+            await hints.advise(1000, 1001, Advice.COLD)
+            waited.append(hints.queued)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one_more)
+            await trio.testing.wait_all_tasks_blocked()
+            assert waited == [] and hints.queued == QUEUED_MAX
+            await hints.serve_queued()
+        assert waited and waited[0] <= QUEUED_MAX and hints.queued == 0
+
+    trio.run(main)

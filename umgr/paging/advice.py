@@ -34,12 +34,19 @@ from umgr.protocol import Advice
 
 log = logging.getLogger("umgr.target")
 
+# COLD and WILLNEED hints queued per target: a program whose eviction task
+# is held up (its agent not answering) would otherwise grow the queue
+# without bound, one ACK'd message at a time. Past it, advise() waits for
+# room before its ACK, so the sender waits, not the daemon.
+QUEUED_MAX = 64
+
 
 class Hints:
     def __init__(self, core: TargetCore, evictor: Evictor):
         self.core = core
         self.evictor = evictor
         self._queue: collections.deque[tuple[int, int, int]] = collections.deque()  # (advice, lo, hi) vpns
+        self._room = trio.Event()   # set (and made anew) each time a queued hint is taken
         self._buf: PageBuffer | None = None      # WILLNEED staging, made on first use
 
     async def advise(self, vpn_lo: int, vpn_hi: int, advice: int) -> None:
@@ -53,6 +60,9 @@ class Hints:
             stats.hint_cold += 1
         else:
             stats.hint_willneed += 1
+        while len(self._queue) >= QUEUED_MAX and not self.core.gone:
+            with trio.move_on_after(1):   # (a target gone takes nothing more)
+                await self._room.wait()
         self._queue.append((advice, vpn_lo, vpn_hi))
         self.core.want_eviction()
 
@@ -93,6 +103,9 @@ class Hints:
         """Run queued COLD/WILLNEED hints, in order (on the eviction task)."""
         while self._queue and not self.core.gone:
             advice, lo, hi = self._queue.popleft()
+            self._room.set()
+            self._room = trio.Event()
+            await trio.sleep(0)   # (a hint that finds nothing to do does not await: others' turn)
             if advice == Advice.COLD:
                 await self._evict_cold(lo, hi)
                 continue
