@@ -14,7 +14,8 @@ EXEC_RELEASE_WAIT = 5.0  # seconds a HELLO after exec waits for the old image's 
 # time: memory the shim does not see being made is registered later there
 # (a budget overshoot for longer), but only in programs of thousands of mappings.
 SCAN_COST_RATIO = 50
-SCAN_INTERVAL_MAX = 0.5   # seconds: the longest wait between scans, whatever they cost
+SCAN_INTERVAL_MAX = 0.5   # seconds: the longest wait between scans, unless they cost more than...
+SCAN_SHARE_MAX = 0.1      # ...this share of the daemon's time (umgr/daemon/mapsreads.py)
 GRACE_SECONDS = 60       # how long a program whose daemon is gone waits for one before it is killed
 # Managed virtual memory per process and per user. The page tables cost the
 # daemon memory only where pages are touched, but their arrays are still

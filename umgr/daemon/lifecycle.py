@@ -14,9 +14,10 @@ import trio
 
 from umgr import protocol
 from umgr.backends import Backend
-from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, SCAN_COST_RATIO, SCAN_INTERVAL_MAX, DaemonConfig
+from umgr.daemon.config import CHILD_HELLO_WAIT, EXEC_RELEASE_WAIT, DaemonConfig
 from umgr.daemon.forks import Orphan, OrphanForks, ParentSettings
 from umgr.daemon.idlepoll import IdlePoll, paging_load
+from umgr.daemon.mapsreads import MapsReads
 from umgr.daemon.names import target_name
 from umgr.daemon.peer import Memory, Peer, Refused
 from umgr.daemon.status import Totals, snapshot
@@ -47,6 +48,7 @@ class Lifecycle:
         self.trace = trace                # a umgr.trace.TraceWriter, or None
         self.state = state
         self._saved: dict[Target, SavedTarget] = {}
+        self._maps_reads: dict[Target, MapsReads] = {}   # the targets being scanned
         self.targets: dict[int, Target] = {}
         self.totals = Totals()
         self.targets_seen = 0
@@ -238,6 +240,16 @@ class Lifecycle:
             return RemoteZapper(target.pidfd, agent)
         return AgentZapper(agent, moves=self.config.move_out)
 
+    def look_for_new_memory(self, target: Target) -> bool:
+        """Register what its maps show now, unless they were read too
+        recently for what a read costs (MapsReads.due: an ADVISE per
+        message could read them otherwise). Whether they were read."""
+        reads = self._maps_reads.get(target)
+        if reads is None or not reads.due():
+            return False
+        self.register_found(target, reads.read())
+        return True
+
     def register_found(self, target: Target, mappings: list[tuple[int, int]] | None = None) -> None:
         """Manage the anonymous memory /proc/PID/maps shows (malloc, brk),
         or these of its mappings (maps.anonymous_private, read already);
@@ -404,25 +416,28 @@ class Lifecycle:
 
     async def _scan_maps(self, target: Target) -> None:
         """Register anonymous memory the shim did not report (malloc, brk),
-        every scan_interval, or SCAN_COST_RATIO times as long as the last
-        read of its maps took, if longer (up to SCAN_INTERVAL_MAX): a program of
-        thousands of mappings (node's heap under --min-region 256K: 3000
-        lines of maps, 5-7 ms to read) would otherwise have a tenth of the
-        daemon's time spent on it."""
-        interval = self.config.scan_interval
+        every scan_interval, or less often where its maps cost more to
+        read (MapsReads): a program of thousands of mappings (node's heap
+        under --min-region 256K: 3000 lines of maps, 5-7 ms to read) would
+        otherwise have a tenth of the daemon's time spent on it."""
+        reads = self._maps_reads[target] = MapsReads(target.pid, at=time.monotonic())   # (read at attach)
+        try:
+            await self._scan_maps_with(target, reads)
+        finally:
+            del self._maps_reads[target]
+
+    async def _scan_maps_with(self, target: Target, reads: MapsReads) -> None:
         while not target.gone:
-            await trio.sleep(interval)
+            # The pace is set by reading the maps, not by registering what
+            # they show, which a burst of new mappings makes dear just
+            # when scanning often matters.
+            wait = reads.interval(self.config.scan_interval) - (time.monotonic() - reads.at)
+            if wait > 0:   # (an ADVISE may have read them meanwhile)
+                await trio.sleep(wait)
+                continue
             try:
                 target.check_mm()
-                # What every scan costs: reading the maps (this thread's CPU:
-                # a wait for the GIL is not the scan's), not registering
-                # what it finds, which a burst of new mappings makes dear
-                # just when scanning often matters.
-                started = time.thread_time()
-                mappings = list(maps.anonymous_private(target.pid))
-                cost = time.thread_time() - started
-                interval = min(max(self.config.scan_interval, SCAN_COST_RATIO * cost), SCAN_INTERVAL_MAX)
-                self.register_found(target, mappings)
+                self.register_found(target, reads.read())
                 target.recheck()
                 target.release_idle_buffers(time.monotonic())
             except (OSError, TargetGone):
