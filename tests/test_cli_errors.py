@@ -36,6 +36,7 @@ CASES = {
     "budget-negative-spaced": (["--max-resident", "-5M"], "'-5M' is negative"),
     "swap-negative-spaced": (["--swap-size", "-1.5G"], "'-1.5G' is negative"),
     "port-range": (["--metrics-port", "70000"], "'70000' is not a port"),
+    "grace-range": (["--grace", "4294967296"], "'4294967296' is not a whole number of seconds from 0 to 4294967295"),
     "port-in-use": (["--metrics-port", "{port}"], "metrics on 127.0.0.1 port {port}: Address already in use"),
     "metrics-address": (["--metrics-port", "{port}", "--metrics-address", "umgr-nope.invalid"],
                         "metrics on umgr-nope.invalid port {port}: "),

@@ -24,7 +24,7 @@ import pytest
 from conftest import DaemonProcess, MiB, children, comm, fd_links, wait_for
 from umgr import protocol
 from umgr.backends.file import DEFAULT_STATE_DIR
-from umgr.cli import DEFAULT_SOCKET, format_status, query_status
+from umgr.cli import DEFAULT_SOCKET, ask_daemon, format_status, query_status
 from umgr.sizes import parse_size
 
 UFFD_LINK = "anon_inode:[userfaultfd]"
@@ -727,4 +727,8 @@ def test_budget_refusals_say_why(daemon):
                       (("--", "1", "-8M"), "'-8M' is negative")):
         bad = umgr_budget(daemon, *args)
         assert bad.returncode == 125 and why in bad.stderr, bad.stderr
+    # A budget no metric can show (prometheus-client's float() of it
+    # raised at every scrape) is a malformed request: that connection goes.
+    assert ask_daemon(daemon.socket, b"BUDGET " + json.dumps({"pid": 1, "bytes": 10 ** 30}).encode()) == b""
+    assert "0 <= bytes < 2**63" in daemon.log()
     assert daemon.alive()

@@ -154,9 +154,12 @@ def _seconds(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds (0 or more)")
+    if not 0 <= value <= SECONDS_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds from 0 to {SECONDS_MAX}")
     return value
+
+
+SECONDS_MAX = 2**32 - 1   # (HELLO_ACK carries the grace period in 32 bits)
 
 
 def build_parser() -> argparse.ArgumentParser:

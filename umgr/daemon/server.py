@@ -124,8 +124,9 @@ class Daemon:
             pid, budget = fields["pid"], fields["bytes"]
         except (ValueError, TypeError, KeyError):
             raise protocol.ProtocolError("malformed BUDGET request") from None
-        if not (type(pid) is int and type(budget) is int and budget >= 0):
-            raise protocol.ProtocolError("malformed BUDGET request: pid and bytes must be integers, bytes >= 0")
+        if not (type(pid) is int and type(budget) is int and 0 <= budget < 1 << 63):
+            raise protocol.ProtocolError("malformed BUDGET request: pid and bytes must be integers, "
+                                         "0 <= bytes < 2**63")
         target = self.targets.get(pid)
         if target is None or target.gone or (peer.uid != 0 and target.owner_uid != peer.uid):
             if target is not None and not target.gone:
