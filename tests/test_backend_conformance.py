@@ -503,8 +503,8 @@ def test_a_demotion_whose_write_may_still_land_sets_its_slots_and_buffer_aside()
 def test_bad_specs_say_what_is_wrong():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         open_specs(["nope"])
-    with pytest.raises(ValueError, match="no option 'colour'"):
-        open_specs(["compressed:colour=blue"])
+    with pytest.raises(ValueError, match="no option 'colour'; it takes: size, cap, codec, level$"):
+        open_specs(["compressed:colour=blue"])   # (not region_fd or reuse: umgr sets them)
     with pytest.raises(ValueError, match="not key=value"):
         open_specs(["compressed:cap"])
     with pytest.raises(ValueError, match="cannot sit in front"):
@@ -544,6 +544,21 @@ def test_tier_metrics_report_what_each_tier_holds():
         assert heap % SPAN == 0 and heap >= chain.upper.held_bytes - ENTRY_OVERHEAD * chain.upper.pages_held > 0
         assert samples[("umgr_backend_tier_demoted_pages_total", "compressed")] == chain.demoted > 0
         assert samples[("umgr_backend_tier_pages", "file")] == n - chain.upper.pages_held
+    finally:
+        chain.close()
+
+
+def test_two_tiers_of_one_store_have_metrics_of_their_own():
+    """A chain of two compressed tiers: each tier's series is its own
+    ("compressed", "compressed#2"); with one name, Prometheus kept one."""
+    from umgr.metrics import _tier_families
+    chain = open_specs(["compressed:cap=64K", "compressed:cap=64K,codec=zstd", "file"])
+    try:
+        names = [tier["tier"] for tier in chain.statistics()["tiers"]]
+        assert names == ["compressed", "compressed#2", "file"]
+        caps = [sample for family in _tier_families(chain.statistics()["tiers"]) for sample in family.samples
+                if sample.name == "umgr_backend_tier_capacity_bytes"]
+        assert len({sample.labels["tier"] for sample in caps}) == len(caps) == 3
     finally:
         chain.close()
 

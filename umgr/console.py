@@ -111,7 +111,8 @@ def add_verbosity(parser: argparse.ArgumentParser, where: str) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0, dest=f"verbose_{where}",
                         help="say more (repeat for debug detail)")
     parser.add_argument("-q", "--quiet", action="count", default=0, dest=f"quiet_{where}",
-                        help="say less (once: warnings and errors; twice: errors only)")
+                        help="say less: errors only (umgr daemon, whose default shows what it does: "
+                             "once for warnings and errors, twice for errors only)")
 
 
 def setup_logging(args: argparse.Namespace, default: int = logging.WARNING) -> int:

@@ -137,7 +137,7 @@ class Backend:
             "pages_written": self.pages_written,
             "pages_read": self.pages_read,
             "errors": self.errors,
-            "tiers": self.tier_statistics(),
+            "tiers": _named_apart(self.tier_statistics()),
         }
 
     def tier_statistics(self) -> list[dict]:
@@ -166,6 +166,19 @@ def io_runs(slots: np.ndarray, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarra
     first = np.concatenate(([0], np.flatnonzero(~contiguous) + 1))
     count = np.diff(np.concatenate((first, [len(slots)])))
     return addrs[first], slots[first], count
+
+
+def _named_apart(tiers: list[dict]) -> list[dict]:
+    """Tiers of one store named twice in a chain (two compressed tiers)
+    told apart: "compressed", then "compressed#2", as each tier's metric
+    series and status line are named by it."""
+    seen: dict[str, int] = {}
+    for tier in tiers:
+        name = tier["tier"]
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            tier["tier"] = f"{name}#{seen[name]}"
+    return tiers
 
 
 ENTRY_POINT_GROUP = "umgr.backends"
@@ -275,7 +288,8 @@ def checked_spec(spec: str, parse_value) -> tuple[str, dict]:
         raise ValueError(f"backend option {internal[0]!r} is set by umgr itself, not in --backend")
     unknown = sorted(set(given) - set(accepted))
     if unknown:
-        raise ValueError(f"backend {name!r} has no option {unknown[0]!r}; it takes: {', '.join(accepted) or 'none'}")
+        settable = [option for option in accepted if option not in INTERNAL_OPTIONS]
+        raise ValueError(f"backend {name!r} has no option {unknown[0]!r}; it takes: {', '.join(settable) or 'none'}")
     return name, {key: parse_value(key, value) for key, value in given.items()}
 
 
