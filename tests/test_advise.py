@@ -338,3 +338,55 @@ def test_queued_hints_are_bounded_and_the_sender_waits_for_room():
         assert waited and waited[0] <= QUEUED_MAX and hints.queued == 0
 
     trio.run(main)
+
+
+ANSWERS_IN_ORDER = textwrap.dedent("""
+    import ctypes, errno, mmap, sys
+    from umgr import hints
+    buf = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf[::4096] = b"x" * 1024
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+    def hint(start):
+        try:
+            hints.advise(start, hints.COLD, 4096)
+            return "ok"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(hint(addr + 1), flush=True)     # unaligned: EINVAL, once the daemon answers
+    sys.stdin.readline()
+    print(hint(addr), hint(addr + 1), flush=True)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_a_hint_that_timed_out_does_not_take_the_next_one_s_answer(daemon, shim):
+    """The daemon stopped while a hint waits: it fails with ETIMEDOUT. Once
+    the daemon runs again, each later hint gets its own answer (the
+    late one is read and dropped first): the shim took the late answer
+    for the next hint, and every answer after was one behind (a
+    DISCARDABLE reported done before it had taken effect)."""
+    import signal
+
+    program = subprocess.Popen([sys.executable, "-c", ANSWERS_IN_ORDER], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=daemon.env(shim, UMGR_ACK_TIMEOUT_SECONDS="1"))
+    try:
+        assert program.stdout.readline() == "ready\n", program.stderr.read()
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            program.stdin.write("go\n")
+            program.stdin.flush()
+            assert program.stdout.readline() == "ETIMEDOUT\n"
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        out, err = program.communicate("go\n", timeout=30)
+        assert program.returncode == 0, err
+        assert out == "ok EINVAL\n", out
+    finally:
+        if program.poll() is None:
+            program.kill()
+            program.wait()

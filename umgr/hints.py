@@ -126,7 +126,8 @@ def _readonly_address(view: memoryview) -> int:
 def advise(obj, advice: int, length: int | None = None) -> bool:
     """Give umgr a hint about the pages of `obj` (a buffer, or an address with
     `length`). True: umgr took it. False: no umgr in this process (a no-op).
-    Raises OSError (EINVAL, ENOMEM) when umgr refuses it."""
+    Raises OSError (EINVAL, ENOMEM) when umgr refuses it, ETIMEDOUT when
+    its daemon did not answer in time."""
     funcs = _shim()
     if funcs is None:
         return False

@@ -80,6 +80,8 @@ enum attach_result {
 struct shim_state {
     int active;           /* managed: control connection is up */
     int ctl_fd;           /* control connection, guarded by ctl_lock */
+    unsigned acks_owed;   /* ACKs of requests that timed out, still to come on ctl_fd (ctl_lock) */
+    unsigned ack_timeout; /* seconds a request waits for its ACK (UMGR_ACK_TIMEOUT_SECONDS) */
     int agent_fd;         /* agent end of the socketpair (replaced when a restarted daemon takes us back) */
     int agent_idle;       /* the agent found its daemon gone and waits for a new agent_fd */
     int self_pidfd;       /* for process_madvise on ourselves */
@@ -108,6 +110,7 @@ static struct shim_state shim = {
     .uffd_ref = -1,
     .exec_pidfd = -1,
     .min_region = 1 << 20,
+    .ack_timeout = ACK_TIMEOUT_SECONDS,
     .ctl_lock = PTHREAD_MUTEX_INITIALIZER,
     .fork_lock = PTHREAD_MUTEX_INITIALIZER,
 };
@@ -254,16 +257,40 @@ static void fill_hdr(struct umgr_hdr *hdr, uint16_t type, size_t size)
     hdr->size = (uint16_t)size;
 }
 
-/* A request on the control connection and its ACK status, or -1 if the
- * daemon is gone. */
-static int control_request(const void *msg, size_t len)
+/* The ACK of the request just sent (its status), or -1: the daemon is
+ * gone, or did not answer within ACK_TIMEOUT_SECONDS (-2: it still owes
+ * that ACK). ctl_lock held. */
+static int receive_ack(void)
 {
     struct umgr_ack ack;
+    errno = 0;
+    if (recv_exact_type(shim.ctl_fd, &ack, sizeof ack, UMGR_ACK) == sizeof ack)
+        return ack.status;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        shim.acks_owed++;
+        return -2;
+    }
+    return -1;
+}
+
+/* A request on the control connection and its ACK status; -1 if the
+ * daemon is gone, -2 if it did not answer in time (the request may still
+ * take effect). The daemon answers a connection's requests in order: the
+ * ACKs owed for requests that timed out are read first, else each later
+ * request would take the ACK of the one before it. */
+static int control_request(const void *msg, size_t len)
+{
     int status = -1;
     pthread_mutex_lock(&shim.ctl_lock);
-    if (shim.active && send_with_fds(shim.ctl_fd, msg, len, NULL, 0) == 0 &&
-        recv_exact_type(shim.ctl_fd, &ack, sizeof ack, UMGR_ACK) == sizeof ack)
-        status = ack.status;
+    while (shim.active && shim.acks_owed > 0) {
+        shim.acks_owed--;
+        if ((status = receive_ack()) < 0)
+            goto out;
+    }
+    status = -1;
+    if (shim.active && send_with_fds(shim.ctl_fd, msg, len, NULL, 0) == 0)
+        status = receive_ack();
+out:
     pthread_mutex_unlock(&shim.ctl_lock);
     return status;
 }
@@ -759,7 +786,7 @@ static int connect_daemon(const char *path)
         errno = saved;
         return -1;
     }
-    struct timeval timeout = {.tv_sec = ACK_TIMEOUT_SECONDS};
+    struct timeval timeout = {.tv_sec = shim.ack_timeout};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
     return move_high(fd);
 }
@@ -844,6 +871,7 @@ static int take_back(void)
     pthread_mutex_lock(&shim.ctl_lock);
     int old_ctl = shim.ctl_fd;
     shim.ctl_fd = ctl;
+    shim.acks_owed = 0; /* (the old connection's) */
     pthread_mutex_unlock(&shim.ctl_lock);
     if (old_ctl >= 0)
         raw_close(old_ctl);
@@ -1004,6 +1032,17 @@ __attribute__((constructor)) static void umgr_shim_init(void)
     const char *name = getenv("UMGR_NAME");
     if (name)
         strncpy(shim.name, name, sizeof shim.name - 1);
+    const char *timeout = getenv("UMGR_ACK_TIMEOUT_SECONDS");
+    if (timeout && *timeout) {
+        char *end;
+        unsigned long seconds = strtoul(timeout, &end, 10);
+        if (*end || seconds == 0 || seconds > 3600) {
+            say("umgr: UMGR_ACK_TIMEOUT_SECONDS=%s is not a number of seconds from 1 to 3600; running unmanaged\n",
+                timeout);
+            return;
+        }
+        shim.ack_timeout = (unsigned)seconds;
+    }
     watch_exec();
     pthread_atfork(fork_prepare, fork_parent, fork_child);
     attach(path, 1);
@@ -1214,6 +1253,7 @@ static void detach_in_child(void)
         syscall(SYS_munmap, shim.canary, 4096); /* the parent's copy: ours comes with our HELLO */
     shim.canary = NULL;
     shim.ctl_fd = shim.agent_fd = shim.self_pidfd = shim.uffd_ref = -1;
+    shim.acks_owed = 0;
     shim.active = 0;
     pthread_mutex_init(&shim.ctl_lock, NULL);
     pthread_mutex_init(&shim.fork_lock, NULL);
@@ -1455,7 +1495,8 @@ EXPORT void closefrom(int lowfd)
 /* Application hints (README "Hints", declared in umgr.h). Like madvise(2):
  * 0 on success, else -1 with errno set: EINVAL (unknown advice, unaligned
  * addr), ENOMEM (part of the range is not managed; the rest is advised),
- * ENOTCONN (this process is not managed: no daemon). A hint is advisory:
+ * ENOTCONN (this process is not managed: no daemon), ETIMEDOUT (the daemon
+ * did not answer within shim.ack_timeout; the hint may take effect later). A hint is advisory:
  * COLD and WILLNEED take effect in the background after the call returns;
  * DISCARDABLE has taken effect when it returns (a later write to a page
  * keeps that page). */
@@ -1470,7 +1511,9 @@ EXPORT int umgr_advise(void *addr, size_t length, int advice)
         msg.length = length;
         msg.advice = (uint32_t)advice;
         status = control_request(&msg, sizeof msg);
-        if (status < 0)
+        if (status == -2)
+            status = ETIMEDOUT;
+        else if (status < 0)
             status = ENOTCONN;
     }
     if (status == 0)

@@ -10,7 +10,8 @@
  * Returns 0, or -1 with errno: EINVAL (unknown advice, addr not page
  * aligned), ENOMEM (part of the range is not managed by umgr; the rest is
  * advised), ENOTCONN (the shim is loaded but no daemon manages this process),
- * ENOSYS (no shim). Semantics in README "Hints".
+ * ETIMEDOUT (the daemon did not answer in time: UMGR_ACK_TIMEOUT_SECONDS,
+ * default 30; the hint may still take effect), ENOSYS (no shim). Semantics in README "Hints".
  */
 #ifndef UMGR_H
 #define UMGR_H
