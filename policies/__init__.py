@@ -60,14 +60,17 @@ class PrefetchPolicy:
     # Pages of a lone fault's aligned block (a power of 2, at most 8; 0:
     # none) that the C fast path brings with it, of those that went out
     # with it, while such pages are seen written more often than the pages
-    # they push out are wanted back. No hook is called for them: it is done
-    # in C, before the policy hears of the fault (readahead.py says more).
+    # they push out are wanted back. No hook is called as they come: it is
+    # done in C, before the policy hears of the fault (readahead.py says
+    # more); a first write to one is an on_prefetch_hit, as the pages it asks
+    # for.
     cluster = 0
     # Fresh pages (never written: zeros) that the C fast path brings ahead
     # of a first write going up, at most (it clips this to 128; 0: none):
     # 16 after a write fault on the page after one it served, twice as many
-    # each time the writes reach the page after them. The policy hears of the
-    # faults afterwards, not of these pages (readahead.py says more).
+    # each time the writes reach the page after them. The policy hears
+    # neither of these pages nor of the fault that brought them (its window
+    # is in already: readahead.py says more); of the other faults, after.
     fresh_window = 0
 
     def on_fault(self, vpn: int, region_start: int, region_end: int) -> Sequence[int] | np.ndarray:
@@ -77,7 +80,8 @@ class PrefetchPolicy:
         return ()
 
     def on_prefetch_hit(self, vpn: int) -> None:
-        """A page this policy asked for was later used (optional feedback).
+        """A page this policy asked for (or its ``cluster`` brought) was
+        later used (optional feedback).
         Live, umgr sees a use only when it faults: the first write to a page
         prefetched write-protected (``--keep-clean``). Reads of a mapped page
         are invisible to it; an offline replay sees every access."""
