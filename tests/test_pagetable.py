@@ -546,3 +546,68 @@ def test_a_saved_table_with_a_file_of_another_format_is_not_loaded(tmp_path):
             FileArrays(dir_fd).load()
     assert (tmp_path / name).exists()
     os.close(dir_fd)
+
+
+def test_a_remap_the_dead_daemon_applied_in_part_is_finished_by_the_replay(tmp_path, monkeypatch):
+    """mremap of a range over two saved regions: the dead daemon moved the
+    first region's piece to the destination and died before the second's
+    (PageTable.move rewrites each piece's header in turn). The replayed
+    REMAP moves the piece left behind and keeps the one already there:
+    every page's state and slot is found at the destination (the replay
+    moved the whole range again, and emptying the destination first threw
+    out the piece already moved, freeing its slots)."""
+    from umgr.kernel.uffd import EVENT_REMAP
+    from umgr.paging import recovery
+    from umgr.paging.tablefile import FileArrays
+
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    pt = PageTable(arrays=FileArrays(dir_fd))
+    src, dst, npages = 1000, 50_000, 64
+    pt.add(src, 32)
+    pt.add(src + 32, 32)
+    vpns = np.arange(src, src + npages, dtype=np.int64)
+    pt.set(vpns, State.SWAPPED, np.arange(1, npages + 1, dtype=np.int32))
+    moved = []
+
+    def crash_after_the_first(region, vpn):
+        if moved:
+            raise SystemExit("killed")
+        moved.append(vpn)
+        FileArrays.moved(pt.arrays, region, vpn)
+
+    monkeypatch.setattr(pt.arrays, "moved", crash_after_the_first)
+    with pytest.raises(SystemExit):
+        pt.move(src, dst, npages)
+    saved = FileArrays(dir_fd).load()
+    assert saved.gaps(src, src + npages) == [(src + 32, src + npages)]   # one piece moved, one left
+    message = np.array([[EVENT_REMAP, src << 12, dst << 12, npages << 12]], dtype=np.uint64)
+    freed = recovery.replay(saved, message)
+    assert len(freed) == 0
+    assert saved.gaps(src, src + npages) == [(src, src + npages)]
+    at_dst = np.arange(dst, dst + npages, dtype=np.int64)
+    assert saved.states(at_dst).tolist() == [State.SWAPPED] * npages
+    assert saved.slots(at_dst).tolist() == list(range(1, npages + 1))
+    os.close(dir_fd)
+
+
+def test_a_remap_not_applied_moves_the_whole_range_over_what_was_at_the_destination(tmp_path):
+    """The dead daemon read the REMAP and applied none of it: a region it
+    had at the destination (registered after the source's: newer) is
+    replaced, its slots freed, and the source's pages are found moved."""
+    from umgr.kernel.uffd import EVENT_REMAP
+    from umgr.paging import recovery
+    from umgr.paging.tablefile import FileArrays
+
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    pt = PageTable(arrays=FileArrays(dir_fd))
+    src, dst, npages = 1000, 50_000, 64
+    pt.add(src, npages)
+    pt.set(np.arange(src, src + npages, dtype=np.int64), State.SWAPPED, np.arange(1, npages + 1, dtype=np.int32))
+    pt.add(dst, 16)
+    pt.set(np.arange(dst, dst + 16, dtype=np.int64), State.SWAPPED, np.arange(100, 116, dtype=np.int32))
+    saved = FileArrays(dir_fd).load()
+    message = np.array([[EVENT_REMAP, src << 12, dst << 12, npages << 12]], dtype=np.uint64)
+    assert sorted(recovery.replay(saved, message).tolist()) == list(range(100, 116))
+    assert saved.slots(np.arange(dst, dst + npages, dtype=np.int64)).tolist() == list(range(1, npages + 1))
+    assert saved.gaps(src, src + npages) == [(src, src + npages)]
+    os.close(dir_fd)

@@ -457,7 +457,9 @@ class PageTable:
                   for region, lo, hi in self._overlapping(src_vpn, src_vpn + npages)]
         self._cut(src_vpn, src_vpn + npages)
         replaced = self.remove(dst_vpn, dst_vpn + npages)
-        for lo, piece in pieces:
+        # The newest piece first: a daemon killed in this loop leaves the
+        # pieces already moved newer than those left (recovery._remap).
+        for lo, piece in reversed(pieces):
             self.arrays.moved(piece, dst_vpn + (lo - src_vpn))
             bisect.insort(self.regions, piece, key=lambda r: r.vpn)
         self.layout += 1

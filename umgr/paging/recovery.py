@@ -55,10 +55,34 @@ def replay(pt: PageTable, messages: np.ndarray) -> np.ndarray:
         elif kind == EVENT_UNMAP:
             freed.append(pt.remove(first >> PAGE_SHIFT, page_up(second)))
         elif kind == EVENT_REMAP:
-            src, dst, npages = first >> PAGE_SHIFT, second >> PAGE_SHIFT, third >> PAGE_SHIFT
-            if pt.gaps(src, src + npages) != [(src, src + npages)]:   # still at the source: not applied
-                freed.append(pt.move(src, dst, npages))
+            freed.append(_remap(pt, first >> PAGE_SHIFT, second >> PAGE_SHIFT, third >> PAGE_SHIFT))
     return _join(freed).astype(np.int32) if freed else np.empty(0, np.int32)
+
+
+def _remap(pt: PageTable, src: int, dst: int, npages: int) -> np.ndarray:
+    """A REMAP not applied, or applied in part: the dead daemon's move
+    (PageTable.move) makes the source's pieces (files, in address order,
+    each newer than the last), empties the destination, then gives each
+    piece its new place, newest first. A crash in that loop leaves pieces
+    at the destination that are newer than every piece left behind, each
+    where the source now has a hole: then only the pieces left behind
+    follow them. Else the whole range moves, emptying the destination.
+    Returns the slots to free."""
+    left = [(lo, hi, region) for region in pt.regions
+            for lo, hi in [(max(region.vpn, src), min(region.end, src + npages))] if lo < hi]
+    if not left:
+        return np.empty(0, np.int32)   # applied
+    if any(region.backing is None for _, _, region in left):
+        return pt.move(src, dst, npages)
+    newest_left = max(region.backing.generation for _, _, region in left)
+    arrived = [region for region in pt.regions
+               if dst <= region.vpn and region.end <= dst + npages and region.backing is not None
+               and region.backing.generation > newest_left
+               and pt.gaps(region.vpn - dst + src, region.end - dst + src) == [(region.vpn - dst + src,
+                                                                                region.end - dst + src)]]
+    if not arrived:
+        return pt.move(src, dst, npages)
+    return _join([pt.move(lo, dst + (lo - src), hi - lo) for lo, hi, _ in left])
 
 
 def settle(pt: PageTable, present_pages, zapping: bool) -> tuple[np.ndarray, np.ndarray]:
