@@ -854,6 +854,10 @@ static int take_back(void)
     void *probe = map_probe_page();
     hello.probe = (uintptr_t)probe;
     int fds[2] = {pair[1], shim.uffd_ref};
+    /* Held from the HELLO to the swap: once the daemon has the uffd it may
+     * read a fork's event, and the fork() it lets return names its child
+     * (FORKED) at once; on the dead connection that message was lost. */
+    pthread_mutex_lock(&shim.ctl_lock);
     int sent = send_with_fds(ctl, &hello, sizeof hello, fds, 2);
     raw_close(pair[1]);
     struct umgr_hello_ack ack;
@@ -864,11 +868,11 @@ static int take_back(void)
     if (returned_uffd >= 0)
         raw_close(returned_uffd);
     if (status != 0) {
+        pthread_mutex_unlock(&shim.ctl_lock);
         raw_close(ctl);
         raw_close(pair[0]);
         return status;
     }
-    pthread_mutex_lock(&shim.ctl_lock);
     int old_ctl = shim.ctl_fd;
     shim.ctl_fd = ctl;
     shim.acks_owed = 0; /* (the old connection's) */
