@@ -223,7 +223,9 @@ def read_trace(path: str) -> tuple[dict, np.ndarray]:
         if len(head) < HEADER.size or head[:8] != MAGIC:
             raise TraceError(f"{path}: not a umgr trace")
         _, size, record_size = HEADER.unpack(head)
-        if record_size != RECORD.itemsize or size < HEADER.size:
+        if size < HEADER.size:
+            raise TraceError(f"{path}: a header of {size} bytes, shorter than its own start")
+        if record_size != RECORD.itemsize:
             raise TraceError(f"{path}: records of {record_size} bytes, this umgr reads {RECORD.itemsize}")
         try:
             meta = json.loads(f.read(size - HEADER.size).decode().rstrip())
