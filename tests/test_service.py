@@ -218,6 +218,8 @@ def test_config_file_settings_and_command_line_overrides(tmp_path):
     assert "backend compressed:cap=4M,level=2 (64M in" in ran.stderr, ran.stderr
     ran = daemon_startup_line(tmp_path, chained)
     assert "backend compressed:cap=8M + file (64M in" in ran.stderr, ran.stderr
+    ran = daemon_startup_line(tmp_path, config, "--backend", "file:size=32M")   # (the store's size as opened)
+    assert "backend file:size=32M (32M in" in ran.stderr, ran.stderr
     # `umgr status` finds the socket in the same file.
     proc = subprocess.run([sys.executable, "-m", "umgr", "status", "--config", str(tmp_path / "umgr.toml"),
                            "--interval", "0.05"], capture_output=True, text=True, timeout=20)

@@ -583,12 +583,13 @@ def _serve_metrics(daemon, args) -> str | None:
     return f"http://{host}:{args.metrics_port}/metrics"
 
 
-def startup_line(config: DaemonConfig, args, metrics: str | None) -> str:
-    """What a running daemon serves, in one line."""
+def startup_line(config: DaemonConfig, args, metrics: str | None, backend) -> str:
+    """What a running daemon serves, in one line (the store's size as
+    opened: a spec's own size= wins over --swap-size)."""
     budget = format_size(config.max_resident) if config.max_resident else "none"
     return (f"umgr {version()} serving {config.socket_path}: budget {budget} per process, "
             f"backend {' + '.join(shown(spec) for spec in args.backend or ['file'])} "
-            f"({format_size(args.swap_size)} in {args.state_dir}), "
+            f"({format_size(backend.slots.capacity * PAGE_SIZE)} in {args.state_dir}), "
             f"policy {config.policy}, eviction {config.eviction}, metrics {metrics or 'off'}")
 
 
@@ -625,7 +626,7 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
         daemon = Daemon(config, backend, trace, state=state, on_crash=on_crash)
 
         async def serve() -> None:
-            log.info("%s", startup_line(config, args, _serve_metrics(daemon, args)))
+            log.info("%s", startup_line(config, args, _serve_metrics(daemon, args), backend))
             await embedded.serve_until_finished(daemon, ready_fd)
 
         trio.run(serve)
@@ -706,7 +707,7 @@ def cmd_daemon(args) -> int:
         def serving() -> None:
             nonlocal keep_state
             keep_state = True
-            line = startup_line(config, args, metrics)
+            line = startup_line(config, args, metrics, backend)
             log.info("%s", line)
             notify("READY=1", f"STATUS={line}")
 
