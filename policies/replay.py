@@ -125,7 +125,7 @@ class PagingReplayResult:
 
 
 def replay_paging(prefetch, eviction, trace_vpns, resident_capacity: int, regions=None,
-                  batch: int = 64) -> PagingReplayResult:
+                  batch: int = 64, events=()) -> PagingReplayResult:
     """Drive a prefetch and an eviction policy together over ``trace_vpns``
     (page accesses in order), as the daemon does with one target: an access
     to a page that is not resident faults, the prefetch policy adds pages
@@ -135,7 +135,12 @@ def replay_paging(prefetch, eviction, trace_vpns, resident_capacity: int, region
     hears its refault distance); above ``resident_capacity`` pages (0: no
     limit) the eviction policy chooses victims, ``batch`` at a time. A page
     has content once accessed: evicting one that was only prefetched, and
-    never from swap, writes nothing and it reads as zero again."""
+    never from swap, writes nothing and it reads as zero again.
+    ``events``: what the app did to its memory (umgr.trace.TargetRun's:
+    (accesses before it, GONE or MOVED, first vpn, end vpn, destination),
+    in order): the pages of a range it discarded or unmapped leave and
+    read as zero again; those of a range mremap moved go with their
+    content (the eviction policy hears of both, as live)."""
     from . import GuardedEviction
 
     prefetch = prefetch if isinstance(prefetch, GuardedPrefetch) else GuardedPrefetch(prefetch, target="replay")
@@ -148,7 +153,13 @@ def replay_paging(prefetch, eviction, trace_vpns, resident_capacity: int, region
     starts = [r[0] for r in regions or ()]
     ends = [r[1] for r in regions or ()]
     n = PagingReplayResult(0, 0, 0, 0, 0, 0, 0, 0)
-    for vpn in np.asarray(trace_vpns, dtype=np.int64).tolist():
+    pages = _Pages(resident, content, swapped, unused, eviction)
+    events = list(events)
+    next_event = 0
+    for at, vpn in enumerate(np.asarray(trace_vpns, dtype=np.int64).tolist()):
+        while next_event < len(events) and events[next_event][0] <= at:
+            pages.apply(*events[next_event][1:])
+            next_event += 1
         n.accesses += 1
         if vpn in resident:
             if vpn in unused:
@@ -178,6 +189,53 @@ def replay_paging(prefetch, eviction, trace_vpns, resident_capacity: int, region
         if resident_capacity:
             _evict(eviction, resident, content, swapped, unused, resident_capacity, batch, n)
     return n
+
+
+GONE, MOVED = 10, 12   # umgr.trace.Kind's
+
+
+@dataclass
+class _Pages:
+    """A replay's page sets, for what the app does to its memory."""
+    resident: set
+    content: set
+    swapped: dict
+    unused: set
+    eviction: object
+
+    def apply(self, kind: int, lo: int, hi: int, dst: int) -> None:
+        if kind == GONE:
+            self._take(lo, hi)
+        elif kind == MOVED:
+            taken = self._take(lo, hi)
+            self._take(dst, dst + hi - lo)   # (mremap replaced what was there)
+            came = []
+            for name, members in taken.items():
+                moved = {vpn - lo + dst: members[vpn] for vpn in members} if name == "swapped" \
+                    else {vpn - lo + dst for vpn in members}
+                getattr(self, name).update(moved)
+                if name == "resident":
+                    came = sorted(moved)
+            if came:
+                self.eviction.on_resident(np.array(came, np.int64))
+
+    def _take(self, lo: int, hi: int) -> dict:
+        """The pages of [lo, hi), out of every set (the eviction policy
+        hears of the resident ones leaving); by set name."""
+        taken = {}
+        for name in ("resident", "content", "swapped", "unused"):
+            members = getattr(self, name)
+            inside = [vpn for vpn in (range(lo, hi) if hi - lo < len(members) else list(members))
+                      if lo <= vpn < hi and vpn in members]
+            taken[name] = {vpn: members[vpn] for vpn in inside} if name == "swapped" else set(inside)
+            for vpn in inside:
+                if name == "swapped":
+                    del members[vpn]
+                else:
+                    members.discard(vpn)
+        if taken["resident"]:
+            self.eviction.on_removed(np.array(sorted(taken["resident"]), np.int64))
+        return taken
 
 
 def _evict(eviction, resident, content, swapped, unused, capacity, batch, n) -> None:

@@ -659,3 +659,20 @@ def test_a_forked_child_s_target_loads_its_parent_s_plug_in_by_its_entry_point_n
     child = lifecycle.prefetch(settings.prefetch_name, "pid 2")
     assert isinstance(child.policy, Mine) and child.name == "mine"
     assert lifecycle.prefetch("", "pid 3").name == "readahead"   # the daemon's own
+
+
+def test_replay_paging_follows_discards_and_moves():
+    """Pure logic of replay_paging's events: a discarded page reads as
+    zero again (a fault, not from swap), a moved one goes with its content
+    (from swap at its new place), and the event kinds are the trace's."""
+    from umgr.trace import Kind
+    from umgr.policies import replay as replay_module
+    assert (replay_module.GONE, replay_module.MOVED) == (Kind.GONE, Kind.MOVED)
+    # 0..3 touched under 2 pages: 0 and 1 go out; then 0 is discarded and
+    # 0..3 move to 100..103; 100 (was 0: discarded) faults fresh, 101 (was 1)
+    # from swap.
+    events = [(4, Kind.GONE, 0, 1, 1), (4, Kind.MOVED, 0, 4, 100)]
+    got = replay_paging(NoPrefetch(), FifoEviction(), [0, 1, 2, 3, 100, 101], 2, batch=1, events=events)
+    assert got.faults == 6 and got.from_swap == 1
+    plain = replay_paging(NoPrefetch(), FifoEviction(), [0, 1, 2, 3, 100, 101], 2, batch=1)
+    assert plain.from_swap == 0   # (100 and 101 never seen: fresh)

@@ -183,3 +183,26 @@ class _PageStates:
     def state_of(self, vpn: int) -> int:
         from umgr.paging.pagetable import State
         return State.FRESH
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode, kind", [("dontneed", Kind.GONE), ("mremap", Kind.MOVED)])
+def test_a_replay_follows_what_the_app_did_to_its_memory(tmp_path, programs, mode, kind):
+    """`lifecycle` discards a quarter of its 32 MiB (MADV_DONTNEED), or
+    mremaps it all away, while most of it is paged out, then reads it all:
+    the trace has what it did (GONE, MOVED), and the recorded setup
+    replayed reads from swap what the run read from swap (a replay that did
+    not know read the discarded pages back from swap, and took the moved
+    ones as pages never touched)."""
+    trace, stats = tmp_path / "run.trace", tmp_path / "stats.json"
+    done = umgr("exec", "--max-resident", "8M", "--swap-size", "256M", "--policy", "none", "--eviction", "fifo",
+                "--record-trace", str(trace), "--stats-json", str(stats), "--", programs["lifecycle"], mode, "32")
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(stats.read_text())
+    _, records = read_trace(str(trace))
+    assert (records["kind"] == kind).sum() >= 1
+    (run,) = target_runs(records)
+    assert any(event[1] == kind for event in run.events)
+    row = {r["policy"]: r for r in replay(trace, "--policy", "none")}["none+fifo"]
+    assert stats["faults_swapped"] > 4096, stats   # (most of it was out when the app did it)
+    assert abs(row["from_swap"] - stats["faults_swapped"]) <= 0.02 * stats["faults_swapped"], (row, stats)

@@ -15,7 +15,8 @@ target whose TARGET record has the same `target` index; REGION and
 REGION_END records give the memory it registered, for prefetch bounds.
 
 Only what umgr sees is recorded: faults, which are accesses to pages that
-were not mapped (or write-protected). Accesses to resident pages leave no
+were not mapped (or write-protected), and what the app did to its memory
+(discards, munmap, mremap: GONE and MOVED records). Accesses to resident pages leave no
 trace, so a replay is exact only for what faulted: a bigger budget than the
 recorded one can only save faults, a smaller one cannot know the accesses
 that hit in the recorded run. A forked child starts from its parent's pages;
@@ -57,11 +58,17 @@ class Kind(enum.IntEnum):
     FAULT_OTHER = 7    # MISSING fault on a page believed mapped (being evicted, reclaimed)
     EVICT = 8          # the page left memory (written out, or dropped when all zero)
     CLOCK = 9          # vpn = microseconds since the trace began, in full
+    GONE = 10          # the app discarded (flags DISCARDED: MADV_DONTNEED) or unmapped (UNMAPPED) a range:
+    GONE_END = 11      # vpn = its first page, and in the next record the page after its end
+    MOVED = 12         # mremap moved a range: vpn = the source's first page, then in the next
+    MOVED_TO = 13      # record the destination's first page, and in the one after that
+    MOVED_END = 14     # the page after the destination's end
 
 
 FAULTS = (Kind.FAULT_FRESH, Kind.FAULT_SWAPPED, Kind.FAULT_WP, Kind.FAULT_OTHER)
 WRITE = 1   # flags of a fault: the access was a write
 FORKED = 1  # flags of a TARGET record
+DISCARDED, UNMAPPED = 1, 2   # flags of a GONE record
 
 
 class TraceWriter:
@@ -191,6 +198,18 @@ class TargetTrace:
         """The budget changed while the target ran (a replay runs at the first)."""
         self.put(Kind.BUDGET, budget_pages, self.writer.now())
 
+    def gone(self, lo: int, hi: int, how: int) -> None:
+        """The app discarded (DISCARDED) or unmapped (UNMAPPED) pages [lo, hi)."""
+        now = self.writer.now()
+        self.put(Kind.GONE, lo, now, how)
+        self.put(Kind.GONE_END, hi, now)
+
+    def moved(self, src: int, dst: int, npages: int) -> None:
+        now = self.writer.now()
+        self.put(Kind.MOVED, src, now)
+        self.put(Kind.MOVED_TO, dst, now)
+        self.put(Kind.MOVED_END, dst + npages, now)
+
 
 class NullTrace:
     """The recorder of a target nobody traces: every call does nothing."""
@@ -205,6 +224,12 @@ class NullTrace:
         pass
 
     def budget(self, budget_pages: int) -> None:
+        pass
+
+    def gone(self, lo: int, hi: int, how: int) -> None:
+        pass
+
+    def moved(self, src: int, dst: int, npages: int) -> None:
         pass
 
 
@@ -256,10 +281,14 @@ class TargetRun:
     pid: int
     forked: bool
     budget_pages: int
-    regions: list[tuple[int, int]]   # (first vpn, end vpn), sorted by first
+    regions: list[tuple[int, int]]   # (first vpn, end vpn), sorted by first (mremap's destinations too)
     accesses: np.ndarray             # vpns of its faults, in order
     kinds: np.ndarray                # their Kind
     evictions: int
+    # What the app did to its memory, in order: (faults before it, GONE or
+    # MOVED, first vpn, end vpn, destination's first vpn (MOVED) or the
+    # GONE record's flags), as umgr.policies.replay.replay_paging takes them.
+    events: list[tuple[int, int, int, int, int]]
 
 
 def target_runs(records: np.ndarray) -> list[TargetRun]:
@@ -270,11 +299,27 @@ def target_runs(records: np.ndarray) -> list[TargetRun]:
         kinds = mine["kind"]
         head = mine[kinds == Kind.TARGET]
         budget = mine[kinds == Kind.BUDGET]["vpn"]
-        regions = sorted(zip(mine[kinds == Kind.REGION]["vpn"].tolist(), mine[kinds == Kind.REGION_END]["vpn"].tolist()))
         faults = np.isin(kinds, FAULTS)
+        events = _events(mine, np.cumsum(faults) - faults)
+        regions = sorted([*zip(mine[kinds == Kind.REGION]["vpn"].tolist(), mine[kinds == Kind.REGION_END]["vpn"].tolist()),
+                          *((dst, dst + hi - lo) for _, kind, lo, hi, dst in events if kind == Kind.MOVED)])
         runs.append(TargetRun(pid=int(head["vpn"][0]) if len(head) else 0,
                               forked=bool(len(head) and head["flags"][0] & FORKED),
                               budget_pages=int(budget[0]) if len(budget) else 0, regions=regions,
                               accesses=mine["vpn"][faults].astype(np.int64), kinds=kinds[faults],
-                              evictions=int((kinds == Kind.EVICT).sum())))
+                              evictions=int((kinds == Kind.EVICT).sum()), events=events))
     return runs
+
+
+def _events(mine: np.ndarray, faults_before: np.ndarray) -> list[tuple[int, int, int, int, int]]:
+    """A target's GONE and MOVED records, with the records that follow
+    each (written together: nothing comes between but CLOCK records)."""
+    kinds, vpns, flags = mine["kind"].tolist(), mine["vpn"].tolist(), mine["flags"].tolist()
+    events = []
+    for i in np.flatnonzero(np.isin(mine["kind"], (Kind.GONE, Kind.MOVED))).tolist():
+        if kinds[i] == Kind.GONE and i + 1 < len(kinds) and kinds[i + 1] == Kind.GONE_END:
+            events.append((int(faults_before[i]), Kind.GONE, vpns[i], vpns[i + 1], flags[i]))
+        elif kinds[i] == Kind.MOVED and i + 2 < len(kinds) and kinds[i + 1:i + 3] == [Kind.MOVED_TO, Kind.MOVED_END]:
+            npages = vpns[i + 2] - vpns[i + 1]
+            events.append((int(faults_before[i]), Kind.MOVED, vpns[i], vpns[i] + npages, vpns[i + 1]))
+    return events

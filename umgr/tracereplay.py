@@ -67,7 +67,7 @@ def replay_setup(setup: Setup, runs: list[TargetRun], budget_bytes: int | None) 
         capacity = run.budget_pages if budget_bytes is None else budget_bytes >> PAGE_SHIFT
         total += replay_paging(load_prefetch(setup.prefetch[0], **setup.prefetch[1]),
                                load_eviction(setup.eviction[0], **setup.eviction[1]),
-                               run.accesses, capacity, run.regions)
+                               run.accesses, capacity, run.regions, events=run.events)
     return total
 
 

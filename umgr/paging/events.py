@@ -20,6 +20,7 @@ from umgr.paging.core import TargetCore
 from umgr.paging.crashpoint import crash_point
 from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State, page_up
 from umgr.paging.removes import RemoveAttribution
+from umgr.trace import DISCARDED, UNMAPPED
 
 EMPTY = np.empty(0, np.int64)
 
@@ -66,6 +67,7 @@ class MemoryEvents:
         core.stats.unmaps += 1
         log.debug("%s: unmap %#x-%#x", core.label, start, end)
         lo, hi = start >> PAGE_SHIFT, page_up(end)
+        core.trace.gone(lo, hi, UNMAPPED)
         core.left_residency(core.pt.find_state(lo, hi, State.RESIDENT)[0])
         core.slots.free(core.pt.remove(lo, hi))
 
@@ -95,6 +97,7 @@ class MemoryEvents:
         core.stats.app_removes += 1
         crash_point("app-remove")
         log.debug("%s: app discarded %#x-%#x", core.label, start, end)
+        core.trace.gone(lo, hi, DISCARDED)
         core.left_residency(core.pt.find_state(lo, hi, State.RESIDENT)[0])
         core.slots.free(core.pt.discard(lo, hi, keep=(State.ZAPPING,)))
 
@@ -107,6 +110,7 @@ class MemoryEvents:
         log.debug("%s: remap %#x -> %#x (%#x bytes)", core.label, event.src, event.dst, event.length)
         npages = event.length >> PAGE_SHIFT
         src, dst = event.src >> PAGE_SHIFT, event.dst >> PAGE_SHIFT
+        core.trace.moved(src, dst, npages)
         core.left_residency(core.pt.find_state(src, src + npages, State.RESIDENT)[0])
         # A maps scan may have registered the new range before this event:
         # what it recorded there is replaced by the moved pages.
