@@ -82,6 +82,8 @@ struct shim_state {
     int ctl_fd;           /* control connection, guarded by ctl_lock */
     unsigned acks_owed;   /* ACKs of requests that timed out, still to come on ctl_fd (ctl_lock) */
     unsigned ack_timeout; /* seconds a request waits for its ACK (UMGR_ACK_TIMEOUT_SECONDS) */
+    int taking_back;      /* the watchdog is handing the uffd to a restarted daemon (atomic) */
+    unsigned ctl_generation; /* connections swapped in so far (atomic) */
     int agent_fd;         /* agent end of the socketpair (replaced when a restarted daemon takes us back) */
     int agent_idle;       /* the agent found its daemon gone and waits for a new agent_fd */
     int self_pidfd;       /* for process_madvise on ourselves */
@@ -257,11 +259,22 @@ static void fill_hdr(struct umgr_hdr *hdr, uint16_t type, size_t size)
     hdr->size = (uint16_t)size;
 }
 
-/* The ACK of the request just sent (its status), or -1: the daemon is
- * gone, or did not answer within ACK_TIMEOUT_SECONDS (-2: it still owes
- * that ACK). ctl_lock held. */
-static int receive_ack(void)
+/* The ACK of the oldest request unanswered on the control connection: its
+ * status; -1 if the daemon is gone; -2 if none came within `wait_ms` (it
+ * is still owed then). ctl_lock held. The wait is the shim's ack_timeout
+ * (UMGR_ACK_TIMEOUT_SECONDS), not the socket's receive timeout, which
+ * bounds a HELLO's answer. */
+static int receive_ack(int wait_ms)
 {
+    struct pollfd ready = {.fd = shim.ctl_fd, .events = POLLIN};
+    int n;
+    do {
+        n = poll(&ready, 1, wait_ms);
+    } while (n < 0 && errno == EINTR);
+    if (n == 0) {
+        shim.acks_owed++;
+        return -2;
+    }
     struct umgr_ack ack;
     errno = 0;
     if (recv_exact_type(shim.ctl_fd, &ack, sizeof ack, UMGR_ACK) == sizeof ack)
@@ -274,22 +287,32 @@ static int receive_ack(void)
 }
 
 /* A request on the control connection and its ACK status; -1 if the
- * daemon is gone, -2 if it did not answer in time (the request may still
- * take effect). The daemon answers a connection's requests in order: the
- * ACKs owed for requests that timed out are read first, else each later
- * request would take the ACK of the one before it. */
+ * daemon is gone, -2 if its answer is not known (the request may still
+ * take effect): it did not come within ack_timeout, or the daemon has not
+ * answered an earlier request yet. The daemon answers a connection's
+ * requests in order, so the ACKs owed for requests that timed out are read
+ * first (else each later request would take the one before it); one that
+ * does not come within ack_timeout leaves the new request's answer owed
+ * too, and the request is sent all the same (a FORKED must not be lost). */
 static int control_request(const void *msg, size_t len)
 {
-    int status = -1;
+    int status = -1, behind = 0;
     pthread_mutex_lock(&shim.ctl_lock);
-    while (shim.active && shim.acks_owed > 0) {
+    while (shim.active && shim.acks_owed > 0 && !behind) {
         shim.acks_owed--;
-        if ((status = receive_ack()) < 0)
+        int late = receive_ack((int)shim.ack_timeout * 1000);
+        if (late == -1)
             goto out;
+        behind = late == -2;
     }
-    status = -1;
-    if (shim.active && send_with_fds(shim.ctl_fd, msg, len, NULL, 0) == 0)
-        status = receive_ack();
+    if (shim.active && send_with_fds(shim.ctl_fd, msg, len, NULL, 0) == 0) {
+        if (behind) {
+            shim.acks_owed++;
+            status = -2;
+        } else {
+            status = receive_ack((int)shim.ack_timeout * 1000);
+        }
+    }
 out:
     pthread_mutex_unlock(&shim.ctl_lock);
     return status;
@@ -786,7 +809,7 @@ static int connect_daemon(const char *path)
         errno = saved;
         return -1;
     }
-    struct timeval timeout = {.tv_sec = shim.ack_timeout};
+    struct timeval timeout = {.tv_sec = ACK_TIMEOUT_SECONDS};   /* (a HELLO's answer; a request's: ack_timeout) */
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
     return move_high(fd);
 }
@@ -854,10 +877,12 @@ static int take_back(void)
     void *probe = map_probe_page();
     hello.probe = (uintptr_t)probe;
     int fds[2] = {pair[1], shim.uffd_ref};
-    /* Held from the HELLO to the swap: once the daemon has the uffd it may
-     * read a fork's event, and the fork() it lets return names its child
-     * (FORKED) at once; on the dead connection that message was lost. */
-    pthread_mutex_lock(&shim.ctl_lock);
+    /* Once the daemon has the uffd it may read a fork's event, and the
+     * fork() it lets return names its child (FORKED) at once, maybe on the
+     * dead connection: name_child() sends it again after the swap. (Not by
+     * holding ctl_lock from here: a thread that holds it may be faulting
+     * on a page only this daemon can bring back.) */
+    __atomic_store_n(&shim.taking_back, 1, __ATOMIC_SEQ_CST);
     int sent = send_with_fds(ctl, &hello, sizeof hello, fds, 2);
     raw_close(pair[1]);
     struct umgr_hello_ack ack;
@@ -868,14 +893,17 @@ static int take_back(void)
     if (returned_uffd >= 0)
         raw_close(returned_uffd);
     if (status != 0) {
-        pthread_mutex_unlock(&shim.ctl_lock);
+        __atomic_store_n(&shim.taking_back, 0, __ATOMIC_SEQ_CST);
         raw_close(ctl);
         raw_close(pair[0]);
         return status;
     }
+    pthread_mutex_lock(&shim.ctl_lock);
     int old_ctl = shim.ctl_fd;
     shim.ctl_fd = ctl;
     shim.acks_owed = 0; /* (the old connection's) */
+    __atomic_add_fetch(&shim.ctl_generation, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&shim.taking_back, 0, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&shim.ctl_lock);
     if (old_ctl >= 0)
         raw_close(old_ctl);
@@ -1276,7 +1304,19 @@ static void name_child(pid_t pid)
     fill_hdr(&msg.hdr, UMGR_FORKED, sizeof msg);
     msg.start = (uint64_t)pid;
     msg.length = 0;
-    control_request(&msg, sizeof msg);
+    unsigned generation = __atomic_load_n(&shim.ctl_generation, __ATOMIC_SEQ_CST);
+    if (control_request(&msg, sizeof msg) != -1)
+        return;
+    /* The connection was dead: a restarted daemon taking us back may have
+     * let this fork return before the watchdog swapped connections (see
+     * take_back). Once it has, again on the new one. */
+    for (unsigned waited_ms = 0; __atomic_load_n(&shim.taking_back, __ATOMIC_SEQ_CST)
+                                 && waited_ms < shim.ack_timeout * 1000 + 1000; waited_ms++) {
+        struct timespec ms = {.tv_nsec = 1000000};
+        nanosleep(&ms, NULL);
+    }
+    if (__atomic_load_n(&shim.ctl_generation, __ATOMIC_SEQ_CST) != generation)
+        control_request(&msg, sizeof msg);
 }
 
 static void child_after_fork(int was_active)
