@@ -590,10 +590,13 @@ def test_a_remap_the_dead_daemon_applied_in_part_is_finished_by_the_replay(tmp_p
     os.close(dir_fd)
 
 
-def test_a_remap_not_applied_moves_the_whole_range_over_what_was_at_the_destination(tmp_path):
+@pytest.mark.parametrize("hole", [0, 16])
+def test_a_remap_not_applied_moves_the_whole_range_over_what_was_at_the_destination(tmp_path, hole):
     """The dead daemon read the REMAP and applied none of it: a region it
     had at the destination (registered after the source's: newer) is
-    replaced, its slots freed, and the source's pages are found moved."""
+    replaced, its slots freed, and the source's pages are found moved;
+    also where the source has a hole in front of it (`hole` pages: the
+    region there held no slot, and had no file)."""
     from umgr.kernel.uffd import EVENT_REMAP
     from umgr.paging import recovery
     from umgr.paging.tablefile import FileArrays
@@ -601,13 +604,16 @@ def test_a_remap_not_applied_moves_the_whole_range_over_what_was_at_the_destinat
     dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     pt = PageTable(arrays=FileArrays(dir_fd))
     src, dst, npages = 1000, 50_000, 64
-    pt.add(src, npages)
-    pt.set(np.arange(src, src + npages, dtype=np.int64), State.SWAPPED, np.arange(1, npages + 1, dtype=np.int32))
+    pt.add(src + hole, npages - hole)
+    pt.set(np.arange(src + hole, src + npages, dtype=np.int64), State.SWAPPED,
+           np.arange(1 + hole, npages + 1, dtype=np.int32))
     pt.add(dst, 16)
     pt.set(np.arange(dst, dst + 16, dtype=np.int64), State.SWAPPED, np.arange(100, 116, dtype=np.int32))
     saved = FileArrays(dir_fd).load()
     message = np.array([[EVENT_REMAP, src << 12, dst << 12, npages << 12]], dtype=np.uint64)
     assert sorted(recovery.replay(saved, message).tolist()) == list(range(100, 116))
-    assert saved.slots(np.arange(dst, dst + npages, dtype=np.int64)).tolist() == list(range(1, npages + 1))
+    assert saved.slots(np.arange(dst + hole, dst + npages, dtype=np.int64)).tolist() == list(range(1 + hole,
+                                                                                                  npages + 1))
     assert saved.gaps(src, src + npages) == [(src, src + npages)]
+    assert saved.gaps(dst, dst + hole) == ([(dst, dst + hole)] if hole else [])
     os.close(dir_fd)

@@ -63,11 +63,11 @@ def _remap(pt: PageTable, src: int, dst: int, npages: int) -> np.ndarray:
     """A REMAP not applied, or applied in part: the dead daemon's move
     (PageTable.move) makes the source's pieces (files, in address order,
     each newer than the last), empties the destination, then gives each
-    piece its new place, newest first. A crash in that loop leaves pieces
-    at the destination that are newer than every piece left behind, each
-    where the source now has a hole: then only the pieces left behind
-    follow them. Else the whole range moves, emptying the destination.
-    Returns the slots to free."""
+    piece its new place, newest first, noting in its header where it came
+    from. A crash in that loop leaves pieces at the destination that came
+    from this source and are newer than every piece left behind: then only
+    the pieces left behind follow them. Else the whole range moves,
+    emptying the destination. Returns the slots to free."""
     left = [(lo, hi, region) for region in pt.regions
             for lo, hi in [(max(region.vpn, src), min(region.end, src + npages))] if lo < hi]
     if not left:
@@ -77,9 +77,7 @@ def _remap(pt: PageTable, src: int, dst: int, npages: int) -> np.ndarray:
     newest_left = max(region.backing.generation for _, _, region in left)
     arrived = [region for region in pt.regions
                if dst <= region.vpn and region.end <= dst + npages and region.backing is not None
-               and region.backing.generation > newest_left
-               and pt.gaps(region.vpn - dst + src, region.end - dst + src) == [(region.vpn - dst + src,
-                                                                                region.end - dst + src)]]
+               and region.backing.generation > newest_left and region.backing.moved_from == region.vpn - dst + src]
     if not arrived:
         return pt.move(src, dst, npages)
     return _join([pt.move(lo, dst + (lo - src), hi - lo) for lo, hi, _ in left])

@@ -12,12 +12,16 @@ write(2) per fault. A machine crash is not covered (the targets died with
 it anyway). Flags stay in memory: they are hints, and a restarted daemon
 does without them.
 
-A file: a header of four int64 (MAGIC, first vpn, pages, generation), the
-state bytes at 64, the int32 slots after them (64-byte aligned), its
-blocks allocated when it is made (see reserve). The header is written
-last, so a file cut short by a crash has no magic and is ignored. A region is cut (munmap, mremap) by writing its pieces as new
-files, then unlinking it: a crash in between leaves pieces that overlap
-their old region, and the newest generation wins when the table is loaded.
+A file: a header of int64s (MAGIC, first vpn, pages, generation, and the
+first vpn it was moved from by mremap plus one, 0 if never), the state
+bytes at 64, the int32 slots after them (64-byte aligned), its blocks
+allocated when it is made (see reserve). The header is written last, so a
+file cut short by a crash has no magic and is ignored. A region is cut
+(munmap, mremap) by writing its pieces as new files, then unlinking it: a
+crash in between leaves pieces that overlap their old region, and the
+newest generation wins when the table is loaded. Table files take disk
+space: 5 bytes a page of a region that has had a page in swap (a 64 GiB
+reservation, 80 MB).
 """
 from __future__ import annotations
 
@@ -46,9 +50,14 @@ RECORD = "target.json"   # the target's identity (umgr/daemon/statedir.py): with
 class FileBacking:
     """A region's file: its name in the table's directory, its mapped header."""
     name: str
-    header: np.ndarray    # int64 [MAGIC, vpn, npages, generation]
+    header: np.ndarray    # int64 [MAGIC, vpn, npages, generation, moved from + 1, 0, 0, 0]
     generation: int
     dir_fd: int           # the table's directory (FileArrays owns it)
+
+    @property
+    def moved_from(self) -> int:
+        """The first vpn mremap last moved it from; -1 if never."""
+        return int(self.header[4]) - 1
 
     def steps(self, a: int, b: int, of: str = "both") -> Iterator[tuple[int, int]]:
         """Region.steps: pages [a, b) where the file holds data in the
@@ -112,7 +121,7 @@ def _file_size(npages: int) -> int:
 def _map(fd: int, npages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The file's header, state and slot arrays, mapped shared."""
     memory = map_shared(fd, _file_size(npages), random=True)
-    header = np.frombuffer(memory, np.int64, 4, 0)
+    header = np.frombuffer(memory, np.int64, HEADER_BYTES // 8, 0)
     state = np.frombuffer(memory, np.uint8, npages, HEADER_BYTES)
     slot = np.frombuffer(memory, np.int32, npages, _slot_offset(npages))
     return header, state, slot
@@ -150,7 +159,7 @@ class FileArrays(MemoryArrays):
         copy_nonzero(slot, region.slot)
         region.state, region.slot = state, slot
         region.backing = FileBacking(name, header, generation, self.dir_fd)
-        header[1:] = (region.vpn, region.npages, generation)
+        header[1:4] = (region.vpn, region.npages, generation)
         header[0] = MAGIC
 
     def holding_slots(self, region: Region) -> None:
@@ -185,9 +194,10 @@ class FileArrays(MemoryArrays):
                 pass
 
     def moved(self, region: Region, vpn: int) -> None:
-        region.vpn = vpn
-        if region.backing is not None:
+        if region.backing is not None:   # (where from first: recovery._remap)
+            region.backing.header[4] = region.vpn + 1
             region.backing.header[1] = vpn
+        region.vpn = vpn
 
     def drop(self, region: Region) -> None:
         if region.backing is None:
