@@ -13,9 +13,11 @@ def test_reads_of_maps_take_at_most_their_share_of_the_daemon_s_time():
     assert usual.interval(0.05) == SCAN_INTERVAL_MAX        # 50 times its cost, up to the cap...
     assert dear.interval(0.05) >= 0.13 / SCAN_SHARE_MAX     # ...unless reading would take more than its share
     dear.at = time.monotonic()
-    assert not dear.due()                                    # an ADVISE does not read them again at once
+    assert dear.until_due() > 1.2                             # an ADVISE waits to read them again
     dear.at -= 0.13 / SCAN_SHARE_MAX
-    assert dear.due()
+    assert dear.until_due() == 0
+    cheap.at = time.monotonic()
+    assert cheap.until_due() < 0.001 and 0.04 < cheap.until_due(0.05) <= 0.05
 
 
 def test_a_read_notes_when_and_what_it_cost():

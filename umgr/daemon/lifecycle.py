@@ -240,15 +240,17 @@ class Lifecycle:
             return RemoteZapper(target.pidfd, agent)
         return AgentZapper(agent, moves=self.config.move_out)
 
-    def look_for_new_memory(self, target: Target) -> bool:
-        """Register what its maps show now, unless they were read too
-        recently for what a read costs (MapsReads.due: an ADVISE per
-        message could read them otherwise). Whether they were read."""
+    async def look_for_new_memory(self, target: Target) -> None:
+        """Register what its maps show, read once a read is due
+        (MapsReads.until_due: an ADVISE a message would read them as often
+        as it liked; its sender waits instead)."""
         reads = self._maps_reads.get(target)
-        if reads is None or not reads.due():
-            return False
-        self.register_found(target, reads.read())
-        return True
+        if reads is None:   # (its scan has not begun)
+            self.register_found(target)
+            return
+        await trio.sleep(reads.until_due())
+        if not target.gone:
+            self.register_found(target, reads.read())
 
     def register_found(self, target: Target, mappings: list[tuple[int, int]] | None = None) -> None:
         """Manage the anonymous memory /proc/PID/maps shows (malloc, brk),
@@ -431,9 +433,8 @@ class Lifecycle:
             # The pace is set by reading the maps, not by registering what
             # they show, which a burst of new mappings makes dear just
             # when scanning often matters.
-            wait = reads.interval(self.config.scan_interval) - (time.monotonic() - reads.at)
-            if wait > 0:   # (an ADVISE may have read them meanwhile)
-                await trio.sleep(wait)
+            await trio.sleep(reads.until_due(self.config.scan_interval))
+            if reads.until_due(self.config.scan_interval) > 0:   # an ADVISE read them meanwhile
                 continue
             try:
                 target.check_mm()

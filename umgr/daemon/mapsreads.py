@@ -35,7 +35,9 @@ class MapsReads:
         the daemon's time."""
         return max(min(max(least, SCAN_COST_RATIO * self.cost), SCAN_INTERVAL_MAX), self.cost / SCAN_SHARE_MAX)
 
-    def due(self) -> bool:
-        """Whether a read now (an ADVISE's) keeps reading within
-        SCAN_SHARE_MAX of the daemon's time."""
-        return time.monotonic() - self.at >= self.cost / SCAN_SHARE_MAX
+    def until_due(self, least: float = 0.0) -> float:
+        """Seconds until the next read: the periodic scan's (`least`: its
+        interval), or an ADVISE's (0: only within SCAN_SHARE_MAX of the
+        daemon's time)."""
+        wait = self.interval(least) if least else self.cost / SCAN_SHARE_MAX
+        return max(wait - (time.monotonic() - self.at), 0.0)

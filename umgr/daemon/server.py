@@ -308,12 +308,12 @@ class Daemon:
             return 0
         lo, hi = msg.start >> PAGE_SHIFT, (msg.start + msg.length + PAGE_SIZE - 1) >> PAGE_SHIFT
         gaps = target.pt.gaps(lo, hi)
-        if gaps:  # malloc'd memory may not have been found yet: look now, if a look is not too dear
+        if gaps:  # malloc'd memory may not have been found yet: look (once a look is not too dear)
             try:
-                if self.lifecycle.look_for_new_memory(target):
-                    gaps = target.pt.gaps(lo, hi)
+                await self.lifecycle.look_for_new_memory(target)
             except (OSError, TargetGone):
                 return errno.ESRCH
+            gaps = target.pt.gaps(lo, hi)
             if gaps == [(lo, hi)]:
                 return errno.ENOMEM  # nothing of it is managed
         await target.advise(lo, hi, msg.advice)
