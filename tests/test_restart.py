@@ -575,6 +575,36 @@ def test_a_stop_soon_after_a_restart_waits_for_the_programs_not_back_yet(tmp_pat
         daemon.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_stop_soon_after_a_restart_does_not_wait_for_a_program_that_has_ended(tmp_path, shim, programs):
+    """A program of the dead daemon that is killed while a stop waits for
+    it to come back will not come back: the stop does not wait out the
+    grace period (60 s here) for it, and drops its saved pages."""
+    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60")
+    program = subprocess.Popen([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_ready(program)
+        wait_swapped(daemon, program.pid, 24 * MiB)
+        program.send_signal(signal.SIGSTOP)
+        daemon.kill()
+        daemon.start()
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "1 programs of the previous daemon have not come back yet" in daemon.log(), 10,
+                 "the stop to wait")
+        program.kill()
+        program.communicate()
+        started = time.monotonic()
+        assert daemon.proc.wait(30) == 0, daemon.log()
+        assert time.monotonic() - started < 20, daemon.log()
+        assert f"pid {program.pid}: ended before it was taken back" in daemon.log()
+    finally:
+        if program.poll() is None:
+            program.kill()
+            program.wait()
+        daemon.stop()
+
+
 @pytest.mark.timeout(120)
 def test_a_restart_takes_back_more_programs_than_its_inherited_descriptor_limit(tmp_path, shim, programs):
     """Each saved target the restarted daemon loads holds its directory

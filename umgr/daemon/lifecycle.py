@@ -229,6 +229,18 @@ class Lifecycle:
             log.info("pid %d: not taken back within the grace period; its saved pages are dropped", saved.pid)
             self._forget(saved)
 
+    def forget_the_ended(self) -> None:
+        """The dead daemon's targets whose process has ended since (or
+        is a zombie) will not come back: their saved pages go now, not at
+        the end of the grace period (a clean stop waits for the others)."""
+        if self.state is None:
+            return
+        for saved in list(self.state.saved.values()):
+            if not procmem.running_since(saved.pid, saved.start_time):
+                log.info("pid %d: ended before it was taken back; its saved pages are dropped", saved.pid)
+                del self.state.saved[saved.pid]
+                self._forget(saved)
+
     def _forget(self, saved: SavedTarget) -> None:
         if saved.table is not None:
             saved.table.clear(self.backend.slots.free)

@@ -147,12 +147,13 @@ def _saved(daemon) -> list:
 
 async def _one_comes_back(daemon, handled: set[Target]) -> bool:
     """Whether a target of a dead daemon came back (to be drained too),
-    waiting while one may: until each is taken back or given up (at the
-    end of the grace period). A clean stop that went on without them
-    would remove the stores that hold their pages."""
+    waiting while one may: until each is taken back, has ended, or is
+    given up (at the end of the grace period). A clean stop that went on
+    without them would remove the stores that hold their pages."""
     while True:
         if any(t not in handled and not t.gone for t in daemon.targets.values()):
             return True
+        daemon.lifecycle.forget_the_ended()
         if not _saved(daemon):
             return False
         await trio.sleep(DRAIN_POLL)

@@ -330,6 +330,13 @@ def process_start_time(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
+def running_since(pid: int, start_time: int) -> bool:
+    """Whether the process that started at start_time (process_start_time)
+    is still there, and not a zombie: not ended, its pid not taken anew."""
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    return fields is not None and int(fields[19]) == start_time and fields[0] != b"Z"
+
+
 def exiting(pid: int) -> bool:
     """Whether every thread of the process is exiting (PF_EXITING), or it
     is gone. The main thread alone may be (a main() that ended with
