@@ -57,11 +57,21 @@ def test_a_full_state_filesystem_stops_saving_the_table_and_paging_goes_on(tmp_p
             keep = 2 * PAGE + -(-tuning.MAX_EVENTS_PER_READ * MESSAGE_BYTES // PAGE) * PAGE
             with open(small / "filler", "wb") as filler:
                 os.posix_fallocate(filler.fileno(), 0, room.f_bavail * room.f_frsize - keep)
-            run = subprocess.run([programs["pattern"], "24", "mmap", "srb"], env=daemon.env(shim),
-                                 capture_output=True, timeout=90)
-            assert run.returncode == 0 and run.stdout.startswith(b"ok 6144 pages"), run
+            # ("srb+": it pages on until its stdin closes)
+            run = subprocess.Popen([programs["pattern"], "24", "mmap", "srb+"], env=daemon.env(shim),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                wait_for(lambda: "its page table cannot be saved any more (No space left on device)" in daemon.log(),
+                         30, f"the warning: {daemon.log()}")
+                # The file that could not be made is not left behind.
+                assert not [p.name for p in small.glob("daemon-*/t-*/r*")]
+                out, err = run.communicate(timeout=90)
+            finally:
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
+            assert run.returncode == 0 and out.startswith(b"ok 6144 pages"), (out, err)
             assert daemon.alive(), daemon.log()
-            assert "its page table cannot be saved any more (No space left on device)" in daemon.log(), daemon.log()
             released = wait_for(lambda: [line for line in daemon.log().splitlines() if "released" in line], 10,
                                 "the program's release")
             assert int(released[0].split("out ")[1].rstrip(")")) > 4096, daemon.log()   # 24 MiB under 4

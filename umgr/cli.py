@@ -610,11 +610,13 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
     """exec's daemon, in its child process (umgr/embedded.py): its state in
     the run directory (and the memfd `held`) when it can be restarted.
     Returns its exit status."""
+    from umgr.daemon.server import raise_fd_limit
     from umgr.daemon.statedir import StateDir
     trace = backend = state = None
     clean = False
     try:
         if _exec_restartable(args):
+            raise_fd_limit()   # first: each saved target it loads holds its directory open
             with setting_up(f"umgr exec: --state-dir {args.state_dir}"):
                 state = StateDir(run_dir, config.socket_path)
         backend = _open_backend(args, state, held)

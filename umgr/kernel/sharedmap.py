@@ -21,7 +21,8 @@ def reserve(fd: int, size: int) -> None:
     is a SIGBUS, which would end the daemon; a full disk is an OSError
     here instead. The blocks still read as holes (SEEK_DATA: unwritten
     extents on ext4 and xfs, pages not yet written on tmpfs), so the file
-    looks as sparse as before."""
+    looks as sparse as before, but they take disk space. (Where the
+    filesystem has no fallocate, glibc writes them, on this thread.)"""
     os.posix_fallocate(fd, 0, size)
 
 

@@ -153,6 +153,9 @@ class FileArrays(MemoryArrays):
         try:
             reserve(fd, _file_size(region.npages))
             header, state, slot = _map(fd, region.npages)
+        except OSError:
+            os.unlink(name, dir_fd=self.dir_fd)   # (and what blocks it got: the disk is full)
+            raise
         finally:
             os.close(fd)
         copy_nonzero(state, region.state)   # the file is zeros: a sparse file stays sparse
