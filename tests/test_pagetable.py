@@ -617,3 +617,46 @@ def test_a_remap_not_applied_moves_the_whole_range_over_what_was_at_the_destinat
     assert saved.gaps(src, src + npages) == [(src, src + npages)]
     assert saved.gaps(dst, dst + hole) == ([(dst, dst + hole)] if hole else [])
     os.close(dir_fd)
+
+
+def test_a_remap_finished_by_a_daemon_that_dies_too_is_finished_by_the_next(tmp_path, monkeypatch):
+    """Three pieces: the first daemon moves one and dies, the second
+    daemon's replay moves one more and dies; the third's replay moves the
+    last, and every page's slot is at the destination (the second daemon's
+    replay made new pieces, newer than the one already moved, and the
+    third redid the whole move over it, freeing its slots)."""
+    from umgr.kernel.uffd import EVENT_REMAP
+    from umgr.paging import recovery
+    from umgr.paging.tablefile import FileArrays
+
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    src, dst, npages = 1000, 50_000, 96
+    pt = PageTable(arrays=FileArrays(dir_fd))
+    for start in range(src, src + npages, 32):
+        pt.add(start, 32)
+    pt.set(np.arange(src, src + npages, dtype=np.int64), State.SWAPPED, np.arange(1, npages + 1, dtype=np.int32))
+    message = np.array([[EVENT_REMAP, src << 12, dst << 12, npages << 12]], dtype=np.uint64)
+
+    def dies_after_one(table):
+        moved = []
+
+        def moved_then_killed(region, vpn):
+            if moved:
+                raise SystemExit("killed")
+            moved.append(vpn)
+            FileArrays.moved(table.arrays, region, vpn)
+        monkeypatch.setattr(table.arrays, "moved", moved_then_killed)
+
+    dies_after_one(pt)
+    with pytest.raises(SystemExit):
+        pt.move(src, dst, npages)
+    second = FileArrays(dir_fd).load()
+    dies_after_one(second)
+    with pytest.raises(SystemExit):
+        recovery.replay(second, message)
+    third = FileArrays(dir_fd).load()
+    assert len(third.gaps(src, src + npages)) == 1   # one piece left at the source
+    assert len(recovery.replay(third, message)) == 0
+    assert third.gaps(src, src + npages) == [(src, src + npages)]
+    assert third.slots(np.arange(dst, dst + npages, dtype=np.int64)).tolist() == list(range(1, npages + 1))
+    os.close(dir_fd)

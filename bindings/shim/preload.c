@@ -267,10 +267,18 @@ static void fill_hdr(struct umgr_hdr *hdr, uint16_t type, size_t size)
 static int receive_ack(int wait_ms)
 {
     struct pollfd ready = {.fd = shim.ctl_fd, .events = POLLIN};
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int64_t deadline_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000 + wait_ms;
     int n;
-    do {
+    for (;;) {   /* (a signal's EINTR waits out the time left, not the whole wait again) */
         n = poll(&ready, 1, wait_ms);
-    } while (n < 0 && errno == EINTR);
+        if (n >= 0 || errno != EINTR)
+            break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        int64_t left = deadline_ms - ((int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000);
+        wait_ms = left > 0 ? (int)left : 0;
+    }
     if (n == 0) {
         shim.acks_owed++;
         return -2;
@@ -1286,6 +1294,7 @@ static void detach_in_child(void)
     shim.canary = NULL;
     shim.ctl_fd = shim.agent_fd = shim.self_pidfd = shim.uffd_ref = -1;
     shim.acks_owed = 0;
+    shim.taking_back = 0; /* (the parent's watchdog's) */
     shim.active = 0;
     pthread_mutex_init(&shim.ctl_lock, NULL);
     pthread_mutex_init(&shim.fork_lock, NULL);

@@ -49,6 +49,7 @@ class Lifecycle:
         self.state = state
         self._saved: dict[Target, SavedTarget] = {}
         self._maps_reads: dict[Target, MapsReads] = {}   # the targets being scanned
+        self.coming_back: set[int] = set()   # pids taken back (resume) and not yet started
         self.targets: dict[int, Target] = {}
         self.totals = Totals()
         self.targets_seen = 0
@@ -205,6 +206,7 @@ class Lifecycle:
         if saved is None:
             os.close(mem_fd)
             return None
+        self.coming_back.add(peer.pid)   # (until start(): a clean stop waits for it)
         uffd.features = int(saved.info.get("features", 0))
         # The budget it had (`umgr budget` may have changed it since its HELLO),
         # and its name (its comm may have changed since: its series stay its own).
@@ -215,6 +217,7 @@ class Lifecycle:
             return self._new_target(peer.pid, (peer.uid, peer.gid), uffd, pidfd, mem_fd, budget,
                                     prefetch, name=name, saved=saved)
         except BaseException:
+            self.coming_back.discard(peer.pid)
             os.close(mem_fd)
             os.close(pidfd)
             self._forget(saved)
@@ -378,6 +381,7 @@ class Lifecycle:
 
     # ---- running -------------------------------------------------------------------
     def start(self, target: Target) -> None:
+        self.coming_back.discard(target.pid)
         self.targets[target.pid] = target
         self.targets_seen += 1
         self.idle = trio.Event() if self.idle.is_set() else self.idle
@@ -446,11 +450,10 @@ class Lifecycle:
             # they show, which a burst of new mappings makes dear just
             # when scanning often matters.
             await trio.sleep(reads.until_due(self.config.scan_interval))
-            if reads.until_due(self.config.scan_interval) > 0:   # an ADVISE read them meanwhile
-                continue
             try:
                 target.check_mm()
-                self.register_found(target, reads.read())
+                if reads.until_due(self.config.scan_interval) == 0:   # (else an ADVISE read them meanwhile)
+                    self.register_found(target, reads.read())
                 target.recheck()
                 target.release_idle_buffers(time.monotonic())
             except (OSError, TargetGone):

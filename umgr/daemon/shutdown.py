@@ -154,7 +154,7 @@ async def _one_comes_back(daemon, handled: set[Target]) -> bool:
         if any(t not in handled and not t.gone for t in daemon.targets.values()):
             return True
         daemon.lifecycle.forget_the_ended()
-        if not _saved(daemon):
+        if not _saved(daemon) and not daemon.lifecycle.coming_back:
             return False
         await trio.sleep(DRAIN_POLL)
 

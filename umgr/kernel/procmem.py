@@ -332,9 +332,11 @@ def process_start_time(pid: int) -> int | None:
 
 def running_since(pid: int, start_time: int) -> bool:
     """Whether the process that started at start_time (process_start_time)
-    is still there, and not a zombie: not ended, its pid not taken anew."""
+    is still there, a thread of it not exiting: not ended, not a zombie,
+    its pid not taken anew (a main thread that ended with pthread_exit is
+    a zombie while the others run: see exiting)."""
     fields = _stat_fields(f"/proc/{pid}/stat")
-    return fields is not None and int(fields[19]) == start_time and fields[0] != b"Z"
+    return fields is not None and int(fields[19]) == start_time and not exiting(pid)
 
 
 def exiting(pid: int) -> bool:

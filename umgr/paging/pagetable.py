@@ -465,6 +465,17 @@ class PageTable:
         self.layout += 1
         return replaced
 
+    def relocate(self, region: Region, vpn: int) -> np.ndarray:
+        """Give a whole region of the table a new place, as it is (no new
+        piece: a saved table's file keeps its generation, which
+        recovery._remap reads). Returns the slots of what it replaced there."""
+        self.regions = [r for r in self.regions if r is not region]
+        replaced = self.remove(vpn, vpn + region.npages)
+        self.arrays.moved(region, vpn)
+        bisect.insort(self.regions, region, key=lambda r: r.vpn)
+        self.layout += 1
+        return replaced
+
     def clear(self, free_slots: Callable[[np.ndarray], None]) -> None:
         """Everything is gone (exit, exec): every slot named is handed to
         free_slots, in steps (slot_steps)."""

@@ -65,9 +65,10 @@ def _remap(pt: PageTable, src: int, dst: int, npages: int) -> np.ndarray:
     each newer than the last), empties the destination, then gives each
     piece its new place, newest first, noting in its header where it came
     from. A crash in that loop leaves pieces at the destination that came
-    from this source and are newer than every piece left behind: then only
-    the pieces left behind follow them. Else the whole range moves,
-    emptying the destination. Returns the slots to free."""
+    from this source and are newer than every piece left behind: then the
+    pieces left behind follow them as they are, newest first too (so a
+    crash of this daemon here leaves the same picture). Else the whole
+    range moves, emptying the destination. Returns the slots to free."""
     left = [(lo, hi, region) for region in pt.regions
             for lo, hi in [(max(region.vpn, src), min(region.end, src + npages))] if lo < hi]
     if not left:
@@ -78,9 +79,10 @@ def _remap(pt: PageTable, src: int, dst: int, npages: int) -> np.ndarray:
     arrived = [region for region in pt.regions
                if dst <= region.vpn and region.end <= dst + npages and region.backing is not None
                and region.backing.generation > newest_left and region.backing.moved_from == region.vpn - dst + src]
-    if not arrived:
+    if not arrived or not all(src <= region.vpn and region.end <= src + npages for _, _, region in left):
         return pt.move(src, dst, npages)
-    return _join([pt.move(lo, dst + (lo - src), hi - lo) for lo, hi, _ in left])
+    newest_first = sorted((region for _, _, region in left), key=lambda region: -region.backing.generation)
+    return _join([pt.relocate(region, dst + (region.vpn - src)) for region in newest_first])
 
 
 def settle(pt: PageTable, present_pages, zapping: bool) -> tuple[np.ndarray, np.ndarray]:
