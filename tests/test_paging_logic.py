@@ -932,3 +932,26 @@ def test_pages_moved_by_mremap_are_queued_for_eviction_once():
     MemoryEvents._on_remap(events, RemapEvent(100 << 12, 200 << 12, 4 << 12))
     assert sorted(queued) == [200, 201]
     assert pt.states(np.array([200, 201])).tolist() == [State.RESIDENT, State.RESIDENT]
+
+
+def test_what_a_fast_call_served_before_its_read_failed_is_settled():
+    """The C call served faults, then its read of the uffd failed (a FORK
+    event with no descriptor left for the child's uffd: EMFILE): what it
+    served is settled before the error goes on (its freed slots stayed
+    counted as used for the daemon's life)."""
+    from types import SimpleNamespace
+
+    from umgr.errors import UffdError
+    from umgr.paging.faults import FaultService
+
+    settled = []
+
+    def serve():
+        raise UffdError(24, "read of the uffd failed")
+
+    faults = SimpleNamespace(fast=SimpleNamespace(colocated=lambda: False, serve=serve, finish_background=None),
+                             _settle_fast=lambda: settled.append(True) or [])
+    faults._settled_if_failed = lambda call, **options: FaultService._settled_if_failed(faults, call, **options)
+    with pytest.raises(UffdError):
+        FaultService._serve_fast(faults)
+    assert settled == [True]

@@ -670,7 +670,8 @@ static int umgr_keeps(struct umgr_fast_log *log, int32_t keep_period)
 {
     if (keep_period <= 1)
         return keep_period == 1;
-    return ++log->keep_phase % keep_period == 0;
+    log->keep_phase = (log->keep_phase + 1) % keep_period;   /* (kept below the period: no overflow) */
+    return log->keep_phase == 0;
 }
 
 /* Copy message i's page in, update the table and log it; 1 when done. */

@@ -1549,8 +1549,9 @@ EXPORT void closefrom(int lowfd)
  * 0 on success, else -1 with errno set: EINVAL (unknown advice, unaligned
  * addr), ENOMEM (part of the range is not managed; the rest is advised),
  * ENOTCONN (this process is not managed: no daemon), ETIMEDOUT (the daemon
- * did not answer within shim.ack_timeout; the hint may take effect later). A hint is advisory:
- * COLD and WILLNEED take effect in the background after the call returns;
+ * did not answer within shim.ack_timeout; the hint may take effect later).
+ * A hint is advisory: COLD and WILLNEED take effect in the background
+ * after the call returns;
  * DISCARDABLE has taken effect when it returns (a later write to a page
  * keeps that page). */
 EXPORT int umgr_advise(void *addr, size_t length, int advice)

@@ -225,9 +225,9 @@ class FaultService:
         finish = fast.finish_beside if beside else fast.finish_background
         if beside:
             fast.serve_in_background()
-            outcome = finish()
+            outcome = self._settled_if_failed(finish)
         else:
-            outcome = fast.serve()
+            outcome = self._settled_if_failed(fast.serve)
         windows = []
         while fast.may_overlap(outcome):
             fast.serve_in_background()
@@ -240,9 +240,20 @@ class FaultService:
             # It goes on while nothing else is waiting for this thread: the
             # pages the prefetch policy just asked for are to come in at
             # once, and the evictor, woken as the log was settled, to run.
-            outcome = finish(stop=bool(more) or others_waiting())
+            outcome = self._settled_if_failed(finish, stop=bool(more) or others_waiting())
         windows += self._settle_fast()
         return outcome, windows
+
+    def _settled_if_failed(self, call, **options) -> int:
+        """A C call's outcome; if its read of the uffd failed partway, what
+        it served before is settled first (its pages are RESIDENT in the
+        table already, and the slots they gave up are free only once the
+        allocator hears of them)."""
+        try:
+            return call(**options)
+        except uffdmod.UffdError:
+            self._settle_fast()
+            raise
 
     def _spin(self) -> bool:
         """Busy-poll briefly: on a VM the wake-up of a sleeping daemon costs
