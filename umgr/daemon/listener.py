@@ -3,7 +3,9 @@
 The daemon runs as root, so nothing here follows a path another user could
 have changed: the socket's directory is opened once (O_NOFOLLOW) and must
 belong to the daemon's uid and be writable by nobody else; every later
-step (lock, probe, unlink, bind) goes through that directory's descriptor.
+step (lock, probe, unlink, bind, link) goes through that directory's
+descriptor. The socket is bound under a name of its own and takes its
+name once it listens.
 The socket's mode comes from the umask and its group from the effective
 gid at bind, so no chmod or chown ever runs on a path.
 
@@ -41,15 +43,32 @@ class ControlSocket:
         self.dir_fd = open_private_dir(os.path.dirname(os.path.abspath(path)))
         self.lock_fd = -1
         self.sock: socket.socket | None = None
+        self.inode = -1
         try:
             self._lock()
             self._clear_stale()
-            self.sock = _bind(self._proc_path(), group)
+            self.sock = self._listening(group, backlog)
             self.inode = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False).st_ino
-            self.sock.listen(backlog)
         except BaseException:
             self.close()
             raise
+
+    def _listening(self, group: str | None, backlog: int) -> socket.socket:
+        """Bound under a name of its own and listening, then given its
+        name: a client that finds the socket file finds it listening (one
+        found between bind and listen was refused, and its program ran
+        unmanaged)."""
+        temporary = f".{self.name}.{os.getpid()}"
+        sock = _bind(f"/proc/self/fd/{self.dir_fd}/{temporary}", group)
+        try:
+            sock.listen(backlog)
+            os.link(temporary, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.unlink(temporary, dir_fd=self.dir_fd)
+        return sock
 
     def _proc_path(self) -> str:
         # The directory as opened, whatever its path points at now.
