@@ -133,12 +133,14 @@ def shared_daemon():
     yields (daemon, member and outsider passwd entries, group id)."""
     with users() as (accounts, gid):
         sockdir = Path(tempfile.mkdtemp(prefix="umgr-sec-", dir="/tmp"))
-        os.chmod(sockdir, 0o755)
-        daemon = DaemonProcess(sockdir, "--group", GROUP, as_the_service=True)
         try:
-            yield daemon, accounts, gid
+            os.chmod(sockdir, 0o755)
+            daemon = DaemonProcess(sockdir, "--group", GROUP, as_the_service=True)
+            try:
+                yield daemon, accounts, gid
+            finally:
+                daemon.stop()
         finally:
-            daemon.stop()
             shutil.rmtree(sockdir, ignore_errors=True)
 
 
