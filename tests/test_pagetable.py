@@ -548,40 +548,62 @@ def test_a_saved_table_with_a_file_of_another_format_is_not_loaded(tmp_path):
     os.close(dir_fd)
 
 
+# ---- a REMAP the dead daemon read: replayed ------------------------------------------
+def _saved_table(tmp_path) -> tuple[int, PageTable]:
+    """A table in files of tmp_path (its directory's descriptor, kept open)."""
+    from umgr.paging.tablefile import FileArrays
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    return dir_fd, PageTable(arrays=FileArrays(dir_fd))
+
+
+def _add_swapped(pt: PageTable, vpn: int, npages: int, first_slot: int) -> None:
+    """A region of swapped pages, in slots first_slot, first_slot + 1, ..."""
+    pt.add(vpn, npages)
+    pt.set(np.arange(vpn, vpn + npages, dtype=np.int64), State.SWAPPED,
+           np.arange(first_slot, first_slot + npages, dtype=np.int32))
+
+
+def _remap(src: int, dst: int, npages: int) -> np.ndarray:
+    """The journal's row of a REMAP message (recovery.replay's input)."""
+    from umgr.kernel.uffd import EVENT_REMAP
+    return np.array([[EVENT_REMAP, src << 12, dst << 12, npages << 12]], dtype=np.uint64)
+
+
+def _dies_after_one_move(monkeypatch, table: PageTable) -> None:
+    """The daemon holding `table` is killed once it has given one piece
+    its new place (FileArrays.moved: a header rewritten)."""
+    from umgr.paging.tablefile import FileArrays
+    moved = []
+
+    def moved_then_killed(region, vpn):
+        if moved:
+            raise SystemExit("killed")
+        moved.append(vpn)
+        FileArrays.moved(table.arrays, region, vpn)
+    monkeypatch.setattr(table.arrays, "moved", moved_then_killed)
+
+
 def test_a_remap_the_dead_daemon_applied_in_part_is_finished_by_the_replay(tmp_path, monkeypatch):
-    """mremap of a range over two saved regions: the dead daemon moved the
-    first region's piece to the destination and died before the second's
+    """mremap of a range over two saved regions: the dead daemon moved one
+    region's piece to the destination and died before the other's
     (PageTable.move rewrites each piece's header in turn). The replayed
     REMAP moves the piece left behind and keeps the one already there:
     every page's state and slot is found at the destination (the replay
     moved the whole range again, and emptying the destination first threw
     out the piece already moved, freeing its slots)."""
-    from umgr.kernel.uffd import EVENT_REMAP
     from umgr.paging import recovery
     from umgr.paging.tablefile import FileArrays
 
-    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    pt = PageTable(arrays=FileArrays(dir_fd))
+    dir_fd, pt = _saved_table(tmp_path)
     src, dst, npages = 1000, 50_000, 64
-    pt.add(src, 32)
-    pt.add(src + 32, 32)
-    vpns = np.arange(src, src + npages, dtype=np.int64)
-    pt.set(vpns, State.SWAPPED, np.arange(1, npages + 1, dtype=np.int32))
-    moved = []
-
-    def crash_after_the_first(region, vpn):
-        if moved:
-            raise SystemExit("killed")
-        moved.append(vpn)
-        FileArrays.moved(pt.arrays, region, vpn)
-
-    monkeypatch.setattr(pt.arrays, "moved", crash_after_the_first)
+    _add_swapped(pt, src, 32, 1)
+    _add_swapped(pt, src + 32, 32, 33)
+    _dies_after_one_move(monkeypatch, pt)
     with pytest.raises(SystemExit):
         pt.move(src, dst, npages)
     saved = FileArrays(dir_fd).load()
     assert saved.gaps(src, src + npages) == [(src + 32, src + npages)]   # one piece moved, one left
-    message = np.array([[EVENT_REMAP, src << 12, dst << 12, npages << 12]], dtype=np.uint64)
-    freed = recovery.replay(saved, message)
+    freed = recovery.replay(saved, _remap(src, dst, npages))
     assert len(freed) == 0
     assert saved.gaps(src, src + npages) == [(src, src + npages)]
     at_dst = np.arange(dst, dst + npages, dtype=np.int64)
@@ -597,21 +619,15 @@ def test_a_remap_not_applied_moves_the_whole_range_over_what_was_at_the_destinat
     replaced, its slots freed, and the source's pages are found moved;
     also where the source has a hole in front of it (`hole` pages: the
     region there held no slot, and had no file)."""
-    from umgr.kernel.uffd import EVENT_REMAP
     from umgr.paging import recovery
     from umgr.paging.tablefile import FileArrays
 
-    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    pt = PageTable(arrays=FileArrays(dir_fd))
+    dir_fd, pt = _saved_table(tmp_path)
     src, dst, npages = 1000, 50_000, 64
-    pt.add(src + hole, npages - hole)
-    pt.set(np.arange(src + hole, src + npages, dtype=np.int64), State.SWAPPED,
-           np.arange(1 + hole, npages + 1, dtype=np.int32))
-    pt.add(dst, 16)
-    pt.set(np.arange(dst, dst + 16, dtype=np.int64), State.SWAPPED, np.arange(100, 116, dtype=np.int32))
+    _add_swapped(pt, src + hole, npages - hole, 1 + hole)
+    _add_swapped(pt, dst, 16, 100)
     saved = FileArrays(dir_fd).load()
-    message = np.array([[EVENT_REMAP, src << 12, dst << 12, npages << 12]], dtype=np.uint64)
-    assert sorted(recovery.replay(saved, message).tolist()) == list(range(100, 116))
+    assert sorted(recovery.replay(saved, _remap(src, dst, npages)).tolist()) == list(range(100, 116))
     assert saved.slots(np.arange(dst + hole, dst + npages, dtype=np.int64)).tolist() == list(range(1 + hole,
                                                                                                   npages + 1))
     assert saved.gaps(src, src + npages) == [(src, src + npages)]
@@ -625,38 +641,23 @@ def test_a_remap_finished_by_a_daemon_that_dies_too_is_finished_by_the_next(tmp_
     last, and every page's slot is at the destination (the second daemon's
     replay made new pieces, newer than the one already moved, and the
     third redid the whole move over it, freeing its slots)."""
-    from umgr.kernel.uffd import EVENT_REMAP
     from umgr.paging import recovery
     from umgr.paging.tablefile import FileArrays
 
-    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    dir_fd, pt = _saved_table(tmp_path)
     src, dst, npages = 1000, 50_000, 96
-    pt = PageTable(arrays=FileArrays(dir_fd))
     for start in range(src, src + npages, 32):
-        pt.add(start, 32)
-    pt.set(np.arange(src, src + npages, dtype=np.int64), State.SWAPPED, np.arange(1, npages + 1, dtype=np.int32))
-    message = np.array([[EVENT_REMAP, src << 12, dst << 12, npages << 12]], dtype=np.uint64)
-
-    def dies_after_one(table):
-        moved = []
-
-        def moved_then_killed(region, vpn):
-            if moved:
-                raise SystemExit("killed")
-            moved.append(vpn)
-            FileArrays.moved(table.arrays, region, vpn)
-        monkeypatch.setattr(table.arrays, "moved", moved_then_killed)
-
-    dies_after_one(pt)
+        _add_swapped(pt, start, 32, 1 + start - src)
+    _dies_after_one_move(monkeypatch, pt)
     with pytest.raises(SystemExit):
         pt.move(src, dst, npages)
     second = FileArrays(dir_fd).load()
-    dies_after_one(second)
+    _dies_after_one_move(monkeypatch, second)
     with pytest.raises(SystemExit):
-        recovery.replay(second, message)
+        recovery.replay(second, _remap(src, dst, npages))
     third = FileArrays(dir_fd).load()
     assert len(third.gaps(src, src + npages)) == 1   # one piece left at the source
-    assert len(recovery.replay(third, message)) == 0
+    assert len(recovery.replay(third, _remap(src, dst, npages))) == 0
     assert third.gaps(src, src + npages) == [(src, src + npages)]
     assert third.slots(np.arange(dst, dst + npages, dtype=np.int64)).tolist() == list(range(1, npages + 1))
     os.close(dir_fd)

@@ -537,13 +537,11 @@ def target_status_of(daemon, pid: int) -> dict | None:
         return None
 
 
-@pytest.mark.timeout(120)
-def test_a_stop_soon_after_a_restart_waits_for_the_programs_not_back_yet(tmp_path, shim, programs):
-    """A program stopped (SIGSTOP) when its daemon is killed cannot come
-    back before the new daemon gets SIGTERM: the stop waits for it, brings
-    its pages back once it is taken back, and exits 0; the program keeps
-    every byte. (The stop went on without it and removed the swap file
-    that held its pages.)"""
+@contextlib.contextmanager
+def a_stop_waiting_for_a_stopped_program(tmp_path, shim, programs):
+    """`ctl_hold 48` under 16 MiB, most of it swapped out, is stopped
+    (SIGSTOP) when its daemon is SIGKILLed; a new daemon (grace 60 s) gets
+    SIGTERM and waits for it to come back. Yields (daemon, program)."""
     daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60")
     program = subprocess.Popen([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -557,6 +555,23 @@ def test_a_stop_soon_after_a_restart_waits_for_the_programs_not_back_yet(tmp_pat
         daemon.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "1 programs of the previous daemon have not come back yet" in daemon.log(), 10,
                  "the stop to wait")
+        yield daemon, program
+    finally:
+        if program.poll() is None:
+            program.send_signal(signal.SIGCONT)
+            program.kill()
+            program.wait()
+        daemon.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_soon_after_a_restart_waits_for_the_programs_not_back_yet(tmp_path, shim, programs):
+    """A program stopped when its daemon is killed cannot come back before
+    the new daemon gets SIGTERM: the stop waits for it, brings its pages
+    back once it is taken back, and exits 0; the program keeps every byte.
+    (The stop went on without it and removed the swap file that held its
+    pages.)"""
+    with a_stop_waiting_for_a_stopped_program(tmp_path, shim, programs) as (daemon, program):
         time.sleep(0.5)
         assert daemon.proc.poll() is None, daemon.log()
         program.send_signal(signal.SIGCONT)
@@ -567,12 +582,6 @@ def test_a_stop_soon_after_a_restart_waits_for_the_programs_not_back_yet(tmp_pat
         assert program.returncode == 0 and out == b"ok 12288 pages\n", (out, err)
         assert b"taken back by the umgr daemon" in err and KILLED_LINE not in err, err
         assert not saved_targets(daemon)
-    finally:
-        if program.poll() is None:
-            program.send_signal(signal.SIGCONT)
-            program.kill()
-            program.wait()
-        daemon.stop()
 
 
 @pytest.mark.timeout(60)
@@ -580,29 +589,13 @@ def test_a_stop_soon_after_a_restart_does_not_wait_for_a_program_that_has_ended(
     """A program of the dead daemon that is killed while a stop waits for
     it to come back will not come back: the stop does not wait out the
     grace period (60 s here) for it, and drops its saved pages."""
-    daemon = RestartableDaemon(tmp_path, "--max-resident", "16M", "--grace", "60")
-    program = subprocess.Popen([programs["ctl_hold"], "48"], env=daemon.env(shim), stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        read_ready(program)
-        wait_swapped(daemon, program.pid, 24 * MiB)
-        program.send_signal(signal.SIGSTOP)
-        daemon.kill()
-        daemon.start()
-        daemon.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: "1 programs of the previous daemon have not come back yet" in daemon.log(), 10,
-                 "the stop to wait")
+    with a_stop_waiting_for_a_stopped_program(tmp_path, shim, programs) as (daemon, program):
         program.kill()
         program.communicate()
         started = time.monotonic()
         assert daemon.proc.wait(30) == 0, daemon.log()
         assert time.monotonic() - started < 20, daemon.log()
         assert f"pid {program.pid}: ended before it was taken back" in daemon.log()
-    finally:
-        if program.poll() is None:
-            program.kill()
-            program.wait()
-        daemon.stop()
 
 
 @pytest.mark.timeout(120)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, wait_for
+from conftest import SERVICE_UNIT as UNIT
+from conftest import wait_for
 from umgr.cli import query_status
 
-UNIT = HERE.parent / "deploy" / "umgr.service"
 UMGR_BIN = Path(sys.executable).parent / "umgr"
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

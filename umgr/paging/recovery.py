@@ -69,19 +69,17 @@ def _remap(pt: PageTable, src: int, dst: int, npages: int) -> np.ndarray:
     pieces left behind follow them as they are, newest first too (so a
     crash of this daemon here leaves the same picture). Else the whole
     range moves, emptying the destination. Returns the slots to free."""
-    left = [(lo, hi, region) for region in pt.regions
-            for lo, hi in [(max(region.vpn, src), min(region.end, src + npages))] if lo < hi]
+    left = [region for region in pt.regions if region.vpn < src + npages and region.end > src]
     if not left:
         return np.empty(0, np.int32)   # applied
-    if any(region.backing is None for _, _, region in left):
-        return pt.move(src, dst, npages)
-    newest_left = max(region.backing.generation for _, _, region in left)
-    arrived = [region for region in pt.regions
-               if dst <= region.vpn and region.end <= dst + npages and region.backing is not None
-               and region.backing.generation > newest_left and region.backing.moved_from == region.vpn - dst + src]
-    if not arrived or not all(src <= region.vpn and region.end <= src + npages for _, _, region in left):
-        return pt.move(src, dst, npages)
-    newest_first = sorted((region for _, _, region in left), key=lambda region: -region.backing.generation)
+    if any(region.backing is None or region.vpn < src or region.end > src + npages for region in left):
+        return pt.move(src, dst, npages)   # (not pieces of a move in files)
+    newest_left = max(region.backing.generation for region in left)
+    if not any(dst <= region.vpn and region.end <= dst + npages and region.backing is not None
+               and region.backing.generation > newest_left and region.backing.moved_from == region.vpn - dst + src
+               for region in pt.regions):
+        return pt.move(src, dst, npages)   # none arrived
+    newest_first = sorted(left, key=lambda region: -region.backing.generation)
     return _join([pt.relocate(region, dst + (region.vpn - src)) for region in newest_first])
 
 
