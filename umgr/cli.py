@@ -100,8 +100,9 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
     p.add_argument("--backend", action=AppendOverDefault, type=backend_spec, metavar="NAME[:KEY=VALUE,...]",
                    help="swap store: file (default), compressed, redis, or a plug-in; given again, a chain, "
                         "fastest first (--backend compressed:cap=256M --backend file)")
-    p.add_argument("--swap-size", type=size_arg, default=parse_size(DEFAULT_SWAP_SIZE), metavar="SIZE",
-                   help=f"swap capacity (default {DEFAULT_SWAP_SIZE})")
+    p.add_argument("--swap-size", type=size_arg, default=None, metavar="SIZE",
+                   help=f"swap capacity (default {DEFAULT_SWAP_SIZE}; a swap file takes at most half the free "
+                        "space where it goes unless this is given)")
     p.add_argument("--state-dir", default=state_dir, help=f"where the swap file lives ({state_dir})")
     p.add_argument("--policy", default="readahead", help="prefetch policy (none, readahead, stride, or a plug-in)")
     p.add_argument("--eviction", default="reuse",
@@ -551,7 +552,9 @@ def _open_backend(args, state=None, held: int = -1):
     the compressed store's memfd `held` (by umgr exec, or the service
     manager for umgr daemon), reused when a dead daemon's targets may come
     back."""
-    defaults = {"size": args.swap_size, "directory": args.state_dir}
+    defaults = {"directory": args.state_dir}
+    if args.swap_size is not None:   # (else each store's own default: the file's depends on its disk)
+        defaults["size"] = args.swap_size
     if state is not None:
         defaults.update(directory=state.path, swap_name="swap", reuse=state.swap_reusable())
         if any(takes(spec, "instance") for spec in args.backend or []):

@@ -29,6 +29,12 @@ log = logging.getLogger("umgr.backend")
 # One per user: `umgr exec` run by anyone gets a directory of its own.
 DEFAULT_STATE_DIR = f"/var/tmp/umgr-{os.geteuid()}"
 MAX_SLOTS = (1 << 31) - 1  # slot numbers are int32 (umgr/backends/slots.py)
+# With no size given, the swap file is DEFAULT_SIZE, or half the space free
+# where it goes if that is less: a first `umgr exec` must work on a small
+# VM's disk, and a swap file that fills its filesystem fails everyone
+# else's writes there. Below MIN_DEFAULT_SIZE there is no point.
+DEFAULT_SIZE = 4 << 30
+MIN_DEFAULT_SIZE = 16 << 20
 
 # A one-page read is a fault waiting for it. Measured here (Linux 6.18,
 # virtio disk): a 4 KiB O_DIRECT pread takes 26 us, the same read through
@@ -47,6 +53,12 @@ MAX_SLOTS = (1 << 31) - 1  # slot numbers are int32 (umgr/backends/slots.py)
 # device takes milliseconds.
 SYNC_READ_LIMIT = SLOW_READ   # (500 us; the fast path counts reads slower than SLOW_READ for this)
 SYNC_READ_RETRY = 1024
+
+
+def default_size(free: int) -> int:
+    """The swap file's size when none is given, with `free` bytes free
+    where it goes: DEFAULT_SIZE, or half of `free` (whole MiB) if less."""
+    return min(DEFAULT_SIZE, free // 2 >> 20 << 20)
 
 
 def open_state_dir(directory: str, dir_fd: int | None = None) -> int:
@@ -125,11 +137,12 @@ def _open_named_swap_file(directory: str, name: str, reuse: bool) -> tuple[int, 
 class FileBackend(Backend):
     name = "file"
 
-    def __init__(self, size: int = 4 << 30, directory: str = DEFAULT_STATE_DIR, ring_entries: int = 256,
+    def __init__(self, size: int | None = None, directory: str = DEFAULT_STATE_DIR, ring_entries: int = 256,
                  swap_name: str = "", reuse: bool = False):
-        """`swap_name`: keep the swap file under this name in `directory`
-        (a daemon that can take its programs back after a crash); with
-        `reuse`, the existing file and its contents, at its own size."""
+        """`size`: None for the default (default_size()). `swap_name`: keep
+        the swap file under this name in `directory` (a daemon that can
+        take its programs back after a crash); with `reuse`, the existing
+        file and its contents, at its own size."""
         if swap_name:
             self.fd, self.direct = _open_named_swap_file(directory, swap_name, reuse)
             if reuse:   # the file holds slot 0 too (never used)
@@ -140,6 +153,8 @@ class FileBackend(Backend):
         # Checked first: a filesystem may allocate what it has before it
         # fails with ENOSPC, filling the disk for everyone meanwhile.
         fs = os.fstatvfs(self.fd)
+        if size is None:
+            size = self._default_size(fs.f_bavail * fs.f_frsize, directory)
         if size // PAGE_SIZE > MAX_SLOTS:
             os.close(self.fd)
             raise BackendError(f"{size >> 20} MiB of swap is more than the {MAX_SLOTS * PAGE_SIZE >> 20} MiB "
@@ -159,6 +174,18 @@ class FileBackend(Backend):
         self._async_reads = 0         # one-page reads sent to io_uring since the last pread
         log.info("swap file in %s: %d MiB, %s", directory, size >> 20,
                  "O_DIRECT" if self.direct else "buffered (no O_DIRECT here)")
+
+    def _default_size(self, free: int, directory: str) -> int:
+        """default_size(free), or BackendError (the file closed) if that is too small to be of use."""
+        size = default_size(free)
+        if size < MIN_DEFAULT_SIZE:
+            os.close(self.fd)
+            raise BackendError(f"no room for a swap file in {directory}: {free >> 20} MiB free "
+                               "(--state-dir puts it elsewhere)")
+        if size < DEFAULT_SIZE:
+            log.info("swap file: %d MiB, half the %d MiB free in %s (the default is %d MiB; --swap-size sets it)",
+                     size >> 20, free >> 20, directory, DEFAULT_SIZE >> 20)
+        return size
 
     async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         await self._io(Op.WRITE, slots, addrs)

@@ -30,6 +30,7 @@ import numpy as np
 
 from umgr.arrays import unique_counts
 from umgr.errors import BackendFull
+from umgr.kernel import PAGE_SIZE
 
 FEW_SLOTS = 16   # free() of at most this many slots runs on plain integers
 FREE_STEP = 1 << 14   # free() works through this many slots at a time: bounds its temporaries
@@ -68,7 +69,8 @@ class SlotAllocator:
         position (wrapping once); BackendFull when fewer are free (nothing
         is allocated then)."""
         if n > self._nfree:
-            raise BackendFull(f"{n} slots wanted, {self._nfree} free of {self.capacity}")
+            raise BackendFull(f"{n} slots wanted, {self._nfree} free of {self.capacity}, "
+                              f"{self.capacity * PAGE_SIZE >> 20} MiB")
         if n <= 0:
             return np.empty(0, np.int32)
         found, need, at = [], n, self._sweep

@@ -332,7 +332,7 @@ class Evictor:
                 core.release(vpns, State.EVICTING)
                 await core.unprotect(vpns)
                 raise BatchReleased(progress=True) from None
-            await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed")
+            await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed; --swap-size makes it larger")
             raise BatchReleased(progress=False) from None
         try:
             await io_to_the_end(core.backend.write, slots, addrs)
