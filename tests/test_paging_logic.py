@@ -955,3 +955,24 @@ def test_what_a_fast_call_served_before_its_read_failed_is_settled():
     with pytest.raises(UffdError):
         FaultService._serve_fast(faults)
     assert settled == [True]
+
+
+def test_inside_matches_a_test_against_each_range():
+    """pinning._inside (a binary search over merged ranges) says what a test
+    of each vpn against each [lo, hi) range says: overlapping, touching,
+    empty and unsorted ranges included."""
+    import random
+
+    from umgr.paging.pinning import _inside
+
+    def each_range(vpns, ranges):
+        inside = np.zeros(len(vpns), bool)
+        for lo, hi in ranges:
+            inside |= (vpns >= lo) & (vpns < hi)
+        return inside
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        ranges = [(lo, lo + rng.randint(0, 12)) for lo in (rng.randint(0, 60) for _ in range(rng.randint(0, 8)))]
+        vpns = np.array(sorted(rng.sample(range(90), rng.randint(0, 40))), np.int64)
+        assert (_inside(vpns, ranges) == each_range(vpns, ranges)).all(), (ranges, vpns)

@@ -251,8 +251,23 @@ class Pinning:
 
 
 def _inside(vpns: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
-    """Which vpns lie in any of the [lo, hi) ranges."""
-    inside = np.zeros(len(vpns), bool)
-    for lo, hi in ranges:
-        inside |= (vpns >= lo) & (vpns < hi)
-    return inside
+    """Which vpns lie in any of the [lo, hi) ranges. By a binary search
+    over the ranges merged: a program decides how many there are (every
+    mprotect(PROT_NONE) of a registered page can make one), and a test of
+    each vpn against each range cost the daemon's thread R numpy passes."""
+    vpns = np.asarray(vpns, np.int64)
+    if not ranges or not len(vpns):
+        return np.zeros(len(vpns), bool)
+    los, his = _merged(ranges)
+    at = np.searchsorted(los, vpns, side="right") - 1   # the last range starting at or below each vpn
+    return (at >= 0) & (vpns < his[np.maximum(at, 0)])
+
+
+def _merged(ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The [lo, hi) ranges sorted, overlapping and touching ones joined: their los and his."""
+    bounds = np.array(sorted(ranges), np.int64).reshape(-1, 2)
+    his = np.maximum.accumulate(bounds[:, 1])
+    # (a range starts a new run where it begins past every earlier range's end)
+    starts = np.concatenate(([True], bounds[1:, 0] > his[:-1]))
+    ends = np.concatenate((starts[1:], [True]))
+    return bounds[starts, 0], his[ends]
