@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from umgr.policies import ENTRY_POINT_GROUP
-from umgr.trace import CLOCK_EVERY, FAULTS, RECORD, Kind, TraceWriter, read_trace, target_runs
+from umgr.trace import (CLOCK_EVERY, FAULTS, FORMAT, HEADER, MAGIC, RECORD, Kind, TraceError, TraceWriter, read_trace,
+                        target_runs)
 
 MiB = 1 << 20
 PAGES = 32 * MiB // 4096
@@ -163,7 +164,7 @@ def test_trace_format_round_trip(tmp_path):
     target.budget(512)   # `umgr budget` while it ran: recorded; a replay runs at the first
     writer.close()
     meta, records = read_trace(str(path))
-    assert meta == {"policy": "none"} and records.dtype.names[:len(RECORD.names)] == RECORD.names
+    assert meta == {"policy": "none", "format": FORMAT} and records.dtype.names[:len(RECORD.names)] == RECORD.names
     assert path.stat().st_size % 16 == 0
     kinds = records["kind"].tolist()
     assert kinds[:4] == [Kind.CLOCK, Kind.TARGET, Kind.BUDGET, Kind.REGION]
@@ -175,6 +176,27 @@ def test_trace_format_round_trip(tmp_path):
     assert records[records["kind"] == Kind.BUDGET]["vpn"].tolist() == [2048, 512]
     (run,) = target_runs(records)
     assert (run.pid, run.budget_pages, run.regions, run.evictions) == (1234, 2048, [(0x1000, 0x1010)], 70000)
+
+
+def test_a_trace_of_a_later_format_is_refused_and_one_without_a_format_read(tmp_path):
+    """Records of a later format may mean what this umgr does not know: a
+    clear refusal, not a replay of wrong kinds. A trace written before
+    `format` existed (format 1) is read."""
+    def trace_with(meta: dict):
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.trace"
+        text = json.dumps(meta).encode()
+        size = HEADER.size + len(text)
+        size += -size % RECORD.itemsize
+        path.write_bytes(HEADER.pack(MAGIC, size, RECORD.itemsize) + text.ljust(size - HEADER.size)
+                         + np.zeros(3, RECORD).tobytes())
+        return str(path)
+
+    meta, records = read_trace(trace_with({"policy": "none"}))
+    assert meta == {"policy": "none"} and len(records) == 3
+    with pytest.raises(TraceError, match=f"format {FORMAT + 1}, from a later umgr; this one reads up to format {FORMAT}"):
+        read_trace(trace_with({"format": FORMAT + 1}))
+    with pytest.raises(TraceError, match="not a JSON object"):
+        read_trace(trace_with([1, 2]))
 
 
 class _PageStates:

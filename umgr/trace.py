@@ -7,7 +7,10 @@ A trace file is a header and fixed 16-byte records, so numpy reads it whole:
     swapped = records[records["kind"] == Kind.FAULT_SWAPPED]["vpn"]
 
 The header is MAGIC, its own size and the record size (HEADER), then JSON
-(the run's settings: policies, budget, command), padded to 16 bytes.
+(the run's settings: policies, budget, command, and `format`: FORMAT when
+written), padded to 16 bytes. A trace of a later format is refused: its
+records may mean what this umgr does not know; one without `format` is
+format 1 (no GONE or MOVED records).
 `time_us` is microseconds since the trace began, modulo 2**32; a CLOCK record
 holds the full value at least every 2**31 us, and read_trace() adds a `time`
 column with the full count. Page records (faults, evictions) belong to the
@@ -45,6 +48,7 @@ RECORD = np.dtype([("vpn", "<u8"), ("time_us", "<u4"), ("target", "<u2"), ("kind
 CHUNK = 1 << 16          # records buffered before a write (1 MiB)
 CLOCK_EVERY = 1 << 31    # microseconds between CLOCK records, at most
 MAX_TARGETS = 1 << 16    # `target` is 16 bits: later targets are not recorded
+FORMAT = 2               # 2: GONE and MOVED records (kinds 10-14)
 
 
 class Kind(enum.IntEnum):
@@ -80,7 +84,7 @@ class TraceWriter:
         self.path = path
         self.error = ""
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        text = json.dumps(meta).encode()
+        text = json.dumps({**meta, "format": FORMAT}).encode()
         size = HEADER.size + len(text)
         size += -size % RECORD.itemsize
         os.write(self._fd, HEADER.pack(MAGIC, size, RECORD.itemsize) + text.ljust(size - HEADER.size))
@@ -256,6 +260,12 @@ def read_trace(path: str) -> tuple[dict, np.ndarray]:
             meta = json.loads(f.read(size - HEADER.size).decode().rstrip())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TraceError(f"{path}: bad header: {exc}") from None
+        if not isinstance(meta, dict):
+            raise TraceError(f"{path}: bad header: not a JSON object")
+        written = meta.get("format", 1)
+        if not isinstance(written, int) or written > FORMAT:
+            raise TraceError(f"{path}: a trace of format {written!r}, from a later umgr; this one reads up to "
+                             f"format {FORMAT}")
         data = f.read()
     whole = len(data) - len(data) % RECORD.itemsize  # a run killed mid-write leaves a partial record
     records = np.frombuffer(data[:whole], RECORD)
