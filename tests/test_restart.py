@@ -631,15 +631,19 @@ def test_a_restart_takes_back_more_programs_than_its_inherited_descriptor_limit(
 
 
 @pytest.mark.timeout(120)
-def test_forked_parent_and_child_sharing_slots_are_both_taken_back(tmp_path, shim, programs):
+@pytest.mark.parametrize("fork", ["fork", "fork-clearenv"])
+def test_forked_parent_and_child_sharing_slots_are_both_taken_back(tmp_path, shim, programs, fork):
     """`ctl_hold 48 fork`: parent and child share 24 MiB or more of swapped
     pages (one slot, a reference from each table) when the daemon is
     SIGKILLed. The restarted daemon rebuilds the slot references from both
     saved tables and takes both back; each checks every byte, and when both
-    have exited every slot is free."""
+    have exited every slot is free. With fork-clearenv the parent cleared
+    its environment before the fork: the child attaches all the same (by
+    the socket its parent used; by UMGR_SOCKET, it ran on unattached, and
+    read zeros after the crash)."""
     daemon = RestartableDaemon(tmp_path, "--max-resident", "16M")
     try:
-        with started([programs["ctl_hold"], "48", "fork"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+        with started([programs["ctl_hold"], "48", fork], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
             read_ready(target)
             wait_swapped(daemon, target.pid, 24 * MiB)
             child = wait_for(lambda: [t["pid"] for t in query_targets(daemon) if t["pid"] != target.pid],

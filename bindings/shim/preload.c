@@ -1331,9 +1331,13 @@ static void name_child(pid_t pid)
 static void child_after_fork(int was_active)
 {
     detach_in_child();
-    const char *path = getenv("UMGR_SOCKET");
-    if (was_active && path)
-        attach_forked(path);
+    /* The socket the parent attached through, not UMGR_SOCKET now: a parent
+     * may have cleared its environment (clearenv, os.environ.clear()) since,
+     * and a child left unattached holds no reference to the uffd the daemon
+     * made for it at the fork: its paged-out pages would read as zeros
+     * once that daemon stopped. */
+    if (was_active && shim.socket_path[0])
+        attach_forked(shim.socket_path);
 }
 
 /* Every fork glibc makes runs its atfork handlers: fork() (wrapped below,

@@ -1,9 +1,10 @@
 /* Fills MIB of anonymous memory with a known pattern, prints "ready", then
  * waits for stdin to reach EOF before checking every byte. Lets a test look
  * at a target (umgr status) while it is alive, idle and partly swapped out.
- * Usage: ctl_hold MIB [fork|rename|term]. With "fork" it forks once filled,
- * and parent and child each check every byte (the parent exits 1 if the
- * child failed). With "rename" it renames itself (PR_SET_NAME "renamed")
+ * Usage: ctl_hold MIB [fork|fork-clearenv|rename|term]. With "fork" it forks
+ * once filled, and parent and child each check every byte (the parent exits
+ * 1 if the child failed); "fork-clearenv" clears its environment first, as
+ * a server that sanitises it before forking workers does. With "rename" it renames itself (PR_SET_NAME "renamed")
  * once ready, and rewrites its command line to "ctl_hold: renamed", as
  * servers do (postgres's backends, nginx's workers). With "term" a
  * SIGTERM, as a service's stop, also ends the wait ("term" is printed):
@@ -69,7 +70,10 @@ int main(int argc, char **argv)
         sigdelset(&waiting, SIGTERM);
     }
     pid_t child = -1;
-    if (argc > 2 && strcmp(argv[2], "fork") == 0 && (child = fork()) < 0) {
+    int forks = argc > 2 && strncmp(argv[2], "fork", 4) == 0;
+    if (forks && strcmp(argv[2], "fork-clearenv") == 0)
+        clearenv();
+    if (forks && (child = fork()) < 0) {
         perror("ctl_hold: fork");
         return 2;
     }
