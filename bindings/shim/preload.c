@@ -486,7 +486,13 @@ static int scratch_discard(void)
 /* Move the ranges out, in order, until one cannot move further (ENOENT: no
  * mapping there any more, an mremap or munmap took it; EBUSY: a page
  * shared copy-on-write after fork, or pinned for I/O; EINVAL: another
- * protection, an mlock, a run across two mappings). Returns the bytes
+ * protection, an mlock). A move across the end of a mapping is refused
+ * whole (EINVAL: the kernel wants source and destination each within one
+ * mapping), and a range of the daemon's may cross any number of them
+ * (madvise flags, anonymous names and hugepage advice split a region into
+ * mappings): such a move is tried again on half as much, down to a page,
+ * and the rest goes on whole from where it stopped. Left to the daemon's
+ * zap, the rest of the batch would lose pages pinned for I/O. Returns the bytes
  * moved from the start, with the errno that stopped it in *stopped (0 if
  * all moved), or -errno when nothing can move here (no UFFDIO_MOVE). The
  * pages stay in the scratch until scratch_discard(), after the answer. */
@@ -499,6 +505,7 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, int
     *stopped = 0;
     for (uint32_t i = 0; i < count; i++) {
         uint64_t at = ranges[i].start, left = ranges[i].length;
+        uint64_t most = left;   /* what one move may take: halved while moves cross a mapping's end */
         while (left) {
             if (scratch.used == SCRATCH_BYTES) {   /* (a batch of more than 512 pages) */
                 int why = scratch_discard();
@@ -509,6 +516,7 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, int
             }
             size_t room = SCRATCH_PART - scratch.used % SCRATCH_PART;   /* a move stays within one part */
             uint64_t len = left < room ? left : room;
+            len = len < most ? len : most;
             char *dst = scratch_part((int)(scratch.used / SCRATCH_PART)) + scratch.used % SCRATCH_PART;
             /* A hole (a page the app discarded meanwhile) is skipped, and counted as moved. */
             struct uffdio_move move = {.dst = (uintptr_t)dst, .src = at, .len = len,
@@ -519,12 +527,17 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, int
             scratch.used += moved;
             /* A move that stops part way answers EAGAIN: the next one,
              * from where it stopped, moves nothing and says why. */
+            if (!moved && why == EINVAL && len > SHIM_PAGE_SIZE) {
+                most = len / 2 & ~(uint64_t)(SHIM_PAGE_SIZE - 1);
+                continue;
+            }
             if (!moved) {
                 *stopped = why ? why : EIO;
                 return done;
             }
             at += moved;
             left -= moved;
+            most = left;
         }
     }
     return done;

@@ -1,4 +1,4 @@
-/* Pages pinned for I/O under a budget far below the data: usage pinned MIB FILE.
+/* Pages pinned for I/O under a budget far below the data: usage pinned MIB FILE [split].
  *
  * 4 MiB in the middle of a MIB MiB region are io_uring's registered buffer
  * (IORING_REGISTER_BUFFERS pins them: a device writes those physical pages
@@ -7,12 +7,16 @@
  * buffer; then the buffer is filled from FILE (salt 9, written here) by
  * IORING_OP_READ_FIXED and checked: a buffer page the daemon had taken out
  * of the process would show its old content, the read's data gone to the
- * page io_uring still holds. Exit 0 when every byte is right. */
+ * page io_uring still holds. With "split", every other MiB of the region is
+ * MADV_DONTDUMP, so it is many mappings (as madvise flags, anonymous names
+ * or hugepage advice make them), and eviction batches cross their ends.
+ * Exit 0 when every byte is right. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <liburing.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -40,6 +44,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "io_uring_register_buffers: %d\n", err);
         return 2;
     }
+    if (argc > 3 && strcmp(argv[3], "split") == 0)
+        for (size_t p = 0; p + 256 <= n; p += 512)
+            if (madvise(m + p * WORDS, 256 * PAGE, MADV_DONTDUMP) != 0) {
+                perror("madvise");
+                return 2;
+            }
     fill(m, 0, n, 1);
     int bad = check(m, 0, n, 1, "the region, its middle pinned");
     bad |= check(m, 0, n, 1, "the region again");
