@@ -13,7 +13,8 @@ checked ("random"). Configurations, each at the same budget:
 
   plain           no limit (the reference);
   kernel swap     a cgroup v1 memory group limited to the budget, with a
-                  swapfile of its own, zswap off;
+                  swapfile of its own at the highest swap priority, zswap
+                  off;
   kernel zswap    the same with zswap on (its compressor as this kernel
                   sets it); the zswap setting is restored afterwards;
   kernel swap, idle CPUs polling
@@ -25,7 +26,9 @@ checked ("random"). Configurations, each at the same budget:
                   compressed in front of file with a cap of a sixteenth of
                   the data, so that it demotes).
 
-The table gives each phase's seconds and random/kernel-swap; then the
+The table gives each phase's seconds, random/kernel-swap and the faults
+served from swap (kernel: the cgroup's major faults, pgmajfault; umgr:
+faults_swapped, the faults its store served); then the
 compressed tiers' figures: the most pages held at once, the memory they
 took (entry overhead included) and so the ratio, and mean read times.
 
@@ -66,15 +69,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
-    CGROUP_ROOT, MiB, BenchError, _run, cgroup_figures, compile_programs, default_umgr_cmd, enter_cgroup,
-    idle_polling, kernel_swap, run_and_report, umgr_exec,
+    CGROUP_ROOT, ZSWAP_COMPRESSOR, MiB, BenchError, _run, cgroup_figures, compile_programs, default_umgr_cmd,
+    enter_cgroup, idle_polling, kernel_swap, other_swaps, other_swaps_note, run_and_report, umgr_exec, zswap,
 )
 from bench_shapes import paired_ratios  # noqa: E402
 
 SWAPFILE = "/var/tmp/umgr-bench-backends.swap"
 CGROUP = os.path.join(CGROUP_ROOT, "umgr-bench-backends")
-ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
-ZSWAP_COMPRESSOR = "/sys/module/zswap/parameters/compressor"
 PAGE = 4096
 TIMEOUT = 1800
 # (name, zswap on, idle CPUs polling as umgr's --idle-poll has them)
@@ -191,38 +192,24 @@ def _umgr_codec(codec: str):
 
 
 # ---- the configurations ---------------------------------------------------------------
-@contextlib.contextmanager
-def zswap(enabled: bool):
-    """zswap on or off for the block; the setting it had is restored."""
-    if not os.path.exists(ZSWAP_ENABLED):
-        raise BenchError("this kernel has no zswap")
-    with open(ZSWAP_ENABLED) as f:
-        before = f.read().strip()
-    try:
-        with open(ZSWAP_ENABLED, "w") as f:
-            f.write("Y" if enabled else "N")
-        yield
-    finally:
-        with open(ZSWAP_ENABLED, "w") as f:
-            f.write(before)
-
-
 def run_kernel(argv: list[str], budget_mib: int, swap_mib: int, with_zswap: bool, polling: bool,
                timeout: float) -> dict:
     polled = idle_polling() if polling else contextlib.nullcontext()
-    with zswap(with_zswap), polled, kernel_swap(swap_mib, budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP) as cg:
+    with polled, kernel_swap(swap_mib, budget_mib * MiB, swapfile=SWAPFILE, cgroup=CGROUP,
+                             with_zswap=with_zswap) as cg:
         result = _run(argv, "heapreads under kernel swap", timeout, preexec_fn=enter_cgroup(cg))
         figures = cgroup_figures(cg)
     return {"result": result, "cgroup": figures}
 
 
-def run_umgr(argv: list[str], budget_mib: int, swap_mib: int, backends: list[str], umgr_cmd: list[str],
-             work: str, timeout: float) -> dict:
+def run_umgr(argv: list[str], budget_mib: int, data_mib: int, swap_mib: int, backends: list[str],
+             umgr_cmd: list[str], work: str, timeout: float) -> dict:
     options = [arg for spec in backends for arg in ("--backend", spec)]
     stats_file = os.path.join(work, "umgr.json")
     with zswap(False):
         result, stats, failures = umgr_exec(umgr_cmd, budget_mib, swap_mib, options, argv, stats_file,
-                                            f"heapreads under umgr {' '.join(options)}", 2, timeout)
+                                            f"heapreads under umgr {' '.join(options)}", 2, timeout,
+                                            data_mib=data_mib)
     return {"result": result, "umgr": stats, "failures": failures}
 
 
@@ -292,7 +279,8 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         raise BenchError("needs root (swapon, cgroups, zswap, userfaultfd)")
     umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
     results: dict = {"params": vars(args) | {"umgr": umgr_cmd},
-                     "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+                     "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+                             "other_swaps": other_swaps(SWAPFILE)},
                      "configs": {}, "runs": {}, "stores": {}, "kernel_failures": {}}
     with open(ZSWAP_COMPRESSOR) as f:
         results["env"]["zswap_compressor"] = f.read().strip()
@@ -326,8 +314,8 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                 for backends in variants(data_mib, redis_port):
                     name = "umgr " + " + ".join(backends)
                     log(f"{tag}{name} ...")
-                    keep(results, name, round_, run_umgr(argv, args.budget_mib, swap_mib, backends, umgr_cmd, work,
-                                                         args.timeout))
+                    keep(results, name, round_, run_umgr(argv, args.budget_mib, data_mib, swap_mib, backends,
+                                                         umgr_cmd, work, args.timeout))
             stores = [["file"], ["compressed"], ["compressed:codec=zstd"]]
             stores += [[f"redis:port={redis_port}"]] if redis_port else []
             for specs in stores:
@@ -375,12 +363,14 @@ def format_report(results: dict) -> str:
     random_s = {name: c["result"]["phases"]["random"] for name, c in configs.items()}
     kernel, zswap_s = random_s.get("kernel swap"), random_s.get("kernel zswap")
     lines.append(f"\nbudget {results['params']['budget_mib']} MiB, {results['params']['reads']} random page reads; "
-                 f"kernel {results['env']['kernel']}, zswap compressor {results['env']['zswap_compressor']}")
-    lines.append(f"{'config':<45} {'fill s':>8} {'random s':>9} {'/kernel swap':>13} {'/zswap':>7}  faults")
+                 f"kernel {results['env']['kernel']}, zswap compressor {results['env']['zswap_compressor']}"
+                 + other_swaps_note(results["env"]))
+    lines.append(f"{'config':<45} {'fill s':>8} {'random s':>9} {'/kernel swap':>13} {'/zswap':>7}  "
+                 f"swap faults (kernel: cgroup pgmajfault; umgr: faults_swapped)")
     ratio = lambda x, base: f"{x / base:.2f}" if base else "-"
     for name, c in configs.items():
         phases = c["result"]["phases"]
-        faults = c.get("cgroup", {}).get("pgmajfault", "") if "cgroup" in c else c.get("umgr", {}).get("faults", "")
+        faults = c["cgroup"]["pgmajfault"] if "cgroup" in c else c.get("umgr", {}).get("faults_swapped", "")
         lines.append(f"{name:<45} {phases['fill']:>8.3f} {phases['random']:>9.3f} {ratio(phases['random'], kernel):>13} "
                      f"{ratio(phases['random'], zswap_s):>7}  {faults}")
     lines += paired_lines(results.get("runs", {}))

@@ -4,7 +4,12 @@ One invocation measures, on the same machine and in the same run:
 
   plain          the scan with no limit (no paging at all: the reference);
   kernel swap    the scan in a cgroup v1 memory group limited to the budget,
-                 with a swapfile (set up here and torn down in `finally`);
+                 with a swapfile (set up here and torn down in `finally`) at
+                 the highest swap priority, zswap off meanwhile;
+  kernel+poll    (--kernel-idle-poll; "kernel-swap+poll") kernel swap again,
+                 with the CPU latency request umgr's --idle-poll holds held
+                 meanwhile (idle CPUs poll): what the kernel makes of the
+                 same help;
   umgr           `umgr exec --max-resident BUDGET` with the readahead and
                  none prefetch policies;
   floor          a minimal C userfaultfd handler (bench/programs/floor.c):
@@ -45,6 +50,11 @@ MiB = 1 << 20
 SWAPFILE = "/var/tmp/umgr-bench.swap"
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
 CGROUP = os.path.join(CGROUP_ROOT, "umgr-bench")
+ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
+ZSWAP_COMPRESSOR = "/sys/module/zswap/parameters/compressor"
+# The highest swap priority: the kernel fills the highest-priority area
+# first, so the bench's swapfile goes before any zram or disk swap active.
+SWAP_PRIORITY = 32767
 RUN_TIMEOUT = 900
 
 FLOOR_PLACEMENTS = ("any", "same", "cross", "spin")
@@ -113,6 +123,15 @@ def _active_swaps() -> list[str]:
         return [line.split()[0] for line in f.readlines()[1:] if line.strip()]
 
 
+def other_swaps(swapfile: str) -> list[str]:
+    """The swap areas active beside `swapfile`, as "NAME (priority P)".
+    kernel_swap() puts its swapfile above them, but one of the same
+    priority shares the writes with it (round robin)."""
+    with open("/proc/swaps") as f:
+        rows = [line.split() for line in f.readlines()[1:] if line.strip()]
+    return [f"{row[0]} (priority {row[-1]})" for row in rows if row[0] != swapfile]
+
+
 def _remove_swapfile(swapfile: str = SWAPFILE) -> None:
     if swapfile in _active_swaps():
         subprocess.run(["swapoff", swapfile], check=False, capture_output=True)
@@ -158,38 +177,72 @@ def idle_polling():
 
 
 @contextlib.contextmanager
-def kernel_swap(swap_mib: int, limit_bytes: int, *, swapfile: str = SWAPFILE, cgroup: str = CGROUP):
-    """A swapfile of swap_mib MiB and the cgroup `cgroup` limited to
-    limit_bytes; both removed on the way out, whatever happened. (Leftovers
-    of an interrupted run under the same names are removed first: another
-    benchmark running at the same time needs names of its own.)"""
+def zswap(enabled: bool):
+    """zswap on or off for the block; the setting it had is restored, in a
+    `finally`. Off on a kernel without zswap: nothing to do."""
+    if not os.path.exists(ZSWAP_ENABLED):
+        if enabled:
+            raise BenchError("this kernel has no zswap")
+        yield
+        return
+    with open(ZSWAP_ENABLED) as f:
+        before = f.read().strip()
+    try:
+        with open(ZSWAP_ENABLED, "w") as f:
+            f.write("Y" if enabled else "N")
+        yield
+    finally:
+        with open(ZSWAP_ENABLED, "w") as f:
+            f.write(before)
+
+
+@contextlib.contextmanager
+def kernel_swap(swap_mib: int, limit_bytes: int, *, swapfile: str = SWAPFILE, cgroup: str = CGROUP,
+                with_zswap: bool = False):
+    """A swapfile of swap_mib MiB, swapped on at the highest priority, and
+    the cgroup `cgroup` limited to limit_bytes; both removed on the way out,
+    whatever happened. zswap is off meanwhile (on with `with_zswap`), its
+    setting restored after. (Leftovers of an interrupted run under the same
+    names are removed first: another benchmark running at the same time
+    needs names of its own.)"""
     if not os.path.isdir(CGROUP_ROOT):
         raise BenchError(f"no cgroup v1 memory controller at {CGROUP_ROOT}")
-    _teardown_kernel_swap(swapfile, cgroup)  # leftovers of an interrupted run
-    try:
-        fd = os.open(swapfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with zswap(with_zswap):
+        _teardown_kernel_swap(swapfile, cgroup)  # leftovers of an interrupted run
         try:
-            os.posix_fallocate(fd, 0, swap_mib * MiB)
+            _swap_on(swapfile, swap_mib)
+            _make_cgroup(cgroup, limit_bytes)
+            yield cgroup
         finally:
-            os.close(fd)
-        subprocess.run(["mkswap", swapfile], check=True, capture_output=True)
-        on = subprocess.run(["swapon", swapfile], capture_output=True, text=True)
-        if on.returncode != 0:
-            # A filesystem that refuses fallocated swapfiles ("has holes"): write it.
-            os.unlink(swapfile)
-            subprocess.run(["dd", "if=/dev/zero", f"of={swapfile}", "bs=1M", f"count={swap_mib}", "status=none"],
-                           check=True)
-            os.chmod(swapfile, 0o600)
-            subprocess.run(["mkswap", swapfile], check=True, capture_output=True)
-            subprocess.run(["swapon", swapfile], check=True, capture_output=True)
-        os.mkdir(cgroup)
-        memsw = os.path.join(cgroup, "memory.memsw.limit_in_bytes")
-        if os.path.exists(memsw):
-            _write(memsw, -1)
-        _write(os.path.join(cgroup, "memory.limit_in_bytes"), limit_bytes)
-        yield cgroup
+            _teardown_kernel_swap(swapfile, cgroup)
+
+
+def _swap_on(swapfile: str, swap_mib: int) -> None:
+    """A swapfile of swap_mib MiB at `swapfile`, swapped on at SWAP_PRIORITY."""
+    fd = os.open(swapfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, swap_mib * MiB)
     finally:
-        _teardown_kernel_swap(swapfile, cgroup)
+        os.close(fd)
+    subprocess.run(["mkswap", swapfile], check=True, capture_output=True)
+    on = subprocess.run(["swapon", "-p", str(SWAP_PRIORITY), swapfile], capture_output=True, text=True)
+    if on.returncode != 0:
+        # A filesystem that refuses fallocated swapfiles ("has holes"): write it.
+        os.unlink(swapfile)
+        subprocess.run(["dd", "if=/dev/zero", f"of={swapfile}", "bs=1M", f"count={swap_mib}", "status=none"],
+                       check=True)
+        os.chmod(swapfile, 0o600)
+        subprocess.run(["mkswap", swapfile], check=True, capture_output=True)
+        subprocess.run(["swapon", "-p", str(SWAP_PRIORITY), swapfile], check=True, capture_output=True)
+
+
+def _make_cgroup(cgroup: str, limit_bytes: int) -> None:
+    """The memory cgroup `cgroup`, limited to limit_bytes (swap unlimited)."""
+    os.mkdir(cgroup)
+    memsw = os.path.join(cgroup, "memory.memsw.limit_in_bytes")
+    if os.path.exists(memsw):
+        _write(memsw, -1)
+    _write(os.path.join(cgroup, "memory.limit_in_bytes"), limit_bytes)
 
 
 def enter_cgroup(cgroup: str = CGROUP):
@@ -280,7 +333,8 @@ def run_umgr(scan: str, data_mib: int, budget_mib: int, passes: int, policy: str
     result, stats, failures = umgr_exec(umgr_cmd, budget_mib, data_mib + 256,
                                         ["--policy", policy, *(["--record-trace", trace_file] if trace else [])],
                                         [scan, str(data_mib), str(passes)], os.path.join(work, f"umgr-{policy}.json"),
-                                        f"scan under umgr ({policy}{', tracing' if trace else ''})", attempts)
+                                        f"scan under umgr ({policy}{', tracing' if trace else ''})", attempts,
+                                        data_mib=data_mib)
     out = {"scan": result, "umgr": stats, "failures": failures}
     if trace:
         out["trace_bytes"] = os.path.getsize(trace_file)
@@ -290,10 +344,13 @@ def run_umgr(scan: str, data_mib: int, budget_mib: int, passes: int, policy: str
 
 def umgr_exec(umgr_cmd: list[str], budget_mib: int, swap_mib: int, umgr_args: list[str], program: list[str],
               stats_file: str, what: str, attempts: int = 3,
-              timeout: float = RUN_TIMEOUT) -> tuple[dict, dict, list[str]]:
+              timeout: float = RUN_TIMEOUT, *, data_mib: float | None) -> tuple[dict, dict, list[str]]:
     """`umgr exec --max-resident BUDGET --swap-size SWAP UMGR_ARGS
     --stats-json STATS_FILE -- PROGRAM`: (the program's JSON line, umgr's
-    --stats-json figures, the errors of failed attempts, which were retried)."""
+    --stats-json figures, the errors of failed attempts, which were retried).
+    data_mib: the memory PROGRAM's data takes (None: not known). Raises
+    BenchError, without retrying, for a run that was not managed (unmanaged()):
+    its figures are not umgr's."""
     cmd = [*umgr_cmd, "exec", "--max-resident", f"{budget_mib}M", "--swap-size", f"{swap_mib}M", *umgr_args,
            "--stats-json", stats_file, "--", *program]
     failures = []
@@ -308,8 +365,32 @@ def umgr_exec(umgr_cmd: list[str], budget_mib: int, swap_mib: int, umgr_args: li
             continue
         with open(stats_file) as f:
             stats = json.load(f)
+        why = unmanaged(stats, budget_mib, data_mib)
+        if why:
+            raise BenchError(f"{what}: {why}; not a umgr figure")
         return result, stats, failures
     raise BenchError(f"{what} failed {attempts} times: {failures}")
+
+
+def unmanaged(stats: dict, budget_mib: float, data_mib: float | None) -> str | None:
+    """Why a run's --stats-json figures are not of a managed program, or
+    None. The shim fails open: a program that cannot reach the daemon runs
+    unmanaged, and umgr exec only warns. So: no target at all; or, with
+    data above the budget, no page out."""
+    if stats.get("targets") == 0:
+        return "the daemon managed no process (the program ran unmanaged)"
+    if data_mib is not None and budget_mib < data_mib and stats.get("pages_out") == 0:
+        return f"no page went out with {data_mib:.0f} MiB of data under a {budget_mib} MiB budget (unmanaged?)"
+    return None
+
+
+def idle_poll_summary(stats: dict) -> str:
+    """How long umgr held idle CPUs polling (--idle-poll), against the
+    run's wall time, from its --stats-json figures."""
+    held, wall = stats.get("idle_poll_seconds"), stats["wall_seconds"]
+    if held is None:
+        return "idle CPUs polling: not reported"
+    return f"idle CPUs polling {held:.2f} s of {wall:.2f} s wall" + (f" ({held / wall:.0%})" if wall else "")
 
 
 # ---- the C handler floor ------------------------------------------------------------
@@ -368,7 +449,7 @@ def _derive(name: str, result: dict, data_mib: int) -> dict:
 
 def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, rounds: int = 2,
         floor_mib: int | None = None, umgr_cmd: list[str] | None = None, policies=("readahead", "none"),
-        kernel: bool = True, none_passes: int = 1, trace: bool = False,
+        kernel: bool = True, none_passes: int = 1, trace: bool = False, kernel_poll: bool = False,
         log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """Measure every configuration; returns raw results, derived figures and ratios.
 
@@ -376,7 +457,8 @@ def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, rounds: i
     readahead) run `rounds` times, interleaved, and each is represented by its
     fastest round (all rounds are kept). With `trace`, each quick umgr
     configuration also runs with --record-trace, interleaved, to measure the
-    cost of recording. Policy none makes one userfault per
+    cost of recording. With `kernel_poll`, kernel swap also runs with idle
+    CPUs polling ("kernel-swap+poll"). Policy none makes one userfault per
     page and takes a minute per pass at the default size: it runs once, with
     min(passes, none_passes) passes."""
     if passes < 1 or rounds < 1:
@@ -388,7 +470,8 @@ def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, rounds: i
     results: dict = {
         "params": {"data_mib": data_mib, "budget_mib": budget_mib, "passes": passes, "rounds": rounds,
                    "floor_mib": floor_mib, "none_passes": none_passes},
-        "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+        "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+                "other_swaps": other_swaps(SWAPFILE)},
         "configs": {},
     }
     raw: dict[str, list[dict]] = {}
@@ -396,15 +479,20 @@ def run(data_mib: int = 512, budget_mib: int = 64, passes: int = 2, *, rounds: i
     # (vm_swap_full()), so with data + 256 MiB of swap every page read back is
     # written again when evicted; with room to spare a clean page keeps its
     # slot and is dropped without I/O.
-    kernel_configs = (("kernel-swap", data_mib + 256), ("kernel-swap-roomy", 3 * data_mib + 256)) if kernel else ()
+    # (name, swap MiB, idle CPUs polling as umgr's --idle-poll has them)
+    kernel_configs = [("kernel-swap", data_mib + 256, False), ("kernel-swap-roomy", 3 * data_mib + 256, False)]
+    kernel_configs += [("kernel-swap+poll", data_mib + 256, True)] if kernel_poll else []
+    kernel_configs = kernel_configs if kernel else []
     with tempfile.TemporaryDirectory(prefix="umgr-bench-") as work:
         exe = compile_programs(work)
         for r in range(rounds):
             log(f"round {r + 1}/{rounds}: plain ...")
             raw.setdefault("plain", []).append(run_plain(exe["scan"], data_mib, passes))
-            for name, swap_mib in kernel_configs:
+            for name, swap_mib, polling in kernel_configs:
                 log(f"round {r + 1}/{rounds}: {name} (swapfile of {swap_mib} MiB + cgroup v1 limit) ...")
-                raw.setdefault(name, []).append(run_kernel_swap(exe["scan"], data_mib, budget_mib, passes, swap_mib))
+                with idle_polling() if polling else contextlib.nullcontext():
+                    raw.setdefault(name, []).append(
+                        run_kernel_swap(exe["scan"], data_mib, budget_mib, passes, swap_mib))
             for policy in policies:
                 if policy == "none":
                     continue
@@ -443,7 +531,7 @@ def _ratios(results: dict) -> dict:
             continue
         f = result["figures"]
         r = {}
-        for kname in ("kernel-swap", "kernel-swap-roomy"):
+        for kname in ("kernel-swap", "kernel-swap-roomy", "kernel-swap+poll"):
             if kname in configs:
                 kswap = configs[kname]["figures"]
                 r[f"pass_time_vs_{kname}"] = f["mean_pass_s"] / kswap["mean_pass_s"]
@@ -498,7 +586,8 @@ def format_report(results: dict) -> str:
              f"({p['data_mib'] / p['budget_mib']:.0f}x), {p['passes']} read passes (policy none: {min(p['passes'], p['none_passes'])}), "
              f"best of {p['rounds']} rounds; "
              f"kernel {results['env']['kernel']}, {results['env']['cpus']} CPUs, "
-             f"loadavg before {results['env']['loadavg_before'][0]:.2f} after {results['env']['loadavg_after'][0]:.2f}",
+             f"loadavg before {results['env']['loadavg_before'][0]:.2f} after {results['env']['loadavg_after'][0]:.2f}"
+             + other_swaps_note(results["env"]),
              "",
              f"{'config':<16} {'touch s':>8} {'pass s (each)':>22} {'pages/s':>10} {'GB/s':>6} "
              f"{'faults/pass':>11} {'pg/fault':>8} {'us/fault':>9}"]
@@ -524,6 +613,7 @@ def format_report(results: dict) -> str:
                          f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB "
                          f"wall={s['wall_seconds']}s"
                          + (f" trace={result['trace_bytes'] / MiB:.1f} MiB" if "trace_bytes" in result else ""))
+            lines.append(f"  {name}: {idle_poll_summary(s)}")
         elif name.startswith("kernel-swap"):
             c, f = result["cgroup"], result["figures"]
             lines.append(f"  {name}: swapfile {result['swap_mib']} MiB, cgroup pgmajfault={c['pgmajfault']} max_usage={c['max_usage_bytes'] / MiB:.1f} MiB; "
@@ -559,6 +649,13 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def other_swaps_note(env: dict) -> str:
+    """The report's note of the swap areas active beside the kernel-swap
+    swapfile (results["env"]["other_swaps"]), or ""."""
+    others = env.get("other_swaps")
+    return f"; other swap areas active: {', '.join(others)}" if others else ""
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -573,6 +670,8 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", default="readahead,none", help="umgr prefetch policies, comma-separated")
     parser.add_argument("--none-passes", type=int, default=1, help="read passes for policy none (it is slow)")
     parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
+    parser.add_argument("--kernel-idle-poll", action="store_true",
+                        help="also run kernel swap with idle CPUs polling (as umgr's --idle-poll has them)")
     parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
     parser.add_argument("--record-trace", action="store_true",
                         help="also run each quick umgr config with --record-trace (the cost of recording)")
@@ -582,7 +681,7 @@ def main(argv=None) -> int:
                                       floor_mib=args.floor_mib, umgr_cmd=args.umgr.split() if args.umgr else None,
                                       policies=[p for p in args.policies.split(",") if p],
                                       kernel=not args.no_kernel_swap, none_passes=args.none_passes,
-                                      trace=args.record_trace),
+                                      trace=args.record_trace, kernel_poll=args.kernel_idle_poll),
                           format_report, args.json)
 
 

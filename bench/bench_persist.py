@@ -12,7 +12,10 @@ Workloads, each run under the shim of a daemon of its own:
            ROUNDS times (a page-table file created and removed per mapping).
 
 Prints seconds per configuration (the best of --rounds) and the ratio
-saved/not saved. Take /tmp/umgr-suite.lock: the machine is shared.
+saved/not saved. After each run the daemon's status is asked (one request
+on its socket): a run it saw no process of, or (data above the budget)
+wrote no page for, was not managed (the shim fails open) and fails.
+Take /tmp/umgr-suite.lock: the machine is shared.
 
     flock /tmp/umgr-suite.lock python bench/bench_persist.py [--data-mib 256] [--budget-mib 32] [--rounds 3]
 """
@@ -38,8 +41,21 @@ def shim_path() -> str:
     return path()
 
 
-def run_under_daemon(work: str, options: list[str], budget_mib: int, program: list[str]) -> float:
-    """Wall seconds of `program` under a fresh daemon with `options`."""
+def check_managed(sock: str, program: list[str], paging: bool) -> None:
+    """Raise unless the daemon at `sock` managed a process and, with
+    `paging`, wrote pages to its store: the shim fails open (a program that
+    cannot reach the daemon runs unmanaged, and fast)."""
+    from umgr.cli import query_status
+    status = query_status(sock)
+    if not status["targets_seen"]:
+        raise RuntimeError(f"{program[0]} ran unmanaged: the daemon saw no process of it")
+    if paging and not status["backend"]["pages_written"]:
+        raise RuntimeError(f"{program[0]}: the daemon wrote no page out with its data above the budget (unmanaged?)")
+
+
+def run_under_daemon(work: str, options: list[str], budget_mib: int, program: list[str], data_mib: float) -> float:
+    """Wall seconds of `program`, whose data takes data_mib MiB, under a
+    fresh daemon with `options`; checked to have been managed."""
     sock = os.path.join(work, "umgr.sock")
     state = os.path.join(work, "state")
     log = open(os.path.join(work, "daemon.log"), "wb")
@@ -58,6 +74,7 @@ def run_under_daemon(work: str, options: list[str], budget_mib: int, program: li
         elapsed = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(f"{program[0]} failed: {done.stderr.decode(errors='replace')}")
+        check_managed(sock, program, budget_mib < data_mib)
         return elapsed
     finally:
         daemon.terminate()
@@ -80,6 +97,7 @@ def main(argv=None) -> int:
             "random": [bins["shapes"], str(args.data_mib), "random"],
             "churn": [bins["churn"], "4", str(args.churn_rounds)],
         }
+        data_mib = {"scan": args.data_mib, "random": args.data_mib, "churn": 4}
         best: dict[tuple[str, str], float] = {}
         for round_ in range(args.rounds):
             for name, program in workloads.items():
@@ -89,7 +107,7 @@ def main(argv=None) -> int:
                 order = list(CONFIGS.items())
                 for config, options in order if round_ % 2 == 0 else order[::-1]:
                     run_dir = tempfile.mkdtemp(dir=work)
-                    seconds = run_under_daemon(run_dir, options, args.budget_mib, program)
+                    seconds = run_under_daemon(run_dir, options, args.budget_mib, program, data_mib[name])
                     key = (name, config)
                     best[key] = min(best.get(key, seconds), seconds)
                     print(f"round {round_ + 1}: {name:7s} {config:10s} {seconds:7.2f} s", flush=True)

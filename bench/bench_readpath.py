@@ -20,7 +20,8 @@ the ratio to process_vm_readv in the same run.
 With --compare NAME=UMGR ..., it also runs a sequential scan
 (bench/programs/scan.c) under `UMGR exec --max-resident BUDGET` for each
 umgr executable (each a build: its own venv's bin/umgr), alternating, and
-prints wall and phase times as ratios to the first.
+prints wall and phase times as ratios to the first. A scan that was not
+managed (no target, or no page out) fails the comparison.
 
     python bench/bench_readpath.py [--rounds 7] [--batches 64]
     python bench/bench_readpath.py --compare old=../old/.venv/bin/umgr new=.venv/bin/umgr
@@ -116,7 +117,7 @@ def scan_compare(builds: list[tuple[str, str]], runs: int, data_mib: int, budget
                 started = time.perf_counter()
                 result, stats, _ = umgr_exec([umgr], budget_mib, data_mib + 256, [],
                                              [scan, str(data_mib), str(passes)], os.path.join(work, "s.json"),
-                                             f"scan under {name}")
+                                             f"scan under {name}", data_mib=data_mib)
                 results[name].append({"wall": time.perf_counter() - started, "first_touch": result["first_touch_s"],
                                       "passes": sum(result["pass_s"]), "pages_out": stats["pages_out"]})
     return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}

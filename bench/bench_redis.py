@@ -24,11 +24,16 @@ Each round runs, on the same machine:
 
   plain          no limit (no paging at all: the reference);
   kernel swap    redis-server in a cgroup v1 memory group limited to the
-                 budget, with a swapfile of its own (bench_paging.py's);
+                 budget, with a swapfile of its own (bench_paging.py's
+                 kernel_swap(): the highest swap priority, zswap off);
+  kernel+poll    (--kernel-idle-poll) kernel swap again, with the CPU
+                 latency request umgr's --idle-poll holds held meanwhile
+                 (idle CPUs poll): what the kernel makes of the same help;
   umgr VARIANT   `umgr exec --max-resident BUDGET ... VARIANT -- redis-server`.
 
 The table gives seconds per phase and umgr/kernel paired by round (lower
-is better), then the device's I/O and umgr's --stats-json figures. Needs
+is better), then the device's I/O and umgr's --stats-json figures (how
+long umgr held idle CPUs polling among them). Needs
 root, redis-server, mkswap/swapon and the cgroup v1 memory controller.
 
     python bench/bench_redis.py [--keys 400000] [--value 1000] [--budget-mib 64] [--rounds 3]
@@ -56,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
     CGROUP_ROOT, MiB, BenchError, cgroup_figures, default_umgr_cmd, device_io, device_summary, enter_cgroup,
-    kernel_swap, run_and_report,
+    idle_polling, kernel_swap, other_swaps, other_swaps_note, run_and_report,
 )
 from bench_shapes import _total, paired_ratios, parse_variants, umgr_summary  # noqa: E402
 
@@ -319,6 +324,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     args.umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
     variants = parse_variants(args.variants)
     values = Values(args.value, args.seed)
+    others = other_swaps(SWAPFILE)
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="umgr-bench-redis-") as work:
         for r in range(args.rounds):
@@ -328,17 +334,24 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
             if not args.no_kernel_swap:
                 log(f"redis {tag}: kernel swap (swapfile {args.swap_mib} MiB + cgroup limit {args.budget_mib} MiB) ...")
                 runs.setdefault("kernel", []).append({**run_kernel(server, args, values, work), "round": r})
+                if args.kernel_idle_poll:
+                    log(f"redis {tag}: kernel swap, idle CPUs polling ...")
+                    with idle_polling():
+                        runs.setdefault("kernel+poll", []).append(
+                            {**run_kernel(server, args, values, work), "round": r})
             for label, extra in variants:
                 log(f"redis {tag}: umgr {label} ...")
                 runs.setdefault(f"umgr {label}", []).append(
                     {**run_umgr(server, args, values, work, label, extra), "round": r})
     configs = {name: {**min(rs, key=lambda x: _total(x["result"])), "round_totals": [_total(x["result"]) for x in rs]}
                for name, rs in runs.items()}
-    paired = {f"{name} / kernel": paired_ratios(rs, runs["kernel"])
-              for name, rs in runs.items() if name.startswith("umgr ") and "kernel" in runs}
+    paired = {f"{name} / {base}": paired_ratios(rs, runs[base])
+              for base in ("kernel", "kernel+poll") for name, rs in runs.items()
+              if name.startswith("umgr ") and base in runs}
     return {"params": {k: getattr(args, k) for k in ("keys", "value", "ops", "pipeline", "budget_mib", "swap_mib",
                                                       "rounds", "seed", "variants", "phases")},
-            "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+            "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+                    "other_swaps": others},
             "configs": configs, "paired": paired}
 
 
@@ -348,7 +361,8 @@ def format_report(results: dict) -> str:
     names = list(configs)
     kernel = configs.get("kernel")
     data_mib = p["keys"] * p["value"] / MiB
-    lines = [f"kernel {results['env']['kernel']}, {results['env']['cpus']} CPUs, loadavg {results['env']['loadavg'][0]:.2f}",
+    lines = [f"kernel {results['env']['kernel']}, {results['env']['cpus']} CPUs, loadavg {results['env']['loadavg'][0]:.2f}"
+             + other_swaps_note(results["env"]),
              f"redis: {p['keys']} keys of {p['value']} bytes ({data_mib:.0f} MiB of values), budget {p['budget_mib']} MiB, "
              f"{p['ops']} ops per random phase, pipelines of {p['pipeline']}"
              + (f", best of {p['rounds']} rounds" if p["rounds"] > 1 else ""),
@@ -393,6 +407,8 @@ def main(argv=None) -> int:
                         help="umgr variants, ';'-separated umgr exec arguments, 'default' for none")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; each config keeps its fastest")
     parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
+    parser.add_argument("--kernel-idle-poll", action="store_true",
+                        help="also run kernel swap with idle CPUs polling (as umgr's --idle-poll has them)")
     parser.add_argument("--umgr", default=None, help="umgr command (default: this python -m umgr)")
     parser.add_argument("--timeout", type=float, default=120, help="seconds the client waits for one reply")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")

@@ -4,7 +4,8 @@ One invocation runs, on the same machine, each workload as
 
   plain          no limit (no paging at all: the reference);
   kernel swap    in a cgroup v1 memory group limited to the budget, with a
-                 swapfile of its own (set up here, torn down in `finally`);
+                 swapfile of its own (set up here, torn down in `finally`)
+                 at the highest swap priority, zswap off meanwhile;
   kernel+poll    (--kernel-idle-poll) kernel swap again, with the CPU
                  latency request umgr's --idle-poll holds held meanwhile
                  (idle CPUs poll): what the kernel makes of the same help;
@@ -60,8 +61,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_paging import (  # noqa: E402  (a script here, or umgr.benchmarks)
-    CGROUP_ROOT, MiB, PROGRAMS, BenchError, _active_swaps, _run, cgroup_figures, compile_programs,
-    default_umgr_cmd, device_io, device_summary, enter_cgroup, idle_polling, kernel_swap, run_and_report, umgr_exec,
+    CGROUP_ROOT, MiB, PROGRAMS, BenchError, _run, cgroup_figures, compile_programs, default_umgr_cmd, device_io,
+    device_summary, enter_cgroup, idle_poll_summary, idle_polling, kernel_swap, other_swaps, other_swaps_note,
+    run_and_report, umgr_exec,
 )
 
 # Names of their own: bench_paging.py may be running at the same time, and
@@ -106,11 +108,15 @@ def parse_variants(text: str) -> list[tuple[str, list[str]]]:
 @dataclasses.dataclass
 class Workload:
     """A program that prints {"phases": {name: seconds, ...}, ...}, the
-    budget it runs at and the swap it gets (kernel swapfile, umgr swap)."""
+    budget it runs at, the swap it gets (kernel swapfile, umgr swap) and
+    the memory its data takes (shapes: DATA; the others: the plain run's
+    peak RSS): a umgr run with a budget below it that paged nothing out
+    was not managed (umgr_exec() raises)."""
     name: str
     argv: list[str]
     budget_mib: int
     swap_mib: int
+    data_mib: float
 
 
 def _total(result: dict) -> float:
@@ -169,7 +175,7 @@ def run_umgr(w: Workload, label: str, args: list[str], umgr_cmd: list[str], work
     stats_file = os.path.join(work, f"umgr-{w.name}.json")
     with device_io(UMGR_STATE_PARENT) as io:   # (a retried attempt's I/O counts too)
         result, stats, failures = umgr_exec(umgr_cmd, w.budget_mib, w.swap_mib, args, w.argv, stats_file,
-                                            f"{w.name} under umgr ({label})", attempts, timeout)
+                                            f"{w.name} under umgr ({label})", attempts, timeout, data_mib=w.data_mib)
     return {"result": result, "umgr": stats, "failures": failures, "args": args, "device": io}
 
 
@@ -240,7 +246,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     umgr_cmd = shlex.split(args.umgr) if args.umgr else default_umgr_cmd()
     variants = parse_variants(args.variants)
     hot_mib = args.hot_mib if args.hot_mib is not None else min(64, args.budget_mib // 2)
-    other_swaps = [s for s in _active_swaps() if s != SWAPFILE]
+    others = other_swaps(SWAPFILE)
     results: dict = {
         "params": {"data_mib": args.data_mib, "budget_mib": args.budget_mib, "phases": args.phases,
                    "seed": args.seed, "ops": args.ops, "hot_mib": hot_mib, "variants": [lbl for lbl, _ in variants],
@@ -248,15 +254,16 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                    "java_mib": None if args.no_java else args.java_mib,
                    "umgr": umgr_cmd},
         "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
-                "other_swaps": other_swaps},
+                "other_swaps": others},
         "workloads": {},
     }
-    if other_swaps:
-        log(f"note: other swap areas are active ({', '.join(other_swaps)}): the kernel-swap runs may use them too")
+    if others:
+        log(f"note: other swap areas are active ({', '.join(others)}): the kernel-swap swapfile goes above "
+            f"them, but one of its priority (32767) would share its writes")
     with tempfile.TemporaryDirectory(prefix="umgr-bench-shapes-") as work:
         exe = compile_programs(work, ("shapes",))["shapes"]
         shapes = Workload("shapes", [exe, str(args.data_mib), args.phases, str(args.seed), str(args.ops or 0),
-                                     str(hot_mib)], args.budget_mib, args.data_mib + 256)
+                                     str(hot_mib)], args.budget_mib, args.data_mib + 256, args.data_mib)
         common = dict(kernel=not args.no_kernel_swap, kernel_poll=args.kernel_idle_poll, rounds=args.rounds,
                       umgr_cmd=umgr_cmd, work=work, timeout=args.timeout, attempts=args.attempts, log=log)
         results["workloads"]["shapes"] = run_workload(shapes, variants, **common)
@@ -278,7 +285,7 @@ def run_at_a_third_of_peak(name: str, argv: list[str], budget_mib: int | None, v
     log(f"{name}: plain ...")
     plain = {"result": _run(argv, f"{name} plain", timeout)}
     peak_mib = plain["result"]["peak_rss_kb"] / 1024
-    workload = Workload(name, argv, budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256)
+    workload = Workload(name, argv, budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256, peak_mib)
     return {**run_workload(workload, variants, plain=plain, **common), "peak_mib": peak_mib}
 
 
@@ -303,13 +310,15 @@ def _fmt(x, width, prec=3):
 
 
 def umgr_summary(label: str, s: dict, budget_mib: int) -> list[str]:
-    """A umgr run's --stats-json figures as report lines, with a warning
-    where it paged nothing out or went over its budget."""
+    """A umgr run's --stats-json figures as report lines (how long it held
+    idle CPUs polling among them), with a warning where it paged nothing
+    out or went over its budget."""
     lines = [f"  {label}: faults={s['faults']} (missing {s.get('faults_missing', '?')}, wp {s.get('faults_wp', '?')}) "
              f"pages_in={s['pages_in']} pages_out={s['pages_out']} prefetched={s['prefetched']} "
              f"peak_resident={s['peak_resident_bytes'] / MiB:.1f} MiB "
              f"swap written={s['swap_bytes_written'] / MiB:.0f} MiB read={s['swap_bytes_read'] / MiB:.0f} MiB "
              f"wall={s['wall_seconds']}s"]
+    lines.append(f"  {label}: {idle_poll_summary(s)}")
     if "fault_batch_seconds" in s:
         lines.append(f"  {label}: {fault_breakdown(s)}")
     if s["pages_out"] == 0:
@@ -398,8 +407,7 @@ def format_workload(name: str, wl: dict) -> list[str]:
 def format_report(results: dict) -> str:
     p, env = results["params"], results["env"]
     lines = [f"kernel {env['kernel']}, {env['cpus']} CPUs, loadavg before {env['loadavg_before'][0]:.2f} "
-             f"after {env['loadavg_after'][0]:.2f}; umgr: {' '.join(p['umgr'])}"
-             + (f"; other swap areas active: {', '.join(env['other_swaps'])}" if env["other_swaps"] else "")]
+             f"after {env['loadavg_after'][0]:.2f}; umgr: {' '.join(p['umgr'])}" + other_swaps_note(env)]
     if "shapes" in results["workloads"]:
         wl = results["workloads"]["shapes"]
         r = wl["configs"]["plain"]["result"]

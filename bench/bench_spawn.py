@@ -41,7 +41,8 @@ TARGETS_PER_PROCESS = {"fork": 1, "exec": 2}
 def run_umgr(umgr: list[str], program: list[str], args, work: str) -> tuple[dict, dict]:
     """The program under `umgr exec`: its result and the daemon's stats."""
     result, stats, _ = umgr_exec(umgr, args.budget_mib, args.data_mib + args.budget_mib, [], program,
-                                 os.path.join(work, "stats.json"), f"{program[1]} under umgr", attempts=1)
+                                 os.path.join(work, "stats.json"), f"{program[1]} under umgr", attempts=1,
+                                 data_mib=args.data_mib)
     return result, stats
 
 

@@ -106,3 +106,34 @@ def test_shapes_pairs_the_runs_of_each_round():
     assert ratios["a"] == (1.5, 1.0, 2.0)
     assert ratios["b"] == (1.0, 0.5, 3.0)
     assert ratios["total"] == pytest.approx((1.1, 1.0, 2.0))
+
+
+def test_a_run_that_was_not_managed_is_not_a_umgr_figure():
+    # Pure logic: the shim fails open, so a run with no target, or with
+    # data above its budget and no page out, is refused (a build too old to
+    # report targets is judged by its pages out alone).
+    from umgr.benchmarks.bench_paging import unmanaged
+    assert unmanaged({"targets": 0, "pages_out": 9}, 64, 512)
+    assert unmanaged({"targets": 1, "pages_out": 0}, 64, 512)
+    assert unmanaged({"pages_out": 0}, 64, 512)
+    assert unmanaged({"targets": 1, "pages_out": 0}, 64, 16) is None
+    assert unmanaged({"targets": 1, "pages_out": 0}, 64, None) is None
+    assert unmanaged({"targets": 3, "pages_out": 9}, 64, 512) is None
+
+
+def test_zswap_setting_comes_back_after_an_interrupt(tmp_path, monkeypatch):
+    from umgr.benchmarks import bench_paging
+    enabled = tmp_path / "enabled"
+    enabled.write_text("Y\n")
+    monkeypatch.setattr(bench_paging, "ZSWAP_ENABLED", str(enabled))
+    with pytest.raises(KeyboardInterrupt):
+        with bench_paging.zswap(False):
+            assert enabled.read_text() == "N"
+            raise KeyboardInterrupt
+    assert enabled.read_text() == "Y"
+    monkeypatch.setattr(bench_paging, "ZSWAP_ENABLED", str(tmp_path / "absent"))
+    with bench_paging.zswap(False):   # (no zswap: off already)
+        pass
+    with pytest.raises(bench_paging.BenchError):
+        with bench_paging.zswap(True):
+            pass
