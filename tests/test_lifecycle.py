@@ -120,6 +120,23 @@ def test_the_child_of_daemon3_gets_its_paged_out_data(umgr_exec, programs):
 
 
 @pytest.mark.timeout(90)
+def test_a_child_gets_no_wipeonfork_data_and_no_dontfork_memory(umgr_exec, programs):
+    """`wipefork 16`: 48 MiB in three regions under 8 MiB, one of them
+    MADV_WIPEONFORK and one MADV_DONTFORK, then a fork. The child reads the
+    wiped region as zeros (served from the parent's slots, it read the
+    parent's data), and fresh memory it maps where the DONTFORK region was
+    as zeros too (it read the parent's there); the parent's three are
+    intact."""
+    result = umgr_exec([programs["wipefork"], "16"], "-v", max_resident="8M", timeout=60)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout == "ok\n", result.stderr[-4000:]
+    stats = result.stats
+    assert stats["pages_out"] >= 40 * 256, "pages must really have left before the fork"
+    assert stats["forks"] == 1 and stats["targets"] == 2, stats
+    assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("mode", ["fork", "mremap-race", "mremap-thread", "dontneed-race"])
 def test_events_on_memory_zapped_instead_of_moved_out(umgr_exec, programs, mode):
     """The same with --no-move-out: every evicted page leaves by
@@ -221,3 +238,27 @@ def test_child_of_a_parent_killed_inside_fork_gets_its_paged_out_data(daemon, sh
     child_line = re.search(rf"pid {adopted.group(1)}: released \(faults (\d+), pages in (\d+)", daemon.log())
     assert int(child_line.group(2)) >= (64 - 16) * 256 - 1024, "the child read its pages back from swap"
     wait_for(lambda: query_status(daemon.socket)["backend"]["used_pages"] == 0, 10, "every slot freed")
+
+
+def rss_anon_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.timeout(90)
+def test_memory_written_again_after_madv_free_is_held_to_the_budget(daemon, shim, programs):
+    """`freereuse 12 4`: four regions of 12 MiB, each MADV_FREE'd and
+    written again at once (jemalloc's way), under a 16 MiB budget. The
+    kernel reports the MADV_FREE as a REMOVE, and the write that cancels
+    the free raises no fault: those pages were counted nowhere, and all
+    48 MiB stayed in memory for good. They are counted at the next
+    recheck and paged out like any other; every byte comes back."""
+    from test_control import started
+    with started([programs["freereuse"], "12", "4"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+        assert target.stdout.readline() == b"ready\n"
+        # (the shim's own memory, the stack and libc's come on top of the budget's)
+        wait_for(lambda: rss_anon_kb(target.pid) <= (16 + 8) * 1024, 20,
+                 f"the program's memory to come down to its budget (RssAnon {rss_anon_kb(target.pid)} kB)")
+        out, err = target.communicate(b"", timeout=60)
+    assert target.returncode == 0, err.decode(errors="replace")[-3000:]
+    assert out == b"ok\n", err

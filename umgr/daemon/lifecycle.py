@@ -320,6 +320,11 @@ class Lifecycle:
         references)."""
         label = f"pid {pid}"
         try:
+            forked.fit_to_child(pid)
+        except OSError as exc:   # (gone: its loop finds out; else it goes on as the parent's table says)
+            log.warning("%s: its mappings cannot be read (%s): MADV_WIPEONFORK and MADV_DONTFORK memory is "
+                        "taken as the parent's", label, exc.strerror or exc)
+        try:
             prefetch = self.prefetch(parent.prefetch_name, label)
         except protocol.ProtocolError as exc:
             log.warning("%s: %s; it runs without prefetch", label, exc)

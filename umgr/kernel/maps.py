@@ -36,16 +36,31 @@ def locked_ranges(pid: int) -> list[tuple[int, int]]:
     """(start, end) of each mlocked mapping ("lo" in VmFlags of
     /proc/PID/smaps). MADV_DONTNEED refuses these (EINVAL), so umgr never
     evicts them. smaps walks the page tables: read it rarely."""
-    ranges = []
+    return [span for span, flags in _smaps_flags(pid) if "lo" in flags]
+
+
+def mappings_and_wiped(pid: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(start, end) of every mapping, and of those marked MADV_WIPEONFORK
+    ("wf" in VmFlags of /proc/PID/smaps): a forked child's memory as the
+    kernel made it. Its mappings lack the parent's MADV_DONTFORK ones, and
+    its WIPEONFORK ones are empty (and stay registered on its uffd)."""
+    flagged = _smaps_flags(pid)
+    return [span for span, _ in flagged], [span for span, flags in flagged if "wf" in flags]
+
+
+def _smaps_flags(pid: int) -> list[tuple[tuple[int, int], list[str]]]:
+    """Each mapping of /proc/PID/smaps and its VmFlags."""
+    mappings = []
     span = None
     with open(f"/proc/{pid}/smaps", "rb") as f:
         for line in f.read().decode("ascii", "replace").splitlines():
             head = line.split(maxsplit=1)[0] if line else ""
             if "-" in head and ":" not in head:
                 span = tuple(int(x, 16) for x in head.split("-"))
-            elif head == "VmFlags:" and span is not None and "lo" in line.split()[1:]:
-                ranges.append(span)
-    return ranges
+            elif head == "VmFlags:" and span is not None:
+                mappings.append((span, line.split()[1:]))
+                span = None
+    return mappings
 
 
 def unreadable_ranges(pid: int) -> list[tuple[int, int]]:

@@ -125,6 +125,9 @@ class TargetCore:
         self.reads = ReadGate()           # the fault loop reads the uffd only while it is open
         self.zapping_moved: list[np.ndarray] = []   # where mremap put ZAPPING pages while their zap was in flight
         self.zap_waiters: set[int] = set()   # pages whose faults were left blocked while they were ZAPPING
+        # vpn ranges the app discarded since the pinning's last recheck: an
+        # MADV_FREE among them may have left pages in use with no fault.
+        self.app_discarded: list[tuple[int, int]] = []
         self.evictions = 0                # pages evicted so far: the clock of refault distances
         self.refaults = Share()           # of the latest faults on swapped pages, those back soon (near)
         self.fill_reads = Busy()          # the fault path's backend reads in flight
@@ -242,6 +245,19 @@ class TargetCore:
             self.slots.free(slots[stale])
             for state in unique(states[stale]).tolist():
                 self.pt.set(vpns[stale & (states == state)], state, NO_SLOT)
+
+    def keep_no_copies_if_merged(self) -> None:
+        """Clean copies end for good, and those kept are dropped, once the
+        process lets KSM merge its memory: KSM maps a merged page without
+        the write-protect bit, so a write to it raises no fault, and a page
+        taken for clean would leave with its old copy, the write lost.
+        Asked before each eviction batch takes its clean pages as clean: a
+        merge comes only after the process asked for it."""
+        if self.clean.mode == "never" or not procmem.ksm_may_merge(self.pid):
+            return
+        self.clean.mode = "never"
+        freed = self.free_clean_copies()
+        log.info("%s: lets KSM merge its memory: pages read back keep no swap copy (%d dropped)", self.label, freed)
 
     def free_clean_copies(self) -> int:
         """The swap is full: resident pages give back the slots they kept

@@ -7,6 +7,7 @@ Handlers are idempotent: the kernel may report a REMOVE range twice.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from umgr.backends.slots import SlotAllocator
+from umgr.kernel import maps
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import ForkEvent, RemapEvent, RemoveEvent, UnmapEvent
 from umgr.paging.core import TargetCore
@@ -23,6 +25,9 @@ from umgr.paging.removes import RemoveAttribution
 from umgr.trace import DISCARDED, UNMAPPED
 
 EMPTY = np.empty(0, np.int64)
+
+# App discards remembered between two rechecks (pinning.Pinning.recheck).
+APP_DISCARDED_MAX = 4096
 
 log = logging.getLogger("umgr.target")
 
@@ -100,6 +105,8 @@ class MemoryEvents:
         core.trace.gone(lo, hi, DISCARDED)
         core.left_residency(core.pt.find_state(lo, hi, State.RESIDENT)[0])
         core.slots.free(core.pt.discard(lo, hi, keep=(State.ZAPPING,)))
+        if len(core.app_discarded) < APP_DISCARDED_MAX:   # (past that, a page reused is counted when it leaves)
+            core.app_discarded.append((lo, hi))
 
     def _on_remap(self, event: RemapEvent) -> None:
         """mremap moved pages (the event comes after the move is complete;
@@ -160,8 +167,44 @@ class ForkedMemory:
             core.slots.incref(slots)
         return cls(uffd, pages, core.slots, time.clock_gettime(time.CLOCK_BOOTTIME))
 
+    def fit_to_child(self, pid: int) -> None:
+        """The table as the kernel made the child's memory, read from its
+        smaps once it is known (the parent's fork() returned as soon as its
+        event was read, so not sooner): a MADV_WIPEONFORK mapping is empty
+        in the child, its pages zero on first touch, and a MADV_DONTFORK one
+        is not there at all. Both stay in the parent's table as it was:
+        served from the parent's slots, the child would read the data the
+        parent wiped (keys, random state) or keep phantom pages counted
+        against its budget. (If the child exec'd meanwhile, none of its
+        mappings are these: the table goes, and so does its uffd's mm.)"""
+        mapped, wiped = maps.mappings_and_wiped(pid)
+        for lo, hi in wiped:
+            self.slots.free(self.pages.discard(lo >> PAGE_SHIFT, page_up(hi)))
+        for lo, hi in _not_mapped([(region.vpn, region.end) for region in self.pages.regions], mapped):
+            self.slots.free(self.pages.remove(lo, hi))
+
     def close(self) -> None:
         """Never claimed: its slots and its uffd go (the child, if it still
         runs, is killed by its shim for want of a daemon)."""
         self.pages.clear(self.slots.free)
         self.uffd.close()
+
+
+def _not_mapped(spans: list[tuple[int, int]], mapped: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of the page spans [lo, hi) (vpns) that no mapping (byte
+    addresses, sorted and apart, as /proc/PID/maps lists them) covers."""
+    pages = [(start >> PAGE_SHIFT, page_up(end)) for start, end in mapped]
+    ends = [end for _, end in pages]
+    holes = []
+    for lo, hi in spans:
+        at = lo
+        for j in range(bisect.bisect_right(ends, lo), len(pages)):   # (from the first ending past lo)
+            start, end = pages[j]
+            if start >= hi:
+                break
+            if start > at:
+                holes.append((at, start))
+            at = max(at, end)
+        if at < hi:
+            holes.append((at, hi))
+    return holes
