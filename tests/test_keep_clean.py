@@ -87,3 +87,32 @@ def test_auto_clean_copies_lose_no_write_racing_eviction(umgr_exec, programs):
     result = umgr_exec([programs["hammer"], "64", "4", "20", "512"], max_resident="8M")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stats["pages_out"] > 0 and result.stats["swap_slots_in_use_at_exit"] == 0
+
+
+@pytest.fixture
+def ksm_running():
+    """KSM on for the test (/sys/kernel/mm/ksm/run), as it was after."""
+    import pathlib
+    run = pathlib.Path("/sys/kernel/mm/ksm/run")
+    before = run.read_text().strip()
+    run.write_text("1")
+    try:
+        yield
+    finally:
+        run.write_text(before)
+
+
+@pytest.mark.timeout(120)
+def test_pages_ksm_merged_keep_their_writes(umgr_exec, programs, ksm_running):
+    """`ksmwrite 4`: a process that lets KSM merge its memory has 4 MiB of
+    like pages paged out and read back (clean copies kept: --clean-copies
+    always), KSM merges them, and it writes a byte of each. The merged
+    page is mapped without the write-protect bit, so those writes raise
+    no fault: pages still taken for clean left with their old copy, the
+    writes lost. Once the process may be merged, pages keep no copy."""
+    result = umgr_exec([programs["ksmwrite"], "4"], "-v", "--clean-copies", "always", max_resident="64M",
+                       timeout=100)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout == "ok\n", result.stderr[-4000:]
+    assert "lets KSM merge its memory" in result.stderr, result.stderr[-4000:]
+    assert result.stats["pages_out"] >= 2 * 1024, result.stats

@@ -352,3 +352,19 @@ def exiting(pid: int) -> bool:
         if fields is not None and not int(fields[6]) & PF_EXITING:
             return False
     return True
+
+
+def ksm_may_merge(pid: int) -> bool:
+    """Whether KSM may merge some of the process's memory: it asked for it
+    (MADV_MERGEABLE on a mapping, or PR_SET_MEMORY_MERGE: "ksm_mergeable"
+    and "ksm_merge_any" in /proc/PID/ksm_stat, Linux 6.6), whether or not
+    KSM runs now (it may be started at any time). A merge maps the shared
+    page without the uffd write-protect bit, so a later write to it raises
+    no write-protect fault. False when the file cannot be read (gone, or a
+    kernel without KSM)."""
+    try:
+        with open(f"/proc/{pid}/ksm_stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return b"ksm_mergeable: yes" in text or b"ksm_merge_any: yes" in text

@@ -222,6 +222,7 @@ class Evictor:
         vpns = self._choose_victims(rushed) if victims is None else victims
         if len(vpns) == 0:
             return Batch(vpns, buffer, progress=False)
+        self.core.keep_no_copies_if_merged()
         await self._protect(vpns)
         vpns, settled = await self.pinning.keep_freeable(vpns)
         if len(vpns) == 0:
