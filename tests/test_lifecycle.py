@@ -11,6 +11,7 @@ thread maps new memory into the hole, the app's own MADV_DONTNEED
 parent and children; here we check that pages really left, that the event
 reached the daemon, how many targets it served, that each was released and
 that no slot is left over."""
+import contextlib
 import re
 import subprocess
 
@@ -238,6 +239,39 @@ def test_child_of_a_parent_killed_inside_fork_gets_its_paged_out_data(daemon, sh
     child_line = re.search(rf"pid {adopted.group(1)}: released \(faults (\d+), pages in (\d+)", daemon.log())
     assert int(child_line.group(2)) >= (64 - 16) * 256 - 1024, "the child read its pages back from swap"
     wait_for(lambda: query_status(daemon.socket)["backend"]["used_pages"] == 0, 10, "every slot freed")
+
+
+@pytest.fixture
+def pids_cgroup():
+    """A pids cgroup (v1) of its own, removed after the test."""
+    import os
+    path = f"/sys/fs/cgroup/pids/umgr-test-{os.getpid()}"
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        with open(f"{path}/cgroup.procs") as f:
+            left = f.read().split()
+        for pid in left:   # (a process left behind goes back to the root, so that the group can go)
+            with contextlib.suppress(OSError), open("/sys/fs/cgroup/pids/cgroup.procs", "w") as root:
+                root.write(pid)
+        os.rmdir(path)
+
+
+@pytest.mark.timeout(90)
+def test_forks_that_fail_at_a_pids_limit_leave_later_children_served(umgr_exec, programs, pids_cgroup):
+    """`forkfail 32`: three forks fail with EAGAIN at a pids cgroup's limit,
+    after the kernel copied the child's memory and sent its fork event;
+    then three children check every byte. The failed forks' events were
+    left queued: each later FORKED took an older one, the child failed its
+    proof and was killed, and so was every child after it."""
+    result = umgr_exec([programs["forkfail"], "32", pids_cgroup], "-v", max_resident="8M", timeout=60)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout == "ok\n", result.stderr[-4000:]
+    assert result.stats["pages_out"] >= 24 * 256, "pages must really have left before the forks"
+    assert result.stats["targets"] == 4, result.stats
+    assert result.stderr.count("a fork failed; its fork event dropped") == 3, result.stderr[-4000:]
+    assert result.stats["swap_slots_in_use_at_exit"] == 0
 
 
 def rss_anon_kb(pid: int) -> int:

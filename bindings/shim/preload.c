@@ -1341,6 +1341,23 @@ static void name_child(pid_t pid)
         control_request(&msg, sizeof msg);
 }
 
+/* fork() failed. If it failed after the kernel copied the child's memory
+ * (EAGAIN at a pids cgroup's limit), the daemon has read a fork event that
+ * names no child: a FORKED of pid 0 with the time the fork began has it
+ * dropped, or the next child would be paired with it, fail its proof and
+ * be killed. (A fork inside glibc that fails cannot be told from one whose
+ * child died and was reaped at once: not reported.) */
+static void name_failed_fork(uint64_t started_ns)
+{
+    int saved = errno;   /* (the caller of fork() reads it) */
+    struct umgr_region msg;
+    fill_hdr(&msg.hdr, UMGR_FORKED, sizeof msg);
+    msg.start = 0;
+    msg.length = started_ns;
+    control_request(&msg, sizeof msg);
+    errno = saved;
+}
+
 static void child_after_fork(int was_active)
 {
     detach_in_child();
@@ -1372,6 +1389,7 @@ static void child_after_fork(int was_active)
 static __thread int in_fork_wrapper;  /* fork() names its child itself */
 static __thread int fork_locked;      /* this thread's prepare handler took fork_lock */
 static int fork_was_active;
+static uint64_t fork_started_ns;      /* CLOCK_BOOTTIME when the fork under fork_lock began */
 #define KNOWN_CHILDREN_MAX 4096
 static pid_t known_children[KNOWN_CHILDREN_MAX]; /* the thread's children before the fork (under fork_lock) */
 static int nknown_children = -1;                 /* -1: not known */
@@ -1414,6 +1432,9 @@ static void fork_prepare(void)
     pthread_mutex_lock(&shim.fork_lock);
     fork_locked = 1;
     fork_was_active = shim.active;
+    struct timespec now;
+    clock_gettime(CLOCK_BOOTTIME, &now);
+    fork_started_ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
     nknown_children = in_fork_wrapper ? -1 : thread_children(known_children, KNOWN_CHILDREN_MAX);
 }
 
@@ -1474,6 +1495,8 @@ EXPORT pid_t fork(void)
     if (locked) {
         if (pid > 0 && was_active)
             name_child(pid);
+        else if (pid < 0 && was_active)
+            name_failed_fork(fork_started_ns);
         pthread_mutex_unlock(&shim.fork_lock);
     }
     return pid;

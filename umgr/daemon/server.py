@@ -288,6 +288,9 @@ class Daemon:
                 return 0 if target.register(msg.start, msg.length) else errno.EINVAL
             return 0
         if isinstance(msg, protocol.Forked):
+            if msg.child_pid == 0:
+                target.drop_failed_forks(msg.started_ns)
+                return 0
             return self.lifecycle.adopt_child(target, msg.child_pid, peer.name)
         if isinstance(msg, protocol.Advise):
             return await self._advise(target, msg)

@@ -171,6 +171,21 @@ class Target:
         """The oldest fork event's child uffd and memory, or None."""
         return self.events.forks.pop(0) if self.events.forks else None
 
+    def drop_failed_forks(self, started_ns: int) -> None:
+        """The fork that began at started_ns (CLOCK_BOOTTIME) failed: the
+        fork event the kernel sent for it, if any (a fork that fails after
+        the child's memory was copied, at a pids cgroup's limit: EAGAIN),
+        names no child. Left queued, it was taken by the next FORKED, whose
+        child then failed its proof and was killed, and so was every later
+        child. The shim makes one fork at a time, so every fork event read
+        since that one began is the failed fork's."""
+        failed = [fork for fork in self.events.forks if fork.born * 1e9 >= started_ns]
+        for fork in failed:
+            self.events.forks.remove(fork)
+            fork.close()
+        if failed:
+            log.info("%s: a fork failed; its fork event dropped", self.label)
+
     def take_unclaimed_forks(self) -> list[ForkedMemory]:
         """Every fork whose child is not known yet: the target is going
         (its process died, perhaps between fork() and its FORKED)."""
