@@ -274,6 +274,22 @@ def test_forks_that_fail_at_a_pids_limit_leave_later_children_served(umgr_exec, 
     assert result.stats["swap_slots_in_use_at_exit"] == 0
 
 
+@pytest.mark.timeout(90)
+def test_forks_nobody_names_are_kept_at_most_a_bounded_number(umgr_exec, programs):
+    """`rawclones 16 300`: 300 children of a raw clone(SIGCHLD), which no
+    atfork handler sees, so no FORKED names them. Their fork events held a
+    descriptor, a table and a reference on every slot each for the
+    parent's life (65535 of them wrapped a slot's count to free). At most
+    UNCLAIMED_FORKS_MAX are kept; the parent pages on, every byte back."""
+    from umgr.paging.events import UNCLAIMED_FORKS_MAX
+    result = umgr_exec([programs["rawclones"], "16", "300"], "-v", max_resident="4M", timeout=60)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout == "ok\n", result.stderr[-4000:]
+    assert result.stats["forks"] == 300 and result.stats["pages_out"] >= 12 * 256, result.stats
+    assert result.stderr.count(f"more than {UNCLAIMED_FORKS_MAX} forks never named") == 300 - UNCLAIMED_FORKS_MAX
+    # (The forks kept wait ORPHAN_WAIT for a child once the parent is gone, holding its slots meanwhile.)
+
+
 def rss_anon_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))

@@ -976,3 +976,17 @@ def test_inside_matches_a_test_against_each_range():
         ranges = [(lo, lo + rng.randint(0, 12)) for lo in (rng.randint(0, 60) for _ in range(rng.randint(0, 8)))]
         vpns = np.array(sorted(rng.sample(range(90), rng.randint(0, 40))), np.int64)
         assert (_inside(vpns, ranges) == each_range(vpns, ranges)).all(), (ranges, vpns)
+
+
+def test_a_full_slot_reference_count_is_refused_not_wrapped():
+    """A slot's count is 16 bits: one more reference than it holds would
+    wrap it to 0, the slot free while pages still name it."""
+    from umgr.backends.slots import SlotAllocator
+    slots = SlotAllocator(16)
+    got = slots.alloc(2)
+    slots.incref(np.array([got[0], got[0], got[1]]))   # (a slot named twice counts twice)
+    assert slots._refs[got].tolist() == [3, 2]
+    slots._refs[got[1]] = np.iinfo(slots._refs.dtype).max
+    with pytest.raises(ValueError, match="reference count is full"):
+        slots.incref(np.array([got[0], got[1]]))
+    assert slots._refs[got[0]] == 3   # (nothing taken)

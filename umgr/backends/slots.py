@@ -113,7 +113,11 @@ class SlotAllocator:
         slots = np.asarray(slots, np.int32)
         if len(slots) and (self._refs[slots] == 0).any():
             raise ValueError("incref of a free slot")
-        np.add.at(self._refs, slots, 1)
+        # (A count that wrapped to 0 would make a named slot free: another page would be written over it.)
+        named, times = unique_counts(slots)
+        if len(named) and (self._refs[named].astype(np.int64) + times > np.iinfo(self._refs.dtype).max).any():
+            raise ValueError("a swap slot's reference count is full")
+        self._refs[named] += times.astype(self._refs.dtype)
 
     def free(self, slots: np.ndarray) -> None:
         """Drop one reference of each slot; slots reaching zero become free."""

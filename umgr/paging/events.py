@@ -26,6 +26,8 @@ from umgr.trace import DISCARDED, UNMAPPED
 
 EMPTY = np.empty(0, np.int64)
 
+# Fork events no FORKED has named yet, kept at most (_drop_oldest_fork).
+UNCLAIMED_FORKS_MAX = 256
 # App discards remembered between two rechecks (pinning.Pinning.recheck).
 APP_DISCARDED_MAX = 4096
 
@@ -64,7 +66,21 @@ class MemoryEvents:
         elif kind is ForkEvent:
             self.core.stats.forks += 1
             self.core.may_share_pages = True
+            if len(self.forks) >= UNCLAIMED_FORKS_MAX:
+                self._drop_oldest_fork()
             self.forks.append(ForkedMemory.at_fork(uffdmod.Userfaultfd(event.fd), self.core))
+
+    def _drop_oldest_fork(self) -> None:
+        """Forks nobody names (children of a raw clone or _Fork(), which run
+        no atfork handler) would pile up for the parent's life, each with a
+        descriptor of the daemon's, a copy of the table and a reference on
+        every slot it names (16-bit counts: 65535 forks would wrap one to
+        free while named). Past UNCLAIMED_FORKS_MAX the oldest goes: a fork
+        the shim names is named at once, so it is none of those."""
+        oldest = self.forks.pop(0)
+        oldest.close()
+        log.warning("%s: more than %d forks never named (children made without fork(): raw clone, _Fork); "
+                    "the oldest dropped", self.core.label, UNCLAIMED_FORKS_MAX)
 
     def _on_unmap(self, start: int, end: int) -> None:
         core = self.core
