@@ -797,3 +797,15 @@ def test_a_chain_taken_over_demotes_its_oldest_pages_first(tmp_path):
     finally:
         again.close()
         os.close(held)
+
+
+def test_a_store_whose_constructor_needs_a_size_gets_one_without_swap_size(example_store_installed, tmp_path):
+    """Without --swap-size each store takes its own default size (the
+    file's depends on its disk); a store written as the README says, whose
+    `size` has no default, gets 4 GiB rather than a TypeError."""
+    from umgr.backends import DEFAULT_SIZE, open_backend
+    store = open_backend("example", directory=str(tmp_path))
+    try:
+        assert store.slots.capacity == DEFAULT_SIZE // PAGE
+    finally:
+        store.close()

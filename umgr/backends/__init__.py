@@ -33,6 +33,7 @@ from umgr.kernel import PAGE_SIZE
 
 IO_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 200e-3, 1.0)
 SLOW_READ = 500e-6   # a one-page read slower than this counts as slow (ReadsDone.slow)
+DEFAULT_SIZE = 4 << 30   # a store's slots when --swap-size says nothing (the file store: less on a small disk)
 
 
 @dataclass(frozen=True)
@@ -270,9 +271,14 @@ def takes(spec: str, option: str) -> bool:
 
 def open_backend(name: str, **options) -> Backend:
     """The backend registered as `name`, built with those of `options` its
-    constructor takes (a backend without a directory ignores --state-dir)."""
+    constructor takes (a backend without a directory ignores --state-dir).
+    Without a size (no --swap-size: each store's own default), one whose
+    constructor has none for it gets DEFAULT_SIZE."""
     cls = backend_class(name)
     accepted = inspect.signature(cls).parameters
+    size = accepted.get("size")
+    if size is not None and "size" not in options and size.default is inspect.Parameter.empty:
+        options["size"] = DEFAULT_SIZE
     return cls(**{key: value for key, value in options.items() if key in accepted})
 
 

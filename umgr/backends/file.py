@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from umgr.backends import SLOW_READ, Backend, ReadsDone, io_runs
+from umgr.backends import DEFAULT_SIZE, SLOW_READ, Backend, ReadsDone, io_runs
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
 from umgr.kernel.ring import Batch, Op, Ring
@@ -33,7 +33,6 @@ MAX_SLOTS = (1 << 31) - 1  # slot numbers are int32 (umgr/backends/slots.py)
 # where it goes if that is less: a first `umgr exec` must work on a small
 # VM's disk, and a swap file that fills its filesystem fails everyone
 # else's writes there. Below MIN_DEFAULT_SIZE there is no point.
-DEFAULT_SIZE = 4 << 30
 MIN_DEFAULT_SIZE = 16 << 20
 
 # A one-page read is a fault waiting for it. Measured here (Linux 6.18,
