@@ -82,8 +82,7 @@ class Region:
 
 @dataclass(frozen=True, slots=True)
 class Forked:
-    child_pid: int      # 0: the fork failed (its event, if the kernel sent one, names no child)
-    started_ns: int = 0  # with child_pid 0: CLOCK_BOOTTIME nanoseconds when the fork began
+    child_pid: int   # 0: the last fork made no child to name (its event, if the kernel sent one, names none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +132,7 @@ def decode_control(data: bytes) -> Hello | Region | Forked | Advise:
     if msg_type in (MsgType.REGION, MsgType.FORKED):
         _check_header(data, RANGE_MSG)
         _, _, _, start, length = RANGE_MSG.unpack(data)
-        return Region(start, length) if msg_type == MsgType.REGION else Forked(start, length if start == 0 else 0)
+        return Region(start, length) if msg_type == MsgType.REGION else Forked(start)
     if msg_type == MsgType.ADVISE:
         _check_header(data, ADVISE)
         _, _, _, start, length, advice, _ = ADVISE.unpack(data)

@@ -1341,19 +1341,18 @@ static void name_child(pid_t pid)
         control_request(&msg, sizeof msg);
 }
 
-/* fork() failed. If it failed after the kernel copied the child's memory
- * (EAGAIN at a pids cgroup's limit), the daemon has read a fork event that
- * names no child: a FORKED of pid 0 with the time the fork began has it
- * dropped, or the next child would be paired with it, fail its proof and
- * be killed. (A fork inside glibc that fails cannot be told from one whose
- * child died and was reaped at once: not reported.) */
-static void name_failed_fork(uint64_t started_ns)
+/* The fork made no child to name: it failed after the kernel copied the
+ * child's memory (EAGAIN at a pids cgroup's limit), or a fork inside glibc
+ * made a child that died and was reaped at once. The daemon may have read a
+ * fork event that names no child: a FORKED of pid 0 has it dropped, or the
+ * next child would be paired with it, fail its proof and be killed. */
+static void name_no_child(void)
 {
     int saved = errno;   /* (the caller of fork() reads it) */
     struct umgr_region msg;
     fill_hdr(&msg.hdr, UMGR_FORKED, sizeof msg);
     msg.start = 0;
-    msg.length = started_ns;
+    msg.length = 0;
     control_request(&msg, sizeof msg);
     errno = saved;
 }
@@ -1389,7 +1388,6 @@ static void child_after_fork(int was_active)
 static __thread int in_fork_wrapper;  /* fork() names its child itself */
 static __thread int fork_locked;      /* this thread's prepare handler took fork_lock */
 static int fork_was_active;
-static uint64_t fork_started_ns;      /* CLOCK_BOOTTIME when the fork under fork_lock began */
 #define KNOWN_CHILDREN_MAX 4096
 static pid_t known_children[KNOWN_CHILDREN_MAX]; /* the thread's children before the fork (under fork_lock) */
 static int nknown_children = -1;                 /* -1: not known */
@@ -1432,20 +1430,18 @@ static void fork_prepare(void)
     pthread_mutex_lock(&shim.fork_lock);
     fork_locked = 1;
     fork_was_active = shim.active;
-    struct timespec now;
-    clock_gettime(CLOCK_BOOTTIME, &now);
-    fork_started_ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
     nknown_children = in_fork_wrapper ? -1 : thread_children(known_children, KNOWN_CHILDREN_MAX);
 }
 
 /* The child a fork just made: the thread's child that was not there
- * before it; 0 when none can be told (no child, or it died and was reaped
- * at once: then if the kernel did send a fork event, the parent's next
- * FORKED pairs with it). */
+ * before it; 0 when there is none (the fork failed, or its child died and
+ * was reaped at once), -1 when the thread's children cannot be read. */
 static pid_t new_child(void)
 {
     static pid_t now[KNOWN_CHILDREN_MAX];
     int n = nknown_children < 0 ? -1 : thread_children(now, KNOWN_CHILDREN_MAX);
+    if (n < 0)
+        return -1;
     for (int i = n - 1; i >= 0; i--) {   /* (the newest last) */
         int known = 0;
         for (int j = 0; j < nknown_children && !known; j++)
@@ -1466,6 +1462,8 @@ static void fork_parent(void)
     pid_t pid = new_child();
     if (pid > 0 && fork_was_active)
         name_child(pid);
+    else if (pid == 0 && fork_was_active)
+        name_no_child();
     pthread_mutex_unlock(&shim.fork_lock);
 }
 
@@ -1496,7 +1494,7 @@ EXPORT pid_t fork(void)
         if (pid > 0 && was_active)
             name_child(pid);
         else if (pid < 0 && was_active)
-            name_failed_fork(fork_started_ns);
+            name_no_child();
         pthread_mutex_unlock(&shim.fork_lock);
     }
     return pid;

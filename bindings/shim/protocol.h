@@ -59,7 +59,7 @@ enum umgr_msg_type {
     UMGR_REGION = 3,
     UMGR_ACK = 4,
     UMGR_ADVISE = 5,
-    UMGR_FORKED = 6,    /* a struct umgr_region: start = the child pid; 0 if the fork failed, length = CLOCK_BOOTTIME ns at its start */
+    UMGR_FORKED = 6,    /* a struct umgr_region: start = the child pid, or 0: the last fork made no child to name */
     UMGR_ZAP = 16,
     UMGR_ZAP_DONE = 17,
     UMGR_DETACH = 18,

@@ -10,6 +10,7 @@
  * parent read every byte right. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pty.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -56,6 +57,19 @@ int main(int argc, char **argv)
             if (child > 0)
                 waitpid(child, NULL, 0);
         }
+    }
+    /* And a fork inside glibc (forkpty), which the shim sees through its atfork handlers. */
+    int master;
+    errno = 0;
+    pid_t inner = forkpty(&master, NULL, NULL, NULL);
+    if (inner == 0)
+        _exit(0);
+    if (inner > 0 || errno != EAGAIN) {
+        fprintf(stderr, "forkfail: forkpty at pids.max 1 gave %d, errno %d (%s)\n", (int)inner, errno,
+                strerror(errno));
+        bad = 1;
+        if (inner > 0)
+            waitpid(inner, NULL, 0);
     }
     put(argv[2], "pids.max", "max");
     for (int i = 0; i < 3; i++) {

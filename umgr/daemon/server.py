@@ -289,7 +289,7 @@ class Daemon:
             return 0
         if isinstance(msg, protocol.Forked):
             if msg.child_pid == 0:
-                target.drop_failed_forks(msg.started_ns)
+                target.drop_unnamed_forks()
                 return 0
             return self.lifecycle.adopt_child(target, msg.child_pid, peer.name)
         if isinstance(msg, protocol.Advise):

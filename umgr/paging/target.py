@@ -171,20 +171,21 @@ class Target:
         """The oldest fork event's child uffd and memory, or None."""
         return self.events.forks.pop(0) if self.events.forks else None
 
-    def drop_failed_forks(self, started_ns: int) -> None:
-        """The fork that began at started_ns (CLOCK_BOOTTIME) failed: the
-        fork event the kernel sent for it, if any (a fork that fails after
-        the child's memory was copied, at a pids cgroup's limit: EAGAIN),
-        names no child. Left queued, it was taken by the next FORKED, whose
-        child then failed its proof and was killed, and so was every later
-        child. The shim makes one fork at a time, so every fork event read
-        since that one began is the failed fork's."""
-        failed = [fork for fork in self.events.forks if fork.born * 1e9 >= started_ns]
-        for fork in failed:
-            self.events.forks.remove(fork)
+    def drop_unnamed_forks(self) -> None:
+        """The process's last fork made no child it could name (FORKED of
+        pid 0): it failed after the kernel copied the child's memory (EAGAIN
+        at a pids cgroup's limit), or a child made inside glibc died at
+        once. The fork event the kernel sent for it, if any, names no child:
+        left queued, it was taken by the next FORKED, whose child then
+        failed its proof and was killed, and so was every later child. The
+        shim makes one fork at a time and names each child before the next,
+        so every fork event still queued is that one's, or one no FORKED
+        will ever name (a raw clone's): all go."""
+        dropped, self.events.forks = self.events.forks, []
+        for fork in dropped:
             fork.close()
-        if failed:
-            log.info("%s: a fork failed; its fork event dropped", self.label)
+        if dropped:
+            log.info("%s: a fork made no child to name; %d fork event(s) dropped", self.label, len(dropped))
 
     def take_unclaimed_forks(self) -> list[ForkedMemory]:
         """Every fork whose child is not known yet: the target is going
