@@ -109,14 +109,21 @@ class SlotAllocator:
         """Whether each of these slots is in use."""
         return self._refs[slots] != 0
 
+    def may_incref(self, slots: np.ndarray) -> bool:
+        """Whether incref(slots) has room: a count is 16 bits, and one that
+        wrapped to 0 would make a named slot free (another page written
+        over it)."""
+        named, times = unique_counts(np.asarray(slots, np.int32))
+        return not len(named) or bool((self._refs[named].astype(np.int64) + times
+                                       <= np.iinfo(self._refs.dtype).max).all())
+
     def incref(self, slots: np.ndarray) -> None:
         slots = np.asarray(slots, np.int32)
         if len(slots) and (self._refs[slots] == 0).any():
             raise ValueError("incref of a free slot")
-        # (A count that wrapped to 0 would make a named slot free: another page would be written over it.)
-        named, times = unique_counts(slots)
-        if len(named) and (self._refs[named].astype(np.int64) + times > np.iinfo(self._refs.dtype).max).any():
+        if not self.may_incref(slots):
             raise ValueError("a swap slot's reference count is full")
+        named, times = unique_counts(slots)
         self._refs[named] += times.astype(self._refs.dtype)
 
     def free(self, slots: np.ndarray) -> None:

@@ -39,13 +39,15 @@ def locked_ranges(pid: int) -> list[tuple[int, int]]:
     return [span for span, flags in _smaps_flags(pid) if "lo" in flags]
 
 
-def mappings_and_wiped(pid: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(start, end) of every mapping, and of those marked MADV_WIPEONFORK
-    ("wf" in VmFlags of /proc/PID/smaps): a forked child's memory as the
-    kernel made it. Its mappings lack the parent's MADV_DONTFORK ones, and
-    its WIPEONFORK ones are empty (and stay registered on its uffd)."""
-    flagged = _smaps_flags(pid)
-    return [span for span, _ in flagged], [span for span, flags in flagged if "wf" in flags]
+def registered_and_wiped(pid: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(start, end) of every mapping registered for missing-page userfaults
+    ("um" in VmFlags of /proc/PID/smaps), and of those also marked
+    MADV_WIPEONFORK ("wf"): a forked child's managed memory as the kernel
+    made it. It lacks the parent's MADV_DONTFORK mappings (what the child
+    mapped since in their place is not registered), and its WIPEONFORK
+    ones are empty, still registered on its uffd."""
+    registered = [(span, flags) for span, flags in _smaps_flags(pid) if "um" in flags]
+    return [span for span, _ in registered], [span for span, flags in registered if "wf" in flags]
 
 
 def _smaps_flags(pid: int) -> list[tuple[tuple[int, int], list[str]]]:

@@ -28,7 +28,8 @@ EMPTY = np.empty(0, np.int64)
 
 # Fork events no FORKED has named yet, kept at most (_drop_oldest_fork).
 UNCLAIMED_FORKS_MAX = 256
-# App discards remembered between two rechecks (pinning.Pinning.recheck).
+# App discards remembered between two rechecks (pinning.Pinning.recheck):
+# past this many, merged, and if they stay apart, one span over them all.
 APP_DISCARDED_MAX = 4096
 
 log = logging.getLogger("umgr.target")
@@ -68,7 +69,13 @@ class MemoryEvents:
             self.core.may_share_pages = True
             if len(self.forks) >= UNCLAIMED_FORKS_MAX:
                 self._drop_oldest_fork()
-            self.forks.append(ForkedMemory.at_fork(uffdmod.Userfaultfd(event.fd), self.core))
+            child_uffd = uffdmod.Userfaultfd(event.fd)
+            try:
+                self.forks.append(ForkedMemory.at_fork(child_uffd, self.core))
+            except SlotCountFull:
+                child_uffd.close()   # (the child, if it runs, is killed by its shim for want of a daemon)
+                log.warning("%s: a fork's child is not served: a swap slot of its memory has 65535 references",
+                            self.core.label)
 
     def _drop_oldest_fork(self) -> None:
         """Forks nobody names (children of a raw clone or _Fork(), which run
@@ -121,8 +128,11 @@ class MemoryEvents:
         core.trace.gone(lo, hi, DISCARDED)
         core.left_residency(core.pt.find_state(lo, hi, State.RESIDENT)[0])
         core.slots.free(core.pt.discard(lo, hi, keep=(State.ZAPPING,)))
-        if len(core.app_discarded) < APP_DISCARDED_MAX:   # (past that, a page reused is counted when it leaves)
-            core.app_discarded.append((lo, hi))
+        core.app_discarded.append((lo, hi))
+        if len(core.app_discarded) > APP_DISCARDED_MAX:   # (a discard a call, thousands a second)
+            core.app_discarded = _merged_list(core.app_discarded)
+            if len(core.app_discarded) > APP_DISCARDED_MAX // 2:   # (apart: one span over them all)
+                core.app_discarded = [(core.app_discarded[0][0], core.app_discarded[-1][1])]
 
     def _on_remap(self, event: RemapEvent) -> None:
         """mremap moved pages (the event comes after the move is complete;
@@ -163,6 +173,10 @@ class MemoryEvents:
         self.forks.clear()
 
 
+class SlotCountFull(Exception):
+    """A slot a forked child would name has no room for another reference."""
+
+
 @dataclass(eq=False)
 class ForkedMemory:
     """A forked child's userfaultfd and page table, as they were at the
@@ -178,7 +192,11 @@ class ForkedMemory:
 
     @classmethod
     def at_fork(cls, uffd: uffdmod.Userfaultfd, core: TargetCore) -> "ForkedMemory":
+        """Raises SlotCountFull, nothing taken, when a slot's reference
+        count has no room for the child's."""
         pages = core.pt.forked()
+        if not all(core.slots.may_incref(slots) for slots in pages.slot_steps()):
+            raise SlotCountFull
         for slots in pages.slot_steps():
             core.slots.incref(slots)
         return cls(uffd, pages, core.slots, time.clock_gettime(time.CLOCK_BOOTTIME))
@@ -188,15 +206,17 @@ class ForkedMemory:
         smaps once it is known (the parent's fork() returned as soon as its
         event was read, so not sooner): a MADV_WIPEONFORK mapping is empty
         in the child, its pages zero on first touch, and a MADV_DONTFORK one
-        is not there at all. Both stay in the parent's table as it was:
-        served from the parent's slots, the child would read the data the
-        parent wiped (keys, random state) or keep phantom pages counted
-        against its budget. (If the child exec'd meanwhile, none of its
-        mappings are these: the table goes, and so does its uffd's mm.)"""
-        mapped, wiped = maps.mappings_and_wiped(pid)
+        is not there at all (what the child maps in its place, its shim's
+        probe page say, is not registered). Both stay in the parent's table
+        as it was: served from the parent's slots, the child would read the
+        data the parent wiped (keys, random state) or keep phantom pages
+        counted against its budget. So the table keeps only what lies in the
+        child's registered mappings. (If the child exited meanwhile, none
+        are left: the table goes, and its uffd's mm with it.)"""
+        registered, wiped = maps.registered_and_wiped(pid)
         for lo, hi in wiped:
             self.slots.free(self.pages.discard(lo >> PAGE_SHIFT, page_up(hi)))
-        for lo, hi in _not_mapped([(region.vpn, region.end) for region in self.pages.regions], mapped):
+        for lo, hi in _not_mapped([(region.vpn, region.end) for region in self.pages.regions], registered):
             self.slots.free(self.pages.remove(lo, hi))
 
     def close(self) -> None:
@@ -204,6 +224,17 @@ class ForkedMemory:
         runs, is killed by its shim for want of a daemon)."""
         self.pages.clear(self.slots.free)
         self.uffd.close()
+
+
+def _merged_list(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges sorted, overlapping and touching ones joined."""
+    joined: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if joined and lo <= joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], hi))
+        else:
+            joined.append((lo, hi))
+    return joined
 
 
 def _not_mapped(spans: list[tuple[int, int]], mapped: list[tuple[int, int]]) -> list[tuple[int, int]]:
