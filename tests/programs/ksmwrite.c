@@ -1,5 +1,5 @@
-/* Writes to pages KSM merged while umgr kept their clean copies:
- * usage ksmwrite MIB.
+/* Writes to pages KSM merged while umgr relied on their write-protection:
+ * usage ksmwrite MIB [clean|discardable].
  *
  * The process asks KSM to merge all its memory (PR_SET_MEMORY_MERGE), fills
  * MIB MiB with pages all alike, has them paged out (COLD) and reads them
@@ -7,7 +7,11 @@
  * always` has it), waits for KSM to merge them, then writes a byte of each
  * page and has them paged out again. KSM maps the merged page without the
  * write-protect bit, so those writes raise no fault: a page umgr still
- * took for clean would leave with its old copy, the write lost. Exit 0 and
+ * took for clean would leave with its old copy, the write lost. With
+ * "discardable" the pages are not paged out first but hinted DISCARDABLE
+ * (write-protected, to be dropped unless written) before KSM merges them:
+ * a page written unseen would be dropped, the write read back as zeros.
+ * Exit 0 and
  * "ok" when every page has its write; 1 and a message otherwise; 2 when
  * the machine cannot run the test (KSM off: the test turns it on). */
 #define _GNU_SOURCE
@@ -84,11 +88,18 @@ int main(int argc, char **argv)
     if (mem == MAP_FAILED)
         return 2;
     memset(mem, 0x5A, npages * PAGE);
-    if (!paged_out(mem, npages, "first eviction"))
-        return 1;
     unsigned sum = 0;
-    for (size_t i = 0; i < npages; i++)   /* back in, read only: clean copies */
-        sum += mem[i * PAGE];
+    if (argc > 2 && strcmp(argv[2], "discardable") == 0) {
+        if (umgr_hint(mem, npages * PAGE, UMGR_ADVISE_DISCARDABLE) != 0) {
+            perror("ksmwrite: DISCARDABLE");
+            return 1;
+        }
+    } else {
+        if (!paged_out(mem, npages, "first eviction"))
+            return 1;
+        for (size_t i = 0; i < npages; i++)   /* back in, read only: clean copies */
+            sum += mem[i * PAGE];
+    }
     long merged = 0;
     for (double until = now() + 30; now() < until && (merged = merging_pages()) <= 0; usleep(20000))
         ;

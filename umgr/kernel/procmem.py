@@ -354,17 +354,27 @@ def exiting(pid: int) -> bool:
     return True
 
 
+KSM_RUN = "/sys/kernel/mm/ksm/run"
+
+
 def ksm_may_merge(pid: int) -> bool:
-    """Whether KSM may merge some of the process's memory: it asked for it
-    (MADV_MERGEABLE on a mapping, or PR_SET_MEMORY_MERGE: "ksm_mergeable"
-    and "ksm_merge_any" in /proc/PID/ksm_stat, Linux 6.6), whether or not
-    KSM runs now (it may be started at any time). A merge maps the shared
-    page without the uffd write-protect bit, so a later write to it raises
-    no write-protect fault. False when the file cannot be read (gone, or a
-    kernel without KSM)."""
+    """Whether KSM may merge some of the process's memory. A merge maps the
+    shared page without the uffd write-protect bit, so a later write to it
+    raises no write-protect fault. Where /proc/PID/ksm_stat says
+    ("ksm_mergeable" and "ksm_merge_any", Linux 6.15): whether the process
+    asked for it (MADV_MERGEABLE on a mapping, or PR_SET_MEMORY_MERGE),
+    whether or not KSM runs now (it may be started at any time). Where it
+    does not: whether KSM runs (reading smaps for VM_MERGEABLE would walk
+    the page tables before every eviction batch). False without KSM."""
     try:
         with open(f"/proc/{pid}/ksm_stat", "rb") as f:
             text = f.read()
     except OSError:
         return False
-    return b"ksm_mergeable: yes" in text or b"ksm_merge_any: yes" in text
+    if b"ksm_mergeable:" in text:
+        return b"ksm_mergeable: yes" in text or b"ksm_merge_any: yes" in text
+    try:
+        with open(KSM_RUN, "rb") as f:
+            return f.read().strip() not in (b"0", b"")
+    except OSError:
+        return False

@@ -86,6 +86,8 @@ class Hints:
             pt.set(swapped, State.FRESH, NO_SLOT)
             core.slots.free(slots[slots != NO_SLOT])
             core.stats.discarded += len(swapped)
+        if core.ksm_mergeable:   # (a write to a page KSM merged raises no write-protect fault)
+            return
         # Resident pages and pages being evicted: write-protect, then flag,
         # with no await in between, so that any write after the hint
         # WP-faults after the flag is set. (A batch's pages are EVICTING

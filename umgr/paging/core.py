@@ -128,6 +128,7 @@ class TargetCore:
         # vpn ranges the app discarded since the pinning's last recheck: an
         # MADV_FREE among them may have left pages in use with no fault.
         self.app_discarded: list[tuple[int, int]] = []
+        self.ksm_mergeable = False        # KSM may merge its pages: write-protection sees no write there
         self.evictions = 0                # pages evicted so far: the clock of refault distances
         self.refaults = Share()           # of the latest faults on swapped pages, those back soon (near)
         self.fill_reads = Busy()          # the fault path's backend reads in flight
@@ -247,17 +248,22 @@ class TargetCore:
                 self.pt.set(vpns[stale & (states == state)], state, NO_SLOT)
 
     def keep_no_copies_if_merged(self) -> None:
-        """Clean copies end for good, and those kept are dropped, once the
-        process lets KSM merge its memory: KSM maps a merged page without
-        the write-protect bit, so a write to it raises no fault, and a page
-        taken for clean would leave with its old copy, the write lost.
-        Asked before each eviction batch takes its clean pages as clean: a
-        merge comes only after the process asked for it."""
-        if self.clean.mode == "never" or not procmem.ksm_may_merge(self.pid):
+        """Once the process lets KSM merge its memory, no write-protect bit
+        is trusted to see a write: KSM maps a merged page without it, so a
+        write to it raises no fault. Clean copies end for good, and those
+        kept are dropped (a page taken for clean would leave with its old
+        copy, the write lost), and so do DISCARDABLE hints on resident
+        pages (one written unseen would be dropped). Asked before each
+        eviction batch takes its pages as clean or discardable: a merge
+        comes only after the process asked for it (or KSM was started)."""
+        if self.ksm_mergeable or not procmem.ksm_may_merge(self.pid):
             return
+        self.ksm_mergeable = True
         self.clean.mode = "never"
         freed = self.free_clean_copies()
-        log.info("%s: lets KSM merge its memory: pages read back keep no swap copy (%d dropped)", self.label, freed)
+        self.pt.clear_flag_everywhere(Flag.DISCARDABLE)
+        log.info("%s: lets KSM merge its memory: pages read back keep no swap copy (%d dropped), and DISCARDABLE "
+                 "hints leave resident pages alone", self.label, freed)
 
     def free_clean_copies(self) -> int:
         """The swap is full: resident pages give back the slots they kept

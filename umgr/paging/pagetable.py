@@ -340,6 +340,12 @@ class PageTable:
                 count += len(hits)
         return (np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)), vpn_hi
 
+    def clear_flag_everywhere(self, flag: int) -> None:
+        """`flag` off on every page."""
+        for region in self.regions:
+            if region.flags.any():
+                region.flags &= ~np.uint8(flag)
+
     def flagged(self, flag: int) -> int:
         """How many pages have `flag` (a scan: for status and tests)."""
         return sum(int(np.count_nonzero(r.flags & flag)) for r in self.regions)

@@ -235,22 +235,26 @@ class Pinning:
         self._count_reused()
 
     def _count_reused(self) -> None:
-        """Pages discarded by the app and in use again with no fault become
-        RESIDENT. The kernel tells the uffd of an MADV_FREE as of an
-        MADV_DONTNEED (a REMOVE: the pages are FRESH in the table), but
-        frees lazily, and a write before it does cancels the free: such a
-        page is the process's again, in memory, and was counted nowhere, so
-        no budget held it (a program of jemalloc's reused 48 MiB so under a
-        16 MiB budget). Looked for among the FRESH pages of the ranges
-        discarded since the last recheck; no task fills a page meanwhile
-        (a C call in the background ends before any other task runs)."""
+        """Pages the app discarded that are still in memory become RESIDENT.
+        The kernel tells the uffd of an MADV_FREE as of an MADV_DONTNEED (a
+        REMOVE: the pages are FRESH in the table), but frees lazily, and a
+        write before it does cancels the free: such a page is the process's
+        again with no fault to say so, and was counted nowhere, so no budget
+        held it (a program of jemalloc's reused 48 MiB so under a 16 MiB
+        budget). One not written again is in memory too until the kernel
+        frees it, and pagemap cannot tell the two apart: both count.
+        Looked for in the ranges discarded since the last recheck, by
+        PAGEMAP_SCAN (the kernel lists the present runs: nothing here grows
+        with a range that holds none); no task fills a page meanwhile (a C
+        call in the background ends before any other task runs)."""
         core = self.core
         discarded, core.app_discarded = core.app_discarded, []
-        for lo, hi in discarded:
-            fresh, _ = core.pt.find_state(lo, hi, State.FRESH)
-            if len(fresh):
-                entries = procmem.pagemap_entries(core.pid, *runs(fresh))
-                self._count_again(fresh[(entries & np.uint64(procmem.PM_PRESENT)) != 0])
+        los, his = _merged(discarded) if discarded else ((), ())
+        for lo, hi in zip(los.tolist() if len(los) else [], his.tolist() if len(his) else []):
+            for start, end, _ in procmem.pagemap_scan(core.pid, lo << PAGE_SHIFT, hi << PAGE_SHIFT,
+                                                      procmem.PAGE_IS_PRESENT, procmem.PAGE_IS_PRESENT):
+                present = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
+                self._count_again(present[core.pt.states(present) == State.FRESH])
 
     def _unpin_released(self) -> None:
         before = self.locked + self.unreadable
