@@ -500,6 +500,45 @@ def test_a_demotion_whose_write_may_still_land_sets_its_slots_and_buffer_aside()
         chain.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_demotion_whose_write_may_still_land_keeps_slots_freed_meanwhile_and_never_goes_again():
+    """As above, but a victim's page was faulted back in (its slot freed)
+    while the write was out: its slot is taken out of the free pool, not
+    incref'd (that raised "incref of a free slot", and the evictor killed
+    its target); and the victims still held are not demoted again (the
+    late write could land after the next demotion's)."""
+    n = 64
+    out, back = PageBuffer(n), PageBuffer(n)
+    pages = out.bytes.reshape(n, PAGE)
+    pages[:, :PAGE // 2] = np.random.default_rng(29).integers(0, 256, (n, PAGE // 2), dtype=np.uint8)
+    pages[:, PAGE // 2:] = 0
+    chain = open_specs(["compressed:cap=160K", "file"])
+    try:
+        first = chain.slots.alloc(n)
+        run_io(chain.write, first, out.addrs(np.arange(n)))
+        free_before = chain.slots.free_count
+
+        async def refuse(batch):
+            await trio.sleep(0)
+            chain.slots.free(first[:1])   # its page came back from the upper tier meanwhile
+            raise OSError(12, "Cannot allocate memory")
+        chain.lower.ring.submit_and_wait = refuse
+        more = chain.slots.alloc(n)
+        with pytest.raises(BackendError) as raised:
+            run_io(chain.write, more, out.addrs(np.arange(n)))
+        assert raised.value.may_land
+        assert chain.slots.refs(first[:1])[0] == 1, "the freed victim's slot stays taken"
+        assert chain.slots.free_count == free_before - n, "(more's slots taken, first[0]'s still taken)"
+        stuck = first[1:][chain.slots.refs(first[1:]) == 2]
+        assert len(stuck)
+        victims, _ = chain.upper.oldest(1 << 30, 1 << 20, chain._in_flight)
+        assert not np.isin(stuck, victims).any(), "a refused demotion's pages are not demoted again"
+        run_io(chain.read, first[1:], back.addrs(np.arange(n - 1)))   # still held above
+        assert np.array_equal(out.bytes.reshape(n, PAGE)[1:], back.bytes.reshape(n, PAGE)[:n - 1])
+    finally:
+        chain.close()
+
+
 def test_bad_specs_say_what_is_wrong():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         open_specs(["nope"])

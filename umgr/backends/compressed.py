@@ -252,6 +252,10 @@ class CompressedBackend(Backend):
     def _live(self, slots: np.ndarray, seqs: np.ndarray) -> np.ndarray:
         return self._seq[slots] == seqs
 
+    def still_held(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Which of oldest()'s pages (its tokens) are still held as they were."""
+        return self._live(slots, tokens)
+
     def _compact_age(self) -> None:
         """Leave out of the age queue the entries dropped since."""
         if not self._age:

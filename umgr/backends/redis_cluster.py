@@ -110,6 +110,8 @@ class RedisBackend(Backend):
             raise ValueError("redis: clients must be at least 1")
         self._limiter = trio.CapacityLimiter(int(clients))
         self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
+        # (errors after which a SET already sent may still be applied)
+        self._maybe_sent = (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError, OSError)
         self.persistent = bool(instance)
         self.prefix = f"{prefix}:{instance or secrets.token_hex(4)}:"
         options = dict(host=host, port=int(port), socket_timeout=self.timeout,
@@ -167,7 +169,10 @@ class RedisBackend(Backend):
             replies = pipe.execute()
         except self._errors as exc:
             self.errors += 1
-            raise BackendError(f"Redis Cluster: writing {len(slots)} pages failed: {exc}") from None
+            # A SET sent before a timeout or a lost connection may still be
+            # applied: its slot is not to be written again (may_land).
+            raise BackendError(f"Redis Cluster: writing {len(slots)} pages failed: {exc}",
+                               may_land=isinstance(exc, self._maybe_sent)) from None
         if not all(replies):
             self.errors += 1
             raise BackendError(f"Redis Cluster: {replies.count(False)} of {len(slots)} pages were not stored")

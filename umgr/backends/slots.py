@@ -117,6 +117,17 @@ class SlotAllocator:
         return not len(named) or bool((self._refs[named].astype(np.int64) + times
                                        <= np.iinfo(self._refs.dtype).max).all())
 
+    def set_aside(self, slots: np.ndarray) -> None:
+        """One more reference on each slot, owned by no page, so that none
+        is handed out again: a write to it may still land. A slot freed
+        meanwhile is taken out of the free pool."""
+        named, times = unique_counts(np.asarray(slots, np.int32))
+        if not len(named):
+            return
+        self._nfree -= int(np.count_nonzero(self._refs[named] == 0))
+        self._refs[named] = np.minimum(self._refs[named].astype(np.int64) + times,
+                                       np.iinfo(self._refs.dtype).max).astype(self._refs.dtype)
+
     def incref(self, slots: np.ndarray) -> None:
         slots = np.asarray(slots, np.int32)
         if len(slots) and (self._refs[slots] == 0).any():

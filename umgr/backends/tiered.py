@@ -124,14 +124,20 @@ class Tiered(Backend):
             await self.lower.write(victims, addrs)
         except BackendError as exc:
             # Part of the write may still land: its buffer is not used again,
-            # and its slots stay taken for good (a reference of their own),
-            # so that no later page of theirs is overwritten by it.
+            # and its slots stay taken for good (a reference of their own,
+            # whether their page is still here or was freed meanwhile), so
+            # that no later page of theirs is overwritten by it. The pages
+            # still held stay in flight for good: never demoted again, as
+            # the late write could land after the next demotion's.
             landing = exc.may_land
             if landing:
-                self.slots.incref(victims)
+                self.slots.set_aside(victims)
+                stuck = victims[upper.still_held(victims, tokens)]
             raise
         finally:
             self._in_flight[victims] = False
+            if landing:
+                self._in_flight[stuck] = True
             self._landed.set()
             self._landed = trio.Event()
             if not landing:
