@@ -85,9 +85,12 @@ def test_exec_refuses_before_the_program_runs(options, message, tmp_path, port_i
     (["status", "--watch", "--json"], "umgr status: --json shows one snapshot; --watch refreshes a table"),
     (["status", "--state-dir", "/tmp"], "umgr status: argument --socket: not allowed with argument --state-dir"),
     (["budget", "1", "-1M"], "umgr budget: argument SIZE: '-1M' is negative"),
+    (["budget", "1", "4K"], "umgr budget: argument SIZE: '4K': a budget is at least 256K"),
+    (["exec", "--max-resident", "16K", "--", "true"], "umgr exec: argument --max-resident: '16K': a budget is at least 256K"),
     (["exec"], "umgr exec: no program given"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
-], ids=["group", "hello-timeout", "interval-0", "interval-nan", "watch-json", "socket-and-state-dir", "negative-budget", "no-program",
+], ids=["group", "hello-timeout", "interval-0", "interval-nan", "watch-json", "socket-and-state-dir", "negative-budget",
+        "tiny-budget", "tiny-max-resident", "no-program",
         "command"])
 def test_other_refusals(args, message, tmp_path):
     proc = umgr(*args, "--socket" if args[0] in ("daemon", "status") else "-q",

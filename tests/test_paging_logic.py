@@ -990,3 +990,11 @@ def test_a_full_slot_reference_count_is_refused_not_wrapped():
     with pytest.raises(ValueError, match="reference count is full"):
         slots.incref(np.array([got[0], got[1]]))
     assert slots._refs[got[0]] == 3   # (nothing taken)
+
+
+def test_the_least_budget_keeps_its_marks_above_zero():
+    """Below MIN_BUDGET_BYTES the high mark fell to zero or below (a 1-page
+    budget: -15): every page was evicted as it came in."""
+    from umgr.paging.budget import MIN_BUDGET_BYTES, Budget
+    least = Budget(MIN_BUDGET_BYTES >> 12)
+    assert 0 < least.low_water < least.high_water < least.pages

@@ -27,8 +27,8 @@ from umgr.backends.region import new_memfd
 from umgr.errors import BackendError
 from umgr.kernel import PAGE_SIZE
 from umgr import configfile
-from umgr.console import (EXIT_UMGR, AppendOverDefault, ArgumentParser, Fatal, add_verbosity, fatal_in, port_arg,
-                          reason, seconds_arg, setting_up, setup_logging, size_arg)
+from umgr.console import (EXIT_UMGR, AppendOverDefault, ArgumentParser, Fatal, add_verbosity, budget_size_arg,
+                          fatal_in, port_arg, reason, seconds_arg, setting_up, setup_logging, size_arg)
 from umgr.sizes import format_size, parse_size
 from umgr.daemon import BUDGET_REQUEST, HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.idlepoll import BATCH_FAULTS, BUSY_RATE
@@ -95,7 +95,7 @@ UNDO = "the default: undoes {} = true of the config file"
 
 
 def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STATE_DIR) -> None:
-    p.add_argument("--max-resident", type=size_arg, default=0, metavar="SIZE",
+    p.add_argument("--max-resident", type=budget_size_arg, default=0, metavar="SIZE",
                    help="memory budget per process, e.g. 256M (default: no limit)")
     p.add_argument("--backend", action=AppendOverDefault, type=backend_spec, metavar="NAME[:KEY=VALUE,...]",
                    help="swap store: file (default), compressed, redis, or a plug-in; given again, a chain, "
@@ -839,8 +839,8 @@ def pid_arg(text: str) -> int:
 
 
 def budget_arg(text: str) -> int:
-    """A budget: a size of at least a page, or 'none' (0)."""
-    return 0 if text.strip().lower() == "none" else size_arg(text)
+    """A budget: a size of at least MIN_BUDGET_BYTES, or 'none' (0)."""
+    return 0 if text.strip().lower() == "none" else budget_size_arg(text)
 
 
 def cmd_budget(args) -> int:

@@ -82,6 +82,15 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def budget_size_arg(text: str) -> int:
+    """A budget's size: at least MIN_BUDGET_BYTES."""
+    from umgr.paging.budget import MIN_BUDGET_BYTES
+    size = size_arg(text)
+    if size < MIN_BUDGET_BYTES:
+        raise argparse.ArgumentTypeError(f"{text!r}: a budget is at least {MIN_BUDGET_BYTES >> 10}K")
+    return size
+
+
 def port_arg(text: str) -> int:
     """A TCP port to listen on: 1 to 65535."""
     try:

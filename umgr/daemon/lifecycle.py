@@ -26,6 +26,7 @@ from umgr.kernel import maps, procmem
 from umgr.kernel import uffd as uffdmod
 from umgr.daemon.statedir import SavedTarget, StateDir
 from umgr.paging.events import ForkedMemory
+from umgr.paging.budget import MIN_BUDGET_BYTES
 from umgr.paging.joint import JointRounds
 from umgr.paging.pagetable import PAGE_SHIFT, PageTable
 from umgr.paging.target import Target
@@ -117,11 +118,12 @@ class Lifecycle:
 
     def budget(self, asked: int) -> int:
         """A HELLO's budget: the daemon's --max-resident is a cap it may
-        lower, never raise (0 asks for the daemon's)."""
+        lower, never raise (0 asks for the daemon's), and MIN_BUDGET_BYTES
+        the least it gets."""
         cap = self.config.max_resident
         if not asked:
             return cap
-        return min(asked, cap) if cap else asked
+        return max(min(asked, cap) if cap else asked, MIN_BUDGET_BYTES)
 
     def _new_target(self, pid: int, owner: tuple[int, int], uffd, pidfd: int, mem_fd: int, budget: int,
                     prefetch: GuardedPrefetch, forked: PageTable | None = None, name: str = "",

@@ -32,6 +32,7 @@ from umgr.daemon.status import snapshot
 from umgr.errors import TargetGone, UmgrError
 from umgr.kernel import procmem
 from umgr.kernel import uffd as uffdmod
+from umgr.paging.budget import MIN_BUDGET_BYTES
 from umgr.paging.pagetable import PAGE_SHIFT, PAGE_SIZE
 from umgr.paging.target import Target, read_cmdline
 
@@ -134,8 +135,8 @@ class Daemon:
             return {"error": f"pid {pid} is not a process of yours that this daemon manages"}
         if self.stopping:
             return {"error": "the daemon is stopping: its processes go on unmanaged"}
-        if 0 < budget < PAGE_SIZE:
-            return {"error": f"a budget is at least a page ({PAGE_SIZE} bytes), or 0 for the daemon's"}
+        if 0 < budget < MIN_BUDGET_BYTES:
+            return {"error": f"a budget is at least {_size(MIN_BUDGET_BYTES)}, or 0 for the daemon's"}
         cap = self.config.max_resident
         budget = (budget or cap) >> PAGE_SHIFT << PAGE_SHIFT
         if cap and peer.uid != 0 and budget > cap:

@@ -29,6 +29,12 @@ from umgr.paging.tuning import (EVICT_BATCH, EVICT_BATCH_DIVISOR, EVICT_BATCH_MA
                                 WINDOW_DIVISOR)
 
 
+# The smallest budget: below HIGH_WATER_MIN_PAGES' few pages the marks fall
+# to zero or below, every page that comes in is evicted at once, and one
+# instruction that needs two pages (a memcpy across a page end) could
+# have them evict each other for ever.
+MIN_BUDGET_BYTES = 256 << 10
+
 # Memory a budget does not cover (small mappings umgr leaves alone, locked
 # pages) worth a warning: half the budget, and at least this much (every
 # program has a few small mappings of its own, the loader's, TLS, the
