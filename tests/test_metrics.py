@@ -220,3 +220,29 @@ def test_service_names_from_cgroup_lines():
     assert service_in("12:memory:/x\n1:name=systemd:/system.slice/getty@tty1.service\n0::/\n") == "getty@tty1.service"
     assert service_in("0::/user.slice/user-0.slice/session-4.scope\n") == ""  # a fresh name per session
     assert service_in("0::/\n") == service_in("") == service_in("garbage") == ""
+
+
+def test_names_of_ended_targets_past_the_bound_count_as_other(monkeypatch):
+    """A program names itself (UMGR_NAME, its comm), so a loop of new names
+    would add series for the daemon's life: past RETIRED_NAMES_MAX names,
+    ended targets count under OTHER_NAME; a name kept goes on counting.
+    (Pure logic: the collector with a stand-in daemon.)"""
+    from types import SimpleNamespace
+
+    from umgr import metrics
+    from umgr.paging.stats import TargetStats
+    monkeypatch.setattr(metrics, "RETIRED_NAMES_MAX", 3)
+    daemon = SimpleNamespace(targets={}, lifecycle=SimpleNamespace(release_watchers=[]))
+    collector = metrics.DaemonCollector(daemon)
+
+    class Ended:   # (hashable, as targets are)
+        def __init__(self, name: str, pid: int):
+            self.name, self.pid, self.stats = name, pid, TargetStats()
+            self.stats.pages_out = 10
+    for pid, name in enumerate(["a", "b", "c", "d", "e", "a"], 1):
+        collector._retire(Ended(name, pid))
+    assert sorted(collector._retired) == ["(other)", "a", "b", "c"]
+    assert collector._retired["a"].counters["pages_out"] == 20
+    assert collector._retired["(other)"].counters["pages_out"] == 20
+    names = sorted(group.labels[0] for group in collector._groups())
+    assert names == ["(other)", "a", "b", "c"]

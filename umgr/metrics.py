@@ -22,6 +22,9 @@ from umgr.paging.pagetable import PAGE_SIZE
 from umgr.paging.stats import COUNTERS, LATENCY_BUCKETS
 
 # Exported as umgr_<name>_total, except the fault counts: umgr_faults_total{kind}.
+# Names of ended targets kept as series of their own; the others' figures go to OTHER_NAME.
+RETIRED_NAMES_MAX = 1000
+OTHER_NAME = "(other)"
 FAULT_KINDS = {"faults_fresh": "missing_fresh", "faults_swapped": "missing_swapped", "faults_wp": "wp"}
 EXPORTED = {name: doc for name, doc in COUNTERS.items() if name not in FAULT_KINDS and name != "faults_missing"}
 
@@ -78,7 +81,8 @@ def _buckets(bounds, counts: np.ndarray) -> list[tuple[str, int]]:
 
 class DaemonCollector:
     """Series per target name by default: their number is bounded by the
-    programs run, not by the processes. `per_pid` adds a pid label (one set
+    programs run, not by the processes (and by RETIRED_NAMES_MAX names of
+    ended ones: the rest count as OTHER_NAME). `per_pid` adds a pid label (one set
     of series per process: for debugging, not for a long-lived daemon)."""
 
     def __init__(self, daemon, per_pid: bool = False):
@@ -97,7 +101,13 @@ class DaemonCollector:
 
     def _retire(self, target) -> None:
         with self._lock:
-            self._retired.setdefault(target.name, Figures()).add(target.stats)
+            # A program names itself (UMGR_NAME, its comm): past
+            # RETIRED_NAMES_MAX names, the ended ones are counted as OTHER_NAME,
+            # or a loop of new names would grow the series, and each scrape's
+            # work, for the daemon's life.
+            name = target.name if target.name in self._retired or len(self._retired) < RETIRED_NAMES_MAX \
+                else OTHER_NAME
+            self._retired.setdefault(name, Figures()).add(target.stats)
             targets = self.daemon.targets
             self._released = {t for t in self._released if targets.get(t.pid) is t}
             self._released.add(target)
