@@ -249,3 +249,27 @@ def test_a_quiet_target_gives_its_buffers_memory_back(tmp_path, shim, programs):
             assert proc.returncode == 0 and out.endswith(b"ok 49152 pages\n"), (out, err)
     finally:
         daemon.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_fork_past_the_users_cap_kills_the_child_and_keeps_no_table(tmp_path, shim, programs):
+    """--max-managed-per-user 64M: `ctl_hold 48 fork` manages 48 MiB, and its
+    child's table would be a copy of the parent's (96 MiB of tables for the
+    user). The caps were checked only at registration, so forks went past
+    them: a user forking a process of a large table over and over had the
+    root daemon hold copy after copy. The child is killed once it is
+    known, no table kept; the parent pages on, every byte back."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "16M", "--max-managed-per-user", "64M")
+    try:
+        with started([programs["ctl_hold"], "48", "fork"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            assert target.stdout.readline() == b"ready\n"
+            wait_for(lambda: "its forked child will be killed" in daemon.log(), 20, "the fork's refusal")
+            out, err = target.communicate(b"", timeout=60)
+        assert target.returncode == 1 and b"ctl_hold: child failed (status 0x9)" in err, (out, err)
+        assert out == b"ok 12288 pages\n", (out, err)   # (the parent's own check)
+        log = daemon.log()
+        assert "uid 0's processes would pass --max-managed-per-user 64M" in log and "killed:" in log, log[-3000:]
+        wait_for(lambda: not query_status(daemon.socket)["targets"], 10, "the parent's release")
+        assert query_status(daemon.socket)["backend"]["used_pages"] == 0
+    finally:
+        daemon.stop()

@@ -146,6 +146,7 @@ class Lifecycle:
                         fast_path=self.config.fast_path, joint=self.joint,
                         on_pause=self._want_resume, name=name)
         target.refuse_region = lambda npages: self._past_managed_caps(target, npages)
+        target.events.refuse_fork = lambda: self._fork_past_caps(target)
         if saved is not None:
             self._saved[target] = saved
             target.read_events_into(saved.journal)
@@ -173,12 +174,24 @@ class Lifecycle:
         cap = self.config.max_managed >> PAGE_SHIFT
         if target.core.pt.managed + npages > cap:
             return f"the process would pass --max-managed {format_size(self.config.max_managed)}"
-        uid = target.owner_uid
-        users = sum(t.core.pt.managed for t in self.targets.values() if t.owner_uid == uid and t is not target)
-        if users + target.core.pt.managed + npages > self.config.max_managed_per_user >> PAGE_SHIFT:
+        return self._past_user_cap(target.owner_uid, npages)
+
+    def _past_user_cap(self, uid: int, npages: int) -> str | None:
+        """Why `npages` more tables of uid's may not be held, or None: its
+        processes' and their unnamed forks'."""
+        users = sum(t.core.pt.managed + t.unclaimed_managed for t in self.targets.values() if t.owner_uid == uid)
+        if users + npages > self.config.max_managed_per_user >> PAGE_SHIFT:
             return (f"uid {uid}'s processes would pass --max-managed-per-user "
                     f"{format_size(self.config.max_managed_per_user)}")
         return None
+
+    def _fork_past_caps(self, parent: Target) -> str | None:
+        """Why a fork of parent's may not be served, or None: its child's
+        table is a copy of the parent's, daemon memory as much as a
+        registration is, and a user forking a process of a large table
+        over and over would pass --max-managed-per-user with no region
+        registered."""
+        return self._past_user_cap(parent.owner_uid, parent.core.pt.managed)
 
     def _save(self, pid: int, uffd, owner: tuple[int, int], budget: int, name: str) -> SavedTarget | None:
         """Files for a new target's table, or None (in memory: it cannot
@@ -311,6 +324,11 @@ class Lifecycle:
             memory.close()
             os.close(pidfd)
             return errno.ENOENT
+        if forked.refused:
+            self._kill_refused_child(child_pid, pidfd, forked)
+            memory.close()
+            os.close(pidfd)
+            return errno.EPERM
         child = self._child_target(child_pid, ParentSettings.of(parent), forked, pidfd, memory.take_mem_fd())
         log.info("%s: forked %s", parent.label, child.label)
         return 0
@@ -380,8 +398,25 @@ class Lifecycle:
         parent = self.targets.get(procmem.parent_pid(pid))
         return parent is not None and not parent.gone and parent.unclaimed_forks > 0
 
+    @staticmethod
+    def _kill_refused_child(pid: int, pidfd: int, forked: ForkedMemory) -> None:
+        """A child whose fork was refused (its table not kept): killed, as
+        its paged-out pages cannot be served, then its uffd closed."""
+        log.warning("pid %d: killed: %s", pid, forked.refused)
+        try:
+            procmem.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except (OSError, TargetGone):
+            pass
+        forked.close()
+
     def adopt_orphan(self, orphan: Orphan, pid: int, pidfd: int, mem_fd: int) -> Target:
-        """A dead parent's fork, proven to be process pid's: its target."""
+        """A dead parent's fork, proven to be process pid's: its target
+        (Refused for a fork refused at the time: the child is killed)."""
+        if orphan.fork.refused:
+            self._kill_refused_child(pid, pidfd, orphan.fork)
+            os.close(mem_fd)
+            os.close(pidfd)
+            raise Refused(orphan.fork.refused)
         child = self._child_target(pid, orphan.parent, orphan.fork, pidfd, mem_fd)
         log.info("pid %d: adopted %s, forked just before its parent died", orphan.parent.pid, child.label)
         return child

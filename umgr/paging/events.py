@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,9 @@ class MemoryEvents:
         self.core = core
         self.removes = removes
         self.forks: list[ForkedMemory] = []   # children's uffds and memory, waiting for their pid
+        # Why a fork's child may not be served (the daemon's caps on what a
+        # user makes it hold), or None: set by the daemon.
+        self.refuse_fork: Callable[[], str | None] = lambda: None
 
     def handle_all(self, events: list) -> None:
         """Each event, in order; a run of REMOVEs (a zap's: one per range)
@@ -70,6 +74,11 @@ class MemoryEvents:
             if len(self.forks) >= UNCLAIMED_FORKS_MAX:
                 self._drop_oldest_fork()
             child_uffd = uffdmod.Userfaultfd(event.fd)
+            refusal = self.refuse_fork()
+            if refusal is not None:
+                log.warning("%s: its forked child will be killed: %s", self.core.label, refusal)
+                self.forks.append(ForkedMemory.refused_at_fork(child_uffd, self.core, refusal))
+                return
             try:
                 self.forks.append(ForkedMemory.at_fork(child_uffd, self.core))
             except SlotCountFull:
@@ -189,6 +198,7 @@ class ForkedMemory:
     pages: PageTable
     slots: SlotAllocator
     born: float                  # CLOCK_BOOTTIME seconds when the fork event was read
+    refused: str = ""            # why the child is not to be served (its table was not kept): it is killed once known
 
     @classmethod
     def at_fork(cls, uffd: uffdmod.Userfaultfd, core: TargetCore) -> "ForkedMemory":
@@ -200,6 +210,13 @@ class ForkedMemory:
         for slots in pages.slot_steps():
             core.slots.incref(slots)
         return cls(uffd, pages, core.slots, time.clock_gettime(time.CLOCK_BOOTTIME))
+
+    @classmethod
+    def refused_at_fork(cls, uffd: uffdmod.Userfaultfd, core: TargetCore, why: str) -> "ForkedMemory":
+        """A fork whose child the daemon will not serve (why): no table is
+        kept, and the uffd stays open so that the child's paged-out pages
+        wait (not zeros) until it is known, and killed."""
+        return cls(uffd, PageTable(), core.slots, time.clock_gettime(time.CLOCK_BOOTTIME), refused=why)
 
     def fit_to_child(self, pid: int) -> None:
         """The table as the kernel made the child's memory, read from its

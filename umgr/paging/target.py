@@ -187,6 +187,11 @@ class Target:
         if dropped:
             log.info("%s: a fork made no child to name; %d fork event(s) dropped", self.label, len(dropped))
 
+    @property
+    def unclaimed_managed(self) -> int:
+        """Pages in the tables of its forks not named yet (daemon memory too)."""
+        return sum(fork.pages.managed for fork in self.events.forks)
+
     def take_unclaimed_forks(self) -> list[ForkedMemory]:
         """Every fork whose child is not known yet: the target is going
         (its process died, perhaps between fork() and its FORKED)."""
