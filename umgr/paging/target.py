@@ -89,6 +89,7 @@ class Target:
         guarded.attach(pt.is_in_state)
         self.core = TargetCore(pid=pid, mem_fd=mem_fd, label=label, uffd=uffd, backend=backend, budget=Budget(budget_pages),
                                eviction=guarded, clean_copies=clean_copies, pt=pt, on_pause=on_pause)
+        self._budget_before_stop = self.core.budget   # (what a clean stop lifts, and puts back if given up)
         # Why a new region may not be managed (a cap), or None: set by the
         # daemon (umgr/daemon/lifecycle.py), which sees every target.
         self.refuse_region: Callable[[int], str | None] = lambda npages: None
@@ -124,7 +125,10 @@ class Target:
 
     @property
     def budget_pages(self) -> int:
-        return self.core.budget.pages
+        """Its budget: during a clean stop, the one it had before (the stop
+        lifts it to let every page in, and a child forked meanwhile, the
+        status and a restarted daemon are to see the real one)."""
+        return (self._budget_before_stop if self.core.stopping else self.core.budget).pages
 
     @property
     def prefetch(self) -> GuardedPrefetch:
