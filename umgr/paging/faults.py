@@ -507,7 +507,6 @@ class FaultService:
             return False
         vpn = first[0]
         window = np.fromiter(sorted(page for page in fill if page != vpn), np.int64, len(fill) - 1)
-        self.core.stats.prefetched -= len(window)   # counted as planned: prefetch() counts what came
         started = time.perf_counter()
         self.fast.prefetch(window, fresh=writes)
         self.core.stats.fault_read_seconds += time.perf_counter() - started
@@ -595,7 +594,6 @@ class FaultService:
         for page, slot in zip(extra[:room].tolist(), slots.tolist()):
             if page not in fill:
                 fill[page] = slot
-                core.stats.prefetched += 1
 
     async def _fill_pages(self, fill: dict[int, int], writes: bool, faulting: dict[int, bool]) -> None:
         core, pt = self.core, self.core.pt
@@ -669,6 +667,9 @@ class FaultService:
             refault = ~prefetched & swapped[done]
             core.refaulted(filled[refault], slots[done][refault])
             pt.set_flag(filled[prefetched], Flag.PREFETCHED)
+            # (Counted as they come, never as planned: a counter taken back
+            # between two scrapes reads as a reset to Prometheus.)
+            core.stats.prefetched += int(prefetched.sum())
             core.became_resident(filled)
             core.stats.pages_in += int((done & swapped).sum())
         self._retry_faulting(faulting, filled.tolist())
