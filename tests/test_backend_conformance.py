@@ -490,7 +490,9 @@ def test_a_demotion_whose_write_may_still_land_sets_its_slots_and_buffer_aside()
         more = chain.slots.alloc(n)
         with pytest.raises(BackendError) as raised:
             run_io(chain.write, more, out.addrs(np.arange(n)))   # the cap is full: `first` goes down
-        assert raised.value.may_land
+        # (This batch was never written, so the caller may free its slots;
+        # the demotion's own are set aside here.)
+        assert not raised.value.may_land
         demoted = first[chain.slots.refs(first) == 2]
         assert len(demoted), "the refused demotion's slots keep a reference of their own"
         assert len(chain._buffers) == buffers, "its buffer is not used again"
@@ -526,7 +528,7 @@ def test_a_demotion_whose_write_may_still_land_keeps_slots_freed_meanwhile_and_n
         more = chain.slots.alloc(n)
         with pytest.raises(BackendError) as raised:
             run_io(chain.write, more, out.addrs(np.arange(n)))
-        assert raised.value.may_land
+        assert not raised.value.may_land   # (this batch's own slots were never written)
         assert chain.slots.refs(first[:1])[0] == 1, "the freed victim's slot stays taken"
         assert chain.slots.free_count == free_before - n, "(more's slots taken, first[0]'s still taken)"
         stuck = first[1:][chain.slots.refs(first[1:]) == 2]

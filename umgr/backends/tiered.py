@@ -63,6 +63,11 @@ class Tiered(Backend):
         try:
             while batch.need > upper.room() and await self._demote(batch.need - upper.room()):
                 pass
+        except BackendError as exc:
+            batch.discard()
+            # The demotion's own slots and buffer are set aside (_demote);
+            # nothing of this batch was written, so its slots are free to go.
+            raise BackendError(str(exc)) from exc
         except BaseException:
             batch.discard()
             raise
