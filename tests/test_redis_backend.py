@@ -101,37 +101,6 @@ def test_an_older_page_of_a_slot_is_refused_never_served(cluster):
         backend.close()
 
 
-@pytest.mark.timeout(60)
-def test_a_write_that_timed_out_may_still_land(cluster, monkeypatch):
-    """A pipeline of SETs that times out (or loses its connection) after
-    they were sent may still be applied: the write's error says so
-    (may_land), so its slots are never written again, where a late SET
-    would land over a later page. A refusal by the cluster says not."""
-    import redis
-    pages = PageBuffer(4)
-    backend = RedisBackend(size=8 << 20, port=cluster.port, wait="0.5", timeout="0.5")
-    try:
-        real = redis.cluster.ClusterPipeline.execute
-
-        def applied_then_timed_out(self, *args, **kwargs):
-            real(self, *args, **kwargs)
-            raise redis.exceptions.TimeoutError("Timeout reading from socket")
-        monkeypatch.setattr(redis.cluster.ClusterPipeline, "execute", applied_then_timed_out)
-        with pytest.raises(BackendError) as raised:
-            trio.run(backend.write, backend.slots.alloc(4), pages.addrs(np.arange(4)))
-        assert raised.value.may_land
-
-        def refused(self, *args, **kwargs):
-            raise redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
-        monkeypatch.setattr(redis.cluster.ClusterPipeline, "execute", refused)
-        with pytest.raises(BackendError) as raised:
-            trio.run(backend.write, backend.slots.alloc(4), pages.addrs(np.arange(4)))
-        assert not raised.value.may_land
-    finally:
-        monkeypatch.undo()
-        backend.close()
-
-
 @pytest.mark.timeout(120)
 def test_heap_like_program_on_compressed_then_redis(umgr_exec, tmp_path, cluster):
     script = tmp_path / "heap_like.py"

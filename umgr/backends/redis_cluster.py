@@ -110,8 +110,6 @@ class RedisBackend(Backend):
             raise ValueError("redis: clients must be at least 1")
         self._limiter = trio.CapacityLimiter(int(clients))
         self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
-        # (errors after which a SET already sent may still be applied)
-        self._maybe_sent = (redis.exceptions.TimeoutError, redis.exceptions.ConnectionError, OSError)
         self.persistent = bool(instance)
         self.prefix = f"{prefix}:{instance or secrets.token_hex(4)}:"
         options = dict(host=host, port=int(port), socket_timeout=self.timeout,
@@ -169,10 +167,12 @@ class RedisBackend(Backend):
             replies = pipe.execute()
         except self._errors as exc:
             self.errors += 1
-            # A SET sent before a timeout or a lost connection may still be
-            # applied: its slot is not to be written again (may_land).
-            raise BackendError(f"Redis Cluster: writing {len(slots)} pages failed: {exc}",
-                               may_land=isinstance(exc, self._maybe_sent)) from None
+            # (A SET sent before a timeout may still be applied later, over a
+            # later page of its slot: that key's tag then names an older
+            # write, and its read is refused, never served. Not may_land: an
+            # outage fails every batch, and slots set aside for each would
+            # fill the store for good.)
+            raise BackendError(f"Redis Cluster: writing {len(slots)} pages failed: {exc}") from None
         if not all(replies):
             self.errors += 1
             raise BackendError(f"Redis Cluster: {replies.count(False)} of {len(slots)} pages were not stored")

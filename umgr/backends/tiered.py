@@ -124,7 +124,7 @@ class Tiered(Backend):
             self._buffers.append(buf)
             raise
         self._in_flight[victims] = True
-        landing = False
+        landing, stuck = False, victims[:0]
         try:
             await self.lower.write(victims, addrs)
         except BackendError as exc:
