@@ -246,3 +246,9 @@ def test_names_of_ended_targets_past_the_bound_count_as_other(monkeypatch):
     assert collector._retired["(other)"].counters["pages_out"] == 20
     names = sorted(group.labels[0] for group in collector._groups())
     assert names == ["(other)", "a", "b", "c"]
+    # A name a live target still shows keeps its series when another of
+    # that name ends: moved to (other), its counts would drop from the sum.
+    live = Ended("w", 10)
+    daemon.targets[10] = live
+    collector._retire(Ended("w", 11))
+    assert collector._retired["w"].counters["pages_out"] == 10

@@ -105,8 +105,12 @@ class DaemonCollector:
             # RETIRED_NAMES_MAX names, the ended ones are counted as OTHER_NAME,
             # or a loop of new names would grow the series, and each scrape's
             # work, for the daemon's life.
-            name = target.name if target.name in self._retired or len(self._retired) < RETIRED_NAMES_MAX \
-                else OTHER_NAME
+            # (A name a live target still shows keeps its series: moved to
+            # OTHER_NAME, its counts would drop from that name's sum.)
+            kept = target.name in self._retired or len(self._retired) < RETIRED_NAMES_MAX or any(
+                t.name == target.name for t in self.daemon.targets.values()
+                if t is not target and t not in self._released)
+            name = target.name if kept else OTHER_NAME
             self._retired.setdefault(name, Figures()).add(target.stats)
             targets = self.daemon.targets
             self._released = {t for t in self._released if targets.get(t.pid) is t}
