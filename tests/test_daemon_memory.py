@@ -273,3 +273,22 @@ def test_a_fork_past_the_users_cap_kills_the_child_and_keeps_no_table(tmp_path, 
         assert query_status(daemon.socket)["backend"]["used_pages"] == 0
     finally:
         daemon.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_fork_past_the_users_cap_with_nothing_paged_out_runs_unmanaged(tmp_path, shim, programs):
+    """As above, under a budget that holds all 48 MiB: nothing of the
+    parent's is out of memory, so its child has every page. Its fork event's
+    uffd is closed at once (which unregisters the child's ranges) and the
+    child runs unmanaged, every byte its own, rather than being killed."""
+    daemon = DaemonProcess(tmp_path, "--max-resident", "64M", "--max-managed-per-user", "64M")
+    try:
+        with started([programs["ctl_hold"], "48", "fork"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+            assert target.stdout.readline() == b"ready\n"
+            wait_for(lambda: "its forked child runs unmanaged" in daemon.log(), 20, "the fork's refusal")
+            out, err = target.communicate(b"", timeout=60)
+        assert target.returncode == 0, (out, err, daemon.log()[-3000:])
+        assert out == b"ok 12288 pages\n" * 2, (out, err)
+        assert "killed" not in daemon.log()
+    finally:
+        daemon.stop()

@@ -55,10 +55,12 @@ class ParentSettings:
     budget_pages: int
     name: str
     prefetch_name: str
+    stopping: bool = False   # the parent was being drained by a clean stop
 
     @classmethod
     def of(cls, target) -> "ParentSettings":
-        return cls(target.pid, target.owner, target.budget_pages, target.name, target.prefetch.name)
+        return cls(target.pid, target.owner, target.budget_pages, target.name, target.prefetch.name,
+                   target.core.stopping)
 
 
 @dataclass(eq=False)

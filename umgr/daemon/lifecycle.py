@@ -174,12 +174,16 @@ class Lifecycle:
         cap = self.config.max_managed >> PAGE_SHIFT
         if target.core.pt.managed + npages > cap:
             return f"the process would pass --max-managed {format_size(self.config.max_managed)}"
-        return self._past_user_cap(target.owner_uid, npages)
+        return self._past_user_cap(target, npages)
 
-    def _past_user_cap(self, uid: int, npages: int) -> str | None:
-        """Why `npages` more tables of uid's may not be held, or None: its
-        processes' and their unnamed forks'."""
-        users = sum(t.core.pt.managed + t.unclaimed_managed for t in self.targets.values() if t.owner_uid == uid)
+    def _past_user_cap(self, target: Target, npages: int) -> str | None:
+        """Why `npages` more tables of target's user may not be held, or
+        None: its processes' and their unnamed forks' (target's own too:
+        a new one registers its maps before it is started)."""
+        uid = target.owner_uid
+        users = sum(t.core.pt.managed + t.unclaimed_managed for t in self.targets.values()
+                    if t.owner_uid == uid and t is not target)
+        users += target.core.pt.managed + target.unclaimed_managed
         if users + npages > self.config.max_managed_per_user >> PAGE_SHIFT:
             return (f"uid {uid}'s processes would pass --max-managed-per-user "
                     f"{format_size(self.config.max_managed_per_user)}")
@@ -191,7 +195,7 @@ class Lifecycle:
         registration is, and a user forking a process of a large table
         over and over would pass --max-managed-per-user with no region
         registered."""
-        return self._past_user_cap(parent.owner_uid, parent.core.pt.managed)
+        return self._past_user_cap(parent, parent.core.pt.managed)
 
     def _save(self, pid: int, uffd, owner: tuple[int, int], budget: int, name: str) -> SavedTarget | None:
         """Files for a new target's table, or None (in memory: it cannot
@@ -226,6 +230,7 @@ class Lifecycle:
         # The budget it had (`umgr budget` may have changed it since its HELLO),
         # and its name (its comm may have changed since: its series stay its own).
         budget = int(saved.info.get("budget_bytes", self.budget(max_resident)))
+        budget = max(budget, MIN_BUDGET_BYTES) if budget else 0   # (a record from before the least budget)
         name = str(saved.info.get("name") or target_name(peer.pid, name))
         pidfd = peer.take_pidfd()
         try:
@@ -351,6 +356,8 @@ class Lifecycle:
             prefetch = self.prefetch("none", label)
         child = self._new_target(pid, parent.owner, forked.uffd, pidfd, mem_fd, parent.budget_pages << PAGE_SHIFT,
                                  prefetch, forked.pages, name=parent.name)
+        if parent.stopping:   # (forked during a clean stop's drain: it drains too)
+            child.stop_evicting()
         self.start(child)
         return child
 

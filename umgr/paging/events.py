@@ -76,8 +76,7 @@ class MemoryEvents:
             child_uffd = uffdmod.Userfaultfd(event.fd)
             refusal = self.refuse_fork()
             if refusal is not None:
-                log.warning("%s: its forked child will be killed: %s", self.core.label, refusal)
-                self.forks.append(ForkedMemory.refused_at_fork(child_uffd, self.core, refusal))
+                self._refuse_fork(child_uffd, refusal)
                 return
             try:
                 self.forks.append(ForkedMemory.at_fork(child_uffd, self.core))
@@ -85,6 +84,22 @@ class MemoryEvents:
                 child_uffd.close()   # (the child, if it runs, is killed by its shim for want of a daemon)
                 log.warning("%s: a fork's child is not served: a swap slot of its memory has 65535 references",
                             self.core.label)
+
+    def _refuse_fork(self, child_uffd: uffdmod.Userfaultfd, refusal: str) -> None:
+        """A fork whose child the daemon will not serve. With nothing of the
+        parent's out of memory (no page swapped or being zapped), the
+        child has all its pages: its uffd is closed now, which unregisters
+        its ranges, and it runs unmanaged (its shim, told there is no fork
+        event, attaches as a new process, within the caps or not at all).
+        Else its paged-out pages could come only from the daemon: it is
+        killed once it is named (refused_at_fork)."""
+        pt = self.core.pt
+        if pt.swapped == 0 and pt.count(State.ZAPPING) == 0:
+            child_uffd.close()
+            log.warning("%s: its forked child runs unmanaged: %s", self.core.label, refusal)
+            return
+        log.warning("%s: its forked child will be killed: %s", self.core.label, refusal)
+        self.forks.append(ForkedMemory.refused_at_fork(child_uffd, self.core, refusal))
 
     def _drop_oldest_fork(self) -> None:
         """Forks nobody names (children of a raw clone or _Fork(), which run
