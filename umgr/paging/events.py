@@ -81,9 +81,11 @@ class MemoryEvents:
             try:
                 self.forks.append(ForkedMemory.at_fork(child_uffd, self.core))
             except SlotCountFull:
-                child_uffd.close()   # (the child, if it runs, is killed by its shim for want of a daemon)
-                log.warning("%s: a fork's child is not served: a swap slot of its memory has 65535 references",
-                            self.core.label)
+                # (Its uffd closed, the child's ranges would be unregistered
+                # and its paged-out pages read as zeros: it is killed instead.)
+                why = "a swap slot of its memory has 65535 references"
+                log.warning("%s: its forked child will be killed: %s", self.core.label, why)
+                self.forks.append(ForkedMemory.refused_at_fork(child_uffd, self.core, why))
 
     def _refuse_fork(self, child_uffd: uffdmod.Userfaultfd, refusal: str) -> None:
         """A fork whose child the daemon will not serve. With nothing of the

@@ -214,7 +214,7 @@ class Pinning:
         """At most every RECHECK_SECONDS: unpin pages no longer mlocked or
         unreadable, count again SHARED pages the other process has let go
         of (it wrote, unmapped or exited: no event tells us), and pages the
-        app discarded with MADV_FREE and wrote again (_count_reused)."""
+        app discarded with MADV_FREE that are still in memory (_count_reused)."""
         now = time.monotonic()
         if now - self._rechecked < RECHECK_SECONDS:
             return
@@ -249,8 +249,10 @@ class Pinning:
         call in the background ends before any other task runs)."""
         core = self.core
         discarded, core.app_discarded = core.app_discarded, []
-        los, his = _merged(discarded) if discarded else ((), ())
-        for lo, hi in zip(los.tolist() if len(los) else [], his.tolist() if len(his) else []):
+        if not discarded:
+            return
+        los, his = _merged(discarded)
+        for lo, hi in zip(los.tolist(), his.tolist()):
             for start, end, _ in procmem.pagemap_scan(core.pid, lo << PAGE_SHIFT, hi << PAGE_SHIFT,
                                                       procmem.PAGE_IS_PRESENT, procmem.PAGE_IS_PRESENT):
                 present = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
