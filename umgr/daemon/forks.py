@@ -60,7 +60,7 @@ class ParentSettings:
     @classmethod
     def of(cls, target) -> "ParentSettings":
         return cls(target.pid, target.owner, target.budget_pages, target.name, target.prefetch.name,
-                   target.core.stopping)
+                   target.stopping)
 
 
 @dataclass(eq=False)

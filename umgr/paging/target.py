@@ -124,6 +124,11 @@ class Target:
         return self.core.uffd
 
     @property
+    def stopping(self) -> bool:
+        """A clean stop is draining it (stop_evicting)."""
+        return self.core.stopping
+
+    @property
     def budget_pages(self) -> int:
         """Its budget: during a clean stop, the one it had before (the stop
         lifts it to let every page in, and a child forked meanwhile, the
