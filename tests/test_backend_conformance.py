@@ -466,6 +466,24 @@ def test_failing_lower_store_fails_the_write_and_loses_nothing_held():
         chain.close()
 
 
+def half_random_pages(n: int, seed: int) -> PageBuffer:
+    """n pages, half random: about 2 KiB each compressed."""
+    out = PageBuffer(n)
+    pages = out.bytes.reshape(n, PAGE)
+    pages[:, :PAGE // 2] = np.random.default_rng(seed).integers(0, 256, (n, PAGE // 2), dtype=np.uint8)
+    pages[:, PAGE // 2:] = 0
+    return out
+
+
+def compressed_full_over_file(out: PageBuffer):
+    """A compressed tier (a 160K cap) in front of a file, holding out's
+    pages (128 KiB compressed: a next batch demotes): the chain and their slots."""
+    chain = open_specs(["compressed:cap=160K", "file"])
+    first = chain.slots.alloc(len(out.bytes) // PAGE)
+    run_io(chain.write, first, out.addrs(np.arange(len(first))))
+    return chain, first
+
+
 @pytest.mark.timeout(60)
 def test_a_demotion_whose_write_may_still_land_sets_its_slots_and_buffer_aside():
     """A demotion's lower write that io_uring refused part way (the file
@@ -474,14 +492,9 @@ def test_a_demotion_whose_write_may_still_land_sets_its_slots_and_buffer_aside()
     so the rest of that write, landing later, overwrites nothing of a
     later page's."""
     n = 64
-    out, back = PageBuffer(n), PageBuffer(n)
-    pages = out.bytes.reshape(n, PAGE)   # half random: about 2 KiB each compressed, 128 KiB in all
-    pages[:, :PAGE // 2] = np.random.default_rng(23).integers(0, 256, (n, PAGE // 2), dtype=np.uint8)
-    pages[:, PAGE // 2:] = 0
-    chain = open_specs(["compressed:cap=160K", "file"])
+    out, back = half_random_pages(n, 23), PageBuffer(n)
+    chain, first = compressed_full_over_file(out)
     try:
-        first = chain.slots.alloc(n)
-        run_io(chain.write, first, out.addrs(np.arange(n)))
 
         async def refuse(batch):
             raise OSError(12, "Cannot allocate memory")
@@ -510,14 +523,9 @@ def test_a_demotion_whose_write_may_still_land_keeps_slots_freed_meanwhile_and_n
     its target); and the victims still held are not demoted again (the
     late write could land after the next demotion's)."""
     n = 64
-    out, back = PageBuffer(n), PageBuffer(n)
-    pages = out.bytes.reshape(n, PAGE)
-    pages[:, :PAGE // 2] = np.random.default_rng(29).integers(0, 256, (n, PAGE // 2), dtype=np.uint8)
-    pages[:, PAGE // 2:] = 0
-    chain = open_specs(["compressed:cap=160K", "file"])
+    out, back = half_random_pages(n, 29), PageBuffer(n)
+    chain, first = compressed_full_over_file(out)
     try:
-        first = chain.slots.alloc(n)
-        run_io(chain.write, first, out.addrs(np.arange(n)))
         free_before = chain.slots.free_count
 
         async def refuse(batch):

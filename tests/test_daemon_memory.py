@@ -251,6 +251,16 @@ def test_a_quiet_target_gives_its_buffers_memory_back(tmp_path, shim, programs):
         daemon.stop()
 
 
+def fork_past_the_cap(daemon, shim, programs, refusal: str):
+    """`ctl_hold 48 fork` under daemon, its fork refused as `refusal` says:
+    the program (ended) and its stdout and stderr."""
+    with started([programs["ctl_hold"], "48", "fork"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
+        assert target.stdout.readline() == b"ready\n"
+        wait_for(lambda: refusal in daemon.log(), 20, "the fork's refusal")
+        out, err = target.communicate(b"", timeout=60)
+    return target, out, err
+
+
 @pytest.mark.timeout(90)
 def test_a_fork_past_the_users_cap_kills_the_child_and_keeps_no_table(tmp_path, shim, programs):
     """--max-managed-per-user 64M: `ctl_hold 48 fork` manages 48 MiB, and its
@@ -261,10 +271,7 @@ def test_a_fork_past_the_users_cap_kills_the_child_and_keeps_no_table(tmp_path, 
     known, no table kept; the parent pages on, every byte back."""
     daemon = DaemonProcess(tmp_path, "--max-resident", "16M", "--max-managed-per-user", "64M")
     try:
-        with started([programs["ctl_hold"], "48", "fork"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
-            assert target.stdout.readline() == b"ready\n"
-            wait_for(lambda: "its forked child will be killed" in daemon.log(), 20, "the fork's refusal")
-            out, err = target.communicate(b"", timeout=60)
+        target, out, err = fork_past_the_cap(daemon, shim, programs, "its forked child will be killed")
         assert target.returncode == 1 and b"ctl_hold: child failed (status 0x9)" in err, (out, err)
         assert out == b"ok 12288 pages\n", (out, err)   # (the parent's own check)
         log = daemon.log()
@@ -283,10 +290,7 @@ def test_a_fork_past_the_users_cap_with_nothing_paged_out_runs_unmanaged(tmp_pat
     child runs unmanaged, every byte its own, rather than being killed."""
     daemon = DaemonProcess(tmp_path, "--max-resident", "64M", "--max-managed-per-user", "64M")
     try:
-        with started([programs["ctl_hold"], "48", "fork"], env=daemon.env(shim), stdin=subprocess.PIPE) as target:
-            assert target.stdout.readline() == b"ready\n"
-            wait_for(lambda: "its forked child runs unmanaged" in daemon.log(), 20, "the fork's refusal")
-            out, err = target.communicate(b"", timeout=60)
+        target, out, err = fork_past_the_cap(daemon, shim, programs, "its forked child runs unmanaged")
         assert target.returncode == 0, (out, err, daemon.log()[-3000:])
         assert out == b"ok 12288 pages\n" * 2, (out, err)
         assert "killed" not in daemon.log()

@@ -46,6 +46,19 @@ def union(these: np.ndarray, those: np.ndarray) -> np.ndarray:
     return unique(np.concatenate((np.asarray(these).ravel(), np.asarray(those).ravel())))
 
 
+def merged_ranges(ranges) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) ranges sorted, overlapping and touching ones joined: their
+    los and his (int64)."""
+    bounds = np.array(sorted(ranges), np.int64).reshape(-1, 2)
+    if not len(bounds):
+        return bounds[:, 0], bounds[:, 1]
+    his = np.maximum.accumulate(bounds[:, 1])
+    # (a range starts a new run where it begins past every earlier range's end)
+    starts = np.concatenate(([True], bounds[1:, 0] > his[:-1]))
+    ends = np.concatenate((starts[1:], [True]))
+    return bounds[starts, 0], his[ends]
+
+
 def sparse_zeros(n: int, dtype) -> np.ndarray:
     """n zeros that take memory only where they are written, 4 KiB at a
     time: a page table's arrays, sized by a region's virtual size, of which

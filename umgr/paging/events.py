@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from umgr.arrays import merged_ranges
 from umgr.backends.slots import SlotAllocator
 from umgr.kernel import maps
 from umgr.kernel import uffd as uffdmod
@@ -156,7 +157,7 @@ class MemoryEvents:
         core.slots.free(core.pt.discard(lo, hi, keep=(State.ZAPPING,)))
         core.app_discarded.append((lo, hi))
         if len(core.app_discarded) > APP_DISCARDED_MAX:   # (a discard a call, thousands a second)
-            core.app_discarded = _merged_list(core.app_discarded)
+            core.app_discarded = list(zip(*(part.tolist() for part in merged_ranges(core.app_discarded))))
             if len(core.app_discarded) > APP_DISCARDED_MAX // 2:   # (apart: one span over them all)
                 core.app_discarded = [(core.app_discarded[0][0], core.app_discarded[-1][1])]
 
@@ -258,17 +259,6 @@ class ForkedMemory:
         runs, is killed by its shim for want of a daemon)."""
         self.pages.clear(self.slots.free)
         self.uffd.close()
-
-
-def _merged_list(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The ranges sorted, overlapping and touching ones joined."""
-    joined: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        if joined and lo <= joined[-1][1]:
-            joined[-1] = (joined[-1][0], max(joined[-1][1], hi))
-        else:
-            joined.append((lo, hi))
-    return joined
 
 
 def _not_mapped(spans: list[tuple[int, int]], mapped: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from umgr.arrays import unique
+from umgr.arrays import merged_ranges, unique
 from umgr.kernel import maps, procmem
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, State, runs
@@ -251,7 +251,7 @@ class Pinning:
         discarded, core.app_discarded = core.app_discarded, []
         if not discarded:
             return
-        los, his = _merged(discarded)
+        los, his = merged_ranges(discarded)
         for lo, hi in zip(los.tolist(), his.tolist()):
             for start, end, _ in procmem.pagemap_scan(core.pid, lo << PAGE_SHIFT, hi << PAGE_SHIFT,
                                                       procmem.PAGE_IS_PRESENT, procmem.PAGE_IS_PRESENT):
@@ -284,16 +284,7 @@ def _inside(vpns: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
     vpns = np.asarray(vpns, np.int64)
     if not ranges or not len(vpns):
         return np.zeros(len(vpns), bool)
-    los, his = _merged(ranges)
+    los, his = merged_ranges(ranges)
     at = np.searchsorted(los, vpns, side="right") - 1   # the last range starting at or below each vpn
     return (at >= 0) & (vpns < his[np.maximum(at, 0)])
 
-
-def _merged(ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """The [lo, hi) ranges sorted, overlapping and touching ones joined: their los and his."""
-    bounds = np.array(sorted(ranges), np.int64).reshape(-1, 2)
-    his = np.maximum.accumulate(bounds[:, 1])
-    # (a range starts a new run where it begins past every earlier range's end)
-    starts = np.concatenate(([True], bounds[1:, 0] > his[:-1]))
-    ends = np.concatenate((starts[1:], [True]))
-    return bounds[starts, 0], his[ends]
