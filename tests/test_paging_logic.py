@@ -804,8 +804,17 @@ def test_a_fork_is_claimed_by_a_child_born_about_when_its_event_was_stamped():
 
 
 # ---- the agent's conversation -------------------------------------------------------
-def _done(seq: int, nbytes: int) -> bytes:
-    return protocol.ZAP_DONE.pack(protocol.MAGIC, protocol.MsgType.ZAP_DONE, protocol.ZAP_DONE.size, seq, 0, nbytes)
+def _done(seq: int, nbytes: int, changed: int = 0, changed_at: int = 0) -> bytes:
+    return protocol.ZAP_DONE.pack(protocol.MAGIC, protocol.MsgType.ZAP_DONE, protocol.ZAP_DONE.size, seq, 0, nbytes,
+                                  changed, 0, changed_at)
+
+
+def _hashes(lengths) -> np.ndarray:
+    return np.zeros(int(np.sum(lengths)) >> 12, np.uint64)
+
+
+async def _no_changed_pages(changed_at: int, count: int):
+    raise AssertionError("no page changed")
 
 
 def test_an_answer_already_there_is_read_with_no_schedule_point():
@@ -820,7 +829,9 @@ def test_an_answer_already_there_is_read_with_no_schedule_point():
         zapper = AgentZapper(ours)   # (a trio socket: made and closed in the loop)
         try:
             with trio.testing.assert_no_checkpoints():
-                return await zapper.move_out(np.array([1 << 30], np.uint64), np.array([8192], np.uint64))
+                moved = await zapper.move_out(np.array([1 << 30], np.uint64), np.array([8192], np.uint64),
+                                              _hashes([8192]), _no_changed_pages)
+                return moved.bytes, moved.error
         finally:
             zapper.close()
 
@@ -881,11 +892,113 @@ def test_the_answer_of_a_cancelled_request_is_not_taken_for_the_next():
 
     async def main(zapper):
         with trio.move_on_after(0.05):
-            await zapper.move_out(np.array([1 << 30], np.uint64), np.array([4096], np.uint64))
+            await zapper.move_out(np.array([1 << 30], np.uint64), np.array([4096], np.uint64), _hashes([4096]),
+                                  _no_changed_pages)
         cancelled.set()
-        return await zapper.move_out(np.array([1 << 31], np.uint64), np.array([8192], np.uint64))
+        moved = await zapper.move_out(np.array([1 << 31], np.uint64), np.array([8192], np.uint64),
+                                      _hashes([8192]), _no_changed_pages)
+        return moved.bytes, moved.error
 
     assert _talk(agent, main) == (8192, 0)
+
+
+def test_a_move_reads_the_changed_pages_of_each_request_before_the_next():
+    # The agent's changed-page area is reused by its next MOVE_OUT: a move
+    # split in two requests (more ranges than one carries) has the first
+    # one's changed pages read before the second is sent, each named by
+    # its index among all the pages of the move.
+    ranges = protocol.ZAP_MAX_RANGES + 2
+    starts = (np.arange(ranges, dtype=np.uint64) * 2 + 1) << 30   # (one page each, apart)
+    lengths = np.full(ranges, 4096, np.uint64)
+    sent, read = [], []
+
+    def agent(sock):
+        for changed_at in (0xA000, 0xB000):
+            request = sock.recv(1 << 20)
+            count = protocol.ZAP_HEAD.unpack_from(request)[4]
+            hashes = np.frombuffer(request, "<u8", offset=protocol.ZAP_HEAD.size + 16 * count)
+            sent.append((count, hashes.copy(), len(read)))
+            sock.send(_done(_seq_of(request), count * 4096, changed=1, changed_at=changed_at))
+
+    async def read_changed(changed_at: int, count: int):
+        read.append(changed_at)
+        return np.array([1 if changed_at == 0xA000 else 0], np.int64), f"content at {changed_at:x}"
+
+    async def main(zapper):
+        return await zapper.move_out(starts, lengths, np.arange(1, ranges + 1, dtype=np.uint64), read_changed)
+
+    moved = _talk(agent, main)
+    assert [(count, list(hashes[:2]), reads) for count, hashes, reads in sent] == [
+        (protocol.ZAP_MAX_RANGES, [1, 2], 0), (2, [protocol.ZAP_MAX_RANGES + 1, protocol.ZAP_MAX_RANGES + 2], 1)]
+    assert (moved.bytes, moved.error) == (ranges * 4096, 0)
+    assert [(list(at), content) for at, content in moved.changed] == [
+        ([1], "content at a000"), ([protocol.ZAP_MAX_RANGES], "content at b000")]
+
+
+def test_an_agent_naming_a_changed_page_it_did_not_move_is_refused():
+    def agent(sock):
+        sock.send(_done(_seq_of(sock.recv(1 << 16)), 4096, changed=1, changed_at=0xA000))
+
+    async def read_changed(changed_at: int, count: int):
+        return np.array([1], np.int64), None   # the second page: it moved one
+
+    async def main(zapper):
+        await zapper.move_out(np.array([1 << 30], np.uint64), np.array([8192], np.uint64), _hashes([8192]),
+                              read_changed)
+
+    with pytest.raises(protocol.ProtocolError):
+        _talk(agent, main)
+
+
+def test_a_device_written_page_that_cannot_go_back_in_leaves_in_a_slot_of_its_own(tmp_path):
+    """Evictor._keep_device_writes: a page that UFFDIO_COPY put back in is
+    resident with no slot; one it could not (EAGAIN: an event of the app's
+    queued, unread under the read gate) goes to a new slot that replaces
+    its stale one, and settles SWAPPED with the rest of its move. With no
+    slot left for it the target is given up (BackendError), never served
+    the stale copy. (The kernel's side: test_unfreeable's device test.)"""
+    import errno as errno_module
+    from types import SimpleNamespace
+
+    from umgr.backends.file import FileBackend
+    from umgr.errors import BackendError
+    from umgr.kernel.buffers import PageBuffer
+    from umgr.paging.core import TargetCore
+    from umgr.paging.evictor import Evictor
+    from umgr.paging.pagetable import NO_SLOT, PageTable, State
+    from umgr.policies import GuardedEviction
+    from umgr.policies.fifo import FifoEviction
+
+    backend = FileBackend(size=8 << 12, directory=str(tmp_path / "state"))
+    try:
+        refused = {101}   # the vpn whose copy meets EAGAIN
+        uffd = SimpleNamespace(
+            copy_fast=lambda dst, src, length, mode: errno_module.EAGAIN if dst >> 12 in refused else 0,
+            wake=lambda start, length: None)
+        pt = PageTable()
+        pt.add(100, 8)
+        core = TargetCore(pid=0, label="t", uffd=uffd, backend=backend, budget=Budget(0),
+                          eviction=GuardedEviction(FifoEviction()), clean_copies="never", pt=pt)
+        vpns = np.array([100, 101])
+        stale = backend.slots.alloc(2)
+        pt.set(vpns, State.ZAPPING, stale)
+        content = PageBuffer(2)
+        content.bytes[4096:] = 7
+        evictor = Evictor(core, pinning=None, removes=None)
+        trio.run(evictor._keep_device_writes, vpns, content)
+        assert pt.states(vpns).tolist() == [State.RESIDENT, State.ZAPPING]
+        assert pt.slots(vpns[:1])[0] == NO_SLOT and core.stats.device_written == 2
+        new = pt.slots(vpns[1:])
+        assert new[0] not in stale and backend.slots.used == 1, "both stale copies freed, one new slot"
+        back = PageBuffer(1)
+        trio.run(backend.read, new, back.addrs(np.arange(1)))
+        assert (back.bytes == 7).all(), "the new slot holds what the device wrote"
+
+        backend.slots.alloc(backend.slots.capacity - backend.slots.used)   # the store full
+        with pytest.raises(BackendError):
+            trio.run(evictor._keep_device_writes, vpns[1:], content)
+    finally:
+        backend.close()
 
 
 def test_the_prefetch_policy_hears_of_a_fault_when_no_window_may_come():

@@ -3,6 +3,12 @@ pages on the kernel's shared zero page, pages shared copy-on-write with a
 forked child, mlocked pages; nor are pages pinned for I/O, whose zap would
 lose a device's writes. The program checks every byte; here we check
 that the daemon recognised each kind and that the budget still held."""
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 BUDGET = 16 << 20
@@ -71,6 +77,66 @@ def test_pages_pinned_for_io_stay_in_memory_and_get_the_devices_writes(umgr_exec
     assert stats["busy_pinned"] >= 1024, stats
     assert stats["pages_out"] >= (64 - 16 - 4) * 256 and stats["zap_ranges"] == 0, stats
     assert "pinned for I/O" in result.stderr
+    assert stats["swap_slots_in_use_at_exit"] == 0
+
+
+class ThreadStop:
+    """One thread of another process held in a ptrace stop (the rest of
+    its process runs on), until resume()."""
+    PTRACE_DETACH, PTRACE_SEIZE, PTRACE_INTERRUPT = 17, 0x4206, 0x4207
+    WALL = 0x40000000
+
+    def __init__(self, tid: int):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        self.tid = tid
+        self._call(self.PTRACE_SEIZE)
+        self._call(self.PTRACE_INTERRUPT)
+        os.waitpid(tid, self.WALL)
+
+    def _call(self, request: int) -> None:
+        if self.libc.ptrace(request, self.tid, None, None) != 0:
+            raise OSError(ctypes.get_errno(), f"ptrace {request} of thread {self.tid}")
+
+    def resume(self) -> None:
+        self._call(self.PTRACE_DETACH)
+
+
+@pytest.mark.timeout(120)
+def test_a_page_a_device_writes_during_its_eviction_keeps_what_it_wrote(programs, tmp_path):
+    # An I/O pin taken before the daemon write-protects a page lets the
+    # device write it after the daemon's copy; dropped before the agent's
+    # move, nothing stopped the move, and the page left with its old copy.
+    # io_uring's READ_FIXED from a pipe is the device; the agent thread is
+    # held (ptrace) so that the write lands between copy and move
+    # (tests/programs/devicewrite.c says how). The agent's check of each
+    # moved page against its copy's hash finds them, and they stay.
+    stats_file = tmp_path / "stats.json"
+    proc = subprocess.Popen([sys.executable, "-m", "umgr", "exec", "--max-resident", "16M", "--swap-size", "1G",
+                             "--stats-json", str(stats_file), "-v", "--", programs["devicewrite"]],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = None
+    try:
+        word, tid = proc.stdout.readline().split()
+        assert word == "agent" and int(tid) > 0, "the program found its umgr agent thread"
+        stopped = ThreadStop(int(tid))
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "landed\n"
+        stopped.resume()
+        stopped = None
+        proc.stdin.write("resumed\n")
+        proc.stdin.flush()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if stopped is not None:
+            stopped.resume()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
+    stats = json.loads(stats_file.read_text())
+    assert stats["device_written"] == 16, "every page of the buffer was written by the device after its copy"
+    assert stats["cold_evicted"] >= 32 and stats["pages_in"] >= 16, "and it left, and came back, after that"
     assert stats["swap_slots_in_use_at_exit"] == 0
 
 

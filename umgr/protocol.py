@@ -16,8 +16,9 @@ import numpy as np
 from umgr import hints
 
 MAGIC = 0x524D4755
-VERSION = 7  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page;
-             # 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT; 7: ZAP_DONE of a MOVE_OUT says why it stopped
+VERSION = 8  # 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH; 4: HELLO's probe page;
+             # 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT; 7: ZAP_DONE of a MOVE_OUT says why it stopped;
+             # 8: MOVE_OUT's page hashes, ZAP_DONE's changed pages
 ZAP_MAX_RANGES = 1024  # UIO_MAXIOV
 
 HEADER = struct.Struct("<IHH")
@@ -28,7 +29,9 @@ RANGE_MSG = struct.Struct("<IHH QQ")
 ADVISE = struct.Struct("<IHH QQ II")
 ACK = struct.Struct("<IHH iI")
 ZAP_HEAD = struct.Struct("<IHH II")
-ZAP_DONE = struct.Struct("<IHH Iiq")
+ZAP_DONE = struct.Struct("<IHH Iiq IIQ")
+MOVE_MAX_PAGES = 2048          # the pages a MOVE_OUT may name (UMGR_MOVE_MAX_PAGES)
+CHANGED_INDEX_BYTES = MOVE_MAX_PAGES * 4   # ZAP_DONE's changed pages follow their indices
 ZAP_RANGE_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8")])
 
 
@@ -97,6 +100,8 @@ class ZapDone:
     seq: int
     error: int     # 0 or a positive errno; for MOVE_OUT, negative: no move can be made in that process
     bytes: int     # zapped or moved out, from the start of the list
+    changed: int = 0      # MOVE_OUT: pages moved out whose content is not the daemon's copy
+    changed_at: int = 0   # where the agent keeps them (protocol.h, struct umgr_zap_done)
 
 
 def _check_header(data: bytes, layout: struct.Struct | None = None) -> int:
@@ -148,8 +153,10 @@ def decode_zap_done(data: bytes) -> ZapDone:
     msg_type = _check_header(data, ZAP_DONE)
     if msg_type != MsgType.ZAP_DONE:
         raise ProtocolError(f"agent sent message type {msg_type}")
-    _, _, _, seq, error, nbytes = ZAP_DONE.unpack(data)
-    return ZapDone(seq, error, nbytes)
+    _, _, _, seq, error, nbytes, changed, _, changed_at = ZAP_DONE.unpack(data)
+    if changed > MOVE_MAX_PAGES:
+        raise ProtocolError(f"agent names {changed} changed pages, more than a move may have")
+    return ZapDone(seq, error, nbytes, changed, changed_at)
 
 
 def encode_hello_ack(status: int, zap_mode: ZapMode, features: int, grace_seconds: int = 0) -> bytes:
@@ -170,16 +177,31 @@ def encode_ack(status: int) -> bytes:
     return ACK.pack(MAGIC, MsgType.ACK, ACK.size, status, 0)
 
 
-def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray, msg_type: MsgType = MsgType.ZAP) -> bytes:
-    """A ZAP, or with msg_type MOVE_OUT the same ranges to move out."""
+def encode_zap(seq: int, starts: np.ndarray, lengths: np.ndarray) -> bytes:
+    """A ZAP of the ranges (byte addresses and lengths)."""
+    ranges = _zap_ranges(starts, lengths)
+    return ZAP_HEAD.pack(MAGIC, MsgType.ZAP, ZAP_HEAD.size + ranges.nbytes, seq, len(ranges)) + ranges.tobytes()
+
+
+def encode_move_out(seq: int, starts: np.ndarray, lengths: np.ndarray, hashes: np.ndarray) -> bytes:
+    """A MOVE_OUT of the ranges, with each of their pages' hash (0: not
+    checked), in order: at most MOVE_MAX_PAGES pages."""
+    ranges = _zap_ranges(starts, lengths)
+    hashes = np.ascontiguousarray(hashes, "<u8")
+    if len(hashes) > MOVE_MAX_PAGES or len(hashes) << 12 != int(ranges["length"].sum()):
+        raise ValueError(f"a move carries a hash for each of its pages, at most {MOVE_MAX_PAGES}")
+    size = ZAP_HEAD.size + ranges.nbytes + hashes.nbytes
+    return ZAP_HEAD.pack(MAGIC, MsgType.MOVE_OUT, size, seq, len(ranges)) + ranges.tobytes() + hashes.tobytes()
+
+
+def _zap_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     count = len(starts)
     if not 0 <= count <= ZAP_MAX_RANGES:   # an empty one is a barrier (AgentZapper.barrier)
         raise ValueError(f"a zap carries 0..{ZAP_MAX_RANGES} ranges, not {count}")
     ranges = np.empty(count, ZAP_RANGE_DTYPE)
     ranges["start"] = starts
     ranges["length"] = lengths
-    size = ZAP_HEAD.size + ranges.nbytes
-    return ZAP_HEAD.pack(MAGIC, msg_type, size, seq, count) + ranges.tobytes()
+    return ranges
 
 
 # Used by tests and tools that speak the shim's side.

@@ -21,6 +21,7 @@ INCLUDES = """
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <linux/fs.h>
+#include "pagehash.h"   /* bindings/shim/: the agent hashes with the same function */
 """
 
 TYPES = """
@@ -77,10 +78,18 @@ int64_t umgr_mem_readv(int memfd, uint64_t local, const uint64_t *addrs,
 int64_t umgr_checked_readv(int pid, int memfd, uint64_t canary, uint64_t local,
                            const uint64_t *addrs, const uint64_t *lens, size_t n);
 void umgr_zero_pages(uint64_t base, int count, uint8_t *zero);
+void umgr_page_hashes(uint64_t base, size_t count, uint64_t *out);
 int64_t umgr_pagemap_runs(int fd, const int64_t *starts, const int64_t *lengths, int n, uint64_t *out);
 """
 
 CUSTOMIZATIONS = """
+/* umgr_page_hash of each of `count` pages from `base`: what MOVE_OUT sends. */
+static void umgr_page_hashes(uint64_t base, size_t count, uint64_t *out)
+{
+    for (size_t i = 0; i < count; i++)
+        out[i] = umgr_page_hash((const char *)(uintptr_t)base + i * UMGR_HASH_PAGE);
+}
+
 #ifndef SYS_process_madvise
 #define SYS_process_madvise 440
 #endif

@@ -40,6 +40,7 @@ def build_ffi():
     ffi.set_source(
         "umgr.bindings._kernel",
         "\n".join([m.INCLUDES for m in modules] + [m.CUSTOMIZATIONS for m in modules]),
+        include_dirs=[os.path.join(PACKAGE, "shim")],   # pagehash.h, shared with the shim
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         libraries=[lib for m in modules for lib in getattr(m, "LIBRARIES", [])],
     )

@@ -46,6 +46,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "pagehash.h"
 #include "protocol.h"
 #include "size.h"
 
@@ -389,11 +390,21 @@ struct uffdio_move {
 #define SCRATCH_STRIDE (SCRATCH_PART + SHIM_PAGE_SIZE)   /* a part and the PROT_NONE page after it */
 #define SCRATCH_SPAN (SHIM_PAGE_SIZE + SCRATCH_PARTS * SCRATCH_STRIDE)
 
+/* The changed-page area: where the agent keeps the pages a MOVE_OUT found
+ * changed since the daemon's copy (protocol.h), for the daemon to read. A
+ * shared mapping, so never managed: the agent writes it while the daemon
+ * waits for its answer and serves no fault. MADV_DONTFORK: a child's agent
+ * makes its own. Reserved whole with the scratch, used only when a device
+ * wrote a page during its eviction. */
+#define CHANGED_BYTES (UMGR_CHANGED_INDEX_BYTES + (size_t)UMGR_MOVE_MAX_PAGES * SHIM_PAGE_SIZE)
+
 static struct {
     int uffd;      /* the uffd the parts are registered on (shim.uffd_ref, not ours to close); -1 until the first MOVE_OUT */
     char *span;    /* the reservation: PROT_NONE but for the parts */
     size_t used;   /* bytes moved in since the parts were last emptied */
     int error;     /* why moving out is impossible here (answered to every MOVE_OUT), or 0 */
+    char *changed; /* the changed-page area */
+    uint32_t nchanged;   /* pages in it since the last MOVE_OUT */
 } scratch = {.uffd = -1};
 
 static char *scratch_part(int i)
@@ -431,6 +442,14 @@ static int scratch_ready(void)
     if (span == MAP_FAILED || syscall(SYS_madvise, span, SCRATCH_SPAN, MADV_DONTFORK) < 0)
         goto fail;
     scratch.span = span;
+    char *changed = (char *)syscall(SYS_mmap, NULL, CHANGED_BYTES, PROT_READ | PROT_WRITE,
+                                    MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (changed == MAP_FAILED)
+        goto fail;
+    scratch.changed = changed;
+    scratch.nchanged = 0;
+    if (syscall(SYS_madvise, changed, CHANGED_BYTES, MADV_DONTFORK) < 0)
+        goto fail;
     for (int i = 0; i < SCRATCH_PARTS; i++)
         if (syscall(SYS_mprotect, scratch_part(i), SCRATCH_PART, PROT_READ | PROT_WRITE) < 0)
             goto fail;
@@ -445,8 +464,11 @@ fail:
         scratch_unregister();
     if (span != MAP_FAILED)
         syscall(SYS_munmap, span, SCRATCH_SPAN);
+    if (scratch.changed)
+        syscall(SYS_munmap, scratch.changed, CHANGED_BYTES);
     scratch.uffd = -1;
     scratch.span = NULL;
+    scratch.changed = NULL;
     return scratch.error;
 }
 
@@ -460,8 +482,12 @@ static void scratch_drop(int unmap)
         scratch_unregister();
         syscall(SYS_munmap, scratch.span, SCRATCH_SPAN);
     }
+    if (unmap && scratch.changed)
+        syscall(SYS_munmap, scratch.changed, CHANGED_BYTES);
     scratch.uffd = -1;
     scratch.span = NULL;
+    scratch.changed = NULL;
+    scratch.nchanged = 0;
     scratch.used = 0;
     scratch.error = 0;
 }
@@ -483,6 +509,46 @@ static int scratch_discard(void)
     return errno;
 }
 
+/* The pages just moved to dst (npages of them, the first being page `first`
+ * of the request) whose content is not what the daemon copied: a device
+ * wrote them after the copy, through a pin taken before the daemon
+ * write-protected them and dropped before the move (the move refuses a
+ * pinned page: EBUSY). Each goes to the changed-page area with its index.
+ * A hole (the app discarded the page meanwhile: the move skips it) has no
+ * page to hash, and touching it would fault on the scratch's uffd, so
+ * mincore picks the pages that arrived. Nothing is done for pages the
+ * daemon did not copy (hash 0: a clean copy's page, which came in through
+ * UFFDIO_COPY write-protected and cannot be pinned for a write since). */
+static void keep_changed(const char *dst, uint64_t npages, uint64_t first, const uint64_t *hashes)
+{
+    unsigned char present[SCRATCH_PART / SHIM_PAGE_SIZE];
+    int checked = 0;
+    for (uint64_t p = 0; p < npages && !checked; p++)
+        checked = hashes[first + p] != 0;
+    if (!checked || syscall(SYS_mincore, dst, npages * SHIM_PAGE_SIZE, present) != 0)
+        return;
+    for (uint64_t p = 0; p < npages; p++) {
+        uint64_t want = hashes[first + p];
+        const char *page = dst + p * SHIM_PAGE_SIZE;
+        if (!want || !(present[p] & 1) || umgr_page_hash(page) == want)
+            continue;
+        uint32_t *index = (uint32_t *)scratch.changed;
+        memcpy(scratch.changed + UMGR_CHANGED_INDEX_BYTES + (size_t)scratch.nchanged * SHIM_PAGE_SIZE, page,
+               SHIM_PAGE_SIZE);
+        index[scratch.nchanged++] = (uint32_t)(first + p);
+    }
+}
+
+/* The changed-page area's pages go back to the kernel (a shared mapping's
+ * pages live in its shmem file: MADV_REMOVE frees them) once the daemon,
+ * which reads them before its next MOVE_OUT, is done with them. */
+static void changed_reset(void)
+{
+    if (scratch.nchanged)
+        syscall(SYS_madvise, scratch.changed, CHANGED_BYTES, MADV_REMOVE);
+    scratch.nchanged = 0;
+}
+
 /* Move the ranges out, in order, until one cannot move further (ENOENT: no
  * mapping there any more, an mremap or munmap took it; EBUSY: a page
  * shared copy-on-write after fork, or pinned for I/O; EINVAL: another
@@ -495,12 +561,15 @@ static int scratch_discard(void)
  * zap, the rest of the batch would lose pages pinned for I/O. Returns the bytes
  * moved from the start, with the errno that stopped it in *stopped (0 if
  * all moved), or -errno when nothing can move here (no UFFDIO_MOVE). The
- * pages stay in the scratch until scratch_discard(), after the answer. */
-static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, int *stopped)
+ * pages stay in the scratch until scratch_discard(), after the answer;
+ * those whose hash (one per page of the ranges) says a device changed them
+ * since the daemon's copy go to the changed-page area (keep_changed). */
+static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, const uint64_t *hashes, int *stopped)
 {
     int error = scratch_ready();
     if (error)
         return -error;
+    changed_reset();
     long done = 0;
     *stopped = 0;
     for (uint32_t i = 0; i < count; i++) {
@@ -523,6 +592,7 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, int
                                        .mode = UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES};
             int why = ioctl(scratch.uffd, UFFDIO_MOVE, &move) < 0 ? errno : 0;
             uint64_t moved = move.move > 0 ? (uint64_t)move.move & ~(uint64_t)(SHIM_PAGE_SIZE - 1) : 0;
+            keep_changed(dst, moved / SHIM_PAGE_SIZE, (uint64_t)done / SHIM_PAGE_SIZE, hashes);
             done += (long)moved;
             scratch.used += moved;
             /* A move that stops part way answers EAGAIN: the next one,
@@ -580,6 +650,20 @@ static int next_agent_fd(int old)
     return fd;
 }
 
+/* The pages a MOVE_OUT's ranges name, or UINT64_MAX where they are not
+ * whole pages or more than UMGR_MOVE_MAX_PAGES (no message has that size). */
+static uint64_t move_pages(const struct umgr_zap *zap)
+{
+    uint64_t pages = 0;
+    for (uint32_t i = 0; i < zap->count; i++) {
+        uint64_t length = zap->ranges[i].length;
+        if (length % SHIM_PAGE_SIZE || length / SHIM_PAGE_SIZE > UMGR_MOVE_MAX_PAGES - pages)
+            return UINT64_MAX / sizeof(uint64_t);
+        pages += length / SHIM_PAGE_SIZE;
+    }
+    return pages;
+}
+
 static void *agent_main(void *unused)
 {
     (void)unused;
@@ -587,7 +671,8 @@ static void *agent_main(void *unused)
     /* On the agent's own (never managed) stack: a __thread buffer would be
      * reached through the DTV, which glibc mallocs on the heap, a managed
      * page the agent could fault on while the daemon waits for its zap. */
-    char buf[sizeof(struct umgr_zap) + UMGR_ZAP_MAX_RANGES * sizeof(struct umgr_range)];
+    char buf[sizeof(struct umgr_zap) + UMGR_ZAP_MAX_RANGES * sizeof(struct umgr_range) +
+             UMGR_MOVE_MAX_PAGES * sizeof(uint64_t)];
     int fd = __atomic_load_n(&shim.agent_fd, __ATOMIC_ACQUIRE);
     for (;;) {
         ssize_t n = recv(fd, buf, sizeof buf, 0);
@@ -601,18 +686,25 @@ static void *agent_main(void *unused)
         int moving = n >= (ssize_t)sizeof *zap && zap->hdr.type == UMGR_MOVE_OUT;
         int valid = n >= (ssize_t)sizeof *zap && zap->hdr.magic == UMGR_MAGIC &&
                     (zap->hdr.type == UMGR_ZAP || moving) && zap->count <= UMGR_ZAP_MAX_RANGES &&
-                    (size_t)n == sizeof *zap + zap->count * sizeof(struct umgr_range);
+                    (size_t)n >= sizeof *zap + zap->count * sizeof(struct umgr_range) &&
+                    (size_t)n == sizeof *zap + zap->count * sizeof(struct umgr_range) +
+                                     (moving ? move_pages(zap) * sizeof(uint64_t) : 0);
         if (valid) {
-            struct umgr_zap_done done;
+            struct umgr_zap_done done = {0};
             fill_hdr(&done.hdr, UMGR_ZAP_DONE, sizeof done);
             done.seq = zap->seq;
             int stopped = 0;
+            const uint64_t *hashes = (const uint64_t *)(zap->ranges + zap->count);
             long result = !zap->count ? 0
-                          : moving    ? move_out_ranges(zap->ranges, zap->count, &stopped)
+                          : moving    ? move_out_ranges(zap->ranges, zap->count, hashes, &stopped)
                                       : zap_ranges(zap->ranges, zap->count);
             /* A move that cannot be made here at all answers a negative errno. */
             done.error = result >= 0 ? stopped : moving ? (int32_t)result : (int32_t)-result;
             done.bytes = result < 0 ? 0 : result;
+            if (moving && scratch.nchanged) {
+                done.changed = scratch.nchanged;
+                done.changed_at = (uintptr_t)scratch.changed;
+            }
             int sent = send_with_fds(fd, &done, sizeof done, NULL, 0);
             scratch_discard();   /* after the answer: the daemon reads faults again meanwhile */
             if (sent == 0)

@@ -18,11 +18,18 @@
  * ranges); the agent thread zaps them with one vectored
  * process_madvise(MADV_DONTNEED) on its own process and answers ZAP_DONE.
  * MOVE_OUT carries ranges the same way: the agent moves their pages out
- * with UFFDIO_MOVE into a scratch area of its own, registered on a second
- * uffd without EVENT_REMOVE, and discards them there, so no REMOVE event
- * reaches the daemon; ZAP_DONE says how much moved, from the start, and the
+ * with UFFDIO_MOVE into a scratch area of its own, registered on the app's
+ * uffd, and discards them there while it is unregistered, so no REMOVE
+ * event reaches the daemon; ZAP_DONE says how much moved, from the start, and the
  * errno that stopped the move (the daemon zaps the rest, unless it was
- * ENOENT: a mapping gone). The daemon reads no event from the app's uffd
+ * ENOENT: a mapping gone). After the ranges, a MOVE_OUT carries one
+ * uint64_t per page of them, in order: umgr_page_hash (pagehash.h) of the
+ * copy the daemon made, or 0 for a page it did not copy. The agent hashes
+ * each page it moved again: one a device wrote in between (pinned for I/O
+ * before the daemon write-protected it, unpinned before the move) differs,
+ * and its content goes to the agent's changed-page area for the daemon to
+ * read before its next MOVE_OUT (ZAP_DONE's changed, changed_at).
+ * The daemon reads no event from the app's uffd
  * while a move is in flight, so an mremap in between cannot move pages
  * back under it. Requests are answered in order: an empty ZAP (count 0) is
  * answered once every zap before it, on this socket or on one of a daemon
@@ -49,9 +56,10 @@
 #include "umgr.h"
 
 #define UMGR_MAGIC 0x524d4755u /* "UGMR" little endian */
-#define UMGR_VERSION 7 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH;
+#define UMGR_VERSION 8 /* 2: HELLO names the process; 3: HELLO_ACK grows grace_seconds, DETACH;
                           4: HELLO's probe page; 5: HELLO's flags (RESUME), empty ZAP; 6: MOVE_OUT;
-                          7: ZAP_DONE of a MOVE_OUT says why it stopped */
+                          7: ZAP_DONE of a MOVE_OUT says why it stopped;
+                          8: MOVE_OUT's page hashes, ZAP_DONE's changed pages */
 
 enum umgr_msg_type {
     UMGR_HELLO = 1,
@@ -142,12 +150,26 @@ struct umgr_zap {
     struct umgr_range ranges[]; /* count entries */
 };
 
+/* A MOVE_OUT names at most this many pages (the daemon's largest eviction
+ * batch), so its hashes and its changed pages have a bound. */
+#define UMGR_MOVE_MAX_PAGES 2048
+
 struct umgr_zap_done {
     struct umgr_hdr hdr;
     uint32_t seq;
     int32_t error;  /* 0 or a positive errno; for MOVE_OUT, negative: no move can be made here */
     int64_t bytes;  /* bytes zapped (or moved out), from the start of the list */
+    /* MOVE_OUT: how many pages moved out differ from the daemon's copy, and
+     * where in the agent's memory they are: `changed` uint32_t indices
+     * (among the request's pages) at changed_at, their content, a page
+     * each, at changed_at + UMGR_CHANGED_INDEX_BYTES. Valid until the next
+     * MOVE_OUT. */
+    uint32_t changed;
+    uint32_t reserved;
+    uint64_t changed_at;
 };
+
+#define UMGR_CHANGED_INDEX_BYTES (UMGR_MOVE_MAX_PAGES * 4)
 
 /* DETACH (daemon -> agent) and DETACH_DONE (agent -> daemon): a bare header. */
 struct umgr_detach {

@@ -44,6 +44,16 @@ class PageBuffer:
         _lib.umgr_zero_pages(self.addr, count, _ffi.cast("uint8_t *", zero.ctypes.data))
         return zero.view(bool)
 
+    def hashes(self, count: int) -> np.ndarray:
+        """umgr_page_hash (bindings/shim/pagehash.h) of each of the first
+        `count` pages: what MOVE_OUT sends the agent, to find a page a
+        device wrote after it was copied here."""
+        if not 0 <= count <= self.npages:
+            raise ValueError(f"{count} pages asked of a buffer of {self.npages}")
+        out = np.empty(count, np.uint64)
+        _lib.umgr_page_hashes(self.addr, count, _ffi.cast("uint64_t *", out.ctypes.data))
+        return out
+
     def clear(self, positions: np.ndarray) -> None:
         pages = self.bytes.reshape(self.npages, PAGE_SIZE)
         pages[positions] = 0

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from umgr import cpuclock
+from umgr import cpuclock, protocol
 from umgr.arrays import union, unique
 from umgr.backends import io_to_the_end
 from umgr.errors import BackendError, BackendFull, TargetGone
 from umgr.kernel import procmem
 from umgr.kernel.buffers import PageBuffer
 from umgr.paging.core import TargetCore
-from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, Flag, State, runs
+from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, State, runs
 from umgr.paging.pinning import Pinning
 from umgr.paging.removes import RemoveAttribution
 from umgr.paging.tuning import EVICT_BATCH_MAX
@@ -60,6 +60,9 @@ class Batch:
     buffer: PageBuffer     # the copied ones' content, in order
     # Which vpns were copied into `buffer`; the others are clean copies (their slot holds them).
     copied: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    # For each vpn, its copy's umgr_page_hash (0 for one not copied): the
+    # agent's move checks the page against it (_move_out).
+    hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
     progress: bool = True  # for an empty batch: whether pages left the resident count anyway
 
 
@@ -231,15 +234,17 @@ class Evictor:
         # was not written since): _store writes none, so none is read.
         clean = self.core.pt.slots(vpns) != NO_SLOT
         dirty = np.flatnonzero(~clean)
-        nread = len(await self._read(vpns[dirty], buffer)) if len(dirty) else 0
+        copy_hashes = await self._read(vpns[dirty], buffer) if len(dirty) else np.empty(0, np.uint64)
         kept = clean.copy()
-        kept[dirty[:nread]] = True   # (after a short read the rest went back to RESIDENT)
-        return Batch(vpns[kept], buffer, ~clean[kept])
+        kept[dirty[:len(copy_hashes)]] = True   # (after a short read the rest went back to RESIDENT)
+        hashes = np.zeros(len(vpns), np.uint64)
+        hashes[dirty[:len(copy_hashes)]] = copy_hashes
+        return Batch(vpns[kept], buffer, ~clean[kept], hashes[kept])
 
     async def _put_away(self, batch: Batch) -> bool:
         """Store and zap a batch taken out. False when eviction paused."""
         try:
-            vpns, page_slots, zero = await self._store(batch)
+            vpns, page_slots, zero, hashes = await self._store(batch)
         except BatchReleased as released:
             return released.progress
         if len(vpns):
@@ -248,7 +253,7 @@ class Evictor:
             # would be zapped with its stale copy. (A checkpoint here made
             # the CPython workload read back corrupt objects.)
             self.core.pt.set(vpns, State.ZAPPING, page_slots)
-            await self._zap(vpns)
+            await self._zap(vpns, hashes)
             self.core.stats.zero_pages_out += int(zero.sum())
         return True
 
@@ -270,15 +275,16 @@ class Evictor:
             core.release(np.arange(starts[i], starts[i] + lengths[i]), State.EVICTING)
 
     async def _read(self, vpns: np.ndarray, buffer: PageBuffer) -> np.ndarray:
-        """Copy the victims into the batch buffer; the pages after a short
-        read stay resident (and are pinned if unreadable)."""
+        """Copy the victims into the batch buffer; returns the hash of each
+        page read (the first ones: the pages after a short read stay
+        resident, and are pinned if unreadable)."""
         core = self.core
         try:
-            nbytes = await self._read_victims(buffer, *runs(vpns))
+            nbytes, hashes = await self._read_victims(buffer, *runs(vpns))
         except TargetGone:
             raise
         except OSError:  # EFAULT on the first range: unmapped meanwhile, or unreadable
-            nbytes = 0
+            nbytes, hashes = 0, np.empty(0, np.uint64)
         nread = nbytes >> PAGE_SHIFT
         core.stats.copied_out += nread
         if nread < len(vpns):
@@ -286,11 +292,11 @@ class Evictor:
             core.release(rest, State.EVICTING)
             await core.unprotect(rest)
             self.pinning.pin_unreadable(rest[:1])
-        return vpns[:nread]
+        return hashes
 
-    async def _store(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def _store(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Write what must be written; returns (vpns still EVICTING, their
-        slots, which are zero pages). Raises BatchReleased."""
+        slots, which are zero pages, their hashes). Raises BatchReleased."""
         core, vpns, copied = self.core, batch.vpns, batch.copied
         zero = np.zeros(len(vpns), bool)
         zero[copied] = batch.buffer.zero_pages(int(copied.sum()))
@@ -317,7 +323,7 @@ class Evictor:
         still = live & (core.pt.states(vpns) == State.EVICTING)
         core.stats.discarded += int((still & drop & ~zero).sum())
         core.slots.free(page_slots[~still & store])
-        return vpns[still], page_slots[still], zero[still]
+        return vpns[still], page_slots[still], zero[still], batch.hashes[still]
 
     async def _write(self, vpns: np.ndarray, store: np.ndarray, addrs: np.ndarray) -> np.ndarray:
         """Slots for the pages to store (their content at `addrs`), written
@@ -351,30 +357,60 @@ class Evictor:
             raise
         return slots
 
-    async def _read_victims(self, buf: PageBuffer, starts: np.ndarray, lengths: np.ndarray) -> int:
+    async def _read_victims(self, buf: PageBuffer, starts: np.ndarray,
+                            lengths: np.ndarray) -> tuple[int, np.ndarray]:
         """Read in a worker thread, never from a program the target exec'd:
         with process_vm_readv proven by the canary token (one copy, one call
         per batch), and what that did not read (an unreadable page, a failed
         proof) through the target's /proc/PID/mem, which reaches only the
-        mm its uffd serves. Abandoned on cancel; the thread holds the
-        buffer, so it stays mapped until the read returns."""
-        core = self.core
-        pid, mem_fd, canary = core.pid, core.mem_fd, core.canary
+        mm its uffd serves. Returns the bytes read and each page's hash
+        (taken there too: 0.3 us a page). Abandoned on cancel; the thread
+        holds the buffer, so it stays mapped until the read returns."""
+        pid, mem_fd, canary = self.core.pid, self.core.mem_fd, self.core.canary
         addrs, lens = (starts << PAGE_SHIFT).astype(np.uint64), (lengths << PAGE_SHIFT).astype(np.uint64)
-        nbytes, proven = await cpuclock.to_thread(
-            lambda: _read_ranges(pid, mem_fd, canary, buf.addr, addrs, lens), abandon_on_cancel=True)
+
+        def read_and_hash() -> tuple[int, bool, np.ndarray]:
+            nbytes, proven = _read_ranges(pid, mem_fd, canary, buf.addr, addrs, lens)
+            return nbytes, proven, buf.hashes(nbytes >> PAGE_SHIFT)
+        nbytes, proven, hashes = await cpuclock.to_thread(read_and_hash, abandon_on_cancel=True)
+        self._note_proof(proven)
+        return nbytes, hashes
+
+    def _note_proof(self, proven: bool) -> None:
+        core = self.core
         if not proven and core.canary:
             core.canary = 0
             log.info("%s: its canary page no longer reads back; pages are read through /proc/PID/mem", core.label)
-        return nbytes
 
-    async def _zap(self, vpns: np.ndarray) -> None:
+    async def _read_changed(self, changed_at: int, count: int) -> tuple[np.ndarray, PageBuffer]:
+        """The indices and content of the pages an agent's move found
+        changed (zap.ReadChanged), read from its changed-page area."""
+        pid, mem_fd, canary = self.core.pid, self.core.mem_fd, self.core.canary
+        indices = np.empty(count, np.uint32)
+        content = PageBuffer(count)
+        parts = ((indices.ctypes.data, changed_at, count * 4),
+                 (content.addr, changed_at + protocol.CHANGED_INDEX_BYTES, count * PAGE_SIZE))
+
+        def read() -> bool:
+            proven = True
+            for local, remote, nbytes in parts:
+                done, ok = _read_ranges(pid, mem_fd, canary, local, np.array([remote], np.uint64),
+                                        np.array([nbytes], np.uint64))
+                if done != nbytes:
+                    raise protocol.ProtocolError(f"the agent's changed pages cannot be read ({done} of {nbytes} bytes)")
+                proven &= ok
+            return proven
+        self._note_proof(await cpuclock.to_thread(read))
+        return indices.astype(np.int64), content
+
+    async def _zap(self, vpns: np.ndarray, hashes: np.ndarray) -> None:
         """Take the pages out of the target: moved out by the agent where it
-        can (no REMOVE event to wait for), the rest zapped."""
+        can (no REMOVE event to wait for; each page with a hash checked
+        against it), the rest zapped."""
         core = self.core
         rest, discarded = vpns, EMPTY
         if core.zapper.moves:
-            rest, discarded = await self._move_out(vpns)
+            rest, discarded = await self._move_out(vpns, hashes)
         if len(rest):
             # An app discard of a page seen during the move counts for the zap's settling too.
             left = await self._zap_runs(rest, discarded)
@@ -392,7 +428,7 @@ class Evictor:
             core.zap_waiters.clear()
             core.uffd.wake_runs(*runs(waiting))
 
-    async def _move_out(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def _move_out(self, vpns: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The agent moves the pages out (MOVE_OUT) while the fault loop
         reads nothing (readgate.py). Returns the pages to zap (where the
         move stopped) and those the app discarded meanwhile."""
@@ -404,8 +440,11 @@ class Evictor:
                 held = time.monotonic()
                 # Events read while the fault loop finished its round may
                 # have moved pages of the batch (REMAP) or unmapped them.
-                vpns = vpns[core.pt.states(vpns) == State.ZAPPING]
-                moved, busy, error = await self._move_around_busy(vpns)
+                zapping = core.pt.states(vpns) == State.ZAPPING
+                vpns, hashes = vpns[zapping], hashes[zapping]
+                moved, busy, error, changed = await self._move_around_busy(vpns, hashes)
+                for indices, content in changed:
+                    await self._keep_device_writes(vpns[indices], content)
                 core.stats.fault_gate_seconds += time.monotonic() - held
         finally:
             discarded = self.removes.end()
@@ -427,32 +466,85 @@ class Evictor:
             return EMPTY, discarded
         return rest, discarded
 
-    async def _move_around_busy(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    async def _move_around_busy(self, vpns: np.ndarray, hashes: np.ndarray
+                                ) -> tuple[np.ndarray, np.ndarray, int, list[tuple[np.ndarray, PageBuffer]]]:
         """The agent moves the pages out in order. Where it finds a page
         busy (EBUSY: pinned for I/O, by an O_DIRECT read in flight or
         io_uring's registered buffers, or shared copy-on-write since the
         batch was checked), that page and the rest of its run are skipped
         (a pinned buffer is pages in a row), and the move goes on with the
         next run, for up to MOVE_BUSY_MAX such runs. Returns which pages
-        moved, which were skipped as busy, and the errno that stopped the
-        move (0: none)."""
+        moved, which were skipped as busy, the errno that stopped the move
+        (0: none), and the pages moved that a device changed since their
+        copy (their indices among vpns, their content)."""
         moved = np.zeros(len(vpns), bool)
         busy = np.zeros(len(vpns), bool)
+        changed: list[tuple[np.ndarray, PageBuffer]] = []
         run_ends = np.flatnonzero(np.diff(vpns) != 1) + 1   # where each run after the first starts
         at, skipped = 0, 0
         while at < len(vpns):
-            nbytes, error = await self.core.zapper.move_out(*_byte_ranges(vpns[at:]))
-            done = nbytes >> PAGE_SHIFT
+            result = await self.core.zapper.move_out(*_byte_ranges(vpns[at:]), hashes[at:], self._read_changed)
+            changed += [(indices + at, content) for indices, content in result.changed]
+            done = result.bytes >> PAGE_SHIFT
             moved[at:at + done] = True
             at += done
-            if error != errno.EBUSY or at >= len(vpns) or skipped >= MOVE_BUSY_MAX:
-                return moved, busy, error
+            if result.error != errno.EBUSY or at >= len(vpns) or skipped >= MOVE_BUSY_MAX:
+                return moved, busy, result.error, changed
             next_run = run_ends[np.searchsorted(run_ends, at, side="right"):]
             end = int(next_run[0]) if len(next_run) else len(vpns)
             busy[at:end] = True
             skipped += 1
             at = end
-        return moved, busy, 0
+        return moved, busy, 0, changed
+
+    async def _keep_device_writes(self, vpns: np.ndarray, content: PageBuffer) -> None:
+        """Pages the agent moved out whose content is not their copy: a
+        device wrote them after the copy was made, through a pin taken
+        before _protect (an O_DIRECT or io_uring read in flight; the
+        write-protect bit does not stop a device) and dropped before the
+        move (the move refuses a pinned page). What the device wrote is
+        the page now: it goes back in, resident and writable, its stale
+        copy dropped, as a write during EVICTING keeps its page. Where
+        UFFDIO_COPY cannot put it back (EAGAIN: an event of the app's is
+        queued, unread under the gate) it leaves in a slot of its own
+        instead. Under the gate: no event is read, so the pages are still
+        ZAPPING where the move took them."""
+        core = self.core
+        core.stats.device_written += len(vpns)
+        log.info("%s: %d pages were written by a device (I/O pinned before their eviction) after their copy: "
+                 "kept with what it wrote", core.label, len(vpns))
+        back = np.zeros(len(vpns), bool)
+        for i, vpn in enumerate(vpns.tolist()):
+            in_place, _, _ = core.copy_run(vpn, 1, content.addr + i * PAGE_SIZE, on_eagain=lambda: False)
+            back[i] = in_place[0]
+        core.release(vpns[back], State.ZAPPING)
+        core.pt.set_flag(vpns[back], Flag.DISCARDABLE, False)
+        if not back.all():
+            await self._store_device_writes(vpns[~back], content.addrs(np.flatnonzero(~back)))
+
+    async def _store_device_writes(self, vpns: np.ndarray, addrs: np.ndarray) -> None:
+        """The device's content of ZAPPING pages, written to new slots that
+        replace their stale ones (they settle as SWAPPED with the rest of
+        the move). A store that cannot take them leaves no right copy
+        anywhere but here: the target is killed (BackendError) rather than
+        served the stale one."""
+        core = self.core
+        try:
+            slots = core.slots.alloc(len(vpns))
+        except BackendFull as exc:
+            raise BackendError(f"no swap slot for a page a device wrote during its eviction ({exc})") from None
+        try:
+            await io_to_the_end(core.backend.write, slots, addrs)
+        except BackendError as exc:
+            if not exc.may_land:   # (a write landing in a slot handed out again would overwrite its page)
+                core.slots.free(slots)
+            raise
+        except BaseException:
+            core.slots.free(slots)
+            raise
+        old = core.pt.slots(vpns)
+        core.slots.free(old[old != NO_SLOT])
+        core.pt.set(vpns, State.ZAPPING, slots)
 
     async def _zap_runs(self, vpns: np.ndarray, discarded_before: np.ndarray) -> np.ndarray:
         """Zap the runs of vpns and settle the pages zapped. Returns the

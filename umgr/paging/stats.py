@@ -41,6 +41,8 @@ COUNTERS: dict[str, str] = {
     "forks": "fork events",
     "busy_pinned": ("Pages the agent could not move out because they were busy (pinned for I/O): kept in memory "
                     "(never zapped) and tried again a second later"),
+    "device_written": ("Pages a device wrote after their copy for eviction (I/O pinned before their write "
+                       "protection, done before their move): kept with what it wrote, the copy dropped"),
     "eviction_cancelled": "Pages written while being evicted (the write won, the copy was dropped)",
     "zero_mapped": "Victims found on the kernel's zero page (kept, not counted resident)",
     "shared_skipped": "Victims found shared copy-on-write with another process (kept, not counted)",

@@ -25,17 +25,51 @@ import contextlib
 import errno
 import logging
 import socket
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterator
 
 import numpy as np
 import trio
 
 from umgr.kernel import procmem
+from umgr.kernel.buffers import PageBuffer
+from umgr.kernel import PAGE_SHIFT
 from umgr import cpuclock, protocol
 from umgr.errors import TargetGone
 
 MADV_DONTNEED = 4
 
 log = logging.getLogger("umgr.target")
+
+
+# read_changed(changed_at, count): the indices (among a MOVE_OUT's pages)
+# and content of the pages its agent found changed, read from its memory.
+ReadChanged = Callable[[int, int], Awaitable[tuple[np.ndarray, PageBuffer]]]
+
+
+@dataclass
+class Moved:
+    """What a move_out() did."""
+    bytes: int    # moved out, from the start of the list
+    error: int    # the errno that stopped it, or 0
+    # Pages a device changed since their hash was taken: (their indices
+    # among the list's pages, their content), a pair per MOVE_OUT.
+    changed: list[tuple[np.ndarray, PageBuffer]] = field(default_factory=list)
+
+
+def _move_chunks(first_page: np.ndarray) -> Iterator[slice]:
+    """Slices of ranges (first_page: each range's first page among all of
+    them, and the total at the end) that fit one MOVE_OUT: at most
+    ZAP_MAX_RANGES ranges and MOVE_MAX_PAGES pages. (The evictor's largest
+    batch is MOVE_MAX_PAGES pages.)"""
+    nranges, at = len(first_page) - 1, 0
+    while at < nranges:
+        fit = int(np.searchsorted(first_page, first_page[at] + protocol.MOVE_MAX_PAGES, side="right")) - 1
+        end = min(at + protocol.ZAP_MAX_RANGES, fit, nranges)
+        if end <= at:
+            raise ValueError(f"a range of more than {protocol.MOVE_MAX_PAGES} pages cannot move out at once")
+        yield slice(at, end)
+        at = end
 
 
 class CannotMove(Exception):
@@ -60,19 +94,46 @@ class AgentZapper:
         nbytes, _ = await self._request(protocol.MsgType.ZAP, starts, lengths)
         return nbytes
 
-    async def move_out(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
-        """Have the agent move the ranges out; returns the bytes moved from
-        the start of the list and the errno that stopped the move (0 if all
-        moved). (0, 0) where moving is impossible: then self.moves goes off
-        and zap() does it all."""
+    async def move_out(self, starts: np.ndarray, lengths: np.ndarray, hashes: np.ndarray,
+                       read_changed: ReadChanged) -> Moved:
+        """Have the agent move the ranges out (byte addresses and lengths),
+        checking each page whose hash is not 0 (one per page, in order)
+        against the content it moved. What a device changed since the hash
+        was taken is read back through read_changed(changed_at, count),
+        before the agent's next MOVE_OUT reuses its area. Nothing moves
+        where moving is impossible: then self.moves goes off and zap()
+        does it all."""
         if not self.moves:
-            return 0, 0
+            return Moved(0, 0)
         try:
-            return await self._request(protocol.MsgType.MOVE_OUT, starts, lengths)
+            async with self._held():
+                return await self._move(starts, lengths, hashes, read_changed)
         except CannotMove as exc:
             log.warning("pages leave by zap only: the agent cannot move them out (%s)", exc)
             self.moves = False
-            return 0, 0
+            return Moved(0, 0)
+
+    async def _move(self, starts: np.ndarray, lengths: np.ndarray, hashes: np.ndarray,
+                    read_changed: ReadChanged) -> Moved:
+        moved = Moved(0, 0)
+        first_page = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(np.asarray(lengths, np.int64) >> PAGE_SHIFT, out=first_page[1:])
+        for chunk in _move_chunks(first_page):
+            pages = slice(int(first_page[chunk.start]), int(first_page[chunk.stop]))
+            result = await self._ask(protocol.encode_move_out(self._next_seq(), starts[chunk], lengths[chunk],
+                                                              hashes[pages]))
+            if result.error < 0:
+                raise CannotMove(errno.errorcode.get(-result.error, str(-result.error)))
+            if result.changed:
+                at, content = await read_changed(result.changed_at, result.changed)
+                if at[0] < 0 or at[-1] >= result.bytes >> PAGE_SHIFT or (np.diff(at) <= 0).any():
+                    raise protocol.ProtocolError("the agent names changed pages it did not move")
+                moved.changed.append((at + pages.start, content))
+            moved.bytes += result.bytes
+            if result.error or result.bytes < int(lengths[chunk].sum()):
+                moved.error = result.error
+                break
+        return moved
 
     async def _request(self, msg_type: protocol.MsgType, starts: np.ndarray,
                        lengths: np.ndarray) -> tuple[int, int]:
@@ -81,25 +142,29 @@ class AgentZapper:
         async with self._held():
             for i in range(0, len(starts), protocol.ZAP_MAX_RANGES):
                 chunk = slice(i, i + protocol.ZAP_MAX_RANGES)
-                self._seq = (self._seq + 1) & 0xFFFFFFFF
-                reply = await self._exchange(protocol.encode_zap(self._seq, starts[chunk], lengths[chunk], msg_type))
-                result = protocol.decode_zap_done(reply)
-                if result.seq != self._seq:
-                    raise protocol.ProtocolError(f"agent answered zap {result.seq}, expected {self._seq}")
+                result = await self._ask(protocol.encode_zap(self._next_seq(), starts[chunk], lengths[chunk]))
                 done += result.bytes
-                if result.error == errno.ESRCH:
-                    raise TargetGone("agent: target gone")
-                if result.error < 0 and msg_type == protocol.MsgType.MOVE_OUT:
-                    raise CannotMove(errno.errorcode.get(-result.error, str(-result.error)))
                 if result.error or result.bytes < int(lengths[chunk].sum()):
                     return done, max(result.error, 0)
         return done, 0
 
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    async def _ask(self, request: bytes) -> protocol.ZapDone:
+        """The agent's answer to a ZAP or MOVE_OUT of sequence number self._seq."""
+        result = protocol.decode_zap_done(await self._exchange(request))
+        if result.seq != self._seq:
+            raise protocol.ProtocolError(f"agent answered zap {result.seq}, expected {self._seq}")
+        if result.error == errno.ESRCH:
+            raise TargetGone("agent: target gone")
+        return result
+
     async def barrier(self) -> None:
         """An empty ZAP: answered once every zap sent before it is done."""
         async with self._held():
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            reply = await self._exchange(protocol.encode_zap(self._seq, np.empty(0, np.uint64),
+            reply = await self._exchange(protocol.encode_zap(self._next_seq(), np.empty(0, np.uint64),
                                                              np.empty(0, np.uint64)))
             if protocol.decode_zap_done(reply).seq != self._seq:
                 raise protocol.ProtocolError("agent answered another zap than the empty one")
@@ -206,8 +271,9 @@ class RemoteZapper:
 
     moves = False   # (UFFDIO_MOVE works only from inside the target: the agent's)
 
-    async def move_out(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
-        return 0, 0
+    async def move_out(self, starts: np.ndarray, lengths: np.ndarray, hashes: np.ndarray,
+                       read_changed: ReadChanged) -> Moved:
+        return Moved(0, 0)
 
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         # Blocks until the daemon has read each REMOVE event: off the trio thread.
