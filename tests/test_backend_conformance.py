@@ -402,10 +402,11 @@ def test_the_age_queue_of_a_chain_forgets_freed_pages():
 
 
 @pytest.mark.timeout(60)
-def test_slot_freed_and_reused_during_its_demotion_keeps_the_new_page():
-    """A demotion writes old pages to the file while their slots are freed
-    and written again with pages that go to the file too: the new pages
-    are what reads back (the second write waited for the first)."""
+def test_slot_freed_during_its_demotion_is_not_reused_before_the_write_ends():
+    """A demotion writes old pages to the file while their slots are freed,
+    and a batch of pages that go to the file too takes every slot free: no
+    slot still being demoted is among them, and the new pages are what
+    reads back."""
     n = 128
     old, more, new, back = PageBuffer(n), PageBuffer(n), PageBuffer(n), PageBuffer(n)
     mixed_pages(more, n, 9)
@@ -429,7 +430,7 @@ def test_slot_freed_and_reused_during_its_demotion_keeps_the_new_page():
                 others = chain.slots.alloc(chain.slots.free_count - n)
                 again = chain.slots.alloc(n)
                 chain.slots.free(others)
-                assert chain._in_flight[again].any()
+                assert chain._in_flight[slots].any() and not chain._in_flight[again].any()
                 await chain.write(again, new.addrs(np.arange(n)))
             await chain.read(again, back.addrs(np.arange(n)))
 
@@ -518,10 +519,11 @@ def test_a_demotion_whose_write_may_still_land_sets_its_slots_and_buffer_aside()
 @pytest.mark.timeout(60)
 def test_a_demotion_whose_write_may_still_land_keeps_slots_freed_meanwhile_and_never_goes_again():
     """As above, but a victim's page was faulted back in (its slot freed)
-    while the write was out: its slot is taken out of the free pool, not
-    incref'd (that raised "incref of a free slot", and the evictor killed
-    its target); and the victims still held are not demoted again (the
-    late write could land after the next demotion's)."""
+    while the write was out: its slot keeps the demotion's reference for
+    good (a reference taken after the write once raised "incref of a free
+    slot", and the evictor killed its target); and the victims still held
+    are not demoted again (the late write could land after the next
+    demotion's)."""
     n = 64
     out, back = half_random_pages(n, 29), PageBuffer(n)
     chain, first = compressed_full_over_file(out)
@@ -545,6 +547,46 @@ def test_a_demotion_whose_write_may_still_land_keeps_slots_freed_meanwhile_and_n
         assert not np.isin(stuck, victims).any(), "a refused demotion's pages are not demoted again"
         run_io(chain.read, first[1:], back.addrs(np.arange(n - 1)))   # still held above
         assert np.array_equal(out.bytes.reshape(n, PAGE)[1:], back.bytes.reshape(n, PAGE)[:n - 1])
+    finally:
+        chain.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("write", ["lands", "may-land"])
+def test_a_slot_freed_while_its_page_is_demoted_is_not_handed_out_before_the_write_ends(write):
+    """A victim's page faulted back in (its slot freed) while the demotion's
+    lower write is out: the slot stays taken until the write has ended. A
+    page given it meanwhile would be overwritten by a write that lands late
+    (may-land: never handed out again), in this tier or once demoted. A
+    write that lands frees it then, and the upper tier forgets it."""
+    n = 64
+    out, back = half_random_pages(n, 31), PageBuffer(n)
+    chain, first = compressed_full_over_file(out)
+    try:
+        seen = []
+        real_write = chain.lower.write
+
+        async def lower_write(slots, addrs):
+            chain.slots.free(first[:1])   # its page came back from the upper tier meanwhile
+            seen.append(int(chain.slots.refs(first[:1])[0]))
+            await trio.sleep(0)
+            if write == "may-land":
+                raise BackendError("refused part way", may_land=True)
+            await real_write(slots, addrs)
+        chain.lower.write = lower_write
+        more = chain.slots.alloc(n)
+        if write == "may-land":
+            with pytest.raises(BackendError):
+                run_io(chain.write, more, out.addrs(np.arange(n)))
+        else:
+            run_io(chain.write, more, out.addrs(np.arange(n)))
+        assert seen[0] == 1, "the demotion's own reference keeps the freed slot taken while its write is out"
+        if write == "may-land":
+            assert chain.slots.refs(first[:1])[0] == 1, "and for good, as the write may still land"
+        else:
+            assert chain.slots.refs(first[:1])[0] == 0 and not chain.upper.holds(first[:1])[0]
+            run_io(chain.read, first[1:], back.addrs(np.arange(n - 1)))   # the others, wherever they went
+            assert np.array_equal(out.bytes.reshape(n, PAGE)[1:], back.bytes.reshape(n, PAGE)[:n - 1])
     finally:
         chain.close()
 

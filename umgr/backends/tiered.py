@@ -114,6 +114,9 @@ class Tiered(Backend):
         most DEMOTE_BATCH pages) down. False when there was none to move."""
         upper = self.upper
         victims, tokens = upper.oldest(nbytes, DEMOTE_BATCH, self._in_flight)
+        # (A slot at the most references a count holds, 65535 forks' worth, has no room for the demotion's.)
+        room = self.slots.counts[victims] < np.iinfo(self.slots.counts.dtype).max
+        victims, tokens = victims[room], tokens[room]
         if len(victims) == 0:
             return False
         buf = self._buffers.pop() if self._buffers else PageBuffer(DEMOTE_BATCH)
@@ -124,19 +127,22 @@ class Tiered(Backend):
             self._buffers.append(buf)
             raise
         self._in_flight[victims] = True
+        # The demotion holds a reference of its own on each victim's slot
+        # until its write has ended: a page freed meanwhile (faulted in)
+        # does not free its slot for another page, which a late write
+        # (below) would overwrite, in this tier or once demoted itself.
+        self.slots.set_aside(victims)
         landing, stuck = False, victims[:0]
         try:
             await self.lower.write(victims, addrs)
         except BackendError as exc:
             # Part of the write may still land: its buffer is not used again,
-            # and its slots stay taken for good (a reference of their own,
-            # whether their page is still here or was freed meanwhile), so
-            # that no later page of theirs is overwritten by it. The pages
-            # still held stay in flight for good: never demoted again, as
-            # the late write could land after the next demotion's.
+            # and its slots keep the demotion's reference for good, so that
+            # no later page of theirs is overwritten by it. The pages still
+            # held stay in flight for good: never demoted again, as the
+            # late write could land after the next demotion's.
             landing = exc.may_land
             if landing:
-                self.slots.set_aside(victims)
                 stuck = victims[upper.still_held(victims, tokens)]
             raise
         finally:
@@ -147,6 +153,7 @@ class Tiered(Backend):
             self._landed = trio.Event()
             if not landing:
                 self._buffers.append(buf)
+                self.slots.free(victims)   # (a victim freed meanwhile is free now: this tier forgets it)
         upper.drop_if_held(victims, tokens)
         self.demoted += len(victims)
         return True
