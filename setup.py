@@ -14,7 +14,7 @@ from setuptools import Extension, find_packages, setup
 shim = Extension(
     "umgr.bindings.libumgr_preload",
     sources=["bindings/shim/preload.c"],
-    depends=["bindings/shim/protocol.h", "bindings/shim/size.h", "bindings/shim/umgr.h"],
+    depends=["bindings/shim/protocol.h", "bindings/shim/size.h", "bindings/shim/umgr.h", "bindings/shim/pagehash.h"],
     extra_compile_args=["-O2", "-Wall", "-fvisibility=hidden"],
     libraries=["pthread", "dl"],
 )

@@ -3,6 +3,7 @@ reach through timing (REMOVE attribution, the clean-part split, the order
 runs are copied in, the water marks, the read gate) and the one counter list."""
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -950,13 +951,15 @@ def test_an_agent_naming_a_changed_page_it_did_not_move_is_refused():
         _talk(agent, main)
 
 
-def test_a_device_written_page_that_cannot_go_back_in_leaves_in_a_slot_of_its_own(tmp_path):
+def test_a_device_written_page_that_cannot_go_back_in_leaves_with_what_the_device_wrote(tmp_path):
     """Evictor._keep_device_writes: a page that UFFDIO_COPY put back in is
     resident with no slot; one it could not (EAGAIN: an event of the app's
-    queued, unread under the read gate) goes to a new slot that replaces
-    its stale one, and settles SWAPPED with the rest of its move. With no
-    slot left for it the target is given up (BackendError), never served
-    the stale copy. (The kernel's side: test_unfreeable's device test.)"""
+    queued, unread under the read gate) is written with the device's
+    content: over its stale copy where the slot is its own, to a new slot
+    where it has none (a zero page) or a fork shares it. It settles SWAPPED
+    with the rest of its move. With no slot left the target is given up
+    (BackendError), never served the stale copy. (The kernel's side:
+    test_unfreeable's device test.)"""
     import errno as errno_module
     from types import SimpleNamespace
 
@@ -969,9 +972,9 @@ def test_a_device_written_page_that_cannot_go_back_in_leaves_in_a_slot_of_its_ow
     from umgr.policies import GuardedEviction
     from umgr.policies.fifo import FifoEviction
 
-    backend = FileBackend(size=8 << 12, directory=str(tmp_path / "state"))
+    backend = FileBackend(size=16 << 12, directory=str(tmp_path / "state"))
     try:
-        refused = {101}   # the vpn whose copy meets EAGAIN
+        refused = {101, 102, 103}   # the vpns whose copy back meets EAGAIN
         uffd = SimpleNamespace(
             copy_fast=lambda dst, src, length, mode: errno_module.EAGAIN if dst >> 12 in refused else 0,
             wake=lambda start, length: None)
@@ -979,26 +982,60 @@ def test_a_device_written_page_that_cannot_go_back_in_leaves_in_a_slot_of_its_ow
         pt.add(100, 8)
         core = TargetCore(pid=0, label="t", uffd=uffd, backend=backend, budget=Budget(0),
                           eviction=GuardedEviction(FifoEviction()), clean_copies="never", pt=pt)
-        vpns = np.array([100, 101])
-        stale = backend.slots.alloc(2)
-        pt.set(vpns, State.ZAPPING, stale)
-        content = PageBuffer(2)
-        content.bytes[4096:] = 7
+        vpns = np.array([100, 101, 102, 103])
+        stale = backend.slots.alloc(3)
+        backend.slots.incref(stale[2:])   # 102's is shared with a forked child
+        pt.set(vpns, State.ZAPPING, np.append(stale, NO_SLOT))   # 103 went out as a zero page
+        content = PageBuffer(4)
+        for page in range(4):
+            content.bytes[page * 4096:(page + 1) * 4096] = page + 1
         evictor = Evictor(core, pinning=None, removes=None)
         trio.run(evictor._keep_device_writes, vpns, content)
-        assert pt.states(vpns).tolist() == [State.RESIDENT, State.ZAPPING]
-        assert pt.slots(vpns[:1])[0] == NO_SLOT and core.stats.device_written == 2
-        new = pt.slots(vpns[1:])
-        assert new[0] not in stale and backend.slots.used == 1, "both stale copies freed, one new slot"
-        back = PageBuffer(1)
-        trio.run(backend.read, new, back.addrs(np.arange(1)))
-        assert (back.bytes == 7).all(), "the new slot holds what the device wrote"
+        assert pt.states(vpns).tolist() == [State.RESIDENT] + [State.ZAPPING] * 3
+        assert pt.slots(vpns[:1])[0] == NO_SLOT and core.stats.device_written == 4
+        slots = pt.slots(vpns[1:])
+        assert slots[0] == stale[1], "its own slot is written over"
+        assert slots[1] not in stale and backend.slots.refs(stale[2:])[0] == 1, "a shared one is left to the child"
+        assert slots[2] != NO_SLOT
+        assert backend.slots.used == 4, "the first page's stale copy is freed"
+        back = PageBuffer(3)
+        trio.run(backend.read, slots, back.addrs(np.arange(3)))
+        assert (back.bytes.reshape(3, 4096) == np.array([[2], [3], [4]], np.uint8)).all(), "what the device wrote"
 
         backend.slots.alloc(backend.slots.capacity - backend.slots.used)   # the store full
-        with pytest.raises(BackendError):
-            trio.run(evictor._keep_device_writes, vpns[1:], content)
+        pt.set(vpns[3:], State.ZAPPING, np.array([NO_SLOT]))
+        with pytest.raises(BackendError, match="device wrote"):
+            trio.run(evictor._keep_device_writes, vpns[3:], content)
     finally:
         backend.close()
+
+
+def test_changed_pages_are_named_among_the_whole_batch_when_a_busy_run_was_skipped():
+    # _move_around_busy sends what is left of the batch after a busy run
+    # (vpns[at:], with its hashes): the pages a device changed come back
+    # named among that rest, and are named among the whole batch.
+    from types import SimpleNamespace
+
+    from umgr.paging.evictor import Evictor
+    from umgr.paging.zap import Moved
+
+    calls = []
+
+    class Zapper:
+        moves = True
+
+        async def move_out(self, starts, lengths, hashes, read_changed):
+            calls.append(hashes.tolist())
+            if len(calls) == 1:   # the first run moves, the second is busy
+                return Moved(int(lengths[0]), errno.EBUSY, [(np.array([1]), "first")])
+            return Moved(int(lengths.sum()), 0, [(np.array([0, 2]), "second")])
+
+    evictor = Evictor(SimpleNamespace(zapper=Zapper()), pinning=None, removes=None)
+    vpns = np.array([10, 11, 12, 20, 21, 30, 31, 32])   # three runs
+    moved, busy, error, changed = trio.run(evictor._move_around_busy, vpns, np.arange(1, 9, dtype=np.uint64))
+    assert calls == [list(range(1, 9)), [6, 7, 8]]
+    assert moved.tolist() == [1, 1, 1, 0, 0, 1, 1, 1] and busy.tolist() == [0, 0, 0, 1, 1, 0, 0, 0] and error == 0
+    assert [(at.tolist(), content) for at, content in changed] == [([1], "first"), ([5, 7], "second")]
 
 
 def test_the_prefetch_policy_hears_of_a_fault_when_no_window_may_come():

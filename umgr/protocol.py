@@ -31,7 +31,8 @@ ACK = struct.Struct("<IHH iI")
 ZAP_HEAD = struct.Struct("<IHH II")
 ZAP_DONE = struct.Struct("<IHH Iiq IIQ")
 MOVE_MAX_PAGES = 2048          # the pages a MOVE_OUT may name (UMGR_MOVE_MAX_PAGES)
-CHANGED_INDEX_BYTES = MOVE_MAX_PAGES * 4   # ZAP_DONE's changed pages follow their indices
+CHANGED_MAX = 64               # the changed pages its answer may name (UMGR_CHANGED_MAX)
+CHANGED_INDEX_BYTES = 4096     # ZAP_DONE's changed pages follow their indices (UMGR_CHANGED_INDEX_BYTES)
 ZAP_RANGE_DTYPE = np.dtype([("start", "<u8"), ("length", "<u8")])
 
 
@@ -154,7 +155,7 @@ def decode_zap_done(data: bytes) -> ZapDone:
     if msg_type != MsgType.ZAP_DONE:
         raise ProtocolError(f"agent sent message type {msg_type}")
     _, _, _, seq, error, nbytes, changed, _, changed_at = ZAP_DONE.unpack(data)
-    if changed > MOVE_MAX_PAGES:
+    if changed > CHANGED_MAX:
         raise ProtocolError(f"agent names {changed} changed pages, more than a move may have")
     return ZapDone(seq, error, nbytes, changed, changed_at)
 

@@ -41,6 +41,7 @@ def build_ffi():
         "umgr.bindings._kernel",
         "\n".join([m.INCLUDES for m in modules] + [m.CUSTOMIZATIONS for m in modules]),
         include_dirs=[os.path.join(PACKAGE, "shim")],   # pagehash.h, shared with the shim
+        depends=[os.path.join(PACKAGE, "shim", "pagehash.h")],   # (the two must hash alike: rebuilt together)
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         libraries=[lib for m in modules for lib in getattr(m, "LIBRARIES", [])],
     )

@@ -9,7 +9,7 @@
  * Not a cryptographic hash: it guards against a device's data, not an
  * adversary (a program that wants its own page wrong can write it so).
  * Four lanes of xor-multiply-rotate over the page's words keep the
- * multiplier busy (about 0.2 us a page); a change in any word changes its
+ * multiplier busy (about 0.3 us a page); a change in any word changes its
  * lane, each step being a bijection of the lane, and the lanes are folded
  * and mixed (splitmix64's finaliser) so that every bit counts. 0 is never
  * returned: MOVE_OUT uses it for "not checked". */

@@ -394,9 +394,10 @@ struct uffdio_move {
  * changed since the daemon's copy (protocol.h), for the daemon to read. A
  * shared mapping, so never managed: the agent writes it while the daemon
  * waits for its answer and serves no fault. MADV_DONTFORK: a child's agent
- * makes its own. Reserved whole with the scratch, used only when a device
- * wrote a page during its eviction. */
-#define CHANGED_BYTES (UMGR_CHANGED_INDEX_BYTES + (size_t)UMGR_MOVE_MAX_PAGES * SHIM_PAGE_SIZE)
+ * makes its own. Made with the scratch, touched only when a device wrote a
+ * page during its eviction; small (260 KiB), as under mlockall(MCL_FUTURE)
+ * it is locked in memory whole. */
+#define CHANGED_BYTES (UMGR_CHANGED_INDEX_BYTES + (size_t)UMGR_CHANGED_MAX * SHIM_PAGE_SIZE)
 
 static struct {
     int uffd;      /* the uffd the parts are registered on (shim.uffd_ref, not ours to close); -1 until the first MOVE_OUT */
@@ -516,9 +517,12 @@ static int scratch_discard(void)
  * pinned page: EBUSY). Each goes to the changed-page area with its index.
  * A hole (the app discarded the page meanwhile: the move skips it) has no
  * page to hash, and touching it would fault on the scratch's uffd, so
- * mincore picks the pages that arrived. Nothing is done for pages the
- * daemon did not copy (hash 0: a clean copy's page, which came in through
- * UFFDIO_COPY write-protected and cannot be pinned for a write since). */
+ * mincore picks the pages that arrived (a page the kernel swapped out in
+ * between, unpinned, is passed over with the holes: mincore cannot tell
+ * them apart). Nothing is done for pages the daemon did not copy (hash 0:
+ * a clean copy's page, which came in through UFFDIO_COPY write-protected
+ * and cannot be pinned for a write since). At most checkable() pages
+ * move at once, so there is room for all. */
 static void keep_changed(const char *dst, uint64_t npages, uint64_t first, const uint64_t *hashes)
 {
     unsigned char present[SCRATCH_PART / SHIM_PAGE_SIZE];
@@ -539,20 +543,32 @@ static void keep_changed(const char *dst, uint64_t npages, uint64_t first, const
     }
 }
 
+/* How many of the `most` pages from page `first` one move may take: all,
+ * unless more of them are checked (a hash) than the changed-page area has
+ * room left for. */
+static uint64_t checkable(const uint64_t *hashes, uint64_t first, uint64_t most)
+{
+    uint32_t room = UMGR_CHANGED_MAX - scratch.nchanged;
+    for (uint64_t p = 0; p < most; p++)
+        if (hashes[first + p] && room-- == 0)
+            return p;
+    return most;
+}
+
 /* The changed-page area's pages go back to the kernel (a shared mapping's
  * pages live in its shmem file: MADV_REMOVE frees them) once the daemon,
  * which reads them before its next MOVE_OUT, is done with them. */
 static void changed_reset(void)
 {
     if (scratch.nchanged)
-        syscall(SYS_madvise, scratch.changed, CHANGED_BYTES, MADV_REMOVE);
+        syscall(SYS_madvise, scratch.changed, CHANGED_BYTES, MADV_REMOVE);   /* (EINVAL if locked: it stays) */
     scratch.nchanged = 0;
 }
 
 /* Move the ranges out, in order, until one cannot move further (ENOENT: no
  * mapping there any more, an mremap or munmap took it; EBUSY: a page
  * shared copy-on-write after fork, or pinned for I/O; EINVAL: another
- * protection, an mlock). A move across the end of a mapping is refused
+ * protection, an mlock; ENOSPC: the changed-page area is full). A move across the end of a mapping is refused
  * whole (EINVAL: the kernel wants source and destination each within one
  * mapping), and a range of the daemon's may cross any number of them
  * (madvise flags, anonymous names and hugepage advice split a region into
@@ -586,6 +602,11 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, con
             size_t room = SCRATCH_PART - scratch.used % SCRATCH_PART;   /* a move stays within one part */
             uint64_t len = left < room ? left : room;
             len = len < most ? len : most;
+            len = checkable(hashes, (uint64_t)done / SHIM_PAGE_SIZE, len / SHIM_PAGE_SIZE) * SHIM_PAGE_SIZE;
+            if (!len) {   /* the changed-page area is full: the daemon takes those first */
+                *stopped = ENOSPC;
+                return done;
+            }
             char *dst = scratch_part((int)(scratch.used / SCRATCH_PART)) + scratch.used % SCRATCH_PART;
             /* A hole (a page the app discarded meanwhile) is skipped, and counted as moved. */
             struct uffdio_move move = {.dst = (uintptr_t)dst, .src = at, .len = len,

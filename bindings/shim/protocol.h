@@ -28,7 +28,9 @@
  * each page it moved again: one a device wrote in between (pinned for I/O
  * before the daemon write-protected it, unpinned before the move) differs,
  * and its content goes to the agent's changed-page area for the daemon to
- * read before its next MOVE_OUT (ZAP_DONE's changed, changed_at).
+ * read before its next MOVE_OUT (ZAP_DONE's changed, changed_at). That
+ * area holds UMGR_CHANGED_MAX pages: a move that could find more changed
+ * pages than it has room for left stops before them (ENOSPC).
  * The daemon reads no event from the app's uffd
  * while a move is in flight, so an mremap in between cannot move pages
  * back under it. Requests are answered in order: an empty ZAP (count 0) is
@@ -151,8 +153,10 @@ struct umgr_zap {
 };
 
 /* A MOVE_OUT names at most this many pages (the daemon's largest eviction
- * batch), so its hashes and its changed pages have a bound. */
+ * batch), so its hashes have a bound; at most UMGR_CHANGED_MAX of them are
+ * answered as changed. */
 #define UMGR_MOVE_MAX_PAGES 2048
+#define UMGR_CHANGED_MAX 64
 
 struct umgr_zap_done {
     struct umgr_hdr hdr;
@@ -169,7 +173,7 @@ struct umgr_zap_done {
     uint64_t changed_at;
 };
 
-#define UMGR_CHANGED_INDEX_BYTES (UMGR_MOVE_MAX_PAGES * 4)
+#define UMGR_CHANGED_INDEX_BYTES 4096   /* a page: UMGR_CHANGED_MAX indices fit */
 
 /* DETACH (daemon -> agent) and DETACH_DONE (agent -> daemon): a bare header. */
 struct umgr_detach {

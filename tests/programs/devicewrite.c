@@ -1,24 +1,27 @@
-/* A device writes a page while umgr evicts it: usage devicewrite.
+/* A device writes pages while umgr evicts them: usage devicewrite [PAGES].
  *
  * A page pinned for I/O before the daemon write-protects it can be written
  * by the device after the daemon copied it (the write-protect bit stops the
  * CPU, not a device); if the pin is dropped before the agent's move, the
  * move succeeds. The page used to leave with its old copy.
  *
- * io_uring stands in for the device: BUFFER_PAGES pages of a managed
- * region are its registered buffer (pinned), and a READ_FIXED from a pipe
- * waits to fill them (the kernel copies into the pinned pages, as a DMA
+ * io_uring stands in for the device: PAGES pages (16 unless given, at
+ * most MAX_BUFFER_PAGES) of a managed region are its registered buffer
+ * (pinned), and a READ_FIXED from a pipe waits to fill them (the kernel copies into the pinned pages, as a DMA
  * does, past the page tables). The test stops umgr's agent thread
  * (ptrace), so that the move waits for it:
  *   1. "agent TID" on stdout, then wait for "go" on stdin (agent stopped);
- *   2. COLD on the buffer: the daemon write-protects and copies it (salt 1),
- *      stores the copy and asks the agent to move the pages out;
+ *   2. COLD on the buffer and FLANK pages each side, every 8th of which
+ *      was discarded (so the move names many ranges, the buffer's pages
+ *      far from the first): the daemon write-protects and copies them
+ *      (salt 1), stores the copies and asks the agent to move them out;
  *   3. once that request waits on a socket of ours, the pipe's data (salt 9)
  *      goes into the buffer through the pin, and the buffer is unregistered
  *      (unpinned); "landed" on stdout, then wait for "resumed" (the agent
  *      runs again and moves the pages);
- *   4. the buffer must read salt 9; COLD again, wait until it has left
- *      (mincore), and it must read salt 9 once more, from the store.
+ *   4. the buffer must read salt 9, the rest as before; COLD again, wait
+ *      until the buffer has left (mincore), and it must read salt 9 once
+ *      more, from the store.
  * Exit 0 when every byte is right, 1 if not, 2 when the setup failed. */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -39,7 +42,12 @@
 
 #define REGION_PAGES 1024   /* 4 MiB: over --min-region, so managed */
 #define FIRST 256           /* the buffer's first page */
-#define BUFFER_PAGES 16     /* 64 KiB: one write fills it from the pipe */
+#define MAX_BUFFER_PAGES 128   /* 512 KiB: one write fills it from the pipe */
+#define FLANK 64            /* pages each side of it in the COLD range */
+#define COLD_FIRST (FIRST - FLANK)
+#define COLD_PAGES (FLANK + buffer_pages + FLANK)
+
+static size_t buffer_pages = 16;
 
 static void sleep_ms(long ms)
 {
@@ -53,7 +61,7 @@ static int agent_tid(void)
     struct dirent *task;
     int tid = 0;
     while (tasks && (task = readdir(tasks)) && !tid) {
-        char path[64], comm[32] = "";
+        char path[300], comm[32] = "";
         snprintf(path, sizeof path, "/proc/self/task/%s/comm", task->d_name);
         FILE *f = fopen(path, "r");
         if (f && fgets(comm, sizeof comm, f) && strcmp(comm, "umgr-agent\n") == 0)
@@ -85,10 +93,28 @@ static int wait_for(const char *line)
     return fgets(got, sizeof got, stdin) && strncmp(got, line, strlen(line)) == 0 ? 0 : -1;
 }
 
+/* The discarded pages of the flanks: every 8th. */
+static int discarded(size_t page)
+{
+    return (page < FIRST || page >= FIRST + buffer_pages) && page >= COLD_FIRST && page < COLD_FIRST + COLD_PAGES &&
+           page % 8 == 3;
+}
+
+/* 0 when the region reads as it should outside the buffer: salt 1, or
+ * zeros where a flank's page was discarded. */
+static int check_around(const uint64_t *m)
+{
+    int bad = 0;
+    for (size_t p = 0; p < REGION_PAGES && !bad; p++)
+        if (p < FIRST || p >= FIRST + buffer_pages)
+            bad = check(m, p, 1, discarded(p) ? 0 : 1, "the region around the buffer");
+    return bad;
+}
+
 static int resident_pages(void *addr, size_t npages)
 {
-    unsigned char vec[BUFFER_PAGES];
-    if (npages > BUFFER_PAGES || mincore(addr, npages * PAGE, vec) != 0)
+    unsigned char vec[MAX_BUFFER_PAGES];
+    if (npages > MAX_BUFFER_PAGES || mincore(addr, npages * PAGE, vec) != 0)
         return -1;
     int n = 0;
     for (size_t i = 0; i < npages; i++)
@@ -96,16 +122,20 @@ static int resident_pages(void *addr, size_t npages)
     return n;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 1)
+        buffer_pages = strtoul(argv[1], NULL, 10);
+    if (buffer_pages < 1 || buffer_pages > MAX_BUFFER_PAGES)
+        return 2;
     uint64_t *m = mmap(NULL, REGION_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     /* The pipe's data, in a mapping under --min-region: never managed. */
-    uint64_t *data = mmap(NULL, BUFFER_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint64_t *data = mmap(NULL, MAX_BUFFER_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED || data == MAP_FAILED || !umgr_advise)
         return 2;
     uint64_t *buffer = m + FIRST * WORDS;
     fill(m, 0, REGION_PAGES, 1);
-    for (size_t w = 0; w < BUFFER_PAGES * WORDS; w++)
+    for (size_t w = 0; w < buffer_pages * WORDS; w++)
         data[w] = (FIRST * WORDS + w) ^ 9;
 
     struct io_uring ring;
@@ -113,19 +143,22 @@ int main(void)
     if (io_uring_queue_init(4, &ring, 0) != 0 || pipe(pipe_fds) != 0 ||
         fcntl(pipe_fds[1], F_SETPIPE_SZ, 1 << 20) < 0)
         return 2;
-    struct iovec iov = {buffer, BUFFER_PAGES * PAGE};
+    struct iovec iov = {buffer, buffer_pages * PAGE};
     if (io_uring_register_buffers(&ring, &iov, 1) != 0)
         return 2;
     struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-    io_uring_prep_read_fixed(sqe, pipe_fds[0], buffer, BUFFER_PAGES * PAGE, 0, 0);
+    io_uring_prep_read_fixed(sqe, pipe_fds[0], buffer, buffer_pages * PAGE, 0, 0);
     if (io_uring_submit(&ring) != 1)
         return 2;
 
+    for (size_t p = COLD_FIRST; p < COLD_FIRST + COLD_PAGES; p++)
+        if (discarded(p) && madvise(m + p * WORDS, PAGE, MADV_DONTNEED) != 0)
+            return 2;
     printf("agent %d\n", agent_tid());
     fflush(stdout);
     if (wait_for("go") != 0)
         return 2;
-    if (umgr_advise(buffer, BUFFER_PAGES * PAGE, UMGR_ADVISE_COLD) != 0) {
+    if (umgr_advise(m + COLD_FIRST * WORDS, COLD_PAGES * PAGE, UMGR_ADVISE_COLD) != 0) {
         perror("umgr_advise");
         return 2;
     }
@@ -138,9 +171,9 @@ int main(void)
     }
     /* The "device" writes the buffer, then lets go of it. */
     struct io_uring_cqe *cqe;
-    if (write(pipe_fds[1], data, BUFFER_PAGES * PAGE) != BUFFER_PAGES * PAGE || io_uring_wait_cqe(&ring, &cqe) != 0)
+    if (write(pipe_fds[1], data, buffer_pages * PAGE) != buffer_pages * PAGE || io_uring_wait_cqe(&ring, &cqe) != 0)
         return 2;
-    if (cqe->res != BUFFER_PAGES * PAGE) {
+    if (cqe->res != buffer_pages * PAGE) {
         fprintf(stderr, "devicewrite: the read got %d bytes\n", cqe->res);
         return 2;
     }
@@ -154,19 +187,19 @@ int main(void)
         return 2;
     sleep_ms(300);   /* the agent's move, and the daemon's answer to it */
 
-    int bad = check(m, FIRST, BUFFER_PAGES, 9, "the buffer the device wrote during its eviction");
-    bad |= check(m, 0, FIRST, 1, "the region before it");
-    bad |= check(m, FIRST + BUFFER_PAGES, REGION_PAGES - FIRST - BUFFER_PAGES, 1, "the region after it");
+    int bad = check(m, FIRST, buffer_pages, 9, "the buffer the device wrote during its eviction");
+    bad |= check_around(m);
     /* Unpinned now, the buffer leaves as any page does, and comes back. */
-    if (umgr_advise(buffer, BUFFER_PAGES * PAGE, UMGR_ADVISE_COLD) != 0)
+    if (umgr_advise(buffer, buffer_pages * PAGE, UMGR_ADVISE_COLD) != 0)
         return 2;
     int resident = -1;
-    for (int waited = 0; waited < 10000 && (resident = resident_pages(buffer, BUFFER_PAGES)) != 0; waited += 10)
+    for (int waited = 0; waited < 10000 && (resident = resident_pages(buffer, buffer_pages)) != 0; waited += 10)
         sleep_ms(10);
     if (resident != 0) {
         fprintf(stderr, "devicewrite: %d buffer pages still resident after COLD\n", resident);
         return 1;
     }
-    bad |= check(m, FIRST, BUFFER_PAGES, 9, "the buffer, read back");
+    bad |= check(m, FIRST, buffer_pages, 9, "the buffer, read back");
+    bad |= check_around(m);
     return bad;
 }

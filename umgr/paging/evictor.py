@@ -454,11 +454,13 @@ class Evictor:
         await self.pinning.pin_busy(vpns[busy])
         rest = vpns[~moved & ~busy]
         rest = rest[core.pt.states(rest) == State.ZAPPING]   # (pin_busy may have let an event be read)
-        if error in (errno.ENOENT, errno.EAGAIN, errno.EBUSY):
+        if error in (errno.ENOENT, errno.EAGAIN, errno.EBUSY, errno.ENOSPC):
             # A mapping gone (ENOENT), an event of the app's queued
             # (EAGAIN: an munmap, mremap, discard or fork in between, its
-            # event read next), or more busy pages than a batch skips
-            # (EBUSY: never zapped, see _move_around_busy). The rest stays
+            # event read next), more busy pages than a batch skips
+            # (EBUSY: never zapped, see _move_around_busy), or more pages
+            # a device changed than the agent keeps at once (ENOSPC: the
+            # rest may have been written by a device too). The rest stays
             # resident, to be chosen again: a zap would come later, when
             # the app may have mapped new memory there.
             core.release(rest, State.ZAPPING)
@@ -523,28 +525,44 @@ class Evictor:
             await self._store_device_writes(vpns[~back], content.addrs(np.flatnonzero(~back)))
 
     async def _store_device_writes(self, vpns: np.ndarray, addrs: np.ndarray) -> None:
-        """The device's content of ZAPPING pages, written to new slots that
-        replace their stale ones (they settle as SWAPPED with the rest of
-        the move). A store that cannot take them leaves no right copy
-        anywhere but here: the target is killed (BackendError) rather than
-        served the stale one."""
+        """The device's content of ZAPPING pages (at addrs) written to their
+        slots, over the stale copy where the slot is theirs alone (under the
+        gate no event can free it meanwhile), else (a zero page's, which
+        has none, or one a fork shares) to a new slot; they settle as
+        SWAPPED with the rest of the move. If the store cannot take them,
+        no right copy is left anywhere but here: the target is killed
+        (BackendError) rather than served the stale one."""
         core = self.core
-        try:
-            slots = core.slots.alloc(len(vpns))
-        except BackendFull as exc:
-            raise BackendError(f"no swap slot for a page a device wrote during its eviction ({exc})") from None
+        slots = core.pt.slots(vpns)
+        shared = slots[(slots != NO_SLOT) & (core.slots.counts[slots] > 1)]
+        new = (slots == NO_SLOT) | np.isin(slots, shared)
+        if new.any():
+            slots[new] = self._slots_for_device_writes(int(new.sum()))
         try:
             await io_to_the_end(core.backend.write, slots, addrs)
         except BackendError as exc:
-            if not exc.may_land:   # (a write landing in a slot handed out again would overwrite its page)
-                core.slots.free(slots)
-            raise
+            core.stats.backend_failures += 1
+            if not exc.may_land:
+                core.slots.free(slots[new])
+            raise BackendError(f"a page a device wrote during its eviction cannot be stored ({exc})") from exc
         except BaseException:
-            core.slots.free(slots)
+            core.slots.free(slots[new])
             raise
-        old = core.pt.slots(vpns)
+        old = core.pt.slots(vpns[new])
         core.slots.free(old[old != NO_SLOT])
         core.pt.set(vpns, State.ZAPPING, slots)
+        core.slots.evicted_at[slots] = core.evictions & 0xFFFFFFFF
+
+    def _slots_for_device_writes(self, count: int) -> np.ndarray:
+        core = self.core
+        try:
+            return core.slots.alloc(count)
+        except BackendFull:
+            core.free_clean_copies()   # (slots kept only to save a write)
+        try:
+            return core.slots.alloc(count)
+        except BackendFull as exc:
+            raise BackendError(f"no swap slot for a page a device wrote during its eviction ({exc})") from None
 
     async def _zap_runs(self, vpns: np.ndarray, discarded_before: np.ndarray) -> np.ndarray:
         """Zap the runs of vpns and settle the pages zapped. Returns the

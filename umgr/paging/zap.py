@@ -123,7 +123,12 @@ class AgentZapper:
             result = await self._ask(protocol.encode_move_out(self._next_seq(), starts[chunk], lengths[chunk],
                                                               hashes[pages]))
             if result.error < 0:
-                raise CannotMove(errno.errorcode.get(-result.error, str(-result.error)))
+                why = errno.errorcode.get(-result.error, str(-result.error))
+                if moved.bytes or moved.changed:   # (what earlier requests moved is told all the same)
+                    log.warning("pages leave by zap only: the agent cannot move them out any more (%s)", why)
+                    self.moves = False
+                    break
+                raise CannotMove(why)
             if result.changed:
                 at, content = await read_changed(result.changed_at, result.changed)
                 if at[0] < 0 or at[-1] >= result.bytes >> PAGE_SHIFT or (np.diff(at) <= 0).any():
