@@ -510,45 +510,69 @@ static int scratch_discard(void)
     return errno;
 }
 
-/* The pages just moved to dst (npages of them, the first being page `first`
- * of the request) whose content is not what the daemon copied: a device
+/* Pages moved into the scratch that are still to be checked against
+ * their hash (check_moved): their index among the request's pages, and
+ * where in the scratch they went (bytes into its parts, as scratch.used). */
+static struct {
+    uint32_t index[UMGR_CHANGED_MAX];
+    uint32_t at[UMGR_CHANGED_MAX];
+    uint32_t count;
+} unchecked;
+
+/* The pages just moved in at scratch.used (npages, the first being page
+ * `first` of the request) that the daemon copied (a hash) wait for
+ * check_moved(). Pages it did not copy (hash 0: a clean copy's page, which
+ * came in through UFFDIO_COPY write-protected and cannot be pinned for a
+ * write since) are not checked. */
+static void note_moved(uint64_t npages, uint64_t first, const uint64_t *hashes)
+{
+    for (uint64_t p = 0; p < npages; p++)
+        if (hashes[first + p]) {
+            unchecked.index[unchecked.count] = (uint32_t)(first + p);
+            unchecked.at[unchecked.count++] = (uint32_t)(scratch.used + p * SHIM_PAGE_SIZE);
+        }
+}
+
+/* The pages moved whose content is not what the daemon copied: a device
  * wrote them after the copy, through a pin taken before the daemon
  * write-protected them and dropped before the move (the move refuses a
  * pinned page: EBUSY). Each goes to the changed-page area with its index.
  * A hole (the app discarded the page meanwhile: the move skips it) has no
  * page to hash, and touching it would fault on the scratch's uffd, so
- * mincore picks the pages that arrived (a page the kernel swapped out in
- * between, unpinned, is passed over with the holes: mincore cannot tell
- * them apart). Nothing is done for pages the daemon did not copy (hash 0:
- * a clean copy's page, which came in through UFFDIO_COPY write-protected
- * and cannot be pinned for a write since). At most checkable() pages
- * move at once, so there is room for all. */
-static void keep_changed(const char *dst, uint64_t npages, uint64_t first, const uint64_t *hashes)
+ * mincore picks the pages that arrived: one call over the scratch for all
+ * the pages waiting, where a call per move cost a syscall per page of a
+ * scattered batch. (A page the kernel swapped out in between, unpinned,
+ * is passed over with the holes: mincore cannot tell them apart.) Called
+ * before the scratch is emptied and before the answer; room() keeps the
+ * pages waiting within what the changed-page area can take. */
+static void check_moved(const uint64_t *hashes)
 {
-    unsigned char present[SCRATCH_PART / SHIM_PAGE_SIZE];
-    int checked = 0;
-    for (uint64_t p = 0; p < npages && !checked; p++)
-        checked = hashes[first + p] != 0;
-    if (!checked || syscall(SYS_mincore, dst, npages * SHIM_PAGE_SIZE, present) != 0)
+    if (!unchecked.count)
         return;
-    for (uint64_t p = 0; p < npages; p++) {
-        uint64_t want = hashes[first + p];
-        const char *page = dst + p * SHIM_PAGE_SIZE;
-        if (!want || !(present[p] & 1) || umgr_page_hash(page) == want)
+    unsigned char present[SCRATCH_SPAN / SHIM_PAGE_SIZE];
+    char *base = scratch_part(0);
+    uint32_t last = unchecked.at[unchecked.count - 1];
+    char *end = scratch_part((int)(last / SCRATCH_PART)) + last % SCRATCH_PART + SHIM_PAGE_SIZE;
+    int known = syscall(SYS_mincore, base, (size_t)(end - base), present) == 0;
+    for (uint32_t i = 0; i < unchecked.count && known; i++) {
+        uint32_t at = unchecked.at[i];
+        const char *page = scratch_part((int)(at / SCRATCH_PART)) + at % SCRATCH_PART;
+        if (!(present[(page - base) / SHIM_PAGE_SIZE] & 1) || umgr_page_hash(page) == hashes[unchecked.index[i]])
             continue;
         uint32_t *index = (uint32_t *)scratch.changed;
         memcpy(scratch.changed + UMGR_CHANGED_INDEX_BYTES + (size_t)scratch.nchanged * SHIM_PAGE_SIZE, page,
                SHIM_PAGE_SIZE);
-        index[scratch.nchanged++] = (uint32_t)(first + p);
+        index[scratch.nchanged++] = unchecked.index[i];
     }
+    unchecked.count = 0;
 }
 
 /* How many of the `most` pages from page `first` one move may take: all,
  * unless more of them are checked (a hash) than the changed-page area has
- * room left for. */
+ * room left for, counting the pages still to be checked as changed. */
 static uint64_t checkable(const uint64_t *hashes, uint64_t first, uint64_t most)
 {
-    uint32_t room = UMGR_CHANGED_MAX - scratch.nchanged;
+    uint32_t room = UMGR_CHANGED_MAX - scratch.nchanged - unchecked.count;
     for (uint64_t p = 0; p < most; p++)
         if (hashes[first + p] && room-- == 0)
             return p;
@@ -579,13 +603,22 @@ static void changed_reset(void)
  * all moved), or -errno when nothing can move here (no UFFDIO_MOVE). The
  * pages stay in the scratch until scratch_discard(), after the answer;
  * those whose hash (one per page of the ranges) says a device changed them
- * since the daemon's copy go to the changed-page area (keep_changed). */
+ * since the daemon's copy go to the changed-page area (check_moved). */
+static long move_ranges(const struct umgr_range *ranges, uint32_t count, const uint64_t *hashes, int *stopped);
+
 static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, const uint64_t *hashes, int *stopped)
 {
     int error = scratch_ready();
     if (error)
         return -error;
     changed_reset();
+    long done = move_ranges(ranges, count, hashes, stopped);
+    check_moved(hashes);
+    return done;
+}
+
+static long move_ranges(const struct umgr_range *ranges, uint32_t count, const uint64_t *hashes, int *stopped)
+{
     long done = 0;
     *stopped = 0;
     for (uint32_t i = 0; i < count; i++) {
@@ -593,6 +626,7 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, con
         uint64_t most = left;   /* what one move may take: halved while moves cross a mapping's end */
         while (left) {
             if (scratch.used == SCRATCH_BYTES) {   /* (a batch of more than 512 pages) */
+                check_moved(hashes);
                 int why = scratch_discard();
                 if (why) {
                     *stopped = why;
@@ -602,6 +636,8 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, con
             size_t room = SCRATCH_PART - scratch.used % SCRATCH_PART;   /* a move stays within one part */
             uint64_t len = left < room ? left : room;
             len = len < most ? len : most;
+            if (!checkable(hashes, (uint64_t)done / SHIM_PAGE_SIZE, 1))
+                check_moved(hashes);   /* (room for the pages waiting, which are mostly unchanged) */
             len = checkable(hashes, (uint64_t)done / SHIM_PAGE_SIZE, len / SHIM_PAGE_SIZE) * SHIM_PAGE_SIZE;
             if (!len) {   /* the changed-page area is full: the daemon takes those first */
                 *stopped = ENOSPC;
@@ -613,7 +649,7 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, con
                                        .mode = UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES};
             int why = ioctl(scratch.uffd, UFFDIO_MOVE, &move) < 0 ? errno : 0;
             uint64_t moved = move.move > 0 ? (uint64_t)move.move & ~(uint64_t)(SHIM_PAGE_SIZE - 1) : 0;
-            keep_changed(dst, moved / SHIM_PAGE_SIZE, (uint64_t)done / SHIM_PAGE_SIZE, hashes);
+            note_moved(moved / SHIM_PAGE_SIZE, (uint64_t)done / SHIM_PAGE_SIZE, hashes);
             done += (long)moved;
             scratch.used += moved;
             /* A move that stops part way answers EAGAIN: the next one,
