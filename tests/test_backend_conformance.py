@@ -591,6 +591,28 @@ def test_a_slot_freed_while_its_page_is_demoted_is_not_handed_out_before_the_wri
         chain.close()
 
 
+@pytest.mark.timeout(60)
+def test_the_compressed_store_at_its_cap_takes_a_page_written_again_to_a_slot_it_holds():
+    """A slot written again (the evictor stores a page a device changed
+    during its eviction over its stale copy) gives its old entry back
+    first: at the cap, a page of the same size still fits."""
+    n = 128
+    out, back = half_random_pages(n, 37), PageBuffer(1)
+    store = open_specs(["compressed:cap=160K"])
+    try:
+        slots = store.slots.alloc(n)
+        held = 0
+        with pytest.raises(BackendError):
+            for held in range(n):
+                run_io(store.write, slots[held:held + 1], out.addrs(np.arange(held, held + 1)))
+        assert 0 < held < n, "the cap was reached"
+        run_io(store.write, slots[:1], out.addrs(np.arange(1, 2)))   # the second page's content, in the first slot
+        run_io(store.read, slots[:1], back.addrs(np.arange(1)))
+        assert np.array_equal(back.bytes, out.bytes[4096:8192])
+    finally:
+        store.close()
+
+
 def test_bad_specs_say_what_is_wrong():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         open_specs(["nope"])

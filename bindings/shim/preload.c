@@ -408,6 +408,15 @@ static struct {
     uint32_t nchanged;   /* pages in it since the last MOVE_OUT */
 } scratch = {.uffd = -1};
 
+/* Pages moved into the scratch that are still to be checked against
+ * their hash (check_moved): their index among the request's pages, and
+ * where in the scratch they went (bytes into its parts, as scratch.used). */
+static struct {
+    uint32_t index[UMGR_CHANGED_MAX];
+    uint32_t at[UMGR_CHANGED_MAX];
+    uint32_t count;
+} unchecked;
+
 static char *scratch_part(int i)
 {
     return scratch.span + SHIM_PAGE_SIZE + (size_t)i * SCRATCH_STRIDE;
@@ -489,6 +498,7 @@ static void scratch_drop(int unmap)
     scratch.span = NULL;
     scratch.changed = NULL;
     scratch.nchanged = 0;
+    unchecked.count = 0;   /* (a fork from another thread may find the agent between two moves) */
     scratch.used = 0;
     scratch.error = 0;
 }
@@ -509,15 +519,6 @@ static int scratch_discard(void)
     scratch.error = errno;
     return errno;
 }
-
-/* Pages moved into the scratch that are still to be checked against
- * their hash (check_moved): their index among the request's pages, and
- * where in the scratch they went (bytes into its parts, as scratch.used). */
-static struct {
-    uint32_t index[UMGR_CHANGED_MAX];
-    uint32_t at[UMGR_CHANGED_MAX];
-    uint32_t count;
-} unchecked;
 
 /* The pages just moved in at scratch.used (npages, the first being page
  * `first` of the request) that the daemon copied (a hash) wait for
@@ -543,8 +544,8 @@ static void note_moved(uint64_t npages, uint64_t first, const uint64_t *hashes)
  * the pages waiting, where a call per move cost a syscall per page of a
  * scattered batch. (A page the kernel swapped out in between, unpinned,
  * is passed over with the holes: mincore cannot tell them apart.) Called
- * before the scratch is emptied and before the answer; room() keeps the
- * pages waiting within what the changed-page area can take. */
+ * before the scratch is emptied and before the answer; checkable() keeps
+ * the pages waiting within what the changed-page area can take. */
 static void check_moved(const uint64_t *hashes)
 {
     if (!unchecked.count)
@@ -612,6 +613,7 @@ static long move_out_ranges(const struct umgr_range *ranges, uint32_t count, con
     if (error)
         return -error;
     changed_reset();
+    unchecked.count = 0;
     long done = move_ranges(ranges, count, hashes, stopped);
     check_moved(hashes);
     return done;

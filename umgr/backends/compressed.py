@@ -270,6 +270,11 @@ class CompressedBackend(Backend):
         self.held_bytes += nbytes
         self.same_filled += words
 
+    def _held_cost(self, slots: np.ndarray) -> int:
+        """What the entries those slots hold now take of the cap."""
+        lengths = self._length[np.asarray(slots, np.int64)]
+        return int(entry_costs(lengths[lengths != 0]).sum())
+
     def _drop(self, slots: np.ndarray) -> int:
         """Drop the entries of those slots that have one; how many did."""
         lengths = self._length[slots]
@@ -343,7 +348,7 @@ class CompressedBackend(Backend):
     async def write(self, slots: np.ndarray, addrs: np.ndarray) -> None:
         started = time.perf_counter()
         batch = await self.pack(addrs)
-        if batch.need > self.room():
+        if batch.need > self.room() + self._held_cost(slots):   # (a slot written again gives its entry back: keep())
             batch.discard()
             self.errors += 1
             raise BackendError(f"compressed store full: {batch.need} bytes wanted, "

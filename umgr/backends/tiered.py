@@ -15,10 +15,13 @@ or no room left after demotion) is written to the lower store.
 Races (all tasks run on one trio thread; state changes only at awaits):
 - a demoted page stays in the upper tier, and is read from there, until
   its lower write has completed;
-- a slot freed during its demotion may be allocated and written again: the
-  demotion then leaves the new page alone (oldest() gives a token per
-  page, its store's sequence number), and a lower write of that slot waits for the demotion's write
-  to finish, so the two never race to the same block.
+- a slot freed during its demotion is not handed out again until the
+  demotion's write has ended (it holds a reference of its own; for good
+  if that write may still land);
+- a slot written again while it is demoted is left alone by the demotion
+  (oldest() gives a token per page, its store's sequence number), and a
+  lower write of that slot waits for the demotion's write to finish, so
+  the two never race to the same block.
 """
 from __future__ import annotations
 
