@@ -225,8 +225,9 @@ def test_default_eviction_reads_back_about_what_fifo_does_when_every_page_is_in_
     # with a fixed hot share of 3/4 it read back 4x FIFO's pages.
     # The threads' interleaving decides what is read back: single runs of
     # either policy spread by a fifth or more (one in CI gave a ratio of 2.1),
-    # so each policy runs twice and the sums are compared.
-    cmd = [programs["hammer"], "64", "4", "10", "512"]
+    # so each policy runs twice and the sums are compared (of 5 rounds each:
+    # the bug read back 4x, and 10 rounds took a minute of the suite).
+    cmd = [programs["hammer"], "64", "4", "5", "512"]
     options = {"default": (), "fifo": ("--eviction", "fifo")}
     pages_in = dict.fromkeys(options, 0)
     for _ in range(2):
