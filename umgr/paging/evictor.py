@@ -507,11 +507,12 @@ class Evictor:
         write-protect bit does not stop a device) and dropped before the
         move (the move refuses a pinned page). What the device wrote is
         the page now: it goes back in, resident and writable, its stale
-        copy dropped, as a write during EVICTING keeps its page. Where
-        UFFDIO_COPY cannot put it back (EAGAIN: an event of the app's is
-        queued, unread under the gate) it leaves in a slot of its own
-        instead. Under the gate: no event is read, so the pages are still
-        ZAPPING where the move took them."""
+        copy dropped, as a write during EVICTING keeps its page (and, a
+        write, it ends a DISCARDABLE hint). Where UFFDIO_COPY cannot put it
+        back (EAGAIN: an event of the app's is queued, unread under the
+        gate) it leaves with the device's content in its slot instead.
+        Under the gate: no event is read, so the pages are still ZAPPING
+        where the move took them."""
         core = self.core
         core.stats.device_written += len(vpns)
         log.info("%s: %d pages were written by a device (I/O pinned before their eviction) after their copy: "
@@ -520,8 +521,8 @@ class Evictor:
         for i, vpn in enumerate(vpns.tolist()):
             in_place, _, _ = core.copy_run(vpn, 1, content.addr + i * PAGE_SIZE, on_eagain=lambda: False)
             back[i] = in_place[0]
+        core.pt.set_flag(vpns, Flag.DISCARDABLE, False)
         core.release(vpns[back], State.ZAPPING)
-        core.pt.set_flag(vpns[back], Flag.DISCARDABLE, False)
         if not back.all():
             await self._store_device_writes(vpns[~back], content, np.flatnonzero(~back))
 

@@ -91,7 +91,7 @@ class AgentZapper:
     async def zap(self, starts: np.ndarray, lengths: np.ndarray) -> int:
         """Zap the ranges; returns the bytes zapped from the start of the list
         (less than the total only if the kernel stopped early)."""
-        nbytes, _ = await self._request(protocol.MsgType.ZAP, starts, lengths)
+        nbytes, _ = await self._request(starts, lengths)
         return nbytes
 
     async def move_out(self, starts: np.ndarray, lengths: np.ndarray, hashes: np.ndarray,
@@ -140,9 +140,9 @@ class AgentZapper:
                 break
         return moved
 
-    async def _request(self, msg_type: protocol.MsgType, starts: np.ndarray,
-                       lengths: np.ndarray) -> tuple[int, int]:
-        """(bytes done from the start of the list, the errno that stopped it or 0)."""
+    async def _request(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
+        """A ZAP of the ranges, in requests of at most ZAP_MAX_RANGES: (bytes
+        done from the start of the list, the errno that stopped it or 0)."""
         done = 0
         async with self._held():
             for i in range(0, len(starts), protocol.ZAP_MAX_RANGES):
