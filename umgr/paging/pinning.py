@@ -79,6 +79,11 @@ class Pinning:
             self._tell_pinned()
         return vpns[~gone], bool(gone.any())
 
+    def all_locked(self, vpns) -> bool:
+        """Whether every page named lies in a range known to be mlocked
+        (an eviction round would pin them, not free memory)."""
+        return bool(self.locked) and bool(_inside(np.fromiter(vpns, np.int64), self.locked).all())
+
     def _private(self, vpns: np.ndarray) -> np.ndarray:
         """Which victims are known to be present pages of the target's own,
         with no need to ask pagemap: those holding a clean copy, while the

@@ -97,8 +97,9 @@ class Target:
         self._small_mappings_told = False
         self.removes = RemoveAttribution()
         self.events = MemoryEvents(self.core, self.removes)
-        self.faults = FaultService(self.core, self.events, prefetch, spin=spin, fast_path=fast_path, joint=joint)
         self.pinning = Pinning(self.core)
+        self.faults = FaultService(self.core, self.events, self.pinning, prefetch, spin=spin, fast_path=fast_path,
+                                   joint=joint)
         self.evictor = Evictor(self.core, self.pinning, self.removes)
         self.hints = Hints(self.core, self.evictor)
         self._zaps_to_settle = False   # taken back after a crash while the agent may still zap
