@@ -684,6 +684,69 @@ def test_a_write_that_could_not_all_be_submitted_sets_its_slots_aside(tmp_path):
         backend.close()
 
 
+def test_a_store_short_of_a_batch_takes_what_it_has_room_for_and_warns_once(tmp_path, caplog):
+    """A store with fewer free slots than a batch needs stores as many pages
+    as it has slots for and keeps the rest resident, and eviction pauses
+    (before, it took none of the batch, and every retry write-protected and
+    copied a whole batch for nothing). A pause is told once until a batch is
+    stored again, however often the daemon retries. (A real program:
+    test_swap_full.)"""
+    import logging
+    from types import SimpleNamespace
+
+    from umgr.backends.file import FileBackend
+    from umgr.kernel.buffers import PageBuffer
+    from umgr.paging.core import TargetCore
+    from umgr.paging.evictor import BatchReleased, Evictor
+    from umgr.paging.pagetable import PageTable, State
+    from umgr.policies import GuardedEviction
+    from umgr.policies.fifo import FifoEviction
+
+    backend = FileBackend(size=8 << 12, directory=str(tmp_path / "state"))
+    try:
+        taken = backend.slots.alloc(5)   # 3 of 8 left
+        pt = PageTable()
+        pt.add(100, 8)
+        uffd = SimpleNamespace(writeprotect_runs=lambda starts, lengths, protect: (len(starts), 0))
+        core = TargetCore(pid=0, label="t", uffd=uffd, backend=backend, budget=Budget(0),
+                          eviction=GuardedEviction(FifoEviction()), clean_copies="never", pt=pt)
+        evictor = Evictor(core, pinning=None, removes=None)
+        vpns = np.arange(100, 105)
+        pt.set(vpns, State.EVICTING)
+        buf = PageBuffer(5)
+        for page in range(5):
+            buf.bytes[page * 4096:(page + 1) * 4096] = page + 1
+        caplog.set_level(logging.INFO, logger="umgr.target")
+
+        async def store(store):
+            store = await evictor._fit_in_store(vpns, store)
+            return store, await evictor._write(vpns, store, buf.addrs(np.flatnonzero(store)))
+
+        kept, slots = trio.run(store, np.ones(5, bool))
+        assert kept.tolist() == [True] * 3 + [False] * 2 and backend.slots.free_count == 0
+        assert pt.states(vpns).tolist() == [State.EVICTING] * 3 + [State.RESIDENT] * 2
+        assert core.eviction_paused.startswith("swap full")
+        back = PageBuffer(3)
+        trio.run(backend.read, slots, back.addrs(np.arange(3)))
+        assert (back.bytes.reshape(3, 4096) == np.array([[1], [2], [3]], np.uint8)).all()
+
+        # Retried with no slot free: the batch stays resident, nothing is told again.
+        evictor.resume()
+        pt.set(vpns[3:], State.EVICTING)
+        with pytest.raises(BatchReleased):
+            trio.run(store, np.array([False] * 3 + [True] * 2))
+        assert (pt.states(vpns[3:]) == State.RESIDENT).all() and core.eviction_paused
+        assert len([r for r in caplog.records if "swap full" in r.getMessage()]) == 1
+        # Slots freed, a batch stored: a later pause is news again.
+        backend.slots.free(taken)
+        evictor.resume()
+        pt.set(vpns[3:], State.EVICTING)
+        trio.run(store, np.array([False] * 3 + [True] * 2))
+        assert "eviction runs again" in caplog.text and not core.eviction_paused
+    finally:
+        backend.close()
+
+
 def test_busy_pages_wait_longer_each_time_they_come_back_busy(monkeypatch):
     """Pages a move found busy (pinned for I/O) are tried again after a
     second, then after twice as long each time they come back busy soon

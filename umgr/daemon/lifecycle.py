@@ -30,7 +30,7 @@ from umgr.paging.budget import MIN_BUDGET_BYTES
 from umgr.paging.joint import JointRounds
 from umgr.paging.pagetable import PAGE_SHIFT, PageTable
 from umgr.paging.target import Target
-from umgr.paging.tuning import MAX_FILL_PAGES, RESUME_INTERVAL
+from umgr.paging.tuning import MAX_FILL_PAGES, RESUME_INTERVAL, RESUME_MIN_SLOTS
 from umgr.paging.zap import AgentZapper, RemoteZapper
 from umgr.policies import GuardedPrefetch, load_eviction, load_prefetch
 from umgr.sizes import format_size
@@ -516,13 +516,14 @@ class Lifecycle:
 
     async def _resume_paused(self) -> None:
         """Targets paused on a full or failing backend try again when slots
-        are freed (or after a pause), at most every RESUME_INTERVAL: a retry
-        that finds too few slots costs a write-protect round trip."""
+        are freed (or after a pause), at most every RESUME_INTERVAL and once
+        RESUME_MIN_SLOTS are free: a retry write-protects and copies a whole
+        batch, and stores only what the free slots take."""
         while True:
             await self._resume_wanted.wait()
             self._resume_wanted = trio.Event()
             await trio.sleep(RESUME_INTERVAL)
-            if self.backend.slots.free_count > 0:
+            if self.backend.slots.free_count >= min(RESUME_MIN_SLOTS, self.backend.slots.capacity):
                 for target in list(self.targets.values()):
                     target.resume_eviction()
 

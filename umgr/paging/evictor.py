@@ -103,6 +103,7 @@ class Evictor:
         self._in_flight = 0   # pages taken out and not yet put away
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
         self._held_for_late_writes: list[PageBuffer] = []   # buffers of writes that may still land
+        self._pause_told = ""   # the kind of pause last warned of ("swap full", ...), until a batch is stored
 
     async def evict_over_budget(self) -> None:
         """Evict while the target is over its high water mark. Where faults
@@ -314,6 +315,7 @@ class Evictor:
         # with no slot, to read as zeros (FRESH).
         store = live & ~zero & ~drop & ~clean & copied
         buffered = np.cumsum(copied) - 1   # where each copied page is in the buffer
+        store = await self._fit_in_store(vpns, store)
         slots = await self._write(vpns, store, batch.buffer.addrs(buffered[store]))
         page_slots = np.full(len(vpns), NO_SLOT, np.int32)
         page_slots[store] = slots
@@ -325,6 +327,27 @@ class Evictor:
         core.stats.discarded += int((still & drop & ~zero).sum())
         core.slots.free(page_slots[~still & store])
         return vpns[still], page_slots[still], zero[still], batch.hashes[still]
+
+    async def _fit_in_store(self, vpns: np.ndarray, store: np.ndarray) -> np.ndarray:
+        """`store`, cut to the pages the store has free slots for (after
+        dropping the slots kept for clean copies): the rest are resident
+        again. A store short of a batch's slots took none of it, and every
+        retry write-protected and copied a whole batch for nothing."""
+        core = self.core
+        need = int(store.sum())
+        if need <= core.slots.free_count or (core.free_clean_copies() and need <= core.slots.free_count):
+            return store
+        free = core.slots.free_count
+        if free == 0:
+            return store   # (_write pauses eviction and releases the batch)
+        over = np.flatnonzero(store)[free:]
+        core.release(vpns[over], State.EVICTING)
+        await core.unprotect(vpns[over])
+        store = store.copy()
+        store[over] = False
+        self._pause(f"swap full ({need} slots wanted, {free} free: the rest of the batch stays resident); eviction "
+                    f"paused until slots are freed; --swap-size makes it larger")
+        return store
 
     async def _write(self, vpns: np.ndarray, store: np.ndarray, addrs: np.ndarray) -> np.ndarray:
         """Slots for the pages to store (their content at `addrs`), written
@@ -356,6 +379,8 @@ class Evictor:
         except BaseException:  # the table does not hold these yet; no write to them is in flight
             core.slots.free(slots)
             raise
+        if not core.eviction_paused:   # (_fit_in_store may have paused it: the store is full now)
+            self._stored()
         return slots
 
     async def _read_victims(self, buf: PageBuffer, starts: np.ndarray,
@@ -639,12 +664,27 @@ class Evictor:
 
     async def _abort(self, vpns: np.ndarray, why: str) -> None:
         core = self.core
-        if why != core.eviction_paused:
-            log.warning("%s: %s", core.label, why)
-        core.eviction_paused = why
         core.release(vpns, State.EVICTING)
         await core.unprotect(vpns)
+        self._pause(why)
+
+    def _pause(self, why: str) -> None:
+        """Eviction stops until resume(). Told once until a batch is stored
+        again: the daemon retries as slots are freed, every RESUME_INTERVAL
+        at most, and a store that stays full warned ten times a second."""
+        core = self.core
+        kind = why.split(" (")[0]
+        if kind != self._pause_told:
+            log.warning("%s: %s", core.label, why)
+            self._pause_told = kind
+        core.eviction_paused = why
         core.on_pause()
+
+    def _stored(self) -> None:
+        """A batch went to the store: a later pause is news again."""
+        if self._pause_told:
+            log.info("%s: eviction runs again (it was paused: %s)", self.core.label, self._pause_told)
+            self._pause_told = ""
 
     def resume(self) -> None:
         """Slots were freed or the backend recovered: try again."""

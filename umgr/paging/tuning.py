@@ -78,6 +78,8 @@ BACKPRESSURE_POLL = 0.005
 # A target paused on a full backend is retried when slots are freed, at most
 # this often (a retry that finds too few slots costs a write-protect round).
 RESUME_INTERVAL = 0.1
+# Free slots a paused target's eviction waits for before it tries again.
+RESUME_MIN_SLOTS = 64
 
 # Default of --clean-copies (umgr/paging/cleancopies.py): pages read back
 # from swap come in write-protected and keep their slot while most such
