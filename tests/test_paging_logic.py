@@ -429,7 +429,7 @@ def _fast_path_over(pt, budget_pages: int = 0):
 
     from umgr.paging.fastpath import FastPath
     from umgr.trace import NO_TRACE
-    core = SimpleNamespace(pt=pt, trace=NO_TRACE, budget=Budget(budget_pages))
+    core = SimpleNamespace(pt=pt, trace=NO_TRACE, budget=Budget(budget_pages), fill_budget=Budget(budget_pages))
     return FastPath(core, spin=0.0)
 
 
@@ -1114,7 +1114,7 @@ def test_the_prefetch_policy_hears_of_a_fault_when_no_window_may_come():
     pt = PageTable()
     pt.add(100, 8)
     budget = SimpleNamespace(prefetch_allowed=lambda resident, filling: False)
-    faults = SimpleNamespace(core=SimpleNamespace(pt=pt, budget=budget),
+    faults = SimpleNamespace(core=SimpleNamespace(pt=pt, fill_budget=budget),
                              prefetch=SimpleNamespace(on_fault=lambda *fault: heard.append(fault) or []))
     FaultService._plan_prefetch(faults, 103, {103: -1})
     assert heard == [(103, 100, 108)]

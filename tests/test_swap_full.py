@@ -82,3 +82,22 @@ def test_a_full_state_filesystem_stops_saving_the_table_and_paging_goes_on(tmp_p
             daemon.stop()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_program_over_a_full_swap_reads_everything_back_and_eviction_goes_on(umgr_exec, programs):
+    # 64 MiB written under an 8 MiB budget with 16 MiB of swap: 40 MiB
+    # cannot go anywhere, so the store fills and stays full; then every page
+    # is read back, in order and at random. Pages read back while the store
+    # is full give their slots up (no clean copies), which lets eviction go
+    # on; and faults are served whole (the fast path, prefetch) while too
+    # few slots are free to try eviction again, not one page at a time.
+    result = umgr_exec([programs["pattern"], "64", "mmap", "sr"], "--swap-size", "16M", max_resident="8M")
+    assert result.returncode == 0 and result.stdout.startswith("ok 16384 pages"), result.stderr[-3000:]
+    assert result.stderr.count("swap full") == 1, result.stderr[-3000:]
+    stats = result.stats
+    capacity = 16 * MiB // PAGE
+    assert stats["pages_out"] > 3 * capacity, stats   # slots freed by reads were used again, and again
+    assert stats["faults_fast"] > 0 and stats["prefetched"] > 0, stats
+    assert stats["peak_resident_bytes"] <= 64 * MiB - 16 * MiB + 8 * MiB, stats
+    assert stats["swap_slots_in_use_at_exit"] == 0

@@ -515,17 +515,20 @@ class Lifecycle:
         self._resume_wanted.set()
 
     async def _resume_paused(self) -> None:
-        """Targets paused on a full or failing backend try again when slots
-        are freed (or after a pause), at most every RESUME_INTERVAL and once
-        RESUME_MIN_SLOTS are free: a retry write-protects and copies a whole
-        batch, and stores only what the free slots take."""
+        """Targets paused on a full backend try again once RESUME_MIN_SLOTS
+        are free (each freed slot asks), at most every RESUME_INTERVAL: a
+        retry write-protects and copies a whole batch, and stores only what
+        the free slots take. Those paused on a failing backend try again
+        after BACKEND_RETRY_SECONDS."""
         while True:
             await self._resume_wanted.wait()
             self._resume_wanted = trio.Event()
             await trio.sleep(RESUME_INTERVAL)
-            if self.backend.slots.free_count >= min(RESUME_MIN_SLOTS, self.backend.slots.capacity):
-                for target in list(self.targets.values()):
-                    target.resume_eviction()
+            slots = self.backend.slots
+            slots_free = slots.free_count >= min(RESUME_MIN_SLOTS, slots.capacity)
+            for target in list(self.targets.values()):
+                if not target.resume_eviction(slots_free):
+                    self._resume_wanted.set()   # (not yet: look again)
 
     def _release(self, target: Target) -> None:
         snap = snapshot(target)

@@ -43,6 +43,9 @@ class CleanCopies:
         self.kept = 0.0       # pages kept lately (decaying)
         self.written = 0.0    # of those, dirtied by a write (decaying alike)
         self._fills = 0
+        # None kept while the store is full: each page read back gives its
+        # slot up, for eviction to go on with (set and cleared by the evictor).
+        self.suspended = False
 
     @property
     def dirty_share(self) -> float:
@@ -57,6 +60,8 @@ class CleanCopies:
         """Which fills keep: 1 every one, 0 none, SAMPLE_EVERY every that
         many. The C fast path applies it page by page (umgr_keeps: each
         page read, each page of a prefetch window), keep() fill by fill."""
+        if self.suspended:
+            return 0
         if self.sampling:
             return SAMPLE_EVERY
         return int(self.mode != "never")

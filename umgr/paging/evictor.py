@@ -32,7 +32,7 @@ from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, State, runs
 from umgr.paging.pinning import Pinning
 from umgr.paging.removes import RemoveAttribution
-from umgr.paging.tuning import EVICT_BATCH_MAX
+from umgr.paging.tuning import BACKEND_RETRY_SECONDS, EVICT_BATCH_MAX
 
 EMPTY = np.empty(0, np.int64)
 
@@ -104,6 +104,7 @@ class Evictor:
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
         self._held_for_late_writes: list[PageBuffer] = []   # buffers of writes that may still land
         self._pause_told = ""   # the kind of pause last warned of ("swap full", ...), until a batch is stored
+        self._paused_at = 0.0   # when eviction last paused
 
     async def evict_over_budget(self) -> None:
         """Evict while the target is over its high water mark. Where faults
@@ -677,6 +678,13 @@ class Evictor:
         if kind != self._pause_told:
             log.warning("%s: %s", core.label, why)
             self._pause_told = kind
+        self._paused_at = time.monotonic()
+        if kind == "swap full":
+            # Slots kept only to save a write go back, and pages read back
+            # meanwhile give theirs up: kept, they held the store full, and
+            # nothing freed a slot for eviction to go on.
+            core.clean.suspended = True
+            core.free_clean_copies()
         core.eviction_paused = why
         core.on_pause()
 
@@ -686,11 +694,22 @@ class Evictor:
             log.info("%s: eviction runs again (it was paused: %s)", self.core.label, self._pause_told)
             self._pause_told = ""
 
-    def resume(self) -> None:
-        """Slots were freed or the backend recovered: try again."""
-        if self.core.eviction_paused:
-            self.core.eviction_paused = ""
-            self.core.note_resident()
+    def resume(self, slots_free: bool = True) -> bool:
+        """Try again: a full store once slots are free, a failing one once
+        it was left alone for BACKEND_RETRY_SECONDS. False when that time
+        is still to come (ask again later)."""
+        core = self.core
+        if not core.eviction_paused:
+            return True
+        if core.clean.suspended:   # (full)
+            if not slots_free:
+                return True   # (the next freed slot asks again)
+        elif time.monotonic() - self._paused_at < BACKEND_RETRY_SECONDS:
+            return False
+        core.eviction_paused = ""
+        core.clean.suspended = False
+        core.note_resident()
+        return True
 
 
 def _byte_ranges(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -278,7 +278,7 @@ class FastPath:
         many came in; the others (pages in other states, a copy refused)
         are left as they are."""
         core = self.core
-        room = core.budget.prefetch_room(core.pt.resident, min(len(vpns), MAX_FILL_PAGES))
+        room = core.fill_budget.prefetch_room(core.pt.resident, min(len(vpns), MAX_FILL_PAGES))
         if not self.ready() or room <= 0:
             return 0
         vpns = np.ascontiguousarray(vpns[:room], np.int64)
@@ -331,14 +331,14 @@ class FastPath:
 
     def _room(self) -> int:
         """Pages the next call may bring in: up to the budget, at most a log's worth."""
-        return self.core.budget.prefetch_room(self.core.pt.resident, LOG_PAGES)
+        return self.core.fill_budget.prefetch_room(self.core.pt.resident, LOG_PAGES)
 
     def _yield_after(self, room: int) -> int:
         """Pages after which the call ends: `room`, or just past the high
         water mark, so that the evictor starts at once."""
-        core = self.core
-        below_high = core.budget.high_water - core.pt.resident
-        return min(room, below_high + 1) if core.budget.limited and below_high >= 0 else room
+        core, budget = self.core, self.core.fill_budget
+        below_high = budget.high_water - core.pt.resident
+        return min(room, below_high + 1) if budget.limited and below_high >= 0 else room
 
     def serve(self) -> int:
         """Serve plain faults (waiting up to the spin time for each);
@@ -358,12 +358,13 @@ class FastPath:
             self._watch_fd = event_loop_fd()
         c.keep_period = core.clean.keep_period()
         c.watch_fd = self._watch_fd
-        # (Clustered pages come in as clean copies: not while copies are never kept.)
-        c.cluster = self.cluster if core.clean.mode != "never" else 0
+        # (Clustered pages come in as clean copies: not while copies are never
+        # kept, nor while a full store wants their slots.)
+        c.cluster = self.cluster if core.clean.mode != "never" and not core.clean.suspended else 0
         c.cluster_reach = max(CLUSTER_REACH_MIN, int(core.pt.resident * CLUSTER_REACH))
         c.cluster_bar = core.refaults.percent(unknown=100)
         # (No more than a prefetch window may take of the budget: Budget.window.)
-        c.fresh_window = min(self.fresh_window, core.budget.window_pages())
+        c.fresh_window = min(self.fresh_window, core.fill_budget.window_pages())
         log.drop_references_in(core.slots.counts, core.slots.evicted_at)
         log.count_latencies_in(core.stats.fault_latency)
         room = self._room()

@@ -310,7 +310,7 @@ class FaultService:
             self.prefetch.on_prefetch_hit(vpn)
         if not vpns:
             return []
-        windows = [(vpn, self.core.budget.window(vpn, window))
+        windows = [(vpn, self.core.fill_budget.window(vpn, window))
                    for vpn, window in self.prefetch.on_faults(self.fast.with_bounds(vpns))]
         for vpn, window in windows:
             self.fast.prefetching(vpn, window)
@@ -322,9 +322,9 @@ class FaultService:
         fit under the budget): the swapped ones in C too, the rest (fresh
         pages, what C left) here."""
         core = self.core
-        if not windows or not core.budget.prefetch_allowed(core.pt.resident, 0):
+        if not windows or not core.fill_budget.prefetch_allowed(core.pt.resident, 0):
             return
-        wanted = nearest_first(windows, core.budget.prefetch_room(core.pt.resident, MAX_FILL_PAGES))
+        wanted = nearest_first(windows, core.fill_budget.prefetch_room(core.pt.resident, MAX_FILL_PAGES))
         if not len(wanted):
             return
         # Fault service time, as the same pages' read and copy are when
@@ -332,7 +332,7 @@ class FaultService:
         started = time.perf_counter()
         if self.fast.prefetch(wanted):
             self.core.stats.fault_batch_seconds += time.perf_counter() - started
-            if not self.core.budget.prefetch_allowed(self.core.pt.resident, 0):
+            if not self.core.fill_budget.prefetch_allowed(self.core.pt.resident, 0):
                 return
         fill: dict[int, int] = {}
         self._add_prefetch(wanted, fill)
@@ -575,9 +575,9 @@ class FaultService:
         # The policy hears of every fault (as from the C fast path, and in an
         # offline replay), a window or not: its streams follow the faults.
         asked = self.prefetch.on_fault(vpn, first, end)
-        if len(fill) >= MAX_FILL_PAGES or not core.budget.prefetch_allowed(pt.resident, len(fill)):
+        if len(fill) >= MAX_FILL_PAGES or not core.fill_budget.prefetch_allowed(pt.resident, len(fill)):
             return
-        extra = core.budget.window(vpn, asked)
+        extra = core.fill_budget.window(vpn, asked)
         if len(extra):
             self.fast.prefetching(vpn, extra)
         self._add_prefetch(extra, fill, vpn)
@@ -592,7 +592,7 @@ class FaultService:
         states = pt.states(extra)
         extra = extra[(states == State.FRESH) | (states == State.SWAPPED)]
         # A window (up to 256 pages) never takes the target past its budget.
-        room = max(core.budget.prefetch_room(pt.resident + len(fill), MAX_FILL_PAGES - len(fill)), 0)
+        room = max(core.fill_budget.prefetch_room(pt.resident + len(fill), MAX_FILL_PAGES - len(fill)), 0)
         if vpn is not None and room < len(extra):
             extra = nearest_first([(vpn, extra)], room)
         slots = pt.slots(extra)

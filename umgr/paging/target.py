@@ -294,8 +294,8 @@ class Target:
     def recheck(self) -> None:
         self.pinning.recheck()
 
-    def resume_eviction(self) -> None:
-        self.evictor.resume()
+    def resume_eviction(self, slots_free: bool = True) -> bool:
+        return self.evictor.resume(slots_free)
 
     # ---- a clean stop (umgr/daemon/shutdown.py) ------------------------------------
     def stop_evicting(self) -> None:
