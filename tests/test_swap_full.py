@@ -94,7 +94,9 @@ def test_a_program_over_a_full_swap_reads_everything_back_and_eviction_goes_on(u
     # few slots are free to try eviction again, not one page at a time.
     result = umgr_exec([programs["pattern"], "64", "mmap", "sr"], "--swap-size", "16M", max_resident="8M")
     assert result.returncode == 0 and result.stdout.startswith("ok 16384 pages"), result.stderr[-3000:]
-    assert result.stderr.count("swap full") == 1, result.stderr[-3000:]
+    # Warned of once until a batch is stored whole (as a retry may be): not
+    # at every retry, as before (every 0.1 s while it stayed full).
+    assert result.stderr.count("swap full") <= 3, result.stderr[-3000:]
     stats = result.stats
     capacity = 16 * MiB // PAGE
     assert stats["pages_out"] > 3 * capacity, stats   # slots freed by reads were used again, and again

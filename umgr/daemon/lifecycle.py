@@ -27,10 +27,11 @@ from umgr.kernel import uffd as uffdmod
 from umgr.daemon.statedir import SavedTarget, StateDir
 from umgr.paging.events import ForkedMemory
 from umgr.paging.budget import MIN_BUDGET_BYTES
+from umgr.paging.core import room_to_resume
 from umgr.paging.joint import JointRounds
 from umgr.paging.pagetable import PAGE_SHIFT, PageTable
 from umgr.paging.target import Target
-from umgr.paging.tuning import MAX_FILL_PAGES, RESUME_INTERVAL, RESUME_MIN_SLOTS
+from umgr.paging.tuning import MAX_FILL_PAGES, RESUME_INTERVAL
 from umgr.paging.zap import AgentZapper, RemoteZapper
 from umgr.policies import GuardedPrefetch, load_eviction, load_prefetch
 from umgr.sizes import format_size
@@ -524,8 +525,7 @@ class Lifecycle:
             await self._resume_wanted.wait()
             self._resume_wanted = trio.Event()
             await trio.sleep(RESUME_INTERVAL)
-            slots = self.backend.slots
-            slots_free = slots.free_count >= min(RESUME_MIN_SLOTS, slots.capacity)
+            slots_free = room_to_resume(self.backend.slots)
             for target in list(self.targets.values()):
                 if not target.resume_eviction(slots_free):
                     self._resume_wanted.set()   # (not yet: look again)

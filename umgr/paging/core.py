@@ -36,6 +36,13 @@ UNCOUNTED = (State.ZERO, State.SHARED)
 NO_BUDGET = Budget(0)   # (TargetCore.fill_budget while eviction is paused)
 
 
+def room_to_resume(slots) -> bool:
+    """Whether a store's free slots are enough for eviction paused on it
+    being full to try again: RESUME_MIN_SLOTS, or an eighth of a smaller
+    store (slots set aside for good must not keep it paused)."""
+    return slots.free_count >= min(RESUME_MIN_SLOTS, max(slots.capacity // 8, 1))
+
+
 class Wakeup:
     """One task waits (with a timeout) for something another task signals."""
 
@@ -142,13 +149,14 @@ class TargetCore:
     @property
     def fill_budget(self) -> Budget:
         """The budget pages coming in are held to (fast-path calls,
-        prefetch): none while eviction is paused with too few slots free to
-        try again (RESUME_MIN_SLOTS). No page can leave then, and held to the
-        budget every fault came in alone through the full path: a program
-        whose swap filled ran 7x slower. Once pages read back have freed
-        enough slots, fills are held to the budget again until eviction
-        resumes. Backpressure and eviction go by `budget`."""
-        if self.eviction_paused and self.slots.free_count < RESUME_MIN_SLOTS:
+        prefetch): none while eviction is paused on a full store with too
+        few slots free to try again (room_to_resume). No page can leave
+        then, and held to the budget every fault came in alone through the
+        full path: a program whose swap filled ran 7x slower. Once pages
+        read back have freed enough slots, fills are held to the budget
+        again until eviction resumes. Backpressure and eviction go by
+        `budget`."""
+        if self.eviction_paused and self.clean.suspended and not room_to_resume(self.slots):
             return NO_BUDGET
         return self.budget
 

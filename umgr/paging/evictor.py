@@ -38,6 +38,10 @@ EMPTY = np.empty(0, np.int64)
 
 log = logging.getLogger("umgr.target")
 
+FULL = "swap full"   # the kind of pause a store without a free slot makes
+# Pages a batch may take past the store's free slots (clean copies need none).
+SHORT_STORE_SLACK = 32
+
 # How many times the policy is asked for more when its candidates are stale.
 CHOOSE_ROUNDS = 8
 # Runs with a busy page (EBUSY) a move-out skips in a batch before it leaves
@@ -103,8 +107,8 @@ class Evictor:
         self._in_flight = 0   # pages taken out and not yet put away
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
         self._held_for_late_writes: list[PageBuffer] = []   # buffers of writes that may still land
-        self._pause_told = ""   # the kind of pause last warned of ("swap full", ...), until a batch is stored
-        self._paused_at = 0.0   # when eviction last paused
+        self._told: set[str] = set()   # the kinds of pause warned of ("swap full", ...), until a batch is stored
+        self._pause_kind, self._paused_at = "", 0.0   # the last pause's kind, and when it came
 
     async def evict_over_budget(self) -> None:
         """Evict while the target is over its high water mark. Where faults
@@ -187,6 +191,10 @@ class Evictor:
         """Up to a batch of victims (a rushed round's batch: Budget.evict_goal)."""
         core = self.core
         want = core.budget.evict_goal(core.pt.resident - self._in_flight, rushed)
+        # A store near full: not much more than it has slots for (a batch is
+        # write-protected and copied whole, and _fit_in_store keeps what the
+        # slots do not take resident).
+        want = min(want, core.slots.free_count + SHORT_STORE_SLACK)
         chosen: list[np.ndarray] = []
         count = 0
         for _ in range(CHOOSE_ROUNDS):
@@ -346,7 +354,7 @@ class Evictor:
         await core.unprotect(vpns[over])
         store = store.copy()
         store[over] = False
-        self._pause(f"swap full ({need} slots wanted, {free} free: the rest of the batch stays resident); eviction "
+        self._pause(f"{FULL} ({need} slots wanted, {free} free: the rest of the batch stays resident); eviction "
                     f"paused until slots are freed; --swap-size makes it larger")
         return store
 
@@ -364,7 +372,7 @@ class Evictor:
                 core.release(vpns, State.EVICTING)
                 await core.unprotect(vpns)
                 raise BatchReleased(progress=True) from None
-            await self._abort(vpns, f"swap full ({exc}); eviction paused until slots are freed; --swap-size makes it larger")
+            await self._abort(vpns, f"{FULL} ({exc}); eviction paused until slots are freed; --swap-size makes it larger")
             raise BatchReleased(progress=False) from None
         try:
             await io_to_the_end(core.backend.write, slots, addrs)
@@ -670,38 +678,38 @@ class Evictor:
         self._pause(why)
 
     def _pause(self, why: str) -> None:
-        """Eviction stops until resume(). Told once until a batch is stored
-        again: the daemon retries as slots are freed, every RESUME_INTERVAL
-        at most, and a store that stays full warned ten times a second."""
+        """Eviction stops until resume(). Each kind of pause is warned of
+        once until a batch is stored again: the daemon retries as slots are
+        freed, and a store that stayed full warned ten times a second."""
         core = self.core
         kind = why.split(" (")[0]
-        if kind != self._pause_told:
+        if kind not in self._told:
             log.warning("%s: %s", core.label, why)
-            self._pause_told = kind
-        self._paused_at = time.monotonic()
-        if kind == "swap full":
-            # Slots kept only to save a write go back, and pages read back
-            # meanwhile give theirs up: kept, they held the store full, and
-            # nothing freed a slot for eviction to go on.
-            core.clean.suspended = True
+            self._told.add(kind)
+        self._pause_kind, self._paused_at = kind, time.monotonic()
+        # Full: slots kept only to save a write go back, and pages read back
+        # meanwhile give theirs up. Kept, they held the store full, and
+        # nothing freed a slot for eviction to go on.
+        core.clean.suspended = kind == FULL
+        if kind == FULL:
             core.free_clean_copies()
         core.eviction_paused = why
         core.on_pause()
 
     def _stored(self) -> None:
         """A batch went to the store: a later pause is news again."""
-        if self._pause_told:
-            log.info("%s: eviction runs again (it was paused: %s)", self.core.label, self._pause_told)
-            self._pause_told = ""
+        if self._told:
+            log.info("%s: eviction runs again (it was paused: %s)", self.core.label, ", ".join(sorted(self._told)))
+            self._told.clear()
 
     def resume(self, slots_free: bool = True) -> bool:
-        """Try again: a full store once slots are free, a failing one once
-        it was left alone for BACKEND_RETRY_SECONDS. False when that time
-        is still to come (ask again later)."""
+        """Try again: paused on a full store, once slots are free; on a
+        failing one, once it was left alone for BACKEND_RETRY_SECONDS. False
+        when that time is still to come (ask again later)."""
         core = self.core
         if not core.eviction_paused:
             return True
-        if core.clean.suspended:   # (full)
+        if self._pause_kind == FULL:
             if not slots_free:
                 return True   # (the next freed slot asks again)
         elif time.monotonic() - self._paused_at < BACKEND_RETRY_SECONDS:
@@ -710,7 +718,6 @@ class Evictor:
         core.clean.suspended = False
         core.note_resident()
         return True
-
 
 def _byte_ranges(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The runs of sorted vpns as (start addresses, lengths in bytes)."""
