@@ -719,6 +719,7 @@ class Evictor:
         core.note_resident()
         return True
 
+
 def _byte_ranges(vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The runs of sorted vpns as (start addresses, lengths in bytes)."""
     starts, lengths = runs(vpns)
