@@ -10,9 +10,9 @@ from umgr.policies import GuardedEviction
 from umgr.policies.fifo import FifoEviction
 
 
-def evictor_over(resident_vpns: list[int], goal: int, free_slots: int = 1 << 20) -> Evictor:
+def evictor_over(resident_vpns: list[int], goal: int) -> Evictor:
     """An evictor whose target has these pages RESIDENT, queued in this
-    order, and wants `goal` victims a round, with a store of `free_slots`."""
+    order, and wants `goal` victims a round."""
     states = {vpn: State.RESIDENT for vpn in resident_vpns}
     policy = GuardedEviction(FifoEviction())
     policy.on_resident(np.array(resident_vpns, dtype=np.int64))
@@ -21,7 +21,7 @@ def evictor_over(resident_vpns: list[int], goal: int, free_slots: int = 1 << 20)
         pt=SimpleNamespace(resident=len(resident_vpns),
                            states=lambda vpns: np.array([states.get(v, State.FRESH) for v in vpns.tolist()],
                                                         dtype=np.uint8)),
-        eviction=policy, slots=SimpleNamespace(free_count=free_slots))
+        eviction=policy)
     return Evictor(core, pinning=None, removes=None)
 
 
@@ -60,14 +60,3 @@ def test_a_policy_that_does_not_say_how_many_it_holds_is_asked_for_victims():
     evictor.core.eviction = GuardedEviction(Newest())
     evictor.core.eviction.on_resident(np.array([1, 2, 3]))
     assert evictor._choose_victims(rushed=False).tolist() == [2, 3]
-
-
-def test_a_store_near_full_gets_a_batch_its_slots_can_take():
-    """With fewer free slots than a batch, a batch takes at most
-    SHORT_STORE_SLACK pages more: the whole batch is write-protected and
-    copied, and what the slots do not take goes back (a retry at 64 free
-    slots took 512 pages to store 64)."""
-    from umgr.paging.evictor import SHORT_STORE_SLACK
-    vpns = list(range(100, 700))
-    assert len(evictor_over(vpns, goal=512)._choose_victims(rushed=False)) == 512
-    assert len(evictor_over(vpns, goal=512, free_slots=64)._choose_victims(rushed=False)) == 64 + SHORT_STORE_SLACK

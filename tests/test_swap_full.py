@@ -17,9 +17,9 @@ def test_full_swap_pauses_eviction_loses_nothing_and_resumes(umgr_exec, programs
     result = umgr_exec([programs["lifecycle"], "munmap", "64"], "--swap-size", "40M", max_resident="16M")
     assert result.returncode == 0, result.stderr
     assert "swap full" in result.stderr, "the swap never filled: the test proves nothing"
-    # Told once a time it fills (it may fill again after the munmap); the
-    # daemon's retries every 0.1 s each warned again (4 times here).
-    assert result.stderr.count("swap full") <= 2, result.stderr
+    # Told once a minute at most; the daemon's retries every 0.1 s each
+    # warned again (4 times here).
+    assert result.stderr.count("swap full") == 1, result.stderr
     stats = result.stats
     capacity = 40 * MiB // PAGE
     # More pages went out than the swap holds: slots were freed and used again.
@@ -94,9 +94,9 @@ def test_a_program_over_a_full_swap_reads_everything_back_and_eviction_goes_on(u
     # few slots are free to try eviction again, not one page at a time.
     result = umgr_exec([programs["pattern"], "64", "mmap", "sr"], "--swap-size", "16M", max_resident="8M")
     assert result.returncode == 0 and result.stdout.startswith("ok 16384 pages"), result.stderr[-3000:]
-    # Warned of once until a batch is stored whole (as a retry may be): not
-    # at every retry, as before (every 0.1 s while it stayed full).
-    assert result.stderr.count("swap full") <= 3, result.stderr[-3000:]
+    # Warned of once a minute at most: not at every retry, as before (every
+    # 0.1 s while it stayed full).
+    assert result.stderr.count("swap full") == 1, result.stderr[-3000:]
     stats = result.stats
     capacity = 16 * MiB // PAGE
     assert stats["pages_out"] > 3 * capacity, stats   # slots freed by reads were used again, and again

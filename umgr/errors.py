@@ -41,8 +41,11 @@ class BackendError(UmgrError):
     """Backend I/O failed: the pages concerned stay resident.
     `may_land`: part of the I/O may still be on its way (submitted when the
     rest failed): a write's slots must not be used again, nor a read's or
-    a write's buffers."""
+    a write's buffers. `full`: nothing failed, the store is out of room (a
+    memory cap): eviction pauses as on a full swap, and the room clean
+    copies hold is given back."""
 
-    def __init__(self, *args, may_land: bool = False):
+    def __init__(self, *args, may_land: bool = False, full: bool = False):
         super().__init__(*args)
         self.may_land = may_land
+        self.full = full

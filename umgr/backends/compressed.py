@@ -350,9 +350,8 @@ class CompressedBackend(Backend):
         batch = await self.pack(addrs)
         if batch.need > self.room() + self._held_cost(slots):   # (a slot written again gives its entry back: keep())
             batch.discard()
-            self.errors += 1
             raise BackendError(f"compressed store full: {batch.need} bytes wanted, "
-                               f"{self.room()} left of a {self.cap}-byte cap")
+                               f"{self.room()} left of a {self.cap}-byte cap", full=True)
         self.keep(slots, batch)
         self._timed(started)
 

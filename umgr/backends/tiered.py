@@ -70,7 +70,7 @@ class Tiered(Backend):
             batch.discard()
             # The demotion's own slots and buffer are set aside (_demote);
             # nothing of this batch was written, so its slots are free to go.
-            raise BackendError(str(exc)) from exc
+            raise BackendError(str(exc), full=exc.full) from exc
         except BaseException:
             batch.discard()
             raise

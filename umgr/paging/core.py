@@ -34,6 +34,9 @@ log = logging.getLogger("umgr.target")
 UNCOUNTED = (State.ZERO, State.SHARED)
 
 NO_BUDGET = Budget(0)   # (TargetCore.fill_budget while eviction is paused)
+# Kinds of eviction pause (TargetCore.eviction_paused starts with one).
+FULL = "swap full"          # the store has no free slot
+STORE_FULL = "store full"   # the store is out of room of another kind (a memory cap)
 
 
 def room_to_resume(slots) -> bool:
@@ -156,7 +159,7 @@ class TargetCore:
         read back have freed enough slots, fills are held to the budget
         again until eviction resumes. Backpressure and eviction go by
         `budget`."""
-        if self.eviction_paused and self.clean.suspended and not room_to_resume(self.slots):
+        if self.eviction_paused.startswith(FULL) and not room_to_resume(self.slots):
             return NO_BUDGET
         return self.budget
 

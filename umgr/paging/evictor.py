@@ -28,7 +28,7 @@ from umgr.backends import io_to_the_end
 from umgr.errors import BackendError, BackendFull, TargetGone
 from umgr.kernel import procmem
 from umgr.kernel.buffers import PageBuffer
-from umgr.paging.core import TargetCore
+from umgr.paging.core import FULL, STORE_FULL, TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, State, runs
 from umgr.paging.pinning import Pinning
 from umgr.paging.removes import RemoveAttribution
@@ -38,9 +38,8 @@ EMPTY = np.empty(0, np.int64)
 
 log = logging.getLogger("umgr.target")
 
-FULL = "swap full"   # the kind of pause a store without a free slot makes
-# Pages a batch may take past the store's free slots (clean copies need none).
-SHORT_STORE_SLACK = 32
+# The least time between two warnings of one kind of eviction pause.
+PAUSE_WARN_SECONDS = 60.0
 
 # How many times the policy is asked for more when its candidates are stale.
 CHOOSE_ROUNDS = 8
@@ -107,7 +106,7 @@ class Evictor:
         self._in_flight = 0   # pages taken out and not yet put away
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
         self._held_for_late_writes: list[PageBuffer] = []   # buffers of writes that may still land
-        self._told: set[str] = set()   # the kinds of pause warned of ("swap full", ...), until a batch is stored
+        self._warned: dict[str, float] = {}   # kind of pause ("swap full", ...) -> when last warned of
         self._pause_kind, self._paused_at = "", 0.0   # the last pause's kind, and when it came
 
     async def evict_over_budget(self) -> None:
@@ -191,10 +190,6 @@ class Evictor:
         """Up to a batch of victims (a rushed round's batch: Budget.evict_goal)."""
         core = self.core
         want = core.budget.evict_goal(core.pt.resident - self._in_flight, rushed)
-        # A store near full: not much more than it has slots for (a batch is
-        # write-protected and copied whole, and _fit_in_store keeps what the
-        # slots do not take resident).
-        want = min(want, core.slots.free_count + SHORT_STORE_SLACK)
         chosen: list[np.ndarray] = []
         count = 0
         for _ in range(CHOOSE_ROUNDS):
@@ -377,6 +372,10 @@ class Evictor:
         try:
             await io_to_the_end(core.backend.write, slots, addrs)
         except BackendError as exc:
+            if exc.full:   # out of room, not failing
+                core.slots.free(slots)
+                await self._abort(vpns, f"{STORE_FULL} ({exc}); eviction paused until room is freed")
+                raise BatchReleased(progress=False) from None
             if exc.may_land:   # (a write landing in a slot handed out again would overwrite its page)
                 log.warning("%s: %d swap slots are set aside for good: a failed write may still land in them",
                             core.label, len(slots))
@@ -388,8 +387,6 @@ class Evictor:
         except BaseException:  # the table does not hold these yet; no write to them is in flight
             core.slots.free(slots)
             raise
-        if not core.eviction_paused:   # (_fit_in_store may have paused it: the store is full now)
-            self._stored()
         return slots
 
     async def _read_victims(self, buf: PageBuffer, starts: np.ndarray,
@@ -678,34 +675,31 @@ class Evictor:
         self._pause(why)
 
     def _pause(self, why: str) -> None:
-        """Eviction stops until resume(). Each kind of pause is warned of
-        once until a batch is stored again: the daemon retries as slots are
-        freed, and a store that stayed full warned ten times a second."""
-        core = self.core
+        """Eviction stops until resume(). Each kind of pause is warned of at
+        most every PAUSE_WARN_SECONDS: the daemon retries as slots are
+        freed, and a store that stayed full (or filled again at each
+        retry) warned ten times a second."""
+        core, now = self.core, time.monotonic()
         kind = why.split(" (")[0]
-        if kind not in self._told:
+        if now - self._warned.get(kind, -PAUSE_WARN_SECONDS) >= PAUSE_WARN_SECONDS:
             log.warning("%s: %s", core.label, why)
-            self._told.add(kind)
-        self._pause_kind, self._paused_at = kind, time.monotonic()
-        # Full: slots kept only to save a write go back, and pages read back
-        # meanwhile give theirs up. Kept, they held the store full, and
-        # nothing freed a slot for eviction to go on.
-        core.clean.suspended = kind == FULL
-        if kind == FULL:
+            self._warned[kind] = now
+        self._pause_kind, self._paused_at = kind, now
+        # Full: slots kept only to save a write go back (and the room their
+        # entries take), and pages read back meanwhile give theirs up. Kept,
+        # they held the store full, and nothing freed a slot for eviction to
+        # go on.
+        core.clean.suspended = kind in (FULL, STORE_FULL)
+        if core.clean.suspended:
             core.free_clean_copies()
         core.eviction_paused = why
         core.on_pause()
 
-    def _stored(self) -> None:
-        """A batch went to the store: a later pause is news again."""
-        if self._told:
-            log.info("%s: eviction runs again (it was paused: %s)", self.core.label, ", ".join(sorted(self._told)))
-            self._told.clear()
-
     def resume(self, slots_free: bool = True) -> bool:
-        """Try again: paused on a full store, once slots are free; on a
-        failing one, once it was left alone for BACKEND_RETRY_SECONDS. False
-        when that time is still to come (ask again later)."""
+        """Try again: paused on a store out of slots, once slots are free;
+        on one out of room of another kind or failing, once it was left
+        alone for BACKEND_RETRY_SECONDS (a retry packs a batch). False when
+        that time is still to come (ask again later)."""
         core = self.core
         if not core.eviction_paused:
             return True
