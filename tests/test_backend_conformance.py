@@ -316,6 +316,26 @@ def test_compressed_holds_same_filled_pages_as_a_word_and_declines_random_ones(c
 
 
 @pytest.mark.timeout(60)
+def test_a_chain_whose_last_tier_is_out_of_room_says_so():
+    """A compressed last tier at its cap is out of room, not failing
+    (BackendError.full): a chain in front of it says the same, so that
+    eviction pauses as on a full store (its clean copies give their room
+    back) rather than as on a failing one."""
+    n = 256
+    out = PageBuffer(n)
+    mixed_pages(out, n, 9)
+    chain = open_specs(["compressed:cap=64K", "compressed:cap=64K"])
+    try:
+        slots = chain.slots.alloc(n)
+        with pytest.raises(BackendError) as raised:
+            for part in np.array_split(np.arange(n), 8):
+                run_io(chain.write, slots[part], out.addrs(part))
+        assert raised.value.full and "compressed store full" in str(raised.value)
+    finally:
+        chain.close()
+
+
+@pytest.mark.timeout(60)
 def test_compressed_alone_full_refuses_the_batch_and_keeps_what_it_holds():
     n = 64
     out, back = PageBuffer(n), PageBuffer(n)
@@ -325,8 +345,9 @@ def test_compressed_alone_full_refuses_the_batch_and_keeps_what_it_holds():
     run_io(store.write, first, out.addrs(np.arange(n // 2)))
     held = store.held_bytes
     second = store.slots.alloc(n // 2)
-    with pytest.raises(BackendError, match="compressed store full"):
+    with pytest.raises(BackendError, match="compressed store full") as raised:
         run_io(store.write, second, out.addrs(np.arange(n // 2, n)))
+    assert raised.value.full   # out of room, not failing: eviction pauses as on a full store
     assert store.held_bytes == held <= store.cap
     run_io(store.read, first, back.addrs(np.arange(n // 2)))
     assert np.array_equal(out.bytes[: n // 2 * PAGE], back.bytes[: n // 2 * PAGE])

@@ -803,6 +803,39 @@ def test_a_compressed_store_at_its_cap_pauses_as_a_full_one_and_its_clean_copies
         store.close()
 
 
+def test_fills_are_held_to_the_budget_but_while_no_slot_can_be_had():
+    """TargetCore.fill_budget: paused on a swap with too few free slots to
+    try again (room_to_resume), fills are not held to the budget (no page
+    can leave, and held to it every fault came in alone); with enough free,
+    paused on a store out of room of another kind (a retry may come any
+    time) or on a failing one, or not paused, they are."""
+    from types import SimpleNamespace
+
+    from umgr.backends.slots import SlotAllocator
+    from umgr.paging.core import NO_BUDGET, TargetCore, room_to_resume
+    from umgr.paging.pagetable import PageTable
+    from umgr.paging.tuning import RESUME_MIN_SLOTS
+
+    slots = SlotAllocator(4096)
+    core = TargetCore(pid=0, label="t", uffd=None, backend=SimpleNamespace(slots=slots), budget=Budget(256),
+                      eviction=None, clean_copies="never", pt=PageTable())
+    assert core.fill_budget == core.budget
+    taken = slots.alloc(4096 - (RESUME_MIN_SLOTS - 1))
+    core.eviction_paused = "swap full (512 slots wanted, 63 free)"
+    assert not room_to_resume(slots) and core.fill_budget == NO_BUDGET
+    for why in ("store full (compressed store full)", "backend error (EIO)"):
+        core.eviction_paused = why
+        assert core.fill_budget == core.budget, why
+    slots.free(taken[:1])
+    core.eviction_paused = "swap full (512 slots wanted, 64 free)"
+    assert room_to_resume(slots) and core.fill_budget == core.budget
+    small = SlotAllocator(40)   # a store under 512 slots resumes at an eighth of it free
+    small.alloc(35)
+    assert room_to_resume(small)
+    small.alloc(1)
+    assert not room_to_resume(small)
+
+
 def test_busy_pages_wait_longer_each_time_they_come_back_busy(monkeypatch):
     """Pages a move found busy (pinned for I/O) are tried again after a
     second, then after twice as long each time they come back busy soon

@@ -90,8 +90,8 @@ def test_a_program_over_a_full_swap_reads_everything_back_and_eviction_goes_on(u
     # cannot go anywhere, so the store fills and stays full; then every page
     # is read back, in order and at random. Pages read back while the store
     # is full give their slots up (no clean copies), which lets eviction go
-    # on; and faults are served whole (the fast path, prefetch) while too
-    # few slots are free to try eviction again, not one page at a time.
+    # on. (That fills are not held to the budget while no slot can be had:
+    # test_paging_logic's test_fills_are_held_to_the_budget_but_while_no_slot_can_be_had.)
     result = umgr_exec([programs["pattern"], "64", "mmap", "sr"], "--swap-size", "16M", max_resident="8M")
     assert result.returncode == 0 and result.stdout.startswith("ok 16384 pages"), result.stderr[-3000:]
     # Warned of once a minute at most: not at every retry, as before (every
@@ -100,6 +100,5 @@ def test_a_program_over_a_full_swap_reads_everything_back_and_eviction_goes_on(u
     stats = result.stats
     capacity = 16 * MiB // PAGE
     assert stats["pages_out"] > 3 * capacity, stats   # slots freed by reads were used again, and again
-    assert stats["faults_fast"] > 0 and stats["prefetched"] > 0, stats
     assert stats["peak_resident_bytes"] <= 64 * MiB - 16 * MiB + 8 * MiB, stats
     assert stats["swap_slots_in_use_at_exit"] == 0

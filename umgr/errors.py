@@ -42,8 +42,8 @@ class BackendError(UmgrError):
     `may_land`: part of the I/O may still be on its way (submitted when the
     rest failed): a write's slots must not be used again, nor a read's or
     a write's buffers. `full`: nothing failed, the store is out of room (a
-    memory cap): eviction pauses as on a full swap, and the room clean
-    copies hold is given back."""
+    memory cap): eviction pauses, the room clean copies hold is given back
+    and none are kept until it resumes (tried again on a timer)."""
 
     def __init__(self, *args, may_land: bool = False, full: bool = False):
         super().__init__(*args)
