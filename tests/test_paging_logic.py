@@ -812,7 +812,7 @@ def test_fills_are_held_to_the_budget_but_while_no_slot_can_be_had():
     from types import SimpleNamespace
 
     from umgr.backends.slots import SlotAllocator
-    from umgr.paging.core import NO_BUDGET, TargetCore, room_to_resume
+    from umgr.paging.core import BACKEND_ERROR, FULL, NO_BUDGET, STORE_FULL, TargetCore, room_to_resume
     from umgr.paging.pagetable import PageTable
     from umgr.paging.tuning import RESUME_MIN_SLOTS
 
@@ -821,13 +821,13 @@ def test_fills_are_held_to_the_budget_but_while_no_slot_can_be_had():
                       eviction=None, clean_copies="never", pt=PageTable())
     assert core.fill_budget == core.budget
     taken = slots.alloc(4096 - (RESUME_MIN_SLOTS - 1))
-    core.eviction_paused = "swap full (512 slots wanted, 63 free)"
+    core.eviction_paused, core.pause_kind = "swap full (512 slots wanted, 63 free)", FULL
     assert not room_to_resume(slots) and core.fill_budget == NO_BUDGET
-    for why in ("store full (compressed store full)", "backend error (EIO)"):
-        core.eviction_paused = why
-        assert core.fill_budget == core.budget, why
+    for kind in (STORE_FULL, BACKEND_ERROR):
+        core.eviction_paused, core.pause_kind = f"{kind} (...)", kind
+        assert core.fill_budget == core.budget, kind
     slots.free(taken[:1])
-    core.eviction_paused = "swap full (512 slots wanted, 64 free)"
+    core.eviction_paused, core.pause_kind = "swap full (512 slots wanted, 64 free)", FULL
     assert room_to_resume(slots) and core.fill_budget == core.budget
     small = SlotAllocator(40)   # a store under 512 slots resumes at an eighth of it free
     small.alloc(35)

@@ -34,9 +34,10 @@ log = logging.getLogger("umgr.target")
 UNCOUNTED = (State.ZERO, State.SHARED)
 
 NO_BUDGET = Budget(0)   # (TargetCore.fill_budget while eviction is paused)
-# Kinds of eviction pause (TargetCore.eviction_paused starts with one).
-FULL = "swap full"          # the store has no free slot
-STORE_FULL = "store full"   # the store is out of room of another kind (a memory cap)
+# Kinds of eviction pause (TargetCore.pause_kind; eviction_paused starts with one).
+FULL = "swap full"                # the store has no free slot
+STORE_FULL = "store full"         # the store is out of room of another kind (a memory cap)
+BACKEND_ERROR = "backend error"   # a write failed
 
 
 def room_to_resume(slots) -> bool:
@@ -127,6 +128,7 @@ class TargetCore:
         self.zapper = None                # set when the agent attaches (or remote zap)
         self.gone = False
         self.eviction_paused = ""         # why eviction cannot run now, "" if it can
+        self.pause_kind = ""              # its kind (FULL, ...), "" when it runs
         self.stopping = False             # the daemon stops cleanly: nothing is evicted any more
         self.on_pause = on_pause          # told when eviction pauses (the daemon retries it)
         self.no_victims = False           # the evictor's last try found nothing to evict
@@ -159,7 +161,7 @@ class TargetCore:
         read back have freed enough slots, fills are held to the budget
         again until eviction resumes. Backpressure and eviction go by
         `budget`."""
-        if self.eviction_paused.startswith(FULL) and not room_to_resume(self.slots):
+        if self.pause_kind == FULL and not room_to_resume(self.slots):
             return NO_BUDGET
         return self.budget
 

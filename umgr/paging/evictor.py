@@ -28,7 +28,7 @@ from umgr.backends import io_to_the_end
 from umgr.errors import BackendError, BackendFull, TargetGone
 from umgr.kernel import procmem
 from umgr.kernel.buffers import PageBuffer
-from umgr.paging.core import FULL, STORE_FULL, TargetCore
+from umgr.paging.core import BACKEND_ERROR, FULL, STORE_FULL, TargetCore
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, State, runs
 from umgr.paging.pinning import Pinning
 from umgr.paging.removes import RemoveAttribution
@@ -107,7 +107,7 @@ class Evictor:
         self._putting_away = EMPTY   # the vpns of the batch being put away: never in the next one
         self._held_for_late_writes: list[PageBuffer] = []   # buffers of writes that may still land
         self._warned: dict[str, float] = {}   # kind of pause ("swap full", ...) -> when last warned of
-        self._pause_kind, self._paused_at = "", 0.0   # the last pause's kind, and when it came
+        self._paused_at = 0.0   # when eviction last paused
 
     async def evict_over_budget(self) -> None:
         """Evict while the target is over its high water mark. Where faults
@@ -349,7 +349,7 @@ class Evictor:
         await core.unprotect(vpns[over])
         store = store.copy()
         store[over] = False
-        self._pause(f"{FULL} ({need} slots wanted, {free} free: the rest of the batch stays resident); eviction "
+        self._pause(FULL, f"{FULL} ({need} slots wanted, {free} free: the rest of the batch stays resident); eviction "
                     f"paused until slots are freed; --swap-size makes it larger")
         return store
 
@@ -367,14 +367,15 @@ class Evictor:
                 core.release(vpns, State.EVICTING)
                 await core.unprotect(vpns)
                 raise BatchReleased(progress=True) from None
-            await self._abort(vpns, f"{FULL} ({exc}); eviction paused until slots are freed; --swap-size makes it larger")
+            await self._abort(vpns, FULL,
+                              f"{FULL} ({exc}); eviction paused until slots are freed; --swap-size makes it larger")
             raise BatchReleased(progress=False) from None
         try:
             await io_to_the_end(core.backend.write, slots, addrs)
         except BackendError as exc:
             if exc.full:   # out of room, not failing
                 core.slots.free(slots)
-                await self._abort(vpns, f"{STORE_FULL} ({exc}); eviction paused until room is freed")
+                await self._abort(vpns, STORE_FULL, f"{STORE_FULL} ({exc}); eviction paused until room is freed")
                 raise BatchReleased(progress=False) from None
             if exc.may_land:   # (a write landing in a slot handed out again would overwrite its page)
                 log.warning("%s: %d swap slots are set aside for good: a failed write may still land in them",
@@ -382,7 +383,7 @@ class Evictor:
             else:
                 core.slots.free(slots)
             core.stats.backend_failures += 1
-            await self._abort(vpns, f"backend error ({exc}); pages stay resident")
+            await self._abort(vpns, BACKEND_ERROR, f"{BACKEND_ERROR} ({exc}); pages stay resident")
             raise BatchReleased(progress=False) from None
         except BaseException:  # the table does not hold these yet; no write to them is in flight
             core.slots.free(slots)
@@ -668,23 +669,22 @@ class Evictor:
             core.release(failed, State.ZAPPING)
             await core.unprotect(failed)
 
-    async def _abort(self, vpns: np.ndarray, why: str) -> None:
+    async def _abort(self, vpns: np.ndarray, kind: str, why: str) -> None:
         core = self.core
         core.release(vpns, State.EVICTING)
         await core.unprotect(vpns)
-        self._pause(why)
+        self._pause(kind, why)
 
-    def _pause(self, why: str) -> None:
+    def _pause(self, kind: str, why: str) -> None:
         """Eviction stops until resume(). Each kind of pause is warned of at
         most every PAUSE_WARN_SECONDS: the daemon retries as slots are
         freed, and a store that stayed full (or filled again at each
         retry) warned ten times a second."""
         core, now = self.core, time.monotonic()
-        kind = why.split(" (")[0]
         if now - self._warned.get(kind, -PAUSE_WARN_SECONDS) >= PAUSE_WARN_SECONDS:
             log.warning("%s: %s", core.label, why)
             self._warned[kind] = now
-        self._pause_kind, self._paused_at = kind, now
+        self._paused_at = now
         # Full: slots kept only to save a write go back (and the room their
         # entries take), and pages read back meanwhile give theirs up. Kept,
         # they held the store full, and nothing freed a slot for eviction to
@@ -692,7 +692,7 @@ class Evictor:
         core.clean.suspended = kind in (FULL, STORE_FULL)
         if core.clean.suspended:
             core.free_clean_copies()
-        core.eviction_paused = why
+        core.eviction_paused, core.pause_kind = why, kind
         core.on_pause()
 
     def resume(self, slots_free: bool = True) -> bool:
@@ -703,12 +703,12 @@ class Evictor:
         core = self.core
         if not core.eviction_paused:
             return True
-        if self._pause_kind == FULL:
+        if core.pause_kind == FULL:
             if not slots_free:
                 return True   # (the next freed slot asks again)
         elif time.monotonic() - self._paused_at < BACKEND_RETRY_SECONDS:
             return False
-        core.eviction_paused = ""
+        core.eviction_paused = core.pause_kind = ""
         core.clean.suspended = False
         core.note_resident()
         return True
