@@ -90,10 +90,20 @@ def test_sequential_scans_still_prefetch(umgr_exec, programs):
     # start a stream.
     fast = umgr_exec([programs["reread"], "64", "3"], max_resident="16M")
     full = umgr_exec([programs["reread"], "64", "3"], "--no-fast-path", max_resident="16M")
-    for result in (fast, full):
+    memory = umgr_exec([programs["reread"], "64", "3"], "--backend", "compressed", max_resident="16M")
+    for result in (fast, full, memory):
         assert result.returncode == 0 and result.stdout.startswith("ok "), result.stderr[-3000:]
         assert result.stats["prefetched"] > 3 * (64 - 16) * MiB // PAGE // 2, result.stats
     assert full.stats["faults_fast"] == 0 and full.stats["prefetched_fast"] == 0
+    # The faults that continue a stream (the full path's) have their page
+    # read beside their window's, from the file or unpacked from memory
+    # (about 200 of them here; the program checks every byte of each), and
+    # the store counts those reads as it counts its own.
+    for result in (fast, memory):
+        assert result.stats["read_with_window"] >= 50, result.stats
+        tiers = result.stats["backend_tiers"]
+        assert sum(tier["pages_read"] for tier in tiers) == result.stats["pages_in"], result.stats
+    assert full.stats["read_with_window"] == 0, full.stats
     assert fast.stats["faults"] <= 1.5 * full.stats["faults"] + 200, (fast.stats, full.stats)
     # A stream's next window comes in through C, ahead of its faulting page
     # (the Python path alone: none; windows asked for when the budget left

@@ -440,15 +440,16 @@ class Userfaultfd:
         return r
 
     def prefetch(self, regions, nregions: int, store, vpns, pages: int, keep_period: int, fresh: bool,
-                 log) -> int:
+                 log, also_slot: int = 0, also_page: int = 0) -> int:
         """Bring in the swapped (and with `fresh` the fresh) pages of vpns
         (a sorted int64 array) in C (umgr_fast_prefetch,
         bindings/cffi/_cdef_fastfault.py), keeping the clean copies of every
         page (keep_period 1), none (0) or every nth; returns how many,
-        logged in log."""
+        logged in log. With also_slot, that slot is read into the page at
+        also_page alongside, where it can be (log.also_read)."""
         return _lib.umgr_fast_prefetch(self._fd, regions, nregions, store,
                                        _ffi.cast("int64_t *", vpns.ctypes.data), len(vpns), pages, keep_period,
-                                       fresh, log)
+                                       fresh, also_slot, also_page, log)
 
     def _grow(self, max_events: int) -> None:
         """A .batch that holds max_events messages (at least 64); a read of

@@ -265,7 +265,7 @@ class FastPath:
         self._log.stream_step[self._stream_at] = -step if descends else step
         self._stream_at = (self._stream_at + 1) % len(self._log.streams)
 
-    def prefetch(self, vpns: np.ndarray, fresh: bool = False) -> int:
+    def prefetch(self, vpns: np.ndarray, fresh: bool = False, also: tuple[int, int] | None = None) -> int:
         """Bring in those of `vpns` (sorted, asked for by the prefetch
         policy) that are swapped, and with `fresh` the fresh ones as
         zeroed pages of their own, in C: a pread per run of slots, a copy
@@ -276,19 +276,33 @@ class FastPath:
         estimate wait up to 64 windows for a sample). Up to the budget.
         The table, counters and store learn of them here. Returns how
         many came in; the others (pages in other states, a copy refused)
-        are left as they are."""
+        are left as they are.
+        `also`: (slot, address) of the fault the window is for, whose page
+        the full path brings: its read goes with the window's, into the
+        page at address, where C can read it and a window page comes
+        (read_alongside() says whether it did)."""
         core = self.core
+        self._prefetched.c.also_read = 0
         room = core.fill_budget.prefetch_room(core.pt.resident, min(len(vpns), MAX_FILL_PAGES))
         if not self.ready() or room <= 0:
             return 0
         vpns = np.ascontiguousarray(vpns[:room], np.int64)
-        self._prefetched.c.max = room
+        # (The read alongside takes the buffer's page after the last one planned.)
+        also_slot, also_page = also if also is not None and room < MAX_FILL_PAGES else (0, 0)
+        self._prefetched.c.max = room + (also_slot != 0)
         self._prefetched.drop_references_in(core.slots.counts, core.slots.evicted_at)
         n = core.uffd.prefetch(self._regions, self._nregions, self._store.follow(core.backend), vpns,
-                               self._prefetch_pages.addr, core.clean.keep_period(), fresh, self._prefetched.c)
+                               self._prefetch_pages.addr, core.clean.keep_period(), fresh, self._prefetched.c,
+                               also_slot, also_page)
         if n:
             self._settle_prefetched(n)
+        elif self._prefetched.c.also_read:   # (the window's copies refused, its read counted all the same)
+            self._came_in(self._prefetched, 0)
         return n
+
+    def read_alongside(self) -> bool:
+        """Whether the last prefetch() read its `also` page."""
+        return bool(self._prefetched.c.also_read)
 
     def _settle_prefetched(self, n: int) -> None:
         core = self.core
@@ -308,7 +322,9 @@ class FastPath:
             raise ValueError("double free of a swap slot (fast path)")
         if c.released_count:
             core.slots.released_elsewhere(log.released[:c.released_count].copy())
-        if not c.swapped:   # (a store that reads nothing outside read(), such as Redis, may be behind)
+        # (A store that reads nothing outside read(), such as Redis, may be
+        # behind; a prefetch's read alongside is a read with no page come in.)
+        if not c.swapped and not c.file_reads and not c.memory_reads:
             return
         core.stats.pages_in += c.swapped
         core.clean.came_in_clean(c.kept_count)
