@@ -1497,11 +1497,11 @@ static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int
         slot[m] = also_slot;
     if (m == 0 || umgr_prefetch_read(store, slot, m + also, pages, umgr_aio(log), ok) < 0)
         return 0;   /* nothing to bring; or reads not waited for (cannot happen with a valid context) */
-    int64_t read_ns = umgr_now_ns() - started;
+    int64_t read_ns = (umgr_now_ns() - started) / (m + also);   /* each page's share */
     if (also && ok[m]) {
         memcpy((void *)(uintptr_t)also_page, (void *)(uintptr_t)(pages + (uint64_t)m * 4096), 4096);
         /* (Counted as a read, not as a page come in: the full path brings it.) */
-        umgr_fast_count_read(log, umgr_fast_in_memory(store, also_slot), read_ns / (m + 1));
+        umgr_fast_count_read(log, umgr_fast_in_memory(store, also_slot), read_ns);
         log->also_read = 1;
     }
     for (int k = 0; k < m;) {
@@ -1520,8 +1520,8 @@ static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int
         for (int p = k; p < k + copied; p++) {
             int memory = umgr_fast_in_memory(store, slot[p]);
             umgr_fast_brought(in[p], vpn[p], slot[p], protect[p], flags,
-                              (uint8_t)(kind | (memory ? UMGR_FAST_MEMORY : 0)), read_ns / m, log);
-            umgr_fast_came_in(log, slot[p], protect[p], !(kind & UMGR_FAST_CLUSTER), memory, read_ns / m);
+                              (uint8_t)(kind | (memory ? UMGR_FAST_MEMORY : 0)), read_ns, log);
+            umgr_fast_came_in(log, slot[p], protect[p], !(kind & UMGR_FAST_CLUSTER), memory, read_ns);
         }
         if (failed)
             break;   /* EAGAIN: an event is queued, the full path's to read first */

@@ -23,7 +23,7 @@ COUNTERS: dict[str, str] = {
     "prefetched": "Pages brought in by the prefetch policy with a fault",
     "prefetched_fast": "Part of them brought in by the C fast path, after faults it served",
     "read_with_window": ("Faults continuing a prefetch stream whose page was read beside the window's pages "
-                         "(its read in flight with theirs), then copied in after them"),
+                         "(its read in flight with theirs), to be copied in after them"),
     "near_refaults": ("Faults on swapped pages evicted no more evictions ago than there were resident pages "
                       "(they would have stayed under LRU)"),
     "clustered": "Part of those brought beside a lone fault: pages of its block that went out with it",
