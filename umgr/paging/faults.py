@@ -534,12 +534,12 @@ class FaultService:
         keep = slot != NO_SLOT and not write and core.clean.keep()   # comes in clean, keeps its slot
         if slot != NO_SLOT:
             self._one_slot[0] = slot
-        if slot != NO_SLOT and read:
-            started = time.perf_counter()
-            with core.fill_reads:  # WILLNEED hints wait for it
-                await io_to_the_end(core.backend.read, self._one_slot, self._one_addr)
-            core.stats.fault_read_seconds += time.perf_counter() - started
-        elif slot == NO_SLOT and write:
+            if read:
+                started = time.perf_counter()
+                with core.fill_reads:  # WILLNEED hints wait for it
+                    await io_to_the_end(core.backend.read, self._one_slot, self._one_addr)
+                core.stats.fault_read_seconds += time.perf_counter() - started
+        elif write:
             self._fill.bytes[:PAGE_SIZE] = 0
         if pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
             self._retry_faulting(faulting, ())  # events changed it while we read
