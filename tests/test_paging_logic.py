@@ -639,22 +639,36 @@ def test_a_discardable_hint_flags_only_pages_it_saw_write_protected():
     assert set(flagged.tolist()) <= protected
 
 
+def evictor_around(backend, clean_copies: str):
+    """An Evictor of a target of 8 pages (vpns 100-107) around a real
+    store, with a uffd whose write-protect calls all succeed: (its page
+    table, core, evictor)."""
+    from types import SimpleNamespace
+
+    from umgr.paging.core import TargetCore
+    from umgr.paging.evictor import Evictor
+    from umgr.paging.pagetable import PageTable
+    from umgr.policies import GuardedEviction
+    from umgr.policies.fifo import FifoEviction
+
+    pt = PageTable()
+    pt.add(100, 8)
+    uffd = SimpleNamespace(writeprotect_runs=lambda starts, lengths, protect: (len(starts), 0))
+    core = TargetCore(pid=0, label="t", uffd=uffd, backend=backend, budget=Budget(0),
+                      eviction=GuardedEviction(FifoEviction()), clean_copies=clean_copies, pt=pt)
+    return pt, core, Evictor(core, pinning=None, removes=None)
+
 def test_a_write_that_could_not_all_be_submitted_sets_its_slots_aside(tmp_path):
     """io_uring may refuse a request part way through a batch, with the
     ones before it already in the kernel: the file store says the write may
     still land (BackendError.may_land), and the evictor keeps the batch
     resident without freeing its slots, which a later page could otherwise
     get and then find overwritten. (The real ring: test_backend_conformance.)"""
-    from types import SimpleNamespace
-
     from umgr.backends.file import FileBackend
     from umgr.errors import BackendError
     from umgr.kernel.buffers import PageBuffer
-    from umgr.paging.core import TargetCore
-    from umgr.paging.evictor import BatchReleased, Evictor
-    from umgr.paging.pagetable import PageTable, State
-    from umgr.policies import GuardedEviction
-    from umgr.policies.fifo import FifoEviction
+    from umgr.paging.evictor import BatchReleased
+    from umgr.paging.pagetable import State
 
     backend = FileBackend(size=1 << 20, directory=str(tmp_path / "state"))
     try:
@@ -668,14 +682,9 @@ def test_a_write_that_could_not_all_be_submitted_sets_its_slots_aside(tmp_path):
         assert raised.value.may_land
         backend.slots.free(slots)
 
-        pt = PageTable()
-        pt.add(100, 8)
-        unprotect = SimpleNamespace(writeprotect_runs=lambda starts, lengths, protect: (len(starts), 0))
-        core = TargetCore(pid=0, label="t", uffd=unprotect, backend=backend,
-                          budget=Budget(0), eviction=GuardedEviction(FifoEviction()), clean_copies="never", pt=pt)
+        pt, core, evictor = evictor_around(backend, "never")
         vpns = np.arange(100, 104)
         pt.set(vpns, State.EVICTING)
-        evictor = Evictor(core, pinning=None, removes=None)
         with pytest.raises(BatchReleased):
             trio.run(evictor._write, vpns, np.ones(4, bool), buf.addrs(np.arange(4)))
         assert backend.slots.used == 4, "the slots it may still write are not handed out again"
@@ -692,25 +701,16 @@ def test_a_store_short_of_a_batch_takes_what_it_has_room_for_and_warns_once(tmp_
     most, however often the daemon retries. (A real program:
     test_swap_full.)"""
     import logging
-    from types import SimpleNamespace
 
     from umgr.backends.file import FileBackend
     from umgr.kernel.buffers import PageBuffer
-    from umgr.paging.core import TargetCore
-    from umgr.paging.evictor import BatchReleased, Evictor
-    from umgr.paging.pagetable import PageTable, State
-    from umgr.policies import GuardedEviction
-    from umgr.policies.fifo import FifoEviction
+    from umgr.paging.evictor import BatchReleased
+    from umgr.paging.pagetable import State
 
     backend = FileBackend(size=8 << 12, directory=str(tmp_path / "state"))
     try:
         taken = backend.slots.alloc(5)   # 3 of 8 left
-        pt = PageTable()
-        pt.add(100, 8)
-        uffd = SimpleNamespace(writeprotect_runs=lambda starts, lengths, protect: (len(starts), 0))
-        core = TargetCore(pid=0, label="t", uffd=uffd, backend=backend, budget=Budget(0),
-                          eviction=GuardedEviction(FifoEviction()), clean_copies="never", pt=pt)
-        evictor = Evictor(core, pinning=None, removes=None)
+        pt, core, evictor = evictor_around(backend, "never")
         vpns = np.arange(100, 105)
         pt.set(vpns, State.EVICTING)
         buf = PageBuffer(5)
@@ -759,17 +759,13 @@ def test_a_compressed_store_at_its_cap_pauses_as_a_full_one_and_its_clean_copies
     room; kept, nothing freed any while the program only read) and keeps
     none until eviction resumes, which it tries again after
     BACKEND_RETRY_SECONDS (a retry packs a batch), not at each freed slot."""
-    from types import SimpleNamespace
-
     from umgr.backends.compressed import CompressedBackend
     from umgr.kernel.buffers import PageBuffer
     from umgr.paging import evictor as evictor_module
-    from umgr.paging.core import STORE_FULL, TargetCore
-    from umgr.paging.evictor import BatchReleased, Evictor
-    from umgr.paging.pagetable import PageTable, State
+    from umgr.paging.core import STORE_FULL
+    from umgr.paging.evictor import BatchReleased
+    from umgr.paging.pagetable import State
     from umgr.paging.tuning import BACKEND_RETRY_SECONDS
-    from umgr.policies import GuardedEviction
-    from umgr.policies.fifo import FifoEviction
 
     clock = [100.0]
     monkeypatch.setattr(evictor_module.time, "monotonic", lambda: clock[0])
@@ -778,12 +774,7 @@ def test_a_compressed_store_at_its_cap_pauses_as_a_full_one_and_its_clean_copies
         buf = PageBuffer(8)
         rng = np.random.default_rng(3)
         buf.bytes[:] = rng.integers(0, 256, len(buf.bytes), dtype=np.uint8)   # incompressible
-        pt = PageTable()
-        pt.add(100, 8)
-        uffd = SimpleNamespace(writeprotect_runs=lambda starts, lengths, protect: (len(starts), 0))
-        core = TargetCore(pid=0, label="t", uffd=uffd, backend=store, budget=Budget(0),
-                          eviction=GuardedEviction(FifoEviction()), clean_copies="always", pt=pt)
-        evictor = Evictor(core, pinning=None, removes=None)
+        pt, core, evictor = evictor_around(store, "always")
         kept = store.slots.alloc(4)   # four pages read back as clean copies: their entries hold the cap
         trio.run(store.write, kept, buf.addrs(np.arange(4)))
         pt.set(np.arange(100, 104), State.RESIDENT, kept)
