@@ -502,45 +502,53 @@ class FaultService:
             await self._fill_pages(fill, writes, fills)
 
     async def _fill_window_in_c(self, fill: dict[int, int], writes: bool, faulting: dict[int, bool]) -> bool:
-        """One faulting page and the window the prefetch policy asked for
-        with it (a stream's next): the window comes in through C first
-        (FastPath.prefetch: its pages are in place when the program wakes;
-        what C leaves is not brought, prefetch being optional), with the
-        faulting page's read in flight beside the window's, then the
-        faulting page on its own. False when the C call cannot be made."""
+        """Faulting pages and the windows the prefetch policy asked for
+        with them (a stream's next): the windows come in through C first
+        (FastPath.prefetch: their pages are in place when the program
+        wakes; what C leaves is not brought, prefetch being optional), with
+        the faulting pages' reads in flight beside the windows', then each
+        faulting page on its own. False when the C call cannot be made, or
+        there is no window (their reads then go together: _fill_pages)."""
         first = [vpn for vpn in fill if vpn in faulting]
-        if len(first) != 1 or not self.fast.ready():
+        if not first or len(first) == len(fill) or not self.fast.ready():
             return False
-        vpn = first[0]
-        window = np.fromiter(sorted(page for page in fill if page != vpn), np.int64, len(fill) - 1)
+        window = np.fromiter(sorted(page for page in fill if page not in faulting), np.int64, len(fill) - len(first))
         started = time.perf_counter()
-        # (Its read after the window's waited out a device round trip of
+        # (Each read after the window's waited out a device round trip of
         # its own, often behind eviction writes: node's heap under
-        # --min-region 256K, 290 us a fault.)
-        also = (fill[vpn], self._fill.addr) if fill[vpn] != NO_SLOT else None
+        # --min-region 256K, 290 us a fault. Several threads' faults came
+        # together there in 4-5k of 12k fills, and _fill_pages was a fifth
+        # of the daemon's time.)
+        staged = [(vpn, k) for k, vpn in enumerate(first)]
+        also = [(fill[vpn], self._fill.addr + (k << PAGE_SHIFT)) for vpn, k in staged]
         self.fast.prefetch(window, fresh=writes, also=also)
         self.core.stats.fault_read_seconds += time.perf_counter() - started
-        read = self.fast.read_alongside()
-        self.core.stats.read_with_window += read
-        await self._fill_one(vpn, fill[vpn], writes, faulting, read=not read)
+        read = self.fast.read_alongside(len(also))
+        for (vpn, k), was_read in zip(staged, read):
+            self.core.stats.read_with_window += was_read and fill[vpn] != NO_SLOT
+            await self._fill_one(vpn, fill[vpn], faulting[vpn], {vpn: faulting[vpn]}, read=not was_read, page=k)
         return True
 
-    async def _fill_one(self, vpn: int, slot: int, write: bool, faulting: dict[int, bool], read: bool = True) -> None:
+    async def _fill_one(self, vpn: int, slot: int, write: bool, faulting: dict[int, bool], read: bool = True,
+                        page: int = 0) -> None:
         """_fill_pages for one page with nothing prefetched (random access):
         the same steps on plain integers, without numpy's per-call cost.
-        Without `read`, its slot's page is in the staging buffer already."""
+        It comes through the staging buffer's `page`; without `read`, its
+        slot's page is there already."""
         core, pt = self.core, self.core.pt
+        staging = self._fill.addr + (page << PAGE_SHIFT)
         planned = State.SWAPPED if slot != NO_SLOT else State.FRESH
         keep = slot != NO_SLOT and not write and core.clean.keep()   # comes in clean, keeps its slot
         if slot != NO_SLOT:
             self._one_slot[0] = slot
             if read:
                 started = time.perf_counter()
+                into = self._one_addr if page == 0 else self._fill.addrs(np.array([page], np.int64))
                 with core.fill_reads:  # WILLNEED hints wait for it
-                    await io_to_the_end(core.backend.read, self._one_slot, self._one_addr)
+                    await io_to_the_end(core.backend.read, self._one_slot, into)
                 core.stats.fault_read_seconds += time.perf_counter() - started
         elif write:
-            self._fill.bytes[:PAGE_SIZE] = 0
+            self._fill.bytes[page << PAGE_SHIFT:(page + 1) << PAGE_SHIFT] = 0
         if pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
             self._retry_faulting(faulting, ())  # events changed it while we read
             return
@@ -551,9 +559,9 @@ class FaultService:
         if zeros:
             done = not core.uffd.zeropage_fast(vpn << PAGE_SHIFT, PAGE_SIZE)
         else:
-            done = not core.uffd.copy_fast(vpn << PAGE_SHIFT, self._fill.addr, PAGE_SIZE, mode)
+            done = not core.uffd.copy_fast(vpn << PAGE_SHIFT, staging, PAGE_SIZE, mode)
         if not done:
-            done = self.core.copy_run(vpn, 1, self._fill.addr, zeros=zeros, protect=keep,
+            done = self.core.copy_run(vpn, 1, staging, zeros=zeros, protect=keep,
                                       on_eagain=self._drain_and_go_on)[0][0]
         core.stats.fault_copy_seconds += time.perf_counter() - started
         if not done or pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
