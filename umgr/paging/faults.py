@@ -506,9 +506,10 @@ class FaultService:
         with them (a stream's next): the windows come in through C first
         (FastPath.prefetch: their pages are in place when the program
         wakes; what C leaves is not brought, prefetch being optional), with
-        the faulting pages' reads in flight beside the windows', then each
-        faulting page on its own. False when the C call cannot be made, or
-        there is no window (their reads then go together: _fill_pages)."""
+        the faulting pages' reads in flight beside the windows' (those C
+        could not read, together after), then each faulting page on its
+        own. False when the C call cannot be made, or there is no window
+        (their reads then go together: _fill_pages)."""
         first = [vpn for vpn in fill if vpn in faulting]
         if not first or len(first) == len(fill) or not self.fast.ready():
             return False
@@ -516,18 +517,30 @@ class FaultService:
         started = time.perf_counter()
         # (Each read after the window's waited out a device round trip of
         # its own, often behind eviction writes: node's heap under
-        # --min-region 256K, 290 us a fault. Several threads' faults came
-        # together there in 4-5k of 12k fills, and _fill_pages was a fifth
-        # of the daemon's time.)
-        staged = [(vpn, k) for k, vpn in enumerate(first)]
-        also = [(fill[vpn], self._fill.addr + (k << PAGE_SHIFT)) for vpn, k in staged]
+        # --min-region 256K, 290 us a fault. There several threads' faults
+        # came together in 4-5k of 12k fills, and _fill_pages took a fifth
+        # of the daemon's time.) Each faulting page has a staging page.
+        also = [(fill[vpn], self._fill.addr + (k << PAGE_SHIFT)) for k, vpn in enumerate(first)]
         self.fast.prefetch(window, fresh=writes, also=also)
         self.core.stats.fault_read_seconds += time.perf_counter() - started
-        read = self.fast.read_alongside(len(also))
-        for (vpn, k), was_read in zip(staged, read):
-            self.core.stats.read_with_window += was_read and fill[vpn] != NO_SLOT
-            await self._fill_one(vpn, fill[vpn], faulting[vpn], {vpn: faulting[vpn]}, read=not was_read, page=k)
+        read = self.fast.read_alongside(len(first))
+        self.core.stats.read_with_window += sum(read)
+        unread = [k for k, vpn in enumerate(first) if fill[vpn] != NO_SLOT and not read[k]]
+        if len(unread) > 1:   # (those C did not read: together, not one round trip after another)
+            await self._read_staged(np.array([fill[first[k]] for k in unread], np.int32),
+                                    self._fill.addrs(np.array(unread, np.int64)))
+            read = [True] * len(first)
+        for k, vpn in enumerate(first):
+            await self._fill_one(vpn, fill[vpn], faulting[vpn], {vpn: faulting[vpn]}, read=not read[k], page=k)
         return True
+
+    async def _read_staged(self, slots: np.ndarray, addresses: np.ndarray) -> None:
+        """Read slots from the store into staging pages, in one batch."""
+        core = self.core
+        started = time.perf_counter()
+        with core.fill_reads:  # WILLNEED hints wait for it
+            await io_to_the_end(core.backend.read, slots, addresses)
+        core.stats.fault_read_seconds += time.perf_counter() - started
 
     async def _fill_one(self, vpn: int, slot: int, write: bool, faulting: dict[int, bool], read: bool = True,
                         page: int = 0) -> None:
@@ -542,11 +555,8 @@ class FaultService:
         if slot != NO_SLOT:
             self._one_slot[0] = slot
             if read:
-                started = time.perf_counter()
-                into = self._one_addr if page == 0 else self._fill.addrs(np.array([page], np.int64))
-                with core.fill_reads:  # WILLNEED hints wait for it
-                    await io_to_the_end(core.backend.read, self._one_slot, into)
-                core.stats.fault_read_seconds += time.perf_counter() - started
+                await self._read_staged(self._one_slot, self._one_addr if page == 0 else
+                                        self._fill.addrs(np.array([page], np.int64)))
         elif write:
             self._fill.bytes[page << PAGE_SHIFT:(page + 1) << PAGE_SHIFT] = 0
         if pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
