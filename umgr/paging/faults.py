@@ -508,8 +508,8 @@ class FaultService:
         wakes; what C leaves is not brought, prefetch being optional), with
         the faulting pages' reads in flight beside the windows' (those C
         could not read, together after), then each faulting page on its
-        own. False when the C call cannot be made, or there is no window
-        (their reads then go together: _fill_pages)."""
+        own. False when the C call cannot be made or brings nothing, or
+        there is no window (their reads then go together: _fill_pages)."""
         first = [vpn for vpn in fill if vpn in faulting]
         if not first or len(first) == len(fill) or not self.fast.ready():
             return False
@@ -521,9 +521,11 @@ class FaultService:
         # came together in 4-5k of 12k fills, and _fill_pages took a fifth
         # of the daemon's time.) Each faulting page has a staging page.
         also = [(fill[vpn], self._fill.addr + (k << PAGE_SHIFT)) for k, vpn in enumerate(first)]
-        self.fast.prefetch(window, fresh=writes, also=also)
+        brought = self.fast.prefetch(window, fresh=writes, also=also)
         self.core.stats.fault_read_seconds += time.perf_counter() - started
         read = self.fast.read_alongside(len(first))
+        if not brought and not any(read):   # (a store C cannot read: Redis, a plug-in)
+            return False
         self.core.stats.read_with_window += sum(read)
         unread = [k for k, vpn in enumerate(first) if fill[vpn] != NO_SLOT and not read[k]]
         if len(unread) > 1:   # (those C did not read: together, not one round trip after another)
