@@ -113,23 +113,6 @@ def test_sequential_scans_still_prefetch(umgr_exec, programs):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("backend", ["file", "compressed"])
-def test_threads_scanning_at_once_have_their_pages_read_beside_their_windows(umgr_exec, programs, backend):
-    # 4 threads, each scanning its own 16 MiB twice, under 16 MiB: their
-    # stream faults often come to the full path together. Each faulting
-    # page is read beside the windows then (about 240-350 of them here;
-    # when only a lone fault was, 19-42), copied in from a staging page of
-    # its own, and the program checks every byte.
-    result = umgr_exec([programs["pattern"], "64", "mmap", "ss", "4"], "--backend", backend, max_resident="16M")
-    assert result.returncode == 0 and result.stdout.startswith("ok 16384 pages"), result.stderr[-3000:]
-    stats = result.stats
-    assert stats["pages_in"] >= 2 * (64 - 16) * MiB // PAGE * 0.9, stats   # the data really left, twice
-    assert stats["read_with_window"] >= 120, stats
-    assert sum(tier["pages_read"] for tier in stats["backend_tiers"]) >= stats["pages_in"], stats
-    assert stats["peak_resident_bytes"] <= 16 * MiB + 2 * MiB, stats
-
-
-@pytest.mark.timeout(120)
 def test_strided_scans_are_seen_at_once(umgr_exec, programs):
     # 64 MiB read as 8 strided scans (every 8th page), twice, under 16 MiB:
     # the C call ends on the third fault of a stride, so the prefetch

@@ -138,8 +138,8 @@ struct umgr_fast_log {
     int32_t wp_dropped;   /* of them, dropping a kept clean copy */
     int32_t swapped;      /* pages read from a slot */
     int32_t kept_count;   /* of them, come in clean (write-protected, slot kept) */
-    int32_t also_read;    /* faulting pages umgr_fast_prefetch read alongside (counted in
-                             file_reads/memory_reads, not in swapped: the full path brings them) */
+    int32_t also_read;    /* umgr_fast_prefetch read its faulting page alongside (counted in
+                             file_reads/memory_reads, not in swapped: the full path brings it) */
     int64_t read_ns_sum;  /* read_ns of the logged pages, summed */
     int64_t serve_ns_sum; /* serve_ns of the logged pages, summed */
     int64_t cluster_ns_sum; /* of serve_ns_sum, bringing pages beside lone faults or ahead of first
@@ -245,8 +245,8 @@ int umgr_fast_bg_pin(struct umgr_fast_bg *bg, int cpu);
 void umgr_fast_bg_end(struct umgr_fast_bg *bg);
 int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                        const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
-                       int keep_period, int fresh, const int32_t *also_slots, const uint64_t *also_pages,
-                       int32_t *also_ok, int nalso, struct umgr_fast_log *log);
+                       int keep_period, int fresh, int32_t also_slot, uint64_t also_page,
+                       struct umgr_fast_log *log);
 """
 
 CUSTOMIZATIONS = STRUCTS + """
@@ -999,8 +999,8 @@ static int umgr_fast_group(int uffd, struct uffd_msg *msgs, int n, int max_n, co
 
 static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int nregions,
                            const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
-                           int keep_period, int fresh, int kind, const int32_t *also_slots,
-                           const uint64_t *also_pages, int32_t *also_ok, int nalso, struct umgr_fast_log *log);
+                           int keep_period, int fresh, int kind, int32_t also_slot, uint64_t also_page,
+                           struct umgr_fast_log *log);
 
 #define UMGR_CLUSTER_SAMPLE 32   /* pages brought lately, at least, to judge by */
 #define UMGR_CLUSTER_MARGIN 10   /* percentage points over log->cluster_bar it must be */
@@ -1069,8 +1069,7 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
     if (n > room - log->served)
         n = room - log->served;
     int64_t started = umgr_now_ns();
-    int got = n > 0 ? umgr_fast_bring(uffd, regions, nregions, store, near, n, pages, 1, 0, UMGR_FAST_CLUSTER, NULL, NULL,
-                                          NULL, 0, log) : 0;
+    int got = n > 0 ? umgr_fast_bring(uffd, regions, nregions, store, near, n, pages, 1, 0, UMGR_FAST_CLUSTER, 0, 0, log) : 0;
     /* The group's serving time (their reads are in read_ns_sum), not a fault's latency. */
     int64_t spent = umgr_now_ns() - started;
     log->serve_ns_sum += spent;
@@ -1443,33 +1442,32 @@ static int umgr_prefetch_read(const struct umgr_fast_store *store, const int32_t
    them: the prefetch policy asked for them. Other pages, and the rest of
    a run whose copy fails (an event queued, a page already there), are
    left as they are: prefetch is optional. At most log->max pages.
-   also_slots[0..nalso): the slots of the faults the window is for (0: a
-   fresh page, not read). Each is read in the same go into its page of
-   also_pages (4096 bytes each), its read in flight with the window's, where
-   the store can give it here and a window page is to come; also_ok[a] says
-   whether it was (log->also_read counts them): the full path then copies
-   them in. Read after the window's, each waited out a device round trip of
-   its own, often behind eviction writes (node under --min-region 256K: 290
-   us a fault). Returns how many came in. */
+   With also_slot (not 0), the slot of the fault the window is for is read
+   in the same go into also_page (4096 bytes), its read in flight with the
+   window's, where the store can give it here and a window page is to
+   come (log->also_read: it was): the full path then copies it in. Read
+   after the window's, it waited out a device round trip of its own, often
+   behind eviction writes (node under --min-region 256K: 290 us a fault).
+   Returns how many came in. */
 static int umgr_fast_prefetch(int uffd, const struct umgr_fast_region *regions, int nregions,
                               const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
-                              int keep_period, int fresh, const int32_t *also_slots, const uint64_t *also_pages,
-                              int32_t *also_ok, int nalso, struct umgr_fast_log *log)
+                              int keep_period, int fresh, int32_t also_slot, uint64_t also_page,
+                              struct umgr_fast_log *log)
 {
     umgr_fast_reset(log);
-    return umgr_fast_bring(uffd, regions, nregions, store, vpns, n, pages, keep_period, fresh, 0, also_slots,
-                           also_pages, also_ok, nalso, log);
+    return umgr_fast_bring(uffd, regions, nregions, store, vpns, n, pages, keep_period, fresh, 0, also_slot,
+                           also_page, log);
 }
 
 /* umgr_fast_prefetch's work, logged after the entries log holds, with
    `kind` in each entry's kind (UMGR_FAST_CLUSTER: flagged CLUSTERED too);
-   how many pages came in. also_*: as umgr_fast_prefetch's (nalso 0:
-   none); their reads take the pages after the last planned one in
+   how many pages came in. also_slot, also_page: as umgr_fast_prefetch's
+   (0: none); its read takes the page after the last planned one in
    `pages`, so only while fewer than log->max are planned. */
 static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int nregions,
                            const struct umgr_fast_store *store, const int64_t *vpns, int n, uint64_t pages,
-                           int keep_period, int fresh, int kind, const int32_t *also_slots,
-                           const uint64_t *also_pages, int32_t *also_ok, int nalso, struct umgr_fast_log *log)
+                           int keep_period, int fresh, int kind, int32_t also_slot, uint64_t also_page,
+                           struct umgr_fast_log *log)
 {
     int64_t started = umgr_now_ns();
     int before = log->served, room = log->max - log->served;
@@ -1493,28 +1491,18 @@ static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int
         protect[m] = s != 0 && umgr_keeps(log, keep_period);
         vpn[m] = (uint64_t)vpns[i], slot[m] = s, in[m++] = r;
     }
-    /* (Their entries, past the planned ones, are read and never copied.) */
-    int also = 0, also_at[nalso > 0 ? nalso : 1];
-    for (int a = 0; a < nalso; a++) {
-        also_ok[a] = 0;
-        int32_t s = also_slots[a];
-        if (m > 0 && m + also < room && s != 0 && (store->fd >= 0 || umgr_fast_in_memory(store, s))) {
-            slot[m + also] = s;
-            also_at[also++] = a;
-        }
-    }
+    /* (Its entry, past the planned ones, is read and never copied.) */
+    int also = m > 0 && m < room && also_slot != 0 && (store->fd >= 0 || umgr_fast_in_memory(store, also_slot));
+    if (also)
+        slot[m] = also_slot;
     if (m == 0 || umgr_prefetch_read(store, slot, m + also, pages, umgr_aio(log), ok) < 0)
         return 0;   /* nothing to bring; or reads not waited for (cannot happen with a valid context) */
     int64_t read_ns = (umgr_now_ns() - started) / (m + also);   /* each page's share */
-    for (int k = m; k < m + also; k++) {
-        if (!ok[k])
-            continue;
-        int a = also_at[k - m];
-        memcpy((void *)(uintptr_t)also_pages[a], (void *)(uintptr_t)(pages + (uint64_t)k * 4096), 4096);
+    if (also && ok[m]) {
+        memcpy((void *)(uintptr_t)also_page, (void *)(uintptr_t)(pages + (uint64_t)m * 4096), 4096);
         /* (Counted as a read, not as a page come in: the full path brings it.) */
-        umgr_fast_count_read(log, umgr_fast_in_memory(store, also_slots[a]), read_ns);
-        also_ok[a] = 1;
-        log->also_read++;
+        umgr_fast_count_read(log, umgr_fast_in_memory(store, also_slot), read_ns);
+        log->also_read = 1;
     }
     for (int k = 0; k < m;) {
         int j = k + 1;   /* pages k..j: a run copied with one call (protect[k]: as clean copies) */

@@ -440,19 +440,16 @@ class Userfaultfd:
         return r
 
     def prefetch(self, regions, nregions: int, store, vpns, pages: int, keep_period: int, fresh: bool,
-                 log, also: tuple | None = None, nalso: int = 0) -> int:
+                 log, also_slot: int = 0, also_page: int = 0) -> int:
         """Bring in the swapped (and with `fresh` the fresh) pages of vpns
         (a sorted int64 array) in C (umgr_fast_prefetch,
         bindings/cffi/_cdef_fastfault.py), keeping the clean copies of every
         page (keep_period 1), none (0) or every nth; returns how many,
-        logged in log. `also`: C pointers (int32_t * slots, uint64_t * page
-        addresses, int32_t * ok) of which the first nalso slots are read
-        alongside into their pages, where they can be (ok[k] set;
-        log.also_read counts them)."""
-        slots, addresses, ok = also if also is not None else (_ffi.NULL,) * 3
+        logged in log. With also_slot, that slot is read into the page at
+        also_page alongside, where it can be (log.also_read)."""
         return _lib.umgr_fast_prefetch(self._fd, regions, nregions, store,
                                        _ffi.cast("int64_t *", vpns.ctypes.data), len(vpns), pages, keep_period,
-                                       fresh, slots, addresses, ok, nalso if also is not None else 0, log)
+                                       fresh, also_slot, also_page, log)
 
     def _grow(self, max_events: int) -> None:
         """A .batch that holds max_events messages (at least 64); a read of

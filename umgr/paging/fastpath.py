@@ -68,7 +68,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import trio
@@ -183,13 +183,6 @@ class FastPath:
         for log in (self._served, self._next, self._prefetched):
             log.use(self._io)
         self._prefetch_pages = PageBuffer(MAX_FILL_PAGES)
-        # prefetch()'s pages read alongside: slots, where each goes, whether it was read
-        self._also_slots = np.zeros(MAX_FILL_PAGES, np.int32)
-        self._also_pages = np.zeros(MAX_FILL_PAGES, np.uint64)
-        self._also_ok = np.zeros(MAX_FILL_PAGES, np.int32)
-        self._also = (uffdmod.array_pointer("int32_t *", self._also_slots),
-                      uffdmod.array_pointer("uint64_t *", self._also_pages),
-                      uffdmod.array_pointer("int32_t *", self._also_ok))
         self._store = StoreView(self._io)
         self._table = None                        # the table and layout self._regions describe
         self._layout = -1
@@ -272,7 +265,7 @@ class FastPath:
         self._log.stream_step[self._stream_at] = -step if descends else step
         self._stream_at = (self._stream_at + 1) % len(self._log.streams)
 
-    def prefetch(self, vpns: np.ndarray, fresh: bool = False, also: Sequence[tuple[int, int]] = ()) -> int:
+    def prefetch(self, vpns: np.ndarray, fresh: bool = False, also: tuple[int, int] | None = None) -> int:
         """Bring in those of `vpns` (sorted, asked for by the prefetch
         policy) that are swapped, and with `fresh` the fresh ones as
         zeroed pages of their own, in C: a pread per run of slots, a copy
@@ -284,35 +277,32 @@ class FastPath:
         The table, counters and store learn of them here. Returns how
         many came in; the others (pages in other states, a copy refused)
         are left as they are.
-        `also`: (slot, address) of each fault the window is for, whose
-        page the full path brings: its read goes with the window's, into
-        the page at address, where C can read it and a window page comes
-        (read_alongside() says which did)."""
+        `also`: (slot, address) of the fault the window is for, whose page
+        the full path brings: its read goes with the window's, into the
+        page at address, where C can read it and a window page comes
+        (read_alongside() says whether it did)."""
         core = self.core
         self._prefetched.c.also_read = 0
-        self._also_ok[:len(also)] = 0
         room = core.fill_budget.prefetch_room(core.pt.resident, min(len(vpns), MAX_FILL_PAGES))
         if not self.ready() or room <= 0:
             return 0
         vpns = np.ascontiguousarray(vpns[:room], np.int64)
-        # (The reads alongside take the buffer's pages after the last one planned.)
-        nalso = min(len(also), MAX_FILL_PAGES - room)
-        for k, (slot, address) in enumerate(also[:nalso]):
-            self._also_slots[k], self._also_pages[k] = slot, address
-        self._prefetched.c.max = room + nalso
+        # (The read alongside takes the buffer's page after the last one planned.)
+        also_slot, also_page = also if also is not None and room < MAX_FILL_PAGES else (0, 0)
+        self._prefetched.c.max = room + (also_slot != 0)
         self._prefetched.drop_references_in(core.slots.counts, core.slots.evicted_at)
         n = core.uffd.prefetch(self._regions, self._nregions, self._store.follow(core.backend), vpns,
                                self._prefetch_pages.addr, core.clean.keep_period(), fresh, self._prefetched.c,
-                               self._also, nalso)
+                               also_slot, also_page)
         if n:
             self._settle_prefetched(n)
         elif self._prefetched.c.also_read:   # (the window's copies refused, its read counted all the same)
             self._came_in(self._prefetched, 0)
         return n
 
-    def read_alongside(self, n: int) -> list[bool]:
-        """Which of the first n `also` pages the last prefetch() read."""
-        return (self._also_ok[:n] != 0).tolist()
+    def read_alongside(self) -> bool:
+        """Whether the last prefetch() read its `also` page."""
+        return bool(self._prefetched.c.also_read)
 
     def _settle_prefetched(self, n: int) -> None:
         core = self.core

@@ -502,65 +502,49 @@ class FaultService:
             await self._fill_pages(fill, writes, fills)
 
     async def _fill_window_in_c(self, fill: dict[int, int], writes: bool, faulting: dict[int, bool]) -> bool:
-        """Faulting pages and the windows the prefetch policy asked for
-        with them (a stream's next): the windows come in through C first
-        (FastPath.prefetch: their pages are in place when the program
-        wakes; what C leaves is not brought, prefetch being optional), with
-        the faulting pages' reads in flight beside the windows' (those C
-        could not read, together after), then each faulting page on its
-        own. False when the C call cannot be made or brings nothing, or
-        there is no window (their reads then go together: _fill_pages)."""
+        """One faulting page and the window the prefetch policy asked for
+        with it (a stream's next): the window comes in through C first
+        (FastPath.prefetch: its pages are in place when the program wakes;
+        what C leaves is not brought, prefetch being optional), with the
+        faulting page's read in flight beside the window's, then the
+        faulting page on its own. False when the C call cannot be made or
+        brings nothing and reads nothing (a store C cannot read: Redis, a
+        plug-in), and _fill_pages reads the window in one batch."""
         first = [vpn for vpn in fill if vpn in faulting]
-        if not first or len(first) == len(fill) or not self.fast.ready():
+        if len(first) != 1 or not self.fast.ready():
             return False
-        window = np.fromiter(sorted(page for page in fill if page not in faulting), np.int64, len(fill) - len(first))
+        vpn = first[0]
+        window = np.fromiter(sorted(page for page in fill if page != vpn), np.int64, len(fill) - 1)
         started = time.perf_counter()
-        # (Each read after the window's waited out a device round trip of
+        # (Its read after the window's waited out a device round trip of
         # its own, often behind eviction writes: node's heap under
-        # --min-region 256K, 290 us a fault. There several threads' faults
-        # came together in 4-5k of 12k fills, and _fill_pages took a fifth
-        # of the daemon's time.) Each faulting page has a staging page.
-        also = [(fill[vpn], self._fill.addr + (k << PAGE_SHIFT)) for k, vpn in enumerate(first)]
+        # --min-region 256K, 290 us a fault.)
+        also = (fill[vpn], self._fill.addr) if fill[vpn] != NO_SLOT else None
         brought = self.fast.prefetch(window, fresh=writes, also=also)
         self.core.stats.fault_read_seconds += time.perf_counter() - started
-        read = self.fast.read_alongside(len(first))
-        if not brought and not any(read):   # (a store C cannot read: Redis, a plug-in)
+        read = self.fast.read_alongside()
+        if not brought and not read:
             return False
-        self.core.stats.read_with_window += sum(read)
-        unread = [k for k, vpn in enumerate(first) if fill[vpn] != NO_SLOT and not read[k]]
-        if len(unread) > 1:   # (those C did not read: together, not one round trip after another)
-            await self._read_staged(np.array([fill[first[k]] for k in unread], np.int32),
-                                    self._fill.addrs(np.array(unread, np.int64)))
-            read = [True] * len(first)
-        for k, vpn in enumerate(first):
-            await self._fill_one(vpn, fill[vpn], faulting[vpn], {vpn: faulting[vpn]}, read=not read[k], page=k)
+        self.core.stats.read_with_window += read
+        await self._fill_one(vpn, fill[vpn], writes, faulting, read=not read)
         return True
 
-    async def _read_staged(self, slots: np.ndarray, addresses: np.ndarray) -> None:
-        """Read slots from the store into staging pages, in one batch."""
-        core = self.core
-        started = time.perf_counter()
-        with core.fill_reads:  # WILLNEED hints wait for it
-            await io_to_the_end(core.backend.read, slots, addresses)
-        core.stats.fault_read_seconds += time.perf_counter() - started
-
-    async def _fill_one(self, vpn: int, slot: int, write: bool, faulting: dict[int, bool], read: bool = True,
-                        page: int = 0) -> None:
+    async def _fill_one(self, vpn: int, slot: int, write: bool, faulting: dict[int, bool], read: bool = True) -> None:
         """_fill_pages for one page with nothing prefetched (random access):
         the same steps on plain integers, without numpy's per-call cost.
-        It comes through the staging buffer's `page`; without `read`, its
-        slot's page is there already."""
+        Without `read`, its slot's page is in the staging buffer already."""
         core, pt = self.core, self.core.pt
-        staging = self._fill.addr + (page << PAGE_SHIFT)
         planned = State.SWAPPED if slot != NO_SLOT else State.FRESH
         keep = slot != NO_SLOT and not write and core.clean.keep()   # comes in clean, keeps its slot
         if slot != NO_SLOT:
             self._one_slot[0] = slot
             if read:
-                await self._read_staged(self._one_slot, self._one_addr if page == 0 else
-                                        self._fill.addrs(np.array([page], np.int64)))
+                started = time.perf_counter()
+                with core.fill_reads:  # WILLNEED hints wait for it
+                    await io_to_the_end(core.backend.read, self._one_slot, self._one_addr)
+                core.stats.fault_read_seconds += time.perf_counter() - started
         elif write:
-            self._fill.bytes[page << PAGE_SHIFT:(page + 1) << PAGE_SHIFT] = 0
+            self._fill.bytes[:PAGE_SIZE] = 0
         if pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
             self._retry_faulting(faulting, ())  # events changed it while we read
             return
@@ -571,9 +555,9 @@ class FaultService:
         if zeros:
             done = not core.uffd.zeropage_fast(vpn << PAGE_SHIFT, PAGE_SIZE)
         else:
-            done = not core.uffd.copy_fast(vpn << PAGE_SHIFT, staging, PAGE_SIZE, mode)
+            done = not core.uffd.copy_fast(vpn << PAGE_SHIFT, self._fill.addr, PAGE_SIZE, mode)
         if not done:
-            done = self.core.copy_run(vpn, 1, staging, zeros=zeros, protect=keep,
+            done = self.core.copy_run(vpn, 1, self._fill.addr, zeros=zeros, protect=keep,
                                       on_eagain=self._drain_and_go_on)[0][0]
         core.stats.fault_copy_seconds += time.perf_counter() - started
         if not done or pt.state_of(vpn) != planned or pt.slot_of(vpn) != slot:
