@@ -103,19 +103,22 @@ def test_an_older_page_of_a_slot_is_refused_never_served(cluster):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("threads", [1, 4])
-def test_sequential_reads_from_redis_come_in_by_windows(umgr_exec, programs, cluster, threads):
-    # 32 MiB read back twice under 8 MiB, from Redis alone, whose pages the
-    # C fast path cannot read: a stream's windows come in through the full
-    # path's batch reads. (When the C call was asked to bring them, nothing
-    # came: one fault and one network round trip a page, 16.5k faults and
-    # 14-19 s for 1 thread, against ~300 and 2 s.)
+def test_sequential_passes_over_redis_come_in_by_windows(umgr_exec, programs, cluster, threads):
+    # 32 MiB passed over twice under 8 MiB, from Redis alone, whose pages
+    # the C fast path cannot read: a stream's windows come in through the
+    # full path's batch reads. (When the C call was asked to bring them,
+    # nothing came and the windows were dropped: one fault and one network
+    # round trip a page, 16.5k faults and 14-19 s for 1 thread, against ~300
+    # and 2 s.) 4 threads, each checking then rewriting its pages: faults
+    # that come together take the full path's fill.
     cmd = [programs["reread"], "32", "2"] if threads == 1 else [programs["pattern"], "32", "mmap", "ss", "4"]
     result = umgr_exec(cmd, "--backend", f"redis:port={cluster.port}", max_resident="8M", timeout=100)
     assert result.returncode == 0 and result.stdout.startswith("ok "), explain(result)
     stats = result.stats
     assert stats["pages_in"] >= 2 * (32 - 8) * MiB // PAGE * 0.9, explain(result)   # the data really left, twice
+    # (1 thread: 1.5x pages_in prefetched, 0.5x when windows were dropped.)
+    assert stats["prefetched"] >= 0.75 * stats["pages_in"], explain(result)
     assert stats["faults"] <= stats["pages_in"] // 4, explain(result)
-    assert stats["backend_tiers"][0]["pages_read"] >= stats["pages_in"], explain(result)
 
 
 @pytest.mark.timeout(120)

@@ -509,7 +509,8 @@ class FaultService:
         faulting page's read in flight beside the window's, then the
         faulting page on its own. False when the C call cannot be made or
         brings nothing and reads nothing (a store C cannot read: Redis, a
-        plug-in), and _fill_pages reads the window in one batch."""
+        plug-in; a read fault's window of fresh pages), and _fill_pages
+        brings the window, reading it in one batch."""
         first = [vpn for vpn in fill if vpn in faulting]
         if len(first) != 1 or not self.fast.ready():
             return False
