@@ -32,6 +32,13 @@ The workloads:
            (or --java-budget-mib). The kernel's cgroup holds the whole JVM
            (its code, metaspace and collector tables too), umgr's budget
            the anonymous mappings of 1 MiB or more: the heap, mostly.
+  sort     GNU sort (LC_ALL=C) of --sort-mib MiB of random base64 lines,
+           through bench/programs/sortrun.c, which checks its output as it
+           comes down a pipe; at --sort-budget-share of the plain peak
+           (0.85: a budget a little under what it would use, the common
+           case; sort's comparisons read the text of lines all over its
+           buffer, so its working set is its whole buffer), or
+           --sort-budget-mib. sortrun itself holds next to nothing.
 
 The table gives seconds per phase for each configuration and umgr/kernel
 (lower is better), and umgr/kernel+poll when that ran; the fault table
@@ -49,6 +56,7 @@ cgroup v1 memory controller at /sys/fs/cgroup/memory.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import os
 import platform
@@ -57,6 +65,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -252,6 +262,7 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
                    "seed": args.seed, "ops": args.ops, "hot_mib": hot_mib, "variants": [lbl for lbl, _ in variants],
                    "rounds": args.rounds, "py_scale": None if args.no_python else args.py_scale,
                    "java_mib": None if args.no_java else args.java_mib,
+                   "sort_mib": None if args.no_sort else args.sort_mib,
                    "umgr": umgr_cmd},
         "env": {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
                 "other_swaps": others},
@@ -269,23 +280,27 @@ def run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
         results["workloads"]["shapes"] = run_workload(shapes, variants, **common)
         if not args.no_python:
             py_argv = [args.python, str(PROGRAMS / "pyworkload.py"), str(args.py_scale), str(args.seed)]
-            results["workloads"]["python"] = run_at_a_third_of_peak(
+            results["workloads"]["python"] = run_under_its_peak(
                 "python", py_argv, args.py_budget_mib, variants, common, args.timeout, log)
         if not args.no_java:
-            results["workloads"]["java"] = run_at_a_third_of_peak(
+            results["workloads"]["java"] = run_under_its_peak(
                 "java", java_argv(args, work), args.java_budget_mib, variants, common, args.timeout, log)
+        if not args.no_sort:
+            results["workloads"]["sort"] = run_under_its_peak(
+                "sort", sort_argv(args, work), args.sort_budget_mib, variants, common, args.timeout, log,
+                share=args.sort_budget_share)
     results["env"]["loadavg_after"] = os.getloadavg()
     return results
 
 
-def run_at_a_third_of_peak(name: str, argv: list[str], budget_mib: int | None, variants, common: dict,
-                           timeout: float, log) -> dict:
+def run_under_its_peak(name: str, argv: list[str], budget_mib: int | None, variants, common: dict,
+                       timeout: float, log, share: float = 1 / 3) -> dict:
     """A workload run plain first, then at `budget_mib`, or by default at
-    a third of the peak RSS that plain run measured."""
+    `share` (a third) of the peak RSS that plain run measured."""
     log(f"{name}: plain ...")
     plain = {"result": _run(argv, f"{name} plain", timeout)}
     peak_mib = plain["result"]["peak_rss_kb"] / 1024
-    workload = Workload(name, argv, budget_mib or max(8, round(peak_mib / 3)), int(peak_mib) + 256, peak_mib)
+    workload = Workload(name, argv, budget_mib or max(8, round(peak_mib * share)), int(peak_mib) + 256, peak_mib)
     return {**run_workload(workload, variants, plain=plain, **common), "peak_mib": peak_mib}
 
 
@@ -298,6 +313,18 @@ def java_argv(args, work: str) -> list[str]:
     # where it took 7.0 s with the heap umgr's run gets).
     return ["java", f"-XX:+Use{args.java_gc}GC", "-XX:-UseContainerSupport", "-Xmx1g", "-cp", work, "JvmHeap",
             str(args.java_mib), str(args.java_rounds), str(args.seed)]
+
+
+def sort_argv(args, work: str) -> list[str]:
+    """The sort workload's input, made in `work` (76 characters of base64 a
+    line, from --seed), and how to run it."""
+    exe = compile_programs(work, ("sortrun",))["sortrun"]
+    path = os.path.join(work, "sort-input.txt")
+    rng = np.random.default_rng(args.seed)
+    with open(path, "wb") as f:
+        for _ in range(args.sort_mib):
+            f.write(base64.encodebytes(rng.bytes(MiB * 3 // 4)))
+    return [exe, path]
 
 
 # ---- the tables ---------------------------------------------------------------------------
@@ -428,6 +455,12 @@ def format_report(results: dict) -> str:
         lines += ["", f"java: {p['java_mib']} MiB of arrays, {r['map_entries']} map entries, collector {r['gc']}, "
                       f"plain peak RSS {wl['peak_mib']:.0f} MiB, budget {wl['budget_mib']} MiB"]
         lines += format_workload("java", wl)
+    if "sort" in results["workloads"]:
+        wl = results["workloads"]["sort"]
+        r = wl["configs"]["plain"]["result"]
+        lines += ["", f"sort: {r['input_mib']:.0f} MiB in {r['lines']} lines, plain peak RSS {wl['peak_mib']:.0f} MiB, "
+                      f"budget {wl['budget_mib']} MiB"]
+        lines += format_workload("sort", wl)
     return "\n".join(lines)
 
 
@@ -457,6 +490,12 @@ def main(argv=None) -> int:
                              "or in a container, of under 2 CPUs or 1792 MiB)")
     parser.add_argument("--java-budget-mib", type=int, default=None,
                         help="budget of the JVM workload (default: a third of its plain peak RSS)")
+    parser.add_argument("--no-sort", action="store_true", help="skip the GNU sort workload")
+    parser.add_argument("--sort-mib", type=int, default=80, help="GNU sort workload's input (plain peak ~1.9x that)")
+    parser.add_argument("--sort-budget-share", type=float, default=0.85,
+                        help="budget of the sort workload, as a share of its plain peak RSS (default 0.85)")
+    parser.add_argument("--sort-budget-mib", type=int, default=None,
+                        help="budget of the sort workload in MiB (instead of --sort-budget-share)")
     parser.add_argument("--no-kernel-swap", action="store_true", help="skip the swapfile + cgroup baseline")
     parser.add_argument("--kernel-idle-poll", action="store_true",
                         help="also run kernel swap with idle CPUs polling (as umgr's --idle-poll has them)")
@@ -466,8 +505,10 @@ def main(argv=None) -> int:
                         help="tries of a failing umgr or kernel swap run (failures are reported)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.data_mib < 1 or args.budget_mib < 1:
-        parser.error("--rounds, --data-mib and --budget-mib must be at least 1")
+    if args.rounds < 1 or args.data_mib < 1 or args.budget_mib < 1 or args.sort_mib < 1:
+        parser.error("--rounds, --data-mib, --budget-mib and --sort-mib must be at least 1")
+    if not 0 < args.sort_budget_share <= 1:
+        parser.error("--sort-budget-share must be more than 0 and at most 1")
     return run_and_report(lambda: run(args), format_report, args.json)
 
 
