@@ -427,9 +427,11 @@ def test_keep_period_is_keep_for_a_run_of_fills():
 def _fast_path_over(pt, budget_pages: int = 0):
     from types import SimpleNamespace
 
+    from umgr.paging.clusternotes import ClusterNotes
     from umgr.paging.fastpath import FastPath
     from umgr.trace import NO_TRACE
-    core = SimpleNamespace(pt=pt, trace=NO_TRACE, budget=Budget(budget_pages), fill_budget=Budget(budget_pages))
+    core = SimpleNamespace(pt=pt, trace=NO_TRACE, budget=Budget(budget_pages), fill_budget=Budget(budget_pages),
+                           cluster_notes=ClusterNotes())
     return FastPath(core, spin=0.0)
 
 

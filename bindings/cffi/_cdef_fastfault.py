@@ -110,8 +110,10 @@ struct umgr_fast_log {
                              this many (a power of 2, at most UMGR_FAST_GROUP; 0: none) that went
                              out with it, while they prove used (umgr_fast_cluster) */
     int64_t cluster_reach; /* ... went out with it: within this many evictions of it */
-    int32_t cluster_bar;  /* ... while more than this percentage (+ UMGR_CLUSTER_MARGIN) of them
-                             are written soon after (umgr_cluster_wanted) */
+    int32_t cluster_bar;  /* ... while more than this percentage (+ UMGR_CLUSTER_MARGIN) of the
+                             pages brought are written soon after, or ... */
+    int32_t cluster_fault_bar; /* ... more than this percentage (+ the margin) of the pages of the
+                                  blocks left out come back from swap soon after (umgr_cluster_wanted) */
     int32_t fresh_window; /* a write fault on a fresh page that follows the page before it (a first
                              write going up) brings up to this many fresh pages after it, as zeros,
                              the first time UMGR_FILL_START, doubling while the writes go on
@@ -158,7 +160,8 @@ struct umgr_fast_log {
     /* ... and (umgr_fast_cluster): */
     int32_t cluster_brought; /* pages brought beside lone faults lately (halved now and then) */
     int32_t cluster_hits;    /* of them, written (a write-protect fault; halved alike) */
-    int32_t cluster_skips;   /* lone faults that brought no block since the last one did */
+    int32_t cluster_skips;   /* lone faults since the last that left its block out, while on by faults */
+    int32_t cluster_probes;  /* lone faults since the last probe, while off */
     uint64_t fill_next[4];   /* per first write going up (a thread's, say): the page after the pages
                                 brought ahead of it last (0: none) ... */
     int32_t fill_size[4];    /* ... and how many those were */
@@ -169,6 +172,12 @@ struct umgr_fast_log {
     uint64_t fill_zeros;  /* UMGR_FILL_MAX pages that read as zeros (private, never written: the
                              zero page), the source of the pages brought ahead of first writes */
     const uint32_t *evicted_at; /* per slot, the eviction count when its page went out (slots.py) */
+    uint64_t *noted_vpn;  /* pages lone faults' blocks left out (umgr_cluster_note), by vpn modulo
+                             UMGR_CLUSTER_NOTES (0: none; NULL: no table), and ... */
+    uint32_t *noted_tick; /* ... the clock then (umgr/paging/clusternotes.py) */
+    int64_t *cluster_counts; /* [UMGR_CLUSTER_NOTED]: pages noted; [_WANTED]: of them, faulted back
+                                from swap soon after; [_TICK]: pages faulted back from swap (the
+                                last two counted by the daemon, ClusterNotes.came_back) */
     int64_t *latency;     /* the fault latency histogram (umgr/paging/stats.py), NULL: none */
     const int64_t *latency_bounds; /* bucket b counts serve_ns <= bounds[b] (and > bounds[b-1]) */
     int32_t nbounds;
@@ -222,6 +231,10 @@ TYPES = STRUCTS + """
 #define UMGR_FAST_FILL ...
 #define UMGR_FAST_AHEAD ...
 #define UMGR_FILL_MAX ...
+#define UMGR_CLUSTER_NOTES ...
+#define UMGR_CLUSTER_NOTED ...
+#define UMGR_CLUSTER_WANTED ...
+#define UMGR_CLUSTER_TICK ...
 #define UMGR_FAST_WHY_NEAR ...
 #define UMGR_FAST_WHY_FULL ...
 #define UMGR_FAST_WHY_ROOM ...
@@ -1002,31 +1015,71 @@ static int umgr_fast_bring(int uffd, const struct umgr_fast_region *regions, int
                            int keep_period, int fresh, int kind, int32_t also_slot, uint64_t also_page,
                            struct umgr_fast_log *log);
 
-#define UMGR_CLUSTER_SAMPLE 32   /* pages brought lately, at least, to judge by */
-#define UMGR_CLUSTER_MARGIN 10   /* percentage points over log->cluster_bar it must be */
+#define UMGR_CLUSTER_SAMPLE 32   /* pages brought (or noted) lately, at least, to judge by */
+#define UMGR_CLUSTER_MARGIN 10   /* percentage points over a bar a share must be */
 #define UMGR_CLUSTER_PROBE 16    /* off, one lone fault in this many brings a page of its block anyway */
+#define UMGR_CLUSTER_CONTROL 16  /* on, one lone fault in this many leaves its block out, to measure */
 #define UMGR_CLUSTER_MEMORY 1024 /* brought and hits are halved past this many brought */
+#define UMGR_CLUSTER_NOTES 4096  /* entries of log->noted_vpn (a power of 2) */
+#define UMGR_CLUSTER_NOTED 0     /* log->cluster_counts[...] */
+#define UMGR_CLUSTER_WANTED 1
+#define UMGR_CLUSTER_TICK 2
 
-/* How many pages of its block a lone fault brings: all of them while more
-   of the pages so brought lately were written since (a write-protect
-   fault: they come in write-protected; reads of a mapped page are not
-   seen) than log->cluster_bar + UMGR_CLUSTER_MARGIN percent. Else one, at
-   one lone fault in UMGR_CLUSTER_PROBE, so that the share goes on being
-   measured, and none at the others (a whole block at each probe cost random
+/* How many pages of its block a lone fault brings: all of them while its
+   blocks prove wanted one of two ways. More of the pages so brought lately
+   were written since (a write-protect fault: they come in write-protected)
+   than log->cluster_bar + UMGR_CLUSTER_MARGIN percent; or more of the
+   pages of blocks left out lately came back from swap by a fault soon
+   after (umgr/paging/clusternotes.py) than log->cluster_fault_bar + the
+   margin, which sees reads too (a page brought in shows only a write:
+   reads of a mapped page are not seen, and a sort's comparisons only
+   read). Each page brought pushes one out, and the bars come from how
+   likely that one is to be wanted back soon (fastpath.py,
+   CLUSTER_BAR_SHARE). While on by the second way only, one lone fault in
+   UMGR_CLUSTER_CONTROL leaves its block out (0), to go on measuring it
+   (the first measures the blocks brought). While off, the block is left
+   out, and one lone fault in UMGR_CLUSTER_PROBE brings one page of it, to
+   go on measuring the first (a whole block at each probe cost random
    reads after a scan 15% of their time: the scan's pages went out
-   together). Each page brought pushes one out, and the bar is how likely
-   that one is to be wanted back soon: the share of the latest faults on
-   swapped pages that brought back a page evicted no more evictions ago than
-   there are resident pages (TargetCore.refaults). */
+   together). */
 static int umgr_cluster_wanted(struct umgr_fast_log *log)
 {
-    if (log->cluster_brought >= UMGR_CLUSTER_SAMPLE
-        && (int64_t)log->cluster_hits * 100 > (int64_t)log->cluster_brought * (log->cluster_bar + UMGR_CLUSTER_MARGIN))
+    int written = log->cluster_brought >= UMGR_CLUSTER_SAMPLE
+                  && (int64_t)log->cluster_hits * 100
+                     > (int64_t)log->cluster_brought * (log->cluster_bar + UMGR_CLUSTER_MARGIN);
+    int faulted = 0;
+    if (log->cluster_counts != NULL) {
+        int64_t noted = log->cluster_counts[UMGR_CLUSTER_NOTED], wanted = log->cluster_counts[UMGR_CLUSTER_WANTED];
+        faulted = noted >= UMGR_CLUSTER_SAMPLE && wanted * 100 > noted * (log->cluster_fault_bar + UMGR_CLUSTER_MARGIN);
+    }
+    if (written)
         return UMGR_FAST_GROUP;
-    if (++log->cluster_skips < UMGR_CLUSTER_PROBE)
+    if (faulted) {
+        if (++log->cluster_skips < UMGR_CLUSTER_CONTROL)
+            return UMGR_FAST_GROUP;
+        log->cluster_skips = 0;
         return 0;
-    log->cluster_skips = 0;
+    }
+    if (++log->cluster_probes < UMGR_CLUSTER_PROBE)
+        return 0;
+    log->cluster_probes = 0;
     return 1;
+}
+
+/* The pages a lone fault's block would have brought, left out: noted, so
+   that one faulted back from swap soon after counts as wanted. A later
+   note in the same entry takes its place. */
+static void umgr_cluster_note(struct umgr_fast_log *log, const int64_t *vpns, int n)
+{
+    if (log->noted_vpn == NULL || log->cluster_counts == NULL)
+        return;
+    uint32_t tick = (uint32_t)log->cluster_counts[UMGR_CLUSTER_TICK];
+    for (int i = 0; i < n; i++) {
+        uint32_t at = (uint32_t)vpns[i] & (UMGR_CLUSTER_NOTES - 1);
+        log->noted_vpn[at] = (uint64_t)vpns[i];
+        log->noted_tick[at] = tick;
+    }
+    log->cluster_counts[UMGR_CLUSTER_NOTED] += n;
 }
 
 /* After a lone fault on a swapped page (log entry `at`, from its slot),
@@ -1036,8 +1089,9 @@ static int umgr_cluster_wanted(struct umgr_fast_log *log)
    together came in together, and were in use together; a neighbour that
    went out at another time is no more likely to be wanted than any other
    page. Up to `room` entries in the log, into `pages` (free: the group's
-   pages are in). They come in write-protected, as clean copies, so that
-   a write shows they were wanted (umgr_cluster_wanted). */
+   pages are in), while such pages prove wanted (umgr_cluster_wanted); the
+   pages of a block left out are noted, to measure that. They come in
+   write-protected, as clean copies, so that a write shows them wanted. */
 static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, int nregions,
                               const struct umgr_fast_store *store, uint64_t pages, int32_t at, int32_t room,
                               struct umgr_fast_log *log)
@@ -1047,9 +1101,6 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
     const struct umgr_fast_region *r = umgr_fast_find(regions, nregions, vpn);
     if (block < 2 || block > UMGR_FAST_GROUP || own <= 0 || (uint64_t)own >= log->nrefs
         || log->evicted_at == NULL || r == NULL || room - log->served <= 0)
-        return;
-    int wanted = umgr_cluster_wanted(log);
-    if (!wanted)
         return;
     int64_t near[UMGR_FAST_GROUP];
     int n = 0;
@@ -1064,6 +1115,13 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
         if (apart <= log->cluster_reach && -apart <= log->cluster_reach)
             near[n++] = (int64_t)v;
     }
+    if (n == 0)
+        return;
+    int wanted = umgr_cluster_wanted(log);
+    if (wanted <= 1)   /* (a probe's page aside, the block is left out) */
+        umgr_cluster_note(log, near + wanted, n - wanted);
+    if (!wanted)
+        return;
     if (n > wanted)
         n = wanted;
     if (n > room - log->served)

@@ -22,6 +22,7 @@ from umgr.kernel import uffd as uffdmod
 from umgr.kernel.uffd import Userfaultfd
 from umgr.paging.budget import Budget
 from umgr.paging.cleancopies import CleanCopies
+from umgr.paging.clusternotes import ClusterNotes
 from umgr.paging.pagetable import NO_SLOT, PAGE_SHIFT, PAGE_SIZE, Flag, PageTable, State, runs
 from umgr.paging.readgate import ReadGate
 from umgr.paging.stats import TargetStats
@@ -146,6 +147,7 @@ class TargetCore:
         self.ksm_mergeable = False        # KSM may merge its pages: write-protection sees no write there
         self.evictions = 0                # pages evicted so far: the clock of refault distances
         self.refaults = Share()           # of the latest faults on swapped pages, those back soon (near)
+        self.cluster_notes = ClusterNotes()   # whether lone faults' blocks are wanted (fastpath.py)
         self.fill_reads = Busy()          # the fault path's backend reads in flight
         self.evicted = Wakeup()           # the fault path waiting at the budget, woken by a zap
         self._evict_wanted = trio.Event()
@@ -201,6 +203,7 @@ class TargetCore:
             near = int((distances <= self.pt.resident).sum())
             self.stats.near_refaults += near
             self.refaults.count(len(vpns), near)
+            self.cluster_notes.came_back(vpns, self.pt.resident)
             if self.eviction.wants_refaults:
                 self.eviction.on_refault(vpns, distances)
 

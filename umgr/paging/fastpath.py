@@ -76,6 +76,7 @@ import trio
 from umgr.backends import IO_BUCKETS, SLOW_READ, ReadsDone
 from umgr.kernel import uffd as uffdmod
 from umgr.kernel.buffers import PageBuffer
+from umgr.paging.clusternotes import ClusterNotes
 from umgr.paging.core import TargetCore
 from umgr.paging.pagetable import NO_SLOT, Flag, Region, State
 from umgr.paging.stats import LATENCY_BUCKETS_NS
@@ -129,6 +130,21 @@ STRIDE_PAGES = 64
 # 61 s with 5%, 68 s with all of it, and 67-71 s with no cluster.
 CLUSTER_REACH = 0.01
 CLUSTER_REACH_MIN = 64
+# Blocks come while more of the pages brought lately were written than the
+# near-refault share (each page brought pushes out one, wanted back about
+# that often), or more of the pages of blocks left out came back by a fault
+# soon after (clusternotes.py) than this share of it; each with a margin
+# (umgr_cluster_wanted). Half for the second: a page pushed out comes back
+# with the pages of its own block, in one read and one fault, so it costs
+# less than the fault a wanted page saves (at the whole share sort's bar
+# stood at 100%: its refaults are all near). tools/ab.py against writes as
+# the only measure (alternating pairs, median and range): GNU sort of 77
+# MiB under 124 MiB (bench_shapes.py's sort workload) 0.76x (0.73-0.87);
+# the CPython workload (scale 0.1, 32 MiB) 0.92x (0.88-0.95); the serial
+# JVM (128 MiB of arrays under 80 MiB) 0.99x (0.94-1.11); the shapes at
+# 512/64 1.01x (0.90-1.08), as many faults. The second measure alone lost
+# the JVM's blocks (docs/architecture.md, "A lone fault's neighbours").
+CLUSTER_BAR_SHARE = 0.5
 # How often a target's CPU affinity is looked at again (colocated()).
 AFFINITY_SECONDS = 1.0
 # A call serving beside its program that is not over this long after its
@@ -182,6 +198,7 @@ class FastPath:
         self._prefetched = FastLog(MAX_FILL_PAGES)          # what prefetch() brought in
         for log in (self._served, self._next, self._prefetched):
             log.use(self._io)
+            log.note_clusters_in(core.cluster_notes)
         self._prefetch_pages = PageBuffer(MAX_FILL_PAGES)
         self._store = StoreView(self._io)
         self._table = None                        # the table and layout self._regions describe
@@ -378,7 +395,8 @@ class FastPath:
         # kept, nor while a full store wants their slots.)
         c.cluster = self.cluster if core.clean.mode != "never" and not core.clean.suspended else 0
         c.cluster_reach = max(CLUSTER_REACH_MIN, int(core.pt.resident * CLUSTER_REACH))
-        c.cluster_bar = core.refaults.percent(unknown=100)
+        near = core.refaults.percent(unknown=100)
+        c.cluster_bar, c.cluster_fault_bar = near, round(near * CLUSTER_BAR_SHARE)
         # (No more than a prefetch window may take of the budget: Budget.window.)
         c.fresh_window = min(self.fresh_window, core.fill_budget.window_pages())
         log.drop_references_in(core.slots.counts, core.slots.evicted_at)
@@ -485,7 +503,7 @@ class FastPath:
         log.keep_phase = last.keep_phase
         log.recent, log.recent_at = last.recent, last.recent_at
         log.cluster_brought, log.cluster_hits = last.cluster_brought, last.cluster_hits
-        log.cluster_skips = last.cluster_skips
+        log.cluster_skips, log.cluster_probes = last.cluster_skips, last.cluster_probes
         log.fill_next, log.fill_size, log.fill_at = last.fill_next, last.fill_size, last.fill_at
         log.streams, log.stream_step = last.streams, last.stream_step
         store = self._store.follow(core.backend)
@@ -756,6 +774,15 @@ class FastLog:
             self.c.evicted_at = uffdmod.array_pointer("uint32_t *", evicted_at)
             self.c.nrefs = len(counts)
             self._counts, self._evicted_at = counts, evicted_at
+
+    def note_clusters_in(self, notes: ClusterNotes) -> None:
+        """The call notes the pages of the blocks it leaves out in `notes`
+        (held: the pointers stay valid), and brings blocks while its counts
+        say so."""
+        self._notes = notes
+        self.c.noted_vpn = uffdmod.array_pointer("uint64_t *", notes.vpn)
+        self.c.noted_tick = uffdmod.array_pointer("uint32_t *", notes.tick)
+        self.c.cluster_counts = uffdmod.array_pointer("int64_t *", notes.counts)
 
     def count_latencies_in(self, histogram: np.ndarray) -> None:
         """The call counts each fault's service time in `histogram`
