@@ -32,14 +32,18 @@ set's evictions of it), so came in and were in use with it. They come in
 write-protected. Each pushes a page out, so they come while more of those
 brought lately were written soon after than the share of faults that bring
 back a page evicted no more evictions ago than there are resident pages (how
-likely the page pushed out is to be wanted back), by 10 points; otherwise
-one page at one lone fault in 16 does, to go on measuring. The kernel counts a readahead page used when a fault maps it
-from the swap cache, a read included; umgr sees only writes, so blocks
-that are only read are not brought. Where it pays: a JVM's arrays read and
-then updated at random (bench_shapes.py's JVM workload: the updates took
-0.55-0.8x the time without). An interpreter's scattered objects do not
-clear the bar: brought whole, the blocks of a random walk over a working
-set a little over the budget pushed out pages in use.
+likely the page pushed out is to be wanted back), by 10 points; or while
+more of the pages of blocks left out were faulted on soon after than half
+that share, by 10 points (umgr/paging/clusternotes.py). The kernel counts
+a readahead page used when a fault maps it from the swap cache, a read
+included; umgr sees no read of a mapped page, so it measures reads where
+it left the blocks out. Where it pays: a JVM's arrays read and then
+updated at random (bench_shapes.py's JVM workload: the updates took
+0.55-0.8x the time without), GNU sort's text, which its comparisons only
+read (bench_shapes.py's sort workload: 0.76x the time of writes as the only
+measure). An interpreter's scattered objects clear the bars only at
+times: brought whole, the blocks of a random walk over a working set a
+little over the budget pushed out pages in use.
 
 A first write going up (a buffer being filled, memory an allocator hands
 out again after freeing it) brings fresh pages ahead of it
