@@ -449,7 +449,7 @@ def test_cluster_notes_count_a_page_back_soon_once():
     notes.came_back(np.array([0x1001], np.int64), resident=80)              # counted once
     assert notes.counts[WANTED] == 1 and notes.counts[TICK] == 3
     notes.came_back(np.arange(0x9000, 0x9000 + 20, dtype=np.int64), resident=80)
-    notes.came_back(np.array([0x1002], np.int64), resident=80)              # too late: 21 pages since, an eighth of 80 the window
+    notes.came_back(np.array([0x1002], np.int64), resident=80)              # too late: 24 pages since, an eighth of 80 the window
     assert notes.counts[WANTED] == 1 and notes.share == pytest.approx(1 / 3)
     notes.came_back(np.array([0x1003 + MASK + 1], np.int64), resident=800)  # the same entry, another page
     assert notes.counts[WANTED] == 1

@@ -15,7 +15,13 @@ counted: a sequential scan's would turn blocks on, and a block brought
 whole cuts the runs of faults that start the scan's streams.
 
 Soon: within WINDOW_SHARE as many pages faulted back from swap as there
-are resident pages. A page brought in waits in the eviction policy's cold
+are resident pages, or before the note is written over, whichever comes
+first: the table has 4096 entries by vpn, and a lone fault notes up to 7,
+so from about 5k resident pages up (20 MiB) it is the table that ends the
+window. A page still noted when another lone fault of its block leaves
+the block out is noted and counted again: a block faulted a page at a
+time counts its last pages more than once, which holds the share down
+for it (left as measured). A page brought in waits in the eviction policy's cold
 queue (reuse: about a tenth of the resident pages) before it leaves
 unused; and over the whole resident set's worth, the neighbours of a
 random walk's faults came back about as often as any page, so that
@@ -44,9 +50,11 @@ class ClusterNotes:
     def came_back(self, vpns: np.ndarray, resident: int) -> None:
         """Faults brought these pages back from swap, with `resident` pages
         resident: those noted no more than WINDOW_SHARE of that many such
-        pages ago count as wanted. (A C call in the
-        background may note pages meanwhile: an addition of its lost to
-        this one's halving is a page in a statistic.)"""
+        pages ago count as wanted. (A C call in the background may note
+        pages meanwhile: its `+=` on counts[NOTED] and the halving here can
+        lose either one, the halving too, which leaves the share half what
+        it was until the next. Statistics only: the arrays stay put, and
+        indices are masked.)"""
         if not len(vpns):
             return
         counts = self.counts
