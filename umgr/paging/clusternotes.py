@@ -15,17 +15,17 @@ counted: a sequential scan's would turn blocks on, and a block brought
 whole cuts the runs of faults that start the scan's streams.
 
 Soon: within WINDOW_SHARE as many pages faulted back from swap as there
-are resident pages, or before the note is written over, whichever comes
-first: the table has 4096 entries by vpn, and a lone fault notes up to 7,
-so from about 5k resident pages up (20 MiB) it is the table that ends the
-window. A page still noted when another lone fault of its block leaves
-the block out is noted and counted again: a block faulted a page at a
-time counts its last pages more than once, which holds the share down
-for it (left as measured). A page brought in waits in the eviction policy's cold
+are resident pages. A page brought in waits in the eviction policy's cold
 queue (reuse: about a tenth of the resident pages) before it leaves
 unused; and over the whole resident set's worth, the neighbours of a
 random walk's faults came back about as often as any page, so that
-blocks of random pages came by chance (docs/architecture.md).
+blocks of random pages came by chance (docs/architecture.md). Or sooner,
+before the note is written over: the table has 4096 entries by vpn and a
+lone fault notes up to 7, so from about 5k resident pages up (20 MiB) it
+is the table that ends the window. A page still noted when another lone
+fault of its block leaves the block out is noted and counted again: a
+block faulted a page at a time counts its last pages more than once,
+which holds the share down for it (both left as measured).
 """
 from __future__ import annotations
 
