@@ -443,14 +443,14 @@ def test_cluster_notes_count_a_page_back_soon_once():
             notes.tick[vpn & MASK] = notes.counts[TICK]
         notes.counts[NOTED] += len(vpns)
 
-    assert notes.share is None
+    assert notes.counts[NOTED] == 0 and notes.counts[WANTED] == 0
     note(0x1001, 0x1002, 0x1003)
     notes.came_back(np.array([0x1001, 0x5000], np.int64), resident=80)      # one noted, one not
     notes.came_back(np.array([0x1001], np.int64), resident=80)              # counted once
     assert notes.counts[WANTED] == 1 and notes.counts[TICK] == 3
     notes.came_back(np.arange(0x9000, 0x9000 + 20, dtype=np.int64), resident=80)
     notes.came_back(np.array([0x1002], np.int64), resident=80)              # too late: 24 pages since, an eighth of 80 the window
-    assert notes.counts[WANTED] == 1 and notes.share == pytest.approx(1 / 3)
+    assert notes.counts[WANTED] == 1 and notes.counts[NOTED] == 3
     notes.came_back(np.array([0x1003 + MASK + 1], np.int64), resident=800)  # the same entry, another page
     assert notes.counts[WANTED] == 1
     # Halved past MEMORY pages noted: the share follows the program's phases.

@@ -71,9 +71,3 @@ class ClusterNotes:
         self.vpn[at] = 0
         age = (int(counts[TICK]) - self.tick[at].astype(np.int64)) & 0xFFFFFFFF
         counts[WANTED] += int(np.count_nonzero(age <= resident * WINDOW_SHARE))
-
-    @property
-    def share(self) -> float | None:
-        """Of the pages noted lately, the share wanted (None: none noted)."""
-        noted = int(self.counts[NOTED])
-        return int(self.counts[WANTED]) / noted if noted else None
