@@ -36,9 +36,9 @@ from umgr.daemon.idlepoll import MODES as IDLE_POLL_MODES
 from umgr.daemon import fdstore
 from umgr.daemon.notify import notify
 from umgr.daemon.restart import on_crash, service_memory
-from umgr.daemon.config import GRACE_SECONDS, MAX_MANAGED, MAX_MANAGED_PER_USER
+from umgr.daemon.config import GRACE_SECONDS, MAX_MANAGED, MAX_MANAGED_PER_USER, MIN_REGION
 from umgr.paging.cleancopies import MODES
-from umgr.paging.tuning import CLEAN_COPIES
+from umgr.paging.tuning import CLEAN_COPIES, SMALLEST_ADOPTED_REGION
 from umgr.daemon.listener import ControlSocket, SocketSetupError
 
 log = logging.getLogger("umgr")
@@ -129,9 +129,11 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                         "so that waking a faulting thread is cheap: auto (default: while managed programs fault "
                         f"{BUSY_RATE} times a second or more, an eviction batch counted as {BATCH_FAULTS} faults), "
                         "always, never")
-    p.add_argument("--min-region", type=size_arg, default=1 << 20, metavar="SIZE",
-                   help="smallest anonymous mapping to manage (default 1M; exec passes it to the shim as "
-                        "UMGR_MIN_REGION unless the program's environment has one)")
+    p.add_argument("--min-region", type=size_arg, default=None, metavar="SIZE",
+                   help=f"smallest anonymous mapping to manage (default {format_size(MIN_REGION)}, and smaller "
+                        f"ones of a process, down to {format_size(SMALLEST_ADOPTED_REGION)}, once they hold half "
+                        "its budget; given, that size alone); exec passes it to the shim as UMGR_MIN_REGION "
+                        "unless the program's environment has one")
     p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",
                    help=f"most memory to manage per process (default {format_size(MAX_MANAGED)}); "
                         "mappings past it stay the kernel's")
@@ -510,7 +512,9 @@ def _config(args, socket_path: str) -> DaemonConfig:
             grp.getgrnam(group)
         except KeyError:
             raise Fatal(f"umgr {args.command}: --group {group}: no such group") from None
-    return DaemonConfig(socket_path=socket_path, max_resident=args.max_resident, min_region=args.min_region,
+    min_region = MIN_REGION if args.min_region is None else args.min_region
+    return DaemonConfig(socket_path=socket_path, max_resident=args.max_resident, min_region=min_region,
+                        adapt_min_region=args.min_region is None,
                         policy=args.policy, eviction=args.eviction, zap_mode=zap_mode(),
                         group=getattr(args, "group", None),
                         hello_timeout=getattr(args, "hello_timeout", HELLO_TIMEOUT),

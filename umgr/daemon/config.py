@@ -17,6 +17,7 @@ SCAN_COST_RATIO = 50
 SCAN_INTERVAL_MAX = 0.5   # seconds: the longest wait between scans, unless they cost more than...
 SCAN_SHARE_MAX = 0.1      # ...this share of the daemon's time (umgr/daemon/mapsreads.py)
 GRACE_SECONDS = 60       # how long a program whose daemon is gone waits for one before it is killed
+MIN_REGION = 1 << 20     # the smallest mapping managed (--min-region), unless a target's smaller ones add up
 # Managed virtual memory per process and per user. The page tables cost the
 # daemon memory only where pages are touched, but their arrays are still
 # sized by what is registered: a 1 TiB region is 1.5 GiB of virtual arrays,
@@ -30,7 +31,9 @@ MAX_MANAGED_PER_USER = 4 << 40
 class DaemonConfig:
     socket_path: str
     max_resident: int = 0                # bytes per target; 0: no limit
-    min_region: int = 1 << 20
+    min_region: int = MIN_REGION
+    adapt_min_region: bool = True        # a target's small mappings managed once they hold half its budget
+                                         # (umgr/paging/target.py: found_small_mappings); False: --min-region given
     policy: str = "readahead"
     eviction: str = "reuse"
     policy_options: dict = field(default_factory=dict)    # the prefetch policy's (--policy-opt)

@@ -293,12 +293,13 @@ class Lifecycle:
         or these of its mappings (maps.anonymous_private, read already);
         the target hears of the mappings too small for that."""
         small = []
+        smallest = target.scan_min_region or self.config.min_region
         for lo, hi in maps.anonymous_private(target.pid) if mappings is None else mappings:
-            if hi - lo >= self.config.min_region:
+            if hi - lo >= smallest:
                 target.register(lo, hi - lo)
             else:
                 small.append((lo, hi))
-        target.found_small_mappings(small, self.config.min_region)
+        target.found_small_mappings(small, self.config.min_region, self.config.adapt_min_region)
 
     # ---- fork ---------------------------------------------------------------------
     def adopt_child(self, parent: Target, child_pid: int, reporter: str) -> int:

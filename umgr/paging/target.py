@@ -36,7 +36,7 @@ from umgr.paging.pagetable import PAGE_SHIFT, PageTable, State, page_up
 from umgr.paging.pinning import Pinning
 from umgr.paging import recovery
 from umgr.paging.removes import RemoveAttribution
-from umgr.paging.tuning import BUFFERS_IDLE_SECONDS, CLEAN_COPIES, SPIN_SECONDS
+from umgr.paging.tuning import BUFFERS_IDLE_SECONDS, CLEAN_COPIES, SMALLEST_ADOPTED_REGION, SPIN_SECONDS
 from umgr.policies import GuardedEviction, GuardedPrefetch
 from umgr.sizes import format_size
 
@@ -95,6 +95,9 @@ class Target:
         self.refuse_region: Callable[[int], str | None] = lambda npages: None
         self._refusal_logged = False
         self._small_mappings_told = False
+        # The smallest mapping its maps scans manage, once found_small_mappings
+        # lowered it for this target; None: the daemon's --min-region.
+        self.scan_min_region: int | None = None
         self.removes = RemoveAttribution()
         self.events = MemoryEvents(self.core, self.removes)
         self.pinning = Pinning(self.core)
@@ -254,15 +257,18 @@ class Target:
         log.log(level, "%s: %s at %#x is not managed: %s", self.label, format_size((hi - lo) << PAGE_SHIFT),
                 lo << PAGE_SHIFT, refusal)
 
-    def found_small_mappings(self, ranges: list[tuple[int, int]], min_region: int) -> None:
+    def found_small_mappings(self, ranges: list[tuple[int, int]], min_region: int, adapt: bool) -> None:
         """The maps scan found these private anonymous mappings (start,
-        end) below min_region, which it leaves alone. Once per target, a
-        warning when those no region covers hold half the budget or more:
-        the budget is then a promise umgr does not keep. A program that
-        opens its heap in small pieces does this: node's V8 reserves about
-        512 KiB at a time and opens 256 KiB of it with mprotect, so its
-        heap is hundreds of 256 KiB mappings, bordered by PROT_NONE, that
-        the kernel cannot merge."""
+        end) below the smallest it manages. When those no region covers
+        hold half the budget or more, the budget is a promise umgr does
+        not keep. A program that opens its heap in small pieces does this:
+        node's V8 reserves about 512 KiB at a time and opens 256 KiB of it
+        with mprotect, so its heap is hundreds of 256 KiB mappings,
+        bordered by PROT_NONE, that the kernel cannot merge. With `adapt`
+        (--min-region not given) this target's scans then manage mappings
+        down to the size that covers most of that memory, if it is
+        SMALLEST_ADOPTED_REGION or more, starting with these; otherwise a
+        warning, once, names the --min-region that would."""
         core = self.core
         if self._small_mappings_told or not core.budget.worth_a_warning(sum(hi - lo for lo, hi in ranges)):
             return   # (the common case: no lookups)
@@ -271,11 +277,22 @@ class Target:
         nbytes = sum(hi - lo for lo, hi in unmanaged)
         if not core.budget.worth_a_warning(nbytes):
             return
+        covering = _size_covering(sorted(hi - lo for lo, hi in unmanaged), 0.9)
+        if adapt and self.scan_min_region is None and covering >= SMALLEST_ADOPTED_REGION:
+            self.scan_min_region = covering
+            log.warning("%s: %s of its memory is in %d anonymous mappings smaller than --min-region (%s); "
+                        "umgr manages those of %s and up from now on, so that its budget holds (--min-region "
+                        "%s leaves them to the kernel, faster)", self.label, format_size(nbytes), len(unmanaged),
+                        format_size(min_region), format_size(covering), format_size(min_region))
+            for lo, hi in unmanaged:
+                if hi - lo >= covering:
+                    self.register(lo, hi - lo)
+            return
         self._small_mappings_told = True
         log.warning("%s: %s of its memory is in %d anonymous mappings smaller than --min-region (%s), "
                     "which umgr does not manage: its budget does not cover them. --min-region %s manages "
-                    "most of it", self.label, format_size(nbytes), len(unmanaged), format_size(min_region),
-                    format_size(_size_covering(sorted(hi - lo for lo, hi in unmanaged), 0.9)))
+                    "most of it", self.label, format_size(nbytes), len(unmanaged),
+                    format_size(self.scan_min_region or min_region), format_size(covering))
 
     def check_mm(self) -> None:
         """Raise TargetGone once the target's mm is gone. An exec of a

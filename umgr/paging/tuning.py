@@ -90,3 +90,9 @@ BACKEND_RETRY_SECONDS = 0.1
 # pages leave again unwritten, so evicting them again is a zap with no read
 # and no write.
 CLEAN_COPIES = "auto"
+# The smallest mappings a target's maps scans take up on their own once its
+# mappings below --min-region hold half its budget (Target.found_small_mappings):
+# node's V8 opens its heap 256 KiB at a time. Each region costs the daemon
+# work of its own (a table file, an entry the C call searches, a line of
+# every scan), so smaller pieces are left to the kernel unless asked for.
+SMALLEST_ADOPTED_REGION = 256 << 10
