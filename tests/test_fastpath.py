@@ -106,7 +106,10 @@ def test_sequential_scans_still_prefetch(umgr_exec, programs):
         tiers = result.stats["backend_tiers"]
         assert sum(tier["pages_read"] for tier in tiers) == result.stats["pages_in"], result.stats
     assert full.stats["read_with_window"] == 0, full.stats
-    assert fast.stats["faults"] <= 1.5 * full.stats["faults"] + 200, (fast.stats, full.stats)
+    # (Fast runs took 300-640 faults here, as a stream is lost and started
+    # again at times, against the full path's 283. Blocks that turned on
+    # in the scan took 1000-1200: umgr_fast_continues_block.)
+    assert fast.stats["faults"] <= 2 * full.stats["faults"] + 200, (fast.stats, full.stats)
     # A stream's next window comes in through C, ahead of its faulting page
     # (the Python path alone: none; windows asked for when the budget left
     # the C call no room go the full path: how many is timing, as in

@@ -506,6 +506,7 @@ class FastPath:
         log.cluster_skips, log.cluster_probes = last.cluster_skips, last.cluster_probes
         log.fill_next, log.fill_size, log.fill_at = last.fill_next, last.fill_size, last.fill_at
         log.streams, log.stream_step = last.streams, last.stream_step
+        log.block_ends, log.block_end_at = last.block_ends, last.block_end_at
         store = self._store.follow(core.backend)
         if joint is None:
             slice_s = SLICE_SECONDS if core.over_budget() else slice_seconds(log.watch_fd)
