@@ -654,7 +654,7 @@ def test_a_forked_child_s_target_loads_its_parent_s_plug_in_by_its_entry_point_n
     lifecycle = Lifecycle.__new__(Lifecycle)
     lifecycle.config = SimpleNamespace(policy="readahead", policy_options={})
     parent = SimpleNamespace(pid=1, owner=(0, 0), budget_pages=1, name="", prefetch=lifecycle.prefetch("mine", "pid 1"),
-                             stopping=False)
+                             stopping=False, scan_min_region=None)
     settings = ParentSettings.of(parent)
     assert settings.prefetch_name == "mine"
     child = lifecycle.prefetch(settings.prefetch_name, "pid 2")

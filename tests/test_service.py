@@ -255,6 +255,18 @@ def test_a_switch_the_config_file_sets_is_undone_on_the_command_line(tmp_path, s
     assert value(*daemon_settings(tmp_path, setting.replace("true", "false") + "\n")) == default
 
 
+def test_min_region_given_anywhere_turns_off_taking_up_small_mappings(tmp_path):
+    """Unless --min-region is given (in the file or on the command line),
+    a target's maps scans take up its small mappings once they add up
+    (Target.found_small_mappings); given, that size alone is managed."""
+    config, _ = daemon_settings(tmp_path, "")
+    assert (config.min_region, config.adapt_min_region) == (1 << 20, True)
+    config, _ = daemon_settings(tmp_path, 'min-region = "512K"\n')
+    assert (config.min_region, config.adapt_min_region) == (512 << 10, False)
+    config, _ = daemon_settings(tmp_path, "", "--min-region", "1M")
+    assert (config.min_region, config.adapt_min_region) == (1 << 20, False)
+
+
 @pytest.mark.parametrize("config, message", [
     ('max-resident = "-5M"\n', "max-resident: '-5M' is negative"),
     ("swap-size = 0\n", "swap-size: '0' is zero"),

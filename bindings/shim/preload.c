@@ -375,7 +375,8 @@ struct uffdio_move {
  * of its own (a PROT_NONE page on each side keeps the kernel from merging
  * them with each other or with a neighbour), each under the default
  * --min-region (1 MiB), so the daemon's maps scan leaves them alone. Under
- * a smaller one the scan registers them as regions (on the same uffd that
+ * a smaller one, or once the scan takes up a heap of small mappings
+ * (node's, of 256 KiB), the scan registers them as regions (on the same uffd that
  * succeeds): harmless, as nothing faults there, and their pages, which the
  * daemon saved already, are never SWAPPED; a page it took for RESIDENT
  * (present at that moment) cannot be write-protected once the part is

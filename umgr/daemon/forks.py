@@ -56,11 +56,12 @@ class ParentSettings:
     name: str
     prefetch_name: str
     stopping: bool = False   # the parent was being drained by a clean stop
+    scan_min_region: int | None = None   # the smallest mapping its maps scans take up, if lowered
 
     @classmethod
     def of(cls, target) -> "ParentSettings":
         return cls(target.pid, target.owner, target.budget_pages, target.name, target.prefetch.name,
-                   target.stopping)
+                   target.stopping, target.scan_min_region)
 
 
 @dataclass(eq=False)

@@ -159,14 +159,20 @@ class Lifecycle:
         """A running target's new budget in bytes (0: none), kept in its
         saved record so that a restarted daemon keeps it too."""
         target.set_budget(budget >> PAGE_SHIFT)
+        self._keep(target, "its new budget", "give it the old one", budget_bytes=budget)
+
+    def _keep(self, target: Target, what: str, otherwise: str, **info) -> None:
+        """A setting a restarted daemon is to give the target too, kept in
+        its saved record (if it has one); `what` and `otherwise` say what
+        is lost if it cannot be."""
         saved = self._saved.get(target)
         if saved is None:
             return
         try:
-            self.state.update_info(saved, dict(saved.info, budget_bytes=budget))
+            self.state.update_info(saved, dict(saved.info, **info))
         except OSError as exc:
-            log.warning("%s: its new budget cannot be saved in %s (%s); a restarted daemon would give it the old "
-                        "one", target.label, self.state.path, exc.strerror or exc)
+            log.warning("%s: %s cannot be saved in %s (%s); a restarted daemon would %s", target.label, what,
+                        self.state.path, exc.strerror or exc, otherwise)
 
     def _past_managed_caps(self, target: Target, npages: int) -> str | None:
         """Why `npages` more of `target` may not be managed, or None. A
@@ -235,8 +241,10 @@ class Lifecycle:
         name = str(saved.info.get("name") or target_name(peer.pid, name))
         pidfd = peer.take_pidfd()
         try:
-            return self._new_target(peer.pid, (peer.uid, peer.gid), uffd, pidfd, mem_fd, budget,
-                                    prefetch, name=name, saved=saved)
+            target = self._new_target(peer.pid, (peer.uid, peer.gid), uffd, pidfd, mem_fd, budget,
+                                      prefetch, name=name, saved=saved)
+            target.scan_min_region = saved.info.get("scan_min_region")   # (its small mappings, taken up)
+            return target
         except BaseException:
             self.coming_back.discard(peer.pid)
             os.close(mem_fd)
@@ -299,7 +307,9 @@ class Lifecycle:
                 target.register(lo, hi - lo)
             else:
                 small.append((lo, hi))
-        target.found_small_mappings(small, self.config.min_region, self.config.adapt_min_region)
+        if target.found_small_mappings(small, self.config.min_region, self.config.adapt_min_region):
+            self._keep(target, "that it manages small mappings", "leave them to the kernel until they add up again",
+                       scan_min_region=target.scan_min_region)
 
     # ---- fork ---------------------------------------------------------------------
     def adopt_child(self, parent: Target, child_pid: int, reporter: str) -> int:
@@ -358,6 +368,7 @@ class Lifecycle:
             prefetch = self.prefetch("none", label)
         child = self._new_target(pid, parent.owner, forked.uffd, pidfd, mem_fd, parent.budget_pages << PAGE_SHIFT,
                                  prefetch, forked.pages, name=parent.name)
+        child.scan_min_region = parent.scan_min_region
         if parent.stopping:   # (forked during a clean stop's drain: it drains too)
             child.stop_evicting()
         self.start(child)

@@ -257,7 +257,7 @@ class Target:
         log.log(level, "%s: %s at %#x is not managed: %s", self.label, format_size((hi - lo) << PAGE_SHIFT),
                 lo << PAGE_SHIFT, refusal)
 
-    def found_small_mappings(self, ranges: list[tuple[int, int]], min_region: int, adapt: bool) -> None:
+    def found_small_mappings(self, ranges: list[tuple[int, int]], min_region: int, adapt: bool) -> bool:
         """The maps scan found these private anonymous mappings (start,
         end) below the smallest it manages. When those no region covers
         hold half the budget or more, the budget is a promise umgr does
@@ -267,16 +267,19 @@ class Target:
         bordered by PROT_NONE, that the kernel cannot merge. With `adapt`
         (--min-region not given) this target's scans then manage mappings
         down to the size that covers most of that memory, if it is
-        SMALLEST_ADOPTED_REGION or more, starting with these; otherwise a
-        warning, once, names the --min-region that would."""
+        SMALLEST_ADOPTED_REGION or more, starting with these (True: the
+        daemon keeps that in the target's record); otherwise a warning,
+        once, names the --min-region that would."""
         core = self.core
-        if self._small_mappings_told or not core.budget.worth_a_warning(sum(hi - lo for lo, hi in ranges)):
-            return   # (the common case: no lookups)
+        if not core.budget.worth_a_warning(sum(hi - lo for lo, hi in ranges)):
+            return False   # (the common case: no lookups)
+        if self._small_mappings_told and not (adapt and self.scan_min_region is None):
+            return False
         # (a piece of a managed region that mprotect split off is managed)
         unmanaged = [(lo, hi) for lo, hi in ranges if core.pt.find(lo >> PAGE_SHIFT) is None]
         nbytes = sum(hi - lo for lo, hi in unmanaged)
         if not core.budget.worth_a_warning(nbytes):
-            return
+            return False
         covering = _size_covering(sorted(hi - lo for lo, hi in unmanaged), 0.9)
         if adapt and self.scan_min_region is None and covering >= SMALLEST_ADOPTED_REGION:
             self.scan_min_region = covering
@@ -287,12 +290,16 @@ class Target:
             for lo, hi in unmanaged:
                 if hi - lo >= covering:
                     self.register(lo, hi - lo)
-            return
+            return True
+        if self._small_mappings_told:
+            return False   # (with `adapt`, looked at again: the pieces may grow)
         self._small_mappings_told = True
-        log.warning("%s: %s of its memory is in %d anonymous mappings smaller than --min-region (%s), "
-                    "which umgr does not manage: its budget does not cover them. --min-region %s manages "
-                    "most of it", self.label, format_size(nbytes), len(unmanaged),
-                    format_size(self.scan_min_region or min_region), format_size(covering))
+        smallest = (f"{format_size(self.scan_min_region)}, the smallest it takes up for it" if self.scan_min_region
+                    else f"--min-region ({format_size(min_region)})")
+        log.warning("%s: %s of its memory is in %d anonymous mappings smaller than %s, which umgr does not "
+                    "manage: its budget does not cover them. --min-region %s manages most of it", self.label,
+                    format_size(nbytes), len(unmanaged), smallest, format_size(covering))
+        return False
 
     def check_mm(self) -> None:
         """Raise TargetGone once the target's mm is gone. An exec of a
