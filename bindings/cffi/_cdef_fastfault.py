@@ -1161,8 +1161,8 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
     log->cluster_ns_sum += spent;
     log->clustered += got;
     log->cluster_brought += got;
-    if (got > 0 && by_reads) {
-        log->block_ends[log->block_end_at] = first + block;
+    if (got > 0 && wanted > 1 && by_reads) {   /* (a probe's page is no block) */
+        log->block_ends[log->block_end_at] = hi;
         log->block_end_at = (log->block_end_at + 1) % 8;
     }
     if (log->cluster_brought > UMGR_CLUSTER_MEMORY) {

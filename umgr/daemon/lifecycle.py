@@ -243,7 +243,9 @@ class Lifecycle:
         try:
             target = self._new_target(peer.pid, (peer.uid, peer.gid), uffd, pidfd, mem_fd, budget,
                                       prefetch, name=name, saved=saved)
-            target.scan_min_region = saved.info.get("scan_min_region")   # (its small mappings, taken up)
+            # The size its small mappings were taken up from (not if --min-region is given now).
+            smallest = saved.info.get("scan_min_region")
+            target.scan_min_region = int(smallest) if smallest and self.config.adapt_min_region else None
             return target
         except BaseException:
             self.coming_back.discard(peer.pid)
@@ -369,6 +371,9 @@ class Lifecycle:
         child = self._new_target(pid, parent.owner, forked.uffd, pidfd, mem_fd, parent.budget_pages << PAGE_SHIFT,
                                  prefetch, forked.pages, name=parent.name)
         child.scan_min_region = parent.scan_min_region
+        if child.scan_min_region:
+            self._keep(child, "that it manages small mappings", "leave them to the kernel until they add up again",
+                       scan_min_region=child.scan_min_region)
         if parent.stopping:   # (forked during a clean stop's drain: it drains too)
             child.stop_evicting()
         self.start(child)
