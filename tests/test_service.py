@@ -50,9 +50,10 @@ def started_as_the_unit(tmp_path: Path, wrapper: tuple[str, ...] = ()) -> tuple[
     env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
            "RUNTIME_DIRECTORY": str(runtime), "STATE_DIRECTORY": str(state), "INVOCATION_ID": "0" * 32}
     log_path = tmp_path / "daemon.log"
+    nice = int(service["Nice"][0])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*wrapper, str(UMGR_BIN), *argv[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                cwd="/", start_new_session=True)
+                                cwd="/", start_new_session=True, preexec_fn=lambda: os.nice(nice - os.nice(0)))
     return proc, notify, env, log_path
 
 
@@ -85,6 +86,9 @@ def test_unit_starts_the_daemon_and_reports_ready_once_it_accepts(tmp_path, shim
         assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
         assert struct.unpack("3i", creds)[0] == proc.pid
         assert os.stat(control).st_mode & 0o777 == 0o600
+        # Nice= is the daemon's priority: it asks for no other.
+        assert "CAP_SYS_NICE" not in log_path.read_text()
+        assert int(Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) == -10
 
         # It serves: a program under the shim pages through it.
         run = subprocess.run([programs["pattern"], "32", "mmap", "srb"], capture_output=True, timeout=60,

@@ -33,6 +33,7 @@ from umgr.sizes import format_size, parse_size
 from umgr.daemon import BUDGET_REQUEST, HELLO_TIMEOUT, STATUS_REQUEST, Daemon, DaemonConfig, printable
 from umgr.daemon.idlepoll import BATCH_FAULTS, BUSY_RATE
 from umgr.daemon.idlepoll import MODES as IDLE_POLL_MODES
+from umgr.daemon.priority import NICE, NICE_RANGE, set_priority
 from umgr.daemon import fdstore
 from umgr.daemon.notify import notify
 from umgr.daemon.restart import on_crash, service_memory
@@ -129,6 +130,10 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                         "so that waking a faulting thread is cheap: auto (default: while managed programs fault "
                         f"{BUSY_RATE} times a second or more, an eviction batch counted as {BATCH_FAULTS} faults), "
                         "always, never")
+    p.add_argument("--nice", type=_nice, default=None, metavar="N",
+                   help=f"the daemon's nice value, so that faults are served ahead of the programs waiting on "
+                        f"them when those keep every CPU busy (default {NICE}, or lower if it starts lower; "
+                        "below 0 needs root or CAP_SYS_NICE)")
     p.add_argument("--min-region", type=size_arg, default=None, metavar="SIZE",
                    help=f"smallest anonymous mapping to manage (default {format_size(MIN_REGION)}, and smaller "
                         f"ones of a process, down to {format_size(SMALLEST_ADOPTED_REGION)}, once they hold half "
@@ -150,6 +155,16 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                         f"(default: {GRACE_SECONDS} for the daemon; {embedded.EXEC_GRACE_SECONDS} for exec, which restarts "
                         "its daemon, 0 when it cannot: two compressed tiers, --record-trace; "
                         "UMGR_GRACE_SECONDS in the program's environment wins)")
+
+
+def _nice(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in NICE_RANGE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a nice value (a whole number from -20 to 19)")
+    return value
 
 
 def _seconds(text: str) -> int:
@@ -622,6 +637,7 @@ def _embedded_daemon(args, config: DaemonConfig, program: list[str], run_dir: st
     trace = backend = state = None
     clean = False
     try:
+        set_priority(args.nice)   # (first: the threads made from here on inherit it)
         if _exec_restartable(args):
             raise_fd_limit()   # first: each saved target it loads holds its directory open
             with setting_up(f"umgr exec: --state-dir {args.state_dir}"):
@@ -724,6 +740,7 @@ def cmd_daemon(args) -> int:
         clean = True
 
     try:
+        set_priority(args.nice)   # (first: the threads made from here on inherit it)
         backend = _open_backend(args, state, held)
         trio.run(run)
     finally:
