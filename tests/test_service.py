@@ -260,7 +260,7 @@ def test_a_switch_the_config_file_sets_is_undone_on_the_command_line(tmp_path, s
 
 
 def test_min_region_given_anywhere_turns_off_taking_up_small_mappings(tmp_path):
-    """Unless --min-region is given (in the file or on the command line),
+    """Unless --min-region gives a size (in the file or on the command line),
     a target's maps scans take up its small mappings once they add up
     (Target.found_small_mappings); given, that size alone is managed."""
     config, _ = daemon_settings(tmp_path, "")
@@ -269,6 +269,11 @@ def test_min_region_given_anywhere_turns_off_taking_up_small_mappings(tmp_path):
     assert (config.min_region, config.adapt_min_region) == (512 << 10, False)
     config, _ = daemon_settings(tmp_path, "", "--min-region", "1M")
     assert (config.min_region, config.adapt_min_region) == (1 << 20, False)
+    # `auto` is the default, which the command line can give back.
+    config, _ = daemon_settings(tmp_path, 'min-region = "512K"\n', "--min-region", "auto")
+    assert (config.min_region, config.adapt_min_region) == (1 << 20, True)
+    config, _ = daemon_settings(tmp_path, 'min-region = "auto"\n')
+    assert (config.min_region, config.adapt_min_region) == (1 << 20, True)
 
 
 @pytest.mark.parametrize("config, message", [

@@ -134,10 +134,10 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                    help=f"the daemon's nice value, so that faults are served ahead of the programs waiting on "
                         f"them when those keep every CPU busy (default {NICE}, or lower if it starts lower; "
                         "below 0 needs root or CAP_SYS_NICE)")
-    p.add_argument("--min-region", type=size_arg, default=None, metavar="SIZE",
-                   help=f"smallest anonymous mapping to manage (default {format_size(MIN_REGION)}, and smaller "
-                        f"ones of a process, down to {format_size(SMALLEST_ADOPTED_REGION)}, once they hold half "
-                        "its budget; given, that size alone); exec passes it to the shim as UMGR_MIN_REGION "
+    p.add_argument("--min-region", type=_min_region, default=None, metavar="SIZE|auto",
+                   help=f"smallest anonymous mapping to manage (default auto: {format_size(MIN_REGION)}, and "
+                        f"smaller ones of a process, down to {format_size(SMALLEST_ADOPTED_REGION)}, once they hold "
+                        "half its budget; a size: that size alone); exec passes it to the shim as UMGR_MIN_REGION "
                         "unless the program's environment has one")
     p.add_argument("--max-managed", type=size_arg, default=MAX_MANAGED, metavar="SIZE",
                    help=f"most memory to manage per process (default {format_size(MAX_MANAGED)}); "
@@ -155,6 +155,12 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                         f"(default: {GRACE_SECONDS} for the daemon; {embedded.EXEC_GRACE_SECONDS} for exec, which restarts "
                         "its daemon, 0 when it cannot: two compressed tiers, --record-trace; "
                         "UMGR_GRACE_SECONDS in the program's environment wins)")
+
+
+def _min_region(text: str) -> int | None:
+    """A size, or None for `auto` (the default: small mappings taken up
+    once they add up), so that the command line can undo a config file's size."""
+    return None if text == "auto" else size_arg(text)
 
 
 def _nice(text: str) -> int:
