@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 
 import numpy as np
@@ -264,6 +265,7 @@ class FaultService:
         while time.perf_counter() < deadline:
             if self.drain():
                 return True
+            os.sched_yield()
         return False
 
     def drain(self) -> bool:
