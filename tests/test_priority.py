@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import textwrap
 
 import pytest
 
 from conftest import DaemonProcess, wait_for
+from umgr.daemon.priority import NICE, default_nice
 
 # Under umgr exec the daemon is the program's sibling: exec's other child.
 # The program pages 48 MiB through its 16 MiB budget first, so that the
@@ -53,6 +55,27 @@ def test_exec_s_daemon_runs_ahead_of_its_program_which_keeps_its_own_nice(umgr_e
     refused = umgr_exec(["true"], "--nice", "-21", timeout=60)
     assert refused.returncode == 125
     assert "argument --nice: '-21' is not a nice value (a whole number from -20 to 19)" in refused.stderr
+
+
+@pytest.mark.timeout(60)
+def test_on_one_cpu_the_daemon_stays_at_the_programs_level(tmp_path):
+    # Its busy-poll above the program's priority would hold the CPU the
+    # program needs to make its next fault; started lower, it comes up to 0.
+    script = tmp_path / "report.py"
+    script.write_text(REPORT_NICE)
+    for start in (0, -15):
+        run = subprocess.run(["nice", "-n", str(start), "taskset", "-c", "0", sys.executable, "-m", "umgr", "exec",
+                              "--max-resident", "16M", "--swap-size", "1G", "--", "python3", str(script)],
+                             capture_output=True, text=True, timeout=50)
+        assert run.returncode == 0, run.stderr
+        program, threads, *daemon = map(int, run.stdout.split())
+        assert program == start and daemon == [0], run.stdout
+
+
+def test_default_nice():
+    assert NICE == -10
+    assert [default_nice(current, 2) for current in (0, 5, -10, -15)] == [-10, -10, -10, -15]
+    assert [default_nice(current, 1) for current in (0, 5, -10)] == [0, 5, 0]
 
 
 @pytest.mark.timeout(60)

@@ -346,7 +346,6 @@ static int umgr_fast_next(int uffd, struct uffd_msg *msgs, int max, int64_t spin
             deadline = now + spin_ns;
         else if (now >= deadline)
             return 0;
-        sched_yield();
     }
 }
 

@@ -265,7 +265,6 @@ class FaultService:
         while time.perf_counter() < deadline:
             if self.drain():
                 return True
-            os.sched_yield()
         return False
 
     def drain(self) -> bool:
