@@ -412,6 +412,8 @@ def test_a_program_kept_on_one_cpu_has_its_memory_faults_served_there(umgr_exec,
 
 
 def test_the_background_thread_is_kept_on_a_cpu_and_let_go_again():
+    # Kept on a program's CPU it runs at the nice value it is given (the
+    # program's: FastPath._pin), let go at the one it started with.
     from umgr.kernel import uffd as uffdmod
     cpu = max(os.sched_getaffinity(0))   # (one this process may use)
 
@@ -419,17 +421,19 @@ def test_the_background_thread_is_kept_on_a_cpu_and_let_go_again():
         with open(f"/proc/self/task/{tid}/status") as f:
             return next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
 
+    own = os.getpriority(os.PRIO_PROCESS, 0)
     before = set(os.listdir("/proc/self/task"))
     bg = uffdmod.fast_background()
     try:
         (tid,) = set(os.listdir("/proc/self/task")) - before
+        assert bg.tid == int(tid) and bg.own_nice == own
         everywhere = allowed(tid)
-        uffdmod.fast_background_pin(bg, cpu)
-        assert allowed(tid) == str(cpu)
-        uffdmod.fast_background_pin(bg, -1)   # back to the CPUs the daemon may use
-        assert allowed(tid) == everywhere
+        uffdmod.fast_background_pin(bg, cpu, own + 3)
+        assert allowed(tid) == str(cpu) and os.getpriority(os.PRIO_PROCESS, bg.tid) == own + 3
+        uffdmod.fast_background_pin(bg, -1, own + 5)   # back to the CPUs the daemon may use, at its nice
+        assert allowed(tid) == everywhere and os.getpriority(os.PRIO_PROCESS, bg.tid) == own
         with pytest.raises(OSError):
-            uffdmod.fast_background_pin(bg, 1 << 20)
+            uffdmod.fast_background_pin(bg, 1 << 20, own)
     finally:
         uffdmod.fast_background_end(bg)
 

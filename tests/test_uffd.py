@@ -862,7 +862,7 @@ def test_a_call_waited_for_as_it_goes_ends_with_its_slice_or_is_let_go_when_star
     call = FreshRegionCall(u, maps(npages), npages, npages)
     bg = U.fast_background()
     try:
-        U.fast_background_pin(bg, max(os.sched_getaffinity(0)))
+        U.fast_background_pin(bg, max(os.sched_getaffinity(0)), os.getpriority(os.PRIO_PROCESS, 0))
         call.serve_in_background(bg, 50 * 10**6)
         started = time.monotonic()
         assert u.finish_background(bg, stop=False, as_it_goes=5.0) == U.FAST_IDLE

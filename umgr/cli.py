@@ -132,8 +132,9 @@ def _add_daemon_options(p: argparse.ArgumentParser, state_dir: str = DEFAULT_STA
                         "always, never")
     p.add_argument("--nice", type=_nice, default=None, metavar="N",
                    help=f"the daemon's nice value, so that faults are served ahead of the programs waiting on "
-                        f"them when those keep every CPU busy (default {NICE}, or lower if it starts lower; "
-                        "below 0 needs root or CAP_SYS_NICE)")
+                        f"them when those keep every CPU busy (default {NICE}, or lower if it starts lower; no "
+                        "lower than 0 where it may use one CPU alone; below the value it starts at needs "
+                        "CAP_SYS_NICE or RLIMIT_NICE)")
     p.add_argument("--min-region", type=_min_region, default=None, metavar="SIZE|auto",
                    help=f"smallest anonymous mapping to manage (default auto: {format_size(MIN_REGION)}, and "
                         f"smaller ones of a process, down to {format_size(SMALLEST_ADOPTED_REGION)}, once they hold "

@@ -214,10 +214,8 @@ struct umgr_fast_bg {
     int quit;
     uint64_t thread;     /* its pthread_t */
     int unpinned;        /* umgr_fast_bg_wait let it run on any CPU again (the caller's to clear) */
-    int nice;            /* the nice value its next calls run at: its own, or the program's while it is
-                            kept on the program's CPU (umgr_fast_bg_pin) */
-    int own_nice;        /* the daemon's thread's, when it was started */
-    int nice_now;        /* the one it has */
+    int tid;             /* its thread id (set before umgr_fast_bg_start returns) */
+    int own_nice;        /* the daemon's thread's nice value when it was started: the thread's own */
 };
 """
 
@@ -1343,14 +1341,12 @@ static void umgr_eventfd_take(int fd)
 static void *umgr_fast_bg_main(void *arg)
 {
     struct umgr_fast_bg *bg = arg;
+    bg->tid = (int)syscall(SYS_gettid);
+    umgr_eventfd_add(bg->done_fd);   /* (started: umgr_fast_bg_start waits for it) */
     for (;;) {
         umgr_eventfd_take(bg->go_fd);
         if (__atomic_load_n(&bg->quit, __ATOMIC_ACQUIRE))
             return NULL;
-        if (bg->nice != bg->nice_now) {   /* (refused, as a lower value may be: it stays) */
-            setpriority(PRIO_PROCESS, 0, bg->nice);   /* who 0: this thread (Linux keeps nice per thread) */
-            bg->nice_now = bg->nice;
-        }
         bg->result = umgr_fast_serve(bg->uffd, bg->msgs, bg->max_msgs, bg->regions, bg->nregions, bg->store,
                                      bg->pages, bg->zeros, bg->spin_ns, bg->slice_ns, bg->room, bg->near, bg->log);
         int notify_fd = bg->notify_fd;   /* (read first: once done_fd is added to, bg is the caller's again) */
@@ -1367,7 +1363,7 @@ static int umgr_fast_bg_start(struct umgr_fast_bg *bg)
     bg->go_fd = eventfd(0, EFD_CLOEXEC);
     bg->done_fd = eventfd(0, EFD_CLOEXEC);
     bg->notify_fd = -1;
-    bg->nice = bg->own_nice = bg->nice_now = getpriority(PRIO_PROCESS, 0);   /* (the thread takes it) */
+    bg->own_nice = getpriority(PRIO_PROCESS, 0);   /* (this thread's: the new one takes it) */
     if (bg->go_fd < 0 || bg->done_fd < 0) {
         int err = errno;
         if (bg->go_fd >= 0)
@@ -1388,6 +1384,7 @@ static int umgr_fast_bg_start(struct umgr_fast_bg *bg)
         return -err;
     }
     bg->thread = (uint64_t)thread;
+    umgr_eventfd_take(bg->done_fd);   /* its tid is set */
     return 0;
 }
 
@@ -1447,12 +1444,13 @@ static int umgr_fast_bg_wait(struct umgr_fast_bg *bg, int stop, int64_t timeout_
     return umgr_fast_bg_finish(bg, 1);
 }
 
-/* Keep bg's thread on `cpu`, or (-1) on any CPU the daemon may use; its
-   calls from the next on run at `nice` there (on any CPU at the daemon's).
-   Kept on a program's CPU it serves that program's faults in its place,
-   and runs at its priority: one above it held the CPU past each fault it
-   served (the compressed store's random faults took 1.2-1.4x the time at
-   nice -10). 0 or an errno. */
+/* Keep bg's thread on `cpu` at `nice`, or (-1) on any CPU the daemon may
+   use at its own nice value. Kept on a program's CPU it serves that
+   program's faults in its place, at its priority: one above it held the
+   CPU past each fault it served (the compressed store's random faults took
+   1.2-1.4x the time at nice -10). A nice value refused (below the thread's,
+   without CAP_SYS_NICE or RLIMIT_NICE) leaves the one it has. 0 or an
+   errno (of the CPU's setting). */
 static int umgr_fast_bg_pin(struct umgr_fast_bg *bg, int cpu, int nice)
 {
     cpu_set_t set;
@@ -1465,8 +1463,8 @@ static int umgr_fast_bg_pin(struct umgr_fast_bg *bg, int cpu, int nice)
     else
         return EINVAL;
     int err = pthread_setaffinity_np((pthread_t)bg->thread, sizeof set, &set);
-    if (!err)
-        bg->nice = cpu < 0 ? bg->own_nice : nice;
+    if (!err)   /* (a thread's own nice value: Linux keeps one per thread) */
+        setpriority(PRIO_PROCESS, (id_t)bg->tid, cpu < 0 ? bg->own_nice : nice);
     return err;
 }
 

@@ -14,8 +14,8 @@ workload, the shapes benchmark) it changed nothing.
 Not on one CPU: there the daemon's busy-poll for the next fault, above the
 program's priority, holds the CPU the program needs to make that fault
 (`taskset -c 0 umgr exec`: the shapes' random, hot and rewrite phases
-1.05-1.3x the time). A daemon that may use a single CPU stays at the
-programs' level, nice 0, even if started lower. (A sched_yield() between
+1.05-1.3x the time). A daemon that may use a single CPU runs no lower
+than the programs' usual level, nice 0, even if started lower. (A sched_yield() between
 polls gave that CPU back, but cost the parallel compiles 1.03x.)
 
 Linux keeps a nice value per thread, and a new thread takes its creator's:

@@ -538,10 +538,11 @@ def fast_background():
     return bg
 
 
-def fast_background_pin(bg, cpu: int, nice: int = 0) -> None:
-    """Keep the thread of fast_background() on `cpu`, its calls run at
-    `nice` there, or (-1) on any CPU the daemon may use, at the nice value
-    the daemon's thread had when it started it."""
+def fast_background_pin(bg, cpu: int, nice: int) -> None:
+    """Keep the thread of fast_background() on `cpu` at `nice`, or (-1)
+    on any CPU the daemon may use at the nice value the daemon's thread had
+    when it started it (`nice` unused). A nice value refused is not an
+    error: the thread keeps the one it has."""
     err = _lib.umgr_fast_bg_pin(bg, cpu, nice)
     if err:
         raise OSError(err, f"fault service thread's CPU: {os.strerror(err)}")
