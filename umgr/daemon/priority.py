@@ -15,8 +15,9 @@ Not on one CPU: there the daemon's busy-poll for the next fault, above the
 program's priority, holds the CPU the program needs to make that fault
 (`taskset -c 0 umgr exec`: the shapes' random, hot and rewrite phases
 1.05-1.3x the time). A daemon that may use a single CPU runs no lower
-than the programs' usual level, nice 0, even if started lower. (A sched_yield() between
-polls gave that CPU back, but cost the parallel compiles 1.03x.)
+than the programs' usual level, nice 0, even if started lower. (A
+sched_yield() between polls gave that CPU back, but cost the parallel
+compiles 1.03x.)
 
 Linux keeps a nice value per thread, and a new thread takes its creator's:
 every thread the daemon has is set, and those it starts later (the fast

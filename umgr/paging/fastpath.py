@@ -449,7 +449,7 @@ class FastPath:
     def _pin(self, cpu: int) -> bool:
         """Keep the background thread on `cpu` (-1: on any); whether it is."""
         if cpu != self._pinned_to and self._background is not None:
-            try:   # (on the program's CPU at the program's nice, no lower than 0: umgr_fast_bg_pin)
+            try:   # (on the program's CPU at the program's nice, but not above 0: umgr_fast_bg_pin)
                 nice = min(os.getpriority(os.PRIO_PROCESS, self.core.pid), 0) if cpu >= 0 else 0
                 uffdmod.fast_background_pin(self._background, cpu, nice)
             except OSError as exc:   # (it stays as it was, or the program is gone: serve as before)
