@@ -1074,9 +1074,9 @@ static int umgr_cluster_written(const struct umgr_fast_log *log)
               > (int64_t)log->cluster_brought * (log->cluster_bar + UMGR_CLUSTER_MARGIN);
 }
 
-static int umgr_cluster_wanted(struct umgr_fast_log *log)
+static int umgr_cluster_wanted(struct umgr_fast_log *log, int *by_writes)
 {
-    int written = umgr_cluster_written(log);
+    int written = *by_writes = umgr_cluster_written(log);
     int faulted = 0;
     if (log->cluster_counts != NULL) {
         int64_t noted = log->cluster_counts[UMGR_CLUSTER_NOTED], wanted = log->cluster_counts[UMGR_CLUSTER_WANTED];
@@ -1147,7 +1147,8 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
     }
     if (n == 0)
         return;
-    int wanted = umgr_cluster_wanted(log), by_reads = !umgr_cluster_written(log);
+    int by_writes;   /* (whether writes keep blocks coming, not only faults on blocks left out) */
+    int wanted = umgr_cluster_wanted(log, &by_writes);
     if (wanted <= 1)   /* (a probe's page aside, the block is left out) */
         umgr_cluster_note(log, near + wanted, n - wanted);
     if (!wanted)
@@ -1164,7 +1165,7 @@ static void umgr_fast_cluster(int uffd, const struct umgr_fast_region *regions, 
     log->cluster_ns_sum += spent;
     log->clustered += got;
     log->cluster_brought += got;
-    if (got > 0 && wanted > 1 && by_reads) {   /* (a probe's page is no block) */
+    if (got > 0 && wanted > 1 && !by_writes) {   /* (a probe's page is no block) */
         log->block_ends[log->block_end_at] = hi;
         log->block_end_at = (log->block_end_at + 1) % 8;
     }

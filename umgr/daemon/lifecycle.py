@@ -174,6 +174,10 @@ class Lifecycle:
             log.warning("%s: %s cannot be saved in %s (%s); a restarted daemon would %s", target.label, what,
                         self.state.path, exc.strerror or exc, otherwise)
 
+    def _keep_scan_min_region(self, target: Target) -> None:
+        self._keep(target, "that it manages small mappings", "leave them to the kernel until they add up again",
+                   scan_min_region=target.scan_min_region)
+
     def _past_managed_caps(self, target: Target, npages: int) -> str | None:
         """Why `npages` more of `target` may not be managed, or None. A
         client chooses how much it registers, and the daemon's page tables
@@ -303,15 +307,14 @@ class Lifecycle:
         or these of its mappings (maps.anonymous_private, read already);
         the target hears of the mappings too small for that."""
         small = []
-        smallest = target.scan_min_region or self.config.min_region
+        smallest = target.smallest_region(self.config.min_region)
         for lo, hi in maps.anonymous_private(target.pid) if mappings is None else mappings:
             if hi - lo >= smallest:
                 target.register(lo, hi - lo)
             else:
                 small.append((lo, hi))
         if target.found_small_mappings(small, self.config.min_region, self.config.adapt_min_region):
-            self._keep(target, "that it manages small mappings", "leave them to the kernel until they add up again",
-                       scan_min_region=target.scan_min_region)
+            self._keep_scan_min_region(target)
 
     # ---- fork ---------------------------------------------------------------------
     def adopt_child(self, parent: Target, child_pid: int, reporter: str) -> int:
@@ -372,8 +375,7 @@ class Lifecycle:
                                  prefetch, forked.pages, name=parent.name)
         child.scan_min_region = parent.scan_min_region
         if child.scan_min_region:
-            self._keep(child, "that it manages small mappings", "leave them to the kernel until they add up again",
-                       scan_min_region=child.scan_min_region)
+            self._keep_scan_min_region(child)
         if parent.stopping:   # (forked during a clean stop's drain: it drains too)
             child.stop_evicting()
         self.start(child)

@@ -284,8 +284,7 @@ class Daemon:
 
     async def _request(self, target: Target, msg, peer: Peer) -> int:
         if isinstance(msg, protocol.Region):
-            smallest = target.scan_min_region or self.config.min_region
-            wanted = msg.length >= smallest or target.extends_managed(msg.start, msg.length)
+            wanted = msg.length >= target.smallest_region(self.config.min_region) or target.extends_managed(msg.start, msg.length)
             if wanted and not target.gone:
                 return 0 if target.register(msg.start, msg.length) else errno.EINVAL
             return 0

@@ -257,6 +257,11 @@ class Target:
         log.log(level, "%s: %s at %#x is not managed: %s", self.label, format_size((hi - lo) << PAGE_SHIFT),
                 lo << PAGE_SHIFT, refusal)
 
+    def smallest_region(self, min_region: int) -> int:
+        """The smallest mapping managed for this target: scan_min_region,
+        else the daemon's `min_region`."""
+        return self.scan_min_region or min_region
+
     def found_small_mappings(self, ranges: list[tuple[int, int]], min_region: int, adapt: bool) -> bool:
         """The maps scan found these private anonymous mappings (start,
         end) below the smallest it manages. When those no region covers
